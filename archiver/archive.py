@@ -1,0 +1,282 @@
+"""The Archiver's core, without HTTP: ingest (encrypt, sign, append durably, index) and the
+assembly of per-viewer fusion streams from the archive.
+
+The HTTP routers are thin wrappers around this class; the benchmarks and the synthetic-archive
+generator call it directly with an injected clock, through the same write path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from archiver.db import ClientRow, Database, ManifestRow, SegmentRow
+from archiver.keying import KeyManager
+from archiver.settings import Settings
+from archiver.storage import ArchiveFiles, _Reader
+from keyservice.crypto import seal_segment
+from keyservice.format import ZERO_HASH, DataStream, EndReason, Header, Mode, encode_record
+from keyservice.identity import Signer
+from keyservice.stream import ManifestChain, StreamWriter
+
+log = logging.getLogger("archiver")
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class _CameraState:
+    chain: ManifestChain
+    next_seq: dict[DataStream, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Notifier:
+    """Wakes live viewers when a camera's archive grows. Ingest runs in worker threads, the
+    live responses in the event loop: versions make a missed wake-up impossible."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._versions: dict[str, int] = {}
+        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+
+    def version(self, camera: str) -> int:
+        with self._lock:
+            return self._versions.get(camera, 0)
+
+    def publish(self, camera: str) -> None:
+        with self._lock:
+            self._versions[camera] = self._versions.get(camera, 0) + 1
+            waiters = list(self._waiters.get(camera, ()))
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
+    async def wait(self, camera: str, seen_version: int, timeout: float) -> None:
+        event = asyncio.Event()
+        waiter = (asyncio.get_running_loop(), event)
+        with self._lock:
+            if self._versions.get(camera, 0) != seen_version:
+                return
+            self._waiters.setdefault(camera, set()).add(waiter)
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._waiters[camera].discard(waiter)
+
+
+class Archive:
+    def __init__(self, settings: Settings, signer: Signer,
+                 clock: Callable[[], int] = wall_clock_ms,
+                 rng: Callable[[int], bytes] = os.urandom) -> None:
+        self.settings = settings
+        self.signer = signer
+        self.clock = clock
+        self.rng = rng
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(settings.db_path)
+        self.files = ArchiveFiles(settings.archive_dir)
+        self.recovery_actions = self.files.recover(self.db.file_ends())
+        self.keys = KeyManager(self.db, settings.key_period_s, rng)
+        self.notifier = Notifier()
+        self._cameras: dict[str, _CameraState] = {}
+        self._cameras_lock = threading.Lock()
+        self._archiver_cert_der = signer.certificate.public_bytes(Encoding.DER)
+        self.segments_ingested = 0
+        self.bytes_ingested = 0
+
+    def close(self) -> None:
+        self.files.close()
+        self.db.close()
+
+    # --- ingest -----------------------------------------------------------------------
+    def ingest_segment(self, camera: str, data: bytes, stream: DataStream = DataStream.VIDEO,
+                       now_ms: int | None = None) -> SegmentRow:
+        """Encrypt, sign, append durably and index one segment. Returns only once it is
+        acknowledged: fsynced and committed."""
+        now = self.clock() if now_ms is None else now_ms
+        state = self._camera_state(camera)
+        with state.lock:
+            seq = state.next_seq.setdefault(stream, self.db.next_segment_seq(camera, stream))
+            if self.settings.benchmark_plaintext_baseline:
+                row = self._append_plaintext(camera, stream, seq, data, now)
+            else:
+                row = self._append_encrypted(state, camera, stream, seq, data, now)
+            state.next_seq[stream] = seq + 1
+        self.segments_ingested += 1
+        self.bytes_ingested += len(data)
+        self.notifier.publish(camera)
+        return row
+
+    def _append_encrypted(self, state: _CameraState, camera: str, stream: DataStream, seq: int,
+                          data: bytes, now: int) -> SegmentRow:
+        key = self.keys.key_for(camera, stream, now)
+        segment = seal_segment(key, seq, now, data)
+        chain_before = (state.chain.next_seq, state.chain.prev_hash)
+        manifest, manifest_bytes = state.chain.issue([segment], [key], self.signer, now)
+        segment_bytes = encode_record(segment)
+        rel = self.files.file_for(camera, now)
+        try:
+            offset = self.files.append(rel, segment_bytes + manifest_bytes)
+            row = SegmentRow(camera, int(stream), seq, now, key.key_id, len(data), rel, offset,
+                             len(segment_bytes), manifest.manifest_seq)
+            self.db.record_segments([row], ManifestRow(
+                camera, manifest.manifest_seq, rel, offset + len(segment_bytes),
+                len(manifest_bytes), hashlib.sha256(manifest_bytes).digest(), now, now))
+        except BaseException:
+            # Not acknowledged: the chain must not point at a manifest that was never archived.
+            state.chain.next_seq, state.chain.prev_hash = chain_before
+            raise
+        return row
+
+    def _append_plaintext(self, camera: str, stream: DataStream, seq: int, data: bytes,
+                          now: int) -> SegmentRow:
+        """Benchmark baseline only (Settings.benchmark_plaintext_baseline): same durable write
+        and index, no encryption, no signature."""
+        rel = self.files.file_for(camera, now)
+        offset = self.files.append(rel, data)
+        row = SegmentRow(camera, int(stream), seq, now, b"", len(data), rel, offset, len(data), seq)
+        self.db.record_segments([row], ManifestRow(camera, seq, rel, offset + len(data), 0,
+                                                   ZERO_HASH, now, now))
+        return row
+
+    def _camera_state(self, camera: str) -> _CameraState:
+        with self._cameras_lock:
+            state = self._cameras.get(camera)
+            if state is None:
+                last = self.db.last_manifest(camera)
+                chain = (ManifestChain(camera) if last is None
+                         else ManifestChain(camera, last.manifest_seq + 1, last.hash))
+                state = self._cameras[camera] = _CameraState(chain)
+            return state
+
+    # --- authorization ----------------------------------------------------------------
+    def authorization_changed(self, fingerprint: str, cameras: list[str] | None) -> None:
+        self.keys.authorization_changed(fingerprint, cameras)
+
+    # --- fusion streams ---------------------------------------------------------------
+    def has_recording(self, camera: str, from_ms: int, to_ms: int) -> bool:
+        return bool(self.db.manifests_from(camera, from_ms, to_ms, limit=1))
+
+    def playback(self, viewer: ClientRow, camera: str, from_ms: int, to_ms: int) -> Iterator[bytes]:
+        """The fusion stream of a recorded range. Seeks through the time index, then reads
+        manifests in chain order; the archive's record bytes are passed through, never
+        re-encrypted."""
+        assembler = _Assembler(self, viewer, camera, Mode.PLAYBACK, from_ms, to_ms)
+        try:
+            yield assembler.start()
+            after = -1
+            while rows := self.db.manifests_from(camera, from_ms, to_ms, after):
+                for row in rows:
+                    yield assembler.manifest(row)
+                after = rows[-1].manifest_seq
+            yield assembler.end(EndReason.RANGE_COMPLETE)
+        finally:
+            assembler.close()
+
+    async def live(self, viewer: ClientRow, camera: str, duration_s: float) -> AsyncIterator[bytes]:
+        """A live fusion stream: segments as they are acknowledged, for duration_s. Reads from
+        the archive (not from memory), so a slow viewer costs no memory; one that falls more
+        than live_max_lag manifests behind is dropped (its stream stops without an end record,
+        which the viewer reports as truncated)."""
+        now = self.clock()
+        assembler = _Assembler(self, viewer, camera, Mode.LIVE, now, now + int(duration_s * 1000))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + duration_s
+        try:
+            yield assembler.start()
+            last = await anyio.to_thread.run_sync(self.db.last_manifest, camera)
+            after = -1 if last is None else last.manifest_seq
+            while True:
+                version = self.notifier.version(camera)
+                max_lag = self.settings.live_max_lag
+                rows = await anyio.to_thread.run_sync(
+                    self.db.manifests_after, camera, after, max_lag + 1)
+                if len(rows) > max_lag:
+                    log.warning("dropping live viewer %s: too far behind", viewer.fingerprint[:16])
+                    return
+                for row in rows:
+                    yield await anyio.to_thread.run_sync(assembler.manifest, row)
+                    after = row.manifest_seq
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                if not rows:
+                    await self.notifier.wait(camera, version, min(remaining, 1.0))
+            yield await anyio.to_thread.run_sync(assembler.end, EndReason.LIVE_ENDED)
+        finally:
+            assembler.close()
+
+
+class _Assembler:
+    """Builds one viewer's fusion stream: only that viewer's epoch openers and key records,
+    each sent once, before the first segment that needs it."""
+
+    def __init__(self, archive: Archive, viewer: ClientRow, camera: str, mode: Mode,
+                 from_ms: int, to_ms: int) -> None:
+        self._archive = archive
+        self._db = archive.db
+        self._fingerprint = viewer.fingerprint
+        self._camera = camera
+        self._writer = StreamWriter(Header(
+            archiver_cert_der=archive._archiver_cert_der,
+            viewer_fingerprint=bytes.fromhex(viewer.fingerprint),
+            request_id=archive.rng(16),
+            created_ms=archive.clock(),
+            mode=mode,
+            range_from_ms=from_ms,
+            range_to_ms=to_ms,
+            cameras=(camera,),
+        ))
+        self._sent_epochs: set[bytes] = set()
+        self._sent_keys: set[bytes] = set()
+        self._readers: dict[str, _Reader] = {}
+
+    def start(self) -> bytes:
+        return self._writer.start()
+
+    def manifest(self, row: ManifestRow) -> bytes:
+        parts = []
+        for segment in self._db.segments_of(self._camera, row.manifest_seq):
+            found = self._db.key_record(self._fingerprint, segment.key_id)
+            if found is None:
+                continue  # not authorized when this was recorded: the manifest alone is sent
+            epoch_id, key_record = found
+            if epoch_id not in self._sent_epochs:
+                opener = self._db.epoch_opener(epoch_id)
+                if opener is None:
+                    continue  # key streams deleted concurrently: nothing this viewer can open
+                parts.append(self._writer.add(opener))
+                self._sent_epochs.add(epoch_id)
+            if segment.key_id not in self._sent_keys:
+                parts.append(self._writer.add(key_record))
+                self._sent_keys.add(segment.key_id)
+            parts.append(self._writer.add(self._read(segment.file, segment.offset, segment.length)))
+        parts.append(self._writer.add(self._read(row.file, row.offset, row.length)))
+        return b"".join(parts)
+
+    def end(self, reason: EndReason) -> bytes:
+        return self._writer.end(self._archive.signer, reason)
+
+    def _read(self, file: str, offset: int, length: int) -> bytes:
+        reader = self._readers.get(file)
+        if reader is None:
+            reader = self._readers[file] = self._archive.files.opener(file)
+        return reader.read(offset, length)
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()

@@ -1,0 +1,215 @@
+"""fusion-archiver: run the Archiver, and administer it over its HTTP API.
+
+Thin: argument parsing, one HTTP call per command, output. Owns the exit codes: every failure is
+one sentence on stderr and a non-zero code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+
+from keyservice.errors import KeyServiceError, UsageError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="The Fusion Archiver: encrypts camera streams, serves fusion streams.")
+cameras_app = typer.Typer(no_args_is_help=True, help="Cameras: add, list, remove.")
+clients_app = typer.Typer(no_args_is_help=True, help="Viewers: authorize, list, revoke.")
+app.add_typer(cameras_app, name="cameras")
+app.add_typer(clients_app, name="clients")
+
+EXIT_UNREACHABLE = 40
+EXIT_REFUSED = 41
+EXIT_SERVER_ERROR = 42
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="FUSION_ARCHIVER_URL",
+                                     help="The Archiver's base URL.")]
+TokenOpt = Annotated[str | None, typer.Option("--admin-token", envvar="FUSION_ADMIN_TOKEN",
+                                              help="The admin token (or --data).")]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="Read the admin token from the "
+                                              "Archiver's data directory.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, for scripts.")]
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"fusion-archiver: {message}", err=True)
+    raise SystemExit(code)
+
+
+@app.command()
+def serve(
+    data: Annotated[Path, typer.Option("--data", help="Data directory (SQLite, archive, token).")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key")] = None,
+    key_period: Annotated[int, typer.Option("--key-period", help="Seconds per minute key "
+                                            "(60 in production; shorter for tests).")] = 60,
+    signer_token: Annotated[str | None, typer.Option(
+        "--signer-token", help="PKCS#11 URI of the Archiver's signing token (default: a SoftHSM "
+        "token created in the data directory).")] = None,
+    site_ca: Annotated[list[Path] | None, typer.Option(
+        "--site-ca", help="Viewer certificates must chain to this CA (repeatable).")] = None,
+) -> None:
+    """Run the Archiver."""
+    import uvicorn
+
+    from archiver.app import create_app
+    from archiver.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings(data_dir=data.resolve(), host=host, port=port, tls_cert=tls_cert,
+                            tls_key=tls_key, key_period_s=key_period, signer_token_uri=signer_token,
+                            site_ca_files=tuple(site_ca or ()))
+        application = create_app(settings)
+    except KeyServiceError as exc:
+        _fail(str(exc), exc.exit_code)
+    uvicorn.run(application, host=host, port=port, log_level="info",
+                ssl_certfile=str(tls_cert) if tls_cert else None,
+                ssl_keyfile=str(tls_key) if tls_key else None)
+
+
+# --- admin commands ------------------------------------------------------------------------
+def _admin_token(token: str | None, data: Path | None) -> str:
+    if token:
+        return token
+    if data is not None:
+        path = data / "admin-token"
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            _fail(f"Cannot read the admin token from {path}: {exc.strerror}.", UsageError.exit_code)
+    _fail("No admin token: give --admin-token, set FUSION_ADMIN_TOKEN, or --data DIR.",
+          UsageError.exit_code)
+
+
+def _call(method: str, url: str, path: str, token: str, body: Any = None) -> Any:
+    try:
+        response = httpx.request(method, url.rstrip("/") + path, json=body, timeout=30,
+                                 headers={"Authorization": f"Bearer {token}"})
+    except httpx.HTTPError as exc:
+        _fail(f"Cannot reach the Archiver at {url} ({exc.__class__.__name__}). Is it running?",
+              EXIT_UNREACHABLE)
+    if response.status_code >= 400:
+        try:
+            message = response.json()["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:200] or response.reason_phrase
+        _fail(f"{message} (HTTP {response.status_code})",
+              EXIT_SERVER_ERROR if response.status_code >= 500 else EXIT_REFUSED)
+    return response.json() if response.content else None
+
+
+def _out(as_json: bool, obj: Any, human: str) -> None:
+    typer.echo(json.dumps(obj) if as_json else human)
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
+
+
+@cameras_app.command("add")
+def cameras_add(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
+                data: DataOpt = None, as_json: JsonOpt = False,
+                rtsp: Annotated[str | None, typer.Option("--rtsp", help="Pull this RTSP URL "
+                                                         "with a supervised ffmpeg.")] = None) -> None:
+    """Add a camera; prints its ingest URL and ingest token (shown once)."""
+    result = _call("POST", url, "/v1/admin/cameras", _admin_token(admin_token, data),
+                   {"name": name, "rtsp_url": rtsp})
+    _out(as_json, result, f"camera {result['name']} added\n"
+         f"ingest URL:   {result['ingest_url']}\n"
+         f"ingest token: {result['ingest_token']}  (shown once; keep it secret)")
+
+
+@cameras_app.command("list")
+def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+                 as_json: JsonOpt = False) -> None:
+    """List cameras with their recorded ranges."""
+    result = _call("GET", url, "/v1/admin/cameras", _admin_token(admin_token, data))
+    lines = [f"{c['name']:<20} {c['segments']:>8} segments  {_when(c['first_ms'])} .. "
+             f"{_when(c['last_ms'])}" + ("  rtsp" if c["rtsp_url"] else "") for c in result]
+    _out(as_json, {"cameras": result}, "\n".join(lines) or "no cameras")
+
+
+@cameras_app.command("remove")
+def cameras_remove(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
+                   data: DataOpt = None, as_json: JsonOpt = False) -> None:
+    """Stop accepting a camera's ingest. Its archive is kept."""
+    _call("DELETE", url, f"/v1/admin/cameras/{name}", _admin_token(admin_token, data))
+    _out(as_json, {"name": name, "removed": True}, f"camera {name} removed (archive kept)")
+
+
+@clients_app.command("add")
+def clients_add(
+    certificate: Annotated[Path, typer.Argument(help="The viewer's PEM certificate.")],
+    cameras: Annotated[str, typer.Option("--cameras", help="cam1,cam2 or 'all'.")],
+    oaep_hash: Annotated[str | None, typer.Option(
+        "--oaep-hash", help="sha256|sha1, only for certificates not made by fusion-keys.")] = None,
+    url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Authorize a viewer certificate on cameras; prints its SHA-256 fingerprint."""
+    try:
+        pem = certificate.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"Cannot read the certificate {certificate}: {exc}.", UsageError.exit_code)
+    camera_list: list[str] | str = "all" if cameras == "all" else [
+        c.strip() for c in cameras.split(",") if c.strip()]
+    result = _call("POST", url, "/v1/admin/clients", _admin_token(admin_token, data),
+                   {"certificate": pem, "cameras": camera_list, "oaep_hash": oaep_hash})
+    cams = result["cameras"] if result["cameras"] == "all" else ",".join(result["cameras"])
+    _out(as_json, result, f"viewer {result['subject']} authorized on {cams}\n"
+         f"fingerprint: {result['fingerprint']}")
+
+
+@clients_app.command("list")
+def clients_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+                 as_json: JsonOpt = False) -> None:
+    """List viewers."""
+    result = _call("GET", url, "/v1/admin/clients", _admin_token(admin_token, data))
+    lines = []
+    for c in result:
+        state = "revoked " + _when(c["revoked_ms"]) if c["revoked_ms"] else "active"
+        cams = c["cameras"] if c["cameras"] == "all" else ",".join(c["cameras"])
+        lines.append(f"{c['fingerprint']}  {c['subject']}  {cams}  {c['oaep_hash']}  {state}")
+    _out(as_json, {"clients": result}, "\n".join(lines) or "no viewers")
+
+
+@clients_app.command("revoke")
+def clients_revoke(
+    fingerprint: str,
+    delete_key_streams: Annotated[bool, typer.Option(
+        "--delete-key-streams", help="Also delete its key streams: IRREVERSIBLE.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a viewer: no key material for it from now on."""
+    if delete_key_streams and not yes:
+        warning = ("Deleting key streams is irreversible: recordings that only this viewer "
+                   "could open become unrecoverable.")
+        if not sys.stdin.isatty():
+            _fail(warning + " Add --yes to confirm.", UsageError.exit_code)
+        typer.confirm(warning + " Continue?", abort=True)
+    result = _call("POST", url, f"/v1/admin/clients/{fingerprint.lower()}/revoke",
+                   _admin_token(admin_token, data), {"delete_key_streams": delete_key_streams})
+    _out(as_json, result, f"viewer {fingerprint} revoked"
+         + (" and its key streams deleted" if delete_key_streams else ""))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyServiceError as exc:
+        _fail(str(exc), exc.exit_code)

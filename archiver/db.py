@@ -1,0 +1,321 @@
+"""The Archiver's metadata in SQLite: cameras, authorized viewers, the segment index and the
+per-viewer key streams.
+
+Nothing secret is stored here: camera tokens only as SHA-256 hashes, viewers as public
+certificates, key streams as RSA-OAEP epoch openers and AES-GCM-wrapped key records.
+One connection behind one lock: writes are short and SQLite serializes them anyway.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import astuple, dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cameras (
+    name TEXT PRIMARY KEY,
+    token_sha256 BLOB NOT NULL,
+    rtsp_url TEXT,
+    created_ms INTEGER NOT NULL,
+    removed_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS clients (
+    fingerprint TEXT PRIMARY KEY,
+    certificate BLOB NOT NULL,
+    subject TEXT NOT NULL,
+    oaep_hash INTEGER NOT NULL,
+    all_cameras INTEGER NOT NULL,
+    added_ms INTEGER NOT NULL,
+    revoked_ms INTEGER,
+    key_streams_deleted INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS client_cameras (
+    fingerprint TEXT NOT NULL,
+    camera TEXT NOT NULL,
+    PRIMARY KEY (fingerprint, camera)
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    epoch_id BLOB PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    record BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS key_records (
+    fingerprint TEXT NOT NULL,
+    key_id BLOB NOT NULL,
+    camera TEXT NOT NULL,
+    epoch_id BLOB NOT NULL,
+    valid_from_ms INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    PRIMARY KEY (fingerprint, key_id)
+);
+CREATE TABLE IF NOT EXISTS segments (
+    camera TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    capture_ms INTEGER NOT NULL,
+    key_id BLOB NOT NULL,
+    plaintext_bytes INTEGER NOT NULL,
+    file TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    manifest_seq INTEGER NOT NULL,
+    PRIMARY KEY (camera, stream, seq)
+);
+CREATE INDEX IF NOT EXISTS segments_by_manifest ON segments (camera, manifest_seq);
+CREATE TABLE IF NOT EXISTS manifests (
+    camera TEXT NOT NULL,
+    manifest_seq INTEGER NOT NULL,
+    file TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    first_capture_ms INTEGER NOT NULL,
+    last_capture_ms INTEGER NOT NULL,
+    PRIMARY KEY (camera, manifest_seq)
+);
+CREATE INDEX IF NOT EXISTS manifests_by_time ON manifests (camera, last_capture_ms);
+"""
+
+
+@dataclass(frozen=True)
+class CameraRow:
+    name: str
+    token_sha256: bytes
+    rtsp_url: str | None
+    created_ms: int
+    removed_ms: int | None
+
+
+@dataclass(frozen=True)
+class ClientRow:
+    fingerprint: str
+    certificate: bytes
+    subject: str
+    oaep_hash: int
+    all_cameras: bool
+    cameras: tuple[str, ...]
+    added_ms: int
+    revoked_ms: int | None
+    key_streams_deleted: bool
+
+    def authorized_on(self, camera: str) -> bool:
+        return self.revoked_ms is None and (self.all_cameras or camera in self.cameras)
+
+
+@dataclass(frozen=True)
+class SegmentRow:
+    camera: str
+    stream: int
+    seq: int
+    capture_ms: int
+    key_id: bytes
+    plaintext_bytes: int
+    file: str
+    offset: int
+    length: int
+    manifest_seq: int
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    camera: str
+    manifest_seq: int
+    file: str
+    offset: int
+    length: int
+    hash: bytes
+    first_capture_ms: int
+    last_capture_ms: int
+
+
+@dataclass(frozen=True)
+class KeyMaterial:
+    """What one key rotation writes for one viewer: maybe an epoch opener, always a key record."""
+
+    fingerprint: str
+    camera: str
+    key_id: bytes
+    epoch_id: bytes
+    valid_from_ms: int
+    key_record: bytes
+    epoch_opener: bytes | None
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: an acknowledged segment's index entry survives power loss, not just a crash.
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, args: Iterable[object] = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, tuple(args)).fetchall()
+
+    # --- cameras ----------------------------------------------------------------------
+    def add_camera(self, name: str, token_sha256: bytes, rtsp_url: str | None, now_ms: int) -> bool:
+        """False if a camera of that name exists (removed cameras keep their name: evidence)."""
+        with self._transaction() as conn:
+            if conn.execute("SELECT 1 FROM cameras WHERE name=?", (name,)).fetchone():
+                return False
+            conn.execute("INSERT INTO cameras VALUES (?,?,?,?,NULL)",
+                         (name, token_sha256, rtsp_url, now_ms))
+            return True
+
+    def cameras(self, include_removed: bool = False) -> list[CameraRow]:
+        where = "" if include_removed else " WHERE removed_ms IS NULL"
+        return [CameraRow(*row) for row in self._query(f"SELECT * FROM cameras{where} ORDER BY name")]  # noqa: S608
+
+    def camera(self, name: str) -> CameraRow | None:
+        rows = self._query("SELECT * FROM cameras WHERE name=?", (name,))
+        return CameraRow(*rows[0]) if rows else None
+
+    def remove_camera(self, name: str, now_ms: int) -> bool:
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "UPDATE cameras SET removed_ms=? WHERE name=? AND removed_ms IS NULL", (now_ms, name))
+            return cur.rowcount == 1
+
+    # --- viewers ----------------------------------------------------------------------
+    def add_client(self, fingerprint: str, certificate: bytes, subject: str, oaep_hash: int,
+                   cameras: Iterable[str] | None, now_ms: int) -> None:
+        """Authorize (or re-authorize) a viewer; cameras None means all cameras, present and future."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM client_cameras WHERE fingerprint=?", (fingerprint,))
+            conn.execute(
+                "INSERT INTO clients VALUES (?,?,?,?,?,?,NULL,0) ON CONFLICT(fingerprint) DO UPDATE"
+                " SET oaep_hash=excluded.oaep_hash, all_cameras=excluded.all_cameras,"
+                " revoked_ms=NULL",
+                (fingerprint, certificate, subject, oaep_hash, int(cameras is None), now_ms))
+            conn.executemany("INSERT INTO client_cameras VALUES (?,?)",
+                             [(fingerprint, c) for c in cameras or ()])
+
+    def clients(self) -> list[ClientRow]:
+        cameras: dict[str, list[str]] = {}
+        for fp, cam in self._query("SELECT fingerprint, camera FROM client_cameras ORDER BY camera"):
+            cameras.setdefault(fp, []).append(cam)
+        return [
+            ClientRow(fp, cert, subject, oaep, bool(all_cams), tuple(cameras.get(fp, ())),
+                      added, revoked, bool(deleted))
+            for fp, cert, subject, oaep, all_cams, added, revoked, deleted
+            in self._query("SELECT * FROM clients ORDER BY added_ms")
+        ]
+
+    def client(self, fingerprint: str) -> ClientRow | None:
+        return next((c for c in self.clients() if c.fingerprint == fingerprint), None)
+
+    def revoke_client(self, fingerprint: str, now_ms: int, delete_key_streams: bool) -> bool:
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "UPDATE clients SET revoked_ms=COALESCE(revoked_ms, ?) WHERE fingerprint=?",
+                (now_ms, fingerprint))
+            if cur.rowcount != 1:
+                return False
+            if delete_key_streams:
+                conn.execute("DELETE FROM key_records WHERE fingerprint=?", (fingerprint,))
+                conn.execute("DELETE FROM epochs WHERE fingerprint=?", (fingerprint,))
+                conn.execute("UPDATE clients SET key_streams_deleted=1 WHERE fingerprint=?",
+                             (fingerprint,))
+            return True
+
+    # --- key streams ------------------------------------------------------------------
+    def store_key_material(self, items: Iterable[KeyMaterial], now_ms: int) -> None:
+        with self._transaction() as conn:
+            for item in items:
+                if item.epoch_opener is not None:
+                    conn.execute("INSERT INTO epochs VALUES (?,?,?,?)",
+                                 (item.epoch_id, item.fingerprint, now_ms, item.epoch_opener))
+                conn.execute("INSERT INTO key_records VALUES (?,?,?,?,?,?)",
+                             (item.fingerprint, item.key_id, item.camera, item.epoch_id,
+                              item.valid_from_ms, item.key_record))
+
+    def key_record(self, fingerprint: str, key_id: bytes) -> tuple[bytes, bytes] | None:
+        """(epoch_id, key record bytes) of this viewer for that key, if it has one."""
+        rows = self._query("SELECT epoch_id, record FROM key_records WHERE fingerprint=? AND key_id=?",
+                           (fingerprint, key_id))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def epoch_opener(self, epoch_id: bytes) -> bytes | None:
+        rows = self._query("SELECT record FROM epochs WHERE epoch_id=?", (epoch_id,))
+        return rows[0][0] if rows else None
+
+    def count_key_records(self, fingerprint: str | None = None) -> int:
+        if fingerprint is None:
+            return self._query("SELECT COUNT(*) FROM key_records")[0][0]
+        return self._query("SELECT COUNT(*) FROM key_records WHERE fingerprint=?", (fingerprint,))[0][0]
+
+    # --- the segment index ------------------------------------------------------------
+    def record_segments(self, segments: Iterable[SegmentRow], manifest: ManifestRow) -> None:
+        """Index a manifest and the segments it covers in one transaction: the commit is the
+        acknowledgement point (the file bytes were fsynced before)."""
+        with self._transaction() as conn:
+            conn.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?,?,?,?)",
+                             [astuple(s) for s in segments])
+            conn.execute("INSERT INTO manifests VALUES (?,?,?,?,?,?,?,?)",
+                         astuple(manifest))
+
+    def last_manifest(self, camera: str) -> ManifestRow | None:
+        rows = self._query(
+            "SELECT * FROM manifests WHERE camera=? ORDER BY manifest_seq DESC LIMIT 1", (camera,))
+        return ManifestRow(*rows[0]) if rows else None
+
+    def next_segment_seq(self, camera: str, stream: int) -> int:
+        rows = self._query("SELECT MAX(seq) FROM segments WHERE camera=? AND stream=?",
+                           (camera, stream))
+        return 0 if rows[0][0] is None else rows[0][0] + 1
+
+    def manifests_from(self, camera: str, from_ms: int, to_ms: int, after_seq: int = -1,
+                       limit: int = 256) -> list[ManifestRow]:
+        """Manifests overlapping [from_ms, to_ms], in chain order, found through the time index."""
+        rows = self._query(
+            "SELECT * FROM manifests WHERE camera=? AND last_capture_ms>=? AND first_capture_ms<=?"
+            " AND manifest_seq>? ORDER BY manifest_seq LIMIT ?",
+            (camera, from_ms, to_ms, after_seq, limit))
+        return [ManifestRow(*row) for row in rows]
+
+    def manifests_after(self, camera: str, after_seq: int, limit: int = 256) -> list[ManifestRow]:
+        rows = self._query(
+            "SELECT * FROM manifests WHERE camera=? AND manifest_seq>? ORDER BY manifest_seq LIMIT ?",
+            (camera, after_seq, limit))
+        return [ManifestRow(*row) for row in rows]
+
+    def segments_of(self, camera: str, manifest_seq: int) -> list[SegmentRow]:
+        rows = self._query("SELECT * FROM segments WHERE camera=? AND manifest_seq=? ORDER BY offset",
+                           (camera, manifest_seq))
+        return [SegmentRow(*row) for row in rows]
+
+    def recorded_range(self, camera: str) -> tuple[int, int, int] | None:
+        """(first capture ms, last capture ms, segment count) of a camera's archive."""
+        first, last, count = self._query(
+            "SELECT MIN(capture_ms), MAX(capture_ms), COUNT(*) FROM segments WHERE camera=?",
+            (camera,))[0]
+        return None if count == 0 else (first, last, count)
+
+    def file_ends(self) -> dict[str, int]:
+        """For crash recovery: the acknowledged end of every archive file."""
+        return {file: end for file, end in
+                self._query("SELECT file, MAX(offset + length) FROM manifests GROUP BY file")}

@@ -1,0 +1,79 @@
+"""Typed FastAPI dependencies and the one error type routes raise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from cryptography import x509
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from archiver.archive import Archive
+from archiver.audit import AuditLog
+from archiver.auth import Sessions, secret_matches
+from archiver.db import ClientRow
+from archiver.rtsp import RtspSupervisor
+from archiver.settings import Settings
+
+
+class ApiError(Exception):
+    """An error answered as JSON ``{"error": code, "message": sentence}`` with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Services:
+    """Everything a request handler may need; built once by create_app."""
+
+    settings: Settings
+    archive: Archive
+    sessions: Sessions
+    audit: AuditLog
+    admin_token_digest: bytes
+    site_ca: tuple[x509.Certificate, ...] = ()
+    rtsp: RtspSupervisor | None = None
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+_bearer = HTTPBearer(auto_error=False)
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _token(credentials: HTTPAuthorizationCredentials | None, what: str) -> str:
+    if credentials is None:
+        raise ApiError(401, "unauthenticated", f"Missing 'Authorization: Bearer' {what}.")
+    return credentials.credentials
+
+
+def require_admin(services: ServicesDep, credentials: BearerDep) -> str:
+    token = _token(credentials, "admin token")
+    if not secret_matches(token, services.admin_token_digest):
+        raise ApiError(403, "forbidden", "This is not the admin token.")
+    return "admin"
+
+
+def require_viewer(services: ServicesDep, credentials: BearerDep) -> ClientRow:
+    token = _token(credentials, "session token (log in first)")
+    now = services.archive.clock()
+    session = services.sessions.session(token, now)
+    if session is None:
+        raise ApiError(401, "session_invalid",
+                       "The session token is unknown or expired; log in again.")
+    viewer = services.archive.db.client(session.fingerprint)
+    if viewer is None or viewer.revoked_ms is not None:
+        raise ApiError(403, "revoked", "This viewer's certificate has been revoked.")
+    return viewer
+
+
+AdminDep = Annotated[str, Depends(require_admin)]
+ViewerDep = Annotated[ClientRow, Depends(require_viewer)]

@@ -1,0 +1,118 @@
+"""Minute keys and per-viewer key streams, in memory only.
+
+For every camera data stream a fresh random key every key period, and at once whenever the set
+of viewers authorized on that camera changes (so a new viewer cannot open what was recorded
+before it was added, and a revoked viewer cannot open what is recorded after). Each new key is
+wrapped for every viewer authorized at that moment, under the viewer's epoch KEK (one RSA-OAEP
+encryption per viewer per epoch, see keyservice.crypto.Epoch).
+
+Plaintext keys and KEKs never reach the database or the disk: only epoch openers and key records.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from archiver.db import ClientRow, Database, KeyMaterial
+from keyservice.crypto import Epoch, MinuteKey, new_minute_key
+from keyservice.format import DataStream, encode_record
+from keyservice.identity import OaepHash, Recipient
+
+Rng = Callable[[int], bytes]
+
+
+@dataclass
+class _ViewerEpoch:
+    epoch: Epoch
+    utc_day: dt.date
+
+
+class KeyManager:
+    def __init__(self, db: Database, period_s: int, rng: Rng = os.urandom) -> None:
+        self._db = db
+        self._period_ms = period_s * 1000
+        self._rng = rng
+        self._lock = threading.Lock()
+        self._current: dict[tuple[str, DataStream], tuple[int, MinuteKey]] = {}
+        self._epochs: dict[str, _ViewerEpoch] = {}
+        self._viewers: list[tuple[ClientRow, Recipient]] | None = None
+        self.rotations = 0
+        self.key_records_written = 0
+        self.epochs_started = 0
+
+    def key_for(self, camera: str, stream: DataStream, now_ms: int) -> MinuteKey:
+        """The key to seal a segment arriving now; rotates (and wraps for viewers) when due."""
+        period = now_ms // self._period_ms
+        with self._lock:
+            current = self._current.get((camera, stream))
+            if current is not None and current[0] == period:
+                return current[1]
+            key = new_minute_key(camera, stream, now_ms, self._rng)
+            self._wrap_for_viewers(key, now_ms)
+            self._current[(camera, stream)] = (period, key)
+            self.rotations += 1
+            return key
+
+    def authorization_changed(self, fingerprint: str, cameras: list[str] | None) -> None:
+        """A viewer was added, changed or revoked: its epoch ends, and the affected cameras
+        (None: all) get fresh keys before their next segment."""
+        with self._lock:
+            self._epochs.pop(fingerprint, None)
+            self._viewers = None
+            for cam_stream in list(self._current):
+                if cameras is None or cam_stream[0] in cameras:
+                    del self._current[cam_stream]
+
+    def forget_camera(self, camera: str) -> None:
+        with self._lock:
+            for cam_stream in [k for k in self._current if k[0] == camera]:
+                del self._current[cam_stream]
+
+    def active_viewers(self) -> int:
+        with self._lock:
+            return len(self._load_viewers())
+
+    def _load_viewers(self) -> list[tuple[ClientRow, Recipient]]:
+        if self._viewers is None:
+            self._viewers = [
+                (row, Recipient(x509.load_der_x509_certificate(row.certificate),
+                                OaepHash(row.oaep_hash)))
+                for row in self._db.clients() if row.revoked_ms is None
+            ]
+        return self._viewers
+
+    def _wrap_for_viewers(self, key: MinuteKey, now_ms: int) -> None:
+        today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
+        material = []
+        started: list[str] = []
+        for row, recipient in self._load_viewers():
+            if not row.authorized_on(key.camera):
+                continue
+            opener_bytes = None
+            viewer_epoch = self._epochs.get(row.fingerprint)
+            # Epochs end at the UTC day boundary, bounding how much one opener unlocks.
+            if viewer_epoch is None or viewer_epoch.utc_day != today:
+                epoch, opener = Epoch.start(recipient, self._period_ms // 1000, now_ms, self._rng)
+                viewer_epoch = self._epochs[row.fingerprint] = _ViewerEpoch(epoch, today)
+                opener_bytes = encode_record(opener)
+                started.append(row.fingerprint)
+            record = viewer_epoch.epoch.wrap(key, now_ms, self._rng)
+            material.append(KeyMaterial(
+                row.fingerprint, key.camera, key.key_id, viewer_epoch.epoch.epoch_id,
+                key.valid_from_ms, encode_record(record), opener_bytes))
+        # Committed before any segment sealed under this key is acknowledged: an acknowledged
+        # segment is never left without the key records its viewers need.
+        try:
+            self._db.store_key_material(material, now_ms)
+        except BaseException:
+            for fingerprint in started:  # their openers were never stored: start over next time
+                del self._epochs[fingerprint]
+            raise
+        self.epochs_started += len(started)
+        self.key_records_written += len(material)

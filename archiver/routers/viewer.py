@@ -1,0 +1,160 @@
+"""Viewer API: proof-of-possession login, the cameras a viewer may watch, and fusion streams
+(a recorded range, or live)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated
+
+from cryptography.hazmat.primitives.serialization import Encoding
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from archiver.deps import ApiError, ServicesDep, ViewerDep
+from keyservice.certs import load_certificate
+from keyservice.crypto import login_context, make_login_challenge, verify_login_proof
+from keyservice.errors import CertificateError
+from keyservice.identity import OaepHash, Recipient, fingerprint
+
+router = APIRouter(prefix="/v1", tags=["viewer"])
+MEDIA_TYPE = "application/vnd.fusion-stream"
+CameraPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+
+
+class ArchiverInfo(BaseModel):
+    certificate: str
+    fingerprint: str
+
+
+class ChallengeRequest(BaseModel):
+    certificate: str = Field(max_length=65536)
+
+
+class Challenge(BaseModel):
+    challenge_id: str
+    ciphertext: str
+    oaep_hash: str
+    archiver_certificate: str
+
+
+class ProofRequest(BaseModel):
+    challenge_id: str = Field(max_length=64)
+    proof: str = Field(max_length=128)
+
+
+class SessionInfo(BaseModel):
+    session_token: str
+    fingerprint: str
+    expires_ms: int
+
+
+class CameraView(BaseModel):
+    name: str
+    first_ms: int | None
+    last_ms: int | None
+    segments: int
+
+
+@router.get("/archiver")
+def archiver_info(services: ServicesDep) -> ArchiverInfo:
+    cert = services.archive.signer.certificate
+    return ArchiverInfo(certificate=cert.public_bytes(Encoding.PEM).decode(),
+                        fingerprint=fingerprint(cert).hex())
+
+
+@router.post("/sessions/challenge")
+def challenge(body: ChallengeRequest, services: ServicesDep) -> Challenge:
+    archive = services.archive
+    try:
+        cert = load_certificate(body.certificate.encode())
+    except CertificateError as exc:
+        raise ApiError(422, "bad_certificate", str(exc)) from None
+    fp = fingerprint(cert).hex()
+    viewer = archive.db.client(fp)
+    if viewer is None:
+        raise ApiError(403, "not_enrolled", "This certificate is not authorized on this "
+                       "Archiver; ask an admin to run 'fusion-archiver clients add'.")
+    if viewer.revoked_ms is not None:
+        raise ApiError(403, "revoked", "This viewer's certificate has been revoked.")
+    oaep = OaepHash(viewer.oaep_hash)
+    # Encrypt to the *registered* certificate, so only its token can answer.
+    ciphertext, secret = make_login_challenge(Recipient(cert, oaep), archive.rng)
+    challenge_id = archive.rng(16)
+    context = login_context(fingerprint(archive.signer.certificate), bytes.fromhex(fp),
+                            challenge_id)
+    services.sessions.add_challenge(challenge_id, fp, secret, context, archive.clock())
+    return Challenge(challenge_id=challenge_id.hex(),
+                     ciphertext=base64.b64encode(ciphertext).decode(), oaep_hash=oaep.label,
+                     archiver_certificate=archive.signer.certificate.public_bytes(
+                         Encoding.PEM).decode())
+
+
+@router.post("/sessions", status_code=201)
+def open_session(body: ProofRequest, services: ServicesDep) -> SessionInfo:
+    archive = services.archive
+    now = archive.clock()
+    try:
+        challenge_id = bytes.fromhex(body.challenge_id)
+        proof = base64.b64decode(body.proof, validate=True)
+    except ValueError:
+        raise ApiError(422, "bad_proof", "The challenge id or proof is malformed.") from None
+    pending = services.sessions.take_challenge(challenge_id, now)
+    if pending is None or not verify_login_proof(pending.secret, pending.context, proof):
+        services.audit.record("anonymous", "session.refused", now, challenge_id=body.challenge_id)
+        raise ApiError(401, "proof_refused", "The proof of possession is wrong, expired or "
+                       "already used; request a new challenge.")
+    token, session = services.sessions.open_session(pending.fingerprint, now)
+    services.audit.record(pending.fingerprint, "session.open", now)
+    return SessionInfo(session_token=token, fingerprint=pending.fingerprint,
+                       expires_ms=session.expires_ms)
+
+
+@router.get("/cameras")
+def cameras(viewer: ViewerDep, services: ServicesDep) -> list[CameraView]:
+    db = services.archive.db
+    out = []
+    for cam in db.cameras(include_removed=True):
+        if not viewer.authorized_on(cam.name):
+            continue
+        first, last, count = db.recorded_range(cam.name) or (None, None, 0)
+        out.append(CameraView(name=cam.name, first_ms=first, last_ms=last, segments=count))
+    return out
+
+
+def _authorize(viewer: ViewerDep, services: ServicesDep, camera: str) -> None:
+    if services.archive.db.camera(camera) is None:
+        raise ApiError(404, "unknown_camera", f"There is no camera named '{camera}'.")
+    if not viewer.authorized_on(camera):
+        raise ApiError(403, "not_authorized",
+                       f"This viewer is not authorized on camera '{camera}'.")
+
+
+@router.get("/cameras/{camera}/recording",
+            responses={200: {"content": {MEDIA_TYPE: {}}, "description": "A fusion stream"}})
+async def recording(camera: CameraPath, viewer: ViewerDep, services: ServicesDep,
+                    from_ms: Annotated[int, Query(ge=0)],
+                    to_ms: Annotated[int, Query(ge=0)]) -> StreamingResponse:
+    _authorize(viewer, services, camera)
+    archive = services.archive
+    if to_ms < from_ms:
+        raise ApiError(422, "bad_range", "The end of the range is before its start.")
+    if not await run_in_threadpool(archive.has_recording, camera, from_ms, to_ms):
+        raise ApiError(404, "no_recording",
+                       f"Camera '{camera}' has no recording in the requested range.")
+    services.audit.record(viewer.fingerprint, "stream.playback", archive.clock(), camera=camera,
+                          from_ms=from_ms, to_ms=to_ms)
+    return StreamingResponse(archive.playback(viewer, camera, from_ms, to_ms),
+                             media_type=MEDIA_TYPE)
+
+
+@router.get("/cameras/{camera}/live",
+            responses={200: {"content": {MEDIA_TYPE: {}}, "description": "A live fusion stream"}})
+async def live(camera: CameraPath, viewer: ViewerDep, services: ServicesDep,
+               duration_s: Annotated[float, Query(gt=0, le=86400)] = 3600) -> StreamingResponse:
+    _authorize(viewer, services, camera)
+    archive = services.archive
+    services.audit.record(viewer.fingerprint, "stream.live", archive.clock(), camera=camera,
+                          duration_s=duration_s)
+    return StreamingResponse(archive.live(viewer, camera, duration_s), media_type=MEDIA_TYPE)

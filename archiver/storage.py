@@ -1,0 +1,145 @@
+"""Append-only archive files: one per camera per UTC day, holding encoded fusion-stream records
+(segments and the manifests that cover them), exactly the bytes served to viewers.
+
+Durability rule: bytes are fsynced here *before* the index row that acknowledges them is
+committed (archiver.db). After a crash, anything past the last indexed byte of a file was
+never acknowledged and is cut off by ``recover``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import logging
+import os
+import threading
+from pathlib import Path
+
+from keyservice.errors import KeyServiceError
+
+log = logging.getLogger("archiver.storage")
+
+
+class StorageFull(KeyServiceError):
+    """The archive's file system is full: ingest must pause, nothing archived is harmed."""
+
+
+class StorageFailed(KeyServiceError):
+    """An I/O error while writing the archive."""
+
+
+class ArchiveFiles:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._write_fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def file_for(camera: str, now_ms: int) -> str:
+        day = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
+        return f"{camera}/{day}.fsa"
+
+    def append(self, relpath: str, data: bytes) -> int:
+        """Append and fsync; returns the offset. On failure the file is cut back to where it was."""
+        fd = self._writer(relpath)
+        offset = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except OSError as exc:
+            self._undo(fd, offset)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull("The archive disk is full; the segment was not archived.",
+                                  "Free space or add storage; ingest resumes by itself.") from None
+            raise StorageFailed(f"Writing the archive failed ({os.strerror(exc.errno or 0)}); "
+                                "the segment was not archived.") from None
+        return offset
+
+    def read(self, relpath: str, offset: int, length: int) -> bytes:
+        with open(self.root / relpath, "rb") as fh:
+            return os.pread(fh.fileno(), length, offset)
+
+    def opener(self, relpath: str) -> _Reader:
+        return _Reader(self.root / relpath)
+
+    def recover(self, acknowledged_ends: dict[str, int]) -> list[str]:
+        """Cut every archive file back to its last acknowledged byte (a torn or unacknowledged
+        tail after a crash); returns what was done, for the log."""
+        actions = []
+        for path in sorted(self.root.glob("*/*.fsa")):
+            rel = path.relative_to(self.root).as_posix()
+            end = acknowledged_ends.get(rel, 0)
+            size = path.stat().st_size
+            if size > end:
+                with open(path, "r+b") as fh:
+                    fh.truncate(end)
+                    os.fsync(fh.fileno())
+                actions.append(f"cut {size - end} unacknowledged bytes from the end of {rel}")
+            elif size < end:
+                actions.append(f"ARCHIVE DAMAGED: {rel} is {size} bytes, the index expects {end}")
+        for line in actions:
+            log.warning("recovery: %s", line)
+        return actions
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._write_fds.values():
+                os.close(fd)
+            self._write_fds.clear()
+
+    def _writer(self, relpath: str) -> int:
+        with self._lock:
+            fd = self._write_fds.get(relpath)
+            if fd is not None:
+                return fd
+            path = self.root / relpath
+            is_new_dir = not path.parent.exists()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            is_new = not path.exists()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            if is_new:  # the new file's name must survive a crash too
+                _fsync_dir(path.parent)
+            if is_new_dir:
+                _fsync_dir(self.root)
+            # Keep only the newest file per camera open.
+            camera = relpath.split("/", 1)[0]
+            for old in [p for p in self._write_fds if p.startswith(camera + "/")]:
+                os.close(self._write_fds.pop(old))
+            self._write_fds[relpath] = fd
+            return fd
+
+    @staticmethod
+    def _undo(fd: int, offset: int) -> None:
+        try:
+            os.ftruncate(fd, offset)
+            os.fsync(fd)
+        except OSError:
+            log.exception("could not cut back a failed append; recovery at restart will")
+
+
+class _Reader:
+    """Reads record ranges of one archive file for one response, keeping the file open."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = open(path, "rb")
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fh.fileno(), length, offset)
+        if len(data) != length:
+            raise StorageFailed("An archive file is shorter than its index says.")
+        return data
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

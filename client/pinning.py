@@ -1,0 +1,208 @@
+"""Known Archivers, like SSH's known_hosts: the viewer pins each Archiver's certificate.
+
+The Archiver's signature on manifests and end records is what proves a fusion stream's origin,
+so the viewer must know *which* Archiver key to trust. Three ways, in order:
+
+1. ``--archiver-cert FILE`` pins explicitly (and records it, replacing an older pin: the user
+   vouched for this certificate);
+2. a pin recorded earlier for this Archiver URL must match, or ``ArchiverMismatch`` is raised
+   loudly, because a changed key is exactly what an impersonator would present;
+3. otherwise the certificate is trusted on first use and recorded.
+
+The file is ``known_archivers`` under ``$FUSION_CLIENT_HOME`` (or
+``$XDG_CONFIG_HOME/fusion-client``, or ``~/.config/fusion-client``): one line per Archiver,
+``<url> <sha256-fingerprint-hex> [subject]``; ``#`` starts a comment line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cryptography import x509
+
+from keyservice.errors import ArchiverMismatch, UsageError
+from keyservice.identity import fingerprint
+
+KNOWN_FILE = "known_archivers"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def client_home(env: Mapping[str, str] | None = None) -> Path:
+    """Where the viewer keeps its known Archivers (never any key material)."""
+    env = os.environ if env is None else env
+    if env.get("FUSION_CLIENT_HOME"):
+        return Path(env["FUSION_CLIENT_HOME"])
+    if env.get("XDG_CONFIG_HOME"):
+        return Path(env["XDG_CONFIG_HOME"]) / "fusion-client"
+    return Path.home() / ".config" / "fusion-client"
+
+
+def archiver_key(url: str) -> str:
+    """The name a pin is stored under: scheme://host:port[/path], normalised so that
+    http://Host:80/ and http://host are the same Archiver."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise UsageError(f"The Archiver URL {url!r} is not an http:// or https:// URL.")
+    try:
+        port = parts.port or _DEFAULT_PORTS[scheme]
+    except ValueError:
+        raise UsageError(f"The Archiver URL {url!r} has an invalid port.") from None
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}{parts.path.rstrip('/')}"
+
+
+class PinOutcome(Enum):
+    MATCHED = "matched the pinned certificate"
+    EXPLICIT = "matched the certificate given with --archiver-cert"
+    FIRST_USE = "trusted on first use and pinned"
+
+
+@dataclass(frozen=True)
+class PinDecision:
+    outcome: PinOutcome
+    fingerprint: bytes
+    stored_in: Path
+    replaced: bytes | None = None  # an older, different pin that --archiver-cert replaced
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: str
+    fingerprint: bytes
+    comment: str
+
+
+class KnownArchivers:
+    """The known_archivers file. Reads on every lookup (another process may have pinned)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def default(cls) -> KnownArchivers:
+        return cls(client_home() / KNOWN_FILE)
+
+    def _entries(self) -> list[_Entry]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"Cannot read the known-Archivers file {self.path}: {exc}.") from None
+        return parse_known(text, self.path)
+
+    def lookup(self, url: str) -> bytes | None:
+        key = archiver_key(url)
+        return next((e.fingerprint for e in self._entries() if e.key == key), None)
+
+    def remember(self, url: str, cert_fingerprint: bytes, comment: str = "") -> None:
+        key = archiver_key(url)
+        entries = [e for e in self._entries() if e.key != key]
+        entries.append(_Entry(key, cert_fingerprint, comment))
+        self._write(entries)
+
+    def forget(self, url: str) -> bool:
+        key = archiver_key(url)
+        entries = self._entries()
+        kept = [e for e in entries if e.key != key]
+        if len(kept) == len(entries):
+            return False
+        self._write(kept)
+        return True
+
+    def _write(self, entries: list[_Entry]) -> None:
+        lines = ["# fusion-client known Archivers: <url> <sha256 of the certificate> [subject]"]
+        lines += [f"{e.key} {e.fingerprint.hex()}" + (f" {e.comment}" if e.comment else "")
+                  for e in entries]
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Write a temporary file and rename: a crash never leaves a half-written pin file.
+            fd, tmp = tempfile.mkstemp(prefix=".known_archivers.", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write("\n".join(lines) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise UsageError(f"Cannot write the known-Archivers file {self.path}: "
+                             f"{exc.strerror or exc}.") from None
+
+
+def parse_known(text: str, path: Path | str = KNOWN_FILE) -> list[_Entry]:
+    """Parse a known_archivers file. A malformed line is an error, never skipped: skipping it
+    would silently turn a pinned Archiver into a trust-on-first-use one."""
+    entries = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split(maxsplit=2)
+        if len(fields) < 2 or not _HEX64.match(fields[1].lower()):
+            raise UsageError(f"Line {number} of {path} is malformed; expected "
+                             "'<url> <64 hex digits>'. Fix or delete that line.")
+        entries.append(_Entry(archiver_key(fields[0]), bytes.fromhex(fields[1]),
+                              fields[2] if len(fields) > 2 else ""))
+    return entries
+
+
+def _subject(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string().replace("\n", " ")
+
+
+def check_archiver(url: str | None, cert: x509.Certificate, *, store: KnownArchivers,
+                   explicit: x509.Certificate | None = None,
+                   allow_first_use: bool = True) -> PinDecision:
+    """Decide whether ``cert`` is the Archiver at ``url``; raises ArchiverMismatch if not.
+
+    ``url`` None (a saved stream opened offline) needs ``explicit``. ``allow_first_use`` False
+    refuses to trust an unknown Archiver (offline: there is no first contact to pin).
+    """
+    presented = fingerprint(cert)
+    if explicit is not None:
+        wanted = fingerprint(explicit)
+        if presented != wanted:
+            where = f"The Archiver at {url}" if url else "The stream's Archiver"
+            raise ArchiverMismatch(
+                f"{where} presented certificate sha256 {presented.hex()}, NOT the one given with "
+                f"--archiver-cert (sha256 {wanted.hex()}); someone may be impersonating it.",
+                "Nothing was decrypted. Check that --archiver-cert is the right file.")
+        replaced = None
+        if url is not None:
+            old = store.lookup(url)
+            if old != presented:
+                store.remember(url, presented, _subject(cert))
+                replaced = old
+        return PinDecision(PinOutcome.EXPLICIT, presented, store.path, replaced)
+    if url is None:
+        raise UsageError("Give --archiver-cert FILE (or --archiver URL with a pinned Archiver) "
+                         "to say which Archiver must have signed the stream.")
+    pinned = store.lookup(url)
+    if pinned is not None:
+        if pinned != presented:
+            raise ArchiverMismatch(
+                f"WARNING: THE ARCHIVER'S CERTIFICATE HAS CHANGED. The Archiver at {url} "
+                f"presented sha256 {presented.hex()}, but {store.path} pins sha256 "
+                f"{pinned.hex()}; someone may be impersonating it.",
+                "Nothing was decrypted. If the admin really replaced the Archiver's key, get its "
+                "new certificate from the admin and run again with --archiver-cert FILE.")
+        return PinDecision(PinOutcome.MATCHED, presented, store.path)
+    if not allow_first_use:
+        raise UsageError(f"No Archiver certificate is pinned for {url} in {store.path}; give "
+                         "--archiver-cert FILE.")
+    store.remember(url, presented, _subject(cert))
+    return PinDecision(PinOutcome.FIRST_USE, presented, store.path)

@@ -1,0 +1,295 @@
+"""The viewer library: turns fusion-stream bytes into verified MPEG-TS, and says what it got.
+
+``Player`` drives ``keyservice.stream.StreamReader`` (which checks the Archiver's signatures, the
+manifest chain, key commitments and GCM tags, and releases a segment only once all of that
+holds), writes each released segment, and keeps the summary: segments, bytes, capture-time range,
+gaps, token operations. ``FileOutput`` makes sure an output file only ever gets its final name
+after the stream's signed end record verified; otherwise it is renamed ``FILE.incomplete``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from cryptography import x509
+
+from client.timespec import format_ms
+from keyservice.errors import ArchiverMismatch, IntegrityError, KeyServiceError
+from keyservice.identity import Identity, fingerprint
+from keyservice.stream import SegmentPlaintext, SegmentSkipped, StreamEnded, StreamReader
+
+
+class StreamTruncated(IntegrityError):
+    """The stream stopped before the Archiver's signed end record."""
+
+    exit_code = 50
+
+
+class NothingAuthorized(KeyServiceError):
+    """Every segment in the stream was recorded while this viewer held no key for it."""
+
+    exit_code = 51
+
+
+class OutputFailed(KeyServiceError):
+    """The decrypted video could not be written (disk full, closed pipe, permissions)."""
+
+    exit_code = 52
+
+
+NOT_AUTHORIZED = "not authorized"
+NO_RECORDING = "no recording"
+# A capture-time jump is a gap when it exceeds both this and GAP_FACTOR x the typical interval
+# between segments (segments last 1-10 s; a jump of several segment lengths is a real hole).
+MIN_GAP_MS = 5_000
+GAP_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A hole in what was written: nothing recorded, or recorded while not authorized."""
+
+    camera: str
+    stream: int
+    from_ms: int
+    to_ms: int
+    kind: str
+    segments: int = 0  # segments skipped (kind NOT_AUTHORIZED)
+
+    def describe(self) -> str:
+        span = f"{format_ms(self.from_ms)} .. {format_ms(self.to_ms)}"
+        if self.kind == NOT_AUTHORIZED:
+            return (f"camera {self.camera}: {self.segments} segment(s) {span} were recorded "
+                    "while this viewer was not authorized (no key for it); skipped")
+        return f"camera {self.camera}: no recording between {span}"
+
+
+@dataclass(frozen=True)
+class Position:
+    """The last verified segment written: where output stops if the stream fails after it."""
+
+    camera: str
+    stream: int
+    seq: int
+    capture_ms: int
+
+    def describe(self) -> str:
+        return (f"segment {self.seq} of camera {self.camera} "
+                f"(captured {format_ms(self.capture_ms)})")
+
+
+@dataclass
+class Summary:
+    segments: int = 0
+    skipped: int = 0
+    bytes: int = 0
+    first_ms: int | None = None
+    last_ms: int | None = None
+    gaps: list[Gap] = field(default_factory=list)
+    epoch_openings: int = 0  # token operations spent on epoch openers
+    ended: bool = False
+    end_reason: int | None = None
+    last: Position | None = None
+
+
+class Output(Protocol):
+    def write(self, data: bytes) -> None: ...
+    def commit(self) -> Path | None: ...
+    def abort(self) -> Path | None: ...
+
+
+class FileOutput:
+    """Writes to FILE.partial; ``commit`` renames to FILE (only after a verified end record),
+    ``abort`` to FILE.incomplete so a cut-off export never looks complete. Opened at once, so a
+    bad path fails before the Archiver and the token are bothered."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.partial = path.with_name(path.name + ".partial")
+        self.incomplete = path.with_name(path.name + ".incomplete")
+        try:
+            self._fh: BinaryIO | None = open(self.partial, "wb")
+        except OSError as exc:
+            raise OutputFailed(f"Cannot write {self.partial}: {exc.strerror or exc}.") from None
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        assert self._fh is not None
+        try:
+            self._fh.write(data)
+        except OSError as exc:
+            raise OutputFailed(f"Cannot write {self.partial}: {exc.strerror or exc}.") from None
+        self.written += len(data)
+
+    def commit(self) -> Path:
+        assert self._fh is not None
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+            os.replace(self.partial, self.path)
+        except OSError as exc:
+            raise OutputFailed(f"Cannot finish {self.path}: {exc.strerror or exc}.") from None
+        return self.path
+
+    def abort(self) -> Path | None:
+        """Keep what was verified under a name that says it is incomplete; None if empty."""
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            self._fh = None
+        try:
+            if self.written == 0:
+                self.partial.unlink(missing_ok=True)
+                return None
+            os.replace(self.partial, self.incomplete)
+            return self.incomplete
+        except OSError:
+            return self.partial if self.partial.exists() else None
+
+
+class PipeOutput:
+    """Writes each verified segment to a pipe at once (live viewing: ``-o - | ffplay -``)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except BrokenPipeError:
+            raise OutputFailed("The program reading the video closed the pipe; stopped.") from None
+        except OSError as exc:
+            raise OutputFailed(f"Cannot write the video to standard output: "
+                               f"{exc.strerror or exc}.") from None
+
+    def commit(self) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+
+def archiver_pin_check(pinned_fingerprint: bytes) -> Callable[[x509.Certificate], None]:
+    """The reader's Archiver check: the stream must be signed by the certificate logged in to
+    (and pinned), or it could be someone else's validly signed stream."""
+    def check(cert: x509.Certificate) -> None:
+        if fingerprint(cert) != pinned_fingerprint:
+            raise ArchiverMismatch(
+                f"The stream names Archiver certificate sha256 {fingerprint(cert).hex()}, not "
+                f"the pinned one (sha256 {pinned_fingerprint.hex()}); nothing was decrypted.")
+    return check
+
+
+class Player:
+    """Feeds fusion-stream bytes to the reader and writes what it releases, in order."""
+
+    def __init__(self, identity: Identity, check_archiver: Callable[[x509.Certificate], None],
+                 output: Output, *, on_segment: Callable[[SegmentPlaintext], None] | None = None,
+                 min_gap_ms: int = MIN_GAP_MS) -> None:
+        self._reader = StreamReader(identity, check_archiver)
+        self._output = output
+        self._on_segment = on_segment
+        self._min_gap_ms = min_gap_ms
+        self.summary = Summary()
+        # Per (camera, stream): last capture time seen, recent intervals, an open skipped run.
+        self._last_seen: dict[tuple[str, int], int] = {}
+        self._intervals: dict[tuple[str, int], deque[int]] = {}
+        self._skipped_run: dict[tuple[str, int], list[int]] = {}
+
+    @property
+    def header_cameras(self) -> tuple[str, ...]:
+        header = self._reader.header
+        return tuple(header.cameras) if header is not None else ()
+
+    def feed(self, data: bytes) -> None:
+        for event in self._reader.feed(data):
+            if isinstance(event, SegmentPlaintext):
+                self._plaintext(event)
+            elif isinstance(event, SegmentSkipped):
+                self._skipped(event)
+            elif isinstance(event, StreamEnded):
+                self.summary.ended = True
+                self.summary.end_reason = int(event.reason)
+        self.summary.epoch_openings = self._reader.token_operations
+
+    def finish(self) -> Summary:
+        """Call at the end of the bytes. Raises StreamTruncated without a verified end record,
+        NothingAuthorized when segments came but none this viewer could open."""
+        for key in list(self._skipped_run):
+            self._close_skipped(key)
+        if not self.summary.ended:
+            raise StreamTruncated(
+                "The stream stopped before the Archiver's signed end record: it was truncated, "
+                "the connection was lost, or the Archiver dropped this viewer.")
+        self._reader.finish()
+        self.summary.epoch_openings = self._reader.token_operations
+        if self.summary.segments == 0 and self.summary.skipped > 0:
+            raise NothingAuthorized(
+                f"All {self.summary.skipped} segment(s) in the range were recorded while this "
+                "viewer was not authorized on the camera; there is no video it can decrypt.")
+        return self.summary
+
+    def where(self) -> str:
+        """Where the written output stops, for error messages."""
+        last = self.summary.last
+        return f"after {last.describe()}" if last else "before the first segment"
+
+    def run(self, chunks: Iterable[bytes]) -> Summary:
+        for chunk in chunks:
+            self.feed(chunk)
+        return self.finish()
+
+    # --- events -----------------------------------------------------------------------
+    def _note_time(self, key: tuple[str, int], capture_ms: int) -> None:
+        """Report a capture-time jump (nothing recorded) between consecutive segments."""
+        previous = self._last_seen.get(key)
+        self._last_seen[key] = capture_ms
+        if previous is None:
+            return
+        delta = capture_ms - previous
+        recent = self._intervals.setdefault(key, deque(maxlen=16))
+        typical = statistics.median(recent) if recent else 0
+        if delta > max(self._min_gap_ms, GAP_FACTOR * typical):
+            self.summary.gaps.append(Gap(key[0], key[1], previous, capture_ms, NO_RECORDING))
+        else:
+            recent.append(delta)
+
+    def _plaintext(self, event: SegmentPlaintext) -> None:
+        key = (event.camera, int(event.stream))
+        self._close_skipped(key)
+        self._note_time(key, event.capture_ms)
+        # Only verified segments reach here: the reader released it after its manifest's
+        # signature and chain, the key commitment and the GCM tag all checked.
+        self._output.write(event.data)
+        s = self.summary
+        s.segments += 1
+        s.bytes += len(event.data)
+        s.first_ms = event.capture_ms if s.first_ms is None else min(s.first_ms, event.capture_ms)
+        s.last_ms = event.capture_ms if s.last_ms is None else max(s.last_ms, event.capture_ms)
+        s.last = Position(event.camera, int(event.stream), event.seq, event.capture_ms)
+        if self._on_segment is not None:
+            self._on_segment(event)
+
+    def _skipped(self, event: SegmentSkipped) -> None:
+        key = (event.camera, int(event.stream))
+        self._note_time(key, event.capture_ms)
+        self.summary.skipped += 1
+        run = self._skipped_run.setdefault(key, [event.capture_ms, event.capture_ms, 0])
+        run[1] = event.capture_ms
+        run[2] += 1
+
+    def _close_skipped(self, key: tuple[str, int]) -> None:
+        run = self._skipped_run.pop(key, None)
+        if run is not None:
+            self.summary.gaps.append(Gap(key[0], key[1], run[0], run[1], NOT_AUTHORIZED, run[2]))

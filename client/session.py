@@ -1,0 +1,271 @@
+"""The viewer's HTTP side: proof-of-possession login and the requests of the viewer API.
+
+Login: the viewer posts its certificate; the Archiver answers with a challenge RSA-encrypted to
+it; the token decrypts it (one token operation) and the viewer returns a MAC keyed by the
+decrypted secret over (Archiver, viewer, challenge) -- the secret itself never leaves the host.
+The Archiver's certificate in the challenge is checked against the pin *before* the token is
+used, so an impersonator gets nothing from the token.
+
+Every failure becomes a KeyServiceError subclass with one sentence and its own exit code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from keyservice.certs import load_certificate
+from keyservice.crypto import answer_login_challenge, login_context
+from keyservice.errors import CertificateError, KeyServiceError, UsageError
+from keyservice.identity import Identity, OaepHash, fingerprint
+
+MEDIA_TYPE = "application/vnd.fusion-stream"
+# The Archiver's /live allows at most a day per request.
+MAX_LIVE_S = 86_400
+
+
+# --- errors (exit codes documented in docs/client.md) -------------------------------------
+class ArchiverUnreachable(KeyServiceError):
+    exit_code = 40
+
+
+class RequestRefused(KeyServiceError):
+    """The Archiver refused the request (a 4xx without a more specific class)."""
+
+    exit_code = 41
+
+
+class ArchiverFailed(KeyServiceError):
+    """The Archiver failed (5xx) or answered something that is not its API."""
+
+    exit_code = 42
+
+
+class NotEnrolled(RequestRefused):
+    exit_code = 43
+
+
+class ViewerRevoked(RequestRefused):
+    exit_code = 44
+
+
+class NotAuthorized(RequestRefused):
+    exit_code = 45
+
+
+class UnknownCamera(RequestRefused):
+    exit_code = 46
+
+
+class NoRecording(RequestRefused):
+    exit_code = 47
+
+
+class LoginRefused(RequestRefused):
+    exit_code = 48
+
+
+class StreamInterrupted(KeyServiceError):
+    """The connection broke mid-stream. Same exit code as a truncated stream: what was
+    received is verified, but the signed end record never came."""
+
+    exit_code = 50
+
+
+_CODES: dict[str, type[KeyServiceError]] = {
+    "not_enrolled": NotEnrolled,
+    "revoked": ViewerRevoked,
+    "not_authorized": NotAuthorized,
+    "unknown_camera": UnknownCamera,
+    "no_recording": NoRecording,
+    "proof_refused": LoginRefused,
+    "session_invalid": LoginRefused,
+    "unauthenticated": LoginRefused,
+    "bad_certificate": CertificateError,
+    "bad_range": UsageError,
+}
+
+
+@dataclass(frozen=True)
+class CameraView:
+    """A camera this viewer may watch, with its recorded range (None when nothing recorded)."""
+
+    name: str
+    first_ms: int | None
+    last_ms: int | None
+    segments: int
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    archiver_certificate: x509.Certificate
+    archiver_fingerprint: bytes
+    viewer_fingerprint: str
+    expires_ms: int
+
+
+class ArchiverSession:
+    """One viewer's conversation with one Archiver (a context manager)."""
+
+    def __init__(self, url: str, *, tls_ca: Path | None = None, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        verify: Any = str(tls_ca) if tls_ca is not None else True
+        try:
+            self._http = httpx.Client(base_url=self.url, timeout=timeout, verify=verify,
+                                      transport=transport, follow_redirects=False)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"Cannot use the Archiver URL or TLS CA file: {exc}.") from None
+        self._session_token: str | None = None
+        self.login_result: LoginResult | None = None
+
+    def __enter__(self) -> ArchiverSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- plumbing ---------------------------------------------------------------------
+    def _unreachable(self, exc: httpx.HTTPError) -> ArchiverUnreachable:
+        detail = exc.__class__.__name__
+        return ArchiverUnreachable(f"Cannot reach the Archiver at {self.url} ({detail}).",
+                                   "Check the URL and that the Archiver is running.")
+
+    def _error(self, response: httpx.Response) -> KeyServiceError:
+        code, message = None, None
+        try:
+            body = response.json()
+            code, message = body.get("error"), body.get("message")
+        except (ValueError, AttributeError):
+            pass
+        if not isinstance(message, str) or not message:
+            message = f"The Archiver answered HTTP {response.status_code} " \
+                      f"{response.reason_phrase}."
+        if isinstance(code, str) and code in _CODES:
+            return _CODES[code](message)
+        if response.status_code >= 500:
+            return ArchiverFailed(f"{message} (HTTP {response.status_code})")
+        return RequestRefused(f"{message} (HTTP {response.status_code})")
+
+    def _headers(self) -> dict[str, str]:
+        if self._session_token is None:
+            raise LoginRefused("Not logged in to the Archiver.")
+        return {"Authorization": f"Bearer {self._session_token}"}
+
+    def _json(self, method: str, path: str, body: Any = None, auth: bool = False) -> Any:
+        try:
+            response = self._http.request(method, path, json=body,
+                                          headers=self._headers() if auth else None)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from None
+        if response.status_code >= 400:
+            raise self._error(response)
+        try:
+            return response.json()
+        except ValueError:
+            raise ArchiverFailed(f"The Archiver's answer to {path} is not JSON; is {self.url} "
+                                 "really a Fusion Archiver?") from None
+
+    # --- login ------------------------------------------------------------------------
+    def login(self, identity: Identity,
+              check_archiver: Callable[[x509.Certificate], object]) -> LoginResult:
+        """Prove possession of the token; ``check_archiver`` raises if the Archiver's
+        certificate is not the pinned one (it runs before the token is touched)."""
+        pem = identity.certificate.public_bytes(Encoding.PEM).decode()
+        challenge = self._json("POST", "/v1/sessions/challenge", {"certificate": pem})
+        try:
+            archiver_cert = load_certificate(str(challenge["archiver_certificate"]).encode())
+            challenge_id = bytes.fromhex(challenge["challenge_id"])
+            ciphertext = base64.b64decode(challenge["ciphertext"], validate=True)
+            oaep = OaepHash.from_label(str(challenge["oaep_hash"]))
+        except (KeyError, TypeError, ValueError, binascii.Error, CertificateError):
+            raise ArchiverFailed("The Archiver's login challenge is malformed.") from None
+        check_archiver(archiver_cert)
+        archiver_fp = fingerprint(archiver_cert)
+        context = login_context(archiver_fp, fingerprint(identity.certificate), challenge_id)
+        # The only token operation of the login; answer_login_challenge refuses (IntegrityError)
+        # any plaintext that is not a login challenge, so the token is no decryption oracle.
+        proof = answer_login_challenge(identity, ciphertext, oaep, context)
+        opened = self._json("POST", "/v1/sessions", {
+            "challenge_id": challenge_id.hex(), "proof": base64.b64encode(proof).decode()})
+        try:
+            self._session_token = str(opened["session_token"])
+            result = LoginResult(archiver_cert, archiver_fp, str(opened["fingerprint"]),
+                                 int(opened["expires_ms"]))
+        except (KeyError, TypeError, ValueError):
+            raise ArchiverFailed("The Archiver's session answer is malformed.") from None
+        self.login_result = result
+        return result
+
+    # --- viewer API -------------------------------------------------------------------
+    def cameras(self) -> list[CameraView]:
+        rows = self._json("GET", "/v1/cameras", auth=True)
+        try:
+            return [CameraView(str(r["name"]), r["first_ms"], r["last_ms"], int(r["segments"]))
+                    for r in rows]
+        except (KeyError, TypeError, ValueError):
+            raise ArchiverFailed("The Archiver's camera list is malformed.") from None
+
+    @contextmanager
+    def recording(self, camera: str, from_ms: int, to_ms: int) -> Iterator[Iterator[bytes]]:
+        """The fusion stream of a recorded range, as an iterator of received chunks."""
+        with self._stream(f"/v1/cameras/{camera}/recording",
+                          {"from_ms": from_ms, "to_ms": to_ms}, read_timeout=self.timeout) as it:
+            yield it
+
+    @contextmanager
+    def live(self, camera: str, duration_s: float) -> Iterator[Iterator[bytes]]:
+        """A live fusion stream for ``duration_s`` seconds."""
+        # No read timeout: a camera may be silent for a long time in live mode.
+        with self._stream(f"/v1/cameras/{camera}/live", {"duration_s": duration_s},
+                          read_timeout=None) as it:
+            yield it
+
+    @contextmanager
+    def _stream(self, path: str, params: dict[str, Any],
+                read_timeout: float | None) -> Iterator[Iterator[bytes]]:
+        timeout = httpx.Timeout(self.timeout, read=read_timeout)
+        try:
+            cm = self._http.stream("GET", path, params=params, headers=self._headers(),
+                                   timeout=timeout)
+            response = cm.__enter__()
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from None
+        try:
+            if response.status_code >= 400:
+                try:
+                    response.read()
+                except httpx.HTTPError as exc:
+                    raise self._unreachable(exc) from None
+                raise self._error(response)
+            media = response.headers.get("content-type", "").split(";")[0].strip()
+            if media != MEDIA_TYPE:
+                raise ArchiverFailed(f"The Archiver sent {media or 'no content type'} instead "
+                                     "of a fusion stream.")
+            yield self._chunks(response)
+        finally:
+            try:
+                cm.__exit__(None, None, None)
+            except httpx.HTTPError:
+                pass  # closing a broken connection: the error that matters was raised already
+
+    def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
+        try:
+            yield from response.iter_bytes()
+        except httpx.HTTPError as exc:
+            raise StreamInterrupted(
+                f"The connection to the Archiver broke mid-stream ({exc.__class__.__name__}) "
+                "before the signed end record.") from None

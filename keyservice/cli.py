@@ -1,0 +1,239 @@
+"""fusion-keys: enrol and manage token-bound viewer identities (a thin CLI over keyservice.token).
+
+Every failure is one sentence on stderr and a non-zero exit code (``error.exit_code``); never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import shlex
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from keyservice import certs
+from keyservice.errors import KeyServiceError, UsageError
+
+if TYPE_CHECKING:
+    from keyservice.token import Token
+
+app = typer.Typer(
+    name="fusion-keys",
+    help="Enrol and manage viewer identities whose private keys live in a PKCS#11 token.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+TokenOpt = Annotated[str, typer.Option(
+    "--token", envvar="FUSION_TOKEN", metavar="URI",
+    help="PKCS#11 URI, e.g. 'pkcs11:token=viewers;object=alice?module-path=...'. The PIN comes "
+         "from pin-source/pin-value in the URI, $FUSION_PIN, or a prompt.")]
+
+
+class KeyChoice(enum.StrEnum):
+    rsa2048 = "rsa2048"
+    rsa3072 = "rsa3072"
+    rsa4096 = "rsa4096"
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except KeyServiceError as exc:
+        typer.echo(f"fusion-keys: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("fusion-keys: interrupted.", err=True)
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # last resort: still one line, no traceback
+        typer.echo(f"fusion-keys: unexpected error ({type(exc).__name__}: {exc}); please report "
+                   "it.", err=True)
+        raise typer.Exit(1) from None
+
+
+def _open(uri: str) -> Token:
+    # Imported here so `fusion-keys --help` and softhsm-init work without loading pkcs11.
+    from keyservice.token import Token
+
+    return Token.open(uri, prompt=True)
+
+
+def _object_name(uri: str) -> str:
+    from keyservice.pkcs11uri import Pkcs11Uri
+
+    parsed = Pkcs11Uri.parse(uri)
+    if parsed.object is None:
+        raise UsageError("The token URI names no identity; add ;object=NAME, e.g. "
+                         "pkcs11:token=viewers;object=alice.")
+    return parsed.object
+
+
+def _refuse_existing(path: Path) -> None:
+    if path.exists():
+        raise UsageError(f"{path} already exists; choose another --out or remove it first.")
+    if not path.parent.is_dir():
+        raise UsageError(f"The directory {path.parent} does not exist; create it or choose "
+                         "another --out.")
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        with path.open("xb") as handle:  # "x": never overwrite a file created meanwhile
+            handle.write(data)
+    except OSError as exc:
+        raise UsageError(f"Cannot write {path} ({exc.strerror}); check the path and "
+                         "permissions.") from None
+
+
+@app.command()
+def enroll(
+    token: TokenOpt,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the certificate (or CSR) "
+                                                    "PEM.")],
+    key: Annotated[KeyChoice, typer.Option("--key", help="Key type and size.")] = KeyChoice.rsa3072,
+    csr: Annotated[bool, typer.Option("--csr", help="Write a CSR for a site CA instead of a "
+                                                    "self-signed certificate.")] = False,
+    days: Annotated[int, typer.Option("--days", min=1, max=3650,
+                                      help="Certificate validity in days.")] = certs.VIEWER_DAYS,
+) -> None:
+    """Generate a viewer key pair inside the token and export its certificate (public part)."""
+    with _errors():
+        name = _object_name(token)
+        _refuse_existing(out)
+        bits = int(key.value.removeprefix("rsa"))
+        with _open(token) as tok:
+            result = tok.enroll(name, bits=bits, days=days, csr=csr)
+        _write(out, result.pem())
+        hash_note = ("" if result.oaep_hash.label == "sha256"
+                     else " (this token cannot do SHA-256)")
+        typer.echo(f"Enrolled '{name}' on token '{tok.label}': RSA-{bits}, RSA-OAEP with "
+                   f"{certs.oaep_hash_name(result.oaep_hash)}{hash_note}.")
+        if result.certificate is not None:
+            summary = certs.summarize(result.certificate)
+            typer.echo(f"Certificate written to {out}; fingerprint sha256:{summary.fingerprint_hex}"
+                       f"; valid until {summary.not_after:%Y-%m-%d}.")
+        else:
+            typer.echo(f"CSR written to {out}; have the site CA sign it, then run "
+                       "fusion-keys import-cert --token URI CERT.pem.")
+
+
+@app.command("import-cert")
+def import_cert(
+    token: TokenOpt,
+    cert_file: Annotated[Path, typer.Argument(metavar="CERT.pem",
+                                              help="The certificate the site CA issued.")],
+) -> None:
+    """Store a CA-issued certificate on the token, next to the key it belongs to."""
+    with _errors():
+        from keyservice.pkcs11uri import Pkcs11Uri
+
+        try:
+            data = cert_file.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"Cannot read {cert_file} ({exc.strerror}).") from None
+        cert = certs.load_certificate(data)
+        with _open(token) as tok:
+            result = tok.import_certificate(cert, Pkcs11Uri.parse(token).object)
+        typer.echo(f"Stored the certificate for '{result.label}' on token '{tok.label}'.")
+        if not result.recorded:
+            typer.echo(f"Note: the CA dropped the OAEP-hash extension; this token opens "
+                       f"{certs.oaep_hash_name(result.oaep_hash)}, so give '{result.oaep_hash.label}' "
+                       "as the OAEP hash when authorizing this viewer on the Archiver.")
+
+
+@app.command("list")
+def list_(token: TokenOpt) -> None:
+    """List the identities on the token: fingerprint, key size, OAEP hash, expiry."""
+    with _errors():
+        with _open(token) as tok:
+            infos = tok.identities()
+        if not infos:
+            typer.echo(f"Token '{tok.label}' holds no identities; create one with "
+                       "fusion-keys enroll.")
+            return
+        typer.echo(f"{'NAME':<20} {'KEY':<9} {'OAEP':<7} {'EXPIRES':<11} FINGERPRINT (SHA-256)")
+        for info in infos:
+            kind = f"{info.kind.upper()}-{info.key_bits}" if info.kind == "rsa" else "EC-P256"
+            oaep = info.oaep_hash.label if info.oaep_hash else "-"
+            expires = f"{info.not_after:%Y-%m-%d}" if info.not_after else "-"
+            fp = info.fingerprint_hex or "(no certificate: run fusion-keys import-cert)"
+            typer.echo(f"{info.label:<20} {kind:<9} {oaep:<7} {expires:<11} {fp}")
+
+
+@app.command()
+def export(
+    token: TokenOpt,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the certificate PEM.")],
+) -> None:
+    """Write the identity's certificate (public part only) as PEM."""
+    with _errors():
+        _refuse_existing(out)
+        with _open(token) as tok:
+            ident = tok.identity()
+            pem = certs.certificate_pem(ident.certificate)
+        _write(out, pem)
+        typer.echo(f"Certificate of '{ident.label}' written to {out}.")
+
+
+@app.command()
+def selftest(token: TokenOpt) -> None:
+    """Wrap a random key to the certificate in software, unwrap it on the token, compare."""
+    with _errors():
+        with _open(token) as tok:
+            result = tok.selftest()
+        typer.echo(f"Self-test passed for '{result.label}': RSA-{result.key_bits}, RSA-OAEP "
+                   f"with {certs.oaep_hash_name(result.oaep_hash)}, token decrypt "
+                   f"{result.decrypt_ms:.1f} ms; fingerprint sha256:{result.fingerprint_hex}.")
+
+
+@app.command()
+def delete(
+    token: TokenOpt,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete an identity (certificate and key pair) from the token. This cannot be undone."""
+    with _errors():
+        name = _object_name(token)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise UsageError("Refusing to delete without confirmation; pass --yes.")
+            typer.confirm(f"Delete '{name}' and its private key for good? Streams encrypted to "
+                          "it can then never be opened", abort=True)
+        with _open(token) as tok:
+            count = tok.delete(name)
+        typer.echo(f"Deleted '{name}' ({count} objects) from token '{tok.label}'.")
+
+
+@app.command("softhsm-init")
+def softhsm_init(
+    directory: Annotated[Path, typer.Option("--dir", help="Directory for the SoftHSM config "
+                                                          "and token files.")],
+    label: Annotated[str, typer.Option("--label", help="Token label.")],
+    pin: Annotated[str, typer.Option("--pin", help="User PIN (4-255 characters).")],
+    so_pin: Annotated[str, typer.Option("--so-pin", help="Security officer PIN.")],
+) -> None:
+    """For developers: create a SoftHSM token in DIR and print the SOFTHSM2_CONF line to use."""
+    with _errors():
+        from keyservice.softhsm import init_softhsm
+
+        conf = init_softhsm(directory, label, pin, so_pin)
+        typer.echo(f"Created SoftHSM token '{label}' in {conf.parent}. Use it with:", err=True)
+        typer.echo(f"export SOFTHSM2_CONF={shlex.quote(str(conf))}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the fusion-keys console script."""
+    app(args=argv, prog_name="fusion-keys")
+
+
+if __name__ == "__main__":
+    main()

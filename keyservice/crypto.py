@@ -1,0 +1,346 @@
+"""The crypto core of fusion stream format v1: minute keys, segments, the per-viewer KEK
+ratchet, epoch openers, key commitments and the login challenge.
+
+Built from `cryptography` primitives only (AES-256-GCM, HKDF-SHA256, HMAC-SHA256; RSA-OAEP
+through ``Recipient``/``Identity``). Clocks are millisecond integers passed in and randomness is
+an injectable ``rng(n) -> bytes`` (``os.urandom`` by default), so tests and test vectors are
+deterministic. Every decryption or verification failure is the opaque ``IntegrityError``.
+
+Pure: no I/O, no ``pkcs11``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from keyservice.errors import IntegrityError, NoMatchingIdentity
+from keyservice.format import (
+    ID_LEN,
+    KEY_LEN,
+    MAX_PERIOD_S,
+    NONCE_LEN,
+    SEGMENT_LAST,
+    VERSION,
+    DataStream,
+    EpochOpener,
+    KeyRecord,
+    Segment,
+    validate_name,
+)
+from keyservice.identity import Identity, OaepHash, Recipient, fingerprint
+
+Rng = Callable[[int], bytes]
+
+# Domain-separation labels: every derivation, every AEAD and every RSA plaintext carries its
+# own, so a value made for one purpose is never accepted for another.
+LABEL_EPOCH_OPENER = b"FSE1 epoch-opener\x00"
+LABEL_KEY_RECORD = b"FSE1 key-record"
+LABEL_KEK_RATCHET = b"FSE1 kek-ratchet"
+LABEL_SEGMENT = b"FSE1 segment"
+LABEL_KEY_COMMITMENT = b"FSE1 key-commitment"
+LABEL_LOGIN_CHALLENGE = b"FSE1 login-challenge\x00"
+LABEL_LOGIN_PROOF = b"FSE1 login-proof"
+
+SECRET_LEN = 32  # login challenge secret
+EPOCH_MAX_SECONDS = 86400  # epochs end at the UTC day boundary
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_VERSION = _U16.pack(VERSION)
+_NONCE_PAD = bytes(4)
+
+
+def _str8(name: str) -> bytes:
+    raw = name.encode("ascii")
+    return bytes((len(raw),)) + raw
+
+
+def max_ratchet_index(period_s: int) -> int:
+    """The last ratchet step an epoch can reach: it lasts at most one UTC day, which touches
+    at most ``86400 // period_s + 1`` key periods. A reader refuses larger indices, so a
+    forged key record cannot make it run the HKDF chain for hours."""
+    return EPOCH_MAX_SECONDS // period_s + 1
+
+
+# --- minute keys and segments -------------------------------------------------------------
+@dataclass(frozen=True)
+class MinuteKey:
+    """The random key of one camera data stream for one key period (shared by all viewers).
+
+    Nonces are derived from the segment sequence number, so a key must never seal the same
+    ``seq`` twice with different data: this object refuses any ``seq`` not above the last
+    one it sealed (one key serves one camera stream in one process, see the spec).
+    """
+
+    camera: str
+    stream: DataStream
+    key_id: bytes
+    key: bytes = field(repr=False)  # secret: never in logs or tracebacks
+    valid_from_ms: int
+    _last_seq: list[int] = field(default_factory=lambda: [-1], init=False, repr=False,
+                                 compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False,
+                                  compare=False)
+
+    def __post_init__(self) -> None:
+        validate_name(self.camera)
+        object.__setattr__(self, "stream", DataStream(self.stream))
+        if len(self.key_id) != ID_LEN or len(self.key) != KEY_LEN:
+            raise ValueError("A minute key has a 16-byte id and a 32-byte key.")
+
+    @cached_property
+    def commitment(self) -> bytes:
+        return key_commitment(self.key, self.camera, self.stream, self.key_id)
+
+    @cached_property
+    def _aead(self) -> AESGCM:
+        return AESGCM(self.key)
+
+    def _reserve(self, seq: int) -> None:
+        with self._lock:
+            if seq <= self._last_seq[0]:
+                raise ValueError(
+                    f"Segment sequence number {seq} is not above {self._last_seq[0]}, the last "
+                    "one sealed under this minute key: that would reuse an AES-GCM nonce. "
+                    "Use a fresh, higher sequence number (skipping numbers is fine).")
+            self._last_seq[0] = seq
+
+
+def new_minute_key(camera: str, stream: DataStream, now_ms: int, rng: Rng = os.urandom
+                   ) -> MinuteKey:
+    key_id = rng(ID_LEN)
+    key = rng(KEY_LEN)
+    return MinuteKey(camera, stream, key_id, key, now_ms)
+
+
+def key_commitment(key: bytes, camera: str, stream: DataStream, key_id: bytes) -> bytes:
+    """HMAC-SHA256 under the minute key: AES-GCM is not key-committing (one ciphertext can be
+    made to open under two keys), so the signed manifest commits to the key itself."""
+    return hmac.new(key, LABEL_KEY_COMMITMENT + _str8(camera) + bytes((stream,)) + key_id,
+                    hashlib.sha256).digest()
+
+
+def segment_nonce(seq: int) -> bytes:
+    # Unique per key: seq strictly increases per camera stream, and a key serves one stream.
+    return _NONCE_PAD + _U64.pack(seq)
+
+
+def segment_ad(camera: str, stream: DataStream, seq: int, capture_ms: int, key_id: bytes,
+               flags: int) -> bytes:
+    """Binds everything a reader relies on, so reordering, splicing between cameras, streams
+    or minutes, and flipping the last-segment flag all fail authentication."""
+    return b"".join((LABEL_SEGMENT, _VERSION, _str8(camera), bytes((stream,)), _U64.pack(seq),
+                     _U64.pack(capture_ms), key_id, bytes((flags,))))
+
+
+def seal_segment(key: MinuteKey, seq: int, capture_ms: int, plaintext: bytes, flags: int = 0
+                 ) -> Segment:
+    """Encrypt one segment under ``key`` (its camera and data stream are the key's)."""
+    if flags & ~SEGMENT_LAST or not 0 <= flags <= 0xFF:
+        raise ValueError(f"Unknown segment flags {flags:#04x}.")
+    if not 0 <= seq < 2**64 or not 0 <= capture_ms < 2**64:
+        raise ValueError("Sequence numbers and capture times are unsigned 64-bit integers.")
+    key._reserve(seq)
+    ad = segment_ad(key.camera, key.stream, seq, capture_ms, key.key_id, flags)
+    ciphertext = key._aead.encrypt(segment_nonce(seq), plaintext, ad)
+    return Segment(key.camera, key.stream, seq, capture_ms, key.key_id, flags, ciphertext)
+
+
+def open_segment(key: bytes | AESGCM, segment: Segment) -> bytes:
+    """Decrypt and authenticate one segment; IntegrityError if anything was altered.
+    ``key`` may be a prepared ``AESGCM`` to save its key schedule on every segment."""
+    aead = key if isinstance(key, AESGCM) else AESGCM(key)
+    ad = segment_ad(segment.camera, segment.stream, segment.seq, segment.capture_ms,
+                    segment.key_id, segment.flags)
+    try:
+        return aead.decrypt(segment_nonce(segment.seq), segment.ciphertext, ad)
+    except InvalidTag:
+        raise IntegrityError() from None
+
+
+# --- the per-viewer KEK ratchet -----------------------------------------------------------
+def ratchet_kek(kek: bytes, epoch_id: bytes) -> bytes:
+    """KEK_{i+1} = HKDF-SHA256(ikm=KEK_i, salt=epoch_id, info=label). One-way: whoever holds
+    KEK_i learns nothing about KEK_0..KEK_{i-1} (forward secrecy on the Archiver)."""
+    return HKDF(hashes.SHA256(), KEY_LEN, salt=epoch_id, info=LABEL_KEK_RATCHET).derive(kek)
+
+
+def key_record_ad(viewer_fingerprint: bytes, epoch_id: bytes, ratchet_index: int, camera: str,
+                  stream: DataStream, key_id: bytes, valid_from_ms: int) -> bytes:
+    """Binds a wrapped key to its viewer, epoch, step, camera stream and id: a key record
+    cannot be replayed for another viewer, step, camera or key."""
+    return b"".join((LABEL_KEY_RECORD, _VERSION, viewer_fingerprint, epoch_id,
+                     _U32.pack(ratchet_index), _str8(camera), bytes((stream,)), key_id,
+                     _U64.pack(valid_from_ms)))
+
+
+class Epoch:
+    """The Archiver's side of one viewer's epoch: KEK0 sent once (RSA-OAEP), then one
+    ratchet step per key period. Only the current KEK is kept; older ones are dropped at once,
+    so a memory dump at time t exposes no key wrapped before t's period. (Python cannot wipe
+    ``bytes``; dropping the last reference is the best it offers.) Not thread-safe: the
+    caller serializes ``wrap``.
+    """
+
+    def __init__(self, epoch_id: bytes, viewer_fingerprint: bytes, period_s: int,
+                 start_period: int, kek0: bytes) -> None:
+        self.epoch_id = epoch_id
+        self.viewer_fingerprint = viewer_fingerprint
+        self.period_s = period_s
+        self.start_period = start_period
+        self._index = 0
+        self._kek: bytes | None = kek0
+
+    @classmethod
+    def start(cls, recipient: Recipient, period_s: int, now_ms: int, rng: Rng = os.urandom
+              ) -> tuple[Epoch, EpochOpener]:
+        if not isinstance(period_s, int) or not 1 <= period_s <= MAX_PERIOD_S:
+            raise ValueError(f"The key period must be 1 to {MAX_PERIOD_S} seconds.")
+        if now_ms < 0:
+            raise ValueError("The clock must not be before 1970.")
+        epoch_id = rng(ID_LEN)
+        kek0 = rng(KEY_LEN)
+        start_period = now_ms // (period_s * 1000)
+        ciphertext = recipient.encrypt(LABEL_EPOCH_OPENER + epoch_id + kek0)
+        opener = EpochOpener(epoch_id, recipient.fingerprint, recipient.oaep_hash, period_s,
+                             start_period, ciphertext)
+        return cls(epoch_id, recipient.fingerprint, period_s, start_period, kek0), opener
+
+    @property
+    def index(self) -> int:
+        """The current ratchet step."""
+        return self._index
+
+    def index_at(self, now_ms: int) -> int:
+        return now_ms // (self.period_s * 1000) - self.start_period
+
+    def usable_at(self, now_ms: int) -> bool:
+        """False once ``wrap(now_ms)`` would refuse: start a new epoch then."""
+        return self._index <= self.index_at(now_ms) <= max_ratchet_index(self.period_s)
+
+    def wrap(self, key: MinuteKey, now_ms: int, rng: Rng = os.urandom) -> KeyRecord:
+        """Wrap ``key`` for this viewer under the KEK of now's key period."""
+        index = self.index_at(now_ms)
+        if index < self._index:
+            raise ValueError("The clock went back behind this epoch's ratchet (KEKs already "
+                             "erased cannot be recovered); start a new epoch.")
+        if index > max_ratchet_index(self.period_s):
+            raise ValueError("This epoch has outlived its day; start a new epoch.")
+        kek = self._kek
+        assert kek is not None
+        while self._index < index:
+            kek = ratchet_kek(kek, self.epoch_id)
+            self._index += 1
+        self._kek = kek
+        # Random nonce: per KEK_i only the keys of one period are wrapped (thousands at most),
+        # far below the 2^32 limit for random 96-bit GCM nonces.
+        nonce = rng(NONCE_LEN)
+        ad = key_record_ad(self.viewer_fingerprint, self.epoch_id, index, key.camera,
+                           key.stream, key.key_id, key.valid_from_ms)
+        wrapped = AESGCM(kek).encrypt(nonce, key.key, ad)
+        return KeyRecord(self.epoch_id, index, key.camera, key.stream, key.key_id,
+                         key.valid_from_ms, nonce, wrapped)
+
+
+def open_epoch_opener(identity: Identity, opener: EpochOpener) -> bytes:
+    """KEK0 of an epoch: one RSA-OAEP decryption on the viewer's token.
+
+    The plaintext must carry the epoch-opener label and this opener's epoch id, so a login
+    challenge (or any other ciphertext) can never be passed off as an opener, and an opener
+    cannot be moved to another epoch.
+    """
+    if not hmac.compare_digest(opener.viewer_fingerprint, fingerprint(identity.certificate)):
+        raise NoMatchingIdentity(
+            "The epoch opener is addressed to another viewer certificate; open the stream "
+            "with the identity it was made for.")
+    plaintext = identity.rsa_decrypt(opener.ciphertext, OaepHash(opener.oaep_hash))
+    expected = LABEL_EPOCH_OPENER + opener.epoch_id
+    if (len(plaintext) != len(expected) + KEY_LEN
+            or not hmac.compare_digest(plaintext[:len(expected)], expected)):
+        raise IntegrityError()
+    return plaintext[len(expected):]
+
+
+class KekRatchet:
+    """The viewer's side of an epoch: KEK_i for any step i, from KEK0 (viewers may seek
+    back, so the steps computed so far are kept, in memory only)."""
+
+    def __init__(self, epoch_id: bytes, kek0: bytes,
+                 max_index: int = max_ratchet_index(1)) -> None:
+        if len(kek0) != KEY_LEN:
+            raise ValueError("KEK0 is 32 bytes.")
+        self.epoch_id = epoch_id
+        self.max_index = max_index
+        self._keks = [kek0]
+
+    def kek_at(self, index: int) -> bytes:
+        if not 0 <= index <= self.max_index:
+            raise IntegrityError()
+        while len(self._keks) <= index:
+            self._keks.append(ratchet_kek(self._keks[-1], self.epoch_id))
+        return self._keks[index]
+
+
+def unwrap_key_record(kek: bytes, record: KeyRecord, viewer_fingerprint: bytes) -> bytes:
+    """The minute key in ``record``; IntegrityError unless it was wrapped for this viewer,
+    epoch, step, camera stream and key id."""
+    ad = key_record_ad(viewer_fingerprint, record.epoch_id, record.ratchet_index, record.camera,
+                       record.stream, record.key_id, record.valid_from_ms)
+    try:
+        return AESGCM(kek).decrypt(record.nonce, record.wrapped, ad)
+    except InvalidTag:
+        raise IntegrityError() from None
+
+
+# --- login: proof of possession of the viewer's token -------------------------------------
+def _proof(secret: bytes, context: bytes) -> bytes:
+    proof_key = HKDF(hashes.SHA256(), 32, salt=None, info=LABEL_LOGIN_PROOF).derive(secret)
+    return hmac.new(proof_key, context, hashlib.sha256).digest()
+
+
+def make_login_challenge(recipient: Recipient, rng: Rng = os.urandom) -> tuple[bytes, bytes]:
+    """(ciphertext for the viewer, secret the Archiver keeps to check the answer)."""
+    secret = rng(SECRET_LEN)
+    return recipient.encrypt(LABEL_LOGIN_CHALLENGE + secret), secret
+
+
+def answer_login_challenge(identity: Identity, ciphertext: bytes, oaep_hash: OaepHash,
+                           context: bytes) -> bytes:
+    """Decrypt a challenge on the token and answer with an HMAC over ``context``.
+
+    Refuses (IntegrityError) any plaintext without the login label: otherwise a hostile
+    Archiver could send an epoch opener as a "challenge" and use the viewer's token to open
+    it. The answer never reveals the secret, only a MAC keyed by a value derived from it.
+    """
+    plaintext = identity.rsa_decrypt(ciphertext, oaep_hash)
+    if (len(plaintext) != len(LABEL_LOGIN_CHALLENGE) + SECRET_LEN
+            or not plaintext.startswith(LABEL_LOGIN_CHALLENGE)):
+        raise IntegrityError()
+    return _proof(plaintext[len(LABEL_LOGIN_CHALLENGE):], context)
+
+
+def verify_login_proof(secret: bytes, context: bytes, proof: bytes) -> bool:
+    return hmac.compare_digest(_proof(secret, context), proof)
+
+
+LABEL_LOGIN_CONTEXT = b"FSE1 login\x00"
+
+
+def login_context(archiver_fingerprint: bytes, viewer_fingerprint: bytes,
+                  challenge_id: bytes) -> bytes:
+    """What a login proof is a MAC over: binds it to this Archiver, this viewer and this
+    challenge, so a proof cannot be relayed to another Archiver or replayed."""
+    return LABEL_LOGIN_CONTEXT + archiver_fingerprint + viewer_fingerprint + challenge_id

@@ -1,0 +1,103 @@
+"""The error family shared by the library, the Archiver and the viewer.
+
+Every error carries one sentence saying what is wrong and, where there is one, what to do.
+CLIs print ``str(error)`` and exit with ``error.exit_code``; nobody prints a traceback.
+
+Decryption and verification failures are deliberately *one* opaque type (IntegrityError):
+telling an attacker which check failed (tag, signature, chain, commitment) helps them.
+"""
+
+from __future__ import annotations
+
+
+class KeyServiceError(Exception):
+    """Base of every error a user may see."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, advice: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.advice = advice
+
+    def __str__(self) -> str:
+        return f"{self.message} {self.advice}" if self.advice else self.message
+
+
+# --- the fusion stream -------------------------------------------------------------------
+class FormatError(KeyServiceError):
+    """The bytes are not a well-formed fusion stream (or archive record)."""
+
+    exit_code = 10
+
+
+class IntegrityError(KeyServiceError):
+    """Authentication failed. Opaque on purpose: no hint which check failed."""
+
+    exit_code = 11
+
+    def __init__(self, message: str = "The stream failed authentication: it was altered, "
+                 "reordered, truncated or forged.", advice: str | None = None) -> None:
+        super().__init__(message, advice)
+
+
+class NoMatchingIdentity(KeyServiceError):
+    """Nothing in the stream is addressed to this viewer's certificate."""
+
+    exit_code = 12
+
+
+# --- tokens (PKCS#11) --------------------------------------------------------------------
+class TokenError(KeyServiceError):
+    exit_code = 20
+
+
+class PinIncorrect(TokenError):
+    exit_code = 21
+
+
+class PinLocked(TokenError):
+    exit_code = 22
+
+
+class TokenNotFound(TokenError):
+    exit_code = 23
+
+
+class ObjectNotFound(TokenError):
+    exit_code = 24
+
+
+class ObjectExists(TokenError):
+    exit_code = 25
+
+
+class MechanismUnsupported(TokenError):
+    exit_code = 26
+
+
+class ModuleNotFound(TokenError):
+    exit_code = 27
+
+
+class TokenRemoved(TokenError):
+    exit_code = 28
+
+
+# --- certificates and usage --------------------------------------------------------------
+class CertificateError(KeyServiceError):
+    """A certificate is unreadable, expired, too weak, or not what it should be."""
+
+    exit_code = 30
+
+
+class ArchiverMismatch(KeyServiceError):
+    """The Archiver's certificate differs from the pinned one (possible impersonation)."""
+
+    exit_code = 31
+
+
+class UsageError(KeyServiceError):
+    """A command-line value or URI is malformed."""
+
+    exit_code = 2

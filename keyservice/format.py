@@ -1,0 +1,683 @@
+"""The records of a fusion stream, version 1: dataclasses, exact encoding and strict decoding.
+
+The byte layout is specified in ``docs/spec/fusion-stream-v1.md``; this module is its single
+implementation. Every model validates itself on construction, so a decoded record is always
+well-formed and an encoder can never emit a malformed one. Decoding is strict: every length is
+checked against its bound *before* anything is buffered or sliced, trailing bytes are an error,
+and every failure is a :class:`~keyservice.errors.FormatError` (never ``struct.error``,
+``IndexError`` or ``UnicodeDecodeError``): a malformed stream produces one clean error.
+
+Pure: no I/O, no cryptography beyond SHA-256 of record bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import ClassVar
+
+from keyservice.errors import FormatError
+from keyservice.identity import OaepHash
+
+MAGIC = b"FUSNSTRM"
+VERSION = 1
+PREFIX_LEN = len(MAGIC) + 2
+RECORD_HEADER_LEN = 5  # type u8 + length u32
+# Bounds on a record body: a reader refuses a length above them before buffering the body,
+# so a hostile stream cannot make it allocate more than one bounded record at a time.
+MAX_SEGMENT_BODY = 64 * 2**20
+MAX_SMALL_BODY = 64 * 2**10
+ZERO_HASH = bytes(32)
+
+TAG_LEN = 16  # AES-GCM tag, the last bytes of a segment's ciphertext
+ID_LEN = 16  # request ids, epoch ids, key ids
+HASH_LEN = 32  # SHA-256 fingerprints, hashes, HMACs
+NONCE_LEN = 12
+KEY_LEN = 32
+WRAPPED_KEY_LEN = KEY_LEN + TAG_LEN
+NAME_MAX = 64
+MAX_CAMERAS = 255
+MAX_OPENER_CIPHERTEXT = 1024  # RSA up to 8192 bits
+MAX_SIGNATURE = 1024
+MAX_PERIOD_S = 86400  # a key period never exceeds the epoch's day
+
+SEGMENT_LAST = 0x01  # SEGMENT flags bit 0: the last segment of the recording
+MANIFEST_LAST = 0x01  # MANIFEST flags bit 0: the last manifest of the recording
+
+LABEL_MANIFEST = b"FSE1 manifest\x00"
+LABEL_END = b"FSE1 end\x00"
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_RECORD_HEADER = struct.Struct(">BI")
+_PREFIX = MAGIC + _U16.pack(VERSION)
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
+
+
+class RecordType(IntEnum):
+    HEADER = 1
+    EPOCH_OPENER = 2
+    KEY_RECORD = 3
+    SEGMENT = 4
+    MANIFEST = 5
+    END = 6
+
+
+class DataStream(IntEnum):
+    VIDEO = 0  # video or muxed MPEG-TS
+    AUDIO = 1
+    METADATA = 2
+
+
+class Mode(IntEnum):
+    PLAYBACK = 1
+    LIVE = 2
+
+
+class EndReason(IntEnum):
+    RANGE_COMPLETE = 1
+    LIVE_ENDED = 2
+
+
+def stream_prefix() -> bytes:
+    """The first ten bytes of every version-1 fusion stream: magic and version."""
+    return _PREFIX
+
+
+def max_body(record_type: int) -> int:
+    return MAX_SEGMENT_BODY if record_type == RecordType.SEGMENT else MAX_SMALL_BODY
+
+
+def validate_name(name: str) -> str:
+    """Check a camera name: 1-64 of ``A-Za-z0-9._-``; '.' and '..' are refused as well,
+    because names end up in file paths and URLs."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
+        raise FormatError(f"Invalid camera name {name!r}: use 1 to {NAME_MAX} characters from "
+                          "A-Z, a-z, 0-9, '.', '_' and '-' (not '.' or '..').")
+    return name
+
+
+# --- field checks (shared by the constructors, so decoding and encoding agree) -------------
+def _bytes(what: str, value: object, length: int) -> None:
+    if not isinstance(value, bytes) or len(value) != length:
+        raise FormatError(f"The {what} must be exactly {length} bytes.")
+
+
+def _var_bytes(what: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, bytes) or not low <= len(value) <= high:
+        raise FormatError(f"The {what} must be {low} to {high} bytes long.")
+
+
+def _uint(what: str, value: object, bits: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << bits:
+        raise FormatError(f"The {what} must be an unsigned {bits}-bit integer.")
+
+
+def _flags(what: str, value: object, allowed: int) -> None:
+    _uint(what, value, 8)
+    assert isinstance(value, int)
+    # Reserved bits must be zero so that a future meaning cannot be silently ignored.
+    if value & ~allowed:
+        raise FormatError(f"The {what} use reserved bits ({value:#04x}).")
+
+
+def _enum(cls: type[IntEnum], what: str, value: object) -> IntEnum:
+    try:
+        return cls(value)
+    except (ValueError, TypeError):
+        raise FormatError(f"Unknown {what} {value!r}.") from None
+
+
+def _str8(name: str) -> bytes:
+    raw = name.encode("ascii")
+    return bytes((len(raw),)) + raw
+
+
+# --- records ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Header:
+    """First record: who made the stream, for whom, and what it carries."""
+
+    archiver_cert_der: bytes
+    viewer_fingerprint: bytes
+    request_id: bytes
+    created_ms: int
+    mode: int
+    range_from_ms: int
+    range_to_ms: int
+    cameras: tuple[str, ...]
+
+    record_type: ClassVar[RecordType] = RecordType.HEADER
+
+    def __post_init__(self) -> None:
+        _var_bytes("Archiver certificate", self.archiver_cert_der, 1, 0xFFFF)
+        _bytes("viewer fingerprint", self.viewer_fingerprint, HASH_LEN)
+        _bytes("request id", self.request_id, ID_LEN)
+        _uint("creation time", self.created_ms, 64)
+        object.__setattr__(self, "mode", _enum(Mode, "stream mode", self.mode))
+        _uint("range start", self.range_from_ms, 64)
+        _uint("range end", self.range_to_ms, 64)
+        if isinstance(self.cameras, str):
+            raise FormatError("The header's cameras must be a sequence of names.")
+        cameras = tuple(validate_name(c) for c in self.cameras)
+        if not 1 <= len(cameras) <= MAX_CAMERAS or len(set(cameras)) != len(cameras):
+            raise FormatError(f"A header names 1 to {MAX_CAMERAS} distinct cameras.")
+        object.__setattr__(self, "cameras", cameras)
+
+    def _body(self) -> bytes:
+        return b"".join((
+            _U16.pack(len(self.archiver_cert_der)), self.archiver_cert_der,
+            self.viewer_fingerprint, self.request_id, _U64.pack(self.created_ms),
+            bytes((self.mode,)), _U64.pack(self.range_from_ms), _U64.pack(self.range_to_ms),
+            bytes((len(self.cameras),)), *(_str8(c) for c in self.cameras)))
+
+
+@dataclass(frozen=True, slots=True)
+class EpochOpener:
+    """KEK0 of one epoch, RSA-OAEP-encrypted to one viewer certificate."""
+
+    epoch_id: bytes
+    viewer_fingerprint: bytes
+    oaep_hash: int
+    period_s: int
+    start_period: int
+    ciphertext: bytes
+
+    record_type: ClassVar[RecordType] = RecordType.EPOCH_OPENER
+
+    def __post_init__(self) -> None:
+        _bytes("epoch id", self.epoch_id, ID_LEN)
+        _bytes("viewer fingerprint", self.viewer_fingerprint, HASH_LEN)
+        object.__setattr__(self, "oaep_hash", _enum(OaepHash, "OAEP hash", self.oaep_hash))
+        _uint("key period", self.period_s, 32)
+        if not 1 <= self.period_s <= MAX_PERIOD_S:
+            raise FormatError(f"The key period must be 1 to {MAX_PERIOD_S} seconds.")
+        _uint("start period", self.start_period, 64)
+        _var_bytes("epoch opener ciphertext", self.ciphertext, 1, MAX_OPENER_CIPHERTEXT)
+
+    def _body(self) -> bytes:
+        return b"".join((
+            self.epoch_id, self.viewer_fingerprint, bytes((self.oaep_hash,)),
+            _U32.pack(self.period_s), _U64.pack(self.start_period),
+            _U16.pack(len(self.ciphertext)), self.ciphertext))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """One minute key wrapped for one viewer under the KEK of ratchet step ``ratchet_index``."""
+
+    epoch_id: bytes
+    ratchet_index: int
+    camera: str
+    stream: DataStream
+    key_id: bytes
+    valid_from_ms: int
+    nonce: bytes
+    wrapped: bytes
+
+    record_type: ClassVar[RecordType] = RecordType.KEY_RECORD
+
+    def __post_init__(self) -> None:
+        _bytes("epoch id", self.epoch_id, ID_LEN)
+        _uint("ratchet index", self.ratchet_index, 32)
+        validate_name(self.camera)
+        object.__setattr__(self, "stream", _enum(DataStream, "data stream", self.stream))
+        _bytes("key id", self.key_id, ID_LEN)
+        _uint("key start time", self.valid_from_ms, 64)
+        _bytes("key record nonce", self.nonce, NONCE_LEN)
+        _bytes("wrapped key", self.wrapped, WRAPPED_KEY_LEN)
+
+    def _body(self) -> bytes:
+        return b"".join((
+            self.epoch_id, _U32.pack(self.ratchet_index), _str8(self.camera),
+            bytes((self.stream,)), self.key_id, _U64.pack(self.valid_from_ms), self.nonce,
+            self.wrapped))
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One encrypted segment of one camera data stream (ciphertext ends with the GCM tag).
+
+    ``ciphertext`` is ``bytes`` or a read-only ``memoryview``: a decoded segment views the
+    bytes of its record instead of copying up to 64 MiB (immutable either way).
+    """
+
+    camera: str
+    stream: DataStream
+    seq: int
+    capture_ms: int
+    key_id: bytes
+    flags: int
+    ciphertext: bytes | memoryview
+
+    record_type: ClassVar[RecordType] = RecordType.SEGMENT
+
+    def __post_init__(self) -> None:
+        validate_name(self.camera)
+        object.__setattr__(self, "stream", _enum(DataStream, "data stream", self.stream))
+        _uint("segment sequence number", self.seq, 64)
+        _uint("capture time", self.capture_ms, 64)
+        _bytes("key id", self.key_id, ID_LEN)
+        _flags("segment flags", self.flags, SEGMENT_LAST)
+        ciphertext = self.ciphertext
+        # A writable buffer could change under a frozen, already validated record: refuse it.
+        if isinstance(ciphertext, memoryview) and not (
+                ciphertext.readonly and ciphertext.format == "B" and ciphertext.ndim == 1
+                and ciphertext.contiguous):
+            raise FormatError("A segment's ciphertext must be bytes or a read-only byte view.")
+        if not isinstance(ciphertext, bytes | memoryview) or len(ciphertext) < TAG_LEN:
+            raise FormatError("A segment's ciphertext must hold at least the 16-byte tag.")
+        if len(self.ciphertext) > MAX_SEGMENT_BODY - _segment_head_len(self.camera):
+            raise FormatError(f"A segment record body is limited to {MAX_SEGMENT_BODY} bytes.")
+
+    @property
+    def tag(self) -> bytes:
+        return bytes(self.ciphertext[-TAG_LEN:])
+
+    @property
+    def last(self) -> bool:
+        return bool(self.flags & SEGMENT_LAST)
+
+    def _head(self) -> bytes:
+        return b"".join((
+            _str8(self.camera), bytes((self.stream,)), _U64.pack(self.seq),
+            _U64.pack(self.capture_ms), self.key_id, bytes((self.flags,))))
+
+    def _body(self) -> bytes:
+        return b"".join((self._head(), self.ciphertext))
+
+
+def _segment_head_len(camera: str) -> int:
+    return 1 + len(camera) + 1 + 8 + 8 + ID_LEN + 1
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestEntry:
+    """One segment as a manifest vouches for it.
+
+    ``digest`` is SHA-256 of the segment's complete record bytes. The GCM tag alone is not
+    enough: every viewer of a camera knows its minute keys, and whoever knows a GCM key can
+    find a second ciphertext with the same tag. The digest makes a signed manifest bind the
+    exact bytes, so one viewer cannot forge segments for another.
+    """
+
+    stream: DataStream
+    seq: int
+    capture_ms: int
+    key_id: bytes
+    tag: bytes
+    digest: bytes
+
+    SIZE: ClassVar[int] = 1 + 8 + 8 + ID_LEN + TAG_LEN + HASH_LEN
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stream", _enum(DataStream, "data stream", self.stream))
+        _uint("segment sequence number", self.seq, 64)
+        _uint("capture time", self.capture_ms, 64)
+        _bytes("key id", self.key_id, ID_LEN)
+        _bytes("segment tag", self.tag, TAG_LEN)
+        _bytes("segment digest", self.digest, HASH_LEN)
+
+    def _encode(self) -> bytes:
+        return b"".join((bytes((self.stream,)), _U64.pack(self.seq), _U64.pack(self.capture_ms),
+                         self.key_id, self.tag, self.digest))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCommitment:
+    """HMAC-SHA256 under a minute key: binds the manifest to the key (GCM is not committing)."""
+
+    key_id: bytes
+    commitment: bytes
+
+    SIZE: ClassVar[int] = ID_LEN + HASH_LEN
+
+    def __post_init__(self) -> None:
+        _bytes("key id", self.key_id, ID_LEN)
+        _bytes("key commitment", self.commitment, HASH_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A signed link of a camera's manifest chain, vouching for the segments since the last."""
+
+    camera: str
+    manifest_seq: int
+    prev_hash: bytes
+    issued_ms: int
+    flags: int
+    entries: tuple[ManifestEntry, ...]
+    commitments: tuple[KeyCommitment, ...]
+    signature: bytes = b""
+
+    record_type: ClassVar[RecordType] = RecordType.MANIFEST
+
+    def __post_init__(self) -> None:
+        validate_name(self.camera)
+        _uint("manifest sequence number", self.manifest_seq, 64)
+        _bytes("previous manifest hash", self.prev_hash, HASH_LEN)
+        _uint("manifest time", self.issued_ms, 64)
+        _flags("manifest flags", self.flags, MANIFEST_LAST)
+        entries = tuple(self.entries)
+        commitments = tuple(self.commitments)
+        if not all(isinstance(e, ManifestEntry) for e in entries) or not all(
+                isinstance(c, KeyCommitment) for c in commitments):
+            raise FormatError("Manifest entries and commitments must be their record types.")
+        if len(entries) > 0xFFFF or len(commitments) > 0xFFFF:
+            raise FormatError("A manifest holds at most 65535 entries and commitments.")
+        if len({(e.stream, e.seq) for e in entries}) != len(entries):
+            raise FormatError("A manifest names each segment only once.")
+        # Exactly one commitment per key in use: a missing one would leave a key unbound,
+        # an extra one would be unverifiable.
+        committed = [c.key_id for c in commitments]
+        if len(set(committed)) != len(committed) or set(committed) != {e.key_id for e in entries}:
+            raise FormatError("A manifest must commit to exactly the keys its entries use.")
+        _var_bytes("manifest signature", self.signature, 0, MAX_SIGNATURE)
+        object.__setattr__(self, "entries", entries)
+        object.__setattr__(self, "commitments", commitments)
+
+    def _unsigned(self) -> bytes:
+        return b"".join((
+            _str8(self.camera), _U64.pack(self.manifest_seq), self.prev_hash,
+            _U64.pack(self.issued_ms), bytes((self.flags,)),
+            _U16.pack(len(self.entries)), *(e._encode() for e in self.entries),
+            _U16.pack(len(self.commitments)),
+            *(c.key_id + c.commitment for c in self.commitments)))
+
+    def signed_bytes(self) -> bytes:
+        """What the Archiver signs: a domain label, then the body without the signature field."""
+        return LABEL_MANIFEST + self._unsigned()
+
+    def _body(self) -> bytes:
+        return self._unsigned() + _U16.pack(len(self.signature)) + self.signature
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """Last record: signs the hash of everything before it, so truncation is detected."""
+
+    request_id: bytes
+    reason: int
+    transcript_hash: bytes
+    signature: bytes = b""
+
+    record_type: ClassVar[RecordType] = RecordType.END
+
+    def __post_init__(self) -> None:
+        _bytes("request id", self.request_id, ID_LEN)
+        object.__setattr__(self, "reason", _enum(EndReason, "end reason", self.reason))
+        _bytes("transcript hash", self.transcript_hash, HASH_LEN)
+        _var_bytes("end signature", self.signature, 0, MAX_SIGNATURE)
+
+    def _unsigned(self) -> bytes:
+        return self.request_id + bytes((self.reason,)) + self.transcript_hash
+
+    def signed_bytes(self) -> bytes:
+        return LABEL_END + self._unsigned()
+
+    def _body(self) -> bytes:
+        return self._unsigned() + _U16.pack(len(self.signature)) + self.signature
+
+
+Record = Header | EpochOpener | KeyRecord | Segment | Manifest | End
+
+_RECORD_CLASSES = (Header, EpochOpener, KeyRecord, Segment, Manifest, End)
+
+
+# --- encoding -----------------------------------------------------------------------------
+def encode_record(record: Record) -> bytes:
+    """type u8 + length u32 + body. A segment's ciphertext is copied exactly once."""
+    if not isinstance(record, _RECORD_CLASSES):
+        raise TypeError(f"Not a fusion stream record: {type(record).__name__}")
+    if isinstance(record, Segment):
+        head = record._head()
+        length = len(head) + len(record.ciphertext)
+        return b"".join((_RECORD_HEADER.pack(record.record_type, length), head,
+                         record.ciphertext))
+    body = record._body()
+    if len(body) > MAX_SMALL_BODY:
+        raise FormatError(f"A {record.record_type.name} record is limited to {MAX_SMALL_BODY} "
+                          f"bytes ({len(body)} needed); issue manifests for fewer segments.")
+    return _RECORD_HEADER.pack(record.record_type, len(body)) + body
+
+
+def segment_digest(segment: Segment) -> bytes:
+    """SHA-256 of the segment's record bytes, without building them (no copy)."""
+    head = segment._head()
+    digest = hashlib.sha256(_RECORD_HEADER.pack(RecordType.SEGMENT,
+                                                len(head) + len(segment.ciphertext)))
+    digest.update(head)
+    digest.update(segment.ciphertext)
+    return digest.digest()
+
+
+# --- decoding -----------------------------------------------------------------------------
+class _Cursor:
+    """Reads fields from one record body; every read is bounds-checked."""
+
+    __slots__ = ("_data", "_pos", "_what")
+
+    def __init__(self, data: memoryview, what: str) -> None:
+        self._data = data
+        self._pos = 0
+        self._what = what
+
+    def take(self, n: int) -> bytes:
+        end = self._pos + n
+        if end > len(self._data):
+            raise FormatError(f"The {self._what} record is too short.")
+        out = bytes(self._data[self._pos:end])
+        self._pos = end
+        return out
+
+    def u8(self) -> int:
+        if self._pos >= len(self._data):
+            raise FormatError(f"The {self._what} record is too short.")
+        value = self._data[self._pos]
+        self._pos += 1
+        return value
+
+    def u16(self) -> int:
+        return int(_U16.unpack(self.take(2))[0])
+
+    def u32(self) -> int:
+        return int(_U32.unpack(self.take(4))[0])
+
+    def u64(self) -> int:
+        return int(_U64.unpack(self.take(8))[0])
+
+    def str8(self) -> str:
+        raw = self.take(self.u8())
+        try:
+            name = raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise FormatError(f"A camera name in the {self._what} record is not ASCII.") from None
+        return validate_name(name)
+
+    def rest(self) -> memoryview:
+        """The remaining bytes as a view, without copying (the data is immutable bytes)."""
+        out = self._data[self._pos:]
+        self._pos = len(self._data)
+        return out
+
+    def done(self) -> None:
+        if self._pos != len(self._data):
+            raise FormatError(f"The {self._what} record has {len(self._data) - self._pos} "
+                              "unexpected trailing bytes.")
+
+
+def _stream(value: int) -> DataStream:
+    return DataStream(_enum(DataStream, "data stream", value))
+
+
+def _decode_header(c: _Cursor) -> Header:
+    cert = c.take(c.u16())
+    fields = (c.take(HASH_LEN), c.take(ID_LEN), c.u64(), c.u8(), c.u64(), c.u64())
+    cameras = tuple(c.str8() for _ in range(c.u8()))
+    return Header(cert, *fields, cameras)
+
+
+def _decode_opener(c: _Cursor) -> EpochOpener:
+    return EpochOpener(c.take(ID_LEN), c.take(HASH_LEN), c.u8(), c.u32(), c.u64(),
+                       c.take(c.u16()))
+
+
+def _decode_key_record(c: _Cursor) -> KeyRecord:
+    return KeyRecord(c.take(ID_LEN), c.u32(), c.str8(), _stream(c.u8()), c.take(ID_LEN),
+                     c.u64(), c.take(NONCE_LEN), c.take(WRAPPED_KEY_LEN))
+
+
+def _decode_segment(c: _Cursor) -> Segment:
+    return Segment(c.str8(), _stream(c.u8()), c.u64(), c.u64(), c.take(ID_LEN), c.u8(), c.rest())
+
+
+def _decode_manifest(c: _Cursor) -> Manifest:
+    camera, seq, prev, issued, flags = c.str8(), c.u64(), c.take(HASH_LEN), c.u64(), c.u8()
+    entries = tuple(
+        ManifestEntry(_stream(c.u8()), c.u64(), c.u64(), c.take(ID_LEN), c.take(TAG_LEN),
+                      c.take(HASH_LEN))
+        for _ in range(c.u16()))
+    commitments = tuple(KeyCommitment(c.take(ID_LEN), c.take(HASH_LEN)) for _ in range(c.u16()))
+    return Manifest(camera, seq, prev, issued, flags, entries, commitments, c.take(c.u16()))
+
+
+def _decode_end(c: _Cursor) -> End:
+    return End(c.take(ID_LEN), c.u8(), c.take(HASH_LEN), c.take(c.u16()))
+
+
+_DECODERS = {
+    RecordType.HEADER: _decode_header,
+    RecordType.EPOCH_OPENER: _decode_opener,
+    RecordType.KEY_RECORD: _decode_key_record,
+    RecordType.SEGMENT: _decode_segment,
+    RecordType.MANIFEST: _decode_manifest,
+    RecordType.END: _decode_end,
+}
+
+
+def _check_record_header(record_type: int, length: int) -> RecordType:
+    try:
+        kind = RecordType(record_type)
+    except ValueError:
+        raise FormatError(f"Unknown record type {record_type}; the stream is corrupt or "
+                          "newer than this reader.") from None
+    if length > max_body(kind):
+        raise FormatError(f"A {kind.name} record claims {length} bytes, more than the "
+                          f"limit of {max_body(kind)}.")
+    return kind
+
+
+def _decode_body(kind: RecordType, body: memoryview) -> Record:
+    cursor = _Cursor(body, kind.name)
+    record = _DECODERS[kind](cursor)
+    cursor.done()
+    return record
+
+
+def decode_record(data: bytes) -> Record:
+    """Decode exactly one complete record (type, length, body); FormatError otherwise.
+    A decoded segment's ciphertext is a view of ``data`` (copied first unless it is bytes)."""
+    view = memoryview(data if isinstance(data, bytes) else bytes(data))
+    if len(view) < RECORD_HEADER_LEN:
+        raise FormatError("A record is shorter than its 5-byte type and length.")
+    record_type, length = _RECORD_HEADER.unpack_from(view)
+    kind = _check_record_header(record_type, length)
+    if len(view) != RECORD_HEADER_LEN + length:
+        raise FormatError(f"A {kind.name} record's length field says {length} bytes but "
+                          f"{len(view) - RECORD_HEADER_LEN} follow.")
+    return _decode_body(kind, view[RECORD_HEADER_LEN:])
+
+
+class RecordSplitter:
+    """Cuts a byte stream, arriving in arbitrary pieces, into records.
+
+    Consumes and checks the prefix first (an unknown version is named in the error), checks
+    each record's type and length as soon as its 5-byte header is there (so no more than one
+    bounded record is ever buffered), and refuses any byte after the END record. Once it has
+    raised, it stays failed.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0  # start of unconsumed bytes in _buf
+        self._prefix_done = False
+        self._ended = False
+        self._failed = False
+
+    @property
+    def finished_cleanly(self) -> bool:
+        """True if the prefix was read and no partial record is left over."""
+        return self._prefix_done and not self._failed and self._pos == len(self._buf)
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def feed(self, data: bytes) -> list[tuple[Record, bytes]]:
+        """All records completed by ``data``, each with its exact encoded bytes."""
+        return list(self.iter_feed(data))
+
+    def iter_feed(self, data: bytes) -> Iterator[tuple[Record, bytes]]:
+        """Like :meth:`feed`, one record at a time: a consumer can act on (and fail at) a
+        record before a later one is parsed, so errors come in stream order however the
+        bytes are chunked."""
+        if self._failed:
+            raise FormatError("The stream already failed to parse; start over.")
+        if not data:
+            return
+        if self._ended:
+            self._fail("Bytes follow the end record; nothing may follow it.")
+        if self._pos:
+            del self._buf[:self._pos]  # compact once per feed, not once per record
+            self._pos = 0
+        self._buf += data
+        try:
+            if not self._prefix_done and not self._read_prefix():
+                return
+            while True:
+                available = len(self._buf) - self._pos
+                if available < RECORD_HEADER_LEN:
+                    return
+                record_type, length = _RECORD_HEADER.unpack_from(self._buf, self._pos)
+                kind = _check_record_header(record_type, length)
+                end = self._pos + RECORD_HEADER_LEN + length
+                if end > len(self._buf):
+                    return
+                with memoryview(self._buf) as view:
+                    raw = bytes(view[self._pos:end])
+                record = _decode_body(kind, memoryview(raw)[RECORD_HEADER_LEN:])
+                self._pos = end
+                if kind == RecordType.END:
+                    self._ended = True
+                    yield record, raw
+                    if self._pos != len(self._buf):
+                        self._fail("Bytes follow the end record; nothing may follow it.")
+                    return
+                yield record, raw
+        except FormatError:
+            self._failed = True
+            raise
+
+    def _read_prefix(self) -> bool:
+        have = bytes(self._buf[:PREFIX_LEN])
+        # Refuse a wrong magic at the first differing byte: garbage fails fast.
+        if have[:len(MAGIC)] != MAGIC[:len(have)]:
+            self._fail("This is not a fusion stream (wrong magic bytes).")
+        if len(have) < PREFIX_LEN:
+            return False
+        version = _U16.unpack_from(have, len(MAGIC))[0]
+        if version != VERSION:
+            self._fail(f"Unsupported fusion stream version {version}; this reader supports "
+                       f"version {VERSION} only.")
+        self._pos = PREFIX_LEN
+        self._prefix_done = True
+        return True
+
+    def _fail(self, message: str) -> None:
+        self._failed = True
+        raise FormatError(message)

@@ -1,0 +1,460 @@
+"""Fusion streams end to end: the Archiver's manifest chains and stream writer, and the
+viewer's incremental reader.
+
+The reader is the security boundary of the viewer. It releases a segment's plaintext only
+after the manifest covering it verified (Archiver signature, chain link, exact segment bytes,
+key commitment) and the segment's own tag checked, and never part of one; truncation is caught
+by the signed END record. Every failure is FormatError, IntegrityError or NoMatchingIdentity
+(plus whatever the caller's ``check_archiver`` or the token raise).
+
+Pure: no I/O, no ``pkcs11``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keyservice.crypto import (
+    KekRatchet,
+    MinuteKey,
+    key_commitment,
+    max_ratchet_index,
+    open_epoch_opener,
+    open_segment,
+    unwrap_key_record,
+)
+from keyservice.errors import FormatError, IntegrityError, NoMatchingIdentity
+from keyservice.format import (
+    RECORD_HEADER_LEN,
+    ZERO_HASH,
+    DataStream,
+    End,
+    EpochOpener,
+    Header,
+    KeyCommitment,
+    KeyRecord,
+    Manifest,
+    ManifestEntry,
+    Record,
+    RecordSplitter,
+    RecordType,
+    Segment,
+    encode_record,
+    max_body,
+    segment_digest,
+    stream_prefix,
+    validate_name,
+)
+from keyservice.identity import Identity, Signer, fingerprint
+
+# Memory a reader charges per buffered record on top of its bytes (Python object overhead),
+# so that millions of tiny records cannot slip under the byte budget.
+_RECORD_OVERHEAD = 256
+
+
+# --- Archiver side ------------------------------------------------------------------------
+class ManifestChain:
+    """One camera's chain of signed manifests. Its whole state is ``(next_seq, prev_hash)``:
+    persist both with each manifest and pass them back after a restart."""
+
+    def __init__(self, camera: str, next_seq: int = 0, prev_hash: bytes = ZERO_HASH) -> None:
+        self.camera = validate_name(camera)
+        if not 0 <= next_seq < 2**64 or len(prev_hash) != len(ZERO_HASH):
+            raise ValueError("A manifest chain resumes from a u64 sequence and a 32-byte hash.")
+        # Readers accept a chain start only as (0, zero hash): keep the two consistent.
+        if (next_seq == 0) != (prev_hash == ZERO_HASH):
+            raise ValueError("A manifest chain starts at sequence 0 with the zero hash, and "
+                             "only there.")
+        self.next_seq = next_seq
+        self.prev_hash = prev_hash
+
+    def issue(self, segments: Sequence[Segment], keys: Sequence[MinuteKey], signer: Signer,
+              issued_ms: int, flags: int = 0) -> tuple[Manifest, bytes]:
+        """Sign a manifest for ``segments`` (in stream order) and advance the chain.
+
+        ``keys`` must include the minute key of every segment; the manifest commits to each.
+        Returns the record and its encoded bytes (archive these; the next link hashes them).
+        """
+        by_id = {key.key_id: key for key in keys}
+        entries: list[ManifestEntry] = []
+        commitments: dict[bytes, KeyCommitment] = {}
+        for segment in segments:
+            key = by_id.get(segment.key_id)
+            if segment.camera != self.camera:
+                raise ValueError(f"Segment of camera {segment.camera!r} offered to the manifest "
+                                 f"chain of {self.camera!r}.")
+            if key is None or key.camera != segment.camera or key.stream != segment.stream:
+                raise ValueError("Every segment needs its own minute key in `keys`.")
+            entries.append(ManifestEntry(segment.stream, segment.seq, segment.capture_ms,
+                                         segment.key_id, segment.tag, segment_digest(segment)))
+            if segment.key_id not in commitments:
+                commitments[segment.key_id] = KeyCommitment(key.key_id, key.commitment)
+        unsigned = Manifest(self.camera, self.next_seq, self.prev_hash, issued_ms, flags,
+                            tuple(entries), tuple(commitments.values()))
+        manifest = replace(unsigned, signature=signer.sign(unsigned.signed_bytes()))
+        encoded = encode_record(manifest)
+        self.next_seq += 1
+        self.prev_hash = hashlib.sha256(encoded).digest()
+        return manifest, encoded
+
+
+class StreamWriter:
+    """Writes one fusion stream (one response to one viewer) and keeps its transcript hash.
+
+    Records from the archive are passed through as bytes, never re-encrypted. ``add`` checks
+    only their framing; the viewer's reader checks everything.
+    """
+
+    def __init__(self, header: Header) -> None:
+        self.header = header
+        self._transcript = hashlib.sha256()
+        self._state = "new"
+
+    def start(self) -> bytes:
+        if self._state != "new":
+            raise ValueError("StreamWriter.start() may be called once, first.")
+        data = stream_prefix() + encode_record(self.header)
+        self._transcript.update(data)
+        self._state = "open"
+        return data
+
+    def add(self, record: Record | bytes) -> bytes:
+        if self._state != "open":
+            raise ValueError("StreamWriter.add() needs start() first and nothing after end().")
+        if isinstance(record, bytes | bytearray | memoryview):
+            data = bytes(record)
+            _check_framing(data)
+        else:
+            if isinstance(record, Header | End):
+                raise ValueError("Header and end records are written by start() and end().")
+            data = encode_record(record)
+        self._transcript.update(data)
+        return data
+
+    def end(self, signer: Signer, reason: int) -> bytes:
+        if self._state != "open":
+            raise ValueError("StreamWriter.end() needs start() first and may be called once.")
+        unsigned = End(self.header.request_id, reason, self._transcript.digest())
+        data = encode_record(replace(unsigned, signature=signer.sign(unsigned.signed_bytes())))
+        self._state = "ended"
+        return data
+
+
+def _check_framing(data: bytes) -> None:
+    """One whole record of a type that may be passed through (not HEADER, not END)."""
+    if len(data) < RECORD_HEADER_LEN:
+        raise ValueError("Not an encoded record: shorter than its type and length.")
+    kind, length = data[0], int.from_bytes(data[1:RECORD_HEADER_LEN], "big")
+    if kind not in (RecordType.EPOCH_OPENER, RecordType.KEY_RECORD, RecordType.SEGMENT,
+                    RecordType.MANIFEST):
+        raise ValueError(f"Record type {kind} cannot be passed through a stream writer.")
+    if length != len(data) - RECORD_HEADER_LEN or length > max_body(kind):
+        raise ValueError("Not exactly one encoded record: its length field disagrees.")
+
+
+# --- viewer side --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SegmentPlaintext:
+    """A verified, decrypted segment, released in stream order."""
+
+    camera: str
+    stream: DataStream
+    seq: int
+    capture_ms: int
+    data: bytes = field(repr=False)
+    last: bool = False  # the last segment of the recording
+
+
+@dataclass(frozen=True)
+class SegmentSkipped:
+    """A segment the signed manifest lists but for which this viewer holds no key: it was
+    not authorized on that camera when the segment was recorded."""
+
+    camera: str
+    stream: DataStream
+    seq: int
+    capture_ms: int
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    reason: int
+
+
+Event = SegmentPlaintext | SegmentSkipped | StreamEnded
+
+
+@dataclass
+class _Camera:
+    pending: list[tuple[Segment, bytes, int]] = field(default_factory=list)  # seg, digest, cost
+    last_seq: int | None = None
+    last_hash: bytes = ZERO_HASH
+
+
+class StreamReader:
+    """Reads one fusion stream for one viewer, incrementally (bytes as they arrive).
+
+    One token operation per epoch, done lazily when a segment first needs a key of that
+    epoch; KEKs and minute keys stay in this object's memory only. Segments wait, per
+    camera, for the manifest that covers them; ``max_pending_bytes`` bounds what an
+    unverified stream can make the reader hold. After any error the reader stays failed.
+    """
+
+    def __init__(self, identity: Identity, check_archiver: Callable[[x509.Certificate], None],
+                 max_pending_bytes: int = 256 * 2**20) -> None:
+        self._identity = identity
+        self._fingerprint = fingerprint(identity.certificate)
+        self._check_archiver = check_archiver
+        self._max_retained = max_pending_bytes
+        self._splitter = RecordSplitter()
+        self._transcript = hashlib.sha256()
+        self.header: Header | None = None
+        self.token_operations = 0
+        self._archiver_key: ec.EllipticCurvePublicKey | None = None
+        self._cameras: dict[str, _Camera] = {}
+        self._openers: dict[bytes, EpochOpener] = {}
+        self._ratchets: dict[bytes, KekRatchet] = {}
+        self._key_records: dict[bytes, KeyRecord] = {}
+        self._keys: dict[bytes, tuple[AESGCM, bytes]] = {}  # key id -> (aead, commitment)
+        self._retained = 0
+        self._ended = False
+        self._failure: BaseException | None = None
+
+    @property
+    def ended(self) -> bool:
+        """True once the signed END record verified."""
+        return self._ended
+
+    def feed(self, data: bytes) -> list[SegmentPlaintext | SegmentSkipped | StreamEnded]:
+        """Events completed by ``data``, in stream order. On an error nothing of this call
+        is returned and the reader stays failed."""
+        self._check_usable()
+        events: list[Event] = []
+        try:
+            for record, raw in self._splitter.iter_feed(data):
+                self._on_record(record, raw, events)
+        except BaseException as exc:
+            self._failure = exc
+            raise
+        return events
+
+    def finish(self) -> None:
+        """Call at the end of the bytes: FormatError if they stop inside a record,
+        IntegrityError if the signed END record was not seen (truncation)."""
+        self._check_usable()
+        if not self._splitter.finished_cleanly:
+            self._failure = FormatError("The stream stops in the middle of a record.")
+            raise self._failure
+        if not self._ended:
+            self._failure = IntegrityError()
+            raise self._failure
+
+    def _check_usable(self) -> None:
+        failure = self._failure
+        if failure is None:
+            return
+        if isinstance(failure, IntegrityError):
+            raise IntegrityError()
+        if isinstance(failure, FormatError | NoMatchingIdentity):
+            raise type(failure)(failure.message, failure.advice)
+        raise FormatError("This stream reader already failed; start a new one.")
+
+    # --- records ----------------------------------------------------------------------
+    def _on_record(self, record: Record, raw: bytes, events: list[Event]) -> None:
+        if self.header is None:
+            if not isinstance(record, Header):
+                raise FormatError("A fusion stream must start with its header record.")
+            self._transcript.update(stream_prefix())
+            self._on_header(record)
+        elif isinstance(record, Segment):
+            self._on_segment(record, raw)
+        elif isinstance(record, Manifest):
+            self._on_manifest(record, raw, events)
+        elif isinstance(record, KeyRecord):
+            self._on_key_record(record, raw)
+        elif isinstance(record, EpochOpener):
+            self._on_opener(record, raw)
+        elif isinstance(record, End):
+            self._on_end(record, events)
+            return  # the END record is not part of its own transcript
+        else:
+            raise FormatError("A fusion stream holds exactly one header record.")
+        self._transcript.update(raw)
+
+    def _on_header(self, header: Header) -> None:
+        if not hmac.compare_digest(header.viewer_fingerprint, self._fingerprint):
+            raise NoMatchingIdentity(
+                f"This stream is addressed to viewer certificate "
+                f"{header.viewer_fingerprint.hex()[:16]}..., not to yours "
+                f"({self._fingerprint.hex()[:16]}...); open it with the identity it was made for.")
+        try:
+            cert = x509.load_der_x509_certificate(header.archiver_cert_der)
+        except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm):
+            raise FormatError("The header's Archiver certificate is not valid DER.") from None
+        self._check_archiver(cert)  # the pin: raises if this is not our Archiver
+        try:
+            key = cert.public_key()
+        except (ValueError, UnsupportedAlgorithm):
+            raise IntegrityError() from None
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise IntegrityError()
+        self._archiver_key = key
+        self._cameras = {camera: _Camera() for camera in header.cameras}
+        self.header = header
+
+    def _camera(self, name: str) -> _Camera:
+        camera = self._cameras.get(name)
+        if camera is None:  # not announced in the header: spliced in from elsewhere
+            raise IntegrityError()
+        return camera
+
+    def _charge(self, cost: int) -> None:
+        self._retained += cost
+        if self._retained > self._max_retained:
+            raise FormatError(
+                f"The stream makes the reader hold more than {self._max_retained} bytes of "
+                "unverified segments and key records; the Archiver must issue manifests more "
+                "often (or raise max_pending_bytes).")
+
+    def _on_opener(self, opener: EpochOpener, raw: bytes) -> None:
+        if not hmac.compare_digest(opener.viewer_fingerprint, self._fingerprint):
+            raise NoMatchingIdentity(
+                "The stream carries an epoch opener for another viewer certificate; open it "
+                "with the identity it was made for.")
+        known = self._openers.get(opener.epoch_id)
+        if known is not None:
+            if known != opener:
+                raise IntegrityError()
+            return
+        self._charge(len(raw) + _RECORD_OVERHEAD)
+        self._openers[opener.epoch_id] = opener
+
+    def _on_key_record(self, record: KeyRecord, raw: bytes) -> None:
+        opener = self._openers.get(record.epoch_id)
+        if opener is None:  # openers precede their key records; this one is not ours
+            raise IntegrityError()
+        self._camera(record.camera)
+        if record.ratchet_index > max_ratchet_index(opener.period_s):
+            raise FormatError("A key record's ratchet index lies beyond its epoch's day.")
+        known = self._key_records.get(record.key_id)
+        if known is not None:
+            if known != record:
+                raise IntegrityError()
+            return
+        self._charge(len(raw) + _RECORD_OVERHEAD)
+        self._key_records[record.key_id] = record
+
+    def _on_segment(self, segment: Segment, raw: bytes) -> None:
+        camera = self._camera(segment.camera)
+        cost = len(raw) + _RECORD_OVERHEAD
+        self._charge(cost)
+        camera.pending.append((segment, hashlib.sha256(raw).digest(), cost))
+
+    def _on_manifest(self, manifest: Manifest, raw: bytes, events: list[Event]) -> None:
+        camera = self._camera(manifest.camera)
+        assert self._archiver_key is not None
+        _verify(self._archiver_key, manifest.signed_bytes(), manifest.signature)
+        # The chain: each manifest names its predecessor, so a dropped, replayed or reordered
+        # manifest breaks it. A chain may be joined midway (playback from a later time), but
+        # sequence 0 and the zero hash only ever come together.
+        if camera.last_seq is None:
+            if (manifest.manifest_seq == 0) != (manifest.prev_hash == ZERO_HASH):
+                raise IntegrityError()
+        elif (manifest.manifest_seq != camera.last_seq + 1
+              or not hmac.compare_digest(manifest.prev_hash, camera.last_hash)):
+            raise IntegrityError()
+        # The entries must be exactly the pending segments, in order; only a segment for
+        # which this viewer holds no key may be absent (the Archiver does not send those).
+        plan: list[tuple[ManifestEntry, Segment | None]] = []
+        pending = camera.pending
+        j = 0
+        for entry in manifest.entries:
+            if j < len(pending) and _matches(pending[j][0], pending[j][1], entry):
+                plan.append((entry, pending[j][0]))
+                j += 1
+            elif entry.key_id not in self._key_records:
+                plan.append((entry, None))
+            else:
+                raise IntegrityError()
+        if j != len(pending):
+            raise IntegrityError()
+        commitments = {c.key_id: c.commitment for c in manifest.commitments}
+        out: list[Event] = []
+        # Decrypt everything first, release after: a failing segment releases nothing.
+        for entry, segment in plan:
+            if segment is None or entry.key_id not in self._key_records:
+                out.append(SegmentSkipped(manifest.camera, entry.stream, entry.seq,
+                                          entry.capture_ms))
+                continue
+            aead = self._key(entry.key_id, manifest.camera, entry.stream,
+                             commitments[entry.key_id])
+            data = open_segment(aead, segment)
+            out.append(SegmentPlaintext(segment.camera, segment.stream, segment.seq,
+                                        segment.capture_ms, data, segment.last))
+        camera.last_seq = manifest.manifest_seq
+        camera.last_hash = hashlib.sha256(raw).digest()
+        self._retained -= sum(cost for _, _, cost in pending)
+        camera.pending = []
+        events.extend(out)
+
+    def _key(self, key_id: bytes, camera: str, stream: DataStream, commitment: bytes) -> AESGCM:
+        record = self._key_records[key_id]
+        if record.camera != camera or record.stream != stream:
+            raise IntegrityError()
+        known = self._keys.get(key_id)
+        if known is None:
+            ratchet = self._ratchet(record.epoch_id)
+            key = unwrap_key_record(ratchet.kek_at(record.ratchet_index), record,
+                                    self._fingerprint)
+            known = (AESGCM(key), key_commitment(key, camera, stream, key_id))
+            self._keys[key_id] = known
+        # The manifest commits to the key: a segment that also opens under another key
+        # (AES-GCM is not key-committing) is refused.
+        if not hmac.compare_digest(known[1], commitment):
+            raise IntegrityError()
+        return known[0]
+
+    def _ratchet(self, epoch_id: bytes) -> KekRatchet:
+        ratchet = self._ratchets.get(epoch_id)
+        if ratchet is None:
+            opener = self._openers[epoch_id]
+            self.token_operations += 1
+            kek0 = open_epoch_opener(self._identity, opener)
+            ratchet = KekRatchet(epoch_id, kek0, max_ratchet_index(opener.period_s))
+            self._ratchets[epoch_id] = ratchet
+        return ratchet
+
+    def _on_end(self, end: End, events: list[Event]) -> None:
+        assert self.header is not None and self._archiver_key is not None
+        if any(camera.pending for camera in self._cameras.values()):
+            raise IntegrityError()  # segments nobody vouched for
+        if not hmac.compare_digest(end.request_id, self.header.request_id):
+            raise IntegrityError()
+        if not hmac.compare_digest(end.transcript_hash, self._transcript.digest()):
+            raise IntegrityError()
+        _verify(self._archiver_key, end.signed_bytes(), end.signature)
+        self._ended = True
+        events.append(StreamEnded(int(end.reason)))
+
+
+def _matches(segment: Segment, digest: bytes, entry: ManifestEntry) -> bool:
+    return (digest == entry.digest and segment.seq == entry.seq
+            and segment.stream == entry.stream and segment.capture_ms == entry.capture_ms
+            and segment.key_id == entry.key_id and segment.tag == entry.tag)
+
+
+def _verify(key: ec.EllipticCurvePublicKey, data: bytes, signature: bytes) -> None:
+    try:
+        key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        raise IntegrityError() from None
+

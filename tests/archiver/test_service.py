@@ -1,0 +1,287 @@
+"""The Archiver as a real uvicorn server: ingest, rotation, per-viewer key streams, access."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import sqlite3
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from archiver.audit import verify_audit_log
+from keyservice.errors import NoMatchingIdentity
+from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
+from tests.fixtures.server import ArchiverServer
+from tests.fixtures.viewer import fetch, login, observed_secrets, play
+
+
+def _key_ids_of(server: ArchiverServer, fingerprint: str) -> set[bytes]:
+    with sqlite3.connect(server.data_dir / "archiver.sqlite3") as db:
+        return {row[0] for row in db.execute(
+            "SELECT key_id FROM key_records WHERE fingerprint=?", (fingerprint,))}
+
+
+def _segment_key_ids(server: ArchiverServer, camera: str) -> list[bytes]:
+    with sqlite3.connect(server.data_dir / "archiver.sqlite3") as db:
+        return [row[0] for row in db.execute(
+            "SELECT key_id FROM segments WHERE camera=? ORDER BY seq", (camera,))]
+
+
+def test_keys_rotate_every_period(archiver_server: ArchiverServer, make_viewer) -> None:
+    viewer = make_viewer("alice")
+    token = archiver_server.add_camera("cam1")
+    archiver_server.add_client(viewer.pem, ["cam1"])
+    assert archiver_server.put_segment("cam1", token, b"a" * 1000) == 201
+    assert archiver_server.put_segment("cam1", token, b"b" * 1000) == 201
+    time.sleep(archiver_server.key_period_s + 0.2)
+    assert archiver_server.put_segment("cam1", token, b"c" * 1000) == 201
+    keys = _segment_key_ids(archiver_server, "cam1")
+    assert keys[0] == keys[1] or keys[1] == keys[2]  # the first two share a period (or nearly)
+    assert keys[0] != keys[2]
+    metrics = httpx.get(f"{archiver_server.url}/metrics").text
+    assert "fusion_key_rotations_total" in metrics
+    played = play(viewer.identity, fetch(archiver_server.url, login(
+        archiver_server.url, viewer.identity), "cam1").content)
+    assert played.data == b"a" * 1000 + b"b" * 1000 + b"c" * 1000
+    assert played.ended
+
+
+def test_late_viewers_see_only_the_future_and_revoked_get_nothing_new(
+        archiver_server: ArchiverServer, make_viewer) -> None:
+    alice, bob = make_viewer("alice"), make_viewer("bob")
+    token = archiver_server.add_camera("cam1")
+    alice_fp = archiver_server.add_client(alice.pem, ["cam1"])
+    for chunk in (b"A1", b"A2"):
+        assert archiver_server.put_segment("cam1", token, chunk * 500) == 201
+    bob_fp = archiver_server.add_client(bob.pem, ["cam1"])
+    for chunk in (b"B1", b"B2"):
+        assert archiver_server.put_segment("cam1", token, chunk * 500) == 201
+    alice_session = login(archiver_server.url, alice.identity)
+    archiver_server.revoke(alice_fp)
+    for chunk in (b"C1", b"C2"):
+        assert archiver_server.put_segment("cam1", token, chunk * 500) == 201
+
+    keys = _segment_key_ids(archiver_server, "cam1")
+    alice_keys, bob_keys = _key_ids_of(archiver_server, alice_fp), _key_ids_of(archiver_server, bob_fp)
+    # Alice: keys for what was recorded while she was authorized, none after revocation.
+    assert set(keys[:4]) <= alice_keys and not set(keys[4:]) & alice_keys
+    # Bob: nothing recorded before he was added (adding him rotated the key at once).
+    assert not set(keys[:2]) & bob_keys and set(keys[2:]) <= bob_keys
+
+    # Bob's stream: the first two segments are covered by manifests but not decryptable.
+    bob_stream = fetch(archiver_server.url, login(archiver_server.url, bob.identity), "cam1")
+    played = play(bob.identity, bob_stream.content)
+    assert [p.data[:2] for p in played.plaintexts] == [b"B1", b"B2", b"C1", b"C2"]
+    assert len(played.skipped) == 2 and played.ended
+    # Bob's stream is not Alice's: her token finds nothing addressed to her.
+    with pytest.raises(NoMatchingIdentity):
+        play(alice.identity, bob_stream.content)
+
+    # Revoked: her open session ended with the revocation, and a new login is refused.
+    response = fetch(archiver_server.url, alice_session, "cam1")
+    assert response.status_code == 401 and response.json()["error"] == "session_invalid"
+    pem = alice.pem.read_text()
+    response = httpx.post(f"{archiver_server.url}/v1/sessions/challenge", json={"certificate": pem})
+    assert response.status_code == 403 and response.json()["error"] == "revoked"
+
+
+def test_viewer_on_other_camera_is_refused(archiver_server: ArchiverServer, make_viewer) -> None:
+    viewer = make_viewer("carol")
+    token = archiver_server.add_camera("cam1")
+    archiver_server.add_camera("cam2")
+    archiver_server.add_client(viewer.pem, ["cam2"])
+    assert archiver_server.put_segment("cam1", token, b"x" * 100) == 201
+    session = login(archiver_server.url, viewer.identity)
+    response = fetch(archiver_server.url, session, "cam1")
+    assert response.status_code == 403 and response.json()["error"] == "not_authorized"
+    response = fetch(archiver_server.url, session, "cam2")
+    assert response.status_code == 404 and response.json()["error"] == "no_recording"
+    response = fetch(archiver_server.url, session, "nosuch")
+    assert response.status_code == 404 and response.json()["error"] == "unknown_camera"
+    listed = httpx.get(f"{archiver_server.url}/v1/cameras",
+                       headers={"Authorization": f"Bearer {session}"}).json()
+    assert [c["name"] for c in listed] == ["cam2"]
+
+
+@requires_ffmpeg
+def test_ffmpeg_push_and_nothing_secret_at_rest(archiver_server: ArchiverServer, make_viewer,
+                                                tmp_path: Path) -> None:
+    viewer = make_viewer("dave")
+    token = archiver_server.add_camera("cam1")
+    archiver_server.add_client(viewer.pem, ["cam1"])
+    source = make_source(tmp_path / "source.ts", seconds=6)
+    push(source, archiver_server.url, "cam1", token, realtime=True)
+
+    cameras = archiver_server.admin("GET", "/v1/admin/cameras", expect=200)
+    assert cameras[0]["segments"] >= 5
+    stream = fetch(archiver_server.url, login(archiver_server.url, viewer.identity), "cam1").content
+    played = play(viewer.identity, stream)
+    decrypted = tmp_path / "decrypted.ts"
+    decrypted.write_bytes(played.data)
+    assert frame_hashes(decrypted) == frame_hashes(source)  # every frame, in order
+    assert len(set(_segment_key_ids(archiver_server, "cam1"))) >= 2  # rotated while pushing
+
+    secrets = observed_secrets(viewer.identity, stream)
+    assert len(secrets) >= 4
+    needles = set()
+    for secret in secrets:
+        needles |= {secret, secret.hex().encode(), base64.b64encode(secret)}
+    plaintext_probe = source.read_bytes()[4096:4096 + 64]
+    files = [p for p in archiver_server.data_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".fsa" for p in files) and any(p.suffix == ".sqlite3" for p in files)
+    for path in files:
+        content = path.read_bytes()
+        for needle in needles:
+            assert needle not in content, f"a key or KEK is at rest in {path.name}"
+        if path.suffix in (".fsa", ".sqlite3", ".sqlite3-wal"):
+            assert plaintext_probe not in content, f"plaintext video at rest in {path.name}"
+
+
+def test_restart_keeps_serving_the_old_archive(tmp_path: Path, make_viewer) -> None:
+    viewer = make_viewer("erin")
+    server = ArchiverServer(tmp_path / "archiver").start()
+    try:
+        token = server.add_camera("cam1")
+        server.add_client(viewer.pem, ["cam1"])
+        for i in range(3):
+            assert server.put_segment("cam1", token, bytes([i]) * 2000) == 201
+        cert_before = server.admin("GET", "/v1/archiver")["fingerprint"]
+    finally:
+        server.stop()
+    server = ArchiverServer(tmp_path / "archiver", port=server.port).start()
+    try:
+        assert server.admin("GET", "/v1/archiver")["fingerprint"] == cert_before
+        assert server.put_segment("cam1", token, b"\x09" * 2000) == 201
+        played = play(viewer.identity, fetch(server.url, login(server.url, viewer.identity),
+                                             "cam1").content)
+        # One verified chain across the restart, old and new segments alike.
+        assert [p.data[0] for p in played.plaintexts] == [0, 1, 2, 9]
+    finally:
+        server.stop()
+
+
+def test_bad_ingest_is_refused_and_harms_nothing(archiver_server: ArchiverServer) -> None:
+    url = archiver_server.url
+    token = archiver_server.add_camera("cam1")
+    assert archiver_server.put_segment("cam1", token, b"good" * 100) == 201
+
+    def put(camera: str, name: str, data: bytes, auth: str | None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {auth}"} if auth else {}
+        return httpx.put(f"{url}/ingest/{camera}/{name}", content=data, headers=headers)
+
+    assert put("cam1", "a.ts", b"x", None).status_code == 401
+    assert put("cam1", "a.ts", b"x", "wrong").status_code == 403
+    assert put("nosuch", "a.ts", b"x", token).status_code == 403
+    assert put("cam1", "a.ts", b"", token).json()["error"] == "empty_segment"
+    assert put("cam1", "..%2F..%2Fetc%2Fpasswd.ts", b"x", token).status_code in (404, 422)
+    assert put("cam1", "index.m3u8", b"#EXTM3U\n", token).status_code == 204
+    assert put("cam1", "a.ts", b"x" * (32 * 1024 * 1024 + 1), token).status_code == 413
+    admin = {"Authorization": f"Bearer {archiver_server.admin_token}"}
+    assert httpx.put(f"{url}/ingest/cam1/a.ts", content=b"x", headers=admin).status_code == 403
+
+    # A body cut off mid-upload is not archived.
+    with socket.create_connection(("127.0.0.1", archiver_server.port)) as sock:
+        sock.sendall(f"PUT /ingest/cam1/cut.ts HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {token}\r\nContent-Length: 100000\r\n\r\n".encode()
+                     + b"partial" * 100)
+    time.sleep(0.5)
+    cameras = archiver_server.admin("GET", "/v1/admin/cameras", expect=200)
+    assert cameras[0]["segments"] == 1
+    assert archiver_server.put_segment("cam1", token, b"after" * 100) == 201
+
+
+def test_access_control(archiver_server: ArchiverServer, make_viewer) -> None:
+    url = archiver_server.url
+    viewer = make_viewer("frank")
+    camera_token = archiver_server.add_camera("cam1")
+    archiver_server.add_client(viewer.pem, ["cam1"])
+    session = login(url, viewer.identity)
+    admin_paths = [("GET", "/v1/admin/cameras"), ("POST", "/v1/admin/cameras"),
+                   ("GET", "/v1/admin/clients"), ("POST", "/v1/admin/clients"),
+                   ("DELETE", "/v1/admin/cameras/cam1"),
+                   ("POST", f"/v1/admin/clients/{'0' * 64}/revoke")]
+    for method, path in admin_paths:
+        for auth, status in ((None, 401), ("garbage", 403), (camera_token, 403), (session, 403)):
+            headers = {"Authorization": f"Bearer {auth}"} if auth else {}
+            response = httpx.request(method, url + path, headers=headers, json={})
+            assert response.status_code == status, (method, path, auth, response.text)
+            assert "message" in response.json()
+    for auth, status in ((None, 401), (camera_token, 401),
+                         (archiver_server.admin_token, 401), ("x" * 43, 401)):
+        headers = {"Authorization": f"Bearer {auth}"} if auth else {}
+        response = httpx.get(f"{url}/v1/cameras/cam1/recording?from_ms=0&to_ms=1", headers=headers)
+        assert response.status_code == status
+
+
+def test_login_proofs_cannot_be_forged_or_replayed(archiver_server: ArchiverServer,
+                                                   make_viewer) -> None:
+    url = archiver_server.url
+    viewer = make_viewer("grace")
+    archiver_server.add_camera("cam1")
+    archiver_server.add_client(viewer.pem, ["cam1"])
+    pem = viewer.pem.read_text()
+    challenge = httpx.post(f"{url}/v1/sessions/challenge", json={"certificate": pem}).json()
+    forged = httpx.post(f"{url}/v1/sessions", json={
+        "challenge_id": challenge["challenge_id"], "proof": base64.b64encode(b"\0" * 32).decode()})
+    assert forged.status_code == 401 and forged.json()["error"] == "proof_refused"
+    # The forged attempt consumed the challenge: single use.
+    session = login(url, viewer.identity)
+    assert session
+    # Replay: the same challenge id and a proof that was once valid.
+    challenge = httpx.post(f"{url}/v1/sessions/challenge", json={"certificate": pem}).json()
+    assert httpx.post(f"{url}/v1/sessions", json={
+        "challenge_id": challenge["challenge_id"], "proof": "AAAA"}).status_code == 401
+    assert httpx.post(f"{url}/v1/sessions/challenge",
+                      json={"certificate": "not a certificate"}).status_code == 422
+
+
+def test_bad_certificates_are_refused(archiver_server: ArchiverServer, tmp_path: Path) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    def cert(bits: int, days: int, start_days: int = 0) -> str:
+        key = rsa.generate_private_key(65537, bits)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mallory")])
+        now = dt.datetime.now(dt.UTC) + dt.timedelta(days=start_days)
+        built = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                 .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+                 .not_valid_after(now + dt.timedelta(days=days))
+                 .add_extension(x509.KeyUsage(True, False, True, False, False, False, False,
+                                              False, False), critical=True)
+                 .sign(key, hashes.SHA256()))
+        return built.public_bytes(serialization.Encoding.PEM).decode()
+
+    archiver_server.add_camera("cam1")
+    for pem in ("garbage", cert(1024, 30), cert(2048, 1, start_days=-10)):
+        response = httpx.post(f"{archiver_server.url}/v1/admin/clients",
+                              headers={"Authorization": f"Bearer {archiver_server.admin_token}"},
+                              json={"certificate": pem, "cameras": ["cam1"], "oaep_hash": "sha256"})
+        assert response.status_code == 422, response.text
+        assert response.json()["error"] == "bad_certificate"
+
+
+def test_audit_log_and_health(archiver_server: ArchiverServer, make_viewer) -> None:
+    viewer = make_viewer("heidi")
+    token = archiver_server.add_camera("cam1")
+    fp = archiver_server.add_client(viewer.pem, ["cam1"])
+    archiver_server.put_segment("cam1", token, b"z" * 100)
+    fetch(archiver_server.url, login(archiver_server.url, viewer.identity), "cam1")
+    archiver_server.revoke(fp)
+    log_path = archiver_server.data_dir / "audit.jsonl"
+    text = log_path.read_text()
+    for action in ("camera.add", "client.add", "session.open", "stream.playback", "client.revoke"):
+        assert f'"action":"{action}"' in text
+    assert verify_audit_log(log_path) is None
+    lines = log_path.read_bytes().splitlines()
+    log_path.write_bytes(b"\n".join(lines[:1] + lines[2:]) + b"\n")  # drop one entry
+    assert verify_audit_log(log_path) == 2
+    assert httpx.get(f"{archiver_server.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{archiver_server.url}/docs").status_code == 200
+    assert (archiver_server.data_dir / "admin-token").stat().st_mode & 0o777 == 0o600

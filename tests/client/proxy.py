@@ -1,0 +1,85 @@
+"""A small HTTP proxy in front of a real Archiver that can tamper with fusion streams in
+transit: flip one byte inside a segment's ciphertext, or cut the stream before its END record.
+The Archiver and the viewer are real; only the wire between them is hostile."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+
+from keyservice.format import End, RecordSplitter, Segment, stream_prefix
+
+FUSION = "application/vnd.fusion-stream"
+
+
+def record_spans(stream: bytes) -> list[tuple[object, int, int]]:
+    """(record, start offset, end offset) of every record of a whole stream."""
+    spans = []
+    offset = len(stream_prefix())
+    for record, raw in RecordSplitter().feed(stream):
+        spans.append((record, offset, offset + len(raw)))
+        offset += len(raw)
+    return spans
+
+
+def tamper(stream: bytes, mode: str, segment_index: int) -> bytes:
+    spans = record_spans(stream)
+    if mode == "flip":
+        segments = [(s, e) for r, s, e in spans if isinstance(r, Segment)]
+        start, end = segments[segment_index]
+        out = bytearray(stream)
+        out[end - 20] ^= 0x40  # inside the GCM ciphertext/tag of that segment
+        return bytes(out)
+    if mode == "truncate":
+        [(_, start, _)] = [(r, s, e) for r, s, e in spans if isinstance(r, End)]
+        return stream[:start]
+    raise ValueError(mode)
+
+
+class TamperingProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.mode: str | None = None
+        self.segment_index = 2
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() in ("authorization", "content-type")}
+                response = httpx.request(method, proxy.upstream + self.path, content=body,
+                                         headers=headers, timeout=60)
+                data = response.content
+                media = response.headers.get("content-type", "")
+                if proxy.mode and media.startswith(FUSION) and response.status_code == 200:
+                    data = tamper(data, proxy.mode, proxy.segment_index)
+                self.send_response(response.status_code)
+                self.send_header("Content-Type", media)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._forward("GET")
+
+            def do_POST(self) -> None:
+                self._forward("POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> TamperingProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,76 @@
+"""Fusion streams built in-process with the real crypto core and software test keys, for the
+player's unit tests (the end-to-end tests use a real Archiver and real tokens instead)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from keyservice.certs import build_archiver_certificate, build_viewer_certificate
+from keyservice.crypto import Epoch, new_minute_key, seal_segment
+from keyservice.format import DataStream, Header
+from keyservice.identity import (
+    OaepHash,
+    Recipient,
+    SoftwareIdentity,
+    SoftwareSigner,
+    fingerprint,
+)
+from keyservice.stream import ManifestChain, StreamWriter
+
+T0 = 1_748_779_200_000  # 2025-06-01T12:00:00Z
+PERIOD_S = 60
+
+
+def software_viewer(name: str) -> SoftwareIdentity:
+    key = rsa.generate_private_key(65537, 2048)
+    cert = build_viewer_certificate(key, name, oaep_hash=OaepHash.SHA256,
+                                    now=dt.datetime.now(dt.UTC))
+    return SoftwareIdentity(cert, key)
+
+
+def software_signer(name: str = "archiver") -> SoftwareSigner:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return SoftwareSigner(build_archiver_certificate(key, name, now=dt.datetime.now(dt.UTC)), key)
+
+
+@dataclass(frozen=True)
+class Seg:
+    capture_ms: int
+    data: bytes
+    authorized: bool = True
+
+
+def build_stream(viewer: SoftwareIdentity, signer: SoftwareSigner, plan: list[Seg], *,
+                 camera: str = "cam1", end: bool = True) -> tuple[bytes, list[int]]:
+    """A playback stream as the Archiver serves it: a segment's key record and ciphertext only
+    when the viewer was authorized; the signed manifest always. Returns the bytes and the
+    offset of each segment record actually sent (for tampering)."""
+    writer = StreamWriter(Header(
+        archiver_cert_der=signer.certificate.public_bytes(Encoding.DER),
+        viewer_fingerprint=fingerprint(viewer.certificate), request_id=os.urandom(16),
+        created_ms=T0, mode=1, range_from_ms=T0, range_to_ms=T0 + 3_600_000, cameras=(camera,)))
+    parts = [writer.start()]
+    epoch, opener = Epoch.start(Recipient(viewer.certificate, OaepHash.SHA256), PERIOD_S, T0)
+    opener_sent = False
+    chain = ManifestChain(camera)
+    offsets = []
+    for seq, seg in enumerate(plan):
+        key = new_minute_key(camera, DataStream.VIDEO, seg.capture_ms)
+        sealed = seal_segment(key, seq, seg.capture_ms, seg.data)
+        _manifest, manifest_bytes = chain.issue([sealed], [key], signer, seg.capture_ms)
+        if seg.authorized:
+            if not opener_sent:
+                parts.append(writer.add(opener))
+                opener_sent = True
+            parts.append(writer.add(epoch.wrap(key, seg.capture_ms)))
+            offsets.append(sum(map(len, parts)))
+            parts.append(writer.add(sealed))
+        parts.append(writer.add(manifest_bytes))
+    if end:
+        parts.append(writer.end(signer, 1))
+    return b"".join(parts), offsets

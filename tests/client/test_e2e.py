@@ -1,0 +1,502 @@
+"""fusion-client end to end: real SoftHSM (and software TPM) viewer tokens, a real Archiver under
+uvicorn, real ffmpeg as camera and judge, the real fusion-client command in a subprocess.
+
+Where only the bytes matter, segments are pushed with put_segment (small synthetic chunks, fast,
+exact byte comparison); where the video matters, ffmpeg pushes a generated H.264 stream and the
+decoded frames are compared with framemd5.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from client.timespec import format_ms
+from keyservice.pkcs11uri import Pkcs11Uri
+from tests.fixtures.camera import (
+    frame_hashes,
+    is_contiguous_run,
+    make_source,
+    push,
+    requires_ffmpeg,
+)
+from tests.fixtures.server import ArchiverServer, free_port
+from tests.fixtures.tokens import TokenHandle, enroll_viewer
+
+from .proxy import TamperingProxy
+
+EXIT = {"usage": 2, "integrity": 11, "no_match": 12, "pin": 21, "mismatch": 31,
+        "unreachable": 40, "not_enrolled": 43, "revoked": 44, "not_authorized": 45,
+        "unknown_camera": 46, "no_recording": 47, "truncated": 50, "nothing_authorized": 51}
+
+
+@dataclass
+class Viewer:
+    name: str
+    token: TokenHandle
+    uri: str
+    pem: Path
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: bytes
+    stderr: str
+
+
+class Client:
+    """Runs `python -m client` (the fusion-client command) with a private FUSION_CLIENT_HOME."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
+        env["FUSION_CLIENT_HOME"] = str(self.home)
+        return env
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "client", *args]
+
+    def __call__(self, *args: str, timeout: float = 120) -> Result:
+        done = subprocess.run(self.command(*args), capture_output=True, env=self.env(),
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+        stderr = done.stderr.decode(errors="replace")
+        assert "Traceback" not in stderr, stderr
+        return Result(done.returncode, done.stdout, stderr)
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Client:
+    return Client(tmp_path / "client-home")
+
+
+@pytest.fixture
+def make_viewer(softhsm_token_factory: Callable[[], TokenHandle]) -> Callable[[str], Viewer]:
+    def make(name: str) -> Viewer:
+        token = softhsm_token_factory()
+        pem = enroll_viewer(token, name)
+        return Viewer(name, token, token.object_uri(name), pem)
+    return make
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def iso(ms: int) -> str:
+    return format_ms(ms)
+
+
+def put(server: ArchiverServer, camera: str, token: str, *chunks: bytes) -> None:
+    for chunk in chunks:
+        assert server.put_segment(camera, token, chunk) == 201
+
+
+def wait_for_segments(server: ArchiverServer, camera: str, count: int,
+                      timeout: float = 20) -> None:
+    """ffmpeg's HLS muxer does not wait for the answers to its PUTs: wait until the Archiver
+    has acknowledged them all."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        cams = {c["name"]: c for c in server.admin("GET", "/v1/admin/cameras")}
+        if cams[camera]["segments"] >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the Archiver did not archive {count} segments of {camera}")
+
+
+def chunk(tag: str, size: int = 3000) -> bytes:
+    """Distinct, recognisable synthetic segment bodies."""
+    return (tag.encode() + b"|" + os.urandom(16)) * (size // (len(tag) + 17))
+
+
+def play(client: Client, server_url: str, viewer: Viewer, out: Path, start: int, end: int,
+         *extra: str, camera: str = "cam1") -> Result:
+    return client("play", "--archiver", server_url, "--token", viewer.uri, "--camera", camera,
+                  "--from", iso(start), "--to", iso(end), "-o", str(out), *extra)
+
+
+def token_operations(stderr: str) -> tuple[int, int, int]:
+    found = re.search(r"token operations: (\d+) \((\d+) login, (\d+) epoch", stderr)
+    assert found, stderr
+    return int(found[1]), int(found[2]), int(found[3])
+
+
+def assert_nothing_written(out: Path) -> None:
+    siblings = sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name))
+    assert siblings == [], siblings
+
+
+# --- the video itself ---------------------------------------------------------------------
+@requires_ffmpeg
+def test_export_is_frame_identical_for_two_viewers_each_with_its_own_key_stream(
+        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    alice, bob = make_viewer("alice"), make_viewer("bob")
+    ingest = archiver_server.add_camera("cam1")
+    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_client(bob.pem, "all")
+    source = make_source(tmp_path / "source.ts", seconds=6)
+    start = now_ms()
+    push(source, archiver_server.url, "cam1", ingest, realtime=False, hls_time=1)
+    wait_for_segments(archiver_server, "cam1", 6)
+    end = now_ms() + 1
+
+    alice_out, bob_out = tmp_path / "alice.ts", tmp_path / "bob.ts"
+    saved = tmp_path / "alice.fusion"
+    first = play(client, archiver_server.url, alice, alice_out, start, end,
+                 "--save-stream", str(saved))
+    assert first.code == 0, first.stderr
+    assert "trusting the Archiver" in first.stderr and "on first use" in first.stderr
+    assert "complete (verified signed end record)" in first.stderr
+    source_frames = frame_hashes(source)
+    assert len(source_frames) == 150
+    assert frame_hashes(alice_out) == source_frames, first.stderr
+    # One login and one epoch opener: the token is not used per minute key.
+    assert token_operations(first.stderr) == (2, 1, 1)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("alice")) == [
+        "alice.fusion", "alice.ts"]
+
+    second = play(client, archiver_server.url, bob, bob_out, start, end)
+    assert second.code == 0, second.stderr
+    assert "trusting" not in second.stderr  # the Archiver is pinned now
+    assert bob_out.read_bytes() == alice_out.read_bytes()
+
+    # Alice's stream, intercepted, opened with Bob's token: nothing for Bob in it.
+    stolen = tmp_path / "stolen.ts"
+    intercepted = client("open", str(saved), "--token", bob.uri, "--archiver",
+                         archiver_server.url, "-o", str(stolen))
+    assert intercepted.code == EXIT["no_match"], intercepted.stderr
+    assert "not to yours" in intercepted.stderr
+    assert_nothing_written(stolen)
+    # ... while Alice can verify and decrypt it offline against the pinned Archiver.
+    again = tmp_path / "again.ts"
+    offline = client("open", str(saved), "--token", alice.uri, "--archiver",
+                     archiver_server.url, "-o", str(again))
+    assert offline.code == 0, offline.stderr
+    assert again.read_bytes() == alice_out.read_bytes()
+
+
+# --- who may see what ---------------------------------------------------------------------
+def test_revoked_viewer_gets_nothing_for_the_minutes_after_revocation(
+        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    alice = make_viewer("alice")
+    ingest = archiver_server.add_camera("cam1")
+    fp = archiver_server.add_client(alice.pem, ["cam1"])
+    before = [chunk(f"before{i}") for i in range(3)]
+    during = [chunk(f"revoked{i}") for i in range(3)]
+    after = [chunk(f"after{i}") for i in range(2)]
+    t0 = now_ms()
+    put(archiver_server, "cam1", ingest, *before)
+    time.sleep(0.05)
+    archiver_server.revoke(fp)
+    t_revoked = now_ms()
+    put(archiver_server, "cam1", ingest, *during)
+    time.sleep(0.05)
+    t_reauthorized = now_ms()
+
+    out = tmp_path / "out.ts"
+    refused = play(client, archiver_server.url, alice, out, t0, now_ms())
+    assert refused.code == EXIT["revoked"], refused.stderr
+    assert "revoked" in refused.stderr
+    assert_nothing_written(out)
+
+    # Authorized again: the minutes while revoked stay dark -- no key records were made.
+    archiver_server.add_client(alice.pem, ["cam1"])
+    time.sleep(0.05)
+    put(archiver_server, "cam1", ingest, *after)
+    t_end = now_ms() + 1
+    dark = play(client, archiver_server.url, alice, out, t_revoked, t_reauthorized)
+    assert dark.code == EXIT["nothing_authorized"], dark.stderr
+    assert "not authorized" in dark.stderr
+    assert_nothing_written(out)
+
+    whole = play(client, archiver_server.url, alice, out, t0, t_end)
+    assert whole.code == 0, whole.stderr
+    assert out.read_bytes() == b"".join(before + after)
+    assert "gap: camera cam1: 3 segment(s)" in whole.stderr
+    assert "not authorized" in whole.stderr
+
+
+def test_viewer_authorized_later_sees_nothing_from_before(
+        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    alice, late = make_viewer("alice"), make_viewer("late")
+    ingest = archiver_server.add_camera("cam1")
+    archiver_server.add_client(alice.pem, ["cam1"])
+    early = [chunk(f"early{i}") for i in range(3)]
+    later = [chunk(f"later{i}") for i in range(3)]
+    t0 = now_ms()
+    put(archiver_server, "cam1", ingest, *early)
+    time.sleep(0.05)
+    t_auth = now_ms()
+    archiver_server.add_client(late.pem, ["cam1"])
+    put(archiver_server, "cam1", ingest, *later)
+    t_end = now_ms() + 1
+
+    out = tmp_path / "late.ts"
+    dark = play(client, archiver_server.url, late, out, t0, t_auth)
+    assert dark.code == EXIT["nothing_authorized"], dark.stderr
+    assert "All 3 segment(s)" in dark.stderr
+    assert token_operations(dark.stderr)[2] == 0  # nothing to open: the token was not asked
+    assert_nothing_written(out)
+
+    whole = play(client, archiver_server.url, late, out, t0, t_end)
+    assert whole.code == 0, whole.stderr
+    assert out.read_bytes() == b"".join(later)
+    assert "gap: camera cam1: 3 segment(s)" in whole.stderr
+
+    # The viewer authorized from the start gets all of it.
+    full = play(client, archiver_server.url, alice, tmp_path / "alice.ts", t0, t_end)
+    assert full.code == 0, full.stderr
+    assert (tmp_path / "alice.ts").read_bytes() == b"".join(early + later)
+
+
+def test_enrolled_but_not_authorized_viewers_and_bad_requests(
+        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    alice, stranger, other = make_viewer("alice"), make_viewer("stranger"), make_viewer("other")
+    ingest = archiver_server.add_camera("cam1")
+    archiver_server.add_camera("cam2")
+    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_client(other.pem, ["cam2"])
+    t0 = now_ms()
+    put(archiver_server, "cam1", ingest, chunk("x"), chunk("y"))
+    t1 = now_ms() + 1
+    out = tmp_path / "out.ts"
+    url = archiver_server.url
+
+    # Enrolled on its token, never added to the Archiver.
+    result = play(client, url, stranger, out, t0, t1)
+    assert result.code == EXIT["not_enrolled"], result.stderr
+    assert "fusion-archiver clients add" in result.stderr
+    # Added, but for another camera.
+    result = play(client, url, other, out, t0, t1)
+    assert result.code == EXIT["not_authorized"], result.stderr
+    listed = client("cameras", "--archiver", url, "--token", other.uri, "--json")
+    assert listed.code == 0, listed.stderr
+    assert b'"name": "cam2"' in listed.stdout and b"cam1" not in listed.stdout
+    assert_nothing_written(out)
+
+    result = play(client, url, alice, out, t0, t1, camera="nope")
+    assert result.code == EXIT["unknown_camera"], result.stderr
+    result = play(client, url, alice, out, t0 - 3_600_000, t0 - 1_800_000)
+    assert result.code == EXIT["no_recording"], result.stderr
+    assert_nothing_written(out)
+
+    listed = client("cameras", "--archiver", url, "--token", alice.uri)
+    assert listed.code == 0, listed.stderr
+    assert re.search(rb"cam1\s+2 segments", listed.stdout), listed.stdout
+
+    # Bad time, inverted range: refused before the token or the Archiver are bothered.
+    result = client("play", "--archiver", url, "--token", alice.uri, "--camera", "cam1",
+                    "--from", "yesterday", "-o", str(out))
+    assert result.code == EXIT["usage"] and "Cannot read the time" in result.stderr
+    result = client("play", "--archiver", url, "--token", alice.uri, "--camera", "cam1",
+                    "--from", "now", "--to", "-1h", "-o", str(out))
+    assert result.code == EXIT["usage"] and "before it starts" in result.stderr
+
+    # Wrong PIN: one clear sentence, its own exit code, tried once.
+    parsed = Pkcs11Uri.parse(alice.uri)
+    wrong = Pkcs11Uri(token=parsed.token, object=parsed.object, module_path=parsed.module_path,
+                      pin_value="99999999" if alice.token.pin != "99999999" else "11111111")
+    result = client("play", "--archiver", url, "--token", wrong.to_uri(), "--camera", "cam1",
+                    "--from", iso(t0), "--to", iso(t1), "-o", str(out))
+    assert result.code == EXIT["pin"], result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "PIN" in result.stderr
+    assert_nothing_written(out)
+
+    # Nothing listens there.
+    result = play(client, f"http://127.0.0.1:{free_port()}", alice, out, t0, t1)
+    assert result.code == EXIT["unreachable"], result.stderr
+    assert "Cannot reach the Archiver" in result.stderr
+    assert_nothing_written(out)
+
+
+def test_archiver_pinning(archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer],
+                          client: Client, tmp_path: Path) -> None:
+    alice = make_viewer("alice")
+    ingest = archiver_server.add_camera("cam1")
+    archiver_server.add_client(alice.pem, ["cam1"])
+    t0 = now_ms()
+    put(archiver_server, "cam1", ingest, chunk("p"))
+    t1 = now_ms() + 1
+    out = tmp_path / "out.ts"
+    # An explicit pin that is not this Archiver's certificate: refused before the token is used.
+    result = play(client, archiver_server.url, alice, out, t0, t1, "--archiver-cert",
+                  str(alice.pem))
+    assert result.code == EXIT["mismatch"], result.stderr
+    assert_nothing_written(out)
+    # A remembered pin that differs (as after an impersonation): loud, and nothing decrypted.
+    known = client.home / "known_archivers"
+    known.parent.mkdir(parents=True, exist_ok=True)
+    known.write_text(f"{archiver_server.url} {'ab' * 32}\n")
+    result = play(client, archiver_server.url, alice, out, t0, t1)
+    assert result.code == EXIT["mismatch"], result.stderr
+    assert "HAS CHANGED" in result.stderr
+    assert_nothing_written(out)
+    # The admin confirms the new certificate: pin it explicitly, it replaces the old pin.
+    pem = tmp_path / "archiver.pem"
+    pem.write_text(httpx.get(f"{archiver_server.url}/v1/archiver").json()["certificate"])
+    result = play(client, archiver_server.url, alice, out, t0, t1, "--archiver-cert", str(pem))
+    assert result.code == 0, result.stderr
+    assert "replaced the pinned certificate" in result.stderr
+    assert play(client, archiver_server.url, alice, out, t0, t1).code == 0
+
+
+# --- a hostile network ----------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["flip", "truncate"])
+def test_tampered_or_truncated_stream_in_transit(
+        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path, mode: str) -> None:
+    alice = make_viewer("alice")
+    ingest = archiver_server.add_camera("cam1")
+    archiver_server.add_client(alice.pem, ["cam1"])
+    chunks = [chunk(f"seg{i}", 20_000) for i in range(5)]
+    t0 = now_ms()
+    put(archiver_server, "cam1", ingest, *chunks)
+    t1 = now_ms() + 1
+    out = tmp_path / "out.ts"
+    with TamperingProxy(archiver_server.url) as proxy:
+        proxy.mode, proxy.segment_index = mode, 3
+        result = play(client, proxy.url, alice, out, t0, t1)
+    assert not out.exists()
+    assert not (tmp_path / "out.ts.partial").exists()
+    kept = (tmp_path / "out.ts.incomplete").read_bytes()
+    if mode == "flip":
+        assert result.code == EXIT["integrity"], result.stderr
+        assert "failed authentication" in result.stderr
+        # Whole verified segments before the altered one, nothing of it or after it.
+        assert kept in {b"".join(chunks[:n]) for n in range(1, 4)}
+        n = next(n for n in range(1, 4) if kept == b"".join(chunks[:n]))
+        assert re.search(rf"output stops after segment {n - 1} of camera cam1 \(captured "
+                         r"\d{4}-\d\d-\d\dT[\d:.]+Z\)", result.stderr), result.stderr
+    else:
+        assert result.code == EXIT["truncated"], result.stderr
+        assert "signed end record" in result.stderr
+        assert kept == b"".join(chunks)
+        assert "output stops after segment 4 of camera cam1" in result.stderr
+    assert "incomplete" in result.stderr
+
+
+# --- live ---------------------------------------------------------------------------------
+def read_exactly(fd: int, size: int, timeout: float) -> bytes:
+    data = b""
+    deadline = time.monotonic() + timeout
+    while len(data) < size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            break
+        piece = os.read(fd, size - len(data))
+        if not piece:
+            break
+        data += piece
+    return data
+
+
+def test_live_delivers_each_segment_while_the_camera_is_still_pushing(
+        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    alice = make_viewer("alice")
+    ingest = archiver_server.add_camera("cam1")
+    archiver_server.add_client(alice.pem, ["cam1"])
+    process = subprocess.Popen(
+        client.command("live", "--archiver", archiver_server.url, "--token", alice.uri,
+                       "--camera", "cam1", "--duration", "60", "-o", "-"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client.env(),
+        stdin=subprocess.DEVNULL)
+    try:
+        assert process.stdout is not None
+        fd = process.stdout.fileno()
+        # The live stream starts with the first segment archived after the request: push
+        # warm-up segments until one arrives, then check each further segment arrives
+        # before the next one is even pushed.
+        first = None
+        for i in range(40):
+            warm = chunk(f"warm{i}", 2000)
+            put(archiver_server, "cam1", ingest, warm)
+            got = read_exactly(fd, len(warm), 0.5)
+            if got:
+                first = got + read_exactly(fd, len(warm) - len(got), 5)
+                assert first == warm
+                break
+        assert first is not None, "no live segment arrived"
+        for i in range(4):
+            segment = chunk(f"live{i}", 5000 + i)
+            put(archiver_server, "cam1", ingest, segment)
+            assert read_exactly(fd, len(segment), 10) == segment
+        process.send_signal(signal.SIGINT)  # the viewer stops watching
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = err.decode(errors="replace")
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert "5 segment(s)" in stderr and "stopped by you" in stderr
+
+
+@requires_ffmpeg
+def test_live_video_to_file_while_ffmpeg_pushes(
+        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    alice = make_viewer("alice")
+    ingest = archiver_server.add_camera("cam1")
+    archiver_server.add_client(alice.pem, ["cam1"])
+    source = make_source(tmp_path / "source.ts", seconds=6)
+    out = tmp_path / "live.ts"
+    viewer = subprocess.Popen(
+        client.command("live", "--archiver", archiver_server.url, "--token", alice.uri,
+                       "--camera", "cam1", "--duration", "5", "-o", str(out)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client.env(),
+        stdin=subprocess.DEVNULL)
+    time.sleep(1.0)  # the viewer connects before the camera starts
+    camera = push(source, archiver_server.url, "cam1", ingest, realtime=True, hls_time=1,
+                  wait=False)
+    try:
+        _, err = viewer.communicate(timeout=60)
+        assert camera.poll() is None  # the camera was still pushing when live viewing ended
+    finally:
+        camera.wait(60)
+    stderr = err.decode(errors="replace")
+    assert viewer.returncode == 0, stderr
+    assert "live stream ended (verified end record)" in stderr
+    frames = frame_hashes(out)
+    source_frames = frame_hashes(source)
+    assert 25 <= len(frames) < len(source_frames)
+    assert is_contiguous_run(frames, source_frames)
+
+
+# --- a TPM-backed viewer ------------------------------------------------------------------
+@pytest.mark.tpm
+def test_tpm_viewer_end_to_end(archiver_server: ArchiverServer, tpm_token: TokenHandle,
+                               client: Client, tmp_path: Path) -> None:
+    pem = enroll_viewer(tpm_token, "tpm-viewer")
+    viewer = Viewer("tpm-viewer", tpm_token, tpm_token.object_uri("tpm-viewer"), pem)
+    ingest = archiver_server.add_camera("cam1")
+    archiver_server.add_client(pem, ["cam1"])
+    chunks = [chunk(f"tpm{i}") for i in range(4)]
+    t0 = now_ms()
+    put(archiver_server, "cam1", ingest, *chunks[:2])
+    time.sleep(archiver_server.key_period_s + 0.1)  # a key rotation in between
+    put(archiver_server, "cam1", ingest, *chunks[2:])
+    out = tmp_path / "tpm.ts"
+    result = play(client, archiver_server.url, viewer, out, t0, now_ms() + 1)
+    assert result.code == 0, result.stderr
+    assert out.read_bytes() == b"".join(chunks)
+    assert token_operations(result.stderr) == (2, 1, 1)

@@ -1,0 +1,217 @@
+"""Records of fusion stream v1: exact encoding, strict decoding, the splitter's framing rules."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import replace
+
+import pytest
+
+from keyservice.errors import FormatError
+from keyservice.format import (
+    MAGIC,
+    MAX_SEGMENT_BODY,
+    MAX_SMALL_BODY,
+    VERSION,
+    DataStream,
+    End,
+    EpochOpener,
+    Header,
+    KeyCommitment,
+    KeyRecord,
+    Manifest,
+    ManifestEntry,
+    Mode,
+    RecordSplitter,
+    Segment,
+    decode_record,
+    encode_record,
+    segment_digest,
+    stream_prefix,
+    validate_name,
+)
+from keyservice.identity import OaepHash
+
+
+def b(n: int, fill: int) -> bytes:
+    return bytes([fill]) * n
+
+
+HEADER = Header(b"\x30\x03\x02\x01\x01", b(32, 1), b(16, 2), 1_700_000_000_000, Mode.LIVE,
+                5, 6, ("cam-1", "cam.2"))
+OPENER = EpochOpener(b(16, 3), b(32, 1), OaepHash.SHA1, 60, 28_333_333, b(256, 4))
+KEY_RECORD = KeyRecord(b(16, 3), 7, "cam-1", DataStream.AUDIO, b(16, 5), 1_700_000_000_123,
+                       b(12, 6), b(48, 7))
+SEGMENT = Segment("cam-1", DataStream.METADATA, 2**64 - 1, 123, b(16, 5), 1, b(40, 8))
+ENTRY = ManifestEntry(DataStream.METADATA, 2**64 - 1, 123, b(16, 5), b(16, 8), b(32, 9))
+MANIFEST = Manifest("cam-1", 4, b(32, 10), 99, 0, (ENTRY,), (KeyCommitment(b(16, 5), b(32, 11)),),
+                    b(70, 12))
+END = End(b(16, 2), 2, b(32, 13), b(71, 14))
+ALL = [HEADER, OPENER, KEY_RECORD, SEGMENT, MANIFEST, END]
+
+
+@pytest.mark.parametrize("record", ALL, ids=lambda r: type(r).__name__)
+def test_round_trip(record: object) -> None:
+    data = encode_record(record)  # type: ignore[arg-type]
+    assert data[0] == record.record_type  # type: ignore[attr-defined]
+    assert struct.unpack(">I", data[1:5])[0] == len(data) - 5
+    assert decode_record(data) == record
+
+
+def test_layout_of_a_key_record_byte_by_byte() -> None:
+    # Written out from the spec, field by field, not from the encoder.
+    expected = (b"\x03" + struct.pack(">I", 16 + 4 + 6 + 1 + 16 + 8 + 12 + 48)
+                + b(16, 3) + struct.pack(">I", 7) + b"\x05cam-1" + b"\x01" + b(16, 5)
+                + struct.pack(">Q", 1_700_000_000_123) + b(12, 6) + b(48, 7))
+    assert encode_record(KEY_RECORD) == expected
+
+
+def test_layout_of_a_segment_and_its_tag() -> None:
+    expected = (b"\x04" + struct.pack(">I", 6 + 1 + 8 + 8 + 16 + 1 + 40) + b"\x05cam-1\x02"
+                + b"\xff" * 8 + struct.pack(">Q", 123) + b(16, 5) + b"\x01" + b(40, 8))
+    assert encode_record(SEGMENT) == expected
+    assert SEGMENT.tag == b(16, 8) and SEGMENT.last
+    assert segment_digest(SEGMENT) == hashlib.sha256(expected).digest()
+
+
+def test_signed_bytes_exclude_the_signature_and_carry_a_label() -> None:
+    assert MANIFEST.signed_bytes().startswith(b"FSE1 manifest\x00")
+    assert replace(MANIFEST, signature=b"other").signed_bytes() == MANIFEST.signed_bytes()
+    body = encode_record(MANIFEST)[5:]
+    assert body == MANIFEST.signed_bytes()[len(b"FSE1 manifest\x00"):] + b"\x00\x46" + b(70, 12)
+    assert END.signed_bytes() == b"FSE1 end\x00" + b(16, 2) + b"\x02" + b(32, 13)
+
+
+def test_prefix() -> None:
+    assert stream_prefix() == MAGIC + struct.pack(">H", VERSION) == b"FUSNSTRM\x00\x01"
+
+
+@pytest.mark.parametrize("name", ["a", "cam-01", "Gate_2.north", "x" * 64])
+def test_valid_names(name: str) -> None:
+    assert validate_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "x" * 65, "a/b", "caméra", "a b", "a\n", 7])
+def test_invalid_names(name: object) -> None:
+    with pytest.raises(FormatError):
+        validate_name(name)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: replace(SEGMENT, flags=2),  # reserved flag bit
+    lambda: replace(SEGMENT, ciphertext=b(15, 0)),  # shorter than the tag
+    lambda: replace(SEGMENT, key_id=b(15, 0)),
+    lambda: replace(SEGMENT, seq=2**64),
+    lambda: replace(SEGMENT, stream=3),
+    lambda: replace(HEADER, cameras=("a", "a")),
+    lambda: replace(HEADER, cameras=()),
+    lambda: replace(HEADER, cameras="cam"),
+    lambda: replace(HEADER, mode=3),
+    lambda: replace(OPENER, period_s=0),
+    lambda: replace(OPENER, period_s=86401),
+    lambda: replace(OPENER, oaep_hash=3),
+    lambda: replace(OPENER, ciphertext=b""),
+    lambda: replace(END, reason=0),
+    lambda: replace(MANIFEST, flags=0x80),
+    lambda: replace(MANIFEST, commitments=()),  # a key in use without commitment
+    lambda: replace(MANIFEST, commitments=MANIFEST.commitments * 2),
+    lambda: replace(MANIFEST, entries=(ENTRY, ENTRY)),
+    lambda: replace(KEY_RECORD, wrapped=b(47, 0)),
+], ids=range(19))
+def test_models_refuse_malformed_fields(make: object) -> None:
+    with pytest.raises(FormatError):
+        make()  # type: ignore[operator]
+
+
+def test_decoding_refuses_every_truncation_and_trailing_bytes() -> None:
+    for record in ALL:
+        data = encode_record(record)
+        # A segment's ciphertext is "the rest of the body": cutting it is only malformed
+        # below the 16-byte tag.
+        valid_from = len(data) - 24 if isinstance(record, Segment) else len(data)
+        for cut in range(5, valid_from):
+            framed = data[:1] + struct.pack(">I", cut - 5) + data[5:cut]
+            with pytest.raises(FormatError):
+                decode_record(framed)
+        if not isinstance(record, Segment):  # (for a segment it is one more ciphertext byte)
+            with pytest.raises(FormatError, match="trailing"):
+                decode_record(data[:1] + struct.pack(">I", len(data) - 4) + data[5:] + b"\x00")
+        with pytest.raises(FormatError):
+            decode_record(data[:-1])  # length field disagrees
+
+
+def test_decoding_refuses_unknown_type_and_oversized_length() -> None:
+    with pytest.raises(FormatError, match="Unknown record type 7"):
+        decode_record(b"\x07\x00\x00\x00\x00")
+    with pytest.raises(FormatError, match="limit"):
+        decode_record(b"\x03" + struct.pack(">I", MAX_SMALL_BODY + 1))
+
+
+def test_oversized_manifest_cannot_be_encoded() -> None:
+    entries = tuple(replace(ENTRY, seq=i) for i in range(MAX_SMALL_BODY // ManifestEntry.SIZE + 1))
+    manifest = replace(MANIFEST, entries=entries)
+    with pytest.raises(FormatError, match="fewer segments"):
+        encode_record(manifest)
+
+
+def _stream() -> bytes:
+    return stream_prefix() + b"".join(encode_record(r) for r in ALL)
+
+
+def test_splitter_in_one_piece_and_byte_by_byte() -> None:
+    data = _stream()
+    whole = RecordSplitter().feed(data)
+    assert [r for r, _ in whole] == ALL
+    assert [raw for _, raw in whole] == [encode_record(r) for r in ALL]
+    splitter = RecordSplitter()
+    pieces = [item for i in range(len(data)) for item in splitter.feed(data[i:i + 1])]
+    assert pieces == whole
+    assert splitter.finished_cleanly and splitter.ended
+
+
+def test_splitter_refuses_bytes_after_end() -> None:
+    splitter = RecordSplitter()
+    splitter.feed(_stream())
+    with pytest.raises(FormatError, match="follow the end"):
+        splitter.feed(b"\x00")
+    with pytest.raises(FormatError):  # and stays failed
+        splitter.feed(b"")
+
+
+def test_splitter_names_an_unknown_version() -> None:
+    with pytest.raises(FormatError, match="version 2"):
+        RecordSplitter().feed(MAGIC + b"\x00\x02")
+
+
+def test_splitter_refuses_wrong_magic_at_the_first_byte() -> None:
+    with pytest.raises(FormatError, match="magic"):
+        RecordSplitter().feed(b"G")
+    splitter = RecordSplitter()
+    assert splitter.feed(b"FUSN") == []
+    assert not splitter.finished_cleanly
+
+
+def test_splitter_checks_the_length_before_the_body_arrives() -> None:
+    splitter = RecordSplitter()
+    splitter.feed(stream_prefix())
+    with pytest.raises(FormatError, match="limit"):
+        splitter.feed(b"\x04" + struct.pack(">I", MAX_SEGMENT_BODY + 1))
+
+
+def test_splitter_reports_a_partial_record() -> None:
+    splitter = RecordSplitter()
+    data = _stream()
+    splitter.feed(data[:-3])
+    assert not splitter.finished_cleanly
+    assert splitter.feed(data[-3:])[-1][0] == END
+    assert splitter.finished_cleanly
+
+
+def test_splitter_yields_records_one_at_a_time() -> None:
+    # A consumer acts on (and may fail at) record n before record n+1 is parsed.
+    data = stream_prefix() + encode_record(HEADER) + b"\x07\x00\x00\x00\x00"
+    iterator = RecordSplitter().iter_feed(data)
+    assert next(iterator)[0] == HEADER
+    with pytest.raises(FormatError, match="Unknown record type 7"):
+        next(iterator)

@@ -1,0 +1,488 @@
+"""Writer, manifest chains and the incremental reader, end to end with real crypto."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import replace
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from keyservice.crypto import (
+    Epoch,
+    MinuteKey,
+    new_minute_key,
+    open_segment,
+    seal_segment,
+    segment_ad,
+    segment_nonce,
+)
+from keyservice.errors import ArchiverMismatch, FormatError, IntegrityError, NoMatchingIdentity
+from keyservice.format import (
+    ZERO_HASH,
+    DataStream,
+    Header,
+    Mode,
+    RecordSplitter,
+    Segment,
+    decode_record,
+    encode_record,
+    stream_prefix,
+)
+from keyservice.identity import OaepHash, Recipient, SoftwareIdentity, fingerprint
+from keyservice.stream import (
+    ManifestChain,
+    SegmentPlaintext,
+    SegmentSkipped,
+    StreamEnded,
+    StreamReader,
+    StreamWriter,
+)
+from tests.vectors import generate as vectors
+
+T = 1_748_779_200_000
+CAM, CAM2 = "cam-1", "cam-2"
+
+
+class Rig:
+    """A minimal Archiver for one viewer, built from the public API."""
+
+    def __init__(self, cameras: tuple[str, ...] = (CAM, CAM2), viewer: str = "viewer-a") -> None:
+        self.signer = vectors.load_signer("archiver")
+        base = vectors.load_identity(viewer)
+        self.identity = SoftwareIdentity(base.certificate, base.private_key)
+        self.recipient = Recipient(self.identity.certificate, OaepHash.SHA256)
+        self.chains = {camera: ManifestChain(camera) for camera in cameras}
+        self.keys: dict[tuple[str, DataStream], MinuteKey] = {}
+        self.seq: dict[tuple[str, DataStream], int] = {}
+        self.pending: dict[str, list[Segment]] = {camera: [] for camera in cameras}
+        self.header = Header(self.signer.certificate.public_bytes(Encoding.DER),
+                             fingerprint(self.identity.certificate), os.urandom(16), T,
+                             Mode.PLAYBACK, T, T + 600_000, cameras)
+        self.writer = StreamWriter(self.header)
+        self.chunks = [self.writer.start()]
+        self.epoch: Epoch | None = None
+        self.plaintexts: list[bytes] = []
+
+    def new_epoch(self, now: int) -> None:
+        self.epoch, opener = Epoch.start(self.recipient, 60, now)
+        self.chunks.append(self.writer.add(opener))
+
+    def rotate(self, camera: str, stream: DataStream, now: int, wrap: bool = True) -> MinuteKey:
+        key = self.keys[(camera, stream)] = new_minute_key(camera, stream, now)
+        if wrap:
+            if self.epoch is None:
+                self.new_epoch(now)
+            assert self.epoch is not None
+            self.chunks.append(self.writer.add(self.epoch.wrap(key, now)))
+        return key
+
+    def segment(self, camera: str, stream: DataStream, now: int, data: bytes | None = None,
+                send: bool = True, last: bool = False) -> Segment:
+        seq = self.seq.get((camera, stream), 0)
+        self.seq[(camera, stream)] = seq + 1
+        data = os.urandom(50 + seq) if data is None else data
+        segment = seal_segment(self.keys[(camera, stream)], seq, now, data, int(last))
+        self.pending[camera].append(segment)
+        if send:
+            self.chunks.append(self.writer.add(segment))
+            self.plaintexts.append(data)
+        return segment
+
+    def manifest(self, camera: str, now: int) -> bytes:
+        segments = self.pending[camera]
+        _, data = self.chains[camera].issue(segments, list(self.keys.values()), self.signer, now)
+        self.pending[camera] = []
+        self.chunks.append(self.writer.add(data))
+        return data
+
+    def end(self) -> bytes:
+        self.chunks.append(self.writer.end(self.signer, 1))
+        return b"".join(self.chunks)
+
+    def pin(self, cert: x509.Certificate) -> None:
+        if fingerprint(cert) != fingerprint(self.signer.certificate):
+            raise ArchiverMismatch("The Archiver's certificate is not the pinned one.")
+
+    def reader(self, **kwargs: int) -> StreamReader:
+        return StreamReader(self.identity, self.pin, **kwargs)
+
+
+def standard_stream(rig: Rig) -> bytes:
+    for minute in range(2):
+        now = T + minute * 60_000
+        for camera, stream in ((CAM, DataStream.VIDEO), (CAM, DataStream.AUDIO),
+                               (CAM2, DataStream.VIDEO)):
+            rig.rotate(camera, stream, now)
+        rig.segment(CAM, DataStream.VIDEO, now + 1)
+        rig.segment(CAM, DataStream.AUDIO, now + 2)
+        rig.segment(CAM2, DataStream.VIDEO, now + 3)
+        rig.manifest(CAM, now + 4)
+        rig.segment(CAM, DataStream.VIDEO, now + 5, last=minute == 1)
+        rig.manifest(CAM, now + 6)
+        rig.manifest(CAM2, now + 7)
+    return rig.end()
+
+
+def plaintexts(events: list[object]) -> list[bytes]:
+    return [e.data for e in events if isinstance(e, SegmentPlaintext)]
+
+
+def records_of(data: bytes) -> list[bytes]:
+    return [raw for _, raw in RecordSplitter().feed(data)]
+
+
+def read_all(reader: StreamReader, data: bytes, chunk: int | None = None) -> list[object]:
+    events: list[object] = []
+    step = chunk or len(data) or 1
+    for i in range(0, len(data), step):
+        events += reader.feed(data[i:i + step])
+    reader.finish()
+    return events
+
+
+def test_round_trip_in_any_chunking() -> None:
+    rig = Rig()
+    data = standard_stream(rig)
+    reader = rig.reader()
+    events = read_all(reader, data)
+    assert isinstance(events[-1], StreamEnded) and events[-1].reason == 1
+    # Released per manifest: cam-1's first manifest, its second, then cam-2's.
+    assert sorted(plaintexts(events)) == sorted(rig.plaintexts)
+    assert reader.token_operations == 1 and rig.identity.operations == 1
+    assert reader.header == rig.header and reader.ended
+    last = [e for e in events if isinstance(e, SegmentPlaintext) and e.last]
+    assert [(e.camera, e.stream, e.seq) for e in last] == [(CAM, DataStream.VIDEO, 3)]
+    rng = random.Random(1)
+    for _ in range(3):
+        pieces, reader, i = [], rig.reader(), 0
+        while i < len(data):
+            n = rng.randint(1, 700)
+            pieces += reader.feed(data[i:i + n])
+            i += n
+        reader.finish()
+        assert pieces == events
+
+
+def test_nothing_is_released_before_its_manifest() -> None:
+    rig = Rig(cameras=(CAM,))
+    rig.rotate(CAM, DataStream.VIDEO, T)
+    reader = rig.reader()
+    assert reader.feed(b"".join(rig.chunks)) == []
+    rig.chunks.clear()
+    rig.segment(CAM, DataStream.VIDEO, T + 1, b"one")
+    rig.segment(CAM, DataStream.VIDEO, T + 2, b"two")
+    assert reader.feed(b"".join(rig.chunks)) == []
+    rig.chunks.clear()
+    manifest = rig.manifest(CAM, T + 3)
+    assert plaintexts(reader.feed(manifest[:-1])) == []
+    assert plaintexts(reader.feed(manifest[-1:])) == [b"one", b"two"]
+
+
+def test_a_tampered_segment_releases_nothing_of_its_manifest() -> None:
+    rig = Rig(cameras=(CAM,))
+    rig.rotate(CAM, DataStream.VIDEO, T)
+    rig.segment(CAM, DataStream.VIDEO, T + 1, b"before")
+    rig.manifest(CAM, T + 2)
+    rig.segment(CAM, DataStream.VIDEO, T + 3, b"good one")
+    rig.segment(CAM, DataStream.VIDEO, T + 4, b"tampered")
+    rig.manifest(CAM, T + 5)
+    records = records_of(rig.end())
+    tampered_index = max(i for i, raw in enumerate(records) if raw[0] == 4)
+    bad = bytearray(records[tampered_index])
+    bad[-20] ^= 1
+    records[tampered_index] = bytes(bad)
+    reader = rig.reader()
+    first = reader.feed(stream_prefix() + b"".join(records[:tampered_index - 1]))
+    assert plaintexts(first) == [b"before"]
+    with pytest.raises(IntegrityError):
+        reader.feed(b"".join(records[tampered_index - 1:]))
+    with pytest.raises(IntegrityError):  # and it stays failed
+        reader.feed(b"")
+
+
+# --- GF(2^128) arithmetic of GHASH, to build the attacks GCM alone does not stop -----------
+_R = 0xE1 << 120
+
+
+def _gf_mult(x: int, y: int) -> int:
+    z, v = 0, y
+    for i in range(128):
+        if (x >> (127 - i)) & 1:
+            z ^= v
+        v = (v >> 1) ^ _R if v & 1 else v >> 1
+    return z
+
+
+def _gf_pow(x: int, e: int) -> int:
+    result = 1 << 127  # the field's one
+    while e:
+        if e & 1:
+            result = _gf_mult(result, x)
+        x = _gf_mult(x, x)
+        e >>= 1
+    return result
+
+
+def _blocks(data: bytes) -> list[int]:
+    data += bytes(-len(data) % 16)
+    return [int.from_bytes(data[i:i + 16], "big") for i in range(0, len(data), 16)]
+
+
+def _aes(key: bytes, block: bytes) -> int:
+    encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    return int.from_bytes(encryptor.update(block) + encryptor.finalize(), "big")
+
+
+def _ghash(h: int, ad: bytes, ciphertext: bytes) -> int:
+    x = 0
+    for block in [*_blocks(ad), *_blocks(ciphertext),
+                  (len(ad) * 8) << 64 | len(ciphertext) * 8]:
+        x = _gf_mult(x ^ block, h)
+    return x
+
+
+def test_segment_digest_stops_a_co_viewer_forging_with_the_shared_key() -> None:
+    # Every viewer of a camera knows its minute keys, hence GHASH's H: it can change two
+    # ciphertext blocks so that the GCM tag stays the same. Only the digest in the signed
+    # manifest stops this forgery from reaching another viewer.
+    rig = Rig(cameras=(CAM,))
+    key = rig.rotate(CAM, DataStream.VIDEO, T)
+    segment = rig.segment(CAM, DataStream.VIDEO, T + 1, b"A" * 64)
+    rig.manifest(CAM, T + 2)
+    data = rig.end()
+    h = _aes(key.key, bytes(16))
+    delta1 = int.from_bytes(b"forged by viewer", "big")
+    delta2 = _gf_mult(delta1, h)  # delta1*H^(k+1) + delta2*H^k = 0
+    body = bytearray(segment.ciphertext)
+    body[0:16] = (int.from_bytes(body[0:16], "big") ^ delta1).to_bytes(16, "big")
+    body[16:32] = (int.from_bytes(body[16:32], "big") ^ delta2).to_bytes(16, "big")
+    forged = replace(segment, ciphertext=bytes(body))
+    assert forged.tag == segment.tag
+    assert open_segment(key.key, forged)[:16] == b"forged by viewer".translate(
+        bytes(a ^ ord("A") for a in range(256)))  # GCM alone accepts the forgery
+    original = encode_record(segment)
+    assert data.count(original) == 1
+    with pytest.raises(IntegrityError):
+        read_all(rig.reader(), data.replace(original, encode_record(forged)))
+
+
+def test_key_commitment_stops_one_ciphertext_opening_under_two_keys() -> None:
+    # A ciphertext that opens under two keys (AES-GCM is not key-committing): an Archiver
+    # could give two viewers different keys under one key id, and one signed manifest would
+    # show them different video. The signed commitment pins the key.
+    k1, k2, key_id = os.urandom(32), os.urandom(32), os.urandom(16)
+    ad = segment_ad(CAM, DataStream.VIDEO, 0, T, key_id, 0)
+    nonce = segment_nonce(0)
+    j0 = nonce + b"\x00\x00\x00\x01"
+    h1, h2 = _aes(k1, bytes(16)), _aes(k2, bytes(16))
+    ciphertext = bytearray(48)  # three blocks; the last one is solved for
+    e = 2  # the free block is multiplied by H^2 (then comes the length block)
+    constant = (_aes(k1, j0) ^ _aes(k2, j0) ^ _ghash(h1, ad, bytes(ciphertext))
+                ^ _ghash(h2, ad, bytes(ciphertext)))
+    inverse = _gf_pow(_gf_pow(h1, e) ^ _gf_pow(h2, e), 2**128 - 2)
+    ciphertext[32:48] = _gf_mult(constant, inverse).to_bytes(16, "big")
+    tag = (_aes(k1, j0) ^ _ghash(h1, ad, bytes(ciphertext))).to_bytes(16, "big")
+    segment = Segment(CAM, DataStream.VIDEO, 0, T, key_id, 0, bytes(ciphertext) + tag)
+    assert open_segment(k1, segment) != open_segment(k2, segment)  # both keys accept it
+
+    def stream_with(wrapped_key: bytes) -> tuple[Rig, bytes]:
+        rig = Rig(cameras=(CAM,))
+        committed = MinuteKey(CAM, DataStream.VIDEO, key_id, k1, T)
+        rig.new_epoch(T)
+        assert rig.epoch is not None
+        given = MinuteKey(CAM, DataStream.VIDEO, key_id, wrapped_key, T)
+        rig.chunks.append(rig.writer.add(rig.epoch.wrap(given, T)))
+        rig.chunks.append(rig.writer.add(segment))
+        _, manifest = rig.chains[CAM].issue([segment], [committed], rig.signer, T + 1)
+        rig.chunks.append(rig.writer.add(manifest))
+        return rig, rig.end()
+
+    rig, data = stream_with(k1)
+    assert plaintexts(read_all(rig.reader(), data)) == [open_segment(k1, segment)]
+    rig, data = stream_with(k2)
+    with pytest.raises(IntegrityError):
+        read_all(rig.reader(), data)
+
+
+# --- the rest of the reader's rules ---------------------------------------------------------
+def test_the_pin_sees_the_header_certificate_and_its_error_propagates() -> None:
+    rig = Rig()
+    data = standard_stream(rig)
+    seen: list[x509.Certificate] = []
+
+    def refuse(cert: x509.Certificate) -> None:
+        seen.append(cert)
+        raise ArchiverMismatch("not the pinned Archiver")
+
+    with pytest.raises(ArchiverMismatch):
+        StreamReader(rig.identity, refuse).feed(data)
+    assert seen == [rig.signer.certificate]
+
+
+def test_a_stream_for_another_viewer() -> None:
+    rig = Rig()
+    data = standard_stream(rig)
+    other = vectors.load_identity("viewer-b")
+    with pytest.raises(NoMatchingIdentity, match="not to yours"):
+        StreamReader(other, rig.pin).feed(data)
+    assert other.operations == 0
+
+
+def test_pending_bytes_are_bounded() -> None:
+    rig = Rig(cameras=(CAM,))
+    rig.rotate(CAM, DataStream.VIDEO, T)
+    for i in range(20):
+        rig.segment(CAM, DataStream.VIDEO, T + i, bytes(1000))
+    reader = rig.reader(max_pending_bytes=10_000)
+    with pytest.raises(FormatError, match="manifests more often"):
+        reader.feed(b"".join(rig.chunks))
+
+
+def test_truncation_is_reported_at_finish() -> None:
+    rig = Rig()
+    data = standard_stream(rig)
+    end_length = len(rig.chunks[-1])
+    reader = rig.reader()
+    reader.feed(data[:-end_length])
+    with pytest.raises(IntegrityError):
+        reader.finish()
+    reader = rig.reader()
+    reader.feed(data[:-1])
+    with pytest.raises(FormatError, match="middle of a record"):
+        reader.finish()
+    with pytest.raises(FormatError):
+        rig.reader().finish()  # not even a prefix
+
+
+def test_skipped_segments_and_an_unused_epoch_cost_no_token_operation() -> None:
+    rig = Rig(cameras=(CAM,))
+    rig.new_epoch(T)  # an opener nothing needs
+    rig.rotate(CAM, DataStream.VIDEO, T, wrap=False)  # viewer not authorized in this minute
+    rig.segment(CAM, DataStream.VIDEO, T + 1, send=False)
+    rig.segment(CAM, DataStream.VIDEO, T + 2, send=False)
+    rig.manifest(CAM, T + 3)
+    reader = rig.reader()
+    events = read_all(reader, rig.end())
+    assert events == [SegmentSkipped(CAM, DataStream.VIDEO, 0, T + 1),
+                      SegmentSkipped(CAM, DataStream.VIDEO, 1, T + 2), StreamEnded(1)]
+    assert reader.token_operations == 0
+
+
+def test_missing_segment_the_viewer_has_a_key_for() -> None:
+    rig = Rig(cameras=(CAM,))
+    rig.rotate(CAM, DataStream.VIDEO, T)
+    rig.segment(CAM, DataStream.VIDEO, T + 1)
+    rig.segment(CAM, DataStream.VIDEO, T + 2, send=False)  # withheld
+    rig.manifest(CAM, T + 3)
+    with pytest.raises(IntegrityError):
+        read_all(rig.reader(), rig.end())
+
+
+def test_one_token_operation_per_epoch() -> None:
+    rig = Rig(cameras=(CAM,))
+    for minute in range(5):
+        now = T + minute * 60_000
+        if minute == 3:
+            rig.new_epoch(now)
+        rig.rotate(CAM, DataStream.VIDEO, now)
+        rig.segment(CAM, DataStream.VIDEO, now + 1)
+        rig.manifest(CAM, now + 2)
+    reader = rig.reader()
+    assert plaintexts(read_all(reader, rig.end(), chunk=37)) == rig.plaintexts
+    assert reader.token_operations == 2
+
+
+def test_manifest_chain_resumes_after_a_restart() -> None:
+    rig = Rig(cameras=(CAM,))
+    rig.rotate(CAM, DataStream.VIDEO, T)
+    rig.segment(CAM, DataStream.VIDEO, T + 1)
+    rig.manifest(CAM, T + 2)
+    saved = (rig.chains[CAM].next_seq, rig.chains[CAM].prev_hash)
+    assert saved[0] == 1 and saved[1] == hashlib.sha256(rig.chunks[-1]).digest()
+    rig.chains[CAM] = ManifestChain(CAM, *saved)  # what the Archiver persisted
+    rig.new_epoch(T + 60_000)  # a restart also starts new epochs and keys
+    rig.rotate(CAM, DataStream.VIDEO, T + 60_000)
+    rig.segment(CAM, DataStream.VIDEO, T + 60_001)
+    rig.manifest(CAM, T + 60_002)
+    assert plaintexts(read_all(rig.reader(), rig.end())) == rig.plaintexts
+    # Forgetting the saved state breaks the chain, and the reader notices.
+    rig = Rig(cameras=(CAM,))
+    rig.rotate(CAM, DataStream.VIDEO, T)
+    rig.segment(CAM, DataStream.VIDEO, T + 1)
+    rig.manifest(CAM, T + 2)
+    rig.chains[CAM] = ManifestChain(CAM)
+    rig.segment(CAM, DataStream.VIDEO, T + 3)
+    rig.manifest(CAM, T + 4)
+    with pytest.raises(IntegrityError):
+        read_all(rig.reader(), rig.end())
+
+
+def test_manifest_chain_refuses_misuse() -> None:
+    signer = vectors.load_signer("archiver")
+    key = new_minute_key(CAM, DataStream.VIDEO, T)
+    other = new_minute_key(CAM2, DataStream.VIDEO, T)
+    segment = seal_segment(key, 0, T, b"x")
+    chain = ManifestChain(CAM)
+    with pytest.raises(ValueError):
+        chain.issue([segment], [], signer, T)
+    with pytest.raises(ValueError):
+        chain.issue([seal_segment(other, 0, T, b"x")], [other], signer, T)
+    with pytest.raises(ValueError):
+        ManifestChain(CAM, 0, b"\x01" * 32)
+    with pytest.raises(ValueError):
+        ManifestChain(CAM, 5, ZERO_HASH)
+    assert chain.next_seq == 0  # nothing advanced
+    manifest, data = chain.issue([segment], [key, other], signer, T)
+    assert decode_record(data) == manifest and [c.key_id for c in manifest.commitments] == [
+        key.key_id]
+
+
+def test_writer_rules_and_transcript() -> None:
+    rig = Rig(cameras=(CAM,))
+    writer = StreamWriter(rig.header)
+    with pytest.raises(ValueError):
+        writer.add(b"\x04\x00\x00\x00\x00")
+    start = writer.start()
+    with pytest.raises(ValueError):
+        writer.start()
+    with pytest.raises(ValueError):
+        writer.add(rig.header)
+    with pytest.raises(ValueError):
+        writer.add(b"\x04\x00\x00\x00\x09abc")  # length disagrees
+    with pytest.raises(ValueError):
+        writer.add(encode_record(rig.header))  # a header cannot be passed through
+    end = writer.end(rig.signer, 1)
+    record = decode_record(end)
+    assert record.transcript_hash == hashlib.sha256(start).digest()  # type: ignore[union-attr]
+    with pytest.raises(ValueError):
+        writer.add(b"")
+
+
+def test_records_for_cameras_outside_the_header_are_refused() -> None:
+    rig = Rig(cameras=(CAM,))
+    key = rig.rotate(CAM, DataStream.VIDEO, T)
+    rig.segment(CAM, DataStream.VIDEO, T + 1)
+    rig.manifest(CAM, T + 2)
+    data = rig.end()
+    foreign = seal_segment(replace(key, camera=CAM2), 5, T, b"x")
+    records = records_of(data)
+    spliced = stream_prefix() + b"".join([*records[:-1], encode_record(foreign), records[-1]])
+    with pytest.raises(IntegrityError):
+        read_all(rig.reader(), spliced)
+
+
+def test_a_malformed_archiver_certificate_is_a_format_error() -> None:
+    # Found by the fuzzer: an X.509 version field of 6 raised cryptography's InvalidVersion.
+    rig = Rig(cameras=(CAM,))
+    der = rig.header.archiver_cert_der
+    assert der.count(b"\xa0\x03\x02\x01\x02") == 1
+    for bad in (der.replace(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x06"), der[:-10],
+                b"\x30\x00"):
+        header = replace(rig.header, archiver_cert_der=bad)
+        with pytest.raises(FormatError, match="not valid DER"):
+            rig.reader().feed(StreamWriter(header).start())

@@ -1,0 +1,696 @@
+"""Deterministic generator of the fusion stream v1 test vectors.
+
+    python tests/vectors/generate.py            # (re)write tests/vectors/v1/*.json
+    python tests/vectors/generate.py --check    # exit 1 unless the files are reproduced exactly
+    python tests/vectors/generate.py --new-keys # replace the TEST-ONLY keys (changes every vector)
+
+Everything is fixed: the keys (``keys/TEST-ONLY-*.pem``, test data only, never use them for
+anything else), the clock, and the randomness (SHAKE-256 of a fixed seed and a counter). RSA-OAEP
+padding is computed here from that randomness (``SeededRecipient``: RFC 8017 EME-OAEP + raw RSA)
+and ECDSA signatures are deterministic (RFC 6979), so each run produces the same bytes. The
+Archiver side uses the real ``keyservice`` code: the vectors are what the Archiver really emits.
+
+Each vector states what a reader must do: ``success`` (with the events and the SHA-256 of the
+concatenated plaintexts), ``format failure``, ``integrity failure`` or ``no matching identity``,
+and where (``fails_at``: ``"prefix"``, a record index counted from 0 = the header, or
+``"finish"`` when only the end of the input reveals it). The expectation is written here from
+the scenario, not obtained by running the reader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import struct
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if __name__ == "__main__":  # run as a script from a checkout
+    sys.path.insert(0, str(HERE.parents[1]))
+
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+from keyservice.crypto import Epoch, MinuteKey, new_minute_key, seal_segment  # noqa: E402
+from keyservice.format import (  # noqa: E402
+    MANIFEST_LAST,
+    MAX_SEGMENT_BODY,
+    MAX_SMALL_BODY,
+    SEGMENT_LAST,
+    DataStream,
+    EndReason,
+    Header,
+    Mode,
+    RecordType,
+    Segment,
+    decode_record,
+    encode_record,
+    stream_prefix,
+)
+from keyservice.identity import (  # noqa: E402
+    OaepHash,
+    Recipient,
+    SoftwareIdentity,
+    SoftwareSigner,
+    fingerprint,
+)
+from keyservice.stream import ManifestChain, StreamWriter  # noqa: E402
+
+KEYS_DIR = HERE / "keys"
+VECTORS_DIR = HERE / "v1"
+T0 = 1_748_779_200_000  # 2025-06-01T12:00:00Z
+PERIOD_S = 60
+LOBBY, GATE = "cam-lobby", "cam-gate"
+
+SUCCESS = "success"
+FORMAT = "format failure"
+INTEGRITY = "integrity failure"
+NO_MATCH = "no matching identity"
+
+KEY_FILES = {
+    # name: (kind, subject)
+    "viewer-a": ("rsa", "TEST ONLY viewer A (fusion stream test vectors)"),
+    "viewer-b": ("rsa", "TEST ONLY viewer B (fusion stream test vectors)"),
+    "archiver": ("ec", "TEST ONLY Archiver (fusion stream test vectors)"),
+    "rogue": ("ec", "TEST ONLY rogue signer (fusion stream test vectors)"),
+}
+
+
+# --- fixed keys, randomness and deterministic RSA-OAEP / ECDSA ----------------------------
+def key_path(name: str) -> Path:
+    kind = "rsa2048" if KEY_FILES[name][0] == "rsa" else "p256"
+    return KEYS_DIR / f"TEST-ONLY-{name}-{kind}.key.pem"
+
+
+def cert_path(name: str) -> Path:
+    return KEYS_DIR / f"TEST-ONLY-{name}.cert.pem"
+
+
+def make_keys() -> None:
+    """New TEST-ONLY keys and self-signed certificates (not deterministic: run rarely)."""
+    KEYS_DIR.mkdir(exist_ok=True)
+    for name, (kind, subject) in KEY_FILES.items():
+        key: Any = (rsa.generate_private_key(65537, 2048) if kind == "rsa"
+                    else ec.generate_private_key(ec.SECP256R1()))
+        subject_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        cert = (x509.CertificateBuilder().subject_name(subject_name).issuer_name(subject_name)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(dt.datetime(2025, 1, 1, tzinfo=dt.UTC))
+                .not_valid_after(dt.datetime(2125, 1, 1, tzinfo=dt.UTC))
+                .sign(key, hashes.SHA256()))
+        key_path(name).write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        cert_path(name).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def load_cert(name: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(cert_path(name).read_bytes())
+
+
+def load_identity(name: str) -> SoftwareIdentity:
+    key = serialization.load_pem_private_key(key_path(name).read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return SoftwareIdentity(load_cert(name), key)
+
+
+class FixedRng:
+    """rng(n): SHAKE-256(seed || counter). Deterministic stand-in for os.urandom."""
+
+    def __init__(self, seed: str) -> None:
+        self._seed = seed.encode()
+        self._counter = 0
+
+    def __call__(self, n: int) -> bytes:
+        self._counter += 1
+        return hashlib.shake_256(self._seed + struct.pack(">Q", self._counter)).digest(n)
+
+
+def _mgf1(seed: bytes, length: int, hash_fn: Callable[[bytes], Any]) -> bytes:
+    out = b"".join(hash_fn(seed + struct.pack(">I", i)).digest()
+                   for i in range(-(-length // hash_fn(b"").digest_size)))
+    return out[:length]
+
+
+@dataclass(frozen=True)
+class SeededRecipient(Recipient):
+    """A Recipient whose OAEP seed comes from ``rng`` (RFC 8017, 7.1.1). TEST ONLY: production
+    uses ``Recipient.encrypt`` (OpenSSL). The viewer side decrypts with OpenSSL, so every
+    vector also cross-checks this encoding."""
+
+    rng: Callable[[int], bytes] = field(default=FixedRng("unused"), compare=False, repr=False)
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        public = self.certificate.public_key()
+        assert isinstance(public, rsa.RSAPublicKey)
+        numbers = public.public_numbers()
+        k = (numbers.n.bit_length() + 7) // 8
+        hash_fn = hashlib.sha1 if self.oaep_hash is OaepHash.SHA1 else hashlib.sha256
+        h_len = hash_fn(b"").digest_size
+        db = (hash_fn(b"").digest() + bytes(k - len(plaintext) - 2 * h_len - 2) + b"\x01"
+              + plaintext)
+        seed = self.rng(h_len)
+        masked_db = bytes(a ^ b for a, b in zip(db, _mgf1(seed, k - h_len - 1, hash_fn),
+                                                strict=True))
+        masked_seed = bytes(a ^ b for a, b in zip(seed, _mgf1(masked_db, h_len, hash_fn),
+                                                  strict=True))
+        em = int.from_bytes(b"\x00" + masked_seed + masked_db, "big")
+        return pow(em, numbers.e, numbers.n).to_bytes(k, "big")
+
+
+@dataclass
+class DeterministicSigner(SoftwareSigner):
+    """ECDSA with RFC 6979 nonces, so signatures are reproducible. TEST ONLY."""
+
+    def sign(self, data: bytes) -> bytes:
+        return self.private_key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+
+
+def load_signer(name: str) -> DeterministicSigner:
+    key = serialization.load_pem_private_key(key_path(name).read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return DeterministicSigner(load_cert(name), key)
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+# --- a small simulated Archiver, using the real keyservice code ---------------------------
+@dataclass
+class ArchivedSegment:
+    segment: Segment
+    data: bytes  # encoded record
+    plaintext: bytes
+
+
+@dataclass
+class ArchivedManifest:
+    camera: str
+    segments: list[ArchivedSegment]
+    data: bytes
+
+
+@dataclass
+class Viewer:
+    name: str
+    recipient: SeededRecipient
+    cameras: set[str]
+    epoch: Epoch | None = None
+    openers: dict[bytes, bytes] = field(default_factory=dict)  # epoch id -> opener record
+    key_records: dict[bytes, tuple[bytes, bytes]] = field(default_factory=dict)  # key id ->
+    kek0: dict[str, str] = field(default_factory=dict)  # hex epoch id -> hex KEK0 (intermediates)
+
+
+def plaintext_for(camera: str, stream: DataStream, seq: int, capture_ms: int) -> bytes:
+    text = f"{camera}/{stream.name.lower()}/seq={seq}/t={capture_ms}|".encode()
+    filler = hashlib.sha256(text).digest()
+    return text + filler[: seq % 17]
+
+
+class SimArchiver:
+    def __init__(self, signer: DeterministicSigner, rng: FixedRng) -> None:
+        self.signer = signer
+        self.rng = rng
+        self.chains = {LOBBY: ManifestChain(LOBBY), GATE: ManifestChain(GATE)}
+        self.next_seq: dict[tuple[str, DataStream], int] = {}
+        self.keys: dict[tuple[str, DataStream], MinuteKey] = {}
+        self.viewers: list[Viewer] = []
+        self.manifests: list[ArchivedManifest] = []
+        self.pending: dict[str, list[ArchivedSegment]] = {LOBBY: [], GATE: []}
+        self.minute_keys: dict[str, str] = {}  # hex key id -> hex key (intermediates)
+
+    def rotate(self, camera: str, stream: DataStream, now: int) -> None:
+        key = new_minute_key(camera, stream, now, self.rng)
+        self.keys[(camera, stream)] = key
+        self.minute_keys[key.key_id.hex()] = key.key.hex()
+        for viewer in self.viewers:
+            if camera not in viewer.cameras:
+                continue
+            if viewer.epoch is None:
+                viewer.epoch, opener = Epoch.start(viewer.recipient, PERIOD_S, now, self.rng)
+                viewer.openers[opener.epoch_id] = encode_record(opener)
+                # The KEK0 is recovered by the test identity, for the intermediates only.
+                kek0 = load_identity(viewer.name).rsa_decrypt(opener.ciphertext,
+                                                              opener.oaep_hash)[-32:]
+                viewer.kek0[opener.epoch_id.hex()] = kek0.hex()
+            record = viewer.epoch.wrap(key, now, self.rng)
+            viewer.key_records[key.key_id] = (viewer.epoch.epoch_id, encode_record(record))
+
+    def ingest(self, camera: str, stream: DataStream, now: int, last: bool = False) -> None:
+        seq = self.next_seq.get((camera, stream), 0)
+        self.next_seq[(camera, stream)] = seq + 1
+        plaintext = plaintext_for(camera, stream, seq, now)
+        segment = seal_segment(self.keys[(camera, stream)], seq, now, plaintext,
+                               SEGMENT_LAST if last else 0)
+        self.pending[camera].append(ArchivedSegment(segment, encode_record(segment), plaintext))
+
+    def manifest(self, camera: str, now: int, last: bool = False) -> None:
+        segments = self.pending[camera]
+        keys = list({id(k): k for k in (self.keys[(camera, s.segment.stream)]
+                                        for s in segments)}.values())
+        _, data = self.chains[camera].issue([s.segment for s in segments], keys, self.signer,
+                                            now, MANIFEST_LAST if last else 0)
+        self.manifests.append(ArchivedManifest(camera, segments, data))
+        self.pending[camera] = []
+
+
+def run_archiver(signer: DeterministicSigner, seed: str) -> tuple[SimArchiver, Viewer, Viewer]:
+    """Three minutes of two cameras. cam-lobby has video, audio and metadata, cam-gate video.
+    Viewer A (SHA-256 OAEP) is authorized on cam-lobby, and on cam-gate from minute 2 on
+    (which ends its first epoch); viewer B (SHA-1 OAEP) on both cameras throughout."""
+    rng = FixedRng(seed)
+    sim = SimArchiver(signer, rng)
+    viewer_a = Viewer("viewer-a", SeededRecipient(load_cert("viewer-a"), OaepHash.SHA256, rng),
+                      {LOBBY})
+    viewer_b = Viewer("viewer-b", SeededRecipient(load_cert("viewer-b"), OaepHash.SHA1, rng),
+                      {LOBBY, GATE})
+    sim.viewers = [viewer_a, viewer_b]
+    streams = [(LOBBY, DataStream.VIDEO), (LOBBY, DataStream.AUDIO),
+               (LOBBY, DataStream.METADATA), (GATE, DataStream.VIDEO)]
+    for minute in range(3):
+        t = T0 + minute * 60_000
+        if minute == 2:
+            viewer_a.cameras.add(GATE)
+            viewer_a.epoch = None  # an authorization change ends the viewer's epoch
+        for camera, stream in streams:
+            sim.rotate(camera, stream, t + 5)
+        final = minute == 2
+        sim.ingest(LOBBY, DataStream.VIDEO, t + 1_000)
+        sim.ingest(LOBBY, DataStream.AUDIO, t + 2_000)
+        sim.ingest(LOBBY, DataStream.METADATA, t + 3_000)
+        sim.manifest(LOBBY, t + 3_500)
+        sim.ingest(GATE, DataStream.VIDEO, t + 10_000)
+        sim.manifest(GATE, t + 10_500)
+        sim.ingest(LOBBY, DataStream.VIDEO, t + 31_000)
+        sim.ingest(LOBBY, DataStream.AUDIO, t + 32_000)
+        sim.manifest(LOBBY, t + 32_500)
+        sim.ingest(GATE, DataStream.VIDEO, t + 40_000, last=final)
+        sim.manifest(GATE, t + 40_500, last=final)
+        sim.ingest(LOBBY, DataStream.VIDEO, t + 51_000, last=final)
+        sim.manifest(LOBBY, t + 51_500, last=final)
+    return sim, viewer_a, viewer_b
+
+
+# --- assembling a viewer's fusion stream (as the Archiver serves it) ----------------------
+@dataclass
+class Built:
+    """A stream as a list of records (index 0 = header), plus what a reader must emit."""
+
+    records: list[bytes]
+    events: list[dict[str, Any]]
+    plaintext: bytes
+    # record index -> key id / epoch id / camera, to aim mutations
+    notes: list[dict[str, Any]] = field(default_factory=list)
+
+    def stream(self) -> bytes:
+        return stream_prefix() + b"".join(self.records)
+
+
+def assemble(sim: SimArchiver, viewer: Viewer, cameras: tuple[str, ...], mode: Mode,
+             manifests: list[ArchivedManifest], rng: FixedRng, *, header_cert: bytes | None = None,
+             end_signer: DeterministicSigner | None = None) -> Built:
+    header = Header(header_cert or der(sim.signer.certificate),
+                    fingerprint(viewer.recipient.certificate), rng(16), T0 + 200_000, mode,
+                    T0, T0 + 180_000, cameras)
+    writer = StreamWriter(header)
+    start = writer.start()
+    records = [start[len(stream_prefix()):]]
+    notes: list[dict[str, Any]] = [{"kind": "header"}]
+    events: list[dict[str, Any]] = []
+    plaintext = bytearray()
+    sent_epochs: set[bytes] = set()
+    sent_keys: set[bytes] = set()
+    for manifest in manifests:
+        for archived in manifest.segments:
+            segment = archived.segment
+            found = viewer.key_records.get(segment.key_id)
+            if found is None:
+                events.append({"event": "skipped", "camera": segment.camera,
+                               "stream": segment.stream.name.lower(), "seq": segment.seq,
+                               "capture_ms": segment.capture_ms})
+                continue  # not authorized then: only the manifest is sent
+            epoch_id, key_record = found
+            if epoch_id not in sent_epochs:
+                records.append(writer.add(viewer.openers[epoch_id]))
+                notes.append({"kind": "opener", "epoch_id": epoch_id})
+                sent_epochs.add(epoch_id)
+            if segment.key_id not in sent_keys:
+                records.append(writer.add(key_record))
+                notes.append({"kind": "key", "key_id": segment.key_id, "epoch_id": epoch_id})
+                sent_keys.add(segment.key_id)
+            records.append(writer.add(archived.data))
+            notes.append({"kind": "segment", "camera": segment.camera, "segment": segment})
+            events.append({"event": "segment", "camera": segment.camera,
+                           "stream": segment.stream.name.lower(), "seq": segment.seq,
+                           "capture_ms": segment.capture_ms, "last": segment.last,
+                           "sha256": hashlib.sha256(archived.plaintext).hexdigest()})
+            plaintext += archived.plaintext
+        records.append(writer.add(manifest.data))
+        notes.append({"kind": "manifest", "camera": manifest.camera})
+    reason = EndReason.LIVE_ENDED if mode == Mode.LIVE else EndReason.RANGE_COMPLETE
+    records.append(writer.end(end_signer or sim.signer, reason))
+    notes.append({"kind": "end"})
+    events.append({"event": "end", "reason": int(reason)})
+    return Built(records, events, bytes(plaintext), notes)
+
+
+# --- record-level surgery -----------------------------------------------------------------
+def flip(record: bytes, offset: int, bit: int = 0) -> bytes:
+    out = bytearray(record)
+    out[offset] ^= 1 << bit
+    return bytes(out)
+
+
+def reencode(record: bytes, **changes: Any) -> bytes:
+    return encode_record(replace(decode_record(record), **changes))
+
+
+def indices(built: Built, kind: str, **match: Any) -> list[int]:
+    return [i for i, note in enumerate(built.notes)
+            if note["kind"] == kind and all(note.get(k) == v for k, v in match.items())]
+
+
+def header_field_offset(record: bytes, field_name: str) -> int:
+    cert_len = struct.unpack_from(">H", record, 5)[0]
+    base = 5 + 2 + cert_len
+    return {"cert_last": base - 1, "viewer_fingerprint": base, "request_id": base + 32}[
+        field_name]
+
+
+# --- the vectors --------------------------------------------------------------------------
+@dataclass
+class Vector:
+    name: str
+    description: str
+    expect: str
+    stream: bytes
+    fails_at: str | int | None = None
+    viewer: str = "viewer-a"
+    archiver: str = "archiver"
+    built: Built | None = None
+    intermediates: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        doc: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "format": "fusion stream v1 (docs/spec/fusion-stream-v1.md)",
+            "viewer": self.viewer,
+            "archiver_pin": self.archiver,
+            "expect": self.expect,
+        }
+        if self.expect == SUCCESS:
+            assert self.built is not None
+            doc["plaintext_sha256"] = hashlib.sha256(self.built.plaintext).hexdigest()
+            doc["token_operations"] = len({n["epoch_id"] for n in self.built.notes
+                                           if n["kind"] == "opener"})
+            doc["events"] = self.built.events
+        else:
+            doc["fails_at"] = self.fails_at
+        if self.intermediates is not None:
+            doc["intermediates"] = self.intermediates
+        doc["stream_length"] = len(self.stream)
+        doc["stream_hex"] = [chunk.hex() for chunk in frame(self.stream)]
+        lines = []
+        for key, value in doc.items():
+            if key in ("events", "stream_hex"):  # one event / one record per line
+                inner = ",\n".join(f"  {json.dumps(item)}" for item in value)
+                lines.append(f" {json.dumps(key)}: [\n{inner}\n ]")
+            else:
+                text = json.dumps(value, indent=1).replace("\n", "\n ")
+                lines.append(f" {json.dumps(key)}: {text}")
+        return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def frame(stream: bytes) -> list[bytes]:
+    """Cut a (possibly malformed) stream for display: the 10-byte prefix, then one chunk per
+    record as its length field says (the rest of the bytes if that runs past the end)."""
+    chunks = [stream[:10]]
+    pos = 10
+    while pos < len(stream):
+        length = struct.unpack(">I", stream[pos + 1:pos + 5].rjust(4, b"\0"))[0] \
+            if pos + 5 <= len(stream) else 0
+        end = min(len(stream), pos + 5 + length)
+        chunks.append(stream[pos:end])
+        pos = end
+    return chunks
+
+
+def vectors() -> Iterator[Vector]:
+    signer = load_signer("archiver")
+    rogue = load_signer("rogue")
+    sim, viewer_a, viewer_b = run_archiver(signer, "fusion stream v1 vectors")
+    prefix = stream_prefix()
+
+    good = assemble(sim, viewer_a, (LOBBY, GATE), Mode.PLAYBACK, sim.manifests,
+                    FixedRng("stream of viewer A"))
+    recs = good.records
+    n_end = len(recs) - 1
+
+    def variant(records: list[bytes]) -> bytes:
+        return prefix + b"".join(records)
+
+    def with_record(i: int, new: bytes) -> bytes:
+        return variant([*recs[:i], new, *recs[i + 1:]])
+
+    def without(*drop: int) -> bytes:
+        return variant([r for i, r in enumerate(recs) if i not in drop])
+
+    def next_manifest(after: int, camera: str) -> int:
+        return next(i for i in indices(good, "manifest", camera=camera) if i > after)
+
+    def first_use(key_id: bytes) -> int:
+        seg = next(i for i in indices(good, "segment") if good.notes[i]["segment"].key_id == key_id)
+        return next_manifest(seg, good.notes[seg]["camera"])
+
+    yield Vector(
+        "good-multi-minute-multi-stream",
+        "Three minutes of two cameras (cam-lobby: video, audio, metadata; cam-gate: video) "
+        "for viewer A, two epochs (an authorization change at minute 2). cam-gate segments of "
+        "minutes 0-1 were recorded before viewer A was authorized there: the manifests list "
+        "them, the segments are not sent, and the reader reports them as skipped.",
+        SUCCESS, good.stream(), built=good,
+        intermediates={"rng": "SHAKE-256(seed || counter u64), seed 'fusion stream v1 "
+                              "vectors' (Archiver) and 'stream of viewer A' (header)",
+                       "kek0_by_epoch_id": viewer_a.kek0, "minute_keys_by_key_id": sim.minute_keys})
+
+    gate_minute2 = [m for m in sim.manifests if m.camera == GATE][-2:]
+    live_b = assemble(sim, viewer_b, (GATE,), Mode.LIVE, gate_minute2, FixedRng("live of B"))
+    yield Vector(
+        "good-live-sha1-oaep-joined-midway",
+        "A live stream for viewer B (RSA-OAEP with SHA-1, as SoftHSM needs) that joins "
+        "cam-gate's manifest chain midway (its first manifest has sequence 4) and ends with "
+        "reason 2 (live ended).",
+        SUCCESS, live_b.stream(), viewer="viewer-b", built=live_b)
+
+    empty = assemble(sim, viewer_a, (LOBBY,), Mode.PLAYBACK, [], FixedRng("empty"))
+    yield Vector("good-empty-range", "A header and a signed end record: nothing recorded.",
+                 SUCCESS, empty.stream(), built=empty)
+
+    # --- one bit flipped in each record type ----------------------------------------------
+    yield Vector("flip-header-request-id", "A bit of the header's request id flipped: the "
+                 "signed end record names the original request.", INTEGRITY,
+                 with_record(0, flip(recs[0], header_field_offset(recs[0], "request_id"))), n_end)
+    yield Vector("flip-header-viewer-fingerprint", "A bit of the header's viewer fingerprint "
+                 "flipped: the stream is no longer addressed to viewer A.", NO_MATCH,
+                 with_record(0, flip(recs[0], header_field_offset(recs[0], "viewer_fingerprint"))),
+                 0)
+    yield Vector("flip-header-archiver-certificate", "A bit of the Archiver certificate's "
+                 "signature flipped (still valid DER): it is not the pinned certificate.",
+                 INTEGRITY,
+                 with_record(0, flip(recs[0], header_field_offset(recs[0], "cert_last"))), 0)
+    opener_1 = indices(good, "opener")[0]
+    epoch_1 = good.notes[opener_1]["epoch_id"]
+    first_key_of_epoch_1 = next(good.notes[i]["key_id"]
+                                for i in indices(good, "key", epoch_id=epoch_1))
+    yield Vector("flip-epoch-opener", "A bit of the first epoch opener's RSA ciphertext "
+                 "flipped: it fails when first needed, at the first manifest whose segments "
+                 "use a key of that epoch.", INTEGRITY,
+                 with_record(opener_1, flip(recs[opener_1], len(recs[opener_1]) - 7)),
+                 first_use(first_key_of_epoch_1))
+    key_3 = indices(good, "key")[3]
+    yield Vector("flip-key-record", "A bit of a wrapped minute key flipped: its unwrapping "
+                 "fails at the first manifest that needs it.", INTEGRITY,
+                 with_record(key_3, flip(recs[key_3], len(recs[key_3]) - 20)),
+                 first_use(good.notes[key_3]["key_id"]))
+    seg_4 = indices(good, "segment")[4]
+    cam_4 = good.notes[seg_4]["camera"]
+    yield Vector("flip-segment-ciphertext", "A bit of a segment's ciphertext flipped: the "
+                 "covering manifest's digest (and the GCM tag) no longer match.", INTEGRITY,
+                 with_record(seg_4, flip(recs[seg_4], len(recs[seg_4]) - 20)),
+                 next_manifest(seg_4, cam_4))
+    last_video = indices(good, "segment", camera=LOBBY)[-1]
+    flags_offset = 5 + 1 + len(LOBBY) + 1 + 8 + 8 + 16
+    yield Vector("flip-segment-last-flag", "The last-segment flag of the final cam-lobby "
+                 "segment cleared.", INTEGRITY,
+                 with_record(last_video, flip(recs[last_video], flags_offset)),
+                 next_manifest(last_video, LOBBY))
+    man_2 = indices(good, "manifest")[2]
+    yield Vector("flip-manifest", "A bit of a manifest entry's segment tag flipped: the "
+                 "Archiver signature fails.", INTEGRITY,
+                 with_record(man_2, flip(recs[man_2], 5 + 1 + len(good.notes[man_2]["camera"])
+                                         + 8 + 32 + 8 + 1 + 2 + 1 + 8 + 8 + 16 + 3)), man_2)
+    yield Vector("flip-manifest-signature", "A bit inside a manifest's signature flipped.",
+                 INTEGRITY, with_record(man_2, flip(recs[man_2], len(recs[man_2]) - 3)), man_2)
+    yield Vector("flip-end-transcript", "A bit of the end record's transcript hash flipped.",
+                 INTEGRITY, with_record(n_end, flip(recs[n_end], 5 + 16 + 1 + 5)), n_end)
+    yield Vector("flip-record-type", "A key record's type byte changed to 9, an unknown type.",
+                 FORMAT, with_record(key_3, bytes([9]) + recs[key_3][1:]), key_3)
+
+    # --- reordering and splicing ---------------------------------------------------------
+    lobby_segs = indices(good, "segment", camera=LOBBY)
+    a, b = lobby_segs[0], lobby_segs[1]
+    swapped = list(recs)
+    swapped[a], swapped[b] = swapped[b], swapped[a]
+    yield Vector("reordered-segments", "Two cam-lobby segments under one manifest swapped.",
+                 INTEGRITY, variant(swapped), next_manifest(b, LOBBY))
+    moved = reencode(recs[a], camera=GATE)
+    yield Vector("segment-moved-to-other-camera", "A cam-lobby segment relabelled as a cam-gate "
+                 "segment: cam-lobby's manifest misses it.", INTEGRITY,
+                 with_record(a, moved), next_manifest(a, LOBBY))
+    minute0_seg = lobby_segs[0]
+    minute1_man = indices(good, "manifest", camera=LOBBY)[3]
+    spliced = [*recs[:minute1_man], recs[minute0_seg], *recs[minute1_man:]]
+    yield Vector("segment-replayed-in-later-minute", "A minute-0 cam-lobby segment inserted "
+                 "again among minute-1 segments: the minute-1 manifest does not list it.",
+                 INTEGRITY, variant(spliced), minute1_man + 1)
+    later = [r for i, r in enumerate(recs) if i != minute0_seg]
+    insert_at = minute1_man - 1  # index in `later` (one record earlier was removed)
+    later = [*later[:insert_at], recs[minute0_seg], *later[insert_at:]]
+    yield Vector("segment-moved-to-later-minute", "A minute-0 cam-lobby segment moved among "
+                 "the minute-1 segments: minute 0's manifest misses it.", INTEGRITY,
+                 variant(later), next_manifest(minute0_seg, LOBBY) - 1)
+    unknown_camera = reencode(recs[a], camera="cam-attic")
+    yield Vector("segment-for-camera-not-in-header", "A segment of a camera the header does "
+                 "not announce.", INTEGRITY, with_record(a, unknown_camera), a)
+
+    # --- truncation ----------------------------------------------------------------------
+    yield Vector("truncated-missing-end", "The end record cut off.", INTEGRITY,
+                 without(n_end), "finish")
+    last_seg = indices(good, "segment")[-1]
+    yield Vector("truncated-missing-last-segment", "The last segment removed (its manifest and "
+                 "the end record kept).", INTEGRITY, without(last_seg), n_end - 2)
+    yield Vector("truncated-after-last-segment", "The last manifest and the end record cut "
+                 "off.", INTEGRITY, without(n_end - 1, n_end), "finish")
+    yield Vector("truncated-inside-record", "The stream stops in the middle of the last "
+                 "manifest.", FORMAT, variant([*recs[:n_end - 1], recs[n_end - 1][:40]]),
+                 "finish")
+
+    # --- manifests -----------------------------------------------------------------------
+    lobby_mans = indices(good, "manifest", camera=LOBBY)
+    yield Vector("manifest-missing", "A cam-lobby manifest removed: the next one covers "
+                 "segments it does not list and does not link to it.", INTEGRITY,
+                 without(lobby_mans[1]), lobby_mans[2] - 1)
+    manifest = decode_record(recs[lobby_mans[1]])
+    resigned = encode_record(replace(manifest, signature=rogue.sign(manifest.signed_bytes())))
+    yield Vector("manifest-resigned-by-other-key", "A manifest re-signed by a key that is not "
+                 "the pinned Archiver's.", INTEGRITY, with_record(lobby_mans[1], resigned),
+                 lobby_mans[1])
+    replay = [*recs[:lobby_mans[2] + 1], recs[lobby_mans[1]], *recs[lobby_mans[2] + 1:]]
+    yield Vector("manifest-replayed", "An earlier cam-lobby manifest sent again.", INTEGRITY,
+                 variant(replay), lobby_mans[2] + 1)
+
+    # --- forgery with public information only --------------------------------------------
+    forger, forger_a, _ = run_archiver(rogue, "forger")
+    forged = assemble(forger, forger_a, (LOBBY, GATE), Mode.PLAYBACK, forger.manifests,
+                      FixedRng("forged"), header_cert=der(signer.certificate), end_signer=rogue)
+    yield Vector("forged-with-viewer-certificate", "A complete stream made by someone who holds "
+                 "only viewer A's certificate and the Archiver's public certificate: openers, "
+                 "keys and segments are valid for viewer A, but the manifests cannot carry the "
+                 "Archiver's signature.", INTEGRITY, forged.stream(),
+                 indices(forged, "manifest")[0])
+    forged_own = assemble(forger, forger_a, (LOBBY, GATE), Mode.PLAYBACK, forger.manifests,
+                          FixedRng("forged"))
+    yield Vector("forged-with-own-archiver-certificate", "The same forgery, naming the forger's "
+                 "own certificate in the header: it is not the pinned one.", INTEGRITY,
+                 forged_own.stream(), 0)
+
+    # --- identities ----------------------------------------------------------------------
+    key_i = indices(good, "key")[0]
+    key_id = good.notes[key_i]["key_id"]
+    b_epoch, b_record = viewer_b.key_records[key_id]
+    with_b = [*recs[:key_i], viewer_b.openers[b_epoch], b_record, *recs[key_i + 1:]]
+    yield Vector("key-record-for-other-viewer", "Viewer B's epoch opener and key record for a "
+                 "minute key, in place of viewer A's key record.", NO_MATCH, variant(with_b),
+                 key_i)
+    yield Vector("key-record-of-unknown-epoch", "Viewer B's key record (of an epoch this "
+                 "stream never opened) in place of viewer A's.", INTEGRITY,
+                 with_record(key_i, b_record), key_i)
+    a_epoch = good.notes[key_i]["epoch_id"]
+    relabelled = reencode(b_record, epoch_id=a_epoch)
+    yield Vector("key-record-for-other-viewer-relabelled", "Viewer B's key record with its "
+                 "epoch id changed to viewer A's epoch: it does not unwrap for viewer A.",
+                 INTEGRITY, with_record(key_i, relabelled), first_use(key_id))
+    yield Vector("stream-for-other-viewer", "Viewer B's live stream, read by viewer A.",
+                 NO_MATCH, live_b.stream(), 0)
+
+    # --- framing -------------------------------------------------------------------------
+    yield Vector("unknown-version", "Version 2 in the prefix.", FORMAT,
+                 b"FUSNSTRM\x00\x02" + b"".join(recs), "prefix")
+    yield Vector("bad-magic", "Not a fusion stream.", FORMAT,
+                 b"FUSNSTRX\x00\x01" + b"".join(recs), "prefix")
+    seg_0 = lobby_segs[0]
+    oversized = struct.pack(">BI", RecordType.SEGMENT, MAX_SEGMENT_BODY + 1) + recs[seg_0][5:]
+    yield Vector("oversized-segment-length", "A segment record claiming 64 MiB + 1 bytes.",
+                 FORMAT, variant([*recs[:seg_0], oversized]), seg_0)
+    oversized_small = (struct.pack(">BI", RecordType.KEY_RECORD, MAX_SMALL_BODY + 1)
+                       + recs[key_i][5:])
+    yield Vector("oversized-key-record-length", "A key record claiming 64 KiB + 1 bytes.",
+                 FORMAT, variant([*recs[:key_i], oversized_small]), key_i)
+    yield Vector("bytes-after-end", "One byte after the end record.", FORMAT,
+                 good.stream() + b"\x00", n_end + 1)
+    yield Vector("first-record-not-header", "The stream starts with an epoch opener.", FORMAT,
+                 variant(recs[1:]), 0)
+    yield Vector("second-header", "The header sent twice.", FORMAT,
+                 variant(recs[:1] + recs), 1)
+    short = recs[seg_0][:5 + 1 + len(LOBBY) + 1 + 8 + 8 + 16 + 1 + 15]
+    short = struct.pack(">BI", RecordType.SEGMENT, len(short) - 5) + short[5:]
+    yield Vector("segment-shorter-than-tag", "A segment whose ciphertext is shorter than the "
+                 "16-byte tag.", FORMAT, with_record(seg_0, short), seg_0)
+    padded = recs[key_i] + b"\x00"
+    padded = struct.pack(">BI", RecordType.KEY_RECORD, len(padded) - 5) + padded[5:]
+    yield Vector("trailing-bytes-in-record", "A key record with one byte too many.", FORMAT,
+                 with_record(key_i, padded), key_i)
+
+
+def render() -> dict[str, str]:
+    return {f"{v.name}.json": v.to_json() for v in vectors()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="compare, do not write")
+    parser.add_argument("--new-keys", action="store_true", help="replace the TEST-ONLY keys")
+    args = parser.parse_args(argv)
+    if args.new_keys:
+        make_keys()
+    files = render()
+    if args.check:
+        stale = [name for name, text in files.items()
+                 if not (VECTORS_DIR / name).exists()
+                 or (VECTORS_DIR / name).read_text() != text]
+        extra = sorted({p.name for p in VECTORS_DIR.glob("*.json")} - set(files))
+        for name in stale + extra:
+            print(f"differs: {name}", file=sys.stderr)
+        return 1 if stale or extra else 0
+    VECTORS_DIR.mkdir(exist_ok=True)
+    for old in VECTORS_DIR.glob("*.json"):
+        if old.name not in files:
+            old.unlink()
+    for name, text in files.items():
+        (VECTORS_DIR / name).write_text(text)
+    print(f"wrote {len(files)} vectors to {VECTORS_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
