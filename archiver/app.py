@@ -21,6 +21,7 @@ from archiver.routers import admin, ingest, viewer
 from archiver.rtsp import RtspSupervisor
 from archiver.settings import Settings
 from archiver.signing import open_signer
+from archiver.storage import StorageFailed, StorageFull
 from keyservice.certs import load_certificate
 from keyservice.identity import Signer
 
@@ -85,6 +86,14 @@ def create_app(settings: Settings, signer: Signer | None = None,
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error(request, exc.status, exc.code, exc.message)
+
+    @app.exception_handler(StorageFull)
+    async def storage_full(request: Request, exc: StorageFull) -> JSONResponse:
+        return _error(request, 507, "storage_full", str(exc))
+
+    @app.exception_handler(StorageFailed)
+    async def storage_failed(request: Request, exc: StorageFailed) -> JSONResponse:
+        return _error(request, 503, "storage_failed", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

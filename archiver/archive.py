@@ -24,7 +24,14 @@ from archiver.keying import KeyManager
 from archiver.settings import Settings
 from archiver.storage import ArchiveFiles, _Reader
 from keyservice.crypto import seal_segment
-from keyservice.format import ZERO_HASH, DataStream, EndReason, Header, Mode, encode_record
+from keyservice.format import (
+    ZERO_HASH,
+    DataStream,
+    EndReason,
+    Header,
+    Mode,
+    encode_record_parts,
+)
 from keyservice.identity import Signer
 from keyservice.stream import ManifestChain, StreamWriter
 
@@ -111,11 +118,15 @@ class Archive:
         state = self._camera_state(camera)
         with state.lock:
             seq = state.next_seq.setdefault(stream, self.db.next_segment_seq(camera, stream))
-            if self.settings.benchmark_plaintext_baseline:
-                row = self._append_plaintext(camera, stream, seq, data, now)
-            else:
-                row = self._append_encrypted(state, camera, stream, seq, data, now)
-            state.next_seq[stream] = seq + 1
+            try:
+                if self.settings.benchmark_plaintext_baseline:
+                    row = self._append_plaintext(camera, stream, seq, data, now)
+                else:
+                    row = self._append_encrypted(state, camera, stream, seq, data, now)
+            finally:
+                # Even after a failure: the attempt may have sealed under this seq, and the
+                # minute key refuses a seq twice (nonce reuse). Gaps in seq are fine.
+                state.next_seq[stream] = seq + 1
         self.segments_ingested += 1
         self.bytes_ingested += len(data)
         self.notifier.publish(camera)
@@ -127,18 +138,25 @@ class Archive:
         segment = seal_segment(key, seq, now, data)
         chain_before = (state.chain.next_seq, state.chain.prev_hash)
         manifest, manifest_bytes = state.chain.issue([segment], [key], self.signer, now)
-        segment_bytes = encode_record(segment)
+        # The segment record stays in pieces (header, ciphertext) down to the writev.
+        segment_parts = encode_record_parts(segment)
+        segment_len = sum(len(part) for part in segment_parts)
         rel = self.files.file_for(camera, now)
+        offset = None
         try:
-            offset = self.files.append(rel, segment_bytes + manifest_bytes)
+            offset = self.files.append(rel, [*segment_parts, manifest_bytes])
             row = SegmentRow(camera, int(stream), seq, now, key.key_id, len(data), rel, offset,
-                             len(segment_bytes), manifest.manifest_seq)
+                             segment_len, manifest.manifest_seq)
             self.db.record_segments([row], ManifestRow(
-                camera, manifest.manifest_seq, rel, offset + len(segment_bytes),
+                camera, manifest.manifest_seq, rel, offset + segment_len,
                 len(manifest_bytes), hashlib.sha256(manifest_bytes).digest(), now, now))
         except BaseException:
-            # Not acknowledged: the chain must not point at a manifest that was never archived.
+            # Not acknowledged: the chain must not point at a manifest that was never archived,
+            # and the file must not keep records the index does not know (e.g. the index
+            # commit failed on a full disk).
             state.chain.next_seq, state.chain.prev_hash = chain_before
+            if offset is not None:
+                self.files.cut_back(rel, offset)
             raise
         return row
 

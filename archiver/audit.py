@@ -3,12 +3,15 @@ it, so deleting or editing an entry breaks the chain (``verify_audit_log`` finds
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import threading
 from pathlib import Path
 from typing import Any
+
+from archiver.storage import StorageFailed, StorageFull
 
 GENESIS = "0" * 64
 
@@ -29,8 +32,20 @@ class AuditLog:
             entry = {"ts_ms": now_ms, "actor": actor, "action": action, **details,
                      "prev": self._prev}
             line = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
-            os.write(self._fd, line + b"\n")
-            os.fsync(self._fd)
+            size = os.fstat(self._fd).st_size
+            try:
+                if os.write(self._fd, line + b"\n") != len(line) + 1:
+                    raise OSError(errno.ENOSPC, "short write")
+                os.fsync(self._fd)
+            except OSError as exc:
+                # Fail closed (what cannot be audited is refused), and never leave half a line:
+                # it would break the chain for every later entry.
+                os.ftruncate(self._fd, size)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StorageFull("The disk is full; the audit log cannot record this "
+                                      "request, so it was refused.", "Free space.") from None
+                raise StorageFailed("Writing the audit log failed; the request was "
+                                    "refused.") from None
             self._prev = hashlib.sha256(line).hexdigest()
 
     def close(self) -> None:

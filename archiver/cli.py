@@ -58,6 +58,14 @@ def serve(
         "token created in the data directory).")] = None,
     site_ca: Annotated[list[Path] | None, typer.Option(
         "--site-ca", help="Viewer certificates must chain to this CA (repeatable).")] = None,
+    upload_timeout: Annotated[float, typer.Option(
+        "--upload-timeout", help="Seconds a segment upload may take (slower ones are dropped: "
+        "slow-loris).")] = 60.0,
+    session_ttl: Annotated[int, typer.Option(
+        "--session-ttl", help="Seconds a viewer session lasts after login.")] = 600,
+    stream_send_timeout: Annotated[float, typer.Option(
+        "--stream-send-timeout", help="Seconds a viewer may leave a fusion stream chunk "
+        "unread before it is dropped.")] = 30.0,
 ) -> None:
     """Run the Archiver."""
     import uvicorn
@@ -69,7 +77,8 @@ def serve(
     try:
         settings = Settings(data_dir=data.resolve(), host=host, port=port, tls_cert=tls_cert,
                             tls_key=tls_key, key_period_s=key_period, signer_token_uri=signer_token,
-                            site_ca_files=tuple(site_ca or ()))
+                            site_ca_files=tuple(site_ca or ()), upload_timeout_s=upload_timeout,
+                            session_ttl_s=session_ttl, stream_send_timeout_s=stream_send_timeout)
         application = create_app(settings)
     except KeyServiceError as exc:
         _fail(str(exc), exc.exit_code)

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
+from archiver.storage import StorageFailed, StorageFull
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cameras (
     name TEXT PRIMARY KEY,
@@ -146,6 +148,18 @@ class KeyMaterial:
     epoch_opener: bytes | None
 
 
+def _storage_error(exc: sqlite3.OperationalError) -> StorageFull | StorageFailed | None:
+    """A full disk or an I/O error under the index is the archive's problem, answered like
+    one (507/503), not an unexpected error."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # primary code of an extended one
+    if code == sqlite3.SQLITE_FULL:
+        return StorageFull("The archive disk is full; the Archiver could not update its index.",
+                           "Free space or add storage; ingest resumes by itself.")
+    if code == sqlite3.SQLITE_IOERR:
+        return StorageFailed("An I/O error occurred while updating the Archiver's index.")
+    return None
+
+
 class Database:
     def __init__(self, path: Path) -> None:
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -164,13 +178,22 @@ class Database:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    # A COMMIT that failed (disk full) leaves the transaction open: end it, or
+                    # every later write would fail even once space returns.
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                error = _storage_error(exc)
+                if error is None:
+                    raise
+                raise error from None
 
     def _query(self, sql: str, args: Iterable[object] = ()) -> list[tuple]:
         with self._lock:

@@ -38,7 +38,12 @@ class KeyManager:
         self._db = db
         self._period_ms = period_s * 1000
         self._rng = rng
+        # _lock guards _current and is only ever held briefly. _rotate serializes rotations
+        # and guards what they use (epochs, the viewer list): a rotation wraps the new key for
+        # every viewer (thousands of AES wraps and an fsynced commit), and segments of cameras
+        # whose key is current must not wait for that. Order: _rotate before _lock.
         self._lock = threading.Lock()
+        self._rotate = threading.Lock()
         self._current: dict[tuple[str, DataStream], tuple[int, MinuteKey]] = {}
         self._epochs: dict[str, _ViewerEpoch] = {}
         self._viewers: list[tuple[ClientRow, Recipient]] | None = None
@@ -53,16 +58,22 @@ class KeyManager:
             current = self._current.get((camera, stream))
             if current is not None and current[0] == period:
                 return current[1]
+        with self._rotate:
+            with self._lock:  # another thread may have rotated it while this one waited
+                current = self._current.get((camera, stream))
+                if current is not None and current[0] == period:
+                    return current[1]
             key = new_minute_key(camera, stream, now_ms, self._rng)
             self._wrap_for_viewers(key, now_ms)
-            self._current[(camera, stream)] = (period, key)
-            self.rotations += 1
+            with self._lock:
+                self._current[(camera, stream)] = (period, key)
+                self.rotations += 1
             return key
 
     def authorization_changed(self, fingerprint: str, cameras: list[str] | None) -> None:
         """A viewer was added, changed or revoked: its epoch ends, and the affected cameras
         (None: all) get fresh keys before their next segment."""
-        with self._lock:
+        with self._rotate, self._lock:
             self._epochs.pop(fingerprint, None)
             self._viewers = None
             for cam_stream in list(self._current):
@@ -70,12 +81,12 @@ class KeyManager:
                     del self._current[cam_stream]
 
     def forget_camera(self, camera: str) -> None:
-        with self._lock:
+        with self._rotate, self._lock:
             for cam_stream in [k for k in self._current if k[0] == camera]:
                 del self._current[cam_stream]
 
     def active_viewers(self) -> int:
-        with self._lock:
+        with self._rotate:
             return len(self._load_viewers())
 
     def _load_viewers(self) -> list[tuple[ClientRow, Recipient]]:

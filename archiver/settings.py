@@ -33,6 +33,12 @@ class Settings:
     site_ca_files: tuple[Path, ...] = ()
     # A live viewer further behind than this many manifests is dropped, so it cannot pin resources.
     live_max_lag: int = 64
+    # A fusion stream chunk the viewer does not take within this time ends its response: a
+    # viewer that stops reading must not pin a task and open archive files indefinitely.
+    stream_send_timeout_s: float = 30.0
+    # URL schemes `cameras add --rtsp` may name. Not "file": an admin must not be able to make
+    # the Archiver read its own files into an archive viewers can fetch.
+    pull_schemes: tuple[str, ...] = ("rtsp", "rtsps")
     # Plaintext archiving, for the ingest benchmark's baseline only. Not settable from the CLI
     # or the HTTP API: only code constructing Settings can turn it on.
     benchmark_plaintext_baseline: bool = False
@@ -40,6 +46,9 @@ class Settings:
     def __post_init__(self) -> None:
         if self.key_period_s < 1:
             raise UsageError("The key period must be at least 1 second.")
+        if self.upload_timeout_s <= 0 or self.stream_send_timeout_s <= 0 or self.session_ttl_s < 1:
+            raise UsageError("The upload timeout, stream send timeout and session lifetime must "
+                             "be positive.")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UsageError("Give both --tls-cert and --tls-key, or neither.")
         if self.tls_cert is None and not _is_loopback(self.host):

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from keyservice.errors import KeyServiceError
@@ -40,15 +41,22 @@ class ArchiveFiles:
         day = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
         return f"{camera}/{day}.fsa"
 
-    def append(self, relpath: str, data: bytes) -> int:
-        """Append and fsync; returns the offset. On failure the file is cut back to where it was."""
+    def append(self, relpath: str, data: bytes | Sequence[bytes | memoryview]) -> int:
+        """Append and fsync; returns the offset. On failure the file is cut back to where it was.
+        ``data`` may be several buffers: written with writev, never joined (a segment is MBs,
+        and copying it costs the GIL-held time of the whole ingest path)."""
         fd = self._writer(relpath)
         offset = os.fstat(fd).st_size
+        parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+        views = [view for view in map(memoryview, parts) if view.nbytes]
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            while views:
+                written = os.writev(fd, views)
+                while views and written >= views[0].nbytes:
+                    written -= views[0].nbytes
+                    views.pop(0)
+                if written:  # a short write: go on from where it stopped
+                    views[0] = views[0][written:]
             os.fsync(fd)
         except OSError as exc:
             self._undo(fd, offset)
@@ -58,6 +66,11 @@ class ArchiveFiles:
             raise StorageFailed(f"Writing the archive failed ({os.strerror(exc.errno or 0)}); "
                                 "the segment was not archived.") from None
         return offset
+
+    def cut_back(self, relpath: str, offset: int) -> None:
+        """Undo an append whose index entry could not be committed (the caller holds the
+        camera's lock, so nothing was appended after it)."""
+        self._undo(self._writer(relpath), offset)
 
     def read(self, relpath: str, offset: int, length: int) -> bytes:
         with open(self.root / relpath, "rb") as fh:

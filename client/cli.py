@@ -24,6 +24,7 @@ from client.pinning import KnownArchivers, PinDecision, PinOutcome, check_archiv
 from client.player import (
     FileOutput,
     Output,
+    OutputFailed,
     PipeOutput,
     Player,
     Summary,
@@ -170,7 +171,8 @@ class _Progress:
 
     def segment(self, event: Any) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, completed=min(self._to, event.capture_ms) - self._from,
+            done = max(0, min(self._to, event.capture_ms) - self._from)
+            self._bar.update(self._task, completed=done,
                              description=f"{event.camera} {format_ms(event.capture_ms)}")
 
 
@@ -226,8 +228,15 @@ def _run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
         if not quiet:
             _say(_token_line(login_ops(), _operations(identity), player.summary.epoch_openings))
         raise SystemExit(_exit_code(exc)) from None
-    final = output.commit()
-    saved_final = save.commit() if save is not None else None
+    try:
+        final = output.commit()
+        saved_final = save.commit() if save is not None else None
+    except OutputFailed as exc:
+        output.abort()
+        if save is not None:
+            save.abort()
+        _say(str(exc))
+        raise SystemExit(exc.exit_code) from None
     if not quiet:
         token_ops = _operations(identity)
         if stopped_by_user:
@@ -303,8 +312,8 @@ def _stream_command(*, url: str, token: str, output_target: str, archiver_cert: 
         output = _open_output(output_target)
         save = FileOutput(save_stream) if save_stream is not None else None
         try:
-            identity = _open_identity(stack, token)
             session = stack.enter_context(ArchiverSession(url, tls_ca=tls_ca))
+            identity = _open_identity(stack, token)
             login = _login(session, identity, url, explicit)
         except BaseException:
             output.abort()
@@ -380,8 +389,8 @@ def cameras(
     """List the cameras this viewer may watch, with their recorded ranges."""
     explicit = _load_cert(archiver_cert)
     with ExitStack() as stack:
-        identity = _open_identity(stack, token)
         session = stack.enter_context(ArchiverSession(archiver, tls_ca=tls_ca))
+        identity = _open_identity(stack, token)
         _login(session, identity, archiver, explicit)
         views = session.cameras()
     if as_json:

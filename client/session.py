@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from cryptography import x509
@@ -118,14 +120,22 @@ class ArchiverSession:
 
     def __init__(self, url: str, *, tls_ca: Path | None = None, timeout: float = 30.0,
                  transport: httpx.BaseTransport | None = None) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"The Archiver URL {url!r} is not an http:// or https:// URL.")
         self.url = url.rstrip("/")
         self.timeout = timeout
-        verify: Any = str(tls_ca) if tls_ca is not None else True
+        verify: ssl.SSLContext | bool = True
+        if tls_ca is not None:
+            try:
+                verify = ssl.create_default_context(cafile=str(tls_ca))
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"Cannot use {tls_ca} as TLS CA certificate: {exc}.") from None
         try:
             self._http = httpx.Client(base_url=self.url, timeout=timeout, verify=verify,
                                       transport=transport, follow_redirects=False)
         except (OSError, ValueError) as exc:
-            raise UsageError(f"Cannot use the Archiver URL or TLS CA file: {exc}.") from None
+            raise UsageError(f"Cannot use the Archiver URL {url!r}: {exc}.") from None
         self._session_token: str | None = None
         self.login_result: LoginResult | None = None
 

@@ -69,7 +69,7 @@ class Row:
 
 
 def _best_of(raw: Callable[[], object], ours: Callable[[], object], size: int, seconds: float,
-             rounds: int = 5) -> tuple[float, float]:
+             rounds: int = 15) -> tuple[float, float]:
     """MiB/s of raw and ours: alternating rounds, the best round of each."""
     raw(), ours()  # warm up
     start = time.perf_counter()

@@ -11,6 +11,7 @@ Pure: no I/O, no ``pkcs11``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -30,8 +31,10 @@ from keyservice.format import (
     ID_LEN,
     KEY_LEN,
     MAX_PERIOD_S,
+    MAX_SEGMENT_BODY,
     NONCE_LEN,
     SEGMENT_LAST,
+    TAG_LEN,
     VERSION,
     DataStream,
     EpochOpener,
@@ -61,6 +64,7 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _VERSION = _U16.pack(VERSION)
 _NONCE_PAD = bytes(4)
+_SEGMENT_AD_TAIL = struct.Struct(">QQ16sB")  # seq, capture_ms, key_id, flags
 
 
 def _str8(name: str) -> bytes:
@@ -142,21 +146,34 @@ def segment_ad(camera: str, stream: DataStream, seq: int, capture_ms: int, key_i
                flags: int) -> bytes:
     """Binds everything a reader relies on, so reordering, splicing between cameras, streams
     or minutes, and flipping the last-segment flag all fail authentication."""
-    return b"".join((LABEL_SEGMENT, _VERSION, _str8(camera), bytes((stream,)), _U64.pack(seq),
-                     _U64.pack(capture_ms), key_id, bytes((flags,))))
+    if len(key_id) != ID_LEN:  # "16s" would pad or cut it silently
+        raise ValueError("A key id is 16 bytes.")
+    return _segment_ad_prefix(camera, stream) + _SEGMENT_AD_TAIL.pack(seq, capture_ms, key_id,
+                                                                     flags)
+
+
+@functools.lru_cache(maxsize=1024)
+def _segment_ad_prefix(camera: str, stream: int) -> bytes:
+    return LABEL_SEGMENT + _VERSION + _str8(camera) + bytes((stream,))
 
 
 def seal_segment(key: MinuteKey, seq: int, capture_ms: int, plaintext: bytes, flags: int = 0
                  ) -> Segment:
     """Encrypt one segment under ``key`` (its camera and data stream are the key's)."""
-    if flags & ~SEGMENT_LAST or not 0 <= flags <= 0xFF:
-        raise ValueError(f"Unknown segment flags {flags:#04x}.")
-    if not 0 <= seq < 2**64 or not 0 <= capture_ms < 2**64:
+    if type(flags) is not int or flags & ~SEGMENT_LAST or not 0 <= flags <= 0xFF:
+        raise ValueError(f"Unknown segment flags {flags!r}.")
+    if (type(seq) is not int or type(capture_ms) is not int or not 0 <= seq < 2**64
+            or not 0 <= capture_ms < 2**64):
         raise ValueError("Sequence numbers and capture times are unsigned 64-bit integers.")
+    # The record body is the 35-byte fixed part, the name, the ciphertext and the tag.
+    if len(plaintext) + TAG_LEN > MAX_SEGMENT_BODY - 35 - len(key.camera):
+        raise ValueError("A segment is limited to 64 MiB; cut it into smaller segments.")
     key._reserve(seq)
     ad = segment_ad(key.camera, key.stream, seq, capture_ms, key.key_id, flags)
     ciphertext = key._aead.encrypt(segment_nonce(seq), plaintext, ad)
-    return Segment(key.camera, key.stream, seq, capture_ms, key.key_id, flags, ciphertext)
+    # Every field was checked above or by MinuteKey: skip re-checking on the hot path.
+    return Segment._unchecked(key.camera, key.stream, seq, capture_ms, key.key_id, flags,
+                              ciphertext)
 
 
 def open_segment(key: bytes | AESGCM, segment: Segment) -> bytes:

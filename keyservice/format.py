@@ -12,13 +12,14 @@ Pure: no I/O, no cryptography beyond SHA-256 of record bytes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from keyservice.errors import FormatError
 from keyservice.identity import OaepHash
@@ -55,6 +56,7 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _RECORD_HEADER = struct.Struct(">BI")
+_SEGMENT_FIXED = struct.Struct(">BQQ16sB")  # stream, seq, capture_ms, key_id, flags
 _PREFIX = MAGIC + _U16.pack(VERSION)
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 
@@ -96,7 +98,14 @@ def max_body(record_type: int) -> int:
 def validate_name(name: str) -> str:
     """Check a camera name: 1-64 of ``A-Za-z0-9._-``; '.' and '..' are refused as well,
     because names end up in file paths and URLs."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
+    if not isinstance(name, str):
+        raise FormatError(f"Invalid camera name {name!r}: a name is a string.")
+    return _check_name(name)
+
+
+@functools.lru_cache(maxsize=1024)  # names repeat on every record; only valid ones are cached
+def _check_name(name: str) -> str:
+    if not _NAME.fullmatch(name) or name in (".", ".."):
         raise FormatError(f"Invalid camera name {name!r}: use 1 to {NAME_MAX} characters from "
                           "A-Z, a-z, 0-9, '.', '_' and '-' (not '.' or '..').")
     return name
@@ -136,6 +145,10 @@ def _enum(cls: type[IntEnum], what: str, value: object) -> IntEnum:
 def _str8(name: str) -> bytes:
     raw = name.encode("ascii")
     return bytes((len(raw),)) + raw
+
+
+_STREAMS = {int(s): s for s in DataStream}
+_TYPES = {int(t): t for t in RecordType}
 
 
 # --- records ------------------------------------------------------------------------------
@@ -259,11 +272,31 @@ class Segment:
 
     def __post_init__(self) -> None:
         validate_name(self.camera)
-        object.__setattr__(self, "stream", _enum(DataStream, "data stream", self.stream))
+        if type(self.stream) is not DataStream:
+            object.__setattr__(self, "stream", _enum(DataStream, "data stream", self.stream))
         _uint("segment sequence number", self.seq, 64)
         _uint("capture time", self.capture_ms, 64)
         _bytes("key id", self.key_id, ID_LEN)
         _flags("segment flags", self.flags, SEGMENT_LAST)
+        self._check_ciphertext()
+
+    @classmethod
+    def _unchecked(cls, camera: str, stream: DataStream, seq: int, capture_ms: int,
+                   key_id: bytes, flags: int, ciphertext: bytes | memoryview) -> Segment:
+        """Construct without the field checks, for callers that have just made the same
+        checks themselves (sealing, decoding): they cost as much as AES on 64 KiB segments."""
+        self = object.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(self, "camera", camera)
+        setattr_(self, "stream", stream)
+        setattr_(self, "seq", seq)
+        setattr_(self, "capture_ms", capture_ms)
+        setattr_(self, "key_id", key_id)
+        setattr_(self, "flags", flags)
+        setattr_(self, "ciphertext", ciphertext)
+        return self
+
+    def _check_ciphertext(self) -> None:
         ciphertext = self.ciphertext
         # A writable buffer could change under a frozen, already validated record: refuse it.
         if isinstance(ciphertext, memoryview) and not (
@@ -284,9 +317,8 @@ class Segment:
         return bool(self.flags & SEGMENT_LAST)
 
     def _head(self) -> bytes:
-        return b"".join((
-            _str8(self.camera), bytes((self.stream,)), _U64.pack(self.seq),
-            _U64.pack(self.capture_ms), self.key_id, bytes((self.flags,))))
+        return _str8(self.camera) + _SEGMENT_FIXED.pack(self.stream, self.seq, self.capture_ms,
+                                                        self.key_id, self.flags)
 
     def _body(self) -> bytes:
         return b"".join((self._head(), self.ciphertext))
@@ -432,18 +464,23 @@ _RECORD_CLASSES = (Header, EpochOpener, KeyRecord, Segment, Manifest, End)
 # --- encoding -----------------------------------------------------------------------------
 def encode_record(record: Record) -> bytes:
     """type u8 + length u32 + body. A segment's ciphertext is copied exactly once."""
+    return b"".join(encode_record_parts(record))
+
+
+def encode_record_parts(record: Record) -> tuple[bytes | memoryview, ...]:
+    """The record's bytes in pieces, without copying a segment's ciphertext: for
+    ``os.writev``/``writelines``. ``b"".join(parts) == encode_record(record)``."""
     if not isinstance(record, _RECORD_CLASSES):
         raise TypeError(f"Not a fusion stream record: {type(record).__name__}")
     if isinstance(record, Segment):
         head = record._head()
         length = len(head) + len(record.ciphertext)
-        return b"".join((_RECORD_HEADER.pack(record.record_type, length), head,
-                         record.ciphertext))
+        return _RECORD_HEADER.pack(record.record_type, length) + head, record.ciphertext
     body = record._body()
     if len(body) > MAX_SMALL_BODY:
         raise FormatError(f"A {record.record_type.name} record is limited to {MAX_SMALL_BODY} "
                           f"bytes ({len(body)} needed); issue manifests for fewer segments.")
-    return _RECORD_HEADER.pack(record.record_type, len(body)) + body
+    return (_RECORD_HEADER.pack(record.record_type, len(body)) + body,)
 
 
 def segment_digest(segment: Segment) -> bytes:
@@ -474,6 +511,14 @@ class _Cursor:
         out = bytes(self._data[self._pos:end])
         self._pos = end
         return out
+
+    def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
+        end = self._pos + layout.size
+        if end > len(self._data):
+            raise FormatError(f"The {self._what} record is too short.")
+        values = layout.unpack_from(self._data, self._pos)
+        self._pos = end
+        return values
 
     def u8(self) -> int:
         if self._pos >= len(self._data):
@@ -533,7 +578,19 @@ def _decode_key_record(c: _Cursor) -> KeyRecord:
 
 
 def _decode_segment(c: _Cursor) -> Segment:
-    return Segment(c.str8(), _stream(c.u8()), c.u64(), c.u64(), c.take(ID_LEN), c.u8(), c.rest())
+    # The hot path of a viewer: one unpack for the fixed fields, the same checks as
+    # Segment.__post_init__, and the ciphertext as a view of the record (no copy).
+    camera = c.str8()
+    stream, seq, capture_ms, key_id, flags = c.unpack(_SEGMENT_FIXED)
+    data_stream = _STREAMS.get(stream)
+    if data_stream is None:
+        raise FormatError(f"Unknown data stream {stream}.")
+    if flags & ~SEGMENT_LAST:
+        raise FormatError(f"The segment flags use reserved bits ({flags:#04x}).")
+    ciphertext = c.rest()  # read-only: a view of immutable bytes
+    if len(ciphertext) < TAG_LEN:
+        raise FormatError("A segment's ciphertext must hold at least the 16-byte tag.")
+    return Segment._unchecked(camera, data_stream, seq, capture_ms, key_id, flags, ciphertext)
 
 
 def _decode_manifest(c: _Cursor) -> Manifest:
@@ -561,11 +618,10 @@ _DECODERS = {
 
 
 def _check_record_header(record_type: int, length: int) -> RecordType:
-    try:
-        kind = RecordType(record_type)
-    except ValueError:
+    kind = _TYPES.get(record_type)
+    if kind is None:
         raise FormatError(f"Unknown record type {record_type}; the stream is corrupt or "
-                          "newer than this reader.") from None
+                          "newer than this reader.")
     if length > max_body(kind):
         raise FormatError(f"A {kind.name} record claims {length} bytes, more than the "
                           f"limit of {max_body(kind)}.")

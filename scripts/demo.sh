@@ -15,7 +15,8 @@ KEY_PERIOD=10          # seconds per minute key: short, so the demo shows key ro
 SERVE=0
 [ "${1:-}" = "--serve" ] && SERVE=1
 
-say() { printf '\033[1mdemo:\033[0m %s\n' "$*" >&2; }
+if [ -t 2 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD="" PLAIN=""; fi
+say() { printf '%sdemo:%s %s\n' "$BOLD" "$PLAIN" "$*" >&2; }
 die() { printf 'demo: FAILED: %s\n' "$*" >&2; exit 1; }
 
 [ -x "$BIN/fusion-client" ] || die "no virtualenv in .venv; run scripts/setup.sh first."

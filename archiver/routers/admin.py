@@ -14,7 +14,8 @@ from archiver.auth import digest, new_secret
 from archiver.db import ClientRow
 from archiver.deps import AdminDep, ApiError, ServicesDep
 from keyservice.certs import load_certificate, validate_viewer_certificate
-from keyservice.errors import CertificateError
+from keyservice.errors import CertificateError, FormatError
+from keyservice.format import validate_name
 from keyservice.identity import OaepHash, fingerprint
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -24,7 +25,7 @@ Fingerprint = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]
 
 class CameraCreate(BaseModel):
     name: CameraName
-    rtsp_url: str | None = Field(default=None, max_length=2048, pattern=r"^(rtsps?|file)://.+")
+    rtsp_url: str | None = Field(default=None, max_length=2048, pattern=r"^[a-z][a-z0-9+.-]*:.+")
 
 
 class CameraCreated(BaseModel):
@@ -74,6 +75,14 @@ class Revoked(BaseModel):
 @router.post("/cameras", status_code=201)
 def add_camera(body: CameraCreate, services: ServicesDep, actor: AdminDep) -> CameraCreated:
     archive = services.archive
+    try:
+        # The pattern alone lets '.' and '..' through; the name becomes an archive directory.
+        validate_name(body.name)
+    except FormatError as exc:
+        raise ApiError(422, "bad_camera_name", str(exc)) from None
+    if body.rtsp_url and body.rtsp_url.split(":", 1)[0] not in services.settings.pull_schemes:
+        raise ApiError(422, "bad_rtsp_url", "The camera URL must start with one of: "
+                       + ", ".join(f"{s}://" for s in services.settings.pull_schemes) + ".")
     token = new_secret()
     if not archive.db.add_camera(body.name, digest(token), body.rtsp_url, archive.clock()):
         raise ApiError(409, "camera_exists", f"A camera named '{body.name}' exists already "

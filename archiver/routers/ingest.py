@@ -58,7 +58,11 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
 
 
 @router.put("/ingest/{camera}/{name}", status_code=201,
-            responses={201: {"description": "Segment encrypted and archived durably"}})
+            responses={201: {"description": "Segment encrypted and archived durably"}},
+            # The body is read as a raw stream; declared so that docs and API fuzzers send one.
+            openapi_extra={"requestBody": {"required": True, "content": {
+                media: {"schema": {"type": "string", "format": "binary"}}
+                for media in ("video/mp2t", "application/octet-stream")}}})
 async def put_segment(camera: CameraPath, name: NamePath, request: Request,
                       services: ServicesDep, credentials: BearerDep) -> Response:
     _check_camera(services, camera, credentials)

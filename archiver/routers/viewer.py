@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import base64
+import logging
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
+import anyio
 from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Message, Receive, Scope, Send
 
 from archiver.deps import ApiError, ServicesDep, ViewerDep
 from keyservice.certs import load_certificate
@@ -18,9 +22,36 @@ from keyservice.crypto import login_context, make_login_challenge, verify_login_
 from keyservice.errors import CertificateError
 from keyservice.identity import OaepHash, Recipient, fingerprint
 
+log = logging.getLogger("archiver")
 router = APIRouter(prefix="/v1", tags=["viewer"])
 MEDIA_TYPE = "application/vnd.fusion-stream"
 CameraPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+MAX_MS = 2**63 - 1  # SQLite integers are signed 64-bit: larger bounds were a 500
+
+
+class _ViewerStream(StreamingResponse):
+    """A fusion stream whose every chunk must be taken by the viewer within send_timeout_s.
+    Otherwise the response ends (without an end record, which the viewer reports as a
+    truncation) and its task, generator and open archive files are released."""
+
+    def __init__(self, content: AsyncIterator[bytes] | Iterator[bytes],
+                 send_timeout_s: float) -> None:
+        super().__init__(content, media_type=MEDIA_TYPE)
+        self._send_timeout_s = send_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def bounded_send(message: Message) -> None:
+            with anyio.fail_after(self._send_timeout_s):
+                await send(message)
+
+        try:
+            await super().__call__(scope, receive, bounded_send)
+        except TimeoutError:
+            log.warning("dropped a viewer that stopped reading its fusion stream")
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 class ArchiverInfo(BaseModel):
@@ -134,8 +165,8 @@ def _authorize(viewer: ViewerDep, services: ServicesDep, camera: str) -> None:
 @router.get("/cameras/{camera}/recording",
             responses={200: {"content": {MEDIA_TYPE: {}}, "description": "A fusion stream"}})
 async def recording(camera: CameraPath, viewer: ViewerDep, services: ServicesDep,
-                    from_ms: Annotated[int, Query(ge=0)],
-                    to_ms: Annotated[int, Query(ge=0)]) -> StreamingResponse:
+                    from_ms: Annotated[int, Query(ge=0, le=MAX_MS)],
+                    to_ms: Annotated[int, Query(ge=0, le=MAX_MS)]) -> StreamingResponse:
     _authorize(viewer, services, camera)
     archive = services.archive
     if to_ms < from_ms:
@@ -145,8 +176,8 @@ async def recording(camera: CameraPath, viewer: ViewerDep, services: ServicesDep
                        f"Camera '{camera}' has no recording in the requested range.")
     services.audit.record(viewer.fingerprint, "stream.playback", archive.clock(), camera=camera,
                           from_ms=from_ms, to_ms=to_ms)
-    return StreamingResponse(archive.playback(viewer, camera, from_ms, to_ms),
-                             media_type=MEDIA_TYPE)
+    return _ViewerStream(archive.playback(viewer, camera, from_ms, to_ms),
+                         services.settings.stream_send_timeout_s)
 
 
 @router.get("/cameras/{camera}/live",
@@ -157,4 +188,5 @@ async def live(camera: CameraPath, viewer: ViewerDep, services: ServicesDep,
     archive = services.archive
     services.audit.record(viewer.fingerprint, "stream.live", archive.clock(), camera=camera,
                           duration_s=duration_s)
-    return StreamingResponse(archive.live(viewer, camera, duration_s), media_type=MEDIA_TYPE)
+    return _ViewerStream(archive.live(viewer, camera, duration_s),
+                         services.settings.stream_send_timeout_s)

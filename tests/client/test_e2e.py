@@ -125,8 +125,20 @@ def chunk(tag: str, size: int = 3000) -> bytes:
 
 def play(client: Client, server_url: str, viewer: Viewer, out: Path, start: int, end: int,
          *extra: str, camera: str = "cam1") -> Result:
-    return client("play", "--archiver", server_url, "--token", viewer.uri, "--camera", camera,
+    import itertools, json as _j
+    global _DBG
+    try:
+        _DBG
+    except NameError:
+        _DBG = itertools.count()
+    n = next(_DBG)
+    if "--save-stream" not in extra:
+        extra = (*extra, "--save-stream", f"/tmp/c_fail/s{os.getpid()}-{n}.fusion")
+    r = client("play", "--archiver", server_url, "--token", viewer.uri, "--camera", camera,
                   "--from", iso(start), "--to", iso(end), "-o", str(out), *extra)
+    if "failed authentication" in r.stderr and "tampered" not in str(client.home):
+        Path(f"/tmp/c_fail/s{os.getpid()}-{n}.json").write_text(_j.dumps({"uri": viewer.uri, "stderr": r.stderr, "home": str(client.home)}))
+    return r
 
 
 def token_operations(stderr: str) -> tuple[int, int, int]:
@@ -149,10 +161,12 @@ def test_export_is_frame_identical_for_two_viewers_each_with_its_own_key_stream(
     ingest = archiver_server.add_camera("cam1")
     archiver_server.add_client(alice.pem, ["cam1"])
     archiver_server.add_client(bob.pem, "all")
-    source = make_source(tmp_path / "source.ts", seconds=6)
+    source = make_source(tmp_path / "source.ts", seconds=4)
     start = now_ms()
-    push(source, archiver_server.url, "cam1", ingest, realtime=False, hls_time=1)
-    wait_for_segments(archiver_server, "cam1", 6)
+    # In real time, as a camera: unthrottled, ffmpeg's HLS PUTs of consecutive segments can
+    # overlap and reach the Archiver out of order (it archives in arrival order).
+    push(source, archiver_server.url, "cam1", ingest, realtime=True, hls_time=1)
+    wait_for_segments(archiver_server, "cam1", 4)
     end = now_ms() + 1
 
     alice_out, bob_out = tmp_path / "alice.ts", tmp_path / "bob.ts"
@@ -163,7 +177,7 @@ def test_export_is_frame_identical_for_two_viewers_each_with_its_own_key_stream(
     assert "trusting the Archiver" in first.stderr and "on first use" in first.stderr
     assert "complete (verified signed end record)" in first.stderr
     source_frames = frame_hashes(source)
-    assert len(source_frames) == 150
+    assert len(source_frames) == 100
     assert frame_hashes(alice_out) == source_frames, first.stderr
     # One login and one epoch opener: the token is not used per minute key.
     assert token_operations(first.stderr) == (2, 1, 1)
@@ -408,6 +422,17 @@ def read_exactly(fd: int, size: int, timeout: float) -> bytes:
     return data
 
 
+def read_until_quiet(fd: int, quiet: float) -> bytes:
+    """Whatever arrives until nothing more comes for `quiet` seconds."""
+    data = b""
+    while select.select([fd], [], [], quiet)[0]:
+        piece = os.read(fd, 1 << 16)
+        if not piece:
+            break
+        data += piece
+    return data
+
+
 def test_live_delivers_each_segment_while_the_camera_is_still_pushing(
         archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
         tmp_path: Path) -> None:
@@ -423,18 +448,21 @@ def test_live_delivers_each_segment_while_the_camera_is_still_pushing(
         assert process.stdout is not None
         fd = process.stdout.fileno()
         # The live stream starts with the first segment archived after the request: push
-        # warm-up segments until one arrives, then check each further segment arrives
-        # before the next one is even pushed.
-        first = None
+        # warm-up segments until data arrives, drain, then check that each further segment
+        # arrives before the next one is even pushed.
+        warm: list[bytes] = []
+        received = b""
         for i in range(40):
-            warm = chunk(f"warm{i}", 2000)
-            put(archiver_server, "cam1", ingest, warm)
-            got = read_exactly(fd, len(warm), 0.5)
-            if got:
-                first = got + read_exactly(fd, len(warm) - len(got), 5)
-                assert first == warm
+            warm.append(chunk(f"warm{i}", 2000))
+            put(archiver_server, "cam1", ingest, warm[-1])
+            received += read_until_quiet(fd, 0.5)
+            if received:
                 break
-        assert first is not None, "no live segment arrived"
+        received += read_until_quiet(fd, 1.0)
+        assert received, "no live segment arrived"
+        delivered = [k for k in range(len(warm)) if received == b"".join(warm[k:])]
+        assert delivered, "the live bytes are not the last warm-up segments, in order"
+        warm_segments = len(warm) - delivered[0]
         for i in range(4):
             segment = chunk(f"live{i}", 5000 + i)
             put(archiver_server, "cam1", ingest, segment)
@@ -448,7 +476,7 @@ def test_live_delivers_each_segment_while_the_camera_is_still_pushing(
     stderr = err.decode(errors="replace")
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr
-    assert "5 segment(s)" in stderr and "stopped by you" in stderr
+    assert f"{warm_segments + 4} segment(s)" in stderr and "stopped by you" in stderr
 
 
 @requires_ffmpeg
@@ -458,11 +486,11 @@ def test_live_video_to_file_while_ffmpeg_pushes(
     alice = make_viewer("alice")
     ingest = archiver_server.add_camera("cam1")
     archiver_server.add_client(alice.pem, ["cam1"])
-    source = make_source(tmp_path / "source.ts", seconds=6)
+    source = make_source(tmp_path / "source.ts", seconds=5)
     out = tmp_path / "live.ts"
     viewer = subprocess.Popen(
         client.command("live", "--archiver", archiver_server.url, "--token", alice.uri,
-                       "--camera", "cam1", "--duration", "5", "-o", str(out)),
+                       "--camera", "cam1", "--duration", "3.5", "-o", str(out)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client.env(),
         stdin=subprocess.DEVNULL)
     time.sleep(1.0)  # the viewer connects before the camera starts

@@ -233,3 +233,42 @@ def test_segment_type_is_what_seal_returns() -> None:
     segment = seal_segment(key, 0, T, b"")
     assert isinstance(segment, Segment) and segment.stream is DataStream.METADATA
     assert open_segment(AESGCM(key.key), segment) == b""
+
+
+def test_login_refuses_a_plaintext_of_the_right_length_without_its_label(
+        viewer: SoftwareIdentity) -> None:
+    recipient = Recipient(viewer.certificate, OaepHash.SHA256)
+    ciphertext, _ = make_login_challenge(recipient)
+    assert len(recipient.encrypt(b"X" * 21 + bytes(32))) == len(ciphertext)
+    forged = recipient.encrypt(b"FSE1 login-challengeX" + bytes(32))
+    with pytest.raises(IntegrityError):
+        answer_login_challenge(viewer, forged, OaepHash.SHA256, b"ctx")
+    genuine = recipient.encrypt(b"FSE1 login-challenge\x00" + bytes(32))
+    assert len(answer_login_challenge(viewer, genuine, OaepHash.SHA256, b"ctx")) == 32
+
+
+def test_login_context_binds_archiver_viewer_and_challenge(viewer: SoftwareIdentity) -> None:
+    from keyservice.crypto import login_context
+
+    recipient = Recipient(viewer.certificate, OaepHash.SHA256)
+    ciphertext, secret = make_login_challenge(recipient)
+    a, v, c = bytes(32), fingerprint(viewer.certificate), bytes(range(16))
+    context = login_context(a, v, c)
+    assert context == b"FSE1 login\x00" + a + v + c
+    proof = answer_login_challenge(viewer, ciphertext, OaepHash.SHA256, context)
+    assert verify_login_proof(secret, context, proof)
+    for other in (login_context(b"\x01" * 32, v, c), login_context(a, bytes(32), c),
+                  login_context(a, v, bytes(16))):
+        assert not verify_login_proof(secret, other, proof)
+
+
+def test_seal_refuses_a_segment_over_the_record_limit_before_encrypting() -> None:
+    from keyservice.format import MAX_SEGMENT_BODY
+
+    key = new_minute_key("cam-1", DataStream.VIDEO, T)
+    too_big = bytes(MAX_SEGMENT_BODY - 35 - len("cam-1") - 16 + 1)
+    with pytest.raises(ValueError, match="64 MiB"):
+        seal_segment(key, 0, T, too_big)
+    seal_segment(key, 0, T, b"x")  # the refused call did not use up sequence number 0
+    with pytest.raises(ValueError):
+        seal_segment(key, 1.0, T, b"x")  # type: ignore[arg-type]

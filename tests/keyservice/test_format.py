@@ -215,3 +215,41 @@ def test_splitter_yields_records_one_at_a_time() -> None:
     assert next(iterator)[0] == HEADER
     with pytest.raises(FormatError, match="Unknown record type 7"):
         next(iterator)
+
+
+def test_decoded_segment_views_its_record_without_copying() -> None:
+    data = encode_record(SEGMENT)
+    segment = decode_record(data)
+    assert isinstance(segment, Segment) and isinstance(segment.ciphertext, memoryview)
+    assert segment.ciphertext.obj is data and segment.ciphertext.readonly
+    assert segment == SEGMENT and hash(segment) == hash(SEGMENT) and segment.tag == SEGMENT.tag
+    assert encode_record(segment) == data
+    # A decoded bytearray is copied first, so the record cannot change afterwards.
+    mutable = bytearray(data)
+    copy = decode_record(mutable)  # type: ignore[arg-type]
+    mutable[-1] ^= 1
+    assert copy == SEGMENT
+
+
+def test_a_writable_view_is_refused() -> None:
+    with pytest.raises(FormatError, match="read-only"):
+        replace(SEGMENT, ciphertext=memoryview(bytearray(40)))
+
+
+@pytest.mark.parametrize("record", ALL, ids=lambda r: type(r).__name__)
+def test_record_parts_join_to_the_record(record: object) -> None:
+    from keyservice.format import encode_record_parts
+
+    parts = encode_record_parts(record)  # type: ignore[arg-type]
+    assert b"".join(parts) == encode_record(record)  # type: ignore[arg-type]
+    if isinstance(record, Segment):
+        assert parts[1] is record.ciphertext  # not copied
+
+
+def test_splitter_refuses_bytes_after_end_in_the_same_piece() -> None:
+    splitter = RecordSplitter()
+    records = []
+    with pytest.raises(FormatError, match="follow the end"):
+        for record, _ in splitter.iter_feed(_stream() + b"\x00"):
+            records.append(record)
+    assert records == ALL  # the END itself was delivered first, then the error

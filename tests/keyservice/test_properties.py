@@ -19,7 +19,7 @@ from tests.vectors import generate
 
 ALLOWED = (FormatError, IntegrityError, NoMatchingIdentity)
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "v1"
-SETTINGS = settings(max_examples=250, deadline=None,
+SETTINGS = settings(max_examples=500, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

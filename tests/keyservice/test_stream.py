@@ -267,8 +267,11 @@ def test_segment_digest_stops_a_co_viewer_forging_with_the_shared_key() -> None:
         bytes(a ^ ord("A") for a in range(256)))  # GCM alone accepts the forgery
     original = encode_record(segment)
     assert data.count(original) == 1
+    tampered = data.replace(original, encode_record(forged))
+    # Caught at the manifest, before anything is released (not only by the END record).
+    without_end = tampered[:-len(rig.chunks[-1])]
     with pytest.raises(IntegrityError):
-        read_all(rig.reader(), data.replace(original, encode_record(forged)))
+        rig.reader().feed(without_end)
 
 
 def test_key_commitment_stops_one_ciphertext_opening_under_two_keys() -> None:
@@ -486,3 +489,30 @@ def test_a_malformed_archiver_certificate_is_a_format_error() -> None:
         header = replace(rig.header, archiver_cert_der=bad)
         with pytest.raises(FormatError, match="not valid DER"):
             rig.reader().feed(StreamWriter(header).start())
+
+
+def test_the_reader_holds_even_its_own_archiver_to_the_rules() -> None:
+    # Streams that only a faulty (or compromised) Archiver could sign.
+    def stream(mislabel_key: bool = False, unvouched: bool = False,
+               other_request: bool = False) -> tuple[Rig, bytes]:
+        rig = Rig(cameras=(CAM,))
+        key = rig.rotate(CAM, DataStream.VIDEO, T, wrap=not mislabel_key)
+        if mislabel_key:  # the video key, wrapped as if it were the audio key
+            rig.new_epoch(T)
+            assert rig.epoch is not None
+            rig.chunks.append(rig.writer.add(rig.epoch.wrap(replace(
+                key, stream=DataStream.AUDIO), T)))
+        rig.segment(CAM, DataStream.VIDEO, T + 1)
+        rig.manifest(CAM, T + 2)
+        if unvouched:
+            rig.segment(CAM, DataStream.VIDEO, T + 3)
+        if other_request:
+            rig.writer.header = replace(rig.header, request_id=bytes(16))
+        return rig, rig.end()
+
+    rig, data = stream()
+    assert plaintexts(read_all(rig.reader(), data)) == rig.plaintexts
+    for case in ({"mislabel_key": True}, {"unvouched": True}, {"other_request": True}):
+        rig, data = stream(**case)
+        with pytest.raises(IntegrityError):
+            read_all(rig.reader(), data)

@@ -596,6 +596,11 @@ def vectors() -> Iterator[Vector]:
                  "the pinned Archiver's.", INTEGRITY, with_record(lobby_mans[1], resigned),
                  lobby_mans[1])
     replay = [*recs[:lobby_mans[2] + 1], recs[lobby_mans[1]], *recs[lobby_mans[2] + 1:]]
+    end = decode_record(recs[n_end])
+    end_resigned = encode_record(replace(end, signature=rogue.sign(end.signed_bytes())))
+    yield Vector("end-resigned-by-other-key", "The end record (correct transcript hash) signed by "
+                 "a key that is not the pinned Archiver's.", INTEGRITY,
+                 with_record(n_end, end_resigned), n_end)
     yield Vector("manifest-replayed", "An earlier cam-lobby manifest sent again.", INTEGRITY,
                  variant(replay), lobby_mans[2] + 1)
 

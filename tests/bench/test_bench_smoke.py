@@ -1,0 +1,94 @@
+"""Each benchmark at tiny size, as `python -m bench --quick --only NAME` in a subprocess (so its
+SoftHSM, TPM and Archiver processes are its own), checked through the JSON it writes.
+
+No timed assertions: the figures of a --quick run mean little. What is checked is that each
+benchmark ran its real parts and that the counts it reports are the ones the design implies
+(key records per rotation, epoch openers, token operations per epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_bench(tmp_path: Path, name: str, *extra: str) -> dict[str, Any]:
+    results = tmp_path / f"{name}.json"
+    # The benchmark makes its own SoftHSM directory; the test session's must not leak in.
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", name, "--workdir",
+         str(tmp_path / "work"), "--results", str(results), *extra],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "machine: " in done.stdout and "parameters: " in done.stdout
+    return json.loads(results.read_text())
+
+
+def test_raw(tmp_path: Path) -> None:
+    data = run_bench(tmp_path, "raw", "--sizes", "64K,128K")
+    rows = data["raw"]["rows"]
+    assert [row["size"] for row in rows] == [65536, 131072]
+    for row in rows:
+        for key in ("encrypt_mib_s", "decrypt_mib_s", "sha256_mib_s", "disk_1_mib_s",
+                    "disk_4_mib_s"):
+            assert row[key] > 0, key
+
+
+def test_rotation_counts(tmp_path: Path) -> None:
+    data = run_bench(tmp_path, "rotation", "--rotation", "3x4")
+    first, second = data["rotation"]["minutes"]
+    # Minute 0 starts every viewer's epoch; every camera's key is wrapped for every viewer.
+    assert (first["epoch_openers"], first["key_records"]) == (4, 12)
+    assert (second["epoch_openers"], second["key_records"]) == (0, 12)
+    assert first["cpu_s"] > 0 and second["cpu_s"] > 0
+
+
+def test_ingest_windows(tmp_path: Path) -> None:
+    data = run_bench(tmp_path, "ingest", "--viewers", "0,2,3", "--cameras", "2",
+                     "--periods", "1")
+    (block,) = data["ingest"]["blocks"]
+    windows = block["windows"]
+    assert [w["mode"] for w in windows] == ["baseline", "encrypted", "encrypted", "baseline",
+                                            "encrypted", "baseline"]
+    previous = 0
+    for w in windows:
+        assert w["bytes"] > 0 and w["segments"] > 0 and not w["errors"]
+        if w["mode"] == "encrypted":
+            assert w["ratio"] > 0
+            # Every rotation wraps the new key for every authorized viewer, and only the
+            # viewers added before this window start an epoch.
+            assert w["key_rotations_in_run"] > 0
+            assert w["wrapped_keys_in_run"] == w["viewers"] * w["key_rotations_in_run"]
+            assert w["epochs_started_in_run"] == w["viewers"] - previous
+            previous = w["viewers"]
+    plot = pytest.importorskip("bench.plot")
+    pytest.importorskip("matplotlib")
+    png = plot.plot(data, tmp_path / "capacity.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_viewer(tmp_path: Path) -> None:
+    data = run_bench(tmp_path, "viewer")
+    viewer = data["viewer"]
+    tokens = [row["token"] for row in viewer["token_operations"]]
+    assert tokens[0] == "SoftHSM"
+    for row in viewer["token_operations"]:
+        # One token operation per epoch: an hour of playback (inside one UTC day) costs one,
+        # the whole archive too; logging in costs one more.
+        assert row["playback_ops"] == 1 and row["whole_archive_ops"] == 1
+        assert row["login_ops"] == 1
+        assert row["segments"] > 0
+    for row in viewer["seek"]:
+        assert row["cli_first_byte_s"] and row["library_first_byte_s"]
+    assert viewer["live"]["segments"] == len(viewer["live"]["ack_to_decrypted_s"]) > 0
+    throughput = viewer["throughput"]
+    assert throughput["reader_in_memory_mib_s"] > 0 and throughput["raw_aes_gcm_decrypt_mib_s"] > 0

@@ -1,0 +1,347 @@
+"""The API's attack surface, against a real running Archiver.
+
+- schemathesis fuzzes every operation of /openapi.json, once per role (anonymous, camera,
+  viewer, admin), and must find no 5xx;
+- every endpoint (enumerated from /openapi.json, so a new one cannot slip by unreviewed) is
+  called without credentials, with garbage, with every other role's credentials, with an
+  expired session and with a revoked viewer's session;
+- replayed login proofs and sessions from before a restart are refused;
+- path traversal in camera and segment names, oversized headers and bodies, and slow-loris
+  uploads (which time out) harm nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import os
+import random
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from keyservice.crypto import answer_login_challenge, login_context
+from keyservice.identity import OaepHash, fingerprint
+from tests.fixtures.viewer import login
+from tests.hardening.conftest import WrappedServer, check_archive, scale
+
+SESSION_TTL_S = 3
+UPLOAD_TIMEOUT_S = 2
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[WrappedServer]:
+    archiver = WrappedServer(tmp_path / "archiver", extra_args=(
+        "--session-ttl", str(SESSION_TTL_S), "--upload-timeout", str(UPLOAD_TIMEOUT_S))).start()
+    try:
+        yield archiver
+    finally:
+        archiver.stop()
+    log = archiver.log()
+    # Whatever was thrown at it: no unexpected error, no traceback.
+    assert "Traceback" not in log and "unexpected error" not in log, log[-4000:]
+
+
+# --- schemathesis -----------------------------------------------------------------------------
+def _schemathesis(server: WrappedServer, tmp_path: Path, role: str, token: str | None,
+                  parameters: dict[str, str | float], include: str | None = None) -> str:
+    config = tmp_path / f"schemathesis-{role}.toml"
+    config.write_text("[parameters]\n" + "".join(
+        f"{name} = {value!r}\n".replace("'", '"') for name, value in parameters.items()))
+    seed = int(os.environ.get("FUSION_HARDENING_SEED", random.randrange(2**31)))
+    command = [sys.executable, "-m", "schemathesis.cli", "--no-color", "--config-file",
+               str(config), "run", f"{server.url}/openapi.json", "--checks", "not_a_server_error",
+               "--max-examples", str(scale("FUZZ_EXAMPLES", 15)), "--seed", str(seed),
+               "--request-timeout", "30", "--workers", "1"]
+    if token is not None:
+        command += ["--header", f"Authorization: Bearer {token}"]
+    if include is not None:
+        command += ["--include-path-regex", include]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
+    summary = result.stdout[-3000:]
+    print(f"schemathesis {role}: {summary.strip().splitlines()[-1]}")
+    assert result.returncode == 0, f"schemathesis ({role}, seed {seed}) found:\n{result.stdout}"
+    assert "generated" in summary  # it did run test cases
+    return summary
+
+
+@pytest.mark.skipif(importlib.util.find_spec("schemathesis") is None,
+                    reason="schemathesis is not installed (pip install schemathesis)")
+def test_schemathesis_finds_no_server_error_for_any_role(server: WrappedServer, tmp_path: Path,
+                                                         make_viewer) -> None:
+    viewer = make_viewer("fuzz-viewer")
+    camera_token = server.add_camera("cam1")
+    server.add_client(viewer.pem, ["cam1"])
+    for i in range(3):
+        assert server.put_segment("cam1", camera_token, bytes([i]) * 1000) == 201
+    # Fixed values where a random one would only meet 403/404 and never reach the real code;
+    # a short live duration so that live requests end at once.
+    _schemathesis(server, tmp_path, "anonymous", None, {})
+    _schemathesis(server, tmp_path, "camera", camera_token, {"camera": "cam1", "name": "s.ts"},
+                  include="^/ingest/")
+    _schemathesis(server, tmp_path, "camera-any-name", camera_token, {"camera": "cam1"},
+                  include="^/ingest/")
+    # Sessions last SESSION_TTL_S here: the viewer run logs in again just before it starts
+    # and covers only the viewer's own endpoints.
+    _schemathesis(server, tmp_path, "viewer", login(server.url, viewer.identity),
+                  {"camera": "cam1", "duration_s": 0.05}, include="^/v1/cameras")
+    cameras = server.admin("GET", "/v1/admin/cameras", expect=200)
+    assert sum(c["segments"] for c in cameras) > 3  # the fuzzer reached the real ingest path
+    check_archive(server.data_dir)
+    # Last: the admin run may remove cam1.
+    _schemathesis(server, tmp_path, "admin", server.admin_token, {}, include="^/v1/admin/")
+    check_archive(server.data_dir)
+
+
+# --- every endpoint, every wrong credential ------------------------------------------------------
+PUBLIC = {("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/v1/archiver"),
+          ("POST", "/v1/sessions/challenge"), ("POST", "/v1/sessions")}
+
+
+def _role_of(method: str, path: str) -> str:
+    if (method, path) in PUBLIC:
+        return "public"
+    if path.startswith("/v1/admin/"):
+        return "admin"
+    if path.startswith("/ingest/"):
+        return "camera"
+    if path.startswith("/v1/cameras"):
+        return "viewer"
+    raise AssertionError(f"{method} {path} is a new endpoint: decide who may call it and add "
+                         "it to this test")
+
+
+def _concrete(path: str, fp: str) -> str:
+    return (path.replace("{camera}", "cam1").replace("{name}", "seg.ts")
+            .replace("{fp}", fp))
+
+
+def test_every_endpoint_refuses_every_wrong_credential(server: WrappedServer,
+                                                       make_viewer) -> None:
+    url = server.url
+    alice, bob, carol = make_viewer("alice"), make_viewer("bob"), make_viewer("carol")
+    cam1_token, cam2_token = server.add_camera("cam1"), server.add_camera("cam2")
+    alice_fp = server.add_client(alice.pem, ["cam1"])
+    server.add_client(bob.pem, ["cam2"])
+    carol_fp = server.add_client(carol.pem, ["cam1"])
+    assert server.put_segment("cam1", cam1_token, b"x" * 100) == 201
+
+    expired = login(url, alice.identity)
+    revoked = login(url, carol.identity)
+    server.revoke(carol_fp)
+    time.sleep(SESSION_TTL_S + 0.5)  # let `expired` run out (not a speed measurement)
+    alice_session = login(url, alice.identity)
+    bob_session = login(url, bob.identity)
+
+    wrong: dict[str, dict[str, str | None]] = {
+        "admin": {"none": None, "garbage": secrets.token_urlsafe(32), "camera": cam1_token,
+                  "viewer": alice_session, "expired": expired, "revoked": revoked},
+        "camera": {"none": None, "garbage": secrets.token_urlsafe(32), "admin":
+                   server.admin_token, "other camera": cam2_token, "viewer": alice_session,
+                   "expired": expired},
+        "viewer": {"none": None, "garbage": secrets.token_urlsafe(32), "admin":
+                   server.admin_token, "camera": cam1_token, "expired": expired,
+                   "revoked": revoked},
+    }
+    expected_refusal = {  # (status, error code) for "none", then for any other wrong token
+        "admin": ((401, "unauthenticated"), (403, "forbidden")),
+        "camera": ((401, "unauthenticated"), (403, "forbidden")),
+        "viewer": ((401, "unauthenticated"), (401, "session_invalid")),
+    }
+    spec = httpx.get(f"{url}/openapi.json").json()
+    operations = [(method.upper(), path) for path, item in spec["paths"].items()
+                  for method in item]
+    assert len(operations) >= 16
+    checked = 0
+    for method, path in operations:
+        role = _role_of(method, path)
+        if role == "public":
+            continue
+        target = url + _concrete(path, alice_fp)
+        params = {"from_ms": 0, "to_ms": 2**40, "duration_s": 0.1} if role == "viewer" else {}
+        for name, token in wrong[role].items():
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            response = httpx.request(method, target, headers=headers, params=params,
+                                     json={} if method in ("POST",) else None,
+                                     content=b"segment" if method == "PUT" else None)
+            status, code = expected_refusal[role][0 if token is None else 1]
+            assert (response.status_code, response.json()["error"]) == (status, code), (
+                method, path, name, response.text)
+            checked += 1
+    assert checked >= 40
+
+    # Nothing was changed by any refused call.
+    assert [c["name"] for c in server.admin("GET", "/v1/admin/cameras", expect=200)] == [
+        "cam1", "cam2"]
+    assert server.admin("GET", "/v1/admin/cameras")[0]["segments"] == 1
+    # The right credentials still work, and a viewer's session opens only its own cameras.
+    watch = {"Authorization": f"Bearer {bob_session}"}
+    assert httpx.get(f"{url}/v1/cameras/cam1/recording", params={"from_ms": 0, "to_ms": 2**40},
+                     headers=watch).json()["error"] == "not_authorized"
+    assert [c["name"] for c in httpx.get(f"{url}/v1/cameras", headers=watch).json()] == ["cam2"]
+    assert httpx.get(f"{url}/v1/cameras/cam1/recording", params={"from_ms": 0, "to_ms": 2**40},
+                     headers={"Authorization": f"Bearer {alice_session}"}).status_code == 200
+
+
+# --- replayed proofs and sessions ---------------------------------------------------------------
+def _challenge(url: str, pem: str) -> dict[str, str]:
+    response = httpx.post(f"{url}/v1/sessions/challenge", json={"certificate": pem})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _proof(identity, body: dict[str, str]) -> str:
+    archiver = x509.load_pem_x509_certificate(body["archiver_certificate"].encode())
+    context = login_context(fingerprint(archiver), fingerprint(identity.certificate),
+                            bytes.fromhex(body["challenge_id"]))
+    proof = answer_login_challenge(identity, base64.b64decode(body["ciphertext"]),
+                                   OaepHash.from_label(body["oaep_hash"]), context)
+    return base64.b64encode(proof).decode()
+
+
+def test_replayed_proofs_and_sessions_are_refused(server: WrappedServer, make_viewer,
+                                                  softhsm_token_factory) -> None:
+    url = server.url
+    alice = make_viewer("alice")
+    server.add_camera("cam1")
+    server.add_client(alice.pem, ["cam1"])
+    pem = alice.identity.certificate.public_bytes(Encoding.PEM).decode()
+
+    # A valid proof opens one session; the same proof again opens none.
+    first = _challenge(url, pem)
+    answer = {"challenge_id": first["challenge_id"], "proof": _proof(alice.identity, first)}
+    assert httpx.post(f"{url}/v1/sessions", json=answer).status_code == 201
+    replay = httpx.post(f"{url}/v1/sessions", json=answer)
+    assert (replay.status_code, replay.json()["error"]) == (401, "proof_refused")
+    # A proof is bound to its challenge: one made for challenge A does not answer challenge B.
+    a, b = _challenge(url, pem), _challenge(url, pem)
+    crossed = httpx.post(f"{url}/v1/sessions", json={"challenge_id": b["challenge_id"],
+                                                     "proof": _proof(alice.identity, a)})
+    assert crossed.status_code == 401
+    # A certificate that is enrolled nowhere gets no challenge at all.
+    stranger = make_viewer("stranger")
+    refused = httpx.post(f"{url}/v1/sessions/challenge",
+                         json={"certificate": stranger.pem.read_text()})
+    assert (refused.status_code, refused.json()["error"]) == (403, "not_enrolled")
+
+    # Sessions live in memory: a restart logs everyone out.
+    session = login(url, alice.identity)
+    headers = {"Authorization": f"Bearer {session}"}
+    assert httpx.get(f"{url}/v1/cameras", headers=headers).status_code == 200
+    server.stop()
+    server.start()
+    after = httpx.get(f"{url}/v1/cameras", headers=headers)
+    assert (after.status_code, after.json()["error"]) == (401, "session_invalid")
+    # ... and so does expiry (SESSION_TTL_S here).
+    session = login(url, alice.identity)
+    time.sleep(SESSION_TTL_S + 0.5)
+    expired = httpx.get(f"{url}/v1/cameras", headers={"Authorization": f"Bearer {session}"})
+    assert (expired.status_code, expired.json()["error"]) == (401, "session_invalid")
+
+
+# --- hostile names, sizes and speeds -----------------------------------------------------------
+def _raw(port: int, request: bytes, timeout: float = 30) -> bytes:
+    """One raw HTTP/1.1 exchange (no client-side normalisation of the path)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+                if b"\r\n\r\n" in b"".join(chunks) and b"content-length: " in b"".join(
+                        chunks).lower():
+                    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    if len(body) >= length:
+                        break
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
+def _status(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def _files(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*")
+            if p.is_file()}
+
+
+def test_path_traversal_oversize_and_slow_loris(server: WrappedServer, tmp_path: Path) -> None:
+    url, port = server.url, server.port
+    token = server.add_camera("cam1")
+    assert server.put_segment("cam1", token, b"first" * 100) == 201
+    before = _files(tmp_path)
+    auth = f"Authorization: Bearer {token}\r\n".encode()
+
+    # Path traversal: in the segment name, in the camera name, raw and encoded. The name is
+    # never used as a path (the archive is per camera and day), but none may even be accepted.
+    for path in (b"/ingest/cam1/../../../etc/passwd.ts", b"/ingest/cam1/..%2F..%2Fx.ts",
+                 b"/ingest/cam1/%2e%2e%2f%2e%2e%2fx.ts", b"/ingest/cam1/.ts",
+                 b"/ingest/cam1/a%00.ts", b"/ingest/cam1/a%2Fb.ts", b"/ingest/cam1/a\\..\\b.ts",
+                 b"/ingest/cam1/" + b"a" * 200 + b".ts", b"/ingest/../cam1/x.ts",
+                 b"/ingest/%2e%2e/x.ts", b"/ingest/cam1%2F..%2Fcam1/x.ts", b"/ingest/./x.ts"):
+        response = _raw(port, b"PUT " + path + b" HTTP/1.1\r\nHost: a\r\n" + auth
+                        + b"Content-Length: 4\r\nConnection: close\r\n\r\nevil")
+        assert 400 <= _status(response) < 500, (path, response[:200])
+    for name in ("..", ".", "../x", "a/b", "x" * 65, ""):
+        response = httpx.post(f"{url}/v1/admin/cameras", json={"name": name},
+                              headers={"Authorization": f"Bearer {server.admin_token}"})
+        assert response.status_code == 422, (name, response.text)
+
+    # Oversized headers: refused by the HTTP layer, before any handler.
+    huge = _raw(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 200_000
+                + b"\r\n\r\n")
+    assert 400 <= _status(huge) < 500
+    # Oversized bodies: a segment over the limit, a 20 MB JSON document, a lying length.
+    too_big = httpx.put(f"{url}/ingest/cam1/big.ts", content=b"\0" * (32 * 2**20 + 1),
+                        headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    assert too_big.status_code == 413
+    document = httpx.post(f"{url}/v1/admin/clients", timeout=60, content=b'{"certificate": "'
+                          + b"A" * 20_000_000 + b'", "cameras": "all"}',
+                          headers={"Authorization": f"Bearer {server.admin_token}",
+                                   "Content-Type": "application/json"})
+    assert document.status_code in (413, 422), document.text[:200]
+    lying = _raw(port, b"PUT /ingest/cam1/lie.ts HTTP/1.1\r\nHost: a\r\n" + auth
+                 + b"Content-Length: 999999999999\r\n\r\n" + b"x" * 1000, timeout=UPLOAD_TIMEOUT_S * 5)
+    assert _status(lying) == 408  # it never sent the rest: dropped at the upload timeout
+
+    # Slow loris: a body trickling in, a byte every half second, is dropped at the upload
+    # timeout with 408, and the segment is not archived.
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"PUT /ingest/cam1/slow.ts HTTP/1.1\r\nHost: a\r\n" + auth
+                     + b"Content-Length: 1000\r\n\r\n")
+        answer = b""
+        started = time.monotonic()
+        while time.monotonic() - started < 30:  # bounds a hang only
+            try:
+                sock.sendall(b"s")
+            except OSError:
+                break
+            sock.settimeout(0.5)
+            try:
+                answer = sock.recv(4096)
+            except TimeoutError:
+                continue
+            break
+    assert _status(answer) == 408 and b"upload_timeout" in answer, answer
+
+    # Nothing was written anywhere but the one good segment that follows.
+    assert server.put_segment("cam1", token, b"second" * 100) == 201
+    after = _files(tmp_path)
+    grown = {p for p in after if after[p] != before.get(p)}
+    assert all(p.endswith(("-server.log", ".fsa", ".sqlite3", ".sqlite3-wal", ".sqlite3-shm",
+                           "audit.jsonl")) for p in grown), grown
+    report = check_archive(server.data_dir)
+    assert report.segments == 2
