@@ -39,6 +39,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rotation", help="CAMERASxVIEWERS for the rotation cost "
                                            "(default 100x1000)")
     parser.add_argument("--no-tpm", action="store_true", help="skip the software TPM")
+    parser.add_argument("--profile", type=Path,
+                        help="record py-spy profiles (--gil) of the Archivers during each ingest "
+                             "window into this directory (needs py-spy)")
     parser.add_argument("--workdir", type=Path,
                         help="where archives and tokens go (default: a temporary directory, "
                              "removed afterwards); the disk figures are for this file system")
@@ -64,12 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     ingest_params = ingest.Params(
         viewers=parse_ints(args.viewers) if args.viewers else ([0, 1, 20] if quick else
                                                                 [0, 1, 20, 100, 1000]),
-        periods=parse_ints(args.periods) if args.periods else ([2] if quick else [60, 5]),
+        periods=parse_ints(args.periods) if args.periods else ([1] if quick else [60, 5]),
         cameras=args.cameras or (4 if quick else 100),
         concurrency=args.concurrency or (2 if quick else 16),
-        seconds=args.seconds or (0.6 if quick else 8.0),
+        seconds=args.seconds or (0.5 if quick else 8.0),
+        long_seconds=2.0 if quick else 20.0,
         warmup=0.2 if quick else 1.0,
-        sizes=sizes)
+        sizes=sizes,
+        profile_dir=args.profile)
     viewer_params = viewer.Params(use_tpm=not args.no_tpm) if not quick else viewer.Params(
         day_hours=2, day_segment_s=60, day_segment_bytes=4096, big_segments=4,
         big_segment_bytes=256 * 1024, seek_repeats=1, live_segments=2,

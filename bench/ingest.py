@@ -7,14 +7,25 @@ one encrypting. Both get the same cameras. A load generator in a process of its 
 acknowledged only after it was (encrypted,) fsynced and indexed. Windows alternate between the
 two Archivers (baseline, then encrypted ones, with a baseline again after every two), and each
 encrypted window is compared with the mean of the baseline windows on either side of it, so that
-the noise of a shared 2-core machine hits both alike. Viewers are added through the admin API
-(``POST /v1/admin/clients``), which also forces a key rotation and new epochs, so every
-encrypted window starts by wrapping fresh keys (and epoch openers) for all its viewers.
+the noise of a shared 2-core machine hits both alike.
+
+Viewers are added through the admin API (``POST /v1/admin/clients``); that ends the current
+keys of every camera, so each encrypted window starts with every camera rotating its key and
+every new viewer starting an epoch (an RSA-OAEP epoch opener) -- the burst the Archiver also
+goes through at the start of every key period. Two kinds of blocks:
+
+* short key period (default 5 s): windows of whole key periods, i.e. the steady state of an
+  Archiver that rotates 12 times as often as in production;
+* the production period (60 s): a window starts with the burst and never crosses a key-period
+  boundary, and lasts long enough for the burst to end (longer with many viewers); the
+  minute average is then estimated as the window plus the rest of the minute at the rate of the
+  window's last seconds (shown separately from what was measured).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -37,6 +48,8 @@ from bench.common import (
     size_label,
 )
 
+TAIL_S = 3  # seconds at the end of a window taken as the post-burst rate
+
 
 @dataclass
 class Params:
@@ -45,8 +58,13 @@ class Params:
     cameras: int = 100
     concurrency: int = 16
     seconds: float = 8.0
+    # Encrypted windows with this many viewers or more, in blocks with a long key period, last
+    # long_seconds: their rotation burst takes several seconds.
+    long_viewers: int = 500
+    long_seconds: float = 20.0
     warmup: float = 1.0
     sizes: list[int] = field(default_factory=lambda: [1 * MiB, 4 * MiB])
+    profile_dir: Path | None = None  # py-spy profiles of the Archivers, when given
 
 
 # --- what the machine did during a window (Linux /proc; empty elsewhere) -----------------------
@@ -67,7 +85,7 @@ def _machine_ticks() -> tuple[int, int] | None:
 
 
 def _metrics(server: BenchServer) -> dict[str, float]:
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    text = httpx.get(f"{server.url}/metrics", timeout=60).text
     wanted = ("fusion_key_rotations_total", "fusion_wrapped_keys_total",
               "fusion_epochs_started_total")
     out = {}
@@ -78,25 +96,47 @@ def _metrics(server: BenchServer) -> dict[str, float]:
     return out
 
 
-def window(server: BenchServer, cameras_file: Path, params: Params) -> dict[str, Any]:
+def _profile(server: BenchServer, seconds: float, path: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy on the Archiver for the window: which thread holds the GIL, doing what."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists() or server.process is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([py_spy, "record", "--pid", str(server.process.pid), "--duration",
+                             str(max(1, int(seconds))), "--rate", "100", "--gil", "--format",
+                             "raw", "--output", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def window(server: BenchServer, cameras_file: Path, params: Params, seconds: float,
+           profile: Path | None = None) -> dict[str, Any]:
     """One load-generator run against ``server``; MB/s acknowledged inside the window."""
     assert server.process is not None
     metrics0 = _metrics(server)
     cpu0, ticks0, wall0 = _cpu_seconds(server.process.pid), _machine_ticks(), time.perf_counter()
-    done = subprocess.run(
+    loadgen = subprocess.Popen(
         [sys.executable, "-m", "bench.loadgen", "--url", server.url, "--cameras",
          str(cameras_file), "--concurrency", str(params.concurrency), "--warmup",
-         str(params.warmup), "--seconds", str(params.seconds),
+         str(params.warmup), "--seconds", str(seconds),
          "--sizes", ",".join(str(s) for s in params.sizes)],
-        capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    spy = None
+    if profile is not None:
+        time.sleep(params.warmup + 0.5)
+        spy = _profile(server, seconds - 0.5, profile)
+    out, err = loadgen.communicate()
     cpu1, ticks1, wall1 = _cpu_seconds(server.process.pid), _machine_ticks(), time.perf_counter()
-    if done.returncode != 0:
-        raise RuntimeError(f"bench.loadgen failed: {done.stderr.strip()[-2000:]}")
-    result: dict[str, Any] = json.loads(done.stdout)
+    if spy is not None:
+        spy.wait(60)
+    if loadgen.returncode != 0:
+        raise RuntimeError(f"bench.loadgen failed: {err.strip()[-2000:]}")
+    result: dict[str, Any] = json.loads(out)
     metrics1 = _metrics(server)
     result.update({f"{k}_in_run": metrics1[k] - metrics0.get(k, 0) for k in metrics1})
     if cpu0 is not None and cpu1 is not None:
         result["server_cpu_cores"] = (cpu1 - cpu0) / (wall1 - wall0)
+        # CPU per MB is robust to a noisy neighbour in a way MB/s is not.
+        result["server_cpu_ms_per_mb"] = (cpu1 - cpu0) * 1000 / (result["bytes"] / MB or 1)
     if ticks0 and ticks1:
         total, idle = ticks1[0] - ticks0[0], ticks1[1] - ticks0[1]
         result["machine_busy"] = 1 - idle / total if total else None
@@ -108,12 +148,11 @@ def window(server: BenchServer, cameras_file: Path, params: Params) -> dict[str,
 
 def _describe(label: str, row: dict[str, Any]) -> str:
     mb_s = row["bytes_per_s"] / MB
-    text = (f"{label:<24} {mb_s:>7.1f} MB/s {row['bytes_per_s'] / CAMERA_BYTES_PER_S:>6.0f} cams"
-            f"  p50 ack {row['latency_p50_s'] * 1000:>5.0f} ms")
-    if "ratio" in row:
-        text += f"  ratio {row['ratio']:.3f}"
+    text = (f"{label:<24} {mb_s:>6.1f} MB/s {row['bytes_per_s'] / CAMERA_BYTES_PER_S:>5.0f} cams"
+            f" ({row['seconds']:.0f} s) p50 ack {row['latency_p50_s'] * 1000:>5.0f} ms")
     if "server_cpu_cores" in row:
-        text += f"  server CPU {row['server_cpu_cores']:.2f} cores"
+        text += (f"  server {row['server_cpu_cores']:.2f} cores, "
+                 f"{row['server_cpu_ms_per_mb']:.1f} ms CPU/MB")
     if row.get("machine_busy") is not None:
         text += f", machine {row['machine_busy'] * 100:.0f} % busy"
     if row.get("key_rotations_in_run"):
@@ -129,8 +168,9 @@ def run(report: Report, workdir: Path, params: Params) -> dict[str, Any]:
         "concurrent_uploads": params.concurrency,
         "segment_sizes": f"uniform {size_label(min(params.sizes))}..{size_label(max(params.sizes))}"
                          " (incompressible)",
-        "window_s": params.seconds, "warmup_s": params.warmup,
-        "camera_equivalent": "4 Mbit/s",
+        "window_s": params.seconds,
+        "long_window_s": f"{params.long_seconds} (>= {params.long_viewers} viewers, long periods)",
+        "warmup_s": params.warmup, "camera_equivalent": "4 Mbit/s",
         "viewer_certificates": "one software RSA-2048 key, one certificate per viewer "
                                "(OAEP-SHA256 extension)"})
     workdir.mkdir(parents=True, exist_ok=True)
@@ -139,17 +179,33 @@ def run(report: Report, workdir: Path, params: Params) -> dict[str, Any]:
     started = time.perf_counter()
     pems = CertFactory().pems(0, most)
     report.line(f"{most} viewer certificates made in {time.perf_counter() - started:.1f} s")
-    blocks = []
-    for period in params.periods:
-        blocks.append(_block(report, workdir / f"period-{period}", names, pems, period, params))
-    result["blocks"] = blocks
+    result["blocks"] = [_block(report, workdir / f"period-{period}", names, pems, period, params)
+                        for period in params.periods]
     return result
+
+
+def _plan(viewers: list[int]) -> list[int | None]:
+    """Window order: None is a baseline window; one after every two encrypted ones."""
+    plan: list[int | None] = [None]
+    for index, count in enumerate(sorted(viewers)):
+        plan.append(count)
+        if index % 2 == 1:
+            plan.append(None)
+    if plan[-1] is not None:
+        plan.append(None)
+    return plan
 
 
 def _block(report: Report, workdir: Path, names: list[str], pems: list[str], period: int,
            params: Params) -> dict[str, Any]:
     """Baseline and encrypted windows for one key period, on two fresh Archivers."""
-    report.line(f"-- key period {period} s --")
+    long_period = period >= 30
+    # Short periods: whole key periods per window. Long ones: the window stays inside one.
+    base_seconds = (params.seconds if long_period
+                    else max(period, math.ceil(params.seconds / period) * period))
+    kind = ("production: windows start with the rotation burst" if long_period
+            else "stress: windows of whole key periods")
+    report.line(f"-- key period {period} s ({kind}) --")
     workdir.mkdir(parents=True, exist_ok=True)
     baseline = BenchServer(workdir / "baseline", key_period_s=period, plaintext_baseline=True)
     encrypted = BenchServer(workdir / "encrypted", key_period_s=period)
@@ -162,37 +218,42 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
             files[name] = workdir / f"{name}-cameras.json"
             files[name].write_text(json.dumps(server.add_cameras(names)))
         added = 0
-        plan: list[int | None] = [None]  # None: a baseline window
-        for index, viewers in enumerate(sorted(params.viewers)):
-            plan.append(viewers)
-            if index % 2 == 1:
-                plan.append(None)
-        if plan[-1] is not None:
-            plan.append(None)
-        for step in plan:
+        for step in _plan(params.viewers):
+            profile = None
+            if params.profile_dir is not None:
+                what = "baseline" if step is None else f"{step}-viewers"
+                profile = params.profile_dir / f"period{period}-{len(rows):02d}-{what}.txt"
             if step is None:
-                row = window(baseline, files["baseline"], params)
+                row = window(baseline, files["baseline"], params, base_seconds, profile)
                 row["mode"] = "baseline"
-                report.line(_describe("baseline (plaintext)", row))
-            else:
-                if step > added:
-                    t0 = time.perf_counter()
-                    encrypted.add_viewers(pems[added:step])
-                    report.line(f"   authorized {step - added} more viewers through the admin "
-                                f"API in {time.perf_counter() - t0:.1f} s")
-                    added = step
-                row = window(encrypted, files["encrypted"], params)
-                row["mode"] = "encrypted"
-                row["viewers"] = step
                 rows.append(row)
-                report.line(_describe(f"encrypted, {step} viewers", row))
+                report.line(_describe("baseline (plaintext)", row))
                 continue
+            if step > added:
+                t0 = time.perf_counter()
+                encrypted.add_viewers(pems[added:step])
+                report.line(f"   authorized {step - added} more viewers through the admin API "
+                            f"in {time.perf_counter() - t0:.1f} s")
+                added = step
+            seconds = (params.long_seconds if long_period and step >= params.long_viewers
+                       else base_seconds)
+            if long_period:
+                _stay_inside_period(period, params.warmup + seconds + 2)
+            row = window(encrypted, files["encrypted"], params, seconds, profile)
+            row.update(mode="encrypted", viewers=step, key_period_s=period)
             rows.append(row)
-        _ratios(rows)
+            report.line(_describe(f"encrypted, {step} viewers", row))
+        _ratios(rows, period if long_period else None)
         for row in rows:
-            if row["mode"] == "encrypted":
-                report.line(f"   {row['viewers']:>5} viewers: ratio to the baseline windows "
-                            f"around it {row['ratio']:.3f}")
+            if row["mode"] != "encrypted":
+                continue
+            text = (f"   {row['viewers']:>5} viewers: ratio {row['ratio']:.3f} to the baseline "
+                    f"windows around it; CPU per MB {row.get('cpu_ratio', float('nan')):.2f}x "
+                    "the baseline's")
+            if "minute_ratio" in row:
+                text += (f"; estimated minute average {row['minute_bytes_per_s'] / MB:.0f} MB/s, "
+                         f"ratio {row['minute_ratio']:.3f}")
+            report.line(text)
         return {"key_period_s": period, "windows": rows}
     finally:
         encrypted.stop()
@@ -202,31 +263,53 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
             shutil.rmtree(server.data_dir, ignore_errors=True)
 
 
-def _ratios(rows: list[dict[str, Any]]) -> None:
-    """Each encrypted window against the mean of the nearest baseline window before and after."""
+def _stay_inside_period(period: int, needed_s: float) -> None:
+    """Wait for the next key-period boundary (the Archiver uses the wall clock) if the window
+    would cross it: it would add a second rotation burst."""
+    remaining = period - (time.time() % period)
+    if remaining < needed_s:
+        time.sleep(remaining + 0.2)
+
+
+def _ratios(rows: list[dict[str, Any]], period: int | None) -> None:
+    """Each encrypted window against the mean of the nearest baseline window before and after;
+    for a long key period also the estimated average over the whole period."""
     for i, row in enumerate(rows):
         if row["mode"] != "encrypted":
             continue
         before = next((r for r in reversed(rows[:i]) if r["mode"] == "baseline"), None)
         after = next((r for r in rows[i + 1:] if r["mode"] == "baseline"), None)
-        around = [r["bytes_per_s"] for r in (before, after) if r is not None]
-        base = sum(around) / len(around)
+        around = [r for r in (before, after) if r is not None]
+        base = sum(r["bytes_per_s"] for r in around) / len(around)
         row["baseline_bytes_per_s"] = base
         row["ratio"] = row["bytes_per_s"] / base
+        cpu = [r["server_cpu_ms_per_mb"] for r in around if "server_cpu_ms_per_mb" in r]
+        if cpu and "server_cpu_ms_per_mb" in row:
+            row["cpu_ratio"] = row["server_cpu_ms_per_mb"] / (sum(cpu) / len(cpu))
+        if period is not None and len(row["timeline_bytes_per_s"]) > TAIL_S:
+            tail = sum(row["timeline_bytes_per_s"][-TAIL_S:]) / TAIL_S
+            rest = max(0.0, period - row["seconds"])
+            row["minute_bytes_per_s"] = (row["bytes"] + tail * rest) / (row["seconds"] + rest)
+            row["minute_ratio"] = row["minute_bytes_per_s"] / base
+            row["minute_estimate"] = (f"{row['seconds']:.0f} s measured from the burst on, then "
+                                      f"{rest:.0f} s at the rate of its last {TAIL_S} s")
 
 
 def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per key period and viewer count: MB/s, camera-equivalents and ratio (for the plot)."""
+    """Per key period and viewer count: MB/s, camera-equivalents and ratios (for the plot)."""
     out = []
     for block in result.get("blocks", []):
         baselines = [w["bytes_per_s"] for w in block["windows"] if w["mode"] == "baseline"]
+        base = sum(baselines) / len(baselines)
         for w in block["windows"]:
-            if w["mode"] == "encrypted":
-                out.append({"key_period_s": block["key_period_s"], "viewers": w["viewers"],
-                            "mb_s": w["bytes_per_s"] / MB,
-                            "cameras": w["bytes_per_s"] / CAMERA_BYTES_PER_S,
-                            "ratio": w["ratio"],
-                            "baseline_mb_s": sum(baselines) / len(baselines) / MB,
-                            "baseline_cameras": sum(baselines) / len(baselines)
-                            / CAMERA_BYTES_PER_S})
+            if w["mode"] != "encrypted":
+                continue
+            row = {"key_period_s": block["key_period_s"], "viewers": w["viewers"],
+                   "mb_s": w["bytes_per_s"] / MB, "cameras": w["bytes_per_s"] / CAMERA_BYTES_PER_S,
+                   "ratio": w["ratio"], "baseline_mb_s": base / MB,
+                   "baseline_cameras": base / CAMERA_BYTES_PER_S}
+            if "minute_ratio" in w:
+                row["minute_ratio"] = w["minute_ratio"]
+                row["minute_cameras"] = w["minute_bytes_per_s"] / CAMERA_BYTES_PER_S
+            out.append(row)
     return out

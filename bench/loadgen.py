@@ -33,6 +33,7 @@ class Tally:
     segments: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
+    timeline: list[int] = field(default_factory=list)  # bytes acknowledged per second
 
 
 class Connection:
@@ -94,6 +95,7 @@ async def run(url: str, cameras: dict[str, str], concurrency: int, warmup: float
     start = loop.time()
     tally.window_start = start + warmup
     tally.window_end = tally.window_start + seconds
+    tally.timeline = [0] * max(1, int(seconds + 0.999))
     pick = random.Random(2)  # noqa: S311
 
     async def worker() -> None:
@@ -118,6 +120,8 @@ async def run(url: str, cameras: dict[str, str], concurrency: int, warmup: float
                     tally.bytes += len(body)
                     tally.segments += 1
                     tally.latencies.append(done - sent)
+                    second = min(len(tally.timeline) - 1, int(done - tally.window_start))
+                    tally.timeline[second] += len(body)
             elif status != -1:
                 tally.errors[str(status)] = tally.errors.get(str(status), 0) + 1
 
@@ -151,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency_p50_s": lat[len(lat) // 2] if lat else None,
         "latency_p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else None,
         "loadgen_cpu_s": time.process_time() - cpu0,
+        "timeline_bytes_per_s": tally.timeline,
     }, sys.stdout)
     print()
     return 0

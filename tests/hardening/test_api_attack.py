@@ -141,7 +141,6 @@ def test_every_endpoint_refuses_every_wrong_credential(server: WrappedServer,
     server.revoke(carol_fp)
     time.sleep(SESSION_TTL_S + 0.5)  # let `expired` run out (not a speed measurement)
     alice_session = login(url, alice.identity)
-    bob_session = login(url, bob.identity)
 
     wrong: dict[str, dict[str, str | None]] = {
         "admin": {"none": None, "garbage": secrets.token_urlsafe(32), "camera": cam1_token,
@@ -168,7 +167,7 @@ def test_every_endpoint_refuses_every_wrong_credential(server: WrappedServer,
         if role == "public":
             continue
         target = url + _concrete(path, alice_fp)
-        params = {"from_ms": 0, "to_ms": 2**40, "duration_s": 0.1} if role == "viewer" else {}
+        params = {"from_ms": 0, "to_ms": 2**62, "duration_s": 0.1} if role == "viewer" else {}
         for name, token in wrong[role].items():
             headers = {"Authorization": f"Bearer {token}"} if token else {}
             response = httpx.request(method, target, headers=headers, params=params,
@@ -185,11 +184,12 @@ def test_every_endpoint_refuses_every_wrong_credential(server: WrappedServer,
         "cam1", "cam2"]
     assert server.admin("GET", "/v1/admin/cameras")[0]["segments"] == 1
     # The right credentials still work, and a viewer's session opens only its own cameras.
+    alice_session, bob_session = login(url, alice.identity), login(url, bob.identity)
     watch = {"Authorization": f"Bearer {bob_session}"}
-    assert httpx.get(f"{url}/v1/cameras/cam1/recording", params={"from_ms": 0, "to_ms": 2**40},
+    assert httpx.get(f"{url}/v1/cameras/cam1/recording", params={"from_ms": 0, "to_ms": 2**62},
                      headers=watch).json()["error"] == "not_authorized"
     assert [c["name"] for c in httpx.get(f"{url}/v1/cameras", headers=watch).json()] == ["cam2"]
-    assert httpx.get(f"{url}/v1/cameras/cam1/recording", params={"from_ms": 0, "to_ms": 2**40},
+    assert httpx.get(f"{url}/v1/cameras/cam1/recording", params={"from_ms": 0, "to_ms": 2**62},
                      headers={"Authorization": f"Bearer {alice_session}"}).status_code == 200
 
 
@@ -251,22 +251,22 @@ def test_replayed_proofs_and_sessions_are_refused(server: WrappedServer, make_vi
 
 # --- hostile names, sizes and speeds -----------------------------------------------------------
 def _raw(port: int, request: bytes, timeout: float = 30) -> bytes:
-    """One raw HTTP/1.1 exchange (no client-side normalisation of the path)."""
+    """One raw HTTP/1.1 exchange (no client-side normalisation of the path): the response
+    as far as it came before the server closed (or reset) the connection."""
+    data = b""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(request)
-        chunks = []
         try:
+            sock.sendall(request)
             while chunk := sock.recv(65536):
-                chunks.append(chunk)
-                if b"\r\n\r\n" in b"".join(chunks) and b"content-length: " in b"".join(
-                        chunks).lower():
-                    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                    if len(body) >= length:
-                        break
-        except TimeoutError:
+                data += chunk
+                head, sep, body = data.partition(b"\r\n\r\n")
+                length = [line for line in head.lower().split(b"\r\n")
+                          if line.startswith(b"content-length: ")]
+                if sep and length and len(body) >= int(length[0].split(b": ")[1]):
+                    break
+        except (TimeoutError, ConnectionResetError, BrokenPipeError):
             pass
-    return b"".join(chunks)
+    return data
 
 
 def _status(response: bytes) -> int:
@@ -300,10 +300,12 @@ def test_path_traversal_oversize_and_slow_loris(server: WrappedServer, tmp_path:
                               headers={"Authorization": f"Bearer {server.admin_token}"})
         assert response.status_code == 422, (name, response.text)
 
-    # Oversized headers: refused by the HTTP layer, before any handler.
+    # Oversized headers: refused by the HTTP layer (400, or the connection reset while the
+    # header is still arriving), before any handler; the server carries on.
     huge = _raw(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 200_000
                 + b"\r\n\r\n")
-    assert 400 <= _status(huge) < 500
+    assert not huge or 400 <= _status(huge) < 500, huge[:200]
+    assert httpx.get(f"{url}/healthz").status_code == 200
     # Oversized bodies: a segment over the limit, a 20 MB JSON document, a lying length.
     too_big = httpx.put(f"{url}/ingest/cam1/big.ts", content=b"\0" * (32 * 2**20 + 1),
                         headers={"Authorization": f"Bearer {token}"}, timeout=60)

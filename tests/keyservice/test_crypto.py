@@ -176,8 +176,9 @@ def test_key_record_binds_viewer_and_position(viewer: SoftwareIdentity) -> None:
         unwrap_key_record(kek.kek_at(0), record, bytes(32))  # another viewer
     for change in ({"camera": "cam-2"}, {"stream": DataStream.AUDIO}, {"key_id": bytes(16)},
                    {"valid_from_ms": T + 1}, {"epoch_id": bytes(16)}):
+        changed = replace(record, **change)  # type: ignore[arg-type]
         with pytest.raises(IntegrityError):
-            unwrap_key_record(kek.kek_at(0), replace(record, **change), fp)  # type: ignore[arg-type]
+            unwrap_key_record(kek.kek_at(0), changed, fp)
     with pytest.raises(IntegrityError):  # claimed at another ratchet step
         unwrap_key_record(kek.kek_at(1), replace(record, ratchet_index=1), fp)
 
