@@ -168,6 +168,11 @@ class Database:
             self._conn.execute("PRAGMA journal_mode=WAL")
             # FULL: an acknowledged segment's index entry survives power loss, not just a crash.
             self._conn.execute("PRAGMA synchronous=FULL")
+            # A process killed inside COMMIT can leave a complete transaction in the WAL that
+            # the shared-memory index never published: unacknowledged and invisible now, it
+            # could reappear after a power loss, pointing at archive bytes that recovery has
+            # cut. Checkpoint and empty the WAL at open, so there is one state to recover from.
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript(SCHEMA)
 

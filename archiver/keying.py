@@ -107,8 +107,12 @@ class KeyManager:
                 continue
             opener_bytes = None
             viewer_epoch = self._epochs.get(row.fingerprint)
-            # Epochs end at the UTC day boundary, bounding how much one opener unlocks.
-            if viewer_epoch is None or viewer_epoch.utc_day != today:
+            # Epochs end at the UTC day boundary, bounding how much one opener unlocks. A new
+            # one also starts when the ratchet is already past now's key period: a segment that
+            # read the clock just before a period boundary can rotate after a segment of the
+            # new period did, and the older KEK is erased (forward secrecy), so it cannot wrap.
+            if (viewer_epoch is None or viewer_epoch.utc_day != today
+                    or not viewer_epoch.epoch.usable_at(now_ms)):
                 epoch, opener = Epoch.start(recipient, self._period_ms // 1000, now_ms, self._rng)
                 viewer_epoch = self._epochs[row.fingerprint] = _ViewerEpoch(epoch, today)
                 opener_bytes = encode_record(opener)

@@ -71,10 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         cameras=args.cameras or (4 if quick else 100),
         concurrency=args.concurrency or (2 if quick else 16),
         seconds=args.seconds or (0.5 if quick else 8.0),
-        long_seconds=2.0 if quick else 20.0,
+        long_seconds=2.0 if quick else 55.0,
         warmup=0.2 if quick else 1.0,
         sizes=sizes,
-        profile_dir=args.profile)
+        profile_dir=args.profile,
+        writepath_segments=4 if quick else 40)
     viewer_params = viewer.Params(use_tpm=not args.no_tpm) if not quick else viewer.Params(
         day_hours=2, day_segment_s=60, day_segment_bytes=4096, big_segments=4,
         big_segment_bytes=256 * 1024, seek_repeats=1, live_segments=2,
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         if "raw" in only:
-            raw.run(report, workdir / "raw", raw_sizes, 0.3 if quick else 1.5)
+            raw.run(report, workdir / "raw", raw_sizes, 0.2 if quick else 1.5)
         if "rotation" in only:
             rotation.run(report, workdir / "rotation", int(cams), int(viewers_n))
         if "ingest" in only:

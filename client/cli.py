@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -199,16 +201,55 @@ def _print_summary(summary: Summary, login_ops: int, token_ops: int, where: str)
     _say(where)
 
 
+class _DeferredInterrupt:
+    """Ctrl-C while a segment is being written and counted takes effect right after it, so
+    the summary and "output stops after ..." always match the bytes written."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._pending = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self._depth:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def critical(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        # Reached only when the segment was written: an error in flight is not masked.
+        if not self._depth and self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
+
+
 def _run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
                 fetch: Callable[[], AbstractContextManager[Iterator[bytes]]],
                 check: Callable[[x509.Certificate], None], progress: _Progress,
                 login_ops: Callable[[], int], live: bool, quiet: bool) -> None:
     """Feed the stream to the player; on success give the output its final name, on failure
     keep the verified part under a name that says so and say where it stops."""
-    player = Player(identity, check, output, on_segment=progress.segment)
+    interrupts = _DeferredInterrupt()
+    player = Player(identity, check, output, on_segment=progress.segment,
+                    critical=interrupts.critical)
     stopped_by_user = False
     try:
-        with progress, fetch() as chunks:
+        with interrupts, progress, fetch() as chunks:
             try:
                 for chunk in chunks:
                     if save is not None:

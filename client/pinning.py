@@ -77,7 +77,7 @@ class PinDecision:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class KnownEntry:
     key: str
     fingerprint: bytes
     comment: str
@@ -93,7 +93,7 @@ class KnownArchivers:
     def default(cls) -> KnownArchivers:
         return cls(client_home() / KNOWN_FILE)
 
-    def _entries(self) -> list[_Entry]:
+    def _entries(self) -> list[KnownEntry]:
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -109,7 +109,7 @@ class KnownArchivers:
     def remember(self, url: str, cert_fingerprint: bytes, comment: str = "") -> None:
         key = archiver_key(url)
         entries = [e for e in self._entries() if e.key != key]
-        entries.append(_Entry(key, cert_fingerprint, comment))
+        entries.append(KnownEntry(key, cert_fingerprint, comment))
         self._write(entries)
 
     def forget(self, url: str) -> bool:
@@ -121,7 +121,7 @@ class KnownArchivers:
         self._write(kept)
         return True
 
-    def _write(self, entries: list[_Entry]) -> None:
+    def _write(self, entries: list[KnownEntry]) -> None:
         lines = ["# fusion-client known Archivers: <url> <sha256 of the certificate> [subject]"]
         lines += [f"{e.key} {e.fingerprint.hex()}" + (f" {e.comment}" if e.comment else "")
                   for e in entries]
@@ -143,7 +143,7 @@ class KnownArchivers:
                              f"{exc.strerror or exc}.") from None
 
 
-def parse_known(text: str, path: Path | str = KNOWN_FILE) -> list[_Entry]:
+def parse_known(text: str, path: Path | str = KNOWN_FILE) -> list[KnownEntry]:
     """Parse a known_archivers file. A malformed line is an error, never skipped: skipping it
     would silently turn a pinned Archiver into a trust-on-first-use one."""
     entries = []
@@ -155,7 +155,7 @@ def parse_known(text: str, path: Path | str = KNOWN_FILE) -> list[_Entry]:
         if len(fields) < 2 or not _HEX64.match(fields[1].lower()):
             raise UsageError(f"Line {number} of {path} is malformed; expected "
                              "'<url> <64 hex digits>'. Fix or delete that line.")
-        entries.append(_Entry(archiver_key(fields[0]), bytes.fromhex(fields[1]),
+        entries.append(KnownEntry(archiver_key(fields[0]), bytes.fromhex(fields[1]),
                               fields[2] if len(fields) > 2 else ""))
     return entries
 

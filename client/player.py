@@ -13,6 +13,7 @@ import os
 import statistics
 from collections import deque
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -196,10 +197,14 @@ class Player:
 
     def __init__(self, identity: Identity, check_archiver: Callable[[x509.Certificate], None],
                  output: Output, *, on_segment: Callable[[SegmentPlaintext], None] | None = None,
-                 min_gap_ms: int = MIN_GAP_MS) -> None:
+                 min_gap_ms: int = MIN_GAP_MS,
+                 critical: Callable[[], AbstractContextManager[object]] = nullcontext) -> None:
+        """``critical`` wraps writing and counting one segment (the CLI defers Ctrl-C there,
+        so the summary and "output stops after" always match what was written)."""
         self._reader = StreamReader(identity, check_archiver)
         self._output = output
         self._on_segment = on_segment
+        self._critical = critical
         self._min_gap_ms = min_gap_ms
         self.summary = Summary()
         # Per (camera, stream): last capture time seen, recent intervals, an open skipped run.
@@ -207,13 +212,13 @@ class Player:
         self._intervals: dict[tuple[str, int], deque[int]] = {}
         self._skipped_run: dict[tuple[str, int], list[int]] = {}
 
-    @property
-    def header_cameras(self) -> tuple[str, ...]:
-        header = self._reader.header
-        return tuple(header.cameras) if header is not None else ()
-
     def feed(self, data: bytes) -> None:
-        for event in self._reader.feed(data):
+        try:
+            events = self._reader.feed(data)
+        finally:
+            # Counted even when the feed fails: the token was used all the same.
+            self.summary.epoch_openings = self._reader.token_operations
+        for event in events:
             if isinstance(event, SegmentPlaintext):
                 self._plaintext(event)
             elif isinstance(event, SegmentSkipped):
@@ -221,7 +226,6 @@ class Player:
             elif isinstance(event, StreamEnded):
                 self.summary.ended = True
                 self.summary.end_reason = int(event.reason)
-        self.summary.epoch_openings = self._reader.token_operations
 
     def finish(self) -> Summary:
         """Call at the end of the bytes. Raises StreamTruncated without a verified end record,
@@ -269,15 +273,18 @@ class Player:
         key = (event.camera, int(event.stream))
         self._close_skipped(key)
         self._note_time(key, event.capture_ms)
-        # Only verified segments reach here: the reader released it after its manifest's
-        # signature and chain, the key commitment and the GCM tag all checked.
-        self._output.write(event.data)
         s = self.summary
-        s.segments += 1
-        s.bytes += len(event.data)
-        s.first_ms = event.capture_ms if s.first_ms is None else min(s.first_ms, event.capture_ms)
-        s.last_ms = event.capture_ms if s.last_ms is None else max(s.last_ms, event.capture_ms)
-        s.last = Position(event.camera, int(event.stream), event.seq, event.capture_ms)
+        with self._critical():
+            # Only verified segments reach here: the reader released it after its manifest's
+            # signature and chain, the key commitment and the GCM tag all checked.
+            self._output.write(event.data)
+            s.segments += 1
+            s.bytes += len(event.data)
+            s.first_ms = event.capture_ms if s.first_ms is None else min(s.first_ms,
+                                                                         event.capture_ms)
+            s.last_ms = event.capture_ms if s.last_ms is None else max(s.last_ms,
+                                                                       event.capture_ms)
+            s.last = Position(event.camera, int(event.stream), event.seq, event.capture_ms)
         if self._on_segment is not None:
             self._on_segment(event)
 

@@ -51,12 +51,16 @@ MANIFEST_LAST = 0x01  # MANIFEST flags bit 0: the last manifest of the recording
 
 LABEL_MANIFEST = b"FSE1 manifest\x00"
 LABEL_END = b"FSE1 end\x00"
+LABEL_TRANSCRIPT = b"FSE1 transcript\x00"
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _RECORD_HEADER = struct.Struct(">BI")
 _SEGMENT_FIXED = struct.Struct(">BQQ16sB")  # stream, seq, capture_ms, key_id, flags
+_ENTRY = struct.Struct(">BQQ16s16s32s")  # stream, seq, capture_ms, key_id, tag, digest
+_MANIFEST_FIXED = struct.Struct(">Q32sQBH")  # manifest_seq, prev_hash, issued_ms, flags, count
+_COMMITMENT = struct.Struct(">16s32s")  # key_id, commitment
 _PREFIX = MAGIC + _U16.pack(VERSION)
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 
@@ -355,9 +359,24 @@ class ManifestEntry:
         _bytes("segment tag", self.tag, TAG_LEN)
         _bytes("segment digest", self.digest, HASH_LEN)
 
+    @classmethod
+    def _unchecked(cls, stream: DataStream, seq: int, capture_ms: int, key_id: bytes, tag: bytes,
+                   digest: bytes) -> ManifestEntry:
+        """Construct without the field checks, for the decoder, whose fixed-size unpacking
+        already guarantees them (a manifest may carry hundreds of entries)."""
+        self = object.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(self, "stream", stream)
+        setattr_(self, "seq", seq)
+        setattr_(self, "capture_ms", capture_ms)
+        setattr_(self, "key_id", key_id)
+        setattr_(self, "tag", tag)
+        setattr_(self, "digest", digest)
+        return self
+
     def _encode(self) -> bytes:
-        return b"".join((bytes((self.stream,)), _U64.pack(self.seq), _U64.pack(self.capture_ms),
-                         self.key_id, self.tag, self.digest))
+        return _ENTRY.pack(self.stream, self.seq, self.capture_ms, self.key_id, self.tag,
+                           self.digest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,6 +479,10 @@ Record = Header | EpochOpener | KeyRecord | Segment | Manifest | End
 
 _RECORD_CLASSES = (Header, EpochOpener, KeyRecord, Segment, Manifest, End)
 
+RawRecord = bytes | memoryview
+"""A record's exact encoded bytes: ``bytes``, or a read-only view of bytes nobody changes
+(immutable ``bytes``, or a :class:`BufferPool` buffer until it is given back)."""
+
 
 # --- encoding -----------------------------------------------------------------------------
 def encode_record(record: Record) -> bytes:
@@ -491,6 +514,37 @@ def segment_digest(segment: Segment) -> bytes:
     digest.update(head)
     digest.update(segment.ciphertext)
     return digest.digest()
+
+
+def record_digest(raw: RawRecord) -> bytes:
+    """SHA-256 of one record's complete encoded bytes: a segment's manifest digest, a
+    manifest's chain hash, and each record's entry in the END transcript."""
+    return hashlib.sha256(raw).digest()
+
+
+class Transcript:
+    """The END record's ``transcript_hash``, built incrementally:
+    SHA-256(``"FSE1 transcript\\x00"`` || prefix || SHA-256(record) for every record before END).
+
+    Hashing the records' digests instead of their bytes lets a reader and a writer reuse the
+    segment digests they need for the manifests anyway, so segment bytes are hashed once.
+    A list of fixed-size digests parses unambiguously, so the hash still fixes the exact
+    sequence of records (order, presence, content) unless SHA-256 collides.
+    """
+
+    __slots__ = ("_hash",)
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256(LABEL_TRANSCRIPT + _PREFIX)
+
+    def add(self, digest: bytes) -> None:
+        """Append the SHA-256 digest of the next record (see :func:`record_digest`)."""
+        if len(digest) != HASH_LEN:
+            raise ValueError("A transcript entry is the 32-byte SHA-256 of one record.")
+        self._hash.update(digest)
+
+    def digest(self) -> bytes:
+        return self._hash.digest()
 
 
 # --- decoding -----------------------------------------------------------------------------
@@ -594,13 +648,20 @@ def _decode_segment(c: _Cursor) -> Segment:
 
 
 def _decode_manifest(c: _Cursor) -> Manifest:
-    camera, seq, prev, issued, flags = c.str8(), c.u64(), c.take(HASH_LEN), c.u64(), c.u8()
-    entries = tuple(
-        ManifestEntry(_stream(c.u8()), c.u64(), c.u64(), c.take(ID_LEN), c.take(TAG_LEN),
-                      c.take(HASH_LEN))
-        for _ in range(c.u16()))
-    commitments = tuple(KeyCommitment(c.take(ID_LEN), c.take(HASH_LEN)) for _ in range(c.u16()))
+    camera = c.str8()
+    seq, prev, issued, flags, count = c.unpack(_MANIFEST_FIXED)
+    entries = tuple(_decode_entry(*c.unpack(_ENTRY)) for _ in range(count))
+    commitments = tuple(KeyCommitment(*c.unpack(_COMMITMENT)) for _ in range(c.u16()))
     return Manifest(camera, seq, prev, issued, flags, entries, commitments, c.take(c.u16()))
+
+
+def _decode_entry(stream: int, seq: int, capture_ms: int, key_id: bytes, tag: bytes,
+                  digest: bytes) -> ManifestEntry:
+    # The fixed layout gives every field its exact size and range; only the stream is open.
+    data_stream = _STREAMS.get(stream)
+    if data_stream is None:
+        raise FormatError(f"Unknown data stream {stream}.")
+    return ManifestEntry._unchecked(data_stream, seq, capture_ms, key_id, tag, digest)
 
 
 def _decode_end(c: _Cursor) -> End:
@@ -649,6 +710,53 @@ def decode_record(data: bytes) -> Record:
     return _decode_body(kind, view[RECORD_HEADER_LEN:])
 
 
+class BufferPool:
+    """Reusable buffers into which a consumer lets the splitter copy large records, instead
+    of a fresh allocation per record.
+
+    Why: fresh memory costs a page fault per 4 KiB the first time it is touched, and glibc
+    returns freed blocks of this size to the kernel at once, so a reader copying each 1 MiB
+    segment into new memory spent about as long in page faults as in SHA-256. Only a consumer
+    that knows when a record's bytes are no longer read may use a pool: a record copied here
+    is a read-only view of a buffer that :meth:`give_back` makes reusable. Records of
+    ``min_size`` to ``max_size`` bytes are pooled; idle buffers total at most ``max_idle``.
+    """
+
+    def __init__(self, min_size: int = 256 * 2**10, max_size: int = 8 * 2**20,
+                 max_idle: int = 16 * 2**20) -> None:
+        self.min_size = min_size
+        self.max_size = max_size
+        self.max_idle = max_idle
+        self._idle: list[bytearray] = []
+        self._idle_bytes = 0
+        self._lent: dict[int, bytearray] = {}
+
+    def take(self, size: int) -> bytearray | None:
+        """A buffer of at least ``size`` bytes, or None if records of that size are not pooled."""
+        if not self.min_size <= size <= self.max_size:
+            return None
+        # The smallest idle buffer that fits, found by position: list.remove() would compare
+        # contents and could take out an equal-looking other buffer, lending one twice.
+        fits = [(len(buf), i) for i, buf in enumerate(self._idle) if len(buf) >= size]
+        if fits:
+            buf = self._idle.pop(min(fits)[1])
+            self._idle_bytes -= len(buf)
+        else:  # headroom, so that segments of varying size reuse it
+            buf = bytearray(min(size + size // 4, self.max_size))
+        self._lent[id(buf)] = buf
+        return buf
+
+    def give_back(self, raw: RawRecord) -> None:
+        """Make the buffer behind ``raw`` reusable (no-op for records not from this pool).
+        The caller guarantees that nothing reads ``raw`` or a view of it any more."""
+        if not isinstance(raw, memoryview):
+            return
+        buf = self._lent.pop(id(raw.obj), None)
+        if buf is not None and buf is raw.obj and self._idle_bytes + len(buf) <= self.max_idle:
+            self._idle.append(buf)
+            self._idle_bytes += len(buf)
+
+
 class RecordSplitter:
     """Cuts a byte stream, arriving in arbitrary pieces, into records.
 
@@ -656,29 +764,41 @@ class RecordSplitter:
     each record's type and length as soon as its 5-byte header is there (so no more than one
     bounded record is ever buffered), and refuses any byte after the END record. Once it has
     raised, it stays failed.
+
+    Each record's bytes are copied at most once: a record that arrives in several pieces is
+    joined once when complete (until then its pieces are views of the fed ``bytes``, so an
+    incomplete record pins at most one fed piece beyond its own bytes), and one that fills at
+    least half of a fed piece is handed out as a read-only view of that piece instead of a
+    copy. A view keeps its piece alive, which is why smaller records are copied: a record a
+    consumer retains never pins more than twice its own size.
     """
 
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._pos = 0  # start of unconsumed bytes in _buf
+    def __init__(self, buffers: BufferPool | None = None) -> None:
+        self._buffers = buffers  # where large split records are assembled, if given
+        self._prefix = b""  # the prefix bytes received so far, until it is complete
         self._prefix_done = False
+        self._head = b""  # a record's type and length, while they arrive in pieces
+        self._kind: RecordType | None = None  # set while a record's body is arriving
+        self._pieces: list[RawRecord] = []  # the incomplete record: header, body pieces
+        self._missing = 0  # body bytes still to come
         self._ended = False
         self._failed = False
 
     @property
     def finished_cleanly(self) -> bool:
         """True if the prefix was read and no partial record is left over."""
-        return self._prefix_done and not self._failed and self._pos == len(self._buf)
+        return (self._prefix_done and not self._failed and not self._head
+                and self._kind is None)
 
     @property
     def ended(self) -> bool:
         return self._ended
 
-    def feed(self, data: bytes) -> list[tuple[Record, bytes]]:
+    def feed(self, data: bytes) -> list[tuple[Record, RawRecord]]:
         """All records completed by ``data``, each with its exact encoded bytes."""
         return list(self.iter_feed(data))
 
-    def iter_feed(self, data: bytes) -> Iterator[tuple[Record, bytes]]:
+    def iter_feed(self, data: bytes) -> Iterator[tuple[Record, RawRecord]]:
         """Like :meth:`feed`, one record at a time: a consumer can act on (and fail at) a
         record before a later one is parsed, so errors come in stream order however the
         bytes are chunked."""
@@ -688,30 +808,54 @@ class RecordSplitter:
             return
         if self._ended:
             self._fail("Bytes follow the end record; nothing may follow it.")
-        if self._pos:
-            del self._buf[:self._pos]  # compact once per feed, not once per record
-            self._pos = 0
-        self._buf += data
+        if type(data) is not bytes:
+            # Records view (or keep pieces of) what is fed: it must not change afterwards.
+            data = bytes(data)
+        size = len(data)
         try:
-            if not self._prefix_done and not self._read_prefix():
+            pos = 0 if self._prefix_done else self._read_prefix(data)
+            if pos < 0:
                 return
-            while True:
-                available = len(self._buf) - self._pos
-                if available < RECORD_HEADER_LEN:
-                    return
-                record_type, length = _RECORD_HEADER.unpack_from(self._buf, self._pos)
-                kind = _check_record_header(record_type, length)
-                end = self._pos + RECORD_HEADER_LEN + length
-                if end > len(self._buf):
-                    return
-                with memoryview(self._buf) as view:
-                    raw = bytes(view[self._pos:end])
+            view = memoryview(data)
+            while pos < size:
+                start = pos  # where this record starts, if it starts in this piece
+                if self._kind is None:
+                    if self._head or size - pos < RECORD_HEADER_LEN:
+                        take = RECORD_HEADER_LEN - len(self._head)
+                        self._head += data[pos:pos + take]
+                        pos = min(size, pos + take)
+                        if len(self._head) < RECORD_HEADER_LEN:
+                            return
+                        head, self._head, start = self._head, b"", -1
+                    else:
+                        head = data[pos:pos + RECORD_HEADER_LEN]
+                        pos += RECORD_HEADER_LEN
+                    record_type, length = _RECORD_HEADER.unpack(head)
+                    self._kind = _check_record_header(record_type, length)
+                    self._pieces = [head]
+                    self._missing = length
+                else:
+                    start = -1
+                take = min(self._missing, size - pos)
+                if take:
+                    self._pieces.append(view[pos:pos + take])
+                    pos += take
+                    self._missing -= take
+                if self._missing:
+                    return  # pos == size: the rest comes with a later piece
+                kind, self._kind = self._kind, None
+                pieces, self._pieces = self._pieces, []
+                if start < 0:
+                    raw = self._copy(pieces)  # the one copy of a split record
+                elif 2 * (pos - start) >= size:
+                    raw = view[start:pos]  # most of the piece: no copy at all
+                else:
+                    raw = self._pooled([view[start:pos]], pos - start) or data[start:pos]
                 record = _decode_body(kind, memoryview(raw)[RECORD_HEADER_LEN:])
-                self._pos = end
                 if kind == RecordType.END:
                     self._ended = True
                     yield record, raw
-                    if self._pos != len(self._buf):
+                    if pos != size:
                         self._fail("Bytes follow the end record; nothing may follow it.")
                     return
                 yield record, raw
@@ -719,20 +863,39 @@ class RecordSplitter:
             self._failed = True
             raise
 
-    def _read_prefix(self) -> bool:
-        have = bytes(self._buf[:PREFIX_LEN])
+    def _copy(self, pieces: list[RawRecord]) -> RawRecord:
+        """The record's bytes in memory of their own: in a pooled buffer if there is one."""
+        size = sum(map(len, pieces))
+        return self._pooled(pieces, size) or b"".join(pieces)
+
+    def _pooled(self, pieces: list[RawRecord], size: int) -> memoryview | None:
+        buf = None if self._buffers is None else self._buffers.take(size)
+        if buf is None:
+            return None
+        pos = 0
+        for piece in pieces:
+            buf[pos:pos + len(piece)] = piece
+            pos += len(piece)
+        return memoryview(buf)[:size].toreadonly()
+
+    def _read_prefix(self, data: bytes) -> int:
+        """Consume prefix bytes; the position after the prefix in ``data``, or -1 if more
+        bytes are needed."""
+        take = PREFIX_LEN - len(self._prefix)
+        have = self._prefix + data[:take]
         # Refuse a wrong magic at the first differing byte: garbage fails fast.
         if have[:len(MAGIC)] != MAGIC[:len(have)]:
             self._fail("This is not a fusion stream (wrong magic bytes).")
         if len(have) < PREFIX_LEN:
-            return False
+            self._prefix = have
+            return -1
         version = _U16.unpack_from(have, len(MAGIC))[0]
         if version != VERSION:
             self._fail(f"Unsupported fusion stream version {version}; this reader supports "
                        f"version {VERSION} only.")
-        self._pos = PREFIX_LEN
+        self._prefix = b""
         self._prefix_done = True
-        return True
+        return take
 
     def _fail(self, message: str) -> None:
         self._failed = True

@@ -34,8 +34,10 @@ from keyservice.crypto import (
 )
 from keyservice.errors import FormatError, IntegrityError, NoMatchingIdentity
 from keyservice.format import (
+    LABEL_MANIFEST,
     RECORD_HEADER_LEN,
     ZERO_HASH,
+    BufferPool,
     DataStream,
     End,
     EpochOpener,
@@ -44,12 +46,15 @@ from keyservice.format import (
     KeyRecord,
     Manifest,
     ManifestEntry,
+    RawRecord,
     Record,
     RecordSplitter,
     RecordType,
     Segment,
+    Transcript,
     encode_record,
     max_body,
+    record_digest,
     segment_digest,
     stream_prefix,
     validate_name,
@@ -116,18 +121,25 @@ class StreamWriter:
 
     def __init__(self, header: Header) -> None:
         self.header = header
-        self._transcript = hashlib.sha256()
+        self._transcript = Transcript()
         self._state = "new"
 
     def start(self) -> bytes:
         if self._state != "new":
             raise ValueError("StreamWriter.start() may be called once, first.")
-        data = stream_prefix() + encode_record(self.header)
-        self._transcript.update(data)
+        record = encode_record(self.header)
+        self._transcript.add(record_digest(record))
         self._state = "open"
-        return data
+        return stream_prefix() + record
 
-    def add(self, record: Record | bytes) -> bytes:
+    def add(self, record: Record | bytes, digest: bytes | None = None) -> bytes:
+        """The bytes to send for ``record`` (an archived record's bytes, or a record).
+
+        ``digest`` may be given to save hashing the record again: it must be SHA-256 of the
+        record's bytes, as archived alongside them (for a segment, the digest its manifest
+        entry carries; for a manifest, the chain hash). It is not checked here; a wrong one
+        only makes the viewer refuse the stream, because the reader hashes what it receives.
+        """
         if self._state != "open":
             raise ValueError("StreamWriter.add() needs start() first and nothing after end().")
         if isinstance(record, bytes | bytearray | memoryview):
@@ -137,7 +149,11 @@ class StreamWriter:
             if isinstance(record, Header | End):
                 raise ValueError("Header and end records are written by start() and end().")
             data = encode_record(record)
-        self._transcript.update(data)
+        if digest is None:
+            digest = record_digest(data)
+        elif not isinstance(digest, bytes) or len(digest) != len(ZERO_HASH):
+            raise ValueError("A record digest is the 32-byte SHA-256 of the record's bytes.")
+        self._transcript.add(digest)
         return data
 
     def end(self, signer: Signer, reason: int) -> bytes:
@@ -195,7 +211,8 @@ Event = SegmentPlaintext | SegmentSkipped | StreamEnded
 
 @dataclass
 class _Camera:
-    pending: list[tuple[Segment, bytes, int]] = field(default_factory=list)  # seg, digest, cost
+    # segment, its record bytes, their digest, their cost against max_pending_bytes
+    pending: list[tuple[Segment, RawRecord, bytes, int]] = field(default_factory=list)
     last_seq: int | None = None
     last_hash: bytes = ZERO_HASH
 
@@ -215,8 +232,9 @@ class StreamReader:
         self._fingerprint = fingerprint(identity.certificate)
         self._check_archiver = check_archiver
         self._max_retained = max_pending_bytes
-        self._splitter = RecordSplitter()
-        self._transcript = hashlib.sha256()
+        self._buffers = BufferPool()
+        self._splitter = RecordSplitter(self._buffers)
+        self._transcript = Transcript()
         self.header: Header | None = None
         self.token_operations = 0
         self._archiver_key: ec.EllipticCurvePublicKey | None = None
@@ -269,26 +287,29 @@ class StreamReader:
         raise FormatError("This stream reader already failed; start a new one.")
 
     # --- records ----------------------------------------------------------------------
-    def _on_record(self, record: Record, raw: bytes, events: list[Event]) -> None:
+    def _on_record(self, record: Record, raw: RawRecord, events: list[Event]) -> None:
+        if self.header is not None and isinstance(record, End):
+            self._on_end(record, events)
+            return  # the END record is not part of its own transcript
+        # The one SHA-256 pass over the record's bytes: for a segment it is the digest its
+        # manifest entry must carry, for a manifest the next link's prev_hash, and for every
+        # record its entry in the transcript that END signs.
+        digest = record_digest(raw)
         if self.header is None:
             if not isinstance(record, Header):
                 raise FormatError("A fusion stream must start with its header record.")
-            self._transcript.update(stream_prefix())
             self._on_header(record)
         elif isinstance(record, Segment):
-            self._on_segment(record, raw)
+            self._on_segment(record, raw, digest)
         elif isinstance(record, Manifest):
-            self._on_manifest(record, raw, events)
+            self._on_manifest(record, raw, digest, events)
         elif isinstance(record, KeyRecord):
-            self._on_key_record(record, raw)
+            self._on_key_record(record, len(raw))
         elif isinstance(record, EpochOpener):
-            self._on_opener(record, raw)
-        elif isinstance(record, End):
-            self._on_end(record, events)
-            return  # the END record is not part of its own transcript
+            self._on_opener(record, len(raw))
         else:
             raise FormatError("A fusion stream holds exactly one header record.")
-        self._transcript.update(raw)
+        self._transcript.add(digest)
 
     def _on_header(self, header: Header) -> None:
         if not hmac.compare_digest(header.viewer_fingerprint, self._fingerprint):
@@ -325,7 +346,7 @@ class StreamReader:
                 "unverified segments and key records; the Archiver must issue manifests more "
                 "often (or raise max_pending_bytes).")
 
-    def _on_opener(self, opener: EpochOpener, raw: bytes) -> None:
+    def _on_opener(self, opener: EpochOpener, size: int) -> None:
         if not hmac.compare_digest(opener.viewer_fingerprint, self._fingerprint):
             raise NoMatchingIdentity(
                 "The stream carries an epoch opener for another viewer certificate; open it "
@@ -335,10 +356,10 @@ class StreamReader:
             if known != opener:
                 raise IntegrityError()
             return
-        self._charge(len(raw) + _RECORD_OVERHEAD)
+        self._charge(size + _RECORD_OVERHEAD)
         self._openers[opener.epoch_id] = opener
 
-    def _on_key_record(self, record: KeyRecord, raw: bytes) -> None:
+    def _on_key_record(self, record: KeyRecord, size: int) -> None:
         opener = self._openers.get(record.epoch_id)
         if opener is None:  # openers precede their key records; this one is not ours
             raise IntegrityError()
@@ -350,19 +371,24 @@ class StreamReader:
             if known != record:
                 raise IntegrityError()
             return
-        self._charge(len(raw) + _RECORD_OVERHEAD)
+        self._charge(size + _RECORD_OVERHEAD)
         self._key_records[record.key_id] = record
 
-    def _on_segment(self, segment: Segment, raw: bytes) -> None:
+    def _on_segment(self, segment: Segment, raw: RawRecord, digest: bytes) -> None:
         camera = self._camera(segment.camera)
         cost = len(raw) + _RECORD_OVERHEAD
         self._charge(cost)
-        camera.pending.append((segment, hashlib.sha256(raw).digest(), cost))
+        # Held (its ciphertext views the record bytes, no copy) until a manifest covers it.
+        camera.pending.append((segment, raw, digest, cost))
 
-    def _on_manifest(self, manifest: Manifest, raw: bytes, events: list[Event]) -> None:
+    def _on_manifest(self, manifest: Manifest, raw: RawRecord, digest: bytes,
+                     events: list[Event]) -> None:
         camera = self._camera(manifest.camera)
         assert self._archiver_key is not None
-        _verify(self._archiver_key, manifest.signed_bytes(), manifest.signature)
+        # The signature covers the body up to the signature field, exactly as received (the
+        # encoding is canonical, so this equals manifest.signed_bytes() without re-encoding).
+        unsigned = raw[RECORD_HEADER_LEN:len(raw) - 2 - len(manifest.signature)]
+        _verify(self._archiver_key, LABEL_MANIFEST + unsigned, manifest.signature)
         # The chain: each manifest names its predecessor, so a dropped, replayed or reordered
         # manifest breaks it. A chain may be joined midway (playback from a later time), but
         # sequence 0 and the zero hash only ever come together.
@@ -378,7 +404,7 @@ class StreamReader:
         pending = camera.pending
         j = 0
         for entry in manifest.entries:
-            if j < len(pending) and _matches(pending[j][0], pending[j][1], entry):
+            if j < len(pending) and _matches(pending[j][0], pending[j][2], entry):
                 plan.append((entry, pending[j][0]))
                 j += 1
             elif entry.key_id not in self._key_records:
@@ -401,9 +427,13 @@ class StreamReader:
             out.append(SegmentPlaintext(segment.camera, segment.stream, segment.seq,
                                         segment.capture_ms, data, segment.last))
         camera.last_seq = manifest.manifest_seq
-        camera.last_hash = hashlib.sha256(raw).digest()
-        self._retained -= sum(cost for _, _, cost in pending)
+        camera.last_hash = digest
+        self._retained -= sum(cost for *_, cost in pending)
         camera.pending = []
+        # Nothing reads these segments' bytes any more (the plaintexts are new bytes): their
+        # assembly buffers may take the next segments.
+        for _, segment_bytes, _, _ in pending:
+            self._buffers.give_back(segment_bytes)
         events.extend(out)
 
     def _key(self, key_id: bytes, camera: str, stream: DataStream, commitment: bytes) -> AESGCM:
@@ -439,6 +469,8 @@ class StreamReader:
             raise IntegrityError()  # segments nobody vouched for
         if not hmac.compare_digest(end.request_id, self.header.request_id):
             raise IntegrityError()
+        # Signed over the digests of every record before END: order, presence and content
+        # of the whole stream, including the header that names this request.
         if not hmac.compare_digest(end.transcript_hash, self._transcript.digest()):
             raise IntegrityError()
         _verify(self._archiver_key, end.signed_bytes(), end.signature)
@@ -452,9 +484,12 @@ def _matches(segment: Segment, digest: bytes, entry: ManifestEntry) -> bool:
             and segment.key_id == entry.key_id and segment.tag == entry.tag)
 
 
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+
 def _verify(key: ec.EllipticCurvePublicKey, data: bytes, signature: bytes) -> None:
     try:
-        key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        key.verify(signature, data, _ECDSA_SHA256)
     except (InvalidSignature, ValueError):
         raise IntegrityError() from None
 

@@ -26,6 +26,8 @@ PYTHON="${PYTHON:-python3}"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
   echo "setup: Python >= 3.11 is required ($PYTHON is $("$PYTHON" --version 2>&1))." >&2; exit 1; }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[test,bench]"
+# pip's own chatter goes to a log, shown only if the install fails.
+{ .venv/bin/python -m pip install --upgrade pip &&
+  .venv/bin/python -m pip install -e ".[test,bench]"; } > .venv/pip-install.log 2>&1 ||
+  { cat .venv/pip-install.log >&2; echo "setup: pip install failed (log above)." >&2; exit 1; }
 echo "setup: ready (.venv)" >&2

@@ -8,6 +8,7 @@ decoded frames are compared with framemd5.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -116,6 +117,18 @@ def wait_for_segments(server: ArchiverServer, camera: str, count: int,
             return
         time.sleep(0.1)
     raise AssertionError(f"the Archiver did not archive {count} segments of {camera}")
+
+
+def wait_for_audit(server: ArchiverServer, action: str, timeout: float = 30) -> None:
+    """Until the Archiver's audit log records ``action`` (e.g. a live stream was opened)."""
+    log = server.data_dir / "audit.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and any(json.loads(line).get("action") == action
+                                for line in log.read_text().splitlines() if line.strip()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the Archiver did not record {action}")
 
 
 def chunk(tag: str, size: int = 3000) -> bytes:
@@ -464,7 +477,8 @@ def test_live_delivers_each_segment_while_the_camera_is_still_pushing(
     stderr = err.decode(errors="replace")
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr
-    assert f"{warm_segments + 4} segment(s)" in stderr and "stopped by you" in stderr
+    assert re.search(rf"\b{warm_segments + 4} segment\(s\)", stderr), stderr
+    assert "stopped by you" in stderr
 
 
 @requires_ffmpeg
@@ -481,14 +495,21 @@ def test_live_video_to_file_while_ffmpeg_pushes(
                        "--camera", "cam1", "--duration", "3.5", "-o", str(out)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client.env(),
         stdin=subprocess.DEVNULL)
-    time.sleep(1.0)  # the viewer connects before the camera starts
+    wait_for_audit(archiver_server, "stream.live")  # the viewer is connected
     camera = push(source, archiver_server.url, "cam1", ingest, realtime=True, hls_time=1,
                   wait=False)
+    partial = tmp_path / "live.ts.partial"
     try:
+        # Decrypted video reaches the viewer's file while the camera is still pushing.
+        while camera.poll() is None and not (partial.exists() and partial.stat().st_size):
+            time.sleep(0.05)
+        assert camera.poll() is None, "no live video arrived while the camera was pushing"
         _, err = viewer.communicate(timeout=60)
-        assert camera.poll() is None  # the camera was still pushing when live viewing ended
     finally:
         camera.wait(60)
+        if viewer.poll() is None:
+            viewer.kill()
+            viewer.wait()
     stderr = err.decode(errors="replace")
     assert viewer.returncode == 0, stderr
     assert "live stream ended (verified end record)" in stderr

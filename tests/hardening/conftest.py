@@ -46,9 +46,10 @@ def scale(name: str, default: int) -> int:
 # --- the server ---------------------------------------------------------------------------------
 @dataclass
 class WrappedServer(ArchiverServer):
-    """ArchiverServer, optionally started under a wrapper command (e.g. ``unshare -m sh -c``
-    that mounts a small tmpfs first). ``root`` is where the test sees the server's files:
-    through /proc/PID/root when the server lives in its own mount namespace."""
+    """ArchiverServer, optionally started under a wrapper command (e.g. ``unshare --mount``)
+    and a setup script run just before it (e.g. mounting a small tmpfs on the data directory).
+    ``path()`` is where this process sees the server's files: through /proc/PID/root when the
+    server lives in its own mount namespace."""
 
     wrapper: tuple[str, ...] = ()
     setup_script: str = ""
@@ -252,16 +253,27 @@ class ArchiveReport:
 _HEADER = struct.Struct(">BI")
 
 
+class _IndexCopy(sqlite3.Connection):
+    directory: Path
+
+    def close(self) -> None:
+        super().close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def open_index_copy(data_dir: Path) -> sqlite3.Connection:
-    """A private copy of the SQLite index (with its WAL), taken while the server is idle.
-    A copy, because SQLite resolves symbolic links in paths, and /proc/PID/root (how this
-    process reaches a server in its own mount namespace) would resolve to the wrong place."""
+    """A private copy of the SQLite index (with its WAL), taken while the server is idle;
+    close it when done. A copy, because SQLite resolves symbolic links in paths, and
+    /proc/PID/root (how this process reaches a server in its own mount namespace) would
+    resolve to the wrong place."""
     copy = Path(tempfile.mkdtemp(prefix="index-copy-"))
     for suffix in ("", "-wal"):
         source = data_dir / f"archiver.sqlite3{suffix}"
         if source.exists():
             shutil.copyfile(source, copy / source.name)
-    return sqlite3.connect(copy / "archiver.sqlite3")
+    connection = sqlite3.connect(copy / "archiver.sqlite3", factory=_IndexCopy)
+    connection.directory = copy
+    return connection
 
 
 def check_archive(data_dir: Path) -> ArchiveReport:

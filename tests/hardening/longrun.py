@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,9 +38,13 @@ def run(name: str, extra: list[str]) -> int:
     print(f"== {name}: {' '.join(f'{k}={v}' for k, v in variables.items())} pytest {target}",
           flush=True)
     started = time.monotonic()
+    # Its own base directory, kept after the run: pytest's default one rotates away (other
+    # test runs on the machine), and a failure's data directory is the evidence.
+    basetemp = tempfile.mkdtemp(prefix=f"fusion-longrun-{name}-")
+    print(f"== {name}: data under {basetemp}", flush=True)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", target, "-s", "-q", "-p", "no:cacheprovider",
-         "--timeout", "7200", *extra],
+         "--timeout", "7200", "--basetemp", basetemp, *extra],
         cwd=REPO, env={**os.environ, **variables}, check=False)
     print(f"== {name}: {'passed' if result.returncode == 0 else 'FAILED'} in "
           f"{time.monotonic() - started:.0f} s", flush=True)

@@ -60,7 +60,7 @@ def _schemathesis(server: WrappedServer, tmp_path: Path, role: str, token: str |
     seed = int(os.environ.get("FUSION_HARDENING_SEED", random.randrange(2**31)))
     command = [sys.executable, "-m", "schemathesis.cli", "--no-color", "--config-file",
                str(config), "run", f"{server.url}/openapi.json", "--checks", "not_a_server_error",
-               "--max-examples", str(scale("FUZZ_EXAMPLES", 15)), "--seed", str(seed),
+               "--max-examples", str(scale("FUZZ_EXAMPLES", 10)), "--seed", str(seed),
                "--request-timeout", "30", "--workers", "1"]
     if token is not None:
         command += ["--header", f"Authorization: Bearer {token}"]

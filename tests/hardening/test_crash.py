@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import sqlite3
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tests.hardening.conftest import (
     assert_nonces_unique,
     check_archive,
     check_played,
+    open_index_copy,
     play_camera,
     scale,
 )
@@ -37,9 +37,12 @@ def _recoveries(data_dir: Path) -> list[list[str]]:
 
 
 def _segment_keys(data_dir: Path) -> dict[tuple[str, int], bytes]:
-    with sqlite3.connect(f"file:{data_dir / 'archiver.sqlite3'}?mode=ro", uri=True) as db:
+    db = open_index_copy(data_dir)
+    try:
         return {(cam, seq): key for cam, seq, key in
                 db.execute("SELECT camera, seq, key_id FROM segments")}
+    finally:
+        db.close()
 
 
 def test_sigkill_during_concurrent_ingest_loses_nothing_acknowledged(tmp_path: Path,

@@ -36,6 +36,7 @@ from fastapi.testclient import TestClient
 from archiver.app import create_app
 from archiver.settings import Settings
 from keyservice.crypto import LABEL_LOGIN_CHALLENGE, answer_login_challenge, login_context
+from keyservice.format import decode_record
 from keyservice.identity import OaepHash, SoftwareSigner, fingerprint
 from keyservice.token import Token
 from tests.fixtures.tokens import TokenHandle
@@ -90,16 +91,14 @@ def test_nonces_and_key_ids_never_repeat_across_streams_and_restarts(tmp_path: P
         assert all(lifetimes), "a lifetime archived nothing"
         assert sum(len(keys) for keys in lifetimes) == len(report.key_ids)
 
-        with open_index_copy(server.data_dir) as db:
-            epochs = [row[0] for row in db.execute(
-                "SELECT epoch_id FROM epochs WHERE fingerprint=?", (fp,))]
-            records = [row[0] for row in db.execute("SELECT record FROM key_records")]
+        db = open_index_copy(server.data_dir)
+        epochs = [row[0] for row in db.execute(
+            "SELECT epoch_id FROM epochs WHERE fingerprint=?", (fp,))]
+        records = [row[0] for row in db.execute("SELECT record FROM key_records")]
+        db.close()
         # A restart ends every epoch: at least one opener per lifetime, ids never reused.
         assert len(epochs) >= len(lifetimes) and len(set(epochs)) == len(epochs)
-        # Key records are wrapped under random 96-bit nonces: none may repeat. (The nonce sits
-        # at a fixed place of the record; compare it through the decoder.)
-        from keyservice.format import decode_record
-
+        # Key records are wrapped under random 96-bit nonces: none may repeat.
         nonces = Counter(decode_record(record).nonce for record in records)
         assert nonces and max(nonces.values()) == 1
         # And the viewer still opens all of it, across the three lifetimes.

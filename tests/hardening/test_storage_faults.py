@@ -83,6 +83,15 @@ def test_disk_full_answers_507_harms_nothing_and_ingest_resumes(tmp_path: Path,
             assert added.status_code in (201, 507), added.text
             if added.status_code == 507:
                 assert added.json()["error"] == "storage_full"
+            # A viewer login needs an audit entry: refused (507) rather than unaudited.
+            pem = viewer.pem.read_text()
+            challenge = client.post(f"{server.url}/v1/sessions/challenge",
+                                    json={"certificate": pem})
+            assert challenge.status_code == 200
+            wrong = client.post(f"{server.url}/v1/sessions", json={
+                "challenge_id": challenge.json()["challenge_id"], "proof": "AAAA"})
+            assert wrong.status_code in (401, 507), wrong.text
+            print(f"disk full: admin change {added.status_code}, refused login {wrong.status_code}")
         for uploader in uploaders.values():
             assert set(uploader.statuses) <= {201, 507}, uploader.statuses
             body = uploader.error_bodies[-1]

@@ -253,3 +253,35 @@ def test_splitter_refuses_bytes_after_end_in_the_same_piece() -> None:
         for record, _ in splitter.iter_feed(_stream() + b"\x00"):
             records.append(record)
     assert records == ALL  # the END itself was delivered first, then the error
+
+
+def test_splitter_copies_a_record_at_most_once_and_pins_little() -> None:
+    big = replace(SEGMENT, ciphertext=bytes(range(256)) * 40)
+    record = encode_record(big)
+    splitter = RecordSplitter()
+    splitter.feed(stream_prefix() + encode_record(HEADER))
+    # A record that is the whole piece (or most of it) is a view of the piece: no copy.
+    [(segment, raw)] = splitter.feed(record)
+    assert isinstance(raw, memoryview) and raw.obj is record and raw.readonly
+    assert isinstance(segment, Segment) and segment.ciphertext.obj is record and segment == big
+    # A record split over pieces is joined once into its own bytes.
+    assert splitter.feed(record[:3000]) == []
+    [(segment, raw)] = splitter.feed(record[3000:])
+    assert type(raw) is bytes and raw == record and segment == big
+    assert segment.ciphertext.obj is raw  # the segment views the joined bytes, no second copy
+    # A small record inside a large piece is copied, so that keeping it (a reader holds
+    # segments until their manifest) does not keep the whole piece alive.
+    piece = encode_record(KEY_RECORD) + record
+    [(_, small), (_, large)] = splitter.feed(piece)
+    assert type(small) is bytes and small == encode_record(KEY_RECORD)
+    assert isinstance(large, memoryview) and large.obj is piece
+    assert splitter.finished_cleanly
+
+
+def test_splitter_takes_bytes_like_pieces_and_copies_mutable_ones() -> None:
+    data = bytearray(_stream())
+    splitter = RecordSplitter()
+    records = splitter.feed(data)  # type: ignore[arg-type]
+    data[:] = bytes(len(data))  # the caller reuses its buffer
+    assert [r for r, _ in records] == ALL
+    assert [bytes(raw) for _, raw in records] == [encode_record(r) for r in ALL]

@@ -4,6 +4,7 @@ IntegrityError or NoMatchingIdentity, and never releases plaintext that is not g
 from __future__ import annotations
 
 import hashlib
+import random
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +162,53 @@ def test_chunking_never_changes_the_result(viewer: str, chunks: list[int]) -> No
 def test_arbitrary_bytes_after_a_valid_prefix_fail_cleanly(tail: bytes, chunks: list[int]
                                                            ) -> None:
     check("viewer-a", GOOD[:600] + tail, chunks)
+
+
+def _large_stream() -> tuple[bytes, list[bytes]]:
+    """Segments big enough (256 KiB and more) for the reader's reused buffers, several per
+    manifest, on two cameras."""
+    from keyservice.format import DataStream
+    from tests.keyservice.test_stream import CAM, CAM2, Rig, T
+
+    rig = Rig(cameras=(CAM, CAM2))
+    rng = random.Random(3)
+    rig.rotate(CAM, DataStream.VIDEO, T)
+    rig.rotate(CAM2, DataStream.VIDEO, T)
+    for group in range(3):
+        for i in range(2):
+            rig.segment(CAM, DataStream.VIDEO, T + 10 * group + i,
+                        rng.randbytes(rng.choice((270_000, 330_000))))
+        rig.segment(CAM2, DataStream.VIDEO, T + 10 * group, rng.randbytes(300_000))
+        rig.manifest(CAM, T + 10 * group + 5)
+        rig.manifest(CAM2, T + 10 * group + 6)
+    return rig.end(), list(rig.plaintexts)
+
+
+LARGE, LARGE_PLAINTEXTS = _large_stream()
+LARGE_IDENTITY = generate.load_identity("viewer-a")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 700_000), max_size=10), st.one_of(st.none(), st.integers(0, len(LARGE) - 1)))
+def test_reused_buffers_never_mix_segments(chunks: list[int], flip: int | None) -> None:
+    data = bytearray(LARGE)
+    if flip is not None:
+        data[flip] ^= 0x10
+    reader = StreamReader(SoftwareIdentity(LARGE_IDENTITY.certificate,
+                                           LARGE_IDENTITY.private_key), pin)
+    events: list[Any] = []
+    try:
+        i = 0
+        for size in chunks:
+            events += reader.feed(bytes(data[i:i + size]))
+            i += size
+        events += reader.feed(bytes(data[i:]))
+        reader.finish()
+    except ALLOWED:
+        assert flip is not None
+    else:
+        assert flip is None, "a modified stream was accepted"
+    released = [e.data for e in events if isinstance(e, SegmentPlaintext)]
+    assert all(p in LARGE_PLAINTEXTS for p in released)
+    if flip is None:
+        assert sorted(released) == sorted(LARGE_PLAINTEXTS)

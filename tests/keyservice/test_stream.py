@@ -459,11 +459,89 @@ def test_writer_rules_and_transcript() -> None:
         writer.add(b"\x04\x00\x00\x00\x09abc")  # length disagrees
     with pytest.raises(ValueError):
         writer.add(encode_record(rig.header))  # a header cannot be passed through
+    with pytest.raises(ValueError):  # a digest is 32 bytes
+        writer.add(encode_record(Epoch.start(rig.recipient, 60, T)[1]), digest=bytes(31))
     end = writer.end(rig.signer, 1)
     record = decode_record(end)
-    assert record.transcript_hash == hashlib.sha256(start).digest()  # type: ignore[union-attr]
+    # SHA-256 over the label, the prefix, then the SHA-256 of each record (here: the header).
+    header = start[len(stream_prefix()):]
+    expected = hashlib.sha256(b"FSE1 transcript\x00" + stream_prefix()
+                              + hashlib.sha256(header).digest()).digest()
+    assert record.transcript_hash == expected  # type: ignore[union-attr]
     with pytest.raises(ValueError):
         writer.add(b"")
+
+
+def _archived_stream(rig: Rig, with_digests: bool, wrong_digest: bool = False) -> bytes:
+    """Pass archived record bytes through a writer, as the Archiver does, with or without the
+    digests archived next to them (a segment's from its manifest entry, a manifest's from
+    the chain)."""
+    writer = StreamWriter(rig.header)
+    chunks = [writer.start()]
+    epoch, opener = Epoch.start(rig.recipient, 60, T)
+    key = new_minute_key(CAM, DataStream.VIDEO, T)
+    chunks += [writer.add(encode_record(opener)), writer.add(encode_record(epoch.wrap(key, T)))]
+    chain = ManifestChain(CAM)
+    for seq in range(3):
+        segment = seal_segment(key, seq, T + seq, os.urandom(5000))
+        manifest, manifest_bytes = chain.issue([segment], [key], rig.signer, T + seq)
+        segment_digest = manifest.entries[0].digest
+        if wrong_digest and seq == 1:
+            segment_digest = bytes(32)
+        chunks.append(writer.add(encode_record(segment),
+                                 digest=segment_digest if with_digests else None))
+        chunks.append(writer.add(manifest_bytes, digest=chain.prev_hash if with_digests else None))
+    chunks.append(writer.end(rig.signer, 1))
+    return b"".join(chunks)
+
+
+def test_writer_takes_archived_digests_instead_of_hashing_again() -> None:
+    rig = Rig(cameras=(CAM,))
+    hashed = _archived_stream(rig, with_digests=False)
+    given = _archived_stream(rig, with_digests=True)
+    # Same records would give the same END; the streams differ (fresh keys), so compare by
+    # reading both: each must verify, END included.
+    for data in (hashed, given):
+        events = read_all(rig.reader(), data, chunk=4096)
+        assert len(plaintexts(events)) == 3 and events[-1] == StreamEnded(1)
+    # A digest that does not match the bytes sent fails closed: the reader hashes what it
+    # receives, so the manifest still matches the segment but the signed END does not.
+    bad = _archived_stream(rig, with_digests=True, wrong_digest=True)
+    end = bytes(records_of(bad)[-1])
+    reader = rig.reader()
+    released = reader.feed(bad[:-len(end)])
+    assert len(plaintexts(released)) == 3
+    with pytest.raises(IntegrityError):
+        reader.feed(end)
+    assert not reader.ended
+
+
+def test_the_reader_hashes_every_byte_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The segment digest the manifest needs is also the segment's transcript entry: a reader
+    # that hashed the stream twice (the v1 draft did) would show up here.
+    import keyservice.format as format_module
+
+    hashed: list[int] = []
+    real = hashlib.sha256
+
+    class CountingHashlib:
+        @staticmethod
+        def sha256(data: bytes = b"") -> object:
+            hashed.append(len(data))
+            return real(data)
+
+    rig = Rig(cameras=(CAM,))
+    rig.rotate(CAM, DataStream.VIDEO, T)
+    for i in range(4):
+        rig.segment(CAM, DataStream.VIDEO, T + i, os.urandom(200_000))
+        rig.manifest(CAM, T + i)
+    data = rig.end()
+    monkeypatch.setattr(format_module, "hashlib", CountingHashlib)
+    events = read_all(rig.reader(), data, chunk=65536)
+    assert len(plaintexts(events)) == 4
+    end_length = len(rig.chunks[-1])
+    # Every record before END once (plus the label and prefix that open the transcript).
+    assert sum(hashed) == len(data) - end_length - 10 + 26
 
 
 def test_records_for_cameras_outside_the_header_are_refused() -> None:
@@ -516,3 +594,71 @@ def test_the_reader_holds_even_its_own_archiver_to_the_rules() -> None:
         rig, data = stream(**case)
         with pytest.raises(IntegrityError):
             read_all(rig.reader(), data)
+
+
+def test_large_segments_through_reused_buffers_in_any_chunking() -> None:
+    # Segments of 256 KiB and more are copied into buffers the reader reuses once their
+    # manifest is done: reuse must never show one segment's bytes as another's.
+    rig = Rig(cameras=(CAM, CAM2))
+    rng = random.Random(7)
+    for minute in range(2):
+        now = T + minute * 60_000
+        rig.rotate(CAM, DataStream.VIDEO, now)
+        rig.rotate(CAM2, DataStream.VIDEO, now)
+        for group in range(3):
+            for i in range(group + 1):  # 1, 2 or 3 segments pending per manifest
+                size = rng.choice((300_000, 400_000, 700_000))
+                rig.segment(CAM, DataStream.VIDEO, now + 10 * group + i, rng.randbytes(size))
+            rig.segment(CAM2, DataStream.VIDEO, now + 10 * group, rng.randbytes(270_000))
+            rig.manifest(CAM, now + 10 * group + 5)
+            rig.manifest(CAM2, now + 10 * group + 6)
+    data = rig.end()
+    expected = sorted(rig.plaintexts)
+    records = records_of(data)
+    for chunking in (65_536, 100_003, 2**20, 3 * 2**20, "records"):
+        reader = rig.reader()
+        if chunking == "records":  # each record exactly one piece: views, no copies
+            events = read_all_pieces(reader, [stream_prefix(), *map(bytes, records)])
+        else:
+            assert isinstance(chunking, int)
+            events = read_all(reader, data, chunk=chunking)
+        assert sorted(plaintexts(events)) == expected, chunking
+        assert events[-1] == StreamEnded(1)
+        assert reader._buffers._idle or chunking == "records"  # buffers were reused
+
+
+def read_all_pieces(reader: StreamReader, pieces: list[bytes]) -> list[object]:
+    events: list[object] = []
+    for piece in pieces:
+        events += reader.feed(piece)
+    reader.finish()
+    return events
+
+
+def test_buffer_pool_bounds() -> None:
+    from keyservice.format import BufferPool
+
+    pool = BufferPool(min_size=100, max_size=1000, max_idle=1500)
+    assert pool.take(99) is None and pool.take(1001) is None
+    first = pool.take(800)
+    assert first is not None and len(first) == 1000  # headroom, capped at max_size
+    second = pool.take(700)
+    assert second is not None and second is not first
+    pool.give_back(memoryview(first)[:800].toreadonly())
+    pool.give_back(memoryview(second)[:700].toreadonly())  # over max_idle: dropped
+    pool.give_back(memoryview(bytearray(500)))  # not from the pool: ignored
+    pool.give_back(b"x" * 500)
+    assert pool.take(900) is first  # reused
+    assert pool.take(900) is not first
+
+
+def test_buffer_pool_never_lends_one_buffer_twice() -> None:
+    from keyservice.format import BufferPool
+
+    pool = BufferPool(min_size=10, max_size=100, max_idle=1000)
+    a, b = pool.take(50), pool.take(50)
+    assert a is not None and b is not None and a == b  # equal contents, distinct buffers
+    pool.give_back(memoryview(a).toreadonly())
+    pool.give_back(memoryview(b).toreadonly())
+    first, second = pool.take(50), pool.take(50)
+    assert first is not second and {id(first), id(second)} == {id(a), id(b)}

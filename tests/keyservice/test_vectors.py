@@ -186,3 +186,21 @@ def test_generator_reproduces_the_files_byte_for_byte() -> None:
     assert sorted(rendered) == [p.name for p in FILES]
     for name, text in rendered.items():
         assert (VECTOR_DIR / name).read_text() == text, name
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if load(p)["expect"] == "success"],
+                         ids=lambda p: p.stem)
+def test_end_transcript_follows_the_spec_rule(path: Path) -> None:
+    # Recomputed from the spec alone (label, prefix, SHA-256 of each record before END),
+    # independently of the keyservice code, so writer and spec cannot drift apart together.
+    vector = load(path)
+    prefix, *records = [bytes.fromhex(piece) for piece in vector["stream_hex"]]
+    digests = [hashlib.sha256(record).digest() for record in records[:-1]]
+    expected = hashlib.sha256(b"FSE1 transcript\x00" + prefix + b"".join(digests)).digest()
+    end = records[-1]
+    assert end[0] == 6  # END
+    assert end[5 + 16 + 1:5 + 16 + 1 + 32] == expected  # after request_id and reason
+    if "intermediates" in vector:
+        steps = vector["intermediates"]["transcript"]
+        assert steps == {"record_sha256": [d.hex() for d in digests],
+                         "transcript_hash": expected.hex()}

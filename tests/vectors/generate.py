@@ -386,6 +386,17 @@ def header_field_offset(record: bytes, field_name: str) -> int:
         field_name]
 
 
+def transcript_intermediates(records: list[bytes]) -> dict[str, Any]:
+    """The END record's transcript, step by step, computed here from the spec's rule (not by
+    the keyservice code): SHA-256 of the label, the prefix and each record's SHA-256."""
+    digests = [hashlib.sha256(record).digest() for record in records[:-1]]  # all but END
+    transcript = hashlib.sha256(b"FSE1 transcript\x00" + stream_prefix() + b"".join(digests))
+    end = decode_record(records[-1])
+    assert end.transcript_hash == transcript.digest()  # type: ignore[union-attr]
+    return {"record_sha256": [d.hex() for d in digests],
+            "transcript_hash": transcript.hexdigest()}
+
+
 # --- the vectors --------------------------------------------------------------------------
 @dataclass
 class Vector:
@@ -481,7 +492,8 @@ def vectors() -> Iterator[Vector]:
         SUCCESS, good.stream(), built=good,
         intermediates={"rng": "SHAKE-256(seed || counter u64), seed 'fusion stream v1 "
                               "vectors' (Archiver) and 'stream of viewer A' (header)",
-                       "kek0_by_epoch_id": viewer_a.kek0, "minute_keys_by_key_id": sim.minute_keys})
+                       "kek0_by_epoch_id": viewer_a.kek0, "minute_keys_by_key_id": sim.minute_keys,
+                       "transcript": transcript_intermediates(recs)})
 
     gate_minute2 = [m for m in sim.manifests if m.camera == GATE][-2:]
     live_b = assemble(sim, viewer_b, (GATE,), Mode.LIVE, gate_minute2, FixedRng("live of B"))
