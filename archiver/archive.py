@@ -145,8 +145,9 @@ class Archive:
         offset = None
         try:
             offset = self.files.append(rel, [*segment_parts, manifest_bytes])
-            row = SegmentRow(camera, int(stream), seq, now, key.key_id, len(data), rel, offset,
-                             segment_len, manifest.manifest_seq)
+            row = SegmentRow(camera, int(stream), seq, now, key.key_id, len(data),
+                             manifest.entries[0].digest, rel, offset, segment_len,
+                             manifest.manifest_seq)
             self.db.record_segments([row], ManifestRow(
                 camera, manifest.manifest_seq, rel, offset + segment_len,
                 len(manifest_bytes), hashlib.sha256(manifest_bytes).digest(), now, now))
@@ -166,7 +167,8 @@ class Archive:
         and index, no encryption, no signature."""
         rel = self.files.file_for(camera, now)
         offset = self.files.append(rel, data)
-        row = SegmentRow(camera, int(stream), seq, now, b"", len(data), rel, offset, len(data), seq)
+        row = SegmentRow(camera, int(stream), seq, now, b"", len(data), ZERO_HASH, rel, offset,
+                         len(data), seq)
         self.db.record_segments([row], ManifestRow(camera, seq, rel, offset + len(data), 0,
                                                    ZERO_HASH, now, now))
         return row
@@ -282,8 +284,10 @@ class _Assembler:
             if segment.key_id not in self._sent_keys:
                 parts.append(self._writer.add(key_record))
                 self._sent_keys.add(segment.key_id)
-            parts.append(self._writer.add(self._read(segment.file, segment.offset, segment.length)))
-        parts.append(self._writer.add(self._read(row.file, row.offset, row.length)))
+            # Digests were computed at ingest: serving hashes no segment bytes again.
+            parts.append(self._writer.add(self._read(segment.file, segment.offset, segment.length),
+                                          digest=segment.digest))
+        parts.append(self._writer.add(self._read(row.file, row.offset, row.length), digest=row.hash))
         return b"".join(parts)
 
     def end(self, reason: EndReason) -> bytes:

@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS segments (
     capture_ms INTEGER NOT NULL,
     key_id BLOB NOT NULL,
     plaintext_bytes INTEGER NOT NULL,
+    digest BLOB NOT NULL,
     file TEXT NOT NULL,
     offset INTEGER NOT NULL,
     length INTEGER NOT NULL,
@@ -117,6 +118,7 @@ class SegmentRow:
     capture_ms: int
     key_id: bytes
     plaintext_bytes: int
+    digest: bytes  # SHA-256 of the segment record, as its manifest entry carries it
     file: str
     offset: int
     length: int
@@ -301,7 +303,7 @@ class Database:
         """Index a manifest and the segments it covers in one transaction: the commit is the
         acknowledgement point (the file bytes were fsynced before)."""
         with self._transaction() as conn:
-            conn.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?,?,?,?)",
+            conn.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                              [astuple(s) for s in segments])
             conn.execute("INSERT INTO manifests VALUES (?,?,?,?,?,?,?,?)",
                          astuple(manifest))

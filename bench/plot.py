@@ -38,7 +38,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     rows = ingest.summary(results.get("ingest", {}))
     if not rows:
         raise ValueError("The results hold no ingest figures to plot.")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 6.2))
     g_x = list(range(GENETEC_LIMIT + 1))
     left.plot(g_x, [genetec_cameras(n) / GENETEC_BASE for n in g_x], "o-", color="tab:red",
               markersize=3, label="Genetec (published): 300 cameras, 210 at 1, -4 %/certificate")
@@ -63,9 +63,9 @@ def plot(results: dict[str, Any], path: Path) -> Path:
                       label=f"ours, plaintext baseline ({period} s block)")
     left.axhline(0.95, color="grey", linestyle="--", linewidth=0.8)
     left.axhline(0.90, color="grey", linestyle="--", linewidth=0.8)
-    left.text(0.02, 0.955, "goal 0.95 (1 viewer)", fontsize=7, color="grey",
+    left.text(0.99, 0.955, "goal 0.95 (1 viewer)", fontsize=7, color="grey", ha="right",
               transform=left.get_yaxis_transform())
-    left.text(0.02, 0.905, "goal 0.90 (1000 viewers)", fontsize=7, color="grey",
+    left.text(0.99, 0.895, "goal 0.90 (1000 viewers)", fontsize=7, color="grey", ha="right",
               transform=left.get_yaxis_transform(), va="top")
     for axis in (left, right):
         axis.set_xscale("symlog", linthresh=1)
@@ -73,7 +73,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         axis.set_xticks(TICKS, [str(t) for t in TICKS])
         axis.set_xlabel("authorized viewers (certificates)")
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7, loc="lower left")
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     left.set_ylim(0, 1.12)
     left.set_ylabel("capacity / capacity without encryption")
     left.set_title("Relative capacity")

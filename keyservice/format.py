@@ -770,7 +770,8 @@ class RecordSplitter:
     incomplete record pins at most one fed piece beyond its own bytes), and one that fills at
     least half of a fed piece is handed out as a read-only view of that piece instead of a
     copy. A view keeps its piece alive, which is why smaller records are copied: a record a
-    consumer retains never pins more than twice its own size.
+    consumer retains never pins more than twice its own size. Given a :class:`BufferPool`,
+    the copies of large records go into its reused buffers instead of fresh memory.
     """
 
     def __init__(self, buffers: BufferPool | None = None) -> None:
@@ -850,7 +851,8 @@ class RecordSplitter:
                 elif 2 * (pos - start) >= size:
                     raw = view[start:pos]  # most of the piece: no copy at all
                 else:
-                    raw = self._pooled([view[start:pos]], pos - start) or data[start:pos]
+                    pooled = self._pooled([view[start:pos]], pos - start)
+                    raw = data[start:pos] if pooled is None else pooled
                 record = _decode_body(kind, memoryview(raw)[RECORD_HEADER_LEN:])
                 if kind == RecordType.END:
                     self._ended = True
@@ -865,8 +867,8 @@ class RecordSplitter:
 
     def _copy(self, pieces: list[RawRecord]) -> RawRecord:
         """The record's bytes in memory of their own: in a pooled buffer if there is one."""
-        size = sum(map(len, pieces))
-        return self._pooled(pieces, size) or b"".join(pieces)
+        pooled = self._pooled(pieces, sum(map(len, pieces)))
+        return b"".join(pieces) if pooled is None else pooled
 
     def _pooled(self, pieces: list[RawRecord], size: int) -> memoryview | None:
         buf = None if self._buffers is None else self._buffers.take(size)

@@ -51,9 +51,12 @@ def key(event: SegmentPlaintext) -> tuple[Any, ...]:
             hashlib.sha256(event.data).digest())
 
 
-def read(viewer: str, data: bytes, chunks: list[int]) -> tuple[list[Any], Exception | None]:
+def read(viewer: str, data: bytes, chunks: list[int], pooled: bool = False
+         ) -> tuple[list[Any], Exception | None]:
     base = IDENTITIES[viewer]
     reader = StreamReader(SoftwareIdentity(base.certificate, base.private_key), pin)
+    if pooled:  # reuse buffers for these small segments too, so mutations hit that path
+        reader._buffers.min_size = 64
     events: list[Any] = []
     try:
         i = 0
@@ -72,7 +75,8 @@ GENUINE = {viewer: {key(e) for e in read(viewer, data, [])[0] if isinstance(e, S
 
 
 def check(viewer: str, mutated: bytes, chunks: list[int]) -> None:
-    events, error = read(viewer, mutated, chunks)  # anything but ALLOWED propagates: failure
+    # Anything but ALLOWED propagates: a failure. Odd chunk lists reuse the reader's buffers.
+    events, error = read(viewer, mutated, chunks, pooled=len(chunks) % 2 == 1)
     if error is None:
         assert mutated == BASES[viewer], "a modified stream was accepted"
     for event in events:
