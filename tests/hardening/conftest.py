@@ -27,7 +27,13 @@ import httpx
 import pytest
 
 from keyservice.crypto import segment_nonce
-from keyservice.format import RECORD_HEADER_LEN, Manifest, Segment, decode_record
+from keyservice.format import (
+    RECORD_HEADER_LEN,
+    Manifest,
+    Segment,
+    decode_record,
+    segment_digest,
+)
 from keyservice.identity import Identity
 from keyservice.token import Token, TokenIdentity
 from tests.archiver.conftest import make_viewer  # noqa: F401  (fixture, re-exported)
@@ -281,11 +287,35 @@ def check_archive(data_dir: Path) -> ArchiveReport:
     - every archive file is a sequence of complete, well-formed records (no torn tail);
     - every record is indexed at its offset, and every index row points at a record of its kind
       carrying the same camera, stream, sequence number, capture time and key id;
-    - each camera's manifests form one unbroken hash chain from sequence 0."""
+    - each camera's manifests form one unbroken hash chain from sequence 0.
+    On a failure, the index files are kept as evidence and the check is repeated once, and
+    both results are reported (the test fails either way)."""
+    try:
+        return _check_archive_once(data_dir)
+    except AssertionError as first:
+        evidence = Path(tempfile.mkdtemp(prefix="archive-check-evidence-"))
+        for suffix in ("", "-wal", "-shm"):
+            source = data_dir / f"archiver.sqlite3{suffix}"
+            if source.exists():
+                shutil.copyfile(source, evidence / source.name)
+        try:
+            _check_archive_once(data_dir)
+            verdict = "a second check right after passed"
+        except AssertionError as second:
+            verdict = f"a second check failed too: {second}"
+        raise AssertionError(f"{first}\n({verdict}; index files kept in {evidence})") from None
+
+
+def _check_archive_once(data_dir: Path) -> ArchiveReport:
+    """One pass of check_archive."""
     db = open_index_copy(data_dir)
     try:
-        segments = {(r[6], r[7]): r for r in db.execute("SELECT * FROM segments")}
-        manifests = {(r[2], r[3]): r for r in db.execute("SELECT * FROM manifests")}
+        # Named columns: the schema may grow.
+        segments = {(r[0], r[1]): r[2:] for r in db.execute(
+            "SELECT file, offset, camera, stream, seq, capture_ms, key_id, length, digest"
+            " FROM segments")}
+        manifests = {(r[0], r[1]): r[2:] for r in db.execute(
+            "SELECT file, offset, camera, manifest_seq, length, hash FROM manifests")}
         chains = {}
         for camera, seq, hash_ in db.execute(
                 "SELECT camera, manifest_seq, hash FROM manifests ORDER BY camera, manifest_seq"):
@@ -309,10 +339,9 @@ def check_archive(data_dir: Path) -> ArchiveReport:
             if isinstance(record, Segment):
                 row = segments.pop((rel, pos), None)
                 assert row is not None, f"unindexed segment in {rel} at {pos}"
-                camera, stream, seq, capture_ms, key_id, _, _, _, row_length, _ = row
                 assert (record.camera, int(record.stream), record.seq, record.capture_ms,
-                        record.key_id, end - pos) == (camera, stream, seq, capture_ms, key_id,
-                                                      row_length), f"index row differs at {rel}:{pos}"
+                        record.key_id, end - pos, segment_digest(record)) == row, (
+                    f"index row differs at {rel}:{pos}")
                 report.nonces.append((record.key_id, segment_nonce(record.seq), record.camera,
                                       int(record.stream)))
                 report.key_ids.add(record.key_id)
@@ -320,8 +349,9 @@ def check_archive(data_dir: Path) -> ArchiveReport:
             elif isinstance(record, Manifest):
                 row = manifests.pop((rel, pos), None)
                 assert row is not None, f"unindexed manifest in {rel} at {pos}"
-                assert (row[0], row[1], row[4]) == (record.camera, record.manifest_seq, end - pos)
-                assert row[5] == hashlib.sha256(data[pos:end]).digest(), "manifest hash differs"
+                assert row == (record.camera, record.manifest_seq, end - pos,
+                               hashlib.sha256(data[pos:end]).digest()), (
+                    f"index row differs at {rel}:{pos}")
                 prev_hashes[(record.camera, record.manifest_seq)] = record.prev_hash
                 report.manifests += 1
             else:

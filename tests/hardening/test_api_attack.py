@@ -16,6 +16,7 @@ import base64
 import importlib.util
 import os
 import random
+import re
 import secrets
 import socket
 import subprocess
@@ -38,10 +39,8 @@ SESSION_TTL_S = 3
 UPLOAD_TIMEOUT_S = 2
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[WrappedServer]:
-    archiver = WrappedServer(tmp_path / "archiver", extra_args=(
-        "--session-ttl", str(SESSION_TTL_S), "--upload-timeout", str(UPLOAD_TIMEOUT_S))).start()
+def _serve(data_dir: Path, *extra: str) -> Iterator[WrappedServer]:
+    archiver = WrappedServer(data_dir, extra_args=extra).start()
     try:
         yield archiver
     finally:
@@ -49,6 +48,19 @@ def server(tmp_path: Path) -> Iterator[WrappedServer]:
     log = archiver.log()
     # Whatever was thrown at it: no unexpected error, no traceback.
     assert "Traceback" not in log and "unexpected error" not in log, log[-4000:]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[WrappedServer]:
+    """Short sessions and upload timeout, to test their expiry."""
+    yield from _serve(tmp_path / "archiver", "--session-ttl", str(SESSION_TTL_S),
+                      "--upload-timeout", str(UPLOAD_TIMEOUT_S))
+
+
+@pytest.fixture
+def fuzz_server(tmp_path: Path) -> Iterator[WrappedServer]:
+    """Default settings: the fuzzer's viewer session must outlive its run."""
+    yield from _serve(tmp_path / "archiver")
 
 
 # --- schemathesis -----------------------------------------------------------------------------
@@ -69,7 +81,9 @@ def _schemathesis(server: WrappedServer, tmp_path: Path, role: str, token: str |
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             cwd=tmp_path)
     summary = result.stdout[-3000:]
-    print(f"schemathesis {role}: {summary.strip().splitlines()[-1]}")
+    cases = next((line.strip() for line in summary.splitlines()
+                  if re.match(r"\s*\d+ generated", line)), "?")
+    print(f"schemathesis {role} (seed {seed}): {cases}")
     assert result.returncode == 0, f"schemathesis ({role}, seed {seed}) found:\n{result.stdout}"
     assert "generated" in summary  # it did run test cases
     return summary
@@ -77,8 +91,9 @@ def _schemathesis(server: WrappedServer, tmp_path: Path, role: str, token: str |
 
 @pytest.mark.skipif(importlib.util.find_spec("schemathesis") is None,
                     reason="schemathesis is not installed (pip install schemathesis)")
-def test_schemathesis_finds_no_server_error_for_any_role(server: WrappedServer, tmp_path: Path,
-                                                         make_viewer) -> None:
+def test_schemathesis_finds_no_server_error_for_any_role(fuzz_server: WrappedServer,
+                                                         tmp_path: Path, make_viewer) -> None:
+    server = fuzz_server
     viewer = make_viewer("fuzz-viewer")
     camera_token = server.add_camera("cam1")
     server.add_client(viewer.pem, ["cam1"])
@@ -91,10 +106,12 @@ def test_schemathesis_finds_no_server_error_for_any_role(server: WrappedServer, 
                   include="^/ingest/")
     _schemathesis(server, tmp_path, "camera-any-name", camera_token, {"camera": "cam1"},
                   include="^/ingest/")
-    # Sessions last SESSION_TTL_S here: the viewer run logs in again just before it starts
-    # and covers only the viewer's own endpoints.
-    _schemathesis(server, tmp_path, "viewer", login(server.url, viewer.identity),
-                  {"camera": "cam1", "duration_s": 0.05}, include="^/v1/cameras")
+    session = login(server.url, viewer.identity)
+    _schemathesis(server, tmp_path, "viewer", session, {"camera": "cam1", "duration_s": 0.05},
+                  include="^/v1/cameras")
+    # The session was valid to the end: the run was not just a series of 401s.
+    assert httpx.get(f"{server.url}/v1/cameras",
+                     headers={"Authorization": f"Bearer {session}"}).status_code == 200
     cameras = server.admin("GET", "/v1/admin/cameras", expect=200)
     assert sum(c["segments"] for c in cameras) > 3  # the fuzzer reached the real ingest path
     check_archive(server.data_dir)

@@ -31,7 +31,6 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
-from fastapi.testclient import TestClient
 
 from archiver.app import create_app
 from archiver.settings import Settings
@@ -243,7 +242,7 @@ def _secret_comparisons(path: Path) -> list[str]:
     return found
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # starlette's TestClient on httpx
+@pytest.mark.filterwarnings("ignore:Using .httpx. with .starlette.testclient.")
 def test_secrets_are_compared_in_constant_time(tmp_path: Path, monkeypatch) -> None:
     # Code level: no == / != on anything named like a secret anywhere in the Archiver.
     offenders = [line for path in sorted((REPO / "archiver").rglob("*.py"))
@@ -260,6 +259,8 @@ def test_secrets_are_compared_in_constant_time(tmp_path: Path, monkeypatch) -> N
         return real(a, b)
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
+    from fastapi.testclient import TestClient  # warns on import (starlette on httpx)
+
     keys = REPO / "tests" / "vectors" / "keys"
     signer = SoftwareSigner(
         x509.load_pem_x509_certificate((keys / "TEST-ONLY-archiver.cert.pem").read_bytes()),
