@@ -270,20 +270,29 @@ def test_replayed_proofs_and_sessions_are_refused(server: WrappedServer, make_vi
 def _raw(port: int, request: bytes, timeout: float = 30) -> bytes:
     """One raw HTTP/1.1 exchange (no client-side normalisation of the path): the response
     as far as it came before the server closed (or reset) the connection."""
-    data = b""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         try:
             sock.sendall(request)
-            while chunk := sock.recv(65536):
-                data += chunk
-                head, sep, body = data.partition(b"\r\n\r\n")
-                length = [line for line in head.lower().split(b"\r\n")
-                          if line.startswith(b"content-length: ")]
-                if sep and length and len(body) >= int(length[0].split(b": ")[1]):
-                    break
-        except (TimeoutError, ConnectionResetError, BrokenPipeError):
+        except (ConnectionResetError, BrokenPipeError):
             pass
-    return data
+        return _read_response(sock)
+
+
+def _read_response(sock: socket.socket, data: bytes = b"") -> bytes:
+    """Read until the response's Content-Length is complete, or the connection ends."""
+    try:
+        while True:
+            head, sep, body = data.partition(b"\r\n\r\n")
+            length = [line for line in head.lower().split(b"\r\n")
+                      if line.startswith(b"content-length: ")]
+            if sep and length and len(body) >= int(length[0].split(b": ")[1]):
+                return data
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    except (TimeoutError, ConnectionResetError, BrokenPipeError):
+        return data
 
 
 def _status(response: bytes) -> int:
@@ -353,6 +362,8 @@ def test_path_traversal_oversize_and_slow_loris(server: WrappedServer, tmp_path:
                 answer = sock.recv(4096)
             except TimeoutError:
                 continue
+            sock.settimeout(10)
+            answer = _read_response(sock, answer)
             break
     assert _status(answer) == 408 and b"upload_timeout" in answer, answer
 
