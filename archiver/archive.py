@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from archiver.db import ClientRow, Database, ManifestRow, SegmentRow
 from archiver.keying import KeyManager
 from archiver.settings import Settings
-from archiver.storage import ArchiveFiles, _Reader
+from archiver.storage import ArchiveFiles, ArchiveReader
 from keyservice.crypto import seal_segment
 from keyservice.format import (
     ZERO_HASH,
@@ -263,7 +263,7 @@ class _Assembler:
         ))
         self._sent_epochs: set[bytes] = set()
         self._sent_keys: set[bytes] = set()
-        self._readers: dict[str, _Reader] = {}
+        self._readers: dict[str, ArchiveReader] = {}
 
     def start(self) -> bytes:
         return self._writer.start()

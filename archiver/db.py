@@ -293,11 +293,6 @@ class Database:
         rows = self._query("SELECT record FROM epochs WHERE epoch_id=?", (epoch_id,))
         return rows[0][0] if rows else None
 
-    def count_key_records(self, fingerprint: str | None = None) -> int:
-        if fingerprint is None:
-            return self._query("SELECT COUNT(*) FROM key_records")[0][0]
-        return self._query("SELECT COUNT(*) FROM key_records WHERE fingerprint=?", (fingerprint,))[0][0]
-
     # --- the segment index ------------------------------------------------------------
     def record_segments(self, segments: Iterable[SegmentRow], manifest: ManifestRow) -> None:
         """Index a manifest and the segments it covers in one transaction: the commit is the

@@ -72,12 +72,8 @@ class ArchiveFiles:
         camera's lock, so nothing was appended after it)."""
         self._undo(self._writer(relpath), offset)
 
-    def read(self, relpath: str, offset: int, length: int) -> bytes:
-        with open(self.root / relpath, "rb") as fh:
-            return os.pread(fh.fileno(), length, offset)
-
-    def opener(self, relpath: str) -> _Reader:
-        return _Reader(self.root / relpath)
+    def opener(self, relpath: str) -> ArchiveReader:
+        return ArchiveReader(self.root / relpath)
 
     def recover(self, acknowledged_ends: dict[str, int]) -> list[str]:
         """Cut every archive file back to its last acknowledged byte (a torn or unacknowledged
@@ -134,7 +130,7 @@ class ArchiveFiles:
             log.exception("could not cut back a failed append; recovery at restart will")
 
 
-class _Reader:
+class ArchiveReader:
     """Reads record ranges of one archive file for one response, keeping the file open."""
 
     def __init__(self, path: Path) -> None:
