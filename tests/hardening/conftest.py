@@ -13,8 +13,6 @@ import os
 import shutil
 import sqlite3
 import struct
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -60,24 +58,12 @@ class WrappedServer(ArchiverServer):
     wrapper: tuple[str, ...] = ()
     setup_script: str = ""
 
-    def start(self, timeout: float = 30) -> WrappedServer:
+    def command(self) -> list[str]:
         if not self.wrapper:
-            super().start(timeout)
-            return self
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-server.log"
-        env = {k: v for k, v in os.environ.items() if k not in ("SOFTHSM2_CONF", "FUSION_PIN")}
-        serve = [sys.executable, "-m", "archiver", "serve", "--data", str(self.data_dir),
-                 "--port", str(self.port), "--key-period", str(self.key_period_s),
-                 *self.extra_args]
+            return super().command()
         # exec: the wrapper's pid becomes the server's pid (memory readings, kill).
         script = f'{self.setup_script}\nexec "$@"'
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([*self.wrapper, "sh", "-ec", script, "sh", *serve],
-                                            stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            cwd=Path(__file__).resolve().parents[2])
-        _wait_healthy(self, timeout)
-        return self
+        return [*self.wrapper, "sh", "-ec", script, "sh", *super().command()]
 
     @property
     def pid(self) -> int:
@@ -92,21 +78,6 @@ class WrappedServer(ArchiverServer):
         """A path of the server's data directory as this process can reach it."""
         base = Path(f"/proc/{self.pid}/root{self.data_dir}") if self.wrapper else self.data_dir
         return base / relative if relative else base
-
-
-def _wait_healthy(server: ArchiverServer, timeout: float) -> None:
-    assert server.process is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"the Archiver exited at start:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"the Archiver did not start within {timeout} s:\n{server.log()}")
 
 
 def memory_kib(pid: int) -> tuple[int, int]:
