@@ -66,23 +66,58 @@ def serve(
     stream_send_timeout: Annotated[float, typer.Option(
         "--stream-send-timeout", help="Seconds a viewer may leave a fusion stream chunk "
         "unread before it is dropped.")] = 30.0,
+    header_timeout: Annotated[float, typer.Option(
+        "--header-timeout", help="Seconds a request's line and headers may take.")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(
+        "--body-timeout", help="Seconds a JSON request body may take.")] = 10.0,
+    max_connections: Annotated[int, typer.Option(
+        "--max-connections", help="Open connections (and requests) beyond this are answered "
+        "503 at once.")] = 1000,
+    login_rate: Annotated[float, typer.Option(
+        "--login-rate", help="Login requests a second per client address.")] = 5.0,
+    viewer_concurrency: Annotated[int, typer.Option(
+        "--viewer-concurrency", help="Requests (streams included) one viewer may have open.")] = 4,
+    viewer_rate: Annotated[float, typer.Option(
+        "--viewer-rate", help="Requests a second one viewer may make.")] = 20.0,
+    refusal_window: Annotated[float, typer.Option(
+        "--refusal-window", help="Seconds over which refused requests of one address are "
+        "summed up in the audit log.")] = 60.0,
+    public_metrics: Annotated[bool, typer.Option(
+        "--public-metrics", help="Serve /metrics without a token.")] = False,
+    api_docs: Annotated[bool, typer.Option(
+        "--api-docs", help="Serve /docs and /openapi.json.")] = False,
 ) -> None:
     """Run the Archiver."""
+    import os
+
     import uvicorn
 
     from archiver.app import create_app
+    from archiver.limits import header_timeout_protocol
     from archiver.settings import Settings
 
+    # Nothing this process creates is for other local users (the data directory holds tokens).
+    os.umask(0o027)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings(data_dir=data.resolve(), host=host, port=port, tls_cert=tls_cert,
                             tls_key=tls_key, key_period_s=key_period, signer_token_uri=signer_token,
                             site_ca_files=tuple(site_ca or ()), upload_timeout_s=upload_timeout,
-                            session_ttl_s=session_ttl, stream_send_timeout_s=stream_send_timeout)
+                            session_ttl_s=session_ttl, stream_send_timeout_s=stream_send_timeout,
+                            header_timeout_s=header_timeout, body_timeout_s=body_timeout,
+                            login_rate=login_rate, viewer_concurrency=viewer_concurrency,
+                            viewer_rate=viewer_rate, refusal_window_s=refusal_window,
+                            public_metrics=public_metrics, api_docs=api_docs)
+        if max_connections < 1:
+            raise UsageError("--max-connections must be at least 1.")
         application = create_app(settings)
     except KeyServiceError as exc:
         _fail(str(exc), exc.exit_code)
     uvicorn.run(application, host=host, port=port, log_level="info",
+                http=header_timeout_protocol(settings.header_timeout_s),
+                limit_concurrency=max_connections,
+                # Headers are bounded in size as well as in time (h11's default is 16 KiB).
+                h11_max_incomplete_event_size=64 * 1024,
                 ssl_certfile=str(tls_cert) if tls_cert else None,
                 ssl_keyfile=str(tls_key) if tls_key else None)
 

@@ -13,6 +13,7 @@ from archiver.archive import Archive
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, secret_matches
 from archiver.db import ClientRow
+from archiver.limits import RefusalAudit
 from archiver.rtsp import RtspSupervisor
 from archiver.settings import Settings
 
@@ -20,11 +21,12 @@ from archiver.settings import Settings
 class ApiError(Exception):
     """An error answered as JSON ``{"error": code, "message": sentence}`` with an HTTP status."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, **audit: object) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.audit = audit  # details for the audit line of a refusal (never a secret)
 
 
 @dataclass
@@ -38,6 +40,8 @@ class Services:
     admin_token_digest: bytes
     site_ca: tuple[x509.Certificate, ...] = ()
     rtsp: RtspSupervisor | None = None
+    refusals: RefusalAudit | None = None
+    metrics_token_digest: bytes | None = None
 
 
 def get_services(request: Request) -> Services:
