@@ -45,6 +45,17 @@ def create_app(settings: Settings, signer: Signer | None = None,
         audit = AuditLog(settings.audit_log_path)
         audit.record("archiver", "start", clock(), recovery=archive.recovery_actions)
         refusals = RefusalAudit(audit, clock, settings.refusal_window_s)
+
+        def expired(fingerprint: str, not_after_ms: int) -> None:
+            try:
+                audit.record("archiver", "client.expired", clock(), fingerprint=fingerprint,
+                             not_after_ms=not_after_ms, effect="no key material from now on")
+            except Exception:  # ingest must not fail over it; the next start reports it again
+                log.warning("could not audit the expiry of viewer %s", fingerprint[:16])
+            log.warning("viewer %s: certificate expired; it gets no key material from now on",
+                        fingerprint[:16])
+
+        archive.keys.on_expired = expired
         rtsp = RtspSupervisor(settings.public_url)
         services = Services(
             settings=settings, archive=archive,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -76,7 +78,32 @@ def require_viewer(services: ServicesDep, credentials: BearerDep) -> ClientRow:
     viewer = services.archive.db.client(session.fingerprint)
     if viewer is None or viewer.revoked_ms is not None:
         raise ApiError(403, "revoked", "This viewer's certificate has been revoked.")
+    check_certificate_validity(viewer, now)
     return viewer
+
+
+def check_certificate_validity(viewer: ClientRow, now_ms: int) -> None:
+    """Refuse a viewer whose certificate is outside its validity period (at every login and
+    every request of a session, not only when the admin authorized it)."""
+    not_before, not_after = certificate_validity_ms(viewer.certificate)
+    if now_ms > not_after:
+        when = dt.datetime.fromtimestamp(not_after / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
+        raise ApiError(403, "certificate_expired", f"This viewer's certificate expired on "
+                       f"{when} UTC; enrol a new identity and have the admin authorize it.",
+                       fingerprint=viewer.fingerprint, not_after=when)
+    if now_ms < not_before:
+        when = dt.datetime.fromtimestamp(not_before / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
+        raise ApiError(403, "certificate_not_yet_valid", f"This viewer's certificate is not "
+                       f"valid before {when} UTC; check the clocks.",
+                       fingerprint=viewer.fingerprint)
+
+
+@functools.lru_cache(maxsize=4096)
+def certificate_validity_ms(der: bytes) -> tuple[int, int]:
+    """(not before, not after) of a DER certificate, in ms since the epoch."""
+    cert = x509.load_der_x509_certificate(der)
+    return (int(cert.not_valid_before_utc.timestamp() * 1000),
+            int(cert.not_valid_after_utc.timestamp() * 1000))
 
 
 AdminDep = Annotated[str, Depends(require_admin)]

@@ -131,10 +131,10 @@ class _Refusals:
 
 
 class RefusalAudit:
-    """Counts refused requests per source (client address) per window. The first refusal of a
-    source in a window is audited at once with its details; the rest of the window is summed up
-    in one line when the window ends (``flush``). At most ``max_sources`` sources are tracked per
-    window; the others are summed up under the source ``"other"``."""
+    """Counts refused requests per source (client address) per window. The first refusal of
+    each kind (error code) of a source in a window is audited at once with its details; the
+    window's total is summed up in one line when the window ends (``flush``). At most
+    ``max_sources`` sources are tracked per window; the others count under ``"other"``."""
 
     def __init__(self, audit: AuditLog, clock_ms: Callable[[], int], window_s: float,
                  max_sources: int = 1000) -> None:
@@ -157,7 +157,8 @@ class RefusalAudit:
             entry = self._seen.setdefault(key, _Refusals())
             entry.count += 1
             entry.codes[code] = entry.codes.get(code, 0) + 1
-            first = entry.count == 1
+            # The first of each kind in the window is written in full (a handful of kinds).
+            first = entry.codes[code] == 1
         if first:
             # Written outside the counting lock: the audit log has its own, and fsyncs.
             self._audit.record("anonymous", "access.refused", self._clock_ms(), source=source,
@@ -174,7 +175,7 @@ class RefusalAudit:
             seen, start = self._seen, self._window_start
             self._seen, self._window_start = {}, now
         for source, entry in seen.items():
-            if entry.count > 1:
+            if entry.count > len(entry.codes):  # more than the lines written at once
                 self._audit.record("anonymous", "access.refused.summary", now, source=source,
                                    window_start_ms=start, window_end_ms=now, count=entry.count,
                                    errors=entry.codes)
