@@ -17,6 +17,7 @@ import httpx
 import typer
 
 from keyservice.errors import KeyServiceError, UsageError
+from keyservice.text import printable
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="The Fusion Archiver: encrypts camera streams, serves fusion streams.")
@@ -40,7 +41,8 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"fusion-archiver: {message}", err=True)
+    # Messages may quote the server or a certificate: never let them drive the terminal.
+    typer.echo(f"fusion-archiver: {printable(message)}", err=True)
     raise SystemExit(code)
 
 
@@ -154,7 +156,9 @@ def _call(method: str, url: str, path: str, token: str, body: Any = None) -> Any
 
 
 def _out(as_json: bool, obj: Any, human: str) -> None:
-    typer.echo(json.dumps(obj) if as_json else human)
+    # JSON escapes every control and non-ASCII character; the human form escapes them too
+    # (its line breaks are ours: values with line breaks are escaped where they are inserted).
+    typer.echo(json.dumps(obj) if as_json else printable(human, newlines=True))
 
 
 def _when(ms: int | None) -> str:
@@ -213,7 +217,7 @@ def clients_add(
     result = _call("POST", url, "/v1/admin/clients", _admin_token(admin_token, data),
                    {"certificate": pem, "cameras": camera_list, "oaep_hash": oaep_hash})
     cams = result["cameras"] if result["cameras"] == "all" else ",".join(result["cameras"])
-    _out(as_json, result, f"viewer {result['subject']} authorized on {cams}\n"
+    _out(as_json, result, f"viewer {printable(result['subject'])} authorized on {cams}\n"
          f"fingerprint: {result['fingerprint']}")
 
 
@@ -222,12 +226,39 @@ def clients_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
                  as_json: JsonOpt = False) -> None:
     """List viewers."""
     result = _call("GET", url, "/v1/admin/clients", _admin_token(admin_token, data))
+    now = dt.datetime.now(dt.UTC)
     lines = []
+    soon = 0
     for c in result:
         state = "revoked " + _when(c["revoked_ms"]) if c["revoked_ms"] else "active"
         cams = c["cameras"] if c["cameras"] == "all" else ",".join(c["cameras"])
-        lines.append(f"{c['fingerprint']}  {c['subject']}  {cams}  {c['oaep_hash']}  {state}")
+        expiry, warn = _expiry(c["not_after"], now, active=not c["revoked_ms"])
+        soon += warn
+        lines.append(f"{c['fingerprint']}  {printable(c['subject'])}  {cams}  {c['oaep_hash']}  "
+                     f"{state}  {expiry}")
+    if soon:
+        lines.append(f"{soon} active viewer(s) expired or expiring within {EXPIRY_WARNING_DAYS} "
+                     "days: have them enrol again (fusion-keys enroll) and authorize the new "
+                     "certificate.")
     _out(as_json, {"clients": result}, "\n".join(lines) or "no viewers")
+
+
+EXPIRY_WARNING_DAYS = 30
+
+
+def _expiry(not_after: str, now: dt.datetime, active: bool) -> tuple[str, bool]:
+    """The expiry column of `clients list`, and whether an admin should act on it."""
+    try:
+        when = dt.datetime.fromisoformat(not_after)
+    except (TypeError, ValueError):
+        return "expiry unknown", False
+    stamp = when.isoformat(timespec="seconds")
+    if when <= now:
+        return f"EXPIRED {stamp}", active
+    days = (when - now).days
+    if days < EXPIRY_WARNING_DAYS:
+        return f"EXPIRES IN {days} DAYS ({stamp})", active
+    return f"expires {stamp}", False
 
 
 @clients_app.command("revoke")

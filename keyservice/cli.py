@@ -18,6 +18,7 @@ import typer
 
 from keyservice import certs
 from keyservice.errors import KeyServiceError, UsageError
+from keyservice.text import printable
 
 if TYPE_CHECKING:
     from keyservice.token import Token
@@ -42,20 +43,26 @@ class KeyChoice(enum.StrEnum):
     rsa4096 = "rsa4096"
 
 
+def _echo(message: str, err: bool = False) -> None:
+    # Labels, subjects and token errors come from tokens and certificates: escape their
+    # control characters (the line breaks of our own messages stay).
+    typer.echo(printable(message, newlines=True), err=err)
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
     try:
         yield
     except KeyServiceError as exc:
-        typer.echo(f"fusion-keys: {exc}", err=True)
+        _echo(f"fusion-keys: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo("fusion-keys: interrupted.", err=True)
+        _echo("fusion-keys: interrupted.", err=True)
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:  # last resort: still one line, no traceback
-        typer.echo(f"fusion-keys: unexpected error ({type(exc).__name__}: {exc}); please report "
+        _echo(f"fusion-keys: unexpected error ({type(exc).__name__}: {exc}); please report "
                    "it.", err=True)
         raise typer.Exit(1) from None
 
@@ -115,14 +122,14 @@ def enroll(
         _write(out, result.pem())
         hash_note = ("" if result.oaep_hash.label == "sha256"
                      else " (this token cannot do SHA-256)")
-        typer.echo(f"Enrolled '{name}' on token '{tok.label}': RSA-{bits}, RSA-OAEP with "
+        _echo(f"Enrolled '{name}' on token '{tok.label}': RSA-{bits}, RSA-OAEP with "
                    f"{certs.oaep_hash_name(result.oaep_hash)}{hash_note}.")
         if result.certificate is not None:
             summary = certs.summarize(result.certificate)
-            typer.echo(f"Certificate written to {out}; fingerprint sha256:{summary.fingerprint_hex}"
+            _echo(f"Certificate written to {out}; fingerprint sha256:{summary.fingerprint_hex}"
                        f"; valid until {summary.not_after:%Y-%m-%d}.")
         else:
-            typer.echo(f"CSR written to {out}; have the site CA sign it, then run "
+            _echo(f"CSR written to {out}; have the site CA sign it, then run "
                        "fusion-keys import-cert --token URI CERT.pem.")
 
 
@@ -143,9 +150,9 @@ def import_cert(
         cert = certs.load_certificate(data)
         with _open(token) as tok:
             result = tok.import_certificate(cert, Pkcs11Uri.parse(token).object)
-        typer.echo(f"Stored the certificate for '{result.label}' on token '{tok.label}'.")
+        _echo(f"Stored the certificate for '{result.label}' on token '{tok.label}'.")
         if not result.recorded:
-            typer.echo(f"Note: the CA dropped the OAEP-hash extension; this token opens "
+            _echo(f"Note: the CA dropped the OAEP-hash extension; this token opens "
                        f"{certs.oaep_hash_name(result.oaep_hash)}, so give '{result.oaep_hash.label}' "
                        "as the OAEP hash when authorizing this viewer on the Archiver.")
 
@@ -157,16 +164,16 @@ def list_(token: TokenOpt) -> None:
         with _open(token) as tok:
             infos = tok.identities()
         if not infos:
-            typer.echo(f"Token '{tok.label}' holds no identities; create one with "
+            _echo(f"Token '{tok.label}' holds no identities; create one with "
                        "fusion-keys enroll.")
             return
-        typer.echo(f"{'NAME':<20} {'KEY':<9} {'OAEP':<7} {'EXPIRES':<11} FINGERPRINT (SHA-256)")
+        _echo(f"{'NAME':<20} {'KEY':<9} {'OAEP':<7} {'EXPIRES':<11} FINGERPRINT (SHA-256)")
         for info in infos:
             kind = f"{info.kind.upper()}-{info.key_bits}" if info.kind == "rsa" else "EC-P256"
             oaep = info.oaep_hash.label if info.oaep_hash else "-"
             expires = f"{info.not_after:%Y-%m-%d}" if info.not_after else "-"
             fp = info.fingerprint_hex or "(no certificate: run fusion-keys import-cert)"
-            typer.echo(f"{info.label:<20} {kind:<9} {oaep:<7} {expires:<11} {fp}")
+            _echo(f"{printable(info.label):<20} {kind:<9} {oaep:<7} {expires:<11} {fp}")
 
 
 @app.command()
@@ -181,7 +188,7 @@ def export(
             ident = tok.identity()
             pem = certs.certificate_pem(ident.certificate)
         _write(out, pem)
-        typer.echo(f"Certificate of '{ident.label}' written to {out}.")
+        _echo(f"Certificate of '{ident.label}' written to {out}.")
 
 
 @app.command()
@@ -190,7 +197,7 @@ def selftest(token: TokenOpt) -> None:
     with _errors():
         with _open(token) as tok:
             result = tok.selftest()
-        typer.echo(f"Self-test passed for '{result.label}': RSA-{result.key_bits}, RSA-OAEP "
+        _echo(f"Self-test passed for '{result.label}': RSA-{result.key_bits}, RSA-OAEP "
                    f"with {certs.oaep_hash_name(result.oaep_hash)}, token decrypt "
                    f"{result.decrypt_ms:.1f} ms; fingerprint sha256:{result.fingerprint_hex}.")
 
@@ -210,7 +217,7 @@ def delete(
                           "it can then never be opened", abort=True)
         with _open(token) as tok:
             count = tok.delete(name)
-        typer.echo(f"Deleted '{name}' ({count} objects) from token '{tok.label}'.")
+        _echo(f"Deleted '{name}' ({count} objects) from token '{tok.label}'.")
 
 
 @app.command("softhsm-init")
@@ -226,8 +233,8 @@ def softhsm_init(
         from keyservice.softhsm import init_softhsm
 
         conf = init_softhsm(directory, label, pin, so_pin)
-        typer.echo(f"Created SoftHSM token '{label}' in {conf.parent}. Use it with:", err=True)
-        typer.echo(f"export SOFTHSM2_CONF={shlex.quote(str(conf))}")
+        _echo(f"Created SoftHSM token '{label}' in {conf.parent}. Use it with:", err=True)
+        _echo(f"export SOFTHSM2_CONF={shlex.quote(str(conf))}")
 
 
 def main(argv: list[str] | None = None) -> None:

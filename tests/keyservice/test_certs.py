@@ -230,7 +230,7 @@ def test_certificate_of_an_unknown_issuer_is_refused(viewer_key: rsa.RSAPrivateK
     genuine = _issue(csr, ca, ca_key, copy_extensions=True)
     forged = _issue(csr, ca, ec.generate_private_key(ec.SECP256R1()), copy_extensions=True)
     for cert in (genuine, forged):
-        with pytest.raises(CertificateError, match="does not know.*--site-ca"):
+        with pytest.raises(CertificateError, match=r"does not know.*--site-ca"):
             certs.validate_viewer_certificate(cert, now=NOW)
     assert certs.validate_viewer_certificate(genuine, now=NOW, site_ca=[ca]) is OaepHash.SHA256
     with pytest.raises(CertificateError, match="not issued by the site CA"):
