@@ -159,10 +159,11 @@ class RefusalAudit:
             entry.codes[code] = entry.codes.get(code, 0) + 1
             # The first of each kind in the window is written in full (a handful of kinds).
             first = entry.codes[code] == 1
+            window = self._window_start
         if first:
             # Written outside the counting lock: the audit log has its own, and fsyncs.
             self._audit.record("anonymous", "access.refused", self._clock_ms(), source=source,
-                               status=status, error=code, **detail)
+                               status=status, error=code, window_start_ms=window, **detail)
 
     def flush_if_due(self) -> None:
         if self._clock_ms() - self._window_start >= self._window_ms:
