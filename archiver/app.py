@@ -64,6 +64,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
     app = FastAPI(title="Fusion Archiver", version="1", lifespan=lifespan,
                   description="Encrypts camera streams at ingest and serves per-viewer "
                               "fusion streams.")
+    app.add_middleware(ingest.UploadOrder)
     app.include_router(ingest.router)
     app.include_router(admin.router)
     app.include_router(viewer.router)

@@ -68,9 +68,8 @@ def serve(
         "unread before it is dropped.")] = 30.0,
 ) -> None:
     """Run the Archiver."""
-    import uvicorn
-
     from archiver.app import create_app
+    from archiver.server import serve as serve_app
     from archiver.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -82,9 +81,7 @@ def serve(
         application = create_app(settings)
     except KeyServiceError as exc:
         _fail(str(exc), exc.exit_code)
-    uvicorn.run(application, host=host, port=port, log_level="info",
-                ssl_certfile=str(tls_cert) if tls_cert else None,
-                ssl_keyfile=str(tls_key) if tls_key else None)
+    serve_app(application, settings)
 
 
 # --- admin commands ------------------------------------------------------------------------
