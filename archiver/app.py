@@ -102,6 +102,8 @@ def create_app(settings: Settings, signer: Signer | None = None,
                               "fusion streams.",
                   openapi_url="/openapi.json" if docs else None,
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
+    app.add_middleware(ingest.UploadOrder)
+    # Added last, so outermost: limits apply before anything else reads the request.
     app.add_middleware(
         RequestLimits,
         limits=Limits(max_segment_bytes=settings.max_segment_bytes,

@@ -92,10 +92,8 @@ def serve(
     """Run the Archiver."""
     import os
 
-    import uvicorn
-
     from archiver.app import create_app
-    from archiver.limits import header_timeout_protocol
+    from archiver.server import serve as serve_app
     from archiver.settings import Settings
 
     # Nothing this process creates is for other local users (the data directory holds tokens).
@@ -109,19 +107,12 @@ def serve(
                             header_timeout_s=header_timeout, body_timeout_s=body_timeout,
                             login_rate=login_rate, viewer_concurrency=viewer_concurrency,
                             viewer_rate=viewer_rate, refusal_window_s=refusal_window,
-                            public_metrics=public_metrics, api_docs=api_docs)
-        if max_connections < 1:
-            raise UsageError("--max-connections must be at least 1.")
+                            public_metrics=public_metrics, api_docs=api_docs,
+                            max_connections=max_connections)
         application = create_app(settings)
     except KeyServiceError as exc:
         _fail(str(exc), exc.exit_code)
-    uvicorn.run(application, host=host, port=port, log_level="info",
-                http=header_timeout_protocol(settings.header_timeout_s),
-                limit_concurrency=max_connections,
-                # Headers are bounded in size as well as in time (h11's default is 16 KiB).
-                h11_max_incomplete_event_size=64 * 1024,
-                ssl_certfile=str(tls_cert) if tls_cert else None,
-                ssl_keyfile=str(tls_key) if tls_key else None)
+    serve_app(application, settings)
 
 
 # --- admin commands ------------------------------------------------------------------------

@@ -44,12 +44,13 @@ REFUSED_STATUSES = frozenset({401, 403, 408, 413, 429})
 
 
 # --- the HTTP protocol: a header deadline ----------------------------------------------------------
-def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, closing connections whose request line and headers are not
-    complete within ``seconds`` of the connection opening or of the previous response ending
-    (slow-loris on headers). Pass the result as uvicorn's ``http=``."""
+def header_timeout_protocol(seconds: float,
+                            base: type[H11Protocol] = H11Protocol) -> type[H11Protocol]:
+    """uvicorn's h11 protocol (or ``base``), closing connections whose request line and headers
+    are not complete within ``seconds`` of the connection opening or of the previous response
+    ending (slow-loris on headers). Pass the result as uvicorn's ``http=``."""
 
-    class HeaderTimeoutH11Protocol(H11Protocol):
+    class HeaderTimeoutH11Protocol(base):  # type: ignore[valid-type, misc]
         _header_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

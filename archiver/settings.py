@@ -27,6 +27,8 @@ class Settings:
     # Request line and headers must arrive within this; JSON bodies within body_timeout_s.
     header_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
+    # Open connections (and requests in progress) beyond this are answered 503 at once.
+    max_connections: int = 1000
     # Per client address: logins a second (and burst); per viewer: open requests, requests a
     # second (and burst). Behind a proxy every client has the proxy's address.
     login_rate: float = 5.0
@@ -67,7 +69,7 @@ class Settings:
             raise UsageError("The timeouts, the session lifetime and the audit window must be "
                              "positive.")
         if min(self.login_rate, self.login_burst, self.viewer_concurrency, self.viewer_rate,
-               self.viewer_burst) <= 0:
+               self.viewer_burst, self.max_connections) <= 0:
             raise UsageError("The login and viewer limits must be positive.")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UsageError("Give both --tls-cert and --tls-key, or neither.")
