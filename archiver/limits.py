@@ -127,8 +127,8 @@ class RateLimiter:
 @dataclass
 class _Refusals:
     count: int = 0
+    written: int = 0  # first lines written at once
     codes: dict[str, int] = field(default_factory=dict)
-    detail: dict[str, Any] = field(default_factory=dict)
 
 
 class RefusalAudit:
@@ -138,10 +138,14 @@ class RefusalAudit:
     ``max_sources`` sources are tracked per window; the others count under ``"other"``."""
 
     def __init__(self, audit: AuditLog, clock_ms: Callable[[], int], window_s: float,
-                 max_sources: int = 1000) -> None:
+                 max_sources: int = 256, max_first_lines: int = 100) -> None:
         self._audit, self._clock_ms = audit, clock_ms
         self._window_ms = max(1, int(window_s * 1000))
         self._max_sources = max_sources
+        # Many addresses (an IPv6 prefix) could each earn their first lines: capped per window,
+        # so at most max_first_lines + max_sources + 1 lines are written per window in all.
+        self._max_first_lines = max_first_lines
+        self._first_lines = 0
         self._lock = threading.Lock()
         self._window_start = clock_ms()
         self._seen: dict[str, _Refusals] = {}
@@ -159,7 +163,10 @@ class RefusalAudit:
             entry.count += 1
             entry.codes[code] = entry.codes.get(code, 0) + 1
             # The first of each kind in the window is written in full (a handful of kinds).
-            first = entry.codes[code] == 1
+            first = entry.codes[code] == 1 and self._first_lines < self._max_first_lines
+            if first:
+                self._first_lines += 1
+                entry.written += 1
             window = self._window_start
         if first:
             # Written outside the counting lock: the audit log has its own, and fsyncs.
@@ -175,9 +182,9 @@ class RefusalAudit:
         now = self._clock_ms()
         with self._lock:
             seen, start = self._seen, self._window_start
-            self._seen, self._window_start = {}, now
+            self._seen, self._window_start, self._first_lines = {}, now, 0
         for source, entry in seen.items():
-            if entry.count > len(entry.codes):  # more than the lines written at once
+            if entry.count > entry.written:  # more than the lines written at once
                 self._audit.record("anonymous", "access.refused.summary", now, source=source,
                                    window_start_ms=start, window_end_ms=now, count=entry.count,
                                    errors=entry.codes)

@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from archiver.audit import verify_audit_log
+from archiver.audit import AuditLog, verify_audit_log
+from archiver.limits import RefusalAudit
 from tests.fixtures.server import ArchiverServer
 from tests.fixtures.viewer import login
 from tests.hardening.conftest import memory_kib
@@ -290,3 +291,26 @@ def test_refused_accesses_are_audited_with_aggregation(serve: Callable[..., Arch
     assert len(entries) <= 3 * len(windows), entries
     print(f"350 refused requests in {len(windows)} window(s): {len(entries)} audit lines")
     assert verify_audit_log(audit) is None
+
+
+def test_refusals_from_many_addresses_write_a_bounded_number_of_lines(tmp_path: Path) -> None:
+    """An attacker with many addresses (an IPv6 prefix) gets no more lines per window than
+    the caps: first lines are capped, sources beyond the cap count under "other"."""
+    now = [1_000_000]
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    refusals = RefusalAudit(audit, lambda: now[0], window_s=60, max_sources=50,
+                            max_first_lines=20)
+    for window in range(3):
+        for source in range(5000):
+            for code in ("proof_refused", "forbidden"):
+                refusals.refused(f"2001:db8::{window}:{source}", 401, code)
+        now[0] += 61_000
+    refusals.flush()
+    audit.close()
+    entries = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert len(entries) <= 3 * (20 + 50 + 1)
+    summaries = [e for e in entries if e["action"] == "access.refused.summary"]
+    assert sum(e["count"] for e in summaries) + sum(
+        1 for e in entries if e["action"] == "access.refused") >= 3 * 10_000 - 3 * 20
+    assert {e["source"] for e in summaries if e["count"] > 1000} == {"other"}
+    assert verify_audit_log(tmp_path / "audit.jsonl") is None
