@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from archiver.archive import Archive, wall_clock_ms
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, ensure_admin_token, secret_matches
+from archiver.cameras import CameraState
 from archiver.datadir import secure_data_dir
 from archiver.deps import ApiError, BearerDep, Services, ServicesDep
 from archiver.limits import REFUSED_STATUSES, Limits, RefusalAudit, RequestLimits
@@ -30,6 +31,28 @@ from keyservice.certs import load_certificate
 from keyservice.identity import Signer
 
 log = logging.getLogger("archiver")
+HEALTH_CHECK_S = 1.0
+
+
+async def _watch_camera_health(archive: Archive, audit: AuditLog) -> None:
+    """Flags cameras that stop sending (and come back) in the log and the audit log, once per
+    change of state, so a silent camera is noticed even though it cannot be told of anything."""
+    states: dict[str, CameraState] = {}
+    while True:
+        await asyncio.sleep(HEALTH_CHECK_S)
+        now = archive.clock()
+        for camera in await asyncio.to_thread(archive.db.cameras):
+            health = archive.health.health(camera.name, now)
+            before = states.get(camera.name, CameraState.WAITING)
+            states[camera.name] = health.state
+            if health.state == before or health.state == CameraState.WAITING:
+                continue
+            if health.state == CameraState.RECEIVING:
+                log.info("camera %s: receiving again", camera.name)
+            else:
+                log.warning("camera %s: %s %s", camera.name, health.state.value, health.message)
+            audit.record("archiver", f"camera.{health.state.value}", now, camera=camera.name,
+                         last_segment_ms=health.last_segment_ms, message=health.message)
 
 
 def create_app(settings: Settings, signer: Signer | None = None,
@@ -56,7 +79,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
                         fingerprint[:16])
 
         archive.keys.on_expired = expired
-        rtsp = RtspSupervisor(settings.public_url)
+        rtsp = RtspSupervisor(archive.ingest_segment, archive.health.puller_failed)
         services = Services(
             settings=settings, archive=archive,
             sessions=Sessions(settings.challenge_ttl_s, settings.session_ttl_s), audit=audit,
@@ -82,13 +105,15 @@ def create_app(settings: Settings, signer: Signer | None = None,
                     log.warning("could not write the refused-access summary to the audit log")
 
         flusher = asyncio.create_task(flush_refusals())
+        monitor = asyncio.create_task(_watch_camera_health(archive, audit))
         try:
             yield
         finally:
+            monitor.cancel()
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
-            rtsp.stop_all()
+            await asyncio.to_thread(rtsp.stop_all)
             with contextlib.suppress(Exception):
                 refusals.flush()
             audit.record("archiver", "stop", clock())

@@ -83,9 +83,7 @@ def _check_camera(services: ServicesDep, camera: str, credentials: BearerDep) ->
         raise ApiError(401, "unauthenticated", "Missing 'Authorization: Bearer' camera token.")
     token = credentials.credentials
     row = services.archive.db.camera(camera)
-    valid = row is not None and row.removed_ms is None and (
-        secret_matches(token, row.token_sha256)
-        or (services.rtsp is not None and services.rtsp.accepts(camera, token)))
+    valid = row is not None and row.removed_ms is None and secret_matches(token, row.token_sha256)
     # One answer for unknown camera and wrong token: the API does not confirm camera names.
     if not valid:
         raise ApiError(403, "forbidden", f"This token is not valid for camera '{camera}'.")
