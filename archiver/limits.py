@@ -63,7 +63,7 @@ def header_timeout_protocol(seconds: float,
 
         def handle_events(self) -> None:
             super().handle_events()
-            if self.conn.their_state is not h11.IDLE:
+            if self._in_request():
                 self._disarm_header_timer()  # the headers are complete: the body has its own
 
         def on_response_complete(self) -> None:
@@ -80,9 +80,17 @@ def header_timeout_protocol(seconds: float,
                 self._header_timer.cancel()
                 self._header_timer = None
 
+        def _in_request(self) -> bool:
+            """A request's headers are complete and its response is not: the application (and
+            the body deadline of RequestLimits) is in charge."""
+            return (self.conn.their_state is not h11.IDLE and self.cycle is not None
+                    and not self.cycle.response_complete)
+
         def _header_timeout(self) -> None:
+            # Neither a new request's headers nor, after an early answer (403 before the body
+            # was read), the rest of a body nobody reads came in time: close.
             self._header_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if not self._in_request() and not self.transport.is_closing():
                 log.warning("closed a connection whose request headers did not arrive within "
                             "%.0f s", seconds)
                 self.transport.close()

@@ -183,6 +183,14 @@ def test_slow_and_missing_headers_are_cut(serve: Callable[..., ArchiverServer]) 
         sock.settimeout(10)
         assert _status(sock.recv(4096)) == 200
         assert _closed_by_server(sock, b"GET /healthz HTTP/1.1\r\nHost: a\r\nX: aaaaaaaaaa")
+    # Answered early (403 before the body was read), then the rest of the body trickles in
+    # for nobody: closed as well.
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"PUT /ingest/nocam/x.ts HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer x"
+                     b"\r\nContent-Length: 1000000\r\n\r\nabc")
+        sock.settimeout(10)
+        assert _status(sock.recv(4096)) == 403
+        assert _closed_by_server(sock, b"b")
     # A normal client is not affected.
     assert httpx.get(f"{server.url}/healthz").status_code == 200
 
