@@ -35,8 +35,10 @@ SEGMENT_S = 2
 OPEN_TIMEOUT_S = 10.0
 # No packet for this long: the camera is gone (a live camera sends many packets per second).
 READ_TIMEOUT_S = 5.0
-BACKOFF_START_S = 1.0
-BACKOFF_MAX_S = 30.0
+BACKOFF_START_S = 0.5
+# A camera that comes back must be pulled again within seconds: every second of backoff is
+# lost video, and a connection attempt to an absent camera costs next to nothing.
+BACKOFF_MAX_S = 2.0
 # Wrong credentials do not fix themselves: retry rarely, so a camera is not hammered with logins
 # (some lock the account) and the log is not flooded.
 AUTH_BACKOFF_S = 60.0
