@@ -32,9 +32,14 @@ def secure_data_dir(root: Path) -> list[str]:
         mode = stat.S_IMODE(info.st_mode)
         wanted = DIR_MODE if stat.S_ISDIR(info.st_mode) else mode & MAX_FILE_MODE
         if mode != wanted:
-            os.chmod(path, wanted)
-            changed.append(f"{path.relative_to(root).as_posix() or '.'}: "
-                           f"{mode:04o} -> {wanted:04o}")
+            name = path.relative_to(root).as_posix() or "."
+            try:
+                os.chmod(path, wanted)
+            except OSError as exc:  # not ours (a mount point, another owner): say so, go on
+                log.error("cannot tighten %s in the data directory to %04o (%s); fix it by hand",
+                          name, wanted, exc.strerror)
+                continue
+            changed.append(f"{name}: {mode:04o} -> {wanted:04o}")
     for line in changed:
         log.warning("tightened permissions in the data directory: %s", line)
     return changed
