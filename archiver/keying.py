@@ -46,7 +46,7 @@ class KeyManager:
         self._rotate = threading.Lock()
         self._current: dict[tuple[str, DataStream], tuple[int, MinuteKey]] = {}
         self._epochs: dict[str, _ViewerEpoch] = {}
-        self._viewers: list[tuple[ClientRow, Recipient, tuple[int, int]]] | None = None
+        self._viewers: list[tuple[ClientRow, Recipient, int]] | None = None
         # Called (fingerprint, not_after_ms) once per viewer whose certificate has expired when
         # a key would be wrapped for it; the app audits it.
         self.on_expired: Callable[[str, int], None] | None = None
@@ -93,16 +93,15 @@ class KeyManager:
         with self._rotate:
             return len(self._load_viewers())
 
-    def _load_viewers(self) -> list[tuple[ClientRow, Recipient, tuple[int, int]]]:
+    def _load_viewers(self) -> list[tuple[ClientRow, Recipient, int]]:
         if self._viewers is None:
             viewers = []
             for row in self._db.clients():
                 if row.revoked_ms is not None:
                     continue
                 cert = x509.load_der_x509_certificate(row.certificate)
-                validity = (int(cert.not_valid_before_utc.timestamp() * 1000),
-                            int(cert.not_valid_after_utc.timestamp() * 1000))
-                viewers.append((row, Recipient(cert, OaepHash(row.oaep_hash)), validity))
+                not_after = int(cert.not_valid_after_utc.timestamp() * 1000)
+                viewers.append((row, Recipient(cert, OaepHash(row.oaep_hash)), not_after))
             self._viewers = viewers
         return self._viewers
 
@@ -110,13 +109,15 @@ class KeyManager:
         today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
         material = []
         started: list[str] = []
-        for row, recipient, (not_before, not_after) in self._load_viewers():
+        for row, recipient, not_after in self._load_viewers():
             if not row.authorized_on(key.camera):
                 continue
-            if not not_before <= now_ms <= not_after:
+            if now_ms > not_after:
                 # Expiry is checked at every wrap, not only at authorization: an expired
-                # certificate gets no key material, as if revoked.
-                if now_ms > not_after and row.fingerprint not in self._expired_reported:
+                # certificate gets no key material, as if revoked. (Not-before is checked at
+                # authorization and login; archives generated with a simulated past clock
+                # would otherwise get no keys.)
+                if row.fingerprint not in self._expired_reported:
                     self._expired_reported.add(row.fingerprint)
                     if self.on_expired is not None:
                         self.on_expired(row.fingerprint, not_after)
