@@ -232,12 +232,15 @@ def _check_validity(cert: x509.Certificate, now: datetime, what: str) -> None:
 
 def validate_viewer_certificate(cert: x509.Certificate, *, now: datetime,
                                 site_ca: Sequence[x509.Certificate] = (),
-                                oaep_hash: OaepHash | None = None) -> OaepHash:
+                                oaep_hash: OaepHash | None = None,
+                                trust_decision: bool = True) -> OaepHash:
     """Check a viewer certificate before anything is encrypted to it; return its OAEP hash.
 
     RSA >= 2048 bits, valid at ``now``, keyUsage keyEncipherment, not a CA, and issued by one of
     ``site_ca`` when given (its signature verified), else self-signed with a self-signature
-    that verifies (a certificate from an unknown issuer is refused). The OAEP hash
+    that verifies (a certificate from an unknown issuer is refused). ``trust_decision`` False
+    (storing a CA-issued certificate on the viewer's own token) checks the shape only: whom to
+    trust is the Archiver's decision, with its --site-ca. The OAEP hash
     comes from the certificate's extension or ``oaep_hash``; both given and different is an error.
     """
     now = _utc(now)
@@ -270,7 +273,7 @@ def validate_viewer_certificate(cert: x509.Certificate, *, now: datetime,
             raise CertificateError("The viewer certificate was not issued by the site CA; have the "
                                    "site CA sign the viewer's CSR (fusion-keys enroll --csr).")
         _check_validity(issuers[0], now, "site CA certificate")
-    elif cert.issuer != cert.subject:
+    elif cert.issuer != cert.subject and trust_decision:
         # Issued by someone else, whom this Archiver does not know: its signature cannot be
         # checked, so the certificate vouches for nothing. Only self-signed (the token's own
         # key signed it) or CA-chained (--site-ca) certificates are accepted.
@@ -278,7 +281,7 @@ def validate_viewer_certificate(cert: x509.Certificate, *, now: datetime,
             f"The viewer certificate was issued by '{cert.issuer.rfc4514_string()}', which this "
             "Archiver does not know, so its signature cannot be verified; start the Archiver "
             "with --site-ca naming that CA's certificate, or enrol a self-signed identity.")
-    elif not _issued_by(cert, cert):
+    elif cert.issuer == cert.subject and not _issued_by(cert, cert):
         raise CertificateError("The certificate's self-signature does not verify: the file was "
                                "damaged or altered; export it again with fusion-keys export.")
     recorded = read_oaep_hash(cert)

@@ -809,7 +809,9 @@ class Token:
                 raise ObjectExists(f"'{label}' on token '{self.label}' already has a certificate; "
                                    "it is never overwritten (delete and enrol again to replace).")
             oaep_hash = self._probe_oaep(key_id, public)
-            certs.validate_viewer_certificate(cert, now=datetime.now(UTC), oaep_hash=oaep_hash)
+            # Shape only: the Archiver decides whom to trust (--site-ca), not the viewer's token.
+            certs.validate_viewer_certificate(cert, now=datetime.now(UTC), oaep_hash=oaep_hash,
+                                              trust_decision=False)
             self._store_certificate(cert, label, key_id)
         return ImportResult(label, oaep_hash, certs.read_oaep_hash(cert) is not None)
 
