@@ -1,0 +1,494 @@
+"""The operator's viewer (`fusion-client view`) in a real browser: Debian's Chromium driven by
+Playwright, a real Archiver under uvicorn, a SoftHSM viewer token, ffmpeg-made H.264 video.
+
+The test video burns its own time into the picture twice: as text (for people reading the
+screenshots in docs/viewer.md) and as an 8-bit barcode in the top 32 rows (bit i of
+floor(seconds) is the block at x = 40*i .. 40*i+39), which the tests read from the decoded frame.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets.sync.client as ws_client
+from playwright.sync_api import Browser, Page, sync_playwright
+from websockets.exceptions import InvalidStatus
+
+from tests.fixtures.server import ArchiverServer, free_port
+from tests.fixtures.tokens import TokenHandle, enroll_viewer
+
+from .proxy import TamperingProxy
+
+pytestmark = pytest.mark.browser
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DOCS_IMAGES = REPO_ROOT / "docs" / "viewer"
+RATE = 10
+# testsrc2 + readable time + the barcode; a keyframe every second, so every 1 s chunk starts
+# with one (as a camera's HLS segments do).
+VIDEO_FILTER = (
+    "drawtext=font=DejaVu Sans:text='t=%{pts\\:hms}':x=10:y=200:fontsize=24:fontcolor=white"
+    ":box=1:boxcolor=black@0.7,"
+    "geq=lum='if(lt(Y\\,32)\\,255*mod(floor(T/pow(2\\,floor(X/40)))\\,2)\\,lum(X\\,Y))'"
+    ":cb='if(lt(Y\\,32)\\,128\\,cb(X\\,Y))':cr='if(lt(Y\\,32)\\,128\\,cr(X\\,Y))'")
+CODECS = {"h264": ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"],
+          "hevc": ["-c:v", "libx265", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+                   "-x265-params", "log-level=error"]}
+
+# Reads the barcode of the frame the <video> element shows (its natural size, not the tile's).
+READ_BARCODE = """(camera) => {
+  const video = document.querySelector(`.tile[data-camera="${camera}"] video`);
+  const c = document.createElement('canvas');
+  c.width = video.videoWidth; c.height = video.videoHeight;
+  const g = c.getContext('2d');
+  g.drawImage(video, 0, 0);
+  let value = 0;
+  for (let i = 0; i < 8; i++) {
+    const p = g.getImageData(40 * i + 20, 16, 1, 1).data;
+    if ((p[0] + p[1] + p[2]) / 3 > 128) value |= 1 << i;
+  }
+  return value;
+}"""
+# How many distinct colours the shown frame has (a blank or black frame has one or two).
+FRAME_COLOURS = """(camera) => {
+  const video = document.querySelector(`.tile[data-camera="${camera}"] video`);
+  const c = document.createElement('canvas');
+  c.width = video.videoWidth; c.height = video.videoHeight;
+  const g = c.getContext('2d');
+  g.drawImage(video, 0, 0);
+  const d = g.getImageData(0, 0, c.width, c.height).data;
+  const seen = new Set();
+  for (let i = 0; i < d.length; i += 4 * 97) seen.add((d[i] >> 4) << 8 | (d[i+1] >> 4) << 4 | d[i+2] >> 4);
+  return seen.size;
+}"""
+
+
+def chromium_path() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("Debian's chromium is not installed; run scripts/setup.sh")
+    return path
+
+
+def make_chunks(directory: Path, seconds: int, codec: str = "h264") -> list[bytes]:
+    """1-second MPEG-TS chunks of the barcoded test video (chunk k shows seconds k .. k+1)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
+         "-i", f"testsrc2=size=320x240:rate={RATE}", "-t", str(seconds), "-vf", VIDEO_FILTER,
+         *CODECS[codec], "-g", str(RATE), "-keyint_min", str(RATE), "-sc_threshold", "0",
+         "-f", "segment", "-segment_time", "1", "-segment_format", "mpegts",
+         str(directory / "c%03d.ts")], check=True)
+    return [p.read_bytes() for p in sorted(directory.glob("c*.ts"))]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Pushed:
+    before: list[int]   # wall clock just before each chunk's upload
+    after: list[int]    # ... and just after the Archiver acknowledged it
+
+
+def push_chunks(server: ArchiverServer, camera: str, token: str, chunks: list[bytes],
+                spacing_s: float, pause_after: int | None = None, pause_s: float = 0) -> Pushed:
+    pushed = Pushed([], [])
+    for i, data in enumerate(chunks):
+        pushed.before.append(now_ms())
+        assert server.put_segment(camera, token, data) == 201
+        pushed.after.append(now_ms())
+        time.sleep(pause_s if pause_after is not None and i == pause_after else spacing_s)
+    return pushed
+
+
+class ViewerProcess:
+    """`fusion-client view --no-browser` in a subprocess; the URL is its first stdout line."""
+
+    def __init__(self, archiver_url: str, token_uri: str, home: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
+        env["FUSION_CLIENT_HOME"] = str(home)
+        self.export_dir = home / "exports"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "client", "view", "--archiver", archiver_url, "--token",
+             token_uri, "--no-browser", "--export-dir", str(self.export_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+            cwd=REPO_ROOT)
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], 60)
+        line = self.process.stdout.readline().decode().strip() if ready else ""
+        if not line.startswith("http://127.0.0.1:"):
+            self.process.kill()
+            _, err = self.process.communicate()
+            raise AssertionError(f"no viewer URL (got {line!r}): {err.decode()}")
+        self.url = line
+        self.base = line.split("/?", 1)[0]
+        self.port = int(self.base.rsplit(":", 1)[1])
+
+    def stop(self) -> str:
+        """Ctrl-C; returns stderr. The viewer must end cleanly, without a traceback."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            _, err = self.process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+            raise AssertionError("the viewer did not stop on Ctrl-C") from None
+        text = err.decode(errors="replace")
+        assert "Traceback" not in text, text
+        return text
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=chromium_path(),
+                                      args=["--autoplay-policy=no-user-gesture-required"])
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@dataclass
+class Setup:
+    server: ArchiverServer
+    ingest: dict[str, str]
+    viewer_uri: str
+    home: Path
+
+
+@pytest.fixture
+def setup(archiver_server: ArchiverServer, softhsm_token: TokenHandle, tmp_path: Path) -> Setup:
+    pem = enroll_viewer(softhsm_token, "operator")
+    ingest = {name: archiver_server.add_camera(name) for name in ("lobby", "gate")}
+    archiver_server.add_client(pem, ["lobby", "gate"])
+    return Setup(archiver_server, ingest, softhsm_token.object_uri("operator"),
+                 tmp_path / "client-home")
+
+
+@pytest.fixture
+def open_viewer(setup: Setup) -> Iterator[Callable[..., ViewerProcess]]:
+    started: list[ViewerProcess] = []
+
+    def start(archiver_url: str | None = None) -> ViewerProcess:
+        process = ViewerProcess(archiver_url or setup.server.url, setup.viewer_uri, setup.home)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def open_page(browser: Browser, viewer: ViewerProcess) -> Page:
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    page.goto(viewer.url)
+    page.wait_for_function("() => window.fusionViewer && window.fusionViewer.camerasLoaded")
+    return page
+
+
+def tile(page: Page, camera: str) -> dict[str, Any]:
+    return page.evaluate("(c) => window.fusionViewer.tiles.get(c).snapshot()", camera)
+
+
+def wait_tile(page: Page, camera: str, condition: str, timeout_s: float = 30) -> dict[str, Any]:
+    page.wait_for_function(f"(c) => {{ const t = window.fusionViewer.tiles.get(c); "
+                           f"if (!t) return false; const s = t.snapshot(); return {condition}; }}",
+                           arg=camera, timeout=timeout_s * 1000)
+    return tile(page, camera)
+
+
+def shot(page: Page, name: str) -> None:
+    DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(DOCS_IMAGES / name))
+
+
+def click_timeline(page: Page, camera: str, ms: int) -> None:
+    canvas = page.locator(f'.tile[data-camera="{camera}"] canvas.timeline')
+    span = page.evaluate("(c) => window.fusionViewer.tiles.get(c).span()", camera)
+    box = canvas.bounding_box()
+    assert box is not None
+    x = (ms - span[0]) / (span[1] - span[0]) * box["width"]
+    canvas.click(position={"x": x, "y": box["height"] / 2})
+
+
+# --- the page: cameras, live, grid, latency --------------------------------------------------
+def test_lists_cameras_and_plays_live(setup: Setup, open_viewer: Callable[..., ViewerProcess],
+                                      browser: Browser, tmp_path: Path) -> None:
+    chunks = make_chunks(tmp_path / "lobby", 12)
+    push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[:2], 0.2)
+    viewer = open_viewer()
+    page = open_page(browser, viewer)
+    names = page.locator("#cameras li b").all_inner_texts()
+    assert names == ["lobby", "gate"] or sorted(names) == ["gate", "lobby"]
+    lobby = page.locator('#cameras li[data-camera="lobby"]')
+    assert "2 segments" in lobby.inner_text()
+    assert "nothing recorded" in page.locator('#cameras li[data-camera="gate"]').inner_text()
+
+    lobby.get_by_role("button", name="Watch").click()
+    # The camera goes on sending, one 1-second chunk a second, while the operator watches.
+    camera = threading.Thread(target=push_chunks, daemon=True,
+                              args=(setup.server, "lobby", setup.ingest["lobby"], chunks[2:], 1.0))
+    camera.start()
+    state = wait_tile(page, "lobby", "s.shown >= 2 && s.currentTime > 0")
+    first_time = state["currentTime"]
+    state = wait_tile(page, "lobby", f"s.currentTime > {first_time} + 1.5 && s.shown >= 4")
+    assert state["state"] == "verified" and not state["stopped"]
+    assert "verified" in state["stateText"]
+    assert page.evaluate(FRAME_COLOURS, "lobby") > 20, "the live frame is blank"
+    # What is on screen is the camera's picture: its barcode counts the camera's seconds.
+    assert 1 <= page.evaluate(READ_BARCODE, "lobby") <= 12
+    shot(page, "live.png")
+    camera.join(30)
+    latencies = wait_tile(page, "lobby", "s.latencies.length >= 4")["latencies"]
+    median = statistics.median(latencies[1:])  # the first includes connecting
+    print(f"\nlatency Archiver arrival -> first frame on screen: median {median:.0f} ms, "
+          f"all {latencies}")
+    (tmp_path / "latency.txt").write_text(f"{median}\n{latencies}\n")
+    page.close()
+
+
+def test_grid_of_cameras_and_h265_message(setup: Setup,
+                                          open_viewer: Callable[..., ViewerProcess],
+                                          browser: Browser, tmp_path: Path) -> None:
+    h264 = make_chunks(tmp_path / "lobby", 3)
+    hevc = make_chunks(tmp_path / "gate", 3, codec="hevc")
+    push_chunks(setup.server, "lobby", setup.ingest["lobby"], h264, 0.1)
+    push_chunks(setup.server, "gate", setup.ingest["gate"], hevc, 0.1)
+    viewer = open_viewer()
+    page = open_page(browser, viewer)
+    page.get_by_role("button", name="Watch all (grid)").click()
+    assert page.locator(".tile").count() == 2
+    first = page.evaluate("() => window.fusionViewer.cameras.get('lobby').first_ms")
+    page.evaluate("(ms) => { for (const t of window.fusionViewer.tiles.values()) t.playFrom(ms); }",
+                  first - 1)
+    wait_tile(page, "lobby", "s.shown >= 1 && s.currentTime > 0.5")
+    gate = wait_tile(page, "gate", "s.codec === 'unsupported' && s.verified >= 1")
+    assert gate["state"] == "unsupported" and gate["shown"] == 0
+    message = page.locator('.tile[data-camera="gate"] .overlay')
+    assert "cannot decode H.265" in message.inner_text()
+    shot(page, "grid-h265.png")
+    # Export still works for the H.265 camera: a verified MPEG-TS file.
+    page.locator('.tile[data-camera="gate"] .ex-from').fill(_local_input(page, first - 1000))
+    page.locator('.tile[data-camera="gate"] .ex-to').fill(_local_input(page, now_ms() + 1000))
+    page.locator('.tile[data-camera="gate"] button.export').click()
+    page.locator('.tile[data-camera="gate"] .ex-msg.done').wait_for(timeout=30_000)
+    exported = list(viewer.export_dir.glob("gate-*.ts"))
+    assert len(exported) == 1 and exported[0].read_bytes() == b"".join(hevc)
+    page.close()
+
+
+def _local_input(page: Page, ms: int) -> str:
+    return page.evaluate("(ms) => new Date(ms - new Date(ms).getTimezoneOffset() * 60000)"
+                         ".toISOString().slice(0, 19)", ms)
+
+
+# --- the timeline: seek, gaps, export ----------------------------------------------------------
+def test_timeline_seek_gap_and_export(setup: Setup, open_viewer: Callable[..., ViewerProcess],
+                                      browser: Browser, tmp_path: Path) -> None:
+    chunks = make_chunks(tmp_path / "lobby", 10)
+    # Chunks 0-4, six seconds of silence (a gap), chunks 5-9; 0.5 s apart otherwise.
+    pushed = push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks, 0.5,
+                         pause_after=4, pause_s=6.5)
+    viewer = open_viewer()
+    page = open_page(browser, viewer)
+    page.evaluate("() => window.fusionViewer.watch('lobby', false)")
+    page.locator('.tile[data-camera="lobby"] button.pause').click()  # seek while paused
+
+    # Seek to a moment between chunk 6's predecessor and chunk 6's arrival: chunk 6 shows.
+    k = 7
+    target = (pushed.after[k - 1] + pushed.before[k]) // 2
+    click_timeline(page, "lobby", target)
+    state = wait_tile(page, "lobby", "s.shown >= 1 && s.positionMs !== null")
+    page.wait_for_function("(c) => document.querySelector(`.tile[data-camera=\"${c}\"] video`)"
+                           ".readyState >= 2", arg="lobby")
+    assert state["paused"]
+    assert page.evaluate(READ_BARCODE, "lobby") == k
+    assert state["segments"][0]["capture_ms"] >= pushed.before[k]
+    shot(page, "seek.png")
+
+    # Play everything from before the first chunk: the silence is reported and drawn as a gap.
+    page.locator('.tile[data-camera="lobby"] button.pause').click()
+    click_timeline(page, "lobby", pushed.before[0] - 500)
+    state = wait_tile(page, "lobby", "s.gaps.length >= 1 && s.verified >= 10", timeout_s=40)
+    [gap] = state["gaps"]
+    assert gap["kind"] == "none"
+    assert pushed.before[4] <= gap["from_ms"] <= pushed.after[4]
+    assert pushed.before[5] <= gap["to_ms"] <= pushed.after[5]
+    mid = (gap["from_ms"] + gap["to_ms"]) // 2
+    colour = page.evaluate("""([c, ms]) => {
+        const t = window.fusionViewer.tiles.get(c); t.draw();
+        const x = Math.round(t.xAt(ms));
+        return Array.from(t.canvas.getContext('2d').getImageData(x, 20, 1, 1).data.slice(0, 3));
+      }""", ["lobby", mid])
+    assert colour == [0x54, 0x5D, 0x68], "the gap is not drawn as a gap"
+
+    # Export a range; the file is the verified plaintext, exactly the chunks in the range.
+    tile_el = page.locator('.tile[data-camera="lobby"]')
+    tile_el.locator(".ex-from").fill(_local_input(page, pushed.before[5] - 1000))
+    tile_el.locator(".ex-to").fill(_local_input(page, pushed.after[9] + 1000))
+    tile_el.locator("button.export").click()
+    tile_el.locator(".ex-msg.done").wait_for(timeout=30_000)
+    assert "verified" in tile_el.locator(".ex-msg").inner_text()
+    [exported] = viewer.export_dir.glob("lobby-*.ts")
+    assert exported.read_bytes() == b"".join(chunks[5:])
+    assert exported.with_suffix(".fusion").stat().st_size > exported.stat().st_size
+    download = httpx.get(viewer.base + tile_el.locator(".ex-msg a").get_attribute("href"),
+                         headers={"Cookie": _cookie(page, viewer)}, timeout=10)
+    assert download.status_code == 200 and download.content == exported.read_bytes()
+    shot(page, "timeline-export.png")
+    page.close()
+
+
+def _cookie(page: Page, viewer: ViewerProcess) -> str:
+    [cookie] = [c for c in page.context.cookies() if c["name"] == f"fusion_viewer_{viewer.port}"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    return f"{cookie['name']}={cookie['value']}"
+
+
+# --- verification: a tampered stream stops playback ---------------------------------------------
+def test_tampered_stream_stops_playback(setup: Setup, open_viewer: Callable[..., ViewerProcess],
+                                        browser: Browser, tmp_path: Path) -> None:
+    chunks = make_chunks(tmp_path / "lobby", 6)
+    pushed = push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks, 0.1)
+    with TamperingProxy(setup.server.url) as proxy:
+        proxy.mode, proxy.segment_index = "flip", 3
+        viewer = open_viewer(proxy.url)
+        page = open_page(browser, viewer)
+        page.evaluate("(ms) => window.fusionViewer.watch('lobby', false).playFrom(ms)",
+                      pushed.before[0] - 500)
+        state = wait_tile(page, "lobby", "s.stopped")
+        assert state["state"] == "failed" and state["error"] == "IntegrityError"
+        assert "STOPPED" in state["stateText"] and "failed authentication" in state["stateText"]
+        overlay = page.locator('.tile[data-camera="lobby"] .overlay')
+        assert overlay.is_visible() and "Playback stopped" in overlay.inner_text()
+        # Only segments before the altered one reached the video; it stays paused.
+        assert state["shown"] <= 3
+        time.sleep(1)
+        later = tile(page, "lobby")
+        assert later["paused"] and later["shown"] == state["shown"]
+        if later["segments"]:
+            assert later["currentTime"] <= later["segments"][-1]["end"] + 0.05
+        shot(page, "tampered.png")
+        page.close()
+
+
+# --- who may talk to the viewer -----------------------------------------------------------------
+def test_url_token_host_and_origin(setup: Setup, open_viewer: Callable[..., ViewerProcess],
+                                   browser: Browser) -> None:
+    viewer = open_viewer()
+    base = viewer.base
+    host = f"127.0.0.1:{viewer.port}"
+    # Wrong URL token, no cookie: 403 for the page, the API and the stream.
+    assert httpx.get(f"{base}/?token=wrong").status_code == 403
+    assert httpx.get(f"{base}/api/cameras").status_code == 403
+    assert httpx.get(f"{base}/").status_code == 403
+    # The real token works once: it becomes an HttpOnly SameSite=Strict cookie.
+    first = httpx.get(viewer.url)
+    assert first.status_code == 303
+    assert "httponly" in first.headers["set-cookie"].lower()
+    assert "samesite=strict" in first.headers["set-cookie"].lower()
+    cookie = first.headers["set-cookie"].split(";")[0]
+    assert httpx.get(viewer.url).status_code == 403, "the URL token must be single-use"
+    good = {"Cookie": cookie}
+    assert httpx.get(f"{base}/api/cameras", headers=good).status_code == 200
+    # DNS rebinding: another host name that resolves here is refused even with the cookie.
+    assert httpx.get(f"{base}/api/cameras",
+                     headers={**good, "Host": f"evil.example:{viewer.port}"}).status_code == 403
+    # CSRF: a foreign Origin (or none) on a state-changing request is refused.
+    body = {"camera": "lobby", "from_ms": 0, "to_ms": 1000}
+    for origin in ("http://evil.example", f"http://127.0.0.1:{viewer.port + 1}"):
+        refused = httpx.post(f"{base}/api/exports", json=body,
+                             headers={**good, "Origin": origin})
+        assert refused.status_code == 403, refused.text
+    assert httpx.post(f"{base}/api/exports", json=body, headers=good).status_code == 403
+    # Cross-site WebSocket hijacking: the stream refuses a foreign Origin.
+    stream_url = f"ws://{host}/api/stream?camera=lobby&mode=live"
+    with pytest.raises(InvalidStatus) as refused_ws:
+        ws_client.connect(stream_url, origin="http://evil.example",
+                          additional_headers={"Cookie": cookie}, open_timeout=10)
+    assert refused_ws.value.response.status_code == 403
+    with ws_client.connect(stream_url, origin=f"http://{host}",
+                           additional_headers={"Cookie": cookie}, open_timeout=10) as sock:
+        assert '"start"' in sock.recv(timeout=10)
+
+
+def test_foreign_page_in_the_browser_is_refused(setup: Setup,
+                                                open_viewer: Callable[..., ViewerProcess],
+                                                browser: Browser, tmp_path: Path) -> None:
+    """A page of another local web server, open in the operator's browser (which holds the
+    viewer's cookie: same site, other port), cannot start an export or open a stream."""
+    viewer = open_viewer()
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(viewer.url)
+    page.wait_for_function("() => window.fusionViewer && window.fusionViewer.camerasLoaded")
+    evil_dir = tmp_path / "evil"
+    evil_dir.mkdir()
+    (evil_dir / "index.html").write_text("<!doctype html><title>evil</title>")
+    port = free_port()
+    evil = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                             "127.0.0.1", "--directory", str(evil_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        attacker = context.new_page()
+        for _ in range(50):
+            try:
+                attacker.goto(f"http://127.0.0.1:{port}/")
+                break
+            except Exception:
+                time.sleep(0.1)
+        outcome = attacker.evaluate("""async (base) => {
+            const out = {};
+            await fetch(base + '/api/exports', {method: 'POST', mode: 'no-cors',
+              credentials: 'include', headers: {'Content-Type': 'text/plain'},
+              body: JSON.stringify({camera: 'lobby', from_ms: 0, to_ms: 1000})}).catch(() => {});
+            out.ws = await new Promise((resolve) => {
+              const ws = new WebSocket(base.replace('http', 'ws') +
+                                       '/api/stream?camera=lobby&mode=live');
+              ws.onopen = () => resolve('open'); ws.onerror = () => resolve('refused');
+            });
+            return out;
+          }""", viewer.base)
+        assert outcome["ws"] == "refused"
+        # No export was started by the foreign page.
+        status = page.evaluate("() => fetch('/api/exports/1').then((r) => r.status)")
+        assert status == 404
+    finally:
+        evil.terminate()
+        evil.wait(10)
+        context.close()
+
+
+def test_view_without_pin_fails_cleanly(setup: Setup, softhsm_token: TokenHandle) -> None:
+    """No PIN source and no terminal: one sentence and a non-zero exit, before serving."""
+    pem = enroll_viewer(softhsm_token, "nopin")
+    setup.server.add_client(pem, ["lobby"])
+    env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
+    env["FUSION_CLIENT_HOME"] = str(setup.home)
+    done = subprocess.run(
+        [sys.executable, "-m", "client", "view", "--archiver", setup.server.url, "--token",
+         softhsm_token.object_uri("nopin", pin=False), "--no-browser"],
+        capture_output=True, timeout=60, stdin=subprocess.DEVNULL, env=env, text=True)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert re.search(r"No PIN given", done.stderr), done.stderr
+    assert "http://127.0.0.1" not in done.stdout
