@@ -162,7 +162,7 @@ class ViewerBackend:
         out = []
         for view in self._with_session(self.session.cameras):
             if view.last_ms is None:
-                health = "nothing recorded"
+                health = "no video yet"
             elif now - view.last_ms <= STALE_AFTER_MS:
                 health = "recording"
             else:

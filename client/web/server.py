@@ -274,13 +274,23 @@ async def pump(websocket: WebSocket, backend: ViewerBackend, request: StreamRequ
     worker.start()
     watcher = asyncio.create_task(watch_close())
     try:
-        while (item := await queue.get()) is not None:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            # The page leaving (or the server shutting down) ends this at once, even while
+            # the worker waits for a silent camera.
+            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                break
+            item = getter.result()
+            if item is None:
+                await websocket.close()
+                break
             if isinstance(item, bytes):
                 await websocket.send_bytes(item)
             else:
                 await websocket.send_json(item)
-        await websocket.close()
-    except (WebSocketDisconnect, RuntimeError, OSError):
+    except (WebSocketDisconnect, RuntimeError, OSError, asyncio.CancelledError):
         pass
     finally:
         stop()

@@ -257,8 +257,10 @@ class Tile {
       return;
     }
     this.ended = true;
-    this.setState("verified", `✔ verified to the end: ${this.verifiedCount} segment(s); ` +
-      "the Archiver's signed end record checked");
+    const unsupported = this.codec === "unsupported";
+    this.setState(unsupported ? "unsupported" : "verified",
+      `✔ verified to the end: ${this.verifiedCount} segment(s); ` +
+      "the Archiver's signed end record checked" + (unsupported ? " (not shown: codec)" : ""));
     this.pump();
   }
 
