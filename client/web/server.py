@@ -315,7 +315,7 @@ def serve(backend: ViewerBackend, *, port: int = 0, open_browser: bool = True,
     sock.bind((LOOPBACK, port))
     access = Access(sock.getsockname()[1])
     config = uvicorn.Config(create_app(backend, access), log_level="warning", lifespan="off",
-                            ws="websockets", timeout_graceful_shutdown=2, access_log=False)
+                            ws="auto", timeout_graceful_shutdown=2, access_log=False)
     server = uvicorn.Server(config)
     announce(access.url)
     launch: Path | None = None
@@ -324,6 +324,8 @@ def serve(backend: ViewerBackend, *, port: int = 0, open_browser: bool = True,
         threading.Thread(target=webbrowser.open, args=(launch.as_uri(),), daemon=True).start()
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it handled after a clean shutdown: that is the end
     finally:
         sock.close()
         if launch is not None:

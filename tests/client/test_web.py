@@ -37,6 +37,8 @@ from .proxy import TamperingProxy
 pytestmark = pytest.mark.browser
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# FUSION_DOCS_SCREENSHOTS=1 refreshes the pictures of docs/viewer.md; otherwise they go to a
+# temporary directory (a test run leaves the work tree as it was).
 DOCS_IMAGES = REPO_ROOT / "docs" / "viewer"
 RATE = 10
 # testsrc2 + readable time + the barcode; a keyframe every second, so every 1 s chunk starts
@@ -153,6 +155,8 @@ class ViewerProcess:
             raise AssertionError("the viewer did not stop on Ctrl-C") from None
         text = err.decode(errors="replace")
         assert "Traceback" not in text, text
+        assert self.process.returncode == 0, text
+        assert "viewer stopped" in text
         return text
 
 
@@ -216,9 +220,16 @@ def wait_tile(page: Page, camera: str, condition: str, timeout_s: float = 30) ->
     return tile(page, camera)
 
 
-def shot(page: Page, name: str) -> None:
-    DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(DOCS_IMAGES / name))
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.environ.get("FUSION_DOCS_SCREENSHOTS") == "1":
+        DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+        return DOCS_IMAGES
+    return tmp_path_factory.mktemp("screenshots")
+
+
+def shot(page: Page, directory: Path, name: str) -> None:
+    page.screenshot(path=str(directory / name))
 
 
 def click_timeline(page: Page, camera: str, ms: int) -> None:
@@ -232,7 +243,7 @@ def click_timeline(page: Page, camera: str, ms: int) -> None:
 
 # --- the page: cameras, live, grid, latency --------------------------------------------------
 def test_lists_cameras_and_plays_live(setup: Setup, open_viewer: Callable[..., ViewerProcess],
-                                      browser: Browser, tmp_path: Path) -> None:
+                                      browser: Browser, tmp_path: Path, shots: Path) -> None:
     chunks = make_chunks(tmp_path / "lobby", 12)
     push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[:2], 0.2)
     viewer = open_viewer()
@@ -256,7 +267,7 @@ def test_lists_cameras_and_plays_live(setup: Setup, open_viewer: Callable[..., V
     assert page.evaluate(FRAME_COLOURS, "lobby") > 20, "the live frame is blank"
     # What is on screen is the camera's picture: its barcode counts the camera's seconds.
     assert 1 <= page.evaluate(READ_BARCODE, "lobby") <= 12
-    shot(page, "live.png")
+    shot(page, shots, "live.png")
     camera.join(30)
     latencies = wait_tile(page, "lobby", "s.latencies.length >= 4")["latencies"]
     median = statistics.median(latencies[1:])  # the first includes connecting
@@ -268,7 +279,8 @@ def test_lists_cameras_and_plays_live(setup: Setup, open_viewer: Callable[..., V
 
 def test_grid_of_cameras_and_h265_message(setup: Setup,
                                           open_viewer: Callable[..., ViewerProcess],
-                                          browser: Browser, tmp_path: Path) -> None:
+                                          browser: Browser, tmp_path: Path,
+                                          shots: Path) -> None:
     h264 = make_chunks(tmp_path / "lobby", 3)
     hevc = make_chunks(tmp_path / "gate", 3, codec="hevc")
     push_chunks(setup.server, "lobby", setup.ingest["lobby"], h264, 0.1)
@@ -285,7 +297,7 @@ def test_grid_of_cameras_and_h265_message(setup: Setup,
     assert gate["state"] == "unsupported" and gate["shown"] == 0
     message = page.locator('.tile[data-camera="gate"] .overlay')
     assert "cannot decode H.265" in message.inner_text()
-    shot(page, "grid-h265.png")
+    shot(page, shots, "grid-h265.png")
     # Export still works for the H.265 camera: a verified MPEG-TS file.
     page.locator('.tile[data-camera="gate"] .ex-from').fill(_local_input(page, first - 1000))
     page.locator('.tile[data-camera="gate"] .ex-to').fill(_local_input(page, now_ms() + 1000))
@@ -303,7 +315,7 @@ def _local_input(page: Page, ms: int) -> str:
 
 # --- the timeline: seek, gaps, export ----------------------------------------------------------
 def test_timeline_seek_gap_and_export(setup: Setup, open_viewer: Callable[..., ViewerProcess],
-                                      browser: Browser, tmp_path: Path) -> None:
+                                      browser: Browser, tmp_path: Path, shots: Path) -> None:
     chunks = make_chunks(tmp_path / "lobby", 10)
     # Chunks 0-4, six seconds of silence (a gap), chunks 5-9; 0.5 s apart otherwise.
     pushed = push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks, 0.5,
@@ -323,7 +335,7 @@ def test_timeline_seek_gap_and_export(setup: Setup, open_viewer: Callable[..., V
     assert state["paused"]
     assert page.evaluate(READ_BARCODE, "lobby") == k
     assert state["segments"][0]["capture_ms"] >= pushed.before[k]
-    shot(page, "seek.png")
+    shot(page, shots, "seek.png")
 
     # Play everything from before the first chunk: the silence is reported and drawn as a gap.
     page.locator('.tile[data-camera="lobby"] button.pause').click()
@@ -354,7 +366,38 @@ def test_timeline_seek_gap_and_export(setup: Setup, open_viewer: Callable[..., V
     download = httpx.get(viewer.base + tile_el.locator(".ex-msg a").get_attribute("href"),
                          headers={"Cookie": _cookie(page, viewer)}, timeout=10)
     assert download.status_code == 200 and download.content == exported.read_bytes()
-    shot(page, "timeline-export.png")
+    shot(page, shots, "timeline-export.png")
+    page.close()
+
+
+def test_unauthorized_range_is_drawn_and_skipped(setup: Setup, softhsm_token: TokenHandle,
+                                                 open_viewer: Callable[..., ViewerProcess],
+                                                 browser: Browser, tmp_path: Path) -> None:
+    """Segments recorded while the viewer was revoked have no key for it: the page says so
+    on the timeline and plays on with what came after."""
+    chunks = make_chunks(tmp_path / "lobby", 6)
+    pem = softhsm_token.workdir / f"{softhsm_token.label}-operator.pem"
+    fp = setup.server.add_client(pem, ["lobby", "gate"])  # the same certificate: its fingerprint
+    push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[:2], 0.3)
+    setup.server.revoke(fp)
+    dark = push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[2:4], 0.3)
+    setup.server.add_client(pem, ["lobby", "gate"])
+    push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[4:], 0.3)
+    viewer = open_viewer()
+    page = open_page(browser, viewer)
+    first = page.evaluate("() => window.fusionViewer.cameras.get('lobby').first_ms")
+    page.evaluate("(ms) => window.fusionViewer.watch('lobby', false).playFrom(ms)", first - 1)
+    state = wait_tile(page, "lobby", "s.state === 'verified' && s.stateText.includes('to the end')")
+    assert state["shown"] == 4 and not state["stopped"]
+    [gap] = state["gaps"]
+    assert gap["kind"] == "unauthorized" and gap["segments"] == 2
+    assert dark.before[0] <= gap["from_ms"] and gap["to_ms"] <= dark.after[1]
+    colour = page.evaluate("""([c, ms]) => {
+        const t = window.fusionViewer.tiles.get(c); t.draw();
+        const x = Math.round(t.xAt(ms));
+        return Array.from(t.canvas.getContext('2d').getImageData(x, 20, 1, 1).data.slice(0, 3));
+      }""", ["lobby", (gap["from_ms"] + gap["to_ms"]) // 2])
+    assert colour == [0xC9, 0x3C, 0x37], "the unauthorized range is not drawn"
     page.close()
 
 
@@ -366,7 +409,7 @@ def _cookie(page: Page, viewer: ViewerProcess) -> str:
 
 # --- verification: a tampered stream stops playback ---------------------------------------------
 def test_tampered_stream_stops_playback(setup: Setup, open_viewer: Callable[..., ViewerProcess],
-                                        browser: Browser, tmp_path: Path) -> None:
+                                        browser: Browser, tmp_path: Path, shots: Path) -> None:
     chunks = make_chunks(tmp_path / "lobby", 6)
     pushed = push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks, 0.1)
     with TamperingProxy(setup.server.url) as proxy:
@@ -387,7 +430,7 @@ def test_tampered_stream_stops_playback(setup: Setup, open_viewer: Callable[...,
         assert later["paused"] and later["shown"] == state["shown"]
         if later["segments"]:
             assert later["currentTime"] <= later["segments"][-1]["end"] + 0.05
-        shot(page, "tampered.png")
+        shot(page, shots, "tampered.png")
         page.close()
 
 
