@@ -128,16 +128,22 @@ class ViewerBackend:
         self._login_lock = threading.Lock()
         self.export_dir = export_dir
         self.clock = clock
+        self._margin_ms = self._margin(login)
         self._exports: dict[int, Export] = {}
         self._export_ids = itertools.count(1)
 
     # --- the Archiver session ------------------------------------------------------------
+    def _margin(self, login: LoginResult) -> int:
+        """How long before expiry to log in again: a minute, or a quarter of a short session."""
+        return min(RELOGIN_MARGIN_MS, max(0, (login.expires_ms - self.clock()) // 4))
+
     def _fresh(self, force: bool = False) -> None:
         with self._login_lock:
-            if force or self.login.expires_ms - self.clock() < RELOGIN_MARGIN_MS:
+            if force or self.login.expires_ms - self.clock() < self._margin_ms:
                 # The token is logged in already: this proof costs one token operation and
                 # never asks for (or retries) a PIN.
                 self.login = self._relogin()
+                self._margin_ms = self._margin(self.login)
 
     def _with_session(self, call: Callable[[], T]) -> T:
         self._fresh()

@@ -521,6 +521,33 @@ def test_foreign_page_in_the_browser_is_refused(setup: Setup,
         context.close()
 
 
+def test_session_renewed_without_pin(archiver_server: ArchiverServer,
+                                     softhsm_token: TokenHandle, tmp_path: Path) -> None:
+    """The Archiver's viewer session expires (3 s here); the viewer proves possession again
+    with the token it holds open, without asking for a PIN, and the page keeps working."""
+    archiver_server.stop()
+    server = ArchiverServer(tmp_path / "short", extra_args=("--session-ttl", "3")).start()
+    try:
+        pem = enroll_viewer(softhsm_token, "operator")
+        server.add_camera("lobby")
+        server.add_client(pem, ["lobby"])
+        viewer = ViewerProcess(server.url, softhsm_token.object_uri("operator"),
+                               tmp_path / "home")
+        try:
+            cookie = httpx.get(viewer.url).headers["set-cookie"].split(";")[0]
+            for _ in range(3):
+                answer = httpx.get(f"{viewer.base}/api/cameras", headers={"Cookie": cookie})
+                assert answer.status_code == 200, answer.text
+                assert [c["name"] for c in answer.json()] == ["lobby"]
+                time.sleep(2)
+        finally:
+            viewer.stop()
+        audit = (tmp_path / "short" / "audit.jsonl").read_text()
+        assert audit.count('"session.open"') >= 2  # the first login and at least one renewal
+    finally:
+        server.stop()
+
+
 def test_view_without_pin_fails_cleanly(setup: Setup, softhsm_token: TokenHandle) -> None:
     """No PIN source and no terminal: one sentence and a non-zero exit, before serving."""
     pem = enroll_viewer(softhsm_token, "nopin")
