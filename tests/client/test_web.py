@@ -8,7 +8,9 @@ floor(seconds) is the block at x = 40*i .. 40*i+39), which the tests read from t
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import re
 import select
 import shutil
@@ -16,6 +18,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -562,3 +565,49 @@ def test_view_without_pin_fails_cleanly(setup: Setup, softhsm_token: TokenHandle
     assert "Traceback" not in done.stderr
     assert re.search(r"No PIN given", done.stderr), done.stderr
     assert "http://127.0.0.1" not in done.stdout
+
+
+def test_pin_from_the_terminal_or_pin_source(setup: Setup, softhsm_token: TokenHandle,
+                                             tmp_path: Path) -> None:
+    """The PIN is asked on the terminal (a real pseudo-terminal here), or read from the file
+    pin-source names; the page never asks for it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
+    env["FUSION_CLIENT_HOME"] = str(setup.home)
+    uri = softhsm_token.object_uri("operator", pin=False)
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "client", "view", "--archiver", setup.server.url, "--token", uri,
+         "--no-browser"], stdin=slave, stdout=subprocess.PIPE, stderr=slave, env=env,
+        preexec_fn=controlling_terminal)
+    os.close(slave)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"PIN for token" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1)
+            if ready:
+                seen += os.read(master, 4096)
+        assert b"PIN for token" in seen, seen
+        os.write(master, softhsm_token.pin.encode() + b"\n")
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 60)
+        assert ready and process.stdout.readline().startswith(b"http://127.0.0.1:")
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(20)
+        os.close(master)
+    assert process.returncode == 0
+
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(softhsm_token.pin)
+    pin_file.chmod(0o600)
+    viewer = ViewerProcess(setup.server.url, f"{uri}?pin-source=file:{pin_file}"
+                           if "?" not in uri else f"{uri}&pin-source=file:{pin_file}",
+                           setup.home)
+    assert httpx.get(viewer.url).status_code == 303
+    viewer.stop()
