@@ -313,19 +313,23 @@ def serve(backend: ViewerBackend, *, port: int = 0, open_browser: bool = True,
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((LOOPBACK, port))
+    sock.listen(128)  # connections made right after the URL is printed wait in the backlog
     access = Access(sock.getsockname()[1])
     config = uvicorn.Config(create_app(backend, access), log_level="warning", lifespan="off",
                             ws="auto", timeout_graceful_shutdown=2, access_log=False)
     server = uvicorn.Server(config)
-    announce(access.url)
     launch: Path | None = None
-    if open_browser:
-        launch = _launch_file(access.url)
-        threading.Thread(target=webbrowser.open, args=(launch.as_uri(),), daemon=True).start()
     try:
+        announce(access.url)
+        if open_browser:
+            launch = _launch_file(access.url)
+            threading.Thread(target=webbrowser.open, args=(launch.as_uri(),),
+                             daemon=True).start()
         server.run(sockets=[sock])
     except KeyboardInterrupt:
-        pass  # uvicorn re-raises the Ctrl-C it handled after a clean shutdown: that is the end
+        # Ctrl-C is how the viewer ends (uvicorn re-raises the one it handled after a clean
+        # shutdown; one before it started lands here directly).
+        pass
     finally:
         sock.close()
         if launch is not None:

@@ -247,7 +247,7 @@ def click_timeline(page: Page, camera: str, ms: int) -> None:
 # --- the page: cameras, live, grid, latency --------------------------------------------------
 def test_lists_cameras_and_plays_live(setup: Setup, open_viewer: Callable[..., ViewerProcess],
                                       browser: Browser, tmp_path: Path, shots: Path) -> None:
-    chunks = make_chunks(tmp_path / "lobby", 12)
+    chunks = make_chunks(tmp_path / "lobby", 10)
     push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[:2], 0.2)
     viewer = open_viewer()
     page = open_page(browser, viewer)
@@ -269,7 +269,7 @@ def test_lists_cameras_and_plays_live(setup: Setup, open_viewer: Callable[..., V
     assert "verified" in state["stateText"]
     assert page.evaluate(FRAME_COLOURS, "lobby") > 20, "the live frame is blank"
     # What is on screen is the camera's picture: its barcode counts the camera's seconds.
-    assert 1 <= page.evaluate(READ_BARCODE, "lobby") <= 12
+    assert 1 <= page.evaluate(READ_BARCODE, "lobby") <= 10
     shot(page, shots, "live.png")
     camera.join(30)
     latencies = wait_tile(page, "lobby", "s.latencies.length >= 4")["latencies"]
@@ -320,15 +320,16 @@ def _local_input(page: Page, ms: int) -> str:
 def test_timeline_seek_gap_and_export(setup: Setup, open_viewer: Callable[..., ViewerProcess],
                                       browser: Browser, tmp_path: Path, shots: Path) -> None:
     chunks = make_chunks(tmp_path / "lobby", 10)
-    # Chunks 0-4, six seconds of silence (a gap), chunks 5-9; 0.5 s apart otherwise.
-    pushed = push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks, 0.5,
-                         pause_after=4, pause_s=6.5)
+    # Chunks 0-4, 5.5 s of silence (a gap: more than the player's 5 s), chunks 5-9; 0.4 s
+    # apart otherwise.
+    pushed = push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks, 0.4,
+                         pause_after=4, pause_s=5.5)
     viewer = open_viewer()
     page = open_page(browser, viewer)
     page.evaluate("() => window.fusionViewer.watch('lobby', false)")
     page.locator('.tile[data-camera="lobby"] button.pause').click()  # seek while paused
 
-    # Seek to a moment between chunk 6's predecessor and chunk 6's arrival: chunk 6 shows.
+    # Seek to a moment between the arrivals of chunks k-1 and k: chunk k shows, paused.
     k = 7
     target = (pushed.after[k - 1] + pushed.before[k]) // 2
     click_timeline(page, "lobby", target)
