@@ -190,6 +190,8 @@ class ViewerBackend:
             nonlocal info, shown
             if stopped.is_set() or event.capture_ms < request.start_ms:
                 return
+            if not request.live and event.capture_ms > request.to_ms:
+                return  # whole manifests come back: the next window of the page shows it
             if info is None:
                 info = probe(event.data)
                 emit({"type": "codec", "codec": info.codec, "mime": info.mime,

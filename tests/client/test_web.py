@@ -206,7 +206,7 @@ def open_viewer(setup: Setup) -> Iterator[Callable[..., ViewerProcess]]:
 
 
 def open_page(browser: Browser, viewer: ViewerProcess) -> Page:
-    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
     page.goto(viewer.url)
     page.wait_for_function("() => window.fusionViewer && window.fusionViewer.camerasLoaded")
     return page
@@ -356,6 +356,15 @@ def test_timeline_seek_gap_and_export(setup: Setup, open_viewer: Callable[..., V
         return Array.from(t.canvas.getContext('2d').getImageData(x, 20, 1, 1).data.slice(0, 3));
       }""", ["lobby", mid])
     assert colour == [0x54, 0x5D, 0x68], "the gap is not drawn as a gap"
+
+    # The same in 2-second windows, as long recordings are fetched: every chunk exactly once,
+    # an empty window skipped, and the gap found across windows (the same one, not a second).
+    page.evaluate("() => { window.fusionViewer.windowMs = 2000; }")
+    click_timeline(page, "lobby", pushed.before[0] - 500)
+    state = wait_tile(page, "lobby", "s.stateText.includes('to the end')", timeout_s=40)
+    assert [s["seq"] for s in state["segments"]] == sorted({s["seq"] for s in state["segments"]})
+    assert state["shown"] == 10 and not state["stopped"]
+    assert state["gaps"] == [gap]
 
     # Export a range; the file is the verified plaintext, exactly the chunks in the range.
     tile_el = page.locator('.tile[data-camera="lobby"]')

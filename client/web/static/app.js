@@ -3,11 +3,12 @@
 // No build step, no third-party code: plain DOM and MSE.
 "use strict";
 
-const WINDOW_MS = 120000;      // a playback request covers two minutes; the next one follows
 const LIVE_EDGE_S = 3;         // live: jump to the newest frame when further behind than this
 const KEEP_BEHIND_S = 60;      // media kept behind the playhead (MSE memory is bounded)
 
-const viewer = { tiles: new Map(), cameras: new Map(), info: null };
+// A playback request covers windowMs of recording; the next window follows when it ends.
+const viewer = { tiles: new Map(), cameras: new Map(), info: null, windowMs: 120000 };
+const MIN_GAP_MS = 5000;       // as the player: a capture-time jump this long is a gap
 window.fusionViewer = viewer;  // read by the browser tests and handy in the console
 
 function fmt(ms) {
@@ -124,9 +125,37 @@ class Tile {
     this.q(".mode").textContent = `playback from ${fmt(ms)}`;
     this.setState("info", `loading the recording from ${fmt(ms)}…`);
     this.seekTo = ms;
-    this.windowEnd = ms + WINDOW_MS;
+    this.windowEnd = ms + viewer.windowMs;
     this.lastRecorded = cam && cam.last_ms != null ? cam.last_ms : ms;
+    this.lastCapture = null;
+    this.intervals = [];
     this.open({ mode: "range", from_ms: ms, to_ms: this.windowEnd, start_ms: ms });
+  }
+
+  nextWindow() {
+    const from = this.windowEnd + 1;
+    this.windowEnd = from + viewer.windowMs;
+    this.windowStart = true;
+    if (this.ws) { this.ws.onmessage = this.ws.onclose = null; this.ws.close(); }
+    this.open({ mode: "range", from_ms: from, to_ms: this.windowEnd, start_ms: from });
+  }
+
+  noteCapture(ms) {
+    // The player reports gaps inside one request; across windows the page does it.
+    if (this.lastCapture != null) {
+      const delta = ms - this.lastCapture;
+      const sorted = [...this.intervals].sort((x, y) => x - y);
+      const typical = sorted.length ? sorted[Math.floor(sorted.length / 2)] : 0;
+      if (this.windowStart && delta > Math.max(MIN_GAP_MS, 3 * typical)) {
+        this.addGap({ type: "gap", kind: "none", from_ms: this.lastCapture, to_ms: ms,
+                      segments: 0, text: "no recording" });
+      } else {
+        this.intervals.push(delta);
+        if (this.intervals.length > 16) this.intervals.shift();
+      }
+    }
+    this.lastCapture = ms;
+    this.windowStart = false;
   }
 
   async open(params) {
@@ -154,6 +183,7 @@ class Tile {
     if (msg.type === "codec") return this.onCodec(msg);
     if (msg.type === "segment") {
       this.verifiedCount += 1;
+      if (!this.live) this.noteCapture(msg.capture_ms);
       const when = fmt(msg.capture_ms);
       this.setState(this.codec === "unsupported" ? "unsupported" : "verified",
         `✔ verified: ${this.verifiedCount} segment(s) checked against the Archiver's signed ` +
@@ -162,13 +192,18 @@ class Tile {
       if (msg.media) this.meta = msg;
       return;
     }
-    if (msg.type === "gap") {
-      this.gaps.push(msg);
-      this.draw();
-      return;
-    }
+    if (msg.type === "gap") return this.addGap(msg);
     if (msg.type === "end") return this.onEnd(msg);
     if (msg.type === "error") return this.onError(msg);
+  }
+
+  addGap(gap) {
+    // Gaps stay on the timeline once seen; playing the same range again adds nothing new.
+    if (!this.gaps.some((g) => g.kind === gap.kind && g.from_ms === gap.from_ms &&
+                               g.to_ms === gap.to_ms)) {
+      this.gaps.push(gap);
+    }
+    this.draw();
   }
 
   onCodec(msg) {
@@ -243,12 +278,8 @@ class Tile {
   }
 
   onEnd(msg) {
-    if (!this.live && msg.last_ms != null && this.windowEnd < this.lastRecorded) {
-      // The next window of the recording, appended to the same media.
-      const from = this.windowEnd + 1;
-      this.windowEnd = from + WINDOW_MS;
-      this.ws.onclose = null;
-      this.open({ mode: "range", from_ms: from, to_ms: this.windowEnd, start_ms: from });
+    if (!this.live && this.windowEnd < this.lastRecorded) {
+      this.nextWindow();  // the next window of the recording, appended to the same media
       return;
     }
     if (this.live) {  // a live request lasts an hour; go on with a new one
@@ -266,6 +297,10 @@ class Tile {
 
   onError(msg) {
     if (msg.error === "NoRecording") {
+      if (!this.live && this.windowEnd < this.lastRecorded) {
+        this.nextWindow();  // nothing in this window: go on to where recording resumes
+        return;
+      }
       this.ended = true;
       this.setState("info", `No recording there: ${msg.reason}`);
       return;
