@@ -258,8 +258,12 @@ class ViewerBackend:
         self.export_dir.mkdir(parents=True, exist_ok=True)
         stamp = "-".join(dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
                          for ms in (from_ms, to_ms))
-        export = Export(next(self._export_ids), camera, from_ms, to_ms,
-                        self.export_dir / f"{camera}-{stamp}.ts")
+        path = self.export_dir / f"{camera}-{stamp}.ts"
+        for n in itertools.count(2):  # never replace an earlier export of the same range
+            if not path.exists() and not path.with_suffix(".fusion").exists():
+                break
+            path = self.export_dir / f"{camera}-{stamp}-{n}.ts"
+        export = Export(next(self._export_ids), camera, from_ms, to_ms, path)
         self._exports[export.id] = export
         threading.Thread(target=self._export, args=(export,), daemon=True,
                          name=f"export-{export.id}").start()
