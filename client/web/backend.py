@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,8 +39,6 @@ from keyservice.stream import SegmentPlaintext
 LIVE_REQUEST_S = 3600
 # Log in again this long before the Archiver's session expires (a token operation, no PIN).
 RELOGIN_MARGIN_MS = 60_000
-# A camera whose last segment is older than this is shown as "no recent video".
-STALE_AFTER_MS = 30_000
 
 T = TypeVar("T")
 Emit = Callable[[dict[str, Any] | bytes], None]
@@ -67,14 +66,20 @@ class _Discard:
         return None
 
 
-def recorded_ranges(view: CameraView) -> list[tuple[int, int]]:
-    """The recorded ranges of a camera for the timeline.
-
-    Hook: the Archiver's camera list gives one range (first .. last segment) today; when it
-    reports its gaps, split the range here. Gaps seen while playing are added by the page."""
+def recorded_ranges(view: CameraView, gaps: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The recorded ranges of a camera for the timeline: its first .. last segment, split at
+    the gaps the Archiver's index reports. Gaps the signed stream shows while playing are
+    added by the page."""
     if view.first_ms is None or view.last_ms is None:
         return []
-    return [(view.first_ms, view.last_ms)]
+    ranges, start = [], view.first_ms
+    for gap_from, gap_to in sorted(gaps):
+        if gap_from > start:
+            ranges.append((start, min(gap_from, view.last_ms)))
+        start = max(start, gap_to)
+    if start < view.last_ms:
+        ranges.append((start, view.last_ms))
+    return ranges
 
 
 def gap_json(gap: Gap) -> dict[str, Any]:
@@ -164,18 +169,17 @@ class ViewerBackend:
         return child
 
     def cameras(self) -> list[dict[str, Any]]:
-        now = self.clock()
         out = []
         for view in self._with_session(self.session.cameras):
-            if view.last_ms is None:
-                health = "no video yet"
-            elif now - view.last_ms <= STALE_AFTER_MS:
-                health = "recording"
-            else:
-                health = f"no video since {format_ms(view.last_ms)}"
+            gaps: list[tuple[int, int]] = []
+            if view.first_ms is not None and view.last_ms is not None:
+                gaps = self._with_session(partial(self.session.gaps, view.name, view.first_ms,
+                                                  view.last_ms))
+            since = (f"; last video {format_ms(view.last_ms)}"
+                     if view.last_ms is not None and view.state != "receiving" else "")
             out.append({"name": view.name, "first_ms": view.first_ms, "last_ms": view.last_ms,
-                        "segments": view.segments, "ranges": recorded_ranges(view),
-                        "health": health})
+                        "segments": view.segments, "ranges": recorded_ranges(view, gaps),
+                        "gaps": gaps, "state": view.state, "health": view.state + since})
         return out
 
     # --- streams to the page ---------------------------------------------------------------
@@ -188,16 +192,23 @@ class ViewerBackend:
 
         def on_segment(event: SegmentPlaintext) -> None:
             nonlocal info, shown
-            if stopped.is_set() or event.capture_ms < request.start_ms:
+            if stopped.is_set():
+                return
+            # Whole manifests come back: show only the segments of the asked window. A segment
+            # covers [capture_ms, capture_ms + duration_ms] (signed); one without a duration
+            # is a point.
+            end = event.capture_ms + event.duration_ms
+            if (end <= request.start_ms) if event.duration_ms else (
+                    event.capture_ms < request.start_ms):
                 return
             if not request.live and event.capture_ms > request.to_ms:
-                return  # whole manifests come back: the next window of the page shows it
+                return  # the page's next window starts where this one's last segment ends
             if info is None:
                 info = probe(event.data)
                 emit({"type": "codec", "codec": info.codec, "mime": info.mime,
                       "width": info.width, "height": info.height})
             meta = {"type": "segment", "seq": event.seq, "capture_ms": event.capture_ms,
-                    "verified": True, "arrived_ms": self.clock()}
+                    "duration_ms": event.duration_ms, "verified": True}
             if info.codec != "h264":
                 emit({**meta, "media": False})  # verified, but this browser cannot show it
                 return

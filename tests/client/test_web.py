@@ -259,8 +259,9 @@ def test_lists_cameras_and_plays_live(setup: Setup, open_viewer: Callable[..., V
 
     lobby.get_by_role("button", name="Watch").click()
     # The camera goes on sending, one 1-second chunk a second, while the operator watches.
-    camera = threading.Thread(target=push_chunks, daemon=True,
-                              args=(setup.server, "lobby", setup.ingest["lobby"], chunks[2:], 1.0))
+    live: list[Pushed] = []
+    camera = threading.Thread(target=lambda: live.append(push_chunks(
+        setup.server, "lobby", setup.ingest["lobby"], chunks[2:], 1.0)), daemon=True)
     camera.start()
     state = wait_tile(page, "lobby", "s.shown >= 2 && s.currentTime > 0")
     first_time = state["currentTime"]
@@ -272,11 +273,15 @@ def test_lists_cameras_and_plays_live(setup: Setup, open_viewer: Callable[..., V
     assert 1 <= page.evaluate(READ_BARCODE, "lobby") <= 10
     shot(page, shots, "live.png")
     camera.join(30)
-    latencies = wait_tile(page, "lobby", "s.latencies.length >= 4")["latencies"]
-    median = statistics.median(latencies[1:])  # the first includes connecting
-    print(f"\nlatency Archiver arrival -> first frame on screen: median {median:.0f} ms, "
-          f"all {latencies}")
-    (tmp_path / "latency.txt").write_text(f"{median}\n{latencies}\n")
+    [pushed] = live
+    # Latency: the Archiver acknowledged chunk i (seq 2+i) at pushed.after[i]; its first frame
+    # was on screen at firstFrames[seq] (same clock: one machine).
+    frames = wait_tile(page, "lobby", "Object.keys(s.firstFrames).length >= 5")["firstFrames"]
+    latencies = [frames[str(seq)] - pushed.after[seq - 2]
+                 for seq in range(3, len(chunks)) if str(seq) in frames]
+    assert latencies and all(lat > 0 for lat in latencies)
+    print(f"\nlatency Archiver acknowledgement -> first frame on screen: median "
+          f"{statistics.median(latencies):.0f} ms, all {latencies}")
     page.close()
 
 
@@ -319,36 +324,28 @@ def _local_input(page: Page, ms: int) -> str:
 # --- the timeline: seek, gaps, export ----------------------------------------------------------
 def test_timeline_seek_gap_and_export(setup: Setup, open_viewer: Callable[..., ViewerProcess],
                                       browser: Browser, tmp_path: Path, shots: Path) -> None:
-    chunks = make_chunks(tmp_path / "lobby", 10)
-    # Chunks 0-4, 5.5 s of silence (a gap: more than the player's 5 s), chunks 5-9; 0.4 s
-    # apart otherwise.
-    pushed = push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks, 0.4,
-                         pause_after=4, pause_s=5.5)
+    source = make_chunks(tmp_path / "lobby", 12)
+    # A camera outage: chunks 0-3 arrive one a second, chunks 4-7 are lost (4 s: its clock runs
+    # on, the Archiver hears nothing), chunks 8-11 arrive. Segment j is chunks[j].
+    chunks = source[:4] + source[8:]
+    pushed = push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks, 1.0,
+                         pause_after=3, pause_s=5.0)
     viewer = open_viewer()
     page = open_page(browser, viewer)
     page.evaluate("() => window.fusionViewer.watch('lobby', false)")
-    page.locator('.tile[data-camera="lobby"] button.pause').click()  # seek while paused
 
-    # Seek to a moment between the arrivals of chunks k-1 and k: chunk k shows, paused.
-    k = 7
-    target = (pushed.after[k - 1] + pushed.before[k]) // 2
-    click_timeline(page, "lobby", target)
-    state = wait_tile(page, "lobby", "s.shown >= 1 && s.positionMs !== null")
-    page.wait_for_function("(c) => document.querySelector(`.tile[data-camera=\"${c}\"] video`)"
-                           ".readyState >= 2", arg="lobby")
-    assert state["paused"]
-    assert page.evaluate(READ_BARCODE, "lobby") == k
-    assert state["segments"][0]["capture_ms"] >= pushed.before[k]
-    shot(page, shots, "seek.png")
-
-    # Play everything from before the first chunk: the silence is reported and drawn as a gap.
-    page.locator('.tile[data-camera="lobby"] button.pause').click()
-    click_timeline(page, "lobby", pushed.before[0] - 500)
-    state = wait_tile(page, "lobby", "s.gaps.length >= 1 && s.verified >= 10", timeout_s=40)
+    # Play everything from before the first chunk: the silence is reported and drawn as a gap,
+    # exactly between the signed end of chunk 4 and the signed start of chunk 5.
+    click_timeline(page, "lobby", pushed.before[0] - 1500)
+    state = wait_tile(page, "lobby", "s.stateText.includes('to the end')", timeout_s=40)
+    segments = state["segments"]
+    assert [seg["seq"] for seg in segments] == list(range(8)) and not state["stopped"]
+    assert all(seg["duration_ms"] == 1000 for seg in segments)
     [gap] = state["gaps"]
     assert gap["kind"] == "none"
-    assert pushed.before[4] <= gap["from_ms"] <= pushed.after[4]
-    assert pushed.before[5] <= gap["to_ms"] <= pushed.after[5]
+    assert gap["from_ms"] == segments[3]["capture_ms"] + segments[3]["duration_ms"]
+    assert gap["to_ms"] == segments[4]["capture_ms"]
+    assert 3000 < gap["to_ms"] - gap["from_ms"] < 6000
     mid = (gap["from_ms"] + gap["to_ms"]) // 2
     colour = page.evaluate("""([c, ms]) => {
         const t = window.fusionViewer.tiles.get(c); t.draw();
@@ -357,24 +354,40 @@ def test_timeline_seek_gap_and_export(setup: Setup, open_viewer: Callable[..., V
       }""", ["lobby", mid])
     assert colour == [0x54, 0x5D, 0x68], "the gap is not drawn as a gap"
 
+    # Seek, paused, to the middle of segment k by its signed capture time: its picture (the
+    # barcode counts the source's seconds: segment 6 is the source's second 10) is on screen.
+    page.locator('.tile[data-camera="lobby"] button.pause').click()
+    k = 6
+    target = segments[k]["capture_ms"] + segments[k]["duration_ms"] // 2
+    click_timeline(page, "lobby", target)
+    state = wait_tile(page, "lobby", "s.shown >= 1 && s.positionMs !== null")
+    page.wait_for_function("(c) => document.querySelector(`.tile[data-camera=\"${c}\"] video`)"
+                           ".readyState >= 2", arg="lobby")
+    assert state["paused"]
+    assert state["segments"][0]["seq"] == k
+    assert abs(state["positionMs"] - target) < 100  # a click is a few ms wide
+    assert page.evaluate(READ_BARCODE, "lobby") == 10
+    shot(page, shots, "seek.png")
+
     # The same in 2-second windows, as long recordings are fetched: every chunk exactly once,
     # an empty window skipped, and the gap found across windows (the same one, not a second).
-    page.evaluate("() => { window.fusionViewer.windowMs = 2000; }")
-    click_timeline(page, "lobby", pushed.before[0] - 500)
+    page.locator('.tile[data-camera="lobby"] button.pause').click()
+    page.evaluate("() => { window.fusionViewer.windowMs = 1500; }")
+    click_timeline(page, "lobby", pushed.before[0] - 1500)
     state = wait_tile(page, "lobby", "s.stateText.includes('to the end')", timeout_s=40)
-    assert [s["seq"] for s in state["segments"]] == sorted({s["seq"] for s in state["segments"]})
-    assert state["shown"] == 10 and not state["stopped"]
+    assert [seg["seq"] for seg in state["segments"]] == list(range(8))
+    assert not state["stopped"]
     assert state["gaps"] == [gap]
 
     # Export a range; the file is the verified plaintext, exactly the chunks in the range.
     tile_el = page.locator('.tile[data-camera="lobby"]')
-    tile_el.locator(".ex-from").fill(_local_input(page, pushed.before[5] - 1000))
-    tile_el.locator(".ex-to").fill(_local_input(page, pushed.after[9] + 1000))
+    tile_el.locator(".ex-from").fill(_local_input(page, gap["to_ms"] - 1000))
+    tile_el.locator(".ex-to").fill(_local_input(page, pushed.after[-1] + 1000))
     tile_el.locator("button.export").click()
     tile_el.locator(".ex-msg.done").wait_for(timeout=30_000)
     assert "verified" in tile_el.locator(".ex-msg").inner_text()
     [exported] = viewer.export_dir.glob("lobby-*.ts")
-    assert exported.read_bytes() == b"".join(chunks[5:])
+    assert exported.read_bytes() == b"".join(chunks[4:])
     assert exported.with_suffix(".fusion").stat().st_size > exported.stat().st_size
     download = httpx.get(viewer.base + tile_el.locator(".ex-msg a").get_attribute("href"),
                          headers={"Cookie": _cookie(page, viewer)}, timeout=10)
@@ -404,7 +417,8 @@ def test_unauthorized_range_is_drawn_and_skipped(setup: Setup, softhsm_token: To
     assert state["shown"] == 4 and not state["stopped"]
     [gap] = state["gaps"]
     assert gap["kind"] == "unauthorized" and gap["segments"] == 2
-    assert dark.before[0] <= gap["from_ms"] and gap["to_ms"] <= dark.after[1]
+    # Signed start times: a segment starts up to its duration before it arrived.
+    assert dark.before[0] - 1500 <= gap["from_ms"] <= gap["to_ms"] <= dark.after[1]
     colour = page.evaluate("""([c, ms]) => {
         const t = window.fusionViewer.tiles.get(c); t.draw();
         const x = Math.round(t.xAt(ms));

@@ -8,7 +8,9 @@ const KEEP_BEHIND_S = 60;      // media kept behind the playhead (MSE memory is 
 
 // A playback request covers windowMs of recording; the next window follows when it ends.
 const viewer = { tiles: new Map(), cameras: new Map(), info: null, windowMs: 120000 };
-const MIN_GAP_MS = 5000;       // as the player: a capture-time jump this long is a gap
+const GAP_MS = 1000;           // as the player: more than this between one segment's end and
+                               // the next one's start is a gap (signed times)
+const MIN_GAP_MS = 5000;       // segments without a signed duration: a jump this long
 window.fusionViewer = viewer;  // read by the browser tests and handy in the console
 
 function fmt(ms) {
@@ -46,7 +48,6 @@ class Tile {
     this.gaps = [];               // {from_ms, to_ms, kind, text}: learned while playing
     this.selection = null;        // [from_ms, to_ms] chosen by dragging
     this.userPaused = false;
-    this.latencies = [];          // ms from a segment's arrival at the Archiver to its first frame
     this.q(".live").onclick = () => this.playLive();
     this.q(".pause").onclick = () => this.togglePause();
     this.q(".close").onclick = () => this.close();
@@ -83,9 +84,10 @@ class Tile {
       stateText: this.q(".state").textContent, stopped: this.stopped, error: this.error,
       codec: this.codec, verified: this.verifiedCount, shown: this.segments.length,
       currentTime: this.video.currentTime, paused: this.video.paused,
-      positionMs: this.positionMs(), gaps: this.gaps, latencies: this.latencies,
+      positionMs: this.positionMs(), gaps: this.gaps, firstFrames: this.firstFrames,
       segments: this.segments.map((s) => ({ seq: s.seq, capture_ms: s.capture_ms,
-                                            start: s.start, end: s.end })),
+                                            duration_ms: s.duration_ms, start: s.start,
+                                            end: s.end })),
     };
   }
 
@@ -93,7 +95,8 @@ class Tile {
   reset() {
     if (this.ws) { this.ws.onmessage = this.ws.onclose = null; this.ws.close(); }
     this.ws = null;
-    this.segments = [];           // appended media: {seq, capture_ms, start, end}
+    this.segments = [];           // appended media: {seq, capture_ms, duration_ms, start, end}
+    this.firstFrames = {};        // seq -> wall-clock ms its first frame was on screen
     this.pending = [];            // [meta, ArrayBuffer] waiting for the SourceBuffer
     this.meta = null;             // the segment whose bytes come next
     this.sb = null;
@@ -128,33 +131,43 @@ class Tile {
     this.windowEnd = ms + viewer.windowMs;
     this.lastRecorded = cam && cam.last_ms != null ? cam.last_ms : ms;
     this.lastCapture = null;
+    this.lastEnd = null;
     this.intervals = [];
     this.open({ mode: "range", from_ms: ms, to_ms: this.windowEnd, start_ms: ms });
   }
 
   nextWindow() {
-    const from = this.windowEnd + 1;
+    // From where the last segment shown ends, so one spanning the boundary is not shown twice.
+    const from = Math.max(this.windowEnd + 1, this.lastEnd || 0);
     this.windowEnd = from + viewer.windowMs;
     this.windowStart = true;
     if (this.ws) { this.ws.onmessage = this.ws.onclose = null; this.ws.close(); }
     this.open({ mode: "range", from_ms: from, to_ms: this.windowEnd, start_ms: from });
   }
 
-  noteCapture(ms) {
-    // The player reports gaps inside one request; across windows the page does it.
-    if (this.lastCapture != null) {
-      const delta = ms - this.lastCapture;
-      const sorted = [...this.intervals].sort((x, y) => x - y);
-      const typical = sorted.length ? sorted[Math.floor(sorted.length / 2)] : 0;
-      if (this.windowStart && delta > Math.max(MIN_GAP_MS, 3 * typical)) {
-        this.addGap({ type: "gap", kind: "none", from_ms: this.lastCapture, to_ms: ms,
-                      segments: 0, text: "no recording" });
+  noteCapture(ms, duration) {
+    // The player reports gaps inside one request; across windows the page does, the same way:
+    // exactly from signed start and duration, else from a jump well beyond the usual spacing.
+    if (this.lastCapture != null && this.windowStart) {
+      if (this.lastEnd > this.lastCapture) {
+        if (ms - this.lastEnd > GAP_MS) {
+          this.addGap({ type: "gap", kind: "none", from_ms: this.lastEnd, to_ms: ms,
+                        segments: 0, text: "no recording" });
+        }
       } else {
-        this.intervals.push(delta);
-        if (this.intervals.length > 16) this.intervals.shift();
+        const sorted = [...this.intervals].sort((x, y) => x - y);
+        const typical = sorted.length ? sorted[Math.floor(sorted.length / 2)] : 0;
+        if (ms - this.lastCapture > Math.max(MIN_GAP_MS, 3 * typical)) {
+          this.addGap({ type: "gap", kind: "none", from_ms: this.lastCapture, to_ms: ms,
+                        segments: 0, text: "no recording" });
+        }
       }
+    } else if (this.lastCapture != null) {
+      this.intervals.push(ms - this.lastCapture);
+      if (this.intervals.length > 16) this.intervals.shift();
     }
     this.lastCapture = ms;
+    this.lastEnd = ms + (duration || 0);
     this.windowStart = false;
   }
 
@@ -183,7 +196,7 @@ class Tile {
     if (msg.type === "codec") return this.onCodec(msg);
     if (msg.type === "segment") {
       this.verifiedCount += 1;
-      if (!this.live) this.noteCapture(msg.capture_ms);
+      if (!this.live) this.noteCapture(msg.capture_ms, msg.duration_ms);
       const when = fmt(msg.capture_ms);
       this.setState(this.codec === "unsupported" ? "unsupported" : "verified",
         `✔ verified: ${this.verifiedCount} segment(s) checked against the Archiver's signed ` +
@@ -230,7 +243,8 @@ class Tile {
       this.appending = null;
       const b = this.sb.buffered;
       const end = b.length ? b.end(b.length - 1) : start;
-      this.segments.push({ seq: meta.seq, capture_ms: meta.capture_ms, start, end });
+      this.segments.push({ seq: meta.seq, capture_ms: meta.capture_ms,
+                           duration_ms: meta.duration_ms, start, end });
       this.afterAppend();
     }
     if (this.trim()) return;
@@ -265,9 +279,9 @@ class Tile {
     if (first) {
       let at = seg.start;
       if (this.seekTo != null) {
-        // capture_ms is when the segment reached the Archiver, i.e. its end: the wanted
-        // moment lies (capture - seekTo) before that end.
-        at = Math.max(seg.start, seg.end - Math.max(0, seg.capture_ms - this.seekTo) / 1000);
+        // A segment starts at its (signed) capture time: the wanted moment lies that far in.
+        const into = Math.max(0, this.seekTo - seg.capture_ms) / 1000;
+        at = Math.min(seg.start + into, Math.max(seg.start, seg.end - 0.05));
       }
       this.video.currentTime = at;
       if (!this.userPaused) this.video.play().catch(() => {});
@@ -339,17 +353,13 @@ class Tile {
   positionMs() {
     const seg = this.segmentAt(this.video.currentTime);
     if (!seg) return null;
-    return Math.round(seg.capture_ms - (seg.end - this.video.currentTime) * 1000);
+    return Math.round(seg.capture_ms + (this.video.currentTime - seg.start) * 1000);
   }
   watchFrames() {
-    // Latency: the first frame of each segment on screen vs its arrival at the Archiver.
-    const seen = new Set();
+    // When each segment's first frame reached the screen (for latency figures).
     const onFrame = (now, meta) => {
       const seg = this.segmentAt(meta.mediaTime);
-      if (seg && !seen.has(seg)) {
-        seen.add(seg);
-        if (this.live) this.latencies.push(Date.now() - seg.capture_ms);
-      }
+      if (seg && !(seg.seq in this.firstFrames)) this.firstFrames[seg.seq] = Date.now();
       this.video.requestVideoFrameCallback(onFrame);
     };
     this.video.requestVideoFrameCallback(onFrame);
@@ -413,6 +423,7 @@ class Tile {
       g.fillRect(x0, y, Math.max(1, x1 - x0), hh);
     };
     for (const [from, to] of (cam && cam.ranges) || []) band(from, to, "#347d39");
+    for (const [from, to] of (cam && cam.gaps) || []) band(from, to, "#545d68");
     for (const gap of this.gaps) band(gap.from_ms, gap.to_ms, gap.kind === "unauthorized" ? "#c93c37" : "#545d68");
     if (this.selection) band(this.selection[0], this.selection[1], "rgba(80,150,255,.55)", 2, h - 12);
     const pos = this.positionMs();
@@ -509,7 +520,7 @@ async function refreshCameras() {
     range.textContent = cam.first_ms != null
       ? `${fmt(cam.first_ms)} – ${fmt(cam.last_ms)} (${cam.segments} segments)` : "nothing recorded";
     const health = document.createElement("span");
-    health.className = `health ${cam.health === "recording" ? "recording" : ""}`;
+    health.className = `health ${cam.state === "receiving" ? "recording" : ""}`;
     health.textContent = cam.health;
     li.append(button, name, range, health);
     list.appendChild(li);
