@@ -418,9 +418,10 @@ class Tile {
     g.fillRect(0, 0, w, h);
     const cam = viewer.cameras.get(this.camera);
     const band = (from, to, color, y = 6, hh = h - 20) => {
-      const x0 = this.xAt(from), x1 = this.xAt(to);
+      // Whole pixels, at least two wide: a short range stays visible and unblended.
+      const x0 = Math.floor(this.xAt(from)), x1 = Math.ceil(this.xAt(to));
       g.fillStyle = color;
-      g.fillRect(x0, y, Math.max(1, x1 - x0), hh);
+      g.fillRect(x0, y, Math.max(2, x1 - x0), hh);
     };
     for (const [from, to] of (cam && cam.ranges) || []) band(from, to, "#347d39");
     for (const [from, to] of (cam && cam.gaps) || []) band(from, to, "#545d68");
