@@ -467,6 +467,11 @@ def test_url_token_host_and_origin(setup: Setup, open_viewer: Callable[..., View
     viewer = open_viewer()
     base = viewer.base
     host = f"127.0.0.1:{viewer.port}"
+    # Listening on 127.0.0.1 only (the kernel's table of listening TCP sockets, state 0A).
+    listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                 + Path("/proc/net/tcp6").read_text().splitlines()[1:]
+                 if line.split()[3] == "0A" and line.split()[1].endswith(f":{viewer.port:04X}")]
+    assert listening == [f"0100007F:{viewer.port:04X}"], listening
     # Wrong URL token, no cookie: 403 for the page, the API and the stream.
     assert httpx.get(f"{base}/?token=wrong").status_code == 403
     assert httpx.get(f"{base}/api/cameras").status_code == 403
