@@ -9,6 +9,7 @@ APT_PACKAGES=(
   softhsm2 opensc openssl
   swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus
   ffmpeg
+  pcscd vsmartcard-vpcd opensc-pkcs11 ykcs11 yubico-piv-tool
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
