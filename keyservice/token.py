@@ -281,6 +281,10 @@ def _find_token(module: _Module, uri: Pkcs11Uri) -> Any:
     found = [t for t in tokens
              if (uri.token is None or t.label == uri.token)
              and (uri.serial is None or t.serial.decode("ascii", "replace").strip() == uri.serial)]
+    if not tokens:  # a card reader without a card looks like this
+        raise TokenNotFound(f"No token is present in module {module.path}: insert the card and "
+                            "try again (for SoftHSM: create the token with fusion-keys "
+                            "softhsm-init).")
     if not found:
         what = f"token '{uri.token}'" if uri.token else "token"
         if uri.serial:
