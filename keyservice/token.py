@@ -45,10 +45,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from pkcs11 import Attribute, CertificateType, KeyType, Mechanism, ObjectClass, TokenFlag
 from pkcs11 import exceptions as p11
-from pkcs11.mechanisms import MGF
+from pkcs11._pkcs11 import DeriveMixin as _DeriveMixin
+from pkcs11.mechanisms import KDF, MGF
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from keyservice import certs
+from keyservice.crypto import ec_open, ec_seal
 from keyservice.errors import (
     CertificateError,
     IntegrityError,
@@ -76,6 +78,8 @@ _OAEP_PARAMS = {
 }
 # DER prefix of a SHA-256 DigestInfo, for tokens (PIV cards) that only offer raw CKM_RSA_PKCS.
 _SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+# HKDF info of the self-test / probe seal: distinct from epoch openers and login challenges.
+_LABEL_EC_PROBE = b"FSE1 ec-token-probe\x00"
 _REMOVED = (p11.DeviceRemoved, p11.TokenNotPresent, p11.SessionHandleInvalid, p11.SessionClosed)
 # What a token answers to a ciphertext it cannot open (GeneralError: tpm2-pkcs11).
 _BAD_CIPHERTEXT = (p11.EncryptedDataInvalid, p11.EncryptedDataLenRange, p11.DataInvalid,
@@ -741,6 +745,53 @@ class Token:
                     raise IntegrityError() from None
                 raise _translate(exc, "decrypt", self.label) from None
 
+    def _ecdh(self, key_id: bytes, peer_point: bytes) -> bytes:
+        """The ECDH shared secret (x coordinate) of the token key with ``peer_point``: one
+        C_DeriveKey into a session-only, readable secret, read, then destroyed."""
+        with self._lock:
+            with _guard("do ECDH", self.label):
+                key = self._key_by_id(key_id)
+            try:
+                # Called unbound: ykcs11 reports CKA_DERIVE false on PIV keys yet derives, and
+                # python-pkcs11 offers derive_key only where CKA_DERIVE is true.
+                derived = _DeriveMixin.derive_key(
+                    key, KeyType.GENERIC_SECRET, 256, mechanism=Mechanism.ECDH1_DERIVE,
+                    mechanism_param=(KDF.NULL, None, peer_point),
+                    template={Attribute.TOKEN: False, Attribute.SENSITIVE: False,
+                              Attribute.EXTRACTABLE: True})
+                try:
+                    return bytes(derived[Attribute.VALUE])
+                finally:
+                    try:
+                        derived.destroy()
+                    except p11.PKCS11Error:
+                        pass
+            except _REMOVED as exc:
+                raise _translate(exc, "do ECDH", self.label) from None
+            except p11.PKCS11Error as exc:
+                with _guard("open a fresh session", self.label):
+                    self._renew_session()
+                if isinstance(exc, _UNSUPPORTED):
+                    raise MechanismUnsupported(
+                        f"Token '{self.label}' cannot do ECDH (CKM_ECDH1_DERIVE) with this key, so "
+                        "it cannot open streams for an EC viewer; enrol an RSA identity "
+                        "(--key-type rsa).") from None
+                if isinstance(exc, (*_BAD_CIPHERTEXT, p11.KeyFunctionNotPermitted)):
+                    raise IntegrityError() from None
+                raise _translate(exc, "do ECDH", self.label) from None
+
+    def _probe_ecdh(self, key_id: bytes, certificate: x509.Certificate) -> bool:
+        """True if the token opens an EC seal to this certificate with this key."""
+        secret = secrets.token_bytes(32)
+        probe = TokenIdentity(self, "probe", key_id, certificate)
+        sealed = ec_seal(Recipient(certificate, OaepHash.ECDH_P256), _LABEL_EC_PROBE, secret)
+        try:
+            return hmac.compare_digest(ec_open(probe, _LABEL_EC_PROBE, sealed), secret)
+        except TokenRemoved:
+            raise
+        except (MechanismUnsupported, IntegrityError, TokenError):
+            return False
+
     def _probe_oaep(self, key_id: bytes, public: rsa.RSAPublicKey) -> OaepHash:
         """The best OAEP hash the token opens with this key: SHA-256, else SHA-1 (SoftHSM)."""
         secret = secrets.token_bytes(32)
@@ -785,12 +836,16 @@ class Token:
             name = self._adoptable_label()
         ident = self.identity(name) if name is not None else self.identity()
         with self._lock:
-            hashes_ok = self._oaep_hashes(ident.key_id, ident.public_key)
+            if isinstance(ident.public_key, ec.EllipticCurvePublicKey):
+                ok = self._probe_ecdh(ident.key_id, ident.certificate)
+                hashes_ok: tuple[OaepHash, ...] = (OaepHash.ECDH_P256,) if ok else ()
+            else:
+                hashes_ok = self._oaep_hashes(ident.key_id, ident.public_key)
         if not hashes_ok:
             # OpenSC takes a PIV key's public half from the certificate, so a certificate for
             # another key looks like a match until the card is asked to decrypt.
             raise CertificateError(f"Token '{self.label}' does not open what is encrypted to the "
-                                   f"certificate of '{ident.label}' (RSA-OAEP, SHA-256 or SHA-1): "
+                                   f"certificate of '{ident.label}' (RSA-OAEP or ECDH): "
                                    "the certificate belongs to another key, or this key cannot "
                                    "decrypt (use the key-management slot 9D); have the card's "
                                    "key certified again.")
@@ -803,20 +858,20 @@ class Token:
         certs.validate_viewer_certificate(ident.certificate, now=now or datetime.now(UTC),
                                           site_ca=site_ca, oaep_hash=oaep_hash)
         result = self.selftest(ident.label)  # the full round trip, timed
+        # An EC certificate needs no recorded hash: its scheme is fixed by the key type.
         return Adoption(ident.label, ident.key_id, ident.certificate, oaep_hash,
-                        recorded is not None, result.decrypt_ms)
+                        recorded is not None or oaep_hash.is_ec, result.decrypt_ms)
 
     def _adoptable_label(self) -> str:
-        """The only RSA key with a certificate; else PIV slot 9D (CKA_ID 03)."""
-        candidates = [info for info in self.identities(probe=False)
-                      if info.kind == "rsa" and info.fingerprint_hex]
+        """The only key with a certificate; else PIV slot 9D (CKA_ID 03)."""
+        candidates = [info for info in self.identities(probe=False) if info.fingerprint_hex]
         if len(candidates) == 1:
             return candidates[0].label
         piv_9d = [info for info in candidates if info.id_hex == "03"]
         if len(piv_9d) == 1:
             return piv_9d[0].label
         have = ", ".join(repr(info.label) for info in candidates) or "none"
-        raise UsageError(f"Token '{self.label}' has {len(candidates)} RSA keys with a certificate "
+        raise UsageError(f"Token '{self.label}' has {len(candidates)} keys with a certificate "
                          f"({have}); name one with ;object=NAME or ;id=%03 in the URI.")
 
     def identity(self, object_name: str | None = None) -> TokenIdentity:
@@ -828,10 +883,12 @@ class Token:
         with self._lock, _guard("read the identity", self.label):
             key = self._one_private_key(name, key_id)
             label, key_id = key[Attribute.LABEL], bytes(key[Attribute.ID])
-            if key[Attribute.KEY_TYPE] != KeyType.RSA:
-                raise ObjectNotFound(f"'{label}' on token '{self.label}' is not an RSA viewer "
-                                     "identity.")
-            public = self._rsa_public(key)
+            key_type = key[Attribute.KEY_TYPE]
+            if key_type not in (KeyType.RSA, KeyType.EC):
+                raise ObjectNotFound(f"'{label}' on token '{self.label}' is neither an RSA nor "
+                                     "an EC viewer identity.")
+            public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey = (
+                self._rsa_public(key) if key_type == KeyType.RSA else self._ec_public(key_id))
             cert_obj = self._certificate_object(key_id)
             if cert_obj is None:
                 raise ObjectNotFound(f"'{label}' on token '{self.label}' has a key but no "
@@ -847,7 +904,7 @@ class Token:
         """Every key on the token with its certificate details and, with ``probe``, the OAEP
         hashes the token opens with it (measured: one decrypt per hash and RSA key)."""
         result: list[IdentityInfo] = []
-        to_probe: list[tuple[int, bytes, rsa.RSAPublicKey]] = []
+        to_probe: list[tuple[int, bytes, rsa.RSAPublicKey | x509.Certificate]] = []
         with self._lock, _guard("list its keys", self.label):
             for key in self._private_keys():
                 key_id = bytes(key[Attribute.ID])
@@ -868,6 +925,8 @@ class Token:
                 summary = certs.summarize(cert) if cert is not None else None
                 if probe and kind == "rsa" and _attribute(key, Attribute.DECRYPT, True):
                     to_probe.append((len(result), key_id, self._rsa_public(key)))
+                elif probe and kind == "ec" and cert is not None:
+                    to_probe.append((len(result), key_id, cert))
                 result.append(IdentityInfo(
                     label=key[Attribute.LABEL], id_hex=key_id.hex(), kind=kind, key_bits=bits,
                     fingerprint_hex=summary.fingerprint_hex if summary else None,
@@ -877,15 +936,30 @@ class Token:
                     issuer=cert.issuer.rfc4514_string() if cert is not None else None))
             # Probed only now: a failed probe replaces the session, and with it the objects
             # the loop above iterated over.
-            for index, key_id, public in to_probe:
-                result[index] = replace(result[index],
-                                        oaep_hashes=self._oaep_hashes(key_id, public))
+            for index, key_id, what in to_probe:
+                if isinstance(what, x509.Certificate):  # EC: can the token do ECDH with it?
+                    found = ((OaepHash.ECDH_P256,) if self._probe_ecdh(key_id, what) else ())
+                else:
+                    found = self._oaep_hashes(key_id, what)
+                result[index] = replace(result[index], oaep_hashes=found)
         return sorted(result, key=lambda info: info.label)
 
+    def supports_ec_viewers(self) -> bool:
+        """Can this token make EC P-256 viewer keys and do ECDH with them?"""
+        have = self._mechanisms()
+        return all(m in have for m in (Mechanism.EC_KEY_PAIR_GEN, Mechanism.ECDH1_DERIVE,
+                                       Mechanism.ECDSA))
+
     def enroll(self, name: str, *, bits: int = DEFAULT_RSA_BITS, days: int = certs.VIEWER_DAYS,
-               csr: bool = False, now: datetime | None = None) -> Enrollment:
-        """Generate a viewer key pair on the token and a certificate (or CSR) signed by it."""
+               csr: bool = False, now: datetime | None = None,
+               key_type: str = "rsa") -> Enrollment:
+        """Generate a viewer key pair on the token and a certificate (or CSR) signed by it.
+        ``key_type`` "rsa" (``bits``) or "ec" (P-256, ECDH epoch openers)."""
         _check_name(name)
+        if key_type == "ec":
+            return self._enroll_ec(name, days=days, csr=csr, now=now or datetime.now(UTC))
+        if key_type != "rsa":
+            raise UsageError("The key type must be rsa or ec.")
         if bits not in RSA_SIZES:
             raise UsageError(f"RSA key size must be one of {', '.join(map(str, RSA_SIZES))}.")
         if not 1 <= days <= 3650:
@@ -895,16 +969,7 @@ class Token:
             if self._objects(label=name):
                 raise ObjectExists(f"Token '{self.label}' already has an object named '{name}'; "
                                    "choose another name or remove it with fusion-keys delete.")
-            if Mechanism.RSA_PKCS_KEY_PAIR_GEN not in self._mechanisms():
-                raise MechanismUnsupported(
-                    f"Token '{self.label}' cannot generate keys through this PKCS#11 module (OpenSC's "
-                    "PIV driver cannot, for one). Put a key and a site-CA certificate on the card "
-                    "with the card's own tool (e.g. yubico-piv-tool -a generate -s 9d, then -a "
-                    "import-certificate -s 9d), then run fusion-keys adopt.")
-            if self.kind == "ykcs11":
-                raise UsageError(f"Token '{self.label}' is a PIV card (ykcs11): enrolment writes its "
-                                 "slot 9D and needs the card's management key as SO PIN; give "
-                                 "--so-pin-source FILE or set FUSION_SO_PIN.")
+            self._refuse_card_enrolment()
             self._require_mechanisms(Mechanism.RSA_PKCS_KEY_PAIR_GEN, Mechanism.RSA_PKCS_OAEP,
                                      purpose="make RSA viewer keys")
             self._check_key_size(bits)
@@ -932,6 +997,63 @@ class Token:
                 return Enrollment(name, key_id, bits, oaep_hash, cert, None)
             except BaseException:
                 self._destroy_id(key_id)  # nothing half-created is left on the token
+                raise
+
+    def _refuse_card_enrolment(self) -> None:
+        if Mechanism.EC_KEY_PAIR_GEN not in self._mechanisms() and (
+                Mechanism.RSA_PKCS_KEY_PAIR_GEN not in self._mechanisms()):
+            raise MechanismUnsupported(
+                f"Token '{self.label}' cannot generate keys through this PKCS#11 module (OpenSC's "
+                "PIV driver cannot, for one). Put a key and a site-CA certificate on the card "
+                "with the card's own tool (e.g. yubico-piv-tool -a generate -s 9d, then -a "
+                "import-certificate -s 9d), then run fusion-keys adopt.")
+        if self.kind == "ykcs11":
+            raise UsageError(f"Token '{self.label}' is a PIV card (ykcs11): enrolment writes its "
+                             "slot 9D and needs the card's management key as SO PIN; give "
+                             "--so-pin-source FILE or set FUSION_SO_PIN.")
+
+    def _enroll_ec(self, name: str, *, days: int, csr: bool, now: datetime) -> Enrollment:
+        if not 1 <= days <= 3650:
+            raise UsageError("Certificate validity must be 1 to 3650 days.")
+        with self._lock, _guard("enrol a viewer identity", self.label):
+            if self._objects(label=name):
+                raise ObjectExists(f"Token '{self.label}' already has an object named '{name}'; "
+                                   "choose another name or remove it with fusion-keys delete.")
+            self._refuse_card_enrolment()
+            self._require_mechanisms(Mechanism.EC_KEY_PAIR_GEN, Mechanism.ECDH1_DERIVE,
+                                     Mechanism.ECDSA, purpose="make EC P-256 viewer keys")
+            key_id = self._unused_id()
+            try:
+                public_obj, _ = self._session().generate_keypair(
+                    KeyType.EC, id=key_id, label=name, store=True,
+                    capabilities=pkcs11.MechanismFlag.SIGN | pkcs11.MechanismFlag.DERIVE,
+                    # As for the signer: leave what the token derives itself unset (tpm2-pkcs11).
+                    public_template={Attribute.EC_PARAMS: encode_named_curve_parameters(
+                        "secp256r1"), Attribute.PRIVATE: False, Attribute.ENCRYPT: pkcs11.DEFAULT,
+                        Attribute.WRAP: pkcs11.DEFAULT, Attribute.VERIFY: pkcs11.DEFAULT},
+                    # Never leaves the token; SIGN for its own certificate, DERIVE for ECDH.
+                    private_template={Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+                                      Attribute.EXTRACTABLE: False, Attribute.SIGN: True,
+                                      Attribute.DERIVE: True, Attribute.DECRYPT: pkcs11.DEFAULT,
+                                      Attribute.UNWRAP: pkcs11.DEFAULT})
+                public = _ec_public_key(public_obj[Attribute.EC_POINT])
+                del public_obj
+                signing_key = _TokenEcKey(self, key_id, public)
+                cert = certs.build_viewer_certificate(signing_key, name,
+                                                      oaep_hash=OaepHash.ECDH_P256, now=now,
+                                                      days=days)
+                if not self._probe_ecdh(key_id, cert):
+                    raise MechanismUnsupported(
+                        f"Token '{self.label}' made an EC key but cannot do ECDH with it, so it "
+                        "cannot open streams; enrol with --key-type rsa.")
+                if csr:
+                    request = certs.build_viewer_csr(signing_key, name,
+                                                     oaep_hash=OaepHash.ECDH_P256)
+                    return Enrollment(name, key_id, 256, OaepHash.ECDH_P256, None, request)
+                self._store_certificate(cert, name, key_id)
+                return Enrollment(name, key_id, 256, OaepHash.ECDH_P256, cert, None)
+            except BaseException:
+                self._destroy_id(key_id)
                 raise
 
     def import_certificate(self, cert: x509.Certificate,
@@ -987,16 +1109,25 @@ class Token:
     def selftest(self, object_name: str | None = None) -> SelftestResult:
         """Wrap a random key to the certificate in software, unwrap on the token, compare."""
         ident = self.identity(object_name)
-        recorded = certs.read_oaep_hash(ident.certificate)
-        with self._lock:
-            oaep_hash = recorded or self._probe_oaep(ident.key_id, ident.public_key)
         secret = secrets.token_bytes(32)
-        ciphertext = Recipient(ident.certificate, oaep_hash).encrypt(secret)
-        start = time.perf_counter()
-        try:
-            opened = ident.rsa_decrypt(ciphertext, oaep_hash)
-        except IntegrityError:
-            opened = b""
+        if isinstance(ident.public_key, ec.EllipticCurvePublicKey):
+            oaep_hash = OaepHash.ECDH_P256
+            sealed = ec_seal(Recipient(ident.certificate, oaep_hash), _LABEL_EC_PROBE, secret)
+            start = time.perf_counter()
+            try:
+                opened = ec_open(ident, _LABEL_EC_PROBE, sealed)
+            except IntegrityError:
+                opened = b""
+        else:
+            recorded = certs.read_oaep_hash(ident.certificate)
+            with self._lock:
+                oaep_hash = recorded or self._probe_oaep(ident.key_id, ident.public_key)
+            ciphertext = Recipient(ident.certificate, oaep_hash).encrypt(secret)
+            start = time.perf_counter()
+            try:
+                opened = ident.rsa_decrypt(ciphertext, oaep_hash)
+            except IntegrityError:
+                opened = b""
         elapsed = (time.perf_counter() - start) * 1000
         if not hmac.compare_digest(opened, secret):
             raise TokenError(f"Self-test failed: token '{self.label}' could not open a key "
@@ -1075,7 +1206,8 @@ class Token:
 
 
 class TokenIdentity:
-    """A viewer identity on a token; satisfies ``keyservice.identity.Identity``."""
+    """A viewer identity on a token; satisfies ``keyservice.identity.Identity`` (RSA keys) and
+    ``EcIdentity`` (EC P-256 keys)."""
 
     def __init__(self, token: Token, label: str, key_id: bytes,
                  certificate: x509.Certificate) -> None:
@@ -1085,12 +1217,26 @@ class TokenIdentity:
         self.certificate = certificate
         self.operations = 0  # private-key operations done (the viewer reports it)
         public = certificate.public_key()
-        assert isinstance(public, rsa.RSAPublicKey)
-        self.public_key: rsa.RSAPublicKey = public
+        assert isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey)
+        self.public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey = public
+
+    @property
+    def is_ec(self) -> bool:
+        return isinstance(self.public_key, ec.EllipticCurvePublicKey)
 
     @property
     def oaep_hash(self) -> OaepHash | None:
+        if self.is_ec:
+            return OaepHash.ECDH_P256
         return certs.read_oaep_hash(self.certificate)
+
+    def ecdh(self, peer_point: bytes) -> bytes:
+        """One CKM_ECDH1_DERIVE with the token key (EC identities); satisfies EcIdentity."""
+        if not self.is_ec:
+            raise IntegrityError()
+        with self.token._lock:
+            self.operations += 1
+            return self.token._ecdh(self.key_id, peer_point)
 
     def rsa_decrypt(self, ciphertext: bytes, oaep_hash: OaepHash) -> bytes:
         """One C_Decrypt with CKM_RSA_PKCS_OAEP; any failure to open is IntegrityError."""
@@ -1165,7 +1311,7 @@ def _so_session(module: _Module, p11token: Any, so_pin: str, label: str,
 def enroll_piv(uri: str | Pkcs11Uri, name: str, *, so_pin: str, pin: str | None = None,
                prompt: bool = False, slot: str = "9d", bits: int = 2048,
                days: int = certs.VIEWER_DAYS, csr: bool = False,
-               now: datetime | None = None) -> Enrollment:
+               now: datetime | None = None, key_type: str = "rsa") -> Enrollment:
     """Enrol a viewer on a PIV card through ykcs11: a key pair generated in ``slot`` (SO login =
     management key), a certificate signed by that key (user PIN), stored in the slot (SO).
 
@@ -1194,25 +1340,50 @@ def enroll_piv(uri: str | Pkcs11Uri, name: str, *, so_pin: str, pin: str | None 
             raise ObjectExists(f"Slot {slot} of token '{label}' already holds a key; it is never "
                                "replaced. Use it with fusion-keys adopt, or clear the slot with "
                                "the card's tool first.")
-        tok._check_key_size(bits)
+        if key_type == "rsa":
+            tok._check_key_size(bits)
+        elif key_type != "ec":
+            raise UsageError("The key type must be rsa or ec.")
     # 2. the key pair, generated on the card (SO).
+    ec_key = key_type == "ec"
     with _so_session(module, p11token, so_pin, label, "generate a key pair") as session:
-        public_obj, _ = session.generate_keypair(
-            KeyType.RSA, bits, id=key_id, label=name, store=True,
-            capabilities=(pkcs11.MechanismFlag.ENCRYPT | pkcs11.MechanismFlag.DECRYPT
-                          | pkcs11.MechanismFlag.SIGN | pkcs11.MechanismFlag.VERIFY),
-            public_template={Attribute.PRIVATE: False},
-            # ykcs11 refuses CKA_EXTRACTABLE in the template (AttributeTypeInvalid); a PIV key
-            # can never leave the card anyway (tests check NEVER_EXTRACTABLE with pkcs11-tool).
-            private_template={Attribute.PRIVATE: True, Attribute.SENSITIVE: True})
-        n = int.from_bytes(public_obj[Attribute.MODULUS], "big")
-        e = int.from_bytes(public_obj[Attribute.PUBLIC_EXPONENT], "big")
-    public = rsa.RSAPublicNumbers(e, n).public_key()
-    # 3. which OAEP hash, and the certificate signed by the new key (user PIN).
+        if ec_key:
+            public_obj, _ = session.generate_keypair(
+                KeyType.EC, id=key_id, label=name, store=True,
+                capabilities=pkcs11.MechanismFlag.SIGN | pkcs11.MechanismFlag.DERIVE,
+                public_template={Attribute.EC_PARAMS: encode_named_curve_parameters(
+                    "secp256r1"), Attribute.PRIVATE: False},
+                private_template={Attribute.PRIVATE: True, Attribute.SENSITIVE: True})
+            public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey = _ec_public_key(
+                public_obj[Attribute.EC_POINT])
+        else:
+            public_obj, _ = session.generate_keypair(
+                KeyType.RSA, bits, id=key_id, label=name, store=True,
+                capabilities=(pkcs11.MechanismFlag.ENCRYPT | pkcs11.MechanismFlag.DECRYPT
+                              | pkcs11.MechanismFlag.SIGN | pkcs11.MechanismFlag.VERIFY),
+                public_template={Attribute.PRIVATE: False},
+                # ykcs11 refuses CKA_EXTRACTABLE in the template (AttributeTypeInvalid); a PIV
+                # key never leaves the card anyway (tests check NEVER_EXTRACTABLE).
+                private_template={Attribute.PRIVATE: True, Attribute.SENSITIVE: True})
+            n = int.from_bytes(public_obj[Attribute.MODULUS], "big")
+            e = int.from_bytes(public_obj[Attribute.PUBLIC_EXPONENT], "big")
+            public = rsa.RSAPublicNumbers(e, n).public_key()
+    # 3. which scheme works, and the certificate signed by the new key (user PIN).
     with Token.open(user_uri, pin=pin) as tok, tok._lock:
         key_label = tok._one_private_key(None, key_id)[Attribute.LABEL]
-        oaep_hash = tok._probe_oaep(key_id, public)
-        signing_key = _TokenRsaKey(tok, key_id, public)
+        signing_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            oaep_hash = OaepHash.ECDH_P256
+            signing_key = _TokenEcKey(tok, key_id, public)
+            probe_cert = certs.build_viewer_certificate(signing_key, name, oaep_hash=oaep_hash,
+                                                        now=now or datetime.now(UTC), days=days)
+            if not tok._probe_ecdh(key_id, probe_cert):
+                raise MechanismUnsupported(f"Token '{label}' cannot do ECDH with the new key; "
+                                           "enrol with --key-type rsa.")
+            bits = 256
+        else:
+            oaep_hash = tok._probe_oaep(key_id, public)
+            signing_key = _TokenRsaKey(tok, key_id, public)
         if csr:
             request = certs.build_viewer_csr(signing_key, name, oaep_hash=oaep_hash)
             return Enrollment(key_label, key_id, bits, oaep_hash, None, request)

@@ -4,6 +4,7 @@ it, real ffmpeg as camera and judge, the real fusion-client and fusion-archiver 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -204,3 +205,43 @@ def test_card_pulled_mid_stream_then_reinserted(
     result = play(client, site_archiver.url, alice, again, t0, now_ms() + 1)
     assert result.code == 0, result.stderr
     assert again.read_bytes() == b"".join([*before, after])
+
+
+# --- EC P-256 viewers: ECDH epoch openers -------------------------------------------------
+@requires_ffmpeg
+def test_ec_viewers_on_a_card_and_on_softhsm_play_frame_exact(
+        piv_card: CardHandle, archiver_server: ArchiverServer, softhsm_token: TokenHandle,
+        client: Client, tmp_path: Path) -> None:
+    ingest = archiver_server.add_camera("cam1")
+    # The card: an EC key enrolled through ykcs11 (management key as SO PIN), in slot 9D ...
+    card_pem = tmp_path / "carol-card.pem"
+    enrolled = fusion_keys("enroll", "--token", piv_card.uri(piv_card.ykcs11_module, obj="carol"),
+                           "--out", str(card_pem), "--key-type", "ec",
+                           env={**os.environ, "FUSION_SO_PIN": piv_card.mgmt_key_hex})
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert "EC P-256" in enrolled.stdout
+    archiver_server.add_client(card_pem, ["cam1"])
+    # ... used through OpenSC, as a viewer machine would.
+    carol = Viewer("carol", None, piv_card.uri(piv_card.opensc_module, key_id=CARD_KEY_ID),  # type: ignore[arg-type]
+                   card_pem)
+    # SoftHSM: an EC viewer too.
+    with Token.open(softhsm_token.uri) as tok:
+        dave_cert = tok.enroll("dave", key_type="ec").pem()
+    dave_pem = tmp_path / "dave.pem"
+    dave_pem.write_bytes(dave_cert)
+    archiver_server.add_client(dave_pem, ["cam1"])
+    dave = Viewer("dave", softhsm_token, softhsm_token.object_uri("dave"), dave_pem)
+
+    source = make_source(tmp_path / "source.ts", seconds=3)
+    start = now_ms()
+    push(source, archiver_server.url, "cam1", ingest, realtime=True, hls_time=1)
+    wait_for_segments(archiver_server, "cam1", 3)
+    end = now_ms() + 1
+    source_frames = frame_hashes(source)
+    for viewer in (carol, dave):
+        out = tmp_path / f"{viewer.name}.ts"
+        result = play(client, archiver_server.url, viewer, out, start, end)
+        assert result.code == 0, result.stderr
+        assert frame_hashes(out) == source_frames, result.stderr
+        # One ECDH for the login, one for the epoch opener.
+        assert token_operations(result.stderr) == (2, 1, 1)

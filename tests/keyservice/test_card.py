@@ -37,14 +37,15 @@ def _access(listing: str) -> list[set[str]]:
 
 
 def test_card_keys_are_not_extractable(piv_card: CardHandle, site_ca: SiteCa) -> None:
-    piv_card.provision_site_identity(site_ca, "alice")
+    piv_card.provision_site_identity(site_ca, "alice")  # RSA in 9D
+    piv_card.provision_site_identity(site_ca, "alice-ec", slot="9e", algorithm="ECCP256")
     for module in (piv_card.opensc_module, piv_card.ykcs11_module):
         listing = subprocess.run(
             ["pkcs11-tool", "--module", module, "--login", "--pin", piv_card.pin,
              "--list-objects", "--type", "privkey"], capture_output=True, text=True, check=True,
             timeout=60).stdout
         access = _access(listing)
-        assert access, listing
+        assert len(access) == 2, listing  # both keys, RSA and EC
         for flags in access:
             assert {"sensitive", "always sensitive", "never extractable"} <= flags, listing
             assert "extractable" not in flags
@@ -53,11 +54,13 @@ def test_card_keys_are_not_extractable(piv_card: CardHandle, site_ca: SiteCa) ->
             lib = pkcs11.lib(module)
             session = lib.get_token().open()
             try:
-                key = session.get_key(ObjectClass.PRIVATE_KEY, id=b"\x03")
-                assert key[Attribute.EXTRACTABLE] is False
-                for secret in (Attribute.VALUE, Attribute.PRIVATE_EXPONENT, Attribute.PRIME_1):
-                    with pytest.raises(pkcs11.PKCS11Error):
-                        key[secret]
+                for key_id in (b"\x03", b"\x04"):  # slots 9D and 9E
+                    key = session.get_key(ObjectClass.PRIVATE_KEY, id=key_id)
+                    assert key[Attribute.EXTRACTABLE] is False
+                    for secret in (Attribute.VALUE, Attribute.PRIVATE_EXPONENT,
+                                   Attribute.PRIME_1):
+                        with pytest.raises(pkcs11.PKCS11Error):
+                            key[secret]
             finally:
                 session.close()
 
