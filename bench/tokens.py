@@ -3,8 +3,9 @@
     python -m bench.tokens --token 'pkcs11:id=%03?module-path=...opensc-pkcs11.so' --rounds 30
 
 What the viewer pays per epoch opener and per login: one RSA-OAEP decrypt on the token (the
-identity's own OAEP hash, recorded in the certificate or measured). Prints min / median / max in
-ms. The PIN comes as for every command (URI pin-source/pin-value, $FUSION_PIN, prompt).
+identity's own OAEP hash, recorded in the certificate or measured), or for an EC P-256 identity
+one ECDH (CKM_ECDH1_DERIVE and reading the derived secret). Prints min / median / max in ms.
+The PIN comes as for every command (URI pin-source/pin-value, $FUSION_PIN, prompt).
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ import secrets
 import statistics
 import time
 
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from keyservice.certs import read_oaep_hash
 from keyservice.errors import KeyServiceError
 from keyservice.identity import Recipient
-from keyservice.token import Token
+from keyservice.token import Token, TokenIdentity
 
 
 def measure(uri: str, rounds: int) -> list[float]:
     """``rounds`` timed decrypts (ms), after one untimed warm-up."""
     with Token.open(uri, prompt=True) as token:
         ident = token.identity()
+        if ident.is_ec:
+            return _measure_ecdh(ident, rounds)
         oaep_hash = read_oaep_hash(ident.certificate) or token.selftest().oaep_hash
         recipient = Recipient(ident.certificate, oaep_hash)
         ident.rsa_decrypt(recipient.encrypt(secrets.token_bytes(32)), oaep_hash)
@@ -38,6 +44,18 @@ def measure(uri: str, rounds: int) -> list[float]:
     return times
 
 
+def _measure_ecdh(ident: TokenIdentity, rounds: int) -> list[float]:
+    times = []
+    for _ in range(rounds + 1):
+        peer = ec.generate_private_key(ec.SECP256R1())
+        point = peer.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+        start = time.perf_counter()
+        shared = ident.ecdh(point)
+        times.append((time.perf_counter() - start) * 1000)
+        assert shared == peer.exchange(ec.ECDH(), ident.public_key)
+    return times[1:]  # the first one warms up
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.tokens",
                                      description=__doc__.split("\n\n")[0])
@@ -48,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         times = measure(args.token, args.rounds)
     except KeyServiceError as exc:
         raise SystemExit(f"bench.tokens: {exc}") from None
-    print(f"RSA-OAEP decrypt on the token, {len(times)} rounds: min {min(times):.1f} ms, "
+    print(f"private-key operation on the token, {len(times)} rounds: min {min(times):.1f} ms, "
           f"median {statistics.median(times):.1f} ms, max {max(times):.1f} ms")
 
 

@@ -155,3 +155,18 @@ def test_enroll_through_ykcs11_generates_in_9d_and_writes_the_certificate(
     again = fusion_keys("enroll", "--token", uri, "--out", str(tmp_path / "again.pem"),
                         "--key", "rsa2048", env=_card_env(FUSION_SO_PIN=piv_card.mgmt_key_hex))
     assert_clean_failure(again, 25, "already holds a key")
+
+
+def test_adopt_an_ec_site_identity_needs_no_oaep_hash(piv_card: CardHandle, site_ca: SiteCa,
+                                                       tmp_path: Path) -> None:
+    cert = piv_card.provision_site_identity(site_ca, "erin", algorithm="ECCP256")
+    listed = fusion_keys("list", "--token", piv_card.uri(piv_card.opensc_module), env=_card_env())
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(KEY_MAN))
+    assert row.split()[3:5] == ["EC-P256", "ecdh-p256"]  # ECDH measured on the card
+    out = tmp_path / "erin.pem"
+    adopted = fusion_keys("adopt", "--token", piv_card.uri(piv_card.opensc_module), "--out",
+                          str(out), "--site-ca", str(site_ca.path), env=_card_env())
+    assert adopted.returncode == 0, adopted.stderr
+    assert x509.load_pem_x509_certificate(out.read_bytes()) == cert
+    assert "EC-P256" in adopted.stdout
+    assert f"fusion-archiver clients add {out} --cameras CAMERAS" in adopted.stdout
