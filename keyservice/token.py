@@ -1060,15 +1060,21 @@ class Token:
                            object_name: str | None = None) -> ImportResult:
         """Store a CA-issued certificate next to the token key it belongs to."""
         public = cert.public_key()
-        if not isinstance(public, rsa.RSAPublicKey):
-            raise CertificateError("The certificate does not hold an RSA key, so it is not a "
-                                   "viewer certificate from fusion-keys enroll --csr.")
+        if not isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+            raise CertificateError("The certificate holds neither an RSA nor an EC key, so it is "
+                                   "not a viewer certificate from fusion-keys enroll --csr.")
         name = object_name if object_name is not None else self._uri.object
         with self._lock, _guard("import the certificate", self.label):
             match = None
             for key in self._private_keys(name):
-                if key[Attribute.KEY_TYPE] == KeyType.RSA and certs.same_public_key(
-                        self._rsa_public(key), public):
+                key_type = key[Attribute.KEY_TYPE]
+                if key_type == KeyType.RSA:
+                    mine: object = self._rsa_public(key)
+                elif key_type == KeyType.EC:
+                    mine = self._ec_public(bytes(key[Attribute.ID]))
+                else:
+                    continue
+                if certs.same_public_key(mine, public):
                     match = key
                     break
             if match is None:
@@ -1080,10 +1086,18 @@ class Token:
             if self._certificate_object(key_id) is not None:
                 raise ObjectExists(f"'{label}' on token '{self.label}' already has a certificate; "
                                    "it is never overwritten (delete and enrol again to replace).")
-            oaep_hash = self._probe_oaep(key_id, public)
+            if isinstance(public, ec.EllipticCurvePublicKey):
+                if not self._probe_ecdh(key_id, cert):
+                    raise MechanismUnsupported(f"Token '{self.label}' cannot do ECDH with "
+                                               f"'{label}', so it cannot open streams.")
+                oaep_hash = OaepHash.ECDH_P256
+            else:
+                oaep_hash = self._probe_oaep(key_id, public)
             certs.validate_viewer_certificate(cert, now=datetime.now(UTC), oaep_hash=oaep_hash)
             self._store_certificate(cert, label, key_id)
-        return ImportResult(label, oaep_hash, certs.read_oaep_hash(cert) is not None)
+        # EC: the key type fixes the scheme, nothing to record.
+        return ImportResult(label, oaep_hash, oaep_hash.is_ec
+                            or certs.read_oaep_hash(cert) is not None)
 
     def delete(self, object_name: str | None = None) -> int:
         """Remove an identity (certificate, private and public key); returns objects removed."""

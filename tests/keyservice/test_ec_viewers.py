@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
@@ -31,7 +32,7 @@ from tests.fixtures.tokens import TokenHandle
 from tests.keyservice.test_cli_keys import fusion_keys
 
 T = 1_748_779_200_000
-NOW = certs.datetime.fromtimestamp(T / 1000, certs.UTC)
+NOW = datetime.fromtimestamp(T / 1000, UTC)
 
 
 def ec_identity(name: str = "eve") -> SoftwareEcIdentity:
@@ -124,7 +125,7 @@ def test_enroll_ec_on_softhsm_is_the_default_and_opens_openers(softhsm_token: To
     assert enrolled.returncode == 0, enrolled.stderr
     assert "EC P-256, ECDH epoch openers" in enrolled.stdout
     cert = x509.load_pem_x509_certificate(pem.read_bytes())
-    assert certs.validate_viewer_certificate(cert, now=certs.datetime.now(certs.UTC)) is (
+    assert certs.validate_viewer_certificate(cert, now=datetime.now(UTC)) is (
         OaepHash.ECDH_P256)
     selftest = fusion_keys("selftest", "--token", softhsm_token.object_uri("eve"))
     assert selftest.returncode == 0, selftest.stderr
@@ -163,3 +164,23 @@ def test_ec_viewer_on_the_tpm_or_a_clear_refusal(tpm_token: TokenHandle) -> None
         _, opener = Epoch.start(Recipient(ident.certificate, OaepHash.ECDH_P256), 60, T)
         assert len(open_epoch_opener(ident, opener)) == 32
         assert result.oaep_hash is OaepHash.ECDH_P256
+
+
+def test_ec_csr_signed_by_a_site_ca_is_imported(softhsm_token: TokenHandle) -> None:
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = certs.build_archiver_certificate(ca_key, "Site CA", now=datetime.now(UTC))
+    with Token.open(softhsm_token.uri) as tok:
+        request = tok.enroll("fay", key_type="ec", csr=True).csr
+        assert request is not None and request.is_signature_valid
+        now = datetime.now(UTC)
+        cert = (x509.CertificateBuilder().subject_name(request.subject)
+                .issuer_name(ca_cert.subject).public_key(request.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(minutes=1))
+                .not_valid_after(now + timedelta(days=30))
+                .add_extension(request.extensions.get_extension_for_class(x509.KeyUsage).value,
+                               critical=True)
+                .sign(ca_key, hashes.SHA256()))
+        result = tok.import_certificate(cert, "fay")
+        assert result.oaep_hash is OaepHash.ECDH_P256 and result.recorded
+        assert tok.identity("fay").certificate == cert
