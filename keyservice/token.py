@@ -776,7 +776,7 @@ class Token:
                         f"Token '{self.label}' cannot do ECDH (CKM_ECDH1_DERIVE) with this key, so "
                         "it cannot open streams for an EC viewer; enrol an RSA identity "
                         "(--key-type rsa).") from None
-                if isinstance(exc, (*_BAD_CIPHERTEXT, p11.KeyFunctionNotPermitted)):
+                if isinstance(exc, _BAD_CIPHERTEXT):
                     raise IntegrityError() from None
                 raise _translate(exc, "do ECDH", self.label) from None
 
