@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   python3 python3-venv python3-dev build-essential
   softhsm2 opensc openssl
+  pcscd vsmartcard-vpcd opensc-pkcs11 ykcs11 yubico-piv-tool
   swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus
   ffmpeg
   # A real RTSP camera for the tests: GStreamer's gst-rtsp-server, driven by the system Python.
