@@ -13,6 +13,7 @@ APT_PACKAGES=(
   # A real RTSP camera for the tests: GStreamer's gst-rtsp-server, driven by the system Python.
   python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
+  chromium fonts-dejavu-core   # the viewer's browser tests (Playwright drives this Chromium)
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
