@@ -151,7 +151,8 @@ class Archive:
     def _append_encrypted(self, state: _CameraState, camera: str, stream: DataStream, seq: int,
                           data: bytes, time: SegmentTime, now: int) -> SegmentRow:
         key = self.keys.key_for(camera, stream, now)
-        segment = seal_segment(key, seq, time.start_ms, data)
+        segment = seal_segment(key, seq, time.start_ms, data,
+                               duration_ms=min(time.end_ms - time.start_ms, 2**32 - 1))
         chain_before = (state.chain.next_seq, state.chain.prev_hash)
         manifest, manifest_bytes = state.chain.issue([segment], [key], self.signer, now)
         # The segment record stays in pieces (header, ciphertext) down to the writev.

@@ -100,7 +100,8 @@ class ManifestChain:
             if key is None or key.camera != segment.camera or key.stream != segment.stream:
                 raise ValueError("Every segment needs its own minute key in `keys`.")
             entries.append(ManifestEntry(segment.stream, segment.seq, segment.capture_ms,
-                                         segment.key_id, segment.tag, segment_digest(segment)))
+                                         segment.key_id, segment.tag, segment_digest(segment),
+                                         segment.duration_ms))
             if segment.key_id not in commitments:
                 commitments[segment.key_id] = KeyCommitment(key.key_id, key.commitment)
         unsigned = Manifest(self.camera, self.next_seq, self.prev_hash, issued_ms, flags,
@@ -185,9 +186,10 @@ class SegmentPlaintext:
     camera: str
     stream: DataStream
     seq: int
-    capture_ms: int
+    capture_ms: int  # start of its video (signed)
     data: bytes = field(repr=False)
     last: bool = False  # the last segment of the recording
+    duration_ms: int = 0  # length of its video (signed; 0: unknown)
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ class SegmentSkipped:
     stream: DataStream
     seq: int
     capture_ms: int
+    duration_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -419,13 +422,14 @@ class StreamReader:
         for entry, segment in plan:
             if segment is None or entry.key_id not in self._key_records:
                 out.append(SegmentSkipped(manifest.camera, entry.stream, entry.seq,
-                                          entry.capture_ms))
+                                          entry.capture_ms, entry.duration_ms))
                 continue
             aead = self._key(entry.key_id, manifest.camera, entry.stream,
                              commitments[entry.key_id])
             data = open_segment(aead, segment)
             out.append(SegmentPlaintext(segment.camera, segment.stream, segment.seq,
-                                        segment.capture_ms, data, segment.last))
+                                        segment.capture_ms, data, segment.last,
+                                        segment.duration_ms))
         camera.last_seq = manifest.manifest_seq
         camera.last_hash = digest
         self._retained -= sum(cost for *_, cost in pending)
@@ -481,7 +485,8 @@ class StreamReader:
 def _matches(segment: Segment, digest: bytes, entry: ManifestEntry) -> bool:
     return (digest == entry.digest and segment.seq == entry.seq
             and segment.stream == entry.stream and segment.capture_ms == entry.capture_ms
-            and segment.key_id == entry.key_id and segment.tag == entry.tag)
+            and segment.duration_ms == entry.duration_ms and segment.key_id == entry.key_id
+            and segment.tag == entry.tag)
 
 
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
