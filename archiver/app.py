@@ -136,6 +136,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
                       body_timeout_s=settings.body_timeout_s, login_rate=settings.login_rate,
                       login_burst=settings.login_burst,
                       viewer_concurrency=settings.viewer_concurrency,
+                      viewer_streams=settings.viewer_streams,
                       viewer_rate=settings.viewer_rate, viewer_burst=settings.viewer_burst),
         refusals=_refusals_of, viewer_key=_viewer_of)
     app.include_router(ingest.router)

@@ -78,7 +78,10 @@ def serve(
     login_rate: Annotated[float, typer.Option(
         "--login-rate", help="Login requests a second per client address.")] = 5.0,
     viewer_concurrency: Annotated[int, typer.Option(
-        "--viewer-concurrency", help="Requests (streams included) one viewer may have open.")] = 4,
+        "--viewer-concurrency", help="Requests one viewer may have searched at once (until "
+        "their answer starts).")] = 4,
+    viewer_streams: Annotated[int, typer.Option(
+        "--viewer-streams", help="Requests (streams included) one viewer may have open.")] = 32,
     viewer_rate: Annotated[float, typer.Option(
         "--viewer-rate", help="Requests a second one viewer may make.")] = 20.0,
     refusal_window: Annotated[float, typer.Option(
@@ -106,6 +109,7 @@ def serve(
                             session_ttl_s=session_ttl, stream_send_timeout_s=stream_send_timeout,
                             header_timeout_s=header_timeout, body_timeout_s=body_timeout,
                             login_rate=login_rate, viewer_concurrency=viewer_concurrency,
+                            viewer_streams=viewer_streams,
                             viewer_rate=viewer_rate, refusal_window_s=refusal_window,
                             public_metrics=public_metrics, api_docs=api_docs,
                             max_connections=max_connections)

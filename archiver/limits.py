@@ -206,7 +206,10 @@ class Limits:
     body_timeout_s: float = 10.0
     login_rate: float = 5.0  # per second per client address
     login_burst: int = 50
-    viewer_concurrency: int = 4  # open viewer requests (streams included) per viewer
+    # Per viewer: requests being worked out (until their answer starts: the index searches),
+    # and open streams (for their whole duration: a grid of live cameras is many).
+    viewer_concurrency: int = 4
+    viewer_streams: int = 32
     viewer_rate: float = 20.0  # viewer requests per second per viewer
     viewer_burst: int = 40
 
@@ -232,7 +235,8 @@ class RequestLimits:
         self._viewer_key = viewer_key
         self._logins = RateLimiter(limits.login_rate, limits.login_burst)
         self._queries = RateLimiter(limits.viewer_rate, limits.viewer_burst)
-        self._open: dict[str, int] = {}
+        self._working: dict[str, int] = {}  # viewer -> requests not yet answering
+        self._streams: dict[str, int] = {}  # viewer -> requests open (streams included)
 
     def body_limit(self, method: str, path: str) -> int:
         if path.startswith("/ingest/"):
@@ -252,10 +256,15 @@ class RequestLimits:
             elif path.startswith("/v1/cameras"):
                 viewer = self._viewer_key(scope, source) or f"address {source}"
                 self._rate(self._queries, viewer, "requests of this viewer")
-                if self._open.get(viewer, 0) >= self.limits.viewer_concurrency:
+                if self._working.get(viewer, 0) >= self.limits.viewer_concurrency:
                     raise _Refuse(429, "too_many_requests",
                                   f"This viewer already has {self.limits.viewer_concurrency} "
-                                  "requests open; wait for one to finish.", {"Retry-After": "1"})
+                                  "requests being searched; wait for one to answer.",
+                                  {"Retry-After": "1"})
+                if self._streams.get(viewer, 0) >= self.limits.viewer_streams:
+                    raise _Refuse(429, "too_many_requests",
+                                  f"This viewer already has {self.limits.viewer_streams} streams "
+                                  "open; close one first.", {"Retry-After": "5"})
             limit = self.body_limit(method, path)
             declared = _content_length(scope)
             if declared is not None and declared > limit:
@@ -271,7 +280,8 @@ class RequestLimits:
         except _Disconnected:
             return
         if viewer is not None:
-            self._open[viewer] = self._open.get(viewer, 0) + 1
+            _add(self._working, viewer, 1)
+            _add(self._streams, viewer, 1)
         responded: list[bool] = [False]
         refused_here: list[_Refuse] = []
 
@@ -279,6 +289,8 @@ class RequestLimits:
             if refused_here:
                 return  # this middleware answered already (a body cut off mid-way)
             if message["type"] == "http.response.start":
+                if viewer is not None and not responded[0]:
+                    _add(self._working, viewer, -1)  # searched: now it only streams
                 responded[0] = True
             await send(message)
 
@@ -295,9 +307,9 @@ class RequestLimits:
             await self.app(scope, guarded_receive, guarded_send)
         finally:
             if viewer is not None:
-                self._open[viewer] -= 1
-                if not self._open[viewer]:
-                    del self._open[viewer]
+                if not responded[0]:
+                    _add(self._working, viewer, -1)
+                _add(self._streams, viewer, -1)
 
     def _rate(self, limiter: RateLimiter, key: str, what: str) -> None:
         wait = limiter.take(key)
@@ -384,6 +396,12 @@ class RequestLimits:
 
 class _Disconnected(Exception):
     pass
+
+
+def _add(counts: dict[str, int], key: str, delta: int) -> None:
+    counts[key] = counts.get(key, 0) + delta
+    if counts[key] <= 0:
+        del counts[key]
 
 
 def _client(scope: Scope) -> str:

@@ -29,11 +29,13 @@ class Settings:
     body_timeout_s: float = 10.0
     # Open connections (and requests in progress) beyond this are answered 503 at once.
     max_connections: int = 1000
-    # Per client address: logins a second (and burst); per viewer: open requests, requests a
-    # second (and burst). Behind a proxy every client has the proxy's address.
+    # Per client address: logins a second (and burst); per viewer: requests being searched
+    # (until their answer starts), open streams, requests a second (and burst). Behind a proxy
+    # every client has the proxy's address.
     login_rate: float = 5.0
     login_burst: int = 50
     viewer_concurrency: int = 4
+    viewer_streams: int = 32
     viewer_rate: float = 20.0
     viewer_burst: int = 40
     # Refused requests are audited per client address per window (see archiver/limits.py).
@@ -68,8 +70,8 @@ class Settings:
                self.header_timeout_s, self.body_timeout_s, self.refusal_window_s) <= 0:
             raise UsageError("The timeouts, the session lifetime and the audit window must be "
                              "positive.")
-        if min(self.login_rate, self.login_burst, self.viewer_concurrency, self.viewer_rate,
-               self.viewer_burst, self.max_connections) <= 0:
+        if min(self.login_rate, self.login_burst, self.viewer_concurrency, self.viewer_streams,
+               self.viewer_rate, self.viewer_burst, self.max_connections) <= 0:
             raise UsageError("The login and viewer limits must be positive.")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UsageError("Give both --tls-cert and --tls-key, or neither.")

@@ -197,7 +197,7 @@ def test_slow_and_missing_headers_are_cut(serve: Callable[..., ArchiverServer]) 
 
 def test_login_rate_and_viewer_concurrency_limits(serve: Callable[..., ArchiverServer],
                                                   make_viewer) -> None:
-    server = serve("--login-rate", "1", "--viewer-concurrency", "2")
+    server = serve("--login-rate", "1", "--viewer-streams", "2")
     alice, bob = make_viewer("alice"), make_viewer("bob")
     server.add_camera("cam1")
     server.add_client(alice.pem, ["cam1"])
@@ -216,8 +216,9 @@ def test_login_rate_and_viewer_concurrency_limits(serve: Callable[..., ArchiverS
                 assert response.json()["error"] == "too_many_requests"
     assert 422 in statuses and 429 in statuses, statuses
 
-    # Viewer requests: two open live streams are alice's limit; a third is refused, while
-    # bob is not affected.
+    # Viewer streams: two open live streams are alice's limit (--viewer-streams); a third is
+    # refused, while bob is not affected. (Requests still being searched have their own limit,
+    # --viewer-concurrency: hardening/test_query_flood.py.)
     def live(session: str) -> httpx.Response:
         return httpx.get(f"{server.url}/v1/cameras/cam1/live", params={"duration_s": 4},
                          headers={"Authorization": f"Bearer {session}"}, timeout=30)
@@ -241,6 +242,7 @@ def test_login_rate_and_viewer_concurrency_limits(serve: Callable[..., ArchiverS
     assert [r.status_code for r in open_streams] == [200, 200]
     third = live(alice_session)
     assert (third.status_code, third.json()["error"]) == (429, "too_many_requests")
+    assert "streams open" in third.json()["message"]
     bob_stream = httpx.get(f"{server.url}/v1/cameras", timeout=30,
                            headers={"Authorization": f"Bearer {bob_session}"})
     assert bob_stream.status_code == 200

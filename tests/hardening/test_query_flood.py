@@ -90,5 +90,31 @@ def test_ingest_carries_on_under_a_viewer_query_flood(tmp_path: Path, make_viewe
                 == 30
     finally:
         server.stop()
+    # With the default limits, one viewer gets at most --viewer-concurrency (4) searches at
+    # once; the rest of its flood is answered 429 at once, without touching the index.
+    server.extra_args = ()
+    server.start()
+    try:
+        session = login(server.url, viewer.identity)
+        statuses: Counter[int] = Counter()
+        barrier = threading.Barrier(FLOOD)
+
+        def one() -> None:
+            barrier.wait()
+            response = httpx.get(f"{server.url}/v1/cameras/big/recording", timeout=120,
+                                 params={"from_ms": 0, "to_ms": 1000},
+                                 headers={"Authorization": f"Bearer {session}"})
+            with lock:
+                statuses[response.status_code] += 1
+
+        threads = [threading.Thread(target=one) for _ in range(FLOOD)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        print(f"default limits, {FLOOD} parallel searches: {dict(statuses)}")
+        assert statuses[429] >= FLOOD - 4 - 2 and 1 <= statuses[404] <= 4 + 2, statuses
+    finally:
+        server.stop()
     log = server.log()
     assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
