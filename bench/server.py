@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                         # The benchmarks measure capacity, with many requests per viewer and
                         # address: the per-client limits (issue 12) would measure themselves.
                         login_rate=1e6, login_burst=1_000_000, viewer_concurrency=100_000,
+                        viewer_streams=100_000,
                         viewer_rate=1e6, viewer_burst=1_000_000)
     if settings.benchmark_plaintext_baseline:
         logging.getLogger("bench").warning("PLAINTEXT BASELINE: this Archiver does not encrypt; "
