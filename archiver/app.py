@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,9 +16,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from archiver.archive import Archive, wall_clock_ms
 from archiver.audit import AuditLog
-from archiver.auth import Sessions, digest, ensure_admin_token
+from archiver.auth import Sessions, digest, ensure_admin_token, secret_matches
 from archiver.cameras import CameraState
-from archiver.deps import ApiError, Services
+from archiver.datadir import secure_data_dir
+from archiver.deps import ApiError, BearerDep, Services, ServicesDep
+from archiver.limits import REFUSED_STATUSES, Limits, RefusalAudit, RequestLimits
 from archiver.metrics import ArchiverCollector, make_registry
 from archiver.routers import admin, ingest, viewer
 from archiver.rtsp import RtspSupervisor
@@ -56,20 +59,33 @@ def create_app(settings: Settings, signer: Signer | None = None,
                clock: Callable[[], int] = wall_clock_ms) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        secure_data_dir(settings.data_dir)
         archive = Archive(settings, signer or open_signer(settings), clock=clock)
         admin_token, created = ensure_admin_token(settings.admin_token_path)
         if created:
             log.warning("created the admin token in %s (mode 0600)", settings.admin_token_path)
+        metrics_token, _ = ensure_admin_token(settings.metrics_token_path)
         audit = AuditLog(settings.audit_log_path)
         audit.record("archiver", "start", clock(), recovery=archive.recovery_actions)
+        refusals = RefusalAudit(audit, clock, settings.refusal_window_s)
+
+        def expired(fingerprint: str, not_after_ms: int) -> None:
+            try:
+                audit.record("archiver", "client.expired", clock(), fingerprint=fingerprint,
+                             not_after_ms=not_after_ms, effect="no key material from now on")
+            except Exception:  # ingest must not fail over it; the next start reports it again
+                log.warning("could not audit the expiry of viewer %s", fingerprint[:16])
+            log.warning("viewer %s: certificate expired; it gets no key material from now on",
+                        fingerprint[:16])
+
+        archive.keys.on_expired = expired
         rtsp = RtspSupervisor(archive.ingest_segment, archive.health.puller_failed)
         services = Services(
             settings=settings, archive=archive,
             sessions=Sessions(settings.challenge_ttl_s, settings.session_ttl_s), audit=audit,
             admin_token_digest=digest(admin_token),
             site_ca=tuple(load_certificate(p.read_bytes()) for p in settings.site_ca_files),
-            rtsp=rtsp)
+            rtsp=rtsp, refusals=refusals, metrics_token_digest=digest(metrics_token))
         collector = ArchiverCollector(archive)
         app.state.services = services
         app.state.collector = collector
@@ -77,20 +93,52 @@ def create_app(settings: Settings, signer: Signer | None = None,
         for camera in archive.db.cameras():
             if camera.rtsp_url:
                 rtsp.start(camera.name, camera.rtsp_url)
+        # Files made above by this start (SQLite, token, audit) get the same treatment.
+        secure_data_dir(settings.data_dir)
+
+        async def flush_refusals() -> None:
+            while True:
+                await asyncio.sleep(refusals.window_s)
+                try:
+                    await asyncio.to_thread(refusals.flush_if_due)
+                except Exception:  # a full disk: try again next window
+                    log.warning("could not write the refused-access summary to the audit log")
+
+        flusher = asyncio.create_task(flush_refusals())
         monitor = asyncio.create_task(_watch_camera_health(archive, audit))
         try:
             yield
         finally:
             monitor.cancel()
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
             await asyncio.to_thread(rtsp.stop_all)
+            with contextlib.suppress(Exception):
+                refusals.flush()
             audit.record("archiver", "stop", clock())
             audit.close()
             archive.close()
 
+    # The API's map is off unless asked for (--api-docs): it spares an attacker the survey.
+    docs = settings.api_docs
     app = FastAPI(title="Fusion Archiver", version="1", lifespan=lifespan,
                   description="Encrypts camera streams at ingest and serves per-viewer "
-                              "fusion streams.")
+                              "fusion streams.",
+                  openapi_url="/openapi.json" if docs else None,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     app.add_middleware(ingest.UploadOrder)
+    # Added last, so outermost: limits apply before anything else reads the request.
+    app.add_middleware(
+        RequestLimits,
+        limits=Limits(max_segment_bytes=settings.max_segment_bytes,
+                      upload_timeout_s=settings.upload_timeout_s,
+                      body_timeout_s=settings.body_timeout_s, login_rate=settings.login_rate,
+                      login_burst=settings.login_burst,
+                      viewer_concurrency=settings.viewer_concurrency,
+                      viewer_streams=settings.viewer_streams,
+                      viewer_rate=settings.viewer_rate, viewer_burst=settings.viewer_burst),
+        refusals=_refusals_of, viewer_key=_viewer_of)
     app.include_router(ingest.router)
     app.include_router(admin.router)
     app.include_router(viewer.router)
@@ -99,7 +147,23 @@ def create_app(settings: Settings, signer: Signer | None = None,
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    def metrics_access(services: ServicesDep, credentials: BearerDep) -> None:
+        # Ingest counts are a motion side channel: by default only the admin or the holder of
+        # the metrics token (data dir, 0600) may scrape them.
+        if services.settings.public_metrics:
+            return
+        if credentials is None:
+            raise ApiError(401, "unauthenticated", "Missing 'Authorization: Bearer' metrics "
+                           "token (the file metrics-token in the data directory, or the admin "
+                           "token).")
+        token = credentials.credentials
+        if not (secret_matches(token, services.admin_token_digest)
+                or (services.metrics_token_digest is not None
+                    and secret_matches(token, services.metrics_token_digest))):
+            raise ApiError(403, "forbidden", "This is neither the metrics nor the admin token.")
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse,
+             dependencies=[Depends(metrics_access)])
     def metrics(request: Request) -> PlainTextResponse:
         return PlainTextResponse(generate_latest(request.app.state.registry),
                                  media_type=CONTENT_TYPE_LATEST)
@@ -110,8 +174,20 @@ def create_app(settings: Settings, signer: Signer | None = None,
             collector.count_error(status)
         return JSONResponse({"error": code, "message": message}, status_code=status)
 
+    def _refused(request: Request, exc: ApiError) -> None:
+        refusals = _refusals_of(request.scope)
+        if refusals is not None and exc.status in REFUSED_STATUSES:
+            refusals.refused(request.client.host if request.client else "unknown", exc.status,
+                             exc.code, path=request.url.path[:200], **exc.audit)
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        # Audited (aggregated) in a worker thread: the first line of a window is fsynced. A
+        # refusal that cannot be audited is still a refusal.
+        try:
+            await asyncio.to_thread(_refused, request, exc)
+        except Exception:  # a refusal that cannot be audited is still refused
+            log.warning("could not audit a refused request")
         return _error(request, exc.status, exc.code, exc.message)
 
     @app.exception_handler(StorageFull)
@@ -140,3 +216,23 @@ def create_app(settings: Settings, signer: Signer | None = None,
                       "The Archiver hit an unexpected error; see its log.")
 
     return app
+
+
+def _refusals_of(scope: dict) -> RefusalAudit | None:
+    services = getattr(scope["app"].state, "services", None) if "app" in scope else None
+    return services.refusals if services is not None else None
+
+
+def _viewer_of(scope: dict, source: str) -> str | None:
+    """The viewer a request's session belongs to (its limits are per viewer, not per session:
+    more sessions give no more capacity); None without a valid session."""
+    services = getattr(scope["app"].state, "services", None) if "app" in scope else None
+    if services is None:
+        return None
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token:
+                session = services.sessions.session(token.strip(), services.archive.clock())
+                return f"viewer {session.fingerprint}" if session else None
+    return None

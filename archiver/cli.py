@@ -17,6 +17,7 @@ import httpx
 import typer
 
 from keyservice.errors import KeyServiceError, UsageError
+from keyservice.text import printable
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="The Fusion Archiver: encrypts camera streams, serves fusion streams.")
@@ -40,7 +41,8 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"fusion-archiver: {message}", err=True)
+    # Messages may quote the server or a certificate: never let them drive the terminal.
+    typer.echo(f"fusion-archiver: {printable(message)}", err=True)
     raise SystemExit(code)
 
 
@@ -66,18 +68,51 @@ def serve(
     stream_send_timeout: Annotated[float, typer.Option(
         "--stream-send-timeout", help="Seconds a viewer may leave a fusion stream chunk "
         "unread before it is dropped.")] = 30.0,
+    header_timeout: Annotated[float, typer.Option(
+        "--header-timeout", help="Seconds a request's line and headers may take.")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(
+        "--body-timeout", help="Seconds a JSON request body may take.")] = 10.0,
+    max_connections: Annotated[int, typer.Option(
+        "--max-connections", help="Open connections (and requests) beyond this are answered "
+        "503 at once.")] = 1000,
+    login_rate: Annotated[float, typer.Option(
+        "--login-rate", help="Login requests a second per client address.")] = 5.0,
+    viewer_concurrency: Annotated[int, typer.Option(
+        "--viewer-concurrency", help="Requests one viewer may have searched at once (until "
+        "their answer starts).")] = 4,
+    viewer_streams: Annotated[int, typer.Option(
+        "--viewer-streams", help="Requests (streams included) one viewer may have open.")] = 32,
+    viewer_rate: Annotated[float, typer.Option(
+        "--viewer-rate", help="Requests a second one viewer may make.")] = 20.0,
+    refusal_window: Annotated[float, typer.Option(
+        "--refusal-window", help="Seconds over which refused requests of one address are "
+        "summed up in the audit log.")] = 60.0,
+    public_metrics: Annotated[bool, typer.Option(
+        "--public-metrics", help="Serve /metrics without a token.")] = False,
+    api_docs: Annotated[bool, typer.Option(
+        "--api-docs", help="Serve /docs and /openapi.json.")] = False,
 ) -> None:
     """Run the Archiver."""
+    import os
+
     from archiver.app import create_app
     from archiver.server import serve as serve_app
     from archiver.settings import Settings
 
+    # Nothing this process creates is for other local users (the data directory holds tokens).
+    os.umask(0o027)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings(data_dir=data.resolve(), host=host, port=port, tls_cert=tls_cert,
                             tls_key=tls_key, key_period_s=key_period, signer_token_uri=signer_token,
                             site_ca_files=tuple(site_ca or ()), upload_timeout_s=upload_timeout,
-                            session_ttl_s=session_ttl, stream_send_timeout_s=stream_send_timeout)
+                            session_ttl_s=session_ttl, stream_send_timeout_s=stream_send_timeout,
+                            header_timeout_s=header_timeout, body_timeout_s=body_timeout,
+                            login_rate=login_rate, viewer_concurrency=viewer_concurrency,
+                            viewer_streams=viewer_streams,
+                            viewer_rate=viewer_rate, refusal_window_s=refusal_window,
+                            public_metrics=public_metrics, api_docs=api_docs,
+                            max_connections=max_connections)
         application = create_app(settings)
     except KeyServiceError as exc:
         _fail(str(exc), exc.exit_code)
@@ -116,7 +151,9 @@ def _call(method: str, url: str, path: str, token: str, body: Any = None) -> Any
 
 
 def _out(as_json: bool, obj: Any, human: str) -> None:
-    typer.echo(json.dumps(obj) if as_json else human)
+    # JSON escapes every control and non-ASCII character; the human form escapes them too
+    # (its line breaks are ours: values with line breaks are escaped where they are inserted).
+    typer.echo(json.dumps(obj) if as_json else printable(human, newlines=True))
 
 
 def _when(ms: int | None) -> str:
@@ -183,7 +220,7 @@ def clients_add(
     result = _call("POST", url, "/v1/admin/clients", _admin_token(admin_token, data),
                    {"certificate": pem, "cameras": camera_list, "oaep_hash": oaep_hash})
     cams = result["cameras"] if result["cameras"] == "all" else ",".join(result["cameras"])
-    _out(as_json, result, f"viewer {result['subject']} authorized on {cams}\n"
+    _out(as_json, result, f"viewer {printable(result['subject'])} authorized on {cams}\n"
          f"fingerprint: {result['fingerprint']}")
 
 
@@ -192,12 +229,39 @@ def clients_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
                  as_json: JsonOpt = False) -> None:
     """List viewers."""
     result = _call("GET", url, "/v1/admin/clients", _admin_token(admin_token, data))
+    now = dt.datetime.now(dt.UTC)
     lines = []
+    soon = 0
     for c in result:
         state = "revoked " + _when(c["revoked_ms"]) if c["revoked_ms"] else "active"
         cams = c["cameras"] if c["cameras"] == "all" else ",".join(c["cameras"])
-        lines.append(f"{c['fingerprint']}  {c['subject']}  {cams}  {c['oaep_hash']}  {state}")
+        expiry, warn = _expiry(c["not_after"], now, active=not c["revoked_ms"])
+        soon += warn
+        lines.append(f"{c['fingerprint']}  {printable(c['subject'])}  {cams}  {c['oaep_hash']}  "
+                     f"{state}  {expiry}")
+    if soon:
+        lines.append(f"{soon} active viewer(s) expired or expiring within {EXPIRY_WARNING_DAYS} "
+                     "days: have them enrol again (fusion-keys enroll) and authorize the new "
+                     "certificate.")
     _out(as_json, {"clients": result}, "\n".join(lines) or "no viewers")
+
+
+EXPIRY_WARNING_DAYS = 30
+
+
+def _expiry(not_after: str, now: dt.datetime, active: bool) -> tuple[str, bool]:
+    """The expiry column of `clients list`, and whether an admin should act on it."""
+    try:
+        when = dt.datetime.fromisoformat(not_after)
+    except (TypeError, ValueError):
+        return "expiry unknown", False
+    stamp = when.isoformat(timespec="seconds")
+    if when <= now:
+        return f"EXPIRED {stamp}", active
+    days = (when - now).days
+    if days < EXPIRY_WARNING_DAYS:
+        return f"EXPIRES IN {days} DAYS ({stamp})", active
+    return f"expires {stamp}", False
 
 
 @clients_app.command("revoke")

@@ -3,13 +3,16 @@ per-viewer key streams.
 
 Nothing secret is stored here: camera tokens only as SHA-256 hashes, viewers as public
 certificates, key streams as RSA-OAEP epoch openers and AES-GCM-wrapped key records.
-One connection behind one lock: writes are short and SQLite serializes them anyway.
+Writes go through one connection behind one lock (SQLite serializes them anyway). Reads use a
+connection per thread in WAL mode: a slow viewer query must not hold up ingest's writes.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass
@@ -173,10 +176,21 @@ def _storage_error(exc: sqlite3.OperationalError) -> StorageFull | StorageFailed
     return None
 
 
+class _ReadConnection(sqlite3.Connection):
+    """A read connection (a subclass only so that it can be weakly referenced)."""
+
+
 class Database:
     def __init__(self, path: Path) -> None:
+        # Created 0600: SQLite gives its -wal and -shm files the database file's mode.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._path = path
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        self._local = threading.local()
+        # Weak: a worker thread that ends (anyio retires idle ones) takes its connection along.
+        self._readers: weakref.WeakSet[_ReadConnection] = weakref.WeakSet()
+        self._readers_lock = threading.Lock()
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             # FULL: an acknowledged segment's index entry survives power loss, not just a crash.
@@ -195,6 +209,9 @@ class Database:
             self._conn.executescript(INDEXES_ON_ADDED_COLUMNS)
 
     def close(self) -> None:
+        with self._readers_lock:
+            for reader in list(self._readers):
+                reader.close()
         with self._lock:
             self._conn.close()
 
@@ -218,9 +235,21 @@ class Database:
                     raise
                 raise error from None
 
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection (WAL: readers see the last commit and neither
+        wait for the writer nor make it wait)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None,
+                                   factory=_ReadConnection)
+            conn.execute("PRAGMA query_only=ON")
+            with self._readers_lock:
+                self._readers.add(conn)
+            self._local.conn = conn
+        return conn
+
     def _query(self, sql: str, args: Iterable[object] = ()) -> list[tuple]:
-        with self._lock:
-            return self._conn.execute(sql, tuple(args)).fetchall()
+        return self._reader().execute(sql, tuple(args)).fetchall()
 
     # --- cameras ----------------------------------------------------------------------
     def add_camera(self, name: str, token_sha256: bytes, rtsp_url: str | None, now_ms: int) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -13,6 +15,7 @@ from archiver.archive import Archive
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, secret_matches
 from archiver.db import ClientRow
+from archiver.limits import RefusalAudit
 from archiver.rtsp import RtspSupervisor
 from archiver.settings import Settings
 
@@ -20,11 +23,12 @@ from archiver.settings import Settings
 class ApiError(Exception):
     """An error answered as JSON ``{"error": code, "message": sentence}`` with an HTTP status."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, **audit: object) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.audit = audit  # details for the audit line of a refusal (never a secret)
 
 
 @dataclass
@@ -38,6 +42,8 @@ class Services:
     admin_token_digest: bytes
     site_ca: tuple[x509.Certificate, ...] = ()
     rtsp: RtspSupervisor | None = None
+    refusals: RefusalAudit | None = None
+    metrics_token_digest: bytes | None = None
 
 
 def get_services(request: Request) -> Services:
@@ -72,7 +78,32 @@ def require_viewer(services: ServicesDep, credentials: BearerDep) -> ClientRow:
     viewer = services.archive.db.client(session.fingerprint)
     if viewer is None or viewer.revoked_ms is not None:
         raise ApiError(403, "revoked", "This viewer's certificate has been revoked.")
+    check_certificate_validity(viewer, now)
     return viewer
+
+
+def check_certificate_validity(viewer: ClientRow, now_ms: int) -> None:
+    """Refuse a viewer whose certificate is outside its validity period (at every login and
+    every request of a session, not only when the admin authorized it)."""
+    not_before, not_after = certificate_validity_ms(viewer.certificate)
+    if now_ms > not_after:
+        when = dt.datetime.fromtimestamp(not_after / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
+        raise ApiError(403, "certificate_expired", f"This viewer's certificate expired on "
+                       f"{when} UTC; enrol a new identity and have the admin authorize it.",
+                       fingerprint=viewer.fingerprint, not_after=when)
+    if now_ms < not_before:
+        when = dt.datetime.fromtimestamp(not_before / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
+        raise ApiError(403, "certificate_not_yet_valid", f"This viewer's certificate is not "
+                       f"valid before {when} UTC; check the clocks.",
+                       fingerprint=viewer.fingerprint)
+
+
+@functools.lru_cache(maxsize=4096)
+def certificate_validity_ms(der: bytes) -> tuple[int, int]:
+    """(not before, not after) of a DER certificate, in ms since the epoch."""
+    cert = x509.load_der_x509_certificate(der)
+    return (int(cert.not_valid_before_utc.timestamp() * 1000),
+            int(cert.not_valid_after_utc.timestamp() * 1000))
 
 
 AdminDep = Annotated[str, Depends(require_admin)]

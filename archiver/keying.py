@@ -46,7 +46,11 @@ class KeyManager:
         self._rotate = threading.Lock()
         self._current: dict[tuple[str, DataStream], tuple[int, MinuteKey]] = {}
         self._epochs: dict[str, _ViewerEpoch] = {}
-        self._viewers: list[tuple[ClientRow, Recipient]] | None = None
+        self._viewers: list[tuple[ClientRow, Recipient, int]] | None = None
+        # Called (fingerprint, not_after_ms) once per viewer whose certificate has expired when
+        # a key would be wrapped for it; the app audits it.
+        self.on_expired: Callable[[str, int], None] | None = None
+        self._expired_reported: set[str] = set()
         self.rotations = 0
         self.key_records_written = 0
         self.epochs_started = 0
@@ -89,21 +93,34 @@ class KeyManager:
         with self._rotate:
             return len(self._load_viewers())
 
-    def _load_viewers(self) -> list[tuple[ClientRow, Recipient]]:
+    def _load_viewers(self) -> list[tuple[ClientRow, Recipient, int]]:
         if self._viewers is None:
-            self._viewers = [
-                (row, Recipient(x509.load_der_x509_certificate(row.certificate),
-                                OaepHash(row.oaep_hash)))
-                for row in self._db.clients() if row.revoked_ms is None
-            ]
+            viewers = []
+            for row in self._db.clients():
+                if row.revoked_ms is not None:
+                    continue
+                cert = x509.load_der_x509_certificate(row.certificate)
+                not_after = int(cert.not_valid_after_utc.timestamp() * 1000)
+                viewers.append((row, Recipient(cert, OaepHash(row.oaep_hash)), not_after))
+            self._viewers = viewers
         return self._viewers
 
     def _wrap_for_viewers(self, key: MinuteKey, now_ms: int) -> None:
         today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
         material = []
         started: list[str] = []
-        for row, recipient in self._load_viewers():
+        for row, recipient, not_after in self._load_viewers():
             if not row.authorized_on(key.camera):
+                continue
+            if now_ms > not_after:
+                # Expiry is checked at every wrap, not only at authorization: an expired
+                # certificate gets no key material, as if revoked. (Not-before is checked at
+                # authorization and login; archives generated with a simulated past clock
+                # would otherwise get no keys.)
+                if row.fingerprint not in self._expired_reported:
+                    self._expired_reported.add(row.fingerprint)
+                    if self.on_expired is not None:
+                        self.on_expired(row.fingerprint, not_after)
                 continue
             opener_bytes = None
             viewer_epoch = self._epochs.get(row.fingerprint)

@@ -19,6 +19,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
+from archiver.limits import header_timeout_protocol
 from archiver.settings import Settings
 
 
@@ -60,7 +61,10 @@ def uvicorn_config(app: Any, settings: Settings, log_level: str = "info") -> uvi
         app, host=settings.host, port=settings.port, log_level=log_level,
         # Explicit, not "auto": with httptools installed, auto would pick a protocol without
         # the fix above.
-        http=CompleteRequestH11Protocol,
+        # With a deadline for request headers (archiver/limits.py: uvicorn has none).
+        http=header_timeout_protocol(settings.header_timeout_s, CompleteRequestH11Protocol),
+        limit_concurrency=settings.max_connections,
+        h11_max_incomplete_event_size=64 * 1024,  # headers bounded in size as well as in time
         ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
 

@@ -24,6 +24,26 @@ class Settings:
     max_segment_bytes: int = 32 * MiB
     # A body that trickles in slower than this is dropped (slow-loris).
     upload_timeout_s: float = 60.0
+    # Request line and headers must arrive within this; JSON bodies within body_timeout_s.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    # Open connections (and requests in progress) beyond this are answered 503 at once.
+    max_connections: int = 1000
+    # Per client address: logins a second (and burst); per viewer: requests being searched
+    # (until their answer starts), open streams, requests a second (and burst). Behind a proxy
+    # every client has the proxy's address.
+    login_rate: float = 5.0
+    login_burst: int = 50
+    viewer_concurrency: int = 4
+    viewer_streams: int = 32
+    viewer_rate: float = 20.0
+    viewer_burst: int = 40
+    # Refused requests are audited per client address per window (see archiver/limits.py).
+    refusal_window_s: float = 60.0
+    # /metrics answers only with the admin or the metrics token unless this is on.
+    public_metrics: bool = False
+    # /docs, /redoc and /openapi.json (the map of the API) only when this is on.
+    api_docs: bool = False
     session_ttl_s: int = 600
     challenge_ttl_s: int = 60
     # The Archiver's own signing key. None: a SoftHSM token created in data_dir on first start.
@@ -46,9 +66,13 @@ class Settings:
     def __post_init__(self) -> None:
         if self.key_period_s < 1:
             raise UsageError("The key period must be at least 1 second.")
-        if self.upload_timeout_s <= 0 or self.stream_send_timeout_s <= 0 or self.session_ttl_s < 1:
-            raise UsageError("The upload timeout, stream send timeout and session lifetime must "
-                             "be positive.")
+        if min(self.upload_timeout_s, self.stream_send_timeout_s, self.session_ttl_s,
+               self.header_timeout_s, self.body_timeout_s, self.refusal_window_s) <= 0:
+            raise UsageError("The timeouts, the session lifetime and the audit window must be "
+                             "positive.")
+        if min(self.login_rate, self.login_burst, self.viewer_concurrency, self.viewer_streams,
+               self.viewer_rate, self.viewer_burst, self.max_connections) <= 0:
+            raise UsageError("The login and viewer limits must be positive.")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UsageError("Give both --tls-cert and --tls-key, or neither.")
         if self.tls_cert is None and not _is_loopback(self.host):
@@ -82,6 +106,10 @@ class Settings:
     @property
     def audit_log_path(self) -> Path:
         return self.data_dir / "audit.jsonl"
+
+    @property
+    def metrics_token_path(self) -> Path:
+        return self.data_dir / "metrics-token"
 
     @property
     def token_dir(self) -> Path:

@@ -32,7 +32,7 @@ class StorageFailed(KeyServiceError):
 class ArchiveFiles:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._write_fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -107,7 +107,7 @@ class ArchiveFiles:
                 return fd
             path = self.root / relpath
             is_new_dir = not path.parent.exists()
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # data dir: 0700
             is_new = not path.exists()
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
             if is_new:  # the new file's name must survive a crash too

@@ -84,7 +84,8 @@ def _machine_ticks() -> tuple[int, int] | None:
 
 
 def _metrics(server: BenchServer) -> dict[str, float]:
-    text = httpx.get(f"{server.url}/metrics", timeout=60).text
+    text = httpx.get(f"{server.url}/metrics", timeout=60,
+                     headers={"Authorization": f"Bearer {server.admin_token}"}).text
     wanted = ("fusion_key_rotations_total", "fusion_wrapped_keys_total",
               "fusion_epochs_started_total")
     out = {}

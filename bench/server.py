@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(data_dir=args.data.resolve(), host=LOOPBACK, port=args.port,
                         key_period_s=args.key_period,
-                        benchmark_plaintext_baseline=args.plaintext_baseline)
+                        benchmark_plaintext_baseline=args.plaintext_baseline,
+                        # The benchmarks measure capacity, with many requests per viewer and
+                        # address: the per-client limits (issue 12) would measure themselves.
+                        login_rate=1e6, login_burst=1_000_000, viewer_concurrency=100_000,
+                        viewer_streams=100_000,
+                        viewer_rate=1e6, viewer_burst=1_000_000)
     if settings.benchmark_plaintext_baseline:
         logging.getLogger("bench").warning("PLAINTEXT BASELINE: this Archiver does not encrypt; "
                                            "for measurement only")

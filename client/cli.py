@@ -36,6 +36,7 @@ from client.session import MAX_LIVE_S, ArchiverSession, LoginResult
 from client.timespec import format_duration, format_ms, parse_range
 from keyservice.errors import CertificateError, KeyServiceError, UsageError
 from keyservice.identity import Identity
+from keyservice.text import printable
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Watch and export video from a Fusion Archiver; keys are opened on your "
@@ -72,7 +73,8 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, 
 
 # --- small helpers ------------------------------------------------------------------------
 def _say(message: str) -> None:
-    typer.echo(f"fusion-client: {message}", err=True)
+    # Messages quote the Archiver, certificates and files: never let them drive the terminal.
+    typer.echo(f"fusion-client: {printable(message)}", err=True)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -442,7 +444,7 @@ def cameras(
     for v in views:
         recorded = (f"{format_ms(v.first_ms)} .. {format_ms(v.last_ms)}"
                     if v.first_ms is not None and v.last_ms is not None else "nothing recorded")
-        typer.echo(f"{v.name:<24} {v.state:<12} {v.segments:>8} segments  {recorded}")
+        typer.echo(printable(f"{v.name:<24} {v.state:<12} {v.segments:>8} segments  {recorded}"))
 
 
 @app.command()

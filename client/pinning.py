@@ -10,12 +10,17 @@ so the viewer must know *which* Archiver key to trust. Three ways, in order:
 3. otherwise the certificate is trusted on first use and recorded.
 
 The file is ``known_archivers`` under ``$FUSION_CLIENT_HOME`` (or
-``$XDG_CONFIG_HOME/fusion-client``, or ``~/.config/fusion-client``): one line per Archiver,
-``<url> <sha256-fingerprint-hex> [subject]``; ``#`` starts a comment line.
+``$XDG_CONFIG_HOME/fusion-client``, or ``~/.config/fusion-client``), a JSON document
+``{"version": 1, "archivers": [{"url": ..., "sha256": ..., "subject": ...}]}`` written with
+every non-ASCII and control character escaped: a subject chosen by whoever made the
+certificate (newlines, U+2028, terminal escapes) cannot add or break an entry. The line format
+of earlier versions (``<url> <sha256-hex> [subject]``) is read, split on ``\n`` only, and
+rewritten as JSON.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -100,7 +105,10 @@ class KnownArchivers:
             return []
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"Cannot read the known-Archivers file {self.path}: {exc}.") from None
-        return parse_known(text, self.path)
+        entries = parse_known(text, self.path)
+        if not _is_json(text):
+            self._write(entries)  # migrate the old line format once
+        return entries
 
     def lookup(self, url: str) -> bytes | None:
         key = archiver_key(url)
@@ -122,16 +130,19 @@ class KnownArchivers:
         return True
 
     def _write(self, entries: list[KnownEntry]) -> None:
-        lines = ["# fusion-client known Archivers: <url> <sha256 of the certificate> [subject]"]
-        lines += [f"{e.key} {e.fingerprint.hex()}" + (f" {e.comment}" if e.comment else "")
-                  for e in entries]
+        document = {"version": 1, "comment": "fusion-client known Archivers (pinned "
+                    "certificates)", "archivers": [
+                        {"url": e.key, "sha256": e.fingerprint.hex(), "subject": e.comment}
+                        for e in entries]}
+        # ensure_ascii: every non-ASCII character (U+2028 too) is written as an escape.
+        text = json.dumps(document, indent=1, ensure_ascii=True) + "\n"
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Write a temporary file and rename: a crash never leaves a half-written pin file.
             fd, tmp = tempfile.mkstemp(prefix=".known_archivers.", dir=self.path.parent)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    fh.write("\n".join(lines) + "\n")
+                    fh.write(text)
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, self.path)
@@ -143,25 +154,56 @@ class KnownArchivers:
                              f"{exc.strerror or exc}.") from None
 
 
+def _is_json(text: str) -> bool:
+    return text.lstrip().startswith("{")
+
+
 def parse_known(text: str, path: Path | str = KNOWN_FILE) -> list[KnownEntry]:
-    """Parse a known_archivers file. A malformed line is an error, never skipped: skipping it
-    would silently turn a pinned Archiver into a trust-on-first-use one."""
+    """Parse a known_archivers file (JSON, or the older line format). A malformed entry is an
+    error, never skipped: skipping it would silently turn a pinned Archiver into a
+    trust-on-first-use one."""
+    if _is_json(text):
+        return _parse_json(text, path)
     entries = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
+    # Split on "\n" only: str.splitlines() also splits on U+2028, U+0085 and other separators
+    # that an old version wrote unescaped inside a subject (the injection this format ends).
+    for number, raw in enumerate(text.split("\n"), 1):
+        line = raw.strip(" \t\r")
         if not line or line.startswith("#"):
             continue
-        fields = line.split(maxsplit=2)
+        fields = line.split(" ", 2)
         if len(fields) < 2 or not _HEX64.match(fields[1].lower()):
             raise UsageError(f"Line {number} of {path} is malformed; expected "
                              "'<url> <64 hex digits>'. Fix or delete that line.")
         entries.append(KnownEntry(archiver_key(fields[0]), bytes.fromhex(fields[1]),
-                              fields[2] if len(fields) > 2 else ""))
+                                  fields[2] if len(fields) > 2 else ""))
+    return entries
+
+
+def _parse_json(text: str, path: Path | str) -> list[KnownEntry]:
+    def malformed(where: str) -> UsageError:
+        return UsageError(f"{path} is malformed ({where}); fix it or delete the entry (the "
+                          "Archiver is then trusted again on first use).")
+
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise malformed(f"not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("archivers"), list):
+        raise malformed("no list 'archivers'")
+    entries = []
+    for number, item in enumerate(document["archivers"], 1):
+        if not (isinstance(item, dict) and isinstance(item.get("url"), str)
+                and isinstance(item.get("sha256"), str) and _HEX64.match(item["sha256"])
+                and isinstance(item.get("subject", ""), str)):
+            raise malformed(f"entry {number}: expected url, sha256 (64 hex digits), subject")
+        entries.append(KnownEntry(archiver_key(item["url"]), bytes.fromhex(item["sha256"]),
+                                  item.get("subject", "")))
     return entries
 
 
 def _subject(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string().replace("\n", " ")
+    return cert.subject.rfc4514_string()
 
 
 def check_archiver(url: str | None, cert: x509.Certificate, *, store: KnownArchivers,

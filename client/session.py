@@ -93,6 +93,8 @@ _CODES: dict[str, type[KeyServiceError]] = {
     "session_invalid": LoginRefused,
     "unauthenticated": LoginRefused,
     "bad_certificate": CertificateError,
+    "certificate_expired": CertificateError,
+    "certificate_not_yet_valid": CertificateError,
     "bad_range": UsageError,
 }
 

@@ -243,18 +243,22 @@ def _check_validity(cert: x509.Certificate, now: datetime, what: str) -> None:
 
 def validate_viewer_certificate(cert: x509.Certificate, *, now: datetime,
                                 site_ca: Sequence[x509.Certificate] = (),
-                                oaep_hash: OaepHash | None = None) -> OaepHash:
+                                oaep_hash: OaepHash | None = None,
+                                trust_decision: bool = True) -> OaepHash:
     """Check a viewer certificate before anything is encrypted to it; return its OAEP hash.
 
     RSA >= 2048 bits, valid at ``now``, keyUsage keyEncipherment, not a CA, and issued by one of
-    ``site_ca`` when given (else, if self-signed, its self-signature must verify). The OAEP hash
+    ``site_ca`` when given (its signature verified), else self-signed with a self-signature
+    that verifies (a certificate from an unknown issuer is refused). ``trust_decision`` False
+    (storing a CA-issued certificate on the viewer's own token) checks the shape only: whom to
+    trust is the Archiver's decision, with its --site-ca. The OAEP hash
     comes from the certificate's extension or ``oaep_hash``; both given and different is an error.
     EC P-256 keys (keyUsage keyAgreement) get ``OaepHash.ECDH_P256``: their scheme is fixed.
     """
     now = _utc(now)
     key = cert.public_key()
     if isinstance(key, ec.EllipticCurvePublicKey):
-        return _validate_ec_viewer(cert, key, now, site_ca, oaep_hash)
+        return _validate_ec_viewer(cert, key, now, site_ca, oaep_hash, trust_decision)
     if not isinstance(key, rsa.RSAPublicKey):
         raise CertificateError("The viewer certificate holds neither an RSA nor an EC P-256 key; "
                                "enrol the viewer with fusion-keys enroll.")
@@ -277,15 +281,7 @@ def validate_viewer_certificate(cert: x509.Certificate, *, now: datetime,
     if constraints is not None and constraints.ca:
         raise CertificateError("This is a CA certificate, not a viewer certificate; give the "
                                "viewer's own certificate.")
-    if site_ca:
-        issuers = [ca for ca in site_ca if _issued_by(cert, ca)]
-        if not issuers:
-            raise CertificateError("The viewer certificate was not issued by the site CA; have the "
-                                   "site CA sign the viewer's CSR (fusion-keys enroll --csr).")
-        _check_validity(issuers[0], now, "site CA certificate")
-    elif cert.issuer == cert.subject and not _issued_by(cert, cert):
-        raise CertificateError("The certificate's self-signature does not verify: the file was "
-                               "damaged or altered; export it again with fusion-keys export.")
+    _check_issuer(cert, now, site_ca, trust_decision)
     recorded = read_oaep_hash(cert)
     if recorded is not None and oaep_hash is not None and recorded is not oaep_hash:
         raise CertificateError(f"The certificate says its token opens OAEP with "
@@ -299,9 +295,33 @@ def validate_viewer_certificate(cert: x509.Certificate, *, now: datetime,
     return chosen
 
 
+def _check_issuer(cert: x509.Certificate, now: datetime, site_ca: Sequence[x509.Certificate],
+                  trust_decision: bool) -> None:
+    """Issued by one of ``site_ca`` (signature verified), else self-signed with a valid
+    self-signature; issued by anyone else, it is refused when this is the trust decision."""
+    if site_ca:
+        issuers = [ca for ca in site_ca if _issued_by(cert, ca)]
+        if not issuers:
+            raise CertificateError("The viewer certificate was not issued by the site CA; have the "
+                                   "site CA sign the viewer's CSR (fusion-keys enroll --csr).")
+        _check_validity(issuers[0], now, "site CA certificate")
+    elif cert.issuer != cert.subject:
+        if trust_decision:
+            # Issued by someone else, whom this Archiver does not know: its signature cannot be
+            # checked, so the certificate vouches for nothing.
+            raise CertificateError(
+                f"The viewer certificate was issued by '{cert.issuer.rfc4514_string()}', which "
+                "this Archiver does not know, so its signature cannot be verified; start the "
+                "Archiver with --site-ca naming that CA's certificate, or enrol a self-signed "
+                "identity.")
+    elif not _issued_by(cert, cert):
+        raise CertificateError("The certificate's self-signature does not verify: the file was "
+                               "damaged or altered; export it again with fusion-keys export.")
+
+
 def _validate_ec_viewer(cert: x509.Certificate, key: ec.EllipticCurvePublicKey, now: datetime,
-                        site_ca: Sequence[x509.Certificate], oaep_hash: OaepHash | None
-                        ) -> OaepHash:
+                        site_ca: Sequence[x509.Certificate], oaep_hash: OaepHash | None,
+                        trust_decision: bool) -> OaepHash:
     if not isinstance(key.curve, ec.SECP256R1):
         raise CertificateError(f"The viewer key is on curve {key.curve.name}; only P-256 "
                                "(secp256r1) is supported for EC viewers.")
@@ -323,15 +343,7 @@ def _validate_ec_viewer(cert: x509.Certificate, key: ec.EllipticCurvePublicKey, 
                                    "the viewer's own certificate.")
     except x509.ExtensionNotFound:
         pass
-    if site_ca:
-        issuers = [ca for ca in site_ca if _issued_by(cert, ca)]
-        if not issuers:
-            raise CertificateError("The viewer certificate was not issued by the site CA; have "
-                                   "the site CA sign the viewer's CSR (fusion-keys enroll --csr).")
-        _check_validity(issuers[0], now, "site CA certificate")
-    elif cert.issuer == cert.subject and not _issued_by(cert, cert):
-        raise CertificateError("The certificate's self-signature does not verify: the file was "
-                               "damaged or altered; export it again with fusion-keys export.")
+    _check_issuer(cert, now, site_ca, trust_decision)
     return OaepHash.ECDH_P256
 
 

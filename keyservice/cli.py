@@ -21,6 +21,7 @@ import typer
 from keyservice import certs
 from keyservice.errors import KeyServiceError, UsageError
 from keyservice.identity import OaepHash
+from keyservice.text import printable
 
 if TYPE_CHECKING:
     from keyservice.token import Token
@@ -51,20 +52,26 @@ class KeyTypeChoice(enum.StrEnum):
     ec = "ec"
 
 
+def _echo(message: str, err: bool = False) -> None:
+    # Labels, subjects and token errors come from tokens and certificates: escape their
+    # control characters (the line breaks of our own messages stay).
+    typer.echo(printable(message, newlines=True), err=err)
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
     try:
         yield
     except KeyServiceError as exc:
-        typer.echo(f"fusion-keys: {exc}", err=True)
+        _echo(f"fusion-keys: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo("fusion-keys: interrupted.", err=True)
+        _echo("fusion-keys: interrupted.", err=True)
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:  # last resort: still one line, no traceback
-        typer.echo(f"fusion-keys: unexpected error ({type(exc).__name__}: {exc}); please report "
+        _echo(f"fusion-keys: unexpected error ({type(exc).__name__}: {exc}); please report "
                    "it.", err=True)
         raise typer.Exit(1) from None
 
@@ -176,13 +183,13 @@ def enroll(
                          else " (this token cannot do SHA-256)")
             scheme = (f"RSA-{result.key_bits}, RSA-OAEP with "
                       f"{certs.oaep_hash_name(result.oaep_hash)}{hash_note}")
-        typer.echo(f"Enrolled '{name}' on {where}: {scheme}.{use}")
+        _echo(f"Enrolled '{name}' on {where}: {scheme}.{use}")
         if result.certificate is not None:
             summary = certs.summarize(result.certificate)
-            typer.echo(f"Certificate written to {out}; fingerprint sha256:{summary.fingerprint_hex}"
+            _echo(f"Certificate written to {out}; fingerprint sha256:{summary.fingerprint_hex}"
                        f"; valid until {summary.not_after:%Y-%m-%d}.")
         else:
-            typer.echo(f"CSR written to {out}; have the site CA sign it, then run "
+            _echo(f"CSR written to {out}; have the site CA sign it, then run "
                        "fusion-keys import-cert --token URI CERT.pem.")
 
 
@@ -203,9 +210,9 @@ def import_cert(
         cert = certs.load_certificate(data)
         with _open(token) as tok:
             result = tok.import_certificate(cert, Pkcs11Uri.parse(token).object)
-        typer.echo(f"Stored the certificate for '{result.label}' on token '{tok.label}'.")
+        _echo(f"Stored the certificate for '{result.label}' on token '{tok.label}'.")
         if not result.recorded:
-            typer.echo(f"Note: the CA dropped the OAEP-hash extension; this token opens "
+            _echo(f"Note: the CA dropped the OAEP-hash extension; this token opens "
                        f"{certs.oaep_hash_name(result.oaep_hash)}, so give '{result.oaep_hash.label}' "
                        "as the OAEP hash when authorizing this viewer on the Archiver.")
 
@@ -218,10 +225,10 @@ def list_(token: TokenOpt) -> None:
         with _open(token) as tok:
             infos = tok.identities()
         if not infos:
-            typer.echo(f"Token '{tok.label}' holds no identities; create one with "
+            _echo(f"Token '{tok.label}' holds no identities; create one with "
                        "fusion-keys enroll.")
             return
-        typer.echo(f"{'NAME':<20} {'KEY':<9} {'OAEP':<12} {'EXPIRES':<11} FINGERPRINT (SHA-256)")
+        _echo(f"{'NAME':<20} {'KEY':<9} {'OAEP':<12} {'EXPIRES':<11} FINGERPRINT (SHA-256)")
         for info in infos:
             kind = f"{info.kind.upper()}-{info.key_bits}" if info.kind == "rsa" else "EC-P256"
             # Measured on the token; the hash the certificate records (if any) is marked '*'.
@@ -229,9 +236,9 @@ def list_(token: TokenOpt) -> None:
                             for h in info.oaep_hashes) or "-"
             expires = f"{info.not_after:%Y-%m-%d}" if info.not_after else "-"
             fp = info.fingerprint_hex or "(no certificate: run fusion-keys import-cert)"
-            typer.echo(f"{info.label:<20} {kind:<9} {oaep:<12} {expires:<11} {fp}")
+            _echo(f"{printable(info.label):<20} {kind:<9} {oaep:<12} {expires:<11} {fp}")
             if info.subject is not None:
-                typer.echo(f"    id {info.id_hex}  subject: {info.subject}  issuer: {info.issuer}")
+                _echo(f"    id {info.id_hex}  subject: {info.subject}  issuer: {info.issuer}")
 
 
 @app.command()
@@ -261,17 +268,17 @@ def adopt(
             result = tok.adopt(site_ca=tuple(cas))
         _write(out, certs.certificate_pem(result.certificate))
         summary = certs.summarize(result.certificate)
-        typer.echo(f"Adopted '{result.label}' (id {result.key_id.hex()}) on token '{tok.label}': "
+        _echo(f"Adopted '{result.label}' (id {result.key_id.hex()}) on token '{tok.label}': "
                    f"{'EC-P256' if result.oaep_hash.is_ec else f'RSA-{summary.key_bits}'}, "
                    f"{summary.subject}, issued by "
                    f"{result.certificate.issuer.rfc4514_string()}; valid until "
                    f"{summary.not_after:%Y-%m-%d}; token operation {result.decrypt_ms:.1f} ms.")
-        typer.echo(f"Certificate written to {out}; fingerprint sha256:{summary.fingerprint_hex}.")
+        _echo(f"Certificate written to {out}; fingerprint sha256:{summary.fingerprint_hex}.")
         flag = "" if result.recorded else f" --oaep-hash {result.oaep_hash.label}"
         why = ("the certificate fixes its scheme" if result.recorded else
                f"the certificate does not record its OAEP hash; this token opens "
                f"{certs.oaep_hash_name(result.oaep_hash)}")
-        typer.echo(f"Authorize it on the Archiver ({why}):\n"
+        _echo(f"Authorize it on the Archiver ({why}):\n"
                    f"  fusion-archiver clients add {shlex.quote(str(out))}{flag} --cameras CAMERAS")
 
 
@@ -287,7 +294,7 @@ def export(
             ident = tok.identity()
             pem = certs.certificate_pem(ident.certificate)
         _write(out, pem)
-        typer.echo(f"Certificate of '{ident.label}' written to {out}.")
+        _echo(f"Certificate of '{ident.label}' written to {out}.")
 
 
 @app.command()
@@ -299,7 +306,7 @@ def selftest(token: TokenOpt) -> None:
         scheme = ("EC P-256, ECDH" if result.oaep_hash is OaepHash.ECDH_P256 else
                   f"RSA-{result.key_bits}, RSA-OAEP with "
                   f"{certs.oaep_hash_name(result.oaep_hash)}")
-        typer.echo(f"Self-test passed for '{result.label}': {scheme}, token operation "
+        _echo(f"Self-test passed for '{result.label}': {scheme}, token operation "
                    f"{result.decrypt_ms:.1f} ms; fingerprint sha256:{result.fingerprint_hex}.")
 
 
@@ -318,7 +325,7 @@ def delete(
                           "it can then never be opened", abort=True)
         with _open(token) as tok:
             count = tok.delete(name)
-        typer.echo(f"Deleted '{name}' ({count} objects) from token '{tok.label}'.")
+        _echo(f"Deleted '{name}' ({count} objects) from token '{tok.label}'.")
 
 
 @app.command("softhsm-init")
@@ -334,8 +341,8 @@ def softhsm_init(
         from keyservice.softhsm import init_softhsm
 
         conf = init_softhsm(directory, label, pin, so_pin)
-        typer.echo(f"Created SoftHSM token '{label}' in {conf.parent}. Use it with:", err=True)
-        typer.echo(f"export SOFTHSM2_CONF={shlex.quote(str(conf))}")
+        _echo(f"Created SoftHSM token '{label}' in {conf.parent}. Use it with:", err=True)
+        _echo(f"export SOFTHSM2_CONF={shlex.quote(str(conf))}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,8 +7,12 @@ not hardware. Real viewers use a smartcard or TPM (docs/tokens.md).
 from __future__ import annotations
 
 import os
+import pty
+import select
 import shutil
 import subprocess
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from keyservice.errors import ModuleNotFound, ObjectExists, TokenError, UsageError
@@ -30,6 +34,7 @@ def write_config(directory: Path) -> Path:
             "slots.removable = false\n")
     if not conf.exists() or conf.read_text(encoding="utf-8") != text:
         conf.write_text(text, encoding="utf-8")
+    conf.chmod(0o600)  # names where the token files are: nobody else's business
     return conf
 
 
@@ -65,15 +70,63 @@ def init_softhsm(directory: Path, label: str, pin: str, so_pin: str) -> Path:
     if label in token_labels(conf):
         raise ObjectExists(f"A token labelled '{label}' already exists in {conf.parent}; choose "
                            "another label or use that token.")
-    # NB: softhsm2-util takes the PINs as arguments (visible in ps while it runs); this helper
-    # is for development tokens, never for production keys.
-    result = subprocess.run(
-        [tool, "--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", so_pin],
-        capture_output=True, text=True, env={**os.environ, "SOFTHSM2_CONF": str(conf)},
-        check=False)
+    # The PINs are typed at softhsm2-util's prompts through a pseudo-terminal, never passed as
+    # arguments: a command line is visible to every local user (ps, /proc/PID/cmdline).
+    returncode, output = _run_with_pins(
+        [tool, "--init-token", "--free", "--label", label],
+        {"so pin": so_pin, "user pin": pin}, env={**os.environ, "SOFTHSM2_CONF": str(conf)})
+    result = subprocess.CompletedProcess([], returncode, output, "")
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
         reason = detail[-1] if detail else f"exit code {result.returncode}"
         raise TokenError(f"softhsm2-util could not create token '{label}' ({reason}); check "
                          f"that {conf.parent} is writable.")
     return conf
+
+
+def _run_with_pins(args: list[str], answers: Mapping[str, str], env: Mapping[str, str],
+                   timeout_s: float = 60.0) -> tuple[int, str]:
+    """Run a tool that prompts for PINs on its terminal, answering each prompt whose last line
+    names a key of ``answers`` (case-insensitive). Returns (exit code, output without echo)."""
+    master, slave = pty.openpty()
+    try:
+        process = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=dict(env),
+                                   start_new_session=True, close_fds=True)
+    finally:
+        os.close(slave)
+    output = b""
+    answered = 0
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                if process.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the tool exited and closed its terminal
+                break
+            if not data:
+                break
+            output += data
+            prompt = output.rsplit(b"\n", 1)[-1].decode(errors="replace")
+            if prompt.rstrip().endswith(":") and len(output) > answered:
+                for name, value in answers.items():
+                    if name in prompt.lower():
+                        os.write(master, value.encode() + b"\n")
+                        answered = len(output)
+                        break
+        else:
+            process.kill()
+    finally:
+        os.close(master)
+        try:
+            returncode = process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            returncode = process.wait()
+    # The terminal echoes '*' for each character typed: nothing of a PIN, but noise.
+    text = output.decode(errors="replace").replace("\r", "")
+    return returncode, "\n".join(line.rstrip("*") for line in text.splitlines())

@@ -855,8 +855,10 @@ class Token:
                                    f"OAEP with {certs.oaep_hash_name(recorded)}, but token "
                                    f"'{self.label}' cannot; have the certificate reissued.")
         oaep_hash = recorded or hashes_ok[0]
+        # Without --site-ca, shape only: whom to trust is the Archiver's decision (its --site-ca).
         certs.validate_viewer_certificate(ident.certificate, now=now or datetime.now(UTC),
-                                          site_ca=site_ca, oaep_hash=oaep_hash)
+                                          site_ca=site_ca, oaep_hash=oaep_hash,
+                                          trust_decision=False)
         result = self.selftest(ident.label)  # the full round trip, timed
         # An EC certificate needs no recorded hash: its scheme is fixed by the key type.
         return Adoption(ident.label, ident.key_id, ident.certificate, oaep_hash,
@@ -1093,7 +1095,9 @@ class Token:
                 oaep_hash = OaepHash.ECDH_P256
             else:
                 oaep_hash = self._probe_oaep(key_id, public)
-            certs.validate_viewer_certificate(cert, now=datetime.now(UTC), oaep_hash=oaep_hash)
+            # Shape only: the Archiver decides whom to trust (--site-ca), not the viewer's token.
+            certs.validate_viewer_certificate(cert, now=datetime.now(UTC), oaep_hash=oaep_hash,
+                                              trust_decision=False)
             self._store_certificate(cert, label, key_id)
         # EC: the key type fixes the scheme, nothing to record.
         return ImportResult(label, oaep_hash, oaep_hash.is_ec

@@ -151,12 +151,15 @@ print(f"demo: live view: {len(live)} decoded frames, a contiguous run of the cam
 EOF
 
 # Key rotation and wrapping, as the Archiver counts them (Prometheus /metrics).
-"$BIN/python" - "$URL" <<'EOF'
-import sys, httpx
+"$BIN/python" - "$URL" "$ARCHIVER_DATA/metrics-token" <<'EOF'
+import pathlib, sys, httpx
+# /metrics is not public: the metrics token is in the data directory (mode 0600).
+token = pathlib.Path(sys.argv[2]).read_text().strip()
 wanted = {"fusion_key_rotations_total": "minute keys created",
           "fusion_wrapped_keys_total": "key records wrapped for viewers",
           "fusion_epochs_started_total": "epoch openers (RSA) written"}
-for line in httpx.get(sys.argv[1] + "/metrics", timeout=10).text.splitlines():
+for line in httpx.get(sys.argv[1] + "/metrics", timeout=10,
+                      headers={"Authorization": f"Bearer {token}"}).text.splitlines():
     name, _, value = line.partition(" ")
     if name in wanted:
         print(f"demo: Archiver: {float(value):.0f} {wanted[name]}", file=sys.stderr)

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Message, Receive, Scope, Send
 
 from archiver.cameras import GAP_TOLERANCE_MS, CameraState
-from archiver.deps import ApiError, ServicesDep, ViewerDep
+from archiver.deps import ApiError, ServicesDep, ViewerDep, check_certificate_validity
 from keyservice.certs import load_certificate
 from keyservice.crypto import login_context, make_login_challenge, verify_login_proof
 from keyservice.errors import CertificateError
@@ -127,6 +127,7 @@ def challenge(body: ChallengeRequest, services: ServicesDep) -> Challenge:
                        "Archiver; ask an admin to run 'fusion-archiver clients add'.")
     if viewer.revoked_ms is not None:
         raise ApiError(403, "revoked", "This viewer's certificate has been revoked.")
+    check_certificate_validity(viewer, archive.clock())
     oaep = OaepHash(viewer.oaep_hash)
     # Encrypt to the *registered* certificate, so only its token can answer.
     ciphertext, secret = make_login_challenge(Recipient(cert, oaep), archive.rng)
@@ -151,9 +152,11 @@ def open_session(body: ProofRequest, services: ServicesDep) -> SessionInfo:
         raise ApiError(422, "bad_proof", "The challenge id or proof is malformed.") from None
     pending = services.sessions.take_challenge(challenge_id, now)
     if pending is None or not verify_login_proof(pending.secret, pending.context, proof):
-        services.audit.record("anonymous", "session.refused", now, challenge_id=body.challenge_id)
+        # Audited with the other refusals, aggregated per address (archiver/limits.py): a
+        # flood of bad proofs cannot fill the disk with fsynced lines.
         raise ApiError(401, "proof_refused", "The proof of possession is wrong, expired or "
-                       "already used; request a new challenge.")
+                       "already used; request a new challenge.",
+                       challenge_id=body.challenge_id[:64])
     token, session = services.sessions.open_session(pending.fingerprint, now)
     services.audit.record(pending.fingerprint, "session.open", now)
     return SessionInfo(session_token=token, fingerprint=pending.fingerprint,
@@ -175,11 +178,10 @@ def cameras(viewer: ViewerDep, services: ServicesDep) -> list[CameraView]:
 
 
 def _authorize(viewer: ViewerDep, services: ServicesDep, camera: str) -> None:
-    if services.archive.db.camera(camera) is None:
-        raise ApiError(404, "unknown_camera", f"There is no camera named '{camera}'.")
-    if not viewer.authorized_on(camera):
-        raise ApiError(403, "not_authorized",
-                       f"This viewer is not authorized on camera '{camera}'.")
+    # One answer for "no such camera" and "not yours": a viewer cannot enumerate camera names.
+    if services.archive.db.camera(camera) is None or not viewer.authorized_on(camera):
+        raise ApiError(403, "not_authorized", f"This viewer may not watch a camera named "
+                       f"'{camera}' (or there is none).", fingerprint=viewer.fingerprint)
 
 
 @router.get("/cameras/{camera}/recording",

@@ -57,3 +57,18 @@ def test_one_epoch_per_day_and_a_new_one_on_authorization_change(tmp_path: Path)
     keys.authorization_changed(fp, None)
     revoked_key = keys.key_for("cam", DataStream.VIDEO, start + DAY_MS + 3)
     assert db.key_record(fp, revoked_key.key_id) is None
+
+
+def test_an_expired_certificate_gets_no_key_and_is_reported_once(tmp_path: Path) -> None:
+    """Expiry is checked at every key wrap, with the clock the key is made at."""
+    keys, db, fp = _manager(tmp_path)
+    cert = x509.load_der_x509_certificate(db.client(fp).certificate)
+    end_ms = int(cert.not_valid_after_utc.timestamp() * 1000)
+    reported: list[tuple[str, int]] = []
+    keys.on_expired = lambda fingerprint, not_after: reported.append((fingerprint, not_after))
+    last = keys.key_for("a", DataStream.VIDEO, end_ms - 60_000)
+    assert db.key_record(fp, last.key_id) is not None
+    for offset in (60_000, 120_000):
+        after = keys.key_for("a", DataStream.VIDEO, end_ms + offset)
+        assert db.key_record(fp, after.key_id) is None
+    assert reported == [(fp, end_ms)]

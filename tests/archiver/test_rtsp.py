@@ -115,7 +115,8 @@ def test_outage_is_recorded_as_a_gap_and_the_pull_resumes(archiver_server: Archi
                      headers={"Authorization": f"Bearer {session}"}).json()["gaps"]
     assert len(gaps) == 1 and gaps[0]["to_ms"] - gaps[0]["from_ms"] >= 5000, gaps
 
-    metrics = httpx.get(f"{archiver_server.url}/metrics").text
+    metrics = httpx.get(f"{archiver_server.url}/metrics", headers={
+        "Authorization": f"Bearer {archiver_server.admin_token}"}).text  # not public (issue 12)
     assert 'fusion_camera_gaps_total{camera="yard"} 1.0' in metrics
     assert 'fusion_camera_state{camera="yard",state="receiving"} 1.0' in metrics
     archiver_server.admin("DELETE", "/v1/admin/cameras/yard", expect=204)

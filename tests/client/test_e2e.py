@@ -307,8 +307,9 @@ def test_enrolled_but_not_authorized_viewers_and_bad_requests(
     assert b'"name": "cam2"' in listed.stdout and b"cam1" not in listed.stdout
     assert_nothing_written(out)
 
+    # No such camera: the same answer as "not yours" (names cannot be enumerated).
     result = play(client, url, alice, out, t0, t1, camera="nope")
-    assert result.code == EXIT["unknown_camera"], result.stderr
+    assert result.code == EXIT["not_authorized"], result.stderr
     result = play(client, url, alice, out, t0 - 3_600_000, t0 - 1_800_000)
     assert result.code == EXIT["no_recording"], result.stderr
     assert_nothing_written(out)

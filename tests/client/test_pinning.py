@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from client.pinning import (
     KnownArchivers,
@@ -94,7 +97,8 @@ def test_file_format_and_forget(store: KnownArchivers) -> None:
     a = archiver_cert("site A")
     check_archiver(URL, a, store=store)
     text = store.path.read_text()
-    assert f"http://127.0.0.1:8080 {fingerprint(a).hex()} CN=site A" in text
+    assert json.loads(text)["archivers"] == [
+        {"url": "http://127.0.0.1:8080", "sha256": fingerprint(a).hex(), "subject": "CN=site A"}]
     assert [e.fingerprint for e in parse_known(text)] == [fingerprint(a)]
     assert store.forget(URL) is True
     assert store.forget(URL) is False
@@ -107,6 +111,59 @@ def test_malformed_file_is_an_error_not_first_use(store: KnownArchivers) -> None
     store.path.write_text(f"# comment\n{URL} not-a-fingerprint\n")
     with pytest.raises(UsageError, match="Line 2"):
         check_archiver(URL, archiver_cert(), store=store)
+
+
+# A subject an attacker chose for its certificate, meant to forge a pin for another Archiver
+# (U+2028 is a line break for str.splitlines) or to break the file for every later command.
+EVIL = "evil\u2028http://bank.example:443 " + "ab" * 32 + "\n\u0085\x1b[2J\r{\"x"
+OTHER = "https://bank.example:443"
+
+
+def test_an_injected_subject_cannot_forge_or_break_a_pin(store: KnownArchivers) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "archiver"),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, EVIL)])
+    now = dt.datetime.now(dt.UTC)
+    evil = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    assert check_archiver(URL, evil, store=store).outcome is PinOutcome.FIRST_USE
+    text = store.path.read_text(encoding="utf-8")
+    assert all(ch == "\n" or 0x20 <= ord(ch) < 0x7f for ch in text)  # escaped, every one
+    # Exactly one pin, for URL, whose subject is the whole subject; no pin for the other URL.
+    entries = parse_known(text)
+    assert [(e.key, e.fingerprint) for e in entries] == [(URL, fingerprint(evil))]
+    assert entries[0].comment == evil.subject.rfc4514_string()
+    assert store.lookup(OTHER) is None
+    # ... and every later command still reads the file.
+    good = archiver_cert("good")
+    assert check_archiver(OTHER, good, store=store).outcome is PinOutcome.FIRST_USE
+    assert check_archiver(URL, evil, store=store).outcome is PinOutcome.MATCHED
+
+
+def test_old_line_format_is_migrated_without_the_injection(store: KnownArchivers) -> None:
+    """A file an older version wrote, with the injected subject raw in it: read as one entry
+    (split on \\n only, not on U+2028) and rewritten as JSON."""
+    evil = archiver_cert("x")
+    store.path.parent.mkdir(parents=True)
+    old = (f"# fusion-client known Archivers: <url> <sha256 of the certificate> [subject]\n"
+           f"{URL} {fingerprint(evil).hex()} CN=evil\u2028{OTHER} {'ab' * 32}\n")
+    store.path.write_text(old, encoding="utf-8")
+    assert len(old.splitlines()) == 3  # what the old reader saw: a forged second pin
+    assert store.lookup(OTHER) is None
+    assert store.lookup(URL) == fingerprint(evil)
+    migrated = json.loads(store.path.read_text())
+    assert [a["url"] for a in migrated["archivers"]] == [URL]
+    assert migrated["archivers"][0]["subject"] == f"CN=evil\u2028{OTHER} {'ab' * 32}"
+
+
+def test_malformed_json_is_an_error(store: KnownArchivers) -> None:
+    store.path.parent.mkdir(parents=True)
+    for text in ('{"archivers": [{"url": "http://h", "sha256": "zz"}]}', "{not json",
+                 '{"version": 1}'):
+        store.path.write_text(text)
+        with pytest.raises(UsageError, match="malformed"):
+            check_archiver(URL, archiver_cert(), store=store)
 
 
 @pytest.mark.parametrize(("url", "key"), [

@@ -40,7 +40,8 @@ UPLOAD_TIMEOUT_S = 2
 
 
 def _serve(data_dir: Path, *extra: str) -> Iterator[WrappedServer]:
-    archiver = WrappedServer(data_dir, extra_args=extra).start()
+    # --api-docs: these tests enumerate and fuzz the API from its /openapi.json.
+    archiver = WrappedServer(data_dir, extra_args=("--api-docs", *extra)).start()
     try:
         yield archiver
     finally:
@@ -60,7 +61,9 @@ def server(tmp_path: Path) -> Iterator[WrappedServer]:
 @pytest.fixture
 def fuzz_server(tmp_path: Path) -> Iterator[WrappedServer]:
     """Default settings: the fuzzer's viewer session must outlive its run."""
-    yield from _serve(tmp_path / "archiver")
+    # Limits raised: the fuzzer sends far more requests a second than a viewer would.
+    yield from _serve(tmp_path / "archiver", "--viewer-rate", "10000", "--login-rate", "10000",
+                      "--viewer-concurrency", "64")
 
 
 # --- schemathesis -----------------------------------------------------------------------------
@@ -121,13 +124,15 @@ def test_schemathesis_finds_no_server_error_for_any_role(fuzz_server: WrappedSer
 
 
 # --- every endpoint, every wrong credential ------------------------------------------------------
-PUBLIC = {("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/v1/archiver"),
+PUBLIC = {("GET", "/healthz"), ("GET", "/v1/archiver"),
           ("POST", "/v1/sessions/challenge"), ("POST", "/v1/sessions")}
 
 
 def _role_of(method: str, path: str) -> str:
     if (method, path) in PUBLIC:
         return "public"
+    if path == "/metrics":
+        return "metrics"
     if path.startswith("/v1/admin/"):
         return "admin"
     if path.startswith("/ingest/"):
@@ -168,11 +173,14 @@ def test_every_endpoint_refuses_every_wrong_credential(server: WrappedServer,
         "viewer": {"none": None, "garbage": secrets.token_urlsafe(32), "admin":
                    server.admin_token, "camera": cam1_token, "expired": expired,
                    "revoked": revoked},
+        "metrics": {"none": None, "garbage": secrets.token_urlsafe(32), "camera": cam1_token,
+                    "viewer": alice_session},
     }
     expected_refusal = {  # (status, error code) for "none", then for any other wrong token
         "admin": ((401, "unauthenticated"), (403, "forbidden")),
         "camera": ((401, "unauthenticated"), (403, "forbidden")),
         "viewer": ((401, "unauthenticated"), (401, "session_invalid")),
+        "metrics": ((401, "unauthenticated"), (403, "forbidden")),
     }
     spec = httpx.get(f"{url}/openapi.json").json()
     operations = [(method.upper(), path) for path, item in spec["paths"].items()
@@ -341,9 +349,14 @@ def test_path_traversal_oversize_and_slow_loris(server: WrappedServer, tmp_path:
                           headers={"Authorization": f"Bearer {server.admin_token}",
                                    "Content-Type": "application/json"})
     assert document.status_code in (413, 422), document.text[:200]
+    # A length over the limit is refused on its header, before a byte of the body is read ...
     lying = _raw(port, b"PUT /ingest/cam1/lie.ts HTTP/1.1\r\nHost: a\r\n" + auth
                  + b"Content-Length: 999999999999\r\n\r\n" + b"x" * 1000, timeout=UPLOAD_TIMEOUT_S * 5)
-    assert _status(lying) == 408  # it never sent the rest: dropped at the upload timeout
+    assert _status(lying) == 413
+    # ... one within the limit whose body never comes is dropped at the upload timeout.
+    lying = _raw(port, b"PUT /ingest/cam1/lie.ts HTTP/1.1\r\nHost: a\r\n" + auth
+                 + b"Content-Length: 1000000\r\n\r\n" + b"x" * 1000, timeout=UPLOAD_TIMEOUT_S * 5)
+    assert _status(lying) == 408
 
     # Slow loris: a body trickling in, a byte every half second, is dropped at the upload
     # timeout with 408, and the segment is not archived.

@@ -238,6 +238,26 @@ def test_site_ca_chain(viewer_key: rsa.RSAPrivateKey, ca_key: ec.EllipticCurvePr
             _expiring_ca(ca_key)])
 
 
+def test_certificate_of_an_unknown_issuer_is_refused(viewer_key: rsa.RSAPrivateKey,
+                                                     ca_key: ec.EllipticCurvePrivateKey) -> None:
+    """Without --site-ca, a certificate that another key issued cannot have its signature
+    checked: it is refused (it was accepted with an unverifiable issuer signature), whether
+    its signature is genuine or forged; with the issuer as site CA it is verified and accepted."""
+    ca = _ca_cert(ca_key)
+    csr = certs.build_viewer_csr(viewer_key, "alice", oaep_hash=OaepHash.SHA256)
+    genuine = _issue(csr, ca, ca_key, copy_extensions=True)
+    forged = _issue(csr, ca, ec.generate_private_key(ec.SECP256R1()), copy_extensions=True)
+    for cert in (genuine, forged):
+        with pytest.raises(CertificateError, match=r"does not know.*--site-ca"):
+            certs.validate_viewer_certificate(cert, now=NOW)
+    assert certs.validate_viewer_certificate(genuine, now=NOW, site_ca=[ca]) is OaepHash.SHA256
+    with pytest.raises(CertificateError, match="not issued by the site CA"):
+        certs.validate_viewer_certificate(forged, now=NOW, site_ca=[ca])
+    self_signed = certs.build_viewer_certificate(viewer_key, "alice", oaep_hash=OaepHash.SHA256,
+                                                 now=NOW)
+    assert certs.validate_viewer_certificate(self_signed, now=NOW) is OaepHash.SHA256
+
+
 def _expiring_ca(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Site CA")])
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
