@@ -191,11 +191,12 @@ class Archive:
     def has_recording(self, camera: str, from_ms: int, to_ms: int) -> bool:
         return bool(self.db.manifests_from(camera, from_ms, to_ms, limit=1))
 
-    def playback(self, viewer: ClientRow, camera: str, from_ms: int, to_ms: int) -> Iterator[bytes]:
-        """The fusion stream of a recorded range. Seeks through the time index, then reads
-        manifests in chain order; the archive's record bytes are passed through, never
-        re-encrypted."""
-        assembler = _Assembler(self, viewer, camera, Mode.PLAYBACK, from_ms, to_ms)
+    def playback(self, viewer: ClientRow, camera: str, from_ms: int, to_ms: int,
+                 nonce: bytes) -> Iterator[bytes]:
+        """The fusion stream of a recorded range, bound to the viewer's request ``nonce``.
+        Seeks through the time index, then reads manifests in chain order; the archive's
+        record bytes are passed through, never re-encrypted."""
+        assembler = _Assembler(self, viewer, camera, Mode.PLAYBACK, from_ms, to_ms, nonce)
         try:
             yield assembler.start()
             after = -1
@@ -207,13 +208,15 @@ class Archive:
         finally:
             assembler.close()
 
-    async def live(self, viewer: ClientRow, camera: str, duration_s: float) -> AsyncIterator[bytes]:
+    async def live(self, viewer: ClientRow, camera: str, duration_s: float,
+                   nonce: bytes) -> AsyncIterator[bytes]:
         """A live fusion stream: segments as they are acknowledged, for duration_s. Reads from
         the archive (not from memory), so a slow viewer costs no memory; one that falls more
         than live_max_lag manifests behind is dropped (its stream stops without an end record,
         which the viewer reports as truncated)."""
         now = self.clock()
-        assembler = _Assembler(self, viewer, camera, Mode.LIVE, now, now + int(duration_s * 1000))
+        assembler = _Assembler(self, viewer, camera, Mode.LIVE, now, now + int(duration_s * 1000),
+                               nonce)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + duration_s
         try:
@@ -246,7 +249,7 @@ class _Assembler:
     each sent once, before the first segment that needs it."""
 
     def __init__(self, archive: Archive, viewer: ClientRow, camera: str, mode: Mode,
-                 from_ms: int, to_ms: int) -> None:
+                 from_ms: int, to_ms: int, nonce: bytes) -> None:
         self._archive = archive
         self._db = archive.db
         self._fingerprint = viewer.fingerprint
@@ -260,6 +263,7 @@ class _Assembler:
             range_from_ms=from_ms,
             range_to_ms=to_ms,
             cameras=(camera,),
+            request_nonce=nonce,
         ))
         self._sent_epochs: set[bytes] = set()
         self._sent_keys: set[bytes] = set()

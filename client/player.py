@@ -22,8 +22,15 @@ from cryptography import x509
 
 from client.timespec import format_ms
 from keyservice.errors import ArchiverMismatch, IntegrityError, KeyServiceError
+from keyservice.format import Header
 from keyservice.identity import Identity, fingerprint
-from keyservice.stream import SegmentPlaintext, SegmentSkipped, StreamEnded, StreamReader
+from keyservice.stream import (
+    SegmentPlaintext,
+    SegmentSkipped,
+    StreamEnded,
+    StreamReader,
+    StreamRequest,
+)
 
 
 class StreamTruncated(IntegrityError):
@@ -198,10 +205,13 @@ class Player:
     def __init__(self, identity: Identity, check_archiver: Callable[[x509.Certificate], None],
                  output: Output, *, on_segment: Callable[[SegmentPlaintext], None] | None = None,
                  min_gap_ms: int = MIN_GAP_MS,
-                 critical: Callable[[], AbstractContextManager[object]] = nullcontext) -> None:
+                 critical: Callable[[], AbstractContextManager[object]] = nullcontext,
+                 request: StreamRequest | None = None) -> None:
         """``critical`` wraps writing and counting one segment (the CLI defers Ctrl-C there,
-        so the summary and "output stops after" always match what was written)."""
-        self._reader = StreamReader(identity, check_archiver)
+        so the summary and "output stops after" always match what was written).
+        ``request``: what was asked for; the stream must answer exactly that (nonce, camera,
+        mode, range, signed capture times, freshness). None only for a saved stream."""
+        self._reader = StreamReader(identity, check_archiver, request=request)
         self._output = output
         self._on_segment = on_segment
         self._critical = critical
@@ -226,6 +236,11 @@ class Player:
             elif isinstance(event, StreamEnded):
                 self.summary.ended = True
                 self.summary.end_reason = int(event.reason)
+
+    @property
+    def header(self) -> Header | None:
+        """The stream's header once received (authenticated only once the END verified)."""
+        return self._reader.header
 
     def finish(self) -> Summary:
         """Call at the end of the bytes. Raises StreamTruncated without a verified end record,

@@ -47,6 +47,15 @@ class NoMatchingIdentity(KeyServiceError):
     exit_code = 12
 
 
+class RequestMismatch(KeyServiceError):
+    """The stream is genuine but does not answer this request: another nonce (a replayed or
+    relayed stream), camera, mode or range, footage outside the requested range, or a live
+    stream that is not fresh. Not opaque: the Archiver's signatures verified (or will be
+    checked), the question is only whether this is what was asked for."""
+
+    exit_code = 13
+
+
 # --- tokens (PKCS#11) --------------------------------------------------------------------
 class TokenError(KeyServiceError):
     exit_code = 20

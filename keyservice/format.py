@@ -168,6 +168,10 @@ class Header:
     range_from_ms: int
     range_to_ms: int
     cameras: tuple[str, ...]
+    # The viewer's fresh random nonce for this request (encoded after request_id): with
+    # mode, range and cameras it binds the stream to one request, so a relay cannot answer
+    # a new request with a stream saved earlier. Covered by the signed END transcript.
+    request_nonce: bytes = bytes(ID_LEN)
 
     record_type: ClassVar[RecordType] = RecordType.HEADER
 
@@ -175,6 +179,7 @@ class Header:
         _var_bytes("Archiver certificate", self.archiver_cert_der, 1, 0xFFFF)
         _bytes("viewer fingerprint", self.viewer_fingerprint, HASH_LEN)
         _bytes("request id", self.request_id, ID_LEN)
+        _bytes("request nonce", self.request_nonce, ID_LEN)
         _uint("creation time", self.created_ms, 64)
         object.__setattr__(self, "mode", _enum(Mode, "stream mode", self.mode))
         _uint("range start", self.range_from_ms, 64)
@@ -189,7 +194,8 @@ class Header:
     def _body(self) -> bytes:
         return b"".join((
             _U16.pack(len(self.archiver_cert_der)), self.archiver_cert_der,
-            self.viewer_fingerprint, self.request_id, _U64.pack(self.created_ms),
+            self.viewer_fingerprint, self.request_id, self.request_nonce,
+            _U64.pack(self.created_ms),
             bytes((self.mode,)), _U64.pack(self.range_from_ms), _U64.pack(self.range_to_ms),
             bytes((len(self.cameras),)), *(_str8(c) for c in self.cameras)))
 
@@ -616,9 +622,10 @@ def _stream(value: int) -> DataStream:
 
 def _decode_header(c: _Cursor) -> Header:
     cert = c.take(c.u16())
-    fields = (c.take(HASH_LEN), c.take(ID_LEN), c.u64(), c.u8(), c.u64(), c.u64())
+    viewer, request_id, nonce = c.take(HASH_LEN), c.take(ID_LEN), c.take(ID_LEN)
+    fields = (c.u64(), c.u8(), c.u64(), c.u64())
     cameras = tuple(c.str8() for _ in range(c.u8()))
-    return Header(cert, *fields, cameras)
+    return Header(cert, viewer, request_id, *fields, cameras, request_nonce=nonce)
 
 
 def _decode_opener(c: _Cursor) -> EpochOpener:

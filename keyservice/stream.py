@@ -12,6 +12,7 @@ Pure: no I/O, no ``pkcs11``.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from keyservice.crypto import (
     open_segment,
     unwrap_key_record,
 )
-from keyservice.errors import FormatError, IntegrityError, NoMatchingIdentity
+from keyservice.errors import FormatError, IntegrityError, NoMatchingIdentity, RequestMismatch
 from keyservice.format import (
     LABEL_MANIFEST,
     RECORD_HEADER_LEN,
@@ -46,6 +47,7 @@ from keyservice.format import (
     KeyRecord,
     Manifest,
     ManifestEntry,
+    Mode,
     RawRecord,
     Record,
     RecordSplitter,
@@ -178,6 +180,111 @@ def _check_framing(data: bytes) -> None:
 
 
 # --- viewer side --------------------------------------------------------------------------
+# How far the Archiver's clock may be from the viewer's for a live stream to count as fresh.
+DEFAULT_MAX_SKEW_MS = 30_000
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """What the viewer asked for. A reader given one refuses (RequestMismatch) a stream that
+    answers anything else: another nonce (a stream saved earlier and replayed by a relay),
+    camera, mode or range, a segment whose *signed* capture time lies outside the range, or,
+    live, a stream or segment older than the request by more than ``max_skew_ms``.
+
+    Playback: ``from_ms``/``to_ms`` are the requested range. Live: ``from_ms`` is the viewer's
+    clock when it sent the request, ``to_ms`` that plus the duration, and ``clock`` reads the
+    viewer's clock (ms) so that segments from the future are refused as well.
+    """
+
+    nonce: bytes
+    cameras: tuple[str, ...]
+    mode: Mode
+    from_ms: int
+    to_ms: int
+    clock: Callable[[], int] | None = None
+    max_skew_ms: int = DEFAULT_MAX_SKEW_MS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nonce, bytes) or len(self.nonce) != 16:
+            raise ValueError("A request nonce is 16 random bytes.")
+        if isinstance(self.cameras, str) or not self.cameras:
+            raise ValueError("A request names its cameras as a non-empty tuple.")
+        for camera in self.cameras:
+            validate_name(camera)
+        if self.mode == Mode.LIVE and self.clock is None:
+            raise ValueError("A live request needs the viewer's clock.")
+
+
+def _iso(ms: int) -> str:
+    try:
+        when = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{ms} ms"
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _mode_name(mode: int) -> str:
+    return "live" if mode == Mode.LIVE else "recording"
+
+
+def _check_header_answers(header: Header, request: StreamRequest) -> None:
+    """The header names the request it answers (the END signature covers it)."""
+    if not hmac.compare_digest(header.request_nonce, request.nonce):
+        raise RequestMismatch(
+            "This stream does not answer the request just sent: it carries another request "
+            "nonce, so it was made for an earlier request (a saved stream replayed, or relayed "
+            f"from another request: {_mode_name(header.mode)} of "
+            f"{', '.join(header.cameras)}, made {_iso(header.created_ms)}).",
+            "Nothing of it is used; check the network path to the Archiver.")
+    if sorted(header.cameras) != sorted(request.cameras):
+        raise RequestMismatch(
+            f"This stream is for camera {', '.join(header.cameras)}, not for the requested "
+            f"camera {', '.join(request.cameras)}.")
+    if header.mode != request.mode:
+        raise RequestMismatch(
+            f"This is a {_mode_name(header.mode)} stream, but {_mode_name(request.mode)} "
+            "was requested.")
+    if request.mode == Mode.PLAYBACK:
+        if (header.range_from_ms, header.range_to_ms) != (request.from_ms, request.to_ms):
+            raise RequestMismatch(
+                f"This stream answers the range {_iso(header.range_from_ms)} .. "
+                f"{_iso(header.range_to_ms)}, not the requested {_iso(request.from_ms)} .. "
+                f"{_iso(request.to_ms)}.")
+        return
+    assert request.clock is not None
+    now = request.clock()
+    earliest, latest = request.from_ms - request.max_skew_ms, now + request.max_skew_ms
+    for what, when in (("made", header.created_ms), ("started", header.range_from_ms)):
+        if not earliest <= when <= latest:
+            raise RequestMismatch(
+                f"This live stream was {what} {_iso(when)} by the Archiver's clock, but the "
+                f"request was sent {_iso(request.from_ms)} by this machine's clock (allowed "
+                f"difference {request.max_skew_ms / 1000:g} s): it is not fresh.",
+                "A replayed stream, or clocks out of sync: check both clocks (NTP).")
+
+
+def _check_entry_answers(camera: str, entry: ManifestEntry, request: StreamRequest) -> None:
+    """A segment's signed capture time must lie in what was asked for."""
+    when = entry.capture_ms
+    if request.mode == Mode.PLAYBACK:
+        if not request.from_ms <= when <= request.to_ms:
+            raise RequestMismatch(
+                f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), "
+                f"outside the requested range {_iso(request.from_ms)} .. "
+                f"{_iso(request.to_ms)}.", "The Archiver's index may have been tampered with.")
+        return
+    assert request.clock is not None
+    if when < request.from_ms - request.max_skew_ms:
+        raise RequestMismatch(
+            f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), before "
+            f"this live request was sent ({_iso(request.from_ms)}, allowed clock difference "
+            f"{request.max_skew_ms / 1000:g} s): old footage offered as live.")
+    if when > request.clock() + request.max_skew_ms:
+        raise RequestMismatch(
+            f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), in "
+            "the future by this machine's clock: check both clocks (NTP).")
+
+
 @dataclass(frozen=True)
 class SegmentPlaintext:
     """A verified, decrypted segment, released in stream order."""
@@ -227,8 +334,12 @@ class StreamReader:
     """
 
     def __init__(self, identity: Identity, check_archiver: Callable[[x509.Certificate], None],
-                 max_pending_bytes: int = 256 * 2**20) -> None:
+                 max_pending_bytes: int = 256 * 2**20,
+                 request: StreamRequest | None = None) -> None:
+        """``request``: what the viewer asked for (see StreamRequest); None only for a saved
+        stream opened offline, which answers no new request (its header says what it is)."""
         self._identity = identity
+        self._request = request
         self._fingerprint = fingerprint(identity.certificate)
         self._check_archiver = check_archiver
         self._max_retained = max_pending_bytes
@@ -282,7 +393,7 @@ class StreamReader:
             return
         if isinstance(failure, IntegrityError):
             raise IntegrityError()
-        if isinstance(failure, FormatError | NoMatchingIdentity):
+        if isinstance(failure, FormatError | NoMatchingIdentity | RequestMismatch):
             raise type(failure)(failure.message, failure.advice)
         raise FormatError("This stream reader already failed; start a new one.")
 
@@ -328,6 +439,8 @@ class StreamReader:
             raise IntegrityError() from None
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise IntegrityError()
+        if self._request is not None:
+            _check_header_answers(header, self._request)
         self._archiver_key = key
         self._cameras = {camera: _Camera() for camera in header.cameras}
         self.header = header
@@ -389,6 +502,9 @@ class StreamReader:
         # encoding is canonical, so this equals manifest.signed_bytes() without re-encoding).
         unsigned = raw[RECORD_HEADER_LEN:len(raw) - 2 - len(manifest.signature)]
         _verify(self._archiver_key, LABEL_MANIFEST + unsigned, manifest.signature)
+        if self._request is not None:  # signed capture times, checked against the request
+            for entry in manifest.entries:
+                _check_entry_answers(manifest.camera, entry, self._request)
         # The chain: each manifest names its predecessor, so a dropped, replayed or reordered
         # manifest breaks it. A chain may be joined midway (playback from a later time), but
         # sequence 0 and the zero hash only ever come together.
