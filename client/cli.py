@@ -43,7 +43,7 @@ from client.timespec import format_duration, format_ms, parse_range
 from keyservice.errors import CertificateError, KeyServiceError, UsageError
 from keyservice.format import Header, Mode
 from keyservice.identity import Identity, fingerprint
-from keyservice.stream import StreamRequest
+from keyservice.stream import DEFAULT_MAX_SKEW_MS, StreamRequest
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Watch and export video from a Fusion Archiver; keys are opened on your "
@@ -451,14 +451,20 @@ def live(
     tls_ca: TlsCaOpt = None,
     save_stream: SaveOpt = None,
     quiet: QuietOpt = False,
+    max_clock_skew: Annotated[float, typer.Option(
+        "--max-clock-skew", min=0.0, max=3600.0,
+        help="Seconds the Archiver's clock may differ from this machine's: a live stream made, "
+             "or a segment captured, earlier than the request by more is refused as not "
+             "fresh (a replay).")] = DEFAULT_MAX_SKEW_MS / 1000,
 ) -> None:
     """Watch a camera live; each segment is written as soon as it is verified (-o - | ffplay -)."""
     _check_camera(camera)
     seconds = duration if duration is not None else MAX_LIVE_S
+    skew_ms = int(max_clock_skew * 1000)
     _stream_command(url=archiver, token=token, output_target=output, archiver_cert=archiver_cert,
                     tls_ca=tls_ca, save_stream=save_stream, quiet=quiet, live=True,
                     progress_range=None,
-                    make_request=lambda: live_request(camera, seconds),
+                    make_request=lambda: live_request(camera, seconds, max_skew_ms=skew_ms),
                     request=lambda s, asked: s.live(camera, seconds, asked))
 
 
