@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.db import ClientRow, Database, ManifestRow, SegmentRow
 from archiver.keying import KeyManager
+from archiver.reindex import ec_public_key as _ec_key
+from archiver.reindex import recover
 from archiver.settings import Settings
 from archiver.storage import ArchiveFiles, ArchiveReader
 from keyservice.crypto import seal_segment
@@ -96,7 +98,10 @@ class Archive:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.db_path)
         self.files = ArchiveFiles(settings.archive_dir)
-        self.recovery_actions = self.files.recover(self.db.file_ends())
+        # The files are the source of truth: signed groups the index lacks are indexed again,
+        # only unsigned or torn bytes are cut.
+        self.recovery_actions = recover(settings.archive_dir, self.db,
+                                        _ec_key(signer.certificate.public_key()))
         self.keys = KeyManager(self.db, settings.key_period_s, rng)
         self.notifier = Notifier()
         self._cameras: dict[str, _CameraState] = {}

@@ -303,6 +303,18 @@ class Database:
             conn.execute("INSERT INTO manifests VALUES (?,?,?,?,?,?,?,?)",
                          astuple(manifest))
 
+    def replace_segment_index(self, groups: Iterable[tuple[Iterable[SegmentRow], ManifestRow]]
+                              ) -> None:
+        """Drop the segment and manifest index and fill it with ``groups`` (a rebuild from the
+        archive files), in one transaction: a failed rebuild leaves the old index."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM segments")
+            conn.execute("DELETE FROM manifests")
+            for segments, manifest in groups:
+                conn.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                                 [astuple(s) for s in segments])
+                conn.execute("INSERT INTO manifests VALUES (?,?,?,?,?,?,?,?)", astuple(manifest))
+
     def last_manifest(self, camera: str) -> ManifestRow | None:
         rows = self._query(
             "SELECT * FROM manifests WHERE camera=? ORDER BY manifest_seq DESC LIMIT 1", (camera,))

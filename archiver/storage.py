@@ -2,8 +2,8 @@
 (segments and the manifests that cover them), exactly the bytes served to viewers.
 
 Durability rule: bytes are fsynced here *before* the index row that acknowledges them is
-committed (archiver.db). After a crash, anything past the last indexed byte of a file was
-never acknowledged and is cut off by ``recover``.
+committed (archiver.db). After a crash, ``archiver.reindex.recover`` indexes again what a
+valid signature covers past the last indexed byte of a file, and cuts only the rest.
 """
 
 from __future__ import annotations
@@ -74,25 +74,6 @@ class ArchiveFiles:
 
     def opener(self, relpath: str) -> ArchiveReader:
         return ArchiveReader(self.root / relpath)
-
-    def recover(self, acknowledged_ends: dict[str, int]) -> list[str]:
-        """Cut every archive file back to its last acknowledged byte (a torn or unacknowledged
-        tail after a crash); returns what was done, for the log."""
-        actions = []
-        for path in sorted(self.root.glob("*/*.fsa")):
-            rel = path.relative_to(self.root).as_posix()
-            end = acknowledged_ends.get(rel, 0)
-            size = path.stat().st_size
-            if size > end:
-                with open(path, "r+b") as fh:
-                    fh.truncate(end)
-                    os.fsync(fh.fileno())
-                actions.append(f"cut {size - end} unacknowledged bytes from the end of {rel}")
-            elif size < end:
-                actions.append(f"ARCHIVE DAMAGED: {rel} is {size} bytes, the index expects {end}")
-        for line in actions:
-            log.warning("recovery: %s", line)
-        return actions
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,261 @@
+"""The archive files are the source of truth; the SQLite segment index is derived from them.
+
+Two uses of one verified scan of archive records:
+
+* **Recovery at start** (``recover``): bytes past a file's last indexed record are either a
+  torn or unsigned tail (a crash mid-write) or complete, *signed* segment groups whose index
+  rows are missing (a crash between the fsync and the index commit, or an attacker who deleted
+  rows from the index). Signed groups that continue the camera's manifest chain are indexed
+  again; only bytes no valid signature covers are cut. Bytes that hold a validly signed
+  manifest but do not continue the chain are never cut: they are left in place and reported.
+* **Rebuild** (``rebuild_index``, ``fusion-archiver reindex``): the segment and manifest index
+  is dropped and rebuilt from the files alone, every group verified against the Archiver's key.
+
+A group is what ingest appends in one write: the segment records since the previous manifest,
+then the manifest that covers them. It is accepted only if the manifest's signature verifies
+under the Archiver's public key, it belongs to the file's camera, it continues the chain
+(sequence and hash of the previous manifest), and its entries match the segments exactly
+(stream, seq, capture time, key id, SHA-256 of the record bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from archiver.db import Database, ManifestRow, SegmentRow
+from keyservice.errors import FormatError
+from keyservice.format import (
+    RECORD_HEADER_LEN,
+    TAG_LEN,
+    ZERO_HASH,
+    Manifest,
+    RecordType,
+    Segment,
+    decode_record,
+    max_body,
+)
+
+log = logging.getLogger("archiver.reindex")
+_RECORD_HEADER = struct.Struct(">BI")
+_ECDSA = ec.ECDSA(hashes.SHA256())
+
+
+@dataclass
+class ChainState:
+    """Where a camera's chain stands: the next manifest must have ``next_seq`` and name
+    ``prev_hash``; None while a rebuild has not met the camera's first manifest yet."""
+
+    next_seq: int | None
+    prev_hash: bytes = ZERO_HASH
+
+
+@dataclass(frozen=True)
+class Group:
+    segments: tuple[SegmentRow, ...]
+    manifest: ManifestRow
+
+    @property
+    def end(self) -> int:
+        return self.manifest.offset + self.manifest.length
+
+
+def ec_public_key(key: object) -> ec.EllipticCurvePublicKey:
+    """The Archiver's manifest key (its certificate's key is EC P-256 by construction)."""
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise TypeError("The Archiver's signing certificate does not hold an EC key.")
+    return key
+
+
+def _records(path: Path, start: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, exact bytes) of each complete, well-framed record from ``start``; stops at
+    the end, at a torn record or at a framing error (unknown type, oversized length)."""
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        offset = start
+        while True:
+            head = fh.read(RECORD_HEADER_LEN)
+            if len(head) < RECORD_HEADER_LEN:
+                return
+            kind, length = _RECORD_HEADER.unpack(head)
+            if kind not in (RecordType.SEGMENT, RecordType.MANIFEST) or length > max_body(kind):
+                return
+            body = fh.read(length)
+            if len(body) < length:
+                return
+            yield offset, head + body
+            offset += RECORD_HEADER_LEN + length
+
+
+def _signature_valid(key: ec.EllipticCurvePublicKey, manifest: Manifest) -> bool:
+    try:
+        key.verify(manifest.signature, manifest.signed_bytes(), _ECDSA)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def scan(path: Path, rel: str, camera: str, start: int, chain: ChainState,
+         key: ec.EllipticCurvePublicKey) -> tuple[list[Group], bool]:
+    """The verified groups from ``start`` on, in order, advancing ``chain``; stops at the
+    first byte that is not part of one. Also says whether a validly signed manifest lies
+    beyond that point (then those bytes must not be cut)."""
+    groups: list[Group] = []
+    pending: list[tuple[int, bytes, Segment]] = []
+    records = _records(path, start)
+    for offset, raw in records:
+        try:
+            record = decode_record(raw)
+        except FormatError:
+            break
+        if isinstance(record, Segment):
+            pending.append((offset, raw, record))
+            continue
+        assert isinstance(record, Manifest)
+        group = _verify_group(rel, camera, pending, offset, raw, record, chain, key)
+        if group is None:
+            # Not a continuation: if it is signed all the same, its bytes are evidence.
+            return groups, _signature_valid(key, record) or _signed_after(records, key)
+        groups.append(group)
+        chain.next_seq, chain.prev_hash = record.manifest_seq + 1, group.manifest.hash
+        pending = []
+    return groups, _signed_after(records, key)
+
+
+def _signed_after(records: Iterator[tuple[int, bytes]], key: ec.EllipticCurvePublicKey) -> bool:
+    for _, raw in records:
+        if raw[0] != RecordType.MANIFEST:
+            continue
+        try:
+            record = decode_record(raw)
+        except FormatError:
+            continue
+        if isinstance(record, Manifest) and _signature_valid(key, record):
+            return True
+    return False
+
+
+def _verify_group(rel: str, camera: str, segments: list[tuple[int, bytes, Segment]],
+                  offset: int, raw: bytes, manifest: Manifest, chain: ChainState,
+                  key: ec.EllipticCurvePublicKey) -> Group | None:
+    if manifest.camera != camera or not _signature_valid(key, manifest):
+        return None
+    if chain.next_seq is None:  # a rebuild joins the chain at the first manifest it finds
+        if (manifest.manifest_seq == 0) != (manifest.prev_hash == ZERO_HASH):
+            return None
+    elif manifest.manifest_seq != chain.next_seq or manifest.prev_hash != chain.prev_hash:
+        return None
+    if len(manifest.entries) != len(segments):
+        return None
+    rows = []
+    for entry, (seg_offset, seg_raw, segment) in zip(manifest.entries, segments, strict=True):
+        digest = hashlib.sha256(seg_raw).digest()
+        if (segment.camera != camera or digest != entry.digest or segment.seq != entry.seq
+                or segment.stream != entry.stream or segment.capture_ms != entry.capture_ms
+                or segment.key_id != entry.key_id):
+            return None
+        rows.append(SegmentRow(camera, int(segment.stream), segment.seq, segment.capture_ms,
+                               segment.key_id, len(segment.ciphertext) - TAG_LEN, digest, rel,
+                               seg_offset, len(seg_raw), manifest.manifest_seq))
+    captures = [entry.capture_ms for entry in manifest.entries] or [manifest.issued_ms]
+    row = ManifestRow(camera, manifest.manifest_seq, rel, offset, len(raw),
+                      hashlib.sha256(raw).digest(), min(captures), max(captures))
+    return Group(tuple(rows), row)
+
+
+def _files(archive_dir: Path) -> list[tuple[str, str, Path]]:
+    """(camera, relative path, path) of every archive file, per camera in day order."""
+    return [(path.parent.name, path.relative_to(archive_dir).as_posix(), path)
+            for path in sorted(archive_dir.glob("*/*.fsa"))]
+
+
+def recover(archive_dir: Path, db: Database, key: ec.EllipticCurvePublicKey) -> list[str]:
+    """At start: index again every signed group past a file's last indexed byte, cut only
+    unsigned or torn bytes. Returns what was done, for the log and the audit log."""
+    ends = db.file_ends()
+    chains: dict[str, ChainState] = {}
+    actions = []
+    for camera, rel, path in _files(archive_dir):
+        acknowledged = ends.get(rel, 0)
+        size = path.stat().st_size
+        if size < acknowledged:
+            actions.append(f"ARCHIVE DAMAGED: {rel} is {size} bytes, the index expects "
+                           f"{acknowledged}")
+            continue
+        if size == acknowledged:
+            continue
+        chain = chains.get(camera)
+        if chain is None:
+            last = db.last_manifest(camera)
+            chain = chains[camera] = (ChainState(0) if last is None
+                                      else ChainState(last.manifest_seq + 1, last.hash))
+        groups, signed_beyond = scan(path, rel, camera, acknowledged, chain, key)
+        for group in groups:
+            db.record_segments(group.segments, group.manifest)
+        if groups:
+            count = sum(len(g.segments) for g in groups)
+            actions.append(f"re-indexed {count} signed segment(s) ({len(groups)} manifest(s)) "
+                           f"at the end of {rel} that the index did not list")
+        end = groups[-1].end if groups else acknowledged
+        if end == size:
+            continue
+        if signed_beyond:
+            # Never cut what the Archiver signed: it may be the evidence someone removed
+            # from the index. Left in place; a rebuild or an operator must look at it.
+            actions.append(f"ARCHIVE INCONSISTENT: {rel} holds {size - end} bytes from offset "
+                           f"{end} with a signed manifest that does not continue the chain; "
+                           "left in place (run 'fusion-archiver reindex' with the Archiver "
+                           "stopped)")
+            continue
+        with open(path, "r+b") as fh:
+            fh.truncate(end)
+            os.fsync(fh.fileno())
+        actions.append(f"cut {size - end} unacknowledged bytes from the end of {rel}")
+    for line in actions:
+        log.warning("recovery: %s", line)
+    return actions
+
+
+@dataclass(frozen=True)
+class RebuildReport:
+    cameras: dict[str, int]  # camera -> segments indexed
+    manifests: int
+    files: int
+    problems: list[str]
+
+
+def rebuild_index(archive_dir: Path, db: Database,
+                  key: ec.EllipticCurvePublicKey) -> RebuildReport:
+    """Drop the segment and manifest index and rebuild it from the archive files alone,
+    each group verified against the Archiver's key and chain. Nothing in the files is
+    changed; bytes that do not verify are reported (a start's recovery deals with a torn
+    tail)."""
+    chains: dict[str, ChainState] = {}
+    counts: dict[str, int] = {}
+    manifests = 0
+    problems = []
+    files = _files(archive_dir)
+    found: list[Group] = []
+    for camera, rel, path in files:
+        chain = chains.setdefault(camera, ChainState(None))
+        groups, _ = scan(path, rel, camera, 0, chain, key)
+        found += groups
+        manifests += len(groups)
+        counts[camera] = counts.get(camera, 0) + sum(len(g.segments) for g in groups)
+        end = groups[-1].end if groups else 0
+        size = path.stat().st_size
+        if end != size:
+            problems.append(f"{rel}: {size - end} bytes from offset {end} do not verify as "
+                            "signed segments continuing the chain; not indexed")
+    # Only once every file was read: a rebuild that fails halfway leaves the old index.
+    db.replace_segment_index((g.segments, g.manifest) for g in found)
+    return RebuildReport(counts, manifests, len(files), problems)
