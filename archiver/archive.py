@@ -71,6 +71,13 @@ class Notifier:
         for loop, event in waiters:
             loop.call_soon_threadsafe(event.set)
 
+    def wake_all(self) -> None:
+        """Wake every waiting live stream (an authorization changed: each re-checks its own)."""
+        with self._lock:
+            waiters = [w for camera_waiters in self._waiters.values() for w in camera_waiters]
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
     async def wait(self, camera: str, seen_version: int, timeout: float) -> None:
         event = asyncio.Event()
         waiter = (asyncio.get_running_loop(), event)
@@ -104,6 +111,9 @@ class Archive:
                                         _ec_key(signer.certificate.public_key()))
         self.keys = KeyManager(self.db, settings.key_period_s, rng)
         self.notifier = Notifier()
+        # Per viewer, how often its authorization changed in this process: an open stream
+        # re-checks the viewer's authorization whenever its count moved (revocation ends it).
+        self._auth_changes: dict[str, int] = {}
         self._cameras: dict[str, _CameraState] = {}
         self._cameras_lock = threading.Lock()
         self._archiver_cert_der = signer.certificate.public_bytes(Encoding.DER)
@@ -191,6 +201,13 @@ class Archive:
     # --- authorization ----------------------------------------------------------------
     def authorization_changed(self, fingerprint: str, cameras: list[str] | None) -> None:
         self.keys.authorization_changed(fingerprint, cameras)
+        with self._cameras_lock:
+            self._auth_changes[fingerprint] = self._auth_changes.get(fingerprint, 0) + 1
+        self.notifier.wake_all()  # live streams waiting for segments re-check at once
+
+    def authorization_changes(self, fingerprint: str) -> int:
+        with self._cameras_lock:
+            return self._auth_changes.get(fingerprint, 0)
 
     # --- fusion streams ---------------------------------------------------------------
     def has_recording(self, camera: str, from_ms: int, to_ms: int) -> bool:
@@ -207,6 +224,8 @@ class Archive:
             after = -1
             while rows := self.db.manifests_from(camera, from_ms, to_ms, after):
                 for row in rows:
+                    if not assembler.still_authorized():
+                        return  # revoked: ends without an end record, nothing more is sent
                     yield assembler.manifest(row)
                 after = rows[-1].manifest_seq
             yield assembler.end(EndReason.RANGE_COMPLETE)
@@ -229,6 +248,10 @@ class Archive:
             last = await anyio.to_thread.run_sync(self.db.last_manifest, camera)
             after = -1 if last is None else last.manifest_seq
             while True:
+                if not await anyio.to_thread.run_sync(assembler.still_authorized):
+                    log.warning("ending the live stream of %s: its authorization ended",
+                                viewer.fingerprint[:16])
+                    return  # revoked: the stream ends at once, without an end record
                 version = self.notifier.version(camera)
                 max_lag = self.settings.live_max_lag
                 rows = await anyio.to_thread.run_sync(
@@ -237,6 +260,8 @@ class Archive:
                     log.warning("dropping live viewer %s: too far behind", viewer.fingerprint[:16])
                     return
                 for row in rows:
+                    if not await anyio.to_thread.run_sync(assembler.still_authorized):
+                        return
                     yield await anyio.to_thread.run_sync(assembler.manifest, row)
                     after = row.manifest_seq
                 remaining = deadline - loop.time()
@@ -270,12 +295,24 @@ class _Assembler:
             cameras=(camera,),
             request_nonce=nonce,
         ))
+        self._auth_changes = archive.authorization_changes(viewer.fingerprint)
+        self._authorized = True
         self._sent_epochs: set[bytes] = set()
         self._sent_keys: set[bytes] = set()
         self._readers: dict[str, ArchiveReader] = {}
 
     def start(self) -> bytes:
         return self._writer.start()
+
+    def still_authorized(self) -> bool:
+        """False once the viewer was revoked or lost this camera: cheap (a counter) unless its
+        authorization changed since the last look, then the index says."""
+        changes = self._archive.authorization_changes(self._fingerprint)
+        if self._authorized and changes != self._auth_changes:
+            self._auth_changes = changes
+            viewer = self._db.client(self._fingerprint)
+            self._authorized = viewer is not None and viewer.authorized_on(self._camera)
+        return self._authorized
 
     def manifest(self, row: ManifestRow) -> bytes:
         parts = []
