@@ -4,6 +4,7 @@ real fusion-client must refuse it with a clear reason and a non-zero exit, and w
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -134,4 +135,33 @@ def test_relay_looping_an_old_live_stream_as_live_is_refused(
     stderr = looped.stderr.decode()
     assert looped.returncode == EXIT_REQUEST_MISMATCH, stderr
     assert "old footage offered as live" in stderr
+    assert_no_video(out)
+
+
+def test_edited_time_columns_cannot_pass_off_earlier_footage(
+        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    """Issue 12's third index edit: with write access to the SQLite index only, the attacker
+    moves the times of earlier manifests into the requested range, so the Archiver serves
+    earlier footage for it. The capture times the viewer checks are the signed ones."""
+    alice = make_viewer("alice")
+    cam1 = archiver_server.add_camera("cam1")
+    archiver_server.add_client(alice.pem, ["cam1"])
+    put(archiver_server, "cam1", cam1, *(chunk(f"early-{i}") for i in range(3)))
+    time.sleep(0.05)
+    t_mid = now_ms()
+    later = [chunk(f"late-{i}") for i in range(3)]
+    put(archiver_server, "cam1", cam1, *later)
+    t_end = now_ms() + 1
+    honest = play(client, archiver_server.url, alice, tmp_path / "honest.ts", t_mid, t_end)
+    assert honest.code == 0, honest.stderr
+    assert (tmp_path / "honest.ts").read_bytes() == b"".join(later)
+    with sqlite3.connect(archiver_server.data_dir / "archiver.sqlite3") as db:
+        moved = db.execute("UPDATE manifests SET first_capture_ms=?, last_capture_ms=? WHERE "
+                           "last_capture_ms < ?", (t_mid + 1, t_mid + 1, t_mid)).rowcount
+    assert moved == 3
+    out = tmp_path / "edited.ts"
+    edited = play(client, archiver_server.url, alice, out, t_mid, t_end)
+    assert edited.code == EXIT_REQUEST_MISMATCH, edited.stderr
+    assert "outside the requested range" in edited.stderr
     assert_no_video(out)
