@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import anyio.to_thread
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from archiver.db import ClientRow, Database, ManifestRow, SegmentRow
+from archiver.db import ClientRow, Database, GrantRow, ManifestRow, SegmentRow
 from archiver.keying import KeyManager
 from archiver.reindex import ec_public_key as _ec_key
 from archiver.reindex import recover
@@ -109,7 +109,7 @@ class Archive:
         # only unsigned or torn bytes are cut.
         self.recovery_actions = recover(settings.archive_dir, self.db,
                                         _ec_key(signer.certificate.public_key()))
-        self.keys = KeyManager(self.db, settings.key_period_s, rng)
+        self.keys = KeyManager(self.db, settings.key_period_s, rng, signer)
         self.notifier = Notifier()
         # Per viewer, how often its authorization changed in this process: an open stream
         # re-checks the viewer's authorization whenever its count moved (revocation ends it).
@@ -150,6 +150,8 @@ class Archive:
     def _append_encrypted(self, state: _CameraState, camera: str, stream: DataStream, seq: int,
                           data: bytes, now: int) -> SegmentRow:
         key = self.keys.key_for(camera, stream, now)
+        # The key's signed grant (who it was wrapped for) goes before its first segment.
+        grant = self.keys.take_grant(key.key_id) or b""
         segment = seal_segment(key, seq, now, data)
         chain_before = (state.chain.next_seq, state.chain.prev_hash)
         manifest, manifest_bytes = state.chain.issue([segment], [key], self.signer, now)
@@ -159,14 +161,18 @@ class Archive:
         rel = self.files.file_for(camera, now)
         offset = None
         try:
-            offset = self.files.append(rel, [*segment_parts, manifest_bytes])
+            offset = self.files.append(rel, [grant, *segment_parts, manifest_bytes])
+            seg_offset = offset + len(grant)
             row = SegmentRow(camera, int(stream), seq, now, key.key_id, len(data),
-                             manifest.entries[0].digest, rel, offset, segment_len,
+                             manifest.entries[0].digest, rel, seg_offset, segment_len,
                              manifest.manifest_seq)
             self.db.record_segments([row], ManifestRow(
-                camera, manifest.manifest_seq, rel, offset + segment_len,
-                len(manifest_bytes), hashlib.sha256(manifest_bytes).digest(), now, now))
+                camera, manifest.manifest_seq, rel, seg_offset + segment_len,
+                len(manifest_bytes), hashlib.sha256(manifest_bytes).digest(), now, now),
+                [GrantRow(key.key_id, camera, rel, offset, len(grant))] if grant else [])
         except BaseException:
+            if grant:
+                self.keys.put_back_grant(key.key_id, grant)
             # Not acknowledged: the chain must not point at a manifest that was never archived,
             # and the file must not keep records the index does not know (e.g. the index
             # commit failed on a full disk).
@@ -299,6 +305,7 @@ class _Assembler:
         self._authorized = True
         self._sent_epochs: set[bytes] = set()
         self._sent_keys: set[bytes] = set()
+        self._sent_grants: set[bytes] = set()
         self._readers: dict[str, ArchiveReader] = {}
 
     def start(self) -> bytes:
@@ -319,7 +326,16 @@ class _Assembler:
         for segment in self._db.segments_of(self._camera, row.manifest_seq):
             found = self._db.key_record(self._fingerprint, segment.key_id)
             if found is None:
-                continue  # not authorized when this was recorded: the manifest alone is sent
+                # No key for this viewer: the manifest alone is sent, with the key's signed
+                # grant, which lets the viewer check that it was not authorized then (without
+                # one it reports the segment as missing).
+                if segment.key_id not in self._sent_grants:
+                    self._sent_grants.add(segment.key_id)
+                    grant = self._db.key_grant(segment.key_id)
+                    if grant is not None:
+                        parts.append(self._writer.add(self._read(grant.file, grant.offset,
+                                                                 grant.length)))
+                continue
             epoch_id, key_record = found
             if epoch_id not in self._sent_epochs:
                 opener = self._db.epoch_opener(epoch_id)

@@ -82,6 +82,13 @@ CREATE TABLE IF NOT EXISTS manifests (
     PRIMARY KEY (camera, manifest_seq)
 );
 CREATE INDEX IF NOT EXISTS manifests_by_time ON manifests (camera, last_capture_ms);
+CREATE TABLE IF NOT EXISTS key_grants (
+    key_id BLOB PRIMARY KEY,
+    camera TEXT NOT NULL,
+    file TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL
+);
 """
 
 
@@ -135,6 +142,17 @@ class ManifestRow:
     hash: bytes
     first_capture_ms: int
     last_capture_ms: int
+
+
+@dataclass(frozen=True)
+class GrantRow:
+    """Where a minute key's signed key grant (the viewers it was wrapped for) is archived."""
+
+    key_id: bytes
+    camera: str
+    file: str
+    offset: int
+    length: int
 
 
 @dataclass(frozen=True)
@@ -294,22 +312,34 @@ class Database:
         return rows[0][0] if rows else None
 
     # --- the segment index ------------------------------------------------------------
-    def record_segments(self, segments: Iterable[SegmentRow], manifest: ManifestRow) -> None:
-        """Index a manifest and the segments it covers in one transaction: the commit is the
-        acknowledgement point (the file bytes were fsynced before)."""
+    def record_segments(self, segments: Iterable[SegmentRow], manifest: ManifestRow,
+                        grants: Iterable[GrantRow] = ()) -> None:
+        """Index a manifest and the segments it covers (and the signed key grants archived
+        with them) in one transaction: the commit is the acknowledgement point (the file
+        bytes were fsynced before)."""
         with self._transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO key_grants VALUES (?,?,?,?,?)",
+                             [astuple(g) for g in grants])
             conn.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                              [astuple(s) for s in segments])
             conn.execute("INSERT INTO manifests VALUES (?,?,?,?,?,?,?,?)",
                          astuple(manifest))
 
-    def replace_segment_index(self, groups: Iterable[tuple[Iterable[SegmentRow], ManifestRow]]
-                              ) -> None:
-        """Drop the segment and manifest index and fill it with ``groups`` (a rebuild from the
-        archive files), in one transaction: a failed rebuild leaves the old index."""
+    def key_grant(self, key_id: bytes) -> GrantRow | None:
+        rows = self._query("SELECT * FROM key_grants WHERE key_id=?", (key_id,))
+        return GrantRow(*rows[0]) if rows else None
+
+    def replace_segment_index(self, groups: Iterable[tuple[Iterable[SegmentRow], ManifestRow]],
+                              grants: Iterable[GrantRow] = ()) -> None:
+        """Drop the segment, manifest and key grant index and fill it with ``groups`` and
+        ``grants`` (a rebuild from the archive files), in one transaction: a failed rebuild
+        leaves the old index."""
         with self._transaction() as conn:
             conn.execute("DELETE FROM segments")
             conn.execute("DELETE FROM manifests")
+            conn.execute("DELETE FROM key_grants")
+            conn.executemany("INSERT OR REPLACE INTO key_grants VALUES (?,?,?,?,?)",
+                             [astuple(g) for g in grants])
             for segments, manifest in groups:
                 conn.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                                  [astuple(s) for s in segments])

@@ -11,11 +11,12 @@ Two uses of one verified scan of archive records:
 * **Rebuild** (``rebuild_index``, ``fusion-archiver reindex``): the segment and manifest index
   is dropped and rebuilt from the files alone, every group verified against the Archiver's key.
 
-A group is what ingest appends in one write: the segment records since the previous manifest,
-then the manifest that covers them. It is accepted only if the manifest's signature verifies
-under the Archiver's public key, it belongs to the file's camera, it continues the chain
-(sequence and hash of the previous manifest), and its entries match the segments exactly
-(stream, seq, capture time, key id, SHA-256 of the record bytes).
+A group is what ingest appends in one write: a new key's signed grant (if the segment is its
+first), the segment records since the previous manifest, then the manifest that covers them.
+It is accepted only if the manifest's signature verifies under the Archiver's public key, it
+belongs to the file's camera, it continues the chain (sequence and hash of the previous
+manifest), its entries match the segments exactly (stream, seq, capture time, key id, SHA-256
+of the record bytes), and each grant is the Archiver's, for this camera.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from archiver.db import Database, ManifestRow, SegmentRow
+from archiver.db import Database, GrantRow, ManifestRow, SegmentRow
 from keyservice.errors import FormatError
 from keyservice.format import (
     RECORD_HEADER_LEN,
     TAG_LEN,
     ZERO_HASH,
+    KeyGrant,
     Manifest,
     RecordType,
     Segment,
@@ -63,6 +65,7 @@ class ChainState:
 class Group:
     segments: tuple[SegmentRow, ...]
     manifest: ManifestRow
+    grants: tuple[GrantRow, ...] = ()  # signed key grants archived before the segments
 
     @property
     def end(self) -> int:
@@ -87,7 +90,8 @@ def _records(path: Path, start: int) -> Iterator[tuple[int, bytes]]:
             if len(head) < RECORD_HEADER_LEN:
                 return
             kind, length = _RECORD_HEADER.unpack(head)
-            if kind not in (RecordType.SEGMENT, RecordType.MANIFEST) or length > max_body(kind):
+            if (kind not in (RecordType.SEGMENT, RecordType.MANIFEST, RecordType.KEY_GRANT)
+                    or length > max_body(kind)):
                 return
             body = fh.read(length)
             if len(body) < length:
@@ -96,9 +100,9 @@ def _records(path: Path, start: int) -> Iterator[tuple[int, bytes]]:
             offset += RECORD_HEADER_LEN + length
 
 
-def _signature_valid(key: ec.EllipticCurvePublicKey, manifest: Manifest) -> bool:
+def _signature_valid(key: ec.EllipticCurvePublicKey, record: Manifest | KeyGrant) -> bool:
     try:
-        key.verify(manifest.signature, manifest.signed_bytes(), _ECDSA)
+        key.verify(record.signature, record.signed_bytes(), _ECDSA)
     except (InvalidSignature, ValueError):
         return False
     return True
@@ -111,12 +115,18 @@ def scan(path: Path, rel: str, camera: str, start: int, chain: ChainState,
     beyond that point (then those bytes must not be cut)."""
     groups: list[Group] = []
     pending: list[tuple[int, bytes, Segment]] = []
+    grants: list[GrantRow] = []
     records = _records(path, start)
     for offset, raw in records:
         try:
             record = decode_record(raw)
         except FormatError:
             break
+        if isinstance(record, KeyGrant):
+            if pending or record.camera != camera or not _signature_valid(key, record):
+                break  # grants come first in a group, and only the Archiver's
+            grants.append(GrantRow(record.key_id, camera, rel, offset, len(raw)))
+            continue
         if isinstance(record, Segment):
             pending.append((offset, raw, record))
             continue
@@ -125,21 +135,21 @@ def scan(path: Path, rel: str, camera: str, start: int, chain: ChainState,
         if group is None:
             # Not a continuation: if it is signed all the same, its bytes are evidence.
             return groups, _signature_valid(key, record) or _signed_after(records, key)
-        groups.append(group)
+        groups.append(Group(group.segments, group.manifest, tuple(grants)))
         chain.next_seq, chain.prev_hash = record.manifest_seq + 1, group.manifest.hash
-        pending = []
+        pending, grants = [], []
     return groups, _signed_after(records, key)
 
 
 def _signed_after(records: Iterator[tuple[int, bytes]], key: ec.EllipticCurvePublicKey) -> bool:
     for _, raw in records:
-        if raw[0] != RecordType.MANIFEST:
+        if raw[0] not in (RecordType.MANIFEST, RecordType.KEY_GRANT):
             continue
         try:
             record = decode_record(raw)
         except FormatError:
             continue
-        if isinstance(record, Manifest) and _signature_valid(key, record):
+        if isinstance(record, Manifest | KeyGrant) and _signature_valid(key, record):
             return True
     return False
 
@@ -200,7 +210,7 @@ def recover(archive_dir: Path, db: Database, key: ec.EllipticCurvePublicKey) -> 
                                       else ChainState(last.manifest_seq + 1, last.hash))
         groups, signed_beyond = scan(path, rel, camera, acknowledged, chain, key)
         for group in groups:
-            db.record_segments(group.segments, group.manifest)
+            db.record_segments(group.segments, group.manifest, group.grants)
         if groups:
             count = sum(len(g.segments) for g in groups)
             actions.append(f"re-indexed {count} signed segment(s) ({len(groups)} manifest(s)) "
@@ -257,5 +267,6 @@ def rebuild_index(archive_dir: Path, db: Database,
             problems.append(f"{rel}: {size - end} bytes from offset {end} do not verify as "
                             "signed segments continuing the chain; not indexed")
     # Only once every file was read: a rebuild that fails halfway leaves the old index.
-    db.replace_segment_index((g.segments, g.manifest) for g in found)
+    db.replace_segment_index([(g.segments, g.manifest) for g in found],
+                             [grant for g in found for grant in g.grants])
     return RebuildReport(counts, manifests, len(files), problems)

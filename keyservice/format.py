@@ -51,6 +51,9 @@ MANIFEST_LAST = 0x01  # MANIFEST flags bit 0: the last manifest of the recording
 
 LABEL_MANIFEST = b"FSE1 manifest\x00"
 LABEL_END = b"FSE1 end\x00"
+LABEL_KEY_GRANT = b"FSE1 key-grant\x00"
+# Viewers one grant statement can list: 32 bytes each within a 64 KiB record.
+MAX_GRANT_VIEWERS = 2000
 LABEL_TRANSCRIPT = b"FSE1 transcript\x00"
 
 _U16 = struct.Struct(">H")
@@ -72,6 +75,7 @@ class RecordType(IntEnum):
     SEGMENT = 4
     MANIFEST = 5
     END = 6
+    KEY_GRANT = 7
 
 
 class DataStream(IntEnum):
@@ -481,9 +485,54 @@ class End:
         return self._unsigned() + _U16.pack(len(self.signature)) + self.signature
 
 
-Record = Header | EpochOpener | KeyRecord | Segment | Manifest | End
+@dataclass(frozen=True, slots=True)
+class KeyGrant:
+    """The Archiver's signed statement, made when a minute key came into use, of exactly the
+    viewers it wrapped that key for. Shared by all viewers and archived with the segments: a
+    viewer that gets no key record for a segment can then tell "not authorized then" (its
+    fingerprint is not listed) from "withheld or lost" (listed, or no statement at all)."""
 
-_RECORD_CLASSES = (Header, EpochOpener, KeyRecord, Segment, Manifest, End)
+    camera: str
+    stream: DataStream
+    key_id: bytes
+    valid_from_ms: int
+    viewers: tuple[bytes, ...]  # certificate fingerprints, sorted, distinct
+    signature: bytes = b""
+
+    record_type: ClassVar[RecordType] = RecordType.KEY_GRANT
+
+    def __post_init__(self) -> None:
+        validate_name(self.camera)
+        object.__setattr__(self, "stream", _enum(DataStream, "data stream", self.stream))
+        _bytes("key id", self.key_id, ID_LEN)
+        _uint("key start time", self.valid_from_ms, 64)
+        if isinstance(self.viewers, bytes | str):
+            raise FormatError("A key grant lists viewer fingerprints as a sequence.")
+        viewers = tuple(self.viewers)
+        for viewer in viewers:
+            _bytes("viewer fingerprint", viewer, HASH_LEN)
+        # Canonical: one encoding per statement, and membership is unambiguous.
+        if list(viewers) != sorted(set(viewers)) or len(viewers) > MAX_GRANT_VIEWERS:
+            raise FormatError(f"A key grant lists at most {MAX_GRANT_VIEWERS} distinct viewer "
+                              "fingerprints in ascending order.")
+        _var_bytes("key grant signature", self.signature, 0, MAX_SIGNATURE)
+        object.__setattr__(self, "viewers", viewers)
+
+    def _unsigned(self) -> bytes:
+        return b"".join((_str8(self.camera), bytes((self.stream,)), self.key_id,
+                         _U64.pack(self.valid_from_ms), _U16.pack(len(self.viewers)),
+                         *self.viewers))
+
+    def signed_bytes(self) -> bytes:
+        return LABEL_KEY_GRANT + self._unsigned()
+
+    def _body(self) -> bytes:
+        return self._unsigned() + _U16.pack(len(self.signature)) + self.signature
+
+
+Record = Header | EpochOpener | KeyRecord | Segment | Manifest | End | KeyGrant
+
+_RECORD_CLASSES = (Header, EpochOpener, KeyRecord, Segment, Manifest, End, KeyGrant)
 
 RawRecord = bytes | memoryview
 """A record's exact encoded bytes: ``bytes``, or a read-only view of bytes nobody changes
@@ -671,6 +720,12 @@ def _decode_entry(stream: int, seq: int, capture_ms: int, key_id: bytes, tag: by
     return ManifestEntry._unchecked(data_stream, seq, capture_ms, key_id, tag, digest)
 
 
+def _decode_key_grant(c: _Cursor) -> KeyGrant:
+    camera, stream, key_id, valid_from = c.str8(), _stream(c.u8()), c.take(ID_LEN), c.u64()
+    viewers = tuple(c.take(HASH_LEN) for _ in range(c.u16()))
+    return KeyGrant(camera, stream, key_id, valid_from, viewers, c.take(c.u16()))
+
+
 def _decode_end(c: _Cursor) -> End:
     return End(c.take(ID_LEN), c.u8(), c.take(HASH_LEN), c.take(c.u16()))
 
@@ -682,6 +737,7 @@ _DECODERS = {
     RecordType.SEGMENT: _decode_segment,
     RecordType.MANIFEST: _decode_manifest,
     RecordType.END: _decode_end,
+    RecordType.KEY_GRANT: _decode_key_grant,
 }
 
 

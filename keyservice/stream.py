@@ -35,6 +35,7 @@ from keyservice.crypto import (
 )
 from keyservice.errors import FormatError, IntegrityError, NoMatchingIdentity, RequestMismatch
 from keyservice.format import (
+    LABEL_KEY_GRANT,
     LABEL_MANIFEST,
     RECORD_HEADER_LEN,
     ZERO_HASH,
@@ -44,6 +45,7 @@ from keyservice.format import (
     EpochOpener,
     Header,
     KeyCommitment,
+    KeyGrant,
     KeyRecord,
     Manifest,
     ManifestEntry,
@@ -114,6 +116,15 @@ class ManifestChain:
         return manifest, encoded
 
 
+def issue_key_grant(key: MinuteKey, viewers: Sequence[bytes], signer: Signer) -> bytes:
+    """The signed statement of which viewers ``key`` was wrapped for (their certificate
+    fingerprints), made when the key comes into use; archive it before the key's first
+    segment. Returns its encoded bytes."""
+    unsigned = KeyGrant(key.camera, key.stream, key.key_id, key.valid_from_ms,
+                        tuple(sorted(set(viewers))))
+    return encode_record(replace(unsigned, signature=signer.sign(unsigned.signed_bytes())))
+
+
 class StreamWriter:
     """Writes one fusion stream (one response to one viewer) and keeps its transcript hash.
 
@@ -173,7 +184,7 @@ def _check_framing(data: bytes) -> None:
         raise ValueError("Not an encoded record: shorter than its type and length.")
     kind, length = data[0], int.from_bytes(data[1:RECORD_HEADER_LEN], "big")
     if kind not in (RecordType.EPOCH_OPENER, RecordType.KEY_RECORD, RecordType.SEGMENT,
-                    RecordType.MANIFEST):
+                    RecordType.MANIFEST, RecordType.KEY_GRANT):
         raise ValueError(f"Record type {kind} cannot be passed through a stream writer.")
     if length != len(data) - RECORD_HEADER_LEN or length > max_body(kind):
         raise ValueError("Not exactly one encoded record: its length field disagrees.")
@@ -299,8 +310,21 @@ class SegmentPlaintext:
 
 @dataclass(frozen=True)
 class SegmentSkipped:
-    """A segment the signed manifest lists but for which this viewer holds no key: it was
-    not authorized on that camera when the segment was recorded."""
+    """A segment the signed manifest lists but for which this viewer holds no key, and the
+    Archiver's signed key grant shows it was not authorized when the segment was recorded
+    (withheld: not authorized for this viewer)."""
+
+    camera: str
+    stream: DataStream
+    seq: int
+    capture_ms: int
+
+
+@dataclass(frozen=True)
+class SegmentMissing:
+    """A segment the signed manifest lists (so it was recorded) but that did not come, and
+    no signed key grant explains it: the viewer was authorized, or nothing says it was not.
+    The stream is authentic but incomplete."""
 
     camera: str
     stream: DataStream
@@ -313,7 +337,7 @@ class StreamEnded:
     reason: int
 
 
-Event = SegmentPlaintext | SegmentSkipped | StreamEnded
+Event = SegmentPlaintext | SegmentSkipped | SegmentMissing | StreamEnded
 
 
 @dataclass
@@ -353,6 +377,7 @@ class StreamReader:
         self._openers: dict[bytes, EpochOpener] = {}
         self._ratchets: dict[bytes, KekRatchet] = {}
         self._key_records: dict[bytes, KeyRecord] = {}
+        self._grants: dict[bytes, KeyGrant] = {}  # key id -> the verified signed key grant
         self._keys: dict[bytes, tuple[AESGCM, bytes]] = {}  # key id -> (aead, commitment)
         self._retained = 0
         self._ended = False
@@ -363,7 +388,7 @@ class StreamReader:
         """True once the signed END record verified."""
         return self._ended
 
-    def feed(self, data: bytes) -> list[SegmentPlaintext | SegmentSkipped | StreamEnded]:
+    def feed(self, data: bytes) -> list[Event]:
         """Events completed by ``data``, in stream order. On an error nothing of this call
         is returned and the reader stays failed."""
         self._check_usable()
@@ -418,6 +443,8 @@ class StreamReader:
             self._on_key_record(record, len(raw))
         elif isinstance(record, EpochOpener):
             self._on_opener(record, len(raw))
+        elif isinstance(record, KeyGrant):
+            self._on_key_grant(record, raw)
         else:
             raise FormatError("A fusion stream holds exactly one header record.")
         self._transcript.add(digest)
@@ -487,6 +514,26 @@ class StreamReader:
         self._charge(size + _RECORD_OVERHEAD)
         self._key_records[record.key_id] = record
 
+    def _on_key_grant(self, grant: KeyGrant, raw: RawRecord) -> None:
+        self._camera(grant.camera)
+        assert self._archiver_key is not None
+        unsigned = raw[RECORD_HEADER_LEN:len(raw) - 2 - len(grant.signature)]
+        _verify(self._archiver_key, LABEL_KEY_GRANT + unsigned, grant.signature)
+        known = self._grants.get(grant.key_id)
+        if known is not None:
+            if known != grant:
+                raise IntegrityError()
+            return
+        self._charge(len(raw) + _RECORD_OVERHEAD)
+        self._grants[grant.key_id] = grant
+
+    def _withheld_legitimately(self, camera: str, entry: ManifestEntry) -> bool:
+        """True only if the Archiver's signed key grant for this segment's key (made when the
+        key came into use) does not list this viewer."""
+        grant = self._grants.get(entry.key_id)
+        return (grant is not None and grant.camera == camera and grant.stream == entry.stream
+                and self._fingerprint not in grant.viewers)
+
     def _on_segment(self, segment: Segment, raw: RawRecord, digest: bytes) -> None:
         camera = self._camera(segment.camera)
         cost = len(raw) + _RECORD_OVERHEAD
@@ -534,8 +581,9 @@ class StreamReader:
         # Decrypt everything first, release after: a failing segment releases nothing.
         for entry, segment in plan:
             if segment is None or entry.key_id not in self._key_records:
-                out.append(SegmentSkipped(manifest.camera, entry.stream, entry.seq,
-                                          entry.capture_ms))
+                kind = (SegmentSkipped if self._withheld_legitimately(manifest.camera, entry)
+                        else SegmentMissing)
+                out.append(kind(manifest.camera, entry.stream, entry.seq, entry.capture_ms))
                 continue
             aead = self._key(entry.key_id, manifest.camera, entry.stream,
                              commitments[entry.key_id])

@@ -165,3 +165,51 @@ def test_edited_time_columns_cannot_pass_off_earlier_footage(
     assert edited.code == EXIT_REQUEST_MISMATCH, edited.stderr
     assert "outside the requested range" in edited.stderr
     assert_no_video(out)
+
+
+EXIT_SEGMENTS_MISSING = 53
+
+
+def test_deleted_key_records_are_reported_missing_not_unauthorized(
+        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    """Issue 12's first index edit: deleting a viewer's key-record rows for the middle of a
+    range made `play` say "complete" and call those minutes "not authorized". Now only the
+    Archiver's signed key grant, made when the key came into use and archived with the
+    segments, can say "not authorized"; without it the segments are missing (exit 53)."""
+    alice, bob = make_viewer("alice"), make_viewer("bob")
+    cam1 = archiver_server.add_camera("cam1")
+    alice_fp = archiver_server.add_client(alice.pem, ["cam1"])
+    t0 = now_ms()
+    parts = [[chunk(f"part{p}-{i}") for i in range(3)] for p in range(3)]
+    put(archiver_server, "cam1", cam1, *parts[0])
+    archiver_server.add_client(bob.pem, ["cam1"])  # new minute keys from here on
+    put(archiver_server, "cam1", cam1, *parts[1])
+    archiver_server.add_client(bob.pem, ["cam1"])
+    put(archiver_server, "cam1", cam1, *parts[2])
+    t1 = now_ms() + 1
+    # Bob was authorized after the first part: the signed grants say so.
+    seen_by_bob = play(client, archiver_server.url, bob, tmp_path / "bob.ts", t0, t1)
+    assert seen_by_bob.code == 0, seen_by_bob.stderr
+    assert "3 segment(s)" in seen_by_bob.stderr and "withheld: not authorized for you" in \
+        seen_by_bob.stderr
+    assert (tmp_path / "bob.ts").read_bytes() == b"".join(parts[1] + parts[2])
+    with sqlite3.connect(archiver_server.data_dir / "archiver.sqlite3") as db:
+        deleted = db.execute(
+            "DELETE FROM key_records WHERE fingerprint=? AND key_id IN (SELECT key_id FROM "
+            "segments WHERE seq BETWEEN 3 AND 5)", (alice_fp,)).rowcount
+    assert deleted == 1
+    out = tmp_path / "alice.ts"
+    result = play(client, archiver_server.url, alice, out, t0, t1)
+    assert result.code == EXIT_SEGMENTS_MISSING, result.stderr
+    assert "3 segment(s)" in result.stderr and "MISSING" in result.stderr
+    assert "complete" not in result.stderr.replace("incomplete", "")
+    assert "withheld: not authorized" not in result.stderr
+    assert not out.exists()
+    assert (tmp_path / "alice.ts.incomplete").read_bytes() == b"".join(parts[0] + parts[2])
+    # Deleting the grants' index rows as well changes nothing: still missing.
+    with sqlite3.connect(archiver_server.data_dir / "archiver.sqlite3") as db:
+        assert db.execute("DELETE FROM key_grants").rowcount >= 3
+    again = play(client, archiver_server.url, alice, tmp_path / "again.ts", t0, t1)
+    assert again.code == EXIT_SEGMENTS_MISSING, again.stderr
+    assert "withheld: not authorized" not in again.stderr

@@ -36,11 +36,13 @@ from keyservice.format import (
 from keyservice.identity import OaepHash, Recipient, SoftwareIdentity, fingerprint
 from keyservice.stream import (
     ManifestChain,
+    SegmentMissing,
     SegmentPlaintext,
     SegmentSkipped,
     StreamEnded,
     StreamReader,
     StreamWriter,
+    issue_key_grant,
 )
 from tests.vectors import generate as vectors
 
@@ -72,8 +74,13 @@ class Rig:
         self.epoch, opener = Epoch.start(self.recipient, 60, now)
         self.chunks.append(self.writer.add(opener))
 
-    def rotate(self, camera: str, stream: DataStream, now: int, wrap: bool = True) -> MinuteKey:
+    def rotate(self, camera: str, stream: DataStream, now: int, wrap: bool = True,
+               grant: bool = True) -> MinuteKey:
+        """``wrap``: a key record for the viewer; otherwise (``grant``) the Archiver's signed
+        key grant that does not list it, as the Archiver sends for a segment it withholds."""
         key = self.keys[(camera, stream)] = new_minute_key(camera, stream, now)
+        if not wrap and grant:
+            self.chunks.append(self.writer.add(issue_key_grant(key, [], self.signer)))
         if wrap:
             if self.epoch is None:
                 self.new_epoch(now)
@@ -374,6 +381,30 @@ def test_skipped_segments_and_an_unused_epoch_cost_no_token_operation() -> None:
     assert events == [SegmentSkipped(CAM, DataStream.VIDEO, 0, T + 1),
                       SegmentSkipped(CAM, DataStream.VIDEO, 1, T + 2), StreamEnded(1)]
     assert reader.token_operations == 0
+
+
+def test_withheld_segments_without_a_grant_that_excludes_the_viewer_are_missing() -> None:
+    # No signed grant at all, or one that lists this viewer: "missing", never "not authorized".
+    for grant_lists_viewer in (None, True):
+        rig = Rig(cameras=(CAM,))
+        key = rig.rotate(CAM, DataStream.VIDEO, T, wrap=False, grant=False)
+        if grant_lists_viewer:
+            rig.chunks.append(rig.writer.add(issue_key_grant(
+                key, [fingerprint(rig.identity.certificate)], rig.signer)))
+        rig.segment(CAM, DataStream.VIDEO, T + 1, send=False)
+        rig.manifest(CAM, T + 3)
+        events = read_all(rig.reader(), rig.end())
+        assert events == [SegmentMissing(CAM, DataStream.VIDEO, 0, T + 1), StreamEnded(1)]
+
+
+def test_a_key_grant_signed_by_another_key_is_refused() -> None:
+    rig = Rig(cameras=(CAM,))
+    key = rig.rotate(CAM, DataStream.VIDEO, T, wrap=False, grant=False)
+    rig.chunks.append(rig.writer.add(issue_key_grant(key, [], vectors.load_signer("rogue"))))
+    rig.segment(CAM, DataStream.VIDEO, T + 1, send=False)
+    rig.manifest(CAM, T + 3)
+    with pytest.raises(IntegrityError):
+        read_all(rig.reader(), rig.end())
 
 
 def test_missing_segment_the_viewer_has_a_key_for() -> None:

@@ -23,6 +23,7 @@ from keyservice.errors import (
 from keyservice.format import Mode
 from keyservice.identity import SoftwareIdentity, fingerprint
 from keyservice.stream import (
+    SegmentMissing,
     SegmentPlaintext,
     SegmentSkipped,
     StreamEnded,
@@ -62,6 +63,9 @@ ISSUE_12_COVERAGE = {  # streams that do not answer the request
     "footage outside the range": "request-segment-outside-range",
     "stale live": "request-stale-live",
     "old segments offered as live": "request-live-old-segments",
+    "key records withheld: missing, not 'not authorized'": "withheld-key-record-is-missing",
+    "no signed key grant: missing": "skipped-without-key-grant-is-missing",
+    "forged key grant": "key-grant-resigned-by-other-key",
 }
 
 
@@ -127,8 +131,9 @@ def as_json(events: list[object]) -> list[dict[str, Any]]:
                         "stream": event.stream.name.lower(), "seq": event.seq,
                         "capture_ms": event.capture_ms, "last": event.last,
                         "sha256": hashlib.sha256(event.data).hexdigest()})
-        elif isinstance(event, SegmentSkipped):
-            out.append({"event": "skipped", "camera": event.camera,
+        elif isinstance(event, SegmentSkipped | SegmentMissing):
+            kind = "skipped" if isinstance(event, SegmentSkipped) else "missing"
+            out.append({"event": kind, "camera": event.camera,
                         "stream": event.stream.name.lower(), "seq": event.seq,
                         "capture_ms": event.capture_ms})
         else:

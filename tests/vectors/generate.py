@@ -64,7 +64,7 @@ from keyservice.identity import (  # noqa: E402
     SoftwareSigner,
     fingerprint,
 )
-from keyservice.stream import ManifestChain, StreamWriter  # noqa: E402
+from keyservice.stream import ManifestChain, StreamWriter, issue_key_grant  # noqa: E402
 
 KEYS_DIR = HERE / "keys"
 VECTORS_DIR = HERE / "v1"
@@ -231,6 +231,7 @@ class SimArchiver:
         self.manifests: list[ArchivedManifest] = []
         self.pending: dict[str, list[ArchivedSegment]] = {LOBBY: [], GATE: []}
         self.minute_keys: dict[str, str] = {}  # hex key id -> hex key (intermediates)
+        self.grants: dict[bytes, bytes] = {}  # key id -> signed key grant (who it was wrapped for)
 
     def rotate(self, camera: str, stream: DataStream, now: int) -> None:
         key = new_minute_key(camera, stream, now, self.rng)
@@ -248,6 +249,9 @@ class SimArchiver:
                 viewer.kek0[opener.epoch_id.hex()] = kek0.hex()
             record = viewer.epoch.wrap(key, now, self.rng)
             viewer.key_records[key.key_id] = (viewer.epoch.epoch_id, encode_record(record))
+        wrapped_for = [fingerprint(v.recipient.certificate) for v in self.viewers
+                       if key.key_id in v.key_records]
+        self.grants[key.key_id] = issue_key_grant(key, wrapped_for, self.signer)
 
     def ingest(self, camera: str, stream: DataStream, now: int, last: bool = False) -> None:
         seq = self.next_seq.get((camera, stream), 0)
@@ -323,7 +327,12 @@ class Built:
 def assemble(sim: SimArchiver, viewer: Viewer, cameras: tuple[str, ...], mode: Mode,
              manifests: list[ArchivedManifest], rng: FixedRng, *, header_cert: bytes | None = None,
              end_signer: DeterministicSigner | None = None, created_ms: int = T0 + 200_000,
-             range_ms: tuple[int, int] = (T0, T0 + 180_000)) -> Built:
+             range_ms: tuple[int, int] = (T0, T0 + 180_000), withhold: frozenset[bytes] = frozenset(),
+             without_grants: bool = False,
+             grant_override: dict[bytes, bytes] | None = None) -> Built:
+    """``withhold``: key ids whose key records (and segments) are not sent although the viewer
+    has them (as an Archiver whose index lost them); ``without_grants``: send no key grants;
+    ``grant_override``: send these grant bytes instead of the genuine ones."""
     request_id, nonce = rng(16), rng(16)
     header = Header(header_cert or der(sim.signer.certificate),
                     fingerprint(viewer.recipient.certificate), request_id, created_ms, mode,
@@ -336,15 +345,26 @@ def assemble(sim: SimArchiver, viewer: Viewer, cameras: tuple[str, ...], mode: M
     plaintext = bytearray()
     sent_epochs: set[bytes] = set()
     sent_keys: set[bytes] = set()
+    sent_grants: set[bytes] = set()
+    viewer_fp = fingerprint(viewer.recipient.certificate)
     for manifest in manifests:
         for archived in manifest.segments:
             segment = archived.segment
             found = viewer.key_records.get(segment.key_id)
-            if found is None:
-                events.append({"event": "skipped", "camera": segment.camera,
+            if found is None or segment.key_id in withhold:
+                # Only the manifest is sent, with the key's signed grant: "skipped" (withheld,
+                # not authorized) only if the grant does not list this viewer.
+                grant = (grant_override or {}).get(segment.key_id, sim.grants[segment.key_id])
+                if not without_grants and segment.key_id not in sent_grants:
+                    records.append(writer.add(grant))
+                    notes.append({"kind": "grant", "key_id": segment.key_id})
+                    sent_grants.add(segment.key_id)
+                listed = viewer_fp in decode_record(grant).viewers  # type: ignore[union-attr]
+                kind = "missing" if without_grants or listed else "skipped"
+                events.append({"event": kind, "camera": segment.camera,
                                "stream": segment.stream.name.lower(), "seq": segment.seq,
                                "capture_ms": segment.capture_ms})
-                continue  # not authorized then: only the manifest is sent
+                continue
             epoch_id, key_record = found
             if epoch_id not in sent_epochs:
                 records.append(writer.add(viewer.openers[epoch_id]))
@@ -707,6 +727,29 @@ def vectors() -> Iterator[Vector]:
     padded = struct.pack(">BI", RecordType.KEY_RECORD, len(padded) - 5) + padded[5:]
     yield V("trailing-bytes-in-record", "A key record with one byte too many.", FORMAT,
                  with_record(key_i, padded), key_i)
+
+    # --- completeness: withheld segments need a signed key grant (issue 12) ---------------
+    lobby_key = good.notes[indices(good, "key", epoch_id=epoch_1)[3]]["key_id"]
+    withheld = assemble(sim, viewer_a, (LOBBY, GATE), Mode.PLAYBACK, sim.manifests,
+                        FixedRng("stream of viewer A"), withhold=frozenset({lobby_key}))
+    yield V("withheld-key-record-is-missing", "The key record (and segments) of one cam-lobby "
+            "minute key are not sent although viewer A has one, as from an Archiver whose index "
+            "lost those key-record rows; the key's signed grant lists viewer A, so the reader "
+            "reports those segments as missing, not as 'not authorized'.", SUCCESS,
+            withheld.stream(), built=withheld, request=withheld.request)
+    no_grants = assemble(sim, viewer_a, (LOBBY, GATE), Mode.PLAYBACK, sim.manifests,
+                         FixedRng("stream of viewer A"), without_grants=True)
+    yield V("skipped-without-key-grant-is-missing", "The good stream without the signed key "
+            "grants of the cam-gate keys viewer A was not authorized for: nothing signed says "
+            "it was not authorized, so those segments are reported as missing.", SUCCESS,
+            no_grants.stream(), built=no_grants, request=no_grants.request)
+    gate_grant_i = indices(good, "grant")[0]
+    gate_grant = decode_record(recs[gate_grant_i])
+    forged_grant = encode_record(replace(gate_grant, signature=rogue.sign(
+        gate_grant.signed_bytes())))  # type: ignore[union-attr]
+    yield V("key-grant-resigned-by-other-key", "A key grant signed by a key that is not the "
+            "pinned Archiver's.", INTEGRITY, with_record(gate_grant_i, forged_grant),
+            gate_grant_i)
 
     # --- streams that do not answer the request (issue 12: replay, the CCTV loop) ---------
     def asking(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
