@@ -204,6 +204,13 @@ class Archive:
                 state = self._cameras[camera] = _CameraState(chain)
             return state
 
+    def chain_head(self, camera: str) -> int:
+        """The sequence number the camera's next manifest will have, from memory: under the
+        camera's lock, so every manifest before it is archived and indexed."""
+        state = self._camera_state(camera)
+        with state.lock:
+            return state.chain.next_seq
+
     # --- authorization ----------------------------------------------------------------
     def authorization_changed(self, fingerprint: str, cameras: list[str] | None) -> None:
         self.keys.authorization_changed(fingerprint, cameras)
@@ -229,12 +236,31 @@ class Archive:
             yield assembler.start()
             after = -1
             while rows := self.db.manifests_from(camera, from_ms, to_ms, after):
+                if after < 0 and rows[0].manifest_seq > 0:
+                    # The range's opening edge: the manifest just before it, bare.
+                    yield assembler.edge(camera, rows[0].manifest_seq - 1)
                 for row in rows:
                     if not assembler.still_authorized():
                         return  # revoked: ends without an end record, nothing more is sent
                     yield assembler.manifest(row)
                 after = rows[-1].manifest_seq
-            yield assembler.end(EndReason.RANGE_COMPLETE)
+            # The closing edge: the chain head from memory (not the index), and, if the chain
+            # went on, the manifest right after the range, bare.
+            while True:
+                head = self.chain_head(camera)
+                if after < 0 or after >= head - 1:
+                    break
+                following = self.db.manifests_after(camera, after, 1)
+                if not following or following[0].manifest_seq != after + 1:
+                    break  # not indexed: the viewer will report the end as unproven
+                row = following[0]
+                if row.first_capture_ms <= to_ms:  # archived while this stream was served
+                    yield assembler.manifest(row)
+                    after = row.manifest_seq
+                    continue
+                yield assembler.edge(camera, row.manifest_seq)
+                break
+            yield assembler.end(EndReason.RANGE_COMPLETE, ((camera, head),))
         finally:
             assembler.close()
 
@@ -352,8 +378,18 @@ class _Assembler:
         parts.append(self._writer.add(self._read(row.file, row.offset, row.length), digest=row.hash))
         return b"".join(parts)
 
-    def end(self, reason: EndReason) -> bytes:
-        return self._writer.end(self._archive.signer, reason)
+    def end(self, reason: EndReason, heads: tuple[tuple[str, int], ...] = ()) -> bytes:
+        return self._writer.end(self._archive.signer, reason, heads)
+
+    def edge(self, camera: str, manifest_seq: int) -> bytes:
+        """A manifest just outside the range, without its segments: it links the range's
+        first or last manifest to the chain around it (nothing there if it is not indexed;
+        the viewer then reports the range's edge as unproven)."""
+        rows = self._db.manifests_after(camera, manifest_seq - 1, 1)
+        if not rows or rows[0].manifest_seq != manifest_seq:
+            return b""
+        row = rows[0]
+        return self._writer.add(self._read(row.file, row.offset, row.length), digest=row.hash)
 
     def _read(self, file: str, offset: int, length: int) -> bytes:
         reader = self._readers.get(file)

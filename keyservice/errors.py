@@ -56,6 +56,14 @@ class RequestMismatch(KeyServiceError):
     exit_code = 13
 
 
+class RangeIncomplete(KeyServiceError):
+    """The stream is authentic and answers the request, but it cannot show that it covers the
+    whole requested range: recorded segments are missing, or its first or last manifest is not
+    proven to be the edge of the range."""
+
+    exit_code = 53
+
+
 # --- tokens (PKCS#11) --------------------------------------------------------------------
 class TokenError(KeyServiceError):
     exit_code = 20

@@ -466,6 +466,10 @@ class End:
     reason: int
     transcript_hash: bytes
     signature: bytes = b""
+    # Per camera, the sequence number of the next manifest its chain will issue, from the
+    # Archiver's memory when END was made (encoded after transcript_hash): a range that
+    # reaches the present shows through it that no manifest after the last one sent exists.
+    heads: tuple[tuple[str, int], ...] = ()
 
     record_type: ClassVar[RecordType] = RecordType.END
 
@@ -474,9 +478,17 @@ class End:
         object.__setattr__(self, "reason", _enum(EndReason, "end reason", self.reason))
         _bytes("transcript hash", self.transcript_hash, HASH_LEN)
         _var_bytes("end signature", self.signature, 0, MAX_SIGNATURE)
+        heads = tuple((validate_name(camera), seq) for camera, seq in self.heads)
+        for _, seq in heads:
+            _uint("chain head", seq, 64)
+        if len(heads) > MAX_CAMERAS or len({c for c, _ in heads}) != len(heads):
+            raise FormatError(f"An end record names at most {MAX_CAMERAS} distinct chain heads.")
+        object.__setattr__(self, "heads", heads)
 
     def _unsigned(self) -> bytes:
-        return self.request_id + bytes((self.reason,)) + self.transcript_hash
+        return b"".join((self.request_id, bytes((self.reason,)), self.transcript_hash,
+                         bytes((len(self.heads),)),
+                         *(_str8(camera) + _U64.pack(seq) for camera, seq in self.heads)))
 
     def signed_bytes(self) -> bytes:
         return LABEL_END + self._unsigned()
@@ -727,7 +739,9 @@ def _decode_key_grant(c: _Cursor) -> KeyGrant:
 
 
 def _decode_end(c: _Cursor) -> End:
-    return End(c.take(ID_LEN), c.u8(), c.take(HASH_LEN), c.take(c.u16()))
+    request_id, reason, transcript = c.take(ID_LEN), c.u8(), c.take(HASH_LEN)
+    heads = tuple((c.str8(), c.u64()) for _ in range(c.u8()))
+    return End(request_id, reason, transcript, c.take(c.u16()), heads)
 
 
 _DECODERS = {

@@ -33,7 +33,13 @@ from keyservice.crypto import (
     open_segment,
     unwrap_key_record,
 )
-from keyservice.errors import FormatError, IntegrityError, NoMatchingIdentity, RequestMismatch
+from keyservice.errors import (
+    FormatError,
+    IntegrityError,
+    NoMatchingIdentity,
+    RangeIncomplete,
+    RequestMismatch,
+)
 from keyservice.format import (
     LABEL_KEY_GRANT,
     LABEL_MANIFEST,
@@ -169,10 +175,15 @@ class StreamWriter:
         self._transcript.add(digest)
         return data
 
-    def end(self, signer: Signer, reason: int) -> bytes:
+    def end(self, signer: Signer, reason: int,
+            heads: Sequence[tuple[str, int]] = ()) -> bytes:
+        """``heads``: per camera, the next manifest sequence number of its chain (the
+        Archiver's own state, not its index), so a reader can tell that a stream whose last
+        manifest is ``head - 1`` reached the present."""
         if self._state != "open":
             raise ValueError("StreamWriter.end() needs start() first and may be called once.")
-        unsigned = End(self.header.request_id, reason, self._transcript.digest())
+        unsigned = End(self.header.request_id, reason, self._transcript.digest(),
+                       heads=tuple(heads))
         data = encode_record(replace(unsigned, signature=signer.sign(unsigned.signed_bytes())))
         self._state = "ended"
         return data
@@ -346,6 +357,10 @@ class _Camera:
     pending: list[tuple[Segment, RawRecord, bytes, int]] = field(default_factory=list)
     last_seq: int | None = None
     last_hash: bytes = ZERO_HASH
+    # Playback edges: the first manifest seen starts the chain (sequence 0) or is a bare
+    # manifest from before the range; a bare manifest from after the range closes it.
+    opened: bool = False
+    closed: bool = False
 
 
 class StreamReader:
@@ -418,7 +433,8 @@ class StreamReader:
             return
         if isinstance(failure, IntegrityError):
             raise IntegrityError()
-        if isinstance(failure, FormatError | NoMatchingIdentity | RequestMismatch):
+        if isinstance(failure, FormatError | NoMatchingIdentity | RequestMismatch
+                      | RangeIncomplete):
             raise type(failure)(failure.message, failure.advice)
         raise FormatError("This stream reader already failed; start a new one.")
 
@@ -549,18 +565,30 @@ class StreamReader:
         # encoding is canonical, so this equals manifest.signed_bytes() without re-encoding).
         unsigned = raw[RECORD_HEADER_LEN:len(raw) - 2 - len(manifest.signature)]
         _verify(self._archiver_key, LABEL_MANIFEST + unsigned, manifest.signature)
-        if self._request is not None:  # signed capture times, checked against the request
-            for entry in manifest.entries:
-                _check_entry_answers(manifest.camera, entry, self._request)
         # The chain: each manifest names its predecessor, so a dropped, replayed or reordered
         # manifest breaks it. A chain may be joined midway (playback from a later time), but
         # sequence 0 and the zero hash only ever come together.
-        if camera.last_seq is None:
+        first = camera.last_seq is None
+        if first:
             if (manifest.manifest_seq == 0) != (manifest.prev_hash == ZERO_HASH):
                 raise IntegrityError()
         elif (manifest.manifest_seq != camera.last_seq + 1
               or not hmac.compare_digest(manifest.prev_hash, camera.last_hash)):
             raise IntegrityError()
+        if self._request is not None:
+            if self._is_edge(camera, manifest, first):
+                # A bare manifest just outside the range, linked to the chain: proof that
+                # nothing between it and the range's first or last manifest was left out.
+                camera.last_seq, camera.last_hash = manifest.manifest_seq, digest
+                return
+            if camera.closed:
+                raise RequestMismatch(
+                    f"Camera {manifest.camera}'s manifests go on after the one that closed the "
+                    "requested range.")
+            for entry in manifest.entries:  # signed capture times, checked against the request
+                _check_entry_answers(manifest.camera, entry, self._request)
+            if first:
+                camera.opened = manifest.manifest_seq == 0
         # The entries must be exactly the pending segments, in order; only a segment for
         # which this viewer holds no key may be absent (the Archiver does not send those).
         plan: list[tuple[ManifestEntry, Segment | None]] = []
@@ -600,6 +628,47 @@ class StreamReader:
             self._buffers.give_back(segment_bytes)
         events.extend(out)
 
+    def _is_edge(self, camera: _Camera, manifest: Manifest, first: bool) -> bool:
+        """A playback edge: sent bare (no segment of it came), every entry before the range and
+        it is the camera's first manifest, or every entry after the range."""
+        request = self._request
+        if (request is None or request.mode != Mode.PLAYBACK or camera.pending
+                or not manifest.entries):
+            return False
+        if first and all(e.capture_ms < request.from_ms for e in manifest.entries):
+            camera.opened = True
+            return True
+        if not camera.closed and all(e.capture_ms > request.to_ms for e in manifest.entries):
+            camera.closed = True
+            camera.opened = camera.opened or (first and manifest.manifest_seq == 0)
+            return True
+        return False
+
+    def _check_edges(self, end: End) -> None:
+        """Playback: the stream must show, from signed data, that it covers the whole range
+        of each camera: from the chain's start or a manifest before the range, to a manifest
+        after the range or the chain's head as the END states it."""
+        request = self._request
+        if request is None or request.mode != Mode.PLAYBACK:
+            return
+        heads = dict(end.heads)
+        for name, camera in self._cameras.items():
+            head = heads.get(name)
+            if camera.last_seq is None:
+                if head == 0:
+                    continue  # nothing was ever recorded on this camera
+                raise RangeIncomplete(
+                    f"The stream holds no manifest of camera {name}, and does not show that "
+                    "nothing was recorded in the requested range.")
+            if not camera.opened:
+                raise RangeIncomplete(
+                    f"The stream does not show that it starts at the beginning of the requested "
+                    f"range for camera {name}: earlier recordings in the range may be missing.")
+            if not camera.closed and head != camera.last_seq + 1:
+                raise RangeIncomplete(
+                    f"The stream does not show that it reaches the end of the requested range "
+                    f"for camera {name}: later recordings in the range may be missing.")
+
     def _key(self, key_id: bytes, camera: str, stream: DataStream, commitment: bytes) -> AESGCM:
         record = self._key_records[key_id]
         if record.camera != camera or record.stream != stream:
@@ -638,6 +707,7 @@ class StreamReader:
         if not hmac.compare_digest(end.transcript_hash, self._transcript.digest()):
             raise IntegrityError()
         _verify(self._archiver_key, end.signed_bytes(), end.signature)
+        self._check_edges(end)
         self._ended = True
         events.append(StreamEnded(int(end.reason)))
 

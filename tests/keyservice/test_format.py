@@ -92,7 +92,11 @@ def test_signed_bytes_exclude_the_signature_and_carry_a_label() -> None:
     assert replace(MANIFEST, signature=b"other").signed_bytes() == MANIFEST.signed_bytes()
     body = encode_record(MANIFEST)[5:]
     assert body == MANIFEST.signed_bytes()[len(b"FSE1 manifest\x00"):] + b"\x00\x46" + b(70, 12)
-    assert END.signed_bytes() == b"FSE1 end\x00" + b(16, 2) + b"\x02" + b(32, 13)
+    assert END.signed_bytes() == b"FSE1 end\x00" + b(16, 2) + b"\x02" + b(32, 13) + b"\x00"
+    with_heads = replace(END, heads=(("cam-1", 7),))
+    assert with_heads.signed_bytes() == (b"FSE1 end\x00" + b(16, 2) + b"\x02" + b(32, 13)
+                                         + b"\x01\x05cam-1" + struct.pack(">Q", 7))
+    assert decode_record(encode_record(with_heads)) == with_heads
 
 
 def test_prefix() -> None:

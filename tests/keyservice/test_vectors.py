@@ -18,6 +18,7 @@ from keyservice.errors import (
     IntegrityError,
     KeyServiceError,
     NoMatchingIdentity,
+    RangeIncomplete,
     RequestMismatch,
 )
 from keyservice.format import Mode
@@ -35,7 +36,8 @@ from tests.vectors import generate
 VECTOR_DIR = Path(__file__).resolve().parents[1] / "vectors" / "v1"
 FILES = sorted(VECTOR_DIR.glob("*.json"))
 EXPECT = {"format failure": FormatError, "integrity failure": IntegrityError,
-          "no matching identity": NoMatchingIdentity, "request mismatch": RequestMismatch}
+          "no matching identity": NoMatchingIdentity, "request mismatch": RequestMismatch,
+          "range incomplete": RangeIncomplete}
 ISSUE_3_COVERAGE = {  # what issue 3 asks the vectors to cover, by vector name
     "good multi-minute multi-stream stream": "good-multi-minute-multi-stream",
     "bit flip in the header": "flip-header-request-id",
@@ -66,6 +68,10 @@ ISSUE_12_COVERAGE = {  # streams that do not answer the request
     "key records withheld: missing, not 'not authorized'": "withheld-key-record-is-missing",
     "no signed key grant: missing": "skipped-without-key-grant-is-missing",
     "forged key grant": "key-grant-resigned-by-other-key",
+    "nothing recorded, proven by the manifests around the range": "good-empty-range",
+    "the edges of a range": "good-range-with-edges",
+    "range start unproven": "range-start-unproven",
+    "range end unproven": "range-end-unproven",
 }
 
 

@@ -77,6 +77,7 @@ FORMAT = "format failure"
 INTEGRITY = "integrity failure"
 NO_MATCH = "no matching identity"
 MISMATCH = "request mismatch"
+INCOMPLETE = "range incomplete"
 SKEW_MS = 30_000
 
 KEY_FILES = {
@@ -329,10 +330,14 @@ def assemble(sim: SimArchiver, viewer: Viewer, cameras: tuple[str, ...], mode: M
              end_signer: DeterministicSigner | None = None, created_ms: int = T0 + 200_000,
              range_ms: tuple[int, int] = (T0, T0 + 180_000), withhold: frozenset[bytes] = frozenset(),
              without_grants: bool = False,
-             grant_override: dict[bytes, bytes] | None = None) -> Built:
+             grant_override: dict[bytes, bytes] | None = None,
+             bare: tuple[ArchivedManifest, ...] = (),
+             heads: dict[str, int] | None = None) -> Built:
     """``withhold``: key ids whose key records (and segments) are not sent although the viewer
     has them (as an Archiver whose index lost them); ``without_grants``: send no key grants;
-    ``grant_override``: send these grant bytes instead of the genuine ones."""
+    ``grant_override``: send these grant bytes instead of the genuine ones; ``bare``: manifests
+    sent without their segments (the edges of a playback range); ``heads``: the chain heads
+    END states (default: each camera's, for playback)."""
     request_id, nonce = rng(16), rng(16)
     header = Header(header_cert or der(sim.signer.certificate),
                     fingerprint(viewer.recipient.certificate), request_id, created_ms, mode,
@@ -348,6 +353,10 @@ def assemble(sim: SimArchiver, viewer: Viewer, cameras: tuple[str, ...], mode: M
     sent_grants: set[bytes] = set()
     viewer_fp = fingerprint(viewer.recipient.certificate)
     for manifest in manifests:
+        if any(manifest is b for b in bare):
+            records.append(writer.add(manifest.data))
+            notes.append({"kind": "edge", "camera": manifest.camera})
+            continue
         for archived in manifest.segments:
             segment = archived.segment
             found = viewer.key_records.get(segment.key_id)
@@ -384,7 +393,10 @@ def assemble(sim: SimArchiver, viewer: Viewer, cameras: tuple[str, ...], mode: M
         records.append(writer.add(manifest.data))
         notes.append({"kind": "manifest", "camera": manifest.camera})
     reason = EndReason.LIVE_ENDED if mode == Mode.LIVE else EndReason.RANGE_COMPLETE
-    records.append(writer.end(end_signer or sim.signer, reason))
+    if heads is None:
+        heads = ({} if mode == Mode.LIVE
+                 else {camera: sim.chains[camera].next_seq for camera in cameras})
+    records.append(writer.end(end_signer or sim.signer, reason, sorted(heads.items())))
     notes.append({"kind": "end"})
     events.append({"event": "end", "reason": int(reason)})
     if mode == Mode.LIVE:  # asked 200 ms before the Archiver made it, read 45 s later
@@ -554,9 +566,39 @@ def vectors() -> Iterator[Vector]:
         "reason 2 (live ended).",
         SUCCESS, live_b.stream(), viewer="viewer-b", built=live_b, request=live_b.request)
 
-    empty = assemble(sim, viewer_a, (LOBBY,), Mode.PLAYBACK, [], FixedRng("empty"))
-    yield V("good-empty-range", "A header and a signed end record: nothing recorded.",
-                 SUCCESS, empty.stream(), built=empty, request=empty.request)
+    lobby = [m for m in sim.manifests if m.camera == LOBBY]
+    around = (lobby[2], lobby[3])  # minute 0's last and minute 1's first cam-lobby manifests
+    empty = assemble(sim, viewer_a, (LOBBY,), Mode.PLAYBACK, list(around), FixedRng("empty"),
+                     range_ms=(T0 + 52_000, T0 + 60_000), bare=around)
+    yield V("good-empty-range", "Nothing recorded in the range: the two cam-lobby manifests "
+            "around it, sent bare, link to each other, which proves it; then the signed end "
+            "record.", SUCCESS, empty.stream(), built=empty, request=empty.request)
+    minute1 = [m for m in sim.manifests if T0 + 60_000 <= m.segments[0].segment.capture_ms
+               < T0 + 120_000]
+    gate = [m for m in sim.manifests if m.camera == GATE]
+    edges = (lobby[2], lobby[6], gate[1], gate[4])  # just before and after minute 1
+    in_order = [m for m in sim.manifests if m in minute1 or any(m is e for e in edges)]
+    edged = assemble(sim, viewer_b, (LOBBY, GATE), Mode.PLAYBACK, in_order,
+                     FixedRng("minute 1 of B"), range_ms=(T0 + 60_000, T0 + 119_999), bare=edges)
+    yield V("good-range-with-edges", "Minute 1 of both cameras for viewer B: each camera's "
+            "manifests in the range, with the manifest just before and just after the range "
+            "sent bare, so the reader can tell that nothing at either edge was left out.",
+            SUCCESS, edged.stream(), viewer="viewer-b", built=edged, request=edged.request)
+    no_start = assemble(sim, viewer_b, (LOBBY, GATE), Mode.PLAYBACK,
+                        [m for m in in_order if m is not lobby[2]], FixedRng("minute 1 of B"),
+                        range_ms=(T0 + 60_000, T0 + 119_999), bare=edges)
+    yield V("range-start-unproven", "Minute 1 without cam-lobby's manifest just before the "
+            "range (as from an index whose rows for the range's first minutes were deleted): "
+            "nothing shows the stream starts at the range's beginning.", INCOMPLETE,
+            no_start.stream(), len(no_start.records) - 1, viewer="viewer-b",
+            request=no_start.request)
+    no_end = assemble(sim, viewer_b, (LOBBY, GATE), Mode.PLAYBACK,
+                      [m for m in in_order if m is not gate[4]], FixedRng("minute 1 of B"),
+                      range_ms=(T0 + 60_000, T0 + 119_999), bare=edges)
+    yield V("range-end-unproven", "Minute 1 without cam-gate's manifest just after the range, "
+            "while the end record names a later chain head: the range's end may be missing.",
+            INCOMPLETE, no_end.stream(), len(no_end.records) - 1, viewer="viewer-b",
+            request=no_end.request)
 
     # --- one bit flipped in each record type ----------------------------------------------
     yield V("flip-header-request-id", "A bit of the header's request id flipped: the "
