@@ -109,7 +109,8 @@ class Archive:
         # only unsigned or torn bytes are cut.
         self.recovery_actions = recover(settings.archive_dir, self.db,
                                         _ec_key(signer.certificate.public_key()))
-        self.keys = KeyManager(self.db, settings.key_period_s, rng, signer)
+        self.keys = KeyManager(self.db, settings.key_period_s, rng, signer,
+                               journal=self._journal_keys)
         self.notifier = Notifier()
         # Per viewer, how often its authorization changed in this process: an open stream
         # re-checks the viewer's authorization whenever its count moved (revocation ends it).
@@ -119,6 +120,9 @@ class Archive:
         self._archiver_cert_der = signer.certificate.public_bytes(Encoding.DER)
         self.segments_ingested = 0
         self.bytes_ingested = 0
+
+    def _journal_keys(self, camera: str, now_ms: int, records: list[bytes]) -> None:
+        self.files.append(self.files.key_file_for(camera, now_ms), records)
 
     def close(self) -> None:
         self.files.close()

@@ -134,9 +134,12 @@ def reindex(
     lines = [f"{camera}: {count} segment(s)" for camera, count in sorted(report.cameras.items())]
     lines.append(f"indexed {total} segment(s) under {report.manifests} signed manifest(s) from "
                  f"{report.files} file(s)")
+    lines.append(f"key streams: {report.epochs} epoch opener(s), {report.key_records} key "
+                 "record(s) read back from the key journals")
     lines += [f"not indexed: {problem}" for problem in report.problems]
     _out(as_json, {"cameras": report.cameras, "segments": total,
                    "manifests": report.manifests, "files": report.files,
+                   "epochs": report.epochs, "key_records": report.key_records,
                    "problems": report.problems}, "\n".join(lines))
 
 

@@ -301,6 +301,16 @@ class Database:
                              (item.fingerprint, item.key_id, item.camera, item.epoch_id,
                               item.valid_from_ms, item.key_record))
 
+    def restore_key_material(self, openers: Iterable[tuple[bytes, str, int, bytes]],
+                             records: Iterable[KeyMaterial]) -> None:
+        """Put back epoch openers ``(epoch_id, fingerprint, created_ms, record)`` and key records
+        read from the archive's key journals; what the database still has is kept."""
+        with self._transaction() as conn:
+            conn.executemany("INSERT OR IGNORE INTO epochs VALUES (?,?,?,?)", list(openers))
+            conn.executemany("INSERT OR IGNORE INTO key_records VALUES (?,?,?,?,?,?)",
+                             [(m.fingerprint, m.key_id, m.camera, m.epoch_id, m.valid_from_ms,
+                               m.key_record) for m in records])
+
     def key_record(self, fingerprint: str, key_id: bytes) -> tuple[bytes, bytes] | None:
         """(epoch_id, key record bytes) of this viewer for that key, if it has one."""
         rows = self._query("SELECT epoch_id, record FROM key_records WHERE fingerprint=? AND key_id=?",

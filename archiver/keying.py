@@ -36,10 +36,14 @@ class _ViewerEpoch:
 
 class KeyManager:
     def __init__(self, db: Database, period_s: int, rng: Rng = os.urandom,
-                 signer: Signer | None = None) -> None:
+                 signer: Signer | None = None,
+                 journal: Callable[[str, int, list[bytes]], None] | None = None) -> None:
         """``signer``: the Archiver's key, to sign each new key's grant statement (the viewers
-        it is wrapped for); archive.py writes it before the key's first segment."""
+        it is wrapped for); archive.py writes it before the key's first segment.
+        ``journal(camera, now_ms, records)``: appends (durably) the openers and key records
+        made for a camera's new key to the archive, before the database stores them."""
         self._db = db
+        self._journal = journal
         self._signer = signer
         self._grants: dict[bytes, bytes] = {}  # key id -> signed grant not archived yet
         self._period_ms = period_s * 1000
@@ -140,6 +144,10 @@ class KeyManager:
         # Committed before any segment sealed under this key is acknowledged: an acknowledged
         # segment is never left without the key records its viewers need.
         try:
+            if self._journal is not None and material:
+                self._journal(key.camera, now_ms, [
+                    record for item in material
+                    for record in (item.epoch_opener, item.key_record) if record is not None])
             self._db.store_key_material(material, now_ms)
         except BaseException:
             for fingerprint in started:  # their openers were never stored: start over next time

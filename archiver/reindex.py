@@ -33,17 +33,20 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from archiver.db import Database, GrantRow, ManifestRow, SegmentRow
+from archiver.db import Database, GrantRow, KeyMaterial, ManifestRow, SegmentRow
 from keyservice.errors import FormatError
 from keyservice.format import (
     RECORD_HEADER_LEN,
     TAG_LEN,
     ZERO_HASH,
+    EpochOpener,
     KeyGrant,
+    KeyRecord,
     Manifest,
     RecordType,
     Segment,
     decode_record,
+    encode_record,
     max_body,
 )
 
@@ -79,7 +82,12 @@ def ec_public_key(key: object) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def _records(path: Path, start: int) -> Iterator[tuple[int, bytes]]:
+_ARCHIVED = (RecordType.SEGMENT, RecordType.MANIFEST, RecordType.KEY_GRANT)
+_JOURNALED = (RecordType.EPOCH_OPENER, RecordType.KEY_RECORD)
+
+
+def _records(path: Path, start: int,
+             kinds: tuple[RecordType, ...] = _ARCHIVED) -> Iterator[tuple[int, bytes]]:
     """(offset, exact bytes) of each complete, well-framed record from ``start``; stops at
     the end, at a torn record or at a framing error (unknown type, oversized length)."""
     with open(path, "rb") as fh:
@@ -90,8 +98,7 @@ def _records(path: Path, start: int) -> Iterator[tuple[int, bytes]]:
             if len(head) < RECORD_HEADER_LEN:
                 return
             kind, length = _RECORD_HEADER.unpack(head)
-            if (kind not in (RecordType.SEGMENT, RecordType.MANIFEST, RecordType.KEY_GRANT)
-                    or length > max_body(kind)):
+            if kind not in kinds or length > max_body(kind):
                 return
             body = fh.read(length)
             if len(body) < length:
@@ -241,6 +248,38 @@ class RebuildReport:
     manifests: int
     files: int
     problems: list[str]
+    epochs: int = 0  # epoch openers read back from the key journals
+    key_records: int = 0
+
+
+def restore_key_streams(archive_dir: Path, db: Database) -> tuple[int, int]:
+    """Read the viewers' key streams (epoch openers, key records) back from the archive's key
+    journals into the database, keeping what it has. Returns (openers, key records) read.
+    They need no signature: each is encrypted to, and bound to, one viewer and epoch, and a
+    wrong one only fails that viewer's own checks."""
+    openers: dict[bytes, EpochOpener] = {}
+    records: list[tuple[str, KeyRecord, bytes]] = []
+    for path in sorted(archive_dir.glob("*/*.fsk")):
+        for _, raw in _records(path, 0, _JOURNALED):
+            try:
+                record = decode_record(raw)
+            except FormatError:
+                break
+            if isinstance(record, EpochOpener):
+                openers.setdefault(record.epoch_id, record)
+            elif isinstance(record, KeyRecord):
+                records.append((path.parent.name, record, raw))
+    material = []
+    for camera, record, raw in records:
+        opener = openers.get(record.epoch_id)
+        if opener is None or record.camera != camera:
+            continue  # its opener is lost, or it is not this camera's: nobody could use it
+        material.append(KeyMaterial(opener.viewer_fingerprint.hex(), camera, record.key_id,
+                                    record.epoch_id, record.valid_from_ms, raw, None))
+    db.restore_key_material(
+        [(o.epoch_id, o.viewer_fingerprint.hex(), o.start_period * o.period_s * 1000,
+          encode_record(o)) for o in openers.values()], material)
+    return len(openers), len(material)
 
 
 def rebuild_index(archive_dir: Path, db: Database,
@@ -269,4 +308,5 @@ def rebuild_index(archive_dir: Path, db: Database,
     # Only once every file was read: a rebuild that fails halfway leaves the old index.
     db.replace_segment_index([(g.segments, g.manifest) for g in found],
                              [grant for g in found for grant in g.grants])
-    return RebuildReport(counts, manifests, len(files), problems)
+    epochs, key_records = restore_key_streams(archive_dir, db)
+    return RebuildReport(counts, manifests, len(files), problems, epochs, key_records)

@@ -41,6 +41,14 @@ class ArchiveFiles:
         day = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
         return f"{camera}/{day}.fsa"
 
+    @staticmethod
+    def key_file_for(camera: str, now_ms: int) -> str:
+        """The camera's key journal of the day: the epoch openers and key records made for
+        its minute keys (public-key and AEAD ciphertext only), so that viewers' key streams
+        survive the loss of the database (``fusion-archiver reindex`` reads them back)."""
+        day = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
+        return f"{camera}/{day}.fsk"
+
     def append(self, relpath: str, data: bytes | Sequence[bytes | memoryview]) -> int:
         """Append and fsync; returns the offset. On failure the file is cut back to where it was.
         ``data`` may be several buffers: written with writev, never joined (a segment is MBs,
@@ -95,9 +103,10 @@ class ArchiveFiles:
                 _fsync_dir(path.parent)
             if is_new_dir:
                 _fsync_dir(self.root)
-            # Keep only the newest file per camera open.
-            camera = relpath.split("/", 1)[0]
-            for old in [p for p in self._write_fds if p.startswith(camera + "/")]:
+            # Keep only the newest file of each kind (archive, key journal) per camera open.
+            camera, suffix = relpath.split("/", 1)[0], relpath.rsplit(".", 1)[-1]
+            for old in [p for p in self._write_fds
+                        if p.startswith(camera + "/") and p.endswith("." + suffix)]:
                 os.close(self._write_fds.pop(old))
             self._write_fds[relpath] = fd
             return fd

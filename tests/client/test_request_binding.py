@@ -213,3 +213,40 @@ def test_deleted_key_records_are_reported_missing_not_unauthorized(
     again = play(client, archiver_server.url, alice, tmp_path / "again.ts", t0, t1)
     assert again.code == EXIT_SEGMENTS_MISSING, again.stderr
     assert "withheld: not authorized" not in again.stderr
+
+
+def test_deleted_rows_at_the_edges_of_a_range_are_detected(
+        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    """Issue 12's second index edit, while the Archiver runs: rows deleted at the end (or the
+    start) of a requested range make the stream shorter; the viewer can tell from signed data
+    (the chain head in the END record, the bare manifests around the range) and does not say
+    "complete"."""
+    alice = make_viewer("alice")
+    cam1 = archiver_server.add_camera("cam1")
+    archiver_server.add_client(alice.pem, ["cam1"])
+    put(archiver_server, "cam1", cam1, chunk("before"))
+    time.sleep(0.05)
+    t0 = now_ms()
+    inside = [chunk(f"inside-{i}") for i in range(6)]
+    put(archiver_server, "cam1", cam1, *inside)
+    t1 = now_ms() + 1
+    time.sleep(0.05)
+    put(archiver_server, "cam1", cam1, chunk("after"))
+    whole = play(client, archiver_server.url, alice, tmp_path / "whole.ts", t0, t1)
+    assert whole.code == 0, whole.stderr
+    assert (tmp_path / "whole.ts").read_bytes() == b"".join(inside)
+    index = archiver_server.data_dir / "archiver.sqlite3"
+    with sqlite3.connect(index) as db:  # the range's last two segments and the one after it
+        db.execute("DELETE FROM segments WHERE seq >= 5")
+        db.execute("DELETE FROM manifests WHERE manifest_seq >= 5")
+    cut_end = play(client, archiver_server.url, alice, tmp_path / "end.ts", t0, t1)
+    assert cut_end.code == EXIT_SEGMENTS_MISSING, cut_end.stderr
+    assert "reaches the end of the requested range" in cut_end.stderr
+    assert (tmp_path / "end.ts.incomplete").read_bytes() == b"".join(inside[:4])
+    with sqlite3.connect(index) as db:  # and now the range's first segment and the one before
+        db.execute("DELETE FROM segments WHERE seq <= 1")
+        db.execute("DELETE FROM manifests WHERE manifest_seq <= 1")
+    cut_start = play(client, archiver_server.url, alice, tmp_path / "start.ts", t0, t1)
+    assert cut_start.code == EXIT_SEGMENTS_MISSING, cut_start.stderr
+    assert "starts at the beginning of the requested range" in cut_start.stderr
