@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from archiver.archive import Archive, wall_clock_ms
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, ensure_admin_token
+from archiver.cameras import CameraState
 from archiver.deps import ApiError, Services
 from archiver.metrics import ArchiverCollector, make_registry
 from archiver.routers import admin, ingest, viewer
@@ -26,6 +28,28 @@ from keyservice.certs import load_certificate
 from keyservice.identity import Signer
 
 log = logging.getLogger("archiver")
+HEALTH_CHECK_S = 1.0
+
+
+async def _watch_camera_health(archive: Archive, audit: AuditLog) -> None:
+    """Flags cameras that stop sending (and come back) in the log and the audit log, once per
+    change of state, so a silent camera is noticed even though it cannot be told of anything."""
+    states: dict[str, CameraState] = {}
+    while True:
+        await asyncio.sleep(HEALTH_CHECK_S)
+        now = archive.clock()
+        for camera in await asyncio.to_thread(archive.db.cameras):
+            health = archive.health.health(camera.name, now)
+            before = states.get(camera.name, CameraState.WAITING)
+            states[camera.name] = health.state
+            if health.state == before or health.state == CameraState.WAITING:
+                continue
+            if health.state == CameraState.RECEIVING:
+                log.info("camera %s: receiving again", camera.name)
+            else:
+                log.warning("camera %s: %s %s", camera.name, health.state.value, health.message)
+            audit.record("archiver", f"camera.{health.state.value}", now, camera=camera.name,
+                         last_segment_ms=health.last_segment_ms, message=health.message)
 
 
 def create_app(settings: Settings, signer: Signer | None = None,
@@ -39,7 +63,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
             log.warning("created the admin token in %s (mode 0600)", settings.admin_token_path)
         audit = AuditLog(settings.audit_log_path)
         audit.record("archiver", "start", clock(), recovery=archive.recovery_actions)
-        rtsp = RtspSupervisor(settings.public_url)
+        rtsp = RtspSupervisor(archive.ingest_segment, archive.health.puller_failed)
         services = Services(
             settings=settings, archive=archive,
             sessions=Sessions(settings.challenge_ttl_s, settings.session_ttl_s), audit=audit,
@@ -53,10 +77,12 @@ def create_app(settings: Settings, signer: Signer | None = None,
         for camera in archive.db.cameras():
             if camera.rtsp_url:
                 rtsp.start(camera.name, camera.rtsp_url)
+        monitor = asyncio.create_task(_watch_camera_health(archive, audit))
         try:
             yield
         finally:
-            rtsp.stop_all()
+            monitor.cancel()
+            await asyncio.to_thread(rtsp.stop_all)
             audit.record("archiver", "stop", clock())
             audit.close()
             archive.close()
@@ -64,6 +90,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
     app = FastAPI(title="Fusion Archiver", version="1", lifespan=lifespan,
                   description="Encrypts camera streams at ingest and serves per-viewer "
                               "fusion streams.")
+    app.add_middleware(ingest.UploadOrder)
     app.include_router(ingest.router)
     app.include_router(admin.router)
     app.include_router(viewer.router)

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 import anyio.to_thread
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from archiver.cameras import HealthBoard, SegmentClock, SegmentTime
 from archiver.db import ClientRow, Database, GrantRow, ManifestRow, SegmentRow
 from archiver.keying import KeyManager
+from archiver.mpegts import media_span
 from archiver.reindex import ec_public_key as _ec_key
 from archiver.reindex import recover
 from archiver.settings import Settings
@@ -48,6 +50,7 @@ def wall_clock_ms() -> int:
 class _CameraState:
     chain: ManifestChain
     next_seq: dict[DataStream, int] = field(default_factory=dict)
+    clocks: dict[DataStream, SegmentClock] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -112,6 +115,7 @@ class Archive:
         self.keys = KeyManager(self.db, settings.key_period_s, rng, signer,
                                journal=self._journal_keys)
         self.notifier = Notifier()
+        self.health = HealthBoard()
         # Per viewer, how often its authorization changed in this process: an open stream
         # re-checks the viewer's authorization whenever its count moved (revocation ends it).
         self._auth_changes: dict[str, int] = {}
@@ -132,31 +136,43 @@ class Archive:
     def ingest_segment(self, camera: str, data: bytes, stream: DataStream = DataStream.VIDEO,
                        now_ms: int | None = None) -> SegmentRow:
         """Encrypt, sign, append durably and index one segment. Returns only once it is
-        acknowledged: fsynced and committed."""
+        acknowledged: fsynced and committed. Its time is [start, end] of the video it holds
+        (archiver.cameras explains the rule); ``now_ms`` is its arrival."""
         now = self.clock() if now_ms is None else now_ms
+        span = media_span(data)  # reads a few packets at each end, outside the lock
         state = self._camera_state(camera)
-        with state.lock:
-            seq = state.next_seq.setdefault(stream, self.db.next_segment_seq(camera, stream))
-            try:
-                if self.settings.benchmark_plaintext_baseline:
-                    row = self._append_plaintext(camera, stream, seq, data, now)
-                else:
-                    row = self._append_encrypted(state, camera, stream, seq, data, now)
-            finally:
-                # Even after a failure: the attempt may have sealed under this seq, and the
-                # minute key refuses a seq twice (nonce reuse). Gaps in seq are fine.
-                state.next_seq[stream] = seq + 1
+        try:
+            with state.lock:
+                seq = state.next_seq.setdefault(stream, self.db.next_segment_seq(camera, stream))
+                clock = state.clocks.get(stream)
+                if clock is None:
+                    clock = state.clocks[stream] = SegmentClock(
+                        self.db.last_segment_end(camera, stream))
+                time = clock.place(now, span)
+                try:
+                    if self.settings.benchmark_plaintext_baseline:
+                        row = self._append_plaintext(camera, stream, seq, data, time, now)
+                    else:
+                        row = self._append_encrypted(state, camera, stream, seq, data, time, now)
+                finally:
+                    # Even after a failure: the attempt may have sealed under this seq, and the
+                    # minute key refuses a seq twice (nonce reuse). Gaps in seq are fine.
+                    state.next_seq[stream] = seq + 1
+        except BaseException:
+            self.health.segment_refused(camera)
+            raise
         self.segments_ingested += 1
         self.bytes_ingested += len(data)
+        self.health.segment_archived(camera, now, len(data), time)
         self.notifier.publish(camera)
         return row
 
     def _append_encrypted(self, state: _CameraState, camera: str, stream: DataStream, seq: int,
-                          data: bytes, now: int) -> SegmentRow:
+                          data: bytes, time: SegmentTime, now: int) -> SegmentRow:
         key = self.keys.key_for(camera, stream, now)
         # The key's signed grant (who it was wrapped for) goes before its first segment.
         grant = self.keys.take_grant(key.key_id) or b""
-        segment = seal_segment(key, seq, now, data)
+        segment = seal_segment(key, seq, time.start_ms, data)
         chain_before = (state.chain.next_seq, state.chain.prev_hash)
         manifest, manifest_bytes = state.chain.issue([segment], [key], self.signer, now)
         # The segment record stays in pieces (header, ciphertext) down to the writev.
@@ -167,13 +183,13 @@ class Archive:
         try:
             offset = self.files.append(rel, [grant, *segment_parts, manifest_bytes])
             seg_offset = offset + len(grant)
-            row = SegmentRow(camera, int(stream), seq, now, key.key_id, len(data),
+            row = SegmentRow(camera, int(stream), seq, time.start_ms, key.key_id, len(data),
                              manifest.entries[0].digest, rel, seg_offset, segment_len,
-                             manifest.manifest_seq)
+                             manifest.manifest_seq, time.end_ms)
             self.db.record_segments([row], ManifestRow(
                 camera, manifest.manifest_seq, rel, seg_offset + segment_len,
-                len(manifest_bytes), hashlib.sha256(manifest_bytes).digest(), now, now),
-                [GrantRow(key.key_id, camera, rel, offset, len(grant))] if grant else [])
+                len(manifest_bytes), hashlib.sha256(manifest_bytes).digest(), time.start_ms,
+                time.end_ms), [GrantRow(key.key_id, camera, rel, offset, len(grant))] if grant else [])
         except BaseException:
             if grant:
                 self.keys.put_back_grant(key.key_id, grant)
@@ -187,15 +203,15 @@ class Archive:
         return row
 
     def _append_plaintext(self, camera: str, stream: DataStream, seq: int, data: bytes,
-                          now: int) -> SegmentRow:
+                          time: SegmentTime, now: int) -> SegmentRow:
         """Benchmark baseline only (Settings.benchmark_plaintext_baseline): same durable write
         and index, no encryption, no signature."""
         rel = self.files.file_for(camera, now)
         offset = self.files.append(rel, data)
-        row = SegmentRow(camera, int(stream), seq, now, b"", len(data), ZERO_HASH, rel, offset,
-                         len(data), seq)
+        row = SegmentRow(camera, int(stream), seq, time.start_ms, b"", len(data), ZERO_HASH, rel,
+                         offset, len(data), seq, time.end_ms)
         self.db.record_segments([row], ManifestRow(camera, seq, rel, offset + len(data), 0,
-                                                   ZERO_HASH, now, now))
+                                                   ZERO_HASH, time.start_ms, time.end_ms))
         return row
 
     def _camera_state(self, camera: str) -> _CameraState:

@@ -68,9 +68,8 @@ def serve(
         "unread before it is dropped.")] = 30.0,
 ) -> None:
     """Run the Archiver."""
-    import uvicorn
-
     from archiver.app import create_app
+    from archiver.server import serve as serve_app
     from archiver.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -82,9 +81,7 @@ def serve(
         application = create_app(settings)
     except KeyServiceError as exc:
         _fail(str(exc), exc.exit_code)
-    uvicorn.run(application, host=host, port=port, log_level="info",
-                ssl_certfile=str(tls_cert) if tls_cert else None,
-                ssl_keyfile=str(tls_key) if tls_key else None)
+    serve_app(application, settings)
 
 
 @app.command()
@@ -187,8 +184,11 @@ def _when(ms: int | None) -> str:
 @cameras_app.command("add")
 def cameras_add(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
                 data: DataOpt = None, as_json: JsonOpt = False,
-                rtsp: Annotated[str | None, typer.Option("--rtsp", help="Pull this RTSP URL "
-                                                         "with a supervised ffmpeg.")] = None) -> None:
+                rtsp: Annotated[str | None, typer.Option(
+                    "--rtsp", envvar="FUSION_RTSP_URL",
+                    help="Pull this RTSP URL in the Archiver. With credentials in it, prefer the "
+                    "FUSION_RTSP_URL variable: other users can read argv (ps), not your "
+                    "environment.")] = None) -> None:
     """Add a camera; prints its ingest URL and ingest token (shown once)."""
     result = _call("POST", url, "/v1/admin/cameras", _admin_token(admin_token, data),
                    {"name": name, "rtsp_url": rtsp})
@@ -200,10 +200,15 @@ def cameras_add(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = No
 @cameras_app.command("list")
 def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
                  as_json: JsonOpt = False) -> None:
-    """List cameras with their recorded ranges."""
+    """List cameras: health (receiving, stalled, unreachable, auth_failed, waiting), recorded
+    range, traffic in the last minute, gaps."""
     result = _call("GET", url, "/v1/admin/cameras", _admin_token(admin_token, data))
-    lines = [f"{c['name']:<20} {c['segments']:>8} segments  {_when(c['first_ms'])} .. "
-             f"{_when(c['last_ms'])}" + ("  rtsp" if c["rtsp_url"] else "") for c in result]
+    lines = [f"{c['name']:<20} {c['state']:<12} {c['segments']:>8} segments  "
+             f"{_when(c['first_ms'])} .. {_when(c['last_ms'])}  last minute: "
+             f"{c['segments_last_minute']} segments, {c['bytes_last_minute']} bytes; "
+             f"gaps {c['gaps']}" + (f", refused {c['refused']}" if c["refused"] else "")
+             + (f"  rtsp {c['rtsp_url']}, {c['puller_restarts']} restarts" if c["rtsp_url"] else "")
+             + (f"  ({c['message']})" if c["message"] else "") for c in result]
     _out(as_json, {"cameras": result}, "\n".join(lines) or "no cameras")
 
 

@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS segments (
     offset INTEGER NOT NULL,
     length INTEGER NOT NULL,
     manifest_seq INTEGER NOT NULL,
+    end_ms INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (camera, stream, seq)
 );
 CREATE INDEX IF NOT EXISTS segments_by_manifest ON segments (camera, manifest_seq);
@@ -89,6 +90,15 @@ CREATE TABLE IF NOT EXISTS key_grants (
     offset INTEGER NOT NULL,
     length INTEGER NOT NULL
 );
+"""
+# Columns added after a release of the schema: (table, column, definition). Added at the end of
+# the table, so positional reads stay valid for older data directories.
+ADDED_COLUMNS = (
+    # The end of the video a segment holds (capture_ms is its start); 0 in older archives.
+    ("segments", "end_ms", "INTEGER NOT NULL DEFAULT 0"),
+)
+INDEXES_ON_ADDED_COLUMNS = """
+CREATE INDEX IF NOT EXISTS segments_by_time ON segments (camera, stream, end_ms);
 """
 
 
@@ -130,6 +140,7 @@ class SegmentRow:
     offset: int
     length: int
     manifest_seq: int
+    end_ms: int  # the end of the video it holds; capture_ms is its start
 
 
 @dataclass(frozen=True)
@@ -195,6 +206,11 @@ class Database:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript(SCHEMA)
+            for table, column, definition in ADDED_COLUMNS:
+                present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            self._conn.executescript(INDEXES_ON_ADDED_COLUMNS)
 
     def close(self) -> None:
         with self._lock:
@@ -330,7 +346,7 @@ class Database:
         with self._transaction() as conn:
             conn.executemany("INSERT OR REPLACE INTO key_grants VALUES (?,?,?,?,?)",
                              [astuple(g) for g in grants])
-            conn.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            conn.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                              [astuple(s) for s in segments])
             conn.execute("INSERT INTO manifests VALUES (?,?,?,?,?,?,?,?)",
                          astuple(manifest))
@@ -351,7 +367,7 @@ class Database:
             conn.executemany("INSERT OR REPLACE INTO key_grants VALUES (?,?,?,?,?)",
                              [astuple(g) for g in grants])
             for segments, manifest in groups:
-                conn.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                conn.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                                  [astuple(s) for s in segments])
                 conn.execute("INSERT INTO manifests VALUES (?,?,?,?,?,?,?,?)", astuple(manifest))
 
@@ -386,11 +402,34 @@ class Database:
         return [SegmentRow(*row) for row in rows]
 
     def recorded_range(self, camera: str) -> tuple[int, int, int] | None:
-        """(first capture ms, last capture ms, segment count) of a camera's archive."""
+        """(start of the first segment, end of the last, segment count) of a camera's archive."""
         first, last, count = self._query(
-            "SELECT MIN(capture_ms), MAX(capture_ms), COUNT(*) FROM segments WHERE camera=?",
-            (camera,))[0]
+            "SELECT MIN(capture_ms), MAX(MAX(end_ms, capture_ms)), COUNT(*) FROM segments"
+            " WHERE camera=?", (camera,))[0]
         return None if count == 0 else (first, last, count)
+
+    def last_segment_end(self, camera: str, stream: int) -> int | None:
+        rows = self._query("SELECT MAX(end_ms, capture_ms) FROM segments WHERE camera=? AND stream=?"
+                           " ORDER BY seq DESC LIMIT 1", (camera, stream))
+        return rows[0][0] if rows else None
+
+    def gaps(self, camera: str, stream: int, from_ms: int, to_ms: int,
+             tolerance_ms: int) -> list[tuple[int, int]]:
+        """Stretches of [from_ms, to_ms] longer than tolerance_ms with no recorded video: between
+        consecutive segments, and before the first / after the last one in the range."""
+        rows = self._query(
+            "SELECT capture_ms, MAX(end_ms, capture_ms) FROM segments WHERE camera=? AND stream=?"
+            " AND MAX(end_ms, capture_ms)>=? AND capture_ms<=? ORDER BY seq",
+            (camera, stream, from_ms, to_ms))
+        gaps = []
+        cursor = from_ms
+        for start, end in rows:
+            if start - cursor > tolerance_ms:
+                gaps.append((cursor, start))
+            cursor = max(cursor, end)
+        if to_ms - cursor > tolerance_ms:
+            gaps.append((cursor, to_ms))
+        return gaps
 
     def file_ends(self) -> dict[str, int]:
         """For crash recovery: the acknowledged end of every archive file."""

@@ -8,6 +8,7 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.registry import Collector
 
 from archiver.archive import Archive
+from archiver.cameras import CameraState
 
 
 class ArchiverCollector(Collector):
@@ -33,11 +34,44 @@ class ArchiverCollector(Collector):
                                   "encryption each)", value=keys.epochs_started)
         yield GaugeMetricFamily("fusion_active_viewers", "Viewers authorized and not revoked",
                                 value=keys.active_viewers())
+        yield from self._cameras()
         errors = CounterMetricFamily("fusion_http_errors", "HTTP error responses",
                                      labels=["status"])
         for status, count in sorted(self.errors.items()):
             errors.add_metric([status], count)
         yield errors
+
+
+    def _cameras(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        archive = self._archive
+        now = archive.clock()
+        state = GaugeMetricFamily("fusion_camera_state", "1 for the camera's current state",
+                                  labels=["camera", "state"])
+        last = GaugeMetricFamily("fusion_camera_last_segment_seconds",
+                                 "Unix time the camera's last segment arrived", labels=["camera"])
+        segments = GaugeMetricFamily("fusion_camera_segments_last_minute",
+                                     "Segments archived in the last 60 s", labels=["camera"])
+        size = GaugeMetricFamily("fusion_camera_bytes_last_minute",
+                                 "Plaintext bytes archived in the last 60 s", labels=["camera"])
+        gaps = CounterMetricFamily("fusion_camera_gaps", "Gaps in the recording since start",
+                                   labels=["camera"])
+        refused = CounterMetricFamily("fusion_camera_refused_segments",
+                                      "Segments that could not be archived since start",
+                                      labels=["camera"])
+        restarts = CounterMetricFamily("fusion_camera_puller_restarts",
+                                       "Times an RTSP pull failed and was retried", labels=["camera"])
+        for camera in archive.db.cameras():
+            health = archive.health.health(camera.name, now)
+            for value in CameraState:
+                state.add_metric([camera.name, value.value], int(health.state == value))
+            if health.last_segment_ms is not None:
+                last.add_metric([camera.name], health.last_segment_ms / 1000)
+            segments.add_metric([camera.name], health.segments_last_minute)
+            size.add_metric([camera.name], health.bytes_last_minute)
+            gaps.add_metric([camera.name], health.gaps)
+            refused.add_metric([camera.name], health.refused)
+            restarts.add_metric([camera.name], health.puller_restarts)
+        yield from (state, last, segments, size, gaps, refused, restarts)
 
 
 def make_registry(collector: ArchiverCollector) -> CollectorRegistry:

@@ -26,7 +26,7 @@ import logging
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -180,13 +180,46 @@ def _verify_group(rel: str, camera: str, segments: list[tuple[int, bytes, Segmen
                 or segment.stream != entry.stream or segment.capture_ms != entry.capture_ms
                 or segment.key_id != entry.key_id):
             return None
+        # The end of the video is not in the signed records (capture_ms is the start): a
+        # point for now, see _with_end_times.
         rows.append(SegmentRow(camera, int(segment.stream), segment.seq, segment.capture_ms,
                                segment.key_id, len(segment.ciphertext) - TAG_LEN, digest, rel,
-                               seg_offset, len(seg_raw), manifest.manifest_seq))
+                               seg_offset, len(seg_raw), manifest.manifest_seq,
+                               segment.capture_ms))
     captures = [entry.capture_ms for entry in manifest.entries] or [manifest.issued_ms]
     row = ManifestRow(camera, manifest.manifest_seq, rel, offset, len(raw),
                       hashlib.sha256(raw).digest(), min(captures), max(captures))
     return Group(tuple(rows), row)
+
+
+# A segment re-indexed from the files ends where the next one of its stream starts, if that
+# comes within this bound (segments last seconds); otherwise it is a point in time.
+MAX_SEGMENT_MS = 60_000
+
+
+def _with_end_times(groups: list[Group]) -> list[Group]:
+    """Segment end times for re-indexed groups (the files keep only the signed start): the
+    next segment's start of the same data stream, within MAX_SEGMENT_MS. The last segment of
+    each stream stays a point; gaps in the index may look up to one segment longer than they
+    were. Manifest times follow their segments."""
+    following: dict[tuple[str, int, int], int] = {}
+    previous: dict[tuple[str, int], SegmentRow] = {}
+    for group in groups:
+        for row in group.segments:
+            before = previous.get((row.camera, row.stream))
+            if before is not None and 0 <= row.capture_ms - before.capture_ms <= MAX_SEGMENT_MS:
+                following[(before.camera, before.stream, before.seq)] = row.capture_ms
+            previous[(row.camera, row.stream)] = row
+    out = []
+    for group in groups:
+        rows = tuple(replace(row, end_ms=following.get((row.camera, row.stream, row.seq),
+                                                       row.end_ms)) for row in group.segments)
+        manifest = group.manifest
+        if rows:
+            manifest = replace(manifest, first_capture_ms=min(r.capture_ms for r in rows),
+                               last_capture_ms=max(r.end_ms for r in rows))
+        out.append(Group(rows, manifest, group.grants))
+    return out
 
 
 def _files(archive_dir: Path) -> list[tuple[str, str, Path]]:
@@ -216,6 +249,7 @@ def recover(archive_dir: Path, db: Database, key: ec.EllipticCurvePublicKey) -> 
             chain = chains[camera] = (ChainState(0) if last is None
                                       else ChainState(last.manifest_seq + 1, last.hash))
         groups, signed_beyond = scan(path, rel, camera, acknowledged, chain, key)
+        groups = _with_end_times(groups)
         for group in groups:
             db.record_segments(group.segments, group.manifest, group.grants)
         if groups:
@@ -306,6 +340,7 @@ def rebuild_index(archive_dir: Path, db: Database,
             problems.append(f"{rel}: {size - end} bytes from offset {end} do not verify as "
                             "signed segments continuing the chain; not indexed")
     # Only once every file was read: a rebuild that fails halfway leaves the old index.
+    found = _with_end_times(found)
     db.replace_segment_index([(g.segments, g.manifest) for g in found],
                              [grant for g in found for grant in g.grants])
     epochs, key_records = restore_key_streams(archive_dir, db)

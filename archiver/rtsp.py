@@ -1,28 +1,110 @@
-"""RTSP pull: the Archiver runs and supervises one ffmpeg per RTSP camera, which pushes HLS
-segments into our own ingest endpoint, so pulled and pushed cameras share one write path.
+"""RTSP pull: the Archiver pulls each RTSP camera itself, in-process, and archives what it receives
+through the same ``Archive.ingest_segment`` as pushed segments.
 
-Each ffmpeg gets an ingest token that exists only in this process's memory; the camera's
-admin-issued token is never stored in a form we could hand to ffmpeg.
+Why in-process (FFmpeg's libraries through PyAV) and not an ffmpeg subprocess pushing into our
+own HTTP ingest, as before:
+- the camera's credentials never leave this process: no ffmpeg argv (readable by every local user
+  through ``ps``), no ingest token a local user could steal to forge segments;
+- the puller sees what happened to each segment (archived, disk full, I/O error) and backs off,
+  instead of ffmpeg PUTting into a refusal it never reads;
+- it knows the camera's state (connecting, refused login, gone) precisely, for camera health.
+
+The stream is copied, never re-encoded (H.264 and H.265 alike): packets are remuxed into MPEG-TS
+segments that start at a keyframe and last about ``SEGMENT_S`` seconds. Each thread pulls one
+camera; FFmpeg releases the GIL while it waits on the network.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import re
-import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 
-from archiver.auth import digest, new_secret, secret_matches
+import av
+import av.error
+
+from archiver.cameras import CameraState
+from archiver.storage import StorageFailed, StorageFull
 
 log = logging.getLogger("archiver.rtsp")
-BACKOFF_START_S = 1.0
-BACKOFF_MAX_S = 60.0
+SEGMENT_S = 2
+OPEN_TIMEOUT_S = 10.0
+# No packet for this long: the camera is gone (a live camera sends many packets per second).
+READ_TIMEOUT_S = 5.0
+BACKOFF_START_S = 0.5
+# A camera that comes back must be pulled again within seconds: every second of backoff is
+# lost video, and a connection attempt to an absent camera costs next to nothing.
+BACKOFF_MAX_S = 2.0
+# Wrong credentials do not fix themselves: retry rarely, so a camera is not hammered with logins
+# (some lock the account) and the log is not flooded.
+AUTH_BACKOFF_S = 60.0
+STORAGE_BACKOFF_S = 5.0
+
+Ingest = Callable[[str, bytes], object]
+ReportProblem = Callable[[str, CameraState, str], None]
 
 
 def redact(url: str) -> str:
-    """Drop credentials from a URL before logging it."""
+    """The URL without its credentials, for logs and the API."""
     return re.sub(r"//[^/@]*@", "//***@", url)
+
+
+class _Segmenter:
+    """Cuts a demuxed stream into MPEG-TS segments at video keyframes."""
+
+    def __init__(self, container: av.container.InputContainer) -> None:
+        self._input_streams = list(container.streams)
+        self._video = next((s for s in self._input_streams if s.type == "video"), None)
+        self._buffer: io.BytesIO | None = None
+        self._output: av.container.OutputContainer | None = None
+        self._streams: dict[int, av.stream.Stream] = {}
+        self._first_pts: int | None = None
+
+    def add(self, packet: av.Packet) -> bytes | None:
+        """Mux one packet; returns the segment it closed, if it started a new one."""
+        if packet.dts is None or packet.size == 0:
+            return None  # FFmpeg's flush packets and packets without timing
+        is_video = packet.stream is self._video or self._video is None
+        keyframe = is_video and packet.is_keyframe
+        finished = None
+        if self._output is None:
+            if self._video is not None and not keyframe:
+                return None  # a segment starts with a keyframe, or it cannot be decoded alone
+            self._open()
+        elif keyframe and self._long_enough(packet):
+            finished = self.close()
+            self._open()
+        if is_video and self._first_pts is None:
+            self._first_pts = packet.pts
+        packet.stream = self._streams[packet.stream.index]
+        assert self._output is not None
+        self._output.mux(packet)
+        return finished
+
+    def close(self) -> bytes | None:
+        """Finish the segment being built (also on disconnect: what arrived is good video)."""
+        if self._output is None or self._buffer is None:
+            return None
+        self._output.close()
+        data = self._buffer.getvalue()
+        self._output = self._buffer = None
+        self._first_pts = None
+        return data or None
+
+    def _open(self) -> None:
+        self._buffer = io.BytesIO()
+        self._output = av.open(self._buffer, "w", format="mpegts")
+        self._streams = {s.index: self._output.add_stream_from_template(s)
+                         for s in self._input_streams}
+
+    def _long_enough(self, packet: av.Packet) -> bool:
+        if self._first_pts is None or packet.pts is None or packet.time_base is None:
+            return False
+        return (packet.pts - self._first_pts) * Fraction(packet.time_base) >= SEGMENT_S
 
 
 @dataclass
@@ -30,70 +112,97 @@ class _Puller:
     camera: str
     url: str
     stop: threading.Event = field(default_factory=threading.Event)
-    process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
 
 
 class RtspSupervisor:
-    def __init__(self, ingest_base_url: str, ffmpeg: str = "ffmpeg") -> None:
-        self._base = ingest_base_url
-        self._ffmpeg = ffmpeg
-        self._pullers: dict[str, _Puller] = {}
-        self._tokens: dict[str, bytes] = {}
-        self._lock = threading.Lock()
+    """One puller thread per RTSP camera: connect, remux, archive; on failure report the camera's
+    state and retry with backoff."""
 
-    def accepts(self, camera: str, token: str) -> bool:
-        expected = self._tokens.get(camera)
-        return expected is not None and secret_matches(token, expected)
+    def __init__(self, ingest: Ingest, report_problem: ReportProblem) -> None:
+        self._ingest = ingest
+        self._report = report_problem
+        self._pullers: dict[str, _Puller] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
 
     def start(self, camera: str, url: str) -> None:
         self.stop(camera)
-        token = new_secret()
         puller = _Puller(camera, url)
+        thread = threading.Thread(target=self._run, args=(puller,), daemon=True,
+                                  name=f"rtsp-{camera}")
         with self._lock:
-            self._tokens[camera] = digest(token)
             self._pullers[camera] = puller
-        threading.Thread(target=self._run, args=(puller, token), daemon=True,
-                         name=f"rtsp-{camera}").start()
+            self._threads[camera] = thread
+        thread.start()
 
-    def stop(self, camera: str) -> None:
+    def stop(self, camera: str, wait_s: float = 0.0) -> None:
         with self._lock:
             puller = self._pullers.pop(camera, None)
-            self._tokens.pop(camera, None)
+            thread = self._threads.pop(camera, None)
         if puller is not None:
             puller.stop.set()
-            if puller.process is not None and puller.process.poll() is None:
-                puller.process.terminate()
+        if thread is not None and wait_s:
+            thread.join(wait_s)
 
     def stop_all(self) -> None:
+        """Stop every puller and wait for each to archive what it holds (bounded by the read
+        timeout: a puller checks its stop flag between packets)."""
         for camera in list(self._pullers):
-            self.stop(camera)
+            self.stop(camera, wait_s=READ_TIMEOUT_S + 1)
 
-    def restarts(self, camera: str) -> int:
-        puller = self._pullers.get(camera)
-        return puller.restarts if puller else 0
-
-    def _command(self, puller: _Puller, token: str) -> list[str]:
-        source = ["-rtsp_transport", "tcp"] if puller.url.startswith("rtsp") else ["-re"]
-        return [self._ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", *source,
-                "-i", puller.url, "-c", "copy", "-f", "hls", "-hls_time", "2",
-                "-hls_list_size", "5", "-method", "PUT",
-                "-headers", f"Authorization: Bearer {token}\r\n",
-                f"{self._base}/ingest/{puller.camera}/index.m3u8"]
-
-    def _run(self, puller: _Puller, token: str) -> None:
+    def _run(self, puller: _Puller) -> None:
         backoff = BACKOFF_START_S
+        safe_url = redact(puller.url)
         while not puller.stop.is_set():
-            log.info("camera %s: pulling %s", puller.camera, redact(puller.url))
-            puller.process = subprocess.Popen(
-                self._command(puller, token), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            _, stderr = puller.process.communicate()
+            log.info("camera %s: pulling %s", puller.camera, safe_url)
+            delay = backoff
+            try:
+                received = self._pull(puller)
+                problem, message = CameraState.UNREACHABLE, "the camera ended the stream"
+                if received:
+                    backoff = BACKOFF_START_S
+            except (av.error.HTTPUnauthorizedError, av.error.HTTPForbiddenError) as exc:
+                problem, message = CameraState.AUTH_FAILED, _reason(exc)
+                delay = AUTH_BACKOFF_S
+            except av.error.FFmpegError as exc:
+                problem, message = CameraState.UNREACHABLE, _reason(exc)
+            except (StorageFull, StorageFailed) as exc:
+                problem, message = CameraState.STALLED, str(exc)
+                delay = STORAGE_BACKOFF_S
             if puller.stop.is_set():
                 break
-            puller.restarts += 1
-            last = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["(no message)"]
-            log.warning("camera %s: ffmpeg exited with %s (%s); restarting in %.0f s",
-                        puller.camera, puller.process.returncode, redact(last[0]), backoff)
-            puller.stop.wait(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+            self._report(puller.camera, problem, message)
+            log.warning("camera %s: %s (%s); retrying in %.0f s", puller.camera, problem.value,
+                        message, delay)
+            puller.stop.wait(delay)
+            if delay == backoff:
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def _pull(self, puller: _Puller) -> bool:
+        """Pull until the camera goes away or we are stopped; True if any segment was archived."""
+        received = False
+        with av.open(puller.url, options={"rtsp_transport": "tcp"},
+                     timeout=(OPEN_TIMEOUT_S, READ_TIMEOUT_S)) as container:
+            segmenter = _Segmenter(container)
+            try:
+                for packet in container.demux():
+                    if puller.stop.is_set():
+                        break
+                    segment = segmenter.add(packet)
+                    if segment is not None:
+                        self._ingest(puller.camera, segment)
+                        received = True
+            finally:
+                # What arrived before the camera went away (or before shutdown) is archived.
+                last = segmenter.close()
+                if last is not None:
+                    self._ingest(puller.camera, last)
+                    received = True
+        return received
+
+
+def _reason(exc: av.error.FFmpegError) -> str:
+    """FFmpeg's reason without the URL it names (which carries the credentials)."""
+    if isinstance(exc, av.error.ExitError):  # our read timeout interrupted FFmpeg
+        return f"no data from the camera for {READ_TIMEOUT_S:.0f} s"
+    return exc.strerror or type(exc).__name__

@@ -14,9 +14,8 @@ import argparse
 import logging
 from pathlib import Path
 
-import uvicorn
-
 from archiver.app import create_app
+from archiver.server import serve
 from archiver.settings import Settings
 
 LOOPBACK = "127.0.0.1"
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.benchmark_plaintext_baseline:
         logging.getLogger("bench").warning("PLAINTEXT BASELINE: this Archiver does not encrypt; "
                                            "for measurement only")
-    uvicorn.run(create_app(settings), host=LOOPBACK, port=args.port, log_level="info")
+    serve(create_app(settings), settings)
     return 0
 
 

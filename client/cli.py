@@ -491,7 +491,7 @@ def cameras(
     for v in views:
         recorded = (f"{format_ms(v.first_ms)} .. {format_ms(v.last_ms)}"
                     if v.first_ms is not None and v.last_ms is not None else "nothing recorded")
-        typer.echo(f"{v.name:<24} {v.segments:>8} segments  {recorded}")
+        typer.echo(f"{v.name:<24} {v.state:<12} {v.segments:>8} segments  {recorded}")
 
 
 @app.command("open")

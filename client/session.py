@@ -126,6 +126,7 @@ class CameraView:
     first_ms: int | None
     last_ms: int | None
     segments: int
+    state: str  # the camera's feed: receiving, stalled, unreachable, auth_failed, waiting
 
 
 @dataclass(frozen=True)
@@ -245,8 +246,8 @@ class ArchiverSession:
     def cameras(self) -> list[CameraView]:
         rows = self._json("GET", "/v1/cameras", auth=True)
         try:
-            return [CameraView(str(r["name"]), r["first_ms"], r["last_ms"], int(r["segments"]))
-                    for r in rows]
+            return [CameraView(str(r["name"]), r["first_ms"], r["last_ms"], int(r["segments"]),
+                               str(r.get("state", "unknown"))) for r in rows]
         except (KeyError, TypeError, ValueError):
             raise ArchiverFailed("The Archiver's camera list is malformed.") from None
 

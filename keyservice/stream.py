@@ -285,11 +285,14 @@ def _check_header_answers(header: Header, request: StreamRequest) -> None:
                 "A replayed stream, or clocks out of sync: check both clocks (NTP).")
 
 
-def _check_entry_answers(camera: str, entry: ManifestEntry, request: StreamRequest) -> None:
-    """A segment's signed capture time must lie in what was asked for."""
+def _check_entry_answers(camera: str, entry: ManifestEntry, request: StreamRequest,
+                         first_of_stream: bool) -> None:
+    """A segment's signed capture time (the start of its video) must lie in what was asked
+    for. Playback: the first segment of each camera data stream may start before the range,
+    since the segment that overlaps the range's start belongs to it."""
     when = entry.capture_ms
     if request.mode == Mode.PLAYBACK:
-        if not request.from_ms <= when <= request.to_ms:
+        if not (request.from_ms <= when or first_of_stream) or when > request.to_ms:
             raise RequestMismatch(
                 f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), "
                 f"outside the requested range {_iso(request.from_ms)} .. "
@@ -393,6 +396,7 @@ class StreamReader:
         self._ratchets: dict[bytes, KekRatchet] = {}
         self._key_records: dict[bytes, KeyRecord] = {}
         self._grants: dict[bytes, KeyGrant] = {}  # key id -> the verified signed key grant
+        self._streams_seen: set[tuple[str, DataStream]] = set()  # with a segment in the range
         self._keys: dict[bytes, tuple[AESGCM, bytes]] = {}  # key id -> (aead, commitment)
         self._retained = 0
         self._ended = False
@@ -586,7 +590,10 @@ class StreamReader:
                     f"Camera {manifest.camera}'s manifests go on after the one that closed the "
                     "requested range.")
             for entry in manifest.entries:  # signed capture times, checked against the request
-                _check_entry_answers(manifest.camera, entry, self._request)
+                stream_key = (manifest.camera, entry.stream)
+                _check_entry_answers(manifest.camera, entry, self._request,
+                                     stream_key not in self._streams_seen)
+                self._streams_seen.add(stream_key)
             if first:
                 camera.opened = manifest.manifest_seq == 0
         # The entries must be exactly the pending segments, in order; only a segment for

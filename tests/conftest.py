@@ -1,3 +1,3 @@
 """Test-session plugins. Token fixtures: tests/fixtures/tokens.py."""
 
-pytest_plugins = ["tests.fixtures.tokens", "tests.fixtures.server"]
+pytest_plugins = ["tests.fixtures.tokens", "tests.fixtures.server", "tests.fixtures.rtsp"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import asdict
 from typing import Annotated, Literal
 
 from cryptography import x509
@@ -11,8 +12,10 @@ from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from archiver.auth import digest, new_secret
+from archiver.cameras import CameraState
 from archiver.db import ClientRow
 from archiver.deps import AdminDep, ApiError, ServicesDep
+from archiver.rtsp import redact
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError, FormatError
 from keyservice.format import validate_name
@@ -37,11 +40,19 @@ class CameraCreated(BaseModel):
 
 class CameraInfo(BaseModel):
     name: str
-    rtsp_url: str | None
+    rtsp_url: str | None = Field(description="Credentials redacted")
     created_ms: int
     segments: int
     first_ms: int | None
     last_ms: int | None
+    state: CameraState
+    last_segment_ms: int | None = Field(description="Arrival of the last segment (this run)")
+    segments_last_minute: int
+    bytes_last_minute: int
+    gaps: int = Field(description="Gaps in the recording since the Archiver started")
+    refused: int = Field(description="Segments that could not be archived since start")
+    puller_restarts: int
+    message: str = Field(description="Why an RTSP camera cannot be pulled, if it cannot")
 
 
 class ClientCreate(BaseModel):
@@ -91,18 +102,23 @@ def add_camera(body: CameraCreate, services: ServicesDep, actor: AdminDep) -> Ca
                           rtsp=bool(body.rtsp_url))
     if body.rtsp_url and services.rtsp is not None:
         services.rtsp.start(body.name, body.rtsp_url)
-    return CameraCreated(name=body.name, rtsp_url=body.rtsp_url, ingest_token=token,
+    return CameraCreated(name=body.name, rtsp_url=redact(body.rtsp_url) if body.rtsp_url else None,
+                         ingest_token=token,
                          ingest_url=f"{services.settings.public_url}/ingest/{body.name}/index.m3u8")
 
 
 @router.get("/cameras")
 def list_cameras(services: ServicesDep, actor: AdminDep) -> list[CameraInfo]:
+    archive = services.archive
     out = []
-    for cam in services.archive.db.cameras():
-        recorded = services.archive.db.recorded_range(cam.name)
+    now = archive.clock()
+    for cam in archive.db.cameras():
+        recorded = archive.db.recorded_range(cam.name)
         first, last, count = recorded or (None, None, 0)
-        out.append(CameraInfo(name=cam.name, rtsp_url=cam.rtsp_url, created_ms=cam.created_ms,
-                              segments=count, first_ms=first, last_ms=last))
+        health = archive.health.health(cam.name, now)
+        out.append(CameraInfo(name=cam.name, rtsp_url=redact(cam.rtsp_url) if cam.rtsp_url else None,
+                              created_ms=cam.created_ms, segments=count, first_ms=first,
+                              last_ms=last, **asdict(health)))
     return out
 
 
@@ -114,6 +130,7 @@ def remove_camera(name: Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")],
         raise ApiError(404, "unknown_camera", f"There is no camera named '{name}'.")
     if services.rtsp is not None:
         services.rtsp.stop(name)
+    archive.health.forget(name)
     archive.keys.forget_camera(name)
     services.audit.record(actor, "camera.remove", archive.clock(), camera=name)
 

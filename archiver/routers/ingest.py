@@ -5,11 +5,13 @@ and archived; playlists are accepted and dropped (the index is ours)."""
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from archiver.auth import secret_matches
 from archiver.deps import ApiError, BearerDep, ServicesDep
@@ -24,14 +26,64 @@ SEGMENT_SUFFIXES = (".ts",)
 PLAYLIST_LIMIT = 1024 * 1024
 
 
+_INGEST_PATH = re.compile(r"^/ingest/([^/]+)/")
+_TURN = "fusion.ingest_turn"
+
+
+class UploadOrder:
+    """ASGI middleware that keeps each camera's uploads in the order they arrived.
+
+    A camera sending faster than we encrypt (a burst, a reconnect) has several uploads in flight
+    on separate connections. Route dependencies hop through worker threads, so without this the
+    segments could be archived in any order. Requests are numbered here, in the order the server
+    parsed their headers (before any thread hop); a segment is archived only once every earlier
+    request of its camera has finished, whether it succeeded or failed."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._next: dict[str, int] = {}
+        self._open: dict[str, set[int]] = {}
+        self._changed: dict[str, asyncio.Condition] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = _INGEST_PATH.match(scope["path"]) if scope["type"] == "http" else None
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        camera = match.group(1)
+        ticket = self._next.get(camera, 0)
+        self._next[camera] = ticket + 1
+        self._open.setdefault(camera, set()).add(ticket)
+        changed = self._changed.setdefault(camera, asyncio.Condition())
+        scope[_TURN] = (self, camera, ticket)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            async with changed:
+                self._open[camera].discard(ticket)
+                changed.notify_all()
+            if not self._open[camera]:
+                del self._open[camera], self._changed[camera]
+
+    async def wait_for_turn(self, camera: str, ticket: int) -> None:
+        changed = self._changed[camera]
+        async with changed:
+            await changed.wait_for(lambda: min(self._open[camera]) == ticket)
+
+
+async def _wait_for_turn(request: Request) -> None:
+    turn = request.scope.get(_TURN)
+    if turn is not None:  # always set when served through create_app
+        order, camera, ticket = turn
+        await order.wait_for_turn(camera, ticket)
+
+
 def _check_camera(services: ServicesDep, camera: str, credentials: BearerDep) -> None:
     if credentials is None:
         raise ApiError(401, "unauthenticated", "Missing 'Authorization: Bearer' camera token.")
     token = credentials.credentials
     row = services.archive.db.camera(camera)
-    valid = row is not None and row.removed_ms is None and (
-        secret_matches(token, row.token_sha256)
-        or (services.rtsp is not None and services.rtsp.accepts(camera, token)))
+    valid = row is not None and row.removed_ms is None and secret_matches(token, row.token_sha256)
     # One answer for unknown camera and wrong token: the API does not confirm camera names.
     if not valid:
         raise ApiError(403, "forbidden", f"This token is not valid for camera '{camera}'.")
@@ -74,6 +126,7 @@ async def put_segment(camera: CameraPath, name: NamePath, request: Request,
     if not data:
         raise ApiError(400, "empty_segment", "The segment is empty.")
     try:
+        await _wait_for_turn(request)
         row = await run_in_threadpool(services.archive.ingest_segment, camera, data)
     except StorageFull as exc:
         raise ApiError(507, "storage_full", str(exc)) from None

@@ -16,10 +16,12 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Message, Receive, Scope, Send
 
+from archiver.cameras import GAP_TOLERANCE_MS, CameraState
 from archiver.deps import ApiError, ServicesDep, ViewerDep
 from keyservice.certs import load_certificate
 from keyservice.crypto import login_context, make_login_challenge, verify_login_proof
 from keyservice.errors import CertificateError
+from keyservice.format import DataStream
 from keyservice.identity import OaepHash, Recipient, fingerprint
 
 log = logging.getLogger("archiver")
@@ -90,6 +92,22 @@ class CameraView(BaseModel):
     first_ms: int | None
     last_ms: int | None
     segments: int
+    state: CameraState
+
+
+class Gap(BaseModel):
+    from_ms: int
+    to_ms: int
+
+
+class Gaps(BaseModel):
+    """Where the recording index has no video in a range (unsigned: the fusion stream's signed
+    segment times are what the viewer verifies)."""
+
+    camera: str
+    from_ms: int
+    to_ms: int
+    gaps: list[Gap]
 
 
 @router.get("/archiver")
@@ -148,13 +166,15 @@ def open_session(body: ProofRequest, services: ServicesDep) -> SessionInfo:
 
 @router.get("/cameras")
 def cameras(viewer: ViewerDep, services: ServicesDep) -> list[CameraView]:
-    db = services.archive.db
+    archive = services.archive
+    now = archive.clock()
     out = []
-    for cam in db.cameras(include_removed=True):
+    for cam in archive.db.cameras(include_removed=True):
         if not viewer.authorized_on(cam.name):
             continue
-        first, last, count = db.recorded_range(cam.name) or (None, None, 0)
-        out.append(CameraView(name=cam.name, first_ms=first, last_ms=last, segments=count))
+        first, last, count = archive.db.recorded_range(cam.name) or (None, None, 0)
+        out.append(CameraView(name=cam.name, first_ms=first, last_ms=last, segments=count,
+                              state=archive.health.health(cam.name, now).state))
     return out
 
 
@@ -183,6 +203,22 @@ async def recording(camera: CameraPath, viewer: ViewerDep, services: ServicesDep
                           from_ms=from_ms, to_ms=to_ms)
     return _ViewerStream(archive.playback(viewer, camera, from_ms, to_ms, bytes.fromhex(nonce)),
                          services.settings.stream_send_timeout_s)
+
+
+@router.get("/cameras/{camera}/gaps")
+async def gaps(camera: CameraPath, viewer: ViewerDep, services: ServicesDep,
+               from_ms: Annotated[int, Query(ge=0, le=MAX_MS)],
+               to_ms: Annotated[int, Query(ge=0, le=MAX_MS)]) -> Gaps:
+    _authorize(viewer, services, camera)
+    if to_ms < from_ms:
+        raise ApiError(422, "bad_range", "The end of the range is before its start.")
+    archive = services.archive
+    # Up to now at most: the future is not a gap.
+    until = min(to_ms, archive.clock())
+    found = await run_in_threadpool(archive.db.gaps, camera, int(DataStream.VIDEO), from_ms,
+                                    until, GAP_TOLERANCE_MS) if until >= from_ms else []
+    return Gaps(camera=camera, from_ms=from_ms, to_ms=to_ms,
+                gaps=[Gap(from_ms=a, to_ms=b) for a, b in found])
 
 
 @router.get("/cameras/{camera}/live",

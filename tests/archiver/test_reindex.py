@@ -28,6 +28,10 @@ from tests.fixtures.viewer import fetch, login, play
 
 from .conftest import Viewer
 
+SEGMENT_COLUMNS = ("camera, stream, seq, capture_ms, key_id, plaintext_bytes, digest, file, "
+                   "offset, length, manifest_seq")
+MANIFEST_COLUMNS = "camera, manifest_seq, file, offset, length, hash, first_capture_ms"
+
 
 def _segments(count: int) -> list[bytes]:
     return [os.urandom(2000) + bytes([i]) * 1000 for i in range(count)]
@@ -144,9 +148,10 @@ def test_reindex_rebuilds_the_index_from_the_files(
     before = _played(archiver_server, alice)
     archiver_server.stop()
     with _index(archiver_server) as db:
-        rows_before = db.execute("SELECT * FROM segments ORDER BY camera, seq").fetchall()
-        manifests_before = db.execute("SELECT * FROM manifests ORDER BY camera, "
-                                      "manifest_seq").fetchall()
+        rows_before = db.execute(f"SELECT {SEGMENT_COLUMNS} FROM segments ORDER BY camera, "
+                                 "seq").fetchall()
+        manifests_before = db.execute(f"SELECT {MANIFEST_COLUMNS} FROM manifests ORDER BY "
+                                      "camera, manifest_seq").fetchall()
         # The whole segment index gone.
         db.execute("DELETE FROM segments")
         db.execute("DELETE FROM manifests")
@@ -154,8 +159,11 @@ def test_reindex_rebuilds_the_index_from_the_files(
     assert done.returncode == 0, done.stderr
     assert "indexed 12 segment(s) under 12 signed manifest(s) from 2 file(s)" in done.stdout
     with _index(archiver_server) as db:
-        assert db.execute("SELECT * FROM segments ORDER BY camera, seq").fetchall() == rows_before
-        assert db.execute("SELECT * FROM manifests ORDER BY camera, "
+        # Everything but the end of each segment's video, which the signed records do not
+        # carry (reindex takes the next segment's start; these synthetic segments are points).
+        assert db.execute(f"SELECT {SEGMENT_COLUMNS} FROM segments ORDER BY camera, "
+                          "seq").fetchall() == rows_before
+        assert db.execute(f"SELECT {MANIFEST_COLUMNS} FROM manifests ORDER BY camera, "
                           "manifest_seq").fetchall() == manifests_before
     archiver_server.start()
     assert _recoveries(archiver_server)[-1] == []

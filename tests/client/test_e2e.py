@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.timespec import format_ms
+from client.timespec import format_ms, parse_time
 from keyservice.pkcs11uri import Pkcs11Uri
 from tests.fixtures.camera import (
     frame_hashes,
@@ -537,3 +537,30 @@ def test_tpm_viewer_end_to_end(archiver_server: ArchiverServer, tpm_token: Token
     assert result.code == 0, result.stderr
     assert out.read_bytes() == b"".join(chunks)
     assert token_operations(result.stderr) == (2, 1, 1)
+
+
+@requires_ffmpeg
+def test_playback_across_a_camera_outage_reports_the_gap(
+        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    """A camera that stops for 8 s and comes back: the viewer gets every frame sent before and
+    after, in one verified file, and the summary names the gap with its times."""
+    viewer = make_viewer("alice")
+    token = archiver_server.add_camera("cam1")
+    archiver_server.add_client(viewer.pem, ["cam1"])
+    before, after = (make_source(tmp_path / f"{name}.ts", seconds=4) for name in ("a", "b"))
+    start = now_ms()
+    push(before, archiver_server.url, "cam1", token, realtime=True, hls_time=2)
+    time.sleep(8)
+    outage_end = now_ms()
+    push(after, archiver_server.url, "cam1", token, realtime=True, hls_time=2)
+    wait_for_segments(archiver_server, "cam1", 4)
+    out = tmp_path / "out.ts"
+    result = play(client, archiver_server.url, viewer, out, start - 1000, now_ms() + 1000)
+    assert result.code == 0, result.stderr
+    assert frame_hashes(out) == frame_hashes(before) + frame_hashes(after)
+    gaps = re.findall(r"gap: .*", result.stderr)
+    assert len(gaps) == 1 and "no recording" in gaps[0], result.stderr
+    # The gap is where the camera was silent: it ends when the second push began.
+    gap_end = re.findall(r"(\d{4}-\d\d-\d\dT[0-9:.]+Z?)", gaps[0])[-1]
+    assert abs(parse_time(gap_end, now_ms()) - outage_end) < 3000, (gaps[0], iso(outage_end))

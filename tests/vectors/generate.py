@@ -813,9 +813,11 @@ def vectors() -> Iterator[Vector]:
                        FixedRng("minute 1 of A"), range_ms=(T0 + 60_000, T0 + 120_000))
     yield V("request-segment-outside-range", "A header that answers a request for minute 1, "
             "but the stream carries the signed manifests of minute 0 as well (as an Archiver "
-            "whose index time columns were edited would send): the first manifest's signed "
-            "capture time lies outside the range.", MISMATCH, minute1.stream(),
-            indices(minute1, "manifest")[0], request=minute1.request)
+            "whose index time columns were edited would send): the second cam-lobby manifest's "
+            "signed "
+            "capture time lies outside the range (the first segment of each data stream may "
+            "start before the range: it may overlap its start).", MISMATCH, minute1.stream(),
+            indices(minute1, "manifest", camera=LOBBY)[1], request=minute1.request)
     yield V("request-stale-live", "Viewer B's genuine live stream, replayed an hour later as the "
             "answer to a new live request (the nonce rewritten would break the END signature; "
             "here the relay even has the right nonce): the header was made an hour before the "

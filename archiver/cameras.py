@@ -1,0 +1,192 @@
+"""Cameras as the Archiver sees them: where a segment sits in time, and whether a camera is healthy.
+
+**Segment time.** A segment covers [start, end] of the video it holds. Its duration comes from the
+stream's own timestamps (``archiver.mpegts``); its place on the wall clock from its arrival, since
+a camera sends a segment as soon as its last frame is captured:
+
+1. While a camera's stream timestamps run on from the previous segment, the new segment follows
+   it on the same anchor: start = previous end (plus any jump in the stream clock), end = start +
+   duration. Consecutive segments are then contiguous, with no jitter from upload latency.
+2. That placement is kept only while it agrees with the arrival clock: it may not end after the
+   segment arrived (plus ``DRIFT_TOLERANCE_MS``), nor more than ``MAX_BEHIND_MS`` before.
+   Otherwise (first segment, new stream, clock drift, an Archiver restart) the segment is
+   re-anchored: end = arrival, start = end - duration.
+3. Segments of one camera never overlap: a start before the previous end is moved to it. So a
+   burst (video sent faster than real time) is laid out over its arrival times, never in the
+   future. A segment without timestamps (not MPEG-TS video) is a point: start = end = arrival.
+
+A **gap** is a stretch longer than ``GAP_TOLERANCE_MS`` between the end of one segment and the
+start of the next.
+
+**Health.** A camera is *receiving* while segments arrive; *stalled* when none arrived for
+``STALL_FACTOR`` segment durations (at least ``MIN_STALL_MS``); *unreachable* or *auth_failed* when
+the Archiver pulls it and cannot connect or log in; *waiting* before its first segment.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from archiver.mpegts import PTS_CLOCK_HZ, PTS_WRAP, MediaSpan
+
+GAP_TOLERANCE_MS = 1000
+DRIFT_TOLERANCE_MS = 1000
+MAX_BEHIND_MS = 30_000
+STALL_FACTOR = 3
+MIN_STALL_MS = 5000
+DEFAULT_SEGMENT_MS = 2000
+RATE_WINDOW_MS = 60_000
+
+
+@dataclass(frozen=True)
+class SegmentTime:
+    start_ms: int
+    end_ms: int
+
+
+class SegmentClock:
+    """Places one camera stream's segments on the wall clock (rules in the module docstring).
+    Not thread-safe: used under the camera's ingest lock."""
+
+    def __init__(self, previous_end_ms: int | None = None) -> None:
+        self._previous_end_ms = previous_end_ms
+        self._previous_end_pts: int | None = None
+
+    def place(self, arrival_ms: int, span: MediaSpan | None) -> SegmentTime:
+        floor = self._previous_end_ms
+        if span is None:
+            start = end = max(arrival_ms, floor or 0)
+            self._previous_end_pts = None
+        else:
+            duration = span.duration_ms
+            start, end = arrival_ms - duration, arrival_ms
+            if floor is not None and self._previous_end_pts is not None:
+                jump = self._pts_delta_ms(self._previous_end_pts, span.first_pts)
+                if jump is not None:
+                    predicted_end = floor + jump + duration
+                    if arrival_ms - MAX_BEHIND_MS <= predicted_end <= arrival_ms + DRIFT_TOLERANCE_MS:
+                        start, end = predicted_end - duration, predicted_end
+            if floor is not None and start < floor:
+                start = floor
+                end = max(end, start)
+            self._previous_end_pts = span.end_pts
+        self._previous_end_ms = end
+        return SegmentTime(start, end)
+
+    @staticmethod
+    def _pts_delta_ms(previous_end: int, first: int) -> int | None:
+        """How far the stream clock moved between two segments, if it ran on (no reset)."""
+        delta = (first - previous_end) % PTS_WRAP
+        if delta > PTS_WRAP // 2:
+            delta -= PTS_WRAP
+        delta_ms = delta * 1000 // PTS_CLOCK_HZ
+        return delta_ms if -DRIFT_TOLERANCE_MS <= delta_ms <= MAX_BEHIND_MS else None
+
+
+class CameraState(StrEnum):
+    WAITING = "waiting"
+    RECEIVING = "receiving"
+    STALLED = "stalled"
+    UNREACHABLE = "unreachable"
+    AUTH_FAILED = "auth_failed"
+
+
+@dataclass
+class _Health:
+    last_arrival_ms: int | None = None
+    last_end_ms: int | None = None
+    typical_ms: int = DEFAULT_SEGMENT_MS
+    recent: deque[tuple[int, int]] = field(default_factory=deque)  # (arrival ms, bytes)
+    gaps: int = 0
+    refused: int = 0
+    puller_problem: CameraState | None = None
+    puller_message: str = ""
+    puller_restarts: int = 0
+
+
+@dataclass(frozen=True)
+class CameraHealth:
+    """What an admin (and a viewer) sees of a camera's feed."""
+
+    state: CameraState
+    last_segment_ms: int | None
+    segments_last_minute: int
+    bytes_last_minute: int
+    gaps: int
+    refused: int
+    puller_restarts: int
+    message: str
+
+
+class HealthBoard:
+    """Per-camera feed health, updated by ingest and the RTSP pullers, read by the API, the
+    metrics and the stall monitor. Memory only: after a restart a camera starts as waiting."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cameras: dict[str, _Health] = {}
+
+    def _get(self, camera: str) -> _Health:
+        health = self._cameras.get(camera)
+        if health is None:
+            health = self._cameras[camera] = _Health()
+        return health
+
+    def segment_archived(self, camera: str, arrival_ms: int, size: int, time: SegmentTime) -> None:
+        with self._lock:
+            health = self._get(camera)
+            if health.last_end_ms is not None and time.start_ms - health.last_end_ms > GAP_TOLERANCE_MS:
+                health.gaps += 1
+            if time.end_ms > time.start_ms:
+                health.typical_ms = time.end_ms - time.start_ms
+            elif health.last_arrival_ms is not None and arrival_ms > health.last_arrival_ms:
+                health.typical_ms = arrival_ms - health.last_arrival_ms
+            health.last_arrival_ms, health.last_end_ms = arrival_ms, time.end_ms
+            health.recent.append((arrival_ms, size))
+            health.puller_problem, health.puller_message = None, ""
+            self._trim(health, arrival_ms)
+
+    def segment_refused(self, camera: str) -> None:
+        with self._lock:
+            self._get(camera).refused += 1
+
+    def puller_failed(self, camera: str, problem: CameraState, message: str) -> None:
+        with self._lock:
+            health = self._get(camera)
+            health.puller_problem, health.puller_message = problem, message
+            health.puller_restarts += 1
+
+    def forget(self, camera: str) -> None:
+        with self._lock:
+            self._cameras.pop(camera, None)
+
+    def health(self, camera: str, now_ms: int) -> CameraHealth:
+        with self._lock:
+            health = self._get(camera)
+            self._trim(health, now_ms)
+            state = self._state(health, now_ms)
+            return CameraHealth(
+                state=state, last_segment_ms=health.last_arrival_ms,
+                segments_last_minute=len(health.recent),
+                bytes_last_minute=sum(size for _, size in health.recent), gaps=health.gaps,
+                refused=health.refused, puller_restarts=health.puller_restarts,
+                message=health.puller_message)
+
+    @staticmethod
+    def _state(health: _Health, now_ms: int) -> CameraState:
+        if health.puller_problem is not None:
+            return health.puller_problem
+        if health.last_arrival_ms is None:
+            return CameraState.WAITING
+        stall_after = max(STALL_FACTOR * health.typical_ms, MIN_STALL_MS)
+        if now_ms - health.last_arrival_ms > stall_after:
+            return CameraState.STALLED
+        return CameraState.RECEIVING
+
+    @staticmethod
+    def _trim(health: _Health, now_ms: int) -> None:
+        while health.recent and health.recent[0][0] < now_ms - RATE_WINDOW_MS:
+            health.recent.popleft()

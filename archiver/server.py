@@ -1,0 +1,69 @@
+"""How the Archiver is served: uvicorn, with an HTTP/1.1 protocol that never drops a request that
+arrived whole.
+
+Why this layer: cameras (ffmpeg's HLS muxer with ``-method PUT``) send the last chunk of a segment
+and close the connection without reading the answer. When the complete body and the close reach
+the server before the application has read the body (any segment under ffmpeg's 32 KB I/O buffer,
+any burst), uvicorn's ``receive()`` answers ``http.disconnect`` and the buffered body is never
+delivered, so the application cannot tell a finished upload from a cut-off one. The server is the
+only place that knows whether the request ended (terminating chunk, full Content-Length) before
+the peer went away, so the fix belongs in its protocol, not in a route: a request that arrived
+whole is delivered whole, and ``http.disconnect`` follows; a request cut short still ends in
+``http.disconnect`` and is refused by the route (nothing of it is archived).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
+
+from archiver.settings import Settings
+
+
+class _CompleteRequestCycle(RequestResponseCycle):
+    """uvicorn's request/response cycle, except that a peer closing after sending the whole
+    request does not swallow the request: its body is delivered first."""
+
+    _whole_body_delivered = False
+
+    async def receive(self) -> Any:
+        if (self.disconnected and not self.more_body and not self.response_complete
+                and not self._whole_body_delivered):
+            # The request ended (h11 saw its end) before the peer closed: hand it over.
+            self._whole_body_delivered = True
+            body, self.body = bytes(self.body), bytearray()
+            return {"type": "http.request", "body": body, "more_body": False}
+        message = await super().receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            self._whole_body_delivered = True
+        return message
+
+
+class CompleteRequestH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with ``_CompleteRequestCycle`` as its request/response cycle."""
+
+    def handle_events(self) -> None:
+        before = self.cycle
+        super().handle_events()
+        # uvicorn builds the cycle inside handle_events and offers no hook for its class; the
+        # cycle's task has not run yet (it is only scheduled), so switching the class of the new
+        # cycle here takes effect before the application's first receive().
+        if self.cycle is not before and type(self.cycle) is RequestResponseCycle:
+            self.cycle.__class__ = _CompleteRequestCycle
+
+
+def uvicorn_config(app: Any, settings: Settings, log_level: str = "info") -> uvicorn.Config:
+    """The one uvicorn configuration of the Archiver (the CLI, tests and benchmarks use it)."""
+    return uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=log_level,
+        # Explicit, not "auto": with httptools installed, auto would pick a protocol without
+        # the fix above.
+        http=CompleteRequestH11Protocol,
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
+
+
+def serve(app: Any, settings: Settings, log_level: str = "info") -> None:
+    uvicorn.Server(uvicorn_config(app, settings, log_level)).run()

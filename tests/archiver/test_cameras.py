@@ -1,0 +1,116 @@
+"""Segment time (archiver/mpegts.py, archiver/cameras.py): the span of the video a segment holds,
+read from its own timestamps and judged by ffprobe; placed on the wall clock by the documented
+rule (docs/cameras.md)."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from archiver.cameras import CameraState, HealthBoard, SegmentClock, SegmentTime
+from archiver.mpegts import PTS_WRAP, MediaSpan, media_span
+from tests.fixtures.camera import requires_ffmpeg
+
+
+def _segments(tmp_path: Path, *, bframes: bool, codec: str = "libx264") -> list[Path]:
+    out = tmp_path / "hls"
+    out.mkdir()
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+         "testsrc=size=160x120:rate=25", "-t", "7", "-c:v", codec,
+         *(["-bf", "3"] if bframes else ["-bf", "0"]), "-g", "25", "-pix_fmt", "yuv420p",
+         "-f", "hls", "-hls_time", "2", "-hls_list_size", "0", str(out / "index.m3u8")],
+        check=True)
+    return sorted(out.glob("*.ts"), key=lambda p: int(p.stem.removeprefix("index")))
+
+
+def _ffprobe_span(path: Path) -> tuple[int, int]:
+    """(min pts, max pts + one frame) in 90 kHz ticks, as ffprobe reads the packets."""
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+                          "packet=pts,duration", "-of", "csv=p=0", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [tuple(int(v) for v in line.split(",")[:2]) for line in out.split() if line]
+    return min(p for p, _ in rows), max(p + d for p, d in rows)
+
+
+@requires_ffmpeg
+@pytest.mark.parametrize("codec", ["libx264", "libx265"])
+@pytest.mark.parametrize("bframes", [False, True])
+def test_media_span_matches_ffprobe(tmp_path: Path, bframes: bool, codec: str) -> None:
+    segments = _segments(tmp_path, bframes=bframes, codec=codec)
+    assert len(segments) >= 3
+    for path in segments:
+        span = media_span(path.read_bytes())
+        assert span is not None
+        assert (span.first_pts, span.end_pts) == _ffprobe_span(path), path.name
+
+
+def test_media_span_of_what_is_not_timed_video() -> None:
+    assert media_span(b"") is None
+    assert media_span(b"not a transport stream" * 100) is None
+    assert media_span(b"\x47" + bytes(187)) is None  # a TS packet without a PES
+
+
+def test_media_span_across_the_33_bit_wrap() -> None:
+    assert MediaSpan(PTS_WRAP - 90_000, 90_000).duration_ms == 2000
+
+
+def _span(first_s: float, seconds: float = 2.0) -> MediaSpan:
+    return MediaSpan(int(first_s * 90_000) % PTS_WRAP, int((first_s + seconds) * 90_000) % PTS_WRAP)
+
+
+def test_consecutive_segments_are_contiguous_despite_upload_jitter() -> None:
+    clock = SegmentClock()
+    first = clock.place(10_000, _span(0))
+    assert first == SegmentTime(8_000, 10_000)  # anchored on arrival
+    # Arrivals jitter by tens of ms; the stream's own clock decides.
+    assert clock.place(12_040, _span(2)) == SegmentTime(10_000, 12_000)
+    assert clock.place(13_990, _span(4)) == SegmentTime(12_000, 14_000)
+
+
+def test_a_new_stream_or_drift_is_re_anchored_on_arrival() -> None:
+    clock = SegmentClock()
+    clock.place(10_000, _span(0))
+    # The camera restarted: its clock jumped back. Placed by arrival.
+    assert clock.place(30_000, _span(0.5)) == SegmentTime(28_000, 30_000)
+    # Continuous stream, late by up to 30 s (buffered upload): the stream's clock is kept.
+    assert clock.place(40_000, _span(2.5)) == SegmentTime(30_000, 32_000)
+    # Further behind than that (a slow camera clock, long drift): re-anchored on arrival.
+    assert clock.place(70_000, _span(4.5)) == SegmentTime(68_000, 70_000)
+
+
+def test_a_burst_is_laid_over_its_arrival_never_in_the_future() -> None:
+    clock = SegmentClock()
+    times = [clock.place(10_000 + 5 * i, _span(2 * i)) for i in range(4)]
+    assert times[0] == SegmentTime(8_000, 10_000)
+    for before, after in itertools.pairwise(times):
+        assert after.start_ms == before.end_ms  # never overlapping
+    assert all(t.end_ms <= 10_000 + 5 * 3 for t in times)  # never after arrival
+
+
+def test_segments_without_timestamps_are_points_in_order() -> None:
+    clock = SegmentClock(previous_end_ms=50_000)
+    assert clock.place(40_000, None) == SegmentTime(50_000, 50_000)  # never before the last
+    assert clock.place(60_000, None) == SegmentTime(60_000, 60_000)
+
+
+def test_health_states_and_gaps() -> None:
+    board = HealthBoard()
+    assert board.health("cam", 0).state == CameraState.WAITING
+    board.segment_archived("cam", 10_000, 100, SegmentTime(8_000, 10_000))
+    board.segment_archived("cam", 12_000, 100, SegmentTime(10_000, 12_000))
+    health = board.health("cam", 12_500)
+    assert health.state == CameraState.RECEIVING and health.segments_last_minute == 2
+    assert health.bytes_last_minute == 200 and health.gaps == 0
+    assert board.health("cam", 12_000 + 6_001).state == CameraState.STALLED  # 3 x 2 s
+    board.segment_archived("cam", 30_000, 100, SegmentTime(28_000, 30_000))
+    assert board.health("cam", 30_000).gaps == 1
+    assert board.health("cam", 30_000 + 61_000).segments_last_minute == 0
+    board.puller_failed("cam", CameraState.AUTH_FAILED, "401 Unauthorized")
+    health = board.health("cam", 92_000)
+    assert health.state == CameraState.AUTH_FAILED and health.puller_restarts == 1
+    board.segment_archived("cam", 93_000, 100, SegmentTime(91_000, 93_000))
+    assert board.health("cam", 93_000).state == CameraState.RECEIVING
