@@ -397,6 +397,9 @@ class StreamReader:
         self._key_records: dict[bytes, KeyRecord] = {}
         self._grants: dict[bytes, KeyGrant] = {}  # key id -> the verified signed key grant
         self._streams_seen: set[tuple[str, DataStream]] = set()  # with a segment in the range
+        # per camera data stream, its first segment while it starts before the range
+        self._held: dict[tuple[str, DataStream], SegmentPlaintext | SegmentSkipped
+                         | SegmentMissing] = {}
         self._keys: dict[bytes, tuple[AESGCM, bytes]] = {}  # key id -> (aead, commitment)
         self._retained = 0
         self._ended = False
@@ -633,7 +636,34 @@ class StreamReader:
         # assembly buffers may take the next segments.
         for _, segment_bytes, _, _ in pending:
             self._buffers.give_back(segment_bytes)
-        events.extend(out)
+        events.extend(self._hold_back_before_range(manifest.camera, out))
+
+    def _hold_back_before_range(self, camera: str, out: list[Event]) -> list[Event]:
+        """Playback: a data stream's first segment may start before the range (it may overlap
+        the range's start), but only its successor shows that it does: it must start after the
+        range's start. So such a segment is held back until then, and refused if its successor
+        starts at or before the range's start (footage from before the range)."""
+        request = self._request
+        if request is None or request.mode != Mode.PLAYBACK:
+            return out
+        released: list[Event] = []
+        for event in out:
+            assert not isinstance(event, StreamEnded)
+            key = (camera, event.stream)
+            if event.capture_ms < request.from_ms:
+                self._held[key] = event  # only ever the stream's first (_check_entry_answers)
+                continue
+            held = self._held.pop(key, None)
+            if held is not None:
+                if event.capture_ms <= request.from_ms:
+                    raise RequestMismatch(
+                        f"Segment {held.seq} of camera {camera} was captured {_iso(held.capture_ms)}"
+                        f" (signed) and ends before the requested range "
+                        f"{_iso(request.from_ms)} .. {_iso(request.to_ms)}.",
+                        "The Archiver's index may have been tampered with.")
+                released.append(held)
+            released.append(event)
+        return released
 
     def _is_edge(self, camera: _Camera, manifest: Manifest, first: bool) -> bool:
         """A playback edge: sent bare (no segment of it came), every entry before the range and
@@ -716,6 +746,10 @@ class StreamReader:
         _verify(self._archiver_key, end.signed_bytes(), end.signature)
         self._check_edges(end)
         self._ended = True
+        # A first segment before the range without a successor: nothing shows it does not
+        # overlap the range (one segment at most per data stream), so it is released.
+        events.extend(self._held.values())
+        self._held.clear()
         events.append(StreamEnded(int(end.reason)))
 
 
