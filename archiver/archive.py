@@ -172,7 +172,8 @@ class Archive:
         key = self.keys.key_for(camera, stream, now)
         # The key's signed grant (who it was wrapped for) goes before its first segment.
         grant = self.keys.take_grant(key.key_id) or b""
-        segment = seal_segment(key, seq, time.start_ms, data)
+        segment = seal_segment(key, seq, time.start_ms, data,
+                               duration_ms=min(time.end_ms - time.start_ms, 2**32 - 1))
         chain_before = (state.chain.next_seq, state.chain.prev_hash)
         manifest, manifest_bytes = state.chain.issue([segment], [key], self.signer, now)
         # The segment record stays in pieces (header, ciphertext) down to the writev.

@@ -180,12 +180,12 @@ def _verify_group(rel: str, camera: str, segments: list[tuple[int, bytes, Segmen
                 or segment.stream != entry.stream or segment.capture_ms != entry.capture_ms
                 or segment.key_id != entry.key_id):
             return None
-        # The end of the video is not in the signed records (capture_ms is the start): a
-        # point for now, see _with_end_times.
+        # The signed start and duration give the end; without a duration (0: not timed
+        # video) a point for now, see _with_end_times.
         rows.append(SegmentRow(camera, int(segment.stream), segment.seq, segment.capture_ms,
                                segment.key_id, len(segment.ciphertext) - TAG_LEN, digest, rel,
                                seg_offset, len(seg_raw), manifest.manifest_seq,
-                               segment.capture_ms))
+                               segment.capture_ms + segment.duration_ms))
     captures = [entry.capture_ms for entry in manifest.entries] or [manifest.issued_ms]
     row = ManifestRow(camera, manifest.manifest_seq, rel, offset, len(raw),
                       hashlib.sha256(raw).digest(), min(captures), max(captures))
@@ -198,10 +198,9 @@ MAX_SEGMENT_MS = 60_000
 
 
 def _with_end_times(groups: list[Group]) -> list[Group]:
-    """Segment end times for re-indexed groups (the files keep only the signed start): the
-    next segment's start of the same data stream, within MAX_SEGMENT_MS. The last segment of
-    each stream stays a point; gaps in the index may look up to one segment longer than they
-    were. Manifest times follow their segments."""
+    """End times for re-indexed segments without a signed duration (end = start): the next
+    segment's start of the same data stream, within MAX_SEGMENT_MS. The last such segment of
+    each stream stays a point. Manifest times follow their segments."""
     following: dict[tuple[str, int, int], int] = {}
     previous: dict[tuple[str, int], SegmentRow] = {}
     for group in groups:
@@ -212,7 +211,8 @@ def _with_end_times(groups: list[Group]) -> list[Group]:
             previous[(row.camera, row.stream)] = row
     out = []
     for group in groups:
-        rows = tuple(replace(row, end_ms=following.get((row.camera, row.stream, row.seq),
+        rows = tuple(row if row.end_ms != row.capture_ms else
+                     replace(row, end_ms=following.get((row.camera, row.stream, row.seq),
                                                        row.end_ms)) for row in group.segments)
         manifest = group.manifest
         if rows:

@@ -66,6 +66,9 @@ NO_RECORDING = "no recording"
 # between segments (segments last 1-10 s; a jump of several segment lengths is a real hole).
 MIN_GAP_MS = 5_000
 GAP_FACTOR = 3
+# With signed durations a gap is exact: more than this between one segment's end and the next
+# one's start (the Archiver's own tolerance, archiver.cameras.GAP_TOLERANCE_MS).
+EXACT_GAP_MS = 1_000
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,7 @@ class Player:
         self.summary = Summary()
         # Per (camera, stream): last capture time seen, recent intervals, an open skipped run.
         self._last_seen: dict[tuple[str, int], int] = {}
+        self._last_end: dict[tuple[str, int], int | None] = {}
         self._intervals: dict[tuple[str, int], deque[int]] = {}
         self._skipped_run: dict[tuple[str, int], list[int]] = {}
         self._missing_run: dict[tuple[str, int], list[int]] = {}
@@ -297,11 +301,20 @@ class Player:
         return self.finish()
 
     # --- events -----------------------------------------------------------------------
-    def _note_time(self, key: tuple[str, int], capture_ms: int) -> None:
-        """Report a capture-time jump (nothing recorded) between consecutive segments."""
+    def _note_time(self, key: tuple[str, int], capture_ms: int, duration_ms: int) -> None:
+        """Report a stretch with nothing recorded between consecutive segments: exactly, from
+        the signed start and duration of the previous segment when it has one; otherwise from
+        a capture-time jump well beyond the typical interval."""
         previous = self._last_seen.get(key)
         self._last_seen[key] = capture_ms
+        previous_end = self._last_end.get(key)
+        self._last_end[key] = capture_ms + duration_ms if duration_ms else None
         if previous is None:
+            return
+        if previous_end is not None:
+            if capture_ms - previous_end > EXACT_GAP_MS:
+                self.summary.gaps.append(Gap(key[0], key[1], previous_end, capture_ms,
+                                             NO_RECORDING))
             return
         delta = capture_ms - previous
         recent = self._intervals.setdefault(key, deque(maxlen=16))
@@ -315,7 +328,7 @@ class Player:
         key = (event.camera, int(event.stream))
         self._close_skipped(key)
         self._close_missing(key)
-        self._note_time(key, event.capture_ms)
+        self._note_time(key, event.capture_ms, event.duration_ms)
         s = self.summary
         with self._critical():
             # Only verified segments reach here: the reader released it after its manifest's
@@ -325,8 +338,8 @@ class Player:
             s.bytes += len(event.data)
             s.first_ms = event.capture_ms if s.first_ms is None else min(s.first_ms,
                                                                          event.capture_ms)
-            s.last_ms = event.capture_ms if s.last_ms is None else max(s.last_ms,
-                                                                       event.capture_ms)
+            end = event.capture_ms + event.duration_ms
+            s.last_ms = end if s.last_ms is None else max(s.last_ms, end)
             s.last = Position(event.camera, int(event.stream), event.seq, event.capture_ms)
         if self._on_segment is not None:
             self._on_segment(event)
@@ -334,7 +347,7 @@ class Player:
     def _missing(self, event: SegmentMissing) -> None:
         key = (event.camera, int(event.stream))
         self._close_skipped(key)
-        self._note_time(key, event.capture_ms)
+        self._note_time(key, event.capture_ms, event.duration_ms)
         self.summary.missing += 1
         run = self._missing_run.setdefault(key, [event.capture_ms, event.capture_ms, 0])
         run[1] = event.capture_ms
@@ -348,7 +361,7 @@ class Player:
     def _skipped(self, event: SegmentSkipped) -> None:
         key = (event.camera, int(event.stream))
         self._close_missing(key)
-        self._note_time(key, event.capture_ms)
+        self._note_time(key, event.capture_ms, event.duration_ms)
         self.summary.skipped += 1
         run = self._skipped_run.setdefault(key, [event.capture_ms, event.capture_ms, 0])
         run[1] = event.capture_ms

@@ -64,7 +64,7 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _VERSION = _U16.pack(VERSION)
 _NONCE_PAD = bytes(4)
-_SEGMENT_AD_TAIL = struct.Struct(">QQ16sB")  # seq, capture_ms, key_id, flags
+_SEGMENT_AD_TAIL = struct.Struct(">QQI16sB")  # seq, capture_ms, duration_ms, key_id, flags
 
 
 def _str8(name: str) -> bytes:
@@ -143,13 +143,13 @@ def segment_nonce(seq: int) -> bytes:
 
 
 def segment_ad(camera: str, stream: DataStream, seq: int, capture_ms: int, key_id: bytes,
-               flags: int) -> bytes:
+               flags: int, duration_ms: int = 0) -> bytes:
     """Binds everything a reader relies on, so reordering, splicing between cameras, streams
     or minutes, and flipping the last-segment flag all fail authentication."""
     if len(key_id) != ID_LEN:  # "16s" would pad or cut it silently
         raise ValueError("A key id is 16 bytes.")
-    return _segment_ad_prefix(camera, stream) + _SEGMENT_AD_TAIL.pack(seq, capture_ms, key_id,
-                                                                     flags)
+    return _segment_ad_prefix(camera, stream) + _SEGMENT_AD_TAIL.pack(seq, capture_ms,
+                                                                     duration_ms, key_id, flags)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -157,23 +157,25 @@ def _segment_ad_prefix(camera: str, stream: int) -> bytes:
     return LABEL_SEGMENT + _VERSION + _str8(camera) + bytes((stream,))
 
 
-def seal_segment(key: MinuteKey, seq: int, capture_ms: int, plaintext: bytes, flags: int = 0
-                 ) -> Segment:
+def seal_segment(key: MinuteKey, seq: int, capture_ms: int, plaintext: bytes, flags: int = 0,
+                 duration_ms: int = 0) -> Segment:
     """Encrypt one segment under ``key`` (its camera and data stream are the key's)."""
     if type(flags) is not int or flags & ~SEGMENT_LAST or not 0 <= flags <= 0xFF:
         raise ValueError(f"Unknown segment flags {flags!r}.")
     if (type(seq) is not int or type(capture_ms) is not int or not 0 <= seq < 2**64
-            or not 0 <= capture_ms < 2**64):
-        raise ValueError("Sequence numbers and capture times are unsigned 64-bit integers.")
-    # The record body is the 35-byte fixed part, the name, the ciphertext and the tag.
-    if len(plaintext) + TAG_LEN > MAX_SEGMENT_BODY - 35 - len(key.camera):
+            or not 0 <= capture_ms < 2**64 or type(duration_ms) is not int
+            or not 0 <= duration_ms < 2**32):
+        raise ValueError("Sequence numbers and capture times are unsigned 64-bit integers, "
+                         "durations 32-bit.")
+    # The record body is the 39-byte fixed part, the name, the ciphertext and the tag.
+    if len(plaintext) + TAG_LEN > MAX_SEGMENT_BODY - 39 - len(key.camera):
         raise ValueError("A segment is limited to 64 MiB; cut it into smaller segments.")
     key._reserve(seq)
-    ad = segment_ad(key.camera, key.stream, seq, capture_ms, key.key_id, flags)
+    ad = segment_ad(key.camera, key.stream, seq, capture_ms, key.key_id, flags, duration_ms)
     ciphertext = key._aead.encrypt(segment_nonce(seq), plaintext, ad)
     # Every field was checked above or by MinuteKey: skip re-checking on the hot path.
     return Segment._unchecked(key.camera, key.stream, seq, capture_ms, key.key_id, flags,
-                              ciphertext)
+                              ciphertext, duration_ms)
 
 
 def open_segment(key: bytes | AESGCM, segment: Segment) -> bytes:
@@ -181,7 +183,7 @@ def open_segment(key: bytes | AESGCM, segment: Segment) -> bytes:
     ``key`` may be a prepared ``AESGCM`` to save its key schedule on every segment."""
     aead = key if isinstance(key, AESGCM) else AESGCM(key)
     ad = segment_ad(segment.camera, segment.stream, segment.seq, segment.capture_ms,
-                    segment.key_id, segment.flags)
+                    segment.key_id, segment.flags, segment.duration_ms)
     try:
         return aead.decrypt(segment_nonce(segment.seq), segment.ciphertext, ad)
     except InvalidTag:

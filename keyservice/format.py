@@ -60,8 +60,8 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _RECORD_HEADER = struct.Struct(">BI")
-_SEGMENT_FIXED = struct.Struct(">BQQ16sB")  # stream, seq, capture_ms, key_id, flags
-_ENTRY = struct.Struct(">BQQ16s16s32s")  # stream, seq, capture_ms, key_id, tag, digest
+_SEGMENT_FIXED = struct.Struct(">BQQI16sB")  # stream, seq, capture_ms, duration_ms, key_id, flags
+_ENTRY = struct.Struct(">BQQI16s16s32s")  # stream, seq, capture_ms, duration_ms, key_id, tag, digest
 _MANIFEST_FIXED = struct.Struct(">Q32sQBH")  # manifest_seq, prev_hash, issued_ms, flags, count
 _COMMITMENT = struct.Struct(">16s32s")  # key_id, commitment
 _PREFIX = MAGIC + _U16.pack(VERSION)
@@ -277,10 +277,11 @@ class Segment:
     camera: str
     stream: DataStream
     seq: int
-    capture_ms: int
+    capture_ms: int  # the start of the video the segment holds
     key_id: bytes
     flags: int
     ciphertext: bytes | memoryview
+    duration_ms: int = 0  # how long that video lasts (0: unknown, e.g. not timed video)
 
     record_type: ClassVar[RecordType] = RecordType.SEGMENT
 
@@ -290,13 +291,15 @@ class Segment:
             object.__setattr__(self, "stream", _enum(DataStream, "data stream", self.stream))
         _uint("segment sequence number", self.seq, 64)
         _uint("capture time", self.capture_ms, 64)
+        _uint("duration", self.duration_ms, 32)
         _bytes("key id", self.key_id, ID_LEN)
         _flags("segment flags", self.flags, SEGMENT_LAST)
         self._check_ciphertext()
 
     @classmethod
     def _unchecked(cls, camera: str, stream: DataStream, seq: int, capture_ms: int,
-                   key_id: bytes, flags: int, ciphertext: bytes | memoryview) -> Segment:
+                   key_id: bytes, flags: int, ciphertext: bytes | memoryview,
+                   duration_ms: int = 0) -> Segment:
         """Construct without the field checks, for callers that have just made the same
         checks themselves (sealing, decoding): they cost as much as AES on 64 KiB segments."""
         self = object.__new__(cls)
@@ -308,6 +311,7 @@ class Segment:
         setattr_(self, "key_id", key_id)
         setattr_(self, "flags", flags)
         setattr_(self, "ciphertext", ciphertext)
+        setattr_(self, "duration_ms", duration_ms)
         return self
 
     def _check_ciphertext(self) -> None:
@@ -332,14 +336,14 @@ class Segment:
 
     def _head(self) -> bytes:
         return _str8(self.camera) + _SEGMENT_FIXED.pack(self.stream, self.seq, self.capture_ms,
-                                                        self.key_id, self.flags)
+                                                        self.duration_ms, self.key_id, self.flags)
 
     def _body(self) -> bytes:
         return b"".join((self._head(), self.ciphertext))
 
 
 def _segment_head_len(camera: str) -> int:
-    return 1 + len(camera) + 1 + 8 + 8 + ID_LEN + 1
+    return 1 + len(camera) + _SEGMENT_FIXED.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,20 +362,22 @@ class ManifestEntry:
     key_id: bytes
     tag: bytes
     digest: bytes
+    duration_ms: int = 0
 
-    SIZE: ClassVar[int] = 1 + 8 + 8 + ID_LEN + TAG_LEN + HASH_LEN
+    SIZE: ClassVar[int] = _ENTRY.size
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stream", _enum(DataStream, "data stream", self.stream))
         _uint("segment sequence number", self.seq, 64)
         _uint("capture time", self.capture_ms, 64)
+        _uint("duration", self.duration_ms, 32)
         _bytes("key id", self.key_id, ID_LEN)
         _bytes("segment tag", self.tag, TAG_LEN)
         _bytes("segment digest", self.digest, HASH_LEN)
 
     @classmethod
     def _unchecked(cls, stream: DataStream, seq: int, capture_ms: int, key_id: bytes, tag: bytes,
-                   digest: bytes) -> ManifestEntry:
+                   digest: bytes, duration_ms: int = 0) -> ManifestEntry:
         """Construct without the field checks, for the decoder, whose fixed-size unpacking
         already guarantees them (a manifest may carry hundreds of entries)."""
         self = object.__new__(cls)
@@ -382,11 +388,12 @@ class ManifestEntry:
         setattr_(self, "key_id", key_id)
         setattr_(self, "tag", tag)
         setattr_(self, "digest", digest)
+        setattr_(self, "duration_ms", duration_ms)
         return self
 
     def _encode(self) -> bytes:
-        return _ENTRY.pack(self.stream, self.seq, self.capture_ms, self.key_id, self.tag,
-                           self.digest)
+        return _ENTRY.pack(self.stream, self.seq, self.capture_ms, self.duration_ms, self.key_id,
+                           self.tag, self.digest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -703,7 +710,7 @@ def _decode_segment(c: _Cursor) -> Segment:
     # The hot path of a viewer: one unpack for the fixed fields, the same checks as
     # Segment.__post_init__, and the ciphertext as a view of the record (no copy).
     camera = c.str8()
-    stream, seq, capture_ms, key_id, flags = c.unpack(_SEGMENT_FIXED)
+    stream, seq, capture_ms, duration_ms, key_id, flags = c.unpack(_SEGMENT_FIXED)
     data_stream = _STREAMS.get(stream)
     if data_stream is None:
         raise FormatError(f"Unknown data stream {stream}.")
@@ -712,7 +719,8 @@ def _decode_segment(c: _Cursor) -> Segment:
     ciphertext = c.rest()  # read-only: a view of immutable bytes
     if len(ciphertext) < TAG_LEN:
         raise FormatError("A segment's ciphertext must hold at least the 16-byte tag.")
-    return Segment._unchecked(camera, data_stream, seq, capture_ms, key_id, flags, ciphertext)
+    return Segment._unchecked(camera, data_stream, seq, capture_ms, key_id, flags, ciphertext,
+                              duration_ms)
 
 
 def _decode_manifest(c: _Cursor) -> Manifest:
@@ -723,13 +731,13 @@ def _decode_manifest(c: _Cursor) -> Manifest:
     return Manifest(camera, seq, prev, issued, flags, entries, commitments, c.take(c.u16()))
 
 
-def _decode_entry(stream: int, seq: int, capture_ms: int, key_id: bytes, tag: bytes,
-                  digest: bytes) -> ManifestEntry:
+def _decode_entry(stream: int, seq: int, capture_ms: int, duration_ms: int, key_id: bytes,
+                  tag: bytes, digest: bytes) -> ManifestEntry:
     # The fixed layout gives every field its exact size and range; only the stream is open.
     data_stream = _STREAMS.get(stream)
     if data_stream is None:
         raise FormatError(f"Unknown data stream {stream}.")
-    return ManifestEntry._unchecked(data_stream, seq, capture_ms, key_id, tag, digest)
+    return ManifestEntry._unchecked(data_stream, seq, capture_ms, key_id, tag, digest, duration_ms)
 
 
 def _decode_key_grant(c: _Cursor) -> KeyGrant:

@@ -110,7 +110,8 @@ class ManifestChain:
             if key is None or key.camera != segment.camera or key.stream != segment.stream:
                 raise ValueError("Every segment needs its own minute key in `keys`.")
             entries.append(ManifestEntry(segment.stream, segment.seq, segment.capture_ms,
-                                         segment.key_id, segment.tag, segment_digest(segment)))
+                                         segment.key_id, segment.tag, segment_digest(segment),
+                                         segment.duration_ms))
             if segment.key_id not in commitments:
                 commitments[segment.key_id] = KeyCommitment(key.key_id, key.commitment)
         unsigned = Manifest(self.camera, self.next_seq, self.prev_hash, issued_ms, flags,
@@ -292,7 +293,11 @@ def _check_entry_answers(camera: str, entry: ManifestEntry, request: StreamReque
     since the segment that overlaps the range's start belongs to it."""
     when = entry.capture_ms
     if request.mode == Mode.PLAYBACK:
-        if not (request.from_ms <= when or first_of_stream) or when > request.to_ms:
+        # With a signed duration, overlap is exact; without (0), only the data stream's first
+        # segment may start before the range (and is held back, see _hold_back_before_range).
+        overlaps = (when + entry.duration_ms >= request.from_ms if entry.duration_ms
+                    else first_of_stream)
+        if not (request.from_ms <= when or overlaps) or when > request.to_ms:
             raise RequestMismatch(
                 f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), "
                 f"outside the requested range {_iso(request.from_ms)} .. "
@@ -317,9 +322,10 @@ class SegmentPlaintext:
     camera: str
     stream: DataStream
     seq: int
-    capture_ms: int
+    capture_ms: int  # start of its video (signed)
     data: bytes = field(repr=False)
     last: bool = False  # the last segment of the recording
+    duration_ms: int = 0  # length of its video (signed; 0: unknown)
 
 
 @dataclass(frozen=True)
@@ -332,6 +338,7 @@ class SegmentSkipped:
     stream: DataStream
     seq: int
     capture_ms: int
+    duration_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -344,6 +351,7 @@ class SegmentMissing:
     stream: DataStream
     seq: int
     capture_ms: int
+    duration_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -621,13 +629,15 @@ class StreamReader:
             if segment is None or entry.key_id not in self._key_records:
                 kind = (SegmentSkipped if self._withheld_legitimately(manifest.camera, entry)
                         else SegmentMissing)
-                out.append(kind(manifest.camera, entry.stream, entry.seq, entry.capture_ms))
+                out.append(kind(manifest.camera, entry.stream, entry.seq, entry.capture_ms,
+                                entry.duration_ms))
                 continue
             aead = self._key(entry.key_id, manifest.camera, entry.stream,
                              commitments[entry.key_id])
             data = open_segment(aead, segment)
             out.append(SegmentPlaintext(segment.camera, segment.stream, segment.seq,
-                                        segment.capture_ms, data, segment.last))
+                                        segment.capture_ms, data, segment.last,
+                                        segment.duration_ms))
         camera.last_seq = manifest.manifest_seq
         camera.last_hash = digest
         self._retained -= sum(cost for *_, cost in pending)
@@ -650,7 +660,7 @@ class StreamReader:
         for event in out:
             assert not isinstance(event, StreamEnded)
             key = (camera, event.stream)
-            if event.capture_ms < request.from_ms:
+            if event.capture_ms < request.from_ms and not event.duration_ms:
                 self._held[key] = event  # only ever the stream's first (_check_entry_answers)
                 continue
             held = self._held.pop(key, None)
@@ -756,7 +766,8 @@ class StreamReader:
 def _matches(segment: Segment, digest: bytes, entry: ManifestEntry) -> bool:
     return (digest == entry.digest and segment.seq == entry.seq
             and segment.stream == entry.stream and segment.capture_ms == entry.capture_ms
-            and segment.key_id == entry.key_id and segment.tag == entry.tag)
+            and segment.duration_ms == entry.duration_ms and segment.key_id == entry.key_id
+            and segment.tag == entry.tag)
 
 
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())

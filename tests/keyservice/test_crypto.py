@@ -54,11 +54,11 @@ def counter_rng() -> vectors.FixedRng:
 # --- segments -----------------------------------------------------------------------------
 def test_seal_open_round_trip_and_independent_layout() -> None:
     key = new_minute_key("cam-1", DataStream.VIDEO, T, counter_rng())
-    segment = seal_segment(key, 7, T + 5, b"frame data", flags=1)
+    segment = seal_segment(key, 7, T + 5, b"frame data", flags=1, duration_ms=2000)
     assert open_segment(key.key, segment) == b"frame data"
     # Rebuild the nonce and associated data from the spec, not from the module.
     ad = (b"FSE1 segment" + b"\x00\x01" + b"\x05cam-1" + b"\x00" + struct.pack(">Q", 7)
-          + struct.pack(">Q", T + 5) + key.key_id + b"\x01")
+          + struct.pack(">Q", T + 5) + struct.pack(">I", 2000) + key.key_id + b"\x01")
     nonce = bytes(4) + struct.pack(">Q", 7)
     assert AESGCM(key.key).decrypt(nonce, segment.ciphertext, ad) == b"frame data"
     assert segment.tag == segment.ciphertext[-16:] and len(segment.ciphertext) == 10 + 16
@@ -66,11 +66,11 @@ def test_seal_open_round_trip_and_independent_layout() -> None:
 
 @pytest.mark.parametrize("change", [
     {"camera": "cam-2"}, {"stream": DataStream.AUDIO}, {"seq": 8}, {"capture_ms": T + 6},
-    {"key_id": bytes(16)}, {"flags": 0},
+    {"duration_ms": 1999}, {"key_id": bytes(16)}, {"flags": 0},
 ], ids=lambda c: next(iter(c)))
 def test_associated_data_binds_every_field(change: dict[str, object]) -> None:
     key = new_minute_key("cam-1", DataStream.VIDEO, T, counter_rng())
-    segment = seal_segment(key, 7, T + 5, b"frame data", flags=1)
+    segment = seal_segment(key, 7, T + 5, b"frame data", flags=1, duration_ms=2000)
     with pytest.raises(IntegrityError):
         open_segment(key.key, replace(segment, **change))  # type: ignore[arg-type]
 

@@ -44,8 +44,8 @@ HEADER = Header(b"\x30\x03\x02\x01\x01", b(32, 1), b(16, 2), 1_700_000_000_000, 
 OPENER = EpochOpener(b(16, 3), b(32, 1), OaepHash.SHA1, 60, 28_333_333, b(256, 4))
 KEY_RECORD = KeyRecord(b(16, 3), 7, "cam-1", DataStream.AUDIO, b(16, 5), 1_700_000_000_123,
                        b(12, 6), b(48, 7))
-SEGMENT = Segment("cam-1", DataStream.METADATA, 2**64 - 1, 123, b(16, 5), 1, b(40, 8))
-ENTRY = ManifestEntry(DataStream.METADATA, 2**64 - 1, 123, b(16, 5), b(16, 8), b(32, 9))
+SEGMENT = Segment("cam-1", DataStream.METADATA, 2**64 - 1, 123, b(16, 5), 1, b(40, 8), 2000)
+ENTRY = ManifestEntry(DataStream.METADATA, 2**64 - 1, 123, b(16, 5), b(16, 8), b(32, 9), 2000)
 MANIFEST = Manifest("cam-1", 4, b(32, 10), 99, 0, (ENTRY,), (KeyCommitment(b(16, 5), b(32, 11)),),
                     b(70, 12))
 END = End(b(16, 2), 2, b(32, 13), b(71, 14))
@@ -80,8 +80,9 @@ def test_layout_of_a_key_record_byte_by_byte() -> None:
 
 
 def test_layout_of_a_segment_and_its_tag() -> None:
-    expected = (b"\x04" + struct.pack(">I", 6 + 1 + 8 + 8 + 16 + 1 + 40) + b"\x05cam-1\x02"
-                + b"\xff" * 8 + struct.pack(">Q", 123) + b(16, 5) + b"\x01" + b(40, 8))
+    expected = (b"\x04" + struct.pack(">I", 6 + 1 + 8 + 8 + 4 + 16 + 1 + 40) + b"\x05cam-1\x02"
+                + b"\xff" * 8 + struct.pack(">Q", 123) + struct.pack(">I", 2000) + b(16, 5)
+                + b"\x01" + b(40, 8))
     assert encode_record(SEGMENT) == expected
     assert SEGMENT.tag == b(16, 8) and SEGMENT.last
     assert segment_digest(SEGMENT) == hashlib.sha256(expected).digest()

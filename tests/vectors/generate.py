@@ -633,7 +633,7 @@ def vectors() -> Iterator[Vector]:
                  with_record(seg_4, flip(recs[seg_4], len(recs[seg_4]) - 20)),
                  next_manifest(seg_4, cam_4))
     last_video = indices(good, "segment", camera=LOBBY)[-1]
-    flags_offset = 5 + 1 + len(LOBBY) + 1 + 8 + 8 + 16
+    flags_offset = 5 + 1 + len(LOBBY) + 1 + 8 + 8 + 4 + 16
     yield V("flip-segment-last-flag", "The last-segment flag of the final cam-lobby "
                  "segment cleared.", INTEGRITY,
                  with_record(last_video, flip(recs[last_video], flags_offset)),
@@ -642,7 +642,7 @@ def vectors() -> Iterator[Vector]:
     yield V("flip-manifest", "A bit of a manifest entry's segment tag flipped: the "
                  "Archiver signature fails.", INTEGRITY,
                  with_record(man_2, flip(recs[man_2], 5 + 1 + len(good.notes[man_2]["camera"])
-                                         + 8 + 32 + 8 + 1 + 2 + 1 + 8 + 8 + 16 + 3)), man_2)
+                                         + 8 + 32 + 8 + 1 + 2 + 1 + 8 + 8 + 4 + 16 + 3)), man_2)
     yield V("flip-manifest-signature", "A bit inside a manifest's signature flipped.",
                  INTEGRITY, with_record(man_2, flip(recs[man_2], len(recs[man_2]) - 3)), man_2)
     yield V("flip-end-transcript", "A bit of the end record's transcript hash flipped.",
@@ -761,7 +761,7 @@ def vectors() -> Iterator[Vector]:
                  variant(recs[1:]), 0)
     yield V("second-header", "The header sent twice.", FORMAT,
                  variant(recs[:1] + recs), 1)
-    short = recs[seg_0][:5 + 1 + len(LOBBY) + 1 + 8 + 8 + 16 + 1 + 15]
+    short = recs[seg_0][:5 + 1 + len(LOBBY) + 1 + 8 + 8 + 4 + 16 + 1 + 15]
     short = struct.pack(">BI", RecordType.SEGMENT, len(short) - 5) + short[5:]
     yield V("segment-shorter-than-tag", "A segment whose ciphertext is shorter than the "
                  "16-byte tag.", FORMAT, with_record(seg_0, short), seg_0)
