@@ -590,8 +590,9 @@ class StreamReader:
         elif (manifest.manifest_seq != camera.last_seq + 1
               or not hmac.compare_digest(manifest.prev_hash, camera.last_hash)):
             raise IntegrityError()
-        if self._request is not None:
-            if self._is_edge(camera, manifest, first):
+        span = self._playback_range()
+        if span is not None:
+            if self._is_edge(camera, manifest, first, span):
                 # A bare manifest just outside the range, linked to the chain: proof that
                 # nothing between it and the range's first or last manifest was left out.
                 camera.last_seq, camera.last_hash = manifest.manifest_seq, digest
@@ -600,13 +601,14 @@ class StreamReader:
                 raise RequestMismatch(
                     f"Camera {manifest.camera}'s manifests go on after the one that closed the "
                     "requested range.")
+            if first:
+                camera.opened = manifest.manifest_seq == 0
+        if self._request is not None:
             for entry in manifest.entries:  # signed capture times, checked against the request
                 stream_key = (manifest.camera, entry.stream)
                 _check_entry_answers(manifest.camera, entry, self._request,
                                      stream_key not in self._streams_seen)
                 self._streams_seen.add(stream_key)
-            if first:
-                camera.opened = manifest.manifest_seq == 0
         # The entries must be exactly the pending segments, in order; only a segment for
         # which this viewer holds no key may be absent (the Archiver does not send those).
         plan: list[tuple[ManifestEntry, Segment | None]] = []
@@ -675,17 +677,29 @@ class StreamReader:
             released.append(event)
         return released
 
-    def _is_edge(self, camera: _Camera, manifest: Manifest, first: bool) -> bool:
-        """A playback edge: sent bare (no segment of it came), every entry before the range and
-        it is the camera's first manifest, or every entry after the range."""
-        request = self._request
-        if (request is None or request.mode != Mode.PLAYBACK or camera.pending
-                or not manifest.entries):
+    def _playback_range(self) -> tuple[int, int] | None:
+        """The range whose edges a playback stream proves: the request's, or for a saved
+        stream read without one, its header's (authenticated by END, where edges are judged)."""
+        request, header = self._request, self.header
+        if request is not None:
+            return (request.from_ms, request.to_ms) if request.mode == Mode.PLAYBACK else None
+        if header is not None and header.mode == Mode.PLAYBACK:
+            return header.range_from_ms, header.range_to_ms
+        return None
+
+    @staticmethod
+    def _is_edge(camera: _Camera, manifest: Manifest, first: bool,
+                 span: tuple[int, int]) -> bool:
+        """A playback edge: sent bare (no segment of it came), every entry's video ending
+        before the range and it is the camera's first manifest, or every entry starting after
+        the range."""
+        from_ms, to_ms = span
+        if camera.pending or not manifest.entries:
             return False
-        if first and all(e.capture_ms < request.from_ms for e in manifest.entries):
+        if first and all(e.capture_ms + e.duration_ms < from_ms for e in manifest.entries):
             camera.opened = True
             return True
-        if not camera.closed and all(e.capture_ms > request.to_ms for e in manifest.entries):
+        if not camera.closed and all(e.capture_ms > to_ms for e in manifest.entries):
             camera.closed = True
             camera.opened = camera.opened or (first and manifest.manifest_seq == 0)
             return True
@@ -695,8 +709,9 @@ class StreamReader:
         """Playback: the stream must show, from signed data, that it covers the whole range
         of each camera: from the chain's start or a manifest before the range, to a manifest
         after the range or the chain's head as the END states it."""
-        request = self._request
-        if request is None or request.mode != Mode.PLAYBACK:
+        # Judged for every playback request, and for a stream read without one (a saved
+        # stream) when its END states chain heads, as every Archiver-made playback END does.
+        if self._playback_range() is None or (self._request is None and not end.heads):
             return
         heads = dict(end.heads)
         for name, camera in self._cameras.items():
