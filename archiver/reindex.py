@@ -22,6 +22,7 @@ of the record bytes), and each grant is the Archiver's, for this camera.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import os
 import struct
@@ -169,16 +170,18 @@ def _verify_group(rel: str, camera: str, segments: list[tuple[int, bytes, Segmen
     if chain.next_seq is None:  # a rebuild joins the chain at the first manifest it finds
         if (manifest.manifest_seq == 0) != (manifest.prev_hash == ZERO_HASH):
             return None
-    elif manifest.manifest_seq != chain.next_seq or manifest.prev_hash != chain.prev_hash:
+    elif (manifest.manifest_seq != chain.next_seq
+          or not hmac.compare_digest(manifest.prev_hash, chain.prev_hash)):
         return None
     if len(manifest.entries) != len(segments):
         return None
     rows = []
     for entry, (seg_offset, seg_raw, segment) in zip(manifest.entries, segments, strict=True):
         digest = hashlib.sha256(seg_raw).digest()
-        if (segment.camera != camera or digest != entry.digest or segment.seq != entry.seq
-                or segment.stream != entry.stream or segment.capture_ms != entry.capture_ms
-                or segment.key_id != entry.key_id):
+        if (segment.camera != camera or not hmac.compare_digest(digest, entry.digest)
+                or segment.seq != entry.seq or segment.stream != entry.stream
+                or segment.capture_ms != entry.capture_ms
+                or not hmac.compare_digest(segment.key_id, entry.key_id)):
             return None
         # The signed start and duration give the end; without a duration (0: not timed
         # video) a point for now, see _with_end_times.
