@@ -494,6 +494,43 @@ def cameras(
         typer.echo(f"{v.name:<24} {v.state:<12} {v.segments:>8} segments  {recorded}")
 
 
+@app.command()
+def view(
+    archiver: ArchiverOpt = DEFAULT_URL,
+    token: TokenOpt = ...,  # type: ignore[assignment]
+    archiver_cert: ArchiverCertOpt = None,
+    tls_ca: TlsCaOpt = None,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535,
+                                      help="Local port (default: a free one).")] = 0,
+    no_browser: Annotated[bool, typer.Option("--no-browser",
+                                             help="Only print the URL.")] = False,
+    export_dir: Annotated[Path, typer.Option("--export-dir",
+                                             help="Where exports are written.")] = Path(
+                                                 "fusion-exports"),
+) -> None:
+    """Open the operator's viewer: a local web page (127.0.0.1 only) with live cameras, a
+    timeline and verified exports. Keys stay on your token; the PIN is asked here, never in the
+    page. Ctrl-C stops it."""
+    from client.web.backend import ViewerBackend
+    from client.web.server import serve
+    explicit = _load_cert(archiver_cert)
+    with ExitStack() as stack:
+        session = stack.enter_context(ArchiverSession(archiver, tls_ca=tls_ca))
+        identity = _open_identity(stack, token)
+        login = _login(session, identity, archiver, explicit)
+        backend = ViewerBackend(session, identity, login,
+                                lambda: _login(session, identity, archiver, explicit), export_dir)
+
+        def announce(url: str) -> None:
+            _say(f"viewer for {login.viewer_fingerprint[:16]}... on {archiver}; open this URL "
+                 "(it works once; Ctrl-C stops the viewer):")
+            typer.echo(url)
+            sys.stdout.flush()
+
+        serve(backend, port=port, open_browser=not no_browser, announce=announce)
+    _say("viewer stopped")
+
+
 @app.command("open")
 def open_saved(
     stream_file: Annotated[Path, typer.Argument(help="A saved fusion stream (--save-stream).")],

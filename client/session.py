@@ -251,6 +251,16 @@ class ArchiverSession:
         except (KeyError, TypeError, ValueError):
             raise ArchiverFailed("The Archiver's camera list is malformed.") from None
 
+    def gaps(self, camera: str, from_ms: int, to_ms: int) -> list[tuple[int, int]]:
+        """Stretches of [from, to] with no recorded video, from the Archiver's index (unsigned:
+        for display; a fusion stream's signed segment times are what is verified)."""
+        body = self._json("GET", f"/v1/cameras/{camera}/gaps?from_ms={from_ms}&to_ms={to_ms}",
+                          auth=True)
+        try:
+            return [(int(g["from_ms"]), int(g["to_ms"])) for g in body["gaps"]]
+        except (KeyError, TypeError, ValueError):
+            raise ArchiverFailed("The Archiver's gap list is malformed.") from None
+
     @contextmanager
     def recording(self, camera: str, from_ms: int, to_ms: int,
                   request: StreamRequest | None = None) -> Iterator[Iterator[bytes]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from asn1crypto.core import ObjectIdentifier as Asn1Oid
 from cryptography import x509
@@ -41,8 +42,9 @@ _BACKDATE = timedelta(minutes=5)
 
 
 def oaep_hash_name(oaep_hash: OaepHash) -> str:
-    """Display name: SHA-1 / SHA-256."""
-    return "SHA-1" if oaep_hash is OaepHash.SHA1 else "SHA-256"
+    """Display name: SHA-1 / SHA-256 (ECDH-P256 for EC viewers)."""
+    return {OaepHash.SHA1: "SHA-1", OaepHash.SHA256: "SHA-256",
+            OaepHash.ECDH_P256: "ECDH-P256"}[oaep_hash]
 
 
 def oaep_hash_extension(oaep_hash: OaepHash) -> x509.UnrecognizedExtension:
@@ -132,15 +134,26 @@ def _serial(serial: int | None) -> int:
     return serial if serial is not None else x509.random_serial_number()
 
 
-def _viewer_key_usage() -> x509.KeyUsage:
-    # keyEncipherment: the Archiver RSA-OAEP-encrypts epoch openers to this key.
+def _viewer_key_usage(ec_key: bool = False) -> x509.KeyUsage:
+    # keyEncipherment: the Archiver RSA-OAEP-encrypts epoch openers to this key (RSA);
+    # keyAgreement: it does ECDH with it (EC P-256).
     # digitalSignature: the same token key signs its own certificate / CSR at enrolment.
-    return x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=True,
-                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                         crl_sign=False, encipher_only=False, decipher_only=False)
+    return x509.KeyUsage(digital_signature=True, content_commitment=False,
+                         key_encipherment=not ec_key, data_encipherment=False,
+                         key_agreement=ec_key, key_cert_sign=False, crl_sign=False,
+                         encipher_only=False, decipher_only=False)
 
 
-def build_viewer_certificate(signing_key: rsa.RSAPrivateKey, name: str, *, oaep_hash: OaepHash,
+def _viewer_extensions(builder: Any, public_key: object, oaep_hash: OaepHash) -> Any:
+    ec_key = isinstance(public_key, ec.EllipticCurvePublicKey)
+    builder = builder.add_extension(_viewer_key_usage(ec_key), critical=True)
+    if not ec_key:  # an EC key's scheme is fixed by its type: nothing to record
+        builder = builder.add_extension(oaep_hash_extension(oaep_hash), critical=False)
+    return builder
+
+
+def build_viewer_certificate(signing_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+                             name: str, *, oaep_hash: OaepHash,
                              now: datetime, days: int = VIEWER_DAYS,
                              serial: int | None = None) -> x509.Certificate:
     """A self-signed viewer certificate, CN = ``name``, signed by ``signing_key`` (a token key)."""
@@ -159,26 +172,24 @@ def build_viewer_certificate(signing_key: rsa.RSAPrivateKey, name: str, *, oaep_
         .not_valid_before(start)
         .not_valid_after(_utc(now) + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_viewer_key_usage(), critical=True)
         .add_extension(ski, critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
                        critical=False)
-        .add_extension(oaep_hash_extension(oaep_hash), critical=False)
     )
+    builder = _viewer_extensions(builder, public_key, oaep_hash)
     return builder.sign(signing_key, hashes.SHA256())
 
 
-def build_viewer_csr(signing_key: rsa.RSAPrivateKey, name: str, *,
+def build_viewer_csr(signing_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, name: str, *,
                      oaep_hash: OaepHash) -> x509.CertificateSigningRequest:
     """A CSR for a site CA, requesting the viewer extensions (the CA may or may not copy them)."""
-    return (
+    builder = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(_name(name))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_viewer_key_usage(), critical=True)
-        .add_extension(oaep_hash_extension(oaep_hash), critical=False)
-        .sign(signing_key, hashes.SHA256())
     )
+    builder = _viewer_extensions(builder, signing_key.public_key(), oaep_hash)
+    return builder.sign(signing_key, hashes.SHA256())
 
 
 def build_archiver_certificate(signing_key: ec.EllipticCurvePrivateKey, common_name: str, *,
@@ -238,12 +249,15 @@ def validate_viewer_certificate(cert: x509.Certificate, *, now: datetime,
     RSA >= 2048 bits, valid at ``now``, keyUsage keyEncipherment, not a CA, and issued by one of
     ``site_ca`` when given (else, if self-signed, its self-signature must verify). The OAEP hash
     comes from the certificate's extension or ``oaep_hash``; both given and different is an error.
+    EC P-256 keys (keyUsage keyAgreement) get ``OaepHash.ECDH_P256``: their scheme is fixed.
     """
     now = _utc(now)
     key = cert.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return _validate_ec_viewer(cert, key, now, site_ca, oaep_hash)
     if not isinstance(key, rsa.RSAPublicKey):
-        raise CertificateError("The viewer certificate does not hold an RSA key; enrol the viewer "
-                               "with fusion-keys enroll.")
+        raise CertificateError("The viewer certificate holds neither an RSA nor an EC P-256 key; "
+                               "enrol the viewer with fusion-keys enroll.")
     if key.key_size < MIN_RSA_BITS:
         raise CertificateError(f"The viewer key has only {key.key_size} bits; enrol a new identity "
                                f"with at least {MIN_RSA_BITS} bits.")
@@ -283,6 +297,42 @@ def validate_viewer_certificate(cert: x509.Certificate, *, now: datetime,
                                "token opens; give it explicitly (sha256, or sha1 for SoftHSM; "
                                "fusion-keys selftest on the viewer machine shows it).")
     return chosen
+
+
+def _validate_ec_viewer(cert: x509.Certificate, key: ec.EllipticCurvePublicKey, now: datetime,
+                        site_ca: Sequence[x509.Certificate], oaep_hash: OaepHash | None
+                        ) -> OaepHash:
+    if not isinstance(key.curve, ec.SECP256R1):
+        raise CertificateError(f"The viewer key is on curve {key.curve.name}; only P-256 "
+                               "(secp256r1) is supported for EC viewers.")
+    if oaep_hash is not None and oaep_hash is not OaepHash.ECDH_P256:
+        raise CertificateError("An EC viewer certificate takes no OAEP hash (its scheme is "
+                               "ECDH-P256); drop the explicit OAEP hash.")
+    _check_validity(cert, now, "viewer certificate")
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        raise CertificateError("The EC viewer certificate has no keyUsage extension; it must "
+                               "allow keyAgreement.") from None
+    if not usage.key_agreement:
+        raise CertificateError("The EC viewer certificate does not allow keyAgreement; it is not "
+                               "meant for receiving keys.")
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise CertificateError("This is a CA certificate, not a viewer certificate; give "
+                                   "the viewer's own certificate.")
+    except x509.ExtensionNotFound:
+        pass
+    if site_ca:
+        issuers = [ca for ca in site_ca if _issued_by(cert, ca)]
+        if not issuers:
+            raise CertificateError("The viewer certificate was not issued by the site CA; have "
+                                   "the site CA sign the viewer's CSR (fusion-keys enroll --csr).")
+        _check_validity(issuers[0], now, "site CA certificate")
+    elif cert.issuer == cert.subject and not _issued_by(cert, cert):
+        raise CertificateError("The certificate's self-signature does not verify: the file was "
+                               "damaged or altered; export it again with fusion-keys export.")
+    return OaepHash.ECDH_P256
 
 
 @dataclass(frozen=True)

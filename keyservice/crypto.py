@@ -23,8 +23,11 @@ from functools import cached_property
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from keyservice.errors import IntegrityError, NoMatchingIdentity
 from keyservice.format import (
@@ -42,7 +45,7 @@ from keyservice.format import (
     Segment,
     validate_name,
 )
-from keyservice.identity import Identity, OaepHash, Recipient, fingerprint
+from keyservice.identity import EcIdentity, Identity, OaepHash, Recipient, fingerprint
 
 Rng = Callable[[int], bytes]
 
@@ -55,6 +58,12 @@ LABEL_SEGMENT = b"FSE1 segment"
 LABEL_KEY_COMMITMENT = b"FSE1 key-commitment"
 LABEL_LOGIN_CHALLENGE = b"FSE1 login-challenge\x00"
 LABEL_LOGIN_PROOF = b"FSE1 login-proof"
+# EC P-256 viewers: the HKDF info of the key that wraps KEK0 / the login secret.
+LABEL_EC_EPOCH_OPENER = b"FSE1 ec-epoch-opener\x00"
+LABEL_EC_LOGIN_CHALLENGE = b"FSE1 ec-login-challenge\x00"
+LABEL_EC_SALT = b"FSE1 ec-p256"
+EC_POINT_LEN = 65  # uncompressed SEC1 point: 04 || x || y
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 SECRET_LEN = 32  # login challenge secret
 EPOCH_MAX_SECONDS = 86400  # epochs end at the UTC day boundary
@@ -233,7 +242,10 @@ class Epoch:
         epoch_id = rng(ID_LEN)
         kek0 = rng(KEY_LEN)
         start_period = now_ms // (period_s * 1000)
-        ciphertext = recipient.encrypt(LABEL_EPOCH_OPENER + epoch_id + kek0)
+        if recipient.oaep_hash.is_ec:
+            ciphertext = ec_seal(recipient, LABEL_EC_EPOCH_OPENER + epoch_id, kek0, rng)
+        else:
+            ciphertext = recipient.encrypt(LABEL_EPOCH_OPENER + epoch_id + kek0)
         opener = EpochOpener(epoch_id, recipient.fingerprint, recipient.oaep_hash, period_s,
                              start_period, ciphertext)
         return cls(epoch_id, recipient.fingerprint, period_s, start_period, kek0), opener
@@ -274,8 +286,8 @@ class Epoch:
                          key.valid_from_ms, nonce, wrapped)
 
 
-def open_epoch_opener(identity: Identity, opener: EpochOpener) -> bytes:
-    """KEK0 of an epoch: one RSA-OAEP decryption on the viewer's token.
+def open_epoch_opener(identity: Identity | EcIdentity, opener: EpochOpener) -> bytes:
+    """KEK0 of an epoch: one RSA-OAEP decryption (EC viewers: one ECDH) on the viewer's token.
 
     The plaintext must carry the epoch-opener label and this opener's epoch id, so a login
     challenge (or any other ciphertext) can never be passed off as an opener, and an opener
@@ -285,6 +297,10 @@ def open_epoch_opener(identity: Identity, opener: EpochOpener) -> bytes:
         raise NoMatchingIdentity(
             "The epoch opener is addressed to another viewer certificate; open the stream "
             "with the identity it was made for.")
+    if OaepHash(opener.oaep_hash).is_ec:
+        return ec_open(identity, LABEL_EC_EPOCH_OPENER + opener.epoch_id, opener.ciphertext)
+    if not isinstance(identity, Identity) or _is_ec(identity):
+        raise IntegrityError()  # an EC identity cannot have a matching RSA opener
     plaintext = identity.rsa_decrypt(opener.ciphertext, OaepHash(opener.oaep_hash))
     expected = LABEL_EPOCH_OPENER + opener.epoch_id
     if (len(plaintext) != len(expected) + KEY_LEN
@@ -324,6 +340,59 @@ def unwrap_key_record(kek: bytes, record: KeyRecord, viewer_fingerprint: bytes) 
         raise IntegrityError() from None
 
 
+# --- EC P-256 viewers: ephemeral-static ECDH + HKDF-SHA256 + AES key wrap ------------------
+def _is_ec(identity: Identity | EcIdentity) -> bool:
+    return isinstance(identity.certificate.public_key(), ec.EllipticCurvePublicKey)
+
+
+def _point(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+
+
+def _ec_wrapping_key(shared: bytes, enc: bytes, recipient_point: bytes, info: bytes) -> bytes:
+    # As HPKE's DHKEM(P-256, HKDF-SHA256): the KDF input binds the ephemeral and the recipient
+    # public keys; ``info`` separates epoch openers (with their epoch id) from login challenges.
+    return HKDF(hashes.SHA256(), KEY_LEN, salt=LABEL_EC_SALT + enc + recipient_point,
+                info=info).derive(shared)
+
+
+def ec_seal(recipient: Recipient, info: bytes, secret: bytes, rng: Rng = os.urandom) -> bytes:
+    """``enc || AES-KW(K, secret)``: enc is a fresh ephemeral P-256 point (65 bytes), K the
+    HKDF-SHA256 of the ECDH secret with the recipient's key. ``secret`` is 32 bytes (-> 105)."""
+    public = recipient.certificate.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise TypeError("ec_seal needs an EC P-256 recipient.")
+    while True:  # a scalar in [1, n-1] from the rng (deterministic rngs make test vectors)
+        scalar = int.from_bytes(rng(32), "big")
+        if 1 <= scalar < _P256_ORDER:
+            break
+    ephemeral = ec.derive_private_key(scalar, ec.SECP256R1())
+    enc = _point(ephemeral.public_key())
+    shared = ephemeral.exchange(ec.ECDH(), public)
+    key = _ec_wrapping_key(shared, enc, _point(public), info)
+    return enc + aes_key_wrap(key, secret)
+
+
+def ec_open(identity: Identity | EcIdentity, info: bytes, ciphertext: bytes) -> bytes:
+    """The 32-byte secret of an ``ec_seal`` ciphertext: one ECDH on the viewer's token. Any
+    failure (malformed point, another key, another ``info``, altered bytes) is IntegrityError."""
+    public = identity.certificate.public_key()
+    if (not isinstance(identity, EcIdentity) or not isinstance(public, ec.EllipticCurvePublicKey)
+            or len(ciphertext) != EC_POINT_LEN + KEY_LEN + 8):
+        raise IntegrityError()
+    enc, wrapped = ciphertext[:EC_POINT_LEN], ciphertext[EC_POINT_LEN:]
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), enc)  # on the curve
+    except ValueError:
+        raise IntegrityError() from None
+    shared = identity.ecdh(enc)
+    key = _ec_wrapping_key(shared, enc, _point(public), info)
+    try:
+        return aes_key_unwrap(key, wrapped)
+    except InvalidUnwrap:
+        raise IntegrityError() from None
+
+
 # --- login: proof of possession of the viewer's token -------------------------------------
 def _proof(secret: bytes, context: bytes) -> bytes:
     proof_key = HKDF(hashes.SHA256(), 32, salt=None, info=LABEL_LOGIN_PROOF).derive(secret)
@@ -333,17 +402,25 @@ def _proof(secret: bytes, context: bytes) -> bytes:
 def make_login_challenge(recipient: Recipient, rng: Rng = os.urandom) -> tuple[bytes, bytes]:
     """(ciphertext for the viewer, secret the Archiver keeps to check the answer)."""
     secret = rng(SECRET_LEN)
+    if recipient.oaep_hash.is_ec:
+        return ec_seal(recipient, LABEL_EC_LOGIN_CHALLENGE, secret, rng), secret
     return recipient.encrypt(LABEL_LOGIN_CHALLENGE + secret), secret
 
 
-def answer_login_challenge(identity: Identity, ciphertext: bytes, oaep_hash: OaepHash,
-                           context: bytes) -> bytes:
+def answer_login_challenge(identity: Identity | EcIdentity, ciphertext: bytes,
+                           oaep_hash: OaepHash, context: bytes) -> bytes:
     """Decrypt a challenge on the token and answer with an HMAC over ``context``.
 
     Refuses (IntegrityError) any plaintext without the login label: otherwise a hostile
     Archiver could send an epoch opener as a "challenge" and use the viewer's token to open
     it. The answer never reveals the secret, only a MAC keyed by a value derived from it.
     """
+    if oaep_hash.is_ec:
+        # The label is the HKDF info: an epoch opener's point yields another wrapping key,
+        # so the unwrap fails and the token cannot be used as an oracle for openers.
+        return _proof(ec_open(identity, LABEL_EC_LOGIN_CHALLENGE, ciphertext), context)
+    if not isinstance(identity, Identity) or _is_ec(identity):
+        raise IntegrityError()
     plaintext = identity.rsa_decrypt(ciphertext, oaep_hash)
     if (len(plaintext) != len(LABEL_LOGIN_CHALLENGE) + SECRET_LEN
             or not plaintext.startswith(LABEL_LOGIN_CHALLENGE)):

@@ -33,19 +33,30 @@ class OaepHash(enum.IntEnum):
 
     SHA1 = 1
     SHA256 = 2
+    # Not an OAEP hash: EC P-256 viewers (ephemeral-static ECDH, HKDF-SHA256, AES key wrap; see
+    # the spec). It travels in the same byte (epoch openers, the Archiver's viewer table, the
+    # login challenge), so the scheme is always fixed by the viewer's certificate.
+    ECDH_P256 = 16
 
     def algorithm(self) -> hashes.HashAlgorithm:
+        if self is OaepHash.ECDH_P256:
+            raise ValueError("ECDH-P256 is not an RSA-OAEP hash.")
         return hashes.SHA1() if self is OaepHash.SHA1 else hashes.SHA256()  # noqa: S303
 
     @property
     def label(self) -> str:
-        return "sha1" if self is OaepHash.SHA1 else "sha256"
+        return {OaepHash.SHA1: "sha1", OaepHash.SHA256: "sha256",
+                OaepHash.ECDH_P256: "ecdh-p256"}[self]
+
+    @property
+    def is_ec(self) -> bool:
+        return self is OaepHash.ECDH_P256
 
     @classmethod
     def from_label(cls, text: str) -> OaepHash:
         try:
             return {"sha1": cls.SHA1, "sha-1": cls.SHA1, "sha256": cls.SHA256,
-                    "sha-256": cls.SHA256}[text.lower()]
+                    "sha-256": cls.SHA256, "ecdh-p256": cls.ECDH_P256}[text.lower()]
         except KeyError:
             raise CertificateError(f"Unknown OAEP hash {text!r}; use sha256 or sha1.") from None
 
@@ -65,6 +76,16 @@ class Identity(Protocol):
 
 
 @runtime_checkable
+class EcIdentity(Protocol):
+    """An EC P-256 viewer identity: the token computes ECDH with a peer point (one
+    CKM_ECDH1_DERIVE); everything around it (HKDF, key unwrap, labels) is pure code."""
+
+    certificate: x509.Certificate
+
+    def ecdh(self, peer_point: bytes) -> bytes: ...
+
+
+@runtime_checkable
 class Signer(Protocol):
     """The Archiver's signing key: ECDSA P-256 with SHA-256, DER-encoded signatures."""
 
@@ -81,7 +102,12 @@ class Recipient:
     oaep_hash: OaepHash
 
     def __post_init__(self) -> None:
-        if not isinstance(self.certificate.public_key(), rsa.RSAPublicKey):
+        key = self.certificate.public_key()
+        if self.oaep_hash is OaepHash.ECDH_P256:
+            if not (isinstance(key, ec.EllipticCurvePublicKey)
+                    and isinstance(key.curve, ec.SECP256R1)):
+                raise CertificateError("The viewer certificate does not hold an EC P-256 key.")
+        elif not isinstance(key, rsa.RSAPublicKey):
             raise CertificateError("The viewer certificate does not hold an RSA public key.")
 
     @property
@@ -89,8 +115,10 @@ class Recipient:
         return fingerprint(self.certificate)
 
     def encrypt(self, plaintext: bytes) -> bytes:
+        """RSA-OAEP (RSA viewers only; EC viewers: keyservice.crypto.ec_seal)."""
         key = self.certificate.public_key()
-        assert isinstance(key, rsa.RSAPublicKey)
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise TypeError("EC viewers are sealed to with keyservice.crypto.ec_seal.")
         algorithm = self.oaep_hash.algorithm()
         return key.encrypt(plaintext, padding.OAEP(padding.MGF1(algorithm), algorithm, None))
 
@@ -122,6 +150,23 @@ class SoftwareIdentity:
                 ciphertext, padding.OAEP(padding.MGF1(algorithm), algorithm, None))
         except ValueError:
             raise IntegrityError() from None
+
+
+@dataclass
+class SoftwareEcIdentity:
+    """An EC P-256 key in host memory. For tests and test vectors only."""
+
+    certificate: x509.Certificate
+    private_key: ec.EllipticCurvePrivateKey
+    operations: int = 0
+
+    def ecdh(self, peer_point: bytes) -> bytes:
+        self.operations += 1
+        try:
+            peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), peer_point)
+        except ValueError:
+            raise IntegrityError() from None
+        return self.private_key.exchange(ec.ECDH(), peer)
 
 
 @dataclass

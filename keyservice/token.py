@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,10 +45,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from pkcs11 import Attribute, CertificateType, KeyType, Mechanism, ObjectClass, TokenFlag
 from pkcs11 import exceptions as p11
-from pkcs11.mechanisms import MGF
+from pkcs11._pkcs11 import DeriveMixin as _DeriveMixin
+from pkcs11.mechanisms import KDF, MGF
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from keyservice import certs
+from keyservice.crypto import ec_open, ec_seal
 from keyservice.errors import (
     CertificateError,
     IntegrityError,
@@ -76,6 +78,8 @@ _OAEP_PARAMS = {
 }
 # DER prefix of a SHA-256 DigestInfo, for tokens (PIV cards) that only offer raw CKM_RSA_PKCS.
 _SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+# HKDF info of the self-test / probe seal: distinct from epoch openers and login challenges.
+_LABEL_EC_PROBE = b"FSE1 ec-token-probe\x00"
 _REMOVED = (p11.DeviceRemoved, p11.TokenNotPresent, p11.SessionHandleInvalid, p11.SessionClosed)
 # What a token answers to a ciphertext it cannot open (GeneralError: tpm2-pkcs11).
 _BAD_CIPHERTEXT = (p11.EncryptedDataInvalid, p11.EncryptedDataLenRange, p11.DataInvalid,
@@ -121,6 +125,17 @@ def _translate(exc: Exception, action: str, label: str) -> KeyServiceError:
     name = type(exc).__name__
     return TokenError(f"{where.capitalize()} failed to {action} ({name}); check the token and "
                       "its module, and try again.")
+
+
+def pin_tries_note(flags: int) -> str:
+    """What the token says about remaining PIN tries (PKCS#11 gives flags, not a count)."""
+    if flags & TokenFlag.USER_PIN_LOCKED:
+        return " The token now reports the PIN locked."
+    if flags & TokenFlag.USER_PIN_FINAL_TRY:
+        return " The token reports ONE try left before the PIN locks."
+    if flags & TokenFlag.USER_PIN_COUNT_LOW:
+        return " The token reports that wrong PINs were given; few tries are left."
+    return ""
 
 
 @contextmanager
@@ -270,6 +285,10 @@ def _find_token(module: _Module, uri: Pkcs11Uri) -> Any:
     found = [t for t in tokens
              if (uri.token is None or t.label == uri.token)
              and (uri.serial is None or t.serial.decode("ascii", "replace").strip() == uri.serial)]
+    if not tokens:  # a card reader without a card looks like this
+        raise TokenNotFound(f"No token is present in module {module.path}: insert the card and "
+                            "try again (for SoftHSM: create the token with fusion-keys "
+                            "softhsm-init).")
     if not found:
         what = f"token '{uri.token}'" if uri.token else "token"
         if uri.serial:
@@ -283,7 +302,8 @@ def _find_token(module: _Module, uri: Pkcs11Uri) -> Any:
     return found[0]
 
 
-def _resolve_pin(uri: Pkcs11Uri, pin: str | None, prompt: bool, label: str) -> str:
+def _resolve_pin(uri: Pkcs11Uri, pin: str | None, prompt: bool, label: str,
+                 note: str = "") -> str:
     """PIN order: argument, URI pin-value, URI pin-source file, $FUSION_PIN, TTY prompt."""
     if pin is not None:
         return pin
@@ -301,6 +321,8 @@ def _resolve_pin(uri: Pkcs11Uri, pin: str | None, prompt: bool, label: str) -> s
     if env:
         return env
     if prompt and sys.stdin is not None and sys.stdin.isatty():
+        if note:
+            print(note.strip(), file=sys.stderr)
         return getpass.getpass(f"PIN for token '{label}': ")
     raise TokenError(f"No PIN given for token '{label}'; add pin-source=FILE (or pin-value) to "
                      "the token URI, set FUSION_PIN, or run the command interactively.")
@@ -319,6 +341,22 @@ class IdentityInfo:
     oaep_hash: OaepHash | None
     not_after: datetime | None
     subject: str | None
+    issuer: str | None = None
+    # OAEP hashes this token opens with this key, measured (one decrypt each); () for keys
+    # that cannot decrypt (signing-only PIV slots) or were not probed.
+    oaep_hashes: tuple[OaepHash, ...] = ()
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """Result of `Token.adopt`: an existing key + certificate checked for use as a viewer."""
+
+    label: str
+    key_id: bytes
+    certificate: x509.Certificate
+    oaep_hash: OaepHash          # the best hash the token opens (SHA-256 where it can)
+    recorded: bool               # the certificate records that hash itself
+    decrypt_ms: float
 
 
 @dataclass(frozen=True)
@@ -444,6 +482,29 @@ def _ec_public_key(raw: bytes) -> ec.EllipticCurvePublicKey:
                          "token that supports P-256.") from None
 
 
+def _certificate_template(cert: x509.Certificate, label: str, key_id: bytes) -> dict[Any, Any]:
+    return {
+        Attribute.CLASS: ObjectClass.CERTIFICATE,
+        Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: False,
+        Attribute.LABEL: label,
+        Attribute.ID: key_id,
+        Attribute.SUBJECT: cert.subject.public_bytes(),
+        Attribute.ISSUER: cert.issuer.public_bytes(),
+        Attribute.SERIAL_NUMBER: Asn1Integer(cert.serial_number).dump(),
+        Attribute.VALUE: cert.public_bytes(Encoding.DER),
+    }
+
+
+def _attribute(obj: Any, attribute: Any, default: Any) -> Any:
+    """An attribute some modules do not report (then ``default``)."""
+    try:
+        return obj[attribute]
+    except (p11.PKCS11Error, NotImplementedError):
+        return default
+
+
 def _check_name(name: str) -> None:
     if not name or len(name) > 64 or any(ord(c) < 32 for c in name):
         raise UsageError("An identity name must have 1 to 64 printable characters.")
@@ -475,7 +536,24 @@ class Token:
         if needs_login and not (pinpad and pin is None and parsed.pin_value is None
                                 and parsed.pin_source is None):
             # Resolved outside the lock: a prompt must not block other threads' token calls.
-            secret = _resolve_pin(parsed, pin, prompt, label)
+            secret = _resolve_pin(parsed, pin, prompt, label, pin_tries_note(flags))
+        try:
+            return cls._login(module, p11token, parsed, label, needs_login, secret)
+        except (PinIncorrect, PinLocked) as exc:
+            # A PIV card blocks after 3 wrong PINs: say what the token reports, never retry.
+            with module.lock:
+                try:
+                    now_flags = p11token.slot.get_token().flags
+                except p11.PKCS11Error:
+                    now_flags = 0
+            note = pin_tries_note(now_flags)
+            if note and note.strip() not in str(exc):
+                raise type(exc)(str(exc) + note) from None
+            raise
+
+    @classmethod
+    def _login(cls, module: _Module, p11token: Any, parsed: Pkcs11Uri, label: str,
+               needs_login: bool, secret: str | None) -> Token:
         with module.lock, _guard("log in", label):
             slot = module.slots.get(p11token.slot.slot_id)
             if slot is None or slot.anchor is None:
@@ -523,6 +601,11 @@ class Token:
     @property
     def uri(self) -> Pkcs11Uri:
         return self._uri
+
+    @property
+    def kind(self) -> str:
+        """'ykcs11', 'opensc-piv' (PIV cards; fixed key slots) or 'generic'."""
+        return _token_kind(self._slot.p11token)
 
     @property
     def _lock(self) -> threading.RLock:
@@ -616,18 +699,7 @@ class Token:
             pass
 
     def _store_certificate(self, cert: x509.Certificate, label: str, key_id: bytes) -> None:
-        self._session().create_object({
-            Attribute.CLASS: ObjectClass.CERTIFICATE,
-            Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: False,
-            Attribute.LABEL: label,
-            Attribute.ID: key_id,
-            Attribute.SUBJECT: cert.subject.public_bytes(),
-            Attribute.ISSUER: cert.issuer.public_bytes(),
-            Attribute.SERIAL_NUMBER: Asn1Integer(cert.serial_number).dump(),
-            Attribute.VALUE: cert.public_bytes(Encoding.DER),
-        })
+        self._session().create_object(_certificate_template(cert, label, key_id))
 
     def _mechanisms(self) -> set[Any]:
         return set(self._slot.p11token.slot.get_mechanisms())
@@ -673,6 +745,53 @@ class Token:
                     raise IntegrityError() from None
                 raise _translate(exc, "decrypt", self.label) from None
 
+    def _ecdh(self, key_id: bytes, peer_point: bytes) -> bytes:
+        """The ECDH shared secret (x coordinate) of the token key with ``peer_point``: one
+        C_DeriveKey into a session-only, readable secret, read, then destroyed."""
+        with self._lock:
+            with _guard("do ECDH", self.label):
+                key = self._key_by_id(key_id)
+            try:
+                # Called unbound: ykcs11 reports CKA_DERIVE false on PIV keys yet derives, and
+                # python-pkcs11 offers derive_key only where CKA_DERIVE is true.
+                derived = _DeriveMixin.derive_key(
+                    key, KeyType.GENERIC_SECRET, 256, mechanism=Mechanism.ECDH1_DERIVE,
+                    mechanism_param=(KDF.NULL, None, peer_point),
+                    template={Attribute.TOKEN: False, Attribute.SENSITIVE: False,
+                              Attribute.EXTRACTABLE: True})
+                try:
+                    return bytes(derived[Attribute.VALUE])
+                finally:
+                    try:
+                        derived.destroy()
+                    except p11.PKCS11Error:
+                        pass
+            except _REMOVED as exc:
+                raise _translate(exc, "do ECDH", self.label) from None
+            except p11.PKCS11Error as exc:
+                with _guard("open a fresh session", self.label):
+                    self._renew_session()
+                if isinstance(exc, _UNSUPPORTED):
+                    raise MechanismUnsupported(
+                        f"Token '{self.label}' cannot do ECDH (CKM_ECDH1_DERIVE) with this key, so "
+                        "it cannot open streams for an EC viewer; enrol an RSA identity "
+                        "(--key-type rsa).") from None
+                if isinstance(exc, _BAD_CIPHERTEXT):
+                    raise IntegrityError() from None
+                raise _translate(exc, "do ECDH", self.label) from None
+
+    def _probe_ecdh(self, key_id: bytes, certificate: x509.Certificate) -> bool:
+        """True if the token opens an EC seal to this certificate with this key."""
+        secret = secrets.token_bytes(32)
+        probe = TokenIdentity(self, "probe", key_id, certificate)
+        sealed = ec_seal(Recipient(certificate, OaepHash.ECDH_P256), _LABEL_EC_PROBE, secret)
+        try:
+            return hmac.compare_digest(ec_open(probe, _LABEL_EC_PROBE, sealed), secret)
+        except TokenRemoved:
+            raise
+        except (MechanismUnsupported, IntegrityError, TokenError):
+            return False
+
     def _probe_oaep(self, key_id: bytes, public: rsa.RSAPublicKey) -> OaepHash:
         """The best OAEP hash the token opens with this key: SHA-256, else SHA-1 (SoftHSM)."""
         secret = secrets.token_bytes(32)
@@ -688,7 +807,73 @@ class Token:
         raise MechanismUnsupported(f"Token '{self.label}' cannot RSA-OAEP-decrypt with SHA-256 or "
                                    "SHA-1, so it cannot open fusion streams; use another token.")
 
+    def _oaep_hashes(self, key_id: bytes, public: rsa.RSAPublicKey) -> tuple[OaepHash, ...]:
+        """Every OAEP hash the token opens with this key (best first); a removed token raises."""
+        secret = secrets.token_bytes(32)
+        found = []
+        for oaep_hash in (OaepHash.SHA256, OaepHash.SHA1):
+            algorithm = oaep_hash.algorithm()
+            ciphertext = public.encrypt(secret, padding.OAEP(padding.MGF1(algorithm), algorithm,
+                                                             None))
+            try:
+                if hmac.compare_digest(self._decrypt(key_id, ciphertext, oaep_hash), secret):
+                    found.append(oaep_hash)
+            except TokenRemoved:
+                raise
+            except (MechanismUnsupported, IntegrityError, TokenError):
+                continue  # e.g. a signing-only key, or a hash this module lacks
+        return tuple(found)
+
     # the public API
+    def adopt(self, object_name: str | None = None, *,
+              site_ca: tuple[x509.Certificate, ...] = (),
+              now: datetime | None = None) -> Adoption:
+        """Check an existing key + certificate (a site-issued identity, e.g. in PIV slot 9D) for
+        use as a viewer: they match, the certificate is a valid viewer certificate (issued by
+        ``site_ca`` when given), the token decrypts with the key, and with which OAEP hash."""
+        name = object_name if object_name is not None else self._uri.object
+        if name is None and self._uri.id is None:
+            name = self._adoptable_label()
+        ident = self.identity(name) if name is not None else self.identity()
+        with self._lock:
+            if isinstance(ident.public_key, ec.EllipticCurvePublicKey):
+                ok = self._probe_ecdh(ident.key_id, ident.certificate)
+                hashes_ok: tuple[OaepHash, ...] = (OaepHash.ECDH_P256,) if ok else ()
+            else:
+                hashes_ok = self._oaep_hashes(ident.key_id, ident.public_key)
+        if not hashes_ok:
+            # OpenSC takes a PIV key's public half from the certificate, so a certificate for
+            # another key looks like a match until the card is asked to decrypt.
+            raise CertificateError(f"Token '{self.label}' does not open what is encrypted to the "
+                                   f"certificate of '{ident.label}' (RSA-OAEP or ECDH): "
+                                   "the certificate belongs to another key, or this key cannot "
+                                   "decrypt (use the key-management slot 9D); have the card's "
+                                   "key certified again.")
+        recorded = certs.read_oaep_hash(ident.certificate)
+        if recorded is not None and recorded not in hashes_ok:
+            raise CertificateError(f"The certificate of '{ident.label}' says its token opens "
+                                   f"OAEP with {certs.oaep_hash_name(recorded)}, but token "
+                                   f"'{self.label}' cannot; have the certificate reissued.")
+        oaep_hash = recorded or hashes_ok[0]
+        certs.validate_viewer_certificate(ident.certificate, now=now or datetime.now(UTC),
+                                          site_ca=site_ca, oaep_hash=oaep_hash)
+        result = self.selftest(ident.label)  # the full round trip, timed
+        # An EC certificate needs no recorded hash: its scheme is fixed by the key type.
+        return Adoption(ident.label, ident.key_id, ident.certificate, oaep_hash,
+                        recorded is not None or oaep_hash.is_ec, result.decrypt_ms)
+
+    def _adoptable_label(self) -> str:
+        """The only key with a certificate; else PIV slot 9D (CKA_ID 03)."""
+        candidates = [info for info in self.identities(probe=False) if info.fingerprint_hex]
+        if len(candidates) == 1:
+            return candidates[0].label
+        piv_9d = [info for info in candidates if info.id_hex == "03"]
+        if len(piv_9d) == 1:
+            return piv_9d[0].label
+        have = ", ".join(repr(info.label) for info in candidates) or "none"
+        raise UsageError(f"Token '{self.label}' has {len(candidates)} keys with a certificate "
+                         f"({have}); name one with ;object=NAME or ;id=%03 in the URI.")
+
     def identity(self, object_name: str | None = None) -> TokenIdentity:
         """The viewer identity named ``object_name`` (default: the URI's object or id)."""
         name = object_name if object_name is not None else self._uri.object
@@ -698,10 +883,12 @@ class Token:
         with self._lock, _guard("read the identity", self.label):
             key = self._one_private_key(name, key_id)
             label, key_id = key[Attribute.LABEL], bytes(key[Attribute.ID])
-            if key[Attribute.KEY_TYPE] != KeyType.RSA:
-                raise ObjectNotFound(f"'{label}' on token '{self.label}' is not an RSA viewer "
-                                     "identity.")
-            public = self._rsa_public(key)
+            key_type = key[Attribute.KEY_TYPE]
+            if key_type not in (KeyType.RSA, KeyType.EC):
+                raise ObjectNotFound(f"'{label}' on token '{self.label}' is neither an RSA nor "
+                                     "an EC viewer identity.")
+            public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey = (
+                self._rsa_public(key) if key_type == KeyType.RSA else self._ec_public(key_id))
             cert_obj = self._certificate_object(key_id)
             if cert_obj is None:
                 raise ObjectNotFound(f"'{label}' on token '{self.label}' has a key but no "
@@ -713,9 +900,11 @@ class Token:
                                    "belongs to another key; delete the identity and enrol again.")
         return TokenIdentity(self, label, key_id, cert)
 
-    def identities(self) -> list[IdentityInfo]:
-        """Every key on the token with its certificate details."""
-        result = []
+    def identities(self, *, probe: bool = True) -> list[IdentityInfo]:
+        """Every key on the token with its certificate details and, with ``probe``, the OAEP
+        hashes the token opens with it (measured: one decrypt per hash and RSA key)."""
+        result: list[IdentityInfo] = []
+        to_probe: list[tuple[int, bytes, rsa.RSAPublicKey | x509.Certificate]] = []
         with self._lock, _guard("list its keys", self.label):
             for key in self._private_keys():
                 key_id = bytes(key[Attribute.ID])
@@ -734,18 +923,43 @@ class Token:
                     except CertificateError:
                         cert = None
                 summary = certs.summarize(cert) if cert is not None else None
+                if probe and kind == "rsa" and _attribute(key, Attribute.DECRYPT, True):
+                    to_probe.append((len(result), key_id, self._rsa_public(key)))
+                elif probe and kind == "ec" and cert is not None:
+                    to_probe.append((len(result), key_id, cert))
                 result.append(IdentityInfo(
                     label=key[Attribute.LABEL], id_hex=key_id.hex(), kind=kind, key_bits=bits,
                     fingerprint_hex=summary.fingerprint_hex if summary else None,
                     oaep_hash=summary.oaep_hash if summary else None,
                     not_after=summary.not_after if summary else None,
-                    subject=summary.subject if summary else None))
+                    subject=summary.subject if summary else None,
+                    issuer=cert.issuer.rfc4514_string() if cert is not None else None))
+            # Probed only now: a failed probe replaces the session, and with it the objects
+            # the loop above iterated over.
+            for index, key_id, what in to_probe:
+                if isinstance(what, x509.Certificate):  # EC: can the token do ECDH with it?
+                    found = ((OaepHash.ECDH_P256,) if self._probe_ecdh(key_id, what) else ())
+                else:
+                    found = self._oaep_hashes(key_id, what)
+                result[index] = replace(result[index], oaep_hashes=found)
         return sorted(result, key=lambda info: info.label)
 
+    def supports_ec_viewers(self) -> bool:
+        """Can this token make EC P-256 viewer keys and do ECDH with them?"""
+        have = self._mechanisms()
+        return all(m in have for m in (Mechanism.EC_KEY_PAIR_GEN, Mechanism.ECDH1_DERIVE,
+                                       Mechanism.ECDSA))
+
     def enroll(self, name: str, *, bits: int = DEFAULT_RSA_BITS, days: int = certs.VIEWER_DAYS,
-               csr: bool = False, now: datetime | None = None) -> Enrollment:
-        """Generate a viewer key pair on the token and a certificate (or CSR) signed by it."""
+               csr: bool = False, now: datetime | None = None,
+               key_type: str = "rsa") -> Enrollment:
+        """Generate a viewer key pair on the token and a certificate (or CSR) signed by it.
+        ``key_type`` "rsa" (``bits``) or "ec" (P-256, ECDH epoch openers)."""
         _check_name(name)
+        if key_type == "ec":
+            return self._enroll_ec(name, days=days, csr=csr, now=now or datetime.now(UTC))
+        if key_type != "rsa":
+            raise UsageError("The key type must be rsa or ec.")
         if bits not in RSA_SIZES:
             raise UsageError(f"RSA key size must be one of {', '.join(map(str, RSA_SIZES))}.")
         if not 1 <= days <= 3650:
@@ -755,6 +969,7 @@ class Token:
             if self._objects(label=name):
                 raise ObjectExists(f"Token '{self.label}' already has an object named '{name}'; "
                                    "choose another name or remove it with fusion-keys delete.")
+            self._refuse_card_enrolment()
             self._require_mechanisms(Mechanism.RSA_PKCS_KEY_PAIR_GEN, Mechanism.RSA_PKCS_OAEP,
                                      purpose="make RSA viewer keys")
             self._check_key_size(bits)
@@ -784,19 +999,82 @@ class Token:
                 self._destroy_id(key_id)  # nothing half-created is left on the token
                 raise
 
+    def _refuse_card_enrolment(self) -> None:
+        if Mechanism.EC_KEY_PAIR_GEN not in self._mechanisms() and (
+                Mechanism.RSA_PKCS_KEY_PAIR_GEN not in self._mechanisms()):
+            raise MechanismUnsupported(
+                f"Token '{self.label}' cannot generate keys through this PKCS#11 module (OpenSC's "
+                "PIV driver cannot, for one). Put a key and a site-CA certificate on the card "
+                "with the card's own tool (e.g. yubico-piv-tool -a generate -s 9d, then -a "
+                "import-certificate -s 9d), then run fusion-keys adopt.")
+        if self.kind == "ykcs11":
+            raise UsageError(f"Token '{self.label}' is a PIV card (ykcs11): enrolment writes its "
+                             "slot 9D and needs the card's management key as SO PIN; give "
+                             "--so-pin-source FILE or set FUSION_SO_PIN.")
+
+    def _enroll_ec(self, name: str, *, days: int, csr: bool, now: datetime) -> Enrollment:
+        if not 1 <= days <= 3650:
+            raise UsageError("Certificate validity must be 1 to 3650 days.")
+        with self._lock, _guard("enrol a viewer identity", self.label):
+            if self._objects(label=name):
+                raise ObjectExists(f"Token '{self.label}' already has an object named '{name}'; "
+                                   "choose another name or remove it with fusion-keys delete.")
+            self._refuse_card_enrolment()
+            self._require_mechanisms(Mechanism.EC_KEY_PAIR_GEN, Mechanism.ECDH1_DERIVE,
+                                     Mechanism.ECDSA, purpose="make EC P-256 viewer keys")
+            key_id = self._unused_id()
+            try:
+                public_obj, _ = self._session().generate_keypair(
+                    KeyType.EC, id=key_id, label=name, store=True,
+                    capabilities=pkcs11.MechanismFlag.SIGN | pkcs11.MechanismFlag.DERIVE,
+                    # As for the signer: leave what the token derives itself unset (tpm2-pkcs11).
+                    public_template={Attribute.EC_PARAMS: encode_named_curve_parameters(
+                        "secp256r1"), Attribute.PRIVATE: False, Attribute.ENCRYPT: pkcs11.DEFAULT,
+                        Attribute.WRAP: pkcs11.DEFAULT, Attribute.VERIFY: pkcs11.DEFAULT},
+                    # Never leaves the token; SIGN for its own certificate, DERIVE for ECDH.
+                    private_template={Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+                                      Attribute.EXTRACTABLE: False, Attribute.SIGN: True,
+                                      Attribute.DERIVE: True, Attribute.DECRYPT: pkcs11.DEFAULT,
+                                      Attribute.UNWRAP: pkcs11.DEFAULT})
+                public = _ec_public_key(public_obj[Attribute.EC_POINT])
+                del public_obj
+                signing_key = _TokenEcKey(self, key_id, public)
+                cert = certs.build_viewer_certificate(signing_key, name,
+                                                      oaep_hash=OaepHash.ECDH_P256, now=now,
+                                                      days=days)
+                if not self._probe_ecdh(key_id, cert):
+                    raise MechanismUnsupported(
+                        f"Token '{self.label}' made an EC key but cannot do ECDH with it, so it "
+                        "cannot open streams; enrol with --key-type rsa.")
+                if csr:
+                    request = certs.build_viewer_csr(signing_key, name,
+                                                     oaep_hash=OaepHash.ECDH_P256)
+                    return Enrollment(name, key_id, 256, OaepHash.ECDH_P256, None, request)
+                self._store_certificate(cert, name, key_id)
+                return Enrollment(name, key_id, 256, OaepHash.ECDH_P256, cert, None)
+            except BaseException:
+                self._destroy_id(key_id)
+                raise
+
     def import_certificate(self, cert: x509.Certificate,
                            object_name: str | None = None) -> ImportResult:
         """Store a CA-issued certificate next to the token key it belongs to."""
         public = cert.public_key()
-        if not isinstance(public, rsa.RSAPublicKey):
-            raise CertificateError("The certificate does not hold an RSA key, so it is not a "
-                                   "viewer certificate from fusion-keys enroll --csr.")
+        if not isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+            raise CertificateError("The certificate holds neither an RSA nor an EC key, so it is "
+                                   "not a viewer certificate from fusion-keys enroll --csr.")
         name = object_name if object_name is not None else self._uri.object
         with self._lock, _guard("import the certificate", self.label):
             match = None
             for key in self._private_keys(name):
-                if key[Attribute.KEY_TYPE] == KeyType.RSA and certs.same_public_key(
-                        self._rsa_public(key), public):
+                key_type = key[Attribute.KEY_TYPE]
+                if key_type == KeyType.RSA:
+                    mine: object = self._rsa_public(key)
+                elif key_type == KeyType.EC:
+                    mine = self._ec_public(bytes(key[Attribute.ID]))
+                else:
+                    continue
+                if certs.same_public_key(mine, public):
                     match = key
                     break
             if match is None:
@@ -808,10 +1086,18 @@ class Token:
             if self._certificate_object(key_id) is not None:
                 raise ObjectExists(f"'{label}' on token '{self.label}' already has a certificate; "
                                    "it is never overwritten (delete and enrol again to replace).")
-            oaep_hash = self._probe_oaep(key_id, public)
+            if isinstance(public, ec.EllipticCurvePublicKey):
+                if not self._probe_ecdh(key_id, cert):
+                    raise MechanismUnsupported(f"Token '{self.label}' cannot do ECDH with "
+                                               f"'{label}', so it cannot open streams.")
+                oaep_hash = OaepHash.ECDH_P256
+            else:
+                oaep_hash = self._probe_oaep(key_id, public)
             certs.validate_viewer_certificate(cert, now=datetime.now(UTC), oaep_hash=oaep_hash)
             self._store_certificate(cert, label, key_id)
-        return ImportResult(label, oaep_hash, certs.read_oaep_hash(cert) is not None)
+        # EC: the key type fixes the scheme, nothing to record.
+        return ImportResult(label, oaep_hash, oaep_hash.is_ec
+                            or certs.read_oaep_hash(cert) is not None)
 
     def delete(self, object_name: str | None = None) -> int:
         """Remove an identity (certificate, private and public key); returns objects removed."""
@@ -837,16 +1123,25 @@ class Token:
     def selftest(self, object_name: str | None = None) -> SelftestResult:
         """Wrap a random key to the certificate in software, unwrap on the token, compare."""
         ident = self.identity(object_name)
-        recorded = certs.read_oaep_hash(ident.certificate)
-        with self._lock:
-            oaep_hash = recorded or self._probe_oaep(ident.key_id, ident.public_key)
         secret = secrets.token_bytes(32)
-        ciphertext = Recipient(ident.certificate, oaep_hash).encrypt(secret)
-        start = time.perf_counter()
-        try:
-            opened = ident.rsa_decrypt(ciphertext, oaep_hash)
-        except IntegrityError:
-            opened = b""
+        if isinstance(ident.public_key, ec.EllipticCurvePublicKey):
+            oaep_hash = OaepHash.ECDH_P256
+            sealed = ec_seal(Recipient(ident.certificate, oaep_hash), _LABEL_EC_PROBE, secret)
+            start = time.perf_counter()
+            try:
+                opened = ec_open(ident, _LABEL_EC_PROBE, sealed)
+            except IntegrityError:
+                opened = b""
+        else:
+            recorded = certs.read_oaep_hash(ident.certificate)
+            with self._lock:
+                oaep_hash = recorded or self._probe_oaep(ident.key_id, ident.public_key)
+            ciphertext = Recipient(ident.certificate, oaep_hash).encrypt(secret)
+            start = time.perf_counter()
+            try:
+                opened = ident.rsa_decrypt(ciphertext, oaep_hash)
+            except IntegrityError:
+                opened = b""
         elapsed = (time.perf_counter() - start) * 1000
         if not hmac.compare_digest(opened, secret):
             raise TokenError(f"Self-test failed: token '{self.label}' could not open a key "
@@ -925,7 +1220,8 @@ class Token:
 
 
 class TokenIdentity:
-    """A viewer identity on a token; satisfies ``keyservice.identity.Identity``."""
+    """A viewer identity on a token; satisfies ``keyservice.identity.Identity`` (RSA keys) and
+    ``EcIdentity`` (EC P-256 keys)."""
 
     def __init__(self, token: Token, label: str, key_id: bytes,
                  certificate: x509.Certificate) -> None:
@@ -935,12 +1231,26 @@ class TokenIdentity:
         self.certificate = certificate
         self.operations = 0  # private-key operations done (the viewer reports it)
         public = certificate.public_key()
-        assert isinstance(public, rsa.RSAPublicKey)
-        self.public_key: rsa.RSAPublicKey = public
+        assert isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey)
+        self.public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey = public
+
+    @property
+    def is_ec(self) -> bool:
+        return isinstance(self.public_key, ec.EllipticCurvePublicKey)
 
     @property
     def oaep_hash(self) -> OaepHash | None:
+        if self.is_ec:
+            return OaepHash.ECDH_P256
         return certs.read_oaep_hash(self.certificate)
+
+    def ecdh(self, peer_point: bytes) -> bytes:
+        """One CKM_ECDH1_DERIVE with the token key (EC identities); satisfies EcIdentity."""
+        if not self.is_ec:
+            raise IntegrityError()
+        with self.token._lock:
+            self.operations += 1
+            return self.token._ecdh(self.key_id, peer_point)
 
     def rsa_decrypt(self, ciphertext: bytes, oaep_hash: OaepHash) -> bytes:
         """One C_Decrypt with CKM_RSA_PKCS_OAEP; any failure to open is IntegrityError."""
@@ -965,6 +1275,138 @@ class TokenSigner:
         with self.token._lock:
             self.operations += 1
             return self.token._sign_ec(self.key_id, data)
+
+
+# --- PIV cards -------------------------------------------------------------------------------
+# CKA_ID of the PIV key slots in ykcs11 and OpenSC (9D, Key Management, is the decryption slot).
+PIV_SLOT_IDS = {"9a": b"\x01", "9c": b"\x02", "9d": b"\x03", "9e": b"\x04"}
+
+
+def _token_kind(p11token: Any) -> str:
+    manufacturer = (p11token.manufacturer_id or "").strip()
+    if manufacturer.startswith("Yubico"):
+        return "ykcs11"
+    if manufacturer == "piv_II":
+        return "opensc-piv"
+    return "generic"
+
+
+def token_kind(uri: str | Pkcs11Uri) -> str:
+    """The kind of token a URI names, without logging in (see ``Token.kind``)."""
+    parsed = uri if isinstance(uri, Pkcs11Uri) else Pkcs11Uri.parse(uri)
+    module = _load_module(resolve_module_path(parsed))
+    with module.lock, _guard("read the token", parsed.token or "(unnamed)"):
+        return _token_kind(_find_token(module, parsed))
+
+
+@contextmanager
+def _so_session(module: _Module, p11token: Any, so_pin: str, label: str,
+                action: str) -> Iterator[Any]:
+    """A read-write session logged in as SO (on a PIV card through ykcs11: the management key).
+    A wrong one is reported at once and never retried."""
+    with module.lock:
+        try:
+            session = p11token.open(rw=True, so_pin=so_pin)
+        except (p11.PinIncorrect, p11.PinLenRange, p11.PinInvalid):
+            raise PinIncorrect(f"The SO PIN (for a PIV card: the management key, 48 hex digits) "
+                               f"of token '{label}' is wrong; check it (it was not retried).") from None
+        except p11.PKCS11Error as exc:
+            raise _translate(exc, action, label) from None
+        try:
+            with _guard(action, label):
+                yield session
+        finally:
+            try:
+                session.close()  # logs the SO out again
+            except p11.PKCS11Error:
+                pass
+
+
+def enroll_piv(uri: str | Pkcs11Uri, name: str, *, so_pin: str, pin: str | None = None,
+               prompt: bool = False, slot: str = "9d", bits: int = 2048,
+               days: int = certs.VIEWER_DAYS, csr: bool = False,
+               now: datetime | None = None, key_type: str = "rsa") -> Enrollment:
+    """Enrol a viewer on a PIV card through ykcs11: a key pair generated in ``slot`` (SO login =
+    management key), a certificate signed by that key (user PIN), stored in the slot (SO).
+
+    PKCS#11 allows one login per token at a time, so the steps take turns: SO, user, SO. A key
+    already in the slot is never replaced (it may be someone's identity): adopt it instead.
+    """
+    parsed = uri if isinstance(uri, Pkcs11Uri) else Pkcs11Uri.parse(uri)
+    _check_name(name)
+    key_id = PIV_SLOT_IDS.get(slot.lower())
+    if key_id is None:
+        raise UsageError(f"PIV slot must be one of {', '.join(PIV_SLOT_IDS)} (9d is the "
+                         "key-management slot meant for decryption).")
+    if not 1 <= days <= 3650:
+        raise UsageError("Certificate validity must be 1 to 3650 days.")
+    module = _load_module(resolve_module_path(parsed))
+    with module.lock, _guard("open the token", parsed.token or "(unnamed)"):
+        p11token = _find_token(module, parsed)
+        label = p11token.label
+        if p11token.slot.slot_id in module.slots:
+            raise UsageError(f"Token '{label}' is already open in this process; close it first.")
+    pin = _resolve_pin(parsed, pin, prompt, label)
+    user_uri = Pkcs11Uri(token=parsed.token, serial=parsed.serial, module_path=parsed.module_path)
+    # 1. user PIN first (so a wrong one costs nothing), and the slot must be free.
+    with Token.open(user_uri, pin=pin) as tok, tok._lock, _guard("check the slot", label):
+        if tok._private_keys(key_id=key_id):
+            raise ObjectExists(f"Slot {slot} of token '{label}' already holds a key; it is never "
+                               "replaced. Use it with fusion-keys adopt, or clear the slot with "
+                               "the card's tool first.")
+        if key_type == "rsa":
+            tok._check_key_size(bits)
+        elif key_type != "ec":
+            raise UsageError("The key type must be rsa or ec.")
+    # 2. the key pair, generated on the card (SO).
+    ec_key = key_type == "ec"
+    with _so_session(module, p11token, so_pin, label, "generate a key pair") as session:
+        if ec_key:
+            public_obj, _ = session.generate_keypair(
+                KeyType.EC, id=key_id, label=name, store=True,
+                capabilities=pkcs11.MechanismFlag.SIGN | pkcs11.MechanismFlag.DERIVE,
+                public_template={Attribute.EC_PARAMS: encode_named_curve_parameters(
+                    "secp256r1"), Attribute.PRIVATE: False},
+                private_template={Attribute.PRIVATE: True, Attribute.SENSITIVE: True})
+            public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey = _ec_public_key(
+                public_obj[Attribute.EC_POINT])
+        else:
+            public_obj, _ = session.generate_keypair(
+                KeyType.RSA, bits, id=key_id, label=name, store=True,
+                capabilities=(pkcs11.MechanismFlag.ENCRYPT | pkcs11.MechanismFlag.DECRYPT
+                              | pkcs11.MechanismFlag.SIGN | pkcs11.MechanismFlag.VERIFY),
+                public_template={Attribute.PRIVATE: False},
+                # ykcs11 refuses CKA_EXTRACTABLE in the template (AttributeTypeInvalid); a PIV
+                # key never leaves the card anyway (tests check NEVER_EXTRACTABLE).
+                private_template={Attribute.PRIVATE: True, Attribute.SENSITIVE: True})
+            n = int.from_bytes(public_obj[Attribute.MODULUS], "big")
+            e = int.from_bytes(public_obj[Attribute.PUBLIC_EXPONENT], "big")
+            public = rsa.RSAPublicNumbers(e, n).public_key()
+    # 3. which scheme works, and the certificate signed by the new key (user PIN).
+    with Token.open(user_uri, pin=pin) as tok, tok._lock:
+        key_label = tok._one_private_key(None, key_id)[Attribute.LABEL]
+        signing_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            oaep_hash = OaepHash.ECDH_P256
+            signing_key = _TokenEcKey(tok, key_id, public)
+            probe_cert = certs.build_viewer_certificate(signing_key, name, oaep_hash=oaep_hash,
+                                                        now=now or datetime.now(UTC), days=days)
+            if not tok._probe_ecdh(key_id, probe_cert):
+                raise MechanismUnsupported(f"Token '{label}' cannot do ECDH with the new key; "
+                                           "enrol with --key-type rsa.")
+            bits = 256
+        else:
+            oaep_hash = tok._probe_oaep(key_id, public)
+            signing_key = _TokenRsaKey(tok, key_id, public)
+        if csr:
+            request = certs.build_viewer_csr(signing_key, name, oaep_hash=oaep_hash)
+            return Enrollment(key_label, key_id, bits, oaep_hash, None, request)
+        cert = certs.build_viewer_certificate(signing_key, name, oaep_hash=oaep_hash,
+                                              now=now or datetime.now(UTC), days=days)
+    # 4. the certificate into the slot, replacing ykcs11's placeholder (SO).
+    with _so_session(module, p11token, so_pin, label, "store the certificate") as session:
+        session.create_object(_certificate_template(cert, key_label, key_id))
+    return Enrollment(key_label, key_id, bits, oaep_hash, cert, None)
 
 
 # --- creating tokens in this process (tests, developer setups) --------------------------------

@@ -179,6 +179,9 @@ Play back the last ten minutes from the Archiver:
   $BIN/fusion-client play --archiver $URL --token '$TOKEN' --camera cam1 --from -10m -o - | ffplay -
 Verify the saved fusion stream offline (signatures, chain, tags):
   $BIN/fusion-client open $DEMO/cam1.fusion --token '$TOKEN' --archiver-cert $DEMO/archiver.pem -o $DEMO/check.ts
+
+Open the operator's viewer in your browser (live, timeline, export; Ctrl-C stops it):
+  $BIN/fusion-client view --archiver $URL --token '$TOKEN' --archiver-cert $DEMO/archiver.pem --export-dir $DEMO/exports
 EOF
 
 if [ "$SERVE" = 1 ]; then

@@ -7,11 +7,13 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   python3 python3-venv python3-dev build-essential
   softhsm2 opensc openssl
+  pcscd vsmartcard-vpcd opensc-pkcs11 ykcs11 yubico-piv-tool
   swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus
   ffmpeg
   # A real RTSP camera for the tests: GStreamer's gst-rtsp-server, driven by the system Python.
   python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
+  chromium fonts-dejavu-core   # the viewer's browser tests (Playwright drives this Chromium)
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -144,9 +144,27 @@ def test_validate_refuses_weak_and_non_rsa_keys(ca_key: ec.EllipticCurvePrivateK
     cert = certs.build_viewer_certificate(weak, "weak", oaep_hash=OaepHash.SHA1, now=NOW)
     with pytest.raises(CertificateError, match="1024 bits"):
         certs.validate_viewer_certificate(cert, now=NOW)
+    # An EC signing certificate (no keyAgreement) is no viewer certificate either.
     ec_cert = certs.build_archiver_certificate(ca_key, "archiver", now=NOW)
-    with pytest.raises(CertificateError, match="RSA"):
+    with pytest.raises(CertificateError, match="keyAgreement"):
         certs.validate_viewer_certificate(ec_cert, now=NOW)
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    p384_cert = certs.build_viewer_certificate(p384, "p384", oaep_hash=OaepHash.ECDH_P256, now=NOW)
+    with pytest.raises(CertificateError, match="only P-256"):
+        certs.validate_viewer_certificate(p384_cert, now=NOW)
+
+
+def test_ec_p256_viewer_certificates(ca_key: ec.EllipticCurvePrivateKey) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = certs.build_viewer_certificate(key, "eve", oaep_hash=OaepHash.ECDH_P256, now=NOW)
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.key_agreement and not usage.key_encipherment
+    assert certs.read_oaep_hash(cert) is None  # the scheme is fixed by the key type
+    assert certs.validate_viewer_certificate(cert, now=NOW) is OaepHash.ECDH_P256
+    with pytest.raises(CertificateError, match="no OAEP hash"):
+        certs.validate_viewer_certificate(cert, now=NOW, oaep_hash=OaepHash.SHA256)
+    csr = certs.build_viewer_csr(key, "eve", oaep_hash=OaepHash.ECDH_P256)
+    assert csr.is_signature_valid
 
 
 def test_validate_needs_key_encipherment_and_no_ca(viewer_key: rsa.RSAPrivateKey) -> None:

@@ -71,7 +71,7 @@ def test_readme_flow(tmp_path: Path) -> None:
     listed = fusion_keys("list", "--token", uri, env=env)
     assert listed.returncode == 0
     row = next(line for line in listed.stdout.splitlines() if line.startswith("alice"))
-    assert row.split()[1:4] == ["RSA-2048", "sha1", f"{cert.not_valid_after_utc:%Y-%m-%d}"]
+    assert row.split()[1:4] == ["RSA-2048", "sha1*", f"{cert.not_valid_after_utc:%Y-%m-%d}"]
     assert row.split()[4] == fingerprint(cert).hex()
     copy = tmp_path / "copy.pem"
     exported = fusion_keys("export", "--token", uri, "--out", str(copy), env=env)

@@ -41,7 +41,13 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
-from keyservice.crypto import Epoch, MinuteKey, new_minute_key, seal_segment  # noqa: E402
+from keyservice.crypto import (  # noqa: E402
+    Epoch,
+    MinuteKey,
+    new_minute_key,
+    open_epoch_opener,
+    seal_segment,
+)
 from keyservice.format import (  # noqa: E402
     MANIFEST_LAST,
     MAX_SEGMENT_BODY,
@@ -60,6 +66,7 @@ from keyservice.format import (  # noqa: E402
 from keyservice.identity import (  # noqa: E402
     OaepHash,
     Recipient,
+    SoftwareEcIdentity,
     SoftwareIdentity,
     SoftwareSigner,
     fingerprint,
@@ -86,6 +93,7 @@ KEY_FILES = {
     "viewer-b": ("rsa", "TEST ONLY viewer B (fusion stream test vectors)"),
     "archiver": ("ec", "TEST ONLY Archiver (fusion stream test vectors)"),
     "rogue": ("ec", "TEST ONLY rogue signer (fusion stream test vectors)"),
+    "viewer-c": ("ec", "TEST ONLY EC P-256 viewer C (fusion stream test vectors)"),
 }
 
 
@@ -99,10 +107,14 @@ def cert_path(name: str) -> Path:
     return KEYS_DIR / f"TEST-ONLY-{name}.cert.pem"
 
 
-def make_keys() -> None:
-    """New TEST-ONLY keys and self-signed certificates (not deterministic: run rarely)."""
+def make_keys(only: tuple[str, ...] = ()) -> None:
+    """New TEST-ONLY keys and self-signed certificates (not deterministic: run rarely).
+    ``only``: just these (e.g. a key added later), leaving the others and their vectors as
+    they are."""
     KEYS_DIR.mkdir(exist_ok=True)
     for name, (kind, subject) in KEY_FILES.items():
+        if only and name not in only:
+            continue
         key: Any = (rsa.generate_private_key(65537, 2048) if kind == "rsa"
                     else ec.generate_private_key(ec.SECP256R1()))
         subject_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
@@ -121,8 +133,10 @@ def load_cert(name: str) -> x509.Certificate:
     return x509.load_pem_x509_certificate(cert_path(name).read_bytes())
 
 
-def load_identity(name: str) -> SoftwareIdentity:
+def load_identity(name: str) -> SoftwareIdentity | SoftwareEcIdentity:
     key = serialization.load_pem_private_key(key_path(name).read_bytes(), None)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return SoftwareEcIdentity(load_cert(name), key)
     assert isinstance(key, rsa.RSAPrivateKey)
     return SoftwareIdentity(load_cert(name), key)
 
@@ -245,8 +259,7 @@ class SimArchiver:
                 viewer.epoch, opener = Epoch.start(viewer.recipient, PERIOD_S, now, self.rng)
                 viewer.openers[opener.epoch_id] = encode_record(opener)
                 # The KEK0 is recovered by the test identity, for the intermediates only.
-                kek0 = load_identity(viewer.name).rsa_decrypt(opener.ciphertext,
-                                                              opener.oaep_hash)[-32:]
+                kek0 = open_epoch_opener(load_identity(viewer.name), opener)
                 viewer.kek0[opener.epoch_id.hex()] = kek0.hex()
             record = viewer.epoch.wrap(key, now, self.rng)
             viewer.key_records[key.key_id] = (viewer.epoch.epoch_id, encode_record(record))
@@ -307,6 +320,24 @@ def run_archiver(signer: DeterministicSigner, seed: str) -> tuple[SimArchiver, V
         sim.ingest(LOBBY, DataStream.VIDEO, t + 51_000, last=final)
         sim.manifest(LOBBY, t + 51_500, last=final)
     return sim, viewer_a, viewer_b
+
+
+def run_ec_archiver(signer: DeterministicSigner, seed: str) -> tuple[SimArchiver, Viewer]:
+    """Two minutes of cam-lobby video for viewer C, an EC P-256 viewer (ECDH epoch opener).
+    A simulation of its own, so the RSA vectors above stay byte for byte as they were."""
+    rng = FixedRng(seed)
+    sim = SimArchiver(signer, rng)
+    viewer_c = Viewer("viewer-c", SeededRecipient(load_cert("viewer-c"), OaepHash.ECDH_P256,
+                                                  rng), {LOBBY})
+    sim.viewers = [viewer_c]
+    for minute in range(2):
+        t = T0 + minute * 60_000
+        final = minute == 1
+        sim.rotate(LOBBY, DataStream.VIDEO, t + 5)
+        sim.ingest(LOBBY, DataStream.VIDEO, t + 1_000)
+        sim.ingest(LOBBY, DataStream.VIDEO, t + 31_000, last=final)
+        sim.manifest(LOBBY, t + 31_500, last=final)
+    return sim, viewer_c
 
 
 # --- assembling a viewer's fusion stream (as the Archiver serves it) ----------------------
@@ -832,6 +863,54 @@ def vectors() -> Iterator[Vector]:
             "minute 0 (signed capture times two minutes before the request): old footage "
             "offered as live.", MISMATCH, old_live.stream(), indices(old_live, "manifest")[0],
             viewer="viewer-b", request=old_live.request)
+    yield from ec_vectors(signer)
+
+
+def ec_vectors(signer: DeterministicSigner) -> Iterator[Vector]:
+    """EC P-256 viewers (epoch opener kind 16: ECDH-P256, HKDF-SHA256, AES-KW), every expect."""
+    sim, viewer_c = run_ec_archiver(signer, "fusion stream v1 EC vectors")
+    good = assemble(sim, viewer_c, (LOBBY,), Mode.PLAYBACK, sim.manifests,
+                    FixedRng("stream of viewer C"))
+    recs = good.records
+    prefix = stream_prefix()
+    opener_i = indices(good, "opener")[0]
+    first_manifest = indices(good, "manifest")[0]
+
+    def with_record(i: int, new: bytes) -> bytes:
+        return prefix + b"".join([*recs[:i], new, *recs[i + 1:]])
+
+    yield Vector(
+        "good-ec-p256-viewer",
+        "Two minutes of cam-lobby video for viewer C, an EC P-256 viewer: one epoch opener of "
+        "kind 16 (ephemeral point || AES-KW of KEK0 under HKDF-SHA256 of the ECDH secret), "
+        "opened with one ECDH.", SUCCESS, good.stream(), viewer="viewer-c", built=good, request=good.request,
+        intermediates={"rng": "SHAKE-256(seed || counter u64), seed 'fusion stream v1 EC "
+                              "vectors' (Archiver; the ephemeral scalar is its first 32-byte "
+                              "draw after the epoch id and KEK0) and 'stream of viewer C'",
+                       "kek0_by_epoch_id": viewer_c.kek0,
+                       "minute_keys_by_key_id": sim.minute_keys,
+                       "transcript": transcript_intermediates(recs)})
+    opener = recs[opener_i]
+    yield Vector("flip-ec-epoch-opener-point", "A bit of the EC opener's ephemeral point "
+                 "flipped: off the curve or another point, so the unwrap fails, when the "
+                 "opener is first needed.", INTEGRITY,
+                 with_record(opener_i, flip(opener, len(opener) - 105 + 10)), first_manifest,
+                 viewer="viewer-c", request=good.request)
+    yield Vector("flip-ec-epoch-opener-wrapped-key", "A bit of the EC opener's wrapped KEK0 "
+                 "flipped: AES-KW's integrity check fails.", INTEGRITY,
+                 with_record(opener_i, flip(opener, len(opener) - 3)), first_manifest,
+                 viewer="viewer-c", request=good.request)
+    yield Vector("ec-opener-kind-changed-to-rsa", "The EC opener's kind byte changed from 16 "
+                 "to 2 (RSA-OAEP SHA-256): an RSA opener cannot be for an EC key.", INTEGRITY,
+                 with_record(opener_i, reencode(opener, oaep_hash=OaepHash.SHA256)),
+                 first_manifest, viewer="viewer-c", request=good.request)
+    kind_offset = 5 + 16 + 32
+    yield Vector("ec-opener-unknown-kind", "The opener kind byte set to 3, a kind that does "
+                 "not exist.", FORMAT, with_record(opener_i, opener[:kind_offset] + b"\x03"
+                                                   + opener[kind_offset + 1:]), opener_i,
+                 viewer="viewer-c", request=good.request)
+    yield Vector("ec-stream-read-by-rsa-viewer", "Viewer C's stream, read by viewer A (RSA).",
+                 NO_MATCH, good.stream(), 0, viewer="viewer-a", request=good.request)
 
 
 def render() -> dict[str, str]:
@@ -842,9 +921,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare, do not write")
     parser.add_argument("--new-keys", action="store_true", help="replace the TEST-ONLY keys")
+    parser.add_argument("--add-key", metavar="NAME", help="make only this TEST-ONLY key (one "
+                                                          "added to KEY_FILES)")
     args = parser.parse_args(argv)
     if args.new_keys:
         make_keys()
+    elif args.add_key:
+        make_keys(only=(args.add_key,))
     files = render()
     if args.check:
         stale = [name for name, text in files.items()

@@ -1,0 +1,323 @@
+"""What the viewer page may ask for, done with the client library: camera list, verified streams
+(live or a recorded range) turned into MSE-ready fragments, and verified exports to files.
+
+One process serves one viewer identity: the token is opened and logged in to once (the PIN is
+asked in the terminal, never by the page), and every stream is verified by ``client.player``
+before a byte of it is remuxed. A stream that fails verification stops there with the reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from client.player import (
+    NOT_AUTHORIZED,
+    FileOutput,
+    Gap,
+    Player,
+    archiver_pin_check,
+)
+from client.session import ArchiverSession, CameraView, LoginRefused, LoginResult
+from client.timespec import format_ms
+from client.web.media import VideoInfo, probe, to_fmp4
+from keyservice.errors import KeyServiceError
+from keyservice.identity import Identity
+from keyservice.stream import SegmentPlaintext
+
+# Live requests are re-issued by the page when they end; an hour keeps that rare.
+LIVE_REQUEST_S = 3600
+# Log in again this long before the Archiver's session expires (a token operation, no PIN).
+RELOGIN_MARGIN_MS = 60_000
+
+T = TypeVar("T")
+Emit = Callable[[dict[str, Any] | bytes], None]
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    camera: str
+    live: bool
+    from_ms: int = 0       # recorded range (ignored for live)
+    to_ms: int = 0
+    start_ms: int = 0      # segments captured before this are verified but not shown (a seek)
+
+
+class _Discard:
+    """The player's output when the page gets the segments through on_segment instead."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def commit(self) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+
+def recorded_ranges(view: CameraView, gaps: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The recorded ranges of a camera for the timeline: its first .. last segment, split at
+    the gaps the Archiver's index reports. Gaps the signed stream shows while playing are
+    added by the page."""
+    if view.first_ms is None or view.last_ms is None:
+        return []
+    ranges, start = [], view.first_ms
+    for gap_from, gap_to in sorted(gaps):
+        if gap_from > start:
+            ranges.append((start, min(gap_from, view.last_ms)))
+        start = max(start, gap_to)
+    if start < view.last_ms:
+        ranges.append((start, view.last_ms))
+    return ranges
+
+
+def gap_json(gap: Gap) -> dict[str, Any]:
+    return {"type": "gap", "kind": "unauthorized" if gap.kind == NOT_AUTHORIZED else "none",
+            "from_ms": gap.from_ms, "to_ms": gap.to_ms, "segments": gap.segments,
+            "text": gap.describe()}
+
+
+def error_json(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, KeyServiceError):
+        return {"type": "error", "error": type(exc).__name__, "code": exc.exit_code,
+                "reason": str(exc)}
+    if isinstance(exc, httpx.HTTPError):
+        return {"type": "error", "error": "ArchiverUnreachable", "code": 40,
+                "reason": f"The connection to the Archiver failed ({exc.__class__.__name__})."}
+    return {"type": "error", "error": "Unexpected", "code": 1,
+            "reason": f"Unexpected error ({exc.__class__.__name__}: {exc})."}
+
+
+@dataclass
+class Export:
+    id: int
+    camera: str
+    from_ms: int
+    to_ms: int
+    path: Path
+    state: str = "running"          # running | done | failed
+    progress: float = 0.0
+    segments: int = 0
+    message: str = ""
+    evidence: Path | None = None
+    gaps: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "camera": self.camera, "from_ms": self.from_ms,
+                "to_ms": self.to_ms, "state": self.state, "progress": round(self.progress, 3),
+                "segments": self.segments, "message": self.message, "file": self.path.name,
+                "gaps": self.gaps}
+
+
+class ViewerBackend:
+    """The logged-in viewer: one Archiver, one identity, one pinned Archiver certificate."""
+
+    def __init__(self, session: ArchiverSession, identity: Identity, login: LoginResult,
+                 relogin: Callable[[], LoginResult], export_dir: Path,
+                 clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+        self.session = session
+        self.identity = identity
+        self.login = login
+        self._relogin = relogin
+        self._login_lock = threading.Lock()
+        self.export_dir = export_dir
+        self.clock = clock
+        self._margin_ms = self._margin(login)
+        self._exports: dict[int, Export] = {}
+        self._export_ids = itertools.count(1)
+
+    # --- the Archiver session ------------------------------------------------------------
+    def _margin(self, login: LoginResult) -> int:
+        """How long before expiry to log in again: a minute, or a quarter of a short session."""
+        return min(RELOGIN_MARGIN_MS, max(0, (login.expires_ms - self.clock()) // 4))
+
+    def _fresh(self, force: bool = False) -> None:
+        with self._login_lock:
+            if force or self.login.expires_ms - self.clock() < self._margin_ms:
+                # The token is logged in already: this proof costs one token operation and
+                # never asks for (or retries) a PIN.
+                self.login = self._relogin()
+                self._margin_ms = self._margin(self.login)
+
+    def _with_session(self, call: Callable[[], T]) -> T:
+        self._fresh()
+        try:
+            return call()
+        except LoginRefused:
+            # The Archiver forgot the session (restart, expiry): prove possession once more.
+            self._fresh(force=True)
+            return call()
+
+    def _stream_session(self) -> ArchiverSession:
+        """A connection of its own for one stream, so that stopping the stream can close it
+        from another thread; it carries the current Archiver session (no new login)."""
+        self._fresh()
+        child = ArchiverSession(self.session.url, timeout=self.session.timeout)
+        child._session_token = self.session._session_token  # same session, own connection
+        child.login_result = self.login
+        return child
+
+    def cameras(self) -> list[dict[str, Any]]:
+        out = []
+        for view in self._with_session(self.session.cameras):
+            gaps: list[tuple[int, int]] = []
+            if view.first_ms is not None and view.last_ms is not None:
+                gaps = self._with_session(partial(self.session.gaps, view.name, view.first_ms,
+                                                  view.last_ms))
+            since = (f"; last video {format_ms(view.last_ms)}"
+                     if view.last_ms is not None and view.state != "receiving" else "")
+            out.append({"name": view.name, "first_ms": view.first_ms, "last_ms": view.last_ms,
+                        "segments": view.segments, "ranges": recorded_ranges(view, gaps),
+                        "gaps": gaps, "state": view.state, "health": view.state + since})
+        return out
+
+    # --- streams to the page ---------------------------------------------------------------
+    def stream(self, request: StreamRequest, emit: Emit, stopped: threading.Event,
+               on_session: Callable[[ArchiverSession], None] = lambda s: None) -> None:
+        """Verify, decrypt and remux one stream, emitting JSON events and fMP4 chunks in
+        order; ends with an "end" or "error" event (never raises)."""
+        info: VideoInfo | None = None
+        shown = 0
+
+        def on_segment(event: SegmentPlaintext) -> None:
+            nonlocal info, shown
+            if stopped.is_set():
+                return
+            # Whole manifests come back: show only the segments of the asked window. A segment
+            # covers [capture_ms, capture_ms + duration_ms] (signed); one without a duration
+            # is a point.
+            end = event.capture_ms + event.duration_ms
+            if (end <= request.start_ms) if event.duration_ms else (
+                    event.capture_ms < request.start_ms):
+                return
+            if not request.live and event.capture_ms > request.to_ms:
+                return  # the page's next window starts where this one's last segment ends
+            if info is None:
+                info = probe(event.data)
+                emit({"type": "codec", "codec": info.codec, "mime": info.mime,
+                      "width": info.width, "height": info.height})
+            meta = {"type": "segment", "seq": event.seq, "capture_ms": event.capture_ms,
+                    "duration_ms": event.duration_ms, "verified": True}
+            if info.codec != "h264":
+                emit({**meta, "media": False})  # verified, but this browser cannot show it
+                return
+            data = to_fmp4(event.data)
+            emit({**meta, "media": True, "bytes": len(data)})
+            emit(data)
+            shown += 1
+
+        player = Player(self.identity, archiver_pin_check(self.login.archiver_fingerprint),
+                        _Discard(), on_segment=on_segment)
+        sent_gaps = 0
+
+        def flush_gaps() -> None:
+            nonlocal sent_gaps
+            for gap in player.summary.gaps[sent_gaps:]:
+                emit(gap_json(gap))
+            sent_gaps = len(player.summary.gaps)
+
+        child: ArchiverSession | None = None
+        try:
+            child = self._stream_session()
+            on_session(child)
+            fetch: AbstractContextManager[Iterator[bytes]]
+            if request.live:
+                fetch = child.live(request.camera, LIVE_REQUEST_S)
+            else:
+                fetch = child.recording(request.camera, request.from_ms, request.to_ms)
+            emit({"type": "start", "camera": request.camera, "live": request.live})
+            with fetch as chunks:
+                for chunk in chunks:
+                    if stopped.is_set():
+                        return
+                    player.feed(chunk)
+                    flush_gaps()
+            if stopped.is_set():
+                return
+            summary = player.finish()
+            flush_gaps()
+            emit({"type": "end", "segments": summary.segments, "shown": shown,
+                  "last_ms": summary.last_ms, "verified": True,
+                  "reason": "verified signed end record"})
+        except BaseException as exc:  # reported to the page; the viewer process keeps serving
+            if stopped.is_set():
+                return
+            flush_gaps()
+            event = error_json(exc)
+            event["shown"] = shown
+            event["where"] = player.where()
+            emit(event)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if child is not None:
+                child.close()
+
+    # --- exports ---------------------------------------------------------------------------
+    def start_export(self, camera: str, from_ms: int, to_ms: int) -> Export:
+        self.export_dir.mkdir(parents=True, exist_ok=True)
+        stamp = "-".join(dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+                         for ms in (from_ms, to_ms))
+        path = self.export_dir / f"{camera}-{stamp}.ts"
+        for n in itertools.count(2):  # never replace an earlier export of the same range
+            if not path.exists() and not path.with_suffix(".fusion").exists():
+                break
+            path = self.export_dir / f"{camera}-{stamp}-{n}.ts"
+        export = Export(next(self._export_ids), camera, from_ms, to_ms, path)
+        self._exports[export.id] = export
+        threading.Thread(target=self._export, args=(export,), daemon=True,
+                         name=f"export-{export.id}").start()
+        return export
+
+    def export(self, export_id: int) -> Export | None:
+        return self._exports.get(export_id)
+
+    def _export(self, export: Export) -> None:
+        """The same guarantees as `fusion-client play -o FILE --save-stream`: the file gets its
+        name only after the signed end record verified; otherwise it ends in .incomplete."""
+        output: FileOutput | None = None
+        evidence: FileOutput | None = None
+        span = max(1, export.to_ms - export.from_ms)
+
+        def on_segment(event: SegmentPlaintext) -> None:
+            export.segments += 1
+            export.progress = min(1.0, max(0.0, (event.capture_ms - export.from_ms) / span))
+
+        try:
+            output = FileOutput(export.path)
+            evidence = FileOutput(export.path.with_suffix(".fusion"))
+            player = Player(self.identity, archiver_pin_check(self.login.archiver_fingerprint),
+                            output, on_segment=on_segment)
+            self._fresh()
+            with self.session.recording(export.camera, export.from_ms, export.to_ms) as chunks:
+                for chunk in chunks:
+                    evidence.write(chunk)
+                    player.feed(chunk)
+            summary = player.finish()
+            output.commit()
+            export.evidence = evidence.commit()
+            export.gaps = [g.describe() for g in summary.gaps]
+            export.progress = 1.0
+            export.message = (f"verified: {summary.segments} segment(s); signed end record "
+                              f"checked; evidence in {export.evidence.name}")
+            export.state = "done"
+        except BaseException as exc:
+            kept = output.abort() if output is not None else None
+            if evidence is not None:
+                evidence.abort()
+            export.message = error_json(exc)["reason"] + (
+                f" The verified part is in {kept.name}." if kept is not None else "")
+            export.state = "failed"
+            if not isinstance(exc, Exception):
+                raise

@@ -1,0 +1,642 @@
+"""The operator's viewer (`fusion-client view`) in a real browser: Debian's Chromium driven by
+Playwright, a real Archiver under uvicorn, a SoftHSM viewer token, ffmpeg-made H.264 video.
+
+The test video burns its own time into the picture twice: as text (for people reading the
+screenshots in docs/viewer.md) and as an 8-bit barcode in the top 32 rows (bit i of
+floor(seconds) is the block at x = 40*i .. 40*i+39), which the tests read from the decoded frame.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import termios
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets.sync.client as ws_client
+from playwright.sync_api import Browser, Page, sync_playwright
+from websockets.exceptions import InvalidStatus
+
+from tests.fixtures.server import ArchiverServer, free_port
+from tests.fixtures.tokens import TokenHandle, enroll_viewer
+
+from .proxy import TamperingProxy
+
+pytestmark = pytest.mark.browser
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# FUSION_DOCS_SCREENSHOTS=1 refreshes the pictures of docs/viewer.md; otherwise they go to a
+# temporary directory (a test run leaves the work tree as it was).
+DOCS_IMAGES = REPO_ROOT / "docs" / "viewer"
+RATE = 10
+# testsrc2 + readable time + the barcode; a keyframe every second, so every 1 s chunk starts
+# with one (as a camera's HLS segments do).
+VIDEO_FILTER = (
+    "drawtext=font=DejaVu Sans:text='t=%{pts\\:hms}':x=10:y=200:fontsize=24:fontcolor=white"
+    ":box=1:boxcolor=black@0.7,"
+    "geq=lum='if(lt(Y\\,32)\\,255*mod(floor(T/pow(2\\,floor(X/40)))\\,2)\\,lum(X\\,Y))'"
+    ":cb='if(lt(Y\\,32)\\,128\\,cb(X\\,Y))':cr='if(lt(Y\\,32)\\,128\\,cr(X\\,Y))'")
+CODECS = {"h264": ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"],
+          "hevc": ["-c:v", "libx265", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+                   "-x265-params", "log-level=error"]}
+
+# Reads the barcode of the frame the <video> element shows (its natural size, not the tile's).
+READ_BARCODE = """(camera) => {
+  const video = document.querySelector(`.tile[data-camera="${camera}"] video`);
+  const c = document.createElement('canvas');
+  c.width = video.videoWidth; c.height = video.videoHeight;
+  const g = c.getContext('2d');
+  g.drawImage(video, 0, 0);
+  let value = 0;
+  for (let i = 0; i < 8; i++) {
+    const p = g.getImageData(40 * i + 20, 16, 1, 1).data;
+    if ((p[0] + p[1] + p[2]) / 3 > 128) value |= 1 << i;
+  }
+  return value;
+}"""
+# How many distinct colours the shown frame has (a blank or black frame has one or two).
+FRAME_COLOURS = """(camera) => {
+  const video = document.querySelector(`.tile[data-camera="${camera}"] video`);
+  const c = document.createElement('canvas');
+  c.width = video.videoWidth; c.height = video.videoHeight;
+  const g = c.getContext('2d');
+  g.drawImage(video, 0, 0);
+  const d = g.getImageData(0, 0, c.width, c.height).data;
+  const seen = new Set();
+  for (let i = 0; i < d.length; i += 4 * 97) seen.add((d[i] >> 4) << 8 | (d[i+1] >> 4) << 4 | d[i+2] >> 4);
+  return seen.size;
+}"""
+
+
+def chromium_path() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("Debian's chromium is not installed; run scripts/setup.sh")
+    return path
+
+
+def make_chunks(directory: Path, seconds: int, codec: str = "h264") -> list[bytes]:
+    """1-second MPEG-TS chunks of the barcoded test video (chunk k shows seconds k .. k+1)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
+         "-i", f"testsrc2=size=320x240:rate={RATE}", "-t", str(seconds), "-vf", VIDEO_FILTER,
+         *CODECS[codec], "-g", str(RATE), "-keyint_min", str(RATE), "-sc_threshold", "0",
+         "-f", "segment", "-segment_time", "1", "-segment_format", "mpegts",
+         str(directory / "c%03d.ts")], check=True)
+    return [p.read_bytes() for p in sorted(directory.glob("c*.ts"))]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Pushed:
+    before: list[int]   # wall clock just before each chunk's upload
+    after: list[int]    # ... and just after the Archiver acknowledged it
+
+
+def push_chunks(server: ArchiverServer, camera: str, token: str, chunks: list[bytes],
+                spacing_s: float, pause_after: int | None = None, pause_s: float = 0) -> Pushed:
+    pushed = Pushed([], [])
+    for i, data in enumerate(chunks):
+        pushed.before.append(now_ms())
+        assert server.put_segment(camera, token, data) == 201
+        pushed.after.append(now_ms())
+        time.sleep(pause_s if pause_after is not None and i == pause_after else spacing_s)
+    return pushed
+
+
+class ViewerProcess:
+    """`fusion-client view --no-browser` in a subprocess; the URL is its first stdout line."""
+
+    def __init__(self, archiver_url: str, token_uri: str, home: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
+        env["FUSION_CLIENT_HOME"] = str(home)
+        self.export_dir = home / "exports"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "client", "view", "--archiver", archiver_url, "--token",
+             token_uri, "--no-browser", "--export-dir", str(self.export_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+            cwd=REPO_ROOT)
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], 60)
+        line = self.process.stdout.readline().decode().strip() if ready else ""
+        if not line.startswith("http://127.0.0.1:"):
+            self.process.kill()
+            _, err = self.process.communicate()
+            raise AssertionError(f"no viewer URL (got {line!r}): {err.decode()}")
+        self.url = line
+        self.base = line.split("/?", 1)[0]
+        self.port = int(self.base.rsplit(":", 1)[1])
+
+    def stop(self) -> str:
+        """Ctrl-C; returns stderr. The viewer must end cleanly, without a traceback."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            _, err = self.process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+            raise AssertionError("the viewer did not stop on Ctrl-C") from None
+        text = err.decode(errors="replace")
+        assert "Traceback" not in text, text
+        assert self.process.returncode == 0, text
+        assert "viewer stopped" in text
+        return text
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=chromium_path(),
+                                      args=["--autoplay-policy=no-user-gesture-required"])
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@dataclass
+class Setup:
+    server: ArchiverServer
+    ingest: dict[str, str]
+    viewer_uri: str
+    home: Path
+
+
+@pytest.fixture
+def setup(archiver_server: ArchiverServer, softhsm_token: TokenHandle, tmp_path: Path) -> Setup:
+    pem = enroll_viewer(softhsm_token, "operator")
+    ingest = {name: archiver_server.add_camera(name) for name in ("lobby", "gate")}
+    archiver_server.add_client(pem, ["lobby", "gate"])
+    return Setup(archiver_server, ingest, softhsm_token.object_uri("operator"),
+                 tmp_path / "client-home")
+
+
+@pytest.fixture
+def open_viewer(setup: Setup) -> Iterator[Callable[..., ViewerProcess]]:
+    started: list[ViewerProcess] = []
+
+    def start(archiver_url: str | None = None) -> ViewerProcess:
+        process = ViewerProcess(archiver_url or setup.server.url, setup.viewer_uri, setup.home)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def open_page(browser: Browser, viewer: ViewerProcess) -> Page:
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(viewer.url)
+    page.wait_for_function("() => window.fusionViewer && window.fusionViewer.camerasLoaded")
+    return page
+
+
+def tile(page: Page, camera: str) -> dict[str, Any]:
+    return page.evaluate("(c) => window.fusionViewer.tiles.get(c).snapshot()", camera)
+
+
+def wait_tile(page: Page, camera: str, condition: str, timeout_s: float = 30) -> dict[str, Any]:
+    page.wait_for_function(f"(c) => {{ const t = window.fusionViewer.tiles.get(c); "
+                           f"if (!t) return false; const s = t.snapshot(); return {condition}; }}",
+                           arg=camera, timeout=timeout_s * 1000)
+    return tile(page, camera)
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.environ.get("FUSION_DOCS_SCREENSHOTS") == "1":
+        DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+        return DOCS_IMAGES
+    return tmp_path_factory.mktemp("screenshots")
+
+
+def shot(page: Page, directory: Path, name: str) -> None:
+    page.screenshot(path=str(directory / name))
+
+
+def click_timeline(page: Page, camera: str, ms: int) -> None:
+    canvas = page.locator(f'.tile[data-camera="{camera}"] canvas.timeline')
+    span = page.evaluate("(c) => window.fusionViewer.tiles.get(c).span()", camera)
+    box = canvas.bounding_box()
+    assert box is not None
+    x = (ms - span[0]) / (span[1] - span[0]) * box["width"]
+    canvas.click(position={"x": x, "y": box["height"] / 2})
+
+
+# --- the page: cameras, live, grid, latency --------------------------------------------------
+def test_lists_cameras_and_plays_live(setup: Setup, open_viewer: Callable[..., ViewerProcess],
+                                      browser: Browser, tmp_path: Path, shots: Path) -> None:
+    chunks = make_chunks(tmp_path / "lobby", 10)
+    push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[:2], 0.2)
+    viewer = open_viewer()
+    page = open_page(browser, viewer)
+    names = page.locator("#cameras li b").all_inner_texts()
+    assert names == ["lobby", "gate"] or sorted(names) == ["gate", "lobby"]
+    lobby = page.locator('#cameras li[data-camera="lobby"]')
+    assert "2 segments" in lobby.inner_text()
+    assert "nothing recorded" in page.locator('#cameras li[data-camera="gate"]').inner_text()
+
+    lobby.get_by_role("button", name="Watch").click()
+    # The camera goes on sending, one 1-second chunk a second, while the operator watches.
+    live: list[Pushed] = []
+    camera = threading.Thread(target=lambda: live.append(push_chunks(
+        setup.server, "lobby", setup.ingest["lobby"], chunks[2:], 1.0)), daemon=True)
+    camera.start()
+    state = wait_tile(page, "lobby", "s.shown >= 2 && s.currentTime > 0")
+    first_time = state["currentTime"]
+    state = wait_tile(page, "lobby", f"s.currentTime > {first_time} + 1.5 && s.shown >= 4")
+    assert state["state"] == "verified" and not state["stopped"]
+    assert "verified" in state["stateText"]
+    assert page.evaluate(FRAME_COLOURS, "lobby") > 20, "the live frame is blank"
+    # What is on screen is the camera's picture: its barcode counts the camera's seconds.
+    assert 1 <= page.evaluate(READ_BARCODE, "lobby") <= 10
+    shot(page, shots, "live.png")
+    camera.join(30)
+    [pushed] = live
+    # Latency: the Archiver acknowledged chunk i (seq 2+i) at pushed.after[i]; its first frame
+    # was on screen at firstFrames[seq] (same clock: one machine).
+    frames = wait_tile(page, "lobby", "Object.keys(s.firstFrames).length >= 5")["firstFrames"]
+    latencies = [frames[str(seq)] - pushed.after[seq - 2]
+                 for seq in range(3, len(chunks)) if str(seq) in frames]
+    assert latencies and all(lat > 0 for lat in latencies)
+    print(f"\nlatency Archiver acknowledgement -> first frame on screen: median "
+          f"{statistics.median(latencies):.0f} ms, all {latencies}")
+    page.close()
+
+
+def test_grid_of_cameras_and_h265_message(setup: Setup,
+                                          open_viewer: Callable[..., ViewerProcess],
+                                          browser: Browser, tmp_path: Path,
+                                          shots: Path) -> None:
+    h264 = make_chunks(tmp_path / "lobby", 3)
+    hevc = make_chunks(tmp_path / "gate", 3, codec="hevc")
+    push_chunks(setup.server, "lobby", setup.ingest["lobby"], h264, 0.1)
+    push_chunks(setup.server, "gate", setup.ingest["gate"], hevc, 0.1)
+    viewer = open_viewer()
+    page = open_page(browser, viewer)
+    page.get_by_role("button", name="Watch all (grid)").click()
+    assert page.locator(".tile").count() == 2
+    first = page.evaluate("() => window.fusionViewer.cameras.get('lobby').first_ms")
+    page.evaluate("(ms) => { for (const t of window.fusionViewer.tiles.values()) t.playFrom(ms); }",
+                  first - 1)
+    wait_tile(page, "lobby", "s.shown >= 1 && s.currentTime > 0.5")
+    gate = wait_tile(page, "gate", "s.codec === 'unsupported' && s.verified >= 1")
+    assert gate["state"] == "unsupported" and gate["shown"] == 0
+    message = page.locator('.tile[data-camera="gate"] .overlay')
+    assert "cannot decode H.265" in message.inner_text()
+    shot(page, shots, "grid-h265.png")
+    # Export still works for the H.265 camera: a verified MPEG-TS file.
+    page.locator('.tile[data-camera="gate"] .ex-from').fill(_local_input(page, first - 1000))
+    page.locator('.tile[data-camera="gate"] .ex-to').fill(_local_input(page, now_ms() + 1000))
+    page.locator('.tile[data-camera="gate"] button.export').click()
+    page.locator('.tile[data-camera="gate"] .ex-msg.done').wait_for(timeout=30_000)
+    exported = list(viewer.export_dir.glob("gate-*.ts"))
+    assert len(exported) == 1 and exported[0].read_bytes() == b"".join(hevc)
+    page.close()
+
+
+def _local_input(page: Page, ms: int) -> str:
+    return page.evaluate("(ms) => new Date(ms - new Date(ms).getTimezoneOffset() * 60000)"
+                         ".toISOString().slice(0, 19)", ms)
+
+
+# --- the timeline: seek, gaps, export ----------------------------------------------------------
+def test_timeline_seek_gap_and_export(setup: Setup, open_viewer: Callable[..., ViewerProcess],
+                                      browser: Browser, tmp_path: Path, shots: Path) -> None:
+    source = make_chunks(tmp_path / "lobby", 12)
+    # A camera outage: chunks 0-3 arrive one a second, chunks 4-7 are lost (4 s: its clock runs
+    # on, the Archiver hears nothing), chunks 8-11 arrive. Segment j is chunks[j].
+    chunks = source[:4] + source[8:]
+    pushed = push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks, 1.0,
+                         pause_after=3, pause_s=5.0)
+    viewer = open_viewer()
+    page = open_page(browser, viewer)
+    page.evaluate("() => window.fusionViewer.watch('lobby', false)")
+
+    # Play everything from before the first chunk: the silence is reported and drawn as a gap,
+    # exactly between the signed end of chunk 4 and the signed start of chunk 5.
+    click_timeline(page, "lobby", pushed.before[0] - 1500)
+    state = wait_tile(page, "lobby", "s.stateText.includes('to the end')", timeout_s=40)
+    segments = state["segments"]
+    assert [seg["seq"] for seg in segments] == list(range(8)) and not state["stopped"]
+    assert all(seg["duration_ms"] == 1000 for seg in segments)
+    [gap] = state["gaps"]
+    assert gap["kind"] == "none"
+    assert gap["from_ms"] == segments[3]["capture_ms"] + segments[3]["duration_ms"]
+    assert gap["to_ms"] == segments[4]["capture_ms"]
+    assert 3000 < gap["to_ms"] - gap["from_ms"] < 6000
+    mid = (gap["from_ms"] + gap["to_ms"]) // 2
+    colour = page.evaluate("""([c, ms]) => {
+        const t = window.fusionViewer.tiles.get(c); t.draw();
+        const x = Math.round(t.xAt(ms));
+        return Array.from(t.canvas.getContext('2d').getImageData(x, 20, 1, 1).data.slice(0, 3));
+      }""", ["lobby", mid])
+    assert colour == [0x54, 0x5D, 0x68], "the gap is not drawn as a gap"
+
+    # Seek, paused, to the middle of segment k by its signed capture time: its picture (the
+    # barcode counts the source's seconds: segment 6 is the source's second 10) is on screen.
+    page.locator('.tile[data-camera="lobby"] button.pause').click()
+    k = 6
+    target = segments[k]["capture_ms"] + segments[k]["duration_ms"] // 2
+    click_timeline(page, "lobby", target)
+    state = wait_tile(page, "lobby", "s.shown >= 1 && s.positionMs !== null")
+    page.wait_for_function("(c) => document.querySelector(`.tile[data-camera=\"${c}\"] video`)"
+                           ".readyState >= 2", arg="lobby")
+    assert state["paused"]
+    assert state["segments"][0]["seq"] == k
+    assert abs(state["positionMs"] - target) < 100  # a click is a few ms wide
+    assert page.evaluate(READ_BARCODE, "lobby") == 10
+    shot(page, shots, "seek.png")
+
+    # The same in 2-second windows, as long recordings are fetched: every chunk exactly once,
+    # an empty window skipped, and the gap found across windows (the same one, not a second).
+    page.locator('.tile[data-camera="lobby"] button.pause').click()
+    page.evaluate("() => { window.fusionViewer.windowMs = 1500; }")
+    click_timeline(page, "lobby", pushed.before[0] - 1500)
+    state = wait_tile(page, "lobby", "s.stateText.includes('to the end')", timeout_s=40)
+    assert [seg["seq"] for seg in state["segments"]] == list(range(8))
+    assert not state["stopped"]
+    assert state["gaps"] == [gap]
+
+    # Export a range; the file is the verified plaintext, exactly the chunks in the range.
+    tile_el = page.locator('.tile[data-camera="lobby"]')
+    tile_el.locator(".ex-from").fill(_local_input(page, gap["to_ms"] - 1000))
+    tile_el.locator(".ex-to").fill(_local_input(page, pushed.after[-1] + 1000))
+    tile_el.locator("button.export").click()
+    tile_el.locator(".ex-msg.done").wait_for(timeout=30_000)
+    assert "verified" in tile_el.locator(".ex-msg").inner_text()
+    [exported] = viewer.export_dir.glob("lobby-*.ts")
+    assert exported.read_bytes() == b"".join(chunks[4:])
+    assert exported.with_suffix(".fusion").stat().st_size > exported.stat().st_size
+    download = httpx.get(viewer.base + tile_el.locator(".ex-msg a").get_attribute("href"),
+                         headers={"Cookie": _cookie(page, viewer)}, timeout=10)
+    assert download.status_code == 200 and download.content == exported.read_bytes()
+    shot(page, shots, "timeline-export.png")
+    page.close()
+
+
+def test_unauthorized_range_is_drawn_and_skipped(setup: Setup, softhsm_token: TokenHandle,
+                                                 open_viewer: Callable[..., ViewerProcess],
+                                                 browser: Browser, tmp_path: Path) -> None:
+    """Segments recorded while the viewer was revoked have no key for it: the page says so
+    on the timeline and plays on with what came after."""
+    chunks = make_chunks(tmp_path / "lobby", 6)
+    pem = softhsm_token.workdir / f"{softhsm_token.label}-operator.pem"
+    fp = setup.server.add_client(pem, ["lobby", "gate"])  # the same certificate: its fingerprint
+    push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[:2], 0.3)
+    setup.server.revoke(fp)
+    dark = push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[2:4], 0.3)
+    setup.server.add_client(pem, ["lobby", "gate"])
+    push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[4:], 0.3)
+    viewer = open_viewer()
+    page = open_page(browser, viewer)
+    first = page.evaluate("() => window.fusionViewer.cameras.get('lobby').first_ms")
+    page.evaluate("(ms) => window.fusionViewer.watch('lobby', false).playFrom(ms)", first - 1)
+    state = wait_tile(page, "lobby", "s.state === 'verified' && s.stateText.includes('to the end')")
+    assert state["shown"] == 4 and not state["stopped"]
+    [gap] = state["gaps"]
+    assert gap["kind"] == "unauthorized" and gap["segments"] == 2
+    # Signed start times: a segment starts up to its duration before it arrived.
+    assert dark.before[0] - 1500 <= gap["from_ms"] <= gap["to_ms"] <= dark.after[1]
+    colour = page.evaluate("""([c, ms]) => {
+        const t = window.fusionViewer.tiles.get(c); t.draw();
+        const x = Math.round(t.xAt(ms));
+        return Array.from(t.canvas.getContext('2d').getImageData(x, 20, 1, 1).data.slice(0, 3));
+      }""", ["lobby", (gap["from_ms"] + gap["to_ms"]) // 2])
+    assert colour == [0xC9, 0x3C, 0x37], "the unauthorized range is not drawn"
+    page.close()
+
+
+def _cookie(page: Page, viewer: ViewerProcess) -> str:
+    [cookie] = [c for c in page.context.cookies() if c["name"] == f"fusion_viewer_{viewer.port}"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    return f"{cookie['name']}={cookie['value']}"
+
+
+# --- verification: a tampered stream stops playback ---------------------------------------------
+def test_tampered_stream_stops_playback(setup: Setup, open_viewer: Callable[..., ViewerProcess],
+                                        browser: Browser, tmp_path: Path, shots: Path) -> None:
+    chunks = make_chunks(tmp_path / "lobby", 6)
+    pushed = push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks, 0.1)
+    with TamperingProxy(setup.server.url) as proxy:
+        proxy.mode, proxy.segment_index = "flip", 3
+        viewer = open_viewer(proxy.url)
+        page = open_page(browser, viewer)
+        page.evaluate("(ms) => window.fusionViewer.watch('lobby', false).playFrom(ms)",
+                      pushed.before[0] - 500)
+        state = wait_tile(page, "lobby", "s.stopped")
+        assert state["state"] == "failed" and state["error"] == "IntegrityError"
+        assert "STOPPED" in state["stateText"] and "failed authentication" in state["stateText"]
+        overlay = page.locator('.tile[data-camera="lobby"] .overlay')
+        assert overlay.is_visible() and "Playback stopped" in overlay.inner_text()
+        # Only segments before the altered one reached the video; it stays paused.
+        assert state["shown"] <= 3
+        time.sleep(1)
+        later = tile(page, "lobby")
+        assert later["paused"] and later["shown"] == state["shown"]
+        if later["segments"]:
+            assert later["currentTime"] <= later["segments"][-1]["end"] + 0.05
+        shot(page, shots, "tampered.png")
+        page.close()
+
+
+# --- who may talk to the viewer -----------------------------------------------------------------
+def test_url_token_host_and_origin(setup: Setup, open_viewer: Callable[..., ViewerProcess],
+                                   browser: Browser) -> None:
+    viewer = open_viewer()
+    base = viewer.base
+    host = f"127.0.0.1:{viewer.port}"
+    # Listening on 127.0.0.1 only (the kernel's table of listening TCP sockets, state 0A).
+    listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                 + Path("/proc/net/tcp6").read_text().splitlines()[1:]
+                 if line.split()[3] == "0A" and line.split()[1].endswith(f":{viewer.port:04X}")]
+    assert listening == [f"0100007F:{viewer.port:04X}"], listening
+    # Wrong URL token, no cookie: 403 for the page, the API and the stream.
+    assert httpx.get(f"{base}/?token=wrong").status_code == 403
+    assert httpx.get(f"{base}/api/cameras").status_code == 403
+    assert httpx.get(f"{base}/").status_code == 403
+    # The real token works once: it becomes an HttpOnly SameSite=Strict cookie.
+    first = httpx.get(viewer.url)
+    assert first.status_code == 303
+    assert "httponly" in first.headers["set-cookie"].lower()
+    assert "samesite=strict" in first.headers["set-cookie"].lower()
+    cookie = first.headers["set-cookie"].split(";")[0]
+    assert httpx.get(viewer.url).status_code == 403, "the URL token must be single-use"
+    good = {"Cookie": cookie}
+    assert httpx.get(f"{base}/api/cameras", headers=good).status_code == 200
+    # DNS rebinding: another host name that resolves here is refused even with the cookie.
+    assert httpx.get(f"{base}/api/cameras",
+                     headers={**good, "Host": f"evil.example:{viewer.port}"}).status_code == 403
+    # CSRF: a foreign Origin (or none) on a state-changing request is refused.
+    body = {"camera": "lobby", "from_ms": 0, "to_ms": 1000}
+    for origin in ("http://evil.example", f"http://127.0.0.1:{viewer.port + 1}"):
+        refused = httpx.post(f"{base}/api/exports", json=body,
+                             headers={**good, "Origin": origin})
+        assert refused.status_code == 403, refused.text
+    assert httpx.post(f"{base}/api/exports", json=body, headers=good).status_code == 403
+    # Cross-site WebSocket hijacking: the stream refuses a foreign Origin.
+    stream_url = f"ws://{host}/api/stream?camera=lobby&mode=live"
+    with pytest.raises(InvalidStatus) as refused_ws:
+        ws_client.connect(stream_url, origin="http://evil.example",
+                          additional_headers={"Cookie": cookie}, open_timeout=10)
+    assert refused_ws.value.response.status_code == 403
+    with ws_client.connect(stream_url, origin=f"http://{host}",
+                           additional_headers={"Cookie": cookie}, open_timeout=10) as sock:
+        assert '"start"' in sock.recv(timeout=10)
+
+
+def test_foreign_page_in_the_browser_is_refused(setup: Setup,
+                                                open_viewer: Callable[..., ViewerProcess],
+                                                browser: Browser, tmp_path: Path) -> None:
+    """A page of another local web server, open in the operator's browser (which holds the
+    viewer's cookie: same site, other port), cannot start an export or open a stream."""
+    viewer = open_viewer()
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(viewer.url)
+    page.wait_for_function("() => window.fusionViewer && window.fusionViewer.camerasLoaded")
+    evil_dir = tmp_path / "evil"
+    evil_dir.mkdir()
+    (evil_dir / "index.html").write_text("<!doctype html><title>evil</title>")
+    port = free_port()
+    evil = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                             "127.0.0.1", "--directory", str(evil_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        attacker = context.new_page()
+        for _ in range(50):
+            try:
+                attacker.goto(f"http://127.0.0.1:{port}/")
+                break
+            except Exception:
+                time.sleep(0.1)
+        outcome = attacker.evaluate("""async (base) => {
+            const out = {};
+            await fetch(base + '/api/exports', {method: 'POST', mode: 'no-cors',
+              credentials: 'include', headers: {'Content-Type': 'text/plain'},
+              body: JSON.stringify({camera: 'lobby', from_ms: 0, to_ms: 1000})}).catch(() => {});
+            out.ws = await new Promise((resolve) => {
+              const ws = new WebSocket(base.replace('http', 'ws') +
+                                       '/api/stream?camera=lobby&mode=live');
+              ws.onopen = () => resolve('open'); ws.onerror = () => resolve('refused');
+            });
+            return out;
+          }""", viewer.base)
+        assert outcome["ws"] == "refused"
+        # No export was started by the foreign page.
+        status = page.evaluate("() => fetch('/api/exports/1').then((r) => r.status)")
+        assert status == 404
+    finally:
+        evil.terminate()
+        evil.wait(10)
+        context.close()
+
+
+def test_session_renewed_without_pin(archiver_server: ArchiverServer,
+                                     softhsm_token: TokenHandle, tmp_path: Path) -> None:
+    """The Archiver's viewer session expires (3 s here); the viewer proves possession again
+    with the token it holds open, without asking for a PIN, and the page keeps working."""
+    archiver_server.stop()
+    server = ArchiverServer(tmp_path / "short", extra_args=("--session-ttl", "3")).start()
+    try:
+        pem = enroll_viewer(softhsm_token, "operator")
+        server.add_camera("lobby")
+        server.add_client(pem, ["lobby"])
+        viewer = ViewerProcess(server.url, softhsm_token.object_uri("operator"),
+                               tmp_path / "home")
+        try:
+            cookie = httpx.get(viewer.url).headers["set-cookie"].split(";")[0]
+            for _ in range(3):
+                answer = httpx.get(f"{viewer.base}/api/cameras", headers={"Cookie": cookie})
+                assert answer.status_code == 200, answer.text
+                assert [c["name"] for c in answer.json()] == ["lobby"]
+                time.sleep(2)
+        finally:
+            viewer.stop()
+        audit = (tmp_path / "short" / "audit.jsonl").read_text()
+        assert audit.count('"session.open"') >= 2  # the first login and at least one renewal
+    finally:
+        server.stop()
+
+
+def test_view_without_pin_fails_cleanly(setup: Setup, softhsm_token: TokenHandle) -> None:
+    """No PIN source and no terminal: one sentence and a non-zero exit, before serving."""
+    pem = enroll_viewer(softhsm_token, "nopin")
+    setup.server.add_client(pem, ["lobby"])
+    env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
+    env["FUSION_CLIENT_HOME"] = str(setup.home)
+    done = subprocess.run(
+        [sys.executable, "-m", "client", "view", "--archiver", setup.server.url, "--token",
+         softhsm_token.object_uri("nopin", pin=False), "--no-browser"],
+        capture_output=True, timeout=60, stdin=subprocess.DEVNULL, env=env, text=True)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert re.search(r"No PIN given", done.stderr), done.stderr
+    assert "http://127.0.0.1" not in done.stdout
+
+
+def test_pin_from_the_terminal_or_pin_source(setup: Setup, softhsm_token: TokenHandle,
+                                             tmp_path: Path) -> None:
+    """The PIN is asked on the terminal (a real pseudo-terminal here), or read from the file
+    pin-source names; the page never asks for it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
+    env["FUSION_CLIENT_HOME"] = str(setup.home)
+    uri = softhsm_token.object_uri("operator", pin=False)
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "client", "view", "--archiver", setup.server.url, "--token", uri,
+         "--no-browser"], stdin=slave, stdout=subprocess.PIPE, stderr=slave, env=env,
+        preexec_fn=controlling_terminal)
+    os.close(slave)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"PIN for token" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1)
+            if ready:
+                seen += os.read(master, 4096)
+        assert b"PIN for token" in seen, seen
+        os.write(master, softhsm_token.pin.encode() + b"\n")
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 60)
+        assert ready and process.stdout.readline().startswith(b"http://127.0.0.1:")
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(20)
+        os.close(master)
+    assert process.returncode == 0
+
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(softhsm_token.pin)
+    pin_file.chmod(0o600)
+    viewer = ViewerProcess(setup.server.url, f"{uri}?pin-source=file:{pin_file}"
+                           if "?" not in uri else f"{uri}&pin-source=file:{pin_file}",
+                           setup.home)
+    assert httpx.get(viewer.url).status_code == 303
+    viewer.stop()
