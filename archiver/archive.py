@@ -20,9 +20,11 @@ import anyio.to_thread
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.cameras import HealthBoard, SegmentClock, SegmentTime
-from archiver.db import ClientRow, Database, ManifestRow, SegmentRow
+from archiver.db import ClientRow, Database, GrantRow, ManifestRow, SegmentRow
 from archiver.keying import KeyManager
 from archiver.mpegts import media_span
+from archiver.reindex import ec_public_key as _ec_key
+from archiver.reindex import recover
 from archiver.settings import Settings
 from archiver.storage import ArchiveFiles, ArchiveReader
 from keyservice.crypto import seal_segment
@@ -72,6 +74,13 @@ class Notifier:
         for loop, event in waiters:
             loop.call_soon_threadsafe(event.set)
 
+    def wake_all(self) -> None:
+        """Wake every waiting live stream (an authorization changed: each re-checks its own)."""
+        with self._lock:
+            waiters = [w for camera_waiters in self._waiters.values() for w in camera_waiters]
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
     async def wait(self, camera: str, seen_version: int, timeout: float) -> None:
         event = asyncio.Event()
         waiter = (asyncio.get_running_loop(), event)
@@ -99,15 +108,25 @@ class Archive:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.db_path)
         self.files = ArchiveFiles(settings.archive_dir)
-        self.recovery_actions = self.files.recover(self.db.file_ends())
-        self.keys = KeyManager(self.db, settings.key_period_s, rng)
+        # The files are the source of truth: signed groups the index lacks are indexed again,
+        # only unsigned or torn bytes are cut.
+        self.recovery_actions = recover(settings.archive_dir, self.db,
+                                        _ec_key(signer.certificate.public_key()))
+        self.keys = KeyManager(self.db, settings.key_period_s, rng, signer,
+                               journal=self._journal_keys)
         self.notifier = Notifier()
         self.health = HealthBoard()
+        # Per viewer, how often its authorization changed in this process: an open stream
+        # re-checks the viewer's authorization whenever its count moved (revocation ends it).
+        self._auth_changes: dict[str, int] = {}
         self._cameras: dict[str, _CameraState] = {}
         self._cameras_lock = threading.Lock()
         self._archiver_cert_der = signer.certificate.public_bytes(Encoding.DER)
         self.segments_ingested = 0
         self.bytes_ingested = 0
+
+    def _journal_keys(self, camera: str, now_ms: int, records: list[bytes]) -> None:
+        self.files.append(self.files.key_file_for(camera, now_ms), records)
 
     def close(self) -> None:
         self.files.close()
@@ -151,6 +170,8 @@ class Archive:
     def _append_encrypted(self, state: _CameraState, camera: str, stream: DataStream, seq: int,
                           data: bytes, time: SegmentTime, now: int) -> SegmentRow:
         key = self.keys.key_for(camera, stream, now)
+        # The key's signed grant (who it was wrapped for) goes before its first segment.
+        grant = self.keys.take_grant(key.key_id) or b""
         segment = seal_segment(key, seq, time.start_ms, data,
                                duration_ms=min(time.end_ms - time.start_ms, 2**32 - 1))
         chain_before = (state.chain.next_seq, state.chain.prev_hash)
@@ -161,15 +182,18 @@ class Archive:
         rel = self.files.file_for(camera, now)
         offset = None
         try:
-            offset = self.files.append(rel, [*segment_parts, manifest_bytes])
+            offset = self.files.append(rel, [grant, *segment_parts, manifest_bytes])
+            seg_offset = offset + len(grant)
             row = SegmentRow(camera, int(stream), seq, time.start_ms, key.key_id, len(data),
-                             manifest.entries[0].digest, rel, offset, segment_len,
+                             manifest.entries[0].digest, rel, seg_offset, segment_len,
                              manifest.manifest_seq, time.end_ms)
             self.db.record_segments([row], ManifestRow(
-                camera, manifest.manifest_seq, rel, offset + segment_len,
+                camera, manifest.manifest_seq, rel, seg_offset + segment_len,
                 len(manifest_bytes), hashlib.sha256(manifest_bytes).digest(), time.start_ms,
-                time.end_ms))
+                time.end_ms), [GrantRow(key.key_id, camera, rel, offset, len(grant))] if grant else [])
         except BaseException:
+            if grant:
+                self.keys.put_back_grant(key.key_id, grant)
             # Not acknowledged: the chain must not point at a manifest that was never archived,
             # and the file must not keep records the index does not know (e.g. the index
             # commit failed on a full disk).
@@ -201,37 +225,75 @@ class Archive:
                 state = self._cameras[camera] = _CameraState(chain)
             return state
 
+    def chain_head(self, camera: str) -> int:
+        """The sequence number the camera's next manifest will have, from memory: under the
+        camera's lock, so every manifest before it is archived and indexed."""
+        state = self._camera_state(camera)
+        with state.lock:
+            return state.chain.next_seq
+
     # --- authorization ----------------------------------------------------------------
     def authorization_changed(self, fingerprint: str, cameras: list[str] | None) -> None:
         self.keys.authorization_changed(fingerprint, cameras)
+        with self._cameras_lock:
+            self._auth_changes[fingerprint] = self._auth_changes.get(fingerprint, 0) + 1
+        self.notifier.wake_all()  # live streams waiting for segments re-check at once
+
+    def authorization_changes(self, fingerprint: str) -> int:
+        with self._cameras_lock:
+            return self._auth_changes.get(fingerprint, 0)
 
     # --- fusion streams ---------------------------------------------------------------
     def has_recording(self, camera: str, from_ms: int, to_ms: int) -> bool:
         return bool(self.db.manifests_from(camera, from_ms, to_ms, limit=1))
 
-    def playback(self, viewer: ClientRow, camera: str, from_ms: int, to_ms: int) -> Iterator[bytes]:
-        """The fusion stream of a recorded range. Seeks through the time index, then reads
-        manifests in chain order; the archive's record bytes are passed through, never
-        re-encrypted."""
-        assembler = _Assembler(self, viewer, camera, Mode.PLAYBACK, from_ms, to_ms)
+    def playback(self, viewer: ClientRow, camera: str, from_ms: int, to_ms: int,
+                 nonce: bytes) -> Iterator[bytes]:
+        """The fusion stream of a recorded range, bound to the viewer's request ``nonce``.
+        Seeks through the time index, then reads manifests in chain order; the archive's
+        record bytes are passed through, never re-encrypted."""
+        assembler = _Assembler(self, viewer, camera, Mode.PLAYBACK, from_ms, to_ms, nonce)
         try:
             yield assembler.start()
             after = -1
             while rows := self.db.manifests_from(camera, from_ms, to_ms, after):
+                if after < 0 and rows[0].manifest_seq > 0:
+                    # The range's opening edge: the manifest just before it, bare.
+                    yield assembler.edge(camera, rows[0].manifest_seq - 1)
                 for row in rows:
+                    if not assembler.still_authorized():
+                        return  # revoked: ends without an end record, nothing more is sent
                     yield assembler.manifest(row)
                 after = rows[-1].manifest_seq
-            yield assembler.end(EndReason.RANGE_COMPLETE)
+            # The closing edge: the chain head from memory (not the index), and, if the chain
+            # went on, the manifest right after the range, bare.
+            while True:
+                head = self.chain_head(camera)
+                if after < 0 or after >= head - 1:
+                    break
+                following = self.db.manifests_after(camera, after, 1)
+                if not following or following[0].manifest_seq != after + 1:
+                    break  # not indexed: the viewer will report the end as unproven
+                row = following[0]
+                if row.first_capture_ms <= to_ms:  # archived while this stream was served
+                    yield assembler.manifest(row)
+                    after = row.manifest_seq
+                    continue
+                yield assembler.edge(camera, row.manifest_seq)
+                break
+            yield assembler.end(EndReason.RANGE_COMPLETE, ((camera, head),))
         finally:
             assembler.close()
 
-    async def live(self, viewer: ClientRow, camera: str, duration_s: float) -> AsyncIterator[bytes]:
+    async def live(self, viewer: ClientRow, camera: str, duration_s: float,
+                   nonce: bytes) -> AsyncIterator[bytes]:
         """A live fusion stream: segments as they are acknowledged, for duration_s. Reads from
         the archive (not from memory), so a slow viewer costs no memory; one that falls more
         than live_max_lag manifests behind is dropped (its stream stops without an end record,
         which the viewer reports as truncated)."""
         now = self.clock()
-        assembler = _Assembler(self, viewer, camera, Mode.LIVE, now, now + int(duration_s * 1000))
+        assembler = _Assembler(self, viewer, camera, Mode.LIVE, now, now + int(duration_s * 1000),
+                               nonce)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + duration_s
         try:
@@ -239,6 +301,10 @@ class Archive:
             last = await anyio.to_thread.run_sync(self.db.last_manifest, camera)
             after = -1 if last is None else last.manifest_seq
             while True:
+                if not await anyio.to_thread.run_sync(assembler.still_authorized):
+                    log.warning("ending the live stream of %s: its authorization ended",
+                                viewer.fingerprint[:16])
+                    return  # revoked: the stream ends at once, without an end record
                 version = self.notifier.version(camera)
                 max_lag = self.settings.live_max_lag
                 rows = await anyio.to_thread.run_sync(
@@ -247,6 +313,8 @@ class Archive:
                     log.warning("dropping live viewer %s: too far behind", viewer.fingerprint[:16])
                     return
                 for row in rows:
+                    if not await anyio.to_thread.run_sync(assembler.still_authorized):
+                        return
                     yield await anyio.to_thread.run_sync(assembler.manifest, row)
                     after = row.manifest_seq
                 remaining = deadline - loop.time()
@@ -264,7 +332,7 @@ class _Assembler:
     each sent once, before the first segment that needs it."""
 
     def __init__(self, archive: Archive, viewer: ClientRow, camera: str, mode: Mode,
-                 from_ms: int, to_ms: int) -> None:
+                 from_ms: int, to_ms: int, nonce: bytes) -> None:
         self._archive = archive
         self._db = archive.db
         self._fingerprint = viewer.fingerprint
@@ -278,20 +346,43 @@ class _Assembler:
             range_from_ms=from_ms,
             range_to_ms=to_ms,
             cameras=(camera,),
+            request_nonce=nonce,
         ))
+        self._auth_changes = archive.authorization_changes(viewer.fingerprint)
+        self._authorized = True
         self._sent_epochs: set[bytes] = set()
         self._sent_keys: set[bytes] = set()
+        self._sent_grants: set[bytes] = set()
         self._readers: dict[str, ArchiveReader] = {}
 
     def start(self) -> bytes:
         return self._writer.start()
+
+    def still_authorized(self) -> bool:
+        """False once the viewer was revoked or lost this camera: cheap (a counter) unless its
+        authorization changed since the last look, then the index says."""
+        changes = self._archive.authorization_changes(self._fingerprint)
+        if self._authorized and changes != self._auth_changes:
+            self._auth_changes = changes
+            viewer = self._db.client(self._fingerprint)
+            self._authorized = viewer is not None and viewer.authorized_on(self._camera)
+        return self._authorized
 
     def manifest(self, row: ManifestRow) -> bytes:
         parts = []
         for segment in self._db.segments_of(self._camera, row.manifest_seq):
             found = self._db.key_record(self._fingerprint, segment.key_id)
             if found is None:
-                continue  # not authorized when this was recorded: the manifest alone is sent
+                # No key for this viewer: the manifest alone is sent, with the key's signed
+                # grant, which lets the viewer check that it was not authorized then (without
+                # one it reports the segment as missing).
+                if segment.key_id not in self._sent_grants:
+                    self._sent_grants.add(segment.key_id)
+                    grant = self._db.key_grant(segment.key_id)
+                    if grant is not None:
+                        parts.append(self._writer.add(self._read(grant.file, grant.offset,
+                                                                 grant.length)))
+                continue
             epoch_id, key_record = found
             if epoch_id not in self._sent_epochs:
                 opener = self._db.epoch_opener(epoch_id)
@@ -308,8 +399,18 @@ class _Assembler:
         parts.append(self._writer.add(self._read(row.file, row.offset, row.length), digest=row.hash))
         return b"".join(parts)
 
-    def end(self, reason: EndReason) -> bytes:
-        return self._writer.end(self._archive.signer, reason)
+    def end(self, reason: EndReason, heads: tuple[tuple[str, int], ...] = ()) -> bytes:
+        return self._writer.end(self._archive.signer, reason, heads)
+
+    def edge(self, camera: str, manifest_seq: int) -> bytes:
+        """A manifest just outside the range, without its segments: it links the range's
+        first or last manifest to the chain around it (nothing there if it is not indexed;
+        the viewer then reports the range's edge as unproven)."""
+        rows = self._db.manifests_after(camera, manifest_seq - 1, 1)
+        if not rows or rows[0].manifest_seq != manifest_seq:
+            return b""
+        row = rows[0]
+        return self._writer.add(self._read(row.file, row.offset, row.length), digest=row.hash)
 
     def _read(self, file: str, offset: int, length: int) -> bytes:
         reader = self._readers.get(file)

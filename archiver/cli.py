@@ -119,6 +119,62 @@ def serve(
     serve_app(application, settings)
 
 
+@app.command()
+def reindex(
+    data: Annotated[Path, typer.Option("--data", help="The Archiver's data directory.")],
+    archiver_cert: Annotated[Path | None, typer.Option(
+        "--archiver-cert", help="Verify against this Archiver certificate (PEM) instead of the "
+        "signing token's.")] = None,
+    signer_token: Annotated[str | None, typer.Option(
+        "--signer-token", help="PKCS#11 URI of the signing token (default: the SoftHSM token "
+        "in the data directory).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rebuild the segment index from the archive files (offline: stop the Archiver first).
+    Every segment and manifest is verified against the Archiver's signature and chain; the
+    files are not changed."""
+    from archiver.db import Database
+    from archiver.reindex import ec_public_key, rebuild_index
+    from archiver.settings import Settings
+
+    settings = Settings(data_dir=data.resolve(), signer_token_uri=signer_token)
+    if not settings.archive_dir.is_dir():
+        _fail(f"{data} is not an Archiver data directory (no archive/ in it).",
+              UsageError.exit_code)
+    if archiver_cert is not None:
+        from keyservice.certs import load_certificate
+        try:
+            certificate = load_certificate(archiver_cert.read_bytes())
+        except OSError as exc:
+            _fail(f"Cannot read {archiver_cert}: {exc.strerror}.", UsageError.exit_code)
+    else:
+        if signer_token is None and not (settings.token_dir / "softhsm2.conf").exists():
+            _fail(f"No signing token in {data}; give --archiver-cert or --signer-token.",
+                  UsageError.exit_code)
+        from archiver.signing import open_signer
+        certificate = open_signer(settings).certificate
+    try:
+        key = ec_public_key(certificate.public_key())
+    except TypeError as exc:
+        _fail(str(exc), UsageError.exit_code)
+    db = Database(settings.db_path)
+    try:
+        report = rebuild_index(settings.archive_dir, db, key)
+    finally:
+        db.close()
+    total = sum(report.cameras.values())
+    lines = [f"{camera}: {count} segment(s)" for camera, count in sorted(report.cameras.items())]
+    lines.append(f"indexed {total} segment(s) under {report.manifests} signed manifest(s) from "
+                 f"{report.files} file(s)")
+    lines.append(f"key streams: {report.epochs} epoch opener(s), {report.key_records} key "
+                 "record(s) read back from the key journals")
+    lines += [f"not indexed: {problem}" for problem in report.problems]
+    _out(as_json, {"cameras": report.cameras, "segments": total,
+                   "manifests": report.manifests, "files": report.files,
+                   "epochs": report.epochs, "key_records": report.key_records,
+                   "problems": report.problems}, "\n".join(lines))
+
+
 # --- admin commands ------------------------------------------------------------------------
 def _admin_token(token: str | None, data: Path | None) -> str:
     if token:

@@ -86,6 +86,13 @@ CREATE TABLE IF NOT EXISTS manifests (
     PRIMARY KEY (camera, manifest_seq)
 );
 CREATE INDEX IF NOT EXISTS manifests_by_time ON manifests (camera, last_capture_ms);
+CREATE TABLE IF NOT EXISTS key_grants (
+    key_id BLOB PRIMARY KEY,
+    camera TEXT NOT NULL,
+    file TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL
+);
 """
 # Columns added after a release of the schema: (table, column, definition). Added at the end of
 # the table, so positional reads stay valid for older data directories.
@@ -149,6 +156,17 @@ class ManifestRow:
     hash: bytes
     first_capture_ms: int
     last_capture_ms: int
+
+
+@dataclass(frozen=True)
+class GrantRow:
+    """Where a minute key's signed key grant (the viewers it was wrapped for) is archived."""
+
+    key_id: bytes
+    camera: str
+    file: str
+    offset: int
+    length: int
 
 
 @dataclass(frozen=True)
@@ -328,6 +346,16 @@ class Database:
                              (item.fingerprint, item.key_id, item.camera, item.epoch_id,
                               item.valid_from_ms, item.key_record))
 
+    def restore_key_material(self, openers: Iterable[tuple[bytes, str, int, bytes]],
+                             records: Iterable[KeyMaterial]) -> None:
+        """Put back epoch openers ``(epoch_id, fingerprint, created_ms, record)`` and key records
+        read from the archive's key journals; what the database still has is kept."""
+        with self._transaction() as conn:
+            conn.executemany("INSERT OR IGNORE INTO epochs VALUES (?,?,?,?)", list(openers))
+            conn.executemany("INSERT OR IGNORE INTO key_records VALUES (?,?,?,?,?,?)",
+                             [(m.fingerprint, m.key_id, m.camera, m.epoch_id, m.valid_from_ms,
+                               m.key_record) for m in records])
+
     def key_record(self, fingerprint: str, key_id: bytes) -> tuple[bytes, bytes] | None:
         """(epoch_id, key record bytes) of this viewer for that key, if it has one."""
         rows = self._query("SELECT epoch_id, record FROM key_records WHERE fingerprint=? AND key_id=?",
@@ -339,14 +367,38 @@ class Database:
         return rows[0][0] if rows else None
 
     # --- the segment index ------------------------------------------------------------
-    def record_segments(self, segments: Iterable[SegmentRow], manifest: ManifestRow) -> None:
-        """Index a manifest and the segments it covers in one transaction: the commit is the
-        acknowledgement point (the file bytes were fsynced before)."""
+    def record_segments(self, segments: Iterable[SegmentRow], manifest: ManifestRow,
+                        grants: Iterable[GrantRow] = ()) -> None:
+        """Index a manifest and the segments it covers (and the signed key grants archived
+        with them) in one transaction: the commit is the acknowledgement point (the file
+        bytes were fsynced before)."""
         with self._transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO key_grants VALUES (?,?,?,?,?)",
+                             [astuple(g) for g in grants])
             conn.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                              [astuple(s) for s in segments])
             conn.execute("INSERT INTO manifests VALUES (?,?,?,?,?,?,?,?)",
                          astuple(manifest))
+
+    def key_grant(self, key_id: bytes) -> GrantRow | None:
+        rows = self._query("SELECT * FROM key_grants WHERE key_id=?", (key_id,))
+        return GrantRow(*rows[0]) if rows else None
+
+    def replace_segment_index(self, groups: Iterable[tuple[Iterable[SegmentRow], ManifestRow]],
+                              grants: Iterable[GrantRow] = ()) -> None:
+        """Drop the segment, manifest and key grant index and fill it with ``groups`` and
+        ``grants`` (a rebuild from the archive files), in one transaction: a failed rebuild
+        leaves the old index."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM segments")
+            conn.execute("DELETE FROM manifests")
+            conn.execute("DELETE FROM key_grants")
+            conn.executemany("INSERT OR REPLACE INTO key_grants VALUES (?,?,?,?,?)",
+                             [astuple(g) for g in grants])
+            for segments, manifest in groups:
+                conn.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                                 [astuple(s) for s in segments])
+                conn.execute("INSERT INTO manifests VALUES (?,?,?,?,?,?,?,?)", astuple(manifest))
 
     def last_manifest(self, camera: str) -> ManifestRow | None:
         rows = self._query(

@@ -22,7 +22,8 @@ from cryptography import x509
 from archiver.db import ClientRow, Database, KeyMaterial
 from keyservice.crypto import Epoch, MinuteKey, new_minute_key
 from keyservice.format import DataStream, encode_record
-from keyservice.identity import OaepHash, Recipient
+from keyservice.identity import OaepHash, Recipient, Signer
+from keyservice.stream import issue_key_grant
 
 Rng = Callable[[int], bytes]
 
@@ -34,8 +35,17 @@ class _ViewerEpoch:
 
 
 class KeyManager:
-    def __init__(self, db: Database, period_s: int, rng: Rng = os.urandom) -> None:
+    def __init__(self, db: Database, period_s: int, rng: Rng = os.urandom,
+                 signer: Signer | None = None,
+                 journal: Callable[[str, int, list[bytes]], None] | None = None) -> None:
+        """``signer``: the Archiver's key, to sign each new key's grant statement (the viewers
+        it is wrapped for); archive.py writes it before the key's first segment.
+        ``journal(camera, now_ms, records)``: appends (durably) the openers and key records
+        made for a camera's new key to the archive, before the database stores them."""
         self._db = db
+        self._journal = journal
+        self._signer = signer
+        self._grants: dict[bytes, bytes] = {}  # key id -> signed grant not archived yet
         self._period_ms = period_s * 1000
         self._rng = rng
         # _lock guards _current and is only ever held briefly. _rotate serializes rotations
@@ -83,6 +93,16 @@ class KeyManager:
             for cam_stream in list(self._current):
                 if cameras is None or cam_stream[0] in cameras:
                     del self._current[cam_stream]
+
+    def take_grant(self, key_id: bytes) -> bytes | None:
+        """The signed grant of a key, once: the caller archives it before the key's first
+        segment (and gives it back with ``put_back_grant`` if that write failed)."""
+        with self._lock:
+            return self._grants.pop(key_id, None)
+
+    def put_back_grant(self, key_id: bytes, grant: bytes) -> None:
+        with self._lock:
+            self._grants.setdefault(key_id, grant)
 
     def forget_camera(self, camera: str) -> None:
         with self._rotate, self._lock:
@@ -141,6 +161,10 @@ class KeyManager:
         # Committed before any segment sealed under this key is acknowledged: an acknowledged
         # segment is never left without the key records its viewers need.
         try:
+            if self._journal is not None and material:
+                self._journal(key.camera, now_ms, [
+                    record for item in material
+                    for record in (item.epoch_opener, item.key_record) if record is not None])
             self._db.store_key_material(material, now_ms)
         except BaseException:
             for fingerprint in started:  # their openers were never stored: start over next time
@@ -148,3 +172,10 @@ class KeyManager:
             raise
         self.epochs_started += len(started)
         self.key_records_written += len(material)
+        if self._signer is not None:
+            # Signed now, from what this process wrapped: the index cannot later make a
+            # withheld segment look like one this viewer was never authorized for.
+            grant = issue_key_grant(key, [bytes.fromhex(m.fingerprint) for m in material],
+                                    self._signer)
+            with self._lock:
+                self._grants[key.key_id] = grant

@@ -2,8 +2,8 @@
 (segments and the manifests that cover them), exactly the bytes served to viewers.
 
 Durability rule: bytes are fsynced here *before* the index row that acknowledges them is
-committed (archiver.db). After a crash, anything past the last indexed byte of a file was
-never acknowledged and is cut off by ``recover``.
+committed (archiver.db). After a crash, ``archiver.reindex.recover`` indexes again what a
+valid signature covers past the last indexed byte of a file, and cuts only the rest.
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ class ArchiveFiles:
         day = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
         return f"{camera}/{day}.fsa"
 
+    @staticmethod
+    def key_file_for(camera: str, now_ms: int) -> str:
+        """The camera's key journal of the day: the epoch openers and key records made for
+        its minute keys (public-key and AEAD ciphertext only), so that viewers' key streams
+        survive the loss of the database (``fusion-archiver reindex`` reads them back)."""
+        day = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
+        return f"{camera}/{day}.fsk"
+
     def append(self, relpath: str, data: bytes | Sequence[bytes | memoryview]) -> int:
         """Append and fsync; returns the offset. On failure the file is cut back to where it was.
         ``data`` may be several buffers: written with writev, never joined (a segment is MBs,
@@ -75,25 +83,6 @@ class ArchiveFiles:
     def opener(self, relpath: str) -> ArchiveReader:
         return ArchiveReader(self.root / relpath)
 
-    def recover(self, acknowledged_ends: dict[str, int]) -> list[str]:
-        """Cut every archive file back to its last acknowledged byte (a torn or unacknowledged
-        tail after a crash); returns what was done, for the log."""
-        actions = []
-        for path in sorted(self.root.glob("*/*.fsa")):
-            rel = path.relative_to(self.root).as_posix()
-            end = acknowledged_ends.get(rel, 0)
-            size = path.stat().st_size
-            if size > end:
-                with open(path, "r+b") as fh:
-                    fh.truncate(end)
-                    os.fsync(fh.fileno())
-                actions.append(f"cut {size - end} unacknowledged bytes from the end of {rel}")
-            elif size < end:
-                actions.append(f"ARCHIVE DAMAGED: {rel} is {size} bytes, the index expects {end}")
-        for line in actions:
-            log.warning("recovery: %s", line)
-        return actions
-
     def close(self) -> None:
         with self._lock:
             for fd in self._write_fds.values():
@@ -114,9 +103,10 @@ class ArchiveFiles:
                 _fsync_dir(path.parent)
             if is_new_dir:
                 _fsync_dir(self.root)
-            # Keep only the newest file per camera open.
-            camera = relpath.split("/", 1)[0]
-            for old in [p for p in self._write_fds if p.startswith(camera + "/")]:
+            # Keep only the newest file of each kind (archive, key journal) per camera open.
+            camera, suffix = relpath.split("/", 1)[0], relpath.rsplit(".", 1)[-1]
+            for old in [p for p in self._write_fds
+                        if p.startswith(camera + "/") and p.endswith("." + suffix)]:
                 os.close(self._write_fds.pop(old))
             self._write_fds[relpath] = fd
             return fd

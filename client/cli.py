@@ -32,10 +32,18 @@ from client.player import (
     Summary,
     archiver_pin_check,
 )
-from client.session import MAX_LIVE_S, ArchiverSession, LoginResult
+from client.session import (
+    MAX_LIVE_S,
+    ArchiverSession,
+    LoginResult,
+    live_request,
+    playback_request,
+)
 from client.timespec import format_duration, format_ms, parse_range
 from keyservice.errors import CertificateError, KeyServiceError, UsageError
-from keyservice.identity import Identity
+from keyservice.format import Header, Mode
+from keyservice.identity import Identity, fingerprint
+from keyservice.stream import DEFAULT_MAX_SKEW_MS, StreamRequest
 from keyservice.text import printable
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -243,12 +251,15 @@ class _DeferredInterrupt:
 def _run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
                 fetch: Callable[[], AbstractContextManager[Iterator[bytes]]],
                 check: Callable[[x509.Certificate], None], progress: _Progress,
-                login_ops: Callable[[], int], live: bool, quiet: bool) -> None:
+                login_ops: Callable[[], int], live: bool, quiet: bool,
+                request: StreamRequest | None, saved: bool = False) -> None:
     """Feed the stream to the player; on success give the output its final name, on failure
-    keep the verified part under a name that says so and say where it stops."""
+    keep the verified part under a name that says so and say where it stops. ``request``:
+    what was asked for, checked by the reader; None only for a saved stream (``saved``),
+    whose header is then printed as what it is."""
     interrupts = _DeferredInterrupt()
     player = Player(identity, check, output, on_segment=progress.segment,
-                    critical=interrupts.critical)
+                    critical=interrupts.critical, request=request)
     stopped_by_user = False
     try:
         with interrupts, progress, fetch() as chunks:
@@ -282,7 +293,10 @@ def _run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
         raise SystemExit(exc.exit_code) from None
     if not quiet:
         token_ops = _operations(identity)
-        if stopped_by_user:
+        if saved:
+            where = ("verified saved stream (signed end record); it answered the request "
+                     "described above, not a new one")
+        elif stopped_by_user:
             where = "stopped by you (live; no end record)"
         elif live:
             where = "live stream ended (verified end record)"
@@ -291,7 +305,29 @@ def _run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
         where += f"; video in {final}" if final is not None else "; video written to stdout"
         if saved_final is not None:
             where += f"; fusion stream in {saved_final}"
+        if saved and player.header is not None:
+            for line in describe_saved(player.header):
+                _say(line)
         _print_summary(summary, login_ops(), token_ops, where)
+
+
+def describe_saved(header: Header) -> list[str]:
+    """What a saved stream is, from its header (authenticated by the verified END record):
+    it answered one request in the past, and says which."""
+    archiver = x509.load_der_x509_certificate(header.archiver_cert_der)
+    mode = "live" if header.mode == Mode.LIVE else "recording"
+    return [
+        f"saved {mode} stream of camera {', '.join(header.cameras)}, range "
+        f"{format_ms(header.range_from_ms)} .. {format_ms(header.range_to_ms)}",
+        f"made by Archiver {_printable(archiver.subject.rfc4514_string())} (certificate sha256 "
+        f"{fingerprint(archiver).hex()}) at {format_ms(header.created_ms)}",
+        f"request nonce {header.request_nonce.hex()}, request id {header.request_id.hex()}",
+    ]
+
+
+def _printable(text: str) -> str:
+    """Control characters escaped: a certificate subject must not drive the terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _report_failure(exc: BaseException, player: Player, kept: Path | None, saved: Path | None,
@@ -348,7 +384,8 @@ def _recorded_part(session: ArchiverSession, camera: str, from_ms: int,
 def _stream_command(*, url: str, token: str, output_target: str, archiver_cert: Path | None,
                     tls_ca: Path | None, save_stream: Path | None, quiet: bool, live: bool,
                     progress_range: tuple[int, int] | None, progress_camera: str = "",
-                    request: Callable[[ArchiverSession],
+                    make_request: Callable[[], StreamRequest],
+                    request: Callable[[ArchiverSession, StreamRequest],
                                       AbstractContextManager[Iterator[bytes]]]) -> None:
     explicit = _load_cert(archiver_cert)
     with ExitStack() as stack:
@@ -368,11 +405,14 @@ def _stream_command(*, url: str, token: str, output_target: str, archiver_cert: 
         show_progress = progress_range is not None and not quiet and sys.stderr.isatty()
         if show_progress and progress_range is not None:
             start, end = _recorded_part(session, progress_camera, *progress_range)
+        # A fresh nonce per request, made just before it is sent (live: the local clock then
+        # is the start the stream's freshness is judged against).
+        asked = make_request()
         _run_stream(identity=identity, output=output, save=save,
-                    fetch=lambda: request(session),
+                    fetch=lambda: request(session, asked),
                     check=archiver_pin_check(login.archiver_fingerprint),
                     progress=_Progress(show_progress, start, end),
-                    login_ops=lambda: after_login, live=live, quiet=quiet)
+                    login_ops=lambda: after_login, live=live, quiet=quiet, request=asked)
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -396,7 +436,8 @@ def play(
     _stream_command(url=archiver, token=token, output_target=output, archiver_cert=archiver_cert,
                     tls_ca=tls_ca, save_stream=save_stream, quiet=quiet, live=False,
                     progress_range=(from_ms, to_ms), progress_camera=camera,
-                    request=lambda s: s.recording(camera, from_ms, to_ms))
+                    make_request=lambda: playback_request(camera, from_ms, to_ms),
+                    request=lambda s, asked: s.recording(camera, from_ms, to_ms, asked))
 
 
 @app.command()
@@ -412,13 +453,21 @@ def live(
     tls_ca: TlsCaOpt = None,
     save_stream: SaveOpt = None,
     quiet: QuietOpt = False,
+    max_clock_skew: Annotated[float, typer.Option(
+        "--max-clock-skew", min=0.0, max=3600.0,
+        help="Seconds the Archiver's clock may differ from this machine's: a live stream made, "
+             "or a segment captured, earlier than the request by more is refused as not "
+             "fresh (a replay).")] = DEFAULT_MAX_SKEW_MS / 1000,
 ) -> None:
     """Watch a camera live; each segment is written as soon as it is verified (-o - | ffplay -)."""
     _check_camera(camera)
     seconds = duration if duration is not None else MAX_LIVE_S
+    skew_ms = int(max_clock_skew * 1000)
     _stream_command(url=archiver, token=token, output_target=output, archiver_cert=archiver_cert,
                     tls_ca=tls_ca, save_stream=save_stream, quiet=quiet, live=True,
-                    progress_range=None, request=lambda s: s.live(camera, seconds))
+                    progress_range=None,
+                    make_request=lambda: live_request(camera, seconds, max_skew_ms=skew_ms),
+                    request=lambda s, asked: s.live(camera, seconds, asked))
 
 
 @app.command()
@@ -494,7 +543,9 @@ def open_saved(
         "--archiver", help="Use the certificate pinned for this Archiver URL.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Verify and decrypt a saved fusion stream offline, against a pinned or given Archiver."""
+    """Verify and decrypt a saved fusion stream offline, against a pinned or given Archiver.
+    Prints what the stream is (camera, range, Archiver, when made, request nonce): it answered
+    a past request and is no answer to a new one."""
     explicit = _load_cert(archiver_cert)
     if explicit is None and archiver is None:
         raise UsageError("Give --archiver-cert FILE or --archiver URL (a pinned Archiver) to say "
@@ -526,7 +577,7 @@ def open_saved(
         _run_stream(identity=identity, output=out, save=None,
                     fetch=lambda: nullcontext(chunks()), check=check,
                     progress=_Progress(False, 0, 0), login_ops=lambda: 0, live=False,
-                    quiet=quiet)
+                    quiet=quiet, request=None, saved=True)
 
 
 def main() -> None:

@@ -22,8 +22,16 @@ from cryptography import x509
 
 from client.timespec import format_ms
 from keyservice.errors import ArchiverMismatch, IntegrityError, KeyServiceError
+from keyservice.format import Header
 from keyservice.identity import Identity, fingerprint
-from keyservice.stream import SegmentPlaintext, SegmentSkipped, StreamEnded, StreamReader
+from keyservice.stream import (
+    SegmentMissing,
+    SegmentPlaintext,
+    SegmentSkipped,
+    StreamEnded,
+    StreamReader,
+    StreamRequest,
+)
 
 
 class StreamTruncated(IntegrityError):
@@ -38,6 +46,13 @@ class NothingAuthorized(KeyServiceError):
     exit_code = 51
 
 
+class SegmentsMissing(KeyServiceError):
+    """The stream is authentic, but segments its signed manifests list did not come, and no
+    signed key grant shows this viewer was not authorized for them: withheld or lost."""
+
+    exit_code = 53
+
+
 class OutputFailed(KeyServiceError):
     """The decrypted video could not be written (disk full, closed pipe, permissions)."""
 
@@ -45,6 +60,7 @@ class OutputFailed(KeyServiceError):
 
 
 NOT_AUTHORIZED = "not authorized"
+MISSING = "missing"
 NO_RECORDING = "no recording"
 # A capture-time jump is a gap when it exceeds both this and GAP_FACTOR x the typical interval
 # between segments (segments last 1-10 s; a jump of several segment lengths is a real hole).
@@ -64,13 +80,18 @@ class Gap:
     from_ms: int
     to_ms: int
     kind: str
-    segments: int = 0  # segments skipped (kind NOT_AUTHORIZED)
+    segments: int = 0  # segments skipped (kind NOT_AUTHORIZED or MISSING)
 
     def describe(self) -> str:
         span = f"{format_ms(self.from_ms)} .. {format_ms(self.to_ms)}"
         if self.kind == NOT_AUTHORIZED:
-            return (f"camera {self.camera}: {self.segments} segment(s) {span} were recorded "
-                    "while this viewer was not authorized (no key for it); skipped")
+            return (f"camera {self.camera}: {self.segments} segment(s) {span} withheld: not "
+                    "authorized for you (the Archiver's signed key grant made when they were "
+                    "recorded does not list this viewer)")
+        if self.kind == MISSING:
+            return (f"camera {self.camera}: {self.segments} segment(s) {span} MISSING: "
+                    "recorded (signed manifests list them) but not delivered, and nothing "
+                    "signed says you were not authorized")
         return f"camera {self.camera}: no recording between {span}"
 
 
@@ -92,6 +113,7 @@ class Position:
 class Summary:
     segments: int = 0
     skipped: int = 0
+    missing: int = 0
     bytes: int = 0
     first_ms: int | None = None
     last_ms: int | None = None
@@ -201,10 +223,13 @@ class Player:
     def __init__(self, identity: Identity, check_archiver: Callable[[x509.Certificate], None],
                  output: Output, *, on_segment: Callable[[SegmentPlaintext], None] | None = None,
                  min_gap_ms: int = MIN_GAP_MS,
-                 critical: Callable[[], AbstractContextManager[object]] = nullcontext) -> None:
+                 critical: Callable[[], AbstractContextManager[object]] = nullcontext,
+                 request: StreamRequest | None = None) -> None:
         """``critical`` wraps writing and counting one segment (the CLI defers Ctrl-C there,
-        so the summary and "output stops after" always match what was written)."""
-        self._reader = StreamReader(identity, check_archiver)
+        so the summary and "output stops after" always match what was written).
+        ``request``: what was asked for; the stream must answer exactly that (nonce, camera,
+        mode, range, signed capture times, freshness). None only for a saved stream."""
+        self._reader = StreamReader(identity, check_archiver, request=request)
         self._output = output
         self._on_segment = on_segment
         self._critical = critical
@@ -215,6 +240,7 @@ class Player:
         self._last_end: dict[tuple[str, int], int | None] = {}
         self._intervals: dict[tuple[str, int], deque[int]] = {}
         self._skipped_run: dict[tuple[str, int], list[int]] = {}
+        self._missing_run: dict[tuple[str, int], list[int]] = {}
 
     def feed(self, data: bytes) -> None:
         try:
@@ -227,21 +253,37 @@ class Player:
                 self._plaintext(event)
             elif isinstance(event, SegmentSkipped):
                 self._skipped(event)
+            elif isinstance(event, SegmentMissing):
+                self._missing(event)
             elif isinstance(event, StreamEnded):
                 self.summary.ended = True
                 self.summary.end_reason = int(event.reason)
+
+    @property
+    def header(self) -> Header | None:
+        """The stream's header once received (authenticated only once the END verified)."""
+        return self._reader.header
 
     def finish(self) -> Summary:
         """Call at the end of the bytes. Raises StreamTruncated without a verified end record,
         NothingAuthorized when segments came but none this viewer could open."""
         for key in list(self._skipped_run):
             self._close_skipped(key)
+        for key in list(self._missing_run):
+            self._close_missing(key)
         if not self.summary.ended:
             raise StreamTruncated(
                 "The stream stopped before the Archiver's signed end record: it was truncated, "
                 "the connection was lost, or the Archiver dropped this viewer.")
         self._reader.finish()
         self.summary.epoch_openings = self._reader.token_operations
+        if self.summary.missing:
+            spans = "; ".join(g.describe() for g in self.summary.gaps if g.kind == MISSING)
+            raise SegmentsMissing(
+                f"The stream is authentic but incomplete: {self.summary.missing} recorded "
+                f"segment(s) are missing ({spans}).",
+                "Their keys were withheld or lost; ask the Archiver's admin (its index may "
+                "have been tampered with).")
         if self.summary.segments == 0 and self.summary.skipped > 0:
             raise NothingAuthorized(
                 f"All {self.summary.skipped} segment(s) in the range were recorded while this "
@@ -285,6 +327,7 @@ class Player:
     def _plaintext(self, event: SegmentPlaintext) -> None:
         key = (event.camera, int(event.stream))
         self._close_skipped(key)
+        self._close_missing(key)
         self._note_time(key, event.capture_ms, event.duration_ms)
         s = self.summary
         with self._critical():
@@ -301,8 +344,23 @@ class Player:
         if self._on_segment is not None:
             self._on_segment(event)
 
+    def _missing(self, event: SegmentMissing) -> None:
+        key = (event.camera, int(event.stream))
+        self._close_skipped(key)
+        self._note_time(key, event.capture_ms, event.duration_ms)
+        self.summary.missing += 1
+        run = self._missing_run.setdefault(key, [event.capture_ms, event.capture_ms, 0])
+        run[1] = event.capture_ms
+        run[2] += 1
+
+    def _close_missing(self, key: tuple[str, int]) -> None:
+        run = self._missing_run.pop(key, None)
+        if run is not None:
+            self.summary.gaps.append(Gap(key[0], key[1], run[0], run[1], MISSING, run[2]))
+
     def _skipped(self, event: SegmentSkipped) -> None:
         key = (event.camera, int(event.stream))
+        self._close_missing(key)
         self._note_time(key, event.capture_ms, event.duration_ms)
         self.summary.skipped += 1
         run = self._skipped_run.setdefault(key, [event.capture_ms, event.capture_ms, 0])

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import secrets
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +30,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from keyservice.certs import load_certificate
 from keyservice.crypto import answer_login_challenge, login_context
 from keyservice.errors import CertificateError, KeyServiceError, UsageError
+from keyservice.format import Mode
 from keyservice.identity import Identity, OaepHash, fingerprint
+from keyservice.stream import DEFAULT_MAX_SKEW_MS, StreamRequest
 
 MEDIA_TYPE = "application/vnd.fusion-stream"
 # The Archiver's /live allows at most a day per request.
@@ -97,6 +101,23 @@ _CODES: dict[str, type[KeyServiceError]] = {
     "certificate_not_yet_valid": CertificateError,
     "bad_range": UsageError,
 }
+
+
+def local_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def playback_request(camera: str, from_ms: int, to_ms: int) -> StreamRequest:
+    """A recorded range, with a fresh random nonce the answer must repeat."""
+    return StreamRequest(secrets.token_bytes(16), (camera,), Mode.PLAYBACK, from_ms, to_ms)
+
+
+def live_request(camera: str, duration_s: float, clock: Callable[[], int] = local_clock_ms,
+                 max_skew_ms: int = DEFAULT_MAX_SKEW_MS) -> StreamRequest:
+    """Live from now (this machine's clock), with a fresh random nonce."""
+    now = clock()
+    return StreamRequest(secrets.token_bytes(16), (camera,), Mode.LIVE, now,
+                         now + int(duration_s * 1000), clock, max_skew_ms)
 
 
 @dataclass(frozen=True)
@@ -243,18 +264,25 @@ class ArchiverSession:
             raise ArchiverFailed("The Archiver's gap list is malformed.") from None
 
     @contextmanager
-    def recording(self, camera: str, from_ms: int, to_ms: int) -> Iterator[Iterator[bytes]]:
-        """The fusion stream of a recorded range, as an iterator of received chunks."""
+    def recording(self, camera: str, from_ms: int, to_ms: int,
+                  request: StreamRequest | None = None) -> Iterator[Iterator[bytes]]:
+        """The fusion stream of a recorded range, as an iterator of received chunks.
+        ``request`` (see playback_request) carries the nonce sent; give the same one to the
+        Player, which then checks that the stream answers it."""
+        nonce = (request.nonce if request is not None else secrets.token_bytes(16)).hex()
         with self._stream(f"/v1/cameras/{camera}/recording",
-                          {"from_ms": from_ms, "to_ms": to_ms}, read_timeout=self.timeout) as it:
+                          {"from_ms": from_ms, "to_ms": to_ms, "nonce": nonce},
+                          read_timeout=self.timeout) as it:
             yield it
 
     @contextmanager
-    def live(self, camera: str, duration_s: float) -> Iterator[Iterator[bytes]]:
-        """A live fusion stream for ``duration_s`` seconds."""
+    def live(self, camera: str, duration_s: float,
+             request: StreamRequest | None = None) -> Iterator[Iterator[bytes]]:
+        """A live fusion stream for ``duration_s`` seconds (``request``: see live_request)."""
+        nonce = (request.nonce if request is not None else secrets.token_bytes(16)).hex()
         # No read timeout: a camera may be silent for a long time in live mode.
-        with self._stream(f"/v1/cameras/{camera}/live", {"duration_s": duration_s},
-                          read_timeout=None) as it:
+        with self._stream(f"/v1/cameras/{camera}/live",
+                          {"duration_s": duration_s, "nonce": nonce}, read_timeout=None) as it:
             yield it
 
     @contextmanager

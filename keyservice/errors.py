@@ -47,6 +47,23 @@ class NoMatchingIdentity(KeyServiceError):
     exit_code = 12
 
 
+class RequestMismatch(KeyServiceError):
+    """The stream is genuine but does not answer this request: another nonce (a replayed or
+    relayed stream), camera, mode or range, footage outside the requested range, or a live
+    stream that is not fresh. Not opaque: the Archiver's signatures verified (or will be
+    checked), the question is only whether this is what was asked for."""
+
+    exit_code = 13
+
+
+class RangeIncomplete(KeyServiceError):
+    """The stream is authentic and answers the request, but it cannot show that it covers the
+    whole requested range: recorded segments are missing, or its first or last manifest is not
+    proven to be the edge of the range."""
+
+    exit_code = 53
+
+
 # --- tokens (PKCS#11) --------------------------------------------------------------------
 class TokenError(KeyServiceError):
     exit_code = 20

@@ -51,6 +51,9 @@ MANIFEST_LAST = 0x01  # MANIFEST flags bit 0: the last manifest of the recording
 
 LABEL_MANIFEST = b"FSE1 manifest\x00"
 LABEL_END = b"FSE1 end\x00"
+LABEL_KEY_GRANT = b"FSE1 key-grant\x00"
+# Viewers one grant statement can list: 32 bytes each within a 64 KiB record.
+MAX_GRANT_VIEWERS = 2000
 LABEL_TRANSCRIPT = b"FSE1 transcript\x00"
 
 _U16 = struct.Struct(">H")
@@ -72,6 +75,7 @@ class RecordType(IntEnum):
     SEGMENT = 4
     MANIFEST = 5
     END = 6
+    KEY_GRANT = 7
 
 
 class DataStream(IntEnum):
@@ -168,6 +172,10 @@ class Header:
     range_from_ms: int
     range_to_ms: int
     cameras: tuple[str, ...]
+    # The viewer's fresh random nonce for this request (encoded after request_id): with
+    # mode, range and cameras it binds the stream to one request, so a relay cannot answer
+    # a new request with a stream saved earlier. Covered by the signed END transcript.
+    request_nonce: bytes = bytes(ID_LEN)
 
     record_type: ClassVar[RecordType] = RecordType.HEADER
 
@@ -175,6 +183,7 @@ class Header:
         _var_bytes("Archiver certificate", self.archiver_cert_der, 1, 0xFFFF)
         _bytes("viewer fingerprint", self.viewer_fingerprint, HASH_LEN)
         _bytes("request id", self.request_id, ID_LEN)
+        _bytes("request nonce", self.request_nonce, ID_LEN)
         _uint("creation time", self.created_ms, 64)
         object.__setattr__(self, "mode", _enum(Mode, "stream mode", self.mode))
         _uint("range start", self.range_from_ms, 64)
@@ -189,7 +198,8 @@ class Header:
     def _body(self) -> bytes:
         return b"".join((
             _U16.pack(len(self.archiver_cert_der)), self.archiver_cert_der,
-            self.viewer_fingerprint, self.request_id, _U64.pack(self.created_ms),
+            self.viewer_fingerprint, self.request_id, self.request_nonce,
+            _U64.pack(self.created_ms),
             bytes((self.mode,)), _U64.pack(self.range_from_ms), _U64.pack(self.range_to_ms),
             bytes((len(self.cameras),)), *(_str8(c) for c in self.cameras)))
 
@@ -463,6 +473,10 @@ class End:
     reason: int
     transcript_hash: bytes
     signature: bytes = b""
+    # Per camera, the sequence number of the next manifest its chain will issue, from the
+    # Archiver's memory when END was made (encoded after transcript_hash): a range that
+    # reaches the present shows through it that no manifest after the last one sent exists.
+    heads: tuple[tuple[str, int], ...] = ()
 
     record_type: ClassVar[RecordType] = RecordType.END
 
@@ -471,9 +485,17 @@ class End:
         object.__setattr__(self, "reason", _enum(EndReason, "end reason", self.reason))
         _bytes("transcript hash", self.transcript_hash, HASH_LEN)
         _var_bytes("end signature", self.signature, 0, MAX_SIGNATURE)
+        heads = tuple((validate_name(camera), seq) for camera, seq in self.heads)
+        for _, seq in heads:
+            _uint("chain head", seq, 64)
+        if len(heads) > MAX_CAMERAS or len({c for c, _ in heads}) != len(heads):
+            raise FormatError(f"An end record names at most {MAX_CAMERAS} distinct chain heads.")
+        object.__setattr__(self, "heads", heads)
 
     def _unsigned(self) -> bytes:
-        return self.request_id + bytes((self.reason,)) + self.transcript_hash
+        return b"".join((self.request_id, bytes((self.reason,)), self.transcript_hash,
+                         bytes((len(self.heads),)),
+                         *(_str8(camera) + _U64.pack(seq) for camera, seq in self.heads)))
 
     def signed_bytes(self) -> bytes:
         return LABEL_END + self._unsigned()
@@ -482,9 +504,54 @@ class End:
         return self._unsigned() + _U16.pack(len(self.signature)) + self.signature
 
 
-Record = Header | EpochOpener | KeyRecord | Segment | Manifest | End
+@dataclass(frozen=True, slots=True)
+class KeyGrant:
+    """The Archiver's signed statement, made when a minute key came into use, of exactly the
+    viewers it wrapped that key for. Shared by all viewers and archived with the segments: a
+    viewer that gets no key record for a segment can then tell "not authorized then" (its
+    fingerprint is not listed) from "withheld or lost" (listed, or no statement at all)."""
 
-_RECORD_CLASSES = (Header, EpochOpener, KeyRecord, Segment, Manifest, End)
+    camera: str
+    stream: DataStream
+    key_id: bytes
+    valid_from_ms: int
+    viewers: tuple[bytes, ...]  # certificate fingerprints, sorted, distinct
+    signature: bytes = b""
+
+    record_type: ClassVar[RecordType] = RecordType.KEY_GRANT
+
+    def __post_init__(self) -> None:
+        validate_name(self.camera)
+        object.__setattr__(self, "stream", _enum(DataStream, "data stream", self.stream))
+        _bytes("key id", self.key_id, ID_LEN)
+        _uint("key start time", self.valid_from_ms, 64)
+        if isinstance(self.viewers, bytes | str):
+            raise FormatError("A key grant lists viewer fingerprints as a sequence.")
+        viewers = tuple(self.viewers)
+        for viewer in viewers:
+            _bytes("viewer fingerprint", viewer, HASH_LEN)
+        # Canonical: one encoding per statement, and membership is unambiguous.
+        if list(viewers) != sorted(set(viewers)) or len(viewers) > MAX_GRANT_VIEWERS:
+            raise FormatError(f"A key grant lists at most {MAX_GRANT_VIEWERS} distinct viewer "
+                              "fingerprints in ascending order.")
+        _var_bytes("key grant signature", self.signature, 0, MAX_SIGNATURE)
+        object.__setattr__(self, "viewers", viewers)
+
+    def _unsigned(self) -> bytes:
+        return b"".join((_str8(self.camera), bytes((self.stream,)), self.key_id,
+                         _U64.pack(self.valid_from_ms), _U16.pack(len(self.viewers)),
+                         *self.viewers))
+
+    def signed_bytes(self) -> bytes:
+        return LABEL_KEY_GRANT + self._unsigned()
+
+    def _body(self) -> bytes:
+        return self._unsigned() + _U16.pack(len(self.signature)) + self.signature
+
+
+Record = Header | EpochOpener | KeyRecord | Segment | Manifest | End | KeyGrant
+
+_RECORD_CLASSES = (Header, EpochOpener, KeyRecord, Segment, Manifest, End, KeyGrant)
 
 RawRecord = bytes | memoryview
 """A record's exact encoded bytes: ``bytes``, or a read-only view of bytes nobody changes
@@ -623,9 +690,10 @@ def _stream(value: int) -> DataStream:
 
 def _decode_header(c: _Cursor) -> Header:
     cert = c.take(c.u16())
-    fields = (c.take(HASH_LEN), c.take(ID_LEN), c.u64(), c.u8(), c.u64(), c.u64())
+    viewer, request_id, nonce = c.take(HASH_LEN), c.take(ID_LEN), c.take(ID_LEN)
+    fields = (c.u64(), c.u8(), c.u64(), c.u64())
     cameras = tuple(c.str8() for _ in range(c.u8()))
-    return Header(cert, *fields, cameras)
+    return Header(cert, viewer, request_id, *fields, cameras, request_nonce=nonce)
 
 
 def _decode_opener(c: _Cursor) -> EpochOpener:
@@ -672,8 +740,16 @@ def _decode_entry(stream: int, seq: int, capture_ms: int, duration_ms: int, key_
     return ManifestEntry._unchecked(data_stream, seq, capture_ms, key_id, tag, digest, duration_ms)
 
 
+def _decode_key_grant(c: _Cursor) -> KeyGrant:
+    camera, stream, key_id, valid_from = c.str8(), _stream(c.u8()), c.take(ID_LEN), c.u64()
+    viewers = tuple(c.take(HASH_LEN) for _ in range(c.u16()))
+    return KeyGrant(camera, stream, key_id, valid_from, viewers, c.take(c.u16()))
+
+
 def _decode_end(c: _Cursor) -> End:
-    return End(c.take(ID_LEN), c.u8(), c.take(HASH_LEN), c.take(c.u16()))
+    request_id, reason, transcript = c.take(ID_LEN), c.u8(), c.take(HASH_LEN)
+    heads = tuple((c.str8(), c.u64()) for _ in range(c.u8()))
+    return End(request_id, reason, transcript, c.take(c.u16()), heads)
 
 
 _DECODERS = {
@@ -683,6 +759,7 @@ _DECODERS = {
     RecordType.SEGMENT: _decode_segment,
     RecordType.MANIFEST: _decode_manifest,
     RecordType.END: _decode_end,
+    RecordType.KEY_GRANT: _decode_key_grant,
 }
 
 

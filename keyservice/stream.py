@@ -12,6 +12,7 @@ Pure: no I/O, no ``pkcs11``.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 from collections.abc import Callable, Sequence
@@ -32,8 +33,15 @@ from keyservice.crypto import (
     open_segment,
     unwrap_key_record,
 )
-from keyservice.errors import FormatError, IntegrityError, NoMatchingIdentity
+from keyservice.errors import (
+    FormatError,
+    IntegrityError,
+    NoMatchingIdentity,
+    RangeIncomplete,
+    RequestMismatch,
+)
 from keyservice.format import (
+    LABEL_KEY_GRANT,
     LABEL_MANIFEST,
     RECORD_HEADER_LEN,
     ZERO_HASH,
@@ -43,9 +51,11 @@ from keyservice.format import (
     EpochOpener,
     Header,
     KeyCommitment,
+    KeyGrant,
     KeyRecord,
     Manifest,
     ManifestEntry,
+    Mode,
     RawRecord,
     Record,
     RecordSplitter,
@@ -113,6 +123,15 @@ class ManifestChain:
         return manifest, encoded
 
 
+def issue_key_grant(key: MinuteKey, viewers: Sequence[bytes], signer: Signer) -> bytes:
+    """The signed statement of which viewers ``key`` was wrapped for (their certificate
+    fingerprints), made when the key comes into use; archive it before the key's first
+    segment. Returns its encoded bytes."""
+    unsigned = KeyGrant(key.camera, key.stream, key.key_id, key.valid_from_ms,
+                        tuple(sorted(set(viewers))))
+    return encode_record(replace(unsigned, signature=signer.sign(unsigned.signed_bytes())))
+
+
 class StreamWriter:
     """Writes one fusion stream (one response to one viewer) and keeps its transcript hash.
 
@@ -157,10 +176,15 @@ class StreamWriter:
         self._transcript.add(digest)
         return data
 
-    def end(self, signer: Signer, reason: int) -> bytes:
+    def end(self, signer: Signer, reason: int,
+            heads: Sequence[tuple[str, int]] = ()) -> bytes:
+        """``heads``: per camera, the next manifest sequence number of its chain (the
+        Archiver's own state, not its index), so a reader can tell that a stream whose last
+        manifest is ``head - 1`` reached the present."""
         if self._state != "open":
             raise ValueError("StreamWriter.end() needs start() first and may be called once.")
-        unsigned = End(self.header.request_id, reason, self._transcript.digest())
+        unsigned = End(self.header.request_id, reason, self._transcript.digest(),
+                       heads=tuple(heads))
         data = encode_record(replace(unsigned, signature=signer.sign(unsigned.signed_bytes())))
         self._state = "ended"
         return data
@@ -172,13 +196,125 @@ def _check_framing(data: bytes) -> None:
         raise ValueError("Not an encoded record: shorter than its type and length.")
     kind, length = data[0], int.from_bytes(data[1:RECORD_HEADER_LEN], "big")
     if kind not in (RecordType.EPOCH_OPENER, RecordType.KEY_RECORD, RecordType.SEGMENT,
-                    RecordType.MANIFEST):
+                    RecordType.MANIFEST, RecordType.KEY_GRANT):
         raise ValueError(f"Record type {kind} cannot be passed through a stream writer.")
     if length != len(data) - RECORD_HEADER_LEN or length > max_body(kind):
         raise ValueError("Not exactly one encoded record: its length field disagrees.")
 
 
 # --- viewer side --------------------------------------------------------------------------
+# How far the Archiver's clock may be from the viewer's for a live stream to count as fresh.
+DEFAULT_MAX_SKEW_MS = 30_000
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """What the viewer asked for. A reader given one refuses (RequestMismatch) a stream that
+    answers anything else: another nonce (a stream saved earlier and replayed by a relay),
+    camera, mode or range, a segment whose *signed* capture time lies outside the range, or,
+    live, a stream or segment older than the request by more than ``max_skew_ms``.
+
+    Playback: ``from_ms``/``to_ms`` are the requested range. Live: ``from_ms`` is the viewer's
+    clock when it sent the request, ``to_ms`` that plus the duration, and ``clock`` reads the
+    viewer's clock (ms) so that segments from the future are refused as well.
+    """
+
+    nonce: bytes
+    cameras: tuple[str, ...]
+    mode: Mode
+    from_ms: int
+    to_ms: int
+    clock: Callable[[], int] | None = None
+    max_skew_ms: int = DEFAULT_MAX_SKEW_MS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nonce, bytes) or len(self.nonce) != 16:
+            raise ValueError("A request nonce is 16 random bytes.")
+        if isinstance(self.cameras, str) or not self.cameras:
+            raise ValueError("A request names its cameras as a non-empty tuple.")
+        for camera in self.cameras:
+            validate_name(camera)
+        if self.mode == Mode.LIVE and self.clock is None:
+            raise ValueError("A live request needs the viewer's clock.")
+
+
+def _iso(ms: int) -> str:
+    try:
+        when = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{ms} ms"
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _mode_name(mode: int) -> str:
+    return "live" if mode == Mode.LIVE else "recording"
+
+
+def _check_header_answers(header: Header, request: StreamRequest) -> None:
+    """The header names the request it answers (the END signature covers it)."""
+    if not hmac.compare_digest(header.request_nonce, request.nonce):
+        raise RequestMismatch(
+            "This stream does not answer the request just sent: it carries another request "
+            "nonce, so it was made for an earlier request (a saved stream replayed, or relayed "
+            f"from another request: {_mode_name(header.mode)} of "
+            f"{', '.join(header.cameras)}, made {_iso(header.created_ms)}).",
+            "Nothing of it is used; check the network path to the Archiver.")
+    if sorted(header.cameras) != sorted(request.cameras):
+        raise RequestMismatch(
+            f"This stream is for camera {', '.join(header.cameras)}, not for the requested "
+            f"camera {', '.join(request.cameras)}.")
+    if header.mode != request.mode:
+        raise RequestMismatch(
+            f"This is a {_mode_name(header.mode)} stream, but {_mode_name(request.mode)} "
+            "was requested.")
+    if request.mode == Mode.PLAYBACK:
+        if (header.range_from_ms, header.range_to_ms) != (request.from_ms, request.to_ms):
+            raise RequestMismatch(
+                f"This stream answers the range {_iso(header.range_from_ms)} .. "
+                f"{_iso(header.range_to_ms)}, not the requested {_iso(request.from_ms)} .. "
+                f"{_iso(request.to_ms)}.")
+        return
+    assert request.clock is not None
+    now = request.clock()
+    earliest, latest = request.from_ms - request.max_skew_ms, now + request.max_skew_ms
+    for what, when in (("made", header.created_ms), ("started", header.range_from_ms)):
+        if not earliest <= when <= latest:
+            raise RequestMismatch(
+                f"This live stream was {what} {_iso(when)} by the Archiver's clock, but the "
+                f"request was sent {_iso(request.from_ms)} by this machine's clock (allowed "
+                f"difference {request.max_skew_ms / 1000:g} s): it is not fresh.",
+                "A replayed stream, or clocks out of sync: check both clocks (NTP).")
+
+
+def _check_entry_answers(camera: str, entry: ManifestEntry, request: StreamRequest,
+                         first_of_stream: bool) -> None:
+    """A segment's signed capture time (the start of its video) must lie in what was asked
+    for. Playback: the first segment of each camera data stream may start before the range,
+    since the segment that overlaps the range's start belongs to it."""
+    when = entry.capture_ms
+    if request.mode == Mode.PLAYBACK:
+        # With a signed duration, overlap is exact; without (0), only the data stream's first
+        # segment may start before the range (and is held back, see _hold_back_before_range).
+        overlaps = (when + entry.duration_ms >= request.from_ms if entry.duration_ms
+                    else first_of_stream)
+        if not (request.from_ms <= when or overlaps) or when > request.to_ms:
+            raise RequestMismatch(
+                f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), "
+                f"outside the requested range {_iso(request.from_ms)} .. "
+                f"{_iso(request.to_ms)}.", "The Archiver's index may have been tampered with.")
+        return
+    assert request.clock is not None
+    if when < request.from_ms - request.max_skew_ms:
+        raise RequestMismatch(
+            f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), before "
+            f"this live request was sent ({_iso(request.from_ms)}, allowed clock difference "
+            f"{request.max_skew_ms / 1000:g} s): old footage offered as live.")
+    if when > request.clock() + request.max_skew_ms:
+        raise RequestMismatch(
+            f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), in "
+            "the future by this machine's clock: check both clocks (NTP).")
+
+
 @dataclass(frozen=True)
 class SegmentPlaintext:
     """A verified, decrypted segment, released in stream order."""
@@ -194,8 +330,22 @@ class SegmentPlaintext:
 
 @dataclass(frozen=True)
 class SegmentSkipped:
-    """A segment the signed manifest lists but for which this viewer holds no key: it was
-    not authorized on that camera when the segment was recorded."""
+    """A segment the signed manifest lists but for which this viewer holds no key, and the
+    Archiver's signed key grant shows it was not authorized when the segment was recorded
+    (withheld: not authorized for this viewer)."""
+
+    camera: str
+    stream: DataStream
+    seq: int
+    capture_ms: int
+    duration_ms: int = 0
+
+
+@dataclass(frozen=True)
+class SegmentMissing:
+    """A segment the signed manifest lists (so it was recorded) but that did not come, and
+    no signed key grant explains it: the viewer was authorized, or nothing says it was not.
+    The stream is authentic but incomplete."""
 
     camera: str
     stream: DataStream
@@ -209,7 +359,7 @@ class StreamEnded:
     reason: int
 
 
-Event = SegmentPlaintext | SegmentSkipped | StreamEnded
+Event = SegmentPlaintext | SegmentSkipped | SegmentMissing | StreamEnded
 
 
 @dataclass
@@ -218,6 +368,10 @@ class _Camera:
     pending: list[tuple[Segment, RawRecord, bytes, int]] = field(default_factory=list)
     last_seq: int | None = None
     last_hash: bytes = ZERO_HASH
+    # Playback edges: the first manifest seen starts the chain (sequence 0) or is a bare
+    # manifest from before the range; a bare manifest from after the range closes it.
+    opened: bool = False
+    closed: bool = False
 
 
 class StreamReader:
@@ -230,8 +384,12 @@ class StreamReader:
     """
 
     def __init__(self, identity: Identity, check_archiver: Callable[[x509.Certificate], None],
-                 max_pending_bytes: int = 256 * 2**20) -> None:
+                 max_pending_bytes: int = 256 * 2**20,
+                 request: StreamRequest | None = None) -> None:
+        """``request``: what the viewer asked for (see StreamRequest); None only for a saved
+        stream opened offline, which answers no new request (its header says what it is)."""
         self._identity = identity
+        self._request = request
         self._fingerprint = fingerprint(identity.certificate)
         self._check_archiver = check_archiver
         self._max_retained = max_pending_bytes
@@ -245,6 +403,11 @@ class StreamReader:
         self._openers: dict[bytes, EpochOpener] = {}
         self._ratchets: dict[bytes, KekRatchet] = {}
         self._key_records: dict[bytes, KeyRecord] = {}
+        self._grants: dict[bytes, KeyGrant] = {}  # key id -> the verified signed key grant
+        self._streams_seen: set[tuple[str, DataStream]] = set()  # with a segment in the range
+        # per camera data stream, its first segment while it starts before the range
+        self._held: dict[tuple[str, DataStream], SegmentPlaintext | SegmentSkipped
+                         | SegmentMissing] = {}
         self._keys: dict[bytes, tuple[AESGCM, bytes]] = {}  # key id -> (aead, commitment)
         self._retained = 0
         self._ended = False
@@ -255,7 +418,7 @@ class StreamReader:
         """True once the signed END record verified."""
         return self._ended
 
-    def feed(self, data: bytes) -> list[SegmentPlaintext | SegmentSkipped | StreamEnded]:
+    def feed(self, data: bytes) -> list[Event]:
         """Events completed by ``data``, in stream order. On an error nothing of this call
         is returned and the reader stays failed."""
         self._check_usable()
@@ -285,7 +448,8 @@ class StreamReader:
             return
         if isinstance(failure, IntegrityError):
             raise IntegrityError()
-        if isinstance(failure, FormatError | NoMatchingIdentity):
+        if isinstance(failure, FormatError | NoMatchingIdentity | RequestMismatch
+                      | RangeIncomplete):
             raise type(failure)(failure.message, failure.advice)
         raise FormatError("This stream reader already failed; start a new one.")
 
@@ -310,6 +474,8 @@ class StreamReader:
             self._on_key_record(record, len(raw))
         elif isinstance(record, EpochOpener):
             self._on_opener(record, len(raw))
+        elif isinstance(record, KeyGrant):
+            self._on_key_grant(record, raw)
         else:
             raise FormatError("A fusion stream holds exactly one header record.")
         self._transcript.add(digest)
@@ -331,6 +497,8 @@ class StreamReader:
             raise IntegrityError() from None
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise IntegrityError()
+        if self._request is not None:
+            _check_header_answers(header, self._request)
         self._archiver_key = key
         self._cameras = {camera: _Camera() for camera in header.cameras}
         self.header = header
@@ -377,6 +545,26 @@ class StreamReader:
         self._charge(size + _RECORD_OVERHEAD)
         self._key_records[record.key_id] = record
 
+    def _on_key_grant(self, grant: KeyGrant, raw: RawRecord) -> None:
+        self._camera(grant.camera)
+        assert self._archiver_key is not None
+        unsigned = raw[RECORD_HEADER_LEN:len(raw) - 2 - len(grant.signature)]
+        _verify(self._archiver_key, LABEL_KEY_GRANT + unsigned, grant.signature)
+        known = self._grants.get(grant.key_id)
+        if known is not None:
+            if known != grant:
+                raise IntegrityError()
+            return
+        self._charge(len(raw) + _RECORD_OVERHEAD)
+        self._grants[grant.key_id] = grant
+
+    def _withheld_legitimately(self, camera: str, entry: ManifestEntry) -> bool:
+        """True only if the Archiver's signed key grant for this segment's key (made when the
+        key came into use) does not list this viewer."""
+        grant = self._grants.get(entry.key_id)
+        return (grant is not None and grant.camera == camera and grant.stream == entry.stream
+                and self._fingerprint not in grant.viewers)
+
     def _on_segment(self, segment: Segment, raw: RawRecord, digest: bytes) -> None:
         camera = self._camera(segment.camera)
         cost = len(raw) + _RECORD_OVERHEAD
@@ -395,12 +583,32 @@ class StreamReader:
         # The chain: each manifest names its predecessor, so a dropped, replayed or reordered
         # manifest breaks it. A chain may be joined midway (playback from a later time), but
         # sequence 0 and the zero hash only ever come together.
-        if camera.last_seq is None:
+        first = camera.last_seq is None
+        if first:
             if (manifest.manifest_seq == 0) != (manifest.prev_hash == ZERO_HASH):
                 raise IntegrityError()
         elif (manifest.manifest_seq != camera.last_seq + 1
               or not hmac.compare_digest(manifest.prev_hash, camera.last_hash)):
             raise IntegrityError()
+        span = self._playback_range()
+        if span is not None:
+            if self._is_edge(camera, manifest, first, span):
+                # A bare manifest just outside the range, linked to the chain: proof that
+                # nothing between it and the range's first or last manifest was left out.
+                camera.last_seq, camera.last_hash = manifest.manifest_seq, digest
+                return
+            if camera.closed:
+                raise RequestMismatch(
+                    f"Camera {manifest.camera}'s manifests go on after the one that closed the "
+                    "requested range.")
+            if first:
+                camera.opened = manifest.manifest_seq == 0
+        if self._request is not None:
+            for entry in manifest.entries:  # signed capture times, checked against the request
+                stream_key = (manifest.camera, entry.stream)
+                _check_entry_answers(manifest.camera, entry, self._request,
+                                     stream_key not in self._streams_seen)
+                self._streams_seen.add(stream_key)
         # The entries must be exactly the pending segments, in order; only a segment for
         # which this viewer holds no key may be absent (the Archiver does not send those).
         plan: list[tuple[ManifestEntry, Segment | None]] = []
@@ -421,8 +629,10 @@ class StreamReader:
         # Decrypt everything first, release after: a failing segment releases nothing.
         for entry, segment in plan:
             if segment is None or entry.key_id not in self._key_records:
-                out.append(SegmentSkipped(manifest.camera, entry.stream, entry.seq,
-                                          entry.capture_ms, entry.duration_ms))
+                kind = (SegmentSkipped if self._withheld_legitimately(manifest.camera, entry)
+                        else SegmentMissing)
+                out.append(kind(manifest.camera, entry.stream, entry.seq, entry.capture_ms,
+                                entry.duration_ms))
                 continue
             aead = self._key(entry.key_id, manifest.camera, entry.stream,
                              commitments[entry.key_id])
@@ -438,7 +648,88 @@ class StreamReader:
         # assembly buffers may take the next segments.
         for _, segment_bytes, _, _ in pending:
             self._buffers.give_back(segment_bytes)
-        events.extend(out)
+        events.extend(self._hold_back_before_range(manifest.camera, out))
+
+    def _hold_back_before_range(self, camera: str, out: list[Event]) -> list[Event]:
+        """Playback: a data stream's first segment may start before the range (it may overlap
+        the range's start), but only its successor shows that it does: it must start after the
+        range's start. So such a segment is held back until then, and refused if its successor
+        starts at or before the range's start (footage from before the range)."""
+        request = self._request
+        if request is None or request.mode != Mode.PLAYBACK:
+            return out
+        released: list[Event] = []
+        for event in out:
+            assert not isinstance(event, StreamEnded)
+            key = (camera, event.stream)
+            if event.capture_ms < request.from_ms and not event.duration_ms:
+                self._held[key] = event  # only ever the stream's first (_check_entry_answers)
+                continue
+            held = self._held.pop(key, None)
+            if held is not None:
+                if event.capture_ms <= request.from_ms:
+                    raise RequestMismatch(
+                        f"Segment {held.seq} of camera {camera} was captured {_iso(held.capture_ms)}"
+                        f" (signed) and ends before the requested range "
+                        f"{_iso(request.from_ms)} .. {_iso(request.to_ms)}.",
+                        "The Archiver's index may have been tampered with.")
+                released.append(held)
+            released.append(event)
+        return released
+
+    def _playback_range(self) -> tuple[int, int] | None:
+        """The range whose edges a playback stream proves: the request's, or for a saved
+        stream read without one, its header's (authenticated by END, where edges are judged)."""
+        request, header = self._request, self.header
+        if request is not None:
+            return (request.from_ms, request.to_ms) if request.mode == Mode.PLAYBACK else None
+        if header is not None and header.mode == Mode.PLAYBACK:
+            return header.range_from_ms, header.range_to_ms
+        return None
+
+    @staticmethod
+    def _is_edge(camera: _Camera, manifest: Manifest, first: bool,
+                 span: tuple[int, int]) -> bool:
+        """A playback edge: sent bare (no segment of it came), every entry's video ending
+        before the range and it is the camera's first manifest, or every entry starting after
+        the range."""
+        from_ms, to_ms = span
+        if camera.pending or not manifest.entries:
+            return False
+        if first and all(e.capture_ms + e.duration_ms < from_ms for e in manifest.entries):
+            camera.opened = True
+            return True
+        if not camera.closed and all(e.capture_ms > to_ms for e in manifest.entries):
+            camera.closed = True
+            camera.opened = camera.opened or (first and manifest.manifest_seq == 0)
+            return True
+        return False
+
+    def _check_edges(self, end: End) -> None:
+        """Playback: the stream must show, from signed data, that it covers the whole range
+        of each camera: from the chain's start or a manifest before the range, to a manifest
+        after the range or the chain's head as the END states it."""
+        # Judged for every playback request, and for a stream read without one (a saved
+        # stream) when its END states chain heads, as every Archiver-made playback END does.
+        if self._playback_range() is None or (self._request is None and not end.heads):
+            return
+        heads = dict(end.heads)
+        for name, camera in self._cameras.items():
+            head = heads.get(name)
+            if camera.last_seq is None:
+                if head == 0:
+                    continue  # nothing was ever recorded on this camera
+                raise RangeIncomplete(
+                    f"The stream holds no manifest of camera {name}, and does not show that "
+                    "nothing was recorded in the requested range.")
+            if not camera.opened:
+                raise RangeIncomplete(
+                    f"The stream does not show that it starts at the beginning of the requested "
+                    f"range for camera {name}: earlier recordings in the range may be missing.")
+            if not camera.closed and head != camera.last_seq + 1:
+                raise RangeIncomplete(
+                    f"The stream does not show that it reaches the end of the requested range "
+                    f"for camera {name}: later recordings in the range may be missing.")
 
     def _key(self, key_id: bytes, camera: str, stream: DataStream, commitment: bytes) -> AESGCM:
         record = self._key_records[key_id]
@@ -478,7 +769,12 @@ class StreamReader:
         if not hmac.compare_digest(end.transcript_hash, self._transcript.digest()):
             raise IntegrityError()
         _verify(self._archiver_key, end.signed_bytes(), end.signature)
+        self._check_edges(end)
         self._ended = True
+        # A first segment before the range without a successor: nothing shows it does not
+        # overlap the range (one segment at most per data stream), so it is released.
+        events.extend(self._held.values())
+        self._held.clear()
         events.append(StreamEnded(int(end.reason)))
 
 

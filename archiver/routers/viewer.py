@@ -29,6 +29,10 @@ router = APIRouter(prefix="/v1", tags=["viewer"])
 MEDIA_TYPE = "application/vnd.fusion-stream"
 CameraPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 MAX_MS = 2**63 - 1  # SQLite integers are signed 64-bit: larger bounds were a 500
+# The viewer's fresh random request nonce (16 bytes, hex): the stream's header repeats it under
+# the Archiver's END signature, so a stream cannot be replayed as the answer to another request.
+NonceQuery = Annotated[str, Query(pattern=r"^[0-9a-f]{32}$",
+                                  description="16 random bytes, hex, fresh for every request")]
 
 
 class _ViewerStream(StreamingResponse):
@@ -188,7 +192,8 @@ def _authorize(viewer: ViewerDep, services: ServicesDep, camera: str) -> None:
             responses={200: {"content": {MEDIA_TYPE: {}}, "description": "A fusion stream"}})
 async def recording(camera: CameraPath, viewer: ViewerDep, services: ServicesDep,
                     from_ms: Annotated[int, Query(ge=0, le=MAX_MS)],
-                    to_ms: Annotated[int, Query(ge=0, le=MAX_MS)]) -> StreamingResponse:
+                    to_ms: Annotated[int, Query(ge=0, le=MAX_MS)],
+                    nonce: NonceQuery) -> StreamingResponse:
     _authorize(viewer, services, camera)
     archive = services.archive
     if to_ms < from_ms:
@@ -198,7 +203,7 @@ async def recording(camera: CameraPath, viewer: ViewerDep, services: ServicesDep
                        f"Camera '{camera}' has no recording in the requested range.")
     services.audit.record(viewer.fingerprint, "stream.playback", archive.clock(), camera=camera,
                           from_ms=from_ms, to_ms=to_ms)
-    return _ViewerStream(archive.playback(viewer, camera, from_ms, to_ms),
+    return _ViewerStream(archive.playback(viewer, camera, from_ms, to_ms, bytes.fromhex(nonce)),
                          services.settings.stream_send_timeout_s)
 
 
@@ -220,11 +225,11 @@ async def gaps(camera: CameraPath, viewer: ViewerDep, services: ServicesDep,
 
 @router.get("/cameras/{camera}/live",
             responses={200: {"content": {MEDIA_TYPE: {}}, "description": "A live fusion stream"}})
-async def live(camera: CameraPath, viewer: ViewerDep, services: ServicesDep,
+async def live(camera: CameraPath, viewer: ViewerDep, services: ServicesDep, nonce: NonceQuery,
                duration_s: Annotated[float, Query(gt=0, le=86400)] = 3600) -> StreamingResponse:
     _authorize(viewer, services, camera)
     archive = services.archive
     services.audit.record(viewer.fingerprint, "stream.live", archive.clock(), camera=camera,
                           duration_s=duration_s)
-    return _ViewerStream(archive.live(viewer, camera, duration_s),
+    return _ViewerStream(archive.live(viewer, camera, duration_s, bytes.fromhex(nonce)),
                          services.settings.stream_send_timeout_s)

@@ -28,7 +28,14 @@ from client.player import (
     Player,
     archiver_pin_check,
 )
-from client.session import ArchiverSession, CameraView, LoginRefused, LoginResult
+from client.session import (
+    ArchiverSession,
+    CameraView,
+    LoginRefused,
+    LoginResult,
+    live_request,
+    playback_request,
+)
 from client.timespec import format_ms
 from client.web.media import VideoInfo, probe, to_fmp4
 from keyservice.errors import KeyServiceError
@@ -217,8 +224,11 @@ class ViewerBackend:
             emit(data)
             shown += 1
 
+        # A fresh nonce per request: the stream must answer exactly it (issue 12).
+        asked = (live_request(request.camera, LIVE_REQUEST_S) if request.live
+                 else playback_request(request.camera, request.from_ms, request.to_ms))
         player = Player(self.identity, archiver_pin_check(self.login.archiver_fingerprint),
-                        _Discard(), on_segment=on_segment)
+                        _Discard(), on_segment=on_segment, request=asked)
         sent_gaps = 0
 
         def flush_gaps() -> None:
@@ -233,9 +243,9 @@ class ViewerBackend:
             on_session(child)
             fetch: AbstractContextManager[Iterator[bytes]]
             if request.live:
-                fetch = child.live(request.camera, LIVE_REQUEST_S)
+                fetch = child.live(request.camera, LIVE_REQUEST_S, asked)
             else:
-                fetch = child.recording(request.camera, request.from_ms, request.to_ms)
+                fetch = child.recording(request.camera, request.from_ms, request.to_ms, asked)
             emit({"type": "start", "camera": request.camera, "live": request.live})
             with fetch as chunks:
                 for chunk in chunks:
@@ -297,10 +307,12 @@ class ViewerBackend:
         try:
             output = FileOutput(export.path)
             evidence = FileOutput(export.path.with_suffix(".fusion"))
+            asked = playback_request(export.camera, export.from_ms, export.to_ms)
             player = Player(self.identity, archiver_pin_check(self.login.archiver_fingerprint),
-                            output, on_segment=on_segment)
+                            output, on_segment=on_segment, request=asked)
             self._fresh()
-            with self.session.recording(export.camera, export.from_ms, export.to_ms) as chunks:
+            with self.session.recording(export.camera, export.from_ms, export.to_ms,
+                                        asked) as chunks:
                 for chunk in chunks:
                     evidence.write(chunk)
                     player.feed(chunk)

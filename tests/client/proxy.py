@@ -1,15 +1,27 @@
 """A small HTTP proxy in front of a real Archiver that can tamper with fusion streams in
-transit: flip one byte inside a segment's ciphertext, or cut the stream before its END record.
-The Archiver and the viewer are real; only the wire between them is hostile."""
+transit: flip one byte inside a segment's ciphertext, cut the stream before its END record, or
+answer every stream request with a stream saved earlier (the replay relay of issue 12, the CCTV
+loop), optionally rewriting its header to name the new request. The Archiver and the viewer are
+real; only the wire between them is hostile."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from keyservice.format import End, RecordSplitter, Segment, stream_prefix
+from keyservice.format import (
+    End,
+    Header,
+    RecordSplitter,
+    Segment,
+    encode_record,
+    stream_prefix,
+)
 
 FUSION = "application/vnd.fusion-stream"
 
@@ -38,18 +50,59 @@ def tamper(stream: bytes, mode: str, segment_index: int) -> bytes:
     raise ValueError(mode)
 
 
+def rewrite_header(stream: bytes, path: str) -> bytes:
+    """Make a saved stream's header name the request in ``path`` (its nonce, and for live a
+    fresh creation time and range): what a relay that reads the request can do. The END
+    signature still covers the original header."""
+    query = parse_qs(urlsplit(path).query)
+    (header, start, end), *_ = record_spans(stream)
+    assert isinstance(header, Header)
+    now = time.time_ns() // 1_000_000
+    changes: dict[str, object] = {"request_nonce": bytes.fromhex(query["nonce"][0])}
+    if "duration_s" in query:
+        changes.update(created_ms=now, range_from_ms=now,
+                       range_to_ms=now + int(float(query["duration_s"][0]) * 1000))
+    else:
+        changes.update(range_from_ms=int(query["from_ms"][0]),
+                       range_to_ms=int(query["to_ms"][0]))
+    new = encode_record(dataclasses.replace(header, **changes))  # type: ignore[arg-type]
+    return stream[:start] + new + stream[end:]
+
+
 class TamperingProxy:
+    """Forwards to the Archiver. ``mode``: None (pass through), "flip", "truncate", or
+    "replay": answer every fusion stream request with ``saved`` (set it to a stream recorded
+    earlier), without asking the Archiver; ``rewrite`` also makes its header name the new
+    request."""
+
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.mode: str | None = None
         self.segment_index = 2
+        self.saved: bytes | None = None
+        self.rewrite = False
+        self.replayed = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None:
                 pass
 
+            def _replay(self) -> None:
+                assert proxy.saved is not None
+                data = rewrite_header(proxy.saved, self.path) if proxy.rewrite else proxy.saved
+                proxy.replayed += 1
+                self.send_response(200)
+                self.send_header("Content-Type", FUSION)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def _forward(self, method: str) -> None:
+                path = urlsplit(self.path).path
+                if proxy.mode == "replay" and path.endswith(("/recording", "/live")):
+                    self._replay()
+                    return
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 headers = {k: v for k, v in self.headers.items()

@@ -20,7 +20,7 @@ from keyservice.identity import (
     SoftwareSigner,
     fingerprint,
 )
-from keyservice.stream import ManifestChain, StreamWriter
+from keyservice.stream import ManifestChain, StreamWriter, issue_key_grant
 
 T0 = 1_748_779_200_000  # 2025-06-01T12:00:00Z
 PERIOD_S = 60
@@ -63,6 +63,8 @@ def build_stream(viewer: SoftwareIdentity, signer: SoftwareSigner, plan: list[Se
         key = new_minute_key(camera, DataStream.VIDEO, seg.capture_ms)
         sealed = seal_segment(key, seq, seg.capture_ms, seg.data)
         _manifest, manifest_bytes = chain.issue([sealed], [key], signer, seg.capture_ms)
+        if not seg.authorized:  # the signed grant shows the viewer was not authorized then
+            parts.append(writer.add(issue_key_grant(key, [], signer)))
         if seg.authorized:
             if not opener_sent:
                 parts.append(writer.add(opener))

@@ -1,7 +1,8 @@
 """Coverage-guided fuzz target for the fusion stream reader (atheris / libFuzzer).
 
 The only acceptable outcomes for any input are success, FormatError, IntegrityError and
-NoMatchingIdentity; anything else (an IndexError, a struct.error, a hang) is a finding.
+NoMatchingIdentity (or, for a playback stream whose edges do not hold, RequestMismatch and
+RangeIncomplete); anything else (an IndexError, a struct.error, a hang) is a finding.
 
     # seeds: every test vector's stream, one file each
     python tests/fuzz/fuzz_reader.py --write-seeds fuzz-corpus
@@ -27,7 +28,13 @@ sys.path.insert(0, str(ROOT))
 import atheris  # noqa: E402
 
 with atheris.instrument_imports(include=["keyservice"]):
-    from keyservice.errors import FormatError, IntegrityError, NoMatchingIdentity
+    from keyservice.errors import (
+        FormatError,
+        IntegrityError,
+        NoMatchingIdentity,
+        RangeIncomplete,
+        RequestMismatch,
+    )
     from keyservice.format import RecordSplitter  # noqa: F401  (instrumented with the rest)
     from keyservice.stream import StreamReader
 
@@ -58,7 +65,7 @@ def test_one_input(data: bytes) -> None:
         for i in range(0, len(stream), step):
             reader.feed(stream[i:i + step])
         reader.finish()
-    except (FormatError, IntegrityError, NoMatchingIdentity):
+    except (FormatError, IntegrityError, NoMatchingIdentity, RequestMismatch, RangeIncomplete):
         pass
 
 

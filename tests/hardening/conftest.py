@@ -27,6 +27,7 @@ import pytest
 from keyservice.crypto import segment_nonce
 from keyservice.format import (
     RECORD_HEADER_LEN,
+    KeyGrant,
     Manifest,
     Segment,
     decode_record,
@@ -287,6 +288,8 @@ def _check_archive_once(data_dir: Path) -> ArchiveReport:
             " FROM segments")}
         manifests = {(r[0], r[1]): r[2:] for r in db.execute(
             "SELECT file, offset, camera, manifest_seq, length, hash FROM manifests")}
+        grants = {(r[0], r[1]): r[2:] for r in db.execute(
+            "SELECT file, offset, camera, key_id, length FROM key_grants")}
         chains = {}
         for camera, seq, hash_ in db.execute(
                 "SELECT camera, manifest_seq, hash FROM manifests ORDER BY camera, manifest_seq"):
@@ -325,11 +328,16 @@ def _check_archive_once(data_dir: Path) -> ArchiveReport:
                     f"index row differs at {rel}:{pos}")
                 prev_hashes[(record.camera, record.manifest_seq)] = record.prev_hash
                 report.manifests += 1
+            elif isinstance(record, KeyGrant):
+                row = grants.pop((rel, pos), None)
+                assert row == (record.camera, record.key_id, end - pos), (
+                    f"key grant in {rel} at {pos} not indexed as it is")
             else:
                 raise AssertionError(f"unexpected {type(record).__name__} record in {rel}")
             pos = end
     assert not segments, f"{len(segments)} indexed segments are missing from the files"
     assert not manifests, f"{len(manifests)} indexed manifests are missing from the files"
+    assert not grants, f"{len(grants)} indexed key grants are missing from the files"
     for camera, links in chains.items():
         assert [seq for seq, _ in links] == list(range(len(links))), f"gap in {camera}'s chain"
         previous = ZERO_HASH

@@ -211,10 +211,11 @@ def test_every_endpoint_refuses_every_wrong_credential(server: WrappedServer,
     # The right credentials still work, and a viewer's session opens only its own cameras.
     alice_session, bob_session = login(url, alice.identity), login(url, bob.identity)
     watch = {"Authorization": f"Bearer {bob_session}"}
-    assert httpx.get(f"{url}/v1/cameras/cam1/recording", params={"from_ms": 0, "to_ms": 2**62},
+    everything = {"from_ms": 0, "to_ms": 2**62, "nonce": "00" * 16}
+    assert httpx.get(f"{url}/v1/cameras/cam1/recording", params=everything,
                      headers=watch).json()["error"] == "not_authorized"
     assert [c["name"] for c in httpx.get(f"{url}/v1/cameras", headers=watch).json()] == ["cam2"]
-    assert httpx.get(f"{url}/v1/cameras/cam1/recording", params={"from_ms": 0, "to_ms": 2**62},
+    assert httpx.get(f"{url}/v1/cameras/cam1/recording", params=everything,
                      headers={"Authorization": f"Bearer {alice_session}"}).status_code == 200
 
 

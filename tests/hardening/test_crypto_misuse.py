@@ -179,7 +179,7 @@ def test_no_key_or_pin_in_any_log_of_a_full_run(tmp_path: Path, softhsm_token: T
         assert refused_login.status_code == 401
         stream = fetch(server.url, session, "cam1").content
         assert play(identity, stream).ended
-        live = httpx.get(f"{server.url}/v1/cameras/cam1/live", params={"duration_s": 0.5},
+        live = httpx.get(f"{server.url}/v1/cameras/cam1/live", params={"duration_s": 0.5, "nonce": "00" * 16},
                          headers={"Authorization": f"Bearer {session}"}, timeout=30)
         assert live.status_code == 200
         secrets = observed_secrets(identity, stream)

@@ -64,7 +64,7 @@ class LiveViewer:
             reader = StreamReader(self.viewer.identity, lambda cert: None)
             with httpx.Client(timeout=60) as client, client.stream(
                     "GET", f"{self.url}/v1/cameras/{self.camera}/live",
-                    params={"duration_s": self.duration_s},
+                    params={"duration_s": self.duration_s, "nonce": "00" * 16},
                     headers={"Authorization": f"Bearer {self.session}"}) as response:
                 assert response.status_code == 200, response.read()
                 for chunk in response.iter_bytes():
@@ -87,7 +87,7 @@ class StalledViewer:
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         self.sock.connect(("127.0.0.1", port))
-        self.sock.sendall(f"GET /v1/cameras/{camera}/live?duration_s=86400 HTTP/1.1\r\n"
+        self.sock.sendall(f"GET /v1/cameras/{camera}/live?duration_s=86400&nonce={'00' * 16} HTTP/1.1\r\n"
                           f"Host: archiver\r\nAuthorization: Bearer {session}\r\n\r\n".encode())
         self.head = self.sock.recv(1024)
 

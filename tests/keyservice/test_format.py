@@ -19,6 +19,7 @@ from keyservice.format import (
     EpochOpener,
     Header,
     KeyCommitment,
+    KeyGrant,
     KeyRecord,
     Manifest,
     ManifestEntry,
@@ -48,7 +49,18 @@ ENTRY = ManifestEntry(DataStream.METADATA, 2**64 - 1, 123, b(16, 5), b(16, 8), b
 MANIFEST = Manifest("cam-1", 4, b(32, 10), 99, 0, (ENTRY,), (KeyCommitment(b(16, 5), b(32, 11)),),
                     b(70, 12))
 END = End(b(16, 2), 2, b(32, 13), b(71, 14))
-ALL = [HEADER, OPENER, KEY_RECORD, SEGMENT, MANIFEST, END]
+GRANT = KeyGrant("cam-1", DataStream.VIDEO, b(16, 5), 1_700_000_000_123, (b(32, 1), b(32, 2)),
+                 b(70, 15))
+ALL = [HEADER, OPENER, KEY_RECORD, SEGMENT, MANIFEST, GRANT, END]
+
+
+def test_key_grant_lists_viewers_canonically() -> None:
+    with pytest.raises(FormatError, match="ascending"):
+        replace(GRANT, viewers=(b(32, 2), b(32, 1)))
+    with pytest.raises(FormatError, match="distinct"):
+        replace(GRANT, viewers=(b(32, 1), b(32, 1)))
+    with pytest.raises(FormatError):
+        replace(GRANT, viewers=(b(31, 1),))
 
 
 @pytest.mark.parametrize("record", ALL, ids=lambda r: type(r).__name__)
@@ -81,7 +93,11 @@ def test_signed_bytes_exclude_the_signature_and_carry_a_label() -> None:
     assert replace(MANIFEST, signature=b"other").signed_bytes() == MANIFEST.signed_bytes()
     body = encode_record(MANIFEST)[5:]
     assert body == MANIFEST.signed_bytes()[len(b"FSE1 manifest\x00"):] + b"\x00\x46" + b(70, 12)
-    assert END.signed_bytes() == b"FSE1 end\x00" + b(16, 2) + b"\x02" + b(32, 13)
+    assert END.signed_bytes() == b"FSE1 end\x00" + b(16, 2) + b"\x02" + b(32, 13) + b"\x00"
+    with_heads = replace(END, heads=(("cam-1", 7),))
+    assert with_heads.signed_bytes() == (b"FSE1 end\x00" + b(16, 2) + b"\x02" + b(32, 13)
+                                         + b"\x01\x05cam-1" + struct.pack(">Q", 7))
+    assert decode_record(encode_record(with_heads)) == with_heads
 
 
 def test_prefix() -> None:
@@ -143,8 +159,8 @@ def test_decoding_refuses_every_truncation_and_trailing_bytes() -> None:
 
 
 def test_decoding_refuses_unknown_type_and_oversized_length() -> None:
-    with pytest.raises(FormatError, match="Unknown record type 7"):
-        decode_record(b"\x07\x00\x00\x00\x00")
+    with pytest.raises(FormatError, match="Unknown record type 8"):
+        decode_record(b"\x08\x00\x00\x00\x00")
     with pytest.raises(FormatError, match="limit"):
         decode_record(b"\x03" + struct.pack(">I", MAX_SMALL_BODY + 1))
 
@@ -211,10 +227,10 @@ def test_splitter_reports_a_partial_record() -> None:
 
 def test_splitter_yields_records_one_at_a_time() -> None:
     # A consumer acts on (and may fail at) record n before record n+1 is parsed.
-    data = stream_prefix() + encode_record(HEADER) + b"\x07\x00\x00\x00\x00"
+    data = stream_prefix() + encode_record(HEADER) + b"\x08\x00\x00\x00\x00"
     iterator = RecordSplitter().iter_feed(data)
     assert next(iterator)[0] == HEADER
-    with pytest.raises(FormatError, match="Unknown record type 7"):
+    with pytest.raises(FormatError, match="Unknown record type 8"):
         next(iterator)
 
 

@@ -12,13 +12,19 @@ from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keyservice.errors import FormatError, IntegrityError, NoMatchingIdentity
+from keyservice.errors import (
+    FormatError,
+    IntegrityError,
+    NoMatchingIdentity,
+    RangeIncomplete,
+    RequestMismatch,
+)
 from keyservice.format import RecordSplitter, stream_prefix
 from keyservice.identity import SoftwareIdentity, fingerprint
 from keyservice.stream import SegmentPlaintext, StreamReader
 from tests.vectors import generate
 
-ALLOWED = (FormatError, IntegrityError, NoMatchingIdentity)
+ALLOWED = (FormatError, IntegrityError, NoMatchingIdentity, RequestMismatch, RangeIncomplete)
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "v1"
 SETTINGS = settings(max_examples=500, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

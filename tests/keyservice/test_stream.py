@@ -6,6 +6,7 @@ import hashlib
 import os
 import random
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -21,7 +22,13 @@ from keyservice.crypto import (
     segment_ad,
     segment_nonce,
 )
-from keyservice.errors import ArchiverMismatch, FormatError, IntegrityError, NoMatchingIdentity
+from keyservice.errors import (
+    ArchiverMismatch,
+    FormatError,
+    IntegrityError,
+    NoMatchingIdentity,
+    RequestMismatch,
+)
 from keyservice.format import (
     ZERO_HASH,
     DataStream,
@@ -36,11 +43,14 @@ from keyservice.format import (
 from keyservice.identity import OaepHash, Recipient, SoftwareIdentity, fingerprint
 from keyservice.stream import (
     ManifestChain,
+    SegmentMissing,
     SegmentPlaintext,
     SegmentSkipped,
     StreamEnded,
     StreamReader,
+    StreamRequest,
     StreamWriter,
+    issue_key_grant,
 )
 from tests.vectors import generate as vectors
 
@@ -51,7 +61,8 @@ CAM, CAM2 = "cam-1", "cam-2"
 class Rig:
     """A minimal Archiver for one viewer, built from the public API."""
 
-    def __init__(self, cameras: tuple[str, ...] = (CAM, CAM2), viewer: str = "viewer-a") -> None:
+    def __init__(self, cameras: tuple[str, ...] = (CAM, CAM2), viewer: str = "viewer-a",
+                 range_ms: tuple[int, int] = (T, T + 600_000)) -> None:
         self.signer = vectors.load_signer("archiver")
         base = vectors.load_identity(viewer)
         self.identity = SoftwareIdentity(base.certificate, base.private_key)
@@ -62,7 +73,7 @@ class Rig:
         self.pending: dict[str, list[Segment]] = {camera: [] for camera in cameras}
         self.header = Header(self.signer.certificate.public_bytes(Encoding.DER),
                              fingerprint(self.identity.certificate), os.urandom(16), T,
-                             Mode.PLAYBACK, T, T + 600_000, cameras)
+                             Mode.PLAYBACK, *range_ms, cameras)
         self.writer = StreamWriter(self.header)
         self.chunks = [self.writer.start()]
         self.epoch: Epoch | None = None
@@ -72,8 +83,13 @@ class Rig:
         self.epoch, opener = Epoch.start(self.recipient, 60, now)
         self.chunks.append(self.writer.add(opener))
 
-    def rotate(self, camera: str, stream: DataStream, now: int, wrap: bool = True) -> MinuteKey:
+    def rotate(self, camera: str, stream: DataStream, now: int, wrap: bool = True,
+               grant: bool = True) -> MinuteKey:
+        """``wrap``: a key record for the viewer; otherwise (``grant``) the Archiver's signed
+        key grant that does not list it, as the Archiver sends for a segment it withholds."""
         key = self.keys[(camera, stream)] = new_minute_key(camera, stream, now)
+        if not wrap and grant:
+            self.chunks.append(self.writer.add(issue_key_grant(key, [], self.signer)))
         if wrap:
             if self.epoch is None:
                 self.new_epoch(now)
@@ -101,14 +117,20 @@ class Rig:
         return data
 
     def end(self) -> bytes:
-        self.chunks.append(self.writer.end(self.signer, 1))
+        heads = [(camera, chain.next_seq) for camera, chain in self.chains.items()]
+        self.chunks.append(self.writer.end(self.signer, 1, heads))
         return b"".join(self.chunks)
 
     def pin(self, cert: x509.Certificate) -> None:
         if fingerprint(cert) != fingerprint(self.signer.certificate):
             raise ArchiverMismatch("The Archiver's certificate is not the pinned one.")
 
-    def reader(self, **kwargs: int) -> StreamReader:
+    def request(self, from_ms: int, to_ms: int) -> StreamRequest:
+        """A playback request this rig's stream answers (its header's nonce and cameras)."""
+        return StreamRequest(self.header.request_nonce, self.header.cameras, Mode.PLAYBACK,
+                             from_ms, to_ms)
+
+    def reader(self, **kwargs: Any) -> StreamReader:
         return StreamReader(self.identity, self.pin, **kwargs)
 
 
@@ -374,6 +396,59 @@ def test_skipped_segments_and_an_unused_epoch_cost_no_token_operation() -> None:
     assert events == [SegmentSkipped(CAM, DataStream.VIDEO, 0, T + 1),
                       SegmentSkipped(CAM, DataStream.VIDEO, 1, T + 2), StreamEnded(1)]
     assert reader.token_operations == 0
+
+
+def test_withheld_segments_without_a_grant_that_excludes_the_viewer_are_missing() -> None:
+    # No signed grant at all, or one that lists this viewer: "missing", never "not authorized".
+    for grant_lists_viewer in (None, True):
+        rig = Rig(cameras=(CAM,))
+        key = rig.rotate(CAM, DataStream.VIDEO, T, wrap=False, grant=False)
+        if grant_lists_viewer:
+            rig.chunks.append(rig.writer.add(issue_key_grant(
+                key, [fingerprint(rig.identity.certificate)], rig.signer)))
+        rig.segment(CAM, DataStream.VIDEO, T + 1, send=False)
+        rig.manifest(CAM, T + 3)
+        events = read_all(rig.reader(), rig.end())
+        assert events == [SegmentMissing(CAM, DataStream.VIDEO, 0, T + 1), StreamEnded(1)]
+
+
+def test_a_key_grant_signed_by_another_key_is_refused() -> None:
+    rig = Rig(cameras=(CAM,))
+    key = rig.rotate(CAM, DataStream.VIDEO, T, wrap=False, grant=False)
+    rig.chunks.append(rig.writer.add(issue_key_grant(key, [], vectors.load_signer("rogue"))))
+    rig.segment(CAM, DataStream.VIDEO, T + 1, send=False)
+    rig.manifest(CAM, T + 3)
+    with pytest.raises(IntegrityError):
+        read_all(rig.reader(), rig.end())
+
+
+def _two_segments_for(from_ms: int, to_ms: int) -> tuple[Rig, bytes]:
+    """Segments starting at T+1 s and T+3 s, in a stream answering the range [from, to]."""
+    rig = Rig(cameras=(CAM,), range_ms=(from_ms, to_ms))
+    rig.rotate(CAM, DataStream.VIDEO, T)
+    rig.segment(CAM, DataStream.VIDEO, T + 1_000)
+    rig.manifest(CAM, T + 1_000)
+    rig.segment(CAM, DataStream.VIDEO, T + 3_000)
+    rig.manifest(CAM, T + 3_000)
+    return rig, rig.end()
+
+
+def test_a_first_segment_before_the_range_is_held_until_its_successor_shows_the_overlap(
+        ) -> None:
+    # The segment that overlaps the range's start begins before it; only the next segment of
+    # its data stream shows that (it must start after the range's start). Until then it is held.
+    rig, data = _two_segments_for(T + 2_000, T + 10_000)
+    reader = rig.reader(request=rig.request(T + 2_000, T + 10_000))
+    records = [data[:10]] + [bytes(raw) for _, raw in RecordSplitter().feed(data)]
+    assert reader.feed(b"".join(records[:-2])) == []  # the first segment: held back
+    released = reader.feed(records[-2])
+    assert [e.seq for e in released] == [0, 1]  # type: ignore[union-attr]
+    # A successor that does not start after the range's start: the first one was footage
+    # from before the range, refused and never released.
+    rig, data = _two_segments_for(T + 3_000, T + 10_000)
+    late = rig.reader(request=rig.request(T + 3_000, T + 10_000))
+    with pytest.raises(RequestMismatch, match="ends before the requested range"):
+        late.feed(data)
 
 
 def test_missing_segment_the_viewer_has_a_key_for() -> None:

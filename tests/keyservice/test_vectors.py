@@ -13,15 +13,31 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from keyservice.errors import FormatError, IntegrityError, KeyServiceError, NoMatchingIdentity
+from keyservice.errors import (
+    FormatError,
+    IntegrityError,
+    KeyServiceError,
+    NoMatchingIdentity,
+    RangeIncomplete,
+    RequestMismatch,
+)
+from keyservice.format import Mode
 from keyservice.identity import SoftwareEcIdentity, SoftwareIdentity, fingerprint
-from keyservice.stream import SegmentPlaintext, SegmentSkipped, StreamEnded, StreamReader
+from keyservice.stream import (
+    SegmentMissing,
+    SegmentPlaintext,
+    SegmentSkipped,
+    StreamEnded,
+    StreamReader,
+    StreamRequest,
+)
 from tests.vectors import generate
 
 VECTOR_DIR = Path(__file__).resolve().parents[1] / "vectors" / "v1"
 FILES = sorted(VECTOR_DIR.glob("*.json"))
 EXPECT = {"format failure": FormatError, "integrity failure": IntegrityError,
-          "no matching identity": NoMatchingIdentity}
+          "no matching identity": NoMatchingIdentity, "request mismatch": RequestMismatch,
+          "range incomplete": RangeIncomplete}
 ISSUE_3_COVERAGE = {  # what issue 3 asks the vectors to cover, by vector name
     "good multi-minute multi-stream stream": "good-multi-minute-multi-stream",
     "bit flip in the header": "flip-header-request-id",
@@ -41,6 +57,21 @@ ISSUE_3_COVERAGE = {  # what issue 3 asks the vectors to cover, by vector name
     "key record for another viewer": "key-record-for-other-viewer",
     "unknown version": "unknown-version",
     "oversized length": "oversized-segment-length",
+}
+ISSUE_12_COVERAGE = {  # streams that do not answer the request
+    "replayed stream (nonce mismatch)": "request-replayed-stream",
+    "wrong camera": "request-wrong-camera",
+    "wrong range": "request-wrong-range",
+    "footage outside the range": "request-segment-outside-range",
+    "stale live": "request-stale-live",
+    "old segments offered as live": "request-live-old-segments",
+    "key records withheld: missing, not 'not authorized'": "withheld-key-record-is-missing",
+    "no signed key grant: missing": "skipped-without-key-grant-is-missing",
+    "forged key grant": "key-grant-resigned-by-other-key",
+    "nothing recorded, proven by the manifests around the range": "good-empty-range",
+    "the edges of a range": "good-range-with-edges",
+    "range start unproven": "range-start-unproven",
+    "range end unproven": "range-end-unproven",
 }
 
 
@@ -66,13 +97,24 @@ def pin_for(name: str) -> Any:
     return check
 
 
+def request_of(vector: dict[str, Any]) -> StreamRequest:
+    """The request the vector's reader answers (live: a fixed viewer clock)."""
+    asked = vector["request"]
+    live = asked["mode"] == "live"
+    clock_ms = asked.get("clock_ms")
+    return StreamRequest(bytes.fromhex(asked["nonce"]), tuple(asked["cameras"]),
+                         Mode.LIVE if live else Mode.PLAYBACK, asked["from_ms"], asked["to_ms"],
+                         (lambda: clock_ms) if live else None,
+                         asked.get("max_skew_ms", 30_000))
+
+
 def run(vector: dict[str, Any], identities: dict[str, Any],
         pieces: list[bytes]) -> tuple[list[object], KeyServiceError | None, int | str, int]:
     """Feed ``pieces``; return (events released, error, index of the failing piece or
     'finish', token operations)."""
     base = identities[vector["viewer"]]
     identity = type(base)(base.certificate, base.private_key)  # type: ignore[arg-type]
-    reader = StreamReader(identity, pin_for(vector["archiver_pin"]))
+    reader = StreamReader(identity, pin_for(vector["archiver_pin"]), request=request_of(vector))
     events: list[object] = []
     for i, piece in enumerate(pieces):
         try:
@@ -95,8 +137,9 @@ def as_json(events: list[object]) -> list[dict[str, Any]]:
                         "stream": event.stream.name.lower(), "seq": event.seq,
                         "capture_ms": event.capture_ms, "last": event.last,
                         "sha256": hashlib.sha256(event.data).hexdigest()})
-        elif isinstance(event, SegmentSkipped):
-            out.append({"event": "skipped", "camera": event.camera,
+        elif isinstance(event, SegmentSkipped | SegmentMissing):
+            kind = "skipped" if isinstance(event, SegmentSkipped) else "missing"
+            out.append({"event": kind, "camera": event.camera,
                         "stream": event.stream.name.lower(), "seq": event.seq,
                         "capture_ms": event.capture_ms})
         else:
@@ -164,6 +207,7 @@ def test_vector(path: Path, identities: dict[str, Any]) -> None:
 def test_vectors_cover_what_issue_3_lists() -> None:
     names = {p.stem for p in FILES}
     assert set(ISSUE_3_COVERAGE.values()) <= names
+    assert set(ISSUE_12_COVERAGE.values()) <= names
     expects = {load(p)["expect"] for p in FILES}
     assert expects == {"success", *EXPECT}
 

@@ -10,8 +10,10 @@ padding is computed here from that randomness (``SeededRecipient``: RFC 8017 EME
 and ECDSA signatures are deterministic (RFC 6979), so each run produces the same bytes. The
 Archiver side uses the real ``keyservice`` code: the vectors are what the Archiver really emits.
 
-Each vector states what a reader must do: ``success`` (with the events and the SHA-256 of the
-concatenated plaintexts), ``format failure``, ``integrity failure`` or ``no matching identity``,
+Each vector names the ``request`` the reader is answering (nonce, cameras, mode, range, and for
+live the viewer's clock and allowed skew) and states what a reader must do: ``success`` (with the
+events and the SHA-256 of the concatenated plaintexts), ``format failure``, ``integrity
+failure``, ``no matching identity`` or ``request mismatch``,
 and where (``fails_at``: ``"prefix"``, a record index counted from 0 = the header, or
 ``"finish"`` when only the end of the input reveals it). The expectation is written here from
 the scenario, not obtained by running the reader.
@@ -69,7 +71,7 @@ from keyservice.identity import (  # noqa: E402
     SoftwareSigner,
     fingerprint,
 )
-from keyservice.stream import ManifestChain, StreamWriter  # noqa: E402
+from keyservice.stream import ManifestChain, StreamWriter, issue_key_grant  # noqa: E402
 
 KEYS_DIR = HERE / "keys"
 VECTORS_DIR = HERE / "v1"
@@ -81,6 +83,9 @@ SUCCESS = "success"
 FORMAT = "format failure"
 INTEGRITY = "integrity failure"
 NO_MATCH = "no matching identity"
+MISMATCH = "request mismatch"
+INCOMPLETE = "range incomplete"
+SKEW_MS = 30_000
 
 KEY_FILES = {
     # name: (kind, subject)
@@ -241,6 +246,7 @@ class SimArchiver:
         self.manifests: list[ArchivedManifest] = []
         self.pending: dict[str, list[ArchivedSegment]] = {LOBBY: [], GATE: []}
         self.minute_keys: dict[str, str] = {}  # hex key id -> hex key (intermediates)
+        self.grants: dict[bytes, bytes] = {}  # key id -> signed key grant (who it was wrapped for)
 
     def rotate(self, camera: str, stream: DataStream, now: int) -> None:
         key = new_minute_key(camera, stream, now, self.rng)
@@ -257,6 +263,9 @@ class SimArchiver:
                 viewer.kek0[opener.epoch_id.hex()] = kek0.hex()
             record = viewer.epoch.wrap(key, now, self.rng)
             viewer.key_records[key.key_id] = (viewer.epoch.epoch_id, encode_record(record))
+        wrapped_for = [fingerprint(v.recipient.certificate) for v in self.viewers
+                       if key.key_id in v.key_records]
+        self.grants[key.key_id] = issue_key_grant(key, wrapped_for, self.signer)
 
     def ingest(self, camera: str, stream: DataStream, now: int, last: bool = False) -> None:
         seq = self.next_seq.get((camera, stream), 0)
@@ -341,6 +350,7 @@ class Built:
     plaintext: bytes
     # record index -> key id / epoch id / camera, to aim mutations
     notes: list[dict[str, Any]] = field(default_factory=list)
+    request: dict[str, Any] = field(default_factory=dict)  # the request this stream answers
 
     def stream(self) -> bytes:
         return stream_prefix() + b"".join(self.records)
@@ -348,10 +358,21 @@ class Built:
 
 def assemble(sim: SimArchiver, viewer: Viewer, cameras: tuple[str, ...], mode: Mode,
              manifests: list[ArchivedManifest], rng: FixedRng, *, header_cert: bytes | None = None,
-             end_signer: DeterministicSigner | None = None) -> Built:
+             end_signer: DeterministicSigner | None = None, created_ms: int = T0 + 200_000,
+             range_ms: tuple[int, int] = (T0, T0 + 180_000), withhold: frozenset[bytes] = frozenset(),
+             without_grants: bool = False,
+             grant_override: dict[bytes, bytes] | None = None,
+             bare: tuple[ArchivedManifest, ...] = (),
+             heads: dict[str, int] | None = None) -> Built:
+    """``withhold``: key ids whose key records (and segments) are not sent although the viewer
+    has them (as an Archiver whose index lost them); ``without_grants``: send no key grants;
+    ``grant_override``: send these grant bytes instead of the genuine ones; ``bare``: manifests
+    sent without their segments (the edges of a playback range); ``heads``: the chain heads
+    END states (default: each camera's, for playback)."""
+    request_id, nonce = rng(16), rng(16)
     header = Header(header_cert or der(sim.signer.certificate),
-                    fingerprint(viewer.recipient.certificate), rng(16), T0 + 200_000, mode,
-                    T0, T0 + 180_000, cameras)
+                    fingerprint(viewer.recipient.certificate), request_id, created_ms, mode,
+                    *range_ms, cameras, request_nonce=nonce)
     writer = StreamWriter(header)
     start = writer.start()
     records = [start[len(stream_prefix()):]]
@@ -360,15 +381,30 @@ def assemble(sim: SimArchiver, viewer: Viewer, cameras: tuple[str, ...], mode: M
     plaintext = bytearray()
     sent_epochs: set[bytes] = set()
     sent_keys: set[bytes] = set()
+    sent_grants: set[bytes] = set()
+    viewer_fp = fingerprint(viewer.recipient.certificate)
     for manifest in manifests:
+        if any(manifest is b for b in bare):
+            records.append(writer.add(manifest.data))
+            notes.append({"kind": "edge", "camera": manifest.camera})
+            continue
         for archived in manifest.segments:
             segment = archived.segment
             found = viewer.key_records.get(segment.key_id)
-            if found is None:
-                events.append({"event": "skipped", "camera": segment.camera,
+            if found is None or segment.key_id in withhold:
+                # Only the manifest is sent, with the key's signed grant: "skipped" (withheld,
+                # not authorized) only if the grant does not list this viewer.
+                grant = (grant_override or {}).get(segment.key_id, sim.grants[segment.key_id])
+                if not without_grants and segment.key_id not in sent_grants:
+                    records.append(writer.add(grant))
+                    notes.append({"kind": "grant", "key_id": segment.key_id})
+                    sent_grants.add(segment.key_id)
+                listed = viewer_fp in decode_record(grant).viewers  # type: ignore[union-attr]
+                kind = "missing" if without_grants or listed else "skipped"
+                events.append({"event": kind, "camera": segment.camera,
                                "stream": segment.stream.name.lower(), "seq": segment.seq,
                                "capture_ms": segment.capture_ms})
-                continue  # not authorized then: only the manifest is sent
+                continue
             epoch_id, key_record = found
             if epoch_id not in sent_epochs:
                 records.append(writer.add(viewer.openers[epoch_id]))
@@ -388,10 +424,29 @@ def assemble(sim: SimArchiver, viewer: Viewer, cameras: tuple[str, ...], mode: M
         records.append(writer.add(manifest.data))
         notes.append({"kind": "manifest", "camera": manifest.camera})
     reason = EndReason.LIVE_ENDED if mode == Mode.LIVE else EndReason.RANGE_COMPLETE
-    records.append(writer.end(end_signer or sim.signer, reason))
+    if heads is None:
+        heads = ({} if mode == Mode.LIVE
+                 else {camera: sim.chains[camera].next_seq for camera in cameras})
+    records.append(writer.end(end_signer or sim.signer, reason, sorted(heads.items())))
     notes.append({"kind": "end"})
     events.append({"event": "end", "reason": int(reason)})
-    return Built(records, events, bytes(plaintext), notes)
+    if mode == Mode.LIVE:  # asked 200 ms before the Archiver made it, read 45 s later
+        request = request_json(nonce, cameras, mode, created_ms - 200,
+                               created_ms - 200 + (range_ms[1] - range_ms[0]), created_ms + 45_000)
+    else:
+        request = request_json(nonce, cameras, mode, *range_ms)
+    return Built(records, events, bytes(plaintext), notes, request)
+
+
+def request_json(nonce: bytes, cameras: tuple[str, ...], mode: Mode, from_ms: int, to_ms: int,
+                 clock_ms: int | None = None) -> dict[str, Any]:
+    """The viewer's request, as the vector states it (live: its clock when reading)."""
+    doc: dict[str, Any] = {"nonce": nonce.hex(), "cameras": list(cameras),
+                           "mode": "live" if mode == Mode.LIVE else "playback",
+                           "from_ms": from_ms, "to_ms": to_ms}
+    if clock_ms is not None:
+        doc.update(clock_ms=clock_ms, max_skew_ms=SKEW_MS)
+    return doc
 
 
 # --- record-level surgery -----------------------------------------------------------------
@@ -440,6 +495,7 @@ class Vector:
     archiver: str = "archiver"
     built: Built | None = None
     intermediates: dict[str, Any] | None = None
+    request: dict[str, Any] | None = None  # default: the request of the good stream
 
     def to_json(self) -> str:
         doc: dict[str, Any] = {
@@ -448,6 +504,7 @@ class Vector:
             "format": "fusion stream v1 (docs/spec/fusion-stream-v1.md)",
             "viewer": self.viewer,
             "archiver_pin": self.archiver,
+            "request": self.request,
             "expect": self.expect,
         }
         if self.expect == SUCCESS:
@@ -495,6 +552,10 @@ def vectors() -> Iterator[Vector]:
 
     good = assemble(sim, viewer_a, (LOBBY, GATE), Mode.PLAYBACK, sim.manifests,
                     FixedRng("stream of viewer A"))
+
+    def V(*args: Any, **kwargs: Any) -> Vector:  # a Vector read against good's request
+        kwargs.setdefault("request", good.request)
+        return Vector(*args, **kwargs)
     recs = good.records
     n_end = len(recs) - 1
 
@@ -514,7 +575,7 @@ def vectors() -> Iterator[Vector]:
         seg = next(i for i in indices(good, "segment") if good.notes[i]["segment"].key_id == key_id)
         return next_manifest(seg, good.notes[seg]["camera"])
 
-    yield Vector(
+    yield V(
         "good-multi-minute-multi-stream",
         "Three minutes of two cameras (cam-lobby: video, audio, metadata; cam-gate: video) "
         "for viewer A, two epochs (an authorization change at minute 2). cam-gate segments of "
@@ -527,27 +588,58 @@ def vectors() -> Iterator[Vector]:
                        "transcript": transcript_intermediates(recs)})
 
     gate_minute2 = [m for m in sim.manifests if m.camera == GATE][-2:]
-    live_b = assemble(sim, viewer_b, (GATE,), Mode.LIVE, gate_minute2, FixedRng("live of B"))
-    yield Vector(
+    live_b = assemble(sim, viewer_b, (GATE,), Mode.LIVE, gate_minute2, FixedRng("live of B"),
+                      created_ms=T0 + 125_200, range_ms=(T0 + 125_200, T0 + 185_200))
+    yield V(
         "good-live-sha1-oaep-joined-midway",
         "A live stream for viewer B (RSA-OAEP with SHA-1, as SoftHSM needs) that joins "
         "cam-gate's manifest chain midway (its first manifest has sequence 4) and ends with "
         "reason 2 (live ended).",
-        SUCCESS, live_b.stream(), viewer="viewer-b", built=live_b)
+        SUCCESS, live_b.stream(), viewer="viewer-b", built=live_b, request=live_b.request)
 
-    empty = assemble(sim, viewer_a, (LOBBY,), Mode.PLAYBACK, [], FixedRng("empty"))
-    yield Vector("good-empty-range", "A header and a signed end record: nothing recorded.",
-                 SUCCESS, empty.stream(), built=empty)
+    lobby = [m for m in sim.manifests if m.camera == LOBBY]
+    around = (lobby[2], lobby[3])  # minute 0's last and minute 1's first cam-lobby manifests
+    empty = assemble(sim, viewer_a, (LOBBY,), Mode.PLAYBACK, list(around), FixedRng("empty"),
+                     range_ms=(T0 + 52_000, T0 + 60_000), bare=around)
+    yield V("good-empty-range", "Nothing recorded in the range: the two cam-lobby manifests "
+            "around it, sent bare, link to each other, which proves it; then the signed end "
+            "record.", SUCCESS, empty.stream(), built=empty, request=empty.request)
+    minute1 = [m for m in sim.manifests if T0 + 60_000 <= m.segments[0].segment.capture_ms
+               < T0 + 120_000]
+    gate = [m for m in sim.manifests if m.camera == GATE]
+    edges = (lobby[2], lobby[6], gate[1], gate[4])  # just before and after minute 1
+    in_order = [m for m in sim.manifests if m in minute1 or any(m is e for e in edges)]
+    edged = assemble(sim, viewer_b, (LOBBY, GATE), Mode.PLAYBACK, in_order,
+                     FixedRng("minute 1 of B"), range_ms=(T0 + 60_000, T0 + 119_999), bare=edges)
+    yield V("good-range-with-edges", "Minute 1 of both cameras for viewer B: each camera's "
+            "manifests in the range, with the manifest just before and just after the range "
+            "sent bare, so the reader can tell that nothing at either edge was left out.",
+            SUCCESS, edged.stream(), viewer="viewer-b", built=edged, request=edged.request)
+    no_start = assemble(sim, viewer_b, (LOBBY, GATE), Mode.PLAYBACK,
+                        [m for m in in_order if m is not lobby[2]], FixedRng("minute 1 of B"),
+                        range_ms=(T0 + 60_000, T0 + 119_999), bare=edges)
+    yield V("range-start-unproven", "Minute 1 without cam-lobby's manifest just before the "
+            "range (as from an index whose rows for the range's first minutes were deleted): "
+            "nothing shows the stream starts at the range's beginning.", INCOMPLETE,
+            no_start.stream(), len(no_start.records) - 1, viewer="viewer-b",
+            request=no_start.request)
+    no_end = assemble(sim, viewer_b, (LOBBY, GATE), Mode.PLAYBACK,
+                      [m for m in in_order if m is not gate[4]], FixedRng("minute 1 of B"),
+                      range_ms=(T0 + 60_000, T0 + 119_999), bare=edges)
+    yield V("range-end-unproven", "Minute 1 without cam-gate's manifest just after the range, "
+            "while the end record names a later chain head: the range's end may be missing.",
+            INCOMPLETE, no_end.stream(), len(no_end.records) - 1, viewer="viewer-b",
+            request=no_end.request)
 
     # --- one bit flipped in each record type ----------------------------------------------
-    yield Vector("flip-header-request-id", "A bit of the header's request id flipped: the "
+    yield V("flip-header-request-id", "A bit of the header's request id flipped: the "
                  "signed end record names the original request.", INTEGRITY,
                  with_record(0, flip(recs[0], header_field_offset(recs[0], "request_id"))), n_end)
-    yield Vector("flip-header-viewer-fingerprint", "A bit of the header's viewer fingerprint "
+    yield V("flip-header-viewer-fingerprint", "A bit of the header's viewer fingerprint "
                  "flipped: the stream is no longer addressed to viewer A.", NO_MATCH,
                  with_record(0, flip(recs[0], header_field_offset(recs[0], "viewer_fingerprint"))),
                  0)
-    yield Vector("flip-header-archiver-certificate", "A bit of the Archiver certificate's "
+    yield V("flip-header-archiver-certificate", "A bit of the Archiver certificate's "
                  "signature flipped (still valid DER): it is not the pinned certificate.",
                  INTEGRITY,
                  with_record(0, flip(recs[0], header_field_offset(recs[0], "cert_last"))), 0)
@@ -555,38 +647,38 @@ def vectors() -> Iterator[Vector]:
     epoch_1 = good.notes[opener_1]["epoch_id"]
     first_key_of_epoch_1 = next(good.notes[i]["key_id"]
                                 for i in indices(good, "key", epoch_id=epoch_1))
-    yield Vector("flip-epoch-opener", "A bit of the first epoch opener's RSA ciphertext "
+    yield V("flip-epoch-opener", "A bit of the first epoch opener's RSA ciphertext "
                  "flipped: it fails when first needed, at the first manifest whose segments "
                  "use a key of that epoch.", INTEGRITY,
                  with_record(opener_1, flip(recs[opener_1], len(recs[opener_1]) - 7)),
                  first_use(first_key_of_epoch_1))
     key_3 = indices(good, "key")[3]
-    yield Vector("flip-key-record", "A bit of a wrapped minute key flipped: its unwrapping "
+    yield V("flip-key-record", "A bit of a wrapped minute key flipped: its unwrapping "
                  "fails at the first manifest that needs it.", INTEGRITY,
                  with_record(key_3, flip(recs[key_3], len(recs[key_3]) - 20)),
                  first_use(good.notes[key_3]["key_id"]))
     seg_4 = indices(good, "segment")[4]
     cam_4 = good.notes[seg_4]["camera"]
-    yield Vector("flip-segment-ciphertext", "A bit of a segment's ciphertext flipped: the "
+    yield V("flip-segment-ciphertext", "A bit of a segment's ciphertext flipped: the "
                  "covering manifest's digest (and the GCM tag) no longer match.", INTEGRITY,
                  with_record(seg_4, flip(recs[seg_4], len(recs[seg_4]) - 20)),
                  next_manifest(seg_4, cam_4))
     last_video = indices(good, "segment", camera=LOBBY)[-1]
     flags_offset = 5 + 1 + len(LOBBY) + 1 + 8 + 8 + 4 + 16
-    yield Vector("flip-segment-last-flag", "The last-segment flag of the final cam-lobby "
+    yield V("flip-segment-last-flag", "The last-segment flag of the final cam-lobby "
                  "segment cleared.", INTEGRITY,
                  with_record(last_video, flip(recs[last_video], flags_offset)),
                  next_manifest(last_video, LOBBY))
     man_2 = indices(good, "manifest")[2]
-    yield Vector("flip-manifest", "A bit of a manifest entry's segment tag flipped: the "
+    yield V("flip-manifest", "A bit of a manifest entry's segment tag flipped: the "
                  "Archiver signature fails.", INTEGRITY,
                  with_record(man_2, flip(recs[man_2], 5 + 1 + len(good.notes[man_2]["camera"])
                                          + 8 + 32 + 8 + 1 + 2 + 1 + 8 + 8 + 4 + 16 + 3)), man_2)
-    yield Vector("flip-manifest-signature", "A bit inside a manifest's signature flipped.",
+    yield V("flip-manifest-signature", "A bit inside a manifest's signature flipped.",
                  INTEGRITY, with_record(man_2, flip(recs[man_2], len(recs[man_2]) - 3)), man_2)
-    yield Vector("flip-end-transcript", "A bit of the end record's transcript hash flipped.",
+    yield V("flip-end-transcript", "A bit of the end record's transcript hash flipped.",
                  INTEGRITY, with_record(n_end, flip(recs[n_end], 5 + 16 + 1 + 5)), n_end)
-    yield Vector("flip-record-type", "A key record's type byte changed to 9, an unknown type.",
+    yield V("flip-record-type", "A key record's type byte changed to 9, an unknown type.",
                  FORMAT, with_record(key_3, bytes([9]) + recs[key_3][1:]), key_3)
 
     # --- reordering and splicing ---------------------------------------------------------
@@ -594,121 +686,183 @@ def vectors() -> Iterator[Vector]:
     a, b = lobby_segs[0], lobby_segs[1]
     swapped = list(recs)
     swapped[a], swapped[b] = swapped[b], swapped[a]
-    yield Vector("reordered-segments", "Two cam-lobby segments under one manifest swapped.",
+    yield V("reordered-segments", "Two cam-lobby segments under one manifest swapped.",
                  INTEGRITY, variant(swapped), next_manifest(b, LOBBY))
     moved = reencode(recs[a], camera=GATE)
-    yield Vector("segment-moved-to-other-camera", "A cam-lobby segment relabelled as a cam-gate "
+    yield V("segment-moved-to-other-camera", "A cam-lobby segment relabelled as a cam-gate "
                  "segment: cam-lobby's manifest misses it.", INTEGRITY,
                  with_record(a, moved), next_manifest(a, LOBBY))
     minute0_seg = lobby_segs[0]
     minute1_man = indices(good, "manifest", camera=LOBBY)[3]
     spliced = [*recs[:minute1_man], recs[minute0_seg], *recs[minute1_man:]]
-    yield Vector("segment-replayed-in-later-minute", "A minute-0 cam-lobby segment inserted "
+    yield V("segment-replayed-in-later-minute", "A minute-0 cam-lobby segment inserted "
                  "again among minute-1 segments: the minute-1 manifest does not list it.",
                  INTEGRITY, variant(spliced), minute1_man + 1)
     later = [r for i, r in enumerate(recs) if i != minute0_seg]
     insert_at = minute1_man - 1  # index in `later` (one record earlier was removed)
     later = [*later[:insert_at], recs[minute0_seg], *later[insert_at:]]
-    yield Vector("segment-moved-to-later-minute", "A minute-0 cam-lobby segment moved among "
+    yield V("segment-moved-to-later-minute", "A minute-0 cam-lobby segment moved among "
                  "the minute-1 segments: minute 0's manifest misses it.", INTEGRITY,
                  variant(later), next_manifest(minute0_seg, LOBBY) - 1)
     unknown_camera = reencode(recs[a], camera="cam-attic")
-    yield Vector("segment-for-camera-not-in-header", "A segment of a camera the header does "
+    yield V("segment-for-camera-not-in-header", "A segment of a camera the header does "
                  "not announce.", INTEGRITY, with_record(a, unknown_camera), a)
 
     # --- truncation ----------------------------------------------------------------------
-    yield Vector("truncated-missing-end", "The end record cut off.", INTEGRITY,
+    yield V("truncated-missing-end", "The end record cut off.", INTEGRITY,
                  without(n_end), "finish")
     last_seg = indices(good, "segment")[-1]
-    yield Vector("truncated-missing-last-segment", "The last segment removed (its manifest and "
+    yield V("truncated-missing-last-segment", "The last segment removed (its manifest and "
                  "the end record kept).", INTEGRITY, without(last_seg), n_end - 2)
-    yield Vector("truncated-after-last-segment", "The last manifest and the end record cut "
+    yield V("truncated-after-last-segment", "The last manifest and the end record cut "
                  "off.", INTEGRITY, without(n_end - 1, n_end), "finish")
-    yield Vector("truncated-inside-record", "The stream stops in the middle of the last "
+    yield V("truncated-inside-record", "The stream stops in the middle of the last "
                  "manifest.", FORMAT, variant([*recs[:n_end - 1], recs[n_end - 1][:40]]),
                  "finish")
 
     # --- manifests -----------------------------------------------------------------------
     lobby_mans = indices(good, "manifest", camera=LOBBY)
-    yield Vector("manifest-missing", "A cam-lobby manifest removed: the next one covers "
+    yield V("manifest-missing", "A cam-lobby manifest removed: the next one covers "
                  "segments it does not list and does not link to it.", INTEGRITY,
                  without(lobby_mans[1]), lobby_mans[2] - 1)
     manifest = decode_record(recs[lobby_mans[1]])
     resigned = encode_record(replace(manifest, signature=rogue.sign(manifest.signed_bytes())))
-    yield Vector("manifest-resigned-by-other-key", "A manifest re-signed by a key that is not "
+    yield V("manifest-resigned-by-other-key", "A manifest re-signed by a key that is not "
                  "the pinned Archiver's.", INTEGRITY, with_record(lobby_mans[1], resigned),
                  lobby_mans[1])
     replay = [*recs[:lobby_mans[2] + 1], recs[lobby_mans[1]], *recs[lobby_mans[2] + 1:]]
     end = decode_record(recs[n_end])
     end_resigned = encode_record(replace(end, signature=rogue.sign(end.signed_bytes())))
-    yield Vector("end-resigned-by-other-key", "The end record (correct transcript hash) signed by "
+    yield V("end-resigned-by-other-key", "The end record (correct transcript hash) signed by "
                  "a key that is not the pinned Archiver's.", INTEGRITY,
                  with_record(n_end, end_resigned), n_end)
-    yield Vector("manifest-replayed", "An earlier cam-lobby manifest sent again.", INTEGRITY,
+    yield V("manifest-replayed", "An earlier cam-lobby manifest sent again.", INTEGRITY,
                  variant(replay), lobby_mans[2] + 1)
 
     # --- forgery with public information only --------------------------------------------
     forger, forger_a, _ = run_archiver(rogue, "forger")
     forged = assemble(forger, forger_a, (LOBBY, GATE), Mode.PLAYBACK, forger.manifests,
                       FixedRng("forged"), header_cert=der(signer.certificate), end_signer=rogue)
-    yield Vector("forged-with-viewer-certificate", "A complete stream made by someone who holds "
+    yield V("forged-with-viewer-certificate", "A complete stream made by someone who holds "
                  "only viewer A's certificate and the Archiver's public certificate: openers, "
                  "keys and segments are valid for viewer A, but the manifests cannot carry the "
                  "Archiver's signature.", INTEGRITY, forged.stream(),
-                 indices(forged, "manifest")[0])
+                 indices(forged, "manifest")[0], request=forged.request)
     forged_own = assemble(forger, forger_a, (LOBBY, GATE), Mode.PLAYBACK, forger.manifests,
                           FixedRng("forged"))
-    yield Vector("forged-with-own-archiver-certificate", "The same forgery, naming the forger's "
+    yield V("forged-with-own-archiver-certificate", "The same forgery, naming the forger's "
                  "own certificate in the header: it is not the pinned one.", INTEGRITY,
-                 forged_own.stream(), 0)
+                 forged_own.stream(), 0, request=forged_own.request)
 
     # --- identities ----------------------------------------------------------------------
     key_i = indices(good, "key")[0]
     key_id = good.notes[key_i]["key_id"]
     b_epoch, b_record = viewer_b.key_records[key_id]
     with_b = [*recs[:key_i], viewer_b.openers[b_epoch], b_record, *recs[key_i + 1:]]
-    yield Vector("key-record-for-other-viewer", "Viewer B's epoch opener and key record for a "
+    yield V("key-record-for-other-viewer", "Viewer B's epoch opener and key record for a "
                  "minute key, in place of viewer A's key record.", NO_MATCH, variant(with_b),
                  key_i)
-    yield Vector("key-record-of-unknown-epoch", "Viewer B's key record (of an epoch this "
+    yield V("key-record-of-unknown-epoch", "Viewer B's key record (of an epoch this "
                  "stream never opened) in place of viewer A's.", INTEGRITY,
                  with_record(key_i, b_record), key_i)
     a_epoch = good.notes[key_i]["epoch_id"]
     relabelled = reencode(b_record, epoch_id=a_epoch)
-    yield Vector("key-record-for-other-viewer-relabelled", "Viewer B's key record with its "
+    yield V("key-record-for-other-viewer-relabelled", "Viewer B's key record with its "
                  "epoch id changed to viewer A's epoch: it does not unwrap for viewer A.",
                  INTEGRITY, with_record(key_i, relabelled), first_use(key_id))
-    yield Vector("stream-for-other-viewer", "Viewer B's live stream, read by viewer A.",
-                 NO_MATCH, live_b.stream(), 0)
+    yield V("stream-for-other-viewer", "Viewer B's live stream, read by viewer A.",
+                 NO_MATCH, live_b.stream(), 0, request=live_b.request)
 
     # --- framing -------------------------------------------------------------------------
-    yield Vector("unknown-version", "Version 2 in the prefix.", FORMAT,
+    yield V("unknown-version", "Version 2 in the prefix.", FORMAT,
                  b"FUSNSTRM\x00\x02" + b"".join(recs), "prefix")
-    yield Vector("bad-magic", "Not a fusion stream.", FORMAT,
+    yield V("bad-magic", "Not a fusion stream.", FORMAT,
                  b"FUSNSTRX\x00\x01" + b"".join(recs), "prefix")
     seg_0 = lobby_segs[0]
     oversized = struct.pack(">BI", RecordType.SEGMENT, MAX_SEGMENT_BODY + 1) + recs[seg_0][5:]
-    yield Vector("oversized-segment-length", "A segment record claiming 64 MiB + 1 bytes.",
+    yield V("oversized-segment-length", "A segment record claiming 64 MiB + 1 bytes.",
                  FORMAT, variant([*recs[:seg_0], oversized]), seg_0)
     oversized_small = (struct.pack(">BI", RecordType.KEY_RECORD, MAX_SMALL_BODY + 1)
                        + recs[key_i][5:])
-    yield Vector("oversized-key-record-length", "A key record claiming 64 KiB + 1 bytes.",
+    yield V("oversized-key-record-length", "A key record claiming 64 KiB + 1 bytes.",
                  FORMAT, variant([*recs[:key_i], oversized_small]), key_i)
-    yield Vector("bytes-after-end", "One byte after the end record.", FORMAT,
+    yield V("bytes-after-end", "One byte after the end record.", FORMAT,
                  good.stream() + b"\x00", n_end + 1)
-    yield Vector("first-record-not-header", "The stream starts with an epoch opener.", FORMAT,
+    yield V("first-record-not-header", "The stream starts with an epoch opener.", FORMAT,
                  variant(recs[1:]), 0)
-    yield Vector("second-header", "The header sent twice.", FORMAT,
+    yield V("second-header", "The header sent twice.", FORMAT,
                  variant(recs[:1] + recs), 1)
     short = recs[seg_0][:5 + 1 + len(LOBBY) + 1 + 8 + 8 + 4 + 16 + 1 + 15]
     short = struct.pack(">BI", RecordType.SEGMENT, len(short) - 5) + short[5:]
-    yield Vector("segment-shorter-than-tag", "A segment whose ciphertext is shorter than the "
+    yield V("segment-shorter-than-tag", "A segment whose ciphertext is shorter than the "
                  "16-byte tag.", FORMAT, with_record(seg_0, short), seg_0)
     padded = recs[key_i] + b"\x00"
     padded = struct.pack(">BI", RecordType.KEY_RECORD, len(padded) - 5) + padded[5:]
-    yield Vector("trailing-bytes-in-record", "A key record with one byte too many.", FORMAT,
+    yield V("trailing-bytes-in-record", "A key record with one byte too many.", FORMAT,
                  with_record(key_i, padded), key_i)
 
+    # --- completeness: withheld segments need a signed key grant (issue 12) ---------------
+    lobby_key = good.notes[indices(good, "key", epoch_id=epoch_1)[3]]["key_id"]
+    withheld = assemble(sim, viewer_a, (LOBBY, GATE), Mode.PLAYBACK, sim.manifests,
+                        FixedRng("stream of viewer A"), withhold=frozenset({lobby_key}))
+    yield V("withheld-key-record-is-missing", "The key record (and segments) of one cam-lobby "
+            "minute key are not sent although viewer A has one, as from an Archiver whose index "
+            "lost those key-record rows; the key's signed grant lists viewer A, so the reader "
+            "reports those segments as missing, not as 'not authorized'.", SUCCESS,
+            withheld.stream(), built=withheld, request=withheld.request)
+    no_grants = assemble(sim, viewer_a, (LOBBY, GATE), Mode.PLAYBACK, sim.manifests,
+                         FixedRng("stream of viewer A"), without_grants=True)
+    yield V("skipped-without-key-grant-is-missing", "The good stream without the signed key "
+            "grants of the cam-gate keys viewer A was not authorized for: nothing signed says "
+            "it was not authorized, so those segments are reported as missing.", SUCCESS,
+            no_grants.stream(), built=no_grants, request=no_grants.request)
+    gate_grant_i = indices(good, "grant")[0]
+    gate_grant = decode_record(recs[gate_grant_i])
+    forged_grant = encode_record(replace(gate_grant, signature=rogue.sign(
+        gate_grant.signed_bytes())))  # type: ignore[union-attr]
+    yield V("key-grant-resigned-by-other-key", "A key grant signed by a key that is not the "
+            "pinned Archiver's.", INTEGRITY, with_record(gate_grant_i, forged_grant),
+            gate_grant_i)
+
+    # --- streams that do not answer the request (issue 12: replay, the CCTV loop) ---------
+    def asking(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+        return {**base, **changes}
+
+    yield V("request-replayed-stream", "Viewer A's genuine, complete stream, saved and replayed "
+            "by a relay as the answer to a new request for the same camera and range: the "
+            "header carries the earlier request's nonce.", MISMATCH, good.stream(), 0,
+            request=asking(good.request, nonce=FixedRng("a new request")(16).hex()))
+    gate_only = assemble(sim, viewer_a, (GATE,), Mode.PLAYBACK,
+                         [m for m in sim.manifests if m.camera == GATE], FixedRng("gate of A"))
+    yield V("request-wrong-camera", "A genuine stream of cam-gate, with the nonce of the "
+            "request (a relay can read it), answering a request for cam-lobby.", MISMATCH,
+            gate_only.stream(), 0, request=asking(gate_only.request, cameras=[LOBBY]))
+    yield V("request-wrong-range", "A genuine stream for the range of minutes 0-3 answering a "
+            "request (same nonce) for minute 1 only.", MISMATCH, good.stream(), 0,
+            request=asking(good.request, from_ms=T0 + 60_000, to_ms=T0 + 120_000))
+    minute1 = assemble(sim, viewer_a, (LOBBY, GATE), Mode.PLAYBACK, sim.manifests,
+                       FixedRng("minute 1 of A"), range_ms=(T0 + 60_000, T0 + 120_000))
+    yield V("request-segment-outside-range", "A header that answers a request for minute 1, "
+            "but the stream carries the signed manifests of minute 0 as well (as an Archiver "
+            "whose index time columns were edited would send): the second cam-lobby manifest's "
+            "signed "
+            "capture time lies outside the range (the first segment of each data stream may "
+            "start before the range: it may overlap its start).", MISMATCH, minute1.stream(),
+            indices(minute1, "manifest", camera=LOBBY)[1], request=minute1.request)
+    yield V("request-stale-live", "Viewer B's genuine live stream, replayed an hour later as the "
+            "answer to a new live request (the nonce rewritten would break the END signature; "
+            "here the relay even has the right nonce): the header was made an hour before the "
+            "request by the viewer's clock.", MISMATCH, live_b.stream(), 0, viewer="viewer-b",
+            request=asking(live_b.request, from_ms=live_b.request["from_ms"] + 3_600_000,
+                           to_ms=live_b.request["to_ms"] + 3_600_000,
+                           clock_ms=live_b.request["clock_ms"] + 3_600_000))
+    old_live = assemble(sim, viewer_b, (GATE,), Mode.LIVE,
+                        [m for m in sim.manifests if m.camera == GATE][:2], FixedRng("old live"),
+                        created_ms=T0 + 125_200, range_ms=(T0 + 125_200, T0 + 185_200))
+    yield V("request-live-old-segments", "A fresh live header, but the segments are from "
+            "minute 0 (signed capture times two minutes before the request): old footage "
+            "offered as live.", MISMATCH, old_live.stream(), indices(old_live, "manifest")[0],
+            viewer="viewer-b", request=old_live.request)
     yield from ec_vectors(signer)
 
 
@@ -729,7 +883,7 @@ def ec_vectors(signer: DeterministicSigner) -> Iterator[Vector]:
         "good-ec-p256-viewer",
         "Two minutes of cam-lobby video for viewer C, an EC P-256 viewer: one epoch opener of "
         "kind 16 (ephemeral point || AES-KW of KEK0 under HKDF-SHA256 of the ECDH secret), "
-        "opened with one ECDH.", SUCCESS, good.stream(), viewer="viewer-c", built=good,
+        "opened with one ECDH.", SUCCESS, good.stream(), viewer="viewer-c", built=good, request=good.request,
         intermediates={"rng": "SHAKE-256(seed || counter u64), seed 'fusion stream v1 EC "
                               "vectors' (Archiver; the ephemeral scalar is its first 32-byte "
                               "draw after the epoch id and KEK0) and 'stream of viewer C'",
@@ -741,22 +895,22 @@ def ec_vectors(signer: DeterministicSigner) -> Iterator[Vector]:
                  "flipped: off the curve or another point, so the unwrap fails, when the "
                  "opener is first needed.", INTEGRITY,
                  with_record(opener_i, flip(opener, len(opener) - 105 + 10)), first_manifest,
-                 viewer="viewer-c")
+                 viewer="viewer-c", request=good.request)
     yield Vector("flip-ec-epoch-opener-wrapped-key", "A bit of the EC opener's wrapped KEK0 "
                  "flipped: AES-KW's integrity check fails.", INTEGRITY,
                  with_record(opener_i, flip(opener, len(opener) - 3)), first_manifest,
-                 viewer="viewer-c")
+                 viewer="viewer-c", request=good.request)
     yield Vector("ec-opener-kind-changed-to-rsa", "The EC opener's kind byte changed from 16 "
                  "to 2 (RSA-OAEP SHA-256): an RSA opener cannot be for an EC key.", INTEGRITY,
                  with_record(opener_i, reencode(opener, oaep_hash=OaepHash.SHA256)),
-                 first_manifest, viewer="viewer-c")
+                 first_manifest, viewer="viewer-c", request=good.request)
     kind_offset = 5 + 16 + 32
     yield Vector("ec-opener-unknown-kind", "The opener kind byte set to 3, a kind that does "
                  "not exist.", FORMAT, with_record(opener_i, opener[:kind_offset] + b"\x03"
                                                    + opener[kind_offset + 1:]), opener_i,
-                 viewer="viewer-c")
+                 viewer="viewer-c", request=good.request)
     yield Vector("ec-stream-read-by-rsa-viewer", "Viewer C's stream, read by viewer A (RSA).",
-                 NO_MATCH, good.stream(), 0, viewer="viewer-a")
+                 NO_MATCH, good.stream(), 0, viewer="viewer-a", request=good.request)
 
 
 def render() -> dict[str, str]:
