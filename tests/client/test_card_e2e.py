@@ -38,11 +38,6 @@ CARD_KEY_ID = b"\x03"  # PIV slot 9D, the key-management slot, in OpenSC and ykc
 
 
 @pytest.fixture
-def client(tmp_path: Path) -> Client:
-    return Client(tmp_path / "client-home")
-
-
-@pytest.fixture
 def site_archiver(tmp_path: Path, site_ca: SiteCa) -> Iterator[ArchiverServer]:
     """An Archiver that authorizes only viewers whose certificate the site CA issued."""
     server = ArchiverServer(tmp_path / "archiver", extra_args=("--site-ca", str(site_ca.path)))

@@ -79,20 +79,6 @@ class Client:
         return Result(done.returncode, done.stdout, stderr)
 
 
-@pytest.fixture
-def client(tmp_path: Path) -> Client:
-    return Client(tmp_path / "client-home")
-
-
-@pytest.fixture
-def make_viewer(softhsm_token_factory: Callable[[], TokenHandle]) -> Callable[[str], Viewer]:
-    def make(name: str) -> Viewer:
-        token = softhsm_token_factory()
-        pem = enroll_viewer(token, name)
-        return Viewer(name, token, token.object_uri(name), pem)
-    return make
-
-
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 

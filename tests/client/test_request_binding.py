@@ -10,29 +10,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from tests.fixtures.server import ArchiverServer
-from tests.fixtures.tokens import TokenHandle, enroll_viewer
 
 from .proxy import TamperingProxy
 from .test_e2e import Client, Viewer, chunk, iso, now_ms, play, put, wait_for_audit
 
 EXIT_REQUEST_MISMATCH = 13
-
-
-@pytest.fixture
-def client(tmp_path: Path) -> Client:
-    return Client(tmp_path / "client-home")
-
-
-@pytest.fixture
-def make_viewer(softhsm_token_factory: Callable[[], TokenHandle]) -> Callable[[str], Viewer]:
-    def make(name: str) -> Viewer:
-        token = softhsm_token_factory()
-        pem = enroll_viewer(token, name)
-        return Viewer(name, token, token.object_uri(name), pem)
-    return make
 
 
 def assert_no_video(out: Path) -> None:
