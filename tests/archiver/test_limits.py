@@ -6,6 +6,7 @@ test from hanging when a limit is missing."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -220,7 +221,8 @@ def test_login_rate_and_viewer_concurrency_limits(serve: Callable[..., ArchiverS
     # refused, while bob is not affected. (Requests still being searched have their own limit,
     # --viewer-concurrency: hardening/test_query_flood.py.)
     def live(session: str) -> httpx.Response:
-        return httpx.get(f"{server.url}/v1/cameras/cam1/live", params={"duration_s": 4},
+        return httpx.get(f"{server.url}/v1/cameras/cam1/live",
+                         params={"duration_s": 4, "nonce": os.urandom(16).hex()},
                          headers={"Authorization": f"Bearer {session}"}, timeout=30)
 
     open_streams: list[httpx.Response] = []
@@ -228,7 +230,7 @@ def test_login_rate_and_viewer_concurrency_limits(serve: Callable[..., ArchiverS
 
     def hold() -> None:
         with httpx.stream("GET", f"{server.url}/v1/cameras/cam1/live",
-                          params={"duration_s": 4}, timeout=30,
+                          params={"duration_s": 4, "nonce": os.urandom(16).hex()}, timeout=30,
                           headers={"Authorization": f"Bearer {alice_session}"}) as response:
             open_streams.append(response)
             ready.wait()

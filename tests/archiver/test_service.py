@@ -107,7 +107,7 @@ def test_viewer_on_other_camera_is_refused(archiver_server: ArchiverServer, make
     assert missing.text.replace("nosuch", "cam1") == forbidden.text
     for camera in ("cam1", "nosuch"):
         live = httpx.get(f"{archiver_server.url}/v1/cameras/{camera}/live",
-                         params={"duration_s": 0.1},
+                         params={"duration_s": 0.1, "nonce": "00" * 16},
                          headers={"Authorization": f"Bearer {session}"})
         assert (live.status_code, live.json()["error"]) == (403, "not_authorized")
     listed = httpx.get(f"{archiver_server.url}/v1/cameras",
