@@ -181,7 +181,7 @@ def test_deleted_key_records_are_reported_missing_not_unauthorized(
         deleted = db.execute(
             "DELETE FROM key_records WHERE fingerprint=? AND key_id IN (SELECT key_id FROM "
             "segments WHERE seq BETWEEN 3 AND 5)", (alice_fp,)).rowcount
-    assert deleted == 1
+    assert deleted >= 1  # one key, or two if a key period ended during the three uploads
     out = tmp_path / "alice.ts"
     result = play(client, archiver_server.url, alice, out, t0, t1)
     assert result.code == EXIT_SEGMENTS_MISSING, result.stderr
