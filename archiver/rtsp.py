@@ -20,6 +20,7 @@ import io
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -43,6 +44,8 @@ BACKOFF_MAX_S = 2.0
 # (some lock the account) and the log is not flooded.
 AUTH_BACKOFF_S = 60.0
 STORAGE_BACKOFF_S = 5.0
+# How long stopping a puller may wait for it to archive what it holds.
+PULLER_STOP_S = OPEN_TIMEOUT_S + 1
 
 Ingest = Callable[[str, bytes], object]
 ReportProblem = Callable[[str, CameraState, str], None]
@@ -145,10 +148,15 @@ class RtspSupervisor:
             thread.join(wait_s)
 
     def stop_all(self) -> None:
-        """Stop every puller and wait for each to archive what it holds (bounded by the read
-        timeout: a puller checks its stop flag between packets)."""
+        """Stop every puller, then wait for them to archive what they hold (bounded: a puller
+        checks its stop flag between packets and FFmpeg's waits are bounded by timeouts)."""
+        with self._lock:
+            threads = list(self._threads.values())
         for camera in list(self._pullers):
-            self.stop(camera, wait_s=READ_TIMEOUT_S + 1)
+            self.stop(camera)
+        deadline = time.monotonic() + PULLER_STOP_S
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self, puller: _Puller) -> None:
         backoff = BACKOFF_START_S
@@ -169,6 +177,9 @@ class RtspSupervisor:
             except (StorageFull, StorageFailed) as exc:
                 problem, message = CameraState.STALLED, str(exc)
                 delay = STORAGE_BACKOFF_S
+            except Exception as exc:  # a stream FFmpeg or we cannot handle: keep trying, loudly
+                log.exception("camera %s: pulling failed", puller.camera)
+                problem, message = CameraState.UNREACHABLE, f"cannot handle the stream ({exc})"
             if puller.stop.is_set():
                 break
             self._report(puller.camera, problem, message)

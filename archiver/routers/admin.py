@@ -15,7 +15,7 @@ from archiver.auth import digest, new_secret
 from archiver.cameras import CameraState
 from archiver.db import ClientRow
 from archiver.deps import AdminDep, ApiError, ServicesDep
-from archiver.rtsp import redact
+from archiver.rtsp import PULLER_STOP_S, redact
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError, FormatError
 from keyservice.format import validate_name
@@ -129,7 +129,8 @@ def remove_camera(name: Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")],
     if not archive.db.remove_camera(name, archive.clock()):
         raise ApiError(404, "unknown_camera", f"There is no camera named '{name}'.")
     if services.rtsp is not None:
-        services.rtsp.stop(name)
+        # Wait for the puller to archive the segment it was building: removed means stopped.
+        services.rtsp.stop(name, wait_s=PULLER_STOP_S)
     archive.health.forget(name)
     archive.keys.forget_camera(name)
     services.audit.record(actor, "camera.remove", archive.clock(), camera=name)
