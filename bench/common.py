@@ -196,18 +196,11 @@ class BenchServer:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             cwd=REPO_ROOT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the Archiver exited at start; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"the Archiver did not start within {timeout:.0f} s; see {self.log_path}")
+        if not wait_until_healthy(self.process, self.url, timeout):
+            self.stop()
+            raise RuntimeError(f"the Archiver did not start within {timeout:.0f} s; "
+                               f"see {self.log_path}")
+        return self
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -250,3 +243,19 @@ class BenchServer:
         chunks = [pems[i::workers] for i in range(workers)]
         with ThreadPoolExecutor(workers) as pool:
             return [fp for part in pool.map(add, chunks) for fp in part]
+
+
+def wait_until_healthy(process: subprocess.Popen[bytes], url: str, timeout: float) -> bool:
+    """Wait for a started Archiver to answer /healthz: True when it does, False on timeout;
+    RuntimeError if it exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("the Archiver exited at start; see its log")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return False

@@ -36,7 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from bench.common import REPO_ROOT, free_port, machine_line, percentile
+from bench.common import REPO_ROOT, free_port, machine_line, percentile, wait_until_healthy
 from keyservice.certs import build_viewer_certificate
 from keyservice.crypto import answer_login_challenge, login_context
 from keyservice.identity import OaepHash, SoftwareIdentity, fingerprint
@@ -63,16 +63,11 @@ def _start(source: Path, data: Path, port: int, extra: list[str]) -> subprocess.
         process = subprocess.Popen([sys.executable, "-m", "archiver", "serve", "--data",
                                     str(data), "--port", str(port), *extra], cwd=source,
                                    env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the Archiver exited at start; see {data.parent / 'server.log'}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    try:
+        if wait_until_healthy(process, f"http://127.0.0.1:{port}", 120):
+            return process
+    except RuntimeError:
+        raise SystemExit(f"the Archiver exited at start; see {data.parent / 'server.log'}") from None
     process.kill()
     raise SystemExit("the Archiver did not start within 120 s")
 
