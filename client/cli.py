@@ -128,8 +128,9 @@ def _open_output(target: str) -> Output:
 
 def _open_identity(stack: ExitStack, uri: str) -> Identity:
     # Imported here: the token layer loads a PKCS#11 module, which `--help` does not need.
-    from keyservice.token import Token
-    token = Token.open(uri, prompt=True)  # a wrong PIN raises PinIncorrect: never retried
+    # The runtime path only: the viewer never provisions.
+    from keyservice.token import RuntimeToken
+    token = RuntimeToken.open(uri, prompt=True)  # a wrong PIN raises PinIncorrect: never retried
     stack.callback(token.close)
     return token.identity()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -19,3 +20,39 @@ def test_ruff_clean() -> None:
     result = subprocess.run([str(ruff) if ruff.exists() else "ruff", "check", "--no-cache", "."],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# The token layer's modules that talk PKCS#11; anything else goes through keyservice.token.
+PKCS11_MODULES = {"keyservice/token/session.py", "keyservice/token/runtime.py",
+                  "keyservice/token/provisioning.py", "keyservice/token/piv.py"}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_only_the_token_layer_imports_pkcs11() -> None:
+    importers = set()
+    for package in ("keyservice", "archiver", "client", "bench"):
+        for path in (ROOT / package).rglob("*.py"):
+            if any(name == "pkcs11" or name.startswith("pkcs11.") for name in _imports(path)):
+                importers.add(path.relative_to(ROOT).as_posix())
+    assert importers == PKCS11_MODULES
+
+
+def test_token_internals_stay_inside_the_token_package() -> None:
+    # Callers use the package's public names (keyservice/token/__init__.py), not its modules.
+    offenders = []
+    for package in ("keyservice", "archiver", "client", "bench", "tests"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path.parent == ROOT / "keyservice" / "token":
+                continue
+            if any(name.startswith("keyservice.token.") for name in _imports(path)):
+                offenders.append(path.relative_to(ROOT).as_posix())
+    assert offenders == []

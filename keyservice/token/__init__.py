@@ -1,0 +1,53 @@
+"""The PKCS#11 token layer: the only package that imports ``pkcs11`` (tests/test_lint.py checks it).
+
+Viewer private keys are generated inside a token (smartcard, TPM, HSM; SoftHSM for development)
+and never leave it: this layer asks the token to RSA-decrypt epoch openers (or do ECDH) and to
+sign, nothing more. It also holds the Archiver's own ECDSA signing key.
+
+- ``session``: modules, slots, sessions, the per-module lock, PIN resolution, error mapping;
+- ``runtime``: ``RuntimeToken`` (open, identity, decrypt, ECDH, sign), ``TokenIdentity``,
+  ``TokenSigner`` (the one-method ``Identity`` / ``Signer`` of ``keyservice.identity``);
+- ``provisioning``: ``Token`` = the runtime path plus enrol, import, adopt, delete, self-test and
+  the Archiver's signer set-up; ``keys``: token-backed keys for certificate builders;
+- ``piv``: enrolment into the fixed key slots of a PIV card (ykcs11).
+"""
+
+from keyservice.token.piv import PIV_SLOT_IDS, enroll_piv
+from keyservice.token.provisioning import (
+    DEFAULT_RSA_BITS,
+    RSA_SIZES,
+    Adoption,
+    Enrollment,
+    ImportResult,
+    SelftestResult,
+    Token,
+)
+from keyservice.token.runtime import IdentityInfo, RuntimeToken, TokenIdentity, TokenSigner
+from keyservice.token.session import (
+    init_token,
+    pin_tries_note,
+    resolve_module_path,
+    token_kind,
+    unload_module,
+)
+
+__all__ = [
+    "DEFAULT_RSA_BITS",
+    "PIV_SLOT_IDS",
+    "RSA_SIZES",
+    "Adoption",
+    "Enrollment",
+    "IdentityInfo",
+    "ImportResult",
+    "RuntimeToken",
+    "SelftestResult",
+    "Token",
+    "TokenIdentity",
+    "TokenSigner",
+    "enroll_piv",
+    "init_token",
+    "pin_tries_note",
+    "resolve_module_path",
+    "token_kind",
+    "unload_module",
+]
