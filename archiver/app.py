@@ -29,6 +29,7 @@ from archiver.signing import open_signer
 from archiver.storage import StorageFailed, StorageFull
 from keyservice.certs import load_certificate
 from keyservice.identity import Signer
+from keyservice.wire import ErrorCode
 
 log = logging.getLogger("archiver")
 HEALTH_CHECK_S = 1.0
@@ -153,14 +154,14 @@ def create_app(settings: Settings, signer: Signer | None = None,
         if services.settings.public_metrics:
             return
         if credentials is None:
-            raise ApiError(401, "unauthenticated", "Missing 'Authorization: Bearer' metrics "
+            raise ApiError(401, ErrorCode.UNAUTHENTICATED, "Missing 'Authorization: Bearer' metrics "
                            "token (the file metrics-token in the data directory, or the admin "
                            "token).")
         token = credentials.credentials
         if not (secret_matches(token, services.admin_token_digest)
                 or (services.metrics_token_digest is not None
                     and secret_matches(token, services.metrics_token_digest))):
-            raise ApiError(403, "forbidden", "This is neither the metrics nor the admin token.")
+            raise ApiError(403, ErrorCode.FORBIDDEN, "This is neither the metrics nor the admin token.")
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse,
              dependencies=[Depends(metrics_access)])
@@ -168,7 +169,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
         return PlainTextResponse(generate_latest(request.app.state.registry),
                                  media_type=CONTENT_TYPE_LATEST)
 
-    def _error(request: Request, status: int, code: str, message: str) -> JSONResponse:
+    def _error(request: Request, status: int, code: ErrorCode, message: str) -> JSONResponse:
         collector = getattr(request.app.state, "collector", None)
         if collector is not None:
             collector.count_error(status)
@@ -192,27 +193,27 @@ def create_app(settings: Settings, signer: Signer | None = None,
 
     @app.exception_handler(StorageFull)
     async def storage_full(request: Request, exc: StorageFull) -> JSONResponse:
-        return _error(request, 507, "storage_full", str(exc))
+        return _error(request, 507, ErrorCode.STORAGE_FULL, str(exc))
 
     @app.exception_handler(StorageFailed)
     async def storage_failed(request: Request, exc: StorageFailed) -> JSONResponse:
-        return _error(request, 503, "storage_failed", str(exc))
+        return _error(request, 503, ErrorCode.STORAGE_FAILED, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
             for err in exc.errors()[:5])
-        return _error(request, 422, "invalid_request", f"Invalid request: {problems}.")
+        return _error(request, 422, ErrorCode.INVALID_REQUEST, f"Invalid request: {problems}.")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(request, exc.status_code, "http_error", str(exc.detail))
+        return _error(request, exc.status_code, ErrorCode.HTTP_ERROR, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error(request, 500, "internal_error",
+        return _error(request, 500, ErrorCode.INTERNAL_ERROR,
                       "The Archiver hit an unexpected error; see its log.")
 
     return app

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from cryptography import x509
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator, Field
 
+from archiver.admin import Admin
 from archiver.archive import Archive
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, secret_matches
@@ -18,12 +20,25 @@ from archiver.db import ClientRow
 from archiver.limits import RefusalAudit
 from archiver.rtsp import RtspSupervisor
 from archiver.settings import Settings
+from keyservice.names import CAMERA_NAME_PATTERN, is_camera_name
+from keyservice.wire import ErrorCode
 
+
+def _camera_name(name: str) -> str:
+    # The pattern lets '.' and '..' through; keyservice.names refuses them (they become paths).
+    if not is_camera_name(name):
+        raise ValueError("not a camera name ('.' and '..' are refused)")
+    return name
+
+
+# A camera name in a request body and in a URL path: the rule of keyservice.names.
+CameraName = Annotated[str, Field(pattern=CAMERA_NAME_PATTERN), AfterValidator(_camera_name)]
+CameraPath = Annotated[str, Path(pattern=CAMERA_NAME_PATTERN), AfterValidator(_camera_name)]
 
 class ApiError(Exception):
     """An error answered as JSON ``{"error": code, "message": sentence}`` with an HTTP status."""
 
-    def __init__(self, status: int, code: str, message: str, **audit: object) -> None:
+    def __init__(self, status: int, code: ErrorCode, message: str, **audit: object) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -45,6 +60,12 @@ class Services:
     refusals: RefusalAudit | None = None
     metrics_token_digest: bytes | None = None
 
+    @functools.cached_property
+    def admin(self) -> Admin:
+        """The administrative operations (business rules of cameras and viewers)."""
+        return Admin(self.archive, self.audit, self.sessions, self.site_ca, self.rtsp,
+                     self.settings.pull_schemes)
+
 
 def get_services(request: Request) -> Services:
     return request.app.state.services
@@ -57,14 +78,14 @@ BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 def _token(credentials: HTTPAuthorizationCredentials | None, what: str) -> str:
     if credentials is None:
-        raise ApiError(401, "unauthenticated", f"Missing 'Authorization: Bearer' {what}.")
+        raise ApiError(401, ErrorCode.UNAUTHENTICATED, f"Missing 'Authorization: Bearer' {what}.")
     return credentials.credentials
 
 
 def require_admin(services: ServicesDep, credentials: BearerDep) -> str:
     token = _token(credentials, "admin token")
     if not secret_matches(token, services.admin_token_digest):
-        raise ApiError(403, "forbidden", "This is not the admin token.")
+        raise ApiError(403, ErrorCode.FORBIDDEN, "This is not the admin token.")
     return "admin"
 
 
@@ -73,11 +94,11 @@ def require_viewer(services: ServicesDep, credentials: BearerDep) -> ClientRow:
     now = services.archive.clock()
     session = services.sessions.session(token, now)
     if session is None:
-        raise ApiError(401, "session_invalid",
+        raise ApiError(401, ErrorCode.SESSION_INVALID,
                        "The session token is unknown or expired; log in again.")
     viewer = services.archive.db.client(session.fingerprint)
     if viewer is None or viewer.revoked_ms is not None:
-        raise ApiError(403, "revoked", "This viewer's certificate has been revoked.")
+        raise ApiError(403, ErrorCode.REVOKED, "This viewer's certificate has been revoked.")
     check_certificate_validity(viewer, now)
     return viewer
 
@@ -88,12 +109,12 @@ def check_certificate_validity(viewer: ClientRow, now_ms: int) -> None:
     not_before, not_after = certificate_validity_ms(viewer.certificate)
     if now_ms > not_after:
         when = dt.datetime.fromtimestamp(not_after / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
-        raise ApiError(403, "certificate_expired", f"This viewer's certificate expired on "
+        raise ApiError(403, ErrorCode.CERTIFICATE_EXPIRED, f"This viewer's certificate expired on "
                        f"{when} UTC; enrol a new identity and have the admin authorize it.",
                        fingerprint=viewer.fingerprint, not_after=when)
     if now_ms < not_before:
         when = dt.datetime.fromtimestamp(not_before / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
-        raise ApiError(403, "certificate_not_yet_valid", f"This viewer's certificate is not "
+        raise ApiError(403, ErrorCode.CERTIFICATE_NOT_YET_VALID, f"This viewer's certificate is not "
                        f"valid before {when} UTC; check the clocks.",
                        fingerprint=viewer.fingerprint)
 

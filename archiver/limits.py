@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from archiver.audit import AuditLog
+from keyservice.wire import ErrorCode
 
 log = logging.getLogger("archiver")
 
@@ -215,7 +216,7 @@ class Limits:
 
 
 class _Refuse(Exception):
-    def __init__(self, status: int, code: str, message: str,
+    def __init__(self, status: int, code: ErrorCode, message: str,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
@@ -257,18 +258,18 @@ class RequestLimits:
                 viewer = self._viewer_key(scope, source) or f"address {source}"
                 self._rate(self._queries, viewer, "requests of this viewer")
                 if self._working.get(viewer, 0) >= self.limits.viewer_concurrency:
-                    raise _Refuse(429, "too_many_requests",
+                    raise _Refuse(429, ErrorCode.TOO_MANY_REQUESTS,
                                   f"This viewer already has {self.limits.viewer_concurrency} "
                                   "requests being searched; wait for one to answer.",
                                   {"Retry-After": "1"})
                 if self._streams.get(viewer, 0) >= self.limits.viewer_streams:
-                    raise _Refuse(429, "too_many_requests",
+                    raise _Refuse(429, ErrorCode.TOO_MANY_REQUESTS,
                                   f"This viewer already has {self.limits.viewer_streams} streams "
                                   "open; close one first.", {"Retry-After": "5"})
             limit = self.body_limit(method, path)
             declared = _content_length(scope)
             if declared is not None and declared > limit:
-                raise _Refuse(413, "too_large",
+                raise _Refuse(413, ErrorCode.TOO_LARGE,
                               f"The request body exceeds the limit of {limit} bytes.")
             if limit <= BUFFERED_LIMIT:
                 receive = await self._buffered(receive, limit)
@@ -314,7 +315,7 @@ class RequestLimits:
     def _rate(self, limiter: RateLimiter, key: str, what: str) -> None:
         wait = limiter.take(key)
         if wait:
-            raise _Refuse(429, "too_many_requests", f"Too many {what}; retry in "
+            raise _Refuse(429, ErrorCode.TOO_MANY_REQUESTS, f"Too many {what}; retry in "
                           f"{math.ceil(wait)} s.", {"Retry-After": str(math.ceil(wait))})
 
     async def _buffered(self, receive: Receive, limit: int) -> Receive:
@@ -331,13 +332,13 @@ class RequestLimits:
                     chunk = message.get("body", b"")
                     size += len(chunk)
                     if size > limit:
-                        raise _Refuse(413, "too_large",
+                        raise _Refuse(413, ErrorCode.TOO_LARGE,
                                       f"The request body exceeds the limit of {limit} bytes.")
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
-            raise _Refuse(408, "body_timeout", "The request body did not arrive within "
+            raise _Refuse(408, ErrorCode.BODY_TIMEOUT, "The request body did not arrive within "
                           f"{self.limits.body_timeout_s:.0f} s.") from None
         body: list[bytes] | None = [b"".join(chunks)]
 
@@ -366,12 +367,12 @@ class RequestLimits:
                 async with asyncio.timeout(max(0.0, state["deadline"] - time.monotonic())):
                     message = await receive()
             except TimeoutError:
-                raise _Refuse(408, "upload_timeout", "The upload did not complete within "
+                raise _Refuse(408, ErrorCode.UPLOAD_TIMEOUT, "The upload did not complete within "
                               f"{timeout_s:.0f} s.") from None
             if message["type"] == "http.request":
                 state["size"] += len(message.get("body", b""))
                 if state["size"] > limit:
-                    raise _Refuse(413, "too_large",
+                    raise _Refuse(413, ErrorCode.TOO_LARGE,
                                   f"The upload exceeds the limit of {limit} bytes.")
                 state["done"] = not message.get("more_body", False)
             return message

@@ -8,7 +8,7 @@ keys rotated by ``KeyManager`` and wrapped for every authorized viewer (epoch op
 UTC day), AES-256-GCM, a manifest signed on the Archiver's own SoftHSM token, an fsynced append
 and an indexed commit. Only the clock is simulated, so a day of recording takes minutes, not a
 day. Viewers (certificates) are authorized on all cameras before the first segment, as
-``fusion-archiver clients add`` would do; the camera is created with a discarded ingest token.
+``fusion-archiver viewers add`` would do; the camera is created with a discarded ingest token.
 
 Segment contents are deterministic (``segment_bytes(camera, index, size)``), so a viewer can
 check what it decrypted. Run it in a process of its own: it loads the Archiver's SoftHSM token,
@@ -26,13 +26,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.serialization import Encoding
-
+from archiver.admin import Admin, AdminRefused
 from archiver.archive import Archive
-from archiver.auth import digest, new_secret
+from archiver.audit import AuditLog
 from archiver.settings import Settings
 from archiver.signing import open_signer
-from keyservice.certs import load_certificate, validate_viewer_certificate
+from keyservice.certs import load_certificate
 from keyservice.identity import fingerprint
 
 
@@ -64,30 +63,32 @@ def parse_utc(text: str) -> int:
     return int(when.timestamp() * 1000)
 
 
-def authorize(archive: Archive, pem: bytes, now_ms: int) -> str:
-    """What the admin API's ``clients add`` does, without HTTP: validate, store, new epoch."""
-    cert = load_certificate(pem)
-    oaep = validate_viewer_certificate(cert, now=dt.datetime.now(dt.UTC))
-    fp = fingerprint(cert).hex()
-    known = archive.db.client(fp)
+def authorize(admin: Admin, pem: bytes) -> str:
+    """What the admin API's ``viewers add`` does (archiver.admin: site-CA check, new epoch,
+    audit entry), unless the viewer is authorized already."""
+    fp = fingerprint(load_certificate(pem)).hex()
+    known = admin.archive.db.client(fp)
     if known is None or known.revoked_ms is not None:
-        archive.db.add_client(fp, cert.public_bytes(Encoding.DER), cert.subject.rfc4514_string(),
-                              int(oaep), None, now_ms)
-        archive.authorization_changed(fp, None)
+        admin.authorize_viewer("bench.generate", pem, None)
     return fp
 
 
 def generate(data_dir: Path, camera: str, start_ms: int, hours: float, segment_s: float,
-             size: int, viewers: list[bytes], key_period_s: int = 60) -> Generated:
-    settings = Settings(data_dir=data_dir.resolve(), key_period_s=key_period_s)
+             size: int, viewers: list[bytes], key_period_s: int = 60,
+             site_ca: tuple[Path, ...] = ()) -> Generated:
+    settings = Settings(data_dir=data_dir.resolve(), key_period_s=key_period_s,
+                        site_ca_files=site_ca)
     now = [start_ms]
     archive = Archive(settings, open_signer(settings), clock=lambda: now[0])
+    audit = AuditLog(settings.audit_log_path)
+    admin = Admin(archive, audit, site_ca=tuple(load_certificate(p.read_bytes())
+                                                for p in settings.site_ca_files))
     try:
         for pem in viewers:
-            authorize(archive, pem, start_ms)
+            authorize(admin, pem)
         if archive.db.camera(camera) is None:
             # The ingest token is discarded: this camera is only ever fed by the generator.
-            archive.db.add_camera(camera, digest(new_secret()), None, start_ms)
+            admin.add_camera("bench.generate", camera)
         count = max(1, int(hours * 3600 / segment_s))
         step_ms = int(segment_s * 1000)
         rotations0 = archive.keys.rotations
@@ -105,6 +106,7 @@ def generate(data_dir: Path, camera: str, start_ms: int, hours: float, segment_s
             epoch_openers=archive.keys.epochs_started - epochs0,
             seconds=time.perf_counter() - started)
     finally:
+        audit.close()
         archive.close()
 
 
@@ -120,9 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-period", type=int, default=60)
     parser.add_argument("--viewer", type=Path, action="append", default=[],
                         help="a viewer certificate (PEM) to authorize on all cameras")
+    parser.add_argument("--site-ca", type=Path, action="append", default=[],
+                        help="the site CA viewer certificates must be issued by (as serve's)")
     args = parser.parse_args(argv)
-    result = generate(args.data, args.camera, parse_utc(args.start), args.hours, args.segment_s,
-                      args.segment_bytes, [p.read_bytes() for p in args.viewer], args.key_period)
+    try:
+        result = generate(args.data, args.camera, parse_utc(args.start), args.hours,
+                          args.segment_s, args.segment_bytes,
+                          [p.read_bytes() for p in args.viewer], args.key_period,
+                          tuple(args.site_ca))
+    except AdminRefused as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     json.dump(asdict(result), sys.stdout)
     print()
     return 0

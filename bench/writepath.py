@@ -18,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from archiver.admin import Admin
 from archiver.archive import Archive
+from archiver.audit import AuditLog
 from archiver.settings import Settings
 from archiver.signing import open_signer
 from bench.common import MB, CertFactory
@@ -41,7 +43,11 @@ def measure(data_dir: Path, segments: int, size: int) -> dict[str, float]:
         archive = Archive(settings, signer, clock=lambda: T0_MS)
         try:
             if mode == "encrypted":
-                authorize(archive, CertFactory().pems(0, 1)[0].encode(), T0_MS)
+                audit = AuditLog(settings.audit_log_path)
+                try:
+                    authorize(Admin(archive, audit), CertFactory().pems(0, 1)[0].encode())
+                finally:
+                    audit.close()
             archive.ingest_segment("warmup", payloads[0], now_ms=T0_MS)
             start = time.process_time()
             for index in range(segments):

@@ -8,7 +8,6 @@ never a traceback; video goes only to the output, messages only to stderr.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import sys
 import threading
@@ -43,6 +42,7 @@ from client.timespec import format_duration, format_ms, parse_range
 from keyservice.errors import CertificateError, KeyServiceError, UsageError
 from keyservice.format import Header, Mode
 from keyservice.identity import Identity, fingerprint
+from keyservice.names import CAMERA_NAME_RULE, is_camera_name
 from keyservice.stream import DEFAULT_MAX_SKEW_MS, StreamRequest
 from keyservice.text import printable
 
@@ -56,7 +56,6 @@ _CLICK_EXCEPTION: type[Exception] = next(
 EXIT_INTERRUPTED = 130
 EXIT_UNEXPECTED = 1
 DEFAULT_URL = "http://127.0.0.1:8080"
-_CAMERA = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _READ_CHUNK = 1 << 20
 
 ArchiverOpt = Annotated[str, typer.Option("--archiver", envvar="FUSION_ARCHIVER_URL",
@@ -95,8 +94,8 @@ def _now_ms() -> int:
 
 
 def _check_camera(name: str) -> str:
-    if not _CAMERA.match(name):
-        raise UsageError(f"{name!r} is not a camera name (1-64 of A-Z a-z 0-9 . _ -).")
+    if not is_camera_name(name):
+        raise UsageError(f"{name!r} is not a camera name ({CAMERA_NAME_RULE}).")
     return name
 
 

@@ -33,6 +33,7 @@ from keyservice.errors import CertificateError, KeyServiceError, UsageError
 from keyservice.format import Mode
 from keyservice.identity import Identity, OaepHash, fingerprint
 from keyservice.stream import DEFAULT_MAX_SKEW_MS, StreamRequest
+from keyservice.wire import ErrorCode
 
 MEDIA_TYPE = "application/vnd.fusion-stream"
 # The Archiver's /live allows at most a day per request.
@@ -87,19 +88,22 @@ class StreamInterrupted(KeyServiceError):
     exit_code = 50
 
 
-_CODES: dict[str, type[KeyServiceError]] = {
-    "not_enrolled": NotEnrolled,
-    "revoked": ViewerRevoked,
-    "not_authorized": NotAuthorized,
-    "unknown_camera": UnknownCamera,
-    "no_recording": NoRecording,
-    "proof_refused": LoginRefused,
-    "session_invalid": LoginRefused,
-    "unauthenticated": LoginRefused,
-    "bad_certificate": CertificateError,
-    "certificate_expired": CertificateError,
-    "certificate_not_yet_valid": CertificateError,
-    "bad_range": UsageError,
+# The Archiver's error codes (keyservice.wire) that have an exit code of their own; any other
+# refusal is RequestRefused (4xx) or ArchiverFailed (5xx).
+_CODES: dict[ErrorCode, type[KeyServiceError]] = {
+    ErrorCode.NOT_ENROLLED: NotEnrolled,
+    ErrorCode.REVOKED: ViewerRevoked,
+    ErrorCode.NOT_AUTHORIZED: NotAuthorized,
+    ErrorCode.UNKNOWN_CAMERA: UnknownCamera,
+    ErrorCode.NO_RECORDING: NoRecording,
+    ErrorCode.BAD_PROOF: LoginRefused,
+    ErrorCode.PROOF_REFUSED: LoginRefused,
+    ErrorCode.SESSION_INVALID: LoginRefused,
+    ErrorCode.UNAUTHENTICATED: LoginRefused,
+    ErrorCode.BAD_CERTIFICATE: CertificateError,
+    ErrorCode.CERTIFICATE_EXPIRED: CertificateError,
+    ErrorCode.CERTIFICATE_NOT_YET_VALID: CertificateError,
+    ErrorCode.BAD_RANGE: UsageError,
 }
 
 
@@ -189,7 +193,7 @@ class ArchiverSession:
             message = f"The Archiver answered HTTP {response.status_code} " \
                       f"{response.reason_phrase}."
         if isinstance(code, str) and code in _CODES:
-            return _CODES[code](message)
+            return _CODES[ErrorCode(code)](message)
         if response.status_code >= 500:
             return ArchiverFailed(f"{message} (HTTP {response.status_code})")
         return RequestRefused(f"{message} (HTTP {response.status_code})")

@@ -12,9 +12,7 @@ Pure: no I/O, no cryptography beyond SHA-256 of record bytes.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from typing import Any, ClassVar
 
 from keyservice.errors import FormatError
 from keyservice.identity import OaepHash
+from keyservice.names import validate_camera_name as validate_name
 
 MAGIC = b"FUSNSTRM"
 VERSION = 1
@@ -40,7 +39,6 @@ HASH_LEN = 32  # SHA-256 fingerprints, hashes, HMACs
 NONCE_LEN = 12
 KEY_LEN = 32
 WRAPPED_KEY_LEN = KEY_LEN + TAG_LEN
-NAME_MAX = 64
 MAX_CAMERAS = 255
 MAX_OPENER_CIPHERTEXT = 1024  # RSA up to 8192 bits
 MAX_SIGNATURE = 1024
@@ -65,7 +63,6 @@ _ENTRY = struct.Struct(">BQQI16s16s32s")  # stream, seq, capture_ms, duration_ms
 _MANIFEST_FIXED = struct.Struct(">Q32sQBH")  # manifest_seq, prev_hash, issued_ms, flags, count
 _COMMITMENT = struct.Struct(">16s32s")  # key_id, commitment
 _PREFIX = MAGIC + _U16.pack(VERSION)
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 
 
 class RecordType(IntEnum):
@@ -101,22 +98,6 @@ def stream_prefix() -> bytes:
 
 def max_body(record_type: int) -> int:
     return MAX_SEGMENT_BODY if record_type == RecordType.SEGMENT else MAX_SMALL_BODY
-
-
-def validate_name(name: str) -> str:
-    """Check a camera name: 1-64 of ``A-Za-z0-9._-``; '.' and '..' are refused as well,
-    because names end up in file paths and URLs."""
-    if not isinstance(name, str):
-        raise FormatError(f"Invalid camera name {name!r}: a name is a string.")
-    return _check_name(name)
-
-
-@functools.lru_cache(maxsize=1024)  # names repeat on every record; only valid ones are cached
-def _check_name(name: str) -> str:
-    if not _NAME.fullmatch(name) or name in (".", ".."):
-        raise FormatError(f"Invalid camera name {name!r}: use 1 to {NAME_MAX} characters from "
-                          "A-Z, a-z, 0-9, '.', '_' and '-' (not '.' or '..').")
-    return name
 
 
 # --- field checks (shared by the constructors, so decoding and encoding agree) -------------

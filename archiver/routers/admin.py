@@ -2,32 +2,31 @@
 
 from __future__ import annotations
 
-import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Annotated, Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
-from archiver.auth import digest, new_secret
+from archiver.admin import AdminRefused
 from archiver.cameras import CameraState
 from archiver.db import ClientRow
-from archiver.deps import AdminDep, ApiError, ServicesDep
-from archiver.rtsp import PULLER_STOP_S, redact
-from keyservice.certs import load_certificate, validate_viewer_certificate
-from keyservice.errors import CertificateError, FormatError
-from keyservice.format import validate_name
-from keyservice.identity import OaepHash, fingerprint
+from archiver.deps import AdminDep, ApiError, CameraName, CameraPath, ServicesDep
+from archiver.rtsp import redact
+from keyservice.identity import OaepHash
+from keyservice.names import CAMERA_NAME_PATTERN
+from keyservice.wire import ErrorCode
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
-CameraName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 Fingerprint = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]
 
 
 class CameraCreate(BaseModel):
-    name: CameraName
+    # The character rule only: '.' and '..' get the admin's own bad_camera_name answer.
+    name: str = Field(pattern=CAMERA_NAME_PATTERN)
     rtsp_url: str | None = Field(default=None, max_length=2048, pattern=r"^[a-z][a-z0-9+.-]*:.+")
 
 
@@ -83,25 +82,24 @@ class Revoked(BaseModel):
     key_streams_deleted: bool
 
 
+# The HTTP status of each refusal of archiver.admin.
+_STATUS = {ErrorCode.BAD_CAMERA_NAME: 422, ErrorCode.BAD_RTSP_URL: 422,
+           ErrorCode.CAMERA_EXISTS: 409, ErrorCode.UNKNOWN_CAMERA: 404,
+           ErrorCode.BAD_CERTIFICATE: 422, ErrorCode.UNKNOWN_VIEWER: 404}
+
+
+@contextmanager
+def _refusals() -> Iterator[None]:
+    try:
+        yield
+    except AdminRefused as exc:
+        raise ApiError(_STATUS[exc.code], exc.code, exc.message) from None
+
+
 @router.post("/cameras", status_code=201)
 def add_camera(body: CameraCreate, services: ServicesDep, actor: AdminDep) -> CameraCreated:
-    archive = services.archive
-    try:
-        # The pattern alone lets '.' and '..' through; the name becomes an archive directory.
-        validate_name(body.name)
-    except FormatError as exc:
-        raise ApiError(422, "bad_camera_name", str(exc)) from None
-    if body.rtsp_url and body.rtsp_url.split(":", 1)[0] not in services.settings.pull_schemes:
-        raise ApiError(422, "bad_rtsp_url", "The camera URL must start with one of: "
-                       + ", ".join(f"{s}://" for s in services.settings.pull_schemes) + ".")
-    token = new_secret()
-    if not archive.db.add_camera(body.name, digest(token), body.rtsp_url, archive.clock()):
-        raise ApiError(409, "camera_exists", f"A camera named '{body.name}' exists already "
-                       "(names of removed cameras stay reserved: their archive is evidence).")
-    services.audit.record(actor, "camera.add", archive.clock(), camera=body.name,
-                          rtsp=bool(body.rtsp_url))
-    if body.rtsp_url and services.rtsp is not None:
-        services.rtsp.start(body.name, body.rtsp_url)
+    with _refusals():
+        token = services.admin.add_camera(actor, body.name, body.rtsp_url)
     return CameraCreated(name=body.name, rtsp_url=redact(body.rtsp_url) if body.rtsp_url else None,
                          ingest_token=token,
                          ingest_url=f"{services.settings.public_url}/ingest/{body.name}/index.m3u8")
@@ -123,43 +121,17 @@ def list_cameras(services: ServicesDep, actor: AdminDep) -> list[CameraInfo]:
 
 
 @router.delete("/cameras/{name}", status_code=204)
-def remove_camera(name: Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")],
-                  services: ServicesDep, actor: AdminDep) -> None:
-    archive = services.archive
-    if not archive.db.remove_camera(name, archive.clock()):
-        raise ApiError(404, "unknown_camera", f"There is no camera named '{name}'.")
-    if services.rtsp is not None:
-        # Wait for the puller to archive the segment it was building: removed means stopped.
-        services.rtsp.stop(name, wait_s=PULLER_STOP_S)
-    archive.health.forget(name)
-    archive.keys.forget_camera(name)
-    services.audit.record(actor, "camera.remove", archive.clock(), camera=name)
+def remove_camera(name: CameraPath, services: ServicesDep, actor: AdminDep) -> None:
+    with _refusals():
+        services.admin.remove_camera(actor, name)
 
 
 @router.post("/clients", status_code=201)
 def add_client(body: ClientCreate, services: ServicesDep, actor: AdminDep) -> ClientInfo:
-    archive = services.archive
-    try:
-        cert = load_certificate(body.certificate.encode())
-        oaep = validate_viewer_certificate(
-            cert, now=dt.datetime.now(dt.UTC), site_ca=services.site_ca,
-            oaep_hash=OaepHash.from_label(body.oaep_hash) if body.oaep_hash else None)
-    except CertificateError as exc:
-        raise ApiError(422, "bad_certificate", str(exc)) from None
-    cameras = None if body.cameras == "all" else sorted(set(body.cameras))
-    known = {c.name for c in archive.db.cameras()}
-    unknown = sorted(set(cameras or ()) - known)
-    if unknown:
-        raise ApiError(404, "unknown_camera", f"Unknown camera(s): {', '.join(unknown)}.")
-    fp = fingerprint(cert).hex()
-    archive.db.add_client(fp, cert.public_bytes(Encoding.DER), cert.subject.rfc4514_string(),
-                          int(oaep), cameras, archive.clock())
-    archive.authorization_changed(fp, None)
-    services.audit.record(actor, "client.add", archive.clock(), fingerprint=fp,
-                          subject=cert.subject.rfc4514_string(), cameras=cameras or "all",
-                          oaep_hash=oaep.label)
-    row = archive.db.client(fp)
-    assert row is not None
+    cameras = None if body.cameras == "all" else list(body.cameras)
+    with _refusals():
+        row = services.admin.authorize_viewer(actor, body.certificate.encode(), cameras,
+                                              body.oaep_hash)
     return _client_info(row)
 
 
@@ -171,13 +143,8 @@ def list_clients(services: ServicesDep, actor: AdminDep) -> list[ClientInfo]:
 @router.post("/clients/{fp}/revoke")
 def revoke_client(fp: Fingerprint, body: RevokeRequest, services: ServicesDep,
                   actor: AdminDep) -> Revoked:
-    archive = services.archive
-    if not archive.db.revoke_client(fp, archive.clock(), body.delete_key_streams):
-        raise ApiError(404, "unknown_client", f"No viewer has the fingerprint {fp}.")
-    archive.authorization_changed(fp, None)
-    services.sessions.end_sessions_of(fp)
-    services.audit.record(actor, "client.revoke", archive.clock(), fingerprint=fp,
-                          delete_key_streams=body.delete_key_streams)
+    with _refusals():
+        services.admin.revoke_viewer(actor, fp, body.delete_key_streams)
     return Revoked(fingerprint=fp, revoked=True, key_streams_deleted=body.delete_key_streams)
 
 

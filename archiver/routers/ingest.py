@@ -14,13 +14,13 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from archiver.auth import secret_matches
-from archiver.deps import ApiError, BearerDep, ServicesDep
+from archiver.deps import ApiError, BearerDep, CameraPath, ServicesDep
 from archiver.storage import StorageFailed, StorageFull
+from keyservice.wire import ErrorCode
 
 router = APIRouter(tags=["ingest"])
 
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$"
-CameraPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 NamePath = Annotated[str, Path(pattern=NAME_PATTERN)]
 SEGMENT_SUFFIXES = (".ts",)
 PLAYLIST_LIMIT = 1024 * 1024
@@ -80,13 +80,13 @@ async def _wait_for_turn(request: Request) -> None:
 
 def _check_camera(services: ServicesDep, camera: str, credentials: BearerDep) -> None:
     if credentials is None:
-        raise ApiError(401, "unauthenticated", "Missing 'Authorization: Bearer' camera token.")
+        raise ApiError(401, ErrorCode.UNAUTHENTICATED, "Missing 'Authorization: Bearer' camera token.")
     token = credentials.credentials
     row = services.archive.db.camera(camera)
     valid = row is not None and row.removed_ms is None and secret_matches(token, row.token_sha256)
     # One answer for unknown camera and wrong token: the API does not confirm camera names.
     if not valid:
-        raise ApiError(403, "forbidden", f"This token is not valid for camera '{camera}'.")
+        raise ApiError(403, ErrorCode.FORBIDDEN, f"This token is not valid for camera '{camera}'.")
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -97,15 +97,15 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise ApiError(413, "too_large",
+                    raise ApiError(413, ErrorCode.TOO_LARGE,
                                    f"The upload exceeds the limit of {limit} bytes.")
                 chunks.append(chunk)
     except TimeoutError:
-        raise ApiError(408, "upload_timeout",
+        raise ApiError(408, ErrorCode.UPLOAD_TIMEOUT,
                        f"The upload did not complete within {timeout_s:.0f} s.") from None
     except ClientDisconnect:
         # Cut off mid-upload: nothing is archived.
-        raise ApiError(400, "incomplete_upload", "The upload was cut off.") from None
+        raise ApiError(400, ErrorCode.INCOMPLETE_UPLOAD, "The upload was cut off.") from None
     return b"".join(chunks)
 
 
@@ -124,14 +124,14 @@ async def put_segment(camera: CameraPath, name: NamePath, request: Request,
         return Response(status_code=204)
     data = await _read_body(request, settings.max_segment_bytes, settings.upload_timeout_s)
     if not data:
-        raise ApiError(400, "empty_segment", "The segment is empty.")
+        raise ApiError(400, ErrorCode.EMPTY_SEGMENT, "The segment is empty.")
     try:
         await _wait_for_turn(request)
         row = await run_in_threadpool(services.archive.ingest_segment, camera, data)
     except StorageFull as exc:
-        raise ApiError(507, "storage_full", str(exc)) from None
+        raise ApiError(507, ErrorCode.STORAGE_FULL, str(exc)) from None
     except StorageFailed as exc:
-        raise ApiError(503, "storage_failed", str(exc)) from None
+        raise ApiError(503, ErrorCode.STORAGE_FAILED, str(exc)) from None
     return Response(status_code=201, headers={"X-Fusion-Segment-Seq": str(row.seq)})
 
 

@@ -10,24 +10,24 @@ from typing import Annotated
 
 import anyio
 from cryptography.hazmat.primitives.serialization import Encoding
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Message, Receive, Scope, Send
 
 from archiver.cameras import GAP_TOLERANCE_MS, CameraState
-from archiver.deps import ApiError, ServicesDep, ViewerDep, check_certificate_validity
+from archiver.deps import ApiError, CameraPath, ServicesDep, ViewerDep, check_certificate_validity
 from keyservice.certs import load_certificate
 from keyservice.crypto import login_context, make_login_challenge, verify_login_proof
 from keyservice.errors import CertificateError
 from keyservice.format import DataStream
 from keyservice.identity import OaepHash, Recipient, fingerprint
+from keyservice.wire import ErrorCode
 
 log = logging.getLogger("archiver")
 router = APIRouter(prefix="/v1", tags=["viewer"])
 MEDIA_TYPE = "application/vnd.fusion-stream"
-CameraPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 MAX_MS = 2**63 - 1  # SQLite integers are signed 64-bit: larger bounds were a 500
 # The viewer's fresh random request nonce (16 bytes, hex): the stream's header repeats it under
 # the Archiver's END signature, so a stream cannot be replayed as the answer to another request.
@@ -123,14 +123,14 @@ def challenge(body: ChallengeRequest, services: ServicesDep) -> Challenge:
     try:
         cert = load_certificate(body.certificate.encode())
     except CertificateError as exc:
-        raise ApiError(422, "bad_certificate", str(exc)) from None
+        raise ApiError(422, ErrorCode.BAD_CERTIFICATE, str(exc)) from None
     fp = fingerprint(cert).hex()
     viewer = archive.db.client(fp)
     if viewer is None:
-        raise ApiError(403, "not_enrolled", "This certificate is not authorized on this "
+        raise ApiError(403, ErrorCode.NOT_ENROLLED, "This certificate is not authorized on this "
                        "Archiver; ask an admin to run 'fusion-archiver clients add'.")
     if viewer.revoked_ms is not None:
-        raise ApiError(403, "revoked", "This viewer's certificate has been revoked.")
+        raise ApiError(403, ErrorCode.REVOKED, "This viewer's certificate has been revoked.")
     check_certificate_validity(viewer, archive.clock())
     oaep = OaepHash(viewer.oaep_hash)
     # Encrypt to the *registered* certificate, so only its token can answer.
@@ -153,12 +153,12 @@ def open_session(body: ProofRequest, services: ServicesDep) -> SessionInfo:
         challenge_id = bytes.fromhex(body.challenge_id)
         proof = base64.b64decode(body.proof, validate=True)
     except ValueError:
-        raise ApiError(422, "bad_proof", "The challenge id or proof is malformed.") from None
+        raise ApiError(422, ErrorCode.BAD_PROOF, "The challenge id or proof is malformed.") from None
     pending = services.sessions.take_challenge(challenge_id, now)
     if pending is None or not verify_login_proof(pending.secret, pending.context, proof):
         # Audited with the other refusals, aggregated per address (archiver/limits.py): a
         # flood of bad proofs cannot fill the disk with fsynced lines.
-        raise ApiError(401, "proof_refused", "The proof of possession is wrong, expired or "
+        raise ApiError(401, ErrorCode.PROOF_REFUSED, "The proof of possession is wrong, expired or "
                        "already used; request a new challenge.",
                        challenge_id=body.challenge_id[:64])
     token, session = services.sessions.open_session(pending.fingerprint, now)
@@ -184,7 +184,7 @@ def cameras(viewer: ViewerDep, services: ServicesDep) -> list[CameraView]:
 def _authorize(viewer: ViewerDep, services: ServicesDep, camera: str) -> None:
     # One answer for "no such camera" and "not yours": a viewer cannot enumerate camera names.
     if services.archive.db.camera(camera) is None or not viewer.authorized_on(camera):
-        raise ApiError(403, "not_authorized", f"This viewer may not watch a camera named "
+        raise ApiError(403, ErrorCode.NOT_AUTHORIZED, f"This viewer may not watch a camera named "
                        f"'{camera}' (or there is none).", fingerprint=viewer.fingerprint)
 
 
@@ -197,9 +197,9 @@ async def recording(camera: CameraPath, viewer: ViewerDep, services: ServicesDep
     _authorize(viewer, services, camera)
     archive = services.archive
     if to_ms < from_ms:
-        raise ApiError(422, "bad_range", "The end of the range is before its start.")
+        raise ApiError(422, ErrorCode.BAD_RANGE, "The end of the range is before its start.")
     if not await run_in_threadpool(archive.has_recording, camera, from_ms, to_ms):
-        raise ApiError(404, "no_recording",
+        raise ApiError(404, ErrorCode.NO_RECORDING,
                        f"Camera '{camera}' has no recording in the requested range.")
     services.audit.record(viewer.fingerprint, "stream.playback", archive.clock(), camera=camera,
                           from_ms=from_ms, to_ms=to_ms)
@@ -213,7 +213,7 @@ async def gaps(camera: CameraPath, viewer: ViewerDep, services: ServicesDep,
                to_ms: Annotated[int, Query(ge=0, le=MAX_MS)]) -> Gaps:
     _authorize(viewer, services, camera)
     if to_ms < from_ms:
-        raise ApiError(422, "bad_range", "The end of the range is before its start.")
+        raise ApiError(422, ErrorCode.BAD_RANGE, "The end of the range is before its start.")
     archive = services.archive
     # Up to now at most: the future is not a gap.
     until = min(to_ms, archive.clock())

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
-import re
 import secrets
 import socket
 import tempfile
@@ -33,7 +32,7 @@ from urllib.parse import parse_qs
 import uvicorn
 from fastapi import FastAPI, Query, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.staticfiles import StaticFiles
@@ -42,9 +41,9 @@ from starlette.websockets import WebSocketDisconnect
 
 from client.session import ArchiverSession
 from client.web.backend import StreamRequest, ViewerBackend, error_json
+from keyservice.names import CAMERA_NAME_PATTERN, CAMERA_NAME_RULE, is_camera_name
 
 STATIC = Path(__file__).with_name("static")
-CAMERA = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_MS = 2**63 - 1
 LOOPBACK = "127.0.0.1"
 
@@ -169,8 +168,17 @@ class Guard:
         return wrapped
 
 
+def _camera(name: str) -> str:
+    if not is_camera_name(name):  # the pattern alone lets '.' and '..' through
+        raise ValueError(f"not a camera name ({CAMERA_NAME_RULE})")
+    return name
+
+
+CameraName = Annotated[str, Field(pattern=CAMERA_NAME_PATTERN), AfterValidator(_camera)]
+
+
 class ExportRequest(BaseModel):
-    camera: str = Field(pattern=CAMERA.pattern)
+    camera: CameraName
     from_ms: int = Field(ge=0, le=MAX_MS)
     to_ms: int = Field(ge=0, le=MAX_MS)
 
@@ -226,7 +234,7 @@ def create_app(backend: ViewerBackend, access: Access) -> ASGIApp:
 
     @app.websocket("/api/stream")
     async def stream(websocket: WebSocket,
-                     camera: Annotated[str, Query(pattern=CAMERA.pattern)],
+                     camera: Annotated[str, Query(pattern=CAMERA_NAME_PATTERN), AfterValidator(_camera)],
                      mode: Annotated[str, Query(pattern="^(live|range)$")],
                      from_ms: Annotated[int, Query(ge=0, le=MAX_MS)] = 0,
                      to_ms: Annotated[int, Query(ge=0, le=MAX_MS)] = 0,

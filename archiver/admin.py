@@ -1,0 +1,123 @@
+"""The Archiver's administration without HTTP: add and remove cameras, authorize and revoke viewers.
+
+The business rules live here, once: the admin API (routers/admin.py) and the benchmark generator
+(bench/generate.py) both call them, so neither can skip the site-CA check, the key rotation, the
+end of a revoked viewer's sessions or the audit entry. Refusals are ``AdminRefused`` with a wire
+error code; the router chooses the HTTP status.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from archiver.archive import Archive
+from archiver.audit import AuditLog
+from archiver.auth import Sessions, digest, new_secret
+from archiver.db import ClientRow
+from archiver.rtsp import PULLER_STOP_S, RtspSupervisor
+from keyservice.certs import load_certificate, validate_viewer_certificate
+from keyservice.errors import CertificateError, FormatError
+from keyservice.identity import OaepHash, fingerprint
+from keyservice.names import validate_camera_name
+from keyservice.wire import ErrorCode
+
+
+class AdminRefused(Exception):
+    """An administrative change refused, with the wire error code and one sentence."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Admin:
+    """What an administrative change touches: the archive (index, keys, health), the audit log,
+    viewer sessions, the site CA that viewer certificates must chain to, and the RTSP pullers."""
+
+    archive: Archive
+    audit: AuditLog
+    sessions: Sessions | None = None
+    site_ca: tuple[x509.Certificate, ...] = ()
+    rtsp: RtspSupervisor | None = None
+    pull_schemes: tuple[str, ...] = ()
+
+    # --- cameras -----------------------------------------------------------------------
+    def add_camera(self, actor: str, name: str, rtsp_url: str | None = None) -> str:
+        """Create a camera; returns its ingest token (shown once, only its digest is kept)."""
+        archive = self.archive
+        try:
+            validate_camera_name(name)  # the name becomes an archive directory
+        except FormatError as exc:
+            raise AdminRefused(ErrorCode.BAD_CAMERA_NAME, str(exc)) from None
+        if rtsp_url and rtsp_url.split(":", 1)[0] not in self.pull_schemes:
+            raise AdminRefused(ErrorCode.BAD_RTSP_URL, "The camera URL must start with one of: "
+                               + ", ".join(f"{s}://" for s in self.pull_schemes) + ".")
+        token = new_secret()
+        if not archive.db.add_camera(name, digest(token), rtsp_url, archive.clock()):
+            raise AdminRefused(ErrorCode.CAMERA_EXISTS, f"A camera named '{name}' exists already "
+                               "(names of removed cameras stay reserved: their archive is "
+                               "evidence).")
+        self.audit.record(actor, "camera.add", archive.clock(), camera=name, rtsp=bool(rtsp_url))
+        if rtsp_url and self.rtsp is not None:
+            self.rtsp.start(name, rtsp_url)
+        return token
+
+    def remove_camera(self, actor: str, name: str) -> None:
+        """Stop recording a camera; its archive stays (evidence) and its name stays reserved."""
+        archive = self.archive
+        if not archive.db.remove_camera(name, archive.clock()):
+            raise AdminRefused(ErrorCode.UNKNOWN_CAMERA, f"There is no camera named '{name}'.")
+        if self.rtsp is not None:
+            # Wait for the puller to archive the segment it was building: removed means stopped.
+            self.rtsp.stop(name, wait_s=PULLER_STOP_S)
+        archive.health.forget(name)
+        archive.keys.forget_camera(name)
+        self.audit.record(actor, "camera.remove", archive.clock(), camera=name)
+
+    # --- viewers -----------------------------------------------------------------------
+    def authorize_viewer(self, actor: str, pem: bytes, cameras: list[str] | None,
+                         oaep_hash: str | None = None) -> ClientRow:
+        """Authorize a viewer certificate on ``cameras`` (None: all, present and future); the
+        keys of its cameras rotate at once, so it gets nothing recorded before."""
+        archive = self.archive
+        try:
+            cert = load_certificate(pem)
+            oaep = validate_viewer_certificate(
+                cert, now=dt.datetime.now(dt.UTC), site_ca=self.site_ca,
+                oaep_hash=OaepHash.from_label(oaep_hash) if oaep_hash else None)
+        except CertificateError as exc:
+            raise AdminRefused(ErrorCode.BAD_CERTIFICATE, str(exc)) from None
+        wanted = None if cameras is None else sorted(set(cameras))
+        known = {c.name for c in archive.db.cameras()}
+        unknown = sorted(set(wanted or ()) - known)
+        if unknown:
+            raise AdminRefused(ErrorCode.UNKNOWN_CAMERA,
+                               f"Unknown camera(s): {', '.join(unknown)}.")
+        fp = fingerprint(cert).hex()
+        subject = cert.subject.rfc4514_string()
+        archive.db.add_client(fp, cert.public_bytes(Encoding.DER), subject, int(oaep), wanted,
+                              archive.clock())
+        archive.authorization_changed(fp, None)
+        self.audit.record(actor, "client.add", archive.clock(), fingerprint=fp, subject=subject,
+                          cameras=wanted or "all", oaep_hash=oaep.label)
+        row = archive.db.client(fp)
+        assert row is not None
+        return row
+
+    def revoke_viewer(self, actor: str, fp: str, delete_key_streams: bool = False) -> None:
+        """Revoke a viewer: no new keys for it from now on (keys rotate), its sessions end; with
+        ``delete_key_streams`` its stored key records go too (crypto-shredding for it)."""
+        archive = self.archive
+        if not archive.db.revoke_client(fp, archive.clock(), delete_key_streams):
+            raise AdminRefused(ErrorCode.UNKNOWN_VIEWER, f"No viewer has the fingerprint {fp}.")
+        archive.authorization_changed(fp, None)
+        if self.sessions is not None:
+            self.sessions.end_sessions_of(fp)
+        self.audit.record(actor, "client.revoke", archive.clock(), fingerprint=fp,
+                          delete_key_streams=delete_key_streams)

@@ -1,0 +1,46 @@
+"""The error codes of the Archiver's HTTP API (``{"error": code, "message": sentence}``).
+
+One definition for both sides: the Archiver answers with these, the viewer maps them to its
+exit codes (client/session.py). docs/archiver.md lists them.                          [pure]
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    # authentication and sessions
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    SESSION_INVALID = "session_invalid"
+    # viewers and their certificates
+    BAD_CERTIFICATE = "bad_certificate"
+    CERTIFICATE_EXPIRED = "certificate_expired"
+    CERTIFICATE_NOT_YET_VALID = "certificate_not_yet_valid"
+    NOT_ENROLLED = "not_enrolled"
+    REVOKED = "revoked"
+    UNKNOWN_VIEWER = "unknown_viewer"
+    BAD_PROOF = "bad_proof"
+    PROOF_REFUSED = "proof_refused"
+    NOT_AUTHORIZED = "not_authorized"
+    # cameras and recordings
+    BAD_CAMERA_NAME = "bad_camera_name"
+    BAD_RTSP_URL = "bad_rtsp_url"
+    CAMERA_EXISTS = "camera_exists"
+    UNKNOWN_CAMERA = "unknown_camera"
+    BAD_RANGE = "bad_range"
+    NO_RECORDING = "no_recording"
+    # uploads and limits
+    TOO_LARGE = "too_large"
+    TOO_MANY_REQUESTS = "too_many_requests"
+    BODY_TIMEOUT = "body_timeout"
+    UPLOAD_TIMEOUT = "upload_timeout"
+    INCOMPLETE_UPLOAD = "incomplete_upload"
+    EMPTY_SEGMENT = "empty_segment"
+    STORAGE_FULL = "storage_full"
+    STORAGE_FAILED = "storage_failed"
+    # anything else
+    INVALID_REQUEST = "invalid_request"
+    HTTP_ERROR = "http_error"
+    INTERNAL_ERROR = "internal_error"
