@@ -9,26 +9,28 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import ssl
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import httpx
 import typer
 
-from keyservice.errors import KeyServiceError, UsageError
+from keyservice.errors import ArchiverFailed, RequestRefused, UsageError
+from keyservice.exits import add_version_option, run, unreachable
 from keyservice.text import printable
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="The Fusion Archiver: encrypts camera streams, serves fusion streams.")
 cameras_app = typer.Typer(no_args_is_help=True, help="Cameras: add, list, remove.")
-clients_app = typer.Typer(no_args_is_help=True, help="Viewers: authorize, list, revoke.")
+viewers_app = typer.Typer(no_args_is_help=True, help="Viewers: authorize, list, revoke.")
+add_version_option(app, "fusion-archiver")
 app.add_typer(cameras_app, name="cameras")
-app.add_typer(clients_app, name="clients")
+app.add_typer(viewers_app, name="viewers")
+app.add_typer(viewers_app, name="clients", hidden=True)  # the old name, kept as an alias
 
-EXIT_UNREACHABLE = 40
-EXIT_REFUSED = 41
-EXIT_SERVER_ERROR = 42
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="FUSION_ARCHIVER_URL",
                                      help="The Archiver's base URL.")]
@@ -37,13 +39,10 @@ TokenOpt = Annotated[str | None, typer.Option("--admin-token", envvar="FUSION_AD
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Read the admin token from the "
                                               "Archiver's data directory.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, for scripts.")]
+TlsCaOpt = Annotated[Path | None, typer.Option(
+    "--tls-ca", envvar="FUSION_TLS_CA",
+    help="CA certificate (PEM) to verify the Archiver's HTTPS certificate.")]
 DEFAULT_URL = "http://127.0.0.1:8080"
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    # Messages may quote the server or a certificate: never let them drive the terminal.
-    typer.echo(f"fusion-archiver: {printable(message)}", err=True)
-    raise SystemExit(code)
 
 
 @app.command()
@@ -102,20 +101,17 @@ def serve(
     # Nothing this process creates is for other local users (the data directory holds tokens).
     os.umask(0o027)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        settings = Settings(data_dir=data.resolve(), host=host, port=port, tls_cert=tls_cert,
-                            tls_key=tls_key, key_period_s=key_period, signer_token_uri=signer_token,
-                            site_ca_files=tuple(site_ca or ()), upload_timeout_s=upload_timeout,
-                            session_ttl_s=session_ttl, stream_send_timeout_s=stream_send_timeout,
-                            header_timeout_s=header_timeout, body_timeout_s=body_timeout,
-                            login_rate=login_rate, viewer_concurrency=viewer_concurrency,
-                            viewer_streams=viewer_streams,
-                            viewer_rate=viewer_rate, refusal_window_s=refusal_window,
-                            public_metrics=public_metrics, api_docs=api_docs,
-                            max_connections=max_connections)
-        application = create_app(settings)
-    except KeyServiceError as exc:
-        _fail(str(exc), exc.exit_code)
+    settings = Settings(data_dir=data.resolve(), host=host, port=port, tls_cert=tls_cert,
+                        tls_key=tls_key, key_period_s=key_period, signer_token_uri=signer_token,
+                        site_ca_files=tuple(site_ca or ()), upload_timeout_s=upload_timeout,
+                        session_ttl_s=session_ttl, stream_send_timeout_s=stream_send_timeout,
+                        header_timeout_s=header_timeout, body_timeout_s=body_timeout,
+                        login_rate=login_rate, viewer_concurrency=viewer_concurrency,
+                        viewer_streams=viewer_streams,
+                        viewer_rate=viewer_rate, refusal_window_s=refusal_window,
+                        public_metrics=public_metrics, api_docs=api_docs,
+                        max_connections=max_connections)
+    application = create_app(settings)
     serve_app(application, settings)
 
 
@@ -139,24 +135,22 @@ def reindex(
 
     settings = Settings(data_dir=data.resolve(), signer_token_uri=signer_token)
     if not settings.archive_dir.is_dir():
-        _fail(f"{data} is not an Archiver data directory (no archive/ in it).",
-              UsageError.exit_code)
+        raise UsageError(f"{data} is not an Archiver data directory (no archive/ in it).")
     if archiver_cert is not None:
         from keyservice.certs import load_certificate
         try:
             certificate = load_certificate(archiver_cert.read_bytes())
         except OSError as exc:
-            _fail(f"Cannot read {archiver_cert}: {exc.strerror}.", UsageError.exit_code)
+            raise UsageError(f"Cannot read {archiver_cert}: {exc.strerror}.") from None
     else:
         if signer_token is None and not (settings.token_dir / "softhsm2.conf").exists():
-            _fail(f"No signing token in {data}; give --archiver-cert or --signer-token.",
-                  UsageError.exit_code)
+            raise UsageError(f"No signing token in {data}; give --archiver-cert or --signer-token.")
         from archiver.signing import open_signer
         certificate = open_signer(settings).certificate
     try:
         key = ec_public_key(certificate.public_key())
     except TypeError as exc:
-        _fail(str(exc), UsageError.exit_code)
+        raise UsageError(str(exc)) from None
     db = Database(settings.db_path)
     try:
         report = rebuild_index(settings.archive_dir, db, key)
@@ -184,25 +178,40 @@ def _admin_token(token: str | None, data: Path | None) -> str:
         try:
             return path.read_text().strip()
         except OSError as exc:
-            _fail(f"Cannot read the admin token from {path}: {exc.strerror}.", UsageError.exit_code)
-    _fail("No admin token: give --admin-token, set FUSION_ADMIN_TOKEN, or --data DIR.",
-          UsageError.exit_code)
+            raise UsageError(f"Cannot read the admin token from {path}: {exc.strerror}.") from None
+    raise UsageError("No admin token: give --admin-token, set FUSION_ADMIN_TOKEN, or --data DIR.")
 
 
-def _call(method: str, url: str, path: str, token: str, body: Any = None) -> Any:
+def _verify(tls_ca: Path | None) -> ssl.SSLContext | bool:
+    """How to check the Archiver's HTTPS certificate: the system's CAs, or --tls-ca's."""
+    if tls_ca is None:
+        env = os.environ.get("FUSION_TLS_CA")  # for commands that do not declare --tls-ca
+        tls_ca = Path(env) if env else None
+    if tls_ca is None:
+        return True
     try:
-        response = httpx.request(method, url.rstrip("/") + path, json=body, timeout=30,
-                                 headers={"Authorization": f"Bearer {token}"})
-    except httpx.HTTPError as exc:
-        _fail(f"Cannot reach the Archiver at {url} ({exc.__class__.__name__}). Is it running?",
-              EXIT_UNREACHABLE)
+        return ssl.create_default_context(cafile=str(tls_ca))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"Cannot use {tls_ca} as TLS CA certificate: {exc}.") from None
+
+
+def _call(method: str, url: str, path: str, token: str, body: Any = None, *,
+          tls_ca: Path | None = None, timeout: float = 30) -> Any:
+    try:
+        response = httpx.request(method, url.rstrip("/") + path, json=body, timeout=timeout,
+                                 headers={"Authorization": f"Bearer {token}"},
+                                 verify=_verify(tls_ca))
+    except httpx.InvalidURL as exc:
+        raise UsageError(f"The Archiver URL {url!r} is not usable: {exc}.") from None
+    except httpx.TransportError as exc:
+        raise unreachable(url, exc) from None
     if response.status_code >= 400:
         try:
             message = response.json()["message"]
         except (ValueError, KeyError, TypeError):
             message = response.text[:200] or response.reason_phrase
-        _fail(f"{message} (HTTP {response.status_code})",
-              EXIT_SERVER_ERROR if response.status_code >= 500 else EXIT_REFUSED)
+        error = ArchiverFailed if response.status_code >= 500 else RequestRefused
+        raise error(f"{message} (HTTP {response.status_code})")
     return response.json() if response.content else None
 
 
@@ -220,7 +229,8 @@ def _when(ms: int | None) -> str:
 
 @cameras_app.command("add")
 def cameras_add(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
-                data: DataOpt = None, as_json: JsonOpt = False,
+                data: DataOpt = None, tls_ca: TlsCaOpt = None,
+                as_json: JsonOpt = False,
                 rtsp: Annotated[str | None, typer.Option(
                     "--rtsp", envvar="FUSION_RTSP_URL",
                     help="Pull this RTSP URL in the Archiver. With credentials in it, prefer the "
@@ -228,7 +238,7 @@ def cameras_add(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = No
                     "environment.")] = None) -> None:
     """Add a camera; prints its ingest URL and ingest token (shown once)."""
     result = _call("POST", url, "/v1/admin/cameras", _admin_token(admin_token, data),
-                   {"name": name, "rtsp_url": rtsp})
+                   {"name": name, "rtsp_url": rtsp}, tls_ca=tls_ca)
     _out(as_json, result, f"camera {result['name']} added\n"
          f"ingest URL:   {result['ingest_url']}\n"
          f"ingest token: {result['ingest_token']}  (shown once; keep it secret)")
@@ -236,10 +246,11 @@ def cameras_add(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = No
 
 @cameras_app.command("list")
 def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
-                 as_json: JsonOpt = False) -> None:
+                 tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """List cameras: health (receiving, stalled, unreachable, auth_failed, waiting), recorded
     range, traffic in the last minute, gaps."""
-    result = _call("GET", url, "/v1/admin/cameras", _admin_token(admin_token, data))
+    result = _call("GET", url, "/v1/admin/cameras", _admin_token(admin_token, data),
+                   tls_ca=tls_ca)
     lines = [f"{c['name']:<20} {c['state']:<12} {c['segments']:>8} segments  "
              f"{_when(c['first_ms'])} .. {_when(c['last_ms'])}  last minute: "
              f"{c['segments_last_minute']} segments, {c['bytes_last_minute']} bytes; "
@@ -251,40 +262,45 @@ def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
 
 @cameras_app.command("remove")
 def cameras_remove(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
-                   data: DataOpt = None, as_json: JsonOpt = False) -> None:
+                   data: DataOpt = None, tls_ca: TlsCaOpt = None,
+                   as_json: JsonOpt = False) -> None:
     """Stop accepting a camera's ingest. Its archive is kept."""
-    _call("DELETE", url, f"/v1/admin/cameras/{name}", _admin_token(admin_token, data))
+    _call("DELETE", url, f"/v1/admin/cameras/{name}", _admin_token(admin_token, data),
+          tls_ca=tls_ca)
     _out(as_json, {"name": name, "removed": True}, f"camera {name} removed (archive kept)")
 
 
-@clients_app.command("add")
-def clients_add(
+@viewers_app.command("add")
+def viewers_add(
     certificate: Annotated[Path, typer.Argument(help="The viewer's PEM certificate.")],
     cameras: Annotated[str, typer.Option("--cameras", help="cam1,cam2 or 'all'.")],
     oaep_hash: Annotated[str | None, typer.Option(
         "--oaep-hash", help="sha256|sha1, only for certificates not made by fusion-keys.")] = None,
     url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    tls_ca: TlsCaOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Authorize a viewer certificate on cameras; prints its SHA-256 fingerprint."""
     try:
         pem = certificate.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        _fail(f"Cannot read the certificate {certificate}: {exc}.", UsageError.exit_code)
+        raise UsageError(f"Cannot read the certificate {certificate}: {exc}.") from None
     camera_list: list[str] | str = "all" if cameras == "all" else [
         c.strip() for c in cameras.split(",") if c.strip()]
-    result = _call("POST", url, "/v1/admin/clients", _admin_token(admin_token, data),
-                   {"certificate": pem, "cameras": camera_list, "oaep_hash": oaep_hash})
+    result = _call("POST", url, "/v1/admin/viewers", _admin_token(admin_token, data),
+                   {"certificate": pem, "cameras": camera_list, "oaep_hash": oaep_hash},
+                   tls_ca=tls_ca)
     cams = result["cameras"] if result["cameras"] == "all" else ",".join(result["cameras"])
     _out(as_json, result, f"viewer {printable(result['subject'])} authorized on {cams}\n"
          f"fingerprint: {result['fingerprint']}")
 
 
-@clients_app.command("list")
-def clients_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
-                 as_json: JsonOpt = False) -> None:
+@viewers_app.command("list")
+def viewers_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+                 tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """List viewers."""
-    result = _call("GET", url, "/v1/admin/clients", _admin_token(admin_token, data))
+    result = _call("GET", url, "/v1/admin/viewers", _admin_token(admin_token, data),
+                   tls_ca=tls_ca)
     now = dt.datetime.now(dt.UTC)
     lines = []
     soon = 0
@@ -299,14 +315,14 @@ def clients_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
         lines.append(f"{soon} active viewer(s) expired or expiring within {EXPIRY_WARNING_DAYS} "
                      "days: have them enrol again (fusion-keys enroll) and authorize the new "
                      "certificate.")
-    _out(as_json, {"clients": result}, "\n".join(lines) or "no viewers")
+    _out(as_json, {"viewers": result}, "\n".join(lines) or "no viewers")
 
 
 EXPIRY_WARNING_DAYS = 30
 
 
 def _expiry(not_after: str, now: dt.datetime, active: bool) -> tuple[str, bool]:
-    """The expiry column of `clients list`, and whether an admin should act on it."""
+    """The expiry column of `viewers list`, and whether an admin should act on it."""
     try:
         when = dt.datetime.fromisoformat(not_after)
     except (TypeError, ValueError):
@@ -320,13 +336,14 @@ def _expiry(not_after: str, now: dt.datetime, active: bool) -> tuple[str, bool]:
     return f"expires {stamp}", False
 
 
-@clients_app.command("revoke")
-def clients_revoke(
+@viewers_app.command("revoke")
+def viewers_revoke(
     fingerprint: str,
     delete_key_streams: Annotated[bool, typer.Option(
         "--delete-key-streams", help="Also delete its key streams: IRREVERSIBLE.")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
     url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    tls_ca: TlsCaOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Revoke a viewer: no key material for it from now on."""
@@ -334,16 +351,14 @@ def clients_revoke(
         warning = ("Deleting key streams is irreversible: recordings that only this viewer "
                    "could open become unrecoverable.")
         if not sys.stdin.isatty():
-            _fail(warning + " Add --yes to confirm.", UsageError.exit_code)
+            raise UsageError(warning + " Add --yes to confirm.")
         typer.confirm(warning + " Continue?", abort=True)
-    result = _call("POST", url, f"/v1/admin/clients/{fingerprint.lower()}/revoke",
-                   _admin_token(admin_token, data), {"delete_key_streams": delete_key_streams})
+    result = _call("POST", url, f"/v1/admin/viewers/{fingerprint.lower()}/revoke",
+                   _admin_token(admin_token, data), {"delete_key_streams": delete_key_streams},
+                   tls_ca=tls_ca)
     _out(as_json, result, f"viewer {fingerprint} revoked"
          + (" and its key streams deleted" if delete_key_streams else ""))
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyServiceError as exc:
-        _fail(str(exc), exc.exit_code)
+    run(app, "fusion-archiver")

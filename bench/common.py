@@ -236,7 +236,7 @@ class BenchServer:
         """Authorize each certificate on all cameras through the admin API; fingerprints."""
         def add(chunk: Sequence[str]) -> list[str]:
             with httpx.Client() as client:
-                return [self.admin("POST", "/v1/admin/clients",
+                return [self.admin("POST", "/v1/admin/viewers",
                                    {"certificate": pem, "cameras": "all"}, client)["fingerprint"]
                         for pem in chunk]
 

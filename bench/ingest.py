@@ -9,7 +9,7 @@ two Archivers (baseline, then encrypted ones, with a baseline again after every 
 encrypted window is compared with the mean of the baseline windows on either side of it, so that
 the noise of a shared 2-core machine hits both alike.
 
-Viewers are added through the admin API (``POST /v1/admin/clients``); that ends the current
+Viewers are added through the admin API (``POST /v1/admin/viewers``); that ends the current
 keys of every camera, so each encrypted window starts with every camera rotating its key and
 every new viewer starting an epoch (an RSA-OAEP epoch opener) -- the burst the Archiver also
 goes through at the start of every key period. Two kinds of blocks:

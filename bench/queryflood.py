@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         httpx.post(f"{url}/v1/admin/cameras", json={"name": "big"}, headers=admin)
         viewer = _viewer()
         pem = viewer.certificate.public_bytes(Encoding.PEM).decode()
-        assert httpx.post(f"{url}/v1/admin/clients", json={"certificate": pem, "cameras": "all"},
+        assert httpx.post(f"{url}/v1/admin/viewers", json={"certificate": pem, "cameras": "all"},
                           headers=admin).status_code == 201
         _stop(process)
         started = time.monotonic()

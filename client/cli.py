@@ -8,27 +8,28 @@ never a traceback; video goes only to the output, messages only to stderr.
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated
 
-import httpx
 import typer
 from cryptography import x509
 
 from client.pinning import KnownArchivers, PinDecision, PinOutcome, check_archiver
+from client.playback import (
+    Progress,
+    operations,
+    recorded_part,
+    run_stream,
+    say,
+)
 from client.player import (
     FileOutput,
     Output,
-    OutputFailed,
     PipeOutput,
-    Player,
-    Summary,
     archiver_pin_check,
 )
 from client.session import (
@@ -38,10 +39,10 @@ from client.session import (
     live_request,
     playback_request,
 )
-from client.timespec import format_duration, format_ms, parse_range
-from keyservice.errors import CertificateError, KeyServiceError, UsageError
-from keyservice.format import Header, Mode
-from keyservice.identity import Identity, fingerprint
+from client.timespec import format_ms, parse_range
+from keyservice.errors import CertificateError, UsageError
+from keyservice.exits import add_version_option, run
+from keyservice.identity import Identity
 from keyservice.names import CAMERA_NAME_RULE, is_camera_name
 from keyservice.stream import DEFAULT_MAX_SKEW_MS, StreamRequest
 from keyservice.text import printable
@@ -49,12 +50,7 @@ from keyservice.text import printable
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Watch and export video from a Fusion Archiver; keys are opened on your "
                        "token, video is decrypted and verified on this machine.")
-
-# Typer >= 0.2x vendors click; find its ClickException either way (usage errors).
-_CLICK_EXCEPTION: type[Exception] = next(
-    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-EXIT_INTERRUPTED = 130
-EXIT_UNEXPECTED = 1
+add_version_option(app, "fusion-client")
 DEFAULT_URL = "http://127.0.0.1:8080"
 _READ_CHUNK = 1 << 20
 
@@ -79,16 +75,6 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, 
 
 
 # --- small helpers ------------------------------------------------------------------------
-def _say(message: str) -> None:
-    # Messages quote the Archiver, certificates and files: never let them drive the terminal.
-    typer.echo(f"fusion-client: {printable(message)}", err=True)
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    _say(message)
-    raise SystemExit(code)
-
-
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -134,10 +120,6 @@ def _open_identity(stack: ExitStack, uri: str) -> Identity:
     return token.identity()
 
 
-def _operations(identity: Identity) -> int:
-    return int(getattr(identity, "operations", 0))
-
-
 def _login(session: ArchiverSession, identity: Identity, url: str,
            explicit: x509.Certificate | None) -> LoginResult:
     store = KnownArchivers.default()
@@ -149,236 +131,13 @@ def _login(session: ArchiverSession, identity: Identity, url: str,
     result = session.login(identity, check)
     decision = decisions[-1]
     if decision.outcome is PinOutcome.FIRST_USE:
-        _say(f"trusting the Archiver at {url} on first use: certificate sha256 "
+        say(f"trusting the Archiver at {url} on first use: certificate sha256 "
              f"{decision.fingerprint.hex()} (pinned in {decision.stored_in}); compare it with "
              "the fingerprint your admin gives you.")
     elif decision.replaced is not None:
-        _say(f"replaced the pinned certificate of {url} (sha256 {decision.replaced.hex()}) with "
+        say(f"replaced the pinned certificate of {url} (sha256 {decision.replaced.hex()}) with "
              f"the one given by --archiver-cert (sha256 {decision.fingerprint.hex()}).")
     return result
-
-
-class _Progress:
-    """A progress bar on stderr, only when stderr is a terminal (never in logs or pipes)."""
-
-    def __init__(self, enabled: bool, from_ms: int, to_ms: int) -> None:
-        self._bar: Any = None
-        self._from, self._to = from_ms, to_ms
-        if enabled and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
-                                 console=Console(stderr=True), transient=True)
-            self._task = self._bar.add_task("decrypting", total=max(1, to_ms - from_ms))
-
-    def __enter__(self) -> _Progress:
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-    def segment(self, event: Any) -> None:
-        if self._bar is not None:
-            done = max(0, min(self._to, event.capture_ms) - self._from)
-            self._bar.update(self._task, completed=done,
-                             description=f"{event.camera} {format_ms(event.capture_ms)}")
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
-
-
-def _token_line(login_ops: int, token_ops: int, epoch_openings: int) -> str:
-    return (f"token operations: {token_ops} ({login_ops} login, {epoch_openings} epoch "
-            "opener(s))")
-
-
-def _print_summary(summary: Summary, login_ops: int, token_ops: int, where: str) -> None:
-    if summary.segments:
-        assert summary.first_ms is not None and summary.last_ms is not None
-        _say(f"{summary.segments} segment(s), {_mib(summary.bytes)}, captured "
-             f"{format_ms(summary.first_ms)} .. {format_ms(summary.last_ms)} "
-             f"({format_duration(summary.last_ms - summary.first_ms)})")
-    else:
-        _say("no segments")
-    _say(_token_line(login_ops, token_ops, summary.epoch_openings))
-    for gap in sorted(summary.gaps, key=lambda g: g.from_ms):
-        _say(f"gap: {gap.describe()}")
-    _say(where)
-
-
-class _DeferredInterrupt:
-    """Ctrl-C while a segment is being written and counted takes effect right after it, so
-    the summary and "output stops after ..." always match the bytes written."""
-
-    def __init__(self) -> None:
-        self._depth = 0
-        self._pending = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _DeferredInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def _handler(self, signum: int, frame: object) -> None:
-        if self._depth:
-            self._pending = True
-        else:
-            raise KeyboardInterrupt
-
-    @contextmanager
-    def critical(self) -> Iterator[None]:
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-        # Reached only when the segment was written: an error in flight is not masked.
-        if not self._depth and self._pending:
-            self._pending = False
-            raise KeyboardInterrupt
-
-
-def _run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
-                fetch: Callable[[], AbstractContextManager[Iterator[bytes]]],
-                check: Callable[[x509.Certificate], None], progress: _Progress,
-                login_ops: Callable[[], int], live: bool, quiet: bool,
-                request: StreamRequest | None, saved: bool = False) -> None:
-    """Feed the stream to the player; on success give the output its final name, on failure
-    keep the verified part under a name that says so and say where it stops. ``request``:
-    what was asked for, checked by the reader; None only for a saved stream (``saved``),
-    whose header is then printed as what it is."""
-    interrupts = _DeferredInterrupt()
-    player = Player(identity, check, output, on_segment=progress.segment,
-                    critical=interrupts.critical, request=request)
-    stopped_by_user = False
-    try:
-        with interrupts, progress, fetch() as chunks:
-            try:
-                for chunk in chunks:
-                    if save is not None:
-                        save.write(chunk)
-                    player.feed(chunk)
-            except KeyboardInterrupt:
-                if not live:
-                    raise
-                stopped_by_user = True  # live viewing ends when the viewer says so
-        summary = player.summary if stopped_by_user else player.finish()
-    except BaseException as exc:
-        kept = output.abort()
-        saved = save.abort() if save is not None else None
-        if isinstance(exc, SystemExit):
-            raise
-        _report_failure(exc, player, kept, saved, output)
-        if not quiet:
-            _say(_token_line(login_ops(), _operations(identity), player.summary.epoch_openings))
-        raise SystemExit(_exit_code(exc)) from None
-    try:
-        final = output.commit()
-        saved_final = save.commit() if save is not None else None
-    except OutputFailed as exc:
-        output.abort()
-        if save is not None:
-            save.abort()
-        _say(str(exc))
-        raise SystemExit(exc.exit_code) from None
-    if not quiet:
-        token_ops = _operations(identity)
-        if saved:
-            where = ("verified saved stream (signed end record); it answered the request "
-                     "described above, not a new one")
-        elif stopped_by_user:
-            where = "stopped by you (live; no end record)"
-        elif live:
-            where = "live stream ended (verified end record)"
-        else:
-            where = "complete (verified signed end record)"
-        where += f"; video in {final}" if final is not None else "; video written to stdout"
-        if saved_final is not None:
-            where += f"; fusion stream in {saved_final}"
-        if saved and player.header is not None:
-            for line in describe_saved(player.header):
-                _say(line)
-        _print_summary(summary, login_ops(), token_ops, where)
-
-
-def describe_saved(header: Header) -> list[str]:
-    """What a saved stream is, from its header (authenticated by the verified END record):
-    it answered one request in the past, and says which."""
-    archiver = x509.load_der_x509_certificate(header.archiver_cert_der)
-    mode = "live" if header.mode == Mode.LIVE else "recording"
-    return [
-        f"saved {mode} stream of camera {', '.join(header.cameras)}, range "
-        f"{format_ms(header.range_from_ms)} .. {format_ms(header.range_to_ms)}",
-        f"made by Archiver {_printable(archiver.subject.rfc4514_string())} (certificate sha256 "
-        f"{fingerprint(archiver).hex()}) at {format_ms(header.created_ms)}",
-        f"request nonce {header.request_nonce.hex()}, request id {header.request_id.hex()}",
-    ]
-
-
-def _printable(text: str) -> str:
-    """Control characters escaped: a certificate subject must not drive the terminal."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-
-
-def _report_failure(exc: BaseException, player: Player, kept: Path | None, saved: Path | None,
-                    output: Output) -> None:
-    _say(_message(exc))
-    if player.summary.segments:
-        where = f"output stops {player.where()}"
-        if kept is not None:
-            where += f"; the verified video up to there is in {kept}"
-        elif isinstance(output, PipeOutput):
-            where += " (the video sent to standard output is verified up to there)"
-        _say(where)
-    else:
-        _say("no video was written.")
-    if saved is not None:
-        _say(f"the raw fusion stream received so far is in {saved}")
-
-
-def _message(exc: BaseException) -> str:
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
-    if isinstance(exc, KeyServiceError):
-        return str(exc)
-    if isinstance(exc, httpx.HTTPError):
-        return f"The connection to the Archiver failed ({exc.__class__.__name__})."
-    if isinstance(exc, OSError):
-        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "") + "."
-    return f"Unexpected error ({exc.__class__.__name__}: {exc})."
-
-
-def _exit_code(exc: BaseException) -> int:
-    if isinstance(exc, KeyServiceError):
-        return exc.exit_code
-    if isinstance(exc, KeyboardInterrupt):
-        return EXIT_INTERRUPTED
-    if isinstance(exc, httpx.HTTPError):
-        return 40
-    return EXIT_UNEXPECTED
-
-
-def _recorded_part(session: ArchiverSession, camera: str, from_ms: int,
-                   to_ms: int) -> tuple[int, int]:
-    """The part of [from, to] that is recorded, so the progress bar moves over real video."""
-    try:
-        view = next((v for v in session.cameras() if v.name == camera), None)
-    except KeyServiceError:
-        return from_ms, to_ms  # only cosmetic: the stream request reports the real problem
-    if view is None or view.first_ms is None or view.last_ms is None:
-        return from_ms, to_ms
-    start, end = max(from_ms, view.first_ms), min(to_ms, view.last_ms)
-    return (start, end) if start < end else (from_ms, to_ms)
 
 
 def _stream_command(*, url: str, token: str, output_target: str, archiver_cert: Path | None,
@@ -400,18 +159,18 @@ def _stream_command(*, url: str, token: str, output_target: str, archiver_cert: 
             if save is not None:
                 save.abort()
             raise
-        after_login = _operations(identity)
+        after_login = operations(identity)
         start, end = (0, 0)
         show_progress = progress_range is not None and not quiet and sys.stderr.isatty()
         if show_progress and progress_range is not None:
-            start, end = _recorded_part(session, progress_camera, *progress_range)
+            start, end = recorded_part(session, progress_camera, *progress_range)
         # A fresh nonce per request, made just before it is sent (live: the local clock then
         # is the start the stream's freshness is judged against).
         asked = make_request()
-        _run_stream(identity=identity, output=output, save=save,
+        run_stream(identity=identity, output=output, save=save,
                     fetch=lambda: request(session, asked),
                     check=archiver_pin_check(login.archiver_fingerprint),
-                    progress=_Progress(show_progress, start, end),
+                    progress=Progress(show_progress, start, end),
                     login_ops=lambda: after_login, live=live, quiet=quiet, request=asked)
 
 
@@ -524,13 +283,13 @@ def view(
                                 lambda: _login(session, identity, archiver, explicit), export_dir)
 
         def announce(url: str) -> None:
-            _say(f"viewer for {login.viewer_fingerprint[:16]}... on {archiver}; open this URL "
+            say(f"viewer for {login.viewer_fingerprint[:16]}... on {archiver}; open this URL "
                  "(it works once; Ctrl-C stops the viewer):")
             typer.echo(url)
             sys.stdout.flush()
 
         serve(backend, port=port, open_browser=not no_browser, announce=announce)
-    _say("viewer stopped")
+    say("viewer stopped")
 
 
 @app.command("open")
@@ -574,26 +333,12 @@ def open_saved(
             while data := fh.read(_READ_CHUNK):
                 yield data
 
-        _run_stream(identity=identity, output=out, save=None,
+        run_stream(identity=identity, output=out, save=None,
                     fetch=lambda: nullcontext(chunks()), check=check,
-                    progress=_Progress(False, 0, 0), login_ops=lambda: 0, live=False,
+                    progress=Progress(False, 0, 0), login_ops=lambda: 0, live=False,
                     quiet=quiet, request=None, saved=True)
 
 
 def main() -> None:
     """Entry point: no traceback ever; one sentence and a distinct exit code per failure."""
-    try:
-        code = app(standalone_mode=False)
-    except _CLICK_EXCEPTION as exc:
-        if type(exc).__name__ != "NoArgsIsHelpError":  # the help text was printed already
-            exc.show()
-        raise SystemExit(exc.exit_code) from None
-    except typer.Abort:
-        _say("interrupted")
-        raise SystemExit(EXIT_INTERRUPTED) from None
-    except SystemExit:
-        raise
-    except BaseException as exc:  # the last line of defence against tracebacks
-        _say(_message(exc))
-        raise SystemExit(_exit_code(exc)) from None
-    raise SystemExit(code if isinstance(code, int) else 0)
+    run(app, "fusion-client")

@@ -29,7 +29,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from keyservice.certs import load_certificate
 from keyservice.crypto import answer_login_challenge, login_context
-from keyservice.errors import CertificateError, KeyServiceError, UsageError
+from keyservice.errors import (  # the HTTP errors are shared with fusion-archiver
+    ArchiverFailed,
+    ArchiverUnreachable,
+    CertificateError,
+    KeyServiceError,
+    RequestRefused,
+    UsageError,
+)
+from keyservice.exits import unreachable
 from keyservice.format import Mode
 from keyservice.identity import Identity, OaepHash, fingerprint
 from keyservice.stream import DEFAULT_MAX_SKEW_MS, StreamRequest
@@ -41,22 +49,6 @@ MAX_LIVE_S = 86_400
 
 
 # --- errors (exit codes documented in docs/client.md) -------------------------------------
-class ArchiverUnreachable(KeyServiceError):
-    exit_code = 40
-
-
-class RequestRefused(KeyServiceError):
-    """The Archiver refused the request (a 4xx without a more specific class)."""
-
-    exit_code = 41
-
-
-class ArchiverFailed(KeyServiceError):
-    """The Archiver failed (5xx) or answered something that is not its API."""
-
-    exit_code = 42
-
-
 class NotEnrolled(RequestRefused):
     exit_code = 43
 
@@ -178,9 +170,7 @@ class ArchiverSession:
 
     # --- plumbing ---------------------------------------------------------------------
     def _unreachable(self, exc: httpx.HTTPError) -> ArchiverUnreachable:
-        detail = exc.__class__.__name__
-        return ArchiverUnreachable(f"Cannot reach the Archiver at {self.url} ({detail}).",
-                                   "Check the URL and that the Archiver is running.")
+        return unreachable(self.url, exc)
 
     def _error(self, response: httpx.Response) -> KeyServiceError:
         code, message = None, None

@@ -1,7 +1,7 @@
 """fusion-keys: enrol and manage token-bound viewer identities (a thin CLI over keyservice.token).
 
 Every failure is one sentence on stderr and a non-zero exit code (``error.exit_code``); never a
-traceback.
+traceback: commands let errors through to ``keyservice.exits.run``, the path all three CLIs share.
 """
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ import getpass
 import os
 import shlex
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from keyservice import certs
-from keyservice.errors import KeyServiceError, UsageError
+from keyservice.errors import UsageError
+from keyservice.exits import add_version_option, run
 from keyservice.identity import OaepHash
 from keyservice.text import printable
 
@@ -33,6 +32,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+add_version_option(app, "fusion-keys")
 
 TokenOpt = Annotated[str, typer.Option(
     "--token", envvar="FUSION_TOKEN", metavar="URI",
@@ -56,24 +56,6 @@ def _echo(message: str, err: bool = False) -> None:
     # Labels, subjects and token errors come from tokens and certificates: escape their
     # control characters (the line breaks of our own messages stay).
     typer.echo(printable(message, newlines=True), err=err)
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except KeyServiceError as exc:
-        _echo(f"fusion-keys: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        _echo("fusion-keys: interrupted.", err=True)
-        raise typer.Exit(130) from None
-    except (typer.Exit, typer.Abort):
-        raise
-    except Exception as exc:  # last resort: still one line, no traceback
-        _echo(f"fusion-keys: unexpected error ({type(exc).__name__}: {exc}); please report "
-                   "it.", err=True)
-        raise typer.Exit(1) from None
 
 
 def _open(uri: str) -> Token:
@@ -151,46 +133,45 @@ def enroll(
                            "for decryption).")] = "9d",
 ) -> None:
     """Generate a viewer key pair inside the token and export its certificate (public part)."""
-    with _errors():
-        from keyservice.token import enroll_piv, token_kind
+    from keyservice.token import enroll_piv, token_kind
 
-        name = _object_name(token)
-        _refuse_existing(out)
-        if key is not None and key_type is KeyTypeChoice.ec:
-            raise UsageError("--key sets an RSA size; drop it for --key-type ec.")
-        kind = "rsa" if key is not None else key_type.value
-        bits = int((key or KeyChoice.rsa3072).value.removeprefix("rsa"))
-        if token_kind(token) == "ykcs11":
-            # A PIV card: fixed slots, and key generation needs the management key (SO PIN).
-            kind = "ec" if kind == "auto" else kind  # every PIV card does ECDH P-256
-            result = enroll_piv(token, name, so_pin=_so_pin(so_pin_source), prompt=True,
-                                slot=piv_slot, bits=bits if key else 2048, days=days, csr=csr,
-                                key_type=kind)
-            where = f"slot {piv_slot.upper()} of the PIV card"
-            use = (f" Use it as pkcs11:id=%{result.key_id.hex()} (with the card's module-path); "
-                   f"its label there is '{result.label}'.")
-        else:
-            with _open(token) as tok:
-                if kind == "auto":
-                    kind = "ec" if tok.supports_ec_viewers() else "rsa"
-                result = tok.enroll(name, bits=bits, days=days, csr=csr, key_type=kind)
-            where, use = f"token '{tok.label}'", ""
-        _write(out, result.pem())
-        if result.oaep_hash is OaepHash.ECDH_P256:
-            scheme = "EC P-256, ECDH epoch openers"
-        else:
-            hash_note = ("" if result.oaep_hash.label == "sha256"
-                         else " (this token cannot do SHA-256)")
-            scheme = (f"RSA-{result.key_bits}, RSA-OAEP with "
-                      f"{certs.oaep_hash_name(result.oaep_hash)}{hash_note}")
-        _echo(f"Enrolled '{name}' on {where}: {scheme}.{use}")
-        if result.certificate is not None:
-            summary = certs.summarize(result.certificate)
-            _echo(f"Certificate written to {out}; fingerprint sha256:{summary.fingerprint_hex}"
-                       f"; valid until {summary.not_after:%Y-%m-%d}.")
-        else:
-            _echo(f"CSR written to {out}; have the site CA sign it, then run "
-                       "fusion-keys import-cert --token URI CERT.pem.")
+    name = _object_name(token)
+    _refuse_existing(out)
+    if key is not None and key_type is KeyTypeChoice.ec:
+        raise UsageError("--key sets an RSA size; drop it for --key-type ec.")
+    kind = "rsa" if key is not None else key_type.value
+    bits = int((key or KeyChoice.rsa3072).value.removeprefix("rsa"))
+    if token_kind(token) == "ykcs11":
+        # A PIV card: fixed slots, and key generation needs the management key (SO PIN).
+        kind = "ec" if kind == "auto" else kind  # every PIV card does ECDH P-256
+        result = enroll_piv(token, name, so_pin=_so_pin(so_pin_source), prompt=True,
+                            slot=piv_slot, bits=bits if key else 2048, days=days, csr=csr,
+                            key_type=kind)
+        where = f"slot {piv_slot.upper()} of the PIV card"
+        use = (f" Use it as pkcs11:id=%{result.key_id.hex()} (with the card's module-path); "
+               f"its label there is '{result.label}'.")
+    else:
+        with _open(token) as tok:
+            if kind == "auto":
+                kind = "ec" if tok.supports_ec_viewers() else "rsa"
+            result = tok.enroll(name, bits=bits, days=days, csr=csr, key_type=kind)
+        where, use = f"token '{tok.label}'", ""
+    _write(out, result.pem())
+    if result.oaep_hash is OaepHash.ECDH_P256:
+        scheme = "EC P-256, ECDH epoch openers"
+    else:
+        hash_note = ("" if result.oaep_hash.label == "sha256"
+                     else " (this token cannot do SHA-256)")
+        scheme = (f"RSA-{result.key_bits}, RSA-OAEP with "
+                  f"{certs.oaep_hash_name(result.oaep_hash)}{hash_note}")
+    _echo(f"Enrolled '{name}' on {where}: {scheme}.{use}")
+    if result.certificate is not None:
+        summary = certs.summarize(result.certificate)
+        _echo(f"Certificate written to {out}; fingerprint sha256:{summary.fingerprint_hex}"
+                   f"; valid until {summary.not_after:%Y-%m-%d}.")
+    else:
+        _echo(f"CSR written to {out}; have the site CA sign it, then run "
+                   "fusion-keys import-cert --token URI CERT.pem.")
 
 
 @app.command("import-cert")
@@ -200,45 +181,43 @@ def import_cert(
                                               help="The certificate the site CA issued.")],
 ) -> None:
     """Store a CA-issued certificate on the token, next to the key it belongs to."""
-    with _errors():
-        from keyservice.pkcs11uri import Pkcs11Uri
+    from keyservice.pkcs11uri import Pkcs11Uri
 
-        try:
-            data = cert_file.read_bytes()
-        except OSError as exc:
-            raise UsageError(f"Cannot read {cert_file} ({exc.strerror}).") from None
-        cert = certs.load_certificate(data)
-        with _open(token) as tok:
-            result = tok.import_certificate(cert, Pkcs11Uri.parse(token).object)
-        _echo(f"Stored the certificate for '{result.label}' on token '{tok.label}'.")
-        if not result.recorded:
-            _echo(f"Note: the CA dropped the OAEP-hash extension; this token opens "
-                       f"{certs.oaep_hash_name(result.oaep_hash)}, so give '{result.oaep_hash.label}' "
-                       "as the OAEP hash when authorizing this viewer on the Archiver.")
+    try:
+        data = cert_file.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"Cannot read {cert_file} ({exc.strerror}).") from None
+    cert = certs.load_certificate(data)
+    with _open(token) as tok:
+        result = tok.import_certificate(cert, Pkcs11Uri.parse(token).object)
+    _echo(f"Stored the certificate for '{result.label}' on token '{tok.label}'.")
+    if not result.recorded:
+        _echo(f"Note: the CA dropped the OAEP-hash extension; this token opens "
+                   f"{certs.oaep_hash_name(result.oaep_hash)}, so give '{result.oaep_hash.label}' "
+                   "as the OAEP hash when authorizing this viewer on the Archiver.")
 
 
 @app.command("list")
 def list_(token: TokenOpt) -> None:
     """List the keys on the token: key type, the OAEP hashes the token opens with each (measured;
     '*' = recorded in the certificate), expiry, fingerprint, certificate subject and issuer."""
-    with _errors():
-        with _open(token) as tok:
-            infos = tok.identities()
-        if not infos:
-            _echo(f"Token '{tok.label}' holds no identities; create one with "
-                       "fusion-keys enroll.")
-            return
-        _echo(f"{'NAME':<20} {'KEY':<9} {'OAEP':<12} {'EXPIRES':<11} FINGERPRINT (SHA-256)")
-        for info in infos:
-            kind = f"{info.kind.upper()}-{info.key_bits}" if info.kind == "rsa" else "EC-P256"
-            # Measured on the token; the hash the certificate records (if any) is marked '*'.
-            oaep = ",".join(h.label + ("*" if h is info.oaep_hash else "")
-                            for h in info.oaep_hashes) or "-"
-            expires = f"{info.not_after:%Y-%m-%d}" if info.not_after else "-"
-            fp = info.fingerprint_hex or "(no certificate: run fusion-keys import-cert)"
-            _echo(f"{printable(info.label):<20} {kind:<9} {oaep:<12} {expires:<11} {fp}")
-            if info.subject is not None:
-                _echo(f"    id {info.id_hex}  subject: {info.subject}  issuer: {info.issuer}")
+    with _open(token) as tok:
+        infos = tok.identities()
+    if not infos:
+        _echo(f"Token '{tok.label}' holds no identities; create one with "
+                   "fusion-keys enroll.")
+        return
+    _echo(f"{'NAME':<20} {'KEY':<9} {'OAEP':<12} {'EXPIRES':<11} FINGERPRINT (SHA-256)")
+    for info in infos:
+        kind = f"{info.kind.upper()}-{info.key_bits}" if info.kind == "rsa" else "EC-P256"
+        # Measured on the token; the hash the certificate records (if any) is marked '*'.
+        oaep = ",".join(h.label + ("*" if h is info.oaep_hash else "")
+                        for h in info.oaep_hashes) or "-"
+        expires = f"{info.not_after:%Y-%m-%d}" if info.not_after else "-"
+        fp = info.fingerprint_hex or "(no certificate: run fusion-keys import-cert)"
+        _echo(f"{printable(info.label):<20} {kind:<9} {oaep:<12} {expires:<11} {fp}")
+        if info.subject is not None:
+            _echo(f"    id {info.id_hex}  subject: {info.subject}  issuer: {info.issuer}")
 
 
 @app.command()
@@ -256,30 +235,29 @@ def adopt(
     --site-ca), that the token decrypts with the key and with which RSA-OAEP hash; writes the
     certificate and prints the exact fusion-archiver command to authorize it.
     """
-    with _errors():
-        _refuse_existing(out)
-        cas = []
-        for path in site_ca or ():
-            try:
-                cas.append(certs.load_certificate(path.read_bytes()))
-            except OSError as exc:
-                raise UsageError(f"Cannot read the site CA {path} ({exc.strerror}).") from None
-        with _open(token) as tok:
-            result = tok.adopt(site_ca=tuple(cas))
-        _write(out, certs.certificate_pem(result.certificate))
-        summary = certs.summarize(result.certificate)
-        _echo(f"Adopted '{result.label}' (id {result.key_id.hex()}) on token '{tok.label}': "
-                   f"{'EC-P256' if result.oaep_hash.is_ec else f'RSA-{summary.key_bits}'}, "
-                   f"{summary.subject}, issued by "
-                   f"{result.certificate.issuer.rfc4514_string()}; valid until "
-                   f"{summary.not_after:%Y-%m-%d}; token operation {result.decrypt_ms:.1f} ms.")
-        _echo(f"Certificate written to {out}; fingerprint sha256:{summary.fingerprint_hex}.")
-        flag = "" if result.recorded else f" --oaep-hash {result.oaep_hash.label}"
-        why = ("the certificate fixes its scheme" if result.recorded else
-               f"the certificate does not record its OAEP hash; this token opens "
-               f"{certs.oaep_hash_name(result.oaep_hash)}")
-        _echo(f"Authorize it on the Archiver ({why}):\n"
-                   f"  fusion-archiver clients add {shlex.quote(str(out))}{flag} --cameras CAMERAS")
+    _refuse_existing(out)
+    cas = []
+    for path in site_ca or ():
+        try:
+            cas.append(certs.load_certificate(path.read_bytes()))
+        except OSError as exc:
+            raise UsageError(f"Cannot read the site CA {path} ({exc.strerror}).") from None
+    with _open(token) as tok:
+        result = tok.adopt(site_ca=tuple(cas))
+    _write(out, certs.certificate_pem(result.certificate))
+    summary = certs.summarize(result.certificate)
+    _echo(f"Adopted '{result.label}' (id {result.key_id.hex()}) on token '{tok.label}': "
+               f"{'EC-P256' if result.oaep_hash.is_ec else f'RSA-{summary.key_bits}'}, "
+               f"{summary.subject}, issued by "
+               f"{result.certificate.issuer.rfc4514_string()}; valid until "
+               f"{summary.not_after:%Y-%m-%d}; token operation {result.decrypt_ms:.1f} ms.")
+    _echo(f"Certificate written to {out}; fingerprint sha256:{summary.fingerprint_hex}.")
+    flag = "" if result.recorded else f" --oaep-hash {result.oaep_hash.label}"
+    why = ("the certificate fixes its scheme" if result.recorded else
+           f"the certificate does not record its OAEP hash; this token opens "
+           f"{certs.oaep_hash_name(result.oaep_hash)}")
+    _echo(f"Authorize it on the Archiver ({why}):\n"
+               f"  fusion-archiver viewers add {shlex.quote(str(out))}{flag} --cameras CAMERAS")
 
 
 @app.command()
@@ -288,26 +266,24 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="Where to write the certificate PEM.")],
 ) -> None:
     """Write the identity's certificate (public part only) as PEM."""
-    with _errors():
-        _refuse_existing(out)
-        with _open(token) as tok:
-            ident = tok.identity()
-            pem = certs.certificate_pem(ident.certificate)
-        _write(out, pem)
-        _echo(f"Certificate of '{ident.label}' written to {out}.")
+    _refuse_existing(out)
+    with _open(token) as tok:
+        ident = tok.identity()
+        pem = certs.certificate_pem(ident.certificate)
+    _write(out, pem)
+    _echo(f"Certificate of '{ident.label}' written to {out}.")
 
 
 @app.command()
 def selftest(token: TokenOpt) -> None:
     """Wrap a random key to the certificate in software, unwrap it on the token, compare."""
-    with _errors():
-        with _open(token) as tok:
-            result = tok.selftest()
-        scheme = ("EC P-256, ECDH" if result.oaep_hash is OaepHash.ECDH_P256 else
-                  f"RSA-{result.key_bits}, RSA-OAEP with "
-                  f"{certs.oaep_hash_name(result.oaep_hash)}")
-        _echo(f"Self-test passed for '{result.label}': {scheme}, token operation "
-                   f"{result.decrypt_ms:.1f} ms; fingerprint sha256:{result.fingerprint_hex}.")
+    with _open(token) as tok:
+        result = tok.selftest()
+    scheme = ("EC P-256, ECDH" if result.oaep_hash is OaepHash.ECDH_P256 else
+              f"RSA-{result.key_bits}, RSA-OAEP with "
+              f"{certs.oaep_hash_name(result.oaep_hash)}")
+    _echo(f"Self-test passed for '{result.label}': {scheme}, token operation "
+               f"{result.decrypt_ms:.1f} ms; fingerprint sha256:{result.fingerprint_hex}.")
 
 
 @app.command()
@@ -316,16 +292,15 @@ def delete(
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete an identity (certificate and key pair) from the token. This cannot be undone."""
-    with _errors():
-        name = _object_name(token)
-        if not yes:
-            if not sys.stdin.isatty():
-                raise UsageError("Refusing to delete without confirmation; pass --yes.")
-            typer.confirm(f"Delete '{name}' and its private key for good? Streams encrypted to "
-                          "it can then never be opened", abort=True)
-        with _open(token) as tok:
-            count = tok.delete(name)
-        _echo(f"Deleted '{name}' ({count} objects) from token '{tok.label}'.")
+    name = _object_name(token)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("Refusing to delete without confirmation; pass --yes.")
+        typer.confirm(f"Delete '{name}' and its private key for good? Streams encrypted to "
+                      "it can then never be opened", abort=True)
+    with _open(token) as tok:
+        count = tok.delete(name)
+    _echo(f"Deleted '{name}' ({count} objects) from token '{tok.label}'.")
 
 
 @app.command("softhsm-init")
@@ -337,17 +312,16 @@ def softhsm_init(
     so_pin: Annotated[str, typer.Option("--so-pin", help="Security officer PIN.")],
 ) -> None:
     """For developers: create a SoftHSM token in DIR and print the SOFTHSM2_CONF line to use."""
-    with _errors():
-        from keyservice.softhsm import init_softhsm
+    from keyservice.softhsm import init_softhsm
 
-        conf = init_softhsm(directory, label, pin, so_pin)
-        _echo(f"Created SoftHSM token '{label}' in {conf.parent}. Use it with:", err=True)
-        _echo(f"export SOFTHSM2_CONF={shlex.quote(str(conf))}")
+    conf = init_softhsm(directory, label, pin, so_pin)
+    _echo(f"Created SoftHSM token '{label}' in {conf.parent}. Use it with:", err=True)
+    _echo(f"export SOFTHSM2_CONF={shlex.quote(str(conf))}")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the fusion-keys console script."""
-    app(args=argv, prog_name="fusion-keys")
+    run(app, "fusion-keys", argv)
 
 
 if __name__ == "__main__":

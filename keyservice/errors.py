@@ -101,6 +101,25 @@ class TokenRemoved(TokenError):
     exit_code = 28
 
 
+# --- the Archiver's HTTP API, seen from a CLI (exit codes documented in docs/client.md) -----
+class ArchiverUnreachable(KeyServiceError):
+    """No answer: TLS verification failed, the connection was refused or timed out, no DNS."""
+
+    exit_code = 40
+
+
+class RequestRefused(KeyServiceError):
+    """The Archiver refused the request (a 4xx without a more specific class)."""
+
+    exit_code = 41
+
+
+class ArchiverFailed(KeyServiceError):
+    """The Archiver failed (5xx) or answered something that is not its API."""
+
+    exit_code = 42
+
+
 # --- certificates and usage --------------------------------------------------------------
 class CertificateError(KeyServiceError):
     """A certificate is unreadable, expired, too weak, or not what it should be."""

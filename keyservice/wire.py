@@ -1,7 +1,7 @@
 """The error codes of the Archiver's HTTP API (``{"error": code, "message": sentence}``).
 
 One definition for both sides: the Archiver answers with these, the viewer maps them to its
-exit codes (client/session.py). docs/archiver.md lists them.                          [pure]
+exit codes (client/session.py).                                                   [pure]
 """
 
 from __future__ import annotations

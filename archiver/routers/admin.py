@@ -54,14 +54,14 @@ class CameraInfo(BaseModel):
     message: str = Field(description="Why an RTSP camera cannot be pulled, if it cannot")
 
 
-class ClientCreate(BaseModel):
+class ViewerCreate(BaseModel):
     certificate: str = Field(max_length=65536, description="PEM certificate of the viewer")
     cameras: list[CameraName] | Literal["all"]
     oaep_hash: Literal["sha1", "sha256"] | None = Field(
         default=None, description="Only for certificates without the enrolment extension")
 
 
-class ClientInfo(BaseModel):
+class ViewerInfo(BaseModel):
     fingerprint: str
     subject: str
     oaep_hash: str
@@ -126,31 +126,35 @@ def remove_camera(name: CameraPath, services: ServicesDep, actor: AdminDep) -> N
         services.admin.remove_camera(actor, name)
 
 
-@router.post("/clients", status_code=201)
-def add_client(body: ClientCreate, services: ServicesDep, actor: AdminDep) -> ClientInfo:
+# /clients: the old name of /viewers, kept as a deprecated alias for one release.
+@router.post("/viewers", status_code=201)
+@router.post("/clients", status_code=201, deprecated=True)
+def add_viewer(body: ViewerCreate, services: ServicesDep, actor: AdminDep) -> ViewerInfo:
     cameras = None if body.cameras == "all" else list(body.cameras)
     with _refusals():
         row = services.admin.authorize_viewer(actor, body.certificate.encode(), cameras,
                                               body.oaep_hash)
-    return _client_info(row)
+    return _viewer_info(row)
 
 
-@router.get("/clients")
-def list_clients(services: ServicesDep, actor: AdminDep) -> list[ClientInfo]:
-    return [_client_info(row) for row in services.archive.db.clients()]
+@router.get("/viewers")
+@router.get("/clients", deprecated=True)
+def list_viewers(services: ServicesDep, actor: AdminDep) -> list[ViewerInfo]:
+    return [_viewer_info(row) for row in services.archive.db.clients()]
 
 
-@router.post("/clients/{fp}/revoke")
-def revoke_client(fp: Fingerprint, body: RevokeRequest, services: ServicesDep,
+@router.post("/viewers/{fp}/revoke")
+@router.post("/clients/{fp}/revoke", deprecated=True)
+def revoke_viewer(fp: Fingerprint, body: RevokeRequest, services: ServicesDep,
                   actor: AdminDep) -> Revoked:
     with _refusals():
         services.admin.revoke_viewer(actor, fp, body.delete_key_streams)
     return Revoked(fingerprint=fp, revoked=True, key_streams_deleted=body.delete_key_streams)
 
 
-def _client_info(row: ClientRow) -> ClientInfo:
+def _viewer_info(row: ClientRow) -> ViewerInfo:
     cert = x509.load_der_x509_certificate(row.certificate)
-    return ClientInfo(
+    return ViewerInfo(
         fingerprint=row.fingerprint, subject=row.subject, oaep_hash=OaepHash(row.oaep_hash).label,
         cameras="all" if row.all_cameras else list(row.cameras), added_ms=row.added_ms,
         revoked_ms=row.revoked_ms, key_streams_deleted=row.key_streams_deleted,

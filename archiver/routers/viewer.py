@@ -128,7 +128,7 @@ def challenge(body: ChallengeRequest, services: ServicesDep) -> Challenge:
     viewer = archive.db.client(fp)
     if viewer is None:
         raise ApiError(403, ErrorCode.NOT_ENROLLED, "This certificate is not authorized on this "
-                       "Archiver; ask an admin to run 'fusion-archiver clients add'.")
+                       "Archiver; ask an admin to run 'fusion-archiver viewers add'.")
     if viewer.revoked_ms is not None:
         raise ApiError(403, ErrorCode.REVOKED, "This viewer's certificate has been revoked.")
     check_certificate_validity(viewer, archive.clock())

@@ -19,8 +19,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
-
 from client.player import (
     NOT_AUTHORIZED,
     FileOutput,
@@ -38,7 +36,8 @@ from client.session import (
 )
 from client.timespec import format_ms
 from client.web.media import VideoInfo, probe, to_fmp4
-from keyservice.errors import KeyServiceError
+from keyservice.errors import ArchiverUnreachable, KeyServiceError
+from keyservice.exits import failure
 from keyservice.identity import Identity
 from keyservice.stream import SegmentPlaintext
 
@@ -96,14 +95,11 @@ def gap_json(gap: Gap) -> dict[str, Any]:
 
 
 def error_json(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, KeyServiceError):
-        return {"type": "error", "error": type(exc).__name__, "code": exc.exit_code,
-                "reason": str(exc)}
-    if isinstance(exc, httpx.HTTPError):
-        return {"type": "error", "error": "ArchiverUnreachable", "code": 40,
-                "reason": f"The connection to the Archiver failed ({exc.__class__.__name__})."}
-    return {"type": "error", "error": "Unexpected", "code": 1,
-            "reason": f"Unexpected error ({exc.__class__.__name__}: {exc})."}
+    # The CLIs' one error-to-exit path names the failure and its exit code here too.
+    reason, code = failure(exc)
+    error = type(exc).__name__ if isinstance(exc, KeyServiceError) else (
+        "ArchiverUnreachable" if code == ArchiverUnreachable.exit_code else "Unexpected")
+    return {"type": "error", "error": error, "code": code, "reason": reason}
 
 
 @dataclass

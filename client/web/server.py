@@ -39,8 +39,17 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
-from client.session import ArchiverSession
+from client.session import (
+    ArchiverSession,
+    LoginRefused,
+    NoRecording,
+    NotAuthorized,
+    NotEnrolled,
+    UnknownCamera,
+    ViewerRevoked,
+)
 from client.web.backend import StreamRequest, ViewerBackend, error_json
+from keyservice.errors import ArchiverFailed, ArchiverUnreachable, RequestRefused
 from keyservice.names import CAMERA_NAME_PATTERN, CAMERA_NAME_RULE, is_camera_name
 
 STATIC = Path(__file__).with_name("static")
@@ -183,10 +192,18 @@ class ExportRequest(BaseModel):
     to_ms: int = Field(ge=0, le=MAX_MS)
 
 
+# The page's HTTP status for each error class, by its exit code (keyservice/exits.py's path).
+_BAD_GATEWAY = {ArchiverUnreachable.exit_code, ArchiverFailed.exit_code}
+_FORBIDDEN = {RequestRefused.exit_code, NotEnrolled.exit_code, ViewerRevoked.exit_code,
+              NotAuthorized.exit_code, LoginRefused.exit_code}
+_NOT_FOUND = {UnknownCamera.exit_code, NoRecording.exit_code}
+
+
 def _forbidden_json(exc: BaseException) -> JSONResponse:
     body = error_json(exc)
-    status = 502 if body["code"] in (40, 42) else 403 if body["code"] in (41, 43, 44, 45, 48) \
-        else 404 if body["code"] in (46, 47) else 500
+    code = body["code"]
+    status = 502 if code in _BAD_GATEWAY else 403 if code in _FORBIDDEN \
+        else 404 if code in _NOT_FOUND else 500
     return JSONResponse(body, status_code=status)
 
 

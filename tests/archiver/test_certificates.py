@@ -63,7 +63,7 @@ def test_an_expired_viewer_is_refused_everywhere_and_audited(
     session = login(server.url, identity)
     assert server.put_segment("cam1", ingest, b"a" * 100) == 201
     assert _key_ids(server) <= _key_ids(server, fp)  # while valid, it gets every key
-    listed = _archiver("clients", "list", "--url", server.url, "--data", str(server.data_dir))
+    listed = _archiver("viewers", "list", "--url", server.url, "--data", str(server.data_dir))
     assert "EXPIRES IN 0 DAYS" in listed.stdout and "expiring within 30 days" in listed.stdout
 
     time.sleep(max(0.0, cert.not_valid_after_utc.timestamp() - time.time()) + 1.5)
@@ -93,7 +93,7 @@ def test_an_expired_viewer_is_refused_everywhere_and_audited(
     assert any(e["action"] == "access.refused" and e.get("error") == "certificate_expired"
                and e.get("fingerprint") == fp for e in entries)
     assert any(e["action"] == "client.expired" and e["fingerprint"] == fp for e in entries)
-    listed = _archiver("clients", "list", "--url", server.url, "--data", str(server.data_dir))
+    listed = _archiver("viewers", "list", "--url", server.url, "--data", str(server.data_dir))
     assert listed.returncode == 0, listed.stderr
     assert f"{fp}" in listed.stdout and "EXPIRED" in listed.stdout
 
@@ -114,9 +114,9 @@ def test_certificate_subjects_cannot_drive_the_admin_terminal(archiver_server: A
     pem = tmp_path / "mallory.pem"
     pem.write_bytes(certificate_pem(cert))
     common = ["--url", archiver_server.url, "--data", str(archiver_server.data_dir)]
-    added = _archiver("clients", "add", str(pem), "--cameras", "all", *common)
+    added = _archiver("viewers", "add", str(pem), "--cameras", "all", *common)
     assert added.returncode == 0, added.stderr
-    listed = _archiver("clients", "list", *common)
+    listed = _archiver("viewers", "list", *common)
     assert listed.returncode == 0, listed.stderr
     for output in (added.stdout, listed.stdout):
         assert _clean(output), repr(output)
@@ -124,9 +124,9 @@ def test_certificate_subjects_cannot_drive_the_admin_terminal(archiver_server: A
     # One line per viewer: the subject's line break did not make a second one.
     assert len(listed.stdout.strip().splitlines()) == 1
     # --json is for scripts: exact, and escaped by JSON itself.
-    as_json = _archiver("clients", "list", *common, "--json")
+    as_json = _archiver("viewers", "list", *common, "--json")
     assert _clean(as_json.stdout)
-    assert json.loads(as_json.stdout)["clients"][0]["subject"] == cert.subject.rfc4514_string()
+    assert json.loads(as_json.stdout)["viewers"][0]["subject"] == cert.subject.rfc4514_string()
     # An error message quoting hostile text is escaped too.
     refused = _archiver("cameras", "remove", "no\x1b[2Jpe", *common)
     assert refused.returncode != 0 and _clean(refused.stderr), repr(refused.stderr)

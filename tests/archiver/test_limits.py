@@ -100,7 +100,7 @@ def test_big_bodies_are_refused_before_they_are_read_and_memory_stays_bounded(
 
     # 3. A 20 MB JSON document with an honest length, as any HTTP client sends it, on an
     #    anonymous and on an admin route: 413 (it was parsed whole, then 422).
-    for path in ("/v1/sessions/challenge", "/v1/admin/clients"):
+    for path in ("/v1/sessions/challenge", "/v1/admin/viewers"):
         response = httpx.post(f"{server.url}{path}", timeout=60, content=b'{"certificate": "'
                               + b"A" * 20_000_000 + b'", "cameras": "all"}',
                               headers={"Content-Type": "application/json",

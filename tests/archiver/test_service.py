@@ -209,8 +209,11 @@ def test_access_control(archiver_server: ArchiverServer, make_viewer) -> None:
     archiver_server.add_client(viewer.pem, ["cam1"])
     session = login(url, viewer.identity)
     admin_paths = [("GET", "/v1/admin/cameras"), ("POST", "/v1/admin/cameras"),
-                   ("GET", "/v1/admin/clients"), ("POST", "/v1/admin/clients"),
+                   ("GET", "/v1/admin/viewers"), ("POST", "/v1/admin/viewers"),
                    ("DELETE", "/v1/admin/cameras/cam1"),
+                   ("POST", f"/v1/admin/viewers/{'0' * 64}/revoke"),
+                   # the deprecated aliases of /viewers are guarded alike
+                   ("GET", "/v1/admin/clients"), ("POST", "/v1/admin/clients"),
                    ("POST", f"/v1/admin/clients/{'0' * 64}/revoke")]
     for method, path in admin_paths:
         for auth, status in ((None, 401), ("garbage", 403), (camera_token, 403), (session, 403)):
@@ -269,7 +272,7 @@ def test_bad_certificates_are_refused(archiver_server: ArchiverServer, tmp_path:
 
     archiver_server.add_camera("cam1")
     for pem in ("garbage", cert(1024, 30), cert(2048, 1, start_days=-10)):
-        response = httpx.post(f"{archiver_server.url}/v1/admin/clients",
+        response = httpx.post(f"{archiver_server.url}/v1/admin/viewers",
                               headers={"Authorization": f"Bearer {archiver_server.admin_token}"},
                               json={"certificate": pem, "cameras": ["cam1"], "oaep_hash": "sha256"})
         assert response.status_code == 422, response.text

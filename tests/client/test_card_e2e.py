@@ -64,7 +64,7 @@ def card_viewer(card: CardHandle, site_ca: SiteCa, server: ArchiverServer, tmp_p
                           "--site-ca", str(site_ca.path))
     assert adopted.returncode == 0, adopted.stderr
     command = next(line.split() for line in adopted.stdout.splitlines()
-                   if line.strip().startswith("fusion-archiver clients add"))
+                   if line.strip().startswith("fusion-archiver viewers add"))
     added = archiver_cli(server, *command[1:-1], cameras)  # "... --cameras CAMERAS"
     assert added.returncode == 0, added.stderr
     uri = card.uri(card.opensc_module, key_id=CARD_KEY_ID)
@@ -81,7 +81,7 @@ def site_softhsm_viewer(token: TokenHandle, site_ca: SiteCa, server: ArchiverSer
         imported = tok.import_certificate(cert, "bob")
     pem = token.workdir / f"{token.label}-bob-site.pem"
     pem.write_bytes(cert.public_bytes(Encoding.PEM))
-    server.admin("POST", "/v1/admin/clients", {"certificate": pem.read_text(), "cameras": cameras,
+    server.admin("POST", "/v1/admin/viewers", {"certificate": pem.read_text(), "cameras": cameras,
                                                "oaep_hash": imported.oaep_hash.label}, expect=201)
     return Viewer("bob", token, token.object_uri("bob"), pem)
 
@@ -94,7 +94,7 @@ def test_card_viewer_and_softhsm_viewer_play_frame_exact(
     alice = card_viewer(piv_card, site_ca, site_archiver, tmp_path)
     bob = site_softhsm_viewer(softhsm_token, site_ca, site_archiver, ["cam1"])
     # A self-signed certificate is not the site's: the Archiver refuses it.
-    refused = site_archiver.admin("POST", "/v1/admin/clients", {
+    refused = site_archiver.admin("POST", "/v1/admin/viewers", {
         "certificate": _self_signed_pem(softhsm_token), "cameras": ["cam1"]}, expect=422)
     assert "not issued by the site CA" in str(refused)
 
@@ -171,7 +171,7 @@ def test_card_pulled_mid_stream_then_reinserted(
             time.sleep(0.05)
         piv_card.remove()  # the card is pulled while the viewer is watching
         # The admin re-authorizes Alice: a new epoch, so the next segment needs the card.
-        site_archiver.admin("POST", "/v1/admin/clients", {
+        site_archiver.admin("POST", "/v1/admin/viewers", {
             "certificate": alice.pem.read_text(), "cameras": ["cam1"], "oaep_hash": "sha256"},
             expect=201)
         after = chunk("after", 20000)

@@ -284,7 +284,7 @@ def test_enrolled_but_not_authorized_viewers_and_bad_requests(
     # Enrolled on its token, never added to the Archiver.
     result = play(client, url, stranger, out, t0, t1)
     assert result.code == EXIT["not_enrolled"], result.stderr
-    assert "fusion-archiver clients add" in result.stderr
+    assert "fusion-archiver viewers add" in result.stderr
     # Added, but for another camera.
     result = play(client, url, other, out, t0, t1)
     assert result.code == EXIT["not_authorized"], result.stderr

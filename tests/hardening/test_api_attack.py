@@ -345,7 +345,7 @@ def test_path_traversal_oversize_and_slow_loris(server: WrappedServer, tmp_path:
     too_big = httpx.put(f"{url}/ingest/cam1/big.ts", content=b"\0" * (32 * 2**20 + 1),
                         headers={"Authorization": f"Bearer {token}"}, timeout=60)
     assert too_big.status_code == 413
-    document = httpx.post(f"{url}/v1/admin/clients", timeout=60, content=b'{"certificate": "'
+    document = httpx.post(f"{url}/v1/admin/viewers", timeout=60, content=b'{"certificate": "'
                           + b"A" * 20_000_000 + b'", "cameras": "all"}',
                           headers={"Authorization": f"Bearer {server.admin_token}",
                                    "Content-Type": "application/json"})

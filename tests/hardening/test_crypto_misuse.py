@@ -149,7 +149,7 @@ def test_no_key_or_pin_in_any_log_of_a_full_run(tmp_path: Path, softhsm_token: T
         added = _cli("-m", "archiver", "cameras", "add", "cam1", *common, env=env)
         assert added.returncode == 0, added.stderr
         camera_token = json.loads(added.stdout)["ingest_token"]
-        client = _cli("-m", "archiver", "clients", "add", str(tmp_path / "erin.pem"),
+        client = _cli("-m", "archiver", "viewers", "add", str(tmp_path / "erin.pem"),
                       "--cameras", "cam1", *common, env=env)
         assert client.returncode == 0, client.stderr
         frank_fp = server.add_client(other.pem, ["cam1"])
@@ -184,7 +184,7 @@ def test_no_key_or_pin_in_any_log_of_a_full_run(tmp_path: Path, softhsm_token: T
         assert live.status_code == 200
         secrets = observed_secrets(identity, stream)
         assert len(secrets) >= 4  # KEK0, KEKs, two minute keys at least
-        revoked = _cli("-m", "archiver", "clients", "revoke", frank_fp, *common, env=env)
+        revoked = _cli("-m", "archiver", "viewers", "revoke", frank_fp, *common, env=env)
         assert revoked.returncode == 0, revoked.stderr
         server.kill()  # and a recovery at the next start
         server = WrappedServer(server.data_dir, port=server.port).start()

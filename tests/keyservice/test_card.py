@@ -97,7 +97,7 @@ def test_adopt_checks_the_site_identity_and_says_which_oaep_hash(
     assert x509.load_pem_x509_certificate(out.read_bytes()) == cert
     assert f"Adopted '{KEY_MAN}' (id 03)" in adopted.stdout
     assert "CN=alice,O=Example Site" in adopted.stdout
-    assert f"fusion-archiver clients add {out} --oaep-hash sha256 --cameras" in adopted.stdout
+    assert f"fusion-archiver viewers add {out} --oaep-hash sha256 --cameras" in adopted.stdout
     # A certificate from another CA is refused (the Archiver would refuse it too).
     (tmp_path / "other").mkdir()
     other_ca = SiteCa.create(tmp_path / "other", "Other CA")
@@ -169,4 +169,4 @@ def test_adopt_an_ec_site_identity_needs_no_oaep_hash(piv_card: CardHandle, site
     assert adopted.returncode == 0, adopted.stderr
     assert x509.load_pem_x509_certificate(out.read_bytes()) == cert
     assert "EC-P256" in adopted.stdout
-    assert f"fusion-archiver clients add {out} --cameras CAMERAS" in adopted.stdout
+    assert f"fusion-archiver viewers add {out} --cameras CAMERAS" in adopted.stdout

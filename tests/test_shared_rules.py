@@ -14,7 +14,7 @@ from keyservice.format import validate_name
 from keyservice.names import is_camera_name, validate_camera_name
 from keyservice.wire import ErrorCode
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[1]
 GOOD = ["cam1", "a", "A-b_c.d", "x" * 64, ".hidden", "a..b"]
 BAD = ["", ".", "..", "x" * 65, "a/b", "caméra", "a b", "a\n", "a\\b"]
 

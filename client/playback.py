@@ -1,0 +1,240 @@
+"""What a stream command does from the first byte to the last: progress, interruptions, the
+summary, and what to say when a stream fails (how much verified video was kept, and where).
+
+The commands in client/cli.py wire the token, the session and the output, then call run_stream.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from cryptography import x509
+
+from client.player import FileOutput, Output, OutputFailed, PipeOutput, Player, Summary
+from client.session import ArchiverSession
+from client.timespec import format_duration, format_ms
+from keyservice.errors import KeyServiceError
+from keyservice.exits import failure
+from keyservice.format import Header, Mode
+from keyservice.identity import Identity, fingerprint
+from keyservice.stream import StreamRequest
+from keyservice.text import printable
+
+
+def say(message: str) -> None:
+    # Messages quote the Archiver, certificates and files: never let them drive the terminal.
+    typer.echo(f"fusion-client: {printable(message)}", err=True)
+
+
+def operations(identity: Identity) -> int:
+    return int(getattr(identity, "operations", 0))
+
+
+class Progress:
+    """A progress bar on stderr, only when stderr is a terminal (never in logs or pipes)."""
+
+    def __init__(self, enabled: bool, from_ms: int, to_ms: int) -> None:
+        self._bar: Any = None
+        self._from, self._to = from_ms, to_ms
+        if enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                                 console=Console(stderr=True), transient=True)
+            self._task = self._bar.add_task("decrypting", total=max(1, to_ms - from_ms))
+
+    def __enter__(self) -> Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def segment(self, event: Any) -> None:
+        if self._bar is not None:
+            done = max(0, min(self._to, event.capture_ms) - self._from)
+            self._bar.update(self._task, completed=done,
+                             description=f"{event.camera} {format_ms(event.capture_ms)}")
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
+def token_line(login_ops: int, token_ops: int, epoch_openings: int) -> str:
+    return (f"token operations: {token_ops} ({login_ops} login, {epoch_openings} epoch "
+            "opener(s))")
+
+
+def print_summary(summary: Summary, login_ops: int, token_ops: int, where: str) -> None:
+    if summary.segments:
+        assert summary.first_ms is not None and summary.last_ms is not None
+        say(f"{summary.segments} segment(s), {mib(summary.bytes)}, captured "
+             f"{format_ms(summary.first_ms)} .. {format_ms(summary.last_ms)} "
+             f"({format_duration(summary.last_ms - summary.first_ms)})")
+    else:
+        say("no segments")
+    say(token_line(login_ops, token_ops, summary.epoch_openings))
+    for gap in sorted(summary.gaps, key=lambda g: g.from_ms):
+        say(f"gap: {gap.describe()}")
+    say(where)
+
+
+class DeferredInterrupt:
+    """Ctrl-C while a segment is being written and counted takes effect right after it, so
+    the summary and "output stops after ..." always match the bytes written."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._pending = False
+        self._previous: Any = None
+
+    def __enter__(self) -> DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self._depth:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def critical(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        # Reached only when the segment was written: an error in flight is not masked.
+        if not self._depth and self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
+
+
+def run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
+                fetch: Callable[[], AbstractContextManager[Iterator[bytes]]],
+                check: Callable[[x509.Certificate], None], progress: Progress,
+                login_ops: Callable[[], int], live: bool, quiet: bool,
+                request: StreamRequest | None, saved: bool = False) -> None:
+    """Feed the stream to the player; on success give the output its final name, on failure
+    keep the verified part under a name that says so and say where it stops. ``request``:
+    what was asked for, checked by the reader; None only for a saved stream (``saved``),
+    whose header is then printed as what it is."""
+    interrupts = DeferredInterrupt()
+    player = Player(identity, check, output, on_segment=progress.segment,
+                    critical=interrupts.critical, request=request)
+    stopped_by_user = False
+    try:
+        with interrupts, progress, fetch() as chunks:
+            try:
+                for chunk in chunks:
+                    if save is not None:
+                        save.write(chunk)
+                    player.feed(chunk)
+            except KeyboardInterrupt:
+                if not live:
+                    raise
+                stopped_by_user = True  # live viewing ends when the viewer says so
+        summary = player.summary if stopped_by_user else player.finish()
+    except BaseException as exc:
+        kept = output.abort()
+        saved = save.abort() if save is not None else None
+        if isinstance(exc, SystemExit):
+            raise
+        report_failure(exc, player, kept, saved, output)
+        if not quiet:
+            say(token_line(login_ops(), operations(identity), player.summary.epoch_openings))
+        raise SystemExit(failure(exc)[1]) from None
+    try:
+        final = output.commit()
+        saved_final = save.commit() if save is not None else None
+    except OutputFailed as exc:
+        output.abort()
+        if save is not None:
+            save.abort()
+        say(str(exc))
+        raise SystemExit(exc.exit_code) from None
+    if not quiet:
+        token_ops = operations(identity)
+        if saved:
+            where = ("verified saved stream (signed end record); it answered the request "
+                     "described above, not a new one")
+        elif stopped_by_user:
+            where = "stopped by you (live; no end record)"
+        elif live:
+            where = "live stream ended (verified end record)"
+        else:
+            where = "complete (verified signed end record)"
+        where += f"; video in {final}" if final is not None else "; video written to stdout"
+        if saved_final is not None:
+            where += f"; fusion stream in {saved_final}"
+        if saved and player.header is not None:
+            for line in describe_saved(player.header):
+                say(line)
+        print_summary(summary, login_ops(), token_ops, where)
+
+
+def describe_saved(header: Header) -> list[str]:
+    """What a saved stream is, from its header (authenticated by the verified END record):
+    it answered one request in the past, and says which."""
+    archiver = x509.load_der_x509_certificate(header.archiver_cert_der)
+    mode = "live" if header.mode == Mode.LIVE else "recording"
+    return [
+        f"saved {mode} stream of camera {', '.join(header.cameras)}, range "
+        f"{format_ms(header.range_from_ms)} .. {format_ms(header.range_to_ms)}",
+        f"made by Archiver {_printable(archiver.subject.rfc4514_string())} (certificate sha256 "
+        f"{fingerprint(archiver).hex()}) at {format_ms(header.created_ms)}",
+        f"request nonce {header.request_nonce.hex()}, request id {header.request_id.hex()}",
+    ]
+
+
+def _printable(text: str) -> str:
+    """Control characters escaped: a certificate subject must not drive the terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def report_failure(exc: BaseException, player: Player, kept: Path | None, saved: Path | None,
+                    output: Output) -> None:
+    say(failure(exc)[0])
+    if player.summary.segments:
+        where = f"output stops {player.where()}"
+        if kept is not None:
+            where += f"; the verified video up to there is in {kept}"
+        elif isinstance(output, PipeOutput):
+            where += " (the video sent to standard output is verified up to there)"
+        say(where)
+    else:
+        say("no video was written.")
+    if saved is not None:
+        say(f"the raw fusion stream received so far is in {saved}")
+
+
+def recorded_part(session: ArchiverSession, camera: str, from_ms: int,
+                   to_ms: int) -> tuple[int, int]:
+    """The part of [from, to] that is recorded, so the progress bar moves over real video."""
+    try:
+        view = next((v for v in session.cameras() if v.name == camera), None)
+    except KeyServiceError:
+        return from_ms, to_ms  # only cosmetic: the stream request reports the real problem
+    if view is None or view.first_ms is None or view.last_ms is None:
+        return from_ms, to_ms
+    start, end = max(from_ms, view.first_ms), min(to_ms, view.last_ms)
+    return (start, end) if start < end else (from_ms, to_ms)
+
+
