@@ -41,6 +41,9 @@ def test_admin_commands(archiver_server: ArchiverServer, make_viewer) -> None:
     assert "clients" not in run("--help").stdout
     assert [c["fingerprint"] for c in archiver_server.admin("GET", "/v1/admin/clients",
                                                             expect=200)] == [fp]
+    nobody = archiver_server.admin("POST", f"/v1/admin/viewers/{'0' * 64}/revoke",
+                                   {"delete_key_streams": False}, expect=404)
+    assert nobody["error"] == "unknown_viewer"
     assert json.loads(run("cameras", "list", *common, "--json").stdout)["cameras"][0][
         "segments"] == 1
 
