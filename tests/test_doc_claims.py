@@ -48,7 +48,7 @@ def missing(refs: list[tuple[str, str]]) -> list[str]:
 
 
 def doc_pages() -> list[Path]:
-    return sorted(DOCS.rglob("*.md")) + [ROOT / "README.md"]
+    return [*sorted(DOCS.rglob("*.md")), ROOT / "README.md"]
 
 
 def test_the_parser_finds_references_and_flags_a_wrong_one() -> None:
