@@ -20,11 +20,8 @@ import argparse
 import base64
 import datetime as dt
 import os
-import signal
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,7 +33,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from bench.common import REPO_ROOT, free_port, machine_line, percentile, wait_until_healthy
+from bench.common import REPO_ROOT, machine_line, percentile
+from harness.server import ArchiverServer, free_port
 from keyservice.certs import build_viewer_certificate
 from keyservice.crypto import answer_login_challenge, login_context
 from keyservice.identity import OaepHash, SoftwareIdentity, fingerprint
@@ -56,29 +54,18 @@ def login(url: str, identity: SoftwareIdentity) -> str:
     return answer.json()["session_token"]
 
 
-def _start(source: Path, data: Path, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k not in ("SOFTHSM2_CONF", "FUSION_PIN")}
-    env["PYTHONPATH"] = str(source)
-    with open(data.parent / "server.log", "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "archiver", "serve", "--data",
-                                    str(data), "--port", str(port), *extra], cwd=source,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        if wait_until_healthy(process, f"http://127.0.0.1:{port}", 120):
-            return process
-    except RuntimeError:
-        raise SystemExit(f"the Archiver exited at start; see {data.parent / 'server.log'}") from None
-    process.kill()
-    raise SystemExit("the Archiver did not start within 120 s")
+def _server(source: Path, data: Path, port: int, extra: list[str]) -> ArchiverServer:
+    """`fusion-archiver serve` as the checkout ``source`` has it (its code first on the path)."""
+    return ArchiverServer(data, key_period_s=60, port=port, extra_args=tuple(extra),
+                          env={**os.environ, "PYTHONPATH": str(source)}, cwd=source,
+                          start_timeout_s=120, stop_timeout_s=30)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGINT)
+def _start(server: ArchiverServer) -> ArchiverServer:
     try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        return server.start()
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _fill_index(db: Path, camera: str, count: int) -> None:
@@ -164,21 +151,17 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         extra = [a for arg in args.server_arg for a in arg.split("=", 1)]
-        process = _start(args.source.resolve(), data, port, extra)
-        admin = {"Authorization": f"Bearer {(data / 'admin-token').read_text().strip()}"}
-        token = httpx.post(f"{url}/v1/admin/cameras", json={"name": "cam"}, headers=admin
-                           ).json()["ingest_token"]
-        httpx.post(f"{url}/v1/admin/cameras", json={"name": "big"}, headers=admin)
+        server = _start(_server(args.source.resolve(), data, port, extra))
+        token = server.add_camera("cam")
+        server.add_camera("big")
         viewer = _viewer()
-        pem = viewer.certificate.public_bytes(Encoding.PEM).decode()
-        assert httpx.post(f"{url}/v1/admin/clients", json={"certificate": pem, "cameras": "all"},
-                          headers=admin).status_code == 201
-        _stop(process)
+        server.add_client(viewer.certificate.public_bytes(Encoding.PEM).decode())
+        server.stop()
         started = time.monotonic()
         _fill_index(data / "archiver.sqlite3", "big", args.manifests)
         print(f"index of camera 'big': {args.manifests} manifests "
               f"({time.monotonic() - started:.0f} s to insert)")
-        process = _start(args.source.resolve(), data, port, extra)
+        server = _start(_server(args.source.resolve(), data, port, extra))
         try:
             session = login(url, viewer)
             print(f"Archiver from {args.source}  {' '.join(extra) or '(default limits)'}")
@@ -197,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  flood ({args.flood} parallel): {sum(answers.values())} answers in "
                   f"{args.seconds + 1:.0f} s, by status: {dict(sorted(answers.items()))}")
         finally:
-            _stop(process)
+            server.stop()
     return 0
 
 

@@ -4,6 +4,7 @@ as systemd measures it, and it runs the Archiver the way the CLI actually takes 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -132,3 +133,151 @@ def test_the_metrics_the_guide_says_to_watch_exist(archiver_server: ArchiverServ
     exported = {line.split("{")[0].split()[0] for line in text.splitlines()
                 if line and not line.startswith("#")}
     assert listed <= exported, f"the guide names series that do not exist: {listed - exported}"
+
+
+# --- the Archiver under the unit's confinement ----------------------------------------------
+# What of the unit can be reproduced without systemd as PID 1: no new privileges and no
+# capability (setpriv), no writable executable memory (prctl PR_SET_MDWE, Linux 6.3+, inherited
+# across exec), umask 0077, no home, TLS served by the Archiver itself as the unit runs it.
+CONFINE = """
+import ctypes, os, sys
+if os.environ.pop("FUSION_TEST_MDWE") == "1" and ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) != 0:
+    sys.exit("PR_SET_MDWE failed")
+os.umask(0o077)
+os.execv(sys.executable, [sys.executable, "-m", "archiver", *sys.argv[1:]])
+"""
+
+
+def _mdwe_supported() -> bool:
+    probe = ("import ctypes, mmap, sys\n"
+             "if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) != 0: sys.exit(1)\n"
+             "try: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+             "except OSError: sys.exit(0)\n"
+             "sys.exit(1)\n")
+    return subprocess.run([sys.executable, "-c", probe], timeout=30).returncode == 0
+
+
+def _self_signed_tls(directory: Path) -> tuple[Path, Path]:
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "archiver.test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    crt, pem_key = directory / "tls.crt", directory / "tls.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem_key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return crt, pem_key
+
+
+class ConfinedServer(ArchiverServer):
+    def command(self) -> list[str]:
+        serve = super().command()[3:]  # [python, -m, archiver] replaced by the wrapper
+        return ["setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all",
+                sys.executable, "-c", CONFINE, *serve]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing")
+def test_the_archiver_runs_confined_as_the_unit_runs_it(tmp_path: Path) -> None:
+    crt, key = _self_signed_tls(tmp_path)
+    mdwe = _mdwe_supported()
+    env = {k: v for k, v in os.environ.items() if k != "HOME"}
+    env.update(HOME="/nonexistent", FUSION_TEST_MDWE="1" if mdwe else "0")
+    server = ConfinedServer(tmp_path / "data", tls_ca=crt, env=env,
+                            extra_args=("--tls-cert", str(crt), "--tls-key", str(key)))
+    with server:
+        assert server.process is not None
+        status = Path(f"/proc/{server.process.pid}/status").read_text()
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        assert fields["NoNewPrivs"].strip() == "1"
+        assert int(fields["CapEff"], 16) == int(fields["CapBnd"], 16) == 0
+        # First start made the signing token (softhsm2-util through a pty), and a segment is
+        # sealed, signed and indexed: the crypto, PKCS#11 and SQLite paths all ran confined.
+        token = server.add_camera("lobby")
+        assert server.put_segment("lobby", token, b"\x47" * 188 * 10) == 201
+        assert server.admin("GET", "/v1/admin/cameras", expect=200)[0]["segments"] == 1
+        # Plain HTTP is not served on the TLS port.
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5)
+    assert "Traceback" not in server.log()
+    if not mdwe:
+        pytest.skip("ran without MemoryDenyWriteExecute: the kernel lacks PR_SET_MDWE")
+
+
+# --- backups, as docs/deployment.md says to take them ---------------------------------------
+def test_a_backup_taken_while_ingesting_restores_and_verifies(tmp_path: Path) -> None:
+    import sqlite3
+    import threading
+
+    live = tmp_path / "data"
+    server = ArchiverServer(live).start()
+    acknowledged: list[int] = []
+    stop = threading.Event()
+    try:
+        token = server.add_camera("cam")
+
+        def upload() -> None:
+            with httpx.Client(timeout=30) as client:
+                number = 0
+                while not stop.is_set():
+                    response = client.put(f"{server.url}/ingest/cam/s{number}.ts",
+                                          content=bytes([number % 256]) * 50_000,
+                                          headers={"Authorization": f"Bearer {token}"})
+                    assert response.status_code == 201, response.text
+                    acknowledged.append(number)
+                    number += 1
+
+        uploader = threading.Thread(target=upload)
+        uploader.start()
+        while len(acknowledged) < 10:
+            stop.wait(0.05)
+        # 1. the database, through SQLite's backup API, while segments keep arriving
+        backup = tmp_path / "backup"
+        backup.mkdir()
+        before_db_backup = len(acknowledged)
+        with sqlite3.connect(live / "archiver.sqlite3") as source, \
+                sqlite3.connect(backup / "archiver.sqlite3") as target:
+            source.backup(target)
+        # 2. then the archive files, still while ingesting; 3. the rest
+        shutil.copytree(live / "archive", backup / "archive")
+        for name in ("audit.jsonl", "admin-token", "metrics-token"):
+            shutil.copy2(live / name, backup / name)
+        shutil.copytree(live / "token", backup / "token")
+        stop.set()
+        uploader.join(60)
+        assert len(acknowledged) > before_db_backup
+    finally:
+        stop.set()
+        server.stop()
+    # Restore in place (the default token's softhsm2.conf names its directory).
+    live.rename(tmp_path / "lost")
+    shutil.copytree(backup, live)
+    restored = ArchiverServer(live).start()
+    try:
+        (camera,) = restored.admin("GET", "/v1/admin/cameras", expect=200)
+        indexed = camera["segments"]
+    finally:
+        restored.stop()
+    assert before_db_backup <= indexed <= len(acknowledged)
+    assert "ARCHIVE DAMAGED" not in restored.log() and "ARCHIVE INCONSISTENT" not in restored.log()
+    # Every segment of the restored archive verifies against the Archiver's signature.
+    rebuilt = subprocess.run([sys.executable, "-m", "archiver", "reindex", "--data", str(live),
+                              "--json"], capture_output=True, text=True, timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    report = json.loads(rebuilt.stdout)
+    assert report["problems"] == [] and report["segments"] == indexed
