@@ -281,3 +281,56 @@ def test_a_backup_taken_while_ingesting_restores_and_verifies(tmp_path: Path) ->
     assert rebuilt.returncode == 0, rebuilt.stderr
     report = json.loads(rebuilt.stdout)
     assert report["problems"] == [] and report["segments"] == indexed
+
+
+# --- stopping: `systemctl stop` and restarts (upgrades, certificate renewals) ---------------
+def test_a_stop_with_a_live_viewer_is_prompt_and_clean(archiver_server: ArchiverServer,
+                                                        make_viewer) -> None:
+    import signal
+    import threading
+    import time
+
+    from archiver.server import SHUTDOWN_GRACE_S
+    from tests.fixtures.viewer import login
+
+    server = archiver_server
+    token = server.add_camera("cam")
+    viewer = make_viewer("watcher")
+    server.add_client(viewer.pem, "all")
+    session = login(server.url, viewer.identity)
+    received: list[int] = []
+    ended = threading.Event()
+
+    def watch() -> None:
+        try:
+            with httpx.stream("GET", f"{server.url}/v1/cameras/cam/live",
+                              params={"duration_s": 600, "nonce": os.urandom(16).hex()},
+                              headers={"Authorization": f"Bearer {session}"},
+                              timeout=None) as response:
+                received.append(response.status_code)
+                for chunk in response.iter_bytes():
+                    received.append(len(chunk))
+        except httpx.HTTPError:
+            pass  # cut without its signed end record, as the viewer will report
+        finally:
+            ended.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert server.put_segment("cam", token, b"\x47" * 188 * 10) == 201
+    deadline = time.monotonic() + 30
+    while sum(received[1:]) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert received and received[0] == 200 and sum(received[1:]) > 0  # the stream is live
+    assert server.process is not None
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)  # what systemctl stop sends
+    server.process.wait(60)
+    took = time.monotonic() - started
+    # An open live stream has no end of its own: it must not hold the shutdown (before, the
+    # process waited for it until systemd's TimeoutStopSec killed it).
+    assert took < SHUTDOWN_GRACE_S / 2, f"the stop took {took:.1f} s"
+    assert ended.wait(10)
+    log = server.log()
+    assert "Application shutdown complete" in log
+    assert "Traceback" not in log and "ERROR" not in log
