@@ -112,7 +112,8 @@ def _flood(url: str, session: str, workers: int, stop: threading.Event) -> Count
         with httpx.Client(timeout=120) as client:
             while not stop.is_set():
                 response = client.get(f"{url}/v1/cameras/big/recording",
-                                      params={"from_ms": 0, "to_ms": 1000},
+                                      params={"from_ms": 0, "to_ms": 1000,
+                                              "nonce": os.urandom(16).hex()},
                                       headers={"Authorization": f"Bearer {session}"})
                 with lock:
                     answers[response.status_code] += 1
