@@ -17,7 +17,6 @@ Archiver is ``fusion-archiver serve`` in a subprocess, as in production.
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime as dt
 import os
 import sqlite3
@@ -29,29 +28,14 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from bench.common import REPO_ROOT, machine_line, percentile
 from harness.server import ArchiverServer, free_port
+from harness.viewer import login
 from keyservice.certs import build_viewer_certificate
-from keyservice.crypto import answer_login_challenge, login_context
-from keyservice.identity import OaepHash, SoftwareIdentity, fingerprint
-
-
-def login(url: str, identity: SoftwareIdentity) -> str:
-    """Proof-of-possession login (the protocol, with keyservice only); the session token."""
-    pem = identity.certificate.public_bytes(Encoding.PEM).decode()
-    body = httpx.post(f"{url}/v1/sessions/challenge", json={"certificate": pem}).json()
-    archiver = x509.load_pem_x509_certificate(body["archiver_certificate"].encode())
-    context = login_context(fingerprint(archiver), fingerprint(identity.certificate),
-                            bytes.fromhex(body["challenge_id"]))
-    proof = answer_login_challenge(identity, base64.b64decode(body["ciphertext"]),
-                                   OaepHash.from_label(body["oaep_hash"]), context)
-    answer = httpx.post(f"{url}/v1/sessions", json={
-        "challenge_id": body["challenge_id"], "proof": base64.b64encode(proof).decode()})
-    return answer.json()["session_token"]
+from keyservice.identity import OaepHash, SoftwareIdentity
 
 
 def _server(source: Path, data: Path, port: int, extra: list[str]) -> ArchiverServer:

@@ -53,8 +53,9 @@ def wait_until_healthy(process: subprocess.Popen[bytes], url: str, timeout: floa
     return False
 
 
-class AdminCallFailed(AssertionError):
-    """An admin API call did not answer the status the caller expected."""
+class UnexpectedStatus(AssertionError):
+    """An API call did not answer the status the caller expected (a failed test, a broken
+    benchmark run)."""
 
 
 @dataclass
@@ -138,7 +139,7 @@ class ArchiverServer:
     # --- the admin API ----------------------------------------------------------------------
     def admin(self, method: str, path: str, body: Any = None, expect: int | None = None,
               client: httpx.Client | None = None) -> Any:
-        """One admin call; with ``expect``, any other status raises AdminCallFailed."""
+        """One admin call; with ``expect``, any other status raises UnexpectedStatus."""
         headers = {"Authorization": f"Bearer {self.admin_token}"}
         if client is not None:
             response = client.request(method, self.url + path, json=body, headers=headers)
@@ -146,7 +147,7 @@ class ArchiverServer:
             response = httpx.request(method, self.url + path, json=body, timeout=60,
                                      headers=headers, verify=self.verify)
         if expect is not None and response.status_code != expect:
-            raise AdminCallFailed(f"{method} {path}: HTTP {response.status_code} (expected "
+            raise UnexpectedStatus(f"{method} {path}: HTTP {response.status_code} (expected "
                                   f"{expect}) {response.text[:500]}")
         return response.json() if response.content else None
 
