@@ -136,9 +136,17 @@ def test_the_metrics_the_guide_says_to_watch_exist(archiver_server: ArchiverServ
 
 
 # --- the Archiver under the unit's confinement ----------------------------------------------
-# What of the unit can be reproduced without systemd as PID 1: no new privileges and no
-# capability (setpriv), no writable executable memory (prctl PR_SET_MDWE, Linux 6.3+, inherited
-# across exec), umask 0077, no home, TLS served by the Archiver itself as the unit runs it.
+# What of the unit can be reproduced without systemd as PID 1: a read-only file system but for
+# the data directory (ProtectSystem=strict with StateDirectory=, in a private mount namespace),
+# no new privileges and no capability (setpriv), no writable executable memory (prctl
+# PR_SET_MDWE, Linux 6.3+, inherited across exec), umask 0077, no home, and TLS served by the
+# Archiver itself as the unit runs it.
+READ_ONLY_BUT_DATA = """
+mount --bind "$1" "$1"
+mount -o remount,bind,ro /
+shift
+exec "$@"
+"""
 CONFINE = """
 import ctypes, os, sys
 if os.environ.pop("FUSION_TEST_MDWE") == "1" and ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) != 0:
@@ -188,11 +196,21 @@ def _self_signed_tls(directory: Path) -> tuple[Path, Path]:
 class ConfinedServer(ArchiverServer):
     def command(self) -> list[str]:
         serve = super().command()[3:]  # [python, -m, archiver] replaced by the wrapper
-        return ["setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all",
-                sys.executable, "-c", CONFINE, *serve]
+        # exec all the way down: the pid is the Archiver's (its /proc status is read below).
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-ec", READ_ONLY_BUT_DATA,
+                "sh", str(self.data_dir), "setpriv", "--no-new-privs", "--bounding-set=-all",
+                "--inh-caps=-all", sys.executable, "-c", CONFINE, *serve]
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing")
+def _can_confine() -> bool:
+    if shutil.which("setpriv") is None or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_confine(), reason="needs setpriv and unshare --mount (root)")
 def test_the_archiver_runs_confined_as_the_unit_runs_it(tmp_path: Path) -> None:
     crt, key = _self_signed_tls(tmp_path)
     mdwe = _mdwe_supported()
@@ -206,6 +224,8 @@ def test_the_archiver_runs_confined_as_the_unit_runs_it(tmp_path: Path) -> None:
         fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
         assert fields["NoNewPrivs"].strip() == "1"
         assert int(fields["CapEff"], 16) == int(fields["CapBnd"], 16) == 0
+        mounts = Path(f"/proc/{server.process.pid}/mounts").read_text().splitlines()
+        assert any(m.split()[1] == "/" and "ro" in m.split()[3].split(",") for m in mounts)
         # First start made the signing token (softhsm2-util through a pty), and a segment is
         # sealed, signed and indexed: the crypto, PKCS#11 and SQLite paths all ran confined.
         token = server.add_camera("lobby")
