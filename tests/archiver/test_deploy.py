@@ -1,22 +1,36 @@
-"""The systemd unit of deploy/ (docs/deployment.md): systemd accepts it, its hardening scores
-as systemd measures it, and it runs the Archiver the way the CLI actually takes its options."""
+"""Deployment (docs/deployment.md): the systemd unit of deploy/ is accepted by systemd, scores
+as systemd measures it, runs `serve` with options the CLI takes and never restarts into a PIN
+retry; the Archiver runs under the unit's confinement (what of it can be had without systemd);
+it stops promptly with viewers watching; a backup taken as the guide says restores and
+verifies; the metrics the guide names exist."""
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 import typer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from archiver.cli import app
+from archiver.server import SHUTDOWN_GRACE_S
 from keyservice.errors import (
     ArchiverMismatch,
     CertificateError,
@@ -26,6 +40,7 @@ from keyservice.errors import (
     UsageError,
 )
 from tests.fixtures.server import ArchiverServer
+from tests.fixtures.viewer import login
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "fusion-archiver.service"
@@ -166,14 +181,6 @@ def _mdwe_supported() -> bool:
 
 
 def _self_signed_tls(directory: Path) -> tuple[Path, Path]:
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "archiver.test")])
     now = dt.datetime.now(dt.UTC)
@@ -241,9 +248,6 @@ def test_the_archiver_runs_confined_as_the_unit_runs_it(tmp_path: Path) -> None:
 
 # --- backups, as docs/deployment.md says to take them ---------------------------------------
 def test_a_backup_taken_while_ingesting_restores_and_verifies(tmp_path: Path) -> None:
-    import sqlite3
-    import threading
-
     live = tmp_path / "data"
     server = ArchiverServer(live).start()
     acknowledged: list[int] = []
@@ -306,13 +310,6 @@ def test_a_backup_taken_while_ingesting_restores_and_verifies(tmp_path: Path) ->
 # --- stopping: `systemctl stop` and restarts (upgrades, certificate renewals) ---------------
 def test_a_stop_with_a_live_viewer_is_prompt_and_clean(archiver_server: ArchiverServer,
                                                         make_viewer) -> None:
-    import signal
-    import threading
-    import time
-
-    from archiver.server import SHUTDOWN_GRACE_S
-    from tests.fixtures.viewer import login
-
     server = archiver_server
     token = server.add_camera("cam")
     viewer = make_viewer("watcher")
