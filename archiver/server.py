@@ -22,6 +22,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 from archiver.limits import header_timeout_protocol
 from archiver.settings import Settings
 
+# On SIGTERM/SIGINT requests in progress get this long to finish (uploads; fusion streams end
+# at once, see CompleteRequestH11Protocol.shutdown); then what is still open is cancelled and
+# the shutdown (RTSP pullers archive what they hold) goes on, well within systemd's stop timeout.
+SHUTDOWN_GRACE_S = 10
+
 
 class _CompleteRequestCycle(RequestResponseCycle):
     """uvicorn's request/response cycle, except that a peer closing after sending the whole
@@ -54,6 +59,17 @@ class CompleteRequestH11Protocol(H11Protocol):
         if self.cycle is not before and type(self.cycle) is RequestResponseCycle:
             self.cycle.__class__ = _CompleteRequestCycle
 
+    def shutdown(self) -> None:
+        # At shutdown uvicorn lets every request in progress finish. A request still being
+        # received (an upload) does; a response already streaming is a fusion stream, and a live
+        # one has no end of its own: it is ended as if the viewer had left (the connection
+        # closes; the viewer sees a stream without its signed end, and plays again later).
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            self.transport.close()
+            return
+        super().shutdown()
+
 
 def uvicorn_config(app: Any, settings: Settings, log_level: str = "info") -> uvicorn.Config:
     """The one uvicorn configuration of the Archiver (the CLI, tests and benchmarks use it)."""
@@ -64,6 +80,7 @@ def uvicorn_config(app: Any, settings: Settings, log_level: str = "info") -> uvi
         # With a deadline for request headers (archiver/limits.py: uvicorn has none).
         http=header_timeout_protocol(settings.header_timeout_s, CompleteRequestH11Protocol),
         limit_concurrency=settings.max_connections,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         h11_max_incomplete_event_size=64 * 1024,  # headers bounded in size as well as in time
         ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)

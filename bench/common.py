@@ -6,12 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +18,9 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from keyservice import bench as core_bench
+from bench import core
+from harness.server import REPO_ROOT as REPO_ROOT  # re-exported: benchmarks find launchers by it
+from harness.server import ArchiverServer
 from keyservice.certs import build_viewer_certificate, certificate_pem
 from keyservice.identity import OaepHash
 
@@ -30,7 +28,6 @@ MiB = 2**20
 MB = 10**6
 # A camera-equivalent: one camera streaming at 4 Mbit/s (the issue's unit).
 CAMERA_BYTES_PER_S = 4_000_000 / 8
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- the machine --------------------------------------------------------------------------
@@ -49,7 +46,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "summary": core_bench.machine(),
+        "summary": core.machine(),
         "loadavg_at_start": [round(x, 2) for x in load],
     }
 
@@ -154,108 +151,32 @@ class CertFactory:
 
 
 # --- a real Archiver ----------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
-class BenchServer:
-    """``python -m bench.server`` in a subprocess on 127.0.0.1 (uvicorn, as `serve` runs it)."""
+class BenchServer(ArchiverServer):
+    """``python -m bench.server`` in a subprocess on 127.0.0.1 (uvicorn, as `serve` runs it),
+    which can also run the plaintext baseline; harness.server does the rest."""
 
-    data_dir: Path
     key_period_s: int = 60
     plaintext_baseline: bool = False
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-    env: dict[str, str] | None = None
+    start_timeout_s: float = 60
+    stop_timeout_s: float = 20
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir.parent / f"{self.data_dir.name}-server.log"
-
-    @property
-    def admin_token(self) -> str:
-        return (self.data_dir / "admin-token").read_text().strip()
-
-    def start(self, timeout: float = 60) -> BenchServer:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        # The Archiver makes its own SoftHSM signing token in its data directory (the
-        # production default), so it must not inherit the benchmark's SoftHSM configuration.
-        env = {k: v for k, v in (self.env or os.environ).items()
-               if k not in ("SOFTHSM2_CONF", "FUSION_PIN")}
+    def command(self) -> list[str]:
         args = [sys.executable, "-m", "bench.server", "--data", str(self.data_dir),
                 "--port", str(self.port), "--key-period", str(self.key_period_s)]
-        if self.plaintext_baseline:
-            args.append("--plaintext-baseline")
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            cwd=REPO_ROOT)
-        if not wait_until_healthy(self.process, self.url, timeout):
-            self.stop()
-            raise RuntimeError(f"the Archiver did not start within {timeout:.0f} s; "
-                               f"see {self.log_path}")
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self) -> BenchServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def admin(self, method: str, path: str, body: Any = None, client: httpx.Client | None = None
-              ) -> Any:
-        http = client or httpx
-        response = http.request(method, self.url + path, json=body, timeout=60,
-                                headers={"Authorization": f"Bearer {self.admin_token}"})
-        if response.status_code >= 400:
-            raise RuntimeError(f"{method} {path}: HTTP {response.status_code} {response.text[:300]}")
-        return response.json() if response.content else None
+        return [*args, "--plaintext-baseline"] if self.plaintext_baseline else args
 
     def add_cameras(self, names: Sequence[str]) -> dict[str, str]:
         """name -> ingest token."""
-        with httpx.Client() as client:
-            return {name: self.admin("POST", "/v1/admin/cameras", {"name": name},
-                                     client)["ingest_token"] for name in names}
+        with httpx.Client(timeout=60) as client:
+            return {name: self.add_camera(name, client) for name in names}
 
     def add_viewers(self, pems: Sequence[str], workers: int = 4) -> list[str]:
         """Authorize each certificate on all cameras through the admin API; fingerprints."""
         def add(chunk: Sequence[str]) -> list[str]:
-            with httpx.Client() as client:
-                return [self.admin("POST", "/v1/admin/viewers",
-                                   {"certificate": pem, "cameras": "all"}, client)["fingerprint"]
-                        for pem in chunk]
+            with httpx.Client(timeout=60) as client:
+                return [self.add_client(pem, "all", client) for pem in chunk]
 
         chunks = [pems[i::workers] for i in range(workers)]
         with ThreadPoolExecutor(workers) as pool:
             return [fp for part in pool.map(add, chunks) for fp in part]
-
-
-def wait_until_healthy(process: subprocess.Popen[bytes], url: str, timeout: float) -> bool:
-    """Wait for a started Archiver to answer /healthz: True when it does, False on timeout;
-    RuntimeError if it exited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("the Archiver exited at start; see its log")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    return False

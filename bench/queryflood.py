@@ -17,14 +17,10 @@ Archiver is ``fusion-archiver serve`` in a subprocess, as in production.
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime as dt
 import os
-import signal
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,53 +28,28 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from bench.common import REPO_ROOT, free_port, machine_line, percentile, wait_until_healthy
+from bench.common import REPO_ROOT, machine_line, percentile
+from harness.server import ArchiverServer, free_port
+from harness.viewer import login
 from keyservice.certs import build_viewer_certificate
-from keyservice.crypto import answer_login_challenge, login_context
-from keyservice.identity import OaepHash, SoftwareIdentity, fingerprint
+from keyservice.identity import OaepHash, SoftwareIdentity
 
 
-def login(url: str, identity: SoftwareIdentity) -> str:
-    """Proof-of-possession login (the protocol, with keyservice only); the session token."""
-    pem = identity.certificate.public_bytes(Encoding.PEM).decode()
-    body = httpx.post(f"{url}/v1/sessions/challenge", json={"certificate": pem}).json()
-    archiver = x509.load_pem_x509_certificate(body["archiver_certificate"].encode())
-    context = login_context(fingerprint(archiver), fingerprint(identity.certificate),
-                            bytes.fromhex(body["challenge_id"]))
-    proof = answer_login_challenge(identity, base64.b64decode(body["ciphertext"]),
-                                   OaepHash.from_label(body["oaep_hash"]), context)
-    answer = httpx.post(f"{url}/v1/sessions", json={
-        "challenge_id": body["challenge_id"], "proof": base64.b64encode(proof).decode()})
-    return answer.json()["session_token"]
+def _server(source: Path, data: Path, port: int, extra: list[str]) -> ArchiverServer:
+    """`fusion-archiver serve` as the checkout ``source`` has it (its code first on the path)."""
+    return ArchiverServer(data, key_period_s=60, port=port, extra_args=tuple(extra),
+                          env={**os.environ, "PYTHONPATH": str(source)}, cwd=source,
+                          start_timeout_s=120, stop_timeout_s=30)
 
 
-def _start(source: Path, data: Path, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k not in ("SOFTHSM2_CONF", "FUSION_PIN")}
-    env["PYTHONPATH"] = str(source)
-    with open(data.parent / "server.log", "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "archiver", "serve", "--data",
-                                    str(data), "--port", str(port), *extra], cwd=source,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+def _start(server: ArchiverServer) -> ArchiverServer:
     try:
-        if wait_until_healthy(process, f"http://127.0.0.1:{port}", 120):
-            return process
-    except RuntimeError:
-        raise SystemExit(f"the Archiver exited at start; see {data.parent / 'server.log'}") from None
-    process.kill()
-    raise SystemExit("the Archiver did not start within 120 s")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        return server.start()
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _fill_index(db: Path, camera: str, count: int) -> None:
@@ -125,7 +96,8 @@ def _flood(url: str, session: str, workers: int, stop: threading.Event) -> Count
         with httpx.Client(timeout=120) as client:
             while not stop.is_set():
                 response = client.get(f"{url}/v1/cameras/big/recording",
-                                      params={"from_ms": 0, "to_ms": 1000},
+                                      params={"from_ms": 0, "to_ms": 1000,
+                                              "nonce": os.urandom(16).hex()},
                                       headers={"Authorization": f"Bearer {session}"})
                 with lock:
                     answers[response.status_code] += 1
@@ -164,21 +136,17 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         extra = [a for arg in args.server_arg for a in arg.split("=", 1)]
-        process = _start(args.source.resolve(), data, port, extra)
-        admin = {"Authorization": f"Bearer {(data / 'admin-token').read_text().strip()}"}
-        token = httpx.post(f"{url}/v1/admin/cameras", json={"name": "cam"}, headers=admin
-                           ).json()["ingest_token"]
-        httpx.post(f"{url}/v1/admin/cameras", json={"name": "big"}, headers=admin)
+        server = _start(_server(args.source.resolve(), data, port, extra))
+        token = server.add_camera("cam")
+        server.add_camera("big")
         viewer = _viewer()
-        pem = viewer.certificate.public_bytes(Encoding.PEM).decode()
-        assert httpx.post(f"{url}/v1/admin/viewers", json={"certificate": pem, "cameras": "all"},
-                          headers=admin).status_code == 201
-        _stop(process)
+        server.add_client(viewer.certificate.public_bytes(Encoding.PEM).decode())
+        server.stop()
         started = time.monotonic()
         _fill_index(data / "archiver.sqlite3", "big", args.manifests)
         print(f"index of camera 'big': {args.manifests} manifests "
               f"({time.monotonic() - started:.0f} s to insert)")
-        process = _start(args.source.resolve(), data, port, extra)
+        server = _start(_server(args.source.resolve(), data, port, extra))
         try:
             session = login(url, viewer)
             print(f"Archiver from {args.source}  {' '.join(extra) or '(default limits)'}")
@@ -197,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  flood ({args.flood} parallel): {sum(answers.values())} answers in "
                   f"{args.seconds + 1:.0f} s, by status: {dict(sorted(answers.items()))}")
         finally:
-            _stop(process)
+            server.stop()
     return 0
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from bench import core
 from bench.common import MiB, Report, size_label
-from keyservice import bench as core_bench
 
 
 def aes_gcm(size: int, seconds: float) -> dict[str, float]:
@@ -24,7 +24,7 @@ def aes_gcm(size: int, seconds: float) -> dict[str, float]:
     nonce, ad = bytes(12), b"segment ad of realistic length: camera, seq, time, key id"
     data = os.urandom(size)
     sealed = aead.encrypt(nonce, data, ad)
-    encrypt, decrypt = core_bench._best_of(lambda: aead.encrypt(nonce, data, ad),
+    encrypt, decrypt = core.best_of(lambda: aead.encrypt(nonce, data, ad),
                                            lambda: aead.decrypt(nonce, sealed, ad), size, seconds)
     return {"encrypt_mib_s": encrypt, "decrypt_mib_s": decrypt}
 
@@ -34,8 +34,8 @@ def sha256(size: int, seconds: float) -> float:
     def digest() -> bytes:
         return hashlib.sha256(data).digest()
 
-    # _best_of sizes its rounds by the second callable: time the same one twice.
-    first, second = core_bench._best_of(digest, digest, size, seconds)
+    # best_of sizes its rounds by the second callable: time the same one twice.
+    first, second = core.best_of(digest, digest, size, seconds)
     return max(first, second)
 
 

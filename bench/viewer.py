@@ -15,15 +15,12 @@ import datetime as dt
 import json
 import os
 import secrets
-import shlex
-import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +32,19 @@ from bench.generate import segment_bytes
 from bench.raw import aes_gcm
 from client.player import Player, archiver_pin_check
 from client.session import ArchiverSession
+from harness.tokens import (
+    SoftwareTpm,
+    TokenHandle,
+    enroll_viewer,
+    new_softhsm_token,
+    tpm_missing,
+    use_softhsm_dir,
+)
 from keyservice.certs import load_certificate
 from keyservice.identity import OaepHash, fingerprint
-from keyservice.pkcs11uri import Pkcs11Uri
-from keyservice.softhsm import write_config
 from keyservice.stream import SegmentPlaintext
-from keyservice.token import Token, init_token, unload_module
+from keyservice.token import Token
 
-SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
-TPM_MODULES = ("/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so",
-               "/usr/lib/aarch64-linux-gnu/pkcs11/libtpm2_pkcs11.so",
-               "/usr/lib/pkcs11/libtpm2_pkcs11.so")
-TPM_TOOLS = ("swtpm", "tpm2_ptool", "tpm2-abrmd", "dbus-daemon")
 DAY_START = "2025-06-02T00:00:00Z"
 DAY_START_MS = 1_748_822_400_000
 HOUR_MS = 3_600_000
@@ -96,90 +94,14 @@ class Viewer:
 def _softhsm_viewer(workdir: Path) -> Viewer:
     if "SOFTHSM2_CONF" not in os.environ:
         # SoftHSM reads its configuration once per process: set it before the module loads.
-        os.environ["SOFTHSM2_CONF"] = str(write_config(workdir / "softhsm"))
-    module = os.path.realpath(SOFTHSM_MODULE)
-    label, pin = f"bench-{secrets.token_hex(3)}", f"{secrets.randbelow(10**8):08d}"
-    # In this process: SoftHSM would not see a token made by softhsm2-util after it loaded.
-    init_token(module, label, so_pin=f"{secrets.randbelow(10**8):08d}", pin=pin)
-    uri = Pkcs11Uri(token=label, module_path=module, pin_value=pin)
-    token = Token.open(uri)
-    enrolled = token.enroll("viewer", bits=2048)
-    pem = workdir / "viewer-softhsm.pem"
-    pem.write_bytes(enrolled.pem())
-    return Viewer("SoftHSM", uri.with_object("viewer").to_uri(), pem,
-                  TimedIdentity(token.identity("viewer")))
+        use_softhsm_dir(workdir / "softhsm")
+    return _viewer("SoftHSM", new_softhsm_token(workdir, f"bench-{secrets.token_hex(3)}"))
 
 
-@dataclass
-class SoftwareTpm:
-    directory: Path
-    module: str
-    uri: Pkcs11Uri
-    saved_env: dict[str, str | None] = field(default_factory=dict)
-
-    def stop(self) -> None:
-        unload_module(self.module)  # C_Finalize first, so the module flushes its TPM objects
-        subprocess.run(["bash", str(REPO_ROOT / "hsm-config" / "stop-swtpm.sh"),
-                        str(self.directory)], capture_output=True, timeout=60, check=False)
-        for key, value in self.saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _port_pair() -> int:
-    for _ in range(100):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two adjacent free TCP ports on 127.0.0.1")
-
-
-def tpm_available() -> bool:
-    return all(shutil.which(t) for t in TPM_TOOLS) and any(Path(m).is_file() for m in TPM_MODULES)
-
-
-def start_tpm(workdir: Path) -> SoftwareTpm:
-    """swtpm + tpm2-abrmd + a tpm2-pkcs11 token, by hsm-config/start-swtpm.sh (as the tests)."""
-    directory = workdir / "swtpm"
-    label, pin = "benchtpm", f"{secrets.randbelow(10**8):08d}"
-    env = {**os.environ, "SWTPM_PORT": str(_port_pair()), "TPM_LABEL": label, "TPM_PIN": pin,
-           "TPM_SO_PIN": f"{secrets.randbelow(10**8):08d}"}
-    result = subprocess.run(["bash", str(REPO_ROOT / "hsm-config" / "start-swtpm.sh"),
-                             str(directory)], env=env, capture_output=True, text=True,
-                            timeout=120, check=False)
-    if result.returncode != 0:
-        subprocess.run(["bash", str(REPO_ROOT / "hsm-config" / "stop-swtpm.sh"), str(directory)],
-                       capture_output=True, check=False)
-        raise RuntimeError(f"start-swtpm.sh failed: {result.stderr.strip()}")
-    exported = {}
-    for line in (directory / "tpm.env").read_text().splitlines():
-        words = shlex.split(line)
-        if len(words) == 2 and words[0] == "export":
-            key, _, value = words[1].partition("=")
-            exported[key] = value
-    module = os.path.realpath(next(m for m in TPM_MODULES if Path(m).is_file()))
-    tpm = SoftwareTpm(directory, module, Pkcs11Uri(token=label, module_path=module,
-                                                   pin_value=pin),
-                      {key: os.environ.get(key) for key in exported})
-    os.environ.update(exported)
-    return tpm
-
-
-def _tpm_viewer(tpm: SoftwareTpm, workdir: Path) -> Viewer:
-    token = Token.open(tpm.uri)
-    enrolled = token.enroll("viewer", bits=2048)
-    pem = workdir / "viewer-tpm.pem"
-    pem.write_bytes(enrolled.pem())
-    return Viewer("software TPM", tpm.uri.with_object("viewer").to_uri(), pem,
-                  TimedIdentity(token.identity("viewer")))
+def _viewer(kind: str, handle: TokenHandle) -> Viewer:
+    pem = enroll_viewer(handle, "viewer", bits=2048)
+    return Viewer(kind, handle.object_uri("viewer"), pem,
+                  TimedIdentity(Token.open(handle.uri).identity("viewer")))
 
 
 # --- playing ----------------------------------------------------------------------------------
@@ -244,7 +166,7 @@ def _client_env(home: Path) -> dict[str, str]:
 
 # --- the benchmark ----------------------------------------------------------------------------
 def run(report: Report, workdir: Path, params: Params) -> dict[str, Any]:
-    tpm_on = params.use_tpm and tpm_available()
+    tpm_on = params.use_tpm and not tpm_missing()
     result = report.section("viewer", {
         "day_archive": f"{params.day_hours:g} h from {DAY_START}, one {size_label(params.day_segment_bytes)}"
                        f" segment every {params.day_segment_s:g} s, key period 60 s",
@@ -259,8 +181,8 @@ def run(report: Report, workdir: Path, params: Params) -> dict[str, Any]:
     try:
         viewers = [_softhsm_viewer(workdir)]
         if tpm_on:
-            tpm = start_tpm(workdir)
-            viewers.append(_tpm_viewer(tpm, workdir))
+            tpm = SoftwareTpm.start(workdir / "swtpm", label="benchtpm")
+            viewers.append(_viewer("software TPM", tpm.handle))
         data = workdir / "archive"
         result["generated"] = _generate(report, data, viewers, params)
         server = BenchServer(data, key_period_s=60).start()

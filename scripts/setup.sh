@@ -14,6 +14,7 @@ APT_PACKAGES=(
   python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
   chromium fonts-dejavu-core   # the viewer's browser tests (Playwright drives this Chromium)
+  systemd                      # systemd-analyze: the deploy/ unit's tests (verify, security)
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

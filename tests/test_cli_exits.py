@@ -51,11 +51,11 @@ def test_admin_cli_reports_tls_verification_and_trusts_tls_ca(
     assert "TLS certificate verification failed" in refused.stderr
     assert "self-signed" in refused.stderr or "issuer" in refused.stderr  # OpenSSL's reason
     assert "--tls-ca" in refused.stderr
-    assert https_archiver.tls is not None
+    assert https_archiver.tls_ca is not None
     trusted = run("archiver", "cameras", "add", "lobby", *common, "--tls-ca",
-                  str(https_archiver.tls[0]), "--json")
+                  str(https_archiver.tls_ca), "--json")
     assert trusted.returncode == 0, trusted.stderr
-    listed = run("archiver", "viewers", "list", *common, "--tls-ca", str(https_archiver.tls[0]))
+    listed = run("archiver", "viewers", "list", *common, "--tls-ca", str(https_archiver.tls_ca))
     assert listed.returncode == 0 and "no viewers" in listed.stdout
 
 

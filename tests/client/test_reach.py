@@ -22,9 +22,9 @@ def test_viewer_cli_reports_tls_verification_then_trusts_tls_ca(
     assert refused.code == EXIT["unreachable"], refused.stderr
     assert "TLS certificate verification failed" in refused.stderr
     assert "--tls-ca" in refused.stderr
-    assert https_archiver.tls is not None
+    assert https_archiver.tls_ca is not None
     trusted = client("cameras", "--archiver", https_archiver.url, "--token", viewer.uri,
-                     "--tls-ca", str(https_archiver.tls[0]), "--json")
+                     "--tls-ca", str(https_archiver.tls_ca), "--json")
     assert trusted.code == 0, trusted.stderr
     assert [c["name"] for c in json.loads(trusted.stdout)["cameras"]] == ["cam1"]
 

@@ -1,7 +1,7 @@
 """Throughput of the crypto core next to raw AES-256-GCM, on the same data in the same run.
 
-    python -m keyservice.bench                   # 1 MiB and 64 KiB segments, ~1 s per row
-    python -m keyservice.bench --seconds 3 --sizes 1048576,65536,4096
+    python -m bench.core                   # 1 MiB and 64 KiB segments, ~1 s per row
+    python -m bench.core --seconds 3 --sizes 1048576,65536,4096
 
 Rows, per segment size (MiB/s of plaintext; ratio = ours / raw, 1.0 means no overhead):
   seal      ``seal_segment``                      vs ``AESGCM.encrypt``
@@ -69,7 +69,7 @@ class Row:
         return self.ours_mib_s / self.raw_mib_s
 
 
-def _best_of(raw: Callable[[], object], ours: Callable[[], object], size: int, seconds: float,
+def best_of(raw: Callable[[], object], ours: Callable[[], object], size: int, seconds: float,
              rounds: int = 15) -> tuple[float, float]:
     """MiB/s of raw and ours: alternating rounds, the best round of each."""
     raw(), ours()  # warm up
@@ -139,10 +139,10 @@ def _rows(size: int, seconds: float, identity: SoftwareIdentity, signer: Softwar
         return open_segment(aead, _decode_segment(record))
 
     return [
-        Row(size, "seal", *_best_of(raw_seal, seal, size, seconds)),
-        Row(size, "open", *_best_of(raw_open, open_, size, seconds)),
-        Row(size, "seal+rec", *_best_of(raw_seal, seal_record, size, seconds)),
-        Row(size, "rec+open", *_best_of(raw_open, record_open, size, seconds)),
+        Row(size, "seal", *best_of(raw_seal, seal, size, seconds)),
+        Row(size, "open", *best_of(raw_open, open_, size, seconds)),
+        Row(size, "seal+rec", *best_of(raw_seal, seal_record, size, seconds)),
+        Row(size, "rec+open", *best_of(raw_open, record_open, size, seconds)),
         Row(size, "reader", *_reader_row(identity, signer, size, seconds, raw_open, now)),
     ]
 
@@ -193,7 +193,7 @@ def _reader_row(identity: SoftwareIdentity, signer: SoftwareSigner, size: int, s
         reader.finish()
         return time.perf_counter() - start
 
-    raw_mib_s, _ = _best_of(raw_open, raw_open, size, seconds / 2)
+    raw_mib_s, _ = best_of(raw_open, raw_open, size, seconds / 2)
     best = min(read_all() for _ in range(max(2, int(seconds * 2))))
     return raw_mib_s, size * count / MiB / best
 
@@ -205,7 +205,7 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyservice.bench",
+    parser = argparse.ArgumentParser(prog="python -m bench.core",
                                      description="Crypto core throughput vs raw AES-256-GCM.")
     parser.add_argument("--sizes", default=f"{MiB},{64 * 1024}",
                         help="segment sizes in bytes, comma-separated (default 1 MiB, 64 KiB)")

@@ -1,4 +1,5 @@
-"""The benchmark runs and reports what it promises (tiny sizes, not a timing test)."""
+"""The crypto-core micro-benchmark (python -m bench.core) runs and reports what it promises
+(tiny sizes, not a timing test)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import re
 
 import pytest
 
-from keyservice import bench
+from bench import core
 
 
 def test_bench_prints_ratios_and_the_machine(capsys: pytest.CaptureFixture[str]) -> None:
-    assert bench.main(["--sizes", "4096,65536", "--seconds", "0.02"]) == 0
+    assert core.main(["--sizes", "4096,65536", "--seconds", "0.02"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("machine: ") and "CPUs" in out and "cryptography" in out
     rows = re.findall(r"^\s+(\d+) KiB (\S+)\s+(\d+)\s+(\d+)\s+(\d+\.\d\d)$", out, re.MULTILINE)
