@@ -21,6 +21,7 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import re
@@ -480,7 +481,7 @@ def _check_manifests(files: Mapping[str, bytes], index: Mapping[str, object],
                                    f"{CERT}).")
         out.append((manifest, raw))
     broken = 0
-    for (prev, prev_raw), (manifest, _) in zip(out, out[1:], strict=False):
+    for (prev, prev_raw), (manifest, _) in itertools.pairwise(out):
         if manifest.manifest_seq != prev.manifest_seq + 1:
             broken += 1
             report.failures.append(f"The manifest chain is broken: manifest "
@@ -698,7 +699,7 @@ def _gaps(manifests: list[tuple[Manifest, bytes]], segments: Sequence[_Seg], fro
             "Archiver's signed manifests but not in the package (the exporting viewer held no "
             "key for them, or they were withheld)")
     ordered = sorted((s.segment for s in segments), key=lambda g: (g.stream, g.seq))
-    for prev, nxt in zip(ordered, ordered[1:], strict=False):
+    for prev, nxt in itertools.pairwise(ordered):
         if prev.stream == nxt.stream and prev.duration_ms:
             end = prev.capture_ms + prev.duration_ms
             if nxt.capture_ms - end > GAP_MS and not any(
