@@ -301,6 +301,8 @@ def verify_package(files: Mapping[str, bytes], *,
         _verify(files, report, open_keys, expect_archiver)
     except _Fatal as exc:
         report.failures.append(str(exc))
+    if not report.ok:
+        report.video = None  # only video that passed every check is handed out
     return report
 
 
