@@ -415,18 +415,25 @@ def _check_inventory(files: Mapping[str, bytes], index: Mapping[str, object],
         raise _Fatal("The package is incomplete; nothing further can be verified.")
 
 
+def _load_certificate(data: bytes, name: str) -> tuple[x509.Certificate, str, bytes]:
+    """The certificate, its subject and fingerprint. Parsed in full here: `cryptography`
+    parses fields lazily, so a damaged one would otherwise fail later, anywhere."""
+    try:
+        cert = x509.load_pem_x509_certificate(data)
+        cert.public_key()
+        return cert, cert.subject.rfc4514_string(), fingerprint(cert)
+    except (ValueError, UnsupportedAlgorithm):
+        raise _Fatal(f"{name} is not a readable certificate (damaged or not PEM).") from None
+
+
 def _certificate(files: Mapping[str, bytes], index: Mapping[str, object], report: Report,
                  expect_archiver: bytes | None) -> x509.Certificate:
-    try:
-        cert = x509.load_pem_x509_certificate(files[CERT])
-        key = cert.public_key()
-    except (ValueError, UnsupportedAlgorithm):
-        raise _Fatal(f"{CERT} is not a readable certificate.") from None
+    cert, subject, fp = _load_certificate(files[CERT], CERT)
+    key = cert.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve,
                                                                         ec.SECP256R1):
         raise _Fatal(f"{CERT} does not hold an EC P-256 key (an Archiver's signing key).")
-    fp = fingerprint(cert)
-    report.archiver_subject = cert.subject.rfc4514_string()
+    report.archiver_subject = subject
     report.archiver_sha256 = fp.hex()
     if index.get("archiver_sha256") != fp.hex():
         report.failures.append(f"{CERT} is not the certificate the export recorded (sha256 "
@@ -596,13 +603,10 @@ def _keys(files: Mapping[str, bytes], index: Mapping[str, object], report: Repor
     key_info = index["keys"]
     assert isinstance(key_info, dict)
     if key_info["file"] == SEALED_KEYS:
-        try:
-            recipient = x509.load_pem_x509_certificate(files[RECIPIENT])
-        except ValueError:
-            raise _Fatal(f"{RECIPIENT} is not a readable certificate.") from None
-        rfp = fingerprint(recipient).hex()
-        report.notes.append(f"the minute keys are sealed to {recipient.subject.rfc4514_string()}"
-                            f" (certificate sha256 {rfp})")
+        _, subject, recipient_fp = _load_certificate(files[RECIPIENT], RECIPIENT)
+        rfp = recipient_fp.hex()
+        report.notes.append(f"the minute keys are sealed to {subject} (certificate sha256 "
+                            f"{rfp})")
         if key_info.get("recipient_sha256") != rfp:
             report.failures.append(f"{RECIPIENT} is not the recipient {INDEX} names.")
         if open_keys is None:
