@@ -310,7 +310,8 @@ def describe(report: Report, package: Path) -> list[str]:
     elif report.not_checked:
         lines.append("Result: PARTLY VERIFIED (see 'Not checked')")
     else:
-        lines.append("Result: VERIFIED. The video is what the Archiver named above recorded "
-                     "and signed for this camera and range.")
+        lines.append("Result: VERIFIED. The video is exactly the decryption of segments the "
+                     "Archiver named above recorded and signed for this camera (coverage of the "
+                     "range: see Gaps and Notes).")
     return lines
 
