@@ -11,6 +11,7 @@ import hashlib
 import os
 import stat
 import zipfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
 from typing import Annotated
@@ -151,6 +152,10 @@ def export(
     _check_camera(camera)
     if output.is_dir():
         raise UsageError(f"{output} is a directory; give a file name for the package.")
+    if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
+        # Checked before the Archiver and the token are bothered.
+        raise UsageError(f"Cannot write the package into {output.parent}: not a writable "
+                         "directory.")
     recipient = _recipient(for_) if for_ is not None else None
     explicit = _load_cert(archiver_cert)
     video = _Memory()
@@ -243,11 +248,15 @@ def verify(
     try:
         files = read_zip(package)
         with ExitStack() as stack:
-            open_keys = None
+            open_keys: Callable[[bytes], bytes] | None = None
             if token is not None:
-                from client.cli import _open_identity
-                identity = _open_identity(stack, token)
-                open_keys = lambda sealed: open_sealed_keys(sealed, identity)  # noqa: E731
+                uri = token
+
+                def with_token(sealed: bytes) -> bytes:
+                    # The token is opened only for a package whose keys are sealed.
+                    from client.cli import _open_identity
+                    return open_sealed_keys(sealed, _open_identity(stack, uri))
+                open_keys = with_token
             report = verify_package(files, open_keys=open_keys, expect_archiver=expected)
     except BaseException:
         if out is not None:

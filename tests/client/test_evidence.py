@@ -250,3 +250,30 @@ def test_keys_sealed_to_a_recipient_need_its_token(
     wrong = client("evidence", "verify", str(case), "--token", alice.uri)
     assert wrong.code == EXIT_NOT_VERIFIED
     assert "sealed to certificate" in wrong.stdout.decode()
+
+
+def test_unreadable_packages_are_refused_with_a_sentence(client: Client, tmp_path: Path) -> None:
+    offline = OfflineClient(client.home)
+    missing = offline("evidence", "verify", str(tmp_path / "nope.zip"))
+    assert missing.code == 2 and "No such file" in missing.stderr
+    garbage = tmp_path / "garbage.zip"
+    garbage.write_bytes(b"PK not really a zip" * 10)
+    refused = offline("evidence", "verify", str(garbage))
+    assert refused.code == EXIT_NOT_VERIFIED and "not a readable zip" in refused.stderr
+    escape = tmp_path / "escape.zip"
+    with zipfile.ZipFile(escape, "w") as zf:
+        zf.writestr("../EVIDENCE.json", b"{}")
+    refused = offline("evidence", "verify", str(escape))
+    assert refused.code == EXIT_NOT_VERIFIED and "no evidence package has" in refused.stderr
+    empty = tmp_path / "empty.zip"
+    with zipfile.ZipFile(empty, "w") as zf:
+        zf.writestr("video.ts", b"\x47" * 188)
+    refused = offline("evidence", "verify", str(empty), "-o", str(tmp_path / "v.ts"))
+    assert refused.code == EXIT_NOT_VERIFIED
+    assert "EVIDENCE.json is missing" in refused.stdout.decode()
+    assert not any(p.name.startswith("v.ts") for p in tmp_path.iterdir())
+    bad = offline("evidence", "verify", str(empty), "--expect-archiver", "abc")
+    assert bad.code == 2 and "64 hex digits" in bad.stderr
+    nowhere = client("evidence", "export", "--token", "pkcs11:token=x", "--camera", "cam1",
+                     "--from", "-1m", "-o", str(tmp_path / "no" / "dir" / "case.zip"))
+    assert nowhere.code == 2 and "not a writable directory" in nowhere.stderr
