@@ -293,8 +293,12 @@ def describe(report: Report, package: Path) -> list[str]:
     if report.camera is not None:
         lines.append(f"  camera:      {report.camera}")
         lines.append(f"  range:       {when(report.from_ms)} .. {when(report.to_ms)}")
-        lines.append(f"  exported:    {when(report.exported_ms)} by viewer certificate sha256 "
-                     f"{report.exported_by} (as the package states; not signed)")
+        if report.exported_signed:
+            lines.append(f"  served:      {when(report.exported_ms)} by the Archiver to viewer "
+                         f"certificate sha256 {report.exported_by} (signed by the Archiver)")
+        else:
+            lines.append(f"  exported:    {when(report.exported_ms)} by viewer certificate "
+                         f"sha256 {report.exported_by} (as the package states; not signed)")
     if report.archiver_sha256 is not None:
         lines.append(f"  Archiver:    {report.archiver_subject}")
         lines.append(f"               certificate sha256 {report.archiver_sha256}")

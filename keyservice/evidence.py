@@ -42,10 +42,14 @@ from keyservice.format import (
     KEY_LEN,
     RECORD_HEADER_LEN,
     DataStream,
+    End,
+    Header,
     Manifest,
     ManifestEntry,
+    Mode,
     Record,
     Segment,
+    Transcript,
     decode_record,
     record_digest,
     validate_name,
@@ -60,6 +64,14 @@ KEYS = "keys.txt"
 SEALED_KEYS = "keys.sealed"
 RECIPIENT = "recipient.pem"
 VIDEO = "video.ts"
+# The stream the export received, as far as the Archiver's END signature covers it: its header
+# record, the SHA-256 of every record before END (one hex line each, in stream order) and END.
+STREAM_HEADER = "stream/header.rec"
+STREAM_DIGESTS = "stream/digests.txt"
+STREAM_END = "stream/end.rec"
+STREAM_END_SIGNED = "stream/end.signed"
+STREAM_END_SIG = "stream/end.sig"
+STREAM_FILES = (STREAM_HEADER, STREAM_DIGESTS, STREAM_END, STREAM_END_SIGNED, STREAM_END_SIG)
 # The plaintext sealed to a recipient: this label, then the 32-byte package key. The label
 # keeps a recipient's token from being used to open anything else (an epoch opener, a login
 # challenge) through a crafted package, and those from being passed off as this.
@@ -102,25 +114,40 @@ def _iso(ms: int) -> str:
 @dataclass(frozen=True)
 class Collected:
     """What an export keeps of a verified stream: the camera's manifests (chain order) and
-    the segments it decrypted (stream order), each as its exact record bytes."""
+    the segments it decrypted (stream order), each as its exact record bytes; the stream's
+    header and END records and the digest of every record before END (the END transcript)."""
 
     manifests: list[bytes] = field(default_factory=list)
     segments: list[bytes] = field(default_factory=list)
+    header: bytes = b""
+    end: bytes = b""
+    digests: list[bytes] = field(default_factory=list)
 
 
 def collect(records: Iterable[tuple[Record, bytes]], camera: str,
             opened: Mapping[bytes, bytes]) -> Collected:
     """From a verified fusion stream's records: every manifest of ``camera`` and every segment
     of it whose key the reader opened (the ones it released). Key records, openers and grants
-    are the exporting viewer's and stay out of the package."""
+    are the exporting viewer's and stay out of the package (only their digests go in, for
+    the END transcript)."""
     out = Collected()
+    header = end = b""
     for record, raw in records:
-        if isinstance(record, Manifest) and record.camera == camera:
-            out.manifests.append(bytes(raw))
+        data = bytes(raw)
+        if isinstance(record, End):
+            end = data
+            continue
+        out.digests.append(record_digest(data))
+        if isinstance(record, Header):
+            header = data
+        elif isinstance(record, Manifest) and record.camera == camera:
+            out.manifests.append(data)
         elif (isinstance(record, Segment) and record.camera == camera
               and record.key_id in opened):
-            out.segments.append(bytes(raw))
-    return out
+            out.segments.append(data)
+    if not header or not end:
+        raise EvidenceError("The stream has no header or no END record; nothing to export.")
+    return Collected(out.manifests, out.segments, header, end, out.digests)
 
 
 def _keys_text(keys: Mapping[bytes, bytes], streams: Mapping[bytes, int]) -> bytes:
@@ -229,6 +256,13 @@ def build_package(*, camera: str, from_ms: int, to_ms: int, archiver_cert: x509.
         key_info = {"file": SEALED_KEYS, "recipient": RECIPIENT,
                     "recipient_sha256": recipient.fingerprint.hex(),
                     "recipient_subject": recipient.certificate.subject.rfc4514_string()}
+    end = decode_record(collected.end)
+    assert isinstance(end, End)
+    files[STREAM_HEADER] = collected.header
+    files[STREAM_DIGESTS] = "".join(d.hex() + "\n" for d in collected.digests).encode()
+    files[STREAM_END] = collected.end
+    files[STREAM_END_SIGNED] = end.signed_bytes()
+    files[STREAM_END_SIG] = end.signature
     files[VIDEO] = video
     files[INDEX] = (json.dumps({
         "format": FORMAT,
@@ -257,6 +291,7 @@ class Report:
     to_ms: int | None = None
     exported_ms: int | None = None
     exported_by: str | None = None
+    exported_signed: bool = False  # exported_ms/exported_by from the Archiver's signed stream
     archiver_subject: str | None = None
     archiver_sha256: str | None = None
     manifests: int = 0
@@ -318,6 +353,7 @@ def _verify(files: Mapping[str, bytes], report: Report,
     cert = _certificate(files, index, report, expect_archiver)
     manifests = _check_manifests(files, index, cert, camera, report)
     segments = _check_segments(files, index, manifests, camera, from_ms, to_ms, report)
+    heads = _check_stream(files, cert, camera, from_ms, to_ms, manifests, segments, report)
     keys = _keys(files, index, report, open_keys)
     if keys is None:
         report.not_checked.append(
@@ -328,7 +364,7 @@ def _verify(files: Mapping[str, bytes], report: Report,
         plaintext = _check_keys_and_decrypt(keys, segments, camera, report)
         if plaintext is not None:
             _check_video(files[VIDEO], plaintext, report)
-    _gaps(manifests, segments, from_ms, to_ms, report)
+    _gaps(manifests, segments, from_ms, to_ms, heads, report)
 
 
 def _check_sums(files: Mapping[str, bytes], report: Report) -> None:
@@ -402,7 +438,7 @@ def _check_inventory(files: Mapping[str, bytes], index: Mapping[str, object],
     key_files = [KEYS] if keys.get("file") == KEYS else [SEALED_KEYS, RECIPIENT]
     if keys.get("file") not in (KEYS, SEALED_KEYS):
         raise _Fatal(f"{INDEX} names no key file.")
-    expected = {INDEX, SUMS, CERT, VIDEO, *segments, *key_files}
+    expected = {INDEX, SUMS, CERT, VIDEO, *STREAM_FILES, *segments, *key_files}
     for name in manifests:
         stem = name[:-len(".rec")]
         expected.update((name, stem + ".signed", stem + ".sig"))
@@ -577,6 +613,79 @@ def _check_segments(files: Mapping[str, bytes], index: Mapping[str, object],
     return out
 
 
+def _check_stream(files: Mapping[str, bytes], cert: x509.Certificate, camera: str,
+                  from_ms: int, to_ms: int, manifests: list[tuple[Manifest, bytes]],
+                  segments: list[_Seg], report: Report) -> dict[str, int] | None:
+    """The Archiver's END signature over the stream the export received: it makes the range,
+    the exporting viewer and the time signed facts, shows the packaged records were sent in
+    that order, and gives the camera's chain head (the end of the recording then).
+    Returns the END's chain heads, or None if this could not be shown."""
+    try:
+        header = decode_record(files[STREAM_HEADER])
+        end = decode_record(files[STREAM_END])
+    except KeyServiceError as exc:
+        report.failures.append(f"The stream's header or END record is malformed: {exc}")
+        return None
+    if not isinstance(header, Header) or not isinstance(end, End):
+        report.failures.append(f"{STREAM_HEADER} / {STREAM_END} are not a header and an END.")
+        return None
+    problems: list[str] = []
+    lines = files[STREAM_DIGESTS].decode("ascii", "replace").splitlines()
+    if not lines or not all(_HEX64.fullmatch(line) for line in lines):
+        report.failures.append(f"{STREAM_DIGESTS} is not one SHA-256 (hex) per line.")
+        return None
+    digests = [bytes.fromhex(line) for line in lines]
+    transcript = Transcript()
+    for digest in digests:
+        transcript.add(digest)
+    if files[STREAM_END_SIGNED] != end.signed_bytes() or files[STREAM_END_SIG] != end.signature:
+        problems.append(f"{STREAM_END_SIGNED} / {STREAM_END_SIG} are not the signed part and "
+                        f"signature of {STREAM_END}.")
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    try:
+        key.verify(end.signature, end.signed_bytes(), ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        problems.append(f"{STREAM_END}: the Archiver's signature does not verify.")
+    if not hmac.compare_digest(end.transcript_hash, transcript.digest()):
+        problems.append(f"{STREAM_DIGESTS} is not the transcript the Archiver's END record "
+                        "signs (a record digest was changed, added or left out).")
+    if digests[0] != record_digest(files[STREAM_HEADER]) or end.request_id != header.request_id:
+        problems.append(f"{STREAM_HEADER} is not the header of the signed stream.")
+    if header.archiver_cert_der != cert.public_bytes(Encoding.DER):
+        problems.append(f"The signed stream names another Archiver certificate than {CERT}.")
+    if header.mode != Mode.PLAYBACK or header.cameras != (camera,):
+        problems.append(f"The signed stream is not a recording of camera {camera} alone.")
+    if (header.range_from_ms, header.range_to_ms) != (from_ms, to_ms):
+        problems.append(f"The signed stream answers the range {_iso(header.range_from_ms)} .. "
+                        f"{_iso(header.range_to_ms)}, not the one in {INDEX}.")
+    # The packaged manifests and segments are records of that stream, in its order.
+    manifest_digests = [record_digest(raw) for _, raw in manifests]
+    segment_digests = [record_digest(s.raw) for s in segments]
+    if not set(manifest_digests + segment_digests) <= set(digests):
+        problems.append("Some packaged records are not in the signed stream's transcript.")
+    elif not (_in_order(digests, manifest_digests) and _in_order(digests, segment_digests)):
+        problems.append("The packaged records are not in the signed stream's order.")
+    report.failures.extend(problems)
+    if problems:
+        return None
+    report.exported_ms = header.created_ms
+    report.exported_by = header.viewer_fingerprint.hex()
+    report.exported_signed = True
+    report.verified.append(
+        f"the Archiver's signed END record over the {len(digests)} records of the stream it "
+        f"served: camera {camera}, range {_iso(from_ms)} .. {_iso(to_ms)}, to viewer "
+        f"certificate sha256 {header.viewer_fingerprint.hex()} at {_iso(header.created_ms)}; "
+        "every packaged record is one of them, in order")
+    return dict(end.heads)
+
+
+def _in_order(digests: list[bytes], wanted: list[bytes]) -> bool:
+    """``wanted`` is a subsequence of ``digests``."""
+    it = iter(digests)
+    return all(any(d == w for d in it) for w in wanted)
+
+
 def parse_keys(text: bytes) -> dict[bytes, tuple[int, bytes]]:
     """keys.txt: ``KEY_ID_HEX STREAM KEY_HEX`` per line -> key id -> (stream, key)."""
     keys: dict[bytes, tuple[int, bytes]] = {}
@@ -687,7 +796,7 @@ def _check_video(video: bytes, plaintext: bytes, report: Report) -> None:
 
 
 def _gaps(manifests: list[tuple[Manifest, bytes]], segments: Sequence[_Seg], from_ms: int,
-          to_ms: int, report: Report) -> None:
+          to_ms: int, heads: Mapping[str, int] | None, report: Report) -> None:
     """Recorded but not in the package (listed in a signed manifest within the range), and
     not recorded (between one segment's signed end and the next one's start)."""
     present = {(int(s.segment.stream), s.segment.seq) for s in segments}
@@ -717,7 +826,12 @@ def _gaps(manifests: list[tuple[Manifest, bytes]], segments: Sequence[_Seg], fro
             e.capture_ms + e.duration_ms < from_ms for e in first.entries))):
         report.notes.append("the signed data does not show that nothing was recorded between "
                             f"the start of the range ({_iso(from_ms)}) and the first manifest")
-    if not (last.entries and all(e.capture_ms > to_ms for e in last.entries)):
+    at_head = heads is not None and heads.get(last.camera) == last.manifest_seq + 1
+    if at_head:
+        report.verified.append("the end of the range: the Archiver's signed chain head shows "
+                               "that nothing was recorded after the last manifest when the "
+                               "stream was served")
+    elif not (last.entries and all(e.capture_ms > to_ms for e in last.entries)):
         report.notes.append("the signed data does not show that nothing was recorded after the "
                             f"last manifest up to the end of the range ({_iso(to_ms)}): the "
                             "recording may have gone on (or the range reached the present "

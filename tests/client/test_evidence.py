@@ -145,6 +145,7 @@ def test_package_verifies_offline_by_command_and_by_hand_and_holds_only_its_keys
     assert f"certificate sha256 {pinned[1]}" in report
     assert "Result: VERIFIED" in report
     assert f"range:       {iso(start)} .. {iso(end)}" in report
+    assert "(signed by the Archiver)" in report and "Notes:" not in report  # end proven
     # Frame-exact what the viewer plays, which is the camera's source.
     assert verified.read_bytes() == played.read_bytes()
     assert frame_hashes(verified) == frame_hashes(source)
@@ -168,6 +169,7 @@ def test_package_verifies_offline_by_command_and_by_hand_and_holds_only_its_keys
     by_hand = run_by_hand(case, tmp_path / "hand")
     assert by_hand.returncode == 0, by_hand.stdout + by_hand.stderr
     assert by_hand.stdout.rstrip().endswith("VERIFIED")
+    assert f"the Archiver signed the range {start} .. {end}" in by_hand.stdout
     assert f"sha256 Fingerprint={':'.join(re.findall('..', pinned[1].upper()))}" in (
         by_hand.stdout)
 
@@ -184,7 +186,13 @@ def test_package_verifies_offline_by_command_and_by_hand_and_holds_only_its_keys
         signed = sorted((case_dir / "manifests").glob("*.signed"))[0]
         signed.write_bytes(flip(lambda d: 30)(signed.read_bytes()))
 
-    for tamper, reason in ((bad_segment, "is not in any signed manifest"),
+    def bad_digest(case_dir: Path) -> None:
+        digests = case_dir / "stream" / "digests.txt"
+        lines = digests.read_text().splitlines(keepends=True)
+        digests.write_text("".join(lines[:2] + lines[3:]))  # a record left out
+
+    for tamper, reason in ((bad_segment, "is not a record of the signed stream"),
+                           (bad_digest, "is not the transcript the END record signs"),
                            (bad_key, "does not match its signed commitment"),
                            (bad_signed, "signature does not verify")):
         caught = run_by_hand(case, tmp_path / f"hand-{tamper.__name__}", tamper)

@@ -18,6 +18,8 @@ from keyservice.evidence import (
     KEYS,
     RECIPIENT,
     SEALED_KEYS,
+    STREAM_DIGESTS,
+    STREAM_END,
     SUMS,
     VIDEO,
     EvidenceError,
@@ -216,9 +218,10 @@ def test_only_the_collected_segments_keys_go_in(
     assert len(keys) == 4
     records = [(r, bytes(raw)) for r, raw in RecordSplitter().feed(data)]
     collected = collect(records, "cam1", keys)
-    first_two = type(collected)(collected.manifests[:2], collected.segments[:2])
+    first_two = type(collected)(collected.manifests[:2], collected.segments[:2],
+                                collected.header, collected.end, collected.digests)
     video = b"".join(e.data for e in events[:2] if isinstance(e, SegmentPlaintext))
-    files = build_package(camera="cam1", from_ms=T0, to_ms=T0 + 2000,
+    files = build_package(camera="cam1", from_ms=RANGE[0], to_ms=RANGE[1],
                           archiver_cert=signer.certificate, collected=first_two, keys=keys,
                           video=video, exported_ms=T0, exported_by=bytes(32))
     assert len(parse_keys(files[KEYS])) == 2
@@ -269,3 +272,21 @@ def test_keys_sealed_to_an_ec_recipient(parties: tuple[SoftwareIdentity, Softwar
     tampered[SEALED_KEYS] = files[SEALED_KEYS].replace(b'"nonce": "', b'"nonce": "00', 1)
     with pytest.raises(EvidenceError):
         open_sealed_keys(tampered[SEALED_KEYS], court)
+
+
+def test_the_range_and_the_stream_are_the_archivers_signed_ones(
+        package: tuple[dict[str, bytes], bytes]) -> None:
+    files, _ = package
+    report = verify_package(files)
+    assert report.exported_signed and any("signed END record" in v for v in report.verified)
+    index = json.loads(files[INDEX])
+    index["to_ms"] -= 60_000  # a narrower range claimed than the Archiver served
+    claimed = verify_package(_resum({**files, INDEX: json.dumps(index).encode()}))
+    assert any("signed stream answers the range" in f for f in claimed.failures)
+    digests = files[STREAM_DIGESTS].splitlines(keepends=True)
+    del digests[3]  # a record of the stream left out of the transcript
+    cut = verify_package(_resum({**files, STREAM_DIGESTS: b"".join(digests)}))
+    assert any("not the transcript the Archiver's END record signs" in f
+               for f in cut.failures), cut.failures
+    end = verify_package(_resum({**files, STREAM_END: _flip(files[STREAM_END], 12)}))
+    assert not end.ok and any("stream" in f or "END" in f for f in end.failures), end.failures
