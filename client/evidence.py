@@ -30,7 +30,7 @@ from keyservice.evidence import (
     verify_package,
 )
 from keyservice.format import RecordSplitter, decode_record
-from keyservice.identity import OaepHash, Recipient, fingerprint
+from keyservice.identity import OaepHash, Recipient
 from keyservice.text import printable
 
 evidence_app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -182,8 +182,7 @@ def export(
     archiver_certificate = x509.load_der_x509_certificate(header.archiver_cert_der)
     files = build_package(camera=camera, from_ms=from_ms, to_ms=to_ms,
                           archiver_cert=archiver_certificate, collected=collected, keys=keys,
-                          video=video.data(), exported_ms=_now_ms(),
-                          exported_by=fingerprint(identity.certificate), recipient=recipient)
+                          video=video.data(), exported_ms=_now_ms(), recipient=recipient)
     digest = write_zip(output, files)
     if not quiet:
         key_count = len({decode_record(raw).key_id for raw in collected.segments})  # type: ignore[union-attr]

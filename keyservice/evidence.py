@@ -221,8 +221,7 @@ def open_sealed_keys(sealed_json: bytes, identity: Identity | EcIdentity) -> byt
 
 def build_package(*, camera: str, from_ms: int, to_ms: int, archiver_cert: x509.Certificate,
                   collected: Collected, keys: Mapping[bytes, bytes], video: bytes,
-                  exported_ms: int, exported_by: bytes,
-                  recipient: Recipient | None = None) -> dict[str, bytes]:
+                  exported_ms: int, recipient: Recipient | None = None) -> dict[str, bytes]:
     """The package's files (name -> bytes). ``keys``: the minute keys the export opened;
     only those of the collected segments go in (a package reveals only its range's keys).
     ``recipient``: seal the keys to this certificate instead of including them in clear."""
@@ -256,8 +255,8 @@ def build_package(*, camera: str, from_ms: int, to_ms: int, archiver_cert: x509.
         key_info = {"file": SEALED_KEYS, "recipient": RECIPIENT,
                     "recipient_sha256": recipient.fingerprint.hex(),
                     "recipient_subject": recipient.certificate.subject.rfc4514_string()}
-    end = decode_record(collected.end)
-    assert isinstance(end, End)
+    end, header = decode_record(collected.end), decode_record(collected.header)
+    assert isinstance(end, End) and isinstance(header, Header)
     files[STREAM_HEADER] = collected.header
     files[STREAM_DIGESTS] = "".join(d.hex() + "\n" for d in collected.digests).encode()
     files[STREAM_END] = collected.end
@@ -269,7 +268,7 @@ def build_package(*, camera: str, from_ms: int, to_ms: int, archiver_cert: x509.
         "camera": camera,
         "from_ms": from_ms, "to_ms": to_ms, "from": _iso(from_ms), "to": _iso(to_ms),
         "exported_ms": exported_ms, "exported": _iso(exported_ms),
-        "exported_by_sha256": exported_by.hex(),
+        "exported_by_sha256": header.viewer_fingerprint.hex(),
         "archiver_sha256": fingerprint(archiver_cert).hex(),
         "archiver_subject": archiver_cert.subject.rfc4514_string(),
         "manifests": manifest_files,
@@ -666,6 +665,15 @@ def _check_stream(files: Mapping[str, bytes], cert: x509.Certificate, camera: st
         problems.append("Some packaged records are not in the signed stream's transcript.")
     elif not (_in_order(digests, manifest_digests) and _in_order(digests, segment_digests)):
         problems.append("The packaged records are not in the signed stream's order.")
+    index = json.loads(files[INDEX])  # parsed before (_index)
+    stated = {"exported_by_sha256": header.viewer_fingerprint.hex(),
+              "archiver_subject": cert.subject.rfc4514_string(),
+              "from": _iso(from_ms), "to": _iso(to_ms),
+              "exported": _iso(index["exported_ms"])}
+    for name, value in stated.items():
+        if index.get(name) != value:
+            problems.append(f"{INDEX} states {name} {index.get(name)!r}, but the signed data "
+                            f"says {value!r}.")
     report.failures.extend(problems)
     if problems:
         return None
