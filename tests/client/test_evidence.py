@@ -285,3 +285,33 @@ def test_unreadable_packages_are_refused_with_a_sentence(client: Client, tmp_pat
     nowhere = client("evidence", "export", "--token", "pkcs11:token=x", "--camera", "cam1",
                      "--from", "-1m", "-o", str(tmp_path / "no" / "dir" / "case.zip"))
     assert nowhere.code == 2 and "not a writable directory" in nowhere.stderr
+
+
+def test_minutes_the_viewer_was_not_authorized_for_are_reported_gaps(
+        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    alice = make_viewer("alice")
+    ingest = archiver_server.add_camera("cam1")
+    fp = archiver_server.add_client(alice.pem, ["cam1"])
+    before, during, after = ([chunk(f"{tag}{i}") for i in range(2)]
+                             for tag in ("before", "revoked", "after"))
+    start = now_ms()
+    put(archiver_server, "cam1", ingest, *before)
+    archiver_server.revoke(fp)
+    put(archiver_server, "cam1", ingest, *during)
+    archiver_server.add_client(alice.pem, ["cam1"])
+    put(archiver_server, "cam1", ingest, *after)
+    end = now_ms() + 1
+    case = tmp_path / "case.zip"
+    made = export(client, archiver_server, alice, case, start, end)
+    assert made.code == 0, made.stderr
+    assert "gap: camera cam1: 2 segment(s)" in made.stderr
+    archiver_server.stop()
+    files = read_zip(case)
+    assert files[VIDEO] == b"".join(before + after)
+    assert len(segments_of(files)) == 4
+    result = OfflineClient(client.home)("evidence", "verify", str(case))
+    report = result.stdout.decode()
+    assert result.code == 0, report + result.stderr
+    assert "2 recorded segment(s) in the range" in report
+    assert "not in the package" in report
