@@ -18,9 +18,8 @@ from typing import Annotated
 
 import typer
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from keyservice.errors import UsageError
+from keyservice.errors import CertificateError, UsageError
 from keyservice.evidence import (
     EvidenceError,
     Report,
@@ -30,7 +29,7 @@ from keyservice.evidence import (
     verify_package,
 )
 from keyservice.format import RecordSplitter, decode_record
-from keyservice.identity import OaepHash, Recipient
+from keyservice.identity import Recipient
 from keyservice.text import printable
 
 evidence_app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -108,13 +107,21 @@ def read_zip(path: Path) -> dict[str, bytes]:
 
 
 def _recipient(path: Path) -> Recipient:
+    """The --for certificate, checked as a viewer certificate is before keys are wrapped to
+    it (key type and size, validity now, key usage, its OAEP hash); whom to trust is the
+    exporter's decision in naming the file, so a CA-issued certificate is accepted too."""
+    import datetime as dt
+
     from client.cli import _load_cert
-    from keyservice.certs import read_oaep_hash
+    from keyservice.certs import validate_viewer_certificate
     cert = _load_cert(path)
     assert cert is not None
-    if isinstance(cert.public_key(), ec.EllipticCurvePublicKey):
-        return Recipient(cert, OaepHash.ECDH_P256)
-    return Recipient(cert, read_oaep_hash(cert) or OaepHash.SHA256)
+    try:
+        oaep_hash = validate_viewer_certificate(cert, now=dt.datetime.now(dt.UTC),
+                                                trust_decision=False)
+    except CertificateError as exc:
+        raise CertificateError(f"{path}: {exc}") from None
+    return Recipient(cert, oaep_hash)
 
 
 # --- commands --------------------------------------------------------------------------------

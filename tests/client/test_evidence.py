@@ -315,3 +315,15 @@ def test_minutes_the_viewer_was_not_authorized_for_are_reported_gaps(
     assert result.code == 0, report + result.stderr
     assert "2 recorded segment(s) in the range" in report
     assert "not in the package" in report
+
+
+def test_a_bad_recipient_certificate_is_refused_before_the_archiver_is_asked(
+        client: Client, tmp_path: Path) -> None:
+    bogus = tmp_path / "court.pem"
+    bogus.write_text("-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n")
+    refused = client("evidence", "export", "--archiver", "http://127.0.0.1:9", "--token",
+                     "pkcs11:token=none", "--camera", "cam1", "--from", "-1m", "-o",
+                     str(tmp_path / "case.zip"), "--for", str(bogus))
+    assert refused.code == 30, refused.stderr
+    assert "court.pem" in refused.stderr
+    assert not any(p.name.startswith("case.zip") for p in tmp_path.iterdir())
