@@ -11,7 +11,8 @@ import hashlib
 import os
 import stat
 import zipfile
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
 from typing import Annotated
@@ -28,7 +29,7 @@ from keyservice.evidence import (
     open_sealed_keys,
     verify_package,
 )
-from keyservice.format import RecordSplitter, decode_record
+from keyservice.format import Record, RecordSplitter, decode_record
 from keyservice.identity import Recipient
 from keyservice.text import printable
 
@@ -166,7 +167,7 @@ def export(
     recipient = _recipient(for_) if for_ is not None else None
     explicit = _load_cert(archiver_cert)
     video = _Memory()
-    received: list[bytes] = []
+    received: deque[bytes] = deque()
     with ExitStack() as stack:
         session = stack.enter_context(ArchiverSession(archiver, tls_ca=tls_ca))
         identity = _open_identity(stack, token)
@@ -182,10 +183,7 @@ def export(
         keys = player.opened_keys()
         header = player.header
         assert header is not None
-    stream = b"".join(received)
-    del received
-    collected = collect(((r, bytes(raw)) for r, raw in RecordSplitter().feed(stream)),
-                        camera, keys)
+    collected = collect(_records(received), camera, keys)
     archiver_certificate = x509.load_der_x509_certificate(header.archiver_cert_der)
     files = build_package(camera=camera, from_ms=from_ms, to_ms=to_ms,
                           archiver_cert=archiver_certificate, collected=collected, keys=keys,
@@ -201,6 +199,15 @@ def export(
         _say(f"package sha256 {digest} (write it down for the chain of custody)")
         for gap in sorted(summary.gaps, key=lambda g: g.from_ms):
             _say(f"gap: {gap.describe()}")
+
+
+def _records(received: deque[bytes]) -> Iterator[tuple[Record, bytes]]:
+    """The stream's records again, each chunk dropped once split: the export does not hold
+    the stream twice."""
+    splitter = RecordSplitter()
+    while received:
+        for record, raw in splitter.iter_feed(received.popleft()):
+            yield record, bytes(raw)
 
 
 class _Memory:
