@@ -339,6 +339,12 @@ def open_saved(
                     quiet=quiet, request=None, saved=True)
 
 
+# Evidence packages (docs/evidence.md): export, and offline verification without a token.
+from client.evidence import evidence_app  # noqa: E402
+
+app.add_typer(evidence_app, name="evidence")
+
+
 def main() -> None:
     """Entry point: no traceback ever; one sentence and a distinct exit code per failure."""
     run(app, "fusion-client")

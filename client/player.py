@@ -264,6 +264,10 @@ class Player:
         """The stream's header once received (authenticated only once the END verified)."""
         return self._reader.header
 
+    def opened_keys(self) -> dict[bytes, bytes]:
+        """Key id -> minute key of the keys used for released segments (an evidence export)."""
+        return self._reader.opened_keys()
+
     def finish(self) -> Summary:
         """Call at the end of the bytes. Raises StreamTruncated without a verified end record,
         NothingAuthorized when segments came but none this viewer could open."""

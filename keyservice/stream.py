@@ -409,6 +409,7 @@ class StreamReader:
         self._held: dict[tuple[str, DataStream], SegmentPlaintext | SegmentSkipped
                          | SegmentMissing] = {}
         self._keys: dict[bytes, tuple[AESGCM, bytes]] = {}  # key id -> (aead, commitment)
+        self._opened: dict[bytes, bytes] = {}  # key id -> minute key (see opened_keys)
         self._retained = 0
         self._ended = False
         self._failure: BaseException | None = None
@@ -417,6 +418,12 @@ class StreamReader:
     def ended(self) -> bool:
         """True once the signed END record verified."""
         return self._ended
+
+    def opened_keys(self) -> dict[bytes, bytes]:
+        """Key id -> minute key of every key this reader opened to decrypt a segment: only
+        keys whose commitment in a verified manifest matched. For an evidence package or a
+        grant of exactly the range read (a copy; the reader keeps its own)."""
+        return dict(self._opened)
 
     def feed(self, data: bytes) -> list[Event]:
         """Events completed by ``data``, in stream order. On an error nothing of this call
@@ -736,6 +743,7 @@ class StreamReader:
         if record.camera != camera or record.stream != stream:
             raise IntegrityError()
         known = self._keys.get(key_id)
+        key = None
         if known is None:
             ratchet = self._ratchet(record.epoch_id)
             key = unwrap_key_record(ratchet.kek_at(record.ratchet_index), record,
@@ -746,6 +754,8 @@ class StreamReader:
         # (AES-GCM is not key-committing) is refused.
         if not hmac.compare_digest(known[1], commitment):
             raise IntegrityError()
+        if key is not None:
+            self._opened[key_id] = key
         return known[0]
 
     def _ratchet(self, epoch_id: bytes) -> KekRatchet:

@@ -1,0 +1,846 @@
+"""Evidence packages: a camera's time range as a third party can verify it without any token.
+
+A package (``docs/evidence.md``) is a set of named files: the segment records and the signed
+manifests exactly as the Archiver archived and sent them, the Archiver's certificate, the
+minute keys of exactly the package's segments, the decrypted video, an index
+(``EVIDENCE.json``) and ``SHA256SUMS``. :func:`build_package` makes one from what a viewer's
+verified stream gave it; :func:`verify_package` checks everything it can from the files alone
+(signatures, chain, digests, key commitments, decryption, the video) and says why not.
+
+Optionally the minute keys are sealed to a recipient certificate (``keys.sealed``): then the
+package reveals no key to whoever else holds it, and only the recipient's token opens them.
+
+Pure: bytes in, bytes out. No I/O (the client reads and writes the zip), no ``pkcs11``.
+Verification failures here are *not* opaque (unlike a viewer's IntegrityError): the verifier
+is offline, owns the package, and needs the reason for its report.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import itertools
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from keyservice.crypto import ec_open, ec_seal, key_commitment, open_segment
+from keyservice.errors import IntegrityError, KeyServiceError
+from keyservice.format import (
+    ID_LEN,
+    KEY_LEN,
+    RECORD_HEADER_LEN,
+    DataStream,
+    End,
+    Header,
+    Manifest,
+    ManifestEntry,
+    Mode,
+    Record,
+    Segment,
+    Transcript,
+    decode_record,
+    record_digest,
+    validate_name,
+)
+from keyservice.identity import EcIdentity, Identity, OaepHash, Recipient, fingerprint
+
+FORMAT = "fusion-evidence/1"
+INDEX = "EVIDENCE.json"
+SUMS = "SHA256SUMS"
+CERT = "archiver.pem"
+KEYS = "keys.txt"
+SEALED_KEYS = "keys.sealed"
+RECIPIENT = "recipient.pem"
+VIDEO = "video.ts"
+# The stream the export received, as far as the Archiver's END signature covers it: its header
+# record, the SHA-256 of every record before END (one hex line each, in stream order) and END.
+STREAM_HEADER = "stream/header.rec"
+STREAM_DIGESTS = "stream/digests.txt"
+STREAM_END = "stream/end.rec"
+STREAM_END_SIGNED = "stream/end.signed"
+STREAM_END_SIG = "stream/end.sig"
+STREAM_FILES = (STREAM_HEADER, STREAM_DIGESTS, STREAM_END, STREAM_END_SIGNED, STREAM_END_SIG)
+# The plaintext sealed to a recipient: this label, then the 32-byte package key. The label
+# keeps a recipient's token from being used to open anything else (an epoch opener, a login
+# challenge) through a crafted package, and those from being passed off as this.
+LABEL_EVIDENCE_KEY = b"FSE1 evidence-key\x00"
+LABEL_EVIDENCE_KEYS_AD = b"FSE1 evidence-keys"
+# Limits a verifier enforces before it parses anything (a package is untrusted input).
+MAX_FILES = 1_000_000
+_MANIFEST_NAME = re.compile(r"manifests/m(\d{20})\.(rec|signed|sig)")
+_SEGMENT_NAME = re.compile(r"segments/s(\d{8})\.seg")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+# A jump between one segment's signed end and the next one's start above this is a gap
+# (as the player reports it).
+GAP_MS = 1_000
+
+
+class EvidenceError(KeyServiceError):
+    """A package cannot be built, read or opened (its verification failures are reported,
+    not raised: see Report)."""
+
+    exit_code = 60
+
+
+def manifest_name(seq: int, ext: str) -> str:
+    return f"manifests/m{seq:020d}.{ext}"
+
+
+def segment_name(index: int) -> str:
+    return f"segments/s{index:08d}.seg"
+
+
+def _iso(ms: int) -> str:
+    try:
+        when = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{ms} ms"
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- building ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Collected:
+    """What an export keeps of a verified stream: the camera's manifests (chain order) and
+    the segments it decrypted (stream order), each as its exact record bytes; the stream's
+    header and END records and the digest of every record before END (the END transcript)."""
+
+    manifests: list[bytes] = field(default_factory=list)
+    segments: list[bytes] = field(default_factory=list)
+    header: bytes = b""
+    end: bytes = b""
+    digests: list[bytes] = field(default_factory=list)
+
+
+def collect(records: Iterable[tuple[Record, bytes]], camera: str,
+            opened: Mapping[bytes, bytes]) -> Collected:
+    """From a verified fusion stream's records: every manifest of ``camera`` and every segment
+    of it whose key the reader opened (the ones it released). Key records, openers and grants
+    are the exporting viewer's and stay out of the package (only their digests go in, for
+    the END transcript)."""
+    out = Collected()
+    header = end = b""
+    for record, raw in records:
+        data = bytes(raw)
+        if isinstance(record, End):
+            end = data
+            continue
+        out.digests.append(record_digest(data))
+        if isinstance(record, Header):
+            header = data
+        elif isinstance(record, Manifest) and record.camera == camera:
+            out.manifests.append(data)
+        elif (isinstance(record, Segment) and record.camera == camera
+              and record.key_id in opened):
+            out.segments.append(data)
+    if not header or not end:
+        raise EvidenceError("The stream has no header or no END record; nothing to export.")
+    return Collected(out.manifests, out.segments, header, end, out.digests)
+
+
+def _keys_text(keys: Mapping[bytes, bytes], streams: Mapping[bytes, int]) -> bytes:
+    lines = []
+    for key_id in sorted(keys):
+        key = keys[key_id]
+        if len(key_id) != ID_LEN or len(key) != KEY_LEN:
+            raise EvidenceError("A minute key has a 16-byte id and a 32-byte key.")
+        lines.append(f"{key_id.hex()} {streams[key_id]} {key.hex()}\n")
+    return "".join(lines).encode("ascii")
+
+
+def sha256sums(files: Mapping[str, bytes]) -> bytes:
+    """``sha256sum`` output for every file (sorted by name): ``sha256sum -c`` checks it."""
+    return "".join(f"{hashlib.sha256(files[name]).hexdigest()}  {name}\n"
+                   for name in sorted(files)).encode("ascii")
+
+
+def seal_keys(keys_text: bytes, recipient: Recipient, rng: Callable[[int], bytes] = os.urandom
+              ) -> bytes:
+    """``keys.sealed``: a fresh package key sealed to the recipient (RSA-OAEP, or ECDH for an
+    EC certificate) and keys.txt under AES-256-GCM with it."""
+    package_key = rng(KEY_LEN)
+    if recipient.oaep_hash.is_ec:
+        sealed = ec_seal(recipient, LABEL_EVIDENCE_KEY + recipient.fingerprint, package_key, rng)
+    else:
+        sealed = recipient.encrypt(LABEL_EVIDENCE_KEY + package_key)
+    nonce = rng(12)
+    ciphertext = AESGCM(package_key).encrypt(
+        nonce, keys_text, LABEL_EVIDENCE_KEYS_AD + recipient.fingerprint)
+    return (json.dumps({
+        "recipient_sha256": recipient.fingerprint.hex(),
+        "oaep_hash": recipient.oaep_hash.label,
+        "sealed_key": base64.b64encode(sealed).decode(),
+        "nonce": nonce.hex(),
+        "ciphertext": base64.b64encode(ciphertext).decode(),
+    }, indent=1) + "\n").encode()
+
+
+def open_sealed_keys(sealed_json: bytes, identity: Identity | EcIdentity) -> bytes:
+    """keys.txt from ``keys.sealed``: one decryption on the recipient's token."""
+    try:
+        doc = json.loads(sealed_json)
+        recipient_fp = bytes.fromhex(doc["recipient_sha256"])
+        oaep = OaepHash.from_label(doc["oaep_hash"])
+        sealed = base64.b64decode(doc["sealed_key"], validate=True)
+        nonce = bytes.fromhex(doc["nonce"])
+        ciphertext = base64.b64decode(doc["ciphertext"], validate=True)
+    except (ValueError, KeyError, TypeError, KeyServiceError):
+        raise EvidenceError(f"{SEALED_KEYS} is malformed.") from None
+    mine = fingerprint(identity.certificate)
+    if not hmac.compare_digest(recipient_fp, mine):
+        raise EvidenceError(f"The keys are sealed to certificate sha256 {recipient_fp.hex()}, "
+                            f"not to this token's (sha256 {mine.hex()}).")
+    try:
+        if oaep.is_ec:
+            package_key = ec_open(identity, LABEL_EVIDENCE_KEY + mine, sealed)
+        else:
+            if not isinstance(identity, Identity):
+                raise IntegrityError()
+            plaintext = identity.rsa_decrypt(sealed, oaep)
+            if (len(plaintext) != len(LABEL_EVIDENCE_KEY) + KEY_LEN
+                    or not plaintext.startswith(LABEL_EVIDENCE_KEY)):
+                raise IntegrityError()
+            package_key = plaintext[len(LABEL_EVIDENCE_KEY):]
+        return AESGCM(package_key).decrypt(nonce, ciphertext, LABEL_EVIDENCE_KEYS_AD + mine)
+    except (IntegrityError, InvalidTag, ValueError):
+        raise EvidenceError(f"{SEALED_KEYS} does not open with this token: it was altered, or "
+                            "sealed to another key.") from None
+
+
+def build_package(*, camera: str, from_ms: int, to_ms: int, archiver_cert: x509.Certificate,
+                  collected: Collected, keys: Mapping[bytes, bytes], video: bytes,
+                  exported_ms: int, recipient: Recipient | None = None) -> dict[str, bytes]:
+    """The package's files (name -> bytes). ``keys``: the minute keys the export opened;
+    only those of the collected segments go in (a package reveals only its range's keys).
+    ``recipient``: seal the keys to this certificate instead of including them in clear."""
+    validate_name(camera)
+    files: dict[str, bytes] = {CERT: archiver_cert.public_bytes(Encoding.PEM)}
+    manifest_files = []
+    for raw in collected.manifests:
+        manifest = decode_record(raw)
+        assert isinstance(manifest, Manifest)
+        seq = manifest.manifest_seq
+        files[manifest_name(seq, "rec")] = raw
+        files[manifest_name(seq, "signed")] = manifest.signed_bytes()
+        files[manifest_name(seq, "sig")] = manifest.signature
+        manifest_files.append(manifest_name(seq, "rec"))
+    streams: dict[bytes, int] = {}
+    for index, raw in enumerate(collected.segments):
+        segment = decode_record(raw)
+        assert isinstance(segment, Segment)
+        streams[segment.key_id] = int(segment.stream)
+        files[segment_name(index)] = raw
+    missing = set(streams) - set(keys)
+    if missing:
+        raise EvidenceError(f"No minute key for {len(missing)} of the exported segments' keys.")
+    keys_text = _keys_text({k: keys[k] for k in streams}, streams)
+    if recipient is None:
+        files[KEYS] = keys_text
+        key_info: dict[str, str] = {"file": KEYS}
+    else:
+        files[SEALED_KEYS] = seal_keys(keys_text, recipient)
+        files[RECIPIENT] = recipient.certificate.public_bytes(Encoding.PEM)
+        key_info = {"file": SEALED_KEYS, "recipient": RECIPIENT,
+                    "recipient_sha256": recipient.fingerprint.hex(),
+                    "recipient_subject": recipient.certificate.subject.rfc4514_string()}
+    end, header = decode_record(collected.end), decode_record(collected.header)
+    assert isinstance(end, End) and isinstance(header, Header)
+    files[STREAM_HEADER] = collected.header
+    files[STREAM_DIGESTS] = "".join(d.hex() + "\n" for d in collected.digests).encode()
+    files[STREAM_END] = collected.end
+    files[STREAM_END_SIGNED] = end.signed_bytes()
+    files[STREAM_END_SIG] = end.signature
+    files[VIDEO] = video
+    files[INDEX] = (json.dumps({
+        "format": FORMAT,
+        "camera": camera,
+        "from_ms": from_ms, "to_ms": to_ms, "from": _iso(from_ms), "to": _iso(to_ms),
+        "exported_ms": exported_ms, "exported": _iso(exported_ms),
+        "exported_by_sha256": header.viewer_fingerprint.hex(),
+        "archiver_sha256": fingerprint(archiver_cert).hex(),
+        "archiver_subject": archiver_cert.subject.rfc4514_string(),
+        "manifests": manifest_files,
+        "segments": [segment_name(i) for i in range(len(collected.segments))],
+        "keys": key_info,
+        "video": VIDEO,
+    }, indent=1) + "\n").encode()
+    files[SUMS] = sha256sums(files)
+    return files
+
+
+# --- verifying ---------------------------------------------------------------------------
+@dataclass
+class Report:
+    """What :func:`verify_package` found. ``ok`` only if every check ran and passed."""
+
+    camera: str | None = None
+    from_ms: int | None = None
+    to_ms: int | None = None
+    exported_ms: int | None = None
+    exported_by: str | None = None
+    exported_signed: bool = False  # exported_ms/exported_by from the Archiver's signed stream
+    archiver_subject: str | None = None
+    archiver_sha256: str | None = None
+    manifests: int = 0
+    segments: int = 0
+    keys: int = 0
+    first_ms: int | None = None
+    last_ms: int | None = None
+    verified: list[str] = field(default_factory=list)
+    gaps: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    not_checked: list[str] = field(default_factory=list)
+    video: bytes | None = field(default=None, repr=False)  # the verified video
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.not_checked
+
+
+class _Fatal(Exception):
+    """Stops verification: what follows depends on what just failed."""
+
+
+@dataclass
+class _Seg:
+    name: str
+    raw: bytes
+    segment: Segment
+    entry: ManifestEntry | None = None
+    manifest: Manifest | None = None
+
+
+def verify_package(files: Mapping[str, bytes], *,
+                   open_keys: Callable[[bytes], bytes] | None = None,
+                   expect_archiver: bytes | None = None) -> Report:
+    """Check a package from its files alone. ``open_keys``: for sealed keys, turns
+    ``keys.sealed`` into keys.txt (the recipient's token); without it sealed keys are not
+    checked and the report says so. ``expect_archiver``: the Archiver certificate's SHA-256
+    the verifier knows out of band."""
+    report = Report()
+    try:
+        _verify(files, report, open_keys, expect_archiver)
+    except _Fatal as exc:
+        report.failures.append(str(exc))
+    if not report.ok:
+        report.video = None  # only video that passed every check is handed out
+    return report
+
+
+def _verify(files: Mapping[str, bytes], report: Report,
+            open_keys: Callable[[bytes], bytes] | None, expect_archiver: bytes | None) -> None:
+    _check_sums(files, report)
+    index = _index(files)
+    camera = index["camera"]
+    from_ms, to_ms = index["from_ms"], index["to_ms"]
+    report.camera, report.from_ms, report.to_ms = camera, from_ms, to_ms
+    report.exported_ms, report.exported_by = index["exported_ms"], index["exported_by_sha256"]
+    _check_inventory(files, index, report)
+    cert = _certificate(files, index, report, expect_archiver)
+    manifests = _check_manifests(files, index, cert, camera, report)
+    segments = _check_segments(files, index, manifests, camera, from_ms, to_ms, report)
+    heads = _check_stream(files, cert, camera, from_ms, to_ms, manifests, segments, report)
+    keys = _keys(files, index, report, open_keys)
+    if keys is None:
+        report.not_checked.append(
+            "the minute keys (sealed to the recipient's certificate): their signed key "
+            "commitments, the decryption of the segments and the video were NOT verified; "
+            "verify with the recipient's token to check them")
+    else:
+        plaintext = _check_keys_and_decrypt(keys, segments, camera, report)
+        if plaintext is not None:
+            _check_video(files[VIDEO], plaintext, report)
+    _gaps(manifests, segments, from_ms, to_ms, heads, report)
+
+
+def _check_sums(files: Mapping[str, bytes], report: Report) -> None:
+    sums = files.get(SUMS)
+    if sums is None:
+        report.failures.append(f"{SUMS} is missing.")
+        return
+    listed: dict[str, str] = {}
+    for line in sums.decode("ascii", "replace").splitlines():
+        digest, sep, name = line.partition("  ")
+        if not sep or not _HEX64.fullmatch(digest) or name in listed:
+            report.failures.append(f"{SUMS}: malformed line {line[:80]!r}.")
+            return
+        listed[name] = digest
+    bad = [name for name, digest in sorted(listed.items())
+           if name in files and hashlib.sha256(files[name]).hexdigest() != digest]
+    absent = sorted(set(listed) - set(files))
+    unlisted = sorted(set(files) - set(listed) - {SUMS})
+    for name in bad:
+        report.failures.append(f"{name}: its SHA-256 differs from the one in {SUMS} (the file "
+                               "was changed after the export).")
+    for name in absent:
+        report.failures.append(f"{name} is listed in {SUMS} but not in the package.")
+    for name in unlisted:
+        report.failures.append(f"{name} is in the package but not listed in {SUMS}.")
+    if not (bad or absent or unlisted):
+        report.verified.append(f"{SUMS}: all {len(listed)} files match their SHA-256 "
+                               "(unchanged since the export)")
+
+
+def _index(files: Mapping[str, bytes]) -> dict[str, object]:
+    raw = files.get(INDEX)
+    if raw is None:
+        raise _Fatal(f"{INDEX} is missing: this is not an evidence package.")
+    try:
+        index = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _Fatal(f"{INDEX} is not valid JSON.") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise _Fatal(f"{INDEX} does not describe a {FORMAT} package.")
+    ints = ("from_ms", "to_ms", "exported_ms")
+    if (not all(isinstance(index.get(k), int) and not isinstance(index.get(k), bool)
+                for k in ints)
+            or not isinstance(index.get("camera"), str)
+            or not isinstance(index.get("exported_by_sha256"), str)
+            or not isinstance(index.get("manifests"), list)
+            or not isinstance(index.get("segments"), list)
+            or not isinstance(index.get("keys"), dict)
+            or index.get("video") != VIDEO):
+        raise _Fatal(f"{INDEX} lacks or garbles a required field.")
+    try:
+        validate_name(index["camera"])
+    except KeyServiceError:
+        raise _Fatal(f"{INDEX} names no valid camera.") from None
+    return index
+
+
+def _check_inventory(files: Mapping[str, bytes], index: Mapping[str, object],
+                     report: Report) -> None:
+    """Every file is one the index names (or a manifest's .signed/.sig), and vice versa."""
+    manifests = index["manifests"]
+    segments = index["segments"]
+    assert isinstance(manifests, list) and isinstance(segments, list)
+    if not all(isinstance(n, str) and _MANIFEST_NAME.fullmatch(n) and n.endswith(".rec")
+               for n in manifests) or not all(
+            isinstance(n, str) and _SEGMENT_NAME.fullmatch(n) for n in segments):
+        raise _Fatal(f"{INDEX} lists a manifest or segment under a name this format does "
+                     "not use.")
+    keys = index["keys"]
+    assert isinstance(keys, dict)
+    key_files = [KEYS] if keys.get("file") == KEYS else [SEALED_KEYS, RECIPIENT]
+    if keys.get("file") not in (KEYS, SEALED_KEYS):
+        raise _Fatal(f"{INDEX} names no key file.")
+    expected = {INDEX, SUMS, CERT, VIDEO, *STREAM_FILES, *segments, *key_files}
+    for name in manifests:
+        stem = name[:-len(".rec")]
+        expected.update((name, stem + ".signed", stem + ".sig"))
+    for name in sorted(expected - set(files)):
+        report.failures.append(f"{name} is missing from the package.")
+    for name in sorted(set(files) - expected):
+        report.failures.append(f"{name} is in the package but not part of it (not in "
+                               f"{INDEX}).")
+    if expected - set(files):
+        raise _Fatal("The package is incomplete; nothing further can be verified.")
+
+
+def _load_certificate(data: bytes, name: str) -> tuple[x509.Certificate, str, bytes]:
+    """The certificate, its subject and fingerprint. Parsed in full here: `cryptography`
+    parses fields lazily, so a damaged one would otherwise fail later, anywhere."""
+    try:
+        cert = x509.load_pem_x509_certificate(data)
+        cert.public_key()
+        return cert, cert.subject.rfc4514_string(), fingerprint(cert)
+    except (ValueError, UnsupportedAlgorithm):
+        raise _Fatal(f"{name} is not a readable certificate (damaged or not PEM).") from None
+
+
+def _certificate(files: Mapping[str, bytes], index: Mapping[str, object], report: Report,
+                 expect_archiver: bytes | None) -> x509.Certificate:
+    cert, subject, fp = _load_certificate(files[CERT], CERT)
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve,
+                                                                        ec.SECP256R1):
+        raise _Fatal(f"{CERT} does not hold an EC P-256 key (an Archiver's signing key).")
+    report.archiver_subject = subject
+    report.archiver_sha256 = fp.hex()
+    if index.get("archiver_sha256") != fp.hex():
+        report.failures.append(f"{CERT} is not the certificate the export recorded (sha256 "
+                               f"{fp.hex()}, {INDEX} says {index.get('archiver_sha256')}).")
+    if expect_archiver is not None:
+        if hmac.compare_digest(fp, expect_archiver):
+            report.verified.append("the Archiver certificate is the expected one (sha256 "
+                                   f"{fp.hex()})")
+        else:
+            report.failures.append(f"{CERT} (sha256 {fp.hex()}) is not the expected Archiver "
+                                   f"certificate (sha256 {expect_archiver.hex()}).")
+    return cert
+
+
+def _check_manifests(files: Mapping[str, bytes], index: Mapping[str, object],
+                     cert: x509.Certificate, camera: str, report: Report
+                     ) -> list[tuple[Manifest, bytes]]:
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    names = index["manifests"]
+    assert isinstance(names, list)
+    if not names:
+        raise _Fatal("The package holds no signed manifest: nothing vouches for its video.")
+    out: list[tuple[Manifest, bytes]] = []
+    bad_signatures = 0
+    for name in names:
+        raw = files[name]
+        try:
+            manifest = decode_record(raw)
+        except KeyServiceError as exc:
+            raise _Fatal(f"{name} is not a manifest record: {exc}") from None
+        if not isinstance(manifest, Manifest):
+            raise _Fatal(f"{name} is not a manifest record.")
+        if manifest.camera != camera:
+            raise _Fatal(f"{name} is a manifest of camera {manifest.camera}, not {camera}.")
+        if name != manifest_name(manifest.manifest_seq, "rec"):
+            raise _Fatal(f"{name} holds manifest {manifest.manifest_seq}.")
+        # The signature covers the body up to the signature field exactly as archived.
+        signed = manifest.signed_bytes()
+        body = raw[RECORD_HEADER_LEN:len(raw) - 2 - len(manifest.signature)]
+        if signed[len(signed) - len(body):] != body:
+            raise _Fatal(f"{name} is not canonically encoded.")
+        stem = name[:-len(".rec")]
+        if files[stem + ".signed"] != signed:
+            report.failures.append(f"{stem}.signed is not the signed part of {name}.")
+        if files[stem + ".sig"] != manifest.signature:
+            report.failures.append(f"{stem}.sig is not the signature in {name}.")
+        try:
+            key.verify(manifest.signature, signed, ec.ECDSA(hashes.SHA256()))
+        except (InvalidSignature, ValueError):
+            bad_signatures += 1
+            report.failures.append(f"{name}: the Archiver's signature does not verify (manifest "
+                                   f"{manifest.manifest_seq} was altered or not signed by "
+                                   f"{CERT}).")
+        out.append((manifest, raw))
+    broken = 0
+    for (prev, prev_raw), (manifest, _) in itertools.pairwise(out):
+        if manifest.manifest_seq != prev.manifest_seq + 1:
+            broken += 1
+            report.failures.append(f"The manifest chain is broken: manifest "
+                                   f"{manifest.manifest_seq} follows {prev.manifest_seq}.")
+        elif not hmac.compare_digest(manifest.prev_hash, record_digest(prev_raw)):
+            broken += 1
+            report.failures.append(f"The manifest chain is broken: manifest "
+                                   f"{manifest.manifest_seq} does not name manifest "
+                                   f"{prev.manifest_seq} (as packaged) as its predecessor.")
+    first = out[0][0]
+    if (first.manifest_seq == 0) != (first.prev_hash == bytes(32)):
+        broken += 1
+        report.failures.append(f"Manifest {first.manifest_seq} claims a chain start it is not.")
+    report.manifests = len(out)
+    if not bad_signatures:
+        report.verified.append(f"{len(out)} manifest(s) {first.manifest_seq}.."
+                               f"{out[-1][0].manifest_seq}: the Archiver's ECDSA P-256 "
+                               "signature on each")
+    if not broken:
+        report.verified.append("the manifest chain: each manifest names the SHA-256 of the "
+                               "one before it, no manifest left out")
+    return out
+
+
+def _check_segments(files: Mapping[str, bytes], index: Mapping[str, object],
+                    manifests: list[tuple[Manifest, bytes]], camera: str, from_ms: int,
+                    to_ms: int, report: Report) -> list[_Seg]:
+    entries: dict[tuple[int, int], tuple[ManifestEntry, Manifest]] = {}
+    for manifest, _ in manifests:
+        for entry in manifest.entries:
+            entries[(int(entry.stream), entry.seq)] = (entry, manifest)
+    names = index["segments"]
+    assert isinstance(names, list)
+    out: list[_Seg] = []
+    unvouched = 0
+    seen: set[tuple[int, int]] = set()
+    for name in names:
+        raw = files[name]
+        try:
+            segment = decode_record(raw)
+        except KeyServiceError as exc:
+            raise _Fatal(f"{name} is not a segment record: {exc}") from None
+        if not isinstance(segment, Segment) or segment.camera != camera:
+            raise _Fatal(f"{name} is not a segment record of camera {camera}.")
+        where = (int(segment.stream), segment.seq)
+        if where in seen:
+            raise _Fatal(f"{name} repeats segment {segment.seq}.")
+        seen.add(where)
+        item = _Seg(name, raw, segment)
+        found = entries.get(where)
+        digest = record_digest(raw)
+        if found is None:
+            unvouched += 1
+            report.failures.append(f"{name}: segment {segment.seq} is in no signed manifest of "
+                                   "the package.")
+        elif not (hmac.compare_digest(found[0].digest, digest)
+                  and found[0].capture_ms == segment.capture_ms
+                  and found[0].duration_ms == segment.duration_ms
+                  and found[0].key_id == segment.key_id and found[0].tag == segment.tag):
+            unvouched += 1
+            report.failures.append(
+                f"{name}: its SHA-256 ({digest.hex()}) is not the digest the Archiver signed "
+                f"for segment {segment.seq} in manifest {found[1].manifest_seq} "
+                f"({found[0].digest.hex()}): the segment was altered.")
+        else:
+            item.entry, item.manifest = found
+        end = segment.capture_ms + segment.duration_ms
+        if segment.capture_ms > to_ms or (end < from_ms if segment.duration_ms
+                                          else segment.capture_ms < from_ms and out):
+            report.failures.append(f"{name}: segment {segment.seq} was captured "
+                                   f"{_iso(segment.capture_ms)}, outside the package's range.")
+        out.append(item)
+    order = [(s.manifest.manifest_seq, s.manifest.entries.index(s.entry)) for s in out
+             if s.manifest is not None and s.entry is not None]
+    if order != sorted(order):
+        report.failures.append("The segments are not in the order the manifests list them.")
+    report.segments = len(out)
+    if out:
+        report.first_ms = min(s.segment.capture_ms for s in out)
+        report.last_ms = max(s.segment.capture_ms + s.segment.duration_ms for s in out)
+    if not unvouched:
+        report.verified.append(f"{len(out)} segment(s): each record's SHA-256 is the digest "
+                               "in a signed manifest (the ciphertext exactly as archived)")
+    return out
+
+
+def _check_stream(files: Mapping[str, bytes], cert: x509.Certificate, camera: str,
+                  from_ms: int, to_ms: int, manifests: list[tuple[Manifest, bytes]],
+                  segments: list[_Seg], report: Report) -> dict[str, int] | None:
+    """The Archiver's END signature over the stream the export received: it makes the range,
+    the exporting viewer and the time signed facts, shows the packaged records were sent in
+    that order, and gives the camera's chain head (the end of the recording then).
+    Returns the END's chain heads, or None if this could not be shown."""
+    try:
+        header = decode_record(files[STREAM_HEADER])
+        end = decode_record(files[STREAM_END])
+    except KeyServiceError as exc:
+        report.failures.append(f"The stream's header or END record is malformed: {exc}")
+        return None
+    if not isinstance(header, Header) or not isinstance(end, End):
+        report.failures.append(f"{STREAM_HEADER} / {STREAM_END} are not a header and an END.")
+        return None
+    problems: list[str] = []
+    lines = files[STREAM_DIGESTS].decode("ascii", "replace").splitlines()
+    if not lines or not all(_HEX64.fullmatch(line) for line in lines):
+        report.failures.append(f"{STREAM_DIGESTS} is not one SHA-256 (hex) per line.")
+        return None
+    digests = [bytes.fromhex(line) for line in lines]
+    transcript = Transcript()
+    for digest in digests:
+        transcript.add(digest)
+    if files[STREAM_END_SIGNED] != end.signed_bytes() or files[STREAM_END_SIG] != end.signature:
+        problems.append(f"{STREAM_END_SIGNED} / {STREAM_END_SIG} are not the signed part and "
+                        f"signature of {STREAM_END}.")
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    try:
+        key.verify(end.signature, end.signed_bytes(), ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        problems.append(f"{STREAM_END}: the Archiver's signature does not verify.")
+    if not hmac.compare_digest(end.transcript_hash, transcript.digest()):
+        problems.append(f"{STREAM_DIGESTS} is not the transcript the Archiver's END record "
+                        "signs (a record digest was changed, added or left out).")
+    if digests[0] != record_digest(files[STREAM_HEADER]) or end.request_id != header.request_id:
+        problems.append(f"{STREAM_HEADER} is not the header of the signed stream.")
+    if header.archiver_cert_der != cert.public_bytes(Encoding.DER):
+        problems.append(f"The signed stream names another Archiver certificate than {CERT}.")
+    if header.mode != Mode.PLAYBACK or header.cameras != (camera,):
+        problems.append(f"The signed stream is not a recording of camera {camera} alone.")
+    if (header.range_from_ms, header.range_to_ms) != (from_ms, to_ms):
+        problems.append(f"The signed stream answers the range {_iso(header.range_from_ms)} .. "
+                        f"{_iso(header.range_to_ms)}, not the one in {INDEX}.")
+    # The packaged manifests and segments are records of that stream, in its order.
+    manifest_digests = [record_digest(raw) for _, raw in manifests]
+    segment_digests = [record_digest(s.raw) for s in segments]
+    if not set(manifest_digests + segment_digests) <= set(digests):
+        problems.append("Some packaged records are not in the signed stream's transcript.")
+    elif not (_in_order(digests, manifest_digests) and _in_order(digests, segment_digests)):
+        problems.append("The packaged records are not in the signed stream's order.")
+    index = json.loads(files[INDEX])  # parsed before (_index)
+    stated = {"exported_by_sha256": header.viewer_fingerprint.hex(),
+              "archiver_subject": cert.subject.rfc4514_string(),
+              "from": _iso(from_ms), "to": _iso(to_ms),
+              "exported": _iso(index["exported_ms"])}
+    for name, value in stated.items():
+        if index.get(name) != value:
+            problems.append(f"{INDEX} states {name} {index.get(name)!r}, but the signed data "
+                            f"says {value!r}.")
+    report.failures.extend(problems)
+    if problems:
+        return None
+    report.exported_ms = header.created_ms
+    report.exported_by = header.viewer_fingerprint.hex()
+    report.exported_signed = True
+    report.verified.append(
+        f"the Archiver's signed END record over the {len(digests)} records of the stream it "
+        f"served: camera {camera}, range {_iso(from_ms)} .. {_iso(to_ms)}, to viewer "
+        f"certificate sha256 {header.viewer_fingerprint.hex()} at {_iso(header.created_ms)}; "
+        "every packaged record is one of them, in order")
+    return dict(end.heads)
+
+
+def _in_order(digests: list[bytes], wanted: list[bytes]) -> bool:
+    """``wanted`` is a subsequence of ``digests``."""
+    it = iter(digests)
+    return all(any(d == w for d in it) for w in wanted)
+
+
+def parse_keys(text: bytes) -> dict[bytes, tuple[int, bytes]]:
+    """keys.txt: ``KEY_ID_HEX STREAM KEY_HEX`` per line -> key id -> (stream, key)."""
+    keys: dict[bytes, tuple[int, bytes]] = {}
+    try:
+        lines = text.decode("ascii").splitlines()
+    except UnicodeDecodeError:
+        raise EvidenceError(f"{KEYS} is not ASCII text.") from None
+    for number, line in enumerate(lines, 1):
+        parts = line.split(" ")
+        try:
+            key_id, stream, key = bytes.fromhex(parts[0]), int(parts[1]), bytes.fromhex(parts[2])
+            DataStream(stream)
+        except (ValueError, IndexError):
+            raise EvidenceError(f"{KEYS} line {number} is not 'KEY_ID STREAM KEY'.") from None
+        if len(parts) != 3 or len(key_id) != ID_LEN or len(key) != KEY_LEN or key_id in keys:
+            raise EvidenceError(f"{KEYS} line {number} is not 'KEY_ID STREAM KEY' (16-byte id, "
+                                "32-byte key, each id once).")
+        keys[key_id] = (stream, key)
+    return keys
+
+
+def _keys(files: Mapping[str, bytes], index: Mapping[str, object], report: Report,
+          open_keys: Callable[[bytes], bytes] | None) -> dict[bytes, tuple[int, bytes]] | None:
+    key_info = index["keys"]
+    assert isinstance(key_info, dict)
+    if key_info["file"] == SEALED_KEYS:
+        _, subject, recipient_fp = _load_certificate(files[RECIPIENT], RECIPIENT)
+        rfp = recipient_fp.hex()
+        report.notes.append(f"the minute keys are sealed to {subject} (certificate sha256 "
+                            f"{rfp})")
+        if key_info.get("recipient_sha256") != rfp:
+            report.failures.append(f"{RECIPIENT} is not the recipient {INDEX} names.")
+        if open_keys is None:
+            return None
+        try:
+            text = open_keys(files[SEALED_KEYS])
+        except EvidenceError as exc:
+            raise _Fatal(str(exc)) from None
+        report.verified.append(f"{SEALED_KEYS} opened with the recipient's token")
+    else:
+        text = files[KEYS]
+    try:
+        return parse_keys(text)
+    except EvidenceError as exc:
+        raise _Fatal(str(exc)) from None
+
+
+def _check_keys_and_decrypt(keys: dict[bytes, tuple[int, bytes]], segments: list[_Seg],
+                            camera: str, report: Report) -> bytes | None:
+    report.keys = len(keys)
+    used = {s.segment.key_id for s in segments}
+    extra, missing = set(keys) - used, used - set(keys)
+    for key_id in sorted(extra):
+        report.failures.append(f"The package reveals key {key_id.hex()}, which none of its "
+                               "segments uses: a package must hold exactly its range's keys.")
+    for key_id in sorted(missing):
+        report.failures.append(f"The key {key_id.hex()} of the package's segments is missing.")
+    bad_commitments: set[bytes] = set()
+    for s in segments:
+        key_id = s.segment.key_id
+        if key_id not in keys or s.manifest is None or key_id in bad_commitments:
+            continue
+        stream, key = keys[key_id]
+        signed = next(c.commitment for c in s.manifest.commitments if c.key_id == key_id)
+        mine = key_commitment(key, camera, DataStream(stream), key_id)
+        if stream != s.segment.stream or not hmac.compare_digest(mine, signed):
+            bad_commitments.add(key_id)
+            report.failures.append(f"Key {key_id.hex()} does not match the Archiver's signed key "
+                                   f"commitment in manifest {s.manifest.manifest_seq}: the key "
+                                   "was altered.")
+    if not (extra or missing or bad_commitments):
+        report.verified.append(f"{len(keys)} minute key(s): each matches the Archiver's signed "
+                               "key commitment, and they are exactly the segments' keys")
+    parts: list[bytes] = []
+    failed = False
+    for s in segments:
+        key_id = s.segment.key_id
+        if key_id not in keys or key_id in bad_commitments or s.manifest is None:
+            failed = True
+            continue
+        try:
+            parts.append(open_segment(keys[key_id][1], s.segment))
+        except IntegrityError:
+            failed = True
+            report.failures.append(f"{s.name} does not decrypt under its key (the AES-GCM tag "
+                                   "check failed).")
+    if failed:
+        report.failures.append("The video was not checked: not every segment decrypted.")
+        return None
+    report.verified.append(f"decryption: all {len(segments)} segment(s) decrypted and "
+                           "authenticated (AES-256-GCM) under their committed keys")
+    return b"".join(parts)
+
+
+def _check_video(video: bytes, plaintext: bytes, report: Report) -> None:
+    if hmac.compare_digest(video, plaintext):
+        report.video = plaintext
+        report.verified.append(f"{VIDEO}: exactly the decrypted segments, in order "
+                               f"({len(video)} bytes)")
+        return
+    if len(video) != len(plaintext):
+        where = f"{len(video)} bytes instead of {len(plaintext)}"
+    else:
+        offset = next(i for i, (a, b) in enumerate(zip(video, plaintext, strict=True)) if a != b)
+        where = f"first difference at byte {offset}"
+    report.failures.append(f"{VIDEO} is not the decrypted segments ({where}): the video was "
+                           "altered.")
+
+
+def _gaps(manifests: list[tuple[Manifest, bytes]], segments: Sequence[_Seg], from_ms: int,
+          to_ms: int, heads: Mapping[str, int] | None, report: Report) -> None:
+    """Recorded but not in the package (listed in a signed manifest within the range), and
+    not recorded (between one segment's signed end and the next one's start)."""
+    present = {(int(s.segment.stream), s.segment.seq) for s in segments}
+    absent: list[ManifestEntry] = []
+    for manifest, _ in manifests:
+        for entry in manifest.entries:
+            overlaps = (entry.capture_ms <= to_ms
+                        and entry.capture_ms + entry.duration_ms >= from_ms)
+            if overlaps and (int(entry.stream), entry.seq) not in present:
+                absent.append(entry)
+    if absent:
+        report.gaps.append(
+            f"{len(absent)} recorded segment(s) in the range, captured "
+            f"{_iso(absent[0].capture_ms)} .. {_iso(absent[-1].capture_ms)}, are listed in the "
+            "Archiver's signed manifests but not in the package (the exporting viewer held no "
+            "key for them, or they were withheld)")
+    ordered = sorted((s.segment for s in segments), key=lambda g: (g.stream, g.seq))
+    for prev, nxt in itertools.pairwise(ordered):
+        if prev.stream == nxt.stream and prev.duration_ms:
+            end = prev.capture_ms + prev.duration_ms
+            if nxt.capture_ms - end > GAP_MS and not any(
+                    end <= e.capture_ms < nxt.capture_ms for e in absent):
+                report.gaps.append(f"no recording between {_iso(end)} and "
+                                   f"{_iso(nxt.capture_ms)}")
+    first, last = manifests[0][0], manifests[-1][0]
+    if not (first.manifest_seq == 0 or (first.entries and all(
+            e.capture_ms + e.duration_ms < from_ms for e in first.entries))):
+        report.notes.append("the signed data does not show that nothing was recorded between "
+                            f"the start of the range ({_iso(from_ms)}) and the first manifest")
+    at_head = heads is not None and heads.get(last.camera) == last.manifest_seq + 1
+    if at_head:
+        report.verified.append("the end of the range: the Archiver's signed chain head shows "
+                               "that nothing was recorded after the last manifest when the "
+                               "stream was served")
+    elif not (last.entries and all(e.capture_ms > to_ms for e in last.entries)):
+        report.notes.append("the signed data does not show that nothing was recorded after the "
+                            f"last manifest up to the end of the range ({_iso(to_ms)}): the "
+                            "recording may have gone on (or the range reached the present "
+                            "when exported)")
