@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -22,6 +22,7 @@ import httpx
 import typer
 from cryptography import x509
 
+from client.grants import register as register_grants
 from client.pinning import KnownArchivers, PinDecision, PinOutcome, check_archiver
 from client.player import (
     FileOutput,
@@ -252,14 +253,15 @@ def _run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
                 fetch: Callable[[], AbstractContextManager[Iterator[bytes]]],
                 check: Callable[[x509.Certificate], None], progress: _Progress,
                 login_ops: Callable[[], int], live: bool, quiet: bool,
-                request: StreamRequest | None, saved: bool = False) -> None:
+                request: StreamRequest | None, saved: bool = False,
+                known_keys: Mapping[bytes, bytes] | None = None) -> None:
     """Feed the stream to the player; on success give the output its final name, on failure
     keep the verified part under a name that says so and say where it stops. ``request``:
     what was asked for, checked by the reader; None only for a saved stream (``saved``),
     whose header is then printed as what it is."""
     interrupts = _DeferredInterrupt()
     player = Player(identity, check, output, on_segment=progress.segment,
-                    critical=interrupts.critical, request=request)
+                    critical=interrupts.critical, request=request, known_keys=known_keys)
     stopped_by_user = False
     try:
         with interrupts, progress, fetch() as chunks:
@@ -386,7 +388,11 @@ def _stream_command(*, url: str, token: str, output_target: str, archiver_cert: 
                     progress_range: tuple[int, int] | None, progress_camera: str = "",
                     make_request: Callable[[], StreamRequest],
                     request: Callable[[ArchiverSession, StreamRequest],
-                                      AbstractContextManager[Iterator[bytes]]]) -> None:
+                                      AbstractContextManager[Iterator[bytes]]],
+                    known_keys: Callable[[ArchiverSession, Identity], Mapping[bytes, bytes]]
+                    | None = None) -> None:
+    """``known_keys``: after login, minute keys from outside the stream (an access grant
+    opened on the token: client/grants.py)."""
     explicit = _load_cert(archiver_cert)
     with ExitStack() as stack:
         output = _open_output(output_target)
@@ -395,6 +401,13 @@ def _stream_command(*, url: str, token: str, output_target: str, archiver_cert: 
             session = stack.enter_context(ArchiverSession(url, tls_ca=tls_ca))
             identity = _open_identity(stack, token)
             login = _login(session, identity, url, explicit)
+        except BaseException:
+            output.abort()
+            if save is not None:
+                save.abort()
+            raise
+        try:
+            keys = known_keys(session, identity) if known_keys is not None else None
         except BaseException:
             output.abort()
             if save is not None:
@@ -412,7 +425,8 @@ def _stream_command(*, url: str, token: str, output_target: str, archiver_cert: 
                     fetch=lambda: request(session, asked),
                     check=archiver_pin_check(login.archiver_fingerprint),
                     progress=_Progress(show_progress, start, end),
-                    login_ops=lambda: after_login, live=live, quiet=quiet, request=asked)
+                    login_ops=lambda: after_login, live=live, quiet=quiet, request=asked,
+                    known_keys=keys)
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -578,6 +592,10 @@ def open_saved(
                     fetch=lambda: nullcontext(chunks()), check=check,
                     progress=_Progress(False, 0, 0), login_ops=lambda: 0, live=False,
                     quiet=quiet, request=None, saved=True)
+
+
+# Access grants (client/grants.py): `grant` and `grants list|play`.
+register_grants(app)
 
 
 def main() -> None:

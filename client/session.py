@@ -87,7 +87,28 @@ class StreamInterrupted(KeyServiceError):
     exit_code = 50
 
 
+class GrantNotUsable(RequestRefused):
+    """An access grant that is not (or no longer) approved: pending, rejected or revoked."""
+
+    exit_code = 54
+
+
+class OutsideGrant(RequestRefused):
+    """A request under an access grant goes outside the granted range."""
+
+    exit_code = 55
+
+
+class UnknownGrant(RequestRefused):
+    exit_code = 56
+
+
 _CODES: dict[str, type[KeyServiceError]] = {
+    "grant_pending": GrantNotUsable,
+    "grant_rejected": GrantNotUsable,
+    "grant_revoked": GrantNotUsable,
+    "outside_grant": OutsideGrant,
+    "unknown_grant": UnknownGrant,
     "not_enrolled": NotEnrolled,
     "revoked": ViewerRevoked,
     "not_authorized": NotAuthorized,
