@@ -113,11 +113,13 @@ def _str8(name: str) -> bytes:
 
 
 def grant_key_ad(grant_id: bytes, grantee_fingerprint: bytes, camera: str, from_ms: int,
-                 to_ms: int, stream: DataStream, key_id: bytes) -> bytes:
+                 to_ms: int, created_ms: int, stream: DataStream, key_id: bytes) -> bytes:
     """Binds a wrapped key to its grant, grantee, camera, range, data stream and key id: it
-    cannot be moved to another grant or grantee, nor relabelled for another camera or key."""
+    cannot be moved to another grant or grantee, nor relabelled for another camera or key, and
+    the public part the grantee is shown cannot be altered."""
     return b"".join((LABEL_GRANT_KEY, _VERSION, grant_id, grantee_fingerprint, _str8(camera),
-                     _U64.pack(from_ms), _U64.pack(to_ms), bytes((stream,)), key_id))
+                     _U64.pack(from_ms), _U64.pack(to_ms), _U64.pack(created_ms),
+                     bytes((stream,)), key_id))
 
 
 def _check_range(camera: str, from_ms: int, to_ms: int) -> None:
@@ -150,7 +152,8 @@ def make_grant(recipient: Recipient, camera: str, from_ms: int, to_ms: int,
     entries = []
     for k in keys:
         nonce = rng(NONCE_LEN)  # random: at most MAX_GRANT_KEYS wraps under one fresh KEK
-        ad = grant_key_ad(grant_id, grantee, camera, from_ms, to_ms, k.stream, k.key_id)
+        ad = grant_key_ad(grant_id, grantee, camera, from_ms, to_ms, created_ms, k.stream,
+                          k.key_id)
         entries.append(GrantEntry(k.stream, k.key_id, nonce, aead.encrypt(nonce, k.key, ad)))
     return encode_grant(AccessGrant(grant_id, grantee, recipient.oaep_hash, camera, from_ms,
                                     to_ms, created_ms, sealed, tuple(entries)))
@@ -249,7 +252,7 @@ def open_grant(identity: Identity | EcIdentity, data: bytes) -> OpenedGrant:
     keys: dict[bytes, bytes] = {}
     for e in grant.entries:
         ad = grant_key_ad(grant.grant_id, grant.grantee_fingerprint, grant.camera,
-                          grant.from_ms, grant.to_ms, e.stream, e.key_id)
+                          grant.from_ms, grant.to_ms, grant.created_ms, e.stream, e.key_id)
         try:
             keys[e.key_id] = aead.decrypt(e.nonce, e.wrapped, ad)
         except InvalidTag:
