@@ -22,9 +22,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.session import ArchiverSession, OutsideGrant, playback_request
+from client.session import ArchiverSession, OutsideGrant, RequestRefused, playback_request
+from keyservice.certs import load_certificate, read_oaep_hash
 from keyservice.errors import IntegrityError, NoMatchingIdentity
-from keyservice.grants import decode_grant, encode_grant, open_grant
+from keyservice.format import DataStream
+from keyservice.grants import GrantKey, decode_grant, encode_grant, make_grant, open_grant
+from keyservice.identity import OaepHash, Recipient
 from keyservice.token import Token
 from tests.fixtures.camera import frame_hashes, is_contiguous_run, make_source, push, requires_ffmpeg
 from tests.fixtures.server import ArchiverServer
@@ -263,3 +266,22 @@ def test_grant_refusals_at_creation(
                     str(alice.pem))
     assert result.code == 45, result.stderr
     assert httpx.get(f"{archiver_server.url}/v1/admin/grants").status_code == 401
+
+    # A viewer authorized later knows the earlier segments' key ids (signed manifests list
+    # them) but never held their keys: a grant of them, made by hand, is refused.
+    late = make_viewer("late")
+    archiver_server.add_client(late.pem, ["cam1"])
+    early = [GrantKey(DataStream.VIDEO, k, bytes(32)) for _, _, k in segments(archiver_server)]
+    cert = load_certificate(investigator.pem.read_bytes())
+    recipient = Recipient(cert, read_oaep_hash(cert) or OaepHash.SHA1)
+    blob = make_grant(recipient, "cam1", t0, t1, early, t1)
+    with Token.open(late.token.uri) as token, ArchiverSession(archiver_server.url) as s:
+        s.login(token.identity("late"), lambda cert: None)
+        with pytest.raises(RequestRefused, match="never held"):
+            s._json("POST", "/v1/grants", {"grant": base64.b64encode(blob).decode()}, auth=True)
+        # Keys of no segment in the range: refused as well.
+        stray = make_grant(recipient, "cam1", t0, t1,
+                           [GrantKey(DataStream.VIDEO, bytes(16), bytes(32))], t1)
+        with pytest.raises(RequestRefused, match="no segment recorded"):
+            s._json("POST", "/v1/grants", {"grant": base64.b64encode(stray).decode()}, auth=True)
+    assert archiver_server.admin("GET", "/v1/admin/grants") == []
