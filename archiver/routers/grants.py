@@ -120,6 +120,8 @@ def create_grant(body: GrantCreate, viewer: ViewerDep, services: ServicesDep,
         raise ApiError(422, "bad_grant", f"The grant is sealed for {grant.kind.label}, but the "
                        f"grantee's token was enrolled for {OaepHash(grantee.oaep_hash).label}.")
     _check_keys(services, grant, viewer.fingerprint)
+    if store.get(grant.grant_id.hex()) is not None:
+        raise ApiError(409, "grant_exists", "A grant with this id exists already.")
     now = archive.clock()
     row = AccessGrantRow(grant.grant_id.hex(), grant.camera, grant.from_ms, grant.to_ms,
                          viewer.fingerprint, grantee_fp, len(grant.entries), now,
