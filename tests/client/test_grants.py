@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from client.player import Player, StreamTruncated, archiver_pin_check
 from client.session import ArchiverSession, OutsideGrant, RequestRefused, playback_request
 from keyservice.certs import load_certificate, read_oaep_hash
 from keyservice.errors import IntegrityError, NoMatchingIdentity
@@ -31,6 +32,7 @@ from keyservice.identity import OaepHash, Recipient
 from keyservice.token import Token
 from tests.fixtures.camera import frame_hashes, is_contiguous_run, make_source, push, requires_ffmpeg
 from tests.fixtures.server import ArchiverServer
+from tests.fixtures.tokens import TokenHandle
 
 from .test_e2e import Client, Viewer, chunk, iso, now_ms, put, wait_for_segments
 
@@ -285,3 +287,77 @@ def test_grant_refusals_at_creation(
         with pytest.raises(RequestRefused, match="no segment recorded"):
             s._json("POST", "/v1/grants", {"grant": base64.b64encode(stray).decode()}, auth=True)
     assert archiver_server.admin("GET", "/v1/admin/grants") == []
+
+
+def test_ec_grantee_on_its_token(archiver_server: ArchiverServer,
+                                 parties: tuple[Viewer, Viewer, str], client: Client,
+                                 softhsm_token_factory: Callable[[], TokenHandle],
+                                 tmp_path: Path) -> None:
+    """An EC P-256 grantee: the grant KEK is ECDH-sealed and opened by one ECDH on its token."""
+    alice, _investigator, ingest = parties
+    token = softhsm_token_factory()
+    with Token.open(token.uri) as opened:
+        pem = token.workdir / "ec-investigator.pem"
+        pem.write_bytes(opened.enroll("ecinv", key_type="ec").pem())
+    ec_viewer = Viewer("ecinv", token, token.object_uri("ecinv"), pem)
+    archiver_server.add_client(pem, [])
+    t0 = now_ms()
+    bodies = [chunk(f"ec{i}") for i in range(3)]
+    put(archiver_server, "cam1", ingest, *bodies)
+    t1 = now_ms() + 1
+    grant_id = grant(client, archiver_server, alice, ec_viewer, t0, t1)
+    assert decode_grant(fetch_blob_as_admin_view(archiver_server, grant_id)).kind.is_ec
+    assert admin(archiver_server, "approve", grant_id).returncode == 0
+    code, err = play_grant(client, archiver_server, ec_viewer, grant_id, tmp_path / "ec.ts")
+    assert code == EXIT_OK, err
+    assert (tmp_path / "ec.ts").read_bytes() == b"".join(bodies)
+
+
+def fetch_blob_as_admin_view(server: ArchiverServer, grant_id: str) -> bytes:
+    """The stored grant, straight from the Archiver's database (what a thief of it gets)."""
+    with sqlite3.connect(f"file:{server.data_dir / 'archiver.sqlite3'}?mode=ro", uri=True) as db:
+        return bytes(db.execute("SELECT blob FROM access_grants WHERE grant_id = ?",
+                                (grant_id,)).fetchone()[0])
+
+
+def test_revoking_a_grant_stops_the_stream_being_served(
+        archiver_server: ArchiverServer, parties: tuple[Viewer, Viewer, str], client: Client,
+        tmp_path: Path) -> None:
+    """Revoked while its stream is being sent: the Archiver stops at the next manifest, without
+    the signed END, so the grantee's reader reports the stream as truncated."""
+    alice, investigator, ingest = parties
+    t0 = now_ms()
+    count, size = 24, 1 << 20  # far more than the socket buffers hold: the sender must wait
+    put(archiver_server, "cam1", ingest, *(chunk(f"big{i}", size) for i in range(count)))
+    t1 = now_ms() + 1
+    grant_id = grant(client, archiver_server, alice, investigator, t0, t1)
+    assert admin(archiver_server, "approve", grant_id).returncode == 0
+    blob = fetch_blob(archiver_server, investigator, grant_id)
+    with Token.open(investigator.token.uri) as token, ArchiverSession(archiver_server.url) as s:
+        identity = token.identity("investigator")
+        login = s.login(identity, lambda cert: None)
+        keys = open_grant(identity, blob).keys
+        asked = playback_request("cam1", t0, t1)
+        written: list[int] = []
+
+        class Count:
+            def write(self, data: bytes) -> None:
+                written.append(len(data))
+
+            def commit(self) -> None:
+                return None
+
+            def abort(self) -> None:
+                return None
+
+        player = Player(identity, archiver_pin_check(login.archiver_fingerprint), Count(),
+                        request=asked, known_keys=keys)
+        with s._stream(f"/v1/grants/{grant_id}/recording",
+                       {"from_ms": t0, "to_ms": t1, "nonce": asked.nonce.hex()}, 60) as chunks:
+            for n, data in enumerate(chunks):
+                player.feed(data)
+                if n == 0:
+                    assert admin(archiver_server, "revoke", grant_id).returncode == 0
+        with pytest.raises(StreamTruncated):
+            player.finish()
+    assert 0 <= len(written) < count
