@@ -406,6 +406,7 @@ def _stream_command(*, url: str, token: str, output_target: str, archiver_cert: 
             if save is not None:
                 save.abort()
             raise
+        after_login = _operations(identity)
         try:
             keys = known_keys(session, identity) if known_keys is not None else None
         except BaseException:
@@ -413,7 +414,6 @@ def _stream_command(*, url: str, token: str, output_target: str, archiver_cert: 
             if save is not None:
                 save.abort()
             raise
-        after_login = _operations(identity)
         start, end = (0, 0)
         show_progress = progress_range is not None and not quiet and sys.stderr.isatty()
         if show_progress and progress_range is not None:

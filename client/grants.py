@@ -236,8 +236,9 @@ def grants_play(
                                f"{_when(opened.from_ms)} to {_when(opened.to_ms)} only.")
         granted.update(camera=opened.camera, from_ms=start, to_ms=end)
         if not quiet:
-            cli._say(f"grant {grant_id}: camera {opened.camera}, {len(opened.keys)} minute "
-                     f"key(s) for {_when(opened.from_ms)} .. {_when(opened.to_ms)}")
+            cli._say(f"grant {grant_id} opened on your token (1 token operation): camera "
+                     f"{opened.camera}, {len(opened.keys)} minute key(s) for "
+                     f"{_when(opened.from_ms)} .. {_when(opened.to_ms)}")
         return opened.keys
 
     def request() -> Any:

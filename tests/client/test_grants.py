@@ -188,6 +188,8 @@ def test_grant_is_served_only_while_approved_and_audited(
     code, err = play_grant(client, archiver_server, investigator, second, out)
     assert code == EXIT_OK, err
     assert out.read_bytes() == b"".join(bodies)
+    # The token: one login, one grant opening, no epoch opener (the grant replaces them).
+    assert "opened on your token" in err and "token operations: 2 (1 login, 0 epoch" in err, err
     mine = client("grants", "list", "--archiver", archiver_server.url, "--token",
                   investigator.uri)
     assert mine.code == 0 and second.encode() in mine.stdout and b"approved" in mine.stdout
