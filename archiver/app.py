@@ -20,9 +20,10 @@ from archiver.auth import Sessions, digest, ensure_admin_token, secret_matches
 from archiver.cameras import CameraState
 from archiver.datadir import secure_data_dir
 from archiver.deps import ApiError, BearerDep, Services, ServicesDep
+from archiver.grants import GrantStore
 from archiver.limits import REFUSED_STATUSES, Limits, RefusalAudit, RequestLimits
 from archiver.metrics import ArchiverCollector, make_registry
-from archiver.routers import admin, ingest, viewer
+from archiver.routers import admin, grants, ingest, viewer
 from archiver.rtsp import RtspSupervisor
 from archiver.settings import Settings
 from archiver.signing import open_signer
@@ -89,6 +90,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
             rtsp=rtsp, refusals=refusals, metrics_token_digest=digest(metrics_token))
         collector = ArchiverCollector(archive)
         app.state.services = services
+        app.state.grants = GrantStore(settings.db_path)  # access grants (archiver/grants.py)
         app.state.collector = collector
         app.state.registry = make_registry(collector)
         for camera in archive.db.cameras():
@@ -119,6 +121,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
                 refusals.flush()
             audit.record("archiver", "stop", clock())
             audit.close()
+            app.state.grants.close()
             archive.close()
 
     # The API's map is off unless asked for (--api-docs): it spares an attacker the survey.
@@ -143,6 +146,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
     app.include_router(ingest.router)
     app.include_router(admin.router)
     app.include_router(viewer.router)
+    app.include_router(grants.router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

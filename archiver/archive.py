@@ -248,11 +248,13 @@ class Archive:
         return bool(self.db.manifests_from(camera, from_ms, to_ms, limit=1))
 
     def playback(self, viewer: ClientRow, camera: str, from_ms: int, to_ms: int,
-                 nonce: bytes) -> Iterator[bytes]:
+                 nonce: bytes, grant: GrantedKeys | None = None) -> Iterator[bytes]:
         """The fusion stream of a recorded range, bound to the viewer's request ``nonce``.
         Seeks through the time index, then reads manifests in chain order; the archive's
-        record bytes are passed through, never re-encrypted."""
-        assembler = _Assembler(self, viewer, camera, Mode.PLAYBACK, from_ms, to_ms, nonce)
+        record bytes are passed through, never re-encrypted. ``grant``: served under an
+        access grant (the viewer's keys come from the grant, not from its key stream)."""
+        assembler = _Assembler(self, viewer, camera, Mode.PLAYBACK, from_ms, to_ms, nonce,
+                               grant)
         try:
             yield assembler.start()
             after = -1
@@ -327,12 +329,24 @@ class Archive:
             assembler.close()
 
 
+@dataclass(frozen=True)
+class GrantedKeys:
+    """A stream served under an access grant: the key ids the grant carries (its public part;
+    the keys themselves are wrapped for the grantee) and a check that it is still approved."""
+
+    key_ids: frozenset[bytes]
+    still_valid: Callable[[], bool]
+
+
 class _Assembler:
     """Builds one viewer's fusion stream: only that viewer's epoch openers and key records,
-    each sent once, before the first segment that needs it."""
+    each sent once, before the first segment that needs it. Under an access grant: only the
+    segments whose keys the grant carries, and no key material at all."""
 
     def __init__(self, archive: Archive, viewer: ClientRow, camera: str, mode: Mode,
-                 from_ms: int, to_ms: int, nonce: bytes) -> None:
+                 from_ms: int, to_ms: int, nonce: bytes,
+                 grant: GrantedKeys | None = None) -> None:
+        self._grant = grant
         self._archive = archive
         self._db = archive.db
         self._fingerprint = viewer.fingerprint
@@ -361,6 +375,10 @@ class _Assembler:
     def still_authorized(self) -> bool:
         """False once the viewer was revoked or lost this camera: cheap (a counter) unless its
         authorization changed since the last look, then the index says."""
+        if self._grant is not None:
+            # Checked at every manifest: a revoked grant (or grantee) stops the stream at once.
+            self._authorized = self._authorized and self._grant.still_valid()
+            return self._authorized
         changes = self._archive.authorization_changes(self._fingerprint)
         if self._authorized and changes != self._auth_changes:
             self._auth_changes = changes
@@ -371,7 +389,13 @@ class _Assembler:
     def manifest(self, row: ManifestRow) -> bytes:
         parts = []
         for segment in self._db.segments_of(self._camera, row.manifest_seq):
-            found = self._db.key_record(self._fingerprint, segment.key_id)
+            if self._grant is not None and segment.key_id in self._grant.key_ids:
+                parts.append(self._writer.add(
+                    self._read(segment.file, segment.offset, segment.length),
+                    digest=segment.digest))
+                continue
+            found = (None if self._grant is not None
+                     else self._db.key_record(self._fingerprint, segment.key_id))
             if found is None:
                 # No key for this viewer: the manifest alone is sent, with the key's signed
                 # grant, which lets the viewer check that it was not authorized then (without

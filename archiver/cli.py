@@ -360,5 +360,75 @@ def viewers_revoke(
          + (" and its key streams deleted" if delete_key_streams else ""))
 
 
+# --- access grants (admin decisions) --------------------------------------------------------
+grants_app = typer.Typer(no_args_is_help=True, help="Access grants viewers made: list, approve, "
+                         "reject, revoke. The Archiver serves a grant only once approved.")
+app.add_typer(grants_app, name="grants")
+
+
+def _grant_line(g: dict[str, Any]) -> str:
+    line = (f"{g['grant_id']}  {g['state']:<8}  {g['camera']}  {_when(g['from_ms'])} .. "
+            f"{_when(g['to_ms'])}  {g['keys']} keys  by {g['grantor'][:16]} to "
+            f"{g['grantee'][:16]}  made {_when(g['created_ms'])}")
+    if g.get("decided_ms"):
+        line += f"  decided {_when(g['decided_ms'])}"
+    if g.get("note"):
+        line += f"  note: {printable(g['note'])}"
+    return line
+
+
+@grants_app.command("list")
+def grants_list(
+    state: Annotated[str | None, typer.Option(
+        "--state", help="pending|approved|rejected|revoked (default: all).")] = None,
+    url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """List access grants (newest first): who granted which camera and range to whom."""
+    if state is not None and state not in ("pending", "approved", "rejected", "revoked"):
+        raise UsageError(f"Unknown state {state!r}: pending, approved, rejected or revoked.")
+    path = "/v1/admin/grants" + (f"?state={state}" if state else "")
+    result = _call("GET", url, path, _admin_token(admin_token, data), tls_ca=tls_ca)
+    _out(as_json, {"grants": result}, "\n".join(_grant_line(g) for g in result) or "no grants")
+
+
+def _decide(decision: str, grant_id: str, note: str | None, url: str, admin_token: str | None,
+            data: Path | None, tls_ca: Path | None, as_json: bool) -> None:
+    grant_id = grant_id.strip().lower()
+    if len(grant_id) != 32 or any(c not in "0123456789abcdef" for c in grant_id):
+        raise UsageError(f"{grant_id!r} is not a grant id (32 hex digits, see 'grants list').")
+    result = _call("POST", url, f"/v1/admin/grants/{grant_id}/{decision}",
+                   _admin_token(admin_token, data), {"note": note}, tls_ca=tls_ca)
+    _out(as_json, result, _grant_line(result))
+
+
+NoteOpt = Annotated[str | None, typer.Option("--note", help="Why (kept in the audit log).")]
+
+
+@grants_app.command("approve")
+def grants_approve(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
+                   admin_token: TokenOpt = None, data: DataOpt = None,
+                   tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
+    """Approve a pending grant: from now on the grantee may fetch it and play its range."""
+    _decide("approve", grant_id, note, url, admin_token, data, tls_ca, as_json)
+
+
+@grants_app.command("reject")
+def grants_reject(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
+                  admin_token: TokenOpt = None, data: DataOpt = None,
+                  tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
+    """Reject a pending grant: it is never served."""
+    _decide("reject", grant_id, note, url, admin_token, data, tls_ca, as_json)
+
+
+@grants_app.command("revoke")
+def grants_revoke(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
+                  admin_token: TokenOpt = None, data: DataOpt = None,
+                  tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
+    """Revoke a grant: it is no longer served, and a stream under it stops at its next manifest
+    (keys the grantee already opened cannot be taken back)."""
+    _decide("revoke", grant_id, note, url, admin_token, data, tls_ca, as_json)
+
+
 def main() -> None:
     run(app, "fusion-archiver")

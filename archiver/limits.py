@@ -242,6 +242,8 @@ class RequestLimits:
     def body_limit(self, method: str, path: str) -> int:
         if path.startswith("/ingest/"):
             return self.limits.max_segment_bytes if path.endswith(".ts") else BUFFERED_LIMIT
+        if path == "/v1/grants":  # an access grant carries up to 8192 wrapped keys
+            return BUFFERED_LIMIT
         return JSON_BODY_LIMIT
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -254,7 +256,7 @@ class RequestLimits:
         try:
             if path.startswith("/v1/sessions"):
                 self._rate(self._logins, source, "logins from this address")
-            elif path.startswith("/v1/cameras"):
+            elif path.startswith(("/v1/cameras", "/v1/grants")):
                 viewer = self._viewer_key(scope, source) or f"address {source}"
                 self._rate(self._queries, viewer, "requests of this viewer")
                 if self._working.get(viewer, 0) >= self.limits.viewer_concurrency:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Annotated
@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 from cryptography import x509
 
+from client.grants import register as register_grants
 from client.pinning import KnownArchivers, PinDecision, PinOutcome, check_archiver
 from client.playback import (
     Progress,
@@ -145,7 +146,11 @@ def _stream_command(*, url: str, token: str, output_target: str, archiver_cert: 
                     progress_range: tuple[int, int] | None, progress_camera: str = "",
                     make_request: Callable[[], StreamRequest],
                     request: Callable[[ArchiverSession, StreamRequest],
-                                      AbstractContextManager[Iterator[bytes]]]) -> None:
+                                      AbstractContextManager[Iterator[bytes]]],
+                    known_keys: Callable[[ArchiverSession, Identity], Mapping[bytes, bytes]]
+                    | None = None) -> None:
+    """``known_keys``: after login, minute keys from outside the stream (an access grant
+    opened on the token: client/grants.py)."""
     explicit = _load_cert(archiver_cert)
     with ExitStack() as stack:
         output = _open_output(output_target)
@@ -160,6 +165,13 @@ def _stream_command(*, url: str, token: str, output_target: str, archiver_cert: 
                 save.abort()
             raise
         after_login = operations(identity)
+        try:
+            keys = known_keys(session, identity) if known_keys is not None else None
+        except BaseException:
+            output.abort()
+            if save is not None:
+                save.abort()
+            raise
         start, end = (0, 0)
         show_progress = progress_range is not None and not quiet and sys.stderr.isatty()
         if show_progress and progress_range is not None:
@@ -171,7 +183,8 @@ def _stream_command(*, url: str, token: str, output_target: str, archiver_cert: 
                     fetch=lambda: request(session, asked),
                     check=archiver_pin_check(login.archiver_fingerprint),
                     progress=Progress(show_progress, start, end),
-                    login_ops=lambda: after_login, live=live, quiet=quiet, request=asked)
+                    login_ops=lambda: after_login, live=live, quiet=quiet, request=asked,
+                   known_keys=keys)
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -338,6 +351,9 @@ def open_saved(
                     progress=Progress(False, 0, 0), login_ops=lambda: 0, live=False,
                     quiet=quiet, request=None, saved=True)
 
+
+# Access grants (client/grants.py): `grant` and `grants list|play`.
+register_grants(app)
 
 # Evidence packages (docs/evidence.md): export, and offline verification without a token.
 from client.evidence import evidence_app  # noqa: E402

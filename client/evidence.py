@@ -180,7 +180,7 @@ def export(
                 received.append(chunk)
                 player.feed(chunk)
         summary = player.finish()  # verified: signed END, complete range, nothing missing
-        keys = player.opened_keys()
+        keys = {key_id: k.key for key_id, k in player.verified_keys.items()}
         header = player.header
         assert header is not None
     collected = collect(_records(received), camera, keys)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -131,14 +131,15 @@ def run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
                 fetch: Callable[[], AbstractContextManager[Iterator[bytes]]],
                 check: Callable[[x509.Certificate], None], progress: Progress,
                 login_ops: Callable[[], int], live: bool, quiet: bool,
-                request: StreamRequest | None, saved: bool = False) -> None:
+                request: StreamRequest | None, saved: bool = False,
+                known_keys: Mapping[bytes, bytes] | None = None) -> None:
     """Feed the stream to the player; on success give the output its final name, on failure
     keep the verified part under a name that says so and say where it stops. ``request``:
     what was asked for, checked by the reader; None only for a saved stream (``saved``),
     whose header is then printed as what it is."""
     interrupts = DeferredInterrupt()
     player = Player(identity, check, output, on_segment=progress.segment,
-                    critical=interrupts.critical, request=request)
+                    critical=interrupts.critical, request=request, known_keys=known_keys)
     stopped_by_user = False
     try:
         with interrupts, progress, fetch() as chunks:

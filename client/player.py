@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import statistics
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from keyservice.stream import (
     StreamEnded,
     StreamReader,
     StreamRequest,
+    VerifiedKey,
 )
 
 
@@ -224,12 +225,15 @@ class Player:
                  output: Output, *, on_segment: Callable[[SegmentPlaintext], None] | None = None,
                  min_gap_ms: int = MIN_GAP_MS,
                  critical: Callable[[], AbstractContextManager[object]] = nullcontext,
-                 request: StreamRequest | None = None) -> None:
-        """``critical`` wraps writing and counting one segment (the CLI defers Ctrl-C there,
+                 request: StreamRequest | None = None,
+                 known_keys: Mapping[bytes, bytes] | None = None) -> None:
+        """``known_keys``: minute keys from an opened access grant (see StreamReader).
+        ``critical`` wraps writing and counting one segment (the CLI defers Ctrl-C there,
         so the summary and "output stops after" always match what was written).
         ``request``: what was asked for; the stream must answer exactly that (nonce, camera,
         mode, range, signed capture times, freshness). None only for a saved stream."""
-        self._reader = StreamReader(identity, check_archiver, request=request)
+        self._reader = StreamReader(identity, check_archiver, request=request,
+                                    known_keys=known_keys)
         self._output = output
         self._on_segment = on_segment
         self._critical = critical
@@ -260,13 +264,15 @@ class Player:
                 self.summary.end_reason = int(event.reason)
 
     @property
+    def verified_keys(self) -> dict[bytes, VerifiedKey]:
+        """The minute keys of the released segments, each checked against its signed key
+        commitment (complete once ``finish`` returned)."""
+        return self._reader.verified_keys
+
+    @property
     def header(self) -> Header | None:
         """The stream's header once received (authenticated only once the END verified)."""
         return self._reader.header
-
-    def opened_keys(self) -> dict[bytes, bytes]:
-        """Key id -> minute key of the keys used for released segments (an evidence export)."""
-        return self._reader.opened_keys()
 
     def finish(self) -> Summary:
         """Call at the end of the bytes. Raises StreamTruncated without a verified end record,

@@ -80,6 +80,22 @@ class StreamInterrupted(KeyServiceError):
     exit_code = 50
 
 
+class GrantNotUsable(RequestRefused):
+    """An access grant that is not (or no longer) approved: pending, rejected or revoked."""
+
+    exit_code = 54
+
+
+class OutsideGrant(RequestRefused):
+    """A request under an access grant goes outside the granted range."""
+
+    exit_code = 55
+
+
+class UnknownGrant(RequestRefused):
+    exit_code = 56
+
+
 # The Archiver's error codes (keyservice.wire) that have an exit code of their own; any other
 # refusal is RequestRefused (4xx) or ArchiverFailed (5xx).
 _CODES: dict[ErrorCode, type[KeyServiceError]] = {
@@ -96,6 +112,11 @@ _CODES: dict[ErrorCode, type[KeyServiceError]] = {
     ErrorCode.CERTIFICATE_EXPIRED: CertificateError,
     ErrorCode.CERTIFICATE_NOT_YET_VALID: CertificateError,
     ErrorCode.BAD_RANGE: UsageError,
+    ErrorCode.GRANT_PENDING: GrantNotUsable,
+    ErrorCode.GRANT_REJECTED: GrantNotUsable,
+    ErrorCode.GRANT_REVOKED: GrantNotUsable,
+    ErrorCode.OUTSIDE_GRANT: OutsideGrant,
+    ErrorCode.UNKNOWN_GRANT: UnknownGrant,
 }
 
 

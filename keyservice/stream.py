@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from cryptography import x509
@@ -362,6 +362,17 @@ class StreamEnded:
 Event = SegmentPlaintext | SegmentSkipped | SegmentMissing | StreamEnded
 
 
+@dataclass(frozen=True)
+class VerifiedKey:
+    """A minute key the reader used, after it matched the Archiver's signed key commitment
+    for its camera, data stream and key id (what a viewer may hand on in an access grant)."""
+
+    camera: str
+    stream: DataStream
+    key_id: bytes
+    key: bytes = field(repr=False)  # secret: never in logs or tracebacks
+
+
 @dataclass
 class _Camera:
     # segment, its record bytes, their digest, their cost against max_pending_bytes
@@ -385,9 +396,13 @@ class StreamReader:
 
     def __init__(self, identity: Identity, check_archiver: Callable[[x509.Certificate], None],
                  max_pending_bytes: int = 256 * 2**20,
-                 request: StreamRequest | None = None) -> None:
+                 request: StreamRequest | None = None,
+                 known_keys: Mapping[bytes, bytes] | None = None) -> None:
         """``request``: what the viewer asked for (see StreamRequest); None only for a saved
-        stream opened offline, which answers no new request (its header says what it is)."""
+        stream opened offline, which answers no new request (its header says what it is).
+        ``known_keys``: minute keys by key id from outside the stream (an opened access grant),
+        used for segments without a key record of this viewer; each must still match the
+        manifest's signed key commitment before it decrypts anything (IntegrityError)."""
         self._identity = identity
         self._request = request
         self._fingerprint = fingerprint(identity.certificate)
@@ -408,22 +423,26 @@ class StreamReader:
         # per camera data stream, its first segment while it starts before the range
         self._held: dict[tuple[str, DataStream], SegmentPlaintext | SegmentSkipped
                          | SegmentMissing] = {}
-        self._keys: dict[bytes, tuple[AESGCM, bytes]] = {}  # key id -> (aead, commitment)
-        self._opened: dict[bytes, bytes] = {}  # key id -> minute key (see opened_keys)
+        self._keys: dict[bytes, tuple[AESGCM, bytes, bytes]] = {}  # id -> (aead, commitment, key)
+        self._known_keys: Mapping[bytes, bytes] = dict(known_keys or {})
+        self._verified: dict[bytes, VerifiedKey] = {}
         self._retained = 0
         self._ended = False
         self._failure: BaseException | None = None
 
     @property
+    def verified_keys(self) -> dict[bytes, VerifiedKey]:
+        """The minute keys that decrypted released segments, by key id, each checked against
+        the signed key commitment. Complete for the stream's range once ``ended``."""
+        return dict(self._verified)
+
+    def _holds_key(self, key_id: bytes) -> bool:
+        return key_id in self._key_records or key_id in self._known_keys
+
+    @property
     def ended(self) -> bool:
         """True once the signed END record verified."""
         return self._ended
-
-    def opened_keys(self) -> dict[bytes, bytes]:
-        """Key id -> minute key of every key this reader opened to decrypt a segment: only
-        keys whose commitment in a verified manifest matched. For an evidence package or a
-        grant of exactly the range read (a copy; the reader keeps its own)."""
-        return dict(self._opened)
 
     def feed(self, data: bytes) -> list[Event]:
         """Events completed by ``data``, in stream order. On an error nothing of this call
@@ -625,7 +644,7 @@ class StreamReader:
             if j < len(pending) and _matches(pending[j][0], pending[j][2], entry):
                 plan.append((entry, pending[j][0]))
                 j += 1
-            elif entry.key_id not in self._key_records:
+            elif not self._holds_key(entry.key_id):
                 plan.append((entry, None))
             else:
                 raise IntegrityError()
@@ -635,7 +654,7 @@ class StreamReader:
         out: list[Event] = []
         # Decrypt everything first, release after: a failing segment releases nothing.
         for entry, segment in plan:
-            if segment is None or entry.key_id not in self._key_records:
+            if segment is None or not self._holds_key(entry.key_id):
                 kind = (SegmentSkipped if self._withheld_legitimately(manifest.camera, entry)
                         else SegmentMissing)
                 out.append(kind(manifest.camera, entry.stream, entry.seq, entry.capture_ms,
@@ -739,23 +758,28 @@ class StreamReader:
                     f"for camera {name}: later recordings in the range may be missing.")
 
     def _key(self, key_id: bytes, camera: str, stream: DataStream, commitment: bytes) -> AESGCM:
-        record = self._key_records[key_id]
-        if record.camera != camera or record.stream != stream:
+        record = self._key_records.get(key_id)
+        if record is not None and (record.camera != camera or record.stream != stream):
             raise IntegrityError()
         known = self._keys.get(key_id)
-        key = None
         if known is None:
-            ratchet = self._ratchet(record.epoch_id)
-            key = unwrap_key_record(ratchet.kek_at(record.ratchet_index), record,
-                                    self._fingerprint)
-            known = (AESGCM(key), key_commitment(key, camera, stream, key_id))
+            if record is not None:
+                ratchet = self._ratchet(record.epoch_id)
+                key = unwrap_key_record(ratchet.kek_at(record.ratchet_index), record,
+                                        self._fingerprint)
+            else:  # from outside (an access grant): trusted only through the commitment below
+                key = bytes(self._known_keys[key_id])
+                if len(key) != 32:
+                    raise IntegrityError()
+            known = (AESGCM(key), key_commitment(key, camera, stream, key_id), key)
             self._keys[key_id] = known
-        # The manifest commits to the key: a segment that also opens under another key
-        # (AES-GCM is not key-committing) is refused.
+        # The manifest commits to the key (and, through its label, to the camera and data
+        # stream): a segment that also opens under another key (AES-GCM is not key-committing)
+        # is refused, and so is a key from outside that is not the one the Archiver signed.
         if not hmac.compare_digest(known[1], commitment):
             raise IntegrityError()
-        if key is not None:
-            self._opened[key_id] = key
+        if key_id not in self._verified:
+            self._verified[key_id] = VerifiedKey(camera, stream, key_id, known[2])
         return known[0]
 
     def _ratchet(self, epoch_id: bytes) -> KekRatchet:

@@ -137,7 +137,7 @@ def _role_of(method: str, path: str) -> str:
         return "admin"
     if path.startswith("/ingest/"):
         return "camera"
-    if path.startswith("/v1/cameras"):
+    if path.startswith(("/v1/cameras", "/v1/grants")):
         return "viewer"
     raise AssertionError(f"{method} {path} is a new endpoint: decide who may call it and add "
                          "it to this test")
@@ -145,7 +145,8 @@ def _role_of(method: str, path: str) -> str:
 
 def _concrete(path: str, fp: str) -> str:
     return (path.replace("{camera}", "cam1").replace("{name}", "seg.ts")
-            .replace("{fp}", fp))
+            .replace("{fp}", fp).replace("{grant_id}", "0" * 32)
+            .replace("{decision}", "approve"))
 
 
 def test_every_endpoint_refuses_every_wrong_credential(server: WrappedServer,

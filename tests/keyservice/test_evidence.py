@@ -45,6 +45,11 @@ from tests.client.streams import T0, Seg, build_stream, software_signer, softwar
 RANGE = (T0, T0 + 3_600_000)
 
 
+def _keys(reader: StreamReader) -> dict[bytes, bytes]:
+    """Key id -> minute key of the keys the reader verified (what an export packages)."""
+    return {key_id: k.key for key_id, k in reader.verified_keys.items()}
+
+
 def _export(viewer: SoftwareIdentity, signer: SoftwareSigner, plan: list[Seg],
             recipient: Recipient | None = None) -> tuple[dict[str, bytes], bytes, StreamReader]:
     data, _ = build_stream(viewer, signer, plan)
@@ -52,7 +57,7 @@ def _export(viewer: SoftwareIdentity, signer: SoftwareSigner, plan: list[Seg],
     events = reader.feed(data)
     reader.finish()
     video = b"".join(e.data for e in events if isinstance(e, SegmentPlaintext))
-    keys = reader.opened_keys()
+    keys = _keys(reader)
     collected = collect(((r, bytes(raw)) for r, raw in RecordSplitter().feed(data)), "cam1",
                         keys)
     files = build_package(camera="cam1", from_ms=RANGE[0], to_ms=RANGE[1],
@@ -213,7 +218,7 @@ def test_only_the_collected_segments_keys_go_in(
     reader = StreamReader(viewer, lambda cert: None)
     events = reader.feed(data)
     reader.finish()
-    keys = reader.opened_keys()
+    keys = _keys(reader)
     assert len(keys) == 4
     records = [(r, bytes(raw)) for r, raw in RecordSplitter().feed(data)]
     collected = collect(records, "cam1", keys)
@@ -252,7 +257,7 @@ def test_keys_sealed_to_an_rsa_recipient(parties: tuple[SoftwareIdentity, Softwa
 def _export_keys(viewer: SoftwareIdentity, signer: SoftwareSigner,
                  plan: list[Seg]) -> list[bytes]:
     _, _, reader = _export(viewer, signer, plan)
-    return list(reader.opened_keys().values())
+    return list(_keys(reader).values())
 
 
 def test_keys_sealed_to_an_ec_recipient(parties: tuple[SoftwareIdentity, SoftwareSigner]
@@ -291,7 +296,7 @@ def test_the_range_and_the_stream_are_the_archivers_signed_ones(
     assert not end.ok and any("stream" in f or "END" in f for f in end.failures), end.failures
 
 
-def test_opened_keys_are_exactly_those_of_released_segments(
+def test_verified_keys_are_exactly_those_of_released_segments(
         parties: tuple[SoftwareIdentity, SoftwareSigner]) -> None:
     viewer, signer = parties
     plan = [Seg(T0, b"a" * 100), Seg(T0 + 2000, b"b" * 100, authorized=False),
@@ -302,12 +307,12 @@ def test_opened_keys_are_exactly_those_of_released_segments(
     reader.finish()
     released = [e for e in events if isinstance(e, SegmentPlaintext)]
     assert len(released) == 2
-    keys = reader.opened_keys()
+    keys = _keys(reader)
     records = [r for r, _ in RecordSplitter().feed(data)]
     released_ids = {r.key_id for r in records if type(r).__name__ == "Segment"}
     assert set(keys) == released_ids and len(keys) == 2
     keys.clear()  # a copy: the reader's own stays
-    assert len(reader.opened_keys()) == 2
+    assert len(_keys(reader)) == 2
 
 
 def test_random_damage_never_passes_and_never_crashes(
