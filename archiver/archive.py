@@ -20,7 +20,7 @@ import anyio.to_thread
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.cameras import HealthBoard, SegmentClock, SegmentTime
-from archiver.db import ClientRow, Database, GrantRow, ManifestRow, SegmentRow
+from archiver.db import Database, GrantRow, ManifestRow, SegmentRow, ViewerRow
 from archiver.keying import KeyManager
 from archiver.mpegts import media_span
 from archiver.reindex import ec_public_key as _ec_key
@@ -247,7 +247,7 @@ class Archive:
     def has_recording(self, camera: str, from_ms: int, to_ms: int) -> bool:
         return bool(self.db.manifests_from(camera, from_ms, to_ms, limit=1))
 
-    def playback(self, viewer: ClientRow, camera: str, from_ms: int, to_ms: int,
+    def playback(self, viewer: ViewerRow, camera: str, from_ms: int, to_ms: int,
                  nonce: bytes) -> Iterator[bytes]:
         """The fusion stream of a recorded range, bound to the viewer's request ``nonce``.
         Seeks through the time index, then reads manifests in chain order; the archive's
@@ -285,7 +285,7 @@ class Archive:
         finally:
             assembler.close()
 
-    async def live(self, viewer: ClientRow, camera: str, duration_s: float,
+    async def live(self, viewer: ViewerRow, camera: str, duration_s: float,
                    nonce: bytes) -> AsyncIterator[bytes]:
         """A live fusion stream: segments as they are acknowledged, for duration_s. Reads from
         the archive (not from memory), so a slow viewer costs no memory; one that falls more
@@ -331,7 +331,7 @@ class _Assembler:
     """Builds one viewer's fusion stream: only that viewer's epoch openers and key records,
     each sent once, before the first segment that needs it."""
 
-    def __init__(self, archive: Archive, viewer: ClientRow, camera: str, mode: Mode,
+    def __init__(self, archive: Archive, viewer: ViewerRow, camera: str, mode: Mode,
                  from_ms: int, to_ms: int, nonce: bytes) -> None:
         self._archive = archive
         self._db = archive.db
@@ -364,7 +364,7 @@ class _Assembler:
         changes = self._archive.authorization_changes(self._fingerprint)
         if self._authorized and changes != self._auth_changes:
             self._auth_changes = changes
-            viewer = self._db.client(self._fingerprint)
+            viewer = self._db.viewer(self._fingerprint)
             self._authorized = viewer is not None and viewer.authorized_on(self._camera)
         return self._authorized
 

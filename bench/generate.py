@@ -69,9 +69,9 @@ def authorize(archive: Archive, pem: bytes, now_ms: int) -> str:
     cert = load_certificate(pem)
     oaep = validate_viewer_certificate(cert, now=dt.datetime.now(dt.UTC))
     fp = fingerprint(cert).hex()
-    known = archive.db.client(fp)
+    known = archive.db.viewer(fp)
     if known is None or known.revoked_ms is not None:
-        archive.db.add_client(fp, cert.public_bytes(Encoding.DER), cert.subject.rfc4514_string(),
+        archive.db.add_viewer(fp, cert.public_bytes(Encoding.DER), cert.subject.rfc4514_string(),
                               int(oaep), None, now_ms)
         archive.authorization_changed(fp, None)
     return fp

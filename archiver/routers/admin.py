@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from archiver.auth import digest, new_secret
 from archiver.cameras import CameraState
-from archiver.db import ClientRow
+from archiver.db import ViewerRow
 from archiver.deps import AdminDep, ApiError, ServicesDep
 from archiver.rtsp import PULLER_STOP_S, redact
 from keyservice.certs import load_certificate, validate_viewer_certificate
@@ -152,27 +152,27 @@ def add_client(body: ClientCreate, services: ServicesDep, actor: AdminDep) -> Cl
     if unknown:
         raise ApiError(404, "unknown_camera", f"Unknown camera(s): {', '.join(unknown)}.")
     fp = fingerprint(cert).hex()
-    archive.db.add_client(fp, cert.public_bytes(Encoding.DER), cert.subject.rfc4514_string(),
+    archive.db.add_viewer(fp, cert.public_bytes(Encoding.DER), cert.subject.rfc4514_string(),
                           int(oaep), cameras, archive.clock())
     archive.authorization_changed(fp, None)
     services.audit.record(actor, "client.add", archive.clock(), fingerprint=fp,
                           subject=cert.subject.rfc4514_string(), cameras=cameras or "all",
                           oaep_hash=oaep.label)
-    row = archive.db.client(fp)
+    row = archive.db.viewer(fp)
     assert row is not None
     return _client_info(row)
 
 
 @router.get("/clients")
 def list_clients(services: ServicesDep, actor: AdminDep) -> list[ClientInfo]:
-    return [_client_info(row) for row in services.archive.db.clients()]
+    return [_client_info(row) for row in services.archive.db.viewers()]
 
 
 @router.post("/clients/{fp}/revoke")
 def revoke_client(fp: Fingerprint, body: RevokeRequest, services: ServicesDep,
                   actor: AdminDep) -> Revoked:
     archive = services.archive
-    if not archive.db.revoke_client(fp, archive.clock(), body.delete_key_streams):
+    if not archive.db.revoke_viewer(fp, archive.clock(), body.delete_key_streams):
         raise ApiError(404, "unknown_client", f"No viewer has the fingerprint {fp}.")
     archive.authorization_changed(fp, None)
     services.sessions.end_sessions_of(fp)
@@ -181,7 +181,7 @@ def revoke_client(fp: Fingerprint, body: RevokeRequest, services: ServicesDep,
     return Revoked(fingerprint=fp, revoked=True, key_streams_deleted=body.delete_key_streams)
 
 
-def _client_info(row: ClientRow) -> ClientInfo:
+def _client_info(row: ViewerRow) -> ClientInfo:
     cert = x509.load_der_x509_certificate(row.certificate)
     return ClientInfo(
         fingerprint=row.fingerprint, subject=row.subject, oaep_hash=OaepHash(row.oaep_hash).label,

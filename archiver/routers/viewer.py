@@ -125,7 +125,7 @@ def challenge(body: ChallengeRequest, services: ServicesDep) -> Challenge:
     except CertificateError as exc:
         raise ApiError(422, "bad_certificate", str(exc)) from None
     fp = fingerprint(cert).hex()
-    viewer = archive.db.client(fp)
+    viewer = archive.db.viewer(fp)
     if viewer is None:
         raise ApiError(403, "not_enrolled", "This certificate is not authorized on this "
                        "Archiver; ask an admin to run 'fusion-archiver clients add'.")
