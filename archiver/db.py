@@ -156,6 +156,12 @@ def _migrate_3(conn: sqlite3.Connection) -> None:
             done INTEGER NOT NULL DEFAULT 0
         );
         CREATE INDEX expired_by_camera ON expired_files (camera, to_ms);
+        CREATE TABLE chain_anchors (
+            camera TEXT NOT NULL,
+            manifest_seq INTEGER NOT NULL,
+            record BLOB NOT NULL,
+            PRIMARY KEY (camera, manifest_seq)
+        );
         CREATE INDEX key_records_by_camera ON key_records (camera, valid_from_ms);
         CREATE INDEX segments_by_key ON segments (key_id);
         CREATE INDEX key_records_by_epoch ON key_records (epoch_id);
@@ -388,6 +394,9 @@ class Database:
             # cut. Checkpoint and empty the WAL at open, so there is one state to recover from.
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.execute("PRAGMA foreign_keys=ON")
+            # Deleted rows are overwritten, not left in free pages: crypto-shredding (retention,
+            # --delete-key-streams) must not leave key records readable in the file.
+            self._conn.execute("PRAGMA secure_delete=ON")
             self.migrated_from, self.backup = migrate(self._conn, path.parent)
 
     def close(self) -> None:
@@ -432,6 +441,12 @@ class Database:
 
     def _query(self, sql: str, args: Iterable[object] = ()) -> list[tuple]:
         return self._reader().execute(sql, tuple(args)).fetchall()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and empty it (after shredding: its old frames still
+        hold the deleted rows). Best effort while readers hold an old snapshot."""
+        with self._lock:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def schema_version(self) -> int:
         return self._query("PRAGMA user_version")[0][0]
@@ -677,11 +692,15 @@ class Database:
         return None if count == 0 else (first, last, count)
 
     def expire_file(self, file: str, camera: str, from_ms: int, to_ms: int, reason: str,
-                    now_ms: int) -> None:
+                    now_ms: int, anchors: Iterable[tuple[int, bytes]] = ()) -> None:
         """Step 1 of removing an archive file: in one transaction, its tombstone (a pending
-        removal) and its index rows go. The key material no segment needs any more is
-        shredded next (``shred_unused_keys``), then the files."""
+        removal) and its index rows go, and its first and last signed manifests are kept as
+        chain anchors ``(manifest_seq, record)`` (no key material: they link the chain around
+        the gap). The key material no segment needs any more is shredded next
+        (``shred_unused_keys``), then the files."""
         with self._transaction() as conn:
+            conn.executemany("INSERT OR IGNORE INTO chain_anchors (camera, manifest_seq, record)"
+                             " VALUES (?,?,?)", [(camera, seq, rec) for seq, rec in anchors])
             conn.execute(
                 "INSERT INTO expired_files (file, camera, from_ms, to_ms, reason, removed_ms,"
                 " done) VALUES (?,?,?,?,?,?,0) ON CONFLICT(file) DO NOTHING",
@@ -689,6 +708,12 @@ class Database:
             conn.execute("DELETE FROM segments WHERE file=?", (file,))
             conn.execute("DELETE FROM manifests WHERE file=?", (file,))
             conn.execute("DELETE FROM key_grants WHERE file=?", (file,))
+
+    def anchor(self, camera: str, manifest_seq: int) -> bytes | None:
+        """The signed manifest kept from removed video, to serve as a range's edge."""
+        rows = self._query("SELECT record FROM chain_anchors WHERE camera=? AND manifest_seq=?",
+                           (camera, manifest_seq))
+        return rows[0][0] if rows else None
 
     def file_removed(self, file: str) -> None:
         with self._transaction() as conn:

@@ -76,6 +76,12 @@ class NoRecording(RequestRefused):
     exit_code = 47
 
 
+class RecordingExpired(NoRecording):
+    """The range's video was removed by the Archiver's retention (its keys destroyed)."""
+
+    exit_code = 54
+
+
 class LoginRefused(RequestRefused):
     exit_code = 48
 
@@ -93,6 +99,7 @@ _CODES: dict[str, type[KeyServiceError]] = {
     "not_authorized": NotAuthorized,
     "unknown_camera": UnknownCamera,
     "no_recording": NoRecording,
+    "expired": RecordingExpired,
     "proof_refused": LoginRefused,
     "session_invalid": LoginRefused,
     "unauthenticated": LoginRefused,

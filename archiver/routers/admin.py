@@ -53,6 +53,42 @@ class CameraInfo(BaseModel):
     refused: int = Field(description="Segments that could not be archived since start")
     puller_restarts: int
     message: str = Field(description="Why an RTSP camera cannot be pulled, if it cannot")
+    retention_days: int = Field(description="Days video is kept (the camera's or the site's)")
+    retention_default: bool = Field(description="True if the site default applies")
+    holds: int = Field(description="Evidence holds on the camera")
+    expired_until_ms: int | None = Field(description="End of the latest video retention removed")
+
+
+class RetentionUpdate(BaseModel):
+    days: int | None = Field(ge=1, le=36500, description="None: the site default")
+
+
+class HoldCreate(BaseModel):
+    camera: CameraName
+    from_ms: int = Field(ge=0, le=2**62)
+    to_ms: int = Field(ge=0, le=2**62)
+    reason: str = Field(min_length=1, max_length=1000)
+
+
+class HoldInfo(BaseModel):
+    hold_id: int
+    camera: str
+    from_ms: int
+    to_ms: int
+    reason: str
+    created_by: str
+    created_ms: int
+
+
+class StorageInfo(BaseModel):
+    free_bytes: int
+    min_free_bytes: int
+    retention_days: int = Field(description="The site default")
+    below_watermark: bool = Field(description="Free space is below the threshold and no "
+                                  "unheld video of a past day is left to remove")
+    files_removed: int = Field(description="Archive days removed since start")
+    bytes_reclaimed: int
+    key_records_shredded: int
 
 
 class ClientCreate(BaseModel):
@@ -118,8 +154,70 @@ def list_cameras(services: ServicesDep, actor: AdminDep) -> list[CameraInfo]:
         health = archive.health.health(cam.name, now)
         out.append(CameraInfo(name=cam.name, rtsp_url=redact(cam.rtsp_url) if cam.rtsp_url else None,
                               created_ms=cam.created_ms, segments=count, first_ms=first,
-                              last_ms=last, **asdict(health)))
+                              last_ms=last, **asdict(health),
+                              retention_days=cam.retention_days or services.settings.retention_days,
+                              retention_default=cam.retention_days is None,
+                              holds=len(archive.db.holds(cam.name)),
+                              expired_until_ms=archive.db.expired_until(cam.name)))
     return out
+
+
+@router.put("/cameras/{name}/retention")
+def set_retention(name: Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")],
+                  body: RetentionUpdate, services: ServicesDep, actor: AdminDep) -> CameraInfo:
+    archive = services.archive
+    before = archive.db.camera(name)
+    if before is None or not archive.db.set_retention(name, body.days):
+        raise ApiError(404, "unknown_camera", f"There is no camera named '{name}'.")
+    services.audit.record(actor, "camera.retention", archive.clock(), camera=name,
+                          days=body.days or "default", before=before.retention_days or "default")
+    return next(c for c in list_cameras(services, actor) if c.name == name)
+
+
+@router.get("/storage")
+def storage(services: ServicesDep, actor: AdminDep) -> StorageInfo:
+    retention = services.archive.retention
+    return StorageInfo(free_bytes=retention.free_bytes(),
+                       min_free_bytes=services.settings.min_free_bytes,
+                       retention_days=services.settings.retention_days,
+                       below_watermark=retention.total.below_watermark,
+                       files_removed=retention.total.files_removed,
+                       bytes_reclaimed=retention.total.bytes_reclaimed,
+                       key_records_shredded=retention.total.key_records_shredded)
+
+
+@router.post("/holds", status_code=201)
+def add_hold(body: HoldCreate, services: ServicesDep, actor: AdminDep) -> HoldInfo:
+    archive = services.archive
+    if archive.db.camera(body.camera) is None and not archive.db.expired_files(body.camera):
+        raise ApiError(404, "unknown_camera", f"There is no camera named '{body.camera}'.")
+    if body.to_ms < body.from_ms:
+        raise ApiError(422, "bad_range", "The end of the hold is before its start.")
+    # Under the retention lock: a pass in progress cannot remove the range after this returns.
+    with archive.retention.lock:
+        hold = archive.db.add_hold(body.camera, body.from_ms, body.to_ms, body.reason, actor,
+                                   archive.clock())
+    services.audit.record(actor, "hold.add", archive.clock(), hold_id=hold.hold_id,
+                          camera=hold.camera, from_ms=hold.from_ms, to_ms=hold.to_ms,
+                          reason=hold.reason)
+    return HoldInfo(**asdict(hold))
+
+
+@router.get("/holds")
+def list_holds(services: ServicesDep, actor: AdminDep, camera: str | None = None) -> list[HoldInfo]:
+    return [HoldInfo(**asdict(h)) for h in services.archive.db.holds(camera)]
+
+
+@router.delete("/holds/{hold_id}")
+def remove_hold(hold_id: int, services: ServicesDep, actor: AdminDep) -> HoldInfo:
+    archive = services.archive
+    hold = archive.db.remove_hold(hold_id)
+    if hold is None:
+        raise ApiError(404, "unknown_hold", f"There is no evidence hold {hold_id}.")
+    services.audit.record(actor, "hold.remove", archive.clock(), hold_id=hold.hold_id,
+                          camera=hold.camera, from_ms=hold.from_ms, to_ms=hold.to_ms,
+                          reason=hold.reason)
+    return HoldInfo(**asdict(hold))
 
 
 @router.delete("/cameras/{name}", status_code=204)

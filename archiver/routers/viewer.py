@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
@@ -181,6 +182,10 @@ def cameras(viewer: ViewerDep, services: ServicesDep) -> list[CameraView]:
     return out
 
 
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
+
+
 def _authorize(viewer: ViewerDep, services: ServicesDep, camera: str) -> None:
     # One answer for "no such camera" and "not yours": a viewer cannot enumerate camera names.
     if services.archive.db.camera(camera) is None or not viewer.authorized_on(camera):
@@ -199,6 +204,14 @@ async def recording(camera: CameraPath, viewer: ViewerDep, services: ServicesDep
     if to_ms < from_ms:
         raise ApiError(422, "bad_range", "The end of the range is before its start.")
     if not await run_in_threadpool(archive.has_recording, camera, from_ms, to_ms):
+        expired = [e for e in await run_in_threadpool(archive.db.expired_files, camera)
+                   if e.from_ms <= to_ms and e.to_ms >= from_ms]
+        if expired:
+            until = max(e.to_ms for e in expired)
+            why = " and ".join(sorted({e.reason for e in expired}))
+            raise ApiError(410, "expired", f"The video of camera '{camera}' in the requested "
+                           f"range has expired: it was removed ({why}; its keys destroyed) up "
+                           f"to {_iso(until)}.")
         raise ApiError(404, "no_recording",
                        f"Camera '{camera}' has no recording in the requested range.")
     services.audit.record(viewer.fingerprint, "stream.playback", archive.clock(), camera=camera,
