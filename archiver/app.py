@@ -103,6 +103,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
                          from_ms=from_ms, to_ms=to_ms, reason=reason)
 
         archive.retention.on_removed = removed
+        await asyncio.to_thread(archive.retention.ensure_reserve)
         rtsp = RtspSupervisor(archive.ingest_segment, archive.health.puller_failed)
         services = Services(
             settings=settings, archive=archive,

@@ -102,6 +102,9 @@ def serve(
     min_free_mib: Annotated[int, typer.Option(
         "--min-free-mib", help="Below this much free space (MiB) the oldest unheld video is "
         "removed, whatever its age.")] = 1024,
+    disk_reserve_mib: Annotated[int, typer.Option(
+        "--disk-reserve-mib", help="Space (MiB) set aside for retention to free a full disk "
+        "with.")] = 16,
 ) -> None:
     """Run the Archiver."""
     import os
@@ -125,7 +128,8 @@ def serve(
                             public_metrics=public_metrics, api_docs=api_docs,
                             max_connections=max_connections, retention_days=retention_days,
                             retention_interval_s=retention_interval,
-                            min_free_bytes=min_free_mib * 1024 * 1024)
+                            min_free_bytes=min_free_mib * 1024 * 1024,
+                            reserve_bytes=disk_reserve_mib * 1024 * 1024)
         application = create_app(settings)
     except KeyServiceError as exc:
         _fail(str(exc), exc.exit_code)

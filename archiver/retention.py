@@ -26,7 +26,9 @@ after a pass, so the key bytes do not linger in free pages or old WAL frames.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
+import os
 import re
 import shutil
 import threading
@@ -34,11 +36,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from archiver.db import Database, HoldRow
 from archiver.reindex import _JOURNALED, _records
 from archiver.settings import Settings
-from archiver.storage import ArchiveFiles
+from archiver.storage import ArchiveFiles, StorageFull
 from keyservice.errors import FormatError
 from keyservice.format import EpochOpener, KeyRecord, decode_record
 
@@ -46,6 +49,7 @@ log = logging.getLogger("archiver.retention")
 DAY_MS = 86_400_000
 _DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.(fsa|fsk)$")
 
+T = TypeVar("T")
 REASON_RETENTION = "retention"
 REASON_DISK = "disk space"
 
@@ -94,6 +98,38 @@ class Retention:
         # Totals since start, for the metrics.
         self.total = PassReport()
         self.last_pass: PassReport | None = None
+
+    # --- the reserve ------------------------------------------------------------------
+    @property
+    def reserve_path(self) -> Path:
+        return self.settings.data_dir / "retention-reserve"
+
+    def ensure_reserve(self, room: int = 4) -> None:
+        """Set the reserve aside if it is missing and ``room`` times its size is free (best
+        effort: never the last space of a small disk)."""
+        size = self.settings.reserve_bytes
+        path = self.reserve_path
+        if size == 0 or path.exists():
+            return
+        try:
+            if self.free_bytes() < room * size:
+                return
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            path.unlink(missing_ok=True)
+
+    def _release_reserve(self) -> bool:
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        log.warning("the disk is full: released the retention reserve to make room")
+        return True
 
     # --- what is kept -----------------------------------------------------------------
     def days_of(self, camera: str) -> int:
@@ -151,6 +187,7 @@ class Retention:
             self._remove_old_backups(now, report)
             if report.files_removed or report.key_records_shredded:
                 self.db.checkpoint()  # no old WAL frames with shredded key records
+            self.ensure_reserve()
             report.seconds = time.perf_counter() - started
             self._add_to_totals(report)
             return report
@@ -163,6 +200,7 @@ class Retention:
             removed = self._evict_oldest(self.db.holds(), self.clock(), report)
             if removed:
                 self.db.checkpoint()
+                self.ensure_reserve(room=2)  # for the next time the disk fills
             self._add_to_totals(report)
             return removed
 
@@ -204,7 +242,8 @@ class Retention:
                     anchors.append((row.manifest_seq, reader.read(row.offset, row.length)))
             finally:
                 reader.close()
-        self.db.expire_file(rel, camera, span[0], span[1], reason, self.clock(), anchors)
+        self._with_room(self.db.expire_file, rel, camera, span[0], span[1], reason,
+                        self.clock(), anchors)
         self._shred_and_delete(camera, day, report)
         report.removed.append((rel, reason))
         if self.on_removed is not None:
@@ -216,19 +255,32 @@ class Retention:
     def _shred_and_delete(self, camera: str, day: str, report: PassReport) -> None:
         """Steps 2-4 of a removal (idempotent: a crash anywhere here is finished next pass)."""
         end = day_start_ms(day) + DAY_MS
-        records, epochs = self.db.shred_unused_keys(camera, before_ms=end)
+        records, epochs = self._with_room(self.db.shred_unused_keys, camera, end)
         report.key_records_shredded += records
         report.epochs_shredded += epochs
         # A key rotated late the day before may have sealed this day's first segments: its
         # records are in the previous day's journal.
         in_use = self.db.key_ids_in_use(camera)
         for journal_day in (_day_of(day_start_ms(day) - DAY_MS), day):
-            self._rewrite_journal(f"{camera}/{journal_day}.fsk", in_use, end, report)
+            self._with_room(self._rewrite_journal, f"{camera}/{journal_day}.fsk", in_use, end,
+                            report)
         rel = f"{camera}/{day}.fsa"
         size = self.files.remove(rel)
         report.bytes_reclaimed += size
         report.files_removed += 1
-        self.db.file_removed(rel)
+        self._with_room(self.db.file_removed, rel)
+
+    def _with_room(self, step: Callable[..., T], *args: Any) -> T:
+        """A step of a removal; if the disk is full (deleting rows needs room in SQLite's
+        WAL, rewriting a journal a temporary file), the reserve is given back, once."""
+        try:
+            return step(*args)
+        except (StorageFull, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if not self._release_reserve():
+                raise
+            return step(*args)
 
     def _rewrite_journal(self, rel: str, in_use: set[bytes], before_ms: int,
                          report: PassReport) -> None:

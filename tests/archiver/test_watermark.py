@@ -5,9 +5,14 @@ with its SoftHSM signing key, a viewer enrolled on a SoftHSM token, an injected 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+import httpx
+import pytest
 
 from archiver.archive import Archive
 from archiver.auth import digest, new_secret
@@ -16,9 +21,16 @@ from archiver.settings import Settings
 from archiver.signing import open_signer
 from bench.generate import authorize, segment_bytes
 from tests.archiver.conftest import Viewer
-from tests.archiver.retention_helpers import DAY_MS, day_name, today_ms
+from tests.archiver.retention_helpers import DAY_MS, day_name, generate, today_ms
 from tests.fixtures.tokens import TokenHandle
 from tests.fixtures.viewer import play
+from tests.hardening.conftest import (
+    Uploader,
+    WrappedServer,
+    check_archive,
+    check_played,
+    play_camera,
+)
 
 KiB = 1024
 SEGMENT_MS = 30 * 60_000  # 48 segments a simulated day
@@ -82,3 +94,58 @@ def test_a_full_disk_keeps_ingesting_by_evicting_the_oldest_unheld_video(
             segment_bytes("lobby", 48 + i, SIZE) for i in range(48)]
     finally:
         archive.close()
+
+
+def _namespace_wrapper() -> tuple[str, ...]:
+    # As root a mount namespace is enough; otherwise a user namespace maps us to root in it.
+    return ("unshare", "--mount") if os.geteuid() == 0 else (
+        "unshare", "--user", "--map-root-user", "--mount")
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) is not installed")
+def test_a_really_full_disk_evicts_the_oldest_day_and_the_segment_is_archived(
+        tmp_path: Path, make_viewer: Callable[[str], Viewer]) -> None:
+    """No simulation: the data directory on a 24 MiB tmpfs (private mount namespace), three
+    past days of another camera on it, the watermark off (--min-free-mib 0). A segment that
+    finds the disk full makes ingest remove the oldest unheld past day at once and is archived;
+    507 comes only once no past day is left."""
+    viewer = make_viewer("dana")
+    data = tmp_path / "archiver"
+    stash = tmp_path / "stash"
+    generate(data, "old", today_ms() - 4 * DAY_MS, 72, 1800, 100 * KiB, [viewer.pem])
+    server = WrappedServer(
+        data, wrapper=_namespace_wrapper(),
+        extra_args=("--min-free-mib", "0", "--retention-days", "3650", "--disk-reserve-mib", "1"),
+        setup_script=f"cp -a '{data}' '{stash}'\n"
+                     f"mount -t tmpfs -o size=24m,mode=0700 fusion-test '{data}'\n"
+                     f"cp -a '{stash}/.' '{data}/'").start()
+    try:
+        token = server.add_camera("live")
+        uploader = Uploader(server.url, "live", token, sizes=(150_000, 150_000))
+        past = sorted(p.name for p in server.path("archive/old").glob("*.fsa"))
+        assert len(past) == 3
+        left_at_first_refusal = None
+        with httpx.Client(timeout=60) as client:
+            for _ in range(300):
+                status = uploader.put_one(client)
+                if status != 201:
+                    assert status == 507, uploader.error_bodies
+                    left_at_first_refusal = list(server.path("archive/old").glob("*.fsa"))
+                    break
+            else:
+                pytest.fail("the 24 MiB disk never filled")
+        # Every past day went (oldest first, for disk space) before ingest said 507.
+        assert left_at_first_refusal == []
+        removed = [e for e in map(json.loads, server.path("audit.jsonl").read_text().splitlines())
+                   if e.get("action") == "retention.remove"]
+        assert [e["file"] for e in removed] == [f"old/{name}" for name in past]
+        assert {e["reason"] for e in removed} == {REASON_DISK}
+        # Well over what fit beside the past days (about 8 MiB free at the start).
+        assert len(uploader.acked) * 150_000 > 16 * 1024 * KiB
+        report = check_archive(server.path())
+        assert report.segments == len(uploader.acked)
+        played = play_camera(server.url, viewer.identity, "live")
+        check_played(played, [uploader])
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
