@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from bench.generate import segment_bytes
+from keyservice.token import Token
 from tests.archiver.conftest import Viewer
 from tests.archiver.retention_helpers import (
     DAY_MS,
@@ -26,6 +28,7 @@ from tests.archiver.retention_helpers import (
     today_ms,
 )
 from tests.fixtures.server import REPO_ROOT, ArchiverServer
+from tests.fixtures.tokens import TokenHandle, enroll_viewer
 from tests.fixtures.viewer import fetch, login, play
 
 SEGMENT_S = 1800  # 48 segments a day
@@ -46,8 +49,9 @@ def _audit(data_dir: Path, action: str) -> list[dict]:
 
 
 def test_retention_destroys_expired_video_and_its_keys_and_keeps_held_video(
-        tmp_path: Path, make_viewer: Callable[[str], Viewer]) -> None:
-    viewer = make_viewer("alice")
+        tmp_path: Path, softhsm_token: TokenHandle) -> None:
+    pem = enroll_viewer(softhsm_token, "alice", bits=2048)
+    viewer = Viewer("alice", pem, Token.open(softhsm_token.uri).identity("alice"))
     data = tmp_path / "archiver"
     start = today_ms() - 5 * DAY_MS  # three full days: d0, d1, d2 (5, 4 and 3 days ago)
     generate(data, "door", start, 72, SEGMENT_S, SIZE, [viewer.pem])
@@ -93,6 +97,19 @@ def test_retention_destroys_expired_video_and_its_keys_and_keeps_held_video(
         expired = fetch(server.url, session, "door", days[0], days[0] + 3600_000)
         assert expired.status_code == 410 and expired.json()["error"] == "expired"
         assert "expired" in expired.json()["message"]
+        # The viewer program says so too, with its own exit code.
+        env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
+        env["FUSION_CLIENT_HOME"] = str(tmp_path / "client-home")
+        out = tmp_path / "expired.ts"
+        played_cli = subprocess.run(
+            [sys.executable, "-m", "client", "play", "--archiver", server.url, "--token",
+             softhsm_token.object_uri("alice"), "--camera", "door", "--from", _iso(days[0]),
+             "--to", _iso(days[0] + 3600_000), "-o", str(out)],
+            capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120,
+            stdin=subprocess.DEVNULL, check=False)
+        assert played_cli.returncode == 54, played_cli.stderr
+        assert "has expired" in played_cli.stderr and "Traceback" not in played_cli.stderr
+        assert not out.exists()
         # The camera listing shows it; the removal and the hold are audited.
         camera = json.loads(cli("cameras", "list", "--json", *url).stdout)["cameras"][0]
         assert (camera["retention_days"], camera["holds"]) == (2, 1)
