@@ -87,6 +87,15 @@ def _signed(key: ec.EllipticCurvePublicKey, record: Manifest | KeyGrant) -> bool
     return True
 
 
+def _same(row: tuple, expected: tuple) -> bool:
+    """An index row equals what the file holds (bytes compared in constant time, as
+    everywhere in the Archiver)."""
+    return len(row) == len(expected) and all(
+        hmac.compare_digest(a, b) if isinstance(a, bytes) and isinstance(b, bytes)
+        else type(a) is type(b) and a == b
+        for a, b in zip(row, expected, strict=True))
+
+
 def _open_index(db_path: Path) -> sqlite3.Connection:
     if not db_path.exists():
         raise UsageError(f"There is no Archiver index at {db_path}.")
@@ -178,8 +187,8 @@ def check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey) -> CheckReport
                     problem(Problem("unindexed", rel, pos, f"{rel}: the segment at offset {pos} "
                                     "(camera {0}, seq {1}) is not in the index".format(
                                         record.camera, record.seq)))
-                elif row != (record.camera, int(record.stream), record.seq, record.capture_ms,
-                             record.key_id, len(raw), digest):
+                elif not _same(row, (record.camera, int(record.stream), record.seq,
+                                     record.capture_ms, record.key_id, len(raw), digest)):
                     problem(Problem("index_mismatch", rel, pos, f"{rel}: the segment at offset "
                                     f"{pos} differs from its index row (damaged bytes?)"))
             elif isinstance(record, Manifest):
@@ -188,7 +197,7 @@ def check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey) -> CheckReport
                 if row is None:
                     problem(Problem("unindexed", rel, pos, f"{rel}: manifest {record.manifest_seq} "
                                     f"at offset {pos} is not in the index"))
-                elif row != (record.camera, record.manifest_seq, len(raw), digest):
+                elif not _same(row, (record.camera, record.manifest_seq, len(raw), digest)):
                     problem(Problem("index_mismatch", rel, pos, f"{rel}: manifest at offset {pos} "
                                     "differs from its index row"))
                 if not _signed(key, record) or record.camera != camera:
@@ -207,7 +216,7 @@ def check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey) -> CheckReport
                     (record.manifest_seq, record.prev_hash, digest, rel))
             elif isinstance(record, KeyGrant):
                 row = grants.pop((rel, pos), None)
-                if row != (record.camera, record.key_id, len(raw)):
+                if row is None or not _same(row, (record.camera, record.key_id, len(raw))):
                     problem(Problem("unindexed" if row is None else "index_mismatch", rel, pos,
                                     f"{rel}: the key grant at offset {pos} is not indexed as it is"))
                 if not _signed(key, record):

@@ -13,8 +13,8 @@ from pydantic import BaseModel, Field
 
 from archiver.auth import digest, new_secret
 from archiver.cameras import CameraState
-from archiver.db import ViewerRow
-from archiver.deps import AdminDep, ApiError, ServicesDep
+from archiver.db import CameraRow, ViewerRow
+from archiver.deps import AdminDep, ApiError, Services, ServicesDep
 from archiver.rtsp import PULLER_STOP_S, redact
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError, FormatError
@@ -146,32 +146,35 @@ def add_camera(body: CameraCreate, services: ServicesDep, actor: AdminDep) -> Ca
 @router.get("/cameras")
 def list_cameras(services: ServicesDep, actor: AdminDep) -> list[CameraInfo]:
     archive = services.archive
-    out = []
-    now = archive.clock()
-    for cam in archive.db.cameras():
-        recorded = archive.db.recorded_range(cam.name)
-        first, last, count = recorded or (None, None, 0)
-        health = archive.health.health(cam.name, now)
-        out.append(CameraInfo(name=cam.name, rtsp_url=redact(cam.rtsp_url) if cam.rtsp_url else None,
-                              created_ms=cam.created_ms, segments=count, first_ms=first,
-                              last_ms=last, **asdict(health),
-                              retention_days=cam.retention_days or services.settings.retention_days,
-                              retention_default=cam.retention_days is None,
-                              holds=len(archive.db.holds(cam.name)),
-                              expired_until_ms=archive.db.expired_until(cam.name)))
-    return out
+    return [_camera_info(cam, services) for cam in archive.db.cameras()]
+
+
+def _camera_info(cam: CameraRow, services: Services) -> CameraInfo:
+    archive = services.archive
+    recorded = archive.db.recorded_range(cam.name)
+    first, last, count = recorded or (None, None, 0)
+    health = archive.health.health(cam.name, archive.clock())
+    return CameraInfo(name=cam.name, rtsp_url=redact(cam.rtsp_url) if cam.rtsp_url else None,
+                      created_ms=cam.created_ms, segments=count, first_ms=first,
+                      last_ms=last, **asdict(health),
+                      retention_days=cam.retention_days or services.settings.retention_days,
+                      retention_default=cam.retention_days is None,
+                      holds=len(archive.db.holds(cam.name)),
+                      expired_until_ms=archive.db.expired_until(cam.name))
 
 
 @router.put("/cameras/{name}/retention")
 def set_retention(name: Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")],
                   body: RetentionUpdate, services: ServicesDep, actor: AdminDep) -> CameraInfo:
     archive = services.archive
-    before = archive.db.camera(name)
+    before = archive.db.camera(name)  # a removed camera too: its archive still expires
     if before is None or not archive.db.set_retention(name, body.days):
         raise ApiError(404, "unknown_camera", f"There is no camera named '{name}'.")
     services.audit.record(actor, "camera.retention", archive.clock(), camera=name,
                           days=body.days or "default", before=before.retention_days or "default")
-    return next(c for c in list_cameras(services, actor) if c.name == name)
+    after = archive.db.camera(name)
+    assert after is not None
+    return _camera_info(after, services)
 
 
 @router.get("/storage")
