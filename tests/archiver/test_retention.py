@@ -183,3 +183,19 @@ def _iso(ms: int) -> str:
     import datetime as dt
 
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat()
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (("holds", "add", "door", "--from", "yesterday", "--to", "2026-01-01T00:00Z",
+      "--reason", "x"), "not an ISO 8601 time"),
+    (("holds", "add", "door", "--from", "2026-01-01T00:00", "--to", "2026-01-01T01:00Z",
+      "--reason", "x"), "give the time zone"),
+    (("cameras", "retention", "door", "0"), "at least 1 day"),
+    (("cameras", "retention", "door", "forever"), "not a number of days"),
+])
+def test_bad_retention_and_hold_arguments_are_refused_before_any_request(
+        args: tuple[str, ...], words: str) -> None:
+    # The URL points nowhere: the refusal must come before any connection.
+    result = cli(*args, "--url", "http://127.0.0.1:9", "--admin-token", "x", check=False)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
