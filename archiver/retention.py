@@ -181,8 +181,9 @@ class Retention:
             while self.free_bytes() < self.settings.min_free_bytes:
                 if not self._evict_oldest(holds, now, report):
                     report.below_watermark = True
-                    log.warning("free space is below %d bytes and no unheld video of a past "
-                                "day is left to remove", self.settings.min_free_bytes)
+                    if not self.total.below_watermark:  # once, not every pass
+                        log.warning("free space is below %d bytes and no unheld video of a "
+                                    "past day is left to remove", self.settings.min_free_bytes)
                     break
             self._remove_old_backups(now, report)
             if report.files_removed or report.key_records_shredded:
