@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import sqlite3
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from archiver.auth import digest
 from archiver.db import SCHEMA_VERSION, Database, SegmentRow
+from keyservice.certs import load_certificate, read_oaep_hash
 from keyservice.errors import UsageError
+from keyservice.identity import fingerprint
+from tests.archiver.conftest import Viewer
+from tests.fixtures.server import ArchiverServer
+from tests.fixtures.viewer import fetch, login, play
 
 FIXTURE = Path(__file__).parent / "fixtures" / "schema_v0.sql"
 
@@ -91,3 +99,39 @@ def test_a_database_from_a_newer_archiver_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(UsageError, match="schema version"):
         Database(path)
+
+
+def test_a_real_archiver_starts_on_an_old_data_directory_and_carries_on(
+        tmp_path: Path, make_viewer: Callable[[str], Viewer]) -> None:
+    """The whole Archiver on a version-0 index: it migrates at start, knows its camera and its
+    viewer (now in the viewers table), takes a segment on the camera's old token, and the
+    viewer plays it."""
+    viewer = make_viewer("olga")
+    cert = load_certificate(viewer.pem.read_bytes())
+    fp = fingerprint(cert).hex()
+    data = tmp_path / "archiver"
+    data.mkdir()
+    conn = sqlite3.connect(data / "archiver.sqlite3")
+    conn.executescript(FIXTURE.read_text())
+    conn.execute("INSERT INTO cameras VALUES ('door', ?, NULL, 1000, NULL)", (digest("tok"),))
+    oaep = read_oaep_hash(cert)  # what the viewer's token opens (SoftHSM: SHA-1)
+    assert oaep is not None
+    conn.execute("INSERT INTO clients VALUES (?, ?, ?, ?, 1, 2000, NULL, 0)",
+                 (fp, cert.public_bytes(Encoding.DER), cert.subject.rfc4514_string(), int(oaep)))
+    conn.commit()
+    conn.close()
+    server = ArchiverServer(data).start()
+    try:
+        assert [c["name"] for c in server.admin("GET", "/v1/admin/cameras", expect=200)] == [
+            "door"]
+        assert [v["fingerprint"] for v in server.admin("GET", "/v1/admin/clients",
+                                                        expect=200)] == [fp]
+        assert server.put_segment("door", "tok", b"old data directory, new segment") == 201
+        session = login(server.url, viewer.identity)
+        response = fetch(server.url, session, "door")
+        assert response.status_code == 200, response.text
+        played = play(viewer.identity, response.content)
+        assert played.ended and played.data == b"old data directory, new segment"
+    finally:
+        server.stop()
+    assert len(list(data.glob("archiver.sqlite3.v0-*.bak"))) == 1
