@@ -237,9 +237,9 @@ class Archive:
         with self._cameras_lock:
             state = self._cameras.get(camera)
             if state is None:
-                last = self.db.last_manifest(camera)
-                chain = (ManifestChain(camera) if last is None
-                         else ManifestChain(camera, last.manifest_seq + 1, last.hash))
+                tail = self.db.chain_tail(camera)
+                chain = (ManifestChain(camera) if tail is None
+                         else ManifestChain(camera, tail[0] + 1, tail[1]))
                 state = self._cameras[camera] = _CameraState(chain)
             return state
 

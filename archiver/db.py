@@ -14,6 +14,7 @@ columns, so a table's column order does not matter.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
 import sqlite3
@@ -27,6 +28,7 @@ from typing import Any
 
 from archiver.storage import StorageFailed, StorageFull
 from keyservice.errors import UsageError
+from keyservice.format import Manifest, decode_record
 
 log = logging.getLogger("archiver.db")
 
@@ -618,10 +620,35 @@ class Database:
                            " ORDER BY manifest_seq DESC LIMIT 1", (camera,))
         return ManifestRow(*rows[0]) if rows else None
 
+    def chain_tail(self, camera: str) -> tuple[int, bytes] | None:
+        """(sequence, SHA-256) of the camera's last manifest: indexed, or kept as an anchor
+        when retention removed everything after it was issued. A camera whose whole archive
+        expired continues its chain; it does not start a new one."""
+        tails = []
+        last = self.last_manifest(camera)
+        if last is not None:
+            tails.append((last.manifest_seq, last.hash))
+        rows = self._query("SELECT manifest_seq, record FROM chain_anchors WHERE camera=?"
+                           " ORDER BY manifest_seq DESC LIMIT 1", (camera,))
+        if rows:
+            tails.append((rows[0][0], hashlib.sha256(rows[0][1]).digest()))
+        return max(tails) if tails else None
+
     def next_segment_seq(self, camera: str, stream: int) -> int:
         rows = self._query("SELECT MAX(seq) FROM segments WHERE camera=? AND stream=?",
                            (camera, stream))
-        return 0 if rows[0][0] is None else rows[0][0] + 1
+        if rows[0][0] is not None:
+            return rows[0][0] + 1
+        # All of the stream's segments expired: go on after those its last anchor covers.
+        anchors = self._query("SELECT record FROM chain_anchors WHERE camera=?"
+                              " ORDER BY manifest_seq DESC LIMIT 1", (camera,))
+        if anchors:
+            manifest = decode_record(anchors[0][0])
+            if isinstance(manifest, Manifest):
+                seqs = [e.seq for e in manifest.entries if int(e.stream) == stream]
+                if seqs:
+                    return max(seqs) + 1
+        return 0
 
     def manifests_from(self, camera: str, from_ms: int, to_ms: int, after_seq: int = -1,
                        limit: int = 256) -> list[ManifestRow]:

@@ -250,9 +250,9 @@ def recover(archive_dir: Path, db: Database, key: ec.EllipticCurvePublicKey) -> 
             continue
         chain = chains.get(camera)
         if chain is None:
-            last = db.last_manifest(camera)
-            chain = chains[camera] = (ChainState(0) if last is None
-                                      else ChainState(last.manifest_seq + 1, last.hash))
+            tail = db.chain_tail(camera)
+            chain = chains[camera] = (ChainState(0) if tail is None
+                                      else ChainState(tail[0] + 1, tail[1]))
         groups, signed_beyond = scan(path, rel, camera, acknowledged, chain, key)
         groups = _with_end_times(groups)
         for group in groups:

@@ -201,3 +201,48 @@ def test_bad_retention_and_hold_arguments_are_refused_before_any_request(
     result = cli(*args, "--url", "http://127.0.0.1:9", "--admin-token", "x", check=False)
     assert result.returncode == 2 and words in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_camera_whose_whole_archive_expired_continues_its_chain(
+        tmp_path: Path, softhsm_token: TokenHandle) -> None:
+    """In process (the Archiver's write path and SoftHSM signer, an injected clock): every day
+    of a camera expires, then it records again. Its chain goes on from the manifest kept at
+    the edge (it does not restart at 0), its segment numbers too, and the checker agrees."""
+    from archiver.archive import Archive
+    from archiver.auth import digest, new_secret
+    from archiver.settings import Settings
+    from archiver.signing import open_signer
+
+    data = tmp_path / "archiver"
+    settings = Settings(data_dir=data, signer_token_uri=softhsm_token.uri, retention_days=1,
+                        min_free_bytes=0, reserve_bytes=0)
+    start = today_ms() - 5 * DAY_MS
+    now = [start]
+    archive = Archive(settings, open_signer(settings), clock=lambda: now[0])
+    try:
+        archive.db.add_camera("gate", digest(new_secret()), None, start)
+        for index in range(3):
+            now[0] = start + index * 60_000
+            archive.ingest_segment("gate", b"before %d" % index, now_ms=now[0])
+        tail_before = archive.db.chain_tail("gate")
+        assert tail_before is not None and tail_before[0] == 2
+        now[0] = today_ms() + 3600_000
+        archive.retention.run()
+        assert archive.db.recorded_range("gate") is None  # everything expired
+        archive._cameras.clear()  # as after a restart: the chain is read from the index
+        row = archive.ingest_segment("gate", b"after", now_ms=now[0])
+        assert row.manifest_seq == 3 and row.seq == 3
+        manifest = archive.db.last_manifest("gate")
+        assert manifest is not None
+        stored = (data / "archive" / manifest.file).read_bytes()
+        from keyservice.format import Manifest, decode_record
+        issued = decode_record(stored[manifest.offset:manifest.offset + manifest.length])
+        assert isinstance(issued, Manifest) and issued.prev_hash == tail_before[1]
+        key = archive.signer.certificate.public_key()
+    finally:
+        archive.close()
+    from archiver.check import check_archive
+
+    report = check_archive(data, key)
+    # Anchors 0 and 2 (the removed day's first and last) and manifest 3 in the new file.
+    assert report.ok and report.cameras == {"gate": 3}, report.problems
