@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from archiver.archive import Archive
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, new_secret
-from archiver.db import ClientRow
+from archiver.db import ViewerRow
 from archiver.rtsp import PULLER_STOP_S, RtspSupervisor
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError, FormatError
@@ -82,7 +82,7 @@ class Admin:
 
     # --- viewers -----------------------------------------------------------------------
     def authorize_viewer(self, actor: str, pem: bytes, cameras: list[str] | None,
-                         oaep_hash: str | None = None) -> ClientRow:
+                         oaep_hash: str | None = None) -> ViewerRow:
         """Authorize a viewer certificate on ``cameras`` (None: all, present and future); the
         keys of its cameras rotate at once, so it gets nothing recorded before."""
         archive = self.archive
@@ -101,12 +101,12 @@ class Admin:
                                f"Unknown camera(s): {', '.join(unknown)}.")
         fp = fingerprint(cert).hex()
         subject = cert.subject.rfc4514_string()
-        archive.db.add_client(fp, cert.public_bytes(Encoding.DER), subject, int(oaep), wanted,
+        archive.db.add_viewer(fp, cert.public_bytes(Encoding.DER), subject, int(oaep), wanted,
                               archive.clock())
         archive.authorization_changed(fp, None)
         self.audit.record(actor, "client.add", archive.clock(), fingerprint=fp, subject=subject,
                           cameras=wanted or "all", oaep_hash=oaep.label)
-        row = archive.db.client(fp)
+        row = archive.db.viewer(fp)
         assert row is not None
         return row
 
@@ -114,7 +114,7 @@ class Admin:
         """Revoke a viewer: no new keys for it from now on (keys rotate), its sessions end; with
         ``delete_key_streams`` its stored key records go too (crypto-shredding for it)."""
         archive = self.archive
-        if not archive.db.revoke_client(fp, archive.clock(), delete_key_streams):
+        if not archive.db.revoke_viewer(fp, archive.clock(), delete_key_streams):
             raise AdminRefused(ErrorCode.UNKNOWN_VIEWER, f"No viewer has the fingerprint {fp}.")
         archive.authorization_changed(fp, None)
         if self.sessions is not None:

@@ -57,12 +57,30 @@ async def _watch_camera_health(archive: Archive, audit: AuditLog) -> None:
                          last_segment_ms=health.last_segment_ms, message=health.message)
 
 
+async def _apply_retention(archive: Archive) -> None:
+    """Retention, continuously: a pass at start (it also finishes a removal a crash
+    interrupted), then every retention_interval_s. A pass that fails is tried again later."""
+    while True:
+        try:
+            report = await asyncio.to_thread(archive.retention.run)
+            if report.files_removed:
+                log.info("retention: removed %d archive day(s), %d bytes; shredded %d key "
+                         "record(s) and %d epoch opener(s) in %.2f s", report.files_removed,
+                         report.bytes_reclaimed, report.key_records_shredded,
+                         report.epochs_shredded, report.seconds)
+        except Exception:
+            log.exception("the retention pass failed; trying again at the next one")
+        await asyncio.sleep(archive.settings.retention_interval_s)
+
+
 def create_app(settings: Settings, signer: Signer | None = None,
-               clock: Callable[[], int] = wall_clock_ms) -> FastAPI:
+               clock: Callable[[], int] = wall_clock_ms,
+               free_bytes: Callable[[], int] | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         secure_data_dir(settings.data_dir)
-        archive = Archive(settings, signer or open_signer(settings), clock=clock)
+        archive = Archive(settings, signer or open_signer(settings), clock=clock,
+                          free_bytes=free_bytes)
         admin_token, created = ensure_admin_token(settings.admin_token_path)
         if created:
             log.warning("created the admin token in %s (mode 0600)", settings.admin_token_path)
@@ -81,6 +99,13 @@ def create_app(settings: Settings, signer: Signer | None = None,
                         fingerprint[:16])
 
         archive.keys.on_expired = expired
+
+        def removed(camera: str, file: str, from_ms: int, to_ms: int, reason: str) -> None:
+            audit.record("archiver", "retention.remove", clock(), camera=camera, file=file,
+                         from_ms=from_ms, to_ms=to_ms, reason=reason)
+
+        archive.retention.on_removed = removed
+        await asyncio.to_thread(archive.retention.ensure_reserve)
         rtsp = RtspSupervisor(archive.ingest_segment, archive.health.puller_failed)
         services = Services(
             settings=settings, archive=archive,
@@ -109,10 +134,14 @@ def create_app(settings: Settings, signer: Signer | None = None,
 
         flusher = asyncio.create_task(flush_refusals())
         monitor = asyncio.create_task(_watch_camera_health(archive, audit))
+        retention = asyncio.create_task(_apply_retention(archive))
         try:
             yield
         finally:
             monitor.cancel()
+            retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retention
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher

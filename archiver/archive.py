@@ -20,13 +20,14 @@ import anyio.to_thread
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.cameras import HealthBoard, SegmentClock, SegmentTime
-from archiver.db import ClientRow, Database, GrantRow, ManifestRow, SegmentRow
+from archiver.db import Database, GrantRow, ManifestRow, SegmentRow, ViewerRow
 from archiver.keying import KeyManager
 from archiver.mpegts import media_span
 from archiver.reindex import ec_public_key as _ec_key
 from archiver.reindex import recover
+from archiver.retention import Retention
 from archiver.settings import Settings
-from archiver.storage import ArchiveFiles, ArchiveReader
+from archiver.storage import ArchiveFiles, ArchiveReader, StorageFull
 from keyservice.crypto import seal_segment
 from keyservice.format import (
     ZERO_HASH,
@@ -100,7 +101,9 @@ class Notifier:
 class Archive:
     def __init__(self, settings: Settings, signer: Signer,
                  clock: Callable[[], int] = wall_clock_ms,
-                 rng: Callable[[int], bytes] = os.urandom) -> None:
+                 rng: Callable[[int], bytes] = os.urandom,
+                 free_bytes: Callable[[], int] | None = None) -> None:
+        """``free_bytes``: the archive file system's free space (default: its real reading)."""
         self.settings = settings
         self.signer = signer
         self.clock = clock
@@ -114,6 +117,7 @@ class Archive:
                                         _ec_key(signer.certificate.public_key()))
         self.keys = KeyManager(self.db, settings.key_period_s, rng, signer,
                                journal=self._journal_keys)
+        self.retention = Retention(settings, self.db, self.files, clock, free_bytes)
         self.notifier = Notifier()
         self.health = HealthBoard()
         # Per viewer, how often its authorization changed in this process: an open stream
@@ -129,8 +133,9 @@ class Archive:
         self.files.append(self.files.key_file_for(camera, now_ms), records)
 
     def close(self) -> None:
-        self.files.close()
-        self.db.close()
+        with self.retention.lock:  # a pass in progress finishes its step first
+            self.files.close()
+            self.db.close()
 
     # --- ingest -----------------------------------------------------------------------
     def ingest_segment(self, camera: str, data: bytes, stream: DataStream = DataStream.VIDEO,
@@ -138,6 +143,19 @@ class Archive:
         """Encrypt, sign, append durably and index one segment. Returns only once it is
         acknowledged: fsynced and committed. Its time is [start, end] of the video it holds
         (archiver.cameras explains the rule); ``now_ms`` is its arrival."""
+        try:
+            return self._ingest(camera, data, stream, now_ms)
+        except StorageFull:
+            # Ingest does not stop while unheld video of a past day can go: the oldest goes
+            # now (not at the next retention pass) and the segment is tried once more.
+            if not self.retention.make_room():
+                raise
+            log.warning("the disk was full: removed the oldest unheld video to archive a "
+                        "segment of %s", camera)
+            return self._ingest(camera, data, stream, now_ms)
+
+    def _ingest(self, camera: str, data: bytes, stream: DataStream,
+                now_ms: int | None) -> SegmentRow:
         now = self.clock() if now_ms is None else now_ms
         span = media_span(data)  # reads a few packets at each end, outside the lock
         state = self._camera_state(camera)
@@ -219,9 +237,9 @@ class Archive:
         with self._cameras_lock:
             state = self._cameras.get(camera)
             if state is None:
-                last = self.db.last_manifest(camera)
-                chain = (ManifestChain(camera) if last is None
-                         else ManifestChain(camera, last.manifest_seq + 1, last.hash))
+                tail = self.db.chain_tail(camera)
+                chain = (ManifestChain(camera) if tail is None
+                         else ManifestChain(camera, tail[0] + 1, tail[1]))
                 state = self._cameras[camera] = _CameraState(chain)
             return state
 
@@ -247,7 +265,7 @@ class Archive:
     def has_recording(self, camera: str, from_ms: int, to_ms: int) -> bool:
         return bool(self.db.manifests_from(camera, from_ms, to_ms, limit=1))
 
-    def playback(self, viewer: ClientRow, camera: str, from_ms: int, to_ms: int,
+    def playback(self, viewer: ViewerRow, camera: str, from_ms: int, to_ms: int,
                  nonce: bytes, grant: GrantedKeys | None = None) -> Iterator[bytes]:
         """The fusion stream of a recorded range, bound to the viewer's request ``nonce``.
         Seeks through the time index, then reads manifests in chain order; the archive's
@@ -275,7 +293,10 @@ class Archive:
                     break
                 following = self.db.manifests_after(camera, after, 1)
                 if not following or following[0].manifest_seq != after + 1:
-                    break  # not indexed: the viewer will report the end as unproven
+                    # Removed by retention: its kept manifest is the edge. Otherwise not
+                    # indexed: the viewer will report the end as unproven.
+                    yield assembler.edge(camera, after + 1)
+                    break
                 row = following[0]
                 if row.first_capture_ms <= to_ms:  # archived while this stream was served
                     yield assembler.manifest(row)
@@ -287,7 +308,7 @@ class Archive:
         finally:
             assembler.close()
 
-    async def live(self, viewer: ClientRow, camera: str, duration_s: float,
+    async def live(self, viewer: ViewerRow, camera: str, duration_s: float,
                    nonce: bytes) -> AsyncIterator[bytes]:
         """A live fusion stream: segments as they are acknowledged, for duration_s. Reads from
         the archive (not from memory), so a slow viewer costs no memory; one that falls more
@@ -343,7 +364,7 @@ class _Assembler:
     each sent once, before the first segment that needs it. Under an access grant: only the
     segments whose keys the grant carries, and no key material at all."""
 
-    def __init__(self, archive: Archive, viewer: ClientRow, camera: str, mode: Mode,
+    def __init__(self, archive: Archive, viewer: ViewerRow, camera: str, mode: Mode,
                  from_ms: int, to_ms: int, nonce: bytes,
                  grant: GrantedKeys | None = None) -> None:
         self._grant = grant
@@ -382,7 +403,7 @@ class _Assembler:
         changes = self._archive.authorization_changes(self._fingerprint)
         if self._authorized and changes != self._auth_changes:
             self._auth_changes = changes
-            viewer = self._db.client(self._fingerprint)
+            viewer = self._db.viewer(self._fingerprint)
             self._authorized = viewer is not None and viewer.authorized_on(self._camera)
         return self._authorized
 
@@ -432,7 +453,8 @@ class _Assembler:
         the viewer then reports the range's edge as unproven)."""
         rows = self._db.manifests_after(camera, manifest_seq - 1, 1)
         if not rows or rows[0].manifest_seq != manifest_seq:
-            return b""
+            anchor = self._db.anchor(camera, manifest_seq)  # next to video retention removed
+            return b"" if anchor is None else self._writer.add(anchor)
         row = rows[0]
         return self._writer.add(self._read(row.file, row.offset, row.length), digest=row.hash)
 

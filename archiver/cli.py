@@ -30,6 +30,9 @@ add_version_option(app, "fusion-archiver")
 app.add_typer(cameras_app, name="cameras")
 app.add_typer(viewers_app, name="viewers")
 app.add_typer(viewers_app, name="clients", hidden=True)  # the old name, kept as an alias
+holds_app = typer.Typer(no_args_is_help=True, help="Evidence holds: video that survives "
+                        "retention until released.")
+app.add_typer(holds_app, name="holds")
 
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="FUSION_ARCHIVER_URL",
@@ -90,6 +93,17 @@ def serve(
         "--public-metrics", help="Serve /metrics without a token.")] = False,
     api_docs: Annotated[bool, typer.Option(
         "--api-docs", help="Serve /docs and /openapi.json.")] = False,
+    retention_days: Annotated[int, typer.Option(
+        "--retention-days", help="Days video is kept by default (a camera may have its own: "
+        "'cameras retention'); older video is destroyed, keys first.")] = 30,
+    retention_interval: Annotated[float, typer.Option(
+        "--retention-interval", help="Seconds between retention passes.")] = 60.0,
+    min_free_mib: Annotated[int, typer.Option(
+        "--min-free-mib", help="Below this much free space (MiB) the oldest unheld video is "
+        "removed, whatever its age.")] = 1024,
+    disk_reserve_mib: Annotated[int, typer.Option(
+        "--disk-reserve-mib", help="Space (MiB) set aside for retention to free a full disk "
+        "with.")] = 16,
 ) -> None:
     """Run the Archiver."""
     import os
@@ -110,7 +124,10 @@ def serve(
                         viewer_streams=viewer_streams,
                         viewer_rate=viewer_rate, refusal_window_s=refusal_window,
                         public_metrics=public_metrics, api_docs=api_docs,
-                        max_connections=max_connections)
+                        max_connections=max_connections, retention_days=retention_days,
+                        retention_interval_s=retention_interval,
+                        min_free_bytes=min_free_mib * 1024 * 1024,
+                        reserve_bytes=disk_reserve_mib * 1024 * 1024)
     application = create_app(settings)
     serve_app(application, settings)
 
@@ -129,8 +146,12 @@ def reindex(
     """Rebuild the segment index from the archive files (offline: stop the Archiver first).
     Every segment and manifest is verified against the Archiver's signature and chain; the
     files are not changed."""
-    from archiver.db import Database
-    from archiver.reindex import ec_public_key, rebuild_index
+    _print_rebuild(data, archiver_cert, signer_token, as_json)
+
+
+def _archiver_key(data: Path, archiver_cert: Path | None, signer_token: str | None) -> Any:
+    """The Archiver's public signing key: from --archiver-cert, else from its token."""
+    from archiver.reindex import ec_public_key
     from archiver.settings import Settings
 
     settings = Settings(data_dir=data.resolve(), signer_token_uri=signer_token)
@@ -148,9 +169,19 @@ def reindex(
         from archiver.signing import open_signer
         certificate = open_signer(settings).certificate
     try:
-        key = ec_public_key(certificate.public_key())
+        return ec_public_key(certificate.public_key())
     except TypeError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _print_rebuild(data: Path, archiver_cert: Path | None, signer_token: str | None,
+                   as_json: bool) -> None:
+    from archiver.db import Database
+    from archiver.reindex import rebuild_index
+    from archiver.settings import Settings
+
+    key = _archiver_key(data, archiver_cert, signer_token)
+    settings = Settings(data_dir=data.resolve(), signer_token_uri=signer_token)
     db = Database(settings.db_path)
     try:
         report = rebuild_index(settings.archive_dir, db, key)
@@ -167,6 +198,45 @@ def reindex(
                    "manifests": report.manifests, "files": report.files,
                    "epochs": report.epochs, "key_records": report.key_records,
                    "problems": report.problems}, "\n".join(lines))
+
+
+EXIT_DAMAGED = 3
+
+
+@app.command()
+def check(
+    data: Annotated[Path, typer.Option("--data", help="The Archiver's data directory.")],
+    archiver_cert: Annotated[Path | None, typer.Option(
+        "--archiver-cert", help="Verify against this Archiver certificate (PEM) instead of the "
+        "signing token's.")] = None,
+    signer_token: Annotated[str | None, typer.Option(
+        "--signer-token", help="PKCS#11 URI of the signing token (default: the SoftHSM token "
+        "in the data directory).")] = None,
+    rebuild_index: Annotated[bool, typer.Option(
+        "--rebuild-index", help="Then rebuild the index from the archive files, as "
+        "'reindex' does (stop the Archiver first).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check the archive: files, index, signatures and manifest chains. Exit 0 if sound,
+    3 if damaged (each problem is listed)."""
+    from archiver.check import check_archive
+
+    key = _archiver_key(data, archiver_cert, signer_token)
+    report = check_archive(data.resolve(), key)
+    lines = [f"checked {report.files} archive file(s), {report.journals} key journal(s): "
+             f"{report.segments} segment(s), {report.manifests} manifest(s) on "
+             f"{len(report.cameras)} camera chain(s)"]
+    lines += [f"note: {note}" for note in report.notes]
+    lines += [f"PROBLEM: {p.message}" for p in report.problems]
+    lines.append("the archive is sound" if report.ok else
+                 f"{len(report.problems)} problem(s) found: restore the damaged files from a "
+                 "backup, or rebuild the index from the files (check --rebuild-index, with the "
+                 "Archiver stopped) if the files are sound and the index is not")
+    _out(as_json, report.to_json(), "\n".join(lines))
+    if rebuild_index:
+        _print_rebuild(data, archiver_cert, signer_token, as_json)
+    if not report.ok:
+        raise SystemExit(EXIT_DAMAGED)
 
 
 # --- admin commands ------------------------------------------------------------------------
@@ -249,15 +319,45 @@ def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
                  tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """List cameras: health (receiving, stalled, unreachable, auth_failed, waiting), recorded
     range, traffic in the last minute, gaps."""
-    result = _call("GET", url, "/v1/admin/cameras", _admin_token(admin_token, data),
-                   tls_ca=tls_ca)
+    token = _admin_token(admin_token, data)
+    result = _call("GET", url, "/v1/admin/cameras", token, tls_ca=tls_ca)
+    storage = _call("GET", url, "/v1/admin/storage", token, tls_ca=tls_ca)
     lines = [f"{c['name']:<20} {c['state']:<12} {c['segments']:>8} segments  "
-             f"{_when(c['first_ms'])} .. {_when(c['last_ms'])}  last minute: "
+             f"{_when(c['first_ms'])} .. {_when(c['last_ms'])}  retention "
+             f"{c['retention_days']} d{' (default)' if c['retention_default'] else ''}"
+             + (f", {c['holds']} hold(s)" if c["holds"] else "") + "  last minute: "
              f"{c['segments_last_minute']} segments, {c['bytes_last_minute']} bytes; "
              f"gaps {c['gaps']}" + (f", refused {c['refused']}" if c["refused"] else "")
              + (f"  rtsp {c['rtsp_url']}, {c['puller_restarts']} restarts" if c["rtsp_url"] else "")
              + (f"  ({c['message']})" if c["message"] else "") for c in result]
-    _out(as_json, {"cameras": result}, "\n".join(lines) or "no cameras")
+    lines = lines or ["no cameras"]
+    lines.append(f"archive disk: {storage['free_bytes'] / 2**30:.1f} GiB free (threshold "
+                 f"{storage['min_free_bytes'] / 2**30:.1f} GiB)"
+                 + ("; BELOW THE THRESHOLD with nothing unheld left to remove"
+                    if storage["below_watermark"] else ""))
+    _out(as_json, {"cameras": result, "storage": storage}, "\n".join(lines))
+
+
+@cameras_app.command("retention")
+def cameras_retention(
+    name: str,
+    days: Annotated[str, typer.Argument(help="Days to keep the camera's video, or 'default'.")],
+    url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Set how long a camera's video is kept (older video is destroyed, keys first)."""
+    value: int | None = None
+    if days != "default":
+        try:
+            value = int(days)
+        except ValueError:
+            raise UsageError(f"'{days}' is not a number of days or 'default'.") from None
+        if value < 1:
+            raise UsageError("The retention period must be at least 1 day.")
+    result = _call("PUT", url, f"/v1/admin/cameras/{name}/retention",
+                   _admin_token(admin_token, data), {"days": value}, tls_ca=tls_ca)
+    _out(as_json, result, f"camera {name}: video kept {result['retention_days']} days"
+         + (" (the site default)" if result["retention_default"] else ""))
 
 
 @cameras_app.command("remove")
@@ -358,6 +458,60 @@ def viewers_revoke(
                    tls_ca=tls_ca)
     _out(as_json, result, f"viewer {fingerprint} revoked"
          + (" and its key streams deleted" if delete_key_streams else ""))
+
+
+# --- evidence holds ------------------------------------------------------------------------
+def _parse_when(text: str, option: str) -> int:
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"{option}: '{text}' is not an ISO 8601 time "
+                         "(e.g. 2026-06-02T14:00:00Z).") from None
+    if when.tzinfo is None:
+        raise UsageError(f"{option}: give the time zone (e.g. Z or +02:00) in '{text}'.")
+    return int(when.timestamp() * 1000)
+
+
+def _hold_line(h: dict[str, Any]) -> str:
+    return (f"{h['hold_id']:>5}  {h['camera']:<20} {_when(h['from_ms'])} .. {_when(h['to_ms'])}"
+            f"  by {h['created_by']} at {_when(h['created_ms'])}: {printable(h['reason'])}")
+
+
+@holds_app.command("add")
+def holds_add(
+    camera: str,
+    from_: Annotated[str, typer.Option("--from", help="Start (ISO 8601 with time zone).")],
+    to: Annotated[str, typer.Option("--to", help="End (ISO 8601 with time zone).")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (case number...); audited.")],
+    url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Protect a camera's video in a range from retention until the hold is removed."""
+    body = {"camera": camera, "from_ms": _parse_when(from_, "--from"),
+            "to_ms": _parse_when(to, "--to"), "reason": reason}
+    result = _call("POST", url, "/v1/admin/holds", _admin_token(admin_token, data), body,
+                   tls_ca=tls_ca)
+    _out(as_json, result, f"hold {result['hold_id']} added\n{_hold_line(result)}")
+
+
+@holds_app.command("list")
+def holds_list(camera: Annotated[str | None, typer.Option("--camera")] = None,
+               url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+               tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
+    """List evidence holds."""
+    path = "/v1/admin/holds" + (f"?camera={camera}" if camera else "")
+    result = _call("GET", url, path, _admin_token(admin_token, data), tls_ca=tls_ca)
+    _out(as_json, {"holds": result}, "\n".join(map(_hold_line, result)) or "no holds")
+
+
+@holds_app.command("remove")
+def holds_remove(hold_id: int, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
+                 data: DataOpt = None, tls_ca: TlsCaOpt = None,
+                 as_json: JsonOpt = False) -> None:
+    """Release a hold: its video is subject to retention again."""
+    result = _call("DELETE", url, f"/v1/admin/holds/{hold_id}", _admin_token(admin_token, data),
+                   tls_ca=tls_ca)
+    _out(as_json, result, f"hold {hold_id} removed (its video is subject to retention again)")
 
 
 # --- access grants (admin decisions) --------------------------------------------------------

@@ -1,26 +1,40 @@
-"""The Archiver's metadata in SQLite: cameras, authorized viewers, the segment index and the
-per-viewer key streams.
+"""The Archiver's metadata in SQLite: cameras, authorized viewers, the segment index, the
+per-viewer key streams, retention and evidence holds.
 
 Nothing secret is stored here: camera tokens only as SHA-256 hashes, viewers as public
 certificates, key streams as RSA-OAEP epoch openers and AES-GCM-wrapped key records.
 Writes go through one connection behind one lock (SQLite serializes them anyway). Reads use a
 connection per thread in WAL mode: a slow viewer query must not hold up ingest's writes.
+
+The schema is versioned (``PRAGMA user_version``) and changed only by the forward migrations
+in ``MIGRATIONS``, run at open after a backup of the database; every statement names its
+columns, so a table's column order does not matter.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import logging
 import os
 import sqlite3
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from archiver.storage import StorageFailed, StorageFull
+from keyservice.errors import UsageError
+from keyservice.format import Manifest, decode_record
 
-SCHEMA = """
+log = logging.getLogger("archiver.db")
+
+# Version 0: the unversioned schema of the first releases (``CREATE TABLE IF NOT EXISTS`` and
+# an ADDED_COLUMNS step); migration 1 brings a fresh or a version-0 database to version 1.
+_V1 = """
 CREATE TABLE IF NOT EXISTS cameras (
     name TEXT PRIMARY KEY,
     token_sha256 BLOB NOT NULL,
@@ -70,7 +84,6 @@ CREATE TABLE IF NOT EXISTS segments (
     offset INTEGER NOT NULL,
     length INTEGER NOT NULL,
     manifest_seq INTEGER NOT NULL,
-    end_ms INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (camera, stream, seq)
 );
 CREATE INDEX IF NOT EXISTS segments_by_manifest ON segments (camera, manifest_seq);
@@ -94,15 +107,97 @@ CREATE TABLE IF NOT EXISTS key_grants (
     length INTEGER NOT NULL
 );
 """
-# Columns added after a release of the schema: (table, column, definition). Added at the end of
-# the table, so positional reads stay valid for older data directories.
-ADDED_COLUMNS = (
-    # The end of the video a segment holds (capture_ms is its start); 0 in older archives.
-    ("segments", "end_ms", "INTEGER NOT NULL DEFAULT 0"),
-)
-INDEXES_ON_ADDED_COLUMNS = """
-CREATE INDEX IF NOT EXISTS segments_by_time ON segments (camera, stream, end_ms);
-"""
+
+
+def _script(conn: sqlite3.Connection, sql: str) -> None:
+    """Statements one by one: ``executescript`` would commit the migration's transaction."""
+    for statement in sql.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _migrate_1(conn: sqlite3.Connection) -> None:
+    """The version-0 schema, and the end of a segment's video (0 in version-0 archives that
+    predate it: the reader falls back to its start)."""
+    _script(conn, _V1)
+    present = {row[1] for row in conn.execute("PRAGMA table_info(segments)")}
+    if "end_ms" not in present:
+        conn.execute("ALTER TABLE segments ADD COLUMN end_ms INTEGER NOT NULL DEFAULT 0")
+    conn.execute("CREATE INDEX IF NOT EXISTS segments_by_time ON segments (camera, stream, end_ms)")
+
+
+def _migrate_2(conn: sqlite3.Connection) -> None:
+    """One vocabulary: the spec's "viewer" in the tables too."""
+    conn.execute("ALTER TABLE clients RENAME TO viewers")
+    conn.execute("ALTER TABLE client_cameras RENAME TO viewer_cameras")
+
+
+def _migrate_3(conn: sqlite3.Connection) -> None:
+    """Retention: a period per camera (NULL: the site default), evidence holds, and the
+    files retention removed (kept as tombstones: a viewer asking for that video is told it
+    expired, recovery and the checker know the file is gone on purpose)."""
+    conn.execute("ALTER TABLE cameras ADD COLUMN retention_days INTEGER")
+    _script(conn, """
+        CREATE TABLE holds (
+            hold_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            camera TEXT NOT NULL,
+            from_ms INTEGER NOT NULL,
+            to_ms INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            created_ms INTEGER NOT NULL
+        );
+        CREATE INDEX holds_by_camera ON holds (camera, from_ms, to_ms);
+        CREATE TABLE expired_files (
+            file TEXT PRIMARY KEY,
+            camera TEXT NOT NULL,
+            from_ms INTEGER NOT NULL,
+            to_ms INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            removed_ms INTEGER NOT NULL,
+            done INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX expired_by_camera ON expired_files (camera, to_ms);
+        CREATE TABLE chain_anchors (
+            camera TEXT NOT NULL,
+            manifest_seq INTEGER NOT NULL,
+            record BLOB NOT NULL,
+            PRIMARY KEY (camera, manifest_seq)
+        );
+        CREATE INDEX key_records_by_camera ON key_records (camera, valid_from_ms);
+        CREATE INDEX segments_by_key ON segments (key_id);
+        CREATE INDEX key_records_by_epoch ON key_records (epoch_id);
+    """)
+
+
+def _migrate_4(conn: sqlite3.Connection) -> None:
+    """Access grants of past video (archiver/grants.py): opaque blobs a viewer made for
+    another certificate, and the admin's decision on each."""
+    _script(conn, """
+        CREATE TABLE access_grants (
+            grant_id TEXT PRIMARY KEY,
+            camera TEXT NOT NULL,
+            from_ms INTEGER NOT NULL,
+            to_ms INTEGER NOT NULL,
+            grantor TEXT NOT NULL,
+            grantee TEXT NOT NULL,
+            key_count INTEGER NOT NULL,
+            created_ms INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            decided_ms INTEGER,
+            decided_by TEXT,
+            note TEXT,
+            blob BLOB NOT NULL
+        );
+        CREATE INDEX access_grants_by_grantee ON access_grants (grantee);
+    """)
+
+
+# Forward migrations: MIGRATIONS[n] brings version n to n + 1. Append only; never edit one
+# that has shipped.
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_1, _migrate_2, _migrate_3,
+                                                                 _migrate_4)
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 @dataclass(frozen=True)
@@ -112,10 +207,11 @@ class CameraRow:
     rtsp_url: str | None
     created_ms: int
     removed_ms: int | None
+    retention_days: int | None = None  # None: the site default
 
 
 @dataclass(frozen=True)
-class ClientRow:
+class ViewerRow:
     fingerprint: str
     certificate: bytes
     subject: str
@@ -170,6 +266,32 @@ class GrantRow:
 
 
 @dataclass(frozen=True)
+class HoldRow:
+    """An evidence hold: video of ``camera`` in [from_ms, to_ms] survives retention."""
+
+    hold_id: int
+    camera: str
+    from_ms: int
+    to_ms: int
+    reason: str
+    created_by: str
+    created_ms: int
+
+
+@dataclass(frozen=True)
+class ExpiredFile:
+    """An archive file retention removed (or is removing: ``done`` once its bytes are gone)."""
+
+    file: str
+    camera: str
+    from_ms: int
+    to_ms: int
+    reason: str  # "retention" or "disk space"
+    removed_ms: int
+    done: bool
+
+
+@dataclass(frozen=True)
 class KeyMaterial:
     """What one key rotation writes for one viewer: maybe an epoch opener, always a key record."""
 
@@ -182,6 +304,32 @@ class KeyMaterial:
     epoch_opener: bytes | None
 
 
+def _columns(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def _select(cls: type, table: str) -> str:
+    return f"SELECT {', '.join(_columns(cls))} FROM {table}"  # noqa: S608 (names are ours)
+
+
+def _insert(cls: type, table: str, verb: str = "INSERT") -> str:
+    names = _columns(cls)
+    return (f"{verb} INTO {table} ({', '.join(names)})"
+            f" VALUES ({', '.join('?' * len(names))})")
+
+
+def _values(row: Any) -> tuple[Any, ...]:
+    return tuple(getattr(row, name) for name in _columns(type(row)))
+
+
+_INSERT_SEGMENT = _insert(SegmentRow, "segments")
+_INSERT_MANIFEST = _insert(ManifestRow, "manifests")
+_INSERT_GRANT = _insert(GrantRow, "key_grants", "INSERT OR REPLACE")
+_INSERT_EPOCH = "INSERT INTO epochs (epoch_id, fingerprint, created_ms, record) VALUES (?,?,?,?)"
+_INSERT_KEY_RECORD = ("INSERT INTO key_records (fingerprint, key_id, camera, epoch_id,"
+                      " valid_from_ms, record) VALUES (?,?,?,?,?,?)")
+
+
 def _storage_error(exc: sqlite3.OperationalError) -> StorageFull | StorageFailed | None:
     """A full disk or an I/O error under the index is the archive's problem, answered like
     one (507/503), not an unexpected error."""
@@ -192,6 +340,59 @@ def _storage_error(exc: sqlite3.OperationalError) -> StorageFull | StorageFailed
     if code == sqlite3.SQLITE_IOERR:
         return StorageFailed("An I/O error occurred while updating the Archiver's index.")
     return None
+
+
+def _has_tables(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' LIMIT 1").fetchone() is not None
+
+
+def backup_database(conn: sqlite3.Connection, directory: Path, version: int) -> Path:
+    """A consistent copy of the database (SQLite's online backup), mode 0600, in ``directory``."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = directory / f"archiver.sqlite3.v{version}-{stamp}.bak"
+    n = 1
+    while path.exists():
+        path = directory / f"archiver.sqlite3.v{version}-{stamp}-{n}.bak"
+        n += 1
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    target = sqlite3.connect(path)
+    try:
+        conn.backup(target)
+    finally:
+        target.close()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def migrate(conn: sqlite3.Connection, backup_dir: Path) -> tuple[int, Path | None]:
+    """Bring the database to SCHEMA_VERSION: a backup first (unless it is new), then each
+    forward migration in a transaction of its own with the version it reaches, so a crash
+    leaves a database at a known version. Returns (version found, backup path or None)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise UsageError(
+            f"The Archiver's database has schema version {version}; this Archiver knows up "
+            f"to {SCHEMA_VERSION}.", "Run the newer Archiver that wrote it, or restore a backup.")
+    backup = None
+    if version < SCHEMA_VERSION and _has_tables(conn):
+        backup = backup_database(conn, backup_dir, version)
+        log.warning("migrating the database from schema version %d to %d (backup: %s)",
+                    version, SCHEMA_VERSION, backup)
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            MIGRATIONS[target - 1](conn)
+            conn.execute(f"PRAGMA user_version={target}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    return version, backup
 
 
 class _ReadConnection(sqlite3.Connection):
@@ -219,12 +420,10 @@ class Database:
             # cut. Checkpoint and empty the WAL at open, so there is one state to recover from.
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.executescript(SCHEMA)
-            for table, column, definition in ADDED_COLUMNS:
-                present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
-                if column not in present:
-                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-            self._conn.executescript(INDEXES_ON_ADDED_COLUMNS)
+            # Deleted rows are overwritten, not left in free pages: crypto-shredding (retention,
+            # --delete-key-streams) must not leave key records readable in the file.
+            self._conn.execute("PRAGMA secure_delete=ON")
+            self.migrated_from, self.backup = migrate(self._conn, path.parent)
 
     def close(self) -> None:
         with self._readers_lock:
@@ -269,22 +468,34 @@ class Database:
     def _query(self, sql: str, args: Iterable[object] = ()) -> list[tuple]:
         return self._reader().execute(sql, tuple(args)).fetchall()
 
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and empty it (after shredding: its old frames still
+        hold the deleted rows). Best effort while readers hold an old snapshot."""
+        with self._lock:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def schema_version(self) -> int:
+        return self._query("PRAGMA user_version")[0][0]
+
     # --- cameras ----------------------------------------------------------------------
-    def add_camera(self, name: str, token_sha256: bytes, rtsp_url: str | None, now_ms: int) -> bool:
+    def add_camera(self, name: str, token_sha256: bytes, rtsp_url: str | None, now_ms: int,
+                   retention_days: int | None = None) -> bool:
         """False if a camera of that name exists (removed cameras keep their name: evidence)."""
         with self._transaction() as conn:
             if conn.execute("SELECT 1 FROM cameras WHERE name=?", (name,)).fetchone():
                 return False
-            conn.execute("INSERT INTO cameras VALUES (?,?,?,?,NULL)",
-                         (name, token_sha256, rtsp_url, now_ms))
+            conn.execute(_insert(CameraRow, "cameras"),
+                         _values(CameraRow(name, token_sha256, rtsp_url, now_ms, None,
+                                           retention_days)))
             return True
 
     def cameras(self, include_removed: bool = False) -> list[CameraRow]:
         where = "" if include_removed else " WHERE removed_ms IS NULL"
-        return [CameraRow(*row) for row in self._query(f"SELECT * FROM cameras{where} ORDER BY name")]  # noqa: S608
+        return [CameraRow(*row) for row in
+                self._query(f"{_select(CameraRow, 'cameras')}{where} ORDER BY name")]
 
     def camera(self, name: str) -> CameraRow | None:
-        rows = self._query("SELECT * FROM cameras WHERE name=?", (name,))
+        rows = self._query(f"{_select(CameraRow, 'cameras')} WHERE name=?", (name,))
         return CameraRow(*rows[0]) if rows else None
 
     def remove_camera(self, name: str, now_ms: int) -> bool:
@@ -293,45 +504,54 @@ class Database:
                 "UPDATE cameras SET removed_ms=? WHERE name=? AND removed_ms IS NULL", (now_ms, name))
             return cur.rowcount == 1
 
+    def set_retention(self, name: str, days: int | None) -> bool:
+        """A camera's retention period in days (None: the site default)."""
+        with self._transaction() as conn:
+            cur = conn.execute("UPDATE cameras SET retention_days=? WHERE name=?", (days, name))
+            return cur.rowcount == 1
+
     # --- viewers ----------------------------------------------------------------------
-    def add_client(self, fingerprint: str, certificate: bytes, subject: str, oaep_hash: int,
+    def add_viewer(self, fingerprint: str, certificate: bytes, subject: str, oaep_hash: int,
                    cameras: Iterable[str] | None, now_ms: int) -> None:
         """Authorize (or re-authorize) a viewer; cameras None means all cameras, present and future."""
         with self._transaction() as conn:
-            conn.execute("DELETE FROM client_cameras WHERE fingerprint=?", (fingerprint,))
+            conn.execute("DELETE FROM viewer_cameras WHERE fingerprint=?", (fingerprint,))
             conn.execute(
-                "INSERT INTO clients VALUES (?,?,?,?,?,?,NULL,0) ON CONFLICT(fingerprint) DO UPDATE"
-                " SET oaep_hash=excluded.oaep_hash, all_cameras=excluded.all_cameras,"
-                " revoked_ms=NULL",
+                "INSERT INTO viewers (fingerprint, certificate, subject, oaep_hash, all_cameras,"
+                " added_ms, revoked_ms, key_streams_deleted) VALUES (?,?,?,?,?,?,NULL,0)"
+                " ON CONFLICT(fingerprint) DO UPDATE SET oaep_hash=excluded.oaep_hash,"
+                " all_cameras=excluded.all_cameras, revoked_ms=NULL",
                 (fingerprint, certificate, subject, oaep_hash, int(cameras is None), now_ms))
-            conn.executemany("INSERT INTO client_cameras VALUES (?,?)",
+            conn.executemany("INSERT INTO viewer_cameras (fingerprint, camera) VALUES (?,?)",
                              [(fingerprint, c) for c in cameras or ()])
 
-    def clients(self) -> list[ClientRow]:
+    def viewers(self) -> list[ViewerRow]:
         cameras: dict[str, list[str]] = {}
-        for fp, cam in self._query("SELECT fingerprint, camera FROM client_cameras ORDER BY camera"):
+        for fp, cam in self._query("SELECT fingerprint, camera FROM viewer_cameras ORDER BY camera"):
             cameras.setdefault(fp, []).append(cam)
         return [
-            ClientRow(fp, cert, subject, oaep, bool(all_cams), tuple(cameras.get(fp, ())),
+            ViewerRow(fp, cert, subject, oaep, bool(all_cams), tuple(cameras.get(fp, ())),
                       added, revoked, bool(deleted))
             for fp, cert, subject, oaep, all_cams, added, revoked, deleted
-            in self._query("SELECT * FROM clients ORDER BY added_ms")
+            in self._query("SELECT fingerprint, certificate, subject, oaep_hash, all_cameras,"
+                           " added_ms, revoked_ms, key_streams_deleted FROM viewers"
+                           " ORDER BY added_ms")
         ]
 
-    def client(self, fingerprint: str) -> ClientRow | None:
-        return next((c for c in self.clients() if c.fingerprint == fingerprint), None)
+    def viewer(self, fingerprint: str) -> ViewerRow | None:
+        return next((v for v in self.viewers() if v.fingerprint == fingerprint), None)
 
-    def revoke_client(self, fingerprint: str, now_ms: int, delete_key_streams: bool) -> bool:
+    def revoke_viewer(self, fingerprint: str, now_ms: int, delete_key_streams: bool) -> bool:
         with self._transaction() as conn:
             cur = conn.execute(
-                "UPDATE clients SET revoked_ms=COALESCE(revoked_ms, ?) WHERE fingerprint=?",
+                "UPDATE viewers SET revoked_ms=COALESCE(revoked_ms, ?) WHERE fingerprint=?",
                 (now_ms, fingerprint))
             if cur.rowcount != 1:
                 return False
             if delete_key_streams:
                 conn.execute("DELETE FROM key_records WHERE fingerprint=?", (fingerprint,))
                 conn.execute("DELETE FROM epochs WHERE fingerprint=?", (fingerprint,))
-                conn.execute("UPDATE clients SET key_streams_deleted=1 WHERE fingerprint=?",
+                conn.execute("UPDATE viewers SET key_streams_deleted=1 WHERE fingerprint=?",
                              (fingerprint,))
             return True
 
@@ -340,9 +560,9 @@ class Database:
         with self._transaction() as conn:
             for item in items:
                 if item.epoch_opener is not None:
-                    conn.execute("INSERT INTO epochs VALUES (?,?,?,?)",
+                    conn.execute(_INSERT_EPOCH,
                                  (item.epoch_id, item.fingerprint, now_ms, item.epoch_opener))
-                conn.execute("INSERT INTO key_records VALUES (?,?,?,?,?,?)",
+                conn.execute(_INSERT_KEY_RECORD,
                              (item.fingerprint, item.key_id, item.camera, item.epoch_id,
                               item.valid_from_ms, item.key_record))
 
@@ -351,10 +571,12 @@ class Database:
         """Put back epoch openers ``(epoch_id, fingerprint, created_ms, record)`` and key records
         read from the archive's key journals; what the database still has is kept."""
         with self._transaction() as conn:
-            conn.executemany("INSERT OR IGNORE INTO epochs VALUES (?,?,?,?)", list(openers))
-            conn.executemany("INSERT OR IGNORE INTO key_records VALUES (?,?,?,?,?,?)",
-                             [(m.fingerprint, m.key_id, m.camera, m.epoch_id, m.valid_from_ms,
-                               m.key_record) for m in records])
+            conn.executemany(_INSERT_EPOCH.replace("INSERT", "INSERT OR IGNORE", 1),
+                             list(openers))
+            conn.executemany(
+                _INSERT_KEY_RECORD.replace("INSERT", "INSERT OR IGNORE", 1),
+                [(m.fingerprint, m.key_id, m.camera, m.epoch_id, m.valid_from_ms, m.key_record)
+                 for m in records])
 
     def key_record(self, fingerprint: str, key_id: bytes) -> tuple[bytes, bytes] | None:
         """(epoch_id, key record bytes) of this viewer for that key, if it has one."""
@@ -366,6 +588,28 @@ class Database:
         rows = self._query("SELECT record FROM epochs WHERE epoch_id=?", (epoch_id,))
         return rows[0][0] if rows else None
 
+    def shred_unused_keys(self, camera: str, before_ms: int) -> tuple[int, int]:
+        """Crypto-shredding: delete the key material of ``camera``'s keys valid from before
+        ``before_ms`` that no indexed segment uses any more (every viewer's key record), then
+        the epoch openers no key record needs. The one place that decides which key material
+        is gone; returns (key records, epoch openers) deleted. ``before_ms`` keeps a key just
+        rotated, whose first segment is not indexed yet, out of reach."""
+        with self._transaction() as conn:
+            records = conn.execute(
+                "DELETE FROM key_records WHERE camera=? AND valid_from_ms<? AND NOT EXISTS"
+                " (SELECT 1 FROM segments WHERE segments.key_id=key_records.key_id)",
+                (camera, before_ms)).rowcount
+            epochs = conn.execute(
+                "DELETE FROM epochs WHERE created_ms<? AND NOT EXISTS"
+                " (SELECT 1 FROM key_records WHERE key_records.epoch_id=epochs.epoch_id)",
+                (before_ms,)).rowcount
+            return records, epochs
+
+    def key_ids_in_use(self, camera: str) -> set[bytes]:
+        """The keys some indexed segment of ``camera`` uses (key journals keep only these)."""
+        return {row[0] for row in self._query(
+            "SELECT DISTINCT key_id FROM segments WHERE camera=?", (camera,))}
+
     # --- the segment index ------------------------------------------------------------
     def record_segments(self, segments: Iterable[SegmentRow], manifest: ManifestRow,
                         grants: Iterable[GrantRow] = ()) -> None:
@@ -373,15 +617,12 @@ class Database:
         with them) in one transaction: the commit is the acknowledgement point (the file
         bytes were fsynced before)."""
         with self._transaction() as conn:
-            conn.executemany("INSERT OR REPLACE INTO key_grants VALUES (?,?,?,?,?)",
-                             [astuple(g) for g in grants])
-            conn.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                             [astuple(s) for s in segments])
-            conn.execute("INSERT INTO manifests VALUES (?,?,?,?,?,?,?,?)",
-                         astuple(manifest))
+            conn.executemany(_INSERT_GRANT, [_values(g) for g in grants])
+            conn.executemany(_INSERT_SEGMENT, [_values(s) for s in segments])
+            conn.execute(_INSERT_MANIFEST, _values(manifest))
 
     def key_grant(self, key_id: bytes) -> GrantRow | None:
-        rows = self._query("SELECT * FROM key_grants WHERE key_id=?", (key_id,))
+        rows = self._query(f"{_select(GrantRow, 'key_grants')} WHERE key_id=?", (key_id,))
         return GrantRow(*rows[0]) if rows else None
 
     def replace_segment_index(self, groups: Iterable[tuple[Iterable[SegmentRow], ManifestRow]],
@@ -393,41 +634,69 @@ class Database:
             conn.execute("DELETE FROM segments")
             conn.execute("DELETE FROM manifests")
             conn.execute("DELETE FROM key_grants")
-            conn.executemany("INSERT OR REPLACE INTO key_grants VALUES (?,?,?,?,?)",
-                             [astuple(g) for g in grants])
+            conn.executemany(_INSERT_GRANT, [_values(g) for g in grants])
             for segments, manifest in groups:
-                conn.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                                 [astuple(s) for s in segments])
-                conn.execute("INSERT INTO manifests VALUES (?,?,?,?,?,?,?,?)", astuple(manifest))
+                conn.executemany(_INSERT_SEGMENT, [_values(s) for s in segments])
+                conn.execute(_INSERT_MANIFEST, _values(manifest))
 
     def last_manifest(self, camera: str) -> ManifestRow | None:
-        rows = self._query(
-            "SELECT * FROM manifests WHERE camera=? ORDER BY manifest_seq DESC LIMIT 1", (camera,))
+        rows = self._query(f"{_select(ManifestRow, 'manifests')} WHERE camera=?"
+                           " ORDER BY manifest_seq DESC LIMIT 1", (camera,))
         return ManifestRow(*rows[0]) if rows else None
+
+    def chain_tail(self, camera: str) -> tuple[int, bytes] | None:
+        """(sequence, SHA-256) of the camera's last manifest: indexed, or kept as an anchor
+        when retention removed everything after it was issued. A camera whose whole archive
+        expired continues its chain; it does not start a new one."""
+        tails = []
+        last = self.last_manifest(camera)
+        if last is not None:
+            tails.append((last.manifest_seq, last.hash))
+        rows = self._query("SELECT manifest_seq, record FROM chain_anchors WHERE camera=?"
+                           " ORDER BY manifest_seq DESC LIMIT 1", (camera,))
+        if rows:
+            tails.append((rows[0][0], hashlib.sha256(rows[0][1]).digest()))
+        return max(tails) if tails else None
 
     def next_segment_seq(self, camera: str, stream: int) -> int:
         rows = self._query("SELECT MAX(seq) FROM segments WHERE camera=? AND stream=?",
                            (camera, stream))
-        return 0 if rows[0][0] is None else rows[0][0] + 1
+        if rows[0][0] is not None:
+            return rows[0][0] + 1
+        # All of the stream's segments expired: go on after those its last anchor covers.
+        anchors = self._query("SELECT record FROM chain_anchors WHERE camera=?"
+                              " ORDER BY manifest_seq DESC LIMIT 1", (camera,))
+        if anchors:
+            manifest = decode_record(anchors[0][0])
+            if isinstance(manifest, Manifest):
+                seqs = [e.seq for e in manifest.entries if int(e.stream) == stream]
+                if seqs:
+                    return max(seqs) + 1
+        return 0
 
     def manifests_from(self, camera: str, from_ms: int, to_ms: int, after_seq: int = -1,
                        limit: int = 256) -> list[ManifestRow]:
         """Manifests overlapping [from_ms, to_ms], in chain order, found through the time index."""
         rows = self._query(
-            "SELECT * FROM manifests WHERE camera=? AND last_capture_ms>=? AND first_capture_ms<=?"
-            " AND manifest_seq>? ORDER BY manifest_seq LIMIT ?",
+            f"{_select(ManifestRow, 'manifests')} WHERE camera=? AND last_capture_ms>=?"
+            " AND first_capture_ms<=? AND manifest_seq>? ORDER BY manifest_seq LIMIT ?",
             (camera, from_ms, to_ms, after_seq, limit))
         return [ManifestRow(*row) for row in rows]
 
     def manifests_after(self, camera: str, after_seq: int, limit: int = 256) -> list[ManifestRow]:
         rows = self._query(
-            "SELECT * FROM manifests WHERE camera=? AND manifest_seq>? ORDER BY manifest_seq LIMIT ?",
-            (camera, after_seq, limit))
+            f"{_select(ManifestRow, 'manifests')} WHERE camera=? AND manifest_seq>?"
+            " ORDER BY manifest_seq LIMIT ?", (camera, after_seq, limit))
+        return [ManifestRow(*row) for row in rows]
+
+    def manifests_in_file(self, file: str) -> list[ManifestRow]:
+        rows = self._query(f"{_select(ManifestRow, 'manifests')} WHERE file=?"
+                           " ORDER BY manifest_seq", (file,))
         return [ManifestRow(*row) for row in rows]
 
     def segments_of(self, camera: str, manifest_seq: int) -> list[SegmentRow]:
-        rows = self._query("SELECT * FROM segments WHERE camera=? AND manifest_seq=? ORDER BY offset",
-                           (camera, manifest_seq))
+        rows = self._query(f"{_select(SegmentRow, 'segments')} WHERE camera=? AND manifest_seq=?"
+                           " ORDER BY offset", (camera, manifest_seq))
         return [SegmentRow(*row) for row in rows]
 
     def recorded_range(self, camera: str) -> tuple[int, int, int] | None:
@@ -464,3 +733,81 @@ class Database:
         """For crash recovery: the acknowledged end of every archive file."""
         return {file: end for file, end in
                 self._query("SELECT file, MAX(offset + length) FROM manifests GROUP BY file")}
+
+    # --- retention --------------------------------------------------------------------
+    def file_span(self, file: str) -> tuple[int, int, int] | None:
+        """(first start, last end, segment count) of the video indexed in one archive file."""
+        first, last, count = self._query(
+            "SELECT MIN(capture_ms), MAX(MAX(end_ms, capture_ms)), COUNT(*) FROM segments"
+            " WHERE file=?", (file,))[0]
+        return None if count == 0 else (first, last, count)
+
+    def expire_file(self, file: str, camera: str, from_ms: int, to_ms: int, reason: str,
+                    now_ms: int, anchors: Iterable[tuple[int, bytes]] = ()) -> None:
+        """Step 1 of removing an archive file: in one transaction, its tombstone (a pending
+        removal) and its index rows go, and its first and last signed manifests are kept as
+        chain anchors ``(manifest_seq, record)`` (no key material: they link the chain around
+        the gap). The key material no segment needs any more is shredded next
+        (``shred_unused_keys``), then the files."""
+        with self._transaction() as conn:
+            conn.executemany("INSERT OR IGNORE INTO chain_anchors (camera, manifest_seq, record)"
+                             " VALUES (?,?,?)", [(camera, seq, rec) for seq, rec in anchors])
+            conn.execute(
+                "INSERT INTO expired_files (file, camera, from_ms, to_ms, reason, removed_ms,"
+                " done) VALUES (?,?,?,?,?,?,0) ON CONFLICT(file) DO NOTHING",
+                (file, camera, from_ms, to_ms, reason, now_ms))
+            conn.execute("DELETE FROM segments WHERE file=?", (file,))
+            conn.execute("DELETE FROM manifests WHERE file=?", (file,))
+            conn.execute("DELETE FROM key_grants WHERE file=?", (file,))
+
+    def anchor(self, camera: str, manifest_seq: int) -> bytes | None:
+        """The signed manifest kept from removed video, to serve as a range's edge."""
+        rows = self._query("SELECT record FROM chain_anchors WHERE camera=? AND manifest_seq=?",
+                           (camera, manifest_seq))
+        return rows[0][0] if rows else None
+
+    def file_removed(self, file: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("UPDATE expired_files SET done=1 WHERE file=?", (file,))
+
+    def expired_files(self, camera: str | None = None, pending_only: bool = False) -> list[ExpiredFile]:
+        where, args = [], []
+        if camera is not None:
+            where.append("camera=?")
+            args.append(camera)
+        if pending_only:
+            where.append("done=0")
+        sql = _select(ExpiredFile, "expired_files")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return [ExpiredFile(*row[:6], bool(row[6]))
+                for row in self._query(sql + " ORDER BY to_ms", args)]
+
+    def expired_until(self, camera: str) -> int | None:
+        """The end of the latest video of ``camera`` that retention removed, if any."""
+        value = self._query("SELECT MAX(to_ms) FROM expired_files WHERE camera=?", (camera,))[0][0]
+        return value
+
+    def add_hold(self, camera: str, from_ms: int, to_ms: int, reason: str, created_by: str,
+                 now_ms: int) -> HoldRow:
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO holds (camera, from_ms, to_ms, reason, created_by, created_ms)"
+                " VALUES (?,?,?,?,?,?)", (camera, from_ms, to_ms, reason, created_by, now_ms))
+            hold_id = cur.lastrowid
+        assert hold_id is not None
+        return HoldRow(hold_id, camera, from_ms, to_ms, reason, created_by, now_ms)
+
+    def holds(self, camera: str | None = None) -> list[HoldRow]:
+        sql = _select(HoldRow, "holds")
+        rows = (self._query(sql + " WHERE camera=? ORDER BY hold_id", (camera,)) if camera
+                else self._query(sql + " ORDER BY hold_id"))
+        return [HoldRow(*row) for row in rows]
+
+    def remove_hold(self, hold_id: int) -> HoldRow | None:
+        with self._transaction() as conn:
+            row = conn.execute(_select(HoldRow, "holds") + " WHERE hold_id=?", (hold_id,)).fetchone()
+            if row is None:
+                return None
+            conn.execute("DELETE FROM holds WHERE hold_id=?", (hold_id,))
+            return HoldRow(*row)

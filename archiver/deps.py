@@ -16,7 +16,7 @@ from archiver.admin import Admin
 from archiver.archive import Archive
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, secret_matches
-from archiver.db import ClientRow
+from archiver.db import ViewerRow
 from archiver.limits import RefusalAudit
 from archiver.rtsp import RtspSupervisor
 from archiver.settings import Settings
@@ -89,21 +89,21 @@ def require_admin(services: ServicesDep, credentials: BearerDep) -> str:
     return "admin"
 
 
-def require_viewer(services: ServicesDep, credentials: BearerDep) -> ClientRow:
+def require_viewer(services: ServicesDep, credentials: BearerDep) -> ViewerRow:
     token = _token(credentials, "session token (log in first)")
     now = services.archive.clock()
     session = services.sessions.session(token, now)
     if session is None:
         raise ApiError(401, ErrorCode.SESSION_INVALID,
                        "The session token is unknown or expired; log in again.")
-    viewer = services.archive.db.client(session.fingerprint)
+    viewer = services.archive.db.viewer(session.fingerprint)
     if viewer is None or viewer.revoked_ms is not None:
         raise ApiError(403, ErrorCode.REVOKED, "This viewer's certificate has been revoked.")
     check_certificate_validity(viewer, now)
     return viewer
 
 
-def check_certificate_validity(viewer: ClientRow, now_ms: int) -> None:
+def check_certificate_validity(viewer: ViewerRow, now_ms: int) -> None:
     """Refuse a viewer whose certificate is outside its validity period (at every login and
     every request of a session, not only when the admin authorized it)."""
     not_before, not_after = certificate_validity_ms(viewer.certificate)
@@ -128,4 +128,4 @@ def certificate_validity_ms(der: bytes) -> tuple[int, int]:
 
 
 AdminDep = Annotated[str, Depends(require_admin)]
-ViewerDep = Annotated[ClientRow, Depends(require_viewer)]
+ViewerDep = Annotated[ViewerRow, Depends(require_viewer)]

@@ -17,25 +17,6 @@ from pathlib import Path
 
 from archiver.storage import StorageFailed, StorageFull
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS access_grants (
-    grant_id TEXT PRIMARY KEY,
-    camera TEXT NOT NULL,
-    from_ms INTEGER NOT NULL,
-    to_ms INTEGER NOT NULL,
-    grantor TEXT NOT NULL,
-    grantee TEXT NOT NULL,
-    key_count INTEGER NOT NULL,
-    created_ms INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    decided_ms INTEGER,
-    decided_by TEXT,
-    note TEXT,
-    blob BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS access_grants_by_grantee ON access_grants (grantee);
-"""
-
 
 class GrantState(enum.StrEnum):
     PENDING = "pending"
@@ -81,13 +62,13 @@ def _row(values: tuple) -> AccessGrantRow:
 
 class GrantStore:
     def __init__(self, path: Path) -> None:
-        # The index's file (created 0600 by Database): one connection, serialized by a lock.
+        # The index's file (created 0600 by Database, whose migrations made the table): one
+        # connection, serialized by a lock.
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                      timeout=30)
         self._lock = threading.Lock()
         with self._lock:
             self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(SCHEMA)
 
     def close(self) -> None:
         with self._lock:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from archiver.db import ClientRow, Database, KeyMaterial
+from archiver.db import Database, KeyMaterial, ViewerRow
 from keyservice.crypto import Epoch, MinuteKey, new_minute_key
 from keyservice.format import DataStream, encode_record
 from keyservice.identity import OaepHash, Recipient, Signer
@@ -56,7 +56,7 @@ class KeyManager:
         self._rotate = threading.Lock()
         self._current: dict[tuple[str, DataStream], tuple[int, MinuteKey]] = {}
         self._epochs: dict[str, _ViewerEpoch] = {}
-        self._viewers: list[tuple[ClientRow, Recipient, int]] | None = None
+        self._viewers: list[tuple[ViewerRow, Recipient, int]] | None = None
         # Called (fingerprint, not_after_ms) once per viewer whose certificate has expired when
         # a key would be wrapped for it; the app audits it.
         self.on_expired: Callable[[str, int], None] | None = None
@@ -113,10 +113,10 @@ class KeyManager:
         with self._rotate:
             return len(self._load_viewers())
 
-    def _load_viewers(self) -> list[tuple[ClientRow, Recipient, int]]:
+    def _load_viewers(self) -> list[tuple[ViewerRow, Recipient, int]]:
         if self._viewers is None:
             viewers = []
-            for row in self._db.clients():
+            for row in self._db.viewers():
                 if row.revoked_ms is not None:
                     continue
                 cert = x509.load_der_x509_certificate(row.certificate)

@@ -35,6 +35,7 @@ class ArchiverCollector(Collector):
         yield GaugeMetricFamily("fusion_active_viewers", "Viewers authorized and not revoked",
                                 value=keys.active_viewers())
         yield from self._cameras()
+        yield from self._retention()
         errors = CounterMetricFamily("fusion_http_errors", "HTTP error responses",
                                      labels=["status"])
         for status, count in sorted(self.errors.items()):
@@ -72,6 +73,39 @@ class ArchiverCollector(Collector):
             refused.add_metric([camera.name], health.refused)
             restarts.add_metric([camera.name], health.puller_restarts)
         yield from (state, last, segments, size, gaps, refused, restarts)
+
+
+    def _retention(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        archive = self._archive
+        retention = archive.retention
+        total = retention.total
+        yield GaugeMetricFamily("fusion_archive_free_bytes", "Free space on the archive's file "
+                                "system", value=retention.free_bytes())
+        yield GaugeMetricFamily("fusion_archive_min_free_bytes", "Below this free space the "
+                                "oldest unheld video is removed", value=archive.settings.min_free_bytes)
+        yield GaugeMetricFamily("fusion_archive_below_watermark", "1 if free space is below the "
+                                "threshold with no unheld video of a past day left to remove",
+                                value=int(total.below_watermark))
+        yield CounterMetricFamily("fusion_retention_files_removed", "Archive days removed "
+                                  "(retention or disk space)", value=total.files_removed)
+        yield CounterMetricFamily("fusion_retention_bytes_reclaimed", "Bytes of archive files "
+                                  "and key journals removed", value=total.bytes_reclaimed)
+        yield CounterMetricFamily("fusion_retention_key_records_shredded", "Key records "
+                                  "destroyed (crypto-shredding)", value=total.key_records_shredded)
+        last = retention.last_pass
+        if last is not None:
+            yield GaugeMetricFamily("fusion_retention_last_pass_seconds", "Duration of the last "
+                                    "retention pass", value=last.seconds)
+        days = GaugeMetricFamily("fusion_camera_retention_days", "Days the camera's video is kept",
+                                 labels=["camera"])
+        oldest = GaugeMetricFamily("fusion_camera_oldest_video_seconds", "Unix time of the start "
+                                   "of the camera's oldest archived video", labels=["camera"])
+        for camera in archive.db.cameras():
+            days.add_metric([camera.name], camera.retention_days or archive.settings.retention_days)
+            recorded = archive.db.recorded_range(camera.name)
+            if recorded is not None:
+                oldest.add_metric([camera.name], recorded[0] / 1000)
+        yield from (days, oldest)
 
 
 def make_registry(collector: ArchiverCollector) -> CollectorRegistry:

@@ -225,10 +225,12 @@ def _with_end_times(groups: list[Group]) -> list[Group]:
     return out
 
 
-def _files(archive_dir: Path) -> list[tuple[str, str, Path]]:
-    """(camera, relative path, path) of every archive file, per camera in day order."""
-    return [(path.parent.name, path.relative_to(archive_dir).as_posix(), path)
-            for path in sorted(archive_dir.glob("*/*.fsa"))]
+def _files(archive_dir: Path, db: Database) -> list[tuple[str, str, Path]]:
+    """(camera, relative path, path) of every archive file, per camera in day order; not
+    those retention is removing (tombstoned in the index: the next pass finishes them)."""
+    removing = {expired.file for expired in db.expired_files()}
+    return [(path.parent.name, rel, path) for path in sorted(archive_dir.glob("*/*.fsa"))
+            if (rel := path.relative_to(archive_dir).as_posix()) not in removing]
 
 
 def recover(archive_dir: Path, db: Database, key: ec.EllipticCurvePublicKey) -> list[str]:
@@ -237,7 +239,7 @@ def recover(archive_dir: Path, db: Database, key: ec.EllipticCurvePublicKey) -> 
     ends = db.file_ends()
     chains: dict[str, ChainState] = {}
     actions = []
-    for camera, rel, path in _files(archive_dir):
+    for camera, rel, path in _files(archive_dir, db):
         acknowledged = ends.get(rel, 0)
         size = path.stat().st_size
         if size < acknowledged:
@@ -248,9 +250,9 @@ def recover(archive_dir: Path, db: Database, key: ec.EllipticCurvePublicKey) -> 
             continue
         chain = chains.get(camera)
         if chain is None:
-            last = db.last_manifest(camera)
-            chain = chains[camera] = (ChainState(0) if last is None
-                                      else ChainState(last.manifest_seq + 1, last.hash))
+            tail = db.chain_tail(camera)
+            chain = chains[camera] = (ChainState(0) if tail is None
+                                      else ChainState(tail[0] + 1, tail[1]))
         groups, signed_beyond = scan(path, rel, camera, acknowledged, chain, key)
         groups = _with_end_times(groups)
         for group in groups:
@@ -329,7 +331,7 @@ def rebuild_index(archive_dir: Path, db: Database,
     counts: dict[str, int] = {}
     manifests = 0
     problems = []
-    files = _files(archive_dir)
+    files = _files(archive_dir, db)
     found: list[Group] = []
     for camera, rel, path in files:
         chain = chains.setdefault(camera, ChainState(None))

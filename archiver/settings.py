@@ -59,6 +59,18 @@ class Settings:
     # URL schemes `cameras add --rtsp` may name. Not "file": an admin must not be able to make
     # the Archiver read its own files into an archive viewers can fetch.
     pull_schemes: tuple[str, ...] = ("rtsp", "rtsps")
+    # Retention (docs/retention.md): video older than this many days is destroyed (its keys
+    # first), unless an evidence hold covers it; a camera may have its own period.
+    retention_days: int = 30
+    # How often the retention task looks for expired video and checks the free space.
+    retention_interval_s: float = 60.0
+    # Below this much free space on the archive's file system the oldest unheld video goes,
+    # whatever its age, so that ingest goes on.
+    min_free_bytes: int = 1024 * MiB
+    # Space set aside (a file in the data directory) that retention gives back when the disk
+    # is full, so that its own index transaction can run and free more. Made at start only
+    # where the file system has four times as much free, again after an eviction (twice).
+    reserve_bytes: int = 16 * MiB
     # Plaintext archiving, for the ingest benchmark's baseline only. Not settable from the CLI
     # or the HTTP API: only code constructing Settings can turn it on.
     benchmark_plaintext_baseline: bool = False
@@ -73,6 +85,10 @@ class Settings:
         if min(self.login_rate, self.login_burst, self.viewer_concurrency, self.viewer_streams,
                self.viewer_rate, self.viewer_burst, self.max_connections) <= 0:
             raise UsageError("The login and viewer limits must be positive.")
+        if self.retention_days < 1 or self.retention_interval_s <= 0 or self.min_free_bytes < 0 \
+                or self.reserve_bytes < 0:
+            raise UsageError("The retention period must be at least 1 day, its interval "
+                             "positive, and the free-space threshold not negative.")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UsageError("Give both --tls-cert and --tls-key, or neither.")
         if self.tls_cert is None and not _is_loopback(self.host):

@@ -80,6 +80,44 @@ class ArchiveFiles:
         camera's lock, so nothing was appended after it)."""
         self._undo(self._writer(relpath), offset)
 
+    def remove(self, relpath: str) -> int:
+        """Delete an archive file or key journal for good (retention): its write descriptor
+        is closed first (an open descriptor would keep the space), the unlink is made durable.
+        Returns the bytes it held (0 if it was gone already)."""
+        self.release(relpath)
+        path = self.root / relpath
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        _fsync_dir(path.parent)
+        return size
+
+    def replace(self, relpath: str, data: bytes) -> None:
+        """Replace a file's content atomically (retention rewrites a key journal without the
+        records it shreds): a temporary file, fsynced, renamed over it, the rename fsynced."""
+        self.release(relpath)
+        path = self.root / relpath
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+    def release(self, relpath: str) -> None:
+        """Close the write descriptor of a file, if open (the next append opens it again)."""
+        with self._lock:
+            fd = self._write_fds.pop(relpath, None)
+            if fd is not None:
+                os.close(fd)
+
     def opener(self, relpath: str) -> ArchiveReader:
         return ArchiveReader(self.root / relpath)
 

@@ -67,7 +67,7 @@ def authorize(admin: Admin, pem: bytes) -> str:
     """What the admin API's ``viewers add`` does (archiver.admin: site-CA check, new epoch,
     audit entry), unless the viewer is authorized already."""
     fp = fingerprint(load_certificate(pem)).hex()
-    known = admin.archive.db.client(fp)
+    known = admin.archive.db.viewer(fp)
     if known is None or known.revoked_ms is not None:
         admin.authorize_viewer("bench.generate", pem, None)
     return fp

@@ -37,7 +37,7 @@ def run(report: Report, workdir: Path, cameras: int, viewers: int, minutes: int 
 
         for i in range(viewers):
             cert = factory.certificate(i)
-            db.add_client(fingerprint(cert).hex(), cert.public_bytes(Encoding.DER),
+            db.add_viewer(fingerprint(cert).hex(), cert.public_bytes(Encoding.DER),
                           cert.subject.rfc4514_string(), int(factory.oaep_hash), None, T0_MS)
         keys = KeyManager(db, PERIOD_S)
         names = [f"cam{i:04d}" for i in range(cameras)]

@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
                         # address: the per-client limits (issue 12) would measure themselves.
                         login_rate=1e6, login_burst=1_000_000, viewer_concurrency=100_000,
                         viewer_streams=100_000,
-                        viewer_rate=1e6, viewer_burst=1_000_000)
+                        viewer_rate=1e6, viewer_burst=1_000_000,
+                        # Archives of simulated past days (bench.generate) must not expire
+                        # under the benchmark, nor go for the disk watermark.
+                        retention_days=36500, min_free_bytes=0)
     if settings.benchmark_plaintext_baseline:
         logging.getLogger("bench").warning("PLAINTEXT BASELINE: this Archiver does not encrypt; "
                                            "for measurement only")

@@ -69,6 +69,12 @@ class NoRecording(RequestRefused):
     exit_code = 47
 
 
+class RecordingExpired(NoRecording):
+    """The range's video was removed by the Archiver's retention (its keys destroyed)."""
+
+    exit_code = 54
+
+
 class LoginRefused(RequestRefused):
     exit_code = 48
 
@@ -83,17 +89,17 @@ class StreamInterrupted(KeyServiceError):
 class GrantNotUsable(RequestRefused):
     """An access grant that is not (or no longer) approved: pending, rejected or revoked."""
 
-    exit_code = 54
+    exit_code = 55
 
 
 class OutsideGrant(RequestRefused):
     """A request under an access grant goes outside the granted range."""
 
-    exit_code = 55
+    exit_code = 56
 
 
 class UnknownGrant(RequestRefused):
-    exit_code = 56
+    exit_code = 57
 
 
 # The Archiver's error codes (keyservice.wire) that have an exit code of their own; any other
@@ -104,6 +110,7 @@ _CODES: dict[ErrorCode, type[KeyServiceError]] = {
     ErrorCode.NOT_AUTHORIZED: NotAuthorized,
     ErrorCode.UNKNOWN_CAMERA: UnknownCamera,
     ErrorCode.NO_RECORDING: NoRecording,
+    ErrorCode.EXPIRED: RecordingExpired,
     ErrorCode.BAD_PROOF: LoginRefused,
     ErrorCode.PROOF_REFUSED: LoginRefused,
     ErrorCode.SESSION_INVALID: LoginRefused,

@@ -31,6 +31,8 @@ class ErrorCode(StrEnum):
     UNKNOWN_CAMERA = "unknown_camera"
     BAD_RANGE = "bad_range"
     NO_RECORDING = "no_recording"
+    EXPIRED = "expired"
+    UNKNOWN_HOLD = "unknown_hold"
     # access grants of past video
     BAD_GRANT = "bad_grant"
     GRANT_OUTSIDE_RANGE = "grant_outside_range"

@@ -13,8 +13,8 @@ from pydantic import BaseModel, Field
 
 from archiver.admin import AdminRefused
 from archiver.cameras import CameraState
-from archiver.db import ClientRow
-from archiver.deps import AdminDep, ApiError, CameraName, CameraPath, ServicesDep
+from archiver.db import CameraRow, ViewerRow
+from archiver.deps import AdminDep, ApiError, CameraName, CameraPath, Services, ServicesDep
 from archiver.rtsp import redact
 from keyservice.identity import OaepHash
 from keyservice.names import CAMERA_NAME_PATTERN
@@ -52,6 +52,42 @@ class CameraInfo(BaseModel):
     refused: int = Field(description="Segments that could not be archived since start")
     puller_restarts: int
     message: str = Field(description="Why an RTSP camera cannot be pulled, if it cannot")
+    retention_days: int = Field(description="Days video is kept (the camera's or the site's)")
+    retention_default: bool = Field(description="True if the site default applies")
+    holds: int = Field(description="Evidence holds on the camera")
+    expired_until_ms: int | None = Field(description="End of the latest video retention removed")
+
+
+class RetentionUpdate(BaseModel):
+    days: int | None = Field(ge=1, le=36500, description="None: the site default")
+
+
+class HoldCreate(BaseModel):
+    camera: CameraName
+    from_ms: int = Field(ge=0, le=2**62)
+    to_ms: int = Field(ge=0, le=2**62)
+    reason: str = Field(min_length=1, max_length=1000)
+
+
+class HoldInfo(BaseModel):
+    hold_id: int
+    camera: str
+    from_ms: int
+    to_ms: int
+    reason: str
+    created_by: str
+    created_ms: int
+
+
+class StorageInfo(BaseModel):
+    free_bytes: int
+    min_free_bytes: int
+    retention_days: int = Field(description="The site default")
+    below_watermark: bool = Field(description="Free space is below the threshold and no "
+                                  "unheld video of a past day is left to remove")
+    files_removed: int = Field(description="Archive days removed since start")
+    bytes_reclaimed: int
+    key_records_shredded: int
 
 
 class ViewerCreate(BaseModel):
@@ -108,16 +144,81 @@ def add_camera(body: CameraCreate, services: ServicesDep, actor: AdminDep) -> Ca
 @router.get("/cameras")
 def list_cameras(services: ServicesDep, actor: AdminDep) -> list[CameraInfo]:
     archive = services.archive
-    out = []
-    now = archive.clock()
-    for cam in archive.db.cameras():
-        recorded = archive.db.recorded_range(cam.name)
-        first, last, count = recorded or (None, None, 0)
-        health = archive.health.health(cam.name, now)
-        out.append(CameraInfo(name=cam.name, rtsp_url=redact(cam.rtsp_url) if cam.rtsp_url else None,
-                              created_ms=cam.created_ms, segments=count, first_ms=first,
-                              last_ms=last, **asdict(health)))
-    return out
+    return [_camera_info(cam, services) for cam in archive.db.cameras()]
+
+
+def _camera_info(cam: CameraRow, services: Services) -> CameraInfo:
+    archive = services.archive
+    recorded = archive.db.recorded_range(cam.name)
+    first, last, count = recorded or (None, None, 0)
+    health = archive.health.health(cam.name, archive.clock())
+    return CameraInfo(name=cam.name, rtsp_url=redact(cam.rtsp_url) if cam.rtsp_url else None,
+                      created_ms=cam.created_ms, segments=count, first_ms=first,
+                      last_ms=last, **asdict(health),
+                      retention_days=cam.retention_days or services.settings.retention_days,
+                      retention_default=cam.retention_days is None,
+                      holds=len(archive.db.holds(cam.name)),
+                      expired_until_ms=archive.db.expired_until(cam.name))
+
+
+@router.put("/cameras/{name}/retention")
+def set_retention(name: CameraPath,
+                  body: RetentionUpdate, services: ServicesDep, actor: AdminDep) -> CameraInfo:
+    archive = services.archive
+    before = archive.db.camera(name)  # a removed camera too: its archive still expires
+    if before is None or not archive.db.set_retention(name, body.days):
+        raise ApiError(404, ErrorCode.UNKNOWN_CAMERA, f"There is no camera named '{name}'.")
+    services.audit.record(actor, "camera.retention", archive.clock(), camera=name,
+                          days=body.days or "default", before=before.retention_days or "default")
+    after = archive.db.camera(name)
+    assert after is not None
+    return _camera_info(after, services)
+
+
+@router.get("/storage")
+def storage(services: ServicesDep, actor: AdminDep) -> StorageInfo:
+    retention = services.archive.retention
+    return StorageInfo(free_bytes=retention.free_bytes(),
+                       min_free_bytes=services.settings.min_free_bytes,
+                       retention_days=services.settings.retention_days,
+                       below_watermark=retention.total.below_watermark,
+                       files_removed=retention.total.files_removed,
+                       bytes_reclaimed=retention.total.bytes_reclaimed,
+                       key_records_shredded=retention.total.key_records_shredded)
+
+
+@router.post("/holds", status_code=201)
+def add_hold(body: HoldCreate, services: ServicesDep, actor: AdminDep) -> HoldInfo:
+    archive = services.archive
+    if archive.db.camera(body.camera) is None and not archive.db.expired_files(body.camera):
+        raise ApiError(404, ErrorCode.UNKNOWN_CAMERA, f"There is no camera named '{body.camera}'.")
+    if body.to_ms < body.from_ms:
+        raise ApiError(422, ErrorCode.BAD_RANGE, "The end of the hold is before its start.")
+    # Under the retention lock: a pass in progress cannot remove the range after this returns.
+    with archive.retention.lock:
+        hold = archive.db.add_hold(body.camera, body.from_ms, body.to_ms, body.reason, actor,
+                                   archive.clock())
+    services.audit.record(actor, "hold.add", archive.clock(), hold_id=hold.hold_id,
+                          camera=hold.camera, from_ms=hold.from_ms, to_ms=hold.to_ms,
+                          reason=hold.reason)
+    return HoldInfo(**asdict(hold))
+
+
+@router.get("/holds")
+def list_holds(services: ServicesDep, actor: AdminDep, camera: str | None = None) -> list[HoldInfo]:
+    return [HoldInfo(**asdict(h)) for h in services.archive.db.holds(camera)]
+
+
+@router.delete("/holds/{hold_id}")
+def remove_hold(hold_id: int, services: ServicesDep, actor: AdminDep) -> HoldInfo:
+    archive = services.archive
+    hold = archive.db.remove_hold(hold_id)
+    if hold is None:
+        raise ApiError(404, ErrorCode.UNKNOWN_HOLD, f"There is no evidence hold {hold_id}.")
+    services.audit.record(actor, "hold.remove", archive.clock(), hold_id=hold.hold_id,
+                          camera=hold.camera, from_ms=hold.from_ms, to_ms=hold.to_ms,
+                          reason=hold.reason)
+    return HoldInfo(**asdict(hold))
 
 
 @router.delete("/cameras/{name}", status_code=204)
@@ -140,7 +241,7 @@ def add_viewer(body: ViewerCreate, services: ServicesDep, actor: AdminDep) -> Vi
 @router.get("/viewers")
 @router.get("/clients", deprecated=True)
 def list_viewers(services: ServicesDep, actor: AdminDep) -> list[ViewerInfo]:
-    return [_viewer_info(row) for row in services.archive.db.clients()]
+    return [_viewer_info(row) for row in services.archive.db.viewers()]
 
 
 @router.post("/viewers/{fp}/revoke")
@@ -152,7 +253,7 @@ def revoke_viewer(fp: Fingerprint, body: RevokeRequest, services: ServicesDep,
     return Revoked(fingerprint=fp, revoked=True, key_streams_deleted=body.delete_key_streams)
 
 
-def _viewer_info(row: ClientRow) -> ViewerInfo:
+def _viewer_info(row: ViewerRow) -> ViewerInfo:
     cert = x509.load_der_x509_certificate(row.certificate)
     return ViewerInfo(
         fingerprint=row.fingerprint, subject=row.subject, oaep_hash=OaepHash(row.oaep_hash).label,

@@ -112,7 +112,7 @@ def create_grant(body: GrantCreate, viewer: ViewerDep, services: ServicesDep,
     grantee_fp = grant.grantee_fingerprint.hex()
     if grantee_fp == viewer.fingerprint:
         raise ApiError(422, ErrorCode.GRANT_TO_SELF, "A viewer cannot grant a range to itself.")
-    grantee = archive.db.client(grantee_fp)
+    grantee = archive.db.viewer(grantee_fp)
     if grantee is None or grantee.revoked_ms is not None:
         raise ApiError(404, ErrorCode.UNKNOWN_GRANTEE, "The grantee's certificate is not an enrolled, "
                        "active viewer of this Archiver; ask an admin to run 'fusion-archiver "
@@ -201,7 +201,7 @@ async def grant_recording(grant_id: GrantIdPath, viewer: ViewerDep, services: Se
 
     def still_valid() -> bool:
         now = store.get(grant_id)
-        grantee = archive.db.client(viewer.fingerprint)
+        grantee = archive.db.viewer(viewer.fingerprint)
         return (now is not None and now.state == GrantState.APPROVED and grantee is not None
                 and grantee.revoked_ms is None)
 

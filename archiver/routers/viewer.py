@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
@@ -125,7 +126,7 @@ def challenge(body: ChallengeRequest, services: ServicesDep) -> Challenge:
     except CertificateError as exc:
         raise ApiError(422, ErrorCode.BAD_CERTIFICATE, str(exc)) from None
     fp = fingerprint(cert).hex()
-    viewer = archive.db.client(fp)
+    viewer = archive.db.viewer(fp)
     if viewer is None:
         raise ApiError(403, ErrorCode.NOT_ENROLLED, "This certificate is not authorized on this "
                        "Archiver; ask an admin to run 'fusion-archiver viewers add'.")
@@ -181,6 +182,10 @@ def cameras(viewer: ViewerDep, services: ServicesDep) -> list[CameraView]:
     return out
 
 
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
+
+
 def _authorize(viewer: ViewerDep, services: ServicesDep, camera: str) -> None:
     # One answer for "no such camera" and "not yours": a viewer cannot enumerate camera names.
     if services.archive.db.camera(camera) is None or not viewer.authorized_on(camera):
@@ -199,6 +204,14 @@ async def recording(camera: CameraPath, viewer: ViewerDep, services: ServicesDep
     if to_ms < from_ms:
         raise ApiError(422, ErrorCode.BAD_RANGE, "The end of the range is before its start.")
     if not await run_in_threadpool(archive.has_recording, camera, from_ms, to_ms):
+        expired = [e for e in await run_in_threadpool(archive.db.expired_files, camera)
+                   if e.from_ms <= to_ms and e.to_ms >= from_ms]
+        if expired:
+            until = max(e.to_ms for e in expired)
+            why = " and ".join(sorted({e.reason for e in expired}))
+            raise ApiError(410, ErrorCode.EXPIRED, f"The video of camera '{camera}' in the requested "
+                           f"range has expired: it was removed ({why}; its keys destroyed) up "
+                           f"to {_iso(until)}.")
         raise ApiError(404, ErrorCode.NO_RECORDING,
                        f"Camera '{camera}' has no recording in the requested range.")
     services.audit.record(viewer.fingerprint, "stream.playback", archive.clock(), camera=camera,

@@ -24,7 +24,7 @@ def _manager(tmp_path: Path, period_s: int = 60) -> tuple[KeyManager, Database, 
     db = Database(tmp_path / "index.sqlite3")
     cert = x509.load_pem_x509_certificate((KEYS / "TEST-ONLY-viewer-a.cert.pem").read_bytes())
     fp = fingerprint(cert).hex()
-    db.add_client(fp, cert.public_bytes(Encoding.DER), "viewer-a", int(OaepHash.SHA256), None, 0)
+    db.add_viewer(fp, cert.public_bytes(Encoding.DER), "viewer-a", int(OaepHash.SHA256), None, 0)
     return KeyManager(db, period_s), db, fp
 
 
@@ -53,7 +53,7 @@ def test_one_epoch_per_day_and_a_new_one_on_authorization_change(tmp_path: Path)
     keys.authorization_changed(fp, None)
     keys.key_for("cam", DataStream.VIDEO, start + DAY_MS + 1)
     assert keys.epochs_started == 3 and keys.rotations == 32
-    db.revoke_client(fp, start + DAY_MS + 2, delete_key_streams=False)
+    db.revoke_viewer(fp, start + DAY_MS + 2, delete_key_streams=False)
     keys.authorization_changed(fp, None)
     revoked_key = keys.key_for("cam", DataStream.VIDEO, start + DAY_MS + 3)
     assert db.key_record(fp, revoked_key.key_id) is None
@@ -62,7 +62,7 @@ def test_one_epoch_per_day_and_a_new_one_on_authorization_change(tmp_path: Path)
 def test_an_expired_certificate_gets_no_key_and_is_reported_once(tmp_path: Path) -> None:
     """Expiry is checked at every key wrap, with the clock the key is made at."""
     keys, db, fp = _manager(tmp_path)
-    cert = x509.load_der_x509_certificate(db.client(fp).certificate)
+    cert = x509.load_der_x509_certificate(db.viewer(fp).certificate)
     end_ms = int(cert.not_valid_after_utc.timestamp() * 1000)
     reported: list[tuple[str, int]] = []
     keys.on_expired = lambda fingerprint, not_after: reported.append((fingerprint, not_after))

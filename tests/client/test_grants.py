@@ -36,7 +36,7 @@ from tests.fixtures.tokens import TokenHandle
 
 from .test_e2e import Client, Viewer, chunk, iso, now_ms, put, wait_for_segments
 
-EXIT_OK, EXIT_NOT_USABLE, EXIT_OUTSIDE, EXIT_UNKNOWN = 0, 54, 55, 56
+EXIT_OK, EXIT_NOT_USABLE, EXIT_OUTSIDE, EXIT_UNKNOWN = 0, 55, 56, 57
 
 
 def grant(client: Client, server: ArchiverServer, grantor: Viewer, grantee: Viewer,

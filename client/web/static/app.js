@@ -310,6 +310,11 @@ class Tile {
   }
 
   onError(msg) {
+    if (msg.error === "RecordingExpired") {
+      this.ended = true;
+      this.setState("info", `Expired: ${msg.reason}`);
+      return;
+    }
     if (msg.error === "NoRecording") {
       if (!this.live && this.windowEnd < this.lastRecorded) {
         this.nextWindow();  // nothing in this window: go on to where recording resumes

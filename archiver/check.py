@@ -1,0 +1,283 @@
+"""``fusion-archiver check``: an operator's fsck of the archive against its index.
+
+Reads the archive files with the wire-format decoder and the SQLite index read-only, and
+verifies, independently of how ingest wrote them:
+
+* every archive file is a sequence of complete, well-formed records (no torn tail);
+* every record is indexed at its offset, and every index row points at a record of its kind
+  with the same camera, stream, sequence number, capture time, key id, length and SHA-256;
+* every manifest's and key grant's signature verifies under the Archiver's key, and each
+  manifest's entries are exactly the segments before it;
+* each camera's manifests form one unbroken hash chain (from sequence 0, or from where
+  retention removed the start);
+* the key journals are well framed; video retention is removing is reported, not flagged.
+
+Problems are plain sentences; ``fusion-archiver reindex`` (or ``check --rebuild-index``)
+rebuilds the index from the files when the files are sound and the index is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import sqlite3
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from archiver.db import SCHEMA_VERSION
+from keyservice.errors import FormatError, UsageError
+from keyservice.format import (
+    RECORD_HEADER_LEN,
+    ZERO_HASH,
+    KeyGrant,
+    Manifest,
+    RecordType,
+    Segment,
+    decode_record,
+    max_body,
+)
+
+_HEADER = struct.Struct(">BI")
+_ECDSA = ec.ECDSA(hashes.SHA256())
+_JOURNAL_KINDS = (RecordType.EPOCH_OPENER, RecordType.KEY_RECORD)
+_ARCHIVE_KINDS = (RecordType.SEGMENT, RecordType.MANIFEST, RecordType.KEY_GRANT)
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # damaged_record, truncated, unindexed, index_mismatch, missing, bad_signature,
+    #            chain_broken, journal_damaged
+    file: str | None
+    offset: int | None
+    message: str
+
+
+@dataclass
+class CheckReport:
+    files: int = 0
+    journals: int = 0
+    segments: int = 0
+    manifests: int = 0
+    cameras: dict[str, int] = field(default_factory=dict)  # camera -> manifests checked
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, object]:
+        return {"ok": self.ok, "files": self.files, "journals": self.journals,
+                "segments": self.segments, "manifests": self.manifests,
+                "cameras": self.cameras, "problems": [asdict(p) for p in self.problems],
+                "notes": self.notes}
+
+
+def _signed(key: ec.EllipticCurvePublicKey, record: Manifest | KeyGrant) -> bool:
+    try:
+        key.verify(record.signature, record.signed_bytes(), _ECDSA)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def _same(row: tuple, expected: tuple) -> bool:
+    """An index row equals what the file holds (bytes compared in constant time, as
+    everywhere in the Archiver)."""
+    return len(row) == len(expected) and all(
+        hmac.compare_digest(a, b) if isinstance(a, bytes) and isinstance(b, bytes)
+        else type(a) is type(b) and a == b
+        for a, b in zip(row, expected, strict=True))
+
+
+def _open_index(db_path: Path) -> sqlite3.Connection:
+    if not db_path.exists():
+        raise UsageError(f"There is no Archiver index at {db_path}.")
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version != SCHEMA_VERSION:
+        conn.close()
+        raise UsageError(f"The index has schema version {version}, this checker reads "
+                         f"{SCHEMA_VERSION}.", "Start the Archiver once to migrate it.")
+    return conn
+
+
+def check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey) -> CheckReport:
+    archive = data_dir / "archive"
+    conn = _open_index(data_dir / "archiver.sqlite3")
+    try:
+        segments = {(r[0], r[1]): r[2:] for r in conn.execute(
+            "SELECT file, offset, camera, stream, seq, capture_ms, key_id, length, digest"
+            " FROM segments")}
+        manifests = {(r[0], r[1]): r[2:] for r in conn.execute(
+            "SELECT file, offset, camera, manifest_seq, length, hash FROM manifests")}
+        grants = {(r[0], r[1]): r[2:] for r in conn.execute(
+            "SELECT file, offset, camera, key_id, length FROM key_grants")}
+        expired = {r[0]: (r[1], bool(r[2])) for r in conn.execute(
+            "SELECT file, camera, done FROM expired_files")}
+        anchors = conn.execute("SELECT camera, manifest_seq, record FROM chain_anchors").fetchall()
+    finally:
+        conn.close()
+    report = CheckReport()
+    problem = report.problems.append
+    # camera -> [(seq, prev_hash, hash, where)]; where is a file, or "" for a chain anchor
+    links: dict[str, list[tuple[int, bytes, bytes, str]]] = {}
+    for camera, seq, raw in anchors:
+        try:
+            anchor = decode_record(raw)
+        except FormatError:
+            anchor = None
+        if (not isinstance(anchor, Manifest) or anchor.camera != camera
+                or anchor.manifest_seq != seq or not _signed(key, anchor)):
+            problem(Problem("bad_signature", None, None, f"{camera}: the manifest {seq} kept "
+                            "from removed video is not a valid signed manifest of this camera"))
+            continue
+        links.setdefault(camera, []).append(
+            (seq, anchor.prev_hash, hashlib.sha256(raw).digest(), ""))
+    for path in sorted(archive.glob("*/*.fsa")):
+        rel = path.relative_to(archive).as_posix()
+        if rel in expired:
+            report.notes.append(f"{rel}: being removed by retention (finished by the next "
+                                "pass of a running Archiver)")
+            continue
+        report.files += 1
+        camera = path.parent.name
+        data = path.read_bytes()
+        pos = 0
+        pending: list[tuple[bytes, Segment]] = []
+        while pos < len(data):
+            if len(data) - pos < RECORD_HEADER_LEN:
+                problem(Problem("truncated", rel, pos, f"{rel} ends in the middle of a record "
+                                f"header at offset {pos} (the file was cut short)"))
+                break
+            kind, length = _HEADER.unpack_from(data, pos)
+            if kind not in _ARCHIVE_KINDS or length > max_body(kind):
+                problem(Problem("damaged_record", rel, pos, f"{rel}: the bytes at offset {pos} "
+                                "are not a record (damaged); the rest of the file is unreadable"))
+                break
+            end = pos + RECORD_HEADER_LEN + length
+            if end > len(data):
+                problem(Problem("truncated", rel, pos, f"{rel} ends in the middle of a record at "
+                                f"offset {pos} ({end - len(data)} bytes missing: the file was cut "
+                                "short)"))
+                break
+            raw = data[pos:end]
+            try:
+                record = decode_record(raw)
+            except FormatError as exc:
+                problem(Problem("damaged_record", rel, pos, f"{rel}: the record at offset {pos} "
+                                f"is damaged ({exc})"))
+                segments.pop((rel, pos), None)
+                manifests.pop((rel, pos), None)
+                grants.pop((rel, pos), None)
+                pos = end
+                continue
+            digest = hashlib.sha256(raw).digest()
+            if isinstance(record, Segment):
+                report.segments += 1
+                pending.append((digest, record))
+                row = segments.pop((rel, pos), None)
+                if row is None:
+                    problem(Problem("unindexed", rel, pos, f"{rel}: the segment at offset {pos} "
+                                    "(camera {0}, seq {1}) is not in the index".format(
+                                        record.camera, record.seq)))
+                elif not _same(row, (record.camera, int(record.stream), record.seq,
+                                     record.capture_ms, record.key_id, len(raw), digest)):
+                    problem(Problem("index_mismatch", rel, pos, f"{rel}: the segment at offset "
+                                    f"{pos} differs from its index row (damaged bytes?)"))
+            elif isinstance(record, Manifest):
+                report.manifests += 1
+                row = manifests.pop((rel, pos), None)
+                if row is None:
+                    problem(Problem("unindexed", rel, pos, f"{rel}: manifest {record.manifest_seq} "
+                                    f"at offset {pos} is not in the index"))
+                elif not _same(row, (record.camera, record.manifest_seq, len(raw), digest)):
+                    problem(Problem("index_mismatch", rel, pos, f"{rel}: manifest at offset {pos} "
+                                    "differs from its index row"))
+                if not _signed(key, record) or record.camera != camera:
+                    problem(Problem("bad_signature", rel, pos, f"{rel}: manifest "
+                                    f"{record.manifest_seq} at offset {pos} does not carry a valid "
+                                    "signature of this Archiver for this camera"))
+                entries = [(e.digest, e.seq) for e in record.entries]
+                if len(entries) != len(pending) or any(
+                        not hmac.compare_digest(d, e[0]) or s.seq != e[1]
+                        for (d, s), e in zip(pending, entries, strict=False)):
+                    problem(Problem("index_mismatch", rel, pos, f"{rel}: manifest "
+                                    f"{record.manifest_seq} does not match the segments before it "
+                                    "(a segment was altered, removed or added)"))
+                pending = []
+                links.setdefault(camera, []).append(
+                    (record.manifest_seq, record.prev_hash, digest, rel))
+            elif isinstance(record, KeyGrant):
+                row = grants.pop((rel, pos), None)
+                if row is None or not _same(row, (record.camera, record.key_id, len(raw))):
+                    problem(Problem("unindexed" if row is None else "index_mismatch", rel, pos,
+                                    f"{rel}: the key grant at offset {pos} is not indexed as it is"))
+                if not _signed(key, record):
+                    problem(Problem("bad_signature", rel, pos, f"{rel}: the key grant at offset "
+                                    f"{pos} does not carry a valid signature of this Archiver"))
+            pos = end
+        if pending:
+            problem(Problem("unindexed", rel, pos, f"{rel}: {len(pending)} segment(s) at the end "
+                            "are not covered by a signed manifest"))
+    for what, rows in (("segment", segments), ("manifest", manifests), ("key grant", grants)):
+        for (rel, offset), _ in sorted(rows.items()):
+            problem(Problem("missing", rel, offset, f"the index lists a {what} in {rel} at offset "
+                            f"{offset} that the file does not hold"))
+    for camera, chain in sorted(links.items()):
+        chain.sort()
+        report.cameras[camera] = len(chain)
+        retained_start = any(c == camera for c, _ in expired.values())
+        first_seq, first_prev, _, first_file = chain[0]
+        if first_seq == 0 and first_prev != ZERO_HASH:
+            problem(Problem("chain_broken", first_file, None, f"{camera}: manifest 0 names a "
+                            "previous manifest"))
+        elif first_seq != 0 and not retained_start:
+            problem(Problem("chain_broken", first_file, None, f"{camera}: the chain starts at "
+                            f"manifest {first_seq}; manifests 0..{first_seq - 1} are missing"))
+        elif first_seq != 0:
+            report.notes.append(f"{camera}: the chain starts at manifest {first_seq} (earlier "
+                                "video was removed by retention)")
+        if not retained_start and any(not where for *_, where in chain):
+            problem(Problem("chain_broken", None, None, f"{camera}: manifests kept from "
+                            "removed video, but no removal is recorded"))
+        for (seq, _, hash_, where), (next_seq, prev, _, rel) in itertools.pairwise(chain):
+            if seq == next_seq:
+                continue  # a kept manifest and its file both present (removal in progress)
+            if not where and not rel:
+                continue  # between two kept manifests: video retention removed
+            if next_seq != seq + 1 or not hmac.compare_digest(prev, hash_):
+                problem(Problem("chain_broken", rel, None, f"{camera}: the manifest chain breaks "
+                                f"between manifests {seq} and {next_seq} (video missing or "
+                                "replaced in between)"))
+    for path in sorted(archive.glob("*/*.fsk")):
+        report.journals += 1
+        _check_journal(path, path.relative_to(archive).as_posix(), report)
+    return report
+
+
+def _check_journal(path: Path, rel: str, report: CheckReport) -> None:
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < RECORD_HEADER_LEN:
+            break
+        kind, length = _HEADER.unpack_from(data, pos)
+        end = pos + RECORD_HEADER_LEN + length
+        if kind not in _JOURNAL_KINDS or length > max_body(kind) or end > len(data):
+            break
+        try:
+            decode_record(data[pos:end])
+        except FormatError:
+            break
+        pos = end
+    if pos != len(data):
+        report.problems.append(Problem(
+            "journal_damaged", rel, pos, f"the key journal {rel} is damaged from offset {pos} "
+            f"({len(data) - pos} bytes): viewers' key streams there cannot be restored from it"))

@@ -1,0 +1,137 @@
+"""Schema versions (issue 15, deliverable 2): a data directory made by the unversioned schema
+(the one on main before versions, kept as tests/archiver/fixtures/schema_v0.sql) migrates
+forward at open, keeps its rows, and leaves a backup of what it was first."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from archiver.auth import digest
+from archiver.db import SCHEMA_VERSION, Database, SegmentRow
+from keyservice.certs import load_certificate, read_oaep_hash
+from keyservice.errors import UsageError
+from keyservice.identity import fingerprint
+from tests.archiver.conftest import Viewer
+from tests.fixtures.server import ArchiverServer
+from tests.fixtures.viewer import fetch, login, play
+
+FIXTURE = Path(__file__).parent / "fixtures" / "schema_v0.sql"
+
+
+def _old_data_dir(path: Path) -> Path:
+    """An index as the old Archiver left it: its schema, a camera, a viewer on one camera, a
+    key stream and a segment with its manifest, written with the old column order."""
+    path.mkdir()
+    db_path = path / "archiver.sqlite3"
+    conn = sqlite3.connect(db_path)
+    conn.executescript(FIXTURE.read_text())
+    conn.execute("INSERT INTO cameras VALUES ('door', ?, NULL, 1000, NULL)", (b"\1" * 32,))
+    conn.execute("INSERT INTO clients VALUES ('ab' || ?, ?, 'CN=alice', 2, 0, 2000, NULL, 0)",
+                 ("cd" * 31, b"cert"))
+    conn.execute("INSERT INTO client_cameras VALUES ('ab' || ?, 'door')", ("cd" * 31,))
+    conn.execute("INSERT INTO epochs VALUES (?, 'ab' || ?, 3000, ?)", (b"E" * 16, "cd" * 31, b"op"))
+    conn.execute("INSERT INTO key_records VALUES ('ab' || ?, ?, 'door', ?, 3000, ?)",
+                 ("cd" * 31, b"K" * 16, b"E" * 16, b"kr"))
+    conn.execute("INSERT INTO segments VALUES ('door', 0, 0, 3000, ?, 100, ?, 'door/1970-01-01.fsa',"
+                 " 0, 150, 0, 5000)", (b"K" * 16, b"D" * 32))
+    conn.execute("INSERT INTO manifests VALUES ('door', 0, 'door/1970-01-01.fsa', 150, 80, ?,"
+                 " 3000, 5000)", (b"H" * 32,))
+    conn.commit()
+    conn.close()
+    return db_path
+
+
+def test_an_old_data_directory_migrates_and_keeps_its_rows(tmp_path: Path) -> None:
+    db_path = _old_data_dir(tmp_path / "data")
+    db = Database(db_path)
+    try:
+        assert db.migrated_from == 0 and db.schema_version() == SCHEMA_VERSION
+        assert [c.name for c in db.cameras()] == ["door"]
+        assert db.cameras()[0].retention_days is None  # the site default
+        viewer = db.viewer("ab" + "cd" * 31)
+        assert viewer is not None and viewer.subject == "CN=alice"
+        assert viewer.cameras == ("door",) and viewer.authorized_on("door")
+        assert db.key_record("ab" + "cd" * 31, b"K" * 16) == (b"E" * 16, b"kr")
+        assert db.epoch_opener(b"E" * 16) == b"op"
+        assert db.segments_of("door", 0) == [SegmentRow(
+            "door", 0, 0, 3000, b"K" * 16, 100, b"D" * 32, "door/1970-01-01.fsa", 0, 150, 0, 5000)]
+        assert db.recorded_range("door") == (3000, 5000, 1)
+        assert db.holds() == [] and db.expired_files() == []
+        tables = {row[0] for row in db._query("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"viewers", "viewer_cameras"} <= tables
+        assert not {"clients", "client_cameras"} & tables
+    finally:
+        db.close()
+    # The backup: the old database as it was, readable, private.
+    backups = list(db_path.parent.glob("archiver.sqlite3.v0-*.bak"))
+    assert len(backups) == 1 and db.backup == backups[0]
+    assert stat.S_IMODE(backups[0].stat().st_mode) == 0o600
+    old = sqlite3.connect(backups[0])
+    try:
+        assert old.execute("PRAGMA user_version").fetchone()[0] == 0
+        assert old.execute("SELECT subject FROM clients").fetchall() == [("CN=alice",)]
+    finally:
+        old.close()
+    # Opened again: nothing to migrate, no second backup.
+    again = Database(db_path)
+    assert again.migrated_from == SCHEMA_VERSION and again.backup is None
+    again.close()
+    assert len(list(db_path.parent.glob("*.bak"))) == 1
+
+
+def test_a_new_database_starts_at_the_current_version_without_a_backup(tmp_path: Path) -> None:
+    db = Database(tmp_path / "archiver.sqlite3")
+    assert db.schema_version() == SCHEMA_VERSION and db.backup is None
+    db.close()
+    assert not list(tmp_path.glob("*.bak"))
+
+
+def test_a_database_from_a_newer_archiver_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "archiver.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(UsageError, match="schema version"):
+        Database(path)
+
+
+def test_a_real_archiver_starts_on_an_old_data_directory_and_carries_on(
+        tmp_path: Path, make_viewer: Callable[[str], Viewer]) -> None:
+    """The whole Archiver on a version-0 index: it migrates at start, knows its camera and its
+    viewer (now in the viewers table), takes a segment on the camera's old token, and the
+    viewer plays it."""
+    viewer = make_viewer("olga")
+    cert = load_certificate(viewer.pem.read_bytes())
+    fp = fingerprint(cert).hex()
+    data = tmp_path / "archiver"
+    data.mkdir()
+    conn = sqlite3.connect(data / "archiver.sqlite3")
+    conn.executescript(FIXTURE.read_text())
+    conn.execute("INSERT INTO cameras VALUES ('door', ?, NULL, 1000, NULL)", (digest("tok"),))
+    oaep = read_oaep_hash(cert)  # what the viewer's token opens (SoftHSM: SHA-1)
+    assert oaep is not None
+    conn.execute("INSERT INTO clients VALUES (?, ?, ?, ?, 1, 2000, NULL, 0)",
+                 (fp, cert.public_bytes(Encoding.DER), cert.subject.rfc4514_string(), int(oaep)))
+    conn.commit()
+    conn.close()
+    server = ArchiverServer(data).start()
+    try:
+        assert [c["name"] for c in server.admin("GET", "/v1/admin/cameras", expect=200)] == [
+            "door"]
+        assert [v["fingerprint"] for v in server.admin("GET", "/v1/admin/clients",
+                                                        expect=200)] == [fp]
+        assert server.put_segment("door", "tok", b"old data directory, new segment") == 201
+        session = login(server.url, viewer.identity)
+        response = fetch(server.url, session, "door")
+        assert response.status_code == 200, response.text
+        played = play(viewer.identity, response.content)
+        assert played.ended and played.data == b"old data directory, new segment"
+    finally:
+        server.stop()
+    assert len(list(data.glob("archiver.sqlite3.v0-*.bak"))) == 1
