@@ -175,7 +175,7 @@ class BenchServer(ArchiverServer):
         """Authorize each certificate on all cameras through the admin API; fingerprints."""
         def add(chunk: Sequence[str]) -> list[str]:
             with httpx.Client(timeout=60) as client:
-                return [self.add_client(pem, "all", client) for pem in chunk]
+                return [self.add_viewer(pem, "all", client) for pem in chunk]
 
         chunks = [pems[i::workers] for i in range(workers)]
         with ThreadPoolExecutor(workers) as pool:

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         token = server.add_camera("cam")
         server.add_camera("big")
         viewer = _viewer()
-        server.add_client(viewer.certificate.public_bytes(Encoding.PEM).decode())
+        server.add_viewer(viewer.certificate.public_bytes(Encoding.PEM).decode())
         server.stop()
         started = time.monotonic()
         _fill_index(data / "archiver.sqlite3", "big", args.manifests)

@@ -185,7 +185,7 @@ class ArchiverServer:
         return self.admin("POST", "/v1/admin/cameras", {"name": name}, expect=201,
                           client=client)["ingest_token"]
 
-    def add_client(self, pem: Path | str, cameras: list[str] | str = "all",
+    def add_viewer(self, pem: Path | str, cameras: list[str] | str = "all",
                    client: httpx.Client | None = None) -> str:
         """Authorize a viewer certificate; returns its fingerprint."""
         text = pem.read_text() if isinstance(pem, Path) else pem

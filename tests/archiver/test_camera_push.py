@@ -78,7 +78,7 @@ def test_every_segment_ffmpeg_sent_is_archived(archiver_server: ArchiverServer, 
                                                 bitrate: str | None, realtime: bool) -> None:
     viewer = make_viewer("night")
     token = archiver_server.add_camera("cam1")
-    archiver_server.add_client(viewer.pem, ["cam1"])
+    archiver_server.add_viewer(viewer.pem, ["cam1"])
     pattern = "testsrc" if bitrate != "6M" else "mandelbrot"
     source = _encode(tmp_path / "source.ts", seconds, bitrate=bitrate, pattern=pattern)
     sent = _push_counting(source, archiver_server, "cam1", token, realtime=realtime)
@@ -130,7 +130,7 @@ def test_segment_time_is_the_span_of_its_video_and_a_silent_camera_is_flagged(
         archiver_server: ArchiverServer, make_viewer, tmp_path: Path) -> None:
     viewer = make_viewer("day")
     token = archiver_server.add_camera("cam1")
-    archiver_server.add_client(viewer.pem, ["cam1"])
+    archiver_server.add_viewer(viewer.pem, ["cam1"])
     source = _encode(tmp_path / "source.ts", 6, bitrate="100k")
     sent = _push_counting(source, archiver_server, "cam1", token, realtime=True)
     _wait_for(lambda: _archived(archiver_server, "cam1") == len(sent) == 3)

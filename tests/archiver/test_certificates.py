@@ -58,8 +58,8 @@ def test_an_expired_viewer_is_refused_everywhere_and_audited(
     other = make_viewer("olga")  # valid for a year
 
     ingest = server.add_camera("cam1")
-    fp = server.add_client(pem, ["cam1"])
-    server.add_client(other.pem, ["cam1"])
+    fp = server.add_viewer(pem, ["cam1"])
+    server.add_viewer(other.pem, ["cam1"])
     session = login(server.url, identity)
     assert server.put_segment("cam1", ingest, b"a" * 100) == 201
     assert _key_ids(server) <= _key_ids(server, fp)  # while valid, it gets every key

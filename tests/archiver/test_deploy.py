@@ -289,7 +289,7 @@ def test_a_stop_with_a_live_viewer_is_prompt_and_clean(archiver_server: Archiver
     server = archiver_server
     token = server.add_camera("cam")
     viewer = make_viewer("watcher")
-    server.add_client(viewer.pem, "all")
+    server.add_viewer(viewer.pem, "all")
     session = login(server.url, viewer.identity)
     received: list[int] = []
     ended = threading.Event()

@@ -29,7 +29,7 @@ def test_metrics_need_a_token_and_docs_are_off_by_default(archiver_server: Archi
     server = archiver_server
     viewer = make_viewer("alice")
     camera_token = server.add_camera("cam1")
-    server.add_client(viewer.pem, ["cam1"])
+    server.add_viewer(viewer.pem, ["cam1"])
     assert server.put_segment("cam1", camera_token, b"x" * 100) == 201
     session = login(server.url, viewer.identity)
     metrics_token = (server.data_dir / "metrics-token").read_text().strip()

@@ -201,8 +201,8 @@ def test_login_rate_and_viewer_concurrency_limits(serve: Callable[..., ArchiverS
     server = serve("--login-rate", "1", "--viewer-streams", "2")
     alice, bob = make_viewer("alice"), make_viewer("bob")
     server.add_camera("cam1")
-    server.add_client(alice.pem, ["cam1"])
-    server.add_client(bob.pem, ["cam1"])
+    server.add_viewer(alice.pem, ["cam1"])
+    server.add_viewer(bob.pem, ["cam1"])
     alice_session, bob_session = login(server.url, alice.identity), login(server.url, bob.identity)
 
     # Logins: a burst passes, a flood from one address is answered 429 with Retry-After.

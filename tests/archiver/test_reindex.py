@@ -72,7 +72,7 @@ def test_deleted_tail_rows_are_indexed_again_not_cut(
         archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer]) -> None:
     alice = make_viewer("alice")
     token = archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     chunks = _segments(8)
     for data in chunks:
         assert archiver_server.put_segment("cam1", token, data) == 201
@@ -108,7 +108,7 @@ def test_signed_bytes_that_do_not_continue_the_chain_are_never_cut(
         archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer]) -> None:
     alice = make_viewer("alice")
     token = archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     for data in _segments(6):
         assert archiver_server.put_segment("cam1", token, data) == 201
     archiver_server.stop()
@@ -138,13 +138,13 @@ def test_reindex_rebuilds_the_index_from_the_files(
         archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer]) -> None:
     alice = make_viewer("alice")
     tokens = {cam: archiver_server.add_camera(cam) for cam in ("cam1", "cam2")}
-    archiver_server.add_client(alice.pem, ["cam1", "cam2"])
+    archiver_server.add_viewer(alice.pem, ["cam1", "cam2"])
     chunks = _segments(6)
     for i, data in enumerate(chunks):
         assert archiver_server.put_segment("cam1", tokens["cam1"], data) == 201
         assert archiver_server.put_segment("cam2", tokens["cam2"], data[::-1]) == 201
         if i == 2:  # an authorization change: new minute keys and a new epoch midway
-            archiver_server.add_client(alice.pem, ["cam1", "cam2"])
+            archiver_server.add_viewer(alice.pem, ["cam1", "cam2"])
     before = _played(archiver_server, alice)
     archiver_server.stop()
     with _index(archiver_server) as db:
@@ -182,11 +182,11 @@ def test_the_whole_database_lost_is_rebuilt_from_the_archive(
     camera and the viewer again, playback is byte-identical (so frame-exact)."""
     alice = make_viewer("alice")
     token = archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     chunks = _segments(6)
     for i, data in enumerate(chunks):
         if i == 3:  # a second epoch and new minute keys midway
-            archiver_server.add_client(alice.pem, ["cam1"])
+            archiver_server.add_viewer(alice.pem, ["cam1"])
         assert archiver_server.put_segment("cam1", token, data) == 201
     assert _played(archiver_server, alice) == b"".join(chunks)
     archiver_server.stop()
@@ -201,5 +201,5 @@ def test_the_whole_database_lost_is_rebuilt_from_the_archive(
     archiver_server.start()
     assert _recoveries(archiver_server)[-1] == []
     archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     assert _played(archiver_server, alice) == b"".join(chunks)

@@ -47,8 +47,8 @@ def test_revocation_ends_an_open_live_stream_and_the_session_at_once(
         archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer]) -> None:
     alice, bob = make_viewer("alice"), make_viewer("bob")
     token = archiver_server.add_camera("cam1")
-    alice_fp = archiver_server.add_client(alice.pem, ["cam1"])
-    archiver_server.add_client(bob.pem, ["cam1"])
+    alice_fp = archiver_server.add_viewer(alice.pem, ["cam1"])
+    archiver_server.add_viewer(bob.pem, ["cam1"])
     alice_session, bob_session = (login(archiver_server.url, v.identity) for v in (alice, bob))
     watchers = [LiveWatcher(archiver_server.url, s, v)
                 for s, v in ((alice_session, alice), (bob_session, bob))]

@@ -67,7 +67,7 @@ def test_pulled_camera_is_archived_whole(archiver_server: ArchiverServer, make_v
     viewer = make_viewer("guard")
     archiver_server.admin("POST", "/v1/admin/cameras", {"name": "door", "rtsp_url": camera.url()},
                           expect=201)
-    archiver_server.add_client(viewer.pem, ["door"])
+    archiver_server.add_viewer(viewer.pem, ["door"])
     wait_for(lambda: _camera(archiver_server, "door")["segments"] >= 4, 40, "4 pulled segments")
     info = _camera(archiver_server, "door")
     assert info["state"] == "receiving" and info["segments_last_minute"] >= 4
@@ -96,7 +96,7 @@ def test_outage_is_recorded_as_a_gap_and_the_pull_resumes(archiver_server: Archi
     viewer = make_viewer("night")
     archiver_server.admin("POST", "/v1/admin/cameras", {"name": "yard", "rtsp_url": camera.url()},
                           expect=201)
-    archiver_server.add_client(viewer.pem, ["yard"])
+    archiver_server.add_viewer(viewer.pem, ["yard"])
     wait_for(lambda: _camera(archiver_server, "yard")["segments"] >= 2, 40, "first segments")
     camera.stop()  # the camera goes away
     wait_for(lambda: _camera(archiver_server, "yard")["state"] == "unreachable", 30,
@@ -150,7 +150,7 @@ def test_h265_passes_through_untouched(archiver_server: ArchiverServer, make_vie
     viewer = make_viewer("hevc")
     archiver_server.admin("POST", "/v1/admin/cameras", {"name": "lobby", "rtsp_url": camera.url()},
                           expect=201)
-    archiver_server.add_client(viewer.pem, ["lobby"])
+    archiver_server.add_viewer(viewer.pem, ["lobby"])
     wait_for(lambda: _camera(archiver_server, "lobby")["segments"] >= 3, 40, "3 segments")
     archiver_server.admin("DELETE", "/v1/admin/cameras/lobby", expect=204)
     played, out = _play_all(archiver_server, viewer, "lobby", tmp_path)

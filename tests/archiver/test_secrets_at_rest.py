@@ -47,7 +47,7 @@ def test_data_dir_is_private_and_pins_never_on_a_command_line(
     try:
         viewer = make_viewer("alice")
         token = server.add_camera("cam1")
-        server.add_client(viewer.pem, ["cam1"])
+        server.add_viewer(viewer.pem, ["cam1"])
         assert server.put_segment("cam1", token, b"x" * 1000) == 201
         assert fetch(server.url, login(server.url, viewer.identity), "cam1").status_code == 200
         # The server's own command line and environment carry no secret either.

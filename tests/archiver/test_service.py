@@ -33,7 +33,7 @@ def _segment_key_ids(server: ArchiverServer, camera: str) -> list[bytes]:
 def test_keys_rotate_every_period(archiver_server: ArchiverServer, make_viewer) -> None:
     viewer = make_viewer("alice")
     token = archiver_server.add_camera("cam1")
-    archiver_server.add_client(viewer.pem, ["cam1"])
+    archiver_server.add_viewer(viewer.pem, ["cam1"])
     assert archiver_server.put_segment("cam1", token, b"a" * 1000) == 201
     assert archiver_server.put_segment("cam1", token, b"b" * 1000) == 201
     time.sleep(archiver_server.key_period_s + 0.2)
@@ -54,10 +54,10 @@ def test_late_viewers_see_only_the_future_and_revoked_get_nothing_new(
         archiver_server: ArchiverServer, make_viewer) -> None:
     alice, bob = make_viewer("alice"), make_viewer("bob")
     token = archiver_server.add_camera("cam1")
-    alice_fp = archiver_server.add_client(alice.pem, ["cam1"])
+    alice_fp = archiver_server.add_viewer(alice.pem, ["cam1"])
     for chunk in (b"A1", b"A2"):
         assert archiver_server.put_segment("cam1", token, chunk * 500) == 201
-    bob_fp = archiver_server.add_client(bob.pem, ["cam1"])
+    bob_fp = archiver_server.add_viewer(bob.pem, ["cam1"])
     for chunk in (b"B1", b"B2"):
         assert archiver_server.put_segment("cam1", token, chunk * 500) == 201
     alice_session = login(archiver_server.url, alice.identity)
@@ -93,7 +93,7 @@ def test_viewer_on_other_camera_is_refused(archiver_server: ArchiverServer, make
     viewer = make_viewer("carol")
     token = archiver_server.add_camera("cam1")
     archiver_server.add_camera("cam2")
-    archiver_server.add_client(viewer.pem, ["cam2"])
+    archiver_server.add_viewer(viewer.pem, ["cam2"])
     assert archiver_server.put_segment("cam1", token, b"x" * 100) == 201
     session = login(archiver_server.url, viewer.identity)
     forbidden = fetch(archiver_server.url, session, "cam1")
@@ -120,7 +120,7 @@ def test_ffmpeg_push_and_nothing_secret_at_rest(archiver_server: ArchiverServer,
                                                 tmp_path: Path) -> None:
     viewer = make_viewer("dave")
     token = archiver_server.add_camera("cam1")
-    archiver_server.add_client(viewer.pem, ["cam1"])
+    archiver_server.add_viewer(viewer.pem, ["cam1"])
     source = make_source(tmp_path / "source.ts", seconds=6)
     push(source, archiver_server.url, "cam1", token, realtime=True)
 
@@ -154,7 +154,7 @@ def test_restart_keeps_serving_the_old_archive(tmp_path: Path, make_viewer) -> N
     server = ArchiverServer(tmp_path / "archiver").start()
     try:
         token = server.add_camera("cam1")
-        server.add_client(viewer.pem, ["cam1"])
+        server.add_viewer(viewer.pem, ["cam1"])
         for i in range(3):
             assert server.put_segment("cam1", token, bytes([i]) * 2000) == 201
         cert_before = server.admin("GET", "/v1/archiver")["fingerprint"]
@@ -206,7 +206,7 @@ def test_access_control(archiver_server: ArchiverServer, make_viewer) -> None:
     url = archiver_server.url
     viewer = make_viewer("frank")
     camera_token = archiver_server.add_camera("cam1")
-    archiver_server.add_client(viewer.pem, ["cam1"])
+    archiver_server.add_viewer(viewer.pem, ["cam1"])
     session = login(url, viewer.identity)
     admin_paths = [("GET", "/v1/admin/cameras"), ("POST", "/v1/admin/cameras"),
                    ("GET", "/v1/admin/viewers"), ("POST", "/v1/admin/viewers"),
@@ -233,7 +233,7 @@ def test_login_proofs_cannot_be_forged_or_replayed(archiver_server: ArchiverServ
     url = archiver_server.url
     viewer = make_viewer("grace")
     archiver_server.add_camera("cam1")
-    archiver_server.add_client(viewer.pem, ["cam1"])
+    archiver_server.add_viewer(viewer.pem, ["cam1"])
     pem = viewer.pem.read_text()
     challenge = httpx.post(f"{url}/v1/sessions/challenge", json={"certificate": pem}).json()
     forged = httpx.post(f"{url}/v1/sessions", json={
@@ -282,7 +282,7 @@ def test_bad_certificates_are_refused(archiver_server: ArchiverServer, tmp_path:
 def test_audit_log_and_health(archiver_server: ArchiverServer, make_viewer) -> None:
     viewer = make_viewer("heidi")
     token = archiver_server.add_camera("cam1")
-    fp = archiver_server.add_client(viewer.pem, ["cam1"])
+    fp = archiver_server.add_viewer(viewer.pem, ["cam1"])
     archiver_server.put_segment("cam1", token, b"z" * 100)
     fetch(archiver_server.url, login(archiver_server.url, viewer.identity), "cam1")
     archiver_server.revoke(fp)

@@ -215,7 +215,7 @@ def test_ec_viewers_on_a_card_and_on_softhsm_play_frame_exact(
                            env={**os.environ, "FUSION_SO_PIN": piv_card.mgmt_key_hex})
     assert enrolled.returncode == 0, enrolled.stderr
     assert "EC P-256" in enrolled.stdout
-    archiver_server.add_client(card_pem, ["cam1"])
+    archiver_server.add_viewer(card_pem, ["cam1"])
     # ... used through OpenSC, as a viewer machine would.
     carol = Viewer("carol", None, piv_card.uri(piv_card.opensc_module, key_id=CARD_KEY_ID),  # type: ignore[arg-type]
                    card_pem)
@@ -224,7 +224,7 @@ def test_ec_viewers_on_a_card_and_on_softhsm_play_frame_exact(
         dave_cert = tok.enroll("dave", key_type="ec").pem()
     dave_pem = tmp_path / "dave.pem"
     dave_pem.write_bytes(dave_cert)
-    archiver_server.add_client(dave_pem, ["cam1"])
+    archiver_server.add_viewer(dave_pem, ["cam1"])
     dave = Viewer("dave", softhsm_token, softhsm_token.object_uri("dave"), dave_pem)
 
     source = make_source(tmp_path / "source.ts", seconds=3)

@@ -146,8 +146,8 @@ def test_export_is_frame_identical_for_two_viewers_each_with_its_own_key_stream(
         tmp_path: Path) -> None:
     alice, bob = make_viewer("alice"), make_viewer("bob")
     ingest = archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
-    archiver_server.add_client(bob.pem, "all")
+    archiver_server.add_viewer(alice.pem, ["cam1"])
+    archiver_server.add_viewer(bob.pem, "all")
     source = make_source(tmp_path / "source.ts", seconds=4)
     start = now_ms()
     # In real time, as a camera: unthrottled, ffmpeg's HLS PUTs of consecutive segments can
@@ -197,7 +197,7 @@ def test_revoked_viewer_gets_nothing_for_the_minutes_after_revocation(
         tmp_path: Path) -> None:
     alice = make_viewer("alice")
     ingest = archiver_server.add_camera("cam1")
-    fp = archiver_server.add_client(alice.pem, ["cam1"])
+    fp = archiver_server.add_viewer(alice.pem, ["cam1"])
     before = [chunk(f"before{i}") for i in range(3)]
     during = [chunk(f"revoked{i}") for i in range(3)]
     after = [chunk(f"after{i}") for i in range(2)]
@@ -217,7 +217,7 @@ def test_revoked_viewer_gets_nothing_for_the_minutes_after_revocation(
     assert_nothing_written(out)
 
     # Authorized again: the minutes while revoked stay dark -- no key records were made.
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     time.sleep(0.05)
     put(archiver_server, "cam1", ingest, *after)
     t_end = now_ms() + 1
@@ -238,14 +238,14 @@ def test_viewer_authorized_later_sees_nothing_from_before(
         tmp_path: Path) -> None:
     alice, late = make_viewer("alice"), make_viewer("late")
     ingest = archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     early = [chunk(f"early{i}") for i in range(3)]
     later = [chunk(f"later{i}") for i in range(3)]
     t0 = now_ms()
     put(archiver_server, "cam1", ingest, *early)
     time.sleep(0.05)
     t_auth = now_ms()
-    archiver_server.add_client(late.pem, ["cam1"])
+    archiver_server.add_viewer(late.pem, ["cam1"])
     put(archiver_server, "cam1", ingest, *later)
     t_end = now_ms() + 1
 
@@ -273,8 +273,8 @@ def test_enrolled_but_not_authorized_viewers_and_bad_requests(
     alice, stranger, other = make_viewer("alice"), make_viewer("stranger"), make_viewer("other")
     ingest = archiver_server.add_camera("cam1")
     archiver_server.add_camera("cam2")
-    archiver_server.add_client(alice.pem, ["cam1"])
-    archiver_server.add_client(other.pem, ["cam2"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
+    archiver_server.add_viewer(other.pem, ["cam2"])
     t0 = now_ms()
     put(archiver_server, "cam1", ingest, chunk("x"), chunk("y"))
     t1 = now_ms() + 1
@@ -333,7 +333,7 @@ def test_archiver_pinning(archiver_server: ArchiverServer, make_viewer: Callable
                           client: Client, tmp_path: Path) -> None:
     alice = make_viewer("alice")
     ingest = archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     t0 = now_ms()
     put(archiver_server, "cam1", ingest, chunk("p"))
     t1 = now_ms() + 1
@@ -367,7 +367,7 @@ def test_tampered_or_truncated_stream_in_transit(
         tmp_path: Path, mode: str) -> None:
     alice = make_viewer("alice")
     ingest = archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     chunks = [chunk(f"seg{i}", 20_000) for i in range(5)]
     t0 = now_ms()
     put(archiver_server, "cam1", ingest, *chunks)
@@ -426,7 +426,7 @@ def test_live_delivers_each_segment_while_the_camera_is_still_pushing(
         tmp_path: Path) -> None:
     alice = make_viewer("alice")
     ingest = archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     process = subprocess.Popen(
         client.command("live", "--archiver", archiver_server.url, "--token", alice.uri,
                        "--camera", "cam1", "--duration", "60", "-o", "-"),
@@ -474,7 +474,7 @@ def test_live_video_to_file_while_ffmpeg_pushes(
         tmp_path: Path) -> None:
     alice = make_viewer("alice")
     ingest = archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     source = make_source(tmp_path / "source.ts", seconds=5)
     out = tmp_path / "live.ts"
     viewer = subprocess.Popen(
@@ -513,7 +513,7 @@ def test_tpm_viewer_end_to_end(archiver_server: ArchiverServer, tpm_token: Token
     pem = enroll_viewer(tpm_token, "tpm-viewer")
     viewer = Viewer("tpm-viewer", tpm_token, tpm_token.object_uri("tpm-viewer"), pem)
     ingest = archiver_server.add_camera("cam1")
-    archiver_server.add_client(pem, ["cam1"])
+    archiver_server.add_viewer(pem, ["cam1"])
     chunks = [chunk(f"tpm{i}") for i in range(4)]
     t0 = now_ms()
     put(archiver_server, "cam1", ingest, *chunks[:2])
@@ -534,7 +534,7 @@ def test_playback_across_a_camera_outage_reports_the_gap(
     after, in one verified file, and the summary names the gap with its times."""
     viewer = make_viewer("alice")
     token = archiver_server.add_camera("cam1")
-    archiver_server.add_client(viewer.pem, ["cam1"])
+    archiver_server.add_viewer(viewer.pem, ["cam1"])
     before, after = (make_source(tmp_path / f"{name}.ts", seconds=4) for name in ("a", "b"))
     start = now_ms()
     push(before, archiver_server.url, "cam1", token, realtime=True, hls_time=2)

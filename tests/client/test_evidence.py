@@ -112,7 +112,7 @@ def test_package_verifies_offline_by_command_and_by_hand_and_holds_only_its_keys
         tmp_path: Path) -> None:
     alice = make_viewer("alice")
     ingest = archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     source = make_source(tmp_path / "source.ts", seconds=6)
     start = now_ms()
     push(source, archiver_server.url, "cam1", ingest, realtime=True, hls_time=1)
@@ -232,7 +232,7 @@ def test_keys_sealed_to_a_recipient_need_its_token(
         tmp_path: Path) -> None:
     alice, court = make_viewer("alice"), make_viewer("court")
     ingest = archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     chunks = [chunk(f"sealed{i}") for i in range(4)]
     start = now_ms()
     put(archiver_server, "cam1", ingest, *chunks)
@@ -292,14 +292,14 @@ def test_minutes_the_viewer_was_not_authorized_for_are_reported_gaps(
         tmp_path: Path) -> None:
     alice = make_viewer("alice")
     ingest = archiver_server.add_camera("cam1")
-    fp = archiver_server.add_client(alice.pem, ["cam1"])
+    fp = archiver_server.add_viewer(alice.pem, ["cam1"])
     before, during, after = ([chunk(f"{tag}{i}") for i in range(2)]
                              for tag in ("before", "revoked", "after"))
     start = now_ms()
     put(archiver_server, "cam1", ingest, *before)
     archiver_server.revoke(fp)
     put(archiver_server, "cam1", ingest, *during)
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     put(archiver_server, "cam1", ingest, *after)
     end = now_ms() + 1
     case = tmp_path / "case.zip"

@@ -89,8 +89,8 @@ def parties(archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer
     """alice (authorized on cam1) and an investigator enrolled on no camera; cam1's ingest token."""
     alice, investigator = make_viewer("alice"), make_viewer("investigator")
     ingest = archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
-    archiver_server.add_client(investigator.pem, [])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
+    archiver_server.add_viewer(investigator.pem, [])
     return alice, investigator, ingest
 
 
@@ -162,7 +162,7 @@ def test_grant_is_served_only_while_approved_and_audited(
         make_viewer: Callable[[str], Viewer], tmp_path: Path) -> None:
     alice, investigator, ingest = parties
     mallory = make_viewer("mallory")
-    mallory_fp = archiver_server.add_client(mallory.pem, [])
+    mallory_fp = archiver_server.add_viewer(mallory.pem, [])
     t0 = now_ms()
     bodies = [chunk(f"seg{i}") for i in range(4)]
     put(archiver_server, "cam1", ingest, *bodies)
@@ -274,7 +274,7 @@ def test_grant_refusals_at_creation(
     # A viewer authorized later knows the earlier segments' key ids (signed manifests list
     # them) but never held their keys: a grant of them, made by hand, is refused.
     late = make_viewer("late")
-    archiver_server.add_client(late.pem, ["cam1"])
+    archiver_server.add_viewer(late.pem, ["cam1"])
     early = [GrantKey(DataStream.VIDEO, k, bytes(32)) for _, _, k in segments(archiver_server)]
     cert = load_certificate(investigator.pem.read_bytes())
     recipient = Recipient(cert, read_oaep_hash(cert) or OaepHash.SHA1)
@@ -302,7 +302,7 @@ def test_ec_grantee_on_its_token(archiver_server: ArchiverServer,
         pem = token.workdir / "ec-investigator.pem"
         pem.write_bytes(opened.enroll("ecinv", key_type="ec").pem())
     ec_viewer = Viewer("ecinv", token, token.object_uri("ecinv"), pem)
-    archiver_server.add_client(pem, [])
+    archiver_server.add_viewer(pem, [])
     t0 = now_ms()
     bodies = [chunk(f"ec{i}") for i in range(3)]
     put(archiver_server, "cam1", ingest, *bodies)

@@ -17,7 +17,7 @@ def test_viewer_cli_reports_tls_verification_then_trusts_tls_ca(
         make_viewer: Callable[[str], Viewer]) -> None:
     viewer = make_viewer("tess")
     https_archiver.add_camera("cam1")
-    https_archiver.add_client(viewer.pem)
+    https_archiver.add_viewer(viewer.pem)
     refused = client("cameras", "--archiver", https_archiver.url, "--token", viewer.uri)
     assert refused.code == EXIT["unreachable"], refused.stderr
     assert "TLS certificate verification failed" in refused.stderr

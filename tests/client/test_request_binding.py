@@ -35,7 +35,7 @@ def test_relay_replaying_a_saved_stream_is_refused(
         tmp_path: Path) -> None:
     alice = make_viewer("alice")
     cam1, cam2 = archiver_server.add_camera("cam1"), archiver_server.add_camera("cam2")
-    archiver_server.add_client(alice.pem, ["cam1", "cam2"])
+    archiver_server.add_viewer(alice.pem, ["cam1", "cam2"])
     t0 = now_ms()
     put(archiver_server, "cam1", cam1, *(chunk(f"cam1-{i}") for i in range(3)))
     put(archiver_server, "cam2", cam2, *(chunk(f"cam2-{i}") for i in range(3)))
@@ -92,7 +92,7 @@ def test_relay_looping_an_old_live_stream_as_live_is_refused(
     are older than the request, beyond the allowed clock difference."""
     alice = make_viewer("alice")
     cam1 = archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     saved = tmp_path / "live.fusion"
     viewer = subprocess.Popen(
         client.command("live", "--archiver", archiver_server.url, "--token", alice.uri,
@@ -129,7 +129,7 @@ def test_edited_time_columns_cannot_pass_off_earlier_footage(
     earlier footage for it. The capture times the viewer checks are the signed ones."""
     alice = make_viewer("alice")
     cam1 = archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     put(archiver_server, "cam1", cam1, *(chunk(f"early-{i}") for i in range(3)))
     time.sleep(0.05)
     t_mid = now_ms()
@@ -162,13 +162,13 @@ def test_deleted_key_records_are_reported_missing_not_unauthorized(
     segments, can say "not authorized"; without it the segments are missing (exit 53)."""
     alice, bob = make_viewer("alice"), make_viewer("bob")
     cam1 = archiver_server.add_camera("cam1")
-    alice_fp = archiver_server.add_client(alice.pem, ["cam1"])
+    alice_fp = archiver_server.add_viewer(alice.pem, ["cam1"])
     t0 = now_ms()
     parts = [[chunk(f"part{p}-{i}") for i in range(3)] for p in range(3)]
     put(archiver_server, "cam1", cam1, *parts[0])
-    archiver_server.add_client(bob.pem, ["cam1"])  # new minute keys from here on
+    archiver_server.add_viewer(bob.pem, ["cam1"])  # new minute keys from here on
     put(archiver_server, "cam1", cam1, *parts[1])
-    archiver_server.add_client(bob.pem, ["cam1"])
+    archiver_server.add_viewer(bob.pem, ["cam1"])
     put(archiver_server, "cam1", cam1, *parts[2])
     t1 = now_ms() + 1
     # Bob was authorized after the first part: the signed grants say so.
@@ -207,7 +207,7 @@ def test_deleted_rows_at_the_edges_of_a_range_are_detected(
     "complete"."""
     alice = make_viewer("alice")
     cam1 = archiver_server.add_camera("cam1")
-    archiver_server.add_client(alice.pem, ["cam1"])
+    archiver_server.add_viewer(alice.pem, ["cam1"])
     put(archiver_server, "cam1", cam1, chunk("before"))
     time.sleep(0.05)
     t0 = now_ms()

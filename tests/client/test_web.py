@@ -186,7 +186,7 @@ class Setup:
 def setup(archiver_server: ArchiverServer, softhsm_token: TokenHandle, tmp_path: Path) -> Setup:
     pem = enroll_viewer(softhsm_token, "operator")
     ingest = {name: archiver_server.add_camera(name) for name in ("lobby", "gate")}
-    archiver_server.add_client(pem, ["lobby", "gate"])
+    archiver_server.add_viewer(pem, ["lobby", "gate"])
     return Setup(archiver_server, ingest, softhsm_token.object_uri("operator"),
                  tmp_path / "client-home")
 
@@ -403,11 +403,11 @@ def test_unauthorized_range_is_drawn_and_skipped(setup: Setup, softhsm_token: To
     on the timeline and plays on with what came after."""
     chunks = make_chunks(tmp_path / "lobby", 6)
     pem = softhsm_token.workdir / f"{softhsm_token.label}-operator.pem"
-    fp = setup.server.add_client(pem, ["lobby", "gate"])  # the same certificate: its fingerprint
+    fp = setup.server.add_viewer(pem, ["lobby", "gate"])  # the same certificate: its fingerprint
     push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[:2], 0.3)
     setup.server.revoke(fp)
     dark = push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[2:4], 0.3)
-    setup.server.add_client(pem, ["lobby", "gate"])
+    setup.server.add_viewer(pem, ["lobby", "gate"])
     push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[4:], 0.3)
     viewer = open_viewer()
     page = open_page(browser, viewer)
@@ -562,7 +562,7 @@ def test_session_renewed_without_pin(archiver_server: ArchiverServer,
     try:
         pem = enroll_viewer(softhsm_token, "operator")
         server.add_camera("lobby")
-        server.add_client(pem, ["lobby"])
+        server.add_viewer(pem, ["lobby"])
         viewer = ViewerProcess(server.url, softhsm_token.object_uri("operator"),
                                tmp_path / "home")
         try:
@@ -583,7 +583,7 @@ def test_session_renewed_without_pin(archiver_server: ArchiverServer,
 def test_view_without_pin_fails_cleanly(setup: Setup, softhsm_token: TokenHandle) -> None:
     """No PIN source and no terminal: one sentence and a non-zero exit, before serving."""
     pem = enroll_viewer(softhsm_token, "nopin")
-    setup.server.add_client(pem, ["lobby"])
+    setup.server.add_viewer(pem, ["lobby"])
     env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
     env["FUSION_CLIENT_HOME"] = str(setup.home)
     done = subprocess.run(

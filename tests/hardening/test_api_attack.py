@@ -99,7 +99,7 @@ def test_schemathesis_finds_no_server_error_for_any_role(fuzz_server: WrappedSer
     server = fuzz_server
     viewer = make_viewer("fuzz-viewer")
     camera_token = server.add_camera("cam1")
-    server.add_client(viewer.pem, ["cam1"])
+    server.add_viewer(viewer.pem, ["cam1"])
     for i in range(3):
         assert server.put_segment("cam1", camera_token, bytes([i]) * 1000) == 201
     # Fixed values where a random one would only meet 403/404 and never reach the real code;
@@ -154,9 +154,9 @@ def test_every_endpoint_refuses_every_wrong_credential(server: WrappedServer,
     url = server.url
     alice, bob, carol = make_viewer("alice"), make_viewer("bob"), make_viewer("carol")
     cam1_token, cam2_token = server.add_camera("cam1"), server.add_camera("cam2")
-    alice_fp = server.add_client(alice.pem, ["cam1"])
-    server.add_client(bob.pem, ["cam2"])
-    carol_fp = server.add_client(carol.pem, ["cam1"])
+    alice_fp = server.add_viewer(alice.pem, ["cam1"])
+    server.add_viewer(bob.pem, ["cam2"])
+    carol_fp = server.add_viewer(carol.pem, ["cam1"])
     assert server.put_segment("cam1", cam1_token, b"x" * 100) == 201
 
     expired = login(url, alice.identity)
@@ -241,7 +241,7 @@ def test_replayed_proofs_and_sessions_are_refused(server: WrappedServer, make_vi
     url = server.url
     alice = make_viewer("alice")
     server.add_camera("cam1")
-    server.add_client(alice.pem, ["cam1"])
+    server.add_viewer(alice.pem, ["cam1"])
     pem = alice.identity.certificate.public_bytes(Encoding.PEM).decode()
 
     # A valid proof opens one session; the same proof again opens none.

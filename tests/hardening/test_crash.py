@@ -55,7 +55,7 @@ def test_sigkill_during_concurrent_ingest_loses_nothing_acknowledged(tmp_path: P
     viewer = make_viewer("crash-viewer")
     server = WrappedServer(tmp_path / "archiver").start()
     tokens = {f"cam{i}": server.add_camera(f"cam{i}") for i in range(CAMERAS)}
-    server.add_client(viewer.pem, "all")
+    server.add_viewer(viewer.pem, "all")
     uploaders: dict[str, list[Uploader]] = {cam: [] for cam in tokens}
     seen_keys: dict[tuple[str, int], bytes] = {}
     cut_tails = 0
@@ -112,7 +112,7 @@ def test_a_torn_tail_is_cut_and_reported(tmp_path: Path, make_viewer) -> None:
     server = WrappedServer(tmp_path / "archiver").start()
     try:
         token = server.add_camera("cam1")
-        server.add_client(viewer.pem, ["cam1"])
+        server.add_viewer(viewer.pem, ["cam1"])
         for i in range(3):
             assert server.put_segment("cam1", token, bytes([i]) * 5000) == 201
     finally:

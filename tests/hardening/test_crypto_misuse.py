@@ -66,7 +66,7 @@ def test_nonces_and_key_ids_never_repeat_across_streams_and_restarts(tmp_path: P
     viewer = make_viewer("nonce-viewer")
     server = WrappedServer(tmp_path / "archiver").start()
     tokens = {f"cam{i}": server.add_camera(f"cam{i}") for i in range(4)}
-    fp = server.add_client(viewer.pem, "all")
+    fp = server.add_viewer(viewer.pem, "all")
     lifetimes: list[set[bytes]] = []
     known: set[bytes] = set()
     try:
@@ -152,7 +152,7 @@ def test_no_key_or_pin_in_any_log_of_a_full_run(tmp_path: Path, softhsm_token: T
         client = _cli("-m", "archiver", "viewers", "add", str(tmp_path / "erin.pem"),
                       "--cameras", "cam1", *common, env=env)
         assert client.returncode == 0, client.stderr
-        frank_fp = server.add_client(other.pem, ["cam1"])
+        frank_fp = server.add_viewer(other.pem, ["cam1"])
         for i in range(6):
             assert server.put_segment("cam1", camera_token, bytes([i]) * 3000) == 201
             if i == 2:

@@ -130,7 +130,7 @@ def test_fifty_cameras_twenty_live_viewers_and_a_stalled_one(tmp_path: Path,
         tokens = {f"cam{i:02d}": server.add_camera(f"cam{i:02d}") for i in range(CAMERAS)}
         busy_token = server.add_camera("busy")
         for viewer in viewers:
-            server.add_client(viewer.pem, "all")
+            server.add_viewer(viewer.pem, "all")
         sessions = [login(server.url, v.identity) for v in viewers]
 
         def sample() -> None:

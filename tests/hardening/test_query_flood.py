@@ -34,7 +34,7 @@ def test_ingest_carries_on_under_a_viewer_query_flood(tmp_path: Path, make_viewe
     viewer = make_viewer("flooder")
     token = server.add_camera("cam")
     server.add_camera("big")
-    server.add_client(viewer.pem, "all")
+    server.add_viewer(viewer.pem, "all")
     server.stop()
     manifests = scale("FLOOD_MANIFESTS", 200_000)
     _fill_index(server.data_dir / "archiver.sqlite3", "big", manifests)

@@ -53,7 +53,7 @@ def test_disk_full_answers_507_harms_nothing_and_ingest_resumes(tmp_path: Path,
         assert not (data / "ballast").exists()  # the tmpfs is only visible to the server
         assert server.path("ballast").stat().st_size == 1 << 20
         tokens = {cam: server.add_camera(cam) for cam in ("cam1", "cam2")}
-        server.add_client(viewer.pem, "all")
+        server.add_viewer(viewer.pem, "all")
         uploaders = {cam: Uploader(server.url, cam, token, sizes=(150_000, 150_000))
                      for cam, token in tokens.items()}
 
@@ -128,7 +128,7 @@ def test_write_error_answers_503_harms_nothing_and_ingest_resumes(tmp_path: Path
     server = WrappedServer(tmp_path / "archiver").start()
     try:
         token = server.add_camera("cam1")
-        server.add_client(viewer.pem, ["cam1"])
+        server.add_viewer(viewer.pem, ["cam1"])
         uploader = Uploader(server.url, "cam1", token, sizes=(20_000, 20_000))
         with httpx.Client(timeout=60) as client:
             for _ in range(5):
