@@ -73,7 +73,10 @@ class KeyManager:
         self.rotations = 0  # minute keys made (one per camera stream per key period in use)
         self.chains_started = 0
         self.key_records_written = 0  # chain records (one per viewer per chain)
-        self.key_record_bytes = 0  # their encoded size, and the openers' (key material)
+        # Key material written, in encoded bytes (each is journaled and indexed once):
+        self.key_record_bytes = 0  # chain records
+        self.opener_bytes = 0  # epoch openers
+        self.recipients_bytes = 0  # signed chain recipients (shared by all viewers)
         self.epochs_started = 0
 
     def key_for(self, camera: str, stream: DataStream, now_ms: int) -> MinuteKey:
@@ -211,14 +214,14 @@ class KeyManager:
             raise
         self.epochs_started += len(started)
         self.key_records_written += len(material)
-        self.key_record_bytes += sum(len(m.key_record) + len(m.epoch_opener or b"")
-                                     for m in material)
+        self.key_record_bytes += sum(len(m.key_record) for m in material)
+        self.opener_bytes += sum(len(m.epoch_opener or b"") for m in material)
         if self._signer is not None:
             # Signed now, from what this process wrapped: the index cannot later make a
             # withheld segment look like one this viewer was never authorized for.
             parts = issue_chain_recipients(
                 chain, [bytes.fromhex(m.fingerprint) for m in material], self._signer)
-            self.key_record_bytes += sum(map(len, parts))
+            self.recipients_bytes += sum(map(len, parts))
             with self._lock:
                 self._recipients[chain.chain_id] = parts
         return expires

@@ -526,7 +526,7 @@ class Vector:
         doc: dict[str, Any] = {
             "name": self.name,
             "description": self.description,
-            "format": "fusion stream v1 (docs/spec/fusion-stream-v1.md)",
+            "format": "fusion stream v2 (docs/spec/fusion-stream-v2.md)",
             "viewer": self.viewer,
             "archiver_pin": self.archiver,
             "request": self.request,
