@@ -43,8 +43,8 @@ class ArchiveFiles:
 
     @staticmethod
     def key_file_for(camera: str, now_ms: int) -> str:
-        """The camera's key journal of the day: the epoch openers and key records made for
-        its minute keys (public-key and AEAD ciphertext only), so that viewers' key streams
+        """The camera's key journal of the day: the epoch openers and chain records made for
+        its key chains (public-key and AEAD ciphertext only), so that viewers' key streams
         survive the loss of the database (``fusion-archiver reindex`` reads them back)."""
         day = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
         return f"{camera}/{day}.fsk"

@@ -87,7 +87,7 @@ def _str8(name: str) -> bytes:
 def max_ratchet_index(period_s: int) -> int:
     """The last ratchet step an epoch can reach: it lasts at most one UTC day, which touches
     at most ``86400 // period_s + 1`` key periods. A reader refuses larger indices, so a
-    forged key record cannot make it run the HKDF chain for hours."""
+    forged chain record (or key id) cannot make it run an HKDF chain for hours."""
     return EPOCH_MAX_SECONDS // period_s + 1
 
 

@@ -537,7 +537,7 @@ class StreamReader:
         if self._retained > self._max_retained:
             raise FormatError(
                 f"The stream makes the reader hold more than {self._max_retained} bytes of "
-                "unverified segments and key records; the Archiver must issue manifests more "
+                "unverified segments and key material; the Archiver must issue manifests more "
                 "often (or raise max_pending_bytes).")
 
     def _on_opener(self, opener: EpochOpener, size: int) -> None:
