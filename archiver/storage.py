@@ -25,6 +25,9 @@ class StorageFull(KeyServiceError):
     """The archive's file system is full: ingest must pause, nothing archived is harmed."""
 
 
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
 class StorageFailed(KeyServiceError):
     """An I/O error while writing the archive."""
 
@@ -59,7 +62,9 @@ class ArchiveFiles:
         views = [view for view in map(memoryview, parts) if view.nbytes]
         try:
             while views:
-                written = os.writev(fd, views)
+                # At most IOV_MAX buffers per call (EINVAL beyond): a key chain's journal
+                # entry holds one record (and maybe an opener) per viewer, thousands of them.
+                written = os.writev(fd, views[:_IOV_MAX])
                 while views and written >= views[0].nbytes:
                     written -= views[0].nbytes
                     views.pop(0)

@@ -149,3 +149,17 @@ def test_late_and_revoked_viewers_read_nothing_outside_their_chains(
     assert len({split_key_id(s.key_id)[0] for s in segments}) == 3
     assert sorted(_readable(alice_chains, segments)) == sorted(before_bob + shared)
     assert sorted(_readable(bob_chains, segments)) == sorted(shared + after_alice)
+
+
+def test_a_journal_entry_of_thousands_of_records_is_appended_whole(tmp_path: Path) -> None:
+    """A chain start journals one record per viewer (and an opener per new epoch): more
+    buffers than one writev takes (IOV_MAX, 1024 on Linux). The ingest benchmark with 1000
+    viewers found it (HTTP 503, EINVAL)."""
+    from archiver.storage import ArchiveFiles
+
+    files = ArchiveFiles(tmp_path / "archive")
+    records = [bytes([i % 251]) * (100 + i % 7) for i in range(5000)]
+    offset = files.append("cam1/2026-01-01.fsk", records)
+    files.close()
+    assert offset == 0
+    assert (tmp_path / "archive" / "cam1" / "2026-01-01.fsk").read_bytes() == b"".join(records)
