@@ -38,10 +38,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                                                       "(default 8)")
     parser.add_argument("--rotation", help="CAMERASxVIEWERS for the rotation cost "
                                            "(default 100x1000)")
-    parser.add_argument("--steady", action="store_true",
+    parser.add_argument("--steady", type=int, nargs="?", const=1, default=0, metavar="N",
                         help="ingest: after each window that follows adding viewers (every camera "
-                             "starts a key chain), one more in the next key period (chains only "
-                             "step)")
+                             "starts a key chain), N more (default 1), each in the next key "
+                             "period; the last is the steady state (chains only step)")
     parser.add_argument("--long-seconds", type=float,
                         help="measured seconds of an ingest window with >= 500 viewers and a long "
                              "key period (default 55)")

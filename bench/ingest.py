@@ -65,9 +65,12 @@ class Params:
     profile_dir: Path | None = None  # py-spy profiles of the Archivers, when given
     writepath_segments: int = 40  # segments per mode for the in-process write-path CPU cost
     # After each window that follows an authorization change (viewers added: every camera
-    # starts a new key chain, wrapped for every viewer), one more window with the same viewers
-    # in the next key period: the steady state, where chains only step (no key records).
-    steady: bool = False
+    # starts a new key chain, wrapped for every viewer), this many more windows with the same
+    # viewers, each in the next key period: chains only step (no key records) once every
+    # camera's new chain has started. The last is "steady"; earlier ones "next period k" (with
+    # many viewers the chain starts of the burst can spill into them: chains start at each
+    # camera's first segment).
+    steady: int = 0
 
 
 # --- what the machine did during a window (Linux /proc; empty elsewhere) -----------------------
@@ -277,13 +280,14 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
                        phase="after authorization change")
             rows.append(row)
             report.line(_describe(f"encrypted, {step} viewers", row))
-            if params.steady:
+            for k in range(params.steady):
                 if long_period:  # the next key period: chains step, nothing is wrapped
                     _stay_inside_period(period, period)
+                phase = "steady" if k == params.steady - 1 else f"next period {k + 1}"
                 row = window(encrypted, files["encrypted"], params, seconds)
-                row.update(mode="encrypted", viewers=step, key_period_s=period, phase="steady")
+                row.update(mode="encrypted", viewers=step, key_period_s=period, phase=phase)
                 rows.append(row)
-                report.line(_describe(f"  steady, {step} viewers", row))
+                report.line(_describe(f"  {phase}, {step} viewers", row))
         _ratios(rows)
         for row in rows:
             if row["mode"] != "encrypted":
