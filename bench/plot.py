@@ -59,6 +59,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         xs = [r["viewers"] for r in mine]
         if phase == "steady":
             label = f"ours, key period {period} s, steady (chains step, nothing wrapped)"
+        elif phase.startswith("next period"):
+            label = f"ours, key period {period} s, {phase} after the change"
         elif period >= 30:
             label = (f"ours, key period {period} s, window with the authorization change "
                      "(new chains wrapped for every viewer)")
