@@ -68,7 +68,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
             label = f"ours, key period {period} s (stress: {60 / period:g}x the rotations)"
         left.plot(xs, [r["ratio"] for r in mine], "s-", color=color, label=label)
         right.plot(xs, [r["cameras"] for r in mine], "s-", color=color, label=label)
-        if phase != "steady":  # one baseline per block
+        if not phase.startswith(("steady", "next period")):  # one baseline line per block
             right.axhline(mine[0]["baseline_cameras"], color=color, linestyle="--",
                           linewidth=1, label=f"ours, plaintext baseline ({period} s block)")
     left.axhline(0.95, color="grey", linestyle="--", linewidth=0.8)
