@@ -28,7 +28,7 @@ from archiver.reindex import recover
 from archiver.retention import Retention
 from archiver.settings import Settings
 from archiver.storage import ArchiveFiles, ArchiveReader, StorageFull
-from keyservice.crypto import seal_segment
+from keyservice.crypto import chain_key_id, seal_segment, split_key_id
 from keyservice.format import (
     ZERO_HASH,
     DataStream,
@@ -188,8 +188,10 @@ class Archive:
     def _append_encrypted(self, state: _CameraState, camera: str, stream: DataStream, seq: int,
                           data: bytes, time: SegmentTime, now: int) -> SegmentRow:
         key = self.keys.key_for(camera, stream, now)
-        # The key's signed grant (who it was wrapped for) goes before its first segment.
-        grant = self.keys.take_grant(key.key_id) or b""
+        chain_id = split_key_id(key.key_id)[0]
+        # The chain's signed recipients statement (who its state was wrapped for, in one or
+        # more parts) goes before its first segment.
+        recipients = self.keys.take_recipients(chain_id)
         segment = seal_segment(key, seq, time.start_ms, data,
                                duration_ms=min(time.end_ms - time.start_ms, 2**32 - 1))
         chain_before = (state.chain.next_seq, state.chain.prev_hash)
@@ -200,18 +202,24 @@ class Archive:
         rel = self.files.file_for(camera, now)
         offset = None
         try:
-            offset = self.files.append(rel, [grant, *segment_parts, manifest_bytes])
-            seg_offset = offset + len(grant)
+            offset = self.files.append(rel, [*recipients, *segment_parts, manifest_bytes])
+            seg_offset = offset + sum(map(len, recipients))
+            # One index row per part, under chain id || part (u32): see _Assembler.manifest.
+            grant_rows, part_offset = [], offset
+            for part, raw in enumerate(recipients):
+                grant_rows.append(GrantRow(chain_key_id(chain_id, part), camera, rel,
+                                           part_offset, len(raw)))
+                part_offset += len(raw)
             row = SegmentRow(camera, int(stream), seq, time.start_ms, key.key_id, len(data),
                              manifest.entries[0].digest, rel, seg_offset, segment_len,
                              manifest.manifest_seq, time.end_ms)
             self.db.record_segments([row], ManifestRow(
                 camera, manifest.manifest_seq, rel, seg_offset + segment_len,
                 len(manifest_bytes), hashlib.sha256(manifest_bytes).digest(), time.start_ms,
-                time.end_ms), [GrantRow(key.key_id, camera, rel, offset, len(grant))] if grant else [])
+                time.end_ms), grant_rows)
         except BaseException:
-            if grant:
-                self.keys.put_back_grant(key.key_id, grant)
+            if recipients:
+                self.keys.put_back_recipients(chain_id, recipients)
             # Not acknowledged: the chain must not point at a manifest that was never archived,
             # and the file must not keep records the index does not know (e.g. the index
             # commit failed on a full disk).
@@ -360,7 +368,7 @@ class GrantedKeys:
 
 
 class _Assembler:
-    """Builds one viewer's fusion stream: only that viewer's epoch openers and key records,
+    """Builds one viewer's fusion stream: only that viewer's epoch openers and chain records,
     each sent once, before the first segment that needs it. Under an access grant: only the
     segments whose keys the grant carries, and no key material at all."""
 
@@ -386,8 +394,8 @@ class _Assembler:
         self._auth_changes = archive.authorization_changes(viewer.fingerprint)
         self._authorized = True
         self._sent_epochs: set[bytes] = set()
-        self._sent_keys: set[bytes] = set()
-        self._sent_grants: set[bytes] = set()
+        self._sent_chains: set[bytes] = set()
+        self._sent_recipients: set[bytes] = set()
         self._readers: dict[str, ArchiveReader] = {}
 
     def start(self) -> bytes:
@@ -415,29 +423,32 @@ class _Assembler:
                     self._read(segment.file, segment.offset, segment.length),
                     digest=segment.digest))
                 continue
+            chain_id = split_key_id(segment.key_id)[0]
+            # The chain record is indexed under the chain id (keying.py).
             found = (None if self._grant is not None
-                     else self._db.key_record(self._fingerprint, segment.key_id))
+                     else self._db.key_record(self._fingerprint, chain_id))
             if found is None:
-                # No key for this viewer: the manifest alone is sent, with the key's signed
-                # grant, which lets the viewer check that it was not authorized then (without
-                # one it reports the segment as missing).
-                if segment.key_id not in self._sent_grants:
-                    self._sent_grants.add(segment.key_id)
-                    grant = self._db.key_grant(segment.key_id)
-                    if grant is not None:
+                # No key for this viewer: the manifest alone is sent, with the chain's signed
+                # recipients (every part), which let the viewer check that it was not
+                # authorized then (without them it reports the segment as missing).
+                if chain_id not in self._sent_recipients:
+                    self._sent_recipients.add(chain_id)
+                    part = 0
+                    while (grant := self._db.key_grant(chain_key_id(chain_id, part))) is not None:
                         parts.append(self._writer.add(self._read(grant.file, grant.offset,
                                                                  grant.length)))
+                        part += 1
                 continue
-            epoch_id, key_record = found
+            epoch_id, chain_record = found
             if epoch_id not in self._sent_epochs:
                 opener = self._db.epoch_opener(epoch_id)
                 if opener is None:
                     continue  # key streams deleted concurrently: nothing this viewer can open
                 parts.append(self._writer.add(opener))
                 self._sent_epochs.add(epoch_id)
-            if segment.key_id not in self._sent_keys:
-                parts.append(self._writer.add(key_record))
-                self._sent_keys.add(segment.key_id)
+            if chain_id not in self._sent_chains:
+                parts.append(self._writer.add(chain_record))
+                self._sent_chains.add(chain_id)
             # Digests were computed at ingest: serving hashes no segment bytes again.
             parts.append(self._writer.add(self._read(segment.file, segment.offset, segment.length),
                                           digest=segment.digest))

@@ -6,7 +6,7 @@ verifies, independently of how ingest wrote them:
 * every archive file is a sequence of complete, well-formed records (no torn tail);
 * every record is indexed at its offset, and every index row points at a record of its kind
   with the same camera, stream, sequence number, capture time, key id, length and SHA-256;
-* every manifest's and key grant's signature verifies under the Archiver's key, and each
+* every manifest's and chain recipients record's signature verifies under the Archiver's key, and each
   manifest's entries are exactly the segments before it;
 * each camera's manifests form one unbroken hash chain (from sequence 0, or from where
   retention removed the start);
@@ -31,11 +31,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from archiver.db import SCHEMA_VERSION
+from keyservice.crypto import chain_key_id
 from keyservice.errors import FormatError, UsageError
 from keyservice.format import (
     RECORD_HEADER_LEN,
     ZERO_HASH,
-    KeyGrant,
+    ChainRecipients,
     Manifest,
     RecordType,
     Segment,
@@ -45,8 +46,8 @@ from keyservice.format import (
 
 _HEADER = struct.Struct(">BI")
 _ECDSA = ec.ECDSA(hashes.SHA256())
-_JOURNAL_KINDS = (RecordType.EPOCH_OPENER, RecordType.KEY_RECORD)
-_ARCHIVE_KINDS = (RecordType.SEGMENT, RecordType.MANIFEST, RecordType.KEY_GRANT)
+_JOURNAL_KINDS = (RecordType.EPOCH_OPENER, RecordType.CHAIN_RECORD)
+_ARCHIVE_KINDS = (RecordType.SEGMENT, RecordType.MANIFEST, RecordType.CHAIN_RECIPIENTS)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class CheckReport:
                 "notes": self.notes}
 
 
-def _signed(key: ec.EllipticCurvePublicKey, record: Manifest | KeyGrant) -> bool:
+def _signed(key: ec.EllipticCurvePublicKey, record: Manifest | ChainRecipients) -> bool:
     try:
         key.verify(record.signature, record.signed_bytes(), _ECDSA)
     except (InvalidSignature, ValueError):
@@ -214,19 +215,21 @@ def check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey) -> CheckReport
                 pending = []
                 links.setdefault(camera, []).append(
                     (record.manifest_seq, record.prev_hash, digest, rel))
-            elif isinstance(record, KeyGrant):
+            elif isinstance(record, ChainRecipients):
                 row = grants.pop((rel, pos), None)
-                if row is None or not _same(row, (record.camera, record.key_id, len(raw))):
+                if row is None or not _same(row, (record.camera, chain_key_id(record.chain_id, record.part),
+                                                  len(raw))):
                     problem(Problem("unindexed" if row is None else "index_mismatch", rel, pos,
-                                    f"{rel}: the key grant at offset {pos} is not indexed as it is"))
+                                    f"{rel}: the chain recipients at offset {pos} are not indexed as "
+                                    "they are"))
                 if not _signed(key, record):
-                    problem(Problem("bad_signature", rel, pos, f"{rel}: the key grant at offset "
-                                    f"{pos} does not carry a valid signature of this Archiver"))
+                    problem(Problem("bad_signature", rel, pos, f"{rel}: the chain recipients at "
+                                    f"offset {pos} do not carry a valid signature of this Archiver"))
             pos = end
         if pending:
             problem(Problem("unindexed", rel, pos, f"{rel}: {len(pending)} segment(s) at the end "
                             "are not covered by a signed manifest"))
-    for what, rows in (("segment", segments), ("manifest", manifests), ("key grant", grants)):
+    for what, rows in (("segment", segments), ("manifest", manifests), ("chain recipients record", grants)):
         for (rel, offset), _ in sorted(rows.items()):
             problem(Problem("missing", rel, offset, f"the index lists a {what} in {rel} at offset "
                             f"{offset} that the file does not hold"))

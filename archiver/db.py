@@ -28,7 +28,7 @@ from typing import Any
 
 from archiver.storage import StorageFailed, StorageFull
 from keyservice.errors import UsageError
-from keyservice.format import Manifest, decode_record
+from keyservice.format import CHAIN_ID_LEN, Manifest, decode_record
 
 log = logging.getLogger("archiver.db")
 
@@ -589,26 +589,30 @@ class Database:
         return rows[0][0] if rows else None
 
     def shred_unused_keys(self, camera: str, before_ms: int) -> tuple[int, int]:
-        """Crypto-shredding: delete the key material of ``camera``'s keys valid from before
-        ``before_ms`` that no indexed segment uses any more (every viewer's key record), then
-        the epoch openers no key record needs. The one place that decides which key material
+        """Crypto-shredding: delete the key material of ``camera``'s key chains started before
+        ``before_ms`` that no indexed segment uses any more (every viewer's chain record; a
+        segment's key id starts with its chain id), then the epoch openers no chain record
+        needs. The one place that decides which key material
         is gone; returns (key records, epoch openers) deleted. ``before_ms`` keeps a key just
         rotated, whose first segment is not indexed yet, out of reach."""
         with self._transaction() as conn:
+            # Not correlated: SQLite builds the set of chains in use once.
             records = conn.execute(
-                "DELETE FROM key_records WHERE camera=? AND valid_from_ms<? AND NOT EXISTS"
-                " (SELECT 1 FROM segments WHERE segments.key_id=key_records.key_id)",
-                (camera, before_ms)).rowcount
+                "DELETE FROM key_records WHERE camera=? AND valid_from_ms<? AND key_id NOT IN"
+                " (SELECT DISTINCT substr(key_id, 1, ?) FROM segments WHERE camera=?)",
+                (camera, before_ms, CHAIN_ID_LEN, camera)).rowcount
             epochs = conn.execute(
                 "DELETE FROM epochs WHERE created_ms<? AND NOT EXISTS"
                 " (SELECT 1 FROM key_records WHERE key_records.epoch_id=epochs.epoch_id)",
                 (before_ms,)).rowcount
             return records, epochs
 
-    def key_ids_in_use(self, camera: str) -> set[bytes]:
-        """The keys some indexed segment of ``camera`` uses (key journals keep only these)."""
+    def chain_ids_in_use(self, camera: str) -> set[bytes]:
+        """The key chains some indexed segment of ``camera`` uses (key journals keep only
+        these)."""
         return {row[0] for row in self._query(
-            "SELECT DISTINCT key_id FROM segments WHERE camera=?", (camera,))}
+            "SELECT DISTINCT substr(key_id, 1, ?) FROM segments WHERE camera=?",
+            (CHAIN_ID_LEN, camera))}
 
     # --- the segment index ------------------------------------------------------------
     def record_segments(self, segments: Iterable[SegmentRow], manifest: ManifestRow,

@@ -1,12 +1,16 @@
-"""Minute keys and per-viewer key streams, in memory only.
+"""Key chains, minute keys and per-viewer key streams, in memory only.
 
-For every camera data stream a fresh random key every key period, and at once whenever the set
-of viewers authorized on that camera changes (so a new viewer cannot open what was recorded
-before it was added, and a revoked viewer cannot open what is recorded after). Each new key is
-wrapped for every viewer authorized at that moment, under the viewer's epoch KEK (one RSA-OAEP
-encryption per viewer per epoch, see keyservice.crypto.Epoch).
+For every camera data stream a *key chain* (format v2, keyservice.crypto.KeyChain): a fresh
+random starting state at every authorization change on that camera (so a new viewer cannot open
+what was recorded before it was added, and a revoked viewer cannot open what is recorded after)
+and at every UTC day boundary; every key period's minute key is derived one-way from the chain's
+state, which then steps forward (the previous state is dropped). A chain's starting state is
+wrapped once for every viewer authorized at its start, under the viewer's epoch KEK (one
+RSA-OAEP encryption per viewer per epoch, see keyservice.crypto.Epoch): one chain record per
+viewer per camera stream per day, plus one per authorization change.
 
-Plaintext keys and KEKs never reach the database or the disk: only epoch openers and key records.
+Plaintext keys, chain states and KEKs never reach the database or the disk: only epoch openers
+and chain records.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from archiver.db import Database, KeyMaterial, ViewerRow
-from keyservice.crypto import Epoch, MinuteKey, new_minute_key
+from keyservice.crypto import Epoch, KeyChain, MinuteKey
 from keyservice.format import DataStream, encode_record
 from keyservice.identity import OaepHash, Recipient, Signer
-from keyservice.stream import issue_key_grant
+from keyservice.stream import issue_chain_recipients
 
 Rng = Callable[[int], bytes]
 
@@ -38,31 +42,41 @@ class KeyManager:
     def __init__(self, db: Database, period_s: int, rng: Rng = os.urandom,
                  signer: Signer | None = None,
                  journal: Callable[[str, int, list[bytes]], None] | None = None) -> None:
-        """``signer``: the Archiver's key, to sign each new key's grant statement (the viewers
-        it is wrapped for); archive.py writes it before the key's first segment.
-        ``journal(camera, now_ms, records)``: appends (durably) the openers and key records
-        made for a camera's new key to the archive, before the database stores them."""
+        """``signer``: the Archiver's key, to sign each new chain's recipients statement (the
+        viewers its state is wrapped for); archive.py writes it before the chain's first
+        segment. ``journal(camera, now_ms, records)``: appends (durably) the openers and chain
+        records made for a camera's new chain to the archive, before the database stores them."""
         self._db = db
         self._journal = journal
         self._signer = signer
-        self._grants: dict[bytes, bytes] = {}  # key id -> signed grant not archived yet
+        self._period_s = period_s
+        # chain id -> the signed recipients statement's parts, not archived yet
+        self._recipients: dict[bytes, list[bytes]] = {}
         self._period_ms = period_s * 1000
         self._rng = rng
         # _lock guards _current and is only ever held briefly. _rotate serializes rotations
-        # and guards what they use (epochs, the viewer list): a rotation wraps the new key for
-        # every viewer (thousands of AES wraps and an fsynced commit), and segments of cameras
-        # whose key is current must not wait for that. Order: _rotate before _lock.
+        # and guards what they use (chains, epochs, the viewer list): a chain start wraps its
+        # state for every viewer (thousands of AES wraps and an fsynced commit), and segments
+        # of cameras whose key is current must not wait for that. Order: _rotate before _lock.
         self._lock = threading.Lock()
         self._rotate = threading.Lock()
         self._current: dict[tuple[str, DataStream], tuple[int, MinuteKey]] = {}
+        # camera stream -> its chain, the chain's UTC day, and the earliest certificate expiry
+        # among its recipients (the chain ends then: an expired viewer derives no later key)
+        self._chains: dict[tuple[str, DataStream], tuple[KeyChain, dt.date, int]] = {}
         self._epochs: dict[str, _ViewerEpoch] = {}
         self._viewers: list[tuple[ViewerRow, Recipient, int]] | None = None
         # Called (fingerprint, not_after_ms) once per viewer whose certificate has expired when
         # a key would be wrapped for it; the app audits it.
         self.on_expired: Callable[[str, int], None] | None = None
         self._expired_reported: set[str] = set()
-        self.rotations = 0
-        self.key_records_written = 0
+        self.rotations = 0  # minute keys made (one per camera stream per key period in use)
+        self.chains_started = 0
+        self.key_records_written = 0  # chain records (one per viewer per chain)
+        # Key material written, in encoded bytes (each is journaled and indexed once):
+        self.key_record_bytes = 0  # chain records
+        self.opener_bytes = 0  # epoch openers
+        self.recipients_bytes = 0  # signed chain recipients (shared by all viewers)
         self.epochs_started = 0
 
     def key_for(self, camera: str, stream: DataStream, now_ms: int) -> MinuteKey:
@@ -77,8 +91,7 @@ class KeyManager:
                 current = self._current.get((camera, stream))
                 if current is not None and current[0] == period:
                     return current[1]
-            key = new_minute_key(camera, stream, now_ms, self._rng)
-            self._wrap_for_viewers(key, now_ms)
+            key = self._chain_for(camera, stream, now_ms).key_at(now_ms)
             with self._lock:
                 self._current[(camera, stream)] = (period, key)
                 self.rotations += 1
@@ -86,28 +99,34 @@ class KeyManager:
 
     def authorization_changed(self, fingerprint: str, cameras: list[str] | None) -> None:
         """A viewer was added, changed or revoked: its epoch ends, and the affected cameras
-        (None: all) get fresh keys before their next segment."""
+        (None: all) start new chains before their next segment."""
         with self._rotate, self._lock:
             self._epochs.pop(fingerprint, None)
             self._viewers = None
             for cam_stream in list(self._current):
                 if cameras is None or cam_stream[0] in cameras:
                     del self._current[cam_stream]
+            for cam_stream in list(self._chains):
+                if cameras is None or cam_stream[0] in cameras:
+                    del self._chains[cam_stream]  # its state is erased with it
 
-    def take_grant(self, key_id: bytes) -> bytes | None:
-        """The signed grant of a key, once: the caller archives it before the key's first
-        segment (and gives it back with ``put_back_grant`` if that write failed)."""
+    def take_recipients(self, chain_id: bytes) -> list[bytes]:
+        """The signed recipients statement of a chain (its parts), once: the caller archives
+        it before the chain's first segment (and gives it back with ``put_back_recipients``
+        if that write failed)."""
         with self._lock:
-            return self._grants.pop(key_id, None)
+            return self._recipients.pop(chain_id, [])
 
-    def put_back_grant(self, key_id: bytes, grant: bytes) -> None:
+    def put_back_recipients(self, chain_id: bytes, parts: list[bytes]) -> None:
         with self._lock:
-            self._grants.setdefault(key_id, grant)
+            self._recipients.setdefault(chain_id, parts)
 
     def forget_camera(self, camera: str) -> None:
         with self._rotate, self._lock:
             for cam_stream in [k for k in self._current if k[0] == camera]:
                 del self._current[cam_stream]
+            for cam_stream in [k for k in self._chains if k[0] == camera]:
+                del self._chains[cam_stream]
 
     def active_viewers(self) -> int:
         with self._rotate:
@@ -125,15 +144,35 @@ class KeyManager:
             self._viewers = viewers
         return self._viewers
 
-    def _wrap_for_viewers(self, key: MinuteKey, now_ms: int) -> None:
+    def _chain_for(self, camera: str, stream: DataStream, now_ms: int) -> KeyChain:
+        """The chain of a camera stream at now, started anew (and wrapped for its viewers) at
+        the UTC day boundary, after an authorization change, and when the clock is behind the
+        chain's state (a segment that read the clock just before a period boundary can rotate
+        after one of the new period did; the older state is erased)."""
         today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
+        found = self._chains.get((camera, stream))
+        if (found is not None and found[1] == today and now_ms <= found[2]
+                and found[0].usable_at(now_ms)):
+            return found[0]
+        chain, seed = KeyChain.start(camera, stream, self._period_s, now_ms, self._rng)
+        expires = self._wrap_for_viewers(chain, seed, now_ms, today)
+        self._chains[(camera, stream)] = (chain, today, expires)
+        self.chains_started += 1
+        return chain
+
+    def _wrap_for_viewers(self, chain: KeyChain, seed: bytes, now_ms: int,
+                          today: dt.date) -> int:
+        """Wraps ``seed`` for every viewer authorized on the chain's camera; returns the
+        earliest certificate expiry among them."""
         material = []
+        expires = 2**63
         started: list[str] = []
         for row, recipient, not_after in self._load_viewers():
-            if not row.authorized_on(key.camera):
+            if not row.authorized_on(chain.camera):
                 continue
             if now_ms > not_after:
-                # Expiry is checked at every wrap, not only at authorization: an expired
+                # Expiry is checked at every chain start (and ends a chain), not only at
+                # authorization: an expired
                 # certificate gets no key material, as if revoked. (Not-before is checked at
                 # authorization and login; archives generated with a simulated past clock
                 # would otherwise get no keys.)
@@ -154,15 +193,18 @@ class KeyManager:
                 viewer_epoch = self._epochs[row.fingerprint] = _ViewerEpoch(epoch, today)
                 opener_bytes = encode_record(opener)
                 started.append(row.fingerprint)
-            record = viewer_epoch.epoch.wrap(key, now_ms, self._rng)
+            record = viewer_epoch.epoch.wrap_chain(chain, seed, now_ms, self._rng)
+            expires = min(expires, not_after)
+            # Stored under the chain id (12 bytes) in the key_id column: the Assembler looks
+            # a segment's chain up by the first 12 bytes of its key id.
             material.append(KeyMaterial(
-                row.fingerprint, key.camera, key.key_id, viewer_epoch.epoch.epoch_id,
-                key.valid_from_ms, encode_record(record), opener_bytes))
-        # Committed before any segment sealed under this key is acknowledged: an acknowledged
-        # segment is never left without the key records its viewers need.
+                row.fingerprint, chain.camera, chain.chain_id, viewer_epoch.epoch.epoch_id,
+                now_ms, encode_record(record), opener_bytes))
+        # Committed before any segment sealed under this chain is acknowledged: an acknowledged
+        # segment is never left without the chain records its viewers need.
         try:
             if self._journal is not None and material:
-                self._journal(key.camera, now_ms, [
+                self._journal(chain.camera, now_ms, [
                     record for item in material
                     for record in (item.epoch_opener, item.key_record) if record is not None])
             self._db.store_key_material(material, now_ms)
@@ -172,10 +214,14 @@ class KeyManager:
             raise
         self.epochs_started += len(started)
         self.key_records_written += len(material)
+        self.key_record_bytes += sum(len(m.key_record) for m in material)
+        self.opener_bytes += sum(len(m.epoch_opener or b"") for m in material)
         if self._signer is not None:
             # Signed now, from what this process wrapped: the index cannot later make a
             # withheld segment look like one this viewer was never authorized for.
-            grant = issue_key_grant(key, [bytes.fromhex(m.fingerprint) for m in material],
-                                    self._signer)
+            parts = issue_chain_recipients(
+                chain, [bytes.fromhex(m.fingerprint) for m in material], self._signer)
+            self.recipients_bytes += sum(map(len, parts))
             with self._lock:
-                self._grants[key.key_id] = grant
+                self._recipients[chain.chain_id] = parts
+        return expires

@@ -28,8 +28,15 @@ class ArchiverCollector(Collector):
                                   value=archive.segments_ingested)
         yield CounterMetricFamily("fusion_key_rotations", "Minute keys created",
                                   value=keys.rotations)
-        yield CounterMetricFamily("fusion_wrapped_keys", "Key records written (one per viewer "
-                                  "per minute key)", value=keys.key_records_written)
+        yield CounterMetricFamily("fusion_key_chains_started", "Key chains started (one per "
+                                  "camera stream per day and per authorization change)",
+                                  value=keys.chains_started)
+        yield CounterMetricFamily("fusion_wrapped_keys", "Chain records written (one per viewer "
+                                  "per key chain)", value=keys.key_records_written)
+        yield CounterMetricFamily("fusion_key_material_bytes", "Key material written: chain "
+                                  "records, epoch openers and signed chain recipients (bytes)",
+                                  value=keys.key_record_bytes + keys.opener_bytes
+                                  + keys.recipients_bytes)
         yield CounterMetricFamily("fusion_epochs_started", "Epoch openers written (one RSA-OAEP "
                                   "encryption each)", value=keys.epochs_started)
         yield GaugeMetricFamily("fusion_active_viewers", "Viewers authorized and not revoked",

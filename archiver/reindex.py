@@ -11,12 +11,13 @@ Two uses of one verified scan of archive records:
 * **Rebuild** (``rebuild_index``, ``fusion-archiver reindex``): the segment and manifest index
   is dropped and rebuilt from the files alone, every group verified against the Archiver's key.
 
-A group is what ingest appends in one write: a new key's signed grant (if the segment is its
-first), the segment records since the previous manifest, then the manifest that covers them.
+A group is what ingest appends in one write: a new key chain's signed recipients statement
+(its parts, if the segment is the chain's first), the segment records since the previous
+manifest, then the manifest that covers them.
 It is accepted only if the manifest's signature verifies under the Archiver's public key, it
 belongs to the file's camera, it continues the chain (sequence and hash of the previous
 manifest), its entries match the segments exactly (stream, seq, capture time, key id, SHA-256
-of the record bytes), and each grant is the Archiver's, for this camera.
+of the record bytes), and each recipients part is the Archiver's, for this camera.
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from archiver.db import Database, GrantRow, KeyMaterial, ManifestRow, SegmentRow
+from keyservice.crypto import chain_key_id
 from keyservice.errors import FormatError
 from keyservice.format import (
     RECORD_HEADER_LEN,
     TAG_LEN,
     ZERO_HASH,
+    ChainRecipients,
+    ChainRecord,
     EpochOpener,
-    KeyGrant,
-    KeyRecord,
     Manifest,
     RecordType,
     Segment,
@@ -69,7 +71,7 @@ class ChainState:
 class Group:
     segments: tuple[SegmentRow, ...]
     manifest: ManifestRow
-    grants: tuple[GrantRow, ...] = ()  # signed key grants archived before the segments
+    grants: tuple[GrantRow, ...] = ()  # signed chain recipients archived before the segments
 
     @property
     def end(self) -> int:
@@ -83,8 +85,8 @@ def ec_public_key(key: object) -> ec.EllipticCurvePublicKey:
     return key
 
 
-_ARCHIVED = (RecordType.SEGMENT, RecordType.MANIFEST, RecordType.KEY_GRANT)
-_JOURNALED = (RecordType.EPOCH_OPENER, RecordType.KEY_RECORD)
+_ARCHIVED = (RecordType.SEGMENT, RecordType.MANIFEST, RecordType.CHAIN_RECIPIENTS)
+_JOURNALED = (RecordType.EPOCH_OPENER, RecordType.CHAIN_RECORD)
 
 
 def _records(path: Path, start: int,
@@ -108,7 +110,7 @@ def _records(path: Path, start: int,
             offset += RECORD_HEADER_LEN + length
 
 
-def _signature_valid(key: ec.EllipticCurvePublicKey, record: Manifest | KeyGrant) -> bool:
+def _signature_valid(key: ec.EllipticCurvePublicKey, record: Manifest | ChainRecipients) -> bool:
     try:
         key.verify(record.signature, record.signed_bytes(), _ECDSA)
     except (InvalidSignature, ValueError):
@@ -130,10 +132,11 @@ def scan(path: Path, rel: str, camera: str, start: int, chain: ChainState,
             record = decode_record(raw)
         except FormatError:
             break
-        if isinstance(record, KeyGrant):
+        if isinstance(record, ChainRecipients):
             if pending or record.camera != camera or not _signature_valid(key, record):
-                break  # grants come first in a group, and only the Archiver's
-            grants.append(GrantRow(record.key_id, camera, rel, offset, len(raw)))
+                break  # recipients come first in a group, and only the Archiver's
+            grants.append(GrantRow(chain_key_id(record.chain_id, record.part), camera, rel,
+                                   offset, len(raw)))
             continue
         if isinstance(record, Segment):
             pending.append((offset, raw, record))
@@ -151,13 +154,13 @@ def scan(path: Path, rel: str, camera: str, start: int, chain: ChainState,
 
 def _signed_after(records: Iterator[tuple[int, bytes]], key: ec.EllipticCurvePublicKey) -> bool:
     for _, raw in records:
-        if raw[0] not in (RecordType.MANIFEST, RecordType.KEY_GRANT):
+        if raw[0] not in (RecordType.MANIFEST, RecordType.CHAIN_RECIPIENTS):
             continue
         try:
             record = decode_record(raw)
         except FormatError:
             continue
-        if isinstance(record, Manifest | KeyGrant) and _signature_valid(key, record):
+        if isinstance(record, Manifest | ChainRecipients) and _signature_valid(key, record):
             return True
     return False
 
@@ -292,12 +295,12 @@ class RebuildReport:
 
 
 def restore_key_streams(archive_dir: Path, db: Database) -> tuple[int, int]:
-    """Read the viewers' key streams (epoch openers, key records) back from the archive's key
-    journals into the database, keeping what it has. Returns (openers, key records) read.
+    """Read the viewers' key streams (epoch openers, chain records) back from the archive's key
+    journals into the database, keeping what it has. Returns (openers, chain records) read.
     They need no signature: each is encrypted to, and bound to, one viewer and epoch, and a
     wrong one only fails that viewer's own checks."""
     openers: dict[bytes, EpochOpener] = {}
-    records: list[tuple[str, KeyRecord, bytes]] = []
+    records: list[tuple[str, ChainRecord, bytes]] = []
     for path in sorted(archive_dir.glob("*/*.fsk")):
         for _, raw in _records(path, 0, _JOURNALED):
             try:
@@ -306,15 +309,16 @@ def restore_key_streams(archive_dir: Path, db: Database) -> tuple[int, int]:
                 break
             if isinstance(record, EpochOpener):
                 openers.setdefault(record.epoch_id, record)
-            elif isinstance(record, KeyRecord):
+            elif isinstance(record, ChainRecord):
                 records.append((path.parent.name, record, raw))
     material = []
     for camera, record, raw in records:
         opener = openers.get(record.epoch_id)
         if opener is None or record.camera != camera:
             continue  # its opener is lost, or it is not this camera's: nobody could use it
-        material.append(KeyMaterial(opener.viewer_fingerprint.hex(), camera, record.key_id,
-                                    record.epoch_id, record.valid_from_ms, raw, None))
+        material.append(KeyMaterial(opener.viewer_fingerprint.hex(), camera, record.chain_id,
+                                    record.epoch_id,
+                                    record.start_period * opener.period_s * 1000, raw, None))
     db.restore_key_material(
         [(o.epoch_id, o.viewer_fingerprint.hex(), o.start_period * o.period_s * 1000,
           encode_record(o)) for o in openers.values()], material)

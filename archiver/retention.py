@@ -43,7 +43,7 @@ from archiver.reindex import _JOURNALED, _records
 from archiver.settings import Settings
 from archiver.storage import ArchiveFiles, StorageFull
 from keyservice.errors import FormatError
-from keyservice.format import EpochOpener, KeyRecord, decode_record
+from keyservice.format import ChainRecord, EpochOpener, decode_record
 
 log = logging.getLogger("archiver.retention")
 DAY_MS = 86_400_000
@@ -261,7 +261,7 @@ class Retention:
         report.epochs_shredded += epochs
         # A key rotated late the day before may have sealed this day's first segments: its
         # records are in the previous day's journal.
-        in_use = self.db.key_ids_in_use(camera)
+        in_use = self.db.chain_ids_in_use(camera)
         for journal_day in (_day_of(day_start_ms(day) - DAY_MS), day):
             self._with_room(self._rewrite_journal, f"{camera}/{journal_day}.fsk", in_use, end,
                             report)
@@ -285,7 +285,7 @@ class Retention:
 
     def _rewrite_journal(self, rel: str, in_use: set[bytes], before_ms: int,
                          report: PassReport) -> None:
-        """Keep only the key records of keys still in use (or too recent to judge) and the
+        """Keep only the chain records of chains still in use (or too recent to judge) and the
         epoch openers they need."""
         path = self.settings.archive_dir / rel
         if not path.exists():
@@ -303,8 +303,9 @@ class Retention:
                 break
             if isinstance(record, EpochOpener):
                 openers.setdefault(record.epoch_id, raw)
-            elif isinstance(record, KeyRecord):
-                if record.key_id in in_use or record.valid_from_ms >= before_ms:
+            elif isinstance(record, ChainRecord):
+                started_ms = record.start_period * self.settings.key_period_s * 1000
+                if record.chain_id in in_use or started_ms >= before_ms:
                     kept_records.append((record.epoch_id, raw))
                 else:
                     dropped = True

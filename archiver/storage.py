@@ -25,6 +25,9 @@ class StorageFull(KeyServiceError):
     """The archive's file system is full: ingest must pause, nothing archived is harmed."""
 
 
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
 class StorageFailed(KeyServiceError):
     """An I/O error while writing the archive."""
 
@@ -43,8 +46,8 @@ class ArchiveFiles:
 
     @staticmethod
     def key_file_for(camera: str, now_ms: int) -> str:
-        """The camera's key journal of the day: the epoch openers and key records made for
-        its minute keys (public-key and AEAD ciphertext only), so that viewers' key streams
+        """The camera's key journal of the day: the epoch openers and chain records made for
+        its key chains (public-key and AEAD ciphertext only), so that viewers' key streams
         survive the loss of the database (``fusion-archiver reindex`` reads them back)."""
         day = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
         return f"{camera}/{day}.fsk"
@@ -59,7 +62,9 @@ class ArchiveFiles:
         views = [view for view in map(memoryview, parts) if view.nbytes]
         try:
             while views:
-                written = os.writev(fd, views)
+                # At most IOV_MAX buffers per call (EINVAL beyond): a key chain's journal
+                # entry holds one record (and maybe an opener) per viewer, thousands of them.
+                written = os.writev(fd, views[:_IOV_MAX])
                 while views and written >= views[0].nbytes:
                     written -= views[0].nbytes
                     views.pop(0)

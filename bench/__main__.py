@@ -38,6 +38,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                                                       "(default 8)")
     parser.add_argument("--rotation", help="CAMERASxVIEWERS for the rotation cost "
                                            "(default 100x1000)")
+    parser.add_argument("--steady", type=int, nargs="?", const=1, default=0, metavar="N",
+                        help="ingest: after each window that follows adding viewers (every camera "
+                             "starts a key chain), N more (default 1), each in the next key "
+                             "period; the last is the steady state (chains only step)")
+    parser.add_argument("--long-seconds", type=float,
+                        help="measured seconds of an ingest window with >= 500 viewers and a long "
+                             "key period (default 55)")
     parser.add_argument("--no-tpm", action="store_true", help="skip the software TPM")
     parser.add_argument("--profile", type=Path,
                         help="record py-spy profiles (--gil) of the Archivers during each ingest "
@@ -71,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         cameras=args.cameras or (4 if quick else 100),
         concurrency=args.concurrency or (2 if quick else 16),
         seconds=args.seconds or (0.5 if quick else 8.0),
-        long_seconds=2.0 if quick else 55.0,
+        long_seconds=args.long_seconds or (2.0 if quick else 55.0),
+        steady=args.steady,
         warmup=0.2 if quick else 1.0,
         sizes=sizes,
         profile_dir=args.profile,

@@ -38,6 +38,7 @@ from cryptography.x509.oid import NameOID
 
 from keyservice.crypto import (
     Epoch,
+    KeyChain,
     new_minute_key,
     open_segment,
     seal_segment,
@@ -163,8 +164,9 @@ def _reader_row(identity: SoftwareIdentity, signer: SoftwareSigner, size: int, s
     writer = StreamWriter(header)
     parts = [writer.start()]
     epoch, opener = Epoch.start(Recipient(identity.certificate, OaepHash.SHA256), 60, now)
-    key = new_minute_key("cam-bench", DataStream.VIDEO, now)
-    parts += [writer.add(opener), writer.add(epoch.wrap(key, now))]
+    key_chain, seed = KeyChain.start("cam-bench", DataStream.VIDEO, 60, now)
+    key = key_chain.key_at(now)
+    parts += [writer.add(opener), writer.add(epoch.wrap_chain(key_chain, seed, now))]
     chain = ManifestChain("cam-bench")
     data = os.urandom(size)
     body_start = 0
@@ -176,7 +178,7 @@ def _reader_row(identity: SoftwareIdentity, signer: SoftwareSigner, size: int, s
             body_start = len(b"".join(parts))
     parts.append(writer.end(signer, 1))
     stream = b"".join(parts)
-    # The head (header, opener, key record and a first segment, whose manifest makes the one
+    # The head (header, opener, chain record and a first segment, whose manifest makes the one
     # token operation and unwraps the key) is fed untimed: the rows measure the steady state.
     head, body = stream[:body_start], stream[body_start:]
     pieces = [body[i:i + MiB] for i in range(0, len(body), MiB)]  # as a network delivers it

@@ -64,6 +64,13 @@ class Params:
     sizes: list[int] = field(default_factory=lambda: [1 * MiB, 4 * MiB])
     profile_dir: Path | None = None  # py-spy profiles of the Archivers, when given
     writepath_segments: int = 40  # segments per mode for the in-process write-path CPU cost
+    # After each window that follows an authorization change (viewers added: every camera
+    # starts a new key chain, wrapped for every viewer), this many more windows with the same
+    # viewers, each in the next key period: chains only step (no key records) once every
+    # camera's new chain has started. The last is "steady"; earlier ones "next period k" (with
+    # many viewers the chain starts of the burst can spill into them: chains start at each
+    # camera's first segment).
+    steady: int = 0
 
 
 # --- what the machine did during a window (Linux /proc; empty elsewhere) -----------------------
@@ -87,7 +94,8 @@ def _metrics(server: BenchServer) -> dict[str, float]:
     text = httpx.get(f"{server.url}/metrics", timeout=60,
                      headers={"Authorization": f"Bearer {server.admin_token}"}).text
     wanted = ("fusion_key_rotations_total", "fusion_wrapped_keys_total",
-              "fusion_epochs_started_total")
+              "fusion_epochs_started_total", "fusion_key_chains_started_total",
+              "fusion_key_material_bytes_total")
     out = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
@@ -159,9 +167,11 @@ def _describe(label: str, row: dict[str, Any]) -> str:
     if row.get("machine_busy") is not None:
         text += f", machine {row['machine_busy'] * 100:.0f} % busy"
     if row.get("key_rotations_in_run"):
-        text += (f"; {row['key_rotations_in_run']:.0f} rotations, "
-                 f"{row['wrapped_keys_in_run']:.0f} key records, "
-                 f"{row['epochs_started_in_run']:.0f} epoch openers")
+        text += (f"; {row['key_rotations_in_run']:.0f} minute keys, "
+                 f"{row.get('key_chains_started_in_run', 0):.0f} chains started, "
+                 f"{row['wrapped_keys_in_run']:.0f} chain records, "
+                 f"{row['epochs_started_in_run']:.0f} epoch openers, "
+                 f"{row.get('key_material_bytes_in_run', 0) / 2**20:.2f} MiB key material")
     return text
 
 
@@ -266,14 +276,24 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
             if long_period:
                 _stay_inside_period(period, params.warmup + seconds + 2)
             row = window(encrypted, files["encrypted"], params, seconds, profile)
-            row.update(mode="encrypted", viewers=step, key_period_s=period)
+            row.update(mode="encrypted", viewers=step, key_period_s=period,
+                       phase="after authorization change")
             rows.append(row)
             report.line(_describe(f"encrypted, {step} viewers", row))
+            for k in range(params.steady):
+                if long_period:  # the next key period: chains step, nothing is wrapped
+                    _stay_inside_period(period, period)
+                phase = "steady" if k == params.steady - 1 else f"next period {k + 1}"
+                row = window(encrypted, files["encrypted"], params, seconds)
+                row.update(mode="encrypted", viewers=step, key_period_s=period, phase=phase)
+                rows.append(row)
+                report.line(_describe(f"  {phase}, {step} viewers", row))
         _ratios(rows)
         for row in rows:
             if row["mode"] != "encrypted":
                 continue
-            text = (f"   {row['viewers']:>5} viewers: ratio {row['ratio']:.3f} to the baseline "
+            text = (f"   {row['viewers']:>5} viewers ({row.get('phase', '')}): ratio "
+                    f"{row['ratio']:.3f} to the baseline "
                     f"windows around it; CPU per MB {row.get('cpu_ratio', float('nan')):.2f}x "
                     "the baseline's")
             report.line(text)
@@ -320,6 +340,7 @@ def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
             if w["mode"] != "encrypted":
                 continue
             row = {"key_period_s": block["key_period_s"], "viewers": w["viewers"],
+                   "phase": w.get("phase", ""),
                    "mb_s": w["bytes_per_s"] / MB, "cameras": w["bytes_per_s"] / CAMERA_BYTES_PER_S,
                    "ratio": w["ratio"], "baseline_mb_s": base / MB,
                    "baseline_cameras": base / CAMERA_BYTES_PER_S}

@@ -19,7 +19,7 @@ from bench import ingest
 
 GENETEC_BASE = 300
 GENETEC_LIMIT = 20
-TICKS = [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+TICKS = [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10000]
 
 
 def genetec_cameras(certificates: int) -> float:
@@ -48,28 +48,38 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         axis.axvline(GENETEC_LIMIT, color="tab:red", linestyle=":", linewidth=1)
     left.text(GENETEC_LIMIT * 1.08, 1.03, "Genetec: \"no more than 20\"", color="tab:red",
               fontsize=8)
-    periods = sorted({r["key_period_s"] for r in rows}, reverse=True)
-    colors = ["tab:blue", "tab:green", "tab:purple", "tab:orange"]
-    for color, period in zip(colors, periods, strict=False):
-        mine = sorted((r for r in rows if r["key_period_s"] == period), key=lambda r: r["viewers"])
+    # One line per key period and phase: windows right after viewers were added (every camera
+    # starts a key chain wrapped for every viewer) and, with --steady, the next key period's.
+    lines = sorted({(r["key_period_s"], r.get("phase", "")) for r in rows},
+                   key=lambda k: (-k[0], k[1]))
+    colors = ["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:olive"]
+    for color, (period, phase) in zip(colors, lines, strict=False):
+        mine = sorted((r for r in rows if r["key_period_s"] == period
+                       and r.get("phase", "") == phase), key=lambda r: r["viewers"])
         xs = [r["viewers"] for r in mine]
-        if period >= 30:
-            label = f"ours, key period {period} s (production), rotation burst included"
+        if phase == "steady":
+            label = f"ours, key period {period} s, steady (chains step, nothing wrapped)"
+        elif phase.startswith("next period"):
+            label = f"ours, key period {period} s, {phase} after the change"
+        elif period >= 30:
+            label = (f"ours, key period {period} s, window with the authorization change "
+                     "(new chains wrapped for every viewer)")
         else:
             label = f"ours, key period {period} s (stress: {60 / period:g}x the rotations)"
         left.plot(xs, [r["ratio"] for r in mine], "s-", color=color, label=label)
         right.plot(xs, [r["cameras"] for r in mine], "s-", color=color, label=label)
-        right.axhline(mine[0]["baseline_cameras"], color=color, linestyle="--", linewidth=1,
-                      label=f"ours, plaintext baseline ({period} s block)")
+        if not phase.startswith(("steady", "next period")):  # one baseline line per block
+            right.axhline(mine[0]["baseline_cameras"], color=color, linestyle="--",
+                          linewidth=1, label=f"ours, plaintext baseline ({period} s block)")
     left.axhline(0.95, color="grey", linestyle="--", linewidth=0.8)
     left.axhline(0.90, color="grey", linestyle="--", linewidth=0.8)
     left.text(0.99, 0.955, "goal 0.95 (1 viewer)", fontsize=7, color="grey", ha="right",
               transform=left.get_yaxis_transform())
-    left.text(0.99, 0.895, "goal 0.90 (1000 viewers)", fontsize=7, color="grey", ha="right",
+    left.text(0.99, 0.895, "goal 0.90 (10 000 viewers)", fontsize=7, color="grey", ha="right",
               transform=left.get_yaxis_transform(), va="top")
     for axis in (left, right):
         axis.set_xscale("symlog", linthresh=1)
-        axis.set_xlim(-0.1, 1500)
+        axis.set_xlim(-0.1, 15000)
         axis.set_xticks(TICKS, [str(t) for t in TICKS])
         axis.set_xlabel("authorized viewers (certificates)")
         axis.grid(True, which="both", alpha=0.3)

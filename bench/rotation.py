@@ -1,27 +1,41 @@
-"""Key rotation cost: CPU time per minute for C cameras x V viewers, as a share of one core.
+"""Key material cost of format v2's key chains: CPU time and bytes for C cameras x V viewers.
 
 Drives the Archiver's own ``KeyManager`` (the code ingest calls) against a real SQLite database
-(synchronous=FULL, as in production) with an injected clock: minute 0 starts every viewer's
-epoch (V RSA-OAEP epoch openers) and rotates every camera's key (C x V key records); minute 1 is
-an ordinary minute (C x V key records, no RSA). CPU time is this process's (time.process_time),
-so waiting for fsync does not count as CPU; wall time is reported beside it.
+(synchronous=FULL, as in production), with a key journal appended and fsynced as the Archiver's
+is, signed chain recipients (a software P-256 key: the Archiver signs on its token, a few ms
+more per chain) and an injected clock. Minute 0 is a UTC day's start: every viewer's epoch
+starts (V RSA-OAEP epoch openers) and every camera starts a key chain wrapped for every viewer
+(C x V chain records): that is all the key material of a day without authorization changes.
+Minute 1 is an ordinary minute: chains step, nothing is wrapped. Then one viewer's
+authorization changes on one camera: that camera starts a new chain, wrapped for all V viewers
+(and one new epoch opener). CPU time is this process's (time.process_time), so waiting for
+fsync does not count as CPU; wall time is reported beside it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from archiver.db import Database
 from archiver.keying import KeyManager
 from bench.common import CertFactory, Report
+from keyservice.certs import build_archiver_certificate
 from keyservice.format import DataStream
-from keyservice.identity import fingerprint
+from keyservice.identity import SoftwareSigner, fingerprint
 
 # 2025-06-02T00:00:00Z: a UTC day boundary, so minute 0 is where epochs start anyway.
 T0_MS = 1_748_822_400_000
 PERIOD_S = 60
+
+
+def _material(keys: KeyManager) -> int:
+    return keys.key_record_bytes + keys.opener_bytes + keys.recipients_bytes
 
 
 def run(report: Report, workdir: Path, cameras: int, viewers: int, minutes: int = 2
@@ -31,44 +45,79 @@ def run(report: Report, workdir: Path, cameras: int, viewers: int, minutes: int 
                                          "oaep": "RSA-2048 OAEP-SHA256"})
     workdir.mkdir(parents=True, exist_ok=True)
     db = Database(workdir / "rotation.sqlite3")
+    journal_path = workdir / "keys.fsk"
+    journal_fd = os.open(journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def journal(camera: str, now_ms: int, records: list[bytes]) -> None:
+        os.write(journal_fd, b"".join(records))
+        os.fsync(journal_fd)
+
     try:
         factory = CertFactory()
         from cryptography.hazmat.primitives.serialization import Encoding
 
+        fingerprints = []
         for i in range(viewers):
             cert = factory.certificate(i)
-            db.add_viewer(fingerprint(cert).hex(), cert.public_bytes(Encoding.DER),
+            fingerprints.append(fingerprint(cert).hex())
+            db.add_viewer(fingerprints[-1], cert.public_bytes(Encoding.DER),
                           cert.subject.rfc4514_string(), int(factory.oaep_hash), None, T0_MS)
-        keys = KeyManager(db, PERIOD_S)
+        signing_key = ec.generate_private_key(ec.SECP256R1())
+        signer = SoftwareSigner(build_archiver_certificate(
+            signing_key, "bench archiver", now=dt.datetime.now(dt.UTC)), signing_key)
+        keys = KeyManager(db, PERIOD_S, signer=signer, journal=journal)
         names = [f"cam{i:04d}" for i in range(cameras)]
         rows = []
-        for minute in range(minutes):
-            now = T0_MS + minute * PERIOD_S * 1000 + 500
-            epochs_before, records_before = keys.epochs_started, keys.key_records_written
+
+        def measure(label: str, now: int, which: list[str]) -> dict[str, Any]:
+            epochs, records, chains = (keys.epochs_started, keys.key_records_written,
+                                       keys.chains_started)
+            material = _material(keys)
             cpu0, wall0 = time.process_time(), time.perf_counter()
-            for offset, camera in enumerate(names):
-                # Cameras rotate at their first segment of the minute, spread over it.
+            for offset, camera in enumerate(which):
+                # Cameras reach their first segment of the minute spread over it.
                 keys.key_for(camera, DataStream.VIDEO, now + offset)
             cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-            row = {
-                "minute": minute,
-                "epoch_openers": keys.epochs_started - epochs_before,
-                "key_records": keys.key_records_written - records_before,
-                "cpu_s": cpu, "wall_s": wall,
-                "core_share": cpu / PERIOD_S,
-                "us_per_key_record": cpu / max(1, keys.key_records_written - records_before) * 1e6,
-            }
+            row = {"what": label, "epoch_openers": keys.epochs_started - epochs,
+                   "chains_started": keys.chains_started - chains,
+                   "key_records": keys.key_records_written - records,
+                   "key_material_bytes": _material(keys) - material,
+                   "cpu_s": cpu, "wall_s": wall, "core_share": cpu / PERIOD_S,
+                   "us_per_key_record": cpu / max(1, keys.key_records_written - records) * 1e6}
+            report.line(f"{label}: {row['epoch_openers']} epoch openers, {row['chains_started']} "
+                        f"chains, {row['key_records']} chain records, "
+                        f"{row['key_material_bytes'] / 2**20:.2f} MiB key material: CPU "
+                        f"{cpu:.2f} s (wall {wall:.2f} s) = {row['core_share'] * 100:.2f} % of "
+                        f"one core per minute")
+            return row
+
+        for minute in range(minutes):
+            now = T0_MS + minute * PERIOD_S * 1000 + 500
+            kind = "day start" if minute == 0 else "ordinary"
+            row = measure(f"minute {minute} ({kind})", now, names)
+            row["minute"] = minute
             rows.append(row)
-            kind = "epoch start" if row["epoch_openers"] else "ordinary"
-            report.line(f"minute {minute} ({kind}): {row['epoch_openers']} epoch openers, "
-                        f"{row['key_records']} key records: CPU {cpu:.2f} s (wall {wall:.2f} s) "
-                        f"= {row['core_share'] * 100:.2f} % of one core per minute "
-                        f"({row['us_per_key_record']:.1f} us CPU per key record)")
         result["minutes"] = rows
+        # An authorization change: one viewer's cameras change, on one camera.
+        now = T0_MS + minutes * PERIOD_S * 1000 + 500
+        keys.authorization_changed(fingerprints[0], [names[0]])
+        result["authorization_change"] = measure(
+            f"authorization change on one camera with {viewers} viewers", now, names[:1])
         db_size = sum(p.stat().st_size for p in workdir.glob("rotation.sqlite3*"))
+        journal_size = journal_path.stat().st_size
         result["db_bytes"] = db_size
-        report.line(f"database after {minutes} minutes: {db_size / 2**20:.1f} MiB "
-                    f"({db_size / max(1, keys.key_records_written):.0f} bytes per key record)")
+        result["journal_bytes"] = journal_size
+        day = rows[0]["key_material_bytes"]
+        # The day's key material is what minute 0 wrote (chains run until the next day); the
+        # database holds the same records plus their index columns.
+        result["key_material_bytes_per_day"] = day
+        result["disk_bytes_per_day"] = day + db_size * day / max(1, _material(keys))
+        report.line(f"key material of a day without authorization changes ({cameras} cameras x "
+                    f"{viewers} viewers): {day / 1e6:.1f} MB of records; on disk with the "
+                    f"database (journal {journal_size / 1e6:.1f} MB + SQLite {db_size / 1e6:.1f} "
+                    f"MB in total for the run): about {result['disk_bytes_per_day'] / 1e6:.1f} "
+                    "MB per day, plus one chain (V records) per camera per authorization change")
         return result
     finally:
+        os.close(journal_fd)
         db.close()

@@ -29,7 +29,8 @@ from keyservice.evidence import (
     open_sealed_keys,
     verify_package,
 )
-from keyservice.format import Record, RecordSplitter, decode_record
+from keyservice.format import Record, decode_record
+from keyservice.framing import RecordSplitter
 from keyservice.identity import Recipient
 from keyservice.text import printable
 

@@ -49,7 +49,7 @@ class NothingAuthorized(KeyServiceError):
 
 class SegmentsMissing(KeyServiceError):
     """The stream is authentic, but segments its signed manifests list did not come, and no
-    signed key grant shows this viewer was not authorized for them: withheld or lost."""
+    signed chain recipients show this viewer was not authorized for them: withheld or lost."""
 
     exit_code = 53
 
@@ -87,8 +87,8 @@ class Gap:
         span = f"{format_ms(self.from_ms)} .. {format_ms(self.to_ms)}"
         if self.kind == NOT_AUTHORIZED:
             return (f"camera {self.camera}: {self.segments} segment(s) {span} withheld: not "
-                    "authorized for you (the Archiver's signed key grant made when they were "
-                    "recorded does not list this viewer)")
+                    "authorized for you (the Archiver's signed list of recipients, made when "
+                    "their key chain started, does not list this viewer)")
         if self.kind == MISSING:
             return (f"camera {self.camera}: {self.segments} segment(s) {span} MISSING: "
                     "recorded (signed manifests list them) but not delivered, and nothing "

@@ -1,5 +1,5 @@
-"""The crypto core of fusion stream format v1: minute keys, segments, the per-viewer KEK
-ratchet, epoch openers, key commitments and the login challenge.
+"""The crypto core of fusion stream format v2: key chains and their minute keys, segments, the
+per-viewer KEK ratchet, epoch openers, chain records, key commitments and the login challenge.
 
 Built from `cryptography` primitives only (AES-256-GCM, HKDF-SHA256, HMAC-SHA256; RSA-OAEP
 through ``Recipient``/``Identity``). Clocks are millisecond integers passed in and randomness is
@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from keyservice.errors import IntegrityError, NoMatchingIdentity
 from keyservice.format import (
+    CHAIN_ID_LEN,
     ID_LEN,
     KEY_LEN,
     MAX_PERIOD_S,
@@ -39,9 +40,9 @@ from keyservice.format import (
     SEGMENT_LAST,
     TAG_LEN,
     VERSION,
+    ChainRecord,
     DataStream,
     EpochOpener,
-    KeyRecord,
     Segment,
     validate_name,
 )
@@ -52,7 +53,9 @@ Rng = Callable[[int], bytes]
 # Domain-separation labels: every derivation, every AEAD and every RSA plaintext carries its
 # own, so a value made for one purpose is never accepted for another.
 LABEL_EPOCH_OPENER = b"FSE1 epoch-opener\x00"
-LABEL_KEY_RECORD = b"FSE1 key-record"
+LABEL_CHAIN_RECORD = b"FSE2 chain-record"
+LABEL_CHAIN_KEY = b"FSE2 chain-minute-key\x00"
+LABEL_CHAIN_STEP = b"FSE2 chain-step\x00"
 LABEL_KEK_RATCHET = b"FSE1 kek-ratchet"
 LABEL_SEGMENT = b"FSE1 segment"
 LABEL_KEY_COMMITMENT = b"FSE1 key-commitment"
@@ -84,7 +87,7 @@ def _str8(name: str) -> bytes:
 def max_ratchet_index(period_s: int) -> int:
     """The last ratchet step an epoch can reach: it lasts at most one UTC day, which touches
     at most ``86400 // period_s + 1`` key periods. A reader refuses larger indices, so a
-    forged key record cannot make it run the HKDF chain for hours."""
+    forged chain record (or key id) cannot make it run an HKDF chain for hours."""
     return EPOCH_MAX_SECONDS // period_s + 1
 
 
@@ -134,9 +137,125 @@ class MinuteKey:
 
 def new_minute_key(camera: str, stream: DataStream, now_ms: int, rng: Rng = os.urandom
                    ) -> MinuteKey:
+    """A standalone random key with a random id, outside any chain: for tests and benchmarks
+    of the segment layer (a reader can only use it when given it, ``known_keys``)."""
     key_id = rng(ID_LEN)
     key = rng(KEY_LEN)
     return MinuteKey(camera, stream, key_id, key, now_ms)
+
+
+# --- key chains (format v2) ----------------------------------------------------------------
+_STEP = struct.Struct(">I")
+
+
+def chain_key_id(chain_id: bytes, step: int) -> bytes:
+    """The key id of step ``step`` of a chain: chain id (12 bytes) || step (u32 BE)."""
+    if len(chain_id) != CHAIN_ID_LEN or not 0 <= step < 2**32:
+        raise ValueError("A chain id is 12 bytes and a step an unsigned 32-bit integer.")
+    return chain_id + _STEP.pack(step)
+
+
+def split_key_id(key_id: bytes) -> tuple[bytes, int]:
+    """(chain id, step) of a key id (every 16-byte key id parses; whether such a chain exists
+    is for the reader to find out)."""
+    if len(key_id) != ID_LEN:
+        raise ValueError("A key id is 16 bytes.")
+    return key_id[:CHAIN_ID_LEN], _STEP.unpack_from(key_id, CHAIN_ID_LEN)[0]
+
+
+def chain_minute_key(state: bytes, chain_id: bytes, camera: str, stream: DataStream,
+                     step: int) -> bytes:
+    """K_i = HKDF-SHA256(ikm=S_i, salt=chain_id, info="FSE2 chain-minute-key\\0" || camera ||
+    stream || u32 i). One-way: a minute key reveals neither S_i nor any other minute key."""
+    info = LABEL_CHAIN_KEY + _str8(camera) + bytes((stream,)) + _STEP.pack(step)
+    return HKDF(hashes.SHA256(), KEY_LEN, salt=chain_id, info=info).derive(state)
+
+
+def chain_step(state: bytes, chain_id: bytes) -> bytes:
+    """S_{i+1} = HKDF-SHA256(ikm=S_i, salt=chain_id, info="FSE2 chain-step\\0"). One-way:
+    whoever holds S_i learns nothing about S_0..S_{i-1}, hence no earlier minute key."""
+    return HKDF(hashes.SHA256(), KEY_LEN, salt=chain_id, info=LABEL_CHAIN_STEP).derive(state)
+
+
+class KeyChain:
+    """The Archiver's side of one key chain of one camera data stream: a random S_0 at its
+    start, one step per key period. Only the current state is kept (the previous one is
+    dropped at every step), so a memory dump at time t exposes no minute key of an earlier
+    period. Not thread-safe: the caller serializes ``key_at``.
+    """
+
+    def __init__(self, camera: str, stream: DataStream, chain_id: bytes, seed: bytes,
+                 period_s: int, start_period: int) -> None:
+        validate_name(camera)
+        if len(chain_id) != CHAIN_ID_LEN or len(seed) != KEY_LEN:
+            raise ValueError("A chain has a 12-byte id and a 32-byte starting state.")
+        self.camera = camera
+        self.stream = DataStream(stream)
+        self.chain_id = chain_id
+        self.period_s = period_s
+        self.start_period = start_period
+        self._step = 0
+        self._state: bytes | None = seed
+
+    @classmethod
+    def start(cls, camera: str, stream: DataStream, period_s: int, now_ms: int,
+              rng: Rng = os.urandom) -> tuple[KeyChain, bytes]:
+        """A new chain starting at now's key period, and its S_0 (to wrap for the viewers at
+        once; the caller drops it after)."""
+        if not isinstance(period_s, int) or not 1 <= period_s <= MAX_PERIOD_S:
+            raise ValueError(f"The key period must be 1 to {MAX_PERIOD_S} seconds.")
+        chain_id = rng(CHAIN_ID_LEN)
+        seed = rng(KEY_LEN)
+        chain = cls(camera, stream, chain_id, seed, period_s, now_ms // (period_s * 1000))
+        return chain, seed
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def step_at(self, now_ms: int) -> int:
+        return now_ms // (self.period_s * 1000) - self.start_period
+
+    def usable_at(self, now_ms: int) -> bool:
+        """False once ``key_at(now_ms)`` would refuse: start a new chain then."""
+        return self._step <= self.step_at(now_ms) <= max_ratchet_index(self.period_s)
+
+    def key_at(self, now_ms: int) -> MinuteKey:
+        """The minute key of now's key period; steps the chain forward to it, erasing the
+        states before."""
+        step = self.step_at(now_ms)
+        if not self.usable_at(now_ms):
+            raise ValueError("The clock is behind this chain's state (erased states cannot be "
+                             "recovered) or past its day; start a new chain.")
+        state = self._state
+        assert state is not None
+        while self._step < step:
+            state = chain_step(state, self.chain_id)
+            self._step += 1
+        self._state = state
+        key = chain_minute_key(state, self.chain_id, self.camera, self.stream, step)
+        return MinuteKey(self.camera, self.stream, chain_key_id(self.chain_id, step), key,
+                         now_ms)
+
+
+class ChainDeriver:
+    """The viewer's side of one chain: the minute key of any step from S_0 (viewers may seek
+    back, so the states computed so far are kept, in memory only)."""
+
+    def __init__(self, record: ChainRecord, seed: bytes, max_step: int) -> None:
+        if len(seed) != KEY_LEN:
+            raise ValueError("A chain state is 32 bytes.")
+        self.record = record
+        self.max_step = max_step
+        self._states = [seed]
+
+    def key(self, step: int) -> bytes:
+        if not 0 <= step <= self.max_step:
+            raise IntegrityError()  # no honest Archiver steps a chain beyond its day
+        while len(self._states) <= step:
+            self._states.append(chain_step(self._states[-1], self.record.chain_id))
+        return chain_minute_key(self._states[step], self.record.chain_id, self.record.camera,
+                                self.record.stream, step)
 
 
 def key_commitment(key: bytes, camera: str, stream: DataStream, key_id: bytes) -> bytes:
@@ -206,13 +325,14 @@ def ratchet_kek(kek: bytes, epoch_id: bytes) -> bytes:
     return HKDF(hashes.SHA256(), KEY_LEN, salt=epoch_id, info=LABEL_KEK_RATCHET).derive(kek)
 
 
-def key_record_ad(viewer_fingerprint: bytes, epoch_id: bytes, ratchet_index: int, camera: str,
-                  stream: DataStream, key_id: bytes, valid_from_ms: int) -> bytes:
-    """Binds a wrapped key to its viewer, epoch, step, camera stream and id: a key record
-    cannot be replayed for another viewer, step, camera or key."""
-    return b"".join((LABEL_KEY_RECORD, _VERSION, viewer_fingerprint, epoch_id,
-                     _U32.pack(ratchet_index), _str8(camera), bytes((stream,)), key_id,
-                     _U64.pack(valid_from_ms)))
+def chain_record_ad(viewer_fingerprint: bytes, epoch_id: bytes, ratchet_index: int,
+                    camera: str, stream: DataStream, chain_id: bytes, start_period: int) -> bytes:
+    """Binds a wrapped chain state to its viewer, epoch, ratchet step, camera stream, chain id
+    and start period: a chain record cannot be replayed for another viewer, step, camera,
+    stream or chain."""
+    return b"".join((LABEL_CHAIN_RECORD, _VERSION, viewer_fingerprint, epoch_id,
+                     _U32.pack(ratchet_index), _str8(camera), bytes((stream,)), chain_id,
+                     _U64.pack(start_period)))
 
 
 class Epoch:
@@ -262,8 +382,10 @@ class Epoch:
         """False once ``wrap(now_ms)`` would refuse: start a new epoch then."""
         return self._index <= self.index_at(now_ms) <= max_ratchet_index(self.period_s)
 
-    def wrap(self, key: MinuteKey, now_ms: int, rng: Rng = os.urandom) -> KeyRecord:
-        """Wrap ``key`` for this viewer under the KEK of now's key period."""
+    def wrap_chain(self, chain: KeyChain, seed: bytes, now_ms: int, rng: Rng = os.urandom
+                   ) -> ChainRecord:
+        """Wrap ``chain``'s starting state ``seed`` for this viewer under the KEK of now's key
+        period."""
         index = self.index_at(now_ms)
         if index < self._index:
             raise ValueError("The clock went back behind this epoch's ratchet (KEKs already "
@@ -276,14 +398,14 @@ class Epoch:
             kek = ratchet_kek(kek, self.epoch_id)
             self._index += 1
         self._kek = kek
-        # Random nonce: per KEK_i only the keys of one period are wrapped (thousands at most),
-        # far below the 2^32 limit for random 96-bit GCM nonces.
+        # Random nonce: per KEK_i only the chains started in one period are wrapped (one per
+        # camera stream, or a few), far below the 2^32 limit for random 96-bit GCM nonces.
         nonce = rng(NONCE_LEN)
-        ad = key_record_ad(self.viewer_fingerprint, self.epoch_id, index, key.camera,
-                           key.stream, key.key_id, key.valid_from_ms)
-        wrapped = AESGCM(kek).encrypt(nonce, key.key, ad)
-        return KeyRecord(self.epoch_id, index, key.camera, key.stream, key.key_id,
-                         key.valid_from_ms, nonce, wrapped)
+        ad = chain_record_ad(self.viewer_fingerprint, self.epoch_id, index, chain.camera,
+                             chain.stream, chain.chain_id, chain.start_period)
+        wrapped = AESGCM(kek).encrypt(nonce, seed, ad)
+        return ChainRecord(self.epoch_id, index, chain.camera, chain.stream, chain.chain_id,
+                           chain.start_period, nonce, wrapped)
 
 
 def open_epoch_opener(identity: Identity | EcIdentity, opener: EpochOpener) -> bytes:
@@ -329,11 +451,11 @@ class KekRatchet:
         return self._keks[index]
 
 
-def unwrap_key_record(kek: bytes, record: KeyRecord, viewer_fingerprint: bytes) -> bytes:
-    """The minute key in ``record``; IntegrityError unless it was wrapped for this viewer,
-    epoch, step, camera stream and key id."""
-    ad = key_record_ad(viewer_fingerprint, record.epoch_id, record.ratchet_index, record.camera,
-                       record.stream, record.key_id, record.valid_from_ms)
+def unwrap_chain_record(kek: bytes, record: ChainRecord, viewer_fingerprint: bytes) -> bytes:
+    """The chain's starting state S_0 in ``record``; IntegrityError unless it was wrapped for
+    this viewer, epoch, ratchet step, camera stream, chain id and start period."""
+    ad = chain_record_ad(viewer_fingerprint, record.epoch_id, record.ratchet_index,
+                         record.camera, record.stream, record.chain_id, record.start_period)
     try:
         return AESGCM(kek).decrypt(record.nonce, record.wrapped, ad)
     except InvalidTag:

@@ -1,11 +1,13 @@
-"""The records of a fusion stream, version 1: dataclasses, exact encoding and strict decoding.
+"""The records of a fusion stream, version 2: dataclasses, exact encoding and strict decoding.
 
-The byte layout is specified in ``docs/spec/fusion-stream-v1.md``; this module is its single
-implementation. Every model validates itself on construction, so a decoded record is always
-well-formed and an encoder can never emit a malformed one. Decoding is strict: every length is
-checked against its bound *before* anything is buffered or sliced, trailing bytes are an error,
-and every failure is a :class:`~keyservice.errors.FormatError` (never ``struct.error``,
-``IndexError`` or ``UnicodeDecodeError``): a malformed stream produces one clean error.
+The byte layout is specified in ``docs/spec/fusion-stream-v2.md``; this module is its single
+implementation of the record codec (cutting a byte stream into records, buffers and the
+transcript hash are ``keyservice.framing``). Every model validates itself on construction,
+so a decoded record is always well-formed and an encoder can never emit a malformed one.
+Decoding is strict: every length is checked against its bound *before* anything is buffered or
+sliced, trailing bytes are an error, and every failure is a
+:class:`~keyservice.errors.FormatError` (never ``struct.error``, ``IndexError`` or
+``UnicodeDecodeError``): a malformed stream produces one clean error.
 
 Pure: no I/O, no cryptography beyond SHA-256 of record bytes.
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar
@@ -24,7 +25,7 @@ from keyservice.identity import OaepHash
 from keyservice.names import validate_camera_name as validate_name
 
 MAGIC = b"FUSNSTRM"
-VERSION = 1
+VERSION = 2
 PREFIX_LEN = len(MAGIC) + 2
 RECORD_HEADER_LEN = 5  # type u8 + length u32
 # Bounds on a record body: a reader refuses a length above them before buffering the body,
@@ -35,6 +36,10 @@ ZERO_HASH = bytes(32)
 
 TAG_LEN = 16  # AES-GCM tag, the last bytes of a segment's ciphertext
 ID_LEN = 16  # request ids, epoch ids, key ids
+# Format v2: a minute key's id is its chain's id followed by its step in the chain (u32 BE), so
+# a reader finds the chain of any key id without a table (see keyservice.crypto.KeyChain).
+CHAIN_ID_LEN = 12
+STEP_LEN = ID_LEN - CHAIN_ID_LEN
 HASH_LEN = 32  # SHA-256 fingerprints, hashes, HMACs
 NONCE_LEN = 12
 KEY_LEN = 32
@@ -49,15 +54,17 @@ MANIFEST_LAST = 0x01  # MANIFEST flags bit 0: the last manifest of the recording
 
 LABEL_MANIFEST = b"FSE1 manifest\x00"
 LABEL_END = b"FSE1 end\x00"
-LABEL_KEY_GRANT = b"FSE1 key-grant\x00"
-# Viewers one grant statement can list: 32 bytes each within a 64 KiB record.
-MAX_GRANT_VIEWERS = 2000
+LABEL_CHAIN_RECIPIENTS = b"FSE2 chain-recipients\x00"
+# Viewers one chain-recipients part can list: 32 bytes each within a 64 KiB record. More
+# viewers are listed in several parts (part i of n), each signed on its own.
+MAX_RECIPIENTS_PER_PART = 2000
+MAX_RECIPIENT_PARTS = 0xFFFF
 LABEL_TRANSCRIPT = b"FSE1 transcript\x00"
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-_RECORD_HEADER = struct.Struct(">BI")
+RECORD_HEADER = struct.Struct(">BI")
 _SEGMENT_FIXED = struct.Struct(">BQQI16sB")  # stream, seq, capture_ms, duration_ms, key_id, flags
 _ENTRY = struct.Struct(">BQQI16s16s32s")  # stream, seq, capture_ms, duration_ms, key_id, tag, digest
 _MANIFEST_FIXED = struct.Struct(">Q32sQBH")  # manifest_seq, prev_hash, issued_ms, flags, count
@@ -68,11 +75,11 @@ _PREFIX = MAGIC + _U16.pack(VERSION)
 class RecordType(IntEnum):
     HEADER = 1
     EPOCH_OPENER = 2
-    KEY_RECORD = 3
+    CHAIN_RECORD = 3
     SEGMENT = 4
     MANIFEST = 5
     END = 6
-    KEY_GRANT = 7
+    CHAIN_RECIPIENTS = 7
 
 
 class DataStream(IntEnum):
@@ -92,7 +99,7 @@ class EndReason(IntEnum):
 
 
 def stream_prefix() -> bytes:
-    """The first ten bytes of every version-1 fusion stream: magic and version."""
+    """The first ten bytes of every version-2 fusion stream: magic and version."""
     return _PREFIX
 
 
@@ -216,34 +223,36 @@ class EpochOpener:
 
 
 @dataclass(frozen=True, slots=True)
-class KeyRecord:
-    """One minute key wrapped for one viewer under the KEK of ratchet step ``ratchet_index``."""
+class ChainRecord:
+    """The starting state of one key chain, wrapped for one viewer under the KEK of ratchet
+    step ``ratchet_index`` of its epoch (the step of the chain's first key period). The viewer
+    derives every minute key of the chain from it; one record per viewer per chain."""
 
     epoch_id: bytes
     ratchet_index: int
     camera: str
     stream: DataStream
-    key_id: bytes
-    valid_from_ms: int
+    chain_id: bytes
+    start_period: int  # the key period (unix time // period) of the chain's step 0
     nonce: bytes
     wrapped: bytes
 
-    record_type: ClassVar[RecordType] = RecordType.KEY_RECORD
+    record_type: ClassVar[RecordType] = RecordType.CHAIN_RECORD
 
     def __post_init__(self) -> None:
         _bytes("epoch id", self.epoch_id, ID_LEN)
         _uint("ratchet index", self.ratchet_index, 32)
         validate_name(self.camera)
         object.__setattr__(self, "stream", _enum(DataStream, "data stream", self.stream))
-        _bytes("key id", self.key_id, ID_LEN)
-        _uint("key start time", self.valid_from_ms, 64)
-        _bytes("key record nonce", self.nonce, NONCE_LEN)
-        _bytes("wrapped key", self.wrapped, WRAPPED_KEY_LEN)
+        _bytes("chain id", self.chain_id, CHAIN_ID_LEN)
+        _uint("chain start period", self.start_period, 64)
+        _bytes("chain record nonce", self.nonce, NONCE_LEN)
+        _bytes("wrapped chain state", self.wrapped, WRAPPED_KEY_LEN)
 
     def _body(self) -> bytes:
         return b"".join((
             self.epoch_id, _U32.pack(self.ratchet_index), _str8(self.camera),
-            bytes((self.stream,)), self.key_id, _U64.pack(self.valid_from_ms), self.nonce,
+            bytes((self.stream,)), self.chain_id, _U64.pack(self.start_period), self.nonce,
             self.wrapped))
 
 
@@ -486,53 +495,62 @@ class End:
 
 
 @dataclass(frozen=True, slots=True)
-class KeyGrant:
-    """The Archiver's signed statement, made when a minute key came into use, of exactly the
-    viewers it wrapped that key for. Shared by all viewers and archived with the segments: a
-    viewer that gets no key record for a segment can then tell "not authorized then" (its
-    fingerprint is not listed) from "withheld or lost" (listed, or no statement at all)."""
+class ChainRecipients:
+    """The Archiver's signed statement, made when a key chain starts, of exactly the viewers
+    it wrapped that chain's starting state for (part ``part`` of ``parts``: a chain with more
+    than MAX_RECIPIENTS_PER_PART viewers is listed in several records). Shared by all viewers
+    and archived with the segments: a viewer that gets no chain record for a segment can tell
+    "not authorized then" (every part came and none lists it) from "withheld or lost"."""
 
     camera: str
     stream: DataStream
-    key_id: bytes
-    valid_from_ms: int
+    chain_id: bytes
+    start_period: int
+    part: int
+    parts: int
     viewers: tuple[bytes, ...]  # certificate fingerprints, sorted, distinct
     signature: bytes = b""
 
-    record_type: ClassVar[RecordType] = RecordType.KEY_GRANT
+    record_type: ClassVar[RecordType] = RecordType.CHAIN_RECIPIENTS
 
     def __post_init__(self) -> None:
         validate_name(self.camera)
         object.__setattr__(self, "stream", _enum(DataStream, "data stream", self.stream))
-        _bytes("key id", self.key_id, ID_LEN)
-        _uint("key start time", self.valid_from_ms, 64)
+        _bytes("chain id", self.chain_id, CHAIN_ID_LEN)
+        _uint("chain start period", self.start_period, 64)
+        _uint("recipients part", self.part, 16)
+        _uint("recipients parts", self.parts, 16)
+        if not self.part < self.parts:
+            raise FormatError("A chain-recipients record is part i of n with i < n.")
         if isinstance(self.viewers, bytes | str):
-            raise FormatError("A key grant lists viewer fingerprints as a sequence.")
+            raise FormatError("A chain-recipients record lists viewer fingerprints as a "
+                              "sequence.")
         viewers = tuple(self.viewers)
         for viewer in viewers:
             _bytes("viewer fingerprint", viewer, HASH_LEN)
         # Canonical: one encoding per statement, and membership is unambiguous.
-        if list(viewers) != sorted(set(viewers)) or len(viewers) > MAX_GRANT_VIEWERS:
-            raise FormatError(f"A key grant lists at most {MAX_GRANT_VIEWERS} distinct viewer "
-                              "fingerprints in ascending order.")
-        _var_bytes("key grant signature", self.signature, 0, MAX_SIGNATURE)
+        if list(viewers) != sorted(set(viewers)) or len(viewers) > MAX_RECIPIENTS_PER_PART:
+            raise FormatError(f"A chain-recipients record lists at most "
+                              f"{MAX_RECIPIENTS_PER_PART} distinct viewer fingerprints in "
+                              "ascending order.")
+        _var_bytes("chain-recipients signature", self.signature, 0, MAX_SIGNATURE)
         object.__setattr__(self, "viewers", viewers)
 
     def _unsigned(self) -> bytes:
-        return b"".join((_str8(self.camera), bytes((self.stream,)), self.key_id,
-                         _U64.pack(self.valid_from_ms), _U16.pack(len(self.viewers)),
-                         *self.viewers))
+        return b"".join((_str8(self.camera), bytes((self.stream,)), self.chain_id,
+                         _U64.pack(self.start_period), _U16.pack(self.part),
+                         _U16.pack(self.parts), _U16.pack(len(self.viewers)), *self.viewers))
 
     def signed_bytes(self) -> bytes:
-        return LABEL_KEY_GRANT + self._unsigned()
+        return LABEL_CHAIN_RECIPIENTS + self._unsigned()
 
     def _body(self) -> bytes:
         return self._unsigned() + _U16.pack(len(self.signature)) + self.signature
 
 
-Record = Header | EpochOpener | KeyRecord | Segment | Manifest | End | KeyGrant
+Record = Header | EpochOpener | ChainRecord | Segment | Manifest | End | ChainRecipients
 
-_RECORD_CLASSES = (Header, EpochOpener, KeyRecord, Segment, Manifest, End, KeyGrant)
+_RECORD_CLASSES = (Header, EpochOpener, ChainRecord, Segment, Manifest, End, ChainRecipients)
 
 RawRecord = bytes | memoryview
 """A record's exact encoded bytes: ``bytes``, or a read-only view of bytes nobody changes
@@ -553,18 +571,18 @@ def encode_record_parts(record: Record) -> tuple[bytes | memoryview, ...]:
     if isinstance(record, Segment):
         head = record._head()
         length = len(head) + len(record.ciphertext)
-        return _RECORD_HEADER.pack(record.record_type, length) + head, record.ciphertext
+        return RECORD_HEADER.pack(record.record_type, length) + head, record.ciphertext
     body = record._body()
     if len(body) > MAX_SMALL_BODY:
         raise FormatError(f"A {record.record_type.name} record is limited to {MAX_SMALL_BODY} "
                           f"bytes ({len(body)} needed); issue manifests for fewer segments.")
-    return (_RECORD_HEADER.pack(record.record_type, len(body)) + body,)
+    return (RECORD_HEADER.pack(record.record_type, len(body)) + body,)
 
 
 def segment_digest(segment: Segment) -> bytes:
     """SHA-256 of the segment's record bytes, without building them (no copy)."""
     head = segment._head()
-    digest = hashlib.sha256(_RECORD_HEADER.pack(RecordType.SEGMENT,
+    digest = hashlib.sha256(RECORD_HEADER.pack(RecordType.SEGMENT,
                                                 len(head) + len(segment.ciphertext)))
     digest.update(head)
     digest.update(segment.ciphertext)
@@ -575,31 +593,6 @@ def record_digest(raw: RawRecord) -> bytes:
     """SHA-256 of one record's complete encoded bytes: a segment's manifest digest, a
     manifest's chain hash, and each record's entry in the END transcript."""
     return hashlib.sha256(raw).digest()
-
-
-class Transcript:
-    """The END record's ``transcript_hash``, built incrementally:
-    SHA-256(``"FSE1 transcript\\x00"`` || prefix || SHA-256(record) for every record before END).
-
-    Hashing the records' digests instead of their bytes lets a reader and a writer reuse the
-    segment digests they need for the manifests anyway, so segment bytes are hashed once.
-    A list of fixed-size digests parses unambiguously, so the hash still fixes the exact
-    sequence of records (order, presence, content) unless SHA-256 collides.
-    """
-
-    __slots__ = ("_hash",)
-
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256(LABEL_TRANSCRIPT + _PREFIX)
-
-    def add(self, digest: bytes) -> None:
-        """Append the SHA-256 digest of the next record (see :func:`record_digest`)."""
-        if len(digest) != HASH_LEN:
-            raise ValueError("A transcript entry is the 32-byte SHA-256 of one record.")
-        self._hash.update(digest)
-
-    def digest(self) -> bytes:
-        return self._hash.digest()
 
 
 # --- decoding -----------------------------------------------------------------------------
@@ -682,9 +675,9 @@ def _decode_opener(c: _Cursor) -> EpochOpener:
                        c.take(c.u16()))
 
 
-def _decode_key_record(c: _Cursor) -> KeyRecord:
-    return KeyRecord(c.take(ID_LEN), c.u32(), c.str8(), _stream(c.u8()), c.take(ID_LEN),
-                     c.u64(), c.take(NONCE_LEN), c.take(WRAPPED_KEY_LEN))
+def _decode_chain_record(c: _Cursor) -> ChainRecord:
+    return ChainRecord(c.take(ID_LEN), c.u32(), c.str8(), _stream(c.u8()), c.take(CHAIN_ID_LEN),
+                       c.u64(), c.take(NONCE_LEN), c.take(WRAPPED_KEY_LEN))
 
 
 def _decode_segment(c: _Cursor) -> Segment:
@@ -721,10 +714,12 @@ def _decode_entry(stream: int, seq: int, capture_ms: int, duration_ms: int, key_
     return ManifestEntry._unchecked(data_stream, seq, capture_ms, key_id, tag, digest, duration_ms)
 
 
-def _decode_key_grant(c: _Cursor) -> KeyGrant:
-    camera, stream, key_id, valid_from = c.str8(), _stream(c.u8()), c.take(ID_LEN), c.u64()
+def _decode_chain_recipients(c: _Cursor) -> ChainRecipients:
+    camera, stream, chain_id, start = c.str8(), _stream(c.u8()), c.take(CHAIN_ID_LEN), c.u64()
+    part, parts = c.u16(), c.u16()
     viewers = tuple(c.take(HASH_LEN) for _ in range(c.u16()))
-    return KeyGrant(camera, stream, key_id, valid_from, viewers, c.take(c.u16()))
+    return ChainRecipients(camera, stream, chain_id, start, part, parts, viewers,
+                           c.take(c.u16()))
 
 
 def _decode_end(c: _Cursor) -> End:
@@ -736,15 +731,15 @@ def _decode_end(c: _Cursor) -> End:
 _DECODERS = {
     RecordType.HEADER: _decode_header,
     RecordType.EPOCH_OPENER: _decode_opener,
-    RecordType.KEY_RECORD: _decode_key_record,
+    RecordType.CHAIN_RECORD: _decode_chain_record,
     RecordType.SEGMENT: _decode_segment,
     RecordType.MANIFEST: _decode_manifest,
     RecordType.END: _decode_end,
-    RecordType.KEY_GRANT: _decode_key_grant,
+    RecordType.CHAIN_RECIPIENTS: _decode_chain_recipients,
 }
 
 
-def _check_record_header(record_type: int, length: int) -> RecordType:
+def check_record_header(record_type: int, length: int) -> RecordType:
     kind = _TYPES.get(record_type)
     if kind is None:
         raise FormatError(f"Unknown record type {record_type}; the stream is corrupt or "
@@ -755,7 +750,7 @@ def _check_record_header(record_type: int, length: int) -> RecordType:
     return kind
 
 
-def _decode_body(kind: RecordType, body: memoryview) -> Record:
+def decode_body(kind: RecordType, body: memoryview) -> Record:
     cursor = _Cursor(body, kind.name)
     record = _DECODERS[kind](cursor)
     cursor.done()
@@ -768,203 +763,9 @@ def decode_record(data: bytes) -> Record:
     view = memoryview(data if isinstance(data, bytes) else bytes(data))
     if len(view) < RECORD_HEADER_LEN:
         raise FormatError("A record is shorter than its 5-byte type and length.")
-    record_type, length = _RECORD_HEADER.unpack_from(view)
-    kind = _check_record_header(record_type, length)
+    record_type, length = RECORD_HEADER.unpack_from(view)
+    kind = check_record_header(record_type, length)
     if len(view) != RECORD_HEADER_LEN + length:
         raise FormatError(f"A {kind.name} record's length field says {length} bytes but "
                           f"{len(view) - RECORD_HEADER_LEN} follow.")
-    return _decode_body(kind, view[RECORD_HEADER_LEN:])
-
-
-class BufferPool:
-    """Reusable buffers into which a consumer lets the splitter copy large records, instead
-    of a fresh allocation per record.
-
-    Why: fresh memory costs a page fault per 4 KiB the first time it is touched, and glibc
-    returns freed blocks of this size to the kernel at once, so a reader copying each 1 MiB
-    segment into new memory spent about as long in page faults as in SHA-256. Only a consumer
-    that knows when a record's bytes are no longer read may use a pool: a record copied here
-    is a read-only view of a buffer that :meth:`give_back` makes reusable. Records of
-    ``min_size`` to ``max_size`` bytes are pooled; idle buffers total at most ``max_idle``.
-    """
-
-    def __init__(self, min_size: int = 256 * 2**10, max_size: int = 8 * 2**20,
-                 max_idle: int = 16 * 2**20) -> None:
-        self.min_size = min_size
-        self.max_size = max_size
-        self.max_idle = max_idle
-        self._idle: list[bytearray] = []
-        self._idle_bytes = 0
-        self._lent: dict[int, bytearray] = {}
-
-    def take(self, size: int) -> bytearray | None:
-        """A buffer of at least ``size`` bytes, or None if records of that size are not pooled."""
-        if not self.min_size <= size <= self.max_size:
-            return None
-        # The smallest idle buffer that fits, found by position: list.remove() would compare
-        # contents and could take out an equal-looking other buffer, lending one twice.
-        fits = [(len(buf), i) for i, buf in enumerate(self._idle) if len(buf) >= size]
-        if fits:
-            buf = self._idle.pop(min(fits)[1])
-            self._idle_bytes -= len(buf)
-        else:  # headroom, so that segments of varying size reuse it
-            buf = bytearray(min(size + size // 4, self.max_size))
-        self._lent[id(buf)] = buf
-        return buf
-
-    def give_back(self, raw: RawRecord) -> None:
-        """Make the buffer behind ``raw`` reusable (no-op for records not from this pool).
-        The caller guarantees that nothing reads ``raw`` or a view of it any more."""
-        if not isinstance(raw, memoryview):
-            return
-        buf = self._lent.pop(id(raw.obj), None)
-        if buf is not None and buf is raw.obj and self._idle_bytes + len(buf) <= self.max_idle:
-            self._idle.append(buf)
-            self._idle_bytes += len(buf)
-
-
-class RecordSplitter:
-    """Cuts a byte stream, arriving in arbitrary pieces, into records.
-
-    Consumes and checks the prefix first (an unknown version is named in the error), checks
-    each record's type and length as soon as its 5-byte header is there (so no more than one
-    bounded record is ever buffered), and refuses any byte after the END record. Once it has
-    raised, it stays failed.
-
-    Each record's bytes are copied at most once: a record that arrives in several pieces is
-    joined once when complete (until then its pieces are views of the fed ``bytes``, so an
-    incomplete record pins at most one fed piece beyond its own bytes), and one that fills at
-    least half of a fed piece is handed out as a read-only view of that piece instead of a
-    copy. A view keeps its piece alive, which is why smaller records are copied: a record a
-    consumer retains never pins more than twice its own size. Given a :class:`BufferPool`,
-    the copies of large records go into its reused buffers instead of fresh memory.
-    """
-
-    def __init__(self, buffers: BufferPool | None = None) -> None:
-        self._buffers = buffers  # where large split records are assembled, if given
-        self._prefix = b""  # the prefix bytes received so far, until it is complete
-        self._prefix_done = False
-        self._head = b""  # a record's type and length, while they arrive in pieces
-        self._kind: RecordType | None = None  # set while a record's body is arriving
-        self._pieces: list[RawRecord] = []  # the incomplete record: header, body pieces
-        self._missing = 0  # body bytes still to come
-        self._ended = False
-        self._failed = False
-
-    @property
-    def finished_cleanly(self) -> bool:
-        """True if the prefix was read and no partial record is left over."""
-        return (self._prefix_done and not self._failed and not self._head
-                and self._kind is None)
-
-    @property
-    def ended(self) -> bool:
-        return self._ended
-
-    def feed(self, data: bytes) -> list[tuple[Record, RawRecord]]:
-        """All records completed by ``data``, each with its exact encoded bytes."""
-        return list(self.iter_feed(data))
-
-    def iter_feed(self, data: bytes) -> Iterator[tuple[Record, RawRecord]]:
-        """Like :meth:`feed`, one record at a time: a consumer can act on (and fail at) a
-        record before a later one is parsed, so errors come in stream order however the
-        bytes are chunked."""
-        if self._failed:
-            raise FormatError("The stream already failed to parse; start over.")
-        if not data:
-            return
-        if self._ended:
-            self._fail("Bytes follow the end record; nothing may follow it.")
-        if type(data) is not bytes:
-            # Records view (or keep pieces of) what is fed: it must not change afterwards.
-            data = bytes(data)
-        size = len(data)
-        try:
-            pos = 0 if self._prefix_done else self._read_prefix(data)
-            if pos < 0:
-                return
-            view = memoryview(data)
-            while pos < size:
-                start = pos  # where this record starts, if it starts in this piece
-                if self._kind is None:
-                    if self._head or size - pos < RECORD_HEADER_LEN:
-                        take = RECORD_HEADER_LEN - len(self._head)
-                        self._head += data[pos:pos + take]
-                        pos = min(size, pos + take)
-                        if len(self._head) < RECORD_HEADER_LEN:
-                            return
-                        head, self._head, start = self._head, b"", -1
-                    else:
-                        head = data[pos:pos + RECORD_HEADER_LEN]
-                        pos += RECORD_HEADER_LEN
-                    record_type, length = _RECORD_HEADER.unpack(head)
-                    self._kind = _check_record_header(record_type, length)
-                    self._pieces = [head]
-                    self._missing = length
-                else:
-                    start = -1
-                take = min(self._missing, size - pos)
-                if take:
-                    self._pieces.append(view[pos:pos + take])
-                    pos += take
-                    self._missing -= take
-                if self._missing:
-                    return  # pos == size: the rest comes with a later piece
-                kind, self._kind = self._kind, None
-                pieces, self._pieces = self._pieces, []
-                if start < 0:
-                    raw = self._copy(pieces)  # the one copy of a split record
-                elif 2 * (pos - start) >= size:
-                    raw = view[start:pos]  # most of the piece: no copy at all
-                else:
-                    pooled = self._pooled([view[start:pos]], pos - start)
-                    raw = data[start:pos] if pooled is None else pooled
-                record = _decode_body(kind, memoryview(raw)[RECORD_HEADER_LEN:])
-                if kind == RecordType.END:
-                    self._ended = True
-                    yield record, raw
-                    if pos != size:
-                        self._fail("Bytes follow the end record; nothing may follow it.")
-                    return
-                yield record, raw
-        except FormatError:
-            self._failed = True
-            raise
-
-    def _copy(self, pieces: list[RawRecord]) -> RawRecord:
-        """The record's bytes in memory of their own: in a pooled buffer if there is one."""
-        pooled = self._pooled(pieces, sum(map(len, pieces)))
-        return b"".join(pieces) if pooled is None else pooled
-
-    def _pooled(self, pieces: list[RawRecord], size: int) -> memoryview | None:
-        buf = None if self._buffers is None else self._buffers.take(size)
-        if buf is None:
-            return None
-        pos = 0
-        for piece in pieces:
-            buf[pos:pos + len(piece)] = piece
-            pos += len(piece)
-        return memoryview(buf)[:size].toreadonly()
-
-    def _read_prefix(self, data: bytes) -> int:
-        """Consume prefix bytes; the position after the prefix in ``data``, or -1 if more
-        bytes are needed."""
-        take = PREFIX_LEN - len(self._prefix)
-        have = self._prefix + data[:take]
-        # Refuse a wrong magic at the first differing byte: garbage fails fast.
-        if have[:len(MAGIC)] != MAGIC[:len(have)]:
-            self._fail("This is not a fusion stream (wrong magic bytes).")
-        if len(have) < PREFIX_LEN:
-            self._prefix = have
-            return -1
-        version = _U16.unpack_from(have, len(MAGIC))[0]
-        if version != VERSION:
-            self._fail(f"Unsupported fusion stream version {version}; this reader supports "
-                       f"version {VERSION} only.")
-        self._prefix = b""
-        self._prefix_done = True
-        return take
-
-    def _fail(self, message: str) -> None:
-        self._failed = True
-        raise FormatError(message)
+    return decode_body(kind, view[RECORD_HEADER_LEN:])

@@ -25,13 +25,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyservice.crypto import (
+    ChainDeriver,
     KekRatchet,
+    KeyChain,
     MinuteKey,
     key_commitment,
     max_ratchet_index,
     open_epoch_opener,
     open_segment,
-    unwrap_key_record,
+    split_key_id,
+    unwrap_chain_record,
 )
 from keyservice.errors import (
     FormatError,
@@ -41,27 +44,25 @@ from keyservice.errors import (
     RequestMismatch,
 )
 from keyservice.format import (
-    LABEL_KEY_GRANT,
+    LABEL_CHAIN_RECIPIENTS,
     LABEL_MANIFEST,
+    MAX_RECIPIENTS_PER_PART,
     RECORD_HEADER_LEN,
     ZERO_HASH,
-    BufferPool,
+    ChainRecipients,
+    ChainRecord,
     DataStream,
     End,
     EpochOpener,
     Header,
     KeyCommitment,
-    KeyGrant,
-    KeyRecord,
     Manifest,
     ManifestEntry,
     Mode,
     RawRecord,
     Record,
-    RecordSplitter,
     RecordType,
     Segment,
-    Transcript,
     encode_record,
     max_body,
     record_digest,
@@ -69,6 +70,7 @@ from keyservice.format import (
     stream_prefix,
     validate_name,
 )
+from keyservice.framing import BufferPool, RecordSplitter, Transcript
 from keyservice.identity import Identity, Signer, fingerprint
 
 # Memory a reader charges per buffered record on top of its bytes (Python object overhead),
@@ -123,13 +125,22 @@ class ManifestChain:
         return manifest, encoded
 
 
-def issue_key_grant(key: MinuteKey, viewers: Sequence[bytes], signer: Signer) -> bytes:
-    """The signed statement of which viewers ``key`` was wrapped for (their certificate
-    fingerprints), made when the key comes into use; archive it before the key's first
-    segment. Returns its encoded bytes."""
-    unsigned = KeyGrant(key.camera, key.stream, key.key_id, key.valid_from_ms,
-                        tuple(sorted(set(viewers))))
-    return encode_record(replace(unsigned, signature=signer.sign(unsigned.signed_bytes())))
+def issue_chain_recipients(chain: KeyChain, viewers: Sequence[bytes], signer: Signer
+                           ) -> list[bytes]:
+    """The signed statement of which viewers ``chain``'s starting state was wrapped for (their
+    certificate fingerprints), made when the chain starts, in as many parts as needed (at
+    most MAX_RECIPIENTS_PER_PART viewers each; an empty list still makes one part). Archive
+    every part before the chain's first segment. Returns their encoded bytes."""
+    ordered = sorted(set(viewers))
+    chunks = [ordered[i:i + MAX_RECIPIENTS_PER_PART]
+              for i in range(0, len(ordered), MAX_RECIPIENTS_PER_PART)] or [[]]
+    parts = []
+    for part, chunk in enumerate(chunks):
+        unsigned = ChainRecipients(chain.camera, chain.stream, chain.chain_id,
+                                   chain.start_period, part, len(chunks), tuple(chunk))
+        parts.append(encode_record(replace(unsigned,
+                                           signature=signer.sign(unsigned.signed_bytes()))))
+    return parts
 
 
 class StreamWriter:
@@ -195,8 +206,8 @@ def _check_framing(data: bytes) -> None:
     if len(data) < RECORD_HEADER_LEN:
         raise ValueError("Not an encoded record: shorter than its type and length.")
     kind, length = data[0], int.from_bytes(data[1:RECORD_HEADER_LEN], "big")
-    if kind not in (RecordType.EPOCH_OPENER, RecordType.KEY_RECORD, RecordType.SEGMENT,
-                    RecordType.MANIFEST, RecordType.KEY_GRANT):
+    if kind not in (RecordType.EPOCH_OPENER, RecordType.CHAIN_RECORD, RecordType.SEGMENT,
+                    RecordType.MANIFEST, RecordType.CHAIN_RECIPIENTS):
         raise ValueError(f"Record type {kind} cannot be passed through a stream writer.")
     if length != len(data) - RECORD_HEADER_LEN or length > max_body(kind):
         raise ValueError("Not exactly one encoded record: its length field disagrees.")
@@ -331,7 +342,7 @@ class SegmentPlaintext:
 @dataclass(frozen=True)
 class SegmentSkipped:
     """A segment the signed manifest lists but for which this viewer holds no key, and the
-    Archiver's signed key grant shows it was not authorized when the segment was recorded
+    Archiver's signed chain recipients show it was not authorized when the segment was recorded
     (withheld: not authorized for this viewer)."""
 
     camera: str
@@ -344,7 +355,7 @@ class SegmentSkipped:
 @dataclass(frozen=True)
 class SegmentMissing:
     """A segment the signed manifest lists (so it was recorded) but that did not come, and
-    no signed key grant explains it: the viewer was authorized, or nothing says it was not.
+    signed chain-recipients statement explains it: the viewer was authorized, or nothing says it was not.
     The stream is authentic but incomplete."""
 
     camera: str
@@ -389,7 +400,8 @@ class StreamReader:
     """Reads one fusion stream for one viewer, incrementally (bytes as they arrive).
 
     One token operation per epoch, done lazily when a segment first needs a key of that
-    epoch; KEKs and minute keys stay in this object's memory only. Segments wait, per
+    epoch; the minute keys of a chain are derived from its starting state (one chain record
+    per chain); KEKs, chain states and minute keys stay in this object's memory only. Segments wait, per
     camera, for the manifest that covers them; ``max_pending_bytes`` bounds what an
     unverified stream can make the reader hold. After any error the reader stays failed.
     """
@@ -400,9 +412,9 @@ class StreamReader:
                  known_keys: Mapping[bytes, bytes] | None = None) -> None:
         """``request``: what the viewer asked for (see StreamRequest); None only for a saved
         stream opened offline, which answers no new request (its header says what it is).
-        ``known_keys``: minute keys by key id from outside the stream (an opened access grant),
-        used for segments without a key record of this viewer; each must still match the
-        manifest's signed key commitment before it decrypts anything (IntegrityError)."""
+        ``known_keys``: minute keys by key id given from outside the stream (a grant of past
+        video, an evidence package); like derived keys, each is used only once it matches the
+        key commitment of the signed manifest that covers its segment."""
         self._identity = identity
         self._request = request
         self._fingerprint = fingerprint(identity.certificate)
@@ -417,14 +429,20 @@ class StreamReader:
         self._cameras: dict[str, _Camera] = {}
         self._openers: dict[bytes, EpochOpener] = {}
         self._ratchets: dict[bytes, KekRatchet] = {}
-        self._key_records: dict[bytes, KeyRecord] = {}
-        self._grants: dict[bytes, KeyGrant] = {}  # key id -> the verified signed key grant
+        self._known_keys = dict(known_keys or {})
+        for key_id, key in self._known_keys.items():
+            if len(key_id) != 16 or len(key) != 32:
+                raise ValueError("known_keys maps 16-byte key ids to 32-byte minute keys.")
+        self._chain_records: dict[bytes, ChainRecord] = {}  # chain id -> record
+        self._chains: dict[bytes, ChainDeriver] = {}  # chain id -> its opened state
+        # chain id -> (the parts' common fields, part -> its verified signed recipients)
+        self._recipients: dict[bytes, tuple[tuple[str, DataStream, int, int],
+                                            dict[int, ChainRecipients]]] = {}
         self._streams_seen: set[tuple[str, DataStream]] = set()  # with a segment in the range
         # per camera data stream, its first segment while it starts before the range
         self._held: dict[tuple[str, DataStream], SegmentPlaintext | SegmentSkipped
                          | SegmentMissing] = {}
         self._keys: dict[bytes, tuple[AESGCM, bytes, bytes]] = {}  # id -> (aead, commitment, key)
-        self._known_keys: Mapping[bytes, bytes] = dict(known_keys or {})
         self._verified: dict[bytes, VerifiedKey] = {}
         self._retained = 0
         self._ended = False
@@ -435,9 +453,6 @@ class StreamReader:
         """The minute keys that decrypted released segments, by key id, each checked against
         the signed key commitment. Complete for the stream's range once ``ended``."""
         return dict(self._verified)
-
-    def _holds_key(self, key_id: bytes) -> bool:
-        return key_id in self._key_records or key_id in self._known_keys
 
     @property
     def ended(self) -> bool:
@@ -496,12 +511,12 @@ class StreamReader:
             self._on_segment(record, raw, digest)
         elif isinstance(record, Manifest):
             self._on_manifest(record, raw, digest, events)
-        elif isinstance(record, KeyRecord):
-            self._on_key_record(record, len(raw))
+        elif isinstance(record, ChainRecord):
+            self._on_chain_record(record, len(raw))
         elif isinstance(record, EpochOpener):
             self._on_opener(record, len(raw))
-        elif isinstance(record, KeyGrant):
-            self._on_key_grant(record, raw)
+        elif isinstance(record, ChainRecipients):
+            self._on_chain_recipients(record, raw)
         else:
             raise FormatError("A fusion stream holds exactly one header record.")
         self._transcript.add(digest)
@@ -540,7 +555,7 @@ class StreamReader:
         if self._retained > self._max_retained:
             raise FormatError(
                 f"The stream makes the reader hold more than {self._max_retained} bytes of "
-                "unverified segments and key records; the Archiver must issue manifests more "
+                "unverified segments and key material; the Archiver must issue manifests more "
                 "often (or raise max_pending_bytes).")
 
     def _on_opener(self, opener: EpochOpener, size: int) -> None:
@@ -556,40 +571,54 @@ class StreamReader:
         self._charge(size + _RECORD_OVERHEAD)
         self._openers[opener.epoch_id] = opener
 
-    def _on_key_record(self, record: KeyRecord, size: int) -> None:
+    def _on_chain_record(self, record: ChainRecord, size: int) -> None:
         opener = self._openers.get(record.epoch_id)
-        if opener is None:  # openers precede their key records; this one is not ours
+        if opener is None:  # openers precede their chain records; this one is not ours
             raise IntegrityError()
         self._camera(record.camera)
         if record.ratchet_index > max_ratchet_index(opener.period_s):
-            raise FormatError("A key record's ratchet index lies beyond its epoch's day.")
-        known = self._key_records.get(record.key_id)
+            raise FormatError("A chain record's ratchet index lies beyond its epoch's day.")
+        known = self._chain_records.get(record.chain_id)
         if known is not None:
             if known != record:
                 raise IntegrityError()
             return
         self._charge(size + _RECORD_OVERHEAD)
-        self._key_records[record.key_id] = record
+        self._chain_records[record.chain_id] = record
 
-    def _on_key_grant(self, grant: KeyGrant, raw: RawRecord) -> None:
-        self._camera(grant.camera)
+    def _on_chain_recipients(self, part: ChainRecipients, raw: RawRecord) -> None:
+        self._camera(part.camera)
         assert self._archiver_key is not None
-        unsigned = raw[RECORD_HEADER_LEN:len(raw) - 2 - len(grant.signature)]
-        _verify(self._archiver_key, LABEL_KEY_GRANT + unsigned, grant.signature)
-        known = self._grants.get(grant.key_id)
-        if known is not None:
-            if known != grant:
+        unsigned = raw[RECORD_HEADER_LEN:len(raw) - 2 - len(part.signature)]
+        _verify(self._archiver_key, LABEL_CHAIN_RECIPIENTS + unsigned, part.signature)
+        common = (part.camera, part.stream, part.start_period, part.parts)
+        known = self._recipients.get(part.chain_id)
+        if known is None:
+            known = self._recipients[part.chain_id] = (common, {})
+        elif known[0] != common:  # parts of one chain that disagree
+            raise IntegrityError()
+        same = known[1].get(part.part)
+        if same is not None:
+            if same != part:
                 raise IntegrityError()
             return
         self._charge(len(raw) + _RECORD_OVERHEAD)
-        self._grants[grant.key_id] = grant
+        known[1][part.part] = part
 
     def _withheld_legitimately(self, camera: str, entry: ManifestEntry) -> bool:
-        """True only if the Archiver's signed key grant for this segment's key (made when the
-        key came into use) does not list this viewer."""
-        grant = self._grants.get(entry.key_id)
-        return (grant is not None and grant.camera == camera and grant.stream == entry.stream
-                and self._fingerprint not in grant.viewers)
+        """True only if every part of the Archiver's signed recipients statement of this
+        segment's chain (made when the chain started) came and none lists this viewer."""
+        found = self._recipients.get(split_key_id(entry.key_id)[0])
+        if found is None:
+            return False
+        (rec_camera, rec_stream, _, parts), by_part = found
+        return (rec_camera == camera and rec_stream == entry.stream and len(by_part) == parts
+                and not any(self._fingerprint in p.viewers for p in by_part.values()))
+
+    def _holds_key(self, key_id: bytes) -> bool:
+        """Whether this reader has a way to a key id's minute key (given, or its chain's
+        record); whether that key is right is for the manifest's commitment to say."""
+        return key_id in self._known_keys or split_key_id(key_id)[0] in self._chain_records
 
     def _on_segment(self, segment: Segment, raw: RawRecord, digest: bytes) -> None:
         camera = self._camera(segment.camera)
@@ -758,29 +787,37 @@ class StreamReader:
                     f"for camera {name}: later recordings in the range may be missing.")
 
     def _key(self, key_id: bytes, camera: str, stream: DataStream, commitment: bytes) -> AESGCM:
-        record = self._key_records.get(key_id)
-        if record is not None and (record.camera != camera or record.stream != stream):
-            raise IntegrityError()
+        """THE key lookup: a minute key given from outside (``known_keys``) or derived from its
+        chain's record, cached, and only ever returned after it matched ``commitment``."""
         known = self._keys.get(key_id)
         if known is None:
-            if record is not None:
-                ratchet = self._ratchet(record.epoch_id)
-                key = unwrap_key_record(ratchet.kek_at(record.ratchet_index), record,
-                                        self._fingerprint)
-            else:  # from outside (an access grant): trusted only through the commitment below
-                key = bytes(self._known_keys[key_id])
-                if len(key) != 32:
+            key = self._known_keys.get(key_id)
+            if key is None:
+                chain_id, step = split_key_id(key_id)
+                record = self._chain_records[chain_id]
+                if record.camera != camera or record.stream != stream:
                     raise IntegrityError()
+                key = self._chain(record).key(step)
             known = (AESGCM(key), key_commitment(key, camera, stream, key_id), key)
             self._keys[key_id] = known
-        # The manifest commits to the key (and, through its label, to the camera and data
-        # stream): a segment that also opens under another key (AES-GCM is not key-committing)
-        # is refused, and so is a key from outside that is not the one the Archiver signed.
+        # The manifest commits to the key: a segment that also opens under another key
+        # (AES-GCM is not key-committing), or a wrong key given from outside, is refused.
         if not hmac.compare_digest(known[1], commitment):
             raise IntegrityError()
         if key_id not in self._verified:
             self._verified[key_id] = VerifiedKey(camera, stream, key_id, known[2])
         return known[0]
+
+    def _chain(self, record: ChainRecord) -> ChainDeriver:
+        chain = self._chains.get(record.chain_id)
+        if chain is None:
+            opener = self._openers[record.epoch_id]
+            ratchet = self._ratchet(record.epoch_id)
+            seed = unwrap_chain_record(ratchet.kek_at(record.ratchet_index), record,
+                                       self._fingerprint)
+            chain = ChainDeriver(record, seed, max_ratchet_index(opener.period_s))
+            self._chains[record.chain_id] = chain
+        return chain
 
     def _ratchet(self, epoch_id: bytes) -> KekRatchet:
         ratchet = self._ratchets.get(epoch_id)

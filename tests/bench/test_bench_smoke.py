@@ -46,10 +46,14 @@ def test_raw(tmp_path: Path) -> None:
 def test_rotation_counts(tmp_path: Path) -> None:
     data = run_bench(tmp_path, "rotation", "--rotation", "3x4")
     first, second = data["rotation"]["minutes"]
-    # Minute 0 starts every viewer's epoch; every camera's key is wrapped for every viewer.
-    assert (first["epoch_openers"], first["key_records"]) == (4, 12)
-    assert (second["epoch_openers"], second["key_records"]) == (0, 12)
-    assert first["cpu_s"] > 0 and second["cpu_s"] > 0
+    # Minute 0 starts every viewer's epoch and every camera's key chain, wrapped for every
+    # viewer; minute 1 only steps the chains; an authorization change on one camera wraps that
+    # camera's new chain for every viewer (and starts one new epoch).
+    assert (first["epoch_openers"], first["chains_started"], first["key_records"]) == (4, 3, 12)
+    assert (second["epoch_openers"], second["chains_started"], second["key_records"]) == (0, 0, 0)
+    change = data["rotation"]["authorization_change"]
+    assert (change["epoch_openers"], change["chains_started"], change["key_records"]) == (1, 1, 4)
+    assert first["key_material_bytes"] > 0 and first["cpu_s"] > 0
 
 
 def test_ingest_windows(tmp_path: Path) -> None:
@@ -64,10 +68,11 @@ def test_ingest_windows(tmp_path: Path) -> None:
         assert w["bytes"] > 0 and w["segments"] > 0 and not w["errors"]
         if w["mode"] == "encrypted":
             assert w["ratio"] > 0
-            # Every rotation wraps the new key for every authorized viewer, and only the
-            # viewers added before this window start an epoch.
-            assert w["key_rotations_in_run"] > 0
-            assert w["wrapped_keys_in_run"] == w["viewers"] * w["key_rotations_in_run"]
+            # Every chain start wraps the chain for every authorized viewer (a minute key is
+            # made each period without any), and only the viewers added before this window
+            # start an epoch.
+            assert w["key_rotations_in_run"] >= w["key_chains_started_in_run"] > 0
+            assert w["wrapped_keys_in_run"] == w["viewers"] * w["key_chains_started_in_run"]
             assert w["epochs_started_in_run"] == w["viewers"] - previous
             previous = w["viewers"]
     plot = pytest.importorskip("bench.plot")

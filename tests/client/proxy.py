@@ -17,11 +17,11 @@ import httpx
 from keyservice.format import (
     End,
     Header,
-    RecordSplitter,
     Segment,
     encode_record,
     stream_prefix,
 )
+from keyservice.framing import RecordSplitter
 
 FUSION = "application/vnd.fusion-stream"
 

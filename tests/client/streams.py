@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from keyservice.certs import build_archiver_certificate, build_viewer_certificate
-from keyservice.crypto import Epoch, new_minute_key, seal_segment
+from keyservice.crypto import Epoch, KeyChain, seal_segment
 from keyservice.format import DataStream, Header
 from keyservice.identity import (
     OaepHash,
@@ -20,7 +20,7 @@ from keyservice.identity import (
     SoftwareSigner,
     fingerprint,
 )
-from keyservice.stream import ManifestChain, StreamWriter, issue_key_grant
+from keyservice.stream import ManifestChain, StreamWriter, issue_chain_recipients
 
 T0 = 1_748_779_200_000  # 2025-06-01T12:00:00Z
 PERIOD_S = 60
@@ -47,8 +47,9 @@ class Seg:
 
 def build_stream(viewer: SoftwareIdentity, signer: SoftwareSigner, plan: list[Seg], *,
                  camera: str = "cam1", end: bool = True) -> tuple[bytes, list[int]]:
-    """A playback stream as the Archiver serves it: a segment's key record and ciphertext only
-    when the viewer was authorized; the signed manifest always. Returns the bytes and the
+    """A playback stream as the Archiver serves it (one key chain per segment, as after an
+    authorization change every time): a segment's chain record and ciphertext only when the
+    viewer was authorized; the signed manifest always. Returns the bytes and the
     offset of each segment record actually sent (for tampering)."""
     writer = StreamWriter(Header(
         archiver_cert_der=signer.certificate.public_bytes(Encoding.DER),
@@ -60,16 +61,17 @@ def build_stream(viewer: SoftwareIdentity, signer: SoftwareSigner, plan: list[Se
     chain = ManifestChain(camera)
     offsets = []
     for seq, seg in enumerate(plan):
-        key = new_minute_key(camera, DataStream.VIDEO, seg.capture_ms)
+        key_chain, seed = KeyChain.start(camera, DataStream.VIDEO, PERIOD_S, seg.capture_ms)
+        key = key_chain.key_at(seg.capture_ms)
         sealed = seal_segment(key, seq, seg.capture_ms, seg.data)
         _manifest, manifest_bytes = chain.issue([sealed], [key], signer, seg.capture_ms)
-        if not seg.authorized:  # the signed grant shows the viewer was not authorized then
-            parts.append(writer.add(issue_key_grant(key, [], signer)))
+        if not seg.authorized:  # the signed recipients show it was not authorized then
+            parts += [writer.add(part) for part in issue_chain_recipients(key_chain, [], signer)]
         if seg.authorized:
             if not opener_sent:
                 parts.append(writer.add(opener))
                 opener_sent = True
-            parts.append(writer.add(epoch.wrap(key, seg.capture_ms)))
+            parts.append(writer.add(epoch.wrap_chain(key_chain, seed, seg.capture_ms)))
             offsets.append(sum(map(len, parts)))
             parts.append(writer.add(sealed))
         parts.append(writer.add(manifest_bytes))

@@ -158,7 +158,7 @@ def test_deleted_key_records_are_reported_missing_not_unauthorized(
         tmp_path: Path) -> None:
     """Issue 12's first index edit: deleting a viewer's key-record rows for the middle of a
     range made `play` say "complete" and call those minutes "not authorized". Now only the
-    Archiver's signed key grant, made when the key came into use and archived with the
+    Archiver's signed chain recipients, made when the key chain started and archived with the
     segments, can say "not authorized"; without it the segments are missing (exit 53)."""
     alice, bob = make_viewer("alice"), make_viewer("bob")
     cam1 = archiver_server.add_camera("cam1")
@@ -179,9 +179,11 @@ def test_deleted_key_records_are_reported_missing_not_unauthorized(
     assert (tmp_path / "bob.ts").read_bytes() == b"".join(parts[1] + parts[2])
     with sqlite3.connect(archiver_server.data_dir / "archiver.sqlite3") as db:
         deleted = db.execute(
-            "DELETE FROM key_records WHERE fingerprint=? AND key_id IN (SELECT key_id FROM "
-            "segments WHERE seq BETWEEN 3 AND 5)", (alice_fp,)).rowcount
-    assert deleted >= 1  # one key, or two if a key period ended during the three uploads
+            # Format v2: a viewer's rows are per key chain, under the chain id (the first 12
+            # bytes of a segment's key id); parts[1] is one chain (bob's authorization).
+            "DELETE FROM key_records WHERE fingerprint=? AND key_id IN (SELECT substr(key_id, "
+            "1, 12) FROM segments WHERE seq BETWEEN 3 AND 5)", (alice_fp,)).rowcount
+    assert deleted == 1
     out = tmp_path / "alice.ts"
     result = play(client, archiver_server.url, alice, out, t0, t1)
     assert result.code == EXIT_SEGMENTS_MISSING, result.stderr

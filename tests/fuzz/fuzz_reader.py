@@ -35,7 +35,7 @@ with atheris.instrument_imports(include=["keyservice"]):
         RangeIncomplete,
         RequestMismatch,
     )
-    from keyservice.format import RecordSplitter  # noqa: F401  (instrumented with the rest)
+    from keyservice.framing import RecordSplitter  # noqa: F401  (instrumented with the rest)
     from keyservice.stream import StreamReader
 
 from cryptography import x509  # noqa: E402
@@ -72,7 +72,7 @@ def test_one_input(data: bytes) -> None:
 def write_seeds(directory: Path) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     count = 0
-    for path in sorted((ROOT / "tests" / "vectors" / "v1").glob("*.json")):
+    for path in sorted((ROOT / "tests" / "vectors" / "v2").glob("*.json")):
         vector = json.loads(path.read_text())
         if vector["viewer"] != "viewer-a":
             continue

@@ -24,10 +24,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from keyservice.crypto import segment_nonce
+from keyservice.crypto import chain_key_id, segment_nonce
 from keyservice.format import (
     RECORD_HEADER_LEN,
-    KeyGrant,
+    ChainRecipients,
     Manifest,
     Segment,
     decode_record,
@@ -328,16 +328,17 @@ def _check_archive_once(data_dir: Path) -> ArchiveReport:
                     f"index row differs at {rel}:{pos}")
                 prev_hashes[(record.camera, record.manifest_seq)] = record.prev_hash
                 report.manifests += 1
-            elif isinstance(record, KeyGrant):
+            elif isinstance(record, ChainRecipients):
                 row = grants.pop((rel, pos), None)
-                assert row == (record.camera, record.key_id, end - pos), (
-                    f"key grant in {rel} at {pos} not indexed as it is")
+                assert row == (record.camera, chain_key_id(record.chain_id, record.part),
+                               end - pos), (
+                    f"chain recipients in {rel} at {pos} not indexed as it is")
             else:
                 raise AssertionError(f"unexpected {type(record).__name__} record in {rel}")
             pos = end
     assert not segments, f"{len(segments)} indexed segments are missing from the files"
     assert not manifests, f"{len(manifests)} indexed manifests are missing from the files"
-    assert not grants, f"{len(grants)} indexed key grants are missing from the files"
+    assert not grants, f"{len(grants)} indexed chain recipients are missing from the files"
     for camera, links in chains.items():
         assert [seq for seq, _ in links] == list(range(len(links))), f"gap in {camera}'s chain"
         previous = ZERO_HASH

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import httpx
 
-from keyservice.format import End, RecordSplitter
+from keyservice.format import End
+from keyservice.framing import RecordSplitter
 from keyservice.stream import SegmentPlaintext, StreamEnded, StreamReader
 from tests.fixtures.viewer import login
 from tests.hardening.conftest import (

@@ -12,8 +12,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keyservice.crypto import (
+    ChainDeriver,
     Epoch,
     KekRatchet,
+    KeyChain,
     MinuteKey,
     answer_login_challenge,
     make_login_challenge,
@@ -22,11 +24,12 @@ from keyservice.crypto import (
     open_epoch_opener,
     open_segment,
     seal_segment,
-    unwrap_key_record,
+    split_key_id,
+    unwrap_chain_record,
     verify_login_proof,
 )
 from keyservice.errors import IntegrityError, NoMatchingIdentity
-from keyservice.format import DataStream, Segment
+from keyservice.format import ChainRecord, DataStream, Segment
 from keyservice.identity import OaepHash, Recipient, SoftwareIdentity, fingerprint
 from tests.vectors import generate as vectors
 
@@ -57,7 +60,7 @@ def test_seal_open_round_trip_and_independent_layout() -> None:
     segment = seal_segment(key, 7, T + 5, b"frame data", flags=1, duration_ms=2000)
     assert open_segment(key.key, segment) == b"frame data"
     # Rebuild the nonce and associated data from the spec, not from the module.
-    ad = (b"FSE1 segment" + b"\x00\x01" + b"\x05cam-1" + b"\x00" + struct.pack(">Q", 7)
+    ad = (b"FSE1 segment" + b"\x00\x02" + b"\x05cam-1" + b"\x00" + struct.pack(">Q", 7)
           + struct.pack(">Q", T + 5) + struct.pack(">I", 2000) + key.key_id + b"\x01")
     nonce = bytes(4) + struct.pack(">Q", 7)
     assert AESGCM(key.key).decrypt(nonce, segment.ciphertext, ad) == b"frame data"
@@ -122,15 +125,16 @@ def test_epoch_opens_once_and_ratchets(viewer: SoftwareIdentity) -> None:
     identity = fresh_identity(viewer)
     kek0 = open_epoch_opener(identity, opener)
     ratchet = KekRatchet(opener.epoch_id, kek0)
-    keys = []
+    seeds = []
     for minute in (0, 0, 1, 3, 3, 10):
-        key = new_minute_key("cam-1", DataStream.VIDEO, T + minute * 60_000)
-        record = epoch.wrap(key, T + 1234 + minute * 60_000)
-        assert record.ratchet_index == minute
-        keys.append((key, record))
-    for key, record in reversed(keys):  # the viewer may go back in time
+        now = T + 1234 + minute * 60_000
+        chain, seed = KeyChain.start("cam-1", DataStream.VIDEO, 60, now)
+        record = epoch.wrap_chain(chain, seed, now)
+        assert record.ratchet_index == minute and record.start_period == now // 60_000
+        seeds.append((seed, record))
+    for seed, record in reversed(seeds):  # the viewer may go back in time
         kek = ratchet.kek_at(record.ratchet_index)
-        assert unwrap_key_record(kek, record, opener.viewer_fingerprint) == key.key
+        assert unwrap_chain_record(kek, record, opener.viewer_fingerprint) == seed
     assert identity.operations == 1  # one token operation for the whole epoch
 
 
@@ -145,42 +149,80 @@ def test_epoch_forgets_old_keks_and_refuses_to_go_back(viewer: SoftwareIdentity)
     recipient = Recipient(viewer.certificate, OaepHash.SHA256)
     epoch, opener = Epoch.start(recipient, 60, T)
     kek0 = open_epoch_opener(fresh_identity(viewer), opener)
-    epoch.wrap(new_minute_key("cam-1", DataStream.VIDEO, T), T + 2 * 60_000)
+    epoch.wrap_chain(*KeyChain.start("cam-1", DataStream.VIDEO, 60, T), T + 2 * 60_000)
     # Forward secrecy: nothing reachable from the epoch object still holds KEK0 or KEK1.
     ratchet = KekRatchet(opener.epoch_id, kek0)
     old = {ratchet.kek_at(0), ratchet.kek_at(1)}
     assert not old & {v for v in vars(epoch).values() if isinstance(v, bytes)}
     with pytest.raises(ValueError, match="clock went back"):
-        epoch.wrap(new_minute_key("cam-1", DataStream.VIDEO, T), T + 60_000)
+        epoch.wrap_chain(*KeyChain.start("cam-1", DataStream.VIDEO, 60, T), T + 60_000)
     assert epoch.usable_at(T + 3 * 60_000) and not epoch.usable_at(T)
 
 
 def test_epoch_ends_after_its_day(viewer: SoftwareIdentity) -> None:
     epoch, _ = Epoch.start(Recipient(viewer.certificate, OaepHash.SHA256), 3600, T)
-    key = new_minute_key("cam-1", DataStream.VIDEO, T)
+    chain, seed = KeyChain.start("cam-1", DataStream.VIDEO, 3600, T)
     # A day touches at most 86400 // 3600 + 1 = 25 periods: index 25 is the last one.
     assert max_ratchet_index(3600) == 25
-    epoch.wrap(key, T + 25 * 3600_000)
+    epoch.wrap_chain(chain, seed, T + 25 * 3600_000)
     with pytest.raises(ValueError, match="day"):
-        epoch.wrap(key, T + 26 * 3600_000)
+        epoch.wrap_chain(chain, seed, T + 26 * 3600_000)
     assert not epoch.usable_at(T + 26 * 3600_000)
 
 
-def test_key_record_binds_viewer_and_position(viewer: SoftwareIdentity) -> None:
+def test_chain_record_binds_viewer_and_position(viewer: SoftwareIdentity) -> None:
     epoch, opener = Epoch.start(Recipient(viewer.certificate, OaepHash.SHA256), 60, T)
     kek = KekRatchet(opener.epoch_id, open_epoch_opener(fresh_identity(viewer), opener))
-    key = new_minute_key("cam-1", DataStream.VIDEO, T)
-    record = epoch.wrap(key, T)
+    chain, seed = KeyChain.start("cam-1", DataStream.VIDEO, 60, T)
+    record = epoch.wrap_chain(chain, seed, T)
     fp = opener.viewer_fingerprint
+    assert unwrap_chain_record(kek.kek_at(0), record, fp) == seed
     with pytest.raises(IntegrityError):
-        unwrap_key_record(kek.kek_at(0), record, bytes(32))  # another viewer
-    for change in ({"camera": "cam-2"}, {"stream": DataStream.AUDIO}, {"key_id": bytes(16)},
-                   {"valid_from_ms": T + 1}, {"epoch_id": bytes(16)}):
+        unwrap_chain_record(kek.kek_at(0), record, bytes(32))  # another viewer
+    for change in ({"camera": "cam-2"}, {"stream": DataStream.AUDIO}, {"chain_id": bytes(12)},
+                   {"start_period": record.start_period + 1}, {"epoch_id": bytes(16)}):
         changed = replace(record, **change)  # type: ignore[arg-type]
         with pytest.raises(IntegrityError):
-            unwrap_key_record(kek.kek_at(0), changed, fp)
+            unwrap_chain_record(kek.kek_at(0), changed, fp)
     with pytest.raises(IntegrityError):  # claimed at another ratchet step
-        unwrap_key_record(kek.kek_at(1), replace(record, ratchet_index=1), fp)
+        unwrap_chain_record(kek.kek_at(1), replace(record, ratchet_index=1), fp)
+
+
+# --- key chains -----------------------------------------------------------------------------
+def test_chain_keys_differ_every_period_and_the_viewer_derives_them(
+        viewer: SoftwareIdentity) -> None:
+    chain, seed = KeyChain.start("cam-1", DataStream.VIDEO, 60, T + 5)
+    epoch, _ = Epoch.start(Recipient(viewer.certificate, OaepHash.SHA256), 60, T + 5)
+    record = epoch.wrap_chain(chain, seed, T + 5)
+    keys = [chain.key_at(T + minute * 60_000 + 7) for minute in (0, 1, 2, 5, 30)]
+    assert len({k.key for k in keys}) == 5 and len({k.key_id for k in keys}) == 5
+    assert all(split_key_id(k.key_id) == (chain.chain_id, step)
+               for k, step in zip(keys, (0, 1, 2, 5, 30), strict=True))
+    deriver = ChainDeriver(record, seed, max_ratchet_index(60))
+    for key in reversed(keys):  # in any order
+        assert deriver.key(split_key_id(key.key_id)[1]) == key.key
+    with pytest.raises(IntegrityError):  # no honest chain goes beyond its day
+        deriver.key(max_ratchet_index(60) + 1)
+
+
+def test_chain_erases_its_past_states_and_refuses_to_go_back() -> None:
+    chain, seed = KeyChain.start("cam-1", DataStream.VIDEO, 60, T)
+    record = ChainRecord(bytes(16), 0, "cam-1", DataStream.VIDEO, chain.chain_id,
+                         chain.start_period, bytes(12), bytes(48))  # only its ids are used
+    deriver = ChainDeriver(record, seed, 1441)
+    first = chain.key_at(T)
+    chain.key_at(T + 3 * 60_000)
+    # Forward secrecy on the Archiver: nothing reachable from the chain holds S_0..S_2 or
+    # the keys of steps 0..2 any more.
+    held = {v for v in vars(chain).values() if isinstance(v, bytes)}
+    assert chain.key_at(T + 3 * 60_000 + 1).key == deriver.key(3)
+    past = {deriver.key(0), deriver.key(1), deriver.key(2), first.key, *deriver._states[:3]}
+    assert seed in past and not held & past
+    assert deriver._states[3] in held  # the current state, and only that
+    with pytest.raises(ValueError, match="behind"):
+        chain.key_at(T + 60_000)
+    assert not chain.usable_at(T + 2 * 60_000) and chain.usable_at(T + 4 * 60_000)
+    assert not chain.usable_at(T + (max_ratchet_index(60) + 1) * 60_000)
 
 
 def test_opener_for_another_viewer(viewer: SoftwareIdentity, other_viewer: SoftwareIdentity

@@ -30,7 +30,7 @@ from keyservice.evidence import (
     sha256sums,
     verify_package,
 )
-from keyservice.format import RecordSplitter
+from keyservice.framing import RecordSplitter
 from keyservice.identity import (
     OaepHash,
     Recipient,

@@ -1,4 +1,4 @@
-"""Records of fusion stream v1: exact encoding, strict decoding, the splitter's framing rules."""
+"""Records of fusion stream v2: exact encoding, strict decoding, the splitter's framing rules."""
 
 from __future__ import annotations
 
@@ -14,17 +14,16 @@ from keyservice.format import (
     MAX_SEGMENT_BODY,
     MAX_SMALL_BODY,
     VERSION,
+    ChainRecipients,
+    ChainRecord,
     DataStream,
     End,
     EpochOpener,
     Header,
     KeyCommitment,
-    KeyGrant,
-    KeyRecord,
     Manifest,
     ManifestEntry,
     Mode,
-    RecordSplitter,
     Segment,
     decode_record,
     encode_record,
@@ -32,6 +31,7 @@ from keyservice.format import (
     stream_prefix,
     validate_name,
 )
+from keyservice.framing import RecordSplitter
 from keyservice.identity import OaepHash
 
 
@@ -42,19 +42,22 @@ def b(n: int, fill: int) -> bytes:
 HEADER = Header(b"\x30\x03\x02\x01\x01", b(32, 1), b(16, 2), 1_700_000_000_000, Mode.LIVE,
                 5, 6, ("cam-1", "cam.2"))
 OPENER = EpochOpener(b(16, 3), b(32, 1), OaepHash.SHA1, 60, 28_333_333, b(256, 4))
-KEY_RECORD = KeyRecord(b(16, 3), 7, "cam-1", DataStream.AUDIO, b(16, 5), 1_700_000_000_123,
-                       b(12, 6), b(48, 7))
+KEY_RECORD = ChainRecord(b(16, 3), 7, "cam-1", DataStream.AUDIO, b(12, 5), 28_333_333,
+                         b(12, 6), b(48, 7))
 SEGMENT = Segment("cam-1", DataStream.METADATA, 2**64 - 1, 123, b(16, 5), 1, b(40, 8), 2000)
 ENTRY = ManifestEntry(DataStream.METADATA, 2**64 - 1, 123, b(16, 5), b(16, 8), b(32, 9), 2000)
 MANIFEST = Manifest("cam-1", 4, b(32, 10), 99, 0, (ENTRY,), (KeyCommitment(b(16, 5), b(32, 11)),),
                     b(70, 12))
 END = End(b(16, 2), 2, b(32, 13), b(71, 14))
-GRANT = KeyGrant("cam-1", DataStream.VIDEO, b(16, 5), 1_700_000_000_123, (b(32, 1), b(32, 2)),
-                 b(70, 15))
+GRANT = ChainRecipients("cam-1", DataStream.VIDEO, b(12, 5), 28_333_333, 0, 1,
+                        (b(32, 1), b(32, 2)), b(70, 15))
 ALL = [HEADER, OPENER, KEY_RECORD, SEGMENT, MANIFEST, GRANT, END]
 
 
-def test_key_grant_lists_viewers_canonically() -> None:
+def test_chain_recipients_list_viewers_canonically_in_parts() -> None:
+    with pytest.raises(FormatError, match="part i of n"):
+        replace(GRANT, part=1, parts=1)
+    assert decode_record(encode_record(replace(GRANT, part=2, parts=3))).part == 2
     with pytest.raises(FormatError, match="ascending"):
         replace(GRANT, viewers=(b(32, 2), b(32, 1)))
     with pytest.raises(FormatError, match="distinct"):
@@ -71,12 +74,20 @@ def test_round_trip(record: object) -> None:
     assert decode_record(data) == record
 
 
-def test_layout_of_a_key_record_byte_by_byte() -> None:
+def test_layout_of_a_chain_record_byte_by_byte() -> None:
     # Written out from the spec, field by field, not from the encoder.
-    expected = (b"\x03" + struct.pack(">I", 16 + 4 + 6 + 1 + 16 + 8 + 12 + 48)
-                + b(16, 3) + struct.pack(">I", 7) + b"\x05cam-1" + b"\x01" + b(16, 5)
-                + struct.pack(">Q", 1_700_000_000_123) + b(12, 6) + b(48, 7))
+    expected = (b"\x03" + struct.pack(">I", 16 + 4 + 6 + 1 + 12 + 8 + 12 + 48)
+                + b(16, 3) + struct.pack(">I", 7) + b"\x05cam-1" + b"\x01" + b(12, 5)
+                + struct.pack(">Q", 28_333_333) + b(12, 6) + b(48, 7))
     assert encode_record(KEY_RECORD) == expected
+
+
+def test_layout_of_chain_recipients_byte_by_byte() -> None:
+    unsigned = (b"\x05cam-1" + b"\x00" + b(12, 5) + struct.pack(">QHHH", 28_333_333, 0, 1, 2)
+                + b(32, 1) + b(32, 2))
+    assert GRANT.signed_bytes() == b"FSE2 chain-recipients\x00" + unsigned
+    assert encode_record(GRANT) == (b"\x07" + struct.pack(">I", len(unsigned) + 2 + 70)
+                                    + unsigned + b"\x00\x46" + b(70, 15))
 
 
 def test_layout_of_a_segment_and_its_tag() -> None:
@@ -101,7 +112,7 @@ def test_signed_bytes_exclude_the_signature_and_carry_a_label() -> None:
 
 
 def test_prefix() -> None:
-    assert stream_prefix() == MAGIC + struct.pack(">H", VERSION) == b"FUSNSTRM\x00\x01"
+    assert stream_prefix() == MAGIC + struct.pack(">H", VERSION) == b"FUSNSTRM\x00\x02"
 
 
 @pytest.mark.parametrize("name", ["a", "cam-01", "Gate_2.north", "x" * 64])
@@ -197,8 +208,9 @@ def test_splitter_refuses_bytes_after_end() -> None:
 
 
 def test_splitter_names_an_unknown_version() -> None:
-    with pytest.raises(FormatError, match="version 2"):
-        RecordSplitter().feed(MAGIC + b"\x00\x02")
+    # Version 1 (key records per minute) is no longer read: no release was made with it.
+    with pytest.raises(FormatError, match="version 1; this reader supports version 2"):
+        RecordSplitter().feed(MAGIC + b"\x00\x01")
 
 
 def test_splitter_refuses_wrong_magic_at_the_first_byte() -> None:

@@ -19,13 +19,14 @@ from keyservice.errors import (
     RangeIncomplete,
     RequestMismatch,
 )
-from keyservice.format import RecordSplitter, stream_prefix
+from keyservice.format import stream_prefix
+from keyservice.framing import RecordSplitter
 from keyservice.identity import SoftwareIdentity, fingerprint
 from keyservice.stream import SegmentPlaintext, StreamReader
 from tests.vectors import generate
 
 ALLOWED = (FormatError, IntegrityError, NoMatchingIdentity, RequestMismatch, RangeIncomplete)
-VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "v1"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "v2"
 SETTINGS = settings(max_examples=500, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from keyservice.crypto import (
     Epoch,
+    KeyChain,
     MinuteKey,
     new_minute_key,
     open_segment,
@@ -34,12 +35,12 @@ from keyservice.format import (
     DataStream,
     Header,
     Mode,
-    RecordSplitter,
     Segment,
     decode_record,
     encode_record,
     stream_prefix,
 )
+from keyservice.framing import RecordSplitter
 from keyservice.identity import OaepHash, Recipient, SoftwareIdentity, fingerprint
 from keyservice.stream import (
     ManifestChain,
@@ -50,7 +51,7 @@ from keyservice.stream import (
     StreamReader,
     StreamRequest,
     StreamWriter,
-    issue_key_grant,
+    issue_chain_recipients,
 )
 from tests.vectors import generate as vectors
 
@@ -69,6 +70,7 @@ class Rig:
         self.recipient = Recipient(self.identity.certificate, OaepHash.SHA256)
         self.chains = {camera: ManifestChain(camera) for camera in cameras}
         self.keys: dict[tuple[str, DataStream], MinuteKey] = {}
+        self.key_chains: dict[tuple[str, DataStream], KeyChain] = {}
         self.seq: dict[tuple[str, DataStream], int] = {}
         self.pending: dict[str, list[Segment]] = {camera: [] for camera in cameras}
         self.header = Header(self.signer.certificate.public_bytes(Encoding.DER),
@@ -85,16 +87,25 @@ class Rig:
 
     def rotate(self, camera: str, stream: DataStream, now: int, wrap: bool = True,
                grant: bool = True) -> MinuteKey:
-        """``wrap``: a key record for the viewer; otherwise (``grant``) the Archiver's signed
-        key grant that does not list it, as the Archiver sends for a segment it withholds."""
-        key = self.keys[(camera, stream)] = new_minute_key(camera, stream, now)
+        """A new key chain from now on, and its key of now. ``wrap``: a chain record for the
+        viewer; otherwise (``grant``) the Archiver's signed chain recipients that do not list
+        it, as the Archiver sends for a segment it withholds."""
+        chain, seed = KeyChain.start(camera, stream, 60, now)
+        self.key_chains[(camera, stream)] = chain
+        key = self.keys[(camera, stream)] = chain.key_at(now)
         if not wrap and grant:
-            self.chunks.append(self.writer.add(issue_key_grant(key, [], self.signer)))
+            for part in issue_chain_recipients(chain, [], self.signer):
+                self.chunks.append(self.writer.add(part))
         if wrap:
             if self.epoch is None:
                 self.new_epoch(now)
             assert self.epoch is not None
-            self.chunks.append(self.writer.add(self.epoch.wrap(key, now)))
+            self.chunks.append(self.writer.add(self.epoch.wrap_chain(chain, seed, now)))
+        return key
+
+    def step(self, camera: str, stream: DataStream, now: int) -> MinuteKey:
+        """The next key of the current chain (no record: the viewer derives it)."""
+        key = self.keys[(camera, stream)] = self.key_chains[(camera, stream)].key_at(now)
         return key
 
     def segment(self, camera: str, stream: DataStream, now: int, data: bytes | None = None,
@@ -315,23 +326,19 @@ def test_key_commitment_stops_one_ciphertext_opening_under_two_keys() -> None:
     segment = Segment(CAM, DataStream.VIDEO, 0, T, key_id, 0, bytes(ciphertext) + tag)
     assert open_segment(k1, segment) != open_segment(k2, segment)  # both keys accept it
 
-    def stream_with(wrapped_key: bytes) -> tuple[Rig, bytes]:
-        rig = Rig(cameras=(CAM,))
-        committed = MinuteKey(CAM, DataStream.VIDEO, key_id, k1, T)
-        rig.new_epoch(T)
-        assert rig.epoch is not None
-        given = MinuteKey(CAM, DataStream.VIDEO, key_id, wrapped_key, T)
-        rig.chunks.append(rig.writer.add(rig.epoch.wrap(given, T)))
-        rig.chunks.append(rig.writer.add(segment))
-        _, manifest = rig.chains[CAM].issue([segment], [committed], rig.signer, T + 1)
-        rig.chunks.append(rig.writer.add(manifest))
-        return rig, rig.end()
-
-    rig, data = stream_with(k1)
-    assert plaintexts(read_all(rig.reader(), data)) == [open_segment(k1, segment)]
-    rig, data = stream_with(k2)
+    # The key reaches the reader from outside the stream (known_keys, as a grant of past
+    # video or an evidence package gives it): it is used only if it matches the commitment.
+    rig = Rig(cameras=(CAM,))
+    committed = MinuteKey(CAM, DataStream.VIDEO, key_id, k1, T)
+    rig.chunks.append(rig.writer.add(segment))
+    _, manifest = rig.chains[CAM].issue([segment], [committed], rig.signer, T + 1)
+    rig.chunks.append(rig.writer.add(manifest))
+    data = rig.end()
+    reader = rig.reader(known_keys={key_id: k1})
+    assert plaintexts(read_all(reader, data)) == [open_segment(k1, segment)]
+    assert reader.token_operations == 0
     with pytest.raises(IntegrityError):
-        read_all(rig.reader(), data)
+        read_all(rig.reader(known_keys={key_id: k2}), data)
 
 
 # --- the rest of the reader's rules ---------------------------------------------------------
@@ -402,10 +409,12 @@ def test_withheld_segments_without_a_grant_that_excludes_the_viewer_are_missing(
     # No signed grant at all, or one that lists this viewer: "missing", never "not authorized".
     for grant_lists_viewer in (None, True):
         rig = Rig(cameras=(CAM,))
-        key = rig.rotate(CAM, DataStream.VIDEO, T, wrap=False, grant=False)
+        rig.rotate(CAM, DataStream.VIDEO, T, wrap=False, grant=False)
         if grant_lists_viewer:
-            rig.chunks.append(rig.writer.add(issue_key_grant(
-                key, [fingerprint(rig.identity.certificate)], rig.signer)))
+            for part in issue_chain_recipients(rig.key_chains[(CAM, DataStream.VIDEO)],
+                                               [fingerprint(rig.identity.certificate)],
+                                               rig.signer):
+                rig.chunks.append(rig.writer.add(part))
         rig.segment(CAM, DataStream.VIDEO, T + 1, send=False)
         rig.manifest(CAM, T + 3)
         events = read_all(rig.reader(), rig.end())
@@ -414,8 +423,9 @@ def test_withheld_segments_without_a_grant_that_excludes_the_viewer_are_missing(
 
 def test_a_key_grant_signed_by_another_key_is_refused() -> None:
     rig = Rig(cameras=(CAM,))
-    key = rig.rotate(CAM, DataStream.VIDEO, T, wrap=False, grant=False)
-    rig.chunks.append(rig.writer.add(issue_key_grant(key, [], vectors.load_signer("rogue"))))
+    rig.rotate(CAM, DataStream.VIDEO, T, wrap=False, grant=False)
+    rig.chunks.append(rig.writer.add(issue_chain_recipients(
+        rig.key_chains[(CAM, DataStream.VIDEO)], [], vectors.load_signer("rogue"))[0]))
     rig.segment(CAM, DataStream.VIDEO, T + 1, send=False)
     rig.manifest(CAM, T + 3)
     with pytest.raises(IntegrityError):
@@ -554,8 +564,10 @@ def _archived_stream(rig: Rig, with_digests: bool, wrong_digest: bool = False) -
     writer = StreamWriter(rig.header)
     chunks = [writer.start()]
     epoch, opener = Epoch.start(rig.recipient, 60, T)
-    key = new_minute_key(CAM, DataStream.VIDEO, T)
-    chunks += [writer.add(encode_record(opener)), writer.add(encode_record(epoch.wrap(key, T)))]
+    key_chain, seed = KeyChain.start(CAM, DataStream.VIDEO, 60, T)
+    key = key_chain.key_at(T)
+    chunks += [writer.add(encode_record(opener)),
+               writer.add(encode_record(epoch.wrap_chain(key_chain, seed, T)))]
     chain = ManifestChain(CAM)
     for seq in range(3):
         segment = seal_segment(key, seq, T + seq, os.urandom(5000))
@@ -595,6 +607,7 @@ def test_the_reader_hashes_every_byte_once(monkeypatch: pytest.MonkeyPatch) -> N
     # The segment digest the manifest needs is also the segment's transcript entry: a reader
     # that hashed the stream twice (the v1 draft did) would show up here.
     import keyservice.format as format_module
+    import keyservice.framing as framing_module
 
     hashed: list[int] = []
     real = hashlib.sha256
@@ -612,6 +625,7 @@ def test_the_reader_hashes_every_byte_once(monkeypatch: pytest.MonkeyPatch) -> N
         rig.manifest(CAM, T + i)
     data = rig.end()
     monkeypatch.setattr(format_module, "hashlib", CountingHashlib)
+    monkeypatch.setattr(framing_module, "hashlib", CountingHashlib)
     events = read_all(rig.reader(), data, chunk=65536)
     assert len(plaintexts(events)) == 4
     end_length = len(rig.chunks[-1])
@@ -649,12 +663,16 @@ def test_the_reader_holds_even_its_own_archiver_to_the_rules() -> None:
     def stream(mislabel_key: bool = False, unvouched: bool = False,
                other_request: bool = False) -> tuple[Rig, bytes]:
         rig = Rig(cameras=(CAM,))
-        key = rig.rotate(CAM, DataStream.VIDEO, T, wrap=not mislabel_key)
+        rig.rotate(CAM, DataStream.VIDEO, T, wrap=not mislabel_key)
         if mislabel_key:  # the video key, wrapped as if it were the audio key
             rig.new_epoch(T)
             assert rig.epoch is not None
-            rig.chunks.append(rig.writer.add(rig.epoch.wrap(replace(
-                key, stream=DataStream.AUDIO), T)))
+            video_chain = rig.key_chains[(CAM, DataStream.VIDEO)]
+            # The video chain's starting state, wrapped as if it were the audio chain's: the
+            # rig's own seed is not kept, so a chain is made with the same id for this.
+            mislabelled, seed = KeyChain.start(CAM, DataStream.AUDIO, 60, T)
+            mislabelled.chain_id = video_chain.chain_id
+            rig.chunks.append(rig.writer.add(rig.epoch.wrap_chain(mislabelled, seed, T)))
         rig.segment(CAM, DataStream.VIDEO, T + 1)
         rig.manifest(CAM, T + 2)
         if unvouched:
@@ -711,7 +729,7 @@ def read_all_pieces(reader: StreamReader, pieces: list[bytes]) -> list[object]:
 
 
 def test_buffer_pool_bounds() -> None:
-    from keyservice.format import BufferPool
+    from keyservice.framing import BufferPool
 
     pool = BufferPool(min_size=100, max_size=1000, max_idle=1500)
     assert pool.take(99) is None and pool.take(1001) is None
@@ -728,7 +746,7 @@ def test_buffer_pool_bounds() -> None:
 
 
 def test_buffer_pool_never_lends_one_buffer_twice() -> None:
-    from keyservice.format import BufferPool
+    from keyservice.framing import BufferPool
 
     pool = BufferPool(min_size=10, max_size=100, max_idle=1000)
     a, b = pool.take(50), pool.take(50)
@@ -737,3 +755,46 @@ def test_buffer_pool_never_lends_one_buffer_twice() -> None:
     pool.give_back(memoryview(b).toreadonly())
     first, second = pool.take(50), pool.take(50)
     assert first is not second and {id(first), id(second)} == {id(a), id(b)}
+
+
+def test_chain_recipients_in_parts_say_not_authorized_only_when_every_part_came() -> None:
+    # 10 000 viewers do not fit one 64 KiB record: the statement comes in signed parts of
+    # 2000. A viewer listed in none is "not authorized" only if it saw every part.
+    others = sorted(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(4500))
+    for sent_parts, expected in (((0, 1, 2), SegmentSkipped), ((0, 2), SegmentMissing)):
+        rig = Rig(cameras=(CAM,))
+        rig.rotate(CAM, DataStream.VIDEO, T, wrap=False, grant=False)
+        parts = issue_chain_recipients(rig.key_chains[(CAM, DataStream.VIDEO)], others,
+                                       rig.signer)
+        assert len(parts) == 3
+        for i in sent_parts:
+            rig.chunks.append(rig.writer.add(parts[i]))
+        rig.segment(CAM, DataStream.VIDEO, T + 1, send=False)
+        rig.manifest(CAM, T + 3)
+        events = read_all(rig.reader(), rig.end())
+        assert events == [expected(CAM, DataStream.VIDEO, 0, T + 1), StreamEnded(1)]
+    # Parts of one chain that disagree (here: on how many parts there are) are refused.
+    rig = Rig(cameras=(CAM,))
+    rig.rotate(CAM, DataStream.VIDEO, T, wrap=False, grant=False)
+    chain = rig.key_chains[(CAM, DataStream.VIDEO)]
+    first = issue_chain_recipients(chain, others, rig.signer)[0]
+    lone = issue_chain_recipients(chain, others[:10], rig.signer)[0]  # "1 part in all"
+    rig.chunks += [rig.writer.add(first), rig.writer.add(lone)]
+    with pytest.raises(IntegrityError):
+        read_all(rig.reader(), rig.end())
+
+
+def test_one_chain_record_serves_every_minute_of_its_chain() -> None:
+    rig = Rig(cameras=(CAM,))
+    rig.rotate(CAM, DataStream.VIDEO, T)
+    for minute in range(5):
+        if minute:
+            rig.step(CAM, DataStream.VIDEO, T + minute * 60_000)
+        rig.segment(CAM, DataStream.VIDEO, T + minute * 60_000 + 1)
+        rig.manifest(CAM, T + minute * 60_000 + 2)
+    data = rig.end()
+    kinds = [type(decode_record(raw)).__name__ for raw in records_of(data)]
+    assert kinds.count("ChainRecord") == 1 and kinds.count("Segment") == 5
+    reader = rig.reader()
+    assert plaintexts(read_all(reader, data)) == rig.plaintexts
+    assert reader.token_operations == 1

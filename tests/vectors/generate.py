@@ -1,6 +1,7 @@
-"""Deterministic generator of the fusion stream v1 test vectors.
+"""Deterministic generator of the fusion stream v2 test vectors.
 
-    python tests/vectors/generate.py            # (re)write tests/vectors/v1/*.json
+    python tests/vectors/generate.py            # (re)write tests/vectors/v2/*.json and
+                                                # tests/vectors/chains/derivation.json
     python tests/vectors/generate.py --check    # exit 1 unless the files are reproduced exactly
     python tests/vectors/generate.py --new-keys # replace the TEST-ONLY keys (changes every vector)
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import hmac
 import json
 import struct
 import sys
@@ -43,10 +45,11 @@ from cryptography.x509.oid import NameOID  # noqa: E402
 
 from keyservice.crypto import (  # noqa: E402
     Epoch,
+    KeyChain,
     MinuteKey,
-    new_minute_key,
     open_epoch_opener,
     seal_segment,
+    split_key_id,
 )
 from keyservice.format import (  # noqa: E402
     MANIFEST_LAST,
@@ -71,10 +74,11 @@ from keyservice.identity import (  # noqa: E402
     SoftwareSigner,
     fingerprint,
 )
-from keyservice.stream import ManifestChain, StreamWriter, issue_key_grant  # noqa: E402
+from keyservice.stream import ManifestChain, StreamWriter, issue_chain_recipients  # noqa: E402
 
 KEYS_DIR = HERE / "keys"
-VECTORS_DIR = HERE / "v1"
+VECTORS_DIR = HERE / "v2"
+CHAIN_VECTORS = HERE / "chains" / "derivation.json"
 T0 = 1_748_779_200_000  # 2025-06-01T12:00:00Z
 PERIOD_S = 60
 LOBBY, GATE = "cam-lobby", "cam-gate"
@@ -225,7 +229,7 @@ class Viewer:
     cameras: set[str]
     epoch: Epoch | None = None
     openers: dict[bytes, bytes] = field(default_factory=dict)  # epoch id -> opener record
-    key_records: dict[bytes, tuple[bytes, bytes]] = field(default_factory=dict)  # key id ->
+    chain_records: dict[bytes, tuple[bytes, bytes]] = field(default_factory=dict)  # chain id ->
     kek0: dict[str, str] = field(default_factory=dict)  # hex epoch id -> hex KEK0 (intermediates)
 
 
@@ -242,16 +246,31 @@ class SimArchiver:
         self.chains = {LOBBY: ManifestChain(LOBBY), GATE: ManifestChain(GATE)}
         self.next_seq: dict[tuple[str, DataStream], int] = {}
         self.keys: dict[tuple[str, DataStream], MinuteKey] = {}
+        self.key_chains: dict[tuple[str, DataStream], KeyChain] = {}
+        self.chain_seeds: dict[str, str] = {}  # hex chain id -> hex S_0 (intermediates)
         self.viewers: list[Viewer] = []
         self.manifests: list[ArchivedManifest] = []
         self.pending: dict[str, list[ArchivedSegment]] = {LOBBY: [], GATE: []}
         self.minute_keys: dict[str, str] = {}  # hex key id -> hex key (intermediates)
-        self.grants: dict[bytes, bytes] = {}  # key id -> signed key grant (who it was wrapped for)
+        # chain id -> its signed recipients (parts; who its state was wrapped for)
+        self.grants: dict[bytes, list[bytes]] = {}
 
-    def rotate(self, camera: str, stream: DataStream, now: int) -> None:
-        key = new_minute_key(camera, stream, now, self.rng)
+    def rotate(self, camera: str, stream: DataStream, now: int, new_chain: bool = False) -> None:
+        """The key of now's period: the next step of the stream's chain, or (first use,
+        ``new_chain``: an authorization change on the camera) a new chain wrapped for its
+        viewers."""
+        chain = self.key_chains.get((camera, stream))
+        if chain is None or new_chain:
+            chain, seed = KeyChain.start(camera, stream, PERIOD_S, now, self.rng)
+            self.key_chains[(camera, stream)] = chain
+            self.chain_seeds[chain.chain_id.hex()] = seed.hex()
+            self._wrap(chain, seed, now)
+        key = chain.key_at(now)
         self.keys[(camera, stream)] = key
         self.minute_keys[key.key_id.hex()] = key.key.hex()
+
+    def _wrap(self, chain: KeyChain, seed: bytes, now: int) -> None:
+        camera = chain.camera
         for viewer in self.viewers:
             if camera not in viewer.cameras:
                 continue
@@ -261,11 +280,11 @@ class SimArchiver:
                 # The KEK0 is recovered by the test identity, for the intermediates only.
                 kek0 = open_epoch_opener(load_identity(viewer.name), opener)
                 viewer.kek0[opener.epoch_id.hex()] = kek0.hex()
-            record = viewer.epoch.wrap(key, now, self.rng)
-            viewer.key_records[key.key_id] = (viewer.epoch.epoch_id, encode_record(record))
+            record = viewer.epoch.wrap_chain(chain, seed, now, self.rng)
+            viewer.chain_records[chain.chain_id] = (viewer.epoch.epoch_id, encode_record(record))
         wrapped_for = [fingerprint(v.recipient.certificate) for v in self.viewers
-                       if key.key_id in v.key_records]
-        self.grants[key.key_id] = issue_key_grant(key, wrapped_for, self.signer)
+                       if chain.chain_id in v.chain_records]
+        self.grants[chain.chain_id] = issue_chain_recipients(chain, wrapped_for, self.signer)
 
     def ingest(self, camera: str, stream: DataStream, now: int, last: bool = False) -> None:
         seq = self.next_seq.get((camera, stream), 0)
@@ -288,7 +307,9 @@ class SimArchiver:
 def run_archiver(signer: DeterministicSigner, seed: str) -> tuple[SimArchiver, Viewer, Viewer]:
     """Three minutes of two cameras. cam-lobby has video, audio and metadata, cam-gate video.
     Viewer A (SHA-256 OAEP) is authorized on cam-lobby, and on cam-gate from minute 2 on
-    (which ends its first epoch); viewer B (SHA-1 OAEP) on both cameras throughout."""
+    (which ends its first epoch and starts a new key chain on cam-gate); viewer B (SHA-1 OAEP)
+    on both cameras throughout. Every data stream's chain starts at minute 0; cam-lobby's
+    chains go on for the three minutes."""
     rng = FixedRng(seed)
     sim = SimArchiver(signer, rng)
     viewer_a = Viewer("viewer-a", SeededRecipient(load_cert("viewer-a"), OaepHash.SHA256, rng),
@@ -304,7 +325,7 @@ def run_archiver(signer: DeterministicSigner, seed: str) -> tuple[SimArchiver, V
             viewer_a.cameras.add(GATE)
             viewer_a.epoch = None  # an authorization change ends the viewer's epoch
         for camera, stream in streams:
-            sim.rotate(camera, stream, t + 5)
+            sim.rotate(camera, stream, t + 5, new_chain=minute == 2 and camera == GATE)
         final = minute == 2
         sim.ingest(LOBBY, DataStream.VIDEO, t + 1_000)
         sim.ingest(LOBBY, DataStream.AUDIO, t + 2_000)
@@ -361,13 +382,14 @@ def assemble(sim: SimArchiver, viewer: Viewer, cameras: tuple[str, ...], mode: M
              end_signer: DeterministicSigner | None = None, created_ms: int = T0 + 200_000,
              range_ms: tuple[int, int] = (T0, T0 + 180_000), withhold: frozenset[bytes] = frozenset(),
              without_grants: bool = False,
-             grant_override: dict[bytes, bytes] | None = None,
+             grant_override: dict[bytes, list[bytes]] | None = None,
              bare: tuple[ArchivedManifest, ...] = (),
              heads: dict[str, int] | None = None) -> Built:
-    """``withhold``: key ids whose key records (and segments) are not sent although the viewer
-    has them (as an Archiver whose index lost them); ``without_grants``: send no key grants;
-    ``grant_override``: send these grant bytes instead of the genuine ones; ``bare``: manifests
-    sent without their segments (the edges of a playback range); ``heads``: the chain heads
+    """``withhold``: chain ids whose chain records (and segments) are not sent although the
+    viewer has them (as an Archiver whose index lost them); ``without_grants``: send no chain
+    recipients; ``grant_override``: send these recipients parts instead of the genuine ones;
+    ``bare``: manifests sent without their segments (the edges of a playback range); ``heads``:
+    the chain heads
     END states (default: each camera's, for playback)."""
     request_id, nonce = rng(16), rng(16)
     header = Header(header_cert or der(sim.signer.certificate),
@@ -390,30 +412,33 @@ def assemble(sim: SimArchiver, viewer: Viewer, cameras: tuple[str, ...], mode: M
             continue
         for archived in manifest.segments:
             segment = archived.segment
-            found = viewer.key_records.get(segment.key_id)
-            if found is None or segment.key_id in withhold:
-                # Only the manifest is sent, with the key's signed grant: "skipped" (withheld,
-                # not authorized) only if the grant does not list this viewer.
-                grant = (grant_override or {}).get(segment.key_id, sim.grants[segment.key_id])
-                if not without_grants and segment.key_id not in sent_grants:
-                    records.append(writer.add(grant))
-                    notes.append({"kind": "grant", "key_id": segment.key_id})
-                    sent_grants.add(segment.key_id)
-                listed = viewer_fp in decode_record(grant).viewers  # type: ignore[union-attr]
+            chain_id = split_key_id(segment.key_id)[0]
+            found = viewer.chain_records.get(chain_id)
+            if found is None or chain_id in withhold:
+                # Only the manifest is sent, with the chain's signed recipients: "skipped"
+                # (withheld, not authorized) only if no part lists this viewer.
+                grant = (grant_override or {}).get(chain_id, sim.grants[chain_id])
+                if not without_grants and chain_id not in sent_grants:
+                    for part in grant:
+                        records.append(writer.add(part))
+                        notes.append({"kind": "grant", "chain_id": chain_id})
+                    sent_grants.add(chain_id)
+                listed = any(viewer_fp in decode_record(part).viewers  # type: ignore[union-attr]
+                             for part in grant)
                 kind = "missing" if without_grants or listed else "skipped"
                 events.append({"event": kind, "camera": segment.camera,
                                "stream": segment.stream.name.lower(), "seq": segment.seq,
                                "capture_ms": segment.capture_ms})
                 continue
-            epoch_id, key_record = found
+            epoch_id, chain_record = found
             if epoch_id not in sent_epochs:
                 records.append(writer.add(viewer.openers[epoch_id]))
                 notes.append({"kind": "opener", "epoch_id": epoch_id})
                 sent_epochs.add(epoch_id)
-            if segment.key_id not in sent_keys:
-                records.append(writer.add(key_record))
-                notes.append({"kind": "key", "key_id": segment.key_id, "epoch_id": epoch_id})
-                sent_keys.add(segment.key_id)
+            if chain_id not in sent_keys:
+                records.append(writer.add(chain_record))
+                notes.append({"kind": "chain", "chain_id": chain_id, "epoch_id": epoch_id})
+                sent_keys.add(chain_id)
             records.append(writer.add(archived.data))
             notes.append({"kind": "segment", "camera": segment.camera, "segment": segment})
             events.append({"event": "segment", "camera": segment.camera,
@@ -501,7 +526,7 @@ class Vector:
         doc: dict[str, Any] = {
             "name": self.name,
             "description": self.description,
-            "format": "fusion stream v1 (docs/spec/fusion-stream-v1.md)",
+            "format": "fusion stream v2 (docs/spec/fusion-stream-v2.md)",
             "viewer": self.viewer,
             "archiver_pin": self.archiver,
             "request": self.request,
@@ -547,7 +572,7 @@ def frame(stream: bytes) -> list[bytes]:
 def vectors() -> Iterator[Vector]:
     signer = load_signer("archiver")
     rogue = load_signer("rogue")
-    sim, viewer_a, viewer_b = run_archiver(signer, "fusion stream v1 vectors")
+    sim, viewer_a, viewer_b = run_archiver(signer, "fusion stream v2 vectors")
     prefix = stream_prefix()
 
     good = assemble(sim, viewer_a, (LOBBY, GATE), Mode.PLAYBACK, sim.manifests,
@@ -571,20 +596,25 @@ def vectors() -> Iterator[Vector]:
     def next_manifest(after: int, camera: str) -> int:
         return next(i for i in indices(good, "manifest", camera=camera) if i > after)
 
-    def first_use(key_id: bytes) -> int:
-        seg = next(i for i in indices(good, "segment") if good.notes[i]["segment"].key_id == key_id)
+    def first_use(chain_id: bytes) -> int:
+        seg = next(i for i in indices(good, "segment")
+                   if split_key_id(good.notes[i]["segment"].key_id)[0] == chain_id)
         return next_manifest(seg, good.notes[seg]["camera"])
 
     yield V(
         "good-multi-minute-multi-stream",
         "Three minutes of two cameras (cam-lobby: video, audio, metadata; cam-gate: video) "
-        "for viewer A, two epochs (an authorization change at minute 2). cam-gate segments of "
-        "minutes 0-1 were recorded before viewer A was authorized there: the manifests list "
-        "them, the segments are not sent, and the reader reports them as skipped.",
+        "for viewer A, two epochs (an authorization change at minute 2, which starts a new key "
+        "chain on cam-gate). One chain record per chain: the cam-lobby chains run the three "
+        "minutes (their minute keys derived by the reader). cam-gate segments of minutes 0-1 "
+        "were recorded before viewer A was authorized there: the manifests list them, the "
+        "segments are not sent, and the reader reports them as skipped.",
         SUCCESS, good.stream(), built=good,
-        intermediates={"rng": "SHAKE-256(seed || counter u64), seed 'fusion stream v1 "
+        intermediates={"rng": "SHAKE-256(seed || counter u64), seed 'fusion stream v2 "
                               "vectors' (Archiver) and 'stream of viewer A' (header)",
-                       "kek0_by_epoch_id": viewer_a.kek0, "minute_keys_by_key_id": sim.minute_keys,
+                       "kek0_by_epoch_id": viewer_a.kek0,
+                       "chain_seeds_by_chain_id": sim.chain_seeds,
+                       "minute_keys_by_key_id": sim.minute_keys,
                        "transcript": transcript_intermediates(recs)})
 
     gate_minute2 = [m for m in sim.manifests if m.camera == GATE][-2:]
@@ -645,18 +675,18 @@ def vectors() -> Iterator[Vector]:
                  with_record(0, flip(recs[0], header_field_offset(recs[0], "cert_last"))), 0)
     opener_1 = indices(good, "opener")[0]
     epoch_1 = good.notes[opener_1]["epoch_id"]
-    first_key_of_epoch_1 = next(good.notes[i]["key_id"]
-                                for i in indices(good, "key", epoch_id=epoch_1))
+    first_key_of_epoch_1 = next(good.notes[i]["chain_id"]
+                                for i in indices(good, "chain", epoch_id=epoch_1))
     yield V("flip-epoch-opener", "A bit of the first epoch opener's RSA ciphertext "
                  "flipped: it fails when first needed, at the first manifest whose segments "
                  "use a key of that epoch.", INTEGRITY,
                  with_record(opener_1, flip(recs[opener_1], len(recs[opener_1]) - 7)),
                  first_use(first_key_of_epoch_1))
-    key_3 = indices(good, "key")[3]
-    yield V("flip-key-record", "A bit of a wrapped minute key flipped: its unwrapping "
-                 "fails at the first manifest that needs it.", INTEGRITY,
+    key_3 = indices(good, "chain")[3]
+    yield V("flip-chain-record", "A bit of a wrapped chain state flipped: its unwrapping "
+                 "fails at the first manifest that needs a key of that chain.", INTEGRITY,
                  with_record(key_3, flip(recs[key_3], len(recs[key_3]) - 20)),
-                 first_use(good.notes[key_3]["key_id"]))
+                 first_use(good.notes[key_3]["chain_id"]))
     seg_4 = indices(good, "segment")[4]
     cam_4 = good.notes[seg_4]["camera"]
     yield V("flip-segment-ciphertext", "A bit of a segment's ciphertext flipped: the "
@@ -678,7 +708,7 @@ def vectors() -> Iterator[Vector]:
                  INTEGRITY, with_record(man_2, flip(recs[man_2], len(recs[man_2]) - 3)), man_2)
     yield V("flip-end-transcript", "A bit of the end record's transcript hash flipped.",
                  INTEGRITY, with_record(n_end, flip(recs[n_end], 5 + 16 + 1 + 5)), n_end)
-    yield V("flip-record-type", "A key record's type byte changed to 9, an unknown type.",
+    yield V("flip-record-type", "A chain record's type byte changed to 9, an unknown type.",
                  FORMAT, with_record(key_3, bytes([9]) + recs[key_3][1:]), key_3)
 
     # --- reordering and splicing ---------------------------------------------------------
@@ -755,36 +785,36 @@ def vectors() -> Iterator[Vector]:
                  forged_own.stream(), 0, request=forged_own.request)
 
     # --- identities ----------------------------------------------------------------------
-    key_i = indices(good, "key")[0]
-    key_id = good.notes[key_i]["key_id"]
-    b_epoch, b_record = viewer_b.key_records[key_id]
+    key_i = indices(good, "chain")[0]
+    key_id = good.notes[key_i]["chain_id"]
+    b_epoch, b_record = viewer_b.chain_records[key_id]
     with_b = [*recs[:key_i], viewer_b.openers[b_epoch], b_record, *recs[key_i + 1:]]
-    yield V("key-record-for-other-viewer", "Viewer B's epoch opener and key record for a "
-                 "minute key, in place of viewer A's key record.", NO_MATCH, variant(with_b),
+    yield V("chain-record-for-other-viewer", "Viewer B's epoch opener and chain record for a "
+                 "key chain, in place of viewer A's chain record.", NO_MATCH, variant(with_b),
                  key_i)
-    yield V("key-record-of-unknown-epoch", "Viewer B's key record (of an epoch this "
+    yield V("chain-record-of-unknown-epoch", "Viewer B's chain record (of an epoch this "
                  "stream never opened) in place of viewer A's.", INTEGRITY,
                  with_record(key_i, b_record), key_i)
     a_epoch = good.notes[key_i]["epoch_id"]
     relabelled = reencode(b_record, epoch_id=a_epoch)
-    yield V("key-record-for-other-viewer-relabelled", "Viewer B's key record with its "
+    yield V("chain-record-for-other-viewer-relabelled", "Viewer B's chain record with its "
                  "epoch id changed to viewer A's epoch: it does not unwrap for viewer A.",
                  INTEGRITY, with_record(key_i, relabelled), first_use(key_id))
     yield V("stream-for-other-viewer", "Viewer B's live stream, read by viewer A.",
                  NO_MATCH, live_b.stream(), 0, request=live_b.request)
 
     # --- framing -------------------------------------------------------------------------
-    yield V("unknown-version", "Version 2 in the prefix.", FORMAT,
-                 b"FUSNSTRM\x00\x02" + b"".join(recs), "prefix")
+    yield V("unknown-version", "Version 1 (the old, unreadable format) in the prefix.",
+                 FORMAT, b"FUSNSTRM\x00\x01" + b"".join(recs), "prefix")
     yield V("bad-magic", "Not a fusion stream.", FORMAT,
-                 b"FUSNSTRX\x00\x01" + b"".join(recs), "prefix")
+                 b"FUSNSTRX\x00\x02" + b"".join(recs), "prefix")
     seg_0 = lobby_segs[0]
     oversized = struct.pack(">BI", RecordType.SEGMENT, MAX_SEGMENT_BODY + 1) + recs[seg_0][5:]
     yield V("oversized-segment-length", "A segment record claiming 64 MiB + 1 bytes.",
                  FORMAT, variant([*recs[:seg_0], oversized]), seg_0)
-    oversized_small = (struct.pack(">BI", RecordType.KEY_RECORD, MAX_SMALL_BODY + 1)
+    oversized_small = (struct.pack(">BI", RecordType.CHAIN_RECORD, MAX_SMALL_BODY + 1)
                        + recs[key_i][5:])
-    yield V("oversized-key-record-length", "A key record claiming 64 KiB + 1 bytes.",
+    yield V("oversized-chain-record-length", "A chain record claiming 64 KiB + 1 bytes.",
                  FORMAT, variant([*recs[:key_i], oversized_small]), key_i)
     yield V("bytes-after-end", "One byte after the end record.", FORMAT,
                  good.stream() + b"\x00", n_end + 1)
@@ -797,32 +827,32 @@ def vectors() -> Iterator[Vector]:
     yield V("segment-shorter-than-tag", "A segment whose ciphertext is shorter than the "
                  "16-byte tag.", FORMAT, with_record(seg_0, short), seg_0)
     padded = recs[key_i] + b"\x00"
-    padded = struct.pack(">BI", RecordType.KEY_RECORD, len(padded) - 5) + padded[5:]
-    yield V("trailing-bytes-in-record", "A key record with one byte too many.", FORMAT,
+    padded = struct.pack(">BI", RecordType.CHAIN_RECORD, len(padded) - 5) + padded[5:]
+    yield V("trailing-bytes-in-record", "A chain record with one byte too many.", FORMAT,
                  with_record(key_i, padded), key_i)
 
-    # --- completeness: withheld segments need a signed key grant (issue 12) ---------------
-    lobby_key = good.notes[indices(good, "key", epoch_id=epoch_1)[3]]["key_id"]
+    # --- completeness: withheld segments need signed chain recipients (issue 12) ----------
+    lobby_key = good.notes[indices(good, "chain", epoch_id=epoch_1)[2]]["chain_id"]
     withheld = assemble(sim, viewer_a, (LOBBY, GATE), Mode.PLAYBACK, sim.manifests,
                         FixedRng("stream of viewer A"), withhold=frozenset({lobby_key}))
-    yield V("withheld-key-record-is-missing", "The key record (and segments) of one cam-lobby "
-            "minute key are not sent although viewer A has one, as from an Archiver whose index "
-            "lost those key-record rows; the key's signed grant lists viewer A, so the reader "
-            "reports those segments as missing, not as 'not authorized'.", SUCCESS,
+    yield V("withheld-chain-record-is-missing", "The chain record (and segments) of one "
+            "cam-lobby key chain are not sent although viewer A has one, as from an Archiver "
+            "whose index lost that row; the chain's signed recipients list viewer A, so the "
+            "reader reports those segments as missing, not as 'not authorized'.", SUCCESS,
             withheld.stream(), built=withheld, request=withheld.request)
     no_grants = assemble(sim, viewer_a, (LOBBY, GATE), Mode.PLAYBACK, sim.manifests,
                          FixedRng("stream of viewer A"), without_grants=True)
-    yield V("skipped-without-key-grant-is-missing", "The good stream without the signed key "
-            "grants of the cam-gate keys viewer A was not authorized for: nothing signed says "
-            "it was not authorized, so those segments are reported as missing.", SUCCESS,
+    yield V("skipped-without-chain-recipients-is-missing", "The good stream without the signed "
+            "recipients of the cam-gate chain viewer A was not authorized for: nothing signed "
+            "says it was not authorized, so those segments are reported as missing.", SUCCESS,
             no_grants.stream(), built=no_grants, request=no_grants.request)
     gate_grant_i = indices(good, "grant")[0]
     gate_grant = decode_record(recs[gate_grant_i])
     forged_grant = encode_record(replace(gate_grant, signature=rogue.sign(
         gate_grant.signed_bytes())))  # type: ignore[union-attr]
-    yield V("key-grant-resigned-by-other-key", "A key grant signed by a key that is not the "
-            "pinned Archiver's.", INTEGRITY, with_record(gate_grant_i, forged_grant),
-            gate_grant_i)
+    yield V("chain-recipients-resigned-by-other-key", "Chain recipients signed by a key that "
+            "is not the pinned Archiver's.", INTEGRITY,
+            with_record(gate_grant_i, forged_grant), gate_grant_i)
 
     # --- streams that do not answer the request (issue 12: replay, the CCTV loop) ---------
     def asking(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -868,7 +898,7 @@ def vectors() -> Iterator[Vector]:
 
 def ec_vectors(signer: DeterministicSigner) -> Iterator[Vector]:
     """EC P-256 viewers (epoch opener kind 16: ECDH-P256, HKDF-SHA256, AES-KW), every expect."""
-    sim, viewer_c = run_ec_archiver(signer, "fusion stream v1 EC vectors")
+    sim, viewer_c = run_ec_archiver(signer, "fusion stream v2 EC vectors")
     good = assemble(sim, viewer_c, (LOBBY,), Mode.PLAYBACK, sim.manifests,
                     FixedRng("stream of viewer C"))
     recs = good.records
@@ -884,10 +914,11 @@ def ec_vectors(signer: DeterministicSigner) -> Iterator[Vector]:
         "Two minutes of cam-lobby video for viewer C, an EC P-256 viewer: one epoch opener of "
         "kind 16 (ephemeral point || AES-KW of KEK0 under HKDF-SHA256 of the ECDH secret), "
         "opened with one ECDH.", SUCCESS, good.stream(), viewer="viewer-c", built=good, request=good.request,
-        intermediates={"rng": "SHAKE-256(seed || counter u64), seed 'fusion stream v1 EC "
+        intermediates={"rng": "SHAKE-256(seed || counter u64), seed 'fusion stream v2 EC "
                               "vectors' (Archiver; the ephemeral scalar is its first 32-byte "
                               "draw after the epoch id and KEK0) and 'stream of viewer C'",
                        "kek0_by_epoch_id": viewer_c.kek0,
+                       "chain_seeds_by_chain_id": sim.chain_seeds,
                        "minute_keys_by_key_id": sim.minute_keys,
                        "transcript": transcript_intermediates(recs)})
     opener = recs[opener_i]
@@ -913,6 +944,49 @@ def ec_vectors(signer: DeterministicSigner) -> Iterator[Vector]:
                  NO_MATCH, good.stream(), 0, viewer="viewer-a", request=good.request)
 
 
+# --- key chain derivation (format v2), computed independently of keyservice.crypto ---------
+def _hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """RFC 5869 HKDF with HMAC-SHA256, written out here (not keyservice's, not `cryptography`'s
+    HKDF class) so that the derivation vectors are a second implementation of the spec."""
+    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
+    out, block, counter = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes((counter,)), hashlib.sha256).digest()
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def chain_derivation() -> dict[str, Any]:
+    """S_{i+1} = HKDF(S_i, salt=chain_id, info="FSE2 chain-step\\0");
+    K_i = HKDF(S_i, salt=chain_id, info="FSE2 chain-minute-key\\0" || str8(camera) ||
+    stream u8 || i u32); key id = chain_id || i u32; commitment = HMAC-SHA256(K_i,
+    "FSE1 key-commitment" || str8(camera) || stream u8 || key id)."""
+    rng = FixedRng("fusion stream v2 chain derivation")
+    cases = []
+    for camera, stream, steps in ((LOBBY, DataStream.VIDEO, (0, 1, 2, 59, 1440)),
+                                  (GATE, DataStream.AUDIO, (0, 1, 7))):
+        chain_id, seed = rng(12), rng(32)
+        name = bytes((len(camera),)) + camera.encode()
+        state, at = seed, 0
+        rows = []
+        for step in steps:
+            while at < step:
+                state = _hkdf_sha256(state, chain_id, b"FSE2 chain-step\x00")
+                at += 1
+            key = _hkdf_sha256(state, chain_id, b"FSE2 chain-minute-key\x00" + name
+                               + bytes((stream,)) + struct.pack(">I", step))
+            key_id = chain_id + struct.pack(">I", step)
+            commitment = hmac.new(key, b"FSE1 key-commitment" + name + bytes((stream,))
+                                  + key_id, hashlib.sha256).digest()
+            rows.append({"step": step, "state_hex": state.hex(), "key_id_hex": key_id.hex(),
+                         "minute_key_hex": key.hex(), "commitment_hex": commitment.hex()})
+        cases.append({"camera": camera, "stream": int(stream), "chain_id_hex": chain_id.hex(),
+                      "seed_hex": seed.hex(), "steps": rows})
+    return {"description": "Key chain derivation of fusion stream v2 " + " ".join(
+        (chain_derivation.__doc__ or "").split()), "cases": cases}
+
+
 def render() -> dict[str, str]:
     return {f"{v.name}.json": v.to_json() for v in vectors()}
 
@@ -929,7 +1003,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.add_key:
         make_keys(only=(args.add_key,))
     files = render()
+    chains = json.dumps(chain_derivation(), indent=1) + "\n"
     if args.check:
+        if not CHAIN_VECTORS.exists() or CHAIN_VECTORS.read_text() != chains:
+            print(f"differs: {CHAIN_VECTORS.name}", file=sys.stderr)
+            return 1
         stale = [name for name, text in files.items()
                  if not (VECTORS_DIR / name).exists()
                  or (VECTORS_DIR / name).read_text() != text]
@@ -943,7 +1021,9 @@ def main(argv: list[str] | None = None) -> int:
             old.unlink()
     for name, text in files.items():
         (VECTORS_DIR / name).write_text(text)
-    print(f"wrote {len(files)} vectors to {VECTORS_DIR}")
+    CHAIN_VECTORS.parent.mkdir(exist_ok=True)
+    CHAIN_VECTORS.write_text(chains)
+    print(f"wrote {len(files)} vectors to {VECTORS_DIR} and {CHAIN_VECTORS}")
     return 0
 
 
