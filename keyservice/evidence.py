@@ -49,11 +49,11 @@ from keyservice.format import (
     Mode,
     Record,
     Segment,
-    Transcript,
     decode_record,
     record_digest,
     validate_name,
 )
+from keyservice.framing import Transcript
 from keyservice.identity import EcIdentity, Identity, OaepHash, Recipient, fingerprint
 
 FORMAT = "fusion-evidence/1"
