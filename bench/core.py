@@ -53,7 +53,8 @@ from keyservice.identity import (
     SoftwareSigner,
     fingerprint,
 )
-from keyservice.stream import ManifestChain, StreamReader, StreamWriter
+from keyservice.reader import StreamReader
+from keyservice.stream import ManifestChain, StreamWriter
 
 MiB = 2**20
 

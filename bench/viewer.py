@@ -42,7 +42,7 @@ from harness.tokens import (
 )
 from keyservice.certs import load_certificate
 from keyservice.identity import OaepHash, fingerprint
-from keyservice.stream import SegmentPlaintext
+from keyservice.reader import SegmentPlaintext
 from keyservice.token import Token
 
 DAY_START = "2025-06-02T00:00:00Z"

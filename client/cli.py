@@ -45,7 +45,7 @@ from keyservice.errors import CertificateError, UsageError
 from keyservice.exits import add_version_option, run
 from keyservice.identity import Identity
 from keyservice.names import CAMERA_NAME_RULE, is_camera_name
-from keyservice.stream import DEFAULT_MAX_SKEW_MS, StreamRequest
+from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
 from keyservice.text import printable
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

@@ -1,8 +1,9 @@
 """fusion-client evidence: export a camera's time range as a package a third party verifies
 without any token, and verify such a package offline (docs/evidence.md).
 
-Thin: the package format and every check live in ``keyservice.evidence`` (pure); this module
-reads and writes the zip, talks to the Archiver for an export, and owns messages and exit codes.
+Thin: the package format and every check live in ``keyservice.evidence`` (pure: layout,
+build, verify); this module reads and writes the zip, talks to the Archiver for an export, and
+owns messages and exit codes.
 """
 
 from __future__ import annotations
@@ -21,14 +22,9 @@ import typer
 from cryptography import x509
 
 from keyservice.errors import CertificateError, UsageError
-from keyservice.evidence import (
-    EvidenceError,
-    Report,
-    build_package,
-    collect,
-    open_sealed_keys,
-    verify_package,
-)
+from keyservice.evidence.build import build_package, collect
+from keyservice.evidence.layout import EvidenceError
+from keyservice.evidence.verify import Report, open_sealed_keys, verify_package
 from keyservice.format import Record, decode_record
 from keyservice.framing import RecordSplitter
 from keyservice.identity import Recipient

@@ -24,7 +24,7 @@ from keyservice.errors import KeyServiceError
 from keyservice.exits import failure
 from keyservice.format import Header, Mode
 from keyservice.identity import Identity, fingerprint
-from keyservice.stream import StreamRequest
+from keyservice.reader import StreamRequest
 from keyservice.text import printable
 
 

@@ -1,6 +1,6 @@
 """The viewer library: turns fusion-stream bytes into verified MPEG-TS, and says what it got.
 
-``Player`` drives ``keyservice.stream.StreamReader`` (which checks the Archiver's signatures, the
+``Player`` drives ``keyservice.reader.StreamReader`` (which checks the Archiver's signatures, the
 manifest chain, key commitments and GCM tags, and releases a segment only once all of that
 holds), writes each released segment, and keeps the summary: segments, bytes, capture-time range,
 gaps, token operations. ``FileOutput`` makes sure an output file only ever gets its final name
@@ -24,7 +24,7 @@ from client.timespec import format_ms
 from keyservice.errors import ArchiverMismatch, IntegrityError, KeyServiceError
 from keyservice.format import Header
 from keyservice.identity import Identity, fingerprint
-from keyservice.stream import (
+from keyservice.reader import (
     SegmentMissing,
     SegmentPlaintext,
     SegmentSkipped,

@@ -40,7 +40,7 @@ from keyservice.errors import (  # the HTTP errors are shared with fusion-archiv
 from keyservice.exits import unreachable
 from keyservice.format import Mode
 from keyservice.identity import Identity, OaepHash, fingerprint
-from keyservice.stream import DEFAULT_MAX_SKEW_MS, StreamRequest
+from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
 from keyservice.wire import ErrorCode
 
 MEDIA_TYPE = "application/vnd.fusion-stream"

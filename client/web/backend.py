@@ -39,7 +39,7 @@ from client.web.media import VideoInfo, probe, to_fmp4
 from keyservice.errors import ArchiverUnreachable, KeyServiceError
 from keyservice.exits import failure
 from keyservice.identity import Identity
-from keyservice.stream import SegmentPlaintext
+from keyservice.reader import SegmentPlaintext
 
 # Live requests are re-issued by the page when they end; an hour keeps that rare.
 LIVE_REQUEST_S = 3600

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import httpx
 
-from keyservice.stream import SegmentPlaintext, StreamReader
+from keyservice.reader import SegmentPlaintext, StreamReader
 from tests.fixtures.server import ArchiverServer
 from tests.fixtures.viewer import login
 

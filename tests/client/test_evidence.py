@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from client.evidence import read_zip
-from keyservice.evidence import KEYS, SUMS, VIDEO, parse_keys, sha256sums, verify_package
+from keyservice.evidence.build import sha256sums
+from keyservice.evidence.layout import KEYS, SUMS, VIDEO
+from keyservice.evidence.verify import parse_keys, verify_package
 from keyservice.format import Segment, decode_record
 from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
 from tests.fixtures.server import REPO_ROOT, ArchiverServer

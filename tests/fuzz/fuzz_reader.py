@@ -36,7 +36,7 @@ with atheris.instrument_imports(include=["keyservice"]):
         RequestMismatch,
     )
     from keyservice.framing import RecordSplitter  # noqa: F401  (instrumented with the rest)
-    from keyservice.stream import StreamReader
+    from keyservice.reader import StreamReader
 
 from cryptography import x509  # noqa: E402
 

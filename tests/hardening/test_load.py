@@ -19,7 +19,7 @@ import httpx
 
 from keyservice.format import End
 from keyservice.framing import RecordSplitter
-from keyservice.stream import SegmentPlaintext, StreamEnded, StreamReader
+from keyservice.reader import SegmentPlaintext, StreamEnded, StreamReader
 from tests.fixtures.viewer import login
 from tests.hardening.conftest import (
     TokenViewer,

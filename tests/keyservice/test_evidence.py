@@ -13,7 +13,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keyservice.certs import build_viewer_certificate
-from keyservice.evidence import (
+from keyservice.evidence.build import build_package, collect, sha256sums
+from keyservice.evidence.layout import (
     INDEX,
     KEYS,
     RECIPIENT,
@@ -23,13 +24,8 @@ from keyservice.evidence import (
     SUMS,
     VIDEO,
     EvidenceError,
-    build_package,
-    collect,
-    open_sealed_keys,
-    parse_keys,
-    sha256sums,
-    verify_package,
 )
+from keyservice.evidence.verify import open_sealed_keys, parse_keys, verify_package
 from keyservice.framing import RecordSplitter
 from keyservice.identity import (
     OaepHash,
@@ -39,7 +35,7 @@ from keyservice.identity import (
     SoftwareSigner,
     fingerprint,
 )
-from keyservice.stream import SegmentPlaintext, StreamReader
+from keyservice.reader import SegmentPlaintext, StreamReader
 from tests.client.streams import T0, Seg, build_stream, software_signer, software_viewer
 
 RANGE = (T0, T0 + 3_600_000)

@@ -32,5 +32,5 @@ def test_fuzz_target_runs_clean(tmp_path: Path) -> None:
          "-max_len=12000", str(corpus)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "Done" in run.stderr and "Instrumenting keyservice.stream" in run.stderr
+    assert "Done" in run.stderr and "Instrumenting keyservice.reader" in run.stderr
     assert not list(tmp_path.glob("crash-*"))

@@ -26,15 +26,8 @@ from keyservice.grants import (
     open_grant,
 )
 from keyservice.identity import OaepHash, Recipient, SoftwareEcIdentity, fingerprint
-from keyservice.stream import (
-    ManifestChain,
-    SegmentMissing,
-    SegmentPlaintext,
-    StreamEnded,
-    StreamReader,
-    StreamRequest,
-    StreamWriter,
-)
+from keyservice.reader import SegmentMissing, SegmentPlaintext, StreamEnded, StreamReader, StreamRequest
+from keyservice.stream import ManifestChain, StreamWriter
 from tests.client.streams import T0, software_signer, software_viewer
 
 KEYS = [GrantKey(DataStream.VIDEO, os.urandom(16), os.urandom(32)) for _ in range(3)] + [

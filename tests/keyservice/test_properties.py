@@ -22,7 +22,7 @@ from keyservice.errors import (
 from keyservice.format import stream_prefix
 from keyservice.framing import RecordSplitter
 from keyservice.identity import SoftwareIdentity, fingerprint
-from keyservice.stream import SegmentPlaintext, StreamReader
+from keyservice.reader import SegmentPlaintext, StreamReader
 from tests.vectors import generate
 
 ALLOWED = (FormatError, IntegrityError, NoMatchingIdentity, RequestMismatch, RangeIncomplete)

@@ -42,17 +42,15 @@ from keyservice.format import (
 )
 from keyservice.framing import RecordSplitter
 from keyservice.identity import OaepHash, Recipient, SoftwareIdentity, fingerprint
-from keyservice.stream import (
-    ManifestChain,
+from keyservice.reader import (
     SegmentMissing,
     SegmentPlaintext,
     SegmentSkipped,
     StreamEnded,
     StreamReader,
     StreamRequest,
-    StreamWriter,
-    issue_chain_recipients,
 )
+from keyservice.stream import ManifestChain, StreamWriter, issue_chain_recipients
 from tests.vectors import generate as vectors
 
 T = 1_748_779_200_000

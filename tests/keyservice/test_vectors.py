@@ -23,7 +23,7 @@ from keyservice.errors import (
 )
 from keyservice.format import Mode
 from keyservice.identity import SoftwareEcIdentity, SoftwareIdentity, fingerprint
-from keyservice.stream import (
+from keyservice.reader import (
     SegmentMissing,
     SegmentPlaintext,
     SegmentSkipped,

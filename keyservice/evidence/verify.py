@@ -1,16 +1,7 @@
-"""Evidence packages: a camera's time range as a third party can verify it without any token.
+"""Evidence packages, verifying one from its files alone (verify_package -> Report), and
+opening keys sealed to the recipient's token (open_sealed_keys).
 
-A package (``docs/evidence.md``) is a set of named files: the segment records and the signed
-manifests exactly as the Archiver archived and sent them, the Archiver's certificate, the
-minute keys of exactly the package's segments, the decrypted video, an index
-(``EVIDENCE.json``) and ``SHA256SUMS``. :func:`build_package` makes one from what a viewer's
-verified stream gave it; :func:`verify_package` checks everything it can from the files alone
-(signatures, chain, digests, key commitments, decryption, the video) and says why not.
-
-Optionally the minute keys are sealed to a recipient certificate (``keys.sealed``): then the
-package reveals no key to whoever else holds it, and only the recipient's token opens them.
-
-Pure: bytes in, bytes out. No I/O (the client reads and writes the zip), no ``pkcs11``.
+Pure: bytes in, bytes out. No I/O (the client reads the zip), no ``pkcs11``.
 Verification failures here are *not* opaque (unlike a viewer's IntegrityError): the verifier
 is offline, owns the package, and needs the reason for its report.
 """
@@ -18,14 +9,12 @@ is offline, owns the package, and needs the reason for its report.
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
 import hmac
 import itertools
 import json
-import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -35,8 +24,29 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from keyservice.crypto import ec_open, ec_seal, key_commitment, open_segment
+from keyservice.crypto import ec_open, key_commitment, open_segment
 from keyservice.errors import IntegrityError, KeyServiceError
+from keyservice.evidence.layout import (
+    CERT,
+    FORMAT,
+    INDEX,
+    KEYS,
+    LABEL_EVIDENCE_KEY,
+    LABEL_EVIDENCE_KEYS_AD,
+    RECIPIENT,
+    SEALED_KEYS,
+    STREAM_DIGESTS,
+    STREAM_END,
+    STREAM_END_SIG,
+    STREAM_END_SIGNED,
+    STREAM_FILES,
+    STREAM_HEADER,
+    SUMS,
+    VIDEO,
+    EvidenceError,
+    iso_time,
+    manifest_name,
+)
 from keyservice.format import (
     ID_LEN,
     KEY_LEN,
@@ -47,144 +57,21 @@ from keyservice.format import (
     Manifest,
     ManifestEntry,
     Mode,
-    Record,
     Segment,
     decode_record,
     record_digest,
     validate_name,
 )
 from keyservice.framing import Transcript
-from keyservice.identity import EcIdentity, Identity, OaepHash, Recipient, fingerprint
+from keyservice.identity import EcIdentity, Identity, OaepHash, fingerprint
 
-FORMAT = "fusion-evidence/1"
-INDEX = "EVIDENCE.json"
-SUMS = "SHA256SUMS"
-CERT = "archiver.pem"
-KEYS = "keys.txt"
-SEALED_KEYS = "keys.sealed"
-RECIPIENT = "recipient.pem"
-VIDEO = "video.ts"
-# The stream the export received, as far as the Archiver's END signature covers it: its header
-# record, the SHA-256 of every record before END (one hex line each, in stream order) and END.
-STREAM_HEADER = "stream/header.rec"
-STREAM_DIGESTS = "stream/digests.txt"
-STREAM_END = "stream/end.rec"
-STREAM_END_SIGNED = "stream/end.signed"
-STREAM_END_SIG = "stream/end.sig"
-STREAM_FILES = (STREAM_HEADER, STREAM_DIGESTS, STREAM_END, STREAM_END_SIGNED, STREAM_END_SIG)
-# The plaintext sealed to a recipient: this label, then the 32-byte package key. The label
-# keeps a recipient's token from being used to open anything else (an epoch opener, a login
-# challenge) through a crafted package, and those from being passed off as this.
-LABEL_EVIDENCE_KEY = b"FSE1 evidence-key\x00"
-LABEL_EVIDENCE_KEYS_AD = b"FSE1 evidence-keys"
-# Limits a verifier enforces before it parses anything (a package is untrusted input).
-MAX_FILES = 1_000_000
+# The names layout.manifest_name / segment_name make, as a verifier parses them.
 _MANIFEST_NAME = re.compile(r"manifests/m(\d{20})\.(rec|signed|sig)")
 _SEGMENT_NAME = re.compile(r"segments/s(\d{8})\.seg")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # A jump between one segment's signed end and the next one's start above this is a gap
 # (as the player reports it).
 GAP_MS = 1_000
-
-
-class EvidenceError(KeyServiceError):
-    """A package cannot be built, read or opened (its verification failures are reported,
-    not raised: see Report)."""
-
-    exit_code = 60
-
-
-def manifest_name(seq: int, ext: str) -> str:
-    return f"manifests/m{seq:020d}.{ext}"
-
-
-def segment_name(index: int) -> str:
-    return f"segments/s{index:08d}.seg"
-
-
-def _iso(ms: int) -> str:
-    try:
-        when = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
-    except (OverflowError, OSError, ValueError):
-        return f"{ms} ms"
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-# --- building ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Collected:
-    """What an export keeps of a verified stream: the camera's manifests (chain order) and
-    the segments it decrypted (stream order), each as its exact record bytes; the stream's
-    header and END records and the digest of every record before END (the END transcript)."""
-
-    manifests: list[bytes] = field(default_factory=list)
-    segments: list[bytes] = field(default_factory=list)
-    header: bytes = b""
-    end: bytes = b""
-    digests: list[bytes] = field(default_factory=list)
-
-
-def collect(records: Iterable[tuple[Record, bytes]], camera: str,
-            opened: Mapping[bytes, bytes]) -> Collected:
-    """From a verified fusion stream's records: every manifest of ``camera`` and every segment
-    of it whose key the reader opened (the ones it released). Key records, openers and grants
-    are the exporting viewer's and stay out of the package (only their digests go in, for
-    the END transcript)."""
-    out = Collected()
-    header = end = b""
-    for record, raw in records:
-        data = bytes(raw)
-        if isinstance(record, End):
-            end = data
-            continue
-        out.digests.append(record_digest(data))
-        if isinstance(record, Header):
-            header = data
-        elif isinstance(record, Manifest) and record.camera == camera:
-            out.manifests.append(data)
-        elif (isinstance(record, Segment) and record.camera == camera
-              and record.key_id in opened):
-            out.segments.append(data)
-    if not header or not end:
-        raise EvidenceError("The stream has no header or no END record; nothing to export.")
-    return Collected(out.manifests, out.segments, header, end, out.digests)
-
-
-def _keys_text(keys: Mapping[bytes, bytes], streams: Mapping[bytes, int]) -> bytes:
-    lines = []
-    for key_id in sorted(keys):
-        key = keys[key_id]
-        if len(key_id) != ID_LEN or len(key) != KEY_LEN:
-            raise EvidenceError("A minute key has a 16-byte id and a 32-byte key.")
-        lines.append(f"{key_id.hex()} {streams[key_id]} {key.hex()}\n")
-    return "".join(lines).encode("ascii")
-
-
-def sha256sums(files: Mapping[str, bytes]) -> bytes:
-    """``sha256sum`` output for every file (sorted by name): ``sha256sum -c`` checks it."""
-    return "".join(f"{hashlib.sha256(files[name]).hexdigest()}  {name}\n"
-                   for name in sorted(files)).encode("ascii")
-
-
-def seal_keys(keys_text: bytes, recipient: Recipient, rng: Callable[[int], bytes] = os.urandom
-              ) -> bytes:
-    """``keys.sealed``: a fresh package key sealed to the recipient (RSA-OAEP, or ECDH for an
-    EC certificate) and keys.txt under AES-256-GCM with it."""
-    package_key = rng(KEY_LEN)
-    if recipient.oaep_hash.is_ec:
-        sealed = ec_seal(recipient, LABEL_EVIDENCE_KEY + recipient.fingerprint, package_key, rng)
-    else:
-        sealed = recipient.encrypt(LABEL_EVIDENCE_KEY + package_key)
-    nonce = rng(12)
-    ciphertext = AESGCM(package_key).encrypt(
-        nonce, keys_text, LABEL_EVIDENCE_KEYS_AD + recipient.fingerprint)
-    return (json.dumps({
-        "recipient_sha256": recipient.fingerprint.hex(),
-        "oaep_hash": recipient.oaep_hash.label,
-        "sealed_key": base64.b64encode(sealed).decode(),
-        "nonce": nonce.hex(),
-        "ciphertext": base64.b64encode(ciphertext).decode(),
-    }, indent=1) + "\n").encode()
 
 
 def open_sealed_keys(sealed_json: bytes, identity: Identity | EcIdentity) -> bytes:
@@ -219,68 +106,6 @@ def open_sealed_keys(sealed_json: bytes, identity: Identity | EcIdentity) -> byt
                             "sealed to another key.") from None
 
 
-def build_package(*, camera: str, from_ms: int, to_ms: int, archiver_cert: x509.Certificate,
-                  collected: Collected, keys: Mapping[bytes, bytes], video: bytes,
-                  exported_ms: int, recipient: Recipient | None = None) -> dict[str, bytes]:
-    """The package's files (name -> bytes). ``keys``: the minute keys the export opened;
-    only those of the collected segments go in (a package reveals only its range's keys).
-    ``recipient``: seal the keys to this certificate instead of including them in clear."""
-    validate_name(camera)
-    files: dict[str, bytes] = {CERT: archiver_cert.public_bytes(Encoding.PEM)}
-    manifest_files = []
-    for raw in collected.manifests:
-        manifest = decode_record(raw)
-        assert isinstance(manifest, Manifest)
-        seq = manifest.manifest_seq
-        files[manifest_name(seq, "rec")] = raw
-        files[manifest_name(seq, "signed")] = manifest.signed_bytes()
-        files[manifest_name(seq, "sig")] = manifest.signature
-        manifest_files.append(manifest_name(seq, "rec"))
-    streams: dict[bytes, int] = {}
-    for index, raw in enumerate(collected.segments):
-        segment = decode_record(raw)
-        assert isinstance(segment, Segment)
-        streams[segment.key_id] = int(segment.stream)
-        files[segment_name(index)] = raw
-    missing = set(streams) - set(keys)
-    if missing:
-        raise EvidenceError(f"No minute key for {len(missing)} of the exported segments' keys.")
-    keys_text = _keys_text({k: keys[k] for k in streams}, streams)
-    if recipient is None:
-        files[KEYS] = keys_text
-        key_info: dict[str, str] = {"file": KEYS}
-    else:
-        files[SEALED_KEYS] = seal_keys(keys_text, recipient)
-        files[RECIPIENT] = recipient.certificate.public_bytes(Encoding.PEM)
-        key_info = {"file": SEALED_KEYS, "recipient": RECIPIENT,
-                    "recipient_sha256": recipient.fingerprint.hex(),
-                    "recipient_subject": recipient.certificate.subject.rfc4514_string()}
-    end, header = decode_record(collected.end), decode_record(collected.header)
-    assert isinstance(end, End) and isinstance(header, Header)
-    files[STREAM_HEADER] = collected.header
-    files[STREAM_DIGESTS] = "".join(d.hex() + "\n" for d in collected.digests).encode()
-    files[STREAM_END] = collected.end
-    files[STREAM_END_SIGNED] = end.signed_bytes()
-    files[STREAM_END_SIG] = end.signature
-    files[VIDEO] = video
-    files[INDEX] = (json.dumps({
-        "format": FORMAT,
-        "camera": camera,
-        "from_ms": from_ms, "to_ms": to_ms, "from": _iso(from_ms), "to": _iso(to_ms),
-        "exported_ms": exported_ms, "exported": _iso(exported_ms),
-        "exported_by_sha256": header.viewer_fingerprint.hex(),
-        "archiver_sha256": fingerprint(archiver_cert).hex(),
-        "archiver_subject": archiver_cert.subject.rfc4514_string(),
-        "manifests": manifest_files,
-        "segments": [segment_name(i) for i in range(len(collected.segments))],
-        "keys": key_info,
-        "video": VIDEO,
-    }, indent=1) + "\n").encode()
-    files[SUMS] = sha256sums(files)
-    return files
-
-
-# --- verifying ---------------------------------------------------------------------------
 @dataclass
 class Report:
     """What :func:`verify_package` found. ``ok`` only if every check ran and passed."""
@@ -596,7 +421,7 @@ def _check_segments(files: Mapping[str, bytes], index: Mapping[str, object],
         if segment.capture_ms > to_ms or (end < from_ms if segment.duration_ms
                                           else segment.capture_ms < from_ms and out):
             report.failures.append(f"{name}: segment {segment.seq} was captured "
-                                   f"{_iso(segment.capture_ms)}, outside the package's range.")
+                                   f"{iso_time(segment.capture_ms)}, outside the package's range.")
         out.append(item)
     order = [(s.manifest.manifest_seq, s.manifest.entries.index(s.entry)) for s in out
              if s.manifest is not None and s.entry is not None]
@@ -656,8 +481,8 @@ def _check_stream(files: Mapping[str, bytes], cert: x509.Certificate, camera: st
     if header.mode != Mode.PLAYBACK or header.cameras != (camera,):
         problems.append(f"The signed stream is not a recording of camera {camera} alone.")
     if (header.range_from_ms, header.range_to_ms) != (from_ms, to_ms):
-        problems.append(f"The signed stream answers the range {_iso(header.range_from_ms)} .. "
-                        f"{_iso(header.range_to_ms)}, not the one in {INDEX}.")
+        problems.append(f"The signed stream answers the range {iso_time(header.range_from_ms)} .. "
+                        f"{iso_time(header.range_to_ms)}, not the one in {INDEX}.")
     # The packaged manifests and segments are records of that stream, in its order.
     manifest_digests = [record_digest(raw) for _, raw in manifests]
     segment_digests = [record_digest(s.raw) for s in segments]
@@ -668,8 +493,8 @@ def _check_stream(files: Mapping[str, bytes], cert: x509.Certificate, camera: st
     index = json.loads(files[INDEX])  # parsed before (_index)
     stated = {"exported_by_sha256": header.viewer_fingerprint.hex(),
               "archiver_subject": cert.subject.rfc4514_string(),
-              "from": _iso(from_ms), "to": _iso(to_ms),
-              "exported": _iso(index["exported_ms"])}
+              "from": iso_time(from_ms), "to": iso_time(to_ms),
+              "exported": iso_time(index["exported_ms"])}
     for name, value in stated.items():
         if index.get(name) != value:
             problems.append(f"{INDEX} states {name} {index.get(name)!r}, but the signed data "
@@ -682,8 +507,8 @@ def _check_stream(files: Mapping[str, bytes], cert: x509.Certificate, camera: st
     report.exported_signed = True
     report.verified.append(
         f"the Archiver's signed END record over the {len(digests)} records of the stream it "
-        f"served: camera {camera}, range {_iso(from_ms)} .. {_iso(to_ms)}, to viewer "
-        f"certificate sha256 {header.viewer_fingerprint.hex()} at {_iso(header.created_ms)}; "
+        f"served: camera {camera}, range {iso_time(from_ms)} .. {iso_time(to_ms)}, to viewer "
+        f"certificate sha256 {header.viewer_fingerprint.hex()} at {iso_time(header.created_ms)}; "
         "every packaged record is one of them, in order")
     return dict(end.heads)
 
@@ -818,7 +643,7 @@ def _gaps(manifests: list[tuple[Manifest, bytes]], segments: Sequence[_Seg], fro
     if absent:
         report.gaps.append(
             f"{len(absent)} recorded segment(s) in the range, captured "
-            f"{_iso(absent[0].capture_ms)} .. {_iso(absent[-1].capture_ms)}, are listed in the "
+            f"{iso_time(absent[0].capture_ms)} .. {iso_time(absent[-1].capture_ms)}, are listed in the "
             "Archiver's signed manifests but not in the package (the exporting viewer held no "
             "key for them, or they were withheld)")
     ordered = sorted((s.segment for s in segments), key=lambda g: (g.stream, g.seq))
@@ -827,13 +652,13 @@ def _gaps(manifests: list[tuple[Manifest, bytes]], segments: Sequence[_Seg], fro
             end = prev.capture_ms + prev.duration_ms
             if nxt.capture_ms - end > GAP_MS and not any(
                     end <= e.capture_ms < nxt.capture_ms for e in absent):
-                report.gaps.append(f"no recording between {_iso(end)} and "
-                                   f"{_iso(nxt.capture_ms)}")
+                report.gaps.append(f"no recording between {iso_time(end)} and "
+                                   f"{iso_time(nxt.capture_ms)}")
     first, last = manifests[0][0], manifests[-1][0]
     if not (first.manifest_seq == 0 or (first.entries and all(
             e.capture_ms + e.duration_ms < from_ms for e in first.entries))):
         report.notes.append("the signed data does not show that nothing was recorded between "
-                            f"the start of the range ({_iso(from_ms)}) and the first manifest")
+                            f"the start of the range ({iso_time(from_ms)}) and the first manifest")
     at_head = heads is not None and heads.get(last.camera) == last.manifest_seq + 1
     if at_head:
         report.verified.append("the end of the range: the Archiver's signed chain head shows "
@@ -841,6 +666,6 @@ def _gaps(manifests: list[tuple[Manifest, bytes]], segments: Sequence[_Seg], fro
                                "stream was served")
     elif not (last.entries and all(e.capture_ms > to_ms for e in last.entries)):
         report.notes.append("the signed data does not show that nothing was recorded after the "
-                            f"last manifest up to the end of the range ({_iso(to_ms)}): the "
+                            f"last manifest up to the end of the range ({iso_time(to_ms)}): the "
                             "recording may have gone on (or the range reached the present "
                             "when exported)")

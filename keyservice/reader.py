@@ -1,0 +1,723 @@
+"""Fusion streams, the viewer's side: the incremental reader (StreamReader), its events, and
+the request it checks a stream against (StreamRequest).
+
+The reader is the security boundary of the viewer. It releases a segment's plaintext only
+after the manifest covering it verified (Archiver signature, chain link, exact segment bytes,
+key commitment) and the segment's own tag checked, and never part of one; truncation is caught
+by the signed END record. Every failure is FormatError, IntegrityError or NoMatchingIdentity
+(plus whatever the caller's ``check_archiver`` or the token raise).
+
+The Archiver's side (ManifestChain, StreamWriter) is keyservice/stream.py.
+
+Pure: no I/O, no ``pkcs11``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keyservice.crypto import (
+    ChainDeriver,
+    KekRatchet,
+    key_commitment,
+    max_ratchet_index,
+    open_epoch_opener,
+    open_segment,
+    split_key_id,
+    unwrap_chain_record,
+)
+from keyservice.errors import (
+    FormatError,
+    IntegrityError,
+    NoMatchingIdentity,
+    RangeIncomplete,
+    RequestMismatch,
+)
+from keyservice.format import (
+    LABEL_CHAIN_RECIPIENTS,
+    LABEL_MANIFEST,
+    RECORD_HEADER_LEN,
+    ZERO_HASH,
+    ChainRecipients,
+    ChainRecord,
+    DataStream,
+    End,
+    EpochOpener,
+    Header,
+    Manifest,
+    ManifestEntry,
+    Mode,
+    RawRecord,
+    Record,
+    Segment,
+    record_digest,
+    validate_name,
+)
+from keyservice.framing import BufferPool, RecordSplitter, Transcript
+from keyservice.identity import Identity, fingerprint
+
+# Memory a reader charges per buffered record on top of its bytes (Python object overhead),
+# so that millions of tiny records cannot slip under the byte budget.
+_RECORD_OVERHEAD = 256
+
+
+# How far the Archiver's clock may be from the viewer's for a live stream to count as fresh.
+DEFAULT_MAX_SKEW_MS = 30_000
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """What the viewer asked for. A reader given one refuses (RequestMismatch) a stream that
+    answers anything else: another nonce (a stream saved earlier and replayed by a relay),
+    camera, mode or range, a segment whose *signed* capture time lies outside the range, or,
+    live, a stream or segment older than the request by more than ``max_skew_ms``.
+
+    Playback: ``from_ms``/``to_ms`` are the requested range. Live: ``from_ms`` is the viewer's
+    clock when it sent the request, ``to_ms`` that plus the duration, and ``clock`` reads the
+    viewer's clock (ms) so that segments from the future are refused as well.
+    """
+
+    nonce: bytes
+    cameras: tuple[str, ...]
+    mode: Mode
+    from_ms: int
+    to_ms: int
+    clock: Callable[[], int] | None = None
+    max_skew_ms: int = DEFAULT_MAX_SKEW_MS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nonce, bytes) or len(self.nonce) != 16:
+            raise ValueError("A request nonce is 16 random bytes.")
+        if isinstance(self.cameras, str) or not self.cameras:
+            raise ValueError("A request names its cameras as a non-empty tuple.")
+        for camera in self.cameras:
+            validate_name(camera)
+        if self.mode == Mode.LIVE and self.clock is None:
+            raise ValueError("A live request needs the viewer's clock.")
+
+
+def _iso(ms: int) -> str:
+    try:
+        when = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{ms} ms"
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _mode_name(mode: int) -> str:
+    return "live" if mode == Mode.LIVE else "recording"
+
+
+def _check_header_answers(header: Header, request: StreamRequest) -> None:
+    """The header names the request it answers (the END signature covers it)."""
+    if not hmac.compare_digest(header.request_nonce, request.nonce):
+        raise RequestMismatch(
+            "This stream does not answer the request just sent: it carries another request "
+            "nonce, so it was made for an earlier request (a saved stream replayed, or relayed "
+            f"from another request: {_mode_name(header.mode)} of "
+            f"{', '.join(header.cameras)}, made {_iso(header.created_ms)}).",
+            "Nothing of it is used; check the network path to the Archiver.")
+    if sorted(header.cameras) != sorted(request.cameras):
+        raise RequestMismatch(
+            f"This stream is for camera {', '.join(header.cameras)}, not for the requested "
+            f"camera {', '.join(request.cameras)}.")
+    if header.mode != request.mode:
+        raise RequestMismatch(
+            f"This is a {_mode_name(header.mode)} stream, but {_mode_name(request.mode)} "
+            "was requested.")
+    if request.mode == Mode.PLAYBACK:
+        if (header.range_from_ms, header.range_to_ms) != (request.from_ms, request.to_ms):
+            raise RequestMismatch(
+                f"This stream answers the range {_iso(header.range_from_ms)} .. "
+                f"{_iso(header.range_to_ms)}, not the requested {_iso(request.from_ms)} .. "
+                f"{_iso(request.to_ms)}.")
+        return
+    assert request.clock is not None
+    now = request.clock()
+    earliest, latest = request.from_ms - request.max_skew_ms, now + request.max_skew_ms
+    for what, when in (("made", header.created_ms), ("started", header.range_from_ms)):
+        if not earliest <= when <= latest:
+            raise RequestMismatch(
+                f"This live stream was {what} {_iso(when)} by the Archiver's clock, but the "
+                f"request was sent {_iso(request.from_ms)} by this machine's clock (allowed "
+                f"difference {request.max_skew_ms / 1000:g} s): it is not fresh.",
+                "A replayed stream, or clocks out of sync: check both clocks (NTP).")
+
+
+def _check_entry_answers(camera: str, entry: ManifestEntry, request: StreamRequest,
+                         first_of_stream: bool) -> None:
+    """A segment's signed capture time (the start of its video) must lie in what was asked
+    for. Playback: the first segment of each camera data stream may start before the range,
+    since the segment that overlaps the range's start belongs to it."""
+    when = entry.capture_ms
+    if request.mode == Mode.PLAYBACK:
+        # With a signed duration, overlap is exact; without (0), only the data stream's first
+        # segment may start before the range (and is held back, see _hold_back_before_range).
+        overlaps = (when + entry.duration_ms >= request.from_ms if entry.duration_ms
+                    else first_of_stream)
+        if not (request.from_ms <= when or overlaps) or when > request.to_ms:
+            raise RequestMismatch(
+                f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), "
+                f"outside the requested range {_iso(request.from_ms)} .. "
+                f"{_iso(request.to_ms)}.", "The Archiver's index may have been tampered with.")
+        return
+    assert request.clock is not None
+    if when < request.from_ms - request.max_skew_ms:
+        raise RequestMismatch(
+            f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), before "
+            f"this live request was sent ({_iso(request.from_ms)}, allowed clock difference "
+            f"{request.max_skew_ms / 1000:g} s): old footage offered as live.")
+    if when > request.clock() + request.max_skew_ms:
+        raise RequestMismatch(
+            f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), in "
+            "the future by this machine's clock: check both clocks (NTP).")
+
+
+@dataclass(frozen=True)
+class SegmentPlaintext:
+    """A verified, decrypted segment, released in stream order."""
+
+    camera: str
+    stream: DataStream
+    seq: int
+    capture_ms: int  # start of its video (signed)
+    data: bytes = field(repr=False)
+    last: bool = False  # the last segment of the recording
+    duration_ms: int = 0  # length of its video (signed; 0: unknown)
+
+
+@dataclass(frozen=True)
+class SegmentSkipped:
+    """A segment the signed manifest lists but for which this viewer holds no key, and the
+    Archiver's signed chain recipients show it was not authorized when the segment was recorded
+    (withheld: not authorized for this viewer)."""
+
+    camera: str
+    stream: DataStream
+    seq: int
+    capture_ms: int
+    duration_ms: int = 0
+
+
+@dataclass(frozen=True)
+class SegmentMissing:
+    """A segment the signed manifest lists (so it was recorded) but that did not come, and
+    signed chain-recipients statement explains it: the viewer was authorized, or nothing says it was not.
+    The stream is authentic but incomplete."""
+
+    camera: str
+    stream: DataStream
+    seq: int
+    capture_ms: int
+    duration_ms: int = 0
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    reason: int
+
+
+Event = SegmentPlaintext | SegmentSkipped | SegmentMissing | StreamEnded
+
+
+@dataclass(frozen=True)
+class VerifiedKey:
+    """A minute key the reader used, after it matched the Archiver's signed key commitment
+    for its camera, data stream and key id (what a viewer may hand on in an access grant)."""
+
+    camera: str
+    stream: DataStream
+    key_id: bytes
+    key: bytes = field(repr=False)  # secret: never in logs or tracebacks
+
+
+@dataclass
+class _Camera:
+    # segment, its record bytes, their digest, their cost against max_pending_bytes
+    pending: list[tuple[Segment, RawRecord, bytes, int]] = field(default_factory=list)
+    last_seq: int | None = None
+    last_hash: bytes = ZERO_HASH
+    # Playback edges: the first manifest seen starts the chain (sequence 0) or is a bare
+    # manifest from before the range; a bare manifest from after the range closes it.
+    opened: bool = False
+    closed: bool = False
+
+
+class StreamReader:
+    """Reads one fusion stream for one viewer, incrementally (bytes as they arrive).
+
+    One token operation per epoch, done lazily when a segment first needs a key of that
+    epoch; the minute keys of a chain are derived from its starting state (one chain record
+    per chain); KEKs, chain states and minute keys stay in this object's memory only. Segments wait, per
+    camera, for the manifest that covers them; ``max_pending_bytes`` bounds what an
+    unverified stream can make the reader hold. After any error the reader stays failed.
+    """
+
+    def __init__(self, identity: Identity, check_archiver: Callable[[x509.Certificate], None],
+                 max_pending_bytes: int = 256 * 2**20,
+                 request: StreamRequest | None = None,
+                 known_keys: Mapping[bytes, bytes] | None = None) -> None:
+        """``request``: what the viewer asked for (see StreamRequest); None only for a saved
+        stream opened offline, which answers no new request (its header says what it is).
+        ``known_keys``: minute keys by key id given from outside the stream (a grant of past
+        video, an evidence package); like derived keys, each is used only once it matches the
+        key commitment of the signed manifest that covers its segment."""
+        self._identity = identity
+        self._request = request
+        self._fingerprint = fingerprint(identity.certificate)
+        self._check_archiver = check_archiver
+        self._max_retained = max_pending_bytes
+        self._buffers = BufferPool()
+        self._splitter = RecordSplitter(self._buffers)
+        self._transcript = Transcript()
+        self.header: Header | None = None
+        self.token_operations = 0
+        self._archiver_key: ec.EllipticCurvePublicKey | None = None
+        self._cameras: dict[str, _Camera] = {}
+        self._openers: dict[bytes, EpochOpener] = {}
+        self._ratchets: dict[bytes, KekRatchet] = {}
+        self._known_keys = dict(known_keys or {})
+        for key_id, key in self._known_keys.items():
+            if len(key_id) != 16 or len(key) != 32:
+                raise ValueError("known_keys maps 16-byte key ids to 32-byte minute keys.")
+        self._chain_records: dict[bytes, ChainRecord] = {}  # chain id -> record
+        self._chains: dict[bytes, ChainDeriver] = {}  # chain id -> its opened state
+        # chain id -> (the parts' common fields, part -> its verified signed recipients)
+        self._recipients: dict[bytes, tuple[tuple[str, DataStream, int, int],
+                                            dict[int, ChainRecipients]]] = {}
+        self._streams_seen: set[tuple[str, DataStream]] = set()  # with a segment in the range
+        # per camera data stream, its first segment while it starts before the range
+        self._held: dict[tuple[str, DataStream], SegmentPlaintext | SegmentSkipped
+                         | SegmentMissing] = {}
+        self._keys: dict[bytes, tuple[AESGCM, bytes, bytes]] = {}  # id -> (aead, commitment, key)
+        self._verified: dict[bytes, VerifiedKey] = {}
+        self._retained = 0
+        self._ended = False
+        self._failure: BaseException | None = None
+
+    @property
+    def verified_keys(self) -> dict[bytes, VerifiedKey]:
+        """The minute keys that decrypted released segments, by key id, each checked against
+        the signed key commitment. Complete for the stream's range once ``ended``."""
+        return dict(self._verified)
+
+    @property
+    def ended(self) -> bool:
+        """True once the signed END record verified."""
+        return self._ended
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Events completed by ``data``, in stream order. On an error nothing of this call
+        is returned and the reader stays failed."""
+        self._check_usable()
+        events: list[Event] = []
+        try:
+            for record, raw in self._splitter.iter_feed(data):
+                self._on_record(record, raw, events)
+        except BaseException as exc:
+            self._failure = exc
+            raise
+        return events
+
+    def finish(self) -> None:
+        """Call at the end of the bytes: FormatError if they stop inside a record,
+        IntegrityError if the signed END record was not seen (truncation)."""
+        self._check_usable()
+        if not self._splitter.finished_cleanly:
+            self._failure = FormatError("The stream stops in the middle of a record.")
+            raise self._failure
+        if not self._ended:
+            self._failure = IntegrityError()
+            raise self._failure
+
+    def _check_usable(self) -> None:
+        failure = self._failure
+        if failure is None:
+            return
+        if isinstance(failure, IntegrityError):
+            raise IntegrityError()
+        if isinstance(failure, FormatError | NoMatchingIdentity | RequestMismatch
+                      | RangeIncomplete):
+            raise type(failure)(failure.message, failure.advice)
+        raise FormatError("This stream reader already failed; start a new one.")
+
+    # --- records ----------------------------------------------------------------------
+    def _on_record(self, record: Record, raw: RawRecord, events: list[Event]) -> None:
+        if self.header is not None and isinstance(record, End):
+            self._on_end(record, events)
+            return  # the END record is not part of its own transcript
+        # The one SHA-256 pass over the record's bytes: for a segment it is the digest its
+        # manifest entry must carry, for a manifest the next link's prev_hash, and for every
+        # record its entry in the transcript that END signs.
+        digest = record_digest(raw)
+        if self.header is None:
+            if not isinstance(record, Header):
+                raise FormatError("A fusion stream must start with its header record.")
+            self._on_header(record)
+        elif isinstance(record, Segment):
+            self._on_segment(record, raw, digest)
+        elif isinstance(record, Manifest):
+            self._on_manifest(record, raw, digest, events)
+        elif isinstance(record, ChainRecord):
+            self._on_chain_record(record, len(raw))
+        elif isinstance(record, EpochOpener):
+            self._on_opener(record, len(raw))
+        elif isinstance(record, ChainRecipients):
+            self._on_chain_recipients(record, raw)
+        else:
+            raise FormatError("A fusion stream holds exactly one header record.")
+        self._transcript.add(digest)
+
+    def _on_header(self, header: Header) -> None:
+        if not hmac.compare_digest(header.viewer_fingerprint, self._fingerprint):
+            raise NoMatchingIdentity(
+                f"This stream is addressed to viewer certificate "
+                f"{header.viewer_fingerprint.hex()[:16]}..., not to yours "
+                f"({self._fingerprint.hex()[:16]}...); open it with the identity it was made for.")
+        try:
+            cert = x509.load_der_x509_certificate(header.archiver_cert_der)
+        except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm):
+            raise FormatError("The header's Archiver certificate is not valid DER.") from None
+        self._check_archiver(cert)  # the pin: raises if this is not our Archiver
+        try:
+            key = cert.public_key()
+        except (ValueError, UnsupportedAlgorithm):
+            raise IntegrityError() from None
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise IntegrityError()
+        if self._request is not None:
+            _check_header_answers(header, self._request)
+        self._archiver_key = key
+        self._cameras = {camera: _Camera() for camera in header.cameras}
+        self.header = header
+
+    def _camera(self, name: str) -> _Camera:
+        camera = self._cameras.get(name)
+        if camera is None:  # not announced in the header: spliced in from elsewhere
+            raise IntegrityError()
+        return camera
+
+    def _charge(self, cost: int) -> None:
+        self._retained += cost
+        if self._retained > self._max_retained:
+            raise FormatError(
+                f"The stream makes the reader hold more than {self._max_retained} bytes of "
+                "unverified segments and key material; the Archiver must issue manifests more "
+                "often (or raise max_pending_bytes).")
+
+    def _on_opener(self, opener: EpochOpener, size: int) -> None:
+        if not hmac.compare_digest(opener.viewer_fingerprint, self._fingerprint):
+            raise NoMatchingIdentity(
+                "The stream carries an epoch opener for another viewer certificate; open it "
+                "with the identity it was made for.")
+        known = self._openers.get(opener.epoch_id)
+        if known is not None:
+            if known != opener:
+                raise IntegrityError()
+            return
+        self._charge(size + _RECORD_OVERHEAD)
+        self._openers[opener.epoch_id] = opener
+
+    def _on_chain_record(self, record: ChainRecord, size: int) -> None:
+        opener = self._openers.get(record.epoch_id)
+        if opener is None:  # openers precede their chain records; this one is not ours
+            raise IntegrityError()
+        self._camera(record.camera)
+        if record.ratchet_index > max_ratchet_index(opener.period_s):
+            raise FormatError("A chain record's ratchet index lies beyond its epoch's day.")
+        known = self._chain_records.get(record.chain_id)
+        if known is not None:
+            if known != record:
+                raise IntegrityError()
+            return
+        self._charge(size + _RECORD_OVERHEAD)
+        self._chain_records[record.chain_id] = record
+
+    def _on_chain_recipients(self, part: ChainRecipients, raw: RawRecord) -> None:
+        self._camera(part.camera)
+        assert self._archiver_key is not None
+        unsigned = raw[RECORD_HEADER_LEN:len(raw) - 2 - len(part.signature)]
+        _verify(self._archiver_key, LABEL_CHAIN_RECIPIENTS + unsigned, part.signature)
+        common = (part.camera, part.stream, part.start_period, part.parts)
+        known = self._recipients.get(part.chain_id)
+        if known is None:
+            known = self._recipients[part.chain_id] = (common, {})
+        elif known[0] != common:  # parts of one chain that disagree
+            raise IntegrityError()
+        same = known[1].get(part.part)
+        if same is not None:
+            if same != part:
+                raise IntegrityError()
+            return
+        self._charge(len(raw) + _RECORD_OVERHEAD)
+        known[1][part.part] = part
+
+    def _withheld_legitimately(self, camera: str, entry: ManifestEntry) -> bool:
+        """True only if every part of the Archiver's signed recipients statement of this
+        segment's chain (made when the chain started) came and none lists this viewer."""
+        found = self._recipients.get(split_key_id(entry.key_id)[0])
+        if found is None:
+            return False
+        (rec_camera, rec_stream, _, parts), by_part = found
+        return (rec_camera == camera and rec_stream == entry.stream and len(by_part) == parts
+                and not any(self._fingerprint in p.viewers for p in by_part.values()))
+
+    def _holds_key(self, key_id: bytes) -> bool:
+        """Whether this reader has a way to a key id's minute key (given, or its chain's
+        record); whether that key is right is for the manifest's commitment to say."""
+        return key_id in self._known_keys or split_key_id(key_id)[0] in self._chain_records
+
+    def _on_segment(self, segment: Segment, raw: RawRecord, digest: bytes) -> None:
+        camera = self._camera(segment.camera)
+        cost = len(raw) + _RECORD_OVERHEAD
+        self._charge(cost)
+        # Held (its ciphertext views the record bytes, no copy) until a manifest covers it.
+        camera.pending.append((segment, raw, digest, cost))
+
+    def _on_manifest(self, manifest: Manifest, raw: RawRecord, digest: bytes,
+                     events: list[Event]) -> None:
+        camera = self._camera(manifest.camera)
+        assert self._archiver_key is not None
+        # The signature covers the body up to the signature field, exactly as received (the
+        # encoding is canonical, so this equals manifest.signed_bytes() without re-encoding).
+        unsigned = raw[RECORD_HEADER_LEN:len(raw) - 2 - len(manifest.signature)]
+        _verify(self._archiver_key, LABEL_MANIFEST + unsigned, manifest.signature)
+        # The chain: each manifest names its predecessor, so a dropped, replayed or reordered
+        # manifest breaks it. A chain may be joined midway (playback from a later time), but
+        # sequence 0 and the zero hash only ever come together.
+        first = camera.last_seq is None
+        if first:
+            if (manifest.manifest_seq == 0) != (manifest.prev_hash == ZERO_HASH):
+                raise IntegrityError()
+        elif (manifest.manifest_seq != camera.last_seq + 1
+              or not hmac.compare_digest(manifest.prev_hash, camera.last_hash)):
+            raise IntegrityError()
+        span = self._playback_range()
+        if span is not None:
+            if self._is_edge(camera, manifest, first, span):
+                # A bare manifest just outside the range, linked to the chain: proof that
+                # nothing between it and the range's first or last manifest was left out.
+                camera.last_seq, camera.last_hash = manifest.manifest_seq, digest
+                return
+            if camera.closed:
+                raise RequestMismatch(
+                    f"Camera {manifest.camera}'s manifests go on after the one that closed the "
+                    "requested range.")
+            if first:
+                camera.opened = manifest.manifest_seq == 0
+        if self._request is not None:
+            for entry in manifest.entries:  # signed capture times, checked against the request
+                stream_key = (manifest.camera, entry.stream)
+                _check_entry_answers(manifest.camera, entry, self._request,
+                                     stream_key not in self._streams_seen)
+                self._streams_seen.add(stream_key)
+        # The entries must be exactly the pending segments, in order; only a segment for
+        # which this viewer holds no key may be absent (the Archiver does not send those).
+        plan: list[tuple[ManifestEntry, Segment | None]] = []
+        pending = camera.pending
+        j = 0
+        for entry in manifest.entries:
+            if j < len(pending) and _matches(pending[j][0], pending[j][2], entry):
+                plan.append((entry, pending[j][0]))
+                j += 1
+            elif not self._holds_key(entry.key_id):
+                plan.append((entry, None))
+            else:
+                raise IntegrityError()
+        if j != len(pending):
+            raise IntegrityError()
+        commitments = {c.key_id: c.commitment for c in manifest.commitments}
+        out: list[Event] = []
+        # Decrypt everything first, release after: a failing segment releases nothing.
+        for entry, segment in plan:
+            if segment is None or not self._holds_key(entry.key_id):
+                kind = (SegmentSkipped if self._withheld_legitimately(manifest.camera, entry)
+                        else SegmentMissing)
+                out.append(kind(manifest.camera, entry.stream, entry.seq, entry.capture_ms,
+                                entry.duration_ms))
+                continue
+            aead = self._key(entry.key_id, manifest.camera, entry.stream,
+                             commitments[entry.key_id])
+            data = open_segment(aead, segment)
+            out.append(SegmentPlaintext(segment.camera, segment.stream, segment.seq,
+                                        segment.capture_ms, data, segment.last,
+                                        segment.duration_ms))
+        camera.last_seq = manifest.manifest_seq
+        camera.last_hash = digest
+        self._retained -= sum(cost for *_, cost in pending)
+        camera.pending = []
+        # Nothing reads these segments' bytes any more (the plaintexts are new bytes): their
+        # assembly buffers may take the next segments.
+        for _, segment_bytes, _, _ in pending:
+            self._buffers.give_back(segment_bytes)
+        events.extend(self._hold_back_before_range(manifest.camera, out))
+
+    def _hold_back_before_range(self, camera: str, out: list[Event]) -> list[Event]:
+        """Playback: a data stream's first segment may start before the range (it may overlap
+        the range's start), but only its successor shows that it does: it must start after the
+        range's start. So such a segment is held back until then, and refused if its successor
+        starts at or before the range's start (footage from before the range)."""
+        request = self._request
+        if request is None or request.mode != Mode.PLAYBACK:
+            return out
+        released: list[Event] = []
+        for event in out:
+            assert not isinstance(event, StreamEnded)
+            key = (camera, event.stream)
+            if event.capture_ms < request.from_ms and not event.duration_ms:
+                self._held[key] = event  # only ever the stream's first (_check_entry_answers)
+                continue
+            held = self._held.pop(key, None)
+            if held is not None:
+                if event.capture_ms <= request.from_ms:
+                    raise RequestMismatch(
+                        f"Segment {held.seq} of camera {camera} was captured {_iso(held.capture_ms)}"
+                        f" (signed) and ends before the requested range "
+                        f"{_iso(request.from_ms)} .. {_iso(request.to_ms)}.",
+                        "The Archiver's index may have been tampered with.")
+                released.append(held)
+            released.append(event)
+        return released
+
+    def _playback_range(self) -> tuple[int, int] | None:
+        """The range whose edges a playback stream proves: the request's, or for a saved
+        stream read without one, its header's (authenticated by END, where edges are judged)."""
+        request, header = self._request, self.header
+        if request is not None:
+            return (request.from_ms, request.to_ms) if request.mode == Mode.PLAYBACK else None
+        if header is not None and header.mode == Mode.PLAYBACK:
+            return header.range_from_ms, header.range_to_ms
+        return None
+
+    @staticmethod
+    def _is_edge(camera: _Camera, manifest: Manifest, first: bool,
+                 span: tuple[int, int]) -> bool:
+        """A playback edge: sent bare (no segment of it came), every entry's video ending
+        before the range and it is the camera's first manifest, or every entry starting after
+        the range."""
+        from_ms, to_ms = span
+        if camera.pending or not manifest.entries:
+            return False
+        if first and all(e.capture_ms + e.duration_ms < from_ms for e in manifest.entries):
+            camera.opened = True
+            return True
+        if not camera.closed and all(e.capture_ms > to_ms for e in manifest.entries):
+            camera.closed = True
+            camera.opened = camera.opened or (first and manifest.manifest_seq == 0)
+            return True
+        return False
+
+    def _check_edges(self, end: End) -> None:
+        """Playback: the stream must show, from signed data, that it covers the whole range
+        of each camera: from the chain's start or a manifest before the range, to a manifest
+        after the range or the chain's head as the END states it."""
+        # Judged for every playback request, and for a stream read without one (a saved
+        # stream) when its END states chain heads, as every Archiver-made playback END does.
+        if self._playback_range() is None or (self._request is None and not end.heads):
+            return
+        heads = dict(end.heads)
+        for name, camera in self._cameras.items():
+            head = heads.get(name)
+            if camera.last_seq is None:
+                if head == 0:
+                    continue  # nothing was ever recorded on this camera
+                raise RangeIncomplete(
+                    f"The stream holds no manifest of camera {name}, and does not show that "
+                    "nothing was recorded in the requested range.")
+            if not camera.opened:
+                raise RangeIncomplete(
+                    f"The stream does not show that it starts at the beginning of the requested "
+                    f"range for camera {name}: earlier recordings in the range may be missing.")
+            if not camera.closed and head != camera.last_seq + 1:
+                raise RangeIncomplete(
+                    f"The stream does not show that it reaches the end of the requested range "
+                    f"for camera {name}: later recordings in the range may be missing.")
+
+    def _key(self, key_id: bytes, camera: str, stream: DataStream, commitment: bytes) -> AESGCM:
+        """THE key lookup: a minute key given from outside (``known_keys``) or derived from its
+        chain's record, cached, and only ever returned after it matched ``commitment``."""
+        known = self._keys.get(key_id)
+        if known is None:
+            key = self._known_keys.get(key_id)
+            if key is None:
+                chain_id, step = split_key_id(key_id)
+                record = self._chain_records[chain_id]
+                if record.camera != camera or record.stream != stream:
+                    raise IntegrityError()
+                key = self._chain(record).key(step)
+            known = (AESGCM(key), key_commitment(key, camera, stream, key_id), key)
+            self._keys[key_id] = known
+        # The manifest commits to the key: a segment that also opens under another key
+        # (AES-GCM is not key-committing), or a wrong key given from outside, is refused.
+        if not hmac.compare_digest(known[1], commitment):
+            raise IntegrityError()
+        if key_id not in self._verified:
+            self._verified[key_id] = VerifiedKey(camera, stream, key_id, known[2])
+        return known[0]
+
+    def _chain(self, record: ChainRecord) -> ChainDeriver:
+        chain = self._chains.get(record.chain_id)
+        if chain is None:
+            opener = self._openers[record.epoch_id]
+            ratchet = self._ratchet(record.epoch_id)
+            seed = unwrap_chain_record(ratchet.kek_at(record.ratchet_index), record,
+                                       self._fingerprint)
+            chain = ChainDeriver(record, seed, max_ratchet_index(opener.period_s))
+            self._chains[record.chain_id] = chain
+        return chain
+
+    def _ratchet(self, epoch_id: bytes) -> KekRatchet:
+        ratchet = self._ratchets.get(epoch_id)
+        if ratchet is None:
+            opener = self._openers[epoch_id]
+            self.token_operations += 1
+            kek0 = open_epoch_opener(self._identity, opener)
+            ratchet = KekRatchet(epoch_id, kek0, max_ratchet_index(opener.period_s))
+            self._ratchets[epoch_id] = ratchet
+        return ratchet
+
+    def _on_end(self, end: End, events: list[Event]) -> None:
+        assert self.header is not None and self._archiver_key is not None
+        if any(camera.pending for camera in self._cameras.values()):
+            raise IntegrityError()  # segments nobody vouched for
+        if not hmac.compare_digest(end.request_id, self.header.request_id):
+            raise IntegrityError()
+        # Signed over the digests of every record before END: order, presence and content
+        # of the whole stream, including the header that names this request.
+        if not hmac.compare_digest(end.transcript_hash, self._transcript.digest()):
+            raise IntegrityError()
+        _verify(self._archiver_key, end.signed_bytes(), end.signature)
+        self._check_edges(end)
+        self._ended = True
+        # A first segment before the range without a successor: nothing shows it does not
+        # overlap the range (one segment at most per data stream), so it is released.
+        events.extend(self._held.values())
+        self._held.clear()
+        events.append(StreamEnded(int(end.reason)))
+
+
+def _matches(segment: Segment, digest: bytes, entry: ManifestEntry) -> bool:
+    return (digest == entry.digest and segment.seq == entry.seq
+            and segment.stream == entry.stream and segment.capture_ms == entry.capture_ms
+            and segment.duration_ms == entry.duration_ms and segment.key_id == entry.key_id
+            and segment.tag == entry.tag)
+
+
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+
+def _verify(key: ec.EllipticCurvePublicKey, data: bytes, signature: bytes) -> None:
+    try:
+        key.verify(signature, data, _ECDSA_SHA256)
+    except (InvalidSignature, ValueError):
+        raise IntegrityError() from None
+
