@@ -44,7 +44,7 @@ def generate(data_dir: Path, camera: str, start_ms: int, hours: float, segment_s
 
 
 def key_material(data_dir: Path, camera: str, from_ms: int, to_ms: int) -> list[bytes]:
-    """The key records (every viewer's wrapped minute keys) of the keys valid from a time in
+    """The chain records (every viewer's wrapped chain states) of the key chains started in
     [from_ms, to_ms), and the epoch openers created then, as stored now."""
     conn = sqlite3.connect(data_dir / "archiver.sqlite3")
     try:

@@ -17,6 +17,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyservice.certs import build_viewer_certificate, certificate_pem
+from keyservice.format import CHAIN_ID_LEN
 from keyservice.identity import OaepHash, fingerprint
 from keyservice.token import Token
 from tests.fixtures.server import ArchiverServer
@@ -32,9 +33,12 @@ def _archiver(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _key_ids(server: ArchiverServer, fp: str | None = None) -> set[bytes]:
+    """The key chains of the archived segments (a segment's key id starts with its chain id),
+    or those a viewer holds a chain record of."""
     with sqlite3.connect(server.data_dir / "archiver.sqlite3") as conn:
         if fp is None:
-            rows = conn.execute("SELECT key_id FROM segments").fetchall()
+            rows = conn.execute("SELECT substr(key_id, 1, ?) FROM segments",
+                                (CHAIN_ID_LEN,)).fetchall()
         else:
             rows = conn.execute("SELECT key_id FROM key_records WHERE fingerprint=?",
                                 (fp,)).fetchall()

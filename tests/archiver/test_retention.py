@@ -57,7 +57,7 @@ def test_retention_destroys_expired_video_and_its_keys_and_keeps_held_video(
     generate(data, "door", start, 72, SEGMENT_S, SIZE, [viewer.pem])
     days = [start + i * DAY_MS for i in range(3)]
     material = {day: key_material(data, "door", day, day + DAY_MS) for day in days}
-    assert all(len(m) >= 48 for m in material.values())  # a key a segment, and the openers
+    assert all(len(m) >= 2 for m in material.values())  # the day's chain record, its opener
     # Before: every day's key material is in the index and in its key journal.
     for day in days:
         found = files_holding(data, material[day])
