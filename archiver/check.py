@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from archiver.db import SCHEMA_VERSION
+from archiver.migrations import SCHEMA_VERSION
 from keyservice.crypto import chain_key_id
 from keyservice.errors import FormatError, UsageError
 from keyservice.format import (

@@ -13,7 +13,8 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.auth import digest
-from archiver.db import SCHEMA_VERSION, Database, SegmentRow
+from archiver.db import Database, SegmentRow
+from archiver.migrations import SCHEMA_VERSION
 from keyservice.certs import load_certificate, read_oaep_hash
 from keyservice.errors import UsageError
 from keyservice.identity import fingerprint

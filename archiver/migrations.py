@@ -1,0 +1,238 @@
+"""The index schema's versions and the forward migrations between them (``PRAGMA
+user_version``): ``MIGRATIONS[n]`` brings version n to n + 1, and ``migrate`` runs those a
+database needs when ``archiver.db.Database`` opens it, after a backup of the database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from keyservice.errors import UsageError
+
+# The logger's name from before the split out of db.py: log lines and filters keep it.
+log = logging.getLogger("archiver.db")
+
+# Version 0: the unversioned schema of the first releases (``CREATE TABLE IF NOT EXISTS`` and
+# an ADDED_COLUMNS step); migration 1 brings a fresh or a version-0 database to version 1.
+_V1 = """
+CREATE TABLE IF NOT EXISTS cameras (
+    name TEXT PRIMARY KEY,
+    token_sha256 BLOB NOT NULL,
+    rtsp_url TEXT,
+    created_ms INTEGER NOT NULL,
+    removed_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS clients (
+    fingerprint TEXT PRIMARY KEY,
+    certificate BLOB NOT NULL,
+    subject TEXT NOT NULL,
+    oaep_hash INTEGER NOT NULL,
+    all_cameras INTEGER NOT NULL,
+    added_ms INTEGER NOT NULL,
+    revoked_ms INTEGER,
+    key_streams_deleted INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS client_cameras (
+    fingerprint TEXT NOT NULL,
+    camera TEXT NOT NULL,
+    PRIMARY KEY (fingerprint, camera)
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    epoch_id BLOB PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    record BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS key_records (
+    fingerprint TEXT NOT NULL,
+    key_id BLOB NOT NULL,
+    camera TEXT NOT NULL,
+    epoch_id BLOB NOT NULL,
+    valid_from_ms INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    PRIMARY KEY (fingerprint, key_id)
+);
+CREATE TABLE IF NOT EXISTS segments (
+    camera TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    capture_ms INTEGER NOT NULL,
+    key_id BLOB NOT NULL,
+    plaintext_bytes INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    file TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    manifest_seq INTEGER NOT NULL,
+    PRIMARY KEY (camera, stream, seq)
+);
+CREATE INDEX IF NOT EXISTS segments_by_manifest ON segments (camera, manifest_seq);
+CREATE TABLE IF NOT EXISTS manifests (
+    camera TEXT NOT NULL,
+    manifest_seq INTEGER NOT NULL,
+    file TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    first_capture_ms INTEGER NOT NULL,
+    last_capture_ms INTEGER NOT NULL,
+    PRIMARY KEY (camera, manifest_seq)
+);
+CREATE INDEX IF NOT EXISTS manifests_by_time ON manifests (camera, last_capture_ms);
+CREATE TABLE IF NOT EXISTS key_grants (
+    key_id BLOB PRIMARY KEY,
+    camera TEXT NOT NULL,
+    file TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL
+);
+"""
+
+
+def _script(conn: sqlite3.Connection, sql: str) -> None:
+    """Statements one by one: ``executescript`` would commit the migration's transaction."""
+    for statement in sql.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _migrate_1(conn: sqlite3.Connection) -> None:
+    """The version-0 schema, and the end of a segment's video (0 in version-0 archives that
+    predate it: the reader falls back to its start)."""
+    _script(conn, _V1)
+    present = {row[1] for row in conn.execute("PRAGMA table_info(segments)")}
+    if "end_ms" not in present:
+        conn.execute("ALTER TABLE segments ADD COLUMN end_ms INTEGER NOT NULL DEFAULT 0")
+    conn.execute("CREATE INDEX IF NOT EXISTS segments_by_time ON segments (camera, stream, end_ms)")
+
+
+def _migrate_2(conn: sqlite3.Connection) -> None:
+    """One vocabulary: the spec's "viewer" in the tables too."""
+    conn.execute("ALTER TABLE clients RENAME TO viewers")
+    conn.execute("ALTER TABLE client_cameras RENAME TO viewer_cameras")
+
+
+def _migrate_3(conn: sqlite3.Connection) -> None:
+    """Retention: a period per camera (NULL: the site default), evidence holds, and the
+    files retention removed (kept as tombstones: a viewer asking for that video is told it
+    expired, recovery and the checker know the file is gone on purpose)."""
+    conn.execute("ALTER TABLE cameras ADD COLUMN retention_days INTEGER")
+    _script(conn, """
+        CREATE TABLE holds (
+            hold_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            camera TEXT NOT NULL,
+            from_ms INTEGER NOT NULL,
+            to_ms INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            created_ms INTEGER NOT NULL
+        );
+        CREATE INDEX holds_by_camera ON holds (camera, from_ms, to_ms);
+        CREATE TABLE expired_files (
+            file TEXT PRIMARY KEY,
+            camera TEXT NOT NULL,
+            from_ms INTEGER NOT NULL,
+            to_ms INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            removed_ms INTEGER NOT NULL,
+            done INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX expired_by_camera ON expired_files (camera, to_ms);
+        CREATE TABLE chain_anchors (
+            camera TEXT NOT NULL,
+            manifest_seq INTEGER NOT NULL,
+            record BLOB NOT NULL,
+            PRIMARY KEY (camera, manifest_seq)
+        );
+        CREATE INDEX key_records_by_camera ON key_records (camera, valid_from_ms);
+        CREATE INDEX segments_by_key ON segments (key_id);
+        CREATE INDEX key_records_by_epoch ON key_records (epoch_id);
+    """)
+
+
+def _migrate_4(conn: sqlite3.Connection) -> None:
+    """Access grants of past video (archiver/grants.py): opaque blobs a viewer made for
+    another certificate, and the admin's decision on each."""
+    _script(conn, """
+        CREATE TABLE access_grants (
+            grant_id TEXT PRIMARY KEY,
+            camera TEXT NOT NULL,
+            from_ms INTEGER NOT NULL,
+            to_ms INTEGER NOT NULL,
+            grantor TEXT NOT NULL,
+            grantee TEXT NOT NULL,
+            key_count INTEGER NOT NULL,
+            created_ms INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            decided_ms INTEGER,
+            decided_by TEXT,
+            note TEXT,
+            blob BLOB NOT NULL
+        );
+        CREATE INDEX access_grants_by_grantee ON access_grants (grantee);
+    """)
+
+
+# Forward migrations: MIGRATIONS[n] brings version n to n + 1. Append only; never edit one
+# that has shipped.
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_1, _migrate_2, _migrate_3,
+                                                                 _migrate_4)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _has_tables(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' LIMIT 1").fetchone() is not None
+
+
+def backup_database(conn: sqlite3.Connection, directory: Path, version: int) -> Path:
+    """A consistent copy of the database (SQLite's online backup), mode 0600, in ``directory``."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = directory / f"archiver.sqlite3.v{version}-{stamp}.bak"
+    n = 1
+    while path.exists():
+        path = directory / f"archiver.sqlite3.v{version}-{stamp}-{n}.bak"
+        n += 1
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    target = sqlite3.connect(path)
+    try:
+        conn.backup(target)
+    finally:
+        target.close()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def migrate(conn: sqlite3.Connection, backup_dir: Path) -> tuple[int, Path | None]:
+    """Bring the database to SCHEMA_VERSION: a backup first (unless it is new), then each
+    forward migration in a transaction of its own with the version it reaches, so a crash
+    leaves a database at a known version. Returns (version found, backup path or None)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise UsageError(
+            f"The Archiver's database has schema version {version}; this Archiver knows up "
+            f"to {SCHEMA_VERSION}.", "Run the newer Archiver that wrote it, or restore a backup.")
+    backup = None
+    if version < SCHEMA_VERSION and _has_tables(conn):
+        backup = backup_database(conn, backup_dir, version)
+        log.warning("migrating the database from schema version %d to %d (backup: %s)",
+                    version, SCHEMA_VERSION, backup)
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            MIGRATIONS[target - 1](conn)
+            conn.execute(f"PRAGMA user_version={target}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    return version, backup
