@@ -1,0 +1,393 @@
+"""fusion-archiver's admin commands over the Archiver's HTTP API: cameras, viewers (and its
+hidden alias clients), holds, grants. archiver/cli.py registers them on its app (``register``).
+
+Thin: argument parsing, one HTTP call per command, output. Every failure is raised as one of
+keyservice.errors' errors, which fusion-archiver's main() turns into one sentence on stderr and
+a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import ssl
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from keyservice.errors import ArchiverFailed, RequestRefused, UsageError
+from keyservice.exits import unreachable
+from keyservice.text import printable
+
+cameras_app = typer.Typer(no_args_is_help=True, help="Cameras: add, list, remove.")
+viewers_app = typer.Typer(no_args_is_help=True, help="Viewers: authorize, list, revoke.")
+holds_app = typer.Typer(no_args_is_help=True, help="Evidence holds: video that survives "
+                        "retention until released.")
+grants_app = typer.Typer(no_args_is_help=True, help="Access grants viewers made: list, approve, "
+                         "reject, revoke. The Archiver serves a grant only once approved.")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the admin commands to fusion-archiver's ``app``, in the order its help lists them."""
+    app.add_typer(cameras_app, name="cameras")
+    app.add_typer(viewers_app, name="viewers")
+    app.add_typer(viewers_app, name="clients", hidden=True)  # the old name, kept as an alias
+    app.add_typer(holds_app, name="holds")
+    app.add_typer(grants_app, name="grants")
+
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="FUSION_ARCHIVER_URL",
+                                     help="The Archiver's base URL.")]
+TokenOpt = Annotated[str | None, typer.Option("--admin-token", envvar="FUSION_ADMIN_TOKEN",
+                                              help="The admin token (or --data).")]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="Read the admin token from the "
+                                              "Archiver's data directory.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, for scripts.")]
+TlsCaOpt = Annotated[Path | None, typer.Option(
+    "--tls-ca", envvar="FUSION_TLS_CA",
+    help="CA certificate (PEM) to verify the Archiver's HTTPS certificate.")]
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+# --- helpers -------------------------------------------------------------------------------
+def _admin_token(token: str | None, data: Path | None) -> str:
+    if token:
+        return token
+    if data is not None:
+        path = data / "admin-token"
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"Cannot read the admin token from {path}: {exc.strerror}.") from None
+    raise UsageError("No admin token: give --admin-token, set FUSION_ADMIN_TOKEN, or --data DIR.")
+
+
+def _verify(tls_ca: Path | None) -> ssl.SSLContext | bool:
+    """How to check the Archiver's HTTPS certificate: the system's CAs, or --tls-ca's."""
+    if tls_ca is None:
+        env = os.environ.get("FUSION_TLS_CA")  # for commands that do not declare --tls-ca
+        tls_ca = Path(env) if env else None
+    if tls_ca is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(tls_ca))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"Cannot use {tls_ca} as TLS CA certificate: {exc}.") from None
+
+
+def _call(method: str, url: str, path: str, token: str, body: Any = None, *,
+          tls_ca: Path | None = None, timeout: float = 30) -> Any:
+    try:
+        response = httpx.request(method, url.rstrip("/") + path, json=body, timeout=timeout,
+                                 headers={"Authorization": f"Bearer {token}"},
+                                 verify=_verify(tls_ca))
+    except httpx.InvalidURL as exc:
+        raise UsageError(f"The Archiver URL {url!r} is not usable: {exc}.") from None
+    except httpx.TransportError as exc:
+        raise unreachable(url, exc) from None
+    if response.status_code >= 400:
+        try:
+            message = response.json()["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:200] or response.reason_phrase
+        error = ArchiverFailed if response.status_code >= 500 else RequestRefused
+        raise error(f"{message} (HTTP {response.status_code})")
+    return response.json() if response.content else None
+
+
+def _out(as_json: bool, obj: Any, human: str) -> None:
+    # JSON escapes every control and non-ASCII character; the human form escapes them too
+    # (its line breaks are ours: values with line breaks are escaped where they are inserted).
+    typer.echo(json.dumps(obj) if as_json else printable(human, newlines=True))
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
+
+
+@cameras_app.command("add")
+def cameras_add(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
+                data: DataOpt = None, tls_ca: TlsCaOpt = None,
+                as_json: JsonOpt = False,
+                rtsp: Annotated[str | None, typer.Option(
+                    "--rtsp", envvar="FUSION_RTSP_URL",
+                    help="Pull this RTSP URL in the Archiver. With credentials in it, prefer the "
+                    "FUSION_RTSP_URL variable: other users can read argv (ps), not your "
+                    "environment.")] = None) -> None:
+    """Add a camera; prints its ingest URL and ingest token (shown once)."""
+    result = _call("POST", url, "/v1/admin/cameras", _admin_token(admin_token, data),
+                   {"name": name, "rtsp_url": rtsp}, tls_ca=tls_ca)
+    _out(as_json, result, f"camera {result['name']} added\n"
+         f"ingest URL:   {result['ingest_url']}\n"
+         f"ingest token: {result['ingest_token']}  (shown once; keep it secret)")
+
+
+@cameras_app.command("list")
+def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+                 tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
+    """List cameras: health (receiving, stalled, unreachable, auth_failed, waiting), recorded
+    range, traffic in the last minute, gaps."""
+    token = _admin_token(admin_token, data)
+    result = _call("GET", url, "/v1/admin/cameras", token, tls_ca=tls_ca)
+    storage = _call("GET", url, "/v1/admin/storage", token, tls_ca=tls_ca)
+    lines = [f"{c['name']:<20} {c['state']:<12} {c['segments']:>8} segments  "
+             f"{_when(c['first_ms'])} .. {_when(c['last_ms'])}  retention "
+             f"{c['retention_days']} d{' (default)' if c['retention_default'] else ''}"
+             + (f", {c['holds']} hold(s)" if c["holds"] else "") + "  last minute: "
+             f"{c['segments_last_minute']} segments, {c['bytes_last_minute']} bytes; "
+             f"gaps {c['gaps']}" + (f", refused {c['refused']}" if c["refused"] else "")
+             + (f"  rtsp {c['rtsp_url']}, {c['puller_restarts']} restarts" if c["rtsp_url"] else "")
+             + (f"  ({c['message']})" if c["message"] else "") for c in result]
+    lines = lines or ["no cameras"]
+    lines.append(f"archive disk: {storage['free_bytes'] / 2**30:.1f} GiB free (threshold "
+                 f"{storage['min_free_bytes'] / 2**30:.1f} GiB)"
+                 + ("; BELOW THE THRESHOLD with nothing unheld left to remove"
+                    if storage["below_watermark"] else ""))
+    _out(as_json, {"cameras": result, "storage": storage}, "\n".join(lines))
+
+
+@cameras_app.command("retention")
+def cameras_retention(
+    name: str,
+    days: Annotated[str, typer.Argument(help="Days to keep the camera's video, or 'default'.")],
+    url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Set how long a camera's video is kept (older video is destroyed, keys first)."""
+    value: int | None = None
+    if days != "default":
+        try:
+            value = int(days)
+        except ValueError:
+            raise UsageError(f"'{days}' is not a number of days or 'default'.") from None
+        if value < 1:
+            raise UsageError("The retention period must be at least 1 day.")
+    result = _call("PUT", url, f"/v1/admin/cameras/{name}/retention",
+                   _admin_token(admin_token, data), {"days": value}, tls_ca=tls_ca)
+    _out(as_json, result, f"camera {name}: video kept {result['retention_days']} days"
+         + (" (the site default)" if result["retention_default"] else ""))
+
+
+@cameras_app.command("remove")
+def cameras_remove(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
+                   data: DataOpt = None, tls_ca: TlsCaOpt = None,
+                   as_json: JsonOpt = False) -> None:
+    """Stop accepting a camera's ingest. Its archive is kept."""
+    _call("DELETE", url, f"/v1/admin/cameras/{name}", _admin_token(admin_token, data),
+          tls_ca=tls_ca)
+    _out(as_json, {"name": name, "removed": True}, f"camera {name} removed (archive kept)")
+
+
+@viewers_app.command("add")
+def viewers_add(
+    certificate: Annotated[Path, typer.Argument(help="The viewer's PEM certificate.")],
+    cameras: Annotated[str, typer.Option("--cameras", help="cam1,cam2 or 'all'.")],
+    oaep_hash: Annotated[str | None, typer.Option(
+        "--oaep-hash", help="sha256|sha1, only for certificates not made by fusion-keys.")] = None,
+    url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    tls_ca: TlsCaOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Authorize a viewer certificate on cameras; prints its SHA-256 fingerprint."""
+    try:
+        pem = certificate.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"Cannot read the certificate {certificate}: {exc}.") from None
+    camera_list: list[str] | str = "all" if cameras == "all" else [
+        c.strip() for c in cameras.split(",") if c.strip()]
+    result = _call("POST", url, "/v1/admin/viewers", _admin_token(admin_token, data),
+                   {"certificate": pem, "cameras": camera_list, "oaep_hash": oaep_hash},
+                   tls_ca=tls_ca)
+    cams = result["cameras"] if result["cameras"] == "all" else ",".join(result["cameras"])
+    _out(as_json, result, f"viewer {printable(result['subject'])} authorized on {cams}\n"
+         f"fingerprint: {result['fingerprint']}")
+
+
+@viewers_app.command("list")
+def viewers_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+                 tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
+    """List viewers."""
+    result = _call("GET", url, "/v1/admin/viewers", _admin_token(admin_token, data),
+                   tls_ca=tls_ca)
+    now = dt.datetime.now(dt.UTC)
+    lines = []
+    soon = 0
+    for c in result:
+        state = "revoked " + _when(c["revoked_ms"]) if c["revoked_ms"] else "active"
+        cams = c["cameras"] if c["cameras"] == "all" else ",".join(c["cameras"])
+        expiry, warn = _expiry(c["not_after"], now, active=not c["revoked_ms"])
+        soon += warn
+        lines.append(f"{c['fingerprint']}  {printable(c['subject'])}  {cams}  {c['oaep_hash']}  "
+                     f"{state}  {expiry}")
+    if soon:
+        lines.append(f"{soon} active viewer(s) expired or expiring within {EXPIRY_WARNING_DAYS} "
+                     "days: have them enrol again (fusion-keys enroll) and authorize the new "
+                     "certificate.")
+    _out(as_json, {"viewers": result}, "\n".join(lines) or "no viewers")
+
+
+EXPIRY_WARNING_DAYS = 30
+
+
+def _expiry(not_after: str, now: dt.datetime, active: bool) -> tuple[str, bool]:
+    """The expiry column of `viewers list`, and whether an admin should act on it."""
+    try:
+        when = dt.datetime.fromisoformat(not_after)
+    except (TypeError, ValueError):
+        return "expiry unknown", False
+    stamp = when.isoformat(timespec="seconds")
+    if when <= now:
+        return f"EXPIRED {stamp}", active
+    days = (when - now).days
+    if days < EXPIRY_WARNING_DAYS:
+        return f"EXPIRES IN {days} DAYS ({stamp})", active
+    return f"expires {stamp}", False
+
+
+@viewers_app.command("revoke")
+def viewers_revoke(
+    fingerprint: str,
+    delete_key_streams: Annotated[bool, typer.Option(
+        "--delete-key-streams", help="Also delete its key streams: IRREVERSIBLE.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    tls_ca: TlsCaOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a viewer: no key material for it from now on."""
+    if delete_key_streams and not yes:
+        warning = ("Deleting key streams is irreversible: recordings that only this viewer "
+                   "could open become unrecoverable.")
+        if not sys.stdin.isatty():
+            raise UsageError(warning + " Add --yes to confirm.")
+        typer.confirm(warning + " Continue?", abort=True)
+    result = _call("POST", url, f"/v1/admin/viewers/{fingerprint.lower()}/revoke",
+                   _admin_token(admin_token, data), {"delete_key_streams": delete_key_streams},
+                   tls_ca=tls_ca)
+    _out(as_json, result, f"viewer {fingerprint} revoked"
+         + (" and its key streams deleted" if delete_key_streams else ""))
+
+
+# --- evidence holds ------------------------------------------------------------------------
+def _parse_when(text: str, option: str) -> int:
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"{option}: '{text}' is not an ISO 8601 time "
+                         "(e.g. 2026-06-02T14:00:00Z).") from None
+    if when.tzinfo is None:
+        raise UsageError(f"{option}: give the time zone (e.g. Z or +02:00) in '{text}'.")
+    return int(when.timestamp() * 1000)
+
+
+def _hold_line(h: dict[str, Any]) -> str:
+    return (f"{h['hold_id']:>5}  {h['camera']:<20} {_when(h['from_ms'])} .. {_when(h['to_ms'])}"
+            f"  by {h['created_by']} at {_when(h['created_ms'])}: {printable(h['reason'])}")
+
+
+@holds_app.command("add")
+def holds_add(
+    camera: str,
+    from_: Annotated[str, typer.Option("--from", help="Start (ISO 8601 with time zone).")],
+    to: Annotated[str, typer.Option("--to", help="End (ISO 8601 with time zone).")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (case number...); audited.")],
+    url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Protect a camera's video in a range from retention until the hold is removed."""
+    body = {"camera": camera, "from_ms": _parse_when(from_, "--from"),
+            "to_ms": _parse_when(to, "--to"), "reason": reason}
+    result = _call("POST", url, "/v1/admin/holds", _admin_token(admin_token, data), body,
+                   tls_ca=tls_ca)
+    _out(as_json, result, f"hold {result['hold_id']} added\n{_hold_line(result)}")
+
+
+@holds_app.command("list")
+def holds_list(camera: Annotated[str | None, typer.Option("--camera")] = None,
+               url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+               tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
+    """List evidence holds."""
+    path = "/v1/admin/holds" + (f"?camera={camera}" if camera else "")
+    result = _call("GET", url, path, _admin_token(admin_token, data), tls_ca=tls_ca)
+    _out(as_json, {"holds": result}, "\n".join(map(_hold_line, result)) or "no holds")
+
+
+@holds_app.command("remove")
+def holds_remove(hold_id: int, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
+                 data: DataOpt = None, tls_ca: TlsCaOpt = None,
+                 as_json: JsonOpt = False) -> None:
+    """Release a hold: its video is subject to retention again."""
+    result = _call("DELETE", url, f"/v1/admin/holds/{hold_id}", _admin_token(admin_token, data),
+                   tls_ca=tls_ca)
+    _out(as_json, result, f"hold {hold_id} removed (its video is subject to retention again)")
+
+
+# --- access grants (admin decisions) --------------------------------------------------------
+def _grant_line(g: dict[str, Any]) -> str:
+    line = (f"{g['grant_id']}  {g['state']:<8}  {g['camera']}  {_when(g['from_ms'])} .. "
+            f"{_when(g['to_ms'])}  {g['keys']} keys  by {g['grantor'][:16]} to "
+            f"{g['grantee'][:16]}  made {_when(g['created_ms'])}")
+    if g.get("decided_ms"):
+        line += f"  decided {_when(g['decided_ms'])}"
+    if g.get("note"):
+        line += f"  note: {printable(g['note'])}"
+    return line
+
+
+@grants_app.command("list")
+def grants_list(
+    state: Annotated[str | None, typer.Option(
+        "--state", help="pending|approved|rejected|revoked (default: all).")] = None,
+    url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """List access grants (newest first): who granted which camera and range to whom."""
+    if state is not None and state not in ("pending", "approved", "rejected", "revoked"):
+        raise UsageError(f"Unknown state {state!r}: pending, approved, rejected or revoked.")
+    path = "/v1/admin/grants" + (f"?state={state}" if state else "")
+    result = _call("GET", url, path, _admin_token(admin_token, data), tls_ca=tls_ca)
+    _out(as_json, {"grants": result}, "\n".join(_grant_line(g) for g in result) or "no grants")
+
+
+def _decide(decision: str, grant_id: str, note: str | None, url: str, admin_token: str | None,
+            data: Path | None, tls_ca: Path | None, as_json: bool) -> None:
+    grant_id = grant_id.strip().lower()
+    if len(grant_id) != 32 or any(c not in "0123456789abcdef" for c in grant_id):
+        raise UsageError(f"{grant_id!r} is not a grant id (32 hex digits, see 'grants list').")
+    result = _call("POST", url, f"/v1/admin/grants/{grant_id}/{decision}",
+                   _admin_token(admin_token, data), {"note": note}, tls_ca=tls_ca)
+    _out(as_json, result, _grant_line(result))
+
+
+NoteOpt = Annotated[str | None, typer.Option("--note", help="Why (kept in the audit log).")]
+
+
+@grants_app.command("approve")
+def grants_approve(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
+                   admin_token: TokenOpt = None, data: DataOpt = None,
+                   tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
+    """Approve a pending grant: from now on the grantee may fetch it and play its range."""
+    _decide("approve", grant_id, note, url, admin_token, data, tls_ca, as_json)
+
+
+@grants_app.command("reject")
+def grants_reject(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
+                  admin_token: TokenOpt = None, data: DataOpt = None,
+                  tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
+    """Reject a pending grant: it is never served."""
+    _decide("reject", grant_id, note, url, admin_token, data, tls_ca, as_json)
+
+
+@grants_app.command("revoke")
+def grants_revoke(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
+                  admin_token: TokenOpt = None, data: DataOpt = None,
+                  tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
+    """Revoke a grant: it is no longer served, and a stream under it stops at its next manifest
+    (keys the grantee already opened cannot be taken back)."""
+    _decide("revoke", grant_id, note, url, admin_token, data, tls_ca, as_json)
