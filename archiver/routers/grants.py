@@ -22,6 +22,7 @@ from archiver.archive import GrantedKeys
 from archiver.deps import AdminDep, ApiError, ServicesDep, ViewerDep
 from archiver.grants import TRANSITIONS, AccessGrantRow, GrantState, GrantStore
 from archiver.routers.viewer import MAX_MS, MEDIA_TYPE, NonceQuery, _ViewerStream
+from keyservice.crypto import split_key_id
 from keyservice.errors import FormatError
 from keyservice.grants import MAX_GRANT_KEYS, AccessGrant, decode_grant
 from keyservice.identity import OaepHash
@@ -90,7 +91,8 @@ def _check_keys(services: ServicesDep, grant: AccessGrant, grantor: str) -> None
         raise ApiError(422, ErrorCode.GRANT_OUTSIDE_RANGE,
                        f"The grant carries {len(outside)} key(s) of no segment recorded on camera "
                        f"'{grant.camera}' in its range; grant exactly the keys of that range.")
-    if any(db.key_record(grantor, key_id) is None for key_id in grant.key_ids):
+    # Chain records are indexed by chain id: the first bytes of each minute key's id.
+    if any(db.key_record(grantor, split_key_id(key_id)[0]) is None for key_id in grant.key_ids):
         raise ApiError(403, ErrorCode.GRANT_NOT_HELD, "The grant carries keys this viewer never held; "
                        "a viewer can only grant recordings it may play itself.")
 
