@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import typer
 
 from client.playback import say
-from keyservice.errors import CertificateError, FormatError, UsageError
+from keyservice.errors import FormatError, UsageError
 from keyservice.text import printable
 
 _GRANT_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -63,18 +63,6 @@ def _check_grant_id(grant_id: str) -> str:
     if not _GRANT_ID.match(grant_id):
         raise UsageError(f"{grant_id!r} is not a grant id (32 hex digits, from 'grants list').")
     return grant_id
-
-
-def _read_cert(path: Path) -> Any:
-    from keyservice.certs import load_certificate
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"Cannot read {path}: {exc.strerror or exc}.") from None
-    try:
-        return load_certificate(data)
-    except CertificateError as exc:
-        raise CertificateError(f"{path}: {exc}") from None
 
 
 @contextmanager
@@ -134,7 +122,7 @@ def grant(
 
     from_ms, to_ms = parse_range(from_, to, cli._now_ms())
     cli._check_camera(camera)
-    grantee = _read_cert(to_cert)
+    grantee = cli._load_cert(to_cert)
     kind = validate_viewer_certificate(
         grantee, now=dt.datetime.now(dt.UTC), trust_decision=False,
         oaep_hash=OaepHash.from_label(oaep_hash) if oaep_hash else None)

@@ -196,10 +196,8 @@ class SegmentPlaintext:
 
 
 @dataclass(frozen=True)
-class SegmentSkipped:
-    """A segment the signed manifest lists but for which this viewer holds no key, and the
-    Archiver's signed chain recipients show it was not authorized when the segment was recorded
-    (withheld: not authorized for this viewer)."""
+class _ListedSegment:
+    """A segment a signed manifest lists, without its plaintext."""
 
     camera: str
     stream: DataStream
@@ -209,16 +207,17 @@ class SegmentSkipped:
 
 
 @dataclass(frozen=True)
-class SegmentMissing:
-    """A segment the signed manifest lists (so it was recorded) but that did not come, and
-    signed chain-recipients statement explains it: the viewer was authorized, or nothing says it was not.
-    The stream is authentic but incomplete."""
+class SegmentSkipped(_ListedSegment):
+    """Listed, and this viewer holds no key for it, and the Archiver's signed chain recipients
+    show it was not authorized when the segment was recorded (withheld: not authorized for
+    this viewer)."""
 
-    camera: str
-    stream: DataStream
-    seq: int
-    capture_ms: int
-    duration_ms: int = 0
+
+@dataclass(frozen=True)
+class SegmentMissing(_ListedSegment):
+    """Listed (so it was recorded) but it did not come, and no signed chain recipients explain
+    it: the viewer was authorized, or nothing says it was not. The stream is authentic but
+    incomplete."""
 
 
 @dataclass(frozen=True)
