@@ -44,7 +44,7 @@ trap cleanup EXIT
 # --- 1. the viewer's token and identity ---------------------------------------------------
 # SoftHSM stands in for a smartcard/TPM here (docs/tokens.md). The PIN reaches the tools through
 # FUSION_PIN, never through a file or the command line of fusion-client.
-say "1/7 creating a SoftHSM token 'viewers' and enrolling viewer 'alice' (key generated on the token)"
+say "1/8 creating a SoftHSM token 'viewers' and enrolling viewer 'alice' (key generated on the token)"
 "$BIN/fusion-keys" softhsm-init --dir "$DEMO/viewer-token" --label viewers --pin 1234 \
   --so-pin 5678 >/dev/null 2>&1 || die "fusion-keys softhsm-init failed"
 export SOFTHSM2_CONF="$DEMO/viewer-token/softhsm2.conf"
@@ -54,7 +54,7 @@ TOKEN="pkcs11:token=viewers;object=alice"
 "$BIN/fusion-keys" enroll --token "$TOKEN" --out "$DEMO/alice.pem" >&2
 
 # --- 2. the Archiver ----------------------------------------------------------------------
-say "2/7 starting the Archiver on $URL (data in demo-data/archiver, key period ${KEY_PERIOD} s)"
+say "2/8 starting the Archiver on $URL (data in demo-data/archiver, key period ${KEY_PERIOD} s)"
 # The Archiver creates its own SoftHSM token in its data directory; it must not see the viewer's.
 env -u SOFTHSM2_CONF -u FUSION_PIN "$BIN/fusion-archiver" serve --data "$ARCHIVER_DATA" \
   --port "$PORT" --key-period "$KEY_PERIOD" >"$DEMO/archiver.log" 2>&1 &
@@ -85,7 +85,7 @@ print(f"demo: Archiver certificate sha256 {info['fingerprint']} -> demo-data/arc
 EOF
 
 # --- 3. a camera and an authorized viewer -------------------------------------------------
-say "3/7 adding camera cam1 and authorizing alice on it"
+say "3/8 adding camera cam1 and authorizing alice on it"
 ADMIN=(--url "$URL" --data "$ARCHIVER_DATA")
 CAMERA_JSON="$("$BIN/fusion-archiver" cameras add cam1 --json "${ADMIN[@]}")"
 INGEST_TOKEN="$(printf '%s' "$CAMERA_JSON" | "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["ingest_token"])')"
@@ -93,12 +93,12 @@ INGEST_URL="$(printf '%s' "$CAMERA_JSON" | "$BIN/python" -c 'import json, sys; p
 "$BIN/fusion-archiver" clients add "$DEMO/alice.pem" --cameras cam1 "${ADMIN[@]}" >&2
 
 # --- 4. the camera: a generated H.264 stream pushed with ffmpeg's HLS muxer (PUT) ----------
-say "4/7 generating ${SECONDS_OF_VIDEO} s of H.264 test video"
+say "4/8 generating ${SECONDS_OF_VIDEO} s of H.264 test video"
 ffmpeg -nostdin -hide_banner -loglevel error -y -f lavfi \
   -i "testsrc2=size=640x360:rate=25" -t "$SECONDS_OF_VIDEO" -c:v libx264 -preset ultrafast \
   -g 25 -keyint_min 25 -sc_threshold 0 -pix_fmt yuv420p -f mpegts "$DEMO/source.ts"
 START="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-say "5/7 pushing it in real time (${SECONDS_OF_VIDEO} s) while alice watches live for 12 s"
+say "5/8 pushing it in real time (${SECONDS_OF_VIDEO} s) while alice watches live for 12 s"
 # Live viewing while the camera pushes: decrypted segments arrive as they are archived.
 "$BIN/fusion-client" live --archiver "$URL" --token "$TOKEN" --camera cam1 --duration 12 \
   --archiver-cert "$DEMO/archiver.pem" -o "$DEMO/live.ts" 2>"$DEMO/live.log" &
@@ -118,11 +118,11 @@ else
 fi
 
 # --- 5. export and verify -----------------------------------------------------------------
-say "6/7 exporting the recording since $START with fusion-client play"
+say "6/8 exporting the recording since $START with fusion-client play"
 "$BIN/fusion-client" play --archiver "$URL" --token "$TOKEN" --camera cam1 --from "$START" \
   --to now -o "$DEMO/cam1.ts" --save-stream "$DEMO/cam1.fusion"
 
-say "7/7 verifying the decrypted video with ffmpeg"
+say "7/8 verifying the decrypted video with ffmpeg"
 ffmpeg -nostdin -hide_banner -v error -i "$DEMO/cam1.ts" -f null - \
   || die "ffmpeg cannot decode the decrypted file"
 "$BIN/python" - "$DEMO/source.ts" "$DEMO/cam1.ts" "$DEMO/live.ts" <<'EOF' || die "the decrypted frames differ from the camera's"
@@ -150,13 +150,21 @@ print(f"demo: live view: {len(live)} decoded frames, a contiguous run of the cam
       file=sys.stderr)
 EOF
 
+say "8/8 an evidence package of the same range, verified offline (no token, no Archiver)"
+"$BIN/fusion-client" evidence export --archiver "$URL" --token "$TOKEN" --camera cam1 \
+  --from "$START" --to now -o "$DEMO/case.zip" --quiet
+env -u SOFTHSM2_CONF -u FUSION_PIN "$BIN/fusion-client" evidence verify "$DEMO/case.zip" \
+  -o "$DEMO/case.ts" | sed 's/^/  /' >&2 || die "the evidence package did not verify"
+cmp -s "$DEMO/case.ts" "$DEMO/cam1.ts" || die "the evidence package's video differs from the export"
+say "evidence: the package's video is byte-identical to the export"
+
 # Key rotation and wrapping, as the Archiver counts them (Prometheus /metrics).
 "$BIN/python" - "$URL" "$ARCHIVER_DATA/metrics-token" <<'EOF'
 import pathlib, sys, httpx
 # /metrics is not public: the metrics token is in the data directory (mode 0600).
 token = pathlib.Path(sys.argv[2]).read_text().strip()
 wanted = {"fusion_key_rotations_total": "minute keys created",
-          "fusion_wrapped_keys_total": "key records wrapped for viewers",
+          "fusion_wrapped_keys_total": "chain records (key chains wrapped for viewers)",
           "fusion_epochs_started_total": "epoch openers (RSA) written"}
 for line in httpx.get(sys.argv[1] + "/metrics", timeout=10,
                       headers={"Authorization": f"Bearer {token}"}).text.splitlines():
@@ -168,6 +176,8 @@ EOF
 cat >&2 <<EOF
 
 demo: SUCCESS. Decrypted, verified video: $DEMO/cam1.ts
+      (evidence package for a third party: $DEMO/case.zip; check it with
+       fusion-client evidence verify $DEMO/case.zip)
       (live capture: $DEMO/live.ts; the encrypted, signed fusion stream: $DEMO/cam1.fusion)
 
 Play it back:
