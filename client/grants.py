@@ -78,14 +78,6 @@ def _logged_in(url: str, token: str, archiver_cert: Path | None,
         yield session, identity, login
 
 
-def _fetch_grant(session: Any, grant_id: str) -> dict[str, Any]:
-    body = session._json("GET", f"/v1/grants/{grant_id}", auth=True)
-    if not isinstance(body, dict) or not isinstance(body.get("grant"), str):
-        from client.session import ArchiverFailed
-        raise ArchiverFailed("The Archiver's answer for the grant is malformed.")
-    return body
-
-
 def _when(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
 
@@ -143,8 +135,7 @@ def grant(
                              f"{MAX_GRANT_KEYS}. Split it into several grants.")
         blob = make_grant(recipient, camera, from_ms, to_ms, keys, cli._now_ms())
         grant_id = decode_grant(blob).grant_id.hex()
-        answer = session._json("POST", "/v1/grants", {
-            "grant": base64.b64encode(blob).decode(), "note": note}, auth=True)
+        answer = session.create_grant(blob, note)
     if as_json:
         typer.echo(json.dumps(answer))
         return
@@ -165,7 +156,7 @@ def grants_list(
 ) -> None:
     """The grants you made or received, with their state."""
     with _logged_in(archiver, token, archiver_cert, tls_ca) as (session, _identity, login):
-        rows = session._json("GET", "/v1/grants", auth=True)
+        rows = session.grants()
         me = login.viewer_fingerprint
     if as_json:
         typer.echo(json.dumps({"grants": rows}))
@@ -207,7 +198,7 @@ def grants_play(
     granted: dict[str, Any] = {}
 
     def open_keys(session: Any, identity: Any) -> Mapping[bytes, bytes]:
-        body = _fetch_grant(session, grant_id)
+        body = session.grant(grant_id)
         try:
             blob = base64.b64decode(body["grant"], validate=True)
         except (binascii.Error, ValueError):
@@ -233,12 +224,8 @@ def grants_play(
     def request() -> Any:
         return playback_request(granted["camera"], granted["from_ms"], granted["to_ms"])
 
-    @contextmanager
-    def fetch(session: Any, asked: Any) -> Iterator[Iterator[bytes]]:
-        with session._stream(f"/v1/grants/{grant_id}/recording",
-                             {"from_ms": asked.from_ms, "to_ms": asked.to_ms,
-                              "nonce": asked.nonce.hex()}, read_timeout=session.timeout) as it:
-            yield it
+    def fetch(session: Any, asked: Any) -> Any:
+        return session.grant_recording(grant_id, asked)
 
     cli._stream_command(url=archiver, token=token, output_target=output,
                         archiver_cert=archiver_cert, tls_ca=tls_ca, save_stream=None,

@@ -297,6 +297,33 @@ class ArchiverSession:
                           read_timeout=self.timeout) as it:
             yield it
 
+    # --- access grants of past video (client/grants.py) -----------------------------------
+    def create_grant(self, blob: bytes, note: str | None) -> dict[str, Any]:
+        """Hand a grant (opaque: minute keys wrapped to the grantee) to the Archiver; it is
+        served only once an admin approves it."""
+        return self._json("POST", "/v1/grants", {"grant": base64.b64encode(blob).decode(),
+                                                 "note": note}, auth=True)
+
+    def grants(self) -> list[dict[str, Any]]:
+        """The grants this viewer made or received, with their state."""
+        return self._json("GET", "/v1/grants", auth=True)
+
+    def grant(self, grant_id: str) -> dict[str, Any]:
+        """One approved grant addressed to this viewer (the blob and its range)."""
+        body = self._json("GET", f"/v1/grants/{grant_id}", auth=True)
+        if not isinstance(body, dict) or not isinstance(body.get("grant"), str):
+            raise ArchiverFailed("The Archiver's answer for the grant is malformed.")
+        return body
+
+    @contextmanager
+    def grant_recording(self, grant_id: str, request: StreamRequest) -> Iterator[Iterator[bytes]]:
+        """The fusion stream of (part of) a grant's range: segments and manifests, no key
+        material (the keys are in the grant)."""
+        with self._stream(f"/v1/grants/{grant_id}/recording",
+                          {"from_ms": request.from_ms, "to_ms": request.to_ms,
+                           "nonce": request.nonce.hex()}, read_timeout=self.timeout) as it:
+            yield it
+
     @contextmanager
     def live(self, camera: str, duration_s: float,
              request: StreamRequest | None = None) -> Iterator[Iterator[bytes]]:
