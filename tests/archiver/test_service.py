@@ -35,13 +35,19 @@ def test_keys_rotate_every_period(archiver_server: ArchiverServer, make_viewer) 
     viewer = make_viewer("alice")
     token = archiver_server.add_camera("cam1")
     archiver_server.add_viewer(viewer.pem, ["cam1"])
+    period = archiver_server.key_period_s
+    started = time.time()
     assert archiver_server.put_segment("cam1", token, b"a" * 1000) == 201
     assert archiver_server.put_segment("cam1", token, b"b" * 1000) == 201
-    time.sleep(archiver_server.key_period_s + 0.2)
+    finished = time.time()
+    time.sleep(period + 0.2)
     assert archiver_server.put_segment("cam1", token, b"c" * 1000) == 201
     keys = _segment_key_ids(archiver_server, "cam1")
-    assert keys[0] == keys[1] or keys[1] == keys[2]  # the first two share a period (or nearly)
-    assert keys[0] != keys[2]
+    # Both segments were keyed between `started` and `finished` (the server shares this
+    # clock): within one key period they share its key. A loaded machine may take longer.
+    if int(started // period) == int(finished // period):
+        assert keys[0] == keys[1]
+    assert keys[0] != keys[2] and keys[1] != keys[2]  # a period or more later: a new key
     metrics = httpx.get(f"{archiver_server.url}/metrics", headers={
         "Authorization": f"Bearer {archiver_server.admin_token}"}).text
     assert "fusion_key_rotations_total" in metrics
