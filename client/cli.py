@@ -19,6 +19,18 @@ import typer
 from cryptography import x509
 
 from client.grants import register as register_grants
+from client.options import (
+    DEFAULT_URL,
+    ArchiverCertOpt,
+    ArchiverOpt,
+    CameraOpt,
+    JsonOpt,
+    OutputOpt,
+    QuietOpt,
+    SaveOpt,
+    TlsCaOpt,
+    TokenOpt,
+)
 from client.pinning import KnownArchivers, PinDecision, PinOutcome, check_archiver
 from client.playback import (
     Progress,
@@ -52,27 +64,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Watch and export video from a Fusion Archiver; keys are opened on your "
                        "token, video is decrypted and verified on this machine.")
 add_version_option(app, "fusion-client")
-DEFAULT_URL = "http://127.0.0.1:8080"
 _READ_CHUNK = 1 << 20
-
-ArchiverOpt = Annotated[str, typer.Option("--archiver", envvar="FUSION_ARCHIVER_URL",
-                                          help="The Archiver's base URL.")]
-TokenOpt = Annotated[str, typer.Option(
-    "--token", envvar="FUSION_TOKEN",
-    help="PKCS#11 URI of your viewer key, e.g. 'pkcs11:token=viewers;object=alice'. The PIN comes "
-         "from pin-value/pin-source in the URI, FUSION_PIN, or a prompt.")]
-CameraOpt = Annotated[str, typer.Option("--camera", help="Camera name.")]
-OutputOpt = Annotated[str, typer.Option("--output", "-o",
-                                        help="Output MPEG-TS file, or '-' for standard output.")]
-ArchiverCertOpt = Annotated[Path | None, typer.Option(
-    "--archiver-cert", help="Pin this Archiver certificate (PEM) instead of trusting on first "
-                            "use; also replaces an older pin after a legitimate key change.")]
-TlsCaOpt = Annotated[Path | None, typer.Option(
-    "--tls-ca", help="CA certificate (PEM) to verify the Archiver's HTTPS certificate.")]
-SaveOpt = Annotated[Path | None, typer.Option(
-    "--save-stream", help="Also keep the raw fusion stream (encrypted, signed) in this file, "
-                          "e.g. as evidence a third party can verify with 'fusion-client open'.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary.")]
 
 
 # --- small helpers ------------------------------------------------------------------------
@@ -248,7 +240,7 @@ def cameras(
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
     tls_ca: TlsCaOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """List the cameras this viewer may watch, with their recorded ranges."""
     explicit = _load_cert(archiver_cert)

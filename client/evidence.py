@@ -21,6 +21,14 @@ from typing import Annotated
 import typer
 from cryptography import x509
 
+from client.options import (
+    DEFAULT_URL,
+    ArchiverCertOpt,
+    ArchiverOpt,
+    CameraOpt,
+    TlsCaOpt,
+    TokenOpt,
+)
 from keyservice.errors import CertificateError, UsageError
 from keyservice.evidence.build import build_package, collect
 from keyservice.evidence.layout import EvidenceError
@@ -125,7 +133,7 @@ def _recipient(path: Path) -> Recipient:
 # --- commands --------------------------------------------------------------------------------
 @evidence_app.command("export")
 def export(
-    camera: Annotated[str, typer.Option("--camera", help="Camera name.")],
+    camera: CameraOpt,
     from_: Annotated[str, typer.Option("--from", help="Start: ISO 8601 (UTC unless an offset "
                                        "is given), relative (-10m, -2h) or 'now'.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The package (a .zip).")],
@@ -133,16 +141,10 @@ def export(
     for_: Annotated[Path | None, typer.Option(
         "--for", help="Seal the minute keys to this recipient certificate (PEM): only its "
                       "token can then check the keys and the video.")] = None,
-    archiver: Annotated[str, typer.Option("--archiver", envvar="FUSION_ARCHIVER_URL",
-                                          help="The Archiver's base URL.")
-                        ] = "http://127.0.0.1:8080",
-    token: Annotated[str, typer.Option("--token", envvar="FUSION_TOKEN",
-                                       help="PKCS#11 URI of your viewer key.")] = ...,  # type: ignore[assignment]
-    archiver_cert: Annotated[Path | None, typer.Option(
-        "--archiver-cert", help="Pin this Archiver certificate (PEM).")] = None,
-    tls_ca: Annotated[Path | None, typer.Option(
-        "--tls-ca", help="CA certificate (PEM) to verify the Archiver's HTTPS certificate.")
-                      ] = None,
+    archiver: ArchiverOpt = DEFAULT_URL,
+    token: TokenOpt = ...,  # type: ignore[assignment]
+    archiver_cert: ArchiverCertOpt = None,
+    tls_ca: TlsCaOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
 ) -> None:
     """Export a recorded range as an evidence package: the segments and signed manifests as

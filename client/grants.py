@@ -24,22 +24,20 @@ from typing import Annotated, Any
 
 import typer
 
+from client.options import (
+    DEFAULT_URL,
+    ArchiverCertOpt,
+    ArchiverOpt,
+    JsonOpt,
+    TlsCaOpt,
+    TokenOpt,
+)
 from client.playback import say
 from keyservice.errors import FormatError, UsageError
 from keyservice.text import printable
 
 _GRANT_ID = re.compile(r"^[0-9a-f]{32}$")
 
-ArchiverOpt = Annotated[str, typer.Option("--archiver", envvar="FUSION_ARCHIVER_URL",
-                                          help="The Archiver's base URL.")]
-TokenOpt = Annotated[str, typer.Option(
-    "--token", envvar="FUSION_TOKEN",
-    help="PKCS#11 URI of your viewer key (the PIN as for 'play').")]
-ArchiverCertOpt = Annotated[Path | None, typer.Option(
-    "--archiver-cert", help="Pin this Archiver certificate (PEM) instead of trusting on first use.")]
-TlsCaOpt = Annotated[Path | None, typer.Option(
-    "--tls-ca", help="CA certificate (PEM) to verify the Archiver's HTTPS certificate.")]
-DEFAULT_URL = "http://127.0.0.1:8080"
 
 grants_app = typer.Typer(no_args_is_help=True,
                          help="Access grants you made or received: list, play.")
@@ -100,7 +98,7 @@ def grant(
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
     tls_ca: TlsCaOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Grant a recorded range you can play to another viewer certificate. The Archiver serves
     it to the grantee only after an admin approved it; it never sees a key."""
@@ -152,7 +150,7 @@ def grants_list(
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
     tls_ca: TlsCaOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """The grants you made or received, with their state."""
     with _logged_in(archiver, token, archiver_cert, tls_ca) as (session, _identity, login):

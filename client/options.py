@@ -1,0 +1,31 @@
+"""The options shared by the viewer's commands (cli.py, grants.py, evidence.py): one
+definition each, so every command names and explains them alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+ArchiverOpt = Annotated[str, typer.Option("--archiver", envvar="FUSION_ARCHIVER_URL",
+                                          help="The Archiver's base URL.")]
+TokenOpt = Annotated[str, typer.Option(
+    "--token", envvar="FUSION_TOKEN",
+    help="PKCS#11 URI of your viewer key, e.g. 'pkcs11:token=viewers;object=alice'. The PIN comes "
+         "from pin-value/pin-source in the URI, FUSION_PIN, or a prompt.")]
+CameraOpt = Annotated[str, typer.Option("--camera", help="Camera name.")]
+OutputOpt = Annotated[str, typer.Option("--output", "-o",
+                                        help="Output MPEG-TS file, or '-' for standard output.")]
+ArchiverCertOpt = Annotated[Path | None, typer.Option(
+    "--archiver-cert", help="Pin this Archiver certificate (PEM) instead of trusting on first "
+                            "use; also replaces an older pin after a legitimate key change.")]
+TlsCaOpt = Annotated[Path | None, typer.Option(
+    "--tls-ca", help="CA certificate (PEM) to verify the Archiver's HTTPS certificate.")]
+SaveOpt = Annotated[Path | None, typer.Option(
+    "--save-stream", help="Also keep the raw fusion stream (encrypted, signed) in this file, "
+                          "e.g. as evidence a third party can verify with 'fusion-client open'.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
