@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from harness.pki import SiteCa
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The Archiver makes its own SoftHSM signing token in its data directory (the production
 # default): it must not see the callers' SoftHSM store or viewer PIN.
@@ -200,3 +202,11 @@ class ArchiverServer:
         response = httpx.put(f"{self.url}/ingest/{camera}/{name}", content=data, timeout=30,
                              headers={"Authorization": f"Bearer {token}"}, verify=self.verify)
         return response.status_code
+
+
+def production_archiver(site_ca: SiteCa, data_dir: Path, **kwargs: Any) -> ArchiverServer:
+    """An (unstarted) Archiver in production mode: HTTPS with a TLS certificate that the site
+    CA issued for 127.0.0.1 and localhost; callers verify it against the CA (``tls_ca``)."""
+    cert, key = site_ca.issue_tls_server(data_dir.parent / f"{data_dir.name}-tls")
+    extra = ("--tls-cert", str(cert), "--tls-key", str(key), *kwargs.pop("extra_args", ()))
+    return ArchiverServer(data_dir, tls_ca=site_ca.path, extra_args=extra, **kwargs)

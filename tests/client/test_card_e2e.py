@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from harness.pki import SiteCa
 from keyservice.token import Token
 from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
-from tests.fixtures.piv.stack import CardHandle, SiteCa
+from tests.fixtures.piv.stack import CardHandle
 from tests.fixtures.server import ArchiverServer
 from tests.fixtures.tokens import TokenHandle
 from tests.keyservice.test_cli_keys import fusion_keys
