@@ -30,6 +30,7 @@ from keyservice.identity import OaepHash, Recipient, Signer
 from keyservice.stream import issue_chain_recipients
 
 Rng = Callable[[int], bytes]
+DAY_MS = 86_400_000
 
 
 @dataclass
@@ -60,7 +61,8 @@ class KeyManager:
         # of cameras whose key is current must not wait for that. Order: _rotate before _lock.
         self._lock = threading.Lock()
         self._rotate = threading.Lock()
-        self._current: dict[tuple[str, DataStream], tuple[int, MinuteKey]] = {}
+        # camera stream -> (key period, UTC day number) of its current minute key, and the key
+        self._current: dict[tuple[str, DataStream], tuple[tuple[int, int], MinuteKey]] = {}
         # camera stream -> its chain, the chain's UTC day, and the earliest certificate expiry
         # among its recipients (the chain ends then: an expired viewer derives no later key)
         self._chains: dict[tuple[str, DataStream], tuple[KeyChain, dt.date, int]] = {}
@@ -80,8 +82,13 @@ class KeyManager:
         self.epochs_started = 0
 
     def key_for(self, camera: str, stream: DataStream, now_ms: int) -> MinuteKey:
-        """The key to seal a segment arriving now; rotates (and wraps for viewers) when due."""
-        period = now_ms // self._period_ms
+        """The key to seal a segment arriving now; rotates (and wraps for viewers) when due.
+
+        A key period ends at the next period boundary or the next UTC midnight, whichever
+        comes first: with a period that does not divide a day, one period straddles midnight,
+        and reusing its key after midnight would seal the new day's first segments under the
+        old day's chain, which retention of the old day could then not destroy."""
+        period = (now_ms // self._period_ms, now_ms // DAY_MS)
         with self._lock:
             current = self._current.get((camera, stream))
             if current is not None and current[0] == period:
