@@ -131,8 +131,8 @@ def cameras_add(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = No
 @cameras_app.command("list")
 def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
                  tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
-    """List cameras: health (receiving, stalled, unreachable, auth_failed, waiting), recorded
-    range, traffic in the last minute, gaps."""
+    """List cameras: health (receiving, stalled, unreachable, auth_failed, bad_timestamps,
+    waiting), recorded range, traffic in the last minute, gaps."""
     token = _admin_token(admin_token, data)
     result = _call("GET", url, "/v1/admin/cameras", token, tls_ca=tls_ca)
     storage = _call("GET", url, "/v1/admin/storage", token, tls_ca=tls_ca)
@@ -142,6 +142,7 @@ def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
              + (f", {c['holds']} hold(s)" if c["holds"] else "") + "  last minute: "
              f"{c['segments_last_minute']} segments, {c['bytes_last_minute']} bytes; "
              f"gaps {c['gaps']}" + (f", refused {c['refused']}" if c["refused"] else "")
+             + (f", timestamp jumps {c['timestamp_jumps']}" if c.get("timestamp_jumps") else "")
              + (f"  rtsp {c['rtsp_url']}, {c['puller_restarts']} restarts" if c["rtsp_url"] else "")
              + (f"  ({c['message']})" if c["message"] else "") for c in result]
     lines = lines or ["no cameras"]

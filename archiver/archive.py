@@ -157,7 +157,7 @@ class Archive:
     def _ingest(self, camera: str, data: bytes, stream: DataStream,
                 now_ms: int | None) -> SegmentRow:
         now = self.clock() if now_ms is None else now_ms
-        span = media_span(data)  # reads a few packets at each end, outside the lock
+        span = media_span(data)  # reads the PES headers, outside the lock
         state = self._camera_state(camera)
         try:
             with state.lock:
@@ -181,7 +181,8 @@ class Archive:
             raise
         self.segments_ingested += 1
         self.bytes_ingested += len(data)
-        self.health.segment_archived(camera, now, len(data), time)
+        self.health.segment_archived(camera, now, len(data), time,
+                                     span.jump_ms if span is not None else 0)
         self.notifier.publish(camera)
         return row
 

@@ -1,8 +1,10 @@
 """Cameras as the Archiver sees them: where a segment sits in time, and whether a camera is healthy.
 
 **Segment time.** A segment covers [start, end] of the video it holds. Its duration comes from the
-stream's own timestamps (``archiver.mpegts``); its place on the wall clock from its arrival, since
-a camera sends a segment as soon as its last frame is captured:
+stream's own timestamps (``archiver.mpegts``), bounded by the frames it holds (a jump between two
+frames counts as one frame: a camera's clock cannot stretch a segment over hours); its place on
+the wall clock from its arrival, since a camera sends a segment as soon as its last frame is
+captured:
 
 1. While a camera's stream timestamps run on from the previous segment, the new segment follows
    it on the same anchor: start = previous end (plus any jump in the stream clock), end = start +
@@ -20,7 +22,10 @@ start of the next.
 
 **Health.** A camera is *receiving* while segments arrive; *stalled* when none arrived for
 ``STALL_FACTOR`` segment durations (at least ``MIN_STALL_MS``); *unreachable* or *auth_failed* when
-the Archiver pulls it and cannot connect or log in; *waiting* before its first segment.
+the Archiver pulls it and cannot connect or log in; *waiting* before its first segment;
+*bad_timestamps* for ``JUMP_MEMORY_MS`` after a segment whose timestamps jumped between two of its
+frames (``archiver.mpegts``: the jump was not signed as video, the camera's clock is broken or
+hostile).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ STALL_FACTOR = 3
 MIN_STALL_MS = 5000
 DEFAULT_SEGMENT_MS = 2000
 RATE_WINDOW_MS = 60_000
+JUMP_MEMORY_MS = 60_000  # a camera whose timestamps jumped stays flagged this long after
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ class CameraState(StrEnum):
     STALLED = "stalled"
     UNREACHABLE = "unreachable"
     AUTH_FAILED = "auth_failed"
+    BAD_TIMESTAMPS = "bad_timestamps"
 
 
 @dataclass
@@ -105,6 +112,9 @@ class _Health:
     puller_problem: CameraState | None = None
     puller_message: str = ""
     puller_restarts: int = 0
+    timestamp_jumps: int = 0
+    last_jump_ms: int | None = None
+    jump_message: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,7 @@ class CameraHealth:
     refused: int
     puller_restarts: int
     message: str
+    timestamp_jumps: int = 0
 
 
 class HealthBoard:
@@ -135,9 +146,18 @@ class HealthBoard:
             health = self._cameras[camera] = _Health()
         return health
 
-    def segment_archived(self, camera: str, arrival_ms: int, size: int, time: SegmentTime) -> None:
+    def segment_archived(self, camera: str, arrival_ms: int, size: int, time: SegmentTime,
+                         jump_ms: int = 0) -> None:
+        """``jump_ms``: time the segment's timestamps skipped between two of its frames (not
+        signed as video); any jump flags the camera."""
         with self._lock:
             health = self._get(camera)
+            if jump_ms > 0:
+                health.timestamp_jumps += 1
+                health.last_jump_ms = arrival_ms
+                health.jump_message = (
+                    f"timestamps jumped by {_duration(jump_ms)} inside a segment; signed as the "
+                    f"{(time.end_ms - time.start_ms) / 1000:.1f} s its frames cover")
             if health.last_end_ms is not None and time.start_ms - health.last_end_ms > GAP_TOLERANCE_MS:
                 health.gaps += 1
             if time.end_ms > time.start_ms:
@@ -173,7 +193,9 @@ class HealthBoard:
                 segments_last_minute=len(health.recent),
                 bytes_last_minute=sum(size for _, size in health.recent), gaps=health.gaps,
                 refused=health.refused, puller_restarts=health.puller_restarts,
-                message=health.puller_message)
+                message=(health.jump_message if state == CameraState.BAD_TIMESTAMPS
+                         else health.puller_message),
+                timestamp_jumps=health.timestamp_jumps)
 
     @staticmethod
     def _state(health: _Health, now_ms: int) -> CameraState:
@@ -184,9 +206,20 @@ class HealthBoard:
         stall_after = max(STALL_FACTOR * health.typical_ms, MIN_STALL_MS)
         if now_ms - health.last_arrival_ms > stall_after:
             return CameraState.STALLED
+        if health.last_jump_ms is not None and now_ms - health.last_jump_ms <= JUMP_MEMORY_MS:
+            return CameraState.BAD_TIMESTAMPS
         return CameraState.RECEIVING
 
     @staticmethod
     def _trim(health: _Health, now_ms: int) -> None:
         while health.recent and health.recent[0][0] < now_ms - RATE_WINDOW_MS:
             health.recent.popleft()
+
+
+def _duration(ms: int) -> str:
+    seconds = ms // 1000
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{ms / 1000:.1f} s"

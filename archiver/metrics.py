@@ -66,6 +66,9 @@ class ArchiverCollector(Collector):
         refused = CounterMetricFamily("fusion_camera_refused_segments",
                                       "Segments that could not be archived since start",
                                       labels=["camera"])
+        jumps = CounterMetricFamily("fusion_camera_timestamp_jumps",
+                                    "Segments whose timestamps jumped between two frames "
+                                    "(the jump is not signed as video)", labels=["camera"])
         restarts = CounterMetricFamily("fusion_camera_puller_restarts",
                                        "Times an RTSP pull failed and was retried", labels=["camera"])
         for camera in archive.db.cameras():
@@ -79,7 +82,8 @@ class ArchiverCollector(Collector):
             gaps.add_metric([camera.name], health.gaps)
             refused.add_metric([camera.name], health.refused)
             restarts.add_metric([camera.name], health.puller_restarts)
-        yield from (state, last, segments, size, gaps, refused, restarts)
+            jumps.add_metric([camera.name], health.timestamp_jumps)
+        yield from (state, last, segments, size, gaps, refused, restarts, jumps)
 
 
     def _retention(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:

@@ -1,10 +1,16 @@
 """The time span of the video in an MPEG-TS segment, read from its own PES timestamps. Pure.
 
-Only the PES headers of the first and last few frames are read, found with C-speed byte searches:
-on a 2.7 MB, 2 s H.264 segment this costs about what AES-GCM costs for it (2.3 ms vs 1.8 ms,
-same run, noisy 2-core machine); a small segment costs well under a millisecond. B-frames make
-presentation order differ from the order in the file, so the span is the minimum presentation
-time of the first frames and the maximum of the last ones, plus one frame duration.
+Every TS packet that starts a payload (payload_unit_start_indicator) is looked at, found with
+C-speed slicing and byte searches, and the PTS of each video PES read: a 2 s segment holds a few
+dozen, so this costs about what AES-GCM costs for the segment. B-frames make presentation order
+differ from the order in the file, so the times are sorted, and the span runs from the first to
+the last plus one frame duration.
+
+A camera's timestamps are its own word: one segment of 2 s of frames whose timestamps jump by
+hours half-way through would otherwise be signed as covering hours (issue 19). So the time a
+segment covers is bounded by the frames it holds: a step between two consecutive frames longer
+than ``MAX_FRAME_INTERVAL_MS`` is a jump, and counts as one frame interval. A segment of N
+frames never covers more than N x ``MAX_FRAME_INTERVAL_MS``.
 """
 
 from __future__ import annotations
@@ -16,19 +22,34 @@ PACKET = 188
 SYNC = 0x47
 PTS_CLOCK_HZ = 90_000
 PTS_WRAP = 1 << 33
-_SCAN_FRAMES = 5  # PES headers read at each end: covers a B-frame reordering window (<= 4)
+MAX_FRAME_INTERVAL_MS = 2000  # slower than 0.5 frame/s is a timestamp jump, not a frame rate
+_MAX_FRAME_TICKS = MAX_FRAME_INTERVAL_MS * PTS_CLOCK_HZ // 1000
+# Byte 1 of a TS packet -> 1 if payload_unit_start_indicator is set (translate table).
+_PUSI = bytes(1 if b & 0x40 else 0 for b in range(256))
 
 
 @dataclass(frozen=True)
 class MediaSpan:
-    """Presentation times, in 90 kHz ticks, of the first frame and of the end of the last frame."""
+    """Presentation times, in 90 kHz ticks, of the first frame and of the end of the last frame;
+    ``covered_ticks``: how much of that the frames cover (None: all of it), with any jump in
+    the timestamps counted as one frame; ``jump_ticks``: the time the jumps skipped."""
 
     first_pts: int
     end_pts: int
+    covered_ticks: int | None = None
+    jump_ticks: int = 0
+    frames: int = 0
 
     @property
     def duration_ms(self) -> int:
+        """The time the segment's frames cover: what the Archiver signs."""
+        if self.covered_ticks is not None:
+            return self.covered_ticks * 1000 // PTS_CLOCK_HZ
         return ((self.end_pts - self.first_pts) % PTS_WRAP) * 1000 // PTS_CLOCK_HZ
+
+    @property
+    def jump_ms(self) -> int:
+        return self.jump_ticks * 1000 // PTS_CLOCK_HZ
 
 
 _START_CODE = b"\x00\x00\x01"  # then a video PES has its stream id, 0xE0-0xEF
@@ -58,44 +79,42 @@ def _unwrap(values: list[int], reference: int) -> list[int]:
     return [reference + ((v - reference + half) % PTS_WRAP) - half for v in values]
 
 
-def _video_pts_from(data: bytes, start: int, count: int | None) -> list[int]:
-    """The PTS of the video PES headers from offset start on (at most count of them). A plain
-    bytes.find per start code: C speed, where a regex crawls over zero-rich video."""
+def _all_video_pts(data: bytes) -> list[int]:
+    """The PTS of every video PES header, in file order. Only packets that start a payload
+    are visited (found with C-speed slicing and byte searches)."""
     found: list[int] = []
-    at = data.find(_START_CODE, start)
-    while at >= 0 and (count is None or len(found) < count):
-        if at + 3 < len(data) and data[at + 3] & 0xF0 == 0xE0:
-            pts = _video_pts(data, at)
-            if pts is not None:
-                found.append(pts)
-        at = data.find(_START_CODE, at + 3)
+    starts = data[1::PACKET].translate(_PUSI)
+    index = starts.find(1)
+    while index >= 0:
+        packet = index * PACKET
+        if packet + PACKET <= len(data) and data[packet] == SYNC:
+            adaptation = (data[packet + 3] >> 4) & 0x3
+            pes = packet + 4
+            if adaptation & 0x2:
+                pes += 1 + data[pes]
+            if (pes + 4 <= packet + PACKET and data[pes:pes + 3] == _START_CODE
+                    and data[pes + 3] & 0xF0 == 0xE0):
+                pts = _video_pts(data, pes)
+                if pts is not None:
+                    found.append(pts)
+        index = starts.find(1, index + 1)
     return found
-
-
-def _last_video_pts(data: bytes, count: int) -> list[int]:
-    """The PTS of the last ``count`` video PES headers: searched forward in a tail window that
-    grows until it holds enough (bytes.rfind is pathologically slow on zero-rich video)."""
-    window = 128 * 1024
-    while True:
-        start = max(0, len(data) - window)
-        found = _video_pts_from(data, start, None)
-        if len(found) >= count or start == 0:
-            return found[-count:]
-        window *= 4
 
 
 def media_span(data: bytes) -> MediaSpan | None:
     """The span of the video in an MPEG-TS segment, or None if it holds no timed video."""
     if len(data) < PACKET or data[0] != SYNC:
         return None
-    head = _video_pts_from(data, 0, _SCAN_FRAMES)
-    if not head:
+    every = _all_video_pts(data)
+    if not every:
         return None
-    tail = _last_video_pts(data, _SCAN_FRAMES)
-    head = _unwrap(head, head[0])
-    tail = _unwrap(tail, head[0])
-    every = sorted(set(head + tail))
-    steps = [b - a for a, b in itertools.pairwise(every) if b > a]
-    frame = min(steps) if steps else 0
-    first, last = min(head), max(tail)
-    return MediaSpan(first % PTS_WRAP, (last + frame) % PTS_WRAP)
+    every = sorted(set(_unwrap(every, every[0])))
+    steps = [b - a for a, b in itertools.pairwise(every)]
+    # A step longer than any plausible frame interval is a jump of the camera's clock, not
+    # video: it counts as one frame, so the signed span is bounded by the frames held.
+    plausible = [step for step in steps if step <= _MAX_FRAME_TICKS]
+    jumps = [step for step in steps if step > _MAX_FRAME_TICKS]
+    frame = min(plausible) if plausible else 0
+    covered = sum(plausible) + frame * (len(jumps) + 1)
+    return MediaSpan(every[0] % PTS_WRAP, (every[-1] + frame) % PTS_WRAP, covered,
+                     sum(jumps) - frame * len(jumps), len(every))

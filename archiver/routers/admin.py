@@ -51,7 +51,10 @@ class CameraInfo(BaseModel):
     gaps: int = Field(description="Gaps in the recording since the Archiver started")
     refused: int = Field(description="Segments that could not be archived since start")
     puller_restarts: int
-    message: str = Field(description="Why an RTSP camera cannot be pulled, if it cannot")
+    message: str = Field(description="Why an RTSP camera cannot be pulled, if it cannot; why "
+                               "its timestamps are bad, if they are")
+    timestamp_jumps: int = Field(0, description="Segments whose timestamps jumped between two "
+                                 "frames since start (the jump is not signed as video)")
     retention_days: int = Field(description="Days video is kept (the camera's or the site's)")
     retention_default: bool = Field(description="True if the site default applies")
     holds: int = Field(description="Evidence holds on the camera")

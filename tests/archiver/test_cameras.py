@@ -114,3 +114,39 @@ def test_health_states_and_gaps() -> None:
     assert health.state == CameraState.AUTH_FAILED and health.puller_restarts == 1
     board.segment_archived("cam", 93_000, 100, SegmentTime(91_000, 93_000))
     assert board.health("cam", 93_000).state == CameraState.RECEIVING
+
+
+@requires_ffmpeg
+def test_a_timestamp_jump_inside_a_segment_counts_as_one_frame(tmp_path: Path) -> None:
+    """Issue 19: two ffmpeg files of 1 s each, the second moved by 10 h, as one segment: its
+    span is the 2 s its 50 frames cover, and the jump is reported; backwards too."""
+    def ts(name: str, offset_s: int) -> bytes:
+        path = tmp_path / name
+        subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-f",
+                        "lavfi", "-i", "testsrc=size=160x120:rate=25", "-t", "1", "-c:v",
+                        "libx264", "-bf", "0", "-pix_fmt", "yuv420p", "-output_ts_offset",
+                        str(offset_s), "-f", "mpegts", str(path)], check=True)
+        return path.read_bytes()
+
+    early, late = ts("early.ts", 0), ts("late.ts", 36_000)
+    for data in (early + late, late + early):
+        span = media_span(data)
+        assert span is not None and span.frames == 50
+        assert span.duration_ms == 2000
+        assert span.jump_ms == 36_000_000 - 1000  # 10 h less the 1 s the early frames cover
+    plain = media_span(early)
+    assert plain is not None and plain.jump_ms == 0 and plain.duration_ms == 1000
+
+
+def test_a_camera_whose_timestamps_jumped_is_flagged_for_a_minute() -> None:
+    board = HealthBoard()
+    board.segment_archived("cam", 10_000, 100, SegmentTime(8_000, 10_000), jump_ms=3_600_000)
+    health = board.health("cam", 10_500)
+    assert health.state == CameraState.BAD_TIMESTAMPS and health.timestamp_jumps == 1
+    assert "jumped by 1 h 00 min" in health.message and "2.0 s" in health.message
+    board.segment_archived("cam", 12_000, 100, SegmentTime(10_000, 12_000))
+    assert board.health("cam", 12_000).state == CameraState.BAD_TIMESTAMPS
+    for arrival in range(14_000, 72_000, 2000):
+        board.segment_archived("cam", arrival, 100, SegmentTime(arrival - 2000, arrival))
+    health = board.health("cam", 72_000)
+    assert health.state == CameraState.RECEIVING and health.timestamp_jumps == 1
