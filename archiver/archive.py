@@ -318,20 +318,31 @@ class Archive:
             assembler.close()
 
     async def live(self, viewer: ViewerRow, camera: str, duration_s: float,
-                   nonce: bytes) -> AsyncIterator[bytes]:
+                   nonce: bytes, from_ms: int | None = None) -> AsyncIterator[bytes]:
         """A live fusion stream: segments as they are acknowledged, for duration_s. Reads from
         the archive (not from memory), so a slow viewer costs no memory; one that falls more
         than live_max_lag manifests behind is dropped (its stream stops without an end record,
-        which the viewer reports as truncated)."""
+        which the viewer reports as truncated).
+
+        ``from_ms``: the viewer's clock when it sent the request (the caller checked it is
+        within the allowed clock difference); the stream starts there, so a relay that holds
+        the request back skips nothing. Its edges are proven as a recorded range's are: the
+        manifest before the first one reaching the start goes first, bare, and END states the
+        chain head from memory (every manifest before it was sent)."""
         now = self.clock()
-        assembler = _Assembler(self, viewer, camera, Mode.LIVE, now, now + int(duration_s * 1000),
-                               nonce)
+        start = now if from_ms is None else from_ms
+        assembler = _Assembler(self, viewer, camera, Mode.LIVE, start,
+                               start + int(duration_s * 1000), nonce)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + duration_s
         try:
             yield assembler.start()
-            last = await anyio.to_thread.run_sync(self.db.last_manifest, camera)
-            after = -1 if last is None else last.manifest_seq
+            head = self.chain_head(camera)
+            first = await anyio.to_thread.run_sync(self.db.manifests_from, camera, start,
+                                                   2**62, -1, 1)
+            after = (first[0].manifest_seq if first else head) - 1
+            if after >= 0:  # the opening edge
+                yield await anyio.to_thread.run_sync(assembler.edge, camera, after)
             while True:
                 if not await anyio.to_thread.run_sync(assembler.still_authorized):
                     log.warning("ending the live stream of %s: its authorization ended",
@@ -354,7 +365,18 @@ class Archive:
                     break
                 if not rows:
                     await self.notifier.wait(camera, version, min(remaining, 1.0))
-            yield await anyio.to_thread.run_sync(assembler.end, EndReason.LIVE_ENDED)
+            # The closing edge: the head from memory, and every manifest before it not sent yet.
+            head = self.chain_head(camera)
+            rows = await anyio.to_thread.run_sync(self.db.manifests_after, camera, after,
+                                                  max(0, head - 1 - after))
+            for row in rows:
+                if row.manifest_seq >= head:
+                    break
+                if not await anyio.to_thread.run_sync(assembler.still_authorized):
+                    return
+                yield await anyio.to_thread.run_sync(assembler.manifest, row)
+            yield await anyio.to_thread.run_sync(assembler.end, EndReason.LIVE_ENDED,
+                                                 ((camera, head),))
         finally:
             assembler.close()
 

@@ -329,9 +329,13 @@ class ArchiverSession:
              request: StreamRequest | None = None) -> Iterator[Iterator[bytes]]:
         """A live fusion stream for ``duration_s`` seconds (``request``: see live_request)."""
         nonce = (request.nonce if request is not None else secrets.token_bytes(16)).hex()
+        params: dict[str, Any] = {"duration_s": duration_s, "nonce": nonce}
+        if request is not None:
+            # The stream starts at this machine's clock when the request was made, not when
+            # the Archiver got it: a relay holding the request back cannot skip the start.
+            params["from_ms"] = request.from_ms
         # No read timeout: a camera may be silent for a long time in live mode.
-        with self._stream(f"/v1/cameras/{camera}/live",
-                          {"duration_s": duration_s, "nonce": nonce}, read_timeout=None) as it:
+        with self._stream(f"/v1/cameras/{camera}/live", params, read_timeout=None) as it:
             yield it
 
     @contextmanager

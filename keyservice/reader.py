@@ -142,9 +142,16 @@ def _check_header_answers(header: Header, request: StreamRequest) -> None:
                 f"{_iso(request.to_ms)}.")
         return
     assert request.clock is not None
+    # Live starts where the viewer's request said (its clock when sending), so a relay that
+    # holds the request back cannot make the stream skip its start.
+    if (header.range_from_ms, header.range_to_ms) != (request.from_ms, request.to_ms):
+        raise RequestMismatch(
+            f"This live stream covers {_iso(header.range_from_ms)} .. "
+            f"{_iso(header.range_to_ms)}, not the requested {_iso(request.from_ms)} .. "
+            f"{_iso(request.to_ms)}.")
     now = request.clock()
     earliest, latest = request.from_ms - request.max_skew_ms, now + request.max_skew_ms
-    for what, when in (("made", header.created_ms), ("started", header.range_from_ms)):
+    for what, when in (("made", header.created_ms),):
         if not earliest <= when <= latest:
             raise RequestMismatch(
                 f"This live stream was {what} {_iso(when)} by the Archiver's clock, but the "
@@ -171,7 +178,10 @@ def _check_entry_answers(camera: str, entry: ManifestEntry, request: StreamReque
                 f"{_iso(request.to_ms)}.", "The Archiver's index may have been tampered with.")
         return
     assert request.clock is not None
-    if when < request.from_ms - request.max_skew_ms:
+    # A timed segment must reach the live start (its video ends at or after it), exactly as a
+    # recorded range's first one; an untimed one may start up to the clock difference before.
+    if (when + entry.duration_ms < request.from_ms if entry.duration_ms
+            else when < request.from_ms - request.max_skew_ms):
         raise RequestMismatch(
             f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), before "
             f"this live request was sent ({_iso(request.from_ms)}, allowed clock difference "
@@ -500,6 +510,17 @@ class StreamReader:
         elif (manifest.manifest_seq != camera.last_seq + 1
               or not hmac.compare_digest(manifest.prev_hash, camera.last_hash)):
             raise IntegrityError()
+        live_from = self._live_start()
+        if live_from is not None and first:
+            # Live's opening edge: the chain's start, or the manifest just before the live
+            # start, bare (every entry's video ends before it): nothing after the start was
+            # left out before the first segment delivered.
+            camera.opened = manifest.manifest_seq == 0
+            if (not camera.pending and manifest.entries
+                    and all(e.capture_ms + e.duration_ms < live_from for e in manifest.entries)):
+                camera.opened = True
+                camera.last_seq, camera.last_hash = manifest.manifest_seq, digest
+                return
         span = self._playback_range()
         if span is not None:
             if self._is_edge(camera, manifest, first, span):
@@ -597,6 +618,16 @@ class StreamReader:
             return header.range_from_ms, header.range_to_ms
         return None
 
+    def _live_start(self) -> int | None:
+        """A live stream's start: the request's, or for a saved stream read without one, its
+        header's (authenticated by END)."""
+        request, header = self._request, self.header
+        if request is not None:
+            return request.from_ms if request.mode == Mode.LIVE else None
+        if header is not None and header.mode == Mode.LIVE:
+            return header.range_from_ms
+        return None
+
     @staticmethod
     def _is_edge(camera: _Camera, manifest: Manifest, first: bool,
                  span: tuple[int, int]) -> bool:
@@ -621,7 +652,12 @@ class StreamReader:
         after the range or the chain's head as the END states it."""
         # Judged for every playback request, and for a stream read without one (a saved
         # stream) when its END states chain heads, as every Archiver-made playback END does.
-        if self._playback_range() is None or (self._request is None and not end.heads):
+        # Live: the same, from the live start to the chain head END states.
+        live = self._live_start() is not None
+        if live:
+            if self._request is None and not end.heads:
+                return
+        elif self._playback_range() is None or (self._request is None and not end.heads):
             return
         heads = dict(end.heads)
         for name, camera in self._cameras.items():
@@ -633,9 +669,10 @@ class StreamReader:
                     f"The stream holds no manifest of camera {name}, and does not show that "
                     "nothing was recorded in the requested range.")
             if not camera.opened:
+                what = "live start" if live else "requested range"
                 raise RangeIncomplete(
-                    f"The stream does not show that it starts at the beginning of the requested "
-                    f"range for camera {name}: earlier recordings in the range may be missing.")
+                    f"The stream does not show that it starts at the beginning of the {what} "
+                    f"for camera {name}: earlier recordings may be missing.")
             if not camera.closed and head != camera.last_seq + 1:
                 raise RangeIncomplete(
                     f"The stream does not show that it reaches the end of the requested range "

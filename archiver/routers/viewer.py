@@ -30,6 +30,9 @@ log = logging.getLogger("archiver")
 router = APIRouter(prefix="/v1", tags=["viewer"])
 MEDIA_TYPE = "application/vnd.fusion-stream"
 MAX_MS = 2**63 - 1  # SQLite integers are signed 64-bit: larger bounds were a 500
+# A live stream starts at the viewer's clock (from_ms); further from the Archiver's than this,
+# the clocks are wrong (and live must not become a way round the recorded-range request).
+LIVE_MAX_CLOCK_DIFFERENCE_MS = 300_000
 # The viewer's fresh random request nonce (16 bytes, hex): the stream's header repeats it under
 # the Archiver's END signature, so a stream cannot be replayed as the answer to another request.
 NonceQuery = Annotated[str, Query(pattern=r"^[0-9a-f]{32}$",
@@ -239,10 +242,20 @@ async def gaps(camera: CameraPath, viewer: ViewerDep, services: ServicesDep,
 @router.get("/cameras/{camera}/live",
             responses={200: {"content": {MEDIA_TYPE: {}}, "description": "A live fusion stream"}})
 async def live(camera: CameraPath, viewer: ViewerDep, services: ServicesDep, nonce: NonceQuery,
-               duration_s: Annotated[float, Query(gt=0, le=86400)] = 3600) -> StreamingResponse:
+               duration_s: Annotated[float, Query(gt=0, le=86400)] = 3600,
+               from_ms: Annotated[int | None, Query(ge=0, le=MAX_MS)] = None,
+               ) -> StreamingResponse:
+    """``from_ms``: the viewer's clock when it sent the request; the stream starts there (and
+    its header says so), so a relay that holds the request back cannot skip its start."""
     _authorize(viewer, services, camera)
     archive = services.archive
-    services.audit.record(viewer.fingerprint, "stream.live", archive.clock(), camera=camera,
+    now = archive.clock()
+    if from_ms is not None and abs(from_ms - now) > LIVE_MAX_CLOCK_DIFFERENCE_MS:
+        raise ApiError(422, ErrorCode.BAD_RANGE,
+                       f"The live start is {abs(from_ms - now) / 1000:.0f} s from the Archiver's "
+                       f"clock (at most {LIVE_MAX_CLOCK_DIFFERENCE_MS // 1000} s): check both "
+                       "clocks (NTP).")
+    services.audit.record(viewer.fingerprint, "stream.live", now, camera=camera,
                           duration_s=duration_s)
-    return _ViewerStream(archive.live(viewer, camera, duration_s, bytes.fromhex(nonce)),
+    return _ViewerStream(archive.live(viewer, camera, duration_s, bytes.fromhex(nonce), from_ms),
                          services.settings.stream_send_timeout_s)

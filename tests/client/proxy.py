@@ -10,7 +10,7 @@ import dataclasses
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 
@@ -60,8 +60,9 @@ def rewrite_header(stream: bytes, path: str) -> bytes:
     now = time.time_ns() // 1_000_000
     changes: dict[str, object] = {"request_nonce": bytes.fromhex(query["nonce"][0])}
     if "duration_s" in query:
-        changes.update(created_ms=now, range_from_ms=now,
-                       range_to_ms=now + int(float(query["duration_s"][0]) * 1000))
+        begin = int(query["from_ms"][0]) if "from_ms" in query else now  # the viewer's start
+        changes.update(created_ms=now, range_from_ms=begin,
+                       range_to_ms=begin + int(float(query["duration_s"][0]) * 1000))
     else:
         changes.update(range_from_ms=int(query["from_ms"][0]),
                        range_to_ms=int(query["to_ms"][0]))
@@ -69,8 +70,18 @@ def rewrite_header(stream: bytes, path: str) -> bytes:
     return stream[:start] + new + stream[end:]
 
 
+def shift_start(path: str, shift_ms: int) -> str:
+    """A live request's path with its from_ms moved later (what a relay can do to skip the
+    first seconds of a live stream)."""
+    parts = urlsplit(path)
+    query = parse_qs(parts.query)
+    query["from_ms"] = [str(int(query["from_ms"][0]) + shift_ms)]
+    return f"{parts.path}?{urlencode(query, doseq=True)}"
+
+
 class TamperingProxy:
-    """Forwards to the Archiver. ``mode``: None (pass through), "flip", "truncate", or
+    """Forwards to the Archiver. ``mode``: None (pass through), "flip", "truncate", "hold",
+    "shift" (live requests, see __init__), or
     "replay": answer every fusion stream request with ``saved`` (set it to a stream recorded
     earlier), without asking the Archiver; ``rewrite`` also makes its header name the new
     request."""
@@ -82,6 +93,12 @@ class TamperingProxy:
         self.saved: bytes | None = None
         self.rewrite = False
         self.replayed = 0
+        # Live requests: "hold" keeps each one back for hold_s before forwarding it (a slow or
+        # hostile relay), "shift" moves its from_ms later by shift_ms; live_seen is set when
+        # a live request arrived.
+        self.hold_s = 0.0
+        self.shift_ms = 0
+        self.live_seen = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -103,15 +120,23 @@ class TamperingProxy:
                 if proxy.mode == "replay" and path.endswith(("/recording", "/live")):
                     self._replay()
                     return
+                target = self.path
+                if path.endswith("/live"):
+                    proxy.live_seen.set()
+                    if proxy.mode == "hold":
+                        time.sleep(proxy.hold_s)
+                    elif proxy.mode == "shift":
+                        target = shift_start(self.path, proxy.shift_ms)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() in ("authorization", "content-type")}
-                response = httpx.request(method, proxy.upstream + self.path, content=body,
+                response = httpx.request(method, proxy.upstream + target, content=body,
                                          headers=headers, timeout=60)
                 data = response.content
                 media = response.headers.get("content-type", "")
-                if proxy.mode and media.startswith(FUSION) and response.status_code == 200:
+                if (proxy.mode in ("flip", "truncate") and media.startswith(FUSION)
+                        and response.status_code == 200):
                     data = tamper(data, proxy.mode, proxy.segment_index)
                 self.send_response(response.status_code)
                 self.send_header("Content-Type", media)

@@ -449,15 +449,13 @@ def assemble(sim: SimArchiver, viewer: Viewer, cameras: tuple[str, ...], mode: M
         records.append(writer.add(manifest.data))
         notes.append({"kind": "manifest", "camera": manifest.camera})
     reason = EndReason.LIVE_ENDED if mode == Mode.LIVE else EndReason.RANGE_COMPLETE
-    if heads is None:
-        heads = ({} if mode == Mode.LIVE
-                 else {camera: sim.chains[camera].next_seq for camera in cameras})
+    if heads is None:  # live too: END proves the stream's end (docs/spec: live edges)
+        heads = {camera: sim.chains[camera].next_seq for camera in cameras}
     records.append(writer.end(end_signer or sim.signer, reason, sorted(heads.items())))
     notes.append({"kind": "end"})
     events.append({"event": "end", "reason": int(reason)})
-    if mode == Mode.LIVE:  # asked 200 ms before the Archiver made it, read 45 s later
-        request = request_json(nonce, cameras, mode, created_ms - 200,
-                               created_ms - 200 + (range_ms[1] - range_ms[0]), created_ms + 45_000)
+    if mode == Mode.LIVE:  # from the viewer's clock when asking (the header's range), read 45 s later
+        request = request_json(nonce, cameras, mode, *range_ms, created_ms + 45_000)
     else:
         request = request_json(nonce, cameras, mode, *range_ms)
     return Built(records, events, bytes(plaintext), notes, request)
@@ -617,14 +615,16 @@ def vectors() -> Iterator[Vector]:
                        "minute_keys_by_key_id": sim.minute_keys,
                        "transcript": transcript_intermediates(recs)})
 
-    gate_minute2 = [m for m in sim.manifests if m.camera == GATE][-2:]
-    live_b = assemble(sim, viewer_b, (GATE,), Mode.LIVE, gate_minute2, FixedRng("live of B"),
-                      created_ms=T0 + 125_200, range_ms=(T0 + 125_200, T0 + 185_200))
+    gate_live = [m for m in sim.manifests if m.camera == GATE][-3:]
+    live_b = assemble(sim, viewer_b, (GATE,), Mode.LIVE, gate_live, FixedRng("live of B"),
+                      created_ms=T0 + 125_400, range_ms=(T0 + 125_200, T0 + 185_200),
+                      bare=(gate_live[0],))
     yield V(
         "good-live-sha1-oaep-joined-midway",
         "A live stream for viewer B (RSA-OAEP with SHA-1, as SoftHSM needs) that joins "
-        "cam-gate's manifest chain midway (its first manifest has sequence 4) and ends with "
-        "reason 2 (live ended).",
+        "cam-gate's manifest chain midway: the manifest before the live start (sequence 3) "
+        "bare as its opening edge, then sequences 4 and 5; it ends with reason 2 (live ended) "
+        "and END states the chain head (6).",
         SUCCESS, live_b.stream(), viewer="viewer-b", built=live_b, request=live_b.request)
 
     lobby = [m for m in sim.manifests if m.camera == LOBBY]
@@ -660,6 +660,22 @@ def vectors() -> Iterator[Vector]:
             "while the end record names a later chain head: the range's end may be missing.",
             INCOMPLETE, no_end.stream(), len(no_end.records) - 1, viewer="viewer-b",
             request=no_end.request)
+    # Live streams prove their edges as recorded ranges do (issue 19).
+    live_no_start = assemble(sim, viewer_b, (GATE,), Mode.LIVE, gate_live[1:],
+                             FixedRng("live of B"), created_ms=T0 + 125_400,
+                             range_ms=(T0 + 125_200, T0 + 185_200))
+    yield V("live-start-unproven", "A live stream that joins cam-gate's chain midway without "
+            "the bare manifest just before the live start (as from an Archiver that skipped "
+            "the first segments after it): nothing shows that nothing was left out at the "
+            "start.", INCOMPLETE, live_no_start.stream(), len(live_no_start.records) - 1,
+            viewer="viewer-b", request=live_no_start.request)
+    live_no_end = assemble(sim, viewer_b, (GATE,), Mode.LIVE, gate_live[:2],
+                           FixedRng("live of B"), created_ms=T0 + 125_400,
+                           range_ms=(T0 + 125_200, T0 + 185_200), bare=(gate_live[0],))
+    yield V("live-end-unproven", "A live stream without cam-gate's last manifest, while the "
+            "end record names a later chain head: its end may be missing.", INCOMPLETE,
+            live_no_end.stream(), len(live_no_end.records) - 1, viewer="viewer-b",
+            request=live_no_end.request)
 
     # --- one bit flipped in each record type ----------------------------------------------
     yield V("flip-header-request-id", "A bit of the header's request id flipped: the "
@@ -888,7 +904,7 @@ def vectors() -> Iterator[Vector]:
                            clock_ms=live_b.request["clock_ms"] + 3_600_000))
     old_live = assemble(sim, viewer_b, (GATE,), Mode.LIVE,
                         [m for m in sim.manifests if m.camera == GATE][:2], FixedRng("old live"),
-                        created_ms=T0 + 125_200, range_ms=(T0 + 125_200, T0 + 185_200))
+                        created_ms=T0 + 125_400, range_ms=(T0 + 125_200, T0 + 185_200))
     yield V("request-live-old-segments", "A fresh live header, but the segments are from "
             "minute 0 (signed capture times two minutes before the request): old footage "
             "offered as live.", MISMATCH, old_live.stream(), indices(old_live, "manifest")[0],

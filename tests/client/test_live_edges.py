@@ -1,0 +1,85 @@
+"""Issue 19, left open: live streams prove their edges as recorded ranges do. A relay between
+the real fusion-client and a real Archiver holds the live request back, or moves its start
+later; the Archiver starts the stream at the viewer's own start (from_ms), sends the manifest
+before it bare as the opening edge and states the chain head in END, and the client checks both
+(the format-level cases are vectors live-start-unproven and live-end-unproven)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.fixtures.server import ArchiverServer
+
+from .proxy import TamperingProxy
+from .test_e2e import Client, Viewer, chunk, put, wait_for_audit
+from .test_request_binding import EXIT_REQUEST_MISMATCH, assert_no_video, live
+
+HOLD_S = 4.0
+
+
+def _audited(server: ArchiverServer, action: str) -> bool:
+    log = server.data_dir / "audit.jsonl"
+    return log.exists() and any(json.loads(line).get("action") == action
+                                for line in log.read_text().splitlines() if line.strip())
+
+
+def test_a_relay_holding_the_live_request_back_skips_nothing(
+        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    """Before: the Archiver started a live stream at its own clock when the request reached
+    it, so a relay that held the request for 4 s made the viewer miss the segments archived
+    meanwhile, with exit 0 (2 of 4 delivered). After: the stream starts at the viewer's
+    start, and those segments come too (4 of 4); the one archived before the request is the
+    bare opening edge, not delivered."""
+    alice = make_viewer("alice")
+    token = archiver_server.add_camera("cam1")
+    archiver_server.add_viewer(alice.pem, ["cam1"])
+    before = chunk("before")
+    put(archiver_server, "cam1", token, before)
+    out = tmp_path / "live.ts"
+    with TamperingProxy(archiver_server.url) as relay:
+        relay.mode, relay.hold_s = "hold", HOLD_S
+        viewer = subprocess.Popen(
+            client.command("live", "--archiver", relay.url, "--token", alice.uri, "--camera",
+                           "cam1", "--duration", "8", "-o", str(out)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client.env(),
+            stdin=subprocess.DEVNULL)
+        try:
+            assert relay.live_seen.wait(60), "the viewer never sent its live request"
+            held = [chunk(f"held-{i}") for i in range(2)]
+            put(archiver_server, "cam1", token, *held)
+            # Archived while the relay still holds the request: the Archiver has not seen it.
+            assert not _audited(archiver_server, "stream.live")
+            wait_for_audit(archiver_server, "stream.live")
+            after = [chunk(f"after-{i}") for i in range(2)]
+            put(archiver_server, "cam1", token, *after)
+            _, err = viewer.communicate(timeout=120)
+        finally:
+            if viewer.poll() is None:
+                viewer.kill()
+                viewer.wait()
+    stderr = err.decode()
+    assert viewer.returncode == 0, stderr
+    assert out.read_bytes() == b"".join(held + after), stderr
+
+
+def test_a_relay_moving_the_live_start_later_is_refused(
+        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    """A relay that moves the request's start 3 s later (to skip what the camera sent first):
+    the signed header names the start the Archiver used, which is not the viewer's."""
+    alice = make_viewer("alice")
+    token = archiver_server.add_camera("cam1")
+    archiver_server.add_viewer(alice.pem, ["cam1"])
+    put(archiver_server, "cam1", token, chunk("before"))
+    out = tmp_path / "live.ts"
+    with TamperingProxy(archiver_server.url) as relay:
+        relay.mode, relay.shift_ms = "shift", 3000
+        result = live(client, relay.url, alice, "cam1", out, duration=2)
+    stderr = result.stderr.decode()
+    assert result.returncode == EXIT_REQUEST_MISMATCH, stderr
+    assert "This live stream covers" in stderr and "not the requested" in stderr, stderr
+    assert_no_video(out)
