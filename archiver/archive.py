@@ -34,7 +34,9 @@ from keyservice.format import (
     DataStream,
     EndReason,
     Header,
+    Manifest,
     Mode,
+    decode_record,
     encode_record_parts,
 )
 from keyservice.identity import Signer
@@ -338,9 +340,7 @@ class Archive:
         try:
             yield assembler.start()
             head = self.chain_head(camera)
-            first = await anyio.to_thread.run_sync(self.db.manifests_from, camera, start,
-                                                   2**62, -1, 1)
-            after = (first[0].manifest_seq if first else head) - 1
+            after = await anyio.to_thread.run_sync(self._issued_before, camera, head, start)
             if after >= 0:  # the opening edge
                 yield await anyio.to_thread.run_sync(assembler.edge, camera, after)
             while True:
@@ -379,6 +379,24 @@ class Archive:
                                                  ((camera, head),))
         finally:
             assembler.close()
+
+
+    def _issued_before(self, camera: str, head: int, start_ms: int) -> int:
+        """The last manifest (below ``head``) issued before ``start_ms`` by its signed
+        issued_ms: a live stream's opening edge. Looks back at most live_max_lag manifests
+        (a live start is at most a minute from now); -1 if the chain had none."""
+        rows = [row for row in self.db.manifests_after(
+            camera, max(-1, head - 1 - self.settings.live_max_lag), self.settings.live_max_lag + 1)
+            if row.manifest_seq < head]
+        for row in reversed(rows):
+            reader = self.files.opener(row.file)
+            try:
+                manifest = decode_record(reader.read(row.offset, row.length))
+            finally:
+                reader.close()
+            if isinstance(manifest, Manifest) and manifest.issued_ms < start_ms:
+                return row.manifest_seq
+        return (rows[0].manifest_seq if rows else head) - 1
 
 
 @dataclass(frozen=True)

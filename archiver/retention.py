@@ -259,8 +259,8 @@ class Retention:
         records, epochs = self._with_room(self.db.shred_unused_keys, camera, end)
         report.key_records_shredded += records
         report.epochs_shredded += epochs
-        # A key rotated late the day before may have sealed this day's first segments: its
-        # records are in the previous day's journal.
+        # In archives written before key periods were split at midnight, a key of the day
+        # before may have sealed this day's first segments: its records are in that journal.
         in_use = self.db.chain_ids_in_use(camera)
         for journal_day in (_day_of(day_start_ms(day) - DAY_MS), day):
             self._with_room(self._rewrite_journal, f"{camera}/{journal_day}.fsk", in_use, end,

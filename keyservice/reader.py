@@ -178,10 +178,7 @@ def _check_entry_answers(camera: str, entry: ManifestEntry, request: StreamReque
                 f"{_iso(request.to_ms)}.", "The Archiver's index may have been tampered with.")
         return
     assert request.clock is not None
-    # A timed segment must reach the live start (its video ends at or after it), exactly as a
-    # recorded range's first one; an untimed one may start up to the clock difference before.
-    if (when + entry.duration_ms < request.from_ms if entry.duration_ms
-            else when < request.from_ms - request.max_skew_ms):
+    if when < request.from_ms - request.max_skew_ms:
         raise RequestMismatch(
             f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), before "
             f"this live request was sent ({_iso(request.from_ms)}, allowed clock difference "
@@ -512,12 +509,13 @@ class StreamReader:
             raise IntegrityError()
         live_from = self._live_start()
         if live_from is not None and first:
-            # Live's opening edge: the chain's start, or the manifest just before the live
-            # start, bare (every entry's video ends before it): nothing after the start was
-            # left out before the first segment delivered.
+            # Live's opening edge: the chain's start, or the last manifest the Archiver issued
+            # before the live start (signed issued_ms), bare: nothing archived after the start
+            # was left out before the first segment delivered. (Issue time, not capture time:
+            # a continuous stream uploaded late is archived after the start with capture
+            # times before it, and belongs to the live stream.)
             camera.opened = manifest.manifest_seq == 0
-            if (not camera.pending and manifest.entries
-                    and all(e.capture_ms + e.duration_ms < live_from for e in manifest.entries)):
+            if not camera.pending and manifest.issued_ms < live_from:
                 camera.opened = True
                 camera.last_seq, camera.last_hash = manifest.manifest_seq, digest
                 return

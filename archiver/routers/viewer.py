@@ -32,7 +32,7 @@ MEDIA_TYPE = "application/vnd.fusion-stream"
 MAX_MS = 2**63 - 1  # SQLite integers are signed 64-bit: larger bounds were a 500
 # A live stream starts at the viewer's clock (from_ms); further from the Archiver's than this,
 # the clocks are wrong (and live must not become a way round the recorded-range request).
-LIVE_MAX_CLOCK_DIFFERENCE_MS = 300_000
+LIVE_MAX_CLOCK_DIFFERENCE_MS = 60_000  # catch-up stays well within live_max_lag
 # The viewer's fresh random request nonce (16 bytes, hex): the stream's header repeats it under
 # the Archiver's END signature, so a stream cannot be replayed as the answer to another request.
 NonceQuery = Annotated[str, Query(pattern=r"^[0-9a-f]{32}$",

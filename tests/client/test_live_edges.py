@@ -79,7 +79,13 @@ def test_a_relay_moving_the_live_start_later_is_refused(
     with TamperingProxy(archiver_server.url) as relay:
         relay.mode, relay.shift_ms = "shift", 3000
         result = live(client, relay.url, alice, "cam1", out, duration=2)
+        # A start far from the Archiver's clock is refused by the Archiver itself.
+        relay.shift_ms = 120_000
+        far = live(client, relay.url, alice, "cam1", out, duration=2)
     stderr = result.stderr.decode()
     assert result.returncode == EXIT_REQUEST_MISMATCH, stderr
     assert "This live stream covers" in stderr and "not the requested" in stderr, stderr
+    stderr = far.stderr.decode()
+    assert far.returncode != 0 and "check both clocks" in stderr, stderr
+    assert "Traceback" not in stderr
     assert_no_video(out)
