@@ -21,7 +21,7 @@ from keyservice.format import Segment, decode_record
 from tests.fixtures.camera import requires_ffmpeg
 from tests.fixtures.server import ArchiverServer
 
-from .test_e2e import EXIT, Client, Viewer, now_ms, play
+from .test_e2e import EXIT, Client, Viewer, now_ms, play, wait_for_audit
 
 RATE = 25  # frames per second of the test camera
 FRAME_MS = 1000 // RATE
@@ -98,6 +98,7 @@ def test_a_timestamp_jump_on_a_new_camera_is_not_signed_as_video(
     assert duration == 2 * RATE * FRAME_MS  # 50 frames: 2.000 s, not 10 h
     assert sent - duration <= capture and capture + duration <= acked  # ends at its arrival
     _assert_flagged(https_archiver, 1)
+    wait_for_audit(https_archiver, "camera.bad_timestamps")  # once, from the health watcher
 
     tls = ("--tls-ca", str(https_archiver.tls_ca))
     earlier = sent - int(9.5 * HOUR_S * 1000)
