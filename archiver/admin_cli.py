@@ -141,7 +141,8 @@ def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
              f"{c['retention_days']} d{' (default)' if c['retention_default'] else ''}"
              + (f", {c['holds']} hold(s)" if c["holds"] else "") + "  last minute: "
              f"{c['segments_last_minute']} segments, {c['bytes_last_minute']} bytes; "
-             f"gaps {c['gaps']}" + (f", refused {c['refused']}" if c["refused"] else "")
+             f"gaps {c['gaps']}" + (f", refused {c['refused']} (last: {c['last_refusal']})"
+                                   if c["refused"] else "")
              + (f"  rtsp {c['rtsp_url']}, {c['puller_restarts']} restarts" if c["rtsp_url"] else "")
              + (f"  ({c['message']})" if c["message"] else "") for c in result]
     lines = lines or ["no cameras"]

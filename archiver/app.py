@@ -50,9 +50,12 @@ async def _watch_camera_health(archive: Archive, audit: AuditLog) -> None:
             if health.state == before or health.state == CameraState.WAITING:
                 continue
             if health.state == CameraState.RECEIVING:
-                log.info("camera %s: receiving again", camera.name)
+                # "again" only after a problem, not for the first segment of this run.
+                log.info("camera %s: %s", camera.name, "receiving (first segment since start)"
+                         if before == CameraState.WAITING else "receiving again")
             else:
-                log.warning("camera %s: %s %s", camera.name, health.state.value, health.message)
+                log.warning("camera %s: %s (%s)", camera.name, health.state.value,
+                            health.message or "no reason known")
             audit.record("archiver", f"camera.{health.state.value}", now, camera=camera.name,
                          last_segment_ms=health.last_segment_ms, message=health.message)
 
@@ -161,7 +164,8 @@ def create_app(settings: Settings, signer: Signer | None = None,
                   openapi_url="/openapi.json" if docs else None,
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     app.add_middleware(ingest.UploadOrder)
-    # Added last, so outermost: limits apply before anything else reads the request.
+    # Added after the others, so outside them: limits apply before anything else reads the
+    # request (UploadOutcomes, outermost, reads nothing: it watches the answers).
     app.add_middleware(
         RequestLimits,
         limits=Limits(max_segment_bytes=settings.max_segment_bytes,
@@ -172,6 +176,8 @@ def create_app(settings: Settings, signer: Signer | None = None,
                       viewer_streams=settings.viewer_streams,
                       viewer_rate=settings.viewer_rate, viewer_burst=settings.viewer_burst),
         refusals=_refusals_of, viewer_key=_viewer_of)
+    # Outermost of all: it sees the answer to every segment upload, whoever gave it.
+    app.add_middleware(ingest.UploadOutcomes)
     app.include_router(ingest.router)
     app.include_router(admin.router)
     app.include_router(viewer.router)

@@ -71,9 +71,18 @@ class CompleteRequestH11Protocol(H11Protocol):
         super().shutdown()
 
 
+class _ArchiverConfig(uvicorn.Config):
+    """uvicorn's configuration, with a TLS context that sends no TLS 1.3 session tickets."""
+
+    def load(self) -> None:
+        super().load()
+        if self.ssl is not None:
+            self.ssl.num_tickets = 0
+
+
 def uvicorn_config(app: Any, settings: Settings, log_level: str = "info") -> uvicorn.Config:
     """The one uvicorn configuration of the Archiver (the CLI, tests and benchmarks use it)."""
-    return uvicorn.Config(
+    return _ArchiverConfig(
         app, host=settings.host, port=settings.port, log_level=log_level,
         # Explicit, not "auto": with httptools installed, auto would pick a protocol without
         # the fix above.
