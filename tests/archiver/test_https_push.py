@@ -80,6 +80,15 @@ def test_every_segment_ffmpeg_opened_over_https_is_archived(
     assert len(opened) >= 11, opened
     row = settled(https_archiver, "cam1", len(opened))
     assert (row["segments"], row["refused"]) == (len(opened), 0), case
+    # Then silence: "stalled", with its reason, in the API and the log; and the first segment
+    # of this run was logged as such, not as "receiving again".
+    assert wait_for(lambda: camera_row(https_archiver, "cam1")["state"] == "stalled")
+    assert camera_row(https_archiver, "cam1")["message"].startswith("no segment archived for ")
+    log = https_archiver.log()
+    assert re.search(r"camera cam1: stalled \(no segment archived for \d+ s \(one expected "
+                     r"every 2 s\)\)", log), log[-3000:]
+    assert "camera cam1: receiving (first segment since start)" in log
+    assert "receiving again" not in log
 
 
 def tls_put_and_close(server: ArchiverServer, token: str, body: bytes, *,
