@@ -84,9 +84,9 @@ def test_every_segment_ffmpeg_opened_over_https_is_archived(
     # of this run was logged as such, not as "receiving again".
     assert wait_for(lambda: camera_row(https_archiver, "cam1")["state"] == "stalled")
     assert camera_row(https_archiver, "cam1")["message"].startswith("no segment archived for ")
+    stalled = r"camera cam1: stalled \(no segment archived for \d+ s \(one expected every 2 s\)\)"
+    assert wait_for(lambda: re.search(stalled, https_archiver.log())), https_archiver.log()[-3000:]
     log = https_archiver.log()
-    assert re.search(r"camera cam1: stalled \(no segment archived for \d+ s \(one expected "
-                     r"every 2 s\)\)", log), log[-3000:]
     assert "camera cam1: receiving (first segment since start)" in log
     assert "receiving again" not in log
 
