@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import ssl
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import typer
 from keyservice.errors import ArchiverFailed, RequestRefused, UsageError
 from keyservice.exits import unreachable
 from keyservice.text import printable
+from keyservice.tls import trust as tls_trust
 
 cameras_app = typer.Typer(no_args_is_help=True, help="Cameras: add, list, remove.")
 viewers_app = typer.Typer(no_args_is_help=True, help="Viewers: authorize, list, revoke.")
@@ -66,17 +66,10 @@ def _admin_token(token: str | None, data: Path | None) -> str:
     raise UsageError("No admin token: give --admin-token, set FUSION_ADMIN_TOKEN, or --data DIR.")
 
 
-def _verify(tls_ca: Path | None) -> ssl.SSLContext | bool:
-    """How to check the Archiver's HTTPS certificate: the system's CAs, or --tls-ca's."""
-    if tls_ca is None:
-        env = os.environ.get("FUSION_TLS_CA")  # for commands that do not declare --tls-ca
-        tls_ca = Path(env) if env else None
-    if tls_ca is None:
-        return True
-    try:
-        return ssl.create_default_context(cafile=str(tls_ca))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"Cannot use {tls_ca} as TLS CA certificate: {exc}.") from None
+def _verify(tls_ca: Path | None) -> ssl.SSLContext:
+    """How to check the Archiver's HTTPS certificate: the one trust rule of keyservice.tls
+    (--tls-ca, else FUSION_TLS_CA for commands that do not declare --tls-ca, else the system's)."""
+    return tls_trust(tls_ca)
 
 
 def _call(method: str, url: str, path: str, token: str, body: Any = None, *,
