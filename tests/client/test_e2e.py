@@ -594,3 +594,39 @@ def test_playback_across_a_camera_outage_reports_the_gap(
     # The gap is where the camera was silent: it ends when the second push began.
     gap_end = re.findall(r"(\d{4}-\d\d-\d\dT[0-9:.]+Z?)", gaps[0])[-1]
     assert abs(parse_time(gap_end, now_ms()) - outage_end) < 3000, (gaps[0], iso(outage_end))
+
+
+# --- standard output: a reader that stops early ---------------------------------------------
+def test_a_reader_that_closes_the_pipe_early_is_not_an_error(
+        https_archiver: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    """`play -o - | head -c 1000` (or `| ffprobe -`): the reader takes what it wants and
+    closes the pipe. Not our failure: exit 0 and one quiet line, no traceback, no "Exception
+    ignored" at exit. (Before: exit 52, "cannot be written".)"""
+    alice = make_viewer("alice")
+    ingest = https_archiver.add_camera("cam1")
+    https_archiver.add_viewer(alice.pem, ["cam1"])
+    client.tls_ca = https_archiver.tls_ca
+    t0 = now_ms()
+    # 800 kB: far more than a pipe holds, so the writer meets the closed end for certain.
+    put(https_archiver, "cam1", ingest, *(chunk(f"s{i}", 200_000) for i in range(4)))
+    t1 = now_ms() + 1
+    command = client.command("play", "--archiver", https_archiver.url, "--token", alice.uri,
+                             "--camera", "cam1", "--from", iso(t0), "--to", iso(t1), "-o", "-")
+    player = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, env=client.env())
+    assert player.stdout is not None
+    head = subprocess.run(["head", "-c", "1000"], stdin=player.stdout, capture_output=True,
+                          timeout=120)
+    player.stdout.close()  # only head holds the read end now
+    _, err = player.communicate(timeout=120)
+    stderr = err.decode(errors="replace")
+    assert head.returncode == 0 and len(head.stdout) == 1000
+    assert player.returncode == 0, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert "closed it after" in stderr and "not an error" in stderr, stderr
+    assert "complete" not in stderr  # it did not get the whole range, and is not told so
+    # The first 1000 bytes are the verified start of the first segment.
+    whole = play(client, https_archiver.url, alice, tmp_path / "whole.ts", t0, t1)
+    assert whole.code == 0, whole.stderr
+    assert head.stdout == (tmp_path / "whole.ts").read_bytes()[:1000]
