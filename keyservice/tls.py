@@ -14,6 +14,8 @@ import os
 import ssl
 from pathlib import Path
 
+from cryptography import x509
+
 from keyservice.errors import TlsCaError
 
 TLS_CA_ENV = "FUSION_TLS_CA"
@@ -38,6 +40,16 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
+def _self_signed(path: Path) -> bool:
+    """Whether the file holds a self-signed certificate (without the CA flag it still anchors
+    itself: an Archiver's self-signed certificate given as its own CA)."""
+    try:
+        certificates = x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return any(cert.issuer == cert.subject for cert in certificates)
+
+
 def trust(tls_ca: Path | None = None) -> ssl.SSLContext:
     """The SSL context every HTTPS connection to the Archiver verifies with (see the module
     docstring). A CA file that cannot be used is refused here, before anything is sent."""
@@ -52,9 +64,9 @@ def trust(tls_ca: Path | None = None) -> ssl.SSLContext:
     except (OSError, ValueError) as exc:
         raise TlsCaError(f"Cannot use {path} as the TLS CA (--tls-ca or {TLS_CA_ENV}): "
                          f"{_reason(exc)}.") from None
-    if context.cert_store_stats().get("x509_ca", 0) == 0:
-        # A leaf certificate loads, but trusts nothing: verification would fail later with a
-        # misleading "unable to get local issuer certificate".
+    if context.cert_store_stats().get("x509_ca", 0) == 0 and not _self_signed(path):
+        # A certificate a CA issued (the Archiver's own, say) loads, but trusts nothing:
+        # verification would fail later with a misleading "unable to get local issuer".
         raise TlsCaError(f"Cannot use {path} as the TLS CA (--tls-ca or {TLS_CA_ENV}): it holds "
                          "no CA certificate (basicConstraints CA:TRUE); give the site CA's "
                          "certificate, not the Archiver's own.")
