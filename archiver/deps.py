@@ -103,8 +103,8 @@ def require_admin_principal(services: ServicesDep, credentials: BearerDep) -> Ad
     session = (services.admin_sessions.session(token, now)
                if services.admin_sessions is not None else None)
     if session is None or services.admins is None:
-        raise ApiError(403, ErrorCode.FORBIDDEN, "This is neither the admin token nor a valid "
-                       "admin session (admin sessions expire: log in again with 'fusion-archiver "
+        raise ApiError(403, ErrorCode.FORBIDDEN, "This is not the admin token, nor a valid admin "
+                       "session (admin sessions expire: log in again with 'fusion-archiver "
                        "admins login').")
     # Looked up at every request: a revoked admin's session is refused at once.
     row = services.admins.store.get(session.fingerprint)

@@ -28,7 +28,7 @@ from keyservice.wire import ErrorCode
 
 router = APIRouter(prefix="/v1", tags=["admins"])
 # An admin's name, full fingerprint or unique fingerprint prefix.
-AdminPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+AdminPath = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 
 
 class AdminCreate(BaseModel):

@@ -178,7 +178,7 @@ def test_unknown_and_impostor_admins_are_refused(
 
     # Neither a guessed bearer nor a wrong --archiver-fingerprint gets anything.
     forged = cli(https_archiver, "cameras", "list", token="x" * 43)
-    assert forged.returncode == EXIT_REFUSED and "neither the admin token" in forged.stderr
+    assert forged.returncode == EXIT_REFUSED and "not the admin token" in forged.stderr
     pinned = cli(https_archiver, "admins", "login", "--token", alice.uri,
                  "--archiver-fingerprint", "ab" * 32)
     assert pinned.returncode == 49 and "not the one given" in pinned.stderr, pinned.stderr
@@ -199,7 +199,7 @@ def test_a_revoked_admin_is_refused_at_once(
     # Her open session: ended with the revocation, refused at its next request.
     after = cli(https_archiver, "cameras", "list", token=alice_token)
     assert after.returncode == EXIT_REFUSED and \
-        "neither the admin token nor a valid admin session" in after.stderr, after.stderr
+        "not the admin token, nor a valid admin session" in after.stderr, after.stderr
     again = login(https_archiver, alice)
     assert again.returncode == EXIT_REFUSED and "revoked" in again.stderr, again.stderr
     # Her name stays hers: the audit log names her.
