@@ -22,19 +22,13 @@ from keyservice.certs import load_certificate
 from keyservice.crypto import admin_login_context, answer_login_challenge
 from keyservice.errors import (
     ArchiverFailed,
+    ArchiverMismatch,
     CertificateError,
     RequestRefused,
     UsageError,
 )
 from keyservice.exits import unreachable
 from keyservice.identity import OaepHash, fingerprint
-
-
-class ArchiverMismatch(RequestRefused):
-    """The Archiver presented another certificate than the one the admin expects: nothing was
-    done with the token."""
-
-    exit_code = 49
 
 
 @dataclass(frozen=True)

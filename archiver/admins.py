@@ -194,6 +194,18 @@ class Admins:
         return after
 
 
+def active_admins(db_path: Path) -> int:
+    """Admins not revoked, read before the Archiver starts (0 if there is no index yet)."""
+    if not db_path.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM admins WHERE revoked_ms IS NULL")
+                       .fetchone()[0])
+    except sqlite3.OperationalError:  # an index from before admins (no table yet)
+        return 0
+
+
 def admin_validity_ms(row: AdminRow) -> tuple[int, int]:
     cert = x509.load_der_x509_certificate(row.certificate)
     return (int(cert.not_valid_before_utc.timestamp() * 1000),

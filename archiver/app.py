@@ -206,7 +206,8 @@ def create_app(settings: Settings, signer: Signer | None = None,
                            "token (the file metrics-token in the data directory, or the admin "
                            "token).")
         token = credentials.credentials
-        if not (secret_matches(token, services.admin_token_digest)
+        if not ((services.settings.bootstrap_token
+                 and secret_matches(token, services.admin_token_digest))
                 or (services.metrics_token_digest is not None
                     and secret_matches(token, services.metrics_token_digest))):
             raise ApiError(403, ErrorCode.FORBIDDEN, "This is neither the metrics nor the admin token.")

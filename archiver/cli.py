@@ -80,6 +80,10 @@ def serve(
     disk_reserve_mib: Annotated[int, typer.Option(
         "--disk-reserve-mib", help="Space (MiB) set aside for retention to free a full disk "
         "with.")] = 16,
+    bootstrap_token: Annotated[bool, typer.Option(
+        "--bootstrap-token/--no-bootstrap-token", help="Accept the data directory's admin-token "
+        "(the embedded default). Turn it off once admins are people ('admins add'): then only "
+        "personal admin sessions act as admin.")] = True,
 ) -> None:
     """Run the Archiver."""
     import os
@@ -103,7 +107,16 @@ def serve(
                         max_connections=max_connections, retention_days=retention_days,
                         retention_interval_s=retention_interval,
                         min_free_bytes=min_free_mib * 1024 * 1024,
-                        reserve_bytes=disk_reserve_mib * 1024 * 1024)
+                        reserve_bytes=disk_reserve_mib * 1024 * 1024,
+                        bootstrap_token=bootstrap_token)
+    if not bootstrap_token:
+        from archiver.admins import active_admins
+        if active_admins(settings.db_path) == 0:
+            # Refused before anything starts: without the bootstrap token and without an
+            # admin, nobody could administer this Archiver.
+            raise UsageError("--no-bootstrap-token needs at least one admin: add one first with "
+                             "'fusion-archiver admins add CERT.pem --name NAME' (with the "
+                             "bootstrap token).")
     application = create_app(settings)
     serve_app(application, settings)
 

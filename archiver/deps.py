@@ -98,6 +98,10 @@ class AdminPrincipal:
 def require_admin_principal(services: ServicesDep, credentials: BearerDep) -> AdminPrincipal:
     token = _token(credentials, "admin token or admin session token")
     if secret_matches(token, services.admin_token_digest):
+        if not services.settings.bootstrap_token:
+            raise ApiError(403, ErrorCode.FORBIDDEN, "The bootstrap admin token is turned off on "
+                           "this Archiver (serve --no-bootstrap-token); log in on your own token "
+                           "with 'fusion-archiver admins login'.")
         return AdminPrincipal(BOOTSTRAP_ACTOR)
     now = services.archive.clock()
     session = (services.admin_sessions.session(token, now)

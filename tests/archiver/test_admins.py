@@ -26,7 +26,7 @@ from keyservice.crypto import (
     answer_login_challenge,
     login_context,
 )
-from keyservice.errors import KeyServiceError
+from keyservice.errors import ArchiverMismatch, KeyServiceError
 from keyservice.identity import OaepHash, fingerprint
 from keyservice.token import Token
 from tests.fixtures.server import ArchiverServer
@@ -181,7 +181,8 @@ def test_unknown_and_impostor_admins_are_refused(
     assert forged.returncode == EXIT_REFUSED and "not the admin token" in forged.stderr
     pinned = cli(https_archiver, "admins", "login", "--token", alice.uri,
                  "--archiver-fingerprint", "ab" * 32)
-    assert pinned.returncode == 49 and "not the one given" in pinned.stderr, pinned.stderr
+    assert pinned.returncode == ArchiverMismatch.exit_code, pinned.stderr
+    assert "not the one given" in pinned.stderr
     assert "Traceback" not in pinned.stderr
 
 
@@ -245,3 +246,29 @@ def test_certificate_command_and_serve_print_the_archiver_fingerprint(
     neither = subprocess.run([sys.executable, "-m", "archiver", "certificate"],
                              capture_output=True, text=True, timeout=60)
     assert neither.returncode == 2 and "either --data" in neither.stderr
+
+
+def test_a_site_turns_the_bootstrap_token_off_once_admins_are_people(
+        https_archiver: ArchiverServer, make_person: Callable[[str], Person],
+        tmp_path: Path) -> None:
+    # Without any admin, turning it off would lock everybody out: refused before anything starts.
+    empty = subprocess.run([sys.executable, "-m", "archiver", "serve", "--data",
+                            str(tmp_path / "fresh"), "--no-bootstrap-token"],
+                           capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 2 and "needs at least one admin" in empty.stderr, empty.stderr
+
+    alice = make_person("alice")
+    add_admin(https_archiver, alice)
+    https_archiver.stop()
+    server = ArchiverServer(https_archiver.data_dir, tls_ca=https_archiver.tls_ca,
+                            extra_args=(*https_archiver.extra_args, "--no-bootstrap-token"))
+    with server:
+        refused = cli(server, "cameras", "add", "door", bootstrap=True)
+        assert refused.returncode == EXIT_REFUSED and "turned off" in refused.stderr, \
+            refused.stderr
+        session = login(server, alice)
+        assert session.returncode == 0, session.stderr
+        added = cli(server, "cameras", "add", "door", token=session.stdout.strip())
+        assert added.returncode == 0, added.stderr
+    assert [e["actor"] for e in audit(server) if e["action"] == "camera.add"] == [
+        f"alice ({alice.fingerprint[:16]})"]
