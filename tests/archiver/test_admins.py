@@ -266,6 +266,12 @@ def test_a_site_turns_the_bootstrap_token_off_once_admins_are_people(
         refused = cli(server, "cameras", "add", "door", bootstrap=True)
         assert refused.returncode == EXIT_REFUSED and "turned off" in refused.stderr, \
             refused.stderr
+        bootstrap = (server.data_dir / "admin-token").read_text().strip()
+        metrics = (server.data_dir / "metrics-token").read_text().strip()
+        for token, status in ((bootstrap, 403), (metrics, 200)):
+            scraped = httpx.get(server.url + "/metrics", verify=server.verify,
+                                headers={"Authorization": f"Bearer {token}"})
+            assert scraped.status_code == status, scraped.text
         session = login(server, alice)
         assert session.returncode == 0, session.stderr
         added = cli(server, "cameras", "add", "door", token=session.stdout.strip())
