@@ -487,7 +487,7 @@ def admins_login(
     archiver_fingerprint: Annotated[str | None, typer.Option(
         "--archiver-fingerprint", envvar="FUSION_ARCHIVER_FINGERPRINT",
         help="Refuse an Archiver whose certificate has another SHA-256 fingerprint "
-        "('fusion-archiver certificate' prints it), before the token is used.")] = None,
+        "('fusion-archiver certificate' prints it), before the token's key is used.")] = None,
     url: UrlOpt = DEFAULT_URL, tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
 ) -> None:
     # The login itself (token, challenge, proof) is archiver/admin_login.py.

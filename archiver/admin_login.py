@@ -4,7 +4,7 @@ viewers' proof of possession under the admin context label (keyservice.crypto).
 The Archiver encrypts a challenge to the admin's registered certificate; the token decrypts it
 (one token operation) and the answer is a MAC over (Archiver, admin, challenge): the secret never
 leaves the host, and the proof is good for this Archiver only. The Archiver's certificate in the
-challenge is checked against ``--archiver-fingerprint`` *before* the token is used.
+challenge is checked against ``--archiver-fingerprint`` *before* the token's key is used.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def login_admin(url: str, verify: ssl.SSLContext | bool, token_uri: str,
                 raise ArchiverFailed("The Archiver's login challenge is malformed.") from None
             archiver_fp = fingerprint(archiver_cert)
             if expected is not None and archiver_fp.hex() != expected:
-                # Before the token is used: a relaying impostor gets no proof.
+                # Before the token's key is used: a relaying impostor gets no proof.
                 raise ArchiverMismatch(f"{url} presented Archiver certificate sha256 "
                                        f"{archiver_fp.hex()}, not the one given with "
                                        "--archiver-fingerprint; someone may be impersonating it.")
