@@ -71,7 +71,8 @@ class UploadOutcomes:
             raise
         finally:
             if not scope.get(_COUNTED):
-                reason = failure if not status else _refusal_reason(status[0], bytes(body))
+                reason = (_refusal_reason(status[0], bytes(body)) if status
+                          else failure or "no answer was given")
                 if reason is not None:
                     await _count_refused(scope, match.group(1), reason)
 
