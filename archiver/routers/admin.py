@@ -49,10 +49,12 @@ class CameraInfo(BaseModel):
     segments_last_minute: int
     bytes_last_minute: int
     gaps: int = Field(description="Gaps in the recording since the Archiver started")
-    refused: int = Field(description="Segments that could not be archived since start")
+    refused: int = Field(description="Segments that could not be archived since start "
+                         "(uploads refused, cut off or failed)")
+    last_refusal: str = Field(description="Why the last refused segment was refused")
     puller_restarts: int
-    message: str = Field(description="Why an RTSP camera cannot be pulled, if it cannot; why "
-                               "its timestamps are bad, if they are")
+    message: str = Field(description="Why an RTSP camera cannot be pulled, why a camera is "
+                         "stalled, or why its timestamps are bad")
     timestamp_jumps: int = Field(0, description="Segments whose timestamps jumped between two "
                                  "frames since start (the jump is not signed as video)")
     retention_days: int = Field(description="Days video is kept (the camera's or the site's)")
