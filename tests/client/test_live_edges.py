@@ -1,8 +1,9 @@
 """Issue 19, left open: live streams prove their edges as recorded ranges do. A relay between
-the real fusion-client and a real Archiver holds the live request back, or moves its start
-later; the Archiver starts the stream at the viewer's own start (from_ms), sends the manifest
-before it bare as the opening edge and states the chain head in END, and the client checks both
-(the format-level cases are vectors live-start-unproven and live-end-unproven)."""
+the real fusion-client and a real Archiver (production mode: HTTPS under the site CA) holds the
+live request back, or moves its start later; the Archiver starts the stream at the viewer's own
+start (from_ms), sends the last manifest issued before it bare as the opening edge and states
+the chain head in END, and the client checks both (the format-level cases are vectors
+live-start-unproven and live-end-unproven)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _audited(server: ArchiverServer, action: str) -> bool:
 
 
 def test_a_relay_holding_the_live_request_back_skips_nothing(
-        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        https_archiver: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
         tmp_path: Path) -> None:
     """Before: the Archiver started a live stream at its own clock when the request reached
     it, so a relay that held the request for 4 s made the viewer miss the segments archived
@@ -35,12 +36,12 @@ def test_a_relay_holding_the_live_request_back_skips_nothing(
     start, and those segments come too (4 of 4); the one archived before the request is the
     bare opening edge, not delivered."""
     alice = make_viewer("alice")
-    token = archiver_server.add_camera("cam1")
-    archiver_server.add_viewer(alice.pem, ["cam1"])
+    token = https_archiver.add_camera("cam1")
+    https_archiver.add_viewer(alice.pem, ["cam1"])
     before = chunk("before")
-    put(archiver_server, "cam1", token, before)
+    put(https_archiver, "cam1", token, before)
     out = tmp_path / "live.ts"
-    with TamperingProxy(archiver_server.url) as relay:
+    with TamperingProxy(https_archiver.url, verify=https_archiver.verify) as relay:
         relay.mode, relay.hold_s = "hold", HOLD_S
         viewer = subprocess.Popen(
             client.command("live", "--archiver", relay.url, "--token", alice.uri, "--camera",
@@ -50,12 +51,12 @@ def test_a_relay_holding_the_live_request_back_skips_nothing(
         try:
             assert relay.live_seen.wait(60), "the viewer never sent its live request"
             held = [chunk(f"held-{i}") for i in range(2)]
-            put(archiver_server, "cam1", token, *held)
+            put(https_archiver, "cam1", token, *held)
             # Archived while the relay still holds the request: the Archiver has not seen it.
-            assert not _audited(archiver_server, "stream.live")
-            wait_for_audit(archiver_server, "stream.live")
+            assert not _audited(https_archiver, "stream.live")
+            wait_for_audit(https_archiver, "stream.live")
             after = [chunk(f"after-{i}") for i in range(2)]
-            put(archiver_server, "cam1", token, *after)
+            put(https_archiver, "cam1", token, *after)
             _, err = viewer.communicate(timeout=120)
         finally:
             if viewer.poll() is None:
@@ -67,16 +68,16 @@ def test_a_relay_holding_the_live_request_back_skips_nothing(
 
 
 def test_a_relay_moving_the_live_start_later_is_refused(
-        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        https_archiver: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
         tmp_path: Path) -> None:
     """A relay that moves the request's start 3 s later (to skip what the camera sent first):
     the signed header names the start the Archiver used, which is not the viewer's."""
     alice = make_viewer("alice")
-    token = archiver_server.add_camera("cam1")
-    archiver_server.add_viewer(alice.pem, ["cam1"])
-    put(archiver_server, "cam1", token, chunk("before"))
+    token = https_archiver.add_camera("cam1")
+    https_archiver.add_viewer(alice.pem, ["cam1"])
+    put(https_archiver, "cam1", token, chunk("before"))
     out = tmp_path / "live.ts"
-    with TamperingProxy(archiver_server.url) as relay:
+    with TamperingProxy(https_archiver.url, verify=https_archiver.verify) as relay:
         relay.mode, relay.shift_ms = "shift", 3000
         result = live(client, relay.url, alice, "cam1", out, duration=2)
         # A start far from the Archiver's clock is refused by the Archiver itself.
