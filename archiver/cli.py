@@ -8,6 +8,7 @@ stderr and a non-zero code, never a traceback.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -158,11 +159,18 @@ def _print_rebuild(data: Path, archiver_cert: Path | None, signer_token: str | N
 
     key = _archiver_key(data, archiver_cert, signer_token)
     settings = Settings(data_dir=data.resolve(), signer_token_uri=signer_token)
-    db = Database(settings.db_path)
     try:
-        report = rebuild_index(settings.archive_dir, db, key)
-    finally:
-        db.close()
+        db = Database(settings.db_path)
+        try:
+            # A dropped table is recreated empty: the segment index is refilled from the files.
+            restored = db.restore_missing_tables()
+            report = rebuild_index(settings.archive_dir, db, key)
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        from archiver.check import IndexDamaged
+        raise IndexDamaged(f"The index {settings.db_path.name} is damaged beyond a rebuild "
+                           f"in place ({exc}).", "Restore it from a backup.") from None
     total = sum(report.cameras.values())
     lines = [f"{camera}: {count} segment(s)" for camera, count in sorted(report.cameras.items())]
     lines.append(f"indexed {total} segment(s) under {report.manifests} signed manifest(s) from "
@@ -170,13 +178,11 @@ def _print_rebuild(data: Path, archiver_cert: Path | None, signer_token: str | N
     lines.append(f"key streams: {report.epochs} epoch opener(s), {report.key_records} key "
                  "record(s) read back from the key journals")
     lines += [f"not indexed: {problem}" for problem in report.problems]
-    _out(as_json, {"cameras": report.cameras, "segments": total,
+    lines += [f"the index lacked the table {table}: recreated" for table in restored]
+    _out(as_json, {"restored_tables": restored, "cameras": report.cameras, "segments": total,
                    "manifests": report.manifests, "files": report.files,
                    "epochs": report.epochs, "key_records": report.key_records,
                    "problems": report.problems}, "\n".join(lines))
-
-
-EXIT_DAMAGED = 3
 
 
 @app.command()
@@ -191,6 +197,9 @@ def check(
     rebuild_index: Annotated[bool, typer.Option(
         "--rebuild-index", help="Then rebuild the index from the archive files, as "
         "'reindex' does (stop the Archiver first).")] = False,
+    retention_days: Annotated[int, typer.Option(
+        "--retention-days", help="The site's default retention ('serve --retention-days'): "
+        "a day marked removed must have been past it.")] = 30,
     as_json: JsonOpt = False,
 ) -> None:
     """Check the archive: files, index, signatures and manifest chains. Exit 0 if sound,
@@ -198,7 +207,7 @@ def check(
     from archiver.check import check_archive
 
     key = _archiver_key(data, archiver_cert, signer_token)
-    report = check_archive(data.resolve(), key)
+    report = check_archive(data.resolve(), key, retention_days)
     lines = [f"checked {report.files} archive file(s), {report.journals} key journal(s): "
              f"{report.segments} segment(s), {report.manifests} manifest(s) on "
              f"{len(report.cameras)} camera chain(s)"]
@@ -212,6 +221,7 @@ def check(
     if rebuild_index:
         _print_rebuild(data, archiver_cert, signer_token, as_json)
     if not report.ok:
+        from archiver.check import EXIT_DAMAGED
         raise SystemExit(EXIT_DAMAGED)
 
 

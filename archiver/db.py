@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from archiver.migrations import migrate
+from archiver.migrations import migrate, restore_missing_tables
 from archiver.storage import StorageFailed, StorageFull
 from keyservice.format import CHAIN_ID_LEN, Manifest, decode_record
 
@@ -249,6 +249,11 @@ class Database:
         hold the deleted rows). Best effort while readers hold an old snapshot."""
         with self._lock:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def restore_missing_tables(self) -> list[str]:
+        """Recreate dropped tables, empty (``reindex`` refills the segment index from the files)."""
+        with self._lock:
+            return restore_missing_tables(self._conn)
 
     def schema_version(self) -> int:
         return self._query("PRAGMA user_version")[0][0]
