@@ -53,6 +53,7 @@ class ErrorCode(StrEnum):
     UPLOAD_TIMEOUT = "upload_timeout"
     INCOMPLETE_UPLOAD = "incomplete_upload"
     EMPTY_SEGMENT = "empty_segment"
+    UPLOAD_OVERTAKEN = "upload_overtaken"
     STORAGE_FULL = "storage_full"
     STORAGE_FAILED = "storage_failed"
     # anything else
