@@ -34,6 +34,9 @@ from keyservice.wire import ErrorCode
 
 log = logging.getLogger("archiver")
 HEALTH_CHECK_S = 1.0
+# The last segment's time is saved this often (a change of state at once): one index write a
+# minute per camera, not one per segment.
+HEALTH_SAVE_MS = 60_000
 
 
 async def _watch_camera_health(archive: Archive, audit: AuditLog) -> None:
@@ -55,6 +58,10 @@ async def _watch_camera_health(archive: Archive, audit: AuditLog) -> None:
                 log.warning("camera %s: %s %s", camera.name, health.state.value, health.message)
             audit.record("archiver", f"camera.{health.state.value}", now, camera=camera.name,
                          last_segment_ms=health.last_segment_ms, message=health.message)
+        try:  # a change of state at once, the last segment's time every HEALTH_SAVE_MS
+            await asyncio.to_thread(archive.save_health, HEALTH_SAVE_MS)
+        except Exception:  # a full disk: the next tick tries again
+            log.warning("could not save the cameras' health to the index")
 
 
 async def _apply_retention(archive: Archive) -> None:
@@ -146,6 +153,8 @@ def create_app(settings: Settings, signer: Signer | None = None,
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
             await asyncio.to_thread(rtsp.stop_all)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(archive.save_health, 0)  # what the next start shows
             with contextlib.suppress(Exception):
                 refusals.flush()
             audit.record("archiver", "stop", clock())

@@ -25,6 +25,7 @@ the Archiver pulls it and cannot connect or log in; *waiting* before its first s
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -105,6 +106,8 @@ class _Health:
     puller_problem: CameraState | None = None
     puller_message: str = ""
     puller_restarts: int = 0
+    # What the index held at start (state, message, when saved), until the camera is heard of.
+    before_restart: tuple[CameraState, str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -119,15 +122,62 @@ class CameraHealth:
     refused: int
     puller_restarts: int
     message: str
+    before_restart: bool = False  # the state is the one saved before the Archiver restarted
+
+
+@dataclass(frozen=True)
+class SavedHealth:
+    """What of a camera's health the index keeps across a restart."""
+
+    camera: str
+    state: CameraState
+    message: str
+    last_segment_ms: int | None
+    saved_ms: int
 
 
 class HealthBoard:
     """Per-camera feed health, updated by ingest and the RTSP pullers, read by the API, the
-    metrics and the stall monitor. Memory only: after a restart a camera starts as waiting."""
+    metrics and the stall monitor. Kept in memory; ``to_save`` gives what changed for the index
+    and ``restore`` brings it back at start, so that after a restart a camera shows its last
+    known state (``before_restart``), not ``waiting``, until it is heard of again."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cameras: dict[str, _Health] = {}
+        self._saved: dict[str, SavedHealth] = {}
+
+    def restore(self, saved: SavedHealth) -> None:
+        with self._lock:
+            health = self._get(saved.camera)
+            health.last_arrival_ms = saved.last_segment_ms
+            if saved.state in (CameraState.UNREACHABLE, CameraState.AUTH_FAILED) or (
+                    saved.state == CameraState.STALLED and saved.message):
+                health.puller_problem, health.puller_message = saved.state, saved.message
+            health.before_restart = (saved.state, saved.message, saved.saved_ms)
+            self._saved[saved.camera] = saved
+
+    def to_save(self, cameras: list[str], now_ms: int, every_ms: int) -> list[SavedHealth]:
+        """The cameras whose state or reason changed since last saved, or whose last segment
+        time is more than ``every_ms`` newer (0: all that changed at all); marks them saved."""
+        out = []
+        for camera in cameras:
+            health = self.health(camera, now_ms)
+            if health.before_restart:
+                continue  # nothing new since the start: what the index holds stands
+            before = self._saved.get(camera)
+            if before is not None and (before.state, before.message) == (health.state,
+                                                                         health.message):
+                if health.last_segment_ms == before.last_segment_ms:
+                    continue
+                if (before.last_segment_ms is not None and health.last_segment_ms is not None
+                        and health.last_segment_ms - before.last_segment_ms < every_ms):
+                    continue
+            saved = SavedHealth(camera, health.state, health.message, health.last_segment_ms,
+                                now_ms)
+            self._saved[camera] = saved
+            out.append(saved)
+        return out
 
     def _get(self, camera: str) -> _Health:
         health = self._cameras.get(camera)
@@ -147,6 +197,7 @@ class HealthBoard:
             health.last_arrival_ms, health.last_end_ms = arrival_ms, time.end_ms
             health.recent.append((arrival_ms, size))
             health.puller_problem, health.puller_message = None, ""
+            health.before_restart = None
             self._trim(health, arrival_ms)
 
     def segment_refused(self, camera: str) -> None:
@@ -158,22 +209,30 @@ class HealthBoard:
             health = self._get(camera)
             health.puller_problem, health.puller_message = problem, message
             health.puller_restarts += 1
+            health.before_restart = None
 
     def forget(self, camera: str) -> None:
         with self._lock:
             self._cameras.pop(camera, None)
+            self._saved.pop(camera, None)
 
     def health(self, camera: str, now_ms: int) -> CameraHealth:
         with self._lock:
             health = self._get(camera)
             self._trim(health, now_ms)
             state = self._state(health, now_ms)
+            message = health.puller_message
+            if health.before_restart is not None:
+                saved_state, saved_message, saved_ms = health.before_restart
+                message = (f"last known before the Archiver restarted (saved at "
+                           f"{_iso(saved_ms)}): {saved_state.value}"
+                           + (f" ({saved_message})" if saved_message else ""))
             return CameraHealth(
                 state=state, last_segment_ms=health.last_arrival_ms,
                 segments_last_minute=len(health.recent),
                 bytes_last_minute=sum(size for _, size in health.recent), gaps=health.gaps,
                 refused=health.refused, puller_restarts=health.puller_restarts,
-                message=health.puller_message)
+                message=message, before_restart=health.before_restart is not None)
 
     @staticmethod
     def _state(health: _Health, now_ms: int) -> CameraState:
@@ -190,3 +249,7 @@ class HealthBoard:
     def _trim(health: _Health, now_ms: int) -> None:
         while health.recent and health.recent[0][0] < now_ms - RATE_WINDOW_MS:
             health.recent.popleft()
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

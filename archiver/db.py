@@ -121,6 +121,17 @@ class ExpiredFile:
 
 
 @dataclass(frozen=True)
+class HealthRow:
+    """A camera's health as last saved (archiver/cameras.py HealthBoard)."""
+
+    camera: str
+    state: str
+    message: str
+    last_segment_ms: int | None
+    saved_ms: int
+
+
+@dataclass(frozen=True)
 class KeyMaterial:
     """What one key rotation writes for one viewer: maybe an epoch opener, always a key record."""
 
@@ -572,6 +583,16 @@ class Database:
         """The end of the latest video of ``camera`` that retention removed, if any."""
         value = self._query("SELECT MAX(to_ms) FROM expired_files WHERE camera=?", (camera,))[0][0]
         return value
+
+    def save_camera_health(self, rows: list[HealthRow]) -> None:
+        if not rows:
+            return
+        with self._transaction() as conn:
+            conn.executemany(_insert(HealthRow, "camera_health", "INSERT OR REPLACE"),
+                             [_values(row) for row in rows])
+
+    def camera_health(self) -> list[HealthRow]:
+        return [HealthRow(*row) for row in self._query(_select(HealthRow, "camera_health"))]
 
     def add_hold(self, camera: str, from_ms: int, to_ms: int, reason: str, created_by: str,
                  now_ms: int) -> HoldRow:

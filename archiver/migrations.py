@@ -178,10 +178,24 @@ def _migrate_4(conn: sqlite3.Connection) -> None:
     """)
 
 
+def _migrate_5(conn: sqlite3.Connection) -> None:
+    """Camera health that survives a restart: each camera's last known state, its reason and
+    its last segment's arrival (shown as "before the restart" until the camera is heard of)."""
+    _script(conn, """
+        CREATE TABLE camera_health (
+            camera TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            message TEXT NOT NULL,
+            last_segment_ms INTEGER,
+            saved_ms INTEGER NOT NULL
+        );
+    """)
+
+
 # Forward migrations: MIGRATIONS[n] brings version n to n + 1. Append only; never edit one
 # that has shipped.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_1, _migrate_2, _migrate_3,
-                                                                 _migrate_4)
+                                                                 _migrate_4, _migrate_5)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

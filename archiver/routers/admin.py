@@ -45,13 +45,17 @@ class CameraInfo(BaseModel):
     first_ms: int | None
     last_ms: int | None
     state: CameraState
-    last_segment_ms: int | None = Field(description="Arrival of the last segment (this run)")
+    last_segment_ms: int | None = Field(description="Arrival of the last segment (saved "
+                                        "across restarts)")
     segments_last_minute: int
     bytes_last_minute: int
     gaps: int = Field(description="Gaps in the recording since the Archiver started")
     refused: int = Field(description="Segments that could not be archived since start")
     puller_restarts: int
     message: str = Field(description="Why an RTSP camera cannot be pulled, if it cannot")
+    before_restart: bool = Field(default=False, description="The state is the last one known "
+                                 "before the Archiver restarted (the camera was not heard of "
+                                 "since)")
     retention_days: int = Field(description="Days video is kept (the camera's or the site's)")
     retention_default: bool = Field(description="True if the site default applies")
     holds: int = Field(description="Evidence holds on the camera")
