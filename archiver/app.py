@@ -113,7 +113,10 @@ def create_app(settings: Settings, signer: Signer | None = None,
 
         archive.retention.on_removed = removed
         await asyncio.to_thread(archive.retention.ensure_reserve)
-        rtsp = RtspSupervisor(archive.ingest_segment, archive.health.puller_failed)
+        rtsp = RtspSupervisor(
+            archive.ingest_segment, archive.health.puller_failed,
+            lambda camera, message: archive.health.stream_fault(camera, message, clock()),
+            settings.rtsp_max_segment_bytes, settings.rtsp_max_segment_s)
         services = Services(
             settings=settings, archive=archive,
             sessions=Sessions(settings.challenge_ttl_s, settings.session_ttl_s), audit=audit,

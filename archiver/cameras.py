@@ -20,7 +20,10 @@ start of the next.
 
 **Health.** A camera is *receiving* while segments arrive; *stalled* when none arrived for
 ``STALL_FACTOR`` segment durations (at least ``MIN_STALL_MS``); *unreachable* or *auth_failed* when
-the Archiver pulls it and cannot connect or log in; *waiting* before its first segment.
+the Archiver pulls it and cannot connect or log in; *waiting* before its first segment;
+*bad_stream* for ``FAULT_MEMORY_MS`` after its RTSP stream broke the segmenter's bounds (a
+segment cut at the byte or time cap, a giant frame or frames without a keyframe dropped:
+``archiver.rtsp``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ STALL_FACTOR = 3
 MIN_STALL_MS = 5000
 DEFAULT_SEGMENT_MS = 2000
 RATE_WINDOW_MS = 60_000
+FAULT_MEMORY_MS = 60_000  # an RTSP stream that broke the segmenter's bounds stays flagged this long
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class CameraState(StrEnum):
     STALLED = "stalled"
     UNREACHABLE = "unreachable"
     AUTH_FAILED = "auth_failed"
+    BAD_STREAM = "bad_stream"
 
 
 @dataclass
@@ -106,6 +111,9 @@ class _Health:
     puller_problem: CameraState | None = None
     puller_message: str = ""
     puller_restarts: int = 0
+    stream_faults: int = 0
+    last_fault_ms: int | None = None
+    fault_message: str = ""
     # What the index held at start (state, message, when saved), until the camera is heard of.
     before_restart: tuple[CameraState, str, int] | None = None
 
@@ -123,6 +131,7 @@ class CameraHealth:
     puller_restarts: int
     message: str
     before_restart: bool = False  # the state is the one saved before the Archiver restarted
+    stream_faults: int = 0  # RTSP: segments cut or packets dropped to keep the buffer bounded
 
 
 @dataclass(frozen=True)
@@ -211,6 +220,15 @@ class HealthBoard:
             health.puller_restarts += 1
             health.before_restart = None
 
+    def stream_fault(self, camera: str, message: str, now_ms: int) -> None:
+        """An RTSP camera's stream broke the segmenter's bounds (a segment cut or packets
+        dropped): the camera is ``bad_stream`` for ``FAULT_MEMORY_MS`` after the last one."""
+        with self._lock:
+            health = self._get(camera)
+            health.stream_faults += 1
+            health.last_fault_ms, health.fault_message = now_ms, message
+            health.before_restart = None
+
     def forget(self, camera: str) -> None:
         with self._lock:
             self._cameras.pop(camera, None)
@@ -222,6 +240,8 @@ class HealthBoard:
             self._trim(health, now_ms)
             state = self._state(health, now_ms)
             message = health.puller_message
+            if state == CameraState.BAD_STREAM:
+                message = health.fault_message
             if health.before_restart is not None:
                 saved_state, saved_message, saved_ms = health.before_restart
                 message = (f"last known before the Archiver restarted (saved at "
@@ -232,12 +252,15 @@ class HealthBoard:
                 segments_last_minute=len(health.recent),
                 bytes_last_minute=sum(size for _, size in health.recent), gaps=health.gaps,
                 refused=health.refused, puller_restarts=health.puller_restarts,
-                message=message, before_restart=health.before_restart is not None)
+                message=message, before_restart=health.before_restart is not None,
+                stream_faults=health.stream_faults)
 
     @staticmethod
     def _state(health: _Health, now_ms: int) -> CameraState:
         if health.puller_problem is not None:
             return health.puller_problem
+        if health.last_fault_ms is not None and now_ms - health.last_fault_ms <= FAULT_MEMORY_MS:
+            return CameraState.BAD_STREAM
         if health.last_arrival_ms is None:
             return CameraState.WAITING
         stall_after = max(STALL_FACTOR * health.typical_ms, MIN_STALL_MS)

@@ -81,6 +81,12 @@ def serve(
     disk_reserve_mib: Annotated[int, typer.Option(
         "--disk-reserve-mib", help="Space (MiB) set aside for retention to free a full disk "
         "with.")] = 16,
+    rtsp_max_segment_kib: Annotated[int, typer.Option(
+        "--rtsp-max-segment-kib", help="RTSP pull: a segment is cut at this size (KiB), and a "
+        "larger frame dropped.")] = 32 * 1024,
+    rtsp_max_segment_s: Annotated[float, typer.Option(
+        "--rtsp-max-segment-s", help="RTSP pull: a segment is cut after this many seconds "
+        "without a keyframe to cut at.")] = 20.0,
 ) -> None:
     """Run the Archiver."""
     import os
@@ -104,7 +110,9 @@ def serve(
                         max_connections=max_connections, retention_days=retention_days,
                         retention_interval_s=retention_interval,
                         min_free_bytes=min_free_mib * 1024 * 1024,
-                        reserve_bytes=disk_reserve_mib * 1024 * 1024)
+                        reserve_bytes=disk_reserve_mib * 1024 * 1024,
+                        rtsp_max_segment_bytes=rtsp_max_segment_kib * 1024,
+                        rtsp_max_segment_s=rtsp_max_segment_s)
     application = create_app(settings)
     serve_app(application, settings)
 

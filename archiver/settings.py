@@ -22,6 +22,10 @@ class Settings:
     # Key period: a fresh random key per data stream every period (a UTC minute in production).
     key_period_s: int = 60
     max_segment_bytes: int = 32 * MiB
+    # RTSP pull: a segment being built is cut at this many bytes or seconds (a camera that sends
+    # no keyframe, or keyframes whose timestamps do not advance, cannot grow it without bound).
+    rtsp_max_segment_bytes: int = 32 * MiB
+    rtsp_max_segment_s: float = 20.0
     # A body that trickles in slower than this is dropped (slow-loris).
     upload_timeout_s: float = 60.0
     # Request line and headers must arrive within this; JSON bodies within body_timeout_s.
@@ -89,6 +93,9 @@ class Settings:
                 or self.reserve_bytes < 0:
             raise UsageError("The retention period must be at least 1 day, its interval "
                              "positive, and the free-space threshold not negative.")
+        if self.rtsp_max_segment_bytes < 64 * 1024 or self.rtsp_max_segment_s <= 0:
+            raise UsageError("The RTSP segment cap must be at least 64 KiB and its time "
+                             "positive.")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UsageError("Give both --tls-cert and --tls-key, or neither.")
         if self.tls_cert is None and not _is_loopback(self.host):

@@ -53,6 +53,8 @@ class CameraInfo(BaseModel):
     refused: int = Field(description="Segments that could not be archived since start")
     puller_restarts: int
     message: str = Field(description="Why an RTSP camera cannot be pulled, if it cannot")
+    stream_faults: int = Field(default=0, description="RTSP: segments cut or frames dropped "
+                               "to keep the pull's buffer bounded, since start")
     before_restart: bool = Field(default=False, description="The state is the last one known "
                                  "before the Archiver restarted (the camera was not heard of "
                                  "since)")
