@@ -194,7 +194,8 @@ def _unjustified(rel: str, tombstone: _Tombstone, data: bytes, key: ec.EllipticC
         cutoff = tombstone.removed_ms - retention_days * DAY_MS
         if video_end >= cutoff:
             return (f"its signed video was within the retention period of {retention_days} "
-                    "day(s) when it was removed")
+                    "day(s) when it was removed (if the site's default is shorter, give it "
+                    "with --retention-days)")
     elif tombstone.reason == REASON_DISK:
         if day_start + DAY_MS > tombstone.removed_ms:
             return "the disk watermark never removes the day in progress"
