@@ -137,8 +137,8 @@ class _Segmenter:
     def _over_cap(self, packet: av.Packet) -> str | None:
         assert self._buffer is not None
         if self._buffer.tell() + packet.size > self._max_bytes:
-            return (f"a segment reached the cap of {self._max_bytes} bytes without a keyframe "
-                    "to cut at; cut there")
+            return (f"a segment reached the cap of {self._max_bytes} bytes before a keyframe "
+                    "with advancing timestamps came to cut it at; cut there")
         if self._clock() - self._opened_at > self._max_s:
             return (f"no usable keyframe for {self._max_s:.0f} s (none came, or their "
                     "timestamps did not advance); the segment was cut there")

@@ -81,6 +81,8 @@ def test_hostile_rtsp_cameras_are_bounded_flagged_and_do_not_hurt_a_good_one(
             return None
 
         cameras = wait_for(flagged, 120, "every hostile camera flagged")
+        print({name: (c["state"], c["segments"], c["stream_faults"], c["message"])
+               for name, c in cameras.items()})
         # A giant frame (1 MiB, over the 256 KiB cap) is dropped, never buffered.
         assert cameras["giant"]["state"] == "bad_stream"
         assert "over the segment cap" in cameras["giant"]["message"]
