@@ -68,6 +68,9 @@ class ArchiverCollector(Collector):
                                       labels=["camera"])
         restarts = CounterMetricFamily("fusion_camera_puller_restarts",
                                        "Times an RTSP pull failed and was retried", labels=["camera"])
+        faults = CounterMetricFamily("fusion_camera_stream_faults",
+                                     "RTSP segments cut or frames dropped at the segment cap",
+                                     labels=["camera"])
         for camera in archive.db.cameras():
             health = archive.health.health(camera.name, now)
             for value in CameraState:
@@ -79,7 +82,8 @@ class ArchiverCollector(Collector):
             gaps.add_metric([camera.name], health.gaps)
             refused.add_metric([camera.name], health.refused)
             restarts.add_metric([camera.name], health.puller_restarts)
-        yield from (state, last, segments, size, gaps, refused, restarts)
+            faults.add_metric([camera.name], health.stream_faults)
+        yield from (state, last, segments, size, gaps, refused, restarts, faults)
 
 
     def _retention(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:

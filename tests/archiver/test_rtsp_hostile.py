@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.fixtures.camera import requires_ffmpeg
@@ -108,6 +109,10 @@ def test_hostile_rtsp_cameras_are_bounded_flagged_and_do_not_hurt_a_good_one(
                  "the good camera archiving on")
         assert _cameras(server)["good"]["state"] == "receiving"
         assert server.process is not None and server.process.poll() is None
+        metrics = httpx.get(f"{server.url}/metrics", verify=server.verify,
+                            headers={"Authorization": f"Bearer {server.admin_token}"}).text
+        assert 'fusion_camera_state{camera="giant",state="bad_stream"} 1.0' in metrics
+        assert 'fusion_camera_stream_faults_total{camera="giant"}' in metrics
     finally:
         server.stop()
     log = server.log()
