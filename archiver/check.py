@@ -10,7 +10,12 @@ verifies, independently of how ingest wrote them:
   manifest's entries are exactly the segments before it;
 * each camera's manifests form one unbroken hash chain (from sequence 0, or from where
   retention removed the start);
-* the key journals are well framed; video retention is removing is reported, not flagged.
+* the key journals are well framed; video retention is removing is reported, not flagged, but
+  only where retention's own rules would remove it (a tombstone row alone proves nothing);
+* no archive file or key journal is a symbolic link (never followed out of the data directory).
+
+A damaged index (a table dropped, the file unreadable) is ``IndexDamaged``, exit code 3, with
+the command that rebuilds it.
 
 Problems are plain sentences; ``fusion-archiver reindex`` (or ``check --rebuild-index``)
 rebuilds the index from the files when the files are sound and the index is not.
