@@ -29,6 +29,7 @@ segment cut at the byte or time cap, a giant frame or frames without a keyframe 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ MIN_STALL_MS = 5000
 DEFAULT_SEGMENT_MS = 2000
 RATE_WINDOW_MS = 60_000
 FAULT_MEMORY_MS = 60_000  # an RTSP stream that broke the segmenter's bounds stays flagged this long
+
+log = logging.getLogger("archiver")
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class _Health:
     recent: deque[tuple[int, int]] = field(default_factory=deque)  # (arrival ms, bytes)
     gaps: int = 0
     refused: int = 0
+    last_refusal: str = ""
     puller_problem: CameraState | None = None
     puller_message: str = ""
     puller_restarts: int = 0
@@ -128,6 +132,7 @@ class CameraHealth:
     bytes_last_minute: int
     gaps: int
     refused: int
+    last_refusal: str
     puller_restarts: int
     message: str
     before_restart: bool = False  # the state is the one saved before the Archiver restarted
@@ -168,24 +173,29 @@ class HealthBoard:
 
     def to_save(self, cameras: list[str], now_ms: int, every_ms: int) -> list[SavedHealth]:
         """The cameras whose state or reason changed since last saved, or whose last segment
-        time is more than ``every_ms`` newer (0: all that changed at all); marks them saved."""
+        time is more than ``every_ms`` newer (0: all that changed at all); marks them saved.
+        The reason saved is the puller's or the stream's, not a sentence that changes each
+        second ("no segment for N s"): a stalled camera is not written every tick."""
         out = []
-        for camera in cameras:
-            health = self.health(camera, now_ms)
-            if health.before_restart:
-                continue  # nothing new since the start: what the index holds stands
-            before = self._saved.get(camera)
-            if before is not None and (before.state, before.message) == (health.state,
-                                                                         health.message):
-                if health.last_segment_ms == before.last_segment_ms:
-                    continue
-                if (before.last_segment_ms is not None and health.last_segment_ms is not None
-                        and health.last_segment_ms - before.last_segment_ms < every_ms):
-                    continue
-            saved = SavedHealth(camera, health.state, health.message, health.last_segment_ms,
-                                now_ms)
-            self._saved[camera] = saved
-            out.append(saved)
+        with self._lock:
+            for camera in cameras:
+                health = self._get(camera)
+                if health.before_restart is not None:
+                    continue  # nothing new since the start: what the index holds stands
+                state = self._state(health, now_ms)
+                reason = (health.fault_message if state == CameraState.BAD_STREAM
+                          else health.puller_message)
+                last = health.last_arrival_ms
+                before = self._saved.get(camera)
+                if before is not None and (before.state, before.message) == (state, reason):
+                    if last == before.last_segment_ms:
+                        continue
+                    if (before.last_segment_ms is not None and last is not None
+                            and last - before.last_segment_ms < every_ms):
+                        continue
+                saved = SavedHealth(camera, state, reason, last, now_ms)
+                self._saved[camera] = saved
+                out.append(saved)
         return out
 
     def _get(self, camera: str) -> _Health:
@@ -209,9 +219,16 @@ class HealthBoard:
             health.before_restart = None
             self._trim(health, arrival_ms)
 
-    def segment_refused(self, camera: str) -> None:
+    def segment_refused(self, camera: str, reason: str) -> None:
+        """A segment of ``camera`` (a known camera: the board keeps no entry for arbitrary
+        names) was not archived: counted and logged with its reason, since the camera itself
+        is not told (ffmpeg does not read the answers to its uploads)."""
         with self._lock:
-            self._get(camera).refused += 1
+            health = self._get(camera)
+            health.refused += 1
+            health.last_refusal = reason
+            count = health.refused
+        log.warning("camera %s: segment refused (%d since start): %s", camera, count, reason)
 
     def puller_failed(self, camera: str, problem: CameraState, message: str) -> None:
         with self._lock:
@@ -239,7 +256,7 @@ class HealthBoard:
             health = self._get(camera)
             self._trim(health, now_ms)
             state = self._state(health, now_ms)
-            message = health.puller_message
+            message = self._message(health, state, now_ms)
             if state == CameraState.BAD_STREAM:
                 message = health.fault_message
             if health.before_restart is not None:
@@ -251,9 +268,24 @@ class HealthBoard:
                 state=state, last_segment_ms=health.last_arrival_ms,
                 segments_last_minute=len(health.recent),
                 bytes_last_minute=sum(size for _, size in health.recent), gaps=health.gaps,
-                refused=health.refused, puller_restarts=health.puller_restarts,
+                refused=health.refused, last_refusal=health.last_refusal,
+                puller_restarts=health.puller_restarts,
                 message=message, before_restart=health.before_restart is not None,
                 stream_faults=health.stream_faults)
+
+    @staticmethod
+    def _message(health: _Health, state: CameraState, now_ms: int) -> str:
+        """Why the camera is in ``state``: the puller's problem, or for a stalled camera how
+        long it has been silent (and the last refusal: a camera whose uploads are all refused
+        looks silent)."""
+        if (health.puller_problem is not None or state != CameraState.STALLED
+                or health.last_arrival_ms is None):
+            return health.puller_message
+        message = (f"no segment archived for {(now_ms - health.last_arrival_ms) / 1000:.0f} s "
+                   f"(one expected every {health.typical_ms / 1000:.0f} s)")
+        if health.last_refusal:
+            message += f"; last refused upload: {health.last_refusal}"
+        return message
 
     @staticmethod
     def _state(health: _Health, now_ms: int) -> CameraState:

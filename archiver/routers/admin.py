@@ -50,9 +50,12 @@ class CameraInfo(BaseModel):
     segments_last_minute: int
     bytes_last_minute: int
     gaps: int = Field(description="Gaps in the recording since the Archiver started")
-    refused: int = Field(description="Segments that could not be archived since start")
+    refused: int = Field(description="Segments that could not be archived since start "
+                         "(uploads refused, cut off or failed)")
+    last_refusal: str = Field(description="Why the last refused segment was refused")
     puller_restarts: int
-    message: str = Field(description="Why an RTSP camera cannot be pulled, if it cannot")
+    message: str = Field(description="Why an RTSP camera cannot be pulled, or why a camera "
+                         "is stalled")
     stream_faults: int = Field(default=0, description="RTSP: segments cut or frames dropped "
                                "to keep the pull's buffer bounded, since start")
     before_restart: bool = Field(default=False, description="The state is the last one known "
