@@ -203,7 +203,11 @@ class Guard:
             return f"Requests from {origin} are refused: only the viewer's own page may call it."
         if origin is None and (websocket or scope.get("method") not in ("GET", "HEAD")):
             return "This request must come from the viewer's page (no Origin header)."
-        if headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+        if headers.get("sec-fetch-site") in ("cross-site", "same-site") and not (
+                scope["path"] == "/" and scope.get("method") in ("GET", "HEAD")
+                and headers.get("sec-fetch-mode") == "navigate"):
+            # The page itself may be opened from elsewhere: the launch file (file://) forwards
+            # to it as a cross-site navigation, and it holds no secret.
             return "Cross-site requests are refused."
         return None
 

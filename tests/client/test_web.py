@@ -848,9 +848,11 @@ def test_timeline_says_index_gaps_are_unsigned(setup: Setup,
     page.close()
 
 
-def test_launch_file_removed_on_every_exit(setup: Setup, tmp_path: Path) -> None:
-    """The private launch file holds the one-time URL: removed once the link is spent, and on
-    SIGTERM, SIGHUP and Ctrl-C (a real `fusion-client view` that opens a browser)."""
+def test_launch_file_removed_on_every_exit(setup: Setup, browser: Browser,
+                                           tmp_path: Path) -> None:
+    """The private launch file holds the one-time URL: removed once Chromium opened the viewer
+    with it, and on SIGTERM, SIGHUP and Ctrl-C (a real `fusion-client view` that opens a
+    browser)."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     opened = tmp_path / "opened"
@@ -869,8 +871,14 @@ def test_launch_file_removed_on_every_exit(setup: Setup, tmp_path: Path) -> None
         assert launch.parent == tmp and launch.stat().st_mode & 0o777 == 0o600
         assert launch_token(viewer) in launch.read_text()
         if how is None:
-            raw_session(viewer)  # the link is spent: the file opens nothing any more
+            # What the operator's browser does with it: file:// forwards to the viewer (a
+            # cross-site navigation), the page spends the link, and the file is gone.
+            page = browser.new_page()
+            page.goto(launch.as_uri())
+            page.wait_for_function("() => window.fusionViewer && window.fusionViewer.camerasLoaded")
+            assert page.url == f"{viewer.base}/"
             assert not launch.exists()
+            page.close()
         viewer.stop(how or signal.SIGINT)
         assert not launch.exists(), how
         assert list(tmp.iterdir()) == [], list(tmp.iterdir())
