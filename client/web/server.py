@@ -73,18 +73,19 @@ _SECRET = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 _EXPORT_FILE = re.compile(r"/api/exports/([0-9]{1,18})/file")
 SPENT_LINK = ("This viewer link was used already: each link printed by 'fusion-client view' "
               "opens the viewer once, and a reloaded page forgets its session on purpose. "
-              "Stop the viewer (Ctrl-C) and run 'fusion-client view' again for a new link.")
+              "Press Enter in the terminal where 'fusion-client view' runs for a new link (or "
+              "restart it).")
 
 
 @dataclass
 class Access:
-    """The secrets of one viewer process: the one-time launch token, the session secret it
-    buys, and single-use download tickets. None of them is ever a cookie."""
+    """The secrets of one viewer process: the one-time launch token, the session secrets it
+    bought, and single-use download tickets. None of them is ever a cookie."""
 
     port: int
     launch_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     launch_spent: bool = False
-    session_secret: str | None = None
+    sessions: list[str] = field(default_factory=list)
     tickets: dict[str, tuple[int, float]] = field(default_factory=dict)
     on_spent: Callable[[], None] | None = None  # e.g. delete the launch file: it opens nothing
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -109,15 +110,25 @@ class Access:
                                                             self.launch_token.encode()):
                 return None
             self.launch_spent = True
-            self.session_secret = secrets.token_urlsafe(32)
-            secret = self.session_secret
+            secret = secrets.token_urlsafe(32)
+            self.sessions.append(secret)
         if self.on_spent is not None:
             self.on_spent()
         return secret
 
+    def new_launch(self) -> str:
+        """A new one-time link (asked for on the terminal); an unspent earlier one stops
+        working. Pages already open keep their sessions."""
+        with self.lock:
+            self.launch_token = secrets.token_urlsafe(32)
+            self.launch_spent = False
+        return self.url
+
     def session_ok(self, secret: str) -> bool:
-        wanted = self.session_secret
-        return wanted is not None and hmac.compare_digest(secret.encode(), wanted.encode())
+        with self.lock:
+            sessions = list(self.sessions)
+        # Every candidate compared, in constant time each.
+        return sum(hmac.compare_digest(secret.encode(), s.encode()) for s in sessions) > 0
 
     def bearer_ok(self, authorization: str) -> bool:
         scheme, _, secret = authorization.partition(" ")
@@ -436,9 +447,24 @@ def _launch_file(url: str) -> Path:
     return Path(name)
 
 
+def _new_links_on_enter(access: Access, announce: Callable[[str], None]) -> None:
+    """Each Enter on the terminal prints a new one-time link (after a reload, for a second
+    window). Raw reads of fd 0: a thread blocked in sys.stdin would hold its lock at exit."""
+    while True:
+        try:
+            data = os.read(0, 1024)
+        except OSError:
+            return
+        if not data:
+            return
+        for _ in range(data.count(b"\n")):
+            announce(access.new_launch())
+
+
 def serve(backend: ViewerBackend, *, port: int = 0, open_browser: bool = True,
-          announce: Callable[[str], None] = print) -> None:
-    """Serve until Ctrl-C, SIGTERM or SIGHUP; every way out removes the launch file."""
+          announce: Callable[[str], None] = print, new_links: bool = False) -> None:
+    """Serve until Ctrl-C, SIGTERM or SIGHUP; every way out removes the launch file.
+    new_links: Enter on standard input (the operator's terminal) prints a new link."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((LOOPBACK, port))
@@ -469,6 +495,9 @@ def serve(backend: ViewerBackend, *, port: int = 0, open_browser: bool = True,
             launch.append(_launch_file(access.url))
             threading.Thread(target=webbrowser.open, args=(launch[0].as_uri(),),
                              daemon=True).start()
+        if new_links:
+            threading.Thread(target=_new_links_on_enter, args=(access, announce), daemon=True,
+                             name="new-links").start()
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         # Ctrl-C is how the viewer ends (uvicorn re-raises the one it handled after a clean

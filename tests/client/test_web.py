@@ -631,7 +631,7 @@ def test_view_without_pin_fails_cleanly(setup: Setup, softhsm_token: TokenHandle
 def test_pin_from_the_terminal_or_pin_source(setup: Setup, softhsm_token: TokenHandle,
                                              tmp_path: Path) -> None:
     """The PIN is asked on the terminal (a real pseudo-terminal here), or read from the file
-    pin-source names; the page never asks for it."""
+    pin-source names; the page never asks for it. Enter there prints a new one-time link."""
     env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
     env["FUSION_CLIENT_HOME"] = str(setup.home)
     uri = softhsm_token.object_uri("operator", pin=False)
@@ -657,7 +657,19 @@ def test_pin_from_the_terminal_or_pin_source(setup: Setup, softhsm_token: TokenH
         os.write(master, softhsm_token.pin.encode() + b"\n")
         assert process.stdout is not None
         ready, _, _ = select.select([process.stdout], [], [], 60)
-        assert ready and process.stdout.readline().startswith(b"http://127.0.0.1:")
+        first = process.stdout.readline().decode().strip() if ready else ""
+        assert first.startswith("http://127.0.0.1:"), first
+        base = first[:first.index("/", len("http://"))]
+        # Enter on the terminal prints a new one-time link (after a reload): the old one,
+        # spent or not, opens nothing; the new one opens the viewer once.
+        os.write(master, b"\n")
+        ready, _, _ = select.select([process.stdout], [], [], 30)
+        second = process.stdout.readline().decode().strip() if ready else ""
+        assert second.startswith(base + "/#token=") and second != first, second
+        for url, status in ((first, 403), (second, 200), (second, 403)):
+            answer = httpx.post(f"{base}/api/session", headers={"Origin": base},
+                                json={"launch": url.rsplit("=", 1)[1]}, timeout=10)
+            assert answer.status_code == status, (url, answer.text)
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(20)

@@ -594,7 +594,7 @@ async function start() {
   if (!session.launch) {
     shut("Open the viewer with its link",
          "This page needs the link printed by 'fusion-client view' in your terminal. " +
-         "Each link opens the viewer once.");
+         "Each link opens the viewer once; press Enter there for a new one.");
     return;
   }
   try {
