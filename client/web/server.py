@@ -69,7 +69,6 @@ MAX_MS = 2**63 - 1
 LOOPBACK = "127.0.0.1"
 TICKET_TTL_S = 60.0         # a download ticket: minted when the operator clicks, used at once
 STREAM_AUTH_TIMEOUT_S = 10  # a WebSocket must authenticate this soon after opening
-_SECRET = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 _EXPORT_FILE = re.compile(r"/api/exports/([0-9]{1,18})/file")
 SPENT_LINK = ("This viewer link was used already: each link printed by 'fusion-client view' "
               "opens the viewer once, and a reloaded page forgets its session on purpose. "
