@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from pathlib import Path
 
 from archiver.settings import Settings
@@ -24,7 +25,17 @@ DEFAULT_LABEL = "archiver"
 def open_signer(settings: Settings) -> Signer:
     uri = settings.signer_token_uri or _default_token_uri(settings.token_dir)
     token = Token.open(uri)
-    return token.ensure_signer(settings.signer_label, common_name="Fusion Archiver")
+    return token.ensure_signer(settings.signer_label, common_name=signing_common_name())
+
+
+def signing_common_name(host: str | None = None) -> str:
+    """The subject CN of a new signing certificate: the host name and a random identity of
+    this data directory's key. Used only when the key is made (an existing certificate keeps
+    its name): two Archivers never read the same in a report, so one cannot pass for another
+    by name (their fingerprints differ anyway; the name is what a person reads)."""
+    host = (host if host is not None else socket.gethostname()).strip() or "localhost"
+    # A CN holds at most 64 characters: "Fusion Archiver " + host + " " + 8 hex digits.
+    return f"Fusion Archiver {host[:38]} {secrets.token_hex(4)}"
 
 
 def _default_token_uri(token_dir: Path) -> str:
