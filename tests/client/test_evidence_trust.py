@@ -8,17 +8,25 @@ a SoftHSM viewer token, and hand-edited packages with every checksum recomputed.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import re
 import struct
 import subprocess
+import sys
 import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 
 from client.evidence import read_zip
 from keyservice.crypto import open_segment
@@ -211,6 +219,71 @@ def test_a_package_from_another_archiver_is_not_verified_without_a_trust_anchor(
                    str(site_ca.path))
     assert by_ca.code == EXIT_NOT_VERIFIED, by_ca.stdout.decode()
     assert "was not issued by the given site CA" in by_ca.stdout.decode()
+
+
+def issue_signing_certificate(site_ca: SiteCa, public: ec.EllipticCurvePublicKey,
+                              path: Path) -> Path:
+    """What a site's CA issues for an Archiver's signing key: digitalSignature only."""
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME,
+                                                        "Example Site"),
+                                     x509.NameAttribute(NameOID.COMMON_NAME,
+                                                        "Fusion Archiver site-1")]))
+            .issuer_name(site_ca.certificate.subject).public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False,
+                                         False), critical=True)
+            .sign(site_ca.key, hashes.SHA256()))
+    path.write_bytes(cert.public_bytes(Encoding.PEM))
+    return path
+
+
+@requires_ffmpeg
+def test_an_archiver_certified_by_the_site_ca_is_established_with_site_ca(
+        site_ca: SiteCa, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    data = tmp_path / "archiver"
+    with production_archiver(site_ca, data).start() as first:  # makes its signing key
+        answer = httpx.get(f"{first.url}/v1/archiver", verify=first.verify, timeout=30).json()
+    own = x509.load_pem_x509_certificate(answer["certificate"].encode())
+    public = own.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    issued = issue_signing_certificate(site_ca, public, tmp_path / "signing.pem")
+    # Another key's certificate is refused at start, with a sentence.
+    other = issue_signing_certificate(site_ca, ec.generate_private_key(ec.SECP256R1())
+                                      .public_key(), tmp_path / "other.pem")
+    refused = subprocess.run([sys.executable, "-m", "archiver", "serve", "--data", str(data),
+                              "--port", "1", "--signing-cert", str(other)],
+                             capture_output=True, text=True, timeout=120,
+                             stdin=subprocess.DEVNULL)
+    assert refused.returncode == 30, refused.stderr
+    assert "not a certificate for this Archiver's signing key" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    alice = make_viewer("alice")
+    server = production_archiver(site_ca, data, extra_args=("--signing-cert", str(issued)))
+    with server.start():
+        ingest = server.add_camera("cam1")
+        server.add_viewer(alice.pem, ["cam1"])
+        start = now_ms()
+        record(server, "cam1", ingest, camera_segments(tmp_path, "cam", 3))
+        end = now_ms() + 1
+        case = tmp_path / "case.zip"
+        export(client, server, alice, case, start, end)
+    verified = client("evidence", "verify", str(case), "--site-ca", str(site_ca.path))
+    text = verified.stdout.decode()
+    assert verified.code == 0, text + verified.stderr
+    assert "Result: VERIFIED" in text
+    assert "signer established: its certificate was issued by the site CA" in text
+    # Another site's CA does not establish it.
+    elsewhere = SiteCa.create(tmp_path / "elsewhere", name="Other Site CA")
+    foreign = client("evidence", "verify", str(case), "--site-ca", str(elsewhere.path))
+    assert foreign.code == EXIT_NOT_VERIFIED, foreign.stdout.decode()
+    assert "was not issued by the given site CA" in foreign.stdout.decode()
 
 
 def test_encrypted_or_damaged_zip_members_are_refused_with_the_reason(
