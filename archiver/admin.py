@@ -48,8 +48,10 @@ class Admin:
     pull_schemes: tuple[str, ...] = ()
 
     # --- cameras -----------------------------------------------------------------------
-    def add_camera(self, actor: str, name: str, rtsp_url: str | None = None) -> str:
-        """Create a camera; returns its ingest token (shown once, only its digest is kept)."""
+    def add_camera(self, actor: str, name: str, rtsp_url: str | None = None) -> str | None:
+        """Create a camera; returns its ingest token (shown once, only its digest is kept), or
+        None for a pulled (RTSP) camera: the Archiver is its only source, so no token exists that
+        could push outside video into its signed archive."""
         archive = self.archive
         try:
             validate_camera_name(name)  # the name becomes an archive directory
@@ -59,6 +61,7 @@ class Admin:
             raise AdminRefused(ErrorCode.BAD_RTSP_URL, "The camera URL must start with one of: "
                                + ", ".join(f"{s}://" for s in self.pull_schemes) + ".")
         token = new_secret()
+        # A pulled camera's row still needs a digest: one of a secret nobody is given.
         if not archive.db.add_camera(name, digest(token), rtsp_url, archive.clock()):
             raise AdminRefused(ErrorCode.CAMERA_EXISTS, f"A camera named '{name}' exists already "
                                "(names of removed cameras stay reserved: their archive is "
@@ -66,7 +69,7 @@ class Admin:
         self.audit.record(actor, "camera.add", archive.clock(), camera=name, rtsp=bool(rtsp_url))
         if rtsp_url and self.rtsp is not None:
             self.rtsp.start(name, rtsp_url)
-        return token
+        return None if rtsp_url else token
 
     def remove_camera(self, actor: str, name: str) -> None:
         """Stop recording a camera; its archive stays (evidence) and its name stays reserved."""

@@ -120,12 +120,18 @@ def cameras_add(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = No
                     help="Pull this RTSP URL in the Archiver. With credentials in it, prefer the "
                     "FUSION_RTSP_URL variable: other users can read argv (ps), not your "
                     "environment.")] = None) -> None:
-    """Add a camera; prints its ingest URL and ingest token (shown once)."""
+    """Add a camera; prints its ingest URL and ingest token (shown once). A pulled camera
+    (--rtsp) gets no token: the Archiver is its only source."""
     result = _call("POST", url, "/v1/admin/cameras", _admin_token(admin_token, data),
                    {"name": name, "rtsp_url": rtsp}, tls_ca=tls_ca)
-    _out(as_json, result, f"camera {result['name']} added\n"
-         f"ingest URL:   {result['ingest_url']}\n"
-         f"ingest token: {result['ingest_token']}  (shown once; keep it secret)")
+    if result.get("ingest_token") is None:
+        human = (f"camera {result['name']} added, pulled by the Archiver from "
+                 f"{result['rtsp_url']} (no ingest token; it accepts no pushed video)")
+    else:
+        human = (f"camera {result['name']} added\n"
+                 f"ingest URL:   {result['ingest_url']}\n"
+                 f"ingest token: {result['ingest_token']}  (shown once; keep it secret)")
+    _out(as_json, result, human)
 
 
 @cameras_app.command("list")

@@ -8,6 +8,8 @@ stderr and a non-zero code, never a traceback.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -85,6 +87,8 @@ def serve(
     import os
 
     from archiver.app import create_app
+    from archiver.datadir import DIR_MODE, lock_data_dir
+    from archiver.server import bind_listeners
     from archiver.server import serve as serve_app
     from archiver.settings import Settings
 
@@ -104,8 +108,18 @@ def serve(
                         retention_interval_s=retention_interval,
                         min_free_bytes=min_free_mib * 1024 * 1024,
                         reserve_bytes=disk_reserve_mib * 1024 * 1024)
-    application = create_app(settings)
-    serve_app(application, settings)
+    # Before anything starts (token, index, RTSP pullers): the data directory is ours alone
+    # (held until this process ends), and the port is free (bound now, served later).
+    settings.data_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    lock = lock_data_dir(settings.data_dir, "serve")
+    sockets = bind_listeners(settings)
+    logging.getLogger("archiver").info("listening on %s://%s:%d (data directory %s, pid %d)",
+                                       settings.scheme, host, port, settings.data_dir,
+                                       os.getpid())
+    try:
+        serve_app(create_app(settings), settings, sockets=sockets)
+    finally:
+        lock.release()
 
 
 @app.command()
@@ -122,7 +136,23 @@ def reindex(
     """Rebuild the segment index from the archive files (offline: stop the Archiver first).
     Every segment and manifest is verified against the Archiver's signature and chain; the
     files are not changed."""
-    _print_rebuild(data, archiver_cert, signer_token, as_json)
+    with _offline(data, "reindex"):
+        _print_rebuild(data, archiver_cert, signer_token, as_json)
+
+
+@contextmanager
+def _offline(data: Path, purpose: str) -> Iterator[None]:
+    """The data directory's lock for an offline command that writes the index: a rebuild
+    under a running Archiver would race its index writes, so it is refused, naming it."""
+    from archiver.datadir import lock_data_dir
+
+    if not data.is_dir():
+        raise UsageError(f"{data} is not an Archiver data directory (no such directory).")
+    lock = lock_data_dir(data.resolve(), purpose)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _archiver_key(data: Path, archiver_cert: Path | None, signer_token: str | None) -> Any:
@@ -195,6 +225,14 @@ def check(
 ) -> None:
     """Check the archive: files, index, signatures and manifest chains. Exit 0 if sound,
     3 if damaged (each problem is listed)."""
+    # Checking alone only reads; with --rebuild-index it writes, so it must be alone, and is
+    # refused before the check rather than after it.
+    with _offline(data, "check --rebuild-index") if rebuild_index else nullcontext():
+        _check(data, archiver_cert, signer_token, rebuild_index, as_json)
+
+
+def _check(data: Path, archiver_cert: Path | None, signer_token: str | None,
+           rebuild_index: bool, as_json: bool) -> None:
     from archiver.check import check_archive
 
     key = _archiver_key(data, archiver_cert, signer_token)

@@ -33,6 +33,7 @@ class ErrorCode(StrEnum):
     NO_RECORDING = "no_recording"
     EXPIRED = "expired"
     UNKNOWN_HOLD = "unknown_hold"
+    PULLED_CAMERA = "pulled_camera"
     # access grants of past video
     BAD_GRANT = "bad_grant"
     GRANT_OUTSIDE_RANGE = "grant_outside_range"

@@ -32,8 +32,9 @@ class CameraCreate(BaseModel):
 
 class CameraCreated(BaseModel):
     name: str
-    ingest_url: str
-    ingest_token: str
+    ingest_url: str | None = Field(description="None for a pulled (RTSP) camera")
+    ingest_token: str | None = Field(description="Shown once; None for a pulled (RTSP) camera, "
+                                     "which accepts no pushed video")
     rtsp_url: str | None
 
 
@@ -138,7 +139,8 @@ def add_camera(body: CameraCreate, services: ServicesDep, actor: AdminDep) -> Ca
         token = services.admin.add_camera(actor, body.name, body.rtsp_url)
     return CameraCreated(name=body.name, rtsp_url=redact(body.rtsp_url) if body.rtsp_url else None,
                          ingest_token=token,
-                         ingest_url=f"{services.settings.public_url}/ingest/{body.name}/index.m3u8")
+                         ingest_url=None if token is None else
+                         f"{services.settings.public_url}/ingest/{body.name}/index.m3u8")
 
 
 @router.get("/cameras")
