@@ -24,7 +24,8 @@ from keyservice.exits import unreachable
 from keyservice.text import printable
 
 cameras_app = typer.Typer(no_args_is_help=True, help="Cameras: add, list, remove.")
-viewers_app = typer.Typer(no_args_is_help=True, help="Viewers: authorize, list, revoke.")
+viewers_app = typer.Typer(no_args_is_help=True, help="Viewers: add, list, cameras (change a "
+                          "viewer's cameras), revoke.")
 holds_app = typer.Typer(no_args_is_help=True, help="Evidence holds: video that survives "
                         "retention until released.")
 grants_app = typer.Typer(no_args_is_help=True, help="Access grants viewers made: list, approve, "
@@ -200,19 +201,127 @@ def viewers_add(
     tls_ca: TlsCaOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Authorize a viewer certificate on cameras; prints its SHA-256 fingerprint."""
-    try:
-        pem = certificate.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"Cannot read the certificate {certificate}: {exc}.") from None
-    camera_list: list[str] | str = "all" if cameras == "all" else [
-        c.strip() for c in cameras.split(",") if c.strip()]
+    """Authorize a new viewer certificate on cameras; prints its SHA-256 fingerprint. A viewer
+    authorized already is refused: change its cameras with 'viewers cameras'."""
+    pem = _read_certificate(certificate)
     result = _call("POST", url, "/v1/admin/viewers", _admin_token(admin_token, data),
-                   {"certificate": pem, "cameras": camera_list, "oaep_hash": oaep_hash},
-                   tls_ca=tls_ca)
-    cams = result["cameras"] if result["cameras"] == "all" else ",".join(result["cameras"])
-    _out(as_json, result, f"viewer {printable(result['subject'])} authorized on {cams}\n"
-         f"fingerprint: {result['fingerprint']}")
+                   {"certificate": pem, "cameras": _camera_list(cameras, "--cameras"),
+                    "oaep_hash": oaep_hash}, tls_ca=tls_ca)
+    _out(as_json, result, f"viewer {printable(result['subject'])} authorized on "
+         f"{_cams(result['cameras'])}\nfingerprint: {result['fingerprint']}")
+
+
+def _cams(cameras: list[str] | str) -> str:
+    return "all cameras" if cameras == "all" else ",".join(cameras) or "-"
+
+
+def _camera_list(text: str, option: str) -> list[str] | str:
+    if text.strip() == "all":
+        return "all"
+    cameras = [c.strip() for c in text.split(",") if c.strip()]
+    if not cameras:
+        raise UsageError(f"{option}: give camera names (cam1,cam2) or 'all'.")
+    return cameras
+
+
+# Any PEM private key: PKCS#8 (plain or encrypted), PKCS#1 RSA, SEC1 EC, OpenSSH.
+_PRIVATE_KEY_MARK = "PRIVATE KEY-----"
+
+
+def _read_certificate(path: Path) -> str:
+    """A certificate file's PEM text. A file holding a private key is refused here, before
+    anything is sent: the key must not travel to the Archiver (nor anywhere)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"Cannot read the certificate {path}: {exc}.") from None
+    if _PRIVATE_KEY_MARK in text:
+        raise UsageError(f"{path} holds a private key, so nothing was sent: give a file with "
+                         "the certificate alone (and keep the key where it belongs).")
+    return text
+
+
+def _resolve_viewer(viewer: str, url: str, token: str, tls_ca: Path | None) -> str:
+    """A viewer's full fingerprint from its certificate file, its fingerprint, or a unique
+    prefix of it (the short form other commands print)."""
+    path = Path(viewer)
+    if path.is_file():
+        from keyservice.certs import load_certificate
+        from keyservice.errors import CertificateError
+        from keyservice.identity import fingerprint
+
+        try:
+            return fingerprint(load_certificate(_read_certificate(path).encode())).hex()
+        except CertificateError as exc:
+            raise UsageError(f"Cannot read the certificate {path}: {exc}") from None
+    prefix = viewer.strip().lower()
+    if len(prefix) < MIN_PREFIX or any(c not in "0123456789abcdef" for c in prefix):
+        raise UsageError(f"{viewer!r} is neither a certificate file nor a fingerprint (at least "
+                         f"{MIN_PREFIX} hex digits, as 'viewers list' prints).")
+    if len(prefix) == 64:
+        return prefix
+    matches = [v for v in _call("GET", url, "/v1/admin/viewers", token, tls_ca=tls_ca)
+               if v["fingerprint"].startswith(prefix)]
+    if not matches:
+        raise RequestRefused(f"No viewer's fingerprint starts with {prefix} (see 'viewers "
+                             "list').")
+    if len(matches) > 1:
+        candidates = "; ".join(
+            f"{v['fingerprint'][:16]} {printable(v['subject'])}"
+            + (" (revoked)" if v["revoked_ms"] else "") for v in matches)
+        raise UsageError(f"{prefix} is the start of {len(matches)} viewers' fingerprints "
+                         f"({candidates}): give more digits.")
+    return str(matches[0]["fingerprint"])
+
+
+MIN_PREFIX = 4
+ViewerArg = Annotated[str, typer.Argument(
+    metavar="VIEWER", help="The viewer: its certificate file, its fingerprint, or a unique "
+    "start of it (at least 4 hex digits).")]
+
+
+@viewers_app.command("cameras")
+def viewers_cameras(
+    viewer: ViewerArg,
+    add: Annotated[str | None, typer.Option(
+        "--add", help="Cameras to add (cam1,cam2), or 'all'.")] = None,
+    remove: Annotated[str | None, typer.Option(
+        "--remove", help="Cameras to remove (cam1,cam2).")] = None,
+    set_: Annotated[str | None, typer.Option(
+        "--set", help="The cameras it has from now on (cam1,cam2), or 'all'.")] = None,
+    url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Change the cameras of an authorized viewer: add some, remove some, or set them all;
+    prints what changed. Keys rotate: a camera added now gives nothing recorded before."""
+    if set_ is not None and (add is not None or remove is not None):
+        raise UsageError("Give --set alone, or --add and --remove.")
+    if set_ is None and add is None and remove is None:
+        raise UsageError("Give --add, --remove or --set (see --help).")
+    body: dict[str, Any] = {}
+    if set_ is not None:
+        body["set"] = _camera_list(set_, "--set")
+    if add is not None:
+        added = _camera_list(add, "--add")
+        body["add" if added != "all" else "set"] = added
+    if remove is not None:
+        removed = _camera_list(remove, "--remove")
+        if removed == "all":
+            raise UsageError("--remove all would leave no camera: revoke the viewer instead.")
+        body["remove"] = removed
+    if body.get("set") == "all" and "remove" in body:
+        raise UsageError("--add all cannot go with --remove: give --set with the cameras.")
+    token = _admin_token(admin_token, data)
+    fp = _resolve_viewer(viewer, url, token, tls_ca)
+    result = _call("POST", url, f"/v1/admin/viewers/{fp}/cameras", token, body, tls_ca=tls_ca)
+    if result["before"] == result["cameras"]:
+        human = f"viewer {fp[:16]}: cameras unchanged ({_cams(result['cameras'])})"
+    else:
+        human = (f"viewer {fp[:16]} {printable(result['subject'])}: cameras "
+                 f"{_cams(result['before'])} -> {_cams(result['cameras'])}"
+                 + (f"; added {','.join(result['added'])}" if result["added"] else "")
+                 + (f"; removed {','.join(result['removed'])}" if result["removed"] else ""))
+    _out(as_json, result, human)
 
 
 @viewers_app.command("list")
@@ -258,7 +367,7 @@ def _expiry(not_after: str, now: dt.datetime, active: bool) -> tuple[str, bool]:
 
 @viewers_app.command("revoke")
 def viewers_revoke(
-    fingerprint: str,
+    viewer: ViewerArg,
     delete_key_streams: Annotated[bool, typer.Option(
         "--delete-key-streams", help="Also delete its key streams: IRREVERSIBLE.")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
@@ -273,9 +382,10 @@ def viewers_revoke(
         if not sys.stdin.isatty():
             raise UsageError(warning + " Add --yes to confirm.")
         typer.confirm(warning + " Continue?", abort=True)
-    result = _call("POST", url, f"/v1/admin/viewers/{fingerprint.lower()}/revoke",
-                   _admin_token(admin_token, data), {"delete_key_streams": delete_key_streams},
-                   tls_ca=tls_ca)
+    token = _admin_token(admin_token, data)
+    fingerprint = _resolve_viewer(viewer, url, token, tls_ca)
+    result = _call("POST", url, f"/v1/admin/viewers/{fingerprint}/revoke", token,
+                   {"delete_key_streams": delete_key_streams}, tls_ca=tls_ca)
     _out(as_json, result, f"viewer {fingerprint} revoked"
          + (" and its key streams deleted" if delete_key_streams else ""))
 

@@ -21,6 +21,8 @@ class ErrorCode(StrEnum):
     NOT_ENROLLED = "not_enrolled"
     REVOKED = "revoked"
     UNKNOWN_VIEWER = "unknown_viewer"
+    VIEWER_EXISTS = "viewer_exists"
+    BAD_CAMERA_CHANGE = "bad_camera_change"
     BAD_PROOF = "bad_proof"
     PROOF_REFUSED = "proof_refused"
     NOT_AUTHORIZED = "not_authorized"

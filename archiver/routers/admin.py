@@ -109,6 +109,22 @@ class ViewerInfo(BaseModel):
     not_after: str
 
 
+class CameraChangeRequest(BaseModel):
+    add: list[CameraName] = Field(default_factory=list, description="Cameras to add")
+    remove: list[CameraName] = Field(default_factory=list, description="Cameras to remove")
+    set: list[CameraName] | Literal["all"] | None = Field(
+        default=None, description="The cameras it has from now on (instead of add/remove)")
+
+
+class CameraChangeInfo(BaseModel):
+    fingerprint: str
+    subject: str
+    before: list[str] | Literal["all"]
+    cameras: list[str] | Literal["all"]
+    added: list[str] = Field(description="'all' when it moved to all cameras")
+    removed: list[str] = Field(description="'all' when it moved from all cameras")
+
+
 class RevokeRequest(BaseModel):
     delete_key_streams: bool = False
 
@@ -122,7 +138,8 @@ class Revoked(BaseModel):
 # The HTTP status of each refusal of archiver.admin.
 _STATUS = {ErrorCode.BAD_CAMERA_NAME: 422, ErrorCode.BAD_RTSP_URL: 422,
            ErrorCode.CAMERA_EXISTS: 409, ErrorCode.UNKNOWN_CAMERA: 404,
-           ErrorCode.BAD_CERTIFICATE: 422, ErrorCode.UNKNOWN_VIEWER: 404}
+           ErrorCode.BAD_CERTIFICATE: 422, ErrorCode.UNKNOWN_VIEWER: 404,
+           ErrorCode.VIEWER_EXISTS: 409, ErrorCode.BAD_CAMERA_CHANGE: 422}
 
 
 @contextmanager
@@ -244,6 +261,20 @@ def add_viewer(body: ViewerCreate, services: ServicesDep, actor: AdminDep) -> Vi
 @router.get("/clients", deprecated=True)
 def list_viewers(services: ServicesDep, actor: AdminDep) -> list[ViewerInfo]:
     return [_viewer_info(row) for row in services.archive.db.viewers()]
+
+
+@router.post("/viewers/{fp}/cameras")
+def change_viewer_cameras(fp: Fingerprint, body: CameraChangeRequest, services: ServicesDep,
+                          actor: AdminDep) -> CameraChangeInfo:
+    with _refusals():
+        change = services.admin.change_viewer_cameras(actor, fp, list(body.add),
+                                                      list(body.remove), body.set)
+    row = services.archive.db.viewer(fp)
+    assert row is not None
+    return CameraChangeInfo(fingerprint=fp, subject=row.subject,
+                            before="all" if change.before is None else change.before,
+                            cameras="all" if change.after is None else change.after,
+                            added=change.added, removed=change.removed)
 
 
 @router.post("/viewers/{fp}/revoke")

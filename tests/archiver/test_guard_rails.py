@@ -3,7 +3,9 @@ processes on real data directories, in production mode (HTTPS under a site CA).
 
 - one Archiver per data directory (a lock the kernel releases, kill -9 included);
 - a port in use is found before anything starts, with its own exit code;
-- a pulled (RTSP) camera has no working ingest token."""
+- a pulled (RTSP) camera has no working ingest token;
+- a viewer's cameras change explicitly, `viewers revoke` takes a prefix or the certificate file,
+  and a file holding a private key is refused before anything is sent."""
 
 from __future__ import annotations
 
@@ -13,15 +15,23 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from archiver.auth import digest
 from archiver.cli import EXIT_DAMAGED
 from archiver.datadir import EXIT_DATA_DIR_IN_USE, LOCK_NAME
 from archiver.server import EXIT_ADDRESS_IN_USE
-from tests.fixtures.server import ArchiverServer, free_port
+from keyservice.errors import RequestRefused
+from keyservice.identity import fingerprint
+from tests.fixtures.server import ArchiverServer, SiteCa, free_port, production_archiver
 
 SEGMENT = b"\x47" + b"\x00" * 187  # one MPEG-TS packet: the Archiver archives any bytes
 
@@ -156,3 +166,193 @@ def test_a_pulled_camera_takes_no_pushed_video(https_archiver: ArchiverServer) -
     # A pushing camera is not affected.
     pushed = json.loads(run("cameras", "add", "lobby", *common, "--json").stdout)
     assert push("lobby", pushed["ingest_token"]).status_code == 201
+
+
+# --- viewers: explicit camera changes, revoke by prefix or file, private keys stay home --------
+@pytest.fixture
+def site_archiver(site_ca: SiteCa, tmp_path: Path) -> Iterator[ArchiverServer]:
+    """Production mode, as a site runs it: HTTPS under the site CA, and viewer certificates
+    must be issued by it (--site-ca)."""
+    server = production_archiver(site_ca, tmp_path / "archiver",
+                                 extra_args=("--site-ca", str(site_ca.path))).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def viewer_certificate(site_ca: SiteCa, directory: Path, name: str) -> tuple[Path, str]:
+    """A site-CA-issued EC viewer certificate (PEM file) and its fingerprint."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = site_ca.issue(key.public_key(), name)
+    path = directory / f"{name}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path, fingerprint(cert).hex()
+
+
+def viewers(server: ArchiverServer) -> dict[str, dict[str, Any]]:
+    return {v["fingerprint"]: v for v in server.admin("GET", "/v1/admin/viewers", expect=200)}
+
+
+def test_viewer_cameras_are_added_and_set_explicitly(site_archiver: ArchiverServer,
+                                                     site_ca: SiteCa, tmp_path: Path) -> None:
+    """The bug: `viewers add` on an existing viewer replaced its cameras, silently dropping
+    one. Now it is refused, pointing to `viewers cameras`, which says what changed."""
+    common = admin_args(site_archiver)
+    for camera in ("lobby", "door", "yard"):
+        site_archiver.add_camera(camera)
+    pem, fp = viewer_certificate(site_ca, tmp_path, "alice")
+    added = run("viewers", "add", str(pem), "--cameras", "lobby,door", *common)
+    assert added.returncode == 0, added.stderr
+    assert "authorized on door,lobby" in added.stdout
+    again = run("viewers", "add", str(pem), "--cameras", "yard", *common)
+    assert again.returncode == RequestRefused.exit_code, again.stderr
+    line = one_sentence(again.stderr)
+    assert "authorized already" in line and "viewers cameras" in line, line
+    assert viewers(site_archiver)[fp]["cameras"] == ["door", "lobby"]  # nothing dropped
+
+    def change(*args: str) -> subprocess.CompletedProcess[str]:
+        return run("viewers", "cameras", fp[:16], *args, *common)
+
+    done = change("--add", "yard")
+    assert done.returncode == 0, done.stderr
+    assert "door,lobby -> door,lobby,yard; added yard" in done.stdout, done.stdout
+    done = change("--add", "lobby")
+    assert "cameras unchanged" in done.stdout, done.stdout
+    both = change("--remove", "door", "--add", "door")
+    assert both.returncode == RequestRefused.exit_code
+    assert "both added and removed" in one_sentence(both.stderr)
+    done = run("viewers", "cameras", str(pem), "--remove", "door", *common, "--json")
+    assert json.loads(done.stdout)["removed"] == ["door"]
+    done = change("--set", "all")
+    assert "-> all cameras; added all" in done.stdout, done.stdout
+    refused = change("--remove", "lobby")
+    assert refused.returncode == RequestRefused.exit_code
+    assert "all cameras" in one_sentence(refused.stderr) and "--set" in refused.stderr
+    done = change("--set", "yard")
+    assert "all cameras -> yard; removed all" in done.stdout, done.stdout
+    assert viewers(site_archiver)[fp]["cameras"] == ["yard"]
+    unknown = change("--add", "nosuch")
+    assert unknown.returncode == RequestRefused.exit_code and "nosuch" in unknown.stderr
+    usage = change("--set", "lobby", "--add", "door")
+    assert usage.returncode == 2 and "--set alone" in one_sentence(usage.stderr)
+    audit = [json.loads(line) for line in
+             (site_archiver.data_dir / "audit.jsonl").read_text().splitlines()]
+    assert sum(entry.get("action") == "client.cameras" for entry in audit) == 4
+
+
+def colliding_certificates(site_ca: SiteCa, directory: Path) -> tuple[Path, Path, str]:
+    """Two viewer certificates whose fingerprints start with the same 4 hex digits."""
+    seen: dict[str, Any] = {}
+    for i in range(20000):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = site_ca.issue(key.public_key(), f"twin{i}")
+        prefix = fingerprint(cert).hex()[:4]
+        if prefix in seen:
+            paths = []
+            for n, c in enumerate((seen[prefix], cert)):
+                path = directory / f"twin{n}.pem"
+                path.write_bytes(c.public_bytes(serialization.Encoding.PEM))
+                paths.append(path)
+            return paths[0], paths[1], prefix
+        seen[prefix] = cert
+    raise AssertionError("no two fingerprints share 4 hex digits")
+
+
+def test_viewers_revoke_takes_a_prefix_or_the_certificate_file(
+        site_archiver: ArchiverServer, site_ca: SiteCa, tmp_path: Path) -> None:
+    """Before: only the whole 64-digit fingerprint (a 16-digit one, as other commands print,
+    was refused by the Archiver). Now the certificate file or a unique prefix; an ambiguous
+    prefix is refused, listing the candidates."""
+    common = admin_args(site_archiver)
+    site_archiver.add_camera("lobby")
+    alice, alice_fp = viewer_certificate(site_ca, tmp_path, "alice")
+    bob, bob_fp = viewer_certificate(site_ca, tmp_path, "bob")
+    twin0, twin1, prefix = colliding_certificates(site_ca, tmp_path)
+    twins = [site_archiver.add_viewer(p, ["lobby"]) for p in (twin0, twin1)]
+    for path in (alice, bob):
+        assert run("viewers", "add", str(path), "--cameras", "lobby", *common).returncode == 0
+
+    short = run("viewers", "revoke", bob_fp[:16], *common)
+    assert short.returncode == 0, short.stderr
+    assert f"viewer {bob_fp} revoked" in short.stdout
+    by_file = run("viewers", "revoke", str(alice), *common, "--json")
+    assert by_file.returncode == 0, by_file.stderr
+    assert json.loads(by_file.stdout)["fingerprint"] == alice_fp
+    ambiguous = run("viewers", "revoke", prefix, *common)
+    assert ambiguous.returncode == 2, ambiguous.stderr
+    line = one_sentence(ambiguous.stderr)
+    assert all(fp[:16] in line for fp in twins) and "give more digits" in line, line
+    nobody = run("viewers", "revoke", "ffff0000ffff", *common)
+    assert nobody.returncode == RequestRefused.exit_code
+    assert "No viewer's fingerprint starts with" in nobody.stderr
+    state = viewers(site_archiver)
+    assert state[alice_fp]["revoked_ms"] and state[bob_fp]["revoked_ms"]
+    assert not any(state[fp]["revoked_ms"] for fp in twins)
+
+
+class Recorder:
+    """A listener on 127.0.0.1 that records every connection made to it (and closes it)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.connections = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.sock.close()
+
+
+def test_a_private_key_never_leaves_the_admins_machine(
+        site_archiver: ArchiverServer, site_ca: SiteCa, tmp_path: Path) -> None:
+    """Before: `viewers add` sent a file holding the viewer's private key to the Archiver,
+    which then refused it. Now it is refused locally: no connection is even made."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = site_ca.issue(key.public_key(), "carol").public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    bundle = tmp_path / "carol-with-key.pem"
+    bundle.write_bytes(cert + key_pem)
+    clean = tmp_path / "carol.pem"
+    clean.write_bytes(cert)
+    recorder = Recorder()
+    try:
+        token = ["--admin-token", "x", "--url", recorder.url]
+        for command in (["viewers", "add", str(bundle), "--cameras", "all"],
+                        ["viewers", "revoke", str(bundle)],
+                        ["viewers", "cameras", str(bundle), "--set", "all"]):
+            done = run(*command, *token)
+            assert done.returncode == 2, done.stderr
+            assert "holds a private key, so nothing was sent" in one_sentence(done.stderr)
+        assert recorder.connections == 0
+        # The recorder does see a command that sends (the test can fail).
+        sent = run("viewers", "add", str(clean), "--cameras", "all", *token)
+        assert sent.returncode != 0 and recorder.connections == 1
+    finally:
+        recorder.close()
+    # Against the real Archiver: refused before sending, so nothing is authorized.
+    refused = run("viewers", "add", str(bundle), "--cameras", "all",
+                  *admin_args(site_archiver))
+    assert refused.returncode == 2
+    assert viewers(site_archiver) == {}
+    assert "client.add" not in (site_archiver.data_dir / "audit.jsonl").read_text()
