@@ -153,7 +153,7 @@ def export(
     from client.cli import _check_camera, _load_cert, _login, _now_ms, _open_identity
     from client.player import Player, archiver_pin_check
     from client.session import ArchiverSession, playback_request
-    from client.timespec import parse_range
+    from keyservice.timespec import parse_range
 
     from_ms, to_ms = parse_range(from_, to, _now_ms())
     _check_camera(camera)
@@ -296,7 +296,7 @@ def verify(
 
 def describe(report: Report, package: Path) -> list[str]:
     """The human-readable report."""
-    from client.timespec import format_ms
+    from keyservice.timespec import format_ms
 
     def when(ms: int | None) -> str:
         return format_ms(ms) if ms is not None else "?"

@@ -356,3 +356,29 @@ def test_a_private_key_never_leaves_the_admins_machine(
     assert refused.returncode == 2
     assert viewers(site_archiver) == {}
     assert "client.add" not in (site_archiver.data_dir / "audit.jsonl").read_text()
+
+
+# --- one time parser ---------------------------------------------------------------------------
+def test_holds_take_the_times_fusion_client_takes(https_archiver: ArchiverServer) -> None:
+    """Before: `holds add --from -10m` was refused (ISO 8601 only), while `fusion-client play
+    --from -10m` worked. Now both use keyservice.timespec."""
+    import time
+
+    import client.cli
+    import client.timespec
+    import keyservice.timespec
+
+    assert client.timespec.parse_time is keyservice.timespec.parse_time
+    assert client.cli.parse_range is keyservice.timespec.parse_range
+    https_archiver.add_camera("lobby")
+    before = int(time.time() * 1000)
+    held = run("holds", "add", "lobby", "--from", "-10m", "--to", "now", "--reason", "case 7",
+               *admin_args(https_archiver), "--json")
+    after = int(time.time() * 1000)
+    assert held.returncode == 0, held.stderr
+    hold = json.loads(held.stdout)
+    assert before - 600_000 <= hold["from_ms"] <= after - 600_000
+    assert before <= hold["to_ms"] <= after
+    naive = run("holds", "add", "lobby", "--from", "2026-01-01 10:00", "--to", "2026-01-01",
+                "--reason", "x", *admin_args(https_archiver))
+    assert naive.returncode == 2 and "before it starts" in one_sentence(naive.stderr)
