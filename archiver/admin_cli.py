@@ -25,11 +25,12 @@ from keyservice.exits import unreachable
 from keyservice.text import printable
 from keyservice.timespec import parse_range
 
-cameras_app = typer.Typer(no_args_is_help=True, help="Cameras: add, list, remove.")
+cameras_app = typer.Typer(no_args_is_help=True, help="Cameras: add, list, retention (how long "
+                          "video is kept), remove.")
 viewers_app = typer.Typer(no_args_is_help=True, help="Viewers: add, list, cameras (change a "
                           "viewer's cameras), revoke.")
-holds_app = typer.Typer(no_args_is_help=True, help="Evidence holds: video that survives "
-                        "retention until released.")
+holds_app = typer.Typer(no_args_is_help=True, help="Evidence holds (video that survives "
+                        "retention until released): add, list, remove.")
 grants_app = typer.Typer(no_args_is_help=True, help="Access grants viewers made: list, approve, "
                          "reject, revoke. The Archiver serves a grant only once approved.")
 
@@ -43,12 +44,15 @@ def register(app: typer.Typer) -> None:
     app.add_typer(grants_app, name="grants")
 
 
-UrlOpt = Annotated[str, typer.Option("--url", envvar="FUSION_ARCHIVER_URL",
+# --archiver, as fusion-client names it; --url, the old spelling, is a hidden alias (cli.py).
+UrlOpt = Annotated[str, typer.Option("--archiver", envvar="FUSION_ARCHIVER_URL",
                                      help="The Archiver's base URL.")]
 TokenOpt = Annotated[str | None, typer.Option("--admin-token", envvar="FUSION_ADMIN_TOKEN",
                                               help="The admin token (or --data).")]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Read the admin token from the "
                                               "Archiver's data directory.")]
+CameraArg = Annotated[str, typer.Argument(help="The camera's name.")]
+GrantIdArg = Annotated[str, typer.Argument(help="The grant's id (32 hex digits, grants list).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, for scripts.")]
 TlsCaOpt = Annotated[Path | None, typer.Option(
     "--tls-ca", envvar="FUSION_TLS_CA",
@@ -115,7 +119,7 @@ def _when(ms: int | None) -> str:
 
 
 @cameras_app.command("add")
-def cameras_add(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
+def cameras_add(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
                 data: DataOpt = None, tls_ca: TlsCaOpt = None,
                 as_json: JsonOpt = False,
                 rtsp: Annotated[str | None, typer.Option(
@@ -163,7 +167,7 @@ def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
 
 @cameras_app.command("retention")
 def cameras_retention(
-    name: str,
+    name: CameraArg,
     days: Annotated[str, typer.Argument(help="Days to keep the camera's video, or 'default'.")],
     url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
     tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
@@ -184,7 +188,7 @@ def cameras_retention(
 
 
 @cameras_app.command("remove")
-def cameras_remove(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
+def cameras_remove(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
                    data: DataOpt = None, tls_ca: TlsCaOpt = None,
                    as_json: JsonOpt = False) -> None:
     """Stop accepting a camera's ingest. Its archive is kept."""
@@ -400,7 +404,7 @@ def _hold_line(h: dict[str, Any]) -> str:
 
 @holds_app.command("add")
 def holds_add(
-    camera: str,
+    camera: CameraArg,
     from_: Annotated[str, typer.Option("--from", help="Start: ISO 8601 (UTC unless an offset "
                                        "is given), relative (-10m, -2h) or 'now'.")],
     to: Annotated[str, typer.Option("--to", help="End, as --from.")],
@@ -418,7 +422,8 @@ def holds_add(
 
 
 @holds_app.command("list")
-def holds_list(camera: Annotated[str | None, typer.Option("--camera")] = None,
+def holds_list(camera: Annotated[str | None, typer.Option(
+                   "--camera", help="Only this camera's holds.")] = None,
                url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
                tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """List evidence holds."""
@@ -428,7 +433,8 @@ def holds_list(camera: Annotated[str | None, typer.Option("--camera")] = None,
 
 
 @holds_app.command("remove")
-def holds_remove(hold_id: int, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
+def holds_remove(hold_id: Annotated[int, typer.Argument(help="The hold's number (holds list).")],
+                 url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
                  data: DataOpt = None, tls_ca: TlsCaOpt = None,
                  as_json: JsonOpt = False) -> None:
     """Release a hold: its video is subject to retention again."""
@@ -478,7 +484,7 @@ NoteOpt = Annotated[str | None, typer.Option("--note", help="Why (kept in the au
 
 
 @grants_app.command("approve")
-def grants_approve(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
+def grants_approve(grant_id: GrantIdArg, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
                    admin_token: TokenOpt = None, data: DataOpt = None,
                    tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """Approve a pending grant: from now on the grantee may fetch it and play its range."""
@@ -486,7 +492,7 @@ def grants_approve(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_UR
 
 
 @grants_app.command("reject")
-def grants_reject(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
+def grants_reject(grant_id: GrantIdArg, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
                   admin_token: TokenOpt = None, data: DataOpt = None,
                   tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """Reject a pending grant: it is never served."""
@@ -494,7 +500,7 @@ def grants_reject(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL
 
 
 @grants_app.command("revoke")
-def grants_revoke(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
+def grants_revoke(grant_id: GrantIdArg, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
                   admin_token: TokenOpt = None, data: DataOpt = None,
                   tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """Revoke a grant: it is no longer served, and a stream under it stops at its next manifest

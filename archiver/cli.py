@@ -18,12 +18,14 @@ import typer
 from archiver.admin_cli import JsonOpt, _out
 from archiver.admin_cli import register as register_admin_commands
 from keyservice.errors import UsageError
-from keyservice.exits import add_version_option, run
+from keyservice.exits import add_version_option, hidden_aliases, run, tidy_help
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="The Fusion Archiver: encrypts camera streams, serves fusion streams.")
 add_version_option(app, "fusion-archiver")
 register_admin_commands(app)
+# The Archiver's URL is --archiver in the three CLIs; --url, the old spelling, keeps working.
+hidden_aliases(app, {"url": "archiver"})
 
 
 @app.command()
@@ -31,8 +33,10 @@ def serve(
     data: Annotated[Path, typer.Option("--data", help="Data directory (SQLite, archive, token).")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
-    tls_cert: Annotated[Path | None, typer.Option("--tls-cert")] = None,
-    tls_key: Annotated[Path | None, typer.Option("--tls-key")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        "--tls-cert", help="TLS certificate (PEM, its chain after it) to serve HTTPS with.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        "--tls-key", help="The TLS certificate's private key (PEM).")] = None,
     key_period: Annotated[int, typer.Option("--key-period", help="Seconds per minute key "
                                             "(60 in production; shorter for tests).")] = 60,
     signer_token: Annotated[str | None, typer.Option(
@@ -251,6 +255,9 @@ def _check(data: Path, archiver_cert: Path | None, signer_token: str | None,
         _print_rebuild(data, archiver_cert, signer_token, as_json)
     if not report.ok:
         raise SystemExit(EXIT_DAMAGED)
+
+
+tidy_help(app)
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ from client.session import (
     playback_request,
 )
 from keyservice.errors import CertificateError, UsageError
-from keyservice.exits import add_version_option, run
+from keyservice.exits import add_version_option, run, tidy_help
 from keyservice.identity import Identity
 from keyservice.names import CAMERA_NAME_RULE, is_camera_name
 from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
@@ -351,6 +351,7 @@ register_grants(app)
 from client.evidence import evidence_app  # noqa: E402
 
 app.add_typer(evidence_app, name="evidence")
+tidy_help(app)  # help wraps to the terminal, not to the source's line breaks
 
 
 def main() -> None:

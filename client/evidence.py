@@ -39,7 +39,8 @@ from keyservice.identity import Recipient
 from keyservice.text import printable
 
 evidence_app = typer.Typer(no_args_is_help=True, add_completion=False,
-                           help="Evidence packages a third party verifies without any token.")
+                           help="Evidence packages a third party verifies without any token: "
+                                "export, verify.")
 
 EXIT_NOT_VERIFIED = 60  # a check failed: the report says which and why
 EXIT_PARTLY_VERIFIED = 61  # sealed keys and no token: all but keys and video verified
