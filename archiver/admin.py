@@ -121,11 +121,13 @@ class Admin:
         fp = fingerprint(cert).hex()
         subject = cert.subject.rfc4514_string()
         existing = archive.db.viewer(fp)
-        if existing is not None and existing.revoked_ms is None:
+        if existing is not None and existing.revoked_ms is None and wanted != (
+                None if existing.all_cameras else sorted(existing.cameras)):
             # Adding again used to replace the viewer's cameras silently (one was dropped):
-            # changing them is its own, explicit command.
+            # changing them is its own, explicit command. Adding again with the same cameras
+            # only re-authorizes (its keys rotate), as before.
             raise AdminRefused(ErrorCode.VIEWER_EXISTS, f"Viewer {fp[:16]} is authorized "
-                               f"already (on {_cameras_text(existing)}); change its cameras with "
+                               f"already, on {_cameras_text(existing)}; change its cameras with "
                                f"'fusion-archiver viewers cameras {fp[:16]} --add CAMS', "
                                "'--remove CAMS' or '--set CAMS'.")
         archive.db.add_viewer(fp, cert.public_bytes(Encoding.DER), subject, int(oaep), wanted,

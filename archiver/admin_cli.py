@@ -207,14 +207,17 @@ def viewers_add(
     tls_ca: TlsCaOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Authorize a new viewer certificate on cameras; prints its SHA-256 fingerprint. A viewer
-    authorized already is refused: change its cameras with 'viewers cameras'."""
+    """Authorize a viewer certificate on cameras; prints its SHA-256 fingerprint. A viewer
+    authorized already on other cameras is refused: change its cameras with 'viewers cameras'."""
     pem = _read_certificate(certificate)
     result = _call("POST", url, "/v1/admin/viewers", _admin_token(admin_token, data),
                    {"certificate": pem, "cameras": _camera_list(cameras, "--cameras"),
                     "oaep_hash": oaep_hash}, tls_ca=tls_ca)
     _out(as_json, result, f"viewer {printable(result['subject'])} authorized on "
-         f"{_cams(result['cameras'])}\nfingerprint: {result['fingerprint']}")
+         f"{_cams(result['cameras'])}"
+         + (" (as it was already: cameras unchanged, keys rotated)"
+            if result.get("reauthorized") else "")
+         + f"\nfingerprint: {result['fingerprint']}")
 
 
 def _cams(cameras: list[str] | str) -> str:

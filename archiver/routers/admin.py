@@ -107,6 +107,8 @@ class ViewerInfo(BaseModel):
     revoked_ms: int | None
     key_streams_deleted: bool
     not_after: str
+    reauthorized: bool = Field(default=False, description="It was authorized already, on the "
+                               "same cameras: only its keys rotated")
 
 
 class CameraChangeRequest(BaseModel):
@@ -251,10 +253,13 @@ def remove_camera(name: CameraPath, services: ServicesDep, actor: AdminDep) -> N
 @router.post("/clients", status_code=201, deprecated=True)
 def add_viewer(body: ViewerCreate, services: ServicesDep, actor: AdminDep) -> ViewerInfo:
     cameras = None if body.cameras == "all" else list(body.cameras)
+    active = {v.fingerprint for v in services.archive.db.viewers() if v.revoked_ms is None}
     with _refusals():
         row = services.admin.authorize_viewer(actor, body.certificate.encode(), cameras,
                                               body.oaep_hash)
-    return _viewer_info(row)
+    info = _viewer_info(row)
+    info.reauthorized = row.fingerprint in active
+    return info
 
 
 @router.get("/viewers")
