@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import ssl
 import sys
 import time
@@ -24,6 +23,7 @@ from keyservice.errors import ArchiverFailed, RequestRefused, UsageError
 from keyservice.exits import unreachable
 from keyservice.text import printable
 from keyservice.timespec import parse_range
+from keyservice.tls import trust as tls_trust
 
 cameras_app = typer.Typer(no_args_is_help=True, help="Cameras: add, list, retention (how long "
                           "video is kept), remove.")
@@ -31,6 +31,9 @@ viewers_app = typer.Typer(no_args_is_help=True, help="Viewers: add, list, camera
                           "viewer's cameras), revoke.")
 holds_app = typer.Typer(no_args_is_help=True, help="Evidence holds (video that survives "
                         "retention until released): add, list, remove.")
+admins_app = typer.Typer(no_args_is_help=True, help="Admins as people, each with a certificate "
+                         "on their own token: add, list, revoke, login (an admin session whose "
+                         "actions the audit log names).")
 grants_app = typer.Typer(no_args_is_help=True, help="Access grants viewers made: list, approve, "
                          "reject, revoke. The Archiver serves a grant only once approved.")
 
@@ -42,6 +45,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(viewers_app, name="clients", hidden=True)  # the old name, kept as an alias
     app.add_typer(holds_app, name="holds")
     app.add_typer(grants_app, name="grants")
+    app.add_typer(admins_app, name="admins")
 
 
 # --archiver, as fusion-client names it; --url, the old spelling, is a hidden alias (cli.py).
@@ -73,17 +77,10 @@ def _admin_token(token: str | None, data: Path | None) -> str:
     raise UsageError("No admin token: give --admin-token, set FUSION_ADMIN_TOKEN, or --data DIR.")
 
 
-def _verify(tls_ca: Path | None) -> ssl.SSLContext | bool:
-    """How to check the Archiver's HTTPS certificate: the system's CAs, or --tls-ca's."""
-    if tls_ca is None:
-        env = os.environ.get("FUSION_TLS_CA")  # for commands that do not declare --tls-ca
-        tls_ca = Path(env) if env else None
-    if tls_ca is None:
-        return True
-    try:
-        return ssl.create_default_context(cafile=str(tls_ca))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"Cannot use {tls_ca} as TLS CA certificate: {exc}.") from None
+def _verify(tls_ca: Path | None) -> ssl.SSLContext:
+    """How to check the Archiver's HTTPS certificate: the one trust rule of keyservice.tls
+    (--tls-ca, else FUSION_TLS_CA for commands that do not declare --tls-ca, else the system's)."""
+    return tls_trust(tls_ca)
 
 
 def _call(method: str, url: str, path: str, token: str, body: Any = None, *,
@@ -104,6 +101,26 @@ def _call(method: str, url: str, path: str, token: str, body: Any = None, *,
         error = ArchiverFailed if response.status_code >= 500 else RequestRefused
         raise error(f"{message} (HTTP {response.status_code})")
     return response.json() if response.content else None
+
+
+def archiver_info(url: str, tls_ca: Path | None) -> dict[str, Any]:
+    """The Archiver's public /v1/archiver answer (its signing certificate), no token needed."""
+    try:
+        response = httpx.get(url.rstrip("/") + "/v1/archiver", timeout=30, verify=_verify(tls_ca))
+    except httpx.InvalidURL as exc:
+        raise UsageError(f"The Archiver URL {url!r} is not usable: {exc}.") from None
+    except httpx.TransportError as exc:
+        raise unreachable(url, exc) from None
+    if response.status_code != 200:
+        raise RequestRefused(f"{url} answered HTTP {response.status_code} to /v1/archiver; is it "
+                             "a Fusion Archiver?")
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise ArchiverFailed(f"The answer of {url} to /v1/archiver is not the Archiver's.")
+    return body
 
 
 def _out(as_json: bool, obj: Any, human: str) -> None:
@@ -154,7 +171,8 @@ def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
              f"{c['retention_days']} d{' (default)' if c['retention_default'] else ''}"
              + (f", {c['holds']} hold(s)" if c["holds"] else "") + "  last minute: "
              f"{c['segments_last_minute']} segments, {c['bytes_last_minute']} bytes; "
-             f"gaps {c['gaps']}" + (f", refused {c['refused']}" if c["refused"] else "")
+             f"gaps {c['gaps']}" + (f", refused {c['refused']} (last: {c['last_refusal']})"
+                                   if c["refused"] else "")
              + (f"  rtsp {c['rtsp_url']}, {c['puller_restarts']} restarts" if c["rtsp_url"] else "")
              + (f"  ({c['message']})" if c["message"] else "") for c in result]
     lines = lines or ["no cameras"]
@@ -509,3 +527,89 @@ def grants_revoke(grant_id: GrantIdArg, note: NoteOpt = None, url: UrlOpt = DEFA
     """Revoke a grant: it is no longer served, and a stream under it stops at its next manifest
     (keys the grantee already opened cannot be taken back)."""
     _decide("revoke", grant_id, note, url, admin_token, data, tls_ca, as_json)
+
+
+# --- admins (people with their own token; archiver/admins.py) ----------------------------------
+def _admin_line(a: dict[str, Any]) -> str:
+    state = (f"revoked {_when(a['revoked_ms'])} by {printable(a['revoked_by'])}"
+             if a["revoked_ms"] else "active")
+    return (f"{a['name']:<16} {a['fingerprint']}  {printable(a['subject'])}  added "
+            f"{_when(a['added_ms'])} by {printable(a['added_by'])}  {state}  expires "
+            f"{a['not_after']}")
+
+
+@admins_app.command("add", help="Add an admin: a person who logs in with 'admins login' on "
+                    "their own token. Run it with the bootstrap admin token (the data directory's "
+                    "admin-token) or another admin's session.")
+def admins_add(
+    certificate: Annotated[Path, typer.Argument(help="The admin's PEM certificate (enrolled on "
+                                                "the admin's own token with fusion-keys enroll).")],
+    name: Annotated[str, typer.Option("--name", help="Unique name the audit log gives this "
+                                      "admin (lower case; never reused).")],
+    oaep_hash: Annotated[str | None, typer.Option(
+        "--oaep-hash", help="sha256|sha1, only for certificates not made by fusion-keys.")] = None,
+    url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    # Thin: the Archiver checks the certificate (as a viewer's) and audits the addition; a
+    # file holding a private key is refused here, before anything is sent.
+    pem = _read_certificate(certificate)
+    result = _call("POST", url, "/v1/admin/admins", _admin_token(admin_token, data),
+                   {"certificate": pem, "name": name, "oaep_hash": oaep_hash}, tls_ca=tls_ca)
+    _out(as_json, result, f"admin {result['name']} added; the audit log names them "
+         f"{printable(result['actor'])}\nfingerprint: {result['fingerprint']}")
+
+
+@admins_app.command("list")
+def admins_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+                tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
+    """List admins (revoked ones too: the audit log names them)."""
+    result = _call("GET", url, "/v1/admin/admins", _admin_token(admin_token, data), tls_ca=tls_ca)
+    _out(as_json, {"admins": result},
+         "\n".join(_admin_line(a) for a in result) or "no admins (only the bootstrap admin token)")
+
+
+@admins_app.command("revoke")
+def admins_revoke(
+    who: Annotated[str, typer.Argument(help="The admin's name, fingerprint or a unique "
+                                       "fingerprint prefix.")],
+    url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Revoke an admin: their sessions end at once and they cannot log in again."""
+    result = _call("POST", url, f"/v1/admin/admins/{who.strip().lower()}/revoke",
+                   _admin_token(admin_token, data), tls_ca=tls_ca)
+    _out(as_json, result, f"admin {result['name']} ({result['fingerprint'][:16]}) revoked")
+
+
+@admins_app.command("login", help="Log in on your own token (proof of possession) and print "
+                    "a short-lived admin session token for the other commands: export "
+                    "FUSION_ADMIN_TOKEN=$(fusion-archiver admins login --token URI). The audit "
+                    "log names you for everything done with it.")
+def admins_login(
+    token: Annotated[str, typer.Option(
+        "--token", envvar="FUSION_ADMIN_PKCS11",
+        help="PKCS#11 URI of your admin identity on your token (with ;object=NAME); the PIN "
+        "from pin-value/pin-source in the URI, FUSION_PIN, or a prompt.")],
+    archiver_fingerprint: Annotated[str | None, typer.Option(
+        "--archiver-fingerprint", envvar="FUSION_ARCHIVER_FINGERPRINT",
+        help="Refuse an Archiver whose certificate has another SHA-256 fingerprint "
+        "('fusion-archiver certificate' prints it), before the token's key is used.")] = None,
+    url: UrlOpt = DEFAULT_URL, tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    # The login itself (token, challenge, proof) is archiver/admin_login.py.
+    from archiver.admin_login import login_admin
+
+    session = login_admin(url, _verify(tls_ca), token, archiver_fingerprint)
+    info = {"session_token": session.session_token, "name": session.name,
+            "fingerprint": session.fingerprint, "actor": session.actor,
+            "expires_ms": session.expires_ms,
+            "archiver_fingerprint": session.archiver_fingerprint}
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    # The token alone on stdout (for $(...)); what it is on stderr.
+    typer.echo(session.session_token)
+    typer.echo(printable(f"admin session for {session.actor} until {_when(session.expires_ms)} "
+                         f"on the Archiver sha256 {session.archiver_fingerprint}; give it to "
+                         "the other commands as FUSION_ADMIN_TOKEN or --admin-token"), err=True)

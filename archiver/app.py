@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from archiver.admins import Admins, AdminStore
 from archiver.archive import Archive, wall_clock_ms
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, ensure_admin_token, secret_matches
@@ -23,13 +24,13 @@ from archiver.deps import ApiError, BearerDep, Services, ServicesDep
 from archiver.grants import GrantStore
 from archiver.limits import REFUSED_STATUSES, Limits, RefusalAudit, RequestLimits
 from archiver.metrics import ArchiverCollector, make_registry
-from archiver.routers import admin, grants, ingest, viewer
+from archiver.routers import admin, admins, grants, ingest, viewer
 from archiver.rtsp import RtspSupervisor
 from archiver.settings import Settings
 from archiver.signing import open_signer
 from archiver.storage import StorageFailed, StorageFull
 from keyservice.certs import load_certificate
-from keyservice.identity import Signer
+from keyservice.identity import Signer, fingerprint
 from keyservice.wire import ErrorCode
 
 log = logging.getLogger("archiver")
@@ -50,9 +51,12 @@ async def _watch_camera_health(archive: Archive, audit: AuditLog) -> None:
             if health.state == before or health.state == CameraState.WAITING:
                 continue
             if health.state == CameraState.RECEIVING:
-                log.info("camera %s: receiving again", camera.name)
+                # "again" only after a problem, not for the first segment of this run.
+                log.info("camera %s: %s", camera.name, "receiving (first segment since start)"
+                         if before == CameraState.WAITING else "receiving again")
             else:
-                log.warning("camera %s: %s %s", camera.name, health.state.value, health.message)
+                log.warning("camera %s: %s (%s)", camera.name, health.state.value,
+                            health.message or "no reason known")
             audit.record("archiver", f"camera.{health.state.value}", now, camera=camera.name,
                          last_segment_ms=health.last_segment_ms, message=health.message)
 
@@ -85,6 +89,11 @@ def create_app(settings: Settings, signer: Signer | None = None,
         if created:
             log.warning("created the admin token in %s (mode 0600)", settings.admin_token_path)
         metrics_token, _ = ensure_admin_token(settings.metrics_token_path)
+        # What viewers pin: printed at every start, so the admin can hand it out (it is also
+        # what 'fusion-archiver certificate' prints).
+        log.info("Archiver certificate fingerprint (SHA-256): %s (viewers check it on first "
+                 "use; 'fusion-archiver certificate' prints the certificate to pin)",
+                 fingerprint(archive.signer.certificate).hex())
         audit = AuditLog(settings.audit_log_path)
         audit.record("archiver", "start", clock(), recovery=archive.recovery_actions)
         refusals = RefusalAudit(audit, clock, settings.refusal_window_s)
@@ -107,12 +116,19 @@ def create_app(settings: Settings, signer: Signer | None = None,
         archive.retention.on_removed = removed
         await asyncio.to_thread(archive.retention.ensure_reserve)
         rtsp = RtspSupervisor(archive.ingest_segment, archive.health.puller_failed)
+        site_ca = tuple(load_certificate(p.read_bytes()) for p in settings.site_ca_files)
+        # Personal admins (archiver/admins.py): their sessions apart from viewers', so a
+        # viewer's session token is never an admin's.
+        admin_sessions = Sessions(settings.challenge_ttl_s, settings.session_ttl_s)
+        admin_store = AdminStore(settings.db_path)
         services = Services(
             settings=settings, archive=archive,
             sessions=Sessions(settings.challenge_ttl_s, settings.session_ttl_s), audit=audit,
             admin_token_digest=digest(admin_token),
-            site_ca=tuple(load_certificate(p.read_bytes()) for p in settings.site_ca_files),
-            rtsp=rtsp, refusals=refusals, metrics_token_digest=digest(metrics_token))
+            site_ca=site_ca,
+            rtsp=rtsp, refusals=refusals, metrics_token_digest=digest(metrics_token),
+            admins=Admins(admin_store, audit, admin_sessions, clock, site_ca),
+            admin_sessions=admin_sessions)
         collector = ArchiverCollector(archive)
         app.state.services = services
         app.state.grants = GrantStore(settings.db_path)  # access grants (archiver/grants.py)
@@ -151,6 +167,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
             audit.record("archiver", "stop", clock())
             audit.close()
             app.state.grants.close()
+            admin_store.close()
             archive.close()
 
     # The API's map is off unless asked for (--api-docs): it spares an attacker the survey.
@@ -161,7 +178,8 @@ def create_app(settings: Settings, signer: Signer | None = None,
                   openapi_url="/openapi.json" if docs else None,
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     app.add_middleware(ingest.UploadOrder)
-    # Added last, so outermost: limits apply before anything else reads the request.
+    # Added after the others, so outside them: limits apply before anything else reads the
+    # request (UploadOutcomes, outermost, reads nothing: it watches the answers).
     app.add_middleware(
         RequestLimits,
         limits=Limits(max_segment_bytes=settings.max_segment_bytes,
@@ -172,10 +190,13 @@ def create_app(settings: Settings, signer: Signer | None = None,
                       viewer_streams=settings.viewer_streams,
                       viewer_rate=settings.viewer_rate, viewer_burst=settings.viewer_burst),
         refusals=_refusals_of, viewer_key=_viewer_of)
+    # Outermost of all: it sees the answer to every segment upload, whoever gave it.
+    app.add_middleware(ingest.UploadOutcomes)
     app.include_router(ingest.router)
     app.include_router(admin.router)
     app.include_router(viewer.router)
     app.include_router(grants.router)
+    app.include_router(admins.router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
@@ -191,7 +212,8 @@ def create_app(settings: Settings, signer: Signer | None = None,
                            "token (the file metrics-token in the data directory, or the admin "
                            "token).")
         token = credentials.credentials
-        if not (secret_matches(token, services.admin_token_digest)
+        if not ((services.settings.bootstrap_token
+                 and secret_matches(token, services.admin_token_digest))
                 or (services.metrics_token_digest is not None
                     and secret_matches(token, services.metrics_token_digest))):
             raise ApiError(403, ErrorCode.FORBIDDEN, "This is neither the metrics nor the admin token.")

@@ -176,8 +176,8 @@ class Archive:
                     # Even after a failure: the attempt may have sealed under this seq, and the
                     # minute key refuses a seq twice (nonce reuse). Gaps in seq are fine.
                     state.next_seq[stream] = seq + 1
-        except BaseException:
-            self.health.segment_refused(camera)
+        except BaseException as exc:
+            self.health.segment_refused(camera, f"not archived: {str(exc) or type(exc).__name__}")
             raise
         self.segments_ingested += 1
         self.bytes_ingested += len(data)

@@ -25,6 +25,7 @@ the Archiver pulls it and cannot connect or log in; *waiting* before its first s
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ STALL_FACTOR = 3
 MIN_STALL_MS = 5000
 DEFAULT_SEGMENT_MS = 2000
 RATE_WINDOW_MS = 60_000
+
+log = logging.getLogger("archiver")
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class _Health:
     recent: deque[tuple[int, int]] = field(default_factory=deque)  # (arrival ms, bytes)
     gaps: int = 0
     refused: int = 0
+    last_refusal: str = ""
     puller_problem: CameraState | None = None
     puller_message: str = ""
     puller_restarts: int = 0
@@ -117,6 +121,7 @@ class CameraHealth:
     bytes_last_minute: int
     gaps: int
     refused: int
+    last_refusal: str
     puller_restarts: int
     message: str
 
@@ -149,9 +154,16 @@ class HealthBoard:
             health.puller_problem, health.puller_message = None, ""
             self._trim(health, arrival_ms)
 
-    def segment_refused(self, camera: str) -> None:
+    def segment_refused(self, camera: str, reason: str) -> None:
+        """A segment of ``camera`` (a known camera: the board keeps no entry for arbitrary
+        names) was not archived: counted and logged with its reason, since the camera itself
+        is not told (ffmpeg does not read the answers to its uploads)."""
         with self._lock:
-            self._get(camera).refused += 1
+            health = self._get(camera)
+            health.refused += 1
+            health.last_refusal = reason
+            count = health.refused
+        log.warning("camera %s: segment refused (%d since start): %s", camera, count, reason)
 
     def puller_failed(self, camera: str, problem: CameraState, message: str) -> None:
         with self._lock:
@@ -172,8 +184,23 @@ class HealthBoard:
                 state=state, last_segment_ms=health.last_arrival_ms,
                 segments_last_minute=len(health.recent),
                 bytes_last_minute=sum(size for _, size in health.recent), gaps=health.gaps,
-                refused=health.refused, puller_restarts=health.puller_restarts,
-                message=health.puller_message)
+                refused=health.refused, last_refusal=health.last_refusal,
+                puller_restarts=health.puller_restarts,
+                message=self._message(health, state, now_ms))
+
+    @staticmethod
+    def _message(health: _Health, state: CameraState, now_ms: int) -> str:
+        """Why the camera is in ``state``: the puller's problem, or for a stalled camera how
+        long it has been silent (and the last refusal: a camera whose uploads are all refused
+        looks silent)."""
+        if (health.puller_problem is not None or state != CameraState.STALLED
+                or health.last_arrival_ms is None):
+            return health.puller_message
+        message = (f"no segment archived for {(now_ms - health.last_arrival_ms) / 1000:.0f} s "
+                   f"(one expected every {health.typical_ms / 1000:.0f} s)")
+        if health.last_refusal:
+            message += f"; last refused upload: {health.last_refusal}"
+        return message
 
     @staticmethod
     def _state(health: _Health, now_ms: int) -> CameraState:

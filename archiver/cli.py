@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from archiver.admin_cli import JsonOpt, _out
+from archiver.admin_cli import JsonOpt, TlsCaOpt, _out, archiver_info
 from archiver.admin_cli import register as register_admin_commands
 from keyservice.errors import UsageError
 from keyservice.exits import add_version_option, hidden_aliases, run, tidy_help
@@ -86,6 +86,10 @@ def serve(
     disk_reserve_mib: Annotated[int, typer.Option(
         "--disk-reserve-mib", help="Space (MiB) set aside for retention to free a full disk "
         "with.")] = 16,
+    bootstrap_token: Annotated[bool, typer.Option(
+        "--bootstrap-token/--no-bootstrap-token", help="Accept the data directory's admin-token "
+        "(the embedded default). Turn it off once admins are people ('admins add'): then only "
+        "personal admin sessions act as admin.")] = True,
 ) -> None:
     """Run the Archiver."""
     import os
@@ -111,7 +115,16 @@ def serve(
                         max_connections=max_connections, retention_days=retention_days,
                         retention_interval_s=retention_interval,
                         min_free_bytes=min_free_mib * 1024 * 1024,
-                        reserve_bytes=disk_reserve_mib * 1024 * 1024)
+                        reserve_bytes=disk_reserve_mib * 1024 * 1024,
+                        bootstrap_token=bootstrap_token)
+    if not bootstrap_token:
+        from archiver.admins import active_admins
+        if active_admins(settings.db_path) == 0:
+            # Refused before anything starts: without the bootstrap token and without an
+            # admin, nobody could administer this Archiver.
+            raise UsageError("--no-bootstrap-token needs at least one admin: add one first with "
+                             "'fusion-archiver admins add CERT.pem --name NAME' (with the "
+                             "bootstrap token).")
     # Before anything starts (token, index, RTSP pullers): the data directory is ours alone
     # (held until this process ends), and the port is free (bound now, served later).
     settings.data_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
@@ -255,6 +268,51 @@ def _check(data: Path, archiver_cert: Path | None, signer_token: str | None,
         _print_rebuild(data, archiver_cert, signer_token, as_json)
     if not report.ok:
         raise SystemExit(EXIT_DAMAGED)
+
+
+@app.command(help="Print the Archiver's signing certificate (PEM) and its SHA-256 fingerprint: "
+             "what viewers pin. Give viewers the certificate (fusion-client --archiver-cert) or "
+             "the fingerprint to compare on first use. From the running Archiver (--archiver) or "
+             "from its data directory's signing token (--data).")
+def certificate(
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="The Archiver's data directory (reads its signing token).")] = None,
+    url: Annotated[str | None, typer.Option(
+        "--archiver", envvar="FUSION_ARCHIVER_URL",
+        help="The running Archiver's base URL.")] = None,
+    signer_token: Annotated[str | None, typer.Option(
+        "--signer-token", help="PKCS#11 URI of the signing token (default: the SoftHSM token "
+        "in the data directory).")] = None,
+    tls_ca: TlsCaOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from keyservice.identity import fingerprint
+
+    if (data is None) == (url is None):
+        raise UsageError("Give either --data DIR (the data directory) or --archiver URL (the "
+                         "running Archiver).")
+    if data is not None:
+        from archiver.settings import Settings
+        from archiver.signing import open_signer
+
+        settings = Settings(data_dir=data.resolve(), signer_token_uri=signer_token)
+        if signer_token is None and not (settings.token_dir / "softhsm2.conf").exists():
+            raise UsageError(f"No signing token in {data}; is it an Archiver's data directory "
+                             "(started once)? Or give --signer-token.")
+        cert = open_signer(settings).certificate
+    else:
+        from keyservice.certs import load_certificate
+
+        assert url is not None
+        answer = archiver_info(url, tls_ca)
+        cert = load_certificate(str(answer.get("certificate", "")).encode())
+    pem = cert.public_bytes(Encoding.PEM).decode()
+    fp = fingerprint(cert).hex()
+    _out(as_json, {"certificate": pem, "fingerprint": fp,
+                   "subject": cert.subject.rfc4514_string()},
+         f"{pem.rstrip()}\nsha256 fingerprint: {fp}")
 
 
 tidy_help(app)

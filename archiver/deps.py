@@ -13,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, Field
 
 from archiver.admin import Admin
+from archiver.admins import BOOTSTRAP_ACTOR, AdminRow, Admins, admin_validity_ms
 from archiver.archive import Archive
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, secret_matches
@@ -59,6 +60,9 @@ class Services:
     rtsp: RtspSupervisor | None = None
     refusals: RefusalAudit | None = None
     metrics_token_digest: bytes | None = None
+    # Personal admin identities (archiver/admins.py) and their sessions, apart from viewers'.
+    admins: Admins | None = None
+    admin_sessions: Sessions | None = None
 
     @functools.cached_property
     def admin(self) -> Admin:
@@ -82,11 +86,53 @@ def _token(credentials: HTTPAuthorizationCredentials | None, what: str) -> str:
     return credentials.credentials
 
 
-def require_admin(services: ServicesDep, credentials: BearerDep) -> str:
-    token = _token(credentials, "admin token")
-    if not secret_matches(token, services.admin_token_digest):
-        raise ApiError(403, ErrorCode.FORBIDDEN, "This is not the admin token.")
-    return "admin"
+@dataclass(frozen=True)
+class AdminPrincipal:
+    """Who acts as admin: the bootstrap token (``fingerprint`` None: shared, not a person) or a
+    personal admin logged in on the admin's own token."""
+
+    actor: str
+    fingerprint: str | None = None
+
+
+def require_admin_principal(services: ServicesDep, credentials: BearerDep) -> AdminPrincipal:
+    token = _token(credentials, "admin token or admin session token")
+    if secret_matches(token, services.admin_token_digest):
+        if not services.settings.bootstrap_token:
+            raise ApiError(403, ErrorCode.FORBIDDEN, "The bootstrap admin token is turned off on "
+                           "this Archiver (serve --no-bootstrap-token); log in on your own token "
+                           "with 'fusion-archiver admins login'.")
+        return AdminPrincipal(BOOTSTRAP_ACTOR)
+    now = services.archive.clock()
+    session = (services.admin_sessions.session(token, now)
+               if services.admin_sessions is not None else None)
+    if session is None or services.admins is None:
+        raise ApiError(403, ErrorCode.FORBIDDEN, "This is not the admin token, nor a valid admin "
+                       "session (admin sessions expire: log in again with 'fusion-archiver "
+                       "admins login').")
+    # Looked up at every request: a revoked admin's session is refused at once.
+    row = services.admins.store.get(session.fingerprint)
+    if row is None or row.revoked_ms is not None:
+        raise ApiError(403, ErrorCode.ADMIN_REVOKED, "This admin has been revoked.",
+                       fingerprint=session.fingerprint)
+    check_admin_validity(row, now)
+    return AdminPrincipal(row.actor, row.fingerprint)
+
+
+def check_admin_validity(row: AdminRow, now_ms: int) -> None:
+    not_before, not_after = admin_validity_ms(row)
+    if not not_before <= now_ms <= not_after:
+        raise ApiError(403, ErrorCode.CERTIFICATE_EXPIRED, f"Admin {row.name}'s certificate is "
+                       "outside its validity period; enrol a new one and have it added.",
+                       fingerprint=row.fingerprint)
+
+
+AdminPrincipalDep = Annotated[AdminPrincipal, Depends(require_admin_principal)]
+
+
+def require_admin(principal: AdminPrincipalDep) -> str:
+    """The actor the audit log names: 'admin' (the bootstrap token) or 'NAME (FINGERPRINT)'."""
+    return principal.actor
 
 
 def require_viewer(services: ServicesDep, credentials: BearerDep) -> ViewerRow:

@@ -178,10 +178,28 @@ def _migrate_4(conn: sqlite3.Connection) -> None:
     """)
 
 
+def _migrate_5(conn: sqlite3.Connection) -> None:
+    """Admins are people (archiver/admins.py): each admin's certificate, on the admin's own
+    token, under a unique name that is never reused (the audit log names admins by it)."""
+    _script(conn, """
+        CREATE TABLE admins (
+            fingerprint TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            certificate BLOB NOT NULL,
+            subject TEXT NOT NULL,
+            oaep_hash INTEGER NOT NULL,
+            added_ms INTEGER NOT NULL,
+            added_by TEXT NOT NULL,
+            revoked_ms INTEGER,
+            revoked_by TEXT
+        );
+    """)
+
+
 # Forward migrations: MIGRATIONS[n] brings version n to n + 1. Append only; never edit one
 # that has shipped.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_1, _migrate_2, _migrate_3,
-                                                                 _migrate_4)
+                                                                 _migrate_4, _migrate_5)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

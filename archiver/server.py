@@ -10,6 +10,8 @@ only place that knows whether the request ended (terminating chunk, full Content
 the peer went away, so the fix belongs in its protocol, not in a route: a request that arrived
 whole is delivered whole, and ``http.disconnect`` follows; a request cut short still ends in
 ``http.disconnect`` and is refused by the route (nothing of it is archived).
+
+Over HTTPS the same cameras must also close with a FIN, not a reset: see ``_ArchiverConfig``.
 """
 
 from __future__ import annotations
@@ -74,9 +76,28 @@ class CompleteRequestH11Protocol(H11Protocol):
         super().shutdown()
 
 
+class _ArchiverConfig(uvicorn.Config):
+    """uvicorn's configuration, with a TLS context that sends no TLS 1.3 session tickets.
+
+    Why (issue 20: over HTTPS, 12 segments pushed, 4-6 archived, none counted): after a TLS 1.3
+    handshake the server sends session tickets, unasked. A camera that sends its body and closes
+    without reading anything (ffmpeg's HLS PUT) leaves them unread in its socket, and the kernel
+    answers a close with unread data by a TCP reset instead of a FIN. The reset ends the
+    connection at once, and asyncio's TLS layer drops the request data it holds still encrypted
+    while the HTTP protocol has paused reading (a body over 64 KB): a whole upload arrives "cut
+    off". Cameras do not resume TLS sessions (one connection per segment, new handshake), so the
+    tickets bought nothing; without them the server sends nothing before its answer, the
+    camera's close is a FIN, and the body is delivered whole (CompleteRequestH11Protocol)."""
+
+    def load(self) -> None:
+        super().load()
+        if self.ssl is not None:
+            self.ssl.num_tickets = 0
+
+
 def uvicorn_config(app: Any, settings: Settings, log_level: str = "info") -> uvicorn.Config:
     """The one uvicorn configuration of the Archiver (the CLI, tests and benchmarks use it)."""
-    return uvicorn.Config(
+    return _ArchiverConfig(
         app, host=settings.host, port=settings.port, log_level=log_level,
         # Explicit, not "auto": with httptools installed, auto would pick a protocol without
         # the fix above.

@@ -46,6 +46,9 @@ class Settings:
     api_docs: bool = False
     session_ttl_s: int = 600
     challenge_ttl_s: int = 60
+    # The bootstrap admin token (data_dir/admin-token): the embedded default. A site whose admins
+    # are people (archiver/admins.py) turns it off, so no shared credential acts as admin.
+    bootstrap_token: bool = True
     # The Archiver's own signing key. None: a SoftHSM token created in data_dir on first start.
     signer_token_uri: str | None = None
     signer_label: str = "archiver"

@@ -287,13 +287,17 @@ def view(
         backend = ViewerBackend(session, identity, login,
                                 lambda: _login(session, identity, archiver, explicit), export_dir)
 
+        terminal = sys.stdin.isatty()
+
         def announce(url: str) -> None:
+            again = "; Enter here prints a new one" if terminal else ""
             say(f"viewer for {login.viewer_fingerprint[:16]}... on {archiver}; open this URL "
-                 "(it works once; Ctrl-C stops the viewer):")
+                f"(it works once{again}; Ctrl-C stops the viewer):")
             typer.echo(url)
             sys.stdout.flush()
 
-        serve(backend, port=port, open_browser=not no_browser, announce=announce)
+        serve(backend, port=port, open_browser=not no_browser, announce=announce,
+              new_links=terminal)
     say("viewer stopped")
 
 

@@ -23,7 +23,9 @@ ArchiverCertOpt = Annotated[Path | None, typer.Option(
     "--archiver-cert", help="Pin this Archiver certificate (PEM) instead of trusting on first "
                             "use; also replaces an older pin after a legitimate key change.")]
 TlsCaOpt = Annotated[Path | None, typer.Option(
-    "--tls-ca", help="CA certificate (PEM) to verify the Archiver's HTTPS certificate.")]
+    "--tls-ca", envvar="FUSION_TLS_CA",
+    help="The site CA's certificate (PEM): the only CA the Archiver's HTTPS certificate is "
+         "verified against (default: the system's CAs).")]
 SaveOpt = Annotated[Path | None, typer.Option(
     "--save-stream", help="Also keep the raw fusion stream (encrypted, signed) in this file, "
                           "e.g. as evidence a third party can verify with 'fusion-client open'.")]

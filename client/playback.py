@@ -6,6 +6,7 @@ The commands in client/cli.py wire the token, the session and the output, then c
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -17,7 +18,15 @@ from typing import Any
 import typer
 from cryptography import x509
 
-from client.player import FileOutput, Output, OutputFailed, PipeOutput, Player, Summary
+from client.player import (
+    FileOutput,
+    Output,
+    OutputFailed,
+    PipeOutput,
+    Player,
+    ReaderClosed,
+    Summary,
+)
 from client.session import ArchiverSession
 from keyservice.errors import KeyServiceError
 from keyservice.exits import failure
@@ -158,6 +167,9 @@ def run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
         saved = save.abort() if save is not None else None
         if isinstance(exc, SystemExit):
             raise
+        if isinstance(exc, ReaderClosed):
+            reader_closed(player, saved, quiet)
+            raise SystemExit(ReaderClosed.exit_code) from None
         report_failure(exc, player, kept, saved, output)
         if not quiet:
             say(token_line(login_ops(), operations(identity), player.summary.epoch_openings))
@@ -208,6 +220,23 @@ def describe_saved(header: Header) -> list[str]:
 def _printable(text: str) -> str:
     """Control characters escaped: a certificate subject must not drive the terminal."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def reader_closed(player: Player, saved: Path | None, quiet: bool) -> None:
+    """The reader of standard output stopped reading: not an error (exit 0), said quietly.
+    Everything it was sent was verified; it simply did not take the rest."""
+    # Whatever is still buffered for the closed pipe must not fail again at exit
+    # (Python would print "Exception ignored ... BrokenPipeError").
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    if quiet:
+        return
+    segments = player.summary.segments
+    say(f"the program reading standard output closed it after {segments} whole verified "
+        f"segment{'' if segments == 1 else 's'}; stopped there (not an error: exit 0).")
+    if saved is not None:
+        say(f"the raw fusion stream received so far is in {saved}")
 
 
 def report_failure(exc: BaseException, player: Player, kept: Path | None, saved: Path | None,

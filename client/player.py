@@ -55,9 +55,17 @@ class SegmentsMissing(KeyServiceError):
 
 
 class OutputFailed(KeyServiceError):
-    """The decrypted video could not be written (disk full, closed pipe, permissions)."""
+    """The decrypted video could not be written (disk full, permissions, a broken output)."""
 
     exit_code = 52
+
+
+class ReaderClosed(OutputFailed):
+    """The program reading the video from standard output closed the pipe (``| ffprobe -``,
+    ``| head -c N``, a player window closed). Its choice, not a failure of ours: what it read
+    was verified, and it has all it wanted. The stream commands stop and exit 0 (docs/client.md)."""
+
+    exit_code = 0
 
 
 NOT_AUTHORIZED = "not authorized"
@@ -195,7 +203,8 @@ class PipeOutput:
             self._stream.write(data)
             self._stream.flush()
         except BrokenPipeError:
-            raise OutputFailed("The program reading the video closed the pipe; stopped.") from None
+            raise ReaderClosed("The program reading the video closed the pipe; stopped.") \
+                from None
         except OSError as exc:
             raise OutputFailed(f"Cannot write the video to standard output: "
                                f"{exc.strerror or exc}.") from None

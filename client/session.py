@@ -41,6 +41,7 @@ from keyservice.exits import unreachable
 from keyservice.format import Mode
 from keyservice.identity import Identity, OaepHash, fingerprint
 from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
+from keyservice.tls import trust as tls_trust
 from keyservice.wire import ErrorCode
 
 MEDIA_TYPE = "application/vnd.fusion-stream"
@@ -166,26 +167,33 @@ class LoginResult:
 class ArchiverSession:
     """One viewer's conversation with one Archiver (a context manager)."""
 
-    def __init__(self, url: str, *, tls_ca: Path | None = None, timeout: float = 30.0,
+    def __init__(self, url: str, *, tls_ca: Path | None = None,
+                 trust: ssl.SSLContext | None = None, timeout: float = 30.0,
                  transport: httpx.BaseTransport | None = None) -> None:
+        """``trust``: the SSL context to verify the Archiver with; without it, the one
+        keyservice.tls builds from ``tls_ca`` (else FUSION_TLS_CA, else the system's CAs)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"The Archiver URL {url!r} is not an http:// or https:// URL.")
         self.url = url.rstrip("/")
         self.timeout = timeout
-        verify: ssl.SSLContext | bool = True
-        if tls_ca is not None:
-            try:
-                verify = ssl.create_default_context(cafile=str(tls_ca))
-            except (OSError, ValueError) as exc:
-                raise UsageError(f"Cannot use {tls_ca} as TLS CA certificate: {exc}.") from None
+        self.trust = trust if trust is not None else tls_trust(tls_ca)
         try:
-            self._http = httpx.Client(base_url=self.url, timeout=timeout, verify=verify,
+            self._http = httpx.Client(base_url=self.url, timeout=timeout, verify=self.trust,
                                       transport=transport, follow_redirects=False)
         except (OSError, ValueError) as exc:
             raise UsageError(f"Cannot use the Archiver URL {url!r}: {exc}.") from None
         self._session_token: str | None = None
         self.login_result: LoginResult | None = None
+
+    def sibling(self) -> ArchiverSession:
+        """A connection of its own to the same Archiver, with the same trust and the same
+        login (no new proof of possession): a stream on it can be stopped by closing it from
+        another thread without touching this session."""
+        child = ArchiverSession(self.url, trust=self.trust, timeout=self.timeout)
+        child._session_token = self._session_token
+        child.login_result = self.login_result
+        return child
 
     def __enter__(self) -> ArchiverSession:
         return self

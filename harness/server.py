@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from harness.pki import SiteCa
+from keyservice.tls import trust as tls_trust
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The Archiver makes its own SoftHSM signing token in its data directory (the production
@@ -112,7 +113,8 @@ class ArchiverServer:
 
     @property
     def verify(self) -> ssl.SSLContext | bool:
-        return ssl.create_default_context(cafile=str(self.tls_ca)) if self.tls_ca else True
+        # The programs' own trust rule (keyservice.tls), given this server's CA.
+        return tls_trust(self.tls_ca) if self.tls_ca else True
 
     @property
     def log_path(self) -> Path:

@@ -562,3 +562,13 @@ def login_context(archiver_fingerprint: bytes, viewer_fingerprint: bytes,
     """What a login proof is a MAC over: binds it to this Archiver, this viewer and this
     challenge, so a proof cannot be relayed to another Archiver or replayed."""
     return LABEL_LOGIN_CONTEXT + archiver_fingerprint + viewer_fingerprint + challenge_id
+
+
+LABEL_ADMIN_LOGIN_CONTEXT = b"FSE1 admin login\x00"
+
+
+def admin_login_context(archiver_fingerprint: bytes, admin_fingerprint: bytes,
+                        challenge_id: bytes) -> bytes:
+    """What an admin's login proof is a MAC over: as ``login_context``, under its own label, so
+    a viewer's login proof can never open an admin session (one certificate may be both)."""
+    return LABEL_ADMIN_LOGIN_CONTEXT + archiver_fingerprint + admin_fingerprint + challenge_id

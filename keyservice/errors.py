@@ -133,6 +133,13 @@ class ArchiverMismatch(KeyServiceError):
     exit_code = 31
 
 
+class TlsCaError(KeyServiceError):
+    """The TLS CA given (--tls-ca or FUSION_TLS_CA) cannot be used: missing, unreadable, or
+    holds no CA certificate. Its own code: nothing was sent, and no Archiver was judged."""
+
+    exit_code = 32
+
+
 class UsageError(KeyServiceError):
     """A command-line value or URI is malformed."""
 

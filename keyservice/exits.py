@@ -94,7 +94,7 @@ def connection_failure(exc: BaseException) -> str:
         if isinstance(cause, ssl.SSLCertVerificationError):
             reason = cause.verify_message or cause.reason or "unknown reason"
             return (f"TLS certificate verification failed ({reason}); give the CA that issued "
-                    "the Archiver's certificate with --tls-ca")
+                    "the Archiver's certificate with --tls-ca (or FUSION_TLS_CA)")
         if isinstance(cause, ssl.SSLError):
             return f"the TLS handshake failed ({cause.reason or cause}); is it an HTTPS port?"
         if isinstance(cause, ConnectionRefusedError):

@@ -49,6 +49,13 @@ class ErrorCode(StrEnum):
     GRANT_REVOKED = "grant_revoked"
     GRANT_STATE = "grant_state"
     OUTSIDE_GRANT = "outside_grant"
+    OWN_GRANT = "own_grant"  # the grantor cannot also be the approving admin
+    # admins (personal admin identities, archiver/admins.py)
+    BAD_ADMIN_NAME = "bad_admin_name"
+    ADMIN_EXISTS = "admin_exists"
+    UNKNOWN_ADMIN = "unknown_admin"
+    NOT_AN_ADMIN = "not_an_admin"
+    ADMIN_REVOKED = "admin_revoked"
     # uploads and limits
     TOO_LARGE = "too_large"
     TOO_MANY_REQUESTS = "too_many_requests"

@@ -10,6 +10,7 @@ APT_PACKAGES=(
   pcscd vsmartcard-vpcd opensc-pkcs11 ykcs11 yubico-piv-tool
   swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus
   ffmpeg
+  socat                        # the camera host's TLS forwarder (deploy/fusion-camera-forwarder.service)
   # A real RTSP camera for the tests: GStreamer's gst-rtsp-server, driven by the system Python.
   python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly

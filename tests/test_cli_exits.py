@@ -5,20 +5,24 @@ against real servers and sockets."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from client.session import ArchiverSession
+from client.session import ArchiverSession, NotEnrolled
+from harness.pki import SiteCa
 from keyservice.certs import build_viewer_certificate
-from keyservice.errors import ArchiverUnreachable
+from keyservice.errors import ArchiverUnreachable, TlsCaError
 from keyservice.exits import connection_failure, failure
 from keyservice.identity import OaepHash, SoftwareIdentity
 from tests.fixtures.server import ArchiverServer
+from tests.fixtures.tokens import TokenHandle, enroll_viewer
 
 CLIS = {"fusion-keys": "keyservice.cli", "fusion-archiver": "archiver", "fusion-client": "client"}
 
@@ -96,3 +100,92 @@ def test_a_silent_server_is_reported_as_a_timeout() -> None:
         with ArchiverSession(url, timeout=0.3) as session, \
                 pytest.raises(ArchiverUnreachable, match="timeout"):
             session.login(identity, lambda cert: None)
+
+
+# --- one trust configuration (keyservice.tls): --tls-ca, else FUSION_TLS_CA -------------------
+def run_env(module: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL, env=env)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any trust setting of its own (nor a PIN or token)."""
+    drop = ("FUSION_TLS_CA", "SSL_CERT_FILE", "SSL_CERT_DIR", "FUSION_PIN", "FUSION_TOKEN")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
+def test_fusion_client_honours_fusion_tls_ca(https_archiver: ArchiverServer,
+                                             softhsm_token: TokenHandle, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README offers FUSION_TLS_CA to fusion-client as to fusion-archiver: the same
+    variable, the same meaning (the --tls-ca option wins over it), in the CLI and the library."""
+    assert https_archiver.tls_ca is not None
+    pem = enroll_viewer(softhsm_token, "alice")
+    https_archiver.add_camera("lobby")
+    https_archiver.add_viewer(pem, ["lobby"])
+    home = str(tmp_path / "home")
+    args = ("cameras", "--archiver", https_archiver.url, "--token",
+            softhsm_token.object_uri("alice"))
+    untrusted = run_env("client", clean_env(FUSION_CLIENT_HOME=home), *args)
+    assert untrusted.returncode == ArchiverUnreachable.exit_code, untrusted.stderr
+    assert "TLS certificate verification failed" in untrusted.stderr
+    trusted = run_env("client", clean_env(FUSION_CLIENT_HOME=home,
+                                          FUSION_TLS_CA=str(https_archiver.tls_ca)), *args)
+    assert trusted.returncode == 0, trusted.stderr
+    assert trusted.stdout.split()[0] == "lobby"
+    # An explicit --tls-ca wins over the variable (here: a variable naming a missing file).
+    explicit = run_env("client", clean_env(FUSION_CLIENT_HOME=home,
+                                           FUSION_TLS_CA=str(tmp_path / "missing.pem")),
+                       *args, "--tls-ca", str(https_archiver.tls_ca))
+    assert explicit.returncode == 0, explicit.stderr
+
+    # The library: ArchiverSession(url) follows the same rule. The TLS handshake succeeds and
+    # the Archiver answers (an unknown certificate: not enrolled, 43, not unreachable, 40).
+    key = rsa.generate_private_key(65537, 2048)
+    stranger = SoftwareIdentity(build_viewer_certificate(
+        key, "stranger", oaep_hash=OaepHash.SHA256, now=dt.datetime.now(dt.UTC)), key)
+    for name in ("FUSION_TLS_CA", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    with ArchiverSession(https_archiver.url) as session, \
+            pytest.raises(ArchiverUnreachable, match="TLS certificate verification failed"):
+        session.login(stranger, lambda cert: None)
+    monkeypatch.setenv("FUSION_TLS_CA", str(https_archiver.tls_ca))
+    with ArchiverSession(https_archiver.url) as session, pytest.raises(NotEnrolled):
+        session.login(stranger, lambda cert: None)
+
+
+def bad_ca_files(directory: Path) -> dict[str, tuple[Path, str]]:
+    """CA files an admin might give by mistake, and what the one sentence must say."""
+    directory.mkdir()
+    site = SiteCa.create(directory / "site")
+    leaf, key = site.issue_tls_server(directory / "server")
+    garbage = directory / "notes.txt"
+    garbage.write_text("the site CA is on the admin's laptop\n")
+    return {"missing": (directory / "missing.pem", "no such file"),
+            "not PEM": (garbage, "no PEM certificate"),
+            "a private key": (key, "no PEM certificate"),
+            "the server's own certificate": (leaf, "no CA certificate"),
+            "a directory": (directory, "is a directory")}
+
+
+@pytest.mark.parametrize("prog", ["fusion-client", "fusion-archiver"])
+def test_a_bad_tls_ca_is_one_sentence_and_its_own_exit_code(prog: str, tmp_path: Path) -> None:
+    """Refused before anything is sent (the URL's port is closed: reaching for it would be
+    exit 40), from the option and from FUSION_TLS_CA alike."""
+    url = f"https://127.0.0.1:{closed_port()}"
+    args = (["cameras", "--archiver", url, "--token", "pkcs11:token=none;object=x"]
+            if prog == "fusion-client" else ["cameras", "list", "--url", url,
+                                             "--admin-token", "x"])
+    for what, (path, reason) in bad_ca_files(tmp_path / "cas").items():
+        for given in ("option", "env"):
+            env = clean_env(FUSION_CLIENT_HOME=str(tmp_path / "home"))
+            extra = ["--tls-ca", str(path)] if given == "option" else []
+            if given == "env":
+                env["FUSION_TLS_CA"] = str(path)
+            done = run_env(CLIS[prog], env, *args, *extra)
+            assert done.returncode == TlsCaError.exit_code == 32, (what, given, done.stderr)
+            [line] = done.stderr.strip().splitlines()
+            assert line.startswith(f"{prog}: Cannot use {path} as the TLS CA"), line
+            assert reason in line and line.endswith("."), (what, line)

@@ -50,9 +50,12 @@ class CameraInfo(BaseModel):
     segments_last_minute: int
     bytes_last_minute: int
     gaps: int = Field(description="Gaps in the recording since the Archiver started")
-    refused: int = Field(description="Segments that could not be archived since start")
+    refused: int = Field(description="Segments that could not be archived since start "
+                         "(uploads refused, cut off or failed)")
+    last_refusal: str = Field(description="Why the last refused segment was refused")
     puller_restarts: int
-    message: str = Field(description="Why an RTSP camera cannot be pulled, if it cannot")
+    message: str = Field(description="Why an RTSP camera cannot be pulled, or why a camera "
+                         "is stalled")
     retention_days: int = Field(description="Days video is kept (the camera's or the site's)")
     retention_default: bool = Field(description="True if the site default applies")
     holds: int = Field(description="Evidence holds on the camera")

@@ -13,13 +13,23 @@ import base64
 import binascii
 from typing import Annotated, Literal
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from archiver.archive import GrantedKeys
-from archiver.deps import AdminDep, ApiError, ServicesDep, ViewerDep
+from archiver.deps import (
+    AdminDep,
+    AdminPrincipal,
+    AdminPrincipalDep,
+    ApiError,
+    Services,
+    ServicesDep,
+    ViewerDep,
+)
 from archiver.grants import TRANSITIONS, AccessGrantRow, GrantState, GrantStore
 from archiver.routers.viewer import MAX_MS, MEDIA_TYPE, NonceQuery, _ViewerStream
 from keyservice.crypto import split_key_id
@@ -213,6 +223,25 @@ async def grant_recording(grant_id: GrantIdPath, viewer: ViewerDep, services: Se
 
 
 # --- admin ------------------------------------------------------------------------------------
+def _is_grantor(principal: AdminPrincipal, grantor: str, services: Services) -> bool:
+    """The approving admin is the grantor: the same certificate, or another certificate of the
+    same key (one token, two certificates)."""
+    if principal.fingerprint is None:
+        return False  # the bootstrap token names nobody (docs/security.md says so)
+    if principal.fingerprint == grantor:
+        return True
+    viewer = services.archive.db.viewer(grantor)
+    admin = services.admins.store.get(principal.fingerprint) if services.admins else None
+    if viewer is None or admin is None:
+        return False
+    return _public_key(viewer.certificate) == _public_key(admin.certificate)
+
+
+def _public_key(der: bytes) -> bytes:
+    return x509.load_der_x509_certificate(der).public_key().public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
 @router.get("/admin/grants")
 def list_grants(actor: AdminDep, request: Request,
                 state: Annotated[GrantState | None, Query()] = None) -> list[GrantInfo]:
@@ -221,19 +250,29 @@ def list_grants(actor: AdminDep, request: Request,
 
 @router.post("/admin/grants/{grant_id}/{decision}")
 def decide(grant_id: GrantIdPath, decision: Literal["approve", "reject", "revoke"],
-           body: Decision, actor: AdminDep, services: ServicesDep,
+           body: Decision, principal: AdminPrincipalDep, services: ServicesDep,
            request: Request) -> GrantInfo:
     store = get_grants(request)
+    actor = principal.actor
     before = store.get(grant_id)
     if before is None:
         raise ApiError(404, ErrorCode.UNKNOWN_GRANT, f"There is no grant {grant_id}.")
+    if decision == "approve" and _is_grantor(principal, before.grantor, services):
+        # Two people decide: the grantor's own admin identity (the same certificate) cannot be
+        # the second one. Rejecting or revoking one's own grant stays allowed.
+        raise ApiError(403, ErrorCode.OWN_GRANT, f"Grant {grant_id} was made by this admin's own "
+                       "certificate; another admin must approve it.", grant_id=grant_id,
+                       fingerprint=before.grantor)
     if before.state not in TRANSITIONS[decision]:
         raise ApiError(409, ErrorCode.GRANT_STATE, f"Grant {grant_id} is {before.state}; it cannot be "
                        f"{_PAST[decision]} now.")
     now = services.archive.clock()
+    # The admin's fingerprint beside the grantor's: the two people of the rule, told apart
+    # (None: the shared bootstrap token, which names nobody).
     services.audit.record(actor, f"grant.{decision}", now, grant_id=grant_id,
                           camera=before.camera, from_ms=before.from_ms, to_ms=before.to_ms,
-                          grantor=before.grantor, grantee=before.grantee, note=body.note)
+                          grantor=before.grantor, grantee=before.grantee, note=body.note,
+                          admin_fingerprint=principal.fingerprint)
     after = store.decide(grant_id, decision, actor, now, body.note)
     assert after is not None
     if after.state == before.state:  # decided concurrently by someone else

@@ -5,13 +5,15 @@ and archived; playlists are accepted and dropped (the index is ours)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import re
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from archiver.auth import secret_matches
 from archiver.deps import ApiError, BearerDep, CameraPath, ServicesDep
@@ -19,6 +21,7 @@ from archiver.storage import StorageFailed, StorageFull
 from keyservice.wire import ErrorCode
 
 router = APIRouter(tags=["ingest"])
+log = logging.getLogger("archiver")
 
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$"
 NamePath = Annotated[str, Path(pattern=NAME_PATTERN)]
@@ -28,6 +31,72 @@ PLAYLIST_LIMIT = 1024 * 1024
 
 _INGEST_PATH = re.compile(r"^/ingest/([^/]+)/")
 _TURN = "fusion.ingest_turn"
+_COUNTED = "fusion.ingest_refusal_counted"  # the archive counted this upload's failure itself
+_REASON_LIMIT = 4096
+
+
+class UploadOutcomes:
+    """ASGI middleware, outermost: every segment upload (``PUT /ingest/CAMERA/NAME.ts``) that
+    is not answered 2xx is counted as refused for its camera, with the reason it was answered
+    with, wherever in the stack it was refused (size and time limits, token, a body cut off,
+    storage, an internal error). A camera does not read these answers (ffmpeg closes right
+    after its body), so the count and the log line are the only way an admin learns of a loss.
+    Only cameras that exist are counted: the health board keeps no entry for arbitrary names."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = _INGEST_PATH.match(scope["path"]) if scope["type"] == "http" else None
+        if (match is None or scope["method"] != "PUT"
+                or not scope["path"].endswith(SEGMENT_SUFFIXES)):
+            await self.app(scope, receive, send)
+            return
+        status: list[int] = []
+        body = bytearray()
+
+        async def watched_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not status:
+                status.append(message["status"])
+            elif (message["type"] == "http.response.body" and status and status[0] >= 300
+                  and len(body) < _REASON_LIMIT):
+                body.extend(message.get("body", b"")[:_REASON_LIMIT])
+            await send(message)
+
+        failure: str | None = None
+        try:
+            await self.app(scope, receive, watched_send)
+        except BaseException as exc:
+            failure = f"internal error ({type(exc).__name__})"
+            raise
+        finally:
+            if not scope.get(_COUNTED):
+                reason = (_refusal_reason(status[0], bytes(body)) if status
+                          else failure or "no answer was given")
+                if reason is not None:
+                    await _count_refused(scope, match.group(1), reason)
+
+
+def _refusal_reason(status: int, body: bytes) -> str | None:
+    if 200 <= status < 300:
+        return None
+    try:
+        message = str(json.loads(body)["message"])
+    except (ValueError, KeyError, TypeError):
+        message = body[:200].decode("utf-8", "replace") or "no reason given"
+    return f"HTTP {status}: {message}"
+
+
+async def _count_refused(scope: Scope, camera: str, reason: str) -> None:
+    services = getattr(getattr(scope.get("app"), "state", None), "services", None)
+    if services is None:  # not started (or stopping): nothing to count into
+        return
+    try:
+        row = await asyncio.to_thread(services.archive.db.camera, camera)
+        if row is not None and row.removed_ms is None:
+            services.archive.health.segment_refused(camera, reason)
+    except Exception:  # counting must not turn a refusal into a different answer
+        log.warning("camera %s: could not count a refused segment (%s)", camera, reason)
 
 
 class UploadOrder:
@@ -96,6 +165,7 @@ def _check_camera(services: ServicesDep, camera: str, credentials: BearerDep) ->
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, or an ApiError that says why not (it is the refusal's logged reason)."""
     chunks: list[bytes] = []
     size = 0
     try:
@@ -111,7 +181,11 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                        f"The upload did not complete within {timeout_s:.0f} s.") from None
     except ClientDisconnect:
         # Cut off mid-upload: nothing is archived.
-        raise ApiError(400, ErrorCode.INCOMPLETE_UPLOAD, "The upload was cut off.") from None
+        declared = request.headers.get("content-length")
+        raise ApiError(400, ErrorCode.INCOMPLETE_UPLOAD,
+                       f"The upload was cut off: the client went away after {size} bytes"
+                       + (f" of {declared}." if declared else " without the end of its body.")
+                       ) from None
     return b"".join(chunks)
 
 
@@ -131,13 +205,17 @@ async def put_segment(camera: CameraPath, name: NamePath, request: Request,
     data = await _read_body(request, settings.max_segment_bytes, settings.upload_timeout_s)
     if not data:
         raise ApiError(400, ErrorCode.EMPTY_SEGMENT, "The segment is empty.")
+    await _wait_for_turn(request)
     try:
-        await _wait_for_turn(request)
         row = await run_in_threadpool(services.archive.ingest_segment, camera, data)
-    except StorageFull as exc:
-        raise ApiError(507, ErrorCode.STORAGE_FULL, str(exc)) from None
-    except StorageFailed as exc:
-        raise ApiError(503, ErrorCode.STORAGE_FAILED, str(exc)) from None
+    except BaseException as exc:
+        # Archive.ingest_segment counted this failure itself, with its reason.
+        request.scope[_COUNTED] = True
+        if isinstance(exc, StorageFull):
+            raise ApiError(507, ErrorCode.STORAGE_FULL, str(exc)) from None
+        if isinstance(exc, StorageFailed):
+            raise ApiError(503, ErrorCode.STORAGE_FAILED, str(exc)) from None
+        raise
     return Response(status_code=201, headers={"X-Fusion-Segment-Seq": str(row.seq)})
 
 

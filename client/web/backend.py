@@ -166,8 +166,8 @@ class ViewerBackend:
         """A connection of its own for one stream, so that stopping the stream can close it
         from another thread; it carries the current Archiver session (no new login)."""
         self._fresh()
-        child = ArchiverSession(self.session.url, timeout=self.session.timeout)
-        child._session_token = self.session._session_token  # same session, own connection
+        # Same session and same trust (--tls-ca) as the login, own connection.
+        child = self.session.sibling()
         child.login_result = self.login
         return child
 

@@ -251,6 +251,21 @@ def _open_session(p11token: Any, user_pin: object | None, rw: bool) -> tuple[Any
     return p11token.open(rw=False, user_pin=user_pin), False
 
 
+def _is_softhsm(path: str) -> bool:
+    return "softhsm" in os.path.basename(str(path)).lower()
+
+
+def softhsm_conf_hint() -> str:
+    """Where SoftHSM looked for tokens: a new shell without SOFTHSM2_CONF reads the system's
+    configuration, not the directory the token was created in."""
+    conf = os.environ.get("SOFTHSM2_CONF")
+    where = (f"SOFTHSM2_CONF is {conf}" if conf else
+             "SOFTHSM2_CONF is not set, so the system's /etc/softhsm/softhsm2.conf was read")
+    return (f"SoftHSM finds its tokens through SOFTHSM2_CONF ({where}); export SOFTHSM2_CONF="
+            "DIR/softhsm2.conf of the directory the token was made in (fusion-keys softhsm-init "
+            "prints the line), in this shell too.")
+
+
 def _find_token(module: _Module, uri: Pkcs11Uri) -> Any:
     tokens = [t for t in module.lib.get_tokens()
               if t.flags & TokenFlag.TOKEN_INITIALIZED]
@@ -259,6 +274,9 @@ def _find_token(module: _Module, uri: Pkcs11Uri) -> Any:
              if (uri.token is None or t.label == uri.token)
              and (uri.serial is None or t.serial.decode("ascii", "replace").strip() == uri.serial)]
     if not tokens:  # a card reader without a card looks like this
+        if _is_softhsm(module.path):
+            raise TokenNotFound(f"No token is present in module {module.path}: "
+                                f"{softhsm_conf_hint()}")
         raise TokenNotFound(f"No token is present in module {module.path}: insert the card and "
                             "try again (for SoftHSM: create the token with fusion-keys "
                             "softhsm-init).")
@@ -267,8 +285,9 @@ def _find_token(module: _Module, uri: Pkcs11Uri) -> Any:
         if uri.serial:
             what += f" with serial {uri.serial}"
         have = ", ".join(repr(label) for label in labels) or "none"
+        hint = f" {softhsm_conf_hint()}" if _is_softhsm(module.path) else ""
         raise TokenNotFound(f"No {what} in module {module.path} (tokens present: {have}); check "
-                            "token= in the URI, or create it (fusion-keys softhsm-init).")
+                            f"token= in the URI, or create it (fusion-keys softhsm-init).{hint}")
     if len(found) > 1:
         raise TokenNotFound(f"{len(found)} tokens match the URI ({', '.join(labels)}); add "
                             "token=LABEL or serial=SERIAL to choose one.")

@@ -159,3 +159,33 @@ def test_segment_time_is_the_span_of_its_video_and_a_silent_camera_is_flagged(
                      params={"from_ms": spans[0][0], "to_ms": spans[-1][1] + 60_000},
                      headers={"Authorization": f"Bearer {session}"}).json()["gaps"]
     assert gaps and gaps[0]["from_ms"] == spans[-1][1] and gaps[0]["to_ms"] - gaps[0]["from_ms"] > 5000
+
+
+def _readme_commands(marker: str) -> str:
+    """The README command (with its continuation lines) that contains ``marker``."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if marker in line)
+    end = start
+    while lines[end].endswith("\\"):
+        end += 1
+    return "\n".join(lines[start:end + 1])
+
+
+@pytest.mark.parametrize("marker", ["-i SRC", "-f lavfi"])
+def test_the_readme_camera_lines_push_as_written(archiver_server: ArchiverServer,
+                                                 tmp_path: Path, marker: str) -> None:
+    """The README's ffmpeg lines, run by bash as written (HOST, TOKEN and SRC filled in, the
+    generated source limited to 8 s): no warning about the header, every segment archived."""
+    token = archiver_server.add_camera("lobby")
+    command = (_readme_commands(marker).replace("HOST:8080", f"127.0.0.1:{archiver_server.port}")
+               .replace("TOKEN", token).replace("SRC", str(_encode(tmp_path / "src.ts", 8,
+                                                                    bitrate="200k")))
+               .replace("-f lavfi", "-t 8 -f lavfi").replace("ffmpeg ", "ffmpeg -nostdin "
+                                                             "-loglevel verbose ", 1))
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "No trailing CRLF" not in result.stderr
+    opened = set(re.findall(r"Opening '[^']*/([^/']+\.ts)' for writing", result.stderr))
+    assert len(opened) >= 3
+    assert _archived(archiver_server, "lobby", len(opened)) == len(opened)

@@ -38,7 +38,8 @@ def _decode(path: Path) -> tuple[int, str, str]:
 
 
 def _play_all(server: ArchiverServer, viewer, camera: str, tmp_path: Path):
-    stream = fetch(server.url, login(server.url, viewer.identity), camera).content
+    session = login(server.url, viewer.identity, server.verify)
+    stream = fetch(server.url, session, camera, verify=server.verify).content
     played = play(viewer.identity, stream)
     assert played.ended
     out = tmp_path / f"{camera}.ts"
@@ -61,8 +62,10 @@ def _visible_to_other_users(secret: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kbps", [100, 1500])
-def test_pulled_camera_is_archived_whole(archiver_server: ArchiverServer, make_viewer,
+def test_pulled_camera_is_archived_whole(https_archiver: ArchiverServer, make_viewer,
                                          rtsp_camera, tmp_path: Path, kbps: int) -> None:
+    """Production mode: the Archiver serves HTTPS under the site CA (admin API, viewer)."""
+    archiver_server = https_archiver
     camera = rtsp_camera(kbps=kbps, user="admin", password=PASSWORD).start()
     viewer = make_viewer("guard")
     archiver_server.admin("POST", "/v1/admin/cameras", {"name": "door", "rtsp_url": camera.url()},

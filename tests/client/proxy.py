@@ -7,6 +7,7 @@ real; only the wire between them is hostile."""
 from __future__ import annotations
 
 import dataclasses
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -75,8 +76,8 @@ class TamperingProxy:
     earlier), without asking the Archiver; ``rewrite`` also makes its header name the new
     request."""
 
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream
+    def __init__(self, upstream: str, verify: ssl.SSLContext | bool = True) -> None:
+        self.upstream = upstream  # an HTTPS Archiver is verified with ``verify``
         self.mode: str | None = None
         self.segment_index = 2
         self.saved: bytes | None = None
@@ -108,7 +109,8 @@ class TamperingProxy:
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() in ("authorization", "content-type")}
                 response = httpx.request(method, proxy.upstream + self.path, content=body,
-                                         headers=headers, timeout=60)
+                                         headers=headers, timeout=60,
+                                         verify=verify)
                 data = response.content
                 media = response.headers.get("content-type", "")
                 if proxy.mode and media.startswith(FUSION) and response.status_code == 200:

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from tests.fixtures.camera import (
     push,
     requires_ffmpeg,
 )
-from tests.fixtures.server import ArchiverServer, free_port
+from tests.fixtures.server import ArchiverServer, SiteCa, free_port, production_archiver
 from tests.fixtures.tokens import TokenHandle, enroll_viewer
 
 from .proxy import TamperingProxy
@@ -58,14 +58,19 @@ class Result:
 
 
 class Client:
-    """Runs `python -m client` (the fusion-client command) with a private FUSION_CLIENT_HOME."""
+    """Runs `python -m client` (the fusion-client command) with a private FUSION_CLIENT_HOME.
+    ``tls_ca``: production mode, the site CA given as FUSION_TLS_CA (as a site's shell does)."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, tls_ca: Path | None = None) -> None:
         self.home = home
+        self.tls_ca = tls_ca
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("FUSION_PIN", "FUSION_TOKEN", "FUSION_TLS_CA")}
         env["FUSION_CLIENT_HOME"] = str(self.home)
+        if self.tls_ca is not None:
+            env["FUSION_TLS_CA"] = str(self.tls_ca)
         return env
 
     def command(self, *args: str) -> list[str]:
@@ -90,6 +95,39 @@ def iso(ms: int) -> str:
 def put(server: ArchiverServer, camera: str, token: str, *chunks: bytes) -> None:
     for chunk in chunks:
         assert server.put_segment(camera, token, chunk) == 201
+
+
+@pytest.fixture(params=["http", "https"])
+def any_archiver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ArchiverServer]:
+    """A fresh Archiver in plain HTTP (loopback, development) and in production mode (HTTPS
+    with a certificate of the site CA)."""
+    if request.param == "https":
+        server = production_archiver(SiteCa.create(tmp_path / "site-ca"), tmp_path / "archiver")
+    else:
+        server = ArchiverServer(tmp_path / "archiver")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def camera_push(server: ArchiverServer, source: Path, camera: str, token: str) -> None:
+    """The source, pushed in real time as a camera does, in 1-second segments."""
+    if server.tls_ca is None:
+        push(source, server.url, camera, token, realtime=True, hls_time=1)
+        return
+    # ffmpeg's HLS PUT over TLS loses segments on this Archiver (issue 20, item 1: its own
+    # branch); until that is fixed, the camera's segments (cut by ffmpeg at keyframes) go up
+    # one a second by a client that reads every answer, so this test is about the viewer.
+    parts = source.parent / f"{source.stem}-segments"
+    parts.mkdir()
+    subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-i",
+                    str(source), "-c", "copy", "-f", "segment", "-segment_time", "1",
+                    "-segment_format", "mpegts", str(parts / "s%03d.ts")], check=True)
+    for segment in sorted(parts.iterdir()):
+        put(server, camera, token, segment.read_bytes())
+        time.sleep(1)
 
 
 def wait_for_segments(server: ArchiverServer, camera: str, count: int,
@@ -142,8 +180,10 @@ def assert_nothing_written(out: Path) -> None:
 # --- the video itself ---------------------------------------------------------------------
 @requires_ffmpeg
 def test_export_is_frame_identical_for_two_viewers_each_with_its_own_key_stream(
-        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        any_archiver: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
         tmp_path: Path) -> None:
+    archiver_server = any_archiver
+    client.tls_ca = archiver_server.tls_ca  # production mode: the site CA, FUSION_TLS_CA
     alice, bob = make_viewer("alice"), make_viewer("bob")
     ingest = archiver_server.add_camera("cam1")
     archiver_server.add_viewer(alice.pem, ["cam1"])
@@ -152,7 +192,7 @@ def test_export_is_frame_identical_for_two_viewers_each_with_its_own_key_stream(
     start = now_ms()
     # In real time, as a camera: unthrottled, ffmpeg's HLS PUTs of consecutive segments can
     # overlap and reach the Archiver out of order (it archives in arrival order).
-    push(source, archiver_server.url, "cam1", ingest, realtime=True, hls_time=1)
+    camera_push(archiver_server, source, "cam1", ingest)
     wait_for_segments(archiver_server, "cam1", 4)
     end = now_ms() + 1
 
@@ -193,8 +233,11 @@ def test_export_is_frame_identical_for_two_viewers_each_with_its_own_key_stream(
 
 # --- who may see what ---------------------------------------------------------------------
 def test_revoked_viewer_gets_nothing_for_the_minutes_after_revocation(
-        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        https_archiver: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
         tmp_path: Path) -> None:
+    """Production mode: HTTPS under the site CA."""
+    archiver_server = https_archiver
+    client.tls_ca = archiver_server.tls_ca
     alice = make_viewer("alice")
     ingest = archiver_server.add_camera("cam1")
     fp = archiver_server.add_viewer(alice.pem, ["cam1"])
@@ -551,3 +594,39 @@ def test_playback_across_a_camera_outage_reports_the_gap(
     # The gap is where the camera was silent: it ends when the second push began.
     gap_end = re.findall(r"(\d{4}-\d\d-\d\dT[0-9:.]+Z?)", gaps[0])[-1]
     assert abs(parse_time(gap_end, now_ms()) - outage_end) < 3000, (gaps[0], iso(outage_end))
+
+
+# --- standard output: a reader that stops early ---------------------------------------------
+def test_a_reader_that_closes_the_pipe_early_is_not_an_error(
+        https_archiver: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    """`play -o - | head -c 1000` (or `| ffprobe -`): the reader takes what it wants and
+    closes the pipe. Not our failure: exit 0 and one quiet line, no traceback, no "Exception
+    ignored" at exit. (Before: exit 52, "cannot be written".)"""
+    alice = make_viewer("alice")
+    ingest = https_archiver.add_camera("cam1")
+    https_archiver.add_viewer(alice.pem, ["cam1"])
+    client.tls_ca = https_archiver.tls_ca
+    t0 = now_ms()
+    # 800 kB: far more than a pipe holds, so the writer meets the closed end for certain.
+    put(https_archiver, "cam1", ingest, *(chunk(f"s{i}", 200_000) for i in range(4)))
+    t1 = now_ms() + 1
+    command = client.command("play", "--archiver", https_archiver.url, "--token", alice.uri,
+                             "--camera", "cam1", "--from", iso(t0), "--to", iso(t1), "-o", "-")
+    player = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, env=client.env())
+    assert player.stdout is not None
+    head = subprocess.run(["head", "-c", "1000"], stdin=player.stdout, capture_output=True,
+                          timeout=120)
+    player.stdout.close()  # only head holds the read end now
+    _, err = player.communicate(timeout=120)
+    stderr = err.decode(errors="replace")
+    assert head.returncode == 0 and len(head.stdout) == 1000
+    assert player.returncode == 0, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert "closed it after" in stderr and "not an error" in stderr, stderr
+    assert "complete" not in stderr  # it did not get the whole range, and is not told so
+    # The first 1000 bytes are the verified start of the first segment.
+    whole = play(client, https_archiver.url, alice, tmp_path / "whole.ts", t0, t1)
+    assert whole.code == 0, whole.stderr
+    assert head.stdout == (tmp_path / "whole.ts").read_bytes()[:1000]

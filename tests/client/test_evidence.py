@@ -290,8 +290,11 @@ def test_unreadable_packages_are_refused_with_a_sentence(client: Client, tmp_pat
 
 
 def test_minutes_the_viewer_was_not_authorized_for_are_reported_gaps(
-        archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        https_archiver: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
         tmp_path: Path) -> None:
+    """Production mode: the export talks HTTPS to an Archiver of the site CA (FUSION_TLS_CA)."""
+    archiver_server = https_archiver
+    client.tls_ca = archiver_server.tls_ca
     alice = make_viewer("alice")
     ingest = archiver_server.add_camera("cam1")
     fp = archiver_server.add_viewer(alice.pem, ["cam1"])

@@ -58,10 +58,11 @@ def play_grant(client: Client, server: ArchiverServer, viewer: Viewer, grant_id:
 
 
 def admin(server: ArchiverServer, *args: str) -> subprocess.CompletedProcess[str]:
-    """fusion-archiver (the admin CLI) against the running server."""
+    """fusion-archiver (the admin CLI) against the running server (over HTTPS: --tls-ca)."""
+    tls = ["--tls-ca", str(server.tls_ca)] if server.tls_ca is not None else []
     return subprocess.run([sys.executable, "-m", "archiver", "grants", *args, "--url", server.url,
-                           "--data", str(server.data_dir)], capture_output=True, text=True,
-                          timeout=60)
+                           "--data", str(server.data_dir), *tls], capture_output=True,
+                          text=True, timeout=60)
 
 
 def segments(server: ArchiverServer, camera: str = "cam1") -> list[tuple[int, int, bytes]]:
@@ -74,7 +75,8 @@ def segments(server: ArchiverServer, camera: str = "cam1") -> list[tuple[int, in
 
 def fetch_blob(server: ArchiverServer, viewer: Viewer, grant_id: str) -> bytes:
     """The grant as the Archiver serves it to ``viewer`` (logged in on its token, in-process)."""
-    with Token.open(viewer.token.uri) as token, ArchiverSession(server.url) as session:
+    with Token.open(viewer.token.uri) as token, \
+            ArchiverSession(server.url, tls_ca=server.tls_ca) as session:
         session.login(token.identity(viewer.name), lambda cert: None)
         return base64.b64decode(session._json("GET", f"/v1/grants/{grant_id}", auth=True)["grant"])
 
@@ -86,6 +88,11 @@ def audit(server: ArchiverServer) -> list[dict]:
 @pytest.fixture
 def parties(archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer]
             ) -> tuple[Viewer, Viewer, str]:
+    return make_parties(archiver_server, make_viewer)
+
+
+def make_parties(archiver_server: ArchiverServer, make_viewer: Callable[[str], Viewer]
+                 ) -> tuple[Viewer, Viewer, str]:
     """alice (authorized on cam1) and an investigator enrolled on no camera; cam1's ingest token."""
     alice, investigator = make_viewer("alice"), make_viewer("investigator")
     ingest = archiver_server.add_camera("cam1")
@@ -158,9 +165,13 @@ def test_grant_plays_exactly_its_range_and_not_a_minute_more(
 
 # --- who decides: pending, rejected, approved, revoked; the audit trail ------------------------
 def test_grant_is_served_only_while_approved_and_audited(
-        archiver_server: ArchiverServer, parties: tuple[Viewer, Viewer, str], client: Client,
-        make_viewer: Callable[[str], Viewer], tmp_path: Path) -> None:
-    alice, investigator, ingest = parties
+        https_archiver: ArchiverServer, client: Client, make_viewer: Callable[[str], Viewer],
+        tmp_path: Path) -> None:
+    """Production mode: HTTPS under the site CA, for the viewers (FUSION_TLS_CA), the admin
+    (--tls-ca) and the library (ArchiverSession)."""
+    archiver_server = https_archiver
+    client.tls_ca = archiver_server.tls_ca
+    alice, investigator, ingest = make_parties(archiver_server, make_viewer)
     mallory = make_viewer("mallory")
     mallory_fp = archiver_server.add_viewer(mallory.pem, [])
     t0 = now_ms()

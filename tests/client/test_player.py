@@ -16,6 +16,7 @@ from client.player import (
     OutputFailed,
     PipeOutput,
     Player,
+    ReaderClosed,
     StreamTruncated,
     archiver_pin_check,
 )
@@ -178,7 +179,8 @@ def test_closed_pipe(viewer: SoftwareIdentity, signer: SoftwareSigner) -> None:
                         PipeOutput(pipe))
         with pytest.raises(OutputFailed, match="closed the pipe") as info:
             player.run([stream])
-    assert info.value.exit_code == 52
+    # Not a failure of ours: the reader chose to stop (fusion-client exits 0, docs/client.md).
+    assert isinstance(info.value, ReaderClosed) and info.value.exit_code == 0
 
 
 def test_unwritable_output(tmp_path: Path) -> None:

@@ -30,8 +30,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from keyservice.crypto import answer_login_challenge, login_context
-from keyservice.identity import OaepHash, fingerprint
+from keyservice.crypto import admin_login_context, answer_login_challenge, login_context
+from keyservice.identity import Identity, OaepHash, fingerprint
 from tests.fixtures.viewer import login
 from tests.hardening.conftest import WrappedServer, check_archive, scale
 
@@ -125,7 +125,9 @@ def test_schemathesis_finds_no_server_error_for_any_role(fuzz_server: WrappedSer
 
 # --- every endpoint, every wrong credential ------------------------------------------------------
 PUBLIC = {("GET", "/healthz"), ("GET", "/v1/archiver"),
-          ("POST", "/v1/sessions/challenge"), ("POST", "/v1/sessions")}
+          ("POST", "/v1/sessions/challenge"), ("POST", "/v1/sessions"),
+          # an admin's proof-of-possession login (archiver/routers/admins.py)
+          ("POST", "/v1/sessions/admin/challenge"), ("POST", "/v1/sessions/admin")}
 
 
 def _role_of(method: str, path: str) -> str:
@@ -143,10 +145,25 @@ def _role_of(method: str, path: str) -> str:
                          "it to this test")
 
 
+def _admin_session(url: str, identity: Identity) -> str:
+    """An admin's session: proof of possession under the admin context (routers/admins.py)."""
+    pem = identity.certificate.public_bytes(Encoding.PEM).decode()
+    body = httpx.post(f"{url}/v1/sessions/admin/challenge", json={"certificate": pem}).json()
+    archiver = x509.load_pem_x509_certificate(body["archiver_certificate"].encode())
+    context = admin_login_context(fingerprint(archiver), fingerprint(identity.certificate),
+                                  bytes.fromhex(body["challenge_id"]))
+    proof = answer_login_challenge(identity, base64.b64decode(body["ciphertext"]),
+                                   OaepHash.from_label(body["oaep_hash"]), context)
+    opened = httpx.post(f"{url}/v1/sessions/admin", json={
+        "challenge_id": body["challenge_id"], "proof": base64.b64encode(proof).decode()})
+    assert opened.status_code == 201, opened.text
+    return opened.json()["session_token"]
+
+
 def _concrete(path: str, fp: str) -> str:
     return (path.replace("{camera}", "cam1").replace("{name}", "seg.ts")
             .replace("{fp}", fp).replace("{grant_id}", "0" * 32)
-            .replace("{decision}", "approve"))
+            .replace("{decision}", "approve").replace("{who}", "alice"))
 
 
 def test_every_endpoint_refuses_every_wrong_credential(server: WrappedServer,
@@ -164,16 +181,21 @@ def test_every_endpoint_refuses_every_wrong_credential(server: WrappedServer,
     server.revoke(carol_fp)
     time.sleep(SESSION_TTL_S + 0.5)  # let `expired` run out (not a speed measurement)
     alice_session = login(url, alice.identity)
+    # An admin who is a person: their session is no viewer's session and no camera's token.
+    dave = make_viewer("dave")
+    server.admin("POST", "/v1/admin/admins", {"certificate": dave.pem.read_text(),
+                                              "name": "dave"}, expect=201)
+    admin_session = _admin_session(url, dave.identity)
 
     wrong: dict[str, dict[str, str | None]] = {
         "admin": {"none": None, "garbage": secrets.token_urlsafe(32), "camera": cam1_token,
                   "viewer": alice_session, "expired": expired, "revoked": revoked},
         "camera": {"none": None, "garbage": secrets.token_urlsafe(32), "admin":
                    server.admin_token, "other camera": cam2_token, "viewer": alice_session,
-                   "expired": expired},
+                   "expired": expired, "admin session": admin_session},
         "viewer": {"none": None, "garbage": secrets.token_urlsafe(32), "admin":
                    server.admin_token, "camera": cam1_token, "expired": expired,
-                   "revoked": revoked},
+                   "revoked": revoked, "admin session": admin_session},
         "metrics": {"none": None, "garbage": secrets.token_urlsafe(32), "camera": cam1_token,
                     "viewer": alice_session},
     }

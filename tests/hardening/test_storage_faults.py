@@ -96,6 +96,12 @@ def test_disk_full_answers_507_harms_nothing_and_ingest_resumes(tmp_path: Path,
             assert set(uploader.statuses) <= {201, 507}, uploader.statuses
             body = uploader.error_bodies[-1]
             assert '"error":"storage_full"' in body and "Free space" in body, body
+        # Each refused upload is counted once, with its reason (the archive counts a storage
+        # failure itself; the ingest route's outcome counting does not count it again).
+        cameras = {c["name"]: c for c in server.admin("GET", "/v1/admin/cameras", expect=200)}
+        for cam, uploader in uploaders.items():
+            assert cameras[cam]["refused"] == sum(n for s, n in uploader.statuses.items() if s != 201) > 0
+            assert "not archived" in cameras[cam]["last_refusal"]
 
         # Nothing archived is harmed: the files and the index agree record for record, and
         # everything acknowledged decrypts.
