@@ -224,11 +224,13 @@ def create_app(settings: Settings, signer: Signer | None = None,
         return PlainTextResponse(generate_latest(request.app.state.registry),
                                  media_type=CONTENT_TYPE_LATEST)
 
-    def _error(request: Request, status: int, code: ErrorCode, message: str) -> JSONResponse:
+    def _error(request: Request, status: int, code: ErrorCode, message: str,
+               body: dict[str, object] | None = None) -> JSONResponse:
         collector = getattr(request.app.state, "collector", None)
         if collector is not None:
             collector.count_error(status)
-        return JSONResponse({"error": code, "message": message}, status_code=status)
+        return JSONResponse({**(body or {}), "error": code, "message": message},
+                            status_code=status)
 
     def _refused(request: Request, exc: ApiError) -> None:
         refusals = _refusals_of(request.scope)
@@ -244,7 +246,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
             await asyncio.to_thread(_refused, request, exc)
         except Exception:  # a refusal that cannot be audited is still refused
             log.warning("could not audit a refused request")
-        return _error(request, exc.status, exc.code, exc.message)
+        return _error(request, exc.status, exc.code, exc.message, exc.body)
 
     @app.exception_handler(StorageFull)
     async def storage_full(request: Request, exc: StorageFull) -> JSONResponse:

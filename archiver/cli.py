@@ -44,6 +44,10 @@ def serve(
         "token created in the data directory).")] = None,
     site_ca: Annotated[list[Path] | None, typer.Option(
         "--site-ca", help="Viewer certificates must chain to this CA (repeatable).")] = None,
+    signing_cert: Annotated[Path | None, typer.Option(
+        "--signing-cert", help="A certificate (PEM) a site CA issued for the signing key, "
+        "used instead of the self-signed one (evidence verify --site-ca then establishes "
+        "this Archiver as the signer).")] = None,
     upload_timeout: Annotated[float, typer.Option(
         "--upload-timeout", help="Seconds a segment upload may take (slower ones are dropped: "
         "slow-loris).")] = 60.0,
@@ -106,6 +110,7 @@ def serve(
     settings = Settings(data_dir=data.resolve(), host=host, port=port, tls_cert=tls_cert,
                         tls_key=tls_key, key_period_s=key_period, signer_token_uri=signer_token,
                         site_ca_files=tuple(site_ca or ()), upload_timeout_s=upload_timeout,
+                        signing_cert_file=signing_cert,
                         session_ttl_s=session_ttl, stream_send_timeout_s=stream_send_timeout,
                         header_timeout_s=header_timeout, body_timeout_s=body_timeout,
                         login_rate=login_rate, viewer_concurrency=viewer_concurrency,
@@ -130,11 +135,17 @@ def serve(
     settings.data_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     lock = lock_data_dir(settings.data_dir, "serve")
     sockets = bind_listeners(settings)
+    signer = None
+    if settings.signing_cert_file is not None:
+        # Opened before the server starts, so a --signing-cert for another key (or one not
+        # valid now) is refused with its sentence and exit code, not a failed startup.
+        from archiver.signing import open_signer
+        signer = open_signer(settings)
     logging.getLogger("archiver").info("listening on %s://%s:%d (data directory %s, pid %d)",
                                        settings.scheme, host, port, settings.data_dir,
                                        os.getpid())
     try:
-        serve_app(create_app(settings), settings, sockets=sockets)
+        serve_app(create_app(settings, signer=signer), settings, sockets=sockets)
     finally:
         lock.release()
 

@@ -52,6 +52,9 @@ class Settings:
     # The Archiver's own signing key. None: a SoftHSM token created in data_dir on first start.
     signer_token_uri: str | None = None
     signer_label: str = "archiver"
+    # A certificate a site CA issued for the signing key (PEM), used instead of the token's
+    # self-signed one: evidence verifiers can then establish the signer with --site-ca.
+    signing_cert_file: Path | None = None
     # Viewer certificates must chain to one of these when given (a site CA).
     site_ca_files: tuple[Path, ...] = ()
     # A live viewer further behind than this many manifests is dropped, so it cannot pin resources.
