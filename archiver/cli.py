@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,12 +19,14 @@ import typer
 from archiver.admin_cli import JsonOpt, TlsCaOpt, _out, archiver_info
 from archiver.admin_cli import register as register_admin_commands
 from keyservice.errors import UsageError
-from keyservice.exits import add_version_option, run
+from keyservice.exits import add_version_option, hidden_aliases, run, tidy_help
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="The Fusion Archiver: encrypts camera streams, serves fusion streams.")
 add_version_option(app, "fusion-archiver")
 register_admin_commands(app)
+# The Archiver's URL is --archiver in the three CLIs; --url, the old spelling, keeps working.
+hidden_aliases(app, {"url": "archiver"})
 
 
 @app.command()
@@ -30,8 +34,10 @@ def serve(
     data: Annotated[Path, typer.Option("--data", help="Data directory (SQLite, archive, token).")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
-    tls_cert: Annotated[Path | None, typer.Option("--tls-cert")] = None,
-    tls_key: Annotated[Path | None, typer.Option("--tls-key")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        "--tls-cert", help="TLS certificate (PEM, its chain after it) to serve HTTPS with.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        "--tls-key", help="The TLS certificate's private key (PEM).")] = None,
     key_period: Annotated[int, typer.Option("--key-period", help="Seconds per minute key "
                                             "(60 in production; shorter for tests).")] = 60,
     signer_token: Annotated[str | None, typer.Option(
@@ -100,6 +106,8 @@ def serve(
     import os
 
     from archiver.app import create_app
+    from archiver.datadir import DIR_MODE, lock_data_dir
+    from archiver.server import bind_listeners
     from archiver.server import serve as serve_app
     from archiver.settings import Settings
 
@@ -131,14 +139,24 @@ def serve(
             raise UsageError("--no-bootstrap-token needs at least one admin: add one first with "
                              "'fusion-archiver admins add CERT.pem --name NAME' (with the "
                              "bootstrap token).")
+    # Before anything starts (token, index, RTSP pullers): the data directory is ours alone
+    # (held until this process ends), and the port is free (bound now, served later).
+    settings.data_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    lock = lock_data_dir(settings.data_dir, "serve")
+    sockets = bind_listeners(settings)
     signer = None
     if settings.signing_cert_file is not None:
         # Opened before the server starts, so a --signing-cert for another key (or one not
         # valid now) is refused with its sentence and exit code, not a failed startup.
         from archiver.signing import open_signer
         signer = open_signer(settings)
-    application = create_app(settings, signer=signer)
-    serve_app(application, settings)
+    logging.getLogger("archiver").info("listening on %s://%s:%d (data directory %s, pid %d)",
+                                       settings.scheme, host, port, settings.data_dir,
+                                       os.getpid())
+    try:
+        serve_app(create_app(settings, signer=signer), settings, sockets=sockets)
+    finally:
+        lock.release()
 
 
 @app.command()
@@ -155,7 +173,23 @@ def reindex(
     """Rebuild the segment index from the archive files (offline: stop the Archiver first).
     Every segment and manifest is verified against the Archiver's signature and chain; the
     files are not changed."""
-    _print_rebuild(data, archiver_cert, signer_token, as_json)
+    with _offline(data, "reindex"):
+        _print_rebuild(data, archiver_cert, signer_token, as_json)
+
+
+@contextmanager
+def _offline(data: Path, purpose: str) -> Iterator[None]:
+    """The data directory's lock for an offline command that writes the index: a rebuild
+    under a running Archiver would race its index writes, so it is refused, naming it."""
+    from archiver.datadir import lock_data_dir
+
+    if not data.is_dir():
+        raise UsageError(f"{data} is not an Archiver data directory (no such directory).")
+    lock = lock_data_dir(data.resolve(), purpose)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _archiver_key(data: Path, archiver_cert: Path | None, signer_token: str | None) -> Any:
@@ -236,6 +270,14 @@ def check(
 ) -> None:
     """Check the archive: files, index, signatures and manifest chains. Exit 0 if sound,
     3 if damaged (each problem is listed)."""
+    # Checking alone only reads; with --rebuild-index it writes, so it must be alone, and is
+    # refused before the check rather than after it.
+    with _offline(data, "check --rebuild-index") if rebuild_index else nullcontext():
+        _check(data, archiver_cert, signer_token, rebuild_index, retention_days, as_json)
+
+
+def _check(data: Path, archiver_cert: Path | None, signer_token: str | None,
+           rebuild_index: bool, retention_days: int, as_json: bool) -> None:
     from archiver.check import check_archive
 
     key = _archiver_key(data, archiver_cert, signer_token)
@@ -259,13 +301,14 @@ def check(
 
 @app.command(help="Print the Archiver's signing certificate (PEM) and its SHA-256 fingerprint: "
              "what viewers pin. Give viewers the certificate (fusion-client --archiver-cert) or "
-             "the fingerprint to compare on first use. From the running Archiver (--url) or "
+             "the fingerprint to compare on first use. From the running Archiver (--archiver) or "
              "from its data directory's signing token (--data).")
 def certificate(
     data: Annotated[Path | None, typer.Option(
         "--data", help="The Archiver's data directory (reads its signing token).")] = None,
     url: Annotated[str | None, typer.Option(
-        "--url", envvar="FUSION_ARCHIVER_URL", help="The running Archiver's base URL.")] = None,
+        "--archiver", envvar="FUSION_ARCHIVER_URL",
+        help="The running Archiver's base URL.")] = None,
     signer_token: Annotated[str | None, typer.Option(
         "--signer-token", help="PKCS#11 URI of the signing token (default: the SoftHSM token "
         "in the data directory).")] = None,
@@ -277,7 +320,7 @@ def certificate(
     from keyservice.identity import fingerprint
 
     if (data is None) == (url is None):
-        raise UsageError("Give either --data DIR (the data directory) or --url URL (the "
+        raise UsageError("Give either --data DIR (the data directory) or --archiver URL (the "
                          "running Archiver).")
     if data is not None:
         from archiver.settings import Settings
@@ -299,6 +342,9 @@ def certificate(
     _out(as_json, {"certificate": pem, "fingerprint": fp,
                    "subject": cert.subject.rfc4514_string()},
          f"{pem.rstrip()}\nsha256 fingerprint: {fp}")
+
+
+tidy_help(app)
 
 
 def main() -> None:

@@ -317,6 +317,18 @@ class Database:
             conn.executemany("INSERT INTO viewer_cameras (fingerprint, camera) VALUES (?,?)",
                              [(fingerprint, c) for c in cameras or ()])
 
+    def set_viewer_cameras(self, fingerprint: str, cameras: Iterable[str] | None) -> bool:
+        """Replace an active viewer's cameras (None: all); False if there is no such viewer."""
+        with self._transaction() as conn:
+            cur = conn.execute("UPDATE viewers SET all_cameras=? WHERE fingerprint=? AND "
+                               "revoked_ms IS NULL", (int(cameras is None), fingerprint))
+            if cur.rowcount != 1:
+                return False
+            conn.execute("DELETE FROM viewer_cameras WHERE fingerprint=?", (fingerprint,))
+            conn.executemany("INSERT INTO viewer_cameras (fingerprint, camera) VALUES (?,?)",
+                             [(fingerprint, c) for c in cameras or ()])
+            return True
+
     def viewers(self) -> list[ViewerRow]:
         cameras: dict[str, list[str]] = {}
         for fp, cam in self._query("SELECT fingerprint, camera FROM viewer_cameras ORDER BY camera"):

@@ -52,13 +52,13 @@ from client.session import (
     live_request,
     playback_request,
 )
-from client.timespec import format_ms, parse_range
 from keyservice.errors import CertificateError, UsageError
-from keyservice.exits import add_version_option, run
+from keyservice.exits import add_version_option, run, tidy_help
 from keyservice.identity import Identity
 from keyservice.names import CAMERA_NAME_RULE, is_camera_name
 from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
 from keyservice.text import printable
+from keyservice.timespec import format_ms, parse_range
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Watch and export video from a Fusion Archiver; keys are opened on your "
@@ -355,6 +355,7 @@ register_grants(app)
 from client.evidence import evidence_app  # noqa: E402
 
 app.add_typer(evidence_app, name="evidence")
+tidy_help(app)  # help wraps to the terminal, not to the source's line breaks
 
 
 def main() -> None:

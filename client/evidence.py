@@ -40,7 +40,8 @@ from keyservice.identity import Recipient
 from keyservice.text import printable
 
 evidence_app = typer.Typer(no_args_is_help=True, add_completion=False,
-                           help="Evidence packages a third party verifies without any token.")
+                           help="Evidence packages a third party verifies without any token: "
+                                "export, verify.")
 
 EXIT_NOT_VERIFIED = 60  # a check failed: the report says which and why
 EXIT_PARTLY_VERIFIED = 61  # sealed keys and no token: all but keys and video verified
@@ -164,7 +165,7 @@ def export(
     from client.cli import _check_camera, _load_cert, _login, _now_ms, _open_identity
     from client.player import Player, archiver_pin_check
     from client.session import ArchiverSession, playback_request
-    from client.timespec import parse_range
+    from keyservice.timespec import parse_range
 
     from_ms, to_ms = parse_range(from_, to, _now_ms())
     _check_camera(camera)
@@ -344,7 +345,7 @@ def _load_ca(path: Path) -> x509.Certificate:
 
 def describe(report: Report, package: Path) -> list[str]:
     """The human-readable report."""
-    from client.timespec import format_ms
+    from keyservice.timespec import format_ms
 
     def when(ms: int | None) -> str:
         return format_ms(ms) if ms is not None else "?"

@@ -51,7 +51,7 @@ export SOFTHSM2_CONF="$DEMO/viewer-token/softhsm2.conf"
 export FUSION_PIN=1234
 export FUSION_CLIENT_HOME="$DEMO/client-home"   # the viewer's known Archivers (pins)
 TOKEN="pkcs11:token=viewers;object=alice"
-"$BIN/fusion-keys" enroll --token "$TOKEN" --out "$DEMO/alice.pem" >&2
+"$BIN/fusion-keys" enroll --token "$TOKEN" --output "$DEMO/alice.pem" >&2
 
 # --- 2. the Archiver ----------------------------------------------------------------------
 say "2/8 starting the Archiver on $URL (data in demo-data/archiver, key period ${KEY_PERIOD} s)"
@@ -86,7 +86,7 @@ EOF
 
 # --- 3. a camera and an authorized viewer -------------------------------------------------
 say "3/8 adding camera cam1 and authorizing alice on it"
-ADMIN=(--url "$URL" --data "$ARCHIVER_DATA")
+ADMIN=(--archiver "$URL" --data "$ARCHIVER_DATA")
 CAMERA_JSON="$("$BIN/fusion-archiver" cameras add cam1 --json "${ADMIN[@]}")"
 INGEST_TOKEN="$(printf '%s' "$CAMERA_JSON" | "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["ingest_token"])')"
 INGEST_URL="$(printf '%s' "$CAMERA_JSON" | "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["ingest_url"])')"

@@ -194,6 +194,12 @@ def _check_camera(services: ServicesDep, camera: str, credentials: BearerDep) ->
     # One answer for unknown camera and wrong token: the API does not confirm camera names.
     if not valid:
         raise ApiError(403, ErrorCode.FORBIDDEN, f"This token is not valid for camera '{camera}'.")
+    if row is not None and row.rtsp_url:
+        # The Archiver pulls this camera and is its only source: a token issued before pulled
+        # cameras got none must not push outside video into its signed archive. Said only to
+        # a valid token, so that the answer does not confirm camera names.
+        raise ApiError(403, ErrorCode.PULLED_CAMERA, f"Camera '{camera}' is pulled by the "
+                       "Archiver (RTSP); it accepts no pushed video.")
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
