@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -24,6 +25,21 @@ from keyservice.errors import CertificateError, FormatError
 from keyservice.identity import OaepHash, fingerprint
 from keyservice.names import validate_camera_name
 from keyservice.wire import ErrorCode
+
+
+@dataclass
+class CameraChange:
+    """A viewer's cameras before and after a change (None: all cameras), and the difference
+    ("all" in ``added`` or ``removed`` when it moved to or from all cameras)."""
+
+    before: list[str] | None
+    after: list[str] | None
+    added: list[str]
+    removed: list[str]
+
+
+def _cameras_text(row: ViewerRow) -> str:
+    return "all cameras" if row.all_cameras else ", ".join(row.cameras) or "no camera"
 
 
 class AdminRefused(Exception):
@@ -48,8 +64,10 @@ class Admin:
     pull_schemes: tuple[str, ...] = ()
 
     # --- cameras -----------------------------------------------------------------------
-    def add_camera(self, actor: str, name: str, rtsp_url: str | None = None) -> str:
-        """Create a camera; returns its ingest token (shown once, only its digest is kept)."""
+    def add_camera(self, actor: str, name: str, rtsp_url: str | None = None) -> str | None:
+        """Create a camera; returns its ingest token (shown once, only its digest is kept), or
+        None for a pulled (RTSP) camera: the Archiver is its only source, so no token exists that
+        could push outside video into its signed archive."""
         archive = self.archive
         try:
             validate_camera_name(name)  # the name becomes an archive directory
@@ -59,6 +77,7 @@ class Admin:
             raise AdminRefused(ErrorCode.BAD_RTSP_URL, "The camera URL must start with one of: "
                                + ", ".join(f"{s}://" for s in self.pull_schemes) + ".")
         token = new_secret()
+        # A pulled camera's row still needs a digest: one of a secret nobody is given.
         if not archive.db.add_camera(name, digest(token), rtsp_url, archive.clock()):
             raise AdminRefused(ErrorCode.CAMERA_EXISTS, f"A camera named '{name}' exists already "
                                "(names of removed cameras stay reserved: their archive is "
@@ -66,7 +85,7 @@ class Admin:
         self.audit.record(actor, "camera.add", archive.clock(), camera=name, rtsp=bool(rtsp_url))
         if rtsp_url and self.rtsp is not None:
             self.rtsp.start(name, rtsp_url)
-        return token
+        return None if rtsp_url else token
 
     def remove_camera(self, actor: str, name: str) -> None:
         """Stop recording a camera; its archive stays (evidence) and its name stays reserved."""
@@ -101,6 +120,16 @@ class Admin:
                                f"Unknown camera(s): {', '.join(unknown)}.")
         fp = fingerprint(cert).hex()
         subject = cert.subject.rfc4514_string()
+        existing = archive.db.viewer(fp)
+        if existing is not None and existing.revoked_ms is None and wanted != (
+                None if existing.all_cameras else sorted(existing.cameras)):
+            # Adding again used to replace the viewer's cameras silently (one was dropped):
+            # changing them is its own, explicit command. Adding again with the same cameras
+            # only re-authorizes (its keys rotate), as before.
+            raise AdminRefused(ErrorCode.VIEWER_EXISTS, f"Viewer {fp[:16]} is authorized "
+                               f"already, on {_cameras_text(existing)}; change its cameras with "
+                               f"'fusion-archiver viewers cameras {fp[:16]} --add CAMS', "
+                               "'--remove CAMS' or '--set CAMS'.")
         archive.db.add_viewer(fp, cert.public_bytes(Encoding.DER), subject, int(oaep), wanted,
                               archive.clock())
         archive.authorization_changed(fp, None)
@@ -109,6 +138,66 @@ class Admin:
         row = archive.db.viewer(fp)
         assert row is not None
         return row
+
+    def change_viewer_cameras(self, actor: str, fp: str, add: list[str], remove: list[str],
+                              set_to: list[str] | Literal["all"] | None = None) -> CameraChange:
+        """Add cameras to an active viewer, remove some, or set them all (``set_to``: a list,
+        or "all" for all cameras, present and future). Keys rotate on a change, as when a viewer
+        is authorized: a camera added now gives nothing recorded before."""
+        archive = self.archive
+        row = archive.db.viewer(fp)
+        if row is None:
+            raise AdminRefused(ErrorCode.UNKNOWN_VIEWER, f"No viewer has the fingerprint {fp}.")
+        if row.revoked_ms is not None:
+            raise AdminRefused(ErrorCode.UNKNOWN_VIEWER, f"Viewer {fp[:16]} is revoked; "
+                               "authorize its certificate again with 'viewers add'.")
+        if set_to is not None and (add or remove):
+            raise AdminRefused(ErrorCode.BAD_CAMERA_CHANGE,
+                               "Give either the cameras to set, or cameras to add and remove.")
+        if set_to is None and not (add or remove):
+            raise AdminRefused(ErrorCode.BAD_CAMERA_CHANGE,
+                               "Give cameras to add, to remove, or to set.")
+        both = sorted(set(add) & set(remove))
+        if both:
+            raise AdminRefused(ErrorCode.BAD_CAMERA_CHANGE, f"Camera(s) {', '.join(both)} both "
+                               "added and removed: give each once.")
+        known = {c.name for c in archive.db.cameras()}
+        named = set(add) | (set(set_to) if isinstance(set_to, list) else set())
+        unknown = sorted(named - known)
+        if unknown:
+            raise AdminRefused(ErrorCode.UNKNOWN_CAMERA,
+                               f"Unknown camera(s): {', '.join(unknown)}.")
+        before: set[str] | None = None if row.all_cameras else set(row.cameras)
+        after: set[str] | None
+        if set_to is not None:
+            after = None if set_to == "all" else set(set_to)
+        elif before is None:
+            if remove:
+                raise AdminRefused(ErrorCode.BAD_CAMERA_CHANGE, f"Viewer {fp[:16]} is "
+                                   "authorized on all cameras; set the ones it keeps "
+                                   "('--set CAMS').")
+            after = None
+        else:
+            after = (before | set(add)) - set(remove)
+        if after is not None and not after:
+            raise AdminRefused(ErrorCode.BAD_CAMERA_CHANGE, f"Viewer {fp[:16]} would be "
+                               "authorized on no camera; revoke it instead ('viewers revoke').")
+        if before is not None and after is not None:
+            added, removed = sorted(after - before), sorted(before - after)
+        else:  # to or from all cameras (or all to all)
+            added = ["all"] if after is None and before is not None else []
+            removed = ["all"] if before is None and after is not None else []
+        change = CameraChange(before=None if before is None else sorted(before),
+                              after=None if after is None else sorted(after),
+                              added=added, removed=removed)
+        if change.before == change.after:
+            return change  # nothing changed: no rotation, no audit entry
+        archive.db.set_viewer_cameras(fp, change.after)
+        archive.authorization_changed(fp, None)
+        self.audit.record(actor, "client.cameras", archive.clock(), fingerprint=fp,
+                          before=change.before or "all", cameras=change.after or "all",
+                          added=change.added, removed=change.removed)
+        return change
 
     def revoke_viewer(self, actor: str, fp: str, delete_key_streams: bool = False) -> None:
         """Revoke a viewer: no new keys for it from now on (keys rotate), its sessions end; with

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import ssl
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,12 +22,15 @@ import typer
 from keyservice.errors import ArchiverFailed, RequestRefused, UsageError
 from keyservice.exits import unreachable
 from keyservice.text import printable
+from keyservice.timespec import parse_range
 from keyservice.tls import trust as tls_trust
 
-cameras_app = typer.Typer(no_args_is_help=True, help="Cameras: add, list, remove.")
-viewers_app = typer.Typer(no_args_is_help=True, help="Viewers: authorize, list, revoke.")
-holds_app = typer.Typer(no_args_is_help=True, help="Evidence holds: video that survives "
-                        "retention until released.")
+cameras_app = typer.Typer(no_args_is_help=True, help="Cameras: add, list, retention (how long "
+                          "video is kept), remove.")
+viewers_app = typer.Typer(no_args_is_help=True, help="Viewers: add, list, cameras (change a "
+                          "viewer's cameras), revoke.")
+holds_app = typer.Typer(no_args_is_help=True, help="Evidence holds (video that survives "
+                        "retention until released): add, list, remove.")
 admins_app = typer.Typer(no_args_is_help=True, help="Admins as people, each with a certificate "
                          "on their own token: add, list, revoke, login (an admin session whose "
                          "actions the audit log names).")
@@ -44,12 +48,15 @@ def register(app: typer.Typer) -> None:
     app.add_typer(admins_app, name="admins")
 
 
-UrlOpt = Annotated[str, typer.Option("--url", envvar="FUSION_ARCHIVER_URL",
+# --archiver, as fusion-client names it; --url, the old spelling, is a hidden alias (cli.py).
+UrlOpt = Annotated[str, typer.Option("--archiver", envvar="FUSION_ARCHIVER_URL",
                                      help="The Archiver's base URL.")]
 TokenOpt = Annotated[str | None, typer.Option("--admin-token", envvar="FUSION_ADMIN_TOKEN",
                                               help="The admin token (or --data).")]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Read the admin token from the "
                                               "Archiver's data directory.")]
+CameraArg = Annotated[str, typer.Argument(help="The camera's name.")]
+GrantIdArg = Annotated[str, typer.Argument(help="The grant's id (32 hex digits, grants list).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, for scripts.")]
 TlsCaOpt = Annotated[Path | None, typer.Option(
     "--tls-ca", envvar="FUSION_TLS_CA",
@@ -129,7 +136,7 @@ def _when(ms: int | None) -> str:
 
 
 @cameras_app.command("add")
-def cameras_add(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
+def cameras_add(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
                 data: DataOpt = None, tls_ca: TlsCaOpt = None,
                 as_json: JsonOpt = False,
                 rtsp: Annotated[str | None, typer.Option(
@@ -137,18 +144,24 @@ def cameras_add(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = No
                     help="Pull this RTSP URL in the Archiver. With credentials in it, prefer the "
                     "FUSION_RTSP_URL variable: other users can read argv (ps), not your "
                     "environment.")] = None) -> None:
-    """Add a camera; prints its ingest URL and ingest token (shown once)."""
+    """Add a camera; prints its ingest URL and ingest token (shown once). A pulled camera
+    (--rtsp) gets no token: the Archiver is its only source."""
     result = _call("POST", url, "/v1/admin/cameras", _admin_token(admin_token, data),
                    {"name": name, "rtsp_url": rtsp}, tls_ca=tls_ca)
-    _out(as_json, result, f"camera {result['name']} added\n"
-         f"ingest URL:   {result['ingest_url']}\n"
-         f"ingest token: {result['ingest_token']}  (shown once; keep it secret)")
+    if result.get("ingest_token") is None:
+        human = (f"camera {result['name']} added, pulled by the Archiver from "
+                 f"{result['rtsp_url']} (no ingest token; it accepts no pushed video)")
+    else:
+        human = (f"camera {result['name']} added\n"
+                 f"ingest URL:   {result['ingest_url']}\n"
+                 f"ingest token: {result['ingest_token']}  (shown once; keep it secret)")
+    _out(as_json, result, human)
 
 
 @cameras_app.command("list")
 def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
                  tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
-    """List cameras: health (receiving, stalled, unreachable, auth_failed, bad_timestamps,
+    """List cameras: health (receiving, stalled, unreachable, auth_failed, bad_stream, bad_timestamps,
     waiting), recorded range, traffic in the last minute, gaps."""
     token = _admin_token(admin_token, data)
     result = _call("GET", url, "/v1/admin/cameras", token, tls_ca=tls_ca)
@@ -173,7 +186,7 @@ def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
 
 @cameras_app.command("retention")
 def cameras_retention(
-    name: str,
+    name: CameraArg,
     days: Annotated[str, typer.Argument(help="Days to keep the camera's video, or 'default'.")],
     url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
     tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
@@ -194,7 +207,7 @@ def cameras_retention(
 
 
 @cameras_app.command("remove")
-def cameras_remove(name: str, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
+def cameras_remove(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
                    data: DataOpt = None, tls_ca: TlsCaOpt = None,
                    as_json: JsonOpt = False) -> None:
     """Stop accepting a camera's ingest. Its archive is kept."""
@@ -213,19 +226,130 @@ def viewers_add(
     tls_ca: TlsCaOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Authorize a viewer certificate on cameras; prints its SHA-256 fingerprint."""
-    try:
-        pem = certificate.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"Cannot read the certificate {certificate}: {exc}.") from None
-    camera_list: list[str] | str = "all" if cameras == "all" else [
-        c.strip() for c in cameras.split(",") if c.strip()]
+    """Authorize a viewer certificate on cameras; prints its SHA-256 fingerprint. A viewer
+    authorized already on other cameras is refused: change its cameras with 'viewers cameras'."""
+    pem = _read_certificate(certificate)
     result = _call("POST", url, "/v1/admin/viewers", _admin_token(admin_token, data),
-                   {"certificate": pem, "cameras": camera_list, "oaep_hash": oaep_hash},
-                   tls_ca=tls_ca)
-    cams = result["cameras"] if result["cameras"] == "all" else ",".join(result["cameras"])
-    _out(as_json, result, f"viewer {printable(result['subject'])} authorized on {cams}\n"
-         f"fingerprint: {result['fingerprint']}")
+                   {"certificate": pem, "cameras": _camera_list(cameras, "--cameras"),
+                    "oaep_hash": oaep_hash}, tls_ca=tls_ca)
+    _out(as_json, result, f"viewer {printable(result['subject'])} authorized on "
+         f"{_cams(result['cameras'])}"
+         + (" (as it was already: cameras unchanged, keys rotated)"
+            if result.get("reauthorized") else "")
+         + f"\nfingerprint: {result['fingerprint']}")
+
+
+def _cams(cameras: list[str] | str) -> str:
+    return "all cameras" if cameras == "all" else ",".join(cameras) or "-"
+
+
+def _camera_list(text: str, option: str) -> list[str] | str:
+    if text.strip() == "all":
+        return "all"
+    cameras = [c.strip() for c in text.split(",") if c.strip()]
+    if not cameras:
+        raise UsageError(f"{option}: give camera names (cam1,cam2) or 'all'.")
+    return cameras
+
+
+# Any PEM private key: PKCS#8 (plain or encrypted), PKCS#1 RSA, SEC1 EC, OpenSSH.
+_PRIVATE_KEY_MARK = "PRIVATE KEY-----"
+
+
+def _read_certificate(path: Path) -> str:
+    """A certificate file's PEM text. A file holding a private key is refused here, before
+    anything is sent: the key must not travel to the Archiver (nor anywhere)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"Cannot read the certificate {path}: {exc}.") from None
+    if _PRIVATE_KEY_MARK in text:
+        raise UsageError(f"{path} holds a private key, so nothing was sent: give a file with "
+                         "the certificate alone (and keep the key where it belongs).")
+    return text
+
+
+def _resolve_viewer(viewer: str, url: str, token: str, tls_ca: Path | None) -> str:
+    """A viewer's full fingerprint from its certificate file, its fingerprint, or a unique
+    prefix of it (the short form other commands print)."""
+    path = Path(viewer)
+    if path.is_file():
+        from keyservice.certs import load_certificate
+        from keyservice.errors import CertificateError
+        from keyservice.identity import fingerprint
+
+        try:
+            return fingerprint(load_certificate(_read_certificate(path).encode())).hex()
+        except CertificateError as exc:
+            raise UsageError(f"Cannot read the certificate {path}: {exc}") from None
+    prefix = viewer.strip().lower()
+    if len(prefix) < MIN_PREFIX or any(c not in "0123456789abcdef" for c in prefix):
+        raise UsageError(f"{viewer!r} is neither a certificate file nor a fingerprint (at least "
+                         f"{MIN_PREFIX} hex digits, as 'viewers list' prints).")
+    if len(prefix) == 64:
+        return prefix
+    matches = [v for v in _call("GET", url, "/v1/admin/viewers", token, tls_ca=tls_ca)
+               if v["fingerprint"].startswith(prefix)]
+    if not matches:
+        raise RequestRefused(f"No viewer's fingerprint starts with {prefix} (see 'viewers "
+                             "list').")
+    if len(matches) > 1:
+        candidates = "; ".join(
+            f"{v['fingerprint'][:16]} {printable(v['subject'])}"
+            + (" (revoked)" if v["revoked_ms"] else "") for v in matches)
+        raise UsageError(f"{prefix} is the start of {len(matches)} viewers' fingerprints "
+                         f"({candidates}): give more digits.")
+    return str(matches[0]["fingerprint"])
+
+
+MIN_PREFIX = 4
+ViewerArg = Annotated[str, typer.Argument(
+    metavar="VIEWER", help="The viewer: its certificate file, its fingerprint, or a unique "
+    "start of it (at least 4 hex digits).")]
+
+
+@viewers_app.command("cameras")
+def viewers_cameras(
+    viewer: ViewerArg,
+    add: Annotated[str | None, typer.Option(
+        "--add", help="Cameras to add (cam1,cam2), or 'all'.")] = None,
+    remove: Annotated[str | None, typer.Option(
+        "--remove", help="Cameras to remove (cam1,cam2).")] = None,
+    set_: Annotated[str | None, typer.Option(
+        "--set", help="The cameras it has from now on (cam1,cam2), or 'all'.")] = None,
+    url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+    tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Change the cameras of an authorized viewer: add some, remove some, or set them all;
+    prints what changed. Keys rotate: a camera added now gives nothing recorded before."""
+    if set_ is not None and (add is not None or remove is not None):
+        raise UsageError("Give --set alone, or --add and --remove.")
+    if set_ is None and add is None and remove is None:
+        raise UsageError("Give --add, --remove or --set (see --help).")
+    body: dict[str, Any] = {}
+    if set_ is not None:
+        body["set"] = _camera_list(set_, "--set")
+    if add is not None:
+        added = _camera_list(add, "--add")
+        body["add" if added != "all" else "set"] = added
+    if remove is not None:
+        removed = _camera_list(remove, "--remove")
+        if removed == "all":
+            raise UsageError("--remove all would leave no camera: revoke the viewer instead.")
+        body["remove"] = removed
+    if body.get("set") == "all" and "remove" in body:
+        raise UsageError("--add all cannot go with --remove: give --set with the cameras.")
+    token = _admin_token(admin_token, data)
+    fp = _resolve_viewer(viewer, url, token, tls_ca)
+    result = _call("POST", url, f"/v1/admin/viewers/{fp}/cameras", token, body, tls_ca=tls_ca)
+    if result["before"] == result["cameras"]:
+        human = f"viewer {fp[:16]}: cameras unchanged ({_cams(result['cameras'])})"
+    else:
+        human = (f"viewer {fp[:16]} {printable(result['subject'])}: cameras "
+                 f"{_cams(result['before'])} -> {_cams(result['cameras'])}"
+                 + (f"; added {','.join(result['added'])}" if result["added"] else "")
+                 + (f"; removed {','.join(result['removed'])}" if result["removed"] else ""))
+    _out(as_json, result, human)
 
 
 @viewers_app.command("list")
@@ -271,7 +395,7 @@ def _expiry(not_after: str, now: dt.datetime, active: bool) -> tuple[str, bool]:
 
 @viewers_app.command("revoke")
 def viewers_revoke(
-    fingerprint: str,
+    viewer: ViewerArg,
     delete_key_streams: Annotated[bool, typer.Option(
         "--delete-key-streams", help="Also delete its key streams: IRREVERSIBLE.")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
@@ -286,25 +410,15 @@ def viewers_revoke(
         if not sys.stdin.isatty():
             raise UsageError(warning + " Add --yes to confirm.")
         typer.confirm(warning + " Continue?", abort=True)
-    result = _call("POST", url, f"/v1/admin/viewers/{fingerprint.lower()}/revoke",
-                   _admin_token(admin_token, data), {"delete_key_streams": delete_key_streams},
-                   tls_ca=tls_ca)
+    token = _admin_token(admin_token, data)
+    fingerprint = _resolve_viewer(viewer, url, token, tls_ca)
+    result = _call("POST", url, f"/v1/admin/viewers/{fingerprint}/revoke", token,
+                   {"delete_key_streams": delete_key_streams}, tls_ca=tls_ca)
     _out(as_json, result, f"viewer {fingerprint} revoked"
          + (" and its key streams deleted" if delete_key_streams else ""))
 
 
 # --- evidence holds ------------------------------------------------------------------------
-def _parse_when(text: str, option: str) -> int:
-    try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"{option}: '{text}' is not an ISO 8601 time "
-                         "(e.g. 2026-06-02T14:00:00Z).") from None
-    if when.tzinfo is None:
-        raise UsageError(f"{option}: give the time zone (e.g. Z or +02:00) in '{text}'.")
-    return int(when.timestamp() * 1000)
-
-
 def _hold_line(h: dict[str, Any]) -> str:
     return (f"{h['hold_id']:>5}  {h['camera']:<20} {_when(h['from_ms'])} .. {_when(h['to_ms'])}"
             f"  by {h['created_by']} at {_when(h['created_ms'])}: {printable(h['reason'])}")
@@ -312,23 +426,26 @@ def _hold_line(h: dict[str, Any]) -> str:
 
 @holds_app.command("add")
 def holds_add(
-    camera: str,
-    from_: Annotated[str, typer.Option("--from", help="Start (ISO 8601 with time zone).")],
-    to: Annotated[str, typer.Option("--to", help="End (ISO 8601 with time zone).")],
+    camera: CameraArg,
+    from_: Annotated[str, typer.Option("--from", help="Start: ISO 8601 (UTC unless an offset "
+                                       "is given), relative (-10m, -2h) or 'now'.")],
+    to: Annotated[str, typer.Option("--to", help="End, as --from.")],
     reason: Annotated[str, typer.Option("--reason", help="Why (case number...); audited.")],
     url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
     tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Protect a camera's video in a range from retention until the hold is removed."""
-    body = {"camera": camera, "from_ms": _parse_when(from_, "--from"),
-            "to_ms": _parse_when(to, "--to"), "reason": reason}
+    # The one time parser of the three CLIs: "--from -10m" works here as in fusion-client.
+    from_ms, to_ms = parse_range(from_, to, int(time.time() * 1000))
+    body = {"camera": camera, "from_ms": from_ms, "to_ms": to_ms, "reason": reason}
     result = _call("POST", url, "/v1/admin/holds", _admin_token(admin_token, data), body,
                    tls_ca=tls_ca)
     _out(as_json, result, f"hold {result['hold_id']} added\n{_hold_line(result)}")
 
 
 @holds_app.command("list")
-def holds_list(camera: Annotated[str | None, typer.Option("--camera")] = None,
+def holds_list(camera: Annotated[str | None, typer.Option(
+                   "--camera", help="Only this camera's holds.")] = None,
                url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
                tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """List evidence holds."""
@@ -338,7 +455,8 @@ def holds_list(camera: Annotated[str | None, typer.Option("--camera")] = None,
 
 
 @holds_app.command("remove")
-def holds_remove(hold_id: int, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
+def holds_remove(hold_id: Annotated[int, typer.Argument(help="The hold's number (holds list).")],
+                 url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
                  data: DataOpt = None, tls_ca: TlsCaOpt = None,
                  as_json: JsonOpt = False) -> None:
     """Release a hold: its video is subject to retention again."""
@@ -388,7 +506,7 @@ NoteOpt = Annotated[str | None, typer.Option("--note", help="Why (kept in the au
 
 
 @grants_app.command("approve")
-def grants_approve(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
+def grants_approve(grant_id: GrantIdArg, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
                    admin_token: TokenOpt = None, data: DataOpt = None,
                    tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """Approve a pending grant: from now on the grantee may fetch it and play its range."""
@@ -396,7 +514,7 @@ def grants_approve(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_UR
 
 
 @grants_app.command("reject")
-def grants_reject(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
+def grants_reject(grant_id: GrantIdArg, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
                   admin_token: TokenOpt = None, data: DataOpt = None,
                   tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """Reject a pending grant: it is never served."""
@@ -404,7 +522,7 @@ def grants_reject(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL
 
 
 @grants_app.command("revoke")
-def grants_revoke(grant_id: str, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
+def grants_revoke(grant_id: GrantIdArg, note: NoteOpt = None, url: UrlOpt = DEFAULT_URL,
                   admin_token: TokenOpt = None, data: DataOpt = None,
                   tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """Revoke a grant: it is no longer served, and a stream under it stops at its next manifest
@@ -434,14 +552,9 @@ def admins_add(
     url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
     tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
 ) -> None:
-    # Thin: the Archiver checks the certificate (as a viewer's) and audits the addition.
-    try:
-        pem = certificate.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"Cannot read the certificate {certificate}: {exc}.") from None
-    if "PRIVATE KEY" in pem:
-        # Refused here, before anything is sent: a private key never leaves this host.
-        raise UsageError(f"{certificate} holds a private key; give the certificate only.")
+    # Thin: the Archiver checks the certificate (as a viewer's) and audits the addition; a
+    # file holding a private key is refused here, before anything is sent.
+    pem = _read_certificate(certificate)
     result = _call("POST", url, "/v1/admin/admins", _admin_token(admin_token, data),
                    {"certificate": pem, "name": name, "oaep_hash": oaep_hash}, tls_ca=tls_ca)
     _out(as_json, result, f"admin {result['name']} added; the audit log names them "

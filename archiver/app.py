@@ -35,6 +35,9 @@ from keyservice.wire import ErrorCode
 
 log = logging.getLogger("archiver")
 HEALTH_CHECK_S = 1.0
+# The last segment's time is saved this often (a change of state at once): one index write a
+# minute per camera, not one per segment.
+HEALTH_SAVE_MS = 60_000
 
 
 async def _watch_camera_health(archive: Archive, audit: AuditLog) -> None:
@@ -59,6 +62,10 @@ async def _watch_camera_health(archive: Archive, audit: AuditLog) -> None:
                             health.message or "no reason known")
             audit.record("archiver", f"camera.{health.state.value}", now, camera=camera.name,
                          last_segment_ms=health.last_segment_ms, message=health.message)
+        try:  # a change of state at once, the last segment's time every HEALTH_SAVE_MS
+            await asyncio.to_thread(archive.save_health, HEALTH_SAVE_MS)
+        except Exception:  # a full disk: the next tick tries again
+            log.warning("could not save the cameras' health to the index")
 
 
 async def _apply_retention(archive: Archive) -> None:
@@ -115,7 +122,10 @@ def create_app(settings: Settings, signer: Signer | None = None,
 
         archive.retention.on_removed = removed
         await asyncio.to_thread(archive.retention.ensure_reserve)
-        rtsp = RtspSupervisor(archive.ingest_segment, archive.health.puller_failed)
+        rtsp = RtspSupervisor(
+            archive.ingest_segment, archive.health.puller_failed,
+            lambda camera, message: archive.health.stream_fault(camera, message, clock()),
+            settings.rtsp_max_segment_bytes, settings.rtsp_max_segment_s)
         site_ca = tuple(load_certificate(p.read_bytes()) for p in settings.site_ca_files)
         # Personal admins (archiver/admins.py): their sessions apart from viewers', so a
         # viewer's session token is never an admin's.
@@ -162,6 +172,8 @@ def create_app(settings: Settings, signer: Signer | None = None,
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
             await asyncio.to_thread(rtsp.stop_all)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(archive.save_health, 0)  # what the next start shows
             with contextlib.suppress(Exception):
                 refusals.flush()
             audit.record("archiver", "stop", clock())
@@ -224,11 +236,13 @@ def create_app(settings: Settings, signer: Signer | None = None,
         return PlainTextResponse(generate_latest(request.app.state.registry),
                                  media_type=CONTENT_TYPE_LATEST)
 
-    def _error(request: Request, status: int, code: ErrorCode, message: str) -> JSONResponse:
+    def _error(request: Request, status: int, code: ErrorCode, message: str,
+               body: dict[str, object] | None = None) -> JSONResponse:
         collector = getattr(request.app.state, "collector", None)
         if collector is not None:
             collector.count_error(status)
-        return JSONResponse({"error": code, "message": message}, status_code=status)
+        return JSONResponse({**(body or {}), "error": code, "message": message},
+                            status_code=status)
 
     def _refused(request: Request, exc: ApiError) -> None:
         refusals = _refusals_of(request.scope)
@@ -244,7 +258,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
             await asyncio.to_thread(_refused, request, exc)
         except Exception:  # a refusal that cannot be audited is still refused
             log.warning("could not audit a refused request")
-        return _error(request, exc.status, exc.code, exc.message)
+        return _error(request, exc.status, exc.code, exc.message, exc.body)
 
     @app.exception_handler(StorageFull)
     async def storage_full(request: Request, exc: StorageFull) -> JSONResponse:

@@ -8,6 +8,7 @@ generator call it directly with an injected clock, through the same write path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 import anyio.to_thread
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from archiver.cameras import HealthBoard, SegmentClock, SegmentTime
-from archiver.db import Database, GrantRow, ManifestRow, SegmentRow, ViewerRow
+from archiver.cameras import CameraState, HealthBoard, SavedHealth, SegmentClock, SegmentTime
+from archiver.db import Database, GrantRow, HealthRow, ManifestRow, SegmentRow, ViewerRow
 from archiver.keying import KeyManager
 from archiver.mpegts import media_span
 from archiver.reindex import ec_public_key as _ec_key
@@ -122,6 +123,11 @@ class Archive:
         self.retention = Retention(settings, self.db, self.files, clock, free_bytes)
         self.notifier = Notifier()
         self.health = HealthBoard()
+        for saved in self.db.camera_health():  # the last known state, until heard of again
+            with contextlib.suppress(ValueError):
+                self.health.restore(SavedHealth(saved.camera, CameraState(saved.state),
+                                                saved.message, saved.last_segment_ms,
+                                                saved.saved_ms))
         # Per viewer, how often its authorization changed in this process: an open stream
         # re-checks the viewer's authorization whenever its count moved (revocation ends it).
         self._auth_changes: dict[str, int] = {}
@@ -133,6 +139,14 @@ class Archive:
 
     def _journal_keys(self, camera: str, now_ms: int, records: list[bytes]) -> None:
         self.files.append(self.files.key_file_for(camera, now_ms), records)
+
+    def save_health(self, every_ms: int) -> None:
+        """Write the cameras' health that changed to the index (``HealthBoard.to_save``)."""
+        names = [camera.name for camera in self.db.cameras()]
+        self.db.save_camera_health([
+            HealthRow(saved.camera, saved.state.value, saved.message, saved.last_segment_ms,
+                      saved.saved_ms)
+            for saved in self.health.to_save(names, self.clock(), every_ms)])
 
     def close(self) -> None:
         with self.retention.lock:  # a pass in progress finishes its step first

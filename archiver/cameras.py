@@ -23,13 +23,16 @@ start of the next.
 **Health.** A camera is *receiving* while segments arrive; *stalled* when none arrived for
 ``STALL_FACTOR`` segment durations (at least ``MIN_STALL_MS``); *unreachable* or *auth_failed* when
 the Archiver pulls it and cannot connect or log in; *waiting* before its first segment;
-*bad_timestamps* for ``JUMP_MEMORY_MS`` after a segment whose timestamps jumped between two of its
-frames (``archiver.mpegts``: the jump was not signed as video, the camera's clock is broken or
-hostile).
+*bad_stream* for ``FAULT_MEMORY_MS`` after its RTSP stream broke the segmenter's bounds (a
+segment cut at the byte or time cap, a giant frame or frames without a keyframe dropped:
+``archiver.rtsp``); *bad_timestamps* for ``JUMP_MEMORY_MS`` after a segment whose timestamps
+jumped between two of its frames (``archiver.mpegts``: the jump was not signed as video, the
+camera's clock is broken or hostile).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 from collections import deque
@@ -46,6 +49,7 @@ MIN_STALL_MS = 5000
 DEFAULT_SEGMENT_MS = 2000
 RATE_WINDOW_MS = 60_000
 JUMP_MEMORY_MS = 60_000  # a camera whose timestamps jumped stays flagged this long after
+FAULT_MEMORY_MS = 60_000  # an RTSP stream that broke the segmenter's bounds stays flagged this long
 
 log = logging.getLogger("archiver")
 
@@ -101,6 +105,7 @@ class CameraState(StrEnum):
     STALLED = "stalled"
     UNREACHABLE = "unreachable"
     AUTH_FAILED = "auth_failed"
+    BAD_STREAM = "bad_stream"
     BAD_TIMESTAMPS = "bad_timestamps"
 
 
@@ -116,9 +121,14 @@ class _Health:
     puller_problem: CameraState | None = None
     puller_message: str = ""
     puller_restarts: int = 0
+    stream_faults: int = 0
+    last_fault_ms: int | None = None
+    fault_message: str = ""
     timestamp_jumps: int = 0
     last_jump_ms: int | None = None
     jump_message: str = ""
+    # What the index held at start (state, message, when saved), until the camera is heard of.
+    before_restart: tuple[CameraState, str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,16 +144,70 @@ class CameraHealth:
     last_refusal: str
     puller_restarts: int
     message: str
-    timestamp_jumps: int = 0
+    before_restart: bool = False  # the state is the one saved before the Archiver restarted
+    stream_faults: int = 0  # RTSP: segments cut or packets dropped to keep the buffer bounded
+    timestamp_jumps: int = 0  # segments whose timestamps jumped between two frames
+
+
+@dataclass(frozen=True)
+class SavedHealth:
+    """What of a camera's health the index keeps across a restart."""
+
+    camera: str
+    state: CameraState
+    message: str
+    last_segment_ms: int | None
+    saved_ms: int
 
 
 class HealthBoard:
     """Per-camera feed health, updated by ingest and the RTSP pullers, read by the API, the
-    metrics and the stall monitor. Memory only: after a restart a camera starts as waiting."""
+    metrics and the stall monitor. Kept in memory; ``to_save`` gives what changed for the index
+    and ``restore`` brings it back at start, so that after a restart a camera shows its last
+    known state (``before_restart``), not ``waiting``, until it is heard of again."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cameras: dict[str, _Health] = {}
+        self._saved: dict[str, SavedHealth] = {}
+
+    def restore(self, saved: SavedHealth) -> None:
+        with self._lock:
+            health = self._get(saved.camera)
+            health.last_arrival_ms = saved.last_segment_ms
+            if saved.state in (CameraState.UNREACHABLE, CameraState.AUTH_FAILED) or (
+                    saved.state == CameraState.STALLED and saved.message):
+                health.puller_problem, health.puller_message = saved.state, saved.message
+            health.before_restart = (saved.state, saved.message, saved.saved_ms)
+            self._saved[saved.camera] = saved
+
+    def to_save(self, cameras: list[str], now_ms: int, every_ms: int) -> list[SavedHealth]:
+        """The cameras whose state or reason changed since last saved, or whose last segment
+        time is more than ``every_ms`` newer (0: all that changed at all); marks them saved.
+        The reason saved is the puller's or the stream's, not a sentence that changes each
+        second ("no segment for N s"): a stalled camera is not written every tick."""
+        out = []
+        with self._lock:
+            for camera in cameras:
+                health = self._get(camera)
+                if health.before_restart is not None:
+                    continue  # nothing new since the start: what the index holds stands
+                state = self._state(health, now_ms)
+                reason = (health.fault_message if state == CameraState.BAD_STREAM
+                          else health.jump_message if state == CameraState.BAD_TIMESTAMPS
+                          else health.puller_message)
+                last = health.last_arrival_ms
+                before = self._saved.get(camera)
+                if before is not None and (before.state, before.message) == (state, reason):
+                    if last == before.last_segment_ms:
+                        continue
+                    if (before.last_segment_ms is not None and last is not None
+                            and last - before.last_segment_ms < every_ms):
+                        continue
+                saved = SavedHealth(camera, state, reason, last, now_ms)
+                self._saved[camera] = saved
+                out.append(saved)
+        return out
 
     def _get(self, camera: str) -> _Health:
         health = self._cameras.get(camera)
@@ -172,6 +236,7 @@ class HealthBoard:
             health.last_arrival_ms, health.last_end_ms = arrival_ms, time.end_ms
             health.recent.append((arrival_ms, size))
             health.puller_problem, health.puller_message = None, ""
+            health.before_restart = None
             self._trim(health, arrival_ms)
 
     def segment_refused(self, camera: str, reason: str) -> None:
@@ -190,24 +255,43 @@ class HealthBoard:
             health = self._get(camera)
             health.puller_problem, health.puller_message = problem, message
             health.puller_restarts += 1
+            health.before_restart = None
+
+    def stream_fault(self, camera: str, message: str, now_ms: int) -> None:
+        """An RTSP camera's stream broke the segmenter's bounds (a segment cut or packets
+        dropped): the camera is ``bad_stream`` for ``FAULT_MEMORY_MS`` after the last one."""
+        with self._lock:
+            health = self._get(camera)
+            health.stream_faults += 1
+            health.last_fault_ms, health.fault_message = now_ms, message
+            health.before_restart = None
 
     def forget(self, camera: str) -> None:
         with self._lock:
             self._cameras.pop(camera, None)
+            self._saved.pop(camera, None)
 
     def health(self, camera: str, now_ms: int) -> CameraHealth:
         with self._lock:
             health = self._get(camera)
             self._trim(health, now_ms)
             state = self._state(health, now_ms)
+            message = self._message(health, state, now_ms)
+            if state == CameraState.BAD_STREAM:
+                message = health.fault_message
+            if health.before_restart is not None:
+                saved_state, saved_message, saved_ms = health.before_restart
+                message = (f"last known before the Archiver restarted (saved at "
+                           f"{_iso(saved_ms)}): {saved_state.value}"
+                           + (f" ({saved_message})" if saved_message else ""))
             return CameraHealth(
                 state=state, last_segment_ms=health.last_arrival_ms,
                 segments_last_minute=len(health.recent),
                 bytes_last_minute=sum(size for _, size in health.recent), gaps=health.gaps,
                 refused=health.refused, last_refusal=health.last_refusal,
                 puller_restarts=health.puller_restarts,
-                message=self._message(health, state, now_ms),
-                timestamp_jumps=health.timestamp_jumps)
+                message=message, before_restart=health.before_restart is not None,
+                stream_faults=health.stream_faults, timestamp_jumps=health.timestamp_jumps)
 
     @staticmethod
     def _message(health: _Health, state: CameraState, now_ms: int) -> str:
@@ -229,6 +313,8 @@ class HealthBoard:
     def _state(health: _Health, now_ms: int) -> CameraState:
         if health.puller_problem is not None:
             return health.puller_problem
+        if health.last_fault_ms is not None and now_ms - health.last_fault_ms <= FAULT_MEMORY_MS:
+            return CameraState.BAD_STREAM
         if health.last_arrival_ms is None:
             return CameraState.WAITING
         stall_after = max(STALL_FACTOR * health.typical_ms, MIN_STALL_MS)
@@ -242,6 +328,10 @@ class HealthBoard:
     def _trim(health: _Health, now_ms: int) -> None:
         while health.recent and health.recent[0][0] < now_ms - RATE_WINDOW_MS:
             health.recent.popleft()
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _duration(ms: int) -> str:

@@ -10,7 +10,12 @@ verifies, independently of how ingest wrote them:
   manifest's entries are exactly the segments before it;
 * each camera's manifests form one unbroken hash chain (from sequence 0, or from where
   retention removed the start);
-* the key journals are well framed; video retention is removing is reported, not flagged.
+* the key journals are well framed; video retention is removing is reported, not flagged, but
+  only where retention's own rules would remove it (a tombstone row alone proves nothing);
+* no archive file or key journal is a symbolic link (never followed out of the data directory).
+
+A damaged index (a table dropped, the file unreadable) is ``IndexDamaged``, exit code 3, with
+the command that rebuilds it.
 
 Problems are plain sentences; ``fusion-archiver reindex`` (or ``check --rebuild-index``)
 rebuilds the index from the files when the files are sound and the index is not.
@@ -21,8 +26,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
+import re
 import sqlite3
 import struct
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,9 +37,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from archiver.migrations import SCHEMA_VERSION
+from archiver.migrations import SCHEMA_VERSION, missing_tables
+from archiver.reindex import linked
+from archiver.retention import DAY_MS, REASON_DISK, REASON_RETENTION, day_start_ms
 from keyservice.crypto import chain_key_id
-from keyservice.errors import FormatError, UsageError
+from keyservice.errors import FormatError, KeyServiceError, UsageError
 from keyservice.format import (
     RECORD_HEADER_LEN,
     ZERO_HASH,
@@ -53,7 +62,7 @@ _ARCHIVE_KINDS = (RecordType.SEGMENT, RecordType.MANIFEST, RecordType.CHAIN_RECI
 @dataclass(frozen=True)
 class Problem:
     kind: str  # damaged_record, truncated, unindexed, index_mismatch, missing, bad_signature,
-    #            chain_broken, journal_damaged
+    #            chain_broken, journal_damaged, link, expiry_unjustified
     file: str | None
     offset: int | None
     message: str
@@ -97,19 +106,135 @@ def _same(row: tuple, expected: tuple) -> bool:
         for a, b in zip(row, expected, strict=True))
 
 
+EXIT_DAMAGED = 3
+REBUILD_ADVICE = ("Rebuild it from the archive files with 'fusion-archiver reindex --data DIR' "
+                  "(Archiver stopped).")
+
+
+class IndexDamaged(KeyServiceError):
+    """The SQLite index cannot be read as an index (a table dropped, the file damaged)."""
+
+    exit_code = EXIT_DAMAGED
+
+
 def _open_index(db_path: Path) -> sqlite3.Connection:
     if not db_path.exists():
         raise UsageError(f"There is no Archiver index at {db_path}.")
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        missing = missing_tables(conn) if version == SCHEMA_VERSION else []
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise IndexDamaged(f"The index {db_path.name} is damaged ({exc}).", REBUILD_ADVICE) from None
     if version != SCHEMA_VERSION:
         conn.close()
         raise UsageError(f"The index has schema version {version}, this checker reads "
                          f"{SCHEMA_VERSION}.", "Start the Archiver once to migrate it.")
+    if missing:
+        conn.close()
+        raise IndexDamaged(f"The index {db_path.name} is damaged: its table(s) "
+                           f"{', '.join(missing)} are missing.", REBUILD_ADVICE)
     return conn
 
 
-def check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey) -> CheckReport:
+@dataclass(frozen=True)
+class _Tombstone:
+    camera: str
+    from_ms: int
+    to_ms: int
+    reason: str
+    removed_ms: int
+    done: bool
+
+
+def _signed_last_capture(data: bytes, key: ec.EllipticCurvePublicKey) -> int | None:
+    """The latest capture time of a segment a valid signed manifest of this file covers: what
+    the file itself proves about its age (an index row or a tombstone proves nothing)."""
+    captures: dict[bytes, int] = {}
+    last = None
+    pos = 0
+    while pos + RECORD_HEADER_LEN <= len(data):
+        kind, length = _HEADER.unpack_from(data, pos)
+        end = pos + RECORD_HEADER_LEN + length
+        if kind not in _ARCHIVE_KINDS or length > max_body(kind) or end > len(data):
+            break
+        raw = data[pos:end]
+        pos = end
+        try:
+            record = decode_record(raw)
+        except FormatError:
+            continue
+        if isinstance(record, Segment):
+            captures[hashlib.sha256(raw).digest()] = record.capture_ms
+        elif isinstance(record, Manifest) and _signed(key, record):
+            for entry in record.entries:
+                capture = captures.get(entry.digest)
+                if capture is not None:
+                    last = capture if last is None else max(last, capture)
+    return last
+
+
+def _unjustified(rel: str, tombstone: _Tombstone, data: bytes, key: ec.EllipticCurvePublicKey,
+                 retention_days: int, holds: list[tuple[str, int, int]],
+                 kept_days: list[tuple[str, str]], now_ms: int) -> str | None:
+    """Why retention's own rules would not have removed this file when its tombstone says they
+    did (None: they would have). A tombstone is just a row: whoever can write the index could
+    add one to hide a damaged or doctored day from this check."""
+    camera, _, name = rel.partition("/")
+    day = name.removesuffix(".fsa")
+    try:
+        day_start = day_start_ms(day)
+    except ValueError:
+        return "its file name is not an archive day"
+    if tombstone.camera != camera:
+        return f"it names camera '{tombstone.camera}'"
+    if tombstone.done:
+        return "it says the removal finished, yet the file is still there"
+    if tombstone.removed_ms > now_ms:
+        return "its removal time is in the future"
+    last = _signed_last_capture(data, key)
+    video_end = max(day_start + DAY_MS - 1, last if last is not None else 0)
+    if tombstone.reason == REASON_RETENTION:
+        cutoff = tombstone.removed_ms - retention_days * DAY_MS
+        if video_end >= cutoff:
+            return (f"its signed video was within the retention period of {retention_days} "
+                    "day(s) when it was removed (if the site's default is shorter, give it "
+                    "with --retention-days)")
+    elif tombstone.reason == REASON_DISK:
+        if day_start + DAY_MS > tombstone.removed_ms:
+            return "the disk watermark never removes the day in progress"
+        # The watermark removes the oldest unheld day first: an older one still kept belies it.
+        for other_day, other_camera in kept_days:
+            other_start = day_start_ms(other_day)
+            if other_day < day and not _held(holds, other_camera, other_start,
+                                             other_start + DAY_MS - 1):
+                return (f"the older day {other_camera}/{other_day} is kept, and the disk "
+                        "watermark removes the oldest unheld day first")
+    else:
+        return f"'{tombstone.reason}' is not a reason retention removes video for"
+    if _held(holds, camera, day_start, video_end):
+        return "an evidence hold covers it"
+    return None
+
+
+def _held(holds: list[tuple[str, int, int]], camera: str, start_ms: int, end_ms: int) -> bool:
+    return any(h_camera == camera and h_from <= end_ms and h_to >= start_ms
+               for h_camera, h_from, h_to in holds)
+
+
+def check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey, default_retention_days: int = 30,
+                  now_ms: int | None = None) -> CheckReport:
+    try:
+        return _check_archive(data_dir, key, default_retention_days,
+                              int(time.time() * 1000) if now_ms is None else now_ms)
+    except sqlite3.DatabaseError as exc:
+        raise IndexDamaged(f"The index archiver.sqlite3 is damaged ({exc}).",
+                           REBUILD_ADVICE) from None
+
+
+def _check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey, default_retention_days: int,
+                   now_ms: int) -> CheckReport:
     archive = data_dir / "archive"
     conn = _open_index(data_dir / "archiver.sqlite3")
     try:
@@ -120,8 +245,11 @@ def check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey) -> CheckReport
             "SELECT file, offset, camera, manifest_seq, length, hash FROM manifests")}
         grants = {(r[0], r[1]): r[2:] for r in conn.execute(
             "SELECT file, offset, camera, key_id, length FROM key_grants")}
-        expired = {r[0]: (r[1], bool(r[2])) for r in conn.execute(
-            "SELECT file, camera, done FROM expired_files")}
+        expired = {r[0]: _Tombstone(r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in conn.execute(
+            "SELECT file, camera, from_ms, to_ms, reason, removed_ms, done FROM expired_files")}
+        retention = {r[0]: r[1] or default_retention_days for r in conn.execute(
+            "SELECT name, retention_days FROM cameras")}
+        holds = conn.execute("SELECT camera, from_ms, to_ms FROM holds").fetchall()
         anchors = conn.execute("SELECT camera, manifest_seq, record FROM chain_anchors").fetchall()
     finally:
         conn.close()
@@ -141,15 +269,36 @@ def check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey) -> CheckReport
             continue
         links.setdefault(camera, []).append(
             (seq, anchor.prev_hash, hashlib.sha256(raw).digest(), ""))
+    # Cameras whose chain may start after 0: a removal retention finished, or one it is doing.
+    removed_start = {t.camera for rel, t in expired.items() if not (archive / rel).exists()}
+    for path in sorted(archive.glob("*/*.fs[ak]")):
+        if linked(archive, path):
+            rel = path.relative_to(archive).as_posix()
+            problem(Problem("link", rel, None, f"{rel} is a symbolic link (it may lead out of "
+                            "the data directory); not read: replace it by the file itself"))
+    kept_days = [(path.stem, path.parent.name) for path in archive.glob("*/*.fsa")
+                 if path.relative_to(archive).as_posix() not in expired
+                 and re.fullmatch(r"\d{4}-\d{2}-\d{2}", path.stem)]
     for path in sorted(archive.glob("*/*.fsa")):
         rel = path.relative_to(archive).as_posix()
-        if rel in expired:
-            report.notes.append(f"{rel}: being removed by retention (finished by the next "
-                                "pass of a running Archiver)")
+        if linked(archive, path):
             continue
-        report.files += 1
         camera = path.parent.name
         data = path.read_bytes()
+        tombstone = expired.get(rel)
+        if tombstone is not None:
+            why = _unjustified(rel, tombstone, data, key,
+                               retention.get(camera, default_retention_days), holds, kept_days,
+                               now_ms)
+            if why is None:
+                removed_start.add(camera)
+                report.notes.append(f"{rel}: being removed by retention (finished by the next "
+                                    "pass of a running Archiver)")
+                continue
+            problem(Problem("expiry_unjustified", rel, None, f"{rel} is marked as removed by "
+                            f"retention, but retention would not have removed it: {why}; "
+                            "checked as a kept file"))
+        report.files += 1
         pos = 0
         pending: list[tuple[bytes, Segment]] = []
         while pos < len(data):
@@ -236,7 +385,7 @@ def check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey) -> CheckReport
     for camera, chain in sorted(links.items()):
         chain.sort()
         report.cameras[camera] = len(chain)
-        retained_start = any(c == camera for c, _ in expired.values())
+        retained_start = camera in removed_start
         first_seq, first_prev, _, first_file = chain[0]
         if first_seq == 0 and first_prev != ZERO_HASH:
             problem(Problem("chain_broken", first_file, None, f"{camera}: manifest 0 names a "
@@ -260,6 +409,8 @@ def check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey) -> CheckReport
                                 f"between manifests {seq} and {next_seq} (video missing or "
                                 "replaced in between)"))
     for path in sorted(archive.glob("*/*.fsk")):
+        if linked(archive, path):
+            continue
         report.journals += 1
         _check_journal(path, path.relative_to(archive).as_posix(), report)
     return report

@@ -8,6 +8,9 @@ stderr and a non-zero code, never a traceback.
 from __future__ import annotations
 
 import logging
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,12 +19,14 @@ import typer
 from archiver.admin_cli import JsonOpt, TlsCaOpt, _out, archiver_info
 from archiver.admin_cli import register as register_admin_commands
 from keyservice.errors import UsageError
-from keyservice.exits import add_version_option, run
+from keyservice.exits import add_version_option, hidden_aliases, run, tidy_help
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="The Fusion Archiver: encrypts camera streams, serves fusion streams.")
 add_version_option(app, "fusion-archiver")
 register_admin_commands(app)
+# The Archiver's URL is --archiver in the three CLIs; --url, the old spelling, keeps working.
+hidden_aliases(app, {"url": "archiver"})
 
 
 @app.command()
@@ -29,8 +34,10 @@ def serve(
     data: Annotated[Path, typer.Option("--data", help="Data directory (SQLite, archive, token).")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
-    tls_cert: Annotated[Path | None, typer.Option("--tls-cert")] = None,
-    tls_key: Annotated[Path | None, typer.Option("--tls-key")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        "--tls-cert", help="TLS certificate (PEM, its chain after it) to serve HTTPS with.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        "--tls-key", help="The TLS certificate's private key (PEM).")] = None,
     key_period: Annotated[int, typer.Option("--key-period", help="Seconds per minute key "
                                             "(60 in production; shorter for tests).")] = 60,
     signer_token: Annotated[str | None, typer.Option(
@@ -38,6 +45,10 @@ def serve(
         "token created in the data directory).")] = None,
     site_ca: Annotated[list[Path] | None, typer.Option(
         "--site-ca", help="Viewer certificates must chain to this CA (repeatable).")] = None,
+    signing_cert: Annotated[Path | None, typer.Option(
+        "--signing-cert", help="A certificate (PEM) a site CA issued for the signing key, "
+        "used instead of the self-signed one (evidence verify --site-ca then establishes "
+        "this Archiver as the signer).")] = None,
     upload_timeout: Annotated[float, typer.Option(
         "--upload-timeout", help="Seconds a segment upload may take (slower ones are dropped: "
         "slow-loris).")] = 60.0,
@@ -80,6 +91,12 @@ def serve(
     disk_reserve_mib: Annotated[int, typer.Option(
         "--disk-reserve-mib", help="Space (MiB) set aside for retention to free a full disk "
         "with.")] = 16,
+    rtsp_max_segment_kib: Annotated[int, typer.Option(
+        "--rtsp-max-segment-kib", help="RTSP pull: a segment is cut at this size (KiB), and a "
+        "larger frame dropped.")] = 32 * 1024,
+    rtsp_max_segment_s: Annotated[float, typer.Option(
+        "--rtsp-max-segment-s", help="RTSP pull: a segment is cut after this many seconds "
+        "without a keyframe to cut at.")] = 20.0,
     bootstrap_token: Annotated[bool, typer.Option(
         "--bootstrap-token/--no-bootstrap-token", help="Accept the data directory's admin-token "
         "(the embedded default). Turn it off once admins are people ('admins add'): then only "
@@ -89,6 +106,8 @@ def serve(
     import os
 
     from archiver.app import create_app
+    from archiver.datadir import DIR_MODE, lock_data_dir
+    from archiver.server import bind_listeners
     from archiver.server import serve as serve_app
     from archiver.settings import Settings
 
@@ -98,6 +117,7 @@ def serve(
     settings = Settings(data_dir=data.resolve(), host=host, port=port, tls_cert=tls_cert,
                         tls_key=tls_key, key_period_s=key_period, signer_token_uri=signer_token,
                         site_ca_files=tuple(site_ca or ()), upload_timeout_s=upload_timeout,
+                        signing_cert_file=signing_cert,
                         session_ttl_s=session_ttl, stream_send_timeout_s=stream_send_timeout,
                         header_timeout_s=header_timeout, body_timeout_s=body_timeout,
                         login_rate=login_rate, viewer_concurrency=viewer_concurrency,
@@ -108,6 +128,8 @@ def serve(
                         retention_interval_s=retention_interval,
                         min_free_bytes=min_free_mib * 1024 * 1024,
                         reserve_bytes=disk_reserve_mib * 1024 * 1024,
+                        rtsp_max_segment_bytes=rtsp_max_segment_kib * 1024,
+                        rtsp_max_segment_s=rtsp_max_segment_s,
                         bootstrap_token=bootstrap_token)
     if not bootstrap_token:
         from archiver.admins import active_admins
@@ -117,8 +139,24 @@ def serve(
             raise UsageError("--no-bootstrap-token needs at least one admin: add one first with "
                              "'fusion-archiver admins add CERT.pem --name NAME' (with the "
                              "bootstrap token).")
-    application = create_app(settings)
-    serve_app(application, settings)
+    # Before anything starts (token, index, RTSP pullers): the data directory is ours alone
+    # (held until this process ends), and the port is free (bound now, served later).
+    settings.data_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    lock = lock_data_dir(settings.data_dir, "serve")
+    sockets = bind_listeners(settings)
+    signer = None
+    if settings.signing_cert_file is not None:
+        # Opened before the server starts, so a --signing-cert for another key (or one not
+        # valid now) is refused with its sentence and exit code, not a failed startup.
+        from archiver.signing import open_signer
+        signer = open_signer(settings)
+    logging.getLogger("archiver").info("listening on %s://%s:%d (data directory %s, pid %d)",
+                                       settings.scheme, host, port, settings.data_dir,
+                                       os.getpid())
+    try:
+        serve_app(create_app(settings, signer=signer), settings, sockets=sockets)
+    finally:
+        lock.release()
 
 
 @app.command()
@@ -135,7 +173,23 @@ def reindex(
     """Rebuild the segment index from the archive files (offline: stop the Archiver first).
     Every segment and manifest is verified against the Archiver's signature and chain; the
     files are not changed."""
-    _print_rebuild(data, archiver_cert, signer_token, as_json)
+    with _offline(data, "reindex"):
+        _print_rebuild(data, archiver_cert, signer_token, as_json)
+
+
+@contextmanager
+def _offline(data: Path, purpose: str) -> Iterator[None]:
+    """The data directory's lock for an offline command that writes the index: a rebuild
+    under a running Archiver would race its index writes, so it is refused, naming it."""
+    from archiver.datadir import lock_data_dir
+
+    if not data.is_dir():
+        raise UsageError(f"{data} is not an Archiver data directory (no such directory).")
+    lock = lock_data_dir(data.resolve(), purpose)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _archiver_key(data: Path, archiver_cert: Path | None, signer_token: str | None) -> Any:
@@ -171,11 +225,18 @@ def _print_rebuild(data: Path, archiver_cert: Path | None, signer_token: str | N
 
     key = _archiver_key(data, archiver_cert, signer_token)
     settings = Settings(data_dir=data.resolve(), signer_token_uri=signer_token)
-    db = Database(settings.db_path)
     try:
-        report = rebuild_index(settings.archive_dir, db, key)
-    finally:
-        db.close()
+        db = Database(settings.db_path)
+        try:
+            # A dropped table is recreated empty: the segment index is refilled from the files.
+            restored = db.restore_missing_tables()
+            report = rebuild_index(settings.archive_dir, db, key)
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        from archiver.check import IndexDamaged
+        raise IndexDamaged(f"The index {settings.db_path.name} is damaged beyond a rebuild "
+                           f"in place ({exc}).", "Restore it from a backup.") from None
     total = sum(report.cameras.values())
     lines = [f"{camera}: {count} segment(s)" for camera, count in sorted(report.cameras.items())]
     lines.append(f"indexed {total} segment(s) under {report.manifests} signed manifest(s) from "
@@ -183,13 +244,11 @@ def _print_rebuild(data: Path, archiver_cert: Path | None, signer_token: str | N
     lines.append(f"key streams: {report.epochs} epoch opener(s), {report.key_records} key "
                  "record(s) read back from the key journals")
     lines += [f"not indexed: {problem}" for problem in report.problems]
-    _out(as_json, {"cameras": report.cameras, "segments": total,
+    lines += [f"the index lacked the table {table}: recreated" for table in restored]
+    _out(as_json, {"restored_tables": restored, "cameras": report.cameras, "segments": total,
                    "manifests": report.manifests, "files": report.files,
                    "epochs": report.epochs, "key_records": report.key_records,
                    "problems": report.problems}, "\n".join(lines))
-
-
-EXIT_DAMAGED = 3
 
 
 @app.command()
@@ -204,14 +263,25 @@ def check(
     rebuild_index: Annotated[bool, typer.Option(
         "--rebuild-index", help="Then rebuild the index from the archive files, as "
         "'reindex' does (stop the Archiver first).")] = False,
+    retention_days: Annotated[int, typer.Option(
+        "--retention-days", help="The site's default retention ('serve --retention-days'): "
+        "a day marked removed must have been past it.")] = 30,
     as_json: JsonOpt = False,
 ) -> None:
     """Check the archive: files, index, signatures and manifest chains. Exit 0 if sound,
     3 if damaged (each problem is listed)."""
+    # Checking alone only reads; with --rebuild-index it writes, so it must be alone, and is
+    # refused before the check rather than after it.
+    with _offline(data, "check --rebuild-index") if rebuild_index else nullcontext():
+        _check(data, archiver_cert, signer_token, rebuild_index, retention_days, as_json)
+
+
+def _check(data: Path, archiver_cert: Path | None, signer_token: str | None,
+           rebuild_index: bool, retention_days: int, as_json: bool) -> None:
     from archiver.check import check_archive
 
     key = _archiver_key(data, archiver_cert, signer_token)
-    report = check_archive(data.resolve(), key)
+    report = check_archive(data.resolve(), key, retention_days)
     lines = [f"checked {report.files} archive file(s), {report.journals} key journal(s): "
              f"{report.segments} segment(s), {report.manifests} manifest(s) on "
              f"{len(report.cameras)} camera chain(s)"]
@@ -225,18 +295,20 @@ def check(
     if rebuild_index:
         _print_rebuild(data, archiver_cert, signer_token, as_json)
     if not report.ok:
+        from archiver.check import EXIT_DAMAGED
         raise SystemExit(EXIT_DAMAGED)
 
 
 @app.command(help="Print the Archiver's signing certificate (PEM) and its SHA-256 fingerprint: "
              "what viewers pin. Give viewers the certificate (fusion-client --archiver-cert) or "
-             "the fingerprint to compare on first use. From the running Archiver (--url) or "
+             "the fingerprint to compare on first use. From the running Archiver (--archiver) or "
              "from its data directory's signing token (--data).")
 def certificate(
     data: Annotated[Path | None, typer.Option(
         "--data", help="The Archiver's data directory (reads its signing token).")] = None,
     url: Annotated[str | None, typer.Option(
-        "--url", envvar="FUSION_ARCHIVER_URL", help="The running Archiver's base URL.")] = None,
+        "--archiver", envvar="FUSION_ARCHIVER_URL",
+        help="The running Archiver's base URL.")] = None,
     signer_token: Annotated[str | None, typer.Option(
         "--signer-token", help="PKCS#11 URI of the signing token (default: the SoftHSM token "
         "in the data directory).")] = None,
@@ -248,7 +320,7 @@ def certificate(
     from keyservice.identity import fingerprint
 
     if (data is None) == (url is None):
-        raise UsageError("Give either --data DIR (the data directory) or --url URL (the "
+        raise UsageError("Give either --data DIR (the data directory) or --archiver URL (the "
                          "running Archiver).")
     if data is not None:
         from archiver.settings import Settings
@@ -270,6 +342,9 @@ def certificate(
     _out(as_json, {"certificate": pem, "fingerprint": fp,
                    "subject": cert.subject.rfc4514_string()},
          f"{pem.rstrip()}\nsha256 fingerprint: {fp}")
+
+
+tidy_help(app)
 
 
 def main() -> None:

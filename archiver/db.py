@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from archiver.migrations import migrate
+from archiver.migrations import migrate, restore_missing_tables
 from archiver.storage import StorageFailed, StorageFull
 from keyservice.format import CHAIN_ID_LEN, Manifest, decode_record
 
@@ -118,6 +118,17 @@ class ExpiredFile:
     reason: str  # "retention" or "disk space"
     removed_ms: int
     done: bool
+
+
+@dataclass(frozen=True)
+class HealthRow:
+    """A camera's health as last saved (archiver/cameras.py HealthBoard)."""
+
+    camera: str
+    state: str
+    message: str
+    last_segment_ms: int | None
+    saved_ms: int
 
 
 @dataclass(frozen=True)
@@ -250,6 +261,11 @@ class Database:
         with self._lock:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    def restore_missing_tables(self) -> list[str]:
+        """Recreate dropped tables, empty (``reindex`` refills the segment index from the files)."""
+        with self._lock:
+            return restore_missing_tables(self._conn)
+
     def schema_version(self) -> int:
         return self._query("PRAGMA user_version")[0][0]
 
@@ -300,6 +316,18 @@ class Database:
                 (fingerprint, certificate, subject, oaep_hash, int(cameras is None), now_ms))
             conn.executemany("INSERT INTO viewer_cameras (fingerprint, camera) VALUES (?,?)",
                              [(fingerprint, c) for c in cameras or ()])
+
+    def set_viewer_cameras(self, fingerprint: str, cameras: Iterable[str] | None) -> bool:
+        """Replace an active viewer's cameras (None: all); False if there is no such viewer."""
+        with self._transaction() as conn:
+            cur = conn.execute("UPDATE viewers SET all_cameras=? WHERE fingerprint=? AND "
+                               "revoked_ms IS NULL", (int(cameras is None), fingerprint))
+            if cur.rowcount != 1:
+                return False
+            conn.execute("DELETE FROM viewer_cameras WHERE fingerprint=?", (fingerprint,))
+            conn.executemany("INSERT INTO viewer_cameras (fingerprint, camera) VALUES (?,?)",
+                             [(fingerprint, c) for c in cameras or ()])
+            return True
 
     def viewers(self) -> list[ViewerRow]:
         cameras: dict[str, list[str]] = {}
@@ -567,6 +595,16 @@ class Database:
         """The end of the latest video of ``camera`` that retention removed, if any."""
         value = self._query("SELECT MAX(to_ms) FROM expired_files WHERE camera=?", (camera,))[0][0]
         return value
+
+    def save_camera_health(self, rows: list[HealthRow]) -> None:
+        if not rows:
+            return
+        with self._transaction() as conn:
+            conn.executemany(_insert(HealthRow, "camera_health", "INSERT OR REPLACE"),
+                             [_values(row) for row in rows])
+
+    def camera_health(self) -> list[HealthRow]:
+        return [HealthRow(*row) for row in self._query(_select(HealthRow, "camera_health"))]
 
     def add_hold(self, camera: str, from_ms: int, to_ms: int, reason: str, created_by: str,
                  now_ms: int) -> HoldRow:

@@ -39,11 +39,13 @@ CameraPath = Annotated[str, Path(pattern=CAMERA_NAME_PATTERN), AfterValidator(_c
 class ApiError(Exception):
     """An error answered as JSON ``{"error": code, "message": sentence}`` with an HTTP status."""
 
-    def __init__(self, status: int, code: ErrorCode, message: str, **audit: object) -> None:
+    def __init__(self, status: int, code: ErrorCode, message: str,
+                 body: dict[str, object] | None = None, **audit: object) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.body = body or {}  # more members of the JSON answer (e.g. a signed statement)
         self.audit = audit  # details for the audit line of a refusal (never a secret)
 
 

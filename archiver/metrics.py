@@ -71,6 +71,9 @@ class ArchiverCollector(Collector):
                                     "(the jump is not signed as video)", labels=["camera"])
         restarts = CounterMetricFamily("fusion_camera_puller_restarts",
                                        "Times an RTSP pull failed and was retried", labels=["camera"])
+        faults = CounterMetricFamily("fusion_camera_stream_faults",
+                                     "RTSP segments cut or frames dropped at the segment cap",
+                                     labels=["camera"])
         for camera in archive.db.cameras():
             health = archive.health.health(camera.name, now)
             for value in CameraState:
@@ -82,8 +85,9 @@ class ArchiverCollector(Collector):
             gaps.add_metric([camera.name], health.gaps)
             refused.add_metric([camera.name], health.refused)
             restarts.add_metric([camera.name], health.puller_restarts)
+            faults.add_metric([camera.name], health.stream_faults)
             jumps.add_metric([camera.name], health.timestamp_jumps)
-        yield from (state, last, segments, size, gaps, refused, restarts, jumps)
+        yield from (state, last, segments, size, gaps, refused, restarts, faults, jumps)
 
 
     def _retention(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:

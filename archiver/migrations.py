@@ -196,10 +196,24 @@ def _migrate_5(conn: sqlite3.Connection) -> None:
     """)
 
 
+def _migrate_6(conn: sqlite3.Connection) -> None:
+    """Camera health that survives a restart: each camera's last known state, its reason and
+    its last segment's arrival (shown as "before the restart" until the camera is heard of)."""
+    _script(conn, """
+        CREATE TABLE camera_health (
+            camera TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            message TEXT NOT NULL,
+            last_segment_ms INTEGER,
+            saved_ms INTEGER NOT NULL
+        );
+    """)
+
+
 # Forward migrations: MIGRATIONS[n] brings version n to n + 1. Append only; never edit one
 # that has shipped.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_1, _migrate_2, _migrate_3,
-                                                                 _migrate_4, _migrate_5)
+                                                                 _migrate_4, _migrate_5, _migrate_6)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -254,3 +268,45 @@ def migrate(conn: sqlite3.Connection, backup_dir: Path) -> tuple[int, Path | Non
                 conn.execute("ROLLBACK")
             raise
     return version, backup
+
+
+def _expected_schema() -> dict[str, tuple[str, str | None]]:
+    """name -> (type, CREATE statement) of every table and index a new database gets."""
+    reference = sqlite3.connect(":memory:")
+    try:
+        migrate(reference, Path())  # a new database: no backup is made
+        return {name: (kind, sql) for kind, name, sql in reference.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")}
+    finally:
+        reference.close()
+
+
+def missing_tables(conn: sqlite3.Connection) -> list[str]:
+    """The tables of the current schema that a database at the current version lacks (someone
+    dropped them, or the file was damaged)."""
+    present = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    return sorted(name for name, (kind, _) in _expected_schema().items()
+                  if kind == "table" and name not in present)
+
+
+def restore_missing_tables(conn: sqlite3.Connection) -> list[str]:
+    """Create the missing tables (empty) and their indexes, for ``reindex`` to refill what the
+    archive files hold. Returns the tables created."""
+    expected = _expected_schema()
+    missing = missing_tables(conn)
+    if not missing:
+        return []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for name in missing:
+            conn.execute(str(expected[name][1]))
+        present = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        for name, (kind, sql) in expected.items():
+            if kind == "index" and sql and name not in present:
+                conn.execute(sql)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return missing

@@ -228,12 +228,28 @@ def _with_end_times(groups: list[Group]) -> list[Group]:
     return out
 
 
+def linked(archive_dir: Path, path: Path) -> bool:
+    """A symbolic link (the file, or its camera directory) or a path leading out of the archive
+    directory: never read. Whoever can plant a link would have the Archiver index, serve or
+    report on bytes from anywhere on the machine."""
+    return (path.is_symlink() or path.parent.is_symlink()
+            or not path.resolve().is_relative_to(archive_dir.resolve()))
+
+
+def linked_files(archive_dir: Path, pattern: str = "*/*.fs[ak]") -> list[str]:
+    """The archive files and key journals (relative paths) that are links, for the reports."""
+    return [path.relative_to(archive_dir).as_posix() for path in sorted(archive_dir.glob(pattern))
+            if linked(archive_dir, path)]
+
+
 def _files(archive_dir: Path, db: Database) -> list[tuple[str, str, Path]]:
     """(camera, relative path, path) of every archive file, per camera in day order; not
-    those retention is removing (tombstoned in the index: the next pass finishes them)."""
+    those retention is removing (tombstoned in the index: the next pass finishes them), nor
+    links (``linked``)."""
     removing = {expired.file for expired in db.expired_files()}
     return [(path.parent.name, rel, path) for path in sorted(archive_dir.glob("*/*.fsa"))
-            if (rel := path.relative_to(archive_dir).as_posix()) not in removing]
+            if (rel := path.relative_to(archive_dir).as_posix()) not in removing
+            and not linked(archive_dir, path)]
 
 
 def recover(archive_dir: Path, db: Database, key: ec.EllipticCurvePublicKey) -> list[str]:
@@ -241,7 +257,8 @@ def recover(archive_dir: Path, db: Database, key: ec.EllipticCurvePublicKey) -> 
     unsigned or torn bytes. Returns what was done, for the log and the audit log."""
     ends = db.file_ends()
     chains: dict[str, ChainState] = {}
-    actions = []
+    actions = [f"ARCHIVE INCONSISTENT: {rel} is a symbolic link; not read (replace it by the "
+               "file itself)" for rel in linked_files(archive_dir)]
     for camera, rel, path in _files(archive_dir, db):
         acknowledged = ends.get(rel, 0)
         size = path.stat().st_size
@@ -302,6 +319,8 @@ def restore_key_streams(archive_dir: Path, db: Database) -> tuple[int, int]:
     openers: dict[bytes, EpochOpener] = {}
     records: list[tuple[str, ChainRecord, bytes]] = []
     for path in sorted(archive_dir.glob("*/*.fsk")):
+        if linked(archive_dir, path):
+            continue
         for _, raw in _records(path, 0, _JOURNALED):
             try:
                 record = decode_record(raw)
@@ -334,7 +353,8 @@ def rebuild_index(archive_dir: Path, db: Database,
     chains: dict[str, ChainState] = {}
     counts: dict[str, int] = {}
     manifests = 0
-    problems = []
+    problems = [f"{rel}: a symbolic link; not read (replace it by the file itself)"
+                for rel in linked_files(archive_dir)]
     files = _files(archive_dir, db)
     found: list[Group] = []
     for camera, rel, path in files:

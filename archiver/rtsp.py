@@ -49,6 +49,7 @@ PULLER_STOP_S = OPEN_TIMEOUT_S + 1
 
 Ingest = Callable[[str, bytes], object]
 ReportProblem = Callable[[str, CameraState, str], None]
+ReportFault = Callable[[str, str], None]  # (camera, what its stream did)
 
 
 def redact(url: str) -> str:
@@ -56,16 +57,40 @@ def redact(url: str) -> str:
     return re.sub(r"//[^/@]*@", "//***@", url)
 
 
-class _Segmenter:
-    """Cuts a demuxed stream into MPEG-TS segments at video keyframes."""
+class StreamFault(Exception):
+    """What a camera's stream did that the segmenter would not buffer (for camera health)."""
 
-    def __init__(self, container: av.container.InputContainer) -> None:
+
+class _Segmenter:
+    """Cuts a demuxed stream into MPEG-TS segments at video keyframes.
+
+    Bounded, whatever the camera sends: a segment is cut when it would exceed ``max_bytes`` or
+    has been built for ``max_s`` seconds of arrival time (keyframes that do not come, or whose
+    timestamps do not advance); a packet larger than ``max_bytes`` on its own (a giant NAL) is
+    dropped. After a cut that was not at a keyframe, packets are dropped until the next one (a
+    segment must start with one to be decodable alone). Each such event is counted in
+    ``faults`` and described in ``fault``, for the camera's health."""
+
+    def __init__(self, container: av.container.InputContainer, max_bytes: int = 32 * 2**20,
+                 max_s: float = 20.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._input_streams = list(container.streams)
         self._video = next((s for s in self._input_streams if s.type == "video"), None)
         self._buffer: io.BytesIO | None = None
         self._output: av.container.OutputContainer | None = None
         self._streams: dict[int, av.stream.Stream] = {}
         self._first_pts: int | None = None
+        self._max_bytes = max_bytes
+        self._max_s = max_s
+        self._clock = clock
+        self._opened_at = clock()
+        self._waiting_since: float | None = clock()  # for a keyframe to start a segment
+        self.faults = 0
+        self.dropped_bytes = 0
+        self.fault: str | None = None  # the latest, taken by the puller
+
+    def _fault(self, message: str) -> None:
+        self.faults += 1
+        self.fault = message
 
     def add(self, packet: av.Packet) -> bytes | None:
         """Mux one packet; returns the segment it closed, if it started a new one."""
@@ -74,9 +99,30 @@ class _Segmenter:
         is_video = packet.stream is self._video or self._video is None
         keyframe = is_video and packet.is_keyframe
         finished = None
+        if packet.size > self._max_bytes:
+            # One packet over the cap (a giant NAL): never buffered; what came before is kept.
+            self.dropped_bytes += packet.size
+            self._fault(f"the camera sent a {packet.size}-byte frame, over the segment cap of "
+                        f"{self._max_bytes} bytes; dropped")
+            finished = self.close()
+            self._waiting_since = self._waiting_since or self._clock()
+            return finished
+        if self._output is not None:
+            reason = self._over_cap(packet)
+            if reason is not None:
+                self._fault(reason)
+                finished = self.close()
+                if not keyframe:
+                    self._waiting_since = self._clock()
         if self._output is None:
             if self._video is not None and not keyframe:
-                return None  # a segment starts with a keyframe, or it cannot be decoded alone
+                self.dropped_bytes += packet.size
+                waited = self._clock() - (self._waiting_since or self._clock())
+                if waited > self._max_s:
+                    self._fault(f"no keyframe from the camera for {waited:.0f} s; its video "
+                                "cannot be archived")
+                    self._waiting_since = self._clock()  # reported again after as long
+                return finished  # a segment starts with a keyframe, or it cannot be decoded alone
             self._open()
         elif keyframe and self._long_enough(packet):
             finished = self.close()
@@ -87,6 +133,16 @@ class _Segmenter:
         assert self._output is not None
         self._output.mux(packet)
         return finished
+
+    def _over_cap(self, packet: av.Packet) -> str | None:
+        assert self._buffer is not None
+        if self._buffer.tell() + packet.size > self._max_bytes:
+            return (f"a segment reached the cap of {self._max_bytes} bytes before a keyframe "
+                    "with advancing timestamps came to cut it at; cut there")
+        if self._clock() - self._opened_at > self._max_s:
+            return (f"no usable keyframe for {self._max_s:.0f} s (none came, or their "
+                    "timestamps did not advance); the segment was cut there")
+        return None
 
     def close(self) -> bytes | None:
         """Finish the segment being built (also on disconnect: what arrived is good video)."""
@@ -103,6 +159,8 @@ class _Segmenter:
         self._output = av.open(self._buffer, "w", format="mpegts")
         self._streams = {s.index: self._output.add_stream_from_template(s)
                          for s in self._input_streams}
+        self._opened_at = self._clock()
+        self._waiting_since = None
 
     def _long_enough(self, packet: av.Packet) -> bool:
         if self._first_pts is None or packet.pts is None or packet.time_base is None:
@@ -121,9 +179,14 @@ class RtspSupervisor:
     """One puller thread per RTSP camera: connect, remux, archive; on failure report the camera's
     state and retry with backoff."""
 
-    def __init__(self, ingest: Ingest, report_problem: ReportProblem) -> None:
+    def __init__(self, ingest: Ingest, report_problem: ReportProblem,
+                 report_fault: ReportFault | None = None, max_segment_bytes: int = 32 * 2**20,
+                 max_segment_s: float = 20.0) -> None:
         self._ingest = ingest
         self._report = report_problem
+        self._report_fault = report_fault
+        self._max_segment_bytes = max_segment_bytes
+        self._max_segment_s = max_segment_s
         self._pullers: dict[str, _Puller] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -194,7 +257,7 @@ class RtspSupervisor:
         received = False
         with av.open(puller.url, options={"rtsp_transport": "tcp"},
                      timeout=(OPEN_TIMEOUT_S, READ_TIMEOUT_S)) as container:
-            segmenter = _Segmenter(container)
+            segmenter = _Segmenter(container, self._max_segment_bytes, self._max_segment_s)
             try:
                 for packet in container.demux():
                     if puller.stop.is_set():
@@ -203,6 +266,11 @@ class RtspSupervisor:
                     if segment is not None:
                         self._ingest(puller.camera, segment)
                         received = True
+                    if segmenter.fault is not None:
+                        fault, segmenter.fault = segmenter.fault, None
+                        log.warning("camera %s: %s", puller.camera, fault)
+                        if self._report_fault is not None:
+                            self._report_fault(puller.camera, fault)
             finally:
                 # What arrived before the camera went away (or before shutdown) is archived.
                 last = segmenter.close()

@@ -16,6 +16,8 @@ Over HTTPS the same cameras must also close with a FIN, not a reset: see ``_Arch
 
 from __future__ import annotations
 
+import errno
+import socket
 from typing import Any
 
 import uvicorn
@@ -23,6 +25,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from archiver.limits import header_timeout_protocol
 from archiver.settings import Settings
+from keyservice.errors import KeyServiceError, UsageError
 
 # On SIGTERM/SIGINT requests in progress get this long to finish (uploads; fusion streams end
 # at once, see CompleteRequestH11Protocol.shutdown); then what is still open is cancelled and
@@ -107,5 +110,49 @@ def uvicorn_config(app: Any, settings: Settings, log_level: str = "info") -> uvi
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
 
 
-def serve(app: Any, settings: Settings, log_level: str = "info") -> None:
-    uvicorn.Server(uvicorn_config(app, settings, log_level)).run()
+EXIT_ADDRESS_IN_USE = 5
+
+
+class AddressInUse(KeyServiceError):
+    """The address and port to listen on are taken (another Archiver, another program)."""
+
+    exit_code = EXIT_ADDRESS_IN_USE
+
+
+def bind_listeners(settings: Settings) -> list[socket.socket]:
+    """The listening sockets, bound before anything else starts (the RTSP pullers, the
+    signing token, the index): a port in use is found at once and nothing has run. uvicorn
+    would find it only after the application's start-up, the pullers already pulling."""
+    try:
+        addresses = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UsageError(f"Cannot listen on {settings.host}: the host name does not resolve "
+                         f"({exc.strerror}).") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(
+                (a[0], a[1], a[2], "", a[4]) for a in addresses):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            # As asyncio's create_server: a restart may reuse the port at once (TIME_WAIT).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUse(f"Port {settings.port} on {settings.host} is already in use "
+                               "(another Archiver or another program listens there): stop it, "
+                               "or give another --port.") from None
+        raise UsageError(f"Cannot listen on {settings.host} port {settings.port}: "
+                         f"{exc.strerror}.") from None
+    return sockets
+
+
+def serve(app: Any, settings: Settings, log_level: str = "info",
+          sockets: list[socket.socket] | None = None) -> None:
+    """Serve ``app``; on ``sockets`` if given (bind_listeners), else uvicorn binds."""
+    uvicorn.Server(uvicorn_config(app, settings, log_level)).run(sockets=sockets)

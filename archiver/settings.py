@@ -22,6 +22,10 @@ class Settings:
     # Key period: a fresh random key per data stream every period (a UTC minute in production).
     key_period_s: int = 60
     max_segment_bytes: int = 32 * MiB
+    # RTSP pull: a segment being built is cut at this many bytes or seconds (a camera that sends
+    # no keyframe, or keyframes whose timestamps do not advance, cannot grow it without bound).
+    rtsp_max_segment_bytes: int = 32 * MiB
+    rtsp_max_segment_s: float = 20.0
     # A body that trickles in slower than this is dropped (slow-loris).
     upload_timeout_s: float = 60.0
     # Request line and headers must arrive within this; JSON bodies within body_timeout_s.
@@ -52,6 +56,9 @@ class Settings:
     # The Archiver's own signing key. None: a SoftHSM token created in data_dir on first start.
     signer_token_uri: str | None = None
     signer_label: str = "archiver"
+    # A certificate a site CA issued for the signing key (PEM), used instead of the token's
+    # self-signed one: evidence verifiers can then establish the signer with --site-ca.
+    signing_cert_file: Path | None = None
     # Viewer certificates must chain to one of these when given (a site CA).
     site_ca_files: tuple[Path, ...] = ()
     # A live viewer further behind than this many manifests is dropped, so it cannot pin resources.
@@ -92,6 +99,9 @@ class Settings:
                 or self.reserve_bytes < 0:
             raise UsageError("The retention period must be at least 1 day, its interval "
                              "positive, and the free-space threshold not negative.")
+        if self.rtsp_max_segment_bytes < 64 * 1024 or self.rtsp_max_segment_s <= 0:
+            raise UsageError("The RTSP segment cap must be at least 64 KiB and its time "
+                             "positive.")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UsageError("Give both --tls-cert and --tls-key, or neither.")
         if self.tls_cert is None and not _is_loopback(self.host):

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
+from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography import x509
+
 from archiver.settings import Settings
+from keyservice import certs
+from keyservice.errors import CertificateError, UsageError
 from keyservice.identity import Signer
 from keyservice.pkcs11uri import DEFAULT_MODULE
 from keyservice.softhsm import init_softhsm
@@ -24,7 +30,47 @@ DEFAULT_LABEL = "archiver"
 def open_signer(settings: Settings) -> Signer:
     uri = settings.signer_token_uri or _default_token_uri(settings.token_dir)
     token = Token.open(uri)
-    return token.ensure_signer(settings.signer_label, common_name="Fusion Archiver")
+    signer = token.ensure_signer(settings.signer_label, common_name=signing_common_name())
+    if settings.signing_cert_file is not None:
+        signer.certificate = site_issued_certificate(settings.signing_cert_file, signer)
+    return signer
+
+
+def site_issued_certificate(path: Path, signer: Signer) -> x509.Certificate:
+    """``--signing-cert``: a site CA's certificate for this very signing key, valid now and
+    allowed to sign. Refused at start otherwise (a certificate for another key would make
+    every stream, manifest and expiry statement fail verification)."""
+    try:
+        cert = certs.load_certificate(path.read_bytes())
+    except OSError as exc:
+        raise UsageError(f"Cannot read --signing-cert {path}: {exc.strerror or exc}.") from None
+    if not certs.same_public_key(cert.public_key(), signer.certificate.public_key()):
+        raise CertificateError(f"--signing-cert {path} is not a certificate for this Archiver's "
+                               "signing key; have the site CA certify the key in "
+                               "the current signing certificate.")
+    now = datetime.now(UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise CertificateError(f"--signing-cert {path} is not valid now (valid "
+                               f"{cert.not_valid_before_utc:%Y-%m-%d} .. "
+                               f"{cert.not_valid_after_utc:%Y-%m-%d}).")
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and not usage.digital_signature:
+        raise CertificateError(f"--signing-cert {path} does not allow digital signatures "
+                               "(key usage).")
+    return cert
+
+
+def signing_common_name(host: str | None = None) -> str:
+    """The subject CN of a new signing certificate: the host name and a random identity of
+    this data directory's key. Used only when the key is made (an existing certificate keeps
+    its name): two Archivers never read the same in a report, so one cannot pass for another
+    by name (their fingerprints differ anyway; the name is what a person reads)."""
+    host = (host if host is not None else socket.gethostname()).strip() or "localhost"
+    # A CN holds at most 64 characters: "Fusion Archiver " + host + " " + 8 hex digits.
+    return f"Fusion Archiver {host[:38]} {secrets.token_hex(4)}"
 
 
 def _default_token_uri(token_dir: Path) -> str:

@@ -52,13 +52,13 @@ from client.session import (
     live_request,
     playback_request,
 )
-from client.timespec import format_ms, parse_range
 from keyservice.errors import CertificateError, UsageError
-from keyservice.exits import add_version_option, run
+from keyservice.exits import add_version_option, run, tidy_help
 from keyservice.identity import Identity
 from keyservice.names import CAMERA_NAME_RULE, is_camera_name
 from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
 from keyservice.text import printable
+from keyservice.timespec import format_ms, parse_range
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Watch and export video from a Fusion Archiver; keys are opened on your "
@@ -287,13 +287,17 @@ def view(
         backend = ViewerBackend(session, identity, login,
                                 lambda: _login(session, identity, archiver, explicit), export_dir)
 
+        terminal = sys.stdin.isatty()
+
         def announce(url: str) -> None:
+            again = "; Enter here prints a new one" if terminal else ""
             say(f"viewer for {login.viewer_fingerprint[:16]}... on {archiver}; open this URL "
-                 "(it works once; Ctrl-C stops the viewer):")
+                f"(it works once{again}; Ctrl-C stops the viewer):")
             typer.echo(url)
             sys.stdout.flush()
 
-        serve(backend, port=port, open_browser=not no_browser, announce=announce)
+        serve(backend, port=port, open_browser=not no_browser, announce=announce,
+              new_links=terminal)
     say("viewer stopped")
 
 
@@ -351,6 +355,7 @@ register_grants(app)
 from client.evidence import evidence_app  # noqa: E402
 
 app.add_typer(evidence_app, name="evidence")
+tidy_help(app)  # help wraps to the terminal, not to the source's line breaks
 
 
 def main() -> None:

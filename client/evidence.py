@@ -12,6 +12,7 @@ import hashlib
 import os
 import stat
 import zipfile
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -39,10 +40,13 @@ from keyservice.identity import Recipient
 from keyservice.text import printable
 
 evidence_app = typer.Typer(no_args_is_help=True, add_completion=False,
-                           help="Evidence packages a third party verifies without any token.")
+                           help="Evidence packages a third party verifies without any token: "
+                                "export, verify.")
 
 EXIT_NOT_VERIFIED = 60  # a check failed: the report says which and why
 EXIT_PARTLY_VERIFIED = 61  # sealed keys and no token: all but keys and video verified
+EXIT_INCOMPLETE = 62  # verified, but the signed data names recorded video the package lacks
+EXIT_SIGNER_NOT_ESTABLISHED = 63  # consistent, but no trust anchor says whose key signed it
 # Limits on a package read from disk (untrusted): member count and total unpacked size.
 MAX_MEMBERS = 200_000
 MAX_UNPACKED = 16 * 2**30
@@ -105,10 +109,18 @@ def read_zip(path: Path) -> dict[str, bytes]:
                     or name in files):
                 raise PackageUnreadable(f"{path} holds an entry no evidence package has: "
                                         f"{name!r}.")
+            if member.flag_bits & 0x1:
+                # No exporter encrypts a member; zipfile would ask for a password.
+                raise PackageUnreadable(f"{path}: {name} is encrypted (zip password "
+                                        "protection), which no evidence package uses.")
             try:
                 files[name] = zf.read(member)
-            except (zipfile.BadZipFile, OSError, NotImplementedError) as exc:
-                raise PackageUnreadable(f"{path}: {name} cannot be read ({exc}).") from None
+            except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError,
+                    zlib.error, EOFError, ValueError) as exc:
+                # Damaged compressed data (zlib.error, EOFError), a bad CRC (BadZipFile),
+                # an unsupported method (NotImplementedError): the package is refused.
+                raise PackageUnreadable(f"{path}: {name} cannot be read, its compressed data "
+                                        f"is damaged or unsupported ({exc}).") from None
     return files
 
 
@@ -153,7 +165,7 @@ def export(
     from client.cli import _check_camera, _load_cert, _login, _now_ms, _open_identity
     from client.player import Player, archiver_pin_check
     from client.session import ArchiverSession, playback_request
-    from client.timespec import parse_range
+    from keyservice.timespec import parse_range
 
     from_ms, to_ms = parse_range(from_, to, _now_ms())
     _check_camera(camera)
@@ -239,13 +251,17 @@ def verify(
     expect_archiver: Annotated[str | None, typer.Option(
         "--expect-archiver", help="The Archiver certificate's SHA-256 (hex) you know from "
                                   "elsewhere; the package must carry that certificate.")] = None,
+    site_ca: Annotated[list[Path] | None, typer.Option(
+        "--site-ca", help="A site CA certificate (PEM; may be repeated) you trust to have "
+                          "issued the Archiver's signing certificate.")] = None,
     token: Annotated[str | None, typer.Option(
         "--token",
         help="Only for keys sealed to a recipient (--for): the recipient's PKCS#11 URI.")] = None,
 ) -> None:
     """Verify a package offline, with no token and no Archiver: signatures, manifest chain,
     digests, key commitments, decryption and the video. Prints a report; exits 0 only if
-    everything verified."""
+    everything verified, the package holds the whole range, and the signer was established
+    (--expect-archiver or --site-ca)."""
     from client.player import FileOutput
 
     expected = None
@@ -256,6 +272,7 @@ def verify(
             expected = b""
         if len(expected) != 32:
             raise UsageError("--expect-archiver takes a SHA-256 fingerprint: 64 hex digits.")
+    cas = [_load_ca(path) for path in site_ca or ()]
     out = FileOutput(output) if output is not None else None
     try:
         files = read_zip(package)
@@ -269,7 +286,8 @@ def verify(
                     from client.cli import _open_identity
                     return open_sealed_keys(sealed, _open_identity(stack, uri))
                 open_keys = with_token
-            report = verify_package(files, open_keys=open_keys, expect_archiver=expected)
+            report = verify_package(files, open_keys=open_keys, expect_archiver=expected,
+                                    site_cas=cas)
     except BaseException:
         if out is not None:
             out.abort()
@@ -287,6 +305,17 @@ def verify(
         _say("PARTLY VERIFIED: the keys are sealed to a recipient; give --token with the "
              "recipient's token to check the keys and the video.")
         raise SystemExit(EXIT_PARTLY_VERIFIED)
+    if report.missing:
+        if out is not None:
+            out.abort()
+        _say(f"INCOMPLETE: the package lacks signed parts of the range: {report.missing[0]}.")
+        raise SystemExit(EXIT_INCOMPLETE)
+    if report.signer_established is None:
+        if out is not None:
+            out.abort()
+        _say("CONSISTENT, SIGNER NOT ESTABLISHED: any Archiver key could have signed this; "
+             "give --expect-archiver with the fingerprint you know, or --site-ca.")
+        raise SystemExit(EXIT_SIGNER_NOT_ESTABLISHED)
     if out is not None:
         assert report.video is not None
         out.write(report.video)
@@ -294,9 +323,29 @@ def verify(
         typer.echo(f"verified video written to {printable(str(final))}")
 
 
+def _load_ca(path: Path) -> x509.Certificate:
+    """A --site-ca certificate: readable PEM (or DER) and a CA (basic constraints)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"No such file: {path}.") from None
+    except OSError as exc:
+        raise UsageError(f"Cannot read {path}: {exc.strerror or exc}.") from None
+    try:
+        cert = (x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data
+                else x509.load_der_x509_certificate(data))
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except (ValueError, x509.ExtensionNotFound):
+        raise CertificateError(f"{path} is not a readable CA certificate (PEM or DER with "
+                               "basic constraints).") from None
+    if not is_ca:
+        raise CertificateError(f"{path} is not a CA certificate (basic constraints: not a CA).")
+    return cert
+
+
 def describe(report: Report, package: Path) -> list[str]:
     """The human-readable report."""
-    from client.timespec import format_ms
+    from keyservice.timespec import format_ms
 
     def when(ms: int | None) -> str:
         return format_ms(ms) if ms is not None else "?"
@@ -314,6 +363,11 @@ def describe(report: Report, package: Path) -> list[str]:
     if report.archiver_sha256 is not None:
         lines.append(f"  Archiver:    {report.archiver_subject}")
         lines.append(f"               certificate sha256 {report.archiver_sha256}")
+        lines.append("               " + (
+            f"signer established: {report.signer_established}"
+            if report.signer_established is not None else
+            "signer NOT established: no --expect-archiver or --site-ca was given, so any "
+            "Archiver key could have made this package"))
     if report.segments:
         lines.append(f"  video:       {report.segments} segment(s) captured "
                      f"{when(report.first_ms)} .. {when(report.last_ms)}, "
@@ -328,15 +382,27 @@ def describe(report: Report, package: Path) -> list[str]:
     if report.notes:
         lines.append("Notes:")
         lines += [f"  {note}" for note in report.notes]
+    if report.missing:
+        lines.append("Missing (named by the Archiver's signed data, not in the package):")
+        lines += [f"  --  {item}" for item in report.missing]
     if report.failures:
         lines.append("FAILED:")
         lines += [f"  !!  {failure}" for failure in report.failures]
         lines.append(f"Result: NOT VERIFIED ({len(report.failures)} problem(s))")
     elif report.not_checked:
         lines.append("Result: PARTLY VERIFIED (see 'Not checked')")
+    elif report.missing:
+        lines.append("Result: INCOMPLETE. What the package holds verified, but it is only part "
+                     "of the range: see 'Missing'"
+                     + ("" if report.signer_established is not None else
+                        " (and the signer was not established)") + ".")
+    elif report.signer_established is None:
+        lines.append("Result: CONSISTENT, SIGNER NOT ESTABLISHED. The package is consistent "
+                     "with the certificate it carries, but nothing shows that certificate is "
+                     "your Archiver's: give --expect-archiver or --site-ca.")
     else:
         lines.append("Result: VERIFIED. The video is exactly the decryption of segments the "
-                     "Archiver named above recorded and signed for this camera (coverage of the "
-                     "range: see Gaps and Notes).")
+                     "Archiver named above recorded and signed for this camera, and it covers "
+                     "the whole range (see Gaps for stretches with no recording).")
     return lines
 

@@ -105,10 +105,10 @@ def grant(
     from client import cli
     from client.player import Player, archiver_pin_check
     from client.session import playback_request
-    from client.timespec import parse_range
     from keyservice.certs import validate_viewer_certificate
     from keyservice.grants import MAX_GRANT_KEYS, GrantKey, decode_grant, make_grant
     from keyservice.identity import OaepHash, Recipient
+    from keyservice.timespec import parse_range
 
     from_ms, to_ms = parse_range(from_, to, cli._now_ms())
     cli._check_camera(camera)
@@ -186,8 +186,8 @@ def grants_play(
     """Play a range granted to you (approved by an admin), with your own token."""
     from client import cli
     from client.session import playback_request
-    from client.timespec import parse_time
     from keyservice.grants import open_grant
+    from keyservice.timespec import parse_time
 
     grant_id = _check_grant_id(grant_id)
     now = cli._now_ms()

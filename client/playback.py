@@ -28,13 +28,13 @@ from client.player import (
     Summary,
 )
 from client.session import ArchiverSession
-from client.timespec import format_duration, format_ms
 from keyservice.errors import KeyServiceError
 from keyservice.exits import failure
 from keyservice.format import Header, Mode
 from keyservice.identity import Identity, fingerprint
 from keyservice.reader import StreamRequest
 from keyservice.text import printable
+from keyservice.timespec import format_duration, format_ms
 
 
 def say(message: str) -> None:

@@ -20,7 +20,6 @@ from typing import BinaryIO, Protocol
 
 from cryptography import x509
 
-from client.timespec import format_ms
 from keyservice.errors import ArchiverMismatch, IntegrityError, KeyServiceError
 from keyservice.format import Header
 from keyservice.identity import Identity, fingerprint
@@ -33,6 +32,7 @@ from keyservice.reader import (
     StreamRequest,
     VerifiedKey,
 )
+from keyservice.timespec import format_ms
 
 
 class StreamTruncated(IntegrityError):

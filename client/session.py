@@ -71,9 +71,12 @@ class NoRecording(RequestRefused):
 
 
 class RecordingExpired(NoRecording):
-    """The range's video was removed by the Archiver's retention (its keys destroyed)."""
+    """The range's video was removed by the Archiver's retention (its keys destroyed), as a
+    statement signed by the pinned Archiver shows (session.recording checks it; a 410 without
+    a valid one is keyservice.expiry.ExpiryUnproven, exit 59)."""
 
     exit_code = 54
+    signed: object = None  # the 410 body's "expiry" member, as received (unverified)
 
 
 class LoginRefused(RequestRefused):
@@ -219,7 +222,10 @@ class ArchiverSession:
             message = f"The Archiver answered HTTP {response.status_code} " \
                       f"{response.reason_phrase}."
         if isinstance(code, str) and code in _CODES:
-            return _CODES[ErrorCode(code)](message)
+            error = _CODES[ErrorCode(code)](message)
+            if isinstance(error, RecordingExpired):
+                error.signed = body.get("expiry")
+            return error
         if response.status_code >= 500:
             return ArchiverFailed(f"{message} (HTTP {response.status_code})")
         return RequestRefused(f"{message} (HTTP {response.status_code})")
@@ -299,11 +305,41 @@ class ArchiverSession:
         """The fusion stream of a recorded range, as an iterator of received chunks.
         ``request`` (see playback_request) carries the nonce sent; give the same one to the
         Player, which then checks that the stream answers it."""
-        nonce = (request.nonce if request is not None else secrets.token_bytes(16)).hex()
-        with self._stream(f"/v1/cameras/{camera}/recording",
-                          {"from_ms": from_ms, "to_ms": to_ms, "nonce": nonce},
-                          read_timeout=self.timeout) as it:
-            yield it
+        nonce = request.nonce if request is not None else secrets.token_bytes(16)
+        entered = False
+        try:
+            with self._stream(f"/v1/cameras/{camera}/recording",
+                              {"from_ms": from_ms, "to_ms": to_ms, "nonce": nonce.hex()},
+                              read_timeout=self.timeout) as it:
+                entered = True
+                yield it
+        except RecordingExpired as exc:
+            if entered:
+                raise
+            raise self._signed_expiry(exc, camera, from_ms, to_ms, nonce) from None
+
+    def _signed_expiry(self, exc: RecordingExpired, camera: str, from_ms: int, to_ms: int,
+                       nonce: bytes) -> KeyServiceError:
+        """A 410 is believed only with a statement the pinned Archiver signed for this very
+        request; otherwise the range is withheld (ExpiryUnproven), not expired."""
+        from client.timespec import format_ms
+        from keyservice.expiry import ExpiryUnproven, verify_statement
+        if self.login_result is None:
+            return ExpiryUnproven("The Archiver answered 'expired' before a login; the claim "
+                                  "cannot be checked.")
+        try:
+            statement = verify_statement(exc.signed, self.login_result.archiver_certificate,
+                                         camera=camera, from_ms=from_ms, to_ms=to_ms,
+                                         nonce=nonce)
+        except ExpiryUnproven as unproven:
+            return ExpiryUnproven(f"WITHHELD: the Archiver says the range expired, but "
+                                  f"{str(unproven)[0].lower()}{str(unproven)[1:]} Treat the "
+                                  "range as withheld, not as removed by retention.")
+        stretches = "; ".join(
+            f"{format_ms(e.from_ms)} .. {format_ms(e.to_ms)} by {e.reason}"
+            + (f" ({e.retention_days} days)" if e.retention_days is not None else "")
+            + f", removed {format_ms(e.removed_ms)}" for e in statement.expired[:5])
+        return RecordingExpired(f"{exc} Expired (signed by the Archiver): {stretches}.")
 
     # --- access grants of past video (client/grants.py) -----------------------------------
     def create_grant(self, blob: bytes, note: str | None) -> dict[str, Any]:

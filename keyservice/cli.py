@@ -18,7 +18,7 @@ import typer
 
 from keyservice import certs
 from keyservice.errors import UsageError
-from keyservice.exits import add_version_option, run
+from keyservice.exits import add_version_option, hidden_aliases, run, tidy_help
 from keyservice.identity import OaepHash
 from keyservice.text import printable
 
@@ -33,6 +33,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 add_version_option(app, "fusion-keys")
+# --output (-o), as fusion-client names it; --out, the old spelling, keeps working.
+hidden_aliases(app, {"out": "output"})
 
 TokenOpt = Annotated[str, typer.Option(
     "--token", envvar="FUSION_TOKEN", metavar="URI",
@@ -94,10 +96,10 @@ def _so_pin(source: Path | None) -> str:
 
 def _refuse_existing(path: Path) -> None:
     if path.exists():
-        raise UsageError(f"{path} already exists; choose another --out or remove it first.")
+        raise UsageError(f"{path} already exists; choose another --output or remove it first.")
     if not path.parent.is_dir():
         raise UsageError(f"The directory {path.parent} does not exist; create it or choose "
-                         "another --out.")
+                         "another --output.")
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -112,7 +114,7 @@ def _write(path: Path, data: bytes) -> None:
 @app.command()
 def enroll(
     token: TokenOpt,
-    out: Annotated[Path, typer.Option("--out", help="Where to write the certificate (or CSR) "
+    out: Annotated[Path, typer.Option("--output", "-o", help="Where to write the certificate (or CSR) "
                                                     "PEM.")],
     key_type: Annotated[KeyTypeChoice, typer.Option(
         "--key-type", help="ec (P-256, ECDH) or rsa; auto: ec where the token can do ECDH, as "
@@ -223,7 +225,7 @@ def list_(token: TokenOpt) -> None:
 @app.command()
 def adopt(
     token: TokenOpt,
-    out: Annotated[Path, typer.Option("--out", help="Where to write the certificate PEM for "
+    out: Annotated[Path, typer.Option("--output", "-o", help="Where to write the certificate PEM for "
                                                     "the Archiver.")],
     site_ca: Annotated[list[Path] | None, typer.Option(
         "--site-ca", help="The site CA the certificate must chain to (repeatable), as the "
@@ -263,7 +265,7 @@ def adopt(
 @app.command()
 def export(
     token: TokenOpt,
-    out: Annotated[Path, typer.Option("--out", help="Where to write the certificate PEM.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Where to write the certificate PEM.")],
 ) -> None:
     """Write the identity's certificate (public part only) as PEM."""
     _refuse_existing(out)
@@ -317,6 +319,9 @@ def softhsm_init(
     conf = init_softhsm(directory, label, pin, so_pin)
     _echo(f"Created SoftHSM token '{label}' in {conf.parent}. Use it with:", err=True)
     _echo(f"export SOFTHSM2_CONF={shlex.quote(str(conf))}")
+
+
+tidy_help(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,9 +8,10 @@ TLS verification (with the reason), refused, timed out, or a name that does not 
 
 from __future__ import annotations
 
+import inspect
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from typing import NoReturn
 
@@ -43,6 +44,38 @@ def add_version_option(app: typer.Typer, prog: str) -> None:
             False, "--version", callback=show, is_eager=True,
             help="Print the version and exit.")) -> None:
         pass
+
+
+def hidden_aliases(app: typer.Typer, aliases: Mapping[str, str]) -> None:
+    """Old option spellings that keep working (scripts use them) but are not shown in help:
+    ``aliases`` maps an old long option name to the current one, without the dashes
+    ("url": "archiver" makes ``--url X`` mean ``--archiver X`` in every command of ``app``)."""
+    settings = dict(app.info.context_settings or {})
+    # click normalizes every option name, declared or given, through this function.
+    settings["token_normalize_func"] = lambda name: aliases.get(name, name)
+    app.info.context_settings = settings
+
+
+def unwrap(text: str) -> str:
+    """Help text without the line breaks of source code: paragraphs (blank lines) are kept,
+    lines within one are joined, so that help is wrapped to the terminal, not to the source."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
+def tidy_help(app: typer.Typer) -> None:
+    """Every command of ``app`` (and its groups) gets its docstring, unwrapped, as help."""
+    for command in app.registered_commands:
+        text = command.help or (command.callback.__doc__ if command.callback else None)
+        if text:
+            command.help = unwrap(text)
+    for group in app.registered_groups:
+        if group.help:
+            group.help = unwrap(group.help)
+        if group.typer_instance is not None:
+            if group.typer_instance.info.help:
+                group.typer_instance.info.help = unwrap(group.typer_instance.info.help)
+            tidy_help(group.typer_instance)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -109,6 +142,7 @@ def say(prog: str, message: str) -> None:
 
 def run(app: typer.Typer, prog: str, argv: list[str] | None = None) -> NoReturn:
     """The console-script entry point of each CLI."""
+    tidy_help(app)
     try:
         code = app(args=argv, prog_name=prog, standalone_mode=False)
     except typer.TyperException as exc:  # click's usage errors (bad option, missing argument)

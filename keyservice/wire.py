@@ -21,6 +21,8 @@ class ErrorCode(StrEnum):
     NOT_ENROLLED = "not_enrolled"
     REVOKED = "revoked"
     UNKNOWN_VIEWER = "unknown_viewer"
+    VIEWER_EXISTS = "viewer_exists"
+    BAD_CAMERA_CHANGE = "bad_camera_change"
     BAD_PROOF = "bad_proof"
     PROOF_REFUSED = "proof_refused"
     NOT_AUTHORIZED = "not_authorized"
@@ -33,6 +35,7 @@ class ErrorCode(StrEnum):
     NO_RECORDING = "no_recording"
     EXPIRED = "expired"
     UNKNOWN_HOLD = "unknown_hold"
+    PULLED_CAMERA = "pulled_camera"
     # access grants of past video
     BAD_GRANT = "bad_grant"
     GRANT_OUTSIDE_RANGE = "grant_outside_range"
@@ -60,6 +63,7 @@ class ErrorCode(StrEnum):
     UPLOAD_TIMEOUT = "upload_timeout"
     INCOMPLETE_UPLOAD = "incomplete_upload"
     EMPTY_SEGMENT = "empty_segment"
+    UPLOAD_OVERTAKEN = "upload_overtaken"
     STORAGE_FULL = "storage_full"
     STORAGE_FAILED = "storage_failed"
     # anything else

@@ -51,7 +51,7 @@ export SOFTHSM2_CONF="$DEMO/viewer-token/softhsm2.conf"
 export FUSION_PIN=1234
 export FUSION_CLIENT_HOME="$DEMO/client-home"   # the viewer's known Archivers (pins)
 TOKEN="pkcs11:token=viewers;object=alice"
-"$BIN/fusion-keys" enroll --token "$TOKEN" --out "$DEMO/alice.pem" >&2
+"$BIN/fusion-keys" enroll --token "$TOKEN" --output "$DEMO/alice.pem" >&2
 
 # --- 2. the Archiver ----------------------------------------------------------------------
 say "2/8 starting the Archiver on $URL (data in demo-data/archiver, key period ${KEY_PERIOD} s)"
@@ -86,7 +86,7 @@ EOF
 
 # --- 3. a camera and an authorized viewer -------------------------------------------------
 say "3/8 adding camera cam1 and authorizing alice on it"
-ADMIN=(--url "$URL" --data "$ARCHIVER_DATA")
+ADMIN=(--archiver "$URL" --data "$ARCHIVER_DATA")
 CAMERA_JSON="$("$BIN/fusion-archiver" cameras add cam1 --json "${ADMIN[@]}")"
 INGEST_TOKEN="$(printf '%s' "$CAMERA_JSON" | "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["ingest_token"])')"
 INGEST_URL="$(printf '%s' "$CAMERA_JSON" | "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["ingest_url"])')"
@@ -153,8 +153,12 @@ EOF
 say "8/8 an evidence package of the same range, verified offline (no token, no Archiver)"
 "$BIN/fusion-client" evidence export --archiver "$URL" --token "$TOKEN" --camera cam1 \
   --from "$START" --to now -o "$DEMO/case.zip" --quiet
+# The signer is established against the fingerprint of archiver.pem, known out of band (without a
+# trust anchor the verdict is "consistent, signer not established", exit 63).
+ARCHIVER_SHA256="$(openssl x509 -in "$DEMO/archiver.pem" -noout -fingerprint -sha256 | cut -d= -f2)"
 env -u SOFTHSM2_CONF -u FUSION_PIN "$BIN/fusion-client" evidence verify "$DEMO/case.zip" \
-  -o "$DEMO/case.ts" | sed 's/^/  /' >&2 || die "the evidence package did not verify"
+  --expect-archiver "$ARCHIVER_SHA256" -o "$DEMO/case.ts" | sed 's/^/  /' >&2 \
+  || die "the evidence package did not verify"
 cmp -s "$DEMO/case.ts" "$DEMO/cam1.ts" || die "the evidence package's video differs from the export"
 say "evidence: the package's video is byte-identical to the export"
 
@@ -177,7 +181,7 @@ cat >&2 <<EOF
 
 demo: SUCCESS. Decrypted, verified video: $DEMO/cam1.ts
       (evidence package for a third party: $DEMO/case.zip; check it with
-       fusion-client evidence verify $DEMO/case.zip)
+       fusion-client evidence verify $DEMO/case.zip --expect-archiver $ARCHIVER_SHA256)
       (live capture: $DEMO/live.ts; the encrypted, signed fusion stream: $DEMO/cam1.fusion)
 
 Play it back:

@@ -189,3 +189,31 @@ def test_a_bad_tls_ca_is_one_sentence_and_its_own_exit_code(prog: str, tmp_path:
             [line] = done.stderr.strip().splitlines()
             assert line.startswith(f"{prog}: Cannot use {path} as the TLS CA"), line
             assert reason in line and line.endswith("."), (what, line)
+
+
+def test_the_client_exit_table_has_one_row_per_code_and_every_client_code() -> None:
+    """docs/client.md's exit table: each code once, and every code the viewer's commands
+    raise (their error classes, evidence verify's verdicts, a withheld 410) is in it."""
+    import importlib
+    import re
+
+    from tests.fixtures.server import REPO_ROOT
+    table = [int(code) for code in re.findall(r"^\| (\d+) \|",
+                                              (REPO_ROOT / "docs" / "client.md").read_text(),
+                                              re.M)]
+    assert len(table) == len(set(table)), sorted(c for c in table if table.count(c) > 1)
+    from keyservice.errors import KeyServiceError
+    for module in ("client.cli", "client.evidence", "client.grants", "client.player",
+                   "client.session", "client.web.media", "keyservice.expiry"):
+        importlib.import_module(module)
+
+    def subclasses(cls: type) -> list[type]:
+        return [c for s in cls.__subclasses__() for c in (s, *subclasses(s))]
+    raised = {c.exit_code for c in subclasses(KeyServiceError)
+              if c.__module__.startswith("client.") or c.__module__ == "keyservice.expiry"}
+    from client import evidence
+    verdicts = {evidence.EXIT_NOT_VERIFIED, evidence.EXIT_PARTLY_VERIFIED,
+                evidence.EXIT_INCOMPLETE, evidence.EXIT_SIGNER_NOT_ESTABLISHED}
+    # Each verdict has a code of its own (an unreadable package is NOT VERIFIED, 60).
+    assert len(verdicts) == 4 and not (verdicts - {evidence.EXIT_NOT_VERIFIED}) & raised
+    assert raised | verdicts <= set(table), sorted((raised | verdicts) - set(table))

@@ -32,8 +32,9 @@ class CameraCreate(BaseModel):
 
 class CameraCreated(BaseModel):
     name: str
-    ingest_url: str
-    ingest_token: str
+    ingest_url: str | None = Field(description="None for a pulled (RTSP) camera")
+    ingest_token: str | None = Field(description="Shown once; None for a pulled (RTSP) camera, "
+                                     "which accepts no pushed video")
     rtsp_url: str | None
 
 
@@ -45,7 +46,8 @@ class CameraInfo(BaseModel):
     first_ms: int | None
     last_ms: int | None
     state: CameraState
-    last_segment_ms: int | None = Field(description="Arrival of the last segment (this run)")
+    last_segment_ms: int | None = Field(description="Arrival of the last segment (saved "
+                                        "across restarts)")
     segments_last_minute: int
     bytes_last_minute: int
     gaps: int = Field(description="Gaps in the recording since the Archiver started")
@@ -54,9 +56,15 @@ class CameraInfo(BaseModel):
     last_refusal: str = Field(description="Why the last refused segment was refused")
     puller_restarts: int
     message: str = Field(description="Why an RTSP camera cannot be pulled, why a camera is "
-                         "stalled, or why its timestamps are bad")
-    timestamp_jumps: int = Field(0, description="Segments whose timestamps jumped between two "
-                                 "frames since start (the jump is not signed as video)")
+                         "stalled, or why its stream or timestamps are bad")
+    stream_faults: int = Field(default=0, description="RTSP: segments cut or frames dropped "
+                               "to keep the pull's buffer bounded, since start")
+    timestamp_jumps: int = Field(default=0, description="Segments whose timestamps jumped "
+                                 "between two frames since start (the jump is not signed as "
+                                 "video)")
+    before_restart: bool = Field(default=False, description="The state is the last one known "
+                                 "before the Archiver restarted (the camera was not heard of "
+                                 "since)")
     retention_days: int = Field(description="Days video is kept (the camera's or the site's)")
     retention_default: bool = Field(description="True if the site default applies")
     holds: int = Field(description="Evidence holds on the camera")
@@ -111,6 +119,24 @@ class ViewerInfo(BaseModel):
     revoked_ms: int | None
     key_streams_deleted: bool
     not_after: str
+    reauthorized: bool = Field(default=False, description="It was authorized already, on the "
+                               "same cameras: only its keys rotated")
+
+
+class CameraChangeRequest(BaseModel):
+    add: list[CameraName] = Field(default_factory=list, description="Cameras to add")
+    remove: list[CameraName] = Field(default_factory=list, description="Cameras to remove")
+    set: list[CameraName] | Literal["all"] | None = Field(
+        default=None, description="The cameras it has from now on (instead of add/remove)")
+
+
+class CameraChangeInfo(BaseModel):
+    fingerprint: str
+    subject: str
+    before: list[str] | Literal["all"]
+    cameras: list[str] | Literal["all"]
+    added: list[str] = Field(description="'all' when it moved to all cameras")
+    removed: list[str] = Field(description="'all' when it moved from all cameras")
 
 
 class RevokeRequest(BaseModel):
@@ -126,7 +152,8 @@ class Revoked(BaseModel):
 # The HTTP status of each refusal of archiver.admin.
 _STATUS = {ErrorCode.BAD_CAMERA_NAME: 422, ErrorCode.BAD_RTSP_URL: 422,
            ErrorCode.CAMERA_EXISTS: 409, ErrorCode.UNKNOWN_CAMERA: 404,
-           ErrorCode.BAD_CERTIFICATE: 422, ErrorCode.UNKNOWN_VIEWER: 404}
+           ErrorCode.BAD_CERTIFICATE: 422, ErrorCode.UNKNOWN_VIEWER: 404,
+           ErrorCode.VIEWER_EXISTS: 409, ErrorCode.BAD_CAMERA_CHANGE: 422}
 
 
 @contextmanager
@@ -143,7 +170,8 @@ def add_camera(body: CameraCreate, services: ServicesDep, actor: AdminDep) -> Ca
         token = services.admin.add_camera(actor, body.name, body.rtsp_url)
     return CameraCreated(name=body.name, rtsp_url=redact(body.rtsp_url) if body.rtsp_url else None,
                          ingest_token=token,
-                         ingest_url=f"{services.settings.public_url}/ingest/{body.name}/index.m3u8")
+                         ingest_url=None if token is None else
+                         f"{services.settings.public_url}/ingest/{body.name}/index.m3u8")
 
 
 @router.get("/cameras")
@@ -237,16 +265,33 @@ def remove_camera(name: CameraPath, services: ServicesDep, actor: AdminDep) -> N
 @router.post("/clients", status_code=201, deprecated=True)
 def add_viewer(body: ViewerCreate, services: ServicesDep, actor: AdminDep) -> ViewerInfo:
     cameras = None if body.cameras == "all" else list(body.cameras)
+    active = {v.fingerprint for v in services.archive.db.viewers() if v.revoked_ms is None}
     with _refusals():
         row = services.admin.authorize_viewer(actor, body.certificate.encode(), cameras,
                                               body.oaep_hash)
-    return _viewer_info(row)
+    info = _viewer_info(row)
+    info.reauthorized = row.fingerprint in active
+    return info
 
 
 @router.get("/viewers")
 @router.get("/clients", deprecated=True)
 def list_viewers(services: ServicesDep, actor: AdminDep) -> list[ViewerInfo]:
     return [_viewer_info(row) for row in services.archive.db.viewers()]
+
+
+@router.post("/viewers/{fp}/cameras")
+def change_viewer_cameras(fp: Fingerprint, body: CameraChangeRequest, services: ServicesDep,
+                          actor: AdminDep) -> CameraChangeInfo:
+    with _refusals():
+        change = services.admin.change_viewer_cameras(actor, fp, list(body.add),
+                                                      list(body.remove), body.set)
+    row = services.archive.db.viewer(fp)
+    assert row is not None
+    return CameraChangeInfo(fingerprint=fp, subject=row.subject,
+                            before="all" if change.before is None else change.before,
+                            cameras="all" if change.after is None else change.after,
+                            added=change.added, removed=change.removed)
 
 
 @router.post("/viewers/{fp}/revoke")

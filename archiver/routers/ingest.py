@@ -99,6 +99,12 @@ async def _count_refused(scope: Scope, camera: str, reason: str) -> None:
         log.warning("camera %s: could not count a refused segment (%s)", camera, reason)
 
 
+# How long a camera's upload that arrived whole waits for an earlier one still arriving. A
+# slow-loris (or a stuck connection) of the camera's own would otherwise hold back every later
+# segment until --upload-timeout, and all of them would arrive late or be lost.
+ORDER_WAIT_S = 5.0
+
+
 class UploadOrder:
     """ASGI middleware that keeps each camera's uploads in the order they arrived.
 
@@ -106,12 +112,20 @@ class UploadOrder:
     on separate connections. Route dependencies hop through worker threads, so without this the
     segments could be archived in any order. Requests are numbered here, in the order the server
     parsed their headers (before any thread hop); a segment is archived only once every earlier
-    request of its camera has finished, whether it succeeded or failed."""
+    request of its camera has finished, whether it succeeded or failed.
 
-    def __init__(self, app: ASGIApp) -> None:
+    Bounded: an upload whose body is complete waits at most ``wait_s`` for earlier ones whose
+    bodies are still arriving. Then it goes ahead, and those earlier ones are *overtaken*: when
+    their bodies complete they are refused (409), never archived after a later segment. Earlier
+    uploads already being archived are always waited for (that is bounded by the disk)."""
+
+    def __init__(self, app: ASGIApp, wait_s: float = ORDER_WAIT_S) -> None:
         self.app = app
+        self.wait_s = wait_s
         self._next: dict[str, int] = {}
         self._open: dict[str, set[int]] = {}
+        self._arriving: dict[str, set[int]] = {}  # bodies still arriving
+        self._overtaken: dict[str, set[int]] = {}
         self._changed: dict[str, asyncio.Condition] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -123,6 +137,8 @@ class UploadOrder:
         ticket = self._next.get(camera, 0)
         self._next[camera] = ticket + 1
         self._open.setdefault(camera, set()).add(ticket)
+        self._arriving.setdefault(camera, set()).add(ticket)
+        self._overtaken.setdefault(camera, set())
         changed = self._changed.setdefault(camera, asyncio.Condition())
         scope[_TURN] = (self, camera, ticket)
         try:
@@ -130,14 +146,36 @@ class UploadOrder:
         finally:
             async with changed:
                 self._open[camera].discard(ticket)
+                self._arriving[camera].discard(ticket)
+                self._overtaken[camera].discard(ticket)
                 changed.notify_all()
             if not self._open[camera]:
-                del self._open[camera], self._changed[camera]
+                del self._open[camera], self._arriving[camera], self._overtaken[camera]
+                del self._changed[camera]
 
     async def wait_for_turn(self, camera: str, ticket: int) -> None:
+        """Called once the upload's body is complete. Raises ApiError 409 if a later upload of
+        the camera was archived before this one's body arrived."""
         changed = self._changed[camera]
         async with changed:
-            await changed.wait_for(lambda: min(self._open[camera]) == ticket)
+            self._arriving[camera].discard(ticket)
+            if ticket in self._overtaken[camera]:
+                raise ApiError(409, ErrorCode.UPLOAD_OVERTAKEN,
+                               f"A later segment of camera '{camera}' was archived while this "
+                               f"upload was still arriving (over {self.wait_s:.0f} s behind it); "
+                               "this segment is not archived.")
+            changed.notify_all()  # a later upload may be waiting for this body
+            open_ = self._open[camera]
+            try:
+                async with asyncio.timeout(self.wait_s):
+                    await changed.wait_for(lambda: min(open_) == ticket)
+                return
+            except TimeoutError:
+                pass
+            # Earlier uploads still arriving are overtaken; those being archived are awaited.
+            overtaken = self._overtaken[camera]
+            overtaken.update(t for t in self._arriving[camera] if t < ticket)
+            await changed.wait_for(lambda: min(open_ - overtaken) == ticket)
 
 
 async def _wait_for_turn(request: Request) -> None:
@@ -156,6 +194,12 @@ def _check_camera(services: ServicesDep, camera: str, credentials: BearerDep) ->
     # One answer for unknown camera and wrong token: the API does not confirm camera names.
     if not valid:
         raise ApiError(403, ErrorCode.FORBIDDEN, f"This token is not valid for camera '{camera}'.")
+    if row is not None and row.rtsp_url:
+        # The Archiver pulls this camera and is its only source: a token issued before pulled
+        # cameras got none must not push outside video into its signed archive. Said only to
+        # a valid token, so that the answer does not confirm camera names.
+        raise ApiError(403, ErrorCode.PULLED_CAMERA, f"Camera '{camera}' is pulled by the "
+                       "Archiver (RTSP); it accepts no pushed video.")
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -199,7 +243,7 @@ async def put_segment(camera: CameraPath, name: NamePath, request: Request,
     data = await _read_body(request, settings.max_segment_bytes, settings.upload_timeout_s)
     if not data:
         raise ApiError(400, ErrorCode.EMPTY_SEGMENT, "The segment is empty.")
-    await _wait_for_turn(request)
+    await _wait_for_turn(request)  # an overtaken upload's 409 is counted by UploadOutcomes
     try:
         row = await run_in_threadpool(services.archive.ingest_segment, camera, data)
     except BaseException as exc:

@@ -22,6 +22,7 @@ from archiver.deps import ApiError, CameraPath, ServicesDep, ViewerDep, check_ce
 from keyservice.certs import load_certificate
 from keyservice.crypto import login_context, make_login_challenge, verify_login_proof
 from keyservice.errors import CertificateError
+from keyservice.expiry import Expired, ExpiryStatement, sign_statement
 from keyservice.format import DataStream
 from keyservice.identity import OaepHash, Recipient, fingerprint
 from keyservice.wire import ErrorCode
@@ -212,9 +213,19 @@ async def recording(camera: CameraPath, viewer: ViewerDep, services: ServicesDep
         if expired:
             until = max(e.to_ms for e in expired)
             why = " and ".join(sorted({e.reason for e in expired}))
+            # Signed with the key viewers pin: an unsigned "expired" would let a hostile
+            # Archiver (or the wire) pass off withheld video as removed by retention.
+            days = archive.retention.days_of(camera)
+            statement = ExpiryStatement(
+                camera=camera, from_ms=from_ms, to_ms=to_ms, nonce=nonce,
+                made_ms=archive.clock(),
+                expired=tuple(Expired(e.from_ms, e.to_ms, e.reason, e.removed_ms,
+                                      days if e.reason == "retention" else None)
+                              for e in expired))
+            signed = await run_in_threadpool(sign_statement, archive.signer, statement)
             raise ApiError(410, ErrorCode.EXPIRED, f"The video of camera '{camera}' in the requested "
                            f"range has expired: it was removed ({why}; its keys destroyed) up "
-                           f"to {_iso(until)}.")
+                           f"to {_iso(until)}.", body={"expiry": signed})
         raise ApiError(404, ErrorCode.NO_RECORDING,
                        f"Camera '{camera}' has no recording in the requested range.")
     services.audit.record(viewer.fingerprint, "stream.playback", archive.clock(), camera=camera,

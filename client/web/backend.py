@@ -34,12 +34,12 @@ from client.session import (
     live_request,
     playback_request,
 )
-from client.timespec import format_ms
 from client.web.media import VideoInfo, probe, to_fmp4
 from keyservice.errors import ArchiverUnreachable, KeyServiceError
 from keyservice.exits import failure
 from keyservice.identity import Identity
 from keyservice.reader import SegmentPlaintext
+from keyservice.timespec import format_ms
 
 # Live requests are re-issued by the page when they end; an hour keeps that rare.
 LIVE_REQUEST_S = 3600

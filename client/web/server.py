@@ -1,38 +1,50 @@
-"""The viewer's local web server: 127.0.0.1 only, one-time URL token, Host and Origin checks.
+"""The viewer's local web server: 127.0.0.1 only, a per-session secret held by the page,
+Host and Origin checks.
 
 Who may talk to it, and why (docs/viewer.md, "Security"):
 - it listens on 127.0.0.1 only, on a free port: nothing off this machine can connect;
-- the URL printed at start carries an unguessable token (256 bits). Its first use is exchanged
-  for an HttpOnly, SameSite=Strict cookie and the token is spent: a copy of the URL (terminal
-  scrollback, process list, browser history) opens nothing later. Every other request needs
-  the cookie, so other local users and other local programs without it get 403;
+- the browser holds no ambient credential. Browsers ignore ports for cookies and SameSite
+  treats every port of 127.0.0.1 as the same site, so a cookie would be sent to every other
+  local web server the operator's browser visits, which could replay it. Instead:
+  - the URL printed at start carries a one-time launch token (256 bits) in its fragment,
+    which the browser never sends to any server (nor in a Referer);
+  - the page spends it once (POST /api/session) for a session secret (256 bits) that it keeps
+    in its memory only (no cookie, no storage) and sends with every API request
+    (`Authorization: Bearer`) and as the first message of every WebSocket; a copy of the URL
+    (scrollback, history) opens nothing later;
+  - a finished export is downloaded with a single-use ticket, bound to that export and valid
+    for a minute, minted on request by the page: a download link cannot carry a header;
 - the Host header must name 127.0.0.1 or localhost on this port: a DNS-rebinding page
   (evil.example resolving to 127.0.0.1) sends its own host name and is refused;
 - an Origin header, when present, must be this server's own; WebSockets and POSTs must carry
-  one: another web site open in the same browser cannot drive the viewer (CSRF,
-  cross-site WebSocket hijacking), even though the browser would send the cookie.
+  one (defence in depth: without the secret they get nothing anyway).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import html
 import os
+import re
 import secrets
+import signal
 import socket
 import tempfile
 import threading
+import time
 import webbrowser
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from types import FrameType
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
 
 import uvicorn
-from fastapi import FastAPI, Query, WebSocket
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
-from pydantic import AfterValidator, BaseModel, Field
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.staticfiles import StaticFiles
@@ -55,20 +67,27 @@ from keyservice.names import CAMERA_NAME_PATTERN, CAMERA_NAME_RULE, is_camera_na
 STATIC = Path(__file__).with_name("static")
 MAX_MS = 2**63 - 1
 LOOPBACK = "127.0.0.1"
+TICKET_TTL_S = 60.0         # a download ticket: minted when the operator clicks, used at once
+STREAM_AUTH_TIMEOUT_S = 10  # a WebSocket must authenticate this soon after opening
+_EXPORT_FILE = re.compile(r"/api/exports/([0-9]{1,18})/file")
+SPENT_LINK = ("This viewer link was used already: each link printed by 'fusion-client view' "
+              "opens the viewer once, and a reloaded page forgets its session on purpose. "
+              "Press Enter in the terminal where 'fusion-client view' runs for a new link (or "
+              "restart it).")
 
 
 @dataclass
 class Access:
-    """The secrets of one viewer process: the one-time URL token and the cookie it buys."""
+    """The secrets of one viewer process: the one-time launch token, the session secrets it
+    bought, and single-use download tickets. None of them is ever a cookie."""
 
     port: int
-    url_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
-    cookie_value: str = field(default_factory=lambda: secrets.token_urlsafe(32))
-    token_spent: bool = False
-
-    @property
-    def cookie_name(self) -> str:
-        return f"fusion_viewer_{self.port}"  # cookies ignore ports: one name per viewer process
+    launch_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    launch_spent: bool = False
+    sessions: list[str] = field(default_factory=list)
+    tickets: dict[str, tuple[int, float]] = field(default_factory=dict)
+    on_spent: Callable[[], None] | None = None  # e.g. delete the launch file: it opens nothing
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def hosts(self) -> set[str]:
@@ -80,7 +99,53 @@ class Access:
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}/?token={self.url_token}"
+        # The token is in the fragment: a browser sends it to no server, not even this one.
+        return f"http://{LOOPBACK}:{self.port}/#token={self.launch_token}"
+
+    def open_session(self, launch_token: str) -> str | None:
+        """Spends the launch token (once, whoever presents it first) for the session secret."""
+        with self.lock:
+            if self.launch_spent or not hmac.compare_digest(launch_token.encode(),
+                                                            self.launch_token.encode()):
+                return None
+            self.launch_spent = True
+            secret = secrets.token_urlsafe(32)
+            self.sessions.append(secret)
+        if self.on_spent is not None:
+            self.on_spent()
+        return secret
+
+    def new_launch(self) -> str:
+        """A new one-time link (asked for on the terminal); an unspent earlier one stops
+        working. Pages already open keep their sessions."""
+        with self.lock:
+            self.launch_token = secrets.token_urlsafe(32)
+            self.launch_spent = False
+        return self.url
+
+    def session_ok(self, secret: str) -> bool:
+        with self.lock:
+            sessions = list(self.sessions)
+        # Every candidate compared, in constant time each.
+        return sum(hmac.compare_digest(secret.encode(), s.encode()) for s in sessions) > 0
+
+    def bearer_ok(self, authorization: str) -> bool:
+        scheme, _, secret = authorization.partition(" ")
+        return scheme.lower() == "bearer" and self.session_ok(secret.strip())
+
+    def new_ticket(self, export_id: int) -> str:
+        ticket = secrets.token_urlsafe(32)
+        now = time.monotonic()
+        with self.lock:
+            self.tickets = {t: v for t, v in self.tickets.items() if v[1] > now}
+            self.tickets[ticket] = (export_id, now + TICKET_TTL_S)
+        return ticket
+
+    def spend_ticket(self, ticket: str, export_id: int) -> bool:
+        """A ticket opens one download of one export, once, within TICKET_TTL_S."""
+        with self.lock:
+            found = self.tickets.pop(ticket, None)
+        return found is not None and found[0] == export_id and found[1] > time.monotonic()
 
 
 _SECURITY_HEADERS = {
@@ -90,19 +155,28 @@ _SECURITY_HEADERS = {
                                "base-uri 'none'; form-action 'none'",
     "x-frame-options": "DENY",
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",       # the URL token never leaves in a Referer
+    "referrer-policy": "no-referrer",       # no download ticket ever leaves in a Referer
     "cache-control": "no-store",            # decrypted video and lists stay out of disk caches
     "cross-origin-resource-policy": "same-origin",
 }
+NO_SESSION = ("Open the viewer with the link printed by 'fusion-client view' (this request "
+              "carries no session of it).")
+
+
+def refusal_page(reason: str) -> str:
+    """What a browser shows when it navigates to something refused: a page, not raw JSON."""
+    return ("<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>Fusion viewer"
+            "</title><body style=\"font-family:sans-serif;max-width:40em;margin:3em auto\">"
+            f"<h1>Fusion viewer</h1><p>{html.escape(reason)}</p></body></html>")
 
 
 class Guard:
-    """ASGI middleware in front of every route: Host, Origin, URL token and cookie."""
+    """ASGI middleware in front of every route: Host, Origin, and the session secret (or a
+    download ticket). The page and its static files are public: they hold no secret."""
 
     def __init__(self, app: ASGIApp, access: Access) -> None:
         self.app = app
         self.access = access
-        self._lock = threading.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -112,22 +186,22 @@ class Guard:
                    for k, v in scope.get("headers", [])}
         websocket = scope["type"] == "websocket"
         refusal = self._refusal(scope, headers, websocket)
-        if refusal is None and scope["type"] == "http" and scope["path"] == "/":
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            if "token" in query:
-                await self._exchange(query["token"][0], headers)(scope, receive,
-                                                                  self._secure(send))
-                return
-        if refusal is None and not self._has_cookie(headers):
-            refusal = ("Open the viewer with the URL printed by 'fusion-client view' (this "
-                       "browser has no session for it).")
+        # A WebSocket authenticates with its first message (the route checks it): a browser
+        # cannot set headers on one, and a URL lands in logs and history.
+        if refusal is None and not websocket and not self._authorized(scope, headers):
+            refusal = NO_SESSION
         if refusal is not None:
             if websocket:
                 # Closing before accepting makes the server answer the upgrade with HTTP 403.
                 await send({"type": "websocket.close", "code": 1008})
                 return
-            await JSONResponse({"error": "forbidden", "reason": refusal},
-                               status_code=403)(scope, receive, self._secure(send))
+            response: Response
+            if headers.get("sec-fetch-dest") == "document":
+                response = HTMLResponse(refusal_page(refusal), status_code=403)
+            else:
+                response = JSONResponse({"error": "forbidden", "reason": refusal},
+                                        status_code=403)
+            await response(scope, receive, self._secure(send))
             return
         await self.app(scope, receive, self._secure(send) if not websocket else send)
 
@@ -139,32 +213,28 @@ class Guard:
             return f"Requests from {origin} are refused: only the viewer's own page may call it."
         if origin is None and (websocket or scope.get("method") not in ("GET", "HEAD")):
             return "This request must come from the viewer's page (no Origin header)."
-        if headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+        if headers.get("sec-fetch-site") in ("cross-site", "same-site") and not (
+                scope["path"] == "/" and scope.get("method") in ("GET", "HEAD")
+                and headers.get("sec-fetch-mode") == "navigate"):
+            # The page itself may be opened from elsewhere: the launch file (file://) forwards
+            # to it as a cross-site navigation, and it holds no secret.
             return "Cross-site requests are refused."
         return None
 
-    def _has_cookie(self, headers: dict[str, str]) -> bool:
-        wanted = f"{self.access.cookie_name}={self.access.cookie_value}"
-        return any(hmac.compare_digest(part.strip(), wanted)
-                   for part in headers.get("cookie", "").split(";"))
-
-    def _exchange(self, token: str, headers: dict[str, str]) -> Response:
-        """Spend the one-time URL token for the session cookie."""
-        if self._has_cookie(headers):
-            return RedirectResponse("/", status_code=303)  # a reload of the printed URL
-        with self._lock:
-            good = (not self.access.token_spent
-                    and hmac.compare_digest(token.encode(), self.access.url_token.encode()))
-            if good:
-                self.access.token_spent = True
-        if not good:
-            return JSONResponse({"error": "forbidden", "reason": "This viewer link is wrong or "
-                                 "was used already; restart 'fusion-client view' for a new one."},
-                                status_code=403)
-        response = RedirectResponse("/", status_code=303)
-        response.set_cookie(self.access.cookie_name, self.access.cookie_value, httponly=True,
-                            samesite="strict", path="/")
-        return response
+    def _authorized(self, scope: Scope, headers: dict[str, str]) -> bool:
+        path = scope["path"]
+        method = scope.get("method")
+        if method in ("GET", "HEAD") and (path == "/" or path.startswith("/static/")):
+            return True   # the page itself: public, it holds no secret
+        if method == "POST" and path == "/api/session":
+            return True   # spends the launch token (the route checks it)
+        if self.access.bearer_ok(headers.get("authorization", "")):
+            return True
+        found = _EXPORT_FILE.fullmatch(path)
+        if found is not None and method == "GET":
+            ticket = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("ticket")
+            return bool(ticket) and self.access.spend_ticket(ticket[0], int(found.group(1)))
+        return False
 
     @staticmethod
     def _secure(send: Send) -> Send:
@@ -184,6 +254,21 @@ def _camera(name: str) -> str:
 
 
 CameraName = Annotated[str, Field(pattern=CAMERA_NAME_PATTERN), AfterValidator(_camera)]
+
+
+class SessionRequest(BaseModel):
+    launch: str = Field(max_length=100)
+
+
+class StreamOpening(BaseModel):
+    """The first message of a stream WebSocket: the session secret, then what to play."""
+
+    secret: str = Field(max_length=100)
+    camera: CameraName
+    mode: Literal["live", "range"]
+    from_ms: int = Field(default=0, ge=0, le=MAX_MS)
+    to_ms: int = Field(default=0, ge=0, le=MAX_MS)
+    start_ms: int = Field(default=0, ge=0, le=MAX_MS)
 
 
 class ExportRequest(BaseModel):
@@ -213,6 +298,13 @@ def create_app(backend: ViewerBackend, access: Access) -> ASGIApp:
     @app.get("/")
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.post("/api/session", response_model=None)
+    def open_session(body: SessionRequest) -> dict[str, str] | JSONResponse:
+        secret = access.open_session(body.launch)
+        if secret is None:
+            return JSONResponse({"error": "link_spent", "reason": SPENT_LINK}, status_code=403)
+        return {"secret": secret}
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
@@ -249,19 +341,41 @@ def create_app(backend: ViewerBackend, access: Access) -> ASGIApp:
                                  "export can be downloaded."}, status_code=404)
         return FileResponse(export.path, media_type="video/mp2t", filename=export.path.name)
 
+    @app.post("/api/exports/{export_id}/ticket", response_model=None)
+    def export_ticket(export_id: int) -> dict[str, str] | JSONResponse:
+        export = backend.export(export_id)
+        if export is None or export.state != "done":
+            return JSONResponse({"error": "not_ready", "reason": "Only a completely verified "
+                                 "export can be downloaded."}, status_code=404)
+        ticket = access.new_ticket(export_id)
+        return {"url": f"/api/exports/{export_id}/file?ticket={ticket}"}
+
     @app.websocket("/api/stream")
-    async def stream(websocket: WebSocket,
-                     camera: Annotated[str, Query(pattern=CAMERA_NAME_PATTERN), AfterValidator(_camera)],
-                     mode: Annotated[str, Query(pattern="^(live|range)$")],
-                     from_ms: Annotated[int, Query(ge=0, le=MAX_MS)] = 0,
-                     to_ms: Annotated[int, Query(ge=0, le=MAX_MS)] = 0,
-                     start_ms: Annotated[int, Query(ge=0, le=MAX_MS)] = 0) -> None:
+    async def stream(websocket: WebSocket) -> None:
         await websocket.accept()
-        request = StreamRequest(camera, mode == "live", from_ms, to_ms, start_ms)
+        try:
+            first = await asyncio.wait_for(websocket.receive_text(), STREAM_AUTH_TIMEOUT_S)
+            opening = StreamOpening.model_validate_json(first)
+        except (TimeoutError, ValidationError, WebSocketDisconnect, KeyError, RuntimeError):
+            # Nothing is said before the secret checked: not even what was wrong.
+            await _close(websocket, "This stream needs the viewer's session and a valid request.")
+            return
+        if not access.session_ok(opening.secret):
+            await _close(websocket, NO_SESSION)
+            return
+        request = StreamRequest(opening.camera, opening.mode == "live", opening.from_ms,
+                                opening.to_ms, opening.start_ms)
         await pump(websocket, backend, request)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return Guard(app, access)
+
+
+async def _close(websocket: WebSocket, reason: str) -> None:
+    try:
+        await websocket.close(code=1008, reason=reason[:120])
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass  # the other side is gone already
 
 
 async def pump(websocket: WebSocket, backend: ViewerBackend, request: StreamRequest) -> None:
@@ -332,9 +446,24 @@ def _launch_file(url: str) -> Path:
     return Path(name)
 
 
+def _new_links_on_enter(access: Access, announce: Callable[[str], None]) -> None:
+    """Each Enter on the terminal prints a new one-time link (after a reload, for a second
+    window). Raw reads of fd 0: a thread blocked in sys.stdin would hold its lock at exit."""
+    while True:
+        try:
+            data = os.read(0, 1024)
+        except OSError:
+            return
+        if not data:
+            return
+        for _ in range(data.count(b"\n")):
+            announce(access.new_launch())
+
+
 def serve(backend: ViewerBackend, *, port: int = 0, open_browser: bool = True,
-          announce: Callable[[str], None] = print) -> None:
-    """Serve until Ctrl-C (uvicorn handles SIGINT/SIGTERM and shuts down cleanly)."""
+          announce: Callable[[str], None] = print, new_links: bool = False) -> None:
+    """Serve until Ctrl-C, SIGTERM or SIGHUP; every way out removes the launch file.
+    new_links: Enter on standard input (the operator's terminal) prints a new link."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((LOOPBACK, port))
@@ -343,13 +472,31 @@ def serve(backend: ViewerBackend, *, port: int = 0, open_browser: bool = True,
     config = uvicorn.Config(create_app(backend, access), log_level="warning", lifespan="off",
                             ws="auto", timeout_graceful_shutdown=2, access_log=False)
     server = uvicorn.Server(config)
-    launch: Path | None = None
+    launch: list[Path] = []
+
+    def forget_launch() -> None:
+        # The file holds the one-time URL: gone once spent, and on every way out.
+        for path in launch:
+            path.unlink(missing_ok=True)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        # uvicorn handles SIGINT/SIGTERM while it runs and then raises the signal again: the
+        # default SIGTERM action would end the process before the cleanup below.
+        server.should_exit = True
+        if not server.started:
+            raise KeyboardInterrupt
+
+    access.on_spent = forget_launch
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         announce(access.url)
         if open_browser:
-            launch = _launch_file(access.url)
-            threading.Thread(target=webbrowser.open, args=(launch.as_uri(),),
+            launch.append(_launch_file(access.url))
+            threading.Thread(target=webbrowser.open, args=(launch[0].as_uri(),),
                              daemon=True).start()
+        if new_links:
+            threading.Thread(target=_new_links_on_enter, args=(access, announce), daemon=True,
+                             name="new-links").start()
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         # Ctrl-C is how the viewer ends (uvicorn re-raises the one it handled after a clean
@@ -357,5 +504,6 @@ def serve(backend: ViewerBackend, *, port: int = 0, open_browser: bool = True,
         pass
     finally:
         sock.close()
-        if launch is not None:
-            launch.unlink(missing_ok=True)
+        forget_launch()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

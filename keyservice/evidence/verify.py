@@ -128,10 +128,19 @@ class Report:
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     not_checked: list[str] = field(default_factory=list)
+    # Signed parts the package lacks: recorded video of the range that the signed data names
+    # (a manifest's entries, the chain before the first or after the last manifest, the END's
+    # chain head) but that is not in the package. Non-empty: the package is partial.
+    missing: list[str] = field(default_factory=list)
+    # How the signer was established: against a pinned fingerprint or a site CA given by the
+    # verifier. None: the package is consistent, but any Archiver key could have made it.
+    signer_established: str | None = None
     video: bytes | None = field(default=None, repr=False)  # the verified video
 
     @property
     def ok(self) -> bool:
+        """Every check ran and passed (the video is authentic to ``archiver.pem``); whether it
+        is complete and whose key that is are ``missing`` and ``signer_established``."""
         return not self.failures and not self.not_checked
 
 
@@ -150,14 +159,17 @@ class _Seg:
 
 def verify_package(files: Mapping[str, bytes], *,
                    open_keys: Callable[[bytes], bytes] | None = None,
-                   expect_archiver: bytes | None = None) -> Report:
+                   expect_archiver: bytes | None = None,
+                   site_cas: Sequence[x509.Certificate] = ()) -> Report:
     """Check a package from its files alone. ``open_keys``: for sealed keys, turns
     ``keys.sealed`` into keys.txt (the recipient's token); without it sealed keys are not
     checked and the report says so. ``expect_archiver``: the Archiver certificate's SHA-256
-    the verifier knows out of band."""
+    the verifier knows out of band; ``site_cas``: CA certificates the verifier trusts to
+    have issued the Archiver's signing certificate. Without either, the signer is not
+    established (``Report.signer_established`` stays None)."""
     report = Report()
     try:
-        _verify(files, report, open_keys, expect_archiver)
+        _verify(files, report, open_keys, expect_archiver, tuple(site_cas))
     except _Fatal as exc:
         report.failures.append(str(exc))
     if not report.ok:
@@ -166,7 +178,8 @@ def verify_package(files: Mapping[str, bytes], *,
 
 
 def _verify(files: Mapping[str, bytes], report: Report,
-            open_keys: Callable[[bytes], bytes] | None, expect_archiver: bytes | None) -> None:
+            open_keys: Callable[[bytes], bytes] | None, expect_archiver: bytes | None,
+            site_cas: tuple[x509.Certificate, ...]) -> None:
     _check_sums(files, report)
     index = _index(files)
     camera = index["camera"]
@@ -175,6 +188,7 @@ def _verify(files: Mapping[str, bytes], report: Report,
     report.exported_ms, report.exported_by = index["exported_ms"], index["exported_by_sha256"]
     _check_inventory(files, index, report)
     cert = _certificate(files, index, report, expect_archiver)
+    _establish_signer(cert, files, report, expect_archiver, site_cas)
     manifests = _check_manifests(files, index, cert, camera, report)
     segments = _check_segments(files, index, manifests, camera, from_ms, to_ms, report)
     heads = _check_stream(files, cert, camera, from_ms, to_ms, manifests, segments, report)
@@ -298,14 +312,61 @@ def _certificate(files: Mapping[str, bytes], index: Mapping[str, object], report
     if index.get("archiver_sha256") != fp.hex():
         report.failures.append(f"{CERT} is not the certificate the export recorded (sha256 "
                                f"{fp.hex()}, {INDEX} says {index.get('archiver_sha256')}).")
+    return cert
+
+
+def _establish_signer(cert: x509.Certificate, files: Mapping[str, bytes], report: Report,
+                      expect_archiver: bytes | None,
+                      site_cas: tuple[x509.Certificate, ...]) -> None:
+    """Whose key signed: every Archiver makes its own key, so a package that verifies against
+    its own archiver.pem only shows it is consistent. The signer is established only against
+    a trust anchor the verifier brings: a pinned fingerprint, or a site CA that issued the
+    Archiver's signing certificate (valid when the signed stream was served)."""
+    fp = fingerprint(cert)
     if expect_archiver is not None:
         if hmac.compare_digest(fp, expect_archiver):
+            report.signer_established = "its fingerprint is the pinned one (--expect-archiver)"
             report.verified.append("the Archiver certificate is the expected one (sha256 "
                                    f"{fp.hex()})")
         else:
             report.failures.append(f"{CERT} (sha256 {fp.hex()}) is not the expected Archiver "
                                    f"certificate (sha256 {expect_archiver.hex()}).")
-    return cert
+    if not site_cas:
+        return
+    served_ms = None
+    try:
+        header = decode_record(files[STREAM_HEADER])
+        if isinstance(header, Header):
+            served_ms = header.created_ms
+    except KeyServiceError:
+        pass  # reported by the stream check
+    for ca in site_cas:
+        if ca.subject != cert.issuer:
+            continue
+        try:
+            constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+            cert.verify_directly_issued_by(ca)
+        except (x509.ExtensionNotFound, InvalidSignature, ValueError, TypeError,
+                UnsupportedAlgorithm):
+            continue
+        if not constraints.ca:
+            continue
+        when = served_ms / 1000 if served_ms is not None else None
+        if when is not None and not (cert.not_valid_before_utc.timestamp() <= when
+                                     <= cert.not_valid_after_utc.timestamp()):
+            report.failures.append(
+                f"{CERT} was issued by the site CA {ca.subject.rfc4514_string()} but was not "
+                f"valid when the stream was served ({iso_time(served_ms or 0)}).")
+            return
+        if report.signer_established is None:
+            report.signer_established = (f"its certificate was issued by the site CA "
+                                         f"{ca.subject.rfc4514_string()} (--site-ca)")
+        report.verified.append(f"the Archiver certificate was issued by the site CA "
+                               f"{ca.subject.rfc4514_string()}")
+        return
+    report.failures.append(f"{CERT} ({cert.subject.rfc4514_string()}, issued by "
+                           f"{cert.issuer.rfc4514_string()}) was not issued by the given site "
+                           "CA: this package was not signed by an Archiver of that site.")
 
 
 def _check_manifests(files: Mapping[str, bytes], index: Mapping[str, object],
@@ -646,6 +707,10 @@ def _gaps(manifests: list[tuple[Manifest, bytes]], segments: Sequence[_Seg], fro
             f"{iso_time(absent[0].capture_ms)} .. {iso_time(absent[-1].capture_ms)}, are listed in the "
             "Archiver's signed manifests but not in the package (the exporting viewer held no "
             "key for them, or they were withheld)")
+        report.missing.append(
+            f"{len(absent)} segment(s) the signed manifests list in the range (stream/seq "
+            + ", ".join(f"{int(e.stream)}/{e.seq}" for e in absent[:20])
+            + (", ..." if len(absent) > 20 else "") + ")")
     ordered = sorted((s.segment for s in segments), key=lambda g: (g.stream, g.seq))
     for prev, nxt in itertools.pairwise(ordered):
         if prev.stream == nxt.stream and prev.duration_ms:
@@ -654,18 +719,52 @@ def _gaps(manifests: list[tuple[Manifest, bytes]], segments: Sequence[_Seg], fro
                     end <= e.capture_ms < nxt.capture_ms for e in absent):
                 report.gaps.append(f"no recording between {iso_time(end)} and "
                                    f"{iso_time(nxt.capture_ms)}")
+    _edges(manifests, segments, from_ms, to_ms, heads, report)
+
+
+def _edges(manifests: list[tuple[Manifest, bytes]], segments: Sequence[_Seg], from_ms: int,
+           to_ms: int, heads: Mapping[str, int] | None, report: Report) -> None:
+    """The range's coverage from signed data, judged as the viewer's reader judges a stream:
+    the first manifest starts the camera's chain or is a bare manifest whose video all ends
+    before the range; the last is the chain head the Archiver's signed END names or a bare
+    manifest whose video all starts after the range. A package cut at either end fails this
+    (its manifests are still one signed, unbroken piece) and is reported as partial."""
+    packaged = {(int(s.segment.stream), s.segment.seq) for s in segments}
+
+    def bare(manifest: Manifest) -> bool:
+        return bool(manifest.entries) and not any(
+            (int(e.stream), e.seq) in packaged for e in manifest.entries)
+
     first, last = manifests[0][0], manifests[-1][0]
-    if not (first.manifest_seq == 0 or (first.entries and all(
-            e.capture_ms + e.duration_ms < from_ms for e in first.entries))):
-        report.notes.append("the signed data does not show that nothing was recorded between "
-                            f"the start of the range ({iso_time(from_ms)}) and the first manifest")
-    at_head = heads is not None and heads.get(last.camera) == last.manifest_seq + 1
-    if at_head:
+    if first.manifest_seq == 0 or (bare(first) and all(
+            e.capture_ms + e.duration_ms < from_ms for e in first.entries)):
+        report.verified.append("the start of the range: " + (
+            "the first manifest starts the camera's chain" if first.manifest_seq == 0 else
+            f"manifest {first.manifest_seq}, linked to the rest, holds only video from before "
+            "the range"))
+    else:
+        report.missing.append(
+            f"the start of the range ({iso_time(from_ms)}): manifest {first.manifest_seq - 1} "
+            f"(which manifest {first.manifest_seq} names by its SHA-256) and any before it "
+            "are not in the package, so the signed data does not show that nothing was "
+            f"recorded between the range's start and the first packaged video"
+            + (f" ({iso_time(report.first_ms)})" if report.first_ms is not None else ""))
+    head = heads.get(last.camera) if heads is not None else None
+    if head == last.manifest_seq + 1:
         report.verified.append("the end of the range: the Archiver's signed chain head shows "
                                "that nothing was recorded after the last manifest when the "
                                "stream was served")
-    elif not (last.entries and all(e.capture_ms > to_ms for e in last.entries)):
-        report.notes.append("the signed data does not show that nothing was recorded after the "
-                            f"last manifest up to the end of the range ({iso_time(to_ms)}): the "
-                            "recording may have gone on (or the range reached the present "
-                            "when exported)")
+    elif bare(last) and all(e.capture_ms > to_ms for e in last.entries):
+        report.verified.append(f"the end of the range: manifest {last.manifest_seq}, linked to "
+                               "the rest, holds only video from after the range")
+    elif head is not None and head > last.manifest_seq + 1:
+        report.missing.append(
+            f"the end of the range ({iso_time(to_ms)}): manifests {last.manifest_seq + 1}.."
+            f"{head - 1} are not in the package, though the Archiver's signed END names chain "
+            f"head {head} (the recording went on after the last packaged manifest, "
+            f"{last.manifest_seq})")
+    else:
+        report.missing.append(
+            f"the end of the range ({iso_time(to_ms)}): the signed data does not show that "
+            f"nothing was recorded after manifest {last.manifest_seq} (no signed chain head "
+            "confirms it, and no later manifest is in the package)")

@@ -133,3 +133,85 @@ def test_not_a_data_directory_is_a_clear_error(tmp_path: Path) -> None:
     result = cli("check", "--data", str(tmp_path), check=False)
     assert result.returncode == 2 and "not an Archiver data directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- issue 19, finding 6: a forged tombstone, a symlinked file, a dropped table ----------
+def _forge_expiry(data: Path, reason: str = "retention", removed_ms: int | None = None) -> str:
+    """The attack: damage a kept day, then hide it as 'removed by retention': a tombstone row
+    and no index rows for the file (what retention's first step leaves)."""
+    _flip(data)
+    rel = f"door/{_file(data).name}"
+    for table in ("segments", "manifests", "key_grants"):
+        _index(data, f"DELETE FROM {table} WHERE file=?", (rel,))
+    day = today_ms() - 2 * DAY_MS
+    _index(data, "INSERT INTO expired_files (file, camera, from_ms, to_ms, reason, removed_ms,"
+           " done) VALUES (?, 'door', ?, ?, ?, ?, 0)",
+           (rel, day, day + DAY_MS - 1, reason, removed_ms or today_ms()))
+    return rel
+
+
+@pytest.mark.parametrize(("reason", "removed_ms", "why"), [
+    ("retention", None, "within the retention period of 30 day(s)"),
+    ("retention", 10 * DAY_MS, "in the future"),
+    ("disk space", None, "an evidence hold covers it"),
+    ("hidden", None, "not a reason retention removes video for"),
+])
+def test_a_forged_tombstone_does_not_hide_a_damaged_day(archive: Path, tmp_path: Path, reason: str,
+                                                        removed_ms: int | None, why: str) -> None:
+    data = _copy(archive, tmp_path)
+    if reason == "disk space":  # the watermark would take it, were it not for the hold
+        _index(data, "INSERT INTO holds (camera, from_ms, to_ms, reason, created_by, created_ms)"
+               " VALUES ('door', ?, ?, 'case 7', 'admin', 0)",
+               (today_ms() - 2 * DAY_MS + 3600_000, today_ms() - 2 * DAY_MS + 7200_000))
+    rel = _forge_expiry(data, reason, None if removed_ms is None else today_ms() + removed_ms)
+    code, report = _check(data)
+    assert code == EXIT_DAMAGED and not report["ok"], report
+    assert "expiry_unjustified" in _kinds(report)
+    assert any(rel in p["message"] and why in p["message"] for p in report["problems"])
+    assert "unindexed" in _kinds(report)  # checked as a kept file: its rows are missing
+
+
+def test_a_removal_retention_would_make_is_still_accepted(archive: Path, tmp_path: Path) -> None:
+    """The same rows, where retention's rules agree (a site with a 1-day retention, its pass
+    interrupted after step 1), are a removal in progress: a note, not a problem."""
+    data = _copy(archive, tmp_path)
+    _index(data, "UPDATE cameras SET retention_days=1 WHERE name='door'")
+    rel = _forge_expiry(data)
+    code, report = _check(data)
+    assert code == 0 and report["ok"], report["problems"]
+    assert any(rel in note and "being removed" in note for note in report["notes"])
+
+
+def test_a_symlinked_archive_file_is_refused_by_check_and_reindex(archive: Path,
+                                                                 tmp_path: Path) -> None:
+    """An archive day replaced by a link to a file outside the data directory (here a
+    genuine archive file kept elsewhere) is neither read nor indexed; both commands say so."""
+    data = _copy(archive, tmp_path)
+    path = _file(data)
+    outside = tmp_path / "elsewhere.fsa"
+    path.rename(outside)
+    path.symlink_to(outside)
+    code, report = _check(data)
+    assert code == EXIT_DAMAGED and "link" in _kinds(report)
+    assert any("symbolic link" in p["message"] for p in report["problems"])
+    assert report["segments"] == 0  # nothing was read through the link
+    result = cli("reindex", "--data", str(data), "--json", check=False)
+    rebuilt = json.loads(result.stdout.splitlines()[0])
+    assert rebuilt["segments"] == 0 and rebuilt["files"] == 0
+    assert any("symbolic link" in problem for problem in rebuilt["problems"])
+
+
+def test_a_dropped_table_says_the_index_is_damaged_and_reindex_rebuilds_it(
+        archive: Path, tmp_path: Path) -> None:
+    data = _copy(archive, tmp_path)
+    _index(data, "DROP TABLE segments")
+    result = cli("check", "--data", str(data), check=False)
+    assert result.returncode == EXIT_DAMAGED
+    assert "index archiver.sqlite3 is damaged" in result.stderr
+    assert "segments" in result.stderr and "fusion-archiver reindex" in result.stderr
+    assert "Unexpected error" not in result.stderr and "Traceback" not in result.stderr
+    rebuilt = cli("reindex", "--data", str(data))
+    assert "indexed 72 segment(s)" in rebuilt.stdout
+    assert "the index lacked the table segments: recreated" in rebuilt.stdout
+    code, report = _check(data)
+    assert code == 0 and report["ok"], report["problems"]

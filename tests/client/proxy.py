@@ -7,6 +7,7 @@ real; only the wire between them is hostile."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import ssl
 import threading
 import time
@@ -89,6 +90,9 @@ class TamperingProxy:
 
     def __init__(self, upstream: str, verify: ssl.SSLContext | bool = True) -> None:
         self.upstream = upstream  # an HTTPS Archiver is verified with ``verify``
+        # Answer recording requests with this (status, JSON body) instead of asking the
+        # Archiver: a forged refusal, e.g. an unsigned "410 expired" for withheld video.
+        self.refusal: tuple[int, dict[str, object]] | None = None
         self.mode: str | None = None
         self.segment_index = 2
         self.saved: bytes | None = None
@@ -120,6 +124,15 @@ class TamperingProxy:
                 path = urlsplit(self.path).path
                 if proxy.mode == "replay" and path.endswith(("/recording", "/live")):
                     self._replay()
+                    return
+                if proxy.refusal is not None and path.endswith("/recording"):
+                    status, answer = proxy.refusal
+                    payload = json.dumps(answer).encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
                     return
                 target = self.path
                 if path.endswith("/live"):

@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.timespec import format_ms, parse_time
 from keyservice.pkcs11uri import Pkcs11Uri
+from keyservice.timespec import format_ms, parse_time
 from tests.fixtures.camera import (
     frame_hashes,
     is_contiguous_run,

@@ -6,6 +6,7 @@ following docs/evidence.md to the letter."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from tests.fixtures.server import REPO_ROOT, ArchiverServer
 
 from .test_e2e import Client, Result, Viewer, chunk, iso, now_ms, play, put, wait_for_segments
 
-EXIT_NOT_VERIFIED, EXIT_PARTLY_VERIFIED = 60, 61
+EXIT_NOT_VERIFIED, EXIT_PARTLY_VERIFIED, EXIT_INCOMPLETE = 60, 61, 62
 requires_tools = pytest.mark.skipif(
     any(shutil.which(tool) is None for tool in ("openssl", "sha256sum", "unzip", "od", "cmp")),
     reason="the manual procedure needs openssl, sha256sum, unzip, od and cmp")
@@ -47,6 +48,11 @@ def export(client: Client, server: ArchiverServer, viewer: Viewer, out: Path, st
     return client("evidence", "export", "--archiver", server.url, "--token", viewer.uri,
                   "--camera", "cam1", "--from", iso(start), "--to", iso(end), "-o", str(out),
                   *extra)
+
+
+def _pin(package: Path) -> str:
+    """The package's Archiver fingerprint, as the test knows it (it ran the Archiver)."""
+    return str(json.loads(read_zip(package)["EVIDENCE.json"])["archiver_sha256"])
 
 
 def segments_of(files: dict[str, bytes]) -> list[Segment]:
@@ -163,8 +169,11 @@ def test_package_verifies_offline_by_command_and_by_hand_and_holds_only_its_keys
     outside = {s.key_id for s in segments_of(files)
                if s.capture_ms + s.duration_ms < middle[0] or s.capture_ms > middle[1]}
     assert outside - part_keys and not (outside - {s.key_id for s in part_segments}) & part_keys
-    sub = offline("evidence", "verify", str(part))
+    # The sub-range's edges are proven by the bare manifests just outside it.
+    sub = offline("evidence", "verify", str(part), "--expect-archiver", pinned[1])
     assert sub.code == 0, sub.stdout.decode() + sub.stderr
+    assert "the start of the range: manifest" in sub.stdout.decode()
+    assert "the end of the range: manifest" in sub.stdout.decode()
 
     # By hand, exactly as documented: passes; a segment or a key changed (SHA256SUMS fixed
     # to match) fails at the signed digest or commitment.
@@ -254,7 +263,8 @@ def test_keys_sealed_to_a_recipient_need_its_token(
     assert "signature" in text  # everything else was verified
 
     out = tmp_path / "court.ts"
-    opened = client("evidence", "verify", str(case), "--token", court.uri, "-o", str(out))
+    opened = client("evidence", "verify", str(case), "--token", court.uri, "-o", str(out),
+                    "--expect-archiver", _pin(case))
     assert opened.code == 0, opened.stdout.decode() + opened.stderr
     assert out.read_bytes() == b"".join(chunks)
     wrong = client("evidence", "verify", str(case), "--token", alice.uri)
@@ -315,11 +325,14 @@ def test_minutes_the_viewer_was_not_authorized_for_are_reported_gaps(
     files = read_zip(case)
     assert files[VIDEO] == b"".join(before + after)
     assert len(segments_of(files)) == 4
-    result = OfflineClient(client.home)("evidence", "verify", str(case))
+    result = OfflineClient(client.home)("evidence", "verify", str(case), "--expect-archiver",
+                                        _pin(case))
     report = result.stdout.decode()
-    assert result.code == 0, report + result.stderr
+    # The signed manifests name the 2 segments: the package is partial, and says which.
+    assert result.code == EXIT_INCOMPLETE, report + result.stderr
     assert "2 recorded segment(s) in the range" in report
     assert "not in the package" in report
+    assert "Result: INCOMPLETE" in report and "2 segment(s) the signed manifests list" in report
 
 
 def test_a_bad_recipient_certificate_is_refused_before_the_archiver_is_asked(

@@ -9,6 +9,8 @@ floor(seconds) is the block at x = 40*i .. 40*i+39), which the tests read from t
 from __future__ import annotations
 
 import fcntl
+import http.server
+import json
 import os
 import pty
 import re
@@ -30,7 +32,7 @@ import httpx
 import pytest
 import websockets.sync.client as ws_client
 from playwright.sync_api import Browser, Page, sync_playwright
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from archiver.cameras import DRIFT_TOLERANCE_MS
 from tests.fixtures.server import ArchiverServer, free_port
@@ -129,14 +131,16 @@ class ViewerProcess:
     ``tls_ca``: the site CA, given with --tls-ca (production mode)."""
 
     def __init__(self, archiver_url: str, token_uri: str, home: Path,
-                 tls_ca: Path | None = None) -> None:
+                 tls_ca: Path | None = None, browser_env: dict[str, str] | None = None) -> None:
+        """browser_env: open a browser (BROWSER and TMPDIR for it) instead of --no-browser."""
         env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
         env["FUSION_CLIENT_HOME"] = str(home)
+        env.update(browser_env or {})
         self.export_dir = home / "exports"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "client", "view", "--archiver", archiver_url, "--token",
-             token_uri, "--no-browser", "--export-dir", str(self.export_dir),
-             *(["--tls-ca", str(tls_ca)] if tls_ca is not None else [])],
+             token_uri, *([] if browser_env else ["--no-browser"]), "--export-dir",
+             str(self.export_dir), *(["--tls-ca", str(tls_ca)] if tls_ca is not None else [])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
             cwd=REPO_ROOT)
         assert self.process.stdout is not None
@@ -147,19 +151,20 @@ class ViewerProcess:
             _, err = self.process.communicate()
             raise AssertionError(f"no viewer URL (got {line!r}): {err.decode()}")
         self.url = line
-        self.base = line.split("/?", 1)[0]
+        self.base = line[:line.index("/", len("http://"))]
         self.port = int(self.base.rsplit(":", 1)[1])
 
-    def stop(self) -> str:
-        """Ctrl-C; returns stderr. The viewer must end cleanly, without a traceback."""
+    def stop(self, how: signal.Signals = signal.SIGINT) -> str:
+        """Ctrl-C (or another signal); returns stderr. The viewer must end cleanly, without a
+        traceback."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(how)
         try:
             _, err = self.process.communicate(timeout=20)
         except subprocess.TimeoutExpired:
             self.process.kill()
             _, err = self.process.communicate()
-            raise AssertionError("the viewer did not stop on Ctrl-C") from None
+            raise AssertionError(f"the viewer did not stop on {how.name}") from None
         text = err.decode(errors="replace")
         assert "Traceback" not in text, text
         assert self.process.returncode == 0, text
@@ -396,9 +401,13 @@ def test_timeline_seek_gap_and_export(setup: Setup, open_viewer: Callable[..., V
     [exported] = viewer.export_dir.glob("lobby-*.ts")
     assert exported.read_bytes() == b"".join(chunks[4:])
     assert exported.with_suffix(".fusion").stat().st_size > exported.stat().st_size
-    download = httpx.get(viewer.base + tile_el.locator(".ex-msg a").get_attribute("href"),
-                         headers={"Cookie": _cookie(page, viewer)}, timeout=10)
-    assert download.status_code == 200 and download.content == exported.read_bytes()
+    # The download link asks for a single-use ticket: the browser gets the file once with it.
+    with page.expect_download() as info:
+        tile_el.locator(".ex-msg a.download").click()
+    download = info.value
+    assert Path(download.path()).read_bytes() == exported.read_bytes()
+    assert "ticket=" in download.url
+    assert httpx.get(download.url, timeout=10).status_code == 403, "a spent ticket"
     shot(page, shots, "timeline-export.png")
     page.close()
 
@@ -438,10 +447,16 @@ def test_unauthorized_range_is_drawn_and_skipped(setup: Setup, softhsm_token: To
     page.close()
 
 
-def _cookie(page: Page, viewer: ViewerProcess) -> str:
-    [cookie] = [c for c in page.context.cookies() if c["name"] == f"fusion_viewer_{viewer.port}"]
-    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
-    return f"{cookie['name']}={cookie['value']}"
+def launch_token(viewer: ViewerProcess) -> str:
+    return re.split(r"[=#]", viewer.url)[-1]
+
+
+def raw_session(viewer: ViewerProcess) -> dict[str, str]:
+    """What the page does, by a raw client: spend the launch token for the session secret."""
+    answer = httpx.post(f"{viewer.base}/api/session", json={"launch": launch_token(viewer)},
+                        headers={"Origin": viewer.base}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return {"Authorization": f"Bearer {answer.json()['secret']}"}
 
 
 # --- verification: a tampered stream stops playback ---------------------------------------------
@@ -482,20 +497,25 @@ def test_url_token_host_and_origin(setup: Setup, open_viewer: Callable[..., View
                  + Path("/proc/net/tcp6").read_text().splitlines()[1:]
                  if line.split()[3] == "0A" and line.split()[1].endswith(f":{viewer.port:04X}")]
     assert listening == [f"0100007F:{viewer.port:04X}"], listening
-    # Wrong URL token, no cookie: 403 for the page, the API and the stream.
-    assert httpx.get(f"{base}/?token=wrong").status_code == 403
+    # The page is public (it holds no secret); the API needs the session secret.
+    assert httpx.get(f"{base}/").status_code == 200
     assert httpx.get(f"{base}/api/cameras").status_code == 403
-    assert httpx.get(f"{base}/").status_code == 403
-    # The real token works once: it becomes an HttpOnly SameSite=Strict cookie.
-    first = httpx.get(viewer.url)
-    assert first.status_code == 303
-    assert "httponly" in first.headers["set-cookie"].lower()
-    assert "samesite=strict" in first.headers["set-cookie"].lower()
-    cookie = first.headers["set-cookie"].split(";")[0]
-    assert httpx.get(viewer.url).status_code == 403, "the URL token must be single-use"
-    good = {"Cookie": cookie}
+    assert httpx.get(f"{base}/api/cameras",
+                     headers={"Authorization": f"Bearer {launch_token(viewer)}"}).status_code == 403
+    # A wrong launch token buys nothing; the right one buys the session secret once, and no
+    # cookie with it.
+    wrong = httpx.post(f"{base}/api/session", json={"launch": "wrong"}, headers={"Origin": base})
+    assert wrong.status_code == 403
+    first = httpx.post(f"{base}/api/session", json={"launch": launch_token(viewer)},
+                       headers={"Origin": base})
+    assert first.status_code == 200 and "set-cookie" not in first.headers
+    again = httpx.post(f"{base}/api/session", json={"launch": launch_token(viewer)},
+                       headers={"Origin": base})
+    assert again.status_code == 403, "the launch token must be single-use"
+    assert "used already" in again.json()["reason"]
+    good = {"Authorization": f"Bearer {first.json()['secret']}"}
     assert httpx.get(f"{base}/api/cameras", headers=good).status_code == 200
-    # DNS rebinding: another host name that resolves here is refused even with the cookie.
+    # DNS rebinding: another host name that resolves here is refused even with the secret.
     assert httpx.get(f"{base}/api/cameras",
                      headers={**good, "Host": f"evil.example:{viewer.port}"}).status_code == 403
     # CSRF: a foreign Origin (or none) on a state-changing request is refused.
@@ -505,22 +525,31 @@ def test_url_token_host_and_origin(setup: Setup, open_viewer: Callable[..., View
                              headers={**good, "Origin": origin})
         assert refused.status_code == 403, refused.text
     assert httpx.post(f"{base}/api/exports", json=body, headers=good).status_code == 403
-    # Cross-site WebSocket hijacking: the stream refuses a foreign Origin.
-    stream_url = f"ws://{host}/api/stream?camera=lobby&mode=live"
+    # Cross-site WebSocket hijacking: the stream refuses a foreign Origin at the upgrade.
+    stream_url = f"ws://{host}/api/stream"
+    opening = json.dumps({"secret": good["Authorization"].split()[1], "camera": "lobby",
+                          "mode": "live"})
     with pytest.raises(InvalidStatus) as refused_ws:
-        ws_client.connect(stream_url, origin="http://evil.example",
-                          additional_headers={"Cookie": cookie}, open_timeout=10)
+        ws_client.connect(stream_url, origin="http://evil.example", open_timeout=10)
     assert refused_ws.value.response.status_code == 403
-    with ws_client.connect(stream_url, origin=f"http://{host}",
-                           additional_headers={"Cookie": cookie}, open_timeout=10) as sock:
+    # The stream's first message must carry the secret; a wrong one, or none, closes it.
+    for first_message in (json.dumps({"secret": "x" * 43, "camera": "lobby", "mode": "live"}),
+                          '{"camera": "lobby", "mode": "live"}', "not json"):
+        with ws_client.connect(stream_url, origin=f"http://{host}", open_timeout=10) as sock:
+            sock.send(first_message)
+            with pytest.raises(ConnectionClosed) as closed:
+                sock.recv(timeout=10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    with ws_client.connect(stream_url, origin=f"http://{host}", open_timeout=10) as sock:
+        sock.send(opening)
         assert '"start"' in sock.recv(timeout=10)
 
 
 def test_foreign_page_in_the_browser_is_refused(setup: Setup,
                                                 open_viewer: Callable[..., ViewerProcess],
                                                 browser: Browser, tmp_path: Path) -> None:
-    """A page of another local web server, open in the operator's browser (which holds the
-    viewer's cookie: same site, other port), cannot start an export or open a stream."""
+    """A page of another local web server, open in the operator's browser (same site, other
+    port), cannot start an export or open a stream."""
     viewer = open_viewer()
     context = browser.new_context()
     page = context.new_page()
@@ -555,8 +584,9 @@ def test_foreign_page_in_the_browser_is_refused(setup: Setup,
           }""", viewer.base)
         assert outcome["ws"] == "refused"
         # No export was started by the foreign page.
-        status = page.evaluate("() => fetch('/api/exports/1').then((r) => r.status)")
-        assert status == 404
+        status = page.evaluate("() => window.fusionViewer.api('/api/exports/1')"
+                               ".then(() => 200, (err) => err.message)")
+        assert status == "HTTP 404", status
     finally:
         evil.terminate()
         evil.wait(10)
@@ -576,9 +606,9 @@ def test_session_renewed_without_pin(archiver_server: ArchiverServer,
         viewer = ViewerProcess(server.url, softhsm_token.object_uri("operator"),
                                tmp_path / "home")
         try:
-            cookie = httpx.get(viewer.url).headers["set-cookie"].split(";")[0]
+            good = raw_session(viewer)
             for _ in range(3):
-                answer = httpx.get(f"{viewer.base}/api/cameras", headers={"Cookie": cookie})
+                answer = httpx.get(f"{viewer.base}/api/cameras", headers=good)
                 assert answer.status_code == 200, answer.text
                 assert [c["name"] for c in answer.json()] == ["lobby"]
                 time.sleep(2)
@@ -609,7 +639,7 @@ def test_view_without_pin_fails_cleanly(setup: Setup, softhsm_token: TokenHandle
 def test_pin_from_the_terminal_or_pin_source(setup: Setup, softhsm_token: TokenHandle,
                                              tmp_path: Path) -> None:
     """The PIN is asked on the terminal (a real pseudo-terminal here), or read from the file
-    pin-source names; the page never asks for it."""
+    pin-source names; the page never asks for it. Enter there prints a new one-time link."""
     env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
     env["FUSION_CLIENT_HOME"] = str(setup.home)
     env["FUSION_TLS_CA"] = str(setup.server.tls_ca)  # the site CA, from the environment
@@ -636,7 +666,19 @@ def test_pin_from_the_terminal_or_pin_source(setup: Setup, softhsm_token: TokenH
         os.write(master, softhsm_token.pin.encode() + b"\n")
         assert process.stdout is not None
         ready, _, _ = select.select([process.stdout], [], [], 60)
-        assert ready and process.stdout.readline().startswith(b"http://127.0.0.1:")
+        first = process.stdout.readline().decode().strip() if ready else ""
+        assert first.startswith("http://127.0.0.1:"), first
+        base = first[:first.index("/", len("http://"))]
+        # Enter on the terminal prints a new one-time link (after a reload): the old one,
+        # spent or not, opens nothing; the new one opens the viewer once.
+        os.write(master, b"\n")
+        ready, _, _ = select.select([process.stdout], [], [], 30)
+        second = process.stdout.readline().decode().strip() if ready else ""
+        assert second.startswith(base + "/#token=") and second != first, second
+        for url, status in ((first, 403), (second, 200), (second, 403)):
+            answer = httpx.post(f"{base}/api/session", headers={"Origin": base},
+                                json={"launch": url.rsplit("=", 1)[1]}, timeout=10)
+            assert answer.status_code == status, (url, answer.text)
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(20)
@@ -649,5 +691,218 @@ def test_pin_from_the_terminal_or_pin_source(setup: Setup, softhsm_token: TokenH
     viewer = ViewerProcess(setup.server.url, f"{uri}?pin-source=file:{pin_file}"
                            if "?" not in uri else f"{uri}&pin-source=file:{pin_file}",
                            setup.home, setup.server.tls_ca)
-    assert httpx.get(viewer.url).status_code == 303
+    raw_session(viewer)
     viewer.stop()
+
+
+# --- another local web server in the operator's browser (issue 19, finding 1) -------------------
+class RecordingServer:
+    """A real HTTP server on another port of 127.0.0.1 (another user's dev server, any local
+    tool) that records every request's headers, as a hostile one would."""
+
+    def __init__(self) -> None:
+        seen: list[dict[str, str]] = []
+        self.seen = seen
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                seen.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+                if self.path.startswith("/pixel"):
+                    body, kind = PIXEL, "image/gif"
+                elif self.path.startswith("/page"):
+                    # The page the operator lands on loads an image from its own server.
+                    body, kind = b'<!doctype html><title>dev</title><img id="px" src="/pixel.gif">', \
+                        "text/html"
+                else:
+                    body, kind = (f'<!doctype html><a id="go" href="http://127.0.0.1:'
+                                  f'{self.server.server_address[1]}/page">docs</a>').encode(), \
+                        "text/html"
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> RecordingServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+# The smallest GIF (1x1, transparent).
+PIXEL = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000"
+                      "010001000002024401003b")
+
+
+def test_another_local_server_gets_nothing_that_opens_the_viewer(
+        setup: Setup, open_viewer: Callable[..., ViewerProcess], browser: Browser,
+        tmp_path: Path) -> None:
+    """The operator watches; in the same browser they follow a link on a localhost page to
+    another local web server, whose page loads an image from that server. Whatever the browser
+    sent it, replayed by a raw client that writes its own Host and Origin, opens nothing."""
+    chunks = make_chunks(tmp_path / "lobby", 3)
+    push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks, 0.1)
+    viewer = open_viewer()
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(viewer.url)
+    page.wait_for_function("() => window.fusionViewer && window.fusionViewer.camerasLoaded")
+    first = page.evaluate("() => window.fusionViewer.cameras.get('lobby').first_ms")
+    page.evaluate("(ms) => window.fusionViewer.watch('lobby', false).playFrom(ms)", first - 1)
+    # The page itself still plays, with the secret in its memory: frames on screen.
+    wait_tile(page, "lobby", "s.shown >= 1 && s.currentTime > 0.5")
+    assert page.evaluate(FRAME_COLOURS, "lobby") > 20, "the frame is blank"
+    with RecordingServer() as other:
+        visitor = context.new_page()
+        visitor.goto(f"http://localhost:{other.port}/")
+        visitor.click("#go")
+        visitor.wait_for_function("() => document.getElementById('px') && "
+                                  "document.getElementById('px').complete")
+        assert any(r["path"] == "/pixel.gif" for r in other.seen), other.seen
+        captured = other.seen
+    # Everything the browser sent the other server, as headers a raw client can replay.
+    cookies = sorted({r["cookie"] for r in captured if "cookie" in r})
+    replay = {"Cookie": "; ".join(cookies)} if cookies else {}
+    for value in (v for r in captured for v in r.values()):
+        assert launch_token(viewer) not in value
+    host = f"127.0.0.1:{viewer.port}"
+    forged = {**replay, "Host": host, "Origin": f"http://{host}"}
+    outcome: dict[str, Any] = {}
+    outcome["cameras"] = httpx.get(f"{viewer.base}/api/cameras", headers=forged,
+                                   timeout=10).status_code
+    # Any value the browser sent, tried as the session secret too.
+    values = sorted({v for r in captured for v in r.values()})
+    outcome["as_bearer"] = sorted({httpx.get(
+        f"{viewer.base}/api/cameras", headers={**forged, "Authorization": f"Bearer {value}"},
+        timeout=10).status_code for value in values})
+    outcome["export"] = httpx.post(f"{viewer.base}/api/exports", headers=forged, timeout=10,
+                                   json={"camera": "lobby", "from_ms": 0,
+                                         "to_ms": now_ms()}).status_code
+    # A stream, the old way (parameters in the URL) and the page's way (a first message that
+    # would carry a secret: the attacker has only what it captured).
+    got: list[str | bytes] = []
+    secret = cookies[0].split("=", 1)[-1] if cookies else ""
+    for url, first in ((f"ws://{host}/api/stream?camera=lobby&mode=range&from_ms=0"
+                        f"&to_ms={now_ms()}", None),
+                       (f"ws://{host}/api/stream", json.dumps(
+                           {"secret": secret, "camera": "lobby", "mode": "range",
+                            "from_ms": 0, "to_ms": now_ms()}))):
+        try:
+            with ws_client.connect(url, origin=f"http://{host}", additional_headers=replay,
+                                   open_timeout=10) as sock:
+                if first is not None:
+                    sock.send(first)
+                while True:
+                    got.append(sock.recv(timeout=10))
+        except InvalidStatus as refused:
+            got.append(f"refused {refused.response.status_code}")
+        except (ConnectionClosed, TimeoutError):
+            pass
+    outcome["video_bytes"] = sum(len(m) for m in got if isinstance(m, bytes))
+    outcome["segments"] = sum(1 for m in got if isinstance(m, str) and '"segment"' in m)
+    # The export, once done, cannot be downloaded with what was captured either.
+    deadline = time.monotonic() + 30
+    while outcome["export"] == 202 and time.monotonic() < deadline and httpx.get(
+            f"{viewer.base}/api/exports/1", headers=forged, timeout=10).json()["state"] == "running":
+        time.sleep(0.3)  # before the fix: it was started, wait for it to finish
+    outcome["download"] = httpx.get(f"{viewer.base}/api/exports/1/file", headers=forged,
+                                    timeout=10).status_code
+    print(f"\nthe other server received {len(captured)} requests, {len(cookies)} cookie "
+          f"header(s); replayed: {outcome}")
+    assert outcome["cameras"] in (401, 403), outcome
+    assert set(outcome["as_bearer"]) <= {401, 403}, outcome
+    assert outcome["export"] in (401, 403), outcome
+    assert outcome["video_bytes"] == 0 and outcome["segments"] == 0, outcome
+    assert outcome["download"] in (401, 403, 404), outcome
+    context.close()
+
+
+def test_spent_link_gets_a_readable_page(setup: Setup, open_viewer: Callable[..., ViewerProcess],
+                                         browser: Browser) -> None:
+    """A browser following a spent one-time link, a page without one, or an API address typed
+    into the address bar gets a page saying what to do, not raw JSON."""
+    viewer = open_viewer()
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(viewer.url)
+    page.wait_for_function("() => window.fusionViewer && window.fusionViewer.camerasLoaded")
+    assert page.url == f"{viewer.base}/", "the launch token stays in the address bar"
+    again = context.new_page()
+    again.goto(viewer.url)
+    again.locator("#gate").wait_for(state="visible")
+    text = again.locator("#gate").inner_text()
+    assert "used already" in text and "fusion-client view" in text, text
+    assert not again.locator("#layout").is_visible()
+    assert not again.evaluate("() => window.fusionViewer.camerasLoaded")
+    # A reload forgets the session on purpose (it was in the page's memory only).
+    page.reload()
+    page.locator("#gate").wait_for(state="visible")
+    assert "link printed by 'fusion-client view'" in page.locator("#gate").inner_text()
+    typed = context.new_page()
+    response = typed.goto(f"{viewer.base}/api/cameras")
+    assert response is not None and response.status == 403
+    assert response.headers["content-type"].startswith("text/html")
+    assert "link printed by 'fusion-client view'" in typed.locator("body").inner_text()
+    context.close()
+
+
+def test_timeline_says_index_gaps_are_unsigned(setup: Setup,
+                                               open_viewer: Callable[..., ViewerProcess],
+                                               browser: Browser) -> None:
+    """What the timeline shows before playback comes from the Archiver's unsigned index, and
+    the tile says so under the timeline."""
+    viewer = open_viewer()
+    page = open_page(browser, viewer)
+    page.evaluate("() => window.fusionViewer.watch('lobby', false)")
+    note = page.locator('.tile[data-camera="lobby"] .index-note')
+    assert note.is_visible()
+    assert "from the Archiver's index, unsigned; verified when played" in " ".join(
+        note.inner_text().split())
+    page.close()
+
+
+def test_launch_file_removed_on_every_exit(setup: Setup, browser: Browser,
+                                           tmp_path: Path) -> None:
+    """The private launch file holds the one-time URL: removed once Chromium opened the viewer
+    with it, and on SIGTERM, SIGHUP and Ctrl-C (a real `fusion-client view` that opens a
+    browser)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    opened = tmp_path / "opened"
+    browser_cmd = tmp_path / "browser"
+    browser_cmd.write_text(f'#!/bin/sh\necho "$1" > "{opened}.part" && mv "{opened}.part" '
+                           f'"{opened}"\n')
+    browser_cmd.chmod(0o755)
+    env = {"BROWSER": str(browser_cmd), "TMPDIR": str(tmp)}
+    for how in (signal.SIGTERM, signal.SIGHUP, None):
+        viewer = ViewerProcess(setup.server.url, setup.viewer_uri, setup.home,
+                               setup.server.tls_ca, browser_env=env)
+        deadline = time.monotonic() + 30
+        while not opened.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        launch = Path(opened.read_text().strip().removeprefix("file://"))
+        opened.unlink()
+        assert launch.parent == tmp and launch.stat().st_mode & 0o777 == 0o600
+        assert launch_token(viewer) in launch.read_text()
+        if how is None:
+            # What the operator's browser does with it: file:// forwards to the viewer (a
+            # cross-site navigation), the page spends the link, and the file is gone.
+            page = browser.new_page()
+            page.goto(launch.as_uri())
+            page.wait_for_function("() => window.fusionViewer && window.fusionViewer.camerasLoaded")
+            assert page.url == f"{viewer.base}/"
+            assert not launch.exists()
+            page.close()
+        viewer.stop(how or signal.SIGINT)
+        assert not launch.exists(), how
+        assert list(tmp.iterdir()) == [], list(tmp.iterdir())

@@ -28,8 +28,37 @@ function fromLocalInput(value) {
   const ms = new Date(value).getTime();  // datetime-local values are local time
   return Number.isFinite(ms) ? ms : null;
 }
+
+// The session secret lives in this closure only: no cookie, no storage, nothing the browser
+// would send on its own. Every other local web server is the "same site" to a browser (ports
+// do not count), so an ambient credential would reach them all.
+const session = (() => {
+  // The one-time launch token comes in the URL's fragment, which no server ever receives;
+  // it is dropped from the address bar and history at once.
+  const launch = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (location.hash) history.replaceState(null, "", location.pathname);
+  let secret = null;
+  return {
+    launch,
+    async open() {
+      const response = await fetch("/api/session", {
+        method: "POST", credentials: "omit", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ launch }),
+      });
+      const body = await response.json().catch(() => ({}));
+      if (!response.ok || !body.secret) throw new Error(body.reason || `HTTP ${response.status}`);
+      secret = body.secret;
+    },
+    headers(extra = {}) { return { ...extra, Authorization: `Bearer ${secret}` }; },
+    // A WebSocket cannot carry a header: the secret is its first message (never in its URL,
+    // which lands in logs and history).
+    opening(params) { return JSON.stringify({ secret, ...params }); },
+  };
+})();
+
 async function api(path, options = {}) {
-  const response = await fetch(path, { credentials: "same-origin", ...options });
+  const response = await fetch(path, { ...options, credentials: "omit",
+                                       headers: session.headers(options.headers) });
   const body = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(body.reason || `HTTP ${response.status}`);
   return body;
@@ -173,10 +202,10 @@ class Tile {
 
   async open(params) {
     await this.msOpen;
-    const query = new URLSearchParams({ camera: this.camera, ...params });
-    const ws = new WebSocket(`ws://${location.host}/api/stream?${query}`);
+    const ws = new WebSocket(`ws://${location.host}/api/stream`);
     ws.binaryType = "arraybuffer";
     this.ws = ws;
+    ws.onopen = () => ws.send(session.opening({ camera: this.camera, ...params }));
     ws.onmessage = (event) => this.onMessage(event.data);
     ws.onclose = () => {
       if (this.ws === ws && !this.stopped && !this.ended) {
@@ -472,10 +501,24 @@ class Tile {
       msg.className = `ex-msg ${job.state}`;
       if (job.state === "done") {
         msg.textContent = `✔ ${job.message} `;
+        // A link cannot carry the secret: each click asks for a single-use ticket for this
+        // export (valid a minute) and downloads with it.
         const link = document.createElement("a");
-        link.href = `/api/exports/${job.id}/file`;
+        link.href = "#";
+        link.className = "download";
         link.textContent = `download ${job.file}`;
-        link.download = job.file;
+        link.onclick = async (event) => {
+          event.preventDefault();
+          try {
+            const ticket = await api(`/api/exports/${job.id}/ticket`, { method: "POST" });
+            const once = document.createElement("a");
+            once.href = ticket.url;
+            once.download = job.file;
+            once.click();
+          } catch (err) {
+            msg.append(` (download refused: ${err.message})`);
+          }
+        };
         msg.appendChild(link);
       } else {
         msg.textContent = `✖ export failed: ${job.message}`;
@@ -497,6 +540,7 @@ function watch(camera, live = true) {
   return tile;
 }
 viewer.watch = watch;
+viewer.api = api;
 
 async function refreshCameras() {
   const state = document.getElementById("cameras-state");
@@ -535,7 +579,30 @@ async function refreshCameras() {
   for (const tile of viewer.tiles.values()) tile.draw();
 }
 
+function shut(title, text) {
+  // No session: the page says why and what to do, and shows nothing else.
+  document.getElementById("layout").hidden = true;
+  document.getElementById("who").textContent = "not connected";
+  const gate = document.getElementById("gate");
+  gate.querySelector("h1").textContent = title;
+  gate.querySelector("p").textContent = text;
+  gate.hidden = false;
+  viewer.shut = title;
+}
+
 async function start() {
+  if (!session.launch) {
+    shut("Open the viewer with its link",
+         "This page needs the link printed by 'fusion-client view' in your terminal. " +
+         "Each link opens the viewer once; press Enter there for a new one.");
+    return;
+  }
+  try {
+    await session.open();
+  } catch (err) {
+    shut("This viewer link was used already", err.message);
+    return;
+  }
   document.getElementById("watch-all").onclick = () => {
     for (const name of viewer.cameras.keys()) watch(name);
   };

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client.timespec import format_duration, format_ms, parse_range, parse_time
 from keyservice.errors import UsageError
+from keyservice.timespec import format_duration, format_ms, parse_range, parse_time
 
 NOW = 1_714_564_800_000  # 2024-05-01T12:00:00Z
 
