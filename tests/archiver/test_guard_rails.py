@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from archiver.auth import digest
-from archiver.cli import EXIT_DAMAGED
+from archiver.check import EXIT_DAMAGED
 from archiver.datadir import EXIT_DATA_DIR_IN_USE, LOCK_NAME
 from archiver.server import EXIT_ADDRESS_IN_USE
 from keyservice.errors import RequestRefused
@@ -106,13 +106,15 @@ def test_a_port_in_use_is_found_before_anything_starts(tmp_path: Path) -> None:
 
 
 def test_new_exit_codes_collide_with_nothing() -> None:
-    """4 and 5 are fusion-archiver's own: no error class of the three CLIs uses them, nor 3."""
+    """4 and 5 are fusion-archiver's own: no error class of the three CLIs uses them, and 3
+    means only a damaged archive (check's verdict, or an index found damaged)."""
     import archiver.server
     import client.evidence
     import client.player
     import client.session
     import client.web.media
     import keyservice.evidence.layout
+    from archiver.check import IndexDamaged
     from archiver.datadir import DataDirInUse
     from keyservice.errors import KeyServiceError
 
@@ -123,7 +125,7 @@ def test_new_exit_codes_collide_with_nothing() -> None:
         return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
 
     others = {cls.exit_code for cls in subclasses(KeyServiceError)
-              if cls not in (DataDirInUse, archiver.server.AddressInUse)}
+              if cls not in (DataDirInUse, archiver.server.AddressInUse, IndexDamaged)}
     assert not others & {EXIT_DAMAGED, EXIT_DATA_DIR_IN_USE, EXIT_ADDRESS_IN_USE}
     assert len({EXIT_DAMAGED, EXIT_DATA_DIR_IN_USE, EXIT_ADDRESS_IN_USE}) == 3
 
