@@ -14,7 +14,6 @@ import binascii
 from typing import Annotated, Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
@@ -32,6 +31,7 @@ from archiver.deps import (
 )
 from archiver.grants import TRANSITIONS, AccessGrantRow, GrantState, GrantStore
 from archiver.routers.viewer import MAX_MS, MEDIA_TYPE, NonceQuery, _ViewerStream
+from keyservice import certs
 from keyservice.crypto import split_key_id
 from keyservice.errors import FormatError
 from keyservice.grants import MAX_GRANT_KEYS, AccessGrant, decode_grant
@@ -234,12 +234,8 @@ def _is_grantor(principal: AdminPrincipal, grantor: str, services: Services) -> 
     admin = services.admins.store.get(principal.fingerprint) if services.admins else None
     if viewer is None or admin is None:
         return False
-    return _public_key(viewer.certificate) == _public_key(admin.certificate)
-
-
-def _public_key(der: bytes) -> bytes:
-    return x509.load_der_x509_certificate(der).public_key().public_bytes(
-        Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return certs.same_public_key(x509.load_der_x509_certificate(viewer.certificate).public_key(),
+                                 x509.load_der_x509_certificate(admin.certificate).public_key())
 
 
 @router.get("/admin/grants")

@@ -174,7 +174,7 @@ def test_a_package_from_another_archiver_is_not_verified_without_a_trust_anchor(
         client: Client, tmp_path: Path) -> None:
     alice = make_viewer("alice")
     # The attacker's Archiver: its own data directory and key, same site, same camera name.
-    with production_archiver(site_ca, tmp_path / "rogue").start() as rogue:
+    with production_archiver(site_ca, tmp_path / "rogue") as rogue:
         real, other = camera_segments(tmp_path, "real", 4), camera_segments(tmp_path, "other", 4)
         other = other[2:] + other[:2]  # other video than the genuine camera's
         uploads = []
@@ -247,7 +247,7 @@ def test_an_archiver_certified_by_the_site_ca_is_established_with_site_ca(
         site_ca: SiteCa, make_viewer: Callable[[str], Viewer], client: Client,
         tmp_path: Path) -> None:
     data = tmp_path / "archiver"
-    with production_archiver(site_ca, data).start() as first:  # makes its signing key
+    with production_archiver(site_ca, data) as first:  # makes its signing key
         answer = httpx.get(f"{first.url}/v1/archiver", verify=first.verify, timeout=30).json()
     own = x509.load_pem_x509_certificate(answer["certificate"].encode())
     public = own.public_key()
