@@ -131,6 +131,10 @@ class ArchiverServer:
                 *self.extra_args]
 
     def start(self, timeout: float | None = None) -> ArchiverServer:
+        if self.process is not None and self.process.poll() is None:
+            # A second start would orphan the running process (``with server.start():`` starts
+            # twice: __enter__ starts too).
+            raise RuntimeError("this Archiver is already running: start it once")
         timeout = self.start_timeout_s if timeout is None else timeout
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:

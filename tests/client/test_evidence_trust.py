@@ -266,7 +266,7 @@ def test_an_archiver_certified_by_the_site_ca_is_established_with_site_ca(
 
     alice = make_viewer("alice")
     server = production_archiver(site_ca, data, extra_args=("--signing-cert", str(issued)))
-    with server.start():
+    with server:
         ingest = server.add_camera("cam1")
         server.add_viewer(alice.pem, ["cam1"])
         start = now_ms()
