@@ -112,24 +112,6 @@ def any_archiver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Arc
         server.stop()
 
 
-def camera_push(server: ArchiverServer, source: Path, camera: str, token: str) -> None:
-    """The source, pushed in real time as a camera does, in 1-second segments."""
-    if server.tls_ca is None:
-        push(source, server.url, camera, token, realtime=True, hls_time=1)
-        return
-    # ffmpeg's HLS PUT over TLS loses segments on this Archiver (issue 20, item 1: its own
-    # branch); until that is fixed, the camera's segments (cut by ffmpeg at keyframes) go up
-    # one a second by a client that reads every answer, so this test is about the viewer.
-    parts = source.parent / f"{source.stem}-segments"
-    parts.mkdir()
-    subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-i",
-                    str(source), "-c", "copy", "-f", "segment", "-segment_time", "1",
-                    "-segment_format", "mpegts", str(parts / "s%03d.ts")], check=True)
-    for segment in sorted(parts.iterdir()):
-        put(server, camera, token, segment.read_bytes())
-        time.sleep(1)
-
-
 def wait_for_segments(server: ArchiverServer, camera: str, count: int,
                       timeout: float = 20) -> None:
     """ffmpeg's HLS muxer does not wait for the answers to its PUTs: wait until the Archiver
@@ -192,7 +174,7 @@ def test_export_is_frame_identical_for_two_viewers_each_with_its_own_key_stream(
     start = now_ms()
     # In real time, as a camera: unthrottled, ffmpeg's HLS PUTs of consecutive segments can
     # overlap and reach the Archiver out of order (it archives in arrival order).
-    camera_push(archiver_server, source, "cam1", ingest)
+    push(source, archiver_server.url, "cam1", ingest, realtime=True, hls_time=1)
     wait_for_segments(archiver_server, "cam1", 4)
     end = now_ms() + 1
 
