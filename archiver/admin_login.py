@@ -10,7 +10,6 @@ challenge is checked against ``--archiver-fingerprint`` *before* the token's key
 from __future__ import annotations
 
 import base64
-import binascii
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -18,17 +17,15 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from keyservice.certs import load_certificate
-from keyservice.crypto import admin_login_context, answer_login_challenge
+from keyservice.crypto import LoginChallenge, admin_login_context, answer_login_challenge
 from keyservice.errors import (
     ArchiverFailed,
     ArchiverMismatch,
-    CertificateError,
     RequestRefused,
     UsageError,
 )
 from keyservice.exits import unreachable
-from keyservice.identity import OaepHash, fingerprint
+from keyservice.identity import fingerprint
 
 
 @dataclass(frozen=True)
@@ -78,15 +75,10 @@ def login_admin(url: str, verify: ssl.SSLContext | bool, token_uri: str,
         pem = identity.certificate.public_bytes(Encoding.PEM).decode()
         with httpx.Client(base_url=url.rstrip("/"), timeout=timeout, verify=verify,
                           follow_redirects=False) as http:
-            challenge = _post(http, url, "/v1/sessions/admin/challenge", {"certificate": pem})
-            try:
-                archiver_cert = load_certificate(str(challenge["archiver_certificate"]).encode())
-                challenge_id = bytes.fromhex(challenge["challenge_id"])
-                ciphertext = base64.b64decode(challenge["ciphertext"], validate=True)
-                oaep = OaepHash.from_label(str(challenge["oaep_hash"]))
-            except (KeyError, TypeError, ValueError, binascii.Error, CertificateError):
-                raise ArchiverFailed("The Archiver's login challenge is malformed.") from None
-            archiver_fp = fingerprint(archiver_cert)
+            challenge = LoginChallenge.from_answer(
+                _post(http, url, "/v1/sessions/admin/challenge", {"certificate": pem}))
+            challenge_id = challenge.challenge_id
+            archiver_fp = fingerprint(challenge.archiver_certificate)
             if expected is not None and archiver_fp.hex() != expected:
                 # Before the token's key is used: a relaying impostor gets no proof.
                 raise ArchiverMismatch(f"{url} presented Archiver certificate sha256 "
@@ -94,7 +86,8 @@ def login_admin(url: str, verify: ssl.SSLContext | bool, token_uri: str,
                                        "--archiver-fingerprint; someone may be impersonating it.")
             context = admin_login_context(archiver_fp, fingerprint(identity.certificate),
                                           challenge_id)
-            proof = answer_login_challenge(identity, ciphertext, oaep, context)
+            proof = answer_login_challenge(identity, challenge.ciphertext,
+                                           challenge.oaep_hash, context)
             opened = _post(http, url, "/v1/sessions/admin", {
                 "challenge_id": challenge_id.hex(), "proof": base64.b64encode(proof).decode()})
     try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sqlite3
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.audit import AuditLog
 from archiver.auth import Sessions
-from archiver.storage import StorageFailed, StorageFull
+from archiver.storage import IndexConnection
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError
 from keyservice.identity import OaepHash, fingerprint
@@ -87,26 +86,13 @@ class AdminStore:
     """The admins table (migration 5), one connection serialized by a lock."""
 
     def __init__(self, path: Path) -> None:
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                     timeout=30)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._conn.execute("PRAGMA synchronous=FULL")
+        self._index = IndexConnection(path, "admin")
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._index.close()
 
     def _execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
-        with self._lock:
-            try:
-                return self._conn.execute(sql, args)
-            except sqlite3.OperationalError as exc:
-                code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-                if code == sqlite3.SQLITE_FULL:
-                    raise StorageFull("The disk is full; the admin could not be stored.",
-                                      "Free space.") from None
-                raise StorageFailed(f"The admin store failed ({exc}).") from None
+        return self._index.execute(sql, args)
 
     def add(self, row: AdminRow) -> bool:
         """False if the fingerprint or the name exists already (revoked admins included)."""

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import enum
 import sqlite3
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from archiver.storage import StorageFailed, StorageFull
+from archiver.storage import IndexConnection
 
 
 class GrantState(enum.StrEnum):
@@ -62,28 +61,13 @@ def _row(values: tuple) -> AccessGrantRow:
 
 class GrantStore:
     def __init__(self, path: Path) -> None:
-        # The index's file (created 0600 by Database, whose migrations made the table): one
-        # connection, serialized by a lock.
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                     timeout=30)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._conn.execute("PRAGMA synchronous=FULL")
+        self._index = IndexConnection(path, "grant")
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._index.close()
 
     def _execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
-        with self._lock:
-            try:
-                return self._conn.execute(sql, args)
-            except sqlite3.OperationalError as exc:
-                code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-                if code == sqlite3.SQLITE_FULL:
-                    raise StorageFull("The disk is full; the grant could not be stored.",
-                                      "Free space.") from None
-                raise StorageFailed(f"The grant store failed ({exc}).") from None
+        return self._index.execute(sql, args)
 
     def add(self, row: AccessGrantRow, blob: bytes) -> bool:
         """False if a grant with this id exists already."""

@@ -12,7 +12,6 @@ Every failure becomes a KeyServiceError subclass with one sentence and its own e
 from __future__ import annotations
 
 import base64
-import binascii
 import secrets
 import ssl
 import time
@@ -27,8 +26,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from keyservice.certs import load_certificate
-from keyservice.crypto import answer_login_challenge, login_context
+from keyservice.crypto import LoginChallenge, answer_login_challenge, login_context
 from keyservice.errors import (  # the HTTP errors are shared with fusion-archiver
     ArchiverFailed,
     ArchiverUnreachable,
@@ -39,7 +37,7 @@ from keyservice.errors import (  # the HTTP errors are shared with fusion-archiv
 )
 from keyservice.exits import unreachable
 from keyservice.format import Mode
-from keyservice.identity import Identity, OaepHash, fingerprint
+from keyservice.identity import Identity, fingerprint
 from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
 from keyservice.tls import trust as tls_trust
 from keyservice.wire import ErrorCode
@@ -255,20 +253,16 @@ class ArchiverSession:
         """Prove possession of the token; ``check_archiver`` raises if the Archiver's
         certificate is not the pinned one (it runs before the token is touched)."""
         pem = identity.certificate.public_bytes(Encoding.PEM).decode()
-        challenge = self._json("POST", "/v1/sessions/challenge", {"certificate": pem})
-        try:
-            archiver_cert = load_certificate(str(challenge["archiver_certificate"]).encode())
-            challenge_id = bytes.fromhex(challenge["challenge_id"])
-            ciphertext = base64.b64decode(challenge["ciphertext"], validate=True)
-            oaep = OaepHash.from_label(str(challenge["oaep_hash"]))
-        except (KeyError, TypeError, ValueError, binascii.Error, CertificateError):
-            raise ArchiverFailed("The Archiver's login challenge is malformed.") from None
+        challenge = LoginChallenge.from_answer(
+            self._json("POST", "/v1/sessions/challenge", {"certificate": pem}))
+        archiver_cert, challenge_id = challenge.archiver_certificate, challenge.challenge_id
         check_archiver(archiver_cert)
         archiver_fp = fingerprint(archiver_cert)
         context = login_context(archiver_fp, fingerprint(identity.certificate), challenge_id)
         # The only token operation of the login; answer_login_challenge refuses (IntegrityError)
         # any plaintext that is not a login challenge, so the token is no decryption oracle.
-        proof = answer_login_challenge(identity, ciphertext, oaep, context)
+        proof = answer_login_challenge(identity, challenge.ciphertext, challenge.oaep_hash,
+                                       context)
         opened = self._json("POST", "/v1/sessions", {
             "challenge_id": challenge_id.hex(), "proof": base64.b64encode(proof).decode()})
         try:

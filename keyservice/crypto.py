@@ -11,6 +11,8 @@ Pure: no I/O, no ``pkcs11``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import hashlib
 import hmac
@@ -20,7 +22,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
+from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,7 +33,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from keyservice.errors import IntegrityError, NoMatchingIdentity
+from keyservice.certs import load_certificate
+from keyservice.errors import ArchiverFailed, CertificateError, IntegrityError, NoMatchingIdentity
 from keyservice.format import (
     CHAIN_ID_LEN,
     ID_LEN,
@@ -555,6 +560,29 @@ def verify_login_proof(secret: bytes, context: bytes, proof: bytes) -> bool:
 
 
 LABEL_LOGIN_CONTEXT = b"FSE1 login\x00"
+
+
+@dataclass(frozen=True)
+class LoginChallenge:
+    """The Archiver's login challenge (a viewer's or an admin's), as its JSON answer carries
+    it: the Archiver's certificate, the challenge id, and the challenge encrypted to the
+    certificate logging in."""
+
+    archiver_certificate: x509.Certificate
+    challenge_id: bytes
+    ciphertext: bytes
+    oaep_hash: OaepHash
+
+    @classmethod
+    def from_answer(cls, answer: Any) -> LoginChallenge:
+        """ArchiverFailed if the answer is not a well-formed challenge."""
+        try:  # a non-mapping answer fails its first lookup with TypeError
+            return cls(load_certificate(str(answer["archiver_certificate"]).encode()),
+                       bytes.fromhex(answer["challenge_id"]),
+                       base64.b64decode(answer["ciphertext"], validate=True),
+                       OaepHash.from_label(str(answer["oaep_hash"])))
+        except (KeyError, TypeError, ValueError, binascii.Error, CertificateError):
+            raise ArchiverFailed("The Archiver's login challenge is malformed.") from None
 
 
 def login_context(archiver_fingerprint: bytes, viewer_fingerprint: bytes,
