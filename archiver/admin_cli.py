@@ -93,13 +93,9 @@ def _call(method: str, url: str, path: str, token: str, body: Any = None, *,
         raise UsageError(f"The Archiver URL {url!r} is not usable: {exc}.") from None
     except httpx.TransportError as exc:
         raise unreachable(url, exc) from None
-    if response.status_code >= 400:
-        try:
-            message = response.json()["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200] or response.reason_phrase
-        error = ArchiverFailed if response.status_code >= 500 else RequestRefused
-        raise error(f"{message} (HTTP {response.status_code})")
+    from archiver.admin_login import raise_for_refusal
+
+    raise_for_refusal(response)
     return response.json() if response.content else None
 
 

@@ -38,13 +38,9 @@ class AdminSession:
     archiver_fingerprint: str
 
 
-def _post(http: httpx.Client, url: str, path: str, body: Any) -> Any:
-    try:
-        response = http.post(path, json=body)
-    except httpx.InvalidURL as exc:
-        raise UsageError(f"The Archiver URL {url!r} is not usable: {exc}.") from None
-    except httpx.TransportError as exc:
-        raise unreachable(url, exc) from None
+def raise_for_refusal(response: httpx.Response) -> None:
+    """An Archiver's refusal (4xx: RequestRefused) or failure (5xx: ArchiverFailed), with its
+    own sentence and the status; nothing for a success."""
     if response.status_code >= 400:
         try:
             message = response.json()["message"]
@@ -52,6 +48,16 @@ def _post(http: httpx.Client, url: str, path: str, body: Any) -> Any:
             message = response.text[:200] or response.reason_phrase
         error = ArchiverFailed if response.status_code >= 500 else RequestRefused
         raise error(f"{message} (HTTP {response.status_code})")
+
+
+def _post(http: httpx.Client, url: str, path: str, body: Any) -> Any:
+    try:
+        response = http.post(path, json=body)
+    except httpx.InvalidURL as exc:
+        raise UsageError(f"The Archiver URL {url!r} is not usable: {exc}.") from None
+    except httpx.TransportError as exc:
+        raise unreachable(url, exc) from None
+    raise_for_refusal(response)
     try:
         return response.json()
     except ValueError:

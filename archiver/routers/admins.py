@@ -12,18 +12,17 @@ import base64
 from typing import Annotated, Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from archiver.admins import AdminRefused, AdminRow, Admins
 from archiver.auth import Sessions
 from archiver.deps import AdminDep, ApiError, ServicesDep, check_admin_validity
-from archiver.routers.viewer import Challenge, ChallengeRequest, ProofRequest
+from archiver.routers.viewer import Challenge, ChallengeRequest, ProofRequest, issue_challenge
 from keyservice.certs import load_certificate
-from keyservice.crypto import admin_login_context, make_login_challenge, verify_login_proof
+from keyservice.crypto import admin_login_context, verify_login_proof
 from keyservice.errors import CertificateError
-from keyservice.identity import OaepHash, Recipient, fingerprint
+from keyservice.identity import OaepHash, fingerprint
 from keyservice.wire import ErrorCode
 
 router = APIRouter(prefix="/v1", tags=["admins"])
@@ -90,17 +89,7 @@ def admin_challenge(body: ChallengeRequest, services: ServicesDep) -> Challenge:
         raise ApiError(403, ErrorCode.ADMIN_REVOKED, f"Admin {row.name} has been revoked.",
                        fingerprint=fp)
     check_admin_validity(row, archive.clock())
-    oaep = OaepHash(row.oaep_hash)
-    # Encrypted to the *registered* certificate: only the admin's own token can answer.
-    ciphertext, secret = make_login_challenge(Recipient(cert, oaep), archive.rng)
-    challenge_id = archive.rng(16)
-    context = admin_login_context(fingerprint(archive.signer.certificate), bytes.fromhex(fp),
-                                  challenge_id)
-    sessions.add_challenge(challenge_id, fp, secret, context, archive.clock())
-    return Challenge(challenge_id=challenge_id.hex(),
-                     ciphertext=base64.b64encode(ciphertext).decode(), oaep_hash=oaep.label,
-                     archiver_certificate=archive.signer.certificate.public_bytes(
-                         Encoding.PEM).decode())
+    return issue_challenge(services, sessions, cert, OaepHash(row.oaep_hash), admin_login_context)
 
 
 @router.post("/sessions/admin", status_code=201)

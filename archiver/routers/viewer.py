@@ -6,10 +6,11 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated
 
 import anyio
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
@@ -17,8 +18,16 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Message, Receive, Scope, Send
 
+from archiver.auth import Sessions
 from archiver.cameras import GAP_TOLERANCE_MS, CameraState
-from archiver.deps import ApiError, CameraPath, ServicesDep, ViewerDep, check_certificate_validity
+from archiver.deps import (
+    ApiError,
+    CameraPath,
+    Services,
+    ServicesDep,
+    ViewerDep,
+    check_certificate_validity,
+)
 from keyservice.certs import load_certificate
 from keyservice.crypto import login_context, make_login_challenge, verify_login_proof
 from keyservice.errors import CertificateError
@@ -137,13 +146,24 @@ def challenge(body: ChallengeRequest, services: ServicesDep) -> Challenge:
     if viewer.revoked_ms is not None:
         raise ApiError(403, ErrorCode.REVOKED, "This viewer's certificate has been revoked.")
     check_certificate_validity(viewer, archive.clock())
-    oaep = OaepHash(viewer.oaep_hash)
-    # Encrypt to the *registered* certificate, so only its token can answer.
+    return issue_challenge(services, services.sessions, cert, OaepHash(viewer.oaep_hash),
+                           login_context)
+
+
+def issue_challenge(services: Services, sessions: Sessions, cert: x509.Certificate,
+                    oaep: OaepHash, context_of: Callable[[bytes, bytes, bytes], bytes]
+                    ) -> Challenge:
+    """A login challenge for a registered certificate (a viewer's or an admin's), kept in
+    ``sessions`` until answered. ``context_of`` (login_context, admin_login_context) binds
+    the proof to this Archiver, this certificate and this challenge, under the label of its
+    kind of session."""
+    archive = services.archive
+    # Encrypted to the *registered* certificate, so only its token can answer.
     ciphertext, secret = make_login_challenge(Recipient(cert, oaep), archive.rng)
     challenge_id = archive.rng(16)
-    context = login_context(fingerprint(archive.signer.certificate), bytes.fromhex(fp),
-                            challenge_id)
-    services.sessions.add_challenge(challenge_id, fp, secret, context, archive.clock())
+    fp = fingerprint(cert)
+    context = context_of(fingerprint(archive.signer.certificate), fp, challenge_id)
+    sessions.add_challenge(challenge_id, fp.hex(), secret, context, archive.clock())
     return Challenge(challenge_id=challenge_id.hex(),
                      ciphertext=base64.b64encode(ciphertext).decode(), oaep_hash=oaep.label,
                      archiver_certificate=archive.signer.certificate.public_bytes(
