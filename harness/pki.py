@@ -92,9 +92,16 @@ class SiteCa:
                 .sign(self.key, hashes.SHA256()))
         directory.mkdir(parents=True, exist_ok=True)
         cert_path, key_path = directory / f"{name}-tls.crt", directory / f"{name}-tls.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-        key_path.chmod(0o600)
-        return cert_path, key_path
+        return write_tls_pair(cert, key, cert_path, key_path)
+
+
+def write_tls_pair(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, cert_path: Path,
+                   key_path: Path) -> tuple[Path, Path]:
+    """A TLS certificate (PEM) and its unencrypted key (PKCS#8 PEM, 0600), as a server is given
+    them with --tls-cert/--tls-key."""
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path

@@ -19,11 +19,11 @@ from typing import Any
 
 import httpx
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from harness.pki import SiteCa
+from harness.pki import SiteCa, write_tls_pair
 from keyservice.tls import trust as tls_trust
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,13 +76,7 @@ def self_signed_tls(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Pat
                 [x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    return cert_path, key_path
+    return write_tls_pair(cert, key, directory / "tls.crt", directory / "tls.key")
 
 
 class UnexpectedStatus(AssertionError):

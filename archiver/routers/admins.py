@@ -18,11 +18,15 @@ from pydantic import BaseModel, Field
 from archiver.admins import AdminRefused, AdminRow, Admins
 from archiver.auth import Sessions
 from archiver.deps import AdminDep, ApiError, ServicesDep, check_admin_validity
-from archiver.routers.viewer import Challenge, ChallengeRequest, ProofRequest, issue_challenge
-from keyservice.certs import load_certificate
+from archiver.routers.viewer import (
+    Challenge,
+    ChallengeRequest,
+    ProofRequest,
+    issue_challenge,
+    presented_certificate,
+)
 from keyservice.crypto import admin_login_context, verify_login_proof
-from keyservice.errors import CertificateError
-from keyservice.identity import OaepHash, fingerprint
+from keyservice.identity import OaepHash
 from keyservice.wire import ErrorCode
 
 router = APIRouter(prefix="/v1", tags=["admins"])
@@ -76,11 +80,7 @@ def _info(row: AdminRow) -> AdminInfo:
 def admin_challenge(body: ChallengeRequest, services: ServicesDep) -> Challenge:
     admins, sessions = _admins(services)
     archive = services.archive
-    try:
-        cert = load_certificate(body.certificate.encode())
-    except CertificateError as exc:
-        raise ApiError(422, ErrorCode.BAD_CERTIFICATE, str(exc)) from None
-    fp = fingerprint(cert).hex()
+    cert, fp = presented_certificate(body)
     row = admins.store.get(fp)
     if row is None:
         raise ApiError(403, ErrorCode.NOT_AN_ADMIN, "This certificate is not an admin's on this "

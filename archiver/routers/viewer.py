@@ -131,14 +131,19 @@ def archiver_info(services: ServicesDep) -> ArchiverInfo:
                         fingerprint=fingerprint(cert).hex())
 
 
-@router.post("/sessions/challenge")
-def challenge(body: ChallengeRequest, services: ServicesDep) -> Challenge:
-    archive = services.archive
+def presented_certificate(body: ChallengeRequest) -> tuple[x509.Certificate, str]:
+    """The certificate a login names, and its fingerprint (hex); 422 if it does not parse."""
     try:
         cert = load_certificate(body.certificate.encode())
     except CertificateError as exc:
         raise ApiError(422, ErrorCode.BAD_CERTIFICATE, str(exc)) from None
-    fp = fingerprint(cert).hex()
+    return cert, fingerprint(cert).hex()
+
+
+@router.post("/sessions/challenge")
+def challenge(body: ChallengeRequest, services: ServicesDep) -> Challenge:
+    archive = services.archive
+    cert, fp = presented_certificate(body)
     viewer = archive.db.viewer(fp)
     if viewer is None:
         raise ApiError(403, ErrorCode.NOT_ENROLLED, "This certificate is not authorized on this "
