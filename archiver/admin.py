@@ -3,7 +3,7 @@
 The business rules live here, once: the admin API (routers/admin.py) and the benchmark generator
 (bench/generate.py) both call them, so neither can skip the site-CA check, the key rotation, the
 end of a revoked viewer's sessions or the audit entry. Refusals are ``AdminRefused`` with a wire
-error code; the router chooses the HTTP status.
+error code (``Refused``); archiver/deps.py chooses the HTTP status.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, new_secret
 from archiver.db import ViewerRow
 from archiver.rtsp import PULLER_STOP_S, RtspSupervisor
+from archiver.services.refused import Refused
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError, FormatError
 from keyservice.identity import OaepHash, fingerprint
@@ -42,13 +43,18 @@ def _cameras_text(row: ViewerRow) -> str:
     return "all cameras" if row.all_cameras else ", ".join(row.cameras) or "no camera"
 
 
-class AdminRefused(Exception):
-    """An administrative change refused, with the wire error code and one sentence."""
+# An administrative change refused: the services' one refusal type (the old name, kept for
+# callers such as bench/generate.py).
+AdminRefused = Refused
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+
+@dataclass(frozen=True)
+class Authorization:
+    """A viewer as authorized, and whether it was active already on the same cameras (then only
+    its keys rotated)."""
+
+    viewer: ViewerRow
+    reauthorized: bool
 
 
 @dataclass
@@ -72,14 +78,14 @@ class Admin:
         try:
             validate_camera_name(name)  # the name becomes an archive directory
         except FormatError as exc:
-            raise AdminRefused(ErrorCode.BAD_CAMERA_NAME, str(exc)) from None
+            raise Refused(ErrorCode.BAD_CAMERA_NAME, str(exc)) from None
         if rtsp_url and rtsp_url.split(":", 1)[0] not in self.pull_schemes:
-            raise AdminRefused(ErrorCode.BAD_RTSP_URL, "The camera URL must start with one of: "
+            raise Refused(ErrorCode.BAD_RTSP_URL, "The camera URL must start with one of: "
                                + ", ".join(f"{s}://" for s in self.pull_schemes) + ".")
         token = new_secret()
         # A pulled camera's row still needs a digest: one of a secret nobody is given.
         if not archive.db.add_camera(name, digest(token), rtsp_url, archive.clock()):
-            raise AdminRefused(ErrorCode.CAMERA_EXISTS, f"A camera named '{name}' exists already "
+            raise Refused(ErrorCode.CAMERA_EXISTS, f"A camera named '{name}' exists already "
                                "(names of removed cameras stay reserved: their archive is "
                                "evidence).")
         self.audit.record(actor, "camera.add", archive.clock(), camera=name, rtsp=bool(rtsp_url))
@@ -91,7 +97,7 @@ class Admin:
         """Stop recording a camera; its archive stays (evidence) and its name stays reserved."""
         archive = self.archive
         if not archive.db.remove_camera(name, archive.clock()):
-            raise AdminRefused(ErrorCode.UNKNOWN_CAMERA, f"There is no camera named '{name}'.")
+            raise Refused(ErrorCode.UNKNOWN_CAMERA, f"There is no camera named '{name}'.")
         if self.rtsp is not None:
             # Wait for the puller to archive the segment it was building: removed means stopped.
             self.rtsp.stop(name, wait_s=PULLER_STOP_S)
@@ -100,10 +106,22 @@ class Admin:
         self.audit.record(actor, "camera.remove", archive.clock(), camera=name)
 
     # --- viewers -----------------------------------------------------------------------
+    def viewers(self) -> list[ViewerRow]:
+        """Every viewer ever authorized, revoked ones too (oldest first)."""
+        return self.archive.db.viewers()
+
+    def viewer(self, fp: str) -> ViewerRow | None:
+        return self.archive.db.viewer(fp)
+
     def authorize_viewer(self, actor: str, pem: bytes, cameras: list[str] | None,
                          oaep_hash: str | None = None) -> ViewerRow:
         """Authorize a viewer certificate on ``cameras`` (None: all, present and future); the
         keys of its cameras rotate at once, so it gets nothing recorded before."""
+        return self.authorize(actor, pem, cameras, oaep_hash).viewer
+
+    def authorize(self, actor: str, pem: bytes, cameras: list[str] | None,
+                  oaep_hash: str | None = None) -> Authorization:
+        """``authorize_viewer``, telling whether the viewer was active already."""
         archive = self.archive
         try:
             cert = load_certificate(pem)
@@ -111,12 +129,12 @@ class Admin:
                 cert, now=dt.datetime.now(dt.UTC), site_ca=self.site_ca,
                 oaep_hash=OaepHash.from_label(oaep_hash) if oaep_hash else None)
         except CertificateError as exc:
-            raise AdminRefused(ErrorCode.BAD_CERTIFICATE, str(exc)) from None
+            raise Refused(ErrorCode.BAD_CERTIFICATE, str(exc)) from None
         wanted = None if cameras is None else sorted(set(cameras))
         known = {c.name for c in archive.db.cameras()}
         unknown = sorted(set(wanted or ()) - known)
         if unknown:
-            raise AdminRefused(ErrorCode.UNKNOWN_CAMERA,
+            raise Refused(ErrorCode.UNKNOWN_CAMERA,
                                f"Unknown camera(s): {', '.join(unknown)}.")
         fp = fingerprint(cert).hex()
         subject = cert.subject.rfc4514_string()
@@ -126,18 +144,18 @@ class Admin:
             # Adding again used to replace the viewer's cameras silently (one was dropped):
             # changing them is its own, explicit command. Adding again with the same cameras
             # only re-authorizes (its keys rotate), as before.
-            raise AdminRefused(ErrorCode.VIEWER_EXISTS, f"Viewer {fp[:16]} is authorized "
+            raise Refused(ErrorCode.VIEWER_EXISTS, f"Viewer {fp[:16]} is authorized "
                                f"already, on {_cameras_text(existing)}; change its cameras with "
                                f"'fusion-archiver viewers cameras {fp[:16]} --add CAMS', "
                                "'--remove CAMS' or '--set CAMS'.")
         archive.db.add_viewer(fp, cert.public_bytes(Encoding.DER), subject, int(oaep), wanted,
                               archive.clock())
         archive.authorization_changed(fp, None)
-        self.audit.record(actor, "client.add", archive.clock(), fingerprint=fp, subject=subject,
+        self.audit.record(actor, "viewer.add", archive.clock(), fingerprint=fp, subject=subject,
                           cameras=wanted or "all", oaep_hash=oaep.label)
         row = archive.db.viewer(fp)
         assert row is not None
-        return row
+        return Authorization(row, existing is not None and existing.revoked_ms is None)
 
     def change_viewer_cameras(self, actor: str, fp: str, add: list[str], remove: list[str],
                               set_to: list[str] | Literal["all"] | None = None) -> CameraChange:
@@ -147,25 +165,25 @@ class Admin:
         archive = self.archive
         row = archive.db.viewer(fp)
         if row is None:
-            raise AdminRefused(ErrorCode.UNKNOWN_VIEWER, f"No viewer has the fingerprint {fp}.")
+            raise Refused(ErrorCode.UNKNOWN_VIEWER, f"No viewer has the fingerprint {fp}.")
         if row.revoked_ms is not None:
-            raise AdminRefused(ErrorCode.UNKNOWN_VIEWER, f"Viewer {fp[:16]} is revoked; "
+            raise Refused(ErrorCode.UNKNOWN_VIEWER, f"Viewer {fp[:16]} is revoked; "
                                "authorize its certificate again with 'viewers add'.")
         if set_to is not None and (add or remove):
-            raise AdminRefused(ErrorCode.BAD_CAMERA_CHANGE,
+            raise Refused(ErrorCode.BAD_CAMERA_CHANGE,
                                "Give either the cameras to set, or cameras to add and remove.")
         if set_to is None and not (add or remove):
-            raise AdminRefused(ErrorCode.BAD_CAMERA_CHANGE,
+            raise Refused(ErrorCode.BAD_CAMERA_CHANGE,
                                "Give cameras to add, to remove, or to set.")
         both = sorted(set(add) & set(remove))
         if both:
-            raise AdminRefused(ErrorCode.BAD_CAMERA_CHANGE, f"Camera(s) {', '.join(both)} both "
+            raise Refused(ErrorCode.BAD_CAMERA_CHANGE, f"Camera(s) {', '.join(both)} both "
                                "added and removed: give each once.")
         known = {c.name for c in archive.db.cameras()}
         named = set(add) | (set(set_to) if isinstance(set_to, list) else set())
         unknown = sorted(named - known)
         if unknown:
-            raise AdminRefused(ErrorCode.UNKNOWN_CAMERA,
+            raise Refused(ErrorCode.UNKNOWN_CAMERA,
                                f"Unknown camera(s): {', '.join(unknown)}.")
         before: set[str] | None = None if row.all_cameras else set(row.cameras)
         after: set[str] | None
@@ -173,14 +191,14 @@ class Admin:
             after = None if set_to == "all" else set(set_to)
         elif before is None:
             if remove:
-                raise AdminRefused(ErrorCode.BAD_CAMERA_CHANGE, f"Viewer {fp[:16]} is "
+                raise Refused(ErrorCode.BAD_CAMERA_CHANGE, f"Viewer {fp[:16]} is "
                                    "authorized on all cameras; set the ones it keeps "
                                    "('--set CAMS').")
             after = None
         else:
             after = (before | set(add)) - set(remove)
         if after is not None and not after:
-            raise AdminRefused(ErrorCode.BAD_CAMERA_CHANGE, f"Viewer {fp[:16]} would be "
+            raise Refused(ErrorCode.BAD_CAMERA_CHANGE, f"Viewer {fp[:16]} would be "
                                "authorized on no camera; revoke it instead ('viewers revoke').")
         if before is not None and after is not None:
             added, removed = sorted(after - before), sorted(before - after)
@@ -194,7 +212,7 @@ class Admin:
             return change  # nothing changed: no rotation, no audit entry
         archive.db.set_viewer_cameras(fp, change.after)
         archive.authorization_changed(fp, None)
-        self.audit.record(actor, "client.cameras", archive.clock(), fingerprint=fp,
+        self.audit.record(actor, "viewer.cameras", archive.clock(), fingerprint=fp,
                           before=change.before or "all", cameras=change.after or "all",
                           added=change.added, removed=change.removed)
         return change
@@ -204,9 +222,9 @@ class Admin:
         ``delete_key_streams`` its stored key records go too (crypto-shredding for it)."""
         archive = self.archive
         if not archive.db.revoke_viewer(fp, archive.clock(), delete_key_streams):
-            raise AdminRefused(ErrorCode.UNKNOWN_VIEWER, f"No viewer has the fingerprint {fp}.")
+            raise Refused(ErrorCode.UNKNOWN_VIEWER, f"No viewer has the fingerprint {fp}.")
         archive.authorization_changed(fp, None)
         if self.sessions is not None:
             self.sessions.end_sessions_of(fp)
-        self.audit.record(actor, "client.revoke", archive.clock(), fingerprint=fp,
+        self.audit.record(actor, "viewer.revoke", archive.clock(), fingerprint=fp,
                           delete_key_streams=delete_key_streams)

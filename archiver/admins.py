@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.audit import AuditLog
 from archiver.auth import Sessions
+from archiver.services.refused import Refused
 from archiver.storage import IndexConnection
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError
@@ -72,14 +73,17 @@ def _row(values: tuple) -> AdminRow:
     return AdminRow(values[0], values[1], bytes(values[2]), *values[3:])
 
 
-class AdminRefused(Exception):
-    """An admin change refused: wire error code, HTTP status and one sentence."""
+# An admin change refused: the services' one refusal type (the old name, kept for callers).
+AdminRefused = Refused
 
-    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+
+@dataclass(frozen=True)
+class AdminPrincipal:
+    """Who acts as admin: the bootstrap token (``fingerprint`` None: shared, not a person) or a
+    personal admin logged in on the admin's own token."""
+
+    actor: str
+    fingerprint: str | None = None
 
 
 class AdminStore:
@@ -141,7 +145,7 @@ class Admins:
 
     def add(self, actor: str, pem: bytes, name: str, oaep_hash: str | None = None) -> AdminRow:
         if not is_admin_name(name):
-            raise AdminRefused(422, ErrorCode.BAD_ADMIN_NAME, f"'{name}' is not an admin name: "
+            raise Refused(ErrorCode.BAD_ADMIN_NAME, f"'{name}' is not an admin name: "
                                "a lower-case letter, then up to 63 of a-z 0-9 . _ - ('admin' is "
                                "the bootstrap token's).")
         try:
@@ -150,13 +154,13 @@ class Admins:
                 cert, now=dt.datetime.now(dt.UTC), site_ca=self.site_ca,
                 oaep_hash=OaepHash.from_label(oaep_hash) if oaep_hash else None)
         except CertificateError as exc:
-            raise AdminRefused(422, ErrorCode.BAD_CERTIFICATE, str(exc)) from None
+            raise Refused(ErrorCode.BAD_CERTIFICATE, str(exc)) from None
         fp = fingerprint(cert).hex()
         now = self.clock()
         row = AdminRow(fp, name, cert.public_bytes(Encoding.DER), cert.subject.rfc4514_string(),
                        int(oaep), now, actor, None, None)
         if not self.store.add(row):
-            raise AdminRefused(409, ErrorCode.ADMIN_EXISTS, f"An admin named '{name}' or with "
+            raise Refused(ErrorCode.ADMIN_EXISTS, f"An admin named '{name}' or with "
                                "this certificate exists already (names and certificates of "
                                "revoked admins stay reserved: the audit log names them).")
         self.audit.record(actor, "admin.add", now, name=name, fingerprint=fp,
@@ -166,11 +170,11 @@ class Admins:
     def revoke(self, actor: str, who: str) -> AdminRow:
         row = self.store.find(who)
         if row is None:
-            raise AdminRefused(404, ErrorCode.UNKNOWN_ADMIN, f"No admin (or more than one) is "
+            raise Refused(ErrorCode.UNKNOWN_ADMIN, f"No admin (or more than one) is "
                                f"named or has the fingerprint '{who}'; see 'admins list'.")
         now = self.clock()
         if not self.store.revoke(row.fingerprint, actor, now):
-            raise AdminRefused(409, ErrorCode.ADMIN_REVOKED, f"Admin {row.name} is revoked "
+            raise Refused(ErrorCode.ADMIN_REVOKED, f"Admin {row.name} is revoked "
                                "already.")
         # At once: the session tokens of a revoked admin are worth nothing from now on.
         self.sessions.end_sessions_of(row.fingerprint)

@@ -14,23 +14,20 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from archiver.admins import Admins, AdminStore
 from archiver.archive import Archive, wall_clock_ms
 from archiver.audit import AuditLog
-from archiver.auth import Sessions, digest, ensure_admin_token, secret_matches
+from archiver.auth import secret_matches
 from archiver.cameras import CameraState
-from archiver.datadir import secure_data_dir
-from archiver.deps import ApiError, BearerDep, Services, ServicesDep
-from archiver.grants import GrantStore
+from archiver.deps import ApiError, BearerDep, ServicesDep, services_of
+from archiver.deps import api_error as to_api_error
 from archiver.limits import REFUSED_STATUSES, Limits, RefusalAudit, RequestLimits
 from archiver.metrics import ArchiverCollector, make_registry
 from archiver.routers import admin, admins, grants, ingest, viewer
-from archiver.rtsp import RtspSupervisor
+from archiver.services.container import create_services
+from archiver.services.refused import Refused
 from archiver.settings import Settings
-from archiver.signing import open_signer
 from archiver.storage import StorageFailed, StorageFull
-from keyservice.certs import load_certificate
-from keyservice.identity import Signer, fingerprint
+from keyservice.identity import Signer
 from keyservice.wire import ErrorCode
 
 log = logging.getLogger("archiver")
@@ -87,68 +84,22 @@ async def _apply_retention(archive: Archive) -> None:
 def create_app(settings: Settings, signer: Signer | None = None,
                clock: Callable[[], int] = wall_clock_ms,
                free_bytes: Callable[[], int] | None = None) -> FastAPI:
+    """The Archiver's FastAPI application over ``create_services(settings, ...)`` (opened at
+    start, closed at stop): the routers of archiver/routers/, the error answers, and the
+    background work (camera health, retention passes, RTSP pullers, refusal summaries).
+    ``signer``: the signing key (default: the data directory's SoftHSM token, or
+    ``settings.signer_token_uri``); ``clock`` and ``free_bytes`` are for tests."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        secure_data_dir(settings.data_dir)
-        archive = Archive(settings, signer or open_signer(settings), clock=clock,
-                          free_bytes=free_bytes)
-        admin_token, created = ensure_admin_token(settings.admin_token_path)
-        if created:
-            log.warning("created the admin token in %s (mode 0600)", settings.admin_token_path)
-        metrics_token, _ = ensure_admin_token(settings.metrics_token_path)
-        # What viewers pin: printed at every start, so the admin can hand it out (it is also
-        # what 'fusion-archiver certificate' prints).
-        log.info("Archiver certificate fingerprint (SHA-256): %s (viewers check it on first "
-                 "use; 'fusion-archiver certificate' prints the certificate to pin)",
-                 fingerprint(archive.signer.certificate).hex())
-        audit = AuditLog(settings.audit_log_path)
-        audit.record("archiver", "start", clock(), recovery=archive.recovery_actions)
-        refusals = RefusalAudit(audit, clock, settings.refusal_window_s)
-
-        def expired(fingerprint: str, not_after_ms: int) -> None:
-            try:
-                audit.record("archiver", "client.expired", clock(), fingerprint=fingerprint,
-                             not_after_ms=not_after_ms, effect="no key material from now on")
-            except Exception:  # ingest must not fail over it; the next start reports it again
-                log.warning("could not audit the expiry of viewer %s", fingerprint[:16])
-            log.warning("viewer %s: certificate expired; it gets no key material from now on",
-                        fingerprint[:16])
-
-        archive.keys.on_expired = expired
-
-        def removed(camera: str, file: str, from_ms: int, to_ms: int, reason: str) -> None:
-            audit.record("archiver", "retention.remove", clock(), camera=camera, file=file,
-                         from_ms=from_ms, to_ms=to_ms, reason=reason)
-
-        archive.retention.on_removed = removed
-        await asyncio.to_thread(archive.retention.ensure_reserve)
-        rtsp = RtspSupervisor(
-            archive.ingest_segment, archive.health.puller_failed,
-            lambda camera, message: archive.health.stream_fault(camera, message, clock()),
-            settings.rtsp_max_segment_bytes, settings.rtsp_max_segment_s)
-        site_ca = tuple(load_certificate(p.read_bytes()) for p in settings.site_ca_files)
-        # Personal admins (archiver/admins.py): their sessions apart from viewers', so a
-        # viewer's session token is never an admin's.
-        admin_sessions = Sessions(settings.challenge_ttl_s, settings.session_ttl_s)
-        admin_store = AdminStore(settings.db_path)
-        services = Services(
-            settings=settings, archive=archive,
-            sessions=Sessions(settings.challenge_ttl_s, settings.session_ttl_s), audit=audit,
-            admin_token_digest=digest(admin_token),
-            site_ca=site_ca,
-            rtsp=rtsp, refusals=refusals, metrics_token_digest=digest(metrics_token),
-            admins=Admins(admin_store, audit, admin_sessions, clock, site_ca),
-            admin_sessions=admin_sessions)
+        services = await asyncio.to_thread(create_services, settings, signer, clock, free_bytes)
+        archive, audit, refusals = services.archive, services.audit, services.refusals
+        assert refusals is not None and services.rtsp is not None
         collector = ArchiverCollector(archive)
         app.state.services = services
-        app.state.grants = GrantStore(settings.db_path)  # access grants (archiver/grants.py)
         app.state.collector = collector
         app.state.registry = make_registry(collector)
-        for camera in archive.db.cameras():
-            if camera.rtsp_url:
-                rtsp.start(camera.name, camera.rtsp_url)
-        # Files made above by this start (SQLite, token, audit) get the same treatment.
-        secure_data_dir(settings.data_dir)
+        services.start_pullers()
 
         async def flush_refusals() -> None:
             while True:
@@ -171,16 +122,10 @@ def create_app(settings: Settings, signer: Signer | None = None,
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
-            await asyncio.to_thread(rtsp.stop_all)
+            await asyncio.to_thread(services.rtsp.stop_all)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(archive.save_health, 0)  # what the next start shows
-            with contextlib.suppress(Exception):
-                refusals.flush()
-            audit.record("archiver", "stop", clock())
-            audit.close()
-            app.state.grants.close()
-            admin_store.close()
-            archive.close()
+            services.close()
 
     # The API's map is off unless asked for (--api-docs): it spares an attacker the survey.
     docs = settings.api_docs
@@ -260,6 +205,11 @@ def create_app(settings: Settings, signer: Signer | None = None,
             log.warning("could not audit a refused request")
         return _error(request, exc.status, exc.code, exc.message, exc.body)
 
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused) -> JSONResponse:
+        # A service's refusal: its wire code's HTTP status (archiver/deps.py), then as above.
+        return await api_error(request, to_api_error(exc))
+
     @app.exception_handler(StorageFull)
     async def storage_full(request: Request, exc: StorageFull) -> JSONResponse:
         return _error(request, 507, ErrorCode.STORAGE_FULL, str(exc))
@@ -289,14 +239,14 @@ def create_app(settings: Settings, signer: Signer | None = None,
 
 
 def _refusals_of(scope: dict) -> RefusalAudit | None:
-    services = getattr(scope["app"].state, "services", None) if "app" in scope else None
+    services = services_of(scope)
     return services.refusals if services is not None else None
 
 
 def _viewer_of(scope: dict, source: str) -> str | None:
     """The viewer a request's session belongs to (its limits are per viewer, not per session:
     more sessions give no more capacity); None without a valid session."""
-    services = getattr(scope["app"].state, "services", None) if "app" in scope else None
+    services = services_of(scope)
     if services is None:
         return None
     for name, value in scope.get("headers", ()):

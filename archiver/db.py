@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from archiver.grants import RESULT, TRANSITIONS, AccessGrantRow, GrantState
 from archiver.migrations import migrate, restore_missing_tables
 from archiver.storage import StorageFailed, StorageFull
 from keyservice.format import CHAIN_ID_LEN, Manifest, decode_record
@@ -165,6 +166,9 @@ def _values(row: Any) -> tuple[Any, ...]:
 _INSERT_SEGMENT = _insert(SegmentRow, "segments")
 _INSERT_MANIFEST = _insert(ManifestRow, "manifests")
 _INSERT_GRANT = _insert(GrantRow, "key_grants", "INSERT OR REPLACE")
+# An access grant's columns and its blob (the grant as the grantor sent it).
+_INSERT_ACCESS_GRANT = _insert(AccessGrantRow, "access_grants").replace(
+    ") VALUES (", ", blob) VALUES (?, ", 1)
 _INSERT_EPOCH = "INSERT INTO epochs (epoch_id, fingerprint, created_ms, record) VALUES (?,?,?,?)"
 _INSERT_KEY_RECORD = ("INSERT INTO key_records (fingerprint, key_id, camera, epoch_id,"
                       " valid_from_ms, record) VALUES (?,?,?,?,?,?)")
@@ -629,3 +633,52 @@ class Database:
                 return None
             conn.execute("DELETE FROM holds WHERE hold_id=?", (hold_id,))
             return HoldRow(*row)
+
+    # --- access grants (archiver/grants.py; the rules are archiver/services/grants.py) ------
+    def add_access_grant(self, row: AccessGrantRow, blob: bytes) -> bool:
+        """Store a grant as it came (its blob opaque); False if its id exists already."""
+        with self._transaction() as conn:
+            if conn.execute("SELECT 1 FROM access_grants WHERE grant_id=?",
+                            (row.grant_id,)).fetchone():
+                return False
+            conn.execute(_INSERT_ACCESS_GRANT, (*_values(row), blob))
+            return True
+
+    def access_grant(self, grant_id: str) -> AccessGrantRow | None:
+        rows = self._query(_select(AccessGrantRow, "access_grants") + " WHERE grant_id=?",
+                           (grant_id,))
+        return _grant_row(rows[0]) if rows else None
+
+    def access_grant_blob(self, grant_id: str) -> bytes | None:
+        rows = self._query("SELECT blob FROM access_grants WHERE grant_id=?", (grant_id,))
+        return bytes(rows[0][0]) if rows else None
+
+    def access_grants(self, state: GrantState | None = None,
+                      party: str | None = None) -> list[AccessGrantRow]:
+        """All grants (newest first), or those in ``state``, or those ``party`` made or got."""
+        sql, args = _select(AccessGrantRow, "access_grants") + " WHERE 1=1", []
+        if state is not None:
+            sql += " AND state=?"
+            args.append(str(state))
+        if party is not None:
+            sql += " AND (grantor=? OR grantee=?)"
+            args += [party, party]
+        return [_grant_row(r) for r in self._query(sql + " ORDER BY created_ms DESC, grant_id",
+                                                   args)]
+
+    def decide_access_grant(self, grant_id: str, decision: str, actor: str, now_ms: int,
+                            note: str | None) -> AccessGrantRow | None:
+        """Apply an admin decision if the grant is in a state that allows it (in one statement:
+        two admins deciding at once cannot both apply); returns the grant as it is afterwards
+        (unchanged if the decision did not apply), None if unknown."""
+        allowed = [str(s) for s in TRANSITIONS[decision]]
+        with self._transaction() as conn:
+            conn.execute("UPDATE access_grants SET state=?, decided_ms=?, decided_by=?,"  # noqa: S608
+                         " note=COALESCE(?, note) WHERE grant_id=? AND state IN"
+                         f" ({', '.join('?' * len(allowed))})",
+                         (str(RESULT[decision]), now_ms, actor, note, grant_id, *allowed))
+        return self.access_grant(grant_id)
+
+
+def _grant_row(values: tuple) -> AccessGrantRow:
+    return AccessGrantRow(*values[:8], GrantState(values[8]), *values[9:])

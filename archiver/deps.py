@@ -1,28 +1,42 @@
-"""Typed FastAPI dependencies and the one error type routes raise."""
+"""Typed FastAPI dependencies, the one error type routes raise, and the one map from a service's
+refusal (``Refused``: a wire error code) to an HTTP status.
+
+The one dependency-injection style of the routers: ``Annotated[..., Depends(...)]`` aliases
+defined here. Only ``get_services`` and ``services_of`` read ``app.state``.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
-from dataclasses import dataclass
 from typing import Annotated
 
-from cryptography import x509
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, Field
+from starlette.types import Scope
 
 from archiver.admin import Admin
-from archiver.admins import BOOTSTRAP_ACTOR, AdminRow, Admins, admin_validity_ms
-from archiver.archive import Archive
-from archiver.audit import AuditLog
-from archiver.auth import Sessions, secret_matches
+from archiver.admins import AdminPrincipal, Admins
 from archiver.db import ViewerRow
-from archiver.limits import RefusalAudit
-from archiver.rtsp import RtspSupervisor
+from archiver.services.cameras import CameraService
+from archiver.services.container import ArchiverServices
+from archiver.services.grants import GrantService
+from archiver.services.ingest import IngestService
+from archiver.services.logins import LoginService
+from archiver.services.playback import PlaybackService
+from archiver.services.refused import Refused
+from archiver.services.retention import RetentionService
 from archiver.settings import Settings
 from keyservice.names import CAMERA_NAME_PATTERN, is_camera_name
 from keyservice.wire import ErrorCode
+
+__all__ = ["AdminDep", "AdminPrincipal", "AdminPrincipalDep", "AdminServiceDep", "AdminsDep",
+           "ApiError", "BearerDep", "CameraName", "CameraPath", "CamerasDep", "GrantsDep",
+           "IngestDep", "LoginsDep", "PlaybackDep", "RetentionDep", "Services", "ServicesDep",
+           "SettingsDep", "ViewerDep", "api_error", "get_services", "http_status",
+           "services_of"]
+
+# The old name of the container, kept for callers.
+Services = ArchiverServices
 
 
 def _camera_name(name: str) -> str:
@@ -35,6 +49,7 @@ def _camera_name(name: str) -> str:
 # A camera name in a request body and in a URL path: the rule of keyservice.names.
 CameraName = Annotated[str, Field(pattern=CAMERA_NAME_PATTERN), AfterValidator(_camera_name)]
 CameraPath = Annotated[str, Path(pattern=CAMERA_NAME_PATTERN), AfterValidator(_camera_name)]
+
 
 class ApiError(Exception):
     """An error answered as JSON ``{"error": code, "message": sentence}`` with an HTTP status."""
@@ -49,35 +64,102 @@ class ApiError(Exception):
         self.audit = audit  # details for the audit line of a refusal (never a secret)
 
 
-@dataclass
-class Services:
-    """Everything a request handler may need; built once by create_app."""
+# The HTTP status of each refusal a service raises: the one place where a wire code becomes a
+# status. A code missing here is a 400 (and a test, tests/archiver/test_services.py, checks
+# that every code a service raises is here).
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.UNAUTHENTICATED: 401, ErrorCode.SESSION_INVALID: 401,
+    ErrorCode.PROOF_REFUSED: 401,
+    ErrorCode.FORBIDDEN: 403, ErrorCode.NOT_ENROLLED: 403, ErrorCode.REVOKED: 403,
+    ErrorCode.CERTIFICATE_EXPIRED: 403, ErrorCode.CERTIFICATE_NOT_YET_VALID: 403,
+    ErrorCode.NOT_AUTHORIZED: 403, ErrorCode.PULLED_CAMERA: 403,
+    ErrorCode.GRANT_NOT_HELD: 403, ErrorCode.GRANT_PENDING: 403, ErrorCode.GRANT_REJECTED: 403,
+    ErrorCode.GRANT_REVOKED: 403, ErrorCode.OUTSIDE_GRANT: 403, ErrorCode.OWN_GRANT: 403,
+    ErrorCode.NOT_AN_ADMIN: 403, ErrorCode.ADMIN_REVOKED: 403,
+    ErrorCode.UNKNOWN_CAMERA: 404, ErrorCode.UNKNOWN_VIEWER: 404, ErrorCode.UNKNOWN_HOLD: 404,
+    ErrorCode.NO_RECORDING: 404, ErrorCode.UNKNOWN_GRANTEE: 404, ErrorCode.UNKNOWN_GRANT: 404,
+    ErrorCode.UNKNOWN_ADMIN: 404,
+    ErrorCode.CAMERA_EXISTS: 409, ErrorCode.VIEWER_EXISTS: 409, ErrorCode.GRANT_EXISTS: 409,
+    ErrorCode.GRANT_STATE: 409, ErrorCode.ADMIN_EXISTS: 409,
+    ErrorCode.EXPIRED: 410,
+    ErrorCode.BAD_CERTIFICATE: 422, ErrorCode.BAD_CAMERA_CHANGE: 422, ErrorCode.BAD_PROOF: 422,
+    ErrorCode.BAD_CAMERA_NAME: 422, ErrorCode.BAD_RTSP_URL: 422, ErrorCode.BAD_RANGE: 422,
+    ErrorCode.BAD_GRANT: 422, ErrorCode.GRANT_OUTSIDE_RANGE: 422, ErrorCode.GRANT_TO_SELF: 422,
+    ErrorCode.BAD_ADMIN_NAME: 422, ErrorCode.INVALID_REQUEST: 422,
+}
 
-    settings: Settings
-    archive: Archive
-    sessions: Sessions
-    audit: AuditLog
-    admin_token_digest: bytes
-    site_ca: tuple[x509.Certificate, ...] = ()
-    rtsp: RtspSupervisor | None = None
-    refusals: RefusalAudit | None = None
-    metrics_token_digest: bytes | None = None
-    # Personal admin identities (archiver/admins.py) and their sessions, apart from viewers'.
-    admins: Admins | None = None
-    admin_sessions: Sessions | None = None
 
-    @functools.cached_property
-    def admin(self) -> Admin:
-        """The administrative operations (business rules of cameras and viewers)."""
-        return Admin(self.archive, self.audit, self.sessions, self.site_ca, self.rtsp,
-                     self.settings.pull_schemes)
+def http_status(code: ErrorCode) -> int:
+    return HTTP_STATUS.get(code, 400)
 
 
-def get_services(request: Request) -> Services:
+def api_error(refused: Refused) -> ApiError:
+    """A service's refusal as the HTTP error the app answers."""
+    return ApiError(http_status(refused.code), refused.code, refused.message, refused.body,
+                    **refused.audit)
+
+
+# --- the services ------------------------------------------------------------------------------
+def services_of(scope: Scope) -> ArchiverServices | None:
+    """The app's services from an ASGI scope (for middleware, which has no dependencies); None
+    before start or after stop."""
+    app = scope.get("app")
+    return getattr(getattr(app, "state", None), "services", None)
+
+
+def get_services(request: Request) -> ArchiverServices:
     return request.app.state.services
 
 
-ServicesDep = Annotated[Services, Depends(get_services)]
+ServicesDep = Annotated[ArchiverServices, Depends(get_services)]
+
+
+def _settings(services: ServicesDep) -> Settings:
+    return services.settings
+
+
+def _admin(services: ServicesDep) -> Admin:
+    return services.admin
+
+
+def _admins(services: ServicesDep) -> Admins:
+    return services.admins
+
+
+def _cameras(services: ServicesDep) -> CameraService:
+    return services.cameras
+
+
+def _retention(services: ServicesDep) -> RetentionService:
+    return services.retention
+
+
+def _grants(services: ServicesDep) -> GrantService:
+    return services.grants
+
+
+def _logins(services: ServicesDep) -> LoginService:
+    return services.logins
+
+
+def _playback(services: ServicesDep) -> PlaybackService:
+    return services.playback
+
+
+def _ingest(services: ServicesDep) -> IngestService:
+    return services.ingest
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+AdminServiceDep = Annotated[Admin, Depends(_admin)]
+AdminsDep = Annotated[Admins, Depends(_admins)]
+CamerasDep = Annotated[CameraService, Depends(_cameras)]
+RetentionDep = Annotated[RetentionService, Depends(_retention)]
+GrantsDep = Annotated[GrantService, Depends(_grants)]
+LoginsDep = Annotated[LoginService, Depends(_logins)]
+PlaybackDep = Annotated[PlaybackService, Depends(_playback)]
+IngestDep = Annotated[IngestService, Depends(_ingest)]
+
 _bearer = HTTPBearer(auto_error=False)
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
@@ -88,45 +170,10 @@ def _token(credentials: HTTPAuthorizationCredentials | None, what: str) -> str:
     return credentials.credentials
 
 
-@dataclass(frozen=True)
-class AdminPrincipal:
-    """Who acts as admin: the bootstrap token (``fingerprint`` None: shared, not a person) or a
-    personal admin logged in on the admin's own token."""
-
-    actor: str
-    fingerprint: str | None = None
-
-
-def require_admin_principal(services: ServicesDep, credentials: BearerDep) -> AdminPrincipal:
+# --- who is asking -----------------------------------------------------------------------------
+def require_admin_principal(logins: LoginsDep, credentials: BearerDep) -> AdminPrincipal:
     token = _token(credentials, "admin token or admin session token")
-    if secret_matches(token, services.admin_token_digest):
-        if not services.settings.bootstrap_token:
-            raise ApiError(403, ErrorCode.FORBIDDEN, "The bootstrap admin token is turned off on "
-                           "this Archiver (serve --no-bootstrap-token); log in on your own token "
-                           "with 'fusion-archiver admins login'.")
-        return AdminPrincipal(BOOTSTRAP_ACTOR)
-    now = services.archive.clock()
-    session = (services.admin_sessions.session(token, now)
-               if services.admin_sessions is not None else None)
-    if session is None or services.admins is None:
-        raise ApiError(403, ErrorCode.FORBIDDEN, "This is not the admin token, nor a valid admin "
-                       "session (admin sessions expire: log in again with 'fusion-archiver "
-                       "admins login').")
-    # Looked up at every request: a revoked admin's session is refused at once.
-    row = services.admins.store.get(session.fingerprint)
-    if row is None or row.revoked_ms is not None:
-        raise ApiError(403, ErrorCode.ADMIN_REVOKED, "This admin has been revoked.",
-                       fingerprint=session.fingerprint)
-    check_admin_validity(row, now)
-    return AdminPrincipal(row.actor, row.fingerprint)
-
-
-def check_admin_validity(row: AdminRow, now_ms: int) -> None:
-    not_before, not_after = admin_validity_ms(row)
-    if not not_before <= now_ms <= not_after:
-        raise ApiError(403, ErrorCode.CERTIFICATE_EXPIRED, f"Admin {row.name}'s certificate is "
-                       "outside its validity period; enrol a new one and have it added.",
-                       fingerprint=row.fingerprint)
+    return logins.admin_of(token)  # a Refused is answered by the app's handler
 
 
 AdminPrincipalDep = Annotated[AdminPrincipal, Depends(require_admin_principal)]
@@ -137,42 +184,9 @@ def require_admin(principal: AdminPrincipalDep) -> str:
     return principal.actor
 
 
-def require_viewer(services: ServicesDep, credentials: BearerDep) -> ViewerRow:
+def require_viewer(logins: LoginsDep, credentials: BearerDep) -> ViewerRow:
     token = _token(credentials, "session token (log in first)")
-    now = services.archive.clock()
-    session = services.sessions.session(token, now)
-    if session is None:
-        raise ApiError(401, ErrorCode.SESSION_INVALID,
-                       "The session token is unknown or expired; log in again.")
-    viewer = services.archive.db.viewer(session.fingerprint)
-    if viewer is None or viewer.revoked_ms is not None:
-        raise ApiError(403, ErrorCode.REVOKED, "This viewer's certificate has been revoked.")
-    check_certificate_validity(viewer, now)
-    return viewer
-
-
-def check_certificate_validity(viewer: ViewerRow, now_ms: int) -> None:
-    """Refuse a viewer whose certificate is outside its validity period (at every login and
-    every request of a session, not only when the admin authorized it)."""
-    not_before, not_after = certificate_validity_ms(viewer.certificate)
-    if now_ms > not_after:
-        when = dt.datetime.fromtimestamp(not_after / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
-        raise ApiError(403, ErrorCode.CERTIFICATE_EXPIRED, f"This viewer's certificate expired on "
-                       f"{when} UTC; enrol a new identity and have the admin authorize it.",
-                       fingerprint=viewer.fingerprint, not_after=when)
-    if now_ms < not_before:
-        when = dt.datetime.fromtimestamp(not_before / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
-        raise ApiError(403, ErrorCode.CERTIFICATE_NOT_YET_VALID, f"This viewer's certificate is not "
-                       f"valid before {when} UTC; check the clocks.",
-                       fingerprint=viewer.fingerprint)
-
-
-@functools.lru_cache(maxsize=4096)
-def certificate_validity_ms(der: bytes) -> tuple[int, int]:
-    """(not before, not after) of a DER certificate, in ms since the epoch."""
-    cert = x509.load_der_x509_certificate(der)
-    return (int(cert.not_valid_before_utc.timestamp() * 1000),
-            int(cert.not_valid_after_utc.timestamp() * 1000))
+    return logins.viewer_of(token)
 
 
 AdminDep = Annotated[str, Depends(require_admin)]

@@ -1,9 +1,8 @@
-"""Admin API: cameras and viewers. Every change goes to the audit log."""
+"""Admin API: cameras, viewers, retention, evidence holds, storage. HTTP only: the rules (and
+the audit entries) are archiver/admin.py and archiver/services/ (cameras, retention)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Annotated, Literal
 
@@ -11,14 +10,21 @@ from cryptography import x509
 from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
-from archiver.admin import AdminRefused
+from archiver.admin import ViewerRow
 from archiver.cameras import CameraState
-from archiver.db import CameraRow, ViewerRow
-from archiver.deps import AdminDep, ApiError, CameraName, CameraPath, Services, ServicesDep
+from archiver.deps import (
+    AdminDep,
+    AdminServiceDep,
+    CameraName,
+    CameraPath,
+    CamerasDep,
+    RetentionDep,
+    SettingsDep,
+)
 from archiver.rtsp import redact
+from archiver.services.cameras import CameraStatus
 from keyservice.identity import OaepHash
 from keyservice.names import CAMERA_NAME_PATTERN
-from keyservice.wire import ErrorCode
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 Fingerprint = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]
@@ -149,144 +155,87 @@ class Revoked(BaseModel):
     key_streams_deleted: bool
 
 
-# The HTTP status of each refusal of archiver.admin.
-_STATUS = {ErrorCode.BAD_CAMERA_NAME: 422, ErrorCode.BAD_RTSP_URL: 422,
-           ErrorCode.CAMERA_EXISTS: 409, ErrorCode.UNKNOWN_CAMERA: 404,
-           ErrorCode.BAD_CERTIFICATE: 422, ErrorCode.UNKNOWN_VIEWER: 404,
-           ErrorCode.VIEWER_EXISTS: 409, ErrorCode.BAD_CAMERA_CHANGE: 422}
-
-
-@contextmanager
-def _refusals() -> Iterator[None]:
-    try:
-        yield
-    except AdminRefused as exc:
-        raise ApiError(_STATUS[exc.code], exc.code, exc.message) from None
-
-
 @router.post("/cameras", status_code=201)
-def add_camera(body: CameraCreate, services: ServicesDep, actor: AdminDep) -> CameraCreated:
-    with _refusals():
-        token = services.admin.add_camera(actor, body.name, body.rtsp_url)
+def add_camera(body: CameraCreate, admin: AdminServiceDep, settings: SettingsDep,
+               actor: AdminDep) -> CameraCreated:
+    token = admin.add_camera(actor, body.name, body.rtsp_url)
     return CameraCreated(name=body.name, rtsp_url=redact(body.rtsp_url) if body.rtsp_url else None,
                          ingest_token=token,
                          ingest_url=None if token is None else
-                         f"{services.settings.public_url}/ingest/{body.name}/index.m3u8")
+                         f"{settings.public_url}/ingest/{body.name}/index.m3u8")
 
 
 @router.get("/cameras")
-def list_cameras(services: ServicesDep, actor: AdminDep) -> list[CameraInfo]:
-    archive = services.archive
-    return [_camera_info(cam, services) for cam in archive.db.cameras()]
+def list_cameras(cameras: CamerasDep, actor: AdminDep) -> list[CameraInfo]:
+    return [_camera_info(status) for status in cameras.statuses()]
 
 
-def _camera_info(cam: CameraRow, services: Services) -> CameraInfo:
-    archive = services.archive
-    recorded = archive.db.recorded_range(cam.name)
-    first, last, count = recorded or (None, None, 0)
-    health = archive.health.health(cam.name, archive.clock())
+def _camera_info(status: CameraStatus) -> CameraInfo:
+    cam = status.camera
     return CameraInfo(name=cam.name, rtsp_url=redact(cam.rtsp_url) if cam.rtsp_url else None,
-                      created_ms=cam.created_ms, segments=count, first_ms=first,
-                      last_ms=last, **asdict(health),
-                      retention_days=cam.retention_days or services.settings.retention_days,
-                      retention_default=cam.retention_days is None,
-                      holds=len(archive.db.holds(cam.name)),
-                      expired_until_ms=archive.db.expired_until(cam.name))
+                      created_ms=cam.created_ms, segments=status.segments,
+                      first_ms=status.first_ms, last_ms=status.last_ms, **asdict(status.health),
+                      retention_days=status.retention_days,
+                      retention_default=status.retention_default, holds=status.holds,
+                      expired_until_ms=status.expired_until_ms)
 
 
 @router.put("/cameras/{name}/retention")
-def set_retention(name: CameraPath,
-                  body: RetentionUpdate, services: ServicesDep, actor: AdminDep) -> CameraInfo:
-    archive = services.archive
-    before = archive.db.camera(name)  # a removed camera too: its archive still expires
-    if before is None or not archive.db.set_retention(name, body.days):
-        raise ApiError(404, ErrorCode.UNKNOWN_CAMERA, f"There is no camera named '{name}'.")
-    services.audit.record(actor, "camera.retention", archive.clock(), camera=name,
-                          days=body.days or "default", before=before.retention_days or "default")
-    after = archive.db.camera(name)
-    assert after is not None
-    return _camera_info(after, services)
+def set_retention(name: CameraPath, body: RetentionUpdate, retention: RetentionDep,
+                  cameras: CamerasDep, actor: AdminDep) -> CameraInfo:
+    retention.set_retention(actor, name, body.days)
+    return _camera_info(cameras.status(name))
 
 
 @router.get("/storage")
-def storage(services: ServicesDep, actor: AdminDep) -> StorageInfo:
-    retention = services.archive.retention
-    return StorageInfo(free_bytes=retention.free_bytes(),
-                       min_free_bytes=services.settings.min_free_bytes,
-                       retention_days=services.settings.retention_days,
-                       below_watermark=retention.total.below_watermark,
-                       files_removed=retention.total.files_removed,
-                       bytes_reclaimed=retention.total.bytes_reclaimed,
-                       key_records_shredded=retention.total.key_records_shredded)
+def storage(retention: RetentionDep, actor: AdminDep) -> StorageInfo:
+    return StorageInfo(**asdict(retention.storage()))
 
 
 @router.post("/holds", status_code=201)
-def add_hold(body: HoldCreate, services: ServicesDep, actor: AdminDep) -> HoldInfo:
-    archive = services.archive
-    if archive.db.camera(body.camera) is None and not archive.db.expired_files(body.camera):
-        raise ApiError(404, ErrorCode.UNKNOWN_CAMERA, f"There is no camera named '{body.camera}'.")
-    if body.to_ms < body.from_ms:
-        raise ApiError(422, ErrorCode.BAD_RANGE, "The end of the hold is before its start.")
-    # Under the retention lock: a pass in progress cannot remove the range after this returns.
-    with archive.retention.lock:
-        hold = archive.db.add_hold(body.camera, body.from_ms, body.to_ms, body.reason, actor,
-                                   archive.clock())
-    services.audit.record(actor, "hold.add", archive.clock(), hold_id=hold.hold_id,
-                          camera=hold.camera, from_ms=hold.from_ms, to_ms=hold.to_ms,
-                          reason=hold.reason)
-    return HoldInfo(**asdict(hold))
+def add_hold(body: HoldCreate, retention: RetentionDep, actor: AdminDep) -> HoldInfo:
+    return HoldInfo(**asdict(retention.add_hold(actor, body.camera, body.from_ms, body.to_ms,
+                                                body.reason)))
 
 
 @router.get("/holds")
-def list_holds(services: ServicesDep, actor: AdminDep, camera: str | None = None) -> list[HoldInfo]:
-    return [HoldInfo(**asdict(h)) for h in services.archive.db.holds(camera)]
+def list_holds(retention: RetentionDep, actor: AdminDep,
+               camera: str | None = None) -> list[HoldInfo]:
+    return [HoldInfo(**asdict(h)) for h in retention.holds(camera)]
 
 
 @router.delete("/holds/{hold_id}")
-def remove_hold(hold_id: int, services: ServicesDep, actor: AdminDep) -> HoldInfo:
-    archive = services.archive
-    hold = archive.db.remove_hold(hold_id)
-    if hold is None:
-        raise ApiError(404, ErrorCode.UNKNOWN_HOLD, f"There is no evidence hold {hold_id}.")
-    services.audit.record(actor, "hold.remove", archive.clock(), hold_id=hold.hold_id,
-                          camera=hold.camera, from_ms=hold.from_ms, to_ms=hold.to_ms,
-                          reason=hold.reason)
-    return HoldInfo(**asdict(hold))
+def remove_hold(hold_id: int, retention: RetentionDep, actor: AdminDep) -> HoldInfo:
+    return HoldInfo(**asdict(retention.remove_hold(actor, hold_id)))
 
 
 @router.delete("/cameras/{name}", status_code=204)
-def remove_camera(name: CameraPath, services: ServicesDep, actor: AdminDep) -> None:
-    with _refusals():
-        services.admin.remove_camera(actor, name)
+def remove_camera(name: CameraPath, admin: AdminServiceDep, actor: AdminDep) -> None:
+    admin.remove_camera(actor, name)
 
 
 # /clients: the old name of /viewers, kept as a deprecated alias for one release.
 @router.post("/viewers", status_code=201)
 @router.post("/clients", status_code=201, deprecated=True)
-def add_viewer(body: ViewerCreate, services: ServicesDep, actor: AdminDep) -> ViewerInfo:
+def add_viewer(body: ViewerCreate, admin: AdminServiceDep, actor: AdminDep) -> ViewerInfo:
     cameras = None if body.cameras == "all" else list(body.cameras)
-    active = {v.fingerprint for v in services.archive.db.viewers() if v.revoked_ms is None}
-    with _refusals():
-        row = services.admin.authorize_viewer(actor, body.certificate.encode(), cameras,
-                                              body.oaep_hash)
-    info = _viewer_info(row)
-    info.reauthorized = row.fingerprint in active
+    done = admin.authorize(actor, body.certificate.encode(), cameras, body.oaep_hash)
+    info = _viewer_info(done.viewer)
+    info.reauthorized = done.reauthorized
     return info
 
 
 @router.get("/viewers")
 @router.get("/clients", deprecated=True)
-def list_viewers(services: ServicesDep, actor: AdminDep) -> list[ViewerInfo]:
-    return [_viewer_info(row) for row in services.archive.db.viewers()]
+def list_viewers(admin: AdminServiceDep, actor: AdminDep) -> list[ViewerInfo]:
+    return [_viewer_info(row) for row in admin.viewers()]
 
 
 @router.post("/viewers/{fp}/cameras")
-def change_viewer_cameras(fp: Fingerprint, body: CameraChangeRequest, services: ServicesDep,
+def change_viewer_cameras(fp: Fingerprint, body: CameraChangeRequest, admin: AdminServiceDep,
                           actor: AdminDep) -> CameraChangeInfo:
-    with _refusals():
-        change = services.admin.change_viewer_cameras(actor, fp, list(body.add),
-                                                      list(body.remove), body.set)
-    row = services.archive.db.viewer(fp)
+    change = admin.change_viewer_cameras(actor, fp, list(body.add), list(body.remove), body.set)
+    row = admin.viewer(fp)
     assert row is not None
     return CameraChangeInfo(fingerprint=fp, subject=row.subject,
                             before="all" if change.before is None else change.before,
@@ -296,10 +245,9 @@ def change_viewer_cameras(fp: Fingerprint, body: CameraChangeRequest, services: 
 
 @router.post("/viewers/{fp}/revoke")
 @router.post("/clients/{fp}/revoke", deprecated=True)
-def revoke_viewer(fp: Fingerprint, body: RevokeRequest, services: ServicesDep,
+def revoke_viewer(fp: Fingerprint, body: RevokeRequest, admin: AdminServiceDep,
                   actor: AdminDep) -> Revoked:
-    with _refusals():
-        services.admin.revoke_viewer(actor, fp, body.delete_key_streams)
+    admin.revoke_viewer(actor, fp, body.delete_key_streams)
     return Revoked(fingerprint=fp, revoked=True, key_streams_deleted=body.delete_key_streams)
 
 

@@ -15,8 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from archiver.auth import secret_matches
-from archiver.deps import ApiError, BearerDep, CameraPath, ServicesDep
+from archiver.deps import ApiError, BearerDep, CameraPath, IngestDep, SettingsDep, services_of
 from archiver.storage import StorageFailed, StorageFull
 from keyservice.wire import ErrorCode
 
@@ -88,13 +87,11 @@ def _refusal_reason(status: int, body: bytes) -> str | None:
 
 
 async def _count_refused(scope: Scope, camera: str, reason: str) -> None:
-    services = getattr(getattr(scope.get("app"), "state", None), "services", None)
+    services = services_of(scope)  # middleware has no dependencies
     if services is None:  # not started (or stopping): nothing to count into
         return
     try:
-        row = await asyncio.to_thread(services.archive.db.camera, camera)
-        if row is not None and row.removed_ms is None:
-            services.archive.health.segment_refused(camera, reason)
+        await asyncio.to_thread(services.ingest.count_refused, camera, reason)
     except Exception:  # counting must not turn a refusal into a different answer
         log.warning("camera %s: could not count a refused segment (%s)", camera, reason)
 
@@ -185,21 +182,10 @@ async def _wait_for_turn(request: Request) -> None:
         await order.wait_for_turn(camera, ticket)
 
 
-def _check_camera(services: ServicesDep, camera: str, credentials: BearerDep) -> None:
+def _check_camera(ingest: IngestDep, camera: str, credentials: BearerDep) -> None:
     if credentials is None:
         raise ApiError(401, ErrorCode.UNAUTHENTICATED, "Missing 'Authorization: Bearer' camera token.")
-    token = credentials.credentials
-    row = services.archive.db.camera(camera)
-    valid = row is not None and row.removed_ms is None and secret_matches(token, row.token_sha256)
-    # One answer for unknown camera and wrong token: the API does not confirm camera names.
-    if not valid:
-        raise ApiError(403, ErrorCode.FORBIDDEN, f"This token is not valid for camera '{camera}'.")
-    if row is not None and row.rtsp_url:
-        # The Archiver pulls this camera and is its only source: a token issued before pulled
-        # cameras got none must not push outside video into its signed archive. Said only to
-        # a valid token, so that the answer does not confirm camera names.
-        raise ApiError(403, ErrorCode.PULLED_CAMERA, f"Camera '{camera}' is pulled by the "
-                       "Archiver (RTSP); it accepts no pushed video.")
+    ingest.check_camera_token(camera, credentials.credentials)
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -234,9 +220,9 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 media: {"schema": {"type": "string", "format": "binary"}}
                 for media in ("video/mp2t", "application/octet-stream")}}})
 async def put_segment(camera: CameraPath, name: NamePath, request: Request,
-                      services: ServicesDep, credentials: BearerDep) -> Response:
-    _check_camera(services, camera, credentials)
-    settings = services.settings
+                      ingest: IngestDep, settings: SettingsDep,
+                      credentials: BearerDep) -> Response:
+    _check_camera(ingest, camera, credentials)
     if not name.endswith(SEGMENT_SUFFIXES):
         await _read_body(request, PLAYLIST_LIMIT, settings.upload_timeout_s)
         return Response(status_code=204)
@@ -245,7 +231,7 @@ async def put_segment(camera: CameraPath, name: NamePath, request: Request,
         raise ApiError(400, ErrorCode.EMPTY_SEGMENT, "The segment is empty.")
     await _wait_for_turn(request)  # an overtaken upload's 409 is counted by UploadOutcomes
     try:
-        row = await run_in_threadpool(services.archive.ingest_segment, camera, data)
+        row = await run_in_threadpool(ingest.ingest, camera, data)
     except BaseException as exc:
         # Archive.ingest_segment counted this failure itself, with its reason.
         request.scope[_COUNTED] = True
@@ -258,8 +244,8 @@ async def put_segment(camera: CameraPath, name: NamePath, request: Request,
 
 
 @router.delete("/ingest/{camera}/{name}", status_code=204)
-async def delete_segment(camera: CameraPath, name: NamePath, services: ServicesDep,
+async def delete_segment(camera: CameraPath, name: NamePath, ingest: IngestDep,
                          credentials: BearerDep) -> Response:
     """ffmpeg deletes old HLS segments; the archive keeps them (evidence), so this is a no-op."""
-    _check_camera(services, camera, credentials)
+    _check_camera(ingest, camera, credentials)
     return Response(status_code=204)

@@ -105,8 +105,8 @@ def test_an_admin_on_their_own_token_is_named_in_the_audit_log(
     assert by_action["admin.session.open"]["actor"] == actor
     assert by_action["admin.session.open"]["fingerprint"] == alice.fingerprint
     assert by_action["camera.add"]["actor"] == actor
-    assert by_action["client.add"]["actor"] == actor
-    assert by_action["client.add"]["fingerprint"] == viewer.fingerprint
+    assert by_action["viewer.add"]["actor"] == actor
+    assert by_action["viewer.add"]["fingerprint"] == viewer.fingerprint
 
     listed = cli(https_archiver, "admins", "list", "--json", token=token)
     assert listed.returncode == 0, listed.stderr

@@ -96,7 +96,7 @@ def test_an_expired_viewer_is_refused_everywhere_and_audited(
                (server.data_dir / "audit.jsonl").read_text().splitlines()]
     assert any(e["action"] == "access.refused" and e.get("error") == "certificate_expired"
                and e.get("fingerprint") == fp for e in entries)
-    assert any(e["action"] == "client.expired" and e["fingerprint"] == fp for e in entries)
+    assert any(e["action"] == "viewer.expired" and e["fingerprint"] == fp for e in entries)
     listed = _archiver("viewers", "list", "--url", server.url, "--data", str(server.data_dir))
     assert listed.returncode == 0, listed.stderr
     assert f"{fp}" in listed.stdout and "EXPIRED" in listed.stdout

@@ -242,7 +242,7 @@ def test_viewer_cameras_are_added_and_set_explicitly(site_archiver: ArchiverServ
     assert usage.returncode == 2 and "--set alone" in one_sentence(usage.stderr)
     audit = [json.loads(line) for line in
              (site_archiver.data_dir / "audit.jsonl").read_text().splitlines()]
-    assert sum(entry.get("action") == "client.cameras" for entry in audit) == 4
+    assert sum(entry.get("action") == "viewer.cameras" for entry in audit) == 4
 
 
 def colliding_certificates(site_ca: SiteCa, directory: Path) -> tuple[Path, Path, str]:
@@ -359,7 +359,7 @@ def test_a_private_key_never_leaves_the_admins_machine(
                   *admin_args(site_archiver))
     assert refused.returncode == 2
     assert viewers(site_archiver) == {}
-    assert "client.add" not in (site_archiver.data_dir / "audit.jsonl").read_text()
+    assert "viewer.add" not in (site_archiver.data_dir / "audit.jsonl").read_text()
 
 
 # --- one time parser ---------------------------------------------------------------------------

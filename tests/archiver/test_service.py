@@ -296,7 +296,7 @@ def test_audit_log_and_health(archiver_server: ArchiverServer, make_viewer) -> N
     archiver_server.revoke(fp)
     log_path = archiver_server.data_dir / "audit.jsonl"
     text = log_path.read_text()
-    for action in ("camera.add", "client.add", "session.open", "stream.playback", "client.revoke"):
+    for action in ("camera.add", "viewer.add", "session.open", "stream.playback", "viewer.revoke"):
         assert f'"action":"{action}"' in text
     assert verify_audit_log(log_path) is None
     lines = log_path.read_bytes().splitlines()

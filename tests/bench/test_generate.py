@@ -62,7 +62,7 @@ def test_generate_audits_the_viewer_and_the_camera(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["epoch_openers"] >= 1
     actions = [(e["actor"], e["action"]) for e in _audit(tmp_path)]
-    assert ("bench.generate", "client.add") in actions
+    assert ("bench.generate", "viewer.add") in actions
     assert ("bench.generate", "camera.add") in actions
 
 
@@ -71,4 +71,4 @@ def test_generate_refuses_a_viewer_the_site_ca_did_not_issue(tmp_path: Path) -> 
                      str(_ca_pem(tmp_path)))
     assert done.returncode == 2, done.stdout + done.stderr[-2000:]
     assert "not issued by the site CA" in done.stderr and "Traceback" not in done.stderr
-    assert not any(e["action"] == "client.add" for e in _audit(tmp_path))
+    assert not any(e["action"] == "viewer.add" for e in _audit(tmp_path))

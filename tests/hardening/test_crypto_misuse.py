@@ -214,7 +214,7 @@ def test_no_key_or_pin_in_any_log_of_a_full_run(tmp_path: Path, softhsm_token: T
             "audit log": (server.data_dir / "audit.jsonl").read_bytes(),
             "CLI output": "\n".join(outputs).encode()}
     assert len(logs["server log"]) > 2000 and logs["audit log"].count(b"\n") >= 8
-    assert b"recovery" in logs["audit log"] and b"client.revoke" in logs["audit log"]
+    assert b"recovery" in logs["audit log"] and b"viewer.revoke" in logs["audit log"]
     for log_name, content in logs.items():
         for what, forms in needles.items():
             for form in forms:

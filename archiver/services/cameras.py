@@ -1,0 +1,107 @@
+"""Cameras as admins and viewers see them: recorded range, health, retention and holds (admins);
+the cameras a viewer may watch, and the gaps in a camera's recording.
+
+One answer for "no such camera" and "not yours" to a viewer: a viewer cannot enumerate camera
+names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from archiver.archive import Archive
+from archiver.cameras import GAP_TOLERANCE_MS, CameraHealth, CameraState
+from archiver.db import CameraRow, ViewerRow
+from archiver.services.refused import Refused
+from archiver.settings import Settings
+from keyservice.format import DataStream
+from keyservice.wire import ErrorCode
+
+
+@dataclass(frozen=True)
+class CameraStatus:
+    """A camera as an admin sees it."""
+
+    camera: CameraRow
+    first_ms: int | None
+    last_ms: int | None
+    segments: int
+    health: CameraHealth
+    retention_days: int  # the camera's, or the site default
+    retention_default: bool
+    holds: int
+    expired_until_ms: int | None
+
+
+@dataclass(frozen=True)
+class CameraView:
+    """A camera as a viewer authorized on it sees it."""
+
+    name: str
+    first_ms: int | None
+    last_ms: int | None
+    segments: int
+    state: CameraState
+
+
+@dataclass
+class CameraService:
+    archive: Archive
+    settings: Settings
+
+    # --- admins --------------------------------------------------------------------------
+    def statuses(self) -> list[CameraStatus]:
+        """The cameras being recorded (removed ones are not), by name."""
+        return [self._status(cam) for cam in self.archive.db.cameras()]
+
+    def status(self, name: str) -> CameraStatus:
+        """One camera, removed ones too (their archive still expires)."""
+        cam = self.archive.db.camera(name)
+        if cam is None:
+            raise Refused(ErrorCode.UNKNOWN_CAMERA, f"There is no camera named '{name}'.")
+        return self._status(cam)
+
+    def _status(self, cam: CameraRow) -> CameraStatus:
+        db = self.archive.db
+        first, last, count = db.recorded_range(cam.name) or (None, None, 0)
+        return CameraStatus(
+            camera=cam, first_ms=first, last_ms=last, segments=count,
+            health=self.archive.health.health(cam.name, self.archive.clock()),
+            retention_days=cam.retention_days or self.settings.retention_days,
+            retention_default=cam.retention_days is None, holds=len(db.holds(cam.name)),
+            expired_until_ms=db.expired_until(cam.name))
+
+    # --- viewers -------------------------------------------------------------------------
+    def of_viewer(self, viewer: ViewerRow) -> list[CameraView]:
+        """The cameras this viewer may watch (removed ones too: their archive stays)."""
+        archive = self.archive
+        now = archive.clock()
+        out = []
+        for cam in archive.db.cameras(include_removed=True):
+            if not viewer.authorized_on(cam.name):
+                continue
+            first, last, count = archive.db.recorded_range(cam.name) or (None, None, 0)
+            out.append(CameraView(cam.name, first, last, count,
+                                  archive.health.health(cam.name, now).state))
+        return out
+
+    def authorize(self, viewer: ViewerRow, camera: str) -> None:
+        """Refuse a camera the viewer may not watch, with one answer for "no such camera" and
+        "not yours"."""
+        if self.archive.db.camera(camera) is None or not viewer.authorized_on(camera):
+            raise Refused(ErrorCode.NOT_AUTHORIZED, f"This viewer may not watch a camera named "
+                          f"'{camera}' (or there is none).", fingerprint=viewer.fingerprint)
+
+    def gaps(self, viewer: ViewerRow, camera: str, from_ms: int,
+             to_ms: int) -> list[tuple[int, int]]:
+        """Where the index has no video of ``camera`` in [from_ms, to_ms] (unsigned: the
+        fusion stream's signed segment times are what the viewer verifies)."""
+        self.authorize(viewer, camera)
+        if to_ms < from_ms:
+            raise Refused(ErrorCode.BAD_RANGE, "The end of the range is before its start.")
+        # Up to now at most: the future is not a gap.
+        until = min(to_ms, self.archive.clock())
+        if until < from_ms:
+            return []
+        return self.archive.db.gaps(camera, int(DataStream.VIDEO), from_ms, until,
+                                    GAP_TOLERANCE_MS)
