@@ -8,9 +8,11 @@ certificate.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,11 +27,18 @@ from keyservice.softhsm import init_softhsm
 from keyservice.token import Token
 
 DEFAULT_LABEL = "archiver"
+_CONF_VARIABLE = "SOFTHSM2_CONF"
 
 
 def open_signer(settings: Settings) -> Signer:
-    uri = settings.signer_token_uri or _default_token_uri(settings.token_dir)
-    token = Token.open(uri)
+    """The signing key: on ``settings.signer_token_uri``, or on the data directory's own SoftHSM
+    token (made on first use). The process's environment is left as it was."""
+    if settings.signer_token_uri:
+        token = Token.open(settings.signer_token_uri)
+    else:
+        uri, conf = default_token(settings.token_dir)
+        with softhsm_config(conf):
+            token = Token.open(uri)
     signer = token.ensure_signer(settings.signer_label, common_name=signing_common_name())
     if settings.signing_cert_file is not None:
         signer.certificate = site_issued_certificate(settings.signing_cert_file, signer)
@@ -73,7 +82,25 @@ def signing_common_name(host: str | None = None) -> str:
     return f"Fusion Archiver {host[:38]} {secrets.token_hex(4)}"
 
 
-def _default_token_uri(token_dir: Path) -> str:
+@contextlib.contextmanager
+def softhsm_config(conf: Path) -> Iterator[None]:
+    """``SOFTHSM2_CONF`` set to ``conf`` while the SoftHSM module is loaded (it reads its
+    configuration once per process, when loaded), then put back as it was: an embedding
+    process's own setting (its viewers' tokens, say) is not changed behind its back."""
+    before = os.environ.get(_CONF_VARIABLE)
+    os.environ[_CONF_VARIABLE] = str(conf)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_CONF_VARIABLE, None)
+        else:
+            os.environ[_CONF_VARIABLE] = before
+
+
+def default_token(token_dir: Path) -> tuple[str, Path]:
+    """The PKCS#11 URI of the data directory's own SoftHSM token (made on first use, its PIN in
+    a 0600 file beside it) and its SoftHSM configuration file."""
     conf = token_dir / "softhsm2.conf"
     pin_file = token_dir / "pin"
     if not conf.exists():
@@ -84,7 +111,5 @@ def _default_token_uri(token_dir: Path) -> str:
         fd = os.open(pin_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(pin)
-    # SoftHSM reads its configuration once per process, when the module is first loaded.
-    os.environ["SOFTHSM2_CONF"] = str(conf)
     return (f"pkcs11:token={DEFAULT_LABEL}?module-path={DEFAULT_MODULE}"
-            f"&pin-source=file:{pin_file}")
+            f"&pin-source=file:{pin_file}", conf)
