@@ -21,7 +21,7 @@ import anyio.to_thread
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.cameras import CameraState, HealthBoard, SavedHealth, SegmentClock, SegmentTime
-from archiver.db import Database, GrantRow, HealthRow, ManifestRow, SegmentRow, ViewerRow
+from archiver.db import ChainRecipientsRow, Database, HealthRow, ManifestRow, SegmentRow, ViewerRow
 from archiver.keying import KeyManager
 from archiver.mpegts import media_span
 from archiver.reindex import ec_public_key as _ec_key
@@ -222,10 +222,10 @@ class Archive:
             offset = self.files.append(rel, [*recipients, *segment_parts, manifest_bytes])
             seg_offset = offset + sum(map(len, recipients))
             # One index row per part, under chain id || part (u32): see _Assembler.manifest.
-            grant_rows, part_offset = [], offset
+            recipient_rows, part_offset = [], offset
             for part, raw in enumerate(recipients):
-                grant_rows.append(GrantRow(chain_key_id(chain_id, part), camera, rel,
-                                           part_offset, len(raw)))
+                recipient_rows.append(ChainRecipientsRow(chain_key_id(chain_id, part), camera,
+                                                         rel, part_offset, len(raw)))
                 part_offset += len(raw)
             row = SegmentRow(camera, int(stream), seq, time.start_ms, key.key_id, len(data),
                              manifest.entries[0].digest, rel, seg_offset, segment_len,
@@ -233,7 +233,7 @@ class Archive:
             self.db.record_segments([row], ManifestRow(
                 camera, manifest.manifest_seq, rel, seg_offset + segment_len,
                 len(manifest_bytes), hashlib.sha256(manifest_bytes).digest(), time.start_ms,
-                time.end_ms), grant_rows)
+                time.end_ms), recipient_rows)
         except BaseException:
             if recipients:
                 self.keys.put_back_recipients(chain_id, recipients)
@@ -481,7 +481,7 @@ class _Assembler:
             chain_id = split_key_id(segment.key_id)[0]
             # The chain record is indexed under the chain id (keying.py).
             found = (None if self._grant is not None
-                     else self._db.key_record(self._fingerprint, chain_id))
+                     else self._db.chain_record(self._fingerprint, chain_id))
             if found is None:
                 # No key for this viewer: the manifest alone is sent, with the chain's signed
                 # recipients (every part), which let the viewer check that it was not
@@ -489,9 +489,10 @@ class _Assembler:
                 if chain_id not in self._sent_recipients:
                     self._sent_recipients.add(chain_id)
                     part = 0
-                    while (grant := self._db.key_grant(chain_key_id(chain_id, part))) is not None:
-                        parts.append(self._writer.add(self._read(grant.file, grant.offset,
-                                                                 grant.length)))
+                    while (where := self._db.chain_recipients(chain_key_id(chain_id, part))
+                           ) is not None:
+                        parts.append(self._writer.add(self._read(where.file, where.offset,
+                                                                 where.length)))
                         part += 1
                 continue
             epoch_id, chain_record = found

@@ -243,8 +243,8 @@ def _check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey, default_reten
             " FROM segments")}
         manifests = {(r[0], r[1]): r[2:] for r in conn.execute(
             "SELECT file, offset, camera, manifest_seq, length, hash FROM manifests")}
-        grants = {(r[0], r[1]): r[2:] for r in conn.execute(
-            "SELECT file, offset, camera, key_id, length FROM key_grants")}
+        recipients = {(r[0], r[1]): r[2:] for r in conn.execute(
+            "SELECT file, offset, camera, key_id, length FROM chain_recipients")}
         expired = {r[0]: _Tombstone(r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in conn.execute(
             "SELECT file, camera, from_ms, to_ms, reason, removed_ms, done FROM expired_files")}
         retention = {r[0]: r[1] or default_retention_days for r in conn.execute(
@@ -325,7 +325,7 @@ def _check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey, default_reten
                                 f"is damaged ({exc})"))
                 segments.pop((rel, pos), None)
                 manifests.pop((rel, pos), None)
-                grants.pop((rel, pos), None)
+                recipients.pop((rel, pos), None)
                 pos = end
                 continue
             digest = hashlib.sha256(raw).digest()
@@ -365,7 +365,7 @@ def _check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey, default_reten
                 links.setdefault(camera, []).append(
                     (record.manifest_seq, record.prev_hash, digest, rel))
             elif isinstance(record, ChainRecipients):
-                row = grants.pop((rel, pos), None)
+                row = recipients.pop((rel, pos), None)
                 if row is None or not _same(row, (record.camera, chain_key_id(record.chain_id, record.part),
                                                   len(raw))):
                     problem(Problem("unindexed" if row is None else "index_mismatch", rel, pos,
@@ -378,7 +378,8 @@ def _check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey, default_reten
         if pending:
             problem(Problem("unindexed", rel, pos, f"{rel}: {len(pending)} segment(s) at the end "
                             "are not covered by a signed manifest"))
-    for what, rows in (("segment", segments), ("manifest", manifests), ("chain recipients record", grants)):
+    for what, rows in (("segment", segments), ("manifest", manifests),
+                       ("chain recipients record", recipients)):
         for (rel, offset), _ in sorted(rows.items()):
             problem(Problem("missing", rel, offset, f"the index lists a {what} in {rel} at offset "
                             f"{offset} that the file does not hold"))

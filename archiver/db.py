@@ -1,5 +1,6 @@
 """The Archiver's metadata in SQLite: cameras, authorized viewers, the segment index, the
-per-viewer key streams, retention and evidence holds.
+per-viewer key streams (chain records and the chain recipients), retention, evidence holds and
+access grants.
 
 Nothing secret is stored here: camera tokens only as SHA-256 hashes, viewers as public
 certificates, key streams as RSA-OAEP epoch openers and AES-GCM-wrapped key records.
@@ -85,8 +86,9 @@ class ManifestRow:
 
 
 @dataclass(frozen=True)
-class GrantRow:
-    """Where a minute key's signed key grant (the viewers it was wrapped for) is archived."""
+class ChainRecipientsRow:
+    """Where one part of a key chain's signed chain recipients (the viewers its keys were
+    wrapped for) is archived; ``key_id`` is chain id || part (u32)."""
 
     key_id: bytes
     camera: str
@@ -165,12 +167,12 @@ def _values(row: Any) -> tuple[Any, ...]:
 
 _INSERT_SEGMENT = _insert(SegmentRow, "segments")
 _INSERT_MANIFEST = _insert(ManifestRow, "manifests")
-_INSERT_GRANT = _insert(GrantRow, "key_grants", "INSERT OR REPLACE")
+_INSERT_RECIPIENTS = _insert(ChainRecipientsRow, "chain_recipients", "INSERT OR REPLACE")
 # An access grant's columns and its blob (the grant as the grantor sent it).
 _INSERT_ACCESS_GRANT = _insert(AccessGrantRow, "access_grants").replace(
     ") VALUES (", ", blob) VALUES (?, ", 1)
 _INSERT_EPOCH = "INSERT INTO epochs (epoch_id, fingerprint, created_ms, record) VALUES (?,?,?,?)"
-_INSERT_KEY_RECORD = ("INSERT INTO key_records (fingerprint, key_id, camera, epoch_id,"
+_INSERT_CHAIN_RECORD = ("INSERT INTO chain_records (fingerprint, chain_id, camera, epoch_id,"
                       " valid_from_ms, record) VALUES (?,?,?,?,?,?)")
 
 
@@ -357,7 +359,7 @@ class Database:
             if cur.rowcount != 1:
                 return False
             if delete_key_streams:
-                conn.execute("DELETE FROM key_records WHERE fingerprint=?", (fingerprint,))
+                conn.execute("DELETE FROM chain_records WHERE fingerprint=?", (fingerprint,))
                 conn.execute("DELETE FROM epochs WHERE fingerprint=?", (fingerprint,))
                 conn.execute("UPDATE viewers SET key_streams_deleted=1 WHERE fingerprint=?",
                              (fingerprint,))
@@ -370,7 +372,7 @@ class Database:
                 if item.epoch_opener is not None:
                     conn.execute(_INSERT_EPOCH,
                                  (item.epoch_id, item.fingerprint, now_ms, item.epoch_opener))
-                conn.execute(_INSERT_KEY_RECORD,
+                conn.execute(_INSERT_CHAIN_RECORD,
                              (item.fingerprint, item.key_id, item.camera, item.epoch_id,
                               item.valid_from_ms, item.key_record))
 
@@ -382,14 +384,14 @@ class Database:
             conn.executemany(_INSERT_EPOCH.replace("INSERT", "INSERT OR IGNORE", 1),
                              list(openers))
             conn.executemany(
-                _INSERT_KEY_RECORD.replace("INSERT", "INSERT OR IGNORE", 1),
+                _INSERT_CHAIN_RECORD.replace("INSERT", "INSERT OR IGNORE", 1),
                 [(m.fingerprint, m.key_id, m.camera, m.epoch_id, m.valid_from_ms, m.key_record)
                  for m in records])
 
-    def key_record(self, fingerprint: str, key_id: bytes) -> tuple[bytes, bytes] | None:
-        """(epoch_id, key record bytes) of this viewer for that key, if it has one."""
-        rows = self._query("SELECT epoch_id, record FROM key_records WHERE fingerprint=? AND key_id=?",
-                           (fingerprint, key_id))
+    def chain_record(self, fingerprint: str, chain_id: bytes) -> tuple[bytes, bytes] | None:
+        """(epoch_id, chain record bytes) of this viewer for that key chain, if it has one."""
+        rows = self._query("SELECT epoch_id, record FROM chain_records WHERE fingerprint=? AND"
+                           " chain_id=?", (fingerprint, chain_id))
         return (rows[0][0], rows[0][1]) if rows else None
 
     def epoch_opener(self, epoch_id: bytes) -> bytes | None:
@@ -406,12 +408,12 @@ class Database:
         with self._transaction() as conn:
             # Not correlated: SQLite builds the set of chains in use once.
             records = conn.execute(
-                "DELETE FROM key_records WHERE camera=? AND valid_from_ms<? AND key_id NOT IN"
+                "DELETE FROM chain_records WHERE camera=? AND valid_from_ms<? AND chain_id NOT IN"
                 " (SELECT DISTINCT substr(key_id, 1, ?) FROM segments WHERE camera=?)",
                 (camera, before_ms, CHAIN_ID_LEN, camera)).rowcount
             epochs = conn.execute(
                 "DELETE FROM epochs WHERE created_ms<? AND NOT EXISTS"
-                " (SELECT 1 FROM key_records WHERE key_records.epoch_id=epochs.epoch_id)",
+                " (SELECT 1 FROM chain_records WHERE chain_records.epoch_id=epochs.epoch_id)",
                 (before_ms,)).rowcount
             return records, epochs
 
@@ -424,29 +426,31 @@ class Database:
 
     # --- the segment index ------------------------------------------------------------
     def record_segments(self, segments: Iterable[SegmentRow], manifest: ManifestRow,
-                        grants: Iterable[GrantRow] = ()) -> None:
-        """Index a manifest and the segments it covers (and the signed key grants archived
-        with them) in one transaction: the commit is the acknowledgement point (the file
-        bytes were fsynced before)."""
+                        recipients: Iterable[ChainRecipientsRow] = ()) -> None:
+        """Index a manifest and the segments it covers (and the signed chain recipients
+        archived with them) in one transaction: the commit is the acknowledgement point (the
+        file bytes were fsynced before)."""
         with self._transaction() as conn:
-            conn.executemany(_INSERT_GRANT, [_values(g) for g in grants])
+            conn.executemany(_INSERT_RECIPIENTS, [_values(g) for g in recipients])
             conn.executemany(_INSERT_SEGMENT, [_values(s) for s in segments])
             conn.execute(_INSERT_MANIFEST, _values(manifest))
 
-    def key_grant(self, key_id: bytes) -> GrantRow | None:
-        rows = self._query(f"{_select(GrantRow, 'key_grants')} WHERE key_id=?", (key_id,))
-        return GrantRow(*rows[0]) if rows else None
+    def chain_recipients(self, key_id: bytes) -> ChainRecipientsRow | None:
+        """Where the chain recipients part ``key_id`` (chain id || part) is archived."""
+        rows = self._query(f"{_select(ChainRecipientsRow, 'chain_recipients')} WHERE key_id=?",
+                           (key_id,))
+        return ChainRecipientsRow(*rows[0]) if rows else None
 
     def replace_segment_index(self, groups: Iterable[tuple[Iterable[SegmentRow], ManifestRow]],
-                              grants: Iterable[GrantRow] = ()) -> None:
-        """Drop the segment, manifest and key grant index and fill it with ``groups`` and
-        ``grants`` (a rebuild from the archive files), in one transaction: a failed rebuild
-        leaves the old index."""
+                              recipients: Iterable[ChainRecipientsRow] = ()) -> None:
+        """Drop the segment, manifest and chain recipients index and fill it with ``groups``
+        and ``recipients`` (a rebuild from the archive files), in one transaction: a failed
+        rebuild leaves the old index."""
         with self._transaction() as conn:
             conn.execute("DELETE FROM segments")
             conn.execute("DELETE FROM manifests")
-            conn.execute("DELETE FROM key_grants")
-            conn.executemany(_INSERT_GRANT, [_values(g) for g in grants])
+            conn.execute("DELETE FROM chain_recipients")
+            conn.executemany(_INSERT_RECIPIENTS, [_values(g) for g in recipients])
             for segments, manifest in groups:
                 conn.executemany(_INSERT_SEGMENT, [_values(s) for s in segments])
                 conn.execute(_INSERT_MANIFEST, _values(manifest))
@@ -570,7 +574,7 @@ class Database:
                 (file, camera, from_ms, to_ms, reason, now_ms))
             conn.execute("DELETE FROM segments WHERE file=?", (file,))
             conn.execute("DELETE FROM manifests WHERE file=?", (file,))
-            conn.execute("DELETE FROM key_grants WHERE file=?", (file,))
+            conn.execute("DELETE FROM chain_recipients WHERE file=?", (file,))
 
     def anchor(self, camera: str, manifest_seq: int) -> bytes | None:
         """The signed manifest kept from removed video, to serve as a range's edge."""

@@ -210,10 +210,27 @@ def _migrate_6(conn: sqlite3.Connection) -> None:
     """)
 
 
+def _migrate_7(conn: sqlite3.Connection) -> None:
+    """The names of format v1 say what the tables hold in v2: ``key_records`` are the viewers'
+    chain records, found by chain id (the column ``key_id`` always held a chain id), and
+    ``key_grants`` are where each part of a chain's signed recipients is archived. Indexes
+    follow their tables' names. Rows are kept as they are."""
+    _script(conn, """
+        ALTER TABLE key_records RENAME TO chain_records;
+        ALTER TABLE chain_records RENAME COLUMN key_id TO chain_id;
+        DROP INDEX IF EXISTS key_records_by_camera;
+        DROP INDEX IF EXISTS key_records_by_epoch;
+        CREATE INDEX chain_records_by_camera ON chain_records (camera, valid_from_ms);
+        CREATE INDEX chain_records_by_epoch ON chain_records (epoch_id);
+        ALTER TABLE key_grants RENAME TO chain_recipients;
+    """)
+
+
 # Forward migrations: MIGRATIONS[n] brings version n to n + 1. Append only; never edit one
 # that has shipped.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_1, _migrate_2, _migrate_3,
-                                                                 _migrate_4, _migrate_5, _migrate_6)
+                                                                 _migrate_4, _migrate_5, _migrate_6,
+                                                                 _migrate_7)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

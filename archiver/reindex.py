@@ -35,7 +35,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from archiver.db import Database, GrantRow, KeyMaterial, ManifestRow, SegmentRow
+from archiver.db import ChainRecipientsRow, Database, KeyMaterial, ManifestRow, SegmentRow
 from keyservice.crypto import chain_key_id
 from keyservice.errors import FormatError
 from keyservice.format import (
@@ -71,7 +71,7 @@ class ChainState:
 class Group:
     segments: tuple[SegmentRow, ...]
     manifest: ManifestRow
-    grants: tuple[GrantRow, ...] = ()  # signed chain recipients archived before the segments
+    recipients: tuple[ChainRecipientsRow, ...] = ()  # signed, archived before the segments
 
     @property
     def end(self) -> int:
@@ -125,7 +125,7 @@ def scan(path: Path, rel: str, camera: str, start: int, chain: ChainState,
     beyond that point (then those bytes must not be cut)."""
     groups: list[Group] = []
     pending: list[tuple[int, bytes, Segment]] = []
-    grants: list[GrantRow] = []
+    recipients: list[ChainRecipientsRow] = []
     records = _records(path, start)
     for offset, raw in records:
         try:
@@ -135,8 +135,8 @@ def scan(path: Path, rel: str, camera: str, start: int, chain: ChainState,
         if isinstance(record, ChainRecipients):
             if pending or record.camera != camera or not _signature_valid(key, record):
                 break  # recipients come first in a group, and only the Archiver's
-            grants.append(GrantRow(chain_key_id(record.chain_id, record.part), camera, rel,
-                                   offset, len(raw)))
+            recipients.append(ChainRecipientsRow(chain_key_id(record.chain_id, record.part),
+                                                 camera, rel, offset, len(raw)))
             continue
         if isinstance(record, Segment):
             pending.append((offset, raw, record))
@@ -146,9 +146,9 @@ def scan(path: Path, rel: str, camera: str, start: int, chain: ChainState,
         if group is None:
             # Not a continuation: if it is signed all the same, its bytes are evidence.
             return groups, _signature_valid(key, record) or _signed_after(records, key)
-        groups.append(Group(group.segments, group.manifest, tuple(grants)))
+        groups.append(Group(group.segments, group.manifest, tuple(recipients)))
         chain.next_seq, chain.prev_hash = record.manifest_seq + 1, group.manifest.hash
-        pending, grants = [], []
+        pending, recipients = [], []
     return groups, _signed_after(records, key)
 
 
@@ -224,7 +224,7 @@ def _with_end_times(groups: list[Group]) -> list[Group]:
         if rows:
             manifest = replace(manifest, first_capture_ms=min(r.capture_ms for r in rows),
                                last_capture_ms=max(r.end_ms for r in rows))
-        out.append(Group(rows, manifest, group.grants))
+        out.append(Group(rows, manifest, group.recipients))
     return out
 
 
@@ -276,7 +276,7 @@ def recover(archive_dir: Path, db: Database, key: ec.EllipticCurvePublicKey) -> 
         groups, signed_beyond = scan(path, rel, camera, acknowledged, chain, key)
         groups = _with_end_times(groups)
         for group in groups:
-            db.record_segments(group.segments, group.manifest, group.grants)
+            db.record_segments(group.segments, group.manifest, group.recipients)
         if groups:
             count = sum(len(g.segments) for g in groups)
             actions.append(f"re-indexed {count} signed segment(s) ({len(groups)} manifest(s)) "
@@ -371,6 +371,6 @@ def rebuild_index(archive_dir: Path, db: Database,
     # Only once every file was read: a rebuild that fails halfway leaves the old index.
     found = _with_end_times(found)
     db.replace_segment_index([(g.segments, g.manifest) for g in found],
-                             [grant for g in found for grant in g.grants])
+                             [part for g in found for part in g.recipients])
     epochs, key_records = restore_key_streams(archive_dir, db)
     return RebuildReport(counts, manifests, len(files), problems, epochs, key_records)

@@ -40,7 +40,7 @@ def _key_ids(server: ArchiverServer, fp: str | None = None) -> set[bytes]:
             rows = conn.execute("SELECT substr(key_id, 1, ?) FROM segments",
                                 (CHAIN_ID_LEN,)).fetchall()
         else:
-            rows = conn.execute("SELECT key_id FROM key_records WHERE fingerprint=?",
+            rows = conn.execute("SELECT chain_id FROM chain_records WHERE fingerprint=?",
                                 (fp,)).fetchall()
     return {row[0] for row in rows}
 

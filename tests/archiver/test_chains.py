@@ -75,7 +75,7 @@ def _everything_wrapped_for(viewer: Viewer, data_dir: Path) -> dict[bytes, Chain
         openers = {row[0]: row[1] for row in db.execute(
             "SELECT epoch_id, record FROM epochs WHERE fingerprint=?", (fp,))}
         records = [row[0] for row in db.execute(
-            "SELECT record FROM key_records WHERE fingerprint=?", (fp,))]
+            "SELECT record FROM chain_records WHERE fingerprint=?", (fp,))]
     finally:
         db.close()
     ratchets: dict[bytes, tuple[KekRatchet, EpochOpener]] = {}

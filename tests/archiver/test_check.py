@@ -91,8 +91,8 @@ def _break_chain(data: Path) -> None:
     path.write_bytes(raw[:end_before] + raw[end:])
     _index(data, "DELETE FROM segments WHERE manifest_seq=40")
     _index(data, "DELETE FROM manifests WHERE manifest_seq=40")
-    _index(data, "DELETE FROM key_grants WHERE offset>=? AND offset<?", (end_before, end))
-    for table in ("segments", "manifests", "key_grants"):
+    _index(data, "DELETE FROM chain_recipients WHERE offset>=? AND offset<?", (end_before, end))
+    for table in ("segments", "manifests", "chain_recipients"):
         _index(data, f"UPDATE {table} SET offset=offset-? WHERE file=? AND offset>=?",
                (cut, rel, end))
 
@@ -141,7 +141,7 @@ def _forge_expiry(data: Path, reason: str = "retention", removed_ms: int | None 
     and no index rows for the file (what retention's first step leaves)."""
     _flip(data)
     rel = f"door/{_file(data).name}"
-    for table in ("segments", "manifests", "key_grants"):
+    for table in ("segments", "manifests", "chain_recipients"):
         _index(data, f"DELETE FROM {table} WHERE file=?", (rel,))
     day = today_ms() - 2 * DAY_MS
     _index(data, "INSERT INTO expired_files (file, camera, from_ms, to_ms, reason, removed_ms,"

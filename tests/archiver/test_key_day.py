@@ -77,7 +77,7 @@ def _every_chain_left(viewer: Viewer, data_dir: Path) -> list[ChainDeriver]:
     try:
         for (raw,) in db.execute("SELECT record FROM epochs"):
             take(raw)
-        for (raw,) in db.execute("SELECT record FROM key_records"):
+        for (raw,) in db.execute("SELECT record FROM chain_records"):
             take(raw)
     finally:
         db.close()

@@ -38,7 +38,7 @@ def test_a_late_clock_reading_after_a_newer_rotation_still_gets_a_key(tmp_path: 
     newer = keys.key_for("a", DataStream.VIDEO, t + 200)
     older = keys.key_for("b", DataStream.VIDEO, t)
     assert newer.key_id != older.key_id
-    assert db.key_record(fp, split_key_id(older.key_id)[0]) is not None
+    assert db.chain_record(fp, split_key_id(older.key_id)[0]) is not None
     assert keys.epochs_started == 2
     # The same on one camera: its chain's state is past the late period, so a new chain starts.
     again = keys.key_for("a", DataStream.VIDEO, t)
@@ -67,7 +67,7 @@ def test_one_chain_per_day_and_a_new_one_on_authorization_change(tmp_path: Path)
     db.revoke_viewer(fp, start + DAY_MS + 2, delete_key_streams=False)
     keys.authorization_changed(fp, None)
     revoked_key = keys.key_for("cam", DataStream.VIDEO, start + DAY_MS + 3)
-    assert db.key_record(fp, split_key_id(revoked_key.key_id)[0]) is None
+    assert db.chain_record(fp, split_key_id(revoked_key.key_id)[0]) is None
     assert keys.chains_started == 4 and keys.key_records_written == 3
 
 
@@ -82,7 +82,7 @@ def test_chain_records_per_viewer_per_camera_per_day(tmp_path: Path) -> None:
             keys.authorization_changed(fp, ["cam0"])
         for camera in cameras:
             keys.key_for(camera, DataStream.VIDEO, start + minute * 60_000 + 10)
-    rows = db._query("SELECT camera, COUNT(*) FROM key_records WHERE fingerprint=? "
+    rows = db._query("SELECT camera, COUNT(*) FROM chain_records WHERE fingerprint=? "
                      "GROUP BY camera", (fp,))
     assert dict(rows) == {"cam0": 2, "cam1": 1, "cam2": 1, "cam3": 1, "cam4": 1}
     assert keys.rotations == 1440 * 5 and keys.epochs_started == 2
@@ -97,9 +97,9 @@ def test_an_expired_certificate_gets_no_key_and_is_reported_once(tmp_path: Path)
     reported: list[tuple[str, int]] = []
     keys.on_expired = lambda fingerprint, not_after: reported.append((fingerprint, not_after))
     last = keys.key_for("a", DataStream.VIDEO, end_ms - 60_000)
-    assert db.key_record(fp, split_key_id(last.key_id)[0]) is not None
+    assert db.chain_record(fp, split_key_id(last.key_id)[0]) is not None
     for offset in (60_000, 120_000):
         # The chain ends with its first recipient's certificate: the next one leaves it out.
         after = keys.key_for("a", DataStream.VIDEO, end_ms + offset)
-        assert db.key_record(fp, split_key_id(after.key_id)[0]) is None
+        assert db.chain_record(fp, split_key_id(after.key_id)[0]) is None
     assert reported == [(fp, end_ms)]

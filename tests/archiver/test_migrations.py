@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.auth import digest
 from archiver.db import Database, SegmentRow
-from archiver.migrations import SCHEMA_VERSION
+from archiver.migrations import MIGRATIONS, SCHEMA_VERSION, missing_tables
 from keyservice.certs import load_certificate, read_oaep_hash
 from keyservice.errors import UsageError
 from keyservice.identity import fingerprint
@@ -58,7 +58,7 @@ def test_an_old_data_directory_migrates_and_keeps_its_rows(tmp_path: Path) -> No
         viewer = db.viewer("ab" + "cd" * 31)
         assert viewer is not None and viewer.subject == "CN=alice"
         assert viewer.cameras == ("door",) and viewer.authorized_on("door")
-        assert db.key_record("ab" + "cd" * 31, b"K" * 16) == (b"E" * 16, b"kr")
+        assert db.chain_record("ab" + "cd" * 31, b"K" * 16) == (b"E" * 16, b"kr")
         assert db.epoch_opener(b"E" * 16) == b"op"
         assert db.segments_of("door", 0) == [SegmentRow(
             "door", 0, 0, 3000, b"K" * 16, 100, b"D" * 32, "door/1970-01-01.fsa", 0, 150, 0, 5000)]
@@ -136,3 +136,62 @@ def test_a_real_archiver_starts_on_an_old_data_directory_and_carries_on(
     finally:
         server.stop()
     assert len(list(data.glob("archiver.sqlite3.v0-*.bak"))) == 1
+
+
+def _version_6_data_dir(path: Path) -> Path:
+    """An index as the Archiver of schema version 6 left it (format-v1 table names on v2 data):
+    a viewer's chain record in ``key_records``, a chain's recipients in ``key_grants``, an
+    access grant; made by the shipped migrations 1 to 6 themselves."""
+    path.mkdir()
+    db_path = path / "archiver.sqlite3"
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for number, step in enumerate(MIGRATIONS[:6], start=1):
+        conn.execute("BEGIN")
+        step(conn)
+        conn.execute(f"PRAGMA user_version={number}")
+        conn.execute("COMMIT")
+    fp = "ab" + "cd" * 31
+    conn.execute("INSERT INTO cameras (name, token_sha256, rtsp_url, created_ms) "
+                 "VALUES ('door', ?, NULL, 1000)", (b"\1" * 32,))
+    conn.execute("INSERT INTO viewers VALUES (?, ?, 'CN=alice', 2, 1, 2000, NULL, 0)",
+                 (fp, b"cert"))
+    conn.execute("INSERT INTO epochs VALUES (?, ?, 3000, ?)", (b"E" * 16, fp, b"op"))
+    conn.execute("INSERT INTO key_records VALUES (?, ?, 'door', ?, 3000, ?)",
+                 (fp, b"C" * 12, b"E" * 16, b"chain record"))
+    conn.execute("INSERT INTO key_grants VALUES (?, 'door', 'door/1970-01-01.fsk', 7, 99)",
+                 (b"C" * 12 + b"\0\0\0\0",))
+    conn.execute("INSERT INTO access_grants VALUES ('11' || ?, 'door', 0, 9, ?, 'ef', 1, 5, "
+                 "'pending', NULL, NULL, 'case 7', ?)", ("00" * 15, fp, b"blob"))
+    conn.close()
+    return db_path
+
+
+def test_migration_7_renames_the_format_v1_names_and_keeps_every_row(tmp_path: Path) -> None:
+    db_path = _version_6_data_dir(tmp_path / "data")
+    db = Database(db_path)
+    try:
+        assert db.migrated_from == 6 and db.schema_version() == SCHEMA_VERSION == 7
+        fp = "ab" + "cd" * 31
+        # The rows are where the v2 names say, read through the renamed methods.
+        assert db.chain_record(fp, b"C" * 12) == (b"E" * 16, b"chain record")
+        recipients = db.chain_recipients(b"C" * 12 + b"\0\0\0\0")
+        assert recipients is not None and (recipients.file, recipients.offset,
+                                           recipients.length) == ("door/1970-01-01.fsk", 7, 99)
+        grant = db.access_grant("11" + "00" * 15)
+        assert grant is not None and grant.note == "case 7" and grant.grantor == fp
+        assert db.access_grant_blob("11" + "00" * 15) == b"blob"
+        names = {row[0] for row in db._query("SELECT name FROM sqlite_master")}
+        assert {"chain_records", "chain_recipients", "chain_records_by_camera",
+                "chain_records_by_epoch"} <= names
+        assert not {n for n in names if n.startswith(("key_records", "key_grants"))}
+        columns = {row[1] for row in db._query("PRAGMA table_info(chain_records)")}
+        assert "chain_id" in columns and "key_id" not in columns
+        # Shredding works on the renamed table (it names chain_id and chain_records).
+        assert db.shred_unused_keys("door", 10_000) == (1, 1)
+        assert db.chain_record(fp, b"C" * 12) is None
+    finally:
+        db.close()
+    # The migrated schema is exactly a new database's (nothing left of the old names).
+    with sqlite3.connect(db_path) as conn:
+        assert missing_tables(conn) == []
+    assert list(db_path.parent.glob("archiver.sqlite3.v6-*.bak"))

@@ -22,7 +22,7 @@ def _key_ids_of(server: ArchiverServer, fingerprint: str) -> set[bytes]:
     """The key chains a viewer got a record for (indexed by chain id, format v2)."""
     with sqlite3.connect(server.data_dir / "archiver.sqlite3") as db:
         return {row[0] for row in db.execute(
-            "SELECT key_id FROM key_records WHERE fingerprint=?", (fingerprint,))}
+            "SELECT chain_id FROM chain_records WHERE fingerprint=?", (fingerprint,))}
 
 
 def _segment_key_ids(server: ArchiverServer, camera: str) -> list[bytes]:

@@ -181,7 +181,7 @@ def test_deleted_key_records_are_reported_missing_not_unauthorized(
         deleted = db.execute(
             # Format v2: a viewer's rows are per key chain, under the chain id (the first 12
             # bytes of a segment's key id); parts[1] is one chain (bob's authorization).
-            "DELETE FROM key_records WHERE fingerprint=? AND key_id IN (SELECT substr(key_id, "
+            "DELETE FROM chain_records WHERE fingerprint=? AND chain_id IN (SELECT substr(key_id, "
             "1, 12) FROM segments WHERE seq BETWEEN 3 AND 5)", (alice_fp,)).rowcount
     assert deleted == 1
     out = tmp_path / "alice.ts"
@@ -194,7 +194,7 @@ def test_deleted_key_records_are_reported_missing_not_unauthorized(
     assert (tmp_path / "alice.ts.incomplete").read_bytes() == b"".join(parts[0] + parts[2])
     # Deleting the grants' index rows as well changes nothing: still missing.
     with sqlite3.connect(archiver_server.data_dir / "archiver.sqlite3") as db:
-        assert db.execute("DELETE FROM key_grants").rowcount >= 3
+        assert db.execute("DELETE FROM chain_recipients").rowcount >= 3
     again = play(client, archiver_server.url, alice, tmp_path / "again.ts", t0, t1)
     assert again.code == EXIT_SEGMENTS_MISSING, again.stderr
     assert "withheld: not authorized" not in again.stderr

@@ -289,7 +289,7 @@ def _check_archive_once(data_dir: Path) -> ArchiveReport:
         manifests = {(r[0], r[1]): r[2:] for r in db.execute(
             "SELECT file, offset, camera, manifest_seq, length, hash FROM manifests")}
         grants = {(r[0], r[1]): r[2:] for r in db.execute(
-            "SELECT file, offset, camera, key_id, length FROM key_grants")}
+            "SELECT file, offset, camera, key_id, length FROM chain_recipients")}
         chains = {}
         for camera, seq, hash_ in db.execute(
                 "SELECT camera, manifest_seq, hash FROM manifests ORDER BY camera, manifest_seq"):

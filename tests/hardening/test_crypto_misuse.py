@@ -93,7 +93,7 @@ def test_nonces_and_key_ids_never_repeat_across_streams_and_restarts(tmp_path: P
         db = open_index_copy(server.data_dir)
         epochs = [row[0] for row in db.execute(
             "SELECT epoch_id FROM epochs WHERE fingerprint=?", (fp,))]
-        records = [row[0] for row in db.execute("SELECT record FROM key_records")]
+        records = [row[0] for row in db.execute("SELECT record FROM chain_records")]
         db.close()
         # A restart ends every epoch: at least one opener per lifetime, ids never reused.
         assert len(epochs) >= len(lifetimes) and len(set(epochs)) == len(epochs)
