@@ -1,9 +1,10 @@
 """fusion-archiver's admin commands over the Archiver's HTTP API: cameras, viewers (and its
 hidden alias clients), holds, grants. archiver/cli.py registers them on its app (``register``).
 
-Thin: argument parsing, one HTTP call per command, output. Every failure is raised as one of
-keyservice.errors' errors, which fusion-archiver's main() turns into one sentence on stderr and
-a non-zero exit code, never a traceback.
+Thin: argument parsing, one call of the Python admin client (archiver/admin_client.py) per
+command, output. Every failure is raised as one of keyservice.errors' errors, which
+fusion-archiver's main() turns into one sentence on stderr and a non-zero exit code, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import json
 import ssl
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
 
+from archiver.admin_client import AdminClient
 from keyservice.errors import ArchiverFailed, RequestRefused, UsageError
 from keyservice.exits import unreachable
 from keyservice.text import printable
@@ -83,20 +86,9 @@ def _verify(tls_ca: Path | None) -> ssl.SSLContext:
     return tls_trust(tls_ca)
 
 
-def _call(method: str, url: str, path: str, token: str, body: Any = None, *,
-          tls_ca: Path | None = None, timeout: float = 30) -> Any:
-    try:
-        response = httpx.request(method, url.rstrip("/") + path, json=body, timeout=timeout,
-                                 headers={"Authorization": f"Bearer {token}"},
-                                 verify=_verify(tls_ca))
-    except httpx.InvalidURL as exc:
-        raise UsageError(f"The Archiver URL {url!r} is not usable: {exc}.") from None
-    except httpx.TransportError as exc:
-        raise unreachable(url, exc) from None
-    from archiver.admin_login import raise_for_refusal
-
-    raise_for_refusal(response)
-    return response.json() if response.content else None
+def _client(url: str, admin_token: str | None, data: Path | None,
+            tls_ca: Path | None) -> AdminClient:
+    return AdminClient(url, _admin_token(admin_token, data), verify=_verify(tls_ca))
 
 
 def archiver_info(url: str, tls_ca: Path | None) -> dict[str, Any]:
@@ -119,7 +111,8 @@ def archiver_info(url: str, tls_ca: Path | None) -> dict[str, Any]:
     return body
 
 
-def _out(as_json: bool, obj: Any, human: str) -> None:
+def echo_result(as_json: bool, obj: Any, human: str) -> None:
+    """Print a command's result: ``obj`` as one JSON object (``--json``), else ``human``."""
     # JSON escapes every control and non-ASCII character; the human form escapes them too
     # (its line breaks are ours: values with line breaks are escaped where they are inserted).
     typer.echo(json.dumps(obj) if as_json else printable(human, newlines=True))
@@ -142,8 +135,8 @@ def cameras_add(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: TokenOp
                     "environment.")] = None) -> None:
     """Add a camera; prints its ingest URL and ingest token (shown once). A pulled camera
     (--rtsp) gets no token: the Archiver is its only source."""
-    result = _call("POST", url, "/v1/admin/cameras", _admin_token(admin_token, data),
-                   {"name": name, "rtsp_url": rtsp}, tls_ca=tls_ca)
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = asdict(client.add_camera(name, rtsp))
     if result.get("ingest_token") is None:
         human = (f"camera {result['name']} added, pulled by the Archiver from "
                  f"{result['rtsp_url']} (no ingest token; it accepts no pushed video)")
@@ -151,7 +144,7 @@ def cameras_add(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: TokenOp
         human = (f"camera {result['name']} added\n"
                  f"ingest URL:   {result['ingest_url']}\n"
                  f"ingest token: {result['ingest_token']}  (shown once; keep it secret)")
-    _out(as_json, result, human)
+    echo_result(as_json, result, human)
 
 
 @cameras_app.command("list")
@@ -159,9 +152,9 @@ def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
                  tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """List cameras: health (receiving, stalled, unreachable, auth_failed, bad_stream, bad_timestamps,
     waiting), recorded range, traffic in the last minute, gaps."""
-    token = _admin_token(admin_token, data)
-    result = _call("GET", url, "/v1/admin/cameras", token, tls_ca=tls_ca)
-    storage = _call("GET", url, "/v1/admin/storage", token, tls_ca=tls_ca)
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = [asdict(c) for c in client.cameras()]
+        storage = asdict(client.storage())
     lines = [f"{c['name']:<20} {c['state']:<12} {c['segments']:>8} segments  "
              f"{_when(c['first_ms'])} .. {_when(c['last_ms'])}  retention "
              f"{c['retention_days']} d{' (default)' if c['retention_default'] else ''}"
@@ -177,7 +170,7 @@ def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
                  f"{storage['min_free_bytes'] / 2**30:.1f} GiB)"
                  + ("; BELOW THE THRESHOLD with nothing unheld left to remove"
                     if storage["below_watermark"] else ""))
-    _out(as_json, {"cameras": result, "storage": storage}, "\n".join(lines))
+    echo_result(as_json, {"cameras": result, "storage": storage}, "\n".join(lines))
 
 
 @cameras_app.command("retention")
@@ -196,9 +189,9 @@ def cameras_retention(
             raise UsageError(f"'{days}' is not a number of days or 'default'.") from None
         if value < 1:
             raise UsageError("The retention period must be at least 1 day.")
-    result = _call("PUT", url, f"/v1/admin/cameras/{name}/retention",
-                   _admin_token(admin_token, data), {"days": value}, tls_ca=tls_ca)
-    _out(as_json, result, f"camera {name}: video kept {result['retention_days']} days"
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = asdict(client.set_retention(name, value))
+    echo_result(as_json, result, f"camera {name}: video kept {result['retention_days']} days"
          + (" (the site default)" if result["retention_default"] else ""))
 
 
@@ -207,9 +200,9 @@ def cameras_remove(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: Toke
                    data: DataOpt = None, tls_ca: TlsCaOpt = None,
                    as_json: JsonOpt = False) -> None:
     """Stop accepting a camera's ingest. Its archive is kept."""
-    _call("DELETE", url, f"/v1/admin/cameras/{name}", _admin_token(admin_token, data),
-          tls_ca=tls_ca)
-    _out(as_json, {"name": name, "removed": True}, f"camera {name} removed (archive kept)")
+    with _client(url, admin_token, data, tls_ca) as client:
+        client.remove_camera(name)
+    echo_result(as_json, {"name": name, "removed": True}, f"camera {name} removed (archive kept)")
 
 
 @viewers_app.command("add")
@@ -225,10 +218,9 @@ def viewers_add(
     """Authorize a viewer certificate on cameras; prints its SHA-256 fingerprint. A viewer
     authorized already on other cameras is refused: change its cameras with 'viewers cameras'."""
     pem = _read_certificate(certificate)
-    result = _call("POST", url, "/v1/admin/viewers", _admin_token(admin_token, data),
-                   {"certificate": pem, "cameras": _camera_list(cameras, "--cameras"),
-                    "oaep_hash": oaep_hash}, tls_ca=tls_ca)
-    _out(as_json, result, f"viewer {printable(result['subject'])} authorized on "
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = asdict(client.add_viewer(pem, _camera_list(cameras, "--cameras"), oaep_hash))
+    echo_result(as_json, result, f"viewer {printable(result['subject'])} authorized on "
          f"{_cams(result['cameras'])}"
          + (" (as it was already: cameras unchanged, keys rotated)"
             if result.get("reauthorized") else "")
@@ -265,7 +257,7 @@ def _read_certificate(path: Path) -> str:
     return text
 
 
-def _resolve_viewer(viewer: str, url: str, token: str, tls_ca: Path | None) -> str:
+def _resolve_viewer(viewer: str, client: AdminClient) -> str:
     """A viewer's full fingerprint from its certificate file, its fingerprint, or a unique
     prefix of it (the short form other commands print)."""
     path = Path(viewer)
@@ -284,8 +276,7 @@ def _resolve_viewer(viewer: str, url: str, token: str, tls_ca: Path | None) -> s
                          f"{MIN_PREFIX} hex digits, as 'viewers list' prints).")
     if len(prefix) == 64:
         return prefix
-    matches = [v for v in _call("GET", url, "/v1/admin/viewers", token, tls_ca=tls_ca)
-               if v["fingerprint"].startswith(prefix)]
+    matches = [asdict(v) for v in client.viewers() if v.fingerprint.startswith(prefix)]
     if not matches:
         raise RequestRefused(f"No viewer's fingerprint starts with {prefix} (see 'viewers "
                              "list').")
@@ -335,9 +326,10 @@ def viewers_cameras(
         body["remove"] = removed
     if body.get("set") == "all" and "remove" in body:
         raise UsageError("--add all cannot go with --remove: give --set with the cameras.")
-    token = _admin_token(admin_token, data)
-    fp = _resolve_viewer(viewer, url, token, tls_ca)
-    result = _call("POST", url, f"/v1/admin/viewers/{fp}/cameras", token, body, tls_ca=tls_ca)
+    with _client(url, admin_token, data, tls_ca) as client:
+        fp = _resolve_viewer(viewer, client)
+        result = asdict(client.change_viewer_cameras(fp, body.get("add"), body.get("remove"),
+                                                     body.get("set")))
     if result["before"] == result["cameras"]:
         human = f"viewer {fp[:16]}: cameras unchanged ({_cams(result['cameras'])})"
     else:
@@ -345,15 +337,15 @@ def viewers_cameras(
                  f"{_cams(result['before'])} -> {_cams(result['cameras'])}"
                  + (f"; added {','.join(result['added'])}" if result["added"] else "")
                  + (f"; removed {','.join(result['removed'])}" if result["removed"] else ""))
-    _out(as_json, result, human)
+    echo_result(as_json, result, human)
 
 
 @viewers_app.command("list")
 def viewers_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
                  tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """List viewers."""
-    result = _call("GET", url, "/v1/admin/viewers", _admin_token(admin_token, data),
-                   tls_ca=tls_ca)
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = [asdict(v) for v in client.viewers()]
     now = dt.datetime.now(dt.UTC)
     lines = []
     soon = 0
@@ -368,7 +360,7 @@ def viewers_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
         lines.append(f"{soon} active viewer(s) expired or expiring within {EXPIRY_WARNING_DAYS} "
                      "days: have them enrol again (fusion-keys enroll) and authorize the new "
                      "certificate.")
-    _out(as_json, {"viewers": result}, "\n".join(lines) or "no viewers")
+    echo_result(as_json, {"viewers": result}, "\n".join(lines) or "no viewers")
 
 
 EXPIRY_WARNING_DAYS = 30
@@ -406,11 +398,10 @@ def viewers_revoke(
         if not sys.stdin.isatty():
             raise UsageError(warning + " Add --yes to confirm.")
         typer.confirm(warning + " Continue?", abort=True)
-    token = _admin_token(admin_token, data)
-    fingerprint = _resolve_viewer(viewer, url, token, tls_ca)
-    result = _call("POST", url, f"/v1/admin/viewers/{fingerprint}/revoke", token,
-                   {"delete_key_streams": delete_key_streams}, tls_ca=tls_ca)
-    _out(as_json, result, f"viewer {fingerprint} revoked"
+    with _client(url, admin_token, data, tls_ca) as client:
+        fingerprint = _resolve_viewer(viewer, client)
+        result = asdict(client.revoke_viewer(fingerprint, delete_key_streams))
+    echo_result(as_json, result, f"viewer {fingerprint} revoked"
          + (" and its key streams deleted" if delete_key_streams else ""))
 
 
@@ -433,10 +424,9 @@ def holds_add(
     """Protect a camera's video in a range from retention until the hold is removed."""
     # The one time parser of the three CLIs: "--from -10m" works here as in fusion-client.
     from_ms, to_ms = parse_range(from_, to, int(time.time() * 1000))
-    body = {"camera": camera, "from_ms": from_ms, "to_ms": to_ms, "reason": reason}
-    result = _call("POST", url, "/v1/admin/holds", _admin_token(admin_token, data), body,
-                   tls_ca=tls_ca)
-    _out(as_json, result, f"hold {result['hold_id']} added\n{_hold_line(result)}")
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = asdict(client.add_hold(camera, from_ms, to_ms, reason))
+    echo_result(as_json, result, f"hold {result['hold_id']} added\n{_hold_line(result)}")
 
 
 @holds_app.command("list")
@@ -445,9 +435,9 @@ def holds_list(camera: Annotated[str | None, typer.Option(
                url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
                tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """List evidence holds."""
-    path = "/v1/admin/holds" + (f"?camera={camera}" if camera else "")
-    result = _call("GET", url, path, _admin_token(admin_token, data), tls_ca=tls_ca)
-    _out(as_json, {"holds": result}, "\n".join(map(_hold_line, result)) or "no holds")
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = [asdict(h) for h in client.holds(camera)]
+    echo_result(as_json, {"holds": result}, "\n".join(map(_hold_line, result)) or "no holds")
 
 
 @holds_app.command("remove")
@@ -456,9 +446,9 @@ def holds_remove(hold_id: Annotated[int, typer.Argument(help="The hold's number 
                  data: DataOpt = None, tls_ca: TlsCaOpt = None,
                  as_json: JsonOpt = False) -> None:
     """Release a hold: its video is subject to retention again."""
-    result = _call("DELETE", url, f"/v1/admin/holds/{hold_id}", _admin_token(admin_token, data),
-                   tls_ca=tls_ca)
-    _out(as_json, result, f"hold {hold_id} removed (its video is subject to retention again)")
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = asdict(client.remove_hold(hold_id))
+    echo_result(as_json, result, f"hold {hold_id} removed (its video is subject to retention again)")
 
 
 # --- access grants (admin decisions) --------------------------------------------------------
@@ -483,9 +473,9 @@ def grants_list(
     """List access grants (newest first): who granted which camera and range to whom."""
     if state is not None and state not in ("pending", "approved", "rejected", "revoked"):
         raise UsageError(f"Unknown state {state!r}: pending, approved, rejected or revoked.")
-    path = "/v1/admin/grants" + (f"?state={state}" if state else "")
-    result = _call("GET", url, path, _admin_token(admin_token, data), tls_ca=tls_ca)
-    _out(as_json, {"grants": result}, "\n".join(_grant_line(g) for g in result) or "no grants")
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = [asdict(g) for g in client.grants(state)]  # type: ignore[arg-type]
+    echo_result(as_json, {"grants": result}, "\n".join(_grant_line(g) for g in result) or "no grants")
 
 
 def _decide(decision: str, grant_id: str, note: str | None, url: str, admin_token: str | None,
@@ -493,9 +483,9 @@ def _decide(decision: str, grant_id: str, note: str | None, url: str, admin_toke
     grant_id = grant_id.strip().lower()
     if len(grant_id) != 32 or any(c not in "0123456789abcdef" for c in grant_id):
         raise UsageError(f"{grant_id!r} is not a grant id (32 hex digits, see 'grants list').")
-    result = _call("POST", url, f"/v1/admin/grants/{grant_id}/{decision}",
-                   _admin_token(admin_token, data), {"note": note}, tls_ca=tls_ca)
-    _out(as_json, result, _grant_line(result))
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = asdict(client.decide_grant(grant_id, decision, note))  # type: ignore[arg-type]
+    echo_result(as_json, result, _grant_line(result))
 
 
 NoteOpt = Annotated[str | None, typer.Option("--note", help="Why (kept in the audit log).")]
@@ -551,9 +541,9 @@ def admins_add(
     # Thin: the Archiver checks the certificate (as a viewer's) and audits the addition; a
     # file holding a private key is refused here, before anything is sent.
     pem = _read_certificate(certificate)
-    result = _call("POST", url, "/v1/admin/admins", _admin_token(admin_token, data),
-                   {"certificate": pem, "name": name, "oaep_hash": oaep_hash}, tls_ca=tls_ca)
-    _out(as_json, result, f"admin {result['name']} added; the audit log names them "
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = asdict(client.add_admin(pem, name, oaep_hash))
+    echo_result(as_json, result, f"admin {result['name']} added; the audit log names them "
          f"{printable(result['actor'])}\nfingerprint: {result['fingerprint']}")
 
 
@@ -561,8 +551,9 @@ def admins_add(
 def admins_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
                 tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """List admins (revoked ones too: the audit log names them)."""
-    result = _call("GET", url, "/v1/admin/admins", _admin_token(admin_token, data), tls_ca=tls_ca)
-    _out(as_json, {"admins": result},
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = [asdict(a) for a in client.admins()]
+    echo_result(as_json, {"admins": result},
          "\n".join(_admin_line(a) for a in result) or "no admins (only the bootstrap admin token)")
 
 
@@ -574,9 +565,9 @@ def admins_revoke(
     tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Revoke an admin: their sessions end at once and they cannot log in again."""
-    result = _call("POST", url, f"/v1/admin/admins/{who.strip().lower()}/revoke",
-                   _admin_token(admin_token, data), tls_ca=tls_ca)
-    _out(as_json, result, f"admin {result['name']} ({result['fingerprint'][:16]}) revoked")
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = asdict(client.revoke_admin(who))
+    echo_result(as_json, result, f"admin {result['name']} ({result['fingerprint'][:16]}) revoked")
 
 
 @admins_app.command("login", help="Log in on your own token (proof of possession) and print "

@@ -17,11 +17,11 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from archiver.admin_client import raise_for_refusal
 from keyservice.crypto import LoginChallenge, admin_login_context, answer_login_challenge
 from keyservice.errors import (
     ArchiverFailed,
     ArchiverMismatch,
-    RequestRefused,
     UsageError,
 )
 from keyservice.exits import unreachable
@@ -36,18 +36,6 @@ class AdminSession:
     actor: str
     expires_ms: int
     archiver_fingerprint: str
-
-
-def raise_for_refusal(response: httpx.Response) -> None:
-    """An Archiver's refusal (4xx: RequestRefused) or failure (5xx: ArchiverFailed), with its
-    own sentence and the status; nothing for a success."""
-    if response.status_code >= 400:
-        try:
-            message = response.json()["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200] or response.reason_phrase
-        error = ArchiverFailed if response.status_code >= 500 else RequestRefused
-        raise error(f"{message} (HTTP {response.status_code})")
 
 
 def _post(http: httpx.Client, url: str, path: str, body: Any) -> Any:
