@@ -1,1 +1,24 @@
-"""The Archiver: encrypts camera streams at ingest and serves per-viewer fusion streams."""
+"""The Archiver: encrypts camera streams at ingest and serves per-viewer fusion streams.
+
+From Python (docs/embedding.md): ``create_services(settings)`` opens an Archiver's services
+without HTTP, ``create_app(settings)`` serves them, ``AdminClient`` drives a running one's admin
+API. Imported on first use, so ``import archiver.x`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["AdminClient", "ArchiverServices", "Refused", "Settings", "create_app",
+           "create_services"]
+
+_WHERE = {"AdminClient": "archiver.admin_client", "ArchiverServices": "archiver.services.container",
+          "Refused": "archiver.services.refused", "Settings": "archiver.settings",
+          "create_app": "archiver.app", "create_services": "archiver.services.container"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'archiver' has no attribute {name!r}")

@@ -106,7 +106,7 @@ class GrantService:
                           f"camera '{grant.camera}' in its range; grant exactly the keys of that "
                           "range.")
         # Chain records are indexed by chain id: the first bytes of each minute key's id.
-        if any(db.key_record(grantor, split_key_id(key_id)[0]) is None
+        if any(db.chain_record(grantor, split_key_id(key_id)[0]) is None
                for key_id in grant.key_ids):
             raise Refused(ErrorCode.GRANT_NOT_HELD, "The grant carries keys this viewer never "
                           "held; a viewer can only grant recordings it may play itself.")
