@@ -208,7 +208,8 @@ def cameras_remove(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: Toke
 @viewers_app.command("add")
 def viewers_add(
     certificate: Annotated[Path, typer.Argument(help="The viewer's PEM certificate.")],
-    cameras: Annotated[str, typer.Option("--cameras", help="cam1,cam2 or 'all'.")],
+    cameras: Annotated[str, typer.Option("--cameras", help="cam1,cam2, 'all', or 'none' (a "
+                                         "grantee of access grants needs no camera).")],
     oaep_hash: Annotated[str | None, typer.Option(
         "--oaep-hash", help="sha256|sha1, only for certificates not made by fusion-keys.")] = None,
     url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
@@ -219,7 +220,8 @@ def viewers_add(
     authorized already on other cameras is refused: change its cameras with 'viewers cameras'."""
     pem = _read_certificate(certificate)
     with _client(url, admin_token, data, tls_ca) as client:
-        result = asdict(client.add_viewer(pem, _camera_list(cameras, "--cameras"), oaep_hash))
+        wanted = [] if cameras.strip() == "none" else _camera_list(cameras, "--cameras")
+        result = asdict(client.add_viewer(pem, wanted, oaep_hash))
     echo_result(as_json, result, f"viewer {printable(result['subject'])} authorized on "
          f"{_cams(result['cameras'])}"
          + (" (as it was already: cameras unchanged, keys rotated)"

@@ -69,7 +69,8 @@ class GrantService:
         if grantee is None or grantee.revoked_ms is not None:
             raise Refused(ErrorCode.UNKNOWN_GRANTEE, "The grantee's certificate is not an "
                           "enrolled, active viewer of this Archiver; ask an admin to run "
-                          "'fusion-archiver viewers add' for it (it needs no camera).")
+                          "'fusion-archiver viewers add CERTIFICATE --cameras none' for it (it needs no "
+                          "camera).")
         if OaepHash(grantee.oaep_hash) != grant.kind:
             raise Refused(ErrorCode.BAD_GRANT, f"The grant is sealed for {grant.kind.label}, but the "
                           f"grantee's token was enrolled for {OaepHash(grantee.oaep_hash).label}.")

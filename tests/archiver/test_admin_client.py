@@ -5,6 +5,9 @@ grants, and refusals that keep the wire error code and the HTTP status (issue 24
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -85,3 +88,22 @@ def test_an_unreachable_archiver_is_said_so() -> None:
     with AdminClient(f"http://127.0.0.1:{free_port()}", "token") as admin:
         with pytest.raises(ArchiverUnreachable):
             admin.cameras()
+
+
+def test_the_cli_authorizes_a_grantee_on_no_camera(
+        https_archiver: ArchiverServer, make_viewer: Callable[[str], Viewer]) -> None:
+    # What the refusal of an unknown grantee tells the admin to run (it used to name the old
+    # 'clients add', and '--cameras ""' was refused by the CLI itself).
+    pem = make_viewer("investigator").pem
+    env = {k: v for k, v in os.environ.items() if k not in ("FUSION_ADMIN_TOKEN", "FUSION_TLS_CA")}
+    done = subprocess.run(
+        [sys.executable, "-m", "archiver", "viewers", "add", str(pem), "--cameras", "none",
+         "--json", "--archiver", https_archiver.url, "--tls-ca", str(https_archiver.tls_ca),
+         "--data", str(https_archiver.data_dir)],
+        capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["cameras"] == []
+    with AdminClient(https_archiver.url, https_archiver.admin_token,
+                     tls_ca=https_archiver.tls_ca) as admin:
+        [viewer] = admin.viewers()
+    assert viewer.cameras == [] and viewer.revoked_ms is None
