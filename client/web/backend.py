@@ -35,7 +35,7 @@ from client.session import (
     playback_request,
 )
 from client.web.media import VideoInfo, probe, to_fmp4
-from keyservice.errors import ArchiverUnreachable, KeyServiceError
+from keyservice.exitcodes import ExitCode
 from keyservice.exits import failure
 from keyservice.identity import Identity
 from keyservice.reader import SegmentPlaintext
@@ -95,11 +95,15 @@ def gap_json(gap: Gap) -> dict[str, Any]:
 
 
 def error_json(exc: BaseException) -> dict[str, Any]:
-    # The CLIs' one error-to-exit path names the failure and its exit code here too.
-    reason, code = failure(exc)
-    error = type(exc).__name__ if isinstance(exc, KeyServiceError) else (
-        "ArchiverUnreachable" if code == ArchiverUnreachable.exit_code else "Unexpected")
-    return {"type": "error", "error": error, "code": code, "reason": reason}
+    """A failure as the page gets it: the CLIs' exit code (keyservice.exitcodes.ExitCode), its
+    name and the one sentence the CLIs print. The same shape as the Archiver's own errors
+    (``{"error": name, "message": sentence}``), plus the number."""
+    message, number = failure(exc)
+    try:
+        code = ExitCode(number)
+    except ValueError:  # every error class uses the enum (tests/test_exit_codes.py)
+        code = ExitCode.UNEXPECTED
+    return {"type": "error", "code": int(code), "error": code.name, "message": message}
 
 
 @dataclass
@@ -255,7 +259,7 @@ class ViewerBackend:
             flush_gaps()
             emit({"type": "end", "segments": summary.segments, "shown": shown,
                   "last_ms": summary.last_ms, "verified": True,
-                  "reason": "verified signed end record"})
+                  "message": "verified signed end record"})
         except BaseException as exc:  # reported to the page; the viewer process keeps serving
             if stopped.is_set():
                 return
@@ -324,7 +328,7 @@ class ViewerBackend:
             kept = output.abort() if output is not None else None
             if evidence is not None:
                 evidence.abort()
-            export.message = error_json(exc)["reason"] + (
+            export.message = error_json(exc)["message"] + (
                 f" The verified part is in {kept.name}." if kept is not None else "")
             export.state = "failed"
             if not isinstance(exc, Exception):
