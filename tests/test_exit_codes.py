@@ -69,6 +69,25 @@ def test_the_former_duplicates_are_apart() -> None:
     assert ExitCode.NOT_VERIFIED == 60
 
 
+def test_an_export_that_cannot_write_its_package_is_not_a_failed_verification(
+        tmp_path: Path) -> None:
+    from client.evidence import write_zip
+    from keyservice.evidence.layout import EvidenceError
+
+    with pytest.raises(EvidenceError) as info:
+        write_zip(tmp_path / "no such directory" / "case.zip", {"a": b"b"})
+    assert info.value.exit_code == ExitCode.EVIDENCE_EXPORT_FAILED != ExitCode.NOT_VERIFIED
+
+
+def test_a_bad_camera_name_is_a_usage_error_not_a_malformed_stream() -> None:
+    from keyservice.errors import FormatError, UsageError
+    from keyservice.names import validate_camera_name
+
+    with pytest.raises(UsageError) as info:
+        validate_camera_name("../etc")
+    assert not isinstance(info.value, FormatError) and info.value.exit_code == ExitCode.USAGE
+
+
 def bare_exits(source: str, filename: str = "<source>") -> list[str]:
     """Exit codes written as integers instead of ExitCode members: SystemExit(3), sys.exit(1),
     typer.Exit(code=2), ``exit_code = 53`` in a class, ``EXIT_X = 60`` in a module."""
@@ -137,7 +156,7 @@ def test_the_evidence_docs_table_is_the_enum() -> None:
 
 def test_every_exit_code_the_docs_name_exists() -> None:
     known = {int(code) for code in ExitCode}
-    for path in sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]:
+    for path in [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]:
         for number in re.findall(r"\bexit(?:s| code| codes?)?\s+\**(\d+)\b", path.read_text()):
             assert int(number) in known, f"{path.name}: exit {number} is no ExitCode"
 

@@ -29,8 +29,10 @@ def test_every_side_accepts_a_camera_name(name: str) -> None:
 @pytest.mark.parametrize("name", BAD)
 def test_every_side_refuses_what_is_not_a_camera_name(name: str) -> None:
     assert not is_camera_name(name)
-    with pytest.raises(FormatError):
+    with pytest.raises(UsageError):  # a value typed or sent: not a FormatError (issue 24)
         validate_camera_name(name)
+    with pytest.raises(FormatError):  # the same name inside a stream record: malformed bytes
+        validate_name(name)
     with pytest.raises(UsageError):  # the viewer CLI used to let '.' and '..' through
         _check_camera(name)
 
