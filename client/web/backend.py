@@ -51,7 +51,10 @@ Emit = Callable[[dict[str, Any] | bytes], None]
 
 
 @dataclass(frozen=True)
-class StreamRequest:
+class TileRequest:
+    """What one tile of the page asks to play. The backend turns it into the request a fusion
+    stream must answer (keyservice.reader.StreamRequest: a fresh nonce, camera, mode, range)."""
+
     camera: str
     live: bool
     from_ms: int = 0       # recorded range (ignored for live)
@@ -190,7 +193,7 @@ class ViewerBackend:
         return out
 
     # --- streams to the page ---------------------------------------------------------------
-    def stream(self, request: StreamRequest, emit: Emit, stopped: threading.Event,
+    def stream(self, request: TileRequest, emit: Emit, stopped: threading.Event,
                on_session: Callable[[ArchiverSession], None] = lambda s: None) -> None:
         """Verify, decrypt and remux one stream, emitting JSON events and fMP4 chunks in
         order; ends with an "end" or "error" event (never raises)."""

@@ -60,7 +60,7 @@ from client.session import (
     UnknownCamera,
     ViewerRevoked,
 )
-from client.web.backend import StreamRequest, ViewerBackend, error_json
+from client.web.backend import TileRequest, ViewerBackend, error_json
 from keyservice.errors import ArchiverFailed, ArchiverUnreachable, RequestRefused
 from keyservice.names import CAMERA_NAME_PATTERN, CAMERA_NAME_RULE, is_camera_name
 
@@ -363,7 +363,7 @@ def create_app(backend: ViewerBackend, access: Access) -> ASGIApp:
         if not access.session_ok(opening.secret):
             await _close(websocket, NO_SESSION)
             return
-        request = StreamRequest(opening.camera, opening.mode == "live", opening.from_ms,
+        request = TileRequest(opening.camera, opening.mode == "live", opening.from_ms,
                                 opening.to_ms, opening.start_ms)
         await pump(websocket, backend, request)
 
@@ -378,7 +378,7 @@ async def _close(websocket: WebSocket, reason: str) -> None:
         pass  # the other side is gone already
 
 
-async def pump(websocket: WebSocket, backend: ViewerBackend, request: StreamRequest) -> None:
+async def pump(websocket: WebSocket, backend: ViewerBackend, request: TileRequest) -> None:
     """Runs the blocking stream in a thread and forwards its events, in order, to the page."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict[str, Any] | bytes | None] = asyncio.Queue()
