@@ -7,7 +7,10 @@ Decryption and verification failures are deliberately *one* opaque type (Integri
 telling an attacker which check failed (tag, signature, chain, commitment) helps them.
 A stream that merely *stops* early is not one of them: StreamTruncated says that what came
 verified and that the Archiver's signed end record did not come (its own exit code, 50), and
-RangeIncomplete that an authentic stream cannot show it covers the whole range (53). A value
+RangeIncomplete that an authentic stream cannot show it covers the whole range (53). (The
+format-level reader, held to the spec and its test vectors, still calls a stream without END an
+IntegrityError when asked to finish; the viewer library checks for the end record first and
+says StreamTruncated, which is what users and scripts see.) A value
 the user typed that is not acceptable (a camera name, a time, a URI) is a UsageError (2), not
 a FormatError: FormatError is for bytes received or read that are not a fusion stream.
 
