@@ -9,7 +9,7 @@ by the signed END record. Every failure is FormatError, IntegrityError or NoMatc
 What the viewer asked for (StreamRequest) and whether the stream answers it (nonce, camera,
 mode, range, freshness, the range's edges) is keyservice/request_policy.py; its public names
 stay importable from here. The Archiver's side (ManifestChain, StreamWriter) is
-keyservice/stream.py.
+keyservice/fusion_writer.py.
 
 Pure: no I/O, no ``pkcs11``.
 """
