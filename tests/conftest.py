@@ -1,4 +1,6 @@
-"""Test-session plugins. Token fixtures: tests/fixtures/tokens.py."""
+"""Test-session plugins. SoftHSM, viewer, Archiver and camera fixtures: the fusion_testkit plugin
+(fusion_testkit/pytest_plugin.py, also registered by the installed package's pytest11 entry
+point; listed here so a checkout on PYTHONPATH gets it too). TPM: tests/fixtures/tokens.py."""
 
-pytest_plugins = ["tests.fixtures.tokens", "tests.fixtures.server", "tests.fixtures.rtsp",
-                  "tests.fixtures.piv.stack"]
+pytest_plugins = ["fusion_testkit.pytest_plugin", "tests.fixtures.tokens", "tests.fixtures.server",
+                  "tests.fixtures.rtsp", "tests.fixtures.piv.stack"]
