@@ -21,10 +21,6 @@ from keyservice.identity import OaepHash, fingerprint
 from keyservice.pkcs11uri import Pkcs11Uri
 from tests.fixtures.tokens import TokenHandle
 
-# fusion-keys runs in a subprocess that inherits the environment: SOFTHSM2_CONF of each test's
-# SoftHSM store, for that test only.
-pytestmark = pytest.mark.usefixtures("softhsm_environ")
-
 SPY_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so"
 INIT_SOFTHSM = Path(__file__).resolve().parents[2] / "hsm-config" / "init-softhsm.sh"
 

@@ -118,7 +118,6 @@ def test_rsa_and_ec_openers_do_not_mix() -> None:
 
 
 # --- on tokens ----------------------------------------------------------------------------
-@pytest.mark.usefixtures("softhsm_environ")  # fusion-keys inherits it
 def test_enroll_ec_on_softhsm_is_the_default_and_opens_openers(softhsm_token: TokenHandle,
                                                                tmp_path) -> None:
     pem = tmp_path / "eve.pem"
@@ -141,7 +140,6 @@ def test_enroll_ec_on_softhsm_is_the_default_and_opens_openers(softhsm_token: To
         assert ident.operations == 1
 
 
-@pytest.mark.usefixtures("softhsm_environ")  # fusion-keys inherits it
 def test_rsa_stays_available_on_request(softhsm_token: TokenHandle, tmp_path) -> None:
     made = fusion_keys("enroll", "--token", softhsm_token.object_uri("rita"), "--out",
                        str(tmp_path / "rita.pem"), "--key-type", "rsa")
