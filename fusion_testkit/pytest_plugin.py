@@ -34,8 +34,7 @@ import pytest
 from fusion_testkit.camera import CameraPush, frame_hashes, make_source, push
 from fusion_testkit.pki import SiteCa
 from fusion_testkit.server import ArchiverServer, production_archiver
-from fusion_testkit.tokens import SoftHsmStore, TokenHandle, softhsm_available
-from fusion_testkit.viewer import EnrolledViewer
+from fusion_testkit.tokens import EnrolledViewer, SoftHsmStore, TokenHandle, softhsm_available
 
 __all__ = ["fusion_archiver", "fusion_camera", "fusion_site_ca", "fusion_viewer",
            "fusion_viewer_factory", "softhsm_environ", "softhsm_store", "softhsm_token",

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from keyservice.pkcs11uri import Pkcs11Uri
 from keyservice.softhsm import write_config
-from keyservice.token import Token, init_token, unload_module
+from keyservice.token import Token, TokenIdentity, init_token, unload_module
 
 # The software TPM's scripts live in a checkout (hsm-config/), not in the installed package.
 HSM_CONFIG = Path(__file__).resolve().parents[1] / "hsm-config"
@@ -252,6 +252,33 @@ class SoftwareTpm:
 
 
 # --- identities -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EnrolledViewer:
+    """A viewer identity on a throwaway token: ``uri`` names the key (with the PIN, for
+    tests), ``certificate`` is its PEM file, ``env`` what a subprocess (fusion-client) needs
+    to find the token."""
+
+    name: str
+    token: TokenHandle
+    uri: str
+    certificate: Path
+    key_type: str = "rsa"
+
+    @classmethod
+    def enrol(cls, token: TokenHandle, name: str, key_type: str = "rsa",
+              bits: int = 2048) -> EnrolledViewer:
+        pem = enroll_viewer(token, name, bits=bits, key_type=key_type)
+        return cls(name, token, token.object_uri(name), pem, key_type)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.token.env
+
+    def identity(self) -> TokenIdentity:
+        """The identity, its private key on the token (opened in this process)."""
+        return Token.open(self.token.uri).identity(self.name)
+
+
 def enroll_viewer(token: TokenHandle, name: str, bits: int = 2048, key_type: str = "rsa") -> Path:
     """Enrol identity ``name`` on ``token`` (key on the token) and return its certificate PEM.
     ``key_type``: "rsa" (``bits``) or "ec" (P-256)."""

@@ -17,8 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fusion_testkit.server import ArchiverServer
-from fusion_testkit.tokens import SoftHsmStore, enroll_viewer, softhsm_available
-from fusion_testkit.viewer import EnrolledViewer, login
+from fusion_testkit.tokens import EnrolledViewer, SoftHsmStore, enroll_viewer, softhsm_available
+from fusion_testkit.viewer import login
 from keyservice.token import Token
 
 ROOT = Path(__file__).resolve().parents[1]
