@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from bench.common import REPO_ROOT, machine_line, percentile
-from harness.server import ArchiverServer, free_port
-from harness.viewer import login
+from fusion_testkit.server import ArchiverServer, free_port
+from fusion_testkit.viewer import login
 from keyservice.certs import build_viewer_certificate
 from keyservice.identity import OaepHash, SoftwareIdentity
 

@@ -32,7 +32,7 @@ from bench.generate import segment_bytes
 from bench.raw import aes_gcm
 from client.player import Player, archiver_pin_check
 from client.session import ArchiverSession
-from harness.tokens import (
+from fusion_testkit.tokens import (
     SoftwareTpm,
     TokenHandle,
     enroll_viewer,

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pkcs11 import Attribute, ObjectClass
 
-from harness.pki import SiteCa
+from fusion_testkit.pki import SiteCa
 from keyservice import certs
 from keyservice.identity import OaepHash, fingerprint
 from keyservice.token import Token

@@ -10,7 +10,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from harness.server import UnexpectedStatus
+from fusion_testkit.server import UnexpectedStatus
 from keyservice.crypto import answer_login_challenge, login_context
 from keyservice.identity import Identity, OaepHash, fingerprint
 
