@@ -22,7 +22,8 @@ from archiver.db import ViewerRow
 from archiver.rtsp import PULLER_STOP_S, RtspSupervisor
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError, FormatError
-from keyservice.identity import OaepHash, fingerprint
+from keyservice.identity import fingerprint
+from keyservice.keyscheme import KeyScheme
 from keyservice.names import validate_camera_name
 from keyservice.wire import ErrorCode
 
@@ -109,7 +110,7 @@ class Admin:
             cert = load_certificate(pem)
             oaep = validate_viewer_certificate(
                 cert, now=dt.datetime.now(dt.UTC), site_ca=self.site_ca,
-                oaep_hash=OaepHash.from_label(oaep_hash) if oaep_hash else None)
+                oaep_hash=KeyScheme.from_label(oaep_hash) if oaep_hash else None)
         except CertificateError as exc:
             raise AdminRefused(ErrorCode.BAD_CERTIFICATE, str(exc)) from None
         wanted = None if cameras is None else sorted(set(cameras))

@@ -22,7 +22,7 @@ from bench import core
 from harness.server import REPO_ROOT as REPO_ROOT  # re-exported: benchmarks find launchers by it
 from harness.server import ArchiverServer
 from keyservice.certs import build_viewer_certificate, certificate_pem
-from keyservice.identity import OaepHash
+from keyservice.keyscheme import KeyScheme
 
 MiB = 2**20
 MB = 10**6
@@ -134,7 +134,7 @@ class CertFactory:
     public keys, so sharing one key pair changes nothing it does (and saves minutes of key
     generation). Each carries the OAEP-hash extension of keyservice.certs, as enrolment makes."""
 
-    oaep_hash: OaepHash = OaepHash.SHA256
+    oaep_hash: KeyScheme = KeyScheme.RSA_OAEP_SHA256
     bits: int = 2048
     key: rsa.RSAPrivateKey = field(init=False)
 

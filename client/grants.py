@@ -107,7 +107,7 @@ def grant(
     from client.session import playback_request
     from keyservice.certs import validate_viewer_certificate
     from keyservice.grants import MAX_GRANT_KEYS, GrantKey, decode_grant, make_grant
-    from keyservice.identity import OaepHash, Recipient
+    from keyservice.keyscheme import KeyScheme, Recipient
     from keyservice.timespec import parse_range
 
     from_ms, to_ms = parse_range(from_, to, cli._now_ms())
@@ -115,7 +115,7 @@ def grant(
     grantee = cli._load_cert(to_cert)
     kind = validate_viewer_certificate(
         grantee, now=dt.datetime.now(dt.UTC), trust_decision=False,
-        oaep_hash=OaepHash.from_label(oaep_hash) if oaep_hash else None)
+        oaep_hash=KeyScheme.from_label(oaep_hash) if oaep_hash else None)
     recipient = Recipient(grantee, kind)
     with _logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login):
         # Played exactly as `play` would (every check of the reader), written nowhere: the keys

@@ -19,7 +19,7 @@ import typer
 from keyservice import certs
 from keyservice.errors import UsageError
 from keyservice.exits import add_version_option, hidden_aliases, run, tidy_help
-from keyservice.identity import OaepHash
+from keyservice.keyscheme import KeyScheme
 from keyservice.text import printable
 
 if TYPE_CHECKING:
@@ -159,7 +159,7 @@ def enroll(
             result = tok.enroll(name, bits=bits, days=days, csr=csr, key_type=kind)
         where, use = f"token '{tok.label}'", ""
     _write(out, result.pem())
-    if result.oaep_hash is OaepHash.ECDH_P256:
+    if result.oaep_hash is KeyScheme.ECDH_P256:
         scheme = "EC P-256, ECDH epoch openers"
     else:
         hash_note = ("" if result.oaep_hash.label == "sha256"
@@ -281,7 +281,7 @@ def selftest(token: TokenOpt) -> None:
     """Wrap a random key to the certificate in software, unwrap it on the token, compare."""
     with _open(token) as tok:
         result = tok.selftest()
-    scheme = ("EC P-256, ECDH" if result.oaep_hash is OaepHash.ECDH_P256 else
+    scheme = ("EC P-256, ECDH" if result.oaep_hash is KeyScheme.ECDH_P256 else
               f"RSA-{result.key_bits}, RSA-OAEP with "
               f"{certs.oaep_hash_name(result.oaep_hash)}")
     _echo(f"Self-test passed for '{result.label}': {scheme}, token operation "
