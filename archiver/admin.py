@@ -135,7 +135,7 @@ class Admin:
                               archive.clock())
         archive.authorization_changed(fp, None)
         self.audit.record(actor, "client.add", archive.clock(), fingerprint=fp, subject=subject,
-                          cameras=wanted or "all", oaep_hash=oaep.label)
+                          cameras=wanted or "all", oaep_hash=oaep.legacy_label)
         row = archive.db.viewer(fp)
         assert row is not None
         return row
