@@ -217,8 +217,8 @@ def viewers_add(
     certificate: Annotated[Path, typer.Argument(help="The viewer's PEM certificate.")],
     cameras: Annotated[str, typer.Option("--cameras", help="cam1,cam2 or 'all'.")],
     key_scheme: Annotated[str | None, typer.Option(
-        "--key-scheme", "--oaep-hash", help="rsa-oaep-sha256|rsa-oaep-sha1 (or the old "
-        "spelling sha256|sha1), only for RSA certificates not made by fusion-keys.")] = None,
+        "--key-scheme", help="rsa-oaep-sha256|rsa-oaep-sha1 (old spellings sha256|sha1 and "
+        "--oaep-hash still work), only for RSA certificates not made by fusion-keys.")] = None,
     url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
     tls_ca: TlsCaOpt = None,
     as_json: JsonOpt = False,
@@ -546,8 +546,8 @@ def admins_add(
     name: Annotated[str, typer.Option("--name", help="Unique name the audit log gives this "
                                       "admin (lower case; never reused).")],
     key_scheme: Annotated[str | None, typer.Option(
-        "--key-scheme", "--oaep-hash", help="rsa-oaep-sha256|rsa-oaep-sha1 (or the old "
-        "spelling sha256|sha1), only for RSA certificates not made by fusion-keys.")] = None,
+        "--key-scheme", help="rsa-oaep-sha256|rsa-oaep-sha1 (old spellings sha256|sha1 and "
+        "--oaep-hash still work), only for RSA certificates not made by fusion-keys.")] = None,
     url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
     tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
 ) -> None:

@@ -287,12 +287,13 @@ def validate_viewer_certificate(cert: x509.Certificate, *, now: datetime,
     if recorded is not None and oaep_hash is not None and recorded is not oaep_hash:
         raise CertificateError(f"The certificate says its token opens OAEP with "
                                f"{oaep_hash_name(recorded)} but {oaep_hash_name(oaep_hash)} was "
-                               "requested; drop the explicit OAEP hash.")
+                               "requested; drop the explicit key scheme.")
     chosen = recorded if recorded is not None else oaep_hash
     if chosen is None:
         raise CertificateError("The certificate does not say which RSA-OAEP hash the viewer's "
-                               "token opens; give it explicitly (sha256, or sha1 for SoftHSM; "
-                               "fusion-keys selftest on the viewer machine shows it).")
+                               "token opens; give it explicitly (key scheme rsa-oaep-sha256, or "
+                               "rsa-oaep-sha1 for SoftHSM; fusion-keys selftest on the viewer "
+                               "machine shows it).")
     return chosen
 
 
@@ -327,8 +328,8 @@ def _validate_ec_viewer(cert: x509.Certificate, key: ec.EllipticCurvePublicKey, 
         raise CertificateError(f"The viewer key is on curve {key.curve.name}; only P-256 "
                                "(secp256r1) is supported for EC viewers.")
     if oaep_hash is not None and oaep_hash is not KeyScheme.ECDH_P256:
-        raise CertificateError("An EC viewer certificate takes no OAEP hash (its scheme is "
-                               "ECDH-P256); drop the explicit OAEP hash.")
+        raise CertificateError("An EC viewer certificate takes no RSA-OAEP key scheme (its "
+                               "scheme is ecdh-p256); drop the explicit key scheme.")
     _check_validity(cert, now, "viewer certificate")
     try:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
