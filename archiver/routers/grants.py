@@ -129,7 +129,7 @@ def create_grant(body: GrantCreate, viewer: ViewerDep, services: ServicesDep,
         raise ApiError(404, ErrorCode.UNKNOWN_GRANTEE, "The grantee's certificate is not an enrolled, "
                        "active viewer of this Archiver; ask an admin to run 'fusion-archiver "
                        "clients add' for it (it needs no camera).")
-    if KeyScheme(grantee.oaep_hash) != grant.kind:
+    if KeyScheme(grantee.oaep_hash) is not grant.kind:  # enum members are singletons
         raise ApiError(422, ErrorCode.BAD_GRANT, f"The grant is sealed for {grant.kind.label}, but the "
                        f"grantee's token was enrolled for {KeyScheme(grantee.oaep_hash).label}.")
     _check_keys(services, grant, viewer.fingerprint)
