@@ -41,9 +41,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from keyservice.errors import CertificateError, IntegrityError
 from keyservice.labels import LABEL_EC_SALT, WrapContext
 
+__all__ = ["EC_POINT_LEN", "WRAPPED_KEY_LEN", "EcdhKey", "Identity", "IncorrectIdentity",
+           "KeyScheme", "Recipient", "Rng", "RsaOaepKey", "WrappedKey", "ec_open", "ec_seal",
+           "signing_public_key", "unwrap_with"]
+
 Rng = Callable[[int], bytes]
 
-WRAPPED_KEY_LEN = 32  # every wrapped key is 32 bytes (KEKs, chain-free secrets, package keys)
+WRAPPED_KEY_LEN = 32  # every wrapped key is 32 bytes (KEKs, login secrets, package keys)
 EC_POINT_LEN = 65  # uncompressed SEC1 point: 04 || x || y
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
