@@ -218,3 +218,30 @@ def test_every_label_lives_in_the_labels_module() -> None:
     assert found == []
     values = [v for k, v in vars(labels).items() if k.startswith("LABEL_")]
     assert len(values) == len(set(values))  # one label, one purpose
+
+
+# Every public name of keyservice/crypto.py before it was split (issue 24).
+_OLD_CRYPTO_NAMES = (
+    "ChainDeriver", "EC_POINT_LEN", "EPOCH_MAX_SECONDS", "Epoch", "KekRatchet", "KeyChain",
+    "LABEL_ADMIN_LOGIN_CONTEXT", "LABEL_CHAIN_KEY", "LABEL_CHAIN_RECORD", "LABEL_CHAIN_STEP",
+    "LABEL_EC_EPOCH_OPENER", "LABEL_EC_LOGIN_CHALLENGE", "LABEL_EC_SALT", "LABEL_EPOCH_OPENER",
+    "LABEL_KEK_RATCHET", "LABEL_KEY_COMMITMENT", "LABEL_LOGIN_CHALLENGE", "LABEL_LOGIN_CONTEXT",
+    "LABEL_LOGIN_PROOF", "LABEL_SEGMENT", "LoginChallenge", "MinuteKey", "Rng", "SECRET_LEN",
+    "admin_login_context", "answer_login_challenge", "chain_key_id", "chain_minute_key",
+    "chain_record_ad", "chain_step", "ec_open", "ec_seal", "key_commitment", "login_context",
+    "make_login_challenge", "max_ratchet_index", "new_minute_key", "open_epoch_opener",
+    "open_segment", "ratchet_kek", "seal_segment", "segment_ad", "segment_nonce", "split_key_id",
+    "unwrap_chain_record", "verify_login_proof")
+
+
+def test_old_crypto_names_stay_importable() -> None:
+    import keyservice.crypto as old
+
+    assert [name for name in _OLD_CRYPTO_NAMES if not hasattr(old, name)] == []
+    assert sorted(old.__all__) == sorted(_OLD_CRYPTO_NAMES)
+    # The deprecated ECDH helpers still round-trip (same bytes as Recipient.wrap would make).
+    eve = ec_identity()
+    sealed = old.ec_seal(Recipient(eve.certificate, KeyScheme.ECDH_P256), b"info", b"s" * 32)
+    assert old.ec_open(eve, b"info", sealed) == b"s" * 32
+    with pytest.raises(IncorrectIdentity):
+        old.ec_open(eve, b"other info", sealed)
