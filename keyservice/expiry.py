@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keyservice.errors import IntegrityError, KeyServiceError
+from keyservice.exitcodes import ExitCode
 from keyservice.identity import Signer
 from keyservice.keyscheme import signing_public_key
 from keyservice.labels import LABEL_EXPIRY_STATEMENT
@@ -38,7 +39,7 @@ class ExpiryUnproven(KeyServiceError):
     """A 410 whose expiry statement is missing, malformed, not for this request, or not
     signed by the pinned Archiver: the range is withheld, not shown to have expired."""
 
-    exit_code = 59
+    exit_code = ExitCode.EXPIRY_UNPROVEN
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from keyservice.labels import LABEL_CHAIN_RECIPIENTS as LABEL_CHAIN_RECIPIENTS
 from keyservice.labels import LABEL_END as LABEL_END
 from keyservice.labels import LABEL_MANIFEST as LABEL_MANIFEST
 from keyservice.labels import LABEL_TRANSCRIPT as LABEL_TRANSCRIPT
-from keyservice.names import validate_camera_name as validate_name
+from keyservice.names import camera_name_in_record as validate_name
 
 MAGIC = b"FUSNSTRM"
 VERSION = 2

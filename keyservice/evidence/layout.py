@@ -7,6 +7,7 @@ import datetime as dt
 
 from keyservice import labels
 from keyservice.errors import KeyServiceError
+from keyservice.exitcodes import ExitCode
 
 FORMAT = "fusion-evidence/1"
 INDEX = "EVIDENCE.json"
@@ -37,7 +38,7 @@ class EvidenceError(KeyServiceError):
     """A package cannot be built, read or opened (its verification failures are reported,
     not raised: see Report)."""
 
-    exit_code = 60
+    exit_code = ExitCode.EVIDENCE_EXPORT_FAILED
 
 
 def manifest_name(seq: int, ext: str) -> str:
