@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from bench import core
 from fusion_testkit.server import ArchiverServer
 from keyservice.certs import build_viewer_certificate, certificate_pem
-from keyservice.identity import OaepHash
+from keyservice.keyscheme import KeyScheme
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout: benchmarks find launchers by it
 MiB = 2**20
@@ -134,7 +134,7 @@ class CertFactory:
     public keys, so sharing one key pair changes nothing it does (and saves minutes of key
     generation). Each carries the OAEP-hash extension of keyservice.certs, as enrolment makes."""
 
-    oaep_hash: OaepHash = OaepHash.SHA256
+    oaep_hash: KeyScheme = KeyScheme.RSA_OAEP_SHA256
     bits: int = 2048
     key: rsa.RSAPrivateKey = field(init=False)
 

@@ -562,4 +562,4 @@ with Token.open(uri) as again:   # the module loads again and the key is still t
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=60, env={**os.environ, **softhsm_token.env})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "sha1"
+    assert result.stdout.strip() == "rsa-oaep-sha1"
