@@ -22,8 +22,9 @@ from archiver.db import ViewerRow
 from archiver.rtsp import PULLER_STOP_S, RtspSupervisor
 from archiver.services.refused import Refused
 from keyservice.certs import load_certificate, validate_viewer_certificate
-from keyservice.errors import CertificateError, FormatError
-from keyservice.identity import OaepHash, fingerprint
+from keyservice.errors import CertificateError, UsageError
+from keyservice.identity import fingerprint
+from keyservice.keyscheme import KeyScheme
 from keyservice.names import validate_camera_name
 from keyservice.wire import ErrorCode
 
@@ -77,7 +78,7 @@ class Admin:
         archive = self.archive
         try:
             validate_camera_name(name)  # the name becomes an archive directory
-        except FormatError as exc:
+        except UsageError as exc:
             raise Refused(ErrorCode.BAD_CAMERA_NAME, str(exc)) from None
         if rtsp_url and rtsp_url.split(":", 1)[0] not in self.pull_schemes:
             raise Refused(ErrorCode.BAD_RTSP_URL, "The camera URL must start with one of: "
@@ -127,7 +128,7 @@ class Admin:
             cert = load_certificate(pem)
             oaep = validate_viewer_certificate(
                 cert, now=dt.datetime.now(dt.UTC), site_ca=self.site_ca,
-                oaep_hash=OaepHash.from_label(oaep_hash) if oaep_hash else None)
+                oaep_hash=KeyScheme.from_label(oaep_hash) if oaep_hash else None)
         except CertificateError as exc:
             raise Refused(ErrorCode.BAD_CERTIFICATE, str(exc)) from None
         wanted = None if cameras is None else sorted(set(cameras))
@@ -152,7 +153,7 @@ class Admin:
                               archive.clock())
         archive.authorization_changed(fp, None)
         self.audit.record(actor, "viewer.add", archive.clock(), fingerprint=fp, subject=subject,
-                          cameras=wanted or "all", oaep_hash=oaep.label)
+                          cameras=wanted or "all", oaep_hash=oaep.legacy_label)
         row = archive.db.viewer(fp)
         assert row is not None
         return Authorization(row, existing is not None and existing.revoked_ms is None)

@@ -210,8 +210,9 @@ def viewers_add(
     certificate: Annotated[Path, typer.Argument(help="The viewer's PEM certificate.")],
     cameras: Annotated[str, typer.Option("--cameras", help="cam1,cam2, 'all', or 'none' (a "
                                          "grantee of access grants needs no camera).")],
-    oaep_hash: Annotated[str | None, typer.Option(
-        "--oaep-hash", help="sha256|sha1, only for certificates not made by fusion-keys.")] = None,
+    key_scheme: Annotated[str | None, typer.Option(
+        "--key-scheme", help="rsa-oaep-sha256|rsa-oaep-sha1 (old spellings sha256|sha1 and "
+        "--oaep-hash still work), only for RSA certificates not made by fusion-keys.")] = None,
     url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
     tls_ca: TlsCaOpt = None,
     as_json: JsonOpt = False,
@@ -221,7 +222,7 @@ def viewers_add(
     pem = _read_certificate(certificate)
     with _client(url, admin_token, data, tls_ca) as client:
         wanted = [] if cameras.strip() == "none" else _camera_list(cameras, "--cameras")
-        result = asdict(client.add_viewer(pem, wanted, oaep_hash))
+        result = asdict(client.add_viewer(pem, wanted, key_scheme))
     echo_result(as_json, result, f"viewer {printable(result['subject'])} authorized on "
          f"{_cams(result['cameras'])}"
          + (" (as it was already: cameras unchanged, keys rotated)"
@@ -356,7 +357,8 @@ def viewers_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
         cams = c["cameras"] if c["cameras"] == "all" else ",".join(c["cameras"])
         expiry, warn = _expiry(c["not_after"], now, active=not c["revoked_ms"])
         soon += warn
-        lines.append(f"{c['fingerprint']}  {printable(c['subject'])}  {cams}  {c['oaep_hash']}  "
+        lines.append(f"{c['fingerprint']}  {printable(c['subject'])}  {cams}  "
+                     f"{c.get('key_scheme') or c['oaep_hash']}  "
                      f"{state}  {expiry}")
     if soon:
         lines.append(f"{soon} active viewer(s) expired or expiring within {EXPIRY_WARNING_DAYS} "
@@ -535,8 +537,9 @@ def admins_add(
                                                 "the admin's own token with fusion-keys enroll).")],
     name: Annotated[str, typer.Option("--name", help="Unique name the audit log gives this "
                                       "admin (lower case; never reused).")],
-    oaep_hash: Annotated[str | None, typer.Option(
-        "--oaep-hash", help="sha256|sha1, only for certificates not made by fusion-keys.")] = None,
+    key_scheme: Annotated[str | None, typer.Option(
+        "--key-scheme", help="rsa-oaep-sha256|rsa-oaep-sha1 (old spellings sha256|sha1 and "
+        "--oaep-hash still work), only for RSA certificates not made by fusion-keys.")] = None,
     url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
     tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
 ) -> None:
@@ -544,7 +547,7 @@ def admins_add(
     # file holding a private key is refused here, before anything is sent.
     pem = _read_certificate(certificate)
     with _client(url, admin_token, data, tls_ca) as client:
-        result = asdict(client.add_admin(pem, name, oaep_hash))
+        result = asdict(client.add_admin(pem, name, key_scheme))
     echo_result(as_json, result, f"admin {result['name']} added; the audit log names them "
          f"{printable(result['actor'])}\nfingerprint: {result['fingerprint']}")
 

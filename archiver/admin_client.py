@@ -121,7 +121,8 @@ class StorageInfo:
 class ViewerInfo:
     fingerprint: str
     subject: str
-    oaep_hash: str
+    key_scheme: str | None = None  # rsa-oaep-sha256, rsa-oaep-sha1 or ecdh-p256
+    oaep_hash: str  # the deprecated old spelling (sha256, sha1, ecdh-p256)
     cameras: Cameras
     added_ms: int
     revoked_ms: int | None
@@ -276,10 +277,11 @@ class AdminClient:
 
     # --- viewers ---------------------------------------------------------------------------
     def add_viewer(self, certificate_pem: str, cameras: Cameras,
-                   oaep_hash: str | None = None) -> ViewerInfo:
-        """Authorize a viewer certificate on ``cameras`` (or "all")."""
+                   key_scheme: str | None = None) -> ViewerInfo:
+        """Authorize a viewer certificate on ``cameras`` (or "all"); ``key_scheme`` only for
+        an RSA certificate without the enrolment extension (rsa-oaep-sha256, rsa-oaep-sha1)."""
         return _typed(ViewerInfo, self._call("POST", "/v1/admin/viewers", {
-            "certificate": certificate_pem, "cameras": cameras, "oaep_hash": oaep_hash}))
+            "certificate": certificate_pem, "cameras": cameras, "key_scheme": key_scheme}))
 
     def viewers(self) -> list[ViewerInfo]:
         return _typed_list(ViewerInfo, self._call("GET", "/v1/admin/viewers"))
@@ -331,9 +333,9 @@ class AdminClient:
 
     # --- admins ----------------------------------------------------------------------------
     def add_admin(self, certificate_pem: str, name: str,
-                  oaep_hash: str | None = None) -> AdminInfo:
+                  key_scheme: str | None = None) -> AdminInfo:
         return _typed(AdminInfo, self._call("POST", "/v1/admin/admins", {
-            "certificate": certificate_pem, "name": name, "oaep_hash": oaep_hash}))
+            "certificate": certificate_pem, "name": name, "key_scheme": key_scheme}))
 
     def admins(self) -> list[AdminInfo]:
         return _typed_list(AdminInfo, self._call("GET", "/v1/admin/admins"))

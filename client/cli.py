@@ -53,7 +53,7 @@ from client.session import (
     playback_request,
 )
 from keyservice.errors import CertificateError, UsageError
-from keyservice.exits import add_version_option, run, tidy_help
+from keyservice.exits import add_version_option, hidden_aliases, run, tidy_help
 from keyservice.identity import Identity
 from keyservice.names import CAMERA_NAME_RULE, is_camera_name
 from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
@@ -64,6 +64,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Watch and export video from a Fusion Archiver; keys are opened on your "
                        "token, video is decrypted and verified on this machine.")
 add_version_option(app, "fusion-client")
+hidden_aliases(app, {"oaep-hash": "key-scheme"})  # the old name of --key-scheme
 _READ_CHUNK = 1 << 20
 
 

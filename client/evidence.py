@@ -34,6 +34,7 @@ from keyservice.errors import CertificateError, UsageError
 from keyservice.evidence.build import build_package, collect
 from keyservice.evidence.layout import EvidenceError
 from keyservice.evidence.verify import Report, open_sealed_keys, verify_package
+from keyservice.exitcodes import ExitCode
 from keyservice.format import Record, decode_record
 from keyservice.framing import RecordSplitter
 from keyservice.identity import Recipient
@@ -43,10 +44,13 @@ evidence_app = typer.Typer(no_args_is_help=True, add_completion=False,
                            help="Evidence packages a third party verifies without any token: "
                                 "export, verify.")
 
-EXIT_NOT_VERIFIED = 60  # a check failed: the report says which and why
-EXIT_PARTLY_VERIFIED = 61  # sealed keys and no token: all but keys and video verified
-EXIT_INCOMPLETE = 62  # verified, but the signed data names recorded video the package lacks
-EXIT_SIGNER_NOT_ESTABLISHED = 63  # consistent, but no trust anchor says whose key signed it
+# The verdicts' exit codes (docs/evidence.md): a check failed (the report says which and why);
+# sealed keys and no token (all but keys and video verified); verified, but the signed data
+# names recorded video the package lacks; consistent, but no trust anchor says whose key signed.
+EXIT_NOT_VERIFIED = ExitCode.NOT_VERIFIED
+EXIT_PARTLY_VERIFIED = ExitCode.PARTLY_VERIFIED
+EXIT_INCOMPLETE = ExitCode.EVIDENCE_INCOMPLETE
+EXIT_SIGNER_NOT_ESTABLISHED = ExitCode.SIGNER_NOT_ESTABLISHED
 # Limits on a package read from disk (untrusted): member count and total unpacked size.
 MAX_MEMBERS = 200_000
 MAX_UNPACKED = 16 * 2**30

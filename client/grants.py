@@ -91,9 +91,10 @@ def grant(
                           "(it needs no camera).")],
     note: Annotated[str | None, typer.Option(
         "--note", help="Why (case number...), shown to the approving admin.")] = None,
-    oaep_hash: Annotated[str | None, typer.Option(
-        "--oaep-hash", help="sha256|sha1: only for an RSA grantee certificate without the "
-                            "enrolment extension.")] = None,
+    key_scheme: Annotated[str | None, typer.Option(
+        "--key-scheme", help="rsa-oaep-sha256|rsa-oaep-sha1 (old spellings sha256|sha1 and "
+        "--oaep-hash still work): only for an RSA grantee certificate without the enrolment "
+        "extension.")] = None,
     archiver: ArchiverOpt = DEFAULT_URL,
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
@@ -107,7 +108,7 @@ def grant(
     from client.session import playback_request
     from keyservice.certs import validate_viewer_certificate
     from keyservice.grants import MAX_GRANT_KEYS, GrantKey, decode_grant, make_grant
-    from keyservice.identity import OaepHash, Recipient
+    from keyservice.keyscheme import KeyScheme, Recipient
     from keyservice.timespec import parse_range
 
     from_ms, to_ms = parse_range(from_, to, cli._now_ms())
@@ -115,7 +116,7 @@ def grant(
     grantee = cli._load_cert(to_cert)
     kind = validate_viewer_certificate(
         grantee, now=dt.datetime.now(dt.UTC), trust_decision=False,
-        oaep_hash=OaepHash.from_label(oaep_hash) if oaep_hash else None)
+        oaep_hash=KeyScheme.from_label(key_scheme) if key_scheme else None)
     recipient = Recipient(grantee, kind)
     with _logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login):
         # Played exactly as `play` would (every check of the reader), written nowhere: the keys

@@ -33,8 +33,10 @@ from keyservice.errors import (  # the HTTP errors are shared with fusion-archiv
     CertificateError,
     KeyServiceError,
     RequestRefused,
+    StreamTruncated,
     UsageError,
 )
+from keyservice.exitcodes import ExitCode
 from keyservice.exits import unreachable
 from keyservice.format import Mode
 from keyservice.identity import Identity, fingerprint
@@ -49,23 +51,23 @@ MAX_LIVE_S = 86_400
 
 # --- errors (exit codes documented in docs/client.md) -------------------------------------
 class NotEnrolled(RequestRefused):
-    exit_code = 43
+    exit_code = ExitCode.NOT_ENROLLED
 
 
 class ViewerRevoked(RequestRefused):
-    exit_code = 44
+    exit_code = ExitCode.VIEWER_REVOKED
 
 
 class NotAuthorized(RequestRefused):
-    exit_code = 45
+    exit_code = ExitCode.NOT_AUTHORIZED
 
 
 class UnknownCamera(RequestRefused):
-    exit_code = 46
+    exit_code = ExitCode.UNKNOWN_CAMERA
 
 
 class NoRecording(RequestRefused):
-    exit_code = 47
+    exit_code = ExitCode.NO_RECORDING
 
 
 class RecordingExpired(NoRecording):
@@ -73,35 +75,28 @@ class RecordingExpired(NoRecording):
     statement signed by the pinned Archiver shows (session.recording checks it; a 410 without
     a valid one is keyservice.expiry.ExpiryUnproven, exit 59)."""
 
-    exit_code = 54
+    exit_code = ExitCode.RECORDING_EXPIRED
     signed: object = None  # the 410 body's "expiry" member, as received (unverified)
 
 
 class LoginRefused(RequestRefused):
-    exit_code = 48
-
-
-class StreamInterrupted(KeyServiceError):
-    """The connection broke mid-stream. Same exit code as a truncated stream: what was
-    received is verified, but the signed end record never came."""
-
-    exit_code = 50
+    exit_code = ExitCode.LOGIN_REFUSED
 
 
 class GrantNotUsable(RequestRefused):
     """An access grant that is not (or no longer) approved: pending, rejected or revoked."""
 
-    exit_code = 55
+    exit_code = ExitCode.GRANT_NOT_USABLE
 
 
 class OutsideGrant(RequestRefused):
     """A request under an access grant goes outside the granted range."""
 
-    exit_code = 56
+    exit_code = ExitCode.OUTSIDE_GRANT
 
 
 class UnknownGrant(RequestRefused):
-    exit_code = 57
+    exit_code = ExitCode.UNKNOWN_GRANT
 
 
 # The Archiver's error codes (keyservice.wire) that have an exit code of their own; any other
@@ -261,7 +256,7 @@ class ArchiverSession:
         context = login_context(archiver_fp, fingerprint(identity.certificate), challenge_id)
         # The only token operation of the login; answer_login_challenge refuses (IntegrityError)
         # any plaintext that is not a login challenge, so the token is no decryption oracle.
-        proof = answer_login_challenge(identity, challenge.ciphertext, challenge.oaep_hash,
+        proof = answer_login_challenge(identity, challenge.ciphertext, challenge.key_scheme,
                                        context)
         opened = self._json("POST", "/v1/sessions", {
             "challenge_id": challenge_id.hex(), "proof": base64.b64encode(proof).decode()})
@@ -408,6 +403,6 @@ class ArchiverSession:
         try:
             yield from response.iter_bytes()
         except httpx.HTTPError as exc:
-            raise StreamInterrupted(
+            raise StreamTruncated(
                 f"The connection to the Archiver broke mid-stream ({exc.__class__.__name__}) "
                 "before the signed end record.") from None

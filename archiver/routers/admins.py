@@ -26,8 +26,10 @@ AdminPath = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 class AdminCreate(BaseModel):
     certificate: str = Field(max_length=65536, description="PEM certificate on the admin's token")
     name: str = Field(max_length=64, description="Unique, never reused: the audit log's actor")
-    oaep_hash: Literal["sha1", "sha256"] | None = Field(
-        default=None, description="Only for certificates without the enrolment extension")
+    key_scheme: Literal["rsa-oaep-sha256", "rsa-oaep-sha1", "sha256", "sha1"] | None = Field(
+        default=None, description="Only for RSA certificates without the enrolment extension")
+    oaep_hash: Literal["rsa-oaep-sha256", "rsa-oaep-sha1", "sha256", "sha1"] | None = Field(
+        default=None, description="Deprecated: the old name of key_scheme")
 
 
 class AdminInfo(BaseModel):
@@ -63,7 +65,7 @@ def _info(row: AdminRow) -> AdminInfo:
 def admin_challenge(body: ChallengeRequest, logins: LoginsDep) -> Challenge:
     issued = logins.admin_challenge(body.certificate)
     return Challenge(challenge_id=issued.challenge_id, ciphertext=issued.ciphertext,
-                     oaep_hash=issued.oaep_hash,
+                     key_scheme=issued.key_scheme, oaep_hash=issued.oaep_hash,
                      archiver_certificate=issued.archiver_certificate)
 
 
@@ -78,7 +80,8 @@ def open_admin_session(body: ProofRequest, logins: LoginsDep) -> AdminSessionInf
 # --- managing admins ---------------------------------------------------------------------------
 @router.post("/admin/admins", status_code=201)
 def add_admin(body: AdminCreate, admins: AdminsDep, actor: AdminDep) -> AdminInfo:
-    return _info(admins.add(actor, body.certificate.encode(), body.name, body.oaep_hash))
+    return _info(admins.add(actor, body.certificate.encode(), body.name,
+                            body.key_scheme or body.oaep_hash))
 
 
 @router.get("/admin/admins")

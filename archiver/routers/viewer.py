@@ -45,7 +45,10 @@ class ChallengeRequest(BaseModel):
 class Challenge(BaseModel):
     challenge_id: str
     ciphertext: str
-    oaep_hash: str
+    key_scheme: str = Field(description="How the secret is wrapped: rsa-oaep-sha256, "
+                            "rsa-oaep-sha1 or ecdh-p256")
+    oaep_hash: str = Field(description="Deprecated old spelling of key_scheme (sha256, "
+                           "sha1, ecdh-p256), for viewers before issue 24")
     archiver_certificate: str
 
 
@@ -94,7 +97,7 @@ def archiver_info(playback: PlaybackDep) -> ArchiverInfo:
 def challenge(body: ChallengeRequest, logins: LoginsDep) -> Challenge:
     issued = logins.viewer_challenge(body.certificate)
     return Challenge(challenge_id=issued.challenge_id, ciphertext=issued.ciphertext,
-                     oaep_hash=issued.oaep_hash,
+                     key_scheme=issued.key_scheme, oaep_hash=issued.oaep_hash,
                      archiver_certificate=issued.archiver_certificate)
 
 

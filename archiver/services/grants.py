@@ -27,7 +27,7 @@ from keyservice import certs
 from keyservice.crypto import split_key_id
 from keyservice.errors import FormatError
 from keyservice.grants import AccessGrant, decode_grant
-from keyservice.identity import OaepHash
+from keyservice.keyscheme import KeyScheme
 from keyservice.wire import ErrorCode
 
 Decision = Literal["approve", "reject", "revoke"]
@@ -71,9 +71,9 @@ class GrantService:
                           "enrolled, active viewer of this Archiver; ask an admin to run "
                           "'fusion-archiver viewers add CERTIFICATE --cameras none' for it (it needs no "
                           "camera).")
-        if OaepHash(grantee.oaep_hash) != grant.kind:
+        if KeyScheme(grantee.oaep_hash) is not grant.kind:  # enum members are singletons
             raise Refused(ErrorCode.BAD_GRANT, f"The grant is sealed for {grant.kind.label}, but the "
-                          f"grantee's token was enrolled for {OaepHash(grantee.oaep_hash).label}.")
+                          f"grantee's token was enrolled for {KeyScheme(grantee.oaep_hash).label}.")
         self._check_keys(grant, viewer.fingerprint)
         if archive.db.access_grant(grant.grant_id.hex()) is not None:
             raise Refused(ErrorCode.GRANT_EXISTS, "A grant with this id exists already.")

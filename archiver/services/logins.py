@@ -31,7 +31,8 @@ from keyservice.crypto import (
     verify_login_proof,
 )
 from keyservice.errors import CertificateError
-from keyservice.identity import OaepHash, Recipient, fingerprint
+from keyservice.identity import fingerprint
+from keyservice.keyscheme import KeyScheme, Recipient
 from keyservice.wire import ErrorCode
 
 
@@ -41,7 +42,8 @@ class IssuedChallenge:
 
     challenge_id: str
     ciphertext: str
-    oaep_hash: str
+    key_scheme: str  # rsa-oaep-sha256, rsa-oaep-sha1 or ecdh-p256
+    oaep_hash: str  # the deprecated old spelling, for viewers before issue 24
     archiver_certificate: str
 
 
@@ -122,7 +124,7 @@ class LoginService:
         if viewer.revoked_ms is not None:
             raise Refused(ErrorCode.REVOKED, "This viewer's certificate has been revoked.")
         check_certificate_validity(viewer, self.archive.clock())
-        return self._issue(self.sessions, cert, OaepHash(viewer.oaep_hash), login_context)
+        return self._issue(self.sessions, cert, KeyScheme(viewer.oaep_hash), login_context)
 
     def open_viewer_session(self, challenge_id: str, proof: str) -> ViewerSession:
         now = self.archive.clock()
@@ -157,7 +159,7 @@ class LoginService:
             raise Refused(ErrorCode.ADMIN_REVOKED, f"Admin {row.name} has been revoked.",
                           fingerprint=fp)
         check_admin_validity(row, self.archive.clock())
-        return self._issue(self.admin_sessions, cert, OaepHash(row.oaep_hash),
+        return self._issue(self.admin_sessions, cert, KeyScheme(row.oaep_hash),
                            admin_login_context)
 
     def open_admin_session(self, challenge_id: str, proof: str) -> AdminSession:
@@ -194,21 +196,21 @@ class LoginService:
         return AdminPrincipal(row.actor, row.fingerprint)
 
     # --- both ----------------------------------------------------------------------------
-    def _issue(self, sessions: Sessions, cert: x509.Certificate, oaep: OaepHash,
+    def _issue(self, sessions: Sessions, cert: x509.Certificate, scheme: KeyScheme,
                context_of: Callable[[bytes, bytes, bytes], bytes]) -> IssuedChallenge:
         """A login challenge for a registered certificate, kept in ``sessions`` until answered.
         ``context_of`` (login_context, admin_login_context) binds the proof to this Archiver,
         this certificate and this challenge, under the label of its kind of session."""
         archive = self.archive
         # Encrypted to the *registered* certificate, so only its token can answer.
-        ciphertext, secret = make_login_challenge(Recipient(cert, oaep), archive.rng)
+        ciphertext, secret = make_login_challenge(Recipient(cert, scheme), archive.rng)
         challenge_id = archive.rng(16)
         fp = fingerprint(cert)
         context = context_of(fingerprint(archive.signer.certificate), fp, challenge_id)
         sessions.add_challenge(challenge_id, fp.hex(), secret, context, archive.clock())
         return IssuedChallenge(
             challenge_id=challenge_id.hex(), ciphertext=base64.b64encode(ciphertext).decode(),
-            oaep_hash=oaep.label,
+            key_scheme=scheme.label, oaep_hash=scheme.legacy_label,
             archiver_certificate=archive.signer.certificate.public_bytes(Encoding.PEM).decode())
 
     @staticmethod

@@ -13,6 +13,7 @@ import subprocess
 from dataclasses import dataclass
 
 from keyservice.errors import KeyServiceError
+from keyservice.exitcodes import ExitCode
 
 FFMPEG_TIMEOUT_S = 30
 # Generic codec strings for MediaSource.isTypeSupported / addSourceBuffer: Chromium decodes
@@ -26,7 +27,7 @@ MIME = {
 class RemuxFailed(KeyServiceError):
     """ffmpeg could not turn a verified segment into fragmented MP4."""
 
-    exit_code = 53
+    exit_code = ExitCode.REMUX_FAILED
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from archiver.admin_client import (
     StorageInfo,
     ViewerInfo,
 )
-from harness.server import free_port
+from fusion_testkit.server import free_port
 from keyservice.errors import ArchiverUnreachable, RequestRefused
 from tests.archiver.conftest import Viewer
 from tests.fixtures.server import ArchiverServer

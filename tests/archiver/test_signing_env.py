@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.server import REPO_ROOT, server_env
+from fusion_testkit.server import server_env
 from keyservice.softhsm import write_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
 import json, os, sys
