@@ -178,7 +178,8 @@ def _mdwe_supported() -> bool:
 
 class ConfinedServer(ArchiverServer):
     def command(self) -> list[str]:
-        serve = super().command()[3:]  # [python, -m, archiver] replaced by the wrapper
+        launcher = super().command()
+        serve = launcher[launcher.index("archiver") + 1:]  # [python, ..., archiver] replaced by the wrapper
         # exec all the way down: the pid is the Archiver's (its /proc status is read below).
         return ["unshare", "--mount", "--propagation", "private", "sh", "-ec", READ_ONLY_BUT_DATA,
                 "sh", str(self.data_dir), "setpriv", "--no-new-privs", "--bounding-set=-all",
