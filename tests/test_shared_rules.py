@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from client.cli import _check_camera
+from client.viewer import check_camera as _check_camera
 from client.session import _CODES, LoginRefused
 from keyservice.errors import FormatError, UsageError
 from keyservice.format import validate_name

@@ -12,20 +12,13 @@ import datetime as dt
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from client.player import (
-    NOT_AUTHORIZED,
-    FileOutput,
-    Gap,
-    Player,
-    archiver_pin_check,
-)
+from client.player import NOT_AUTHORIZED, DiscardOutput, FileOutput, Gap
 from client.session import (
     ArchiverSession,
     CameraView,
@@ -34,6 +27,7 @@ from client.session import (
     live_request,
     playback_request,
 )
+from client.viewer import Login, play_range, player_for, stream
 from client.web.media import VideoInfo, probe, to_fmp4
 from keyservice.errors import ArchiverUnreachable, KeyServiceError
 from keyservice.exits import failure
@@ -52,24 +46,14 @@ Emit = Callable[[dict[str, Any] | bytes], None]
 
 @dataclass(frozen=True)
 class StreamRequest:
+    """What the page asks for (its own terms; the fetch is bound to a fresh
+    keyservice.reader.StreamRequest made from it)."""
+
     camera: str
     live: bool
     from_ms: int = 0       # recorded range (ignored for live)
     to_ms: int = 0
     start_ms: int = 0      # segments captured before this are verified but not shown (a seek)
-
-
-class _Discard:
-    """The player's output when the page gets the segments through on_segment instead."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def commit(self) -> None:
-        return None
-
-    def abort(self) -> None:
-        return None
 
 
 def recorded_ranges(view: CameraView, gaps: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -126,12 +110,12 @@ class Export:
 class ViewerBackend:
     """The logged-in viewer: one Archiver, one identity, one pinned Archiver certificate."""
 
-    def __init__(self, session: ArchiverSession, identity: Identity, login: LoginResult,
-                 relogin: Callable[[], LoginResult], export_dir: Path,
+    def __init__(self, session: ArchiverSession, identity: Identity, login: Login | LoginResult,
+                 relogin: Callable[[], Login | LoginResult], export_dir: Path,
                  clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
         self.session = session
         self.identity = identity
-        self.login = login
+        self.login = login.result if isinstance(login, Login) else login
         self._relogin = relogin
         self._login_lock = threading.Lock()
         self.export_dir = export_dir
@@ -150,7 +134,8 @@ class ViewerBackend:
             if force or self.login.expires_ms - self.clock() < self._margin_ms:
                 # The token is logged in already: this proof costs one token operation and
                 # never asks for (or retries) a PIN.
-                self.login = self._relogin()
+                again = self._relogin()
+                self.login = again.result if isinstance(again, Login) else again
                 self._margin_ms = self._margin(self.login)
 
     def _with_session(self, call: Callable[[], T]) -> T:
@@ -223,8 +208,8 @@ class ViewerBackend:
         # A fresh nonce per request: the stream must answer exactly it (issue 12).
         asked = (live_request(request.camera, LIVE_REQUEST_S) if request.live
                  else playback_request(request.camera, request.from_ms, request.to_ms))
-        player = Player(self.identity, archiver_pin_check(self.login.archiver_fingerprint),
-                        _Discard(), on_segment=on_segment, request=asked)
+        player = player_for(self.identity, self.login, asked, DiscardOutput(),
+                            on_segment=on_segment)
         sent_gaps = 0
 
         def flush_gaps() -> None:
@@ -237,11 +222,7 @@ class ViewerBackend:
         try:
             child = self._stream_session()
             on_session(child)
-            fetch: AbstractContextManager[Iterator[bytes]]
-            if request.live:
-                fetch = child.live(request.camera, LIVE_REQUEST_S, asked)
-            else:
-                fetch = child.recording(request.camera, request.from_ms, request.to_ms, asked)
+            fetch = stream(child, asked)
             emit({"type": "start", "camera": request.camera, "live": request.live})
             with fetch as chunks:
                 for chunk in chunks:
@@ -292,7 +273,6 @@ class ViewerBackend:
     def _export(self, export: Export) -> None:
         """The same guarantees as `fusion-client play -o FILE --save-stream`: the file gets its
         name only after the signed end record verified; otherwise it ends in .incomplete."""
-        output: FileOutput | None = None
         evidence: FileOutput | None = None
         span = max(1, export.to_ms - export.from_ms)
 
@@ -301,19 +281,11 @@ class ViewerBackend:
             export.progress = min(1.0, max(0.0, (event.capture_ms - export.from_ms) / span))
 
         try:
-            output = FileOutput(export.path)
             evidence = FileOutput(export.path.with_suffix(".fusion"))
-            asked = playback_request(export.camera, export.from_ms, export.to_ms)
-            player = Player(self.identity, archiver_pin_check(self.login.archiver_fingerprint),
-                            output, on_segment=on_segment, request=asked)
             self._fresh()
-            with self.session.recording(export.camera, export.from_ms, export.to_ms,
-                                        asked) as chunks:
-                for chunk in chunks:
-                    evidence.write(chunk)
-                    player.feed(chunk)
-            summary = player.finish()
-            output.commit()
+            summary = play_range(self.session, self.identity, self.login, export.camera,
+                                 export.from_ms, export.to_ms, output=export.path,
+                                 on_segment=on_segment, on_chunk=evidence.write)
             export.evidence = evidence.commit()
             export.gaps = [g.describe() for g in summary.gaps]
             export.progress = 1.0
@@ -321,7 +293,9 @@ class ViewerBackend:
                               f"checked; evidence in {export.evidence.name}")
             export.state = "done"
         except BaseException as exc:
-            kept = output.abort() if output is not None else None
+            # play_range left the verified part as FILE.incomplete, if there was any.
+            incomplete = export.path.with_name(export.path.name + ".incomplete")
+            kept = incomplete if incomplete.exists() else None
             if evidence is not None:
                 evidence.abort()
             export.message = error_json(exc)["reason"] + (
