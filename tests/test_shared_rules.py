@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client.viewer import check_camera as _check_camera
 from client.session import _CODES, LoginRefused
+from client.viewer import check_camera
 from keyservice.errors import FormatError, UsageError
 from keyservice.format import validate_name
 from keyservice.names import is_camera_name, validate_camera_name
@@ -23,7 +23,7 @@ BAD = ["", ".", "..", "x" * 65, "a/b", "caméra", "a b", "a\n", "a\\b"]
 def test_every_side_accepts_a_camera_name(name: str) -> None:
     assert is_camera_name(name)
     assert validate_camera_name(name) == name == validate_name(name)
-    assert _check_camera(name) == name
+    assert check_camera(name) == name
 
 
 @pytest.mark.parametrize("name", BAD)
@@ -32,7 +32,7 @@ def test_every_side_refuses_what_is_not_a_camera_name(name: str) -> None:
     with pytest.raises(FormatError):
         validate_camera_name(name)
     with pytest.raises(UsageError):  # the viewer CLI used to let '.' and '..' through
-        _check_camera(name)
+        check_camera(name)
 
 
 def test_the_rule_is_written_once() -> None:
