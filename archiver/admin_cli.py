@@ -119,7 +119,7 @@ def archiver_info(url: str, tls_ca: Path | None) -> dict[str, Any]:
     return body
 
 
-def _out(as_json: bool, obj: Any, human: str) -> None:
+def print_result(as_json: bool, obj: Any, human: str) -> None:
     # JSON escapes every control and non-ASCII character; the human form escapes them too
     # (its line breaks are ours: values with line breaks are escaped where they are inserted).
     typer.echo(json.dumps(obj) if as_json else printable(human, newlines=True))
@@ -151,7 +151,7 @@ def cameras_add(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: TokenOp
         human = (f"camera {result['name']} added\n"
                  f"ingest URL:   {result['ingest_url']}\n"
                  f"ingest token: {result['ingest_token']}  (shown once; keep it secret)")
-    _out(as_json, result, human)
+    print_result(as_json, result, human)
 
 
 @cameras_app.command("list")
@@ -177,7 +177,7 @@ def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
                  f"{storage['min_free_bytes'] / 2**30:.1f} GiB)"
                  + ("; BELOW THE THRESHOLD with nothing unheld left to remove"
                     if storage["below_watermark"] else ""))
-    _out(as_json, {"cameras": result, "storage": storage}, "\n".join(lines))
+    print_result(as_json, {"cameras": result, "storage": storage}, "\n".join(lines))
 
 
 @cameras_app.command("retention")
@@ -198,7 +198,7 @@ def cameras_retention(
             raise UsageError("The retention period must be at least 1 day.")
     result = _call("PUT", url, f"/v1/admin/cameras/{name}/retention",
                    _admin_token(admin_token, data), {"days": value}, tls_ca=tls_ca)
-    _out(as_json, result, f"camera {name}: video kept {result['retention_days']} days"
+    print_result(as_json, result, f"camera {name}: video kept {result['retention_days']} days"
          + (" (the site default)" if result["retention_default"] else ""))
 
 
@@ -209,7 +209,7 @@ def cameras_remove(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: Toke
     """Stop accepting a camera's ingest. Its archive is kept."""
     _call("DELETE", url, f"/v1/admin/cameras/{name}", _admin_token(admin_token, data),
           tls_ca=tls_ca)
-    _out(as_json, {"name": name, "removed": True}, f"camera {name} removed (archive kept)")
+    print_result(as_json, {"name": name, "removed": True}, f"camera {name} removed (archive kept)")
 
 
 @viewers_app.command("add")
@@ -228,7 +228,7 @@ def viewers_add(
     result = _call("POST", url, "/v1/admin/viewers", _admin_token(admin_token, data),
                    {"certificate": pem, "cameras": _camera_list(cameras, "--cameras"),
                     "oaep_hash": oaep_hash}, tls_ca=tls_ca)
-    _out(as_json, result, f"viewer {printable(result['subject'])} authorized on "
+    print_result(as_json, result, f"viewer {printable(result['subject'])} authorized on "
          f"{_cams(result['cameras'])}"
          + (" (as it was already: cameras unchanged, keys rotated)"
             if result.get("reauthorized") else "")
@@ -345,7 +345,7 @@ def viewers_cameras(
                  f"{_cams(result['before'])} -> {_cams(result['cameras'])}"
                  + (f"; added {','.join(result['added'])}" if result["added"] else "")
                  + (f"; removed {','.join(result['removed'])}" if result["removed"] else ""))
-    _out(as_json, result, human)
+    print_result(as_json, result, human)
 
 
 @viewers_app.command("list")
@@ -368,7 +368,7 @@ def viewers_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
         lines.append(f"{soon} active viewer(s) expired or expiring within {EXPIRY_WARNING_DAYS} "
                      "days: have them enrol again (fusion-keys enroll) and authorize the new "
                      "certificate.")
-    _out(as_json, {"viewers": result}, "\n".join(lines) or "no viewers")
+    print_result(as_json, {"viewers": result}, "\n".join(lines) or "no viewers")
 
 
 EXPIRY_WARNING_DAYS = 30
@@ -410,7 +410,7 @@ def viewers_revoke(
     fingerprint = _resolve_viewer(viewer, url, token, tls_ca)
     result = _call("POST", url, f"/v1/admin/viewers/{fingerprint}/revoke", token,
                    {"delete_key_streams": delete_key_streams}, tls_ca=tls_ca)
-    _out(as_json, result, f"viewer {fingerprint} revoked"
+    print_result(as_json, result, f"viewer {fingerprint} revoked"
          + (" and its key streams deleted" if delete_key_streams else ""))
 
 
@@ -436,7 +436,7 @@ def holds_add(
     body = {"camera": camera, "from_ms": from_ms, "to_ms": to_ms, "reason": reason}
     result = _call("POST", url, "/v1/admin/holds", _admin_token(admin_token, data), body,
                    tls_ca=tls_ca)
-    _out(as_json, result, f"hold {result['hold_id']} added\n{_hold_line(result)}")
+    print_result(as_json, result, f"hold {result['hold_id']} added\n{_hold_line(result)}")
 
 
 @holds_app.command("list")
@@ -447,7 +447,7 @@ def holds_list(camera: Annotated[str | None, typer.Option(
     """List evidence holds."""
     path = "/v1/admin/holds" + (f"?camera={camera}" if camera else "")
     result = _call("GET", url, path, _admin_token(admin_token, data), tls_ca=tls_ca)
-    _out(as_json, {"holds": result}, "\n".join(map(_hold_line, result)) or "no holds")
+    print_result(as_json, {"holds": result}, "\n".join(map(_hold_line, result)) or "no holds")
 
 
 @holds_app.command("remove")
@@ -458,7 +458,7 @@ def holds_remove(hold_id: Annotated[int, typer.Argument(help="The hold's number 
     """Release a hold: its video is subject to retention again."""
     result = _call("DELETE", url, f"/v1/admin/holds/{hold_id}", _admin_token(admin_token, data),
                    tls_ca=tls_ca)
-    _out(as_json, result, f"hold {hold_id} removed (its video is subject to retention again)")
+    print_result(as_json, result, f"hold {hold_id} removed (its video is subject to retention again)")
 
 
 # --- access grants (admin decisions) --------------------------------------------------------
@@ -485,7 +485,7 @@ def grants_list(
         raise UsageError(f"Unknown state {state!r}: pending, approved, rejected or revoked.")
     path = "/v1/admin/grants" + (f"?state={state}" if state else "")
     result = _call("GET", url, path, _admin_token(admin_token, data), tls_ca=tls_ca)
-    _out(as_json, {"grants": result}, "\n".join(_grant_line(g) for g in result) or "no grants")
+    print_result(as_json, {"grants": result}, "\n".join(_grant_line(g) for g in result) or "no grants")
 
 
 def _decide(decision: str, grant_id: str, note: str | None, url: str, admin_token: str | None,
@@ -495,7 +495,7 @@ def _decide(decision: str, grant_id: str, note: str | None, url: str, admin_toke
         raise UsageError(f"{grant_id!r} is not a grant id (32 hex digits, see 'grants list').")
     result = _call("POST", url, f"/v1/admin/grants/{grant_id}/{decision}",
                    _admin_token(admin_token, data), {"note": note}, tls_ca=tls_ca)
-    _out(as_json, result, _grant_line(result))
+    print_result(as_json, result, _grant_line(result))
 
 
 NoteOpt = Annotated[str | None, typer.Option("--note", help="Why (kept in the audit log).")]
@@ -553,7 +553,7 @@ def admins_add(
     pem = _read_certificate(certificate)
     result = _call("POST", url, "/v1/admin/admins", _admin_token(admin_token, data),
                    {"certificate": pem, "name": name, "oaep_hash": oaep_hash}, tls_ca=tls_ca)
-    _out(as_json, result, f"admin {result['name']} added; the audit log names them "
+    print_result(as_json, result, f"admin {result['name']} added; the audit log names them "
          f"{printable(result['actor'])}\nfingerprint: {result['fingerprint']}")
 
 
@@ -562,7 +562,7 @@ def admins_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: D
                 tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
     """List admins (revoked ones too: the audit log names them)."""
     result = _call("GET", url, "/v1/admin/admins", _admin_token(admin_token, data), tls_ca=tls_ca)
-    _out(as_json, {"admins": result},
+    print_result(as_json, {"admins": result},
          "\n".join(_admin_line(a) for a in result) or "no admins (only the bootstrap admin token)")
 
 
@@ -576,7 +576,7 @@ def admins_revoke(
     """Revoke an admin: their sessions end at once and they cannot log in again."""
     result = _call("POST", url, f"/v1/admin/admins/{who.strip().lower()}/revoke",
                    _admin_token(admin_token, data), tls_ca=tls_ca)
-    _out(as_json, result, f"admin {result['name']} ({result['fingerprint'][:16]}) revoked")
+    print_result(as_json, result, f"admin {result['name']} ({result['fingerprint'][:16]}) revoked")
 
 
 @admins_app.command("login", help="Log in on your own token (proof of possession) and print "

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from archiver.admin_cli import JsonOpt, TlsCaOpt, _out, archiver_info
+from archiver.admin_cli import JsonOpt, TlsCaOpt, archiver_info, print_result
 from archiver.admin_cli import register as register_admin_commands
 from keyservice.cli_support import add_version_option, hidden_aliases, run, tidy_help
 from keyservice.errors import UsageError
@@ -245,7 +245,7 @@ def _print_rebuild(data: Path, archiver_cert: Path | None, signer_token: str | N
                  "record(s) read back from the key journals")
     lines += [f"not indexed: {problem}" for problem in report.problems]
     lines += [f"the index lacked the table {table}: recreated" for table in restored]
-    _out(as_json, {"restored_tables": restored, "cameras": report.cameras, "segments": total,
+    print_result(as_json, {"restored_tables": restored, "cameras": report.cameras, "segments": total,
                    "manifests": report.manifests, "files": report.files,
                    "epochs": report.epochs, "key_records": report.key_records,
                    "problems": report.problems}, "\n".join(lines))
@@ -291,7 +291,7 @@ def _check(data: Path, archiver_cert: Path | None, signer_token: str | None,
                  f"{len(report.problems)} problem(s) found: restore the damaged files from a "
                  "backup, or rebuild the index from the files (check --rebuild-index, with the "
                  "Archiver stopped) if the files are sound and the index is not")
-    _out(as_json, report.to_json(), "\n".join(lines))
+    print_result(as_json, report.to_json(), "\n".join(lines))
     if rebuild_index:
         _print_rebuild(data, archiver_cert, signer_token, as_json)
     if not report.ok:
@@ -339,7 +339,7 @@ def certificate(
         cert = load_certificate(str(answer.get("certificate", "")).encode())
     pem = cert.public_bytes(Encoding.PEM).decode()
     fp = fingerprint(cert).hex()
-    _out(as_json, {"certificate": pem, "fingerprint": fp,
+    print_result(as_json, {"certificate": pem, "fingerprint": fp,
                    "subject": cert.subject.rfc4514_string()},
          f"{pem.rstrip()}\nsha256 fingerprint: {fp}")
 

@@ -86,11 +86,11 @@ def ec_public_key(key: object) -> ec.EllipticCurvePublicKey:
 
 
 _ARCHIVED = (RecordType.SEGMENT, RecordType.MANIFEST, RecordType.CHAIN_RECIPIENTS)
-_JOURNALED = (RecordType.EPOCH_OPENER, RecordType.CHAIN_RECORD)
+JOURNALED = (RecordType.EPOCH_OPENER, RecordType.CHAIN_RECORD)
 
 
-def _records(path: Path, start: int,
-             kinds: tuple[RecordType, ...] = _ARCHIVED) -> Iterator[tuple[int, bytes]]:
+def read_records(path: Path, start: int,
+                 kinds: tuple[RecordType, ...] = _ARCHIVED) -> Iterator[tuple[int, bytes]]:
     """(offset, exact bytes) of each complete, well-framed record from ``start``; stops at
     the end, at a torn record or at a framing error (unknown type, oversized length)."""
     with open(path, "rb") as fh:
@@ -126,7 +126,7 @@ def scan(path: Path, rel: str, camera: str, start: int, chain: ChainState,
     groups: list[Group] = []
     pending: list[tuple[int, bytes, Segment]] = []
     grants: list[GrantRow] = []
-    records = _records(path, start)
+    records = read_records(path, start)
     for offset, raw in records:
         try:
             record = decode_record(raw)
@@ -321,7 +321,7 @@ def restore_key_streams(archive_dir: Path, db: Database) -> tuple[int, int]:
     for path in sorted(archive_dir.glob("*/*.fsk")):
         if linked(archive_dir, path):
             continue
-        for _, raw in _records(path, 0, _JOURNALED):
+        for _, raw in read_records(path, 0, JOURNALED):
             try:
                 record = decode_record(raw)
             except FormatError:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from archiver.db import Database, HoldRow
-from archiver.reindex import _JOURNALED, _records
+from archiver.reindex import JOURNALED, read_records
 from archiver.settings import Settings
 from archiver.storage import ArchiveFiles, StorageFull
 from keyservice.errors import FormatError
@@ -295,7 +295,7 @@ class Retention:
         dropped = False
         size = path.stat().st_size
         total = 0
-        for _, raw in _records(path, 0, _JOURNALED):
+        for _, raw in read_records(path, 0, JOURNALED):
             total += len(raw)
             try:
                 record = decode_record(raw)

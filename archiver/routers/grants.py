@@ -30,7 +30,7 @@ from archiver.deps import (
     ViewerDep,
 )
 from archiver.grants import TRANSITIONS, AccessGrantRow, GrantState, GrantStore
-from archiver.routers.viewer import MAX_MS, MEDIA_TYPE, NonceQuery, _ViewerStream
+from archiver.routers.viewer import MAX_MS, MEDIA_TYPE, NonceQuery, ViewerStream
 from keyservice import certs
 from keyservice.crypto import split_key_id
 from keyservice.errors import FormatError
@@ -217,7 +217,7 @@ async def grant_recording(grant_id: GrantIdPath, viewer: ViewerDep, services: Se
         return (now is not None and now.state == GrantState.APPROVED and grantee is not None
                 and grantee.revoked_ms is None)
 
-    return _ViewerStream(archive.playback(viewer, row.camera, from_ms, to_ms,
+    return ViewerStream(archive.playback(viewer, row.camera, from_ms, to_ms,
                                           bytes.fromhex(nonce), GrantedKeys(key_ids, still_valid)),
                          services.settings.stream_send_timeout_s)
 

@@ -49,7 +49,7 @@ NonceQuery = Annotated[str, Query(pattern=r"^[0-9a-f]{32}$",
                                   description="16 random bytes, hex, fresh for every request")]
 
 
-class _ViewerStream(StreamingResponse):
+class ViewerStream(StreamingResponse):
     """A fusion stream whose every chunk must be taken by the viewer within send_timeout_s.
     Otherwise the response ends (without an end record, which the viewer reports as a
     truncation) and its task, generator and open archive files are released."""
@@ -255,7 +255,7 @@ async def recording(camera: CameraPath, viewer: ViewerDep, services: ServicesDep
                        f"Camera '{camera}' has no recording in the requested range.")
     services.audit.record(viewer.fingerprint, "stream.playback", archive.clock(), camera=camera,
                           from_ms=from_ms, to_ms=to_ms)
-    return _ViewerStream(archive.playback(viewer, camera, from_ms, to_ms, bytes.fromhex(nonce)),
+    return ViewerStream(archive.playback(viewer, camera, from_ms, to_ms, bytes.fromhex(nonce)),
                          services.settings.stream_send_timeout_s)
 
 
@@ -293,5 +293,5 @@ async def live(camera: CameraPath, viewer: ViewerDep, services: ServicesDep, non
                        "clocks (NTP).")
     services.audit.record(viewer.fingerprint, "stream.live", now, camera=camera,
                           duration_s=duration_s)
-    return _ViewerStream(archive.live(viewer, camera, duration_s, bytes.fromhex(nonce), from_ms),
+    return ViewerStream(archive.live(viewer, camera, duration_s, bytes.fromhex(nonce), from_ms),
                          services.settings.stream_send_timeout_s)
