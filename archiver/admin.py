@@ -21,7 +21,7 @@ from archiver.auth import Sessions, digest, new_secret
 from archiver.db import ViewerRow
 from archiver.rtsp import PULLER_STOP_S, RtspSupervisor
 from keyservice.certs import load_certificate, validate_viewer_certificate
-from keyservice.errors import CertificateError, FormatError
+from keyservice.errors import CertificateError, FormatError, RequestRefused
 from keyservice.identity import OaepHash, fingerprint
 from keyservice.names import validate_camera_name
 from keyservice.wire import ErrorCode
@@ -42,13 +42,14 @@ def _cameras_text(row: ViewerRow) -> str:
     return "all cameras" if row.all_cameras else ", ".join(row.cameras) or "no camera"
 
 
-class AdminRefused(Exception):
-    """An administrative change refused, with the wire error code and one sentence."""
+class AdminRefused(RequestRefused):
+    """An administrative change refused, with the wire error code and one sentence (a
+    KeyServiceError like every refusal)."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
-        self.message = message
+        self.wire_code = code.value
 
 
 @dataclass

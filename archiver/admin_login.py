@@ -42,12 +42,19 @@ def raise_for_refusal(response: httpx.Response) -> None:
     """An Archiver's refusal (4xx: RequestRefused) or failure (5xx: ArchiverFailed), with its
     own sentence and the status; nothing for a success."""
     if response.status_code >= 400:
+        code = None
         try:
-            message = response.json()["message"]
-        except (ValueError, KeyError, TypeError):
+            body = response.json()
+            message = body["message"]
+            code = body.get("error")
+        except (ValueError, KeyError, TypeError, AttributeError):
             message = response.text[:200] or response.reason_phrase
-        error = ArchiverFailed if response.status_code >= 500 else RequestRefused
-        raise error(f"{message} (HTTP {response.status_code})")
+        kind = ArchiverFailed if response.status_code >= 500 else RequestRefused
+        error = kind(f"{message} (HTTP {response.status_code})")
+        # What the Archiver said, for a program that handles the error.
+        error.wire_code = code if isinstance(code, str) else None
+        error.http_status = response.status_code
+        raise error
 
 
 def _post(http: httpx.Client, url: str, path: str, body: Any) -> Any:

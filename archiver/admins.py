@@ -26,7 +26,7 @@ from archiver.audit import AuditLog
 from archiver.auth import Sessions
 from archiver.storage import IndexConnection
 from keyservice.certs import load_certificate, validate_viewer_certificate
-from keyservice.errors import CertificateError
+from keyservice.errors import CertificateError, RequestRefused
 from keyservice.identity import OaepHash, fingerprint
 from keyservice.wire import ErrorCode
 
@@ -72,14 +72,16 @@ def _row(values: tuple) -> AdminRow:
     return AdminRow(values[0], values[1], bytes(values[2]), *values[3:])
 
 
-class AdminRefused(Exception):
-    """An admin change refused: wire error code, HTTP status and one sentence."""
+class AdminRefused(RequestRefused):
+    """An admin change refused: wire error code, HTTP status and one sentence (a
+    KeyServiceError like every refusal: ``wire_code`` and ``http_status`` as on the client)."""
 
     def __init__(self, status: int, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
-        self.message = message
+        self.wire_code = code.value
+        self.http_status = status
 
 
 class AdminStore:
