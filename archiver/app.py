@@ -87,6 +87,10 @@ async def _apply_retention(archive: Archive) -> None:
 def create_app(settings: Settings, signer: Signer | None = None,
                clock: Callable[[], int] = wall_clock_ms,
                free_bytes: Callable[[], int] | None = None) -> FastAPI:
+    """The Archiver's ASGI app for ``settings`` (data directory, TLS, limits, key period):
+    every router, the error handlers and the start-up and shut-down of its services.
+    ``signer``: the Archiver's signing key (default: the one ``settings`` names, opened at
+    start-up); ``clock`` and ``free_bytes``: the wall clock (ms) and the free-space probe."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         secure_data_dir(settings.data_dir)

@@ -41,8 +41,14 @@ from keyservice.reader import StreamRequest
 from keyservice.text import printable
 from keyservice.timespec import format_duration, format_ms
 
+__all__ = ["DeferredInterrupt", "Progress", "describe_saved", "logged_in", "login_and_say", "mib",
+           "open_output", "operations", "pin_message", "print_summary", "reader_closed",
+           "recorded_part", "report_failure", "run_stream", "say", "stream_command",
+           "token_line"]
+
 
 def say(message: str) -> None:
+    """One message on stderr, prefixed ``fusion-client:``, control characters escaped."""
     # Messages quote the Archiver, certificates and files: never let them drive the terminal.
     typer.echo(f"fusion-client: {printable(message)}", err=True)
 
@@ -97,6 +103,7 @@ def open_output(target: str) -> Output:
 
 
 def operations(identity: Identity) -> int:
+    """Token operations the identity has made so far (0 if it does not count them)."""
     return int(getattr(identity, "operations", 0))
 
 
@@ -124,6 +131,7 @@ class Progress:
             self._bar.stop()
 
     def segment(self, event: Any) -> None:
+        """Move the bar to a verified segment's capture time."""
         if self._bar is not None:
             done = max(0, min(self._to, event.capture_ms) - self._from)
             self._bar.update(self._task, completed=done,
@@ -131,15 +139,18 @@ class Progress:
 
 
 def mib(n: int) -> str:
+    """A byte count for a person (KiB or MiB)."""
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
 def token_line(login_ops: int, token_ops: int, epoch_openings: int) -> str:
+    """The summary's line about token operations."""
     return (f"token operations: {token_ops} ({login_ops} login, {epoch_openings} epoch "
             "opener(s))")
 
 
 def print_summary(summary: Summary, login_ops: int, token_ops: int, where: str) -> None:
+    """The stream command's summary on stderr: segments, range, token operations, gaps."""
     if summary.segments:
         assert summary.first_ms is not None and summary.last_ms is not None
         say(f"{summary.segments} segment(s), {mib(summary.bytes)}, captured "
@@ -179,6 +190,7 @@ class DeferredInterrupt:
 
     @contextmanager
     def critical(self) -> Iterator[None]:
+        """Defer Ctrl-C until the block (one segment written and counted) is done."""
         self._depth += 1
         try:
             yield
@@ -300,6 +312,7 @@ def reader_closed(player: Player, saved: Path | None, quiet: bool) -> None:
 
 def report_failure(exc: BaseException, player: Player, kept: Path | None, saved: Path | None,
                     output: Output) -> None:
+    """Say why the stream failed, and where the verified output stops and is kept."""
     say(failure(exc)[0])
     if player.summary.segments:
         where = f"output stops {player.where()}"

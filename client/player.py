@@ -34,6 +34,30 @@ from keyservice.reader import (
 )
 from keyservice.timespec import format_ms
 
+__all__ = [
+    "EXACT_GAP_MS",
+    "GAP_FACTOR",
+    "MIN_GAP_MS",
+    "MISSING",
+    "NOT_AUTHORIZED",
+    "NO_RECORDING",
+    "DiscardOutput",
+    "FileOutput",
+    "Gap",
+    "MemoryOutput",
+    "NothingAuthorized",
+    "Output",
+    "OutputFailed",
+    "PipeOutput",
+    "Player",
+    "Position",
+    "ReaderClosed",
+    "SegmentsMissing",
+    "StreamTruncated",
+    "Summary",
+    "archiver_pin_check",
+]
+
 
 class StreamTruncated(IntegrityError):
     """The stream stopped before the Archiver's signed end record."""
@@ -142,9 +166,17 @@ class Output(Protocol):
     """Where verified video goes: ``write`` each released segment, then ``commit`` once the
     stream verified to its end, or ``abort`` (both may return the file they left)."""
 
-    def write(self, data: bytes) -> None: ...
-    def commit(self) -> Path | None: ...
-    def abort(self) -> Path | None: ...
+    def write(self, data: bytes) -> None:
+        """Take the next verified segment's bytes."""
+        ...
+
+    def commit(self) -> Path | None:
+        """The stream verified to its end: make the output final (returns its file)."""
+        ...
+
+    def abort(self) -> Path | None:
+        """The stream failed: keep what was written under a name that says so, or nothing."""
+        ...
 
 
 class FileOutput:
@@ -163,6 +195,7 @@ class FileOutput:
         self.written = 0
 
     def write(self, data: bytes) -> None:
+        """Take the next verified segment's bytes."""
         assert self._fh is not None
         try:
             self._fh.write(data)
@@ -171,6 +204,7 @@ class FileOutput:
         self.written += len(data)
 
     def commit(self) -> Path:
+        """The stream verified to its end: make the output final."""
         assert self._fh is not None
         try:
             self._fh.flush()
@@ -207,6 +241,7 @@ class PipeOutput:
         self._stream = stream
 
     def write(self, data: bytes) -> None:
+        """Take the next verified segment's bytes."""
         try:
             self._stream.write(data)
             self._stream.flush()
@@ -218,9 +253,11 @@ class PipeOutput:
                                f"{exc.strerror or exc}.") from None
 
     def commit(self) -> None:
+        """The stream verified to its end: make the output final."""
         return None
 
     def abort(self) -> None:
+        """The stream failed: see ``Output.abort``."""
         return None
 
 
@@ -231,12 +268,15 @@ class MemoryOutput:
         self._parts: list[bytes] = []
 
     def write(self, data: bytes) -> None:
+        """Take the next verified segment's bytes."""
         self._parts.append(data)
 
     def commit(self) -> None:
+        """The stream verified to its end: make the output final."""
         return None
 
     def abort(self) -> None:
+        """The stream failed: see ``Output.abort``."""
         self._parts.clear()
 
     def data(self) -> bytes:
@@ -251,12 +291,15 @@ class DiscardOutput:
     (a grantor checks the range it grants; the web page takes segments through on_segment)."""
 
     def write(self, data: bytes) -> None:
+        """Take the next verified segment's bytes."""
         pass
 
     def commit(self) -> None:
+        """The stream verified to its end: make the output final."""
         return None
 
     def abort(self) -> None:
+        """The stream failed: see ``Output.abort``."""
         return None
 
 

@@ -45,6 +45,12 @@ from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
 from keyservice.tls import trust as tls_trust
 from keyservice.wire import ErrorCode
 
+__all__ = ["MAX_LIVE_S", "MEDIA_TYPE", "ArchiverSession", "CameraView", "GrantBlob", "GrantInfo",
+           "GrantNotUsable", "LoginRefused", "LoginResult", "NoRecording", "NotAuthorized",
+           "NotEnrolled", "OutsideGrant", "RecordingExpired", "StreamInterrupted",
+           "UnknownCamera", "UnknownGrant", "ViewerRevoked", "live_request", "local_clock_ms",
+           "playback_request"]
+
 MEDIA_TYPE = "application/vnd.fusion-stream"
 # The Archiver's /live allows at most a day per request.
 MAX_LIVE_S = 86_400
@@ -52,22 +58,32 @@ MAX_LIVE_S = 86_400
 
 # --- errors (exit codes documented in docs/client.md) -------------------------------------
 class NotEnrolled(RequestRefused):
+    """This viewer's certificate is not enrolled on the Archiver."""
+
     exit_code = 43
 
 
 class ViewerRevoked(RequestRefused):
+    """This viewer's certificate has been revoked."""
+
     exit_code = 44
 
 
 class NotAuthorized(RequestRefused):
+    """Not authorized on this camera (or no such camera: the Archiver says the same)."""
+
     exit_code = 45
 
 
 class UnknownCamera(RequestRefused):
+    """No such camera (older Archivers only)."""
+
     exit_code = 46
 
 
 class NoRecording(RequestRefused):
+    """No recording in the requested range."""
+
     exit_code = 47
 
 
@@ -81,6 +97,8 @@ class RecordingExpired(NoRecording):
 
 
 class LoginRefused(RequestRefused):
+    """The login was refused (proof malformed or rejected), or the session expired."""
+
     exit_code = 48
 
 
@@ -104,6 +122,8 @@ class OutsideGrant(RequestRefused):
 
 
 class UnknownGrant(RequestRefused):
+    """No such access grant for this viewer's certificate."""
+
     exit_code = 57
 
 
@@ -133,6 +153,7 @@ _CODES: dict[ErrorCode, type[KeyServiceError]] = {
 
 
 def local_clock_ms() -> int:
+    """This machine's clock, in milliseconds (a live request's freshness is judged by it)."""
     return time.time_ns() // 1_000_000
 
 
@@ -272,6 +293,7 @@ class ArchiverSession:
         self.close()
 
     def close(self) -> None:
+        """Close the connection (the Archiver's session stays valid until it expires)."""
         self._http.close()
 
     # --- plumbing ---------------------------------------------------------------------
@@ -350,6 +372,7 @@ class ArchiverSession:
 
     # --- viewer API -------------------------------------------------------------------
     def cameras(self) -> list[CameraView]:
+        """The cameras this viewer may watch, with their recorded ranges."""
         rows = self._json("GET", "/v1/cameras", auth=True)
         try:
             return [CameraView(str(r["name"]), r["first_ms"], r["last_ms"], int(r["segments"]),

@@ -93,3 +93,4 @@ def failure(exc: BaseException) -> tuple[str, int]:
         return exc.strerror + (f": {exc.filename}" if exc.filename else "") + ".", EXIT_UNEXPECTED
     return (f"Unexpected error ({type(exc).__name__}: {exc}); please report it.",
             EXIT_UNEXPECTED)
+

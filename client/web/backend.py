@@ -35,6 +35,9 @@ from keyservice.identity import Identity
 from keyservice.reader import SegmentPlaintext
 from keyservice.timespec import format_ms
 
+__all__ = ["LIVE_REQUEST_S", "RELOGIN_MARGIN_MS", "Export", "StreamRequest", "ViewerBackend",
+           "error_json", "gap_json", "recorded_ranges"]
+
 # Live requests are re-issued by the page when they end; an hour keeps that rare.
 LIVE_REQUEST_S = 3600
 # Log in again this long before the Archiver's session expires (a token operation, no PIN).
@@ -73,12 +76,14 @@ def recorded_ranges(view: CameraView, gaps: list[tuple[int, int]]) -> list[tuple
 
 
 def gap_json(gap: Gap) -> dict[str, Any]:
+    """A gap as the page's JSON event."""
     return {"type": "gap", "kind": "unauthorized" if gap.kind == NOT_AUTHORIZED else "none",
             "from_ms": gap.from_ms, "to_ms": gap.to_ms, "segments": gap.segments,
             "text": gap.describe()}
 
 
 def error_json(exc: BaseException) -> dict[str, Any]:
+    """A failure as the page's JSON event: the error class, the exit code and the sentence."""
     # The CLIs' one error-to-exit path names the failure and its exit code here too.
     reason, code = failure(exc)
     error = type(exc).__name__ if isinstance(exc, KeyServiceError) else (
@@ -88,6 +93,8 @@ def error_json(exc: BaseException) -> dict[str, Any]:
 
 @dataclass
 class Export:
+    """One export to a file the page started, and how far it got."""
+
     id: int
     camera: str
     from_ms: int
@@ -101,6 +108,7 @@ class Export:
     gaps: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        """The export as the page's JSON."""
         return {"id": self.id, "camera": self.camera, "from_ms": self.from_ms,
                 "to_ms": self.to_ms, "state": self.state, "progress": round(self.progress, 3),
                 "segments": self.segments, "message": self.message, "file": self.path.name,
@@ -157,6 +165,7 @@ class ViewerBackend:
         return child
 
     def cameras(self) -> list[dict[str, Any]]:
+        """The cameras this viewer may watch, with recorded ranges and gaps, for the timeline."""
         out = []
         for view in self._with_session(self.session.cameras):
             gaps: list[tuple[int, int]] = []
@@ -253,6 +262,7 @@ class ViewerBackend:
 
     # --- exports ---------------------------------------------------------------------------
     def start_export(self, camera: str, from_ms: int, to_ms: int) -> Export:
+        """Start a verified export of a recorded range to a new file (in a thread)."""
         self.export_dir.mkdir(parents=True, exist_ok=True)
         stamp = "-".join(dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
                          for ms in (from_ms, to_ms))
@@ -268,6 +278,7 @@ class ViewerBackend:
         return export
 
     def export(self, export_id: int) -> Export | None:
+        """An export started earlier, or None."""
         return self._exports.get(export_id)
 
     def _export(self, export: Export) -> None:

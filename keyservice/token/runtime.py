@@ -96,6 +96,11 @@ class RuntimeToken:
     @classmethod
     def open(cls, uri: str | Pkcs11Uri, *, pin: str | None = None,
              prompt: bool = False) -> RuntimeToken:
+        """Open the token a PKCS#11 URI names (module, token, object) for runtime use:
+        decryption and signing with keys already on it, never provisioning. The PIN comes
+        from ``pin``, the URI's pin-value/pin-source, FUSION_PIN, or (``prompt``) a prompt
+        on the terminal; a pin-pad reader asks on its own. A wrong PIN raises PinIncorrect
+        and is never retried (the token counts failures). Close it with ``close()``."""
         parsed = uri if isinstance(uri, Pkcs11Uri) else Pkcs11Uri.parse(uri)
         module = load_module(resolve_module_path(parsed))
         name = parsed.token or "(unnamed)"
