@@ -39,6 +39,7 @@ from client.viewer import (
     make_grant_for,
     now_ms,
     open_grant,
+    recipient_for,
 )
 from keyservice.errors import UsageError
 from keyservice.identity import Identity
@@ -92,11 +93,13 @@ def grant(
     from_ms, to_ms = parse_range(from_, to, now_ms())
     check_camera(camera)
     grantee = load_certificate_file(to_cert)
+    # Checked before the Archiver and the token are bothered.
+    recipient = recipient_for(grantee, oaep_hash)
     with logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login):
         # Played exactly as `play` would (every check of the reader), written nowhere: the keys
         # granted are those of the segments the verified stream of this range released.
-        made = make_grant_for(session, identity, login, camera, from_ms, to_ms, grantee,
-                              note=note, oaep_hash=oaep_hash)
+        made = make_grant_for(session, identity, login, camera, from_ms, to_ms, recipient,
+                              note=note)
     if as_json:
         typer.echo(json.dumps(made.grant.to_json()))
         return

@@ -213,12 +213,18 @@ class VerifiedRange:
 
 
 def player_for(identity: Identity, signed_by: Login | LoginResult | bytes,
-               request: StreamRequest, output: Output, **options: object) -> Player:
+               request: StreamRequest, output: Output, *,
+               on_segment: Callable[[SegmentPlaintext], None] | None = None,
+               critical: Callable[[], AbstractContextManager[object]] | None = None,
+               known_keys: Mapping[bytes, bytes] | None = None) -> Player:
     """A Player bound to ``request`` and to the pinned Archiver (``signed_by``: a login, or
-    the Archiver certificate's fingerprint). ``options``: Player's keyword options."""
+    the Archiver certificate's fingerprint); the options are Player's."""
     pinned = signed_by if isinstance(signed_by, bytes) else signed_by.archiver_fingerprint
+    if critical is None:
+        return Player(identity, archiver_pin_check(pinned), output, request=request,
+                      on_segment=on_segment, known_keys=known_keys)
     return Player(identity, archiver_pin_check(pinned), output, request=request,
-                  **options)  # type: ignore[arg-type]
+                  on_segment=on_segment, critical=critical, known_keys=known_keys)
 
 
 def stream(session: ArchiverSession, request: StreamRequest, *,
@@ -351,12 +357,14 @@ def recipient_for(cert: x509.Certificate, oaep_hash: str | None = None) -> Recip
 
 
 def make_grant_for(session: ArchiverSession, identity: Identity, signed_by: Login | LoginResult,
-                   camera: str, from_ms: int, to_ms: int, grantee: x509.Certificate, *,
-                   note: str | None = None, oaep_hash: str | None = None) -> GrantMade:
-    """Grant a recorded range this viewer can play to ``grantee``: the range is played exactly
-    as ``play_range`` would (every check), written nowhere, and exactly the minute keys of the
+                   camera: str, from_ms: int, to_ms: int,
+                   grantee: x509.Certificate | Recipient, *, note: str | None = None,
+                   oaep_hash: str | None = None) -> GrantMade:
+    """Grant a recorded range this viewer can play to ``grantee`` (a certificate, checked by
+    ``recipient_for``, or a Recipient checked already): the range is played exactly as
+    ``play_range`` would (every check), written nowhere, and exactly the minute keys of the
     segments it released are wrapped to the grantee and handed to the Archiver."""
-    recipient = recipient_for(grantee, oaep_hash)
+    recipient = grantee if isinstance(grantee, Recipient) else recipient_for(grantee, oaep_hash)
     verified = play_range(session, identity, signed_by, camera, from_ms, to_ms,
                           output=DiscardOutput())
     keys = [GrantKey(k.stream, k.key_id, k.key) for k in verified.keys.values()]
@@ -370,7 +378,7 @@ def make_grant_for(session: ArchiverSession, identity: Identity, signed_by: Logi
     answer = session.create_grant(blob, note)
     if answer.grant_id != grant_id:
         raise FormatError("The Archiver answered for another grant than the one handed to it.")
-    return GrantMade(answer, verified, len(keys), grantee)
+    return GrantMade(answer, verified, len(keys), recipient.certificate)
 
 
 @dataclass(frozen=True)
