@@ -128,7 +128,7 @@ class ViewerBackend:
         self._login_lock = threading.Lock()
         self.export_dir = export_dir
         self.clock = clock
-        self._margin_ms = self._margin(login)
+        self._margin_ms = self._margin(self.login)
         self._exports: dict[int, Export] = {}
         self._export_ids = itertools.count(1)
 
