@@ -262,10 +262,10 @@ def _run(session: ArchiverSession, identity: Identity, signed_by: Login | LoginR
          on_chunk: Callable[[bytes], None] | None = None,
          known_keys: Mapping[bytes, bytes] | None = None,
          grant_id: str | None = None) -> VerifiedRange:
-    memory = MemoryOutput() if output is None else None
+    memory: MemoryOutput | None = None
     sink: Output
     if output is None:
-        sink = memory  # type: ignore[assignment]
+        sink = memory = MemoryOutput()
     elif isinstance(output, Path):
         sink = FileOutput(output)  # the file gets its name only once the end record verified
     else:
@@ -293,7 +293,8 @@ def play_range(session: ArchiverSession, identity: Identity, signed_by: Login | 
                on_chunk: Callable[[bytes], None] | None = None) -> VerifiedRange:
     """Fetch and verify a recorded range on a logged-in session. ``output``: a file (written
     as FILE.partial, renamed to FILE only after the signed end record verified, else
-    FILE.incomplete), an Output, or None for the video in ``VerifiedRange.data``.
+    FILE.incomplete), an Output (committed on success, aborted on failure), or None for the
+    video in ``VerifiedRange.data``.
     ``on_chunk`` sees the raw fusion stream (to save it as evidence)."""
     request = playback_request(check_camera(camera), from_ms, to_ms)
     return _run(session, identity, signed_by, request, output, on_segment=on_segment,
