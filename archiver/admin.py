@@ -21,7 +21,7 @@ from archiver.auth import Sessions, digest, new_secret
 from archiver.db import ViewerRow
 from archiver.rtsp import PULLER_STOP_S, RtspSupervisor
 from keyservice.certs import load_certificate, validate_viewer_certificate
-from keyservice.errors import CertificateError, FormatError, RequestRefused
+from keyservice.errors import CertificateError, RequestRefused, UsageError
 from keyservice.identity import OaepHash, fingerprint
 from keyservice.names import validate_camera_name
 from keyservice.wire import ErrorCode
@@ -72,7 +72,7 @@ class Admin:
         archive = self.archive
         try:
             validate_camera_name(name)  # the name becomes an archive directory
-        except FormatError as exc:
+        except UsageError as exc:
             raise AdminRefused(ErrorCode.BAD_CAMERA_NAME, str(exc)) from None
         if rtsp_url and rtsp_url.split(":", 1)[0] not in self.pull_schemes:
             raise AdminRefused(ErrorCode.BAD_RTSP_URL, "The camera URL must start with one of: "

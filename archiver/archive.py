@@ -40,8 +40,8 @@ from keyservice.format import (
     decode_record,
     encode_record_parts,
 )
+from keyservice.fusion_writer import ManifestChain, StreamWriter
 from keyservice.identity import Signer
-from keyservice.stream import ManifestChain, StreamWriter
 
 log = logging.getLogger("archiver")
 

@@ -42,6 +42,7 @@ from archiver.reindex import linked
 from archiver.retention import DAY_MS, REASON_DISK, REASON_RETENTION, day_start_ms
 from keyservice.crypto import chain_key_id
 from keyservice.errors import FormatError, KeyServiceError, UsageError
+from keyservice.exitcodes import ExitCode
 from keyservice.format import (
     RECORD_HEADER_LEN,
     ZERO_HASH,
@@ -106,7 +107,7 @@ def _same(row: tuple, expected: tuple) -> bool:
         for a, b in zip(row, expected, strict=True))
 
 
-EXIT_DAMAGED = 3
+EXIT_DAMAGED = ExitCode.ARCHIVE_DAMAGED
 REBUILD_ADVICE = ("Rebuild it from the archive files with 'fusion-archiver reindex --data DIR' "
                   "(Archiver stopped).")
 

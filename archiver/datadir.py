@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keyservice.errors import KeyServiceError
+from keyservice.exitcodes import ExitCode
 
 log = logging.getLogger("archiver")
 
@@ -55,7 +56,7 @@ def secure_data_dir(root: Path) -> list[str]:
 
 
 LOCK_NAME = "archiver.lock"
-EXIT_DATA_DIR_IN_USE = 4
+EXIT_DATA_DIR_IN_USE = ExitCode.DATA_DIR_IN_USE
 
 
 class DataDirInUse(KeyServiceError):

@@ -26,8 +26,8 @@ from cryptography import x509
 from archiver.db import Database, KeyMaterial, ViewerRow
 from keyservice.crypto import Epoch, KeyChain, MinuteKey
 from keyservice.format import DataStream, encode_record
+from keyservice.fusion_writer import issue_chain_recipients
 from keyservice.identity import OaepHash, Recipient, Signer
-from keyservice.stream import issue_chain_recipients
 
 Rng = Callable[[int], bytes]
 DAY_MS = 86_400_000

@@ -26,6 +26,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 from archiver.limits import header_timeout_protocol
 from archiver.settings import Settings
 from keyservice.errors import KeyServiceError, UsageError
+from keyservice.exitcodes import ExitCode
 
 # On SIGTERM/SIGINT requests in progress get this long to finish (uploads; fusion streams end
 # at once, see CompleteRequestH11Protocol.shutdown); then what is still open is cancelled and
@@ -110,7 +111,7 @@ def uvicorn_config(app: Any, settings: Settings, log_level: str = "info") -> uvi
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
 
 
-EXIT_ADDRESS_IN_USE = 5
+EXIT_ADDRESS_IN_USE = ExitCode.ADDRESS_IN_USE
 
 
 class AddressInUse(KeyServiceError):

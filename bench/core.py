@@ -46,6 +46,7 @@ from keyservice.crypto import (
     segment_nonce,
 )
 from keyservice.format import DataStream, Header, Mode, Segment, decode_record, encode_record
+from keyservice.fusion_writer import ManifestChain, StreamWriter
 from keyservice.identity import (
     OaepHash,
     Recipient,
@@ -54,7 +55,6 @@ from keyservice.identity import (
     fingerprint,
 )
 from keyservice.reader import StreamReader
-from keyservice.stream import ManifestChain, StreamWriter
 
 MiB = 2**20
 

@@ -38,6 +38,7 @@ from client.viewer import (
 )
 from keyservice.errors import CertificateError, UsageError
 from keyservice.evidence.verify import Report, open_sealed_keys, verify_package
+from keyservice.exitcodes import ExitCode
 from keyservice.identity import Recipient
 from keyservice.text import printable
 from keyservice.timespec import format_ms, parse_range
@@ -50,9 +51,13 @@ evidence_app = typer.Typer(no_args_is_help=True, add_completion=False,
                            help="Evidence packages a third party verifies without any token: "
                                 "export, verify.")
 
-EXIT_PARTLY_VERIFIED = 61  # sealed keys and no token: all but keys and video verified
-EXIT_INCOMPLETE = 62  # verified, but the signed data names recorded video the package lacks
-EXIT_SIGNER_NOT_ESTABLISHED = 63  # consistent, but no trust anchor says whose key signed it
+# The verdicts' exit codes (docs/evidence.md): a check failed (the report says which and why;
+# client.evidence_zip's EXIT_NOT_VERIFIED); sealed keys and no token (all but keys and video
+# verified); verified, but the signed data names recorded video the package lacks; consistent,
+# but no trust anchor says whose key signed.
+EXIT_PARTLY_VERIFIED = ExitCode.PARTLY_VERIFIED
+EXIT_INCOMPLETE = ExitCode.EVIDENCE_INCOMPLETE
+EXIT_SIGNER_NOT_ESTABLISHED = ExitCode.SIGNER_NOT_ESTABLISHED
 
 
 def _recipient(path: Path) -> Recipient:

@@ -13,11 +13,12 @@ from pathlib import Path, PurePosixPath
 
 from keyservice.errors import UsageError
 from keyservice.evidence.layout import EvidenceError
+from keyservice.exitcodes import ExitCode
 
 __all__ = ["EXIT_NOT_VERIFIED", "MAX_MEMBERS", "MAX_UNPACKED", "PackageUnreadable", "read_zip",
            "write_zip"]
 
-EXIT_NOT_VERIFIED = 60  # a check failed: the report says which and why
+EXIT_NOT_VERIFIED = ExitCode.NOT_VERIFIED  # a check failed: the report says which and why
 # Limits on a package read from disk (untrusted): member count and total unpacked size.
 MAX_MEMBERS = 200_000
 MAX_UNPACKED = 16 * 2**30

@@ -20,7 +20,13 @@ from typing import BinaryIO, Protocol
 
 from cryptography import x509
 
-from keyservice.errors import ArchiverMismatch, IntegrityError, KeyServiceError
+from keyservice.errors import (
+    ArchiverMismatch,
+    KeyServiceError,
+    RangeIncomplete,
+    StreamTruncated,
+)
+from keyservice.exitcodes import ExitCode
 from keyservice.format import Header
 from keyservice.identity import Identity, fingerprint
 from keyservice.reader import (
@@ -52,36 +58,25 @@ __all__ = [
     "Player",
     "Position",
     "ReaderClosed",
-    "SegmentsMissing",
     "StreamTruncated",
     "Summary",
     "archiver_pin_check",
 ]
 
-
-class StreamTruncated(IntegrityError):
-    """The stream stopped before the Archiver's signed end record."""
-
-    exit_code = 50
+# StreamTruncated (50) and RangeIncomplete (53, also for segments that did not come) are
+# keyservice.errors' own; StreamTruncated stays importable from here.
 
 
 class NothingAuthorized(KeyServiceError):
     """Every segment in the stream was recorded while this viewer held no key for it."""
 
-    exit_code = 51
-
-
-class SegmentsMissing(KeyServiceError):
-    """The stream is authentic, but segments its signed manifests list did not come, and no
-    signed chain recipients show this viewer was not authorized for them: withheld or lost."""
-
-    exit_code = 53
+    exit_code = ExitCode.NOTHING_AUTHORIZED
 
 
 class OutputFailed(KeyServiceError):
     """The decrypted video could not be written (disk full, permissions, a broken output)."""
 
-    exit_code = 52
+    exit_code = ExitCode.OUTPUT_FAILED
 
 
 class ReaderClosed(OutputFailed):
@@ -89,7 +84,7 @@ class ReaderClosed(OutputFailed):
     ``| head -c N``, a player window closed). Its choice, not a failure of ours: what it read
     was verified, and it has all it wanted. The stream commands stop and exit 0 (docs/client.md)."""
 
-    exit_code = 0
+    exit_code = ExitCode.OK
 
 
 NOT_AUTHORIZED = "not authorized"
@@ -421,7 +416,7 @@ class Player:
         self.summary.epoch_openings = self._reader.token_operations
         if self.summary.missing:
             spans = "; ".join(g.describe() for g in self.summary.gaps if g.kind == MISSING)
-            raise SegmentsMissing(
+            raise RangeIncomplete(
                 f"The stream is authentic but incomplete: {self.summary.missing} recorded "
                 f"segment(s) are missing ({spans}).",
                 "Their keys were withheld or lost; ask the Archiver's admin (its index may "

@@ -36,8 +36,10 @@ from keyservice.errors import (  # the HTTP errors are shared with fusion-archiv
     FormatError,
     KeyServiceError,
     RequestRefused,
+    StreamTruncated,
     UsageError,
 )
+from keyservice.exitcodes import ExitCode
 from keyservice.exits import unreachable
 from keyservice.format import Mode
 from keyservice.identity import Identity, fingerprint
@@ -47,7 +49,7 @@ from keyservice.wire import ErrorCode
 
 __all__ = ["MAX_LIVE_S", "MEDIA_TYPE", "ArchiverSession", "CameraView", "GrantBlob", "GrantInfo",
            "GrantNotUsable", "LoginRefused", "LoginResult", "NoRecording", "NotAuthorized",
-           "NotEnrolled", "OutsideGrant", "RecordingExpired", "StreamInterrupted",
+           "NotEnrolled", "OutsideGrant", "RecordingExpired",
            "UnknownCamera", "UnknownGrant", "ViewerRevoked", "live_request", "local_clock_ms",
            "playback_request"]
 
@@ -60,31 +62,31 @@ MAX_LIVE_S = 86_400
 class NotEnrolled(RequestRefused):
     """This viewer's certificate is not enrolled on the Archiver."""
 
-    exit_code = 43
+    exit_code = ExitCode.NOT_ENROLLED
 
 
 class ViewerRevoked(RequestRefused):
     """This viewer's certificate has been revoked."""
 
-    exit_code = 44
+    exit_code = ExitCode.VIEWER_REVOKED
 
 
 class NotAuthorized(RequestRefused):
     """Not authorized on this camera (or no such camera: the Archiver says the same)."""
 
-    exit_code = 45
+    exit_code = ExitCode.NOT_AUTHORIZED
 
 
 class UnknownCamera(RequestRefused):
     """No such camera (older Archivers only)."""
 
-    exit_code = 46
+    exit_code = ExitCode.UNKNOWN_CAMERA
 
 
 class NoRecording(RequestRefused):
     """No recording in the requested range."""
 
-    exit_code = 47
+    exit_code = ExitCode.NO_RECORDING
 
 
 class RecordingExpired(NoRecording):
@@ -92,39 +94,32 @@ class RecordingExpired(NoRecording):
     statement signed by the pinned Archiver shows (session.recording checks it; a 410 without
     a valid one is keyservice.expiry.ExpiryUnproven, exit 59)."""
 
-    exit_code = 54
+    exit_code = ExitCode.RECORDING_EXPIRED
     signed: object = None  # the 410 body's "expiry" member, as received (unverified)
 
 
 class LoginRefused(RequestRefused):
     """The login was refused (proof malformed or rejected), or the session expired."""
 
-    exit_code = 48
-
-
-class StreamInterrupted(KeyServiceError):
-    """The connection broke mid-stream. Same exit code as a truncated stream: what was
-    received is verified, but the signed end record never came."""
-
-    exit_code = 50
+    exit_code = ExitCode.LOGIN_REFUSED
 
 
 class GrantNotUsable(RequestRefused):
     """An access grant that is not (or no longer) approved: pending, rejected or revoked."""
 
-    exit_code = 55
+    exit_code = ExitCode.GRANT_NOT_USABLE
 
 
 class OutsideGrant(RequestRefused):
     """A request under an access grant goes outside the granted range."""
 
-    exit_code = 56
+    exit_code = ExitCode.OUTSIDE_GRANT
 
 
 class UnknownGrant(RequestRefused):
     """No such access grant for this viewer's certificate."""
 
-    exit_code = 57
+    exit_code = ExitCode.UNKNOWN_GRANT
 
 
 # The Archiver's error codes (keyservice.wire) that have an exit code of their own; any other
@@ -519,6 +514,6 @@ class ArchiverSession:
         try:
             yield from response.iter_bytes()
         except httpx.HTTPError as exc:
-            raise StreamInterrupted(
+            raise StreamTruncated(
                 f"The connection to the Archiver broke mid-stream ({exc.__class__.__name__}) "
                 "before the signed end record.") from None

@@ -12,6 +12,7 @@ from typing import NoReturn
 
 import typer
 
+from keyservice.exitcodes import ExitCode
 from keyservice.exits import failure, version
 from keyservice.text import printable
 
@@ -78,11 +79,11 @@ def run(app: typer.Typer, prog: str, argv: list[str] | None = None) -> NoReturn:
     except typer.TyperException as exc:  # click's usage errors (bad option, missing argument)
         if type(exc).__name__ != "NoArgsIsHelpError":  # the help text was printed already
             exc.show()  # type: ignore[attr-defined]
-        raise SystemExit(getattr(exc, "exit_code", 2)) from None
+        raise SystemExit(getattr(exc, "exit_code", ExitCode.USAGE)) from None
     except SystemExit:
         raise
     except BaseException as exc:  # the last line of defence against tracebacks
         message, code = failure(exc)
         say(prog, message)
         raise SystemExit(code) from None
-    raise SystemExit(code if isinstance(code, int) else 0)
+    raise SystemExit(code if isinstance(code, int) else ExitCode.OK)

@@ -17,12 +17,13 @@ from collections.abc import Iterator
 from importlib import metadata
 
 from keyservice.errors import ArchiverUnreachable, KeyServiceError
+from keyservice.exitcodes import ExitCode
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_UNEXPECTED", "connection_failure", "failure", "unreachable",
            "version"]
 
-EXIT_UNEXPECTED = 1
-EXIT_INTERRUPTED = 130
+EXIT_UNEXPECTED = ExitCode.UNEXPECTED
+EXIT_INTERRUPTED = ExitCode.INTERRUPTED
 
 
 def version() -> str:
@@ -93,4 +94,3 @@ def failure(exc: BaseException) -> tuple[str, int]:
         return exc.strerror + (f": {exc.filename}" if exc.filename else "") + ".", EXIT_UNEXPECTED
     return (f"Unexpected error ({type(exc).__name__}: {exc}); please report it.",
             EXIT_UNEXPECTED)
-

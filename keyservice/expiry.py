@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keyservice.errors import KeyServiceError
+from keyservice.exitcodes import ExitCode
 from keyservice.identity import Signer
 
 LABEL = b"FSE1 expired\x00"
@@ -36,7 +37,7 @@ class ExpiryUnproven(KeyServiceError):
     """A 410 whose expiry statement is missing, malformed, not for this request, or not
     signed by the pinned Archiver: the range is withheld, not shown to have expired."""
 
-    exit_code = 59
+    exit_code = ExitCode.EXPIRY_UNPROVEN
 
 
 @dataclass(frozen=True)

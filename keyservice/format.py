@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from keyservice.errors import FormatError
 from keyservice.identity import OaepHash
-from keyservice.names import validate_camera_name as validate_name
+from keyservice.names import camera_name_in_record as validate_name
 
 MAGIC = b"FUSNSTRM"
 VERSION = 2

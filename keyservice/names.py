@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import re
 
-from keyservice.errors import FormatError
+from keyservice.errors import FormatError, KeyServiceError, UsageError
 
 NAME_MAX = 64
 # The character rule alone, for declarative checks (OpenAPI patterns); '.' and '..' match it,
@@ -30,9 +30,20 @@ def _valid(name: str) -> bool:
 
 
 def validate_camera_name(name: object) -> str:
-    """``name`` if it is a camera name, else FormatError with the rule."""
+    """``name`` if it is a camera name, else UsageError with the rule: a name someone typed or
+    sent (a CLI option, an admin request) is a wrong value, not a malformed stream."""
+    return _checked(name, UsageError)
+
+
+def camera_name_in_record(name: object) -> str:
+    """The same rule for a name decoded from (or put into) a fusion-stream record, where a bad
+    name means the bytes are not a well-formed stream: FormatError."""
+    return _checked(name, FormatError)
+
+
+def _checked(name: object, error: type[KeyServiceError]) -> str:
     if not isinstance(name, str):
-        raise FormatError(f"Invalid camera name {name!r}: a name is a string.")
+        raise error(f"Invalid camera name {name!r}: a name is a string.")
     if not _valid(name):
-        raise FormatError(f"Invalid camera name {name!r}: use {CAMERA_NAME_RULE}.")
+        raise error(f"Invalid camera name {name!r}: use {CAMERA_NAME_RULE}.")
     return name

@@ -1,5 +1,4 @@
-"""Fusion streams, the viewer's side: the incremental reader (StreamReader), its events, and
-the request it checks a stream against (StreamRequest).
+"""Fusion streams, the viewer's side: the incremental reader (StreamReader) and its events.
 
 The reader is the security boundary of the viewer. It releases a segment's plaintext only
 after the manifest covering it verified (Archiver signature, chain link, exact segment bytes,
@@ -7,14 +6,16 @@ key commitment) and the segment's own tag checked, and never part of one; trunca
 by the signed END record. Every failure is FormatError, IntegrityError or NoMatchingIdentity
 (plus whatever the caller's ``check_archiver`` or the token raise).
 
-The Archiver's side (ManifestChain, StreamWriter) is keyservice/stream.py.
+What the viewer asked for (StreamRequest) and whether the stream answers it (nonce, camera,
+mode, range, freshness, the range's edges) is keyservice/request_policy.py; its public names
+stay importable from here. The Archiver's side (ManifestChain, StreamWriter) is
+keyservice/fusion_writer.py.
 
 Pure: no I/O, no ``pkcs11``.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -60,133 +61,29 @@ from keyservice.format import (
     Record,
     Segment,
     record_digest,
-    validate_name,
 )
 from keyservice.framing import BufferPool, RecordSplitter, Transcript
 from keyservice.identity import Identity, fingerprint
+from keyservice.request_policy import (
+    DEFAULT_MAX_SKEW_MS,
+    Edges,
+    StreamRequest,
+    check_entry_answers,
+    check_header_answers,
+    check_held_successor,
+    holds_back,
+    live_start,
+    playback_range,
+)
+
+__all__ = [  # StreamRequest and DEFAULT_MAX_SKEW_MS live in request_policy; importable here
+    "DEFAULT_MAX_SKEW_MS", "Event", "SegmentMissing", "SegmentPlaintext", "SegmentSkipped",
+    "StreamEnded", "StreamReader", "StreamRequest", "VerifiedKey",
+]
 
 # Memory a reader charges per buffered record on top of its bytes (Python object overhead),
 # so that millions of tiny records cannot slip under the byte budget.
 _RECORD_OVERHEAD = 256
-
-
-# How far the Archiver's clock may be from the viewer's for a live stream to count as fresh.
-DEFAULT_MAX_SKEW_MS = 30_000
-
-
-@dataclass(frozen=True)
-class StreamRequest:
-    """What the viewer asked for. A reader given one refuses (RequestMismatch) a stream that
-    answers anything else: another nonce (a stream saved earlier and replayed by a relay),
-    camera, mode or range, a segment whose *signed* capture time lies outside the range, or,
-    live, a stream or segment older than the request by more than ``max_skew_ms``.
-
-    Playback: ``from_ms``/``to_ms`` are the requested range. Live: ``from_ms`` is the viewer's
-    clock when it sent the request, ``to_ms`` that plus the duration, and ``clock`` reads the
-    viewer's clock (ms) so that segments from the future are refused as well.
-    """
-
-    nonce: bytes
-    cameras: tuple[str, ...]
-    mode: Mode
-    from_ms: int
-    to_ms: int
-    clock: Callable[[], int] | None = None
-    max_skew_ms: int = DEFAULT_MAX_SKEW_MS
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.nonce, bytes) or len(self.nonce) != 16:
-            raise ValueError("A request nonce is 16 random bytes.")
-        if isinstance(self.cameras, str) or not self.cameras:
-            raise ValueError("A request names its cameras as a non-empty tuple.")
-        for camera in self.cameras:
-            validate_name(camera)
-        if self.mode == Mode.LIVE and self.clock is None:
-            raise ValueError("A live request needs the viewer's clock.")
-
-
-def _iso(ms: int) -> str:
-    try:
-        when = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
-    except (OverflowError, OSError, ValueError):
-        return f"{ms} ms"
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _mode_name(mode: int) -> str:
-    return "live" if mode == Mode.LIVE else "recording"
-
-
-def _check_header_answers(header: Header, request: StreamRequest) -> None:
-    """The header names the request it answers (the END signature covers it)."""
-    if not hmac.compare_digest(header.request_nonce, request.nonce):
-        raise RequestMismatch(
-            "This stream does not answer the request just sent: it carries another request "
-            "nonce, so it was made for an earlier request (a saved stream replayed, or relayed "
-            f"from another request: {_mode_name(header.mode)} of "
-            f"{', '.join(header.cameras)}, made {_iso(header.created_ms)}).",
-            "Nothing of it is used; check the network path to the Archiver.")
-    if sorted(header.cameras) != sorted(request.cameras):
-        raise RequestMismatch(
-            f"This stream is for camera {', '.join(header.cameras)}, not for the requested "
-            f"camera {', '.join(request.cameras)}.")
-    if header.mode != request.mode:
-        raise RequestMismatch(
-            f"This is a {_mode_name(header.mode)} stream, but {_mode_name(request.mode)} "
-            "was requested.")
-    if request.mode == Mode.PLAYBACK:
-        if (header.range_from_ms, header.range_to_ms) != (request.from_ms, request.to_ms):
-            raise RequestMismatch(
-                f"This stream answers the range {_iso(header.range_from_ms)} .. "
-                f"{_iso(header.range_to_ms)}, not the requested {_iso(request.from_ms)} .. "
-                f"{_iso(request.to_ms)}.")
-        return
-    assert request.clock is not None
-    # Live starts where the viewer's request said (its clock when sending), so a relay that
-    # holds the request back cannot make the stream skip its start.
-    if (header.range_from_ms, header.range_to_ms) != (request.from_ms, request.to_ms):
-        raise RequestMismatch(
-            f"This live stream covers {_iso(header.range_from_ms)} .. "
-            f"{_iso(header.range_to_ms)}, not the requested {_iso(request.from_ms)} .. "
-            f"{_iso(request.to_ms)}.")
-    now = request.clock()
-    earliest, latest = request.from_ms - request.max_skew_ms, now + request.max_skew_ms
-    for what, when in (("made", header.created_ms),):
-        if not earliest <= when <= latest:
-            raise RequestMismatch(
-                f"This live stream was {what} {_iso(when)} by the Archiver's clock, but the "
-                f"request was sent {_iso(request.from_ms)} by this machine's clock (allowed "
-                f"difference {request.max_skew_ms / 1000:g} s): it is not fresh.",
-                "A replayed stream, or clocks out of sync: check both clocks (NTP).")
-
-
-def _check_entry_answers(camera: str, entry: ManifestEntry, request: StreamRequest,
-                         first_of_stream: bool) -> None:
-    """A segment's signed capture time (the start of its video) must lie in what was asked
-    for. Playback: the first segment of each camera data stream may start before the range,
-    since the segment that overlaps the range's start belongs to it."""
-    when = entry.capture_ms
-    if request.mode == Mode.PLAYBACK:
-        # With a signed duration, overlap is exact; without (0), only the data stream's first
-        # segment may start before the range (and is held back, see _hold_back_before_range).
-        overlaps = (when + entry.duration_ms >= request.from_ms if entry.duration_ms
-                    else first_of_stream)
-        if not (request.from_ms <= when or overlaps) or when > request.to_ms:
-            raise RequestMismatch(
-                f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), "
-                f"outside the requested range {_iso(request.from_ms)} .. "
-                f"{_iso(request.to_ms)}.", "The Archiver's index may have been tampered with.")
-        return
-    assert request.clock is not None
-    if when < request.from_ms - request.max_skew_ms:
-        raise RequestMismatch(
-            f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), before "
-            f"this live request was sent ({_iso(request.from_ms)}, allowed clock difference "
-            f"{request.max_skew_ms / 1000:g} s): old footage offered as live.")
-    if when > request.clock() + request.max_skew_ms:
-        raise RequestMismatch(
-            f"Segment {entry.seq} of camera {camera} was captured {_iso(when)} (signed), in "
-            "the future by this machine's clock: check both clocks (NTP).")
 
 
 @dataclass(frozen=True)
@@ -252,10 +149,9 @@ class _Camera:
     pending: list[tuple[Segment, RawRecord, bytes, int]] = field(default_factory=list)
     last_seq: int | None = None
     last_hash: bytes = ZERO_HASH
-    # Playback edges: the first manifest seen starts the chain (sequence 0) or is a bare
+    # The range's edges: the first manifest seen starts the chain (sequence 0) or is a bare
     # manifest from before the range; a bare manifest from after the range closes it.
-    opened: bool = False
-    closed: bool = False
+    edges: Edges = field(default_factory=Edges)
 
 
 class StreamReader:
@@ -401,7 +297,7 @@ class StreamReader:
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise IntegrityError()
         if self._request is not None:
-            _check_header_answers(header, self._request)
+            check_header_answers(header, self._request)
         self._archiver_key = key
         self._cameras = {camera: _Camera() for camera in header.cameras}
         self.header = header
@@ -514,28 +410,28 @@ class StreamReader:
             # was left out before the first segment delivered. (Issue time, not capture time:
             # a continuous stream uploaded late is archived after the start with capture
             # times before it, and belongs to the live stream.)
-            camera.opened = manifest.manifest_seq == 0
+            camera.edges.opened = manifest.manifest_seq == 0
             if not camera.pending and manifest.issued_ms < live_from:
-                camera.opened = True
+                camera.edges.opened = True
                 camera.last_seq, camera.last_hash = manifest.manifest_seq, digest
                 return
         span = self._playback_range()
         if span is not None:
-            if self._is_edge(camera, manifest, first, span):
+            if camera.edges.is_edge(manifest, first, bool(camera.pending), span):
                 # A bare manifest just outside the range, linked to the chain: proof that
                 # nothing between it and the range's first or last manifest was left out.
                 camera.last_seq, camera.last_hash = manifest.manifest_seq, digest
                 return
-            if camera.closed:
+            if camera.edges.closed:
                 raise RequestMismatch(
                     f"Camera {manifest.camera}'s manifests go on after the one that closed the "
                     "requested range.")
             if first:
-                camera.opened = manifest.manifest_seq == 0
+                camera.edges.opened = manifest.manifest_seq == 0
         if self._request is not None:
             for entry in manifest.entries:  # signed capture times, checked against the request
                 stream_key = (manifest.camera, entry.stream)
-                _check_entry_answers(manifest.camera, entry, self._request,
+                check_entry_answers(manifest.camera, entry, self._request,
                                      stream_key not in self._streams_seen)
                 self._streams_seen.add(stream_key)
         # The entries must be exactly the pending segments, in order; only a segment for
@@ -580,10 +476,8 @@ class StreamReader:
         events.extend(self._hold_back_before_range(manifest.camera, out))
 
     def _hold_back_before_range(self, camera: str, out: list[Event]) -> list[Event]:
-        """Playback: a data stream's first segment may start before the range (it may overlap
-        the range's start), but only its successor shows that it does: it must start after the
-        range's start. So such a segment is held back until then, and refused if its successor
-        starts at or before the range's start (footage from before the range)."""
+        """Playback: a data stream's first segment that may overlap the range's start waits
+        for its successor, which must start after the range's start (request_policy)."""
         request = self._request
         if request is None or request.mode != Mode.PLAYBACK:
             return out
@@ -591,58 +485,22 @@ class StreamReader:
         for event in out:
             assert not isinstance(event, StreamEnded)
             key = (camera, event.stream)
-            if event.capture_ms < request.from_ms and not event.duration_ms:
-                self._held[key] = event  # only ever the stream's first (_check_entry_answers)
+            if holds_back(request, event.capture_ms, event.duration_ms):
+                self._held[key] = event  # only ever the stream's first (check_entry_answers)
                 continue
             held = self._held.pop(key, None)
             if held is not None:
-                if event.capture_ms <= request.from_ms:
-                    raise RequestMismatch(
-                        f"Segment {held.seq} of camera {camera} was captured {_iso(held.capture_ms)}"
-                        f" (signed) and ends before the requested range "
-                        f"{_iso(request.from_ms)} .. {_iso(request.to_ms)}.",
-                        "The Archiver's index may have been tampered with.")
+                check_held_successor(camera, held.seq, held.capture_ms, event.capture_ms,
+                                     request)
                 released.append(held)
             released.append(event)
         return released
 
     def _playback_range(self) -> tuple[int, int] | None:
-        """The range whose edges a playback stream proves: the request's, or for a saved
-        stream read without one, its header's (authenticated by END, where edges are judged)."""
-        request, header = self._request, self.header
-        if request is not None:
-            return (request.from_ms, request.to_ms) if request.mode == Mode.PLAYBACK else None
-        if header is not None and header.mode == Mode.PLAYBACK:
-            return header.range_from_ms, header.range_to_ms
-        return None
+        return playback_range(self._request, self.header)
 
     def _live_start(self) -> int | None:
-        """A live stream's start: the request's, or for a saved stream read without one, its
-        header's (authenticated by END)."""
-        request, header = self._request, self.header
-        if request is not None:
-            return request.from_ms if request.mode == Mode.LIVE else None
-        if header is not None and header.mode == Mode.LIVE:
-            return header.range_from_ms
-        return None
-
-    @staticmethod
-    def _is_edge(camera: _Camera, manifest: Manifest, first: bool,
-                 span: tuple[int, int]) -> bool:
-        """A playback edge: sent bare (no segment of it came), every entry's video ending
-        before the range and it is the camera's first manifest, or every entry starting after
-        the range."""
-        from_ms, to_ms = span
-        if camera.pending or not manifest.entries:
-            return False
-        if first and all(e.capture_ms + e.duration_ms < from_ms for e in manifest.entries):
-            camera.opened = True
-            return True
-        if not camera.closed and all(e.capture_ms > to_ms for e in manifest.entries):
-            camera.closed = True
-            camera.opened = camera.opened or (first and manifest.manifest_seq == 0)
-            return True
-        return False
+        return live_start(self._request, self.header)
 
     def _check_edges(self, end: End) -> None:
         """Playback: the stream must show, from signed data, that it covers the whole range
@@ -659,22 +517,7 @@ class StreamReader:
             return
         heads = dict(end.heads)
         for name, camera in self._cameras.items():
-            head = heads.get(name)
-            if camera.last_seq is None:
-                if head == 0:
-                    continue  # nothing was ever recorded on this camera
-                raise RangeIncomplete(
-                    f"The stream holds no manifest of camera {name}, and does not show that "
-                    "nothing was recorded in the requested range.")
-            if not camera.opened:
-                what = "live start" if live else "requested range"
-                raise RangeIncomplete(
-                    f"The stream does not show that it starts at the beginning of the {what} "
-                    f"for camera {name}: earlier recordings may be missing.")
-            if not camera.closed and head != camera.last_seq + 1:
-                raise RangeIncomplete(
-                    f"The stream does not show that it reaches the end of the requested range "
-                    f"for camera {name}: later recordings in the range may be missing.")
+            camera.edges.check_covered(name, camera.last_seq, heads.get(name), live)
 
     def _key(self, key_id: bytes, camera: str, stream: DataStream, commitment: bytes) -> AESGCM:
         """THE key lookup: a minute key given from outside (``known_keys``) or derived from its

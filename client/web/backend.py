@@ -29,13 +29,13 @@ from client.session import (
 )
 from client.viewer import Login, play_range, player_for, stream
 from client.web.media import VideoInfo, probe, to_fmp4
-from keyservice.errors import ArchiverUnreachable, KeyServiceError
+from keyservice.exitcodes import ExitCode
 from keyservice.exits import failure
 from keyservice.identity import Identity
 from keyservice.reader import SegmentPlaintext
 from keyservice.timespec import format_ms
 
-__all__ = ["LIVE_REQUEST_S", "RELOGIN_MARGIN_MS", "Export", "StreamRequest", "ViewerBackend",
+__all__ = ["LIVE_REQUEST_S", "RELOGIN_MARGIN_MS", "Export", "TileRequest", "ViewerBackend",
            "error_json", "gap_json", "recorded_ranges"]
 
 # Live requests are re-issued by the page when they end; an hour keeps that rare.
@@ -48,9 +48,9 @@ Emit = Callable[[dict[str, Any] | bytes], None]
 
 
 @dataclass(frozen=True)
-class StreamRequest:
-    """What the page asks for (its own terms; the fetch is bound to a fresh
-    keyservice.reader.StreamRequest made from it)."""
+class TileRequest:
+    """What one tile of the page asks to play. The backend turns it into the request a fusion
+    stream must answer (keyservice.reader.StreamRequest: a fresh nonce, camera, mode, range)."""
 
     camera: str
     live: bool
@@ -83,12 +83,15 @@ def gap_json(gap: Gap) -> dict[str, Any]:
 
 
 def error_json(exc: BaseException) -> dict[str, Any]:
-    """A failure as the page's JSON event: the error class, the exit code and the sentence."""
-    # The CLIs' one error-to-exit path names the failure and its exit code here too.
-    reason, code = failure(exc)
-    error = type(exc).__name__ if isinstance(exc, KeyServiceError) else (
-        "ArchiverUnreachable" if code == ArchiverUnreachable.exit_code else "Unexpected")
-    return {"type": "error", "error": error, "code": code, "reason": reason}
+    """A failure as the page gets it: the CLIs' exit code (keyservice.exitcodes.ExitCode), its
+    name and the one sentence the CLIs print. The same shape as the Archiver's own errors
+    (``{"error": name, "message": sentence}``), plus the number."""
+    message, number = failure(exc)
+    try:
+        code = ExitCode(number)
+    except ValueError:  # every error class uses the enum (tests/test_exit_codes.py)
+        code = ExitCode.UNEXPECTED
+    return {"type": "error", "code": int(code), "error": code.name, "message": message}
 
 
 @dataclass
@@ -180,7 +183,7 @@ class ViewerBackend:
         return out
 
     # --- streams to the page ---------------------------------------------------------------
-    def stream(self, request: StreamRequest, emit: Emit, stopped: threading.Event,
+    def stream(self, request: TileRequest, emit: Emit, stopped: threading.Event,
                on_session: Callable[[ArchiverSession], None] = lambda s: None) -> None:
         """Verify, decrypt and remux one stream, emitting JSON events and fMP4 chunks in
         order; ends with an "end" or "error" event (never raises)."""
@@ -245,7 +248,7 @@ class ViewerBackend:
             flush_gaps()
             emit({"type": "end", "segments": summary.segments, "shown": shown,
                   "last_ms": summary.last_ms, "verified": True,
-                  "reason": "verified signed end record"})
+                  "message": "verified signed end record"})
         except BaseException as exc:  # reported to the page; the viewer process keeps serving
             if stopped.is_set():
                 return
@@ -309,7 +312,7 @@ class ViewerBackend:
             kept = incomplete if incomplete.exists() else None
             if evidence is not None:
                 evidence.abort()
-            export.message = error_json(exc)["reason"] + (
+            export.message = error_json(exc)["message"] + (
                 f" The verified part is in {kept.name}." if kept is not None else "")
             export.state = "failed"
             if not isinstance(exc, Exception):

@@ -13,6 +13,7 @@ import subprocess
 from dataclasses import dataclass
 
 from keyservice.errors import KeyServiceError
+from keyservice.exitcodes import ExitCode
 
 __all__ = ["FFMPEG_TIMEOUT_S", "MIME", "RemuxFailed", "VideoInfo", "probe", "to_fmp4"]
 
@@ -28,7 +29,7 @@ MIME = {
 class RemuxFailed(KeyServiceError):
     """ffmpeg could not turn a verified segment into fragmented MP4."""
 
-    exit_code = 53
+    exit_code = ExitCode.REMUX_FAILED
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ from client.session import (
     UnknownCamera,
     ViewerRevoked,
 )
-from client.web.backend import StreamRequest, ViewerBackend, error_json
+from client.web.backend import TileRequest, ViewerBackend, error_json
 from keyservice.errors import ArchiverFailed, ArchiverUnreachable, RequestRefused
 from keyservice.names import CAMERA_NAME_PATTERN, CAMERA_NAME_RULE, is_camera_name
 
@@ -208,7 +208,7 @@ class Guard:
             if headers.get("sec-fetch-dest") == "document":
                 response = HTMLResponse(refusal_page(refusal), status_code=403)
             else:
-                response = JSONResponse({"error": "forbidden", "reason": refusal},
+                response = JSONResponse({"error": "forbidden", "message": refusal},
                                         status_code=403)
             await response(scope, receive, self._secure(send))
             return
@@ -318,7 +318,7 @@ def create_app(backend: ViewerBackend, access: Access) -> ASGIApp:
     def open_session(body: SessionRequest) -> dict[str, str] | JSONResponse:
         secret = access.open_session(body.launch)
         if secret is None:
-            return JSONResponse({"error": "link_spent", "reason": SPENT_LINK}, status_code=403)
+            return JSONResponse({"error": "link_spent", "message": SPENT_LINK}, status_code=403)
         return {"secret": secret}
 
     @app.get("/api/info")
@@ -337,7 +337,7 @@ def create_app(backend: ViewerBackend, access: Access) -> ASGIApp:
     @app.post("/api/exports", status_code=202, response_model=None)
     def start_export(body: ExportRequest) -> dict[str, Any] | JSONResponse:
         if body.to_ms <= body.from_ms:
-            return JSONResponse({"error": "bad_range", "reason": "The export range is empty."},
+            return JSONResponse({"error": "bad_range", "message": "The export range is empty."},
                                 status_code=422)
         return backend.start_export(body.camera, body.from_ms, body.to_ms).to_json()
 
@@ -352,7 +352,7 @@ def create_app(backend: ViewerBackend, access: Access) -> ASGIApp:
     def export_file(export_id: int) -> FileResponse | JSONResponse:
         export = backend.export(export_id)
         if export is None or export.state != "done":
-            return JSONResponse({"error": "not_ready", "reason": "Only a completely verified "
+            return JSONResponse({"error": "not_ready", "message": "Only a completely verified "
                                  "export can be downloaded."}, status_code=404)
         return FileResponse(export.path, media_type="video/mp2t", filename=export.path.name)
 
@@ -360,7 +360,7 @@ def create_app(backend: ViewerBackend, access: Access) -> ASGIApp:
     def export_ticket(export_id: int) -> dict[str, str] | JSONResponse:
         export = backend.export(export_id)
         if export is None or export.state != "done":
-            return JSONResponse({"error": "not_ready", "reason": "Only a completely verified "
+            return JSONResponse({"error": "not_ready", "message": "Only a completely verified "
                                  "export can be downloaded."}, status_code=404)
         ticket = access.new_ticket(export_id)
         return {"url": f"/api/exports/{export_id}/file?ticket={ticket}"}
@@ -378,7 +378,7 @@ def create_app(backend: ViewerBackend, access: Access) -> ASGIApp:
         if not access.session_ok(opening.secret):
             await _close(websocket, NO_SESSION)
             return
-        request = StreamRequest(opening.camera, opening.mode == "live", opening.from_ms,
+        request = TileRequest(opening.camera, opening.mode == "live", opening.from_ms,
                                 opening.to_ms, opening.start_ms)
         await pump(websocket, backend, request)
 
@@ -393,7 +393,7 @@ async def _close(websocket: WebSocket, reason: str) -> None:
         pass  # the other side is gone already
 
 
-async def pump(websocket: WebSocket, backend: ViewerBackend, request: StreamRequest) -> None:
+async def pump(websocket: WebSocket, backend: ViewerBackend, request: TileRequest) -> None:
     """Runs the blocking stream in a thread and forwards its events, in order, to the page."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict[str, Any] | bytes | None] = asyncio.Queue()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 
 from keyservice.errors import KeyServiceError
+from keyservice.exitcodes import ExitCode
 
 FORMAT = "fusion-evidence/1"
 INDEX = "EVIDENCE.json"
@@ -36,7 +37,7 @@ class EvidenceError(KeyServiceError):
     """A package cannot be built, read or opened (its verification failures are reported,
     not raised: see Report)."""
 
-    exit_code = 60
+    exit_code = ExitCode.EVIDENCE_EXPORT_FAILED
 
 
 def manifest_name(seq: int, ext: str) -> str:

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from keyservice.certs import build_archiver_certificate
 from keyservice.crypto import new_minute_key, seal_segment
 from keyservice.format import DataStream, encode_record
+from keyservice.fusion_writer import ManifestChain
 from keyservice.identity import SoftwareSigner
-from keyservice.stream import ManifestChain
 from tests.fixtures.server import REPO_ROOT, ArchiverServer
 from tests.fixtures.viewer import fetch, login, play
 

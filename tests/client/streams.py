@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from keyservice.certs import build_archiver_certificate, build_viewer_certificate
 from keyservice.crypto import Epoch, KeyChain, seal_segment
 from keyservice.format import DataStream, Header
+from keyservice.fusion_writer import ManifestChain, StreamWriter, issue_chain_recipients
 from keyservice.identity import (
     OaepHash,
     Recipient,
@@ -20,7 +21,6 @@ from keyservice.identity import (
     SoftwareSigner,
     fingerprint,
 )
-from keyservice.stream import ManifestChain, StreamWriter, issue_chain_recipients
 
 T0 = 1_748_779_200_000  # 2025-06-01T12:00:00Z
 PERIOD_S = 60

@@ -35,6 +35,7 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from archiver.cameras import DRIFT_TOLERANCE_MS
+from keyservice.exitcodes import ExitCode
 from tests.fixtures.server import ArchiverServer, free_port
 from tests.fixtures.tokens import TokenHandle, enroll_viewer
 
@@ -471,7 +472,8 @@ def test_tampered_stream_stops_playback(setup: Setup, open_viewer: Callable[...,
         page.evaluate("(ms) => window.fusionViewer.watch('lobby', false).playFrom(ms)",
                       pushed.before[0] - 500)
         state = wait_tile(page, "lobby", "s.stopped")
-        assert state["state"] == "failed" and state["error"] == "IntegrityError"
+        assert state["state"] == "failed" and state["error"] == "INTEGRITY"
+        assert state["code"] == ExitCode.INTEGRITY == 11
         assert "STOPPED" in state["stateText"] and "failed authentication" in state["stateText"]
         overlay = page.locator('.tile[data-camera="lobby"] .overlay')
         assert overlay.is_visible() and "Playback stopped" in overlay.inner_text()
@@ -512,7 +514,7 @@ def test_url_token_host_and_origin(setup: Setup, open_viewer: Callable[..., View
     again = httpx.post(f"{base}/api/session", json={"launch": launch_token(viewer)},
                        headers={"Origin": base})
     assert again.status_code == 403, "the launch token must be single-use"
-    assert "used already" in again.json()["reason"]
+    assert "used already" in again.json()["message"]
     good = {"Authorization": f"Bearer {first.json()['secret']}"}
     assert httpx.get(f"{base}/api/cameras", headers=good).status_code == 200
     # DNS rebinding: another host name that resolves here is refused even with the secret.

@@ -15,6 +15,7 @@ from keyservice.certs import build_viewer_certificate
 from keyservice.crypto import Epoch, new_minute_key, open_epoch_opener, seal_segment
 from keyservice.errors import FormatError, IntegrityError, NoMatchingIdentity
 from keyservice.format import DataStream, EpochOpener, Header, Mode
+from keyservice.fusion_writer import ManifestChain, StreamWriter
 from keyservice.grants import (
     ENTRY_LEN,
     GRANT_MAGIC,
@@ -27,7 +28,6 @@ from keyservice.grants import (
 )
 from keyservice.identity import OaepHash, Recipient, SoftwareEcIdentity, fingerprint
 from keyservice.reader import SegmentMissing, SegmentPlaintext, StreamEnded, StreamReader, StreamRequest
-from keyservice.stream import ManifestChain, StreamWriter
 from tests.client.streams import T0, software_signer, software_viewer
 
 KEYS = [GrantKey(DataStream.VIDEO, os.urandom(16), os.urandom(32)) for _ in range(3)] + [

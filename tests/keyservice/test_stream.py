@@ -41,6 +41,7 @@ from keyservice.format import (
     stream_prefix,
 )
 from keyservice.framing import RecordSplitter
+from keyservice.fusion_writer import ManifestChain, StreamWriter, issue_chain_recipients
 from keyservice.identity import OaepHash, Recipient, SoftwareIdentity, fingerprint
 from keyservice.reader import (
     SegmentMissing,
@@ -50,7 +51,6 @@ from keyservice.reader import (
     StreamReader,
     StreamRequest,
 )
-from keyservice.stream import ManifestChain, StreamWriter, issue_chain_recipients
 from tests.vectors import generate as vectors
 
 T = 1_748_779_200_000

@@ -66,6 +66,7 @@ from keyservice.format import (  # noqa: E402
     encode_record,
     stream_prefix,
 )
+from keyservice.fusion_writer import ManifestChain, StreamWriter, issue_chain_recipients  # noqa: E402
 from keyservice.identity import (  # noqa: E402
     OaepHash,
     Recipient,
@@ -74,7 +75,6 @@ from keyservice.identity import (  # noqa: E402
     SoftwareSigner,
     fingerprint,
 )
-from keyservice.stream import ManifestChain, StreamWriter, issue_chain_recipients  # noqa: E402
 
 KEYS_DIR = HERE / "keys"
 VECTORS_DIR = HERE / "v2"

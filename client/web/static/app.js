@@ -46,7 +46,7 @@ const session = (() => {
         body: JSON.stringify({ launch }),
       });
       const body = await response.json().catch(() => ({}));
-      if (!response.ok || !body.secret) throw new Error(body.reason || `HTTP ${response.status}`);
+      if (!response.ok || !body.secret) throw new Error(body.message || `HTTP ${response.status}`);
       secret = body.secret;
     },
     headers(extra = {}) { return { ...extra, Authorization: `Bearer ${secret}` }; },
@@ -60,7 +60,7 @@ async function api(path, options = {}) {
   const response = await fetch(path, { ...options, credentials: "omit",
                                        headers: session.headers(options.headers) });
   const body = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(body.reason || `HTTP ${response.status}`);
+  if (!response.ok) throw new Error(body.message || `HTTP ${response.status}`);
   return body;
 }
 
@@ -111,7 +111,7 @@ class Tile {
     return {
       camera: this.camera, live: this.live, state: this.el.dataset.state,
       stateText: this.q(".state").textContent, stopped: this.stopped, error: this.error,
-      codec: this.codec, verified: this.verifiedCount, shown: this.segments.length,
+      code: this.code, codec: this.codec, verified: this.verifiedCount, shown: this.segments.length,
       currentTime: this.video.currentTime, paused: this.video.paused,
       positionMs: this.positionMs(), gaps: this.gaps, firstFrames: this.firstFrames,
       segments: this.segments.map((s) => ({ seq: s.seq, capture_ms: s.capture_ms,
@@ -132,6 +132,7 @@ class Tile {
     this.codec = null;
     this.stopped = false;
     this.error = null;
+    this.code = null;
     this.verifiedCount = 0;
     this.seekTo = null;
     this.overlay(null, "");
@@ -338,28 +339,31 @@ class Tile {
     this.pump();
   }
 
+  // A failure carries the CLIs' exit code and its name (keyservice.exitcodes.ExitCode, listed
+  // in docs/client.md) and the one sentence the CLIs would print.
   onError(msg) {
-    if (msg.error === "RecordingExpired") {
+    if (msg.error === "RECORDING_EXPIRED") {
       this.ended = true;
-      this.setState("info", `Expired: ${msg.reason}`);
+      this.setState("info", `Expired: ${msg.message}`);
       return;
     }
-    if (msg.error === "NoRecording") {
+    if (msg.error === "NO_RECORDING") {
       if (!this.live && this.windowEnd < this.lastRecorded) {
         this.nextWindow();  // nothing in this window: go on to where recording resumes
         return;
       }
       this.ended = true;
-      this.setState("info", `No recording there: ${msg.reason}`);
+      this.setState("info", `No recording there: ${msg.message}`);
       return;
     }
-    this.fail(`${msg.reason} Playback stopped ${msg.where}.`, msg);
+    this.fail(`${msg.message} Playback stopped ${msg.where}.`, msg);
   }
 
   fail(reason, msg = null) {
     // Nothing after the failure is played: the stream is closed and the video paused for good.
     this.stopped = true;
-    this.error = msg ? msg.error : "Connection";
+    this.error = msg ? msg.error : "Connection";  // the exit code's name, or a local failure
+    this.code = msg ? msg.code : null;
     this.pending = [];
     if (this.ws) { this.ws.onmessage = this.ws.onclose = null; this.ws.close(); }
     this.video.pause();

@@ -1,5 +1,7 @@
-"""Fusion streams, the Archiver's side: its manifest chains (ManifestChain), the signed
-chain-recipients statement (issue_chain_recipients) and the stream writer (StreamWriter).
+"""Writes fusion streams, the Archiver's side: its manifest chains (ManifestChain), the signed
+chain-recipients statement (issue_chain_recipients) and the fusion-stream writer (StreamWriter).
+(This module was keyservice/stream.py; "stream" alone names too many things, see the glossary
+in docs/architecture.md.)
 
 The viewer's side, which checks all of it, is keyservice/reader.py.
 
