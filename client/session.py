@@ -47,9 +47,9 @@ from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
 from keyservice.tls import trust as tls_trust
 from keyservice.wire import ErrorCode
 
-__all__ = ["MAX_LIVE_S", "MEDIA_TYPE", "ArchiverSession", "CameraView", "GrantBlob", "GrantInfo",
-           "GrantNotUsable", "LoginRefused", "LoginResult", "NoRecording", "NotAuthorized",
-           "NotEnrolled", "OutsideGrant", "RecordingExpired",
+__all__ = ["ERROR_CLASSES", "MAX_LIVE_S", "MEDIA_TYPE", "ArchiverSession", "CameraView",
+           "GrantBlob", "GrantInfo", "GrantNotUsable", "LoginRefused", "LoginResult",
+           "NoRecording", "NotAuthorized", "NotEnrolled", "OutsideGrant", "RecordingExpired",
            "UnknownCamera", "UnknownGrant", "ViewerRevoked", "live_request", "local_clock_ms",
            "playback_request"]
 
@@ -124,7 +124,7 @@ class UnknownGrant(RequestRefused):
 
 # The Archiver's error codes (keyservice.wire) that have an exit code of their own; any other
 # refusal is RequestRefused (4xx) or ArchiverFailed (5xx).
-_CODES: dict[ErrorCode, type[KeyServiceError]] = {
+ERROR_CLASSES: dict[ErrorCode, type[KeyServiceError]] = {
     ErrorCode.NOT_ENROLLED: NotEnrolled,
     ErrorCode.REVOKED: ViewerRevoked,
     ErrorCode.NOT_AUTHORIZED: NotAuthorized,
@@ -306,8 +306,8 @@ class ArchiverSession:
             message = f"The Archiver answered HTTP {response.status_code} " \
                       f"{response.reason_phrase}."
         error: KeyServiceError
-        if isinstance(code, str) and code in _CODES:
-            error = _CODES[ErrorCode(code)](message)
+        if isinstance(code, str) and code in ERROR_CLASSES:
+            error = ERROR_CLASSES[ErrorCode(code)](message)
             if isinstance(error, RecordingExpired):
                 error.signed = body.get("expiry")
         elif response.status_code >= 500:

@@ -1,6 +1,7 @@
-"""The packages' import graph (issue 24): no module imports another module's private (``_name``)
-names, and the modules of keyservice, archiver, client and harness import each other without a
-cycle (imports inside functions count: a cycle hidden in a function is still a cycle)."""
+"""The import graph of the whole repository (the packages, the harness, the benchmarks and the
+tests; issue 24): no module imports another module's private (``_name``) names, and no modules
+import each other in a cycle (imports inside functions count: a cycle hidden in a function is
+still a cycle)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-PACKAGES = ("keyservice", "archiver", "client", "harness")
+PACKAGES = ("keyservice", "archiver", "client", "harness", "bench", "tests")
 
 
 def modules() -> dict[str, Path]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.session import _CODES, LoginRefused
+from client.session import ERROR_CLASSES, LoginRefused
 from client.viewer import check_camera
 from keyservice.errors import FormatError, UsageError
 from keyservice.format import validate_name
@@ -55,8 +55,8 @@ def test_the_archiver_answers_only_named_error_codes() -> None:
 
 
 def test_the_viewer_maps_every_login_refusal() -> None:
-    assert _CODES[ErrorCode.BAD_PROOF] is LoginRefused  # it used to fall to a generic exit
-    assert all(isinstance(code, ErrorCode) for code in _CODES)
+    assert ERROR_CLASSES[ErrorCode.BAD_PROOF] is LoginRefused  # it used to fall to a generic exit
+    assert all(isinstance(code, ErrorCode) for code in ERROR_CLASSES)
     assert ErrorCode("unknown_viewer") is ErrorCode.UNKNOWN_VIEWER
 
 
