@@ -22,7 +22,8 @@ from archiver.db import ViewerRow
 from archiver.rtsp import PULLER_STOP_S, RtspSupervisor
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError, RequestRefused, UsageError
-from keyservice.identity import OaepHash, fingerprint
+from keyservice.identity import fingerprint
+from keyservice.keyscheme import KeyScheme
 from keyservice.names import validate_camera_name
 from keyservice.wire import ErrorCode
 
@@ -110,7 +111,7 @@ class Admin:
             cert = load_certificate(pem)
             oaep = validate_viewer_certificate(
                 cert, now=dt.datetime.now(dt.UTC), site_ca=self.site_ca,
-                oaep_hash=OaepHash.from_label(oaep_hash) if oaep_hash else None)
+                oaep_hash=KeyScheme.from_label(oaep_hash) if oaep_hash else None)
         except CertificateError as exc:
             raise AdminRefused(ErrorCode.BAD_CERTIFICATE, str(exc)) from None
         wanted = None if cameras is None else sorted(set(cameras))
@@ -135,7 +136,7 @@ class Admin:
                               archive.clock())
         archive.authorization_changed(fp, None)
         self.audit.record(actor, "client.add", archive.clock(), fingerprint=fp, subject=subject,
-                          cameras=wanted or "all", oaep_hash=oaep.label)
+                          cameras=wanted or "all", oaep_hash=oaep.legacy_label)
         row = archive.db.viewer(fp)
         assert row is not None
         return row

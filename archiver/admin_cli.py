@@ -216,8 +216,9 @@ def cameras_remove(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: Toke
 def viewers_add(
     certificate: Annotated[Path, typer.Argument(help="The viewer's PEM certificate.")],
     cameras: Annotated[str, typer.Option("--cameras", help="cam1,cam2 or 'all'.")],
-    oaep_hash: Annotated[str | None, typer.Option(
-        "--oaep-hash", help="sha256|sha1, only for certificates not made by fusion-keys.")] = None,
+    key_scheme: Annotated[str | None, typer.Option(
+        "--key-scheme", help="rsa-oaep-sha256|rsa-oaep-sha1 (old spellings sha256|sha1 and "
+        "--oaep-hash still work), only for RSA certificates not made by fusion-keys.")] = None,
     url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
     tls_ca: TlsCaOpt = None,
     as_json: JsonOpt = False,
@@ -227,7 +228,7 @@ def viewers_add(
     pem = _read_certificate(certificate)
     result = _call("POST", url, "/v1/admin/viewers", _admin_token(admin_token, data),
                    {"certificate": pem, "cameras": _camera_list(cameras, "--cameras"),
-                    "oaep_hash": oaep_hash}, tls_ca=tls_ca)
+                    "key_scheme": key_scheme}, tls_ca=tls_ca)
     print_result(as_json, result, f"viewer {printable(result['subject'])} authorized on "
          f"{_cams(result['cameras'])}"
          + (" (as it was already: cameras unchanged, keys rotated)"
@@ -362,7 +363,8 @@ def viewers_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
         cams = c["cameras"] if c["cameras"] == "all" else ",".join(c["cameras"])
         expiry, warn = _expiry(c["not_after"], now, active=not c["revoked_ms"])
         soon += warn
-        lines.append(f"{c['fingerprint']}  {printable(c['subject'])}  {cams}  {c['oaep_hash']}  "
+        lines.append(f"{c['fingerprint']}  {printable(c['subject'])}  {cams}  "
+                     f"{c.get('key_scheme') or c['oaep_hash']}  "
                      f"{state}  {expiry}")
     if soon:
         lines.append(f"{soon} active viewer(s) expired or expiring within {EXPIRY_WARNING_DAYS} "
@@ -543,8 +545,9 @@ def admins_add(
                                                 "the admin's own token with fusion-keys enroll).")],
     name: Annotated[str, typer.Option("--name", help="Unique name the audit log gives this "
                                       "admin (lower case; never reused).")],
-    oaep_hash: Annotated[str | None, typer.Option(
-        "--oaep-hash", help="sha256|sha1, only for certificates not made by fusion-keys.")] = None,
+    key_scheme: Annotated[str | None, typer.Option(
+        "--key-scheme", help="rsa-oaep-sha256|rsa-oaep-sha1 (old spellings sha256|sha1 and "
+        "--oaep-hash still work), only for RSA certificates not made by fusion-keys.")] = None,
     url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
     tls_ca: TlsCaOpt = None, as_json: JsonOpt = False,
 ) -> None:
@@ -552,7 +555,8 @@ def admins_add(
     # file holding a private key is refused here, before anything is sent.
     pem = _read_certificate(certificate)
     result = _call("POST", url, "/v1/admin/admins", _admin_token(admin_token, data),
-                   {"certificate": pem, "name": name, "oaep_hash": oaep_hash}, tls_ca=tls_ca)
+                   {"certificate": pem, "name": name, "key_scheme": key_scheme},
+                   tls_ca=tls_ca)
     print_result(as_json, result, f"admin {result['name']} added; the audit log names them "
          f"{printable(result['actor'])}\nfingerprint: {result['fingerprint']}")
 

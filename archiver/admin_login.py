@@ -100,7 +100,7 @@ def login_admin(url: str, verify: ssl.SSLContext | bool, token_uri: str,
             context = admin_login_context(archiver_fp, fingerprint(identity.certificate),
                                           challenge_id)
             proof = answer_login_challenge(identity, challenge.ciphertext,
-                                           challenge.oaep_hash, context)
+                                           challenge.key_scheme, context)
             opened = _post(http, url, "/v1/sessions/admin", {
                 "challenge_id": challenge_id.hex(), "proof": base64.b64encode(proof).decode()})
     try:

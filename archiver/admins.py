@@ -27,7 +27,8 @@ from archiver.auth import Sessions
 from archiver.storage import IndexConnection
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError, RequestRefused
-from keyservice.identity import OaepHash, fingerprint
+from keyservice.identity import fingerprint
+from keyservice.keyscheme import KeyScheme
 from keyservice.wire import ErrorCode
 
 BOOTSTRAP_ACTOR = "admin"  # the admin token's actor in the audit log (shared, not a person)
@@ -150,7 +151,7 @@ class Admins:
             cert = load_certificate(pem)
             oaep = validate_viewer_certificate(
                 cert, now=dt.datetime.now(dt.UTC), site_ca=self.site_ca,
-                oaep_hash=OaepHash.from_label(oaep_hash) if oaep_hash else None)
+                oaep_hash=KeyScheme.from_label(oaep_hash) if oaep_hash else None)
         except CertificateError as exc:
             raise AdminRefused(422, ErrorCode.BAD_CERTIFICATE, str(exc)) from None
         fp = fingerprint(cert).hex()

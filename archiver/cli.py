@@ -26,7 +26,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 add_version_option(app, "fusion-archiver")
 register_admin_commands(app)
 # The Archiver's URL is --archiver in the three CLIs; --url, the old spelling, keeps working.
-hidden_aliases(app, {"url": "archiver"})
+# --oaep-hash is the old name of --key-scheme (issue 24).
+hidden_aliases(app, {"url": "archiver", "oaep-hash": "key-scheme"})
 
 
 @app.command()

@@ -27,7 +27,8 @@ from archiver.db import Database, KeyMaterial, ViewerRow
 from keyservice.crypto import Epoch, KeyChain, MinuteKey
 from keyservice.format import DataStream, encode_record
 from keyservice.fusion_writer import issue_chain_recipients
-from keyservice.identity import OaepHash, Recipient, Signer
+from keyservice.identity import Signer
+from keyservice.keyscheme import KeyScheme, Recipient
 
 Rng = Callable[[int], bytes]
 DAY_MS = 86_400_000
@@ -147,7 +148,7 @@ class KeyManager:
                     continue
                 cert = x509.load_der_x509_certificate(row.certificate)
                 not_after = int(cert.not_valid_after_utc.timestamp() * 1000)
-                viewers.append((row, Recipient(cert, OaepHash(row.oaep_hash)), not_after))
+                viewers.append((row, Recipient(cert, KeyScheme(row.oaep_hash)), not_after))
             self._viewers = viewers
         return self._viewers
 

@@ -13,5 +13,5 @@ path), ``plot`` (capacity versus viewers next to Genetec's published curve).
 
 Nothing here is imported by the product: the plaintext baseline of the Archiver can only be
 switched on by ``bench.server``, which builds ``Settings`` in Python. Tokens and the Archiver
-process come from ``harness`` (shared with the tests).
+process come from ``fusion_testkit`` (shared with the tests).
 """

@@ -19,11 +19,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bench import core
-from harness.server import REPO_ROOT as REPO_ROOT  # re-exported: benchmarks find launchers by it
-from harness.server import ArchiverServer
+from fusion_testkit.server import ArchiverServer
 from keyservice.certs import build_viewer_certificate, certificate_pem
-from keyservice.identity import OaepHash
+from keyservice.keyscheme import KeyScheme
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout: benchmarks find launchers by it
 MiB = 2**20
 MB = 10**6
 # A camera-equivalent: one camera streaming at 4 Mbit/s (the issue's unit).
@@ -134,7 +134,7 @@ class CertFactory:
     public keys, so sharing one key pair changes nothing it does (and saves minutes of key
     generation). Each carries the OAEP-hash extension of keyservice.certs, as enrolment makes."""
 
-    oaep_hash: OaepHash = OaepHash.SHA256
+    oaep_hash: KeyScheme = KeyScheme.RSA_OAEP_SHA256
     bits: int = 2048
     key: rsa.RSAPrivateKey = field(init=False)
 
@@ -154,12 +154,13 @@ class CertFactory:
 @dataclass
 class BenchServer(ArchiverServer):
     """``python -m bench.server`` in a subprocess on 127.0.0.1 (uvicorn, as `serve` runs it),
-    which can also run the plaintext baseline; harness.server does the rest."""
+    which can also run the plaintext baseline; fusion_testkit.server does the rest."""
 
     key_period_s: int = 60
     plaintext_baseline: bool = False
     start_timeout_s: float = 60
     stop_timeout_s: float = 20
+    cwd: Path | None = REPO_ROOT  # bench is not installed: -m bench.server runs from the checkout
 
     def command(self) -> list[str]:
         args = [sys.executable, "-m", "bench.server", "--data", str(self.data_dir),

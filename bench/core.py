@@ -48,12 +48,12 @@ from keyservice.crypto import (
 from keyservice.format import DataStream, Header, Mode, Segment, decode_record, encode_record
 from keyservice.fusion_writer import ManifestChain, StreamWriter
 from keyservice.identity import (
-    OaepHash,
     Recipient,
     SoftwareIdentity,
     SoftwareSigner,
     fingerprint,
 )
+from keyservice.keyscheme import KeyScheme
 from keyservice.reader import StreamReader
 
 MiB = 2**20
@@ -164,7 +164,7 @@ def _reader_row(identity: SoftwareIdentity, signer: SoftwareSigner, size: int, s
                     now + 60_000, ("cam-bench",))
     writer = StreamWriter(header)
     parts = [writer.start()]
-    epoch, opener = Epoch.start(Recipient(identity.certificate, OaepHash.SHA256), 60, now)
+    epoch, opener = Epoch.start(Recipient(identity.certificate, KeyScheme.RSA_OAEP_SHA256), 60, now)
     key_chain, seed = KeyChain.start("cam-bench", DataStream.VIDEO, 60, now)
     key = key_chain.key_at(now)
     parts += [writer.add(opener), writer.add(epoch.wrap_chain(key_chain, seed, now))]

@@ -32,10 +32,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from bench.common import REPO_ROOT, machine_line, percentile
-from harness.server import ArchiverServer, free_port
-from harness.viewer import login
+from fusion_testkit.server import ArchiverServer, free_port
+from fusion_testkit.viewer import login
 from keyservice.certs import build_viewer_certificate
-from keyservice.identity import OaepHash, SoftwareIdentity
+from keyservice.identity import SoftwareIdentity
+from keyservice.keyscheme import KeyScheme
 
 
 def _server(source: Path, data: Path, port: int, extra: list[str]) -> ArchiverServer:
@@ -65,7 +66,7 @@ def fill_index(db: Path, camera: str, count: int) -> None:
 
 def _viewer() -> SoftwareIdentity:
     key = rsa.generate_private_key(65537, 2048)
-    cert = build_viewer_certificate(key, "flood-viewer", oaep_hash=OaepHash.SHA256,
+    cert = build_viewer_certificate(key, "flood-viewer", oaep_hash=KeyScheme.RSA_OAEP_SHA256,
                                     now=dt.datetime.now(dt.UTC), days=2)
     return SoftwareIdentity(cert, key)
 

@@ -33,12 +33,12 @@ def _viewer_pems(work: Path, count: int) -> list[Path]:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     from keyservice.certs import build_viewer_certificate, certificate_pem
-    from keyservice.identity import OaepHash
+    from keyservice.keyscheme import KeyScheme
 
     pems = []
     for index in range(count):
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        cert = build_viewer_certificate(key, f"bench-viewer-{index}", oaep_hash=OaepHash.SHA256,
+        cert = build_viewer_certificate(key, f"bench-viewer-{index}", oaep_hash=KeyScheme.RSA_OAEP_SHA256,
                                         now=dt.datetime.now(dt.UTC))
         path = work / f"viewer-{index}.pem"
         path.write_bytes(certificate_pem(cert))

@@ -32,7 +32,7 @@ from bench.generate import segment_bytes
 from bench.raw import aes_gcm
 from client.player import Player, archiver_pin_check
 from client.session import ArchiverSession, live_request, playback_request
-from harness.tokens import (
+from fusion_testkit.tokens import (
     SoftwareTpm,
     TokenHandle,
     enroll_viewer,
@@ -41,7 +41,9 @@ from harness.tokens import (
     use_softhsm_dir,
 )
 from keyservice.certs import load_certificate
-from keyservice.identity import OaepHash, fingerprint
+from keyservice.identity import fingerprint
+from keyservice.keyscheme import KeyScheme, WrappedKey, unwrap_with
+from keyservice.labels import WrapContext
 from keyservice.reader import SegmentPlaintext
 from keyservice.token import Token
 
@@ -74,10 +76,13 @@ class TimedIdentity:
         self.operations = 0
         self.seconds = 0.0
 
-    def rsa_decrypt(self, ciphertext: bytes, oaep_hash: OaepHash) -> bytes:
+    def unwrap(self, wrapped: WrappedKey, context: WrapContext) -> bytes:
+        return unwrap_with(self, wrapped, context)  # through rsa_decrypt below, timed
+
+    def rsa_decrypt(self, ciphertext: bytes, scheme: KeyScheme) -> bytes:
         start = time.perf_counter()
         try:
-            return self.inner.rsa_decrypt(ciphertext, oaep_hash)
+            return self.inner.rsa_decrypt(ciphertext, scheme)
         finally:
             self.operations += 1
             self.seconds += time.perf_counter() - start

@@ -47,7 +47,7 @@ from client.session import (
     playback_request,
 )
 from client.viewer import check_camera, load_certificate_file, now_ms, open_identity
-from keyservice.cli_support import add_version_option, run, tidy_help
+from keyservice.cli_support import add_version_option, hidden_aliases, run, tidy_help
 from keyservice.errors import UsageError
 from keyservice.reader import DEFAULT_MAX_SKEW_MS
 from keyservice.text import printable
@@ -59,6 +59,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Watch and export video from a Fusion Archiver; keys are opened on your "
                        "token, video is decrypted and verified on this machine.")
 add_version_option(app, "fusion-client")
+hidden_aliases(app, {"oaep-hash": "key-scheme"})  # the old name of --key-scheme
 READ_CHUNK = 1 << 20
 
 

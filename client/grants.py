@@ -79,9 +79,10 @@ def grant(
                           "(it needs no camera).")],
     note: Annotated[str | None, typer.Option(
         "--note", help="Why (case number...), shown to the approving admin.")] = None,
-    oaep_hash: Annotated[str | None, typer.Option(
-        "--oaep-hash", help="sha256|sha1: only for an RSA grantee certificate without the "
-                            "enrolment extension.")] = None,
+    key_scheme: Annotated[str | None, typer.Option(
+        "--key-scheme", help="rsa-oaep-sha256|rsa-oaep-sha1 (old spellings sha256|sha1 and "
+        "--oaep-hash still work): only for an RSA grantee certificate without the enrolment "
+        "extension.")] = None,
     archiver: ArchiverOpt = DEFAULT_URL,
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
@@ -94,7 +95,7 @@ def grant(
     check_camera(camera)
     grantee = load_certificate_file(to_cert)
     # Checked before the Archiver and the token are bothered.
-    recipient = recipient_for(grantee, oaep_hash)
+    recipient = recipient_for(grantee, key_scheme)
     with logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login):
         # Played exactly as `play` would (every check of the reader), written nowhere: the keys
         # granted are those of the segments the verified stream of this range released.

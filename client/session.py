@@ -352,7 +352,7 @@ class ArchiverSession:
         context = login_context(archiver_fp, fingerprint(identity.certificate), challenge_id)
         # The only token operation of the login; answer_login_challenge refuses (IntegrityError)
         # any plaintext that is not a login challenge, so the token is no decryption oracle.
-        proof = answer_login_challenge(identity, challenge.ciphertext, challenge.oaep_hash,
+        proof = answer_login_challenge(identity, challenge.ciphertext, challenge.key_scheme,
                                        context)
         opened = self._json("POST", "/v1/sessions", {
             "challenge_id": challenge_id.hex(), "proof": base64.b64encode(proof).decode()})

@@ -56,7 +56,8 @@ from keyservice.format import Header, Mode, Record, decode_record
 from keyservice.framing import RecordSplitter
 from keyservice.grants import MAX_GRANT_KEYS, GrantKey, decode_grant, make_grant
 from keyservice.grants import open_grant as open_grant_blob
-from keyservice.identity import Identity, OaepHash, Recipient, fingerprint
+from keyservice.identity import Identity, fingerprint
+from keyservice.keyscheme import KeyScheme, Recipient
 from keyservice.names import CAMERA_NAME_RULE, is_camera_name
 from keyservice.reader import DEFAULT_MAX_SKEW_MS, SegmentPlaintext, StreamRequest, VerifiedKey
 
@@ -347,25 +348,26 @@ class GrantMade:
     grantee: x509.Certificate
 
 
-def recipient_for(cert: x509.Certificate, oaep_hash: str | None = None) -> Recipient:
+def recipient_for(cert: x509.Certificate, key_scheme: str | None = None) -> Recipient:
     """A certificate keys may be wrapped to, checked as a viewer certificate is (key type and
-    size, validity now, key usage, its OAEP hash: ``oaep_hash`` sha256|sha1 only for an RSA
-    certificate without the enrolment extension). Whom to trust is the caller's decision."""
+    size, validity now, key usage, its key scheme: ``key_scheme`` rsa-oaep-sha256|rsa-oaep-sha1
+    only for an RSA certificate without the enrolment extension). Whom to trust is the
+    caller's decision."""
     scheme = validate_viewer_certificate(
         cert, now=dt.datetime.now(dt.UTC), trust_decision=False,
-        oaep_hash=OaepHash.from_label(oaep_hash) if oaep_hash else None)
+        oaep_hash=KeyScheme.from_label(key_scheme) if key_scheme else None)
     return Recipient(cert, scheme)
 
 
 def make_grant_for(session: ArchiverSession, identity: Identity, signed_by: Login | LoginResult,
                    camera: str, from_ms: int, to_ms: int,
                    grantee: x509.Certificate | Recipient, *, note: str | None = None,
-                   oaep_hash: str | None = None) -> GrantMade:
+                   key_scheme: str | None = None) -> GrantMade:
     """Grant a recorded range this viewer can play to ``grantee`` (a certificate, checked by
     ``recipient_for``, or a Recipient checked already): the range is played exactly as
     ``play_range`` would (every check), written nowhere, and exactly the minute keys of the
     segments it released are wrapped to the grantee and handed to the Archiver."""
-    recipient = grantee if isinstance(grantee, Recipient) else recipient_for(grantee, oaep_hash)
+    recipient = grantee if isinstance(grantee, Recipient) else recipient_for(grantee, key_scheme)
     verified = play_range(session, identity, signed_by, camera, from_ms, to_ms,
                           output=DiscardOutput())
     keys = [GrantKey(k.stream, k.key_id, k.key) for k in verified.keys.values()]

@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 from keyservice.errors import CertificateError
-from keyservice.identity import OaepHash, fingerprint
+from keyservice.identity import fingerprint
+from keyservice.keyscheme import KeyScheme
 
 # Non-critical extension recording the RSA-OAEP hash the viewer's token can open. Value: the DER
 # of the hash algorithm's OID. It lets the Archiver wrap with a hash the token supports without the
@@ -29,8 +30,8 @@ from keyservice.identity import OaepHash, fingerprint
 OAEP_HASH_OID = x509.ObjectIdentifier("2.25.100634548127606015957751865592253233119")
 
 _HASH_OIDS = {
-    OaepHash.SHA1: "1.3.14.3.2.26",
-    OaepHash.SHA256: "2.16.840.1.101.3.4.2.1",
+    KeyScheme.RSA_OAEP_SHA1: "1.3.14.3.2.26",
+    KeyScheme.RSA_OAEP_SHA256: "2.16.840.1.101.3.4.2.1",
 }
 _OID_HASHES = {oid: h for h, oid in _HASH_OIDS.items()}
 
@@ -41,18 +42,18 @@ ARCHIVER_DAYS = 3650
 _BACKDATE = timedelta(minutes=5)
 
 
-def oaep_hash_name(oaep_hash: OaepHash) -> str:
+def oaep_hash_name(oaep_hash: KeyScheme) -> str:
     """Display name: SHA-1 / SHA-256 (ECDH-P256 for EC viewers)."""
-    return {OaepHash.SHA1: "SHA-1", OaepHash.SHA256: "SHA-256",
-            OaepHash.ECDH_P256: "ECDH-P256"}[oaep_hash]
+    return {KeyScheme.RSA_OAEP_SHA1: "SHA-1", KeyScheme.RSA_OAEP_SHA256: "SHA-256",
+            KeyScheme.ECDH_P256: "ECDH-P256"}[oaep_hash]
 
 
-def oaep_hash_extension(oaep_hash: OaepHash) -> x509.UnrecognizedExtension:
+def oaep_hash_extension(oaep_hash: KeyScheme) -> x509.UnrecognizedExtension:
     """The extension value recording ``oaep_hash`` (DER-encoded by asn1crypto, not by hand)."""
     return x509.UnrecognizedExtension(OAEP_HASH_OID, Asn1Oid(_HASH_OIDS[oaep_hash]).dump())
 
 
-def read_oaep_hash(cert: x509.Certificate | x509.CertificateSigningRequest) -> OaepHash | None:
+def read_oaep_hash(cert: x509.Certificate | x509.CertificateSigningRequest) -> KeyScheme | None:
     """The OAEP hash recorded in a certificate (or CSR); None when it has no such extension."""
     try:
         ext = cert.extensions.get_extension_for_oid(OAEP_HASH_OID)
@@ -144,7 +145,7 @@ def _viewer_key_usage(ec_key: bool = False) -> x509.KeyUsage:
                          encipher_only=False, decipher_only=False)
 
 
-def _viewer_extensions(builder: Any, public_key: object, oaep_hash: OaepHash) -> Any:
+def _viewer_extensions(builder: Any, public_key: object, oaep_hash: KeyScheme) -> Any:
     ec_key = isinstance(public_key, ec.EllipticCurvePublicKey)
     builder = builder.add_extension(_viewer_key_usage(ec_key), critical=True)
     if not ec_key:  # an EC key's scheme is fixed by its type: nothing to record
@@ -153,7 +154,7 @@ def _viewer_extensions(builder: Any, public_key: object, oaep_hash: OaepHash) ->
 
 
 def build_viewer_certificate(signing_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
-                             name: str, *, oaep_hash: OaepHash,
+                             name: str, *, oaep_hash: KeyScheme,
                              now: datetime, days: int = VIEWER_DAYS,
                              serial: int | None = None) -> x509.Certificate:
     """A self-signed viewer certificate, CN = ``name``, signed by ``signing_key`` (a token key)."""
@@ -181,7 +182,7 @@ def build_viewer_certificate(signing_key: rsa.RSAPrivateKey | ec.EllipticCurvePr
 
 
 def build_viewer_csr(signing_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, name: str, *,
-                     oaep_hash: OaepHash) -> x509.CertificateSigningRequest:
+                     oaep_hash: KeyScheme) -> x509.CertificateSigningRequest:
     """A CSR for a site CA, requesting the viewer extensions (the CA may or may not copy them)."""
     builder = (
         x509.CertificateSigningRequestBuilder()
@@ -243,8 +244,8 @@ def _check_validity(cert: x509.Certificate, now: datetime, what: str) -> None:
 
 def validate_viewer_certificate(cert: x509.Certificate, *, now: datetime,
                                 site_ca: Sequence[x509.Certificate] = (),
-                                oaep_hash: OaepHash | None = None,
-                                trust_decision: bool = True) -> OaepHash:
+                                oaep_hash: KeyScheme | None = None,
+                                trust_decision: bool = True) -> KeyScheme:
     """Check a viewer certificate before anything is encrypted to it; return its OAEP hash.
 
     RSA >= 2048 bits, valid at ``now``, keyUsage keyEncipherment, not a CA, and issued by one of
@@ -253,7 +254,7 @@ def validate_viewer_certificate(cert: x509.Certificate, *, now: datetime,
     (storing a CA-issued certificate on the viewer's own token) checks the shape only: whom to
     trust is the Archiver's decision, with its --site-ca. The OAEP hash
     comes from the certificate's extension or ``oaep_hash``; both given and different is an error.
-    EC P-256 keys (keyUsage keyAgreement) get ``OaepHash.ECDH_P256``: their scheme is fixed.
+    EC P-256 keys (keyUsage keyAgreement) get ``KeyScheme.ECDH_P256``: their scheme is fixed.
     """
     now = _utc(now)
     key = cert.public_key()
@@ -286,12 +287,13 @@ def validate_viewer_certificate(cert: x509.Certificate, *, now: datetime,
     if recorded is not None and oaep_hash is not None and recorded is not oaep_hash:
         raise CertificateError(f"The certificate says its token opens OAEP with "
                                f"{oaep_hash_name(recorded)} but {oaep_hash_name(oaep_hash)} was "
-                               "requested; drop the explicit OAEP hash.")
+                               "requested; drop the explicit key scheme.")
     chosen = recorded if recorded is not None else oaep_hash
     if chosen is None:
         raise CertificateError("The certificate does not say which RSA-OAEP hash the viewer's "
-                               "token opens; give it explicitly (sha256, or sha1 for SoftHSM; "
-                               "fusion-keys selftest on the viewer machine shows it).")
+                               "token opens; give it explicitly (key scheme rsa-oaep-sha256, or "
+                               "rsa-oaep-sha1 for SoftHSM; fusion-keys selftest on the viewer "
+                               "machine shows it).")
     return chosen
 
 
@@ -320,14 +322,14 @@ def _check_issuer(cert: x509.Certificate, now: datetime, site_ca: Sequence[x509.
 
 
 def _validate_ec_viewer(cert: x509.Certificate, key: ec.EllipticCurvePublicKey, now: datetime,
-                        site_ca: Sequence[x509.Certificate], oaep_hash: OaepHash | None,
-                        trust_decision: bool) -> OaepHash:
+                        site_ca: Sequence[x509.Certificate], oaep_hash: KeyScheme | None,
+                        trust_decision: bool) -> KeyScheme:
     if not isinstance(key.curve, ec.SECP256R1):
         raise CertificateError(f"The viewer key is on curve {key.curve.name}; only P-256 "
                                "(secp256r1) is supported for EC viewers.")
-    if oaep_hash is not None and oaep_hash is not OaepHash.ECDH_P256:
-        raise CertificateError("An EC viewer certificate takes no OAEP hash (its scheme is "
-                               "ECDH-P256); drop the explicit OAEP hash.")
+    if oaep_hash is not None and oaep_hash is not KeyScheme.ECDH_P256:
+        raise CertificateError("An EC viewer certificate takes no RSA-OAEP key scheme (its "
+                               "scheme is ecdh-p256); drop the explicit key scheme.")
     _check_validity(cert, now, "viewer certificate")
     try:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
@@ -344,7 +346,7 @@ def _validate_ec_viewer(cert: x509.Certificate, key: ec.EllipticCurvePublicKey, 
     except x509.ExtensionNotFound:
         pass
     _check_issuer(cert, now, site_ca, trust_decision)
-    return OaepHash.ECDH_P256
+    return KeyScheme.ECDH_P256
 
 
 @dataclass(frozen=True)
@@ -354,7 +356,7 @@ class CertificateSummary:
     subject: str
     fingerprint_hex: str
     key_bits: int
-    oaep_hash: OaepHash | None
+    oaep_hash: KeyScheme | None
     not_after: datetime
     self_signed: bool
 
@@ -363,7 +365,7 @@ def summarize(cert: x509.Certificate) -> CertificateSummary:
     key = cert.public_key()
     bits = key.key_size if isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey) else 0
     try:
-        oaep: OaepHash | None = read_oaep_hash(cert)
+        oaep: KeyScheme | None = read_oaep_hash(cert)
     except CertificateError:
         oaep = None
     return CertificateSummary(

@@ -19,7 +19,7 @@ import typer
 from keyservice import certs
 from keyservice.cli_support import add_version_option, hidden_aliases, run, tidy_help
 from keyservice.errors import UsageError
-from keyservice.identity import OaepHash
+from keyservice.keyscheme import KeyScheme
 from keyservice.text import printable
 
 if TYPE_CHECKING:
@@ -159,10 +159,10 @@ def enroll(
             result = tok.enroll(name, bits=bits, days=days, csr=csr, key_type=kind)
         where, use = f"token '{tok.label}'", ""
     _write(out, result.pem())
-    if result.oaep_hash is OaepHash.ECDH_P256:
+    if result.oaep_hash is KeyScheme.ECDH_P256:
         scheme = "EC P-256, ECDH epoch openers"
     else:
-        hash_note = ("" if result.oaep_hash.label == "sha256"
+        hash_note = ("" if result.oaep_hash is KeyScheme.RSA_OAEP_SHA256
                      else " (this token cannot do SHA-256)")
         scheme = (f"RSA-{result.key_bits}, RSA-OAEP with "
                   f"{certs.oaep_hash_name(result.oaep_hash)}{hash_note}")
@@ -195,8 +195,8 @@ def import_cert(
     _echo(f"Stored the certificate for '{result.label}' on token '{tok.label}'.")
     if not result.recorded:
         _echo(f"Note: the CA dropped the OAEP-hash extension; this token opens "
-                   f"{certs.oaep_hash_name(result.oaep_hash)}, so give '{result.oaep_hash.label}' "
-                   "as the OAEP hash when authorizing this viewer on the Archiver.")
+                   f"{certs.oaep_hash_name(result.oaep_hash)}, so give '--key-scheme "
+                   f"{result.oaep_hash.label}' when authorizing this viewer on the Archiver.")
 
 
 @app.command("list")
@@ -213,7 +213,8 @@ def list_(token: TokenOpt) -> None:
     for info in infos:
         kind = f"{info.kind.upper()}-{info.key_bits}" if info.kind == "rsa" else "EC-P256"
         # Measured on the token; the hash the certificate records (if any) is marked '*'.
-        oaep = ",".join(h.label + ("*" if h is info.oaep_hash else "")
+        # The OAEP hashes the token opens, short spelling (sha256,sha1), as before issue 24.
+        oaep = ",".join(h.legacy_label + ("*" if h is info.oaep_hash else "")
                         for h in info.oaep_hashes) or "-"
         expires = f"{info.not_after:%Y-%m-%d}" if info.not_after else "-"
         fp = info.fingerprint_hex or "(no certificate: run fusion-keys import-cert)"
@@ -254,7 +255,7 @@ def adopt(
                f"{result.certificate.issuer.rfc4514_string()}; valid until "
                f"{summary.not_after:%Y-%m-%d}; token operation {result.decrypt_ms:.1f} ms.")
     _echo(f"Certificate written to {out}; fingerprint sha256:{summary.fingerprint_hex}.")
-    flag = "" if result.recorded else f" --oaep-hash {result.oaep_hash.label}"
+    flag = "" if result.recorded else f" --key-scheme {result.oaep_hash.label}"
     why = ("the certificate fixes its scheme" if result.recorded else
            f"the certificate does not record its OAEP hash; this token opens "
            f"{certs.oaep_hash_name(result.oaep_hash)}")
@@ -281,7 +282,7 @@ def selftest(token: TokenOpt) -> None:
     """Wrap a random key to the certificate in software, unwrap it on the token, compare."""
     with _open(token) as tok:
         result = tok.selftest()
-    scheme = ("EC P-256, ECDH" if result.oaep_hash is OaepHash.ECDH_P256 else
+    scheme = ("EC P-256, ECDH" if result.oaep_hash is KeyScheme.ECDH_P256 else
               f"RSA-{result.key_bits}, RSA-OAEP with "
               f"{certs.oaep_hash_name(result.oaep_hash)}")
     _echo(f"Self-test passed for '{result.label}': {scheme}, token operation "

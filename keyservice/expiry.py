@@ -23,11 +23,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keyservice.errors import KeyServiceError
+from keyservice.errors import IntegrityError, KeyServiceError
 from keyservice.exitcodes import ExitCode
 from keyservice.identity import Signer
+from keyservice.keyscheme import signing_public_key
+from keyservice.labels import LABEL_EXPIRY_STATEMENT
 
-LABEL = b"FSE1 expired\x00"
+LABEL = LABEL_EXPIRY_STATEMENT
 # Bounds on an untrusted statement (a 410 body from the network).
 MAX_STATEMENT = 64 * 1024
 MAX_STRETCHES = 1000
@@ -100,12 +102,10 @@ def verify_statement(signed: Any, archiver: x509.Certificate, *, camera: str, fr
         raise ExpiryUnproven("The Archiver's expiry statement is malformed.") from None
     if len(payload) > MAX_STATEMENT:
         raise ExpiryUnproven("The Archiver's expiry statement is too large.")
-    key = archiver.public_key()
     try:
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise InvalidSignature
+        key = signing_public_key(archiver)
         key.verify(signature, LABEL + payload, ec.ECDSA(hashes.SHA256()))
-    except (InvalidSignature, ValueError):
+    except (InvalidSignature, ValueError, IntegrityError):
         raise ExpiryUnproven("The expiry statement is not signed by the pinned Archiver "
                              "certificate: the claim is unproven.") from None
     try:

@@ -21,7 +21,11 @@ from enum import IntEnum
 from typing import Any, ClassVar
 
 from keyservice.errors import FormatError
-from keyservice.identity import OaepHash
+from keyservice.keyscheme import KeyScheme
+from keyservice.labels import LABEL_CHAIN_RECIPIENTS as LABEL_CHAIN_RECIPIENTS
+from keyservice.labels import LABEL_END as LABEL_END
+from keyservice.labels import LABEL_MANIFEST as LABEL_MANIFEST
+from keyservice.labels import LABEL_TRANSCRIPT as LABEL_TRANSCRIPT
 from keyservice.names import camera_name_in_record as validate_name
 
 MAGIC = b"FUSNSTRM"
@@ -52,14 +56,10 @@ MAX_PERIOD_S = 86400  # a key period never exceeds the epoch's day
 SEGMENT_LAST = 0x01  # SEGMENT flags bit 0: the last segment of the recording
 MANIFEST_LAST = 0x01  # MANIFEST flags bit 0: the last manifest of the recording
 
-LABEL_MANIFEST = b"FSE1 manifest\x00"
-LABEL_END = b"FSE1 end\x00"
-LABEL_CHAIN_RECIPIENTS = b"FSE2 chain-recipients\x00"
 # Viewers one chain-recipients part can list: 32 bytes each within a 64 KiB record. More
 # viewers are listed in several parts (part i of n), each signed on its own.
 MAX_RECIPIENTS_PER_PART = 2000
 MAX_RECIPIENT_PARTS = 0xFFFF
-LABEL_TRANSCRIPT = b"FSE1 transcript\x00"
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -194,11 +194,12 @@ class Header:
 
 @dataclass(frozen=True, slots=True)
 class EpochOpener:
-    """KEK0 of one epoch, RSA-OAEP-encrypted to one viewer certificate."""
+    """KEK0 of one epoch, wrapped to one viewer certificate under its key scheme (the scheme
+    byte sits where format v2 first put an "OAEP hash" byte; same values)."""
 
     epoch_id: bytes
     viewer_fingerprint: bytes
-    oaep_hash: int
+    key_scheme: int
     period_s: int
     start_period: int
     ciphertext: bytes
@@ -208,7 +209,7 @@ class EpochOpener:
     def __post_init__(self) -> None:
         _bytes("epoch id", self.epoch_id, ID_LEN)
         _bytes("viewer fingerprint", self.viewer_fingerprint, HASH_LEN)
-        object.__setattr__(self, "oaep_hash", _enum(OaepHash, "OAEP hash", self.oaep_hash))
+        object.__setattr__(self, "key_scheme", _enum(KeyScheme, "key scheme", self.key_scheme))
         _uint("key period", self.period_s, 32)
         if not 1 <= self.period_s <= MAX_PERIOD_S:
             raise FormatError(f"The key period must be 1 to {MAX_PERIOD_S} seconds.")
@@ -217,7 +218,7 @@ class EpochOpener:
 
     def _body(self) -> bytes:
         return b"".join((
-            self.epoch_id, self.viewer_fingerprint, bytes((self.oaep_hash,)),
+            self.epoch_id, self.viewer_fingerprint, bytes((self.key_scheme,)),
             _U32.pack(self.period_s), _U64.pack(self.start_period),
             _U16.pack(len(self.ciphertext)), self.ciphertext))
 

@@ -1,8 +1,8 @@
 """Access grants: a viewer hands the minute keys of a recorded range to another certificate.
 
 A grant is one self-contained blob (specified in docs/spec/fusion-stream-v1.md, "Access
-grants"): a random grant KEK sealed to the grantee's certificate exactly like an epoch opener
-(RSA-OAEP with its own label, or EC-SEAL with its own ``info``), then each minute key wrapped
+grants"): a random grant KEK wrapped to the grantee's ``Recipient`` exactly like an epoch
+opener (``keyservice.keyscheme``, under the grant's own wrap context), then each minute key wrapped
 under that KEK with AES-256-GCM, its associated data binding the grant id, the grantee, the
 camera, the range, the data stream and the key id. The public part (who, which camera, which
 range, which key ids) is in the clear so that the Archiver can check and enforce it; the keys
@@ -24,21 +24,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keyservice.crypto import Rng, ec_open, ec_seal
+from keyservice.crypto.segments import Rng
 from keyservice.errors import FormatError, IntegrityError, NoMatchingIdentity
 from keyservice.format import ID_LEN, KEY_LEN, NONCE_LEN, DataStream, validate_name
-from keyservice.identity import EcIdentity, Identity, OaepHash, Recipient, fingerprint
+from keyservice.identity import fingerprint
+from keyservice.keyscheme import Identity, KeyScheme, Recipient, WrappedKey
+from keyservice.labels import LABEL_GRANT_KEY, grant_kek_context
 
 GRANT_MAGIC = b"FUSNGRNT"
 GRANT_VERSION = 1
-# Labels of their own: a grant's sealed KEK can never be opened as an epoch opener or a login
-# challenge, nor either of those as a grant (each side checks its own label).
-LABEL_GRANT_KEK = b"FSE1 grant-kek\x00"
-LABEL_EC_GRANT_KEK = b"FSE1 ec-grant-kek\x00"
-LABEL_GRANT_KEY = b"FSE1 grant-key"
+# A grant's KEK is wrapped under a context of its own (keyservice.labels.grant_kek_context):
+# it can never be opened as an epoch opener or a login challenge, nor either of those as a grant.
 # One grant carries at most this many minute keys (about 5.7 days of one data stream at 60 s
 # key periods); the encoding stays below 1 MiB in base64. Larger ranges: several grants.
 MAX_GRANT_KEYS = 8192
@@ -82,7 +80,7 @@ class AccessGrant:
 
     grant_id: bytes
     grantee_fingerprint: bytes
-    kind: OaepHash  # how the grant KEK is sealed: the grantee's opener kind
+    kind: KeyScheme  # how the grant KEK is wrapped: the grantee's key scheme
     camera: str
     from_ms: int
     to_ms: int
@@ -144,10 +142,7 @@ def make_grant(recipient: Recipient, camera: str, from_ms: int, to_ms: int,
     grant_id = rng(ID_LEN)
     kek = rng(KEY_LEN)
     grantee = recipient.fingerprint
-    if recipient.oaep_hash.is_ec:
-        sealed = ec_seal(recipient, LABEL_EC_GRANT_KEK + grant_id, kek, rng)
-    else:
-        sealed = recipient.encrypt(LABEL_GRANT_KEK + grant_id + kek)
+    sealed = recipient.wrap(kek, grant_kek_context(grant_id), rng)
     aead = AESGCM(kek)
     entries = []
     for k in keys:
@@ -155,8 +150,8 @@ def make_grant(recipient: Recipient, camera: str, from_ms: int, to_ms: int,
         ad = grant_key_ad(grant_id, grantee, camera, from_ms, to_ms, created_ms, k.stream,
                           k.key_id)
         entries.append(GrantEntry(k.stream, k.key_id, nonce, aead.encrypt(nonce, k.key, ad)))
-    return encode_grant(AccessGrant(grant_id, grantee, recipient.oaep_hash, camera, from_ms,
-                                    to_ms, created_ms, sealed, tuple(entries)))
+    return encode_grant(AccessGrant(grant_id, grantee, sealed.scheme, camera, from_ms,
+                                    to_ms, created_ms, sealed.body, tuple(entries)))
 
 
 def encode_grant(grant: AccessGrant) -> bytes:
@@ -195,7 +190,7 @@ def decode_grant(data: bytes) -> AccessGrant:
     grant_id = c.take(ID_LEN)
     grantee = c.take(FP_LEN)
     try:
-        kind = OaepHash(c.take(1)[0])
+        kind = KeyScheme(c.take(1)[0])
     except ValueError:
         raise FormatError("Unknown key-sealing kind in the grant.") from None
     name_len = c.take(1)[0]
@@ -228,26 +223,16 @@ def decode_grant(data: bytes) -> AccessGrant:
                        tuple(entries))
 
 
-def open_grant(identity: Identity | EcIdentity, data: bytes) -> OpenedGrant:
-    """The grantee's side: one token operation (RSA-OAEP decryption or ECDH) opens the grant
-    KEK, then every key unwraps or the whole grant is refused (IntegrityError)."""
+def open_grant(identity: Identity, data: bytes) -> OpenedGrant:
+    """The grantee's side: one unwrap on the token (RSA-OAEP decryption or ECDH) opens the
+    grant KEK, then every key unwraps or the whole grant is refused (IntegrityError)."""
     grant = decode_grant(data)
     if not hmac.compare_digest(grant.grantee_fingerprint, fingerprint(identity.certificate)):
         raise NoMatchingIdentity(
             f"This grant is for certificate {grant.grantee_fingerprint.hex()[:16]}..., not for "
             "yours; open it with the token of the certificate it was granted to.")
-    if grant.kind.is_ec:
-        kek = ec_open(identity, LABEL_EC_GRANT_KEK + grant.grant_id, grant.sealed_kek)
-    else:
-        if (not isinstance(identity, Identity)
-                or isinstance(identity.certificate.public_key(), ec.EllipticCurvePublicKey)):
-            raise IntegrityError()  # an EC identity cannot open an RSA-sealed grant
-        plaintext = identity.rsa_decrypt(grant.sealed_kek, grant.kind)
-        expected = LABEL_GRANT_KEK + grant.grant_id
-        if (len(plaintext) != len(expected) + KEY_LEN
-                or not hmac.compare_digest(plaintext[:len(expected)], expected)):
-            raise IntegrityError()
-        kek = plaintext[len(expected):]
+    kek = identity.unwrap(WrappedKey(grant.kind, grant.sealed_kek),
+                          grant_kek_context(grant.grant_id))
     aead = AESGCM(kek)
     keys: dict[bytes, bytes] = {}
     for e in grant.entries:

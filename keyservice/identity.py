@@ -1,16 +1,19 @@
-"""Recipients, identities and signers: the three small interfaces the crypto core needs.
+"""Recipients, identities and signers: the small interfaces the crypto core needs.
 
-- A ``Recipient`` is a viewer's *public* certificate: the Archiver encrypts to it in software.
-- An ``Identity`` can RSA-OAEP-decrypt for that certificate: a PKCS#11 token in real use
-  (``keyservice.token``), a software key only in tests and test vectors.
+- A ``Recipient`` is a viewer's *public* certificate and its ``KeyScheme``: the Archiver wraps
+  keys to it in software (``keyservice.keyscheme``, re-exported here).
+- An ``Identity`` unwraps what was wrapped to that certificate: a PKCS#11 token in real use
+  (``keyservice.token``), a software key (below) only in tests and test vectors.
 - A ``Signer`` is the Archiver's own signing key (ECDSA P-256 on its token).
+
+Deprecated names, kept importable: ``OaepHash`` (now ``KeyScheme``; ``OaepHash.SHA256`` is
+``KeyScheme.RSA_OAEP_SHA256``) and ``EcIdentity`` (now ``keyscheme.EcdhKey``).
 
 This module is pure: no I/O, no ``pkcs11``.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -21,68 +24,32 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from keyservice.errors import CertificateError, IntegrityError
+from keyservice.errors import IntegrityError
+from keyservice.keyscheme import (
+    EcdhKey,
+    Identity,
+    IncorrectIdentity,
+    KeyScheme,
+    Recipient,
+    RsaOaepKey,
+    WrappedKey,
+    signing_public_key,
+    unwrap_with,
+)
+from keyservice.labels import WrapContext
 
+# Deprecated names (before issue 24).
+OaepHash = KeyScheme
+EcIdentity = EcdhKey
 
-class OaepHash(enum.IntEnum):
-    """Hash of RSA-OAEP (label hash = MGF1 hash). Fixed per viewer at enrolment.
-
-    SHA-1 only because SoftHSM 2.6 hard-codes it; OAEP's security does not rest on
-    SHA-1 collision resistance, but SHA-256 is used wherever the token can.
-    """
-
-    SHA1 = 1
-    SHA256 = 2
-    # Not an OAEP hash: EC P-256 viewers (ephemeral-static ECDH, HKDF-SHA256, AES key wrap; see
-    # the spec). It travels in the same byte (epoch openers, the Archiver's viewer table, the
-    # login challenge), so the scheme is always fixed by the viewer's certificate.
-    ECDH_P256 = 16
-
-    def algorithm(self) -> hashes.HashAlgorithm:
-        if self is OaepHash.ECDH_P256:
-            raise ValueError("ECDH-P256 is not an RSA-OAEP hash.")
-        return hashes.SHA1() if self is OaepHash.SHA1 else hashes.SHA256()  # noqa: S303
-
-    @property
-    def label(self) -> str:
-        return {OaepHash.SHA1: "sha1", OaepHash.SHA256: "sha256",
-                OaepHash.ECDH_P256: "ecdh-p256"}[self]
-
-    @property
-    def is_ec(self) -> bool:
-        return self is OaepHash.ECDH_P256
-
-    @classmethod
-    def from_label(cls, text: str) -> OaepHash:
-        try:
-            return {"sha1": cls.SHA1, "sha-1": cls.SHA1, "sha256": cls.SHA256,
-                    "sha-256": cls.SHA256, "ecdh-p256": cls.ECDH_P256}[text.lower()]
-        except KeyError:
-            raise CertificateError(f"Unknown OAEP hash {text!r}; use sha256 or sha1.") from None
+__all__ = ["EcIdentity", "EcdhKey", "Identity", "IncorrectIdentity", "KeyScheme", "OaepHash",
+           "Recipient", "RsaOaepKey", "Signer", "SoftwareEcIdentity", "SoftwareIdentity",
+           "SoftwareSigner", "WrapContext", "WrappedKey", "fingerprint", "verify_signature"]
 
 
 def fingerprint(cert: x509.Certificate) -> bytes:
     """SHA-256 over the certificate's DER: how viewers and Archivers are named."""
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
-
-
-@runtime_checkable
-class Identity(Protocol):
-    """Something that can open what was encrypted to ``certificate`` (one RSA-OAEP decrypt)."""
-
-    certificate: x509.Certificate
-
-    def rsa_decrypt(self, ciphertext: bytes, oaep_hash: OaepHash) -> bytes: ...
-
-
-@runtime_checkable
-class EcIdentity(Protocol):
-    """An EC P-256 viewer identity: the token computes ECDH with a peer point (one
-    CKM_ECDH1_DERIVE); everything around it (HKDF, key unwrap, labels) is pure code."""
-
-    certificate: x509.Certificate
-
-    def ecdh(self, peer_point: bytes) -> bytes: ...
 
 
 @runtime_checkable
@@ -94,40 +61,9 @@ class Signer(Protocol):
     def sign(self, data: bytes) -> bytes: ...
 
 
-@dataclass(frozen=True)
-class Recipient:
-    """A viewer as the Archiver sees it: a public certificate and the OAEP hash its token opens."""
-
-    certificate: x509.Certificate
-    oaep_hash: OaepHash
-
-    def __post_init__(self) -> None:
-        key = self.certificate.public_key()
-        if self.oaep_hash is OaepHash.ECDH_P256:
-            if not (isinstance(key, ec.EllipticCurvePublicKey)
-                    and isinstance(key.curve, ec.SECP256R1)):
-                raise CertificateError("The viewer certificate does not hold an EC P-256 key.")
-        elif not isinstance(key, rsa.RSAPublicKey):
-            raise CertificateError("The viewer certificate does not hold an RSA public key.")
-
-    @property
-    def fingerprint(self) -> bytes:
-        return fingerprint(self.certificate)
-
-    def encrypt(self, plaintext: bytes) -> bytes:
-        """RSA-OAEP (RSA viewers only; EC viewers: keyservice.crypto.ec_seal)."""
-        key = self.certificate.public_key()
-        if not isinstance(key, rsa.RSAPublicKey):
-            raise TypeError("EC viewers are sealed to with keyservice.crypto.ec_seal.")
-        algorithm = self.oaep_hash.algorithm()
-        return key.encrypt(plaintext, padding.OAEP(padding.MGF1(algorithm), algorithm, None))
-
-
 def verify_signature(cert: x509.Certificate, data: bytes, signature: bytes) -> None:
     """Check an Archiver signature; any failure is the opaque IntegrityError."""
-    key = cert.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise IntegrityError()
+    key = signing_public_key(cert)
     try:
         key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
@@ -142,9 +78,12 @@ class SoftwareIdentity:
     private_key: rsa.RSAPrivateKey
     operations: int = 0
 
-    def rsa_decrypt(self, ciphertext: bytes, oaep_hash: OaepHash) -> bytes:
+    def unwrap(self, wrapped: WrappedKey, context: WrapContext) -> bytes:
+        return unwrap_with(self, wrapped, context)
+
+    def rsa_decrypt(self, ciphertext: bytes, scheme: KeyScheme) -> bytes:
         self.operations += 1
-        algorithm = oaep_hash.algorithm()
+        algorithm = scheme.algorithm()
         try:
             return self.private_key.decrypt(
                 ciphertext, padding.OAEP(padding.MGF1(algorithm), algorithm, None))
@@ -159,6 +98,9 @@ class SoftwareEcIdentity:
     certificate: x509.Certificate
     private_key: ec.EllipticCurvePrivateKey
     operations: int = 0
+
+    def unwrap(self, wrapped: WrappedKey, context: WrapContext) -> bytes:
+        return unwrap_with(self, wrapped, context)
 
     def ecdh(self, peer_point: bytes) -> bytes:
         self.operations += 1

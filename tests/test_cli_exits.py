@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from client.session import ArchiverSession, NotEnrolled
-from harness.pki import SiteCa
+from fusion_testkit.pki import SiteCa
 from keyservice.certs import build_viewer_certificate
 from keyservice.errors import ArchiverUnreachable, TlsCaError
 from keyservice.exits import connection_failure, failure

@@ -23,7 +23,8 @@ APPS = {"fusion-keys": keyservice.cli.app, "fusion-archiver": archiver.cli.app,
         "fusion-client": client.cli.app}
 # One name per concept in the three CLIs.
 CONCEPTS = {"the Archiver's URL": "--archiver", "an output file": "--output"}
-RETIRED = {"--url": "--archiver", "--out": "--output"}  # old spellings: hidden aliases
+RETIRED = {"--url": "--archiver", "--out": "--output",  # old spellings: hidden aliases
+           "--oaep-hash": "--key-scheme"}
 
 
 # typer builds on its own copy of click: its classes are reached through typer.core.
@@ -107,3 +108,8 @@ def test_old_spellings_still_work() -> None:
         done = run("keyservice.cli", "export", "--token", "pkcs11:token=none", spelling,
                    __file__)
         assert done.returncode == 2 and "already exists" in done.stderr, done.stderr
+    # --oaep-hash is the old name of --key-scheme (issue 24): parsed, not "No such option".
+    for module, command in (("archiver", ["viewers", "add", __file__]), ("client", ["grant"])):
+        for spelling in ("--oaep-hash", "--key-scheme"):
+            done = run(module, *command, spelling, "sha1")
+            assert done.returncode == 2 and "Missing" in done.stderr, done.stderr

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-PACKAGES = ("keyservice", "archiver", "client", "harness", "bench", "tests")
+PACKAGES = ("keyservice", "archiver", "client", "fusion_testkit", "bench", "tests")
 
 
 def modules() -> dict[str, Path]:

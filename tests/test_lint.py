@@ -39,7 +39,7 @@ def _imports(path: Path) -> set[str]:
 
 def test_only_the_token_layer_imports_pkcs11() -> None:
     importers = set()
-    for package in ("keyservice", "archiver", "client", "bench"):
+    for package in ("keyservice", "archiver", "client", "bench", "fusion_testkit"):
         for path in (ROOT / package).rglob("*.py"):
             if any(name == "pkcs11" or name.startswith("pkcs11.") for name in _imports(path)):
                 importers.add(path.relative_to(ROOT).as_posix())
@@ -49,7 +49,7 @@ def test_only_the_token_layer_imports_pkcs11() -> None:
 def test_token_internals_stay_inside_the_token_package() -> None:
     # Callers use the package's public names (keyservice/token/__init__.py), not its modules.
     offenders = []
-    for package in ("keyservice", "archiver", "client", "bench", "tests"):
+    for package in ("keyservice", "archiver", "client", "bench", "fusion_testkit", "tests"):
         for path in (ROOT / package).rglob("*.py"):
             if path.parent == ROOT / "keyservice" / "token":
                 continue

@@ -16,7 +16,7 @@ from archiver.cameras import CameraState
 from archiver.db import CameraRow, ViewerRow
 from archiver.deps import AdminDep, ApiError, CameraName, CameraPath, Services, ServicesDep
 from archiver.rtsp import redact
-from keyservice.identity import OaepHash
+from keyservice.keyscheme import KeyScheme
 from keyservice.names import CAMERA_NAME_PATTERN
 from keyservice.wire import ErrorCode
 
@@ -106,14 +106,17 @@ class StorageInfo(BaseModel):
 class ViewerCreate(BaseModel):
     certificate: str = Field(max_length=65536, description="PEM certificate of the viewer")
     cameras: list[CameraName] | Literal["all"]
-    oaep_hash: Literal["sha1", "sha256"] | None = Field(
-        default=None, description="Only for certificates without the enrolment extension")
+    key_scheme: Literal["rsa-oaep-sha256", "rsa-oaep-sha1", "sha256", "sha1"] | None = Field(
+        default=None, description="Only for RSA certificates without the enrolment extension")
+    oaep_hash: Literal["rsa-oaep-sha256", "rsa-oaep-sha1", "sha256", "sha1"] | None = Field(
+        default=None, description="Deprecated: the old name of key_scheme")
 
 
 class ViewerInfo(BaseModel):
     fingerprint: str
     subject: str
-    oaep_hash: str
+    key_scheme: str = Field(description="rsa-oaep-sha256, rsa-oaep-sha1 or ecdh-p256")
+    oaep_hash: str = Field(description="Deprecated old spelling: sha256, sha1, ecdh-p256")
     cameras: list[str] | Literal["all"]
     added_ms: int
     revoked_ms: int | None
@@ -268,7 +271,7 @@ def add_viewer(body: ViewerCreate, services: ServicesDep, actor: AdminDep) -> Vi
     active = {v.fingerprint for v in services.archive.db.viewers() if v.revoked_ms is None}
     with _refusals():
         row = services.admin.authorize_viewer(actor, body.certificate.encode(), cameras,
-                                              body.oaep_hash)
+                                              body.key_scheme or body.oaep_hash)
     info = _viewer_info(row)
     info.reauthorized = row.fingerprint in active
     return info
@@ -306,7 +309,8 @@ def revoke_viewer(fp: Fingerprint, body: RevokeRequest, services: ServicesDep,
 def _viewer_info(row: ViewerRow) -> ViewerInfo:
     cert = x509.load_der_x509_certificate(row.certificate)
     return ViewerInfo(
-        fingerprint=row.fingerprint, subject=row.subject, oaep_hash=OaepHash(row.oaep_hash).label,
+        fingerprint=row.fingerprint, subject=row.subject, key_scheme=KeyScheme(row.oaep_hash).label,
+        oaep_hash=KeyScheme(row.oaep_hash).legacy_label,
         cameras="all" if row.all_cameras else list(row.cameras), added_ms=row.added_ms,
         revoked_ms=row.revoked_ms, key_streams_deleted=row.key_streams_deleted,
         not_after=cert.not_valid_after_utc.isoformat())

@@ -26,7 +26,7 @@ from archiver.routers.viewer import (
     presented_certificate,
 )
 from keyservice.crypto import admin_login_context, verify_login_proof
-from keyservice.identity import OaepHash
+from keyservice.keyscheme import KeyScheme
 from keyservice.wire import ErrorCode
 
 router = APIRouter(prefix="/v1", tags=["admins"])
@@ -37,8 +37,10 @@ AdminPath = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 class AdminCreate(BaseModel):
     certificate: str = Field(max_length=65536, description="PEM certificate on the admin's token")
     name: str = Field(max_length=64, description="Unique, never reused: the audit log's actor")
-    oaep_hash: Literal["sha1", "sha256"] | None = Field(
-        default=None, description="Only for certificates without the enrolment extension")
+    key_scheme: Literal["rsa-oaep-sha256", "rsa-oaep-sha1", "sha256", "sha1"] | None = Field(
+        default=None, description="Only for RSA certificates without the enrolment extension")
+    oaep_hash: Literal["rsa-oaep-sha256", "rsa-oaep-sha1", "sha256", "sha1"] | None = Field(
+        default=None, description="Deprecated: the old name of key_scheme")
 
 
 class AdminInfo(BaseModel):
@@ -89,7 +91,7 @@ def admin_challenge(body: ChallengeRequest, services: ServicesDep) -> Challenge:
         raise ApiError(403, ErrorCode.ADMIN_REVOKED, f"Admin {row.name} has been revoked.",
                        fingerprint=fp)
     check_admin_validity(row, archive.clock())
-    return issue_challenge(services, sessions, cert, OaepHash(row.oaep_hash), admin_login_context)
+    return issue_challenge(services, sessions, cert, KeyScheme(row.oaep_hash), admin_login_context)
 
 
 @router.post("/sessions/admin", status_code=201)
@@ -120,7 +122,8 @@ def open_admin_session(body: ProofRequest, services: ServicesDep) -> AdminSessio
 def add_admin(body: AdminCreate, services: ServicesDep, actor: AdminDep) -> AdminInfo:
     admins, _ = _admins(services)
     try:
-        row = admins.add(actor, body.certificate.encode(), body.name, body.oaep_hash)
+        row = admins.add(actor, body.certificate.encode(), body.name,
+                         body.key_scheme or body.oaep_hash)
     except AdminRefused as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
     return _info(row)

@@ -35,7 +35,7 @@ from keyservice import certs
 from keyservice.crypto import split_key_id
 from keyservice.errors import FormatError
 from keyservice.grants import MAX_GRANT_KEYS, AccessGrant, decode_grant
-from keyservice.identity import OaepHash
+from keyservice.keyscheme import KeyScheme
 from keyservice.wire import ErrorCode
 
 router = APIRouter(prefix="/v1", tags=["grants"])
@@ -129,9 +129,9 @@ def create_grant(body: GrantCreate, viewer: ViewerDep, services: ServicesDep,
         raise ApiError(404, ErrorCode.UNKNOWN_GRANTEE, "The grantee's certificate is not an enrolled, "
                        "active viewer of this Archiver; ask an admin to run 'fusion-archiver "
                        "clients add' for it (it needs no camera).")
-    if OaepHash(grantee.oaep_hash) != grant.kind:
+    if KeyScheme(grantee.oaep_hash) is not grant.kind:  # enum members are singletons
         raise ApiError(422, ErrorCode.BAD_GRANT, f"The grant is sealed for {grant.kind.label}, but the "
-                       f"grantee's token was enrolled for {OaepHash(grantee.oaep_hash).label}.")
+                       f"grantee's token was enrolled for {KeyScheme(grantee.oaep_hash).label}.")
     _check_keys(services, grant, viewer.fingerprint)
     if store.get(grant.grant_id.hex()) is not None:
         raise ApiError(409, ErrorCode.GRANT_EXISTS, "A grant with this id exists already.")

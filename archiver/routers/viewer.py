@@ -33,7 +33,8 @@ from keyservice.crypto import login_context, make_login_challenge, verify_login_
 from keyservice.errors import CertificateError
 from keyservice.expiry import Expired, ExpiryStatement, sign_statement
 from keyservice.format import DataStream
-from keyservice.identity import OaepHash, Recipient, fingerprint
+from keyservice.identity import fingerprint
+from keyservice.keyscheme import KeyScheme, Recipient
 from keyservice.wire import ErrorCode
 
 log = logging.getLogger("archiver")
@@ -86,7 +87,10 @@ class ChallengeRequest(BaseModel):
 class Challenge(BaseModel):
     challenge_id: str
     ciphertext: str
-    oaep_hash: str
+    key_scheme: str = Field(description="How the secret is wrapped: rsa-oaep-sha256, "
+                            "rsa-oaep-sha1 or ecdh-p256")
+    oaep_hash: str = Field(description="Deprecated old spelling of key_scheme (sha256, "
+                           "sha1, ecdh-p256), for viewers before issue 24")
     archiver_certificate: str
 
 
@@ -151,12 +155,12 @@ def challenge(body: ChallengeRequest, services: ServicesDep) -> Challenge:
     if viewer.revoked_ms is not None:
         raise ApiError(403, ErrorCode.REVOKED, "This viewer's certificate has been revoked.")
     check_certificate_validity(viewer, archive.clock())
-    return issue_challenge(services, services.sessions, cert, OaepHash(viewer.oaep_hash),
+    return issue_challenge(services, services.sessions, cert, KeyScheme(viewer.oaep_hash),
                            login_context)
 
 
 def issue_challenge(services: Services, sessions: Sessions, cert: x509.Certificate,
-                    oaep: OaepHash, context_of: Callable[[bytes, bytes, bytes], bytes]
+                    scheme: KeyScheme, context_of: Callable[[bytes, bytes, bytes], bytes]
                     ) -> Challenge:
     """A login challenge for a registered certificate (a viewer's or an admin's), kept in
     ``sessions`` until answered. ``context_of`` (login_context, admin_login_context) binds
@@ -164,13 +168,14 @@ def issue_challenge(services: Services, sessions: Sessions, cert: x509.Certifica
     kind of session."""
     archive = services.archive
     # Encrypted to the *registered* certificate, so only its token can answer.
-    ciphertext, secret = make_login_challenge(Recipient(cert, oaep), archive.rng)
+    ciphertext, secret = make_login_challenge(Recipient(cert, scheme), archive.rng)
     challenge_id = archive.rng(16)
     fp = fingerprint(cert)
     context = context_of(fingerprint(archive.signer.certificate), fp, challenge_id)
     sessions.add_challenge(challenge_id, fp.hex(), secret, context, archive.clock())
     return Challenge(challenge_id=challenge_id.hex(),
-                     ciphertext=base64.b64encode(ciphertext).decode(), oaep_hash=oaep.label,
+                     ciphertext=base64.b64encode(ciphertext).decode(),
+                     key_scheme=scheme.label, oaep_hash=scheme.legacy_label,
                      archiver_certificate=archive.signer.certificate.public_bytes(
                          Encoding.PEM).decode())
 

@@ -18,13 +18,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from keyservice.crypto import ec_seal
 from keyservice.evidence.layout import (
     CERT,
     FORMAT,
     INDEX,
     KEYS,
-    LABEL_EVIDENCE_KEY,
     LABEL_EVIDENCE_KEYS_AD,
     RECIPIENT,
     SEALED_KEYS,
@@ -52,7 +50,9 @@ from keyservice.format import (
     record_digest,
     validate_name,
 )
-from keyservice.identity import Recipient, fingerprint
+from keyservice.identity import fingerprint
+from keyservice.keyscheme import Recipient
+from keyservice.labels import evidence_key_context
 
 
 @dataclass(frozen=True)
@@ -112,20 +112,18 @@ def sha256sums(files: Mapping[str, bytes]) -> bytes:
 
 def seal_keys(keys_text: bytes, recipient: Recipient, rng: Callable[[int], bytes] = os.urandom
               ) -> bytes:
-    """``keys.sealed``: a fresh package key sealed to the recipient (RSA-OAEP, or ECDH for an
-    EC certificate) and keys.txt under AES-256-GCM with it."""
+    """``keys.sealed``: a fresh package key wrapped to the recipient (its key scheme) and
+    keys.txt under AES-256-GCM with it."""
     package_key = rng(KEY_LEN)
-    if recipient.oaep_hash.is_ec:
-        sealed = ec_seal(recipient, LABEL_EVIDENCE_KEY + recipient.fingerprint, package_key, rng)
-    else:
-        sealed = recipient.encrypt(LABEL_EVIDENCE_KEY + package_key)
+    sealed = recipient.wrap(package_key, evidence_key_context(recipient.fingerprint), rng)
     nonce = rng(12)
     ciphertext = AESGCM(package_key).encrypt(
         nonce, keys_text, LABEL_EVIDENCE_KEYS_AD + recipient.fingerprint)
     return (json.dumps({
         "recipient_sha256": recipient.fingerprint.hex(),
-        "oaep_hash": recipient.oaep_hash.label,
-        "sealed_key": base64.b64encode(sealed).decode(),
+        # The field keeps its format-v2 name and spelling (sha256, sha1, ecdh-p256).
+        "oaep_hash": sealed.scheme.legacy_label,
+        "sealed_key": base64.b64encode(sealed.body).decode(),
         "nonce": nonce.hex(),
         "ciphertext": base64.b64encode(ciphertext).decode(),
     }, indent=1) + "\n").encode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from keyservice import labels
 from keyservice.errors import KeyServiceError
 from keyservice.exitcodes import ExitCode
 
@@ -24,11 +25,11 @@ STREAM_END = "stream/end.rec"
 STREAM_END_SIGNED = "stream/end.signed"
 STREAM_END_SIG = "stream/end.sig"
 STREAM_FILES = (STREAM_HEADER, STREAM_DIGESTS, STREAM_END, STREAM_END_SIGNED, STREAM_END_SIG)
-# The plaintext sealed to a recipient: this label, then the 32-byte package key. The label
-# keeps a recipient's token from being used to open anything else (an epoch opener, a login
-# challenge) through a crafted package, and those from being passed off as this.
-LABEL_EVIDENCE_KEY = b"FSE1 evidence-key\x00"
-LABEL_EVIDENCE_KEYS_AD = b"FSE1 evidence-keys"
+# The package key is wrapped under keyservice.labels.evidence_key_context: it keeps a
+# recipient's token from being used to open anything else (an epoch opener, a login challenge)
+# through a crafted package, and those from being passed off as this. (Re-exported here.)
+LABEL_EVIDENCE_KEY = labels.LABEL_EVIDENCE_KEY
+LABEL_EVIDENCE_KEYS_AD = labels.LABEL_EVIDENCE_KEYS_AD
 # Limits a verifier enforces before it parses anything (a package is untrusted input).
 MAX_FILES = 1_000_000
 

@@ -24,14 +24,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from keyservice.crypto import ec_open, key_commitment, open_segment
+from keyservice.crypto.segments import key_commitment, open_segment
 from keyservice.errors import IntegrityError, KeyServiceError
 from keyservice.evidence.layout import (
     CERT,
     FORMAT,
     INDEX,
     KEYS,
-    LABEL_EVIDENCE_KEY,
     LABEL_EVIDENCE_KEYS_AD,
     RECIPIENT,
     SEALED_KEYS,
@@ -63,7 +62,9 @@ from keyservice.format import (
     validate_name,
 )
 from keyservice.framing import Transcript
-from keyservice.identity import EcIdentity, Identity, OaepHash, fingerprint
+from keyservice.identity import fingerprint
+from keyservice.keyscheme import Identity, KeyScheme, WrappedKey, signing_public_key
+from keyservice.labels import evidence_key_context
 
 # The names layout.manifest_name / segment_name make, as a verifier parses them.
 _MANIFEST_NAME = re.compile(r"manifests/m(\d{20})\.(rec|signed|sig)")
@@ -74,32 +75,23 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 GAP_MS = 1_000
 
 
-def open_sealed_keys(sealed_json: bytes, identity: Identity | EcIdentity) -> bytes:
-    """keys.txt from ``keys.sealed``: one decryption on the recipient's token."""
+def open_sealed_keys(sealed_json: bytes, identity: Identity) -> bytes:
+    """keys.txt from ``keys.sealed``: one unwrap on the recipient's token."""
     try:
         doc = json.loads(sealed_json)
         recipient_fp = bytes.fromhex(doc["recipient_sha256"])
-        oaep = OaepHash.from_label(doc["oaep_hash"])
+        scheme = KeyScheme.from_label(doc["oaep_hash"])
         sealed = base64.b64decode(doc["sealed_key"], validate=True)
         nonce = bytes.fromhex(doc["nonce"])
         ciphertext = base64.b64decode(doc["ciphertext"], validate=True)
-    except (ValueError, KeyError, TypeError, KeyServiceError):
+    except (ValueError, KeyError, TypeError, AttributeError, KeyServiceError):
         raise EvidenceError(f"{SEALED_KEYS} is malformed.") from None
     mine = fingerprint(identity.certificate)
     if not hmac.compare_digest(recipient_fp, mine):
         raise EvidenceError(f"The keys are sealed to certificate sha256 {recipient_fp.hex()}, "
                             f"not to this token's (sha256 {mine.hex()}).")
     try:
-        if oaep.is_ec:
-            package_key = ec_open(identity, LABEL_EVIDENCE_KEY + mine, sealed)
-        else:
-            if not isinstance(identity, Identity):
-                raise IntegrityError()
-            plaintext = identity.rsa_decrypt(sealed, oaep)
-            if (len(plaintext) != len(LABEL_EVIDENCE_KEY) + KEY_LEN
-                    or not plaintext.startswith(LABEL_EVIDENCE_KEY)):
-                raise IntegrityError()
-            package_key = plaintext[len(LABEL_EVIDENCE_KEY):]
+        package_key = identity.unwrap(WrappedKey(scheme, sealed), evidence_key_context(mine))
         return AESGCM(package_key).decrypt(nonce, ciphertext, LABEL_EVIDENCE_KEYS_AD + mine)
     except (IntegrityError, InvalidTag, ValueError):
         raise EvidenceError(f"{SEALED_KEYS} does not open with this token: it was altered, or "
@@ -303,10 +295,10 @@ def _load_certificate(data: bytes, name: str) -> tuple[x509.Certificate, str, by
 def _certificate(files: Mapping[str, bytes], index: Mapping[str, object], report: Report,
                  expect_archiver: bytes | None) -> x509.Certificate:
     cert, subject, fp = _load_certificate(files[CERT], CERT)
-    key = cert.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve,
-                                                                        ec.SECP256R1):
-        raise _Fatal(f"{CERT} does not hold an EC P-256 key (an Archiver's signing key).")
+    try:
+        signing_public_key(cert, p256_only=True)
+    except IntegrityError:
+        raise _Fatal(f"{CERT} does not hold an EC P-256 key (an Archiver's signing key).") from None
     report.archiver_subject = subject
     report.archiver_sha256 = fp.hex()
     if index.get("archiver_sha256") != fp.hex():
@@ -372,8 +364,7 @@ def _establish_signer(cert: x509.Certificate, files: Mapping[str, bytes], report
 def _check_manifests(files: Mapping[str, bytes], index: Mapping[str, object],
                      cert: x509.Certificate, camera: str, report: Report
                      ) -> list[tuple[Manifest, bytes]]:
-    key = cert.public_key()
-    assert isinstance(key, ec.EllipticCurvePublicKey)
+    key = signing_public_key(cert)  # checked EC P-256 by _certificate
     names = index["manifests"]
     assert isinstance(names, list)
     if not names:
@@ -526,8 +517,7 @@ def _check_stream(files: Mapping[str, bytes], cert: x509.Certificate, camera: st
     if files[STREAM_END_SIGNED] != end.signed_bytes() or files[STREAM_END_SIG] != end.signature:
         problems.append(f"{STREAM_END_SIGNED} / {STREAM_END_SIG} are not the signed part and "
                         f"signature of {STREAM_END}.")
-    key = cert.public_key()
-    assert isinstance(key, ec.EllipticCurvePublicKey)
+    key = signing_public_key(cert)  # checked EC P-256 by _certificate
     try:
         key.verify(end.signature, end.signed_bytes(), ec.ECDSA(hashes.SHA256()))
     except (InvalidSignature, ValueError):

@@ -6,7 +6,7 @@ sign, nothing more. It also holds the Archiver's own ECDSA signing key.
 
 - ``session``: modules, slots, sessions, the per-module lock, PIN resolution, error mapping;
 - ``runtime``: ``RuntimeToken`` (open, identity, decrypt, ECDH, sign), ``TokenIdentity``,
-  ``TokenSigner`` (the one-method ``Identity`` / ``Signer`` of ``keyservice.identity``);
+  ``TokenSigner`` (the one-method ``Identity`` of ``keyservice.keyscheme`` / ``Signer``);
 - ``provisioning``: ``Token`` = the runtime path plus enrol, import, adopt, delete, self-test and
   the Archiver's signer set-up; ``keys``: token-backed keys for certificate builders;
 - ``piv``: enrolment into the fixed key slots of a PIV card (ykcs11).

@@ -15,7 +15,7 @@ from keyservice.errors import (
     ObjectExists,
     UsageError,
 )
-from keyservice.identity import OaepHash
+from keyservice.keyscheme import KeyScheme
 from keyservice.pkcs11uri import Pkcs11Uri
 from keyservice.token.keys import TokenEcKey, TokenRsaKey
 from keyservice.token.provisioning import Enrollment, Token, certificate_template, check_name
@@ -99,7 +99,7 @@ def enroll_piv(uri: str | Pkcs11Uri, name: str, *, so_pin: str, pin: str | None 
         key_label = tok._one_private_key(None, key_id)[Attribute.LABEL]
         signing_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
         if isinstance(public, ec.EllipticCurvePublicKey):
-            oaep_hash = OaepHash.ECDH_P256
+            oaep_hash = KeyScheme.ECDH_P256
             signing_key = TokenEcKey(tok, key_id, public)
             probe_cert = certs.build_viewer_certificate(signing_key, name, oaep_hash=oaep_hash,
                                                         now=now or datetime.now(UTC), days=days)

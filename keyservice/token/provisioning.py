@@ -22,7 +22,6 @@ from pkcs11 import exceptions as p11
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from keyservice import certs
-from keyservice.crypto import ec_open, ec_seal
 from keyservice.errors import (
     CertificateError,
     IntegrityError,
@@ -32,9 +31,11 @@ from keyservice.errors import (
     TokenError,
     UsageError,
 )
-from keyservice.identity import OaepHash, Recipient, fingerprint
+from keyservice.identity import fingerprint
+from keyservice.keyscheme import KeyScheme, Recipient
+from keyservice.labels import TOKEN_PROBE_CONTEXT
 from keyservice.token.keys import TokenEcKey, TokenRsaKey
-from keyservice.token.runtime import LABEL_EC_PROBE, RuntimeToken, TokenSigner
+from keyservice.token.runtime import RuntimeToken, TokenSigner
 from keyservice.token.session import (
     ec_public_key,
     guard,
@@ -51,7 +52,7 @@ class Adoption:
     label: str
     key_id: bytes
     certificate: x509.Certificate
-    oaep_hash: OaepHash          # the best hash the token opens (SHA-256 where it can)
+    oaep_hash: KeyScheme          # the best hash the token opens (SHA-256 where it can)
     recorded: bool               # the certificate records that hash itself
     decrypt_ms: float
 
@@ -63,7 +64,7 @@ class Enrollment:
     label: str
     key_id: bytes
     key_bits: int
-    oaep_hash: OaepHash
+    oaep_hash: KeyScheme
     certificate: x509.Certificate | None
     csr: x509.CertificateSigningRequest | None
 
@@ -77,14 +78,14 @@ class Enrollment:
 @dataclass(frozen=True)
 class ImportResult:
     label: str
-    oaep_hash: OaepHash        # measured on the token
+    oaep_hash: KeyScheme        # measured on the token
     recorded: bool             # True if the certificate itself records it (the CA kept the ext)
 
 
 @dataclass(frozen=True)
 class SelftestResult:
     label: str
-    oaep_hash: OaepHash
+    oaep_hash: KeyScheme
     key_bits: int
     decrypt_ms: float
     fingerprint_hex: str
@@ -151,7 +152,7 @@ class Token(RuntimeToken):
         with self._lock:
             if isinstance(ident.public_key, ec.EllipticCurvePublicKey):
                 ok = self._probe_ecdh(ident.key_id, ident.certificate)
-                hashes_ok: tuple[OaepHash, ...] = (OaepHash.ECDH_P256,) if ok else ()
+                hashes_ok: tuple[KeyScheme, ...] = (KeyScheme.ECDH_P256,) if ok else ()
             else:
                 hashes_ok = self._oaep_hashes(ident.key_id, ident.public_key)
         if not hashes_ok:
@@ -285,7 +286,7 @@ class Token(RuntimeToken):
                 del public_obj
                 signing_key = TokenEcKey(self, key_id, public)
                 cert = certs.build_viewer_certificate(signing_key, name,
-                                                      oaep_hash=OaepHash.ECDH_P256, now=now,
+                                                      oaep_hash=KeyScheme.ECDH_P256, now=now,
                                                       days=days)
                 if not self._probe_ecdh(key_id, cert):
                     raise MechanismUnsupported(
@@ -293,10 +294,10 @@ class Token(RuntimeToken):
                         "cannot open streams; enrol with --key-type rsa.")
                 if csr:
                     request = certs.build_viewer_csr(signing_key, name,
-                                                     oaep_hash=OaepHash.ECDH_P256)
-                    return Enrollment(name, key_id, 256, OaepHash.ECDH_P256, None, request)
+                                                     oaep_hash=KeyScheme.ECDH_P256)
+                    return Enrollment(name, key_id, 256, KeyScheme.ECDH_P256, None, request)
                 self._store_certificate(cert, name, key_id)
-                return Enrollment(name, key_id, 256, OaepHash.ECDH_P256, cert, None)
+                return Enrollment(name, key_id, 256, KeyScheme.ECDH_P256, cert, None)
             except BaseException:
                 self._destroy_id(key_id)
                 raise
@@ -335,7 +336,7 @@ class Token(RuntimeToken):
                 if not self._probe_ecdh(key_id, cert):
                     raise MechanismUnsupported(f"Token '{self.label}' cannot do ECDH with "
                                                f"'{label}', so it cannot open streams.")
-                oaep_hash = OaepHash.ECDH_P256
+                oaep_hash = KeyScheme.ECDH_P256
             else:
                 oaep_hash = self._probe_oaep(key_id, public)
             # Shape only: the Archiver decides whom to trust (--site-ca), not the viewer's token.
@@ -372,23 +373,17 @@ class Token(RuntimeToken):
         ident = self.identity(object_name)
         secret = secrets.token_bytes(32)
         if isinstance(ident.public_key, ec.EllipticCurvePublicKey):
-            oaep_hash = OaepHash.ECDH_P256
-            sealed = ec_seal(Recipient(ident.certificate, oaep_hash), LABEL_EC_PROBE, secret)
-            start = time.perf_counter()
-            try:
-                opened = ec_open(ident, LABEL_EC_PROBE, sealed)
-            except IntegrityError:
-                opened = b""
+            oaep_hash = KeyScheme.ECDH_P256
         else:
             recorded = certs.read_oaep_hash(ident.certificate)
             with self._lock:
                 oaep_hash = recorded or self._probe_oaep(ident.key_id, ident.public_key)
-            ciphertext = Recipient(ident.certificate, oaep_hash).encrypt(secret)
-            start = time.perf_counter()
-            try:
-                opened = ident.rsa_decrypt(ciphertext, oaep_hash)
-            except IntegrityError:
-                opened = b""
+        wrapped = Recipient(ident.certificate, oaep_hash).wrap(secret, TOKEN_PROBE_CONTEXT)
+        start = time.perf_counter()
+        try:
+            opened = ident.unwrap(wrapped, TOKEN_PROBE_CONTEXT)
+        except IntegrityError:
+            opened = b""
         elapsed = (time.perf_counter() - start) * 1000
         if not hmac.compare_digest(opened, secret):
             raise TokenError(f"Self-test failed: token '{self.label}' could not open a key "

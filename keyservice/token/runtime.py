@@ -24,7 +24,6 @@ from pkcs11._pkcs11 import DeriveMixin as _DeriveMixin
 from pkcs11.mechanisms import KDF
 
 from keyservice import certs
-from keyservice.crypto import ec_open, ec_seal
 from keyservice.errors import (
     CertificateError,
     IntegrityError,
@@ -37,7 +36,8 @@ from keyservice.errors import (
     TokenRemoved,
     UsageError,
 )
-from keyservice.identity import OaepHash, Recipient
+from keyservice.keyscheme import KeyScheme, Recipient, WrappedKey, unwrap_with
+from keyservice.labels import TOKEN_PROBE_CONTEXT, WrapContext
 from keyservice.pkcs11uri import Pkcs11Uri
 from keyservice.token.session import (
     BAD_CIPHERTEXT,
@@ -60,9 +60,6 @@ from keyservice.token.session import (
     translate,
 )
 
-# HKDF info of the self-test / probe seal: distinct from epoch openers and login challenges.
-LABEL_EC_PROBE = b"FSE1 ec-token-probe\x00"
-
 
 @dataclass(frozen=True)
 class IdentityInfo:
@@ -73,13 +70,13 @@ class IdentityInfo:
     kind: str                       # "rsa" (viewer identity) or "ec" (Archiver signing key)
     key_bits: int
     fingerprint_hex: str | None     # SHA-256 of the certificate; None if it has none yet
-    oaep_hash: OaepHash | None
+    oaep_hash: KeyScheme | None
     not_after: datetime | None
     subject: str | None
     issuer: str | None = None
     # OAEP hashes this token opens with this key, measured (one decrypt each); () for keys
     # that cannot decrypt (signing-only PIV slots) or were not probed.
-    oaep_hashes: tuple[OaepHash, ...] = ()
+    oaep_hashes: tuple[KeyScheme, ...] = ()
 
 
 # --- the token (runtime) -------------------------------------------------------------------------------
@@ -281,7 +278,7 @@ class RuntimeToken:
         return encode_dss_signature(int.from_bytes(raw[:half], "big"),
                                     int.from_bytes(raw[half:], "big"))
 
-    def _decrypt(self, key_id: bytes, ciphertext: bytes, oaep_hash: OaepHash) -> bytes:
+    def _decrypt(self, key_id: bytes, ciphertext: bytes, oaep_hash: KeyScheme) -> bytes:
         """One C_Decrypt with RSA-OAEP. Failures: IntegrityError / MechanismUnsupported."""
         with self._lock:
             with guard("decrypt", self.label):
@@ -342,18 +339,18 @@ class RuntimeToken:
         """True if the token opens an EC seal to this certificate with this key."""
         secret = secrets.token_bytes(32)
         probe = TokenIdentity(self, "probe", key_id, certificate)
-        sealed = ec_seal(Recipient(certificate, OaepHash.ECDH_P256), LABEL_EC_PROBE, secret)
+        sealed = Recipient(certificate, KeyScheme.ECDH_P256).wrap(secret, TOKEN_PROBE_CONTEXT)
         try:
-            return hmac.compare_digest(ec_open(probe, LABEL_EC_PROBE, sealed), secret)
+            return hmac.compare_digest(probe.unwrap(sealed, TOKEN_PROBE_CONTEXT), secret)
         except TokenRemoved:
             raise
         except (MechanismUnsupported, IntegrityError, TokenError):
             return False
 
-    def _probe_oaep(self, key_id: bytes, public: rsa.RSAPublicKey) -> OaepHash:
+    def _probe_oaep(self, key_id: bytes, public: rsa.RSAPublicKey) -> KeyScheme:
         """The best OAEP hash the token opens with this key: SHA-256, else SHA-1 (SoftHSM)."""
         secret = secrets.token_bytes(32)
-        for oaep_hash in (OaepHash.SHA256, OaepHash.SHA1):
+        for oaep_hash in (KeyScheme.RSA_OAEP_SHA256, KeyScheme.RSA_OAEP_SHA1):
             algorithm = oaep_hash.algorithm()
             ciphertext = public.encrypt(secret, padding.OAEP(padding.MGF1(algorithm), algorithm,
                                                              None))
@@ -365,11 +362,11 @@ class RuntimeToken:
         raise MechanismUnsupported(f"Token '{self.label}' cannot RSA-OAEP-decrypt with SHA-256 or "
                                    "SHA-1, so it cannot open fusion streams; use another token.")
 
-    def _oaep_hashes(self, key_id: bytes, public: rsa.RSAPublicKey) -> tuple[OaepHash, ...]:
+    def _oaep_hashes(self, key_id: bytes, public: rsa.RSAPublicKey) -> tuple[KeyScheme, ...]:
         """Every OAEP hash the token opens with this key (best first); a removed token raises."""
         secret = secrets.token_bytes(32)
         found = []
-        for oaep_hash in (OaepHash.SHA256, OaepHash.SHA1):
+        for oaep_hash in (KeyScheme.RSA_OAEP_SHA256, KeyScheme.RSA_OAEP_SHA1):
             algorithm = oaep_hash.algorithm()
             ciphertext = public.encrypt(secret, padding.OAEP(padding.MGF1(algorithm), algorithm,
                                                              None))
@@ -446,7 +443,7 @@ class RuntimeToken:
             # the loop above iterated over.
             for index, key_id, what in to_probe:
                 if isinstance(what, x509.Certificate):  # EC: can the token do ECDH with it?
-                    found = ((OaepHash.ECDH_P256,) if self._probe_ecdh(key_id, what) else ())
+                    found = ((KeyScheme.ECDH_P256,) if self._probe_ecdh(key_id, what) else ())
                 else:
                     found = self._oaep_hashes(key_id, what)
                 result[index] = replace(result[index], oaep_hashes=found)
@@ -454,8 +451,8 @@ class RuntimeToken:
 
 
 class TokenIdentity:
-    """A viewer identity on a token; satisfies ``keyservice.identity.Identity`` (RSA keys) and
-    ``EcIdentity`` (EC P-256 keys)."""
+    """A viewer identity on a token: a ``keyservice.keyscheme.Identity`` (``unwrap``), over the
+    token's private-key primitive (``RsaOaepKey`` for RSA keys, ``EcdhKey`` for EC P-256)."""
 
     def __init__(self, token: RuntimeToken, label: str, key_id: bytes,
                  certificate: x509.Certificate) -> None:
@@ -473,20 +470,24 @@ class TokenIdentity:
         return isinstance(self.public_key, ec.EllipticCurvePublicKey)
 
     @property
-    def oaep_hash(self) -> OaepHash | None:
+    def oaep_hash(self) -> KeyScheme | None:
         if self.is_ec:
-            return OaepHash.ECDH_P256
+            return KeyScheme.ECDH_P256
         return certs.read_oaep_hash(self.certificate)
 
+    def unwrap(self, wrapped: WrappedKey, context: WrapContext) -> bytes:
+        """One private-key operation on the token; IncorrectIdentity if the key does not open."""
+        return unwrap_with(self, wrapped, context)
+
     def ecdh(self, peer_point: bytes) -> bytes:
-        """One CKM_ECDH1_DERIVE with the token key (EC identities); satisfies EcIdentity."""
+        """One CKM_ECDH1_DERIVE with the token key (EC identities); satisfies EcdhKey."""
         if not self.is_ec:
             raise IntegrityError()
         with self.token._lock:
             self.operations += 1
             return self.token._ecdh(self.key_id, peer_point)
 
-    def rsa_decrypt(self, ciphertext: bytes, oaep_hash: OaepHash) -> bytes:
+    def rsa_decrypt(self, ciphertext: bytes, oaep_hash: KeyScheme) -> bytes:
         """One C_Decrypt with CKM_RSA_PKCS_OAEP; any failure to open is IntegrityError."""
         with self.token._lock:  # the count stays exact when threads share this identity
             self.operations += 1

@@ -44,12 +44,12 @@ from keyservice.errors import (
     TokenRemoved,
     UsageError,
 )
-from keyservice.identity import OaepHash
+from keyservice.keyscheme import KeyScheme
 from keyservice.pkcs11uri import DEFAULT_MODULE, Pkcs11Uri
 
 OAEP_PARAMS = {
-    OaepHash.SHA1: (Mechanism.SHA_1, MGF.SHA1, None),
-    OaepHash.SHA256: (Mechanism.SHA256, MGF.SHA256, None),
+    KeyScheme.RSA_OAEP_SHA1: (Mechanism.SHA_1, MGF.SHA1, None),
+    KeyScheme.RSA_OAEP_SHA256: (Mechanism.SHA256, MGF.SHA256, None),
 }
 # DER prefix of a SHA-256 DigestInfo, for tokens (PIV cards) that only offer raw CKM_RSA_PKCS.
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.pki import SiteCa
+from fusion_testkit.pki import SiteCa
 from tests.fixtures.camera import requires_ffmpeg
 from tests.fixtures.server import ArchiverServer, free_port
 

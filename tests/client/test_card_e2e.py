@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from harness.pki import SiteCa
+from fusion_testkit.pki import SiteCa
 from keyservice.token import Token
 from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
 from tests.fixtures.piv.stack import CardHandle

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pkcs11 import Attribute, ObjectClass
 
-from harness.pki import SiteCa
+from fusion_testkit.pki import SiteCa
 from keyservice import certs
 from keyservice.identity import OaepHash, fingerprint
 from keyservice.token import Token
@@ -98,7 +98,7 @@ def test_adopt_checks_the_site_identity_and_says_which_oaep_hash(
     assert x509.load_pem_x509_certificate(out.read_bytes()) == cert
     assert f"Adopted '{KEY_MAN}' (id 03)" in adopted.stdout
     assert "CN=alice,O=Example Site" in adopted.stdout
-    assert f"fusion-archiver viewers add {out} --oaep-hash sha256 --cameras" in adopted.stdout
+    assert f"fusion-archiver viewers add {out} --key-scheme rsa-oaep-sha256 --cameras" in adopted.stdout
     # A certificate from another CA is refused (the Archiver would refuse it too).
     (tmp_path / "other").mkdir()
     other_ca = SiteCa.create(tmp_path / "other", "Other CA")

@@ -161,7 +161,7 @@ def test_ec_p256_viewer_certificates(ca_key: ec.EllipticCurvePrivateKey) -> None
     assert usage.key_agreement and not usage.key_encipherment
     assert certs.read_oaep_hash(cert) is None  # the scheme is fixed by the key type
     assert certs.validate_viewer_certificate(cert, now=NOW) is OaepHash.ECDH_P256
-    with pytest.raises(CertificateError, match="no OAEP hash"):
+    with pytest.raises(CertificateError, match="no RSA-OAEP key scheme"):
         certs.validate_viewer_certificate(cert, now=NOW, oaep_hash=OaepHash.SHA256)
     csr = certs.build_viewer_csr(key, "eve", oaep_hash=OaepHash.ECDH_P256)
     assert csr.is_signature_valid

@@ -30,7 +30,8 @@ from keyservice.crypto import (
 )
 from keyservice.errors import IntegrityError, NoMatchingIdentity
 from keyservice.format import ChainRecord, DataStream, Segment
-from keyservice.identity import OaepHash, Recipient, SoftwareIdentity, fingerprint
+from keyservice.identity import Recipient, SoftwareIdentity, fingerprint
+from keyservice.keyscheme import KeyScheme
 from tests.vectors import generate as vectors
 
 T = 1_748_779_200_000
@@ -118,7 +119,7 @@ def test_key_commitment_is_hmac_of_the_spec_input() -> None:
 
 # --- epochs and the KEK ratchet -----------------------------------------------------------
 def test_epoch_opens_once_and_ratchets(viewer: SoftwareIdentity) -> None:
-    recipient = Recipient(viewer.certificate, OaepHash.SHA256)
+    recipient = Recipient(viewer.certificate, KeyScheme.RSA_OAEP_SHA256)
     epoch, opener = Epoch.start(recipient, 60, T + 1234)
     assert opener.start_period == (T + 1234) // 60_000 and opener.period_s == 60
     assert opener.viewer_fingerprint == fingerprint(viewer.certificate)
@@ -146,7 +147,7 @@ def test_ratchet_is_hkdf_with_the_spec_labels() -> None:
 
 
 def test_epoch_forgets_old_keks_and_refuses_to_go_back(viewer: SoftwareIdentity) -> None:
-    recipient = Recipient(viewer.certificate, OaepHash.SHA256)
+    recipient = Recipient(viewer.certificate, KeyScheme.RSA_OAEP_SHA256)
     epoch, opener = Epoch.start(recipient, 60, T)
     kek0 = open_epoch_opener(fresh_identity(viewer), opener)
     epoch.wrap_chain(*KeyChain.start("cam-1", DataStream.VIDEO, 60, T), T + 2 * 60_000)
@@ -160,7 +161,7 @@ def test_epoch_forgets_old_keks_and_refuses_to_go_back(viewer: SoftwareIdentity)
 
 
 def test_epoch_ends_after_its_day(viewer: SoftwareIdentity) -> None:
-    epoch, _ = Epoch.start(Recipient(viewer.certificate, OaepHash.SHA256), 3600, T)
+    epoch, _ = Epoch.start(Recipient(viewer.certificate, KeyScheme.RSA_OAEP_SHA256), 3600, T)
     chain, seed = KeyChain.start("cam-1", DataStream.VIDEO, 3600, T)
     # A day touches at most 86400 // 3600 + 1 = 25 periods: index 25 is the last one.
     assert max_ratchet_index(3600) == 25
@@ -171,7 +172,7 @@ def test_epoch_ends_after_its_day(viewer: SoftwareIdentity) -> None:
 
 
 def test_chain_record_binds_viewer_and_position(viewer: SoftwareIdentity) -> None:
-    epoch, opener = Epoch.start(Recipient(viewer.certificate, OaepHash.SHA256), 60, T)
+    epoch, opener = Epoch.start(Recipient(viewer.certificate, KeyScheme.RSA_OAEP_SHA256), 60, T)
     kek = KekRatchet(opener.epoch_id, open_epoch_opener(fresh_identity(viewer), opener))
     chain, seed = KeyChain.start("cam-1", DataStream.VIDEO, 60, T)
     record = epoch.wrap_chain(chain, seed, T)
@@ -192,7 +193,7 @@ def test_chain_record_binds_viewer_and_position(viewer: SoftwareIdentity) -> Non
 def test_chain_keys_differ_every_period_and_the_viewer_derives_them(
         viewer: SoftwareIdentity) -> None:
     chain, seed = KeyChain.start("cam-1", DataStream.VIDEO, 60, T + 5)
-    epoch, _ = Epoch.start(Recipient(viewer.certificate, OaepHash.SHA256), 60, T + 5)
+    epoch, _ = Epoch.start(Recipient(viewer.certificate, KeyScheme.RSA_OAEP_SHA256), 60, T + 5)
     record = epoch.wrap_chain(chain, seed, T + 5)
     keys = [chain.key_at(T + minute * 60_000 + 7) for minute in (0, 1, 2, 5, 30)]
     assert len({k.key for k in keys}) == 5 and len({k.key_id for k in keys}) == 5
@@ -227,7 +228,7 @@ def test_chain_erases_its_past_states_and_refuses_to_go_back() -> None:
 
 def test_opener_for_another_viewer(viewer: SoftwareIdentity, other_viewer: SoftwareIdentity
                                    ) -> None:
-    _, opener = Epoch.start(Recipient(other_viewer.certificate, OaepHash.SHA1), 60, T)
+    _, opener = Epoch.start(Recipient(other_viewer.certificate, KeyScheme.RSA_OAEP_SHA1), 60, T)
     identity = fresh_identity(viewer)
     with pytest.raises(NoMatchingIdentity):
         open_epoch_opener(identity, opener)
@@ -239,16 +240,16 @@ def test_opener_for_another_viewer(viewer: SoftwareIdentity, other_viewer: Softw
 
 
 def test_opener_moved_to_another_epoch_is_refused(viewer: SoftwareIdentity) -> None:
-    _, opener = Epoch.start(Recipient(viewer.certificate, OaepHash.SHA256), 60, T)
+    _, opener = Epoch.start(Recipient(viewer.certificate, KeyScheme.RSA_OAEP_SHA256), 60, T)
     with pytest.raises(IntegrityError):
         open_epoch_opener(fresh_identity(viewer), replace(opener, epoch_id=bytes(16)))
 
 
 # --- login challenge ------------------------------------------------------------------------
 def test_login_round_trip(viewer: SoftwareIdentity) -> None:
-    recipient = Recipient(viewer.certificate, OaepHash.SHA256)
+    recipient = Recipient(viewer.certificate, KeyScheme.RSA_OAEP_SHA256)
     ciphertext, secret = make_login_challenge(recipient)
-    proof = answer_login_challenge(viewer, ciphertext, OaepHash.SHA256, b"session 1")
+    proof = answer_login_challenge(viewer, ciphertext, KeyScheme.RSA_OAEP_SHA256, b"session 1")
     assert verify_login_proof(secret, b"session 1", proof)
     assert not verify_login_proof(secret, b"session 2", proof)
     assert not verify_login_proof(os.urandom(32), b"session 1", proof)
@@ -258,13 +259,13 @@ def test_login_round_trip(viewer: SoftwareIdentity) -> None:
 def test_login_refuses_to_open_an_epoch_opener(viewer: SoftwareIdentity) -> None:
     # A hostile Archiver sends another Archiver's epoch opener as a "challenge": the viewer's
     # token decrypts it, but the answer is refused, so the KEK never leaks.
-    _, opener = Epoch.start(Recipient(viewer.certificate, OaepHash.SHA256), 60, T)
+    _, opener = Epoch.start(Recipient(viewer.certificate, KeyScheme.RSA_OAEP_SHA256), 60, T)
     with pytest.raises(IntegrityError):
-        answer_login_challenge(viewer, opener.ciphertext, OaepHash.SHA256, b"ctx")
+        answer_login_challenge(viewer, opener.ciphertext, KeyScheme.RSA_OAEP_SHA256, b"ctx")
 
 
 def test_opener_refuses_a_login_challenge(viewer: SoftwareIdentity) -> None:
-    recipient = Recipient(viewer.certificate, OaepHash.SHA256)
+    recipient = Recipient(viewer.certificate, KeyScheme.RSA_OAEP_SHA256)
     ciphertext, _ = make_login_challenge(recipient)
     _, opener = Epoch.start(recipient, 60, T)
     with pytest.raises(IntegrityError):
@@ -280,25 +281,25 @@ def test_segment_type_is_what_seal_returns() -> None:
 
 def test_login_refuses_a_plaintext_of_the_right_length_without_its_label(
         viewer: SoftwareIdentity) -> None:
-    recipient = Recipient(viewer.certificate, OaepHash.SHA256)
+    recipient = Recipient(viewer.certificate, KeyScheme.RSA_OAEP_SHA256)
     ciphertext, _ = make_login_challenge(recipient)
     assert len(recipient.encrypt(b"X" * 21 + bytes(32))) == len(ciphertext)
     forged = recipient.encrypt(b"FSE1 login-challengeX" + bytes(32))
     with pytest.raises(IntegrityError):
-        answer_login_challenge(viewer, forged, OaepHash.SHA256, b"ctx")
+        answer_login_challenge(viewer, forged, KeyScheme.RSA_OAEP_SHA256, b"ctx")
     genuine = recipient.encrypt(b"FSE1 login-challenge\x00" + bytes(32))
-    assert len(answer_login_challenge(viewer, genuine, OaepHash.SHA256, b"ctx")) == 32
+    assert len(answer_login_challenge(viewer, genuine, KeyScheme.RSA_OAEP_SHA256, b"ctx")) == 32
 
 
 def test_login_context_binds_archiver_viewer_and_challenge(viewer: SoftwareIdentity) -> None:
     from keyservice.crypto import login_context
 
-    recipient = Recipient(viewer.certificate, OaepHash.SHA256)
+    recipient = Recipient(viewer.certificate, KeyScheme.RSA_OAEP_SHA256)
     ciphertext, secret = make_login_challenge(recipient)
     a, v, c = bytes(32), fingerprint(viewer.certificate), bytes(range(16))
     context = login_context(a, v, c)
     assert context == b"FSE1 login\x00" + a + v + c
-    proof = answer_login_challenge(viewer, ciphertext, OaepHash.SHA256, context)
+    proof = answer_login_challenge(viewer, ciphertext, KeyScheme.RSA_OAEP_SHA256, context)
     assert verify_login_proof(secret, context, proof)
     for other in (login_context(b"\x01" * 32, v, c), login_context(a, bytes(32), c),
                   login_context(a, v, bytes(16))):

@@ -26,7 +26,8 @@ from keyservice.crypto import (
     verify_login_proof,
 )
 from keyservice.errors import IntegrityError, MechanismUnsupported, NoMatchingIdentity
-from keyservice.identity import OaepHash, Recipient, SoftwareEcIdentity
+from keyservice.identity import Recipient, SoftwareEcIdentity
+from keyservice.keyscheme import KeyScheme
 from keyservice.token import Token
 from tests.fixtures.tokens import TokenHandle
 from tests.keyservice.test_cli_keys import fusion_keys
@@ -37,18 +38,18 @@ NOW = datetime.fromtimestamp(T / 1000, UTC)
 
 def ec_identity(name: str = "eve") -> SoftwareEcIdentity:
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = certs.build_viewer_certificate(key, name, oaep_hash=OaepHash.ECDH_P256, now=NOW)
+    cert = certs.build_viewer_certificate(key, name, oaep_hash=KeyScheme.ECDH_P256, now=NOW)
     return SoftwareEcIdentity(cert, key)
 
 
 def recipient(identity: SoftwareEcIdentity) -> Recipient:
-    return Recipient(identity.certificate, OaepHash.ECDH_P256)
+    return Recipient(identity.certificate, KeyScheme.ECDH_P256)
 
 
 def test_ec_opener_round_trip_with_one_ecdh() -> None:
     eve = ec_identity()
     epoch, opener = Epoch.start(recipient(eve), 60, T)
-    assert opener.oaep_hash == OaepHash.ECDH_P256 and epoch.epoch_id == opener.epoch_id
+    assert opener.key_scheme == KeyScheme.ECDH_P256 and epoch.epoch_id == opener.epoch_id
     assert len(opener.ciphertext) == 65 + 40  # ephemeral point + AES-KW(KEK0)
     kek0 = open_epoch_opener(eve, opener)
     assert eve.operations == 1
@@ -89,13 +90,13 @@ def test_ec_opener_for_another_viewer_or_epoch_or_altered_is_refused() -> None:
 def test_ec_login_round_trip_and_domain_separation() -> None:
     eve = ec_identity()
     ciphertext, secret = make_login_challenge(recipient(eve))
-    proof = answer_login_challenge(eve, ciphertext, OaepHash.ECDH_P256, b"context")
+    proof = answer_login_challenge(eve, ciphertext, KeyScheme.ECDH_P256, b"context")
     assert verify_login_proof(secret, b"context", proof)
     # A hostile Archiver sends an epoch opener as a login challenge: the token does the ECDH,
     # but the login key differs (HKDF info), so nothing about KEK0 comes back.
     _, opener = Epoch.start(recipient(eve), 60, T)
     with pytest.raises(IntegrityError):
-        answer_login_challenge(eve, opener.ciphertext, OaepHash.ECDH_P256, b"context")
+        answer_login_challenge(eve, opener.ciphertext, KeyScheme.ECDH_P256, b"context")
     # ... and a login challenge is no epoch opener.
     with pytest.raises(IntegrityError):
         open_epoch_opener(eve, replace(opener, ciphertext=ciphertext))
@@ -114,7 +115,7 @@ def test_rsa_and_ec_openers_do_not_mix() -> None:
     eve = ec_identity()
     _, opener = Epoch.start(recipient(eve), 60, T)
     with pytest.raises(IntegrityError):  # an "RSA" opener to an EC certificate
-        open_epoch_opener(eve, replace(opener, oaep_hash=OaepHash.SHA256))
+        open_epoch_opener(eve, replace(opener, key_scheme=KeyScheme.RSA_OAEP_SHA256))
 
 
 # --- on tokens ----------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def test_enroll_ec_on_softhsm_is_the_default_and_opens_openers(softhsm_token: To
     assert "EC P-256, ECDH epoch openers" in enrolled.stdout
     cert = x509.load_pem_x509_certificate(pem.read_bytes())
     assert certs.validate_viewer_certificate(cert, now=datetime.now(UTC)) is (
-        OaepHash.ECDH_P256)
+        KeyScheme.ECDH_P256)
     selftest = fusion_keys("selftest", "--token", softhsm_token.object_uri("eve"))
     assert selftest.returncode == 0, selftest.stderr
     assert "EC P-256, ECDH" in selftest.stdout
@@ -135,7 +136,7 @@ def test_enroll_ec_on_softhsm_is_the_default_and_opens_openers(softhsm_token: To
     assert row.split()[1:3] == ["EC-P256", "ecdh-p256"]
     with Token.open(softhsm_token.uri) as tok:
         ident = tok.identity("eve")
-        _, opener = Epoch.start(Recipient(ident.certificate, OaepHash.ECDH_P256), 60, T)
+        _, opener = Epoch.start(Recipient(ident.certificate, KeyScheme.ECDH_P256), 60, T)
         assert len(open_epoch_opener(ident, opener)) == 32
         assert ident.operations == 1
 
@@ -161,9 +162,9 @@ def test_ec_viewer_on_the_tpm_or_a_clear_refusal(tpm_token: TokenHandle) -> None
             return
         result = tok.enroll("tpm-eve", key_type="ec")
         ident = tok.identity("tpm-eve")
-        _, opener = Epoch.start(Recipient(ident.certificate, OaepHash.ECDH_P256), 60, T)
+        _, opener = Epoch.start(Recipient(ident.certificate, KeyScheme.ECDH_P256), 60, T)
         assert len(open_epoch_opener(ident, opener)) == 32
-        assert result.oaep_hash is OaepHash.ECDH_P256
+        assert result.oaep_hash is KeyScheme.ECDH_P256
 
 
 def test_ec_csr_signed_by_a_site_ca_is_imported(softhsm_token: TokenHandle) -> None:
@@ -182,5 +183,5 @@ def test_ec_csr_signed_by_a_site_ca_is_imported(softhsm_token: TokenHandle) -> N
                                critical=True)
                 .sign(ca_key, hashes.SHA256()))
         result = tok.import_certificate(cert, "fay")
-        assert result.oaep_hash is OaepHash.ECDH_P256 and result.recorded
+        assert result.oaep_hash is KeyScheme.ECDH_P256 and result.recorded
         assert tok.identity("fay").certificate == cert

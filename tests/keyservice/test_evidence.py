@@ -28,13 +28,13 @@ from keyservice.evidence.layout import (
 from keyservice.evidence.verify import open_sealed_keys, parse_keys, verify_package
 from keyservice.framing import RecordSplitter
 from keyservice.identity import (
-    OaepHash,
     Recipient,
     SoftwareEcIdentity,
     SoftwareIdentity,
     SoftwareSigner,
     fingerprint,
 )
+from keyservice.keyscheme import KeyScheme
 from keyservice.reader import SegmentPlaintext, StreamReader
 from tests.client.streams import T0, Seg, build_stream, software_signer, software_viewer
 
@@ -235,7 +235,7 @@ def test_keys_sealed_to_an_rsa_recipient(parties: tuple[SoftwareIdentity, Softwa
     court = software_viewer("court")
     plan = [Seg(T0 + 2000 * i, b"sealed %d" % i * 40) for i in range(3)]
     files, video, _ = _export(viewer, signer, plan, Recipient(court.certificate,
-                                                              OaepHash.SHA256))
+                                                              KeyScheme.RSA_OAEP_SHA256))
     assert KEYS not in files and {SEALED_KEYS, RECIPIENT} <= set(files)
     for key in _export_keys(viewer, signer, plan):
         assert key.hex().encode() not in files[SEALED_KEYS]
@@ -260,11 +260,11 @@ def test_keys_sealed_to_an_ec_recipient(parties: tuple[SoftwareIdentity, Softwar
                                         ) -> None:
     viewer, signer = parties
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = build_viewer_certificate(key, "court-ec", oaep_hash=OaepHash.ECDH_P256,
+    cert = build_viewer_certificate(key, "court-ec", oaep_hash=KeyScheme.ECDH_P256,
                                     now=dt.datetime.now(dt.UTC))
     court = SoftwareEcIdentity(cert, key)
     plan = [Seg(T0 + 2000 * i, b"ec %d" % i * 40) for i in range(2)]
-    files, video, _ = _export(viewer, signer, plan, Recipient(cert, OaepHash.ECDH_P256))
+    files, video, _ = _export(viewer, signer, plan, Recipient(cert, KeyScheme.ECDH_P256))
     report = verify_package(files, open_keys=lambda sealed: open_sealed_keys(sealed, court))
     assert report.ok, report.failures
     assert report.video == video

@@ -32,7 +32,7 @@ from keyservice.format import (
     validate_name,
 )
 from keyservice.framing import RecordSplitter
-from keyservice.identity import OaepHash
+from keyservice.keyscheme import KeyScheme
 
 
 def b(n: int, fill: int) -> bytes:
@@ -41,7 +41,7 @@ def b(n: int, fill: int) -> bytes:
 
 HEADER = Header(b"\x30\x03\x02\x01\x01", b(32, 1), b(16, 2), 1_700_000_000_000, Mode.LIVE,
                 5, 6, ("cam-1", "cam.2"))
-OPENER = EpochOpener(b(16, 3), b(32, 1), OaepHash.SHA1, 60, 28_333_333, b(256, 4))
+OPENER = EpochOpener(b(16, 3), b(32, 1), KeyScheme.RSA_OAEP_SHA1, 60, 28_333_333, b(256, 4))
 KEY_RECORD = ChainRecord(b(16, 3), 7, "cam-1", DataStream.AUDIO, b(12, 5), 28_333_333,
                          b(12, 6), b(48, 7))
 SEGMENT = Segment("cam-1", DataStream.METADATA, 2**64 - 1, 123, b(16, 5), 1, b(40, 8), 2000)
@@ -138,7 +138,7 @@ def test_invalid_names(name: object) -> None:
     lambda: replace(HEADER, mode=3),
     lambda: replace(OPENER, period_s=0),
     lambda: replace(OPENER, period_s=86401),
-    lambda: replace(OPENER, oaep_hash=3),
+    lambda: replace(OPENER, key_scheme=3),
     lambda: replace(OPENER, ciphertext=b""),
     lambda: replace(END, reason=0),
     lambda: replace(MANIFEST, flags=0x80),

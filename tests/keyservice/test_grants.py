@@ -26,7 +26,8 @@ from keyservice.grants import (
     make_grant,
     open_grant,
 )
-from keyservice.identity import OaepHash, Recipient, SoftwareEcIdentity, fingerprint
+from keyservice.identity import Recipient, SoftwareEcIdentity, fingerprint
+from keyservice.keyscheme import KeyScheme
 from keyservice.reader import SegmentMissing, SegmentPlaintext, StreamEnded, StreamReader, StreamRequest
 from tests.client.streams import T0, software_signer, software_viewer
 
@@ -36,7 +37,7 @@ KEYS = [GrantKey(DataStream.VIDEO, os.urandom(16), os.urandom(32)) for _ in rang
 
 def ec_viewer(name: str) -> SoftwareEcIdentity:
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = build_viewer_certificate(key, name, oaep_hash=OaepHash.ECDH_P256,
+    cert = build_viewer_certificate(key, name, oaep_hash=KeyScheme.ECDH_P256,
                                     now=dt.datetime.now(dt.UTC))
     return SoftwareEcIdentity(cert, key)
 
@@ -49,7 +50,7 @@ def rsa_pair() -> tuple:
 @pytest.mark.parametrize("kind", ["rsa", "ec"])
 def test_grant_round_trip_one_token_operation(kind: str, rsa_pair: tuple) -> None:
     grantee = rsa_pair[0] if kind == "rsa" else ec_viewer("investigator-ec")
-    oaep = OaepHash.SHA256 if kind == "rsa" else OaepHash.ECDH_P256
+    oaep = KeyScheme.RSA_OAEP_SHA256 if kind == "rsa" else KeyScheme.ECDH_P256
     blob = make_grant(Recipient(grantee.certificate, oaep), "cam1", T0, T0 + 7_200_000, KEYS,
                       T0 + 86_400_000)
     public = decode_grant(blob)
@@ -66,7 +67,7 @@ def test_grant_round_trip_one_token_operation(kind: str, rsa_pair: tuple) -> Non
 
 def test_every_changed_byte_is_refused(rsa_pair: tuple) -> None:
     grantee = rsa_pair[0]
-    blob = make_grant(Recipient(grantee.certificate, OaepHash.SHA256), "cam1", T0, T0 + 60_000,
+    blob = make_grant(Recipient(grantee.certificate, KeyScheme.RSA_OAEP_SHA256), "cam1", T0, T0 + 60_000,
                       KEYS[:2], T0)
     for i in range(len(blob)):
         bad = bytearray(blob)
@@ -77,7 +78,7 @@ def test_every_changed_byte_is_refused(rsa_pair: tuple) -> None:
 
 def test_wrong_grantee_and_relabelled_grant(rsa_pair: tuple) -> None:
     grantee, other = rsa_pair
-    blob = make_grant(Recipient(grantee.certificate, OaepHash.SHA256), "cam1", T0, T0 + 1, KEYS,
+    blob = make_grant(Recipient(grantee.certificate, KeyScheme.RSA_OAEP_SHA256), "cam1", T0, T0 + 1, KEYS,
                       T0)
     with pytest.raises(NoMatchingIdentity, match="not for yours"):
         open_grant(other, blob)
@@ -87,7 +88,7 @@ def test_wrong_grantee_and_relabelled_grant(rsa_pair: tuple) -> None:
     with pytest.raises(IntegrityError):
         open_grant(other, forged)
     # Entries moved from one grant into another (same grantee): their AD names the old grant.
-    second = decode_grant(make_grant(Recipient(grantee.certificate, OaepHash.SHA256), "cam1",
+    second = decode_grant(make_grant(Recipient(grantee.certificate, KeyScheme.RSA_OAEP_SHA256), "cam1",
                                      T0, T0 + 1, KEYS, T0))
     spliced = replace(second, entries=decode_grant(blob).entries)
     with pytest.raises(IntegrityError):
@@ -99,7 +100,7 @@ def test_wrong_grantee_and_relabelled_grant(rsa_pair: tuple) -> None:
 
 def test_grant_kek_and_epoch_openers_are_not_interchangeable(rsa_pair: tuple) -> None:
     grantee = rsa_pair[0]
-    recipient = Recipient(grantee.certificate, OaepHash.SHA256)
+    recipient = Recipient(grantee.certificate, KeyScheme.RSA_OAEP_SHA256)
     _epoch, opener = Epoch.start(recipient, 60, T0)
     grant = decode_grant(make_grant(recipient, "cam1", T0, T0 + 1, KEYS, T0))
     # An epoch opener's ciphertext as a grant's sealed KEK (a hostile Archiver using the token
@@ -108,13 +109,13 @@ def test_grant_kek_and_epoch_openers_are_not_interchangeable(rsa_pair: tuple) ->
         open_grant(grantee, encode_grant(replace(grant, sealed_kek=opener.ciphertext)))
     with pytest.raises(IntegrityError):
         open_epoch_opener(grantee, EpochOpener(opener.epoch_id, opener.viewer_fingerprint,
-                                               opener.oaep_hash, 60, opener.start_period,
+                                               opener.key_scheme, 60, opener.start_period,
                                                grant.sealed_kek))
 
 
 def test_malformed_grants_are_format_errors(rsa_pair: tuple) -> None:
     grantee = rsa_pair[0]
-    blob = make_grant(Recipient(grantee.certificate, OaepHash.SHA256), "cam1", T0, T0 + 1, KEYS,
+    blob = make_grant(Recipient(grantee.certificate, KeyScheme.RSA_OAEP_SHA256), "cam1", T0, T0 + 1, KEYS,
                       T0)
     grant = decode_grant(blob)
     for bad in (b"", b"XXXXXXXX" + blob[8:], blob[:-1], blob + b"\x00",
@@ -125,7 +126,7 @@ def test_malformed_grants_are_format_errors(rsa_pair: tuple) -> None:
             decode_grant(bad)
     assert blob.startswith(GRANT_MAGIC)
     with pytest.raises(ValueError, match="at most"):
-        make_grant(Recipient(grantee.certificate, OaepHash.SHA256), "cam1", T0, T0, [
+        make_grant(Recipient(grantee.certificate, KeyScheme.RSA_OAEP_SHA256), "cam1", T0, T0, [
             GrantKey(DataStream.VIDEO, os.urandom(16), bytes(32))
             for _ in range(MAX_GRANT_KEYS + 1)], T0)
 

@@ -41,6 +41,6 @@ def test_a_shell_without_softhsm2_conf_is_told_to_export_it(softhsm_token: Token
 
     # As the README says: export the token directory's softhsm2.conf, and it is found.
     found = fusion_keys("list", "--token", uri,
-                        env={**base, "SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"]})
+                        env={**base, **softhsm_token.env})
     assert found.returncode == 0, found.stderr
     assert "alice" in found.stdout

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from harness.pki import SiteCa
+from fusion_testkit.pki import SiteCa
 from keyservice.errors import TlsCaError
 from keyservice.tls import TLS_CA_ENV, tls_ca_path, trust
 

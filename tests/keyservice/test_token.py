@@ -7,6 +7,7 @@ plain python-pkcs11 session, pkcs11-tool and openssl.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import secrets
 import shutil
@@ -184,7 +185,8 @@ def _pkcs11_tool_objects(handle: TokenHandle) -> list[dict[str, str]]:
     out = subprocess.run(
         ["pkcs11-tool", "--module", handle.module, "--token-label", handle.label, "--login",
          "--pin", handle.pin, "--list-objects"],
-        capture_output=True, text=True, check=True, timeout=60).stdout
+        capture_output=True, text=True, check=True, timeout=60,
+        env={**os.environ, **handle.env}).stdout
     objects: list[dict[str, str]] = []
     for line in out.splitlines():
         if re.match(r"^\S.*Object", line):
@@ -213,7 +215,8 @@ def test_pkcs11_tool_agrees(any_token: TokenHandle, tmp_path: Path) -> None:
         subprocess.run(["pkcs11-tool", "--module", any_token.module, "--token-label",
                         any_token.label, "--read-object", "--type", "pubkey", "--id",
                         result.key_id.hex(), "--output-file", str(der)],
-                       capture_output=True, check=True, timeout=60)
+                       capture_output=True, check=True, timeout=60,
+                       env={**os.environ, **any_token.env})
         assert result.certificate is not None
         assert der.read_bytes() == _spki(result.certificate.public_key())
 
@@ -557,6 +560,6 @@ with Token.open(uri) as again:   # the module loads again and the key is still t
     print(again.selftest("u").oaep_hash.label)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60, env={**os.environ, **softhsm_token.env})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "sha1"
+    assert result.stdout.strip() == "rsa-oaep-sha1"

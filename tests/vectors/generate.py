@@ -68,13 +68,12 @@ from keyservice.format import (  # noqa: E402
 )
 from keyservice.fusion_writer import ManifestChain, StreamWriter, issue_chain_recipients  # noqa: E402
 from keyservice.identity import (  # noqa: E402
-    OaepHash,
-    Recipient,
     SoftwareEcIdentity,
     SoftwareIdentity,
     SoftwareSigner,
     fingerprint,
 )
+from keyservice.keyscheme import KeyScheme, Recipient  # noqa: E402
 
 KEYS_DIR = HERE / "keys"
 VECTORS_DIR = HERE / "v2"
@@ -165,8 +164,8 @@ def _mgf1(seed: bytes, length: int, hash_fn: Callable[[bytes], Any]) -> bytes:
 
 @dataclass(frozen=True)
 class SeededRecipient(Recipient):
-    """A Recipient whose OAEP seed comes from ``rng`` (RFC 8017, 7.1.1). TEST ONLY: production
-    uses ``Recipient.encrypt`` (OpenSSL). The viewer side decrypts with OpenSSL, so every
+    """A Recipient whose OAEP seed comes from ``rng`` (RFC 8017, 7.1.1), under ``wrap``. TEST
+    ONLY: production uses ``Recipient.encrypt`` (OpenSSL). The viewer side decrypts with OpenSSL, so every
     vector also cross-checks this encoding."""
 
     rng: Callable[[int], bytes] = field(default=FixedRng("unused"), compare=False, repr=False)
@@ -176,7 +175,7 @@ class SeededRecipient(Recipient):
         assert isinstance(public, rsa.RSAPublicKey)
         numbers = public.public_numbers()
         k = (numbers.n.bit_length() + 7) // 8
-        hash_fn = hashlib.sha1 if self.oaep_hash is OaepHash.SHA1 else hashlib.sha256
+        hash_fn = hashlib.sha1 if self.scheme is KeyScheme.RSA_OAEP_SHA1 else hashlib.sha256
         h_len = hash_fn(b"").digest_size
         db = (hash_fn(b"").digest() + bytes(k - len(plaintext) - 2 * h_len - 2) + b"\x01"
               + plaintext)
@@ -312,9 +311,9 @@ def run_archiver(signer: DeterministicSigner, seed: str) -> tuple[SimArchiver, V
     chains go on for the three minutes."""
     rng = FixedRng(seed)
     sim = SimArchiver(signer, rng)
-    viewer_a = Viewer("viewer-a", SeededRecipient(load_cert("viewer-a"), OaepHash.SHA256, rng),
+    viewer_a = Viewer("viewer-a", SeededRecipient(load_cert("viewer-a"), KeyScheme.RSA_OAEP_SHA256, rng),
                       {LOBBY})
-    viewer_b = Viewer("viewer-b", SeededRecipient(load_cert("viewer-b"), OaepHash.SHA1, rng),
+    viewer_b = Viewer("viewer-b", SeededRecipient(load_cert("viewer-b"), KeyScheme.RSA_OAEP_SHA1, rng),
                       {LOBBY, GATE})
     sim.viewers = [viewer_a, viewer_b]
     streams = [(LOBBY, DataStream.VIDEO), (LOBBY, DataStream.AUDIO),
@@ -348,7 +347,7 @@ def run_ec_archiver(signer: DeterministicSigner, seed: str) -> tuple[SimArchiver
     A simulation of its own, so the RSA vectors above stay byte for byte as they were."""
     rng = FixedRng(seed)
     sim = SimArchiver(signer, rng)
-    viewer_c = Viewer("viewer-c", SeededRecipient(load_cert("viewer-c"), OaepHash.ECDH_P256,
+    viewer_c = Viewer("viewer-c", SeededRecipient(load_cert("viewer-c"), KeyScheme.ECDH_P256,
                                                   rng), {LOBBY})
     sim.viewers = [viewer_c]
     for minute in range(2):
@@ -949,7 +948,7 @@ def ec_vectors(signer: DeterministicSigner) -> Iterator[Vector]:
                  viewer="viewer-c", request=good.request)
     yield Vector("ec-opener-kind-changed-to-rsa", "The EC opener's kind byte changed from 16 "
                  "to 2 (RSA-OAEP SHA-256): an RSA opener cannot be for an EC key.", INTEGRITY,
-                 with_record(opener_i, reencode(opener, oaep_hash=OaepHash.SHA256)),
+                 with_record(opener_i, reencode(opener, key_scheme=KeyScheme.RSA_OAEP_SHA256)),
                  first_manifest, viewer="viewer-c", request=good.request)
     kind_offset = 5 + 16 + 32
     yield Vector("ec-opener-unknown-kind", "The opener kind byte set to 3, a kind that does "

@@ -10,9 +10,10 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from harness.server import UnexpectedStatus
+from fusion_testkit.server import UnexpectedStatus
 from keyservice.crypto import answer_login_challenge, login_context
-from keyservice.identity import Identity, OaepHash, fingerprint
+from keyservice.identity import Identity, fingerprint
+from keyservice.keyscheme import KeyScheme
 
 
 def _expect(response: httpx.Response, status: int) -> httpx.Response:
@@ -33,7 +34,7 @@ def login(url: str, identity: Identity, verify: ssl.SSLContext | bool = True) ->
         context = login_context(fingerprint(archiver), fingerprint(identity.certificate),
                                 challenge_id)
         proof = answer_login_challenge(identity, base64.b64decode(body["ciphertext"]),
-                                       OaepHash.from_label(body["oaep_hash"]), context)
+                                       KeyScheme.from_label(body["key_scheme"]), context)
         session = _expect(http.post(f"{url}/v1/sessions", json={
             "challenge_id": body["challenge_id"], "proof": base64.b64encode(proof).decode()}), 201)
     return session.json()["session_token"]

@@ -1,5 +1,9 @@
 """A real Archiver: ``fusion-archiver serve`` (or any launcher with its options) in a
-subprocess, on a free port of 127.0.0.1, and its admin API."""
+subprocess, on a free port of 127.0.0.1, and its admin API.
+
+It runs the installed ``archiver`` package of this interpreter, from any working directory:
+``python -P -m archiver`` does not put the working directory on the import path, so a checkout
+(or a developer's own ``archiver`` directory) in the current directory cannot shadow it."""
 
 from __future__ import annotations
 
@@ -23,10 +27,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from harness.pki import SiteCa, write_tls_pair
+from fusion_testkit.pki import SiteCa, write_tls_pair
 from keyservice.tls import trust as tls_trust
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # The Archiver makes its own SoftHSM signing token in its data directory (the production
 # default): it must not see the callers' SoftHSM store or viewer PIN.
 PRIVATE_ENV = ("SOFTHSM2_CONF", "FUSION_PIN")
@@ -86,7 +89,7 @@ class UnexpectedStatus(AssertionError):
 
 @dataclass
 class ArchiverServer:
-    """``python -m archiver serve`` (see ``command``) in a subprocess, logging to
+    """``python -P -m archiver serve`` (see ``command``) in a subprocess, logging to
     ``DATA-server.log`` beside the data directory. ``tls_ca``: the server was given
     --tls-cert/--tls-key in ``extra_args``; its URL is https and calls verify against this CA."""
 
@@ -96,7 +99,9 @@ class ArchiverServer:
     extra_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
     env: dict[str, str] | None = None
-    cwd: Path = REPO_ROOT  # the checkout it runs from (a benchmark may compare another one)
+    # The working directory (None: ours). Not where the code comes from: that is the
+    # interpreter's installed package, or PYTHONPATH in ``env`` (a benchmark comparing checkouts).
+    cwd: Path | None = None
     tls_ca: Path | None = None
     start_timeout_s: float = 30
     stop_timeout_s: float = 10
@@ -120,7 +125,7 @@ class ArchiverServer:
 
     def command(self) -> list[str]:
         """How the server is launched (subclasses may wrap it or run another launcher)."""
-        return [sys.executable, "-m", "archiver", "serve", "--data", str(self.data_dir),
+        return [sys.executable, "-P", "-m", "archiver", "serve", "--data", str(self.data_dir),
                 "--port", str(self.port), "--key-period", str(self.key_period_s),
                 *self.extra_args]
 
