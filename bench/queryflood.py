@@ -53,7 +53,7 @@ def _start(server: ArchiverServer) -> ArchiverServer:
         raise SystemExit(str(exc)) from None
 
 
-def _fill_index(db: Path, camera: str, count: int) -> None:
+def fill_index(db: Path, camera: str, count: int) -> None:
     """``count`` manifest rows for ``camera``, one a second from 2020-01-01 (far from the empty
     range the flood asks for, which lies before them)."""
     start = int(dt.datetime(2020, 1, 1, tzinfo=dt.UTC).timestamp() * 1000)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         server.add_viewer(viewer.certificate.public_bytes(Encoding.PEM).decode())
         server.stop()
         started = time.monotonic()
-        _fill_index(data / "archiver.sqlite3", "big", args.manifests)
+        fill_index(data / "archiver.sqlite3", "big", args.manifests)
         print(f"index of camera 'big': {args.manifests} manifests "
               f"({time.monotonic() - started:.0f} s to insert)")
         server = _start(_server(args.source.resolve(), data, port, extra))

@@ -31,7 +31,7 @@ from bench.common import REPO_ROOT, BenchServer, MiB, Report, median, percentile
 from bench.generate import segment_bytes
 from bench.raw import aes_gcm
 from client.player import Player, archiver_pin_check
-from client.session import ArchiverSession
+from client.session import ArchiverSession, live_request, playback_request
 from fusion_testkit.tokens import (
     SoftwareTpm,
     TokenHandle,
@@ -149,9 +149,11 @@ def _session(served: Served, viewer: Viewer) -> ArchiverSession:
 def _play(served: Served, viewer: Viewer, camera: str, from_ms: int, to_ms: int,
           on_segment: Callable[[SegmentPlaintext], None] | None = None) -> CountingOutput:
     output = CountingOutput()
-    with _session(served, viewer) as session, session.recording(camera, from_ms, to_ms) as chunks:
+    asked = playback_request(camera, from_ms, to_ms)
+    with _session(served, viewer) as session, \
+            session.recording(camera, from_ms, to_ms, asked) as chunks:
         Player(viewer.identity, archiver_pin_check(served.archiver_fp), output,
-               on_segment=on_segment).run(chunks)
+               on_segment=on_segment, request=asked).run(chunks)
     return output
 
 
@@ -246,7 +248,9 @@ def _throughput(report: Report, served: Served, viewer: Viewer, params: Params, 
     total = size * count
     everything = (DAY_START_MS, DAY_START_MS + count * 4000)
     # The fusion stream once, kept in memory: the reader's own speed without HTTP.
-    with _session(served, viewer) as session, session.recording("big", *everything) as chunks:
+    asked = playback_request("big", *everything)
+    with _session(served, viewer) as session, \
+            session.recording("big", *everything, asked) as chunks:
         stream = list(chunks)
     # Check every decrypted segment against what the generator archived (not timed).
     mismatches = [0]
@@ -257,14 +261,15 @@ def _throughput(report: Report, served: Served, viewer: Viewer, params: Params, 
             mismatches[0] += 1
 
     checked = Player(viewer.identity, archiver_pin_check(served.archiver_fp), CountingOutput(),
-                     on_segment=check).run(stream)
+                     on_segment=check, request=asked).run(stream)
     if checked.segments != count or mismatches[0]:
         raise RuntimeError(f"the viewer decrypted {checked.segments} of {count} segments, "
                            f"{mismatches[0]} differing from what was archived")
 
     def in_memory() -> float:
         start = time.perf_counter()
-        Player(viewer.identity, archiver_pin_check(served.archiver_fp), CountingOutput()).run(stream)
+        Player(viewer.identity, archiver_pin_check(served.archiver_fp), CountingOutput(),
+               request=asked).run(stream)
         return time.perf_counter() - start
 
     def over_http() -> float:
@@ -312,14 +317,17 @@ def _token_ops(report: Report, served: Served, viewer: Viewer, params: Params) -
         login_ops = identity.operations - ops0
         before, before_s = identity.operations, identity.seconds
         output = CountingOutput()
-        with session.recording("day", hour_from, hour_to) as chunks:
-            summary = Player(identity, archiver_pin_check(served.archiver_fp), output).run(chunks)
+        asked = playback_request("day", hour_from, hour_to)
+        with session.recording("day", hour_from, hour_to, asked) as chunks:
+            summary = Player(identity, archiver_pin_check(served.archiver_fp), output,
+                             request=asked).run(chunks)
         hour_ops = identity.operations - before
         hour_token_s = identity.seconds - before_s
         before = identity.operations
-        with session.recording("day", 0, 2**62) as chunks:
-            day = Player(identity, archiver_pin_check(served.archiver_fp), CountingOutput()
-                         ).run(chunks)
+        asked = playback_request("day", 0, 2**62)
+        with session.recording("day", 0, 2**62, asked) as chunks:
+            day = Player(identity, archiver_pin_check(served.archiver_fp), CountingOutput(),
+                         request=asked).run(chunks)
         day_ops = identity.operations - before
     hours = (hour_to - hour_from + 1) / HOUR_MS
     per_op_ms = (identity.seconds - secs0) / max(1, identity.operations - ops0) * 1000
@@ -373,10 +381,11 @@ def _seek(report: Report, served: Served, viewer: Viewer, params: Params, home: 
             raise _FirstByte
 
         try:
+            asked = playback_request("day", middle, middle + span)
             with _session(served, viewer) as session, \
-                    session.recording("day", middle, middle + span) as chunks:
+                    session.recording("day", middle, middle + span, asked) as chunks:
                 Player(viewer.identity, archiver_pin_check(served.archiver_fp), output,
-                       on_segment=stop).run(chunks)
+                       on_segment=stop, request=asked).run(chunks)
         except _FirstByte:
             pass
         if output.first_byte_at is None:
@@ -410,10 +419,12 @@ def _live(report: Report, server: BenchServer, served: Served, viewer: Viewer, p
                 yield chunk
 
         try:
-            with _session(served, viewer) as session, session.live("live", duration) as source:
+            asked = live_request("live", duration)
+            with _session(served, viewer) as session, \
+                    session.live("live", duration, asked) as source:
                 Player(viewer.identity, archiver_pin_check(served.archiver_fp), CountingOutput(),
-                       on_segment=lambda e: decrypted.setdefault(e.seq, time.perf_counter())
-                       ).run(chunks(source))
+                       on_segment=lambda e: decrypted.setdefault(e.seq, time.perf_counter()),
+                       request=asked).run(chunks(source))
         except BaseException as exc:  # reported by the main thread
             failure.append(exc)
             started.set()

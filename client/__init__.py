@@ -1,6 +1,39 @@
 """The viewer: logs in to an Archiver by proof of possession of its token, receives fusion
 streams, opens epoch openers on the token, verifies and decrypts locally.
 
-Depends on keyservice, never on archiver. The library parts (session, pinning, timespec,
-player) do not print; ``client.cli`` is the thin command line.
+Depends on keyservice, never on archiver. The library is ``client.viewer`` (with
+``client.session``, ``client.player``, ``client.pinning``, ``client.timespec``): it does not
+print, prompt unless asked, or exit. ``client.cli`` (with ``client.playback``, ``client.grants``,
+``client.evidence``, ``client.options``) is the thin command line; ``client.web`` the local page.
+
+Its main names are importable from here::
+
+    from client import fetch_range
+    clip = fetch_range(url, token_uri, "lobby", from_ms, to_ms, tls_ca=Path("site-ca.pem"))
 """
+
+from client import evidence_zip, pinning, player, session, timespec, viewer
+from client.session import ArchiverSession
+from client.viewer import (
+    EvidenceExport,
+    GrantMade,
+    Login,
+    OpenedGrantRange,
+    Signer,
+    VerifiedRange,
+    export_evidence,
+    fetch_range,
+    live,
+    login,
+    make_grant_for,
+    open_grant,
+    open_identity,
+    play_grant,
+    play_range,
+)
+
+# The library's names, and its modules (the command line's are client.cli and those it lists).
+__all__ = ["ArchiverSession", "EvidenceExport", "GrantMade", "Login", "OpenedGrantRange",
+           "Signer", "VerifiedRange", "evidence_zip", "export_evidence", "fetch_range", "live",
+           "login", "make_grant_for", "open_grant", "open_identity", "pinning", "play_grant",
+           "play_range", "player", "session", "timespec", "viewer"]

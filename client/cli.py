@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from collections.abc import Iterator
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from cryptography import x509
 
+from client.evidence import evidence_app
 from client.grants import register as register_grants
 from client.options import (
     DEFAULT_URL,
@@ -31,153 +31,36 @@ from client.options import (
     TlsCaOpt,
     TokenOpt,
 )
-from client.pinning import KnownArchivers, PinDecision, PinOutcome, check_archiver
+from client.pinning import KnownArchivers, check_archiver
 from client.playback import (
     Progress,
-    operations,
-    recorded_part,
+    logged_in,
+    login_and_say,
+    open_output,
     run_stream,
     say,
-)
-from client.player import (
-    FileOutput,
-    Output,
-    PipeOutput,
-    archiver_pin_check,
+    stream_command,
 )
 from client.session import (
     MAX_LIVE_S,
-    ArchiverSession,
-    LoginResult,
     live_request,
     playback_request,
 )
-from keyservice.errors import CertificateError, UsageError
-from keyservice.exits import add_version_option, hidden_aliases, run, tidy_help
-from keyservice.identity import Identity
-from keyservice.names import CAMERA_NAME_RULE, is_camera_name
-from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
+from client.viewer import check_camera, load_certificate_file, now_ms, open_identity
+from keyservice.cli_support import add_version_option, hidden_aliases, run, tidy_help
+from keyservice.errors import UsageError
+from keyservice.reader import DEFAULT_MAX_SKEW_MS
 from keyservice.text import printable
 from keyservice.timespec import format_ms, parse_range
+
+__all__ = ["app", "main"]
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Watch and export video from a Fusion Archiver; keys are opened on your "
                        "token, video is decrypted and verified on this machine.")
 add_version_option(app, "fusion-client")
 hidden_aliases(app, {"oaep-hash": "key-scheme"})  # the old name of --key-scheme
-_READ_CHUNK = 1 << 20
-
-
-# --- small helpers ------------------------------------------------------------------------
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _check_camera(name: str) -> str:
-    if not is_camera_name(name):
-        raise UsageError(f"{name!r} is not a camera name ({CAMERA_NAME_RULE}).")
-    return name
-
-
-def _load_cert(path: Path | None) -> x509.Certificate | None:
-    if path is None:
-        return None
-    from keyservice.certs import load_certificate
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"Cannot read {path}: {exc.strerror or exc}.") from None
-    try:
-        return load_certificate(data)
-    except CertificateError as exc:
-        raise CertificateError(f"{path}: {exc}") from None
-
-
-def _open_output(target: str) -> Output:
-    if target == "-":
-        if sys.stdout.isatty():
-            raise UsageError("Refusing to write video to a terminal; pipe it "
-                             "(... -o - | ffplay -) or give -o FILE.")
-        return PipeOutput(sys.stdout.buffer)
-    path = Path(target)
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory; give a file name for the video.")
-    return FileOutput(path)
-
-
-def _open_identity(stack: ExitStack, uri: str) -> Identity:
-    # Imported here: the token layer loads a PKCS#11 module, which `--help` does not need.
-    # The runtime path only: the viewer never provisions.
-    from keyservice.token import RuntimeToken
-    token = RuntimeToken.open(uri, prompt=True)  # a wrong PIN raises PinIncorrect: never retried
-    stack.callback(token.close)
-    return token.identity()
-
-
-def _login(session: ArchiverSession, identity: Identity, url: str,
-           explicit: x509.Certificate | None) -> LoginResult:
-    store = KnownArchivers.default()
-    decisions: list[PinDecision] = []
-
-    def check(cert: x509.Certificate) -> None:
-        decisions.append(check_archiver(url, cert, store=store, explicit=explicit))
-
-    result = session.login(identity, check)
-    decision = decisions[-1]
-    if decision.outcome is PinOutcome.FIRST_USE:
-        say(f"trusting the Archiver at {url} on first use: certificate sha256 "
-             f"{decision.fingerprint.hex()} (pinned in {decision.stored_in}); compare it with "
-             "the fingerprint your admin gives you.")
-    elif decision.replaced is not None:
-        say(f"replaced the pinned certificate of {url} (sha256 {decision.replaced.hex()}) with "
-             f"the one given by --archiver-cert (sha256 {decision.fingerprint.hex()}).")
-    return result
-
-
-def _stream_command(*, url: str, token: str, output_target: str, archiver_cert: Path | None,
-                    tls_ca: Path | None, save_stream: Path | None, quiet: bool, live: bool,
-                    progress_range: tuple[int, int] | None, progress_camera: str = "",
-                    make_request: Callable[[], StreamRequest],
-                    request: Callable[[ArchiverSession, StreamRequest],
-                                      AbstractContextManager[Iterator[bytes]]],
-                    known_keys: Callable[[ArchiverSession, Identity], Mapping[bytes, bytes]]
-                    | None = None) -> None:
-    """``known_keys``: after login, minute keys from outside the stream (an access grant
-    opened on the token: client/grants.py)."""
-    explicit = _load_cert(archiver_cert)
-    with ExitStack() as stack:
-        output = _open_output(output_target)
-        save = FileOutput(save_stream) if save_stream is not None else None
-        try:
-            session = stack.enter_context(ArchiverSession(url, tls_ca=tls_ca))
-            identity = _open_identity(stack, token)
-            login = _login(session, identity, url, explicit)
-        except BaseException:
-            output.abort()
-            if save is not None:
-                save.abort()
-            raise
-        after_login = operations(identity)
-        try:
-            keys = known_keys(session, identity) if known_keys is not None else None
-        except BaseException:
-            output.abort()
-            if save is not None:
-                save.abort()
-            raise
-        start, end = (0, 0)
-        show_progress = progress_range is not None and not quiet and sys.stderr.isatty()
-        if show_progress and progress_range is not None:
-            start, end = recorded_part(session, progress_camera, *progress_range)
-        # A fresh nonce per request, made just before it is sent (live: the local clock then
-        # is the start the stream's freshness is judged against).
-        asked = make_request()
-        run_stream(identity=identity, output=output, save=save,
-                    fetch=lambda: request(session, asked),
-                    check=archiver_pin_check(login.archiver_fingerprint),
-                    progress=Progress(show_progress, start, end),
-                    login_ops=lambda: after_login, live=live, quiet=quiet, request=asked,
-                   known_keys=keys)
+READ_CHUNK = 1 << 20
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -196,13 +79,12 @@ def play(
     quiet: QuietOpt = False,
 ) -> None:
     """Export a recorded time range of a camera as verified, decrypted MPEG-TS."""
-    from_ms, to_ms = parse_range(from_, to, _now_ms())
-    _check_camera(camera)
-    _stream_command(url=archiver, token=token, output_target=output, archiver_cert=archiver_cert,
-                    tls_ca=tls_ca, save_stream=save_stream, quiet=quiet, live=False,
-                    progress_range=(from_ms, to_ms), progress_camera=camera,
-                    make_request=lambda: playback_request(camera, from_ms, to_ms),
-                    request=lambda s, asked: s.recording(camera, from_ms, to_ms, asked))
+    from_ms, to_ms = parse_range(from_, to, now_ms())
+    check_camera(camera)
+    stream_command(url=archiver, token=token, output_target=output, archiver_cert=archiver_cert,
+                   tls_ca=tls_ca, save_stream=save_stream, quiet=quiet, live=False,
+                   progress_range=(from_ms, to_ms), progress_camera=camera,
+                   make_request=lambda: playback_request(camera, from_ms, to_ms))
 
 
 @app.command()
@@ -225,14 +107,13 @@ def live(
              "fresh (a replay).")] = DEFAULT_MAX_SKEW_MS / 1000,
 ) -> None:
     """Watch a camera live; each segment is written as soon as it is verified (-o - | ffplay -)."""
-    _check_camera(camera)
+    check_camera(camera)
     seconds = duration if duration is not None else MAX_LIVE_S
     skew_ms = int(max_clock_skew * 1000)
-    _stream_command(url=archiver, token=token, output_target=output, archiver_cert=archiver_cert,
-                    tls_ca=tls_ca, save_stream=save_stream, quiet=quiet, live=True,
-                    progress_range=None,
-                    make_request=lambda: live_request(camera, seconds, max_skew_ms=skew_ms),
-                    request=lambda s, asked: s.live(camera, seconds, asked))
+    stream_command(url=archiver, token=token, output_target=output, archiver_cert=archiver_cert,
+                   tls_ca=tls_ca, save_stream=save_stream, quiet=quiet, live=True,
+                   progress_range=None,
+                   make_request=lambda: live_request(camera, seconds, max_skew_ms=skew_ms))
 
 
 @app.command()
@@ -244,11 +125,7 @@ def cameras(
     as_json: JsonOpt = False,
 ) -> None:
     """List the cameras this viewer may watch, with their recorded ranges."""
-    explicit = _load_cert(archiver_cert)
-    with ExitStack() as stack:
-        session = stack.enter_context(ArchiverSession(archiver, tls_ca=tls_ca))
-        identity = _open_identity(stack, token)
-        _login(session, identity, archiver, explicit)
+    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, _identity, _login):
         views = session.cameras()
     if as_json:
         typer.echo(json.dumps({"cameras": [v.__dict__ for v in views]}))
@@ -280,13 +157,10 @@ def view(
     page. Ctrl-C stops it."""
     from client.web.backend import ViewerBackend
     from client.web.server import serve
-    explicit = _load_cert(archiver_cert)
-    with ExitStack() as stack:
-        session = stack.enter_context(ArchiverSession(archiver, tls_ca=tls_ca))
-        identity = _open_identity(stack, token)
-        login = _login(session, identity, archiver, explicit)
+    explicit = load_certificate_file(archiver_cert) if archiver_cert is not None else None
+    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login):
         backend = ViewerBackend(session, identity, login,
-                                lambda: _login(session, identity, archiver, explicit), export_dir)
+                                lambda: login_and_say(session, identity, explicit), export_dir)
 
         terminal = sys.stdin.isatty()
 
@@ -315,7 +189,7 @@ def open_saved(
     """Verify and decrypt a saved fusion stream offline, against a pinned or given Archiver.
     Prints what the stream is (camera, range, Archiver, when made, request nonce): it answered
     a past request and is no answer to a new one."""
-    explicit = _load_cert(archiver_cert)
+    explicit = load_certificate_file(archiver_cert) if archiver_cert is not None else None
     if explicit is None and archiver is None:
         raise UsageError("Give --archiver-cert FILE or --archiver URL (a pinned Archiver) to say "
                          "whose signature the stream must carry.")
@@ -332,15 +206,15 @@ def open_saved(
         raise UsageError(f"Cannot read {stream_file}: {exc.strerror or exc}.") from None
     with ExitStack() as stack:
         stack.callback(fh.close)
-        out = _open_output(output)
+        out = open_output(output)
         try:
-            identity = _open_identity(stack, token)
+            identity = stack.enter_context(open_identity(token, prompt=True))
         except BaseException:
             out.abort()
             raise
 
         def chunks() -> Iterator[bytes]:
-            while data := fh.read(_READ_CHUNK):
+            while data := fh.read(READ_CHUNK):
                 yield data
 
         run_stream(identity=identity, output=out, save=None,
@@ -353,8 +227,6 @@ def open_saved(
 register_grants(app)
 
 # Evidence packages (docs/evidence.md): export, and offline verification without a token.
-from client.evidence import evidence_app  # noqa: E402
-
 app.add_typer(evidence_app, name="evidence")
 tidy_help(app)  # help wraps to the terminal, not to the source's line breaks
 

@@ -7,20 +7,18 @@ the opaque grant to the Archiver, where it waits for an admin's approval.
 ``grants play``: the grantee fetches its approved grant, opens it on its token and plays the
 range (or a part of it) as a normal fusion stream whose keys come from the grant.
 
-The CLI helpers are imported when a command runs: client.cli registers these commands.
+The work is the viewer library's (client.viewer: make_grant_for, open_grant); this module owns
+options and messages. client.cli registers these commands.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import json
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -32,48 +30,38 @@ from client.options import (
     TlsCaOpt,
     TokenOpt,
 )
-from client.playback import say
-from keyservice.errors import FormatError, UsageError
+from client.playback import logged_in, say, stream_command
+from client.session import ArchiverSession, playback_request
+from client.viewer import (
+    OpenedGrantRange,
+    check_camera,
+    load_certificate_file,
+    make_grant_for,
+    now_ms,
+    open_grant,
+    recipient_for,
+)
+from keyservice.errors import UsageError
+from keyservice.identity import Identity
+from keyservice.reader import StreamRequest
 from keyservice.text import printable
+from keyservice.timespec import parse_range, parse_time
 
-_GRANT_ID = re.compile(r"^[0-9a-f]{32}$")
+__all__ = ["grant", "grants_app", "grants_list", "grants_play", "register"]
+
+GRANT_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 grants_app = typer.Typer(no_args_is_help=True,
                          help="Access grants you made or received: list, play.")
 
 
-class _Discard:
-    """The grantor's output: the range is verified, not written."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def commit(self) -> None:
-        return None
-
-    def abort(self) -> None:
-        return None
-
-
-def _check_grant_id(grant_id: str) -> str:
+def check_grant_id(grant_id: str) -> str:
+    """A grant id, normalized (lower case); UsageError if it is not 32 hex digits."""
     grant_id = grant_id.strip().lower()
-    if not _GRANT_ID.match(grant_id):
+    if not GRANT_ID.match(grant_id):
         raise UsageError(f"{grant_id!r} is not a grant id (32 hex digits, from 'grants list').")
     return grant_id
-
-
-@contextmanager
-def _logged_in(url: str, token: str, archiver_cert: Path | None,
-               tls_ca: Path | None) -> Iterator[tuple[Any, Any, Any]]:
-    from client import cli
-    from client.session import ArchiverSession
-    explicit = cli._load_cert(archiver_cert)
-    with ExitStack() as stack:
-        session = stack.enter_context(ArchiverSession(url, tls_ca=tls_ca))
-        identity = cli._open_identity(stack, token)
-        login = cli._login(session, identity, url, explicit)
-        yield session, identity, login
 
 
 def _when(ms: int) -> str:
@@ -103,45 +91,23 @@ def grant(
 ) -> None:
     """Grant a recorded range you can play to another viewer certificate. The Archiver serves
     it to the grantee only after an admin approved it; it never sees a key."""
-    from client import cli
-    from client.player import Player, archiver_pin_check
-    from client.session import playback_request
-    from keyservice.certs import validate_viewer_certificate
-    from keyservice.grants import MAX_GRANT_KEYS, GrantKey, decode_grant, make_grant
-    from keyservice.keyscheme import KeyScheme, Recipient
-    from keyservice.timespec import parse_range
-
-    from_ms, to_ms = parse_range(from_, to, cli._now_ms())
-    cli._check_camera(camera)
-    grantee = cli._load_cert(to_cert)
-    kind = validate_viewer_certificate(
-        grantee, now=dt.datetime.now(dt.UTC), trust_decision=False,
-        oaep_hash=KeyScheme.from_label(key_scheme) if key_scheme else None)
-    recipient = Recipient(grantee, kind)
-    with _logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login):
+    from_ms, to_ms = parse_range(from_, to, now_ms())
+    check_camera(camera)
+    grantee = load_certificate_file(to_cert)
+    # Checked before the Archiver and the token are bothered.
+    recipient = recipient_for(grantee, key_scheme)
+    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login):
         # Played exactly as `play` would (every check of the reader), written nowhere: the keys
         # granted are those of the segments the verified stream of this range released.
-        request = playback_request(camera, from_ms, to_ms)
-        player = Player(identity, archiver_pin_check(login.archiver_fingerprint), _Discard(),
-                        request=request)
-        with session.recording(camera, from_ms, to_ms, request) as chunks:
-            summary = player.run(chunks)
-        keys = [GrantKey(k.stream, k.key_id, k.key) for k in player.verified_keys.values()]
-        if not keys:
-            raise UsageError("Nothing to grant: the range holds no segment you can decrypt.")
-        if len(keys) > MAX_GRANT_KEYS:
-            raise UsageError(f"The range spans {len(keys)} minute keys; a grant carries at most "
-                             f"{MAX_GRANT_KEYS}. Split it into several grants.")
-        blob = make_grant(recipient, camera, from_ms, to_ms, keys, cli._now_ms())
-        grant_id = decode_grant(blob).grant_id.hex()
-        answer = session.create_grant(blob, note)
+        made = make_grant_for(session, identity, login, camera, from_ms, to_ms, recipient,
+                              note=note)
     if as_json:
-        typer.echo(json.dumps(answer))
+        typer.echo(json.dumps(made.grant.to_json()))
         return
-    state = answer.get("state", "?") if isinstance(answer, dict) else "?"
-    say(f"verified {summary.segments} segment(s) of camera {camera}; wrapped their "
-             f"{len(keys)} minute key(s) to {printable(grantee.subject.rfc4514_string())}")
-    typer.echo(f"grant {grant_id}: {state}; an admin must approve it "
+    grant_id = made.grant.grant_id
+    say(f"verified {made.verified.segments} segment(s) of camera {camera}; wrapped their "
+        f"{made.keys} minute key(s) to {printable(grantee.subject.rfc4514_string())}")
+    typer.echo(f"grant {grant_id}: {made.grant.state}; an admin must approve it "
                f"('fusion-archiver grants approve {grant_id}')")
 
 
@@ -154,19 +120,19 @@ def grants_list(
     as_json: JsonOpt = False,
 ) -> None:
     """The grants you made or received, with their state."""
-    with _logged_in(archiver, token, archiver_cert, tls_ca) as (session, _identity, login):
+    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, _identity, login):
         rows = session.grants()
         me = login.viewer_fingerprint
     if as_json:
-        typer.echo(json.dumps({"grants": rows}))
+        typer.echo(json.dumps({"grants": [r.to_json() for r in rows]}))
         return
     if not rows:
         typer.echo("no grants")
     for r in rows:
-        role = "to you from " + r["grantor"][:16] if r["grantee"] == me else \
-            "by you to " + r["grantee"][:16]
-        typer.echo(printable(f"{r['grant_id']}  {r['state']:<8}  {r['camera']}  "
-                             f"{_when(r['from_ms'])} .. {_when(r['to_ms'])}  {r['keys']} keys  "
+        role = "to you from " + r.grantor[:16] if r.grantee == me else \
+            "by you to " + r.grantee[:16]
+        typer.echo(printable(f"{r.grant_id}  {r.state:<8}  {r.camera}  "
+                             f"{_when(r.from_ms)} .. {_when(r.to_ms)}  {r.keys} keys  "
                              f"{role}"))
 
 
@@ -185,53 +151,30 @@ def grants_play(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
 ) -> None:
     """Play a range granted to you (approved by an admin), with your own token."""
-    from client import cli
-    from client.session import playback_request
-    from keyservice.grants import open_grant
-    from keyservice.timespec import parse_time
-
-    grant_id = _check_grant_id(grant_id)
-    now = cli._now_ms()
+    grant_id = check_grant_id(grant_id)
+    now = now_ms()
     asked_from = parse_time(from_, now) if from_ is not None else None
     asked_to = parse_time(to, now) if to is not None else None
-    granted: dict[str, Any] = {}
+    granted: list[OpenedGrantRange] = []
 
-    def open_keys(session: Any, identity: Any) -> Mapping[bytes, bytes]:
-        body = session.grant(grant_id)
-        try:
-            blob = base64.b64decode(body["grant"], validate=True)
-        except (binascii.Error, ValueError):
-            raise FormatError("The grant the Archiver sent is not base64.") from None
-        opened = open_grant(identity, blob)  # one token operation; IntegrityError if altered
-        if opened.grant_id.hex() != grant_id:
-            raise FormatError("The Archiver sent another grant than the one asked for.")
-        start = opened.from_ms if asked_from is None else asked_from
-        end = opened.to_ms if asked_to is None else asked_to
-        if end < start:
-            raise UsageError("The range ends before it starts.")
-        if start < opened.from_ms or end > opened.to_ms:
-            from client.session import OutsideGrant
-            raise OutsideGrant(f"Grant {grant_id} covers camera {opened.camera} from "
-                               f"{_when(opened.from_ms)} to {_when(opened.to_ms)} only.")
-        granted.update(camera=opened.camera, from_ms=start, to_ms=end)
+    def open_keys(session: ArchiverSession, identity: Identity) -> Mapping[bytes, bytes]:
+        opened = open_grant(session, identity, grant_id, from_ms=asked_from, to_ms=asked_to)
+        granted.append(opened)
         if not quiet:
             say(f"grant {grant_id} opened on your token (1 token operation): camera "
-                     f"{opened.camera}, {len(opened.keys)} minute key(s) for "
-                     f"{_when(opened.from_ms)} .. {_when(opened.to_ms)}")
+                f"{opened.camera}, {len(opened.keys)} minute key(s) for "
+                f"{_when(opened.granted_from_ms)} .. {_when(opened.granted_to_ms)}")
         return opened.keys
 
-    def request() -> Any:
-        return playback_request(granted["camera"], granted["from_ms"], granted["to_ms"])
+    def request() -> StreamRequest:
+        return playback_request(granted[0].camera, granted[0].from_ms, granted[0].to_ms)
 
-    def fetch(session: Any, asked: Any) -> Any:
-        return session.grant_recording(grant_id, asked)
-
-    cli._stream_command(url=archiver, token=token, output_target=output,
-                        archiver_cert=archiver_cert, tls_ca=tls_ca, save_stream=None,
-                        quiet=quiet, live=False, progress_range=None, make_request=request,
-                        request=fetch, known_keys=open_keys)
+    stream_command(url=archiver, token=token, output_target=output, archiver_cert=archiver_cert,
+                   tls_ca=tls_ca, save_stream=None, quiet=quiet, live=False, progress_range=None,
+                   make_request=request, grant_id=grant_id, known_keys=open_keys)
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``grant`` and ``grants list|play`` to the fusion-client app."""
     app.command("grant")(grant)
     app.add_typer(grants_app, name="grants")

@@ -8,6 +8,9 @@ from typing import Annotated
 
 import typer
 
+__all__ = ["DEFAULT_URL", "ArchiverCertOpt", "ArchiverOpt", "CameraOpt", "JsonOpt", "OutputOpt",
+           "QuietOpt", "SaveOpt", "TlsCaOpt", "TokenOpt"]
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 ArchiverOpt = Annotated[str, typer.Option("--archiver", envvar="FUSION_ARCHIVER_URL",

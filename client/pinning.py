@@ -35,6 +35,9 @@ from cryptography import x509
 from keyservice.errors import ArchiverMismatch, UsageError
 from keyservice.identity import fingerprint
 
+__all__ = ["KNOWN_FILE", "KnownArchivers", "KnownEntry", "PinDecision", "PinOutcome",
+           "archiver_key", "check_archiver", "client_home", "parse_known"]
+
 KNOWN_FILE = "known_archivers"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -68,6 +71,8 @@ def archiver_key(url: str) -> str:
 
 
 class PinOutcome(Enum):
+    """How an Archiver's certificate came to be trusted."""
+
     MATCHED = "matched the pinned certificate"
     EXPLICIT = "matched the certificate given with --archiver-cert"
     FIRST_USE = "trusted on first use and pinned"
@@ -75,6 +80,9 @@ class PinOutcome(Enum):
 
 @dataclass(frozen=True)
 class PinDecision:
+    """The decision on an Archiver's certificate: how, its fingerprint, where the pin lives, and
+    the older pin an explicit certificate replaced."""
+
     outcome: PinOutcome
     fingerprint: bytes
     stored_in: Path
@@ -83,6 +91,8 @@ class PinDecision:
 
 @dataclass(frozen=True)
 class KnownEntry:
+    """One pinned Archiver: its normalized URL key, certificate fingerprint and a comment."""
+
     key: str
     fingerprint: bytes
     comment: str
@@ -96,6 +106,7 @@ class KnownArchivers:
 
     @classmethod
     def default(cls) -> KnownArchivers:
+        """The user's file: ``client_home()/known_archivers``."""
         return cls(client_home() / KNOWN_FILE)
 
     def _entries(self) -> list[KnownEntry]:
@@ -111,16 +122,19 @@ class KnownArchivers:
         return entries
 
     def lookup(self, url: str) -> bytes | None:
+        """The fingerprint pinned for ``url``, or None."""
         key = archiver_key(url)
         return next((e.fingerprint for e in self._entries() if e.key == key), None)
 
     def remember(self, url: str, cert_fingerprint: bytes, comment: str = "") -> None:
+        """Pin ``cert_fingerprint`` for ``url`` (replacing an older pin)."""
         key = archiver_key(url)
         entries = [e for e in self._entries() if e.key != key]
         entries.append(KnownEntry(key, cert_fingerprint, comment))
         self._write(entries)
 
     def forget(self, url: str) -> bool:
+        """Remove the pin of ``url``; True if there was one."""
         key = archiver_key(url)
         entries = self._entries()
         kept = [e for e in entries if e.key != key]

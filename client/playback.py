@@ -1,7 +1,9 @@
-"""What a stream command does from the first byte to the last: progress, interruptions, the
-summary, and what to say when a stream fails (how much verified video was kept, and where).
+"""The command line's side of the viewer (shared by client/cli.py, grants.py, evidence.py):
+logging in with messages, and what a stream command does from the first byte to the last:
+progress, interruptions, the summary, and what to say when a stream fails (how much verified
+video was kept, and where).
 
-The commands in client/cli.py wire the token, the session and the output, then call run_stream.
+The work itself is the viewer library's (client/viewer.py); this module prints and exits.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
 from cryptography import x509
 
+from client.pinning import PinDecision, PinOutcome
 from client.player import (
     FileOutput,
     Output,
@@ -26,9 +29,11 @@ from client.player import (
     Player,
     ReaderClosed,
     Summary,
+    archiver_pin_check,
 )
 from client.session import ArchiverSession
-from keyservice.errors import KeyServiceError
+from client.viewer import Login, load_certificate_file, login, open_identity, stream
+from keyservice.errors import KeyServiceError, UsageError
 from keyservice.exits import failure
 from keyservice.format import Header, Mode
 from keyservice.identity import Identity, fingerprint
@@ -36,13 +41,69 @@ from keyservice.reader import StreamRequest
 from keyservice.text import printable
 from keyservice.timespec import format_duration, format_ms
 
+__all__ = ["DeferredInterrupt", "Progress", "describe_saved", "logged_in", "login_and_say", "mib",
+           "open_output", "operations", "pin_message", "print_summary", "reader_closed",
+           "recorded_part", "report_failure", "run_stream", "say", "stream_command",
+           "token_line"]
+
 
 def say(message: str) -> None:
+    """One message on stderr, prefixed ``fusion-client:``, control characters escaped."""
     # Messages quote the Archiver, certificates and files: never let them drive the terminal.
     typer.echo(f"fusion-client: {printable(message)}", err=True)
 
 
+def pin_message(url: str, decision: PinDecision) -> str | None:
+    """What to tell the user about how the Archiver's certificate was trusted (None: it
+    matched the pin, nothing to say)."""
+    if decision.outcome is PinOutcome.FIRST_USE:
+        return (f"trusting the Archiver at {url} on first use: certificate sha256 "
+                f"{decision.fingerprint.hex()} (pinned in {decision.stored_in}); compare it "
+                "with the fingerprint your admin gives you.")
+    if decision.replaced is not None:
+        return (f"replaced the pinned certificate of {url} (sha256 {decision.replaced.hex()}) "
+                f"with the one given by --archiver-cert (sha256 {decision.fingerprint.hex()}).")
+    return None
+
+
+def login_and_say(session: ArchiverSession, identity: Identity,
+                  explicit: x509.Certificate | None) -> Login:
+    """``client.viewer.login``, saying a first-use pin or a replaced pin on stderr."""
+    result = login(session, identity, archiver_cert=explicit)
+    message = pin_message(session.url, result.pin)
+    if message is not None:
+        say(message)
+    return result
+
+
+@contextmanager
+def logged_in(url: str, token: str, archiver_cert: Path | None,
+              tls_ca: Path | None) -> Iterator[tuple[ArchiverSession, Identity, Login]]:
+    """A session to the Archiver at ``url``, the token's identity (PIN prompted if needed)
+    and the login, for the ``with`` block."""
+    explicit = load_certificate_file(archiver_cert) if archiver_cert is not None else None
+    with ExitStack() as stack:
+        session = stack.enter_context(ArchiverSession(url, tls_ca=tls_ca))
+        identity = stack.enter_context(open_identity(token, prompt=True))
+        yield session, identity, login_and_say(session, identity, explicit)
+
+
+def open_output(target: str) -> Output:
+    """The video's destination: a file (FILE.partial until verified), or '-' for standard
+    output (never a terminal)."""
+    if target == "-":
+        if sys.stdout.isatty():
+            raise UsageError("Refusing to write video to a terminal; pipe it "
+                             "(... -o - | ffplay -) or give -o FILE.")
+        return PipeOutput(sys.stdout.buffer)
+    path = Path(target)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; give a file name for the video.")
+    return FileOutput(path)
+
+
 def operations(identity: Identity) -> int:
+    """Token operations the identity has made so far (0 if it does not count them)."""
     return int(getattr(identity, "operations", 0))
 
 
@@ -70,6 +131,7 @@ class Progress:
             self._bar.stop()
 
     def segment(self, event: Any) -> None:
+        """Move the bar to a verified segment's capture time."""
         if self._bar is not None:
             done = max(0, min(self._to, event.capture_ms) - self._from)
             self._bar.update(self._task, completed=done,
@@ -77,15 +139,18 @@ class Progress:
 
 
 def mib(n: int) -> str:
+    """A byte count for a person (KiB or MiB)."""
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
 def token_line(login_ops: int, token_ops: int, epoch_openings: int) -> str:
+    """The summary's line about token operations."""
     return (f"token operations: {token_ops} ({login_ops} login, {epoch_openings} epoch "
             "opener(s))")
 
 
 def print_summary(summary: Summary, login_ops: int, token_ops: int, where: str) -> None:
+    """The stream command's summary on stderr: segments, range, token operations, gaps."""
     if summary.segments:
         assert summary.first_ms is not None and summary.last_ms is not None
         say(f"{summary.segments} segment(s), {mib(summary.bytes)}, captured "
@@ -125,6 +190,7 @@ class DeferredInterrupt:
 
     @contextmanager
     def critical(self) -> Iterator[None]:
+        """Defer Ctrl-C until the block (one segment written and counted) is done."""
         self._depth += 1
         try:
             yield
@@ -147,8 +213,13 @@ def run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
     what was asked for, checked by the reader; None only for a saved stream (``saved``),
     whose header is then printed as what it is."""
     interrupts = DeferredInterrupt()
-    player = Player(identity, check, output, on_segment=progress.segment,
-                    critical=interrupts.critical, request=request, known_keys=known_keys)
+    if request is None:
+        # `fusion-client open`: a saved stream, verified offline; it answered a past request.
+        player = Player.for_saved_stream(identity, check, output, on_segment=progress.segment,
+                                         critical=interrupts.critical)
+    else:
+        player = Player(identity, check, output, request=request, on_segment=progress.segment,
+                        critical=interrupts.critical, known_keys=known_keys)
     stopped_by_user = False
     try:
         with interrupts, progress, fetch() as chunks:
@@ -241,6 +312,7 @@ def reader_closed(player: Player, saved: Path | None, quiet: bool) -> None:
 
 def report_failure(exc: BaseException, player: Player, kept: Path | None, saved: Path | None,
                     output: Output) -> None:
+    """Say why the stream failed, and where the verified output stops and is kept."""
     say(failure(exc)[0])
     if player.summary.segments:
         where = f"output stops {player.where()}"
@@ -268,3 +340,44 @@ def recorded_part(session: ArchiverSession, camera: str, from_ms: int,
     return (start, end) if start < end else (from_ms, to_ms)
 
 
+def stream_command(*, url: str, token: str, output_target: str, archiver_cert: Path | None,
+                   tls_ca: Path | None, save_stream: Path | None, quiet: bool, live: bool,
+                   progress_range: tuple[int, int] | None, progress_camera: str = "",
+                   make_request: Callable[[], StreamRequest], grant_id: str | None = None,
+                   known_keys: Callable[[ArchiverSession, Identity], Mapping[bytes, bytes]]
+                   | None = None) -> None:
+    """One stream command (play, live, grants play): log in, fetch the stream bound to a
+    fresh request (client.viewer.stream), verify and write it with progress and messages.
+    ``known_keys``: after login, minute keys from outside the stream (an access grant opened
+    on the token: client/grants.py)."""
+    explicit = load_certificate_file(archiver_cert) if archiver_cert is not None else None
+    with ExitStack() as stack:
+        output = open_output(output_target)
+        save = FileOutput(save_stream) if save_stream is not None else None
+        try:
+            session = stack.enter_context(ArchiverSession(url, tls_ca=tls_ca))
+            identity = stack.enter_context(open_identity(token, prompt=True))
+            login = login_and_say(session, identity, explicit)
+            after_login = operations(identity)
+            keys = known_keys(session, identity) if known_keys is not None else None
+        except BaseException:
+            output.abort()
+            if save is not None:
+                save.abort()
+            raise
+        start, end = (0, 0)
+        show_progress = progress_range is not None and not quiet and sys.stderr.isatty()
+        if show_progress and progress_range is not None:
+            start, end = recorded_part(session, progress_camera, *progress_range)
+        # A fresh nonce per request, made just before it is sent (live: the local clock then
+        # is the start the stream's freshness is judged against).
+        asked = make_request()
+
+        def fetch() -> AbstractContextManager[Iterator[bytes]]:
+            return stream(session, asked, grant_id=grant_id)
+
+        run_stream(identity=identity, output=output, save=save, fetch=fetch,
+                   check=archiver_pin_check(login.archiver_fingerprint),
+                   progress=Progress(show_progress, start, end),
+                   login_ops=lambda: after_login, live=live, quiet=quiet, request=asked,
+                   known_keys=keys)

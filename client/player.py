@@ -40,6 +40,29 @@ from keyservice.reader import (
 )
 from keyservice.timespec import format_ms
 
+__all__ = [
+    "EXACT_GAP_MS",
+    "GAP_FACTOR",
+    "MIN_GAP_MS",
+    "MISSING",
+    "NOT_AUTHORIZED",
+    "NO_RECORDING",
+    "DiscardOutput",
+    "FileOutput",
+    "Gap",
+    "MemoryOutput",
+    "NothingAuthorized",
+    "Output",
+    "OutputFailed",
+    "PipeOutput",
+    "Player",
+    "Position",
+    "ReaderClosed",
+    "StreamTruncated",
+    "Summary",
+    "archiver_pin_check",
+]
+
 # StreamTruncated (50) and RangeIncomplete (53, also for segments that did not come) are
 # keyservice.errors' own; StreamTruncated stays importable from here.
 
@@ -88,6 +111,7 @@ class Gap:
     segments: int = 0  # segments skipped (kind NOT_AUTHORIZED or MISSING)
 
     def describe(self) -> str:
+        """One sentence for a person."""
         span = f"{format_ms(self.from_ms)} .. {format_ms(self.to_ms)}"
         if self.kind == NOT_AUTHORIZED:
             return (f"camera {self.camera}: {self.segments} segment(s) {span} withheld: not "
@@ -110,12 +134,16 @@ class Position:
     capture_ms: int
 
     def describe(self) -> str:
+        """One sentence for a person."""
         return (f"segment {self.seq} of camera {self.camera} "
                 f"(captured {format_ms(self.capture_ms)})")
 
 
 @dataclass
 class Summary:
+    """What a stream gave: segments written, skipped (not authorized) and missing, bytes,
+    signed capture-time range, gaps, token operations, whether its signed end record came."""
+
     segments: int = 0
     skipped: int = 0
     missing: int = 0
@@ -130,9 +158,20 @@ class Summary:
 
 
 class Output(Protocol):
-    def write(self, data: bytes) -> None: ...
-    def commit(self) -> Path | None: ...
-    def abort(self) -> Path | None: ...
+    """Where verified video goes: ``write`` each released segment, then ``commit`` once the
+    stream verified to its end, or ``abort`` (both may return the file they left)."""
+
+    def write(self, data: bytes) -> None:
+        """Take the next verified segment's bytes."""
+        ...
+
+    def commit(self) -> Path | None:
+        """The stream verified to its end: make the output final (returns its file)."""
+        ...
+
+    def abort(self) -> Path | None:
+        """The stream failed: keep what was written under a name that says so, or nothing."""
+        ...
 
 
 class FileOutput:
@@ -151,6 +190,7 @@ class FileOutput:
         self.written = 0
 
     def write(self, data: bytes) -> None:
+        """Take the next verified segment's bytes."""
         assert self._fh is not None
         try:
             self._fh.write(data)
@@ -159,6 +199,7 @@ class FileOutput:
         self.written += len(data)
 
     def commit(self) -> Path:
+        """The stream verified to its end: make the output final."""
         assert self._fh is not None
         try:
             self._fh.flush()
@@ -195,6 +236,7 @@ class PipeOutput:
         self._stream = stream
 
     def write(self, data: bytes) -> None:
+        """Take the next verified segment's bytes."""
         try:
             self._stream.write(data)
             self._stream.flush()
@@ -206,9 +248,53 @@ class PipeOutput:
                                f"{exc.strerror or exc}.") from None
 
     def commit(self) -> None:
+        """The stream verified to its end: make the output final."""
         return None
 
     def abort(self) -> None:
+        """The stream failed: see ``Output.abort``."""
+        return None
+
+
+class MemoryOutput:
+    """Keeps the verified video in memory (``data()`` once the stream verified)."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        """Take the next verified segment's bytes."""
+        self._parts.append(data)
+
+    def commit(self) -> None:
+        """The stream verified to its end: make the output final."""
+        return None
+
+    def abort(self) -> None:
+        """The stream failed: see ``Output.abort``."""
+        self._parts.clear()
+
+    def data(self) -> bytes:
+        """Everything written so far, as one bytes object."""
+        if len(self._parts) != 1:
+            self._parts = [b"".join(self._parts)]
+        return self._parts[0]
+
+
+class DiscardOutput:
+    """Verifies without writing: the stream is checked to its signed end, the video dropped
+    (a grantor checks the range it grants; the web page takes segments through on_segment)."""
+
+    def write(self, data: bytes) -> None:
+        """Take the next verified segment's bytes."""
+        pass
+
+    def commit(self) -> None:
+        """The stream verified to its end: make the output final."""
+        return None
+
+    def abort(self) -> None:
+        """The stream failed: see ``Output.abort``."""
         return None
 
 
@@ -224,19 +310,54 @@ def archiver_pin_check(pinned_fingerprint: bytes) -> Callable[[x509.Certificate]
 
 
 class Player:
-    """Feeds fusion-stream bytes to the reader and writes what it releases, in order."""
+    """Feeds fusion-stream bytes to the reader and writes what it releases, in order.
+
+    Always bound to a request: the stream must answer exactly what was asked (nonce, camera,
+    mode, range, signed capture times, freshness), so a stream saved from another request and
+    replayed is refused. A saved stream verified offline is the one exception, and it is
+    explicit: ``Player.for_saved_stream``.
+    """
 
     def __init__(self, identity: Identity, check_archiver: Callable[[x509.Certificate], None],
-                 output: Output, *, on_segment: Callable[[SegmentPlaintext], None] | None = None,
+                 output: Output, *, request: StreamRequest,
+                 on_segment: Callable[[SegmentPlaintext], None] | None = None,
                  min_gap_ms: int = MIN_GAP_MS,
                  critical: Callable[[], AbstractContextManager[object]] = nullcontext,
-                 request: StreamRequest | None = None,
                  known_keys: Mapping[bytes, bytes] | None = None) -> None:
-        """``known_keys``: minute keys from an opened access grant (see StreamReader).
+        """``request``: what was asked for (client.session.playback_request/live_request);
+        required. ``known_keys``: minute keys from an opened access grant (see StreamReader).
         ``critical`` wraps writing and counting one segment (the CLI defers Ctrl-C there,
-        so the summary and "output stops after" always match what was written).
-        ``request``: what was asked for; the stream must answer exactly that (nonce, camera,
-        mode, range, signed capture times, freshness). None only for a saved stream."""
+        so the summary and "output stops after" always match what was written)."""
+        if not isinstance(request, StreamRequest):
+            # Not a type check for its own sake: None here would silently turn off the
+            # binding that refuses a replayed stream (issue 24).
+            raise TypeError("Player needs the StreamRequest the stream answers; for a saved "
+                            "stream verified offline use Player.for_saved_stream.")
+        self._setup(identity, check_archiver, output, request, on_segment, min_gap_ms,
+                    critical, known_keys)
+
+    @classmethod
+    def for_saved_stream(cls, identity: Identity,
+                         check_archiver: Callable[[x509.Certificate], None], output: Output, *,
+                         on_segment: Callable[[SegmentPlaintext], None] | None = None,
+                         min_gap_ms: int = MIN_GAP_MS,
+                         critical: Callable[[], AbstractContextManager[object]] = nullcontext,
+                         ) -> Player:
+        """A player for a stream saved earlier (``--save-stream``) and verified offline:
+        signatures, chain, commitments and tags are checked, but no request is, because the
+        stream answered one in the past. Its header says which; never use this for a stream
+        fetched now (that is what ``Player(..., request=...)`` is for)."""
+        player = cls.__new__(cls)
+        player._setup(identity, check_archiver, output, None, on_segment, min_gap_ms,
+                      critical, None)
+        return player
+
+    def _setup(self, identity: Identity, check_archiver: Callable[[x509.Certificate], None],
+               output: Output, request: StreamRequest | None,
+               on_segment: Callable[[SegmentPlaintext], None] | None, min_gap_ms: int,
+               critical: Callable[[], AbstractContextManager[object]],
+               known_keys: Mapping[bytes, bytes] | None) -> None:
+        self.request = request
         self._reader = StreamReader(identity, check_archiver, request=request,
                                     known_keys=known_keys)
         self._output = output
@@ -252,6 +373,7 @@ class Player:
         self._missing_run: dict[tuple[str, int], list[int]] = {}
 
     def feed(self, data: bytes) -> None:
+        """Give the next bytes of the stream (any chunking); writes what they release."""
         try:
             events = self._reader.feed(data)
         finally:
@@ -311,6 +433,9 @@ class Player:
         return f"after {last.describe()}" if last else "before the first segment"
 
     def run(self, chunks: Iterable[bytes]) -> Summary:
+        """Feed every chunk, then ``finish``: the summary of a stream that verified to its
+        signed end record (raises the reader's errors otherwise; the output is the caller's
+        to commit or abort)."""
         for chunk in chunks:
             self.feed(chunk)
         return self.finish()

@@ -12,12 +12,14 @@ Every failure becomes a KeyServiceError subclass with one sentence and its own e
 from __future__ import annotations
 
 import base64
+import binascii
+import dataclasses
 import secrets
 import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +33,7 @@ from keyservice.errors import (  # the HTTP errors are shared with fusion-archiv
     ArchiverFailed,
     ArchiverUnreachable,
     CertificateError,
+    FormatError,
     KeyServiceError,
     RequestRefused,
     StreamTruncated,
@@ -44,6 +47,12 @@ from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
 from keyservice.tls import trust as tls_trust
 from keyservice.wire import ErrorCode
 
+__all__ = ["ERROR_CLASSES", "MAX_LIVE_S", "MEDIA_TYPE", "ArchiverSession", "CameraView",
+           "GrantBlob", "GrantInfo", "GrantNotUsable", "LoginRefused", "LoginResult",
+           "NoRecording", "NotAuthorized", "NotEnrolled", "OutsideGrant", "RecordingExpired",
+           "UnknownCamera", "UnknownGrant", "ViewerRevoked", "live_request", "local_clock_ms",
+           "playback_request"]
+
 MEDIA_TYPE = "application/vnd.fusion-stream"
 # The Archiver's /live allows at most a day per request.
 MAX_LIVE_S = 86_400
@@ -51,22 +60,32 @@ MAX_LIVE_S = 86_400
 
 # --- errors (exit codes documented in docs/client.md) -------------------------------------
 class NotEnrolled(RequestRefused):
+    """This viewer's certificate is not enrolled on the Archiver."""
+
     exit_code = ExitCode.NOT_ENROLLED
 
 
 class ViewerRevoked(RequestRefused):
+    """This viewer's certificate has been revoked."""
+
     exit_code = ExitCode.VIEWER_REVOKED
 
 
 class NotAuthorized(RequestRefused):
+    """Not authorized on this camera (or no such camera: the Archiver says the same)."""
+
     exit_code = ExitCode.NOT_AUTHORIZED
 
 
 class UnknownCamera(RequestRefused):
+    """No such camera (older Archivers only)."""
+
     exit_code = ExitCode.UNKNOWN_CAMERA
 
 
 class NoRecording(RequestRefused):
+    """No recording in the requested range."""
+
     exit_code = ExitCode.NO_RECORDING
 
 
@@ -80,6 +99,8 @@ class RecordingExpired(NoRecording):
 
 
 class LoginRefused(RequestRefused):
+    """The login was refused (proof malformed or rejected), or the session expired."""
+
     exit_code = ExitCode.LOGIN_REFUSED
 
 
@@ -96,12 +117,14 @@ class OutsideGrant(RequestRefused):
 
 
 class UnknownGrant(RequestRefused):
+    """No such access grant for this viewer's certificate."""
+
     exit_code = ExitCode.UNKNOWN_GRANT
 
 
 # The Archiver's error codes (keyservice.wire) that have an exit code of their own; any other
 # refusal is RequestRefused (4xx) or ArchiverFailed (5xx).
-_CODES: dict[ErrorCode, type[KeyServiceError]] = {
+ERROR_CLASSES: dict[ErrorCode, type[KeyServiceError]] = {
     ErrorCode.NOT_ENROLLED: NotEnrolled,
     ErrorCode.REVOKED: ViewerRevoked,
     ErrorCode.NOT_AUTHORIZED: NotAuthorized,
@@ -125,6 +148,7 @@ _CODES: dict[ErrorCode, type[KeyServiceError]] = {
 
 
 def local_clock_ms() -> int:
+    """This machine's clock, in milliseconds (a live request's freshness is judged by it)."""
     return time.time_ns() // 1_000_000
 
 
@@ -153,7 +177,73 @@ class CameraView:
 
 
 @dataclass(frozen=True)
+class GrantInfo:
+    """An access grant as the Archiver describes it (its state is the Archiver's; the keys
+    inside are opaque to it)."""
+
+    grant_id: str
+    camera: str
+    from_ms: int
+    to_ms: int
+    grantor: str   # certificate fingerprints (hex)
+    grantee: str
+    keys: int
+    created_ms: int
+    state: str     # pending, approved, rejected, revoked
+    decided_ms: int | None = None
+    decided_by: str | None = None
+    note: str | None = None
+
+    @classmethod
+    def from_json(cls, body: Any) -> GrantInfo:
+        """From the Archiver's JSON; ArchiverFailed if it is not a grant's description."""
+        try:
+            return cls(str(body["grant_id"]), str(body["camera"]), int(body["from_ms"]),
+                       int(body["to_ms"]), str(body["grantor"]), str(body["grantee"]),
+                       int(body["keys"]), int(body["created_ms"]), str(body["state"]),
+                       _optional_int(body.get("decided_ms")), _optional_str(body.get("decided_by")),
+                       _optional_str(body.get("note")))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ArchiverFailed("The Archiver's description of a grant is malformed.") from None
+
+    def to_json(self) -> dict[str, Any]:
+        """The same members the Archiver sent."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class GrantBlob:
+    """An approved grant fetched by its grantee: the description and the grant's bytes."""
+
+    info: GrantInfo
+    grant: bytes = field(repr=False)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _check_request(request: StreamRequest, mode: Mode, camera: str, from_ms: int | None = None,
+                   to_ms: int | None = None) -> None:
+    """The fetch sends what the request says, so the Player's check of the answer is the
+    check of what was asked: never a request for one thing with a nonce bound to another."""
+    if not isinstance(request, StreamRequest):
+        raise TypeError("A fetch needs its StreamRequest (playback_request/live_request).")
+    if request.mode != mode or request.cameras != (camera,) or (
+            from_ms is not None and (request.from_ms, request.to_ms) != (from_ms, to_ms)):
+        raise UsageError("The request given does not describe this fetch (camera, mode or "
+                         "range differ).")
+
+
+@dataclass(frozen=True)
 class LoginResult:
+    """A login: the Archiver's certificate (pinned), the viewer's fingerprint as the Archiver
+    knows it, and when the session expires."""
+
     archiver_certificate: x509.Certificate
     archiver_fingerprint: bytes
     viewer_fingerprint: str
@@ -198,6 +288,7 @@ class ArchiverSession:
         self.close()
 
     def close(self) -> None:
+        """Close the connection (the Archiver's session stays valid until it expires)."""
         self._http.close()
 
     # --- plumbing ---------------------------------------------------------------------
@@ -214,14 +305,19 @@ class ArchiverSession:
         if not isinstance(message, str) or not message:
             message = f"The Archiver answered HTTP {response.status_code} " \
                       f"{response.reason_phrase}."
-        if isinstance(code, str) and code in _CODES:
-            error = _CODES[ErrorCode(code)](message)
+        error: KeyServiceError
+        if isinstance(code, str) and code in ERROR_CLASSES:
+            error = ERROR_CLASSES[ErrorCode(code)](message)
             if isinstance(error, RecordingExpired):
                 error.signed = body.get("expiry")
-            return error
-        if response.status_code >= 500:
-            return ArchiverFailed(f"{message} (HTTP {response.status_code})")
-        return RequestRefused(f"{message} (HTTP {response.status_code})")
+        elif response.status_code >= 500:
+            error = ArchiverFailed(f"{message} (HTTP {response.status_code})")
+        else:
+            error = RequestRefused(f"{message} (HTTP {response.status_code})")
+        # What the Archiver said, kept for a program that handles the error (not only a person).
+        error.wire_code = code if isinstance(code, str) else None
+        error.http_status = response.status_code
+        return error
 
     def _headers(self) -> dict[str, str]:
         if self._session_token is None:
@@ -271,6 +367,7 @@ class ArchiverSession:
 
     # --- viewer API -------------------------------------------------------------------
     def cameras(self) -> list[CameraView]:
+        """The cameras this viewer may watch, with their recorded ranges."""
         rows = self._json("GET", "/v1/cameras", auth=True)
         try:
             return [CameraView(str(r["name"]), r["first_ms"], r["last_ms"], int(r["segments"]),
@@ -290,11 +387,12 @@ class ArchiverSession:
 
     @contextmanager
     def recording(self, camera: str, from_ms: int, to_ms: int,
-                  request: StreamRequest | None = None) -> Iterator[Iterator[bytes]]:
+                  request: StreamRequest) -> Iterator[Iterator[bytes]]:
         """The fusion stream of a recorded range, as an iterator of received chunks.
-        ``request`` (see playback_request) carries the nonce sent; give the same one to the
-        Player, which then checks that the stream answers it."""
-        nonce = request.nonce if request is not None else secrets.token_bytes(16)
+        ``request`` (playback_request(camera, from_ms, to_ms)) carries the nonce sent; give the
+        same one to the Player, which then checks that the stream answers it."""
+        _check_request(request, Mode.PLAYBACK, camera, from_ms, to_ms)
+        nonce = request.nonce
         entered = False
         try:
             with self._stream(f"/v1/cameras/{camera}/recording",
@@ -305,7 +403,9 @@ class ArchiverSession:
         except RecordingExpired as exc:
             if entered:
                 raise
-            raise self._signed_expiry(exc, camera, from_ms, to_ms, nonce) from None
+            error = self._signed_expiry(exc, camera, from_ms, to_ms, nonce)
+            error.wire_code, error.http_status = exc.wire_code, exc.http_status
+            raise error from None
 
     def _signed_expiry(self, exc: RecordingExpired, camera: str, from_ms: int, to_ms: int,
                        nonce: bytes) -> KeyServiceError:
@@ -331,27 +431,38 @@ class ArchiverSession:
         return RecordingExpired(f"{exc} Expired (signed by the Archiver): {stretches}.")
 
     # --- access grants of past video (client/grants.py) -----------------------------------
-    def create_grant(self, blob: bytes, note: str | None) -> dict[str, Any]:
+    def create_grant(self, blob: bytes, note: str | None) -> GrantInfo:
         """Hand a grant (opaque: minute keys wrapped to the grantee) to the Archiver; it is
         served only once an admin approves it."""
-        return self._json("POST", "/v1/grants", {"grant": base64.b64encode(blob).decode(),
-                                                 "note": note}, auth=True)
+        return GrantInfo.from_json(self._json(
+            "POST", "/v1/grants", {"grant": base64.b64encode(blob).decode(), "note": note},
+            auth=True))
 
-    def grants(self) -> list[dict[str, Any]]:
+    def grants(self) -> list[GrantInfo]:
         """The grants this viewer made or received, with their state."""
-        return self._json("GET", "/v1/grants", auth=True)
+        rows = self._json("GET", "/v1/grants", auth=True)
+        if not isinstance(rows, list):
+            raise ArchiverFailed("The Archiver's grant list is malformed.")
+        return [GrantInfo.from_json(row) for row in rows]
 
-    def grant(self, grant_id: str) -> dict[str, Any]:
-        """One approved grant addressed to this viewer (the blob and its range)."""
+    def grant(self, grant_id: str) -> GrantBlob:
+        """One approved grant addressed to this viewer: its description and the grant itself
+        (opaque; opened on the grantee's token, keyservice.grants.open_grant)."""
         body = self._json("GET", f"/v1/grants/{grant_id}", auth=True)
         if not isinstance(body, dict) or not isinstance(body.get("grant"), str):
             raise ArchiverFailed("The Archiver's answer for the grant is malformed.")
-        return body
+        try:
+            blob = base64.b64decode(body["grant"], validate=True)
+        except (binascii.Error, ValueError):
+            raise FormatError("The grant the Archiver sent is not base64.") from None
+        return GrantBlob(GrantInfo.from_json(body), blob)
 
     @contextmanager
     def grant_recording(self, grant_id: str, request: StreamRequest) -> Iterator[Iterator[bytes]]:
         """The fusion stream of (part of) a grant's range: segments and manifests, no key
         material (the keys are in the grant)."""
+        _check_request(request, Mode.PLAYBACK, request.cameras[0], request.from_ms,
+                       request.to_ms)
         with self._stream(f"/v1/grants/{grant_id}/recording",
                           {"from_ms": request.from_ms, "to_ms": request.to_ms,
                            "nonce": request.nonce.hex()}, read_timeout=self.timeout) as it:
@@ -359,14 +470,14 @@ class ArchiverSession:
 
     @contextmanager
     def live(self, camera: str, duration_s: float,
-             request: StreamRequest | None = None) -> Iterator[Iterator[bytes]]:
-        """A live fusion stream for ``duration_s`` seconds (``request``: see live_request)."""
-        nonce = (request.nonce if request is not None else secrets.token_bytes(16)).hex()
-        params: dict[str, Any] = {"duration_s": duration_s, "nonce": nonce}
-        if request is not None:
-            # The stream starts at this machine's clock when the request was made, not when
-            # the Archiver got it: a relay holding the request back cannot skip the start.
-            params["from_ms"] = request.from_ms
+             request: StreamRequest) -> Iterator[Iterator[bytes]]:
+        """A live fusion stream for ``duration_s`` seconds (``request``: live_request(camera,
+        duration_s); give the same one to the Player)."""
+        _check_request(request, Mode.LIVE, camera)
+        # The stream starts at this machine's clock when the request was made, not when the
+        # Archiver got it: a relay holding the request back cannot skip the start.
+        params: dict[str, Any] = {"duration_s": duration_s, "nonce": request.nonce.hex(),
+                                  "from_ms": request.from_ms}
         # No read timeout: a camera may be silent for a long time in live mode.
         with self._stream(f"/v1/cameras/{camera}/live", params, read_timeout=None) as it:
             yield it

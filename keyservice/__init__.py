@@ -1,1 +1,20 @@
-"""Fusion stream encryption: wire format, crypto core, PKCS#11 token layer."""
+"""Fusion stream encryption: wire format, crypto core, PKCS#11 token layer.
+
+The public modules: ``keyservice.format`` (the wire format), ``keyservice.reader`` (verifying
+and decrypting a fusion stream), ``keyservice.token`` (keys on PKCS#11 tokens),
+``keyservice.identity`` and ``keyservice.certs`` (viewers' keys and certificates),
+``keyservice.grants`` and ``keyservice.evidence`` (access grants, evidence packages),
+``keyservice.errors`` (every error a user may see: ``KeyServiceError``) and
+``keyservice.exits`` (an error's sentence and exit code). None of them imports a CLI
+framework; ``keyservice.cli`` and ``keyservice.cli_support`` are the command line's.
+"""
+
+import pkgutil
+
+from keyservice.errors import KeyServiceError
+
+# The public surface: KeyServiceError and every public submodule but the command line's
+# (computed, so that a module added or renamed is in the API reference at once).
+__all__ = ["KeyServiceError", *sorted(
+    m.name for m in pkgutil.iter_modules(__path__)
+    if not m.name.startswith("_") and m.name not in ("cli", "cli_support"))]

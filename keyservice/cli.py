@@ -1,7 +1,7 @@
 """fusion-keys: enrol and manage token-bound viewer identities (a thin CLI over keyservice.token).
 
 Every failure is one sentence on stderr and a non-zero exit code (``error.exit_code``); never a
-traceback: commands let errors through to ``keyservice.exits.run``, the path all three CLIs share.
+traceback: commands let errors through to ``keyservice.cli_support.run``, the path all three CLIs share.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from keyservice import certs
+from keyservice.cli_support import add_version_option, hidden_aliases, run, tidy_help
 from keyservice.errors import UsageError
-from keyservice.exits import add_version_option, hidden_aliases, run, tidy_help
 from keyservice.keyscheme import KeyScheme
 from keyservice.text import printable
 

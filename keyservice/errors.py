@@ -24,9 +24,12 @@ from keyservice.exitcodes import ExitCode
 
 
 class KeyServiceError(Exception):
-    """Base of every error a user may see."""
+    """Base of every error a user may see. ``wire_code`` and ``http_status``: what the
+    Archiver answered, when the error is its refusal (keyservice.wire.ErrorCode's value)."""
 
     exit_code: ExitCode = ExitCode.UNEXPECTED
+    wire_code: str | None = None
+    http_status: int | None = None
 
     def __init__(self, message: str, advice: str | None = None) -> None:
         super().__init__(message)

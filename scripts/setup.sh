@@ -35,6 +35,6 @@ PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # pip's own chatter goes to a log, shown only if the install fails.
 { .venv/bin/python -m pip install --upgrade pip &&
-  .venv/bin/python -m pip install -e ".[test,bench]"; } > .venv/pip-install.log 2>&1 ||
+  .venv/bin/python -m pip install -e ".[archiver,test,bench]"; } > .venv/pip-install.log 2>&1 ||
   { cat .venv/pip-install.log >&2; echo "setup: pip install failed (log above)." >&2; exit 1; }
 echo "setup: ready (.venv)" >&2

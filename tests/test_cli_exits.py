@@ -217,3 +217,27 @@ def test_the_client_exit_table_has_one_row_per_code_and_every_client_code() -> N
     # Each verdict has a code of its own (an unreadable package is NOT VERIFIED, 60).
     assert len(verdicts) == 4 and not (verdicts - {evidence.EXIT_NOT_VERIFIED}) & raised
     assert raised | verdicts <= set(table), sorted((raised | verdicts) - set(table))
+
+
+def test_every_refusal_is_a_keyservice_error_with_wire_code_and_status(
+        https_archiver: ArchiverServer) -> None:
+    """Issue 24: AdminRefused was a bare Exception, and the admin client dropped the Archiver's
+    wire code and HTTP status. Now every refusal is a KeyServiceError that keeps both."""
+    from archiver import admin, admins
+    from archiver.admin_login import raise_for_refusal
+    from keyservice.errors import KeyServiceError, RequestRefused
+    from keyservice.wire import ErrorCode
+
+    for refused in (admin.AdminRefused(ErrorCode.UNKNOWN_CAMERA, "No camera named x."),
+                    admins.AdminRefused(409, ErrorCode.UNKNOWN_CAMERA, "No camera named x.")):
+        assert isinstance(refused, KeyServiceError) and isinstance(refused, RequestRefused)
+        assert refused.wire_code == "unknown_camera" and str(refused) == "No camera named x."
+    assert admins.AdminRefused(409, ErrorCode.UNKNOWN_CAMERA, "x").http_status == 409
+    # A real refusal from a real Archiver: the viewer API without a session.
+    response = httpx.get(f"{https_archiver.url}/v1/cameras", verify=https_archiver.verify,
+                         timeout=30)
+    with pytest.raises(RequestRefused) as caught:
+        raise_for_refusal(response)
+    assert caught.value.http_status == response.status_code == 401
+    assert caught.value.wire_code == response.json()["error"]
+    assert failure(caught.value) == (str(caught.value), RequestRefused.exit_code)

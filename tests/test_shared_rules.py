@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.cli import _check_camera
-from client.session import _CODES, LoginRefused
+from client.session import ERROR_CLASSES, LoginRefused
+from client.viewer import check_camera
 from keyservice.errors import FormatError, UsageError
 from keyservice.format import validate_name
 from keyservice.names import CAMERA_NAME_RULE, is_camera_name, validate_camera_name
@@ -25,7 +25,7 @@ BAD = ["", ".", "..", "x" * 65, "a/b", "caméra", "a b", "a\n", "a\\b"]
 def test_every_side_accepts_a_camera_name(name: str) -> None:
     assert is_camera_name(name)
     assert validate_camera_name(name) == name == validate_name(name)
-    assert _check_camera(name) == name
+    assert check_camera(name) == name
 
 
 @pytest.mark.parametrize("name", BAD)
@@ -36,7 +36,7 @@ def test_every_side_refuses_what_is_not_a_camera_name(name: str) -> None:
     with pytest.raises(FormatError):  # the same name inside a stream record: malformed bytes
         validate_name(name)
     with pytest.raises(UsageError):  # the viewer CLI used to let '.' and '..' through
-        _check_camera(name)
+        check_camera(name)
 
 
 def test_the_rule_is_written_once() -> None:
@@ -55,8 +55,8 @@ def test_the_archiver_answers_only_named_error_codes() -> None:
 
 
 def test_the_viewer_maps_every_login_refusal() -> None:
-    assert _CODES[ErrorCode.BAD_PROOF] is LoginRefused  # it used to fall to a generic exit
-    assert all(isinstance(code, ErrorCode) for code in _CODES)
+    assert ERROR_CLASSES[ErrorCode.BAD_PROOF] is LoginRefused  # it used to fall to a generic exit
+    assert all(isinstance(code, ErrorCode) for code in ERROR_CLASSES)
     assert ErrorCode("unknown_viewer") is ErrorCode.UNKNOWN_VIEWER
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from keyservice.errors import RequestRefused
 from keyservice.wire import ErrorCode
 
 
-class Refused(Exception):
+class Refused(RequestRefused):
     """A request a service refuses: ``code`` (the wire error code), ``message`` (one actionable
     sentence), ``body`` (more members of the JSON answer, e.g. a signed expiry statement) and
     ``audit`` (details for the refusal's audit line; never a secret)."""
@@ -20,6 +21,7 @@ class Refused(Exception):
                  **audit: object) -> None:
         super().__init__(message)
         self.code = code
+        self.wire_code = code.value
         self.message = message
         self.body = body or {}
         self.audit = audit

@@ -4,3 +4,6 @@ Keys are opened on the operator's token, every segment is verified and decrypted
 process (client.player), and only verified plaintext, remuxed to fragmented MP4, reaches the
 browser on the same machine. docs/viewer.md has the operator guide and the security reasoning.
 """
+
+# No library surface: the page is fusion-client view's (backend, media and server are its parts).
+__all__: list[str] = []

@@ -12,20 +12,13 @@ import datetime as dt
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from client.player import (
-    NOT_AUTHORIZED,
-    FileOutput,
-    Gap,
-    Player,
-    archiver_pin_check,
-)
+from client.player import NOT_AUTHORIZED, DiscardOutput, FileOutput, Gap
 from client.session import (
     ArchiverSession,
     CameraView,
@@ -34,12 +27,16 @@ from client.session import (
     live_request,
     playback_request,
 )
+from client.viewer import Login, play_range, player_for, stream
 from client.web.media import VideoInfo, probe, to_fmp4
 from keyservice.exitcodes import ExitCode
 from keyservice.exits import failure
 from keyservice.identity import Identity
 from keyservice.reader import SegmentPlaintext
 from keyservice.timespec import format_ms
+
+__all__ = ["LIVE_REQUEST_S", "RELOGIN_MARGIN_MS", "Export", "TileRequest", "ViewerBackend",
+           "error_json", "gap_json", "recorded_ranges"]
 
 # Live requests are re-issued by the page when they end; an hour keeps that rare.
 LIVE_REQUEST_S = 3600
@@ -62,19 +59,6 @@ class TileRequest:
     start_ms: int = 0      # segments captured before this are verified but not shown (a seek)
 
 
-class _Discard:
-    """The player's output when the page gets the segments through on_segment instead."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def commit(self) -> None:
-        return None
-
-    def abort(self) -> None:
-        return None
-
-
 def recorded_ranges(view: CameraView, gaps: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The recorded ranges of a camera for the timeline: its first .. last segment, split at
     the gaps the Archiver's index reports. Gaps the signed stream shows while playing are
@@ -92,6 +76,7 @@ def recorded_ranges(view: CameraView, gaps: list[tuple[int, int]]) -> list[tuple
 
 
 def gap_json(gap: Gap) -> dict[str, Any]:
+    """A gap as the page's JSON event."""
     return {"type": "gap", "kind": "unauthorized" if gap.kind == NOT_AUTHORIZED else "none",
             "from_ms": gap.from_ms, "to_ms": gap.to_ms, "segments": gap.segments,
             "text": gap.describe()}
@@ -111,6 +96,8 @@ def error_json(exc: BaseException) -> dict[str, Any]:
 
 @dataclass
 class Export:
+    """One export to a file the page started, and how far it got."""
+
     id: int
     camera: str
     from_ms: int
@@ -124,6 +111,7 @@ class Export:
     gaps: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        """The export as the page's JSON."""
         return {"id": self.id, "camera": self.camera, "from_ms": self.from_ms,
                 "to_ms": self.to_ms, "state": self.state, "progress": round(self.progress, 3),
                 "segments": self.segments, "message": self.message, "file": self.path.name,
@@ -133,17 +121,17 @@ class Export:
 class ViewerBackend:
     """The logged-in viewer: one Archiver, one identity, one pinned Archiver certificate."""
 
-    def __init__(self, session: ArchiverSession, identity: Identity, login: LoginResult,
-                 relogin: Callable[[], LoginResult], export_dir: Path,
+    def __init__(self, session: ArchiverSession, identity: Identity, login: Login | LoginResult,
+                 relogin: Callable[[], Login | LoginResult], export_dir: Path,
                  clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
         self.session = session
         self.identity = identity
-        self.login = login
+        self.login = login.result if isinstance(login, Login) else login
         self._relogin = relogin
         self._login_lock = threading.Lock()
         self.export_dir = export_dir
         self.clock = clock
-        self._margin_ms = self._margin(login)
+        self._margin_ms = self._margin(self.login)
         self._exports: dict[int, Export] = {}
         self._export_ids = itertools.count(1)
 
@@ -157,7 +145,8 @@ class ViewerBackend:
             if force or self.login.expires_ms - self.clock() < self._margin_ms:
                 # The token is logged in already: this proof costs one token operation and
                 # never asks for (or retries) a PIN.
-                self.login = self._relogin()
+                again = self._relogin()
+                self.login = again.result if isinstance(again, Login) else again
                 self._margin_ms = self._margin(self.login)
 
     def _with_session(self, call: Callable[[], T]) -> T:
@@ -179,6 +168,7 @@ class ViewerBackend:
         return child
 
     def cameras(self) -> list[dict[str, Any]]:
+        """The cameras this viewer may watch, with recorded ranges and gaps, for the timeline."""
         out = []
         for view in self._with_session(self.session.cameras):
             gaps: list[tuple[int, int]] = []
@@ -230,8 +220,8 @@ class ViewerBackend:
         # A fresh nonce per request: the stream must answer exactly it (issue 12).
         asked = (live_request(request.camera, LIVE_REQUEST_S) if request.live
                  else playback_request(request.camera, request.from_ms, request.to_ms))
-        player = Player(self.identity, archiver_pin_check(self.login.archiver_fingerprint),
-                        _Discard(), on_segment=on_segment, request=asked)
+        player = player_for(self.identity, self.login, asked, DiscardOutput(),
+                            on_segment=on_segment)
         sent_gaps = 0
 
         def flush_gaps() -> None:
@@ -244,11 +234,7 @@ class ViewerBackend:
         try:
             child = self._stream_session()
             on_session(child)
-            fetch: AbstractContextManager[Iterator[bytes]]
-            if request.live:
-                fetch = child.live(request.camera, LIVE_REQUEST_S, asked)
-            else:
-                fetch = child.recording(request.camera, request.from_ms, request.to_ms, asked)
+            fetch = stream(child, asked)
             emit({"type": "start", "camera": request.camera, "live": request.live})
             with fetch as chunks:
                 for chunk in chunks:
@@ -279,6 +265,7 @@ class ViewerBackend:
 
     # --- exports ---------------------------------------------------------------------------
     def start_export(self, camera: str, from_ms: int, to_ms: int) -> Export:
+        """Start a verified export of a recorded range to a new file (in a thread)."""
         self.export_dir.mkdir(parents=True, exist_ok=True)
         stamp = "-".join(dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
                          for ms in (from_ms, to_ms))
@@ -294,12 +281,12 @@ class ViewerBackend:
         return export
 
     def export(self, export_id: int) -> Export | None:
+        """An export started earlier, or None."""
         return self._exports.get(export_id)
 
     def _export(self, export: Export) -> None:
         """The same guarantees as `fusion-client play -o FILE --save-stream`: the file gets its
         name only after the signed end record verified; otherwise it ends in .incomplete."""
-        output: FileOutput | None = None
         evidence: FileOutput | None = None
         span = max(1, export.to_ms - export.from_ms)
 
@@ -308,19 +295,11 @@ class ViewerBackend:
             export.progress = min(1.0, max(0.0, (event.capture_ms - export.from_ms) / span))
 
         try:
-            output = FileOutput(export.path)
             evidence = FileOutput(export.path.with_suffix(".fusion"))
-            asked = playback_request(export.camera, export.from_ms, export.to_ms)
-            player = Player(self.identity, archiver_pin_check(self.login.archiver_fingerprint),
-                            output, on_segment=on_segment, request=asked)
             self._fresh()
-            with self.session.recording(export.camera, export.from_ms, export.to_ms,
-                                        asked) as chunks:
-                for chunk in chunks:
-                    evidence.write(chunk)
-                    player.feed(chunk)
-            summary = player.finish()
-            output.commit()
+            summary = play_range(self.session, self.identity, self.login, export.camera,
+                                 export.from_ms, export.to_ms, output=export.path,
+                                 on_segment=on_segment, on_chunk=evidence.write)
             export.evidence = evidence.commit()
             export.gaps = [g.describe() for g in summary.gaps]
             export.progress = 1.0
@@ -328,7 +307,9 @@ class ViewerBackend:
                               f"checked; evidence in {export.evidence.name}")
             export.state = "done"
         except BaseException as exc:
-            kept = output.abort() if output is not None else None
+            # play_range left the verified part as FILE.incomplete, if there was any.
+            incomplete = export.path.with_name(export.path.name + ".incomplete")
+            kept = incomplete if incomplete.exists() else None
             if evidence is not None:
                 evidence.abort()
             export.message = error_json(exc)["message"] + (

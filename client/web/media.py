@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from keyservice.errors import KeyServiceError
 from keyservice.exitcodes import ExitCode
 
+__all__ = ["FFMPEG_TIMEOUT_S", "MIME", "RemuxFailed", "VideoInfo", "probe", "to_fmp4"]
+
 FFMPEG_TIMEOUT_S = 30
 # Generic codec strings for MediaSource.isTypeSupported / addSourceBuffer: Chromium decodes
 # whatever the avcC/hvcC box says; the string only selects the decoder.
@@ -32,6 +34,8 @@ class RemuxFailed(KeyServiceError):
 
 @dataclass(frozen=True)
 class VideoInfo:
+    """What ffprobe says about a verified segment's video: codec, MIME type, size."""
+
     codec: str    # ffprobe's codec_name: h264, hevc, ...
     mime: str     # MIME type with codecs parameter ("" when the browser side has none)
     width: int

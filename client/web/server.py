@@ -64,6 +64,9 @@ from client.web.backend import TileRequest, ViewerBackend, error_json
 from keyservice.errors import ArchiverFailed, ArchiverUnreachable, RequestRefused
 from keyservice.names import CAMERA_NAME_PATTERN, CAMERA_NAME_RULE, is_camera_name
 
+__all__ = ["Access", "ExportRequest", "Guard", "SessionRequest", "StreamOpening", "create_app",
+           "refusal_page", "serve"]
+
 STATIC = Path(__file__).with_name("static")
 MAX_MS = 2**63 - 1
 LOOPBACK = "127.0.0.1"
@@ -91,14 +94,17 @@ class Access:
 
     @property
     def hosts(self) -> set[str]:
+        """The Host headers this server answers (a DNS-rebinding page sends another)."""
         return {f"{LOOPBACK}:{self.port}", f"localhost:{self.port}"}
 
     @property
     def origins(self) -> set[str]:
+        """The Origin headers accepted: this server's own."""
         return {f"http://{host}" for host in self.hosts}
 
     @property
     def url(self) -> str:
+        """The launch link printed on the terminal."""
         # The token is in the fragment: a browser sends it to no server, not even this one.
         return f"http://{LOOPBACK}:{self.port}/#token={self.launch_token}"
 
@@ -124,16 +130,19 @@ class Access:
         return self.url
 
     def session_ok(self, secret: str) -> bool:
+        """True if ``secret`` is one of the session secrets bought with a launch token."""
         with self.lock:
             sessions = list(self.sessions)
         # Every candidate compared, in constant time each.
         return sum(hmac.compare_digest(secret.encode(), s.encode()) for s in sessions) > 0
 
     def bearer_ok(self, authorization: str) -> bool:
+        """True if an Authorization header carries a session secret."""
         scheme, _, secret = authorization.partition(" ")
         return scheme.lower() == "bearer" and self.session_ok(secret.strip())
 
     def new_ticket(self, export_id: int) -> str:
+        """A single-use download ticket for one export, valid TICKET_TTL_S."""
         ticket = secrets.token_urlsafe(32)
         now = time.monotonic()
         with self.lock:
@@ -257,6 +266,8 @@ CameraName = Annotated[str, Field(pattern=CAMERA_NAME_PATTERN), AfterValidator(_
 
 
 class SessionRequest(BaseModel):
+    """The page's one-time launch token, spent for a session secret."""
+
     launch: str = Field(max_length=100)
 
 
@@ -272,6 +283,8 @@ class StreamOpening(BaseModel):
 
 
 class ExportRequest(BaseModel):
+    """A verified export of a recorded range to a file."""
+
     camera: CameraName
     from_ms: int = Field(ge=0, le=MAX_MS)
     to_ms: int = Field(ge=0, le=MAX_MS)
@@ -293,6 +306,8 @@ def _forbidden_json(exc: BaseException) -> JSONResponse:
 
 
 def create_app(backend: ViewerBackend, access: Access) -> ASGIApp:
+    """The viewer page's ASGI app over ``backend``, behind the Guard (Host, Origin, session
+    secret or download ticket) that ``access`` holds the secrets of."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/")

@@ -11,7 +11,7 @@ from keyservice.token.runtime import RuntimeToken
 
 
 # --- token-backed private keys for cryptography's builders -----------------------------------
-class _TokenRsaKey(rsa.RSAPrivateKey):
+class TokenRsaKey(rsa.RSAPrivateKey):
     """An RSA private key whose sign() runs on the token: certificates and CSRs are built with
     cryptography and signed without the private key ever being in host memory."""
 
@@ -41,14 +41,14 @@ class _TokenRsaKey(rsa.RSAPrivateKey):
     def private_bytes(self, encoding: Any, format: Any, encryption_algorithm: Any) -> bytes:
         raise TypeError("The private key stays on the token and cannot be exported.")
 
-    def __copy__(self) -> _TokenRsaKey:
+    def __copy__(self) -> TokenRsaKey:
         return self
 
-    def __deepcopy__(self, memo: dict[int, object]) -> _TokenRsaKey:
+    def __deepcopy__(self, memo: dict[int, object]) -> TokenRsaKey:
         return self
 
 
-class _TokenEcKey(ec.EllipticCurvePrivateKey):
+class TokenEcKey(ec.EllipticCurvePrivateKey):
     """An ECDSA P-256 private key whose sign() runs on the token."""
 
     def __init__(self, token: RuntimeToken, key_id: bytes, public: ec.EllipticCurvePublicKey) -> None:
@@ -82,10 +82,10 @@ class _TokenEcKey(ec.EllipticCurvePrivateKey):
     def private_bytes(self, encoding: Any, format: Any, encryption_algorithm: Any) -> bytes:
         raise TypeError("The private key stays on the token and cannot be exported.")
 
-    def __copy__(self) -> _TokenEcKey:
+    def __copy__(self) -> TokenEcKey:
         return self
 
-    def __deepcopy__(self, memo: dict[int, object]) -> _TokenEcKey:
+    def __deepcopy__(self, memo: dict[int, object]) -> TokenEcKey:
         return self
 
 

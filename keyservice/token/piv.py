@@ -17,16 +17,16 @@ from keyservice.errors import (
 )
 from keyservice.keyscheme import KeyScheme
 from keyservice.pkcs11uri import Pkcs11Uri
-from keyservice.token.keys import _TokenEcKey, _TokenRsaKey
-from keyservice.token.provisioning import Enrollment, Token, _certificate_template, _check_name
+from keyservice.token.keys import TokenEcKey, TokenRsaKey
+from keyservice.token.provisioning import Enrollment, Token, certificate_template, check_name
 from keyservice.token.session import (
-    _ec_public_key,
-    _find_token,
-    _guard,
-    _load_module,
-    _resolve_pin,
-    _so_session,
+    ec_public_key,
+    find_token,
+    guard,
+    load_module,
     resolve_module_path,
+    resolve_pin,
+    so_session,
 )
 
 # --- PIV cards -------------------------------------------------------------------------------
@@ -45,23 +45,23 @@ def enroll_piv(uri: str | Pkcs11Uri, name: str, *, so_pin: str, pin: str | None 
     already in the slot is never replaced (it may be someone's identity): adopt it instead.
     """
     parsed = uri if isinstance(uri, Pkcs11Uri) else Pkcs11Uri.parse(uri)
-    _check_name(name)
+    check_name(name)
     key_id = PIV_SLOT_IDS.get(slot.lower())
     if key_id is None:
         raise UsageError(f"PIV slot must be one of {', '.join(PIV_SLOT_IDS)} (9d is the "
                          "key-management slot meant for decryption).")
     if not 1 <= days <= 3650:
         raise UsageError("Certificate validity must be 1 to 3650 days.")
-    module = _load_module(resolve_module_path(parsed))
-    with module.lock, _guard("open the token", parsed.token or "(unnamed)"):
-        p11token = _find_token(module, parsed)
+    module = load_module(resolve_module_path(parsed))
+    with module.lock, guard("open the token", parsed.token or "(unnamed)"):
+        p11token = find_token(module, parsed)
         label = p11token.label
         if p11token.slot.slot_id in module.slots:
             raise UsageError(f"Token '{label}' is already open in this process; close it first.")
-    pin = _resolve_pin(parsed, pin, prompt, label)
+    pin = resolve_pin(parsed, pin, prompt, label)
     user_uri = Pkcs11Uri(token=parsed.token, serial=parsed.serial, module_path=parsed.module_path)
     # 1. user PIN first (so a wrong one costs nothing), and the slot must be free.
-    with Token.open(user_uri, pin=pin) as tok, tok._lock, _guard("check the slot", label):
+    with Token.open(user_uri, pin=pin) as tok, tok._lock, guard("check the slot", label):
         if tok._private_keys(key_id=key_id):
             raise ObjectExists(f"Slot {slot} of token '{label}' already holds a key; it is never "
                                "replaced. Use it with fusion-keys adopt, or clear the slot with "
@@ -72,7 +72,7 @@ def enroll_piv(uri: str | Pkcs11Uri, name: str, *, so_pin: str, pin: str | None 
             raise UsageError("The key type must be rsa or ec.")
     # 2. the key pair, generated on the card (SO).
     ec_key = key_type == "ec"
-    with _so_session(module, p11token, so_pin, label, "generate a key pair") as session:
+    with so_session(module, p11token, so_pin, label, "generate a key pair") as session:
         if ec_key:
             public_obj, _ = session.generate_keypair(
                 KeyType.EC, id=key_id, label=name, store=True,
@@ -80,7 +80,7 @@ def enroll_piv(uri: str | Pkcs11Uri, name: str, *, so_pin: str, pin: str | None 
                 public_template={Attribute.EC_PARAMS: encode_named_curve_parameters(
                     "secp256r1"), Attribute.PRIVATE: False},
                 private_template={Attribute.PRIVATE: True, Attribute.SENSITIVE: True})
-            public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey = _ec_public_key(
+            public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey = ec_public_key(
                 public_obj[Attribute.EC_POINT])
         else:
             public_obj, _ = session.generate_keypair(
@@ -100,7 +100,7 @@ def enroll_piv(uri: str | Pkcs11Uri, name: str, *, so_pin: str, pin: str | None 
         signing_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
         if isinstance(public, ec.EllipticCurvePublicKey):
             oaep_hash = KeyScheme.ECDH_P256
-            signing_key = _TokenEcKey(tok, key_id, public)
+            signing_key = TokenEcKey(tok, key_id, public)
             probe_cert = certs.build_viewer_certificate(signing_key, name, oaep_hash=oaep_hash,
                                                         now=now or datetime.now(UTC), days=days)
             if not tok._probe_ecdh(key_id, probe_cert):
@@ -109,15 +109,15 @@ def enroll_piv(uri: str | Pkcs11Uri, name: str, *, so_pin: str, pin: str | None 
             bits = 256
         else:
             oaep_hash = tok._probe_oaep(key_id, public)
-            signing_key = _TokenRsaKey(tok, key_id, public)
+            signing_key = TokenRsaKey(tok, key_id, public)
         if csr:
             request = certs.build_viewer_csr(signing_key, name, oaep_hash=oaep_hash)
             return Enrollment(key_label, key_id, bits, oaep_hash, None, request)
         cert = certs.build_viewer_certificate(signing_key, name, oaep_hash=oaep_hash,
                                               now=now or datetime.now(UTC), days=days)
     # 4. the certificate into the slot, replacing ykcs11's placeholder (SO).
-    with _so_session(module, p11token, so_pin, label, "store the certificate") as session:
-        session.create_object(_certificate_template(cert, key_label, key_id))
+    with so_session(module, p11token, so_pin, label, "store the certificate") as session:
+        session.create_object(certificate_template(cert, key_label, key_id))
     return Enrollment(key_label, key_id, bits, oaep_hash, cert, None)
 
 

@@ -34,11 +34,11 @@ from keyservice.errors import (
 from keyservice.identity import fingerprint
 from keyservice.keyscheme import KeyScheme, Recipient
 from keyservice.labels import TOKEN_PROBE_CONTEXT
-from keyservice.token.keys import _TokenEcKey, _TokenRsaKey
+from keyservice.token.keys import TokenEcKey, TokenRsaKey
 from keyservice.token.runtime import RuntimeToken, TokenSigner
 from keyservice.token.session import (
-    _ec_public_key,
-    _guard,
+    ec_public_key,
+    guard,
 )
 
 RSA_SIZES = (2048, 3072, 4096)
@@ -92,7 +92,7 @@ class SelftestResult:
 
 
 
-def _certificate_template(cert: x509.Certificate, label: str, key_id: bytes) -> dict[Any, Any]:
+def certificate_template(cert: x509.Certificate, label: str, key_id: bytes) -> dict[Any, Any]:
     return {
         Attribute.CLASS: ObjectClass.CERTIFICATE,
         Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
@@ -108,7 +108,7 @@ def _certificate_template(cert: x509.Certificate, label: str, key_id: bytes) -> 
 
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
     if not name or len(name) > 64 or any(ord(c) < 32 for c in name):
         raise UsageError("An identity name must have 1 to 64 printable characters.")
 
@@ -137,7 +137,7 @@ class Token(RuntimeToken):
             pass
 
     def _store_certificate(self, cert: x509.Certificate, label: str, key_id: bytes) -> None:
-        self._session().create_object(_certificate_template(cert, label, key_id))
+        self._session().create_object(certificate_template(cert, label, key_id))
 
     def adopt(self, object_name: str | None = None, *,
               site_ca: tuple[x509.Certificate, ...] = (),
@@ -201,7 +201,7 @@ class Token(RuntimeToken):
                key_type: str = "rsa") -> Enrollment:
         """Generate a viewer key pair on the token and a certificate (or CSR) signed by it.
         ``key_type`` "rsa" (``bits``) or "ec" (P-256, ECDH epoch openers)."""
-        _check_name(name)
+        check_name(name)
         if key_type == "ec":
             return self._enroll_ec(name, days=days, csr=csr, now=now or datetime.now(UTC))
         if key_type != "rsa":
@@ -211,7 +211,7 @@ class Token(RuntimeToken):
         if not 1 <= days <= 3650:
             raise UsageError("Certificate validity must be 1 to 3650 days.")
         when = now or datetime.now(UTC)
-        with self._lock, _guard("enrol a viewer identity", self.label):
+        with self._lock, guard("enrol a viewer identity", self.label):
             if self._objects(label=name):
                 raise ObjectExists(f"Token '{self.label}' already has an object named '{name}'; "
                                    "choose another name or remove it with fusion-keys delete.")
@@ -233,7 +233,7 @@ class Token(RuntimeToken):
                 public = self._rsa_public(public_obj)
                 del public_obj, private_obj  # may be bound to a session _probe_oaep replaces
                 oaep_hash = self._probe_oaep(key_id, public)
-                signing_key = _TokenRsaKey(self, key_id, public)
+                signing_key = TokenRsaKey(self, key_id, public)
                 if csr:
                     request = certs.build_viewer_csr(signing_key, name, oaep_hash=oaep_hash)
                     return Enrollment(name, key_id, bits, oaep_hash, None, request)
@@ -261,7 +261,7 @@ class Token(RuntimeToken):
     def _enroll_ec(self, name: str, *, days: int, csr: bool, now: datetime) -> Enrollment:
         if not 1 <= days <= 3650:
             raise UsageError("Certificate validity must be 1 to 3650 days.")
-        with self._lock, _guard("enrol a viewer identity", self.label):
+        with self._lock, guard("enrol a viewer identity", self.label):
             if self._objects(label=name):
                 raise ObjectExists(f"Token '{self.label}' already has an object named '{name}'; "
                                    "choose another name or remove it with fusion-keys delete.")
@@ -282,9 +282,9 @@ class Token(RuntimeToken):
                                       Attribute.EXTRACTABLE: False, Attribute.SIGN: True,
                                       Attribute.DERIVE: True, Attribute.DECRYPT: pkcs11.DEFAULT,
                                       Attribute.UNWRAP: pkcs11.DEFAULT})
-                public = _ec_public_key(public_obj[Attribute.EC_POINT])
+                public = ec_public_key(public_obj[Attribute.EC_POINT])
                 del public_obj
-                signing_key = _TokenEcKey(self, key_id, public)
+                signing_key = TokenEcKey(self, key_id, public)
                 cert = certs.build_viewer_certificate(signing_key, name,
                                                       oaep_hash=KeyScheme.ECDH_P256, now=now,
                                                       days=days)
@@ -310,7 +310,7 @@ class Token(RuntimeToken):
             raise CertificateError("The certificate holds neither an RSA nor an EC key, so it is "
                                    "not a viewer certificate from fusion-keys enroll --csr.")
         name = object_name if object_name is not None else self._uri.object
-        with self._lock, _guard("import the certificate", self.label):
+        with self._lock, guard("import the certificate", self.label):
             match = None
             for key in self._private_keys(name):
                 key_type = key[Attribute.KEY_TYPE]
@@ -352,7 +352,7 @@ class Token(RuntimeToken):
         name = object_name if object_name is not None else self._uri.object
         if name is None:
             raise UsageError("The token URI names no identity to delete; add ;object=NAME.")
-        with self._lock, _guard("delete the identity", self.label):
+        with self._lock, guard("delete the identity", self.label):
             objs = self._objects(label=name)
             ids = {bytes(o[Attribute.ID]) for o in objs
                    if o[Attribute.CLASS] == ObjectClass.PRIVATE_KEY}
@@ -393,8 +393,8 @@ class Token(RuntimeToken):
 
     def ensure_signer(self, label: str, common_name: str) -> TokenSigner:
         """The Archiver's ECDSA P-256 signing key and self-signed certificate: load or create."""
-        _check_name(label)
-        with self._lock, _guard("prepare the signing key", self.label):
+        check_name(label)
+        with self._lock, guard("prepare the signing key", self.label):
             keys = self._private_keys(label)
             if len(keys) > 1:
                 raise ObjectExists(f"Token '{self.label}' has {len(keys)} keys named '{label}'; "
@@ -413,7 +413,7 @@ class Token(RuntimeToken):
                         raise CertificateError(f"The certificate stored for signing key '{label}' "
                                                "belongs to another key; delete both and restart.")
                     return TokenSigner(self, label, key_id, cert)
-                cert = certs.build_archiver_certificate(_TokenEcKey(self, key_id, public),
+                cert = certs.build_archiver_certificate(TokenEcKey(self, key_id, public),
                                                         common_name, now=datetime.now(UTC))
                 self._store_certificate(cert, label, key_id)
                 return TokenSigner(self, label, key_id, cert)
@@ -437,8 +437,8 @@ class Token(RuntimeToken):
                                       Attribute.DECRYPT: pkcs11.DEFAULT,
                                       Attribute.UNWRAP: pkcs11.DEFAULT,
                                       Attribute.DERIVE: pkcs11.DEFAULT})
-                public = _ec_public_key(public_obj[Attribute.EC_POINT])
-                cert = certs.build_archiver_certificate(_TokenEcKey(self, key_id, public),
+                public = ec_public_key(public_obj[Attribute.EC_POINT])
+                cert = certs.build_archiver_certificate(TokenEcKey(self, key_id, public),
                                                         common_name, now=datetime.now(UTC))
                 self._store_certificate(cert, label, key_id)
             except BaseException:

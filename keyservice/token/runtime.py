@@ -40,24 +40,24 @@ from keyservice.keyscheme import KeyScheme, Recipient, WrappedKey, unwrap_with
 from keyservice.labels import TOKEN_PROBE_CONTEXT, WrapContext
 from keyservice.pkcs11uri import Pkcs11Uri
 from keyservice.token.session import (
-    _BAD_CIPHERTEXT,
-    _OAEP_PARAMS,
-    _REMOVED,
-    _SHA256_DIGEST_INFO,
-    _UNSUPPORTED,
-    _attribute,
-    _ec_public_key,
-    _find_token,
-    _guard,
-    _load_module,
-    _Module,
-    _open_session,
-    _resolve_pin,
-    _Slot,
-    _token_kind,
-    _translate,
+    BAD_CIPHERTEXT,
+    OAEP_PARAMS,
+    REMOVED,
+    SHA256_DIGEST_INFO,
+    UNSUPPORTED,
+    LoadedModule,
+    TokenSlot,
+    ec_public_key,
+    find_token,
+    guard,
+    kind_of_token,
+    load_module,
+    open_session,
     pin_tries_note,
+    read_attribute,
     resolve_module_path,
+    resolve_pin,
+    translate,
 )
 
 
@@ -84,7 +84,7 @@ class RuntimeToken:
     """An open, logged-in PKCS#11 token: what a viewer needs at run time (identities, decrypt, ECDH,
     sign). Safe to share between threads; close() when done. Provisioning: ``Token``."""
 
-    def __init__(self, slot: _Slot, uri: Pkcs11Uri) -> None:
+    def __init__(self, slot: TokenSlot, uri: Pkcs11Uri) -> None:
         self._slot = slot
         self._uri = uri
         self._closed = False
@@ -93,11 +93,16 @@ class RuntimeToken:
     @classmethod
     def open(cls, uri: str | Pkcs11Uri, *, pin: str | None = None,
              prompt: bool = False) -> RuntimeToken:
+        """Open the token a PKCS#11 URI names (module, token, object) for runtime use:
+        decryption and signing with keys already on it, never provisioning. The PIN comes
+        from ``pin``, the URI's pin-value/pin-source, FUSION_PIN, or (``prompt``) a prompt
+        on the terminal; a pin-pad reader asks on its own. A wrong PIN raises PinIncorrect
+        and is never retried (the token counts failures). Close it with ``close()``."""
         parsed = uri if isinstance(uri, Pkcs11Uri) else Pkcs11Uri.parse(uri)
-        module = _load_module(resolve_module_path(parsed))
+        module = load_module(resolve_module_path(parsed))
         name = parsed.token or "(unnamed)"
-        with module.lock, _guard("open the token", name):
-            p11token = _find_token(module, parsed)
+        with module.lock, guard("open the token", name):
+            p11token = find_token(module, parsed)
             label = p11token.label
             flags = p11token.flags
         needs_login = bool(flags & TokenFlag.LOGIN_REQUIRED)
@@ -106,7 +111,7 @@ class RuntimeToken:
         if needs_login and not (pinpad and pin is None and parsed.pin_value is None
                                 and parsed.pin_source is None):
             # Resolved outside the lock: a prompt must not block other threads' token calls.
-            secret = _resolve_pin(parsed, pin, prompt, label, pin_tries_note(flags))
+            secret = resolve_pin(parsed, pin, prompt, label, pin_tries_note(flags))
         try:
             return cls._login(module, p11token, parsed, label, needs_login, secret)
         except (PinIncorrect, PinLocked) as exc:
@@ -122,16 +127,16 @@ class RuntimeToken:
             raise
 
     @classmethod
-    def _login(cls, module: _Module, p11token: Any, parsed: Pkcs11Uri, label: str,
+    def _login(cls, module: LoadedModule, p11token: Any, parsed: Pkcs11Uri, label: str,
                needs_login: bool, secret: str | None) -> RuntimeToken:
-        with module.lock, _guard("log in", label):
+        with module.lock, guard("log in", label):
             slot = module.slots.get(p11token.slot.slot_id)
             if slot is None or slot.anchor is None:
                 login: object | None = None
                 if needs_login:
                     login = secret if secret is not None else pkcs11.PROTECTED_AUTH
-                session, rw = _open_session(p11token, login, rw=True)
-                slot = _Slot(module=module, slot_id=p11token.slot.slot_id, label=label,
+                session, rw = open_session(p11token, login, rw=True)
+                slot = TokenSlot(module=module, slot_id=p11token.slot.slot_id, label=label,
                              p11token=p11token, anchor=session, session=session, rw=rw,
                              pin_digest=None)
                 if secret is not None:
@@ -175,7 +180,7 @@ class RuntimeToken:
     @property
     def kind(self) -> str:
         """'ykcs11', 'opensc-piv' (PIV cards; fixed key slots) or 'generic'."""
-        return _token_kind(self._slot.p11token)
+        return kind_of_token(self._slot.p11token)
 
     @property
     def _lock(self) -> threading.RLock:
@@ -191,7 +196,7 @@ class RuntimeToken:
         slot = self._slot
         old = self._session()
         # No login needed: the anchor session keeps the token logged in for this process.
-        slot.session, slot.rw = _open_session(slot.p11token, None, rw=slot.rw)
+        slot.session, slot.rw = open_session(slot.p11token, None, rw=slot.rw)
         slot.generation += 1
         if old is not slot.anchor:  # the anchor stays open; closing it would log out
             try:
@@ -249,22 +254,22 @@ class RuntimeToken:
         if not found:
             raise ObjectNotFound(f"Token '{self.label}' keeps no public key for this signing key; "
                                  "delete the key and let it be created again.")
-        return _ec_public_key(found[0][Attribute.EC_POINT])
+        return ec_public_key(found[0][Attribute.EC_POINT])
 
     def _mechanisms(self) -> set[Any]:
         return set(self._slot.p11token.slot.get_mechanisms())
 
     # private-key operations (callers hold the lock)
     def _sign_rsa(self, key_id: bytes, data: bytes) -> bytes:
-        with self._lock, _guard("sign with its RSA key", self.label):
+        with self._lock, guard("sign with its RSA key", self.label):
             key = self._key_by_id(key_id)
             if Mechanism.SHA256_RSA_PKCS in self._mechanisms():
                 return bytes(key.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS))
-            digest_info = _SHA256_DIGEST_INFO + hashlib.sha256(data).digest()
+            digest_info = SHA256_DIGEST_INFO + hashlib.sha256(data).digest()
             return bytes(key.sign(digest_info, mechanism=Mechanism.RSA_PKCS))
 
     def _sign_ec(self, key_id: bytes, data: bytes) -> bytes:
-        with self._lock, _guard("sign with its EC key", self.label):
+        with self._lock, guard("sign with its EC key", self.label):
             key = self._key_by_id(key_id)
             # Hash on the host, sign the digest on the token: CKM_ECDSA is the mechanism every
             # EC token has (SoftHSM, TPM, PIV), unlike CKM_ECDSA_SHA256.
@@ -276,30 +281,30 @@ class RuntimeToken:
     def _decrypt(self, key_id: bytes, ciphertext: bytes, oaep_hash: KeyScheme) -> bytes:
         """One C_Decrypt with RSA-OAEP. Failures: IntegrityError / MechanismUnsupported."""
         with self._lock:
-            with _guard("decrypt", self.label):
+            with guard("decrypt", self.label):
                 key = self._key_by_id(key_id)
             try:
                 return bytes(key.decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP,
-                                         mechanism_param=_OAEP_PARAMS[oaep_hash]))
-            except _REMOVED as exc:
-                raise _translate(exc, "decrypt", self.label) from None
+                                         mechanism_param=OAEP_PARAMS[oaep_hash]))
+            except REMOVED as exc:
+                raise translate(exc, "decrypt", self.label) from None
             except p11.PKCS11Error as exc:
-                with _guard("open a fresh session", self.label):
+                with guard("open a fresh session", self.label):
                     self._renew_session()  # the TPM answers OperationActive otherwise
-                if isinstance(exc, _UNSUPPORTED):
+                if isinstance(exc, UNSUPPORTED):
                     raise MechanismUnsupported(
                         f"Token '{self.label}' cannot RSA-OAEP-decrypt with "
                         f"{certs.oaep_hash_name(oaep_hash)}; the certificate must record a hash this "
                         "token supports (re-enrol with fusion-keys enroll).") from None
-                if isinstance(exc, _BAD_CIPHERTEXT):
+                if isinstance(exc, BAD_CIPHERTEXT):
                     raise IntegrityError() from None
-                raise _translate(exc, "decrypt", self.label) from None
+                raise translate(exc, "decrypt", self.label) from None
 
     def _ecdh(self, key_id: bytes, peer_point: bytes) -> bytes:
         """The ECDH shared secret (x coordinate) of the token key with ``peer_point``: one
         C_DeriveKey into a session-only, readable secret, read, then destroyed."""
         with self._lock:
-            with _guard("do ECDH", self.label):
+            with guard("do ECDH", self.label):
                 key = self._key_by_id(key_id)
             try:
                 # Called unbound: ykcs11 reports CKA_DERIVE false on PIV keys yet derives, and
@@ -316,19 +321,19 @@ class RuntimeToken:
                         derived.destroy()
                     except p11.PKCS11Error:
                         pass
-            except _REMOVED as exc:
-                raise _translate(exc, "do ECDH", self.label) from None
+            except REMOVED as exc:
+                raise translate(exc, "do ECDH", self.label) from None
             except p11.PKCS11Error as exc:
-                with _guard("open a fresh session", self.label):
+                with guard("open a fresh session", self.label):
                     self._renew_session()
-                if isinstance(exc, _UNSUPPORTED):
+                if isinstance(exc, UNSUPPORTED):
                     raise MechanismUnsupported(
                         f"Token '{self.label}' cannot do ECDH (CKM_ECDH1_DERIVE) with this key, so "
                         "it cannot open streams for an EC viewer; enrol an RSA identity "
                         "(--key-type rsa).") from None
-                if isinstance(exc, _BAD_CIPHERTEXT):
+                if isinstance(exc, BAD_CIPHERTEXT):
                     raise IntegrityError() from None
-                raise _translate(exc, "do ECDH", self.label) from None
+                raise translate(exc, "do ECDH", self.label) from None
 
     def _probe_ecdh(self, key_id: bytes, certificate: x509.Certificate) -> bool:
         """True if the token opens an EC seal to this certificate with this key."""
@@ -380,7 +385,7 @@ class RuntimeToken:
         key_id = None if object_name is not None else self._uri.id
         if name is None and key_id is None:
             raise UsageError("The token URI names no identity; add ;object=NAME to it.")
-        with self._lock, _guard("read the identity", self.label):
+        with self._lock, guard("read the identity", self.label):
             key = self._one_private_key(name, key_id)
             label, key_id = key[Attribute.LABEL], bytes(key[Attribute.ID])
             key_type = key[Attribute.KEY_TYPE]
@@ -405,7 +410,7 @@ class RuntimeToken:
         hashes the token opens with it (measured: one decrypt per hash and RSA key)."""
         result: list[IdentityInfo] = []
         to_probe: list[tuple[int, bytes, rsa.RSAPublicKey | x509.Certificate]] = []
-        with self._lock, _guard("list its keys", self.label):
+        with self._lock, guard("list its keys", self.label):
             for key in self._private_keys():
                 key_id = bytes(key[Attribute.ID])
                 key_type = key[Attribute.KEY_TYPE]
@@ -423,7 +428,7 @@ class RuntimeToken:
                     except CertificateError:
                         cert = None
                 summary = certs.summarize(cert) if cert is not None else None
-                if probe and kind == "rsa" and _attribute(key, Attribute.DECRYPT, True):
+                if probe and kind == "rsa" and read_attribute(key, Attribute.DECRYPT, True):
                     to_probe.append((len(result), key_id, self._rsa_public(key)))
                 elif probe and kind == "ec" and cert is not None:
                     to_probe.append((len(result), key_id, cert))

@@ -47,23 +47,23 @@ from keyservice.errors import (
 from keyservice.keyscheme import KeyScheme
 from keyservice.pkcs11uri import DEFAULT_MODULE, Pkcs11Uri
 
-_OAEP_PARAMS = {
+OAEP_PARAMS = {
     KeyScheme.RSA_OAEP_SHA1: (Mechanism.SHA_1, MGF.SHA1, None),
     KeyScheme.RSA_OAEP_SHA256: (Mechanism.SHA256, MGF.SHA256, None),
 }
 # DER prefix of a SHA-256 DigestInfo, for tokens (PIV cards) that only offer raw CKM_RSA_PKCS.
-_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
-_REMOVED = (p11.DeviceRemoved, p11.TokenNotPresent, p11.SessionHandleInvalid, p11.SessionClosed)
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+REMOVED = (p11.DeviceRemoved, p11.TokenNotPresent, p11.SessionHandleInvalid, p11.SessionClosed)
 # What a token answers to a ciphertext it cannot open (GeneralError: tpm2-pkcs11).
-_BAD_CIPHERTEXT = (p11.EncryptedDataInvalid, p11.EncryptedDataLenRange, p11.DataInvalid,
+BAD_CIPHERTEXT = (p11.EncryptedDataInvalid, p11.EncryptedDataLenRange, p11.DataInvalid,
                    p11.DataLenRange, p11.GeneralError, p11.FunctionFailed)
 # What a token answers to a mechanism or parameter it does not support (SoftHSM: ArgumentsBad).
-_UNSUPPORTED = (p11.ArgumentsBad, p11.MechanismInvalid, p11.MechanismParamInvalid,
+UNSUPPORTED = (p11.ArgumentsBad, p11.MechanismInvalid, p11.MechanismParamInvalid,
                 p11.FunctionNotSupported)
 
 
 # --- error mapping ---------------------------------------------------------------------------
-def _translate(exc: Exception, action: str, label: str) -> KeyServiceError:
+def translate(exc: Exception, action: str, label: str) -> KeyServiceError:
     """One clear sentence for every PKCS#11 failure; never a raw pkcs11 exception."""
     where = f"token '{label}'"
     if isinstance(exc, p11.PinIncorrect):
@@ -77,7 +77,7 @@ def _translate(exc: Exception, action: str, label: str) -> KeyServiceError:
                             "check it.")
     if isinstance(exc, p11.PinExpired):
         return TokenError(f"The PIN of {where} has expired; change it with the token's tool.")
-    if isinstance(exc, _REMOVED):
+    if isinstance(exc, REMOVED):
         return TokenRemoved(f"{where.capitalize()} was removed or its session was lost while "
                             f"trying to {action}; reinsert it and try again.")
     if isinstance(exc, p11.MechanismInvalid | p11.MechanismParamInvalid | p11.FunctionNotSupported):
@@ -112,13 +112,13 @@ def pin_tries_note(flags: int) -> str:
 
 
 @contextmanager
-def _guard(action: str, label: str) -> Iterator[None]:
+def guard(action: str, label: str) -> Iterator[None]:
     try:
         yield
     except KeyServiceError:
         raise
     except p11.PKCS11Error as exc:
-        raise _translate(exc, action, label) from None
+        raise translate(exc, action, label) from None
     except NotImplementedError:  # python-pkcs11: an attribute type it cannot handle
         raise TokenError(f"Token '{label}' returned data this program cannot read while trying "
                          f"to {action}.") from None
@@ -126,7 +126,7 @@ def _guard(action: str, label: str) -> Iterator[None]:
 
 # --- modules, slots, sessions ----------------------------------------------------------------
 @dataclass
-class _Slot:
+class TokenSlot:
     """Process-wide state of one token: the session that logged in, and the working session.
 
     python-pkcs11 calls C_Logout when it closes the session that logged in, which logs out every
@@ -134,7 +134,7 @@ class _Slot:
     a failed operation only replaces the working session (a fresh, already-logged-in one).
     """
 
-    module: _Module
+    module: LoadedModule
     slot_id: int
     label: str
     p11token: Any
@@ -165,14 +165,14 @@ class _Slot:
 
 
 @dataclass
-class _Module:
+class LoadedModule:
     path: str
     lib: Any
     lock: threading.RLock = field(default_factory=threading.RLock)
-    slots: dict[int, _Slot] = field(default_factory=dict)
+    slots: dict[int, TokenSlot] = field(default_factory=dict)
 
 
-_modules: dict[str, _Module] = {}
+_modules: dict[str, LoadedModule] = {}
 _registry_lock = threading.Lock()
 
 
@@ -186,7 +186,7 @@ def resolve_module_path(uri: Pkcs11Uri) -> str:
     return os.path.realpath(path)
 
 
-def _load_module(path: str) -> _Module:
+def load_module(path: str) -> LoadedModule:
     with _registry_lock:
         module = _modules.get(path)
         if module is not None:
@@ -204,7 +204,7 @@ def _load_module(path: str) -> _Module:
         except (OSError, RuntimeError):
             raise ModuleNotFound(f"{path} could not be loaded as a PKCS#11 module; give the "
                                  "path of a PKCS#11 .so in module-path.") from None
-        module = _Module(path=path, lib=lib)
+        module = LoadedModule(path=path, lib=lib)
         _modules[path] = module
         return module
 
@@ -239,7 +239,7 @@ def _unload_all() -> None:
 atexit.register(_unload_all)
 
 
-def _open_session(p11token: Any, user_pin: object | None, rw: bool) -> tuple[Any, bool]:
+def open_session(p11token: Any, user_pin: object | None, rw: bool) -> tuple[Any, bool]:
     """Open a session, logging in when user_pin is given; RW if the token allows it."""
     if rw:
         try:
@@ -266,7 +266,7 @@ def softhsm_conf_hint() -> str:
             "prints the line), in this shell too.")
 
 
-def _find_token(module: _Module, uri: Pkcs11Uri) -> Any:
+def find_token(module: LoadedModule, uri: Pkcs11Uri) -> Any:
     tokens = [t for t in module.lib.get_tokens()
               if t.flags & TokenFlag.TOKEN_INITIALIZED]
     labels = sorted(t.label for t in tokens)
@@ -294,7 +294,7 @@ def _find_token(module: _Module, uri: Pkcs11Uri) -> Any:
     return found[0]
 
 
-def _resolve_pin(uri: Pkcs11Uri, pin: str | None, prompt: bool, label: str,
+def resolve_pin(uri: Pkcs11Uri, pin: str | None, prompt: bool, label: str,
                  note: str = "") -> str:
     """PIN order: argument, URI pin-value, URI pin-source file, $FUSION_PIN, TTY prompt."""
     if pin is not None:
@@ -320,7 +320,7 @@ def _resolve_pin(uri: Pkcs11Uri, pin: str | None, prompt: bool, label: str,
                      "the token URI, set FUSION_PIN, or run the command interactively.")
 
 
-def _ec_public_key(raw: bytes) -> ec.EllipticCurvePublicKey:
+def ec_public_key(raw: bytes) -> ec.EllipticCurvePublicKey:
     # CKA_EC_POINT is a DER OCTET STRING around the point (some modules return the bare point).
     try:
         point = raw if len(raw) == 65 and raw[0] == 4 else Asn1OctetString.load(raw).native
@@ -330,7 +330,7 @@ def _ec_public_key(raw: bytes) -> ec.EllipticCurvePublicKey:
                          "token that supports P-256.") from None
 
 
-def _attribute(obj: Any, attribute: Any, default: Any) -> Any:
+def read_attribute(obj: Any, attribute: Any, default: Any) -> Any:
     """An attribute some modules do not report (then ``default``)."""
     try:
         return obj[attribute]
@@ -338,7 +338,7 @@ def _attribute(obj: Any, attribute: Any, default: Any) -> Any:
         return default
 
 
-def _token_kind(p11token: Any) -> str:
+def kind_of_token(p11token: Any) -> str:
     manufacturer = (p11token.manufacturer_id or "").strip()
     if manufacturer.startswith("Yubico"):
         return "ykcs11"
@@ -350,13 +350,13 @@ def _token_kind(p11token: Any) -> str:
 def token_kind(uri: str | Pkcs11Uri) -> str:
     """The kind of token a URI names, without logging in (see ``Token.kind``)."""
     parsed = uri if isinstance(uri, Pkcs11Uri) else Pkcs11Uri.parse(uri)
-    module = _load_module(resolve_module_path(parsed))
-    with module.lock, _guard("read the token", parsed.token or "(unnamed)"):
-        return _token_kind(_find_token(module, parsed))
+    module = load_module(resolve_module_path(parsed))
+    with module.lock, guard("read the token", parsed.token or "(unnamed)"):
+        return kind_of_token(find_token(module, parsed))
 
 
 @contextmanager
-def _so_session(module: _Module, p11token: Any, so_pin: str, label: str,
+def so_session(module: LoadedModule, p11token: Any, so_pin: str, label: str,
                 action: str) -> Iterator[Any]:
     """A read-write session logged in as SO (on a PIV card through ykcs11: the management key).
     A wrong one is reported at once and never retried."""
@@ -367,9 +367,9 @@ def _so_session(module: _Module, p11token: Any, so_pin: str, label: str,
             raise PinIncorrect(f"The SO PIN (for a PIV card: the management key, 48 hex digits) "
                                f"of token '{label}' is wrong; check it (it was not retried).") from None
         except p11.PKCS11Error as exc:
-            raise _translate(exc, action, label) from None
+            raise translate(exc, action, label) from None
         try:
-            with _guard(action, label):
+            with guard(action, label):
                 yield session
         finally:
             try:
@@ -390,8 +390,8 @@ def init_token(module_path: str, label: str, *, so_pin: str, pin: str) -> None:
     if not raw_label or len(raw_label) > 32:
         raise UsageError("A token label must have 1 to 32 bytes.")
     path = resolve_module_path(Pkcs11Uri(module_path=module_path))
-    module = _load_module(path)
-    with module.lock, _guard("initialise a token", label):
+    module = load_module(path)
+    with module.lock, guard("initialise a token", label):
         if any(t.label == label for t in module.lib.get_tokens()):
             raise ObjectExists(f"A token labelled '{label}' already exists; choose another label.")
         free = [s for s in module.lib.get_slots(token_present=True)

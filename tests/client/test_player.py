@@ -46,7 +46,8 @@ def plan(n: int, step_ms: int = 1000, start: int = T0) -> list[Seg]:
 
 
 def player_for(viewer: SoftwareIdentity, signer: SoftwareSigner, out: FileOutput) -> Player:
-    return Player(viewer, archiver_pin_check(fingerprint(signer.certificate)), out)
+    # Streams built here answer no request of this test: verified as saved streams are.
+    return Player.for_saved_stream(viewer, archiver_pin_check(fingerprint(signer.certificate)), out)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 65536])
@@ -154,7 +155,8 @@ def test_stream_for_another_viewer(tmp_path: Path, viewer: SoftwareIdentity,
     other = software_viewer("mallory")
     out = FileOutput(tmp_path / "out.ts")
     with pytest.raises(NoMatchingIdentity) as info:
-        Player(other, archiver_pin_check(fingerprint(signer.certificate)), out).run([stream])
+        Player.for_saved_stream(other, archiver_pin_check(fingerprint(signer.certificate)),
+                                out).run([stream])
     assert info.value.exit_code == 12
     assert other.operations == 0
     assert out.abort() is None and list(tmp_path.iterdir()) == []
@@ -167,7 +169,8 @@ def test_stream_from_another_archiver(tmp_path: Path, viewer: SoftwareIdentity,
     out = FileOutput(tmp_path / "out.ts")
     ops_before = viewer.operations
     with pytest.raises(ArchiverMismatch):
-        Player(viewer, archiver_pin_check(fingerprint(pinned.certificate)), out).run([stream])
+        Player.for_saved_stream(viewer, archiver_pin_check(fingerprint(pinned.certificate)),
+                                out).run([stream])
     assert viewer.operations == ops_before
     assert out.abort() is None
 
@@ -177,7 +180,7 @@ def test_closed_pipe(viewer: SoftwareIdentity, signer: SoftwareSigner) -> None:
     read_end, write_end = os.pipe()
     os.close(read_end)
     with open(write_end, "wb", buffering=0) as pipe:
-        player = Player(viewer, archiver_pin_check(fingerprint(signer.certificate)),
+        player = Player.for_saved_stream(viewer, archiver_pin_check(fingerprint(signer.certificate)),
                         PipeOutput(pipe))
         with pytest.raises(OutputFailed, match="closed the pipe") as info:
             player.run([stream])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.queryflood import _fill_index
+from bench.queryflood import fill_index
 from tests.fixtures.viewer import login
 from tests.hardening.conftest import WrappedServer, scale
 
@@ -37,7 +37,7 @@ def test_ingest_carries_on_under_a_viewer_query_flood(tmp_path: Path, make_viewe
     server.add_viewer(viewer.pem, "all")
     server.stop()
     manifests = scale("FLOOD_MANIFESTS", 200_000)
-    _fill_index(server.data_dir / "archiver.sqlite3", "big", manifests)
+    fill_index(server.data_dir / "archiver.sqlite3", "big", manifests)
     server.start()
     try:
         session = login(server.url, viewer.identity)
