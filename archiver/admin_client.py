@@ -43,6 +43,9 @@ class AdminRefused(RequestRefused):
         super().__init__(message)
         self.code = code
         self.status = status
+        # The names every KeyServiceError uses for what the Archiver said.
+        self.wire_code = code
+        self.http_status = status
 
 
 class AdminFailed(ArchiverFailed):
@@ -52,6 +55,9 @@ class AdminFailed(ArchiverFailed):
         super().__init__(message)
         self.code = code
         self.status = status
+        # The names every KeyServiceError uses for what the Archiver said.
+        self.wire_code = code
+        self.http_status = status
 
 
 def raise_for_refusal(response: httpx.Response) -> None:

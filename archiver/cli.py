@@ -18,8 +18,8 @@ import typer
 
 from archiver.admin_cli import JsonOpt, TlsCaOpt, archiver_info, echo_result
 from archiver.admin_cli import register as register_admin_commands
-from keyservice.errors import UsageError
 from keyservice.cli_support import add_version_option, hidden_aliases, run, tidy_help
+from keyservice.errors import UsageError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="The Fusion Archiver: encrypts camera streams, serves fusion streams.")
