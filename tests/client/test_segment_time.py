@@ -17,11 +17,10 @@ from pathlib import Path
 
 import httpx
 
+from harness.client_cli import EXIT, Client, Viewer, now_ms, play, wait_for_audit
 from keyservice.format import Segment, decode_record
 from tests.fixtures.camera import requires_ffmpeg
 from tests.fixtures.server import ArchiverServer
-
-from .test_e2e import EXIT, Client, Viewer, now_ms, play, wait_for_audit
 
 RATE = 25  # frames per second of the test camera
 FRAME_MS = 1000 // RATE

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from harness.commands import fusion_keys
 from keyservice import certs
 from keyservice.crypto import (
     Epoch,
@@ -29,7 +30,6 @@ from keyservice.errors import IntegrityError, MechanismUnsupported, NoMatchingId
 from keyservice.identity import OaepHash, Recipient, SoftwareEcIdentity
 from keyservice.token import Token
 from tests.fixtures.tokens import TokenHandle
-from tests.keyservice.test_cli_keys import fusion_keys
 
 T = 1_748_779_200_000
 NOW = datetime.fromtimestamp(T / 1000, UTC)
