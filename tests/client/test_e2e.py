@@ -377,7 +377,10 @@ def test_live_video_to_file_while_ffmpeg_pushes(
     alice = make_viewer("alice")
     ingest = archiver_server.add_camera("cam1")
     archiver_server.add_viewer(alice.pem, ["cam1"])
-    source = make_source(tmp_path / "source.ts", seconds=5)
+    # 8 s of camera for a 3.5 s live view: the first video must reach the viewer's file while
+    # the camera still pushes, with seconds to spare on a loaded machine (the suite runs in
+    # parallel).
+    source = make_source(tmp_path / "source.ts", seconds=8)
     out = tmp_path / "live.ts"
     viewer = subprocess.Popen(
         client.command("live", "--archiver", archiver_server.url, "--token", alice.uri,
