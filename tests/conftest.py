@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 pytest_plugins = ["fusion_testkit.pytest_plugin", "tests.fixtures.tokens", "tests.fixtures.server",
-                  "tests.fixtures.rtsp", "tests.fixtures.piv.stack"]
+                  "tests.fixtures.rtsp", "tests.fixtures.piv.stack", "tests.fixtures.parallel"]
 
 
 @pytest.fixture(autouse=True)

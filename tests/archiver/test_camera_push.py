@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.fixtures.camera import frame_hashes, requires_ffmpeg
-from tests.fixtures.server import ArchiverServer
+from tests.fixtures.server import ArchiverServer, unique_camera
 from tests.fixtures.viewer import fetch, login, play
 
 pytestmark = requires_ffmpeg
@@ -59,8 +59,9 @@ def _archived(server: ArchiverServer, camera: str, expected: int | None = None,
         time.sleep(0.1)
 
 
-def _check_frame_exact(server: ArchiverServer, viewer, source: Path, tmp_path: Path) -> None:
-    stream = fetch(server.url, login(server.url, viewer.identity), "cam1").content
+def _check_frame_exact(server: ArchiverServer, viewer, source: Path, tmp_path: Path,
+                       camera: str = "cam1") -> None:
+    stream = fetch(server.url, login(server.url, viewer.identity), camera).content
     played = play(viewer.identity, stream)
     assert played.ended
     decrypted = tmp_path / "decrypted.ts"
@@ -73,47 +74,53 @@ def _check_frame_exact(server: ArchiverServer, viewer, source: Path, tmp_path: P
     ("burst: no -re, as fast as the disk reads", 12, None, False),
     ("high bitrate, segments of MBs", 6, "6M", True),
 ])
-def test_every_segment_ffmpeg_sent_is_archived(archiver_server: ArchiverServer, make_viewer,
+def test_every_segment_ffmpeg_sent_is_archived(module_archiver: ArchiverServer, make_viewer,
                                                 tmp_path: Path, case: str, seconds: int,
                                                 bitrate: str | None, realtime: bool) -> None:
+    archiver_server, cam = module_archiver, unique_camera()  # a shared Archiver
     viewer = make_viewer("night")
-    token = archiver_server.add_camera("cam1")
-    archiver_server.add_viewer(viewer.pem, ["cam1"])
+    token = archiver_server.add_camera(cam)
+    archiver_server.add_viewer(viewer.pem, [cam])
     pattern = "testsrc" if bitrate != "6M" else "mandelbrot"
     source = _encode(tmp_path / "source.ts", seconds, bitrate=bitrate, pattern=pattern)
-    sent = _push_counting(source, archiver_server, "cam1", token, realtime=realtime)
+    sent = _push_counting(source, archiver_server, cam, token, realtime=realtime)
     assert len(sent) >= seconds // 2 - 1, sent
-    assert _archived(archiver_server, "cam1", len(sent)) == len(sent), case
-    _check_frame_exact(archiver_server, viewer, source, tmp_path)
+    assert _archived(archiver_server, cam, len(sent)) == len(sent), case
+    _check_frame_exact(archiver_server, viewer, source, tmp_path, cam)
 
 
-def _raw_put(server: ArchiverServer, token: str, head: bytes, body: bytes) -> None:
+def _raw_put(server: ArchiverServer, token: str, head: bytes, body: bytes,
+             camera: str = "cam1") -> None:
     """Send a request and close at once, without reading the answer (as ffmpeg does)."""
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"PUT /ingest/cam1/seg.ts HTTP/1.1\r\nHost: x\r\n"
+        sock.sendall(b"PUT /ingest/" + camera.encode() + b"/seg.ts HTTP/1.1\r\nHost: x\r\n"
                      b"Authorization: Bearer " + token.encode() + b"\r\n" + head + b"\r\n" + body)
 
 
 def test_complete_bodies_are_archived_even_when_the_client_closes_at_once(
-        archiver_server: ArchiverServer) -> None:
-    token = archiver_server.add_camera("cam1")
+        module_archiver: ArchiverServer) -> None:
+    archiver_server, cam = module_archiver, unique_camera()  # a shared Archiver
+    token = archiver_server.add_camera(cam)
     for size in (1, 100, 40_000, 300_000):
         payload = bytes([size % 251]) * size
-        _raw_put(archiver_server, token, b"Content-Length: %d\r\n" % size, payload)
+        _raw_put(archiver_server, token, b"Content-Length: %d\r\n" % size, payload, cam)
         chunked = b"%x\r\n" % size + payload + b"\r\n0\r\n\r\n"
-        _raw_put(archiver_server, token, b"Transfer-Encoding: chunked\r\n", chunked)
-    _wait_for(lambda: _archived(archiver_server, "cam1") == 8)
+        _raw_put(archiver_server, token, b"Transfer-Encoding: chunked\r\n", chunked, cam)
+    _wait_for(lambda: _archived(archiver_server, cam) == 8)
 
 
 def test_bodies_cut_short_are_refused_and_nothing_of_them_archived(
-        archiver_server: ArchiverServer) -> None:
-    token = archiver_server.add_camera("cam1")
+        module_archiver: ArchiverServer) -> None:
+    archiver_server, cam = module_archiver, unique_camera()  # a shared Archiver
+    token = archiver_server.add_camera(cam)
     # Short Content-Length, and a chunked body without its terminating chunk.
-    _raw_put(archiver_server, token, b"Content-Length: 5000\r\n", b"x" * 4999)
-    _raw_put(archiver_server, token, b"Transfer-Encoding: chunked\r\n", b"400\r\n" + b"y" * 1024 + b"\r\n")
-    _raw_put(archiver_server, token, b"Transfer-Encoding: chunked\r\n", b"400\r\n" + b"z" * 1000)
-    assert archiver_server.put_segment("cam1", token, b"after" * 10) == 201
-    assert _archived(archiver_server, "cam1") == 1
+    _raw_put(archiver_server, token, b"Content-Length: 5000\r\n", b"x" * 4999, cam)
+    _raw_put(archiver_server, token, b"Transfer-Encoding: chunked\r\n",
+             b"400\r\n" + b"y" * 1024 + b"\r\n", cam)
+    _raw_put(archiver_server, token, b"Transfer-Encoding: chunked\r\n", b"400\r\n" + b"z" * 1000,
+             cam)
+    assert archiver_server.put_segment(cam, token, b"after" * 10) == 201
+    assert _archived(archiver_server, cam) == 1
     assert "Traceback" not in archiver_server.log()
 
 

@@ -15,6 +15,8 @@ import pytest
 from tests.archiver.retention_helpers import DAY_MS, cli, generate, today_ms
 
 EXIT_DAMAGED = 3
+# The archive below is made once per worker that runs these tests: keep them on one worker.
+pytestmark = pytest.mark.xdist_group("archiver-check")
 
 
 @pytest.fixture(scope="module")

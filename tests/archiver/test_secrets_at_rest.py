@@ -5,26 +5,14 @@ appear on a command line (softhsm2-util got them as arguments at first start).""
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from pathlib import Path
 
 import pytest
 
+from fusion_testkit.commands import softhsm_util_shim
 from tests.fixtures.server import ArchiverServer
 from tests.fixtures.viewer import fetch, login
-
-
-def softhsm_util_shim(directory: Path) -> Path:
-    """A softhsm2-util first on PATH that records its arguments, then runs the real one."""
-    real = shutil.which("softhsm2-util")
-    assert real is not None
-    directory.mkdir(parents=True, exist_ok=True)
-    log = directory / "argv.log"
-    shim = directory / "softhsm2-util"
-    shim.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> "{log}"\nexec "{real}" "$@"\n')
-    shim.chmod(0o755)
-    return log
 
 
 def _modes(root: Path) -> dict[str, int]:

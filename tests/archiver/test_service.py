@@ -14,7 +14,7 @@ import pytest
 from archiver.audit import verify_audit_log
 from keyservice.errors import NoMatchingIdentity
 from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
-from tests.fixtures.server import ArchiverServer
+from tests.fixtures.server import ArchiverServer, unique_camera
 from tests.fixtures.viewer import fetch, login, observed_secrets, play
 
 
@@ -31,18 +31,19 @@ def _segment_key_ids(server: ArchiverServer, camera: str) -> list[bytes]:
             "SELECT key_id FROM segments WHERE camera=? ORDER BY seq", (camera,))]
 
 
-def test_keys_rotate_every_period(archiver_server: ArchiverServer, make_viewer) -> None:
+def test_keys_rotate_every_period(module_archiver: ArchiverServer, make_viewer) -> None:
+    archiver_server, cam = module_archiver, unique_camera()  # a shared Archiver
     viewer = make_viewer("alice")
-    token = archiver_server.add_camera("cam1")
-    archiver_server.add_viewer(viewer.pem, ["cam1"])
+    token = archiver_server.add_camera(cam)
+    archiver_server.add_viewer(viewer.pem, [cam])
     period = archiver_server.key_period_s
     started = time.time()
-    assert archiver_server.put_segment("cam1", token, b"a" * 1000) == 201
-    assert archiver_server.put_segment("cam1", token, b"b" * 1000) == 201
+    assert archiver_server.put_segment(cam, token, b"a" * 1000) == 201
+    assert archiver_server.put_segment(cam, token, b"b" * 1000) == 201
     finished = time.time()
     time.sleep(period + 0.2)
-    assert archiver_server.put_segment("cam1", token, b"c" * 1000) == 201
-    keys = _segment_key_ids(archiver_server, "cam1")
+    assert archiver_server.put_segment(cam, token, b"c" * 1000) == 201
+    keys = _segment_key_ids(archiver_server, cam)
     # Both segments were keyed between `started` and `finished` (the server shares this
     # clock): within one key period they share its key. A loaded machine may take longer.
     if int(started // period) == int(finished // period):
@@ -52,28 +53,29 @@ def test_keys_rotate_every_period(archiver_server: ArchiverServer, make_viewer) 
         "Authorization": f"Bearer {archiver_server.admin_token}"}).text
     assert "fusion_key_rotations_total" in metrics
     played = play(viewer.identity, fetch(archiver_server.url, login(
-        archiver_server.url, viewer.identity), "cam1").content)
+        archiver_server.url, viewer.identity), cam).content)
     assert played.data == b"a" * 1000 + b"b" * 1000 + b"c" * 1000
     assert played.ended
 
 
 def test_late_viewers_see_only_the_future_and_revoked_get_nothing_new(
-        archiver_server: ArchiverServer, make_viewer) -> None:
+        module_archiver: ArchiverServer, make_viewer) -> None:
+    archiver_server, cam = module_archiver, unique_camera()  # a shared Archiver
     alice, bob = make_viewer("alice"), make_viewer("bob")
-    token = archiver_server.add_camera("cam1")
-    alice_fp = archiver_server.add_viewer(alice.pem, ["cam1"])
+    token = archiver_server.add_camera(cam)
+    alice_fp = archiver_server.add_viewer(alice.pem, [cam])
     for chunk in (b"A1", b"A2"):
-        assert archiver_server.put_segment("cam1", token, chunk * 500) == 201
-    bob_fp = archiver_server.add_viewer(bob.pem, ["cam1"])
+        assert archiver_server.put_segment(cam, token, chunk * 500) == 201
+    bob_fp = archiver_server.add_viewer(bob.pem, [cam])
     for chunk in (b"B1", b"B2"):
-        assert archiver_server.put_segment("cam1", token, chunk * 500) == 201
+        assert archiver_server.put_segment(cam, token, chunk * 500) == 201
     alice_session = login(archiver_server.url, alice.identity)
     archiver_server.revoke(alice_fp)
     for chunk in (b"C1", b"C2"):
-        assert archiver_server.put_segment("cam1", token, chunk * 500) == 201
+        assert archiver_server.put_segment(cam, token, chunk * 500) == 201
 
     # Each segment's chain (the first 12 bytes of its key id).
-    keys = [key_id[:12] for key_id in _segment_key_ids(archiver_server, "cam1")]
+    keys = [key_id[:12] for key_id in _segment_key_ids(archiver_server, cam)]
     alice_keys, bob_keys = _key_ids_of(archiver_server, alice_fp), _key_ids_of(archiver_server, bob_fp)
     # Alice: keys for what was recorded while she was authorized, none after revocation.
     assert set(keys[:4]) <= alice_keys and not set(keys[4:]) & alice_keys
@@ -81,7 +83,7 @@ def test_late_viewers_see_only_the_future_and_revoked_get_nothing_new(
     assert not set(keys[:2]) & bob_keys and set(keys[2:]) <= bob_keys
 
     # Bob's stream: the first two segments are covered by manifests but not decryptable.
-    bob_stream = fetch(archiver_server.url, login(archiver_server.url, bob.identity), "cam1")
+    bob_stream = fetch(archiver_server.url, login(archiver_server.url, bob.identity), cam)
     played = play(bob.identity, bob_stream.content)
     assert [p.data[:2] for p in played.plaintexts] == [b"B1", b"B2", b"C1", b"C2"]
     assert len(played.skipped) == 2 and played.ended
@@ -90,56 +92,58 @@ def test_late_viewers_see_only_the_future_and_revoked_get_nothing_new(
         play(alice.identity, bob_stream.content)
 
     # Revoked: her open session ended with the revocation, and a new login is refused.
-    response = fetch(archiver_server.url, alice_session, "cam1")
+    response = fetch(archiver_server.url, alice_session, cam)
     assert response.status_code == 401 and response.json()["error"] == "session_invalid"
     pem = alice.pem.read_text()
     response = httpx.post(f"{archiver_server.url}/v1/sessions/challenge", json={"certificate": pem})
     assert response.status_code == 403 and response.json()["error"] == "revoked"
 
 
-def test_viewer_on_other_camera_is_refused(archiver_server: ArchiverServer, make_viewer) -> None:
+def test_viewer_on_other_camera_is_refused(module_archiver: ArchiverServer, make_viewer) -> None:
+    archiver_server, cam, cam2 = module_archiver, unique_camera(), unique_camera()  # shared
     viewer = make_viewer("carol")
-    token = archiver_server.add_camera("cam1")
-    archiver_server.add_camera("cam2")
-    archiver_server.add_viewer(viewer.pem, ["cam2"])
-    assert archiver_server.put_segment("cam1", token, b"x" * 100) == 201
+    token = archiver_server.add_camera(cam)
+    archiver_server.add_camera(cam2)
+    archiver_server.add_viewer(viewer.pem, [cam2])
+    assert archiver_server.put_segment(cam, token, b"x" * 100) == 201
     session = login(archiver_server.url, viewer.identity)
-    forbidden = fetch(archiver_server.url, session, "cam1")
+    forbidden = fetch(archiver_server.url, session, cam)
     assert forbidden.status_code == 403 and forbidden.json()["error"] == "not_authorized"
-    response = fetch(archiver_server.url, session, "cam2")
+    response = fetch(archiver_server.url, session, cam2)
     assert response.status_code == 404 and response.json()["error"] == "no_recording"
     # A camera that does not exist gets the very same answer as one that is not the viewer's:
     # a viewer cannot enumerate camera names (live and recording alike).
     missing = fetch(archiver_server.url, session, "nosuch")
     assert missing.status_code == 403
-    assert missing.text.replace("nosuch", "cam1") == forbidden.text
-    for camera in ("cam1", "nosuch"):
+    assert missing.text.replace("nosuch", cam) == forbidden.text
+    for camera in (cam, "nosuch"):
         live = httpx.get(f"{archiver_server.url}/v1/cameras/{camera}/live",
                          params={"duration_s": 0.1, "nonce": "00" * 16},
                          headers={"Authorization": f"Bearer {session}"})
         assert (live.status_code, live.json()["error"]) == (403, "not_authorized")
     listed = httpx.get(f"{archiver_server.url}/v1/cameras",
                        headers={"Authorization": f"Bearer {session}"}).json()
-    assert [c["name"] for c in listed] == ["cam2"]
+    assert [c["name"] for c in listed] == [cam2]
 
 
 @requires_ffmpeg
-def test_ffmpeg_push_and_nothing_secret_at_rest(archiver_server: ArchiverServer, make_viewer,
+def test_ffmpeg_push_and_nothing_secret_at_rest(module_archiver: ArchiverServer, make_viewer,
                                                 tmp_path: Path) -> None:
+    archiver_server, cam = module_archiver, unique_camera()  # a shared Archiver
     viewer = make_viewer("dave")
-    token = archiver_server.add_camera("cam1")
-    archiver_server.add_viewer(viewer.pem, ["cam1"])
+    token = archiver_server.add_camera(cam)
+    archiver_server.add_viewer(viewer.pem, [cam])
     source = make_source(tmp_path / "source.ts", seconds=6)
-    push(source, archiver_server.url, "cam1", token, realtime=True)
+    push(source, archiver_server.url, cam, token, realtime=True)
 
     cameras = archiver_server.admin("GET", "/v1/admin/cameras", expect=200)
-    assert cameras[0]["segments"] >= 5
-    stream = fetch(archiver_server.url, login(archiver_server.url, viewer.identity), "cam1").content
+    assert next(c for c in cameras if c["name"] == cam)["segments"] >= 5
+    stream = fetch(archiver_server.url, login(archiver_server.url, viewer.identity), cam).content
     played = play(viewer.identity, stream)
     decrypted = tmp_path / "decrypted.ts"
     decrypted.write_bytes(played.data)
     assert frame_hashes(decrypted) == frame_hashes(source)  # every frame, in order
-    assert len(set(_segment_key_ids(archiver_server, "cam1"))) >= 2  # rotated while pushing
+    assert len(set(_segment_key_ids(archiver_server, cam))) >= 2  # rotated while pushing
 
     secrets = observed_secrets(viewer.identity, stream)
     assert len(secrets) >= 4
@@ -180,45 +184,47 @@ def test_restart_keeps_serving_the_old_archive(tmp_path: Path, make_viewer) -> N
         server.stop()
 
 
-def test_bad_ingest_is_refused_and_harms_nothing(archiver_server: ArchiverServer) -> None:
+def test_bad_ingest_is_refused_and_harms_nothing(module_archiver: ArchiverServer) -> None:
+    archiver_server, cam = module_archiver, unique_camera()  # a shared Archiver
     url = archiver_server.url
-    token = archiver_server.add_camera("cam1")
-    assert archiver_server.put_segment("cam1", token, b"good" * 100) == 201
+    token = archiver_server.add_camera(cam)
+    assert archiver_server.put_segment(cam, token, b"good" * 100) == 201
 
     def put(camera: str, name: str, data: bytes, auth: str | None) -> httpx.Response:
         headers = {"Authorization": f"Bearer {auth}"} if auth else {}
         return httpx.put(f"{url}/ingest/{camera}/{name}", content=data, headers=headers)
 
-    assert put("cam1", "a.ts", b"x", None).status_code == 401
-    assert put("cam1", "a.ts", b"x", "wrong").status_code == 403
+    assert put(cam, "a.ts", b"x", None).status_code == 401
+    assert put(cam, "a.ts", b"x", "wrong").status_code == 403
     assert put("nosuch", "a.ts", b"x", token).status_code == 403
-    assert put("cam1", "a.ts", b"", token).json()["error"] == "empty_segment"
-    assert put("cam1", "..%2F..%2Fetc%2Fpasswd.ts", b"x", token).status_code in (404, 422)
-    assert put("cam1", "index.m3u8", b"#EXTM3U\n", token).status_code == 204
-    assert put("cam1", "a.ts", b"x" * (32 * 1024 * 1024 + 1), token).status_code == 413
+    assert put(cam, "a.ts", b"", token).json()["error"] == "empty_segment"
+    assert put(cam, "..%2F..%2Fetc%2Fpasswd.ts", b"x", token).status_code in (404, 422)
+    assert put(cam, "index.m3u8", b"#EXTM3U\n", token).status_code == 204
+    assert put(cam, "a.ts", b"x" * (32 * 1024 * 1024 + 1), token).status_code == 413
     admin = {"Authorization": f"Bearer {archiver_server.admin_token}"}
-    assert httpx.put(f"{url}/ingest/cam1/a.ts", content=b"x", headers=admin).status_code == 403
+    assert httpx.put(f"{url}/ingest/{cam}/a.ts", content=b"x", headers=admin).status_code == 403
 
     # A body cut off mid-upload is not archived.
     with socket.create_connection(("127.0.0.1", archiver_server.port)) as sock:
-        sock.sendall(f"PUT /ingest/cam1/cut.ts HTTP/1.1\r\nHost: x\r\n"
+        sock.sendall(f"PUT /ingest/{cam}/cut.ts HTTP/1.1\r\nHost: x\r\n"
                      f"Authorization: Bearer {token}\r\nContent-Length: 100000\r\n\r\n".encode()
                      + b"partial" * 100)
     time.sleep(0.5)
     cameras = archiver_server.admin("GET", "/v1/admin/cameras", expect=200)
-    assert cameras[0]["segments"] == 1
-    assert archiver_server.put_segment("cam1", token, b"after" * 100) == 201
+    assert next(c for c in cameras if c["name"] == cam)["segments"] == 1
+    assert archiver_server.put_segment(cam, token, b"after" * 100) == 201
 
 
-def test_access_control(archiver_server: ArchiverServer, make_viewer) -> None:
+def test_access_control(module_archiver: ArchiverServer, make_viewer) -> None:
+    archiver_server, cam = module_archiver, unique_camera()  # a shared Archiver
     url = archiver_server.url
     viewer = make_viewer("frank")
-    camera_token = archiver_server.add_camera("cam1")
-    archiver_server.add_viewer(viewer.pem, ["cam1"])
+    camera_token = archiver_server.add_camera(cam)
+    archiver_server.add_viewer(viewer.pem, [cam])
     session = login(url, viewer.identity)
     admin_paths = [("GET", "/v1/admin/cameras"), ("POST", "/v1/admin/cameras"),
                    ("GET", "/v1/admin/viewers"), ("POST", "/v1/admin/viewers"),
-                   ("DELETE", "/v1/admin/cameras/cam1"),
+                   ("DELETE", f"/v1/admin/cameras/{cam}"),
                    ("POST", f"/v1/admin/viewers/{'0' * 64}/revoke"),
                    # the deprecated aliases of /viewers are guarded alike
                    ("GET", "/v1/admin/clients"), ("POST", "/v1/admin/clients"),
@@ -232,16 +238,17 @@ def test_access_control(archiver_server: ArchiverServer, make_viewer) -> None:
     for auth, status in ((None, 401), (camera_token, 401),
                          (archiver_server.admin_token, 401), ("x" * 43, 401)):
         headers = {"Authorization": f"Bearer {auth}"} if auth else {}
-        response = httpx.get(f"{url}/v1/cameras/cam1/recording?from_ms=0&to_ms=1", headers=headers)
+        response = httpx.get(f"{url}/v1/cameras/{cam}/recording?from_ms=0&to_ms=1", headers=headers)
         assert response.status_code == status
 
 
-def test_login_proofs_cannot_be_forged_or_replayed(archiver_server: ArchiverServer,
+def test_login_proofs_cannot_be_forged_or_replayed(module_archiver: ArchiverServer,
                                                    make_viewer) -> None:
+    archiver_server, cam = module_archiver, unique_camera()  # a shared Archiver
     url = archiver_server.url
     viewer = make_viewer("grace")
-    archiver_server.add_camera("cam1")
-    archiver_server.add_viewer(viewer.pem, ["cam1"])
+    archiver_server.add_camera(cam)
+    archiver_server.add_viewer(viewer.pem, [cam])
     pem = viewer.pem.read_text()
     challenge = httpx.post(f"{url}/v1/sessions/challenge", json={"certificate": pem}).json()
     forged = httpx.post(f"{url}/v1/sessions", json={
@@ -258,7 +265,8 @@ def test_login_proofs_cannot_be_forged_or_replayed(archiver_server: ArchiverServ
                       json={"certificate": "not a certificate"}).status_code == 422
 
 
-def test_bad_certificates_are_refused(archiver_server: ArchiverServer, tmp_path: Path) -> None:
+def test_bad_certificates_are_refused(module_archiver: ArchiverServer, tmp_path: Path) -> None:
+    archiver_server, cam = module_archiver, unique_camera()  # a shared Archiver
     import datetime as dt
 
     from cryptography import x509
@@ -278,11 +286,11 @@ def test_bad_certificates_are_refused(archiver_server: ArchiverServer, tmp_path:
                  .sign(key, hashes.SHA256()))
         return built.public_bytes(serialization.Encoding.PEM).decode()
 
-    archiver_server.add_camera("cam1")
+    archiver_server.add_camera(cam)
     for pem in ("garbage", cert(1024, 30), cert(2048, 1, start_days=-10)):
         response = httpx.post(f"{archiver_server.url}/v1/admin/viewers",
                               headers={"Authorization": f"Bearer {archiver_server.admin_token}"},
-                              json={"certificate": pem, "cameras": ["cam1"], "oaep_hash": "sha256"})
+                              json={"certificate": pem, "cameras": [cam], "oaep_hash": "sha256"})
         assert response.status_code == 422, response.text
         assert response.json()["error"] == "bad_certificate"
 

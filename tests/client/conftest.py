@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fusion_testkit.client_cli import Client, Viewer
 from tests.fixtures.tokens import TokenHandle, enroll_viewer
-
-from .test_e2e import Client, Viewer
 
 
 @pytest.fixture

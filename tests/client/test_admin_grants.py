@@ -15,11 +15,10 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from fusion_testkit.client_cli import Client, Viewer, chunk, iso, now_ms, put
 from keyservice.certs import load_certificate
 from keyservice.identity import fingerprint
 from tests.fixtures.server import ArchiverServer
-
-from .test_e2e import Client, Viewer, chunk, iso, now_ms, put
 
 EXIT_REFUSED = 41
 

@@ -14,15 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from fusion_testkit.pki import SiteCa
-from keyservice.token import Token
-from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
-from tests.fixtures.piv.stack import CardHandle
-from tests.fixtures.server import ArchiverServer
-from tests.fixtures.tokens import TokenHandle
-from tests.keyservice.test_cli_keys import fusion_keys
-
-from .test_e2e import (
+from fusion_testkit.client_cli import (
     EXIT,
     Client,
     Viewer,
@@ -34,6 +26,13 @@ from .test_e2e import (
     wait_for_audit,
     wait_for_segments,
 )
+from fusion_testkit.commands import fusion_keys
+from fusion_testkit.pki import SiteCa
+from keyservice.token import Token
+from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
+from tests.fixtures.piv.stack import CardHandle
+from tests.fixtures.server import ArchiverServer
+from tests.fixtures.tokens import TokenHandle
 
 CARD_KEY_ID = b"\x03"  # PIV slot 9D, the key-management slot, in OpenSC and ykcs11
 

@@ -19,14 +19,13 @@ from pathlib import Path
 import pytest
 
 from client.evidence import read_zip
+from fusion_testkit.client_cli import Client, Result, Viewer, chunk, iso, now_ms, play, put, wait_for_segments
 from keyservice.evidence.build import sha256sums
 from keyservice.evidence.layout import KEYS, SUMS, VIDEO
 from keyservice.evidence.verify import parse_keys, verify_package
 from keyservice.format import Segment, decode_record
 from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
 from tests.fixtures.server import REPO_ROOT, ArchiverServer
-
-from .test_e2e import Client, Result, Viewer, chunk, iso, now_ms, play, put, wait_for_segments
 
 EXIT_NOT_VERIFIED, EXIT_PARTLY_VERIFIED, EXIT_INCOMPLETE = 60, 61, 62
 requires_tools = pytest.mark.skipif(

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from client.evidence import read_zip
+from fusion_testkit.client_cli import Client, Viewer, iso, now_ms, wait_for_segments
 from keyservice.crypto import open_segment
 from keyservice.evidence.build import sha256sums
 from keyservice.evidence.layout import INDEX, KEYS, SUMS, VIDEO
@@ -36,8 +37,6 @@ from keyservice.evidence.verify import parse_keys
 from keyservice.format import Manifest, Segment, decode_record
 from tests.fixtures.camera import make_source, requires_ffmpeg
 from tests.fixtures.server import ArchiverServer, SiteCa, production_archiver
-
-from .test_e2e import Client, Viewer, iso, now_ms, wait_for_segments
 
 EXIT_NOT_VERIFIED, EXIT_INCOMPLETE, EXIT_SIGNER_NOT_ESTABLISHED = 60, 62, 63
 SEGMENTS = 15

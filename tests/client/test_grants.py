@@ -24,6 +24,7 @@ import pytest
 
 from client.player import Player, StreamTruncated, archiver_pin_check
 from client.session import ArchiverSession, OutsideGrant, RequestRefused, playback_request
+from fusion_testkit.client_cli import Client, Viewer, chunk, iso, now_ms, put, wait_for_segments
 from keyservice.certs import load_certificate, read_oaep_hash
 from keyservice.errors import IntegrityError, NoMatchingIdentity
 from keyservice.format import DataStream
@@ -33,8 +34,6 @@ from keyservice.token import Token
 from tests.fixtures.camera import frame_hashes, is_contiguous_run, make_source, push, requires_ffmpeg
 from tests.fixtures.server import ArchiverServer
 from tests.fixtures.tokens import TokenHandle
-
-from .test_e2e import Client, Viewer, chunk, iso, now_ms, put, wait_for_segments
 
 EXIT_OK, EXIT_NOT_USABLE, EXIT_OUTSIDE, EXIT_UNKNOWN = 0, 55, 56, 57
 

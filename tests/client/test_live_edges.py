@@ -7,24 +7,26 @@ live-start-unproven and live-end-unproven)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from fusion_testkit.client_cli import (
+    EXIT,
+    Client,
+    Viewer,
+    assert_nothing_written,
+    audited,
+    chunk,
+    live,
+    put,
+    wait_for_audit,
+)
 from tests.fixtures.server import ArchiverServer
 
 from .proxy import TamperingProxy
-from .test_e2e import Client, Viewer, chunk, put, wait_for_audit
-from .test_request_binding import EXIT_REQUEST_MISMATCH, assert_no_video, live
 
 HOLD_S = 4.0
-
-
-def _audited(server: ArchiverServer, action: str) -> bool:
-    log = server.data_dir / "audit.jsonl"
-    return log.exists() and any(json.loads(line).get("action") == action
-                                for line in log.read_text().splitlines() if line.strip())
 
 
 def test_a_relay_holding_the_live_request_back_skips_nothing(
@@ -53,7 +55,7 @@ def test_a_relay_holding_the_live_request_back_skips_nothing(
             held = [chunk(f"held-{i}") for i in range(2)]
             put(https_archiver, "cam1", token, *held)
             # Archived while the relay still holds the request: the Archiver has not seen it.
-            assert not _audited(https_archiver, "stream.live")
+            assert not audited(https_archiver, "stream.live")
             wait_for_audit(https_archiver, "stream.live")
             after = [chunk(f"after-{i}") for i in range(2)]
             put(https_archiver, "cam1", token, *after)
@@ -84,9 +86,9 @@ def test_a_relay_moving_the_live_start_later_is_refused(
         relay.shift_ms = 120_000
         far = live(client, relay.url, alice, "cam1", out, duration=2)
     stderr = result.stderr.decode()
-    assert result.returncode == EXIT_REQUEST_MISMATCH, stderr
+    assert result.returncode == EXIT["request_mismatch"], stderr
     assert "This live stream covers" in stderr and "not the requested" in stderr, stderr
     stderr = far.stderr.decode()
     assert far.returncode != 0 and "check both clocks" in stderr, stderr
     assert "Traceback" not in stderr
-    assert_no_video(out)
+    assert_nothing_written(out)

@@ -7,9 +7,8 @@ import json
 import socket
 from collections.abc import Callable
 
+from fusion_testkit.client_cli import EXIT, Client, Viewer
 from tests.fixtures.server import ArchiverServer
-
-from .test_e2e import EXIT, Client, Viewer
 
 
 def test_viewer_cli_reports_tls_verification_then_trusts_tls_ca(

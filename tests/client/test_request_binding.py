@@ -10,24 +10,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fusion_testkit.client_cli import EXIT, Client, Viewer, chunk, iso, live, now_ms, play, put, wait_for_audit
 from tests.fixtures.server import ArchiverServer
 
 from .proxy import TamperingProxy
-from .test_e2e import Client, Viewer, chunk, iso, now_ms, play, put, wait_for_audit
 
-EXIT_REQUEST_MISMATCH = 13
+EXIT_REQUEST_MISMATCH = EXIT["request_mismatch"]
 
 
 def assert_no_video(out: Path) -> None:
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name)) == []
-
-
-def live(client: Client, url: str, viewer: Viewer, camera: str, out: Path, *extra: str,
-         duration: float = 5) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        client.command("live", "--archiver", url, "--token", viewer.uri, "--camera", camera,
-                       "--duration", str(duration), "-o", str(out), *extra),
-        capture_output=True, env=client.env(), timeout=120, stdin=subprocess.DEVNULL)
 
 
 def test_relay_replaying_a_saved_stream_is_refused(

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import httpx
 
+from fusion_testkit.client_cli import EXIT, Client, Viewer, now_ms, play, wait_for_audit
 from keyservice.format import Segment, decode_record
 from tests.fixtures.camera import requires_ffmpeg
 from tests.fixtures.server import ArchiverServer
-
-from .test_e2e import EXIT, Client, Viewer, now_ms, play, wait_for_audit
 
 RATE = 25  # frames per second of the test camera
 FRAME_MS = 1000 // RATE
@@ -98,9 +97,15 @@ def test_a_timestamp_jump_on_a_new_camera_is_not_signed_as_video(
     assert duration == 2 * RATE * FRAME_MS  # 50 frames: 2.000 s, not 10 h
     assert sent - duration <= capture and capture + duration <= acked  # ends at its arrival
     _assert_flagged(https_archiver, 1)
+    # The viewer's camera list shows it too: asked at once, since 6 s after its only segment
+    # (3 segment durations) the camera is "stalled", which outranks bad_timestamps.
+    tls = ("--tls-ca", str(https_archiver.tls_ca))
+    cameras = client("cameras", "--archiver", https_archiver.url, "--token", viewer.uri,
+                     "--json", *tls)
+    assert cameras.code == 0, cameras.stderr
+    assert json.loads(cameras.stdout)["cameras"][0]["state"] == "bad_timestamps"
     wait_for_audit(https_archiver, "camera.bad_timestamps")  # once, from the health watcher
 
-    tls = ("--tls-ca", str(https_archiver.tls_ca))
     earlier = sent - int(9.5 * HOUR_S * 1000)
     out = tmp_path / "earlier.ts"
     result = play(client, https_archiver.url, viewer, out, earlier, earlier + 60_000, *tls)
@@ -111,10 +116,6 @@ def test_a_timestamp_jump_on_a_new_camera_is_not_signed_as_video(
     result = play(client, https_archiver.url, viewer, here, capture, capture + duration, *tls)
     assert result.code == 0, result.stderr
     assert here.read_bytes() == segment
-    cameras = client("cameras", "--archiver", https_archiver.url, "--token", viewer.uri,
-                     "--json", *tls)
-    assert cameras.code == 0, cameras.stderr
-    assert json.loads(cameras.stdout)["cameras"][0]["state"] == "bad_timestamps"
 
 
 @requires_ffmpeg

@@ -17,13 +17,13 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fusion_testkit.client_cli import Client, Viewer, iso
 from keyservice.expiry import LABEL
 from tests.archiver.retention_helpers import DAY_MS, cli, generate, today_ms
 from tests.fixtures.server import ArchiverServer, SiteCa, production_archiver
 from tests.fixtures.tokens import TokenHandle, enroll_viewer
 
 from .proxy import TamperingProxy
-from .test_e2e import Client, Viewer, iso
 
 EXIT_EXPIRED, EXIT_WITHHELD = 54, 59
 SEGMENT_S = 1800

@@ -43,7 +43,8 @@ def run(name: str, extra: list[str]) -> int:
     basetemp = tempfile.mkdtemp(prefix=f"fusion-longrun-{name}-")
     print(f"== {name}: data under {basetemp}", flush=True)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", target, "-s", "-q", "-p", "no:cacheprovider",
+        # -n0: in this process, so that -s shows the figures (xdist workers' output is not).
+        [sys.executable, "-m", "pytest", target, "-n0", "-s", "-q", "-p", "no:cacheprovider",
          "--timeout", "7200", "--basetemp", basetemp, *extra],
         cwd=REPO, env={**os.environ, **variables}, check=False)
     print(f"== {name}: {'passed' if result.returncode == 0 else 'FAILED'} in "

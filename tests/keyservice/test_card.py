@@ -13,12 +13,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pkcs11 import Attribute, ObjectClass
 
+from fusion_testkit.commands import assert_clean_failure, fusion_keys
 from fusion_testkit.pki import SiteCa
 from keyservice import certs
 from keyservice.identity import OaepHash, fingerprint
 from keyservice.token import Token
 from tests.fixtures.piv.stack import CardHandle
-from tests.keyservice.test_cli_keys import assert_clean_failure, fusion_keys
 
 KEY_MAN = "KEY MAN key"  # OpenSC's label for the slot-9D private key
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -16,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from fusion_testkit.commands import assert_clean_failure, fusion_keys
 from keyservice import certs
 from keyservice.identity import OaepHash, fingerprint
 from keyservice.pkcs11uri import Pkcs11Uri
@@ -23,23 +23,6 @@ from tests.fixtures.tokens import TokenHandle
 
 SPY_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so"
 INIT_SOFTHSM = Path(__file__).resolve().parents[2] / "hsm-config" / "init-softhsm.sh"
-
-
-def fusion_keys(*args: str, env: dict[str, str] | None = None,
-                cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    if env is None:  # the session's environment, minus any PIN a developer exported
-        env = {k: v for k, v in os.environ.items() if k != "FUSION_PIN"}
-    return subprocess.run([sys.executable, "-m", "keyservice.cli", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=120, stdin=subprocess.DEVNULL)
-
-
-def assert_clean_failure(result: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("fusion-keys: ")
-    assert needle in lines[0], lines[0]
 
 
 def test_console_script_points_at_main() -> None:

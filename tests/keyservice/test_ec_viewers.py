@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from fusion_testkit.commands import fusion_keys
 from keyservice import certs
 from keyservice.crypto import (
     Epoch,
@@ -30,7 +31,6 @@ from keyservice.identity import Recipient, SoftwareEcIdentity
 from keyservice.keyscheme import KeyScheme
 from keyservice.token import Token
 from tests.fixtures.tokens import TokenHandle
-from tests.keyservice.test_cli_keys import fusion_keys
 
 T = 1_748_779_200_000
 NOW = datetime.fromtimestamp(T / 1000, UTC)

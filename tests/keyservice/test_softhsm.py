@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from fusion_testkit.commands import fusion_keys, softhsm_util_shim
 from keyservice.errors import ObjectExists
 from keyservice.softhsm import init_softhsm
-from tests.archiver.test_secrets_at_rest import softhsm_util_shim
-from tests.keyservice.test_cli_keys import fusion_keys
 
 
 @pytest.mark.skipif(shutil.which("softhsm2-util") is None, reason="softhsm2 is not installed")

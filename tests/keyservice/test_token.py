@@ -64,7 +64,8 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{next(_names)}-{secrets.token_hex(2)}"
 
 
-@pytest.fixture(params=["softhsm", "tpm"])
+# The TPM is one per run: its tests share a worker (tests/fixtures/parallel.py).
+@pytest.fixture(params=["softhsm", pytest.param("tpm", marks=pytest.mark.xdist_group("tpm"))])
 def any_token(request: pytest.FixtureRequest) -> TokenHandle:
     name = "softhsm_token" if request.param == "softhsm" else "tpm_token"
     return request.getfixturevalue(name)
