@@ -10,7 +10,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fusion_testkit.client_cli import EXIT, Client, Viewer, chunk, iso, live, now_ms, play, put, wait_for_audit
+from fusion_testkit.client_cli import (
+    EXIT,
+    Client,
+    Viewer,
+    chunk,
+    iso,
+    live,
+    now_ms,
+    play,
+    put,
+    wait_for_audit,
+)
 from tests.fixtures.server import ArchiverServer
 
 from .proxy import TamperingProxy
