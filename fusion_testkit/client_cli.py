@@ -19,13 +19,18 @@ from pathlib import Path
 
 from fusion_testkit.server import ArchiverServer
 from fusion_testkit.tokens import TokenHandle
+from keyservice.exitcodes import ExitCode
 from keyservice.timespec import format_ms
 
 # fusion-client's exit codes, by what they mean (docs/client.md).
-EXIT = {"usage": 2, "integrity": 11, "no_match": 12, "request_mismatch": 13, "pin": 21,
-        "mismatch": 31, "unreachable": 40, "not_enrolled": 43, "revoked": 44,
-        "not_authorized": 45, "unknown_camera": 46, "no_recording": 47, "truncated": 50,
-        "nothing_authorized": 51}
+# The viewer's exit codes by the short names the tests use (the one enum: keyservice/exitcodes.py).
+EXIT = {"usage": ExitCode.USAGE, "integrity": ExitCode.INTEGRITY,
+        "no_match": ExitCode.NO_MATCHING_IDENTITY, "request_mismatch": ExitCode.REQUEST_MISMATCH,
+        "pin": ExitCode.PIN_INCORRECT, "mismatch": ExitCode.ARCHIVER_MISMATCH,
+        "unreachable": ExitCode.ARCHIVER_UNREACHABLE, "not_enrolled": ExitCode.NOT_ENROLLED,
+        "revoked": ExitCode.VIEWER_REVOKED, "not_authorized": ExitCode.NOT_AUTHORIZED,
+        "unknown_camera": ExitCode.UNKNOWN_CAMERA, "no_recording": ExitCode.NO_RECORDING,
+        "truncated": ExitCode.STREAM_TRUNCATED, "nothing_authorized": ExitCode.NOTHING_AUTHORIZED}
 
 
 @dataclass
