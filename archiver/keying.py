@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from archiver.db import Database, KeyMaterial, ViewerRow
-from keyservice.crypto import Epoch, KeyChain, MinuteKey
+from keyservice.crypto import Epoch, KeyChain, PeriodKey
 from keyservice.format import DataStream, encode_record
 from keyservice.fusion_writer import issue_chain_recipients
 from keyservice.identity import Signer
@@ -63,7 +63,7 @@ class KeyManager:
         self._lock = threading.Lock()
         self._rotate = threading.Lock()
         # camera stream -> (key period, UTC day number) of its current minute key, and the key
-        self._current: dict[tuple[str, DataStream], tuple[tuple[int, int], MinuteKey]] = {}
+        self._current: dict[tuple[str, DataStream], tuple[tuple[int, int], PeriodKey]] = {}
         # camera stream -> its chain, the chain's UTC day, and the earliest certificate expiry
         # among its recipients (the chain ends then: an expired viewer derives no later key)
         self._chains: dict[tuple[str, DataStream], tuple[KeyChain, dt.date, int]] = {}
@@ -82,7 +82,7 @@ class KeyManager:
         self.recipients_bytes = 0  # signed chain recipients (shared by all viewers)
         self.epochs_started = 0
 
-    def key_for(self, camera: str, stream: DataStream, now_ms: int) -> MinuteKey:
+    def key_for(self, camera: str, stream: DataStream, now_ms: int) -> PeriodKey:
         """The key to seal a segment arriving now; rotates (and wraps for viewers) when due.
 
         A key period ends at the next period boundary or the next UTC midnight, whichever

@@ -361,13 +361,11 @@ def recipient_for(cert: x509.Certificate, key_scheme: str | None = None) -> Reci
 
 def make_grant_for(session: ArchiverSession, identity: Identity, signed_by: Login | LoginResult,
                    camera: str, from_ms: int, to_ms: int,
-                   grantee: x509.Certificate | Recipient, *, note: str | None = None,
-                   key_scheme: str | None = None) -> GrantMade:
-    """Grant a recorded range this viewer can play to ``grantee`` (a certificate, checked by
-    ``recipient_for``, or a Recipient checked already): the range is played exactly as
-    ``play_range`` would (every check), written nowhere, and exactly the minute keys of the
+                   recipient: Recipient, *, note: str | None = None) -> GrantMade:
+    """Grant a recorded range this viewer can play to ``recipient`` (the grantee's
+    certificate as ``recipient_for`` checked it): the range is played exactly as
+    ``play_range`` would (every check), written nowhere, and exactly the period keys of the
     segments it released are wrapped to the grantee and handed to the Archiver."""
-    recipient = grantee if isinstance(grantee, Recipient) else recipient_for(grantee, key_scheme)
     verified = play_range(session, identity, signed_by, camera, from_ms, to_ms,
                           output=DiscardOutput())
     keys = [GrantKey(k.stream, k.key_id, k.key) for k in verified.keys.values()]

@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
 
-from keyservice.crypto import KeyChain, MinuteKey
+from keyservice.crypto import KeyChain, PeriodKey
 from keyservice.format import (
     MAX_RECIPIENTS_PER_PART,
     RECORD_HEADER_LEN,
@@ -54,7 +54,7 @@ class ManifestChain:
         self.next_seq = next_seq
         self.prev_hash = prev_hash
 
-    def issue(self, segments: Sequence[Segment], keys: Sequence[MinuteKey], signer: Signer,
+    def issue(self, segments: Sequence[Segment], keys: Sequence[PeriodKey], signer: Signer,
               issued_ms: int, flags: int = 0) -> tuple[Manifest, bytes]:
         """Sign a manifest for ``segments`` (in stream order) and advance the chain.
 

@@ -1,6 +1,6 @@
 """The crypto core of fusion stream format v2, one module per protocol:
 
-- ``keyservice.crypto.segments``: minute keys, sealing and opening segments, key commitments;
+- ``keyservice.crypto.segments``: period keys (``PeriodKey``), sealing and opening segments, key commitments;
 - ``keyservice.crypto.chains``: key chains (the Archiver's ``KeyChain``, the viewer's
   ``ChainDeriver``) and the one-day bound on ratchets;
 - ``keyservice.crypto.ratchet``: the per-viewer KEK ratchet, epoch openers and chain records;
@@ -49,7 +49,7 @@ from keyservice.crypto.ratchet import (
     unwrap_chain_record,
 )
 from keyservice.crypto.segments import (
-    MinuteKey,
+    PeriodKey,
     Rng,
     key_commitment,
     new_minute_key,
@@ -76,13 +76,17 @@ from keyservice.labels import (
     LABEL_SEGMENT,
 )
 
+# Deprecated name (issue 24's glossary): a period key was called a minute key, from the 60 s
+# default key period.
+MinuteKey = PeriodKey
+
 __all__ = [
     "EC_POINT_LEN", "EPOCH_MAX_SECONDS", "LABEL_ADMIN_LOGIN_CONTEXT", "LABEL_CHAIN_KEY",
     "LABEL_CHAIN_RECORD", "LABEL_CHAIN_STEP", "LABEL_EC_EPOCH_OPENER", "LABEL_EC_LOGIN_CHALLENGE",
     "LABEL_EC_SALT", "LABEL_EPOCH_OPENER", "LABEL_KEK_RATCHET", "LABEL_KEY_COMMITMENT",
     "LABEL_LOGIN_CHALLENGE", "LABEL_LOGIN_CONTEXT", "LABEL_LOGIN_PROOF", "LABEL_SEGMENT",
     "SECRET_LEN", "ChainDeriver", "Epoch", "KekRatchet", "KeyChain", "LoginChallenge",
-    "MinuteKey", "Rng", "admin_login_context", "answer_login_challenge", "chain_key_id",
+    "MinuteKey", "PeriodKey", "Rng", "admin_login_context", "answer_login_challenge", "chain_key_id",
     "chain_minute_key", "chain_record_ad", "chain_step", "ec_open", "ec_seal", "key_commitment",
     "login_context", "make_login_challenge", "max_ratchet_index", "new_minute_key",
     "open_epoch_opener", "open_segment", "ratchet_kek", "seal_segment", "segment_ad",

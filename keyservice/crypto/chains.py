@@ -13,7 +13,7 @@ import struct
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from keyservice.crypto.segments import MinuteKey, Rng
+from keyservice.crypto.segments import PeriodKey, Rng
 from keyservice.errors import IntegrityError
 from keyservice.format import (
     CHAIN_ID_LEN,
@@ -116,7 +116,7 @@ class KeyChain:
         """False once ``key_at(now_ms)`` would refuse: start a new chain then."""
         return self._step <= self.step_at(now_ms) <= max_ratchet_index(self.period_s)
 
-    def key_at(self, now_ms: int) -> MinuteKey:
+    def key_at(self, now_ms: int) -> PeriodKey:
         """The minute key of now's key period; steps the chain forward to it, erasing the
         states before."""
         step = self.step_at(now_ms)
@@ -130,7 +130,7 @@ class KeyChain:
             self._step += 1
         self._state = state
         key = chain_minute_key(state, self.chain_id, self.camera, self.stream, step)
-        return MinuteKey(self.camera, self.stream, chain_key_id(self.chain_id, step), key,
+        return PeriodKey(self.camera, self.stream, chain_key_id(self.chain_id, step), key,
                          now_ms)
 
 

@@ -52,7 +52,7 @@ def _str8(name: str) -> bytes:
 
 
 @dataclass(frozen=True)
-class MinuteKey:
+class PeriodKey:
     """The random key of one camera data stream for one key period (shared by all viewers).
 
     Nonces are derived from the segment sequence number, so a key must never seal the same
@@ -95,12 +95,12 @@ class MinuteKey:
 
 
 def new_minute_key(camera: str, stream: DataStream, now_ms: int, rng: Rng = os.urandom
-                   ) -> MinuteKey:
+                   ) -> PeriodKey:
     """A standalone random key with a random id, outside any chain: for tests and benchmarks
     of the segment layer (a reader can only use it when given it, ``known_keys``)."""
     key_id = rng(ID_LEN)
     key = rng(KEY_LEN)
-    return MinuteKey(camera, stream, key_id, key, now_ms)
+    return PeriodKey(camera, stream, key_id, key, now_ms)
 
 def key_commitment(key: bytes, camera: str, stream: DataStream, key_id: bytes) -> bytes:
     """HMAC-SHA256 under the minute key: AES-GCM is not key-committing (one ciphertext can be
@@ -129,7 +129,7 @@ def _segment_ad_prefix(camera: str, stream: int) -> bytes:
     return LABEL_SEGMENT + _VERSION + _str8(camera) + bytes((stream,))
 
 
-def seal_segment(key: MinuteKey, seq: int, capture_ms: int, plaintext: bytes, flags: int = 0,
+def seal_segment(key: PeriodKey, seq: int, capture_ms: int, plaintext: bytes, flags: int = 0,
                  duration_ms: int = 0) -> Segment:
     """Encrypt one segment under ``key`` (its camera and data stream are the key's)."""
     if type(flags) is not int or flags & ~SEGMENT_LAST or not 0 <= flags <= 0xFF:
@@ -145,7 +145,7 @@ def seal_segment(key: MinuteKey, seq: int, capture_ms: int, plaintext: bytes, fl
     key._reserve(seq)
     ad = segment_ad(key.camera, key.stream, seq, capture_ms, key.key_id, flags, duration_ms)
     ciphertext = key._aead.encrypt(segment_nonce(seq), plaintext, ad)
-    # Every field was checked above or by MinuteKey: skip re-checking on the hot path.
+    # Every field was checked above or by PeriodKey: skip re-checking on the hot path.
     return Segment._unchecked(key.camera, key.stream, seq, capture_ms, key.key_id, flags,
                               ciphertext, duration_ms)
 

@@ -153,7 +153,7 @@ def test_refusals_keep_the_wire_code_and_the_http_status(
 
 def test_grants_come_back_typed(https_archiver: ArchiverServer,
                                 make_viewer: Callable[[str], Viewer], client_home: Path) -> None:
-    from client.viewer import make_grant_for
+    from client.viewer import make_grant_for, recipient_for
 
     alice, bob = make_viewer("alice"), make_viewer("bob")
     t0, t1, _ = recorded(https_archiver, alice, "lobby")
@@ -162,7 +162,7 @@ def test_grants_come_back_typed(https_archiver: ArchiverServer,
             open_identity(alice.uri) as identity:
         me = login(session, identity)
         made = make_grant_for(session, identity, me, "lobby", t0, t1,
-                              load_certificate_file(bob.pem), note="case 7")
+                              recipient_for(load_certificate_file(bob.pem)), note="case 7")
         listed = session.grants()
     assert isinstance(made.grant, GrantInfo) and made.grant.state == "pending"
     assert made.verified.segments == 3 and made.keys >= 1

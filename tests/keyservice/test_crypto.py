@@ -16,7 +16,7 @@ from keyservice.crypto import (
     Epoch,
     KekRatchet,
     KeyChain,
-    MinuteKey,
+    PeriodKey,
     answer_login_challenge,
     make_login_challenge,
     max_ratchet_index,
@@ -111,7 +111,7 @@ def test_key_commitment_is_hmac_of_the_spec_input() -> None:
     import hashlib
     import hmac
 
-    key = MinuteKey("cam-1", DataStream.AUDIO, bytes(range(16)), bytes(range(32)), T)
+    key = PeriodKey("cam-1", DataStream.AUDIO, bytes(range(16)), bytes(range(32)), T)
     expected = hmac.new(bytes(range(32)), b"FSE1 key-commitment\x05cam-1\x01" + bytes(range(16)),
                         hashlib.sha256).digest()
     assert key.commitment == expected

@@ -226,7 +226,7 @@ _OLD_CRYPTO_NAMES = (
     "LABEL_ADMIN_LOGIN_CONTEXT", "LABEL_CHAIN_KEY", "LABEL_CHAIN_RECORD", "LABEL_CHAIN_STEP",
     "LABEL_EC_EPOCH_OPENER", "LABEL_EC_LOGIN_CHALLENGE", "LABEL_EC_SALT", "LABEL_EPOCH_OPENER",
     "LABEL_KEK_RATCHET", "LABEL_KEY_COMMITMENT", "LABEL_LOGIN_CHALLENGE", "LABEL_LOGIN_CONTEXT",
-    "LABEL_LOGIN_PROOF", "LABEL_SEGMENT", "LoginChallenge", "MinuteKey", "Rng", "SECRET_LEN",
+    "LABEL_LOGIN_PROOF", "LABEL_SEGMENT", "LoginChallenge", "MinuteKey", "PeriodKey", "Rng", "SECRET_LEN",
     "admin_login_context", "answer_login_challenge", "chain_key_id", "chain_minute_key",
     "chain_record_ad", "chain_step", "ec_open", "ec_seal", "key_commitment", "login_context",
     "make_login_challenge", "max_ratchet_index", "new_minute_key", "open_epoch_opener",

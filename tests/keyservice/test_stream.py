@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from keyservice.crypto import (
     Epoch,
     KeyChain,
-    MinuteKey,
+    PeriodKey,
     new_minute_key,
     open_segment,
     seal_segment,
@@ -67,7 +67,7 @@ class Rig:
         self.identity = SoftwareIdentity(base.certificate, base.private_key)
         self.recipient = Recipient(self.identity.certificate, OaepHash.SHA256)
         self.chains = {camera: ManifestChain(camera) for camera in cameras}
-        self.keys: dict[tuple[str, DataStream], MinuteKey] = {}
+        self.keys: dict[tuple[str, DataStream], PeriodKey] = {}
         self.key_chains: dict[tuple[str, DataStream], KeyChain] = {}
         self.seq: dict[tuple[str, DataStream], int] = {}
         self.pending: dict[str, list[Segment]] = {camera: [] for camera in cameras}
@@ -84,7 +84,7 @@ class Rig:
         self.chunks.append(self.writer.add(opener))
 
     def rotate(self, camera: str, stream: DataStream, now: int, wrap: bool = True,
-               grant: bool = True) -> MinuteKey:
+               grant: bool = True) -> PeriodKey:
         """A new key chain from now on, and its key of now. ``wrap``: a chain record for the
         viewer; otherwise (``grant``) the Archiver's signed chain recipients that do not list
         it, as the Archiver sends for a segment it withholds."""
@@ -101,7 +101,7 @@ class Rig:
             self.chunks.append(self.writer.add(self.epoch.wrap_chain(chain, seed, now)))
         return key
 
-    def step(self, camera: str, stream: DataStream, now: int) -> MinuteKey:
+    def step(self, camera: str, stream: DataStream, now: int) -> PeriodKey:
         """The next key of the current chain (no record: the viewer derives it)."""
         key = self.keys[(camera, stream)] = self.key_chains[(camera, stream)].key_at(now)
         return key
@@ -327,7 +327,7 @@ def test_key_commitment_stops_one_ciphertext_opening_under_two_keys() -> None:
     # The key reaches the reader from outside the stream (known_keys, as a grant of past
     # video or an evidence package gives it): it is used only if it matches the commitment.
     rig = Rig(cameras=(CAM,))
-    committed = MinuteKey(CAM, DataStream.VIDEO, key_id, k1, T)
+    committed = PeriodKey(CAM, DataStream.VIDEO, key_id, k1, T)
     rig.chunks.append(rig.writer.add(segment))
     _, manifest = rig.chains[CAM].issue([segment], [committed], rig.signer, T + 1)
     rig.chunks.append(rig.writer.add(manifest))

@@ -46,7 +46,7 @@ from cryptography.x509.oid import NameOID  # noqa: E402
 from keyservice.crypto import (  # noqa: E402
     Epoch,
     KeyChain,
-    MinuteKey,
+    PeriodKey,
     open_epoch_opener,
     seal_segment,
     split_key_id,
@@ -244,7 +244,7 @@ class SimArchiver:
         self.rng = rng
         self.chains = {LOBBY: ManifestChain(LOBBY), GATE: ManifestChain(GATE)}
         self.next_seq: dict[tuple[str, DataStream], int] = {}
-        self.keys: dict[tuple[str, DataStream], MinuteKey] = {}
+        self.keys: dict[tuple[str, DataStream], PeriodKey] = {}
         self.key_chains: dict[tuple[str, DataStream], KeyChain] = {}
         self.chain_seeds: dict[str, str] = {}  # hex chain id -> hex S_0 (intermediates)
         self.viewers: list[Viewer] = []
