@@ -29,7 +29,10 @@ from keyservice.identity import fingerprint
 
 
 @dataclass(frozen=True)
-class AdminSession:
+class AdminLogin:
+    """An admin logged in from the CLI: the session, who it is, and the Archiver it was opened
+    with (pinned)."""
+
     session_token: str
     name: str
     fingerprint: str
@@ -54,7 +57,7 @@ def _post(http: httpx.Client, url: str, path: str, body: Any) -> Any:
 
 
 def login_admin(url: str, verify: ssl.SSLContext | bool, token_uri: str,
-                archiver_fingerprint: str | None, timeout: float = 30) -> AdminSession:
+                archiver_fingerprint: str | None, timeout: float = 30) -> AdminLogin:
     # Imported here: the token layer loads a PKCS#11 module, which `--help` does not need.
     from keyservice.token import RuntimeToken
 
@@ -85,7 +88,7 @@ def login_admin(url: str, verify: ssl.SSLContext | bool, token_uri: str,
             opened = _post(http, url, "/v1/sessions/admin", {
                 "challenge_id": challenge_id.hex(), "proof": base64.b64encode(proof).decode()})
     try:
-        return AdminSession(str(opened["session_token"]), str(opened["name"]),
+        return AdminLogin(str(opened["session_token"]), str(opened["name"]),
                             str(opened["fingerprint"]), str(opened["actor"]),
                             int(opened["expires_ms"]), archiver_fp.hex())
     except (KeyError, TypeError, ValueError):
