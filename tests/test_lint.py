@@ -56,3 +56,16 @@ def test_token_internals_stay_inside_the_token_package() -> None:
             if any(name.startswith("keyservice.token.") for name in _imports(path)):
                 offenders.append(path.relative_to(ROOT).as_posix())
     assert offenders == []
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared test helpers live in fusion_testkit/ or a helper module, not in a test module:
+    importing one test module from another runs its tests' module code twice and hides the
+    helper (issue 24)."""
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module is not None:
+                if node.module.rsplit(".", 1)[-1].startswith("test_"):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.module}")
+    assert offenders == []

@@ -22,12 +22,12 @@ from client.viewer import (
     open_identity,
     play_range,
 )
+from fusion_testkit.client_cli import Viewer, chunk, now_ms, put
 from keyservice.errors import KeyServiceError, RequestMismatch
 from keyservice.wire import ErrorCode
 from tests.fixtures.server import ArchiverServer
 
 from .proxy import TamperingProxy
-from .test_e2e import Viewer, chunk, now_ms, put
 
 ROOT = Path(__file__).parents[2]
 

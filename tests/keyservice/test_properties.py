@@ -179,7 +179,7 @@ def _large_stream() -> tuple[bytes, list[bytes]]:
     """Segments big enough (256 KiB and more) for the reader's reused buffers, several per
     manifest, on two cameras."""
     from keyservice.format import DataStream
-    from tests.keyservice.test_stream import CAM, CAM2, Rig, T
+    from tests.keyservice.rig import CAM, CAM2, Rig, T
 
     rig = Rig(cameras=(CAM, CAM2))
     rng = random.Random(3)
