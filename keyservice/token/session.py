@@ -204,9 +204,25 @@ def load_module(path: str) -> LoadedModule:
         except (OSError, RuntimeError):
             raise ModuleNotFound(f"{path} could not be loaded as a PKCS#11 module; give the "
                                  "path of a PKCS#11 .so in module-path.") from None
+        _clear_openssl_errors()
         module = LoadedModule(path=path, lib=lib)
         _modules[path] = module
         return module
+
+
+def _clear_openssl_errors() -> None:
+    """Empties this thread's OpenSSL error queue after a module's C_Initialize.
+
+    SoftHSM 2.6 probes the "rdrand" engine at initialisation and leaves the failure on the
+    queue of the system's libcrypto (fixed upstream in SoftHSMv2 pull request 859). Python's
+    ssl module uses that same libcrypto, and a stale entry makes the next TLS handshake in this
+    thread fail with NO_SUCH_ENGINE: an admin or viewer that enrols a key and then talks to an
+    Archiver over HTTPS in one process could not connect."""
+    try:
+        libcrypto = ctypes.CDLL("libcrypto.so.3")
+    except OSError:  # another OpenSSL generation: nothing of ours shares its queue
+        return
+    libcrypto.ERR_clear_error()
 
 
 def unload_module(module_path: str) -> None:
