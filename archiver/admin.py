@@ -85,7 +85,7 @@ class Admin:
                                + ", ".join(f"{s}://" for s in self.pull_schemes) + ".")
         token = new_secret()
         # A pulled camera's row still needs a digest: one of a secret nobody is given.
-        if not archive.db.add_camera(name, digest(token), rtsp_url, archive.clock()):
+        if not archive.directory.add_camera(name, digest(token), rtsp_url, archive.clock()):
             raise Refused(ErrorCode.CAMERA_EXISTS, f"A camera named '{name}' exists already "
                                "(names of removed cameras stay reserved: their archive is "
                                "evidence).")
@@ -97,7 +97,7 @@ class Admin:
     def remove_camera(self, actor: str, name: str) -> None:
         """Stop recording a camera; its archive stays (evidence) and its name stays reserved."""
         archive = self.archive
-        if not archive.db.remove_camera(name, archive.clock()):
+        if not archive.directory.remove_camera(name, archive.clock()):
             raise Refused(ErrorCode.UNKNOWN_CAMERA, f"There is no camera named '{name}'.")
         if self.rtsp is not None:
             # Wait for the puller to archive the segment it was building: removed means stopped.
@@ -109,10 +109,10 @@ class Admin:
     # --- viewers -----------------------------------------------------------------------
     def viewers(self) -> list[ViewerRow]:
         """Every viewer ever authorized, revoked ones too (oldest first)."""
-        return self.archive.db.viewers()
+        return self.archive.directory.viewers()
 
     def viewer(self, fp: str) -> ViewerRow | None:
-        return self.archive.db.viewer(fp)
+        return self.archive.directory.viewer(fp)
 
     def authorize_viewer(self, actor: str, pem: bytes, cameras: list[str] | None,
                          oaep_hash: str | None = None) -> ViewerRow:
@@ -132,14 +132,14 @@ class Admin:
         except CertificateError as exc:
             raise Refused(ErrorCode.BAD_CERTIFICATE, str(exc)) from None
         wanted = None if cameras is None else sorted(set(cameras))
-        known = {c.name for c in archive.db.cameras()}
+        known = {c.name for c in archive.directory.cameras()}
         unknown = sorted(set(wanted or ()) - known)
         if unknown:
             raise Refused(ErrorCode.UNKNOWN_CAMERA,
                                f"Unknown camera(s): {', '.join(unknown)}.")
         fp = fingerprint(cert).hex()
         subject = cert.subject.rfc4514_string()
-        existing = archive.db.viewer(fp)
+        existing = archive.directory.viewer(fp)
         if existing is not None and existing.revoked_ms is None and wanted != (
                 None if existing.all_cameras else sorted(existing.cameras)):
             # Adding again used to replace the viewer's cameras silently (one was dropped):
@@ -149,12 +149,12 @@ class Admin:
                                f"already, on {_cameras_text(existing)}; change its cameras with "
                                f"'fusion-archiver viewers cameras {fp[:16]} --add CAMS', "
                                "'--remove CAMS' or '--set CAMS'.")
-        archive.db.add_viewer(fp, cert.public_bytes(Encoding.DER), subject, int(oaep), wanted,
+        archive.directory.add_viewer(fp, cert.public_bytes(Encoding.DER), subject, int(oaep), wanted,
                               archive.clock())
         archive.authorization_changed(fp, None)
         self.audit.record(actor, "viewer.add", archive.clock(), fingerprint=fp, subject=subject,
                           cameras=wanted or "all", oaep_hash=oaep.legacy_label)
-        row = archive.db.viewer(fp)
+        row = archive.directory.viewer(fp)
         assert row is not None
         return Authorization(row, existing is not None and existing.revoked_ms is None)
 
@@ -164,7 +164,7 @@ class Admin:
         or "all" for all cameras, present and future). Keys rotate on a change, as when a viewer
         is authorized: a camera added now gives nothing recorded before."""
         archive = self.archive
-        row = archive.db.viewer(fp)
+        row = archive.directory.viewer(fp)
         if row is None:
             raise Refused(ErrorCode.UNKNOWN_VIEWER, f"No viewer has the fingerprint {fp}.")
         if row.revoked_ms is not None:
@@ -180,7 +180,7 @@ class Admin:
         if both:
             raise Refused(ErrorCode.BAD_CAMERA_CHANGE, f"Camera(s) {', '.join(both)} both "
                                "added and removed: give each once.")
-        known = {c.name for c in archive.db.cameras()}
+        known = {c.name for c in archive.directory.cameras()}
         named = set(add) | (set(set_to) if isinstance(set_to, list) else set())
         unknown = sorted(named - known)
         if unknown:
@@ -211,7 +211,7 @@ class Admin:
                               added=added, removed=removed)
         if change.before == change.after:
             return change  # nothing changed: no rotation, no audit entry
-        archive.db.set_viewer_cameras(fp, change.after)
+        archive.directory.set_viewer_cameras(fp, change.after)
         archive.authorization_changed(fp, None)
         self.audit.record(actor, "viewer.cameras", archive.clock(), fingerprint=fp,
                           before=change.before or "all", cameras=change.after or "all",
@@ -222,8 +222,13 @@ class Admin:
         """Revoke a viewer: no new keys for it from now on (keys rotate), its sessions end; with
         ``delete_key_streams`` its stored key records go too (crypto-shredding for it)."""
         archive = self.archive
-        if not archive.db.revoke_viewer(fp, archive.clock(), delete_key_streams):
+        if not archive.directory.revoke_viewer(fp, archive.clock()):
             raise Refused(ErrorCode.UNKNOWN_VIEWER, f"No viewer has the fingerprint {fp}.")
+        if delete_key_streams:
+            # The key streams are this Archiver's (its local index); the directory records
+            # that they were deleted.
+            archive.db.delete_key_streams(fp)
+            archive.directory.mark_key_streams_deleted(fp)
         archive.authorization_changed(fp, None)
         if self.sessions is not None:
             self.sessions.end_sessions_of(fp)

@@ -24,8 +24,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.audit import AuditLog
 from archiver.auth import Sessions
+from archiver.directory import Directory
+from archiver.directory.engine import SQLITE_FILE
+from archiver.directory.rows import AdminRow
 from archiver.services.refused import Refused
-from archiver.storage import IndexConnection
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError
 from keyservice.identity import fingerprint
@@ -43,37 +45,6 @@ def is_admin_name(name: str) -> bool:
     return bool(_NAME.fullmatch(name)) and name != BOOTSTRAP_ACTOR
 
 
-def actor_of(name: str, fp: str) -> str:
-    """A personal admin's actor in the audit log: the unique name and the fingerprint prefix
-    other commands print."""
-    return f"{name} ({fp[:16]})"
-
-
-@dataclass(frozen=True)
-class AdminRow:
-    fingerprint: str
-    name: str
-    certificate: bytes  # DER
-    subject: str
-    oaep_hash: int
-    added_ms: int
-    added_by: str
-    revoked_ms: int | None
-    revoked_by: str | None
-
-    @property
-    def actor(self) -> str:
-        return actor_of(self.name, self.fingerprint)
-
-
-_SELECT = ("SELECT fingerprint, name, certificate, subject, oaep_hash, added_ms, added_by, "
-           "revoked_ms, revoked_by FROM admins")
-
-
-def _row(values: tuple) -> AdminRow:
-    return AdminRow(values[0], values[1], bytes(values[2]), *values[3:])
-
-
 # An admin change refused: the services' one refusal type (the old name, kept for callers).
 AdminRefused = Refused
 
@@ -88,48 +59,31 @@ class AdminPrincipal:
 
 
 class AdminStore:
-    """The admins table (migration 5), one connection serialized by a lock."""
+    """The admins table, in the site directory (archiver/directory/store.py has its queries)."""
 
-    def __init__(self, path: Path) -> None:
-        self._index = IndexConnection(path, "admin")
+    def __init__(self, directory: Directory) -> None:
+        self._directory = directory
 
     def close(self) -> None:
-        self._index.close()
-
-    def _execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
-        return self._index.execute(sql, args)
+        """Nothing of its own to close: the directory is the archive's."""
 
     def add(self, row: AdminRow) -> bool:
         """False if the fingerprint or the name exists already (revoked admins included)."""
-        try:
-            self._execute("INSERT INTO admins (fingerprint, name, certificate, subject, "
-                          "oaep_hash, added_ms, added_by, revoked_ms, revoked_by) "
-                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                          (row.fingerprint, row.name, row.certificate, row.subject,
-                           row.oaep_hash, row.added_ms, row.added_by, None, None))
-        except sqlite3.IntegrityError:
-            return False
-        return True
+        return self._directory.add_admin(row)
 
     def get(self, fp: str) -> AdminRow | None:
-        found = self._execute(_SELECT + " WHERE fingerprint = ?", (fp,)).fetchone()
-        return _row(found) if found else None
+        return self._directory.admin(fp)
 
     def find(self, who: str) -> AdminRow | None:
         """By name, full fingerprint or a unique fingerprint prefix (8 hex digits at least)."""
-        found = self._execute(_SELECT + " WHERE name = ? OR fingerprint = ?", (who, who)).fetchall()
-        if not found and re.fullmatch(r"[0-9a-f]{8,64}", who):
-            found = self._execute(_SELECT + " WHERE fingerprint LIKE ?", (who + "%",)).fetchall()
-        return _row(found[0]) if len(found) == 1 else None
+        return self._directory.find_admin(who)
 
     def all(self) -> list[AdminRow]:
-        return [_row(r) for r in self._execute(_SELECT + " ORDER BY added_ms, name").fetchall()]
+        return self._directory.admins()
 
     def revoke(self, fp: str, actor: str, now_ms: int) -> bool:
         """False if unknown or revoked already."""
-        cursor = self._execute("UPDATE admins SET revoked_ms = ?, revoked_by = ? "
-                               "WHERE fingerprint = ? AND revoked_ms IS NULL", (now_ms, actor, fp))
-        return cursor.rowcount == 1
+        return self._directory.revoke_admin(fp, actor, now_ms)
 
 
 @dataclass
@@ -185,11 +139,20 @@ class Admins:
         return after
 
 
-def active_admins(db_path: Path) -> int:
+def active_admins(data_dir: Path, directory_url: str | None = None) -> int:
     """Admins not revoked, read before the Archiver starts (0 if there is no index yet)."""
+    if directory_url:
+        from archiver.directory import open_directory
+        directory = open_directory(directory_url, data_dir)
+        try:
+            return directory.active_admins()
+        finally:
+            directory.close()
+    db_path = data_dir / SQLITE_FILE
     if not db_path.exists():
         return 0
     try:
+        # Read-only, without migrating: the Archiver migrates when it opens the file.
         with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30) as conn:
             return int(conn.execute("SELECT COUNT(*) FROM admins WHERE revoked_ms IS NULL")
                        .fetchone()[0])

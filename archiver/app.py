@@ -44,7 +44,7 @@ async def _watch_camera_health(archive: Archive, audit: AuditLog) -> None:
     while True:
         await asyncio.sleep(HEALTH_CHECK_S)
         now = archive.clock()
-        for camera in await asyncio.to_thread(archive.db.cameras):
+        for camera in await asyncio.to_thread(archive.directory.cameras):
             health = archive.health.health(camera.name, now)
             before = states.get(camera.name, CameraState.WAITING)
             states[camera.name] = health.state

@@ -21,7 +21,8 @@ import anyio.to_thread
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.cameras import CameraState, HealthBoard, SavedHealth, SegmentClock, SegmentTime
-from archiver.db import ChainRecipientsRow, Database, HealthRow, ManifestRow, SegmentRow, ViewerRow
+from archiver.db import ChainRecipientsRow, Database, HealthRow, ManifestRow, SegmentRow
+from archiver.directory import ViewerRow, open_directory
 from archiver.keying import KeyManager
 from archiver.mpegts import media_span
 from archiver.reindex import ec_public_key as _ec_key
@@ -113,14 +114,22 @@ class Archive:
         self.rng = rng
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.db_path)
+        try:
+            # After the index: on SQLite the directory shares its file, and the index's legacy
+            # migrations made the directory's first tables (archiver/directory/migrate.py).
+            self.directory = open_directory(settings.directory_url, settings.data_dir)
+        except BaseException:
+            self.db.close()
+            raise
         self.files = ArchiveFiles(settings.archive_dir)
         # The files are the source of truth: signed groups the index lacks are indexed again,
         # only unsigned or torn bytes are cut.
         self.recovery_actions = recover(settings.archive_dir, self.db,
                                         _ec_key(signer.certificate.public_key()))
         self.keys = KeyManager(self.db, settings.key_period_s, rng, signer,
-                               journal=self._journal_keys)
-        self.retention = Retention(settings, self.db, self.files, clock, free_bytes)
+                               journal=self._journal_keys, directory=self.directory)
+        self.retention = Retention(settings, self.db, self.files, clock, free_bytes,
+                                   directory=self.directory)
         self.notifier = Notifier()
         self.health = HealthBoard()
         for saved in self.db.camera_health():  # the last known state, until heard of again
@@ -142,7 +151,7 @@ class Archive:
 
     def save_health(self, every_ms: int) -> None:
         """Write the cameras' health that changed to the index (``HealthBoard.to_save``)."""
-        names = [camera.name for camera in self.db.cameras()]
+        names = [camera.name for camera in self.directory.cameras()]
         self.db.save_camera_health([
             HealthRow(saved.camera, saved.state.value, saved.message, saved.last_segment_ms,
                       saved.saved_ms)
@@ -151,6 +160,7 @@ class Archive:
     def close(self) -> None:
         with self.retention.lock:  # a pass in progress finishes its step first
             self.files.close()
+            self.directory.close()
             self.db.close()
 
     # --- ingest -----------------------------------------------------------------------
@@ -466,7 +476,7 @@ class _Assembler:
         changes = self._archive.authorization_changes(self._fingerprint)
         if self._authorized and changes != self._auth_changes:
             self._auth_changes = changes
-            viewer = self._db.viewer(self._fingerprint)
+            viewer = self._archive.directory.viewer(self._fingerprint)
             self._authorized = viewer is not None and viewer.authorized_on(self._camera)
         return self._authorized
 

@@ -30,6 +30,14 @@ register_admin_commands(app)
 hidden_aliases(app, {"url": "archiver", "oaep-hash": "key-scheme"})
 
 
+# The site directory: PostgreSQL for a site of several Archivers; SQLite in the data directory
+# without it. The environment variable keeps a password off the command line (and out of ps).
+DirectoryOpt = Annotated[str | None, typer.Option(
+    "--directory", envvar="FUSION_DIRECTORY", show_envvar=True,
+    help="The site directory: postgresql://USER@HOST:PORT/DATABASE (password from the URL, "
+    "PGPASSWORD or ~/.pgpass). Default: the SQLite file in the data directory.")]
+
+
 @app.command()
 def serve(
     data: Annotated[Path, typer.Option("--data", help="Data directory (SQLite, archive, token).")],
@@ -102,6 +110,7 @@ def serve(
         "--bootstrap-token/--no-bootstrap-token", help="Accept the data directory's admin-token "
         "(the embedded default). Turn it off once admins are people ('admins add'): then only "
         "personal admin sessions act as admin.")] = True,
+    directory: DirectoryOpt = None,
 ) -> None:
     """Run the Archiver."""
     import os
@@ -131,10 +140,10 @@ def serve(
                         reserve_bytes=disk_reserve_mib * 1024 * 1024,
                         rtsp_max_segment_bytes=rtsp_max_segment_kib * 1024,
                         rtsp_max_segment_s=rtsp_max_segment_s,
-                        bootstrap_token=bootstrap_token)
+                        bootstrap_token=bootstrap_token, directory_url=directory or None)
     if not bootstrap_token:
         from archiver.admins import active_admins
-        if active_admins(settings.db_path) == 0:
+        if active_admins(settings.data_dir, settings.directory_url) == 0:
             # Refused before anything starts: without the bootstrap token and without an
             # admin, nobody could administer this Archiver.
             raise UsageError("--no-bootstrap-token needs at least one admin: add one first with "

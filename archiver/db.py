@@ -1,6 +1,9 @@
-"""The Archiver's metadata in SQLite: cameras, authorized viewers, the segment index, the
-per-viewer key streams (chain records and the chain recipients), retention, evidence holds and
-access grants.
+"""The Archiver's local index in SQLite: the segment index, manifests, the per-viewer key
+streams (chain records and the chain recipients), epochs, chain anchors, expired files and
+camera health; all of it rebuildable from the Archiver's own files (``fusion-archiver
+reindex``). What belongs to the site (cameras, viewers, holds, retention settings, access
+grants, admins) is the site directory's (archiver/directory/), which by default shares this
+file.
 
 Nothing secret is stored here: camera tokens only as SHA-256 hashes, viewers as public
 certificates, key streams as RSA-OAEP epoch openers and AES-GCM-wrapped key records.
@@ -25,36 +28,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from archiver.grants import RESULT, TRANSITIONS, AccessGrantRow, GrantState
+# The site directory's rows, importable from here as before the split.
+from archiver.directory.rows import CameraRow, HoldRow, ViewerRow
 from archiver.migrations import migrate, restore_missing_tables
 from archiver.storage import StorageFailed, StorageFull
 from keyservice.format import CHAIN_ID_LEN, Manifest, decode_record
-
-
-@dataclass(frozen=True)
-class CameraRow:
-    name: str
-    token_sha256: bytes
-    rtsp_url: str | None
-    created_ms: int
-    removed_ms: int | None
-    retention_days: int | None = None  # None: the site default
-
-
-@dataclass(frozen=True)
-class ViewerRow:
-    fingerprint: str
-    certificate: bytes
-    subject: str
-    oaep_hash: int
-    all_cameras: bool
-    cameras: tuple[str, ...]
-    added_ms: int
-    revoked_ms: int | None
-    key_streams_deleted: bool
-
-    def authorized_on(self, camera: str) -> bool:
-        return self.revoked_ms is None and (self.all_cameras or camera in self.cameras)
 
 
 @dataclass(frozen=True)
@@ -95,19 +73,6 @@ class ChainRecipientsRow:
     file: str
     offset: int
     length: int
-
-
-@dataclass(frozen=True)
-class HoldRow:
-    """An evidence hold: video of ``camera`` in [from_ms, to_ms] survives retention."""
-
-    hold_id: int
-    camera: str
-    from_ms: int
-    to_ms: int
-    reason: str
-    created_by: str
-    created_ms: int
 
 
 @dataclass(frozen=True)
@@ -168,9 +133,6 @@ def _values(row: Any) -> tuple[Any, ...]:
 _INSERT_SEGMENT = _insert(SegmentRow, "segments")
 _INSERT_MANIFEST = _insert(ManifestRow, "manifests")
 _INSERT_RECIPIENTS = _insert(ChainRecipientsRow, "chain_recipients", "INSERT OR REPLACE")
-# An access grant's columns and its blob (the grant as the grantor sent it).
-_INSERT_ACCESS_GRANT = _insert(AccessGrantRow, "access_grants").replace(
-    ") VALUES (", ", blob) VALUES (?, ", 1)
 _INSERT_EPOCH = "INSERT INTO epochs (epoch_id, fingerprint, created_ms, record) VALUES (?,?,?,?)"
 _INSERT_CHAIN_RECORD = ("INSERT INTO chain_records (fingerprint, chain_id, camera, epoch_id,"
                       " valid_from_ms, record) VALUES (?,?,?,?,?,?)")
@@ -275,95 +237,13 @@ class Database:
     def schema_version(self) -> int:
         return self._query("PRAGMA user_version")[0][0]
 
-    # --- cameras ----------------------------------------------------------------------
-    def add_camera(self, name: str, token_sha256: bytes, rtsp_url: str | None, now_ms: int,
-                   retention_days: int | None = None) -> bool:
-        """False if a camera of that name exists (removed cameras keep their name: evidence)."""
+    # --- viewers' key streams (the viewers themselves are the site directory's) --------
+    def delete_key_streams(self, fingerprint: str) -> None:
+        """Crypto-shredding of one viewer's key streams (``viewers revoke
+        --delete-key-streams``): its chain records and epoch openers."""
         with self._transaction() as conn:
-            if conn.execute("SELECT 1 FROM cameras WHERE name=?", (name,)).fetchone():
-                return False
-            conn.execute(_insert(CameraRow, "cameras"),
-                         _values(CameraRow(name, token_sha256, rtsp_url, now_ms, None,
-                                           retention_days)))
-            return True
-
-    def cameras(self, include_removed: bool = False) -> list[CameraRow]:
-        where = "" if include_removed else " WHERE removed_ms IS NULL"
-        return [CameraRow(*row) for row in
-                self._query(f"{_select(CameraRow, 'cameras')}{where} ORDER BY name")]
-
-    def camera(self, name: str) -> CameraRow | None:
-        rows = self._query(f"{_select(CameraRow, 'cameras')} WHERE name=?", (name,))
-        return CameraRow(*rows[0]) if rows else None
-
-    def remove_camera(self, name: str, now_ms: int) -> bool:
-        with self._transaction() as conn:
-            cur = conn.execute(
-                "UPDATE cameras SET removed_ms=? WHERE name=? AND removed_ms IS NULL", (now_ms, name))
-            return cur.rowcount == 1
-
-    def set_retention(self, name: str, days: int | None) -> bool:
-        """A camera's retention period in days (None: the site default)."""
-        with self._transaction() as conn:
-            cur = conn.execute("UPDATE cameras SET retention_days=? WHERE name=?", (days, name))
-            return cur.rowcount == 1
-
-    # --- viewers ----------------------------------------------------------------------
-    def add_viewer(self, fingerprint: str, certificate: bytes, subject: str, oaep_hash: int,
-                   cameras: Iterable[str] | None, now_ms: int) -> None:
-        """Authorize (or re-authorize) a viewer; cameras None means all cameras, present and future."""
-        with self._transaction() as conn:
-            conn.execute("DELETE FROM viewer_cameras WHERE fingerprint=?", (fingerprint,))
-            conn.execute(
-                "INSERT INTO viewers (fingerprint, certificate, subject, oaep_hash, all_cameras,"
-                " added_ms, revoked_ms, key_streams_deleted) VALUES (?,?,?,?,?,?,NULL,0)"
-                " ON CONFLICT(fingerprint) DO UPDATE SET oaep_hash=excluded.oaep_hash,"
-                " all_cameras=excluded.all_cameras, revoked_ms=NULL",
-                (fingerprint, certificate, subject, oaep_hash, int(cameras is None), now_ms))
-            conn.executemany("INSERT INTO viewer_cameras (fingerprint, camera) VALUES (?,?)",
-                             [(fingerprint, c) for c in cameras or ()])
-
-    def set_viewer_cameras(self, fingerprint: str, cameras: Iterable[str] | None) -> bool:
-        """Replace an active viewer's cameras (None: all); False if there is no such viewer."""
-        with self._transaction() as conn:
-            cur = conn.execute("UPDATE viewers SET all_cameras=? WHERE fingerprint=? AND "
-                               "revoked_ms IS NULL", (int(cameras is None), fingerprint))
-            if cur.rowcount != 1:
-                return False
-            conn.execute("DELETE FROM viewer_cameras WHERE fingerprint=?", (fingerprint,))
-            conn.executemany("INSERT INTO viewer_cameras (fingerprint, camera) VALUES (?,?)",
-                             [(fingerprint, c) for c in cameras or ()])
-            return True
-
-    def viewers(self) -> list[ViewerRow]:
-        cameras: dict[str, list[str]] = {}
-        for fp, cam in self._query("SELECT fingerprint, camera FROM viewer_cameras ORDER BY camera"):
-            cameras.setdefault(fp, []).append(cam)
-        return [
-            ViewerRow(fp, cert, subject, oaep, bool(all_cams), tuple(cameras.get(fp, ())),
-                      added, revoked, bool(deleted))
-            for fp, cert, subject, oaep, all_cams, added, revoked, deleted
-            in self._query("SELECT fingerprint, certificate, subject, oaep_hash, all_cameras,"
-                           " added_ms, revoked_ms, key_streams_deleted FROM viewers"
-                           " ORDER BY added_ms")
-        ]
-
-    def viewer(self, fingerprint: str) -> ViewerRow | None:
-        return next((v for v in self.viewers() if v.fingerprint == fingerprint), None)
-
-    def revoke_viewer(self, fingerprint: str, now_ms: int, delete_key_streams: bool) -> bool:
-        with self._transaction() as conn:
-            cur = conn.execute(
-                "UPDATE viewers SET revoked_ms=COALESCE(revoked_ms, ?) WHERE fingerprint=?",
-                (now_ms, fingerprint))
-            if cur.rowcount != 1:
-                return False
-            if delete_key_streams:
-                conn.execute("DELETE FROM chain_records WHERE fingerprint=?", (fingerprint,))
-                conn.execute("DELETE FROM epochs WHERE fingerprint=?", (fingerprint,))
-                conn.execute("UPDATE viewers SET key_streams_deleted=1 WHERE fingerprint=?",
-                             (fingerprint,))
-            return True
+            conn.execute("DELETE FROM chain_records WHERE fingerprint=?", (fingerprint,))
+            conn.execute("DELETE FROM epochs WHERE fingerprint=?", (fingerprint,))
 
     # --- key streams ------------------------------------------------------------------
     def store_key_material(self, items: Iterable[KeyMaterial], now_ms: int) -> None:
@@ -614,75 +494,6 @@ class Database:
     def camera_health(self) -> list[HealthRow]:
         return [HealthRow(*row) for row in self._query(_select(HealthRow, "camera_health"))]
 
-    def add_hold(self, camera: str, from_ms: int, to_ms: int, reason: str, created_by: str,
-                 now_ms: int) -> HoldRow:
-        with self._transaction() as conn:
-            cur = conn.execute(
-                "INSERT INTO holds (camera, from_ms, to_ms, reason, created_by, created_ms)"
-                " VALUES (?,?,?,?,?,?)", (camera, from_ms, to_ms, reason, created_by, now_ms))
-            hold_id = cur.lastrowid
-        assert hold_id is not None
-        return HoldRow(hold_id, camera, from_ms, to_ms, reason, created_by, now_ms)
 
-    def holds(self, camera: str | None = None) -> list[HoldRow]:
-        sql = _select(HoldRow, "holds")
-        rows = (self._query(sql + " WHERE camera=? ORDER BY hold_id", (camera,)) if camera
-                else self._query(sql + " ORDER BY hold_id"))
-        return [HoldRow(*row) for row in rows]
-
-    def remove_hold(self, hold_id: int) -> HoldRow | None:
-        with self._transaction() as conn:
-            row = conn.execute(_select(HoldRow, "holds") + " WHERE hold_id=?", (hold_id,)).fetchone()
-            if row is None:
-                return None
-            conn.execute("DELETE FROM holds WHERE hold_id=?", (hold_id,))
-            return HoldRow(*row)
-
-    # --- access grants (archiver/grants.py; the rules are archiver/services/grants.py) ------
-    def add_access_grant(self, row: AccessGrantRow, blob: bytes) -> bool:
-        """Store a grant as it came (its blob opaque); False if its id exists already."""
-        with self._transaction() as conn:
-            if conn.execute("SELECT 1 FROM access_grants WHERE grant_id=?",
-                            (row.grant_id,)).fetchone():
-                return False
-            conn.execute(_INSERT_ACCESS_GRANT, (*_values(row), blob))
-            return True
-
-    def access_grant(self, grant_id: str) -> AccessGrantRow | None:
-        rows = self._query(_select(AccessGrantRow, "access_grants") + " WHERE grant_id=?",
-                           (grant_id,))
-        return _grant_row(rows[0]) if rows else None
-
-    def access_grant_blob(self, grant_id: str) -> bytes | None:
-        rows = self._query("SELECT blob FROM access_grants WHERE grant_id=?", (grant_id,))
-        return bytes(rows[0][0]) if rows else None
-
-    def access_grants(self, state: GrantState | None = None,
-                      party: str | None = None) -> list[AccessGrantRow]:
-        """All grants (newest first), or those in ``state``, or those ``party`` made or got."""
-        sql, args = _select(AccessGrantRow, "access_grants") + " WHERE 1=1", []
-        if state is not None:
-            sql += " AND state=?"
-            args.append(str(state))
-        if party is not None:
-            sql += " AND (grantor=? OR grantee=?)"
-            args += [party, party]
-        return [_grant_row(r) for r in self._query(sql + " ORDER BY created_ms DESC, grant_id",
-                                                   args)]
-
-    def decide_access_grant(self, grant_id: str, decision: str, actor: str, now_ms: int,
-                            note: str | None) -> AccessGrantRow | None:
-        """Apply an admin decision if the grant is in a state that allows it (in one statement:
-        two admins deciding at once cannot both apply); returns the grant as it is afterwards
-        (unchanged if the decision did not apply), None if unknown."""
-        allowed = [str(s) for s in TRANSITIONS[decision]]
-        with self._transaction() as conn:
-            conn.execute("UPDATE access_grants SET state=?, decided_ms=?, decided_by=?,"  # noqa: S608
-                         " note=COALESCE(?, note) WHERE grant_id=? AND state IN"
-                         f" ({', '.join('?' * len(allowed))})",
-                         (str(RESULT[decision]), now_ms, actor, note, grant_id, *allowed))
-        return self.access_grant(grant_id)
-
-
-def _grant_row(values: tuple) -> AccessGrantRow:
-    return AccessGrantRow(*values[:8], GrantState(values[8]), *values[9:])
+__all__ = ["CameraRow", "ChainRecipientsRow", "Database", "ExpiredFile", "HealthRow", "HoldRow",
+           "KeyMaterial", "ManifestRow", "SegmentRow", "ViewerRow"]

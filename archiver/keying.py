@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from archiver.db import Database, KeyMaterial, ViewerRow
+from archiver.db import Database, KeyMaterial
+from archiver.directory import Directory, ViewerRow
 from keyservice.crypto import Epoch, KeyChain, PeriodKey
 from keyservice.format import DataStream, encode_record
 from keyservice.fusion_writer import issue_chain_recipients
@@ -43,12 +44,14 @@ class _ViewerEpoch:
 class KeyManager:
     def __init__(self, db: Database, period_s: int, rng: Rng = os.urandom,
                  signer: Signer | None = None,
-                 journal: Callable[[str, int, list[bytes]], None] | None = None) -> None:
+                 journal: Callable[[str, int, list[bytes]], None] | None = None, *,
+                 directory: Directory) -> None:
         """``signer``: the Archiver's key, to sign each new chain's recipients statement (the
         viewers its state is wrapped for); archive.py writes it before the chain's first
         segment. ``journal(camera, now_ms, records)``: appends (durably) the openers and chain
         records made for a camera's new chain to the archive, before the database stores them."""
         self._db = db
+        self._directory = directory  # the viewers (the site directory's); key material: db
         self._journal = journal
         self._signer = signer
         self._period_s = period_s
@@ -143,7 +146,7 @@ class KeyManager:
     def _load_viewers(self) -> list[tuple[ViewerRow, Recipient, int]]:
         if self._viewers is None:
             viewers = []
-            for row in self._db.viewers():
+            for row in self._directory.viewers():
                 if row.revoked_ms is not None:
                     continue
                 cert = x509.load_der_x509_certificate(row.certificate)

@@ -74,7 +74,7 @@ class ArchiverCollector(Collector):
         faults = CounterMetricFamily("fusion_camera_stream_faults",
                                      "RTSP segments cut or frames dropped at the segment cap",
                                      labels=["camera"])
-        for camera in archive.db.cameras():
+        for camera in archive.directory.cameras():
             health = archive.health.health(camera.name, now)
             for value in CameraState:
                 state.add_metric([camera.name, value.value], int(health.state == value))
@@ -115,7 +115,7 @@ class ArchiverCollector(Collector):
                                  labels=["camera"])
         oldest = GaugeMetricFamily("fusion_camera_oldest_video_seconds", "Unix time of the start "
                                    "of the camera's oldest archived video", labels=["camera"])
-        for camera in archive.db.cameras():
+        for camera in archive.directory.cameras():
             days.add_metric([camera.name], camera.retention_days or archive.settings.retention_days)
             recorded = archive.db.recorded_range(camera.name)
             if recorded is not None:

@@ -238,8 +238,9 @@ def _has_tables(conn: sqlite3.Connection) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' LIMIT 1").fetchone() is not None
 
 
-def backup_database(conn: sqlite3.Connection, directory: Path, version: int) -> Path:
-    """A consistent copy of the database (SQLite's online backup), mode 0600, in ``directory``."""
+def backup_database(conn: sqlite3.Connection, directory: Path, version: int | str) -> Path:
+    """A consistent copy of the database (SQLite's online backup), mode 0600, in ``directory``
+    (``version``: the index's schema version, or ``dREVISION`` before a directory migration)."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     path = directory / f"archiver.sqlite3.v{version}-{stamp}.bak"
     n = 1

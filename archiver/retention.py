@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from archiver.db import Database, HoldRow
+from archiver.db import Database
+from archiver.directory import Directory, HoldRow
 from archiver.reindex import JOURNALED, read_records
 from archiver.settings import Settings
 from archiver.storage import ArchiveFiles, StorageFull
@@ -85,11 +86,13 @@ def disk_free(path: Path) -> Callable[[], int]:
 class Retention:
     def __init__(self, settings: Settings, db: Database, files: ArchiveFiles,
                  clock: Callable[[], int], free_bytes: Callable[[], int] | None = None,
-                 on_removed: Callable[[str, str, int, int, str], None] | None = None) -> None:
+                 on_removed: Callable[[str, str, int, int, str], None] | None = None, *,
+                 directory: Directory) -> None:
         """``free_bytes``: the archive file system's free space (injectable: tests simulate a
         full disk). ``on_removed(camera, file, from_ms, to_ms, reason)``: for the audit log."""
         self.settings = settings
         self.db = db
+        self.directory = directory  # cameras, their retention and holds
         self.files = files
         self.clock = clock
         self.free_bytes = free_bytes or disk_free(settings.archive_dir)
@@ -133,7 +136,7 @@ class Retention:
 
     # --- what is kept -----------------------------------------------------------------
     def days_of(self, camera: str) -> int:
-        row = self.db.camera(camera)
+        row = self.directory.camera(camera)
         return row.retention_days if row and row.retention_days else self.settings.retention_days
 
     def _day_files(self, camera: str) -> list[str]:
@@ -169,8 +172,8 @@ class Retention:
             report = PassReport()
             self._finish_pending(report)
             now = self.clock()
-            holds = self.db.holds()
-            for camera in self.db.cameras(include_removed=True):
+            holds = self.directory.holds()
+            for camera in self.directory.cameras(include_removed=True):
                 cutoff = now - self.days_of(camera.name) * DAY_MS
                 for day in self._day_files(camera.name):
                     span = self._span(camera.name, day)
@@ -198,7 +201,7 @@ class Retention:
         none (then the 507 stands)."""
         with self.lock:
             report = PassReport()
-            removed = self._evict_oldest(self.db.holds(), self.clock(), report)
+            removed = self._evict_oldest(self.directory.holds(), self.clock(), report)
             if removed:
                 self.db.checkpoint()
                 self.ensure_reserve(room=2)  # for the next time the disk fills
@@ -208,7 +211,7 @@ class Retention:
     def _evict_oldest(self, holds: list[HoldRow], now: int, report: PassReport) -> bool:
         today = _day_of(now)
         oldest: tuple[str, str, tuple[int, int]] | None = None
-        for camera in self.db.cameras(include_removed=True):
+        for camera in self.directory.cameras(include_removed=True):
             for day in self._day_files(camera.name):
                 if day >= today:
                     break  # the day in progress is being written to
@@ -328,7 +331,7 @@ class Retention:
         """Database backups (made before a schema migration) hold key records as they were
         then: they go once older than the shortest retention period in force."""
         periods = [self.settings.retention_days] + [
-            c.retention_days for c in self.db.cameras(include_removed=True) if c.retention_days]
+            c.retention_days for c in self.directory.cameras(include_removed=True) if c.retention_days]
         limit_s = min(periods) * DAY_MS / 1000
         for path in self.settings.data_dir.glob("archiver.sqlite3.v*.bak"):
             try:

@@ -4,7 +4,7 @@ directory) that refuse insecure choices instead of silently accepting them."""
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyservice.errors import UsageError
@@ -84,6 +84,10 @@ class Settings:
     # Plaintext archiving, for the ingest benchmark's baseline only. Not settable from the CLI
     # or the HTTP API: only code constructing Settings can turn it on.
     benchmark_plaintext_baseline: bool = False
+    # The site directory (archiver/directory/): None, the SQLite file in data_dir (a standalone
+    # Archiver); a postgresql:// URL makes this Archiver a member of a site. Not in repr: it
+    # may carry a password.
+    directory_url: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.key_period_s < 1:
@@ -102,6 +106,9 @@ class Settings:
         if self.rtsp_max_segment_bytes < 64 * 1024 or self.rtsp_max_segment_s <= 0:
             raise UsageError("The RTSP segment cap must be at least 64 KiB and its time "
                              "positive.")
+        if self.directory_url:
+            from archiver.directory.engine import check_url
+            check_url(self.directory_url)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UsageError("Give both --tls-cert and --tls-key, or neither.")
         if self.tls_cert is None and not _is_loopback(self.host):

@@ -12,7 +12,6 @@ import datetime as dt
 import errno
 import logging
 import os
-import sqlite3
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,35 +30,6 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 class StorageFailed(KeyServiceError):
     """An I/O error while writing the archive."""
-
-
-class IndexConnection:
-    """One connection to the index file, serialized by a lock, for a store that keeps its own
-    table there beside Database (access grants, admins; Database's migrations made the table).
-    ``what`` names a stored item in errors ("grant", "admin")."""
-
-    def __init__(self, path: Path, what: str) -> None:
-        self._what = what
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                     timeout=30)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._conn.execute("PRAGMA synchronous=FULL")
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
-        with self._lock:
-            try:
-                return self._conn.execute(sql, args)
-            except sqlite3.OperationalError as exc:
-                code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-                if code == sqlite3.SQLITE_FULL:
-                    raise StorageFull(f"The disk is full; the {self._what} could not be stored.",
-                                      "Free space.") from None
-                raise StorageFailed(f"The {self._what} store failed ({exc}).") from None
 
 
 class ArchiveFiles:

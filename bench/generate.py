@@ -67,7 +67,7 @@ def authorize(admin: Admin, pem: bytes) -> str:
     """What the admin API's ``viewers add`` does (archiver.admin: site-CA check, new epoch,
     audit entry), unless the viewer is authorized already."""
     fp = fingerprint(load_certificate(pem)).hex()
-    known = admin.archive.db.viewer(fp)
+    known = admin.archive.directory.viewer(fp)
     if known is None or known.revoked_ms is not None:
         admin.authorize_viewer("bench.generate", pem, None)
     return fp
@@ -86,7 +86,7 @@ def generate(data_dir: Path, camera: str, start_ms: int, hours: float, segment_s
     try:
         for pem in viewers:
             authorize(admin, pem)
-        if archive.db.camera(camera) is None:
+        if archive.directory.camera(camera) is None:
             # The ingest token is discarded: this camera is only ever fed by the generator.
             admin.add_camera("bench.generate", camera)
         count = max(1, int(hours * 3600 / segment_s))

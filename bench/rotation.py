@@ -23,6 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from archiver.db import Database
+from archiver.directory import open_directory
 from archiver.keying import KeyManager
 from bench.common import CertFactory, Report
 from keyservice.certs import build_archiver_certificate
@@ -44,7 +45,8 @@ def run(report: Report, workdir: Path, cameras: int, viewers: int, minutes: int 
                                          "key_period_s": PERIOD_S, "minutes": minutes,
                                          "oaep": "RSA-2048 OAEP-SHA256"})
     workdir.mkdir(parents=True, exist_ok=True)
-    db = Database(workdir / "rotation.sqlite3")
+    db = Database(workdir / "archiver.sqlite3")
+    directory = open_directory(None, workdir)  # the embedded directory: the index's file
     journal_path = workdir / "keys.fsk"
     journal_fd = os.open(journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
@@ -60,12 +62,12 @@ def run(report: Report, workdir: Path, cameras: int, viewers: int, minutes: int 
         for i in range(viewers):
             cert = factory.certificate(i)
             fingerprints.append(fingerprint(cert).hex())
-            db.add_viewer(fingerprints[-1], cert.public_bytes(Encoding.DER),
+            directory.add_viewer(fingerprints[-1], cert.public_bytes(Encoding.DER),
                           cert.subject.rfc4514_string(), int(factory.oaep_hash), None, T0_MS)
         signing_key = ec.generate_private_key(ec.SECP256R1())
         signer = SoftwareSigner(build_archiver_certificate(
             signing_key, "bench archiver", now=dt.datetime.now(dt.UTC)), signing_key)
-        keys = KeyManager(db, PERIOD_S, signer=signer, journal=journal)
+        keys = KeyManager(db, PERIOD_S, signer=signer, journal=journal, directory=directory)
         names = [f"cam{i:04d}" for i in range(cameras)]
         rows = []
 
@@ -120,4 +122,5 @@ def run(report: Report, workdir: Path, cameras: int, viewers: int, minutes: int 
         return result
     finally:
         os.close(journal_fd)
+        directory.close()
         db.close()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from archiver.archive import Archive
 from archiver.cameras import GAP_TOLERANCE_MS, CameraHealth, CameraState
-from archiver.db import CameraRow, ViewerRow
+from archiver.directory import CameraRow, ViewerRow
 from archiver.services.refused import Refused
 from archiver.settings import Settings
 from keyservice.format import DataStream
@@ -52,11 +52,11 @@ class CameraService:
     # --- admins --------------------------------------------------------------------------
     def statuses(self) -> list[CameraStatus]:
         """The cameras being recorded (removed ones are not), by name."""
-        return [self._status(cam) for cam in self.archive.db.cameras()]
+        return [self._status(cam) for cam in self.archive.directory.cameras()]
 
     def status(self, name: str) -> CameraStatus:
         """One camera, removed ones too (their archive still expires)."""
-        cam = self.archive.db.camera(name)
+        cam = self.archive.directory.camera(name)
         if cam is None:
             raise Refused(ErrorCode.UNKNOWN_CAMERA, f"There is no camera named '{name}'.")
         return self._status(cam)
@@ -68,7 +68,7 @@ class CameraService:
             camera=cam, first_ms=first, last_ms=last, segments=count,
             health=self.archive.health.health(cam.name, self.archive.clock()),
             retention_days=cam.retention_days or self.settings.retention_days,
-            retention_default=cam.retention_days is None, holds=len(db.holds(cam.name)),
+            retention_default=cam.retention_days is None, holds=len(self.archive.directory.holds(cam.name)),
             expired_until_ms=db.expired_until(cam.name))
 
     # --- viewers -------------------------------------------------------------------------
@@ -77,7 +77,7 @@ class CameraService:
         archive = self.archive
         now = archive.clock()
         out = []
-        for cam in archive.db.cameras(include_removed=True):
+        for cam in archive.directory.cameras(include_removed=True):
             if not viewer.authorized_on(cam.name):
                 continue
             first, last, count = archive.db.recorded_range(cam.name) or (None, None, 0)
@@ -88,7 +88,7 @@ class CameraService:
     def authorize(self, viewer: ViewerRow, camera: str) -> None:
         """Refuse a camera the viewer may not watch, with one answer for "no such camera" and
         "not yours"."""
-        if self.archive.db.camera(camera) is None or not viewer.authorized_on(camera):
+        if self.archive.directory.camera(camera) is None or not viewer.authorized_on(camera):
             raise Refused(ErrorCode.NOT_AUTHORIZED, f"This viewer may not watch a camera named "
                           f"'{camera}' (or there is none).", fingerprint=viewer.fingerprint)
 

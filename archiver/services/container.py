@@ -93,7 +93,7 @@ class ArchiverServices:
         """Start pulling every RTSP camera (the app does at start)."""
         if self.rtsp is None:
             return
-        for camera in self.archive.db.cameras():
+        for camera in self.archive.directory.cameras():
             if camera.rtsp_url:
                 self.rtsp.start(camera.name, camera.rtsp_url)
 
@@ -172,7 +172,7 @@ def create_services(settings: Settings, signer: Signer | None = None,
         settings=settings, archive=archive, audit=audit,
         sessions=Sessions(settings.challenge_ttl_s, settings.session_ttl_s),
         admin_sessions=admin_sessions,
-        admins=Admins(AdminStore(settings.db_path), audit, admin_sessions, clock, site_ca),
+        admins=Admins(AdminStore(archive.directory), audit, admin_sessions, clock, site_ca),
         admin_token_digest=digest(admin_token), metrics_token_digest=digest(metrics_token),
         site_ca=site_ca, rtsp=rtsp, refusals=refusals)
     # Files made above by this start (SQLite, token, audit) get the same treatment.

@@ -20,7 +20,7 @@ from cryptography import x509
 from archiver.admins import AdminPrincipal, AdminStore
 from archiver.archive import Archive, GrantedKeys
 from archiver.audit import AuditLog
-from archiver.db import ViewerRow
+from archiver.directory import ViewerRow
 from archiver.grants import TRANSITIONS, AccessGrantRow, GrantState
 from archiver.services.refused import Refused
 from keyservice import certs
@@ -58,14 +58,14 @@ class GrantService:
             grant = decode_grant(data)
         except (binascii.Error, ValueError, FormatError) as exc:
             raise Refused(ErrorCode.BAD_GRANT, f"The grant is malformed: {exc}") from None
-        if archive.db.camera(grant.camera) is None or not viewer.authorized_on(grant.camera):
+        if archive.directory.camera(grant.camera) is None or not viewer.authorized_on(grant.camera):
             raise Refused(ErrorCode.NOT_AUTHORIZED, f"This viewer may not watch a camera named "
                           f"'{grant.camera}' (or there is none), so it cannot grant it.",
                           fingerprint=viewer.fingerprint)
         grantee_fp = grant.grantee_fingerprint.hex()
         if grantee_fp == viewer.fingerprint:
             raise Refused(ErrorCode.GRANT_TO_SELF, "A viewer cannot grant a range to itself.")
-        grantee = archive.db.viewer(grantee_fp)
+        grantee = archive.directory.viewer(grantee_fp)
         if grantee is None or grantee.revoked_ms is not None:
             raise Refused(ErrorCode.UNKNOWN_GRANTEE, "The grantee's certificate is not an "
                           "enrolled, active viewer of this Archiver; ask an admin to run "
@@ -75,7 +75,7 @@ class GrantService:
             raise Refused(ErrorCode.BAD_GRANT, f"The grant is sealed for {grant.kind.label}, but the "
                           f"grantee's token was enrolled for {KeyScheme(grantee.oaep_hash).label}.")
         self._check_keys(grant, viewer.fingerprint)
-        if archive.db.access_grant(grant.grant_id.hex()) is not None:
+        if archive.directory.access_grant(grant.grant_id.hex()) is not None:
             raise Refused(ErrorCode.GRANT_EXISTS, "A grant with this id exists already.")
         now = archive.clock()
         row = AccessGrantRow(grant.grant_id.hex(), grant.camera, grant.from_ms, grant.to_ms,
@@ -85,7 +85,7 @@ class GrantService:
         self.audit.record(viewer.fingerprint, "grant.create", now, grant_id=row.grant_id,
                           camera=row.camera, from_ms=row.from_ms, to_ms=row.to_ms,
                           grantee=grantee_fp, keys=row.key_count, note=note)
-        if not archive.db.add_access_grant(row, data):
+        if not archive.directory.add_access_grant(row, data):
             raise Refused(ErrorCode.GRANT_EXISTS, "A grant with this id exists already.")
         return row
 
@@ -114,11 +114,11 @@ class GrantService:
 
     def of_viewer(self, viewer: ViewerRow) -> list[AccessGrantRow]:
         """The grants this viewer made or received, in every state."""
-        return self.archive.db.access_grants(party=viewer.fingerprint)
+        return self.archive.directory.access_grants(party=viewer.fingerprint)
 
     def usable(self, viewer: ViewerRow, grant_id: str) -> AccessGrantRow:
         """The grant, if it is this viewer's and approved; otherwise a refusal that says why."""
-        row = self.archive.db.access_grant(grant_id)
+        row = self.archive.directory.access_grant(grant_id)
         if row is None or row.grantee != viewer.fingerprint:
             # One answer for "no such grant" and "not yours".
             raise Refused(ErrorCode.UNKNOWN_GRANT, f"There is no grant {grant_id} for this "
@@ -138,7 +138,7 @@ class GrantService:
     def fetch(self, viewer: ViewerRow, grant_id: str) -> FetchedGrant:
         """An approved grant for its grantee, audited."""
         row = self.usable(viewer, grant_id)
-        blob = self.archive.db.access_grant_blob(grant_id)
+        blob = self.archive.directory.access_grant_blob(grant_id)
         assert blob is not None
         self.audit.record(viewer.fingerprint, "grant.fetch", self.archive.clock(),
                           grant_id=grant_id)
@@ -157,7 +157,7 @@ class GrantService:
                           f"'{row.camera}' from {row.from_ms} to {row.to_ms} ms only; the "
                           "request goes outside it.", fingerprint=viewer.fingerprint)
         archive = self.archive
-        blob = archive.db.access_grant_blob(grant_id)
+        blob = archive.directory.access_grant_blob(grant_id)
         assert blob is not None
         key_ids = decode_grant(blob).key_ids
         if not archive.has_recording(row.camera, from_ms, to_ms):
@@ -167,8 +167,8 @@ class GrantService:
                           grant_id=grant_id, camera=row.camera, from_ms=from_ms, to_ms=to_ms)
 
         def still_valid() -> bool:
-            now = archive.db.access_grant(grant_id)
-            grantee = archive.db.viewer(viewer.fingerprint)
+            now = archive.directory.access_grant(grant_id)
+            grantee = archive.directory.viewer(viewer.fingerprint)
             return (now is not None and now.state == GrantState.APPROVED and grantee is not None
                     and grantee.revoked_ms is None)
 
@@ -177,7 +177,7 @@ class GrantService:
 
     # --- admins --------------------------------------------------------------------------
     def list(self, state: GrantState | None = None) -> list[AccessGrantRow]:
-        return self.archive.db.access_grants(state=state)
+        return self.archive.directory.access_grants(state=state)
 
     def _is_grantor(self, principal: AdminPrincipal, grantor: str) -> bool:
         """The approving admin is the grantor: the same certificate, or another certificate of
@@ -186,7 +186,7 @@ class GrantService:
             return False  # the bootstrap token names nobody (docs/security.md says so)
         if principal.fingerprint == grantor:
             return True
-        viewer = self.archive.db.viewer(grantor)
+        viewer = self.archive.directory.viewer(grantor)
         admin = self.admins.get(principal.fingerprint) if self.admins is not None else None
         if viewer is None or admin is None:
             return False
@@ -198,8 +198,8 @@ class GrantService:
                note: str | None = None) -> AccessGrantRow:
         """An admin's decision on a grant: approve or reject a pending one, revoke a pending or
         approved one. The grantor's own admin identity cannot approve."""
-        db = self.archive.db
-        before = db.access_grant(grant_id)
+        directory = self.archive.directory
+        before = directory.access_grant(grant_id)
         if before is None:
             raise Refused(ErrorCode.UNKNOWN_GRANT, f"There is no grant {grant_id}.")
         if decision == "approve" and self._is_grantor(principal, before.grantor):
@@ -218,7 +218,7 @@ class GrantService:
                           camera=before.camera, from_ms=before.from_ms, to_ms=before.to_ms,
                           grantor=before.grantor, grantee=before.grantee, note=note,
                           admin_fingerprint=principal.fingerprint)
-        after = db.decide_access_grant(grant_id, decision, principal.actor, now, note)
+        after = directory.decide_access_grant(grant_id, decision, principal.actor, now, note)
         assert after is not None
         if after.state == before.state:  # decided concurrently by someone else
             raise Refused(ErrorCode.GRANT_STATE, f"Grant {grant_id} was decided meanwhile.")

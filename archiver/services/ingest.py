@@ -23,7 +23,7 @@ class IngestService:
     def check_camera_token(self, camera: str, token: str) -> None:
         """Refuse a token that is not ``camera``'s, with one answer for an unknown camera and a
         wrong token (the API does not confirm camera names)."""
-        row = self.archive.db.camera(camera)
+        row = self.archive.directory.camera(camera)
         valid = (row is not None and row.removed_ms is None
                  and secret_matches(token, row.token_sha256))
         if not valid:
@@ -41,6 +41,6 @@ class IngestService:
 
     def count_refused(self, camera: str, reason: str) -> None:
         """Count a refused upload in the camera's health (an active camera's only)."""
-        row = self.archive.db.camera(camera)
+        row = self.archive.directory.camera(camera)
         if row is not None and row.removed_ms is None:
             self.archive.health.segment_refused(camera, reason)

@@ -21,7 +21,7 @@ from archiver.admins import BOOTSTRAP_ACTOR, AdminPrincipal, AdminRow, Admins, a
 from archiver.archive import Archive
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, secret_matches
-from archiver.db import ViewerRow
+from archiver.directory import ViewerRow
 from archiver.services.refused import Refused
 from keyservice.certs import load_certificate
 from keyservice.crypto import (
@@ -117,7 +117,7 @@ class LoginService:
     # --- viewers -------------------------------------------------------------------------
     def viewer_challenge(self, certificate_pem: str) -> IssuedChallenge:
         cert, fp = presented_certificate(certificate_pem)
-        viewer = self.archive.db.viewer(fp)
+        viewer = self.archive.directory.viewer(fp)
         if viewer is None:
             raise Refused(ErrorCode.NOT_ENROLLED, "This certificate is not authorized on this "
                           "Archiver; ask an admin to run 'fusion-archiver viewers add'.")
@@ -141,7 +141,7 @@ class LoginService:
         if session is None:
             raise Refused(ErrorCode.SESSION_INVALID,
                           "The session token is unknown or expired; log in again.")
-        viewer = self.archive.db.viewer(session.fingerprint)
+        viewer = self.archive.directory.viewer(session.fingerprint)
         if viewer is None or viewer.revoked_ms is not None:
             raise Refused(ErrorCode.REVOKED, "This viewer's certificate has been revoked.")
         check_certificate_validity(viewer, now)

@@ -13,7 +13,7 @@ from cryptography import x509
 
 from archiver.archive import Archive
 from archiver.audit import AuditLog
-from archiver.db import ViewerRow
+from archiver.directory import ViewerRow
 from archiver.services.cameras import CameraService
 from archiver.services.refused import Refused
 from keyservice.expiry import Expired, ExpiryStatement, sign_statement

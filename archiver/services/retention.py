@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from archiver.archive import Archive
 from archiver.audit import AuditLog
-from archiver.db import HoldRow
+from archiver.directory import HoldRow
 from archiver.services.refused import Refused
 from archiver.settings import Settings
 from keyservice.wire import ErrorCode
@@ -38,9 +38,9 @@ class RetentionService:
         if days is not None and days < 1:
             raise Refused(ErrorCode.INVALID_REQUEST, "The retention period must be at least "
                           "1 day.")
-        db = self.archive.db
-        before = db.camera(camera)
-        if before is None or not db.set_retention(camera, days):
+        directory = self.archive.directory
+        before = directory.camera(camera)
+        if before is None or not directory.set_retention(camera, days):
             raise Refused(ErrorCode.UNKNOWN_CAMERA, f"There is no camera named '{camera}'.")
         self.audit.record(actor, "camera.retention", self.archive.clock(), camera=camera,
                           days=days or "default", before=before.retention_days or "default")
@@ -60,7 +60,7 @@ class RetentionService:
                  reason: str) -> HoldRow:
         """Protect ``camera``'s video in [from_ms, to_ms] from retention until released."""
         archive = self.archive
-        if archive.db.camera(camera) is None and not archive.db.expired_files(camera):
+        if archive.directory.camera(camera) is None and not archive.db.expired_files(camera):
             raise Refused(ErrorCode.UNKNOWN_CAMERA, f"There is no camera named '{camera}'.")
         if to_ms < from_ms:
             raise Refused(ErrorCode.BAD_RANGE, "The end of the hold is before its start.")
@@ -69,19 +69,19 @@ class RetentionService:
         # Under the retention lock: a pass in progress cannot remove the range after this
         # returns.
         with archive.retention.lock:
-            hold = archive.db.add_hold(camera, from_ms, to_ms, reason, actor, archive.clock())
+            hold = archive.directory.add_hold(camera, from_ms, to_ms, reason, actor, archive.clock())
         self.audit.record(actor, "hold.add", archive.clock(), hold_id=hold.hold_id,
                           camera=hold.camera, from_ms=hold.from_ms, to_ms=hold.to_ms,
                           reason=hold.reason)
         return hold
 
     def holds(self, camera: str | None = None) -> list[HoldRow]:
-        return self.archive.db.holds(camera)
+        return self.archive.directory.holds(camera)
 
     def remove_hold(self, actor: str, hold_id: int) -> HoldRow:
         """Release a hold: its video is subject to retention again."""
         archive = self.archive
-        hold = archive.db.remove_hold(hold_id)
+        hold = archive.directory.remove_hold(hold_id)
         if hold is None:
             raise Refused(ErrorCode.UNKNOWN_HOLD, f"There is no evidence hold {hold_id}.")
         self.audit.record(actor, "hold.remove", archive.clock(), hold_id=hold.hold_id,

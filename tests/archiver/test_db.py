@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from archiver.db import Database
+from archiver.db import Database, HealthRow
 
 
 def test_a_read_in_progress_does_not_hold_up_a_write(tmp_path: Path) -> None:
@@ -21,20 +21,20 @@ def test_a_read_in_progress_does_not_hold_up_a_write(tmp_path: Path) -> None:
         # one lock, the write would wait for it forever (the join below would time out).
         conn = db._reader()  # this thread's read connection
         conn.create_function("wait_for_write", 0, lambda: (reading.set(), written.wait(20))[1])
-        result.append(db._query("SELECT wait_for_write(), COUNT(*) FROM cameras"))
+        result.append(db._query("SELECT wait_for_write(), COUNT(*) FROM camera_health"))
 
     reader = threading.Thread(target=slow_read)
     reader.start()
     assert reading.wait(20)
-    writer = threading.Thread(target=lambda: (db.add_camera("cam1", b"\0" * 32, None, 1),
-                                              written.set()))
+    writer = threading.Thread(target=lambda: (db.save_camera_health(
+        [HealthRow("cam1", "recording", "", None, 1)]), written.set()))
     writer.start()
     writer.join(20)
     assert written.is_set(), "the write waited for a read in progress"
     reader.join(20)
     # The read saw the snapshot it started with (WAL): consistent, not half a write.
     assert result == [[(1, 0)]]
-    assert [c.name for c in db.cameras()] == ["cam1"]
+    assert [h.camera for h in db.camera_health()] == ["cam1"]
     db.close()
 
 

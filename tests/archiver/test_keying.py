@@ -12,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.db import Database
+from archiver.directory import open_directory
 from archiver.keying import KeyManager
 from keyservice.crypto import split_key_id
 from keyservice.format import DataStream
@@ -21,12 +22,26 @@ KEYS = Path(__file__).parents[1] / "vectors" / "keys"
 DAY_MS = 86_400_000
 
 
-def _manager(tmp_path: Path, period_s: int = 60) -> tuple[KeyManager, Database, str]:
-    db = Database(tmp_path / "index.sqlite3")
+class _Index(Database):
+    """The index and the directory on one file, as an Archiver without --directory has them
+    (the tests below read key material from one and change the viewer in the other)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir / "archiver.sqlite3")
+        self.directory = open_directory(None, data_dir)
+
+    def close(self) -> None:
+        self.directory.close()
+        super().close()
+
+
+def _manager(tmp_path: Path, period_s: int = 60) -> tuple[KeyManager, _Index, str]:
+    db = _Index(tmp_path)
     cert = x509.load_pem_x509_certificate((KEYS / "TEST-ONLY-viewer-a.cert.pem").read_bytes())
     fp = fingerprint(cert).hex()
-    db.add_viewer(fp, cert.public_bytes(Encoding.DER), "viewer-a", int(OaepHash.SHA256), None, 0)
-    return KeyManager(db, period_s), db, fp
+    db.directory.add_viewer(fp, cert.public_bytes(Encoding.DER), "viewer-a",
+                            int(OaepHash.SHA256), None, 0)
+    return KeyManager(db, period_s, directory=db.directory), db, fp
 
 
 def test_a_late_clock_reading_after_a_newer_rotation_still_gets_a_key(tmp_path: Path) -> None:
@@ -64,7 +79,7 @@ def test_one_chain_per_day_and_a_new_one_on_authorization_change(tmp_path: Path)
     keys.key_for("cam", DataStream.VIDEO, start + DAY_MS + 1)
     assert keys.epochs_started == 3 and keys.chains_started == 3 and keys.rotations == 32
     assert keys.key_records_written == 3
-    db.revoke_viewer(fp, start + DAY_MS + 2, delete_key_streams=False)
+    db.directory.revoke_viewer(fp, start + DAY_MS + 2)
     keys.authorization_changed(fp, None)
     revoked_key = keys.key_for("cam", DataStream.VIDEO, start + DAY_MS + 3)
     assert db.chain_record(fp, split_key_id(revoked_key.key_id)[0]) is None
@@ -92,7 +107,7 @@ def test_an_expired_certificate_gets_no_key_and_is_reported_once(tmp_path: Path)
     """Expiry is checked at every chain start, with the clock the chain starts at, and a chain
     ends when a recipient's certificate expires."""
     keys, db, fp = _manager(tmp_path)
-    cert = x509.load_der_x509_certificate(db.viewer(fp).certificate)
+    cert = x509.load_der_x509_certificate(db.directory.viewer(fp).certificate)
     end_ms = int(cert.not_valid_after_utc.timestamp() * 1000)
     reported: list[tuple[str, int]] = []
     keys.on_expired = lambda fingerprint, not_after: reported.append((fingerprint, not_after))

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.auth import digest
 from archiver.db import Database, SegmentRow
+from archiver.directory import open_directory
 from archiver.migrations import MIGRATIONS, SCHEMA_VERSION, missing_tables
 from keyservice.certs import load_certificate, read_oaep_hash
 from keyservice.errors import UsageError
@@ -51,11 +52,12 @@ def _old_data_dir(path: Path) -> Path:
 def test_an_old_data_directory_migrates_and_keeps_its_rows(tmp_path: Path) -> None:
     db_path = _old_data_dir(tmp_path / "data")
     db = Database(db_path)
+    directory = open_directory(None, db_path.parent)  # stamped and upgraded after the index
     try:
         assert db.migrated_from == 0 and db.schema_version() == SCHEMA_VERSION
-        assert [c.name for c in db.cameras()] == ["door"]
-        assert db.cameras()[0].retention_days is None  # the site default
-        viewer = db.viewer("ab" + "cd" * 31)
+        assert [c.name for c in directory.cameras()] == ["door"]
+        assert directory.cameras()[0].retention_days is None  # the site default
+        viewer = directory.viewer("ab" + "cd" * 31)
         assert viewer is not None and viewer.subject == "CN=alice"
         assert viewer.cameras == ("door",) and viewer.authorized_on("door")
         assert db.chain_record("ab" + "cd" * 31, b"K" * 16) == (b"E" * 16, b"kr")
@@ -63,11 +65,12 @@ def test_an_old_data_directory_migrates_and_keeps_its_rows(tmp_path: Path) -> No
         assert db.segments_of("door", 0) == [SegmentRow(
             "door", 0, 0, 3000, b"K" * 16, 100, b"D" * 32, "door/1970-01-01.fsa", 0, 150, 0, 5000)]
         assert db.recorded_range("door") == (3000, 5000, 1)
-        assert db.holds() == [] and db.expired_files() == []
+        assert directory.holds() == [] and db.expired_files() == []
         tables = {row[0] for row in db._query("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"viewers", "viewer_cameras"} <= tables
         assert not {"clients", "client_cameras"} & tables
     finally:
+        directory.close()
         db.close()
     # The backup: the old database as it was, readable, private.
     backups = list(db_path.parent.glob("archiver.sqlite3.v0-*.bak"))
@@ -83,7 +86,8 @@ def test_an_old_data_directory_migrates_and_keeps_its_rows(tmp_path: Path) -> No
     again = Database(db_path)
     assert again.migrated_from == SCHEMA_VERSION and again.backup is None
     again.close()
-    assert len(list(db_path.parent.glob("*.bak"))) == 1
+    # One backup each: the index's (v0) and the directory's before its upgrade (d0001).
+    assert len(list(db_path.parent.glob("*.bak"))) == 2
 
 
 def test_a_new_database_starts_at_the_current_version_without_a_backup(tmp_path: Path) -> None:
@@ -169,6 +173,7 @@ def _version_6_data_dir(path: Path) -> Path:
 def test_migration_7_renames_the_format_v1_names_and_keeps_every_row(tmp_path: Path) -> None:
     db_path = _version_6_data_dir(tmp_path / "data")
     db = Database(db_path)
+    directory = open_directory(None, db_path.parent)
     try:
         assert db.migrated_from == 6 and db.schema_version() == SCHEMA_VERSION == 7
         fp = "ab" + "cd" * 31
@@ -177,9 +182,9 @@ def test_migration_7_renames_the_format_v1_names_and_keeps_every_row(tmp_path: P
         recipients = db.chain_recipients(b"C" * 12 + b"\0\0\0\0")
         assert recipients is not None and (recipients.file, recipients.offset,
                                            recipients.length) == ("door/1970-01-01.fsk", 7, 99)
-        grant = db.access_grant("11" + "00" * 15)
+        grant = directory.access_grant("11" + "00" * 15)
         assert grant is not None and grant.note == "case 7" and grant.grantor == fp
-        assert db.access_grant_blob("11" + "00" * 15) == b"blob"
+        assert directory.access_grant_blob("11" + "00" * 15) == b"blob"
         names = {row[0] for row in db._query("SELECT name FROM sqlite_master")}
         assert {"chain_records", "chain_recipients", "chain_records_by_camera",
                 "chain_records_by_epoch"} <= names
@@ -190,6 +195,7 @@ def test_migration_7_renames_the_format_v1_names_and_keeps_every_row(tmp_path: P
         assert db.shred_unused_keys("door", 10_000) == (1, 1)
         assert db.chain_record(fp, b"C" * 12) is None
     finally:
+        directory.close()
         db.close()
     # The migrated schema is exactly a new database's (nothing left of the old names).
     with sqlite3.connect(db_path) as conn:

@@ -225,7 +225,7 @@ def test_a_camera_whose_whole_archive_expired_continues_its_chain(
     now = [start]
     archive = Archive(settings, open_signer(settings), clock=lambda: now[0])
     try:
-        archive.db.add_camera("gate", digest(new_secret()), None, start)
+        archive.directory.add_camera("gate", digest(new_secret()), None, start)
         for index in range(3):
             now[0] = start + index * 60_000
             archive.ingest_segment("gate", b"before %d" % index, now_ms=now[0])

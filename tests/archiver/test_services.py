@@ -118,7 +118,7 @@ def test_grant_decisions_from_python(services: ArchiverServices,
     grant_id = "ab" * 16
     # A grant as the store keeps it (its making and checking against a recording are the
     # HTTP tests' part: tests/client/test_grants.py).
-    assert services.archive.db.add_access_grant(AccessGrantRow(
+    assert services.archive.directory.add_access_grant(AccessGrantRow(
         grant_id, "door", 0, 9_000, alice.fingerprint, bob.fingerprint, 1, 5, GrantState.PENDING,
         None, None, "case 7"), b"grant bytes")
     _refused(ErrorCode.GRANT_PENDING, lambda: grants.fetch(bob, grant_id))

@@ -59,9 +59,9 @@ def test_a_full_disk_keeps_ingesting_by_evicting_the_oldest_unheld_video(
                       free_bytes=lambda: capacity - _used(data))
     try:
         fp = authorize(Admin(archive, AuditLog(settings.audit_log_path)), viewer.pem.read_bytes())
-        archive.db.add_camera("lobby", digest(new_secret()), None, start)
+        archive.directory.add_camera("lobby", digest(new_secret()), None, start)
         held_day = start + DAY_MS
-        archive.db.add_hold("lobby", held_day + 3600_000, held_day + 7200_000, "incident", "test",
+        archive.directory.add_hold("lobby", held_day + 3600_000, held_day + 7200_000, "incident", "test",
                             start)
         low_after_pass = []
         for index in range(DAYS * 48):  # a pass every simulated hour, as the task does
@@ -86,7 +86,7 @@ def test_a_full_disk_keeps_ingesting_by_evicting_the_oldest_unheld_video(
         kept = sorted(p.name for p in (data / "archive" / "lobby").glob("*.fsa"))
         assert kept[0] == f"{days[1]}.fsa" and kept[-1] == f"{days[-1]}.fsa"
         # The held day is whole and a real viewer (its SoftHSM token) opens it.
-        viewer_row = archive.db.viewer(fp)
+        viewer_row = archive.directory.viewer(fp)
         assert viewer_row is not None
         stream = b"".join(archive.playback(viewer_row, "lobby", held_day,
                                            held_day + DAY_MS - 1, os.urandom(16)))

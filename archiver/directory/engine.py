@@ -1,0 +1,100 @@
+"""The site directory's connection: an SQLAlchemy engine over SQLite (a file in the data
+directory, the embedded default) or PostgreSQL (psycopg 3 and psycopg_pool's pool).
+
+SQLite: the driver's own transaction handling is off, and every transaction starts with an
+explicit BEGIN (IMMEDIATE for writes, so a read-then-write never fails on a lock upgrade
+while the Archiver's index writer holds the file), synchronous FULL and secure_delete like the
+index, and a busy timeout: the index (archiver/db.py) writes the same file.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.pool import NullPool
+
+from keyservice.errors import UsageError
+
+if TYPE_CHECKING:
+    from psycopg_pool import ConnectionPool
+
+WRITE = "fusion_write"  # execution option: this connection's transaction writes
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+SQLITE_FILE = "archiver.sqlite3"  # the embedded directory shares the index's file
+
+
+def is_postgres(url: str) -> bool:
+    return urlsplit(url).scheme.split("+", 1)[0] in POSTGRES_SCHEMES
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def check_url(url: str) -> str:
+    """A directory URL the Archiver can use, or a UsageError saying what to give."""
+    parts = urlsplit(url)
+    if not is_postgres(url) or (not parts.hostname and "host=" not in parts.query):
+        raise UsageError(f"'{redacted(url)}' is not a PostgreSQL URL.",
+                         "Give --directory postgresql://USER:PASSWORD@HOST:PORT/DATABASE, or "
+                         "leave it out for the SQLite directory in the data directory.")
+    return url
+
+
+def sqlite_engine(path: Path) -> Engine:
+    # Created 0600 before SQLite does (it would use the umask): the directory holds no
+    # secret, but the data directory's files are 0600 (archiver/datadir.py).
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    engine = create_engine(f"sqlite+pysqlite:///{path}",
+                           connect_args={"timeout": 30, "check_same_thread": False,
+                                         "isolation_level": None})
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi: sqlite3.Connection, _record: Any) -> None:
+        dbapi.execute("PRAGMA synchronous=FULL")
+        dbapi.execute("PRAGMA foreign_keys=ON")
+        # Deleted rows are overwritten (a revoked viewer's row is not secret, but the index
+        # on the same file relies on it for crypto-shredding).
+        dbapi.execute("PRAGMA secure_delete=ON")
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE)
+                             else "BEGIN")
+
+    return engine
+
+
+def postgres_engine(url: str, *, max_size: int = 8,
+                    timeout_s: float = 30.0) -> tuple[Engine, ConnectionPool]:
+    """An engine whose connections come from psycopg_pool's pool: SQLAlchemy's own pool is off
+    (NullPool), and closing a connection gives it back to psycopg's pool (close_returns), which
+    checks and resets it. The caller closes the pool after disposing of the engine."""
+    from psycopg_pool import ConnectionPool  # only a site's Archiver needs it
+
+    pool = ConnectionPool(_conninfo(url), min_size=1, max_size=max_size, open=False,
+                          close_returns=True, timeout=timeout_s, name="fusion-directory")
+    try:
+        # Wait for the first connection: a wrong URL or password is said at start, once.
+        pool.open(wait=True, timeout=timeout_s)
+    except Exception:
+        pool.close()
+        raise
+    engine = create_engine("postgresql+psycopg://", creator=pool.getconn, poolclass=NullPool)
+    return engine, pool
+
+
+def _conninfo(url: str) -> str:
+    """libpq takes postgresql:// URLs as they are; a SQLAlchemy dialect suffix is dropped."""
+    scheme, rest = url.split("://", 1)
+    return f"postgresql://{rest}" if scheme.split("+", 1)[0] in POSTGRES_SCHEMES else url

@@ -1,0 +1,421 @@
+"""The site directory: what belongs to the site rather than to one Archiver's files (cameras
+and which Archiver records each; viewers, their cameras and revocations; evidence holds and
+retention settings; access grants; admins; the Archiver registry; the audit log), over
+SQLAlchemy Core on SQLite (the embedded default) or PostgreSQL. Every query of these tables is
+here; the Archiver's local index (segments, manifests, key streams...) is archiver/db.py's.
+
+Nothing secret is stored: camera tokens only as SHA-256 hashes, viewers and admins as public
+certificates, access grants as the opaque ciphertext their grantor sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from archiver.directory import schema as t
+from archiver.directory.engine import (
+    SQLITE_FILE,
+    WRITE,
+    check_url,
+    postgres_engine,
+    redacted,
+    sqlite_engine,
+)
+from archiver.directory.migrate import upgrade
+from archiver.directory.rows import (
+    AdminRow,
+    ArchiverRow,
+    AuditEvent,
+    CameraRow,
+    HoldRow,
+    ViewerRow,
+)
+from archiver.grants import RESULT, TRANSITIONS, AccessGrantRow, GrantState
+from archiver.storage import StorageFailed, StorageFull
+from keyservice.errors import UsageError
+
+if TYPE_CHECKING:
+    from psycopg_pool import ConnectionPool
+
+log = logging.getLogger("archiver.directory")
+
+
+class Directory:
+    """The site directory behind one engine. ``open_directory`` makes one (and migrates it);
+    ``close()`` gives its connections back."""
+
+    def __init__(self, engine: Engine, pool: ConnectionPool | None = None,
+                 description: str = "") -> None:
+        self._engine = engine
+        self._pool = pool
+        self.description = description  # where it is, without a password
+        self.backend = engine.dialect.name  # "sqlite" or "postgresql"
+        self._insert = postgresql.insert if self.backend == "postgresql" else sqlite.insert
+
+    def close(self) -> None:
+        self._engine.dispose()
+        if self._pool is not None:
+            self._pool.close()
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    # --- connections ------------------------------------------------------------------
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """One write transaction (SQLite: BEGIN IMMEDIATE); a database failure is the
+        archive's StorageFull or StorageFailed, answered 507/503 like the index's."""
+        try:
+            with self._engine.connect() as conn:
+                conn.execution_options(**{WRITE: True})
+                with conn.begin():
+                    yield conn
+        except IntegrityError:
+            raise
+        except DBAPIError as exc:
+            raise self._failure(exc) from None
+
+    def _rows(self, statement: Any) -> list[Any]:
+        try:
+            with self._engine.connect() as conn:
+                return list(conn.execute(statement).all())
+        except DBAPIError as exc:
+            raise self._failure(exc) from None
+
+    def _failure(self, exc: DBAPIError) -> StorageFull | StorageFailed:
+        original = exc.orig
+        code = getattr(original, "sqlite_errorcode", 0) & 0xFF
+        if isinstance(original, sqlite3.Error) and code == sqlite3.SQLITE_FULL:
+            return StorageFull("The disk is full; the site directory could not be updated.",
+                               "Free space; the Archiver resumes by itself.")
+        log.warning("site directory failure: %s", original)
+        return StorageFailed(f"The site directory ({self.description}) failed: "
+                             f"{type(original).__name__}.")
+
+    # --- cameras ----------------------------------------------------------------------
+    def add_camera(self, name: str, token_sha256: bytes, rtsp_url: str | None, now_ms: int,
+                   retention_days: int | None = None, archiver: str | None = None) -> bool:
+        """False if a camera of that name exists (removed cameras keep their name: evidence)."""
+        with self._write() as conn:
+            done = conn.execute(self._insert(t.cameras).values(
+                name=name, token_sha256=token_sha256, rtsp_url=rtsp_url, created_ms=now_ms,
+                removed_ms=None, retention_days=retention_days, archiver=archiver,
+            ).on_conflict_do_nothing(index_elements=["name"]).returning(t.cameras.c.name))
+            # RETURNING, not rowcount: psycopg reports no count for an INSERT through SQLAlchemy.
+            return done.first() is not None
+
+    def cameras(self, include_removed: bool = False) -> list[CameraRow]:
+        query = select(*_columns(t.cameras, CameraRow)).order_by(t.cameras.c.name)
+        if not include_removed:
+            query = query.where(t.cameras.c.removed_ms.is_(None))
+        return [CameraRow(*row) for row in self._rows(query)]
+
+    def camera(self, name: str) -> CameraRow | None:
+        rows = self._rows(select(*_columns(t.cameras, CameraRow)).where(t.cameras.c.name == name))
+        return CameraRow(*rows[0]) if rows else None
+
+    def remove_camera(self, name: str, now_ms: int) -> bool:
+        with self._write() as conn:
+            return conn.execute(update(t.cameras).where(
+                t.cameras.c.name == name, t.cameras.c.removed_ms.is_(None)).values(
+                removed_ms=now_ms)).rowcount == 1
+
+    def set_retention(self, name: str, days: int | None) -> bool:
+        """A camera's retention period in days (None: the site default)."""
+        with self._write() as conn:
+            return conn.execute(update(t.cameras).where(t.cameras.c.name == name).values(
+                retention_days=days)).rowcount == 1
+
+    # --- viewers ----------------------------------------------------------------------
+    def add_viewer(self, fingerprint: str, certificate: bytes, subject: str, oaep_hash: int,
+                   cameras: Iterable[str] | None, now_ms: int) -> None:
+        """Authorize (or re-authorize) a viewer; cameras None means all cameras, present and
+        future."""
+        wanted = list(cameras or ())
+        with self._write() as conn:
+            conn.execute(delete(t.viewer_cameras).where(
+                t.viewer_cameras.c.fingerprint == fingerprint))
+            stmt = self._insert(t.viewers).values(
+                fingerprint=fingerprint, certificate=certificate, subject=subject,
+                oaep_hash=oaep_hash, all_cameras=int(cameras is None), added_ms=now_ms,
+                revoked_ms=None, key_streams_deleted=0)
+            conn.execute(stmt.on_conflict_do_update(index_elements=["fingerprint"], set_={
+                "oaep_hash": stmt.excluded.oaep_hash, "all_cameras": stmt.excluded.all_cameras,
+                "revoked_ms": None}))
+            if wanted:
+                conn.execute(insert(t.viewer_cameras), [
+                    {"fingerprint": fingerprint, "camera": c} for c in wanted])
+
+    def set_viewer_cameras(self, fingerprint: str, cameras: Iterable[str] | None) -> bool:
+        """Replace an active viewer's cameras (None: all); False if there is no such viewer."""
+        wanted = list(cameras or ())
+        with self._write() as conn:
+            if conn.execute(update(t.viewers).where(
+                    t.viewers.c.fingerprint == fingerprint, t.viewers.c.revoked_ms.is_(None)
+            ).values(all_cameras=int(cameras is None))).rowcount != 1:
+                return False
+            conn.execute(delete(t.viewer_cameras).where(
+                t.viewer_cameras.c.fingerprint == fingerprint))
+            if wanted:
+                conn.execute(insert(t.viewer_cameras), [
+                    {"fingerprint": fingerprint, "camera": c} for c in wanted])
+            return True
+
+    def viewers(self) -> list[ViewerRow]:
+        cams = t.viewer_cameras.c
+        return self._viewer_rows(
+            select(*_VIEWER_COLUMNS).order_by(t.viewers.c.added_ms),
+            select(cams.fingerprint, cams.camera).order_by(cams.camera))
+
+    def viewer(self, fingerprint: str) -> ViewerRow | None:
+        cams = t.viewer_cameras.c
+        found = self._viewer_rows(
+            select(*_VIEWER_COLUMNS).where(t.viewers.c.fingerprint == fingerprint),
+            select(cams.fingerprint, cams.camera).where(cams.fingerprint == fingerprint)
+            .order_by(cams.camera))
+        return found[0] if found else None
+
+    def _viewer_rows(self, viewers: Any, cameras: Any) -> list[ViewerRow]:
+        try:
+            # One snapshot for both queries (a viewer and its cameras as of one commit).
+            with self._engine.connect() as conn:
+                rows = conn.execute(viewers).all()
+                camera_rows = conn.execute(cameras).all() if rows else []
+        except DBAPIError as exc:
+            raise self._failure(exc) from None
+        by_viewer: dict[str, list[str]] = {}
+        for fp, cam in camera_rows:
+            by_viewer.setdefault(fp, []).append(cam)
+        return [ViewerRow(fp, bytes(cert), subject, oaep, bool(all_cams),
+                          tuple(by_viewer.get(fp, ())), added, revoked, bool(deleted))
+                for fp, cert, subject, oaep, all_cams, added, revoked, deleted in rows]
+
+    def revoke_viewer(self, fingerprint: str, now_ms: int) -> bool:
+        """Revoked from now (a revoked viewer stays revoked at its first time); False if
+        unknown."""
+        v = t.viewers.c
+        with self._write() as conn:
+            return conn.execute(update(t.viewers).where(v.fingerprint == fingerprint).values(
+                revoked_ms=func.coalesce(v.revoked_ms, now_ms))).rowcount == 1
+
+    def mark_key_streams_deleted(self, fingerprint: str) -> None:
+        """Record that the viewer's key streams were deleted (archiver/db.py deletes them from
+        the local index)."""
+        with self._write() as conn:
+            conn.execute(update(t.viewers).where(t.viewers.c.fingerprint == fingerprint).values(
+                key_streams_deleted=1))
+
+    # --- evidence holds ---------------------------------------------------------------
+    def add_hold(self, camera: str, from_ms: int, to_ms: int, reason: str, created_by: str,
+                 now_ms: int) -> HoldRow:
+        with self._write() as conn:
+            done = conn.execute(insert(t.holds).values(
+                camera=camera, from_ms=from_ms, to_ms=to_ms, reason=reason,
+                created_by=created_by, created_ms=now_ms))
+            hold_id = int(done.inserted_primary_key[0])
+        return HoldRow(hold_id, camera, from_ms, to_ms, reason, created_by, now_ms)
+
+    def holds(self, camera: str | None = None) -> list[HoldRow]:
+        query = select(*_columns(t.holds, HoldRow)).order_by(t.holds.c.hold_id)
+        if camera:
+            query = query.where(t.holds.c.camera == camera)
+        return [HoldRow(*row) for row in self._rows(query)]
+
+    def remove_hold(self, hold_id: int) -> HoldRow | None:
+        with self._write() as conn:
+            row = conn.execute(select(*_columns(t.holds, HoldRow)).where(
+                t.holds.c.hold_id == hold_id)).first()
+            if row is None:
+                return None
+            conn.execute(delete(t.holds).where(t.holds.c.hold_id == hold_id))
+            return HoldRow(*row)
+
+    # --- access grants (archiver/grants.py; the rules are archiver/services/grants.py) ------
+    def add_access_grant(self, row: AccessGrantRow, blob: bytes) -> bool:
+        """Store a grant as it came (its blob opaque); False if its id exists already."""
+        values = {name: getattr(row, name) for name in _names(AccessGrantRow)}
+        values["state"] = str(row.state)
+        with self._write() as conn:
+            return conn.execute(self._insert(t.access_grants).values(**values, blob=blob)
+                                .on_conflict_do_nothing(index_elements=["grant_id"])
+                                .returning(t.access_grants.c.grant_id)).first() is not None
+
+    def access_grant(self, grant_id: str) -> AccessGrantRow | None:
+        rows = self._rows(select(*_columns(t.access_grants, AccessGrantRow)).where(
+            t.access_grants.c.grant_id == grant_id))
+        return _grant_row(rows[0]) if rows else None
+
+    def access_grant_blob(self, grant_id: str) -> bytes | None:
+        rows = self._rows(select(t.access_grants.c.blob).where(
+            t.access_grants.c.grant_id == grant_id))
+        return bytes(rows[0][0]) if rows else None
+
+    def access_grants(self, state: GrantState | None = None,
+                      party: str | None = None) -> list[AccessGrantRow]:
+        """All grants (newest first), or those in ``state``, or those ``party`` made or got."""
+        g = t.access_grants.c
+        query = select(*_columns(t.access_grants, AccessGrantRow)).order_by(
+            g.created_ms.desc(), g.grant_id)
+        if state is not None:
+            query = query.where(g.state == str(state))
+        if party is not None:
+            query = query.where(or_(g.grantor == party, g.grantee == party))
+        return [_grant_row(r) for r in self._rows(query)]
+
+    def decide_access_grant(self, grant_id: str, decision: str, actor: str, now_ms: int,
+                            note: str | None) -> AccessGrantRow | None:
+        """Apply an admin decision if the grant is in a state that allows it (in one statement:
+        two admins deciding at once cannot both apply); returns the grant as it is afterwards
+        (unchanged if the decision did not apply), None if unknown."""
+        g = t.access_grants.c
+        with self._write() as conn:
+            conn.execute(update(t.access_grants).where(
+                g.grant_id == grant_id, g.state.in_([str(s) for s in TRANSITIONS[decision]])
+            ).values(state=str(RESULT[decision]), decided_ms=now_ms, decided_by=actor,
+                     note=func.coalesce(note, g.note)))
+        return self.access_grant(grant_id)
+
+    # --- admins (archiver/admins.py has the rules) ------------------------------------
+    def add_admin(self, row: AdminRow) -> bool:
+        """False if the fingerprint or the name exists already (revoked admins included)."""
+        try:
+            with self._write() as conn:
+                conn.execute(insert(t.admins).values(
+                    **{name: getattr(row, name) for name in _names(AdminRow)}))
+        except IntegrityError:
+            return False
+        return True
+
+    def admin(self, fp: str) -> AdminRow | None:
+        rows = self._rows(_ADMINS.where(t.admins.c.fingerprint == fp))
+        return _admin_row(rows[0]) if rows else None
+
+    def find_admin(self, who: str) -> AdminRow | None:
+        """By name, full fingerprint or a unique fingerprint prefix (8 hex digits at least)."""
+        a = t.admins.c
+        found = self._rows(_ADMINS.where(or_(a.name == who, a.fingerprint == who)))
+        if not found and 8 <= len(who) <= 64 and all(ch in "0123456789abcdef" for ch in who):
+            found = self._rows(_ADMINS.where(func.substr(a.fingerprint, 1, len(who)) == who))
+        return _admin_row(found[0]) if len(found) == 1 else None
+
+    def admins(self) -> list[AdminRow]:
+        return [_admin_row(r) for r in self._rows(_ADMINS.order_by(t.admins.c.added_ms,
+                                                                     t.admins.c.name))]
+
+    def revoke_admin(self, fp: str, actor: str, now_ms: int) -> bool:
+        """False if unknown or revoked already."""
+        a = t.admins.c
+        with self._write() as conn:
+            return conn.execute(update(t.admins).where(
+                a.fingerprint == fp, a.revoked_ms.is_(None)).values(
+                revoked_ms=now_ms, revoked_by=actor)).rowcount == 1
+
+    def active_admins(self) -> int:
+        return int(self._rows(select(func.count()).select_from(t.admins).where(
+            t.admins.c.revoked_ms.is_(None)))[0][0])
+
+    # --- the Archiver registry --------------------------------------------------------
+    def register_archiver(self, row: ArchiverRow) -> None:
+        """Add an Archiver to the site, or update its URL and certificate."""
+        stmt = self._insert(t.archivers).values(
+            **{name: getattr(row, name) for name in _names(ArchiverRow)})
+        with self._write() as conn:
+            conn.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={
+                "url": stmt.excluded.url, "certificate": stmt.excluded.certificate}))
+
+    def heartbeat(self, name: str, now_ms: int) -> bool:
+        with self._write() as conn:
+            return conn.execute(update(t.archivers).where(t.archivers.c.name == name).values(
+                heartbeat_ms=now_ms)).rowcount == 1
+
+    def archivers(self) -> list[ArchiverRow]:
+        return [ArchiverRow(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in self._rows(
+            select(*_columns(t.archivers, ArchiverRow)).order_by(t.archivers.c.name))]
+
+    def cameras_held(self, archiver: str) -> list[str]:
+        """The cameras (not removed) that ``archiver`` records."""
+        c = t.cameras.c
+        return [r[0] for r in self._rows(select(c.name).where(
+            and_(c.archiver == archiver, c.removed_ms.is_(None))).order_by(c.name))]
+
+    # --- the site's audit log ---------------------------------------------------------
+    def append_audit(self, event: AuditEvent) -> None:
+        with self._write() as conn:
+            conn.execute(insert(t.audit_events).values(
+                **{name: getattr(event, name) for name in _names(AuditEvent)}))
+
+    def audit_events(self, archiver: str | None = None, since_ms: int | None = None,
+                     limit: int = 1000) -> list[AuditEvent]:
+        """The site's audit log in time order (each Archiver's entries in its own order)."""
+        e = t.audit_events.c
+        query = select(*_columns(t.audit_events, AuditEvent)).order_by(
+            e.ts_ms, e.archiver, e.seq).limit(limit)
+        if archiver is not None:
+            query = query.where(e.archiver == archiver)
+        if since_ms is not None:
+            query = query.where(e.ts_ms >= since_ms)
+        return [AuditEvent(*row) for row in self._rows(query)]
+
+    def last_audit_seq(self, archiver: str) -> int:
+        """The last line number of ``archiver``'s log the directory has (0: none)."""
+        value = self._rows(select(func.max(t.audit_events.c.seq)).where(
+            t.audit_events.c.archiver == archiver))[0][0]
+        return int(value or 0)
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    return tuple(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+
+
+def _columns(table: Any, cls: type) -> list[Any]:
+    """The table's columns in the row dataclass's order (ViewerRow's cameras are not one)."""
+    return [table.c[name] for name in _names(cls)]
+
+
+_VIEWER_COLUMNS = [t.viewers.c[name] for name in (
+    "fingerprint", "certificate", "subject", "oaep_hash", "all_cameras", "added_ms",
+    "revoked_ms", "key_streams_deleted")]
+_ADMINS = select(*_columns(t.admins, AdminRow))
+
+
+def _grant_row(values: Any) -> AccessGrantRow:
+    return AccessGrantRow(*values[:8], GrantState(values[8]), *values[9:])
+
+
+def _admin_row(values: Any) -> AdminRow:
+    return AdminRow(values[0], values[1], bytes(values[2]), *values[3:])
+
+
+def open_directory(url: str | None, data_dir: Path) -> Directory:
+    """The site directory: PostgreSQL at ``url``, else the SQLite file of the data directory
+    (the index's, opened by archiver/db.py first so that its legacy migrations have run).
+    Brought to the newest revision (a backup first when an SQLite file is migrated)."""
+    if url:
+        check_url(url)
+        try:
+            engine, pool = postgres_engine(url)
+        except Exception as exc:
+            raise UsageError(f"The site directory at {redacted(url)} cannot be reached "
+                             f"({type(exc).__name__}: {exc}).".replace("\n", " "),
+                             "Check the URL, the password and that PostgreSQL listens "
+                             "there.") from None
+        directory = Directory(engine, pool, redacted(url))
+    else:
+        path = data_dir / SQLITE_FILE
+        directory = Directory(sqlite_engine(path), None, str(path.name))
+    try:
+        upgrade(directory.engine, None if url else data_dir)
+    except BaseException:
+        directory.close()
+        raise
+    return directory
