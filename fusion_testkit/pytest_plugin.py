@@ -19,11 +19,16 @@ SoftHSM instance, and a subprocess is given ``token.env`` (or ``viewer.env``) ex
 - ``fusion_camera``: ``push(archiver, camera, seconds=4) -> CameraPush``: adds the camera,
   pushes a synthetic H.264 stream with ffmpeg, waits until the Archiver archived it, and gives
   the source's per-frame MD5s and the time range to request.
+- ``postgres_cluster``: a real PostgreSQL server (initdb and pg_ctl, as the postgres user when
+  run as root) on 127.0.0.1, one per test session (per xdist worker), stopped at its end.
+  Skips where PostgreSQL is not installed, except under CI=true, where that fails.
+- ``postgres_url``: a new, empty database on ``postgres_cluster`` for this test (its URL).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -33,12 +38,13 @@ import pytest
 
 from fusion_testkit.camera import CameraPush, frame_hashes, make_source, push
 from fusion_testkit.pki import SiteCa
+from fusion_testkit.postgres import PostgresCluster, find_postgres_bin
 from fusion_testkit.server import ArchiverServer, production_archiver
 from fusion_testkit.tokens import EnrolledViewer, SoftHsmStore, TokenHandle, softhsm_available
 
 __all__ = ["fusion_archiver", "fusion_camera", "fusion_site_ca", "fusion_viewer",
-           "fusion_viewer_factory", "softhsm_environ", "softhsm_store", "softhsm_token",
-           "softhsm_token_factory"]
+           "fusion_viewer_factory", "postgres_cluster", "postgres_url", "softhsm_environ",
+           "softhsm_store", "softhsm_token", "softhsm_token_factory"]
 
 
 # --- SoftHSM ------------------------------------------------------------------------------
@@ -156,3 +162,25 @@ def fusion_camera(tmp_path: Path) -> Callable[..., CameraPush]:
         return CameraPush(camera, source, frame_hashes(source), start_ms, end_ms)
 
     return push_camera
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One PostgreSQL server for the session (each xdist worker has its own session)."""
+    if find_postgres_bin() is None:
+        message = "PostgreSQL is not installed (Debian package 'postgresql'; scripts/setup.sh)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + ": CI must run the PostgreSQL tests")
+        pytest.skip(message)
+    cluster = PostgresCluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: PostgresCluster) -> str:
+    """A new, empty database of this test's own on the session's PostgreSQL server."""
+    return postgres_cluster.create_database()

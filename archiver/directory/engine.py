@@ -80,8 +80,12 @@ def postgres_engine(url: str, *, max_size: int = 8,
     """An engine whose connections come from psycopg_pool's pool: SQLAlchemy's own pool is off
     (NullPool), and closing a connection gives it back to psycopg's pool (close_returns), which
     checks and resets it. The caller closes the pool after disposing of the engine."""
+    import psycopg
     from psycopg_pool import ConnectionPool  # only a site's Archiver needs it
 
+    # One connection first: a wrong URL, password or port is said at once and precisely (the
+    # pool would retry until its timeout and report only that).
+    psycopg.connect(_conninfo(url), connect_timeout=max(1, int(timeout_s))).close()
     pool = ConnectionPool(_conninfo(url), min_size=1, max_size=max_size, open=False,
                           close_returns=True, timeout=timeout_s, name="fusion-directory")
     try:

@@ -405,8 +405,9 @@ def open_directory(url: str | None, data_dir: Path) -> Directory:
         try:
             engine, pool = postgres_engine(url)
         except Exception as exc:
+            reason = " ".join(str(exc).split())  # libpq's message is several lines
             raise UsageError(f"The site directory at {redacted(url)} cannot be reached "
-                             f"({type(exc).__name__}: {exc}).".replace("\n", " "),
+                             f"({reason}).",
                              "Check the URL, the password and that PostgreSQL listens "
                              "there.") from None
         directory = Directory(engine, pool, redacted(url))
