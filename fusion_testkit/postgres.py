@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-__all__ = ["PostgresCluster", "PostgresUnavailable", "find_postgres_bin"]
+__all__ = ["PostgresCluster", "PostgresFailed", "PostgresUnavailable", "find_postgres_bin"]
 
 _SEARCH = Path("/usr/lib/postgresql")
 SUPERUSER = "fusion"
@@ -29,6 +29,10 @@ SUPERUSER = "fusion"
 
 class PostgresUnavailable(RuntimeError):
     """No PostgreSQL server binaries (initdb, pg_ctl) on this machine."""
+
+
+class PostgresFailed(RuntimeError):
+    """initdb or pg_ctl failed; the message carries what it said."""
 
 
 def find_postgres_bin() -> Path | None:
@@ -84,7 +88,7 @@ class PostgresCluster:
                                  f"-c unix_socket_directories={root} -c fsync=off "
                                  "-c max_connections=200", "start", timeout=timeout_s + 10)
                     break
-                except subprocess.CalledProcessError:
+                except PostgresFailed:
                     if "already in use" not in cluster.log():
                         raise
             else:
@@ -98,7 +102,11 @@ class PostgresCluster:
         command = [str(self.bin_dir / tool), *args]
         if self.run_as is not None:
             command = ["runuser", "-u", self.run_as, "--", *command]
-        subprocess.run(command, check=True, capture_output=True, timeout=timeout, cwd=self.root)
+        done = subprocess.run(command, capture_output=True, timeout=timeout, cwd=self.root)
+        if done.returncode != 0:
+            # What PostgreSQL said, in the failure: "initdb failed" alone helps nobody.
+            said = " ".join(done.stderr.decode(errors="replace").split())[-1500:]
+            raise PostgresFailed(f"PostgreSQL's {tool} failed (exit {done.returncode}): {said}")
 
     def log(self) -> str:
         try:
@@ -122,7 +130,7 @@ class PostgresCluster:
     def stop(self) -> None:
         """Stop the server (immediately: test data) and remove its directory."""
         if (self.root / "data" / "postmaster.pid").exists():
-            with contextlib.suppress(subprocess.SubprocessError):
+            with contextlib.suppress(subprocess.SubprocessError, PostgresFailed):
                 self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "immediate", "-w",
                           "stop", timeout=60)
         shutil.rmtree(self.root, ignore_errors=True)
