@@ -219,23 +219,40 @@ def _unjustified(rel: str, tombstone: _Tombstone, data: bytes, key: ec.EllipticC
     return None
 
 
+def _site_rules(url: str, data_dir: Path, default_retention_days: int
+                ) -> tuple[dict[str, int], list[tuple[str, int, int]]]:
+    """The cameras' retention and the holds, from a PostgreSQL site directory."""
+    from archiver.directory import open_directory
+
+    directory = open_directory(url, data_dir)
+    try:
+        return ({c.name: c.retention_days or default_retention_days
+                 for c in directory.cameras(include_removed=True)},
+                [(h.camera, h.from_ms, h.to_ms) for h in directory.holds()])
+    finally:
+        directory.close()
+
+
 def _held(holds: list[tuple[str, int, int]], camera: str, start_ms: int, end_ms: int) -> bool:
     return any(h_camera == camera and h_from <= end_ms and h_to >= start_ms
                for h_camera, h_from, h_to in holds)
 
 
 def check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey, default_retention_days: int = 30,
-                  now_ms: int | None = None) -> CheckReport:
+                  now_ms: int | None = None, directory_url: str | None = None) -> CheckReport:
+    """``directory_url``: the site directory (PostgreSQL) holding the cameras' retention and
+    the holds; without it, the data directory's own file holds them."""
     try:
         return _check_archive(data_dir, key, default_retention_days,
-                              int(time.time() * 1000) if now_ms is None else now_ms)
+                              int(time.time() * 1000) if now_ms is None else now_ms,
+                              directory_url)
     except sqlite3.DatabaseError as exc:
         raise IndexDamaged(f"The index archiver.sqlite3 is damaged ({exc}).",
                            REBUILD_ADVICE) from None
 
 
 def _check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey, default_retention_days: int,
-                   now_ms: int) -> CheckReport:
+                   now_ms: int, directory_url: str | None = None) -> CheckReport:
     archive = data_dir / "archive"
     conn = _open_index(data_dir / "archiver.sqlite3")
     try:
@@ -254,6 +271,8 @@ def _check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey, default_reten
         anchors = conn.execute("SELECT camera, manifest_seq, record FROM chain_anchors").fetchall()
     finally:
         conn.close()
+    if directory_url:
+        retention, holds = _site_rules(directory_url, data_dir, default_retention_days)
     report = CheckReport()
     problem = report.problems.append
     # camera -> [(seq, prev_hash, hash, where)]; where is a file, or "" for a chain anchor

@@ -277,21 +277,24 @@ def check(
         "--retention-days", help="The site's default retention ('serve --retention-days'): "
         "a day marked removed must have been past it.")] = 30,
     as_json: JsonOpt = False,
+    directory: DirectoryOpt = None,
 ) -> None:
     """Check the archive: files, index, signatures and manifest chains. Exit 0 if sound,
     3 if damaged (each problem is listed)."""
     # Checking alone only reads; with --rebuild-index it writes, so it must be alone, and is
     # refused before the check rather than after it.
     with _offline(data, "check --rebuild-index") if rebuild_index else nullcontext():
-        _check(data, archiver_cert, signer_token, rebuild_index, retention_days, as_json)
+        _check(data, archiver_cert, signer_token, rebuild_index, retention_days, as_json,
+               directory or None)
 
 
 def _check(data: Path, archiver_cert: Path | None, signer_token: str | None,
-           rebuild_index: bool, retention_days: int, as_json: bool) -> None:
+           rebuild_index: bool, retention_days: int, as_json: bool,
+           directory_url: str | None = None) -> None:
     from archiver.check import check_archive
 
     key = _archiver_key(data, archiver_cert, signer_token)
-    report = check_archive(data.resolve(), key, retention_days)
+    report = check_archive(data.resolve(), key, retention_days, directory_url=directory_url)
     lines = [f"checked {report.files} archive file(s), {report.journals} key journal(s): "
              f"{report.segments} segment(s), {report.manifests} manifest(s) on "
              f"{len(report.cameras)} camera chain(s)"]

@@ -15,6 +15,7 @@ import pwd
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -65,6 +66,11 @@ class PostgresCluster:
         if bin_dir is None:
             raise PostgresUnavailable("PostgreSQL's initdb was not found (Debian package "
                                       "'postgresql').")
+        if not stat.S_ISCHR(os.stat(os.devnull).st_mode):
+            # initdb's shell redirects to it; as the postgres user, a regular file left there
+            # (something renamed a file over the device) cannot be written.
+            raise PostgresFailed(f"{os.devnull} is not the null device but a regular file; "
+                                 "restore it (mknod -m 666 /dev/null c 1 3) to run PostgreSQL.")
         run_as = "postgres" if os.geteuid() == 0 else None
         root = Path(tempfile.mkdtemp(prefix="fusion-pg-"))  # in /tmp: the postgres user can reach it
         password = secrets.token_urlsafe(18)

@@ -16,6 +16,7 @@ APT_PACKAGES=(
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
   chromium fonts-dejavu-core   # the viewer's browser tests (Playwright drives this Chromium)
   systemd                      # systemd-analyze: the deploy/ unit's tests (verify, security)
+  postgresql                   # the site directory's tests: a real server (initdb, pg_ctl)
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

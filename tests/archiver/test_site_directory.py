@@ -6,8 +6,11 @@ same site."""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -45,6 +48,13 @@ def test_an_archiver_with_a_postgresql_directory_records_and_serves_a_viewer(
         archiver_log = server.log()
     password = unquote(urlsplit(postgres_url).password or "")
     assert password and password not in archiver_log  # a URL's password is never logged
+    # The offline check reads the retention and holds from the same directory: sound.
+    checked = subprocess.run(
+        [sys.executable, "-P", "-m", "archiver", "check", "--data", str(data), "--json"],
+        env=server_env({**os.environ, "FUSION_DIRECTORY": postgres_url}), capture_output=True,
+        text=True, timeout=120)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["ok"] is True
     # The site's rows are in PostgreSQL...
     with psycopg.connect(postgres_url) as conn:
         assert conn.execute("SELECT name, retention_days FROM cameras").fetchall() == [
