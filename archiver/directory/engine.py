@@ -55,7 +55,10 @@ def sqlite_engine(path: Path) -> Engine:
     # Created 0600 before SQLite does (it would use the umask): the directory holds no
     # secret, but the data directory's files are 0600 (archiver/datadir.py).
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    engine = create_engine(f"sqlite+pysqlite:///{path}",
+    # Connections are cheap on SQLite: enough for every worker thread of the server (anyio
+    # runs up to 40), so a burst of logins waits on SQLite's locks, not on the pool.
+    engine = create_engine(f"sqlite+pysqlite:///{path}", pool_size=8, max_overflow=56,
+                           pool_timeout=30,
                            connect_args={"timeout": 30, "check_same_thread": False,
                                          "isolation_level": None})
 
@@ -75,7 +78,7 @@ def sqlite_engine(path: Path) -> Engine:
     return engine
 
 
-def postgres_engine(url: str, *, max_size: int = 8,
+def postgres_engine(url: str, *, max_size: int = 16,
                     timeout_s: float = 30.0) -> tuple[Engine, ConnectionPool]:
     """An engine whose connections come from psycopg_pool's pool: SQLAlchemy's own pool is off
     (NullPool), and closing a connection gives it back to psycopg's pool (close_returns), which

@@ -10,6 +10,7 @@ certificates, access grants as the opaque ciphertext their grantor sent.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from archiver.directory import schema as t
 from archiver.directory.engine import (
@@ -82,18 +84,18 @@ class Directory:
                     yield conn
         except IntegrityError:
             raise
-        except DBAPIError as exc:
+        except _failures() as exc:
             raise self._failure(exc) from None
 
     def _rows(self, statement: Any) -> list[Any]:
         try:
             with self._engine.connect() as conn:
                 return list(conn.execute(statement).all())
-        except DBAPIError as exc:
+        except _failures() as exc:
             raise self._failure(exc) from None
 
-    def _failure(self, exc: DBAPIError) -> StorageFull | StorageFailed:
-        original = exc.orig
+    def _failure(self, exc: Exception) -> StorageFull | StorageFailed:
+        original = exc.orig if isinstance(exc, DBAPIError) else exc
         code = getattr(original, "sqlite_errorcode", 0) & 0xFF
         if isinstance(original, sqlite3.Error) and code == sqlite3.SQLITE_FULL:
             return StorageFull("The disk is full; the site directory could not be updated.",
@@ -191,7 +193,7 @@ class Directory:
             with self._engine.connect() as conn:
                 rows = conn.execute(viewers).all()
                 camera_rows = conn.execute(cameras).all() if rows else []
-        except DBAPIError as exc:
+        except _failures() as exc:
             raise self._failure(exc) from None
         by_viewer: dict[str, list[str]] = {}
         for fp, cam in camera_rows:
@@ -371,6 +373,17 @@ class Directory:
         value = self._rows(select(func.max(t.audit_events.c.seq)).where(
             t.audit_events.c.archiver == archiver))[0][0]
         return int(value or 0)
+
+
+@functools.cache
+def _failures() -> tuple[type[Exception], ...]:
+    """What makes a directory call the archive's StorageFailed (503), not a traceback: a
+    database error, or no connection within the pool's timeout (SQLAlchemy's pool on SQLite,
+    psycopg's on PostgreSQL). Evaluated only when an exception is raised: an SQLite Archiver
+    does not load psycopg."""
+    from psycopg_pool import PoolTimeout
+
+    return (DBAPIError, SATimeoutError, PoolTimeout)
 
 
 def _names(cls: type) -> tuple[str, ...]:
