@@ -1,10 +1,11 @@
 """The site directory's connection: an SQLAlchemy engine over SQLite (a file in the data
 directory, the embedded default) or PostgreSQL (psycopg 3 and psycopg_pool's pool).
 
-SQLite: the driver's own transaction handling is off, and every transaction starts with an
-explicit BEGIN (IMMEDIATE for writes, so a read-then-write never fails on a lock upgrade
-while the Archiver's index writer holds the file), synchronous FULL and secure_delete like the
-index, and a busy timeout: the index (archiver/db.py) writes the same file.
+SQLite: the driver's own transaction handling is off; a write transaction starts with BEGIN
+IMMEDIATE (a read-then-write never fails on a lock upgrade while the Archiver's index writer
+holds the file), reads that must agree with each other with BEGIN, a single read with none;
+synchronous FULL and secure_delete like the index, and a busy timeout: the index
+(archiver/db.py) writes the same file.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
 
 WRITE = "fusion_write"  # execution option: this connection's transaction writes
+SNAPSHOT = "fusion_snapshot"  # execution option: several reads that must see one commit
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 SQLITE_FILE = "archiver.sqlite3"  # the embedded directory shares the index's file
 
@@ -72,8 +74,13 @@ def sqlite_engine(path: Path) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE)
-                             else "BEGIN")
+        # A single read needs no transaction of its own (each statement is one, in
+        # autocommit): no BEGIN, no ROLLBACK, on the paths every segment and login takes.
+        options = conn.get_execution_options()
+        if options.get(WRITE):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        elif options.get(SNAPSHOT):
+            conn.exec_driver_sql("BEGIN")
 
     return engine
 

@@ -18,13 +18,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from archiver.directory import schema as t
 from archiver.directory.engine import (
+    SNAPSHOT,
     SQLITE_FILE,
     WRITE,
     check_url,
@@ -87,10 +99,10 @@ class Directory:
         except _failures() as exc:
             raise self._failure(exc) from None
 
-    def _rows(self, statement: Any) -> list[Any]:
+    def _rows(self, statement: Any, params: dict[str, Any] | None = None) -> list[Any]:
         try:
             with self._engine.connect() as conn:
-                return list(conn.execute(statement).all())
+                return list(conn.execute(statement, params).all())
         except _failures() as exc:
             raise self._failure(exc) from None
 
@@ -123,7 +135,7 @@ class Directory:
         return [CameraRow(*row) for row in self._rows(query)]
 
     def camera(self, name: str) -> CameraRow | None:
-        rows = self._rows(select(*_columns(t.cameras, CameraRow)).where(t.cameras.c.name == name))
+        rows = self._rows(_CAMERA, {"name": name})  # every segment's token check: prebuilt
         return CameraRow(*rows[0]) if rows else None
 
     def remove_camera(self, name: str, now_ms: int) -> bool:
@@ -180,19 +192,18 @@ class Directory:
             select(cams.fingerprint, cams.camera).order_by(cams.camera))
 
     def viewer(self, fingerprint: str) -> ViewerRow | None:
-        cams = t.viewer_cameras.c
-        found = self._viewer_rows(
-            select(*_VIEWER_COLUMNS).where(t.viewers.c.fingerprint == fingerprint),
-            select(cams.fingerprint, cams.camera).where(cams.fingerprint == fingerprint)
-            .order_by(cams.camera))
+        """One viewer (every login and stream start asks: the statements are prebuilt)."""
+        found = self._viewer_rows(_VIEWER, _VIEWER_CAMERAS, {"fp": fingerprint})
         return found[0] if found else None
 
-    def _viewer_rows(self, viewers: Any, cameras: Any) -> list[ViewerRow]:
+    def _viewer_rows(self, viewers: Any, cameras: Any,
+                     params: dict[str, Any] | None = None) -> list[ViewerRow]:
         try:
             # One snapshot for both queries (a viewer and its cameras as of one commit).
             with self._engine.connect() as conn:
-                rows = conn.execute(viewers).all()
-                camera_rows = conn.execute(cameras).all() if rows else []
+                conn.execution_options(**{SNAPSHOT: True})
+                rows = conn.execute(viewers, params).all()
+                camera_rows = conn.execute(cameras, params).all() if rows else []
         except _failures() as exc:
             raise self._failure(exc) from None
         by_viewer: dict[str, list[str]] = {}
@@ -399,6 +410,12 @@ _VIEWER_COLUMNS = [t.viewers.c[name] for name in (
     "fingerprint", "certificate", "subject", "oaep_hash", "all_cameras", "added_ms",
     "revoked_ms", "key_streams_deleted")]
 _ADMINS = select(*_columns(t.admins, AdminRow))
+# The statements of the hot reads, built once (building one costs more than running it).
+_CAMERA = select(*_columns(t.cameras, CameraRow)).where(t.cameras.c.name == bindparam("name"))
+_VIEWER = select(*_VIEWER_COLUMNS).where(t.viewers.c.fingerprint == bindparam("fp"))
+_VIEWER_CAMERAS = (select(t.viewer_cameras.c.fingerprint, t.viewer_cameras.c.camera)
+                   .where(t.viewer_cameras.c.fingerprint == bindparam("fp"))
+                   .order_by(t.viewer_cameras.c.camera))
 
 
 def _grant_row(values: Any) -> AccessGrantRow:
