@@ -154,6 +154,11 @@ def serve(
     settings.data_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     lock = lock_data_dir(settings.data_dir, "serve")
     sockets = bind_listeners(settings)
+    if settings.directory_url:
+        # Reached (and migrated) before the server starts: a directory that cannot be used is
+        # refused with its sentence and exit code, not a failed startup with a traceback.
+        from archiver.directory import open_directory
+        open_directory(settings.directory_url, settings.data_dir).close()
     signer = None
     if settings.signing_cert_file is not None:
         # Opened before the server starts, so a --signing-cert for another key (or one not

@@ -4,9 +4,13 @@ embedded default, the data directory's file) and a real PostgreSQL server (the
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy.exc import IntegrityError
@@ -204,3 +208,23 @@ def test_a_directory_url_that_is_not_postgresql_is_refused(url: str, tmp_path: P
 
     with pytest.raises(UsageError, match="not a PostgreSQL URL"):
         Settings(data_dir=tmp_path, directory_url=url)
+
+
+@pytest.mark.parametrize("case", ["unreachable", "wrong password"])
+def test_serve_refuses_a_directory_it_cannot_use_with_one_sentence_before_starting(
+        case: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    if case == "unreachable":
+        url, said = "postgresql://fusion:s3cret-pw@127.0.0.1:1/site", "Connection refused"
+    else:  # the real server, another password
+        parts = urlsplit(request.getfixturevalue("postgres_url"))
+        url = parts._replace(netloc=f"{parts.username}:s3cret-pw@{parts.hostname}:"
+                                    f"{parts.port}").geturl()
+        said = "password authentication failed"
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "archiver", "serve", "--data", str(tmp_path / "data"),
+         "--port", "0"], env={**os.environ, "FUSION_DIRECTORY": url}, capture_output=True,
+        text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert said in lines[0] and "s3cret-pw" not in done.stderr and "***" in lines[0]
