@@ -10,6 +10,7 @@ synchronous FULL and secure_delete like the index, and a busy timeout: the index
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from pathlib import Path
@@ -54,9 +55,13 @@ def check_url(url: str) -> str:
 
 
 def sqlite_engine(path: Path) -> Engine:
-    # Created 0600 before SQLite does (it would use the umask): the directory holds no
-    # secret, but the data directory's files are 0600 (archiver/datadir.py).
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    # Created 0600 before SQLite does (it would use the umask), and only if absent: closing a
+    # descriptor of a file drops every POSIX lock this process holds on it, and the index's
+    # connections to the same file hold theirs (SQLite then reads a WAL it no longer
+    # guards: "disk I/O error").
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     # Connections are cheap on SQLite: enough for every worker thread of the server (anyio
     # runs up to 40), so a burst of logins waits on SQLite's locks, not on the pool.
     engine = create_engine(f"sqlite+pysqlite:///{path}", pool_size=8, max_overflow=56,
