@@ -55,6 +55,7 @@ def upgrade(engine: Engine, sqlite_dir: Path | None) -> tuple[str | None, str]:
     """Bring the directory to the head revision; ``sqlite_dir``: where an SQLite file's backup
     goes (None for PostgreSQL). Returns (revision found, head)."""
     head = head_revision()
+    holds_rows = False
     if sqlite_dir is not None:
         # The backup first, outside the migration's write transaction (SQLite's backup reads
         # the file through a connection of its own).
@@ -72,8 +73,10 @@ def upgrade(engine: Engine, sqlite_dir: Path | None) -> tuple[str | None, str]:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
             found, start = _start(conn)  # again, under the lock
             if start != head:
-                log.warning("migrating the site directory from revision %s to %s",
-                            start or "(empty)", head)
+                # A warning when there was something to migrate; a new directory is made.
+                log.log(logging.WARNING if holds_rows or found is not None else logging.INFO,
+                        "migrating the site directory from revision %s to %s",
+                        start or "(empty)", head)
             if found is None and start is not None:
                 command.stamp(alembic_config(conn), start)
             if start != head:
