@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from archiver.archive import Archive
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, new_secret
-from archiver.db import ViewerRow
+from archiver.directory import ViewerRow
 from archiver.rtsp import PULLER_STOP_S, RtspSupervisor
 from archiver.services.refused import Refused
 from keyservice.certs import load_certificate, validate_viewer_certificate

@@ -6,8 +6,8 @@ The admin token in the data directory (``admin-token``) stays as the bootstrap c
 adds the first admins, and it is the embedded default of a demo. Its actor in the audit log is
 ``admin``; a personal admin's actor is ``NAME (FINGERPRINT PREFIX)``.
 
-Kept apart from db.py (its own table and connection on the same SQLite file), like grants.py.
-Nothing secret is stored: certificates are public.
+The admins are the site's: their table is the site directory's (archiver/directory/), which
+has its queries; here are the rules. Nothing secret is stored: certificates are public.
 """
 
 from __future__ import annotations

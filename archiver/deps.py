@@ -16,7 +16,7 @@ from starlette.types import Scope
 
 from archiver.admin import Admin
 from archiver.admins import AdminPrincipal, Admins
-from archiver.db import ViewerRow
+from archiver.directory import ViewerRow
 from archiver.services.cameras import CameraService
 from archiver.services.container import ArchiverServices
 from archiver.services.grants import GrantService

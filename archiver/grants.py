@@ -1,6 +1,6 @@
 """Access grants on the Archiver: stored as opaque ciphertext, served only once an admin
 approved them, until revoked. Their states and the admin decisions allowed in each; the table
-(``access_grants``) is the index's, read and written by archiver.db.Database like every other,
+(``access_grants``) is the site directory's (archiver/directory/store.py reads and writes it),
 and the rules are archiver/services/grants.py. Nothing secret is stored: a grant's minute keys
 are wrapped under a KEK sealed to the grantee's certificate (keyservice/grants.py); the
 Archiver reads only the public part.
