@@ -91,10 +91,12 @@ def sqlite_engine(path: Path) -> Engine:
 
 
 def postgres_engine(url: str, *, max_size: int = 16,
-                    timeout_s: float = 30.0) -> tuple[Engine, ConnectionPool]:
+                    timeout_s: float = 10.0) -> tuple[Engine, ConnectionPool]:
     """An engine whose connections come from psycopg_pool's pool: SQLAlchemy's own pool is off
     (NullPool), and closing a connection gives it back to psycopg's pool (close_returns), which
-    checks and resets it. The caller closes the pool after disposing of the engine."""
+    checks and resets it. The caller closes the pool after disposing of the engine.
+    ``timeout_s``: how long a request waits for a connection while the server is away, before
+    it is answered 503 (short: requests must not pile up behind an outage)."""
     import psycopg
     from psycopg_pool import ConnectionPool  # only a site's Archiver needs it
 

@@ -11,10 +11,12 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import httpx
 import psycopg
 
 from fusion_testkit.playback import fetch, play
@@ -83,3 +85,35 @@ def test_an_archiver_with_a_postgresql_directory_records_and_serves_a_viewer(
         assert [h["reason"] for h in second.admin("GET", "/v1/admin/holds", expect=200)] == [
             "case 21"]
         assert login(second.url, viewer.identity, verify=second.verify)
+
+
+def test_a_directory_that_goes_away_is_a_503_with_a_sentence_and_the_archiver_recovers(
+        postgres_url: str, tmp_path: Path) -> None:
+    server = production_archiver(SiteCa.create(tmp_path / "site-ca"), tmp_path / "a1",
+                                 extra_args=("--directory", postgres_url))
+    database = urlsplit(postgres_url).path.lstrip("/")
+    admin_url = urlsplit(postgres_url)._replace(path="/postgres").geturl()
+    with server:
+        token = server.add_camera("gone")
+        assert server.put_segment("gone", token, b"before" * 100) == 201
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            # The directory's server refuses this database, and its sessions end.
+            conn.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS false')
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE datname = %s", (database,))
+        response = httpx.get(f"{server.url}/v1/admin/cameras", verify=server.verify, timeout=90,
+                             headers={"Authorization": f"Bearer {server.admin_token}"})
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == "storage_failed"
+        assert "site directory" in response.json()["message"]
+        # Ingest checks the camera's token in the directory: refused too, nothing archived.
+        assert server.put_segment("gone", token, b"during" * 100) == 503
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true')
+        deadline = time.monotonic() + 90
+        while server.put_segment("gone", token, b"after" * 100) != 201:
+            assert time.monotonic() < deadline, "the Archiver did not reconnect to its directory"
+            time.sleep(1)
+        cameras = server.admin("GET", "/v1/admin/cameras", expect=200)
+        assert [(c["name"], c["segments"]) for c in cameras] == [("gone", 2)]
+    assert "Traceback" not in server.log()
