@@ -19,7 +19,7 @@ from archiver.archive import Archive
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, new_secret
 from archiver.db import ViewerRow
-from archiver.rtsp import PULLER_STOP_S, RtspSupervisor
+from archiver.rtsp import PULLER_STOP_S, CameraPullers
 from archiver.services.refused import Refused
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError, UsageError
@@ -67,7 +67,7 @@ class Admin:
     audit: AuditLog
     sessions: Sessions | None = None
     site_ca: tuple[x509.Certificate, ...] = ()
-    rtsp: RtspSupervisor | None = None
+    rtsp: CameraPullers | None = None
     pull_schemes: tuple[str, ...] = ()
 
     # --- cameras -----------------------------------------------------------------------

@@ -98,6 +98,9 @@ def serve(
     rtsp_max_segment_s: Annotated[float, typer.Option(
         "--rtsp-max-segment-s", help="RTSP pull: a segment is cut after this many seconds "
         "without a keyframe to cut at.")] = 20.0,
+    rtsp_workers: Annotated[int | None, typer.Option(
+        "--rtsp-workers", help="RTSP pull: worker processes that pull and remux the cameras "
+        "(default: one per core; 0: in the Archiver's own process).")] = None,
     bootstrap_token: Annotated[bool, typer.Option(
         "--bootstrap-token/--no-bootstrap-token", help="Accept the data directory's admin-token "
         "(the embedded default). Turn it off once admins are people ('admins add'): then only "
@@ -130,7 +133,7 @@ def serve(
                         min_free_bytes=min_free_mib * 1024 * 1024,
                         reserve_bytes=disk_reserve_mib * 1024 * 1024,
                         rtsp_max_segment_bytes=rtsp_max_segment_kib * 1024,
-                        rtsp_max_segment_s=rtsp_max_segment_s,
+                        rtsp_max_segment_s=rtsp_max_segment_s, rtsp_workers=rtsp_workers,
                         bootstrap_token=bootstrap_token)
     if not bootstrap_token:
         from archiver.admins import active_admins

@@ -4,6 +4,7 @@ directory) that refuse insecure choices instead of silently accepting them."""
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,9 @@ class Settings:
     # no keyframe, or keyframes whose timestamps do not advance, cannot grow it without bound).
     rtsp_max_segment_bytes: int = 32 * MiB
     rtsp_max_segment_s: float = 20.0
+    # RTSP pull: cameras are pulled and remuxed in this many worker processes (None: one per
+    # core; 0: in the Archiver's own process, whose GIL holds it to about one core).
+    rtsp_workers: int | None = None
     # A body that trickles in slower than this is dropped (slow-loris).
     upload_timeout_s: float = 60.0
     # Request line and headers must arrive within this; JSON bodies within body_timeout_s.
@@ -102,6 +106,8 @@ class Settings:
         if self.rtsp_max_segment_bytes < 64 * 1024 or self.rtsp_max_segment_s <= 0:
             raise UsageError("The RTSP segment cap must be at least 64 KiB and its time "
                              "positive.")
+        if self.rtsp_workers is not None and not 0 <= self.rtsp_workers <= 256:
+            raise UsageError("The number of RTSP worker processes must be from 0 to 256.")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UsageError("Give both --tls-cert and --tls-key, or neither.")
         if self.tls_cert is None and not _is_loopback(self.host):
@@ -110,6 +116,13 @@ class Settings:
             raise UsageError(
                 f"Refusing to listen on {self.host} without TLS.",
                 "Give --tls-cert and --tls-key, or listen on 127.0.0.1 behind a TLS proxy.")
+
+    @property
+    def rtsp_worker_count(self) -> int:
+        """Worker processes pulling RTSP cameras (0: pulled in-process)."""
+        if self.rtsp_workers is None:
+            return os.cpu_count() or 1
+        return self.rtsp_workers
 
     @property
     def scheme(self) -> str:
