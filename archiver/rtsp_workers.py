@@ -181,7 +181,7 @@ class RtspWorkerPool:
     def _spawn(self, worker: _Worker) -> None:
         """Start ``worker``'s process and hand it its cameras (under the lock)."""
         process = subprocess.Popen(
-            [sys.executable, "-m", "archiver.rtsp_workers"], stdin=subprocess.PIPE,
+            [sys.executable, "-P", "-m", "archiver.rtsp_workers"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, close_fds=True)
         worker.process = process
         worker.started_at = time.monotonic()
