@@ -1,0 +1,246 @@
+"""Cameras per Archiver (issue 23): how many RTSP cameras one Archiver pulls and archives on
+this machine, in-process (``--rtsp-workers 0``, before) and in worker processes (after).
+
+    python -m bench.rtsp_cameras --cameras 96,144,192,250 --modes 0,2 --warmup 20 --window 30
+
+Per camera count N and mode: one gst-rtsp-server (``bench/rtsp_server.py``: one shared live
+H.264 encoding, 640x360 at 1 Mbit/s, served to every session, so that the server's encoder does
+not eat the cores the Archiver is measured on), a fresh real Archiver (``fusion-archiver
+serve`` over loopback HTTP) with N RTSP cameras on it, a warm-up, then a measured window in
+which the admin API's camera list is sampled every 2 s. Printed per N and mode:
+
+- archived segments in the window vs expected (N x window / 2 s segments);
+- stalls: cameras seen ``stalled``/``unreachable`` or without video in any sample;
+- the newest video's age (sample time minus the end of the camera's last archived segment),
+  max and p95 over every camera in every sample: the goal is at most one segment + 1 s (3 s);
+- CPU (cores) of the Archiver with all its processes, and of the RTSP server, over the window.
+
+``--profile DIR`` also records the Archiver and its workers with ``py-spy record
+--subprocesses`` during each window and prints where the CPU went by stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import machine_line
+from fusion_testkit.server import ArchiverServer, free_port
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+SERVER = Path(__file__).with_name("rtsp_server.py")
+SEGMENT_S = 2.0
+SAMPLE_S = 2.0
+TICKS = os.sysconf("SC_CLK_TCK")
+# py-spy frames -> the stage they belong to: the innermost frame that names one wins.
+STAGES = (("pipe to/from the workers", ("_PipeSink", "_read_one", "_read_exact")),
+          ("remux to MPEG-TS (PyAV)", ("_Segmenter.",)),
+          ("demux (PyAV: RTSP, RTP)", ("_pull (archiver/rtsp.py",)),
+          ("encrypt", ("seal_segment", "encode_record_parts")),
+          ("sign the manifest", ("signing.py", "ManifestChain.issue")),
+          ("keys", ("keying.py",)),
+          ("read the segment's timestamps", ("mpegts.py",)),
+          ("index (SQLite)", ("db.py",)),
+          ("append + fsync", ("storage.py",)),
+          ("HTTP API (the samples)", ("uvicorn", "starlette", "fastapi", "routers/")))
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, []))
+    return out
+
+
+class CpuMeter:
+    """CPU seconds used by a process tree between ``start`` and ``stop`` (processes that
+    appear in between count from zero)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._before = {p: cpu_seconds(p) for p in process_tree(pid)}
+        self._at = time.monotonic()
+
+    def cores(self) -> float:
+        used = sum(cpu_seconds(p) - self._before.get(p, 0.0) for p in process_tree(self.pid))
+        return used / (time.monotonic() - self._at)
+
+
+def start_rtsp_server(kbps: int, size: str) -> tuple[subprocess.Popen[str], int]:
+    port = free_port()
+    process = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(port), str(kbps), size],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if line.strip() != "ready":
+        process.kill()
+        raise RuntimeError(f"the RTSP server did not start: {line}")
+    return process, port
+
+
+def _cameras(client: httpx.Client, server: ArchiverServer) -> list[dict[str, Any]]:
+    answer = client.get(f"{server.url}/v1/admin/cameras",
+                        headers={"Authorization": f"Bearer {server.admin_token}"}, timeout=60)
+    answer.raise_for_status()
+    return answer.json()
+
+
+def run_one(n: int, workers: int, rtsp_port: int, rtsp_pid: int, warmup: float, window: float,
+            work: Path, profile: Path | None) -> dict[str, Any]:
+    data = work / f"archiver-{n}-{workers}"
+    server = ArchiverServer(data, key_period_s=60, extra_args=("--rtsp-workers", str(workers)),
+                            start_timeout_s=60, stop_timeout_s=60)
+    server.start()
+    url = f"rtsp://127.0.0.1:{rtsp_port}/stream"
+    try:
+        with httpx.Client() as client:
+            for i in range(n):
+                client.post(f"{server.url}/v1/admin/cameras", json={
+                    "name": f"cam{i:03d}", "rtsp_url": url}, timeout=60,
+                    headers={"Authorization": f"Bearer {server.admin_token}"}).raise_for_status()
+            time.sleep(warmup)
+            assert server.process is not None
+            spy = None
+            if profile is not None:
+                profile.mkdir(parents=True, exist_ok=True)
+                spy = subprocess.Popen(
+                    [_py_spy(), "record", "--subprocesses", "--nonblocking",
+                     "--format", "raw", "-r", "50", "-d", str(int(window)), "-p",
+                     str(server.process.pid), "-o", str(profile / f"{n}-{workers}.txt")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            archiver_cpu, rtsp_cpu = CpuMeter(server.process.pid), CpuMeter(rtsp_pid)
+            first = {c["name"]: c["segments"] for c in _cameras(client, server)}
+            ages: list[float] = []
+            stalled: set[str] = set()
+            started = time.monotonic()
+            while time.monotonic() - started < window:
+                # Jittered: every camera cuts at the same instants (one shared stream), and a
+                # fixed phase would bias the ages.
+                time.sleep(random.uniform(SAMPLE_S / 2, SAMPLE_S * 1.5))  # noqa: S311 (timing)
+                now_ms = time.time() * 1000
+                for camera in _cameras(client, server):
+                    if camera["last_ms"] is None:
+                        stalled.add(camera["name"])
+                        continue
+                    ages.append((now_ms - camera["last_ms"]) / 1000)
+                    if camera["state"] in ("stalled", "unreachable"):
+                        stalled.add(camera["name"])
+            elapsed = time.monotonic() - started
+            last = {c["name"]: c["segments"] for c in _cameras(client, server)}
+            cpu, rtsp = archiver_cpu.cores(), rtsp_cpu.cores()
+            if spy is not None:
+                spy.wait()
+    finally:
+        server.stop()
+        shutil.rmtree(data, ignore_errors=True)
+    archived = sum(last[name] - first.get(name, 0) for name in last)
+    ages.sort()
+    return {"cameras": n, "workers": workers, "window_s": round(elapsed, 1),
+            "archived": archived, "expected": round(n * elapsed / SEGMENT_S),
+            "stalled": len(stalled), "age_max_s": round(ages[-1], 2) if ages else None,
+            "age_p95_s": round(ages[int(len(ages) * 0.95) - 1], 2) if ages else None,
+            "age_median_s": round(statistics.median(ages), 2) if ages else None,
+            "archiver_cores": round(cpu, 2), "rtsp_server_cores": round(rtsp, 2),
+            "loadavg": round(os.getloadavg()[0], 2)}
+
+
+def _py_spy() -> str:
+    beside = Path(sys.executable).with_name("py-spy")  # the bench extra's, in the virtualenv
+    return str(beside) if beside.exists() else shutil.which("py-spy") or "py-spy"
+
+
+def stages(raw: Path) -> list[tuple[str, float]]:
+    """Share of the samples per stage, from py-spy's raw (collapsed) output."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        frames = [f for f in stack.split(";") if not f.startswith("process ")][::-1]
+        counts[next((name for frame in frames for name, needles in STAGES
+                     if any(needle in frame for needle in needles)),
+                    "other (threads, queues, waits)")] += int(count)
+    return [(name, count / total) for name, count in counts.most_common()] if total else []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.rtsp_cameras",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cameras", default="96,144,192,250")
+    parser.add_argument("--modes", default=f"0,{os.cpu_count() or 1}",
+                        help="worker process counts to compare (0: in-process, before)")
+    parser.add_argument("--warmup", type=float, default=20.0)
+    parser.add_argument("--window", type=float, default=30.0)
+    parser.add_argument("--kbps", type=int, default=1000)
+    parser.add_argument("--size", default="640x360")
+    parser.add_argument("--profile", type=Path, help="py-spy raw profiles go here")
+    parser.add_argument("--results", type=Path, help="write the figures as JSON")
+    args = parser.parse_args(argv)
+    print(machine_line(), flush=True)
+    rtsp, port = start_rtsp_server(args.kbps, args.size)
+    results = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-rtsp-") as work:
+            for n in (int(x) for x in args.cameras.split(",")):
+                for workers in (int(x) for x in args.modes.split(",")):
+                    result = run_one(n, workers, port, rtsp.pid, args.warmup, args.window,
+                                     Path(work), args.profile)
+                    results.append(result)
+                    mode = "in-process" if workers == 0 else f"{workers} workers"
+                    print(f"{n:4d} cameras, {mode:11s}: archived {result['archived']} of "
+                          f"{result['expected']} expected; {result['stalled']} stalled; newest "
+                          f"video age max {result['age_max_s']} s, p95 {result['age_p95_s']} s, "
+                          f"median {result['age_median_s']} s; Archiver "
+                          f"{result['archiver_cores']} cores, RTSP server "
+                          f"{result['rtsp_server_cores']} cores; load {result['loadavg']}",
+                          flush=True)
+                    if args.profile is not None:
+                        raw = args.profile / f"{n}-{workers}.txt"
+                        if raw.exists():
+                            print("    " + "; ".join(f"{name} {share:.0%}"
+                                                     for name, share in stages(raw)), flush=True)
+    finally:
+        rtsp.kill()
+        rtsp.wait()
+    if args.results is not None:
+        args.results.write_text(json.dumps({"machine": machine_line(), "results": results},
+                                           indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
