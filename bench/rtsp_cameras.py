@@ -11,8 +11,11 @@ which the admin API's camera list is sampled every 2 s. Printed per N and mode:
 
 - archived segments in the window vs expected (N x window / 2 s segments);
 - stalls: cameras seen ``stalled``/``unreachable`` or without video in any sample;
-- the newest video's age (sample time minus the end of the camera's last archived segment),
-  max and p95 over every camera in every sample: the goal is at most one segment + 1 s (3 s);
+- the newest video's age (sample time minus the end of the camera's last archived segment, as
+  placed on the wall clock), max and p95 over every camera in every sample: the goal is at most
+  one segment + 1 s (3 s). The placement follows the stream's timestamps from the camera's first
+  segment (archiver/cameras.py), so a late first segment shifts all of a camera's times; hence
+  also the time since the newest archived segment reached the puller (``last_segment_ms``);
 - CPU (cores) of the Archiver with all its processes, and of the RTSP server, over the window.
 
 ``--profile DIR`` also records the Archiver and its workers with ``py-spy record
@@ -143,6 +146,7 @@ def run_one(n: int, workers: int, rtsp_port: int, rtsp_pid: int, warmup: float, 
             archiver_cpu, rtsp_cpu = CpuMeter(server.process.pid), CpuMeter(rtsp_pid)
             first = {c["name"]: c["segments"] for c in _cameras(client, server)}
             ages: list[float] = []
+            waits: list[float] = []
             stalled: set[str] = set()
             started = time.monotonic()
             while time.monotonic() - started < window:
@@ -155,6 +159,8 @@ def run_one(n: int, workers: int, rtsp_port: int, rtsp_pid: int, warmup: float, 
                         stalled.add(camera["name"])
                         continue
                     ages.append((now_ms - camera["last_ms"]) / 1000)
+                    if camera["last_segment_ms"] is not None:
+                        waits.append((now_ms - camera["last_segment_ms"]) / 1000)
                     if camera["state"] in ("stalled", "unreachable"):
                         stalled.add(camera["name"])
             elapsed = time.monotonic() - started
@@ -167,11 +173,14 @@ def run_one(n: int, workers: int, rtsp_port: int, rtsp_pid: int, warmup: float, 
         shutil.rmtree(data, ignore_errors=True)
     archived = sum(last[name] - first.get(name, 0) for name in last)
     ages.sort()
+    waits.sort()
     return {"cameras": n, "workers": workers, "window_s": round(elapsed, 1),
             "archived": archived, "expected": round(n * elapsed / SEGMENT_S),
             "stalled": len(stalled), "age_max_s": round(ages[-1], 2) if ages else None,
             "age_p95_s": round(ages[int(len(ages) * 0.95) - 1], 2) if ages else None,
             "age_median_s": round(statistics.median(ages), 2) if ages else None,
+            "arrival_age_max_s": round(waits[-1], 2) if waits else None,
+            "arrival_age_p95_s": round(waits[int(len(waits) * 0.95) - 1], 2) if waits else None,
             "archiver_cores": round(cpu, 2), "rtsp_server_cores": round(rtsp, 2),
             "loadavg": round(os.getloadavg()[0], 2)}
 
@@ -224,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{n:4d} cameras, {mode:11s}: archived {result['archived']} of "
                           f"{result['expected']} expected; {result['stalled']} stalled; newest "
                           f"video age max {result['age_max_s']} s, p95 {result['age_p95_s']} s, "
-                          f"median {result['age_median_s']} s; Archiver "
+                          f"median {result['age_median_s']} s; since the newest segment reached "
+                          f"the puller max {result['arrival_age_max_s']} s, p95 "
+                          f"{result['arrival_age_p95_s']} s; Archiver "
                           f"{result['archiver_cores']} cores, RTSP server "
                           f"{result['rtsp_server_cores']} cores; load {result['loadavg']}",
                           flush=True)
