@@ -96,8 +96,9 @@ class CpuMeter:
         self._before = {p: cpu_seconds(p) for p in process_tree(pid)}
         self._at = time.monotonic()
 
-    def cores(self) -> float:
-        used = sum(cpu_seconds(p) - self._before.get(p, 0.0) for p in process_tree(self.pid))
+    def cores(self, tree: bool = True) -> float:
+        pids = process_tree(self.pid) if tree else [self.pid]
+        used = sum(cpu_seconds(p) - self._before.get(p, 0.0) for p in pids)
         return used / (time.monotonic() - self._at)
 
 
@@ -166,6 +167,7 @@ def run_one(n: int, workers: int, rtsp_port: int, rtsp_pid: int, warmup: float, 
             elapsed = time.monotonic() - started
             last = {c["name"]: c["segments"] for c in _cameras(client, server)}
             cpu, rtsp = archiver_cpu.cores(), rtsp_cpu.cores()
+            main_cpu = archiver_cpu.cores(tree=False)
             if spy is not None:
                 spy.wait()
     finally:
@@ -181,7 +183,8 @@ def run_one(n: int, workers: int, rtsp_port: int, rtsp_pid: int, warmup: float, 
             "age_median_s": round(statistics.median(ages), 2) if ages else None,
             "arrival_age_max_s": round(waits[-1], 2) if waits else None,
             "arrival_age_p95_s": round(waits[int(len(waits) * 0.95) - 1], 2) if waits else None,
-            "archiver_cores": round(cpu, 2), "rtsp_server_cores": round(rtsp, 2),
+            "archiver_cores": round(cpu, 2), "archiver_main_cores": round(main_cpu, 2),
+            "rtsp_server_cores": round(rtsp, 2),
             "loadavg": round(os.getloadavg()[0], 2)}
 
 
@@ -236,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"median {result['age_median_s']} s; since the newest segment reached "
                           f"the puller max {result['arrival_age_max_s']} s, p95 "
                           f"{result['arrival_age_p95_s']} s; Archiver "
-                          f"{result['archiver_cores']} cores, RTSP server "
+                          f"{result['archiver_cores']} cores (its main process "
+                          f"{result['archiver_main_cores']}), RTSP server "
                           f"{result['rtsp_server_cores']} cores; load {result['loadavg']}",
                           flush=True)
                     if args.profile is not None:
