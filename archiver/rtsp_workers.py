@@ -93,7 +93,9 @@ class RtspWorkerPool:
     def __init__(self, ingest: Ingest, report_problem: ReportProblem,
                  report_fault: ReportFault | None = None, max_segment_bytes: int = 32 * 2**20,
                  max_segment_s: float = 20.0, workers: int = 2,
-                 ingest_threads: int = INGEST_THREADS) -> None:
+                 ingest_threads: int = INGEST_THREADS,
+                 command: tuple[str, ...] = (sys.executable, "-P", "-m",
+                                             "archiver.rtsp_workers")) -> None:
         if workers < 1:
             raise ValueError("A worker pool needs at least one worker.")
         self._ingest = ingest
@@ -102,6 +104,7 @@ class RtspWorkerPool:
         self._max_segment_bytes = max_segment_bytes
         self._max_segment_s = max_segment_s
         self._workers = [_Worker(i) for i in range(workers)]
+        self._command = command  # the worker program (tests give a hostile one)
         self._where: dict[str, int] = {}  # camera -> worker index
         self._gen = 0
         self._stopped: dict[tuple[str, int], threading.Event] = {}
@@ -181,7 +184,7 @@ class RtspWorkerPool:
     def _spawn(self, worker: _Worker) -> None:
         """Start ``worker``'s process and hand it its cameras (under the lock)."""
         process = subprocess.Popen(
-            [sys.executable, "-P", "-m", "archiver.rtsp_workers"], stdin=subprocess.PIPE,
+            list(self._command), stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, close_fds=True)
         worker.process = process
         worker.started_at = time.monotonic()

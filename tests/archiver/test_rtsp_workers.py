@@ -197,3 +197,77 @@ def test_the_worker_count_is_bounded(workers: str, tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match="RTSP worker processes"):
         Settings(data_dir=tmp_path, rtsp_workers=int(workers))
+
+
+HOSTILE_WORKER = """
+import json, sys
+def send(header, payload=b""):
+    raw = json.dumps(header).encode()
+    sys.stdout.buffer.write(len(raw).to_bytes(4, "big") + raw + payload)
+    sys.stdout.buffer.flush()
+for line in sys.stdin.buffer:
+    command = json.loads(line)
+    if command["op"] == "start":
+        mine = command["camera"]
+        ATTACK
+"""
+ATTACKS = {
+    # video for a camera this worker was not given (another group's, or an unknown one)
+    "foreign camera": 'send({"type": "segment", "camera": "victim", "size": 3, '
+                      '"closed_at": 0}, b"abc")',
+    # a segment far over the cap: the Archiver must not try to buffer it
+    "oversized segment": 'send({"type": "segment", "camera": mine, "size": 2**40, '
+                         '"closed_at": 0})',
+    "oversized header": 'sys.stdout.buffer.write((2**31).to_bytes(4, "big")); '
+                        'sys.stdout.buffer.flush()',
+    "pickle, not our framing": 'sys.stdout.buffer.write(b"\\x80\\x04\\x95" + b"x" * 64); '
+                               'sys.stdout.buffer.flush()',
+    "a camera state that does not exist": 'send({"type": "problem", "camera": mine, '
+                                          '"state": "owned", "message": "x"})',
+}
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_a_worker_that_breaks_the_protocol_is_killed_and_archives_nothing(attack: str) -> None:
+    """A worker parses hostile camera streams with FFmpeg: if one is taken over, what it sends
+    the Archiver is parsed strictly; anything off the protocol gets it killed, not archived."""
+    import sys
+    import threading
+
+    from archiver.cameras import CameraState
+    from archiver.rtsp_workers import RtspWorkerPool
+
+    ingested: list[str] = []
+    problems: list[tuple[str, CameraState, str]] = []
+    killed = threading.Event()
+
+    def report(camera: str, state: CameraState, message: str) -> None:
+        problems.append((camera, state, message))
+        if "killed by signal 9" in message:
+            killed.set()
+
+    script = HOSTILE_WORKER.replace("ATTACK", ATTACKS[attack])
+    pool = RtspWorkerPool(lambda camera, data, closed_at: ingested.append(camera), report,
+                          workers=1, command=(sys.executable, "-c", script))
+    try:
+        pool.start("mine", "rtsp://127.0.0.1:9/stream")
+        assert killed.wait(30), problems
+        assert ingested == []
+        assert all(camera == "mine" for camera, _, _ in problems)
+        assert (problems[0][1] == CameraState.UNREACHABLE
+                and "the process pulling it died" in problems[0][2])
+    finally:
+        pool.stop_all()
+    assert pool.worker_pids() == []
+
+
+def test_in_process_pulling_remains_with_zero_workers(site_ca: SiteCa, tmp_path: Path,
+                                                      rtsp_camera) -> None:
+    camera = rtsp_camera(kbps=150).start()
+    server = production_archiver(site_ca, tmp_path / "archiver",
+                                 extra_args=("--rtsp-workers", "0"))
+    with server:
+        server.admin("POST", "/v1/admin/cameras", {"name": "ip-door", "rtsp_url": camera.url()},
+                     expect=201)
+        wait_for(lambda: _cameras(server)["ip-door"]["segments"] >= 2, 60, "2 pulled segments")
+        assert _workers(server) == []
