@@ -141,7 +141,12 @@ class RtspWorkerPool:
             worker = self._workers[index]
             _, gen = worker.cameras.pop(camera)
             done = self._stopped[(camera, gen)] = threading.Event()
-            self._send(worker, {"op": "stop", "camera": camera})
+            if worker.process is None or worker.process.poll() is not None:
+                # Its worker is dead (being restarted): nothing more comes for this camera.
+                self._stopped.pop((camera, gen))
+                done.set()
+            else:
+                self._send(worker, {"op": "stop", "camera": camera})
         if wait_s:
             done.wait(wait_s)
 
