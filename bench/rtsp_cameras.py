@@ -102,15 +102,19 @@ class CpuMeter:
         return used / (time.monotonic() - self._at)
 
 
-def start_rtsp_server(kbps: int, size: str) -> tuple[subprocess.Popen[str], int]:
+def start_rtsp_server(kbps: int, size: str, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A fresh server per run: a shared media that hundreds of sessions left at once (the
+    previous run's Archiver stopping) was seen to serve nobody after."""
     port = free_port()
-    process = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(port), str(kbps), size],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if line.strip() != "ready":
-        process.kill()
-        raise RuntimeError(f"the RTSP server did not start: {line}")
+    with open(log, "wb") as out:
+        process = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(port), str(kbps), size],
+                                   stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while b"ready" not in log.read_bytes():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"the RTSP server did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.1)
     return process, port
 
 
@@ -223,34 +227,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, help="write the figures as JSON")
     args = parser.parse_args(argv)
     print(machine_line(), flush=True)
-    rtsp, port = start_rtsp_server(args.kbps, args.size)
     results = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-rtsp-") as work:
-            for n in (int(x) for x in args.cameras.split(",")):
-                for workers in (int(x) for x in args.modes.split(",")):
+    with tempfile.TemporaryDirectory(prefix="bench-rtsp-") as work:
+        for n in (int(x) for x in args.cameras.split(",")):
+            for workers in (int(x) for x in args.modes.split(",")):
+                rtsp, port = start_rtsp_server(args.kbps, args.size,
+                                               Path(work) / f"rtsp-{n}-{workers}.log")
+                try:
                     result = run_one(n, workers, port, rtsp.pid, args.warmup, args.window,
                                      Path(work), args.profile)
-                    results.append(result)
-                    mode = "in-process" if workers == 0 else f"{workers} workers"
-                    print(f"{n:4d} cameras, {mode:11s}: archived {result['archived']} of "
-                          f"{result['expected']} expected; {result['stalled']} stalled; newest "
-                          f"video age max {result['age_max_s']} s, p95 {result['age_p95_s']} s, "
-                          f"median {result['age_median_s']} s; since the newest segment reached "
-                          f"the puller max {result['arrival_age_max_s']} s, p95 "
-                          f"{result['arrival_age_p95_s']} s; Archiver "
-                          f"{result['archiver_cores']} cores (its main process "
-                          f"{result['archiver_main_cores']}), RTSP server "
-                          f"{result['rtsp_server_cores']} cores; load {result['loadavg']}",
-                          flush=True)
-                    if args.profile is not None:
-                        raw = args.profile / f"{n}-{workers}.txt"
-                        if raw.exists():
-                            print("    " + "; ".join(f"{name} {share:.0%}"
-                                                     for name, share in stages(raw)), flush=True)
-    finally:
-        rtsp.kill()
-        rtsp.wait()
+                finally:
+                    rtsp.kill()
+                    rtsp.wait()
+                results.append(result)
+                mode = "in-process" if workers == 0 else f"{workers} workers"
+                print(f"{n:4d} cameras, {mode:11s}: archived {result['archived']} of "
+                      f"{result['expected']} expected; {result['stalled']} stalled; newest "
+                      f"video age max {result['age_max_s']} s, p95 {result['age_p95_s']} s, "
+                      f"median {result['age_median_s']} s; since the newest segment reached "
+                      f"the puller max {result['arrival_age_max_s']} s, p95 "
+                      f"{result['arrival_age_p95_s']} s; Archiver "
+                      f"{result['archiver_cores']} cores (its main process "
+                      f"{result['archiver_main_cores']}), RTSP server "
+                      f"{result['rtsp_server_cores']} cores; load {result['loadavg']}",
+                      flush=True)
+                if args.profile is not None:
+                    raw = args.profile / f"{n}-{workers}.txt"
+                    if raw.exists():
+                        print("    " + "; ".join(f"{name} {share:.0%}"
+                                                 for name, share in stages(raw)), flush=True)
     if args.results is not None:
         args.results.write_text(json.dumps({"machine": machine_line(), "results": results},
                                            indent=2))
