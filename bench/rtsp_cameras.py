@@ -103,8 +103,7 @@ class CpuMeter:
 
 
 def start_rtsp_server(kbps: int, size: str, log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """A fresh server per run: a shared media that hundreds of sessions left at once (the
-    previous run's Archiver stopping) was seen to serve nobody after."""
+    """A fresh server per run (see ``hold_media_open``)."""
     port = free_port()
     with open(log, "wb") as out:
         process = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(port), str(kbps), size],
@@ -116,6 +115,20 @@ def start_rtsp_server(kbps: int, size: str, log: Path) -> tuple[subprocess.Popen
             raise RuntimeError(f"the RTSP server did not start: {log.read_text()[-2000:]}")
         time.sleep(0.1)
     return process, port
+
+
+def hold_media_open(port: int) -> subprocess.Popen[bytes]:
+    """One client that stays for the whole run, started before the Archiver: hundreds of
+    sessions joining the shared media while it was still being prepared (or after the last one
+    left) got "Invalid argument" from the server, every retry after too."""
+    keeper = subprocess.Popen(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-rtsp_transport", "tcp", "-i",
+         f"rtsp://127.0.0.1:{port}/stream", "-c", "copy", "-f", "null", "-"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(3)
+    if keeper.poll() is not None:
+        raise RuntimeError("the RTSP server's media could not be opened")
+    return keeper
 
 
 def _cameras(client: httpx.Client, server: ArchiverServer) -> list[dict[str, Any]]:
@@ -150,6 +163,7 @@ def run_one(n: int, workers: int, rtsp_port: int, rtsp_pid: int, warmup: float, 
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             archiver_cpu, rtsp_cpu = CpuMeter(server.process.pid), CpuMeter(rtsp_pid)
             first = {c["name"]: c["segments"] for c in _cameras(client, server)}
+            first_at = time.monotonic()
             ages: list[float] = []
             waits: list[float] = []
             stalled: set[str] = set()
@@ -170,6 +184,7 @@ def run_one(n: int, workers: int, rtsp_port: int, rtsp_pid: int, warmup: float, 
                         stalled.add(camera["name"])
             elapsed = time.monotonic() - started
             last = {c["name"]: c["segments"] for c in _cameras(client, server)}
+            counted_s = time.monotonic() - first_at  # between the two counts
             cpu, rtsp = archiver_cpu.cores(), rtsp_cpu.cores()
             main_cpu = archiver_cpu.cores(tree=False)
             if spy is not None:
@@ -181,7 +196,7 @@ def run_one(n: int, workers: int, rtsp_port: int, rtsp_pid: int, warmup: float, 
     ages.sort()
     waits.sort()
     return {"cameras": n, "workers": workers, "window_s": round(elapsed, 1),
-            "archived": archived, "expected": round(n * elapsed / SEGMENT_S),
+            "archived": archived, "expected": round(n * counted_s / SEGMENT_S),
             "stalled": len(stalled), "age_max_s": round(ages[-1], 2) if ages else None,
             "age_p95_s": round(ages[int(len(ages) * 0.95) - 1], 2) if ages else None,
             "age_median_s": round(statistics.median(ages), 2) if ages else None,
@@ -233,12 +248,14 @@ def main(argv: list[str] | None = None) -> int:
             for workers in (int(x) for x in args.modes.split(",")):
                 rtsp, port = start_rtsp_server(args.kbps, args.size,
                                                Path(work) / f"rtsp-{n}-{workers}.log")
+                keeper = hold_media_open(port)
                 try:
                     result = run_one(n, workers, port, rtsp.pid, args.warmup, args.window,
                                      Path(work), args.profile)
                 finally:
-                    rtsp.kill()
-                    rtsp.wait()
+                    for process in (keeper, rtsp):
+                        process.kill()
+                        process.wait()
                 results.append(result)
                 mode = "in-process" if workers == 0 else f"{workers} workers"
                 print(f"{n:4d} cameras, {mode:11s}: archived {result['archived']} of "
