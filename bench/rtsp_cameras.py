@@ -183,7 +183,11 @@ def run_one(n: int, workers: int, rtsp_port: int, rtsp_pid: int, warmup: float, 
                     if camera["state"] in ("stalled", "unreachable"):
                         stalled.add(camera["name"])
             elapsed = time.monotonic() - started
-            last = {c["name"]: c["segments"] for c in _cameras(client, server)}
+            final = _cameras(client, server)
+            last = {c["name"]: c["segments"] for c in final}
+            # Frames missing inside a segment (the RTSP server dropped data for a slow reader)
+            # show as timestamp jumps; such a camera's placed times fall behind.
+            jumps = sum(c.get("timestamp_jumps", 0) for c in final)
             counted_s = time.monotonic() - first_at  # between the two counts
             cpu, rtsp = archiver_cpu.cores(), rtsp_cpu.cores()
             main_cpu = archiver_cpu.cores(tree=False)
@@ -197,7 +201,8 @@ def run_one(n: int, workers: int, rtsp_port: int, rtsp_pid: int, warmup: float, 
     waits.sort()
     return {"cameras": n, "workers": workers, "window_s": round(elapsed, 1),
             "archived": archived, "expected": round(n * counted_s / SEGMENT_S),
-            "stalled": len(stalled), "age_max_s": round(ages[-1], 2) if ages else None,
+            "stalled": len(stalled), "timestamp_jumps": jumps,
+            "age_max_s": round(ages[-1], 2) if ages else None,
             "age_p95_s": round(ages[int(len(ages) * 0.95) - 1], 2) if ages else None,
             "age_median_s": round(statistics.median(ages), 2) if ages else None,
             "arrival_age_max_s": round(waits[-1], 2) if waits else None,
@@ -259,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(result)
                 mode = "in-process" if workers == 0 else f"{workers} workers"
                 print(f"{n:4d} cameras, {mode:11s}: archived {result['archived']} of "
-                      f"{result['expected']} expected; {result['stalled']} stalled; newest "
+                      f"{result['expected']} expected; {result['stalled']} stalled; "
+                  f"{result['timestamp_jumps']} timestamp jumps; newest "
                       f"video age max {result['age_max_s']} s, p95 {result['age_p95_s']} s, "
                       f"median {result['age_median_s']} s; since the newest segment reached "
                       f"the puller max {result['arrival_age_max_s']} s, p95 "
