@@ -236,8 +236,13 @@ def _pull(camera: str, url: str, stop: threading.Event, sink: PullSink, max_segm
           max_segment_s: float) -> bool:
     """Pull until the camera goes away or we are stopped; True if any segment was handed on."""
     received = False
-    with av.open(url, options={"rtsp_transport": "tcp"},
-                 timeout=(OPEN_TIMEOUT_S, READ_TIMEOUT_S)) as container:
+    # Reads are bounded by FFmpeg's own socket timeout, not PyAV's read timeout: PyAV checks its
+    # timeout in an interrupt callback that takes the GIL on every socket read, hundreds of
+    # times a second per camera, and with a few dozen cameras per interpreter the threads
+    # queue for the GIL (a convoy): pulls stalled with the cores half idle (issue 23).
+    with av.open(url, options={"rtsp_transport": "tcp",
+                               "timeout": str(int(READ_TIMEOUT_S * 1_000_000))},
+                 timeout=(OPEN_TIMEOUT_S, None)) as container:
         segmenter = _Segmenter(container, max_segment_bytes, max_segment_s)
         try:
             for packet in container.demux():
@@ -334,6 +339,6 @@ class RtspSupervisor:
 
 def _reason(exc: av.error.FFmpegError) -> str:
     """FFmpeg's reason without the URL it names (which carries the credentials)."""
-    if isinstance(exc, av.error.ExitError):  # our read timeout interrupted FFmpeg
+    if isinstance(exc, av.error.ExitError | av.error.TimeoutError):  # a timeout interrupted it
         return f"no data from the camera for {READ_TIMEOUT_S:.0f} s"
     return exc.strerror or type(exc).__name__
