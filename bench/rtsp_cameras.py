@@ -1,7 +1,8 @@
 """Cameras per Archiver (issue 23): how many RTSP cameras one Archiver pulls and archives on
-this machine, in-process (``--rtsp-workers 0``, before) and in worker processes (after).
+this machine: the code before (``--modes before --before CHECKOUT``: another checkout's code,
+in-process), in-process now (``0``) and in worker processes (``2``), in the same run.
 
-    python -m bench.rtsp_cameras --cameras 96,144,192,250 --modes 0,2 --warmup 20 --window 30
+    python -m bench.rtsp_cameras --cameras 96,144,192,250 --modes before,0,2 --before CHECKOUT
 
 Per camera count N and mode: one gst-rtsp-server (``bench/rtsp_server.py``: one shared live
 H.264 encoding, 640x360 at 1 Mbit/s, served to every session, so that the server's encoder does
@@ -138,11 +139,19 @@ def _cameras(client: httpx.Client, server: ArchiverServer) -> list[dict[str, Any
     return answer.json()
 
 
-def run_one(n: int, workers: int, rtsp_port: int, rtsp_pid: int, warmup: float, window: float,
-            work: Path, profile: Path | None) -> dict[str, Any]:
-    data = work / f"archiver-{n}-{workers}"
-    server = ArchiverServer(data, key_period_s=60, extra_args=("--rtsp-workers", str(workers)),
-                            start_timeout_s=60, stop_timeout_s=60)
+def run_one(n: int, mode: str, rtsp_port: int, rtsp_pid: int, warmup: float, window: float,
+            work: Path, profile: Path | None, before: Path | None) -> dict[str, Any]:
+    """``mode``: a worker count, or "before": the code of the checkout ``before`` (as it is,
+    without --rtsp-workers), for a before/after in the same run."""
+    data = work / f"archiver-{n}-{mode}"
+    if mode == "before":
+        if before is None:
+            raise SystemExit("--modes before needs --before CHECKOUT")
+        server = ArchiverServer(data, key_period_s=60, env={"PYTHONPATH": str(before)},
+                                start_timeout_s=60, stop_timeout_s=60)
+    else:
+        server = ArchiverServer(data, key_period_s=60, extra_args=("--rtsp-workers", mode),
+                                start_timeout_s=60, stop_timeout_s=60)
     server.start()
     url = f"rtsp://127.0.0.1:{rtsp_port}/stream"
     try:
@@ -159,7 +168,7 @@ def run_one(n: int, workers: int, rtsp_port: int, rtsp_pid: int, warmup: float, 
                 spy = subprocess.Popen(
                     [_py_spy(), "record", "--subprocesses", "--nonblocking",
                      "--format", "raw", "-r", "50", "-d", str(int(window)), "-p",
-                     str(server.process.pid), "-o", str(profile / f"{n}-{workers}.txt")],
+                     str(server.process.pid), "-o", str(profile / f"{n}-{mode}.txt")],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             archiver_cpu, rtsp_cpu = CpuMeter(server.process.pid), CpuMeter(rtsp_pid)
             first = {c["name"]: c["segments"] for c in _cameras(client, server)}
@@ -199,7 +208,7 @@ def run_one(n: int, workers: int, rtsp_port: int, rtsp_pid: int, warmup: float, 
     archived = sum(last[name] - first.get(name, 0) for name in last)
     ages.sort()
     waits.sort()
-    return {"cameras": n, "workers": workers, "window_s": round(elapsed, 1),
+    return {"cameras": n, "mode": mode, "window_s": round(elapsed, 1),
             "archived": archived, "expected": round(n * counted_s / SEGMENT_S),
             "stalled": len(stalled), "timestamp_jumps": jumps,
             "age_max_s": round(ages[-1], 2) if ages else None,
@@ -238,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--cameras", default="96,144,192,250")
     parser.add_argument("--modes", default=f"0,{os.cpu_count() or 1}",
-                        help="worker process counts to compare (0: in-process, before)")
+                        help="what to compare: worker process counts (0: in-process) and "
+                             "'before' (the code of --before, in-process)")
+    parser.add_argument("--before", type=Path, help="a checkout of the code before (for "
+                                                    "--modes before)")
     parser.add_argument("--warmup", type=float, default=20.0)
     parser.add_argument("--window", type=float, default=30.0)
     parser.add_argument("--kbps", type=int, default=1000)
@@ -250,20 +262,20 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-rtsp-") as work:
         for n in (int(x) for x in args.cameras.split(",")):
-            for workers in (int(x) for x in args.modes.split(",")):
+            for mode in args.modes.split(","):
                 rtsp, port = start_rtsp_server(args.kbps, args.size,
-                                               Path(work) / f"rtsp-{n}-{workers}.log")
+                                               Path(work) / f"rtsp-{n}-{mode}.log")
                 keeper = hold_media_open(port)
                 try:
-                    result = run_one(n, workers, port, rtsp.pid, args.warmup, args.window,
-                                     Path(work), args.profile)
+                    result = run_one(n, mode, port, rtsp.pid, args.warmup, args.window,
+                                     Path(work), args.profile, args.before)
                 finally:
                     for process in (keeper, rtsp):
                         process.kill()
                         process.wait()
                 results.append(result)
-                mode = "in-process" if workers == 0 else f"{workers} workers"
-                print(f"{n:4d} cameras, {mode:11s}: archived {result['archived']} of "
+                label = {"before": "before", "0": "in-process"}.get(mode, f"{mode} workers")
+                print(f"{n:4d} cameras, {label:11s}: archived {result['archived']} of "
                       f"{result['expected']} expected; {result['stalled']} stalled; "
                   f"{result['timestamp_jumps']} timestamp jumps; newest "
                       f"video age max {result['age_max_s']} s, p95 {result['age_p95_s']} s, "
@@ -275,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{result['rtsp_server_cores']} cores; load {result['loadavg']}",
                       flush=True)
                 if args.profile is not None:
-                    raw = args.profile / f"{n}-{workers}.txt"
+                    raw = args.profile / f"{n}-{mode}.txt"
                     if raw.exists():
                         print("    " + "; ".join(f"{name} {share:.0%}"
                                                  for name, share in stages(raw)), flush=True)
