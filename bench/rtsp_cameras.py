@@ -4,11 +4,13 @@ in-process), in-process now (``0``) and in worker processes (``2``), in the same
 
     python -m bench.rtsp_cameras --cameras 96,144,192,250 --modes before,0,2 --before CHECKOUT
 
-Per camera count N and mode: one gst-rtsp-server (``bench/rtsp_server.py``: one shared live
-H.264 encoding, 640x360 at 1 Mbit/s, served to every session, so that the server's encoder does
-not eat the cores the Archiver is measured on), a fresh real Archiver (``fusion-archiver
-serve`` over loopback HTTP) with N RTSP cameras on it, a warm-up, then a measured window in
-which the admin API's camera list is sampled every 2 s. Printed per N and mode:
+Per camera count N and mode: one RTSP server serving 640x360 H.264 at 1 Mbit/s to every
+session, encoded once so that no encoder eats the cores the Archiver is measured on (default
+``bench/rtsp_fanout.py``, a clip pre-encoded by ffmpeg; ``--server gst``: gst-rtsp-server's
+shared live media, ``bench/rtsp_server.py``, which broke sessions in bursts here), a fresh
+real Archiver (``fusion-archiver serve`` over loopback HTTP) with N RTSP cameras on it, a
+warm-up, then a measured window in which the admin API's camera list is sampled every 2 s.
+Printed per N and mode:
 
 - archived segments in the window vs expected (N x window / 2 s segments);
 - stalls: cameras seen ``stalled``/``unreachable`` or without video in any sample;
@@ -42,6 +44,7 @@ from typing import Any
 import httpx
 
 from bench.common import machine_line
+from bench.rtsp_fanout import encode_clip
 from fusion_testkit.server import ArchiverServer, free_port
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -103,12 +106,15 @@ class CpuMeter:
         return used / (time.monotonic() - self._at)
 
 
-def start_rtsp_server(kbps: int, size: str, log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """A fresh server per run (see ``hold_media_open``)."""
+def start_rtsp_server(kbps: int, size: str, log: Path,
+                      clip: Path | None) -> tuple[subprocess.Popen[bytes], int]:
+    """A fresh server per run: the pre-encoded fan-out (``clip``) or gst-rtsp-server."""
     port = free_port()
+    command = ([sys.executable, "-m", "bench.rtsp_fanout", str(port), str(clip)] if clip
+               else [SYSTEM_PYTHON, str(SERVER), str(port), str(kbps), size])
     with open(log, "wb") as out:
-        process = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(port), str(kbps), size],
-                                   stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   cwd=Path(__file__).resolve().parents[1])
     deadline = time.monotonic() + 30
     while b"ready" not in log.read_bytes():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -255,16 +261,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=30.0)
     parser.add_argument("--kbps", type=int, default=1000)
     parser.add_argument("--size", default="640x360")
+    parser.add_argument("--server", choices=("fanout", "gst"), default="fanout",
+                        help="the cameras: one pre-encoded clip fanned out to every session "
+                             "(bench/rtsp_fanout.py), or gst-rtsp-server's shared live media")
     parser.add_argument("--profile", type=Path, help="py-spy raw profiles go here")
     parser.add_argument("--results", type=Path, help="write the figures as JSON")
     args = parser.parse_args(argv)
     print(machine_line(), flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-rtsp-") as work:
+        clip = None
+        if args.server == "fanout":
+            clip = encode_clip(Path(work) / "clip.h264", size=args.size, kbps=args.kbps)
         for n in (int(x) for x in args.cameras.split(",")):
             for mode in args.modes.split(","):
                 rtsp, port = start_rtsp_server(args.kbps, args.size,
-                                               Path(work) / f"rtsp-{n}-{mode}.log")
+                                               Path(work) / f"rtsp-{n}-{mode}.log", clip)
                 keeper = hold_media_open(port)
                 try:
                     result = run_one(n, mode, port, rtsp.pid, args.warmup, args.window,
