@@ -271,3 +271,29 @@ def test_in_process_pulling_remains_with_zero_workers(site_ca: SiteCa, tmp_path:
                      expect=201)
         wait_for(lambda: _cameras(server)["ip-door"]["segments"] >= 2, 60, "2 pulled segments")
         assert _workers(server) == []
+
+
+def test_a_camera_that_goes_silent_is_reported_and_pulled_again(site_ca: SiteCa,
+                                                                tmp_path: Path) -> None:
+    """Reads are bounded by FFmpeg's socket timeout (PyAV's read timeout took the GIL on every
+    socket read): a camera that keeps its connection open but sends nothing more is still
+    found out within seconds, reported with the reason, and pulled again."""
+    from tests.fixtures.hostile_rtsp import HostileCamera, access_units, encode_h264
+
+    class GoesSilent(HostileCamera):
+        def _frames(self):
+            yield from self.units[:75]  # 3 s of video
+            self._stop.wait()  # then nothing, the connection left open
+
+    camera = GoesSilent("normal", access_units(encode_h264(tmp_path / "v.h264", 4))).start()
+    try:
+        with _archiver(site_ca, tmp_path / "archiver") as server:
+            server.admin("POST", "/v1/admin/cameras", {"name": "quiet", "rtsp_url": camera.url},
+                         expect=201)
+            info = wait_for(lambda: (c := _cameras(server)["quiet"])["state"] == "unreachable"
+                            and c, 60, "the silent camera to be reported")
+            assert info["message"] == "no data from the camera for 5 s"
+            assert info["segments"] >= 1  # what it sent before going silent is archived
+            wait_for(lambda: camera.connections >= 2, 30, "the pull to be tried again")
+    finally:
+        camera.stop()
