@@ -134,7 +134,7 @@ def hold_media_open(port: int) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(3)
     if keeper.poll() is not None:
-        raise RuntimeError("the RTSP server's media could not be opened")
+        raise RuntimeError("the RTSP server's stream could not be opened")
     return keeper
 
 
@@ -277,14 +277,16 @@ def main(argv: list[str] | None = None) -> int:
             for mode in args.modes.split(","):
                 rtsp, port = start_rtsp_server(args.kbps, args.size,
                                                Path(work) / f"rtsp-{n}-{mode}.log", clip)
-                keeper = hold_media_open(port)
+                keeper = None
                 try:
+                    keeper = hold_media_open(port)
                     result = run_one(n, mode, port, rtsp.pid, args.warmup, args.window,
                                      Path(work), args.profile, args.before)
                 finally:
-                    for process in (keeper, rtsp):
-                        process.kill()
-                        process.wait()
+                    for process in (keeper, rtsp):  # by their ids: nothing left running
+                        if process is not None:
+                            process.kill()
+                            process.wait()
                 results.append(result)
                 label = {"before": "before", "0": "in-process"}.get(mode, f"{mode} workers")
                 print(f"{n:4d} cameras, {label:11s}: archived {result['archived']} of "
