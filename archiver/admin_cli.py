@@ -150,8 +150,9 @@ def cameras_add(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: TokenOp
 @cameras_app.command("list")
 def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
                  tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
-    """List cameras: health (receiving, stalled, unreachable, auth_failed, bad_stream, bad_timestamps,
-    waiting), recorded range, traffic in the last minute, gaps."""
+    """List cameras: health (receiving, behind, stalled, unreachable, auth_failed, bad_stream,
+    bad_timestamps, waiting), recorded range, traffic in the last minute, capture-to-archive lag,
+    gaps."""
     with _client(url, admin_token, data, tls_ca) as client:
         result = [asdict(c) for c in client.cameras()]
         storage = asdict(client.storage())
@@ -160,7 +161,7 @@ def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
              f"{c['retention_days']} d{' (default)' if c['retention_default'] else ''}"
              + (f", {c['holds']} hold(s)" if c["holds"] else "") + "  last minute: "
              f"{c['segments_last_minute']} segments, {c['bytes_last_minute']} bytes; "
-             f"gaps {c['gaps']}" + (f", refused {c['refused']} (last: {c['last_refusal']})"
+             f"gaps {c['gaps']}" + _lag(c) + (f", refused {c['refused']} (last: {c['last_refusal']})"
                                    if c["refused"] else "")
              + (f", timestamp jumps {c['timestamp_jumps']}" if c.get("timestamp_jumps") else "")
              + (f"  rtsp {c['rtsp_url']}, {c['puller_restarts']} restarts" if c["rtsp_url"] else "")
@@ -228,6 +229,14 @@ def viewers_add(
          + (" (as it was already: cameras unchanged, keys rotated)"
             if result.get("reauthorized") else "")
          + f"\nfingerprint: {result['fingerprint']}")
+
+
+def _lag(camera: dict) -> str:
+    """The capture-to-archive lag: the last segment's, and the most in the last minute."""
+    if camera.get("lag_ms") is None:
+        return ""
+    return (f"; lag {camera['lag_ms'] / 1000:.1f} s (max {(camera['max_lag_ms'] or 0) / 1000:.1f} "
+            "s in the last minute)")
 
 
 def _cams(cameras: list[str] | str) -> str:

@@ -155,12 +155,13 @@ class Archive:
 
     # --- ingest -----------------------------------------------------------------------
     def ingest_segment(self, camera: str, data: bytes, stream: DataStream = DataStream.VIDEO,
-                       now_ms: int | None = None) -> SegmentRow:
+                       now_ms: int | None = None, *, session: int | None = None) -> SegmentRow:
         """Encrypt, sign, append durably and index one segment. Returns only once it is
         acknowledged: fsynced and committed. Its time is [start, end] of the video it holds
-        (archiver.cameras explains the rule); ``now_ms`` is its arrival."""
+        (archiver.cameras explains the rule); ``now_ms`` is its arrival; ``session``: the
+        RTSP session of a pulled camera's segment (its clock is trusted across it, bounded)."""
         try:
-            return self._ingest(camera, data, stream, now_ms)
+            return self._ingest(camera, data, stream, now_ms, session)
         except StorageFull:
             # Ingest does not stop while unheld video of a past day can go: the oldest goes
             # now (not at the next retention pass) and the segment is tried once more.
@@ -168,10 +169,10 @@ class Archive:
                 raise
             log.warning("the disk was full: removed the oldest unheld video to archive a "
                         "segment of %s", camera)
-            return self._ingest(camera, data, stream, now_ms)
+            return self._ingest(camera, data, stream, now_ms, session)
 
     def _ingest(self, camera: str, data: bytes, stream: DataStream,
-                now_ms: int | None) -> SegmentRow:
+                now_ms: int | None, session: int | None = None) -> SegmentRow:
         now = self.clock() if now_ms is None else now_ms
         span = media_span(data)  # reads the PES headers, outside the lock
         state = self._camera_state(camera)
@@ -182,7 +183,8 @@ class Archive:
                 if clock is None:
                     clock = state.clocks[stream] = SegmentClock(
                         self.db.last_segment_end(camera, stream))
-                time = clock.place(now, span)
+                time = clock.place(now, span, session)
+                overrun = clock.overrun_ms
                 try:
                     if self.settings.benchmark_plaintext_baseline:
                         row = self._append_plaintext(camera, stream, seq, data, time, now)
@@ -198,7 +200,12 @@ class Archive:
         self.segments_ingested += 1
         self.bytes_ingested += len(data)
         self.health.segment_archived(camera, now, len(data), time,
-                                     span.jump_ms if span is not None else 0)
+                                     span.jump_ms if span is not None else 0,
+                                     archived_ms=self.clock() if now_ms is None else now,
+                                     overrun_ms=overrun)
+        if overrun:
+            log.warning("camera %s: its stream clock fell %d s behind its arrival, more than "
+                        "the bound; the segment was placed at its arrival", camera, overrun // 1000)
         self.notifier.publish(camera)
         return row
 

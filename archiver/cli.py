@@ -98,6 +98,10 @@ def serve(
     rtsp_max_segment_s: Annotated[float, typer.Option(
         "--rtsp-max-segment-s", help="RTSP pull: a segment is cut after this many seconds "
         "without a keyframe to cut at.")] = 20.0,
+    max_rtsp_cameras: Annotated[int, typer.Option(
+        "--max-rtsp-cameras", help="Pulled (RTSP) cameras this Archiver takes; 'cameras add' "
+        "refuses more (0: no limit). The default was measured on 2 cores at 1 Mbit/s: size it "
+        "to your cores and bit rates (docs/cameras.md).")] = 96,
     bootstrap_token: Annotated[bool, typer.Option(
         "--bootstrap-token/--no-bootstrap-token", help="Accept the data directory's admin-token "
         "(the embedded default). Turn it off once admins are people ('admins add'): then only "
@@ -131,6 +135,7 @@ def serve(
                         reserve_bytes=disk_reserve_mib * 1024 * 1024,
                         rtsp_max_segment_bytes=rtsp_max_segment_kib * 1024,
                         rtsp_max_segment_s=rtsp_max_segment_s,
+                        max_rtsp_cameras=max_rtsp_cameras,
                         bootstrap_token=bootstrap_token)
     if not bootstrap_token:
         from archiver.admins import active_admins

@@ -17,6 +17,7 @@ camera; FFmpeg releases the GIL while it waits on the network.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import re
 import threading
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Protocol
 
 import av
 import av.error
@@ -47,7 +49,16 @@ STORAGE_BACKOFF_S = 5.0
 # How long stopping a puller may wait for it to archive what it holds.
 PULLER_STOP_S = OPEN_TIMEOUT_S + 1
 
-Ingest = Callable[[str, bytes], object]
+
+class Ingest(Protocol):
+    """Archive one segment of ``camera``. ``session`` names the RTSP session (one connection)
+    it came from: within one, the stream's clock is continuous video, so the Archiver keeps the
+    segments at their capture times even when it reads them late (archiver.cameras)."""
+
+    def __call__(self, camera: str, data: bytes, *, session: int | None = None) -> object: ...
+
+
+_sessions = itertools.count(1)  # process-wide: a new connection is never taken for an old one
 ReportProblem = Callable[[str, CameraState, str], None]
 ReportFault = Callable[[str, str], None]  # (camera, what its stream did)
 
@@ -84,6 +95,7 @@ class _Segmenter:
         self._clock = clock
         self._opened_at = clock()
         self._waiting_since: float | None = clock()  # for a keyframe to start a segment
+        self._last_read = clock()
         self.faults = 0
         self.dropped_bytes = 0
         self.fault: str | None = None  # the latest, taken by the puller
@@ -96,6 +108,7 @@ class _Segmenter:
         """Mux one packet; returns the segment it closed, if it started a new one."""
         if packet.dts is None or packet.size == 0:
             return None  # FFmpeg's flush packets and packets without timing
+        self._skip_pause()
         is_video = packet.stream is self._video or self._video is None
         keyframe = is_video and packet.is_keyframe
         finished = None
@@ -133,6 +146,18 @@ class _Segmenter:
         assert self._output is not None
         self._output.mux(packet)
         return finished
+
+    def _skip_pause(self) -> None:
+        """Time this process did not read (frozen, starved by overload) is not the camera's: a
+        camera silent that long would have hit READ_TIMEOUT_S. So the arrival-time caps do not
+        count it, and an Archiver catching up does not cut (and lose) good video as faulty."""
+        now = self._clock()
+        paused = now - self._last_read - READ_TIMEOUT_S
+        self._last_read = now
+        if paused > 0:
+            self._opened_at += paused
+            if self._waiting_since is not None:
+                self._waiting_since += paused
 
     def _over_cap(self, packet: av.Packet) -> str | None:
         assert self._buffer is not None
@@ -258,13 +283,14 @@ class RtspSupervisor:
         with av.open(puller.url, options={"rtsp_transport": "tcp"},
                      timeout=(OPEN_TIMEOUT_S, READ_TIMEOUT_S)) as container:
             segmenter = _Segmenter(container, self._max_segment_bytes, self._max_segment_s)
+            session = next(_sessions)
             try:
                 for packet in container.demux():
                     if puller.stop.is_set():
                         break
                     segment = segmenter.add(packet)
                     if segment is not None:
-                        self._ingest(puller.camera, segment)
+                        self._ingest(puller.camera, segment, session=session)
                         received = True
                     if segmenter.fault is not None:
                         fault, segmenter.fault = segmenter.fault, None
@@ -275,7 +301,7 @@ class RtspSupervisor:
                 # What arrived before the camera went away (or before shutdown) is archived.
                 last = segmenter.close()
                 if last is not None:
-                    self._ingest(puller.camera, last)
+                    self._ingest(puller.camera, last, session=session)
                     received = True
         return received
 

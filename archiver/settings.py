@@ -26,6 +26,10 @@ class Settings:
     # no keyframe, or keyframes whose timestamps do not advance, cannot grow it without bound).
     rtsp_max_segment_bytes: int = 32 * MiB
     rtsp_max_segment_s: float = 20.0
+    # Pulled (RTSP) cameras this Archiver takes (0: no limit). Beyond what its cores can pull,
+    # remux and encrypt, every camera falls behind; refusing the next one says so at once.
+    # 96: archived cleanly at 1 Mbit/s on the 2-core reference machine (issue 23).
+    max_rtsp_cameras: int = 96
     # A body that trickles in slower than this is dropped (slow-loris).
     upload_timeout_s: float = 60.0
     # Request line and headers must arrive within this; JSON bodies within body_timeout_s.
@@ -102,6 +106,8 @@ class Settings:
         if self.rtsp_max_segment_bytes < 64 * 1024 or self.rtsp_max_segment_s <= 0:
             raise UsageError("The RTSP segment cap must be at least 64 KiB and its time "
                              "positive.")
+        if self.max_rtsp_cameras < 0:
+            raise UsageError("--max-rtsp-cameras must be 0 (no limit) or more.")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UsageError("Give both --tls-cert and --tls-key, or neither.")
         if self.tls_cert is None and not _is_loopback(self.host):
