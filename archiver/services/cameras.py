@@ -7,6 +7,7 @@ names.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from archiver.archive import Archive
@@ -16,6 +17,9 @@ from archiver.services.refused import Refused
 from archiver.settings import Settings
 from keyservice.format import DataStream
 from keyservice.wire import ErrorCode
+
+# Held while a camera is admitted and added (archiver.admin): the limit is not raced past.
+ADMISSION_LOCK = threading.Lock()
 
 
 def admit_pulled_camera(archive: Archive) -> None:
