@@ -71,7 +71,7 @@ class CameraInfo(BaseModel):
     lag_ms: int | None = Field(default=None, description="From the end of the capture of the "
                                "last segment to its archiving")
     max_lag_ms: int | None = Field(default=None, description="The most a segment lagged in the "
-                                   "last minute (over 5 s: the camera is 'behind')")
+                                   "last minute (over 10 s: the camera is 'behind')")
     overruns: int = Field(default=0, description="Pulled segments placed at their arrival since "
                           "start: their clock was further behind than the Archiver believes")
     before_restart: bool = Field(default=False, description="The state is the last one known "
