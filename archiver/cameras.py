@@ -35,7 +35,7 @@ start of the next.
 the Archiver pulls it and cannot connect or log in; *waiting* before its first segment;
 *behind* while a segment of the last ``RATE_WINDOW_MS`` was archived more than ``BEHIND_MS``
 after its capture, or for ``FAULT_MEMORY_MS`` after a pulled segment was re-anchored beyond
-``MAX_LAG_MS`` (the Archiver cannot keep up: see ``--max-cameras``); *bad_stream* for
+``MAX_LAG_MS`` (the Archiver cannot keep up: see ``--max-rtsp-cameras``); *bad_stream* for
 ``FAULT_MEMORY_MS`` after its RTSP stream broke the segmenter's bounds (a
 segment cut at the byte or time cap, a giant frame or frames without a keyframe dropped:
 ``archiver.rtsp``); *bad_timestamps* for ``JUMP_MEMORY_MS`` after a segment whose timestamps

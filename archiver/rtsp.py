@@ -17,8 +17,8 @@ camera; FFmpeg releases the GIL while it waits on the network.
 from __future__ import annotations
 
 import io
-import itertools
 import logging
+import os
 import re
 import threading
 import time
@@ -58,7 +58,10 @@ class Ingest(Protocol):
     def __call__(self, camera: str, data: bytes, *, session: int | None = None) -> object: ...
 
 
-_sessions = itertools.count(1)  # process-wide: a new connection is never taken for an old one
+def new_session() -> int:
+    """A session id no other connection has, in any process (pullers may run in several): a new
+    connection is never taken for the continuation of an old one."""
+    return int.from_bytes(os.urandom(8), "big")
 ReportProblem = Callable[[str, CameraState, str], None]
 ReportFault = Callable[[str, str], None]  # (camera, what its stream did)
 
@@ -283,7 +286,7 @@ class RtspSupervisor:
         with av.open(puller.url, options={"rtsp_transport": "tcp"},
                      timeout=(OPEN_TIMEOUT_S, READ_TIMEOUT_S)) as container:
             segmenter = _Segmenter(container, self._max_segment_bytes, self._max_segment_s)
-            session = next(_sessions)
+            session = new_session()
             try:
                 for packet in container.demux():
                     if puller.stop.is_set():
