@@ -17,7 +17,9 @@ captured:
    clock running on is continuous video, so when the Archiver falls behind (overload, a pause)
    the segments keep their capture times, with no false gap. Beyond ``MAX_LAG_MS`` the camera's
    clock is not believed (it could place video far in the past): the segment is re-anchored on
-   arrival and the camera is ``behind`` with the reason (``SegmentClock.overrun_ms``).
+   arrival and the camera is ``behind`` with the reason (``SegmentClock.overrun_ms``). A
+   session more than ``DRIFT_TOLERANCE_MS`` behind slews towards arrival by up to 0.1 % of the
+   time (``SLEW_DIVISOR``): a camera clock that runs slow does not build up a lag over days.
    Otherwise (first segment, new stream or session, clock drift, an Archiver restart) the
    segment is re-anchored: end = arrival, start = end - duration.
 3. Segments of one camera never overlap: a start before the previous end is moved to it. So a
@@ -61,6 +63,9 @@ MAX_BEHIND_MS = 30_000  # a pushed camera's continuous stream may arrive this la
 # A pulled camera's session clock may be this far behind arrival (an overloaded or paused
 # Archiver catches up); beyond, a hostile or broken clock could place video far in the past.
 MAX_LAG_MS = 120_000
+# A pulled session's clock may run this much slower than the Archiver's (1/1000: 0.1 %) before
+# it shows as lag (rule 2).
+SLEW_DIVISOR = 1000
 # Archived this long after capture: the camera is "behind" (issue 23's goal is one segment plus
 # a second; this is the alarm, with room for a loaded machine's fsync or scheduling hiccup).
 BEHIND_MS = 10_000
@@ -112,6 +117,13 @@ class SegmentClock:
                 jump = self._pts_delta_ms(self._previous_end_pts, span.first_pts)
                 if jump is not None:
                     predicted_end = floor + jump + duration
+                    if same_session and predicted_end < arrival_ms - DRIFT_TOLERANCE_MS:
+                        # A camera clock running slow (crystals drift by tens of ppm) would
+                        # build up a lag over a session of days: slew up to 1/SLEW_DIVISOR of
+                        # the time (a sub-frame gap before the segment, never a longer span).
+                        # An Archiver behind (many %) is not hidden by it.
+                        predicted_end += min(arrival_ms - DRIFT_TOLERANCE_MS - predicted_end,
+                                             max(1, (jump + duration) // SLEW_DIVISOR))
                     behind = MAX_LAG_MS if same_session else MAX_BEHIND_MS
                     if arrival_ms - behind <= predicted_end <= arrival_ms + DRIFT_TOLERANCE_MS:
                         start, end = predicted_end - duration, predicted_end
