@@ -11,10 +11,7 @@ keyservice.cli_support, imported by the CLIs only.
 
 from __future__ import annotations
 
-import socket
-import ssl
 from collections.abc import Iterator
-from importlib import metadata
 
 from keyservice.errors import ArchiverUnreachable, KeyServiceError
 from keyservice.exitcodes import ExitCode
@@ -27,6 +24,8 @@ EXIT_INTERRUPTED = ExitCode.INTERRUPTED
 
 
 def version() -> str:
+    from importlib import metadata  # ~10 ms of imports, for --version only (issue 23)
+
     try:
         return metadata.version("fusion-keyservice")
     except metadata.PackageNotFoundError:  # run from a source tree that is not installed
@@ -45,6 +44,9 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 def connection_failure(exc: BaseException) -> str:
     """Why a connection failed, in words, from the exception and what it was raised from
     (httpx wraps the socket's and the TLS layer's own errors)."""
+    import socket  # here, not at the top: only a failure needs them (issue 23: start-up)
+    import ssl
+
     for cause in _chain(exc):
         if isinstance(cause, ssl.SSLCertVerificationError):
             reason = cause.verify_message or cause.reason or "unknown reason"
