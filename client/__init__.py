@@ -18,6 +18,7 @@ do not pay for httpx, cryptography and the token layer until something needs the
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what the names below are, for type checkers and pdoc's signatures
@@ -40,6 +41,13 @@ if TYPE_CHECKING:  # what the names below are, for type checkers and pdoc's sign
         play_grant,
         play_range,
     )
+
+# httpx imports its own command line (httpx._main: click, rich, pygments; about 60 ms, more than
+# httpx itself) whenever those are installed, and they are: typer and the progress bar use them.
+# Neither the viewer nor the Archiver's clients run httpx's command line, so that import is
+# refused here, once, for the process (httpx then falls back to its stub ``httpx.main``).
+# setdefault: a process that imported httpx's CLI already keeps it (issue 23).
+sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
 
 # The library's names, and its modules (the command line's are client.cli and those it lists).
 __all__ = ["ArchiverSession", "EvidenceExport", "GrantMade", "Login", "OpenedGrantRange",

@@ -43,7 +43,7 @@ __all__ = ["EXIT_INCOMPLETE", "EXIT_NOT_VERIFIED", "EXIT_PARTLY_VERIFIED",
            "EXIT_SIGNER_NOT_ESTABLISHED", "describe", "evidence_app", "export", "read_zip",
            "verify", "write_zip"]
 
-evidence_app = typer.Typer(no_args_is_help=True, add_completion=False,
+evidence_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                            help="Evidence packages a third party verifies without any token: "
                                 "export, verify.")
 

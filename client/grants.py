@@ -47,7 +47,7 @@ __all__ = ["grant", "grants_app", "grants_list", "grants_play", "register"]
 GRANT_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-grants_app = typer.Typer(no_args_is_help=True,
+grants_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                          help="Access grants you made or received: list, play.")
 
 
