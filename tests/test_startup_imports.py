@@ -195,4 +195,5 @@ def test_cameras_list_and_play_load_no_web_framework(
     assert b"one|" in video.read_bytes() and b"two|" in video.read_bytes()
     assert heavy_in(played, never) == []
     assert not {"client.web", "client.web.server", "keyservice.evidence.verify",
-                "keyservice.token.piv"} & played
+                "keyservice.evidence.build", "client.evidence_zip", "keyservice.grants",
+                "keyservice.token.piv", "keyservice.token.provisioning"} & played
