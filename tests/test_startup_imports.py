@@ -135,7 +135,7 @@ def test_lazy_packages_keep_their_public_names(package: str) -> None:
         assert module.MinuteKey is PeriodKey and module.PeriodKey is PeriodKey
 
 
-def test_importing_a_package_loads_none_of_its_modules_names(tmp_path: Path) -> None:
+def test_importing_a_package_loads_only_what_is_asked_for(tmp_path: Path) -> None:
     """``import client`` (and one submodule of keyservice.crypto or keyservice.token) does not
     load the rest: httpx, the token layer and the other protocols wait for their first use."""
     code = ("import sys, json\n"
