@@ -11,6 +11,7 @@ keyservice.cli_support, imported by the CLIs only.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 from keyservice.errors import ArchiverUnreachable, KeyServiceError
@@ -77,9 +78,10 @@ def _is_abort(exc: BaseException) -> bool:
 
 
 def _is_http_error(exc: BaseException) -> bool:
-    import httpx  # only the two HTTP CLIs get here with one
-
-    return isinstance(exc, httpx.HTTPError)
+    # An httpx error exists only in a process that imported httpx: fusion-keys' failures need
+    # not import it to be told apart (issue 23: start-up).
+    httpx = sys.modules.get("httpx")
+    return httpx is not None and isinstance(exc, httpx.HTTPError)
 
 
 def failure(exc: BaseException) -> tuple[str, int]:
