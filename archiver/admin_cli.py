@@ -11,34 +11,41 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import ssl
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
 
-from archiver.admin_client import AdminClient
 from keyservice.errors import ArchiverFailed, RequestRefused, UsageError
-from keyservice.exits import unreachable
 from keyservice.text import printable
 from keyservice.timespec import parse_range
-from keyservice.tls import trust as tls_trust
 
-cameras_app = typer.Typer(no_args_is_help=True, help="Cameras: add, list, retention (how long "
-                          "video is kept), remove.")
-viewers_app = typer.Typer(no_args_is_help=True, help="Viewers: add, list, cameras (change a "
-                          "viewer's cameras), revoke.")
-holds_app = typer.Typer(no_args_is_help=True, help="Evidence holds (video that survives "
-                        "retention until released): add, list, remove.")
-admins_app = typer.Typer(no_args_is_help=True, help="Admins as people, each with a certificate "
-                         "on their own token: add, list, revoke, login (an admin session whose "
-                         "actions the audit log names).")
-grants_app = typer.Typer(no_args_is_help=True, help="Access grants viewers made: list, approve, "
-                         "reject, revoke. The Archiver serves a grant only once approved.")
+if TYPE_CHECKING:
+    import ssl
+
+    from archiver.admin_client import AdminClient
+
+# The commands import the admin client (httpx) when they run, not when the CLI is built:
+# `fusion-archiver --help` loads no HTTP client (issue 23).
+
+# rich_markup_mode=None: plain help, without ~80 ms of rich and pygments imports (issue 23).
+cameras_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="Cameras: add, list, retention (how long video is kept), remove.")
+viewers_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="Viewers: add, list, cameras (change a viewer's cameras), revoke.")
+holds_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Evidence holds (video that survives retention until released): "
+                             "add, list, remove.")
+admins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="Admins as people, each with a certificate on their own token: "
+                              "add, list, revoke, login (an admin session whose actions the "
+                              "audit log names).")
+grants_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="Access grants viewers made: list, approve, reject, revoke. The "
+                              "Archiver serves a grant only once approved.")
 
 
 def register(app: typer.Typer) -> None:
@@ -83,16 +90,24 @@ def _admin_token(token: str | None, data: Path | None) -> str:
 def _verify(tls_ca: Path | None) -> ssl.SSLContext:
     """How to check the Archiver's HTTPS certificate: the one trust rule of keyservice.tls
     (--tls-ca, else FUSION_TLS_CA for commands that do not declare --tls-ca, else the system's)."""
+    from keyservice.tls import trust as tls_trust
+
     return tls_trust(tls_ca)
 
 
 def _client(url: str, admin_token: str | None, data: Path | None,
             tls_ca: Path | None) -> AdminClient:
+    from archiver.admin_client import AdminClient
+
     return AdminClient(url, _admin_token(admin_token, data), verify=_verify(tls_ca))
 
 
 def archiver_info(url: str, tls_ca: Path | None) -> dict[str, Any]:
     """The Archiver's public /v1/archiver answer (its signing certificate), no token needed."""
+    import httpx
+
+    from keyservice.exits import unreachable
+
     try:
         response = httpx.get(url.rstrip("/") + "/v1/archiver", timeout=30, verify=_verify(tls_ca))
     except httpx.InvalidURL as exc:
