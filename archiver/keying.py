@@ -112,6 +112,8 @@ class KeyManager:
         self._members: dict[tuple[str, DataStream], _Members] = {}
         self._member_sets: dict[frozenset[str], frozenset[str]] = {}
         self.joins = 0  # join records written (one per joining viewer per running chain)
+        self._index: dict[str, tuple[ViewerRow, Recipient, int]] = {}
+        self._index_of: list[tuple[ViewerRow, Recipient, int]] | None = None
 
     def key_for(self, camera: str, stream: DataStream, now_ms: int) -> PeriodKey:
         """The key to seal a segment arriving now; rotates (and wraps for viewers) when due.
@@ -145,7 +147,7 @@ class KeyManager:
             row = self._db.viewer(fingerprint)
             with self._lock:
                 self._epochs.pop(fingerprint, None)
-                self._viewers = None
+                self._refresh_viewer(fingerprint, row)
                 restart = []
                 for cam_stream in list(self._chains):
                     if cameras is not None and cam_stream[0] not in cameras:
@@ -189,6 +191,18 @@ class KeyManager:
     def active_viewers(self) -> int:
         with self._rotate:
             return len(self._load_viewers())
+
+    def _refresh_viewer(self, fingerprint: str, row: ViewerRow | None) -> None:
+        """The viewer list with one viewer's row replaced (or dropped if revoked): parsing
+        10 000 certificates again for one change cost more than the join itself."""
+        if self._viewers is None:
+            return
+        kept = [v for v in self._viewers if v[0].fingerprint != fingerprint]
+        if row is not None and row.revoked_ms is None:
+            cert = x509.load_der_x509_certificate(row.certificate)
+            not_after = int(cert.not_valid_after_utc.timestamp() * 1000)
+            kept.append((row, Recipient(cert, KeyScheme(row.oaep_hash)), not_after))
+        self._viewers = kept
 
     def _load_viewers(self) -> list[tuple[ViewerRow, Recipient, int]]:
         if self._viewers is None:
@@ -316,8 +330,13 @@ class KeyManager:
         assert self._signer is not None  # joins are only ever pending with a signer
         state = chain.state_at(step)
         material, started, expires = [], [], self._chains[(chain.camera, chain.stream)][2]
-        for row, recipient, not_after in self._load_viewers():
-            if row.fingerprint not in members.pending or not row.authorized_on(chain.camera):
+        viewers = self._load_viewers()
+        if self._index_of is not viewers:  # one dict per viewer list, not a scan per camera
+            self._index = {v[0].fingerprint: v for v in viewers}
+            self._index_of = viewers
+        joining = [self._index[fp] for fp in sorted(members.pending) if fp in self._index]
+        for row, recipient, not_after in joining:
+            if not row.authorized_on(chain.camera):
                 continue
             if now_ms > not_after:
                 continue  # expired: no key (a new chain reports it, see _wrap_for_viewers)
