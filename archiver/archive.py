@@ -454,7 +454,7 @@ class _Assembler:
         self._authorized = True
         self._sent_epochs: set[bytes] = set()
         self._sent_chains: set[bytes] = set()
-        self._sent_recipients: set[bytes] = set()
+        self._sent_recipients: dict[bytes, int] = {}  # chain id -> statements sent so far
         self._first_steps: dict[bytes, int] = {}  # chain id -> this viewer's record's first step
         self._readers: dict[str, ArchiveReader] = {}
 
@@ -492,21 +492,23 @@ class _Assembler:
                 # recipients (every part), which let the viewer check that it was not
                 # authorized then (without them it reports the segment as missing).
                 if chain_id not in self._sent_recipients:
-                    self._sent_recipients.add(chain_id)
-                    parts.extend(self._all_recipients(chain_id))
+                    parts.extend(self._recipients_after(chain_id))
                 continue
             epoch_id, chain_record = found
             first_step = self._first_step(chain_id, chain_record)
             if first_step:
                 # A join record (issue 23): its viewer was given the chain from first_step
                 # on. Earlier segments go as manifest entries only (the signed join statement
-                # shows they precede its join); the statements go before the record, which the
-                # reader accepts only under its signed join statement.
-                if chain_id not in self._sent_recipients:
-                    self._sent_recipients.add(chain_id)
-                    parts.extend(self._all_recipients(chain_id))
+                # shows they precede its join), with the chain's statements.
                 if split_key_id(segment.key_id)[1] < first_step:
+                    if chain_id not in self._sent_recipients:
+                        parts.extend(self._recipients_after(chain_id))
                     continue
+                if chain_id not in self._sent_chains:
+                    # Every statement not sent yet goes before the record, which the reader
+                    # accepts only under its join statement (a live stream may have sent the
+                    # start statement before the join was made).
+                    parts.extend(self._recipients_after(chain_id))
             if epoch_id not in self._sent_epochs:
                 opener = self._db.epoch_opener(epoch_id)
                 if opener is None:
@@ -522,13 +524,15 @@ class _Assembler:
         parts.append(self._writer.add(self._read(row.file, row.offset, row.length), digest=row.hash))
         return b"".join(parts)
 
-    def _all_recipients(self, chain_id: bytes) -> list[bytes]:
-        """Every signed statement of a chain archived so far: its start parts, then its join
-        statements, each indexed under chain id || its number."""
-        out, part = [], 0
+    def _recipients_after(self, chain_id: bytes) -> list[bytes]:
+        """The signed statements of a chain archived so far and not sent yet in this stream:
+        its start parts, then its join statements, each indexed under chain id || its
+        number."""
+        out, part = [], self._sent_recipients.get(chain_id, 0)
         while (where := self._db.chain_recipients(chain_key_id(chain_id, part))) is not None:
             out.append(self._writer.add(self._read(where.file, where.offset, where.length)))
             part += 1
+        self._sent_recipients[chain_id] = part
         return out
 
     def _first_step(self, chain_id: bytes, chain_record: bytes) -> int:

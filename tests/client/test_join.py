@@ -6,6 +6,9 @@ tokens, ffmpeg as the camera's video and as the judge of what the real fusion-cl
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import sqlite3
 import subprocess
 import time
@@ -14,7 +17,15 @@ from pathlib import Path
 
 import httpx
 
-from fusion_testkit.client_cli import Client, Viewer, now_ms, play, put
+from fusion_testkit.client_cli import (
+    Client,
+    Viewer,
+    chunk,
+    now_ms,
+    play,
+    put,
+    wait_for_audit,
+)
 from keyservice.crypto import split_key_id
 from keyservice.format import ChainRecord, Segment, decode_record
 from tests.fixtures.camera import frame_hashes, make_source, requires_ffmpeg
@@ -70,6 +81,19 @@ def _chain_records(server: ArchiverServer, fp: str) -> list[ChainRecord]:
         db.close()
     assert all(isinstance(r, ChainRecord) for r in records)
     return records  # type: ignore[return-value]
+
+
+def _read_until(fd: int, tail: bytes, timeout: float) -> bytes:
+    """Everything read from ``fd`` until it ends with ``tail`` (bounds a hang only)."""
+    deadline, got = time.monotonic() + timeout, b""
+    while not got.endswith(tail):
+        left = deadline - time.monotonic()
+        assert left > 0, f"got {len(got)} bytes, not ending with the expected ones"
+        if select.select([fd], [], [], left)[0]:
+            data = os.read(fd, 1 << 16)
+            assert data, "the stream ended early"
+            got += data
+    return got
 
 
 def _frames(pieces: list[bytes], path: Path) -> list[str]:
@@ -144,3 +168,47 @@ def test_a_joining_viewer_opens_exactly_from_its_join_and_the_chain_runs_on(
     played = play(client, server.url, bob, bob_out, t0, now_ms() + 30_000, camera=CAMERA)
     assert played.code == 0, played.stderr
     assert bob_out.read_bytes() == b"".join(pieces[i] for i in [*opened, 8, 9])
+
+
+def test_a_live_viewer_watching_when_it_joins_gets_its_join_statement_in_time(
+        https_archiver: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    """Bob watches live from his authorization: the segments before his join step come as
+    manifests with the chain's start statement (not authorized), and his join statement,
+    signed after the stream began, still reaches him before his join record (the stream sends
+    every statement it has not sent yet), so he sees the live video from his join on."""
+    server = https_archiver
+    client.tls_ca = server.tls_ca
+    alice, bob = make_viewer("alice"), make_viewer("bob")
+    ingest = server.add_camera(CAMERA)
+    server.add_viewer(alice.pem, [CAMERA])
+    put(server, CAMERA, ingest, chunk("before", 2000))  # the chain runs
+    bob_fp = server.add_viewer(bob.pem, [CAMERA])
+    process = subprocess.Popen(
+        client.command("live", "--archiver", server.url, "--token", bob.uri, "--camera", CAMERA,
+                       "--duration", "60", "-o", "-"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client.env(),
+        stdin=subprocess.DEVNULL)
+    try:
+        assert process.stdout is not None
+        wait_for_audit(server, "stream.live")
+        early = chunk("early", 2000)  # his authorization's period, or the next: see below
+        put(server, CAMERA, ingest, early)
+        _next_period()
+        joined = [chunk(f"joined{i}", 3000 + i) for i in range(3)]
+        put(server, CAMERA, ingest, *joined)
+        got = _read_until(process.stdout.fileno(), b"".join(joined), 60)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = err.decode(errors="replace")
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    # "early" is his only if it was sealed at or after his join step (a period boundary fell
+    # between his authorization and it); everything after is his.
+    (join,) = _chain_records(server, bob_fp)
+    early_step = split_key_id(_archived_segments(server)[1].key_id)[1]
+    assert got == (early if early_step >= join.first_step else b"") + b"".join(joined)
