@@ -29,7 +29,7 @@ from fusion_testkit.client_cli import (
 from keyservice.crypto import split_key_id
 from keyservice.format import ChainRecord, Segment, decode_record
 from tests.fixtures.camera import frame_hashes, make_source, requires_ffmpeg
-from tests.fixtures.server import ArchiverServer
+from tests.fixtures.server import ArchiverServer, SiteCa, production_archiver
 
 PERIOD_S = 2  # the test Archiver's key period
 CAMERA = "cam-join"
@@ -44,9 +44,9 @@ def _pieces(source: Path, directory: Path) -> list[bytes]:
     return [p.read_bytes() for p in sorted(directory.glob("seg*.ts"))]
 
 
-def _next_period() -> None:
+def _next_period(period_s: int = PERIOD_S) -> None:
     """Into the next key period (the chain steps: a new minute key, no new record)."""
-    period_ms = PERIOD_S * 1000
+    period_ms = period_s * 1000
     time.sleep((period_ms - now_ms() % period_ms) / 1000 + 0.05)
 
 
@@ -171,17 +171,31 @@ def test_a_joining_viewer_opens_exactly_from_its_join_and_the_chain_runs_on(
 
 
 def test_a_live_viewer_watching_when_it_joins_gets_its_join_statement_in_time(
-        https_archiver: ArchiverServer, make_viewer: Callable[[str], Viewer], client: Client,
+        site_ca: SiteCa, make_viewer: Callable[[str], Viewer], client: Client,
         tmp_path: Path) -> None:
-    """Bob watches live from his authorization: the segments before his join step come as
-    manifests with the chain's start statement (not authorized), and his join statement,
+    """Bob watches live from his authorization: a segment before his join step comes as a
+    manifest with the chain's start statement (not authorized), and his join statement,
     signed after the stream began, still reaches him before his join record (the stream sends
-    every statement it has not sent yet), so he sees the live video from his join on."""
-    server = https_archiver
-    client.tls_ca = server.tls_ca
+    every statement it has not sent yet), so he sees the live video from his join on. (It
+    reached him only if no statement of the chain had been sent yet: a withheld segment first
+    made the stream send his join record without its statement, and his viewer refused it.)
+    A 15 s key period, so that "before", his authorization, the live start and "early" share
+    one."""
+    period_s = 15
     alice, bob = make_viewer("alice"), make_viewer("bob")
+    server = production_archiver(site_ca, tmp_path / "archiver", key_period_s=period_s).start()
+    try:
+        _live_join(server, period_s, alice, bob, client)
+    finally:
+        server.stop()
+
+
+def _live_join(server: ArchiverServer, period_s: int, alice: Viewer, bob: Viewer,
+               client: Client) -> None:
+    client.tls_ca = server.tls_ca
     ingest = server.add_camera(CAMERA)
     server.add_viewer(alice.pem, [CAMERA])
+    _next_period(period_s)
     put(server, CAMERA, ingest, chunk("before", 2000))  # the chain runs
     bob_fp = server.add_viewer(bob.pem, [CAMERA])
     process = subprocess.Popen(
@@ -192,9 +206,9 @@ def test_a_live_viewer_watching_when_it_joins_gets_its_join_statement_in_time(
     try:
         assert process.stdout is not None
         wait_for_audit(server, "stream.live")
-        early = chunk("early", 2000)  # his authorization's period, or the next: see below
+        early = chunk("early", 2000)  # his authorization's period: before his join step
         put(server, CAMERA, ingest, early)
-        _next_period()
+        _next_period(period_s)
         joined = [chunk(f"joined{i}", 3000 + i) for i in range(3)]
         put(server, CAMERA, ingest, *joined)
         got = _read_until(process.stdout.fileno(), b"".join(joined), 60)
@@ -207,8 +221,9 @@ def test_a_live_viewer_watching_when_it_joins_gets_its_join_statement_in_time(
     stderr = err.decode(errors="replace")
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr
-    # "early" is his only if it was sealed at or after his join step (a period boundary fell
-    # between his authorization and it); everything after is his.
+    # "early" shares the period of his authorization: not his; everything after is.
     (join,) = _chain_records(server, bob_fp)
-    early_step = split_key_id(_archived_segments(server)[1].key_id)[1]
-    assert got == (early if early_step >= join.first_step else b"") + b"".join(joined)
+    steps = [split_key_id(s.key_id)[1] for s in _archived_segments(server)]
+    assert steps[0] == steps[1] < join.first_step <= steps[2]
+    assert got == b"".join(joined)
+    assert "not authorized" in stderr
