@@ -6,11 +6,13 @@ tokens, ffmpeg as the camera's video and as the judge of what the real fusion-cl
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -168,6 +170,15 @@ def test_a_joining_viewer_opens_exactly_from_its_join_and_the_chain_runs_on(
     played = play(client, server.url, bob, bob_out, t0, now_ms() + 30_000, camera=CAMERA)
     assert played.code == 0, played.stderr
     assert bob_out.read_bytes() == b"".join(pieces[i] for i in [*opened, 8, 9])
+
+    # The archive check verifies the join statement's signature and index row as the others'.
+    server.stop()
+    env = {k: v for k, v in os.environ.items() if k not in ("SOFTHSM2_CONF", "FUSION_PIN")}
+    checked = subprocess.run([sys.executable, "-m", "archiver", "check", "--data",
+                              str(server.data_dir), "--json"], capture_output=True, text=True,
+                             env=env, timeout=300, check=False)
+    report = json.loads(checked.stdout.splitlines()[0])
+    assert checked.returncode == 0 and report["ok"] and report["problems"] == [], checked.stdout
 
 
 def test_a_live_viewer_watching_when_it_joins_gets_its_join_statement_in_time(
