@@ -391,8 +391,10 @@ class StreamReader:
         if found is None:
             return False
         (rec_camera, rec_stream, _, parts), by_part = found
+        # Every start part came (counted over what came: a signed `parts` does not set the
+        # work), whatever join statements came besides.
         if (rec_camera != camera or rec_stream != entry.stream
-                or any(i not in by_part for i in range(parts))):
+                or sum(1 for i in by_part if i < parts) != parts):
             return False
         return not any(self._fingerprint in p.viewers and p.join_step <= step
                        for p in by_part.values())
