@@ -32,6 +32,8 @@ from archiver.storage import ArchiveFiles, ArchiveReader, StorageFull
 from keyservice.crypto import chain_key_id, seal_segment, split_key_id
 from keyservice.format import (
     ZERO_HASH,
+    ChainRecipients,
+    ChainRecord,
     DataStream,
     EndReason,
     Header,
@@ -229,8 +231,10 @@ class Archive:
             offset = self.files.append(rel, [*recipients, *segment_parts, manifest_bytes])
             seg_offset = offset + sum(map(len, recipients))
             # One index row per part, under chain id || part (u32): see _Assembler.manifest.
+            # A join statement (issue 23) carries its own number, after the start parts.
             recipient_rows, part_offset = [], offset
-            for part, raw in enumerate(recipients):
+            for raw in recipients:
+                part = _statement_number(raw)
                 recipient_rows.append(ChainRecipientsRow(chain_key_id(chain_id, part), camera,
                                                          rel, part_offset, len(raw)))
                 part_offset += len(raw)
@@ -457,7 +461,8 @@ class _Assembler:
         self._authorized = True
         self._sent_epochs: set[bytes] = set()
         self._sent_chains: set[bytes] = set()
-        self._sent_recipients: set[bytes] = set()
+        self._sent_recipients: dict[bytes, int] = {}  # chain id -> statements sent so far
+        self._first_steps: dict[bytes, int] = {}  # chain id -> this viewer's record's first step
         self._readers: dict[str, ArchiveReader] = {}
 
     def start(self) -> bytes:
@@ -494,15 +499,23 @@ class _Assembler:
                 # recipients (every part), which let the viewer check that it was not
                 # authorized then (without them it reports the segment as missing).
                 if chain_id not in self._sent_recipients:
-                    self._sent_recipients.add(chain_id)
-                    part = 0
-                    while (where := self._db.chain_recipients(chain_key_id(chain_id, part))
-                           ) is not None:
-                        parts.append(self._writer.add(self._read(where.file, where.offset,
-                                                                 where.length)))
-                        part += 1
+                    parts.extend(self._recipients_after(chain_id))
                 continue
             epoch_id, chain_record = found
+            first_step = self._first_step(chain_id, chain_record)
+            if first_step:
+                # A join record (issue 23): its viewer was given the chain from first_step
+                # on. Earlier segments go as manifest entries only (the signed join statement
+                # shows they precede its join), with the chain's statements.
+                if split_key_id(segment.key_id)[1] < first_step:
+                    if chain_id not in self._sent_recipients:
+                        parts.extend(self._recipients_after(chain_id))
+                    continue
+                if chain_id not in self._sent_chains:
+                    # Every statement not sent yet goes before the record, which the reader
+                    # accepts only under its join statement (a live stream may have sent the
+                    # start statement before the join was made).
+                    parts.extend(self._recipients_after(chain_id))
             if epoch_id not in self._sent_epochs:
                 opener = self._db.epoch_opener(epoch_id)
                 if opener is None:
@@ -517,6 +530,26 @@ class _Assembler:
                                           digest=segment.digest))
         parts.append(self._writer.add(self._read(row.file, row.offset, row.length), digest=row.hash))
         return b"".join(parts)
+
+    def _recipients_after(self, chain_id: bytes) -> list[bytes]:
+        """The signed statements of a chain archived so far and not sent yet in this stream:
+        its start parts, then its join statements, each indexed under chain id || its
+        number."""
+        out, part = [], self._sent_recipients.get(chain_id, 0)
+        while (where := self._db.chain_recipients(chain_key_id(chain_id, part))) is not None:
+            out.append(self._writer.add(self._read(where.file, where.offset, where.length)))
+            part += 1
+        self._sent_recipients[chain_id] = part
+        return out
+
+    def _first_step(self, chain_id: bytes, chain_record: bytes) -> int:
+        """The first step of this viewer's record of a chain: 0, or a join's step."""
+        step = self._first_steps.get(chain_id)
+        if step is None:
+            record = decode_record(chain_record)
+            step = self._first_steps[chain_id] = (
+                record.first_step if isinstance(record, ChainRecord) else 0)
+        return step
 
     def end(self, reason: EndReason, heads: tuple[tuple[str, int], ...] = ()) -> bytes:
         return self._writer.end(self._archive.signer, reason, heads)
@@ -541,3 +574,10 @@ class _Assembler:
     def close(self) -> None:
         for reader in self._readers.values():
             reader.close()
+
+
+def _statement_number(raw: bytes) -> int:
+    """The number of a chain's signed statement (a start part, or a join after them)."""
+    record = decode_record(raw)
+    assert isinstance(record, ChainRecipients)
+    return record.part

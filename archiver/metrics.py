@@ -34,7 +34,7 @@ class ArchiverCollector(Collector):
         yield CounterMetricFamily("fusion_key_rotations", "Minute keys created",
                                   value=keys.rotations)
         yield CounterMetricFamily("fusion_key_chains_started", "Key chains started (one per "
-                                  "camera stream per day and per authorization change)",
+                                  "camera stream per day and per revocation)",
                                   value=keys.chains_started)
         yield CounterMetricFamily("fusion_wrapped_keys", "Chain records written (one per viewer "
                                   "per key chain)", value=keys.key_records_written)
