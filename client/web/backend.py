@@ -28,7 +28,7 @@ from client.session import (
     playback_request,
 )
 from client.viewer import Login, play_range, player_for, stream
-from client.web.media import VideoInfo, probe, to_fmp4
+from client.web.media import Remux, VideoInfo, remuxer
 from keyservice.exitcodes import ExitCode
 from keyservice.exits import failure
 from keyservice.identity import Identity
@@ -123,8 +123,12 @@ class ViewerBackend:
 
     def __init__(self, session: ArchiverSession, identity: Identity, login: Login | LoginResult,
                  relogin: Callable[[], Login | LoginResult], export_dir: Path,
-                 clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+                 clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+                 remux: Remux | None = None) -> None:
+        """remux: how a verified segment becomes fMP4 (client.web.media.remuxer() by
+        default: in-process PyAV when installed)."""
         self.session = session
+        self.remux = remux if remux is not None else remuxer()
         self.identity = identity
         self.login = login.result if isinstance(login, Login) else login
         self._relogin = relogin
@@ -203,18 +207,18 @@ class ViewerBackend:
                 return
             if not request.live and event.capture_ms > request.to_ms:
                 return  # the page's next window starts where this one's last segment ends
+            remuxed = self.remux(event.data)
             if info is None:
-                info = probe(event.data)
+                info = remuxed.info
                 emit({"type": "codec", "codec": info.codec, "mime": info.mime,
                       "width": info.width, "height": info.height})
             meta = {"type": "segment", "seq": event.seq, "capture_ms": event.capture_ms,
                     "duration_ms": event.duration_ms, "verified": True}
-            if info.codec != "h264":
+            if remuxed.fmp4 is None:
                 emit({**meta, "media": False})  # verified, but this browser cannot show it
                 return
-            data = to_fmp4(event.data)
-            emit({**meta, "media": True, "bytes": len(data)})
-            emit(data)
+            emit({**meta, "media": True, "bytes": len(remuxed.fmp4)})
+            emit(remuxed.fmp4)
             shown += 1
 
         # A fresh nonce per request: the stream must answer exactly it (issue 12).
