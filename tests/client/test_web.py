@@ -375,10 +375,14 @@ def test_timeline_seek_gap_and_export(setup: Setup, open_viewer: Callable[..., V
     target = segments[k]["capture_ms"] + segments[k]["duration_ms"] // 2
     click_timeline(page, "lobby", target)
     state = wait_tile(page, "lobby", "s.shown >= 1 && s.positionMs !== null")
-    page.wait_for_function("(c) => document.querySelector(`.tile[data-camera=\"${c}\"] video`)"
-                           ".readyState >= 2", arg="lobby")
+    page.wait_for_function("(c) => { const v = document.querySelector(`.tile[data-camera=\"${c}\"]"
+                           " video`); return !v.seeking && v.readyState >= 2; }", arg="lobby")
+    state = tile(page, "lobby")
     assert state["paused"]
-    assert state["segments"][0]["seq"] == k
+    # Segment k was played already: the seek shows it from the media in the browser (issue 23).
+    assert state["requests"] == 1
+    assert page.evaluate("(c) => { const t = window.fusionViewer.tiles.get(c); "
+                         "return t.segmentAt(t.video.currentTime).seq; }", "lobby") == k
     assert abs(state["positionMs"] - target) < 100  # a click is a few ms wide
     assert page.evaluate(READ_BARCODE, "lobby") == 10
     shot(page, shots, "seek.png")
@@ -411,6 +415,80 @@ def test_timeline_seek_gap_and_export(setup: Setup, open_viewer: Callable[..., V
     assert "ticket=" in download.url
     assert httpx.get(download.url, timeout=10).status_code == 403, "a spent ticket"
     shot(page, shots, "timeline-export.png")
+    page.close()
+
+
+def stream_requests(server: ArchiverServer, camera: str) -> dict[str, int]:
+    """The fusion streams the Archiver served for the camera, by its audit log."""
+    counts = {"stream.playback": 0, "stream.live": 0}
+    for line in (server.data_dir / "audit.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if entry["action"] in counts and entry.get("camera") == camera:
+            counts[entry["action"]] += 1
+    return counts
+
+
+def seek_and_show(page: Page, camera: str, ms: int) -> dict[str, Any]:
+    """The page's seek (what a click on the timeline or Go does), then the frame on screen."""
+    page.evaluate("([c, ms]) => window.fusionViewer.tiles.get(c).playFrom(ms)", [camera, ms])
+    try:
+        wait_tile(page, camera, f"s.positionMs !== null && Math.abs(s.positionMs - {ms}) < 150",
+                  timeout_s=60)
+    except Exception:
+        raise AssertionError(f"{ms}: {tile(page, camera)}") from None
+    page.wait_for_function("(c) => { const v = document.querySelector(`.tile[data-camera=\"${c}\"]"
+                           " video`); return !v.seeking && v.readyState >= 2; }", arg=camera,
+                           timeout=60_000)
+    return tile(page, camera)
+
+
+def test_seek_inside_the_buffer_asks_the_archiver_nothing(
+        setup: Setup, open_viewer: Callable[..., ViewerProcess], browser: Browser,
+        tmp_path: Path) -> None:
+    """Issue 23: a seek to media the browser holds already (verified when it came) is shown
+    from there, with no new fusion stream; a seek outside it asks the Archiver again, as
+    before. The Archiver's audit log counts the streams it served."""
+    chunks = make_chunks(tmp_path / "lobby", 6)
+    # In real time, as a camera sends them (the index then places each where it was captured).
+    push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks, 1.0)
+    viewer = open_viewer()
+    page = open_page(browser, viewer)
+    # The signed capture times, from playing it all once in a tile that is then closed.
+    first = page.evaluate("() => window.fusionViewer.cameras.get('lobby').first_ms")
+    page.evaluate("(ms) => window.fusionViewer.watch('lobby', false).playFrom(ms)", first - 1)
+    state = wait_tile(page, "lobby", "s.stateText.includes('to the end')", timeout_s=60)
+    segments = {seg["seq"]: seg for seg in state["segments"]}
+    assert sorted(segments) == list(range(6))
+    page.evaluate("() => window.fusionViewer.tiles.get('lobby').close()")
+    assert stream_requests(setup.server, "lobby") == {"stream.playback": 1, "stream.live": 0}
+
+    # A new tile plays from segment 2 on: segments 2..5 are in the browser, 0 and 1 are not.
+    page.evaluate("() => window.fusionViewer.watch('lobby', false)")
+    page.locator('.tile[data-camera="lobby"] button.pause').click()  # frames stay put
+    seek_and_show(page, "lobby", segments[2]["capture_ms"] + 500)
+    state = wait_tile(page, "lobby", "s.stateText.includes('to the end')", timeout_s=60)
+    assert [seg["seq"] for seg in state["segments"]] == [2, 3, 4, 5]
+    assert stream_requests(setup.server, "lobby") == {"stream.playback": 2, "stream.live": 0}
+    assert state["requests"] == 1
+
+    # Inside: segment 4's middle (the barcode counts the source's seconds: 4).
+    target = segments[4]["capture_ms"] + 500
+    state = seek_and_show(page, "lobby", target)
+    assert page.evaluate(READ_BARCODE, "lobby") == 4
+    assert abs(state["positionMs"] - target) < 100 and state["paused"]
+    assert state["requests"] == 1 and [s["seq"] for s in state["segments"]] == [2, 3, 4, 5]
+    # and back to segment 2, still without the Archiver
+    state = seek_and_show(page, "lobby", segments[2]["capture_ms"] + 300)
+    assert page.evaluate(READ_BARCODE, "lobby") == 2
+    assert state["requests"] == 1
+    assert stream_requests(setup.server, "lobby") == {"stream.playback": 2, "stream.live": 0}
+
+    # Outside: segment 1 never came to the browser; a new stream brings it.
+    target = segments[2]["capture_ms"] - 500
+    state = seek_and_show(page, "lobby", target)
+    assert page.evaluate(READ_BARCODE, "lobby") == 1
+    assert state["segments"][0]["seq"] == 1 and state["requests"] == 2
+    assert stream_requests(setup.server, "lobby") == {"stream.playback": 3, "stream.live": 0}
     page.close()
 
 
