@@ -492,6 +492,48 @@ def test_seek_inside_the_buffer_asks_the_archiver_nothing(
     page.close()
 
 
+def test_looking_back_while_live_keeps_the_stream(
+        setup: Setup, open_viewer: Callable[..., ViewerProcess], browser: Browser,
+        tmp_path: Path) -> None:
+    """Issue 23: while watching live, a seek back into the media the page holds is shown from
+    there: the live stream goes on (no new one), and the page stops pulling the playhead to the
+    live edge until Live is pressed, which starts a new live stream."""
+    chunks = make_chunks(tmp_path / "lobby", 10)
+    viewer = open_viewer()
+    page = open_page(browser, viewer)
+    page.evaluate("() => window.fusionViewer.watch('lobby')")
+    deadline = time.monotonic() + 60
+    while stream_requests(setup.server, "lobby")["stream.live"] < 1:
+        assert time.monotonic() < deadline, "the live stream did not reach the Archiver"
+        time.sleep(0.05)
+    camera = threading.Thread(target=push_chunks, daemon=True, args=(
+        setup.server, "lobby", setup.ingest["lobby"], chunks, 1.0))
+    camera.start()
+    state = wait_tile(page, "lobby", "s.shown >= 4 && s.followLive", timeout_s=60)
+    back = state["segments"][0]
+    # The barcode counts the camera's seconds: segment n shows second n.
+    state = seek_and_show(page, "lobby", back["capture_ms"] + 500)
+    assert page.evaluate(READ_BARCODE, "lobby") == back["seq"]
+    assert not state["followLive"] and state["live"] and state["requests"] == 1
+    shown = state["shown"]
+    # The live stream goes on, and the playhead stays where the operator put it (it would
+    # have been pulled to the newest segment more than 2 s ahead).
+    state = wait_tile(page, "lobby", f"s.shown >= {shown + 2}", timeout_s=60)
+    newest = state["segments"][-1]
+    assert state["positionMs"] is not None and state["positionMs"] < newest["capture_ms"] - 1500
+    assert state["requests"] == 1
+    assert stream_requests(setup.server, "lobby") == {"stream.playback": 0, "stream.live": 1}
+    # Live again: a new live stream, following the edge.
+    page.locator('.tile[data-camera="lobby"] button.live').click()
+    state = wait_tile(page, "lobby", "s.followLive && s.requests === 2", timeout_s=60)
+    deadline = time.monotonic() + 60
+    while stream_requests(setup.server, "lobby")["stream.live"] < 2:
+        assert time.monotonic() < deadline, "Live did not start a new stream"
+        time.sleep(0.05)
+    camera.join(60)
+    page.close()
+
+
 def test_unauthorized_range_is_drawn_and_skipped(setup: Setup, softhsm_token: TokenHandle,
                                                  open_viewer: Callable[..., ViewerProcess],
                                                  browser: Browser, tmp_path: Path) -> None:
