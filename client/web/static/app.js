@@ -4,8 +4,9 @@
 "use strict";
 
 const LIVE_EDGE_S = 2;         // live: jump to the newest segment when further behind than this
-const CATCH_UP_S = 0.08;       // live: play faster when the newest segment starts further
+const CATCH_UP_S = 0.02;       // live: play faster when the newest segment starts further
                                // ahead of the playhead than this (a late segment stalled it)
+const RELAX_S = 0.15;          // ... back to real time with this little media left
 const MAX_RATE = 1.5;          // ... at most this fast (people still see the motion)
 const KEEP_BEHIND_S = 60;      // media kept behind the playhead (MSE memory is bounded)
 
@@ -467,10 +468,12 @@ class Tile {
     // When each segment's first frame reached the screen (for latency figures).
     const onFrame = (now, meta) => {
       const seg = this.segmentAt(meta.mediaTime);
-      if (seg && !(seg.seq in this.firstFrames)) {
-        this.firstFrames[seg.seq] = Date.now();
-        // Caught up with the newest segment: back to real time (its end is the live edge).
-        if (seg === this.segments[this.segments.length - 1]) this.video.playbackRate = 1;
+      if (seg && !(seg.seq in this.firstFrames)) this.firstFrames[seg.seq] = Date.now();
+      if (this.video.playbackRate !== 1 && this.sb) {
+        // Caught up: little media is left before the live edge; hurrying on would only stall.
+        const b = this.sb.buffered;
+        const ahead = b.length ? b.end(b.length - 1) - this.video.currentTime : 0;
+        if (ahead < RELAX_S) this.video.playbackRate = 1;
       }
       this.video.requestVideoFrameCallback(onFrame);
     };
