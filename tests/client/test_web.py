@@ -35,6 +35,8 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from archiver.cameras import DRIFT_TOLERANCE_MS
+from fusion_testkit.pki import SiteCa
+from fusion_testkit.server import production_archiver
 from keyservice.exitcodes import ExitCode
 from tests.fixtures.server import ArchiverServer, free_port
 from tests.fixtures.tokens import TokenHandle, enroll_viewer
@@ -532,6 +534,85 @@ def test_looking_back_while_live_keeps_the_stream(
         time.sleep(0.05)
     camera.join(60)
     page.close()
+
+
+def test_a_stopped_live_stream_ends_at_the_archiver(
+        site_ca: SiteCa, softhsm_token: TokenHandle, browser: Browser, tmp_path: Path) -> None:
+    """A tile that leaves live (a seek) closes its stream, and the Archiver learns it at once,
+    even from a silent camera: before, the blocked read kept the socket open, so the Archiver
+    kept the stream (and one of the viewer's stream slots, 2 here) until the camera's next
+    segment, and the grid's seek was refused "HTTP 429" on every tile."""
+    server = production_archiver(site_ca, tmp_path / "archiver",
+                                 extra_args=("--viewer-streams", "2")).start()
+    viewer: ViewerProcess | None = None
+    try:
+        pem = enroll_viewer(softhsm_token, "operator")
+        ingest = {name: server.add_camera(name) for name in ("lobby", "gate")}
+        server.add_viewer(pem, ["lobby", "gate"])
+        for name, token in ingest.items():
+            push_chunks(server, name, token, make_chunks(tmp_path / name, 3), 0.1)
+        viewer = ViewerProcess(server.url, softhsm_token.object_uri("operator"),
+                               tmp_path / "home", server.tls_ca)
+        page = open_page(browser, viewer)
+        page.get_by_role("button", name="Watch all (grid)").click()
+        deadline = time.monotonic() + 60
+        while any(stream_requests(server, name)["stream.live"] < 1 for name in ingest):
+            assert time.monotonic() < deadline, "the live streams did not reach the Archiver"
+            time.sleep(0.05)
+        first = page.evaluate("() => Math.min(...[...window.fusionViewer.cameras.values()]"
+                              ".map((c) => c.first_ms))")
+        page.evaluate("(ms) => { for (const t of window.fusionViewer.tiles.values()) "
+                      "t.playFrom(ms); }", first - 1)
+        for name in ingest:
+            state = wait_tile(page, name, "s.stopped || s.stateText.includes('to the end')",
+                              timeout_s=90)
+            assert not state["stopped"], state["stateText"]
+            assert state["shown"] == 3
+        page.close()
+    finally:
+        if viewer is not None:
+            viewer.stop()
+        server.stop()
+
+
+def test_a_tile_waits_while_the_archiver_is_busy(
+        site_ca: SiteCa, softhsm_token: TokenHandle, browser: Browser, tmp_path: Path) -> None:
+    """The Archiver refuses a viewer's request beyond its limits with 429 (one stream here).
+    The tile asks again, with a new request, until the other stream ends, and then plays,
+    instead of stopping with "HTTP 429" (tiles of a grid start together)."""
+    server = production_archiver(site_ca, tmp_path / "archiver",
+                                 extra_args=("--viewer-streams", "1")).start()
+    viewer: ViewerProcess | None = None
+    try:
+        pem = enroll_viewer(softhsm_token, "operator")
+        ingest = {name: server.add_camera(name) for name in ("lobby", "gate")}
+        server.add_viewer(pem, ["lobby", "gate"])
+        viewer = ViewerProcess(server.url, softhsm_token.object_uri("operator"),
+                               tmp_path / "home", server.tls_ca)
+        page = open_page(browser, viewer)
+        page.evaluate("() => window.fusionViewer.watch('lobby')")
+        deadline = time.monotonic() + 60
+        while stream_requests(server, "lobby")["stream.live"] < 1:
+            assert time.monotonic() < deadline, "the live stream did not reach the Archiver"
+            time.sleep(0.05)
+        page.evaluate("() => window.fusionViewer.watch('gate')")  # refused 429 while lobby's
+        time.sleep(3)  # the refusal comes at once; the tile must still be waiting after it
+        waiting = tile(page, "gate")
+        assert not waiting["stopped"], waiting["stateText"]
+        assert stream_requests(server, "gate")["stream.live"] == 0
+        page.evaluate("() => window.fusionViewer.tiles.get('lobby').close()")
+        deadline = time.monotonic() + 60
+        while stream_requests(server, "gate")["stream.live"] < 1:
+            assert time.monotonic() < deadline, "the waiting tile never got its stream"
+            time.sleep(0.05)
+        push_chunks(server, "gate", ingest["gate"], make_chunks(tmp_path / "gate", 2), 1.0)
+        state = wait_tile(page, "gate", "s.stopped || s.shown >= 1", timeout_s=60)
+        assert not state["stopped"], state["stateText"]
+        page.close()
+    finally:
+        if viewer is not None:
+            viewer.stop()
+        server.stop()
 
 
 def test_unauthorized_range_is_drawn_and_skipped(setup: Setup, softhsm_token: TokenHandle,
