@@ -651,7 +651,9 @@ async function refreshCameras() {
     range.textContent = cam.first_ms != null
       ? `${fmt(cam.first_ms)} – ${fmt(cam.last_ms)} (${cam.segments} segments)` : "nothing recorded";
     const health = document.createElement("span");
-    health.className = `health ${cam.state === "receiving" ? "recording" : ""}`;
+    // "behind" still records (late): the Archiver is overloaded, the camera is not down.
+    const recording = cam.state === "receiving" || cam.state === "behind";
+    health.className = `health ${recording ? "recording" : ""}`;
     health.textContent = cam.health;
     li.append(button, name, range, health);
     list.appendChild(li);
