@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import threading
 import time
@@ -52,8 +53,25 @@ STORAGE_BACKOFF_S = 5.0
 # How long stopping a puller may wait for it to archive what it holds.
 PULLER_STOP_S = OPEN_TIMEOUT_S + 1
 
-# (camera, segment, closed_at): closed_at is time.time() when its last packet reached the puller.
-Ingest = Callable[[str, bytes, float], object]
+
+
+class Ingest(Protocol):
+    """Archive one segment of ``camera``. ``closed_at`` (``time.time()``) is when its last
+    packet reached the puller: its arrival, however long it then waits to be archived.
+    ``session`` names the RTSP session (one connection) it came from: within one, the stream's
+    clock is continuous video, so the Archiver keeps the segments at their capture times even
+    when it reads them late (archiver.cameras)."""
+
+    def __call__(self, camera: str, data: bytes, closed_at: float, *,
+                 session: int | None = None) -> object: ...
+
+
+def new_session() -> int:
+    """A session id no other connection has, in any process (pullers may run in several): a new
+    connection is never taken for the continuation of an old one."""
+    return int.from_bytes(os.urandom(8), "big")
+
+
 ReportProblem = Callable[[str, CameraState, str], None]
 ReportFault = Callable[[str, str], None]  # (camera, what its stream did)
 
@@ -90,6 +108,7 @@ class _Segmenter:
         self._clock = clock
         self._opened_at = clock()
         self._waiting_since: float | None = clock()  # for a keyframe to start a segment
+        self._last_read = clock()
         self.faults = 0
         self.dropped_bytes = 0
         self.fault: str | None = None  # the latest, taken by the puller
@@ -102,6 +121,7 @@ class _Segmenter:
         """Mux one packet; returns the segment it closed, if it started a new one."""
         if packet.dts is None or packet.size == 0:
             return None  # FFmpeg's flush packets and packets without timing
+        self._skip_pause()
         is_video = packet.stream is self._video or self._video is None
         keyframe = is_video and packet.is_keyframe
         finished = None
@@ -139,6 +159,18 @@ class _Segmenter:
         assert self._output is not None
         self._output.mux(packet)
         return finished
+
+    def _skip_pause(self) -> None:
+        """Time this process did not read (frozen, starved by overload) is not the camera's: a
+        camera silent that long would have hit READ_TIMEOUT_S. So the arrival-time caps do not
+        count it, and an Archiver catching up does not cut (and lose) good video as faulty."""
+        now = self._clock()
+        paused = now - self._last_read - READ_TIMEOUT_S
+        self._last_read = now
+        if paused > 0:
+            self._opened_at += paused
+            if self._waiting_since is not None:
+                self._waiting_since += paused
 
     def _over_cap(self, packet: av.Packet) -> str | None:
         assert self._buffer is not None
@@ -178,9 +210,10 @@ class PullSink(Protocol):
     """Where a puller's results go: the Archiver's ingest (in-process) or the pipe to the
     Archiver (a worker process, archiver/rtsp_workers.py)."""
 
-    def segment(self, camera: str, data: bytes, closed_at: float) -> None:
+    def segment(self, camera: str, data: bytes, closed_at: float, session: int) -> None:
         """A finished segment; ``closed_at`` (``time.time()``) is when its last packet reached
-        the puller, the segment's arrival, however long it waits to be archived."""
+        the puller, the segment's arrival, however long it waits to be archived; ``session``:
+        the connection it came from (``new_session``)."""
 
     def problem(self, camera: str, state: CameraState, message: str) -> None: ...
 
@@ -244,13 +277,14 @@ def _pull(camera: str, url: str, stop: threading.Event, sink: PullSink, max_segm
                                "timeout": str(int(READ_TIMEOUT_S * 1_000_000))},
                  timeout=(OPEN_TIMEOUT_S, None)) as container:
         segmenter = _Segmenter(container, max_segment_bytes, max_segment_s)
+        session = new_session()
         try:
             for packet in container.demux():
                 if stop.is_set():
                     break
                 segment = segmenter.add(packet)
                 if segment is not None:
-                    sink.segment(camera, segment, time.time())
+                    sink.segment(camera, segment, time.time(), session)
                     received = True
                 if segmenter.fault is not None:
                     fault, segmenter.fault = segmenter.fault, None
@@ -260,7 +294,7 @@ def _pull(camera: str, url: str, stop: threading.Event, sink: PullSink, max_segm
             # What arrived before the camera went away (or before shutdown) is archived.
             last = segmenter.close()
             if last is not None:
-                sink.segment(camera, last, time.time())
+                sink.segment(camera, last, time.time(), session)
                 received = True
     return received
 
@@ -278,8 +312,8 @@ class _IngestSink:
     report: ReportProblem
     report_fault: ReportFault | None
 
-    def segment(self, camera: str, data: bytes, closed_at: float) -> None:
-        self.ingest(camera, data, closed_at)
+    def segment(self, camera: str, data: bytes, closed_at: float, session: int) -> None:
+        self.ingest(camera, data, closed_at, session=session)
 
     def problem(self, camera: str, state: CameraState, message: str) -> None:
         self.report(camera, state, message)

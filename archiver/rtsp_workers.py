@@ -253,13 +253,15 @@ class RtspWorkerPool:
             raise ProtocolError("a camera it was not given")
         if kind == "segment":
             size, closed_at = header.get("size"), header.get("closed_at")
+            session = header.get("session")
             if (not isinstance(size, int) or not 0 < size <= self._max_segment_bytes
-                    + SEGMENT_SLACK or not isinstance(closed_at, int | float)):
-                raise ProtocolError("a segment of a size beyond the cap")
+                    + SEGMENT_SLACK or not isinstance(closed_at, int | float)
+                    or not isinstance(session, int)):
+                raise ProtocolError("a segment of a size beyond the cap or without its timing")
             data = _read_exact(stream, size)
             if data is None:
                 raise ProtocolError("cut inside a segment")
-            self._enqueue(camera, ("segment", data, float(closed_at)))
+            self._enqueue(camera, ("segment", data, float(closed_at), session))
         elif kind == "problem":
             try:
                 state = CameraState(header["state"])
@@ -335,7 +337,7 @@ class RtspWorkerPool:
         kind = item[0]
         if kind == "segment":
             try:
-                self._ingest(camera, item[1], item[2])
+                self._ingest(camera, item[1], item[2], session=item[3])
             except (StorageFull, StorageFailed) as exc:
                 # Not archived and counted as refused by ingest; the camera shows why.
                 self._report(camera, CameraState.STALLED, str(exc))
@@ -384,9 +386,9 @@ class _PipeSink:
         except (OSError, ValueError):
             os._exit(0)  # the Archiver is gone: nothing to pull for
 
-    def segment(self, camera: str, data: bytes, closed_at: float) -> None:
+    def segment(self, camera: str, data: bytes, closed_at: float, session: int) -> None:
         self.send({"type": "segment", "camera": camera, "size": len(data),
-                   "closed_at": closed_at}, data)
+                   "closed_at": closed_at, "session": session}, data)
 
     def problem(self, camera: str, state: CameraState, message: str) -> None:
         self.send({"type": "problem", "camera": camera, "state": state.value,

@@ -30,6 +30,10 @@ class Settings:
     # RTSP pull: cameras are pulled and remuxed in this many worker processes (None: one per
     # core; 0: in the Archiver's own process, whose GIL holds it to about one core).
     rtsp_workers: int | None = None
+    # Pulled (RTSP) cameras this Archiver takes (0: no limit). Beyond what its cores can pull,
+    # remux and encrypt, every camera falls behind; refusing the next one says so at once.
+    # 96: archived cleanly at 1 Mbit/s on the 2-core reference machine (issue 23).
+    max_rtsp_cameras: int = 96
     # A body that trickles in slower than this is dropped (slow-loris).
     upload_timeout_s: float = 60.0
     # Request line and headers must arrive within this; JSON bodies within body_timeout_s.
@@ -108,6 +112,8 @@ class Settings:
                              "positive.")
         if self.rtsp_workers is not None and not 0 <= self.rtsp_workers <= 256:
             raise UsageError("The number of RTSP worker processes must be from 0 to 256.")
+        if self.max_rtsp_cameras < 0:
+            raise UsageError("--max-rtsp-cameras must be 0 (no limit) or more.")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UsageError("Give both --tls-cert and --tls-key, or neither.")
         if self.tls_cert is None and not _is_loopback(self.host):

@@ -156,8 +156,10 @@ def run_one(n: int, mode: str, rtsp_port: int, rtsp_pid: int, warmup: float, win
         server = ArchiverServer(data, key_period_s=60, env={"PYTHONPATH": str(before)},
                                 start_timeout_s=60, stop_timeout_s=60)
     else:
-        server = ArchiverServer(data, key_period_s=60, extra_args=("--rtsp-workers", mode),
-                                start_timeout_s=60, stop_timeout_s=60)
+        # No admission limit: how many it can take is what is measured.
+        server = ArchiverServer(data, key_period_s=60, extra_args=(
+            "--rtsp-workers", mode, "--max-rtsp-cameras", "0"),
+            start_timeout_s=60, stop_timeout_s=60)
     server.start()
     url = f"rtsp://127.0.0.1:{rtsp_port}/stream"
     try:

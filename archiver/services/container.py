@@ -126,12 +126,13 @@ def _camera_pullers(archive: Archive, settings: Settings,
     """What pulls the RTSP cameras: worker processes (``settings.rtsp_workers``, default one
     per core) or, with 0, threads in this process."""
 
-    def ingest(camera: str, data: bytes, closed_at: float) -> object:
+    def ingest(camera: str, data: bytes, closed_at: float, *,
+               session: int | None = None) -> object:
         # The segment arrived when its last packet reached the puller, not when this process
         # got to it: under load the two differ, and placing it on the wall clock (and the lag
         # an admin sees) must not count the queue. Taken as an age, so a test clock works too.
         age_ms = max(0, round((time.time() - closed_at) * 1000))
-        return archive.ingest_segment(camera, data, now_ms=clock() - age_ms)
+        return archive.ingest_segment(camera, data, now_ms=clock() - age_ms, session=session)
 
     def fault(camera: str, message: str) -> None:
         archive.health.stream_fault(camera, message, clock())
