@@ -105,7 +105,7 @@ def serve(
     max_rtsp_cameras: Annotated[int, typer.Option(
         "--max-rtsp-cameras", help="Pulled (RTSP) cameras this Archiver takes; 'cameras add' "
         "refuses more (0: no limit). The default was measured on 2 cores at 1 Mbit/s: size it "
-        "to your cores and bit rates (docs/cameras.md).")] = 96,
+        "to your cores and bit rates (docs/cameras.md).")] = 250,
     bootstrap_token: Annotated[bool, typer.Option(
         "--bootstrap-token/--no-bootstrap-token", help="Accept the data directory's admin-token "
         "(the embedded default). Turn it off once admins are people ('admins add'): then only "

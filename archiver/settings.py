@@ -33,7 +33,7 @@ class Settings:
     # Pulled (RTSP) cameras this Archiver takes (0: no limit). Beyond what its cores can pull,
     # remux and encrypt, every camera falls behind; refusing the next one says so at once.
     # 96: archived cleanly at 1 Mbit/s on the 2-core reference machine (issue 23).
-    max_rtsp_cameras: int = 96
+    max_rtsp_cameras: int = 250
     # A body that trickles in slower than this is dropped (slow-loris).
     upload_timeout_s: float = 60.0
     # Request line and headers must arrive within this; JSON bodies within body_timeout_s.
