@@ -8,7 +8,15 @@ API. Imported on first use, so ``import archiver.x`` stays light.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
+
+# httpx imports its own command line (httpx._main: click, rich, pygments; about 60 ms, more than
+# httpx itself) whenever those are installed, and they are: typer and the progress bar use them.
+# Neither the viewer nor the Archiver's clients run httpx's command line, so that import is
+# refused here, once, for the process (httpx then falls back to its stub ``httpx.main``).
+# setdefault: a process that imported httpx's CLI already keeps it (issue 23).
+sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
 
 __all__ = ["AdminClient", "ArchiverServices", "Refused", "Settings", "create_app",
            "create_services"]

@@ -19,7 +19,8 @@ from archiver.archive import Archive
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, new_secret
 from archiver.directory import ViewerRow
-from archiver.rtsp import PULLER_STOP_S, RtspSupervisor
+from archiver.rtsp import PULLER_STOP_S, CameraPullers
+from archiver.services.cameras import ADMISSION_LOCK, admit_pulled_camera
 from archiver.services.refused import Refused
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError, UsageError
@@ -67,7 +68,7 @@ class Admin:
     audit: AuditLog
     sessions: Sessions | None = None
     site_ca: tuple[x509.Certificate, ...] = ()
-    rtsp: RtspSupervisor | None = None
+    rtsp: CameraPullers | None = None
     pull_schemes: tuple[str, ...] = ()
 
     # --- cameras -----------------------------------------------------------------------
@@ -84,8 +85,13 @@ class Admin:
             raise Refused(ErrorCode.BAD_RTSP_URL, "The camera URL must start with one of: "
                                + ", ".join(f"{s}://" for s in self.pull_schemes) + ".")
         token = new_secret()
-        # A pulled camera's row still needs a digest: one of a secret nobody is given.
-        if not archive.directory.add_camera(name, digest(token), rtsp_url, archive.clock()):
+        # Counted and added under one lock: two adds at the limit cannot both pass.
+        with ADMISSION_LOCK:
+            if rtsp_url:
+                admit_pulled_camera(archive)
+            # A pulled camera's row still needs a digest: one of a secret nobody is given.
+            added = archive.directory.add_camera(name, digest(token), rtsp_url, archive.clock())
+        if not added:
             raise Refused(ErrorCode.CAMERA_EXISTS, f"A camera named '{name}' exists already "
                                "(names of removed cameras stay reserved: their archive is "
                                "evidence).")

@@ -11,34 +11,41 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import ssl
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
 
-from archiver.admin_client import AdminClient
 from keyservice.errors import ArchiverFailed, RequestRefused, UsageError
-from keyservice.exits import unreachable
 from keyservice.text import printable
 from keyservice.timespec import parse_range
-from keyservice.tls import trust as tls_trust
 
-cameras_app = typer.Typer(no_args_is_help=True, help="Cameras: add, list, retention (how long "
-                          "video is kept), remove.")
-viewers_app = typer.Typer(no_args_is_help=True, help="Viewers: add, list, cameras (change a "
-                          "viewer's cameras), revoke.")
-holds_app = typer.Typer(no_args_is_help=True, help="Evidence holds (video that survives "
-                        "retention until released): add, list, remove.")
-admins_app = typer.Typer(no_args_is_help=True, help="Admins as people, each with a certificate "
-                         "on their own token: add, list, revoke, login (an admin session whose "
-                         "actions the audit log names).")
-grants_app = typer.Typer(no_args_is_help=True, help="Access grants viewers made: list, approve, "
-                         "reject, revoke. The Archiver serves a grant only once approved.")
+if TYPE_CHECKING:
+    import ssl
+
+    from archiver.admin_client import AdminClient
+
+# The commands import the admin client (httpx) when they run, not when the CLI is built:
+# `fusion-archiver --help` loads no HTTP client (issue 23).
+
+# rich_markup_mode=None: plain help, without ~80 ms of rich and pygments imports (issue 23).
+cameras_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="Cameras: add, list, retention (how long video is kept), remove.")
+viewers_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="Viewers: add, list, cameras (change a viewer's cameras), revoke.")
+holds_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Evidence holds (video that survives retention until released): "
+                             "add, list, remove.")
+admins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="Admins as people, each with a certificate on their own token: "
+                              "add, list, revoke, login (an admin session whose actions the "
+                              "audit log names).")
+grants_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="Access grants viewers made: list, approve, reject, revoke. The "
+                              "Archiver serves a grant only once approved.")
 
 
 def register(app: typer.Typer) -> None:
@@ -83,16 +90,24 @@ def _admin_token(token: str | None, data: Path | None) -> str:
 def _verify(tls_ca: Path | None) -> ssl.SSLContext:
     """How to check the Archiver's HTTPS certificate: the one trust rule of keyservice.tls
     (--tls-ca, else FUSION_TLS_CA for commands that do not declare --tls-ca, else the system's)."""
+    from keyservice.tls import trust as tls_trust
+
     return tls_trust(tls_ca)
 
 
 def _client(url: str, admin_token: str | None, data: Path | None,
             tls_ca: Path | None) -> AdminClient:
+    from archiver.admin_client import AdminClient
+
     return AdminClient(url, _admin_token(admin_token, data), verify=_verify(tls_ca))
 
 
 def archiver_info(url: str, tls_ca: Path | None) -> dict[str, Any]:
     """The Archiver's public /v1/archiver answer (its signing certificate), no token needed."""
+    import httpx
+
+    from keyservice.exits import unreachable
+
     try:
         response = httpx.get(url.rstrip("/") + "/v1/archiver", timeout=30, verify=_verify(tls_ca))
     except httpx.InvalidURL as exc:
@@ -150,8 +165,9 @@ def cameras_add(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: TokenOp
 @cameras_app.command("list")
 def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
                  tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
-    """List cameras: health (receiving, stalled, unreachable, auth_failed, bad_stream, bad_timestamps,
-    waiting), recorded range, traffic in the last minute, gaps."""
+    """List cameras: health (receiving, behind, stalled, unreachable, auth_failed, bad_stream,
+    bad_timestamps, waiting), recorded range, traffic in the last minute, capture-to-archive lag,
+    gaps."""
     with _client(url, admin_token, data, tls_ca) as client:
         result = [asdict(c) for c in client.cameras()]
         storage = asdict(client.storage())
@@ -160,7 +176,7 @@ def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
              f"{c['retention_days']} d{' (default)' if c['retention_default'] else ''}"
              + (f", {c['holds']} hold(s)" if c["holds"] else "") + "  last minute: "
              f"{c['segments_last_minute']} segments, {c['bytes_last_minute']} bytes; "
-             f"gaps {c['gaps']}" + (f", refused {c['refused']} (last: {c['last_refusal']})"
+             f"gaps {c['gaps']}" + _lag(c) + (f", refused {c['refused']} (last: {c['last_refusal']})"
                                    if c["refused"] else "")
              + (f", timestamp jumps {c['timestamp_jumps']}" if c.get("timestamp_jumps") else "")
              + (f"  rtsp {c['rtsp_url']}, {c['puller_restarts']} restarts" if c["rtsp_url"] else "")
@@ -228,6 +244,14 @@ def viewers_add(
          + (" (as it was already: cameras unchanged, keys rotated)"
             if result.get("reauthorized") else "")
          + f"\nfingerprint: {result['fingerprint']}")
+
+
+def _lag(camera: dict) -> str:
+    """The capture-to-archive lag: the last segment's, and the most in the last minute."""
+    if camera.get("lag_ms") is None:
+        return ""
+    return (f"; lag {camera['lag_ms'] / 1000:.1f} s (max {(camera['max_lag_ms'] or 0) / 1000:.1f} "
+            "s in the last minute)")
 
 
 def _cams(cameras: list[str] | str) -> str:

@@ -105,6 +105,9 @@ class CameraInfo:
     message: str
     stream_faults: int = 0
     timestamp_jumps: int = 0
+    lag_ms: int | None = None  # from the end of the last segment's capture to its archiving
+    max_lag_ms: int | None = None  # the most in the last minute
+    overruns: int = 0
     before_restart: bool = False
     retention_days: int
     retention_default: bool

@@ -33,6 +33,8 @@ from archiver.storage import ArchiveFiles, ArchiveReader, StorageFull
 from keyservice.crypto import chain_key_id, seal_segment, split_key_id
 from keyservice.format import (
     ZERO_HASH,
+    ChainRecipients,
+    ChainRecord,
     DataStream,
     EndReason,
     Header,
@@ -165,12 +167,13 @@ class Archive:
 
     # --- ingest -----------------------------------------------------------------------
     def ingest_segment(self, camera: str, data: bytes, stream: DataStream = DataStream.VIDEO,
-                       now_ms: int | None = None) -> SegmentRow:
+                       now_ms: int | None = None, *, session: int | None = None) -> SegmentRow:
         """Encrypt, sign, append durably and index one segment. Returns only once it is
         acknowledged: fsynced and committed. Its time is [start, end] of the video it holds
-        (archiver.cameras explains the rule); ``now_ms`` is its arrival."""
+        (archiver.cameras explains the rule); ``now_ms`` is its arrival; ``session``: the
+        RTSP session of a pulled camera's segment (its clock is trusted across it, bounded)."""
         try:
-            return self._ingest(camera, data, stream, now_ms)
+            return self._ingest(camera, data, stream, now_ms, session)
         except StorageFull:
             # Ingest does not stop while unheld video of a past day can go: the oldest goes
             # now (not at the next retention pass) and the segment is tried once more.
@@ -178,10 +181,10 @@ class Archive:
                 raise
             log.warning("the disk was full: removed the oldest unheld video to archive a "
                         "segment of %s", camera)
-            return self._ingest(camera, data, stream, now_ms)
+            return self._ingest(camera, data, stream, now_ms, session)
 
     def _ingest(self, camera: str, data: bytes, stream: DataStream,
-                now_ms: int | None) -> SegmentRow:
+                now_ms: int | None, session: int | None = None) -> SegmentRow:
         now = self.clock() if now_ms is None else now_ms
         span = media_span(data)  # reads the PES headers, outside the lock
         state = self._camera_state(camera)
@@ -192,7 +195,8 @@ class Archive:
                 if clock is None:
                     clock = state.clocks[stream] = SegmentClock(
                         self.db.last_segment_end(camera, stream))
-                time = clock.place(now, span)
+                time = clock.place(now, span, session)
+                overrun = clock.overrun_ms
                 try:
                     if self.settings.benchmark_plaintext_baseline:
                         row = self._append_plaintext(camera, stream, seq, data, time, now)
@@ -208,7 +212,12 @@ class Archive:
         self.segments_ingested += 1
         self.bytes_ingested += len(data)
         self.health.segment_archived(camera, now, len(data), time,
-                                     span.jump_ms if span is not None else 0)
+                                     span.jump_ms if span is not None else 0,
+                                     archived_ms=self.clock() if now_ms is None else now,
+                                     overrun_ms=overrun)
+        if overrun:
+            log.warning("camera %s: its stream clock fell %d s behind its arrival, more than "
+                        "the bound; the segment was placed at its arrival", camera, overrun // 1000)
         self.notifier.publish(camera)
         return row
 
@@ -232,8 +241,10 @@ class Archive:
             offset = self.files.append(rel, [*recipients, *segment_parts, manifest_bytes])
             seg_offset = offset + sum(map(len, recipients))
             # One index row per part, under chain id || part (u32): see _Assembler.manifest.
+            # A join statement (issue 23) carries its own number, after the start parts.
             recipient_rows, part_offset = [], offset
-            for part, raw in enumerate(recipients):
+            for raw in recipients:
+                part = _statement_number(raw)
                 recipient_rows.append(ChainRecipientsRow(chain_key_id(chain_id, part), camera,
                                                          rel, part_offset, len(raw)))
                 part_offset += len(raw)
@@ -460,7 +471,8 @@ class _Assembler:
         self._authorized = True
         self._sent_epochs: set[bytes] = set()
         self._sent_chains: set[bytes] = set()
-        self._sent_recipients: set[bytes] = set()
+        self._sent_recipients: dict[bytes, int] = {}  # chain id -> statements sent so far
+        self._first_steps: dict[bytes, int] = {}  # chain id -> this viewer's record's first step
         self._readers: dict[str, ArchiveReader] = {}
 
     def start(self) -> bytes:
@@ -497,15 +509,23 @@ class _Assembler:
                 # recipients (every part), which let the viewer check that it was not
                 # authorized then (without them it reports the segment as missing).
                 if chain_id not in self._sent_recipients:
-                    self._sent_recipients.add(chain_id)
-                    part = 0
-                    while (where := self._db.chain_recipients(chain_key_id(chain_id, part))
-                           ) is not None:
-                        parts.append(self._writer.add(self._read(where.file, where.offset,
-                                                                 where.length)))
-                        part += 1
+                    parts.extend(self._recipients_after(chain_id))
                 continue
             epoch_id, chain_record = found
+            first_step = self._first_step(chain_id, chain_record)
+            if first_step:
+                # A join record (issue 23): its viewer was given the chain from first_step
+                # on. Earlier segments go as manifest entries only (the signed join statement
+                # shows they precede its join), with the chain's statements.
+                if split_key_id(segment.key_id)[1] < first_step:
+                    if chain_id not in self._sent_recipients:
+                        parts.extend(self._recipients_after(chain_id))
+                    continue
+                if chain_id not in self._sent_chains:
+                    # Every statement not sent yet goes before the record, which the reader
+                    # accepts only under its join statement (a live stream may have sent the
+                    # start statement before the join was made).
+                    parts.extend(self._recipients_after(chain_id))
             if epoch_id not in self._sent_epochs:
                 opener = self._db.epoch_opener(epoch_id)
                 if opener is None:
@@ -520,6 +540,26 @@ class _Assembler:
                                           digest=segment.digest))
         parts.append(self._writer.add(self._read(row.file, row.offset, row.length), digest=row.hash))
         return b"".join(parts)
+
+    def _recipients_after(self, chain_id: bytes) -> list[bytes]:
+        """The signed statements of a chain archived so far and not sent yet in this stream:
+        its start parts, then its join statements, each indexed under chain id || its
+        number."""
+        out, part = [], self._sent_recipients.get(chain_id, 0)
+        while (where := self._db.chain_recipients(chain_key_id(chain_id, part))) is not None:
+            out.append(self._writer.add(self._read(where.file, where.offset, where.length)))
+            part += 1
+        self._sent_recipients[chain_id] = part
+        return out
+
+    def _first_step(self, chain_id: bytes, chain_record: bytes) -> int:
+        """The first step of this viewer's record of a chain: 0, or a join's step."""
+        step = self._first_steps.get(chain_id)
+        if step is None:
+            record = decode_record(chain_record)
+            step = self._first_steps[chain_id] = (
+                record.first_step if isinstance(record, ChainRecord) else 0)
+        return step
 
     def end(self, reason: EndReason, heads: tuple[tuple[str, int], ...] = ()) -> bytes:
         return self._writer.end(self._archive.signer, reason, heads)
@@ -544,3 +584,10 @@ class _Assembler:
     def close(self) -> None:
         for reader in self._readers.values():
             reader.close()
+
+
+def _statement_number(raw: bytes) -> int:
+    """The number of a chain's signed statement (a start part, or a join after them)."""
+    record = decode_record(raw)
+    assert isinstance(record, ChainRecipients)
+    return record.part

@@ -8,7 +8,6 @@ stderr and a non-zero code, never a traceback.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -21,7 +20,9 @@ from archiver.admin_cli import register as register_admin_commands
 from keyservice.cli_support import add_version_option, hidden_aliases, run, tidy_help
 from keyservice.errors import UsageError
 
+# rich_markup_mode=None: plain help, without ~80 ms of rich and pygments imports (issue 23).
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="The Fusion Archiver: encrypts camera streams, serves fusion streams.")
 add_version_option(app, "fusion-archiver")
 register_admin_commands(app)
@@ -106,6 +107,13 @@ def serve(
     rtsp_max_segment_s: Annotated[float, typer.Option(
         "--rtsp-max-segment-s", help="RTSP pull: a segment is cut after this many seconds "
         "without a keyframe to cut at.")] = 20.0,
+    rtsp_workers: Annotated[int | None, typer.Option(
+        "--rtsp-workers", help="RTSP pull: worker processes that pull and remux the cameras "
+        "(default: one per core; 0: in the Archiver's own process).")] = None,
+    max_rtsp_cameras: Annotated[int, typer.Option(
+        "--max-rtsp-cameras", help="Pulled (RTSP) cameras this Archiver takes; 'cameras add' "
+        "refuses more (0: no limit). The default was measured on 2 cores at 1 Mbit/s: size it "
+        "to your cores and bit rates (docs/cameras.md).")] = 250,
     bootstrap_token: Annotated[bool, typer.Option(
         "--bootstrap-token/--no-bootstrap-token", help="Accept the data directory's admin-token "
         "(the embedded default). Turn it off once admins are people ('admins add'): then only "
@@ -139,7 +147,8 @@ def serve(
                         min_free_bytes=min_free_mib * 1024 * 1024,
                         reserve_bytes=disk_reserve_mib * 1024 * 1024,
                         rtsp_max_segment_bytes=rtsp_max_segment_kib * 1024,
-                        rtsp_max_segment_s=rtsp_max_segment_s,
+                        rtsp_max_segment_s=rtsp_max_segment_s, rtsp_workers=rtsp_workers,
+                        max_rtsp_cameras=max_rtsp_cameras,
                         bootstrap_token=bootstrap_token, directory_url=directory or None)
     if not bootstrap_token:
         from archiver.admins import active_admins
@@ -234,6 +243,8 @@ def _archiver_key(data: Path, archiver_cert: Path | None, signer_token: str | No
 
 def _print_rebuild(data: Path, archiver_cert: Path | None, signer_token: str | None,
                    as_json: bool) -> None:
+    import sqlite3
+
     from archiver.db import Database
     from archiver.reindex import rebuild_index
     from archiver.settings import Settings

@@ -80,7 +80,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NO_RECORDING: 404, ErrorCode.UNKNOWN_GRANTEE: 404, ErrorCode.UNKNOWN_GRANT: 404,
     ErrorCode.UNKNOWN_ADMIN: 404,
     ErrorCode.CAMERA_EXISTS: 409, ErrorCode.VIEWER_EXISTS: 409, ErrorCode.GRANT_EXISTS: 409,
-    ErrorCode.GRANT_STATE: 409, ErrorCode.ADMIN_EXISTS: 409,
+    ErrorCode.GRANT_STATE: 409, ErrorCode.ADMIN_EXISTS: 409, ErrorCode.AT_CAPACITY: 409,
     ErrorCode.EXPIRED: 410,
     ErrorCode.BAD_CERTIFICATE: 422, ErrorCode.BAD_CAMERA_CHANGE: 422, ErrorCode.BAD_PROOF: 422,
     ErrorCode.BAD_CAMERA_NAME: 422, ErrorCode.BAD_RTSP_URL: 422, ErrorCode.BAD_RANGE: 422,

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from archiver.archive import Archive
-from archiver.cameras import CameraState
+from archiver.cameras import LAG_BUCKETS_S, CameraState
 
 
 class ArchiverCollector(Collector):
@@ -29,7 +34,7 @@ class ArchiverCollector(Collector):
         yield CounterMetricFamily("fusion_key_rotations", "Minute keys created",
                                   value=keys.rotations)
         yield CounterMetricFamily("fusion_key_chains_started", "Key chains started (one per "
-                                  "camera stream per day and per authorization change)",
+                                  "camera stream per day and per revocation)",
                                   value=keys.chains_started)
         yield CounterMetricFamily("fusion_wrapped_keys", "Chain records written (one per viewer "
                                   "per key chain)", value=keys.key_records_written)
@@ -50,7 +55,8 @@ class ArchiverCollector(Collector):
         yield errors
 
 
-    def _cameras(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def _cameras(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily
+                                   | HistogramMetricFamily]:
         archive = self._archive
         now = archive.clock()
         state = GaugeMetricFamily("fusion_camera_state", "1 for the camera's current state",
@@ -74,8 +80,21 @@ class ArchiverCollector(Collector):
         faults = CounterMetricFamily("fusion_camera_stream_faults",
                                      "RTSP segments cut or frames dropped at the segment cap",
                                      labels=["camera"])
+        lag = GaugeMetricFamily("fusion_camera_lag_seconds", "From the end of the capture of the "
+                                "camera's last segment to its archiving", labels=["camera"])
+        max_lag = GaugeMetricFamily("fusion_camera_max_lag_seconds", "The most any segment of "
+                                    "the camera lagged (capture to archiving) in the last 60 s",
+                                    labels=["camera"])
+        overruns = CounterMetricFamily("fusion_camera_lag_overruns", "Pulled segments placed at "
+                                       "their arrival: their clock was further behind than the "
+                                       "bound", labels=["camera"])
         for camera in archive.directory.cameras():
             health = archive.health.health(camera.name, now)
+            if health.lag_ms is not None:
+                lag.add_metric([camera.name], health.lag_ms / 1000)
+            if health.max_lag_ms is not None:
+                max_lag.add_metric([camera.name], health.max_lag_ms / 1000)
+            overruns.add_metric([camera.name], health.overruns)
             for value in CameraState:
                 state.add_metric([camera.name, value.value], int(health.state == value))
             if health.last_segment_ms is not None:
@@ -87,7 +106,15 @@ class ArchiverCollector(Collector):
             restarts.add_metric([camera.name], health.puller_restarts)
             faults.add_metric([camera.name], health.stream_faults)
             jumps.add_metric([camera.name], health.timestamp_jumps)
-        yield from (state, last, segments, size, gaps, refused, restarts, faults, jumps)
+        yield from (state, last, segments, size, gaps, refused, restarts, faults, jumps, lag,
+                    max_lag, overruns)
+        histogram = archive.health.lag_histogram()
+        buckets = [(str(bound), count) for bound, count in zip(LAG_BUCKETS_S, histogram.counts,
+                                                                 strict=False)]
+        buckets.append(("+Inf", histogram.counts[-1]))
+        yield HistogramMetricFamily("fusion_segment_lag_seconds", "Capture-to-archive lag of "
+                                    "every segment archived since start, all cameras",
+                                    buckets=buckets, sum_value=histogram.sum_s)
 
 
     def _retention(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:

@@ -3,27 +3,33 @@ through the same ``Archive.ingest_segment`` as pushed segments.
 
 Why in-process (FFmpeg's libraries through PyAV) and not an ffmpeg subprocess pushing into our
 own HTTP ingest, as before:
-- the camera's credentials never leave this process: no ffmpeg argv (readable by every local user
-  through ``ps``), no ingest token a local user could steal to forge segments;
+- the camera's credentials stay in the Archiver's own processes (its worker processes get them
+  over a pipe): no ffmpeg argv (readable by every local user through ``ps``), no ingest token a
+  local user could steal to forge segments;
 - the puller sees what happened to each segment (archived, disk full, I/O error) and backs off,
   instead of ffmpeg PUTting into a refusal it never reads;
 - it knows the camera's state (connecting, refused login, gone) precisely, for camera health.
 
 The stream is copied, never re-encoded (H.264 and H.265 alike): packets are remuxed into MPEG-TS
 segments that start at a keyframe and last about ``SEGMENT_S`` seconds. Each thread pulls one
-camera; FFmpeg releases the GIL while it waits on the network.
+camera; FFmpeg releases the GIL while it waits on the network. ``run_puller`` is one camera's
+loop; it runs in the Archiver (``RtspSupervisor``) or in worker processes that pull groups of
+cameras and hand segments back (archiver/rtsp_workers.py, the default: one interpreter's GIL
+caps in-process pulling at about one core).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Protocol
 
 import av
 import av.error
@@ -47,7 +53,25 @@ STORAGE_BACKOFF_S = 5.0
 # How long stopping a puller may wait for it to archive what it holds.
 PULLER_STOP_S = OPEN_TIMEOUT_S + 1
 
-Ingest = Callable[[str, bytes], object]
+
+
+class Ingest(Protocol):
+    """Archive one segment of ``camera``. ``closed_at`` (``time.time()``) is when its last
+    packet reached the puller: its arrival, however long it then waits to be archived.
+    ``session`` names the RTSP session (one connection) it came from: within one, the stream's
+    clock is continuous video, so the Archiver keeps the segments at their capture times even
+    when it reads them late (archiver.cameras)."""
+
+    def __call__(self, camera: str, data: bytes, closed_at: float, *,
+                 session: int | None = None) -> object: ...
+
+
+def new_session() -> int:
+    """A session id no other connection has, in any process (pullers may run in several): a new
+    connection is never taken for the continuation of an old one."""
+    return int.from_bytes(os.urandom(8), "big")
+
+
 ReportProblem = Callable[[str, CameraState, str], None]
 ReportFault = Callable[[str, str], None]  # (camera, what its stream did)
 
@@ -84,6 +108,7 @@ class _Segmenter:
         self._clock = clock
         self._opened_at = clock()
         self._waiting_since: float | None = clock()  # for a keyframe to start a segment
+        self._last_read = clock()
         self.faults = 0
         self.dropped_bytes = 0
         self.fault: str | None = None  # the latest, taken by the puller
@@ -96,6 +121,7 @@ class _Segmenter:
         """Mux one packet; returns the segment it closed, if it started a new one."""
         if packet.dts is None or packet.size == 0:
             return None  # FFmpeg's flush packets and packets without timing
+        self._skip_pause()
         is_video = packet.stream is self._video or self._video is None
         keyframe = is_video and packet.is_keyframe
         finished = None
@@ -134,6 +160,18 @@ class _Segmenter:
         self._output.mux(packet)
         return finished
 
+    def _skip_pause(self) -> None:
+        """Time this process did not read (frozen, starved by overload) is not the camera's: a
+        camera silent that long would have hit READ_TIMEOUT_S. So the arrival-time caps do not
+        count it, and an Archiver catching up does not cut (and lose) good video as faulty."""
+        now = self._clock()
+        paused = now - self._last_read - READ_TIMEOUT_S
+        self._last_read = now
+        if paused > 0:
+            self._opened_at += paused
+            if self._waiting_since is not None:
+                self._waiting_since += paused
+
     def _over_cap(self, packet: av.Packet) -> str | None:
         assert self._buffer is not None
         if self._buffer.tell() + packet.size > self._max_bytes:
@@ -168,6 +206,99 @@ class _Segmenter:
         return (packet.pts - self._first_pts) * Fraction(packet.time_base) >= SEGMENT_S
 
 
+class PullSink(Protocol):
+    """Where a puller's results go: the Archiver's ingest (in-process) or the pipe to the
+    Archiver (a worker process, archiver/rtsp_workers.py)."""
+
+    def segment(self, camera: str, data: bytes, closed_at: float, session: int) -> None:
+        """A finished segment; ``closed_at`` (``time.time()``) is when its last packet reached
+        the puller, the segment's arrival, however long it waits to be archived; ``session``:
+        the connection it came from (``new_session``)."""
+
+    def problem(self, camera: str, state: CameraState, message: str) -> None: ...
+
+    def fault(self, camera: str, message: str) -> None: ...
+
+
+class CameraPullers(Protocol):
+    """What the Archiver's admin and app need of whatever pulls its RTSP cameras."""
+
+    def start(self, camera: str, url: str) -> None: ...
+
+    def stop(self, camera: str, wait_s: float = 0.0) -> None: ...
+
+    def stop_all(self) -> None: ...
+
+
+def run_puller(camera: str, url: str, stop: threading.Event, sink: PullSink,
+               max_segment_bytes: int, max_segment_s: float) -> None:
+    """Pull one camera until ``stop`` is set: connect, remux, hand segments to ``sink``; on
+    failure report the camera's state and retry with backoff."""
+    backoff = BACKOFF_START_S
+    safe_url = redact(url)
+    while not stop.is_set():
+        log.info("camera %s: pulling %s", camera, safe_url)
+        delay = backoff
+        try:
+            received = _pull(camera, url, stop, sink, max_segment_bytes, max_segment_s)
+            problem, message = CameraState.UNREACHABLE, "the camera ended the stream"
+            if received:
+                backoff = BACKOFF_START_S
+        except (av.error.HTTPUnauthorizedError, av.error.HTTPForbiddenError) as exc:
+            problem, message = CameraState.AUTH_FAILED, _reason(exc)
+            delay = AUTH_BACKOFF_S
+        except av.error.FFmpegError as exc:
+            problem, message = CameraState.UNREACHABLE, _reason(exc)
+        except (StorageFull, StorageFailed) as exc:
+            problem, message = CameraState.STALLED, str(exc)
+            delay = STORAGE_BACKOFF_S
+        except Exception as exc:  # a stream FFmpeg or we cannot handle: keep trying, loudly
+            log.exception("camera %s: pulling failed", camera)
+            problem, message = CameraState.UNREACHABLE, f"cannot handle the stream ({exc})"
+        if stop.is_set():
+            break
+        sink.problem(camera, problem, message)
+        log.warning("camera %s: %s (%s); retrying in %.0f s", camera, problem.value, message,
+                    delay)
+        stop.wait(delay)
+        if delay == backoff:
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+
+def _pull(camera: str, url: str, stop: threading.Event, sink: PullSink, max_segment_bytes: int,
+          max_segment_s: float) -> bool:
+    """Pull until the camera goes away or we are stopped; True if any segment was handed on."""
+    received = False
+    # Reads are bounded by FFmpeg's own socket timeout, not PyAV's read timeout: PyAV checks its
+    # timeout in an interrupt callback that takes the GIL on every socket read, hundreds of
+    # times a second per camera, and with a few dozen cameras per interpreter the threads
+    # queue for the GIL (a convoy): pulls stalled with the cores half idle (issue 23).
+    with av.open(url, options={"rtsp_transport": "tcp",
+                               "timeout": str(int(READ_TIMEOUT_S * 1_000_000))},
+                 timeout=(OPEN_TIMEOUT_S, None)) as container:
+        segmenter = _Segmenter(container, max_segment_bytes, max_segment_s)
+        session = new_session()
+        try:
+            for packet in container.demux():
+                if stop.is_set():
+                    break
+                segment = segmenter.add(packet)
+                if segment is not None:
+                    sink.segment(camera, segment, time.time(), session)
+                    received = True
+                if segmenter.fault is not None:
+                    fault, segmenter.fault = segmenter.fault, None
+                    log.warning("camera %s: %s", camera, fault)
+                    sink.fault(camera, fault)
+        finally:
+            # What arrived before the camera went away (or before shutdown) is archived.
+            last = segmenter.close()
+            if last is not None:
+                sink.segment(camera, last, time.time(), session)
+                received = True
+    return received
+
+
 @dataclass
 class _Puller:
     camera: str
@@ -175,16 +306,32 @@ class _Puller:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class _IngestSink:
+    ingest: Ingest
+    report: ReportProblem
+    report_fault: ReportFault | None
+
+    def segment(self, camera: str, data: bytes, closed_at: float, session: int) -> None:
+        self.ingest(camera, data, closed_at, session=session)
+
+    def problem(self, camera: str, state: CameraState, message: str) -> None:
+        self.report(camera, state, message)
+
+    def fault(self, camera: str, message: str) -> None:
+        if self.report_fault is not None:
+            self.report_fault(camera, message)
+
+
 class RtspSupervisor:
-    """One puller thread per RTSP camera: connect, remux, archive; on failure report the camera's
-    state and retry with backoff."""
+    """In-process pulling (``rtsp_workers = 0``): one puller thread per RTSP camera in the
+    Archiver's own interpreter, archiving each segment as it is cut. One interpreter's GIL
+    bounds it to about one core; archiver/rtsp_workers.py spreads cameras over processes."""
 
     def __init__(self, ingest: Ingest, report_problem: ReportProblem,
                  report_fault: ReportFault | None = None, max_segment_bytes: int = 32 * 2**20,
                  max_segment_s: float = 20.0) -> None:
-        self._ingest = ingest
-        self._report = report_problem
-        self._report_fault = report_fault
+        self._sink = _IngestSink(ingest, report_problem, report_fault)
         self._max_segment_bytes = max_segment_bytes
         self._max_segment_s = max_segment_s
         self._pullers: dict[str, _Puller] = {}
@@ -194,8 +341,10 @@ class RtspSupervisor:
     def start(self, camera: str, url: str) -> None:
         self.stop(camera)
         puller = _Puller(camera, url)
-        thread = threading.Thread(target=self._run, args=(puller,), daemon=True,
-                                  name=f"rtsp-{camera}")
+        thread = threading.Thread(
+            target=run_puller, args=(camera, url, puller.stop, self._sink,
+                                     self._max_segment_bytes, self._max_segment_s),
+            daemon=True, name=f"rtsp-{camera}")
         with self._lock:
             self._pullers[camera] = puller
             self._threads[camera] = thread
@@ -221,67 +370,9 @@ class RtspSupervisor:
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _run(self, puller: _Puller) -> None:
-        backoff = BACKOFF_START_S
-        safe_url = redact(puller.url)
-        while not puller.stop.is_set():
-            log.info("camera %s: pulling %s", puller.camera, safe_url)
-            delay = backoff
-            try:
-                received = self._pull(puller)
-                problem, message = CameraState.UNREACHABLE, "the camera ended the stream"
-                if received:
-                    backoff = BACKOFF_START_S
-            except (av.error.HTTPUnauthorizedError, av.error.HTTPForbiddenError) as exc:
-                problem, message = CameraState.AUTH_FAILED, _reason(exc)
-                delay = AUTH_BACKOFF_S
-            except av.error.FFmpegError as exc:
-                problem, message = CameraState.UNREACHABLE, _reason(exc)
-            except (StorageFull, StorageFailed) as exc:
-                problem, message = CameraState.STALLED, str(exc)
-                delay = STORAGE_BACKOFF_S
-            except Exception as exc:  # a stream FFmpeg or we cannot handle: keep trying, loudly
-                log.exception("camera %s: pulling failed", puller.camera)
-                problem, message = CameraState.UNREACHABLE, f"cannot handle the stream ({exc})"
-            if puller.stop.is_set():
-                break
-            self._report(puller.camera, problem, message)
-            log.warning("camera %s: %s (%s); retrying in %.0f s", puller.camera, problem.value,
-                        message, delay)
-            puller.stop.wait(delay)
-            if delay == backoff:
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
-
-    def _pull(self, puller: _Puller) -> bool:
-        """Pull until the camera goes away or we are stopped; True if any segment was archived."""
-        received = False
-        with av.open(puller.url, options={"rtsp_transport": "tcp"},
-                     timeout=(OPEN_TIMEOUT_S, READ_TIMEOUT_S)) as container:
-            segmenter = _Segmenter(container, self._max_segment_bytes, self._max_segment_s)
-            try:
-                for packet in container.demux():
-                    if puller.stop.is_set():
-                        break
-                    segment = segmenter.add(packet)
-                    if segment is not None:
-                        self._ingest(puller.camera, segment)
-                        received = True
-                    if segmenter.fault is not None:
-                        fault, segmenter.fault = segmenter.fault, None
-                        log.warning("camera %s: %s", puller.camera, fault)
-                        if self._report_fault is not None:
-                            self._report_fault(puller.camera, fault)
-            finally:
-                # What arrived before the camera went away (or before shutdown) is archived.
-                last = segmenter.close()
-                if last is not None:
-                    self._ingest(puller.camera, last)
-                    received = True
-        return received
-
 
 def _reason(exc: av.error.FFmpegError) -> str:
     """FFmpeg's reason without the URL it names (which carries the credentials)."""
-    if isinstance(exc, av.error.ExitError):  # our read timeout interrupted FFmpeg
+    if isinstance(exc, av.error.ExitError | av.error.TimeoutError):  # a timeout interrupted it
         return f"no data from the camera for {READ_TIMEOUT_S:.0f} s"
     return exc.strerror or type(exc).__name__

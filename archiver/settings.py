@@ -4,6 +4,7 @@ directory) that refuse insecure choices instead of silently accepting them."""
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,13 @@ class Settings:
     # no keyframe, or keyframes whose timestamps do not advance, cannot grow it without bound).
     rtsp_max_segment_bytes: int = 32 * MiB
     rtsp_max_segment_s: float = 20.0
+    # RTSP pull: cameras are pulled and remuxed in this many worker processes (None: one per
+    # core; 0: in the Archiver's own process, whose GIL holds it to about one core).
+    rtsp_workers: int | None = None
+    # Pulled (RTSP) cameras this Archiver takes (0: no limit). Beyond what its cores can pull,
+    # remux and encrypt, every camera falls behind; refusing the next one says so at once.
+    # 96: archived cleanly at 1 Mbit/s on the 2-core reference machine (issue 23).
+    max_rtsp_cameras: int = 250
     # A body that trickles in slower than this is dropped (slow-loris).
     upload_timeout_s: float = 60.0
     # Request line and headers must arrive within this; JSON bodies within body_timeout_s.
@@ -106,6 +114,10 @@ class Settings:
         if self.rtsp_max_segment_bytes < 64 * 1024 or self.rtsp_max_segment_s <= 0:
             raise UsageError("The RTSP segment cap must be at least 64 KiB and its time "
                              "positive.")
+        if self.rtsp_workers is not None and not 0 <= self.rtsp_workers <= 256:
+            raise UsageError("The number of RTSP worker processes must be from 0 to 256.")
+        if self.max_rtsp_cameras < 0:
+            raise UsageError("--max-rtsp-cameras must be 0 (no limit) or more.")
         if self.directory_url:
             from archiver.directory.engine import check_url
             check_url(self.directory_url)
@@ -117,6 +129,13 @@ class Settings:
             raise UsageError(
                 f"Refusing to listen on {self.host} without TLS.",
                 "Give --tls-cert and --tls-key, or listen on 127.0.0.1 behind a TLS proxy.")
+
+    @property
+    def rtsp_worker_count(self) -> int:
+        """Worker processes pulling RTSP cameras (0: pulled in-process)."""
+        if self.rtsp_workers is None:
+            return os.cpu_count() or 1
+        return self.rtsp_workers
 
     @property
     def scheme(self) -> str:

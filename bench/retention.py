@@ -69,20 +69,23 @@ def main(argv: list[str] | None = None) -> int:
     before = _size(data)
 
     from archiver.db import Database
+    from archiver.directory import open_directory
     from archiver.retention import Retention
     from archiver.settings import Settings
     from archiver.storage import ArchiveFiles
 
     settings = Settings(data_dir=data.resolve(), retention_days=1, min_free_bytes=0)
     db = Database(settings.db_path)
+    directory = open_directory(None, settings.data_dir)  # the cameras and holds
     files = ArchiveFiles(settings.archive_dir)
     try:
         def now_ms() -> int:
             return int(dt.datetime.now(dt.UTC).timestamp() * 1000)
 
-        report = Retention(settings, db, files, now_ms).run()
+        report = Retention(settings, db, files, now_ms, directory=directory).run()
     finally:
         files.close()
+        directory.close()
         db.close()
     after = _size(data)
     result = {

@@ -6,10 +6,12 @@ is, signed chain recipients (a software P-256 key: the Archiver signs on its tok
 more per chain) and an injected clock. Minute 0 is a UTC day's start: every viewer's epoch
 starts (V RSA-OAEP epoch openers) and every camera starts a key chain wrapped for every viewer
 (C x V chain records): that is all the key material of a day without authorization changes.
-Minute 1 is an ordinary minute: chains step, nothing is wrapped. Then one viewer's
-authorization changes on one camera: that camera starts a new chain, wrapped for all V viewers
-(and one new epoch opener). CPU time is this process's (time.process_time), so waiting for
-fsync does not count as CPU; wall time is reported beside it.
+Minute 1 is an ordinary minute: chains step, nothing is wrapped. Then one viewer is added on
+every camera, twice: first as before issue 23 (every chain restarted, wrapped for every viewer),
+then as now (it joins every running chain: one join record per camera); then one viewer is
+revoked on one camera: that camera starts a new chain, wrapped for every remaining viewer.
+CPU time is this process's (time.process_time), so waiting for fsync does not count as CPU;
+wall time is reported beside it.
 """
 
 from __future__ import annotations
@@ -100,12 +102,35 @@ def run(report: Report, workdir: Path, cameras: int, viewers: int, minutes: int 
             row["minute"] = minute
             rows.append(row)
         result["minutes"] = rows
-        # An authorization change: one viewer's cameras change, on one camera.
+        # Adding one viewer on every camera (issue 23), before and after, in the same run.
+        # Before: as the Archiver did until issue 23, the change restarts every chain, wrapped
+        # for every viewer. After: the viewer joins each running chain at its next period (one
+        # join record per camera, one signed join statement).
         now = T0_MS + minutes * PERIOD_S * 1000 + 500
+        def add_viewer(index: int) -> None:
+            cert = factory.certificate(index)
+            directory.add_viewer(fingerprint(cert).hex(), cert.public_bytes(Encoding.DER),
+                          cert.subject.rfc4514_string(), int(factory.oaep_hash), None, now)
+            keys.authorization_changed(fingerprint(cert).hex(), None)
+
+        add_viewer(viewers)
+        for camera in names:
+            keys.forget_camera(camera)  # the old rule: a new chain on every camera
+        result["add_viewer_restart"] = measure(
+            f"add one viewer, before (every chain restarted) with {viewers + 1} viewers", now,
+            names)
+        now += PERIOD_S * 1000
+        add_viewer(viewers + 1)
+        result["add_viewer_join"] = measure(
+            f"add one viewer, after (joins every running chain) with {viewers + 2} viewers",
+            now, names)
+        # A revocation still starts a new chain, wrapped for every remaining viewer: one camera.
+        now += PERIOD_S * 1000
+        directory.revoke_viewer(fingerprints[0], now)
         keys.authorization_changed(fingerprints[0], [names[0]])
         result["authorization_change"] = measure(
-            f"authorization change on one camera with {viewers} viewers", now, names[:1])
-        db_size = sum(p.stat().st_size for p in workdir.glob("rotation.sqlite3*"))
+            f"revocation on one camera with {viewers + 1} viewers left", now, names[:1])
+        db_size = sum(p.stat().st_size for p in workdir.glob("archiver.sqlite3*"))
         journal_size = journal_path.stat().st_size
         result["db_bytes"] = db_size
         result["journal_bytes"] = journal_size

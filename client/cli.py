@@ -12,15 +12,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from cryptography import x509
 
 from client.evidence import evidence_app
 from client.grants import register as register_grants
 from client.options import (
+    DEFAULT_CLOCK_SKEW_S,
     DEFAULT_URL,
+    MAX_LIVE_S,
     ArchiverCertOpt,
     ArchiverOpt,
     CameraOpt,
@@ -31,31 +32,22 @@ from client.options import (
     TlsCaOpt,
     TokenOpt,
 )
-from client.pinning import KnownArchivers, check_archiver
-from client.playback import (
-    Progress,
-    logged_in,
-    login_and_say,
-    open_output,
-    run_stream,
-    say,
-    stream_command,
-)
-from client.session import (
-    MAX_LIVE_S,
-    live_request,
-    playback_request,
-)
-from client.viewer import check_camera, load_certificate_file, now_ms, open_identity
 from keyservice.cli_support import add_version_option, hidden_aliases, run, tidy_help
 from keyservice.errors import UsageError
-from keyservice.reader import DEFAULT_MAX_SKEW_MS
-from keyservice.text import printable
-from keyservice.timespec import format_ms, parse_range
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# Each command imports what it runs (the viewer library: httpx, cryptography, the token layer;
+# the web page: fastapi, uvicorn) when it runs, not when the CLI is built: `fusion-client
+# --help` loads none of it, and `play` not the web page, grants or evidence (issue 23).
 
 __all__ = ["app", "main"]
 
+# rich_markup_mode=None: help is click's plain text; rendering it with rich costs about 80 ms
+# of imports (rich, pygments) on every --help (issue 23).
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Watch and export video from a Fusion Archiver; keys are opened on your "
                        "token, video is decrypted and verified on this machine.")
 add_version_option(app, "fusion-client")
@@ -79,6 +71,11 @@ def play(
     quiet: QuietOpt = False,
 ) -> None:
     """Export a recorded time range of a camera as verified, decrypted MPEG-TS."""
+    from client.playback import stream_command
+    from client.session import playback_request
+    from client.viewer import check_camera, now_ms
+    from keyservice.timespec import parse_range
+
     from_ms, to_ms = parse_range(from_, to, now_ms())
     check_camera(camera)
     stream_command(url=archiver, token=token, output_target=output, archiver_cert=archiver_cert,
@@ -104,9 +101,13 @@ def live(
         "--max-clock-skew", min=0.0, max=3600.0,
         help="Seconds the Archiver's clock may differ from this machine's: a live stream made, "
              "or a segment captured, earlier than the request by more is refused as not "
-             "fresh (a replay).")] = DEFAULT_MAX_SKEW_MS / 1000,
+             "fresh (a replay).")] = DEFAULT_CLOCK_SKEW_S,
 ) -> None:
     """Watch a camera live; each segment is written as soon as it is verified (-o - | ffplay -)."""
+    from client.playback import stream_command
+    from client.session import live_request
+    from client.viewer import check_camera
+
     check_camera(camera)
     seconds = duration if duration is not None else MAX_LIVE_S
     skew_ms = int(max_clock_skew * 1000)
@@ -125,6 +126,10 @@ def cameras(
     as_json: JsonOpt = False,
 ) -> None:
     """List the cameras this viewer may watch, with their recorded ranges."""
+    from client.playback import logged_in
+    from keyservice.text import printable
+    from keyservice.timespec import format_ms
+
     with logged_in(archiver, token, archiver_cert, tls_ca) as (session, _identity, _login):
         views = session.cameras()
     if as_json:
@@ -155,8 +160,11 @@ def view(
     """Open the operator's viewer: a local web page (127.0.0.1 only) with live cameras, a
     timeline and verified exports. Keys stay on your token; the PIN is asked here, never in the
     page. Ctrl-C stops it."""
+    from client.playback import logged_in, login_and_say, say
+    from client.viewer import load_certificate_file
     from client.web.backend import ViewerBackend
     from client.web.server import serve
+
     explicit = load_certificate_file(archiver_cert) if archiver_cert is not None else None
     with logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login):
         backend = ViewerBackend(session, identity, login,
@@ -189,6 +197,10 @@ def open_saved(
     """Verify and decrypt a saved fusion stream offline, against a pinned or given Archiver.
     Prints what the stream is (camera, range, Archiver, when made, request nonce): it answered
     a past request and is no answer to a new one."""
+    from client.pinning import KnownArchivers, check_archiver
+    from client.playback import Progress, open_output, run_stream
+    from client.viewer import load_certificate_file, open_identity
+
     explicit = load_certificate_file(archiver_cert) if archiver_cert is not None else None
     if explicit is None and archiver is None:
         raise UsageError("Give --archiver-cert FILE or --archiver URL (a pinned Archiver) to say "

@@ -12,12 +12,10 @@ import os
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from cryptography import x509
 
-from client.evidence_zip import EXIT_NOT_VERIFIED, read_zip, write_zip
 from client.options import (
     DEFAULT_URL,
     ArchiverCertOpt,
@@ -26,28 +24,26 @@ from client.options import (
     TlsCaOpt,
     TokenOpt,
 )
-from client.playback import logged_in, say
-from client.player import FileOutput
-from client.viewer import (
-    check_camera,
-    export_evidence,
-    load_certificate_file,
-    now_ms,
-    open_identity,
-    recipient_for,
-)
 from keyservice.errors import CertificateError, UsageError
-from keyservice.evidence.verify import Report, open_sealed_keys, verify_package
 from keyservice.exitcodes import ExitCode
-from keyservice.identity import Recipient
 from keyservice.text import printable
-from keyservice.timespec import format_ms, parse_range
+from keyservice.timespec import format_ms
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from client.evidence_zip import read_zip, write_zip
+    from keyservice.evidence.verify import Report
+    from keyservice.identity import Recipient
+
+# The commands import the viewer library and the verifier (cryptography, httpx, the token
+# layer) when they run, not when the CLI is built: `fusion-client --help` loads none of it.
 
 __all__ = ["EXIT_INCOMPLETE", "EXIT_NOT_VERIFIED", "EXIT_PARTLY_VERIFIED",
            "EXIT_SIGNER_NOT_ESTABLISHED", "describe", "evidence_app", "export", "read_zip",
            "verify", "write_zip"]
 
-evidence_app = typer.Typer(no_args_is_help=True, add_completion=False,
+evidence_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                            help="Evidence packages a third party verifies without any token: "
                                 "export, verify.")
 
@@ -55,6 +51,7 @@ evidence_app = typer.Typer(no_args_is_help=True, add_completion=False,
 # client.evidence_zip's EXIT_NOT_VERIFIED); sealed keys and no token (all but keys and video
 # verified); verified, but the signed data names recorded video the package lacks; consistent,
 # but no trust anchor says whose key signed.
+EXIT_NOT_VERIFIED = ExitCode.NOT_VERIFIED  # the same as client.evidence_zip's
 EXIT_PARTLY_VERIFIED = ExitCode.PARTLY_VERIFIED
 EXIT_INCOMPLETE = ExitCode.EVIDENCE_INCOMPLETE
 EXIT_SIGNER_NOT_ESTABLISHED = ExitCode.SIGNER_NOT_ESTABLISHED
@@ -64,6 +61,8 @@ def _recipient(path: Path) -> Recipient:
     """The --for certificate, checked as a viewer certificate is before keys are wrapped to
     it (key type and size, validity now, key usage, its OAEP hash); whom to trust is the
     exporter's decision in naming the file, so a CA-issued certificate is accepted too."""
+    from client.viewer import load_certificate_file, recipient_for
+
     cert = load_certificate_file(path)
     try:
         return recipient_for(cert)
@@ -91,6 +90,10 @@ def export(
     """Export a recorded range as an evidence package: the segments and signed manifests as
     archived, the Archiver's certificate, exactly the range's minute keys, the verified video
     and SHA256SUMS."""
+    from client.playback import logged_in, say
+    from client.viewer import check_camera, export_evidence, now_ms
+    from keyservice.timespec import parse_range
+
     from_ms, to_ms = parse_range(from_, to, now_ms())
     check_camera(camera)
     if output.is_dir():
@@ -133,6 +136,11 @@ def verify(
     digests, key commitments, decryption and the video. Prints a report; exits 0 only if
     everything verified, the package holds the whole range, and the signer was established
     (--expect-archiver or --site-ca)."""
+    from client.playback import say
+    from client.player import FileOutput
+    from client.viewer import open_identity
+    from keyservice.evidence.verify import open_sealed_keys, verify_package
+
     expected = None
     if expect_archiver is not None:
         try:
@@ -144,6 +152,8 @@ def verify(
     cas = [_load_ca(path) for path in site_ca or ()]
     out = FileOutput(output) if output is not None else None
     try:
+        from client.evidence_zip import read_zip
+
         files = read_zip(package)
         with ExitStack() as stack:
             open_keys: Callable[[bytes], bytes] | None = None
@@ -194,6 +204,8 @@ def verify(
 
 def _load_ca(path: Path) -> x509.Certificate:
     """A --site-ca certificate: readable PEM (or DER) and a CA (basic constraints)."""
+    from cryptography import x509
+
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -273,3 +285,12 @@ def describe(report: Report, package: Path) -> list[str]:
                      "the whole range (see Gaps for stretches with no recording).")
     return lines
 
+
+def __getattr__(name: str) -> object:
+    # read_zip and write_zip, re-exported from client.evidence_zip on first use (zipfile and
+    # hashlib are not needed to build the CLI).
+    if name in ("read_zip", "write_zip"):
+        from client import evidence_zip
+
+        return getattr(evidence_zip, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -30,29 +30,24 @@ from client.options import (
     TlsCaOpt,
     TokenOpt,
 )
-from client.playback import logged_in, say, stream_command
-from client.session import ArchiverSession, playback_request
-from client.viewer import (
-    OpenedGrantRange,
-    check_camera,
-    load_certificate_file,
-    make_grant_for,
-    now_ms,
-    open_grant,
-    recipient_for,
-)
 from keyservice.errors import UsageError
-from keyservice.identity import Identity
-from keyservice.reader import StreamRequest
 from keyservice.text import printable
-from keyservice.timespec import parse_range, parse_time
+
+if TYPE_CHECKING:
+    from client.session import ArchiverSession
+    from client.viewer import OpenedGrantRange
+    from keyservice.identity import Identity
+    from keyservice.reader import StreamRequest
+
+# The commands import the viewer library (httpx, cryptography, the token layer) when they run,
+# not when the CLI is built: `fusion-client --help` loads none of it (issue 23).
 
 __all__ = ["grant", "grants_app", "grants_list", "grants_play", "register"]
 
 GRANT_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-grants_app = typer.Typer(no_args_is_help=True,
+grants_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                          help="Access grants you made or received: list, play.")
 
 
@@ -91,6 +86,10 @@ def grant(
 ) -> None:
     """Grant a recorded range you can play to another viewer certificate. The Archiver serves
     it to the grantee only after an admin approved it; it never sees a key."""
+    from client.playback import logged_in, say
+    from client.viewer import check_camera, load_certificate_file, make_grant_for, now_ms, recipient_for
+    from keyservice.timespec import parse_range
+
     from_ms, to_ms = parse_range(from_, to, now_ms())
     check_camera(camera)
     grantee = load_certificate_file(to_cert)
@@ -120,6 +119,8 @@ def grants_list(
     as_json: JsonOpt = False,
 ) -> None:
     """The grants you made or received, with their state."""
+    from client.playback import logged_in
+
     with logged_in(archiver, token, archiver_cert, tls_ca) as (session, _identity, login):
         rows = session.grants()
         me = login.viewer_fingerprint
@@ -151,6 +152,11 @@ def grants_play(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
 ) -> None:
     """Play a range granted to you (approved by an admin), with your own token."""
+    from client.playback import say, stream_command
+    from client.session import playback_request
+    from client.viewer import now_ms, open_grant
+    from keyservice.timespec import parse_time
+
     grant_id = check_grant_id(grant_id)
     now = now_ms()
     asked_from = parse_time(from_, now) if from_ is not None else None

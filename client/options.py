@@ -8,10 +8,16 @@ from typing import Annotated
 
 import typer
 
-__all__ = ["DEFAULT_URL", "ArchiverCertOpt", "ArchiverOpt", "CameraOpt", "JsonOpt", "OutputOpt",
-           "QuietOpt", "SaveOpt", "TlsCaOpt", "TokenOpt"]
+__all__ = ["DEFAULT_CLOCK_SKEW_S", "DEFAULT_URL", "MAX_LIVE_S", "ArchiverCertOpt", "ArchiverOpt",
+           "CameraOpt", "JsonOpt", "OutputOpt", "QuietOpt", "SaveOpt", "TlsCaOpt", "TokenOpt"]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+# Option bounds and defaults that help shows, written here so that building the CLI imports no
+# library (issue 23: --help loads neither httpx nor cryptography). They are the library's
+# values, client.session.MAX_LIVE_S and keyservice.request_policy.DEFAULT_MAX_SKEW_MS /
+# 1000 (tests/test_startup_imports.py checks that they agree).
+MAX_LIVE_S = 86_400
+DEFAULT_CLOCK_SKEW_S = 30.0
 
 ArchiverOpt = Annotated[str, typer.Option("--archiver", envvar="FUSION_ARCHIVER_URL",
                                           help="The Archiver's base URL.")]

@@ -15,6 +15,7 @@ import base64
 import binascii
 import dataclasses
 import secrets
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -271,6 +272,7 @@ class ArchiverSession:
             raise UsageError(f"Cannot use the Archiver URL {url!r}: {exc}.") from None
         self._session_token: str | None = None
         self.login_result: LoginResult | None = None
+        self._streaming: set[httpx.Response] = set()  # streams being read (close() ends them)
 
     def sibling(self) -> ArchiverSession:
         """A connection of its own to the same Archiver, with the same trust and the same
@@ -289,6 +291,17 @@ class ArchiverSession:
 
     def close(self) -> None:
         """Close the connection (the Archiver's session stays valid until it expires)."""
+        # A stream read in another thread holds its socket open through the blocked read, so
+        # closing alone tells the Archiver nothing: a silent camera's live stream (and one of
+        # the viewer's stream slots there) would stay until its next segment. Shut it down.
+        for response in list(self._streaming):
+            network = response.extensions.get("network_stream")
+            sock = network.get_extra_info("socket") if network is not None else None
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # closed already
         self._http.close()
 
     # --- plumbing ---------------------------------------------------------------------
@@ -503,8 +516,10 @@ class ArchiverSession:
             if media != MEDIA_TYPE:
                 raise ArchiverFailed(f"The Archiver sent {media or 'no content type'} instead "
                                      "of a fusion stream.")
+            self._streaming.add(response)
             yield self._chunks(response)
         finally:
+            self._streaming.discard(response)
             try:
                 cm.__exit__(None, None, None)
             except httpx.HTTPError:

@@ -29,7 +29,6 @@ from pathlib import Path
 
 from cryptography import x509
 
-from client.evidence_zip import write_zip
 from client.pinning import KnownArchivers, PinDecision, check_archiver
 from client.player import (
     DiscardOutput,
@@ -51,11 +50,8 @@ from client.session import (
 )
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError, FormatError, UsageError
-from keyservice.evidence.build import build_package, collect
 from keyservice.format import Header, Mode, Record, decode_record
 from keyservice.framing import RecordSplitter
-from keyservice.grants import MAX_GRANT_KEYS, GrantKey, decode_grant, make_grant
-from keyservice.grants import open_grant as open_grant_blob
 from keyservice.identity import Identity, fingerprint
 from keyservice.keyscheme import KeyScheme, Recipient
 from keyservice.names import CAMERA_NAME_RULE, is_camera_name
@@ -366,6 +362,9 @@ def make_grant_for(session: ArchiverSession, identity: Identity, signed_by: Logi
     certificate as ``recipient_for`` checked it): the range is played exactly as
     ``play_range`` would (every check), written nowhere, and exactly the period keys of the
     segments it released are wrapped to the grantee and handed to the Archiver."""
+    # Imported here: a grant's code is not on the playing path (issue 23: start-up).
+    from keyservice.grants import MAX_GRANT_KEYS, GrantKey, decode_grant, make_grant
+
     verified = play_range(session, identity, signed_by, camera, from_ms, to_ms,
                           output=DiscardOutput())
     keys = [GrantKey(k.stream, k.key_id, k.key) for k in verified.keys.values()]
@@ -400,6 +399,8 @@ def open_grant(session: ArchiverSession, identity: Identity, grant_id: str, *,
     """Fetch an approved grant addressed to this viewer and open it on the token (one token
     operation; IntegrityError if it was altered). ``from_ms``/``to_ms`` (default: the grant's)
     must lie in the granted range (OutsideGrant otherwise)."""
+    from keyservice.grants import open_grant as open_grant_blob
+
     fetched = session.grant(grant_id)
     opened = open_grant_blob(identity, fetched.grant)
     if opened.grant_id.hex() != grant_id:
@@ -448,6 +449,10 @@ def export_evidence(session: ArchiverSession, identity: Identity, signed_by: Log
     token: the segments and signed manifests as archived, the Archiver's certificate, exactly
     the range's minute keys (sealed to ``recipient`` if given), the verified video, SHA256SUMS.
     The range is verified first; nothing is written unless it verified completely."""
+    # Imported here: evidence packages are not on the playing path (issue 23: start-up).
+    from client.evidence_zip import write_zip
+    from keyservice.evidence.build import build_package, collect
+
     if output.is_dir():
         raise UsageError(f"{output} is a directory; give a file name for the package.")
     if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):

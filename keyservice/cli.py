@@ -16,17 +16,22 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from keyservice import certs
 from keyservice.cli_support import add_version_option, hidden_aliases, run, tidy_help
 from keyservice.errors import UsageError
-from keyservice.keyscheme import KeyScheme
 from keyservice.text import printable
 
 if TYPE_CHECKING:
     from keyservice.token import Token
 
+# The commands import the token layer and certificates (pkcs11, cryptography) when they run,
+# not when the CLI is built: `fusion-keys --help` loads neither (issue 23). What help shows of
+# them is written here: keyservice.certs.VIEWER_DAYS (tests/test_startup_imports.py checks it).
+VIEWER_DAYS = 730
+
+# rich_markup_mode=None: plain help, without ~80 ms of rich and pygments imports (issue 23).
 app = typer.Typer(
     name="fusion-keys",
+    rich_markup_mode=None,
     help="Enrol and manage viewer identities whose private keys live in a PKCS#11 token.",
     add_completion=False,
     no_args_is_help=True,
@@ -125,7 +130,7 @@ def enroll(
     csr: Annotated[bool, typer.Option("--csr", help="Write a CSR for a site CA instead of a "
                                                     "self-signed certificate.")] = False,
     days: Annotated[int, typer.Option("--days", min=1, max=3650,
-                                      help="Certificate validity in days.")] = certs.VIEWER_DAYS,
+                                      help="Certificate validity in days.")] = VIEWER_DAYS,
     so_pin_source: Annotated[Path | None, typer.Option(
         "--so-pin-source", metavar="FILE",
         help="PIV cards through ykcs11: a file holding the card's management key in hex (the SO "
@@ -135,6 +140,8 @@ def enroll(
                            "for decryption).")] = "9d",
 ) -> None:
     """Generate a viewer key pair inside the token and export its certificate (public part)."""
+    from keyservice import certs
+    from keyservice.keyscheme import KeyScheme
     from keyservice.token import enroll_piv, token_kind
 
     name = _object_name(token)
@@ -183,6 +190,7 @@ def import_cert(
                                               help="The certificate the site CA issued.")],
 ) -> None:
     """Store a CA-issued certificate on the token, next to the key it belongs to."""
+    from keyservice import certs
     from keyservice.pkcs11uri import Pkcs11Uri
 
     try:
@@ -238,6 +246,8 @@ def adopt(
     --site-ca), that the token decrypts with the key and with which RSA-OAEP hash; writes the
     certificate and prints the exact fusion-archiver command to authorize it.
     """
+    from keyservice import certs
+
     _refuse_existing(out)
     cas = []
     for path in site_ca or ():
@@ -269,6 +279,8 @@ def export(
     out: Annotated[Path, typer.Option("--output", "-o", help="Where to write the certificate PEM.")],
 ) -> None:
     """Write the identity's certificate (public part only) as PEM."""
+    from keyservice import certs
+
     _refuse_existing(out)
     with _open(token) as tok:
         ident = tok.identity()
@@ -280,6 +292,9 @@ def export(
 @app.command()
 def selftest(token: TokenOpt) -> None:
     """Wrap a random key to the certificate in software, unwrap it on the token, compare."""
+    from keyservice import certs
+    from keyservice.keyscheme import KeyScheme
+
     with _open(token) as tok:
         result = tok.selftest()
     scheme = ("EC P-256, ECDH" if result.oaep_hash is KeyScheme.ECDH_P256 else

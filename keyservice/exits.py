@@ -11,10 +11,8 @@ keyservice.cli_support, imported by the CLIs only.
 
 from __future__ import annotations
 
-import socket
-import ssl
+import sys
 from collections.abc import Iterator
-from importlib import metadata
 
 from keyservice.errors import ArchiverUnreachable, KeyServiceError
 from keyservice.exitcodes import ExitCode
@@ -27,6 +25,8 @@ EXIT_INTERRUPTED = ExitCode.INTERRUPTED
 
 
 def version() -> str:
+    from importlib import metadata  # ~10 ms of imports, for --version only (issue 23)
+
     try:
         return metadata.version("fusion-keyservice")
     except metadata.PackageNotFoundError:  # run from a source tree that is not installed
@@ -45,6 +45,9 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 def connection_failure(exc: BaseException) -> str:
     """Why a connection failed, in words, from the exception and what it was raised from
     (httpx wraps the socket's and the TLS layer's own errors)."""
+    import socket  # here, not at the top: only a failure needs them (issue 23: start-up)
+    import ssl
+
     for cause in _chain(exc):
         if isinstance(cause, ssl.SSLCertVerificationError):
             reason = cause.verify_message or cause.reason or "unknown reason"
@@ -75,9 +78,10 @@ def _is_abort(exc: BaseException) -> bool:
 
 
 def _is_http_error(exc: BaseException) -> bool:
-    import httpx  # only the two HTTP CLIs get here with one
-
-    return isinstance(exc, httpx.HTTPError)
+    # An httpx error exists only in a process that imported httpx: fusion-keys' failures need
+    # not import it to be told apart (issue 23: start-up).
+    httpx = sys.modules.get("httpx")
+    return httpx is not None and isinstance(exc, httpx.HTTPError)
 
 
 def failure(exc: BaseException) -> tuple[str, int]:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 from keyservice.errors import FormatError
 from keyservice.keyscheme import KeyScheme
+from keyservice.labels import LABEL_CHAIN_JOIN as LABEL_CHAIN_JOIN
 from keyservice.labels import LABEL_CHAIN_RECIPIENTS as LABEL_CHAIN_RECIPIENTS
 from keyservice.labels import LABEL_END as LABEL_END
 from keyservice.labels import LABEL_MANIFEST as LABEL_MANIFEST
@@ -227,7 +228,12 @@ class EpochOpener:
 class ChainRecord:
     """The starting state of one key chain, wrapped for one viewer under the KEK of ratchet
     step ``ratchet_index`` of its epoch (the step of the chain's first key period). The viewer
-    derives every minute key of the chain from it; one record per viewer per chain."""
+    derives every minute key of the chain from it; one record per viewer per chain.
+
+    A *join record* (``first_step`` > 0, issue 23) wraps the chain's state S_first_step
+    instead of S_0, for a viewer authorized while the chain ran: it derives the minute keys of
+    that step and later only. It is valid only under the Archiver's signed join statement
+    (a ChainRecipients join part naming the viewer and the step)."""
 
     epoch_id: bytes
     ratchet_index: int
@@ -237,6 +243,7 @@ class ChainRecord:
     start_period: int  # the key period (unix time // period) of the chain's step 0
     nonce: bytes
     wrapped: bytes
+    first_step: int = 0  # the step of the wrapped state: 0, or a join's step (encoded if > 0)
 
     record_type: ClassVar[RecordType] = RecordType.CHAIN_RECORD
 
@@ -249,12 +256,15 @@ class ChainRecord:
         _uint("chain start period", self.start_period, 64)
         _bytes("chain record nonce", self.nonce, NONCE_LEN)
         _bytes("wrapped chain state", self.wrapped, WRAPPED_KEY_LEN)
+        _uint("chain record first step", self.first_step, 32)
 
     def _body(self) -> bytes:
+        # A start record's bytes are those of format 2 before joins existed; a join record
+        # appends its first step (never 0: one encoding per record).
         return b"".join((
             self.epoch_id, _U32.pack(self.ratchet_index), _str8(self.camera),
             bytes((self.stream,)), self.chain_id, _U64.pack(self.start_period), self.nonce,
-            self.wrapped))
+            self.wrapped, _U32.pack(self.first_step) if self.first_step else b""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,6 +521,10 @@ class ChainRecipients:
     parts: int
     viewers: tuple[bytes, ...]  # certificate fingerprints, sorted, distinct
     signature: bytes = b""
+    # A *join part* (issue 23): ``part`` >= ``parts`` (its index among the chain's statements,
+    # after the start statement's parts) and ``join_step`` > 0: the viewers listed were given
+    # the chain's state from that step on (a join record each), and not before it.
+    join_step: int = 0
 
     record_type: ClassVar[RecordType] = RecordType.CHAIN_RECIPIENTS
 
@@ -521,8 +535,10 @@ class ChainRecipients:
         _uint("chain start period", self.start_period, 64)
         _uint("recipients part", self.part, 16)
         _uint("recipients parts", self.parts, 16)
-        if not self.part < self.parts:
-            raise FormatError("A chain-recipients record is part i of n with i < n.")
+        _uint("join step", self.join_step, 32)
+        if self.parts < 1 or (self.part < self.parts) != (self.join_step == 0):
+            raise FormatError("A chain-recipients record is part i of n with i < n, or a join "
+                              "statement (i >= n) with a join step above 0.")
         if isinstance(self.viewers, bytes | str):
             raise FormatError("A chain-recipients record lists viewer fingerprints as a "
                               "sequence.")
@@ -537,13 +553,20 @@ class ChainRecipients:
         _var_bytes("chain-recipients signature", self.signature, 0, MAX_SIGNATURE)
         object.__setattr__(self, "viewers", viewers)
 
+    @property
+    def is_join(self) -> bool:
+        return self.join_step > 0
+
     def _unsigned(self) -> bytes:
         return b"".join((_str8(self.camera), bytes((self.stream,)), self.chain_id,
                          _U64.pack(self.start_period), _U16.pack(self.part),
-                         _U16.pack(self.parts), _U16.pack(len(self.viewers)), *self.viewers))
+                         _U16.pack(self.parts), _U16.pack(len(self.viewers)), *self.viewers,
+                         _U32.pack(self.join_step) if self.join_step else b""))
 
     def signed_bytes(self) -> bytes:
-        return LABEL_CHAIN_RECIPIENTS + self._unsigned()
+        # Its own label: a join statement is never read as a start statement, nor the reverse.
+        label = LABEL_CHAIN_JOIN if self.join_step else LABEL_CHAIN_RECIPIENTS
+        return label + self._unsigned()
 
     def _body(self) -> bytes:
         return self._unsigned() + _U16.pack(len(self.signature)) + self.signature
@@ -653,6 +676,12 @@ class _Cursor:
         self._pos = len(self._data)
         return out
 
+    def at_end(self) -> bool:
+        return self._pos == len(self._data)
+
+    def left(self) -> int:
+        return len(self._data) - self._pos
+
     def done(self) -> None:
         if self._pos != len(self._data):
             raise FormatError(f"The {self._what} record has {len(self._data) - self._pos} "
@@ -677,8 +706,16 @@ def _decode_opener(c: _Cursor) -> EpochOpener:
 
 
 def _decode_chain_record(c: _Cursor) -> ChainRecord:
-    return ChainRecord(c.take(ID_LEN), c.u32(), c.str8(), _stream(c.u8()), c.take(CHAIN_ID_LEN),
-                       c.u64(), c.take(NONCE_LEN), c.take(WRAPPED_KEY_LEN))
+    fields = (c.take(ID_LEN), c.u32(), c.str8(), _stream(c.u8()), c.take(CHAIN_ID_LEN),
+              c.u64(), c.take(NONCE_LEN), c.take(WRAPPED_KEY_LEN))
+    if c.at_end():
+        return ChainRecord(*fields)
+    if c.left() < 4:  # only a join's u32 first step may follow the wrapped state
+        c.done()
+    first_step = c.u32()
+    if first_step == 0:  # canonical: a start record carries no first step
+        raise FormatError("A join chain record's first step must be above 0.")
+    return ChainRecord(*fields, first_step=first_step)
 
 
 def _decode_segment(c: _Cursor) -> Segment:
@@ -719,8 +756,9 @@ def _decode_chain_recipients(c: _Cursor) -> ChainRecipients:
     camera, stream, chain_id, start = c.str8(), _stream(c.u8()), c.take(CHAIN_ID_LEN), c.u64()
     part, parts = c.u16(), c.u16()
     viewers = tuple(c.take(HASH_LEN) for _ in range(c.u16()))
+    join_step = c.u32() if part >= parts else 0  # a join statement (issue 23)
     return ChainRecipients(camera, stream, chain_id, start, part, parts, viewers,
-                           c.take(c.u16()))
+                           c.take(c.u16()), join_step)
 
 
 def _decode_end(c: _Cursor) -> End:

@@ -103,6 +103,17 @@ def issue_chain_recipients(chain: KeyChain, viewers: Sequence[bytes], signer: Si
     return parts
 
 
+def issue_chain_join(chain: KeyChain, index: int, parts: int, join_step: int,
+                     viewers: Sequence[bytes], signer: Signer) -> bytes:
+    """The signed join statement (issue 23): ``viewers`` (fingerprints) were given ``chain``'s
+    state from ``join_step`` on, and nothing before. It is the chain's statement number
+    ``index`` (>= ``parts``, the start statement's part count: one more than the statement
+    before it). Archive it before the next segment of the chain. Returns its encoded bytes."""
+    unsigned = ChainRecipients(chain.camera, chain.stream, chain.chain_id, chain.start_period,
+                               index, parts, tuple(sorted(set(viewers))), join_step=join_step)
+    return encode_record(replace(unsigned, signature=signer.sign(unsigned.signed_bytes())))
+
+
 class StreamWriter:
     """Writes one fusion stream (one response to one viewer) and keeps its transcript hash.
 

@@ -30,6 +30,8 @@ LABEL_KEY_COMMITMENT = b"FSE1 key-commitment"
 LABEL_MANIFEST = b"FSE1 manifest\x00"
 LABEL_END = b"FSE1 end\x00"
 LABEL_CHAIN_RECIPIENTS = b"FSE2 chain-recipients\x00"
+# A join statement: a viewer given a running chain from a later step (issue 23).
+LABEL_CHAIN_JOIN = b"FSE2 chain-join\x00"
 LABEL_TRANSCRIPT = b"FSE1 transcript\x00"
 # The Archiver's signed statement that a range has expired (keyservice.expiry).
 LABEL_EXPIRY_STATEMENT = b"FSE1 expired\x00"

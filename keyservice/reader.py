@@ -44,6 +44,7 @@ from keyservice.errors import (
     RequestMismatch,
 )
 from keyservice.format import (
+    LABEL_CHAIN_JOIN,
     LABEL_CHAIN_RECIPIENTS,
     LABEL_MANIFEST,
     RECORD_HEADER_LEN,
@@ -341,14 +342,31 @@ class StreamReader:
             if known != record:
                 raise IntegrityError()
             return
+        if record.first_step and not self._join_signed(record):
+            # A join record (a state from a later step) counts only under the Archiver's
+            # signed join statement, sent before it: without one, nothing shows this viewer
+            # was given the chain from that step only, so withheld and earlier minutes could
+            # not be told apart.
+            raise IntegrityError()
         self._charge(size + _RECORD_OVERHEAD)
         self._chain_records[record.chain_id] = record
+
+    def _join_signed(self, record: ChainRecord) -> bool:
+        found = self._recipients.get(record.chain_id)
+        if found is None:
+            return False
+        (camera, stream, start_period, _), by_part = found
+        return (camera == record.camera and stream == record.stream
+                and start_period == record.start_period
+                and any(p.join_step == record.first_step and self._fingerprint in p.viewers
+                        for p in by_part.values() if p.is_join))
 
     def _on_chain_recipients(self, part: ChainRecipients, raw: RawRecord) -> None:
         self._camera(part.camera)
         assert self._archiver_key is not None
         unsigned = raw[RECORD_HEADER_LEN:len(raw) - 2 - len(part.signature)]
-        _verify(self._archiver_key, LABEL_CHAIN_RECIPIENTS + unsigned, part.signature)
+        label = LABEL_CHAIN_JOIN if part.is_join else LABEL_CHAIN_RECIPIENTS
+        _verify(self._archiver_key, label + unsigned, part.signature)
         common = (part.camera, part.stream, part.start_period, part.parts)
         known = self._recipients.get(part.chain_id)
         if known is None:
@@ -365,18 +383,31 @@ class StreamReader:
 
     def _withheld_legitimately(self, camera: str, entry: ManifestEntry) -> bool:
         """True only if every part of the Archiver's signed recipients statement of this
-        segment's chain (made when the chain started) came and none lists this viewer."""
-        found = self._recipients.get(split_key_id(entry.key_id)[0])
+        segment's chain (made when the chain started) came and none lists this viewer, and no
+        signed join statement that came gives it the chain at or before this segment's step
+        (a join from a later step: the segment was recorded before this viewer's join)."""
+        chain_id, step = split_key_id(entry.key_id)
+        found = self._recipients.get(chain_id)
         if found is None:
             return False
         (rec_camera, rec_stream, _, parts), by_part = found
-        return (rec_camera == camera and rec_stream == entry.stream and len(by_part) == parts
-                and not any(self._fingerprint in p.viewers for p in by_part.values()))
+        # Every start part came (counted over what came: a signed `parts` does not set the
+        # work), whatever join statements came besides.
+        if (rec_camera != camera or rec_stream != entry.stream
+                or sum(1 for i in by_part if i < parts) != parts):
+            return False
+        return not any(self._fingerprint in p.viewers and p.join_step <= step
+                       for p in by_part.values())
 
     def _holds_key(self, key_id: bytes) -> bool:
         """Whether this reader has a way to a key id's minute key (given, or its chain's
-        record); whether that key is right is for the manifest's commitment to say."""
-        return key_id in self._known_keys or split_key_id(key_id)[0] in self._chain_records
+        record, from the record's first step on); whether that key is right is for the
+        manifest's commitment to say."""
+        if key_id in self._known_keys:
+            return True
+        chain_id, step = split_key_id(key_id)
+        record = self._chain_records.get(chain_id)
+        return record is not None and step >= record.first_step
 
     def _on_segment(self, segment: Segment, raw: RawRecord, digest: bytes) -> None:
         camera = self._camera(segment.camera)

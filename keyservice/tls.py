@@ -14,8 +14,6 @@ import os
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-
 from keyservice.errors import TlsCaError
 
 TLS_CA_ENV = "FUSION_TLS_CA"
@@ -43,6 +41,10 @@ def _reason(exc: BaseException) -> str:
 def _self_signed(path: Path) -> bool:
     """Whether the file holds a self-signed certificate (without the CA flag it still anchors
     itself: an Archiver's self-signed certificate given as its own CA)."""
+    # Imported here: only a CA file without a CA certificate gets this far, and an admin
+    # command's start-up need not load cryptography's X.509 (issue 23).
+    from cryptography import x509
+
     try:
         certificates = x509.load_pem_x509_certificates(path.read_bytes())
     except (OSError, ValueError):

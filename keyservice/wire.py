@@ -36,6 +36,7 @@ class ErrorCode(StrEnum):
     EXPIRED = "expired"
     UNKNOWN_HOLD = "unknown_hold"
     PULLED_CAMERA = "pulled_camera"
+    AT_CAPACITY = "at_capacity"  # the Archiver takes no more (pulled) cameras: it would fall behind
     # access grants of past video
     BAD_GRANT = "bad_grant"
     GRANT_OUTSIDE_RANGE = "grant_outside_range"

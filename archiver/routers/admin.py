@@ -68,6 +68,12 @@ class CameraInfo(BaseModel):
     timestamp_jumps: int = Field(default=0, description="Segments whose timestamps jumped "
                                  "between two frames since start (the jump is not signed as "
                                  "video)")
+    lag_ms: int | None = Field(default=None, description="From the end of the capture of the "
+                               "last segment to its archiving")
+    max_lag_ms: int | None = Field(default=None, description="The most a segment lagged in the "
+                                   "last minute (over 10 s: the camera is 'behind')")
+    overruns: int = Field(default=0, description="Pulled segments placed at their arrival since "
+                          "start: their clock was further behind than the Archiver believes")
     before_restart: bool = Field(default=False, description="The state is the last one known "
                                  "before the Archiver restarted (the camera was not heard of "
                                  "since)")

@@ -7,6 +7,7 @@ names.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from archiver.archive import Archive
@@ -16,6 +17,30 @@ from archiver.services.refused import Refused
 from archiver.settings import Settings
 from keyservice.format import DataStream
 from keyservice.wire import ErrorCode
+
+# Held while a camera is admitted and added (archiver.admin): the limit is not raced past.
+ADMISSION_LOCK = threading.Lock()
+
+
+def admit_pulled_camera(archive: Archive) -> None:
+    """Refuse a new pulled (RTSP) camera the Archiver cannot take, and say why: at its
+    configured limit (``--max-rtsp-cameras``), or already not keeping up (a pulled camera is
+    ``behind``). Beyond its cores every camera would fall behind, silently; refused, the admin
+    knows at once. Pushed cameras cost the Archiver encryption only and are not limited here."""
+    pulled = [cam.name for cam in archive.directory.cameras() if cam.rtsp_url]
+    limit = archive.settings.max_rtsp_cameras
+    if limit and len(pulled) >= limit:
+        raise Refused(ErrorCode.AT_CAPACITY, f"This Archiver pulls {len(pulled)} RTSP cameras, "
+                      f"its limit (--max-rtsp-cameras {limit}); add the camera to another "
+                      "Archiver, or raise the limit if its cores keep up (docs/cameras.md).")
+    now = archive.clock()
+    for name in pulled:
+        health = archive.health.health(name, now)
+        if health.state == CameraState.BEHIND:
+            raise Refused(ErrorCode.AT_CAPACITY, f"This Archiver is not keeping up: camera "
+                          f"'{name}' was archived up to {(health.max_lag_ms or 0) / 1000:.0f} s "
+                          "after capture in the last minute; it takes no more RTSP cameras "
+                          "until it keeps up (fewer cameras, or more cores).")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -25,7 +26,8 @@ from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, ensure_admin_token
 from archiver.datadir import secure_data_dir
 from archiver.limits import RefusalAudit
-from archiver.rtsp import RtspSupervisor
+from archiver.rtsp import CameraPullers, RtspSupervisor
+from archiver.rtsp_workers import RtspWorkerPool
 from archiver.services.cameras import CameraService
 from archiver.services.grants import GrantService
 from archiver.services.ingest import IngestService
@@ -54,7 +56,7 @@ class ArchiverServices:
     admin_token_digest: bytes
     metrics_token_digest: bytes | None = None
     site_ca: tuple[x509.Certificate, ...] = ()
-    rtsp: RtspSupervisor | None = None
+    rtsp: CameraPullers | None = None
     refusals: RefusalAudit | None = None
 
     @functools.cached_property
@@ -119,6 +121,30 @@ class ArchiverServices:
         self.close()
 
 
+def _camera_pullers(archive: Archive, settings: Settings,
+                    clock: Callable[[], int]) -> CameraPullers:
+    """What pulls the RTSP cameras: worker processes (``settings.rtsp_workers``, default one
+    per core) or, with 0, threads in this process."""
+
+    def ingest(camera: str, data: bytes, closed_at: float, *,
+               session: int | None = None) -> object:
+        # The segment arrived when its last packet reached the puller, not when this process
+        # got to it: under load the two differ, and placing it on the wall clock (and the lag
+        # an admin sees) must not count the queue. Taken as an age, so a test clock works too.
+        age_ms = max(0, round((time.time() - closed_at) * 1000))
+        return archive.ingest_segment(camera, data, now_ms=clock() - age_ms, session=session)
+
+    def fault(camera: str, message: str) -> None:
+        archive.health.stream_fault(camera, message, clock())
+
+    workers = settings.rtsp_worker_count
+    if workers == 0:
+        return RtspSupervisor(ingest, archive.health.puller_failed, fault,
+                              settings.rtsp_max_segment_bytes, settings.rtsp_max_segment_s)
+    return RtspWorkerPool(ingest, archive.health.puller_failed, fault,
+                          settings.rtsp_max_segment_bytes, settings.rtsp_max_segment_s, workers)
+
+
 def create_services(settings: Settings, signer: Signer | None = None,
                     clock: Callable[[], int] = wall_clock_ms,
                     free_bytes: Callable[[], int] | None = None) -> ArchiverServices:
@@ -162,10 +188,7 @@ def create_services(settings: Settings, signer: Signer | None = None,
 
     archive.retention.on_removed = removed
     archive.retention.ensure_reserve()
-    rtsp = RtspSupervisor(
-        archive.ingest_segment, archive.health.puller_failed,
-        lambda camera, message: archive.health.stream_fault(camera, message, clock()),
-        settings.rtsp_max_segment_bytes, settings.rtsp_max_segment_s)
+    rtsp = _camera_pullers(archive, settings, clock)
     site_ca = tuple(load_certificate(p.read_bytes()) for p in settings.site_ca_files)
     admin_sessions = Sessions(settings.challenge_ttl_s, settings.session_ttl_s)
     services = ArchiverServices(

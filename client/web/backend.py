@@ -13,12 +13,13 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from client.player import NOT_AUTHORIZED, DiscardOutput, FileOutput, Gap
+from client.player import NOT_AUTHORIZED, DiscardOutput, FileOutput, Gap, Player
 from client.session import (
     ArchiverSession,
     CameraView,
@@ -28,20 +29,28 @@ from client.session import (
     playback_request,
 )
 from client.viewer import Login, play_range, player_for, stream
-from client.web.media import VideoInfo, probe, to_fmp4
+from client.web.media import Remux, VideoInfo, remuxer
+from keyservice.errors import RequestRefused
 from keyservice.exitcodes import ExitCode
 from keyservice.exits import failure
 from keyservice.identity import Identity
-from keyservice.reader import SegmentPlaintext
+from keyservice.reader import SegmentPlaintext, StreamRequest
 from keyservice.timespec import format_ms
 
-__all__ = ["LIVE_REQUEST_S", "RELOGIN_MARGIN_MS", "Export", "TileRequest", "ViewerBackend",
+__all__ = ["BUSY_RETRY_S", "BUSY_WAIT_S", "LIVE_REQUEST_S", "RELOGIN_MARGIN_MS", "Export",
+           "TileRequest", "ViewerBackend",
            "error_json", "gap_json", "recorded_ranges"]
 
 # Live requests are re-issued by the page when they end; an hour keeps that rare.
 LIVE_REQUEST_S = 3600
 # Log in again this long before the Archiver's session expires (a token operation, no PIN).
 RELOGIN_MARGIN_MS = 60_000
+# The Archiver searches only a few requests of one viewer at a time and answers the others 429
+# (Retry-After): a grid's tiles start together. A stream refused so, before any byte of it,
+# asks again (a new request, with a new nonce) every BUSY_RETRY_S for up to BUSY_WAIT_S.
+BUSY_RETRY_S = 1.0
+BUSY_WAIT_S = 20.0
+TOO_MANY_REQUESTS = 429
 
 T = TypeVar("T")
 Emit = Callable[[dict[str, Any] | bytes], None]
@@ -123,8 +132,12 @@ class ViewerBackend:
 
     def __init__(self, session: ArchiverSession, identity: Identity, login: Login | LoginResult,
                  relogin: Callable[[], Login | LoginResult], export_dir: Path,
-                 clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+                 clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+                 remux: Remux | None = None) -> None:
+        """remux: how a verified segment becomes fMP4 (client.web.media.remuxer() by
+        default: in-process PyAV when installed)."""
         self.session = session
+        self.remux = remux if remux is not None else remuxer()
         self.identity = identity
         self.login = login.result if isinstance(login, Login) else login
         self._relogin = relogin
@@ -203,25 +216,28 @@ class ViewerBackend:
                 return
             if not request.live and event.capture_ms > request.to_ms:
                 return  # the page's next window starts where this one's last segment ends
+            remuxed = self.remux(event.data)
             if info is None:
-                info = probe(event.data)
+                info = remuxed.info
                 emit({"type": "codec", "codec": info.codec, "mime": info.mime,
                       "width": info.width, "height": info.height})
             meta = {"type": "segment", "seq": event.seq, "capture_ms": event.capture_ms,
                     "duration_ms": event.duration_ms, "verified": True}
-            if info.codec != "h264":
+            if remuxed.fmp4 is None:
                 emit({**meta, "media": False})  # verified, but this browser cannot show it
                 return
-            data = to_fmp4(event.data)
-            emit({**meta, "media": True, "bytes": len(data)})
-            emit(data)
+            emit({**meta, "media": True, "bytes": len(remuxed.fmp4)})
+            emit(remuxed.fmp4)
             shown += 1
 
-        # A fresh nonce per request: the stream must answer exactly it (issue 12).
-        asked = (live_request(request.camera, LIVE_REQUEST_S) if request.live
-                 else playback_request(request.camera, request.from_ms, request.to_ms))
-        player = player_for(self.identity, self.login, asked, DiscardOutput(),
-                            on_segment=on_segment)
+        def ask() -> tuple[StreamRequest, Player]:
+            # A fresh nonce per request: the stream must answer exactly it (issue 12).
+            asked = (live_request(request.camera, LIVE_REQUEST_S) if request.live
+                     else playback_request(request.camera, request.from_ms, request.to_ms))
+            return asked, player_for(self.identity, self.login, asked, DiscardOutput(),
+                                     on_segment=on_segment)
+
+        asked, player = ask()
         sent_gaps = 0
 
         def flush_gaps() -> None:
@@ -232,11 +248,23 @@ class ViewerBackend:
 
         child: ArchiverSession | None = None
         try:
-            child = self._stream_session()
-            on_session(child)
-            fetch = stream(child, asked)
-            emit({"type": "start", "camera": request.camera, "live": request.live})
-            with fetch as chunks:
+            with ExitStack() as opened:
+                busy_until = time.monotonic() + BUSY_WAIT_S
+                while True:
+                    child = self._stream_session()
+                    on_session(child)
+                    try:
+                        chunks = opened.enter_context(stream(child, asked))
+                        break
+                    except RequestRefused as exc:
+                        if (exc.http_status != TOO_MANY_REQUESTS or stopped.is_set()
+                                or time.monotonic() + BUSY_RETRY_S > busy_until):
+                            raise
+                    child.close()  # refused before any byte: nothing was verified or shown
+                    if stopped.wait(BUSY_RETRY_S):
+                        return
+                    asked, player = ask()
+                emit({"type": "start", "camera": request.camera, "live": request.live})
                 for chunk in chunks:
                     if stopped.is_set():
                         return

@@ -116,6 +116,24 @@ class KeyChain:
         """False once ``key_at(now_ms)`` would refuse: start a new chain then."""
         return self._step <= self.step_at(now_ms) <= max_ratchet_index(self.period_s)
 
+    def join_step_at(self, now_ms: int) -> int:
+        """The first step a viewer authorized now may be given (issue 23): now's step if the
+        chain has not derived its key yet (no segment is sealed under it), else the next
+        one. Never a step whose key may have sealed a segment recorded before now."""
+        return max(self._step + 1, self.step_at(now_ms))
+
+    def state_at(self, step: int) -> bytes:
+        """S_step for a step after the current one, without stepping the chain (its current
+        state still derives the current key): what a join record wraps. One-way, so it
+        reveals no minute key before ``step``."""
+        if step <= self._step:
+            raise ValueError("A join is given a later step than the chain's current one.")
+        state = self._state
+        assert state is not None
+        for _ in range(step - self._step):
+            state = chain_step(state, self.chain_id)
+        return state
+
     def key_at(self, now_ms: int) -> PeriodKey:
         """The minute key of now's key period; steps the chain forward to it, erasing the
         states before."""
@@ -135,20 +153,23 @@ class KeyChain:
 
 
 class ChainDeriver:
-    """The viewer's side of one chain: the minute key of any step from S_0 (viewers may seek
-    back, so the states computed so far are kept, in memory only)."""
+    """The viewer's side of one chain: the minute key of any step from the state its record
+    wraps, S_0 or (a join record) S_first_step; viewers may seek back, so the states computed
+    so far are kept, in memory only. Steps before a join's first step are not derivable."""
 
     def __init__(self, record: ChainRecord, seed: bytes, max_step: int) -> None:
         if len(seed) != KEY_LEN:
             raise ValueError("A chain state is 32 bytes.")
         self.record = record
         self.max_step = max_step
-        self._states = [seed]
+        self.first_step = record.first_step
+        self._states = [seed]  # _states[k] is S_(first_step + k)
 
     def key(self, step: int) -> bytes:
-        if not 0 <= step <= self.max_step:
-            raise IntegrityError()  # no honest Archiver steps a chain beyond its day
-        while len(self._states) <= step:
+        if not self.first_step <= step <= self.max_step:
+            raise IntegrityError()  # beyond the chain's day, or before this viewer's join
+        index = step - self.first_step
+        while len(self._states) <= index:
             self._states.append(chain_step(self._states[-1], self.record.chain_id))
-        return chain_minute_key(self._states[step], self.record.chain_id, self.record.camera,
+        return chain_minute_key(self._states[index], self.record.chain_id, self.record.camera,
                                 self.record.stream, step)

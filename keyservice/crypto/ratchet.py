@@ -51,13 +51,16 @@ def ratchet_kek(kek: bytes, epoch_id: bytes) -> bytes:
 
 
 def chain_record_ad(viewer_fingerprint: bytes, epoch_id: bytes, ratchet_index: int,
-                    camera: str, stream: DataStream, chain_id: bytes, start_period: int) -> bytes:
-    """Binds a wrapped chain state to its viewer, epoch, ratchet step, camera stream, chain id
-    and start period: a chain record cannot be replayed for another viewer, step, camera,
-    stream or chain."""
+                    camera: str, stream: DataStream, chain_id: bytes, start_period: int,
+                    first_step: int = 0) -> bytes:
+    """Binds a wrapped chain state to its viewer, epoch, ratchet step, camera stream, chain id,
+    start period and (a join record) the step of the state: a chain record cannot be replayed
+    for another viewer, step, camera, stream or chain, nor a join's S_j passed off as S_0 or
+    as another step's state. (A start record's associated data is that of format 2 before
+    joins: the fixed-length fields end where it ends, so the two cannot collide.)"""
     return b"".join((LABEL_CHAIN_RECORD, _VERSION, viewer_fingerprint, epoch_id,
                      _U32.pack(ratchet_index), _str8(camera), bytes((stream,)), chain_id,
-                     _U64.pack(start_period)))
+                     _U64.pack(start_period), _U32.pack(first_step) if first_step else b""))
 
 
 class Epoch:
@@ -104,10 +107,10 @@ class Epoch:
         """False once ``wrap(now_ms)`` would refuse: start a new epoch then."""
         return self._index <= self.index_at(now_ms) <= max_ratchet_index(self.period_s)
 
-    def wrap_chain(self, chain: KeyChain, seed: bytes, now_ms: int, rng: Rng = os.urandom
-                   ) -> ChainRecord:
+    def wrap_chain(self, chain: KeyChain, seed: bytes, now_ms: int, rng: Rng = os.urandom,
+                   first_step: int = 0) -> ChainRecord:
         """Wrap ``chain``'s starting state ``seed`` for this viewer under the KEK of now's key
-        period."""
+        period; with ``first_step`` > 0, ``seed`` is the state of that step (a join record)."""
         index = self.index_at(now_ms)
         if index < self._index:
             raise ValueError("The clock went back behind this epoch's ratchet (KEKs already "
@@ -124,10 +127,10 @@ class Epoch:
         # camera stream, or a few), far below the 2^32 limit for random 96-bit GCM nonces.
         nonce = rng(NONCE_LEN)
         ad = chain_record_ad(self.viewer_fingerprint, self.epoch_id, index, chain.camera,
-                             chain.stream, chain.chain_id, chain.start_period)
+                             chain.stream, chain.chain_id, chain.start_period, first_step)
         wrapped = AESGCM(kek).encrypt(nonce, seed, ad)
         return ChainRecord(self.epoch_id, index, chain.camera, chain.stream, chain.chain_id,
-                           chain.start_period, nonce, wrapped)
+                           chain.start_period, nonce, wrapped, first_step)
 
 
 def open_epoch_opener(identity: Identity, opener: EpochOpener) -> bytes:
@@ -170,10 +173,12 @@ class KekRatchet:
 
 
 def unwrap_chain_record(kek: bytes, record: ChainRecord, viewer_fingerprint: bytes) -> bytes:
-    """The chain's starting state S_0 in ``record``; IntegrityError unless it was wrapped for
-    this viewer, epoch, ratchet step, camera stream, chain id and start period."""
+    """The chain state in ``record`` (S_0, or S_first_step of a join record); IntegrityError
+    unless it was wrapped for this viewer, epoch, ratchet step, camera stream, chain id, start
+    period and first step."""
     ad = chain_record_ad(viewer_fingerprint, record.epoch_id, record.ratchet_index,
-                         record.camera, record.stream, record.chain_id, record.start_period)
+                         record.camera, record.stream, record.chain_id, record.start_period,
+                         record.first_step)
     try:
         return AESGCM(kek).decrypt(record.nonce, record.wrapped, ad)
     except InvalidTag:

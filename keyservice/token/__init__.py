@@ -12,24 +12,47 @@ sign, nothing more. It also holds the Archiver's own ECDSA signing key.
 - ``piv``: enrolment into the fixed key slots of a PIV card (ykcs11).
 """
 
-from keyservice.token.piv import PIV_SLOT_IDS, enroll_piv
-from keyservice.token.provisioning import (
-    DEFAULT_RSA_BITS,
-    RSA_SIZES,
-    Adoption,
-    Enrollment,
-    ImportResult,
-    SelftestResult,
-    Token,
-)
-from keyservice.token.runtime import IdentityInfo, RuntimeToken, TokenIdentity, TokenSigner
-from keyservice.token.session import (
-    init_token,
-    pin_tries_note,
-    resolve_module_path,
-    token_kind,
-    unload_module,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names below, for type checkers; at run time each loads on first use
+    from keyservice.token.piv import PIV_SLOT_IDS, enroll_piv
+    from keyservice.token.provisioning import (
+        DEFAULT_RSA_BITS,
+        RSA_SIZES,
+        Adoption,
+        Enrollment,
+        ImportResult,
+        SelftestResult,
+        Token,
+    )
+    from keyservice.token.runtime import IdentityInfo, RuntimeToken, TokenIdentity, TokenSigner
+    from keyservice.token.session import (
+        init_token,
+        pin_tries_note,
+        resolve_module_path,
+        token_kind,
+        unload_module,
+    )
+
+# Which module owns each re-exported name: imported on first use (issue 23), so that a
+# program importing one submodule does not load every other.
+_OWNERS: dict[str, tuple[str, ...]] = {
+    "keyservice.token.piv": (
+        "PIV_SLOT_IDS", "enroll_piv",
+    ),
+    "keyservice.token.provisioning": (
+        "Adoption", "DEFAULT_RSA_BITS", "Enrollment", "ImportResult", "RSA_SIZES", "SelftestResult",
+        "Token",
+    ),
+    "keyservice.token.runtime": (
+        "IdentityInfo", "RuntimeToken", "TokenIdentity", "TokenSigner",
+    ),
+    "keyservice.token.session": (
+        "init_token", "pin_tries_note", "resolve_module_path", "token_kind", "unload_module",
+    ),
+}
+_WHERE = {name: module for module, names in _OWNERS.items() for name in names}
 
 __all__ = [
     "DEFAULT_RSA_BITS",
@@ -51,3 +74,16 @@ __all__ = [
     "token_kind",
     "unload_module",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    owner = _WHERE.get(name)
+    if owner is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(owner), name)
+    globals()[name] = value  # once: the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from archiver.cameras import CameraState, HealthBoard, SegmentClock, SegmentTime
+from archiver.cameras import (
+    DRIFT_TOLERANCE_MS,
+    MAX_LAG_MS,
+    CameraState,
+    HealthBoard,
+    SegmentClock,
+    SegmentTime,
+)
 from archiver.mpegts import PTS_WRAP, MediaSpan, media_span
 from tests.fixtures.camera import requires_ffmpeg
 
@@ -150,3 +157,93 @@ def test_a_camera_whose_timestamps_jumped_is_flagged_for_a_minute() -> None:
         board.segment_archived("cam", arrival, 100, SegmentTime(arrival - 2000, arrival))
     health = board.health("cam", 72_000)
     assert health.state == CameraState.RECEIVING and health.timestamp_jumps == 1
+
+
+def test_a_pulled_session_that_falls_behind_keeps_its_capture_times() -> None:
+    """Issue 23: an Archiver that reads a pulled camera's session 40 s late (overload, a
+    pause). Before: the first late segment was re-placed at its arrival, a false 30 s+ gap,
+    and the backlog squeezed onto the arrival times. After: the session's clock is kept."""
+    clock = SegmentClock()
+    assert clock.place(10_000, _span(0), session=7) == SegmentTime(8_000, 10_000)
+    assert clock.place(12_000, _span(2), session=7) == SegmentTime(10_000, 12_000)
+    # Frozen for 40 s: the next ten segments (captured 12..32 s) are read at 52 s, in a burst.
+    times = [clock.place(52_000 + 50 * i, _span(4 + 2 * i), session=7) for i in range(10)]
+    # At their capture times (to the 0.1 % slew for a slow camera clock: 2 ms a segment).
+    for i, placed in enumerate(times):
+        assert placed.end_ms - placed.start_ms == 2000
+        assert 0 <= placed.start_ms - (12_000 + 2000 * i) <= 2 * (i + 1)
+    assert clock.overrun_ms == 0
+    # Caught up: back on time, still contiguous.
+    after = clock.place(54_000, _span(24), session=7)
+    assert after.start_ms - times[-1].end_ms <= 2 and after.end_ms - 34_000 <= 22
+
+
+def test_a_slow_camera_clock_does_not_build_up_a_lag() -> None:
+    """A pulled camera whose clock runs 0.05 % slow, over a day-long session: its placement
+    slews back towards arrival, so the lag stays within the drift tolerance (+ a segment's
+    slew), and the camera is never "behind" for it; segments stay contiguous to a frame."""
+    clock = SegmentClock()
+    board = HealthBoard()
+    previous = None
+    for i in range(43_200):  # 24 h of 2 s segments
+        arrival = 10_000 + 2001 * i  # 2 s of its clock take 2.001 s of ours: 0.05 % slow
+        placed = clock.place(arrival, _span(2 * i), session=3)
+        if previous is not None:
+            assert 0 <= placed.start_ms - previous.end_ms <= 2
+        previous = placed
+        assert arrival - placed.end_ms <= DRIFT_TOLERANCE_MS + 2
+    board.segment_archived("cam", arrival, 100, placed)
+    assert board.health("cam", arrival).state == CameraState.RECEIVING
+
+
+def test_a_pushed_stream_or_a_new_session_is_still_bounded_by_30_s() -> None:
+    """What a pulled session may do, a pushed stream (separate uploads: its clock running on
+    across silence is the camera's claim) or a new connection may not: the outage stays a gap."""
+    for session in (None, 8):
+        clock = SegmentClock()
+        clock.place(10_000, _span(0), session=7 if session else None)
+        assert clock.place(52_000, _span(2), session=session) == SegmentTime(50_000, 52_000)
+        assert clock.overrun_ms == 0
+
+
+def test_a_pulled_clock_far_behind_is_not_believed() -> None:
+    """A hostile camera sends frames faster than its timestamps say, to place video far in
+    the past: beyond MAX_LAG_MS the segment is placed at its arrival and counted (``behind``),
+    never hours in the past, never overlapping."""
+    clock = SegmentClock()
+    clock.place(10_000, _span(0), session=1)
+    late = 10_000 + MAX_LAG_MS + 30_000  # read 2 min 30 s after a continuous 2 s of video
+    assert clock.place(late, _span(2), session=1) == SegmentTime(late - 2000, late)
+    assert late - 12_000 - 5 <= clock.overrun_ms <= late - 12_000  # (less a 2 ms slew)
+    assert clock.place(late + 2000, _span(4), session=1) == SegmentTime(late, late + 2000)
+    assert clock.overrun_ms == 0
+    # Within the bound it is believed again; and still never in the future.
+    assert clock.place(late + 3500, _span(6), session=1) == SegmentTime(late + 2000, late + 4000)
+    ahead = clock.place(late + 3600, _span(8), session=1)
+    assert ahead.start_ms == late + 4000 and ahead.end_ms <= late + 3600 + DRIFT_TOLERANCE_MS
+
+
+def test_a_camera_behind_is_flagged_with_its_lag() -> None:
+    board = HealthBoard()
+    board.segment_archived("cam", 10_000, 100, SegmentTime(8_000, 10_000), archived_ms=10_050)
+    health = board.health("cam", 10_100)
+    assert health.state == CameraState.RECEIVING and health.lag_ms == 50
+    # Archived 40 s after capture (the backlog of a frozen Archiver), then caught up.
+    board.segment_archived("cam", 52_000, 100, SegmentTime(10_000, 12_000), archived_ms=52_010)
+    board.segment_archived("cam", 54_000, 100, SegmentTime(52_000, 54_000), archived_ms=54_020)
+    health = board.health("cam", 54_100)
+    assert health.state == CameraState.BEHIND
+    assert (health.lag_ms, health.max_lag_ms) == (20, 40_010)
+    assert "archived up to 40.0 s after capture" in health.message
+    histogram = board.lag_histogram()
+    assert histogram.counts[-1] == 3 and histogram.counts[0] == 2  # 2 under 0.25 s
+    # A minute later without lag: receiving again.
+    for arrival in range(56_000, 116_000, 2000):
+        board.segment_archived("cam", arrival, 100, SegmentTime(arrival - 2000, arrival))
+    assert board.health("cam", 116_000).state == CameraState.RECEIVING
+    # A clock beyond the bound: behind, with the reason, for a minute.
+    board.segment_archived("cam", 200_000, 100, SegmentTime(198_000, 200_000),
+                           overrun_ms=150_000)
+    health = board.health("cam", 200_000)
+    assert health.state == CameraState.BEHIND and health.overruns == 1
+    assert "fell 2 min 30 s behind" in health.message and "not at its capture time" in health.message

@@ -121,7 +121,8 @@ def test_late_and_revoked_viewers_read_nothing_outside_their_chains(
     before_bob = _put(archiver_server, token, 2, 1)
     _next_period()  # the same chain steps on: alice still has one record for both periods
     before_bob += _put(archiver_server, token, 2, 2)
-    archiver_server.add_viewer(bob.pem, ["cam1"])  # bob is late: a new chain starts
+    # bob is late: he joins the running chain from its next key period (issue 23)
+    archiver_server.add_viewer(bob.pem, ["cam1"])
     _next_period()
     shared = _put(archiver_server, token, 2, 3)
     _next_period()
@@ -143,10 +144,11 @@ def test_late_and_revoked_viewers_read_nothing_outside_their_chains(
     assert len(segments) == 12
     alice_chains = _everything_wrapped_for(alice, archiver_server.data_dir)
     bob_chains = _everything_wrapped_for(bob, archiver_server.data_dir)
-    # Records: alice one per chain she was authorized for (before bob, and from bob to her
-    # revocation), bob one per chain since he was added; four periods, three chains.
-    assert len(alice_chains) == 2 and len(bob_chains) == 2
-    assert len({split_key_id(s.key_id)[0] for s in segments}) == 3
+    # Records: alice one for the chain that ran until her revocation (bob's join left it
+    # running), bob a join record for that chain and one for the chain her revocation started;
+    # two chains.
+    assert len(alice_chains) == 1 and len(bob_chains) == 2
+    assert len({split_key_id(s.key_id)[0] for s in segments}) == 2
     assert sorted(_readable(alice_chains, segments)) == sorted(before_bob + shared)
     assert sorted(_readable(bob_chains, segments)) == sorted(shared + after_alice)
 

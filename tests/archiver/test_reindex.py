@@ -13,6 +13,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def test_reindex_rebuilds_the_index_from_the_files(
     for i, data in enumerate(chunks):
         assert archiver_server.put_segment("cam1", tokens["cam1"], data) == 201
         assert archiver_server.put_segment("cam2", tokens["cam2"], data[::-1]) == 201
-        if i == 2:  # an authorization change: new minute keys and a new epoch midway
+        if i == 2:  # re-authorized midway (issue 23: the chains run on, nothing restarts)
             archiver_server.add_viewer(alice.pem, ["cam1", "cam2"])
     before = _played(archiver_server, alice)
     archiver_server.stop()
@@ -183,10 +184,13 @@ def test_the_whole_database_lost_is_rebuilt_from_the_archive(
     alice = make_viewer("alice")
     token = archiver_server.add_camera("cam1")
     archiver_server.add_viewer(alice.pem, ["cam1"])
+    bob = make_viewer("bob")
     chunks = _segments(6)
     for i, data in enumerate(chunks):
-        if i == 3:  # a second epoch and new minute keys midway
-            archiver_server.add_viewer(alice.pem, ["cam1"])
+        if i == 3:  # a second viewer joins the chain midway: its opener and join record,
+            archiver_server.add_viewer(bob.pem, ["cam1"])  # written at the next key period
+            period_ms = archiver_server.key_period_s * 1000
+            time.sleep((period_ms - time.time_ns() // 1_000_000 % period_ms) / 1000 + 0.05)
         assert archiver_server.put_segment("cam1", token, data) == 201
     assert _played(archiver_server, alice) == b"".join(chunks)
     archiver_server.stop()
@@ -195,7 +199,7 @@ def test_the_whole_database_lost_is_rebuilt_from_the_archive(
     done = _reindex(archiver_server.data_dir)
     assert done.returncode == 0, done.stderr
     assert "indexed 6 segment(s) under 6 signed manifest(s) from 1 file(s)" in done.stdout
-    # At least the two epochs and two keys (a key period boundary may add a key).
+    # At least two epochs and two chain records (alice's, and bob's join record).
     found = re.search(r"key streams: (\d+) epoch opener\(s\), (\d+) key record", done.stdout)
     assert found and int(found[1]) >= 2 and int(found[2]) >= 2, done.stdout
     archiver_server.start()

@@ -13,6 +13,7 @@ import pytest
 
 from archiver.audit import verify_audit_log
 from keyservice.errors import NoMatchingIdentity
+from keyservice.format import ChainRecord, decode_record
 from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
 from tests.fixtures.server import ArchiverServer, unique_camera
 from tests.fixtures.viewer import fetch, login, observed_secrets, play
@@ -67,6 +68,10 @@ def test_late_viewers_see_only_the_future_and_revoked_get_nothing_new(
     for chunk in (b"A1", b"A2"):
         assert archiver_server.put_segment(cam, token, chunk * 500) == 201
     bob_fp = archiver_server.add_viewer(bob.pem, [cam])
+    # Bob joins the running chain from the first key period that sealed nothing recorded
+    # before he was added (issue 23): the next one, if A1/A2 used this one.
+    period_ms = archiver_server.key_period_s * 1000
+    time.sleep((period_ms - time.time_ns() // 1_000_000 % period_ms) / 1000 + 0.05)
     for chunk in (b"B1", b"B2"):
         assert archiver_server.put_segment(cam, token, chunk * 500) == 201
     alice_session = login(archiver_server.url, alice.identity)
@@ -74,13 +79,24 @@ def test_late_viewers_see_only_the_future_and_revoked_get_nothing_new(
     for chunk in (b"C1", b"C2"):
         assert archiver_server.put_segment(cam, token, chunk * 500) == 201
 
-    # Each segment's chain (the first 12 bytes of its key id).
-    keys = [key_id[:12] for key_id in _segment_key_ids(archiver_server, cam)]
+    # Each segment's chain (the first 12 bytes of its key id) and step (the last 4).
+    key_ids = _segment_key_ids(archiver_server, cam)
+    keys = [key_id[:12] for key_id in key_ids]
     alice_keys, bob_keys = _key_ids_of(archiver_server, alice_fp), _key_ids_of(archiver_server, bob_fp)
     # Alice: keys for what was recorded while she was authorized, none after revocation.
     assert set(keys[:4]) <= alice_keys and not set(keys[4:]) & alice_keys
-    # Bob: nothing recorded before he was added (adding him rotated the key at once).
-    assert not set(keys[:2]) & bob_keys and set(keys[2:]) <= bob_keys
+    # Bob: a record for every chain from his authorization on; for the chain he joined, its
+    # state from a step after A1's and A2's (nothing recorded before he was added).
+    assert set(keys[2:]) <= bob_keys
+    with sqlite3.connect(server_db := archiver_server.data_dir / "archiver.sqlite3") as db:
+        (join_raw,) = [row[0] for row in db.execute(
+            "SELECT record FROM chain_records WHERE fingerprint=? AND chain_id=?",
+            (bob_fp, keys[0]))]
+    assert server_db.exists()
+    join = decode_record(join_raw)
+    assert isinstance(join, ChainRecord)
+    steps = [int.from_bytes(key_id[12:], "big") for key_id in key_ids]
+    assert keys[0] == keys[1] == keys[2] and max(steps[:2]) < join.first_step <= steps[2]
 
     # Bob's stream: the first two segments are covered by manifests but not decryptable.
     bob_stream = fetch(archiver_server.url, login(archiver_server.url, bob.identity), cam)

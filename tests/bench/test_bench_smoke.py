@@ -47,12 +47,16 @@ def test_rotation_counts(tmp_path: Path) -> None:
     data = run_bench(tmp_path, "rotation", "--rotation", "3x4")
     first, second = data["rotation"]["minutes"]
     # Minute 0 starts every viewer's epoch and every camera's key chain, wrapped for every
-    # viewer; minute 1 only steps the chains; an authorization change on one camera wraps that
-    # camera's new chain for every viewer (and starts one new epoch).
+    # viewer; minute 1 only steps the chains. Adding a viewer the old way restarts the 3 chains
+    # for all 5 viewers; the new way (issue 23) joins it to each: 3 join records, no chain. A
+    # revocation on one camera wraps that camera's new chain for the 5 viewers left.
     assert (first["epoch_openers"], first["chains_started"], first["key_records"]) == (4, 3, 12)
     assert (second["epoch_openers"], second["chains_started"], second["key_records"]) == (0, 0, 0)
+    restart, join = data["rotation"]["add_viewer_restart"], data["rotation"]["add_viewer_join"]
+    assert (restart["epoch_openers"], restart["chains_started"], restart["key_records"]) == (1, 3, 15)
+    assert (join["epoch_openers"], join["chains_started"], join["key_records"]) == (1, 0, 3)
     change = data["rotation"]["authorization_change"]
-    assert (change["epoch_openers"], change["chains_started"], change["key_records"]) == (1, 1, 4)
+    assert (change["epoch_openers"], change["chains_started"], change["key_records"]) == (0, 1, 5)
     assert first["key_material_bytes"] > 0 and first["cpu_s"] > 0
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from fusion_testkit.client_cli import (
@@ -152,6 +153,11 @@ def test_card_pulled_mid_stream_then_reinserted(
         client: Client, tmp_path: Path) -> None:
     ingest = site_archiver.add_camera("cam1")
     alice = card_viewer(piv_card, site_ca, site_archiver, tmp_path)
+    # A second viewer (software key), revoked later: a revocation starts a new key chain
+    # (adding or re-authorizing a viewer no longer does, issue 23).
+    bob_key = ec.generate_private_key(ec.SECP256R1())
+    bob_fp = site_archiver.add_viewer(
+        site_ca.issue(bob_key.public_key(), "bob").public_bytes(Encoding.PEM).decode(), ["cam1"])
     out = tmp_path / "live.ts"
     t0 = now_ms()
     viewer = subprocess.Popen(
@@ -170,10 +176,12 @@ def test_card_pulled_mid_stream_then_reinserted(
             assert time.monotonic() < deadline, "the live segments were not written"
             time.sleep(0.05)
         piv_card.remove()  # the card is pulled while the viewer is watching
-        # The admin re-authorizes Alice: a new epoch, so the next segment needs the card.
+        # The admin re-authorizes Alice (her epoch ends) and revokes Bob (a new chain, wrapped
+        # for Alice under a new epoch): the next segment needs the card.
         site_archiver.admin("POST", "/v1/admin/viewers", {
             "certificate": alice.pem.read_text(), "cameras": ["cam1"], "oaep_hash": "sha256"},
             expect=201)
+        site_archiver.revoke(bob_fp)
         after = chunk("after", 20000)
         put(site_archiver, "cam1", ingest, after)
         _, err = viewer.communicate(timeout=60)

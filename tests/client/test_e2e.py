@@ -147,7 +147,9 @@ def test_revoked_viewer_gets_nothing_for_the_minutes_after_revocation(
 
     # Authorized again: the minutes while revoked stay dark -- no key records were made.
     archiver_server.add_viewer(alice.pem, ["cam1"])
-    time.sleep(0.05)
+    # She joins the running chain from its next key period (issue 23).
+    period_ms = archiver_server.key_period_s * 1000
+    time.sleep((period_ms - now_ms() % period_ms) / 1000 + 0.05)
     put(archiver_server, "cam1", ingest, *after)
     t_end = now_ms() + 1
     dark = play(client, archiver_server.url, alice, out, t_revoked, t_reauthorized)
@@ -175,6 +177,10 @@ def test_viewer_authorized_later_sees_nothing_from_before(
     time.sleep(0.05)
     t_auth = now_ms()
     archiver_server.add_viewer(late.pem, ["cam1"])
+    # It joins the running chain from the first key period none of whose segments was recorded
+    # before its authorization (issue 23): the next one, as "early" used this one.
+    period_ms = archiver_server.key_period_s * 1000
+    time.sleep((period_ms - now_ms() % period_ms) / 1000 + 0.05)
     put(archiver_server, "cam1", ingest, *later)
     t_end = now_ms() + 1
 

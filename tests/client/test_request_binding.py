@@ -164,14 +164,19 @@ def test_deleted_key_records_are_reported_missing_not_unauthorized(
     Archiver's signed chain recipients, made when the key chain started and archived with the
     segments, can say "not authorized"; without it the segments are missing (exit 53)."""
     alice, bob = make_viewer("alice"), make_viewer("bob")
+    carol, dave = make_viewer("carol"), make_viewer("dave")
     cam1 = archiver_server.add_camera("cam1")
     alice_fp = archiver_server.add_viewer(alice.pem, ["cam1"])
+    carol_fp = archiver_server.add_viewer(carol.pem, ["cam1"])
+    dave_fp = archiver_server.add_viewer(dave.pem, ["cam1"])
     t0 = now_ms()
     parts = [[chunk(f"part{p}-{i}") for i in range(3)] for p in range(3)]
     put(archiver_server, "cam1", cam1, *parts[0])
-    archiver_server.add_viewer(bob.pem, ["cam1"])  # new minute keys from here on
-    put(archiver_server, "cam1", cam1, *parts[1])
+    # Three chains: a revocation starts one (adding a viewer only joins a running chain).
+    archiver_server.revoke(carol_fp)  # new minute keys from here on
     archiver_server.add_viewer(bob.pem, ["cam1"])
+    put(archiver_server, "cam1", cam1, *parts[1])
+    archiver_server.revoke(dave_fp)
     put(archiver_server, "cam1", cam1, *parts[2])
     t1 = now_ms() + 1
     # Bob was authorized after the first part: the signed grants say so.

@@ -35,6 +35,8 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from archiver.cameras import DRIFT_TOLERANCE_MS
+from fusion_testkit.pki import SiteCa
+from fusion_testkit.server import production_archiver
 from keyservice.exitcodes import ExitCode
 from tests.fixtures.server import ArchiverServer, free_port
 from tests.fixtures.tokens import TokenHandle, enroll_viewer
@@ -375,10 +377,14 @@ def test_timeline_seek_gap_and_export(setup: Setup, open_viewer: Callable[..., V
     target = segments[k]["capture_ms"] + segments[k]["duration_ms"] // 2
     click_timeline(page, "lobby", target)
     state = wait_tile(page, "lobby", "s.shown >= 1 && s.positionMs !== null")
-    page.wait_for_function("(c) => document.querySelector(`.tile[data-camera=\"${c}\"] video`)"
-                           ".readyState >= 2", arg="lobby")
+    page.wait_for_function("(c) => { const v = document.querySelector(`.tile[data-camera=\"${c}\"]"
+                           " video`); return !v.seeking && v.readyState >= 2; }", arg="lobby")
+    state = tile(page, "lobby")
     assert state["paused"]
-    assert state["segments"][0]["seq"] == k
+    # Segment k was played already: the seek shows it from the media in the browser (issue 23).
+    assert state["requests"] == 1
+    assert page.evaluate("(c) => { const t = window.fusionViewer.tiles.get(c); "
+                         "return t.segmentAt(t.video.currentTime).seq; }", "lobby") == k
     assert abs(state["positionMs"] - target) < 100  # a click is a few ms wide
     assert page.evaluate(READ_BARCODE, "lobby") == 10
     shot(page, shots, "seek.png")
@@ -412,6 +418,201 @@ def test_timeline_seek_gap_and_export(setup: Setup, open_viewer: Callable[..., V
     assert httpx.get(download.url, timeout=10).status_code == 403, "a spent ticket"
     shot(page, shots, "timeline-export.png")
     page.close()
+
+
+def stream_requests(server: ArchiverServer, camera: str) -> dict[str, int]:
+    """The fusion streams the Archiver served for the camera, by its audit log."""
+    counts = {"stream.playback": 0, "stream.live": 0}
+    for line in (server.data_dir / "audit.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if entry["action"] in counts and entry.get("camera") == camera:
+            counts[entry["action"]] += 1
+    return counts
+
+
+def seek_and_show(page: Page, camera: str, ms: int) -> dict[str, Any]:
+    """The page's seek (what a click on the timeline or Go does), then the frame on screen."""
+    page.evaluate("([c, ms]) => window.fusionViewer.tiles.get(c).playFrom(ms)", [camera, ms])
+    try:
+        wait_tile(page, camera, f"s.positionMs !== null && Math.abs(s.positionMs - {ms}) < 150",
+                  timeout_s=60)
+    except Exception:
+        raise AssertionError(f"{ms}: {tile(page, camera)}") from None
+    page.wait_for_function("(c) => { const v = document.querySelector(`.tile[data-camera=\"${c}\"]"
+                           " video`); return !v.seeking && v.readyState >= 2; }", arg=camera,
+                           timeout=60_000)
+    return tile(page, camera)
+
+
+def test_seek_inside_the_buffer_asks_the_archiver_nothing(
+        setup: Setup, open_viewer: Callable[..., ViewerProcess], browser: Browser,
+        tmp_path: Path) -> None:
+    """Issue 23: a seek to media the browser holds already (verified when it came) is shown
+    from there, with no new fusion stream; a seek outside it asks the Archiver again, as
+    before. The Archiver's audit log counts the streams it served."""
+    chunks = make_chunks(tmp_path / "lobby", 6)
+    # In real time, as a camera sends them (the index then places each where it was captured).
+    push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks, 1.0)
+    viewer = open_viewer()
+    page = open_page(browser, viewer)
+    # The signed capture times, from playing it all once in a tile that is then closed.
+    first = page.evaluate("() => window.fusionViewer.cameras.get('lobby').first_ms")
+    page.evaluate("(ms) => window.fusionViewer.watch('lobby', false).playFrom(ms)", first - 1)
+    state = wait_tile(page, "lobby", "s.stateText.includes('to the end')", timeout_s=60)
+    segments = {seg["seq"]: seg for seg in state["segments"]}
+    assert sorted(segments) == list(range(6))
+    page.evaluate("() => window.fusionViewer.tiles.get('lobby').close()")
+    assert stream_requests(setup.server, "lobby") == {"stream.playback": 1, "stream.live": 0}
+
+    # A new tile plays from segment 2 on: segments 2..5 are in the browser, 0 and 1 are not.
+    page.evaluate("() => window.fusionViewer.watch('lobby', false)")
+    page.locator('.tile[data-camera="lobby"] button.pause').click()  # frames stay put
+    seek_and_show(page, "lobby", segments[2]["capture_ms"] + 500)
+    state = wait_tile(page, "lobby", "s.stateText.includes('to the end')", timeout_s=60)
+    assert [seg["seq"] for seg in state["segments"]] == [2, 3, 4, 5]
+    assert stream_requests(setup.server, "lobby") == {"stream.playback": 2, "stream.live": 0}
+    assert state["requests"] == 1
+
+    # Inside: segment 4's middle (the barcode counts the source's seconds: 4).
+    target = segments[4]["capture_ms"] + 500
+    state = seek_and_show(page, "lobby", target)
+    assert page.evaluate(READ_BARCODE, "lobby") == 4
+    assert abs(state["positionMs"] - target) < 100 and state["paused"]
+    assert state["requests"] == 1 and [s["seq"] for s in state["segments"]] == [2, 3, 4, 5]
+    # and back to segment 2, still without the Archiver
+    state = seek_and_show(page, "lobby", segments[2]["capture_ms"] + 300)
+    assert page.evaluate(READ_BARCODE, "lobby") == 2
+    assert state["requests"] == 1
+    assert stream_requests(setup.server, "lobby") == {"stream.playback": 2, "stream.live": 0}
+
+    # Outside: segment 1 never came to the browser; a new stream brings it.
+    target = segments[2]["capture_ms"] - 500
+    state = seek_and_show(page, "lobby", target)
+    assert page.evaluate(READ_BARCODE, "lobby") == 1
+    assert state["segments"][0]["seq"] == 1 and state["requests"] == 2
+    assert stream_requests(setup.server, "lobby") == {"stream.playback": 3, "stream.live": 0}
+    page.close()
+
+
+def test_looking_back_while_live_keeps_the_stream(
+        setup: Setup, open_viewer: Callable[..., ViewerProcess], browser: Browser,
+        tmp_path: Path) -> None:
+    """Issue 23: while watching live, a seek back into the media the page holds is shown from
+    there: the live stream goes on (no new one), and the page stops pulling the playhead to the
+    live edge until Live is pressed, which starts a new live stream."""
+    chunks = make_chunks(tmp_path / "lobby", 10)
+    viewer = open_viewer()
+    page = open_page(browser, viewer)
+    page.evaluate("() => window.fusionViewer.watch('lobby')")
+    deadline = time.monotonic() + 60
+    while stream_requests(setup.server, "lobby")["stream.live"] < 1:
+        assert time.monotonic() < deadline, "the live stream did not reach the Archiver"
+        time.sleep(0.05)
+    camera = threading.Thread(target=push_chunks, daemon=True, args=(
+        setup.server, "lobby", setup.ingest["lobby"], chunks, 1.0))
+    camera.start()
+    state = wait_tile(page, "lobby", "s.shown >= 4 && s.followLive", timeout_s=60)
+    back = state["segments"][0]
+    # The barcode counts the camera's seconds: segment n shows second n.
+    state = seek_and_show(page, "lobby", back["capture_ms"] + 500)
+    assert page.evaluate(READ_BARCODE, "lobby") == back["seq"]
+    assert not state["followLive"] and state["live"] and state["requests"] == 1
+    shown = state["shown"]
+    # The live stream goes on, and the playhead stays where the operator put it (it would
+    # have been pulled to the newest segment more than 2 s ahead).
+    state = wait_tile(page, "lobby", f"s.shown >= {shown + 2}", timeout_s=60)
+    newest = state["segments"][-1]
+    assert state["positionMs"] is not None and state["positionMs"] < newest["capture_ms"] - 1500
+    assert state["requests"] == 1
+    assert stream_requests(setup.server, "lobby") == {"stream.playback": 0, "stream.live": 1}
+    # Live again: a new live stream, following the edge.
+    page.locator('.tile[data-camera="lobby"] button.live').click()
+    state = wait_tile(page, "lobby", "s.followLive && s.requests === 2", timeout_s=60)
+    deadline = time.monotonic() + 60
+    while stream_requests(setup.server, "lobby")["stream.live"] < 2:
+        assert time.monotonic() < deadline, "Live did not start a new stream"
+        time.sleep(0.05)
+    camera.join(60)
+    page.close()
+
+
+def test_a_stopped_live_stream_ends_at_the_archiver(
+        site_ca: SiteCa, softhsm_token: TokenHandle, browser: Browser, tmp_path: Path) -> None:
+    """A tile that leaves live (a seek) closes its stream, and the Archiver learns it at once,
+    even from a silent camera: before, the blocked read kept the socket open, so the Archiver
+    kept the stream (and one of the viewer's stream slots, 2 here) until the camera's next
+    segment, and the grid's seek was refused "HTTP 429" on every tile."""
+    server = production_archiver(site_ca, tmp_path / "archiver",
+                                 extra_args=("--viewer-streams", "2")).start()
+    viewer: ViewerProcess | None = None
+    try:
+        pem = enroll_viewer(softhsm_token, "operator")
+        ingest = {name: server.add_camera(name) for name in ("lobby", "gate")}
+        server.add_viewer(pem, ["lobby", "gate"])
+        for name, token in ingest.items():
+            push_chunks(server, name, token, make_chunks(tmp_path / name, 3), 0.1)
+        viewer = ViewerProcess(server.url, softhsm_token.object_uri("operator"),
+                               tmp_path / "home", server.tls_ca)
+        page = open_page(browser, viewer)
+        page.get_by_role("button", name="Watch all (grid)").click()
+        deadline = time.monotonic() + 60
+        while any(stream_requests(server, name)["stream.live"] < 1 for name in ingest):
+            assert time.monotonic() < deadline, "the live streams did not reach the Archiver"
+            time.sleep(0.05)
+        first = page.evaluate("() => Math.min(...[...window.fusionViewer.cameras.values()]"
+                              ".map((c) => c.first_ms))")
+        page.evaluate("(ms) => { for (const t of window.fusionViewer.tiles.values()) "
+                      "t.playFrom(ms); }", first - 1)
+        for name in ingest:
+            state = wait_tile(page, name, "s.stopped || s.stateText.includes('to the end')",
+                              timeout_s=90)
+            assert not state["stopped"], state["stateText"]
+            assert state["shown"] == 3
+        page.close()
+    finally:
+        if viewer is not None:
+            viewer.stop()
+        server.stop()
+
+
+def test_a_tile_waits_while_the_archiver_is_busy(
+        site_ca: SiteCa, softhsm_token: TokenHandle, browser: Browser, tmp_path: Path) -> None:
+    """The Archiver refuses a viewer's request beyond its limits with 429 (one stream here).
+    The tile asks again, with a new request, until the other stream ends, and then plays,
+    instead of stopping with "HTTP 429" (tiles of a grid start together)."""
+    server = production_archiver(site_ca, tmp_path / "archiver",
+                                 extra_args=("--viewer-streams", "1")).start()
+    viewer: ViewerProcess | None = None
+    try:
+        pem = enroll_viewer(softhsm_token, "operator")
+        ingest = {name: server.add_camera(name) for name in ("lobby", "gate")}
+        server.add_viewer(pem, ["lobby", "gate"])
+        viewer = ViewerProcess(server.url, softhsm_token.object_uri("operator"),
+                               tmp_path / "home", server.tls_ca)
+        page = open_page(browser, viewer)
+        page.evaluate("() => window.fusionViewer.watch('lobby')")
+        deadline = time.monotonic() + 60
+        while stream_requests(server, "lobby")["stream.live"] < 1:
+            assert time.monotonic() < deadline, "the live stream did not reach the Archiver"
+            time.sleep(0.05)
+        page.evaluate("() => window.fusionViewer.watch('gate')")  # refused 429 while lobby's
+        time.sleep(3)  # the refusal comes at once; the tile must still be waiting after it
+        waiting = tile(page, "gate")
+        assert not waiting["stopped"], waiting["stateText"]
+        assert stream_requests(server, "gate")["stream.live"] == 0
+        page.evaluate("() => window.fusionViewer.tiles.get('lobby').close()")
+        deadline = time.monotonic() + 60
+        while stream_requests(server, "gate")["stream.live"] < 1:
+            assert time.monotonic() < deadline, "the waiting tile never got its stream"
+            time.sleep(0.05)
+        push_chunks(server, "gate", ingest["gate"], make_chunks(tmp_path / "gate", 2), 1.0)
+        state = wait_tile(page, "gate", "s.stopped || s.shown >= 1", timeout_s=60)
+        assert not state["stopped"], state["stateText"]
+        page.close()
+    finally:
+        if viewer is not None:
+            viewer.stop()
+        server.stop()
 
 
 def test_unauthorized_range_is_drawn_and_skipped(setup: Setup, softhsm_token: TokenHandle,

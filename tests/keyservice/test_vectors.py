@@ -73,6 +73,12 @@ ISSUE_12_COVERAGE = {  # streams that do not answer the request
     "range start unproven": "range-start-unproven",
     "range end unproven": "range-end-unproven",
 }
+ISSUE_23_COVERAGE = {  # a viewer joining a running chain
+    "a join record under its signed join statement": "good-join-midway",
+    "a join record without its statement": "join-record-without-join-statement",
+    "a forged join statement": "join-statement-resigned-by-other-key",
+    "a join record moved to an earlier step": "join-record-relabelled-to-earlier-step",
+}
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +214,7 @@ def test_vectors_cover_what_issue_3_lists() -> None:
     names = {p.stem for p in FILES}
     assert set(ISSUE_3_COVERAGE.values()) <= names
     assert set(ISSUE_12_COVERAGE.values()) <= names
+    assert set(ISSUE_23_COVERAGE.values()) <= names
     expects = {load(p)["expect"] for p in FILES}
     assert expects == {"success", *EXPECT}
 

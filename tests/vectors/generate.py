@@ -56,6 +56,7 @@ from keyservice.format import (  # noqa: E402
     MAX_SEGMENT_BODY,
     MAX_SMALL_BODY,
     SEGMENT_LAST,
+    ChainRecipients,
     DataStream,
     EndReason,
     Header,
@@ -66,7 +67,12 @@ from keyservice.format import (  # noqa: E402
     encode_record,
     stream_prefix,
 )
-from keyservice.fusion_writer import ManifestChain, StreamWriter, issue_chain_recipients  # noqa: E402
+from keyservice.fusion_writer import (  # noqa: E402
+    ManifestChain,
+    StreamWriter,
+    issue_chain_join,
+    issue_chain_recipients,
+)
 from keyservice.identity import (  # noqa: E402
     SoftwareEcIdentity,
     SoftwareIdentity,
@@ -253,6 +259,7 @@ class SimArchiver:
         self.minute_keys: dict[str, str] = {}  # hex key id -> hex key (intermediates)
         # chain id -> its signed recipients (parts; who its state was wrapped for)
         self.grants: dict[bytes, list[bytes]] = {}
+        self.join_states: dict[str, str] = {}  # "chain id/step" -> hex S_step of a join record
 
     def rotate(self, camera: str, stream: DataStream, now: int, new_chain: bool = False) -> None:
         """The key of now's period: the next step of the stream's chain, or (first use,
@@ -284,6 +291,29 @@ class SimArchiver:
         wrapped_for = [fingerprint(v.recipient.certificate) for v in self.viewers
                        if chain.chain_id in v.chain_records]
         self.grants[chain.chain_id] = issue_chain_recipients(chain, wrapped_for, self.signer)
+
+    def join(self, viewer: Viewer, camera: str, stream: DataStream, now: int) -> int:
+        """Issue 23: ``viewer``, authorized on ``camera`` at ``now`` while its chain runs, gets
+        the chain's state from the first step that has sealed nothing yet (a join record) and
+        is named in a signed join statement, the chain's next statement. Returns the step."""
+        chain = self.key_chains[(camera, stream)]
+        step = chain.join_step_at(now)
+        viewer.cameras.add(camera)
+        if viewer.epoch is None:
+            viewer.epoch, opener = Epoch.start(viewer.recipient, PERIOD_S, now, self.rng)
+            viewer.openers[opener.epoch_id] = encode_record(opener)
+            kek0 = open_epoch_opener(load_identity(viewer.name), opener)
+            viewer.kek0[opener.epoch_id.hex()] = kek0.hex()
+        state = chain.state_at(step)
+        self.join_states[f"{chain.chain_id.hex()}/{step}"] = state.hex()
+        record = viewer.epoch.wrap_chain(chain, state, now, self.rng, first_step=step)
+        viewer.chain_records[chain.chain_id] = (viewer.epoch.epoch_id, encode_record(record))
+        statements = self.grants[chain.chain_id]
+        parts = decode_record(statements[0]).parts  # type: ignore[union-attr]
+        statements.append(issue_chain_join(chain, len(statements), parts, step,
+                                           [fingerprint(viewer.recipient.certificate)],
+                                           self.signer))
+        return step
 
     def ingest(self, camera: str, stream: DataStream, now: int, last: bool = False) -> None:
         seq = self.next_seq.get((camera, stream), 0)
@@ -360,6 +390,31 @@ def run_ec_archiver(signer: DeterministicSigner, seed: str) -> tuple[SimArchiver
     return sim, viewer_c
 
 
+def run_join_archiver(signer: DeterministicSigner, seed: str) -> tuple[SimArchiver, Viewer]:
+    """Issue 23: three minutes of cam-lobby video. Viewer B holds the chain from its start;
+    viewer A is authorized at minute 1 + 20 s, after minute 1's first segment was sealed: it
+    joins the running chain from step 2 (nothing restarts, B's record is the only other one).
+    A simulation of its own, so the vectors above stay byte for byte as they were."""
+    rng = FixedRng(seed)
+    sim = SimArchiver(signer, rng)
+    viewer_a = Viewer("viewer-a", SeededRecipient(load_cert("viewer-a"),
+                                                  KeyScheme.RSA_OAEP_SHA256, rng), set())
+    viewer_b = Viewer("viewer-b", SeededRecipient(load_cert("viewer-b"),
+                                                  KeyScheme.RSA_OAEP_SHA1, rng), {LOBBY})
+    sim.viewers = [viewer_a, viewer_b]
+    for minute in range(3):
+        t = T0 + minute * 60_000
+        final = minute == 2
+        sim.rotate(LOBBY, DataStream.VIDEO, t + 5)
+        sim.ingest(LOBBY, DataStream.VIDEO, t + 1_000)
+        sim.manifest(LOBBY, t + 1_500)
+        if minute == 1:
+            assert sim.join(viewer_a, LOBBY, DataStream.VIDEO, t + 20_000) == 2
+        sim.ingest(LOBBY, DataStream.VIDEO, t + 31_000, last=final)
+        sim.manifest(LOBBY, t + 31_500, last=final)
+    return sim, viewer_a
+
+
 # --- assembling a viewer's fusion stream (as the Archiver serves it) ----------------------
 @dataclass
 class Built:
@@ -413,7 +468,11 @@ def assemble(sim: SimArchiver, viewer: Viewer, cameras: tuple[str, ...], mode: M
             segment = archived.segment
             chain_id = split_key_id(segment.key_id)[0]
             found = viewer.chain_records.get(chain_id)
-            if found is None or chain_id in withhold:
+            step = split_key_id(segment.key_id)[1]
+            # A join record (issue 23) opens its chain from its first step only.
+            first_step = (0 if found is None
+                          else decode_record(found[1]).first_step)  # type: ignore[union-attr]
+            if found is None or chain_id in withhold or step < first_step:
                 # Only the manifest is sent, with the chain's signed recipients: "skipped"
                 # (withheld, not authorized) only if no part lists this viewer.
                 grant = (grant_override or {}).get(chain_id, sim.grants[chain_id])
@@ -422,14 +481,21 @@ def assemble(sim: SimArchiver, viewer: Viewer, cameras: tuple[str, ...], mode: M
                         records.append(writer.add(part))
                         notes.append({"kind": "grant", "chain_id": chain_id})
                     sent_grants.add(chain_id)
-                listed = any(viewer_fp in decode_record(part).viewers  # type: ignore[union-attr]
-                             for part in grant)
+                listed = any(viewer_fp in part.viewers and part.join_step <= step
+                             for part in map(decode_record, grant)
+                             if isinstance(part, ChainRecipients))
                 kind = "missing" if without_grants or listed else "skipped"
                 events.append({"event": kind, "camera": segment.camera,
                                "stream": segment.stream.name.lower(), "seq": segment.seq,
                                "capture_ms": segment.capture_ms})
                 continue
             epoch_id, chain_record = found
+            if first_step and chain_id not in sent_grants and not without_grants:
+                # Its signed join statement goes first: the reader needs it for the record.
+                for part in (grant_override or {}).get(chain_id, sim.grants[chain_id]):
+                    records.append(writer.add(part))
+                    notes.append({"kind": "grant", "chain_id": chain_id})
+                sent_grants.add(chain_id)
             if epoch_id not in sent_epochs:
                 records.append(writer.add(viewer.openers[epoch_id]))
                 notes.append({"kind": "opener", "epoch_id": epoch_id})
@@ -909,6 +975,60 @@ def vectors() -> Iterator[Vector]:
             "offered as live.", MISMATCH, old_live.stream(), indices(old_live, "manifest")[0],
             viewer="viewer-b", request=old_live.request)
     yield from ec_vectors(signer)
+    yield from join_vectors(signer)
+
+
+def join_vectors(signer: DeterministicSigner) -> Iterator[Vector]:
+    """Issue 23: a viewer that joined a running chain (a join record and its signed join
+    statement)."""
+    sim, viewer_a = run_join_archiver(signer, "fusion stream v2 join vectors")
+    good = assemble(sim, viewer_a, (LOBBY,), Mode.PLAYBACK, sim.manifests,
+                    FixedRng("join stream of viewer A"))
+    recs = good.records
+    prefix = stream_prefix()
+    statements = sim.grants[next(iter(sim.grants))]
+    join_i = next(i for i, r in enumerate(recs) if r == statements[-1])
+    record_i = indices(good, "chain")[0]
+
+    def variant(records: list[bytes]) -> bytes:
+        return prefix + b"".join(records)
+
+    yield Vector(
+        "good-join-midway",
+        "Three minutes of one cam-lobby chain for viewer A, which was authorized at minute 1 + "
+        "20 s, after that minute's first segment was sealed: it joined the running chain from "
+        "step 2 (a join record: S_2 wrapped under its epoch KEK, first_step 2) under the "
+        "Archiver's signed join statement (statement 1 after the start statement's one part). "
+        "The four segments of steps 0 and 1 are reported as skipped (not authorized: the start "
+        "statement does not list it and its join is at a later step); the two of step 2 are "
+        "decrypted with keys derived from S_2.",
+        SUCCESS, good.stream(), built=good, request=good.request,
+        intermediates={"rng": "SHAKE-256(seed || counter u64), seed 'fusion stream v2 join "
+                              "vectors' (Archiver) and 'join stream of viewer A' (header)",
+                       "kek0_by_epoch_id": viewer_a.kek0,
+                       "chain_seeds_by_chain_id": sim.chain_seeds,
+                       "join_states_by_chain_id_and_step": sim.join_states,
+                       "minute_keys_by_key_id": sim.minute_keys,
+                       "transcript": transcript_intermediates(recs)})
+    yield Vector(
+        "join-record-without-join-statement",
+        "The good join stream without its join statement: the join record is not covered by "
+        "a signed statement naming this viewer and its step, and is refused when it arrives.",
+        INTEGRITY, variant([r for i, r in enumerate(recs) if i != join_i]), record_i - 1,
+        request=good.request)
+    yield Vector(
+        "join-statement-resigned-by-other-key",
+        "The join statement signed by another key.", INTEGRITY,
+        variant([*recs[:join_i], issue_chain_join(
+            sim.key_chains[(LOBBY, DataStream.VIDEO)], 1, 1, 2,
+            [fingerprint(viewer_a.recipient.certificate)], load_signer("rogue")),
+            *recs[join_i + 1:]]), join_i, request=good.request)
+    moved = reencode(recs[record_i], first_step=1)
+    yield Vector(
+        "join-record-relabelled-to-earlier-step",
+        "The join record's first step changed from 2 to 1: no signed statement covers it.",
+        INTEGRITY, variant([*recs[:record_i], moved, *recs[record_i + 1:]]), record_i,
+        request=good.request)
 
 
 def ec_vectors(signer: DeterministicSigner) -> Iterator[Vector]:

@@ -3,7 +3,11 @@
 // No build step, no third-party code: plain DOM and MSE.
 "use strict";
 
-const LIVE_EDGE_S = 3;         // live: jump to the newest frame when further behind than this
+const LIVE_EDGE_S = 2;         // live: jump to the newest segment when further behind than this
+const CATCH_UP_S = 0.02;       // live: play faster when the newest segment starts further
+                               // ahead of the playhead than this (a late segment stalled it)
+const RELAX_S = 0.15;          // ... back to real time with this little media left
+const MAX_RATE = 1.5;          // ... at most this fast (people still see the motion)
 const KEEP_BEHIND_S = 60;      // media kept behind the playhead (MSE memory is bounded)
 
 // A playback request covers windowMs of recording; the next window follows when it ends.
@@ -114,6 +118,8 @@ class Tile {
       code: this.code, codec: this.codec, verified: this.verifiedCount, shown: this.segments.length,
       currentTime: this.video.currentTime, paused: this.video.paused,
       positionMs: this.positionMs(), gaps: this.gaps, firstFrames: this.firstFrames,
+      timing: this.timing, requests: this.requests, followLive: this.followLive,
+      playbackRate: this.video.playbackRate,
       segments: this.segments.map((s) => ({ seq: s.seq, capture_ms: s.capture_ms,
                                             duration_ms: s.duration_ms, start: s.start,
                                             end: s.end })),
@@ -122,8 +128,15 @@ class Tile {
 
   // --- streams -----------------------------------------------------------------------
   reset() {
+    // A new stream: anything still in flight for the old one (an open() waiting for its
+    // MediaSource, an append, the old SourceBuffer's last updateend) must not touch it.
+    this.generation = (this.generation || 0) + 1;
     if (this.ws) { this.ws.onmessage = this.ws.onclose = null; this.ws.close(); }
     this.ws = null;
+    this.appending = null;
+    this.timing = {};             // seq -> {received, appended, behind}: wall-clock ms
+    this.followLive = true;       // live: keep the playhead at the newest segment
+    this.video.playbackRate = 1;
     this.segments = [];           // appended media: {seq, capture_ms, duration_ms, start, end}
     this.firstFrames = {};        // seq -> wall-clock ms its first frame was on screen
     this.pending = [];            // [meta, ArrayBuffer] waiting for the SourceBuffer
@@ -152,6 +165,7 @@ class Tile {
   }
 
   playFrom(ms) {
+    if (this.seekBuffered(ms)) return;
     const cam = viewer.cameras.get(this.camera);
     this.reset();
     this.live = false;
@@ -164,6 +178,33 @@ class Tile {
     this.lastEnd = null;
     this.intervals = [];
     this.open({ mode: "range", from_ms: ms, to_ms: this.windowEnd, start_ms: ms });
+  }
+
+  seekBuffered(ms) {
+    // A moment whose media is in the SourceBuffer already (verified when it came) is shown
+    // from there: no new request to the Archiver. Anything else starts a new stream.
+    if (this.stopped || !this.sb || this.ms.readyState === "closed") return false;
+    const seg = this.segments.find((s) => {
+      const length = s.duration_ms ? s.duration_ms : (s.end - s.start) * 1000;
+      return ms >= s.capture_ms && ms < s.capture_ms + length;
+    });
+    if (!seg) return false;
+    const t = Math.min(seg.start + (ms - seg.capture_ms) / 1000, seg.end - 0.01);
+    const b = this.sb.buffered;
+    let held = false;
+    for (let i = 0; i < b.length; i++) held = held || (b.start(i) <= t && t < b.end(i));
+    if (!held) return false;  // dropped behind the playhead (KEEP_BEHIND_S) already
+    if (this.live) {
+      // Looking back while the live stream goes on: stop following the live edge until the
+      // operator presses Live again.
+      this.followLive = false;
+      this.video.playbackRate = 1;
+      this.q(".mode").textContent = `live, watching ${fmt(ms)}`;
+    } else {
+      this.q(".mode").textContent = `playback from ${fmt(ms)}`;
+    }
+    this.video.currentTime = t;
+    return true;
   }
 
   nextWindow() {
@@ -202,7 +243,10 @@ class Tile {
   }
 
   async open(params) {
+    const generation = this.generation;
     await this.msOpen;
+    if (generation !== this.generation) return;  // reset (a seek, Live) while waiting
+    this.requests = (this.requests || 0) + 1;     // streams asked of the local viewer
     const ws = new WebSocket(`ws://${location.host}/api/stream`);
     ws.binaryType = "arraybuffer";
     this.ws = ws;
@@ -219,7 +263,12 @@ class Tile {
   onMessage(data) {
     if (this.stopped) return;
     if (data instanceof ArrayBuffer) {
-      if (this.meta) { this.pending.push([this.meta, data]); this.meta = null; this.pump(); }
+      if (this.meta) {
+        this.timing[this.meta.seq] = { received: Date.now() };
+        this.pending.push([this.meta, data]);
+        this.meta = null;
+        this.pump();
+      }
       return;
     }
     const msg = JSON.parse(data);
@@ -260,10 +309,12 @@ class Tile {
       return;
     }
     this.codec = msg.codec;
-    this.sb = this.ms.addSourceBuffer(msg.mime);
+    const sb = this.ms.addSourceBuffer(msg.mime);
+    this.sb = sb;
     // Segments follow each other whatever their own timestamps: the page keeps the mapping.
-    this.sb.mode = "sequence";
-    this.sb.addEventListener("updateend", () => this.pump());
+    sb.mode = "sequence";
+    // A SourceBuffer of a stream reset since ends with an updateend too: not ours any more.
+    sb.addEventListener("updateend", () => { if (sb === this.sb) this.pump(); });
   }
 
   pump() {
@@ -275,6 +326,10 @@ class Tile {
       const end = b.length ? b.end(b.length - 1) : start;
       this.segments.push({ seq: meta.seq, capture_ms: meta.capture_ms,
                            duration_ms: meta.duration_ms, start, end });
+      if (this.timing[meta.seq]) {
+        this.timing[meta.seq].appended = Date.now();
+        this.timing[meta.seq].behind = +(start - this.video.currentTime).toFixed(3);
+      }
       this.afterAppend();
     }
     if (this.trim()) return;
@@ -315,10 +370,26 @@ class Tile {
       }
       this.video.currentTime = at;
       if (!this.userPaused) this.video.play().catch(() => {});
-    } else if (this.live && !this.userPaused && seg.end - this.video.currentTime > LIVE_EDGE_S) {
-      this.video.currentTime = Math.max(seg.start, seg.end - 0.5);
+    } else if (this.live && this.followLive && !this.userPaused) {
+      this.catchUp(seg);
     }
     this.draw();
+  }
+
+  catchUp(seg) {
+    // Live: the newest segment's first frame is on screen when the playhead reaches its
+    // start. A segment that came late stalled playback, and every later one would be shown
+    // that much later: play the media before it faster (or, far behind, skip to it).
+    const behind = seg.start - this.video.currentTime;
+    if (behind > LIVE_EDGE_S) {
+      this.video.currentTime = seg.start;
+      this.video.playbackRate = 1;
+    } else if (behind > CATCH_UP_S) {
+      const span = Math.max(0.25, seg.end - seg.start);  // until the next one should arrive
+      this.video.playbackRate = Math.min(MAX_RATE, 1 + behind / span);
+    } else {
+      this.video.playbackRate = 1;
+    }
   }
 
   onEnd(msg) {
@@ -398,6 +469,12 @@ class Tile {
     const onFrame = (now, meta) => {
       const seg = this.segmentAt(meta.mediaTime);
       if (seg && !(seg.seq in this.firstFrames)) this.firstFrames[seg.seq] = Date.now();
+      if (this.video.playbackRate !== 1 && this.sb) {
+        // Caught up: little media is left before the live edge; hurrying on would only stall.
+        const b = this.sb.buffered;
+        const ahead = b.length ? b.end(b.length - 1) - this.video.currentTime : 0;
+        if (ahead < RELAX_S) this.video.playbackRate = 1;
+      }
       this.video.requestVideoFrameCallback(onFrame);
     };
     this.video.requestVideoFrameCallback(onFrame);
@@ -574,7 +651,9 @@ async function refreshCameras() {
     range.textContent = cam.first_ms != null
       ? `${fmt(cam.first_ms)} – ${fmt(cam.last_ms)} (${cam.segments} segments)` : "nothing recorded";
     const health = document.createElement("span");
-    health.className = `health ${cam.state === "receiving" ? "recording" : ""}`;
+    // "behind" still records (late): the Archiver is overloaded, the camera is not down.
+    const recording = cam.state === "receiving" || cam.state === "behind";
+    health.className = `health ${recording ? "recording" : ""}`;
     health.textContent = cam.health;
     li.append(button, name, range, health);
     list.appendChild(li);

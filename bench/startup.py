@@ -1,0 +1,283 @@
+"""Start-up (issue 23, item 3): how long each command takes from process start, against real
+parts, with the interpreter's own start as the floor.
+
+    python -m bench.startup                                  # this checkout, 15 runs each
+    python -m bench.startup --baseline-venv ../before/.venv  # and another checkout, interleaved
+
+Measured, each as the user runs it (the virtualenv's console scripts), N times, median and min
+of the wall time and the median CPU time (user + system of the child, which depends far less
+on a busy neighbour than wall time does):
+
+- ``python -c pass``: the interpreter's start, the floor of every command;
+- ``fusion-client --help``;
+- ``fusion-keys list --token URI``: a SoftHSM token with one viewer key;
+- ``fusion-archiver cameras list``: over HTTPS against a running Archiver (its data directory
+  gives the admin token);
+- ``fusion-client play ... -o -``: from process start to the first decrypted byte on its
+  standard output (RSA-2048 viewer key on SoftHSM, HTTPS under a site CA, the Archiver's
+  certificate pinned by an earlier run);
+- ``fusion-archiver serve``: from process start until ``/healthz`` answers (a restart on an
+  existing data directory: the signing token exists).
+
+With ``--baseline-venv DIR`` every command also runs from that virtualenv (another checkout
+installed in it, e.g. main: ``git worktree add ../before main``, ``python -m venv
+../before/.venv``, ``../before/.venv/bin/pip install -e '../before[archiver]'``); its runs
+alternate with ours, so both see the same load. The Archiver that answers ``cameras list`` and
+``play`` is this checkout's in both cases: what differs is the command's own start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import machine_info, machine_line, median
+from fusion_testkit.client_cli import chunk, put
+from fusion_testkit.pki import SiteCa
+from fusion_testkit.server import ArchiverServer, free_port, production_archiver, server_env
+from fusion_testkit.tokens import EnrolledViewer, SoftHsmStore
+from keyservice.timespec import format_ms
+
+# Compiles the installed packages' bytecode (writes it whatever PYTHONDONTWRITEBYTECODE says).
+COMPILE = ("import compileall, os, archiver, client, keyservice\n"
+           "for m in (archiver, client, keyservice):\n"
+           "    compileall.compile_dir(os.path.dirname(m.__file__), quiet=2)\n")
+COMMANDS = ("python -c pass", "fusion-client --help", "fusion-keys list",
+            "fusion-archiver cameras list", "fusion-client play -o - (first byte)",
+            "fusion-archiver serve (to /healthz)")
+
+
+@dataclass
+class Code:
+    """One installed checkout: the virtualenv whose console scripts run it."""
+
+    name: str
+    bin_dir: Path
+
+    def script(self, name: str) -> str:
+        return str(self.bin_dir / name)
+
+    @property
+    def python(self) -> str:
+        return str(self.bin_dir / "python")
+
+
+@dataclass
+class Timings:
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        return {"wall_median_ms": median(self.wall) * 1000, "wall_min_ms": min(self.wall) * 1000,
+                "cpu_median_ms": median(self.cpu) * 1000, "runs": len(self.wall)}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(run: Callable[[], float]) -> tuple[float, float]:
+    """(wall seconds ``run`` reports, CPU seconds of the children it waited for)."""
+    before = _children_cpu()
+    wall = run()
+    return wall, _children_cpu() - before
+
+
+def _run(argv: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(argv, env=env, capture_output=True, stdin=subprocess.DEVNULL,
+                          timeout=120, check=False)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])}... failed ({done.returncode}): "
+                           f"{done.stderr.decode(errors='replace')[-2000:]}")
+    return wall
+
+
+def _first_byte(argv: list[str], env: dict[str, str]) -> float:
+    """Seconds from the start of ``argv`` to the first byte on its standard output (then it
+    runs to its end, which must be a success)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL)
+    assert process.stdout is not None
+    first = process.stdout.read(1)
+    wall = time.perf_counter() - start
+    _, err = process.communicate(timeout=120)
+    if process.returncode != 0 or not first:
+        raise RuntimeError(f"fusion-client play failed ({process.returncode}): "
+                           f"{err.decode(errors='replace')[-2000:]}")
+    return wall
+
+
+def _serve_to_health(code: Code, data: Path, tls: tuple[Path, Path], ca: Path,
+                     env: dict[str, str]) -> float:
+    """Seconds from the start of ``fusion-archiver serve`` to its first /healthz answer; then
+    it is stopped (SIGINT, as systemd would)."""
+    port = free_port()
+    argv = [code.script("fusion-archiver"), "serve", "--data", str(data), "--port", str(port),
+            "--key-period", "60", "--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+    url = f"https://127.0.0.1:{port}/healthz"
+    with open(data.parent / f"{data.name}-serve.log", "ab") as log:
+        start = time.perf_counter()
+        process = subprocess.Popen(argv, env=server_env(env), stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        with httpx.Client(verify=str(ca), timeout=1) as http:
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the Archiver exited at start ({process.returncode}); "
+                                       f"log {data.parent / (data.name + '-serve.log')}")
+                try:
+                    if http.get(url).status_code == 200:
+                        return time.perf_counter() - start
+                except httpx.TransportError:
+                    pass
+                if time.perf_counter() - start > 60:
+                    raise RuntimeError("the Archiver did not answer /healthz within 60 s")
+                time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run(runs: int, codes: list[Code], workdir: Path) -> dict[str, Any]:
+    print(machine_line(), flush=True)
+    site_ca = SiteCa.create(workdir / "site-ca")
+    store = SoftHsmStore.create(workdir / "softhsm")
+    viewer = EnrolledViewer.enrol(store.new_token("startup"), "viewer")
+    server: ArchiverServer = production_archiver(site_ca, workdir / "archiver",
+                                                 key_period_s=60)
+    server.start(timeout=120)
+    try:
+        camera = "startup"
+        ingest = server.add_camera(camera)
+        server.add_viewer(viewer.certificate, [camera])
+        first = time.time_ns() // 1_000_000
+        put(server, camera, ingest, *(chunk(f"seg{i}", 64 * 1024) for i in range(4)))
+        last = time.time_ns() // 1_000_000
+        env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
+        env.update(store.env, FUSION_TLS_CA=str(site_ca.path))
+        tls = site_ca.issue_tls_server(workdir / "serve-tls")
+        commands: dict[str, Callable[[Code], float]] = {}
+        homes = {c.name: workdir / f"client-home-{c.name}" for c in codes}
+        serve_dirs = {c.name: workdir / f"serve-{c.name}" for c in codes}
+
+        def client_env(code: Code) -> dict[str, str]:
+            return {**env, "FUSION_CLIENT_HOME": str(homes[code.name])}
+
+        commands["python -c pass"] = lambda c: _run([c.python, "-c", "pass"], env)
+        commands["fusion-client --help"] = lambda c: _run(
+            [c.script("fusion-client"), "--help"], env)
+        commands["fusion-keys list"] = lambda c: _run(
+            [c.script("fusion-keys"), "list", "--token", viewer.token.uri], env)
+        commands["fusion-archiver cameras list"] = lambda c: _run(
+            [c.script("fusion-archiver"), "cameras", "list", "--archiver", server.url,
+             "--data", str(server.data_dir)], env)
+        commands["fusion-client play -o - (first byte)"] = lambda c: _first_byte(
+            [c.script("fusion-client"), "play", "--archiver", server.url, "--token", viewer.uri,
+             "--camera", camera, "--from", format_ms(first - 1000), "--to",
+             format_ms(last + 1000), "-o", "-", "-q"], client_env(c))
+        commands["fusion-archiver serve (to /healthz)"] = lambda c: _serve_to_health(
+            c, serve_dirs[c.name], tls, site_ca.path, env)
+
+        # Warm-up, unmeasured: compiled bytecode (as an installed program has it: pip compiles
+        # at install; PYTHONDONTWRITEBYTECODE would otherwise make every run compile the
+        # checkout's modules again), page cache, the pin of the Archiver's certificate (trust
+        # on first use), each serve data directory's signing token.
+        for code in codes:
+            _run([code.python, "-c", COMPILE], env)
+            for command in commands.values():
+                command(code)
+        results: dict[str, dict[str, Timings]] = {n: {c.name: Timings() for c in codes}
+                                                  for n in commands}
+        load = [os.getloadavg()[0]]
+        for _ in range(runs):
+            for name, command in commands.items():
+                for code in codes:  # alternated: both see the same moment's load
+                    wall, cpu = _timed(lambda command=command, code=code: command(code))
+                    results[name][code.name].wall.append(wall)
+                    results[name][code.name].cpu.append(cpu)
+            load.append(os.getloadavg()[0])
+    finally:
+        server.stop()
+        store.close()
+    return {"machine": machine_info(), "runs": runs,
+            "load_average_during": [round(min(load), 2), round(max(load), 2)],
+            "commands": {n: {c: t.summary() for c, t in per.items()}
+                         for n, per in results.items()}}
+
+
+def report(result: dict[str, Any], codes: list[Code]) -> None:
+    names = [c.name for c in codes]
+    head = " | ".join(f"{n}: wall median (min), CPU" for n in names)
+    print(f"\n{result['runs']} runs each; load average {result['load_average_during'][0]}-"
+          f"{result['load_average_during'][1]} during the runs")
+    print(f"| command | {head} |" + (" ratio (CPU) |" if len(codes) == 2 else ""))
+    floor = result["commands"]["python -c pass"]
+    for name, per in result["commands"].items():
+        cells = []
+        for n in names:
+            s = per[n]
+            over_floor = s["cpu_median_ms"] / floor[n]["cpu_median_ms"]
+            cells.append(f"{s['wall_median_ms']:.0f} ms ({s['wall_min_ms']:.0f}), "
+                         f"{s['cpu_median_ms']:.0f} ms; {over_floor:.1f}x floor")
+        ratio = ""
+        if len(codes) == 2:
+            ratio = f" {per[names[1]]['cpu_median_ms'] / per[names[0]]['cpu_median_ms']:.2f} |"
+        print(f"| {name} | " + " | ".join(cells) + " |" + ratio)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.startup",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=15, help="runs of each command (default 15)")
+    parser.add_argument("--baseline-venv", type=Path,
+                        help="a virtualenv with another checkout installed: run from it too")
+    parser.add_argument("--results", type=Path, help="write every figure as JSON here")
+    parser.add_argument("--workdir", type=Path, help="keep tokens, archives and logs here "
+                                                     "(default: a temporary directory)")
+    args = parser.parse_args(argv)
+    codes = [Code("this", Path(sys.executable).parent)]
+    if args.baseline_venv is not None:
+        codes.insert(0, Code("baseline", args.baseline_venv.resolve() / "bin"))
+    for code in codes:
+        for script in ("python", "fusion-client", "fusion-keys", "fusion-archiver"):
+            if not (code.bin_dir / script).exists():
+                parser.error(f"{code.bin_dir / script} does not exist: is it a virtualenv with "
+                             "fusion-keyservice installed?")
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        result = run(args.runs, codes, args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+            result = run(args.runs, codes, Path(tmp))
+    result.update(command="python -m bench.startup " + " ".join(argv or sys.argv[1:]),
+                  started_utc=started)
+    report(result, codes)
+    if args.results is not None:
+        args.results.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Start-up (issue 23, item 3): each CLI command imports what it uses and nothing else.
+
+Every command runs in a subprocess, as its console script does (``PROG.main()``), and reports
+which modules it loaded; a named heavy package (cryptography, httpx, the token layer, the web
+framework, PyAV, rich, pydantic) that the command does not need must not be among them. Help is
+asked of each CLI; ``fusion-keys list``, ``fusion-archiver cameras list`` and ``fusion-client
+play ... -o -`` run for real (SoftHSM token, HTTPS Archiver under a site CA). No timing is
+asserted: the benchmark (``python -m bench.startup``) measures; this proves the cause.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from fusion_testkit.client_cli import chunk, iso, now_ms, put
+from fusion_testkit.server import ArchiverServer
+from fusion_testkit.tokens import EnrolledViewer
+
+# Runs one CLI's main() as its console script does, then writes the names of the modules the
+# process loaded (sys.modules, refused imports left out) to the file FUSION_PROBE_OUT names:
+# stdout is the command's (video, for play).
+PROBE = """
+import importlib, json, os, sys
+prog, *args = sys.argv[1:]
+module = {"fusion-client": "client.cli", "fusion-keys": "keyservice.cli",
+          "fusion-archiver": "archiver.cli"}[prog]
+sys.argv = [prog, *args]
+code = 0
+try:
+    importlib.import_module(module).main()
+except SystemExit as exc:
+    code = exc.code if isinstance(exc.code, int) else 1
+loaded = sorted(name for name, mod in sys.modules.items() if mod is not None)
+with open(os.environ["FUSION_PROBE_OUT"], "w") as out:
+    json.dump({"code": code, "modules": loaded}, out)
+sys.exit(code)
+"""
+
+# What building a CLI (help, usage errors) never needs.
+HEAVY = ("cryptography", "httpx", "httpcore", "pkcs11", "asn1crypto", "av", "fastapi",
+         "starlette", "uvicorn", "pydantic", "rich", "pygments", "sqlite3", "zipfile",
+         "prometheus_client")
+
+
+def loaded_by(tmp_path: Path, prog: str, *args: str, env: dict[str, str] | None = None,
+              expect: int = 0) -> set[str]:
+    """The modules ``prog args`` loaded, run in a subprocess; its exit code must be ``expect``."""
+    out = tmp_path / f"probe-{prog}-{len(list(tmp_path.glob('probe-*')))}.json"
+    run_env = {**(env if env is not None else os.environ), "FUSION_PROBE_OUT": str(out),
+               "COLUMNS": "100"}
+    # -P: as a console script, without the working directory on sys.path (a test's data
+    # directory named "archiver" would be imported as a namespace package).
+    done = subprocess.run([sys.executable, "-P", "-c", PROBE, prog, *args], capture_output=True,
+                          env=run_env, timeout=120, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    stderr = done.stderr.decode(errors="replace")
+    assert "Traceback" not in stderr, stderr
+    assert done.returncode == expect, f"{prog} {' '.join(args)}: exit {done.returncode}: {stderr}"
+    return set(json.loads(out.read_text())["modules"])
+
+
+def heavy_in(modules: set[str], names: Sequence[str] = HEAVY) -> list[str]:
+    """The packages of ``names`` that ``modules`` holds (a package or any of its submodules)."""
+    return sorted({m.split(".")[0] for m in modules} & set(names))
+
+
+HELP = [("fusion-client", "--help"), ("fusion-client", "play", "--help"),
+        ("fusion-client", "live", "--help"), ("fusion-client", "evidence", "verify", "--help"),
+        ("fusion-client", "grants", "play", "--help"), ("fusion-client", "view", "--help"),
+        ("fusion-keys", "--help"), ("fusion-keys", "list", "--help"),
+        ("fusion-keys", "enroll", "--help"), ("fusion-archiver", "--help"),
+        ("fusion-archiver", "serve", "--help"), ("fusion-archiver", "cameras", "list", "--help"),
+        ("fusion-archiver", "check", "--help")]
+
+
+@pytest.mark.parametrize("argv", HELP, ids=[" ".join(a) for a in HELP])
+def test_help_loads_no_heavy_package(tmp_path: Path, argv: tuple[str, ...]) -> None:
+    modules = loaded_by(tmp_path, *argv)
+    assert "typer" in modules  # the probe sees what the command loaded
+    assert heavy_in(modules) == [], f"{' '.join(argv)} loaded {heavy_in(modules)}"
+    # The library behind the commands stays out until a command runs.
+    assert not {"client.viewer", "client.session", "keyservice.token", "keyservice.reader",
+                "archiver.admin_client", "archiver.app"} & modules
+
+
+def test_a_usage_error_loads_no_heavy_package(tmp_path: Path) -> None:
+    """A mistyped command is refused (exit 2) as cheaply as help is shown."""
+    modules = loaded_by(tmp_path, "fusion-client", "play", "--camera", "x", expect=2)
+    assert heavy_in(modules) == []
+
+
+def test_the_probe_sees_heavy_packages(tmp_path: Path) -> None:
+    """The check can fail: a command that does load cryptography is seen to (``fusion-client
+    open`` verifies a file offline: the certificate of --archiver-cert is loaded first)."""
+    cert = tmp_path / "not-a-cert.pem"
+    cert.write_text("not a certificate")
+    modules = loaded_by(tmp_path, "fusion-client", "open", str(cert), "-o", "-", "--token",
+                        "pkcs11:token=none", "--archiver-cert", str(cert), expect=30)
+    assert "cryptography" in heavy_in(modules)
+
+
+def test_help_shows_the_librarys_own_bounds() -> None:
+    """The defaults and bounds help shows are written beside the options (so that building the
+    CLI imports no library): they are the library's values."""
+    from client import options, session
+    from keyservice import certs, cli, request_policy
+
+    assert options.MAX_LIVE_S == session.MAX_LIVE_S
+    assert options.DEFAULT_CLOCK_SKEW_S * 1000 == request_policy.DEFAULT_MAX_SKEW_MS
+    assert cli.VIEWER_DAYS == certs.VIEWER_DAYS
+
+
+@pytest.mark.parametrize("package", ["client", "keyservice.crypto", "keyservice.token"])
+def test_lazy_packages_keep_their_public_names(package: str) -> None:
+    """client, keyservice.crypto (deprecated re-exports) and keyservice.token import their
+    names on first use: each name of ``__all__`` is there, the owner's very object, and listed
+    by dir(); an unknown name is an AttributeError."""
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        value = getattr(module, name)
+        assert value is not None, name
+        assert name in dir(module), name
+    with pytest.raises(AttributeError):
+        module.no_such_name
+    if package == "keyservice.crypto":
+        from keyservice.crypto.segments import PeriodKey
+
+        assert module.MinuteKey is PeriodKey and module.PeriodKey is PeriodKey
+
+
+def test_importing_a_package_loads_only_what_is_asked_for(tmp_path: Path) -> None:
+    """``import client`` (and one submodule of keyservice.crypto or keyservice.token) does not
+    load the rest: httpx, the token layer and the other protocols wait for their first use."""
+    code = ("import sys, json\n"
+            "import client, keyservice.crypto.segments, keyservice.token\n"
+            "print(json.dumps(sorted(m for m, v in sys.modules.items() if v is not None)))\n")
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True, cwd=tmp_path)
+    modules = set(json.loads(done.stdout))
+    assert heavy_in(modules, ("httpx", "pkcs11", "asn1crypto")) == []
+    assert not {"client.viewer", "client.session", "keyservice.crypto.login",
+                "keyservice.crypto.ratchet", "keyservice.token.provisioning",
+                "keyservice.token.runtime"} & modules
+
+
+# --- commands that run for real -------------------------------------------------------------
+def test_fusion_keys_list_loads_only_the_token_layer(
+        tmp_path: Path, fusion_viewer_factory: Callable[..., EnrolledViewer]) -> None:
+    viewer = fusion_viewer_factory("startup-keys")
+    modules = loaded_by(tmp_path, "fusion-keys", "list", "--token", viewer.token.uri,
+                        env={**os.environ, **viewer.env})
+    assert {"pkcs11", "keyservice.token.provisioning"} <= modules  # it did open the token
+    assert heavy_in(modules, ("httpx", "fastapi", "starlette", "uvicorn", "av", "rich",
+                              "pygments", "pydantic", "zipfile")) == []
+    assert "keyservice.token.piv" not in modules
+
+
+def test_cameras_list_and_play_load_no_web_framework(
+        tmp_path: Path, https_archiver: ArchiverServer,
+        fusion_viewer_factory: Callable[..., EnrolledViewer]) -> None:
+    """``fusion-archiver cameras list`` and ``fusion-client play ... -o -`` against a real
+    HTTPS Archiver: each does its work (exit 0, the camera listed, the video decrypted) and
+    loads neither the web framework nor PyAV nor rich; play loads no web page, evidence
+    verifier or grants code."""
+    assert https_archiver.tls_ca is not None
+    camera = "startup-cam"
+    viewer = fusion_viewer_factory("startup-viewer")
+    ingest = https_archiver.add_camera(camera)
+    https_archiver.add_viewer(viewer.certificate, [camera])
+    start = now_ms() - 1000
+    put(https_archiver, camera, ingest, chunk("one"), chunk("two"))
+    env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
+    env.update(viewer.env, FUSION_TLS_CA=str(https_archiver.tls_ca),
+               FUSION_CLIENT_HOME=str(tmp_path / "client-home"))
+    never = ("fastapi", "starlette", "uvicorn", "av", "rich", "pygments", "pydantic",
+             "prometheus_client")
+
+    admin = loaded_by(tmp_path, "fusion-archiver", "cameras", "list", "--archiver",
+                      https_archiver.url, "--data", str(https_archiver.data_dir), "--json",
+                      env=env)
+    assert "httpx" in admin and heavy_in(admin, never) == []
+    assert heavy_in(admin, ("pkcs11", "asn1crypto")) == []
+
+    video = tmp_path / "video.ts"
+    played = loaded_by(tmp_path, "fusion-client", "play", "--archiver", https_archiver.url,
+                       "--token", viewer.uri, "--camera", camera, "--from", iso(start),
+                       "--to", iso(now_ms() + 1000), "-o", str(video), "-q", env=env)
+    assert b"one|" in video.read_bytes() and b"two|" in video.read_bytes()
+    assert heavy_in(played, never) == []
+    assert not {"client.web", "client.web.server", "keyservice.evidence.verify",
+                "keyservice.evidence.build", "client.evidence_zip", "keyservice.grants",
+                "keyservice.token.piv", "keyservice.token.provisioning"} & played
