@@ -9,6 +9,13 @@ wrapped once for every viewer authorized at its start, under the viewer's epoch 
 RSA-OAEP encryption per viewer per epoch, see keyservice.crypto.Epoch): one chain record per
 viewer per camera stream per day, plus one per authorization change.
 
+A revocation (or cameras taken from a viewer: ``access_removed``) does not stop ingest: the
+revoked viewer already holds the current key period's key, so the cameras keep sealing that
+period under it while a background thread prepares every affected camera's next chain (wrapped
+for the remaining viewers, journaled and committed). At the next period boundary each camera
+switches to its prepared chain; a camera whose chain is not prepared by then starts one itself
+before its segment is sealed, never using a key the revoked viewer can derive.
+
 Plaintext keys, chain states and KEKs never reach the database or the disk: only epoch openers
 and chain records.
 """
@@ -16,10 +23,12 @@ and chain records.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 
@@ -32,6 +41,15 @@ from keyservice.keyscheme import KeyScheme, Recipient
 
 Rng = Callable[[int], bytes]
 DAY_MS = 86_400_000
+log = logging.getLogger("archiver")
+CameraStream = tuple[str, DataStream]
+# Chain records stored per transaction when chains are prepared in the background: bounds the
+# memory a batch holds (~0.4 KB a record) while each index page is written once per batch.
+PREPARE_BATCH_RECORDS = 100_000
+
+
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 @dataclass
@@ -40,14 +58,44 @@ class _ViewerEpoch:
     utc_day: dt.date
 
 
+@dataclass(frozen=True)
+class _Chain:
+    """A camera stream's chain, the UTC day it serves, the earliest certificate expiry among
+    its recipients (it ends then: an expired viewer derives no later key), and the
+    authorization generation whose viewer list it was wrapped for."""
+
+    chain: KeyChain
+    utc_day: dt.date
+    expires_ms: int
+    generation: int
+
+    def serves(self, now_ms: int, today: dt.date) -> bool:
+        return self.utc_day == today and now_ms <= self.expires_ms and self.chain.usable_at(now_ms)
+
+
+@dataclass
+class _Wrapped:
+    """One chain's key material, made and not stored yet."""
+
+    chain: KeyChain
+    material: list[KeyMaterial] = field(default_factory=list)
+    journal: list[bytes] = field(default_factory=list)  # openers and records, in order
+    started: list[str] = field(default_factory=list)  # viewers whose epoch starts here
+    expires_ms: int = 2**63
+    record_bytes: int = 0
+    opener_bytes: int = 0
+
+
 class KeyManager:
     def __init__(self, db: Database, period_s: int, rng: Rng = os.urandom,
                  signer: Signer | None = None,
-                 journal: Callable[[str, int, list[bytes]], None] | None = None) -> None:
+                 journal: Callable[[str, int, list[bytes]], None] | None = None,
+                 clock: Callable[[], int] = _wall_clock_ms) -> None:
         """``signer``: the Archiver's key, to sign each new chain's recipients statement (the
         viewers its state is wrapped for); archive.py writes it before the chain's first
         segment. ``journal(camera, now_ms, records)``: appends (durably) the openers and chain
-        records made for a camera's new chain to the archive, before the database stores them."""
+        records made for a camera's new chain to the archive, before the database stores them.
+        ``clock``: the time chains prepared in the background start at."""
         self._db = db
         self._journal = journal
         self._signer = signer
@@ -66,9 +114,24 @@ class KeyManager:
         self._current: dict[tuple[str, DataStream], tuple[tuple[int, int], PeriodKey]] = {}
         # camera stream -> its chain, the chain's UTC day, and the earliest certificate expiry
         # among its recipients (the chain ends then: an expired viewer derives no later key)
-        self._chains: dict[tuple[str, DataStream], tuple[KeyChain, dt.date, int]] = {}
+        self._chains: dict[CameraStream, _Chain] = {}
         self._epochs: dict[str, _ViewerEpoch] = {}
         self._viewers: list[tuple[ViewerRow, Recipient, int]] | None = None
+        # fingerprint -> (certificate, its Recipient, not-after): parsed once, not per change
+        self._parsed: dict[str, tuple[bytes, Recipient, int]] = {}
+        self._clock = clock
+        # Every authorization change bumps the generation; a chain remembers the generation
+        # of the viewer list it was wrapped for.
+        self._generation = 0
+        # camera stream -> (the generation its next chain must have, the last key period its
+        # older chain may still serve): set by access_removed, cleared once the camera runs a
+        # chain of that generation.
+        self._retiring: dict[CameraStream, tuple[int, int]] = {}
+        # camera stream -> its next chain, prepared off the ingest path (already committed)
+        self._prepared: dict[CameraStream, _Chain] = {}
+        self._prepare_failed: set[CameraStream] = set()
+        self._worker: threading.Thread | None = None
+        self._closed = False
         # Called (fingerprint, not_after_ms) once per viewer whose certificate has expired when
         # a key would be wrapped for it; the app audits it.
         self.on_expired: Callable[[str, int], None] | None = None
@@ -81,6 +144,7 @@ class KeyManager:
         self.opener_bytes = 0  # epoch openers
         self.recipients_bytes = 0  # signed chain recipients (shared by all viewers)
         self.epochs_started = 0
+        self.chains_prepared = 0  # of chains_started, those prepared in the background
 
     def key_for(self, camera: str, stream: DataStream, now_ms: int) -> PeriodKey:
         """The key to seal a segment arriving now; rotates (and wraps for viewers) when due.
@@ -109,14 +173,116 @@ class KeyManager:
         """A viewer was added, changed or revoked: its epoch ends, and the affected cameras
         (None: all) start new chains before their next segment."""
         with self._rotate, self._lock:
+            self._generation += 1
             self._epochs.pop(fingerprint, None)
             self._viewers = None
+            self._prepare_failed.clear()
             for cam_stream in list(self._current):
                 if cameras is None or cam_stream[0] in cameras:
                     del self._current[cam_stream]
             for cam_stream in list(self._chains):
                 if cameras is None or cam_stream[0] in cameras:
                     del self._chains[cam_stream]  # its state is erased with it
+            for cam_stream in list(self._prepared):
+                if cameras is None or cam_stream[0] in cameras:
+                    self._drop_prepared(cam_stream)
+            for cam_stream in list(self._retiring):
+                if cameras is None or cam_stream[0] in cameras:
+                    del self._retiring[cam_stream]
+
+    def access_removed(self, fingerprint: str, cameras: list[str] | None, now_ms: int) -> None:
+        """A viewer lost cameras (None: all) or was revoked at ``now_ms``; nobody gained any.
+
+        The affected cameras keep their current key until the end of now's key period (the
+        viewer already holds it), and get a new chain without the viewer from the next period
+        on: prepared now by a background thread, or by the camera's first segment of that
+        period if the thread has not reached it by then."""
+        with self._rotate, self._lock:
+            self._generation += 1
+            self._epochs.pop(fingerprint, None)
+            self._viewers = None
+            self._prepare_failed.clear()
+            period = now_ms // self._period_ms
+            for cam_stream in self._chains:
+                if cameras is None or cam_stream[0] in cameras:
+                    older = self._retiring.get(cam_stream)
+                    self._retiring[cam_stream] = (
+                        self._generation, period if older is None else min(older[1], period))
+            if self._retiring and self._worker is None and not self._closed:
+                self._worker = threading.Thread(target=self._prepare_chains, daemon=True,
+                                                name="fusion-chain-prepare")
+                self._worker.start()
+
+    def close(self) -> None:
+        """Stop preparing chains (after the one in progress); waits for the thread."""
+        with self._lock:
+            self._closed = True
+            worker = self._worker
+        if worker is not None:
+            worker.join()
+
+    def pending_chains(self) -> int:
+        """Camera streams whose chain must still change at their next key period."""
+        with self._lock:
+            return len(self._retiring)
+
+    def _prepare_chains(self) -> None:
+        """The background thread of ``access_removed``. Chains are wrapped a few cameras at a
+        time (up to PREPARE_BATCH_RECORDS records) and stored in one transaction: SQLite then
+        writes each page of the chain record index once per batch, not once per camera."""
+        while True:
+            with self._rotate:
+                with self._lock:
+                    todo = [] if self._closed else self._next_to_prepare()
+                    if not todo:
+                        self._worker = None
+                        return
+                    generation = self._generation
+                now_ms = self._clock()
+                today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
+                batch: list[_Wrapped] = []
+                try:
+                    records = 0
+                    for cam_stream in todo:
+                        chain, seed = KeyChain.start(cam_stream[0], cam_stream[1],
+                                                     self._period_s, now_ms, self._rng)
+                        batch.append(self._wrap(chain, seed, now_ms, today))
+                        records += len(batch[-1].material)
+                        if records >= PREPARE_BATCH_RECORDS:
+                            break
+                    self._commit(batch, now_ms)
+                except Exception:
+                    # Those cameras' next segments start their chains themselves (and report
+                    # why if that fails too).
+                    log.warning("could not prepare the next key chains of %s",
+                                ", ".join(sorted({c for c, _ in todo})), exc_info=True)
+                    with self._lock:
+                        self._prepare_failed.update(todo)
+                    continue
+                with self._lock:
+                    for wrapped in batch:
+                        cam_stream = (wrapped.chain.camera, wrapped.chain.stream)
+                        self._drop_prepared(cam_stream)
+                        self._prepared[cam_stream] = _Chain(wrapped.chain, today,
+                                                            wrapped.expires_ms, generation)
+                    self.chains_started += len(batch)
+                    self.chains_prepared += len(batch)
+
+    def _next_to_prepare(self) -> list[CameraStream]:
+        """The camera streams that still need their next chain, in the order of the change."""
+        return [cam_stream for cam_stream, (generation, _) in self._retiring.items()
+                if cam_stream not in self._prepare_failed
+                and (cam_stream not in self._prepared
+                     or self._prepared[cam_stream].generation < generation)
+                and (cam_stream not in self._chains
+                     or self._chains[cam_stream].generation < generation)]
+
+    def _drop_prepared(self, cam_stream: CameraStream) -> None:
+        """Forget a prepared chain that will not be used (its records stay in the index until
+        retention removes the day: no segment names it)."""
+        dropped = self._prepared.pop(cam_stream, None)
+        if dropped is not None:
+            self._recipients.pop(dropped.chain.chain_id, None)
 
     def take_recipients(self, chain_id: bytes) -> list[bytes]:
         """The signed recipients statement of a chain (its parts), once: the caller archives
@@ -135,6 +301,10 @@ class KeyManager:
                 del self._current[cam_stream]
             for cam_stream in [k for k in self._chains if k[0] == camera]:
                 del self._chains[cam_stream]
+            for cam_stream in [k for k in self._prepared if k[0] == camera]:
+                self._drop_prepared(cam_stream)
+            for cam_stream in [k for k in self._retiring if k[0] == camera]:
+                del self._retiring[cam_stream]
 
     def active_viewers(self) -> int:
         with self._rotate:
@@ -143,12 +313,19 @@ class KeyManager:
     def _load_viewers(self) -> list[tuple[ViewerRow, Recipient, int]]:
         if self._viewers is None:
             viewers = []
+            parsed = {}
             for row in self._db.viewers():
                 if row.revoked_ms is not None:
                     continue
-                cert = x509.load_der_x509_certificate(row.certificate)
-                not_after = int(cert.not_valid_after_utc.timestamp() * 1000)
-                viewers.append((row, Recipient(cert, KeyScheme(row.oaep_hash)), not_after))
+                known = self._parsed.get(row.fingerprint)
+                if known is None or known[0] != row.certificate:
+                    cert = x509.load_der_x509_certificate(row.certificate)
+                    not_after = int(cert.not_valid_after_utc.timestamp() * 1000)
+                    known = (row.certificate, Recipient(cert, KeyScheme(row.oaep_hash)),
+                             not_after)
+                parsed[row.fingerprint] = known
+                viewers.append((row, known[1], known[2]))
+            self._parsed = parsed
             self._viewers = viewers
         return self._viewers
 
@@ -156,25 +333,50 @@ class KeyManager:
         """The chain of a camera stream at now, started anew (and wrapped for its viewers) at
         the UTC day boundary, after an authorization change, and when the clock is behind the
         chain's state (a segment that read the clock just before a period boundary can rotate
-        after one of the new period did; the older state is erased)."""
+        after one of the new period did; the older state is erased). After a removal
+        (``access_removed``) the older chain serves no key period after the removal's: the
+        prepared chain takes over, or one is started here, before the segment is sealed."""
+        cam_stream = (camera, stream)
         today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
-        found = self._chains.get((camera, stream))
-        if (found is not None and found[1] == today and now_ms <= found[2]
-                and found[0].usable_at(now_ms)):
-            return found[0]
-        chain, seed = KeyChain.start(camera, stream, self._period_s, now_ms, self._rng)
-        expires = self._wrap_for_viewers(chain, seed, now_ms, today)
-        self._chains[(camera, stream)] = (chain, today, expires)
-        self.chains_started += 1
-        return chain
+        retiring = self._retiring.get(cam_stream)
+        found = self._chains.get(cam_stream)
+        if found is not None and found.serves(now_ms, today) and (
+                retiring is None or found.generation >= retiring[0]
+                or now_ms // self._period_ms <= retiring[1]):
+            return found.chain
+        with self._lock:
+            prepared = self._prepared.pop(cam_stream, None)
+        if prepared is not None and prepared.serves(now_ms, today) and (
+                retiring is None or prepared.generation >= retiring[0]):
+            chosen = prepared
+        else:
+            if prepared is not None:
+                with self._lock:
+                    self._recipients.pop(prepared.chain.chain_id, None)
+            generation = self._generation
+            chain, seed = KeyChain.start(camera, stream, self._period_s, now_ms, self._rng)
+            expires = self._wrap_for_viewers(chain, seed, now_ms, today)
+            chosen = _Chain(chain, today, expires, generation)
+            self.chains_started += 1
+        self._chains[cam_stream] = chosen
+        if retiring is not None and chosen.generation >= retiring[0]:
+            with self._lock:
+                del self._retiring[cam_stream]
+        return chosen.chain
 
     def _wrap_for_viewers(self, chain: KeyChain, seed: bytes, now_ms: int,
                           today: dt.date) -> int:
-        """Wraps ``seed`` for every viewer authorized on the chain's camera; returns the
-        earliest certificate expiry among them."""
-        material = []
-        expires = 2**63
-        started: list[str] = []
+        """Wraps ``seed`` for every viewer authorized on the chain's camera and commits it;
+        returns the earliest certificate expiry among them."""
+        wrapped = self._wrap(chain, seed, now_ms, today)
+        self._commit([wrapped], now_ms)
+        return wrapped.expires_ms
+
+    def _wrap(self, chain: KeyChain, seed: bytes, now_ms: int, today: dt.date) -> _Wrapped:
+        """The chain records of ``seed`` for every viewer authorized on the chain's camera
+        (and the epoch openers of viewers whose epoch starts), not stored yet. The records are
+        encoded directly: no re-validation of what this process just built."""
+        wrapped = _Wrapped(chain)
         for row, recipient, not_after in self._load_viewers():
             if not row.authorized_on(chain.camera):
                 continue
@@ -200,36 +402,48 @@ class KeyManager:
                 epoch, opener = Epoch.start(recipient, self._period_ms // 1000, now_ms, self._rng)
                 viewer_epoch = self._epochs[row.fingerprint] = _ViewerEpoch(epoch, today)
                 opener_bytes = encode_record(opener)
-                started.append(row.fingerprint)
-            record = viewer_epoch.epoch.wrap_chain(chain, seed, now_ms, self._rng)
-            expires = min(expires, not_after)
+                wrapped.started.append(row.fingerprint)
+                wrapped.journal.append(opener_bytes)
+                wrapped.opener_bytes += len(opener_bytes)
+            record = viewer_epoch.epoch.wrap_chain_encoded(chain, seed, now_ms, self._rng)
+            wrapped.journal.append(record)
+            wrapped.record_bytes += len(record)
+            wrapped.expires_ms = min(wrapped.expires_ms, not_after)
             # Stored under the chain id (12 bytes) in the key_id column: the Assembler looks
             # a segment's chain up by the first 12 bytes of its key id.
-            material.append(KeyMaterial(
+            wrapped.material.append(KeyMaterial(
                 row.fingerprint, chain.camera, chain.chain_id, viewer_epoch.epoch.epoch_id,
-                now_ms, encode_record(record), opener_bytes))
-        # Committed before any segment sealed under this chain is acknowledged: an acknowledged
-        # segment is never left without the chain records its viewers need.
+                now_ms, record, opener_bytes))
+        return wrapped
+
+    def _commit(self, batch: list[_Wrapped], now_ms: int) -> None:
+        """Journals each chain's records (one write per camera) and stores them all in one
+        transaction, then signs each chain's recipients. Committed before any segment sealed
+        under these chains is acknowledged: an acknowledged segment is never left without
+        the chain records its viewers need."""
         try:
-            if self._journal is not None and material:
-                self._journal(chain.camera, now_ms, [
-                    record for item in material
-                    for record in (item.epoch_opener, item.key_record) if record is not None])
-            self._db.store_key_material(material, now_ms)
+            for wrapped in batch:
+                if self._journal is not None and wrapped.material:
+                    # One buffer: one write, not one iovec per record.
+                    self._journal(wrapped.chain.camera, now_ms, [b"".join(wrapped.journal)])
+            self._db.store_key_material(
+                [item for wrapped in batch for item in wrapped.material], now_ms)
         except BaseException:
-            for fingerprint in started:  # their openers were never stored: start over next time
-                del self._epochs[fingerprint]
+            for wrapped in batch:
+                for fingerprint in wrapped.started:  # openers never stored: start over
+                    self._epochs.pop(fingerprint, None)
             raise
-        self.epochs_started += len(started)
-        self.key_records_written += len(material)
-        self.key_record_bytes += sum(len(m.key_record) for m in material)
-        self.opener_bytes += sum(len(m.epoch_opener or b"") for m in material)
-        if self._signer is not None:
-            # Signed now, from what this process wrapped: the index cannot later make a
-            # withheld segment look like one this viewer was never authorized for.
-            parts = issue_chain_recipients(
-                chain, [bytes.fromhex(m.fingerprint) for m in material], self._signer)
-            self.recipients_bytes += sum(map(len, parts))
-            with self._lock:
-                self._recipients[chain.chain_id] = parts
-        return expires
+        for wrapped in batch:
+            self.epochs_started += len(wrapped.started)
+            self.key_records_written += len(wrapped.material)
+            self.key_record_bytes += wrapped.record_bytes
+            self.opener_bytes += wrapped.opener_bytes
+            if self._signer is not None:
+                # Signed now, from what this process wrapped: the index cannot later make a
+                # withheld segment look like one this viewer was never authorized for.
+                parts = issue_chain_recipients(
+                    wrapped.chain, [bytes.fromhex(m.fingerprint) for m in wrapped.material],
+                    self._signer)
+                self.recipients_bytes += sum(map(len, parts))
+                with self._lock:
+                    self._recipients[wrapped.chain.chain_id] = parts
