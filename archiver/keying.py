@@ -34,6 +34,7 @@ from cryptography import x509
 
 from archiver.db import Database, KeyMaterial, ViewerRow
 from keyservice.crypto import Epoch, KeyChain, PeriodKey
+from keyservice.crypto.ratchet import chain_record_tail
 from keyservice.format import DataStream, encode_record
 from keyservice.fusion_writer import issue_chain_recipients
 from keyservice.identity import Signer
@@ -377,6 +378,7 @@ class KeyManager:
         (and the epoch openers of viewers whose epoch starts), not stored yet. The records are
         encoded directly: no re-validation of what this process just built."""
         wrapped = _Wrapped(chain)
+        tail = chain_record_tail(chain)
         for row, recipient, not_after in self._load_viewers():
             if not row.authorized_on(chain.camera):
                 continue
@@ -405,7 +407,7 @@ class KeyManager:
                 wrapped.started.append(row.fingerprint)
                 wrapped.journal.append(opener_bytes)
                 wrapped.opener_bytes += len(opener_bytes)
-            record = viewer_epoch.epoch.wrap_chain_encoded(chain, seed, now_ms, self._rng)
+            record = viewer_epoch.epoch.wrap_chain_encoded(chain, seed, now_ms, self._rng, tail)
             wrapped.journal.append(record)
             wrapped.record_bytes += len(record)
             wrapped.expires_ms = min(wrapped.expires_ms, not_after)

@@ -143,14 +143,16 @@ class Epoch:
                            chain.start_period, nonce, wrapped)
 
     def wrap_chain_encoded(self, chain: KeyChain, seed: bytes, now_ms: int,
-                           rng: Rng = os.urandom) -> bytes:
+                           rng: Rng = os.urandom, tail: bytes | None = None) -> bytes:
         """``encode_record(self.wrap_chain(...))``, byte for byte, without building and
         re-validating a ChainRecord: the Archiver wraps one chain for thousands of viewers
         at a time, and every field here is its own (a revocation on every camera at 10 000
-        viewers is a million of them)."""
+        viewers is a million of them). ``tail``: ``chain_record_tail(chain)``, computed once
+        per chain by the caller."""
         index, aead = self._aead_at(now_ms)
         nonce = rng(NONCE_LEN)
-        tail = _chain_tail(chain)
+        if tail is None:
+            tail = chain_record_tail(chain)
         head = self.epoch_id + _U32.pack(index)
         wrapped = aead.encrypt(
             nonce, seed, b"".join((LABEL_CHAIN_RECORD, _VERSION, self.viewer_fingerprint, head,
@@ -160,7 +162,7 @@ class Epoch:
                          nonce, wrapped))
 
 
-def _chain_tail(chain: KeyChain) -> bytes:
+def chain_record_tail(chain: KeyChain) -> bytes:
     """camera, stream, chain id, start period: the part of a chain record (and of its AD)
     that is the same for every viewer of the chain."""
     return b"".join((_str8(chain.camera), bytes((chain.stream,)), chain.chain_id,
