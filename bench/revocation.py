@@ -8,10 +8,10 @@ injected clock). Minute 0 is a UTC day's start (every camera starts a chain for 
   change still does): ``authorization_changed`` drops every camera's chain; each camera's next
   segment (minute 1) starts a new chain and wraps it for every viewer before it is sealed. The
   time those segments wait is the "foreground" time: ingest stands still for it.
-* **prepared** (``access_removed``, when the KeyManager has it): minute 2, the cameras keep their
-  current key for the rest of the period while a background thread prepares every camera's
-  next chain; the first segment of each camera in minute 2 (after the change) and in minute 3
-  (the switch) are timed in the foreground, the thread's work separately.
+* **prepared** (``access_removed``, when the KeyManager has it): 20 s into minute 2, the cameras
+  keep their current key for the rest of the period while a background thread prepares every
+  camera's next chain; a segment of each camera after the change (minute 2) and the first one
+  of minute 3 (the switch) are timed in the foreground, the thread's work separately.
 
 Runs against any checkout: ``PYTHONPATH=<checkout> python -m bench.revocation`` from a copy of
 this file measures that checkout's KeyManager (only the synchronous path if it predates
@@ -104,7 +104,10 @@ def run(workdir: Path, cameras: int, viewers: int) -> dict[str, Any]:
               f"s), CPU {sync['cpu_s']:.2f} s", flush=True)
 
         if hasattr(keys, "access_removed"):
-            now = T0_MS + 2 * MINUTE_MS + 500
+            # The cameras' first segments of minute 2 (chains step), then the revocation 20 s
+            # into it, then one more segment per camera in that period.
+            _first_segments(keys, names, T0_MS + 2 * MINUTE_MS + 500)
+            now = T0_MS + 2 * MINUTE_MS + 20_000
             clock_ms[0] = now
             records0 = keys.key_records_written
             db.revoke_viewer(fps[1], now - 100, delete_key_streams=False)
