@@ -105,10 +105,11 @@ class KeyManager:
         self._recipients: dict[bytes, list[bytes]] = {}
         self._period_ms = period_s * 1000
         self._rng = rng
-        # _lock guards _current and is only ever held briefly. _rotate serializes rotations
-        # and guards what they use (chains, epochs, the viewer list): a chain start wraps its
-        # state for every viewer (thousands of AES wraps and an fsynced commit), and segments
-        # of cameras whose key is current must not wait for that. Order: _rotate before _lock.
+        # _lock guards _current, the chains (running, prepared, retiring) and their stepping,
+        # and is only ever held briefly. _rotate serializes chain starts and guards what they
+        # use (epochs, the viewer list): a chain start wraps its state for every viewer
+        # (thousands of AES wraps and an fsynced commit), and segments of cameras whose chain
+        # only steps must not wait for that. Order: _rotate before _lock.
         self._lock = threading.Lock()
         self._rotate = threading.Lock()
         # camera stream -> (key period, UTC day number) of its current minute key, and the key
@@ -155,20 +156,63 @@ class KeyManager:
         and reusing its key after midnight would seal the new day's first segments under the
         old day's chain, which retention of the old day could then not destroy."""
         period = (now_ms // self._period_ms, now_ms // DAY_MS)
+        cam_stream = (camera, stream)
+        # Stepping a running chain, or switching to a prepared one, wraps nothing: it needs
+        # only _lock, so a chain being prepared (under _rotate) does not hold up the period
+        # boundary of cameras that have theirs.
         with self._lock:
-            current = self._current.get((camera, stream))
+            current = self._current.get(cam_stream)
             if current is not None and current[0] == period:
                 return current[1]
+            key = self._ready_key(cam_stream, period, now_ms)
+            if key is not None:
+                return key
         with self._rotate:
             with self._lock:  # another thread may have rotated it while this one waited
-                current = self._current.get((camera, stream))
+                current = self._current.get(cam_stream)
                 if current is not None and current[0] == period:
                     return current[1]
-            key = self._chain_for(camera, stream, now_ms).key_at(now_ms)
+                key = self._ready_key(cam_stream, period, now_ms)
+                if key is not None:
+                    return key
+            chain = self._chain_for(camera, stream, now_ms)
             with self._lock:
-                self._current[(camera, stream)] = (period, key)
+                key = chain.key_at(now_ms)
+                self._current[cam_stream] = (period, key)
                 self.rotations += 1
             return key
+
+    def _ready_key(self, cam_stream: CameraStream, period: tuple[int, int], now_ms: int
+                   ) -> PeriodKey | None:
+        """Under _lock: now's key from the camera's running chain or its prepared one, or None
+        if a chain must be started (and wrapped)."""
+        chain = self._ready_chain(cam_stream, now_ms)
+        if chain is None:
+            return None
+        key = chain.key_at(now_ms)
+        self._current[cam_stream] = (period, key)
+        self.rotations += 1
+        return key
+
+    def _ready_chain(self, cam_stream: CameraStream, now_ms: int) -> KeyChain | None:
+        """Under _lock: the chain that may serve now without wrapping anything. The running
+        one, unless a removal retired it and now is past the removal's key period; then the
+        prepared one if it is of the removal's generation (or a later one)."""
+        today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
+        retiring = self._retiring.get(cam_stream)
+        found = self._chains.get(cam_stream)
+        if found is not None and found.serves(now_ms, today) and (
+                retiring is None or found.generation >= retiring[0]
+                or now_ms // self._period_ms <= retiring[1]):
+            return found.chain
+        prepared = self._prepared.get(cam_stream)
+        if (prepared is not None and retiring is not None
+                and prepared.generation >= retiring[0] and prepared.serves(now_ms, today)):
+            del self._prepared[cam_stream]
+            del self._retiring[cam_stream]
+            self._chains[cam_stream] = prepared
+            return prepared.chain
+        return None
 
     def authorization_changed(self, fingerprint: str, cameras: list[str] | None) -> None:
         """A viewer was added, changed or revoked: its epoch ends, and the affected cameras
@@ -336,34 +380,25 @@ class KeyManager:
         chain's state (a segment that read the clock just before a period boundary can rotate
         after one of the new period did; the older state is erased). After a removal
         (``access_removed``) the older chain serves no key period after the removal's: the
-        prepared chain takes over, or one is started here, before the segment is sealed."""
+        prepared chain takes over, or one is started here, before the segment is sealed.
+        Called under _rotate."""
         cam_stream = (camera, stream)
         today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
-        retiring = self._retiring.get(cam_stream)
-        found = self._chains.get(cam_stream)
-        if found is not None and found.serves(now_ms, today) and (
-                retiring is None or found.generation >= retiring[0]
-                or now_ms // self._period_ms <= retiring[1]):
-            return found.chain
         with self._lock:
-            prepared = self._prepared.pop(cam_stream, None)
-        if prepared is not None and prepared.serves(now_ms, today) and (
-                retiring is None or prepared.generation >= retiring[0]):
-            chosen = prepared
-        else:
-            if prepared is not None:
-                with self._lock:
-                    self._recipients.pop(prepared.chain.chain_id, None)
-            generation = self._generation
-            chain, seed = KeyChain.start(camera, stream, self._period_s, now_ms, self._rng)
-            expires = self._wrap_for_viewers(chain, seed, now_ms, today)
-            chosen = _Chain(chain, today, expires, generation)
-            self.chains_started += 1
-        self._chains[cam_stream] = chosen
-        if retiring is not None and chosen.generation >= retiring[0]:
-            with self._lock:
+            ready = self._ready_chain(cam_stream, now_ms)
+            if ready is not None:
+                return ready
+            self._drop_prepared(cam_stream)  # of an older generation, or past its day
+        generation = self._generation
+        chain, seed = KeyChain.start(camera, stream, self._period_s, now_ms, self._rng)
+        expires = self._wrap_for_viewers(chain, seed, now_ms, today)
+        with self._lock:
+            self._chains[cam_stream] = _Chain(chain, today, expires, generation)
+            retiring = self._retiring.get(cam_stream)
+            if retiring is not None and generation >= retiring[0]:
                 del self._retiring[cam_stream]
-        return chosen.chain
+            self.chains_started += 1
+        return chain
 
     def _wrap_for_viewers(self, chain: KeyChain, seed: bytes, now_ms: int,
                           today: dt.date) -> int:
