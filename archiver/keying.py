@@ -286,9 +286,11 @@ class KeyManager:
                 now_ms = self._clock()
                 today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
                 batch: list[_Wrapped] = []
+                attempted: list[CameraStream] = []
                 try:
                     records = 0
                     for cam_stream in todo:
+                        attempted.append(cam_stream)
                         chain, seed = KeyChain.start(cam_stream[0], cam_stream[1],
                                                      self._period_s, now_ms, self._rng)
                         batch.append(self._wrap(chain, seed, now_ms, today))
@@ -297,12 +299,15 @@ class KeyManager:
                             break
                     self._commit(batch, now_ms)
                 except Exception:
+                    for wrapped in batch:  # their openers were never stored: start over
+                        for fingerprint in wrapped.started:
+                            self._epochs.pop(fingerprint, None)
                     # Those cameras' next segments start their chains themselves (and report
                     # why if that fails too).
                     log.warning("could not prepare the next key chains of %s",
-                                ", ".join(sorted({c for c, _ in todo})), exc_info=True)
+                                ", ".join(sorted({c for c, _ in attempted})), exc_info=True)
                     with self._lock:
-                        self._prepare_failed.update(todo)
+                        self._prepare_failed.update(attempted)
                     continue
                 with self._lock:
                     for wrapped in batch:
@@ -413,6 +418,16 @@ class KeyManager:
         (and the epoch openers of viewers whose epoch starts), not stored yet. The records are
         encoded directly: no re-validation of what this process just built."""
         wrapped = _Wrapped(chain)
+        try:
+            self._wrap_into(wrapped, seed, now_ms, today)
+        except BaseException:
+            for fingerprint in wrapped.started:  # their openers will never be stored
+                self._epochs.pop(fingerprint, None)
+            raise
+        return wrapped
+
+    def _wrap_into(self, wrapped: _Wrapped, seed: bytes, now_ms: int, today: dt.date) -> None:
+        chain = wrapped.chain
         tail = chain_record_tail(chain)
         for row, recipient, not_after in self._load_viewers():
             if not row.authorized_on(chain.camera):
@@ -451,7 +466,6 @@ class KeyManager:
             wrapped.material.append(KeyMaterial(
                 row.fingerprint, chain.camera, chain.chain_id, viewer_epoch.epoch.epoch_id,
                 now_ms, record, opener_bytes))
-        return wrapped
 
     def _commit(self, batch: list[_Wrapped], now_ms: int) -> None:
         """Journals each chain's records (one write per camera) and stores them all in one
