@@ -649,13 +649,16 @@ class KeyManager:
         a new one then."""
         cam_stream = (chain.camera, chain.stream)
         with self._lock:
+            found = self._chains.get(cam_stream)
+            if found is None or found.chain is not chain:
+                return False  # switched meanwhile (a segment of a later period): start anew
             step = chain.join_step_at(now_ms)
             if (step > max_ratchet_index(chain.period_s)
                     or members.statements + -(-len(members.pending) // MAX_RECIPIENTS_PER_PART)
                     > _MAX_STATEMENTS):
                 return False
             state = chain.state_at(step)
-            expires = self._chains[cam_stream].expires_ms
+            expires = found.expires_ms
             pending = sorted(members.pending)
         assert self._signer is not None  # joins are only ever pending with a signer
         material, started = [], []

@@ -256,6 +256,30 @@ def test_an_added_viewer_joins_the_running_chain_and_the_prepared_one_at_the_swi
     assert statements[1].viewers == (bytes.fromhex(added),)
 
 
+def test_a_change_that_also_removes_a_camera_restarts_it_at_once_even_while_retiring(
+        tmp_path: Path) -> None:
+    """A change that adds and removes cameras goes through authorization_changed: the removed
+    camera's chain, retiring after a revocation, restarts at its next segment (in the same
+    key period), without the viewer that lost it; the chain prepared for it (wrapped for that
+    viewer too) is never used."""
+    clock = [T0 + 1000]
+    db = Database(tmp_path / "index.sqlite3")
+    revoked, kept = _viewers(db)
+    keys = KeyManager(db, 60, signer=vectors.load_signer("archiver"), clock=lambda: clock[0])
+    old = _chain(keys.key_for("cam0", DataStream.VIDEO, T0 + 1000).key_id)
+    clock[0] = T0 + 10_000
+    db.revoke_viewer(revoked, T0 + 10_000, delete_key_streams=False)
+    keys.access_removed(revoked, None, T0 + 10_000)
+    _wait(lambda: keys.chains_prepared == 1, "the chain to be prepared")
+    db.set_viewer_cameras(kept, ["cam1"])  # cam0 taken away, cam1 given: one change
+    keys.authorization_changed(kept, None)
+    now = _chain(keys.key_for("cam0", DataStream.VIDEO, T0 + 20_000).key_id)
+    assert now != old and keys.pending_chains() == 0
+    later = _chain(keys.key_for("cam0", DataStream.VIDEO, T0 + PERIOD_MS + 100).key_id)
+    assert later == now  # not the prepared chain: it was wrapped for the viewer that lost cam0
+    assert db.chain_record(kept, now) is None and db.chain_record(revoked, now) is None
+
+
 def test_a_chain_record_encoded_directly_is_the_record_wrap_chain_builds() -> None:
     cert = x509.load_pem_x509_certificate((KEYS / "TEST-ONLY-viewer-a.cert.pem").read_bytes())
     recipient = Recipient(cert, KeyScheme.RSA_OAEP_SHA256)
