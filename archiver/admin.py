@@ -218,7 +218,10 @@ class Admin:
         if change.before == change.after:
             return change  # nothing changed: no rotation, no audit entry
         archive.db.set_viewer_cameras(fp, change.after)
-        archive.authorization_changed(fp, None)
+        if change.added:
+            archive.authorization_changed(fp, None)
+        else:  # only removed: no chain needs to restart before the next key period
+            archive.access_removed(fp, change.removed if before is not None else None)
         self.audit.record(actor, "viewer.cameras", archive.clock(), fingerprint=fp,
                           before=change.before or "all", cameras=change.after or "all",
                           added=change.added, removed=change.removed)
@@ -230,7 +233,9 @@ class Admin:
         archive = self.archive
         if not archive.db.revoke_viewer(fp, archive.clock(), delete_key_streams):
             raise Refused(ErrorCode.UNKNOWN_VIEWER, f"No viewer has the fingerprint {fp}.")
-        archive.authorization_changed(fp, None)
+        # Its cameras keep the current key period's key (it holds that one already) and
+        # switch to chains without it from the next period on.
+        archive.access_removed(fp, None)
         if self.sessions is not None:
             self.sessions.end_sessions_of(fp)
         self.audit.record(actor, "viewer.revoke", archive.clock(), fingerprint=fp,
