@@ -99,7 +99,7 @@ def _metrics(server: BenchServer) -> dict[str, float]:
                      headers={"Authorization": f"Bearer {server.admin_token}"}).text
     wanted = ("fusion_key_rotations_total", "fusion_wrapped_keys_total",
               "fusion_epochs_started_total", "fusion_key_chains_started_total",
-              "fusion_key_material_bytes_total")
+              "fusion_key_chain_joins_total", "fusion_key_material_bytes_total")
     out = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
