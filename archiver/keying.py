@@ -274,10 +274,7 @@ class KeyManager:
         with self._rotate:
             row = self._db.viewer(fingerprint)
             with self._lock:
-                self._generation += 1
-                self._epochs.pop(fingerprint, None)
-                self._refresh_viewer(fingerprint, row)
-                self._prepare_failed.clear()
+                self._viewer_changed(fingerprint, row)
                 restart = []
                 for cam_stream in list(self._chains):
                     if cameras is not None and cam_stream[0] not in cameras:
@@ -305,6 +302,14 @@ class KeyManager:
                     self._retiring.pop(cam_stream, None)  # the new chain is of this change
                 self._ensure_worker()
 
+    def _viewer_changed(self, fingerprint: str, row: ViewerRow | None) -> None:
+        """Under ``_lock``, for any change of one viewer: its epoch ends, its entry is reread,
+        and every chain prepared before now is outdated (the generation)."""
+        self._generation += 1
+        self._epochs.pop(fingerprint, None)
+        self._refresh_viewer(fingerprint, row)
+        self._prepare_failed.clear()
+
     @staticmethod
     def _note_change(members: _Members, fingerprint: str, allowed: bool) -> bool:
         """Records a viewer's change on a chain's members: a join pending if it is now
@@ -327,10 +332,7 @@ class KeyManager:
         with self._rotate:
             row = self._db.viewer(fingerprint)
             with self._lock:
-                self._generation += 1
-                self._epochs.pop(fingerprint, None)
-                self._refresh_viewer(fingerprint, row)
-                self._prepare_failed.clear()
+                self._viewer_changed(fingerprint, row)
                 period = now_ms // self._period_ms
                 for cam_stream in self._chains:
                     if cameras is None or cam_stream[0] in cameras:
