@@ -218,7 +218,10 @@ class Admin:
         if change.before == change.after:
             return change  # nothing changed: no rotation, no audit entry
         archive.directory.set_viewer_cameras(fp, change.after)
-        archive.authorization_changed(fp, None)
+        if change.added:
+            archive.authorization_changed(fp, None)
+        else:  # only removed: no chain needs to restart before the next key period
+            archive.access_removed(fp, change.removed if before is not None else None)
         self.audit.record(actor, "viewer.cameras", archive.clock(), fingerprint=fp,
                           before=change.before or "all", cameras=change.after or "all",
                           added=change.added, removed=change.removed)
@@ -235,7 +238,9 @@ class Admin:
             # that they were deleted.
             archive.db.delete_key_streams(fp)
             archive.directory.mark_key_streams_deleted(fp)
-        archive.authorization_changed(fp, None)
+        # Its cameras keep the current key period's key (it holds that one already) and
+        # switch to chains without it from the next period on.
+        archive.access_removed(fp, None)
         if self.sessions is not None:
             self.sessions.end_sessions_of(fp)
         self.audit.record(actor, "viewer.revoke", archive.clock(), fingerprint=fp,

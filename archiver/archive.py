@@ -129,7 +129,8 @@ class Archive:
         self.recovery_actions = recover(settings.archive_dir, self.db,
                                         _ec_key(signer.certificate.public_key()))
         self.keys = KeyManager(self.db, settings.key_period_s, rng, signer,
-                               journal=self._journal_keys, directory=self.directory)
+                               journal=self._journal_keys, clock=clock,
+                               directory=self.directory)
         self.retention = Retention(settings, self.db, self.files, clock, free_bytes,
                                    directory=self.directory)
         self.notifier = Notifier()
@@ -160,6 +161,7 @@ class Archive:
             for saved in self.health.to_save(names, self.clock(), every_ms)])
 
     def close(self) -> None:
+        self.keys.close()  # a chain being prepared is committed (or not) before the index closes
         with self.retention.lock:  # a pass in progress finishes its step first
             self.files.close()
             self.directory.close()
@@ -299,6 +301,15 @@ class Archive:
     # --- authorization ----------------------------------------------------------------
     def authorization_changed(self, fingerprint: str, cameras: list[str] | None) -> None:
         self.keys.authorization_changed(fingerprint, cameras)
+        with self._cameras_lock:
+            self._auth_changes[fingerprint] = self._auth_changes.get(fingerprint, 0) + 1
+        self.notifier.wake_all()  # live streams waiting for segments re-check at once
+
+    def access_removed(self, fingerprint: str, cameras: list[str] | None) -> None:
+        """A viewer was revoked or lost cameras (None: all), and gained none: the cameras
+        keep the current key period's key (the viewer holds it already) and switch to chains
+        without it from the next period on, prepared off the ingest path."""
+        self.keys.access_removed(fingerprint, cameras, self.clock())
         with self._cameras_lock:
             self._auth_changes[fingerprint] = self._auth_changes.get(fingerprint, 0) + 1
         self.notifier.wake_all()  # live streams waiting for segments re-check at once

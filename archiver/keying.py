@@ -2,17 +2,25 @@
 
 For every camera data stream a *key chain* (format v2, keyservice.crypto.KeyChain): a fresh
 random starting state when a viewer loses the camera (revoked, or the camera removed from it:
-it cannot open what is recorded after), at every UTC day boundary and at every Archiver start;
-every key period's minute key is derived one-way from the chain's state, which then steps
-forward (the previous state is dropped). A chain's starting state is wrapped once for every
-viewer authorized at its start, under the viewer's epoch KEK (one RSA-OAEP encryption per
-viewer per epoch, see keyservice.crypto.Epoch): one chain record per viewer per camera stream
-per day, plus one per revocation.
+it cannot open what is recorded after the current key period), at every UTC day boundary and
+at every Archiver start; every key period's minute key is derived one-way from the chain's
+state, which then steps forward (the previous state is dropped). A chain's starting state is
+wrapped once for every viewer authorized at its start, under the viewer's epoch KEK (one
+RSA-OAEP encryption per viewer per epoch, see keyservice.crypto.Epoch): one chain record per
+viewer per camera stream per day, plus one per revocation.
 
 A viewer authorized on a camera while its chain runs *joins* it (issue 23): at the chain's next
 rotation it gets the state of the first step not used yet (a join record) and the Archiver signs
 a join statement naming it and that step; nobody else's records change. The state is one-way,
 so the new viewer opens nothing recorded before it was added.
+
+A revocation (or cameras taken from a viewer: ``access_removed``) does not stop ingest: the
+revoked viewer already holds the current key period's key, so the cameras keep sealing that
+period under it while a background thread prepares every affected camera's next chain (wrapped
+for the remaining viewers, journaled and committed). At the next period boundary each camera
+switches to its prepared chain; a camera whose chain is not prepared by then starts one itself
+before its segment is sealed, never using a key the revoked viewer can derive. A viewer
+added while a camera's chain is retiring joins the prepared chain at the switch as well.
 
 Plaintext keys, chain states and KEKs never reach the database or the disk: only epoch openers
 and chain records.
@@ -20,17 +28,21 @@ and chain records.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 
 from archiver.db import Database, KeyMaterial
 from archiver.directory import Directory, ViewerRow
 from keyservice.crypto import Epoch, KeyChain, PeriodKey, max_ratchet_index
+from keyservice.crypto.ratchet import chain_record_tail
 from keyservice.format import MAX_RECIPIENTS_PER_PART, DataStream, encode_record
 from keyservice.fusion_writer import issue_chain_join, issue_chain_recipients
 from keyservice.identity import Signer
@@ -38,6 +50,15 @@ from keyservice.keyscheme import KeyScheme, Recipient
 
 Rng = Callable[[int], bytes]
 DAY_MS = 86_400_000
+log = logging.getLogger("archiver")
+CameraStream = tuple[str, DataStream]
+# Chain records stored per transaction when chains are prepared in the background: bounds the
+# memory a batch holds (~0.4 KB a record) while each index page is written once per batch.
+PREPARE_BATCH_RECORDS = 100_000
+
+
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 @dataclass
@@ -51,10 +72,10 @@ _MAX_STATEMENTS = 0xFFFF  # a chain's statements are numbered u16 (start parts, 
 
 @dataclass
 class _Members:
-    """Who holds a running chain's state: its start recipients (a set shared by the chains
-    started for the same viewers), the viewers that joined it (fingerprint -> first step), the
-    viewers authorized since that join at its next rotation, and how many signed statements
-    (start parts and joins) it has: the next join statement's number."""
+    """Who holds a chain's state: its start recipients (a set shared by the chains started
+    for the same viewers), the viewers that joined it (fingerprint -> first step), the viewers
+    authorized since, to join at its next rotation, and how many signed statements (start
+    parts and joins) it has: the next join statement's number."""
 
     chain_id: bytes
     start: frozenset[str]
@@ -67,15 +88,45 @@ class _Members:
         return fingerprint in self.start or fingerprint in self.joined
 
 
+@dataclass(frozen=True)
+class _Chain:
+    """A camera stream's chain, the UTC day it serves, the earliest certificate expiry among
+    its recipients (it ends then: an expired viewer derives no later key), and the
+    authorization generation whose viewer list it was wrapped for."""
+
+    chain: KeyChain
+    utc_day: dt.date
+    expires_ms: int
+    generation: int
+
+    def serves(self, now_ms: int, today: dt.date) -> bool:
+        return self.utc_day == today and now_ms <= self.expires_ms and self.chain.usable_at(now_ms)
+
+
+@dataclass
+class _Wrapped:
+    """One chain's key material, made and not stored yet."""
+
+    chain: KeyChain
+    material: list[KeyMaterial] = field(default_factory=list)
+    journal: list[bytes] = field(default_factory=list)  # openers and records, in order
+    started: list[str] = field(default_factory=list)  # viewers whose epoch starts here
+    expires_ms: int = 2**63
+    record_bytes: int = 0
+    opener_bytes: int = 0
+
+
 class KeyManager:
     def __init__(self, db: Database, period_s: int, rng: Rng = os.urandom,
                  signer: Signer | None = None,
-                 journal: Callable[[str, int, list[bytes]], None] | None = None, *,
+                 journal: Callable[[str, int, list[bytes]], None] | None = None,
+                 clock: Callable[[], int] = _wall_clock_ms, *,
                  directory: Directory) -> None:
         """``signer``: the Archiver's key, to sign each new chain's recipients statement (the
         viewers its state is wrapped for); archive.py writes it before the chain's first
         segment. ``journal(camera, now_ms, records)``: appends (durably) the openers and chain
-        records made for a camera's new chain to the archive, before the database stores them."""
+        records made for a camera's new chain to the archive, before the database stores them.
+        ``clock``: the time chains prepared in the background start at."""
         self._db = db
         self._directory = directory  # the viewers (the site directory's); key material: db
         self._journal = journal
@@ -85,19 +136,46 @@ class KeyManager:
         self._recipients: dict[bytes, list[bytes]] = {}
         self._period_ms = period_s * 1000
         self._rng = rng
-        # _lock guards _current and is only ever held briefly. _rotate serializes rotations
-        # and guards what they use (chains, epochs, the viewer list): a chain start wraps its
-        # state for every viewer (thousands of AES wraps and an fsynced commit), and segments
-        # of cameras whose key is current must not wait for that. Order: _rotate before _lock.
+        # _lock guards _current, the chains (running, prepared, retiring) and their stepping,
+        # and is only ever held briefly. _rotate serializes chain starts and guards what they
+        # use (epochs, the viewer list): a chain start wraps its state for every viewer
+        # (thousands of AES wraps and an fsynced commit), and segments of cameras whose chain
+        # only steps must not wait for that. Order: _rotate before _lock.
         self._lock = threading.Lock()
         self._rotate = threading.Lock()
         # camera stream -> (key period, UTC day number) of its current minute key, and the key
         self._current: dict[tuple[str, DataStream], tuple[tuple[int, int], PeriodKey]] = {}
         # camera stream -> its chain, the chain's UTC day, and the earliest certificate expiry
         # among its recipients (the chain ends then: an expired viewer derives no later key)
-        self._chains: dict[tuple[str, DataStream], tuple[KeyChain, dt.date, int]] = {}
+        self._chains: dict[CameraStream, _Chain] = {}
         self._epochs: dict[str, _ViewerEpoch] = {}
         self._viewers: list[tuple[ViewerRow, Recipient, int]] | None = None
+        # The one viewer-certificate cache: fingerprint -> (certificate, its Recipient,
+        # not-after), parsed once, not per change (_load_viewers, _refresh_viewer); _index is
+        # the viewer list by fingerprint (joiners are looked up there, not by a scan).
+        self._parsed: dict[str, tuple[bytes, Recipient, int]] = {}
+        self._index: dict[str, tuple[ViewerRow, Recipient, int]] = {}
+        self._index_of: list[tuple[ViewerRow, Recipient, int]] | None = None
+        # Joins (issue 23): camera stream -> who holds its running chain, and who holds its
+        # prepared chain (installed with it at the switch: the running chain's members stay
+        # until then). Start-recipient sets are shared between chains (10 000 viewers on 100
+        # cameras: one set, not 100).
+        self._members: dict[CameraStream, _Members] = {}
+        self._prepared_members: dict[CameraStream, _Members] = {}
+        self._member_sets: dict[frozenset[str], frozenset[str]] = {}
+        self._clock = clock
+        # Every authorization change bumps the generation; a chain remembers the generation
+        # of the viewer list it was wrapped for.
+        self._generation = 0
+        # camera stream -> (the generation its next chain must have, the last key period its
+        # older chain may still serve): set by access_removed, cleared once the camera runs a
+        # chain of that generation.
+        self._retiring: dict[CameraStream, tuple[int, int]] = {}
+        # camera stream -> its next chain, prepared off the ingest path (already committed)
+        self._prepared: dict[CameraStream, _Chain] = {}
+        self._prepare_failed: set[CameraStream] = set()
+        self._worker: threading.Thread | None = None
+        self._closed = False
         # Called (fingerprint, not_after_ms) once per viewer whose certificate has expired when
         # a key would be wrapped for it; the app audits it.
         self.on_expired: Callable[[str, int], None] | None = None
@@ -110,13 +188,8 @@ class KeyManager:
         self.opener_bytes = 0  # epoch openers
         self.recipients_bytes = 0  # signed chain recipients (shared by all viewers)
         self.epochs_started = 0
-        # Joins (issue 23): camera stream -> who holds its running chain; start-recipient sets
-        # are shared between chains (10 000 viewers on 100 cameras: one set, not 100).
-        self._members: dict[tuple[str, DataStream], _Members] = {}
-        self._member_sets: dict[frozenset[str], frozenset[str]] = {}
+        self.chains_prepared = 0  # of chains_started, those prepared in the background
         self.joins = 0  # join records written (one per joining viewer per running chain)
-        self._index: dict[str, tuple[ViewerRow, Recipient, int]] = {}
-        self._index_of: list[tuple[ViewerRow, Recipient, int]] | None = None
 
     def key_for(self, camera: str, stream: DataStream, now_ms: int) -> PeriodKey:
         """The key to seal a segment arriving now; rotates (and wraps for viewers) when due.
@@ -126,51 +199,243 @@ class KeyManager:
         and reusing its key after midnight would seal the new day's first segments under the
         old day's chain, which retention of the old day could then not destroy."""
         period = (now_ms // self._period_ms, now_ms // DAY_MS)
+        cam_stream = (camera, stream)
+        # Stepping a running chain, or switching to a prepared one, wraps nothing: it needs
+        # only _lock, so a chain being prepared (under _rotate) does not hold up the period
+        # boundary of cameras that have theirs.
         with self._lock:
-            current = self._current.get((camera, stream))
+            current = self._current.get(cam_stream)
             if current is not None and current[0] == period:
                 return current[1]
+            key = self._ready_key(cam_stream, period, now_ms)
+            if key is not None:
+                return key
         with self._rotate:
             with self._lock:  # another thread may have rotated it while this one waited
-                current = self._current.get((camera, stream))
+                current = self._current.get(cam_stream)
                 if current is not None and current[0] == period:
                     return current[1]
-            key = self._chain_for(camera, stream, now_ms).key_at(now_ms)
+                key = self._ready_key(cam_stream, period, now_ms)
+                if key is not None:
+                    return key
+            chain = self._chain_for(camera, stream, now_ms)
             with self._lock:
-                self._current[(camera, stream)] = (period, key)
+                key = chain.key_at(now_ms)
+                self._current[cam_stream] = (period, key)
                 self.rotations += 1
             return key
 
+    def _ready_key(self, cam_stream: CameraStream, period: tuple[int, int], now_ms: int
+                   ) -> PeriodKey | None:
+        """Under _lock: now's key from the camera's running chain or its prepared one, or None
+        if a chain must be started (and wrapped) or joined (join records wrapped)."""
+        chain = self._ready_chain(cam_stream, now_ms)
+        if chain is None:
+            return None
+        members = self._members.get(cam_stream)
+        if members is not None and members.pending:
+            return None  # viewers join it first (_chain_for, under _rotate)
+        key = chain.key_at(now_ms)
+        self._current[cam_stream] = (period, key)
+        self.rotations += 1
+        return key
+
+    def _ready_chain(self, cam_stream: CameraStream, now_ms: int) -> KeyChain | None:
+        """Under _lock: the chain that may serve now without wrapping anything. The running
+        one, unless a removal retired it and now is past the removal's key period; then the
+        prepared one if it is of the removal's generation (or a later one)."""
+        today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
+        retiring = self._retiring.get(cam_stream)
+        found = self._chains.get(cam_stream)
+        if found is not None and found.serves(now_ms, today) and (
+                retiring is None or found.generation >= retiring[0]
+                or now_ms // self._period_ms <= retiring[1]):
+            return found.chain
+        prepared = self._prepared.get(cam_stream)
+        if (prepared is not None and retiring is not None
+                and prepared.generation >= retiring[0] and prepared.serves(now_ms, today)):
+            del self._prepared[cam_stream]
+            del self._retiring[cam_stream]
+            self._chains[cam_stream] = prepared
+            # Its members (and viewers added since it was prepared, pending) replace the
+            # retired chain's only now: until the switch the running chain is the retired one.
+            members = self._prepared_members.pop(cam_stream, None)
+            if members is not None:
+                self._members[cam_stream] = members
+            else:
+                self._members.pop(cam_stream, None)
+            return prepared.chain
+        return None
+
     def authorization_changed(self, fingerprint: str, cameras: list[str] | None) -> None:
-        """A viewer was added, changed or revoked: its epoch ends. On the affected cameras
-        (None: all), a chain it holds but may no longer (revoked, camera removed) starts anew
-        before the next segment; a chain it may now hold but does not is joined at its next
-        rotation (``_join_pending``); other chains run on untouched."""
+        """A viewer was added or re-authorized, or its cameras changed with some added: its
+        epoch ends. On the affected cameras (None: all), a chain it holds but may no longer
+        (a camera removed in the same change) starts anew before the next segment; a chain it
+        may now hold but does not is joined at its next rotation (``_join_pending``), and so
+        is a chain prepared for the camera's next period (at the switch); other chains run on
+        untouched. Changes that only remove go through ``access_removed``."""
         with self._rotate:
             row = self._directory.viewer(fingerprint)
             with self._lock:
-                self._epochs.pop(fingerprint, None)
-                self._refresh_viewer(fingerprint, row)
+                self._viewer_changed(fingerprint, row)
                 restart = []
                 for cam_stream in list(self._chains):
                     if cameras is not None and cam_stream[0] not in cameras:
                         continue
-                    members = self._members.get(cam_stream)
                     allowed = (row is not None and row.revoked_ms is None
                                and row.authorized_on(cam_stream[0]))
+                    members = self._members.get(cam_stream)
                     if members is None or self._signer is None:
                         restart.append(cam_stream)  # no join without a signed statement
-                    elif members.holds(fingerprint):
-                        if not allowed:
-                            restart.append(cam_stream)  # it must get nothing recorded after
-                    elif allowed:
-                        members.pending.add(fingerprint)
-                    else:
-                        members.pending.discard(fingerprint)
+                        continue
+                    if not self._note_change(members, fingerprint, allowed):
+                        restart.append(cam_stream)  # it must get nothing recorded after
+                        continue
+                    prepared = self._prepared_members.get(cam_stream)
+                    if (cam_stream in self._prepared
+                            and (prepared is None
+                                 or not self._note_change(prepared, fingerprint, allowed))):
+                        # The prepared chain holds a viewer that lost the camera: not used.
+                        self._drop_prepared(cam_stream)
                 for cam_stream in restart:
                     self._current.pop(cam_stream, None)
                     del self._chains[cam_stream]  # its state is erased with it
                     self._members.pop(cam_stream, None)
+                    self._drop_prepared(cam_stream)
+                    self._retiring.pop(cam_stream, None)  # the new chain is of this change
+                self._ensure_worker()
+
+    def _viewer_changed(self, fingerprint: str, row: ViewerRow | None) -> None:
+        """Under ``_lock``, for any change of one viewer: its epoch ends, its entry is reread,
+        and every chain prepared before now is outdated (the generation)."""
+        self._generation += 1
+        self._epochs.pop(fingerprint, None)
+        self._refresh_viewer(fingerprint, row)
+        self._prepare_failed.clear()
+
+    @staticmethod
+    def _note_change(members: _Members, fingerprint: str, allowed: bool) -> bool:
+        """Records a viewer's change on a chain's members: a join pending if it is now
+        allowed and does not hold the chain. False if it holds the chain but may no longer."""
+        if members.holds(fingerprint):
+            return allowed
+        if allowed:
+            members.pending.add(fingerprint)
+        else:
+            members.pending.discard(fingerprint)
+        return True
+
+    def access_removed(self, fingerprint: str, cameras: list[str] | None, now_ms: int) -> None:
+        """A viewer lost cameras (None: all) or was revoked at ``now_ms``; nobody gained any.
+
+        The affected cameras keep their current key until the end of now's key period (the
+        viewer already holds it), and get a new chain without the viewer from the next period
+        on: prepared now by a background thread, or by the camera's first segment of that
+        period if the thread has not reached it by then."""
+        with self._rotate:
+            row = self._directory.viewer(fingerprint)
+            with self._lock:
+                self._viewer_changed(fingerprint, row)
+                period = now_ms // self._period_ms
+                for cam_stream in self._chains:
+                    if cameras is None or cam_stream[0] in cameras:
+                        older = self._retiring.get(cam_stream)
+                        self._retiring[cam_stream] = (
+                            self._generation, period if older is None else min(older[1], period))
+                        for members in (self._members.get(cam_stream),
+                                        self._prepared_members.get(cam_stream)):
+                            if members is not None:  # a join it was waiting for is off
+                                members.pending.discard(fingerprint)
+                self._ensure_worker()
+
+    def _ensure_worker(self) -> None:
+        """Under _lock: the preparing thread runs while a camera's chain is retiring."""
+        if self._retiring and self._worker is None and not self._closed:
+            self._worker = threading.Thread(target=self._prepare_chains, daemon=True,
+                                            name="fusion-chain-prepare")
+            self._worker.start()
+
+    def close(self) -> None:
+        """Stop preparing chains (after the one in progress); waits for the thread."""
+        with self._lock:
+            self._closed = True
+            worker = self._worker
+        if worker is not None:
+            worker.join()
+
+    def pending_chains(self) -> int:
+        """Camera streams whose chain must still change at their next key period."""
+        with self._lock:
+            return len(self._retiring)
+
+    def _prepare_chains(self) -> None:
+        """The background thread of ``access_removed``. Chains are wrapped a few cameras at a
+        time (up to PREPARE_BATCH_RECORDS records) and stored in one transaction: SQLite then
+        writes each page of the chain record index once per batch, not once per camera."""
+        while True:
+            with self._rotate:
+                with self._lock:
+                    todo = [] if self._closed else self._next_to_prepare()
+                    if not todo:
+                        self._worker = None
+                        return
+                    generation = self._generation
+                now_ms = self._clock()
+                today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
+                batch: list[_Wrapped] = []
+                attempted: list[CameraStream] = []
+                try:
+                    records = 0
+                    for cam_stream in todo:
+                        attempted.append(cam_stream)
+                        chain, seed = KeyChain.start(cam_stream[0], cam_stream[1],
+                                                     self._period_s, now_ms, self._rng)
+                        batch.append(self._wrap(chain, seed, now_ms, today))
+                        records += len(batch[-1].material)
+                        if records >= PREPARE_BATCH_RECORDS:
+                            break
+                    self._commit(batch, now_ms)
+                except Exception:
+                    for wrapped in batch:  # their openers were never stored: start over
+                        for fingerprint in wrapped.started:
+                            self._epochs.pop(fingerprint, None)
+                    # Those cameras' next segments start their chains themselves (and report
+                    # why if that fails too).
+                    log.warning("could not prepare the next key chains of %s",
+                                ", ".join(sorted({c for c, _ in attempted})), exc_info=True)
+                    with self._lock:
+                        self._prepare_failed.update(attempted)
+                    continue
+                members = [self._members_of(wrapped.chain,
+                                            [m.fingerprint for m in wrapped.material])
+                           for wrapped in batch]
+                with self._lock:
+                    for wrapped, chain_members in zip(batch, members, strict=True):
+                        cam_stream = (wrapped.chain.camera, wrapped.chain.stream)
+                        self._drop_prepared(cam_stream)
+                        self._prepared[cam_stream] = _Chain(wrapped.chain, today,
+                                                            wrapped.expires_ms, generation)
+                        # Kept next to the chain, installed at its switch (_ready_chain).
+                        self._prepared_members[cam_stream] = chain_members
+                    self.chains_started += len(batch)
+                    self.chains_prepared += len(batch)
+
+    def _next_to_prepare(self) -> list[CameraStream]:
+        """The camera streams that still need their next chain, in the order of the change."""
+        return [cam_stream for cam_stream, (generation, _) in self._retiring.items()
+                if cam_stream not in self._prepare_failed
+                and (cam_stream not in self._prepared
+                     or self._prepared[cam_stream].generation < generation)
+                and (cam_stream not in self._chains
+                     or self._chains[cam_stream].generation < generation)]
+
+    def _drop_prepared(self, cam_stream: CameraStream) -> None:
+        """Forget a prepared chain that will not be used (its records stay in the index until
+        retention removes the day: no segment names it)."""
+        dropped = self._prepared.pop(cam_stream, None)
+        self._prepared_members.pop(cam_stream, None)
+        if dropped is not None:
+            self._recipients.pop(dropped.chain.chain_id, None)
 
     def take_recipients(self, chain_id: bytes) -> list[bytes]:
         """The signed recipients statement of a chain (its parts), once: the caller archives
@@ -190,32 +455,48 @@ class KeyManager:
             for cam_stream in [k for k in self._chains if k[0] == camera]:
                 del self._chains[cam_stream]
                 self._members.pop(cam_stream, None)
+            for cam_stream in [k for k in self._prepared if k[0] == camera]:
+                self._drop_prepared(cam_stream)
+            for cam_stream in [k for k in self._retiring if k[0] == camera]:
+                del self._retiring[cam_stream]
 
     def active_viewers(self) -> int:
         with self._rotate:
             return len(self._load_viewers())
 
+    def _parse(self, row: ViewerRow) -> tuple[bytes, Recipient, int]:
+        """The viewer's certificate parsed, from the cache if it is the same certificate."""
+        known = self._parsed.get(row.fingerprint)
+        if known is None or known[0] != row.certificate:
+            cert = x509.load_der_x509_certificate(row.certificate)
+            not_after = int(cert.not_valid_after_utc.timestamp() * 1000)
+            known = (row.certificate, Recipient(cert, KeyScheme(row.oaep_hash)), not_after)
+        return known
+
     def _refresh_viewer(self, fingerprint: str, row: ViewerRow | None) -> None:
-        """The viewer list with one viewer's row replaced (or dropped if revoked): parsing
-        10 000 certificates again for one change cost more than the join itself."""
+        """Under _lock: the viewer list with one viewer's row replaced (or dropped if revoked):
+        parsing 10 000 certificates again for one change cost more than the change itself."""
         if self._viewers is None:
             return
         kept = [v for v in self._viewers if v[0].fingerprint != fingerprint]
+        self._parsed.pop(fingerprint, None)
         if row is not None and row.revoked_ms is None:
-            cert = x509.load_der_x509_certificate(row.certificate)
-            not_after = int(cert.not_valid_after_utc.timestamp() * 1000)
-            kept.append((row, Recipient(cert, KeyScheme(row.oaep_hash)), not_after))
+            known = self._parse(row)
+            self._parsed[fingerprint] = known
+            kept.append((row, known[1], known[2]))
         self._viewers = kept
 
     def _load_viewers(self) -> list[tuple[ViewerRow, Recipient, int]]:
         if self._viewers is None:
             viewers = []
+            parsed = {}
             for row in self._directory.viewers():
                 if row.revoked_ms is not None:
                     continue
-                cert = x509.load_der_x509_certificate(row.certificate)
-                not_after = int(cert.not_valid_after_utc.timestamp() * 1000)
-                viewers.append((row, Recipient(cert, KeyScheme(row.oaep_hash)), not_after))
+                known = self._parse(row)
+                parsed[row.fingerprint] = known
+                viewers.append((row, known[1], known[2]))
+            self._parsed = parsed
             self._viewers = viewers
         return self._viewers
 
@@ -223,29 +504,61 @@ class KeyManager:
         """The chain of a camera stream at now, started anew (and wrapped for its viewers) at
         the UTC day boundary, after an authorization change, and when the clock is behind the
         chain's state (a segment that read the clock just before a period boundary can rotate
-        after one of the new period did; the older state is erased)."""
+        after one of the new period did; the older state is erased). After a removal
+        (``access_removed``) the older chain serves no key period after the removal's: the
+        prepared chain takes over, or one is started here, before the segment is sealed.
+        Called under _rotate."""
+        cam_stream = (camera, stream)
         today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
-        found = self._chains.get((camera, stream))
-        if (found is not None and found[1] == today and now_ms <= found[2]
-                and found[0].usable_at(now_ms)):
-            members = self._members.get((camera, stream))
-            if members is None or not members.pending:
-                return found[0]
-            if self._join_pending(found[0], members, now_ms, today):
-                return found[0]
+        with self._lock:
+            ready = self._ready_chain(cam_stream, now_ms)
+            members = self._members.get(cam_stream)
+            if ready is not None and (members is None or not members.pending):
+                return ready
+        if ready is not None:
+            assert members is not None
+            if self._join_pending(ready, members, now_ms, today):
+                return ready
+        with self._lock:
+            self._drop_prepared(cam_stream)  # of an older generation, or past its day
+        generation = self._generation
         chain, seed = KeyChain.start(camera, stream, self._period_s, now_ms, self._rng)
         expires = self._wrap_for_viewers(chain, seed, now_ms, today)
-        self._chains[(camera, stream)] = (chain, today, expires)
-        self.chains_started += 1
+        with self._lock:
+            self._chains[cam_stream] = _Chain(chain, today, expires, generation)
+            retiring = self._retiring.get(cam_stream)
+            if retiring is not None and generation >= retiring[0]:
+                del self._retiring[cam_stream]
+            self.chains_started += 1
         return chain
 
     def _wrap_for_viewers(self, chain: KeyChain, seed: bytes, now_ms: int,
                           today: dt.date) -> int:
-        """Wraps ``seed`` for every viewer authorized on the chain's camera; returns the
-        earliest certificate expiry among them."""
-        material = []
-        expires = 2**63
-        started: list[str] = []
+        """Wraps ``seed`` for every viewer authorized on the chain's camera and commits it;
+        returns the earliest certificate expiry among them."""
+        wrapped = self._wrap(chain, seed, now_ms, today)
+        self._commit([wrapped], now_ms)
+        members = self._members_of(chain, [m.fingerprint for m in wrapped.material])
+        with self._lock:
+            self._members[(chain.camera, chain.stream)] = members
+        return wrapped.expires_ms
+
+    def _wrap(self, chain: KeyChain, seed: bytes, now_ms: int, today: dt.date) -> _Wrapped:
+        """The chain records of ``seed`` for every viewer authorized on the chain's camera
+        (and the epoch openers of viewers whose epoch starts), not stored yet. The records are
+        encoded directly: no re-validation of what this process just built."""
+        wrapped = _Wrapped(chain)
+        try:
+            self._wrap_into(wrapped, seed, now_ms, today)
+        except BaseException:
+            for fingerprint in wrapped.started:  # their openers will never be stored
+                self._epochs.pop(fingerprint, None)
+            raise
+        return wrapped
+
+    def _wrap_into(self, wrapped: _Wrapped, seed: bytes, now_ms: int, today: dt.date) -> None:
+        chain = wrapped.chain
+        tail = chain_record_tail(chain)
         for row, recipient, not_after in self._load_viewers():
             if not row.authorized_on(chain.camera):
                 continue
@@ -271,78 +584,100 @@ class KeyManager:
                 epoch, opener = Epoch.start(recipient, self._period_ms // 1000, now_ms, self._rng)
                 viewer_epoch = self._epochs[row.fingerprint] = _ViewerEpoch(epoch, today)
                 opener_bytes = encode_record(opener)
-                started.append(row.fingerprint)
-            record = viewer_epoch.epoch.wrap_chain(chain, seed, now_ms, self._rng)
-            expires = min(expires, not_after)
+                wrapped.started.append(row.fingerprint)
+                wrapped.journal.append(opener_bytes)
+                wrapped.opener_bytes += len(opener_bytes)
+            record = viewer_epoch.epoch.wrap_chain_encoded(chain, seed, now_ms, self._rng, tail)
+            wrapped.journal.append(record)
+            wrapped.record_bytes += len(record)
+            wrapped.expires_ms = min(wrapped.expires_ms, not_after)
             # Stored under the chain id (12 bytes) in the key_id column: the Assembler looks
             # a segment's chain up by the first 12 bytes of its key id.
-            material.append(KeyMaterial(
+            wrapped.material.append(KeyMaterial(
                 row.fingerprint, chain.camera, chain.chain_id, viewer_epoch.epoch.epoch_id,
-                now_ms, encode_record(record), opener_bytes))
-        # Committed before any segment sealed under this chain is acknowledged: an acknowledged
-        # segment is never left without the chain records its viewers need.
+                now_ms, record, opener_bytes))
+
+    def _commit(self, batch: list[_Wrapped], now_ms: int) -> None:
+        """Journals each chain's records (one write per camera) and stores them all in one
+        transaction, then signs each chain's recipients. Committed before any segment sealed
+        under these chains is acknowledged: an acknowledged segment is never left without
+        the chain records its viewers need."""
         try:
-            if self._journal is not None and material:
-                self._journal(chain.camera, now_ms, [
-                    record for item in material
-                    for record in (item.epoch_opener, item.key_record) if record is not None])
-            self._db.store_key_material(material, now_ms)
+            for wrapped in batch:
+                if self._journal is not None and wrapped.material:
+                    # One buffer: one write, not one iovec per record.
+                    self._journal(wrapped.chain.camera, now_ms, [b"".join(wrapped.journal)])
+            self._db.store_key_material(
+                [item for wrapped in batch for item in wrapped.material], now_ms)
         except BaseException:
-            for fingerprint in started:  # their openers were never stored: start over next time
-                del self._epochs[fingerprint]
+            for wrapped in batch:
+                for fingerprint in wrapped.started:  # openers never stored: start over
+                    self._epochs.pop(fingerprint, None)
             raise
-        self._note_members(chain, [m.fingerprint for m in material])
-        self.epochs_started += len(started)
-        self.key_records_written += len(material)
-        self.key_record_bytes += sum(len(m.key_record) for m in material)
-        self.opener_bytes += sum(len(m.epoch_opener or b"") for m in material)
-        if self._signer is not None:
-            # Signed now, from what this process wrapped: the index cannot later make a
-            # withheld segment look like one this viewer was never authorized for.
-            parts = issue_chain_recipients(
-                chain, [bytes.fromhex(m.fingerprint) for m in material], self._signer)
-            self.recipients_bytes += sum(map(len, parts))
-            with self._lock:
-                self._recipients[chain.chain_id] = parts
-        return expires
+        for wrapped in batch:
+            self.epochs_started += len(wrapped.started)
+            self.key_records_written += len(wrapped.material)
+            self.key_record_bytes += wrapped.record_bytes
+            self.opener_bytes += wrapped.opener_bytes
+            if self._signer is not None:
+                # Signed now, from what this process wrapped: the index cannot later make a
+                # withheld segment look like one this viewer was never authorized for.
+                parts = issue_chain_recipients(
+                    wrapped.chain, [bytes.fromhex(m.fingerprint) for m in wrapped.material],
+                    self._signer)
+                self.recipients_bytes += sum(map(len, parts))
+                with self._lock:
+                    self._recipients[wrapped.chain.chain_id] = parts
 
     # --- joins (issue 23) -------------------------------------------------------------
-    def _note_members(self, chain: KeyChain, fingerprints: list[str]) -> None:
-        """Remember who a new chain was wrapped for (and how many start parts it signs)."""
+    def _members_of(self, chain: KeyChain, fingerprints: list[str]) -> _Members:
+        """Who a new chain was wrapped for (and how many start parts it signs). The caller
+        installs it: a prepared chain's members only at its switch."""
         start = frozenset(fingerprints)
-        start = self._member_sets.setdefault(start, start)
-        if len(self._member_sets) > 2 * len(self._members) + 8:  # drop sets no chain uses
-            used = {m.start for m in self._members.values()} | {start}
-            self._member_sets = {s: s for s in used}
+        with self._lock:
+            start = self._member_sets.setdefault(start, start)
+            if len(self._member_sets) > 2 * (len(self._members)
+                                             + len(self._prepared_members)) + 8:
+                used = ({m.start for m in self._members.values()}
+                        | {m.start for m in self._prepared_members.values()} | {start})
+                self._member_sets = {s: s for s in used}  # drop sets no chain uses
         parts = max(1, -(-len(start) // MAX_RECIPIENTS_PER_PART))
-        self._members[(chain.camera, chain.stream)] = _Members(
-            chain.chain_id, start, parts, parts, {}, set())
+        return _Members(chain.chain_id, start, parts, parts, {}, set())
 
     def _join_pending(self, chain: KeyChain, members: _Members, now_ms: int,
                       today: dt.date) -> bool:
-        """Gives the viewers authorized since the chain started (``members.pending``) its
-        state from the first step whose key has sealed nothing yet, S_j, each under its epoch
-        KEK (a join record), and signs the join statement (archived before the chain's next
-        segment). Only the joining viewers' records are written. False if the chain cannot
-        take a join (its day or its statement numbers are used up): start a new one then."""
-        step = chain.join_step_at(now_ms)
-        if (step > max_ratchet_index(chain.period_s)
-                or members.statements + -(-len(members.pending) // MAX_RECIPIENTS_PER_PART)
-                > _MAX_STATEMENTS):
-            return False
+        """Under _rotate: gives the viewers authorized since the chain started
+        (``members.pending``) its state from the first step whose key has sealed nothing yet,
+        S_j, each under its epoch KEK (a join record), and signs the join statement (archived
+        before the chain's next segment). Only the joining viewers' records are written. False
+        if the chain cannot take a join (its day or its statement numbers are used up): start
+        a new one then."""
+        cam_stream = (chain.camera, chain.stream)
+        with self._lock:
+            found = self._chains.get(cam_stream)
+            if found is None or found.chain is not chain:
+                return False  # switched meanwhile (a segment of a later period): start anew
+            step = chain.join_step_at(now_ms)
+            if (step > max_ratchet_index(chain.period_s)
+                    or members.statements + -(-len(members.pending) // MAX_RECIPIENTS_PER_PART)
+                    > _MAX_STATEMENTS):
+                return False
+            state = chain.state_at(step)
+            expires = found.expires_ms
+            pending = sorted(members.pending)
         assert self._signer is not None  # joins are only ever pending with a signer
-        state = chain.state_at(step)
-        material, started, expires = [], [], self._chains[(chain.camera, chain.stream)][2]
+        material, started = [], []
         viewers = self._load_viewers()
         if self._index_of is not viewers:  # one dict per viewer list, not a scan per camera
             self._index = {v[0].fingerprint: v for v in viewers}
             self._index_of = viewers
-        joining = [self._index[fp] for fp in sorted(members.pending) if fp in self._index]
+        joining = [self._index[fp] for fp in pending if fp in self._index]
+        tail = chain_record_tail(chain)
         for row, recipient, not_after in joining:
             if not row.authorized_on(chain.camera):
                 continue
             if now_ms > not_after:
-                continue  # expired: no key (a new chain reports it, see _wrap_for_viewers)
+                continue  # expired: no key (a new chain reports it, see _wrap_into)
             opener_bytes = None
             viewer_epoch = self._epochs.get(row.fingerprint)
             if (viewer_epoch is None or viewer_epoch.utc_day != today
@@ -351,12 +686,12 @@ class KeyManager:
                 viewer_epoch = self._epochs[row.fingerprint] = _ViewerEpoch(epoch, today)
                 opener_bytes = encode_record(opener)
                 started.append(row.fingerprint)
-            record = viewer_epoch.epoch.wrap_chain(chain, state, now_ms, self._rng,
-                                                   first_step=step)
+            record = viewer_epoch.epoch.wrap_chain_encoded(chain, state, now_ms, self._rng,
+                                                           tail, first_step=step)
             expires = min(expires, not_after)
             material.append(KeyMaterial(
                 row.fingerprint, chain.camera, chain.chain_id, viewer_epoch.epoch.epoch_id,
-                now_ms, encode_record(record), opener_bytes))
+                now_ms, record, opener_bytes))
         joiners = sorted(m.fingerprint for m in material)
         statements = [
             issue_chain_join(chain, members.statements + i, members.parts, step,
@@ -372,20 +707,22 @@ class KeyManager:
                 self._db.store_key_material(material, now_ms)
         except BaseException:
             for fingerprint in started:  # their openers were never stored: start over next time
-                del self._epochs[fingerprint]
+                self._epochs.pop(fingerprint, None)
             raise
-        members.pending.clear()
-        for fp in joiners:
-            members.joined[fp] = step
-        members.statements += len(statements)
-        self._chains[(chain.camera, chain.stream)] = (chain, today, expires)
+        with self._lock:
+            members.pending.clear()
+            for fp in joiners:
+                members.joined[fp] = step
+            members.statements += len(statements)
+            found = self._chains.get(cam_stream)
+            if found is not None and found.chain is chain:
+                self._chains[cam_stream] = dataclasses.replace(found, expires_ms=expires)
+            if statements:
+                self._recipients.setdefault(chain.chain_id, []).extend(statements)
         self.epochs_started += len(started)
         self.key_records_written += len(material)
         self.joins += len(material)
         self.key_record_bytes += sum(len(m.key_record) for m in material)
         self.opener_bytes += sum(len(m.epoch_opener or b"") for m in material)
         self.recipients_bytes += sum(map(len, statements))
-        if statements:
-            with self._lock:
-                self._recipients.setdefault(chain.chain_id, []).extend(statements)
         return True

@@ -37,7 +37,11 @@ class ArchiverCollector(Collector):
                                   "camera stream per day and per revocation)",
                                   value=keys.chains_started)
         yield CounterMetricFamily("fusion_wrapped_keys", "Chain records written (one per viewer "
-                                  "per key chain)", value=keys.key_records_written)
+                                  "per key chain, and one per join)",
+                                  value=keys.key_records_written)
+        yield CounterMetricFamily("fusion_key_chain_joins", "Viewers added to a running key "
+                                  "chain (a join record each, instead of a new chain)",
+                                  value=keys.joins)
         yield CounterMetricFamily("fusion_key_material_bytes", "Key material written: chain "
                                   "records, epoch openers and signed chain recipients (bytes)",
                                   value=keys.key_record_bytes + keys.opener_bytes

@@ -50,6 +50,7 @@ from archiver.rtsp import (
     run_puller,
 )
 from archiver.storage import StorageFailed, StorageFull
+from keyservice.exitcodes import ExitCode
 
 log = logging.getLogger("archiver.rtsp")
 MAX_HEADER = 64 * 1024
@@ -384,7 +385,7 @@ class _PipeSink:
                     self._out.write(payload)
                 self._out.flush()
         except (OSError, ValueError):
-            os._exit(0)  # the Archiver is gone: nothing to pull for
+            os._exit(ExitCode.OK)  # the Archiver is gone: nothing to pull for
 
     def segment(self, camera: str, data: bytes, closed_at: float, session: int) -> None:
         self.send({"type": "segment", "camera": camera, "size": len(data),
@@ -451,7 +452,7 @@ def worker_main() -> None:
         out.flush()
     except OSError:
         pass
-    os._exit(0)  # FFmpeg threads still blocked on a socket must not hold the process
+    os._exit(ExitCode.OK)  # FFmpeg threads still blocked on a socket must not hold the process
 
 
 if __name__ == "__main__":

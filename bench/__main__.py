@@ -38,6 +38,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                                                       "(default 8)")
     parser.add_argument("--rotation", help="CAMERASxVIEWERS for the rotation cost "
                                            "(default 100x1000)")
+    parser.add_argument("--revoke", action="store_true",
+                        help="ingest: after the most viewers' windows, revoke one viewer on "
+                             "every camera and measure its key period and the next ones")
     parser.add_argument("--steady", type=int, nargs="?", const=1, default=0, metavar="N",
                         help="ingest: after each window that follows adding viewers (every camera "
                              "starts a key chain), N more (default 1), each in the next key "
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds=args.seconds or (0.5 if quick else 8.0),
         long_seconds=args.long_seconds or (2.0 if quick else 55.0),
         steady=args.steady,
+        revoke=args.revoke,
         warmup=0.2 if quick else 1.0,
         sizes=sizes,
         profile_dir=args.profile,

@@ -71,6 +71,10 @@ class Params:
     # many viewers the chain starts of the burst can spill into them: chains start at each
     # camera's first segment).
     steady: int = 0
+    # Issue 23: after the windows of the most viewers, revoke one of them (on every camera)
+    # and measure a window in the revocation's key period, then ``steady`` more, each in the
+    # next key period.
+    revoke: bool = False
 
 
 # --- what the machine did during a window (Linux /proc; empty elsewhere) -----------------------
@@ -95,7 +99,7 @@ def _metrics(server: BenchServer) -> dict[str, float]:
                      headers={"Authorization": f"Bearer {server.admin_token}"}).text
     wanted = ("fusion_key_rotations_total", "fusion_wrapped_keys_total",
               "fusion_epochs_started_total", "fusion_key_chains_started_total",
-              "fusion_key_material_bytes_total")
+              "fusion_key_chain_joins_total", "fusion_key_material_bytes_total")
     out = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
@@ -254,6 +258,7 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
             files[name] = workdir / f"{name}-cameras.json"
             files[name].write_text(json.dumps(server.add_cameras(names)))
         added = 0
+        fingerprints: list[str] = []
         for step in _plan(params.viewers):
             profile = None
             if params.profile_dir is not None:
@@ -267,7 +272,7 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
                 continue
             if step > added:
                 t0 = time.perf_counter()
-                encrypted.add_viewers(pems[added:step])
+                fingerprints += encrypted.add_viewers(pems[added:step])
                 report.line(f"   authorized {step - added} more viewers through the admin API "
                             f"in {time.perf_counter() - t0:.1f} s")
                 added = step
@@ -288,6 +293,9 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
                 row.update(mode="encrypted", viewers=step, key_period_s=period, phase=phase)
                 rows.append(row)
                 report.line(_describe(f"  {phase}, {step} viewers", row))
+            if params.revoke and step == max(params.viewers) and fingerprints:
+                _revocation(report, encrypted, files["encrypted"], params, period, step,
+                            seconds, fingerprints[0], rows)
         _ratios(rows)
         for row in rows:
             if row["mode"] != "encrypted":
@@ -304,6 +312,30 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
         # The archives are tens of GB of test data: do not leave them behind.
         for server in (baseline, encrypted):
             shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+def _revocation(report: Report, server: BenchServer, cameras_file: Path, params: Params,
+                period: int, viewers: int, seconds: float, fingerprint: str,
+                rows: list[dict[str, Any]]) -> None:
+    """One viewer revoked on every camera (issue 23): a window in the revocation's key period
+    (the cameras keep their key while the next chains are prepared), then the next ones."""
+    _stay_inside_period(period, params.warmup + seconds + 2)
+    t0 = time.perf_counter()
+    server.revoke(fingerprint)
+    report.line(f"   revoked one of {viewers} viewers (all cameras) in "
+                f"{time.perf_counter() - t0:.2f} s")
+    row = window(server, cameras_file, params, seconds)
+    row.update(mode="encrypted", viewers=viewers - 1, key_period_s=period,
+               phase="revocation, same period")
+    rows.append(row)
+    report.line(_describe(f"  revocation, same period, {viewers - 1} viewers", row))
+    for k in range(params.steady):
+        _stay_inside_period(period, period)
+        phase = f"revocation, next period {k + 1}"
+        row = window(server, cameras_file, params, seconds)
+        row.update(mode="encrypted", viewers=viewers - 1, key_period_s=period, phase=phase)
+        rows.append(row)
+        report.line(_describe(f"  {phase}, {viewers - 1} viewers", row))
 
 
 def _stay_inside_period(period: int, needed_s: float) -> None:

@@ -203,6 +203,13 @@ class ArchiverServer:
         self.admin("POST", f"/v1/admin/viewers/{fingerprint}/revoke",
                    {"delete_key_streams": delete_key_streams}, expect=200)
 
+    def sleep_into_next_key_period(self) -> None:
+        """Sleep until just after the next key-period boundary (wall clock, as the Archiver's):
+        a revocation takes effect there (the cameras keep the current period's key, which the
+        revoked viewer holds already)."""
+        period_ms = self.key_period_s * 1000
+        time.sleep((period_ms - time.time_ns() // 1_000_000 % period_ms) / 1000 + 0.05)
+
     def put_segment(self, camera: str, token: str, data: bytes, name: str = "seg.ts") -> int:
         response = httpx.put(f"{self.url}/ingest/{camera}/{name}", content=data, timeout=30,
                              headers={"Authorization": f"Bearer {token}"}, verify=self.verify)

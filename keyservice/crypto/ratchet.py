@@ -24,10 +24,12 @@ from keyservice.format import (
     KEY_LEN,
     MAX_PERIOD_S,
     NONCE_LEN,
+    RECORD_HEADER,
     VERSION,
     ChainRecord,
     DataStream,
     EpochOpener,
+    RecordType,
 )
 from keyservice.identity import fingerprint
 from keyservice.keyscheme import Identity, IncorrectIdentity, Recipient, WrappedKey
@@ -79,6 +81,7 @@ class Epoch:
         self.start_period = start_period
         self._index = 0
         self._kek: bytes | None = kek0
+        self._aead: AESGCM | None = None  # AESGCM(_kek), made once per step, not per chain
 
     @classmethod
     def start(cls, recipient: Recipient, period_s: int, now_ms: int, rng: Rng = os.urandom
@@ -107,10 +110,9 @@ class Epoch:
         """False once ``wrap(now_ms)`` would refuse: start a new epoch then."""
         return self._index <= self.index_at(now_ms) <= max_ratchet_index(self.period_s)
 
-    def wrap_chain(self, chain: KeyChain, seed: bytes, now_ms: int, rng: Rng = os.urandom,
-                   first_step: int = 0) -> ChainRecord:
-        """Wrap ``chain``'s starting state ``seed`` for this viewer under the KEK of now's key
-        period; with ``first_step`` > 0, ``seed`` is the state of that step (a join record)."""
+    def _aead_at(self, now_ms: int) -> tuple[int, AESGCM]:
+        """The ratchet step of now's key period and an AEAD under its KEK; steps forward to
+        it, erasing the KEKs before."""
         index = self.index_at(now_ms)
         if index < self._index:
             raise ValueError("The clock went back behind this epoch's ratchet (KEKs already "
@@ -119,18 +121,60 @@ class Epoch:
             raise ValueError("This epoch has outlived its day; start a new epoch.")
         kek = self._kek
         assert kek is not None
-        while self._index < index:
-            kek = ratchet_kek(kek, self.epoch_id)
-            self._index += 1
-        self._kek = kek
+        if index > self._index:
+            while self._index < index:
+                kek = ratchet_kek(kek, self.epoch_id)
+                self._index += 1
+            self._kek = kek
+            self._aead = None
+        if self._aead is None:
+            self._aead = AESGCM(kek)
+        return index, self._aead
+
+    def wrap_chain(self, chain: KeyChain, seed: bytes, now_ms: int, rng: Rng = os.urandom,
+                   first_step: int = 0) -> ChainRecord:
+        """Wrap ``chain``'s starting state ``seed`` for this viewer under the KEK of now's key
+        period; with ``first_step`` > 0, ``seed`` is the state of that step (a join record)."""
+        index, aead = self._aead_at(now_ms)
         # Random nonce: per KEK_i only the chains started in one period are wrapped (one per
         # camera stream, or a few), far below the 2^32 limit for random 96-bit GCM nonces.
         nonce = rng(NONCE_LEN)
         ad = chain_record_ad(self.viewer_fingerprint, self.epoch_id, index, chain.camera,
                              chain.stream, chain.chain_id, chain.start_period, first_step)
-        wrapped = AESGCM(kek).encrypt(nonce, seed, ad)
+        wrapped = aead.encrypt(nonce, seed, ad)
         return ChainRecord(self.epoch_id, index, chain.camera, chain.stream, chain.chain_id,
                            chain.start_period, nonce, wrapped, first_step)
+
+    def wrap_chain_encoded(self, chain: KeyChain, seed: bytes, now_ms: int,
+                           rng: Rng = os.urandom, tail: bytes | None = None,
+                           first_step: int = 0) -> bytes:
+        """``encode_record(self.wrap_chain(..., first_step))``, byte for byte, without
+        building and re-validating a ChainRecord: the Archiver wraps one chain for thousands
+        of viewers at a time, and every field here is its own (a revocation on every camera at
+        10 000 viewers is a million of them). ``tail``: ``chain_record_tail(chain)``, computed
+        once per chain by the caller. ``first_step`` > 0 makes a join record: the step is
+        bound into the associated data and appended to the record, as wrap_chain does."""
+        if not 0 <= first_step <= 0xFFFFFFFF:
+            raise ValueError("A join record's first step is a 32-bit step number.")
+        index, aead = self._aead_at(now_ms)
+        nonce = rng(NONCE_LEN)
+        if tail is None:
+            tail = chain_record_tail(chain)
+        head = self.epoch_id + _U32.pack(index)
+        step = _U32.pack(first_step) if first_step else b""  # a start record carries none
+        wrapped = aead.encrypt(
+            nonce, seed, b"".join((LABEL_CHAIN_RECORD, _VERSION, self.viewer_fingerprint, head,
+                                   tail, step)))
+        body_len = len(head) + len(tail) + len(nonce) + len(wrapped) + len(step)
+        return b"".join((RECORD_HEADER.pack(RecordType.CHAIN_RECORD, body_len), head, tail,
+                         nonce, wrapped, step))
+
+
+def chain_record_tail(chain: KeyChain) -> bytes:
+    """camera, stream, chain id, start period: the part of a chain record (and of its AD)
+    that is the same for every viewer of the chain."""
+    return b"".join((_str8(chain.camera), bytes((chain.stream,)), chain.chain_id,
+                     _U64.pack(chain.start_period)))
 
 
 def open_epoch_opener(identity: Identity, opener: EpochOpener) -> bytes:

@@ -128,15 +128,17 @@ def test_late_and_revoked_viewers_read_nothing_outside_their_chains(
     _next_period()
     shared += _put(archiver_server, token, 2, 4)
     bob_session = login(archiver_server.url, bob.identity)
-    archiver_server.revoke(alice_fp)  # alice is revoked: a new chain starts without her
-    after_alice = _put(archiver_server, token, 2, 5)
+    # alice is revoked: the camera keeps the current period's key (she holds it already) and
+    # starts a chain without her at the next period (prepared meanwhile, issue 23).
+    archiver_server.revoke(alice_fp)
+    revocation_period = _put(archiver_server, token, 2, 5)
     _next_period()
-    after_alice += _put(archiver_server, token, 2, 6)
+    after_alice = _put(archiver_server, token, 2, 6)
 
     # Through the Archiver: bob's stream releases what was recorded from his authorization on,
     # and reports the earlier segments as not authorized (signed chain recipients).
     played = play(bob.identity, fetch(archiver_server.url, bob_session, "cam1").content)
-    assert [p.data for p in played.plaintexts] == shared + after_alice
+    assert [p.data for p in played.plaintexts] == shared + revocation_period + after_alice
     assert len(played.skipped) == len(before_bob) and played.ended
 
     archiver_server.stop()
@@ -144,13 +146,22 @@ def test_late_and_revoked_viewers_read_nothing_outside_their_chains(
     assert len(segments) == 12
     alice_chains = _everything_wrapped_for(alice, archiver_server.data_dir)
     bob_chains = _everything_wrapped_for(bob, archiver_server.data_dir)
-    # Records: alice one for the chain that ran until her revocation (bob's join left it
-    # running), bob a join record for that chain and one for the chain her revocation started;
-    # two chains.
+    # Records: alice one for the chain that ran until her revocation's key period (bob's join
+    # left it running), bob a join record for that chain and one for the chain her revocation
+    # switched to at the next period; two chains.
     assert len(alice_chains) == 1 and len(bob_chains) == 2
     assert len({split_key_id(s.key_id)[0] for s in segments}) == 2
-    assert sorted(_readable(alice_chains, segments)) == sorted(before_bob + shared)
-    assert sorted(_readable(bob_chains, segments)) == sorted(shared + after_alice)
+    # alice opens exactly the segments sealed under her chain: those before her revocation
+    # and, at most, those of the revocation's own key period; nothing from the next one on.
+    hers = [s for s in segments if split_key_id(s.key_id)[0] in alice_chains]
+    assert sorted(_readable(alice_chains, segments)) == sorted(_readable(alice_chains, hers))
+    readable = set(_readable(alice_chains, segments))
+    assert set(before_bob + shared) <= readable
+    assert readable <= set(before_bob + shared + revocation_period)
+    assert not readable & set(after_alice)
+    # bob opens nothing from before he was added (his join record gives the step after it)
+    assert sorted(_readable(bob_chains, segments)) == sorted(
+        shared + revocation_period + after_alice)
 
 
 def test_a_journal_entry_of_thousands_of_records_is_appended_whole(tmp_path: Path) -> None:

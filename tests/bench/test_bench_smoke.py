@@ -72,11 +72,13 @@ def test_ingest_windows(tmp_path: Path) -> None:
         assert w["bytes"] > 0 and w["segments"] > 0 and not w["errors"]
         if w["mode"] == "encrypted":
             assert w["ratio"] > 0
-            # Every chain start wraps the chain for every authorized viewer (a minute key is
-            # made each period without any), and only the viewers added before this window
-            # start an epoch.
-            assert w["key_rotations_in_run"] >= w["key_chains_started_in_run"] > 0
-            assert w["wrapped_keys_in_run"] == w["viewers"] * w["key_chains_started_in_run"]
+            # Viewers added join the running chains (one record each per camera stream); a
+            # chain start (a new UTC day, a restart) wraps it for every authorized viewer. Only
+            # the viewers added before this window start an epoch.
+            assert w["key_rotations_in_run"] > 0
+            assert w["key_chain_joins_in_run"] + w["key_chains_started_in_run"] > 0
+            assert w["wrapped_keys_in_run"] == (w["viewers"] * w["key_chains_started_in_run"]
+                                                + w["key_chain_joins_in_run"])
             assert w["epochs_started_in_run"] == w["viewers"] - previous
             previous = w["viewers"]
     plot = pytest.importorskip("bench.plot")
@@ -101,3 +103,35 @@ def test_viewer(tmp_path: Path) -> None:
     assert viewer["live"]["segments"] == len(viewer["live"]["ack_to_decrypted_s"]) > 0
     throughput = viewer["throughput"]
     assert throughput["reader_in_memory_mib_s"] > 0 and throughput["raw_aes_gcm_decrypt_mib_s"] > 0
+
+
+def test_revocation_counts(tmp_path: Path) -> None:
+    """bench.revocation at 3 cameras x 4 viewers: the synchronous revocation wraps every
+    camera's new chain for the 3 viewers left, the prepared one (a second viewer revoked) for
+    the 2 left, in the background, and the switch leaves nothing pending."""
+    results = tmp_path / "revocation.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.revocation", "--size", "3x4", "--json", str(results)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads(results.read_text())
+    assert data["day_start"]["records"] == 12
+    assert data["synchronous"]["records"] == 9
+    prepared = data["prepared"]
+    assert prepared["records"] == 6 and prepared["pending_after_switch"] == 0
+    assert prepared["preparation_cpu_s"] > 0
+
+
+def test_ingest_revocation_windows(tmp_path: Path) -> None:
+    """--revoke: after the most viewers' windows, one viewer is revoked on every camera and the
+    revocation's key period and the next one are measured, with no refused segment."""
+    data = run_bench(tmp_path, "ingest", "--viewers", "2", "--cameras", "2", "--periods", "1",
+                     "--steady", "--revoke")
+    (block,) = data["ingest"]["blocks"]
+    windows = block["windows"]
+    assert [w.get("phase") for w in windows if w["mode"] == "encrypted"] == [
+        "after authorization change", "steady", "revocation, same period",
+        "revocation, next period 1"]
+    for w in windows:
+        assert w["bytes"] > 0 and not w["errors"]
+    assert [w["viewers"] for w in windows if w["mode"] == "encrypted"] == [2, 2, 1, 1]

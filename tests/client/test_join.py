@@ -159,8 +159,10 @@ def test_a_joining_viewer_opens_exactly_from_its_join_and_the_chain_runs_on(
     assert whole.code == 0, whole.stderr
     assert frame_hashes(alice_out) == _frames(pieces[:8], tmp_path / "all.ts")
 
-    # A revocation still starts a new chain, without alice; bob reads on.
+    # A revocation still starts a new chain, without alice, from the next key period (the
+    # cameras keep the current period's key, which she holds: issue 23); bob reads on.
     server.revoke(alice_fp)
+    server.sleep_into_next_key_period()
     put(server, CAMERA, ingest, *pieces[8:])
     segments = _archived_segments(server)
     assert _metric(server, "fusion_key_chains_started_total") == chains_before + 1

@@ -625,8 +625,10 @@ def test_unauthorized_range_is_drawn_and_skipped(setup: Setup, softhsm_token: To
     fp = setup.server.add_viewer(pem, ["lobby", "gate"])  # the same certificate: its fingerprint
     push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[:2], 0.3)
     setup.server.revoke(fp)
+    setup.server.sleep_into_next_key_period()  # where a revocation takes effect (issue 23)
     dark = push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[2:4], 0.3)
     setup.server.add_viewer(pem, ["lobby", "gate"])
+    setup.server.sleep_into_next_key_period()  # where a viewer added joins the chain (issue 23)
     push_chunks(setup.server, "lobby", setup.ingest["lobby"], chunks[4:], 0.3)
     viewer = open_viewer()
     page = open_page(browser, viewer)
