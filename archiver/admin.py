@@ -53,7 +53,7 @@ AdminRefused = Refused
 @dataclass(frozen=True)
 class Authorization:
     """A viewer as authorized, and whether it was active already on the same cameras (then only
-    its keys rotated)."""
+    its epoch renewed: its next chain records come under a new epoch opener; its chains run on)."""
 
     viewer: ViewerRow
     reauthorized: bool

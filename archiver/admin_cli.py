@@ -241,7 +241,7 @@ def viewers_add(
         result = asdict(client.add_viewer(pem, wanted, key_scheme))
     echo_result(as_json, result, f"viewer {printable(result['subject'])} authorized on "
          f"{_cams(result['cameras'])}"
-         + (" (as it was already: cameras unchanged, keys rotated)"
+         + (" (as it was already: cameras unchanged, epoch renewed)"
             if result.get("reauthorized") else "")
          + f"\nfingerprint: {result['fingerprint']}")
 

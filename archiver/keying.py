@@ -305,6 +305,22 @@ class KeyManager:
                     self._retiring.pop(cam_stream, None)  # the new chain is of this change
                 self._ensure_worker()
 
+    def _epoch_for(self, fingerprint: str, recipient: Recipient, today: dt.date,
+                   now_ms: int) -> tuple[_ViewerEpoch, bytes | None]:
+        """The viewer's epoch to wrap under now, and the opener of a new one (None: it runs on).
+
+        Epochs end at the UTC day boundary, bounding how much one opener unlocks. A new one
+        also starts when the ratchet is already past now's key period: a segment that read the
+        clock just before a period boundary can rotate after a segment of the new period did,
+        and the older KEK is erased (forward secrecy), so it cannot wrap."""
+        viewer_epoch = self._epochs.get(fingerprint)
+        if (viewer_epoch is not None and viewer_epoch.utc_day == today
+                and viewer_epoch.epoch.usable_at(now_ms)):
+            return viewer_epoch, None
+        epoch, opener = Epoch.start(recipient, self._period_ms // 1000, now_ms, self._rng)
+        viewer_epoch = self._epochs[fingerprint] = _ViewerEpoch(epoch, today)
+        return viewer_epoch, encode_record(opener)
+
     def _viewer_changed(self, fingerprint: str, row: ViewerRow | None) -> None:
         """Under ``_lock``, for any change of one viewer: its epoch ends, its entry is reread,
         and every chain prepared before now is outdated (the generation)."""
@@ -573,17 +589,9 @@ class KeyManager:
                     if self.on_expired is not None:
                         self.on_expired(row.fingerprint, not_after)
                 continue
-            opener_bytes = None
-            viewer_epoch = self._epochs.get(row.fingerprint)
-            # Epochs end at the UTC day boundary, bounding how much one opener unlocks. A new
-            # one also starts when the ratchet is already past now's key period: a segment that
-            # read the clock just before a period boundary can rotate after a segment of the
-            # new period did, and the older KEK is erased (forward secrecy), so it cannot wrap.
-            if (viewer_epoch is None or viewer_epoch.utc_day != today
-                    or not viewer_epoch.epoch.usable_at(now_ms)):
-                epoch, opener = Epoch.start(recipient, self._period_ms // 1000, now_ms, self._rng)
-                viewer_epoch = self._epochs[row.fingerprint] = _ViewerEpoch(epoch, today)
-                opener_bytes = encode_record(opener)
+            viewer_epoch, opener_bytes = self._epoch_for(row.fingerprint, recipient, today,
+                                                         now_ms)
+            if opener_bytes is not None:
                 wrapped.started.append(row.fingerprint)
                 wrapped.journal.append(opener_bytes)
                 wrapped.opener_bytes += len(opener_bytes)
@@ -678,13 +686,9 @@ class KeyManager:
                 continue
             if now_ms > not_after:
                 continue  # expired: no key (a new chain reports it, see _wrap_into)
-            opener_bytes = None
-            viewer_epoch = self._epochs.get(row.fingerprint)
-            if (viewer_epoch is None or viewer_epoch.utc_day != today
-                    or not viewer_epoch.epoch.usable_at(now_ms)):
-                epoch, opener = Epoch.start(recipient, self._period_ms // 1000, now_ms, self._rng)
-                viewer_epoch = self._epochs[row.fingerprint] = _ViewerEpoch(epoch, today)
-                opener_bytes = encode_record(opener)
+            viewer_epoch, opener_bytes = self._epoch_for(row.fingerprint, recipient, today,
+                                                         now_ms)
+            if opener_bytes is not None:
                 started.append(row.fingerprint)
             record = viewer_epoch.epoch.wrap_chain_encoded(chain, state, now_ms, self._rng,
                                                            tail, first_step=step)

@@ -115,8 +115,8 @@ class Gap:
         span = f"{format_ms(self.from_ms)} .. {format_ms(self.to_ms)}"
         if self.kind == NOT_AUTHORIZED:
             return (f"camera {self.camera}: {self.segments} segment(s) {span} withheld: not "
-                    "authorized for you (the Archiver's signed list of recipients, made when "
-                    "their key chain started, does not list this viewer)")
+                    "authorized for you (the Archiver's signed recipients of their key chain, "
+                    "from its start and its joins, do not list this viewer)")
         if self.kind == MISSING:
             return (f"camera {self.camera}: {self.segments} segment(s) {span} MISSING: "
                     "recorded (signed manifests list them) but not delivered, and nothing "

@@ -135,7 +135,7 @@ class ViewerInfo(BaseModel):
     key_streams_deleted: bool
     not_after: str
     reauthorized: bool = Field(default=False, description="It was authorized already, on the "
-                               "same cameras: only its keys rotated")
+                               "same cameras: only its epoch renewed")
 
 
 class CameraChangeRequest(BaseModel):

@@ -213,7 +213,7 @@ def test_viewer_cameras_are_added_and_set_explicitly(site_archiver: ArchiverServ
     assert "authorized already" in line and "viewers cameras" in line, line
     assert viewers(site_archiver)[fp]["cameras"] == ["door", "lobby"]  # nothing dropped
     same = run("viewers", "add", str(pem), "--cameras", "door,lobby", *common)
-    assert same.returncode == 0 and "cameras unchanged, keys rotated" in same.stdout, same
+    assert same.returncode == 0 and "cameras unchanged, epoch renewed" in same.stdout, same
 
     def change(*args: str) -> subprocess.CompletedProcess[str]:
         return run("viewers", "cameras", fp[:16], *args, *common)

@@ -151,10 +151,13 @@ def test_an_upload_cut_off_mid_body_is_counted_refused_with_its_reason(
     tls_put_and_close(https_archiver, token, b"x" * 60_000, declared=100_000, close_notify=True)
     row = settled(https_archiver, "cam1", 1)
     assert (row["segments"], row["refused"]) == (0, 1)
-    reason = "the client went away after 60000 bytes of 100000"
-    assert reason in row["last_refusal"]
+    # What the Archiver had read when it saw the close: all 60000 bytes, or fewer when it was
+    # slow to start reading (uvicorn drops a body still buffered once the peer is gone).
+    got = re.search(r"the client went away after (\d+) bytes of 100000", row["last_refusal"])
+    assert got and int(got.group(1)) <= 60_000, row["last_refusal"]
+    reason = got.group(0)
     assert wait_for(lambda: re.search(r"camera cam1: segment refused \(1 since start\): "
-                                      r"HTTP 400: .*" + reason, https_archiver.log()))
+                                      r"HTTP 400: .*" + re.escape(reason), https_archiver.log()))
     assert refused_metric(https_archiver, "cam1") == 1
     assert f"refused 1 (last: HTTP 400: The upload was cut off: {reason}." \
         in cli_cameras_list(https_archiver)

@@ -182,6 +182,7 @@ def test_card_pulled_mid_stream_then_reinserted(
             "certificate": alice.pem.read_text(), "cameras": ["cam1"], "oaep_hash": "sha256"},
             expect=201)
         site_archiver.revoke(bob_fp)
+        site_archiver.sleep_into_next_key_period()  # where the revocation's chain begins
         after = chunk("after", 20000)
         put(site_archiver, "cam1", ingest, after)
         _, err = viewer.communicate(timeout=60)

@@ -172,11 +172,14 @@ def test_deleted_key_records_are_reported_missing_not_unauthorized(
     t0 = now_ms()
     parts = [[chunk(f"part{p}-{i}") for i in range(3)] for p in range(3)]
     put(archiver_server, "cam1", cam1, *parts[0])
-    # Three chains: a revocation starts one (adding a viewer only joins a running chain).
-    archiver_server.revoke(carol_fp)  # new minute keys from here on
+    # Three chains: a revocation starts one from the next key period (adding a viewer only
+    # joins a running chain, there too).
+    archiver_server.revoke(carol_fp)
     archiver_server.add_viewer(bob.pem, ["cam1"])
+    archiver_server.sleep_into_next_key_period()
     put(archiver_server, "cam1", cam1, *parts[1])
     archiver_server.revoke(dave_fp)
+    archiver_server.sleep_into_next_key_period()
     put(archiver_server, "cam1", cam1, *parts[2])
     t1 = now_ms() + 1
     # Bob was authorized after the first part: the signed grants say so.
