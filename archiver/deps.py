@@ -25,13 +25,15 @@ from archiver.services.logins import LoginService
 from archiver.services.playback import PlaybackService
 from archiver.services.refused import Refused
 from archiver.services.retention import RetentionService
+from archiver.services.routing import RoutingService
 from archiver.settings import Settings
 from keyservice.names import CAMERA_NAME_PATTERN, is_camera_name
 from keyservice.wire import ErrorCode
 
 __all__ = ["AdminDep", "AdminPrincipal", "AdminPrincipalDep", "AdminServiceDep", "AdminsDep",
            "ApiError", "BearerDep", "CameraName", "CameraPath", "CamerasDep", "GrantsDep",
-           "IngestDep", "LoginsDep", "PlaybackDep", "RetentionDep", "Services", "ServicesDep",
+           "IngestDep", "LoginsDep", "PlaybackDep", "RetentionDep", "RoutingDep", "Services",
+           "ServicesDep",
            "SettingsDep", "ViewerDep", "api_error", "get_services", "http_status",
            "services_of"]
 
@@ -81,6 +83,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNKNOWN_ADMIN: 404,
     ErrorCode.CAMERA_EXISTS: 409, ErrorCode.VIEWER_EXISTS: 409, ErrorCode.GRANT_EXISTS: 409,
     ErrorCode.GRANT_STATE: 409, ErrorCode.ADMIN_EXISTS: 409, ErrorCode.AT_CAPACITY: 409,
+    ErrorCode.RANGE_SPANS_ARCHIVERS: 409, ErrorCode.HOLDER_UNKNOWN: 503,
     ErrorCode.EXPIRED: 410,
     ErrorCode.BAD_CERTIFICATE: 422, ErrorCode.BAD_CAMERA_CHANGE: 422, ErrorCode.BAD_PROOF: 422,
     ErrorCode.BAD_CAMERA_NAME: 422, ErrorCode.BAD_RTSP_URL: 422, ErrorCode.BAD_RANGE: 422,
@@ -146,6 +149,10 @@ def _playback(services: ServicesDep) -> PlaybackService:
     return services.playback
 
 
+def _routing(services: ServicesDep) -> RoutingService:
+    return services.routing
+
+
 def _ingest(services: ServicesDep) -> IngestService:
     return services.ingest
 
@@ -159,6 +166,7 @@ GrantsDep = Annotated[GrantService, Depends(_grants)]
 LoginsDep = Annotated[LoginService, Depends(_logins)]
 PlaybackDep = Annotated[PlaybackService, Depends(_playback)]
 IngestDep = Annotated[IngestService, Depends(_ingest)]
+RoutingDep = Annotated[RoutingService, Depends(_routing)]
 
 _bearer = HTTPBearer(auto_error=False)
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]

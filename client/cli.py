@@ -125,7 +125,8 @@ def cameras(
     tls_ca: TlsCaOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the cameras this viewer may watch, with their recorded ranges."""
+    """List the cameras this viewer may watch, with the site's Archiver that records each and
+    their recorded ranges (on the Archiver asked)."""
     from client.playback import logged_in
     from keyservice.text import printable
     from keyservice.timespec import format_ms
@@ -140,7 +141,9 @@ def cameras(
     for v in views:
         recorded = (f"{format_ms(v.first_ms)} .. {format_ms(v.last_ms)}"
                     if v.first_ms is not None and v.last_ms is not None else "nothing recorded")
-        typer.echo(printable(f"{v.name:<24} {v.state:<12} {v.segments:>8} segments  {recorded}"))
+        held = f"{v.archiver:<16} " if v.archiver is not None else ""
+        typer.echo(printable(f"{v.name:<24} {held}{v.state:<12} {v.segments:>8} segments  "
+                             f"{recorded}"))
 
 
 @app.command()

@@ -20,7 +20,7 @@ from typing import Any
 import typer
 from cryptography import x509
 
-from client.pinning import PinDecision, PinOutcome
+from client.pinning import KnownArchivers, PinDecision, PinOutcome
 from client.player import (
     FileOutput,
     Output,
@@ -32,7 +32,8 @@ from client.player import (
     archiver_pin_check,
 )
 from client.session import ArchiverSession
-from client.viewer import Login, load_certificate_file, login, open_identity, stream
+from client.site import FollowCheck, Site, trust_followed
+from client.viewer import Login, load_certificate_file, login, open_identity
 from keyservice.errors import KeyServiceError, UsageError
 from keyservice.exits import failure
 from keyservice.format import Header, Mode
@@ -207,11 +208,11 @@ def run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
                 check: Callable[[x509.Certificate], None], progress: Progress,
                 login_ops: Callable[[], int], live: bool, quiet: bool,
                 request: StreamRequest | None, saved: bool = False,
-                known_keys: Mapping[bytes, bytes] | None = None) -> None:
+                known_keys: Mapping[bytes, bytes] | None = None) -> Summary:
     """Feed the stream to the player; on success give the output its final name, on failure
     keep the verified part under a name that says so and say where it stops. ``request``:
     what was asked for, checked by the reader; None only for a saved stream (``saved``),
-    whose header is then printed as what it is."""
+    whose header is then printed as what it is. Returns what was verified and written."""
     interrupts = DeferredInterrupt()
     if request is None:
         # `fusion-client open`: a saved stream, verified offline; it answered a past request.
@@ -272,6 +273,7 @@ def run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
             for line in describe_saved(player.header):
                 say(line)
         print_summary(summary, login_ops(), token_ops, where)
+    return summary
 
 
 def describe_saved(header: Header) -> list[str]:
@@ -345,11 +347,14 @@ def stream_command(*, url: str, token: str, output_target: str, archiver_cert: P
                    progress_range: tuple[int, int] | None, progress_camera: str = "",
                    make_request: Callable[[], StreamRequest], grant_id: str | None = None,
                    known_keys: Callable[[ArchiverSession, Identity], Mapping[bytes, bytes]]
-                   | None = None) -> None:
+                   | None = None, site_ca_check: FollowCheck | None = None) -> None:
     """One stream command (play, live, grants play): log in, fetch the stream bound to a
     fresh request (client.viewer.stream), verify and write it with progress and messages.
     ``known_keys``: after login, minute keys from outside the stream (an access grant opened
-    on the token: client/grants.py)."""
+    on the token: client/grants.py). A range another Archiver of the site holds is followed
+    there (checked: client/site.py; ``site_ca_check``: the site CA's acceptance of a followed
+    Archiver's signing certificate), and one several Archivers recorded is played part by
+    part, each verified against its own signer (client/siteplay.py)."""
     explicit = load_certificate_file(archiver_cert) if archiver_cert is not None else None
     with ExitStack() as stack:
         output = open_output(output_target)
@@ -360,24 +365,43 @@ def stream_command(*, url: str, token: str, output_target: str, archiver_cert: P
             login = login_and_say(session, identity, explicit)
             after_login = operations(identity)
             keys = known_keys(session, identity) if known_keys is not None else None
+            # Another Archiver of the site may hold the range: its redirect is followed only
+            # to an Archiver the site lists, trusted by a pin or the site CA (client/site.py).
+            site = stack.enter_context(Site(session, login, identity, check=trust_followed(
+                KnownArchivers.default(), site_ca_check)))
+            asked = make_request()
+            parts = site.parts(asked.cameras[0], asked.from_ms, asked.to_ms) if (
+                asked.mode == Mode.PLAYBACK and grant_id is None) else []
+            if len(parts) > 1 and save is not None:
+                raise UsageError("--save-stream keeps one Archiver's stream, and this range was "
+                                 "recorded by several; play each part on its own to save it.")
         except BaseException:
             output.abort()
             if save is not None:
                 save.abort()
             raise
+        if len(parts) > 1:
+            from client.siteplay import play_parts
+            play_parts(site, identity, asked.cameras[0], parts, output, quiet=quiet,
+                       login_ops=lambda: after_login + site.logins)
+            return
         start, end = (0, 0)
         show_progress = progress_range is not None and not quiet and sys.stderr.isatty()
         if show_progress and progress_range is not None:
             start, end = recorded_part(session, progress_camera, *progress_range)
-        # A fresh nonce per request, made just before it is sent (live: the local clock then
-        # is the start the stream's freshness is judged against).
-        asked = make_request()
+        if live:
+            # A fresh nonce per request, made just before it is sent (live: the local clock
+            # then is the start the stream's freshness is judged against).
+            asked = make_request()
 
         def fetch() -> AbstractContextManager[Iterator[bytes]]:
-            return stream(session, asked, grant_id=grant_id)
+            return site.stream(asked, grant_id=grant_id)
 
-        run_stream(identity=identity, output=output, save=save, fetch=fetch,
-                   check=archiver_pin_check(login.archiver_fingerprint),
+        def check(cert: x509.Certificate) -> None:
+            # The signer is the Archiver that answered (the entry, or the one followed to).
+            archiver_pin_check(site.signer_fingerprint())(cert)
+
+        run_stream(identity=identity, output=output, save=save, fetch=fetch, check=check,
                    progress=Progress(show_progress, start, end),
-                   login_ops=lambda: after_login, live=live, quiet=quiet, request=asked,
-                   known_keys=keys)
+                   login_ops=lambda: after_login + site.logins, live=live, quiet=quiet,
+                   request=asked, known_keys=keys)

@@ -49,8 +49,9 @@ from keyservice.tls import trust as tls_trust
 from keyservice.wire import ErrorCode
 
 __all__ = ["ERROR_CLASSES", "MAX_LIVE_S", "MEDIA_TYPE", "ArchiverSession", "CameraView",
-           "GrantBlob", "GrantInfo", "GrantNotUsable", "LoginRefused", "LoginResult",
-           "NoRecording", "NotAuthorized", "NotEnrolled", "OutsideGrant", "RecordingExpired",
+           "GrantBlob", "GrantInfo", "GrantNotUsable", "HeldElsewhere", "LoginRefused",
+           "LoginResult", "NoRecording", "NotAuthorized", "NotEnrolled", "OutsideGrant",
+           "PlacementView", "RangeSpansArchivers", "RecordingExpired", "SiteArchiver",
            "UnknownCamera", "UnknownGrant", "ViewerRevoked", "live_request", "local_clock_ms",
            "playback_request"]
 
@@ -123,6 +124,23 @@ class UnknownGrant(RequestRefused):
     exit_code = ExitCode.UNKNOWN_GRANT
 
 
+class HeldElsewhere(RequestRefused):
+    """Another Archiver of the site holds the range: the Archiver's 307, not yet followed
+    (client/site.py checks the target before it follows: never blindly)."""
+
+    archiver: str = ""
+    url: str = ""        # the holder's URL, as the body names it
+    location: str = ""   # the Location header
+    asked: str = ""      # the path and query that was asked (the redirect must keep them)
+
+
+class RangeSpansArchivers(RequestRefused):
+    """The range was recorded by several Archivers of the site: play each part from its own
+    (``placements``: the Archiver's list, as received)."""
+
+    placements: list[PlacementView] = []  # noqa: RUF012 (set per instance)
+
+
 # The Archiver's error codes (keyservice.wire) that have an exit code of their own; any other
 # refusal is RequestRefused (4xx) or ArchiverFailed (5xx).
 ERROR_CLASSES: dict[ErrorCode, type[KeyServiceError]] = {
@@ -175,6 +193,37 @@ class CameraView:
     last_ms: int | None
     segments: int
     state: str  # the camera's feed: receiving, stalled, unreachable, auth_failed, waiting
+    archiver: str | None = None  # the site's Archiver that records it now (None: before sites)
+
+
+@dataclass(frozen=True)
+class PlacementView:
+    """Who recorded a camera from ``since_ms`` until ``until_ms`` (None: still), and the URL
+    the site's registry gives for it (None: not registered)."""
+
+    archiver: str
+    url: str | None
+    since_ms: int
+    until_ms: int | None
+
+    @classmethod
+    def from_json(cls, body: Any) -> PlacementView:
+        """From the Archiver's JSON; ArchiverFailed if it is not a placement."""
+        try:
+            return cls(str(body["archiver"]), _optional_str(body.get("url")),
+                       int(body["since_ms"]), _optional_int(body.get("until_ms")))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ArchiverFailed("The Archiver's placement of a camera is malformed.") from None
+
+
+@dataclass(frozen=True)
+class SiteArchiver:
+    """An Archiver of the site as the registry lists it: name, URL, signing certificate."""
+
+    name: str
+    url: str
+    fingerprint: str
+    certificate: x509.Certificate = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -308,7 +357,32 @@ class ArchiverSession:
     def _unreachable(self, exc: httpx.HTTPError) -> ArchiverUnreachable:
         return unreachable(self.url, exc)
 
+    def _redirect(self, response: httpx.Response) -> KeyServiceError:
+        """A 3xx is never followed here: a 307 naming the holder of the range becomes
+        HeldElsewhere (client/site.py decides whether to follow), anything else an error."""
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        location = response.headers.get("location", "")
+        if (response.status_code == 307 and isinstance(body, dict)
+                and body.get("error") == ErrorCode.HELD_ELSEWHERE
+                and isinstance(body.get("archiver"), str) and isinstance(body.get("url"), str)):
+            error = HeldElsewhere(str(body.get("message") or "Another Archiver holds the range."))
+            error.archiver, error.url, error.location = body["archiver"], body["url"], location
+            asked = response.request.url
+            error.asked = asked.raw_path.decode("ascii", "replace")
+        else:
+            error = RequestRefused(f"The Archiver at {self.url} answered HTTP "
+                                   f"{response.status_code} (a redirect to {location or 'nowhere'}"
+                                   "), which a viewer does not follow.")
+        error.wire_code = ErrorCode.HELD_ELSEWHERE if isinstance(error, HeldElsewhere) else None
+        error.http_status = response.status_code
+        return error
+
     def _error(self, response: httpx.Response) -> KeyServiceError:
+        if 300 <= response.status_code < 400:
+            return self._redirect(response)
         code, message = None, None
         try:
             body = response.json()
@@ -323,6 +397,10 @@ class ArchiverSession:
             error = ERROR_CLASSES[ErrorCode(code)](message)
             if isinstance(error, RecordingExpired):
                 error.signed = body.get("expiry")
+        elif code == ErrorCode.RANGE_SPANS_ARCHIVERS and isinstance(body.get("placements"),
+                                                                   list):
+            error = RangeSpansArchivers(message)
+            error.placements = [PlacementView.from_json(p) for p in body["placements"]]
         elif response.status_code >= 500:
             error = ArchiverFailed(f"{message} (HTTP {response.status_code})")
         else:
@@ -343,7 +421,7 @@ class ArchiverSession:
                                           headers=self._headers() if auth else None)
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
-        if response.status_code >= 400:
+        if response.status_code >= 300:
             raise self._error(response)
         try:
             return response.json()
@@ -384,9 +462,53 @@ class ArchiverSession:
         rows = self._json("GET", "/v1/cameras", auth=True)
         try:
             return [CameraView(str(r["name"]), r["first_ms"], r["last_ms"], int(r["segments"]),
-                               str(r.get("state", "unknown"))) for r in rows]
+                               str(r.get("state", "unknown")),
+                               _optional_str(r.get("archiver"))) for r in rows]
         except (KeyError, TypeError, ValueError):
             raise ArchiverFailed("The Archiver's camera list is malformed.") from None
+
+    def placements(self, camera: str, from_ms: int | None = None,
+                   to_ms: int | None = None) -> list[PlacementView] | None:
+        """Which Archivers of the site recorded ``camera`` in [from_ms, to_ms], oldest first
+        (None: an Archiver from before sites, which holds all of its cameras itself)."""
+        query = "&".join(f"{k}={v}" for k, v in (("from_ms", from_ms), ("to_ms", to_ms))
+                         if v is not None)
+        try:
+            body = self._json("GET", f"/v1/cameras/{camera}/placements?{query}", auth=True)
+        except RequestRefused as exc:
+            if getattr(exc, "http_status", None) == 404 and exc.wire_code in (
+                    None, ErrorCode.HTTP_ERROR):
+                return None
+            raise
+        if not isinstance(body, dict) or not isinstance(body.get("placements"), list):
+            raise ArchiverFailed("The Archiver's placements of a camera are malformed.")
+        return [PlacementView.from_json(p) for p in body["placements"]]
+
+    def name(self) -> str | None:
+        """This Archiver's name in its site (None: an Archiver from before sites)."""
+        try:
+            body = self._json("GET", "/v1/archiver")
+        except RequestRefused:
+            return None
+        name = body.get("name") if isinstance(body, dict) else None
+        return name if isinstance(name, str) else None
+
+    def site_archivers(self) -> list[SiteArchiver]:
+        """The site's Archivers (the registry) as this Archiver lists them ([] before sites)."""
+        try:
+            rows = self._json("GET", "/v1/site/archivers", auth=True)
+        except RequestRefused as exc:
+            if getattr(exc, "http_status", None) == 404:
+                return []
+            raise
+        try:
+            return [SiteArchiver(str(r["name"]), str(r["url"]).rstrip("/"),
+                                 str(r["fingerprint"]),
+                                 x509.load_pem_x509_certificate(str(r["certificate"]).encode()))
+                    for r in rows]
+        except (KeyError, TypeError, ValueError):
+            raise ArchiverFailed("The Archiver's list of the site's Archivers is malformed."
+                                 ) from None
 
     def gaps(self, camera: str, from_ms: int, to_ms: int) -> list[tuple[int, int]]:
         """Stretches of [from, to] with no recorded video, from the Archiver's index (unsigned:
@@ -506,7 +628,7 @@ class ArchiverSession:
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
         try:
-            if response.status_code >= 400:
+            if response.status_code >= 300:
                 try:
                     response.read()
                 except httpx.HTTPError as exc:

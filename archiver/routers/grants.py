@@ -8,13 +8,21 @@ from __future__ import annotations
 import base64
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from archiver.deps import AdminDep, AdminPrincipalDep, GrantsDep, SettingsDep, ViewerDep
+from archiver.deps import (
+    AdminDep,
+    AdminPrincipalDep,
+    GrantsDep,
+    RoutingDep,
+    SettingsDep,
+    ViewerDep,
+)
 from archiver.grants import AccessGrantRow, GrantState
+from archiver.routers.site import redirect_if_elsewhere
 from archiver.routers.streams import STREAM_RESPONSES, NonceQuery, TimeQuery, ViewerStream
 from keyservice.grants import MAX_GRANT_KEYS
 
@@ -77,12 +85,20 @@ def fetch_grant(grant_id: GrantIdPath, viewer: ViewerDep, grants: GrantsDep) -> 
                      grant=base64.b64encode(fetched.blob).decode())
 
 
-@router.get("/grants/{grant_id}/recording", responses=STREAM_RESPONSES)
-async def grant_recording(grant_id: GrantIdPath, viewer: ViewerDep, grants: GrantsDep,
-                          settings: SettingsDep, from_ms: TimeQuery, to_ms: TimeQuery,
-                          nonce: NonceQuery) -> StreamingResponse:
+@router.get("/grants/{grant_id}/recording", responses={
+    **STREAM_RESPONSES, 307: {"description": "Another Archiver of the site holds the range"}},
+    response_model=None)
+async def grant_recording(request: Request, grant_id: GrantIdPath, viewer: ViewerDep,
+                          grants: GrantsDep, routing: RoutingDep, settings: SettingsDep,
+                          from_ms: TimeQuery, to_ms: TimeQuery,
+                          nonce: NonceQuery) -> StreamingResponse | JSONResponse:
     """A normal fusion stream of [from, to] inside the granted range: the segments whose keys
-    the grant carries, the signed manifests and edges, the signed END; no key material."""
+    the grant carries, the signed manifests and edges, the signed END; no key material. A
+    range another Archiver of the site holds is a 307 to it (grants are the site's)."""
+    row = await run_in_threadpool(grants.usable, viewer, grant_id)
+    if to_ms >= from_ms and (redirect := await redirect_if_elsewhere(
+            request, routing, row.camera, from_ms, to_ms)) is not None:
+        return redirect
     stream = await run_in_threadpool(grants.recording, viewer, grant_id, from_ms, to_ms,
                                      bytes.fromhex(nonce))
     return ViewerStream(stream, settings.stream_send_timeout_s)

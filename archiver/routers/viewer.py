@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from cryptography.hazmat.primitives.serialization import Encoding
-from fastapi import APIRouter, Query
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -18,9 +18,11 @@ from archiver.deps import (
     CamerasDep,
     LoginsDep,
     PlaybackDep,
+    RoutingDep,
     SettingsDep,
     ViewerDep,
 )
+from archiver.routers.site import redirect_if_elsewhere
 from archiver.routers.streams import (
     MAX_MS,
     STREAM_RESPONSES,
@@ -36,6 +38,7 @@ router = APIRouter(prefix="/v1", tags=["viewer"])
 class ArchiverInfo(BaseModel):
     certificate: str
     fingerprint: str
+    name: str = Field(description="This Archiver's name in its site (serve --name)")
 
 
 class ChallengeRequest(BaseModel):
@@ -69,6 +72,8 @@ class CameraView(BaseModel):
     last_ms: int | None
     segments: int
     state: CameraState
+    archiver: str | None = Field(default=None, description="The Archiver of the site that "
+                                 "records it now (its name; the range above is this one's)")
 
 
 class Gap(BaseModel):
@@ -87,10 +92,10 @@ class Gaps(BaseModel):
 
 
 @router.get("/archiver")
-def archiver_info(playback: PlaybackDep) -> ArchiverInfo:
+def archiver_info(playback: PlaybackDep, settings: SettingsDep) -> ArchiverInfo:
     cert = playback.certificate
     return ArchiverInfo(certificate=cert.public_bytes(Encoding.PEM).decode(),
-                        fingerprint=fingerprint(cert).hex())
+                        fingerprint=fingerprint(cert).hex(), name=settings.archiver_name)
 
 
 @router.post("/sessions/challenge")
@@ -111,21 +116,39 @@ def open_session(body: ProofRequest, logins: LoginsDep) -> SessionInfo:
 @router.get("/cameras")
 def cameras(viewer: ViewerDep, cameras: CamerasDep) -> list[CameraView]:
     return [CameraView(name=c.name, first_ms=c.first_ms, last_ms=c.last_ms, segments=c.segments,
-                       state=c.state) for c in cameras.of_viewer(viewer)]
+                       state=c.state, archiver=c.archiver) for c in cameras.of_viewer(viewer)]
 
 
-@router.get("/cameras/{camera}/recording", responses=STREAM_RESPONSES)
-async def recording(camera: CameraPath, viewer: ViewerDep, playback: PlaybackDep,
+# A stream or gap request for a range another Archiver of the site holds is answered with a
+# 307 to it (archiver/routers/site.py), after the viewer's authorization on the camera: the
+# placements are told only to a viewer who may watch it.
+SITE_RESPONSES: dict[int | str, dict[str, object]] = {
+    307: {"description": "Another Archiver of the site holds the range (Location: it)"},
+    409: {"description": "The range was recorded by several Archivers: the placements"}}
+
+
+@router.get("/cameras/{camera}/recording", responses={**STREAM_RESPONSES, **SITE_RESPONSES},
+            response_model=None)
+async def recording(request: Request, camera: CameraPath, viewer: ViewerDep,
+                    playback: PlaybackDep, cameras: CamerasDep, routing: RoutingDep,
                     settings: SettingsDep, from_ms: TimeQuery, to_ms: TimeQuery,
-                    nonce: NonceQuery) -> StreamingResponse:
+                    nonce: NonceQuery) -> StreamingResponse | JSONResponse:
+    await run_in_threadpool(cameras.authorize, viewer, camera)
+    if to_ms >= from_ms and (redirect := await redirect_if_elsewhere(
+            request, routing, camera, from_ms, to_ms)) is not None:
+        return redirect
     stream = await run_in_threadpool(playback.recording, viewer, camera, from_ms, to_ms,
                                      bytes.fromhex(nonce))
     return ViewerStream(stream, settings.stream_send_timeout_s)
 
 
-@router.get("/cameras/{camera}/gaps")
-async def gaps(camera: CameraPath, viewer: ViewerDep, cameras: CamerasDep, from_ms: TimeQuery,
-               to_ms: TimeQuery) -> Gaps:
+@router.get("/cameras/{camera}/gaps", responses=SITE_RESPONSES, response_model=None)
+async def gaps(request: Request, camera: CameraPath, viewer: ViewerDep, cameras: CamerasDep,
+               routing: RoutingDep, from_ms: TimeQuery, to_ms: TimeQuery) -> Gaps | JSONResponse:
+    await run_in_threadpool(cameras.authorize, viewer, camera)
+    if to_ms >= from_ms and (redirect := await redirect_if_elsewhere(
+            request, routing, camera, from_ms, to_ms)) is not None:
+        return redirect
     found = await run_in_threadpool(cameras.gaps, viewer, camera, from_ms, to_ms)
     return Gaps(camera=camera, from_ms=from_ms, to_ms=to_ms,
                 gaps=[Gap(from_ms=a, to_ms=b) for a, b in found])
@@ -133,13 +156,19 @@ async def gaps(camera: CameraPath, viewer: ViewerDep, cameras: CamerasDep, from_
 
 @router.get("/cameras/{camera}/live",
             responses={200: {"content": STREAM_RESPONSES[200]["content"],
-                             "description": "A live fusion stream"}})
-async def live(camera: CameraPath, viewer: ViewerDep, playback: PlaybackDep,
-               settings: SettingsDep, nonce: NonceQuery,
-               duration_s: Annotated[float, Query(gt=0, le=86400)] = 3600,
+                             "description": "A live fusion stream"}, **SITE_RESPONSES},
+            response_model=None)
+async def live(request: Request, camera: CameraPath, viewer: ViewerDep, playback: PlaybackDep,
+               cameras: CamerasDep, routing: RoutingDep, settings: SettingsDep,
+               nonce: NonceQuery, duration_s: Annotated[float, Query(gt=0, le=86400)] = 3600,
                from_ms: Annotated[int | None, Query(ge=0, le=MAX_MS)] = None,
-               ) -> StreamingResponse:
+               ) -> StreamingResponse | JSONResponse:
     """``from_ms``: the viewer's clock when it sent the request; the stream starts there (and
-    its header says so), so a relay that holds the request back cannot skip its start."""
+    its header says so), so a relay that holds the request back cannot skip its start. Live
+    is the camera's current Archiver's (a 307 to it from any other)."""
+    await run_in_threadpool(cameras.authorize, viewer, camera)
+    now = from_ms if from_ms is not None else playback.archive.clock()
+    if (redirect := await redirect_if_elsewhere(request, routing, camera, now, None)) is not None:
+        return redirect
     stream = playback.live(viewer, camera, bytes.fromhex(nonce), duration_s, from_ms)
     return ViewerStream(stream, settings.stream_send_timeout_s)

@@ -67,6 +67,7 @@ class CameraView:
     last_ms: int | None
     segments: int
     state: CameraState
+    archiver: str | None = None  # the site's Archiver that records it now (None: this one)
 
 
 @dataclass
@@ -107,7 +108,8 @@ class CameraService:
                 continue
             first, last, count = archive.db.recorded_range(cam.name) or (None, None, 0)
             out.append(CameraView(cam.name, first, last, count,
-                                  archive.health.health(cam.name, now).state))
+                                  archive.health.health(cam.name, now).state,
+                                  cam.archiver or self.settings.archiver_name))
         return out
 
     def authorize(self, viewer: ViewerRow, camera: str) -> None:

@@ -34,6 +34,7 @@ from archiver.services.ingest import IngestService
 from archiver.services.logins import LoginService
 from archiver.services.playback import PlaybackService
 from archiver.services.retention import RetentionService
+from archiver.services.routing import RoutingService
 from archiver.settings import Settings
 from archiver.signing import open_signer
 from keyservice.certs import load_certificate
@@ -86,6 +87,11 @@ class ArchiverServices:
     @functools.cached_property
     def playback(self) -> PlaybackService:
         return PlaybackService(self.archive, self.audit, self.cameras)
+
+    @functools.cached_property
+    def routing(self) -> RoutingService:
+        """Which Archiver of the site answers for a camera's range (redirects, placements)."""
+        return RoutingService(self.archive.directory, self.settings.archiver_name)
 
     @functools.cached_property
     def ingest(self) -> IngestService:

@@ -1,0 +1,240 @@
+"""A site of several Archivers, as the viewer reaches it (issue 21, item 3).
+
+The viewer talks to one Archiver (the *entry*). When another Archiver of the site holds the
+range asked for, the entry answers 307 with the holder's name and URL; a range recorded by
+several (a camera moved) is played part by part, each part asked of the entry and followed to
+its holder. Following is careful, never blind:
+
+- the target must be an Archiver the site lists (the registry, ``GET /v1/site/archivers``),
+  at exactly the URL listed, and the redirect must keep the request's path and query;
+- its HTTPS is verified under the same trust as the entry's (``--tls-ca``);
+- its signing certificate must be pinned for that URL (known_archivers, e.g. pinned once with
+  ``--archiver-cert``) or accepted by the site-CA check (``site_ca_check``, the one place the
+  ``--site-ca`` option plugs in); never trusted on first use on another Archiver's word;
+- the viewer logs in there with the same open token (the PIN was asked once; never retried).
+
+Each part's stream is verified against its own signer, and the switch from one Archiver to the
+next is reported at the signed edges: the old one's last segment end, the new one's first
+segment start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from cryptography import x509
+
+from client.pinning import KnownArchivers, PinDecision, PinOutcome
+from client.session import (
+    ArchiverSession,
+    HeldElsewhere,
+    LoginResult,
+    PlacementView,
+    SiteArchiver,
+)
+from client.viewer import Login, stream
+from keyservice.errors import ArchiverMismatch, RequestRefused
+from keyservice.identity import Identity, fingerprint
+from keyservice.reader import StreamRequest
+
+__all__ = ["FollowCheck", "Part", "Site", "Switch", "UntrustedArchiver", "plan_parts",
+           "trust_followed"]
+
+# Decides whether the signing certificate a followed Archiver presents at ``url`` is the
+# site's; returns how (a PinDecision), raises ArchiverMismatch otherwise.
+FollowCheck = Callable[[str, x509.Certificate], PinDecision]
+
+
+class UntrustedArchiver(ArchiverMismatch):
+    """A redirect to an Archiver the viewer does not follow: not in the site's list, not at
+    the listed URL, or with a signing certificate neither pinned nor under the site CA."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One stretch of a range and the Archiver that recorded it (``entry``: the one asked)."""
+
+    archiver: str
+    from_ms: int
+    to_ms: int
+    entry: bool
+
+
+@dataclass(frozen=True)
+class Switch:
+    """Where playing went from one Archiver to the next, at signed edges: ``last_end_ms`` is
+    the end of the old one's last verified segment, ``first_start_ms`` the start of the new
+    one's first (None: that part had no video)."""
+
+    from_archiver: str
+    to_archiver: str
+    last_end_ms: int | None
+    first_start_ms: int | None
+
+
+def plan_parts(placements: list[PlacementView] | None, entry: str | None, from_ms: int,
+               to_ms: int) -> list[Part]:
+    """The parts of [from_ms, to_ms] (inclusive), oldest first, cut where the directory says
+    the camera moved: each instant belongs to exactly one part (the directory's placement times
+    are the authority, so two Archivers never both answer for the same moment). No placements
+    (an Archiver from before sites): one part, the entry's."""
+    if not placements:
+        return [Part(entry or "", from_ms, to_ms, True)]
+    parts = []
+    for p in placements:
+        start = max(from_ms, p.since_ms)
+        end = to_ms if p.until_ms is None else min(to_ms, p.until_ms - 1)
+        if start <= end:
+            parts.append(Part(p.archiver, start, end, p.archiver == entry))
+    return parts or [Part(entry or "", from_ms, to_ms, True)]
+
+
+def trust_followed(store: KnownArchivers,
+                   site_ca_check: FollowCheck | None = None) -> FollowCheck:
+    """The check of a followed Archiver's signing certificate: the pin for its URL if there is
+    one (a mismatch is loud), else ``site_ca_check`` (the site CA, issue 21 item 2) if given,
+    else refused: another Archiver's redirect is no first use to trust."""
+
+    def check(url: str, cert: x509.Certificate) -> PinDecision:
+        presented = fingerprint(cert)
+        pinned = store.lookup(url)
+        if pinned is not None:
+            if pinned != presented:
+                raise UntrustedArchiver(
+                    f"The Archiver at {url}, where the site sent this request, presented "
+                    f"signing certificate sha256 {presented.hex()}, but {store.path} pins "
+                    f"sha256 {pinned.hex()}; someone may be impersonating it.",
+                    "Nothing was decrypted. If its key really changed, pin the new certificate "
+                    "with --archiver URL --archiver-cert FILE.")
+            return PinDecision(PinOutcome.MATCHED, presented, store.path)
+        if site_ca_check is not None:
+            return site_ca_check(url, cert)
+        raise UntrustedArchiver(
+            f"The site sent this request to the Archiver at {url}, whose signing certificate "
+            f"(sha256 {presented.hex()}, {cert.subject.rfc4514_string()}) is neither pinned "
+            "nor issued by a site CA given with --site-ca; refused.",
+            f"Nothing was sent to it. Pin it once (fusion-client cameras --archiver {url} "
+            "--archiver-cert FILE) or give --site-ca.")
+
+    return check
+
+
+class Site:
+    """The site reached through one logged-in entry Archiver: follows its redirects (checked,
+    logging in with the same token), and remembers the Archiver that answered last."""
+
+    def __init__(self, entry: ArchiverSession, login: Login, identity: Identity, *,
+                 check: FollowCheck) -> None:
+        self.entry = entry
+        self.entry_login = login
+        self.identity = identity
+        self._check = check
+        self._archivers: list[SiteArchiver] | None = None
+        self._sessions: dict[str, tuple[ArchiverSession, Login]] = {}
+        self._stack = ExitStack()
+        self._entry_name: str | None = None
+        self._named = False
+        # The Archiver whose stream is being read (its login: the signer to verify against).
+        self.current: tuple[str, Login] = (entry.url, login)
+        self.logins = 0  # logins to followed Archivers (one token operation each)
+
+    def __enter__(self) -> Site:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the sessions to followed Archivers (not the entry's: the caller's)."""
+        self._stack.close()
+
+    @property
+    def entry_name(self) -> str | None:
+        """The entry Archiver's name in the site (None: an Archiver from before sites)."""
+        if not self._named:
+            self._entry_name, self._named = self.entry.name(), True
+        return self._entry_name
+
+    def archivers(self) -> list[SiteArchiver]:
+        """The site's Archivers, as the entry lists them (asked once)."""
+        if self._archivers is None:
+            self._archivers = self.entry.site_archivers()
+        return self._archivers
+
+    def parts(self, camera: str, from_ms: int, to_ms: int) -> list[Part]:
+        """[from_ms, to_ms] of ``camera`` cut into parts by the Archivers that recorded it."""
+        return plan_parts(self.entry.placements(camera, from_ms, to_ms), self.entry_name,
+                          from_ms, to_ms)
+
+    def signer_fingerprint(self) -> bytes:
+        """The signing certificate the stream being read must carry: the answering Archiver's."""
+        return self.current[1].archiver_fingerprint
+
+    def follow(self, held: HeldElsewhere) -> tuple[ArchiverSession, Login]:
+        """The session (logged in) to the Archiver a 307 names, after checking it (see the
+        module's docstring)."""
+        listed = {a.url: a for a in self.archivers()}
+        url = held.url.rstrip("/")
+        target = listed.get(url)
+        if target is None or target.name != held.archiver:
+            known = ", ".join(f"{a.name} ({a.url})" for a in listed.values()) or "none"
+            raise UntrustedArchiver(
+                f"The Archiver at {self.entry.url} sent this request to {held.archiver!r} at "
+                f"{held.url}, which is not an Archiver of the site (the site lists: {known}); "
+                "refused.", "Nothing was sent there. Ask the site's admin.")
+        if held.location != url + held.asked:
+            raise UntrustedArchiver(
+                f"The Archiver at {self.entry.url} redirected to {held.location!r}, not to the "
+                f"same request at {held.archiver}'s URL {url}; refused.",
+                "Nothing was sent there.")
+        if url in self._sessions:
+            return self._sessions[url]
+        if urlsplit(url).scheme != urlsplit(self.entry.url).scheme:
+            raise UntrustedArchiver(
+                f"The site sent this request from {self.entry.url} to {url}: another scheme "
+                "(http/https) than the entry's; refused.", "Nothing was sent there.")
+        session = self._stack.enter_context(ArchiverSession(url, trust=self.entry.trust,
+                                                            timeout=self.entry.timeout))
+        decisions: list[PinDecision] = []
+
+        def check(cert: x509.Certificate) -> None:
+            decisions.append(self._check(url, cert))
+            registered = fingerprint(target.certificate)
+            if fingerprint(cert) != registered:
+                raise UntrustedArchiver(
+                    f"The Archiver at {url} presented signing certificate sha256 "
+                    f"{fingerprint(cert).hex()}, not the one the site registered for "
+                    f"{target.name} (sha256 {registered.hex()}); refused.",
+                    "Nothing was decrypted.")
+
+        result: LoginResult = session.login(self.identity, check)
+        self.logins += 1
+        login = Login(url, result, decisions[-1])
+        self._sessions[url] = (session, login)
+        return session, login
+
+    @contextmanager
+    def stream(self, request: StreamRequest, *,
+               grant_id: str | None = None) -> Iterator[Iterator[bytes]]:
+        """``client.viewer.stream`` on the entry, following one checked redirect to the
+        Archiver that holds the range; ``current`` names the one answering (a second redirect
+        is refused: a loop)."""
+        self.current = (self.entry_name or self.entry.url, self.entry_login)
+        try:
+            with stream(self.entry, request, grant_id=grant_id) as chunks:
+                yield chunks
+            return
+        except HeldElsewhere as held:
+            session, login = self.follow(held)
+            self.current = (held.archiver, login)
+        try:
+            with stream(session, request, grant_id=grant_id) as chunks:
+                yield chunks
+        except HeldElsewhere as again:
+            raise RequestRefused(
+                f"The Archiver {self.current[0]} sent the request on again, to "
+                f"{again.archiver}; refused (the site's directory disagrees with itself: try "
+                "again in a moment).") from None

@@ -1,0 +1,300 @@
+"""Viewers use any Archiver of the site (issue 21, item 3), end to end: a real PostgreSQL
+directory shared by two real Archiver processes (``--name a1``/``a2``, HTTPS under a site CA),
+a real SoftHSM viewer token, ffmpeg as the camera and as the judge, the real fusion-client.
+
+A camera recorded by a1, then moved to a2: played through a1, the range a2 holds is redirected
+there (307) and verified against a2's signature; a range across the move plays in one command,
+part by part, frame-exact, with the switch reported at the signed edges. A redirect to a URL
+the site does not list, or to an Archiver whose signing certificate is neither pinned nor
+under the site CA, is refused before anything is sent there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from archiver.directory import ArchiverRow, Directory, open_directory
+from client.session import PlacementView
+from client.site import Part, plan_parts
+from fusion_testkit.client_cli import Client, Viewer, iso, now_ms, play, wait_for_segments
+from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
+from tests.fixtures.server import ArchiverServer, SiteCa, free_port, production_archiver
+
+EXIT_ARCHIVER_MISMATCH = 31
+
+
+# --- the parts of a range (pure) ------------------------------------------------------------
+def test_a_range_is_cut_where_the_camera_moved_each_instant_in_one_part() -> None:
+    placements = [PlacementView("a1", "https://a1", 0, 5_000),
+                  PlacementView("a2", "https://a2", 5_000, 9_000),
+                  PlacementView("a1", "https://a1", 9_000, None)]
+    assert plan_parts(placements, "a1", 1_000, 20_000) == [
+        Part("a1", 1_000, 4_999, True), Part("a2", 5_000, 8_999, False),
+        Part("a1", 9_000, 20_000, True)]
+    assert plan_parts(placements, "a2", 6_000, 7_000) == [Part("a2", 6_000, 7_000, True)]
+    # An Archiver from before sites (no placements endpoint): the entry holds everything.
+    assert plan_parts(None, None, 1, 2) == [Part("", 1, 2, True)]
+
+
+# --- a site of two Archivers ------------------------------------------------------------------
+@dataclass
+class Site:
+    ca: SiteCa
+    a1: ArchiverServer
+    a2: ArchiverServer
+    directory: Directory
+    certs: dict[str, Path]  # each Archiver's signing certificate (PEM), to pin
+
+
+def signing_cert(server: ArchiverServer) -> x509.Certificate:
+    answer = httpx.get(f"{server.url}/v1/archiver", verify=server.verify, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return x509.load_pem_x509_certificate(answer.json()["certificate"].encode())
+
+
+@pytest.fixture
+def site(postgres_url: str, tmp_path: Path) -> Iterator[Site]:
+    ca = SiteCa.create(tmp_path / "site-ca")
+    a1 = production_archiver(ca, tmp_path / "a1",
+                             extra_args=("--directory", postgres_url, "--name", "a1"))
+    a2 = production_archiver(ca, tmp_path / "a2",
+                             extra_args=("--directory", postgres_url, "--name", "a2"))
+    directory = open_directory(postgres_url, tmp_path / "directory-client")
+    with a1, a2:
+        certs = {}
+        for name, server in (("a1", a1), ("a2", a2)):
+            cert = signing_cert(server)
+            # The registry (site-admin registers at start as well: the same row).
+            directory.register_archiver(ArchiverRow(name, server.url, cert.public_bytes(
+                Encoding.DER), now_ms(), now_ms()))
+            certs[name] = tmp_path / f"{name}-signing.pem"
+            certs[name].write_bytes(cert.public_bytes(Encoding.PEM))
+        try:
+            yield Site(ca, a1, a2, directory, certs)
+        finally:
+            directory.close()
+
+
+def other_source(path: Path, seconds: float) -> Path:
+    """Another deterministic H.264 stream than make_source's (other frames: the judge can tell
+    the two Archivers' video apart)."""
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
+         "-i", "testsrc=size=320x240:rate=25", "-t", str(seconds), "-c:v", "libx264",
+         "-preset", "ultrafast", "-g", "25", "-keyint_min", "25", "-sc_threshold", "0",
+         "-pix_fmt", "yuv420p", "-f", "mpegts", str(path)], check=True)
+    return path
+
+
+def wait_until_accepted(server: ArchiverServer, camera: str, token: str) -> None:
+    """After a move the new Archiver takes the camera's pushes (at once, or once it re-read
+    the cameras it holds): a playlist PUT, which archives nothing, says when."""
+    deadline = time.monotonic() + 60
+    while server.put_segment(camera, token, b"#EXTM3U\n", name="index.m3u8") >= 300:
+        assert time.monotonic() < deadline, f"{server.url} never took {camera}'s pushes"
+        time.sleep(0.2)
+
+
+def authorize_on_the_site(site: Site, viewer: Viewer, camera: str) -> None:
+    """Authorize the viewer through a1; a2 knows it after a restart (an authorization made on
+    one Archiver reaches a running other one through site-notify's LISTEN/NOTIFY, which is not
+    what these tests are about)."""
+    site.a1.add_viewer(viewer.pem, [camera])
+    site.a2.stop()
+    site.a2.start()
+
+
+@dataclass
+class Moved:
+    camera: str
+    start: int
+    moved: int
+    end: int
+    first: list[str]   # the frames a1 recorded, then a2
+    second: list[str]
+
+
+def record_across_a_move(site: Site, tmp_path: Path, camera: str,
+                         authorize: Callable[[], object]) -> Moved:
+    token = site.a1.add_camera(camera)
+    authorize()  # before recording: each Archiver's key chains start with the viewer in them
+    # The camera's first placement (site-admin's `cameras add --archiver` writes it too).
+    site.directory.move_camera(camera, "a1", 0)
+    first_source = make_source(tmp_path / "first.ts", seconds=4)
+    second_source = other_source(tmp_path / "second.ts", seconds=4)
+    start = now_ms()
+    push(first_source, site.a1.url, camera, token, realtime=True, hls_time=1)
+    wait_for_segments(site.a1, camera, 4)
+    moved = now_ms()
+    assert site.directory.move_camera(camera, "a2", moved)
+    wait_until_accepted(site.a2, camera, token)
+    push(second_source, site.a2.url, camera, token, realtime=True, hls_time=1)
+    wait_for_segments(site.a2, camera, 4)
+    end = now_ms() + 1
+    first, second = frame_hashes(first_source), frame_hashes(second_source)
+    assert len(first) == len(second) == 100 and first != second
+    return Moved(camera, start, moved, end, first, second)
+
+
+def pin(client: Client, viewer: Viewer, server: ArchiverServer, cert: Path) -> None:
+    """Pin an Archiver's signing certificate for its URL, as a viewer does once."""
+    done = client("cameras", "--archiver", server.url, "--token", viewer.uri,
+                  "--archiver-cert", str(cert))
+    assert done.code == 0, done.stderr
+
+
+@requires_ffmpeg
+def test_a_range_across_a_move_plays_through_either_archiver_verified_and_frame_exact(
+        site: Site, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    client.tls_ca = site.ca.path
+    viewer = make_viewer("rhea")
+    camera = "lobby-move"
+    moved = record_across_a_move(site, tmp_path, camera,
+                                 lambda: authorize_on_the_site(site, viewer, camera))
+
+    # The camera list names each camera's Archiver (the directory's, through either).
+    listed = client("cameras", "--archiver", site.a1.url, "--token", viewer.uri,
+                    "--archiver-cert", str(site.certs["a1"]))
+    assert listed.code == 0, listed.stderr
+    assert re.search(rf"^{moved.camera}\s+a2\s", listed.stdout.decode(), re.M), listed.stdout
+
+    # a2 is neither pinned nor under a --site-ca: its redirect is not followed.
+    refused_out = tmp_path / "refused.ts"
+    refused = play(client, site.a1.url, viewer, refused_out, moved.moved + 1, moved.end,
+                   camera=moved.camera)
+    assert refused.code == EXIT_ARCHIVER_MISMATCH, refused.stderr
+    assert f"sent this request to the Archiver at {site.a2.url}" in refused.stderr
+    assert "neither pinned nor issued by a site CA" in refused.stderr
+    assert not refused_out.exists()
+
+    pin(client, viewer, site.a2, site.certs["a2"])
+    # A camera held by a2, asked of a1: redirected, logged in there, verified against a2.
+    held = tmp_path / "held.ts"
+    redirected = play(client, site.a1.url, viewer, held, moved.moved + 1, moved.end,
+                      camera=moved.camera)
+    assert redirected.code == 0, redirected.stderr
+    assert "complete (verified signed end record)" in redirected.stderr
+    assert frame_hashes(held) == moved.second, redirected.stderr
+
+    # The whole range, through a1 and through a2: two parts, each verified against its own
+    # signer, the switch at the signed edges, frame-exact on both sides.
+    for entry in (site.a1, site.a2):
+        out = tmp_path / f"across-{entry.port}.ts"
+        done = play(client, entry.url, viewer, out, moved.start, moved.end,
+                    camera=moved.camera)
+        assert done.code == 0, done.stderr
+        assert frame_hashes(out) == moved.first + moved.second, done.stderr
+        fp1 = signing_cert(site.a1).public_bytes(Encoding.DER)
+        assert fp1  # (the fingerprints are the pinned ones: checked by the player)
+        assert re.search(r"part 1 of 2: .* recorded by Archiver a1, verified against a1 ",
+                         done.stderr), done.stderr
+        assert re.search(r"part 2 of 2: .* recorded by Archiver a2, verified against a2 ",
+                         done.stderr), done.stderr
+        switch = re.search(r"switch from Archiver a1 to a2: a1's last segment ends (\S+ \S+|\S+)"
+                           r" \(signed\); a2's first segment starts (\S+ \S+|\S+) \(signed\)",
+                           done.stderr)
+        assert switch, done.stderr
+        assert "complete (every part's signed end record verified)" in done.stderr
+        # Nothing from one Archiver is passed off as the other's: each part's time range.
+        assert not list(tmp_path.glob("across-*.incomplete"))
+
+
+# --- a redirect the viewer does not follow ----------------------------------------------------
+class RewritingRelay:
+    """An HTTPS relay in front of a1 (a certificate of the site CA: TLS alone does not stop
+    it) that sends every redirect somewhere the site does not list."""
+
+    def __init__(self, upstream: ArchiverServer, ca: SiteCa, directory: Path,
+                 elsewhere: str) -> None:
+        import ssl
+        relay = self
+        self.redirected = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() in ("authorization", "content-type")}
+                answer = httpx.request(method, upstream.url + self.path, content=body,
+                                       headers=headers, verify=upstream.verify, timeout=60)
+                data, location = answer.content, None
+                if answer.status_code == 307:
+                    relay.redirected += 1
+                    moved = answer.json()
+                    moved["url"] = elsewhere
+                    location = elsewhere + self.path
+                    data = json.dumps(moved).encode()
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", answer.headers.get("content-type", ""))
+                self.send_header("Content-Length", str(len(data)))
+                if location is not None:
+                    self.send_header("Location", location)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._forward("GET")
+
+            def do_POST(self) -> None:
+                self._forward("POST")
+
+        cert, key = ca.issue_tls_server(directory)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> RewritingRelay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_redirect_to_a_url_the_site_does_not_list_is_refused(
+        site: Site, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    client.tls_ca = site.ca.path
+    viewer = make_viewer("remus")
+    camera = "gate-elsewhere"
+    token = site.a1.add_camera(camera)
+    site.a1.add_viewer(viewer.pem, [camera])
+    site.directory.move_camera(camera, "a2", 0)  # a2 holds all of it
+    wait_until_accepted(site.a2, camera, token)
+    start = now_ms()
+    for i in range(2):
+        assert site.a2.put_segment(camera, token, bytes([i]) * 3000, name=f"s{i}.ts") == 201
+    end = now_ms() + 1
+    rogue = f"https://127.0.0.1:{free_port()}"
+    with RewritingRelay(site.a1, site.ca, tmp_path / "relay-tls", rogue) as relay:
+        out = tmp_path / "rogue.ts"
+        done = client("play", "--archiver", relay.url, "--token", viewer.uri, "--camera",
+                      camera, "--from", iso(start), "--to", iso(end), "-o", str(out),
+                      "--archiver-cert", str(site.certs["a1"]))
+        assert relay.redirected >= 1
+    assert done.code == EXIT_ARCHIVER_MISMATCH, done.stderr
+    assert f"sent this request to 'a2' at {rogue}, which is not an Archiver of the site" \
+        in done.stderr
+    assert not out.exists()
