@@ -63,7 +63,7 @@ def held_elsewhere(request: Request, camera: str, holder: Holder) -> JSONRespons
 
 
 async def redirect_if_elsewhere(request: Request, routing: RoutingService, camera: str,
-                                from_ms: int, to_ms: int | None) -> JSONResponse | None:
+                                from_ms: int | None, to_ms: int | None) -> JSONResponse | None:
     """None when this Archiver answers [from_ms, to_ms] itself; else the 307 to the one that
     holds it (a range of several Archivers, or an unknown holder, is a Refused)."""
     route = await run_in_threadpool(routing.route, camera, from_ms, to_ms)
@@ -88,7 +88,7 @@ async def placements(camera: CameraPath, viewer: ViewerDep, cameras: CamerasDep,
 @router.get("/site/archivers")
 async def site_archivers(viewer: ViewerDep, routing: RoutingDep) -> list[SiteArchiver]:
     """The site's Archivers (the registry): the only URLs a viewer follows a redirect to."""
-    rows = await run_in_threadpool(routing.directory.archivers)
+    rows = await run_in_threadpool(routing.archivers)
     out = []
     for row in rows:
         try:

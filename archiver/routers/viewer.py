@@ -167,8 +167,8 @@ async def live(request: Request, camera: CameraPath, viewer: ViewerDep, playback
     its header says so), so a relay that holds the request back cannot skip its start. Live
     is the camera's current Archiver's (a 307 to it from any other)."""
     await run_in_threadpool(cameras.authorize, viewer, camera)
-    now = from_ms if from_ms is not None else playback.archive.clock()
-    if (redirect := await redirect_if_elsewhere(request, routing, camera, now, None)) is not None:
+    if (redirect := await redirect_if_elsewhere(request, routing, camera, from_ms,
+                                                None)) is not None:
         return redirect
     stream = playback.live(viewer, camera, bytes.fromhex(nonce), duration_s, from_ms)
     return ViewerStream(stream, settings.stream_send_timeout_s)

@@ -91,7 +91,8 @@ class ArchiverServices:
     @functools.cached_property
     def routing(self) -> RoutingService:
         """Which Archiver of the site answers for a camera's range (redirects, placements)."""
-        return RoutingService(self.archive.directory, self.settings.archiver_name)
+        return RoutingService(self.archive.directory, self.settings.archiver_name,
+                              self.archive.clock)
 
     @functools.cached_property
     def ingest(self) -> IngestService:

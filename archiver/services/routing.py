@@ -11,9 +11,10 @@ one whose cameras have no placements) holds all of its history: nothing changes 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from archiver.directory import Directory, Placement
+from archiver.directory import ArchiverRow, Directory, Placement
 from archiver.services.refused import Refused
 from keyservice.wire import ErrorCode
 
@@ -52,6 +53,11 @@ class Route:
 class RoutingService:
     directory: Directory
     name: str  # this Archiver's name in the site (Settings.archiver_name)
+    clock: Callable[[], int]
+
+    def archivers(self) -> list[ArchiverRow]:
+        """The site's Archivers (the registry)."""
+        return self.directory.archivers()
 
     def placements(self, camera: str, from_ms: int | None, to_ms: int | None) -> list[Holder]:
         """Who recorded ``camera`` in [from_ms, to_ms] (inclusive; None: unbounded), oldest
@@ -62,9 +68,11 @@ class RoutingService:
         urls = {row.name: row.url for row in self.directory.archivers()}
         return [Holder(p.archiver, urls.get(p.archiver), p.since_ms, p.until_ms) for p in found]
 
-    def route(self, camera: str, from_ms: int, to_ms: int | None) -> Route:
+    def route(self, camera: str, from_ms: int | None, to_ms: int | None) -> Route:
         """Where [from_ms, to_ms] of ``camera`` is answered (``to_ms`` None: live from
-        ``from_ms`` on, which is the current holder's)."""
+        ``from_ms`` on, default now, which is the current holder's)."""
+        if from_ms is None:
+            from_ms = self.clock()
         holders = tuple(self.placements(camera, from_ms, to_ms))
         if to_ms is None:
             holders = holders[-1:]

@@ -298,3 +298,59 @@ def test_a_redirect_to_a_url_the_site_does_not_list_is_refused(
     assert f"sent this request to 'a2' at {rogue}, which is not an Archiver of the site" \
         in done.stderr
     assert not out.exists()
+
+
+# --- the Archiver's side, on the wire ---------------------------------------------------------
+def test_the_redirect_keeps_the_request_names_the_holder_and_is_told_only_to_its_viewers(
+        site: Site, make_viewer: Callable[[str], Viewer]) -> None:
+    from keyservice.token import Token
+    from tests.fixtures.viewer import login
+
+    viewer = make_viewer("ione")
+    yard, other = "yard-wire", "other-wire"
+    site.a1.add_camera(yard)
+    site.a1.add_camera(other)
+    site.a1.add_viewer(viewer.pem, [yard])
+    site.directory.move_camera(yard, "a1", 0)
+    site.directory.move_camera(yard, "a2", 5_000)
+    site.directory.move_camera(other, "a2", 0)
+    identity = Token.open(viewer.token.uri).identity(viewer.name)
+    session = login(site.a1.url, identity, verify=site.a1.verify)
+    auth = {"Authorization": f"Bearer {session}"}
+    nonce = "ab" * 16
+
+    def get(path: str) -> httpx.Response:
+        return httpx.get(site.a1.url + path, headers=auth, verify=site.a1.verify, timeout=60,
+                         follow_redirects=False)
+
+    # A range a2 holds: 307 to a2's URL, the same path and query (nonce and all), a body
+    # naming a2.
+    path = f"/v1/cameras/{yard}/recording?from_ms=6000&to_ms=9000&nonce={nonce}"
+    moved = get(path)
+    assert moved.status_code == 307, moved.text
+    assert moved.headers["location"] == site.a2.url + path
+    assert moved.json()["error"] == "held_elsewhere"
+    assert (moved.json()["archiver"], moved.json()["url"]) == ("a2", site.a2.url)
+    for elsewhere in (f"/v1/cameras/{yard}/gaps?from_ms=6000&to_ms=9000",
+                      f"/v1/cameras/{yard}/live?nonce={nonce}&duration_s=5"):
+        assert get(elsewhere).status_code == 307, elsewhere
+    # A range a1 holds is answered here (nothing recorded: 404, not a redirect).
+    assert get(f"/v1/cameras/{yard}/recording?from_ms=1000&to_ms=2000&nonce={nonce}"
+               ).json()["error"] == "no_recording"
+    # A range of both: 409 with the parts, as the placements endpoint gives them.
+    spans = get(f"/v1/cameras/{yard}/recording?from_ms=1000&to_ms=9000&nonce={nonce}")
+    assert spans.status_code == 409 and spans.json()["error"] == "range_spans_archivers"
+    parts = [(p["archiver"], p["url"], p["since_ms"], p["until_ms"])
+             for p in spans.json()["placements"]]
+    assert parts == [("a1", site.a1.url, 0, 5_000), ("a2", site.a2.url, 5_000, None)]
+    listed = get(f"/v1/cameras/{yard}/placements?from_ms=1000&to_ms=9000").json()
+    assert listed["archiver"] == "a1" and [
+        (p["archiver"], p["since_ms"]) for p in listed["placements"]] == [("a1", 0), ("a2", 5_000)]
+    assert {(a["name"], a["url"]) for a in get("/v1/site/archivers").json()} == {
+        ("a1", site.a1.url), ("a2", site.a2.url)}
+    # A camera this viewer may not watch: refused as before, nothing about where it is.
+    for path in (f"/v1/cameras/{other}/recording?from_ms=1&to_ms=2&nonce={nonce}",
+                 f"/v1/cameras/{other}/placements", f"/v1/cameras/{other}/live?nonce={nonce}"):
+        refused = get(path)
+        assert refused.status_code == 403, path
+        assert "a2" not in refused.text and site.a2.url not in refused.text
