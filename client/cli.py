@@ -133,6 +133,9 @@ def cameras(
 
     with logged_in(archiver, token, archiver_cert, tls_ca) as (session, _identity, _login):
         views = session.cameras()
+        # A site of several Archivers: each camera's Archiver is a column (a standalone
+        # Archiver's list stays as it was).
+        site = len(session.site_archivers()) > 1
     if as_json:
         typer.echo(json.dumps({"cameras": [v.__dict__ for v in views]}))
         return
@@ -141,7 +144,7 @@ def cameras(
     for v in views:
         recorded = (f"{format_ms(v.first_ms)} .. {format_ms(v.last_ms)}"
                     if v.first_ms is not None and v.last_ms is not None else "nothing recorded")
-        held = f"{v.archiver:<16} " if v.archiver is not None else ""
+        held = f"{v.archiver or '?':<16} " if site else ""
         typer.echo(printable(f"{v.name:<24} {held}{v.state:<12} {v.segments:>8} segments  "
                              f"{recorded}"))
 
@@ -163,15 +166,19 @@ def view(
     """Open the operator's viewer: a local web page (127.0.0.1 only) with live cameras, a
     timeline and verified exports. Keys stay on your token; the PIN is asked here, never in the
     page. Ctrl-C stops it."""
+    from client.pinning import KnownArchivers
     from client.playback import logged_in, login_and_say, say
+    from client.site import trust_followed
     from client.viewer import load_certificate_file
     from client.web.backend import ViewerBackend
     from client.web.server import serve
 
     explicit = load_certificate_file(archiver_cert) if archiver_cert is not None else None
     with logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login):
+        # A camera another Archiver of the site holds: its redirect followed, checked.
         backend = ViewerBackend(session, identity, login,
-                                lambda: login_and_say(session, identity, explicit), export_dir)
+                                lambda: login_and_say(session, identity, explicit), export_dir,
+                                follow=trust_followed(KnownArchivers.default()))
 
         terminal = sys.stdin.isatty()
 
@@ -182,8 +189,11 @@ def view(
             typer.echo(url)
             sys.stdout.flush()
 
-        serve(backend, port=port, open_browser=not no_browser, announce=announce,
-              new_links=terminal)
+        try:
+            serve(backend, port=port, open_browser=not no_browser, announce=announce,
+                  new_links=terminal)
+        finally:
+            backend.close()
     say("viewer stopped")
 
 

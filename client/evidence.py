@@ -90,9 +90,11 @@ def export(
     """Export a recorded range as an evidence package: the segments and signed manifests as
     archived, the Archiver's certificate, exactly the range's minute keys, the verified video
     and SHA256SUMS."""
+    from client.pinning import KnownArchivers
     from client.playback import logged_in, say
+    from client.site import Site, trust_followed
     from client.viewer import check_camera, export_evidence, now_ms
-    from keyservice.timespec import parse_range
+    from keyservice.timespec import format_ms, parse_range
 
     from_ms, to_ms = parse_range(from_, to, now_ms())
     check_camera(camera)
@@ -103,8 +105,21 @@ def export(
         raise UsageError(f"Cannot write the package into {output.parent}: not a writable "
                          "directory.")
     recipient = _recipient(for_) if for_ is not None else None
-    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login):
-        made = export_evidence(session, identity, login, camera, from_ms, to_ms, output,
+    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login), \
+            Site(session, login, identity,
+                 check=trust_followed(KnownArchivers.default())) as site:
+        # The package holds one Archiver's signed stream: the one that recorded the range
+        # (reached as a redirect is, checked: client/site.py).
+        parts = site.parts(camera, from_ms, to_ms)
+        if len(parts) > 1:
+            raise UsageError(
+                f"Camera {camera} was recorded by several Archivers in this range ("
+                + ", ".join(f"{p.archiver} {format_ms(p.from_ms)} .. {format_ms(p.to_ms)}"
+                            for p in parts)
+                + "); an evidence package holds one Archiver's signed stream: export each "
+                "part on its own.")
+        holder, holder_login = site.reach(parts[0])
+        made = export_evidence(holder, identity, holder_login, camera, from_ms, to_ms, output,
                                recipient=recipient)
     if not quiet:
         sealed = f" sealed to {made.sealed_to}" if made.sealed_to is not None else ""

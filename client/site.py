@@ -20,6 +20,7 @@ segment start.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class Part:
     from_ms: int
     to_ms: int
     entry: bool
+    url: str | None = None  # the registry's URL of its Archiver
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def plan_parts(placements: list[PlacementView] | None, entry: str | None, from_m
         start = max(from_ms, p.since_ms)
         end = to_ms if p.until_ms is None else min(to_ms, p.until_ms - 1)
         if start <= end:
-            parts.append(Part(p.archiver, start, end, p.archiver == entry))
+            parts.append(Part(p.archiver, start, end, p.archiver == entry, p.url))
     return parts or [Part(entry or "", from_ms, to_ms, True)]
 
 
@@ -137,6 +139,7 @@ class Site:
         self._stack = ExitStack()
         self._entry_name: str | None = None
         self._named = False
+        self._lock = threading.Lock()  # the web viewer follows from several threads
         # The Archiver whose stream is being read (its login: the signer to verify against).
         self.current: tuple[str, Login] = (entry.url, login)
         self.logins = 0  # logins to followed Archivers (one token operation each)
@@ -176,45 +179,64 @@ class Site:
     def follow(self, held: HeldElsewhere) -> tuple[ArchiverSession, Login]:
         """The session (logged in) to the Archiver a 307 names, after checking it (see the
         module's docstring)."""
-        listed = {a.url: a for a in self.archivers()}
         url = held.url.rstrip("/")
-        target = listed.get(url)
-        if target is None or target.name != held.archiver:
-            known = ", ".join(f"{a.name} ({a.url})" for a in listed.values()) or "none"
-            raise UntrustedArchiver(
-                f"The Archiver at {self.entry.url} sent this request to {held.archiver!r} at "
-                f"{held.url}, which is not an Archiver of the site (the site lists: {known}); "
-                "refused.", "Nothing was sent there. Ask the site's admin.")
+        target = self._listed(held.archiver, url, f"sent this request to {held.archiver!r} "
+                              f"at {held.url}")
         if held.location != url + held.asked:
             raise UntrustedArchiver(
                 f"The Archiver at {self.entry.url} redirected to {held.location!r}, not to the "
                 f"same request at {held.archiver}'s URL {url}; refused.",
                 "Nothing was sent there.")
-        if url in self._sessions:
-            return self._sessions[url]
-        if urlsplit(url).scheme != urlsplit(self.entry.url).scheme:
+        return self._logged_in(target)
+
+    def reach(self, part: Part) -> tuple[ArchiverSession, Login]:
+        """The session (logged in) to the Archiver that recorded ``part`` (the entry's own
+        for its parts), checked as a redirect is."""
+        if part.entry:
+            return self.entry, self.entry_login
+        url = (part.url or "").rstrip("/")
+        return self._logged_in(self._listed(part.archiver, url, f"named {part.archiver!r} at "
+                                            f"{part.url} as the recorder of the range"))
+
+    def _listed(self, archiver: str, url: str, what: str) -> SiteArchiver:
+        listed = {a.url: a for a in self.archivers()}
+        target = listed.get(url)
+        if target is None or target.name != archiver:
+            known = ", ".join(f"{a.name} ({a.url})" for a in listed.values()) or "none"
             raise UntrustedArchiver(
-                f"The site sent this request from {self.entry.url} to {url}: another scheme "
-                "(http/https) than the entry's; refused.", "Nothing was sent there.")
-        session = self._stack.enter_context(ArchiverSession(url, trust=self.entry.trust,
-                                                            timeout=self.entry.timeout))
-        decisions: list[PinDecision] = []
+                f"The Archiver at {self.entry.url} {what}, which is not an Archiver of the "
+                f"site (the site lists: {known}); refused.",
+                "Nothing was sent there. Ask the site's admin.")
+        return target
 
-        def check(cert: x509.Certificate) -> None:
-            decisions.append(self._check(url, cert))
-            registered = fingerprint(target.certificate)
-            if fingerprint(cert) != registered:
+    def _logged_in(self, target: SiteArchiver) -> tuple[ArchiverSession, Login]:
+        url = target.url
+        with self._lock:
+            if url in self._sessions:
+                return self._sessions[url]
+            if urlsplit(url).scheme != urlsplit(self.entry.url).scheme:
                 raise UntrustedArchiver(
-                    f"The Archiver at {url} presented signing certificate sha256 "
-                    f"{fingerprint(cert).hex()}, not the one the site registered for "
-                    f"{target.name} (sha256 {registered.hex()}); refused.",
-                    "Nothing was decrypted.")
+                    f"The site sent this request from {self.entry.url} to {url}: another "
+                    "scheme (http/https) than the entry's; refused.", "Nothing was sent there.")
+            session = self._stack.enter_context(ArchiverSession(url, trust=self.entry.trust,
+                                                                timeout=self.entry.timeout))
+            decisions: list[PinDecision] = []
 
-        result: LoginResult = session.login(self.identity, check)
-        self.logins += 1
-        login = Login(url, result, decisions[-1])
-        self._sessions[url] = (session, login)
-        return session, login
+            def check(cert: x509.Certificate) -> None:
+                decisions.append(self._check(url, cert))
+                registered = fingerprint(target.certificate)
+                if fingerprint(cert) != registered:
+                    raise UntrustedArchiver(
+                        f"The Archiver at {url} presented signing certificate sha256 "
+                        f"{fingerprint(cert).hex()}, not the one the site registered for "
+                        f"{target.name} (sha256 {registered.hex()}); refused.",
+                        "Nothing was decrypted.")
+
+            result: LoginResult = session.login(self.identity, check)
+            self.logins += 1
+            login = Login(url, result, decisions[-1])
+            self._sessions[url] = (session, login)
+            return session, login
 
     @contextmanager
     def stream(self, request: StreamRequest, *,

@@ -23,11 +23,14 @@ from client.player import NOT_AUTHORIZED, DiscardOutput, FileOutput, Gap, Player
 from client.session import (
     ArchiverSession,
     CameraView,
+    HeldElsewhere,
     LoginRefused,
     LoginResult,
+    RangeSpansArchivers,
     live_request,
     playback_request,
 )
+from client.site import FollowCheck, Site
 from client.viewer import Login, play_range, player_for, stream
 from client.web.media import Remux, VideoInfo, remuxer
 from keyservice.errors import RequestRefused
@@ -133,9 +136,10 @@ class ViewerBackend:
     def __init__(self, session: ArchiverSession, identity: Identity, login: Login | LoginResult,
                  relogin: Callable[[], Login | LoginResult], export_dir: Path,
                  clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-                 remux: Remux | None = None) -> None:
+                 remux: Remux | None = None, follow: FollowCheck | None = None) -> None:
         """remux: how a verified segment becomes fMP4 (client.web.media.remuxer() by
-        default: in-process PyAV when installed)."""
+        default: in-process PyAV when installed). ``follow``: how a followed Archiver of the
+        site is trusted (client.site.trust_followed); None: redirects are not followed."""
         self.session = session
         self.remux = remux if remux is not None else remuxer()
         self.identity = identity
@@ -147,6 +151,24 @@ class ViewerBackend:
         self._margin_ms = self._margin(self.login)
         self._exports: dict[int, Export] = {}
         self._export_ids = itertools.count(1)
+        # Another Archiver of the site holding a camera: its redirect followed, checked.
+        self._site = Site(session, login if isinstance(login, Login) else Login(
+            session.url, login, None), identity,  # type: ignore[arg-type]
+            check=follow) if follow is not None else None
+
+    def close(self) -> None:
+        """Close the sessions to other Archivers of the site (the entry's is the caller's)."""
+        if self._site is not None:
+            self._site.close()
+
+    def _follow(self, held: HeldElsewhere) -> tuple[ArchiverSession, LoginResult]:
+        """A connection of its own to the Archiver a redirect names, after the site's checks
+        (client/site.py), and the login there (its signer)."""
+        if self._site is None:
+            raise held
+        session, login = self._site.follow(held)
+        child = session.sibling()
+        return child, login.result
 
     # --- the Archiver session ------------------------------------------------------------
     def _margin(self, login: LoginResult) -> int:
@@ -186,13 +208,17 @@ class ViewerBackend:
         for view in self._with_session(self.session.cameras):
             gaps: list[tuple[int, int]] = []
             if view.first_ms is not None and view.last_ms is not None:
-                gaps = self._with_session(partial(self.session.gaps, view.name, view.first_ms,
-                                                  view.last_ms))
+                try:
+                    gaps = self._with_session(partial(self.session.gaps, view.name,
+                                                      view.first_ms, view.last_ms))
+                except (HeldElsewhere, RangeSpansArchivers):
+                    gaps = []  # the range is (partly) another Archiver's: it tells its gaps
             since = (f"; last video {format_ms(view.last_ms)}"
                      if view.last_ms is not None and view.state != "receiving" else "")
             out.append({"name": view.name, "first_ms": view.first_ms, "last_ms": view.last_ms,
                         "segments": view.segments, "ranges": recorded_ranges(view, gaps),
-                        "gaps": gaps, "state": view.state, "health": view.state + since})
+                        "gaps": gaps, "state": view.state, "health": view.state + since,
+                        "archiver": view.archiver})
         return out
 
     # --- streams to the page ---------------------------------------------------------------
@@ -230,12 +256,12 @@ class ViewerBackend:
             emit(remuxed.fmp4)
             shown += 1
 
-        def ask() -> tuple[StreamRequest, Player]:
+        def ask(signer: LoginResult | None = None) -> tuple[StreamRequest, Player]:
             # A fresh nonce per request: the stream must answer exactly it (issue 12).
             asked = (live_request(request.camera, LIVE_REQUEST_S) if request.live
                      else playback_request(request.camera, request.from_ms, request.to_ms))
-            return asked, player_for(self.identity, self.login, asked, DiscardOutput(),
-                                     on_segment=on_segment)
+            return asked, player_for(self.identity, signer or self.login, asked,
+                                     DiscardOutput(), on_segment=on_segment)
 
         asked, player = ask()
         sent_gaps = 0
@@ -254,6 +280,15 @@ class ViewerBackend:
                     child = self._stream_session()
                     on_session(child)
                     try:
+                        chunks = opened.enter_context(stream(child, asked))
+                        break
+                    except HeldElsewhere as held:
+                        # Held by another Archiver of the site: followed once, checked; the
+                        # stream there is verified against that Archiver's signature.
+                        child.close()
+                        child, signer = self._follow(held)
+                        on_session(child)
+                        asked, player = ask(signer)
                         chunks = opened.enter_context(stream(child, asked))
                         break
                     except RequestRefused as exc:

@@ -29,7 +29,16 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from archiver.directory import ArchiverRow, Directory, open_directory
 from client.session import PlacementView
 from client.site import Part, plan_parts
-from fusion_testkit.client_cli import Client, Viewer, iso, now_ms, play, wait_for_segments
+from fusion_testkit.client_cli import (
+    EXIT,
+    Client,
+    Viewer,
+    iso,
+    now_ms,
+    play,
+    wait_for_segments,
+)
+from keyservice.identity import fingerprint
 from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
 from tests.fixtures.server import ArchiverServer, SiteCa, free_port, production_archiver
 
@@ -42,9 +51,10 @@ def test_a_range_is_cut_where_the_camera_moved_each_instant_in_one_part() -> Non
                   PlacementView("a2", "https://a2", 5_000, 9_000),
                   PlacementView("a1", "https://a1", 9_000, None)]
     assert plan_parts(placements, "a1", 1_000, 20_000) == [
-        Part("a1", 1_000, 4_999, True), Part("a2", 5_000, 8_999, False),
-        Part("a1", 9_000, 20_000, True)]
-    assert plan_parts(placements, "a2", 6_000, 7_000) == [Part("a2", 6_000, 7_000, True)]
+        Part("a1", 1_000, 4_999, True, "https://a1"), Part("a2", 5_000, 8_999, False, "https://a2"),
+        Part("a1", 9_000, 20_000, True, "https://a1")]
+    assert plan_parts(placements, "a2", 6_000, 7_000) == [
+        Part("a2", 6_000, 7_000, True, "https://a2")]
     # An Archiver from before sites (no placements endpoint): the entry holds everything.
     assert plan_parts(None, None, 1, 2) == [Part("", 1, 2, True)]
 
@@ -198,8 +208,6 @@ def test_a_range_across_a_move_plays_through_either_archiver_verified_and_frame_
                     camera=moved.camera)
         assert done.code == 0, done.stderr
         assert frame_hashes(out) == moved.first + moved.second, done.stderr
-        fp1 = signing_cert(site.a1).public_bytes(Encoding.DER)
-        assert fp1  # (the fingerprints are the pinned ones: checked by the player)
         assert re.search(r"part 1 of 2: .* recorded by Archiver a1, verified against a1 ",
                          done.stderr), done.stderr
         assert re.search(r"part 2 of 2: .* recorded by Archiver a2, verified against a2 ",
@@ -209,8 +217,24 @@ def test_a_range_across_a_move_plays_through_either_archiver_verified_and_frame_
                            done.stderr)
         assert switch, done.stderr
         assert "complete (every part's signed end record verified)" in done.stderr
-        # Nothing from one Archiver is passed off as the other's: each part's time range.
         assert not list(tmp_path.glob("across-*.incomplete"))
+
+    # Evidence of a2's range, asked of a1: the package holds a2's signed stream, verified
+    # offline against a2's certificate; one across the move is refused with the parts.
+    case = tmp_path / "case.zip"
+    exported = client("evidence", "export", "--archiver", site.a1.url, "--token", viewer.uri,
+                      "--camera", moved.camera, "--from", iso(moved.moved + 1), "--to",
+                      iso(moved.end), "-o", str(case))
+    assert exported.code == 0, exported.stderr
+    a2_fp = fingerprint(signing_cert(site.a2)).hex()
+    checked = client("evidence", "verify", str(case), "--expect-archiver", a2_fp)
+    assert checked.code == 0, checked.stderr + checked.stdout.decode()
+    across = client("evidence", "export", "--archiver", site.a1.url, "--token", viewer.uri,
+                    "--camera", moved.camera, "--from", iso(moved.start), "--to",
+                    iso(moved.end), "-o", str(tmp_path / "across.zip"))
+    assert across.code == EXIT["usage"], across.stderr
+    assert "recorded by several Archivers in this range (a1 " in across.stderr
+    assert not (tmp_path / "across.zip").exists()
 
 
 # --- a redirect the viewer does not follow ----------------------------------------------------
@@ -354,3 +378,60 @@ def test_the_redirect_keeps_the_request_names_the_holder_and_is_told_only_to_its
         refused = get(path)
         assert refused.status_code == 403, path
         assert "a2" not in refused.text and site.a2.url not in refused.text
+
+
+# --- the browser viewer's backend -------------------------------------------------------------
+@requires_ffmpeg
+def test_the_browser_viewer_lists_the_sites_cameras_and_plays_one_held_elsewhere(
+        site: Site, make_viewer: Callable[[str], Viewer], tmp_path: Path) -> None:
+    from client.pinning import KnownArchivers
+    from client.session import ArchiverSession
+    from client.site import trust_followed
+    from client.viewer import login, open_identity
+    from client.web.backend import TileRequest, ViewerBackend
+
+    viewer = make_viewer("tess")
+    camera = "dock-web"
+    token = site.a1.add_camera(camera)
+    authorize_on_the_site(site, viewer, camera)
+    site.directory.move_camera(camera, "a2", 0)  # a2 records all of it
+    wait_until_accepted(site.a2, camera, token)
+    start = now_ms()
+    push(make_source(tmp_path / "dock.ts", seconds=3), site.a2.url, camera, token,
+         realtime=True, hls_time=1)
+    wait_for_segments(site.a2, camera, 3)
+    end = now_ms() + 1
+    known = KnownArchivers(tmp_path / "known_archivers")
+    known.remember(site.a2.url, fingerprint(signing_cert(site.a2)), "a2")
+    with ArchiverSession(site.a1.url, tls_ca=site.ca.path) as session, \
+            open_identity(viewer.uri) as identity:
+        logged_in = login(session, identity, known=known)
+        backend = ViewerBackend(session, identity, logged_in,
+                                lambda: login(session, identity, known=known),
+                                tmp_path / "exports", follow=trust_followed(known))
+        try:
+            listed = {c["name"]: c for c in backend.cameras()}
+            assert listed[camera]["archiver"] == "a2"
+            events: list[dict[str, object] | bytes] = []
+            backend.stream(TileRequest(camera, False, start, end, start), events.append,
+                           threading.Event())
+        finally:
+            backend.close()
+    kinds = [e.get("type") for e in events if isinstance(e, dict)]
+    assert kinds[0] == "start" and kinds[-1] == "end", events[-1]
+    assert sum(1 for e in events if isinstance(e, dict) and e.get("type") == "segment"
+               and e.get("verified")) == 3
+    # Not pinned and no site CA: the page's stream is refused, nothing shown.
+    refused: list[dict[str, object] | bytes] = []
+    untrusted = KnownArchivers(tmp_path / "known_archivers-empty")
+    with ArchiverSession(site.a1.url, tls_ca=site.ca.path) as session, \
+            open_identity(viewer.uri) as identity:
+        logged_in = login(session, identity, known=untrusted)
+        backend = ViewerBackend(session, identity, logged_in,
+                                lambda: login(session, identity, known=untrusted),
+                                tmp_path / "exports", follow=trust_followed(untrusted))
+        backend.stream(TileRequest(camera, False, start, end, start), refused.append,
+                       threading.Event())
+        backend.close()
+    assert [e.get("type") for e in refused if isinstance(e, dict)] == ["error"], refused
+    assert "neither pinned nor issued by a site CA" in str(refused[0])

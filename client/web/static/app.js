@@ -641,6 +641,11 @@ async function refreshCameras() {
     li.dataset.camera = cam.name;
     const name = document.createElement("b");
     name.textContent = cam.name;
+    // A site of several Archivers: the one that records the camera now (textContent: never
+    // markup, whatever the directory holds).
+    const holder = document.createElement("span");
+    holder.className = "archiver";
+    holder.textContent = cam.archiver ? ` on ${cam.archiver}` : "";
     const button = document.createElement("button");
     button.type = "button";
     button.textContent = "Watch";
@@ -655,7 +660,7 @@ async function refreshCameras() {
     const recording = cam.state === "receiving" || cam.state === "behind";
     health.className = `health ${recording ? "recording" : ""}`;
     health.textContent = cam.health;
-    li.append(button, name, range, health);
+    li.append(button, name, holder, range, health);
     list.appendChild(li);
   }
   viewer.camerasLoaded = true;
