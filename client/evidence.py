@@ -94,7 +94,7 @@ def export(
     from client.playback import logged_in, say
     from client.site import Site, trust_followed
     from client.viewer import check_camera, export_evidence, now_ms
-    from keyservice.timespec import format_ms, parse_range
+    from keyservice.timespec import parse_range
 
     from_ms, to_ms = parse_range(from_, to, now_ms())
     check_camera(camera)
@@ -110,15 +110,8 @@ def export(
                  check=trust_followed(KnownArchivers.default())) as site:
         # The package holds one Archiver's signed stream: the one that recorded the range
         # (reached as a redirect is, checked: client/site.py).
-        parts = site.parts(camera, from_ms, to_ms)
-        if len(parts) > 1:
-            raise UsageError(
-                f"Camera {camera} was recorded by several Archivers in this range ("
-                + ", ".join(f"{p.archiver} {format_ms(p.from_ms)} .. {format_ms(p.to_ms)}"
-                            for p in parts)
-                + "); an evidence package holds one Archiver's signed stream: export each "
-                "part on its own.")
-        holder, holder_login = site.reach(parts[0])
+        holder, holder_login = site.holder(
+            camera, from_ms, to_ms, "an evidence package holds one Archiver's signed stream")
         made = export_evidence(holder, identity, holder_login, camera, from_ms, to_ms, output,
                                recipient=recipient)
     if not quiet:

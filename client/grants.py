@@ -86,7 +86,9 @@ def grant(
 ) -> None:
     """Grant a recorded range you can play to another viewer certificate. The Archiver serves
     it to the grantee only after an admin approved it; it never sees a key."""
+    from client.pinning import KnownArchivers
     from client.playback import logged_in, say
+    from client.site import Site, trust_followed
     from client.viewer import check_camera, load_certificate_file, make_grant_for, now_ms, recipient_for
     from keyservice.timespec import parse_range
 
@@ -95,11 +97,17 @@ def grant(
     grantee = load_certificate_file(to_cert)
     # Checked before the Archiver and the token are bothered.
     recipient = recipient_for(grantee, key_scheme)
-    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login):
+    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login), \
+            Site(session, login, identity,
+                 check=trust_followed(KnownArchivers.default())) as site:
+        # On the Archiver that recorded the range (another of the site: reached as a redirect
+        # is, checked; grants are the site's, so it keeps the grant for every Archiver).
+        holder, holder_login = site.holder(camera, from_ms, to_ms,
+                                           "a grant is made from one Archiver's signed stream")
         # Played exactly as `play` would (every check of the reader), written nowhere: the keys
         # granted are those of the segments the verified stream of this range released.
-        made = make_grant_for(session, identity, login, camera, from_ms, to_ms, recipient,
-                              note=note)
+        made = make_grant_for(holder, identity, holder_login, camera, from_ms, to_ms,
+                              recipient, note=note)
     if as_json:
         typer.echo(json.dumps(made.grant.to_json()))
         return

@@ -37,7 +37,7 @@ from client.session import (
     SiteArchiver,
 )
 from client.viewer import Login, stream
-from keyservice.errors import ArchiverMismatch, RequestRefused
+from keyservice.errors import ArchiverMismatch, RequestRefused, UsageError
 from keyservice.identity import Identity, fingerprint
 from keyservice.reader import StreamRequest
 
@@ -171,6 +171,21 @@ class Site:
         """[from_ms, to_ms] of ``camera`` cut into parts by the Archivers that recorded it."""
         return plan_parts(self.entry.placements(camera, from_ms, to_ms), self.entry_name,
                           from_ms, to_ms)
+
+    def holder(self, camera: str, from_ms: int, to_ms: int,
+               what: str) -> tuple[ArchiverSession, Login]:
+        """The session (logged in, checked) to the one Archiver that recorded [from_ms, to_ms]
+        of ``camera``; UsageError naming the parts if several did (``what`` cannot span them:
+        e.g. "an evidence package holds one Archiver's signed stream")."""
+        parts = self.parts(camera, from_ms, to_ms)
+        if len(parts) > 1:
+            from keyservice.timespec import format_ms
+            raise UsageError(
+                f"Camera {camera} was recorded by several Archivers in this range ("
+                + ", ".join(f"{p.archiver} {format_ms(p.from_ms)} .. {format_ms(p.to_ms)}"
+                            for p in parts)
+                + f"); {what}: do each part on its own.")
+        return self.reach(parts[0])
 
     def signer_fingerprint(self) -> bytes:
         """The signing certificate the stream being read must carry: the answering Archiver's."""

@@ -435,3 +435,44 @@ def test_the_browser_viewer_lists_the_sites_cameras_and_plays_one_held_elsewhere
         backend.close()
     assert [e.get("type") for e in refused if isinstance(e, dict)] == ["error"], refused
     assert "neither pinned nor issued by a site CA" in str(refused[0])
+
+
+# --- access grants of a range another Archiver holds ------------------------------------------
+def test_a_grant_of_a_range_held_elsewhere_is_made_and_played_through_any_archiver(
+        site: Site, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    import sys
+
+    client.tls_ca = site.ca.path
+    grantor, grantee = make_viewer("vera"), make_viewer("wren")
+    camera = "pier-grant"
+    token = site.a1.add_camera(camera)
+    site.a1.add_viewer(grantor.pem, [camera])
+    site.a1.add_viewer(grantee.pem, [])
+    site.a2.stop()  # a2 learns the viewers at start (site-notify's propagation aside)
+    site.a2.start()
+    site.directory.move_camera(camera, "a2", 0)
+    wait_until_accepted(site.a2, camera, token)
+    start = now_ms()
+    chunks = [bytes([i]) * 4000 for i in range(3)]
+    for i, chunk in enumerate(chunks):
+        assert site.a2.put_segment(camera, token, chunk, name=f"g{i}.ts") == 201
+    end = now_ms() + 1
+    pin(client, grantor, site.a2, site.certs["a2"])
+    made = client("grant", "--archiver", site.a1.url, "--token", grantor.uri, "--camera",
+                  camera, "--from", iso(start), "--to", iso(end), "--to-cert", str(grantee.pem),
+                  "--archiver-cert", str(site.certs["a1"]))
+    assert made.code == 0, made.stderr
+    found = re.search(rb"grant ([0-9a-f]{32}): pending", made.stdout)
+    assert found, made.stdout
+    grant_id = found[1].decode()
+    approved = subprocess.run(
+        [sys.executable, "-m", "archiver", "grants", "approve", grant_id, "--url", site.a1.url,
+         "--data", str(site.a1.data_dir), "--tls-ca", str(site.ca.path)],
+        capture_output=True, text=True, timeout=60)
+    assert approved.returncode == 0, approved.stderr
+    out = tmp_path / "granted.ts"
+    played = client("grants", "play", grant_id, "--archiver", site.a1.url, "--token",
+                    grantee.uri, "-o", str(out))
+    assert played.code == 0, played.stderr
+    assert out.read_bytes() == b"".join(chunks)
