@@ -39,6 +39,7 @@ from fusion_testkit.client_cli import (
     wait_for_segments,
 )
 from keyservice.identity import fingerprint
+from keyservice.timespec import parse_time
 from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
 from tests.fixtures.server import ArchiverServer, SiteCa, free_port, production_archiver
 
@@ -212,10 +213,16 @@ def test_a_range_across_a_move_plays_through_either_archiver_verified_and_frame_
                          done.stderr), done.stderr
         assert re.search(r"part 2 of 2: .* recorded by Archiver a2, verified against a2 ",
                          done.stderr), done.stderr
-        switch = re.search(r"switch from Archiver a1 to a2: a1's last segment ends (\S+ \S+|\S+)"
-                           r" \(signed\); a2's first segment starts (\S+ \S+|\S+) \(signed\)",
+        switch = re.search(r"switch from Archiver a1 to a2: a1's last segment ends (\S+) "
+                           r"\(signed\); a2's first segment starts (\S+) \(signed\)",
                            done.stderr)
         assert switch, done.stderr
+        # The signed edges: a1's video ends before the move, a2's starts after it, and they
+        # are each part's own first and last capture times.
+        last_end, first_start = (parse_time(t, 0) for t in switch.groups())
+        assert last_end <= moved.moved <= first_start, done.stderr
+        assert f"captured {switch[2]} .." in done.stderr
+        assert re.search(rf"captured \S+ \.\. {re.escape(switch[1])}\n", done.stderr)
         assert "complete (every part's signed end record verified)" in done.stderr
         assert not list(tmp_path.glob("across-*.incomplete"))
 
@@ -476,3 +483,42 @@ def test_a_grant_of_a_range_held_elsewhere_is_made_and_played_through_any_archiv
                     grantee.uri, "-o", str(out))
     assert played.code == 0, played.stderr
     assert out.read_bytes() == b"".join(chunks)
+
+
+# --- live from the camera's current Archiver --------------------------------------------------
+def test_live_through_a1_of_a_camera_a2_records_is_followed_and_verified_against_a2(
+        site: Site, make_viewer: Callable[[str], Viewer], client: Client) -> None:
+    import signal
+
+    from fusion_testkit.client_cli import read_exactly, wait_for_audit
+
+    client.tls_ca = site.ca.path
+    viewer = make_viewer("xena")
+    camera = "quay-live"
+    token = site.a1.add_camera(camera)
+    authorize_on_the_site(site, viewer, camera)
+    site.directory.move_camera(camera, "a2", 0)
+    wait_until_accepted(site.a2, camera, token)
+    pin(client, viewer, site.a2, site.certs["a2"])
+    process = subprocess.Popen(
+        client.command("live", "--archiver", site.a1.url, "--token", viewer.uri, "--camera",
+                       camera, "--duration", "60", "--archiver-cert", str(site.certs["a1"]),
+                       "-o", "-"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client.env(),
+        stdin=subprocess.DEVNULL)
+    try:
+        assert process.stdout is not None
+        wait_for_audit(site.a2, "stream.live", timeout=90)  # the stream is a2's
+        for i in range(3):
+            segment = bytes([0x40 + i]) * (3000 + i)
+            assert site.a2.put_segment(camera, token, segment, name=f"l{i}.ts") == 201
+            assert read_exactly(process.stdout.fileno(), len(segment), 60) == segment
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = err.decode(errors="replace")
+    assert process.returncode == 0, stderr
+    assert "3 segment(s)" in stderr and "token operations: 3 (2 login" in stderr, stderr
