@@ -256,7 +256,7 @@ class RequestLimits:
         try:
             if path.startswith("/v1/sessions"):
                 self._rate(self._logins, source, "logins from this address")
-            elif path.startswith(("/v1/cameras", "/v1/grants")):
+            elif path.startswith(("/v1/cameras", "/v1/grants", "/v1/site")):
                 viewer = self._viewer_key(scope, source) or f"address {source}"
                 self._rate(self._queries, viewer, "requests of this viewer")
                 if self._working.get(viewer, 0) >= self.limits.viewer_concurrency:
