@@ -60,6 +60,53 @@ def test_a_range_is_cut_where_the_camera_moved_each_instant_in_one_part() -> Non
     assert plan_parts(None, None, 1, 2) == [Part("", 1, 2, True)]
 
 
+def _certificate(name: str) -> x509.Certificate:
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+
+
+def test_a_followed_archiver_is_trusted_by_its_pin_else_the_site_ca_check_never_first_use(
+        tmp_path: Path) -> None:
+    from client.pinning import KnownArchivers, PinDecision, PinOutcome
+    from client.site import UntrustedArchiver, trust_followed
+
+    a2, impostor = _certificate("a2"), _certificate("a2")
+    known = KnownArchivers(tmp_path / "known_archivers")
+    url = "https://a2.example:8443"
+    # Neither pinned nor a site CA: refused, and nothing pinned on another Archiver's word.
+    with pytest.raises(UntrustedArchiver, match="neither pinned nor issued by a site CA"):
+        trust_followed(known)(url, a2)
+    assert known.lookup(url) is None
+    # Pinned: that certificate only; another is loud.
+    known.remember(url, fingerprint(a2), "a2")
+    assert trust_followed(known)(url, a2).outcome is PinOutcome.MATCHED
+    with pytest.raises(UntrustedArchiver, match="someone may be impersonating it"):
+        trust_followed(known)(url, impostor)
+    # Not pinned: the site CA's check decides (a pin, where there is one, still wins).
+    asked: list[str] = []
+
+    def site_ca(where: str, cert: x509.Certificate) -> PinDecision:
+        asked.append(where)
+        return PinDecision(PinOutcome.EXPLICIT, fingerprint(cert), known.path)
+
+    other = "https://a3.example:8443"
+    assert trust_followed(known, site_ca)(other, impostor).outcome is PinOutcome.EXPLICIT
+    with pytest.raises(UntrustedArchiver):
+        trust_followed(known, site_ca)(url, impostor)
+    assert asked == [other]
+
+
 # --- a site of two Archivers ------------------------------------------------------------------
 @dataclass
 class Site:
