@@ -25,6 +25,7 @@ from archiver.metrics import ArchiverCollector, make_registry
 from archiver.routers import admin, admins, grants, ingest, viewer
 from archiver.services.container import create_services
 from archiver.services.refused import Refused
+from archiver.services.site_sync import start_site_changes
 from archiver.settings import Settings
 from archiver.storage import StorageFailed, StorageFull
 from keyservice.identity import Signer
@@ -100,6 +101,8 @@ def create_app(settings: Settings, signer: Signer | None = None,
         app.state.collector = collector
         app.state.registry = make_registry(collector)
         services.start_pullers()
+        # In a site: other Archivers' authorization changes (NOTIFY, polling), off this loop.
+        site = await asyncio.to_thread(start_site_changes, services)
 
         async def flush_refusals() -> None:
             while True:
@@ -122,6 +125,8 @@ def create_app(settings: Settings, signer: Signer | None = None,
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
+            if site is not None:
+                await asyncio.to_thread(site.stop)
             await asyncio.to_thread(services.rtsp.stop_all)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(archive.save_health, 0)  # what the next start shows

@@ -127,6 +127,12 @@ def serve(
         "--public-url", envvar="FUSION_PUBLIC_URL", show_envvar=True,
         help="The URL viewers and cameras reach this Archiver at (default: the address it "
         "listens on), e.g. https://a1.site.example:8443.")] = None,
+    site_notify: Annotated[bool, typer.Option(
+        "--site-notify/--no-site-notify", help="In a site: learn of authorization changes made "
+        "through other Archivers by PostgreSQL LISTEN/NOTIFY (off: by polling alone).")] = True,
+    site_poll: Annotated[float, typer.Option(
+        "--site-poll", help="In a site: poll the directory for authorization changes this "
+        "often (seconds), also with NOTIFY: a lost notification still converges.")] = 5.0,
 ) -> None:
     """Run the Archiver."""
     import os
@@ -159,6 +165,7 @@ def serve(
                         max_rtsp_cameras=max_rtsp_cameras,
                         bootstrap_token=bootstrap_token, directory_url=directory or None,
                         advertised_url=public_url,
+                        site_notify=site_notify, site_poll_s=site_poll,
                         **({"archiver_name": name} if name else {}))
     if not bootstrap_token:
         from archiver.admins import active_admins

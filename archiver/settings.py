@@ -104,6 +104,11 @@ class Settings:
     # a proxy or a DNS name, give it).
     archiver_name: str = field(default_factory=socket.gethostname)
     advertised_url: str | None = None
+    # In a site: authorization changes made through other Archivers arrive by PostgreSQL
+    # LISTEN/NOTIFY (off: polling alone), and the directory is polled this often anyway, so a
+    # lost notification (or a lost connection) still converges (archiver/directory/notify.py).
+    site_notify: bool = True
+    site_poll_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.key_period_s < 1:
@@ -126,6 +131,8 @@ class Settings:
             raise UsageError("The number of RTSP worker processes must be from 0 to 256.")
         if self.max_rtsp_cameras < 0:
             raise UsageError("--max-rtsp-cameras must be 0 (no limit) or more.")
+        if not 0.1 <= self.site_poll_s <= 3600:
+            raise UsageError("--site-poll must be from 0.1 to 3600 seconds.")
         if not _ARCHIVER_NAME.fullmatch(self.archiver_name):
             raise UsageError(f"The Archiver name {self.archiver_name!r} is not usable.",
                              "Give --name with 1 to 64 letters, digits, '.', '_' or '-'.")

@@ -164,7 +164,10 @@ def create_services(settings: Settings, signer: Signer | None = None,
         log.info("Archiver certificate fingerprint (SHA-256): %s (viewers check it on first "
                  "use; 'fusion-archiver certificate' prints the certificate to pin)",
                  fingerprint(archive.signer.certificate).hex())
-        audit = AuditLog(settings.audit_log_path)
+        # In a site every entry also goes to the directory: one audit log for the site.
+        audit = AuditLog(settings.audit_log_path,
+                         archive.directory if settings.directory_url else None,
+                         settings.archiver_name, retry_s=settings.site_poll_s)
     except BaseException:
         archive.close()
         raise
