@@ -56,6 +56,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(holds_app, name="holds")
     app.add_typer(grants_app, name="grants")
     app.add_typer(admins_app, name="admins")
+    app.command("audit")(audit_list)
 
 
 # --archiver, as fusion-client names it; --url, the old spelling, is a hidden alias (cli.py).
@@ -630,3 +631,31 @@ def admins_login(
     typer.echo(printable(f"admin session for {session.actor} until {_when(session.expires_ms)} "
                          f"on the Archiver sha256 {session.archiver_fingerprint}; give it to "
                          "the other commands as FUSION_ADMIN_TOKEN or --admin-token"), err=True)
+
+
+# --- the audit log -------------------------------------------------------------------------
+def _audit_line(entry: dict[str, Any]) -> str:
+    details = {k: v for k, v in entry["entry"].items()
+               if k not in ("ts_ms", "actor", "action", "prev")}
+    shown = " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                     for k, v in sorted(details.items()))
+    return (f"{_when(entry['ts_ms'])}  {entry['archiver']}#{entry['seq']}  "
+            f"{entry['actor']}  {entry['action']}  {shown}").rstrip()
+
+
+def audit_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+               tls_ca: TlsCaOpt = None,
+               since_ms: Annotated[int, typer.Option(
+                   "--since-ms", min=0, help="Entries from this time on (Unix ms).")] = 0,
+               only: Annotated[str | None, typer.Option(
+                   "--only", help="One Archiver's entries (its --name).")] = None,
+               limit: Annotated[int, typer.Option(
+                   "--limit", min=1, max=10_000, help="At most this many entries.")] = 1000,
+               as_json: JsonOpt = False) -> None:
+    """The audit log, oldest first: in a site the site's (every Archiver's entries, each with
+    the Archiver that wrote it), standalone this Archiver's."""
+    with _client(url, admin_token, data, tls_ca) as client:
+        site, entries = client.audit(since_ms, only, limit)
+    result = [asdict(e) for e in entries]
+    echo_result(as_json, {"site": site, "entries": result},
+                "\n".join(_audit_line(e) for e in result) or "no audit entries")

@@ -349,10 +349,32 @@ class AdminClient:
     def admins(self) -> list[AdminInfo]:
         return _typed_list(AdminInfo, self._call("GET", "/v1/admin/admins"))
 
+    # --- the audit log -----------------------------------------------------------------
+    def audit(self, since_ms: int = 0, archiver: str | None = None,
+              limit: int = 1000) -> tuple[bool, list[AuditEntryInfo]]:
+        """(whether it is the site's log, its entries oldest first from ``since_ms``)."""
+        params = {"since_ms": str(since_ms), "limit": str(limit)}
+        if archiver:
+            params["archiver"] = archiver
+        body = self._call("GET", "/v1/admin/audit", params=params)
+        if not isinstance(body, dict):
+            raise AdminFailed("The Archiver's audit log answer is not an object.")
+        return bool(body.get("site")), _typed_list(AuditEntryInfo, body.get("entries"))
+
     def revoke_admin(self, who: str) -> AdminInfo:
         """By name, fingerprint or a unique fingerprint prefix."""
         return _typed(AdminInfo, self._call(
             "POST", f"/v1/admin/admins/{_seg(who.strip().lower())}/revoke"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditEntryInfo:
+    archiver: str  # the Archiver that wrote it
+    seq: int  # its line in that Archiver's audit.jsonl
+    ts_ms: int
+    actor: str
+    action: str
+    entry: dict[str, Any]
 
 
 def _seg(value: str) -> str:

@@ -22,7 +22,7 @@ from archiver.deps import ApiError, BearerDep, ServicesDep, services_of
 from archiver.deps import api_error as to_api_error
 from archiver.limits import REFUSED_STATUSES, Limits, RefusalAudit, RequestLimits
 from archiver.metrics import ArchiverCollector, make_registry
-from archiver.routers import admin, admins, grants, ingest, viewer
+from archiver.routers import admin, admins, audit, grants, ingest, viewer
 from archiver.services.container import create_services
 from archiver.services.refused import Refused
 from archiver.services.site_sync import start_site_changes
@@ -159,6 +159,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
     app.include_router(viewer.router)
     app.include_router(grants.router)
     app.include_router(admins.router)
+    app.include_router(audit.router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

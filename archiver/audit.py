@@ -19,6 +19,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -187,6 +188,43 @@ class AuditLog:
             self._wake.set()
             self._writer.join(flush_s)
         os.close(self._fd)
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One entry of an audit log as listed: the Archiver that wrote it (its line ``seq`` in
+    that Archiver's file) and the entry itself."""
+
+    archiver: str
+    seq: int
+    ts_ms: int
+    actor: str
+    action: str
+    entry: dict[str, Any]
+
+
+def read_audit(path: Path, site: Directory | None, archiver: str, *, since_ms: int = 0,
+               only: str | None = None, limit: int = 1000) -> list[AuditEntry]:
+    """The audit log, oldest first from ``since_ms``, at most ``limit`` entries: the site's
+    (every Archiver's lines, from the directory) in a site, else this Archiver's file.
+    ``only``: one Archiver's entries."""
+    if site is not None:
+        return [AuditEntry(e.archiver, e.seq, e.ts_ms, e.actor, e.action, json.loads(e.entry))
+                for e in site.audit_events(archiver=only, since_ms=since_ms, limit=limit)]
+    if only is not None and only != archiver:
+        return []
+    found: list[AuditEntry] = []
+    if not path.exists():
+        return found
+    for seq, line in enumerate(path.read_bytes().splitlines(), start=1):
+        entry = json.loads(line)
+        if int(entry.get("ts_ms", 0)) < since_ms:
+            continue
+        found.append(AuditEntry(archiver, seq, int(entry.get("ts_ms", 0)),
+                                str(entry.get("actor", "")), str(entry.get("action", "")), entry))
+        if len(found) >= limit:
+            break
+    return found
 
 
 def verify_audit_log(path: Path) -> int | None:
