@@ -71,8 +71,10 @@ def diff(fingerprint: str, before: ViewerState | None, after: ViewerState | None
     renews although its row reads the same). None if nothing is to be done."""
     was_active = before is not None and before[0] is None
     if after is None or after[0] is not None:
-        if not was_active:
-            return None
+        if before is not None and not was_active:
+            return None  # revoked already when last seen
+        # Also when never seen: added and revoked between two polls, it may have logged in,
+        # opened a stream, or been wrapped into a chain started meanwhile.
         return ViewerChange(fingerprint, False, None, True, None if after is None else after[0])
     if not was_active:
         return ViewerChange(fingerprint, True)
@@ -103,6 +105,7 @@ class SiteChanges:
         self._listen = listen and self._url is not None and directory.backend == "postgresql"
         self._poll_s = poll_s
         self._seen: dict[str, ViewerState] = {}
+        self._baseline = False  # _seen holds every viewer as of a reading
         self._lock = threading.Lock()  # _seen, and one change applied at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -122,6 +125,7 @@ class SiteChanges:
     def start(self) -> None:
         try:
             self._seen = dict(self._directory.viewer_states())
+            self._baseline = True
         except Exception:  # the first poll takes them: recording must start anyway
             log.warning("could not read the site's viewers at start; polling for them")
         self._thread = threading.Thread(target=self._run, daemon=True, name="fusion-site-notify")
@@ -178,6 +182,12 @@ class SiteChanges:
         applied = 0
         with self._lock:
             self.polls += 1
+            if not self._baseline:
+                # The first reading (the one at start failed): the key manager reads the same
+                # rows when it first needs them; there is nothing to apply yet.
+                self._seen.update(states)
+                self._baseline = True
+                return 0
             for fp in set(states) | set(self._seen):
                 change = diff(fp, self._seen.get(fp), states.get(fp))
                 self._remember(fp, states.get(fp))
