@@ -71,10 +71,11 @@ def diff(fingerprint: str, before: ViewerState | None, after: ViewerState | None
     renews although its row reads the same). None if nothing is to be done."""
     was_active = before is not None and before[0] is None
     if after is None or after[0] is not None:
-        if before is not None and not was_active:
+        if before is not None and not was_active and (after is None or after[0] == before[0]):
             return None  # revoked already when last seen
-        # Also when never seen: added and revoked between two polls, it may have logged in,
-        # opened a stream, or been wrapped into a chain started meanwhile.
+        # Also when never seen, or revoked at another time than seen: added (again) and
+        # revoked between two polls, it may have logged in, opened a stream, or been wrapped
+        # into a chain started meanwhile.
         return ViewerChange(fingerprint, False, None, True, None if after is None else after[0])
     if not was_active:
         return ViewerChange(fingerprint, True)

@@ -47,6 +47,9 @@ def test_diff_follows_the_rules_of_a_local_change() -> None:
         FP, False, None, revoked=True, at_ms=1234)
     assert diff(FP, active_on_ab, None) == ViewerChange(FP, False, None, revoked=True)
     assert diff(FP, (5, None), (5, None)) is None  # stays revoked
+    # Authorized again and revoked again between two polls: the same.
+    assert diff(FP, (5, ("a",)), (9, ("a",))) == ViewerChange(FP, False, None, revoked=True,
+                                                              at_ms=9)
     # Added and revoked between two polls: it may have been served meanwhile.
     assert diff(FP, None, (5, None)) == ViewerChange(FP, False, None, revoked=True, at_ms=5)
 

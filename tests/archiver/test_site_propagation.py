@@ -45,6 +45,7 @@ class LiveWatcher(threading.Thread):
         self.ended_by_end_record: bool | None = None
         self.ended_at: float | None = None
         self.error: BaseException | None = None
+        self.opened = threading.Event()  # answered 200: the stream is open
 
     def run(self) -> None:
         try:
@@ -54,6 +55,7 @@ class LiveWatcher(threading.Thread):
                               params={"duration_s": 600, "nonce": os.urandom(16).hex()},
                               headers={"Authorization": f"Bearer {self.session}"}) as response:
                 assert response.status_code == 200, response.read()[:300]
+                self.opened.set()
                 for chunk in response.iter_bytes():
                     self.segments += [e.data for e in reader.feed(chunk)
                                       if isinstance(e, SegmentPlaintext)]
@@ -192,6 +194,17 @@ def test_polling_alone_converges_without_notify(
         assert not watcher.is_alive() and watcher.error is None, watcher.error
         print(f"site propagation (polling every 1 s, NOTIFY off): the live stream on a2 "
               f"ended {time.monotonic() - started:.3f} s after the revocation through a1")
+        assert refused(a2, viewer)
+        # Authorized again and revoked again quickly (likely between two of a2's polls: the
+        # poll sees "revoked" before and after, at another time): its stream ends too.
+        fp = a1.add_viewer(viewer.pem, [camera])
+        again = LiveWatcher(a2, login(a2.url, viewer.identity, verify=a2.verify), viewer,
+                            camera)
+        again.start()
+        assert again.opened.wait(30), again.error
+        a1.revoke(fp)
+        again.join(30)
+        assert not again.is_alive() and again.error is None, again.error
         assert refused(a2, viewer)
         assert "(notify)" not in a2.log()
 
