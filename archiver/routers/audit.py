@@ -9,7 +9,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from archiver.audit import read_audit
 from archiver.deps import AdminDep, ServicesDep
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -37,12 +36,9 @@ async def audit_log(
     archiver: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9._-]{1,64}$")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> AuditLogInfo:
-    settings = services.settings
-    site = services.archive.directory if settings.directory_url else None
+    reader = services.audit_log
     # A file or a directory query: off the event loop.
-    entries = await asyncio.to_thread(
-        read_audit, settings.audit_log_path, site, settings.archiver_name, since_ms=since_ms,
-        only=archiver, limit=limit)
-    return AuditLogInfo(site=site is not None, entries=[
+    entries = await asyncio.to_thread(reader.entries, since_ms, archiver, limit)
+    return AuditLogInfo(site=reader.site, entries=[
         AuditEntryInfo(archiver=e.archiver, seq=e.seq, ts_ms=e.ts_ms, actor=e.actor,
                        action=e.action, entry=e.entry) for e in entries])

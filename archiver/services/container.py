@@ -28,6 +28,7 @@ from archiver.datadir import secure_data_dir
 from archiver.limits import RefusalAudit
 from archiver.rtsp import CameraPullers, RtspSupervisor
 from archiver.rtsp_workers import RtspWorkerPool
+from archiver.services.audit import AuditService
 from archiver.services.cameras import CameraService
 from archiver.services.grants import GrantService
 from archiver.services.ingest import IngestService
@@ -64,6 +65,11 @@ class ArchiverServices:
         """Cameras and viewers: add, remove, authorize, change, revoke (archiver/admin.py)."""
         return Admin(self.archive, self.audit, self.sessions, self.site_ca, self.rtsp,
                      self.settings.pull_schemes)
+
+    @functools.cached_property
+    def audit_log(self) -> AuditService:
+        """The audit log as admins read it (the site's in a site)."""
+        return AuditService(self.archive, self.settings)
 
     @functools.cached_property
     def cameras(self) -> CameraService:

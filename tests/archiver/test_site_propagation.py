@@ -174,7 +174,7 @@ def test_polling_alone_converges_without_notify(
         postgres_url: str, tmp_path: Path, make_viewer: Callable[[str], Viewer]) -> None:
     viewer = make_viewer("polly")
     camera = f"poll{uuid.uuid4().hex[:8]}"
-    with site(postgres_url, tmp_path, 2, "--no-site-notify", "--site-poll", "1") as (a1, a2):
+    with site(postgres_url, tmp_path, 2, "--no-site-notify", "--site-poll", "3") as (a1, a2):
         token = a2.add_camera(camera)
         fp = a1.add_viewer(viewer.pem, [camera])
         # Archiver 2 learns of it by its poll: segments it seals from then on are for it.
@@ -192,7 +192,7 @@ def test_polling_alone_converges_without_notify(
         a1.revoke(fp)
         watcher.join(30)
         assert not watcher.is_alive() and watcher.error is None, watcher.error
-        print(f"site propagation (polling every 1 s, NOTIFY off): the live stream on a2 "
+        print(f"site propagation (polling every 3 s, NOTIFY off): the live stream on a2 "
               f"ended {time.monotonic() - started:.3f} s after the revocation through a1")
         assert refused(a2, viewer)
         # Authorized again and revoked again quickly (likely between two of a2's polls: the
