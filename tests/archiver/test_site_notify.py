@@ -230,3 +230,53 @@ def test_lines_that_fell_out_of_memory_are_read_back_from_the_file(
     audit.close()
     assert [json.loads(entry)["ts_ms"] for _, entry in _site_lines(directory, "a9")] == [
         *range(8), 99]
+
+
+# --- a revocation learnt late (keying.py) -------------------------------------------------
+def test_a_revocation_learnt_after_its_key_period_ends_drops_the_key_in_use(
+        tmp_path: Path) -> None:
+    """Another Archiver's revocation learnt in the next key period (a poll): the key this
+    Archiver already uses for that period is of the old chain, which the revoked viewer can
+    derive; the next segment must be sealed under a new chain without it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from archiver.db import Database
+    from archiver.keying import KeyManager
+    from keyservice.crypto import split_key_id
+    from keyservice.format import DataStream
+    from keyservice.identity import OaepHash, fingerprint
+
+    keys_dir = Path(__file__).parents[1] / "vectors" / "keys"
+    period_ms, t0 = 60_000, 40 * 86_400_000
+    db = Database(tmp_path / "archiver.sqlite3")
+    site = open_directory(None, tmp_path)
+    fps = []
+    for name in ("a", "b"):
+        cert = x509.load_pem_x509_certificate(
+            (keys_dir / f"TEST-ONLY-viewer-{name}.cert.pem").read_bytes())
+        fps.append(fingerprint(cert).hex())
+        site.add_viewer(fps[-1], cert.public_bytes(Encoding.DER), name, int(OaepHash.SHA256),
+                        None, 0)
+    revoked, kept = fps
+    clock = [t0 + 1000]
+    keys = KeyManager(db, 60, clock=lambda: clock[0], directory=site)
+    try:
+        first = keys.key_for("door", DataStream.VIDEO, t0 + 1000)
+        chain = split_key_id(first.key_id)[0]
+        assert db.chain_record(revoked, chain) is not None
+        revoked_at = t0 + 5 * period_ms + 20_000  # revoked elsewhere, in period 5
+        site.revoke_viewer(revoked, revoked_at)
+        in_next = t0 + 6 * period_ms + 5_000  # period 6 began here under the old chain
+        assert split_key_id(keys.key_for("door", DataStream.VIDEO, in_next).key_id)[0] == chain
+        clock[0] = in_next + 5_000
+        keys.access_removed(revoked, None, revoked_at)  # learnt now, applied at its own time
+        later = keys.key_for("door", DataStream.VIDEO, in_next + 10_000)
+        new_chain = split_key_id(later.key_id)[0]
+        assert new_chain != chain
+        assert db.chain_record(revoked, new_chain) is None
+        assert db.chain_record(kept, new_chain) is not None
+    finally:
+        keys.close()
+        site.close()
+        db.close()
