@@ -127,6 +127,40 @@ def _measure(url: str, workdir: Path, identity: Identity, pem: str, revocations:
     return times
 
 
+def poll_cost(url: str, workdir: Path, viewers: int, rounds: int = 20) -> dict[str, Any]:
+    """What one poll costs this Archiver with ``viewers`` in the directory (half of them on two
+    cameras, the rest on all, 1 KB certificates): ``viewer_states`` (what the poll reads)
+    against ``viewers`` (every row with its certificate), median wall and CPU of this process
+    over ``rounds`` reads each, alternated."""
+    from sqlalchemy import insert
+
+    from archiver.directory import open_directory
+    from archiver.directory import schema as t
+
+    directory = open_directory(url, workdir)
+    try:
+        rows = [{"fingerprint": f"{i:064x}", "certificate": os.urandom(1000),
+                 "subject": f"CN=v{i}", "oaep_hash": 1, "all_cameras": i % 2, "added_ms": i,
+                 "revoked_ms": None, "key_streams_deleted": 0} for i in range(viewers)]
+        cams = [{"fingerprint": f"{i:064x}", "camera": c} for i in range(0, viewers, 2)
+                for c in ("door", "yard")]
+        with directory.engine.begin() as conn:
+            conn.execute(insert(t.viewers), rows)
+            conn.execute(insert(t.viewer_cameras), cams)
+        figures: dict[str, list[tuple[float, float]]] = {"viewer_states": [], "viewers": []}
+        for _ in range(rounds):
+            for name, read in (("viewer_states", directory.viewer_states),
+                               ("viewers", directory.viewers)):
+                wall, cpu = time.perf_counter(), time.process_time()
+                read()
+                figures[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+        return {name: {"median_wall_ms": round(statistics.median(w for w, _ in f) * 1000, 1),
+                       "median_cpu_ms": round(statistics.median(c for _, c in f) * 1000, 1)}
+                for name, f in figures.items()} | {"viewer_count": viewers, "rounds": rounds}
+    finally:
+        directory.close()
+
+
 def _summary(times: list[float]) -> dict[str, Any]:
     return {"n": len(times), "median_ms": round(statistics.median(times) * 1000, 1),
             "max_ms": round(max(times) * 1000, 1), "min_ms": round(min(times) * 1000, 1),
@@ -141,11 +175,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="--site-poll of the polling-only run (default 5 s, the default)")
     parser.add_argument("--key-period", type=int, default=60)
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--poll-cost", type=int, metavar="VIEWERS",
+                        help="only measure what one poll costs with this many viewers")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="fusion-site-bench-"))
     cluster = PostgresCluster.start()
     store = SoftHsmStore.create(workdir / "softhsm")
     try:
+        if args.poll_cost:
+            load = os.getloadavg()
+            cost = poll_cost(cluster.create_database(), workdir / "cost", args.poll_cost)
+            print(f"load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
+            print(json.dumps(cost, indent=2))
+            if args.json:
+                args.json.write_text(json.dumps(cost, indent=2) + "\n")
+            return
         viewer = EnrolledViewer.enrol(store.new_token(), "bench")
         with softhsm_conf(store.conf):
             identity = viewer.identity()
