@@ -126,7 +126,8 @@ def test_the_listener_reconnects_and_catches_up_with_what_it_missed(
         with psycopg.connect(postgres_url, autocommit=True) as admin:
             killed = admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE query LIKE %s AND pid <> pg_backend_pid()", (f"LISTEN {CHANNEL}%",)
+                "WHERE query LIKE %s AND pid <> pg_backend_pid() "
+                "AND datname = current_database()", (f"LISTEN {CHANNEL}%",)
             ).fetchall()
             assert killed == [(True,)]
             # A change made (and announced) while it is away is not lost...
