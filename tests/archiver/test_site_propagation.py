@@ -156,7 +156,9 @@ def test_a_revocation_through_one_archiver_ends_streams_and_keys_on_every_other(
             # No key the revoked viewer can derive from the next key period on: every segment
             # Archiver 3 seals from then on is under a chain it holds no record of.
             period_ms = KEY_PERIOD_S * 1000
-            next_period_ms = (revoked_at_ms // period_ms + 1) * period_ms
+            # (A second later: a segment's time is its stream's, anchored to its arrival; one
+            # that began just before the boundary may be sealed just before it.)
+            next_period_ms = (revoked_at_ms // period_ms + 1) * period_ms + 1000
             assert wait_for(lambda: chains_held_after(a3, camera, fp, next_period_ms)[0] >= 3,
                             60), a3.log()[-3000:]
             sealed, held = chains_held_after(a3, camera, fp, next_period_ms)
