@@ -44,8 +44,9 @@ VIEWER_ACTIONS = frozenset({"viewer.add", "viewer.cameras", "viewer.revoke"})
 RECONNECT_S = (0.5, 1.0, 2.0, 5.0)  # back-off of the listening connection
 WAKE_S = 0.5  # how often the thread looks whether it should stop
 
-# A viewer's authorization: (revoked_ms, its cameras or None for all), Directory.viewer_states.
-ViewerState = tuple[int | None, tuple[str, ...] | None]
+# A viewer's authorization: (revoked_ms, its cameras or None for all, whether its key streams
+# were deleted), Directory.viewer_states.
+ViewerState = tuple[int | None, tuple[str, ...] | None, bool]
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,17 @@ class ViewerChange:
     ``granted``: it may now hold keys it may not have held (added, re-authorized, cameras
     added): its chains are joined or restart (KeyManager.authorization_changed).
     Otherwise it lost ``cameras`` (None: all; ``revoked``: its certificate was revoked, at
-    ``at_ms``): no key of a later key period than the change's (KeyManager.access_removed)."""
+    ``at_ms``): no key of a later key period than the change's (KeyManager.access_removed).
+    ``shred``: its key streams were deleted (``viewers revoke --delete-key-streams``): this
+    Archiver deletes its own too; alone (``shred_only``) when it was revoked already."""
 
     fingerprint: str
     granted: bool
     cameras: list[str] | None = None
     revoked: bool = False
     at_ms: int | None = None
+    shred: bool = False
+    shred_only: bool = False
 
 
 def diff(fingerprint: str, before: ViewerState | None, after: ViewerState | None,
@@ -70,13 +75,17 @@ def diff(fingerprint: str, before: ViewerState | None, after: ViewerState | None
     archiver/admin.py; ``renewed``: it was authorized again on the same cameras (its epoch
     renews although its row reads the same). None if nothing is to be done."""
     was_active = before is not None and before[0] is None
+    shred = after is not None and after[2] and not (before is not None and before[2])
     if after is None or after[0] is not None:
         if before is not None and not was_active and (after is None or after[0] == before[0]):
-            return None  # revoked already when last seen
+            # Revoked already when last seen; its key streams may have been deleted since.
+            return ViewerChange(fingerprint, False, None, True, before[0], shred=True,
+                                shred_only=True) if shred else None
         # Also when never seen, or revoked at another time than seen: added (again) and
         # revoked between two polls, it may have logged in, opened a stream, or been wrapped
         # into a chain started meanwhile.
-        return ViewerChange(fingerprint, False, None, True, None if after is None else after[0])
+        return ViewerChange(fingerprint, False, None, True, None if after is None else after[0],
+                            shred=shred)
     if not was_active:
         return ViewerChange(fingerprint, True)
     assert before is not None
@@ -156,7 +165,8 @@ class SiteChanges:
             for fp, _ in changed:
                 row = self._directory.viewer(fp)
                 self._remember(fp, None if row is None else (
-                    row.revoked_ms, None if row.all_cameras else tuple(sorted(row.cameras))))
+                    row.revoked_ms, None if row.all_cameras else tuple(sorted(row.cameras)),
+                    row.key_streams_deleted))
         if self._directory.backend != "postgresql":
             return
         from sqlalchemy import text
@@ -211,7 +221,8 @@ class SiteChanges:
             return False
         row = self._directory.viewer(fp)
         state = None if row is None else (
-            row.revoked_ms, None if row.all_cameras else tuple(sorted(row.cameras)))
+            row.revoked_ms, None if row.all_cameras else tuple(sorted(row.cameras)),
+            row.key_streams_deleted)
         with self._lock:
             change = diff(fp, self._seen.get(fp), state, renewed=renewed)
             self._remember(fp, state)

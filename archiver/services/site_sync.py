@@ -19,11 +19,16 @@ def apply_viewer_change(archive: Archive, sessions: Sessions, change: ViewerChan
     if change.granted:
         archive.authorization_changed(change.fingerprint, None)
         return
-    # At the revocation's own time: a key period after it gives the viewer nothing, even if
-    # this Archiver learns of it after that period began.
-    archive.access_removed(change.fingerprint, change.cameras, change.at_ms)
-    if change.revoked:
-        sessions.end_sessions_of(change.fingerprint)
+    if not change.shred_only:
+        # At the revocation's own time: a key period after it gives the viewer nothing, even
+        # if this Archiver learns of it after that period began.
+        archive.access_removed(change.fingerprint, change.cameras, change.at_ms)
+        if change.revoked:
+            sessions.end_sessions_of(change.fingerprint)
+    if change.shred:
+        # Crypto-shredding for the viewer on every Archiver, not only the one asked: its chain
+        # records and epoch openers here go too.
+        archive.db.delete_key_streams(change.fingerprint)
 
 
 def start_site_changes(services: ArchiverServices) -> SiteChanges | None:

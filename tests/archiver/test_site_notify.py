@@ -34,24 +34,32 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
 
 # --- the rules ----------------------------------------------------------------------------
 def test_diff_follows_the_rules_of_a_local_change() -> None:
-    active_on_ab = (None, ("a", "b"))
+    active_on_ab = (None, ("a", "b"), False)
     assert diff(FP, None, active_on_ab) == ViewerChange(FP, True)  # added
-    assert diff(FP, (5, ("a",)), active_on_ab) == ViewerChange(FP, True)  # re-added
+    assert diff(FP, (5, ("a",), False), active_on_ab) == ViewerChange(FP, True)  # re-added
     assert diff(FP, active_on_ab, active_on_ab) is None  # nothing
     assert diff(FP, active_on_ab, active_on_ab, renewed=True) == ViewerChange(FP, True)
-    assert diff(FP, active_on_ab, (None, ("a", "b", "c"))) == ViewerChange(FP, True)
-    assert diff(FP, active_on_ab, (None, None)) == ViewerChange(FP, True)  # to all
-    assert diff(FP, active_on_ab, (None, ("a",))) == ViewerChange(FP, False, ["b"])
-    assert diff(FP, (None, None), (None, ("a",))) == ViewerChange(FP, False, None)
-    assert diff(FP, active_on_ab, (1234, ("a", "b"))) == ViewerChange(
+    assert diff(FP, active_on_ab, (None, ("a", "b", "c"), False)) == ViewerChange(FP, True)
+    assert diff(FP, active_on_ab, (None, None, False)) == ViewerChange(FP, True)  # to all
+    assert diff(FP, active_on_ab, (None, ("a",), False)) == ViewerChange(FP, False, ["b"])
+    assert diff(FP, (None, None, False), (None, ("a",), False)) == ViewerChange(FP, False, None)
+    assert diff(FP, active_on_ab, (1234, ("a", "b"), False)) == ViewerChange(
         FP, False, None, revoked=True, at_ms=1234)
     assert diff(FP, active_on_ab, None) == ViewerChange(FP, False, None, revoked=True)
-    assert diff(FP, (5, None), (5, None)) is None  # stays revoked
-    # Authorized again and revoked again between two polls: the same.
-    assert diff(FP, (5, ("a",)), (9, ("a",))) == ViewerChange(FP, False, None, revoked=True,
-                                                              at_ms=9)
+    assert diff(FP, (5, None, False), (5, None, False)) is None  # stays revoked
+    # Authorized again and revoked again between two polls: revoked here too.
+    assert diff(FP, (5, ("a",), False), (9, ("a",), False)) == ViewerChange(
+        FP, False, None, revoked=True, at_ms=9)
     # Added and revoked between two polls: it may have been served meanwhile.
-    assert diff(FP, None, (5, None)) == ViewerChange(FP, False, None, revoked=True, at_ms=5)
+    assert diff(FP, None, (5, None, False)) == ViewerChange(FP, False, None, revoked=True,
+                                                            at_ms=5)
+    # Revoked with its key streams deleted: here too; seen revoked first, then deleted: only
+    # the deletion; deleted already when seen: nothing.
+    assert diff(FP, active_on_ab, (7, ("a", "b"), True)) == ViewerChange(
+        FP, False, None, revoked=True, at_ms=7, shred=True)
+    assert diff(FP, (7, None, False), (7, None, True)) == ViewerChange(
+        FP, False, None, revoked=True, at_ms=7, shred=True, shred_only=True)
+    assert diff(FP, (7, None, True), (7, None, True)) is None
 
 
 # --- on PostgreSQL ----------------------------------------------------------------------

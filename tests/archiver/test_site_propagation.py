@@ -241,3 +241,30 @@ def test_the_audit_log_of_the_site_shows_every_archivers_entries(
             env=server_env(), capture_output=True, text=True, timeout=60)
         assert shown.returncode == 0, shown.stderr
         assert "a1" in shown.stdout and "viewer.add" in shown.stdout and fp[:16] in shown.stdout
+
+
+def _key_streams(server: ArchiverServer, fingerprint: str) -> int:
+    with sqlite3.connect(f"file:{server.data_dir / 'archiver.sqlite3'}?mode=ro", uri=True) as db:
+        return sum(db.execute(f"SELECT COUNT(*) FROM {table} WHERE fingerprint = ?",
+                              (fingerprint,)).fetchone()[0] for table in ("chain_records",
+                                                                          "epochs"))
+
+
+def test_key_streams_deleted_through_one_archiver_are_deleted_on_every_other(
+        postgres_url: str, tmp_path: Path, make_viewer: Callable[[str], Viewer]) -> None:
+    viewer = make_viewer("shreda")
+    camera = f"shred{uuid.uuid4().hex[:8]}"
+    with site(postgres_url, tmp_path, 2) as (a1, a2):
+        token = a2.add_camera(camera)
+        fp = a1.add_viewer(viewer.pem, [camera])
+
+        def wrapped_for_it() -> bool:  # Archiver 2 records the camera under chains for it
+            assert a2.put_segment(camera, token, os.urandom(3000)) == 201
+            return _key_streams(a2, fp) > 0
+
+        assert wait_for(wrapped_for_it, 60, step=0.3), a2.log()[-3000:]
+        # Revoked through Archiver 1 with its key streams deleted: Archiver 2's go as well
+        # (crypto-shredding for the viewer on the whole site, not on the Archiver asked).
+        a1.revoke(fp, delete_key_streams=True)
+        assert wait_for(lambda: _key_streams(a2, fp) == 0, 30), _key_streams(a2, fp)
+        assert refused(a2, viewer)
