@@ -13,12 +13,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
 from archiver.audit import AuditLog
 from archiver.directory import Directory, open_directory
 from archiver.directory.notify import CHANNEL, SiteChanges, ViewerChange, diff
+from tests.fixtures.server import ArchiverServer
 
 FP = "ab" * 32
 
@@ -289,3 +291,18 @@ def test_a_revocation_learnt_after_its_key_period_ends_drops_the_key_in_use(
         keys.close()
         site.close()
         db.close()
+
+
+def test_a_standalone_archiver_lists_its_own_audit_file(archiver_server: ArchiverServer) -> None:
+    """Without a site the listing is the Archiver's audit.jsonl, as written; an Archiver of
+    another name has none there; and only an admin may read it."""
+    archiver_server.add_camera(f"solo{os.urandom(3).hex()}")
+    body = archiver_server.admin("GET", "/v1/admin/audit", expect=200)
+    assert body["site"] is False
+    lines = (archiver_server.data_dir / "audit.jsonl").read_text().splitlines()
+    assert [e["entry"] for e in body["entries"]] == [json.loads(line) for line in lines]
+    assert [e["seq"] for e in body["entries"]] == list(range(1, len(lines) + 1))
+    assert body["entries"][-1]["action"] == "camera.add"
+    assert archiver_server.admin("GET", "/v1/admin/audit?archiver=elsewhere",
+                                 expect=200)["entries"] == []
+    assert httpx.get(f"{archiver_server.url}/v1/admin/audit").status_code == 401
