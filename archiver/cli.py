@@ -247,8 +247,10 @@ def _archiver_key(data: Path, archiver_cert: Path | None, signer_token: str | No
     else:
         if signer_token is None and not (settings.token_dir / "softhsm2.conf").exists():
             raise UsageError(f"No signing token in {data}; give --archiver-cert or --signer-token.")
-        from archiver.signing import open_signer
-        certificate = open_signer(settings).certificate
+        # The key on the token: the same whatever certificate is imported for it (an expired
+        # one must not stop a check or a rebuild).
+        from archiver.signing import open_token_signer
+        certificate = open_token_signer(settings).certificate
     try:
         return ec_public_key(certificate.public_key())
     except TypeError as exc:

@@ -38,11 +38,13 @@ def open_signer(settings: Settings) -> Signer:
     imported into the data directory (``identity import``), else the token's self-signed one.
     The process's environment is left as it was."""
     signer = open_token_signer(settings)
-    cert_file = settings.signing_cert_file
-    if cert_file is None and imported_certificate_path(settings).exists():
-        cert_file = imported_certificate_path(settings)
-    if cert_file is not None:
-        signer.certificate = site_issued_certificate(cert_file, signer)
+    if settings.signing_cert_file is not None:
+        signer.certificate = site_issued_certificate(settings.signing_cert_file, signer)
+    elif imported_certificate_path(settings).exists():
+        signer.certificate = site_issued_certificate(
+            imported_certificate_path(settings), signer,
+            what="The imported signing certificate",
+            renew="import a renewed one with 'fusion-archiver identity import'")
     return signer
 
 
@@ -101,29 +103,30 @@ def import_certificate(settings: Settings, cert: x509.Certificate,
     return path
 
 
-def site_issued_certificate(path: Path, signer: Signer) -> x509.Certificate:
+def site_issued_certificate(path: Path, signer: Signer, *, what: str = "--signing-cert",
+                            renew: str = "have the site CA issue a new one") -> x509.Certificate:
     """``--signing-cert``: a site CA's certificate for this very signing key, valid now and
     allowed to sign. Refused at start otherwise (a certificate for another key would make
     every stream, manifest and expiry statement fail verification)."""
     try:
         cert = certs.load_certificate(path.read_bytes())
     except OSError as exc:
-        raise UsageError(f"Cannot read --signing-cert {path}: {exc.strerror or exc}.") from None
+        raise UsageError(f"Cannot read {what} {path}: {exc.strerror or exc}.") from None
     if not certs.same_public_key(cert.public_key(), signer.certificate.public_key()):
-        raise CertificateError(f"--signing-cert {path} is not a certificate for this Archiver's "
+        raise CertificateError(f"{what} {path} is not a certificate for this Archiver's "
                                "signing key; have the site CA certify the key in "
                                "the current signing certificate.")
     now = datetime.now(UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise CertificateError(f"--signing-cert {path} is not valid now (valid "
+        raise CertificateError(f"{what} {path} is not valid now (valid "
                                f"{cert.not_valid_before_utc:%Y-%m-%d} .. "
-                               f"{cert.not_valid_after_utc:%Y-%m-%d}).")
+                               f"{cert.not_valid_after_utc:%Y-%m-%d}); {renew}.")
     try:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         usage = None
     if usage is not None and not usage.digital_signature:
-        raise CertificateError(f"--signing-cert {path} does not allow digital signatures "
+        raise CertificateError(f"{what} {path} does not allow digital signatures "
                                "(key usage).")
     return cert
 

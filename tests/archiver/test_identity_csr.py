@@ -194,3 +194,27 @@ def test_serve_presents_the_imported_certificate_signed_by_openssl(
         answer = httpx.get(f"{server.url}/v1/archiver", verify=server.verify, timeout=30).json()
     presented = x509.load_pem_x509_certificate(answer["certificate"].encode())
     assert presented == issued
+
+
+def test_serve_refuses_an_imported_certificate_that_expired_with_one_sentence(
+        site_ca: SiteCa, tmp_path: Path) -> None:
+    """An imported certificate is checked at every start, as --signing-cert is: one that has
+    expired since is refused before the Archiver serves, saying how to renew it."""
+    from fusion_testkit.server import free_port
+
+    data = tmp_path / "a1"
+    csr = make_csr(data, "a1", tmp_path / "a1.csr")
+    now = dt.datetime.now(dt.UTC)
+    # What `identity import` wrote a year ago, now expired (written by hand: import refuses it).
+    write_pem(site_ca.issue_archiver_signing(csr, days=30,
+                                             not_before=now - dt.timedelta(days=400)),
+              data / "signing-cert.pem")
+    refused = archiver("serve", "--data", str(data), "--port", str(free_port()))
+    assert refused.returncode == EXIT_CERTIFICATE, refused.stderr
+    assert "The imported signing certificate" in refused.stderr
+    assert "is not valid now" in refused.stderr and "identity import" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    # The key is still usable for a renewal: a new CSR is made by the same key.
+    renewed = make_csr(data, "a1", tmp_path / "renewed.csr")
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    assert renewed.public_key().public_bytes(*spki) == csr.public_key().public_bytes(*spki)
