@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from client.pinning import KnownArchivers, PinOutcome, check_archiver
-from client.viewer import Signer
+from client.viewer import Signer, load_site_ca
 from fusion_testkit.camera import frame_hashes, make_source, push
 from fusion_testkit.client_cli import (
     Client,
@@ -141,6 +141,20 @@ def test_a_pin_still_applies_beside_the_site_ca(site_ca: SiteCa, store: KnownArc
         check_archiver(None, rogue, store=store, allow_first_use=False)
 
 
+def test_a_site_ca_file_must_hold_ca_certificates(site_ca: SiteCa, tmp_path: Path) -> None:
+    assert load_site_ca(site_ca.path) == (site_ca.certificate,)
+    archiver_pem = tmp_path / "a1.pem"
+    archiver_pem.write_bytes(site_ca.issue_archiver_signing(signing_csr("a1")[1])
+                             .public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(CertificateError, match="which is not a CA certificate"):
+        load_site_ca(archiver_pem)
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(CertificateError, match="is not a readable certificate"):
+        load_site_ca(tmp_path / "junk.pem")
+    with pytest.raises(UsageError, match="Cannot read --site-ca"):
+        load_site_ca(tmp_path / "missing.pem")
+
+
 def test_the_signer_is_named_by_its_subject_and_fingerprint(site_ca: SiteCa) -> None:
     cert = site_ca.issue_archiver_signing(signing_csr("a1")[1])
     signer = Signer(cert)
@@ -220,6 +234,23 @@ def test_only_the_site_ca_plays_verified_video_from_two_archivers_without_a_pin(
                     "CN=Site CA,O=Example Site") in result.stderr
             assert "on first use" not in result.stderr
         assert not (client.home / "known_archivers").exists()  # no pin was needed or made
+
+        # An evidence package exported with only --site-ca verifies offline against the site
+        # CA: the signer is established by the certificate the site CA issued.
+        case = tmp_path / "a1-case.zip"
+        exported = subprocess.run(
+            client.command("evidence", "export", "--archiver", servers[0].url, "--token",
+                           alice.uri, "--camera", "cam1", "--from", iso(spans[0][0]), "--to",
+                           iso(spans[0][1]), "-o", str(case), "--site-ca", str(site_ca.path)),
+            capture_output=True, text=True, env=client.env(), timeout=180,
+            stdin=subprocess.DEVNULL)
+        assert exported.returncode == 0, exported.stderr
+        verified = subprocess.run(
+            client.command("evidence", "verify", str(case), "--site-ca", str(site_ca.path)),
+            capture_output=True, text=True, env=client.env(), timeout=180,
+            stdin=subprocess.DEVNULL)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert "signer established: its certificate was issued by the site CA" in verified.stdout
 
         # FUSION_SITE_CA does the same, for `cameras` too.
         env = {**client.env(), "FUSION_SITE_CA": str(site_ca.path)}
