@@ -30,13 +30,14 @@ from cryptography.x509.oid import NameOID
 
 from client.pinning import KnownArchivers, PinOutcome, check_archiver
 from client.viewer import Signer, load_site_ca
-from fusion_testkit.camera import frame_hashes, make_source, push
+from fusion_testkit.camera import frame_hashes, is_contiguous_run, make_source, push
 from fusion_testkit.client_cli import (
     Client,
     Viewer,
     assert_nothing_written,
     iso,
     now_ms,
+    wait_for_audit,
     wait_for_segments,
 )
 from keyservice.certs import build_archiver_certificate, check_site_issued
@@ -303,3 +304,38 @@ def test_a_rogue_archiver_is_refused_with_site_ca_but_trusted_on_first_use_witho
             assert "Traceback" not in refused.stderr
             assert_nothing_written(out)
             assert not (careful.home / "known_archivers").exists()
+
+
+@requires_ffmpeg
+def test_live_video_from_a_site_archiver_with_only_the_site_ca(
+        site_ca: SiteCa, make_viewer: Callable[[str], Viewer], tmp_path: Path) -> None:
+    alice = make_viewer("alice")
+    source = make_source(tmp_path / "source.ts", seconds=8)
+    client = Client(tmp_path / "client-home", tls_ca=site_ca.path)
+    with site_archiver(site_ca, tmp_path, "a3") as server:
+        ingest = server.add_camera("cam1")
+        server.add_viewer(alice.pem, ["cam1"])
+        out = tmp_path / "live.ts"
+        viewer = subprocess.Popen(
+            client.command("live", "--archiver", server.url, "--token", alice.uri, "--camera",
+                           "cam1", "--duration", "3.5", "-o", str(out), "--site-ca",
+                           str(site_ca.path)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client.env(),
+            stdin=subprocess.DEVNULL)
+        try:
+            wait_for_audit(server, "stream.live", timeout=60)  # the viewer is connected
+            push(source, server.url, "cam1", ingest, realtime=True, hls_time=1)
+            _, err = viewer.communicate(timeout=120)
+        finally:
+            if viewer.poll() is None:
+                viewer.kill()
+                viewer.wait()
+        stderr = err.decode(errors="replace")
+        cert = presented(server)
+    assert viewer.returncode == 0, stderr
+    assert "live stream ended (verified end record)" in stderr
+    assert f"signed by CN=a3 (sha256 {fingerprint(cert).hex()})" in stderr
+    assert "accepted without a pin" in stderr
+    frames = frame_hashes(out)
+    assert frames and is_contiguous_run(frames, frame_hashes(source))
+    assert not (client.home / "known_archivers").exists()
