@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyservice.errors import UsageError
+from keyservice.names import CAMERA_NAME_RULE, is_camera_name
 
 MiB = 1024 * 1024
 
@@ -133,9 +134,10 @@ class Settings:
             raise UsageError("--max-rtsp-cameras must be 0 (no limit) or more.")
         if not 0.1 <= self.site_poll_s <= 3600:
             raise UsageError("--site-poll must be from 0.1 to 3600 seconds.")
-        if not _ARCHIVER_NAME.fullmatch(self.archiver_name):
+        # An Archiver's name follows the camera-name rule: it stands in URLs and logs alike.
+        if not is_camera_name(self.archiver_name):
             raise UsageError(f"The Archiver name {self.archiver_name!r} is not usable.",
-                             "Give --name with 1 to 64 letters, digits, '.', '_' or '-'.")
+                             f"Give --name of {CAMERA_NAME_RULE}.")
         if self.advertised_url is not None and not re.fullmatch(
                 r"https?://[^\s/?#]+/?", self.advertised_url):
             raise UsageError(f"--public-url {self.advertised_url!r} is not a URL.",
@@ -194,9 +196,6 @@ class Settings:
     @property
     def token_dir(self) -> Path:
         return self.data_dir / "token"
-
-
-_ARCHIVER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _is_loopback(host: str) -> bool:
