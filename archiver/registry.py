@@ -1,0 +1,227 @@
+"""This Archiver as a member of its site (issue 21): its entry in the directory's registry
+(name, public URL, signing certificate), its heartbeat, and the cameras it holds.
+
+Which Archiver records a camera is the directory's ``cameras.archiver``. Each Archiver re-reads
+the cameras it holds (every ``REFRESH_S``, or at once through ``SiteMember.refresh()``, which an
+admin change here and a NOTIFY from the directory call) and starts or stops pulling them, so
+``cameras move`` takes effect without a restart: the old holder ends the camera's stream as a
+removal does (its last segment archived, its chains ended), the new one starts a chain of its
+own. A pushed camera is refused by every Archiver but its holder (421, naming the holder's URL).
+
+A camera without an Archiver (added before the registry, or by a standalone Archiver of an older
+release) is held by every Archiver that reads it, as before; a standalone Archiver (its SQLite
+directory, no site) holds every camera whatever its name, so renaming the host changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from archiver.archive import Archive
+from archiver.audit import AuditLog
+from archiver.directory import CameraRow, Directory
+from archiver.directory.rows import ArchiverRow
+from archiver.rtsp import PULLER_STOP_S, CameraPullers
+from archiver.settings import Settings
+from keyservice.errors import UsageError
+
+log = logging.getLogger("archiver.site")
+
+HEARTBEAT_S = 5.0  # how often this Archiver tells the directory it is alive
+REFRESH_S = 2.0  # how often it re-reads the cameras it holds (a NOTIFY is sooner)
+# An Archiver heard of within this is alive: another of its name, elsewhere, is refused at start
+# (two Archivers of one name would both record, and release, each other's cameras).
+ALIVE_MS = 30_000
+
+
+def name_clash(directory: Directory, name: str, url: str, now_ms: int) -> str | None:
+    """Why this Archiver may not take ``name`` (None: it may): another Archiver of that name,
+    at another URL, heartbeated within ``ALIVE_MS``. The same URL is this Archiver restarting."""
+    row = directory.archiver(name)
+    if row is None or row.url == url:
+        return None
+    heard = row.heartbeat_ms if row.heartbeat_ms is not None else row.registered_ms
+    if now_ms - heard >= ALIVE_MS:
+        return None  # gone (or moved to this URL): the name is free again
+    return (f"Another Archiver named '{name}' is running at {row.url} (heard of "
+            f"{max(0, now_ms - heard) / 1000:.0f} s ago); give this one its own --name, or "
+            f"stop that one and start this one after {ALIVE_MS // 1000} s.")
+
+
+def check_name(directory: Directory, settings: Settings, now_ms: int) -> None:
+    """Refuse to start (UsageError, one sentence) if the name is taken (``name_clash``)."""
+    clash = name_clash(directory, settings.archiver_name, settings.public_url, now_ms)
+    if clash:
+        raise UsageError(clash)
+
+
+@dataclass(frozen=True)
+class ArchiverStatus:
+    """A member of the site as ``site archivers`` shows it."""
+
+    name: str
+    url: str
+    certificate_sha256: str
+    registered_ms: int
+    heartbeat_ms: int | None
+    heartbeat_age_ms: int | None
+    alive: bool  # heard of within ALIVE_MS
+    cameras_held: tuple[str, ...]
+    this: bool  # the Archiver that answered
+
+
+def archiver_statuses(directory: Directory, this: str, now_ms: int) -> list[ArchiverStatus]:
+    """Every Archiver of the site, by name, with the cameras each holds."""
+    held: dict[str, list[str]] = {}
+    for cam in directory.cameras():
+        if cam.archiver is not None:
+            held.setdefault(cam.archiver, []).append(cam.name)
+    out = []
+    for row in directory.archivers():
+        age = None if row.heartbeat_ms is None else max(0, now_ms - row.heartbeat_ms)
+        out.append(ArchiverStatus(
+            name=row.name, url=row.url,
+            certificate_sha256=hashlib.sha256(row.certificate).hexdigest(),
+            registered_ms=row.registered_ms, heartbeat_ms=row.heartbeat_ms, heartbeat_age_ms=age,
+            alive=age is not None and age < ALIVE_MS, cameras_held=tuple(held.get(row.name, ())),
+            this=row.name == this))
+    return out
+
+
+class SiteMember:
+    """Registration, heartbeat and held cameras of one Archiver (``start()``/``stop()`` run
+    them in a background thread; a failure there is logged and tried again, never stops
+    recording)."""
+
+    def __init__(self, archive: Archive, settings: Settings, audit: AuditLog,
+                 rtsp: CameraPullers | None, clock: Callable[[], int]) -> None:
+        self.archive = archive
+        self.settings = settings
+        self.audit = audit
+        self.rtsp = rtsp
+        self.clock = clock
+        self.name = settings.archiver_name
+        # Standalone: the SQLite directory of the data directory is a site of one.
+        self.standalone = settings.directory_url is None
+        self._held: dict[str, str | None] = {}  # camera -> the RTSP URL pulled (None: pushed)
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def directory(self) -> Directory:
+        return self.archive.directory
+
+    # --- who holds what -------------------------------------------------------------------
+    def holds(self, camera: CameraRow) -> bool:
+        """Whether this Archiver records ``camera`` (see the module's note for None)."""
+        return self.standalone or camera.archiver is None or camera.archiver == self.name
+
+    def holder_url(self, archiver: str) -> str | None:
+        row = self.directory.archiver(archiver)
+        return row.url if row is not None else None
+
+    def known_archiver(self, name: str) -> ArchiverRow | None:
+        return self.directory.archiver(name)
+
+    def held(self) -> list[str]:
+        """The cameras this Archiver recorded as of the last refresh."""
+        with self._refresh_lock:
+            return sorted(self._held)
+
+    # --- registry -------------------------------------------------------------------------
+    def register(self) -> None:
+        """Enter (or update) this Archiver in the registry, refused if its name is taken."""
+        now = self.clock()
+        if not self.standalone:  # a standalone's data directory lock already makes it one
+            check_name(self.directory, self.settings, now)
+        cert = self.archive.signer.certificate.public_bytes(Encoding.DER)
+        self.directory.register_archiver(ArchiverRow(self.name, self.settings.public_url,
+                                                     cert, now, now))
+        self.directory.heartbeat(self.name, now)
+        log.info("registered in the site directory (%s) as '%s' at %s",
+                 self.directory.description, self.name, self.settings.public_url)
+
+    def heartbeat(self) -> None:
+        if not self.directory.heartbeat(self.name, self.clock()):
+            # Deleted from the registry by hand: enter it again (its cameras did not move).
+            self.register()
+
+    # --- held cameras ---------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Re-read the cameras this Archiver holds: start pulling those it gained, end the
+        streams of those it lost (moved elsewhere, or removed through another Archiver).
+        Thread-safe; the NOTIFY listener may call it."""
+        with self._refresh_lock:
+            wanted = {cam.name: cam.rtsp_url for cam in self.directory.cameras()
+                      if self.holds(cam)}
+            for name in [n for n in self._held if n not in wanted]:
+                self._release(name)
+            for name, url in wanted.items():
+                if name not in self._held or self._held[name] != url:
+                    self._take(name, url)
+            self._held = wanted
+
+    def _take(self, camera: str, rtsp_url: str | None) -> None:
+        if rtsp_url and self.rtsp is not None:
+            self.rtsp.start(camera, rtsp_url)
+        if self._thread is not None:  # not at start: those are all "taken"
+            log.info("camera %s: recorded by this Archiver (%s) from now on", camera, self.name)
+
+    def _release(self, camera: str) -> None:
+        """End this Archiver's recording of ``camera`` as a removal does: the puller archives
+        the segment it was building (sealed and signed), then the camera's chains end (its
+        key state is dropped: a later return starts a new chain). The history stays here."""
+        if self.rtsp is not None:
+            self.rtsp.stop(camera, wait_s=PULLER_STOP_S)
+        self.archive.health.forget(camera)
+        self.archive.keys.forget_camera(camera)
+        row = self.directory.camera(camera)
+        to = row.archiver if row is not None and row.removed_ms is None else None
+        log.info("camera %s: no longer recorded by this Archiver (%s)", camera,
+                 f"moved to {to}" if to else "removed")
+        if to:
+            self.audit.record("archiver", "camera.released", self.clock(), camera=camera,
+                              to=to)
+
+    # --- the background thread ------------------------------------------------------------
+    def start(self) -> None:
+        """Register, take the cameras held, and heartbeat/refresh in a thread."""
+        self.register()
+        self.refresh()
+        self._thread = threading.Thread(target=self._run, name="site-member", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Refresh now (from the thread), e.g. on a NOTIFY."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        next_beat = 0.0
+        while not self._stop.is_set():
+            if time.monotonic() >= next_beat:
+                try:
+                    self.heartbeat()
+                except Exception as exc:  # the directory is down: recording goes on
+                    log.warning("heartbeat to the site directory failed: %s", exc)
+                next_beat = time.monotonic() + HEARTBEAT_S
+            try:
+                self.refresh()
+            except Exception as exc:
+                log.warning("could not re-read the cameras this Archiver holds: %s", exc)
+            self._wake.wait(REFRESH_S)
+            self._wake.clear()
