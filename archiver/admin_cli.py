@@ -689,7 +689,7 @@ def site_archivers(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data
     lines = []
     for a in result:
         age = a["heartbeat_age_ms"]
-        heard = "never" if age is None else f"{age / 1000:.0f} s ago"
+        heard = "none (stopped, or never heard of)" if age is None else f"{age / 1000:.0f} s ago"
         lines.append(f"{a['name']:<16} {a['url']:<32} sha256 {a['certificate_sha256']}  "
                      f"heartbeat {heard}{'' if a['alive'] else ' (NOT ALIVE)'}  "
                      f"{len(a['cameras_held'])} camera(s)"

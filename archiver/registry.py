@@ -39,6 +39,7 @@ REFRESH_S = 2.0  # how often it re-reads the cameras it holds (a NOTIFY is soone
 # An Archiver heard of within this is alive: another of its name, elsewhere, is refused at start
 # (two Archivers of one name would both record, and release, each other's cameras).
 ALIVE_MS = 30_000
+SIGNED_OFF_MS = 0  # the heartbeat of an Archiver that stopped cleanly: long ago
 
 
 def name_clash(directory: Directory, name: str, url: str, now_ms: int) -> str | None:
@@ -85,11 +86,14 @@ def archiver_statuses(directory: Directory, this: str, now_ms: int) -> list[Arch
             held.setdefault(cam.archiver, []).append(cam.name)
     out = []
     for row in directory.archivers():
-        age = None if row.heartbeat_ms is None else max(0, now_ms - row.heartbeat_ms)
+        age = (None if row.heartbeat_ms in (None, SIGNED_OFF_MS)
+               else max(0, now_ms - row.heartbeat_ms))
         out.append(ArchiverStatus(
             name=row.name, url=row.url,
             certificate_sha256=hashlib.sha256(row.certificate).hexdigest(),
-            registered_ms=row.registered_ms, heartbeat_ms=row.heartbeat_ms, heartbeat_age_ms=age,
+            registered_ms=row.registered_ms,
+            heartbeat_ms=None if row.heartbeat_ms == SIGNED_OFF_MS else row.heartbeat_ms,
+            heartbeat_age_ms=age,
             alive=age is not None and age < ALIVE_MS, cameras_held=tuple(held.get(row.name, ())),
             this=row.name == this))
     return out
@@ -205,10 +209,17 @@ class SiteMember:
         self._wake.set()
 
     def stop(self) -> None:
+        """Stop the thread and sign off: the name is free at once for an Archiver elsewhere
+        (a crashed one frees it ``ALIVE_MS`` after its last heartbeat)."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        if self._thread is None:
+            return
+        self._thread.join(10)
+        try:
+            self.directory.heartbeat(self.name, SIGNED_OFF_MS)
+        except Exception as exc:
+            log.warning("could not sign off from the site directory: %s", exc)
 
     def _run(self) -> None:
         next_beat = 0.0

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyservice.errors import UsageError
+from keyservice.names import CAMERA_NAME_PATTERN
 
 MiB = 1024 * 1024
 
@@ -189,7 +190,8 @@ class Settings:
         return self.data_dir / "token"
 
 
-_ARCHIVER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# An Archiver's name follows the camera names' character rule (one definition, keyservice.names).
+_ARCHIVER_NAME = re.compile(CAMERA_NAME_PATTERN, re.ASCII)
 
 
 def _is_loopback(host: str) -> bool:

@@ -31,7 +31,8 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 Fingerprint = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]
 
 
-ArchiverName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+# An Archiver's name follows the camera names' character rule (archiver/settings.py).
+ArchiverName = Annotated[str, Field(pattern=CAMERA_NAME_PATTERN)]
 
 
 class CameraCreate(BaseModel):

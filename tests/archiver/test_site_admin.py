@@ -135,6 +135,11 @@ def test_a_second_archiver_with_a_live_name_is_refused_at_start(
         assert "Another Archiver named 'a1' is running at " + a1.url in done.stderr
         assert "Traceback" not in done.stderr + done.stdout
         assert list(_archivers(a1)) == ["a1"] and _archivers(a1)["a1"]["url"] == a1.url
+        a1.stop()
+    # Stopped cleanly, the first signed off: the name is free at once, elsewhere too.
+    with clash:
+        listed = _archivers(clash)
+        assert listed["a1"]["url"] == clash.url and listed["a1"]["alive"]
 
 
 def test_cameras_add_archiver_only_the_holder_records_and_other_commands_work_through_a2(
