@@ -102,10 +102,14 @@ class Admin:
             raise Refused(ErrorCode.BAD_RTSP_URL, "The camera URL must start with one of: "
                                + ", ".join(f"{s}://" for s in self.pull_schemes) + ".")
         holder = self._site_archiver(archiver) if self.site is not None else None
+        if self.site is not None and self.site.standalone:
+            # Unplaced, as before the registry: a standalone Archiver holds all its history,
+            # whatever its (host) name becomes.
+            holder = None
         token = new_secret()
         # Counted and added under one lock: two adds at the limit cannot both pass.
         with ADMISSION_LOCK:
-            if rtsp_url and (self.site is None or holder == self.site.name):
+            if rtsp_url and (self.site is None or holder in (None, self.site.name)):
                 admit_pulled_camera(archive)
             # A pulled camera's row still needs a digest: one of a secret nobody is given.
             added = archive.directory.add_camera(name, digest(token), rtsp_url, archive.clock(),
@@ -128,6 +132,9 @@ class Admin:
         assert self.site is not None
         if name is None or name == self.site.name:
             return self.site.name
+        if self.site.standalone:
+            raise Refused(ErrorCode.UNKNOWN_ARCHIVER, f"This Archiver ({self.site.name}) is "
+                          "not in a site (no --directory): it records all its cameras itself.")
         if self.site.known_archiver(name) is None:
             known = ", ".join(a.name for a in self.archive.directory.archivers()) or "none"
             raise Refused(ErrorCode.UNKNOWN_ARCHIVER, f"No Archiver named '{name}' is in this "
@@ -139,8 +146,9 @@ class Admin:
         (its last segment archived, its chains ended) and ``to`` starts, each within a refresh
         (``archiver/registry.py``); what was recorded stays playable where it is."""
         archive = self.archive
-        if self.site is None:
-            raise Refused(ErrorCode.UNKNOWN_ARCHIVER, "This Archiver is not in a site.")
+        if self.site is None or self.site.standalone:
+            raise Refused(ErrorCode.UNKNOWN_ARCHIVER, "This Archiver is not in a site (no "
+                          "--directory): there is no other Archiver to move a camera to.")
         target = self._site_archiver(to)
         row = archive.directory.camera(name)
         if row is None or row.removed_ms is not None:

@@ -39,6 +39,8 @@ REFRESH_S = 2.0  # how often it re-reads the cameras it holds (a NOTIFY is soone
 # An Archiver heard of within this is alive: another of its name, elsewhere, is refused at start
 # (two Archivers of one name would both record, and release, each other's cameras).
 ALIVE_MS = 30_000
+# A moved camera's new holder waits at most this long for the previous one to let go of it.
+HANDOVER_MAX_MS = 20_000
 SIGNED_OFF_MS = 0  # the heartbeat of an Archiver that stopped cleanly: long ago
 
 
@@ -115,7 +117,8 @@ class SiteMember:
         # Standalone: the SQLite directory of the data directory is a site of one.
         self.standalone = settings.directory_url is None
         self._held: dict[str, str | None] = {}  # camera -> the RTSP URL pulled (None: pushed)
-        self._refresh_lock = threading.Lock()
+        self._refresh_lock = threading.RLock()  # refresh() heartbeats after a release
+        self._applied_ms: int | None = None  # the start of the last refresh that completed
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -155,7 +158,10 @@ class SiteMember:
                  self.directory.description, self.name, self.settings.public_url)
 
     def heartbeat(self) -> None:
-        if not self.directory.heartbeat(self.name, self.clock()):
+        """The time up to which this Archiver applied the directory (``refresh``): what a
+        moved camera's new holder waits for; and, within ``ALIVE_MS``, that it is alive."""
+        beat = self._applied_ms if self._applied_ms is not None else self.clock()
+        if not self.directory.heartbeat(self.name, beat):
             # Deleted from the registry by hand: enter it again (its cameras did not move).
             self.register()
 
@@ -165,20 +171,59 @@ class SiteMember:
         streams of those it lost (moved elsewhere, or removed through another Archiver).
         Thread-safe; the NOTIFY listener may call it."""
         with self._refresh_lock:
+            applied = self.clock()  # the directory as of now is applied once this returns
             wanted = {cam.name: cam.rtsp_url for cam in self.directory.cameras()
                       if self.holds(cam)}
-            for name in [n for n in self._held if n not in wanted]:
+            released = [n for n in self._held if n not in wanted]
+            for name in released:
                 self._release(name)
+            held = {}
             for name, url in wanted.items():
-                if name not in self._held or self._held[name] != url:
-                    self._take(name, url)
-            self._held = wanted
+                if name in self._held and self._held[name] == url:
+                    held[name] = url
+                elif self._take(name, url):
+                    held[name] = url
+            self._held = held
+            self._applied_ms = applied
+            if released and self._thread is not None:
+                # Tells the new holders at once that the stream here has ended (handover).
+                self.heartbeat()
 
-    def _take(self, camera: str, rtsp_url: str | None) -> None:
+    def _take(self, camera: str, rtsp_url: str | None) -> bool:
+        """Start recording ``camera``; False if a pulled camera's previous Archiver may
+        still be pulling it (then the next refresh tries again)."""
         if rtsp_url and self.rtsp is not None:
+            if self._thread is not None and not self._handed_over(camera):
+                return False
             self.rtsp.start(camera, rtsp_url)
         if self._thread is not None:  # not at start: those are all "taken"
             log.info("camera %s: recorded by this Archiver (%s) from now on", camera, self.name)
+        return True
+
+    def _handed_over(self, camera: str) -> bool:
+        """Whether a moved camera's previous Archiver has let go of it: its heartbeat says it
+        applied the directory after the move (it heartbeats at once after a release), or it
+        is not alive, or the move is ``HANDOVER_MAX_MS`` old (a stuck Archiver must not keep
+        the camera unrecorded). Both pulling at once would record the move's seconds twice,
+        each on its own chain. Compares two Archivers' clocks: they must agree (NTP)."""
+        placements = self.directory.placements(camera)
+        if len(placements) < 2 or placements[-1].archiver != self.name:
+            return True
+        before, since_ms = placements[-2].archiver, placements[-1].since_ms
+        if before == self.name:
+            return True
+        row = self.directory.archiver(before)
+        now = self.clock()
+        if row is None or row.heartbeat_ms is None or now - row.heartbeat_ms >= ALIVE_MS:
+            return True
+        if row.heartbeat_ms > since_ms:
+            return True
+        if now - since_ms >= HANDOVER_MAX_MS:
+            log.warning("camera %s: Archiver %s did not confirm it stopped recording it within "
+                        "%d s of the move; recording it here anyway", camera, before,
+                        HANDOVER_MAX_MS // 1000)
+            return True
+        return False
 
     def _release(self, camera: str) -> None:
         """End this Archiver's recording of ``camera`` as a removal does: the puller archives

@@ -209,7 +209,8 @@ def add_camera(body: CameraCreate, admin: AdminServiceDep, services: ServicesDep
     # The camera sends to the Archiver that records it, wherever the command was sent.
     base = services.site.holder_url(holder) or services.settings.public_url
     return CameraCreated(name=body.name, rtsp_url=redact(body.rtsp_url) if body.rtsp_url else None,
-                         ingest_token=token, archiver=holder,
+                         ingest_token=token,
+                         archiver=None if services.site.standalone else holder,
                          ingest_url=None if token is None else
                          f"{base}/ingest/{body.name}/index.m3u8")
 

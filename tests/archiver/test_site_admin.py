@@ -83,6 +83,13 @@ def _audit(server: ArchiverServer) -> list[dict]:
             .splitlines()]
 
 
+def _logged(server: ArchiverServer, text: str) -> str:
+    """The time stamp of the log line of ``server`` with ``text`` (sortable as text)."""
+    lines = [line for line in server.log().splitlines() if text in line]
+    assert len(lines) == 1, lines
+    return lines[0][:23]
+
+
 def _archivers(server: ArchiverServer) -> dict[str, dict]:
     listed = _cli(server, "site", "archivers", "--archiver", server.url, "--json")
     assert listed.returncode == 0, listed.stderr
@@ -314,6 +321,10 @@ def test_cameras_move_stops_the_old_archiver_and_starts_the_new_one_without_a_re
         # Each side's index is one run (none lost inside it)...
         assert [s[0] for s in on_a1] == list(range(len(on_a1)))
         assert [s[0] for s in on_a2] == list(range(len(on_a2)))
+        # The handover: a2 started pulling only once a1 had let go (their logs, one clock).
+        let_go = _logged(a1, "camera yard: no longer recorded by this Archiver")
+        took = _logged(a2, "camera yard: recorded by this Archiver")
+        assert let_go <= took, (let_go, took)
         # ...a1 archived the segment it was building when it let go (it ends after the
         # move), and nothing was recorded twice: a1's video ends before a2's begins.
         assert on_a1[-1][2] >= move_ms - 3000
@@ -338,3 +349,21 @@ def test_cameras_move_stops_the_old_archiver_and_starts_the_new_one_without_a_re
             assert [r[0] for r in conn.execute(
                 "SELECT archiver FROM camera_placements WHERE camera = 'yard' "
                 "ORDER BY since_ms")] == ["a1", "a2"]
+
+
+def test_a_standalone_archiver_registers_itself_and_keeps_its_cameras_unplaced(
+        https_archiver: ArchiverServer) -> None:
+    """Without --directory the Archiver is a site of one: it registers in its SQLite file the
+    same way, records every camera whatever its (host) name, and has nowhere to move one."""
+    server = https_archiver
+    listed = _archivers(server)
+    assert [(a["url"], a["alive"], a["this"]) for a in listed.values()] == [
+        (server.url, True, True)]
+    token = server.add_camera("solo")
+    assert server.put_segment("solo", token, b"s" * 500) == 201
+    assert [(c["name"], c["archiver"]) for c in server.admin("GET", "/v1/admin/cameras",
+                                                             expect=200)] == [("solo", None)]
+    moved = _cli(server, "cameras", "move", "solo", "--to", "elsewhere", "--archiver",
+                 server.url)
+    assert moved.returncode != 0 and "not in a site" in moved.stderr
+    assert "Traceback" not in moved.stderr
