@@ -17,6 +17,7 @@ import typer
 
 from archiver.admin_cli import JsonOpt, TlsCaOpt, archiver_info, echo_result
 from archiver.admin_cli import register as register_admin_commands
+from archiver.identity_cli import identity_app
 from keyservice.cli_support import add_version_option, hidden_aliases, run, tidy_help
 from keyservice.errors import UsageError
 
@@ -26,6 +27,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="The Fusion Archiver: encrypts camera streams, serves fusion streams.")
 add_version_option(app, "fusion-archiver")
 register_admin_commands(app)
+app.add_typer(identity_app, name="identity")
 # The Archiver's URL is --archiver in the three CLIs; --url, the old spelling, keeps working.
 # --oaep-hash is the old name of --key-scheme (issue 24).
 hidden_aliases(app, {"url": "archiver", "oaep-hash": "key-scheme"})
@@ -185,9 +187,11 @@ def serve(
         finally:
             site.close()
     signer = None
-    if settings.signing_cert_file is not None:
-        # Opened before the server starts, so a --signing-cert for another key (or one not
-        # valid now) is refused with its sentence and exit code, not a failed startup.
+    from archiver.signing import imported_certificate_path
+    if settings.signing_cert_file is not None or imported_certificate_path(settings).exists():
+        # Opened before the server starts, so a --signing-cert (or an imported certificate)
+        # for another key, or not valid now, is refused with its sentence and exit code, not
+        # a failed startup.
         from archiver.signing import open_signer
         signer = open_signer(settings)
     logging.getLogger("archiver").info("listening on %s://%s:%d (data directory %s, pid %d)",
@@ -249,8 +253,10 @@ def _archiver_key(data: Path, archiver_cert: Path | None, signer_token: str | No
     else:
         if signer_token is None and not (settings.token_dir / "softhsm2.conf").exists():
             raise UsageError(f"No signing token in {data}; give --archiver-cert or --signer-token.")
-        from archiver.signing import open_signer
-        certificate = open_signer(settings).certificate
+        # The key on the token: the same whatever certificate is imported for it (an expired
+        # one must not stop a check or a rebuild).
+        from archiver.signing import open_token_signer
+        certificate = open_token_signer(settings).certificate
     try:
         return ec_public_key(certificate.public_key())
     except TypeError as exc:

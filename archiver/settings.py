@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyservice.errors import UsageError
-from keyservice.names import CAMERA_NAME_PATTERN
+from keyservice.names import CAMERA_NAME_RULE, is_camera_name
 
 MiB = 1024 * 1024
 
@@ -127,9 +127,10 @@ class Settings:
             raise UsageError("The number of RTSP worker processes must be from 0 to 256.")
         if self.max_rtsp_cameras < 0:
             raise UsageError("--max-rtsp-cameras must be 0 (no limit) or more.")
-        if not _ARCHIVER_NAME.fullmatch(self.archiver_name):
+        # An Archiver's name follows the camera-name rule: it stands in URLs and logs alike.
+        if not is_camera_name(self.archiver_name):
             raise UsageError(f"The Archiver name {self.archiver_name!r} is not usable.",
-                             "Give --name with 1 to 64 letters, digits, '.', '_' or '-'.")
+                             f"Give --name of {CAMERA_NAME_RULE}.")
         if self.advertised_url is not None and not re.fullmatch(
                 r"https?://[^\s/?#]+/?", self.advertised_url):
             raise UsageError(f"--public-url {self.advertised_url!r} is not a URL.",
@@ -188,10 +189,6 @@ class Settings:
     @property
     def token_dir(self) -> Path:
         return self.data_dir / "token"
-
-
-# An Archiver's name follows the camera names' character rule (one definition, keyservice.names).
-_ARCHIVER_NAME = re.compile(CAMERA_NAME_PATTERN, re.ASCII)
 
 
 def _is_loopback(host: str) -> bool:
