@@ -100,9 +100,16 @@ def create_app(settings: Settings, signer: Signer | None = None,
         app.state.services = services
         app.state.collector = collector
         app.state.registry = make_registry(collector)
-        services.start_pullers()
+        # In the registry (refused if another live Archiver has the name), the cameras it
+        # holds pulled, then heartbeats and re-reads them in a thread (archiver/registry.py).
+        try:
+            await asyncio.to_thread(services.site.start)
+        except BaseException:
+            await asyncio.to_thread(services.rtsp.stop_all)
+            services.close()
+            raise
         # In a site: other Archivers' authorization changes (NOTIFY, polling), off this loop.
-        site = await asyncio.to_thread(start_site_changes, services)
+        changes = await asyncio.to_thread(start_site_changes, services)
 
         async def flush_refusals() -> None:
             while True:
@@ -125,8 +132,9 @@ def create_app(settings: Settings, signer: Signer | None = None,
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
-            if site is not None:
-                await asyncio.to_thread(site.stop)
+            if changes is not None:
+                await asyncio.to_thread(changes.stop)
+            await asyncio.to_thread(services.site.stop)
             await asyncio.to_thread(services.rtsp.stop_all)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(archive.save_health, 0)  # what the next start shows

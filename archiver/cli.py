@@ -185,8 +185,14 @@ def serve(
     if settings.directory_url:
         # Reached (and migrated) before the server starts: a directory that cannot be used is
         # refused with its sentence and exit code, not a failed startup with a traceback.
+        from archiver.archive import wall_clock_ms
         from archiver.directory import open_directory
-        open_directory(settings.directory_url, settings.data_dir).close()
+        from archiver.registry import check_name
+        site = open_directory(settings.directory_url, settings.data_dir)
+        try:  # another live Archiver of this name would take this one's cameras
+            check_name(site, settings, wall_clock_ms())
+        finally:
+            site.close()
     signer = None
     from archiver.signing import imported_certificate_path
     if settings.signing_cert_file is not None or imported_certificate_path(settings).exists():

@@ -26,6 +26,7 @@ from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, ensure_admin_token
 from archiver.datadir import secure_data_dir
 from archiver.limits import RefusalAudit
+from archiver.registry import SiteMember
 from archiver.rtsp import CameraPullers, RtspSupervisor
 from archiver.rtsp_workers import RtspWorkerPool
 from archiver.services.audit import AuditService
@@ -64,7 +65,12 @@ class ArchiverServices:
     def admin(self) -> Admin:
         """Cameras and viewers: add, remove, authorize, change, revoke (archiver/admin.py)."""
         return Admin(self.archive, self.audit, self.sessions, self.site_ca, self.rtsp,
-                     self.settings.pull_schemes)
+                     self.settings.pull_schemes, self.site)
+
+    @functools.cached_property
+    def site(self) -> SiteMember:
+        """This Archiver in its site: registry, heartbeat, the cameras it holds."""
+        return SiteMember(self.archive, self.settings, self.audit, self.rtsp, self.archive.clock)
 
     @functools.cached_property
     def audit_log(self) -> AuditService:
@@ -95,15 +101,12 @@ class ArchiverServices:
 
     @functools.cached_property
     def ingest(self) -> IngestService:
-        return IngestService(self.archive)
+        return IngestService(self.archive, self.site)
 
     def start_pullers(self) -> None:
-        """Start pulling every RTSP camera (the app does at start)."""
-        if self.rtsp is None:
-            return
-        for camera in self.archive.directory.cameras():
-            if camera.rtsp_url:
-                self.rtsp.start(camera.name, camera.rtsp_url)
+        """Start pulling every RTSP camera this Archiver holds (the app does at start, then
+        ``site.start()`` keeps them current)."""
+        self.site.refresh()
 
     def close(self) -> None:
         """Record the stop and close the audit log, the admins' table and the archive."""
