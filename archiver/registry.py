@@ -139,6 +139,10 @@ class SiteMember:
     def known_archiver(self, name: str) -> ArchiverRow | None:
         return self.directory.archiver(name)
 
+    def statuses(self) -> list[ArchiverStatus]:
+        """The site's Archivers as `site archivers` lists them."""
+        return archiver_statuses(self.directory, self.name, self.clock())
+
     def held(self) -> list[str]:
         """The cameras this Archiver recorded as of the last refresh."""
         with self._refresh_lock:

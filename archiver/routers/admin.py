@@ -21,7 +21,6 @@ from archiver.deps import (
     RetentionDep,
     ServicesDep,
 )
-from archiver.registry import archiver_statuses
 from archiver.rtsp import redact
 from archiver.services.cameras import CameraStatus
 from keyservice.keyscheme import KeyScheme
@@ -224,8 +223,7 @@ def move_camera(name: CameraPath, body: CameraMoveRequest, admin: AdminServiceDe
 @router.get("/site/archivers")
 def site_archivers(services: ServicesDep, actor: AdminDep) -> list[ArchiverInfo]:
     return [ArchiverInfo(**{**asdict(s), "cameras_held": list(s.cameras_held)})
-            for s in archiver_statuses(services.archive.directory, services.site.name,
-                                       services.archive.clock())]
+            for s in services.site.statuses()]
 
 
 @router.get("/cameras")
