@@ -21,6 +21,7 @@ from client.options import (
     ArchiverCertOpt,
     ArchiverOpt,
     CameraOpt,
+    SiteCaOpt,
     TlsCaOpt,
     TokenOpt,
 )
@@ -85,6 +86,7 @@ def export(
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
     tls_ca: TlsCaOpt = None,
+    site_ca: SiteCaOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
 ) -> None:
     """Export a recorded range as an evidence package: the segments and signed manifests as
@@ -93,7 +95,7 @@ def export(
     from client.pinning import KnownArchivers
     from client.playback import logged_in, say
     from client.site import Site, trust_followed
-    from client.viewer import check_camera, export_evidence, now_ms
+    from client.viewer import check_camera, export_evidence, load_site_ca, now_ms
     from keyservice.timespec import parse_range
 
     from_ms, to_ms = parse_range(from_, to, now_ms())
@@ -105,9 +107,11 @@ def export(
         raise UsageError(f"Cannot write the package into {output.parent}: not a writable "
                          "directory.")
     recipient = _recipient(for_) if for_ is not None else None
-    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login), \
+    cas = load_site_ca(site_ca) if site_ca is not None else ()
+    with logged_in(archiver, token, archiver_cert, tls_ca, site_ca) as (session, identity,
+                                                                         login), \
             Site(session, login, identity,
-                 check=trust_followed(KnownArchivers.default())) as site:
+                 check=trust_followed(KnownArchivers.default(), cas)) as site:
         # The package holds one Archiver's signed stream: the one that recorded the range
         # (reached as a redirect is, checked: client/site.py).
         holder, holder_login = site.holder(

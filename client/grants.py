@@ -27,6 +27,7 @@ from client.options import (
     ArchiverCertOpt,
     ArchiverOpt,
     JsonOpt,
+    SiteCaOpt,
     TlsCaOpt,
     TokenOpt,
 )
@@ -82,6 +83,7 @@ def grant(
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
     tls_ca: TlsCaOpt = None,
+    site_ca: SiteCaOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Grant a recorded range you can play to another viewer certificate. The Archiver serves
@@ -89,7 +91,14 @@ def grant(
     from client.pinning import KnownArchivers
     from client.playback import logged_in, say
     from client.site import Site, trust_followed
-    from client.viewer import check_camera, load_certificate_file, make_grant_for, now_ms, recipient_for
+    from client.viewer import (
+        check_camera,
+        load_certificate_file,
+        load_site_ca,
+        make_grant_for,
+        now_ms,
+        recipient_for,
+    )
     from keyservice.timespec import parse_range
 
     from_ms, to_ms = parse_range(from_, to, now_ms())
@@ -97,9 +106,11 @@ def grant(
     grantee = load_certificate_file(to_cert)
     # Checked before the Archiver and the token are bothered.
     recipient = recipient_for(grantee, key_scheme)
-    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login), \
+    cas = load_site_ca(site_ca) if site_ca is not None else ()
+    with logged_in(archiver, token, archiver_cert, tls_ca, site_ca) as (session, identity,
+                                                                         login), \
             Site(session, login, identity,
-                 check=trust_followed(KnownArchivers.default())) as site:
+                 check=trust_followed(KnownArchivers.default(), cas)) as site:
         # On the Archiver that recorded the range (another of the site: reached as a redirect
         # is, checked; grants are the site's, so it keeps the grant for every Archiver).
         holder, holder_login = site.holder(camera, from_ms, to_ms,
@@ -124,12 +135,14 @@ def grants_list(
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
     tls_ca: TlsCaOpt = None,
+    site_ca: SiteCaOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The grants you made or received, with their state."""
     from client.playback import logged_in
 
-    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, _identity, login):
+    with logged_in(archiver, token, archiver_cert, tls_ca, site_ca) as (session, _identity,
+                                                                         login):
         rows = session.grants()
         me = login.viewer_fingerprint
     if as_json:
@@ -157,6 +170,7 @@ def grants_play(
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
     tls_ca: TlsCaOpt = None,
+    site_ca: SiteCaOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
 ) -> None:
     """Play a range granted to you (approved by an admin), with your own token."""
@@ -184,7 +198,8 @@ def grants_play(
         return playback_request(granted[0].camera, granted[0].from_ms, granted[0].to_ms)
 
     stream_command(url=archiver, token=token, output_target=output, archiver_cert=archiver_cert,
-                   tls_ca=tls_ca, save_stream=None, quiet=quiet, live=False, progress_range=None,
+                   tls_ca=tls_ca, site_ca=site_ca, save_stream=None, quiet=quiet, live=False,
+                   progress_range=None,
                    make_request=request, grant_id=grant_id, known_keys=open_keys)
 
 

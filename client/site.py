@@ -9,8 +9,8 @@ its holder. Following is careful, never blind:
   at exactly the URL listed, and the redirect must keep the request's path and query;
 - its HTTPS is verified under the same trust as the entry's (``--tls-ca``);
 - its signing certificate must be pinned for that URL (known_archivers, e.g. pinned once with
-  ``--archiver-cert``) or accepted by the site-CA check (``site_ca_check``, the one place the
-  ``--site-ca`` option plugs in); never trusted on first use on another Archiver's word;
+  ``--archiver-cert``) or issued by the site CA (``--site-ca``: ``trust_followed``, the one
+  place that decides); never trusted on first use on another Archiver's word;
 - the viewer logs in there with the same open token (the PIN was asked once; never retried).
 
 Each part's stream is verified against its own signer, and the switch from one Archiver to the
@@ -21,14 +21,14 @@ segment start.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from client.pinning import KnownArchivers, PinDecision, PinOutcome
+from client.pinning import KnownArchivers, PinDecision, PinOutcome, check_archiver
 from client.session import (
     ArchiverSession,
     HeldElsewhere,
@@ -95,12 +95,16 @@ def plan_parts(placements: list[PlacementView] | None, entry: str | None, from_m
 
 
 def trust_followed(store: KnownArchivers,
-                   site_ca_check: FollowCheck | None = None) -> FollowCheck:
-    """The check of a followed Archiver's signing certificate: the pin for its URL if there is
-    one (a mismatch is loud), else ``site_ca_check`` (the site CA, issue 21 item 2) if given,
-    else refused: another Archiver's redirect is no first use to trust."""
+                   site_ca: Sequence[x509.Certificate] = ()) -> FollowCheck:
+    """The check of a followed Archiver's signing certificate. With ``site_ca``
+    (``--site-ca``): client.pinning.check_archiver's rule (issued by the site CA, and a pin
+    for the URL, if there is one, must match too). Without: the pin for its URL (a mismatch
+    is loud), else refused: another Archiver's redirect is no first use to trust."""
 
     def check(url: str, cert: x509.Certificate) -> PinDecision:
+        if site_ca:
+            return check_archiver(url, cert, store=store, allow_first_use=False,
+                                  site_ca=site_ca)
         presented = fingerprint(cert)
         pinned = store.lookup(url)
         if pinned is not None:
@@ -112,8 +116,6 @@ def trust_followed(store: KnownArchivers,
                     "Nothing was decrypted. If its key really changed, pin the new certificate "
                     "with --archiver URL --archiver-cert FILE.")
             return PinDecision(PinOutcome.MATCHED, presented, store.path)
-        if site_ca_check is not None:
-            return site_ca_check(url, cert)
         raise UntrustedArchiver(
             f"The site sent this request to the Archiver at {url}, whose signing certificate "
             f"(sha256 {presented.hex()}, {cert.subject.rfc4514_string()}) is neither pinned "

@@ -37,7 +37,11 @@ class ErrorCode(StrEnum):
     UNKNOWN_HOLD = "unknown_hold"
     PULLED_CAMERA = "pulled_camera"
     AT_CAPACITY = "at_capacity"  # the Archiver takes no more (pulled) cameras: it would fall behind
-    # a site of several Archivers (issue 21): where a camera's range is recorded
+    # a site of several Archivers (issue 21): the camera is recorded by another Archiver; an
+    # Archiver name not in the site's registry
+    MISDIRECTED = "misdirected"
+    UNKNOWN_ARCHIVER = "unknown_archiver"
+    # where a camera's range is recorded (viewers, issue 21 item 3)
     HELD_ELSEWHERE = "held_elsewhere"  # a 307 to the Archiver that holds the range
     RANGE_SPANS_ARCHIVERS = "range_spans_archivers"  # 409 with the placements: play the parts
     HOLDER_UNKNOWN = "holder_unknown"  # the holder is not in the site's registry
