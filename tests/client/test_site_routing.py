@@ -38,6 +38,7 @@ from fusion_testkit.client_cli import (
     play,
     wait_for_segments,
 )
+from keyservice.errors import ArchiverMismatch
 from keyservice.identity import fingerprint
 from keyservice.timespec import parse_time
 from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
@@ -76,9 +77,13 @@ def _certificate(name: str) -> x509.Certificate:
             .sign(key, hashes.SHA256()))
 
 
-def test_a_followed_archiver_is_trusted_by_its_pin_else_the_site_ca_check_never_first_use(
+def test_a_followed_archiver_is_trusted_by_its_pin_else_the_site_ca_never_first_use(
         tmp_path: Path) -> None:
-    from client.pinning import KnownArchivers, PinDecision, PinOutcome
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from client.pinning import KnownArchivers, PinOutcome
     from client.site import UntrustedArchiver, trust_followed
 
     a2, impostor = _certificate("a2"), _certificate("a2")
@@ -93,18 +98,20 @@ def test_a_followed_archiver_is_trusted_by_its_pin_else_the_site_ca_check_never_
     assert trust_followed(known)(url, a2).outcome is PinOutcome.MATCHED
     with pytest.raises(UntrustedArchiver, match="someone may be impersonating it"):
         trust_followed(known)(url, impostor)
-    # Not pinned: the site CA's check decides (a pin, where there is one, still wins).
-    asked: list[str] = []
-
-    def site_ca(where: str, cert: x509.Certificate) -> PinDecision:
-        asked.append(where)
-        return PinDecision(PinOutcome.EXPLICIT, fingerprint(cert), known.path)
-
+    # With --site-ca: a signing certificate the site CA issued is followed without a pin;
+    # one it did not issue is refused; a pin for the URL still has to match.
+    ca = SiteCa.create(tmp_path / "site-ca")
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, "a3")])).sign(key, hashes.SHA256()))
+    issued = ca.issue_archiver_signing(csr)
     other = "https://a3.example:8443"
-    assert trust_followed(known, site_ca)(other, impostor).outcome is PinOutcome.EXPLICIT
-    with pytest.raises(UntrustedArchiver):
-        trust_followed(known, site_ca)(url, impostor)
-    assert asked == [other]
+    assert trust_followed(known, (ca.certificate,))(other, issued).outcome is PinOutcome.SITE_CA
+    assert known.lookup(other) is None
+    with pytest.raises(ArchiverMismatch):
+        trust_followed(known, (ca.certificate,))(other, impostor)
+    with pytest.raises(ArchiverMismatch):
+        trust_followed(known, (ca.certificate,))(url, issued)  # a2's pin names a2's cert
 
 
 # --- a site of two Archivers ------------------------------------------------------------------
@@ -187,10 +194,8 @@ class Moved:
 
 def record_across_a_move(site: Site, tmp_path: Path, camera: str,
                          authorize: Callable[[], object]) -> Moved:
-    token = site.a1.add_camera(camera)
+    token = site.a1.add_camera(camera)  # recorded by a1 (the Archiver the command went to)
     authorize()  # before recording: each Archiver's key chains start with the viewer in them
-    # The camera's first placement (site-admin's `cameras add --archiver` writes it too).
-    site.directory.move_camera(camera, "a1", 0)
     first_source = make_source(tmp_path / "first.ts", seconds=4)
     second_source = other_source(tmp_path / "second.ts", seconds=4)
     start = now_ms()
@@ -359,7 +364,7 @@ def test_a_redirect_to_a_url_the_site_does_not_list_is_refused(
     camera = "gate-elsewhere"
     token = site.a1.add_camera(camera)
     site.a1.add_viewer(viewer.pem, [camera])
-    site.directory.move_camera(camera, "a2", 0)  # a2 holds all of it
+    site.directory.move_camera(camera, "a2", now_ms())  # a2 holds all of it
     wait_until_accepted(site.a2, camera, token)
     start = now_ms()
     for i in range(2):
@@ -389,9 +394,12 @@ def test_the_redirect_keeps_the_request_names_the_holder_and_is_told_only_to_its
     site.a1.add_camera(yard)
     site.a1.add_camera(other)
     site.a1.add_viewer(viewer.pem, [yard])
-    site.directory.move_camera(yard, "a1", 0)
-    site.directory.move_camera(yard, "a2", 5_000)
-    site.directory.move_camera(other, "a2", 0)
+    # yard: a1's since it was added, a2's from base + 5 s on; other: a2's from now.
+    base = now_ms()
+    assert site.directory.move_camera(yard, "a2", base + 5_000)
+    assert site.directory.move_camera(other, "a2", base)
+    created = site.directory.placements(yard)[0].since_ms
+    assert created <= base
     identity = Token.open(viewer.token.uri).identity(viewer.name)
     session = login(site.a1.url, identity, verify=site.a1.verify)
     auth = {"Authorization": f"Bearer {session}"}
@@ -403,27 +411,31 @@ def test_the_redirect_keeps_the_request_names_the_holder_and_is_told_only_to_its
 
     # A range a2 holds: 307 to a2's URL, the same path and query (nonce and all), a body
     # naming a2.
-    path = f"/v1/cameras/{yard}/recording?from_ms=6000&to_ms=9000&nonce={nonce}"
+    path = (f"/v1/cameras/{yard}/recording?from_ms={base + 6000}&to_ms={base + 9000}"
+            f"&nonce={nonce}")
     moved = get(path)
     assert moved.status_code == 307, moved.text
     assert moved.headers["location"] == site.a2.url + path
     assert moved.json()["error"] == "held_elsewhere"
     assert (moved.json()["archiver"], moved.json()["url"]) == ("a2", site.a2.url)
-    for elsewhere in (f"/v1/cameras/{yard}/gaps?from_ms=6000&to_ms=9000",
-                      f"/v1/cameras/{yard}/live?nonce={nonce}&duration_s=5"):
-        assert get(elsewhere).status_code == 307, elsewhere
-    # A range a1 holds is answered here (nothing recorded: 404, not a redirect).
-    assert get(f"/v1/cameras/{yard}/recording?from_ms=1000&to_ms=2000&nonce={nonce}"
-               ).json()["error"] == "no_recording"
+    assert get(f"/v1/cameras/{yard}/gaps?from_ms={base + 6000}&to_ms={base + 9000}"
+               ).status_code == 307
+    # A range a1 holds is answered here (nothing recorded: 404, not a redirect). (Live's
+    # redirect: test_live_through_a1_of_a_camera_a2_records_is_followed_and_verified_against_a2.)
+    assert get(f"/v1/cameras/{yard}/recording?from_ms={created}&to_ms={base + 2000}"
+               f"&nonce={nonce}").json()["error"] == "no_recording"
     # A range of both: 409 with the parts, as the placements endpoint gives them.
-    spans = get(f"/v1/cameras/{yard}/recording?from_ms=1000&to_ms=9000&nonce={nonce}")
+    spans = get(f"/v1/cameras/{yard}/recording?from_ms={created}&to_ms={base + 9000}"
+                f"&nonce={nonce}")
     assert spans.status_code == 409 and spans.json()["error"] == "range_spans_archivers"
     parts = [(p["archiver"], p["url"], p["since_ms"], p["until_ms"])
              for p in spans.json()["placements"]]
-    assert parts == [("a1", site.a1.url, 0, 5_000), ("a2", site.a2.url, 5_000, None)]
-    listed = get(f"/v1/cameras/{yard}/placements?from_ms=1000&to_ms=9000").json()
+    assert parts == [("a1", site.a1.url, created, base + 5_000),
+                     ("a2", site.a2.url, base + 5_000, None)]
+    listed = get(f"/v1/cameras/{yard}/placements?from_ms={created}&to_ms={base + 9000}").json()
     assert listed["archiver"] == "a1" and [
-        (p["archiver"], p["since_ms"]) for p in listed["placements"]] == [("a1", 0), ("a2", 5_000)]
+        (p["archiver"], p["since_ms"]) for p in listed["placements"]] == [
+        ("a1", created), ("a2", base + 5_000)]
     assert {(a["name"], a["url"]) for a in get("/v1/site/archivers").json()} == {
         ("a1", site.a1.url), ("a2", site.a2.url)}
     # A camera this viewer may not watch: refused as before, nothing about where it is.
@@ -448,7 +460,7 @@ def test_the_browser_viewer_lists_the_sites_cameras_and_plays_one_held_elsewhere
     camera = "dock-web"
     token = site.a1.add_camera(camera)
     authorize_on_the_site(site, viewer, camera)
-    site.directory.move_camera(camera, "a2", 0)  # a2 records all of it
+    site.directory.move_camera(camera, "a2", now_ms())  # a2 records all of it
     wait_until_accepted(site.a2, camera, token)
     start = now_ms()
     push(make_source(tmp_path / "dock.ts", seconds=3), site.a2.url, camera, token,
@@ -505,7 +517,7 @@ def test_a_grant_of_a_range_held_elsewhere_is_made_and_played_through_any_archiv
     site.a1.add_viewer(grantee.pem, [])
     site.a2.stop()  # a2 learns the viewers at start (site-notify's propagation aside)
     site.a2.start()
-    site.directory.move_camera(camera, "a2", 0)
+    site.directory.move_camera(camera, "a2", now_ms())
     wait_until_accepted(site.a2, camera, token)
     start = now_ms()
     chunks = [bytes([i]) * 4000 for i in range(3)]
@@ -544,7 +556,7 @@ def test_live_through_a1_of_a_camera_a2_records_is_followed_and_verified_against
     camera = "quay-live"
     token = site.a1.add_camera(camera)
     authorize_on_the_site(site, viewer, camera)
-    site.directory.move_camera(camera, "a2", 0)
+    site.directory.move_camera(camera, "a2", now_ms())
     wait_until_accepted(site.a2, camera, token)
     pin(client, viewer, site.a2, site.certs["a2"])
     process = subprocess.Popen(
