@@ -1,11 +1,12 @@
 """Which Archiver of the site answers for a camera's range (issue 21, item 3): the rules.
 
 A site's Archivers share one directory, which says which Archiver recorded each camera when
-(``camera_placements``). A viewer may ask any of them; the one asked answers a range it holds
-itself, sends the viewer to the one that holds the whole range (a redirect: the ciphertext goes
-from its signer to the viewer untouched, and no Archiver carries another's streams), and
-answers a range recorded by several with its parts, which the viewer plays in order, each
-verified against its own signer. An Archiver that never moved a camera (a standalone one, or
+(``camera_placements``). A viewer may ask any of them; the one asked answers a range it
+recorded (part of) with what it holds, sends the viewer to the one other Archiver that holds
+the range (a redirect: the ciphertext goes from its signer to the viewer untouched, and no
+Archiver carries another's streams), and answers a range only several others recorded with
+the parts. The viewer's client asks the placements first and plays each part from its own
+Archiver, each verified against its own signer. An Archiver that never moved a camera (a standalone one, or
 one whose cameras have no placements) holds all of its history: nothing changes for it.
 """
 
@@ -76,7 +77,10 @@ class RoutingService:
         holders = tuple(self.placements(camera, from_ms, to_ms))
         if to_ms is None:
             holders = holders[-1:]
-        if all(h.archiver == self.name for h in holders):
+        # This Archiver answers any range it recorded part of, with what it holds (the history
+        # stays playable where it was recorded); the viewer's client asks the placements first
+        # and plays each part from its own Archiver.
+        if any(h.archiver == self.name for h in holders):
             return Route(True, holders)
         return Route(False, holders)
 

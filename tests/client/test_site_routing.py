@@ -420,24 +420,27 @@ def test_the_redirect_keeps_the_request_names_the_holder_and_is_told_only_to_its
     assert (moved.json()["archiver"], moved.json()["url"]) == ("a2", site.a2.url)
     assert get(f"/v1/cameras/{yard}/gaps?from_ms={base + 6000}&to_ms={base + 9000}"
                ).status_code == 307
-    # A range a1 holds is answered here (nothing recorded: 404, not a redirect). (Live's
+    # A range a1 recorded (part of) is answered here, with what a1 holds (nothing recorded:
+    # 404, not a redirect); the history stays playable where it was recorded. (Live's
     # redirect: test_live_through_a1_of_a_camera_a2_records_is_followed_and_verified_against_a2.)
-    assert get(f"/v1/cameras/{yard}/recording?from_ms={created}&to_ms={base + 2000}"
-               f"&nonce={nonce}").json()["error"] == "no_recording"
-    # A range of both: 409 with the parts, as the placements endpoint gives them.
-    spans = get(f"/v1/cameras/{yard}/recording?from_ms={created}&to_ms={base + 9000}"
-                f"&nonce={nonce}")
-    assert spans.status_code == 409 and spans.json()["error"] == "range_spans_archivers"
-    parts = [(p["archiver"], p["url"], p["since_ms"], p["until_ms"])
-             for p in spans.json()["placements"]]
-    assert parts == [("a1", site.a1.url, created, base + 5_000),
-                     ("a2", site.a2.url, base + 5_000, None)]
+    for first, last in ((created, base + 2000), (created, base + 9000)):
+        assert get(f"/v1/cameras/{yard}/recording?from_ms={first}&to_ms={last}"
+                   f"&nonce={nonce}").json()["error"] == "no_recording"
     listed = get(f"/v1/cameras/{yard}/placements?from_ms={created}&to_ms={base + 9000}").json()
     assert listed["archiver"] == "a1" and [
-        (p["archiver"], p["since_ms"]) for p in listed["placements"]] == [
-        ("a1", created), ("a2", base + 5_000)]
+        (p["archiver"], p["url"], p["since_ms"], p["until_ms"]) for p in listed["placements"]
+    ] == [("a1", site.a1.url, created, base + 5_000), ("a2", site.a2.url, base + 5_000, None)]
+    # A range only other Archivers recorded, several of them: 409 with the parts (a3 is
+    # only a registry row here: nothing is sent to it).
+    site.directory.register_archiver(ArchiverRow("a3", "https://127.0.0.1:9", b"", base, base))
+    assert site.directory.move_camera(yard, "a3", base + 20_000)
+    spans = get(f"/v1/cameras/{yard}/recording?from_ms={base + 6000}&to_ms={base + 30_000}"
+                f"&nonce={nonce}")
+    assert spans.status_code == 409 and spans.json()["error"] == "range_spans_archivers"
+    assert [(p["archiver"], p["since_ms"]) for p in spans.json()["placements"]] == [
+        ("a2", base + 5_000), ("a3", base + 20_000)]
     assert {(a["name"], a["url"]) for a in get("/v1/site/archivers").json()} == {
-        ("a1", site.a1.url), ("a2", site.a2.url)}
+        ("a1", site.a1.url), ("a2", site.a2.url)}  # a3's row has no usable certificate
     # A camera this viewer may not watch: refused as before, nothing about where it is.
     for path in (f"/v1/cameras/{other}/recording?from_ms=1&to_ms=2&nonce={nonce}",
                  f"/v1/cameras/{other}/placements", f"/v1/cameras/{other}/live?nonce={nonce}"):
