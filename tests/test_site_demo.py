@@ -1,0 +1,79 @@
+"""scripts/site-demo.sh as a user runs it (issue 21, item 7): PostgreSQL, a demo site CA, three
+Archivers on one directory, a camera pushing to each, a viewer authorized through a1 playing
+a2's camera (ffmpeg judges the frames), revoked through a3 and refused by all three; and
+nothing left running or behind once it ends."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusion_testkit.postgres import find_postgres_bin
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "site-demo.sh"
+
+
+def _missing() -> list[str]:
+    missing = [tool for tool in ("ffmpeg", "softhsm2-util", "openssl")
+               if shutil.which(tool) is None]
+    if find_postgres_bin() is None or not Path("/usr/lib/postgresql").is_dir():
+        missing.append("PostgreSQL (Debian package 'postgresql')")
+    return missing
+
+
+def _processes_with(text: str) -> list[str]:
+    """Command lines of running processes that mention ``text`` (this test's own directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.ffmpeg
+@pytest.mark.timeout(900)
+def test_the_site_demo_runs_from_start_to_end_and_cleans_up(tmp_path: Path) -> None:
+    missing = _missing()
+    if missing:
+        message = f"the site demo needs: {', '.join(missing)} (scripts/setup.sh)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    demo_dir = tmp_path / "site-demo-data"
+    env = {**os.environ, "FUSION_SITE_DEMO_DIR": str(demo_dir),
+           # This interpreter's virtualenv, wherever it is (the script defaults to .venv).
+           "FUSION_DEMO_VENV": str(Path(sys.executable).parent.parent)}
+    for name in ("SOFTHSM2_CONF", "FUSION_PIN", "FUSION_TLS_CA", "FUSION_DIRECTORY",
+                 "FUSION_CLIENT_HOME", "FUSION_SITE_DEMO_PARTS"):
+        env.pop(name, None)
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+                          timeout=840, cwd=tmp_path)
+    said = done.stderr
+    assert done.returncode == 0, said[-6000:]
+    for step in range(1, 10):
+        assert f"{step}/9 " in said, said
+    assert "decoded frames identical to the camera's (framemd5)" in said
+    for archiver in ("a1", "a2", "a3"):
+        assert f"  {archiver}: " in said and "revoked" in said.split(f"  {archiver}: ", 1)[1]
+    assert "SUCCESS" in said
+    assert "Traceback" not in said
+    # The trap stopped everything it started: no Archiver, camera or PostgreSQL of this run.
+    assert _processes_with(str(demo_dir)) == []
+    cluster = re.search(r"PostgreSQL cluster in (\S+)", said)
+    assert cluster, said
+    assert _processes_with(cluster.group(1)) == []
+    assert not Path(cluster.group(1)).exists()
