@@ -119,6 +119,14 @@ def serve(
         "(the embedded default). Turn it off once admins are people ('admins add'): then only "
         "personal admin sessions act as admin.")] = True,
     directory: DirectoryOpt = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", envvar="FUSION_ARCHIVER_NAME", show_envvar=True,
+        help="This Archiver's name in its site (default: the host name; Archivers sharing a "
+        "host need their own).")] = None,
+    public_url: Annotated[str | None, typer.Option(
+        "--public-url", envvar="FUSION_PUBLIC_URL", show_envvar=True,
+        help="The URL viewers and cameras reach this Archiver at (default: the address it "
+        "listens on), e.g. https://a1.site.example:8443.")] = None,
 ) -> None:
     """Run the Archiver."""
     import os
@@ -149,7 +157,9 @@ def serve(
                         rtsp_max_segment_bytes=rtsp_max_segment_kib * 1024,
                         rtsp_max_segment_s=rtsp_max_segment_s, rtsp_workers=rtsp_workers,
                         max_rtsp_cameras=max_rtsp_cameras,
-                        bootstrap_token=bootstrap_token, directory_url=directory or None)
+                        bootstrap_token=bootstrap_token, directory_url=directory or None,
+                        advertised_url=public_url,
+                        **({"archiver_name": name} if name else {}))
     if not bootstrap_token:
         from archiver.admins import active_admins
         if active_admins(settings.data_dir, settings.directory_url) == 0:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +98,12 @@ class Settings:
     # Archiver); a postgresql:// URL makes this Archiver a member of a site. Not in repr: it
     # may carry a password.
     directory_url: str | None = field(default=None, repr=False)
+    # This Archiver's name in its site (the registry's key, the audit log's and the camera
+    # placements' "archiver"): the host name unless given; two Archivers on one host need
+    # their own. The URL the site's viewers reach it at: this listener's unless given (behind
+    # a proxy or a DNS name, give it).
+    archiver_name: str = field(default_factory=socket.gethostname)
+    advertised_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.key_period_s < 1:
@@ -118,6 +126,13 @@ class Settings:
             raise UsageError("The number of RTSP worker processes must be from 0 to 256.")
         if self.max_rtsp_cameras < 0:
             raise UsageError("--max-rtsp-cameras must be 0 (no limit) or more.")
+        if not _ARCHIVER_NAME.fullmatch(self.archiver_name):
+            raise UsageError(f"The Archiver name {self.archiver_name!r} is not usable.",
+                             "Give --name with 1 to 64 letters, digits, '.', '_' or '-'.")
+        if self.advertised_url is not None and not re.fullmatch(
+                r"https?://[^\s/?#]+/?", self.advertised_url):
+            raise UsageError(f"--public-url {self.advertised_url!r} is not a URL.",
+                             "Give the scheme, host and port only: https://a1.site.example:8443.")
         if self.directory_url:
             from archiver.directory.engine import check_url
             check_url(self.directory_url)
@@ -143,6 +158,9 @@ class Settings:
 
     @property
     def public_url(self) -> str:
+        """The URL viewers and cameras reach this Archiver at."""
+        if self.advertised_url:
+            return self.advertised_url.rstrip("/")
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
 
@@ -169,6 +187,9 @@ class Settings:
     @property
     def token_dir(self) -> Path:
         return self.data_dir / "token"
+
+
+_ARCHIVER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _is_loopback(host: str) -> bool:

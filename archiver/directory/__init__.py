@@ -10,9 +10,10 @@ from archiver.directory.rows import (
     AuditEvent,
     CameraRow,
     HoldRow,
+    Placement,
     ViewerRow,
 )
 from archiver.directory.store import Directory, open_directory
 
 __all__ = ["AdminRow", "ArchiverRow", "AuditEvent", "CameraRow", "Directory", "HoldRow",
-           "ViewerRow", "open_directory"]
+           "Placement", "ViewerRow", "open_directory"]

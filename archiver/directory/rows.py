@@ -82,6 +82,17 @@ class ArchiverRow:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where a camera was recorded: by ``archiver`` from ``since_ms`` until ``until_ms`` (None:
+    it still is)."""
+
+    camera: str
+    archiver: str
+    since_ms: int
+    until_ms: int | None
+
+
+@dataclass(frozen=True)
 class AuditEvent:
     """One line of an Archiver's audit log, as the site directory keeps it."""
 

@@ -121,6 +121,17 @@ archivers = Table(
     Column("heartbeat_ms", Ms),  # NULL: never heard of since registration
 )
 
+# Where each camera was recorded, and since when: a row per placement (``cameras add`` makes the
+# first, ``cameras move`` the next). A range of a moved camera is played from each part's
+# Archiver; the history stays where it was recorded.
+camera_placements = Table(
+    "camera_placements", metadata,
+    Column("camera", Text, nullable=False),
+    Column("since_ms", Ms, nullable=False),
+    Column("archiver", Text, nullable=False),
+    PrimaryKeyConstraint("camera", "since_ms"),
+)
+
 # The site's audit log: each Archiver's audit.jsonl lines, as written (``entry``) with the
 # SHA-256 of the line, in that Archiver's order (``seq``: its line number). The file stays the
 # Archiver's tamper-evident copy (hash-chained, fsynced before the row is written).

@@ -51,6 +51,7 @@ from archiver.directory.rows import (
     AuditEvent,
     CameraRow,
     HoldRow,
+    Placement,
     ViewerRow,
 )
 from archiver.grants import RESULT, TRANSITIONS, AccessGrantRow, GrantState
@@ -126,7 +127,11 @@ class Directory:
                 removed_ms=None, retention_days=retention_days, archiver=archiver,
             ).on_conflict_do_nothing(index_elements=["name"]).returning(t.cameras.c.name))
             # RETURNING, not rowcount: psycopg reports no count for an INSERT through SQLAlchemy.
-            return done.first() is not None
+            added = done.first() is not None
+            if added and archiver is not None:
+                conn.execute(insert(t.camera_placements).values(
+                    camera=name, since_ms=now_ms, archiver=archiver))
+            return added
 
     def cameras(self, include_removed: bool = False) -> list[CameraRow]:
         query = select(*_columns(t.cameras, CameraRow)).order_by(t.cameras.c.name)
@@ -360,6 +365,42 @@ class Directory:
         c = t.cameras.c
         return [r[0] for r in self._rows(select(c.name).where(
             and_(c.archiver == archiver, c.removed_ms.is_(None))).order_by(c.name))]
+
+    def archiver(self, name: str) -> ArchiverRow | None:
+        rows = self._rows(select(*_columns(t.archivers, ArchiverRow)).where(
+            t.archivers.c.name == name))
+        return ArchiverRow(rows[0][0], rows[0][1], bytes(rows[0][2]), rows[0][3],
+                           rows[0][4]) if rows else None
+
+    # --- where cameras are recorded ---------------------------------------------------
+    def move_camera(self, name: str, to: str, now_ms: int) -> bool:
+        """From ``now_ms`` on, ``to`` records the camera (False: no such camera, or it is
+        removed, or ``to`` already records it). What was recorded before stays where it is."""
+        c = t.cameras.c
+        with self._write() as conn:
+            moved = conn.execute(update(t.cameras).where(
+                c.name == name, c.removed_ms.is_(None),
+                or_(c.archiver.is_(None), c.archiver != to)).values(archiver=to)).rowcount == 1
+            if moved:
+                conn.execute(insert(t.camera_placements).values(
+                    camera=name, since_ms=now_ms, archiver=to))
+            return moved
+
+    def placements(self, camera: str, from_ms: int | None = None,
+                   to_ms: int | None = None) -> list[Placement]:
+        """Where ``camera`` was recorded, oldest first: the placements that overlap
+        [from_ms, to_ms) (all of them without bounds). Empty for a camera never placed (one
+        added by a standalone Archiver: it holds all of its history)."""
+        p = t.camera_placements.c
+        rows = self._rows(select(p.archiver, p.since_ms).where(p.camera == camera)
+                          .order_by(p.since_ms))
+        found = []
+        for i, (archiver, since_ms) in enumerate(rows):
+            until_ms = rows[i + 1][1] if i + 1 < len(rows) else None
+            if (to_ms is None or since_ms < to_ms) and (
+                    from_ms is None or until_ms is None or until_ms > from_ms):
+                found.append(Placement(camera, archiver, since_ms, until_ms))
+        return found
 
     # --- the site's audit log ---------------------------------------------------------
     def append_audit(self, event: AuditEvent) -> None:

@@ -20,6 +20,7 @@ from archiver.directory import (
     ArchiverRow,
     AuditEvent,
     Directory,
+    Placement,
     open_directory,
 )
 from archiver.grants import AccessGrantRow, GrantState
@@ -190,6 +191,24 @@ def test_the_archiver_registry_and_the_site_audit_log(directory: Directory) -> N
     assert directory.last_audit_seq("a1") == 2 and directory.last_audit_seq("a3") == 0
     with pytest.raises(IntegrityError):  # one line of one Archiver's log is kept once
         directory.append_audit(events[0])
+
+
+def test_a_moved_camera_keeps_where_each_part_was_recorded(directory: Directory) -> None:
+    assert directory.add_camera("yard", b"t" * 32, None, 1_000, archiver="a1")
+    assert directory.add_camera("hall", b"t" * 32, None, 1_000)  # a standalone's: never placed
+    assert directory.archiver("a1") is None
+    assert directory.move_camera("yard", "a2", 5_000)
+    assert not directory.move_camera("yard", "a2", 6_000)  # a2 records it already
+    assert not directory.move_camera("nowhere", "a2", 6_000)
+    assert directory.camera("yard").archiver == "a2"  # type: ignore[union-attr]
+    first, second = Placement("yard", "a1", 1_000, 5_000), Placement("yard", "a2", 5_000, None)
+    assert directory.placements("yard") == [first, second]
+    assert directory.placements("yard", 2_000, 4_000) == [first]
+    assert directory.placements("yard", 4_999, 5_001) == [first, second]
+    assert directory.placements("yard", 5_000, None) == [second]  # [from, to): a1 ends at 5 000
+    assert directory.placements("hall") == []
+    assert directory.remove_camera("yard", 7_000)
+    assert not directory.move_camera("yard", "a1", 8_000)  # a removed camera stays where it was
 
 
 def test_an_unreachable_postgresql_directory_is_one_sentence_without_its_password(

@@ -31,6 +31,13 @@ def upgrade() -> None:
         sa.Column("heartbeat_ms", Ms),
     )
     op.create_table(
+        "camera_placements",
+        sa.Column("camera", sa.Text, nullable=False),
+        sa.Column("since_ms", Ms, nullable=False),
+        sa.Column("archiver", sa.Text, nullable=False),
+        sa.PrimaryKeyConstraint("camera", "since_ms"),
+    )
+    op.create_table(
         "audit_events",
         sa.Column("archiver", sa.Text, nullable=False),
         sa.Column("seq", Ms, nullable=False),
