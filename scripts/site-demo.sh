@@ -28,8 +28,9 @@ SECONDS_OF_VIDEO=12
 if [ -t 2 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD="" PLAIN=""; fi
 say() { printf '%ssite-demo:%s %s\n' "$BOLD" "$PLAIN" "$*" >&2; }
 die() { printf 'site-demo: FAILED: %s\n' "$*" >&2; exit 1; }
+enabled() { case " $ENABLED_PARTS " in *" $1 "*) return 0 ;; esac; return 1; }
 needs() {  # needs PART: true if PART is enabled, else says which step is left out
-  case " $ENABLED_PARTS " in *" $1 "*) return 0 ;; esac
+  enabled "$1" && return 0
   say "  (skipped: needs '$1', not merged yet)"
   return 1
 }
@@ -122,11 +123,51 @@ done
 
 # --- 3. three Archivers, one directory ------------------------------------------------------
 say "3/9 starting Archivers a1, a2, a3 (key period ${KEY_PERIOD} s), all on the same directory"
-declare -A URL PORT
+declare -A URL PORT APID
 for a in a1 a2 a3; do
   PORT[$a]="$(free_port)"
   URL[$a]="https://127.0.0.1:${PORT[$a]}"
 done
+# start_archiver A: serve A on its port, wait until it answers, save its signing certificate.
+start_archiver() {
+  local a="$1" pid
+  # The Archiver makes its own SoftHSM signing token in its data directory.
+  env -u SOFTHSM2_CONF -u FUSION_PIN FUSION_DIRECTORY="$DIRECTORY_URL" \
+    "$BIN/fusion-archiver" serve --data "$DEMO/$a" --name "$a" --public-url "${URL[$a]}" \
+    --port "${PORT[$a]}" --tls-cert "$DEMO/$a-tls/tls.crt" --tls-key "$DEMO/$a-tls/tls.key" \
+    --key-period "$KEY_PERIOD" >>"$DEMO/$a.log" 2>&1 &
+  pid=$!
+  PIDS+=("$pid")
+  APID[$a]=$pid
+  "$BIN/python" - "${URL[$a]}" "$pid" "$DEMO/$a.pem" <<'EOF' || die "Archiver $a did not start; see $DEMO/$a.log"
+import os, ssl, sys, time, httpx
+url, pid, pem = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ca = ssl.create_default_context(cafile=os.environ["FUSION_TLS_CA"])  # the site CA only
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit(1)
+    try:
+        if httpx.get(url + "/healthz", timeout=2, verify=ca).status_code == 200:
+            # Its signing certificate, as an admin hands it to viewers to pin.
+            info = httpx.get(url + "/v1/archiver", timeout=10, verify=ca).json()
+            open(pem, "w").write(info["certificate"])
+            print(f"site-demo:   {url}: signing certificate sha256 {info['fingerprint'][:16]}...",
+                  file=sys.stderr)
+            sys.exit(0)
+    except httpx.HTTPError:
+        pass
+    time.sleep(0.2)
+sys.exit(1)
+EOF
+}
+# stop_archiver A: as a service manager does (SIGINT: a clean stop).
+stop_archiver() {
+  kill -INT "${APID[$1]}" 2>/dev/null || true
+  wait "${APID[$1]}" 2>/dev/null || true
+}
 # needs: identity -- each Archiver's signing key certified by the site CA: a CSR made on its
 # token (the key never leaves it), signed by the CA, imported; serve then uses that certificate.
 IDENTITY=0
@@ -141,34 +182,7 @@ for a in a1 a2 a3; do
     env -u SOFTHSM2_CONF -u FUSION_PIN "$BIN/fusion-archiver" identity import --data "$DEMO/$a" \
       --site-ca "$CA/site-ca.pem" "$DEMO/$a-signing.pem" >&2 || die "identity import failed on $a"
   fi
-  # The Archiver makes its own SoftHSM signing token in its data directory.
-  env -u SOFTHSM2_CONF -u FUSION_PIN FUSION_DIRECTORY="$DIRECTORY_URL" \
-    "$BIN/fusion-archiver" serve --data "$DEMO/$a" --name "$a" --public-url "${URL[$a]}" \
-    --port "${PORT[$a]}" --tls-cert "$DEMO/$a-tls/tls.crt" --tls-key "$DEMO/$a-tls/tls.key" \
-    --key-period "$KEY_PERIOD" >"$DEMO/$a.log" 2>&1 &
-  PIDS+=($!)
-  "$BIN/python" - "${URL[$a]}" "$!" "$DEMO/$a.pem" <<'EOF' || die "Archiver $a did not start; see $DEMO/$a.log"
-import os, sys, time, httpx
-url, pid, pem = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-deadline = time.monotonic() + 120
-while time.monotonic() < deadline:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        sys.exit(1)
-    try:
-        if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-            # Its signing certificate, as an admin hands it to viewers to pin.
-            info = httpx.get(url + "/v1/archiver", timeout=10).json()
-            open(pem, "w").write(info["certificate"])
-            print(f"site-demo:   {url}: signing certificate sha256 {info['fingerprint'][:16]}...",
-                  file=sys.stderr)
-            sys.exit(0)
-    except httpx.HTTPError:
-        pass
-    time.sleep(0.2)
-sys.exit(1)
-EOF
+  start_archiver "$a"
 done
 # needs: registry -- the site's Archivers as the directory knows them.
 if needs registry; then
@@ -200,6 +214,15 @@ TOKEN="pkcs11:token=viewers;object=alice"
   || die "fusion-keys enroll failed"
 "$BIN/fusion-archiver" viewers add "$DEMO/alice.pem" --cameras cam-a1,cam-a2,cam-a3 \
   --archiver "${URL[a1]}" --data "$DEMO/a1" 2>&1 | sed 's/^/  /' >&2
+# a2 and a3 wrap keys for the viewers they know: an authorization made through a1 reaches their
+# key managers at their next start, until 'notify' pushes it to them at once.
+if ! enabled notify; then
+  say "  restarting a2 and a3, which read a viewer list changed elsewhere only at start (needs: notify)"
+  for a in a2 a3; do
+    stop_archiver "$a"
+    start_archiver "$a"
+  done
+fi
 
 # --- 6. the cameras push ----------------------------------------------------------------------
 say "6/9 the three cameras push ${SECONDS_OF_VIDEO} s of H.264 each, in real time, to their Archivers"
@@ -223,14 +246,21 @@ for pid in "${CAMERA_PIDS[@]}"; do
   wait "$pid" || die "a camera could not push; see $DEMO/push-*.log"
 done
 SEGMENTS="$(( (SECONDS_OF_VIDEO + 1) / 2 ))"
-"$BIN/python" - "$SEGMENTS" "${URL[a1]}" "$DEMO/a1/admin-token" <<'EOF' || die "not every segment was archived"
-import sys, time, httpx
-want, url, token = int(sys.argv[1]), sys.argv[2], open(sys.argv[3]).read().strip()
+# Each Archiver counts the segments of its own index: ask each for its camera.
+"$BIN/python" - "$SEGMENTS" "$DEMO" "${URL[a1]}" "${URL[a2]}" "${URL[a3]}" <<'EOF' || die "not every segment was archived"
+import os, ssl, sys, time, httpx
+want, demo, urls = int(sys.argv[1]), sys.argv[2], dict(zip(("a1", "a2", "a3"), sys.argv[3:6]))
+ca = ssl.create_default_context(cafile=os.environ["FUSION_TLS_CA"])
+
+def count(a):
+    token = open(f"{demo}/{a}/admin-token").read().strip()
+    cams = httpx.get(urls[a] + "/v1/admin/cameras", timeout=30, verify=ca,
+                     headers={"Authorization": f"Bearer {token}"}).json()
+    return next(c["segments"] for c in cams if c["name"] == f"cam-{a}")
+
 deadline = time.monotonic() + 60
 while True:
-    cams = {c["name"]: c for c in httpx.get(url + "/v1/admin/cameras", timeout=30,
-            headers={"Authorization": f"Bearer {token}"}).json()}
-    counts = {n: cams[n]["segments"] for n in ("cam-a1", "cam-a2", "cam-a3")}
+    counts = {f"cam-{a} on {a}": count(a) for a in urls}
     if all(v >= want for v in counts.values()) or time.monotonic() > deadline:
         break
     time.sleep(0.5)
