@@ -373,39 +373,47 @@ def ingest(report: Report, opts: Options, workdir: Path,
 
 # --- on paper ---------------------------------------------------------------------------------
 def on_paper(report: Report, results: dict[str, Any]) -> dict[str, Any]:
-    """Directory queries a site makes, against what one PostgreSQL core answers (measured)."""
+    """Directory queries a site makes, against what one PostgreSQL core answers (measured).
+    Conservative: the PostgreSQL CPU a segment costs is the larger of the in-process token
+    check and what the whole cluster used per segment during the site's ingest windows."""
     ops = results["in_process"]
     seg = ops["segment: camera(name)"]["postgresql"]
     log = ops["login: viewer(fp)"]["postgresql"]
     lst = ops["camera list: viewer(fp) + cameras()"]["postgresql"]
+    per_segment_ms = seg["server_cpu_us"] / 1000
+    ingest_rows = results.get("ingest", {}).get("windows", {}).get("postgresql", [])
+    if ingest_rows:
+        used_s = sum(r["postgres_cpu_ms_per_mb"] * r["bytes"] / MB for r in ingest_rows) / 1000
+        per_segment_ms = max(per_segment_ms,
+                             used_s * 1000 / sum(r["segments"] for r in ingest_rows))
     # docs/benchmarks.md "Cameras per Archiver": 250 RTSP cameras (1 Mbit/s, 2 s segments) per
     # 2-core Archiver.
     cameras_per_archiver = 250
-    segment_s = 2.0
-    segments_per_s = cameras_per_archiver / segment_s
-    seg_rate = seg["calls_per_server_core_s"]
-    server_core_per_archiver = segments_per_s / seg_rate
-    # Half a PostgreSQL core for the segments' token checks, the rest for people and admin.
-    archivers_per_core = 0.5 / server_core_per_archiver
+    segments_per_s = cameras_per_archiver / 2.0
+    cores_per_archiver = segments_per_s * per_segment_ms / 1000
+    archivers_per_core = 1 / cores_per_archiver
     paper = {
         "cameras_per_archiver": cameras_per_archiver,
-        "segment_lookups_per_s_per_archiver": segments_per_s,
-        "segment_lookups_per_postgres_core_s": seg_rate,
-        "postgres_cores_per_archiver": server_core_per_archiver,
-        "archivers_per_half_postgres_core": archivers_per_core,
-        "cameras_per_half_postgres_core": archivers_per_core * cameras_per_archiver,
+        "segments_per_s_per_archiver": segments_per_s,
+        "postgres_cpu_ms_per_segment": per_segment_ms,
+        "postgres_cores_per_archiver": cores_per_archiver,
+        "archivers_per_postgres_core": archivers_per_core,
+        "cameras_per_postgres_core": archivers_per_core * cameras_per_archiver,
         "logins_per_postgres_core_s": log["calls_per_server_core_s"],
         "camera_lists_per_postgres_core_s": lst["calls_per_server_core_s"],
-        "segment_lookup_median_ms": seg["median_ms"],
+        # Each Archiver's psycopg pool holds up to 16 connections (archiver/directory/engine.py);
+        # PostgreSQL's default max_connections is 100.
+        "archivers_per_100_connections": 100 // 16,
     }
     report.line(
         f"on paper: {cameras_per_archiver} cameras per Archiver (RTSP figure) = "
-        f"{segments_per_s:.0f} segment token checks/s; one PostgreSQL core answers "
-        f"{seg_rate:.0f}/s (measured, whole cluster's CPU), so an Archiver costs "
-        f"{server_core_per_archiver:.3f} PostgreSQL cores; half a core carries "
+        f"{segments_per_s:.0f} segments/s, each costing PostgreSQL {per_segment_ms:.2f} ms CPU "
+        f"(measured, whole cluster): {cores_per_archiver:.3f} PostgreSQL cores per Archiver, "
         f"{archivers_per_core:.0f} Archivers ({archivers_per_core * cameras_per_archiver:.0f} "
-        f"cameras); a core also answers {log['calls_per_server_core_s']:.0f} logins/s or "
-        f"{lst['calls_per_server_core_s']:.0f} camera lists/s")
+        f"cameras) per PostgreSQL core; a core also answers "
+        f"{log['calls_per_server_core_s']:.0f} logins/s or "
+        f"{lst['calls_per_server_core_s']:.0f} camera lists/s; connections: 16 per Archiver's "
+        f"pool, {100 // 16} Archivers at PostgreSQL's default max_connections=100")
     return paper
 
 
