@@ -63,6 +63,7 @@ cleanup() {
   [ ${#PIDS[@]} -gt 0 ] && say "stopped the Archivers, the cameras and PostgreSQL." || true
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM   # a stopped demo cleans up too (the EXIT trap runs)
 
 # --- 1. PostgreSQL: the site directory ----------------------------------------------------
 # A site uses its existing PostgreSQL server; the demo makes a throwaway cluster. As root, it
