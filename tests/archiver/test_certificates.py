@@ -24,7 +24,7 @@ from tests.fixtures.server import ArchiverServer
 from tests.fixtures.tokens import TokenHandle
 from tests.fixtures.viewer import login
 
-VALID_FOR_S = 10  # the test viewer's certificate expires this long after it is made
+VALID_FOR_S = 15  # the test viewer's certificate expires this long after it is made
 
 
 def _archiver(*args: str) -> subprocess.CompletedProcess[str]:
@@ -64,11 +64,11 @@ def test_an_expired_viewer_is_refused_everywhere_and_audited(
     ingest = server.add_camera("cam1")
     fp = server.add_viewer(pem, ["cam1"])
     server.add_viewer(other.pem, ["cam1"])
+    listed = _archiver("viewers", "list", "--url", server.url, "--data", str(server.data_dir))
+    assert "EXPIRES IN 0 DAYS" in listed.stdout and "expiring within 30 days" in listed.stdout
     session = login(server.url, identity)
     assert server.put_segment("cam1", ingest, b"a" * 100) == 201
     assert _key_ids(server) <= _key_ids(server, fp)  # while valid, it gets every key
-    listed = _archiver("viewers", "list", "--url", server.url, "--data", str(server.data_dir))
-    assert "EXPIRES IN 0 DAYS" in listed.stdout and "expiring within 30 days" in listed.stdout
 
     time.sleep(max(0.0, cert.not_valid_after_utc.timestamp() - time.time()) + 1.5)
 
