@@ -86,7 +86,7 @@ pg "$PGBIN/pg_ctl" -D "$PGROOT/data" -l "$PGROOT/log" -w -o \
   || die "PostgreSQL did not start: $(tail -5 "$PGROOT/log" 2>/dev/null)"
 SITE_PASSWORD="$("$BIN/python" -c 'import secrets; print(secrets.token_urlsafe(18))')"
 # The role owns only its database: the Archivers need nothing else from the server.
-pg psql -q -v ON_ERROR_STOP=1 -h "$PGROOT" -p "$PGPORT" -U postgres -d postgres \
+pg "$PGBIN/psql" -q -v ON_ERROR_STOP=1 -h "$PGROOT" -p "$PGPORT" -U postgres -d postgres \
   -v pw="$SITE_PASSWORD" >/dev/null <<'SQL' || die "could not create the site's role and database"
 CREATE ROLE fusion_site LOGIN PASSWORD :'pw';
 CREATE DATABASE fusion_site OWNER fusion_site;
@@ -268,21 +268,25 @@ for pid in "${CAMERA_PIDS[@]}"; do
   wait "$pid" || die "a camera could not push; see $DEMO/push-*.log"
 done
 SEGMENTS="$(( (SECONDS_OF_VIDEO + 1) / 2 ))"
-# Each Archiver counts the segments of its own index: ask each for its camera.
-"$BIN/python" - "$SEGMENTS" "$DEMO" "${URL[a1]}" "${URL[a2]}" "${URL[a3]}" <<'EOF' || die "not every segment was archived"
+# wait_segments A:CAMERA...: until each Archiver A holds $SEGMENTS segments of CAMERA in its own
+# index (each Archiver counts what it recorded), at most a minute.
+wait_segments() {
+  "$BIN/python" - "$SEGMENTS" "$DEMO" "${URL[a1]}" "${URL[a2]}" "${URL[a3]}" "$@" <<'EOF'
 import os, ssl, sys, time, httpx
-want, demo, urls = int(sys.argv[1]), sys.argv[2], dict(zip(("a1", "a2", "a3"), sys.argv[3:6]))
+want, demo = int(sys.argv[1]), sys.argv[2]
+urls = dict(zip(("a1", "a2", "a3"), sys.argv[3:6]))
+pairs = [arg.split(":", 1) for arg in sys.argv[6:]]
 ca = ssl.create_default_context(cafile=os.environ["FUSION_TLS_CA"])
 
-def count(a):
+def count(a, camera):
     token = open(f"{demo}/{a}/admin-token").read().strip()
     cams = httpx.get(urls[a] + "/v1/admin/cameras", timeout=30, verify=ca,
                      headers={"Authorization": f"Bearer {token}"}).json()
-    return next(c["segments"] for c in cams if c["name"] == f"cam-{a}")
+    return next(c["segments"] for c in cams if c["name"] == camera)
 
 deadline = time.monotonic() + 60
 while True:
-    counts = {f"cam-{a} on {a}": count(a) for a in urls}
+    counts = {f"{camera} on {a}": count(a, camera) for a, camera in pairs}
     if all(v >= want for v in counts.values()) or time.monotonic() > deadline:
         break
     time.sleep(0.5)
@@ -290,6 +294,8 @@ print("site-demo:   segments archived: " + ", ".join(f"{n} {v}" for n, v in coun
       file=sys.stderr)
 sys.exit(0 if all(v >= want for v in counts.values()) else 1)
 EOF
+}
+wait_segments a1:cam-a1 a2:cam-a2 a3:cam-a3 || die "not every segment was archived"
 
 # --- 7. alice plays a2's camera -----------------------------------------------------------------
 say "7/9 alice plays cam-a2 from a2 (authorized through a1: the directory is one) and ffmpeg checks it"
@@ -334,7 +340,7 @@ if needs move && needs routing; then
   # The camera's operator points it at a3 (a push to a2 is refused now, naming a3).
   push_cmd "${URL[a3]}/ingest/cam-a2/index.m3u8" "${INGEST_TOKEN[a2]}"
   "${PUSH[@]}" 2>"$DEMO/push-moved.log" || die "cam-a2 could not push to a3 after the move; see $DEMO/push-moved.log"
-  sleep 3
+  wait_segments a3:cam-a2 || die "a3 did not archive cam-a2 after the move"
   "$BIN/fusion-client" play --archiver "${URL[a1]}" "${TRUST[@]}" --token "$TOKEN" \
     --camera cam-a2 --from "$START" --to now -o "$DEMO/cam-a2-moved.ts" \
     || die "alice could not play cam-a2 across the move"
@@ -356,7 +362,12 @@ if needs notify; then
   "${PUSH[@]}" 2>/dev/null &
   CAMERA_PIDS=($!)
   PIDS+=("$LIVE_PID" "${CAMERA_PIDS[0]}")
-  sleep 4
+  # Until alice's live view shows verified video (the client writes FILE.partial until the end).
+  for _ in $(seq 1 120); do
+    [ -s "$DEMO/live-a1.ts.partial" ] && break
+    sleep 0.5
+  done
+  [ -s "$DEMO/live-a1.ts.partial" ] || die "alice's live stream on a1 showed no video: $(cat "$DEMO/live-a1.log")"
 fi
 REVOKED_AT="$(date +%s)"
 "$BIN/fusion-archiver" viewers revoke "$DEMO/alice.pem" --yes --archiver "${URL[a3]}" \
