@@ -207,21 +207,21 @@ def in_process(report: Report, opts: Options, directories: dict[str, Directory],
     results[label] = _timed({b: d.viewers for b, d in directories.items()}, opts.reloads, 1,
                             cluster)
     _print_op(report, label, results[label])
-    # Writes: new viewers (certificates beyond the populated ones), then their revocation.
-    extra = {b: iter(range(opts.viewers + 1 + i * opts.writes, opts.viewers + 1 + (i + 1)
-                           * opts.writes)) for i, b in enumerate(directories)}
+    # Writes: new viewers (certificates beyond the populated ones, made and parsed before the
+    # clock runs: only the directory's write is timed), then their revocation.
+    fresh = {b: iter([(fingerprint(c).hex(), c.public_bytes(Encoding.DER),
+                       c.subject.rfc4514_string())
+                      for c in (pems.certificate(opts.viewers + 1 + i * opts.writes + k)
+                                for k in range(opts.writes))])
+             for i, b in enumerate(directories)}
     added: dict[str, list[str]] = {b: [] for b in directories}
 
     def authorize(backend: str) -> None:
-        cert = pems.certificate(next(extra[backend]))
-        fp = fingerprint(cert).hex()
-        directories[backend].add_viewer(fp, cert.public_bytes(Encoding.DER),
-                                        cert.subject.rfc4514_string(),
-                                        int(KeyScheme.RSA_OAEP_SHA256), names[:2],
-                                        int(time.time() * 1000))
+        fp, der, subject = next(fresh[backend])
+        directories[backend].add_viewer(fp, der, subject, int(KeyScheme.RSA_OAEP_SHA256),
+                                        names[:2], int(time.time() * 1000))
         added[backend].append(fp)
 
-    # Certificates are made before the clock runs: only the directory's write is timed.
     label = "authorize: add_viewer (one transaction)"
     results[label] = _timed({b: (lambda b=b: authorize(b)) for b in directories}, opts.writes,
                             20, cluster)
