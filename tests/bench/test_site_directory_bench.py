@@ -53,4 +53,5 @@ def test_the_site_directory_bench_measures_both_backends_in_every_part(tmp_path:
         assert len(ingest["windows"][backend]) == 1
         assert ingest[backend]["segments"] > 0  # real segments, acknowledged after fsync
     paper = data["on_paper"]
+    assert ingest["ratio_throughput"] > 0
     assert paper["cameras_per_archiver"] == 250 and paper["archivers_per_postgres_core"] > 0
