@@ -141,5 +141,7 @@ async def live(camera: CameraPath, viewer: ViewerDep, playback: PlaybackDep,
                ) -> StreamingResponse:
     """``from_ms``: the viewer's clock when it sent the request; the stream starts there (and
     its header says so), so a relay that holds the request back cannot skip its start."""
-    stream = playback.live(viewer, camera, bytes.fromhex(nonce), duration_s, from_ms)
+    # Off the event loop, as recording's: the authorization asks the site directory.
+    stream = await run_in_threadpool(playback.live, viewer, camera, bytes.fromhex(nonce),
+                                     duration_s, from_ms)
     return ViewerStream(stream, settings.stream_send_timeout_s)
