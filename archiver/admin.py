@@ -19,6 +19,7 @@ from archiver.archive import Archive
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, new_secret
 from archiver.directory import ViewerRow
+from archiver.registry import SiteMember
 from archiver.rtsp import PULLER_STOP_S, CameraPullers
 from archiver.services.cameras import ADMISSION_LOCK, admit_pulled_camera
 from archiver.services.refused import Refused
@@ -51,6 +52,18 @@ AdminRefused = Refused
 
 
 @dataclass(frozen=True)
+class CameraMove:
+    """A ``cameras move``: from which Archiver (None: none was named) to which, whether it
+    moved (False: ``to`` recorded it already), and since when ``to`` records it."""
+
+    camera: str
+    from_archiver: str | None
+    to: str
+    moved: bool
+    since_ms: int
+
+
+@dataclass(frozen=True)
 class Authorization:
     """A viewer as authorized, and whether it was active already on the same cameras (then only
     its epoch renewed: its next chain records come under a new epoch opener; its chains run on)."""
@@ -70,10 +83,14 @@ class Admin:
     site_ca: tuple[x509.Certificate, ...] = ()
     rtsp: CameraPullers | None = None
     pull_schemes: tuple[str, ...] = ()
+    # This Archiver in its site (None: an embedder's Admin, which pulls what it adds itself).
+    site: SiteMember | None = None
 
     # --- cameras -----------------------------------------------------------------------
-    def add_camera(self, actor: str, name: str, rtsp_url: str | None = None) -> str | None:
-        """Create a camera; returns its ingest token (shown once, only its digest is kept), or
+    def add_camera(self, actor: str, name: str, rtsp_url: str | None = None,
+                   archiver: str | None = None) -> str | None:
+        """Create a camera recorded by ``archiver`` (a name in the site's registry; default:
+        this Archiver); returns its ingest token (shown once, only its digest is kept), or
         None for a pulled (RTSP) camera: the Archiver is its only source, so no token exists that
         could push outside video into its signed archive."""
         archive = self.archive
@@ -84,21 +101,67 @@ class Admin:
         if rtsp_url and rtsp_url.split(":", 1)[0] not in self.pull_schemes:
             raise Refused(ErrorCode.BAD_RTSP_URL, "The camera URL must start with one of: "
                                + ", ".join(f"{s}://" for s in self.pull_schemes) + ".")
+        holder = self._site_archiver(archiver) if self.site is not None else None
+        if self.site is not None and self.site.standalone:
+            # Unplaced, as before the registry: a standalone Archiver holds all its history,
+            # whatever its (host) name becomes.
+            holder = None
         token = new_secret()
         # Counted and added under one lock: two adds at the limit cannot both pass.
         with ADMISSION_LOCK:
-            if rtsp_url:
+            if rtsp_url and (self.site is None or holder in (None, self.site.name)):
                 admit_pulled_camera(archive)
             # A pulled camera's row still needs a digest: one of a secret nobody is given.
-            added = archive.directory.add_camera(name, digest(token), rtsp_url, archive.clock())
+            added = archive.directory.add_camera(name, digest(token), rtsp_url, archive.clock(),
+                                                 archiver=holder)
         if not added:
             raise Refused(ErrorCode.CAMERA_EXISTS, f"A camera named '{name}' exists already "
                                "(names of removed cameras stay reserved: their archive is "
                                "evidence).")
-        self.audit.record(actor, "camera.add", archive.clock(), camera=name, rtsp=bool(rtsp_url))
-        if rtsp_url and self.rtsp is not None:
+        self.audit.record(actor, "camera.add", archive.clock(), camera=name, rtsp=bool(rtsp_url),
+                          **({"archiver": holder} if holder else {}))
+        if self.site is not None:
+            self.site.refresh()  # pulled at once if this Archiver holds it (else its holder)
+        elif rtsp_url and self.rtsp is not None:
             self.rtsp.start(name, rtsp_url)
         return None if rtsp_url else token
+
+    def _site_archiver(self, name: str | None) -> str:
+        """``name`` if it is an Archiver of the site (this one if None), else refused with the
+        names there are."""
+        assert self.site is not None
+        if name is None or name == self.site.name:
+            return self.site.name
+        if self.site.standalone:
+            raise Refused(ErrorCode.UNKNOWN_ARCHIVER, f"This Archiver ({self.site.name}) is "
+                          "not in a site (no --directory): it records all its cameras itself.")
+        if self.site.known_archiver(name) is None:
+            known = ", ".join(a.name for a in self.archive.directory.archivers()) or "none"
+            raise Refused(ErrorCode.UNKNOWN_ARCHIVER, f"No Archiver named '{name}' is in this "
+                          f"site (known: {known}); 'fusion-archiver site archivers' lists them.")
+        return name
+
+    def move_camera(self, actor: str, name: str, to: str) -> CameraMove:
+        """From now on ``to`` records the camera: the Archiver that recorded it ends its stream
+        (its last segment archived, its chains ended) and ``to`` starts, each within a refresh
+        (``archiver/registry.py``); what was recorded stays playable where it is."""
+        archive = self.archive
+        if self.site is None or self.site.standalone:
+            raise Refused(ErrorCode.UNKNOWN_ARCHIVER, "This Archiver is not in a site (no "
+                          "--directory): there is no other Archiver to move a camera to.")
+        target = self._site_archiver(to)
+        row = archive.directory.camera(name)
+        if row is None or row.removed_ms is not None:
+            raise Refused(ErrorCode.UNKNOWN_CAMERA, f"There is no camera named '{name}'.")
+        now = archive.clock()
+        if row.archiver == target:
+            return CameraMove(name, row.archiver, target, False, now)
+        if not archive.directory.move_camera(name, target, now):
+            raise Refused(ErrorCode.UNKNOWN_CAMERA, f"There is no camera named '{name}'.")
+        self.audit.record(actor, "camera.move", now, camera=name, **{"from": row.archiver},
+                          to=target)
+        self.site.refresh()  # this Archiver's part at once; the others' within a refresh
+        return CameraMove(name, row.archiver, target, True, now)
 
     def remove_camera(self, actor: str, name: str) -> None:
         """Stop recording a camera; its archive stays (evidence) and its name stays reserved."""

@@ -43,6 +43,8 @@ admins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                          help="Admins as people, each with a certificate on their own token: "
                               "add, list, revoke, login (an admin session whose actions the "
                               "audit log names).")
+site_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="The site: its Archivers (archivers).")
 grants_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                          help="Access grants viewers made: list, approve, reject, revoke. The "
                               "Archiver serves a grant only once approved.")
@@ -56,6 +58,8 @@ def register(app: typer.Typer) -> None:
     app.add_typer(holds_app, name="holds")
     app.add_typer(grants_app, name="grants")
     app.add_typer(admins_app, name="admins")
+    app.add_typer(site_app, name="site")
+    app.command("audit")(audit_list)
 
 
 # --archiver, as fusion-client names it; --url, the old spelling, is a hidden alias (cli.py).
@@ -139,8 +143,29 @@ def _when(ms: int | None) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
 
 
+# `cameras add --archiver`: the Archiver's URL as everywhere, or (issue 21) the name of the
+# site's Archiver that records the camera; names cannot hold "://", so the two never mix up.
+ArchiverOrNameOpt = Annotated[list[str] | None, typer.Option(
+    "--archiver", help="The Archiver's base URL (default FUSION_ARCHIVER_URL, else "
+    f"{DEFAULT_URL}), and/or the NAME of the site's Archiver that records the camera (default: "
+    "the one the command is sent to; 'site archivers' lists them). Give it twice for both.")]
+
+
+def _url_and_name(values: list[str] | None) -> tuple[str, str | None]:
+    import os
+
+    urls = [v for v in values or () if "://" in v]
+    names = [v for v in values or () if "://" not in v]
+    if len(urls) > 1 or len(names) > 1:
+        raise UsageError("Give --archiver at most twice: once the URL to send the command to, "
+                         "once the name of the Archiver that records the camera.")
+    url = urls[0] if urls else os.environ.get("FUSION_ARCHIVER_URL") or DEFAULT_URL
+    return url, names[0] if names else None
+
+
 @cameras_app.command("add")
-def cameras_add(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None,
+def cameras_add(name: CameraArg, archiver: ArchiverOrNameOpt = None,
+                admin_token: TokenOpt = None,
                 data: DataOpt = None, tls_ca: TlsCaOpt = None,
                 as_json: JsonOpt = False,
                 rtsp: Annotated[str | None, typer.Option(
@@ -148,30 +173,53 @@ def cameras_add(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: TokenOp
                     help="Pull this RTSP URL in the Archiver. With credentials in it, prefer the "
                     "FUSION_RTSP_URL variable: other users can read argv (ps), not your "
                     "environment.")] = None) -> None:
-    """Add a camera; prints its ingest URL and ingest token (shown once). A pulled camera
-    (--rtsp) gets no token: the Archiver is its only source."""
+    """Add a camera; prints its ingest URL (that of the Archiver that records it) and ingest
+    token (shown once). A pulled camera (--rtsp) gets no token: the Archiver is its only
+    source."""
+    url, holder = _url_and_name(archiver)
     with _client(url, admin_token, data, tls_ca) as client:
-        result = asdict(client.add_camera(name, rtsp))
+        result = asdict(client.add_camera(name, rtsp, holder))
+    by = f" by Archiver {result['archiver']}" if result.get("archiver") else ""
     if result.get("ingest_token") is None:
-        human = (f"camera {result['name']} added, pulled by the Archiver from "
+        human = (f"camera {result['name']} added, pulled{by} from "
                  f"{result['rtsp_url']} (no ingest token; it accepts no pushed video)")
     else:
-        human = (f"camera {result['name']} added\n"
+        human = (f"camera {result['name']} added, recorded{by}\n"
                  f"ingest URL:   {result['ingest_url']}\n"
                  f"ingest token: {result['ingest_token']}  (shown once; keep it secret)")
+    echo_result(as_json, result, human)
+
+
+@cameras_app.command("move")
+def cameras_move(name: CameraArg,
+                 to: Annotated[str, typer.Option("--to", help="The name of the site's Archiver "
+                                                 "that records the camera from now on.")],
+                 url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+                 tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
+    """Move a camera's recording to another Archiver of the site: the one recording it ends
+    its stream (its last segment archived and signed), the other starts, within seconds. What
+    was recorded stays playable where it was recorded."""
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = asdict(client.move_camera(name, to))
+    human = (f"camera {name} recorded by {result['to']} from {_when(result['since_ms'])} "
+             f"(before: {result['from_archiver'] or 'each Archiver that read it'}; its "
+             "history stays there)" if result["moved"]
+             else f"camera {name} is recorded by {result['to']} already; nothing moved")
     echo_result(as_json, result, human)
 
 
 @cameras_app.command("list")
 def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
                  tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
-    """List cameras: health (receiving, behind, stalled, unreachable, auth_failed, bad_stream,
+    """List the site's cameras: the Archiver that records each, and (as this Archiver
+    knows them) health (receiving, behind, stalled, unreachable, auth_failed, bad_stream,
     bad_timestamps, waiting), recorded range, traffic in the last minute, capture-to-archive lag,
     gaps."""
     with _client(url, admin_token, data, tls_ca) as client:
         result = [asdict(c) for c in client.cameras()]
         storage = asdict(client.storage())
-    lines = [f"{c['name']:<20} {c['state']:<12} {c['segments']:>8} segments  "
+    lines = [f"{c['name']:<20} {c.get('archiver') or '-':<12} {c['state']:<12} "
+             f"{c['segments']:>8} segments  "
              f"{_when(c['first_ms'])} .. {_when(c['last_ms'])}  retention "
              f"{c['retention_days']} d{' (default)' if c['retention_default'] else ''}"
              + (f", {c['holds']} hold(s)" if c["holds"] else "") + "  last minute: "
@@ -630,3 +678,50 @@ def admins_login(
     typer.echo(printable(f"admin session for {session.actor} until {_when(session.expires_ms)} "
                          f"on the Archiver sha256 {session.archiver_fingerprint}; give it to "
                          "the other commands as FUSION_ADMIN_TOKEN or --admin-token"), err=True)
+
+
+@site_app.command("archivers")
+def site_archivers(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+                   tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
+    """List the site's Archivers: name, URL, signing certificate fingerprint (SHA-256), last
+    heartbeat, cameras held."""
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = [asdict(a) for a in client.site_archivers()]
+    lines = []
+    for a in result:
+        age = a["heartbeat_age_ms"]
+        heard = "none (stopped, or never heard of)" if age is None else f"{age / 1000:.0f} s ago"
+        lines.append(f"{a['name']:<16} {a['url']:<32} sha256 {a['certificate_sha256']}  "
+                     f"heartbeat {heard}{'' if a['alive'] else ' (NOT ALIVE)'}  "
+                     f"{len(a['cameras_held'])} camera(s)"
+                     + (f": {', '.join(a['cameras_held'])}" if a["cameras_held"] else "")
+                     + ("  (this one)" if a["this"] else ""))
+    echo_result(as_json, {"archivers": result}, "\n".join(lines) or "no Archivers registered")
+
+
+# --- the audit log -------------------------------------------------------------------------
+def _audit_line(entry: dict[str, Any]) -> str:
+    details = {k: v for k, v in entry["entry"].items()
+               if k not in ("ts_ms", "actor", "action", "prev")}
+    shown = " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                     for k, v in sorted(details.items()))
+    return (f"{_when(entry['ts_ms'])}  {entry['archiver']}#{entry['seq']}  "
+            f"{entry['actor']}  {entry['action']}  {shown}").rstrip()
+
+
+def audit_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+               tls_ca: TlsCaOpt = None,
+               since_ms: Annotated[int, typer.Option(
+                   "--since-ms", min=0, help="Entries from this time on (Unix ms).")] = 0,
+               only: Annotated[str | None, typer.Option(
+                   "--only", help="One Archiver's entries (its --name).")] = None,
+               limit: Annotated[int, typer.Option(
+                   "--limit", min=1, max=10_000, help="At most this many entries.")] = 1000,
+               as_json: JsonOpt = False) -> None:
+    """The audit log, oldest first: in a site the site's (every Archiver's entries, each with
+    the Archiver that wrote it), standalone this Archiver's."""
+    with _client(url, admin_token, data, tls_ca) as client:
+        site, entries = client.audit(since_ms, only, limit)
+    result = [asdict(e) for e in entries]
+    echo_result(as_json, {"site": site, "entries": result},
+                "\n".join(_audit_line(e) for e in result) or "no audit entries")

@@ -27,9 +27,9 @@ from keyservice.errors import ArchiverFailed, RequestRefused, UsageError
 from keyservice.exits import unreachable
 from keyservice.tls import trust as tls_trust
 
-__all__ = ["AdminClient", "AdminFailed", "AdminInfo", "AdminRefused", "CameraChange",
-           "CameraCreated", "CameraInfo", "GrantInfo", "HoldInfo", "Revoked", "StorageInfo",
-           "ViewerInfo", "raise_for_refusal"]
+__all__ = ["AdminClient", "AdminFailed", "AdminInfo", "AdminRefused", "ArchiverInfo",
+           "CameraChange", "CameraCreated", "CameraInfo", "CameraMoved", "GrantInfo", "HoldInfo",
+           "Revoked", "StorageInfo", "ViewerInfo", "raise_for_refusal"]
 
 Cameras = list[str] | Literal["all"]
 GrantState = Literal["pending", "approved", "rejected", "revoked"]
@@ -84,11 +84,37 @@ class CameraCreated:
     ingest_url: str | None  # None for a pulled (RTSP) camera
     ingest_token: str | None  # shown once; None for a pulled camera
     rtsp_url: str | None
+    archiver: str | None = None  # the Archiver of the site that records it
+
+
+@dataclass(frozen=True, kw_only=True)
+class CameraMoved:
+    camera: str
+    from_archiver: str | None
+    to: str
+    moved: bool  # False: ``to`` recorded it already
+    since_ms: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArchiverInfo:
+    """A member of the site (``site archivers``)."""
+
+    name: str
+    url: str
+    certificate_sha256: str
+    registered_ms: int
+    heartbeat_ms: int | None
+    heartbeat_age_ms: int | None
+    alive: bool
+    cameras_held: list[str]
+    this: bool = False  # the Archiver that answered
 
 
 @dataclass(frozen=True, kw_only=True)
 class CameraInfo:
     name: str
+    archiver: str | None = None  # the Archiver of the site that records it
     rtsp_url: str | None  # credentials redacted
     created_ms: int
     segments: int
@@ -264,10 +290,25 @@ class AdminClient:
                               "really a Fusion Archiver?") from None
 
     # --- cameras ---------------------------------------------------------------------------
-    def add_camera(self, name: str, rtsp_url: str | None = None) -> CameraCreated:
-        """Add a camera; its ingest token is shown once (None for a pulled camera)."""
-        return _typed(CameraCreated, self._call("POST", "/v1/admin/cameras",
-                                                {"name": name, "rtsp_url": rtsp_url}))
+    def add_camera(self, name: str, rtsp_url: str | None = None,
+                   archiver: str | None = None) -> CameraCreated:
+        """Add a camera, recorded by ``archiver`` (a name of the site's registry; default: the
+        Archiver this client talks to); its ingest token is shown once (None for a pulled
+        camera)."""
+        body: dict[str, Any] = {"name": name, "rtsp_url": rtsp_url}
+        if archiver is not None:
+            body["archiver"] = archiver
+        return _typed(CameraCreated, self._call("POST", "/v1/admin/cameras", body))
+
+    def move_camera(self, camera: str, to: str) -> CameraMoved:
+        """From now on the site's Archiver ``to`` records ``camera`` (its history stays where
+        it was recorded)."""
+        return _typed(CameraMoved, self._call("POST", f"/v1/admin/cameras/{_seg(camera)}/move",
+                                              {"to": to}))
+
+    def site_archivers(self) -> list[ArchiverInfo]:
+        """The Archivers of the site: URL, certificate fingerprint, heartbeat, cameras held."""
+        return _typed_list(ArchiverInfo, self._call("GET", "/v1/admin/site/archivers"))
 
     def cameras(self) -> list[CameraInfo]:
         return _typed_list(CameraInfo, self._call("GET", "/v1/admin/cameras"))
@@ -349,10 +390,32 @@ class AdminClient:
     def admins(self) -> list[AdminInfo]:
         return _typed_list(AdminInfo, self._call("GET", "/v1/admin/admins"))
 
+    # --- the audit log -----------------------------------------------------------------
+    def audit(self, since_ms: int = 0, archiver: str | None = None,
+              limit: int = 1000) -> tuple[bool, list[AuditEntryInfo]]:
+        """(whether it is the site's log, its entries oldest first from ``since_ms``)."""
+        params = {"since_ms": str(since_ms), "limit": str(limit)}
+        if archiver:
+            params["archiver"] = archiver
+        body = self._call("GET", "/v1/admin/audit", params=params)
+        if not isinstance(body, dict):
+            raise AdminFailed("The Archiver's audit log answer is not an object.")
+        return bool(body.get("site")), _typed_list(AuditEntryInfo, body.get("entries"))
+
     def revoke_admin(self, who: str) -> AdminInfo:
         """By name, fingerprint or a unique fingerprint prefix."""
         return _typed(AdminInfo, self._call(
             "POST", f"/v1/admin/admins/{_seg(who.strip().lower())}/revoke"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditEntryInfo:
+    archiver: str  # the Archiver that wrote it
+    seq: int  # its line in that Archiver's audit.jsonl
+    ts_ms: int
+    actor: str
+    action: str
+    entry: dict[str, Any]
 
 
 def _seg(value: str) -> str:

@@ -22,9 +22,10 @@ from archiver.deps import ApiError, BearerDep, ServicesDep, services_of
 from archiver.deps import api_error as to_api_error
 from archiver.limits import REFUSED_STATUSES, Limits, RefusalAudit, RequestLimits
 from archiver.metrics import ArchiverCollector, make_registry
-from archiver.routers import admin, admins, grants, ingest, viewer
+from archiver.routers import admin, admins, audit, grants, ingest, viewer
 from archiver.services.container import create_services
 from archiver.services.refused import Refused
+from archiver.services.site_sync import start_site_changes
 from archiver.settings import Settings
 from archiver.storage import StorageFailed, StorageFull
 from keyservice.identity import Signer
@@ -99,7 +100,16 @@ def create_app(settings: Settings, signer: Signer | None = None,
         app.state.services = services
         app.state.collector = collector
         app.state.registry = make_registry(collector)
-        services.start_pullers()
+        # In the registry (refused if another live Archiver has the name), the cameras it
+        # holds pulled, then heartbeats and re-reads them in a thread (archiver/registry.py).
+        try:
+            await asyncio.to_thread(services.site.start)
+        except BaseException:
+            await asyncio.to_thread(services.rtsp.stop_all)
+            services.close()
+            raise
+        # In a site: other Archivers' authorization changes (NOTIFY, polling), off this loop.
+        changes = await asyncio.to_thread(start_site_changes, services)
 
         async def flush_refusals() -> None:
             while True:
@@ -122,6 +132,9 @@ def create_app(settings: Settings, signer: Signer | None = None,
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
+            if changes is not None:
+                await asyncio.to_thread(changes.stop)
+            await asyncio.to_thread(services.site.stop)
             await asyncio.to_thread(services.rtsp.stop_all)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(archive.save_health, 0)  # what the next start shows
@@ -154,6 +167,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
     app.include_router(viewer.router)
     app.include_router(grants.router)
     app.include_router(admins.router)
+    app.include_router(audit.router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -305,11 +305,15 @@ class Archive:
             self._auth_changes[fingerprint] = self._auth_changes.get(fingerprint, 0) + 1
         self.notifier.wake_all()  # live streams waiting for segments re-check at once
 
-    def access_removed(self, fingerprint: str, cameras: list[str] | None) -> None:
+    def access_removed(self, fingerprint: str, cameras: list[str] | None,
+                       at_ms: int | None = None) -> None:
         """A viewer was revoked or lost cameras (None: all), and gained none: the cameras
         keep the current key period's key (the viewer holds it already) and switch to chains
-        without it from the next period on, prepared off the ingest path."""
-        self.keys.access_removed(fingerprint, cameras, self.clock())
+        without it from the next period on, prepared off the ingest path. ``at_ms``: when it
+        happened, if earlier than now (a change made through another Archiver of the site):
+        no key of a later period than that one's is used again."""
+        now = self.clock()
+        self.keys.access_removed(fingerprint, cameras, now if at_ms is None else min(at_ms, now))
         with self._cameras_lock:
             self._auth_changes[fingerprint] = self._auth_changes.get(fingerprint, 0) + 1
         self.notifier.wake_all()  # live streams waiting for segments re-check at once

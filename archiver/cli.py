@@ -17,6 +17,7 @@ import typer
 
 from archiver.admin_cli import JsonOpt, TlsCaOpt, archiver_info, echo_result
 from archiver.admin_cli import register as register_admin_commands
+from archiver.identity_cli import identity_app
 from keyservice.cli_support import add_version_option, hidden_aliases, run, tidy_help
 from keyservice.errors import UsageError
 
@@ -26,6 +27,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="The Fusion Archiver: encrypts camera streams, serves fusion streams.")
 add_version_option(app, "fusion-archiver")
 register_admin_commands(app)
+app.add_typer(identity_app, name="identity")
 # The Archiver's URL is --archiver in the three CLIs; --url, the old spelling, keeps working.
 # --oaep-hash is the old name of --key-scheme (issue 24).
 hidden_aliases(app, {"url": "archiver", "oaep-hash": "key-scheme"})
@@ -127,6 +129,12 @@ def serve(
         "--public-url", envvar="FUSION_PUBLIC_URL", show_envvar=True,
         help="The URL viewers and cameras reach this Archiver at (default: the address it "
         "listens on), e.g. https://a1.site.example:8443.")] = None,
+    site_notify: Annotated[bool, typer.Option(
+        "--site-notify/--no-site-notify", help="In a site: learn of authorization changes made "
+        "through other Archivers by PostgreSQL LISTEN/NOTIFY (off: by polling alone).")] = True,
+    site_poll: Annotated[float, typer.Option(
+        "--site-poll", help="In a site: poll the directory for authorization changes this "
+        "often (seconds), also with NOTIFY: a lost notification still converges.")] = 5.0,
 ) -> None:
     """Run the Archiver."""
     import os
@@ -159,6 +167,7 @@ def serve(
                         max_rtsp_cameras=max_rtsp_cameras,
                         bootstrap_token=bootstrap_token, directory_url=directory or None,
                         advertised_url=public_url,
+                        site_notify=site_notify, site_poll_s=site_poll,
                         **({"archiver_name": name} if name else {}))
     if not bootstrap_token:
         from archiver.admins import active_admins
@@ -176,12 +185,20 @@ def serve(
     if settings.directory_url:
         # Reached (and migrated) before the server starts: a directory that cannot be used is
         # refused with its sentence and exit code, not a failed startup with a traceback.
+        from archiver.archive import wall_clock_ms
         from archiver.directory import open_directory
-        open_directory(settings.directory_url, settings.data_dir).close()
+        from archiver.registry import check_name
+        site = open_directory(settings.directory_url, settings.data_dir)
+        try:  # another live Archiver of this name would take this one's cameras
+            check_name(site, settings, wall_clock_ms())
+        finally:
+            site.close()
     signer = None
-    if settings.signing_cert_file is not None:
-        # Opened before the server starts, so a --signing-cert for another key (or one not
-        # valid now) is refused with its sentence and exit code, not a failed startup.
+    from archiver.signing import imported_certificate_path
+    if settings.signing_cert_file is not None or imported_certificate_path(settings).exists():
+        # Opened before the server starts, so a --signing-cert (or an imported certificate)
+        # for another key, or not valid now, is refused with its sentence and exit code, not
+        # a failed startup.
         from archiver.signing import open_signer
         signer = open_signer(settings)
     logging.getLogger("archiver").info("listening on %s://%s:%d (data directory %s, pid %d)",
@@ -243,8 +260,10 @@ def _archiver_key(data: Path, archiver_cert: Path | None, signer_token: str | No
     else:
         if signer_token is None and not (settings.token_dir / "softhsm2.conf").exists():
             raise UsageError(f"No signing token in {data}; give --archiver-cert or --signer-token.")
-        from archiver.signing import open_signer
-        certificate = open_signer(settings).certificate
+        # The key on the token: the same whatever certificate is imported for it (an expired
+        # one must not stop a check or a rebuild).
+        from archiver.signing import open_token_signer
+        certificate = open_token_signer(settings).certificate
     try:
         return ec_public_key(certificate.public_key())
     except TypeError as exc:

@@ -82,6 +82,9 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.CAMERA_EXISTS: 409, ErrorCode.VIEWER_EXISTS: 409, ErrorCode.GRANT_EXISTS: 409,
     ErrorCode.GRANT_STATE: 409, ErrorCode.ADMIN_EXISTS: 409, ErrorCode.AT_CAPACITY: 409,
     ErrorCode.EXPIRED: 410,
+    ErrorCode.UNKNOWN_ARCHIVER: 404,
+    # Another Archiver of the site records this camera: the answer names its URL.
+    ErrorCode.MISDIRECTED: 421,
     ErrorCode.BAD_CERTIFICATE: 422, ErrorCode.BAD_CAMERA_CHANGE: 422, ErrorCode.BAD_PROOF: 422,
     ErrorCode.BAD_CAMERA_NAME: 422, ErrorCode.BAD_RTSP_URL: 422, ErrorCode.BAD_RANGE: 422,
     ErrorCode.BAD_GRANT: 422, ErrorCode.GRANT_OUTSIDE_RANGE: 422, ErrorCode.GRANT_TO_SELF: 422,

@@ -355,6 +355,12 @@ class KeyManager:
                 period = now_ms // self._period_ms
                 for cam_stream in self._chains:
                     if cameras is None or cam_stream[0] in cameras:
+                        current = self._current.get(cam_stream)
+                        if current is not None and current[0][0] > period:
+                            # Learnt late (another Archiver's revocation, notify.py): the key
+                            # in use is of a period after the removal's, derivable by the
+                            # viewer; the next segment must not be sealed under it.
+                            del self._current[cam_stream]
                         older = self._retiring.get(cam_stream)
                         self._retiring[cam_stream] = (
                             self._generation, period if older is None else min(older[1], period))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyservice.errors import UsageError
+from keyservice.names import CAMERA_NAME_RULE, is_camera_name
 
 MiB = 1024 * 1024
 
@@ -104,6 +105,11 @@ class Settings:
     # a proxy or a DNS name, give it).
     archiver_name: str = field(default_factory=socket.gethostname)
     advertised_url: str | None = None
+    # In a site: authorization changes made through other Archivers arrive by PostgreSQL
+    # LISTEN/NOTIFY (off: polling alone), and the directory is polled this often anyway, so a
+    # lost notification (or a lost connection) still converges (archiver/directory/notify.py).
+    site_notify: bool = True
+    site_poll_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.key_period_s < 1:
@@ -126,9 +132,12 @@ class Settings:
             raise UsageError("The number of RTSP worker processes must be from 0 to 256.")
         if self.max_rtsp_cameras < 0:
             raise UsageError("--max-rtsp-cameras must be 0 (no limit) or more.")
-        if not _ARCHIVER_NAME.fullmatch(self.archiver_name):
+        if not 0.1 <= self.site_poll_s <= 3600:
+            raise UsageError("--site-poll must be from 0.1 to 3600 seconds.")
+        # An Archiver's name follows the camera-name rule: it stands in URLs and logs alike.
+        if not is_camera_name(self.archiver_name):
             raise UsageError(f"The Archiver name {self.archiver_name!r} is not usable.",
-                             "Give --name with 1 to 64 letters, digits, '.', '_' or '-'.")
+                             f"Give --name of {CAMERA_NAME_RULE}.")
         if self.advertised_url is not None and not re.fullmatch(
                 r"https?://[^\s/?#]+/?", self.advertised_url):
             raise UsageError(f"--public-url {self.advertised_url!r} is not a URL.",
@@ -187,9 +196,6 @@ class Settings:
     @property
     def token_dir(self) -> Path:
         return self.data_dir / "token"
-
-
-_ARCHIVER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _is_loopback(host: str) -> bool:

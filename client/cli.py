@@ -29,6 +29,7 @@ from client.options import (
     OutputOpt,
     QuietOpt,
     SaveOpt,
+    SiteCaOpt,
     TlsCaOpt,
     TokenOpt,
 )
@@ -67,6 +68,7 @@ def play(
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
     tls_ca: TlsCaOpt = None,
+    site_ca: SiteCaOpt = None,
     save_stream: SaveOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -79,7 +81,8 @@ def play(
     from_ms, to_ms = parse_range(from_, to, now_ms())
     check_camera(camera)
     stream_command(url=archiver, token=token, output_target=output, archiver_cert=archiver_cert,
-                   tls_ca=tls_ca, save_stream=save_stream, quiet=quiet, live=False,
+                   tls_ca=tls_ca, site_ca=site_ca, save_stream=save_stream, quiet=quiet,
+                   live=False,
                    progress_range=(from_ms, to_ms), progress_camera=camera,
                    make_request=lambda: playback_request(camera, from_ms, to_ms))
 
@@ -95,6 +98,7 @@ def live(
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
     tls_ca: TlsCaOpt = None,
+    site_ca: SiteCaOpt = None,
     save_stream: SaveOpt = None,
     quiet: QuietOpt = False,
     max_clock_skew: Annotated[float, typer.Option(
@@ -112,7 +116,8 @@ def live(
     seconds = duration if duration is not None else MAX_LIVE_S
     skew_ms = int(max_clock_skew * 1000)
     stream_command(url=archiver, token=token, output_target=output, archiver_cert=archiver_cert,
-                   tls_ca=tls_ca, save_stream=save_stream, quiet=quiet, live=True,
+                   tls_ca=tls_ca, site_ca=site_ca, save_stream=save_stream, quiet=quiet,
+                   live=True,
                    progress_range=None,
                    make_request=lambda: live_request(camera, seconds, max_skew_ms=skew_ms))
 
@@ -123,6 +128,7 @@ def cameras(
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
     tls_ca: TlsCaOpt = None,
+    site_ca: SiteCaOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List the cameras this viewer may watch, with their recorded ranges."""
@@ -130,7 +136,8 @@ def cameras(
     from keyservice.text import printable
     from keyservice.timespec import format_ms
 
-    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, _identity, _login):
+    with logged_in(archiver, token, archiver_cert, tls_ca, site_ca) as (session, _identity,
+                                                                         _login):
         views = session.cameras()
     if as_json:
         typer.echo(json.dumps({"cameras": [v.__dict__ for v in views]}))
@@ -149,6 +156,7 @@ def view(
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
     tls_ca: TlsCaOpt = None,
+    site_ca: SiteCaOpt = None,
     port: Annotated[int, typer.Option("--port", min=0, max=65535,
                                       help="Local port (default: a free one).")] = 0,
     no_browser: Annotated[bool, typer.Option("--no-browser",
@@ -161,14 +169,16 @@ def view(
     timeline and verified exports. Keys stay on your token; the PIN is asked here, never in the
     page. Ctrl-C stops it."""
     from client.playback import logged_in, login_and_say, say
-    from client.viewer import load_certificate_file
+    from client.viewer import load_certificate_file, load_site_ca
     from client.web.backend import ViewerBackend
     from client.web.server import serve
 
     explicit = load_certificate_file(archiver_cert) if archiver_cert is not None else None
-    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login):
+    cas = load_site_ca(site_ca) if site_ca is not None else ()
+    with logged_in(archiver, token, archiver_cert, tls_ca, site_ca) as (session, identity, login):
         backend = ViewerBackend(session, identity, login,
-                                lambda: login_and_say(session, identity, explicit), export_dir)
+                                lambda: login_and_say(session, identity, explicit, cas),
+                                export_dir)
 
         terminal = sys.stdin.isatty()
 
@@ -192,6 +202,7 @@ def open_saved(
     archiver_cert: ArchiverCertOpt = None,
     archiver: Annotated[str | None, typer.Option(
         "--archiver", help="Use the certificate pinned for this Archiver URL.")] = None,
+    site_ca: SiteCaOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Verify and decrypt a saved fusion stream offline, against a pinned or given Archiver.
@@ -199,18 +210,20 @@ def open_saved(
     a past request and is no answer to a new one."""
     from client.pinning import KnownArchivers, check_archiver
     from client.playback import Progress, open_output, run_stream
-    from client.viewer import load_certificate_file, open_identity
+    from client.viewer import load_certificate_file, load_site_ca, open_identity
 
     explicit = load_certificate_file(archiver_cert) if archiver_cert is not None else None
-    if explicit is None and archiver is None:
-        raise UsageError("Give --archiver-cert FILE or --archiver URL (a pinned Archiver) to say "
-                         "whose signature the stream must carry.")
+    cas = load_site_ca(site_ca) if site_ca is not None else ()
+    if explicit is None and archiver is None and not cas:
+        raise UsageError("Give --archiver-cert FILE, --archiver URL (a pinned Archiver) or "
+                         "--site-ca FILE to say whose signature the stream must carry.")
     store = KnownArchivers.default()
 
     def check(cert: x509.Certificate) -> None:
-        # Offline there is no first contact to trust: the Archiver must be known already.
+        # Offline there is no first contact to trust: the Archiver must be known already (or
+        # its certificate issued by the site CA, checked as of now).
         check_archiver(None if explicit is not None else archiver, cert, store=store,
-                       explicit=explicit, allow_first_use=False)
+                       explicit=explicit, allow_first_use=False, site_ca=cas)
 
     try:
         fh = open(stream_file, "rb")

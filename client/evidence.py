@@ -21,6 +21,7 @@ from client.options import (
     ArchiverCertOpt,
     ArchiverOpt,
     CameraOpt,
+    SiteCaOpt,
     TlsCaOpt,
     TokenOpt,
 )
@@ -85,6 +86,7 @@ def export(
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
     tls_ca: TlsCaOpt = None,
+    site_ca: SiteCaOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
 ) -> None:
     """Export a recorded range as an evidence package: the segments and signed manifests as
@@ -103,7 +105,7 @@ def export(
         raise UsageError(f"Cannot write the package into {output.parent}: not a writable "
                          "directory.")
     recipient = _recipient(for_) if for_ is not None else None
-    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login):
+    with logged_in(archiver, token, archiver_cert, tls_ca, site_ca) as (session, identity, login):
         made = export_evidence(session, identity, login, camera, from_ms, to_ms, output,
                                recipient=recipient)
     if not quiet:

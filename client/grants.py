@@ -27,6 +27,7 @@ from client.options import (
     ArchiverCertOpt,
     ArchiverOpt,
     JsonOpt,
+    SiteCaOpt,
     TlsCaOpt,
     TokenOpt,
 )
@@ -82,6 +83,7 @@ def grant(
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
     tls_ca: TlsCaOpt = None,
+    site_ca: SiteCaOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Grant a recorded range you can play to another viewer certificate. The Archiver serves
@@ -95,7 +97,7 @@ def grant(
     grantee = load_certificate_file(to_cert)
     # Checked before the Archiver and the token are bothered.
     recipient = recipient_for(grantee, key_scheme)
-    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, identity, login):
+    with logged_in(archiver, token, archiver_cert, tls_ca, site_ca) as (session, identity, login):
         # Played exactly as `play` would (every check of the reader), written nowhere: the keys
         # granted are those of the segments the verified stream of this range released.
         made = make_grant_for(session, identity, login, camera, from_ms, to_ms, recipient,
@@ -116,12 +118,14 @@ def grants_list(
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
     tls_ca: TlsCaOpt = None,
+    site_ca: SiteCaOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The grants you made or received, with their state."""
     from client.playback import logged_in
 
-    with logged_in(archiver, token, archiver_cert, tls_ca) as (session, _identity, login):
+    with logged_in(archiver, token, archiver_cert, tls_ca, site_ca) as (session, _identity,
+                                                                         login):
         rows = session.grants()
         me = login.viewer_fingerprint
     if as_json:
@@ -149,6 +153,7 @@ def grants_play(
     token: TokenOpt = ...,  # type: ignore[assignment]
     archiver_cert: ArchiverCertOpt = None,
     tls_ca: TlsCaOpt = None,
+    site_ca: SiteCaOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
 ) -> None:
     """Play a range granted to you (approved by an admin), with your own token."""
@@ -176,7 +181,8 @@ def grants_play(
         return playback_request(granted[0].camera, granted[0].from_ms, granted[0].to_ms)
 
     stream_command(url=archiver, token=token, output_target=output, archiver_cert=archiver_cert,
-                   tls_ca=tls_ca, save_stream=None, quiet=quiet, live=False, progress_range=None,
+                   tls_ca=tls_ca, site_ca=site_ca, save_stream=None, quiet=quiet, live=False,
+                   progress_range=None,
                    make_request=request, grant_id=grant_id, known_keys=open_keys)
 
 

@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 __all__ = ["DEFAULT_CLOCK_SKEW_S", "DEFAULT_URL", "MAX_LIVE_S", "ArchiverCertOpt", "ArchiverOpt",
-           "CameraOpt", "JsonOpt", "OutputOpt", "QuietOpt", "SaveOpt", "TlsCaOpt", "TokenOpt"]
+           "CameraOpt", "JsonOpt", "OutputOpt", "QuietOpt", "SaveOpt", "SiteCaOpt", "TlsCaOpt",
+           "TokenOpt"]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 # Option bounds and defaults that help shows, written here so that building the CLI imports no
@@ -31,6 +32,11 @@ OutputOpt = Annotated[str, typer.Option("--output", "-o",
 ArchiverCertOpt = Annotated[Path | None, typer.Option(
     "--archiver-cert", help="Pin this Archiver certificate (PEM) instead of trusting on first "
                             "use; also replaces an older pin after a legitimate key change.")]
+SiteCaOpt = Annotated[Path | None, typer.Option(
+    "--site-ca", envvar="FUSION_SITE_CA",
+    help="Your site CA's certificate (PEM): accept any Archiver whose signing certificate it "
+         "issued, for any Archiver URL of the site, without a pin; refuse every other. Pins "
+         "(--archiver-cert, known_archivers) still apply beside it.")]
 TlsCaOpt = Annotated[Path | None, typer.Option(
     "--tls-ca", envvar="FUSION_TLS_CA",
     help="The site CA's certificate (PEM): the only CA the Archiver's HTTPS certificate is "

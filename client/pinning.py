@@ -9,6 +9,11 @@ so the viewer must know *which* Archiver key to trust. Three ways, in order:
    loudly, because a changed key is exactly what an impersonator would present;
 3. otherwise the certificate is trusted on first use and recorded.
 
+With ``--site-ca`` (``FUSION_SITE_CA``) a site's Archivers need no pin: a certificate the site CA
+issued for an Archiver's signing key is accepted for any Archiver URL, and nothing is pinned;
+one not issued by it is refused. Pins still apply beside it: ``--archiver-cert`` and a pin
+recorded for the URL must match too (see ``check_archiver``).
+
 The file is ``known_archivers`` under ``$FUSION_CLIENT_HOME`` (or
 ``$XDG_CONFIG_HOME/fusion-client``, or ``~/.config/fusion-client``), a JSON document
 ``{"version": 1, "archivers": [{"url": ..., "sha256": ..., "subject": ...}]}`` written with
@@ -24,15 +29,17 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from keyservice.errors import ArchiverMismatch, UsageError
+from keyservice.certs import check_site_issued
+from keyservice.errors import ArchiverMismatch, CertificateError, UsageError
 from keyservice.identity import fingerprint
 
 __all__ = ["KNOWN_FILE", "KnownArchivers", "KnownEntry", "PinDecision", "PinOutcome",
@@ -76,6 +83,7 @@ class PinOutcome(Enum):
     MATCHED = "matched the pinned certificate"
     EXPLICIT = "matched the certificate given with --archiver-cert"
     FIRST_USE = "trusted on first use and pinned"
+    SITE_CA = "issued by the site CA (--site-ca)"
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,7 @@ class PinDecision:
     fingerprint: bytes
     stored_in: Path
     replaced: bytes | None = None  # an older, different pin that --archiver-cert replaced
+    subject: str = ""  # the certificate's subject (RFC 4514)
 
 
 @dataclass(frozen=True)
@@ -222,13 +231,30 @@ def _subject(cert: x509.Certificate) -> str:
 
 def check_archiver(url: str | None, cert: x509.Certificate, *, store: KnownArchivers,
                    explicit: x509.Certificate | None = None,
-                   allow_first_use: bool = True) -> PinDecision:
+                   allow_first_use: bool = True,
+                   site_ca: Sequence[x509.Certificate] = (),
+                   now: datetime | None = None) -> PinDecision:
     """Decide whether ``cert`` is the Archiver at ``url``; raises ArchiverMismatch if not.
 
-    ``url`` None (a saved stream opened offline) needs ``explicit``. ``allow_first_use`` False
-    refuses to trust an unknown Archiver (offline: there is no first contact to pin).
+    ``url`` None (a saved stream opened offline) needs ``explicit`` or ``site_ca``.
+    ``allow_first_use`` False refuses to trust an unknown Archiver (offline: there is no first
+    contact to pin).
+
+    ``site_ca`` (``--site-ca``): the certificate must be an Archiver signing certificate the
+    site CA issued (``keyservice.certs.check_site_issued``), and is then accepted for any URL
+    of the site without a pin, and nothing is pinned. Every check that applies must pass: a
+    certificate given with ``--archiver-cert`` must still match, and a pin recorded for the
+    URL must still match (a mismatch stays loud even for a site-issued certificate: a pin is
+    a statement about this URL that only the user withdraws).
     """
     presented = fingerprint(cert)
+    if site_ca:
+        try:
+            check_site_issued(cert, site_ca, now=now if now is not None else datetime.now(UTC))
+        except CertificateError as exc:
+            raise ArchiverMismatch(
+                str(exc), "Nothing was decrypted. Use an Archiver of your site, or check that "
+                "--site-ca (FUSION_SITE_CA) is your site's CA certificate.") from None
     if explicit is not None:
         wanted = fingerprint(explicit)
         if presented != wanted:
@@ -245,18 +271,26 @@ def check_archiver(url: str | None, cert: x509.Certificate, *, store: KnownArchi
                 replaced = old
         return PinDecision(PinOutcome.EXPLICIT, presented, store.path, replaced)
     if url is None:
-        raise UsageError("Give --archiver-cert FILE (or --archiver URL with a pinned Archiver) "
-                         "to say which Archiver must have signed the stream.")
+        if site_ca:
+            return PinDecision(PinOutcome.SITE_CA, presented, store.path, subject=_subject(cert))
+        raise UsageError("Give --archiver-cert FILE (or --archiver URL with a pinned Archiver, "
+                         "or --site-ca FILE) to say which Archiver must have signed the stream.")
     pinned = store.lookup(url)
     if pinned is not None:
         if pinned != presented:
+            site = (" It was issued by the site CA, but this URL's pin names another "
+                    "certificate." if site_ca else "")
             raise ArchiverMismatch(
                 f"WARNING: THE ARCHIVER'S CERTIFICATE HAS CHANGED. The Archiver at {url} "
                 f"presented sha256 {presented.hex()}, but {store.path} pins sha256 "
-                f"{pinned.hex()}; someone may be impersonating it.",
+                f"{pinned.hex()}; someone may be impersonating it.{site}",
                 "Nothing was decrypted. If the admin really replaced the Archiver's key, get its "
                 "new certificate from the admin and run again with --archiver-cert FILE.")
         return PinDecision(PinOutcome.MATCHED, presented, store.path)
+    if site_ca:
+        # Trusted through the site CA: nothing is pinned, so a certificate the site CA renews
+        # or re-issues is accepted again without a false alarm.
+        return PinDecision(PinOutcome.SITE_CA, presented, store.path, subject=_subject(cert))
     if not allow_first_use:
         raise UsageError(f"No Archiver certificate is pinned for {url} in {store.path}; give "
                          "--archiver-cert FILE.")

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,15 @@ from client.player import (
     archiver_pin_check,
 )
 from client.session import ArchiverSession
-from client.viewer import Login, load_certificate_file, login, open_identity, stream
+from client.viewer import (
+    Login,
+    Signer,
+    load_certificate_file,
+    load_site_ca,
+    login,
+    open_identity,
+    stream,
+)
 from keyservice.errors import KeyServiceError, UsageError
 from keyservice.exits import failure
 from keyservice.format import Header, Mode
@@ -43,7 +51,7 @@ from keyservice.timespec import format_duration, format_ms
 
 __all__ = ["DeferredInterrupt", "Progress", "describe_saved", "logged_in", "login_and_say", "mib",
            "open_output", "operations", "pin_message", "print_summary", "reader_closed",
-           "recorded_part", "report_failure", "run_stream", "say", "stream_command",
+           "recorded_part", "report_failure", "run_stream", "say", "signed_by", "stream_command",
            "token_line"]
 
 
@@ -60,6 +68,10 @@ def pin_message(url: str, decision: PinDecision) -> str | None:
         return (f"trusting the Archiver at {url} on first use: certificate sha256 "
                 f"{decision.fingerprint.hex()} (pinned in {decision.stored_in}); compare it "
                 "with the fingerprint your admin gives you.")
+    if decision.outcome is PinOutcome.SITE_CA:
+        return (f"the Archiver at {url} presented {decision.subject} (sha256 "
+                f"{decision.fingerprint.hex()}), issued by your site CA (--site-ca): accepted "
+                "without a pin.")
     if decision.replaced is not None:
         return (f"replaced the pinned certificate of {url} (sha256 {decision.replaced.hex()}) "
                 f"with the one given by --archiver-cert (sha256 {decision.fingerprint.hex()}).")
@@ -67,9 +79,11 @@ def pin_message(url: str, decision: PinDecision) -> str | None:
 
 
 def login_and_say(session: ArchiverSession, identity: Identity,
-                  explicit: x509.Certificate | None) -> Login:
-    """``client.viewer.login``, saying a first-use pin or a replaced pin on stderr."""
-    result = login(session, identity, archiver_cert=explicit)
+                  explicit: x509.Certificate | None,
+                  site_ca: Sequence[x509.Certificate] = ()) -> Login:
+    """``client.viewer.login``, saying a first-use pin, a replaced pin or a site-CA
+    acceptance on stderr."""
+    result = login(session, identity, archiver_cert=explicit, site_ca=site_ca)
     message = pin_message(session.url, result.pin)
     if message is not None:
         say(message)
@@ -77,15 +91,16 @@ def login_and_say(session: ArchiverSession, identity: Identity,
 
 
 @contextmanager
-def logged_in(url: str, token: str, archiver_cert: Path | None,
-              tls_ca: Path | None) -> Iterator[tuple[ArchiverSession, Identity, Login]]:
+def logged_in(url: str, token: str, archiver_cert: Path | None, tls_ca: Path | None,
+              site_ca: Path | None = None) -> Iterator[tuple[ArchiverSession, Identity, Login]]:
     """A session to the Archiver at ``url``, the token's identity (PIN prompted if needed)
-    and the login, for the ``with`` block."""
+    and the login (``site_ca``: --site-ca), for the ``with`` block."""
     explicit = load_certificate_file(archiver_cert) if archiver_cert is not None else None
+    cas = load_site_ca(site_ca) if site_ca is not None else ()
     with ExitStack() as stack:
         session = stack.enter_context(ArchiverSession(url, tls_ca=tls_ca))
         identity = stack.enter_context(open_identity(token, prompt=True))
-        yield session, identity, login_and_say(session, identity, explicit)
+        yield session, identity, login_and_say(session, identity, explicit, cas)
 
 
 def open_output(target: str) -> Output:
@@ -271,7 +286,16 @@ def run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
         if saved and player.header is not None:
             for line in describe_saved(player.header):
                 say(line)
+        elif player.header is not None:
+            say(signed_by(player.header))
         print_summary(summary, login_ops(), token_ops, where)
+
+
+def signed_by(header: Header) -> str:
+    """Which Archiver signed a verified stream: the certificate its header carries, whose key
+    verified every manifest and the end record ("signed by CN=a1 (sha256 ...)")."""
+    signer = Signer(x509.load_der_x509_certificate(header.archiver_cert_der))
+    return f"signed by {_printable(str(signer))}, issued by {_printable(signer.issuer)}"
 
 
 def describe_saved(header: Header) -> list[str]:
@@ -345,19 +369,20 @@ def stream_command(*, url: str, token: str, output_target: str, archiver_cert: P
                    progress_range: tuple[int, int] | None, progress_camera: str = "",
                    make_request: Callable[[], StreamRequest], grant_id: str | None = None,
                    known_keys: Callable[[ArchiverSession, Identity], Mapping[bytes, bytes]]
-                   | None = None) -> None:
+                   | None = None, site_ca: Path | None = None) -> None:
     """One stream command (play, live, grants play): log in, fetch the stream bound to a
     fresh request (client.viewer.stream), verify and write it with progress and messages.
     ``known_keys``: after login, minute keys from outside the stream (an access grant opened
     on the token: client/grants.py)."""
     explicit = load_certificate_file(archiver_cert) if archiver_cert is not None else None
+    cas = load_site_ca(site_ca) if site_ca is not None else ()
     with ExitStack() as stack:
         output = open_output(output_target)
         save = FileOutput(save_stream) if save_stream is not None else None
         try:
             session = stack.enter_context(ArchiverSession(url, tls_ca=tls_ca))
             identity = stack.enter_context(open_identity(token, prompt=True))
-            login = login_and_say(session, identity, explicit)
+            login = login_and_say(session, identity, explicit, cas)
             after_login = operations(identity)
             keys = known_keys(session, identity) if known_keys is not None else None
         except BaseException:

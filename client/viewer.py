@@ -22,12 +22,13 @@ import datetime as dt
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from client.pinning import KnownArchivers, PinDecision, check_archiver
 from client.player import (
@@ -69,6 +70,7 @@ __all__ = [
     "fetch_range",
     "live",
     "load_certificate_file",
+    "load_site_ca",
     "login",
     "make_grant_for",
     "now_ms",
@@ -106,6 +108,32 @@ def load_certificate_file(path: Path) -> x509.Certificate:
         return load_certificate(data)
     except CertificateError as exc:
         raise CertificateError(f"{path}: {exc}") from None
+
+
+def load_site_ca(path: Path) -> tuple[x509.Certificate, ...]:
+    """The site CA certificate(s) of ``--site-ca`` (a PEM file may hold several, e.g. a
+    renewed CA beside the old one): UsageError if unreadable, CertificateError (naming the
+    file) if it holds no certificate or one that is not a CA."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"Cannot read --site-ca {path}: {exc.strerror or exc}.") from None
+    try:
+        found = tuple(x509.load_pem_x509_certificates(data)) if b"-----BEGIN" in data \
+            else (x509.load_der_x509_certificate(data),)
+    except ValueError:
+        raise CertificateError(f"--site-ca {path} is not a readable certificate (PEM or "
+                               "DER); give your site CA's certificate.") from None
+    for cert in found:
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise CertificateError(f"--site-ca {path} holds {cert.subject.rfc4514_string()}, "
+                                   "which is not a CA certificate; give your site CA's "
+                                   "certificate.")
+    return found
 
 
 @contextmanager
@@ -146,18 +174,20 @@ class Login:
 
 def login(session: ArchiverSession, identity: Identity, *,
           archiver_cert: x509.Certificate | None = None, known: KnownArchivers | None = None,
-          allow_first_use: bool = True) -> Login:
+          allow_first_use: bool = True, site_ca: Sequence[x509.Certificate] = ()) -> Login:
     """Prove possession of the token to the Archiver, with its certificate pinned: it must be
     ``archiver_cert`` if given (which then replaces an older pin), else the one pinned for the
     URL in ``known`` (default: the user's known_archivers file), else it is trusted on first use
-    and pinned (unless ``allow_first_use`` is False). The check runs before the token is used,
-    so an impersonator gets nothing from it. HTTPS trust (a site CA) is the session's."""
+    and pinned (unless ``allow_first_use`` is False). With ``site_ca`` (``--site-ca``), a
+    signing certificate the site CA issued is accepted without a pin, and any other refused
+    (pins still apply beside it: client.pinning.check_archiver). The check runs before the
+    token is used, so an impersonator gets nothing from it. HTTPS trust is the session's."""
     store = known if known is not None else KnownArchivers.default()
     decisions: list[PinDecision] = []
 
     def check(cert: x509.Certificate) -> None:
         decisions.append(check_archiver(session.url, cert, store=store, explicit=archiver_cert,
-                                        allow_first_use=allow_first_use))
+                                        allow_first_use=allow_first_use, site_ca=site_ca))
 
     result = session.login(identity, check)
     return Login(session.url, result, decisions[-1])
@@ -166,9 +196,26 @@ def login(session: ArchiverSession, identity: Identity, *,
 # --- streams ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Signer:
-    """The Archiver that signed a verified stream (the pinned one)."""
+    """The Archiver that signed a verified stream: the certificate the stream's header
+    carries (the one logged in to, pinned or issued by the site CA), whose key verified every
+    manifest and the end record. Its subject names the Archiver (CN = its name in the site
+    when the site CA issued it)."""
 
     certificate: x509.Certificate
+
+    def __str__(self) -> str:
+        return f"{self.subject} (sha256 {self.fingerprint})"
+
+    @property
+    def name(self) -> str | None:
+        """Its certificate's common name (the Archiver's name), None without one."""
+        names = self.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(names[0].value) if names else None
+
+    @property
+    def issuer(self) -> str:
+        """Who issued its certificate (RFC 4514): the site CA, or itself (self-signed)."""
+        return self.certificate.issuer.rfc4514_string()
 
     @property
     def fingerprint(self) -> str:
@@ -315,21 +362,25 @@ def fetch_range(archiver: str, token: str | Identity, camera: str, from_ms: int,
                 output: Path | None = None, tls_ca: Path | None = None,
                 archiver_cert: x509.Certificate | Path | None = None,
                 known: KnownArchivers | None = None, pin: str | None = None,
-                prompt: bool = False) -> VerifiedRange:
+                prompt: bool = False,
+                site_ca: Path | Sequence[x509.Certificate] = ()) -> VerifiedRange:
     """One call: connect to the Archiver at ``archiver`` (HTTPS verified against ``tls_ca``,
     a site CA, if given), open ``token`` (a PKCS#11 URI, or an open Identity), log in with
     pinning (see ``login``), fetch ``camera``'s recorded range [from_ms, to_ms] bound to a
     fresh request, verify it to its signed end record, and return it: the video in ``data``,
-    or written to ``output``. Raises a KeyServiceError (with ``exit_code``, and the
-    Archiver's ``wire_code``/``http_status`` for a refusal); never returns unverified video."""
+    or written to ``output``. ``site_ca``: accept any Archiver whose signing certificate
+    this site CA (a PEM file, or the certificates) issued, without a pin. Raises a
+    KeyServiceError (with ``exit_code``, and the Archiver's ``wire_code``/``http_status`` for a
+    refusal); never returns unverified video."""
     check_camera(camera)
     explicit = load_certificate_file(archiver_cert) if isinstance(archiver_cert, Path) \
         else archiver_cert
+    cas = load_site_ca(site_ca) if isinstance(site_ca, Path) else tuple(site_ca)
     with ExitStack() as stack:
         session = stack.enter_context(ArchiverSession(archiver, tls_ca=tls_ca))
         identity = token if not isinstance(token, str) else stack.enter_context(
             open_identity(token, pin=pin, prompt=prompt))
-        logged_in = login(session, identity, archiver_cert=explicit, known=known)
+        logged_in = login(session, identity, archiver_cert=explicit, known=known, site_ca=cas)
         return play_range(session, identity, logged_in, camera, from_ms, to_ms, output=output)
 
 

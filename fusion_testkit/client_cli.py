@@ -58,7 +58,7 @@ class Client:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
-               if k not in ("FUSION_PIN", "FUSION_TOKEN", "FUSION_TLS_CA")}
+               if k not in ("FUSION_PIN", "FUSION_TOKEN", "FUSION_TLS_CA", "FUSION_SITE_CA")}
         env["FUSION_CLIENT_HOME"] = str(self.home)
         if self.tls_ca is not None:
             env["FUSION_TLS_CA"] = str(self.tls_ca)

@@ -48,8 +48,8 @@ class SiteCa:
         return cls(key, cert, path)
 
     def _builder(self, subject: x509.Name, public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
-                 days: int) -> x509.CertificateBuilder:
-        now = datetime.now(UTC)
+                 days: int, start: datetime | None = None) -> x509.CertificateBuilder:
+        now = datetime.now(UTC) if start is None else start
         return (x509.CertificateBuilder().subject_name(subject)
                 .issuer_name(self.certificate.subject).public_key(public)
                 .serial_number(x509.random_serial_number())
@@ -70,6 +70,19 @@ class SiteCa:
                 .add_extension(x509.KeyUsage(False, False, not ec_key, False, ec_key, False,
                                              False, False, False), critical=True)
                 .sign(self.key, hashes.SHA256()))
+
+    def issue_archiver_signing(self, csr: x509.CertificateSigningRequest, *, days: int = 365,
+                               not_before: datetime | None = None) -> x509.Certificate:
+        """What a site CA issues for an Archiver's CSR (``fusion-archiver identity csr``): the
+        request's subject and key (its self-signature checked first, as a CA does), key usage
+        digitalSignature only, not a CA. ``not_before``: to make one that has already expired."""
+        if not csr.is_signature_valid:
+            raise ValueError("the CSR's signature does not verify")
+        public = csr.public_key()
+        assert isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
+        usage = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
+        return (self._builder(csr.subject, public, days, not_before)
+                .add_extension(usage, critical=True).sign(self.key, hashes.SHA256()))
 
     def issue_tls_server(self, directory: Path, hosts: tuple[str, ...] = LOOPBACK_HOSTS, *,
                          name: str = "archiver", days: int = 30) -> tuple[Path, Path]:

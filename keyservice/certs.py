@@ -221,6 +221,121 @@ def build_archiver_certificate(signing_key: ec.EllipticCurvePrivateKey, common_n
     )
 
 
+def _archiver_key_usage() -> x509.KeyUsage:
+    # digitalSignature only: the key signs manifests and end records, nothing else.
+    return x509.KeyUsage(digital_signature=True, content_commitment=False,
+                         key_encipherment=False, data_encipherment=False, key_agreement=False,
+                         key_cert_sign=False, crl_sign=False, encipher_only=False,
+                         decipher_only=False)
+
+
+def build_archiver_csr(signing_key: ec.EllipticCurvePrivateKey,
+                       common_name: str) -> x509.CertificateSigningRequest:
+    """A PKCS#10 request for a site CA to certify the Archiver's signing key, CN =
+    ``common_name`` (the Archiver's name in its site), signed by ``signing_key`` (a token key:
+    the signature is made on the token, the key never leaves it). It asks for what the
+    Archiver's certificate must say: not a CA, key usage digitalSignature."""
+    if not isinstance(signing_key.curve, ec.SECP256R1):
+        raise CertificateError("The Archiver signing key must be ECDSA P-256.")
+    return (x509.CertificateSigningRequestBuilder()
+            .subject_name(_name(common_name))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_archiver_key_usage(), critical=True)
+            .sign(signing_key, hashes.SHA256()))
+
+
+def _subject_of(cert: x509.Certificate) -> str:
+    return f"{cert.subject.rfc4514_string()} (sha256 {fingerprint(cert).hex()})"
+
+
+def check_archiver_signing_certificate(cert: x509.Certificate, *, now: datetime) -> None:
+    """The shape of an Archiver's signing certificate: an EC P-256 key, valid at ``now``,
+    key usage present and allowing digitalSignature, not a CA. A certificate that may not
+    sign (or that is a CA, which could mint Archivers) vouches for no stream."""
+    now = _utc(now)
+    who = _subject_of(cert)
+    key = cert.public_key()
+    if not (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)):
+        raise CertificateError(f"The certificate {who} holds no EC P-256 key, so it cannot be "
+                               "an Archiver's signing certificate.")
+    if now < cert.not_valid_before_utc:
+        raise CertificateError(f"The certificate {who} is not valid before "
+                               f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this "
+                               "machine's clock.")
+    if now > cert.not_valid_after_utc:
+        raise CertificateError(f"The certificate {who} expired on "
+                               f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; have the site "
+                               "CA issue a new one.")
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is None or not usage.digital_signature:
+        raise CertificateError(f"The certificate {who} is not a signing certificate (its key "
+                               "usage lacks digitalSignature); have the site CA issue one with "
+                               "key usage digitalSignature.")
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is not None and constraints.ca:
+        raise CertificateError(f"The certificate {who} is a CA certificate, not an Archiver's "
+                               "signing certificate.")
+
+
+def _site_ee_policy() -> Any:
+    """What x509.verification requires of the Archiver's (end-entity) certificate: key usage
+    with digitalSignature, not a CA. Not the WebPKI defaults: those are for TLS (a subject
+    alternative name, an EKU), which a signing certificate has no use for."""
+    from cryptography.x509 import verification as v
+
+    def signs(_policy: object, _cert: x509.Certificate, usage: x509.KeyUsage | None) -> None:
+        if usage is None or not usage.digital_signature:
+            raise ValueError("key usage lacks digitalSignature")
+
+    def not_ca(_policy: object, _cert: x509.Certificate,
+               constraints: x509.BasicConstraints | None) -> None:
+        if constraints is not None and constraints.ca:
+            raise ValueError("it is a CA certificate")
+
+    return (v.ExtensionPolicy.permit_all()
+            .require_present(x509.KeyUsage, v.Criticality.AGNOSTIC, signs)
+            .may_be_present(x509.BasicConstraints, v.Criticality.AGNOSTIC, not_ca))
+
+
+def check_site_issued(cert: x509.Certificate, site_cas: Sequence[x509.Certificate], *,
+                      now: datetime) -> x509.Certificate:
+    """Whether ``cert`` is the signing certificate of an Archiver of the site: issued by one of
+    ``site_cas`` (path validation by cryptography's x509.verification, the site CAs as trust
+    anchors: signature, validity of both, the CA's constraints and key usage), valid at
+    ``now``, allowed to sign, not a CA. Returns the issuing CA; CertificateError names the
+    certificate and the CA expected otherwise."""
+    from cryptography.x509 import verification as v
+
+    if not site_cas:
+        raise CertificateError("No site CA was given to check the Archiver's certificate "
+                               "against.")
+    now = _utc(now)
+    who = _subject_of(cert)
+    expected = "; ".join(ca.subject.rfc4514_string() for ca in site_cas)
+    issuers = [ca for ca in site_cas if _issued_by(cert, ca)]
+    if not issuers:
+        # The common case, worth its own sentence: a self-signed or another site's Archiver.
+        raise CertificateError(f"The Archiver certificate {who}, issued by "
+                               f"'{cert.issuer.rfc4514_string()}', was not issued by the site "
+                               f"CA '{expected}'; it is not an Archiver of this site.")
+    check_archiver_signing_certificate(cert, now=now)
+    builder = (v.PolicyBuilder().store(v.Store(list(site_cas))).time(now)
+               .extension_policies(ca_policy=v.ExtensionPolicy.webpki_defaults_ca(),
+                                   ee_policy=_site_ee_policy()))
+    try:
+        chain = builder.build_client_verifier().verify(cert, []).chain
+    except v.VerificationError as exc:
+        raise CertificateError(f"The Archiver certificate {who} does not validate against the "
+                               f"site CA '{expected}' ({exc}).") from None
+    return chain[-1]
+
+
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     if cert.issuer != issuer.subject:
         return False

@@ -37,6 +37,10 @@ class ErrorCode(StrEnum):
     UNKNOWN_HOLD = "unknown_hold"
     PULLED_CAMERA = "pulled_camera"
     AT_CAPACITY = "at_capacity"  # the Archiver takes no more (pulled) cameras: it would fall behind
+    # a site of several Archivers (issue 21): the camera is recorded by another Archiver; an
+    # Archiver name not in the site's registry
+    MISDIRECTED = "misdirected"
+    UNKNOWN_ARCHIVER = "unknown_archiver"
     # access grants of past video
     BAD_GRANT = "bad_grant"
     GRANT_OUTSIDE_RANGE = "grant_outside_range"

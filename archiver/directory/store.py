@@ -218,6 +218,26 @@ class Directory:
                           tuple(by_viewer.get(fp, ())), added, revoked, bool(deleted))
                 for fp, cert, subject, oaep, all_cams, added, revoked, deleted in rows]
 
+    def viewer_states(self) -> dict[str, tuple[int | None, tuple[str, ...] | None, bool]]:
+        """Every viewer's authorization, without its certificate: fingerprint -> (revoked_ms,
+        its cameras, None for all, whether its key streams were deleted). What
+        archiver/directory/notify.py polls and compares."""
+        v, cams = t.viewers.c, t.viewer_cameras.c
+        try:
+            with self._engine.connect() as conn:
+                conn.execution_options(**{SNAPSHOT: True})
+                rows = conn.execute(select(v.fingerprint, v.revoked_ms, v.all_cameras,
+                                           v.key_streams_deleted)).all()
+                camera_rows = conn.execute(select(cams.fingerprint, cams.camera).order_by(
+                    cams.fingerprint, cams.camera)).all()
+        except _failures() as exc:
+            raise self._failure(exc) from None
+        by_viewer: dict[str, list[str]] = {}
+        for fp, cam in camera_rows:
+            by_viewer.setdefault(fp, []).append(cam)
+        return {fp: (revoked, None if all_cams else tuple(by_viewer.get(fp, ())), bool(deleted))
+                for fp, revoked, all_cams, deleted in rows}
+
     def revoke_viewer(self, fingerprint: str, now_ms: int) -> bool:
         """Revoked from now (a revoked viewer stays revoked at its first time); False if
         unknown."""
@@ -407,6 +427,15 @@ class Directory:
         with self._write() as conn:
             conn.execute(insert(t.audit_events).values(
                 **{name: getattr(event, name) for name in _names(AuditEvent)}))
+
+    def append_audits(self, events: list[AuditEvent]) -> None:
+        """Several lines of one Archiver's log in one transaction (all or none: a line that is
+        there already fails them all, with IntegrityError)."""
+        if not events:
+            return
+        with self._write() as conn:
+            conn.execute(insert(t.audit_events), [
+                {name: getattr(event, name) for name in _names(AuditEvent)} for event in events])
 
     def audit_events(self, archiver: str | None = None, since_ms: int | None = None,
                      limit: int = 1000) -> list[AuditEvent]:

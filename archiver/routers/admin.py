@@ -19,7 +19,7 @@ from archiver.deps import (
     CameraPath,
     CamerasDep,
     RetentionDep,
-    SettingsDep,
+    ServicesDep,
 )
 from archiver.rtsp import redact
 from archiver.services.cameras import CameraStatus
@@ -30,10 +30,16 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 Fingerprint = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]
 
 
+# An Archiver's name follows the camera names' character rule (archiver/settings.py).
+ArchiverName = Annotated[str, Field(pattern=CAMERA_NAME_PATTERN)]
+
+
 class CameraCreate(BaseModel):
     # The character rule only: '.' and '..' get the admin's own bad_camera_name answer.
     name: str = Field(pattern=CAMERA_NAME_PATTERN)
     rtsp_url: str | None = Field(default=None, max_length=2048, pattern=r"^[a-z][a-z0-9+.-]*:.+")
+    archiver: ArchiverName | None = Field(default=None, description="The Archiver of the site "
+                                          "that records it (default: this one)")
 
 
 class CameraCreated(BaseModel):
@@ -42,10 +48,40 @@ class CameraCreated(BaseModel):
     ingest_token: str | None = Field(description="Shown once; None for a pulled (RTSP) camera, "
                                      "which accepts no pushed video")
     rtsp_url: str | None
+    archiver: str | None = Field(default=None, description="The Archiver that records it "
+                                 "(the ingest URL is its)")
+
+
+class CameraMoveRequest(BaseModel):
+    to: ArchiverName
+
+
+class CameraMoved(BaseModel):
+    camera: str
+    from_archiver: str | None
+    to: str
+    moved: bool = Field(description="False: the camera was recorded there already")
+    since_ms: int
+
+
+class ArchiverInfo(BaseModel):
+    name: str
+    url: str
+    certificate_sha256: str = Field(description="SHA-256 of its signing certificate (DER)")
+    registered_ms: int
+    heartbeat_ms: int | None
+    heartbeat_age_ms: int | None
+    alive: bool = Field(description="Heard of in the last 30 s")
+    cameras_held: list[str]
+    this: bool = Field(description="The Archiver that answered")
 
 
 class CameraInfo(BaseModel):
     name: str
+    archiver: str | None = Field(default=None, description="The Archiver of the site that "
+                                 "records it (None: each that reads it, as before the "
+                                 "registry); the recorded range and health are the answering "
+                                 "Archiver's")
     rtsp_url: str | None = Field(description="Credentials redacted")
     created_ms: int
     segments: int
@@ -165,13 +201,29 @@ class Revoked(BaseModel):
 
 
 @router.post("/cameras", status_code=201)
-def add_camera(body: CameraCreate, admin: AdminServiceDep, settings: SettingsDep,
+def add_camera(body: CameraCreate, admin: AdminServiceDep, services: ServicesDep,
                actor: AdminDep) -> CameraCreated:
-    token = admin.add_camera(actor, body.name, body.rtsp_url)
+    token = admin.add_camera(actor, body.name, body.rtsp_url, body.archiver)
+    holder = body.archiver or services.site.name
+    # The camera sends to the Archiver that records it, wherever the command was sent.
+    base = services.site.holder_url(holder) or services.settings.public_url
     return CameraCreated(name=body.name, rtsp_url=redact(body.rtsp_url) if body.rtsp_url else None,
                          ingest_token=token,
+                         archiver=None if services.site.standalone else holder,
                          ingest_url=None if token is None else
-                         f"{settings.public_url}/ingest/{body.name}/index.m3u8")
+                         f"{base}/ingest/{body.name}/index.m3u8")
+
+
+@router.post("/cameras/{name}/move")
+def move_camera(name: CameraPath, body: CameraMoveRequest, admin: AdminServiceDep,
+                actor: AdminDep) -> CameraMoved:
+    return CameraMoved(**asdict(admin.move_camera(actor, name, body.to)))
+
+
+@router.get("/site/archivers")
+def site_archivers(services: ServicesDep, actor: AdminDep) -> list[ArchiverInfo]:
+    return [ArchiverInfo(**{**asdict(s), "cameras_held": list(s.cameras_held)})
+            for s in services.site.statuses()]
 
 
 @router.get("/cameras")
@@ -181,7 +233,8 @@ def list_cameras(cameras: CamerasDep, actor: AdminDep) -> list[CameraInfo]:
 
 def _camera_info(status: CameraStatus) -> CameraInfo:
     cam = status.camera
-    return CameraInfo(name=cam.name, rtsp_url=redact(cam.rtsp_url) if cam.rtsp_url else None,
+    return CameraInfo(name=cam.name, archiver=cam.archiver,
+                      rtsp_url=redact(cam.rtsp_url) if cam.rtsp_url else None,
                       created_ms=cam.created_ms, segments=status.segments,
                       first_ms=status.first_ms, last_ms=status.last_ms, **asdict(status.health),
                       retention_days=status.retention_days,

@@ -27,8 +27,11 @@ def admit_pulled_camera(archive: Archive) -> None:
     configured limit (``--max-rtsp-cameras``), or already not keeping up (a pulled camera is
     ``behind``). Beyond its cores every camera would fall behind, silently; refused, the admin
     knows at once. Pushed cameras cost the Archiver encryption only and are not limited here."""
-    pulled = [cam.name for cam in archive.directory.cameras() if cam.rtsp_url]
-    limit = archive.settings.max_rtsp_cameras
+    settings = archive.settings
+    # This Archiver's own pulls only: in a site, the other Archivers' cameras cost it nothing.
+    pulled = [cam.name for cam in archive.directory.cameras() if cam.rtsp_url and (
+        settings.directory_url is None or cam.archiver in (None, settings.archiver_name))]
+    limit = settings.max_rtsp_cameras
     if limit and len(pulled) >= limit:
         raise Refused(ErrorCode.AT_CAPACITY, f"This Archiver pulls {len(pulled)} RTSP cameras, "
                       f"its limit (--max-rtsp-cameras {limit}); add the camera to another "

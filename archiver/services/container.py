@@ -26,8 +26,10 @@ from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, ensure_admin_token
 from archiver.datadir import secure_data_dir
 from archiver.limits import RefusalAudit
+from archiver.registry import SiteMember
 from archiver.rtsp import CameraPullers, RtspSupervisor
 from archiver.rtsp_workers import RtspWorkerPool
+from archiver.services.audit import AuditService
 from archiver.services.cameras import CameraService
 from archiver.services.grants import GrantService
 from archiver.services.ingest import IngestService
@@ -63,7 +65,17 @@ class ArchiverServices:
     def admin(self) -> Admin:
         """Cameras and viewers: add, remove, authorize, change, revoke (archiver/admin.py)."""
         return Admin(self.archive, self.audit, self.sessions, self.site_ca, self.rtsp,
-                     self.settings.pull_schemes)
+                     self.settings.pull_schemes, self.site)
+
+    @functools.cached_property
+    def site(self) -> SiteMember:
+        """This Archiver in its site: registry, heartbeat, the cameras it holds."""
+        return SiteMember(self.archive, self.settings, self.audit, self.rtsp, self.archive.clock)
+
+    @functools.cached_property
+    def audit_log(self) -> AuditService:
+        """The audit log as admins read it (the site's in a site)."""
+        return AuditService(self.archive, self.settings)
 
     @functools.cached_property
     def cameras(self) -> CameraService:
@@ -89,15 +101,12 @@ class ArchiverServices:
 
     @functools.cached_property
     def ingest(self) -> IngestService:
-        return IngestService(self.archive)
+        return IngestService(self.archive, self.site)
 
     def start_pullers(self) -> None:
-        """Start pulling every RTSP camera (the app does at start)."""
-        if self.rtsp is None:
-            return
-        for camera in self.archive.directory.cameras():
-            if camera.rtsp_url:
-                self.rtsp.start(camera.name, camera.rtsp_url)
+        """Start pulling every RTSP camera this Archiver holds (the app does at start, then
+        ``site.start()`` keeps them current)."""
+        self.site.refresh()
 
     def close(self) -> None:
         """Record the stop and close the audit log, the admins' table and the archive."""
@@ -164,7 +173,10 @@ def create_services(settings: Settings, signer: Signer | None = None,
         log.info("Archiver certificate fingerprint (SHA-256): %s (viewers check it on first "
                  "use; 'fusion-archiver certificate' prints the certificate to pin)",
                  fingerprint(archive.signer.certificate).hex())
-        audit = AuditLog(settings.audit_log_path)
+        # In a site every entry also goes to the directory: one audit log for the site.
+        audit = AuditLog(settings.audit_log_path,
+                         archive.directory if settings.directory_url else None,
+                         settings.archiver_name, retry_s=settings.site_poll_s)
     except BaseException:
         archive.close()
         raise

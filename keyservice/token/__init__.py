@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names below, for type checkers; at run time each loads on first use
+    from keyservice.token.keys import TokenEcKey
     from keyservice.token.piv import PIV_SLOT_IDS, enroll_piv
     from keyservice.token.provisioning import (
         DEFAULT_RSA_BITS,
@@ -38,6 +39,9 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time each loads 
 # Which module owns each re-exported name: imported on first use (issue 23), so that a
 # program importing one submodule does not load every other.
 _OWNERS: dict[str, tuple[str, ...]] = {
+    "keyservice.token.keys": (
+        "TokenEcKey",
+    ),
     "keyservice.token.piv": (
         "PIV_SLOT_IDS", "enroll_piv",
     ),
@@ -65,6 +69,7 @@ __all__ = [
     "RuntimeToken",
     "SelftestResult",
     "Token",
+    "TokenEcKey",
     "TokenIdentity",
     "TokenSigner",
     "enroll_piv",
