@@ -8,20 +8,20 @@
 # PostgreSQL cluster to a temporary directory (run as the postgres user when this script runs as
 # root: PostgreSQL refuses root). Everything started here is stopped on exit.
 #
-# Steps that need parts of issue 21 not merged yet are marked `# needs: <part>` and run only
-# when <part> is in ENABLED_PARTS (after the merge: add it to the default below):
+# Steps of issue 21's parts are marked `# needs: <part>` and run when <part> is in ENABLED_PARTS
+# (FUSION_SITE_DEMO_PARTS overrides the default below; a part not merged yet stays out of it):
 #   identity  fusion-archiver identity csr/import (signing certificates from the site CA)
 #   site-ca   fusion-client --site-ca (any Archiver certificate the site CA issued; with identity)
 #   registry  fusion-archiver site archivers
-#   routing   a camera of a2 played through a1 (redirect to the Archiver that holds the range)
-#   move      fusion-archiver cameras move, and a range across the move played in one command
 #   notify    a revocation through a3 ends a live stream open on a1 (LISTEN/NOTIFY)
+#   routing   not merged yet: a camera of a2 played through a1 (redirect to the Archiver that
+#             holds the range), then cameras move and the range across the move in one command
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 BIN="${FUSION_DEMO_VENV:-$ROOT/.venv}/bin"
 DEMO="${FUSION_SITE_DEMO_DIR:-$ROOT/site-demo-data}"
-ENABLED_PARTS="${FUSION_SITE_DEMO_PARTS:-}"
+ENABLED_PARTS="${FUSION_SITE_DEMO_PARTS-identity site-ca registry notify}"
 KEY_PERIOD=10          # seconds per key period: short, so a revocation shows within the demo
 SECONDS_OF_VIDEO=12
 
@@ -332,9 +332,9 @@ if needs routing; then
   frames_equal "$DEMO/cam-a2-via-a1.ts" "$DEMO/source.ts" || die "cam-a2 through a1 differs"
 fi
 
-# needs: move -- cam-a2 moves to a3; its history stays on a2; the camera pushes to a3 now; one
-# play through a1 covers both parts, each verified against its own signer.
-if needs move && needs routing; then
+# needs: routing -- cam-a2 moves to a3; its history stays on a2; the camera pushes to a3 now;
+# one play through a1 covers both parts, each verified against its own signer.
+if enabled routing; then
   "$BIN/fusion-archiver" cameras move cam-a2 --to a3 --archiver "${URL[a1]}" --data "$DEMO/a1" >&2 \
     || die "cameras move failed"
   # The camera's operator points it at a3 (a push to a2 is refused now, naming a3).

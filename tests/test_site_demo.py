@@ -1,7 +1,8 @@
 """scripts/site-demo.sh as a user runs it (issue 21, item 7): PostgreSQL, a demo site CA, three
 Archivers on one directory, a camera pushing to each, a viewer authorized through a1 playing
-a2's camera (ffmpeg judges the frames), revoked through a3 and refused by all three; and
-nothing left running or behind once it ends."""
+a2's camera (ffmpeg judges the frames, the client names a2 as the signer under the site CA),
+revoked through a3 (ending its live stream on a1) and refused by all three; and nothing left
+running or behind once it ends."""
 
 from __future__ import annotations
 
@@ -75,6 +76,10 @@ def test_the_site_demo_runs_from_start_to_end_and_cleans_up(tmp_path: Path) -> N
     for step in range(1, 10):
         assert f"{step}/9 " in said, said
     assert "decoded frames identical to the camera's (framemd5)" in said
+    # With the parts merged (identity, site-ca, notify): a2 signed it, under the site CA, and
+    # the revocation through a3 ended the live stream open on a1.
+    assert "signed by CN=a2" in said and "issued by your site CA" in said
+    assert "alice's live stream on a1 ended" in said
     for archiver in ("a1", "a2", "a3"):
         assert f"  {archiver}: " in said and "revoked" in said.split(f"  {archiver}: ", 1)[1]
     assert "SUCCESS" in said
