@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from archiver.deps import AdminDep, ServicesDep
+from keyservice.names import CAMERA_NAME_PATTERN
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -33,7 +34,8 @@ class AuditLogInfo(BaseModel):
 async def audit_log(
     services: ServicesDep, _actor: AdminDep,
     since_ms: Annotated[int, Query(ge=0)] = 0,
-    archiver: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9._-]{1,64}$")] = None,
+    # An Archiver name follows the camera-name rule (archiver/settings.py).
+    archiver: Annotated[str | None, Query(pattern=CAMERA_NAME_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> AuditLogInfo:
     reader = services.audit_log

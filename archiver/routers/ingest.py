@@ -222,7 +222,9 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
 async def put_segment(camera: CameraPath, name: NamePath, request: Request,
                       ingest: IngestDep, settings: SettingsDep,
                       credentials: BearerDep) -> Response:
-    _check_camera(ingest, camera, credentials)
+    # Off the event loop: the check asks the site directory (a PostgreSQL round trip, up to the
+    # pool's 10 s when it is away), which must not stall every other request meanwhile.
+    await run_in_threadpool(_check_camera, ingest, camera, credentials)
     if not name.endswith(SEGMENT_SUFFIXES):
         await _read_body(request, PLAYLIST_LIMIT, settings.upload_timeout_s)
         return Response(status_code=204)
@@ -247,5 +249,5 @@ async def put_segment(camera: CameraPath, name: NamePath, request: Request,
 async def delete_segment(camera: CameraPath, name: NamePath, ingest: IngestDep,
                          credentials: BearerDep) -> Response:
     """ffmpeg deletes old HLS segments; the archive keeps them (evidence), so this is a no-op."""
-    _check_camera(ingest, camera, credentials)
+    await run_in_threadpool(_check_camera, ingest, camera, credentials)
     return Response(status_code=204)

@@ -170,5 +170,7 @@ async def live(request: Request, camera: CameraPath, viewer: ViewerDep, playback
     if (redirect := await redirect_if_elsewhere(request, routing, camera, from_ms,
                                                 None)) is not None:
         return redirect
-    stream = playback.live(viewer, camera, bytes.fromhex(nonce), duration_s, from_ms)
+    # Off the event loop, as recording's: the authorization asks the site directory.
+    stream = await run_in_threadpool(playback.live, viewer, camera, bytes.fromhex(nonce),
+                                     duration_s, from_ms)
     return ViewerStream(stream, settings.stream_send_timeout_s)
