@@ -14,14 +14,14 @@
 #   site-ca   fusion-client --site-ca (any Archiver certificate the site CA issued; with identity)
 #   registry  fusion-archiver site archivers
 #   notify    a revocation through a3 ends a live stream open on a1 (LISTEN/NOTIFY)
-#   routing   not merged yet: a camera of a2 played through a1 (redirect to the Archiver that
-#             holds the range), then cameras move and the range across the move in one command
+#   routing   a camera of a2 played through a1 (redirect to the Archiver that holds the
+#             range), then cameras move and the range across the move in one command
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 BIN="${FUSION_DEMO_VENV:-$ROOT/.venv}/bin"
 DEMO="${FUSION_SITE_DEMO_DIR:-$ROOT/site-demo-data}"
-ENABLED_PARTS="${FUSION_SITE_DEMO_PARTS-identity site-ca registry notify}"
+ENABLED_PARTS="${FUSION_SITE_DEMO_PARTS-identity site-ca registry notify routing}"
 KEY_PERIOD=10          # seconds per key period: short, so a revocation shows within the demo
 SECONDS_OF_VIDEO=12
 
