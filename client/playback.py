@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from cryptography import x509
 from client.pinning import KnownArchivers, PinDecision, PinOutcome
 from client.player import (
     FileOutput,
+    Gap,
     Output,
     OutputFailed,
     PipeOutput,
@@ -32,7 +34,7 @@ from client.player import (
     archiver_pin_check,
 )
 from client.session import ArchiverSession, playback_request
-from client.site import Part, Site, Switch, trust_followed
+from client.site import HANDOVER_MS, Part, Site, Switch, trust_followed
 from client.viewer import (
     Login,
     Signer,
@@ -471,6 +473,15 @@ def switch_line(switch: Switch) -> str:
            f"{new}{between}"
 
 
+def _at_a_switch(gap: Gap, summary: Summary, first: bool, last: bool) -> bool:
+    """A part's gap before its first or after its last segment, at a switch between Archivers
+    (the switch line gives it, at the signed edges)."""
+    if summary.first_ms is None or summary.last_ms is None:
+        return not (first and last)
+    return (not last and gap.from_ms >= summary.last_ms) or (
+        not first and gap.to_ms <= summary.first_ms)
+
+
 def play_parts(site: Site, identity: Identity, camera: str, parts: list[Part], output: Output,
                *, quiet: bool, login_ops: Callable[[], int]) -> list[tuple[Part, Summary]]:
     """Play each part (client.playback.run_stream, one request each) into ``output``; commit
@@ -478,15 +489,27 @@ def play_parts(site: Site, identity: Identity, camera: str, parts: list[Part], o
     played: list[tuple[Part, Summary]] = []
     signers: list[str] = []
     try:
-        for part in parts:
+        previous_end: int | None = None
+        for i, planned in enumerate(parts):
+            # The directory's move time cuts the plan, but the old Archiver records until it
+            # notices the move: each part but the last reaches HANDOVER_MS into the next, and
+            # the next starts where the old one's signed video ended (a camera's segments
+            # follow one another: nothing is played twice, nothing recorded is left out).
+            part = replace(
+                planned,
+                from_ms=planned.from_ms if previous_end is None else previous_end + 1,
+                to_ms=planned.to_ms if i == len(parts) - 1 else min(
+                    parts[-1].to_ms, parts[i + 1].from_ms + HANDOVER_MS))
+            if part.from_ms > part.to_ms:
+                continue  # the old Archiver's video reached past the end asked for
             request = playback_request(camera, part.from_ms, part.to_ms)
 
             def check(cert: x509.Certificate, _site: Site = site) -> None:
                 archiver_pin_check(_site.signer_fingerprint())(cert)
 
             summary = run_stream(
-                identity=identity, output=PartOutput(output),
-                save=None, fetch=lambda r=request: site.stream(r), check=check,
+                identity=identity, output=PartOutput(output), save=None,
+                fetch=lambda p=part, r=request: site.stream_from(p, r), check=check,
                 progress=Progress(False, 0, 0), login_ops=login_ops, live=False, quiet=True,
                 request=request)
             answered, login = site.current
@@ -494,6 +517,8 @@ def play_parts(site: Site, identity: Identity, camera: str, parts: list[Part], o
                            f"{login.archiver_fingerprint.hex()[:16]}..., "
                            f"{login.result.archiver_certificate.subject.rfc4514_string()})")
             played.append((part, summary))
+            if summary.last_ms is not None:
+                previous_end = summary.last_ms
     except SystemExit:
         kept = output.abort()
         if kept is not None:
@@ -510,6 +535,8 @@ def play_parts(site: Site, identity: Identity, camera: str, parts: list[Part], o
         say(f"part {i} of {len(played)}: {format_ms(part.from_ms)} .. {format_ms(part.to_ms)} "
             f"recorded by Archiver {part.archiver}, verified against {signer}: {video}")
         for gap in sorted(summary.gaps, key=lambda g: g.from_ms):
+            if _at_a_switch(gap, summary, i == 1, i == len(played)):
+                continue  # said once, as the switch, below
             say(f"  gap: {gap.describe()}")
         if i < len(played):
             nxt_part, nxt = played[i]

@@ -41,7 +41,7 @@ from keyservice.errors import ArchiverMismatch, RequestRefused, UsageError
 from keyservice.identity import Identity, fingerprint
 from keyservice.reader import StreamRequest
 
-__all__ = ["FollowCheck", "Part", "Site", "Switch", "UntrustedArchiver", "plan_parts",
+__all__ = ["HANDOVER_MS", "FollowCheck", "Part", "Site", "Switch", "UntrustedArchiver", "plan_parts",
            "trust_followed"]
 
 # Decides whether the signing certificate a followed Archiver presents at ``url`` is the
@@ -52,6 +52,12 @@ FollowCheck = Callable[[str, x509.Certificate], PinDecision]
 class UntrustedArchiver(ArchiverMismatch):
     """A redirect to an Archiver the viewer does not follow: not in the site's list, not at
     the listed URL, or with a signing certificate neither pinned nor under the site CA."""
+
+
+# How long after the directory's move time the old Archiver may still record the camera: it
+# re-reads the cameras it holds every 2 s, and a pulled camera's new Archiver waits up to 20 s
+# for it to let go (archiver/registry.py). What it recorded then is the camera's video too.
+HANDOVER_MS = 30_000
 
 
 @dataclass(frozen=True)
@@ -254,6 +260,16 @@ class Site:
             login = Login(url, result, decisions[-1])
             self._sessions[url] = (session, login)
             return session, login
+
+    @contextmanager
+    def stream_from(self, part: Part, request: StreamRequest) -> Iterator[Iterator[bytes]]:
+        """``client.viewer.stream`` straight to the Archiver that recorded ``part`` (no
+        redirect: a request that reaches into the next part's time, for the old Archiver's
+        last seconds, would be answered by whichever Archiver was asked)."""
+        session, login = self.reach(part)
+        self.current = (part.archiver, login)
+        with stream(session, request) as chunks:
+            yield chunks
 
     @contextmanager
     def stream(self, request: StreamRequest, *,

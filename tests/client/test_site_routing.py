@@ -193,7 +193,9 @@ class Moved:
 
 
 def record_across_a_move(site: Site, tmp_path: Path, camera: str,
-                         authorize: Callable[[], object]) -> Moved:
+                         authorize: Callable[[], object], noticed_after_ms: int = 0) -> Moved:
+    """4 s recorded by a1, the camera moved to a2, 4 s recorded by a2. ``noticed_after_ms``:
+    the move is dated that long before a1's last video (a1 recorded on until it noticed)."""
     token = site.a1.add_camera(camera)  # recorded by a1 (the Archiver the command went to)
     authorize()  # before recording: each Archiver's key chains start with the viewer in them
     first_source = make_source(tmp_path / "first.ts", seconds=4)
@@ -201,7 +203,7 @@ def record_across_a_move(site: Site, tmp_path: Path, camera: str,
     start = now_ms()
     push(first_source, site.a1.url, camera, token, realtime=True, hls_time=1)
     wait_for_segments(site.a1, camera, 4)
-    moved = now_ms()
+    moved = now_ms() - noticed_after_ms
     assert site.directory.move_camera(camera, "a2", moved)
     wait_until_accepted(site.a2, camera, token)
     push(second_source, site.a2.url, camera, token, realtime=True, hls_time=1)
@@ -294,6 +296,33 @@ def test_a_range_across_a_move_plays_through_either_archiver_verified_and_frame_
     assert across.code == EXIT["usage"], across.stderr
     assert "recorded by several Archivers in this range (a1 " in across.stderr
     assert not (tmp_path / "across.zip").exists()
+
+
+@requires_ffmpeg
+def test_what_the_old_archiver_recorded_before_it_noticed_the_move_is_played(
+        site: Site, make_viewer: Callable[[str], Viewer], client: Client,
+        tmp_path: Path) -> None:
+    # The old Archiver records until it re-reads the cameras it holds (every 2 s; a pulled
+    # camera's new one waits for it to let go): its last seconds come after the directory's
+    # move time. Here the move is dated 2.5 s before a1's last video.
+    client.tls_ca = site.ca.path
+    viewer = make_viewer("theo")
+    moved = record_across_a_move(site, tmp_path, "dock-move",
+                                 lambda: authorize_on_the_site(site, viewer, "dock-move"),
+                                 noticed_after_ms=2_500)
+    pin(client, viewer, site.a2, site.certs["a2"])
+    out = tmp_path / "across.ts"
+    done = play(client, site.a1.url, viewer, out, moved.start, moved.end, camera=moved.camera)
+    assert done.code == 0, done.stderr
+    # Before: a1's part ended at the move time, and its video after it was left out.
+    assert frame_hashes(out) == moved.first + moved.second, done.stderr
+    switch = re.search(r"switch from Archiver a1 to a2: a1's last segment ends (\S+) "
+                       r"\(signed\); a2's first segment starts (\S+) \(signed\)", done.stderr)
+    assert switch, done.stderr
+    last_end, first_start = (parse_time(t, 0) for t in switch.groups())
+    assert moved.moved < last_end <= first_start, done.stderr
+    assert "  gap:" not in done.stderr, done.stderr  # the switch is said once, as the switch
+    assert "complete (every part's signed end record verified)" in done.stderr
 
 
 # --- a redirect the viewer does not follow ----------------------------------------------------
