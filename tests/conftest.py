@@ -54,6 +54,12 @@ SLOW_FIRST = (
     "tests/client/test_live_edges.py::test_a_relay_holding_the_live_request_back_skips_",
     "tests/archiver/test_rtsp_workers.py::test_cameras_pulled_by_worker_processes_are_",
     "tests/client/test_evidence.py::test_package_verifies_offline_by_command_and_by_hand_",
+    # Long on a loaded machine (a run at load 10-17): CPU-heavy, or PostgreSQL and two Archivers.
+    "tests/bench/test_startup_bench.py::test_startup_benchmark_runs_every_command",
+    "tests/archiver/test_deploy.py::test_a_backup_taken_while_ingesting_restores_and_verifies",
+    "tests/archiver/test_site_directory.py::test_an_archiver_with_a_postgresql_directory_",
+    "tests/archiver/test_site_directory.py::test_a_directory_that_goes_away_is_a_503_",
+    "tests/archiver/test_reindex.py::test_reindex_rebuilds_the_index_from_the_files",
 )
 
 
