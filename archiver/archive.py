@@ -196,7 +196,8 @@ class Archive:
                 clock = state.clocks.get(stream)
                 if clock is None:
                     clock = state.clocks[stream] = SegmentClock(
-                        self.db.last_segment_end(camera, stream))
+                        self.db.last_segment_end(camera, stream),
+                        round(self.settings.max_behind_s * 1000))
                 time = clock.place(now, span, session)
                 overrun = clock.overrun_ms
                 try:

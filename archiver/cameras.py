@@ -59,7 +59,7 @@ from archiver.mpegts import PTS_CLOCK_HZ, PTS_WRAP, MediaSpan
 
 GAP_TOLERANCE_MS = 1000
 DRIFT_TOLERANCE_MS = 1000
-MAX_BEHIND_MS = 30_000  # a pushed camera's continuous stream may arrive this late
+MAX_BEHIND_MS = 30_000  # a pushed camera's continuous stream may arrive this late (the default)
 # A pulled camera's session clock may be this far behind arrival (an overloaded or paused
 # Archiver catches up); beyond, a hostile or broken clock could place video far in the past.
 MAX_LAG_MS = 120_000
@@ -89,8 +89,12 @@ class SegmentClock:
     """Places one camera stream's segments on the wall clock (rules in the module docstring).
     Not thread-safe: used under the camera's ingest lock."""
 
-    def __init__(self, previous_end_ms: int | None = None) -> None:
+    def __init__(self, previous_end_ms: int | None = None,
+                 max_behind_ms: int = MAX_BEHIND_MS) -> None:
         self._previous_end_ms = previous_end_ms
+        # The pushed-camera bound of rule 2 (``--max-behind-s``; tests shorten it so that an
+        # outage beyond it need not last 30 s).
+        self._max_behind_ms = max_behind_ms
         self._previous_end_pts: int | None = None
         self._session: int | None = None
         # Set by each place(): how far behind its arrival a pulled segment's session clock put
@@ -114,7 +118,8 @@ class SegmentClock:
             # A new session is a new anchor: its clock owes nothing to the last one's.
             if (floor is not None and self._previous_end_pts is not None
                     and (session is None or same_session)):
-                jump = self._pts_delta_ms(self._previous_end_pts, span.first_pts)
+                jump = self._pts_delta_ms(self._previous_end_pts, span.first_pts,
+                                          self._max_behind_ms)
                 if jump is not None:
                     predicted_end = floor + jump + duration
                     if same_session and predicted_end < arrival_ms - DRIFT_TOLERANCE_MS:
@@ -124,7 +129,7 @@ class SegmentClock:
                         # An Archiver behind (many %) is not hidden by it.
                         predicted_end += min(arrival_ms - DRIFT_TOLERANCE_MS - predicted_end,
                                              max(1, (jump + duration) // SLEW_DIVISOR))
-                    behind = MAX_LAG_MS if same_session else MAX_BEHIND_MS
+                    behind = MAX_LAG_MS if same_session else self._max_behind_ms
                     if arrival_ms - behind <= predicted_end <= arrival_ms + DRIFT_TOLERANCE_MS:
                         start, end = predicted_end - duration, predicted_end
                     elif same_session and predicted_end < arrival_ms - behind:
@@ -137,13 +142,13 @@ class SegmentClock:
         return SegmentTime(start, end)
 
     @staticmethod
-    def _pts_delta_ms(previous_end: int, first: int) -> int | None:
+    def _pts_delta_ms(previous_end: int, first: int, max_behind_ms: int) -> int | None:
         """How far the stream clock moved between two segments, if it ran on (no reset)."""
         delta = (first - previous_end) % PTS_WRAP
         if delta > PTS_WRAP // 2:
             delta -= PTS_WRAP
         delta_ms = delta * 1000 // PTS_CLOCK_HZ
-        return delta_ms if -DRIFT_TOLERANCE_MS <= delta_ms <= MAX_BEHIND_MS else None
+        return delta_ms if -DRIFT_TOLERANCE_MS <= delta_ms <= max_behind_ms else None
 
 
 class CameraState(StrEnum):

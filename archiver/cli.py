@@ -109,6 +109,9 @@ def serve(
     rtsp_max_segment_s: Annotated[float, typer.Option(
         "--rtsp-max-segment-s", help="RTSP pull: a segment is cut after this many seconds "
         "without a keyframe to cut at.")] = 20.0,
+    max_behind_s: Annotated[float, typer.Option(
+        "--max-behind-s", help="A pushed camera's continuous stream may arrive this many "
+        "seconds late and keep its own times; a later segment is placed at its arrival.")] = 30.0,
     rtsp_workers: Annotated[int | None, typer.Option(
         "--rtsp-workers", help="RTSP pull: worker processes that pull and remux the cameras "
         "(default: one per core; 0: in the Archiver's own process).")] = None,
@@ -164,6 +167,7 @@ def serve(
                         reserve_bytes=disk_reserve_mib * 1024 * 1024,
                         rtsp_max_segment_bytes=rtsp_max_segment_kib * 1024,
                         rtsp_max_segment_s=rtsp_max_segment_s, rtsp_workers=rtsp_workers,
+                        max_behind_s=max_behind_s,
                         max_rtsp_cameras=max_rtsp_cameras,
                         bootstrap_token=bootstrap_token, directory_url=directory or None,
                         advertised_url=public_url,

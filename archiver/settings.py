@@ -30,6 +30,9 @@ class Settings:
     # no keyframe, or keyframes whose timestamps do not advance, cannot grow it without bound).
     rtsp_max_segment_bytes: int = 32 * MiB
     rtsp_max_segment_s: float = 20.0
+    # A pushed camera's continuous stream may arrive this late and keep its stream's times
+    # (archiver/cameras.py, rule 2); a segment later than this is placed at its arrival.
+    max_behind_s: float = 30.0
     # RTSP pull: cameras are pulled and remuxed in this many worker processes (None: one per
     # core; 0: in the Archiver's own process, whose GIL holds it to about one core).
     rtsp_workers: int | None = None
@@ -128,6 +131,8 @@ class Settings:
         if self.rtsp_max_segment_bytes < 64 * 1024 or self.rtsp_max_segment_s <= 0:
             raise UsageError("The RTSP segment cap must be at least 64 KiB and its time "
                              "positive.")
+        if not 0 < self.max_behind_s <= 120:
+            raise UsageError("--max-behind-s must be more than 0 and at most 120 seconds.")
         if self.rtsp_workers is not None and not 0 <= self.rtsp_workers <= 256:
             raise UsageError("The number of RTSP worker processes must be from 0 to 256.")
         if self.max_rtsp_cameras < 0:

@@ -24,6 +24,61 @@ def pytest_configure(config: pytest.Config) -> None:
         compileall.compile_dir(root / package, quiet=2)
 
 
+# The longest tests that are not in an xdist group (those run first anyway: --dist loadgroup
+# hands out the largest groups first), longest first, from the suite's --durations. Under xdist
+# they start before the other single tests, so that none of them starts last and keeps one
+# worker busy while the others have finished (xdist does not order by duration; without this,
+# collection order put the ~20 s plugin and API-reference tests at the very end). A renamed
+# test merely loses its place here.
+SLOW_FIRST = (
+    "tests/archiver/test_overload.py::test_a_camera_that_falls_behind_keeps_its_capture_times",
+    "tests/client/test_join.py::test_a_live_viewer_watching_when_it_joins_gets_its_join_",
+    "tests/client/test_segment_time.py::test_a_timestamp_jump_after_an_outage_leaves_",
+    "tests/archiver/test_camera_push.py::test_segment_time_is_the_span_of_its_video_",
+    "tests/client/test_evidence_trust.py::test_a_package_cut_at_either_end_is_reported_partial",
+    "tests/test_testkit_plugin.py::test_the_documented_example_passes_in_a_separate_project",
+    "tests/test_api_docs.py::test_the_api_reference_builds",
+    "tests/archiver/test_rtsp.py::test_outage_is_recorded_as_a_gap_and_the_pull_resumes",
+    "tests/archiver/test_rtsp_workers.py::test_a_killed_worker_is_restarted_and_its_cameras_",
+    "tests/client/test_e2e.py::test_playback_across_a_camera_outage_reports_the_gap",
+    "tests/bench/test_bench_smoke.py::test_ingest_windows",
+    "tests/bench/test_bench_smoke.py::test_ingest_revocation_windows",
+    "tests/archiver/test_rtsp_workers.py::test_a_camera_that_goes_silent_is_reported_and_",
+    "tests/archiver/test_camera_unit.py::test_the_forwarder_pushes_only_to_an_archiver_it_",
+    "tests/bench/test_bench_smoke.py::test_viewer",
+    "tests/archiver/test_camera_unit.py::test_a_supervised_camera_resumes_after_an_archiver_",
+    "tests/archiver/test_retention.py::test_sigkill_during_retention_leaves_a_consistent_",
+    "tests/client/test_grants.py::test_grant_plays_exactly_its_range_and_not_a_minute_more",
+    "tests/archiver/test_certificates.py::test_an_expired_viewer_is_refused_everywhere_and_",
+    "tests/archiver/test_rtsp_hostile.py::test_hostile_rtsp_cameras_are_bounded_flagged_",
+    "tests/client/test_live_edges.py::test_a_relay_holding_the_live_request_back_skips_",
+    "tests/archiver/test_rtsp_workers.py::test_cameras_pulled_by_worker_processes_are_",
+    "tests/client/test_evidence.py::test_package_verifies_offline_by_command_and_by_hand_",
+    # Long on a loaded machine (a run at load 10-17): CPU-heavy, or PostgreSQL and two Archivers.
+    "tests/bench/test_startup_bench.py::test_startup_benchmark_runs_every_command",
+    "tests/archiver/test_deploy.py::test_a_backup_taken_while_ingesting_restores_and_verifies",
+    "tests/archiver/test_site_directory.py::test_an_archiver_with_a_postgresql_directory_",
+    "tests/archiver/test_site_directory.py::test_a_directory_that_goes_away_is_a_503_",
+    "tests/archiver/test_reindex.py::test_reindex_rebuilds_the_index_from_the_files",
+)
+
+
+def _slow_rank(item: pytest.Item) -> int:
+    if item.get_closest_marker("xdist_group") is None:
+        for rank, prefix in enumerate(SLOW_FIRST):
+            if item.nodeid.startswith(prefix):
+                return rank
+    return len(SLOW_FIRST)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On xdist workers only (every worker sorts alike, as xdist requires): the SLOW_FIRST
+    tests first, in their order; the rest keep collection order (a stable sort). A serial run
+    keeps collection order, so that module fixtures are not set up twice."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=_slow_rank)
+
+
 @pytest.fixture(autouse=True)
 def _softhsm_for_commands(request: pytest.FixtureRequest) -> None:
     """Our tests run fusion-keys, fusion-client and pkcs11-tool as commands that inherit the

@@ -12,6 +12,7 @@ import pytest
 
 from archiver.cameras import (
     DRIFT_TOLERANCE_MS,
+    MAX_BEHIND_MS,
     MAX_LAG_MS,
     CameraState,
     HealthBoard,
@@ -19,6 +20,8 @@ from archiver.cameras import (
     SegmentTime,
 )
 from archiver.mpegts import PTS_WRAP, MediaSpan, media_span
+from archiver.settings import Settings
+from keyservice.errors import UsageError
 from tests.fixtures.camera import requires_ffmpeg
 
 
@@ -87,6 +90,20 @@ def test_a_new_stream_or_drift_is_re_anchored_on_arrival() -> None:
     assert clock.place(40_000, _span(2.5)) == SegmentTime(30_000, 32_000)
     # Further behind than that (a slow camera clock, long drift): re-anchored on arrival.
     assert clock.place(70_000, _span(4.5)) == SegmentTime(68_000, 70_000)
+
+
+def test_the_pushed_lateness_bound_is_a_setting_of_30_s_by_default() -> None:
+    """``serve --max-behind-s`` (tests shorten it instead of waiting out 30 s): the same
+    continuous stream, 8 s late, keeps its clock under the default and is re-anchored under a
+    6 s bound."""
+    assert Settings(data_dir=Path("unused")).max_behind_s * 1000 == MAX_BEHIND_MS == 30_000
+    for bound, expected in ((MAX_BEHIND_MS, SegmentTime(10_000, 12_000)),
+                            (6_000, SegmentTime(18_000, 20_000))):
+        clock = SegmentClock(max_behind_ms=bound)
+        clock.place(10_000, _span(0))
+        assert clock.place(20_000, _span(2)) == expected, bound
+    with pytest.raises(UsageError, match="--max-behind-s"):
+        Settings(data_dir=Path("unused"), max_behind_s=0)
 
 
 def test_a_burst_is_laid_over_its_arrival_never_in_the_future() -> None:
