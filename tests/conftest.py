@@ -60,6 +60,11 @@ SLOW_FIRST = (
     "tests/archiver/test_site_directory.py::test_an_archiver_with_a_postgresql_directory_",
     "tests/archiver/test_site_directory.py::test_a_directory_that_goes_away_is_a_503_",
     "tests/archiver/test_reindex.py::test_reindex_rebuilds_the_index_from_the_files",
+    # The site (issue 21): PostgreSQL and two or three Archivers each.
+    "tests/test_site_demo.py::test_the_site_demo_runs_from_start_to_end_and_cleans_up",
+    "tests/archiver/test_site_admin.py::test_cameras_move_stops_the_old_archiver_and_starts_",
+    "tests/archiver/test_site_propagation.py::test_a_revocation_through_one_archiver_ends_",
+    "tests/bench/test_site_directory_bench.py::test_the_site_directory_bench_measures_",
 )
 
 

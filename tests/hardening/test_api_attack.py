@@ -139,7 +139,8 @@ def _role_of(method: str, path: str) -> str:
         return "admin"
     if path.startswith("/ingest/"):
         return "camera"
-    if path.startswith(("/v1/cameras", "/v1/grants")):
+    # /v1/site/archivers: the registry a viewer checks a redirect against (issue 21).
+    if path.startswith(("/v1/cameras", "/v1/grants", "/v1/site/")):
         return "viewer"
     raise AssertionError(f"{method} {path} is a new endpoint: decide who may call it and add "
                          "it to this test")
