@@ -266,21 +266,23 @@ def check_archiver_signing_certificate(cert: x509.Certificate, *, now: datetime)
         raise CertificateError(f"The certificate {who} expired on "
                                f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; have the site "
                                "CA issue a new one.")
-    try:
-        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        usage = None
+    usage = _extension(cert, x509.KeyUsage)
     if usage is None or not usage.digital_signature:
         raise CertificateError(f"The certificate {who} is not a signing certificate (its key "
                                "usage lacks digitalSignature); have the site CA issue one with "
                                "key usage digitalSignature.")
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        constraints = None
+    constraints = _extension(cert, x509.BasicConstraints)
     if constraints is not None and constraints.ca:
         raise CertificateError(f"The certificate {who} is a CA certificate, not an Archiver's "
                                "signing certificate.")
+
+
+def _extension(cert: x509.Certificate, kind: type[Any]) -> Any:
+    """The value of ``cert``'s extension of that class, or None if it has none."""
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
 
 
 def _site_ee_policy() -> Any:
@@ -390,10 +392,7 @@ def validate_viewer_certificate(cert: x509.Certificate, *, now: datetime,
     if not usage.key_encipherment:
         raise CertificateError("The viewer certificate does not allow keyEncipherment; it is not "
                                "meant for receiving keys (enrol with fusion-keys enroll).")
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        constraints = None
+    constraints = _extension(cert, x509.BasicConstraints)
     if constraints is not None and constraints.ca:
         raise CertificateError("This is a CA certificate, not a viewer certificate; give the "
                                "viewer's own certificate.")
@@ -454,12 +453,10 @@ def _validate_ec_viewer(cert: x509.Certificate, key: ec.EllipticCurvePublicKey, 
     if not usage.key_agreement:
         raise CertificateError("The EC viewer certificate does not allow keyAgreement; it is not "
                                "meant for receiving keys.")
-    try:
-        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            raise CertificateError("This is a CA certificate, not a viewer certificate; give "
-                                   "the viewer's own certificate.")
-    except x509.ExtensionNotFound:
-        pass
+    constraints = _extension(cert, x509.BasicConstraints)
+    if constraints is not None and constraints.ca:
+        raise CertificateError("This is a CA certificate, not a viewer certificate; give "
+                               "the viewer's own certificate.")
     _check_issuer(cert, now, site_ca, trust_decision)
     return KeyScheme.ECDH_P256
 
