@@ -60,6 +60,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(admins_app, name="admins")
     app.add_typer(site_app, name="site")
     app.command("audit")(audit_list)
+    app.command("consolidate")(consolidate)
 
 
 # --archiver, as fusion-client names it; --url, the old spelling, is a hidden alias (cli.py).
@@ -725,3 +726,42 @@ def audit_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: Da
     result = [asdict(e) for e in entries]
     echo_result(as_json, {"site": site, "entries": result},
                 "\n".join(_audit_line(e) for e in result) or "no audit entries")
+
+
+# --- consolidation ------------------------------------------------------------------------
+def _part_line(camera: str, part: dict[str, Any]) -> str:
+    asked = f"{_when(part['asked_from_ms'])} .. {_when(part['asked_to_ms'])}"
+    if not part["stored"]:
+        return (f"camera {camera}: {asked} recorded by {part['archiver']}: "
+                f"{part['message']}")
+    return (f"camera {camera}: consolidated from {part['archiver']} (signed by "
+            f"{part['signer']}): {part['segments']} segments, {part['bytes']} bytes, "
+            f"video {_when(part['from_ms'])} .. {_when(part['to_ms'])}, key streams of "
+            f"{part['viewers']} viewer(s); part {part['part']}")
+
+
+def consolidate(camera: Annotated[str, typer.Option("--camera", help="The camera's name.")],
+                start: Annotated[str | None, typer.Option(
+                    "--from", help="Only gaps from this time (ISO 8601, -2h, now).")] = None,
+                end: Annotated[str | None, typer.Option(
+                    "--to", help="Only gaps until this time.")] = None,
+                url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
+                tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
+    """Fill this Archiver's gaps in a camera with what other Archivers of the site recorded
+    (after a failover or a move): their ciphertext, signed manifests and key streams copied
+    exactly as they signed them, verified before anything is stored. Nothing is decrypted or
+    signed again; running it twice copies once."""
+    import time
+
+    from keyservice.timespec import parse_time
+
+    now = time.time_ns() // 1_000_000
+    from_ms = parse_time(start, now) if start else None
+    to_ms = parse_time(end, now) if end else None
+    if from_ms is not None and to_ms is not None and to_ms < from_ms:
+        raise UsageError("The range ends before it starts; check --from and --to.")
+    with _client(url, admin_token, data, tls_ca) as client:
+        result = client.consolidate(camera, from_ms, to_ms)
+    lines = [_part_line(camera, part) for part in result["parts"]]
+    echo_result(as_json, result, "\n".join(lines) or
+                f"camera {camera}: no gap recorded by another Archiver to consolidate")

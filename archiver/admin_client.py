@@ -306,6 +306,20 @@ class AdminClient:
         return _typed(CameraMoved, self._call("POST", f"/v1/admin/cameras/{_seg(camera)}/move",
                                               {"to": to}))
 
+    def consolidate(self, camera: str, from_ms: int | None = None,
+                    to_ms: int | None = None) -> dict[str, Any]:
+        """The Archiver fills its gaps in ``camera`` from the Archivers that recorded them
+        (their parts copied as they signed them): what it copied, part by part."""
+        params = {k: str(v) for k, v in (("from_ms", from_ms), ("to_ms", to_ms)) if v is not None}
+        try:  # a copy of hours of video takes longer than an admin call
+            response = self._http.request(
+                "POST", f"/v1/admin/cameras/{_seg(camera)}/consolidate", params=params,
+                timeout=600)
+        except httpx.TransportError as exc:
+            raise unreachable(self.url, exc) from None
+        raise_for_refusal(response)
+        return response.json()
+
     def site_archivers(self) -> list[ArchiverInfo]:
         """The Archivers of the site: URL, certificate fingerprint, heartbeat, cameras held."""
         return _typed_list(ArchiverInfo, self._call("GET", "/v1/admin/site/archivers"))

@@ -22,8 +22,8 @@ from archiver.deps import ApiError, BearerDep, ServicesDep, services_of
 from archiver.deps import api_error as to_api_error
 from archiver.limits import REFUSED_STATUSES, Limits, RefusalAudit, RequestLimits
 from archiver.metrics import ArchiverCollector, make_registry
-from archiver.routers import admin, admins, audit, grants, ingest, site, viewer
-from archiver.services.container import create_services
+from archiver.routers import admin, admins, audit, consolidation, grants, ingest, site, viewer
+from archiver.services.container import ArchiverServices, create_services
 from archiver.services.refused import Refused
 from archiver.services.site_sync import start_site_changes
 from archiver.settings import Settings
@@ -66,11 +66,13 @@ async def _watch_camera_health(archive: Archive, audit: AuditLog) -> None:
             log.warning("could not save the cameras' health to the index")
 
 
-async def _apply_retention(archive: Archive) -> None:
+async def _apply_retention(archive: Archive, expire_parts: Callable[[], int]) -> None:
     """Retention, continuously: a pass at start (it also finishes a removal a crash
-    interrupted), then every retention_interval_s. A pass that fails is tried again later."""
+    interrupted), then every retention_interval_s. A pass that fails is tried again later.
+    ``expire_parts``: the same rule on consolidated parts (other Archivers' copies)."""
     while True:
         try:
+            await asyncio.to_thread(expire_parts)
             report = await asyncio.to_thread(archive.retention.run)
             if report.files_removed:
                 log.info("retention: removed %d archive day(s), %d bytes; shredded %d key "
@@ -80,6 +82,18 @@ async def _apply_retention(archive: Archive) -> None:
         except Exception:
             log.exception("the retention pass failed; trying again at the next one")
         await asyncio.sleep(archive.settings.retention_interval_s)
+
+
+async def _consolidate(services: ArchiverServices) -> None:
+    """In a site: every consolidate_every_s, the gaps other Archivers recorded in the cameras
+    this one holds are copied here (archiver/consolidation.py). A failure is logged and tried
+    again next time; recording never waits for it."""
+    while True:
+        await asyncio.sleep(services.settings.consolidate_every_s)
+        try:
+            await asyncio.to_thread(services.consolidation.run_once)
+        except Exception:
+            log.exception("the consolidation pass failed; trying again at the next one")
 
 
 def create_app(settings: Settings, signer: Signer | None = None,
@@ -121,11 +135,15 @@ def create_app(settings: Settings, signer: Signer | None = None,
 
         flusher = asyncio.create_task(flush_refusals())
         monitor = asyncio.create_task(_watch_camera_health(archive, audit))
-        retention = asyncio.create_task(_apply_retention(archive))
+        retention = asyncio.create_task(_apply_retention(archive, services.consolidation.expire))
+        consolidating = (asyncio.create_task(_consolidate(services))
+                         if settings.directory_url and settings.consolidate_every_s > 0 else None)
         try:
             yield
         finally:
             monitor.cancel()
+            if consolidating is not None:
+                consolidating.cancel()
             retention.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await retention
@@ -166,6 +184,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
     app.include_router(admin.router)
     app.include_router(viewer.router)
     app.include_router(site.router)
+    app.include_router(consolidation.router)
     app.include_router(grants.router)
     app.include_router(admins.router)
     app.include_router(audit.router)

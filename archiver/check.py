@@ -63,7 +63,7 @@ _ARCHIVE_KINDS = (RecordType.SEGMENT, RecordType.MANIFEST, RecordType.CHAIN_RECI
 @dataclass(frozen=True)
 class Problem:
     kind: str  # damaged_record, truncated, unindexed, index_mismatch, missing, bad_signature,
-    #            chain_broken, journal_damaged, link, expiry_unjustified
+    #            chain_broken, journal_damaged, link, expiry_unjustified, consolidated_part
     file: str | None
     offset: int | None
     message: str
@@ -78,6 +78,7 @@ class CheckReport:
     cameras: dict[str, int] = field(default_factory=dict)  # camera -> manifests checked
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    consolidated: list[dict[str, object]] = field(default_factory=list)  # verified, each
 
     @property
     def ok(self) -> bool:
@@ -87,7 +88,7 @@ class CheckReport:
         return {"ok": self.ok, "files": self.files, "journals": self.journals,
                 "segments": self.segments, "manifests": self.manifests,
                 "cameras": self.cameras, "problems": [asdict(p) for p in self.problems],
-                "notes": self.notes}
+                "notes": self.notes, "consolidated": self.consolidated}
 
 
 def _signed(key: ec.EllipticCurvePublicKey, record: Manifest | ChainRecipients) -> bool:
@@ -434,7 +435,28 @@ def _check_archive(data_dir: Path, key: ec.EllipticCurvePublicKey, default_reten
             continue
         report.journals += 1
         _check_journal(path, path.relative_to(archive).as_posix(), report)
+    _check_consolidated(data_dir, report)
     return report
+
+
+def _check_consolidated(data_dir: Path, report: CheckReport) -> None:
+    """Consolidated parts (other Archivers' recordings copied here, archiver/consolidation.py):
+    each verified from its files alone against its OWN signer's certificate, never this
+    Archiver's key."""
+    from archiver.consolidation import CONSOLIDATED_DIR, ConsolidationRefused, PartStore, check_part
+
+    store = PartStore(data_dir / CONSOLIDATED_DIR)
+    for info in store.parts():
+        where = f"{CONSOLIDATED_DIR}/{info.camera}/{info.part}"
+        try:
+            check_part(store, info)
+        except ConsolidationRefused as exc:
+            report.problems.append(Problem("consolidated_part", where, None, exc.message))
+            continue
+        report.consolidated.append({"camera": info.camera, "part": info.part,
+                                    "archiver": info.archiver, "signer": info.signer_subject,
+                                    "segments": info.segments, "from_ms": info.from_ms,
+                                    "to_ms": info.to_ms})
 
 
 def _check_journal(path: Path, rel: str, report: CheckReport) -> None:

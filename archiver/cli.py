@@ -138,6 +138,14 @@ def serve(
     site_poll: Annotated[float, typer.Option(
         "--site-poll", help="In a site: poll the directory for authorization changes this "
         "often (seconds), also with NOTIFY: a lost notification still converges.")] = 5.0,
+    peer_tls_ca: Annotated[Path | None, typer.Option(
+        "--peer-tls-ca", help="In a site: the CA (PEM) that verifies the other Archivers' TLS "
+        "when this one consolidates their recordings (default: FUSION_TLS_CA, else the "
+        "system's).")] = None,
+    consolidate_every: Annotated[float, typer.Option(
+        "--consolidate-every", help="In a site: seconds between looks for gaps in the cameras "
+        "this Archiver holds that others recorded, copied here as they signed them (0: "
+        "never).")] = 600.0,
 ) -> None:
     """Run the Archiver."""
     import os
@@ -172,6 +180,7 @@ def serve(
                         bootstrap_token=bootstrap_token, directory_url=directory or None,
                         advertised_url=public_url,
                         site_notify=site_notify, site_poll_s=site_poll,
+                        peer_tls_ca=peer_tls_ca, consolidate_every_s=consolidate_every,
                         **({"archiver_name": name} if name else {}))
     if not bootstrap_token:
         from archiver.admins import active_admins
@@ -348,6 +357,9 @@ def _check(data: Path, archiver_cert: Path | None, signer_token: str | None,
              f"{report.segments} segment(s), {report.manifests} manifest(s) on "
              f"{len(report.cameras)} camera chain(s)"]
     lines += [f"note: {note}" for note in report.notes]
+    lines += [f"consolidated part of camera {c['camera']} from {c['archiver']} (signed by "
+              f"{c['signer']}): {c['segments']} segment(s), verified against its signer"
+              for c in report.consolidated]
     lines += [f"PROBLEM: {p.message}" for p in report.problems]
     lines.append("the archive is sound" if report.ok else
                  f"{len(report.problems)} problem(s) found: restore the damaged files from a "

@@ -280,6 +280,13 @@ class Database:
                            " chain_id=?", (fingerprint, chain_id))
         return (rows[0][0], rows[0][1]) if rows else None
 
+    def chain_records_of(self, chain_id: bytes) -> list[tuple[str, bytes, bytes]]:
+        """(fingerprint, epoch_id, record) of every viewer's chain record of one key chain
+        (consolidation copies them, as they are: ciphertext for their viewers)."""
+        return [(row[0], row[1], row[2]) for row in self._query(
+            "SELECT fingerprint, epoch_id, record FROM chain_records WHERE chain_id=?"
+            " ORDER BY fingerprint", (chain_id,))]
+
     def epoch_opener(self, epoch_id: bytes) -> bytes | None:
         rows = self._query("SELECT record FROM epochs WHERE epoch_id=?", (epoch_id,))
         return rows[0][0] if rows else None

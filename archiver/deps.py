@@ -84,6 +84,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.CAMERA_EXISTS: 409, ErrorCode.VIEWER_EXISTS: 409, ErrorCode.GRANT_EXISTS: 409,
     ErrorCode.GRANT_STATE: 409, ErrorCode.ADMIN_EXISTS: 409, ErrorCode.AT_CAPACITY: 409,
     ErrorCode.RANGE_SPANS_ARCHIVERS: 409, ErrorCode.HOLDER_UNKNOWN: 503,
+    ErrorCode.CONSOLIDATION_REFUSED: 502,
     ErrorCode.EXPIRED: 410,
     ErrorCode.UNKNOWN_ARCHIVER: 404,
     # Another Archiver of the site records this camera: the answer names its URL.

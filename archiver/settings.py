@@ -113,6 +113,12 @@ class Settings:
     # lost notification (or a lost connection) still converges (archiver/directory/notify.py).
     site_notify: bool = True
     site_poll_s: float = 5.0
+    # Consolidation (archiver/consolidation.py): the CA that verifies the other Archivers' TLS
+    # when this one copies their recordings (None: FUSION_TLS_CA, else the system's), and how
+    # often it looks for gaps other Archivers recorded in the cameras it holds (0: never; the
+    # admin command `consolidate` still works).
+    peer_tls_ca: Path | None = None
+    consolidate_every_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.key_period_s < 1:
@@ -137,6 +143,8 @@ class Settings:
             raise UsageError("The number of RTSP worker processes must be from 0 to 256.")
         if self.max_rtsp_cameras < 0:
             raise UsageError("--max-rtsp-cameras must be 0 (no limit) or more.")
+        if self.consolidate_every_s < 0:
+            raise UsageError("--consolidate-every must be 0 (never) or more seconds.")
         if not 0.1 <= self.site_poll_s <= 3600:
             raise UsageError("--site-poll must be from 0.1 to 3600 seconds.")
         # An Archiver's name follows the camera-name rule: it stands in URLs and logs alike.

@@ -35,6 +35,8 @@ LABEL_CHAIN_JOIN = b"FSE2 chain-join\x00"
 LABEL_TRANSCRIPT = b"FSE1 transcript\x00"
 # The Archiver's signed statement that a range has expired (keyservice.expiry).
 LABEL_EXPIRY_STATEMENT = b"FSE1 expired\x00"
+# One Archiver's signed ask for another's records of a range (archiver/consolidation.py).
+LABEL_CONSOLIDATION_REQUEST = b"FSE2 consolidation-request\x00"
 
 # --- wrapped keys: RSA-OAEP plaintext prefixes --------------------------------------------
 LABEL_EPOCH_OPENER = b"FSE1 epoch-opener\x00"

@@ -45,6 +45,8 @@ class ErrorCode(StrEnum):
     HELD_ELSEWHERE = "held_elsewhere"  # a 307 to the Archiver that holds the range
     RANGE_SPANS_ARCHIVERS = "range_spans_archivers"  # 409 with the placements: play the parts
     HOLDER_UNKNOWN = "holder_unknown"  # the holder is not in the site's registry
+    # consolidation (issue 22): another Archiver's copy could not be had or did not verify
+    CONSOLIDATION_REFUSED = "consolidation_refused"
     # access grants of past video
     BAD_GRANT = "bad_grant"
     GRANT_OUTSIDE_RANGE = "grant_outside_range"

@@ -24,6 +24,7 @@ from archiver.admins import Admins, AdminStore
 from archiver.archive import Archive, wall_clock_ms
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, ensure_admin_token
+from archiver.consolidation import Consolidator, Exporter
 from archiver.datadir import secure_data_dir
 from archiver.limits import RefusalAudit
 from archiver.registry import SiteMember
@@ -72,6 +73,16 @@ class ArchiverServices:
     def site(self) -> SiteMember:
         """This Archiver in its site: registry, heartbeat, the cameras it holds."""
         return SiteMember(self.archive, self.settings, self.audit, self.rtsp, self.archive.clock)
+
+    @functools.cached_property
+    def consolidation(self) -> Consolidator:
+        """Gaps in this Archiver's cameras filled from other Archivers' signed recordings."""
+        return Consolidator(self.archive, self.settings)
+
+    @functools.cached_property
+    def exporter(self) -> Exporter:
+        """The other side: this Archiver's signed records, for another Archiver of the site."""
+        return Exporter(self.archive, self.settings.archiver_name, self.archive.clock)
 
     @functools.cached_property
     def audit_log(self) -> AuditService:

@@ -1,0 +1,777 @@
+"""Consolidation (issue 22, item 4): an Archiver fills a gap in its copy of a camera with what
+another Archiver of the site recorded, copying the ciphertext, the signed manifests, the
+signed chain recipients and the viewers' chain records EXACTLY as the other Archiver made
+them. Nothing is decrypted (this Archiver is no recipient) and nothing is signed again: a
+viewer verifies the filled part against the OTHER Archiver's certificate.
+
+Three pieces, each without HTTP:
+
+* the request: an Archiver asks another with a statement signed by its own token's signing
+  key (``ExportRequest``), which the other checks against the site's registry, so a viewer or
+  an anonymous caller cannot bulk-download the site's key streams;
+* the export (the asked Archiver, ``export_records``): the records of the range, in chain
+  order, with the manifest just before and just after it (bare: the part's signed edges), the
+  chains' signed recipients, and the chain records and epoch openers of viewers not revoked;
+* the copy (``verify_part``, ``PartStore``, ``Consolidator``): every record verified against
+  the signer's certificate (the registry's) before anything is stored, stored atomically
+  (a directory renamed into place), once (a part is named by its signer and manifest range).
+
+Layout (docs/architecture.md, "Consolidated parts"): ``DATA/consolidated/CAMERA/PART/`` with
+``part.json`` (camera, signer, range), ``signer.der`` (the signer's certificate),
+``records.fsa`` (the archived records, as the signer archived them) and ``keys.fsk`` (the
+epoch openers and chain records). Outside ``DATA/archive``: a foreign part never enters this
+Archiver's own manifest chain, index or recovery.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import shutil
+import struct
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from archiver.directory import Directory
+from archiver.services.refused import Refused
+from keyservice.crypto import chain_key_id, split_key_id
+from keyservice.errors import FormatError, KeyServiceError
+from keyservice.format import (
+    RECORD_HEADER_LEN,
+    ChainRecipients,
+    ChainRecord,
+    EpochOpener,
+    Manifest,
+    RecordType,
+    Segment,
+    decode_record,
+    max_body,
+)
+from keyservice.identity import Signer, fingerprint
+from keyservice.labels import LABEL_CONSOLIDATION_REQUEST
+from keyservice.wire import ErrorCode
+
+if TYPE_CHECKING:
+    from archiver.archive import Archive
+    from archiver.settings import Settings
+
+log = logging.getLogger("archiver.consolidation")
+
+CONSOLIDATED_DIR = "consolidated"
+EXPORT_PATH = "/v1/site/consolidation/export"
+# A request older (or further in the future) than this is refused; its nonce is remembered
+# that long, so a captured request cannot be replayed.
+REQUEST_MAX_AGE_MS = 60_000
+# The old holder records on until it notices a move (it re-reads its cameras every 2 s, a
+# pulled camera's stream ends with its segment): its video reaches this far past the
+# placement's end.
+HANDOVER_MS = 30_000
+_ECDSA = ec.ECDSA(hashes.SHA256())
+_RECORD_HEADER = struct.Struct(">BI")
+_PRELUDE_LEN = struct.Struct(">I")
+_ARCHIVED = (RecordType.SEGMENT, RecordType.MANIFEST, RecordType.CHAIN_RECIPIENTS)
+_JOURNALED = (RecordType.EPOCH_OPENER, RecordType.CHAIN_RECORD)
+
+
+class ConsolidationRefused(KeyServiceError):
+    """A copy that does not verify, or an Archiver that would not give one: nothing stored."""
+
+
+# --- the request ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExportRequest:
+    """One Archiver's signed ask for another's records of a camera's range."""
+
+    archiver: str  # who asks (its registry name: the certificate that must verify this)
+    camera: str
+    from_ms: int
+    to_ms: int
+    issued_ms: int
+    nonce: str  # hex, 16 random bytes
+    signature: str = ""  # base64 DER ECDSA over signed_bytes()
+
+    def signed_bytes(self) -> bytes:
+        body = {k: v for k, v in asdict(self).items() if k != "signature"}
+        # A label of its own: the signing key also signs manifests, which must never be
+        # mistaken for a request (or the reverse).
+        return LABEL_CONSOLIDATION_REQUEST + json.dumps(
+            body, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def make(cls, signer: Signer, archiver: str, camera: str, from_ms: int, to_ms: int,
+             now_ms: int) -> ExportRequest:
+        unsigned = cls(archiver, camera, from_ms, to_ms, now_ms, secrets.token_hex(16))
+        signature = signer.sign(unsigned.signed_bytes())
+        return cls(**{**asdict(unsigned), "signature": base64.b64encode(signature).decode()})
+
+
+class _SeenNonces:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[str, int] = {}
+
+    def first_use(self, nonce: str, now_ms: int) -> bool:
+        with self._lock:
+            for old in [n for n, t in self._seen.items() if t < now_ms - 2 * REQUEST_MAX_AGE_MS]:
+                del self._seen[old]
+            if nonce in self._seen:
+                return False
+            self._seen[nonce] = now_ms
+            return True
+
+
+def _ec_key_of(cert_der: bytes) -> tuple[x509.Certificate, ec.EllipticCurvePublicKey]:
+    cert = x509.load_der_x509_certificate(cert_der)
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError("not an EC key")
+    return cert, key
+
+
+def _signed(key: ec.EllipticCurvePublicKey, data: bytes, signature: bytes) -> bool:
+    try:
+        key.verify(signature, data, _ECDSA)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+# --- the export (the Archiver asked) ---------------------------------------------------------
+class Exporter:
+    """The asked Archiver's side: checks who asks, then hands out the raw signed records."""
+
+    def __init__(self, archive: Archive, name: str, clock: Callable[[], int]) -> None:
+        self._archive = archive
+        self._name = name
+        self._clock = clock
+        self._nonces = _SeenNonces()
+
+    def authenticate(self, request: ExportRequest) -> None:
+        """Refused unless an Archiver of the registry (not this one) signed the request now."""
+        now = self._clock()
+        refused = Refused(ErrorCode.UNAUTHENTICATED,
+                          "Only an Archiver of the site may ask for another's records: the "
+                          "request must be signed by a registered Archiver's signing key, now.")
+        row = self._archive.directory.archiver(request.archiver)
+        if row is None or request.archiver == self._name:
+            raise refused
+        try:
+            _, key = _ec_key_of(row.certificate)
+            signature = base64.b64decode(request.signature, validate=True)
+        except ValueError:
+            raise refused from None
+        if abs(now - request.issued_ms) > REQUEST_MAX_AGE_MS or len(request.nonce) != 32:
+            raise refused
+        if not _signed(key, request.signed_bytes(), signature):
+            raise refused
+        if not self._nonces.first_use(request.nonce, now):
+            raise refused  # a replay of a request seen before
+        if request.from_ms > request.to_ms:
+            raise Refused(ErrorCode.BAD_RANGE, "The range's start is after its end.")
+
+    def export(self, request: ExportRequest) -> bytes:
+        """The prelude (who signed, what range) and the records, in one body."""
+        certificate = self._archive.signer.certificate.public_bytes(Encoding.DER)
+        prelude = json.dumps({"archiver": self._name, "camera": request.camera,
+                              "from_ms": request.from_ms, "to_ms": request.to_ms,
+                              "nonce": request.nonce,
+                              "certificate": base64.b64encode(certificate).decode()}).encode()
+        records = export_records(self._archive, request.camera, request.from_ms,
+                                 request.to_ms)
+        return b"".join((_PRELUDE_LEN.pack(len(prelude)), prelude, *records))
+
+
+def export_records(archive: Archive, camera: str, from_ms: int, to_ms: int) -> list[bytes]:
+    """The records of ``camera`` captured in [from_ms, to_ms], as this Archiver archived them:
+    the manifest before the range (bare), then per manifest the signed recipients of each chain
+    met for the first time, its segments and the manifest, then the manifest after the range
+    (bare); then the epoch openers and chain records of those chains, for viewers not revoked
+    (a revoked viewer's key stream is not copied: it must not outlive its revocation here)."""
+    db, files = archive.db, archive.files
+    readers: dict[str, Any] = {}
+
+    def read(file: str, offset: int, length: int) -> bytes:
+        if file not in readers:
+            readers[file] = files.opener(file)
+        return readers[file].read(offset, length)
+
+    out: list[bytes] = []
+    chains: list[bytes] = []
+    try:
+        after, first, last = -1, None, None
+        while rows := db.manifests_from(camera, from_ms, to_ms, after):
+            for row in rows:
+                if first is None:
+                    first = row.manifest_seq
+                    if first > 0:
+                        before = db.manifests_after(camera, first - 2, 1)
+                        if before and before[0].manifest_seq == first - 1:
+                            out.append(read(before[0].file, before[0].offset, before[0].length))
+                segments = db.segments_of(camera, row.manifest_seq)
+                for segment in segments:
+                    chain_id = split_key_id(segment.key_id)[0]
+                    if chain_id in chains:
+                        continue
+                    chains.append(chain_id)
+                    part = 0
+                    while (where := db.chain_recipients(chain_key_id(chain_id, part))) is not None:
+                        out.append(read(where.file, where.offset, where.length))
+                        part += 1
+                out.extend(read(s.file, s.offset, s.length) for s in segments)
+                out.append(read(row.file, row.offset, row.length))
+                last = row.manifest_seq
+            after = rows[-1].manifest_seq
+        if last is not None:
+            following = db.manifests_after(camera, last, 1)
+            if following and following[0].manifest_seq == last + 1:
+                out.append(read(following[0].file, following[0].offset, following[0].length))
+    finally:
+        for reader in readers.values():
+            reader.close()
+    directory = archive.directory
+    sent_epochs: set[bytes] = set()
+    for chain_id in chains:
+        for fp, epoch_id, record in db.chain_records_of(chain_id):
+            viewer = directory.viewer(fp)
+            if viewer is None or viewer.revoked_ms is not None:
+                continue
+            if epoch_id not in sent_epochs:
+                opener = db.epoch_opener(epoch_id)
+                if opener is None:
+                    continue
+                out.append(opener)
+                sent_epochs.add(epoch_id)
+            out.append(record)
+    return out
+
+
+# --- verification (pure) ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class VerifiedPart:
+    """A copy whose every record verified against its signer's certificate."""
+
+    camera: str
+    first_seq: int  # the first and last manifest with segments (the edges are outside)
+    last_seq: int
+    from_ms: int  # the first segment's start, the last segment's end (signed)
+    to_ms: int
+    edge_before: bool
+    edge_after: bool
+    segments: int
+    manifests: int
+    archived: list[bytes]  # records.fsa, in order
+    keys: list[bytes]  # keys.fsk: openers, then chain records
+    viewers: int  # distinct viewers whose chain records were copied
+    chains: frozenset[bytes] = frozenset()
+
+    @property
+    def bytes(self) -> int:
+        return sum(map(len, self.archived)) + sum(map(len, self.keys))
+
+
+def split_records(data: bytes | memoryview, kinds: tuple[RecordType, ...]) -> list[bytes]:
+    """The records of ``data``, exactly; FormatError on anything else (a torn or unknown one)."""
+    view, out, offset = memoryview(data), [], 0
+    while offset < len(view):
+        if len(view) - offset < RECORD_HEADER_LEN:
+            raise FormatError("The copy stops in the middle of a record.")
+        kind, length = _RECORD_HEADER.unpack_from(view, offset)
+        if kind not in kinds or length > max_body(kind):
+            raise FormatError("The copy holds a record that is not an archived one.")
+        end = offset + RECORD_HEADER_LEN + length
+        if end > len(view):
+            raise FormatError("The copy stops in the middle of a record.")
+        out.append(bytes(view[offset:end]))
+        offset = end
+    return out
+
+
+def verify_part(camera: str, records: Iterable[bytes], key: ec.EllipticCurvePublicKey,
+                asked: tuple[int, int],
+                viewer_allowed: Callable[[str], bool] = lambda fp: True) -> VerifiedPart:
+    """Every archived record verified against ``key``: the chain recipients and manifests
+    signed by it, for ``camera``; each manifest continuing the previous one (its sequence and
+    the previous record's hash); each segment exactly as its manifest's entry (digest, seq,
+    stream, times, key id, tag); a bare manifest only at either edge and outside the range
+    ``asked`` (else a segment was left out: the copy would end early); every chain's signed
+    recipients present. Key records: openers and chain records of the copied chains only, for
+    viewers ``viewer_allowed`` (others are left out). ConsolidationRefused says what failed."""
+
+    def refuse(why: str) -> ConsolidationRefused:
+        return ConsolidationRefused(f"The copy of camera '{camera}' does not verify against "
+                                    f"its signer's certificate: {why}; nothing was stored.")
+
+    archived: list[bytes] = []
+    openers: dict[bytes, tuple[str, bytes]] = {}
+    chain_records: list[tuple[bytes, bytes]] = []
+    pending: list[tuple[bytes, Segment]] = []
+    statements: set[bytes] = set()
+    chains: set[bytes] = set()
+    manifests: list[tuple[Manifest, bool]] = []  # (manifest, bare)
+    prev_hash: bytes | None = None
+    segments = 0
+    times: list[tuple[int, int]] = []
+    for raw in records:
+        try:
+            record = decode_record(raw)
+        except FormatError as exc:
+            raise refuse(f"a damaged record ({exc.message})") from None
+        if isinstance(record, EpochOpener):
+            openers[record.epoch_id] = (record.viewer_fingerprint.hex(), raw)
+            continue
+        if isinstance(record, ChainRecord):
+            if record.camera != camera:
+                raise refuse("a chain record of another camera")
+            chain_records.append((record.epoch_id, raw))
+            continue
+        if isinstance(record, ChainRecipients):
+            if record.camera != camera or not _signed(key, record.signed_bytes(),
+                                                      record.signature):
+                raise refuse("a chain recipients statement not signed by it")
+            statements.add(record.chain_id)
+            archived.append(raw)
+            continue
+        if isinstance(record, Segment):
+            if record.camera != camera:
+                raise refuse("a segment of another camera")
+            pending.append((raw, record))
+            archived.append(raw)
+            continue
+        if not isinstance(record, Manifest):
+            raise refuse("a record that is not archived")
+        if record.camera != camera or not _signed(key, record.signed_bytes(), record.signature):
+            raise refuse(f"manifest {record.manifest_seq} is not signed by it")
+        if manifests and (record.manifest_seq != manifests[-1][0].manifest_seq + 1
+                          or prev_hash is None
+                          or not hmac.compare_digest(record.prev_hash, prev_hash)):
+            raise refuse(f"manifest {record.manifest_seq} does not continue the chain")
+        bare = not pending  # an edge: checked below to be the first or the last manifest
+        captures = [entry.capture_ms for entry in record.entries]
+        if bare and captures and min(captures) <= asked[1] and max(captures) >= asked[0]:
+            raise refuse(f"manifest {record.manifest_seq}, inside the range, came without "
+                         "its segments")
+        if not bare:
+            if len(record.entries) != len(pending):
+                raise refuse(f"manifest {record.manifest_seq} does not list its segments")
+            for entry, (seg_raw, segment) in zip(record.entries, pending, strict=True):
+                digest = hashlib.sha256(seg_raw).digest()
+                if not (hmac.compare_digest(digest, entry.digest) and segment.seq == entry.seq
+                        and segment.stream == entry.stream
+                        and segment.capture_ms == entry.capture_ms
+                        and segment.duration_ms == entry.duration_ms
+                        and hmac.compare_digest(segment.key_id, entry.key_id)
+                        and hmac.compare_digest(segment.tag, entry.tag)):
+                    raise refuse(f"a segment of manifest {record.manifest_seq} is not the one "
+                                 "it signed")
+                chains.add(split_key_id(segment.key_id)[0])
+                times.append((segment.capture_ms, segment.capture_ms + segment.duration_ms))
+            segments += len(pending)
+            pending = []
+        manifests.append((record, bare))
+        archived.append(raw)
+        prev_hash = hashlib.sha256(raw).digest()
+    if pending:
+        raise refuse("segments no manifest vouches for")
+    inner = [m for m, bare in manifests if not bare]
+    if not inner:
+        raise refuse("no manifest with segments")
+    bare_at = [i for i, (_, bare) in enumerate(manifests) if bare]
+    if any(i not in (0, len(manifests) - 1) for i in bare_at):
+        raise refuse("a manifest without its segments inside the range")
+    missing = chains - statements
+    if missing:
+        raise refuse("a key chain without its signed recipients")
+    keys: list[bytes] = []
+    viewers: set[str] = set()
+    used_epochs: set[bytes] = set()
+    kept_records: list[bytes] = []
+    for epoch_id, raw in chain_records:
+        record = decode_record(raw)
+        assert isinstance(record, ChainRecord)
+        if record.chain_id not in chains:
+            raise refuse("a chain record of a chain the part does not use")
+        opener = openers.get(epoch_id)
+        if opener is None:
+            raise refuse("a chain record without its epoch opener")
+        if not viewer_allowed(opener[0]):
+            continue  # revoked since (or unknown here): its key stream is not kept
+        used_epochs.add(epoch_id)
+        viewers.add(opener[0])
+        kept_records.append(raw)
+    keys.extend(raw for epoch_id, (_, raw) in openers.items() if epoch_id in used_epochs)
+    keys.extend(kept_records)
+    return VerifiedPart(camera, inner[0].manifest_seq, inner[-1].manifest_seq,
+                        min(t[0] for t in times), max(t[1] for t in times),
+                        manifests[0][1], len(manifests) > 1 and manifests[-1][1],
+                        segments, len(manifests), archived, keys, len(viewers),
+                        frozenset(chains))
+
+
+def parse_export(data: bytes) -> tuple[dict[str, Any], list[bytes]]:
+    """The prelude (JSON) and the records of an export body; FormatError if malformed."""
+    if len(data) < _PRELUDE_LEN.size:
+        raise FormatError("The answer is not an export.")
+    (length,) = _PRELUDE_LEN.unpack_from(data)
+    if length > 1 << 20 or len(data) < _PRELUDE_LEN.size + length:
+        raise FormatError("The answer is not an export.")
+    try:
+        prelude = json.loads(data[_PRELUDE_LEN.size:_PRELUDE_LEN.size + length])
+    except ValueError:
+        raise FormatError("The answer is not an export.") from None
+    if not isinstance(prelude, dict):
+        raise FormatError("The answer is not an export.")
+    return prelude, split_records(memoryview(data)[_PRELUDE_LEN.size + length:],
+                                  _ARCHIVED + _JOURNALED)
+
+
+# --- the store ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PartInfo:
+    """A consolidated part as kept (part.json)."""
+
+    part: str
+    camera: str
+    archiver: str
+    signer_fingerprint: str
+    signer_subject: str
+    first_seq: int
+    last_seq: int
+    from_ms: int
+    to_ms: int
+    asked_from_ms: int
+    asked_to_ms: int
+    segments: int
+    manifests: int
+    viewers: int
+    bytes: int
+    consolidated_ms: int
+    edge_before: bool
+    edge_after: bool
+
+
+class PartStore:
+    """``DATA/consolidated``: one directory per part, made whole or not at all."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+
+    def _camera_dir(self, camera: str) -> Path:
+        return self.root / camera
+
+    def clean_incoming(self) -> int:
+        """Remove what a copy that stopped half way (a kill, a full disk) left: it was never
+        renamed into place, so nothing reads it."""
+        removed = 0
+        if not self.root.exists():
+            return 0
+        for path in self.root.glob("*/.incoming-*"):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        return removed
+
+    def parts(self, camera: str | None = None) -> list[PartInfo]:
+        pattern = f"{camera}/*/part.json" if camera else "*/*/part.json"
+        out = []
+        for path in sorted(self.root.glob(pattern)) if self.root.exists() else []:
+            if path.parent.name.startswith("."):
+                continue
+            try:
+                out.append(PartInfo(**json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError):
+                log.warning("consolidated part %s: part.json unreadable", path.parent)
+        return sorted(out, key=lambda p: (p.camera, p.from_ms))
+
+    def path_of(self, info: PartInfo) -> Path:
+        return self._camera_dir(info.camera) / info.part
+
+    def store(self, part: VerifiedPart, archiver: str, certificate: bytes, asked: tuple[int, int],
+              now_ms: int, on_file: Callable[[str], None] | None = None) -> PartInfo | None:
+        """Keep ``part`` (None: it is kept already). Written in a hidden directory, each file
+        fsynced, then renamed into place and the rename fsynced: a kill at any point leaves the
+        part whole or absent. ``on_file``: called after each file is written (a test's fault)."""
+        cert = x509.load_der_x509_certificate(certificate)
+        fp = fingerprint(cert).hex()
+        name = f"{fp[:16]}-{part.first_seq:010d}-{part.last_seq:010d}"
+        info = PartInfo(name, part.camera, archiver, fp, cert.subject.rfc4514_string(),
+                        part.first_seq, part.last_seq, part.from_ms, part.to_ms, asked[0],
+                        asked[1], part.segments, part.manifests, part.viewers, part.bytes,
+                        now_ms, part.edge_before, part.edge_after)
+        with self._lock:
+            camera_dir = self._camera_dir(part.camera)
+            final = camera_dir / name
+            if final.exists():
+                return None
+            new_dirs = [p for p in (self.root, camera_dir) if not p.exists()]
+            camera_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for made in new_dirs:
+                _fsync_dir(made.parent)
+            incoming = camera_dir / f".incoming-{name}-{secrets.token_hex(4)}"
+            incoming.mkdir(mode=0o700)
+            try:
+                for file, data in (("records.fsa", part.archived), ("keys.fsk", part.keys),
+                                   ("signer.der", [certificate]),
+                                   ("part.json", [json.dumps(asdict(info), indent=1).encode()])):
+                    _write_synced(incoming / file, data)
+                    if on_file is not None:
+                        on_file(file)
+                _fsync_dir(incoming)
+                os.rename(incoming, final)
+            except BaseException:
+                shutil.rmtree(incoming, ignore_errors=True)
+                raise
+            _fsync_dir(camera_dir)
+        return info
+
+    def remove(self, info: PartInfo) -> int:
+        """Delete a part for good (retention): its keys first, then the rest."""
+        path = self.path_of(info)
+        size = sum(p.stat().st_size for p in path.iterdir()) if path.exists() else 0
+        with self._lock:
+            keys = path / "keys.fsk"
+            if keys.exists():
+                keys.unlink()  # the viewers' key streams go first: crypto-shredding
+                _fsync_dir(path)
+            doomed = path.with_name(f".incoming-removed-{path.name}")
+            if path.exists():
+                os.rename(path, doomed)
+                _fsync_dir(path.parent)
+                shutil.rmtree(doomed, ignore_errors=True)
+        return size
+
+    def load(self, info: PartInfo) -> tuple[bytes, list[bytes], list[bytes]]:
+        """(signer certificate DER, archived records, key records) of a kept part."""
+        path = self.path_of(info)
+        return ((path / "signer.der").read_bytes(),
+                split_records((path / "records.fsa").read_bytes(), _ARCHIVED),
+                split_records((path / "keys.fsk").read_bytes(), _JOURNALED))
+
+
+def check_part(store: PartStore, info: PartInfo,
+               expected_signer: bytes | None = None) -> VerifiedPart:
+    """A kept part verified again, from its files alone, against its own signer certificate
+    (and, when given, the registry's certificate for its Archiver): ``fusion-archiver check``."""
+    try:
+        cert_der, archived, keys = store.load(info)
+    except OSError as exc:
+        raise ConsolidationRefused(f"Consolidated part {info.part} of camera '{info.camera}' "
+                                   f"cannot be read ({exc.strerror}).") from None
+    except FormatError as exc:
+        raise ConsolidationRefused(f"Consolidated part {info.part} of camera '{info.camera}' "
+                                   f"is damaged: {exc.message}") from None
+    if expected_signer is not None and not hmac.compare_digest(cert_der, expected_signer):
+        raise ConsolidationRefused(f"Consolidated part {info.part} of camera '{info.camera}' "
+                                   f"names a signer that is not Archiver '{info.archiver}''s "
+                                   "certificate in the registry.")
+    cert, key = _ec_key_of(cert_der)
+    if fingerprint(cert).hex() != info.signer_fingerprint:
+        raise ConsolidationRefused(f"Consolidated part {info.part}: its signer certificate "
+                                   "is not the one its part.json names.")
+    part = verify_part(info.camera, [*archived, *keys], key,
+                       (info.asked_from_ms, info.asked_to_ms + HANDOVER_MS))
+    if (part.first_seq, part.last_seq, part.segments) != (info.first_seq, info.last_seq,
+                                                          info.segments):
+        raise ConsolidationRefused(f"Consolidated part {info.part} of camera '{info.camera}' "
+                                   "does not hold the manifests its part.json names.")
+    return part
+
+
+def _write_synced(path: Path, chunks: Iterable[bytes]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- the copy (the consolidating Archiver) -----------------------------------------------------
+@dataclass(frozen=True)
+class Outcome:
+    """One placement of another Archiver, consolidated (or why not)."""
+
+    archiver: str
+    signer: str  # the signer certificate's subject
+    asked_from_ms: int
+    asked_to_ms: int
+    stored: bool  # False: kept already (idempotent), or nothing recorded there
+    part: str | None = None
+    segments: int = 0
+    bytes: int = 0
+    viewers: int = 0
+    from_ms: int | None = None
+    to_ms: int | None = None
+    message: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+Fetch = Callable[[str, ExportRequest], bytes]
+
+
+@dataclass
+class Consolidator:
+    """Fills this Archiver's gaps in a camera from the other Archivers that recorded them."""
+
+    archive: Archive
+    settings: Settings
+    fetch: Fetch | None = None  # (url, request) -> body; default: HTTPS under --peer-tls-ca
+    on_file: Callable[[str], None] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.store = PartStore(self.settings.data_dir / CONSOLIDATED_DIR)
+        self.store.clean_incoming()
+
+    @property
+    def directory(self) -> Directory:
+        return self.archive.directory
+
+    def gaps(self, camera: str, from_ms: int | None = None,
+             to_ms: int | None = None) -> list[tuple[str, int, int]]:
+        """(archiver, since, until) of each closed placement of ANOTHER Archiver overlapping
+        [from_ms, to_ms], not consolidated yet. An open one is being recorded still."""
+        name = self.settings.archiver_name
+        kept = self.store.parts(camera)
+        out = []
+        for p in self.directory.placements(camera, from_ms, None if to_ms is None else to_ms + 1):
+            if p.archiver == name or p.until_ms is None:
+                continue
+            since = p.since_ms if from_ms is None else max(p.since_ms, from_ms)
+            until = p.until_ms if to_ms is None else min(p.until_ms, to_ms)
+            if any(k.archiver == p.archiver and k.asked_from_ms <= since
+                   and k.asked_to_ms >= until for k in kept):
+                continue
+            out.append((p.archiver, since, until))
+        return out
+
+    def consolidate(self, camera: str, from_ms: int | None = None,
+                    to_ms: int | None = None) -> list[Outcome]:
+        """Each gap of ``camera`` in the range, copied and verified (one at a time: a camera's
+        parts are never copied twice at once)."""
+        if self.directory.camera(camera) is None:
+            raise Refused(ErrorCode.UNKNOWN_CAMERA, f"No camera named '{camera}'.")
+        with self._lock:
+            return [self._one(camera, archiver, since, until)
+                    for archiver, since, until in self.gaps(camera, from_ms, to_ms)]
+
+    def _one(self, camera: str, archiver: str, since: int, until: int) -> Outcome:
+        row = self.directory.archiver(archiver)
+        if row is None:
+            raise ConsolidationRefused(f"Archiver '{archiver}', which recorded camera "
+                                       f"'{camera}', is not in the site's registry; nothing "
+                                       "was copied.")
+        try:
+            cert, key = _ec_key_of(row.certificate)
+        except ValueError:
+            raise ConsolidationRefused(f"Archiver '{archiver}''s certificate in the registry "
+                                       "is not usable; nothing was copied.") from None
+        # The registry is the Archivers' trust (the directory decides who is in the site);
+        # a viewer still checks this signer against its pins or the site CA when it plays.
+        # Its video reaches past the placement's end until it noticed the move.
+        request = ExportRequest.make(self.archive.signer, self.settings.archiver_name, camera,
+                                     since, until + HANDOVER_MS, self.archive.clock())
+        body = (self.fetch or self._https)(row.url, request)
+        try:
+            prelude, records = parse_export(body)
+        except FormatError as exc:
+            raise ConsolidationRefused(f"Archiver '{archiver}' answered something that is not "
+                                       f"an export ({exc.message}); nothing was stored.") from None
+        given = base64.b64decode(str(prelude.get("certificate", "")))
+        if (prelude.get("nonce") != request.nonce or prelude.get("camera") != camera
+                or not hmac.compare_digest(given, row.certificate)):
+            raise ConsolidationRefused(f"Archiver '{archiver}' answered with a signing "
+                                       "certificate (or a request) that is not the registry's; "
+                                       "nothing was stored.")
+        subject = cert.subject.rfc4514_string()
+        if not records:
+            return Outcome(archiver, subject, since, until, False,
+                           message="nothing recorded there (or removed by retention)")
+
+        def allowed(fp: str) -> bool:
+            viewer = self.directory.viewer(fp)
+            return viewer is not None and viewer.revoked_ms is None
+
+        part = verify_part(camera, records, key, (request.from_ms, request.to_ms), allowed)
+        info = self.store.store(part, archiver, row.certificate, (since, until),
+                                self.archive.clock(), self.on_file)
+        if info is None:
+            return Outcome(archiver, subject, since, until, False,
+                           message="consolidated already")
+        log.info("consolidated camera %s from %s: %d segments, %d bytes, part %s", camera,
+                 archiver, part.segments, part.bytes, info.part)
+        return Outcome(archiver, subject, since, until, True, info.part, part.segments,
+                       part.bytes, part.viewers, part.from_ms, part.to_ms)
+
+    def _https(self, url: str, request: ExportRequest) -> bytes:
+        import httpx
+
+        from keyservice.tls import trust
+
+        try:
+            answer = httpx.post(url.rstrip("/") + EXPORT_PATH, json=asdict(request),
+                                verify=trust(self.settings.peer_tls_ca), timeout=120)
+        except httpx.HTTPError as exc:
+            raise ConsolidationRefused(f"The Archiver at {url} could not be reached "
+                                       f"({type(exc).__name__}: {exc}); nothing was "
+                                       "copied.") from None
+        if answer.status_code != 200:
+            raise ConsolidationRefused(f"The Archiver at {url} refused the copy (HTTP "
+                                       f"{answer.status_code}: {answer.text[:200]}).")
+        return answer.content
+
+    def run_once(self) -> list[Outcome]:
+        """Every camera this Archiver holds now: its gaps, consolidated (the background task).
+        A failure is logged and tried again next time; it never touches recording."""
+        outcomes: list[Outcome] = []
+        for camera in self.directory.cameras_held(self.settings.archiver_name):
+            try:
+                outcomes.extend(self.consolidate(camera))
+            except (KeyServiceError, Refused, OSError) as exc:
+                log.warning("consolidation of camera %s failed, tried again later: %s", camera,
+                            getattr(exc, "message", None) or exc)
+        return outcomes
+
+    def expire(self) -> int:
+        """Retention on consolidated parts, as on this Archiver's own days: a part whose video
+        ended more than its camera's retention ago, and that no evidence hold covers, is
+        removed (its viewers' key streams first)."""
+        removed = 0
+        now = self.archive.clock()
+        for info in self.store.parts():
+            days = self.archive.retention.days_of(info.camera)
+            if info.to_ms >= now - days * 86_400_000:
+                continue
+            if any(h.from_ms <= info.to_ms and h.to_ms >= info.from_ms
+                   for h in self.directory.holds(info.camera)):
+                continue  # held: kept like any other copy of the video
+            self.store.remove(info)
+            removed += 1
+            log.info("retention removed consolidated part %s of %s", info.part, info.camera)
+        return removed

@@ -1,0 +1,69 @@
+"""Consolidation over HTTP (archiver/consolidation.py has the rules): the Archiver-to-Archiver
+export, authenticated by the asking Archiver's signature (not by a viewer's or an admin's
+token: a viewer must not be able to bulk-download the site's key streams), and the admin's
+`consolidate` command."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from archiver.consolidation import ConsolidationRefused, ExportRequest
+from archiver.deps import AdminDep, ApiError, CameraName, CameraPath, ServicesDep
+from archiver.routers.streams import MAX_MS
+from keyservice.wire import ErrorCode
+
+router = APIRouter(prefix="/v1", tags=["consolidation"])
+
+
+class ExportAsk(BaseModel):
+    archiver: CameraName  # an Archiver's name follows the camera-name rule
+    camera: CameraName
+    from_ms: int = Field(ge=0, le=MAX_MS)
+    to_ms: int = Field(ge=0, le=MAX_MS)
+    issued_ms: int = Field(ge=0, le=MAX_MS)
+    nonce: str = Field(pattern=r"^[0-9a-f]{32}$")
+    signature: str = Field(max_length=256)
+
+
+@router.post("/site/consolidation/export")
+async def export(ask: ExportAsk, services: ServicesDep) -> Response:
+    """Another Archiver of the site copies this one's records of a range, exactly as signed."""
+    request = ExportRequest(**ask.model_dump())
+    exporter = services.exporter
+    await run_in_threadpool(exporter.authenticate, request)
+    body = await run_in_threadpool(exporter.export, request)
+    services.audit.record(f"archiver:{request.archiver}", "consolidation.export",
+                          services.archive.clock(), camera=request.camera,
+                          from_ms=request.from_ms, to_ms=request.to_ms, bytes=len(body))
+    return Response(body, media_type="application/octet-stream")
+
+
+class ConsolidationDone(BaseModel):
+    camera: str
+    archiver: str  # this one, which now holds the parts too
+    parts: list[dict[str, object]]
+
+
+@router.post("/admin/cameras/{camera}/consolidate")
+async def consolidate(camera: CameraPath, actor: AdminDep, services: ServicesDep,
+                      from_ms: int | None = Query(default=None, ge=0, le=MAX_MS),
+                      to_ms: int | None = Query(default=None, ge=0, le=MAX_MS)
+                      ) -> ConsolidationDone:
+    """Fill this Archiver's gaps in ``camera`` from the Archivers that recorded them."""
+    try:
+        outcomes = await run_in_threadpool(services.consolidation.consolidate, camera,
+                                           from_ms, to_ms)
+    except ConsolidationRefused as exc:
+        services.audit.record(actor, "consolidation.refused", services.archive.clock(),
+                              camera=camera, message=exc.message)
+        raise ApiError(502, ErrorCode.CONSOLIDATION_REFUSED, exc.message) from None
+    for outcome in outcomes:
+        if outcome.stored:
+            services.audit.record(actor, "consolidation.stored", services.archive.clock(),
+                                  camera=camera, source=outcome.archiver, part=outcome.part,
+                                  segments=outcome.segments, bytes=outcome.bytes)
+    return ConsolidationDone(camera=camera, archiver=services.settings.archiver_name,
+                             parts=[o.to_json() for o in outcomes])

@@ -1,0 +1,254 @@
+"""Consolidation (issue 22, item 4), end to end: a real PostgreSQL directory shared by two real
+Archiver processes (HTTPS under a site CA), ffmpeg as the camera, real SoftHSM viewers.
+
+a1 records a camera, the camera moves to a2 and back: a1's archive has a gap that a2 recorded.
+`fusion-archiver consolidate` makes a1 copy a2's ciphertext, signed manifests and chain records
+exactly as a2 signed them (nothing decrypted, nothing signed again), verified against a2's
+registry certificate before anything is stored, once. A revoked viewer's key stream is not
+copied. `check` verifies the part against a2's certificate and finds it tampered with. The
+Archiver-to-Archiver export answers only a request signed by a registered Archiver, once.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from archiver.consolidation import (
+    EXPORT_PATH,
+    ConsolidationRefused,
+    ExportRequest,
+    PartStore,
+    parse_export,
+    verify_part,
+)
+from archiver.directory import ArchiverRow, open_directory
+from fusion_testkit.client_cli import Viewer, now_ms, wait_for_segments
+from keyservice.format import EpochOpener, RecordType, decode_record
+from keyservice.identity import SoftwareSigner, fingerprint
+from tests.fixtures.camera import make_source, push, requires_ffmpeg
+from tests.fixtures.server import ArchiverServer, SiteCa, production_archiver
+from tests.fixtures.tokens import TokenHandle, enroll_viewer
+
+
+def _make_viewer(factory: Callable[[], TokenHandle], name: str) -> Viewer:
+    token = factory()
+    pem = enroll_viewer(token, name)
+    return Viewer(name, token, token.object_uri(name), pem)
+
+
+def _wait_until_accepted(server: ArchiverServer, camera: str, token: str) -> None:
+    """After a move the new holder takes the camera's pushes once it re-read the cameras it
+    holds: a playlist PUT (archives nothing) says when."""
+    deadline = time.monotonic() + 60
+    while server.put_segment(camera, token, b"#EXTM3U\n", name="index.m3u8") >= 300:
+        assert time.monotonic() < deadline, f"{server.url} never took {camera}'s pushes"
+        time.sleep(0.2)
+
+
+def _other_source(path: Path, seconds: float) -> Path:
+    """Other frames than make_source's: the judge tells the two Archivers' video apart."""
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
+         "-i", "testsrc=size=320x240:rate=25", "-t", str(seconds), "-c:v", "libx264",
+         "-preset", "ultrafast", "-g", "25", "-keyint_min", "25", "-sc_threshold", "0",
+         "-pix_fmt", "yuv420p", "-f", "mpegts", str(path)], check=True)
+    return path
+
+
+def _archiver_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-P", "-m", "archiver", *args], capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def _probe_signer(name: str) -> SoftwareSigner:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return SoftwareSigner(cert, key)
+
+
+@requires_ffmpeg
+def test_a_returning_archiver_fills_its_gap_from_the_others_signed_recording(
+        postgres_url: str, tmp_path: Path,
+        softhsm_token_factory: Callable[[], TokenHandle]) -> None:
+    ca = SiteCa.create(tmp_path / "site-ca")
+    common = ("--directory", postgres_url, "--peer-tls-ca", str(ca.path),
+              "--consolidate-every", "0")
+    a1 = production_archiver(ca, tmp_path / "a1", extra_args=(*common, "--name", "a1"))
+    a2 = production_archiver(ca, tmp_path / "a2", extra_args=(*common, "--name", "a2"))
+    directory = open_directory(postgres_url, tmp_path / "directory-client")
+    viewer = _make_viewer(softhsm_token_factory, "vera")
+    gone = _make_viewer(softhsm_token_factory, "gus")
+    camera = "yard-consolidate"
+    with a1, a2:
+        token = a1.add_camera(camera)
+        a1.add_viewer(viewer.pem, [camera])
+        gone_fp = a1.add_viewer(gone.pem, [camera])
+        a2.stop()  # a2 starts its chains with both viewers in them
+        a2.start()
+        # a1 records, the camera moves to a2, a2 records, the camera comes back to a1.
+        first = make_source(tmp_path / "first.ts", seconds=3)
+        second = _other_source(tmp_path / "second.ts", seconds=4)
+        push(first, a1.url, camera, token, realtime=True, hls_time=1)
+        wait_for_segments(a1, camera, 3)
+        away = now_ms()
+        assert directory.move_camera(camera, "a2", away)
+        _wait_until_accepted(a2, camera, token)
+        push(second, a2.url, camera, token, realtime=True, hls_time=1)
+        wait_for_segments(a2, camera, 4)
+        back = now_ms()
+        assert directory.move_camera(camera, "a1", back)
+        _wait_until_accepted(a1, camera, token)
+        # Revoked after a2 recorded: its key stream for a2's part is not copied.
+        a1.revoke(gone_fp)
+
+        # The admin command: a1 copies a2's part, verified against a2's certificate.
+        admin = ("--archiver", a1.url, "--data", str(a1.data_dir), "--tls-ca", str(ca.path))
+        done = _archiver_cli("consolidate", "--camera", camera, *admin)
+        assert done.returncode == 0, done.stderr + done.stdout
+        a2_cert = x509.load_der_x509_certificate(directory.archiver("a2").certificate)
+        a2_subject = a2_cert.subject.rfc4514_string()
+        assert f"consolidated from a2 (signed by {a2_subject})" in done.stdout, done.stdout
+        parts = PartStore(a1.data_dir / "consolidated").parts(camera)
+        assert len(parts) == 1 and parts[0].archiver == "a2", parts
+        part = parts[0]
+        assert part.signer_fingerprint == fingerprint(a2_cert).hex()
+        assert part.segments >= 4 and away <= part.from_ms <= part.to_ms, part
+        # Exactly a2's bytes: each segment and manifest as a2 archived it.
+        a2_files = b"".join(p.read_bytes() for p in sorted(
+            (a2.data_dir / "archive" / camera).glob("*.fsa")))
+        kept = (a1.data_dir / "consolidated" / camera / part.part / "records.fsa").read_bytes()
+        assert kept in a2_files or all(r in a2_files for r in _records(kept))
+        # The key streams: the viewer's, not the revoked one's.
+        keys = (a1.data_dir / "consolidated" / camera / part.part / "keys.fsk").read_bytes()
+        holders = {r.viewer_fingerprint.hex() for r in map(decode_record, _records(keys))
+                   if isinstance(r, EpochOpener)}
+        assert holders == {fingerprint(x509.load_pem_x509_certificate(
+            viewer.pem.read_bytes())).hex()}, holders
+        assert part.viewers == 1
+        # Twice: stored once.
+        again = _archiver_cli("consolidate", "--camera", camera, *admin)
+        assert again.returncode == 0, again.stderr
+        assert "no gap recorded by another Archiver" in again.stdout, again.stdout
+        assert len(PartStore(a1.data_dir / "consolidated").parts(camera)) == 1
+
+        _export_is_only_for_archivers_and_a_tampered_copy_is_refused(
+            a2, directory, camera, away, back, tmp_path)
+
+    # check: the part verified against a2's certificate, and found when tampered with.
+    checked = _archiver_cli("check", "--data", str(a1.data_dir), "--directory", postgres_url)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"consolidated part of camera {camera} from a2 (signed by {a2_subject})" \
+        in checked.stdout, checked.stdout
+    records = a1.data_dir / "consolidated" / camera / part.part / "records.fsa"
+    data = bytearray(records.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    records.write_bytes(bytes(data))
+    tampered = _archiver_cli("check", "--data", str(a1.data_dir), "--directory", postgres_url)
+    assert tampered.returncode == 3, tampered.stdout + tampered.stderr
+    assert f"PROBLEM: The copy of camera '{camera}' does not verify against its signer's " \
+        "certificate" in tampered.stdout, tampered.stdout
+    directory.close()
+
+
+def _records(data: bytes) -> list[bytes]:
+    from archiver.consolidation import split_records
+    return split_records(data, tuple(RecordType))
+
+
+def _export_is_only_for_archivers_and_a_tampered_copy_is_refused(
+        a2: ArchiverServer, directory: object, camera: str, since: int, until: int,
+        tmp_path: Path) -> None:
+    from archiver.directory import Directory
+    assert isinstance(directory, Directory)
+    url = a2.url + EXPORT_PATH
+    probe = _probe_signer("probe")
+    # An Archiver the test makes: in the registry, its key in memory.
+    directory.register_archiver(ArchiverRow(
+        "probe", "https://127.0.0.1:9", probe.certificate.public_bytes(Encoding.DER),
+        now_ms(), now_ms()))
+    asked = (since, until + 30_000)
+    ask = ExportRequest.make(probe, "probe", camera, *asked, now_ms())
+    # Anonymous, or signed by a key the registry does not hold for that name: refused.
+    stranger = ExportRequest.make(_probe_signer("probe"), "probe", camera, since, until,
+                                  now_ms())
+    unsigned = {**asdict(ask), "signature": base64.b64encode(b"x" * 70).decode()}
+    for body in (unsigned, asdict(stranger), {**asdict(ask), "archiver": "a2"}):
+        refused = httpx.post(url, json=body, verify=a2.verify, timeout=60)
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error"] == "unauthenticated"
+    answer = httpx.post(url, json=asdict(ask), verify=a2.verify, timeout=60)
+    assert answer.status_code == 200, answer.text
+    replay = httpx.post(url, json=asdict(ask), verify=a2.verify, timeout=60)
+    assert replay.status_code == 401, replay.text  # a captured request is good once
+
+    prelude, records = parse_export(answer.content)
+    cert = x509.load_der_x509_certificate(base64.b64decode(prelude["certificate"]))
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    part = verify_part(camera, records, key, asked)
+    assert part.segments >= 4
+    # One bit changed anywhere in a segment or a manifest, a segment left out, another
+    # Archiver's key: refused, with what failed.
+    segment_at = next(i for i, r in enumerate(records) if r[0] == RecordType.SEGMENT)
+    manifest_at = next(i for i, r in enumerate(records) if r[0] == RecordType.MANIFEST
+                       and i > segment_at)
+    for index, why in ((segment_at, "is not the one it signed"),
+                       (manifest_at, "is not signed by it")):
+        changed = list(records)
+        raw = bytearray(changed[index])
+        raw[-40] ^= 0x01
+        changed[index] = bytes(raw)
+        with pytest.raises(ConsolidationRefused, match=why):
+            verify_part(camera, changed, key, asked)
+    with pytest.raises(ConsolidationRefused, match=r"does not list its segments|came without"):
+        verify_part(camera, records[:segment_at] + records[segment_at + 1:], key, asked)
+    other = _probe_signer("a2").certificate.public_key()
+    assert isinstance(other, ec.EllipticCurvePublicKey)
+    with pytest.raises(ConsolidationRefused, match="not signed by it"):
+        verify_part(camera, records, other, asked)
+
+    # Stored atomically: a failure after the records were written leaves nothing (no part,
+    # no half directory); then stored once, and a second time not at all.
+    store = PartStore(tmp_path / "store")
+
+    def fail_after_records(name: str) -> None:
+        if name == "records.fsa":
+            raise OSError("injected: the process dies mid-copy")
+
+    certificate = cert.public_bytes(Encoding.DER)
+    with pytest.raises(OSError, match="injected"):
+        store.store(part, "a2", certificate, (since, until), now_ms(), fail_after_records)
+    assert store.parts() == [] and not any((tmp_path / "store").rglob("*.fsa"))
+    # What a kill -9 leaves (a hidden directory never renamed into place) is cleaned at start.
+    leftover = tmp_path / "store" / camera / ".incoming-x"
+    leftover.mkdir(parents=True)
+    (leftover / "records.fsa").write_bytes(b"half")
+    assert PartStore(tmp_path / "store").clean_incoming() == 1 and not leftover.exists()
+    stored = store.store(part, "a2", certificate, (since, until), now_ms())
+    assert stored is not None and store.parts() == [stored]
+    assert store.store(part, "a2", certificate, (since, until), now_ms()) is None
+    assert json.loads((store.path_of(stored) / "part.json").read_text())["segments"] \
+        == part.segments
