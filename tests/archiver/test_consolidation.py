@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -157,19 +158,33 @@ def test_a_returning_archiver_fills_its_gap_from_the_others_signed_recording(
         _export_is_only_for_archivers_and_a_tampered_copy_is_refused(
             a2, directory, camera, away, back, tmp_path)
 
-    # check: the part verified against a2's certificate, and found when tampered with.
-    checked = _archiver_cli("check", "--data", str(a1.data_dir), "--directory", postgres_url)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert f"consolidated part of camera {camera} from a2 (signed by {a2_subject})" \
-        in checked.stdout, checked.stdout
-    records = a1.data_dir / "consolidated" / camera / part.part / "records.fsa"
-    data = bytearray(records.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    records.write_bytes(bytes(data))
-    tampered = _archiver_cli("check", "--data", str(a1.data_dir), "--directory", postgres_url)
-    assert tampered.returncode == 3, tampered.stdout + tampered.stderr
-    assert f"PROBLEM: The copy of camera '{camera}' does not verify against its signer's " \
-        "certificate" in tampered.stdout, tampered.stdout
+        # check (offline): the part verified against a2's certificate; tampered, found.
+        a1.stop()
+        checked = _archiver_cli("check", "--data", str(a1.data_dir), "--directory",
+                                postgres_url)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert f"consolidated part of camera {camera} from a2 (signed by {a2_subject})" \
+            in checked.stdout, checked.stdout
+        where = a1.data_dir / "consolidated" / camera / part.part
+        original = (where / "records.fsa").read_bytes()
+        data = bytearray(original)
+        data[len(data) // 2] ^= 0x01
+        (where / "records.fsa").write_bytes(bytes(data))
+        tampered = _archiver_cli("check", "--data", str(a1.data_dir), "--directory",
+                                 postgres_url)
+        assert tampered.returncode == 3, tampered.stdout + tampered.stderr
+        assert f"PROBLEM: The copy of camera '{camera}' does not verify against its signer's " \
+            "certificate" in tampered.stdout, tampered.stdout
+
+        # Automatic: an Archiver that holds a camera again consolidates its gaps by itself.
+        shutil.rmtree(where)
+        a1.extra_args = (*a1.extra_args, "--consolidate-every", "1")
+        a1.start()
+        deadline = time.monotonic() + 60
+        while not (where / "part.json").exists():
+            assert time.monotonic() < deadline, a1.log()[-3000:]
+            time.sleep(0.2)
+        assert (where / "records.fsa").read_bytes() == original
     directory.close()
 
 
