@@ -67,6 +67,7 @@ from keyservice.wire import ErrorCode
 
 if TYPE_CHECKING:
     from archiver.archive import Archive
+    from archiver.audit import AuditLog
     from archiver.settings import Settings
 
 log = logging.getLogger("archiver.consolidation")
@@ -154,11 +155,23 @@ def _signed(key: ec.EllipticCurvePublicKey, data: bytes, signature: bytes) -> bo
 class Exporter:
     """The asked Archiver's side: checks who asks, then hands out the raw signed records."""
 
-    def __init__(self, archive: Archive, name: str, clock: Callable[[], int]) -> None:
+    def __init__(self, archive: Archive, name: str, clock: Callable[[], int],
+                 audit: AuditLog | None = None) -> None:
         self._archive = archive
         self._name = name
         self._clock = clock
+        self._audit = audit
         self._nonces = _SeenNonces()
+
+    def answer(self, request: ExportRequest) -> bytes:
+        """The export a registered Archiver asked for (Refused otherwise), in the audit log."""
+        self.authenticate(request)
+        body = self.export(request)
+        if self._audit is not None:
+            self._audit.record(f"archiver:{request.archiver}", "consolidation.export",
+                               self._clock(), camera=request.camera, from_ms=request.from_ms,
+                               to_ms=request.to_ms, bytes=len(body))
+        return body
 
     def authenticate(self, request: ExportRequest) -> None:
         """Refused unless an Archiver of the registry (not this one) signed the request now."""
@@ -641,6 +654,7 @@ class Consolidator:
 
     archive: Archive
     settings: Settings
+    audit: AuditLog | None = None
     fetch: Fetch | None = None  # (url, request) -> body; default: HTTPS under --peer-tls-ca
     on_file: Callable[[str], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -746,13 +760,33 @@ class Consolidator:
                                        f"{answer.status_code}: {answer.text[:200]}).")
         return answer.content
 
+    def for_admin(self, actor: str, camera: str, from_ms: int | None = None,
+                  to_ms: int | None = None) -> list[Outcome]:
+        """``consolidate`` as an admin asked it: each part stored, or the refusal, in the audit
+        log; a copy that could not be had or did not verify is a Refused."""
+        try:
+            outcomes = self.consolidate(camera, from_ms, to_ms)
+        except ConsolidationRefused as exc:
+            self._record(actor, "consolidation.refused", camera=camera, message=exc.message)
+            raise Refused(ErrorCode.CONSOLIDATION_REFUSED, exc.message) from None
+        for outcome in outcomes:
+            if outcome.stored:
+                self._record(actor, "consolidation.stored", camera=camera,
+                             source=outcome.archiver, part=outcome.part,
+                             segments=outcome.segments, bytes=outcome.bytes)
+        return outcomes
+
+    def _record(self, actor: str, action: str, **details: object) -> None:
+        if self.audit is not None:
+            self.audit.record(actor, action, self.archive.clock(), **details)
+
     def run_once(self) -> list[Outcome]:
         """Every camera this Archiver holds now: its gaps, consolidated (the background task).
         A failure is logged and tried again next time; it never touches recording."""
         outcomes: list[Outcome] = []
         for camera in self.directory.cameras_held(self.settings.archiver_name):
             try:
-                outcomes.extend(self.consolidate(camera))
+                outcomes.extend(self.for_admin("archiver", camera))
             except (KeyServiceError, Refused, OSError) as exc:
                 log.warning("consolidation of camera %s failed, tried again later: %s", camera,
                             getattr(exc, "message", None) or exc)

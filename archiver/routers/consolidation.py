@@ -10,10 +10,9 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from archiver.consolidation import ConsolidationRefused, ExportRequest
-from archiver.deps import AdminDep, ApiError, CameraName, CameraPath, ServicesDep
+from archiver.consolidation import ExportRequest
+from archiver.deps import AdminDep, CameraName, CameraPath, ServicesDep
 from archiver.routers.streams import MAX_MS
-from keyservice.wire import ErrorCode
 
 router = APIRouter(prefix="/v1", tags=["consolidation"])
 
@@ -31,13 +30,7 @@ class ExportAsk(BaseModel):
 @router.post("/site/consolidation/export")
 async def export(ask: ExportAsk, services: ServicesDep) -> Response:
     """Another Archiver of the site copies this one's records of a range, exactly as signed."""
-    request = ExportRequest(**ask.model_dump())
-    exporter = services.exporter
-    await run_in_threadpool(exporter.authenticate, request)
-    body = await run_in_threadpool(exporter.export, request)
-    services.audit.record(f"archiver:{request.archiver}", "consolidation.export",
-                          services.archive.clock(), camera=request.camera,
-                          from_ms=request.from_ms, to_ms=request.to_ms, bytes=len(body))
+    body = await run_in_threadpool(services.exporter.answer, ExportRequest(**ask.model_dump()))
     return Response(body, media_type="application/octet-stream")
 
 
@@ -53,17 +46,7 @@ async def consolidate(camera: CameraPath, actor: AdminDep, services: ServicesDep
                       to_ms: int | None = Query(default=None, ge=0, le=MAX_MS)
                       ) -> ConsolidationDone:
     """Fill this Archiver's gaps in ``camera`` from the Archivers that recorded them."""
-    try:
-        outcomes = await run_in_threadpool(services.consolidation.consolidate, camera,
-                                           from_ms, to_ms)
-    except ConsolidationRefused as exc:
-        services.audit.record(actor, "consolidation.refused", services.archive.clock(),
-                              camera=camera, message=exc.message)
-        raise ApiError(502, ErrorCode.CONSOLIDATION_REFUSED, exc.message) from None
-    for outcome in outcomes:
-        if outcome.stored:
-            services.audit.record(actor, "consolidation.stored", services.archive.clock(),
-                                  camera=camera, source=outcome.archiver, part=outcome.part,
-                                  segments=outcome.segments, bytes=outcome.bytes)
+    outcomes = await run_in_threadpool(services.consolidation.for_admin, actor, camera,
+                                       from_ms, to_ms)
     return ConsolidationDone(camera=camera, archiver=services.settings.archiver_name,
                              parts=[o.to_json() for o in outcomes])

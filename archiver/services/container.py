@@ -77,12 +77,13 @@ class ArchiverServices:
     @functools.cached_property
     def consolidation(self) -> Consolidator:
         """Gaps in this Archiver's cameras filled from other Archivers' signed recordings."""
-        return Consolidator(self.archive, self.settings)
+        return Consolidator(self.archive, self.settings, self.audit)
 
     @functools.cached_property
     def exporter(self) -> Exporter:
         """The other side: this Archiver's signed records, for another Archiver of the site."""
-        return Exporter(self.archive, self.settings.archiver_name, self.archive.clock)
+        return Exporter(self.archive, self.settings.archiver_name, self.archive.clock,
+                        self.audit)
 
     @functools.cached_property
     def audit_log(self) -> AuditService:
