@@ -35,7 +35,7 @@ import secrets
 import shutil
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -780,6 +780,38 @@ class Consolidator:
         if self.audit is not None:
             self.audit.record(actor, action, self.archive.clock(), **details)
 
+    def part_for(self, archiver: str, camera: str, from_ms: int,
+                 to_ms: int) -> PartInfo | None:
+        """The kept part of ``archiver``'s recording that answers [from_ms, to_ms] of
+        ``camera``: the placement it fills covers the range, give or take the handover (a
+        viewer asks from the end of the previous Archiver's video, to the next one's start)."""
+        for info in self.store.parts(camera):
+            if (info.archiver == archiver and info.asked_from_ms - HANDOVER_MS <= from_ms
+                    and to_ms <= info.asked_to_ms + HANDOVER_MS
+                    and from_ms <= info.asked_to_ms + HANDOVER_MS):
+                return info
+        return None
+
+    def holds_copy(self, archiver: str, camera: str, from_ms: int, to_ms: int) -> bool:
+        """Whether a kept part fills exactly this placement of ``archiver`` (placements)."""
+        return any(info.archiver == archiver and info.asked_from_ms <= from_ms
+                   and to_ms <= info.asked_to_ms for info in self.store.parts(camera))
+
+    def stream(self, archiver: str, viewer_fingerprint: str, camera: str, from_ms: int,
+               to_ms: int, nonce: bytes,
+               still_authorized: Callable[[], bool]) -> Iterator[bytes] | None:
+        """A viewer's stream of [from_ms, to_ms] from the kept part of ``archiver``'s recording
+        that covers it (None: none does): as the signer signed it, END signed here."""
+        info = self.part_for(archiver, camera, from_ms, to_ms)
+        if info is None:
+            return None
+        index = PartIndex(self.store, info)
+        archive = self.archive
+        return part_stream(index, archiver_cert_der=archive.signer.certificate.public_bytes(
+            Encoding.DER), server_signer=archive.signer, viewer_fingerprint=viewer_fingerprint,
+            from_ms=from_ms, to_ms=to_ms, nonce=nonce, request_id=archive.rng(16),
+            created_ms=archive.clock(), still_authorized=still_authorized)
+
     def run_once(self) -> list[Outcome]:
         """Every camera this Archiver holds now: its gaps, consolidated (the background task).
         A failure is logged and tried again next time; it never touches recording."""
@@ -809,3 +841,132 @@ class Consolidator:
             removed += 1
             log.info("retention removed consolidated part %s of %s", info.part, info.camera)
         return removed
+
+
+# --- serving a kept part (the consolidating Archiver answers a viewer) --------------------------
+@dataclass
+class _Group:
+    manifest: Manifest
+    raw: bytes
+    segments: list[tuple[Segment, bytes]]
+
+
+class PartIndex:
+    """A kept part, read back and indexed in memory to serve one stream (parts are a few
+    thousand records: minutes to hours of one camera)."""
+
+    def __init__(self, store: PartStore, info: PartInfo) -> None:
+        self.info = info
+        self.signer_cert, archived, keys = store.load(info)
+        self.recipients: dict[bytes, list[tuple[int, bytes]]] = {}
+        self.groups: list[_Group] = []
+        self.edge_before: bytes | None = None
+        self.edge_after: bytes | None = None
+        pending: list[tuple[Segment, bytes]] = []
+        for raw in archived:
+            record = decode_record(raw)
+            if isinstance(record, ChainRecipients):
+                self.recipients.setdefault(record.chain_id, []).append((record.part, raw))
+            elif isinstance(record, Segment):
+                pending.append((record, raw))
+            elif isinstance(record, Manifest):
+                if pending:
+                    self.groups.append(_Group(record, raw, pending))
+                    pending = []
+                elif self.groups:
+                    self.edge_after = raw
+                else:
+                    self.edge_before = raw
+        for parts in self.recipients.values():
+            parts.sort(key=lambda p: p[0])
+        self.openers: dict[bytes, tuple[str, bytes]] = {}
+        self.records: dict[tuple[str, bytes], tuple[bytes, bytes, int]] = {}
+        chain_records: list[tuple[ChainRecord, bytes]] = []
+        for raw in keys:
+            record = decode_record(raw)
+            if isinstance(record, EpochOpener):
+                self.openers[record.epoch_id] = (record.viewer_fingerprint.hex(), raw)
+            elif isinstance(record, ChainRecord):
+                chain_records.append((record, raw))
+        for record, raw in chain_records:
+            opener = self.openers.get(record.epoch_id)
+            if opener is not None:
+                self.records[(opener[0], record.chain_id)] = (record.epoch_id, raw,
+                                                              record.first_step)
+
+
+def part_stream(index: PartIndex, *, archiver_cert_der: bytes, server_signer: Signer,
+                viewer_fingerprint: str, from_ms: int, to_ms: int, nonce: bytes,
+                request_id: bytes, created_ms: int,
+                still_authorized: Callable[[], bool]) -> Iterator[bytes]:
+    """A playback fusion stream of [from_ms, to_ms] from a kept part: the header names this
+    Archiver (it signs END over the viewer's request) and the part's signer (whose manifests
+    and chain recipients go out exactly as it signed them); the viewer's own chain records and
+    openers, each once; the part's edges as the signer made them. Without a closing edge the
+    END states the copy's head: the last manifest kept here (this Archiver's word, not the
+    signer's, that its copy ends there)."""
+    from keyservice.format import EndReason, Header, Mode
+    from keyservice.fusion_writer import StreamWriter
+
+    camera = index.info.camera
+    writer = StreamWriter(Header(
+        archiver_cert_der=archiver_cert_der, viewer_fingerprint=bytes.fromhex(viewer_fingerprint),
+        request_id=request_id, created_ms=created_ms, mode=Mode.PLAYBACK,
+        range_from_ms=from_ms, range_to_ms=to_ms, cameras=(camera,), request_nonce=nonce,
+        signer_cert_der=index.signer_cert))
+    yield writer.start()
+    groups = index.groups
+    chosen = [i for i, g in enumerate(groups)
+              if min(e.capture_ms for e in g.manifest.entries) <= to_ms
+              and max(e.capture_ms + e.duration_ms for e in g.manifest.entries) >= from_ms]
+    sent_recipients: set[bytes] = set()
+    sent_chains: set[bytes] = set()
+    sent_epochs: set[bytes] = set()
+
+    def recipients(chain_id: bytes) -> list[bytes]:
+        if chain_id in sent_recipients:
+            return []
+        sent_recipients.add(chain_id)
+        return [writer.add(raw) for _, raw in index.recipients.get(chain_id, [])]
+
+    if chosen:
+        first, last = chosen[0], chosen[-1]
+        if first > 0:
+            yield writer.add(groups[first - 1].raw)  # the opening edge, bare
+        elif index.edge_before is not None:
+            yield writer.add(index.edge_before)
+        for i in range(first, last + 1):
+            if not still_authorized():
+                return  # revoked: ends without an end record
+            group, out = groups[i], []
+            for segment, raw in group.segments:
+                chain_id, step = split_key_id(segment.key_id)
+                found = index.records.get((viewer_fingerprint, chain_id))
+                if found is None:
+                    out.extend(recipients(chain_id))  # "not authorized" shown by the signer
+                    continue
+                epoch_id, record, first_step = found
+                if first_step and step < first_step:
+                    out.extend(recipients(chain_id))
+                    continue
+                if chain_id not in sent_chains:
+                    out.extend(recipients(chain_id))
+                    if epoch_id not in sent_epochs:
+                        out.append(writer.add(index.openers[epoch_id][1]))
+                        sent_epochs.add(epoch_id)
+                    out.append(writer.add(record))
+                    sent_chains.add(chain_id)
+                out.append(writer.add(raw))
+            out.append(writer.add(group.raw))
+            yield b"".join(out)
+        if last + 1 < len(groups):
+            yield writer.add(groups[last + 1].raw)  # the closing edge, bare
+            heads: tuple[tuple[str, int], ...] = ()
+        elif index.edge_after is not None:
+            yield writer.add(index.edge_after)
+            heads = ()
+        else:
+            heads = ((camera, groups[last].manifest.manifest_seq + 1),)
+    else:
+        heads = ()
+    yield writer.end(server_signer, EndReason.RANGE_COMPLETE, heads)

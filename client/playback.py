@@ -31,7 +31,6 @@ from client.player import (
     Player,
     ReaderClosed,
     Summary,
-    archiver_pin_check,
 )
 from client.session import ArchiverSession, playback_request
 from client.site import HANDOVER_MS, Part, Site, Switch, trust_followed
@@ -406,7 +405,7 @@ def stream_command(*, url: str, token: str, output_target: str, archiver_cert: P
             if save is not None:
                 save.abort()
             raise
-        if len(parts) > 1:
+        if len(parts) > 1 or (parts and parts[0].consolidated):
             play_parts(site, identity, asked.cameras[0], parts, output, quiet=quiet,
                        login_ops=lambda: after_login + site.logins)
             return
@@ -423,8 +422,9 @@ def stream_command(*, url: str, token: str, output_target: str, archiver_cert: P
             return site.stream(asked, grant_id=grant_id)
 
         def check(cert: x509.Certificate) -> None:
-            # The signer is the Archiver that answered (the entry, or the one followed to).
-            archiver_pin_check(site.signer_fingerprint())(cert)
+            # The signer is the Archiver that answered (the entry, or the one followed to),
+            # or a consolidated part's listed signer.
+            site.check_stream_signer(cert)
 
         run_stream(identity=identity, output=output, save=save, fetch=fetch, check=check,
                    progress=Progress(show_progress, start, end),
@@ -505,7 +505,7 @@ def play_parts(site: Site, identity: Identity, camera: str, parts: list[Part], o
             request = playback_request(camera, part.from_ms, part.to_ms)
 
             def check(cert: x509.Certificate, _site: Site = site) -> None:
-                archiver_pin_check(_site.signer_fingerprint())(cert)
+                _site.check_stream_signer(cert)
 
             summary = run_stream(
                 identity=identity, output=PartOutput(output), save=None,
@@ -513,9 +513,18 @@ def play_parts(site: Site, identity: Identity, camera: str, parts: list[Part], o
                 progress=Progress(False, 0, 0), login_ops=login_ops, live=False, quiet=True,
                 request=request)
             answered, login = site.current
-            signers.append(f"{answered} (signing certificate sha256 "
-                           f"{login.archiver_fingerprint.hex()[:16]}..., "
-                           f"{login.result.archiver_certificate.subject.rfc4514_string()})")
+            signer = site.content_signer
+            if part.consolidated and signer is not None:
+                served = site.entry_name or site.entry.url
+                signers.append(f"{answered} (signing certificate sha256 "
+                               f"{fingerprint(signer.certificate).hex()[:16]}..., "
+                               f"{signer.certificate.subject.rfc4514_string()}), "
+                               f"consolidated from {answered} at {served} (signed by "
+                               f"{signer.certificate.subject.rfc4514_string()})")
+            else:
+                signers.append(f"{answered} (signing certificate sha256 "
+                               f"{login.archiver_fingerprint.hex()[:16]}..., "
+                               f"{login.result.archiver_certificate.subject.rfc4514_string()})")
             played.append((part, summary))
             if summary.last_ms is not None:
                 previous_end = summary.last_ms

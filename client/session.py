@@ -205,13 +205,17 @@ class PlacementView:
     url: str | None
     since_ms: int
     until_ms: int | None
+    # The Archiver asked holds that recording too, consolidated as its Archiver signed it
+    # (issue 22): played there, verified against that Archiver's certificate.
+    copy_here: bool = False
 
     @classmethod
     def from_json(cls, body: Any) -> PlacementView:
         """From the Archiver's JSON; ArchiverFailed if it is not a placement."""
         try:
             return cls(str(body["archiver"]), _optional_str(body.get("url")),
-                       int(body["since_ms"]), _optional_int(body.get("until_ms")))
+                       int(body["since_ms"]), _optional_int(body.get("until_ms")),
+                       body.get("copy_here") is True)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise ArchiverFailed("The Archiver's placement of a camera is malformed.") from None
 
@@ -521,8 +525,8 @@ class ArchiverSession:
             raise ArchiverFailed("The Archiver's gap list is malformed.") from None
 
     @contextmanager
-    def recording(self, camera: str, from_ms: int, to_ms: int,
-                  request: StreamRequest) -> Iterator[Iterator[bytes]]:
+    def recording(self, camera: str, from_ms: int, to_ms: int, request: StreamRequest,
+                  copy_of: str | None = None) -> Iterator[Iterator[bytes]]:
         """The fusion stream of a recorded range, as an iterator of received chunks.
         ``request`` (playback_request(camera, from_ms, to_ms)) carries the nonce sent; give the
         same one to the Player, which then checks that the stream answers it."""
@@ -530,8 +534,10 @@ class ArchiverSession:
         nonce = request.nonce
         entered = False
         try:
-            with self._stream(f"/v1/cameras/{camera}/recording",
-                              {"from_ms": from_ms, "to_ms": to_ms, "nonce": nonce.hex()},
+            params = {"from_ms": from_ms, "to_ms": to_ms, "nonce": nonce.hex()}
+            if copy_of is not None:  # another Archiver's recording consolidated here
+                params["copy_of"] = copy_of
+            with self._stream(f"/v1/cameras/{camera}/recording", params,
                               read_timeout=self.timeout) as it:
                 entered = True
                 yield it

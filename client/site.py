@@ -69,6 +69,9 @@ class Part:
     to_ms: int
     entry: bool
     url: str | None = None  # the registry's URL of its Archiver
+    # Another Archiver's recording the entry consolidated (issue 22): played from the entry,
+    # verified against ``archiver``'s certificate (its END against the entry's).
+    consolidated: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,8 @@ def plan_parts(placements: list[PlacementView] | None, entry: str | None, from_m
         start = max(from_ms, p.since_ms)
         end = to_ms if p.until_ms is None else min(to_ms, p.until_ms - 1)
         if start <= end:
-            parts.append(Part(p.archiver, start, end, p.archiver == entry, p.url))
+            copy = p.copy_here and p.archiver != entry
+            parts.append(Part(p.archiver, start, end, p.archiver == entry or copy, p.url, copy))
     return parts or [Part(entry or "", from_ms, to_ms, True)]
 
 
@@ -150,6 +154,8 @@ class Site:
         self._lock = threading.Lock()  # the web viewer follows from several threads
         # The Archiver whose stream is being read (its login: the signer to verify against).
         self.current: tuple[str, Login] = (entry.url, login)
+        # Playing a consolidated part: the Archiver that recorded and signed it (listed).
+        self.content_signer: SiteArchiver | None = None
         self.logins = 0  # logins to followed Archivers (one token operation each)
 
     def __enter__(self) -> Site:
@@ -268,8 +274,35 @@ class Site:
         last seconds, would be answered by whichever Archiver was asked)."""
         session, login = self.reach(part)
         self.current = (part.archiver, login)
-        with stream(session, request) as chunks:
+        self.content_signer = None
+        self.expect_consolidated(part)
+        with stream(session, request,
+                    copy_of=part.archiver if part.consolidated else None) as chunks:
             yield chunks
+
+    def expect_consolidated(self, part: Part) -> None:
+        """A consolidated part is about to be read: its signer must be the Archiver the site
+        lists for it, at its listed URL, trusted as a followed one is (pinned there, or the
+        site CA's)."""
+        if part.consolidated:
+            self.content_signer = self._listed(part.archiver, (part.url or "").rstrip("/"),
+                                               f"named {part.archiver!r} at {part.url} as the "
+                                               "signer of a consolidated part")
+
+    def check_stream_signer(self, cert: x509.Certificate) -> None:
+        """The reader's check of each certificate a stream names: the answering Archiver's
+        (logged in to), or, in a consolidated part, the listed signer's (trusted as a followed
+        Archiver: its pin or the site CA); anything else is refused."""
+        if fingerprint(cert) == self.signer_fingerprint():
+            return
+        signer = self.content_signer
+        if signer is not None and fingerprint(cert) == fingerprint(signer.certificate):
+            self._check(signer.url, cert)
+            return
+        raise ArchiverMismatch(
+            f"The stream names Archiver certificate sha256 {fingerprint(cert).hex()}, neither "
+            f"the answering Archiver's (sha256 {self.signer_fingerprint().hex()}) nor the "
+            "signer of a consolidated part the site lists; nothing was decrypted.")
 
     @contextmanager
     def stream(self, request: StreamRequest, *,

@@ -271,8 +271,8 @@ def player_for(identity: Identity, signed_by: Login | LoginResult | bytes,
                   on_segment=on_segment, critical=critical, known_keys=known_keys)
 
 
-def stream(session: ArchiverSession, request: StreamRequest, *,
-           grant_id: str | None = None) -> AbstractContextManager[Iterator[bytes]]:
+def stream(session: ArchiverSession, request: StreamRequest, *, grant_id: str | None = None,
+           copy_of: str | None = None) -> AbstractContextManager[Iterator[bytes]]:
     """The fusion stream that answers ``request``, as received chunks: a recorded range, a
     live stream, or (``grant_id``) a range under an access grant. The request's nonce is the
     one sent; give the same request to the Player (``player_for``)."""
@@ -281,7 +281,7 @@ def stream(session: ArchiverSession, request: StreamRequest, *,
         return session.live(camera, (request.to_ms - request.from_ms) / 1000, request)
     if grant_id is not None:
         return session.grant_recording(grant_id, request)
-    return session.recording(camera, request.from_ms, request.to_ms, request)
+    return session.recording(camera, request.from_ms, request.to_ms, request, copy_of)
 
 
 def _result(player: Player, request: StreamRequest, *, complete: bool, path: Path | None = None,

@@ -165,11 +165,17 @@ class Header:
     # mode, range and cameras it binds the stream to one request, so a relay cannot answer
     # a new request with a stream saved earlier. Covered by the signed END transcript.
     request_nonce: bytes = bytes(ID_LEN)
+    # A consolidated part (issue 22): the certificate of the Archiver that recorded and signed
+    # its manifests and chain recipients, when another Archiver serves it (that one's
+    # certificate is archiver_cert_der and signs END). Empty (not encoded): the same Archiver.
+    signer_cert_der: bytes = b""
 
     record_type: ClassVar[RecordType] = RecordType.HEADER
 
     def __post_init__(self) -> None:
         _var_bytes("Archiver certificate", self.archiver_cert_der, 1, 0xFFFF)
+        if self.signer_cert_der:
+            _var_bytes("signer certificate", self.signer_cert_der, 1, 0xFFFF)
         _bytes("viewer fingerprint", self.viewer_fingerprint, HASH_LEN)
         _bytes("request id", self.request_id, ID_LEN)
         _bytes("request nonce", self.request_nonce, ID_LEN)
@@ -190,7 +196,9 @@ class Header:
             self.viewer_fingerprint, self.request_id, self.request_nonce,
             _U64.pack(self.created_ms),
             bytes((self.mode,)), _U64.pack(self.range_from_ms), _U64.pack(self.range_to_ms),
-            bytes((len(self.cameras),)), *(_str8(c) for c in self.cameras)))
+            bytes((len(self.cameras),)), *(_str8(c) for c in self.cameras),
+            *((_U16.pack(len(self.signer_cert_der)), self.signer_cert_der)
+              if self.signer_cert_der else ())))
 
 
 @dataclass(frozen=True, slots=True)
@@ -697,7 +705,13 @@ def _decode_header(c: _Cursor) -> Header:
     viewer, request_id, nonce = c.take(HASH_LEN), c.take(ID_LEN), c.take(ID_LEN)
     fields = (c.u64(), c.u8(), c.u64(), c.u64())
     cameras = tuple(c.str8() for _ in range(c.u8()))
-    return Header(cert, viewer, request_id, *fields, cameras, request_nonce=nonce)
+    signer = b""
+    if not c.at_end():  # a consolidated part's signer; canonical: never present and empty
+        signer = c.take(c.u16())
+        if not signer:
+            raise FormatError("A header's signer certificate, when present, is not empty.")
+    return Header(cert, viewer, request_id, *fields, cameras, request_nonce=nonce,
+                  signer_cert_der=signer)
 
 
 def _decode_opener(c: _Cursor) -> EpochOpener:

@@ -185,6 +185,9 @@ class StreamReader:
         self.header: Header | None = None
         self.token_operations = 0
         self._archiver_key: ec.EllipticCurvePublicKey | None = None
+        # Who signed the manifests and chain recipients: the serving Archiver, or for a
+        # consolidated part (issue 22) the one that recorded it (header.signer_cert_der).
+        self._content_key: ec.EllipticCurvePublicKey | None = None
         self._cameras: dict[str, _Camera] = {}
         self._openers: dict[bytes, EpochOpener] = {}
         self._ratchets: dict[bytes, KekRatchet] = {}
@@ -286,8 +289,21 @@ class StreamReader:
                 f"This stream is addressed to viewer certificate "
                 f"{header.viewer_fingerprint.hex()[:16]}..., not to yours "
                 f"({self._fingerprint.hex()[:16]}...); open it with the identity it was made for.")
+        key = self._signing_key(header.archiver_cert_der)
+        if self._request is not None:
+            check_header_answers(header, self._request)
+        self._archiver_key = self._content_key = key
+        if header.signer_cert_der:
+            # Another Archiver's recording served as it signed it: its certificate passes the
+            # same check (a pin, the site CA) and verifies everything but END, which the
+            # serving Archiver signs over this request.
+            self._content_key = self._signing_key(header.signer_cert_der)
+        self._cameras = {camera: _Camera() for camera in header.cameras}
+        self.header = header
+
+    def _signing_key(self, der: bytes) -> ec.EllipticCurvePublicKey:
         try:
-            cert = x509.load_der_x509_certificate(header.archiver_cert_der)
+            cert = x509.load_der_x509_certificate(der)
         except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm):
             raise FormatError("The header's Archiver certificate is not valid DER.") from None
         self._check_archiver(cert)  # the pin: raises if this is not our Archiver
@@ -297,11 +313,7 @@ class StreamReader:
             raise IntegrityError() from None
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise IntegrityError()
-        if self._request is not None:
-            check_header_answers(header, self._request)
-        self._archiver_key = key
-        self._cameras = {camera: _Camera() for camera in header.cameras}
-        self.header = header
+        return key
 
     def _camera(self, name: str) -> _Camera:
         camera = self._cameras.get(name)
@@ -363,10 +375,10 @@ class StreamReader:
 
     def _on_chain_recipients(self, part: ChainRecipients, raw: RawRecord) -> None:
         self._camera(part.camera)
-        assert self._archiver_key is not None
+        assert self._content_key is not None
         unsigned = raw[RECORD_HEADER_LEN:len(raw) - 2 - len(part.signature)]
         label = LABEL_CHAIN_JOIN if part.is_join else LABEL_CHAIN_RECIPIENTS
-        _verify(self._archiver_key, label + unsigned, part.signature)
+        _verify(self._content_key, label + unsigned, part.signature)
         common = (part.camera, part.stream, part.start_period, part.parts)
         known = self._recipients.get(part.chain_id)
         if known is None:
@@ -419,11 +431,11 @@ class StreamReader:
     def _on_manifest(self, manifest: Manifest, raw: RawRecord, digest: bytes,
                      events: list[Event]) -> None:
         camera = self._camera(manifest.camera)
-        assert self._archiver_key is not None
+        assert self._content_key is not None
         # The signature covers the body up to the signature field, exactly as received (the
         # encoding is canonical, so this equals manifest.signed_bytes() without re-encoding).
         unsigned = raw[RECORD_HEADER_LEN:len(raw) - 2 - len(manifest.signature)]
-        _verify(self._archiver_key, LABEL_MANIFEST + unsigned, manifest.signature)
+        _verify(self._content_key, LABEL_MANIFEST + unsigned, manifest.signature)
         # The chain: each manifest names its predecessor, so a dropped, replayed or reordered
         # manifest breaks it. A chain may be joined midway (playback from a later time), but
         # sequence 0 and the zero hash only ever come together.

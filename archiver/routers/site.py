@@ -30,6 +30,8 @@ class PlacementView(BaseModel):
     url: str | None
     since_ms: int
     until_ms: int | None
+    # This Archiver holds that recording too, consolidated as its Archiver signed it.
+    copy_here: bool = False
 
 
 class Placements(BaseModel):

@@ -31,6 +31,7 @@ from archiver.routers.streams import (
     ViewerStream,
 )
 from keyservice.identity import fingerprint
+from keyservice.names import CAMERA_NAME_PATTERN
 
 router = APIRouter(prefix="/v1", tags=["viewer"])
 
@@ -132,13 +133,17 @@ SITE_RESPONSES: dict[int | str, dict[str, object]] = {
 async def recording(request: Request, camera: CameraPath, viewer: ViewerDep,
                     playback: PlaybackDep, cameras: CamerasDep, routing: RoutingDep,
                     settings: SettingsDep, from_ms: TimeQuery, to_ms: TimeQuery,
-                    nonce: NonceQuery) -> StreamingResponse | JSONResponse:
+                    nonce: NonceQuery,
+                    copy_of: Annotated[str | None, Query(
+                        pattern=CAMERA_NAME_PATTERN, description="Another Archiver's recording "
+                        "consolidated here (the placements' copy_here), asked of its copy "
+                        "here")] = None) -> StreamingResponse | JSONResponse:
     await run_in_threadpool(cameras.authorize, viewer, camera)
-    if to_ms >= from_ms and (redirect := await redirect_if_elsewhere(
+    if copy_of is None and to_ms >= from_ms and (redirect := await redirect_if_elsewhere(
             request, routing, camera, from_ms, to_ms)) is not None:
         return redirect
     stream = await run_in_threadpool(playback.recording, viewer, camera, from_ms, to_ms,
-                                     bytes.fromhex(nonce))
+                                     bytes.fromhex(nonce), copy_of)
     return ViewerStream(stream, settings.stream_send_timeout_s)
 
 

@@ -110,13 +110,13 @@ class ArchiverServices:
 
     @functools.cached_property
     def playback(self) -> PlaybackService:
-        return PlaybackService(self.archive, self.audit, self.cameras)
+        return PlaybackService(self.archive, self.audit, self.cameras, self.consolidation.stream)
 
     @functools.cached_property
     def routing(self) -> RoutingService:
         """Which Archiver of the site answers for a camera's range (redirects, placements)."""
         return RoutingService(self.archive.directory, self.settings.archiver_name,
-                              self.archive.clock)
+                              self.archive.clock, self.consolidation.holds_copy)
 
     @functools.cached_property
     def ingest(self) -> IngestService:

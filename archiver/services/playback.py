@@ -6,7 +6,7 @@ it starts.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -28,11 +28,18 @@ def _iso(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
 
 
+# A kept copy of another Archiver's recording (archiver/consolidation.py): (its Archiver,
+# viewer fingerprint, camera, from, to, nonce, still authorized) -> its stream, or None.
+CopyStream = Callable[[str, str, str, int, int, bytes, Callable[[], bool]],
+                      Iterator[bytes] | None]
+
+
 @dataclass
 class PlaybackService:
     archive: Archive
     audit: AuditLog
     cameras: CameraService
+    copies: CopyStream | None = None
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -40,7 +47,7 @@ class PlaybackService:
         return self.archive.signer.certificate
 
     def recording(self, viewer: ViewerRow, camera: str, from_ms: int, to_ms: int,
-                  nonce: bytes) -> Iterator[bytes]:
+                  nonce: bytes, copy_of: str | None = None) -> Iterator[bytes]:
         """The fusion stream of [from_ms, to_ms]. Video that retention (or disk space) removed
         is refused with a statement signed by the key viewers pin (``Refused.body["expiry"]``):
         an unsigned "expired" would let a hostile Archiver pass off withheld video as removed."""
@@ -48,6 +55,21 @@ class PlaybackService:
         archive = self.archive
         if to_ms < from_ms:
             raise Refused(ErrorCode.BAD_RANGE, "The end of the range is before its start.")
+        if copy_of is not None:
+            # Another Archiver's recording consolidated here, asked for by name: served as it
+            # signed it (the viewer verifies it against that signer); never this Archiver's
+            # own recording under another's name, nor the reverse.
+            copied = None if self.copies is None else self.copies(
+                copy_of, viewer.fingerprint, camera, from_ms, to_ms, nonce,
+                self._still_authorized(viewer, camera))
+            if copied is None:
+                raise Refused(ErrorCode.NO_RECORDING,
+                              f"This Archiver holds no consolidated copy of Archiver "
+                              f"'{copy_of}''s recording of camera '{camera}' in the requested "
+                              "range.")
+            self.audit.record(viewer.fingerprint, "stream.playback", archive.clock(),
+                              camera=camera, from_ms=from_ms, to_ms=to_ms, copy_of=copy_of)
+            return copied
         if not archive.has_recording(camera, from_ms, to_ms):
             expired = [e for e in archive.db.expired_files(camera)
                        if e.from_ms <= to_ms and e.to_ms >= from_ms]
@@ -70,6 +92,21 @@ class PlaybackService:
         self.audit.record(viewer.fingerprint, "stream.playback", archive.clock(), camera=camera,
                           from_ms=from_ms, to_ms=to_ms)
         return archive.playback(viewer, camera, from_ms, to_ms, nonce)
+
+    def _still_authorized(self, viewer: ViewerRow, camera: str) -> Callable[[], bool]:
+        """Cheap until the viewer's authorization changed in this process, then the
+        directory says (as a stream from the archive re-checks it)."""
+        archive, fp = self.archive, viewer.fingerprint
+        seen = [archive.authorization_changes(fp), True]
+
+        def check() -> bool:
+            changes = archive.authorization_changes(fp)
+            if seen[1] and changes != seen[0]:
+                seen[0] = changes
+                now = archive.directory.viewer(fp)
+                seen[1] = now is not None and now.authorized_on(camera)
+            return bool(seen[1])
+        return check
 
     def live(self, viewer: ViewerRow, camera: str, nonce: bytes, duration_s: float,
              from_ms: int | None = None) -> AsyncIterator[bytes]:

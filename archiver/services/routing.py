@@ -24,16 +24,19 @@ __all__ = ["Holder", "Route", "RoutingService"]
 
 @dataclass(frozen=True)
 class Holder:
-    """A placement with the URL its Archiver is reached at (None: not in the registry)."""
+    """A placement with the URL its Archiver is reached at (None: not in the registry).
+    ``copy_here``: this Archiver also holds that recording, consolidated as its Archiver
+    signed it (issue 22): the viewer may play it here, verified against that Archiver."""
 
     archiver: str
     url: str | None
     since_ms: int
     until_ms: int | None
+    copy_here: bool = False
 
     def to_json(self) -> dict[str, object]:
         return {"archiver": self.archiver, "url": self.url, "since_ms": self.since_ms,
-                "until_ms": self.until_ms}
+                "until_ms": self.until_ms, "copy_here": self.copy_here}
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class RoutingService:
     directory: Directory
     name: str  # this Archiver's name in the site (Settings.archiver_name)
     clock: Callable[[], int]
+    # Whether a consolidated copy here of (archiver, camera, from, to) is kept
+    # (archiver/consolidation.py).
+    holds_copy: Callable[[str, str, int, int], bool] | None = None
 
     def archivers(self) -> list[ArchiverRow]:
         """The site's Archivers (the registry)."""
@@ -67,7 +73,13 @@ class RoutingService:
         if not found:
             found = [Placement(camera, self.name, 0, None)]
         urls = {row.name: row.url for row in self.directory.archivers()}
-        return [Holder(p.archiver, urls.get(p.archiver), p.since_ms, p.until_ms) for p in found]
+        return [Holder(p.archiver, urls.get(p.archiver), p.since_ms, p.until_ms,
+                       self._copy_here(p)) for p in found]
+
+    def _copy_here(self, p: Placement) -> bool:
+        return (self.holds_copy is not None and p.archiver != self.name
+                and p.until_ms is not None and self.holds_copy(p.archiver, p.camera,
+                                                               p.since_ms, p.until_ms))
 
     def route(self, camera: str, from_ms: int | None, to_ms: int | None) -> Route:
         """Where [from_ms, to_ms] of ``camera`` is answered (``to_ms`` None: live from

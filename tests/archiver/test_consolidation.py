@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -39,10 +40,10 @@ from archiver.consolidation import (
     verify_part,
 )
 from archiver.directory import ArchiverRow, open_directory
-from fusion_testkit.client_cli import Viewer, now_ms, wait_for_segments
+from fusion_testkit.client_cli import Client, Viewer, now_ms, play, wait_for_segments
 from keyservice.format import EpochOpener, RecordType, decode_record
 from keyservice.identity import SoftwareSigner, fingerprint
-from tests.fixtures.camera import make_source, push, requires_ffmpeg
+from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
 from tests.fixtures.server import ArchiverServer, SiteCa, production_archiver
 from tests.fixtures.tokens import TokenHandle, enroll_viewer
 
@@ -109,9 +110,19 @@ def test_a_returning_archiver_fills_its_gap_from_the_others_signed_recording(
         gone_fp = a1.add_viewer(gone.pem, [camera])
         a2.stop()  # a2 starts its chains with both viewers in them
         a2.start()
+        # The viewer pins each Archiver's signing certificate once (no site CA here).
+        client = Client(tmp_path / "client-home", tls_ca=ca.path)
+        for server in (a1, a2):
+            pem = tmp_path / f"{server.data_dir.name}-signing.pem"
+            pem.write_bytes(x509.load_der_x509_certificate(directory.archiver(
+                server.data_dir.name).certificate).public_bytes(Encoding.PEM))
+            pinned = client("cameras", "--archiver", server.url, "--token", viewer.uri,
+                            "--archiver-cert", str(pem))
+            assert pinned.code == 0, pinned.stderr
         # a1 records, the camera moves to a2, a2 records, the camera comes back to a1.
         first = make_source(tmp_path / "first.ts", seconds=3)
         second = _other_source(tmp_path / "second.ts", seconds=4)
+        start = now_ms()
         push(first, a1.url, camera, token, realtime=True, hls_time=1)
         wait_for_segments(a1, camera, 3)
         away = now_ms()
@@ -158,6 +169,20 @@ def test_a_returning_archiver_fills_its_gap_from_the_others_signed_recording(
         _export_is_only_for_archivers_and_a_tampered_copy_is_refused(
             a2, directory, camera, away, back, tmp_path)
 
+        # a2 stops: the viewer plays the whole range from a1 alone, frame-exact, a1's part
+        # verified against a1 and a2's part against a2's signature (a1 signs only its END).
+        a2.stop()
+        out = tmp_path / "whole.ts"
+        played = play(client, a1.url, viewer, out, start, back - 1, camera=camera)
+        assert played.code == 0, played.stderr
+        assert frame_hashes(out) == frame_hashes(first) + frame_hashes(second), played.stderr
+        assert re.search(r"part 1 of 2: .* recorded by Archiver a1, verified against a1 ",
+                         played.stderr), played.stderr
+        assert re.search(rf"part 2 of 2: .* recorded by Archiver a2, verified against a2 .*"
+                         rf"consolidated from a2 at a1 \(signed by {re.escape(a2_subject)}\)",
+                         played.stderr), played.stderr
+        assert "complete (every part's signed end record verified)" in played.stderr
+
         # check (offline): the part verified against a2's certificate; tampered, found.
         a1.stop()
         checked = _archiver_cli("check", "--data", str(a1.data_dir), "--directory",
@@ -176,11 +201,17 @@ def test_a_returning_archiver_fills_its_gap_from_the_others_signed_recording(
         assert f"PROBLEM: The copy of camera '{camera}' does not verify against its signer's " \
             "certificate" in tampered.stdout, tampered.stdout
 
-        # Automatic: an Archiver that holds a camera again consolidates its gaps by itself.
+        # Automatic: an Archiver that holds a camera again consolidates its gaps by itself;
+        # while the other is down it says so and tries again (recording goes on).
         shutil.rmtree(where)
         a1.extra_args = (*a1.extra_args, "--consolidate-every", "1")
         a1.start()
         deadline = time.monotonic() + 60
+        while "tried again later" not in a1.log():
+            assert time.monotonic() < deadline, a1.log()[-3000:]
+            time.sleep(0.2)
+        assert not where.exists()
+        a2.start()
         while not (where / "part.json").exists():
             assert time.monotonic() < deadline, a1.log()[-3000:]
             time.sleep(0.2)
