@@ -707,6 +707,8 @@ def _decode_header(c: _Cursor) -> Header:
     cameras = tuple(c.str8() for _ in range(c.u8()))
     signer = b""
     if not c.at_end():  # a consolidated part's signer; canonical: never present and empty
+        if c.left() < 2:
+            c.done()  # not even its length: trailing bytes
         signer = c.take(c.u16())
         if not signer:
             raise FormatError("A header's signer certificate, when present, is not empty.")
