@@ -298,3 +298,27 @@ def _export_is_only_for_archivers_and_a_tampered_copy_is_refused(
     assert store.store(part, "a2", certificate, (since, until), now_ms()) is None
     assert json.loads((store.path_of(stored) / "part.json").read_text())["segments"] \
         == part.segments
+
+    # Retention applies to a consolidated part as to the Archiver's own days: kept while
+    # young or held, removed (its key streams first) once past its camera's retention.
+    from archiver.archive import Archive
+    from archiver.consolidation import Consolidator
+    from archiver.settings import Settings
+
+    now = [now_ms()]
+    settings = Settings(data_dir=tmp_path / "retention", retention_days=1)
+    archive = Archive(settings, probe, clock=lambda: now[0])
+    try:
+        keeper = Consolidator(archive, settings)
+        assert archive.directory.add_camera(camera, bytes(32), None, now[0])
+        assert keeper.store.store(part, "a2", certificate, (since, until), now[0]) is not None
+        assert keeper.expire() == 0  # younger than a day
+        now[0] += 2 * 86_400_000
+        hold = archive.directory.add_hold(camera, part.from_ms, part.to_ms, "case 7", "admin",
+                                          now[0])
+        assert keeper.expire() == 0 and len(keeper.store.parts()) == 1  # held
+        archive.directory.remove_hold(hold.hold_id)
+        assert keeper.expire() == 1 and keeper.store.parts() == []
+        assert not list((settings.data_dir / "consolidated").rglob("*.fs[ak]"))
+    finally:
+        archive.close()
