@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from archiver.archive import Archive
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, new_secret
+from archiver.consolidation import shred_viewer_in_parts
 from archiver.directory import ViewerRow
 from archiver.registry import SiteMember
 from archiver.rtsp import PULLER_STOP_S, CameraPullers
@@ -300,6 +301,7 @@ class Admin:
             # The key streams are this Archiver's (its local index); the directory records
             # that they were deleted.
             archive.db.delete_key_streams(fp)
+            shred_viewer_in_parts(archive.settings.data_dir, fp)  # other Archivers' copies
             archive.directory.mark_key_streams_deleted(fp)
         # Its cameras keep the current key period's key (it holds that one already) and
         # switch to chains without it from the next period on.

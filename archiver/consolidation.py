@@ -566,12 +566,47 @@ class PartStore:
                 shutil.rmtree(doomed, ignore_errors=True)
         return size
 
+    def shred_viewer(self, fingerprint_hex: str) -> int:
+        """Crypto-shredding of one viewer in every kept part (``viewers revoke
+        --delete-key-streams``): its epoch openers and chain records leave ``keys.fsk``, which
+        is replaced atomically. Returns the records removed."""
+        removed = 0
+        for info in self.parts():
+            path = self.path_of(info) / "keys.fsk"
+            with self._lock:
+                try:
+                    records = split_records(path.read_bytes(), _JOURNALED)
+                except (OSError, FormatError):
+                    continue  # check reports a damaged part; nothing to shred in it here
+                epochs = {r.epoch_id for r in map(decode_record, records)
+                          if isinstance(r, EpochOpener)
+                          and r.viewer_fingerprint.hex() == fingerprint_hex}
+                kept = [raw for raw in records if not _of_epochs(decode_record(raw), epochs)]
+                if len(kept) == len(records):
+                    continue
+                tmp = path.with_name("keys.fsk.tmp")
+                tmp.unlink(missing_ok=True)
+                _write_synced(tmp, kept)
+                os.replace(tmp, path)
+                _fsync_dir(path.parent)
+                removed += len(records) - len(kept)
+        return removed
+
     def load(self, info: PartInfo) -> tuple[bytes, list[bytes], list[bytes]]:
         """(signer certificate DER, archived records, key records) of a kept part."""
         path = self.path_of(info)
         return ((path / "signer.der").read_bytes(),
                 split_records((path / "records.fsa").read_bytes(), _ARCHIVED),
                 split_records((path / "keys.fsk").read_bytes(), _JOURNALED))
+
+
+def _of_epochs(record: object, epochs: set[bytes]) -> bool:
+    return isinstance(record, EpochOpener | ChainRecord) and record.epoch_id in epochs
+
+
+def shred_viewer_in_parts(data_dir: Path, fingerprint_hex: str) -> int:
+    """``PartStore.shred_viewer`` on a data directory's consolidated parts."""
+    return PartStore(data_dir / CONSOLIDATED_DIR).shred_viewer(fingerprint_hex)
 
 
 def check_part(store: PartStore, info: PartInfo,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from archiver.consolidation import shred_viewer_in_parts
 from archiver.directory.notify import SiteChanges, ViewerChange
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ def apply_viewer_change(archive: Archive, sessions: Sessions, change: ViewerChan
         # Crypto-shredding for the viewer on every Archiver, not only the one asked: its chain
         # records and epoch openers here go too.
         archive.db.delete_key_streams(change.fingerprint)
+        shred_viewer_in_parts(archive.settings.data_dir, change.fingerprint)
 
 
 def start_site_changes(services: ArchiverServices) -> SiteChanges | None:

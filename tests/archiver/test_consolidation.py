@@ -157,8 +157,8 @@ def test_a_returning_archiver_fills_its_gap_from_the_others_signed_recording(
         keys = (a1.data_dir / "consolidated" / camera / part.part / "keys.fsk").read_bytes()
         holders = {r.viewer_fingerprint.hex() for r in map(decode_record, _records(keys))
                    if isinstance(r, EpochOpener)}
-        assert holders == {fingerprint(x509.load_pem_x509_certificate(
-            viewer.pem.read_bytes())).hex()}, holders
+        viewer_fp = fingerprint(x509.load_pem_x509_certificate(viewer.pem.read_bytes())).hex()
+        assert holders == {viewer_fp}, holders
         assert part.viewers == 1
         # Twice: stored once.
         again = _archiver_cli("consolidate", "--camera", camera, *admin)
@@ -216,6 +216,11 @@ def test_a_returning_archiver_fills_its_gap_from_the_others_signed_recording(
             assert time.monotonic() < deadline, a1.log()[-3000:]
             time.sleep(0.2)
         assert (where / "records.fsa").read_bytes() == original
+        # Crypto-shredding reaches the copies: the viewer revoked with its key streams deleted
+        # leaves no opener or chain record in the part (before: kept until retention).
+        assert (where / "keys.fsk").stat().st_size > 0
+        a1.revoke(viewer_fp, delete_key_streams=True)
+        assert (where / "keys.fsk").read_bytes() == b""
     directory.close()
 
 
