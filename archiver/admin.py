@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from archiver.archive import Archive
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, new_secret
-from archiver.consolidation import shred_viewer_in_parts
+from archiver.consolidated import shred_viewer_in_parts
 from archiver.directory import ViewerRow
 from archiver.registry import SiteMember
 from archiver.rtsp import PULLER_STOP_S, CameraPullers

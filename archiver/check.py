@@ -443,7 +443,7 @@ def _check_consolidated(data_dir: Path, report: CheckReport) -> None:
     """Consolidated parts (other Archivers' recordings copied here, archiver/consolidation.py):
     each verified from its files alone against its OWN signer's certificate, never this
     Archiver's key."""
-    from archiver.consolidation import CONSOLIDATED_DIR, ConsolidationRefused, PartStore, check_part
+    from archiver.consolidated import CONSOLIDATED_DIR, ConsolidationRefused, PartStore, check_part
 
     store = PartStore(data_dir / CONSOLIDATED_DIR)
     for info in store.parts():

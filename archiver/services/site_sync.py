@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from archiver.consolidation import shred_viewer_in_parts
+from archiver.consolidated import shred_viewer_in_parts
 from archiver.directory.notify import SiteChanges, ViewerChange
 
 if TYPE_CHECKING:
