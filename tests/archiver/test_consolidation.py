@@ -224,6 +224,25 @@ def test_a_returning_archiver_fills_its_gap_from_the_others_signed_recording(
     directory.close()
 
 
+_KILLED_MID_COPY = """
+import base64, os, signal, sys
+from cryptography import x509
+from archiver.consolidated import PartStore, parse_export, verify_part
+body, root, camera, since, until = sys.argv[1:]
+prelude, records = parse_export(open(body, "rb").read())
+der = base64.b64decode(prelude["certificate"])
+key = x509.load_der_x509_certificate(der).public_key()
+part = verify_part(camera, records, key, (int(since), int(until) + 30_000))
+
+def die(name):
+    if name == "records.fsa":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+PartStore(__import__("pathlib").Path(root)).store(part, "a2", der, (int(since), int(until)),
+                                                  0, die)
+"""
+
+
 def _records(data: bytes) -> list[bytes]:
     from archiver.consolidation import split_records
     return split_records(data, tuple(RecordType))
@@ -293,11 +312,19 @@ def _export_is_only_for_archivers_and_a_tampered_copy_is_refused(
     with pytest.raises(OSError, match="injected"):
         store.store(part, "a2", certificate, (since, until), now_ms(), fail_after_records)
     assert store.parts() == [] and not any((tmp_path / "store").rglob("*.fsa"))
-    # What a kill -9 leaves (a hidden directory never renamed into place) is cleaned at start.
-    leftover = tmp_path / "store" / camera / ".incoming-x"
-    leftover.mkdir(parents=True)
-    (leftover / "records.fsa").write_bytes(b"half")
-    assert PartStore(tmp_path / "store").clean_incoming() == 1 and not leftover.exists()
+    # kill -9 mid-copy: a process verifies the same export and is killed (SIGKILL, by
+    # itself, right after the records file was written and fsynced): no part, and what it
+    # left (a hidden directory never renamed into place) is removed at the next start.
+    body = tmp_path / "export.bin"
+    body.write_bytes(answer.content)
+    killed = subprocess.run([sys.executable, "-c", _KILLED_MID_COPY, str(body),
+                             str(tmp_path / "store"), camera, str(since), str(until)],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert store.parts() == []
+    left = list((tmp_path / "store" / camera).glob(".incoming-*"))
+    assert len(left) == 1 and (left[0] / "records.fsa").exists(), left
+    assert PartStore(tmp_path / "store").clean_incoming() == 1 and not left[0].exists()
     stored = store.store(part, "a2", certificate, (since, until), now_ms())
     assert stored is not None and store.parts() == [stored]
     assert store.store(part, "a2", certificate, (since, until), now_ms()) is None
