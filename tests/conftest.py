@@ -65,6 +65,8 @@ SLOW_FIRST = (
     "tests/archiver/test_site_admin.py::test_cameras_move_stops_the_old_archiver_and_starts_",
     "tests/archiver/test_site_propagation.py::test_a_revocation_through_one_archiver_ends_",
     "tests/bench/test_site_directory_bench.py::test_the_site_directory_bench_measures_",
+    # Consolidation (issue 22): PostgreSQL, two Archivers restarted three times, ffmpeg.
+    "tests/archiver/test_consolidation.py::test_a_returning_archiver_fills_its_gap_from_",
 )
 
 

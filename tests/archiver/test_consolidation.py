@@ -5,8 +5,12 @@ a1 records a camera, the camera moves to a2 and back: a1's archive has a gap tha
 `fusion-archiver consolidate` makes a1 copy a2's ciphertext, signed manifests and chain records
 exactly as a2 signed them (nothing decrypted, nothing signed again), verified against a2's
 registry certificate before anything is stored, once. A revoked viewer's key stream is not
-copied. `check` verifies the part against a2's certificate and finds it tampered with. The
-Archiver-to-Archiver export answers only a request signed by a registered Archiver, once.
+copied. With a2 stopped, the viewer plays the whole range from a1 alone, frame-exact, a2's part
+verified against a2 (before consolidation it could not). `check` verifies the part against
+a2's certificate and finds it tampered with. The Archiver-to-Archiver export answers only a
+request signed by a registered Archiver, once; a tampered copy is refused; a copy killed midway
+leaves no part. The background pass refills a removed part (retrying while a2 is down);
+retention and holds apply to parts; crypto-shredding reaches them.
 """
 
 from __future__ import annotations
@@ -135,6 +139,13 @@ def test_a_returning_archiver_fills_its_gap_from_the_others_signed_recording(
         _wait_until_accepted(a1, camera, token)
         # Revoked after a2 recorded: its key stream for a2's part is not copied.
         a1.revoke(gone_fp)
+
+        # Before consolidation, with a2 down, a1 alone cannot play a2's part.
+        a2.stop()
+        before = play(client, a1.url, viewer, tmp_path / "before.ts", start, back - 1,
+                      camera=camera)
+        assert before.code != 0 and not (tmp_path / "before.ts").exists(), before.stderr
+        a2.start()
 
         # The admin command: a1 copies a2's part, verified against a2's certificate.
         admin = ("--archiver", a1.url, "--data", str(a1.data_dir), "--tls-ca", str(ca.path))
