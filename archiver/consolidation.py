@@ -61,6 +61,7 @@ from keyservice.crypto import chain_key_id, split_key_id
 from keyservice.errors import FormatError, KeyServiceError
 from keyservice.identity import Signer
 from keyservice.labels import LABEL_CONSOLIDATION_REQUEST
+from keyservice.timespec import format_ms
 from keyservice.wire import ErrorCode
 
 if TYPE_CHECKING:
@@ -74,6 +75,9 @@ EXPORT_PATH = "/v1/site/consolidation/export"
 # A request older (or further in the future) than this is refused; its nonce is remembered
 # that long, so a captured request cannot be replayed.
 REQUEST_MAX_AGE_MS = 60_000
+# A placement that ended less than this ago is not copied yet: the old holder records until it
+# notices the move (it re-reads the cameras it holds every 2 s) and archives its last segment.
+SETTLE_MS = 10_000
 
 __all__ = ["ARCHIVED", "CONSOLIDATED_DIR", "EXPORT_PATH", "JOURNALED", "ConsolidationRefused",
            "Consolidator", "ExportRequest", "Exporter", "Outcome", "PartInfo", "PartStore",
@@ -270,6 +274,13 @@ class Outcome:
 Fetch = Callable[[str, ExportRequest], bytes]
 
 
+def _subject(certificate_der: bytes) -> str:
+    try:
+        return ec_key_of(certificate_der)[0].subject.rfc4514_string()
+    except ValueError:
+        return ""
+
+
 @dataclass
 class Consolidator:
     """Fills this Archiver's gaps in a camera from the other Archivers that recorded them."""
@@ -290,11 +301,14 @@ class Consolidator:
         return self.archive.directory
 
     def gaps(self, camera: str, from_ms: int | None = None,
-             to_ms: int | None = None) -> list[tuple[str, int, int]]:
-        """(archiver, since, until) of each closed placement of ANOTHER Archiver overlapping
-        [from_ms, to_ms], not consolidated yet. An open one is being recorded still."""
+             to_ms: int | None = None) -> list[tuple[str, int, int, bool]]:
+        """(archiver, since, until, settled) of each closed placement of ANOTHER Archiver
+        overlapping [from_ms, to_ms], not consolidated yet. An open one is being recorded
+        still; one that closed less than SETTLE_MS ago may still get its last segments on the
+        old holder (``settled`` False: not copied yet, or the copy would end early)."""
         name = self.settings.archiver_name
         kept = self.store.parts(camera)
+        now = self.archive.clock()
         out = []
         for p in self.directory.placements(camera, from_ms, None if to_ms is None else to_ms + 1):
             if p.archiver == name or p.until_ms is None:
@@ -304,7 +318,7 @@ class Consolidator:
             if any(k.archiver == p.archiver and k.asked_from_ms <= since
                    and k.asked_to_ms >= until for k in kept):
                 continue
-            out.append((p.archiver, since, until))
+            out.append((p.archiver, since, until, p.until_ms <= now - SETTLE_MS))
         return out
 
     def consolidate(self, camera: str, from_ms: int | None = None,
@@ -314,8 +328,19 @@ class Consolidator:
         if self.directory.camera(camera) is None:
             raise Refused(ErrorCode.UNKNOWN_CAMERA, f"No camera named '{camera}'.")
         with self._lock:
-            return [self._one(camera, archiver, since, until)
-                    for archiver, since, until in self.gaps(camera, from_ms, to_ms)]
+            return [self._one(camera, archiver, since, until) if settled
+                    else self._unsettled(camera, archiver, since, until)
+                    for archiver, since, until, settled in self.gaps(camera, from_ms, to_ms)]
+
+    def _unsettled(self, camera: str, archiver: str, since: int, until: int) -> Outcome:
+        row = self.directory.archiver(archiver)
+        subject = "" if row is None else _subject(row.certificate)
+        retry = max(p.until_ms for p in self.directory.placements(camera, since, until + 1)
+                    if p.until_ms is not None) + SETTLE_MS
+        return Outcome(archiver, subject, since, until, False, message=(
+            f"its recording ended less than {SETTLE_MS // 1000} s ago and {archiver} may still "
+            f"be archiving its last segments; not copied yet (try again after "
+            f"{format_ms(retry)}; the background pass will)"))
 
     def _one(self, camera: str, archiver: str, since: int, until: int) -> Outcome:
         row = self.directory.archiver(archiver)

@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from archiver.consolidation import EXPORT_PATH, ExportRequest
+from archiver.consolidation import EXPORT_PATH, SETTLE_MS, ExportRequest
 from archiver.directory import ArchiverRow, open_directory
 from bench.common import MB, CertFactory, Report
 from fusion_testkit.pki import SiteCa
@@ -120,6 +120,7 @@ def run(report: Report, workdir: Path, opts: Options) -> dict[str, Any]:
             ingest_s = time.perf_counter() - t0
             until = _now_ms()
             directory.move_camera(CAMERA, "a1", until)
+            time.sleep(SETTLE_MS / 1000)  # a placement is copied once it settled
             probe = _probe()
             directory.register_archiver(ArchiverRow(
                 "bench-probe", "https://127.0.0.1:9", probe.certificate.public_bytes(

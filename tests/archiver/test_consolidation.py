@@ -37,6 +37,7 @@ from cryptography.x509.oid import NameOID
 
 from archiver.consolidation import (
     EXPORT_PATH,
+    SETTLE_MS,
     ConsolidationRefused,
     ExportRequest,
     PartStore,
@@ -147,9 +148,15 @@ def test_a_returning_archiver_fills_its_gap_from_the_others_signed_recording(
         assert before.code != 0 and not (tmp_path / "before.ts").exists(), before.stderr
         a2.start()
 
-        # The admin command: a1 copies a2's part, verified against a2's certificate.
+        # The admin command: a1 copies a2's part, verified against a2's certificate, once the
+        # placement has settled (a2 may archive its last segment after the move back).
         admin = ("--archiver", a1.url, "--data", str(a1.data_dir), "--tls-ca", str(ca.path))
         done = _archiver_cli("consolidate", "--camera", camera, *admin)
+        if "not copied yet (try again after" in done.stdout:  # asked before it settled
+            assert done.returncode == 0 and not (a1.data_dir / "consolidated").exists()
+            while now_ms() <= back + SETTLE_MS:
+                time.sleep(0.2)
+            done = _archiver_cli("consolidate", "--camera", camera, *admin)
         assert done.returncode == 0, done.stderr + done.stdout
         a2_cert = x509.load_der_x509_certificate(directory.archiver("a2").certificate)
         a2_subject = a2_cert.subject.rfc4514_string()
