@@ -12,15 +12,13 @@ Three pieces, each without HTTP:
 * the export (the asked Archiver, ``export_records``): the records of the range, in chain
   order, with the manifest just before and just after it (bare: the part's signed edges), the
   chains' signed recipients, and the chain records and epoch openers of viewers not revoked;
-* the copy (``verify_part``, ``PartStore``, ``Consolidator``): every record verified against
-  the signer's certificate (the registry's) before anything is stored, stored atomically
-  (a directory renamed into place), once (a part is named by its signer and manifest range).
+* the copy (``Consolidator``): the placements say which gaps another Archiver recorded;
+  each is asked of it, every record verified against its registry certificate before
+  anything is stored, and stored atomically, once (archiver/consolidated.py: ``verify_part``,
+  ``PartStore``), by the admin command or the background pass.
 
-Layout (docs/architecture.md, "Consolidated parts"): ``DATA/consolidated/CAMERA/PART/`` with
-``part.json`` (camera, signer, range), ``signer.der`` (the signer's certificate),
-``records.fsa`` (the archived records, as the signer archived them) and ``keys.fsk`` (the
-epoch openers and chain records). Outside ``DATA/archive``: a foreign part never enters this
-Archiver's own manifest chain, index or recovery.
+Serving a kept part to a viewer, ``check`` and retention of parts: archiver/consolidated.py;
+the layout: docs/architecture.md, "Consolidated parts".
 """
 
 from __future__ import annotations
