@@ -117,6 +117,11 @@ def open_output(target: str) -> Output:
     path = Path(target)
     if path.is_dir():
         raise UsageError(f"{path} is a directory; give a file name for the video.")
+    if path.exists() and not path.is_file():  # a named pipe or a device: written as it comes
+        try:
+            return PipeOutput(open(path, "wb"), str(path), owned=True)
+        except OSError as exc:
+            raise OutputFailed(f"Cannot write {path}: {exc.strerror or exc}.") from None
     return FileOutput(path)
 
 
