@@ -146,8 +146,6 @@ class Directory:
                 raise self.link.refusal()
 
     def close(self) -> None:
-        if self.link is not None:
-            self.link.went_down.set()  # the watch thread, if any, looks and stops
         self._engine.dispose()
         if self._pool is not None:
             self._pool.close()
