@@ -90,6 +90,8 @@ class DirectoryLink:
         self._down_since: int | None = None
         self._last_read_ms: int | None = None
         self.outages = 0  # since start (tests, logs)
+        # A DirectoryWatch runs: while down, queries fail at once and only the watch tries.
+        self.watched = False
         self.went_down = threading.Event()  # set while down (the watch waits on it)
 
     @property
@@ -339,12 +341,14 @@ class DirectoryWatch:
         self.reconciled = 0  # outages reconciled since start (tests)
 
     def start(self) -> None:
+        self._link.watched = True
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="fusion-directory-watch")
         self._thread.start()
 
     def stop(self, wait_s: float = 5.0) -> None:
         self._stop.set()
+        self._link.watched = False
         self._link.went_down.set()  # wakes the thread
         if self._thread is not None:
             self._thread.join(wait_s)

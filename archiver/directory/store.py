@@ -140,10 +140,10 @@ class Directory:
 
     def _guard(self) -> None:
         # While down, nothing waits on the server (a pool timeout per segment would stall
-        # ingest): only the watch tries it (reconnect).
-        if self.link is not None:
-            if not self.link.up:
-                raise self.link.refusal()
+        # ingest): only the watch tries it (reconnect). Without a watch (an embedder, a
+        # command), every query tries, as before.
+        if self.link is not None and not self.link.up and self.link.watched:
+            raise self.link.refusal()
 
     def close(self) -> None:
         self._engine.dispose()
@@ -182,6 +182,8 @@ class Directory:
 
     def _answered(self) -> None:
         if self.link is not None:
+            if not self.link.up:  # unwatched: the query that got through brings it back
+                self.link.back()
             self.link.answered()
 
     def _failure(self, exc: Exception) -> StorageFull | StorageFailed:
