@@ -27,13 +27,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from archiver.directory.rows import ArchiverRow, CameraRow, HoldRow, ViewerRow
 from archiver.storage import StorageFailed
-
-if TYPE_CHECKING:
-    from archiver.directory.store import Directory
 
 log = logging.getLogger("archiver.site")
 
@@ -324,16 +321,25 @@ class DirectorySnapshot:
             return list(self._placements.get(camera, ()))
 
 
+class Reconnectable(Protocol):
+    """What the watch needs of the directory (store.py's Directory; no import: no cycle)."""
+
+    link: DirectoryLink | None
+
+    def reconnect(self, timeout_s: float = ...) -> None: ...
+
+
 class DirectoryWatch:
     """The thread that brings the link back (module docstring). ``on_back``: the reconcilers,
     called in order once the directory answers again (each one's failure is logged, the
     others still run)."""
 
-    def __init__(self, directory: Directory, probe_s: float = PROBE_S) -> None:
-        if directory.link is None:
+    def __init__(self, directory: Reconnectable, probe_s: float = PROBE_S) -> None:
+        link = directory.link
+        if link is None:
             raise ValueError("a standalone Archiver's directory has no link to watch")
         self._directory = directory
-        self._link = directory.link
+        self._link = link
         self._probe_s = probe_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
