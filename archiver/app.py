@@ -70,13 +70,18 @@ async def _watch_camera_health(archive: Archive, audit: AuditLog) -> None:
 async def _apply_retention(archive: Archive) -> None:
     """Retention, continuously: a pass at start (it also finishes a removal a crash
     interrupted), then every retention_interval_s. A pass that fails is tried again later."""
+    waiting = False
     while True:
         if not archive.directory.reachable:
             # A hold made through another Archiver just before the outage may not be known
             # here: deleting by the holds last read could destroy evidence. Wait for it.
-            log.warning("retention: pass skipped while the site directory is unreachable")
+            if not waiting:
+                log.warning("retention: pass skipped while the site directory is unreachable "
+                            "(until it is back)")
+            waiting = True
             await asyncio.sleep(archive.settings.retention_interval_s)
             continue
+        waiting = False
         try:
             report = await asyncio.to_thread(archive.retention.run)
             if report.files_removed:
