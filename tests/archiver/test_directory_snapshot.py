@@ -36,11 +36,13 @@ def test_the_snapshot_answers_only_what_it_knows() -> None:
     # Nothing read yet: it cannot say, not even "no such camera".
     assert snap.camera("door") is MISSING and snap.viewer(FP) is MISSING
     assert snap.cameras(False) is MISSING and snap.holds(None) is MISSING
+    assert snap.camera_archivers(None) is MISSING
     door = CameraRow("door", b"h" * 32, None, 1, None, None, "a1")
     snap.put_camera("door", door)
     assert snap.camera("door") == door and snap.camera("yard") is MISSING
     # A full read: complete, so that an absent row is a true "none" (a token refused at once).
-    snap.load([door], [_viewer(FP)], [], [], [("door", "a1", 1)], 5)
+    snap.load([door], [_viewer(FP)], [], [], [("door", "a1", 1)], 5, {"door": ("a1", "a2")})
+    assert snap.camera_archivers("door") == {"door": ("a1", "a2")}
     assert snap.camera("yard") is None and snap.viewer("cd" * 32) is None
     assert snap.placements("door") == [("a1", 1)]
     # A poll's authorizations (no certificates) revoke a known viewer in the snapshot; a
@@ -98,11 +100,13 @@ def test_reads_go_on_from_the_snapshot_and_the_watch_brings_it_back(
     directory = open_directory(cluster.create_database(), tmp_path)
     watch = DirectoryWatch(directory)
     try:
-        directory.add_camera("door", b"h" * 32, None, 1, archiver="a1")
+        directory.add_camera("door", b"h" * 32, None, 1, archiver="a1", standbys=("a2",),
+                             redundant=True)
         directory.add_viewer(FP, b"cert", "CN=v", 0, None, 2)
         # Read once while up (the Archiver's registry re-reads its cameras every 2 s): what
         # the snapshot answers with later.
         assert directory.viewer(FP) is not None and directory.camera("door") is not None
+        assert directory.camera_archivers() == {"door": ("a1", "a2")}
         assert directory.reachable
         watch.start()
         cluster.pause()
@@ -113,6 +117,8 @@ def test_reads_go_on_from_the_snapshot_and_the_watch_brings_it_back(
             assert row is not None and row.archiver == "a1"
             assert directory.camera("yard") is None  # complete: an unknown camera is refused
             assert [v.fingerprint for v in directory.viewers()] == [FP]
+            # Who records a redundant camera (the registry re-reads it every 2 s).
+            assert directory.camera_archivers() == {"door": ("a1", "a2")}
         assert not directory.reachable and directory.link is not None
         assert directory.link.state().state == "unreachable"
         # Before: every segment's token check waited for the pool (10 s) and failed.
