@@ -120,13 +120,16 @@ class PoolSwitch:
         return self.pool.getconn()
 
     def probe(self, timeout_s: float = 2.0) -> None:
-        """One connection of its own and ``SELECT 1`` (raises what libpq said): whether the
-        server answers, without touching the pool."""
+        """One connection of its own (raises what libpq said): whether the server answers
+        and takes writes, without touching the pool. A read-only server (a standby, a demoted
+        leader) is not back: the directory's writes would fail there."""
         import psycopg
 
         with psycopg.connect(_conninfo(self._url), connect_timeout=max(1, int(timeout_s)),
                              autocommit=True) as conn:
-            conn.execute("SELECT 1")
+            row = conn.execute("SHOW transaction_read_only").fetchone()
+            if row is not None and row[0] == "on":
+                raise ConnectionError("the server is read-only (a standby?)")
 
     def renew(self) -> None:
         """A new pool (connected) in place of the old one, closed without waiting: a

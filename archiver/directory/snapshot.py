@@ -345,6 +345,7 @@ class DirectoryWatch:
         self._thread: threading.Thread | None = None
         self.on_back: list[Callable[[], object]] = []
         self.reconciled = 0  # outages reconciled since start (tests)
+        self.failed_probes = 0  # since start (tests)
 
     def start(self) -> None:
         self._link.watched = True
@@ -369,6 +370,7 @@ class DirectoryWatch:
                 self._directory.reconnect(PROBE_TIMEOUT_S)
             except Exception as exc:
                 failures += 1
+                self.failed_probes += 1
                 if failures == 1:
                     log.info("site directory still unreachable (%s); trying every %.1f s",
                              " ".join(str(exc).split())[:200], self._probe_s)

@@ -621,11 +621,14 @@ def _failures() -> tuple[type[Exception], ...]:
 
 def _unreachable(original: BaseException) -> bool:
     """A failure to reach PostgreSQL (refused, reset, shut down, no connection in time), not
-    an error of the query: the outage path (snapshot.py)."""
+    an error of the query: the outage path (snapshot.py). A server that became read-only (a
+    leader demoted by Patroni under a connection kept open) is one too: the watch's new pool
+    finds the writable one (target_session_attrs=read-write)."""
     import psycopg
     from psycopg_pool import PoolTimeout
 
-    return isinstance(original, PoolTimeout | psycopg.OperationalError | psycopg.InterfaceError)
+    return isinstance(original, PoolTimeout | psycopg.OperationalError | psycopg.InterfaceError
+                      | psycopg.errors.ReadOnlySqlTransaction)
 
 
 def _names(cls: type) -> tuple[str, ...]:

@@ -143,6 +143,38 @@ def test_reads_go_on_from_the_snapshot_and_the_watch_brings_it_back(
 
 
 @requires_postgres
+def test_a_read_only_server_is_not_taken_for_the_directory_back(
+        cluster: PostgresCluster, tmp_path: Path) -> None:
+    # A leader demoted under the Archiver (Patroni) answers, but takes no write: the link stays
+    # down (recording on the snapshot) until a writable server answers.
+    url = cluster.create_database()
+    database = url.rsplit("/", 1)[1]
+    directory = open_directory(url, tmp_path)
+    watch = DirectoryWatch(directory)
+    try:
+        assert directory.camera("door") is None
+        watch.start()
+        with psycopg.connect(cluster.url(), autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = %s", (database,))
+            with pytest.raises(DirectoryUnreachable):
+                directory.add_camera("door", b"h" * 32, None, 1)
+            assert directory.link is not None
+            tries = directory.link.outages
+            probes = watch.failed_probes
+            # Three probes find the server read-only: not back.
+            assert wait_for(lambda: watch.failed_probes >= probes + 3, 30)
+            assert not directory.reachable and directory.link.outages == tries
+            admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        assert wait_for(lambda: directory.reachable, 30)
+        assert directory.add_camera("door", b"h" * 32, None, 1)
+    finally:
+        watch.stop()
+        directory.close()
+
+
+@requires_postgres
 def test_a_multi_host_url_reaches_the_second_server_when_the_first_is_down(
         cluster: PostgresCluster, tmp_path: Path) -> None:
     # What a Patroni site gives the Archivers: every member in one libpq URL, the writable
