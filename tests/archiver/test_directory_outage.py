@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +32,7 @@ import psycopg
 import pytest
 
 from fusion_testkit.postgres import PostgresCluster, find_postgres_bin
+from fusion_testkit.server import server_env
 from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
 from tests.fixtures.rtsp import requires_gstreamer
 from tests.fixtures.server import ArchiverServer, SiteCa, production_archiver
@@ -213,6 +216,13 @@ def run(cluster: PostgresCluster, proxy: CuttableProxy, a1: ArchiverServer,
     assert refused.json()["error"] == "directory_unreachable"
     assert re.match(SENTENCE, refused.json()["message"]), refused.json()["message"]
     assert refused.headers["retry-after"] == "5"
+    # The admin CLI says the sentence and fails, no traceback.
+    cli = subprocess.run(
+        [sys.executable, "-P", "-m", "archiver", "viewers", "revoke", rex_fp, "--archiver",
+         a2.url, "--admin-token", a2.admin_token, "--tls-ca", str(a2.tls_ca)],
+        env=server_env(), capture_output=True, text=True, timeout=120)
+    assert cli.returncode != 0 and "Traceback" not in cli.stderr, cli.stderr
+    assert "is unreachable since" in cli.stderr and "try again when it is back" in cli.stderr
     # A new login needs the directory; a viewer logged in already is served under the snapshot.
     with pytest.raises(AssertionError, match=r"HTTP 503 .*directory_unreachable"):
         login(a2.url, vera.identity, a2.verify)
