@@ -7,7 +7,8 @@ is played back frame-exact against its source, ffmpeg the judge; the pulled one 
 /healthz and /metrics say it on both during the outage, an admin change and a new login are
 refused with the sentence (503) while a logged-in viewer is still served, and when PostgreSQL
 is back both reconcile without a restart (health ok, heartbeats, the audit rows written
-meanwhile reach the directory).
+meanwhile reach the directory). A viewer revoked through a1 just before the outage, which a2
+heard of, stays revoked on a2 during it (session ended, left out of a2's chains).
 
 Then a2 alone loses the directory (its connection goes through a proxy the test cuts) and a
 viewer is revoked through a1, which still reaches it: a2 cannot know, and serves the viewer's
@@ -182,9 +183,10 @@ def test_a_directory_outage_loses_nothing_and_a_revocation_holds_when_it_returns
 def run(cluster: PostgresCluster, proxy: CuttableProxy, a1: ArchiverServer,
         a2: ArchiverServer, make_viewer: Callable, rtsp_camera: type, tmp_path: Path,
         url: str) -> None:
-    vera, rex = make_viewer("vera"), make_viewer("rex")
+    vera, rex, reg = make_viewer("vera"), make_viewer("rex"), make_viewer("reg")
     a1.add_viewer(vera.pem, "all")
     rex_fp = a1.add_viewer(rex.pem, "all")
+    reg_fp = a1.add_viewer(reg.pem, "all")
     yard = rtsp_camera(kbps=150).start()
     a1.admin("POST", "/v1/admin/cameras", {"name": "dd-yard", "rtsp_url": yard.url()},
              expect=201)  # pulled by a1
@@ -193,10 +195,15 @@ def run(cluster: PostgresCluster, proxy: CuttableProxy, a1: ArchiverServer,
     camera = push(source, a2.url, "dd-door", token, hls_time=1, wait=False)
     vera_on_a2 = login(a2.url, vera.identity, a2.verify)
     rex_on_a2 = login(a2.url, rex.identity, a2.verify)
+    reg_on_a2 = login(a2.url, reg.identity, a2.verify)
     wait_for(lambda: camera_row(a2, "dd-door")["segments"] >= 2 and camera_row(
         a1, "dd-yard")["segments"] >= 1, 60, "both cameras recording")
     said = health(a1)
     assert said["status"] == "ok" and said["directory"]["state"] == "ok", said
+    # reg is revoked through a1 just before the outage, and a2 hears of it (NOTIFY).
+    a1.revoke(reg_fp)
+    wait_for(lambda: re.search(rf"site: viewer {reg_fp[:16]} revoked through another Archiver",
+                               a2.log()), 30, "a2 to hear of reg's revocation")
 
     # --- PostgreSQL stopped for 20 s while both record ------------------------------------
     cluster.pause()
@@ -227,6 +234,10 @@ def run(cluster: PostgresCluster, proxy: CuttableProxy, a1: ArchiverServer,
     with pytest.raises(AssertionError, match=r"HTTP 503 .*directory_unreachable"):
         login(a2.url, vera.identity, a2.verify)
     assert cameras_as(a2, vera_on_a2).status_code == 200
+    # A revocation a2 had seen holds there during the outage: reg's session stays ended and
+    # a2's chains leave reg out (vera and rex remain).
+    assert cameras_as(a2, reg_on_a2).status_code in (401, 403)
+    assert active_viewers(a2) == 2
     # Still recording, on both: the outage lasts OUTAGE_S (this wait is the outage itself).
     during = camera_row(a2, "dd-door")["segments"], camera_row(a1, "dd-yard")["segments"]
     time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down)))
