@@ -64,7 +64,9 @@ SLOW_FIRST = (
     "tests/test_site_demo.py::test_the_site_demo_runs_from_start_to_end_and_cleans_up",
     "tests/archiver/test_site_admin.py::test_cameras_move_stops_the_old_archiver_and_starts_",
     "tests/archiver/test_site_propagation.py::test_a_revocation_through_one_archiver_ends_",
+    "tests/archiver/test_directory_outage.py::test_a_directory_outage_loses_nothing_",
     "tests/bench/test_site_directory_bench.py::test_the_site_directory_bench_measures_",
+    "tests/archiver/test_redundant.py::test_both_copies_record_and_a_gap_in_one_is_filled_",
     # Consolidation (issue 22): PostgreSQL, two Archivers restarted three times, ffmpeg.
     "tests/archiver/test_consolidation.py::test_a_returning_archiver_fills_its_gap_from_",
 )
