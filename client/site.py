@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -42,7 +42,7 @@ from keyservice.identity import Identity, fingerprint
 from keyservice.reader import StreamRequest
 
 __all__ = ["HANDOVER_MS", "FollowCheck", "Part", "Site", "Switch", "UntrustedArchiver", "plan_parts",
-           "trust_followed"]
+           "played_part", "trust_followed"]
 
 # Decides whether the signing certificate a followed Archiver presents at ``url`` is the
 # site's; returns how (a PinDecision), raises ArchiverMismatch otherwise.
@@ -98,6 +98,23 @@ def plan_parts(placements: list[PlacementView] | None, entry: str | None, from_m
         if start <= end:
             parts.append(Part(p.archiver, start, end, p.archiver == entry, p.url))
     return parts or [Part(entry or "", from_ms, to_ms, True)]
+
+
+def played_part(parts: Sequence[Part], i: int, previous_end: int | None) -> Part | None:
+    """The range part ``i`` of ``parts`` (plan_parts) is played over, as play, evidence, grants
+    and the web page all ask it: the directory's move time cuts the plan, but the old Archiver
+    records until it notices the move, so each part but the last reaches HANDOVER_MS into the
+    next, and the next starts just after the old one's signed video ended (``previous_end``:
+    the last end of video played so far; a camera's segments follow one another, so nothing
+    is played twice and nothing recorded is left out). None: nothing is left of this part
+    (the old Archiver's video reached past it)."""
+    planned = parts[i]
+    part = replace(
+        planned,
+        from_ms=planned.from_ms if previous_end is None else previous_end + 1,
+        to_ms=planned.to_ms if i == len(parts) - 1 else min(
+            parts[-1].to_ms, parts[i + 1].from_ms + HANDOVER_MS))
+    return None if part.from_ms > part.to_ms else part
 
 
 def trust_followed(store: KnownArchivers,

@@ -60,12 +60,15 @@ from keyservice.reader import DEFAULT_MAX_SKEW_MS, SegmentPlaintext, StreamReque
 
 __all__ = [
     "EvidenceExport",
+    "EvidencePart",
     "GrantMade",
     "Login",
     "OpenedGrantRange",
     "Signer",
     "VerifiedRange",
     "check_camera",
+    "check_writable",
+    "evidence_part",
     "export_evidence",
     "fetch_range",
     "live",
@@ -502,28 +505,58 @@ def export_evidence(session: ArchiverSession, identity: Identity, signed_by: Log
     The range is verified first; nothing is written unless it verified completely."""
     # Imported here: evidence packages are not on the playing path (issue 23: start-up).
     from client.evidence_zip import write_zip
-    from keyservice.evidence.build import build_package, collect
 
+    check_writable(output)
+    part = evidence_part(session, identity, signed_by,
+                         playback_request(check_camera(camera), from_ms, to_ms),
+                         recipient=recipient)
+    digest = write_zip(output, part.files)
+    return EvidenceExport(output, digest, part.verified, part.manifests, part.keys,
+                          len(part.verified.data or b""),
+                          recipient.certificate.subject.rfc4514_string()
+                          if recipient is not None else None)
+
+
+def check_writable(output: Path) -> None:
+    """UsageError unless a package can be written at ``output`` (checked before the Archiver
+    and the token are bothered)."""
     if output.is_dir():
         raise UsageError(f"{output} is a directory; give a file name for the package.")
     if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
         raise UsageError(f"Cannot write the package into {output.parent}: not a writable "
                          "directory.")
+
+
+@dataclass(frozen=True)
+class EvidencePart:
+    """A one-part package's files (not written yet) from one verified stream."""
+
+    files: dict[str, bytes] = field(repr=False)
+    verified: VerifiedRange
+    manifests: int
+    keys: int
+
+
+def evidence_part(session: ArchiverSession, identity: Identity, signed_by: Login | LoginResult,
+                  request: StreamRequest, *, recipient: Recipient | None = None,
+                  exported_ms: int | None = None) -> EvidencePart:
+    """Play ``request`` (a recorded range; its nonce is the one the Archiver signs) verified
+    to its signed end record, and make the files of a one-part evidence package of it."""
+    from keyservice.evidence.build import build_package, collect
+
+    camera = request.cameras[0]
     received: deque[bytes] = deque()
-    verified = play_range(session, identity, signed_by, camera, from_ms, to_ms,
-                          on_chunk=received.append)
+    verified = _run(session, identity, signed_by, request, None, on_chunk=received.append)
     keys = {key_id: k.key for key_id, k in verified.keys.items()}
     collected = collect(_records(received), camera, keys)
     assert verified.data is not None
-    files = build_package(camera=camera, from_ms=from_ms, to_ms=to_ms,
+    files = build_package(camera=camera, from_ms=request.from_ms, to_ms=request.to_ms,
                           archiver_cert=verified.signer.certificate, collected=collected,
-                          keys=keys, video=verified.data, exported_ms=now_ms(),
+                          keys=keys, video=verified.data,
+                          exported_ms=now_ms() if exported_ms is None else exported_ms,
                           recipient=recipient)
-    digest = write_zip(output, files)
     key_count = len({decode_record(raw).key_id for raw in collected.segments})  # type: ignore[union-attr]
-    return EvidenceExport(output, digest, verified, len(collected.manifests), key_count,
-                          len(verified.data), recipient.certificate.subject.rfc4514_string()
-                          if recipient is not None else None)
+    return EvidencePart(files, verified, len(collected.manifests), key_count)
 
 
 def _records(received: deque[bytes]) -> Iterator[tuple[Record, bytes]]:
