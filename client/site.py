@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from client.logins import Login, stream
 from client.pinning import KnownArchivers, PinDecision, PinOutcome, check_archiver
 from client.session import (
     ArchiverSession,
@@ -36,7 +37,6 @@ from client.session import (
     PlacementView,
     SiteArchiver,
 )
-from client.viewer import Login, stream
 from keyservice.errors import ArchiverMismatch, RequestRefused, UsageError
 from keyservice.identity import Identity, fingerprint
 from keyservice.reader import StreamRequest

@@ -24,6 +24,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from client.evidence_zip import read_zip
+from client.pinning import KnownArchivers
+from client.site import UntrustedArchiver
+from client.viewer import fetch_range
 from fusion_testkit.client_cli import Client, Viewer, iso
 from fusion_testkit.site import (
     TwoArchivers,
@@ -181,6 +184,23 @@ def test_evidence_and_grants_of_a_range_across_a_move_each_part_from_its_own_sig
     alone = verify_evidence(first, expect_archiver=[a1_fp])
     assert alone.ok and not alone.missing and alone.signer_established, alone.failures
     assert verify_evidence(files, expect_archiver=[a1_fp, a2_fp]).video == video.read_bytes()
+
+    # The library's one call takes the same checked path as play: each part from its own
+    # Archiver (a2 pinned for its URL), one output, each part's own signer.
+    known = KnownArchivers(tmp_path / "known_archivers")
+    known.remember(site.a2.url, a2_fp, "a2")
+    fetched = tmp_path / "fetched.ts"
+    clip = fetch_range(site.a1.url, viewer.uri, camera, moved.start, moved.end,
+                       tls_ca=site.ca.path, known=known, output=fetched)
+    assert [p.signer.fingerprint for p in clip.parts] == [a1_fp.hex(), a2_fp.hex()]
+    assert frame_hashes(fetched) == moved.first + moved.second
+    # a2 neither pinned nor under a site CA: refused before anything is sent there, no file.
+    refused = tmp_path / "refused.ts"
+    with pytest.raises(UntrustedArchiver, match="neither pinned nor issued by a site CA"):
+        fetch_range(site.a1.url, viewer.uri, camera, moved.start, moved.end,
+                    tls_ca=site.ca.path, known=KnownArchivers(tmp_path / "empty"),
+                    output=refused)
+    assert not refused.exists()
 
     other = tmp_path / "other.zip"
     export(other)
