@@ -438,19 +438,9 @@ def stream_command(*, url: str, token: str, output_target: str, archiver_cert: P
 # output gets its final name only when every part verified (else the verified video up to
 # there is kept under a name that says so, as for one stream).
 def switch_line(switch: Switch) -> str:
-    """The switch between two Archivers, at the signed edges, for a person."""
-    old = (f"{switch.from_archiver}'s last segment ends {format_ms(switch.last_end_ms)} "
-           "(signed)" if switch.last_end_ms is not None else f"{switch.from_archiver} had no "
-           "video in its part")
-    new = (f"{switch.to_archiver}'s first segment starts {format_ms(switch.first_start_ms)} "
-           "(signed)" if switch.first_start_ms is not None else f"{switch.to_archiver} had no "
-           "video in its part")
-    between = ""
-    if switch.last_end_ms is not None and switch.first_start_ms is not None:
-        between = f"; {format_duration(max(0, switch.first_start_ms - switch.last_end_ms))} " \
-                  "between them"
-    return f"switch from Archiver {switch.from_archiver} to {switch.to_archiver}: {old}; " \
-           f"{new}{between}"
+    """The switch between two Archivers, at the signed edges, for a person (Switch.describe:
+    the same words in play, evidence, grants and the web page)."""
+    return switch.describe()
 
 
 def _at_a_switch(gap: Gap, summary: Summary, first: bool, last: bool) -> bool:

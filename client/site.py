@@ -40,6 +40,7 @@ from client.session import (
 from keyservice.errors import ArchiverMismatch, RequestRefused, UsageError
 from keyservice.identity import Identity, fingerprint
 from keyservice.reader import StreamRequest
+from keyservice.timespec import format_duration, format_ms
 
 __all__ = ["HANDOVER_MS", "FollowCheck", "Part", "Site", "Switch", "UntrustedArchiver", "plan_parts",
            "played_part", "trust_followed"]
@@ -81,6 +82,21 @@ class Switch:
     to_archiver: str
     last_end_ms: int | None
     first_start_ms: int | None
+
+    def describe(self) -> str:
+        """The switch at its signed edges, for a person (play, evidence, grants, the page)."""
+        old = (f"{self.from_archiver}'s last segment ends {format_ms(self.last_end_ms)} "
+               "(signed)" if self.last_end_ms is not None else f"{self.from_archiver} had no "
+               "video in its part")
+        new = (f"{self.to_archiver}'s first segment starts {format_ms(self.first_start_ms)} "
+               "(signed)" if self.first_start_ms is not None else f"{self.to_archiver} had "
+               "no video in its part")
+        between = ""
+        if self.last_end_ms is not None and self.first_start_ms is not None:
+            between = (f"; {format_duration(max(0, self.first_start_ms - self.last_end_ms))} "
+                       "between them")
+        return f"switch from Archiver {self.from_archiver} to {self.to_archiver}: {old}; " \
+               f"{new}{between}"
 
 
 def plan_parts(placements: list[PlacementView] | None, entry: str | None, from_ms: int,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from client.evidence_zip import read_zip
 from client.pinning import KnownArchivers
 from client.site import UntrustedArchiver
-from client.viewer import fetch_range
+from client.viewer import VerifiedRange, fetch_range
 from fusion_testkit.client_cli import Client, Viewer, iso
 from fusion_testkit.site import (
     TwoArchivers,
@@ -35,6 +36,7 @@ from fusion_testkit.site import (
     signing_cert,
     two_archivers,
 )
+from fusion_testkit.web import ViewerProcess
 from keyservice.evidence.build import sha256sums
 from keyservice.evidence.layout import FORMAT, FORMAT_PARTS, INDEX, SUMS
 from keyservice.evidence.parts import verify_evidence
@@ -119,7 +121,55 @@ def tampered_packages_are_refused(files: dict[str, bytes], other: dict[str, byte
              expect, "signed by the same Archiver certificate")
 
 
+def the_browser_plays_the_range_as_one_timeline(site: TwoArchivers, viewer: Viewer,
+                                               client: Client, start: int,
+                                               clip: VerifiedRange) -> None:
+    """`fusion-client view` through a1 (a2 pinned in the same client home), Debian's Chromium:
+    the page plays the range across the move as one timeline, a2's part verified against a2,
+    the switch drawn as a gap between the signed edges that fetch_range found."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium is not None, "Debian's chromium is not installed; run scripts/setup.sh"
+    process = ViewerProcess(site.a1.url, viewer.uri, client.home, site.ca.path)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium,
+                                         args=["--autoplay-policy=no-user-gesture-required"])
+            try:
+                page = browser.new_page()
+                page.goto(process.url)
+                page.wait_for_function(
+                    "() => window.fusionViewer && window.fusionViewer.camerasLoaded")
+                page.evaluate("(c) => window.fusionViewer.watch(c, false)", clip.camera)
+                page.evaluate("([c, ms]) => window.fusionViewer.tiles.get(c).playFrom(ms)",
+                              [clip.camera, start])
+                page.wait_for_function(
+                    "(c) => { const s = window.fusionViewer.tiles.get(c).snapshot(); "
+                    "return s.stateText.includes('to the end') || s.stopped; }",
+                    arg=clip.camera, timeout=90_000)
+                state = page.evaluate("(c) => window.fusionViewer.tiles.get(c).snapshot()",
+                                      clip.camera)
+            finally:
+                browser.close()
+    finally:
+        process.stop()
+    assert not state["stopped"] and state["error"] is None, state["stateText"]
+    first, second = clip.parts
+    # Every segment of both parts, verified (a2's against a2), in order, none twice.
+    assert state["verified"] == first.segments + second.segments
+    captured = [s["capture_ms"] for s in state["segments"]]
+    assert captured == sorted(captured) and len(captured) == state["verified"]
+    [switch] = state["switches"]
+    assert (switch["from_archiver"], switch["to_archiver"]) == ("a1", "a2")
+    assert (switch["last_end_ms"], switch["first_start_ms"]) == (first.last_ms, second.first_ms)
+    assert SWITCH.search(switch["text"])
+    [gap] = [g for g in state["gaps"] if g["kind"] == "switch"]
+    assert (gap["from_ms"], gap["to_ms"]) == (first.last_ms, second.first_ms)
+
+
 @requires_ffmpeg
+@pytest.mark.browser
 def test_evidence_and_grants_of_a_range_across_a_move_each_part_from_its_own_signer(
         site: TwoArchivers, make_viewer: Callable[[str], Viewer], client: Client,
         tmp_path: Path) -> None:
@@ -155,8 +205,10 @@ def test_evidence_and_grants_of_a_range_across_a_move_each_part_from_its_own_sig
     assert re.search(r"part 2 of 2: .* recorded by Archiver a2, verified against ", exported)
     switch = SWITCH.search(exported)
     assert switch, exported
+    # a1's part reaches past the move time (it recorded until it noticed); the two signed
+    # edges are each part's own (segment times are anchored to arrival, so they may touch).
     last_end, first_start = (parse_time(t, 0) for t in switch.groups())
-    assert moved.moved < last_end <= first_start, exported
+    assert moved.moved < last_end and abs(first_start - last_end) < 5_000, exported
 
     video = tmp_path / "verified.ts"
     checked = client("evidence", "verify", str(case), "--expect-archiver", a1_fp.hex(),
@@ -201,6 +253,9 @@ def test_evidence_and_grants_of_a_range_across_a_move_each_part_from_its_own_sig
                     tls_ca=site.ca.path, known=KnownArchivers(tmp_path / "empty"),
                     output=refused)
     assert not refused.exists()
+
+    # --- the browser viewer: the range as one timeline, each part verified by its signer -----
+    the_browser_plays_the_range_as_one_timeline(site, viewer, client, moved.start, clip)
 
     other = tmp_path / "other.zip"
     export(other)
