@@ -227,9 +227,14 @@ class ViewerBackend:
         """Verify, decrypt and remux one stream, emitting JSON events and fMP4 chunks in
         order; ends with an "end" or "error" event (never raises). A recorded range across a
         change of Archiver is played part by part (``_stream_parts``)."""
-        if not request.live and self._site is not None:
+        site = self._site
+        if not request.live and site is not None:
             try:
-                parts = self._site.parts(request.camera, request.from_ms, request.to_ms)
+                # Only a site of several Archivers (its list is asked once) can have a range
+                # across a change of Archiver: a standalone Archiver's streams go as before.
+                parts = self._with_session(partial(
+                    site.parts, request.camera, request.from_ms, request.to_ms)) \
+                    if len(self._with_session(site.archivers)) > 1 else []
             except BaseException as exc:  # reported to the page, as a stream's failure is
                 if not stopped.is_set():
                     emit(error_json(exc))
