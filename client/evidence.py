@@ -308,8 +308,9 @@ def describe(report: Report, package: Path) -> list[str]:
     return lines + _verdict(report)
 
 
-def _verdict(report: Report) -> list[str]:
-    """What is missing, the failures, and the one result line."""
+def _verdict(report: Report, parts: bool = False) -> list[str]:
+    """What is missing, the failures, and the one result line (``parts``: of a package of
+    parts, each signed by its own Archiver)."""
     lines: list[str] = []
     if report.missing:
         lines.append("Missing (named by the Archiver's signed data, not in the package):")
@@ -330,9 +331,13 @@ def _verdict(report: Report) -> list[str]:
                      "with the certificate it carries, but nothing shows that certificate is "
                      "your Archiver's: give --expect-archiver or --site-ca.")
     else:
-        lines.append("Result: VERIFIED. The video is exactly the decryption of segments the "
-                     "Archiver named above recorded and signed for this camera, and it covers "
-                     "the whole range (see Gaps for stretches with no recording).")
+        who = ("each part's Archiver named above (each verified against its own "
+               "certificate)" if parts else "the Archiver named above")
+        lines.append("Result: VERIFIED. The video is exactly the decryption of segments "
+                     f"{who} recorded and signed for this camera, and it covers the whole "
+                     "range (see Gaps for stretches with no recording"
+                     + ("; Switches for where one Archiver's part ends and the next one's "
+                        "begins" if parts else "") + ").")
     return lines
 
 
@@ -368,8 +373,8 @@ def _describe_parts(report: PartsReport, package: Path) -> list[str]:
         lines.append("Notes:")
         lines += [f"  {note}" for note in report.notes]
     if report.signer_established is not None:
-        lines.append(f"  signer established for {report.signer_established}")
-    return lines + _verdict(report)
+        lines.append(f"  signers established: {report.signer_established}")
+    return lines + _verdict(report, parts=True)
 
 
 def __getattr__(name: str) -> object:

@@ -274,7 +274,7 @@ def _verify_parts(files: Mapping[str, bytes], report: PartsReport,
                                 f"between {iso_time(pb.report.first_ms)} and "
                                 f"{iso_time(pa.report.last_ms)}")
     if all(p.signer_established is not None for p in parts):
-        report.signer_established = "each part's: " + "; ".join(
+        report.signer_established = "; ".join(
             f"part {p.number} ({p.archiver}): {p.report.signer_established}"
             for p in report.parts)
     if not report.failures:

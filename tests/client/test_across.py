@@ -228,6 +228,20 @@ def test_evidence_and_grants_of_a_range_across_a_move_each_part_from_its_own_sig
     assert only_a1.code == ExitCode.NOT_VERIFIED, only_a1.stdout.decode()
     assert "part 2 (a2): archiver.pem" in only_a1.stdout.decode()
 
+    # Keys sealed to a recipient: each part's sealed on its own; without the recipient's token
+    # PARTLY VERIFIED, with it VERIFIED, the token opened once (one PIN) for both parts.
+    sealed = tmp_path / "sealed.zip"
+    done = client("evidence", "export", "--archiver", site.a1.url, "--token", viewer.uri,
+                  "--camera", camera, "--from", iso(moved.start), "--to", iso(moved.end),
+                  "--for", str(grantee.pem), "-o", str(sealed))
+    assert done.code == 0, done.stderr
+    fps = ("--expect-archiver", a1_fp.hex(), "--expect-archiver", a2_fp.hex())
+    partly = client("evidence", "verify", str(sealed), *fps)
+    assert partly.code == ExitCode.PARTLY_VERIFIED, partly.stdout.decode()
+    opened = client("evidence", "verify", str(sealed), *fps, "--token", grantee.uri)
+    assert opened.code == 0, opened.stdout.decode() + opened.stderr
+    assert opened.stdout.decode().count("keys.sealed opened with the recipient's token") == 2
+
     files = read_zip(case)
     assert json.loads(files[INDEX])["format"] == FORMAT_PARTS
     # Each part is a one-part package (fusion-evidence/1) on its own, verified as before.
