@@ -9,6 +9,7 @@ error code (``Refused``); archiver/deps.py chooses the HTTP status.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,11 +89,13 @@ class Admin:
 
     # --- cameras -----------------------------------------------------------------------
     def add_camera(self, actor: str, name: str, rtsp_url: str | None = None,
-                   archiver: str | None = None) -> str | None:
+                   archiver: str | None = None, standbys: Sequence[str] = (),
+                   redundant: bool = False) -> str | None:
         """Create a camera recorded by ``archiver`` (a name in the site's registry; default:
-        this Archiver); returns its ingest token (shown once, only its digest is kept), or
-        None for a pulled (RTSP) camera: the Archiver is its only source, so no token exists that
-        could push outside video into its signed archive."""
+        this Archiver), with ``standbys`` in the order they take over (or, ``redundant``,
+        record it at the same time); returns its ingest token (shown once, only its digest is
+        kept), or None for a pulled (RTSP) camera: the Archiver is its only source, so no token
+        exists that could push outside video into its signed archive."""
         archive = self.archive
         try:
             validate_camera_name(name)  # the name becomes an archive directory
@@ -102,6 +105,7 @@ class Admin:
             raise Refused(ErrorCode.BAD_RTSP_URL, "The camera URL must start with one of: "
                                + ", ".join(f"{s}://" for s in self.pull_schemes) + ".")
         holder = self._site_archiver(archiver) if self.site is not None else None
+        standbys = self._standbys(holder, standbys, redundant, rtsp_url)
         if self.site is not None and self.site.standalone:
             # Unplaced, as before the registry: a standalone Archiver holds all its history,
             # whatever its (host) name becomes.
@@ -113,18 +117,41 @@ class Admin:
                 admit_pulled_camera(archive)
             # A pulled camera's row still needs a digest: one of a secret nobody is given.
             added = archive.directory.add_camera(name, digest(token), rtsp_url, archive.clock(),
-                                                 archiver=holder)
+                                                 archiver=holder, standbys=standbys,
+                                                 redundant=redundant)
         if not added:
             raise Refused(ErrorCode.CAMERA_EXISTS, f"A camera named '{name}' exists already "
                                "(names of removed cameras stay reserved: their archive is "
                                "evidence).")
         self.audit.record(actor, "camera.add", archive.clock(), camera=name, rtsp=bool(rtsp_url),
-                          **({"archiver": holder} if holder else {}))
+                          **({"archiver": holder} if holder else {}),
+                          **({"standbys": list(standbys)} if standbys else {}),
+                          **({"redundant": True} if redundant else {}))
         if self.site is not None:
             self.site.refresh()  # pulled at once if this Archiver holds it (else its holder)
         elif rtsp_url and self.rtsp is not None:
             self.rtsp.start(name, rtsp_url)
         return None if rtsp_url else token
+
+    def _standbys(self, primary: str | None, standbys: Sequence[str], redundant: bool,
+                  rtsp_url: str | None) -> tuple[str, ...]:
+        """The standbys checked: Archivers of the site, each once, none the primary; and
+        redundant archiving only of a pulled camera with at least one standby (a pushed camera
+        sends each segment to one Archiver)."""
+        if not standbys and not redundant:
+            return ()
+        if self.site is None or self.site.standalone or primary is None:
+            raise Refused(ErrorCode.UNKNOWN_ARCHIVER, "This Archiver is not in a site (no "
+                          "--directory): there is no other Archiver to stand by.")
+        checked = tuple(self._site_archiver(name) for name in standbys)
+        if len({primary, *checked}) != 1 + len(checked):
+            raise Refused(ErrorCode.INVALID_REQUEST, "Name each of the camera's Archivers once "
+                          f"(given: {', '.join((primary, *checked))}).")
+        if redundant and (not checked or not rtsp_url):
+            raise Refused(ErrorCode.INVALID_REQUEST, "Redundant archiving needs a pulled camera "
+                          "(--rtsp) and at least two Archivers (--archivers a1,a2): each of them "
+                          "pulls it.")
+        return checked
 
     def _site_archiver(self, name: str | None) -> str:
         """``name`` if it is an Archiver of the site (this one if None), else refused with the

@@ -172,14 +172,31 @@ def cameras_add(name: CameraArg, archiver: ArchiverOrNameOpt = None,
                     "--rtsp", envvar="FUSION_RTSP_URL",
                     help="Pull this RTSP URL in the Archiver. With credentials in it, prefer the "
                     "FUSION_RTSP_URL variable: other users can read argv (ps), not your "
-                    "environment.")] = None) -> None:
+                    "environment.")] = None,
+                archivers: Annotated[str | None, typer.Option(
+                    "--archivers", metavar="A1,A2,...",
+                    help="The site's Archivers of the camera, in order: the first records it, "
+                    "the next takes over when the one recording it is down (docs/site.md).")] = None,
+                redundant: Annotated[bool, typer.Option(
+                    "--redundant", help="All the --archivers record the camera at once, each "
+                    "under its own keys and signature (a pulled camera only).")] = False) -> None:
     """Add a camera; prints its ingest URL (that of the Archiver that records it) and ingest
     token (shown once). A pulled camera (--rtsp) gets no token: the Archiver is its only
     source."""
     url, holder = _url_and_name(archiver)
+    standbys: list[str] = []
+    if archivers is not None:
+        names = [n.strip() for n in archivers.split(",") if n.strip()]
+        if not names or holder is not None:
+            raise UsageError("Give the camera's Archivers once: --archivers a1,a2,... (the "
+                             "first records it), or one --archiver NAME.")
+        holder, standbys = names[0], names[1:]
     with _client(url, admin_token, data, tls_ca) as client:
-        result = asdict(client.add_camera(name, rtsp, holder))
+        result = asdict(client.add_camera(name, rtsp, holder, standbys, redundant))
     by = f" by Archiver {result['archiver']}" if result.get("archiver") else ""
+    if result.get("standbys"):
+        by += (f" (and at once by {', '.join(result['standbys'])})" if result["redundant"]
+               else f" (standbys, in order: {', '.join(result['standbys'])})")
     if result.get("ingest_token") is None:
         human = (f"camera {result['name']} added, pulled{by} from "
                  f"{result['rtsp_url']} (no ingest token; it accepts no pushed video)")
@@ -208,6 +225,16 @@ def cameras_move(name: CameraArg,
     echo_result(as_json, result, human)
 
 
+def _archivers(camera: dict[str, Any]) -> str:
+    """Who records it: "a2" (one Archiver), "a2 (a1>a2>a3)" (the standbys' order), or
+    "a1+a2 redundant"."""
+    order = camera.get("archivers") or []
+    if camera.get("redundant"):
+        return "+".join(order) + " redundant"
+    holder = camera.get("archiver") or "-"
+    return f"{holder} ({'>'.join(order)})" if order else holder
+
+
 @cameras_app.command("list")
 def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: DataOpt = None,
                  tls_ca: TlsCaOpt = None, as_json: JsonOpt = False) -> None:
@@ -218,7 +245,7 @@ def cameras_list(url: UrlOpt = DEFAULT_URL, admin_token: TokenOpt = None, data: 
     with _client(url, admin_token, data, tls_ca) as client:
         result = [asdict(c) for c in client.cameras()]
         storage = asdict(client.storage())
-    lines = [f"{c['name']:<20} {c.get('archiver') or '-':<12} {c['state']:<12} "
+    lines = [f"{c['name']:<20} {_archivers(c):<12} {c['state']:<12} "
              f"{c['segments']:>8} segments  "
              f"{_when(c['first_ms'])} .. {_when(c['last_ms'])}  retention "
              f"{c['retention_days']} d{' (default)' if c['retention_default'] else ''}"

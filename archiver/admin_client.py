@@ -15,7 +15,8 @@ status; a failure of the Archiver is ``AdminFailed`` (an ``ArchiverFailed``).
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -85,6 +86,8 @@ class CameraCreated:
     ingest_token: str | None  # shown once; None for a pulled camera
     rtsp_url: str | None
     archiver: str | None = None  # the Archiver of the site that records it
+    standbys: list[str] = field(default_factory=list)  # in the order they take over
+    redundant: bool = False  # all of them record it at once
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +141,8 @@ class CameraInfo:
     retention_days: int
     retention_default: bool
     holds: int
+    archivers: list[str] = field(default_factory=list)  # primary, then standbys (empty: one)
+    redundant: bool = False
     expired_until_ms: int | None
 
 
@@ -291,13 +296,19 @@ class AdminClient:
 
     # --- cameras ---------------------------------------------------------------------------
     def add_camera(self, name: str, rtsp_url: str | None = None,
-                   archiver: str | None = None) -> CameraCreated:
+                   archiver: str | None = None, standbys: Sequence[str] = (),
+                   redundant: bool = False) -> CameraCreated:
         """Add a camera, recorded by ``archiver`` (a name of the site's registry; default: the
-        Archiver this client talks to); its ingest token is shown once (None for a pulled
-        camera)."""
+        Archiver this client talks to), with ``standbys`` that take over in order when it is
+        down (or, ``redundant``, record it at the same time); its ingest token is shown once
+        (None for a pulled camera)."""
         body: dict[str, Any] = {"name": name, "rtsp_url": rtsp_url}
         if archiver is not None:
             body["archiver"] = archiver
+        if standbys:
+            body["standbys"] = list(standbys)
+        if redundant:
+            body["redundant"] = True
         return _typed(CameraCreated, self._call("POST", "/v1/admin/cameras", body))
 
     def move_camera(self, camera: str, to: str) -> CameraMoved:

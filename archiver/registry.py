@@ -128,9 +128,11 @@ class SiteMember:
         return self.archive.directory
 
     # --- who holds what -------------------------------------------------------------------
-    def holds(self, camera: CameraRow) -> bool:
-        """Whether this Archiver records ``camera`` (see the module's note for None)."""
-        return self.standalone or camera.archiver is None or camera.archiver == self.name
+    def holds(self, camera: CameraRow, archivers: tuple[str, ...] = ()) -> bool:
+        """Whether this Archiver records ``camera`` (see the module's note for None); of a
+        redundant camera, each of its ``archivers`` does."""
+        return (self.standalone or camera.archiver is None or camera.archiver == self.name
+                or (camera.redundant and self.name in archivers))
 
     def holder_url(self, archiver: str) -> str | None:
         row = self.directory.archiver(archiver)
@@ -176,8 +178,11 @@ class SiteMember:
         Thread-safe; the NOTIFY listener may call it."""
         with self._refresh_lock:
             applied = self.clock()  # the directory as of now is applied once this returns
-            wanted = {cam.name: cam.rtsp_url for cam in self.directory.cameras()
-                      if self.holds(cam)}
+            cameras = self.directory.cameras()
+            assigned = (self.directory.camera_archivers()
+                        if any(cam.redundant for cam in cameras) else {})
+            wanted = {cam.name: cam.rtsp_url for cam in cameras
+                      if self.holds(cam, assigned.get(cam.name, ()))}
             released = [n for n in self._held if n not in wanted]
             for name in released:
                 self._release(name)

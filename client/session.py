@@ -205,13 +205,18 @@ class PlacementView:
     url: str | None
     since_ms: int
     until_ms: int | None
+    # Every Archiver holding a copy of this range, with its URL, in the camera's order: more
+    # than one for a redundant camera (issue 22); empty from an Archiver from before.
+    copies: tuple[tuple[str, str | None], ...] = ()
 
     @classmethod
     def from_json(cls, body: Any) -> PlacementView:
         """From the Archiver's JSON; ArchiverFailed if it is not a placement."""
         try:
+            copies = tuple((str(c["archiver"]), _optional_str(c.get("url")))
+                           for c in body.get("copies") or ())
             return cls(str(body["archiver"]), _optional_str(body.get("url")),
-                       int(body["since_ms"]), _optional_int(body.get("until_ms")))
+                       int(body["since_ms"]), _optional_int(body.get("until_ms")), copies)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise ArchiverFailed("The Archiver's placement of a camera is malformed.") from None
 

@@ -70,6 +70,9 @@ class Part:
     to_ms: int
     entry: bool
     url: str | None = None  # the registry's URL of its Archiver
+    # A redundant camera's part: every Archiver holding a copy (name, URL), in the camera's
+    # order; ``archiver`` is the copy to play (the entry's if it holds one, else the first).
+    copies: tuple[tuple[str, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,15 @@ def plan_parts(placements: list[PlacementView] | None, entry: str | None, from_m
     for p in placements:
         start = max(from_ms, p.since_ms)
         end = to_ms if p.until_ms is None else min(to_ms, p.until_ms - 1)
-        if start <= end:
+        if start > end:
+            continue
+        if len(p.copies) > 1:
+            # Redundant: the copy of the Archiver asked, if it holds one (no redirect, no
+            # second login), else the first; client/copies.py fills its gaps from the others.
+            urls = dict(p.copies)
+            mine = entry if entry in urls else p.copies[0][0]
+            parts.append(Part(mine, start, end, mine == entry, urls[mine], p.copies))
+        else:
             parts.append(Part(p.archiver, start, end, p.archiver == entry, p.url))
     return parts or [Part(entry or "", from_ms, to_ms, True)]
 

@@ -15,6 +15,7 @@ class CameraRow:
     removed_ms: int | None
     retention_days: int | None = None  # None: the site default
     archiver: str | None = None  # the Archiver that records it (None: the one that added it)
+    redundant: bool = False  # every assigned Archiver records it at once (issue 22)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ cameras = Table(
     # Revision 0002: the Archiver that records the camera (NULL: the Archiver that added it,
     # the only one of a standalone site).
     Column("archiver", Text),
+    # Revision 0003: every Archiver of camera_archivers records it at once (redundant archiving).
+    Column("redundant", Integer, nullable=False, server_default=text("0")),
 )
 
 viewers = Table(
@@ -130,6 +132,20 @@ camera_placements = Table(
     Column("since_ms", Ms, nullable=False),
     Column("archiver", Text, nullable=False),
     PrimaryKeyConstraint("camera", "since_ms"),
+)
+
+# --- revision 0003: no single point of failure ---------------------------------------
+
+# The Archivers assigned to a camera, in order: rank 0 the primary, then its standbys (``cameras
+# add --archivers a1,a2,a3``). None for a camera of one Archiver (``cameras.archiver`` only).
+# ``cameras.archiver`` stays the one recording it now (a failover changes it, not this list).
+camera_archivers = Table(
+    "camera_archivers", metadata,
+    Column("camera", Text, nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("archiver", Text, nullable=False),
+    PrimaryKeyConstraint("camera", "rank"),
+    UniqueConstraint("camera", "archiver"),
 )
 
 # The site's audit log: each Archiver's audit.jsonl lines, as written (``entry``) with the

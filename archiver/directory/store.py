@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,29 +119,49 @@ class Directory:
 
     # --- cameras ----------------------------------------------------------------------
     def add_camera(self, name: str, token_sha256: bytes, rtsp_url: str | None, now_ms: int,
-                   retention_days: int | None = None, archiver: str | None = None) -> bool:
-        """False if a camera of that name exists (removed cameras keep their name: evidence)."""
+                   retention_days: int | None = None, archiver: str | None = None,
+                   standbys: Sequence[str] = (), redundant: bool = False) -> bool:
+        """False if a camera of that name exists (removed cameras keep their name: evidence).
+        ``archiver`` records it (its primary); ``standbys``, in order, take over when it is
+        down, or (``redundant``) record it at the same time."""
         with self._write() as conn:
             done = conn.execute(self._insert(t.cameras).values(
                 name=name, token_sha256=token_sha256, rtsp_url=rtsp_url, created_ms=now_ms,
                 removed_ms=None, retention_days=retention_days, archiver=archiver,
+                redundant=int(redundant),
             ).on_conflict_do_nothing(index_elements=["name"]).returning(t.cameras.c.name))
             # RETURNING, not rowcount: psycopg reports no count for an INSERT through SQLAlchemy.
             added = done.first() is not None
             if added and archiver is not None:
                 conn.execute(insert(t.camera_placements).values(
                     camera=name, since_ms=now_ms, archiver=archiver))
+                if standbys:
+                    conn.execute(insert(t.camera_archivers), [
+                        {"camera": name, "rank": rank, "archiver": who}
+                        for rank, who in enumerate((archiver, *standbys))])
             return added
+
+    def camera_archivers(self, name: str | None = None) -> dict[str, tuple[str, ...]]:
+        """The ordered Archivers (primary first, then standbys) of ``name`` (every camera's if
+        None); a camera of one Archiver has no entry."""
+        a = t.camera_archivers.c
+        query = select(a.camera, a.archiver).order_by(a.camera, a.rank)
+        if name is not None:
+            query = query.where(a.camera == name)
+        found: dict[str, list[str]] = {}
+        for camera, archiver in self._rows(query):
+            found.setdefault(camera, []).append(archiver)
+        return {camera: tuple(names) for camera, names in found.items()}
 
     def cameras(self, include_removed: bool = False) -> list[CameraRow]:
         query = select(*_columns(t.cameras, CameraRow)).order_by(t.cameras.c.name)
         if not include_removed:
             query = query.where(t.cameras.c.removed_ms.is_(None))
-        return [CameraRow(*row) for row in self._rows(query)]
+        return [_camera_row(row) for row in self._rows(query)]
 
     def camera(self, name: str) -> CameraRow | None:
         rows = self._rows(_CAMERA, {"name": name})  # every segment's token check: prebuilt
-        return CameraRow(*rows[0]) if rows else None
+        return _camera_row(rows[0]) if rows else None
 
     def remove_camera(self, name: str, now_ms: int) -> bool:
         with self._write() as conn:
@@ -486,6 +506,10 @@ _VIEWER = select(*_VIEWER_COLUMNS).where(t.viewers.c.fingerprint == bindparam("f
 _VIEWER_CAMERAS = (select(t.viewer_cameras.c.fingerprint, t.viewer_cameras.c.camera)
                    .where(t.viewer_cameras.c.fingerprint == bindparam("fp"))
                    .order_by(t.viewer_cameras.c.camera))
+
+
+def _camera_row(values: Any) -> CameraRow:
+    return CameraRow(*values[:-1], redundant=bool(values[-1]))
 
 
 def _grant_row(values: Any) -> AccessGrantRow:

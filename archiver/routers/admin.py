@@ -40,6 +40,10 @@ class CameraCreate(BaseModel):
     rtsp_url: str | None = Field(default=None, max_length=2048, pattern=r"^[a-z][a-z0-9+.-]*:.+")
     archiver: ArchiverName | None = Field(default=None, description="The Archiver of the site "
                                           "that records it (default: this one)")
+    standbys: list[ArchiverName] = Field(default_factory=list, max_length=7, description=(
+        "The Archivers that take over, in this order, when the one recording it is down"))
+    redundant: bool = Field(default=False, description="All its Archivers record it at once "
+                            "(a pulled camera only)")
 
 
 class CameraCreated(BaseModel):
@@ -50,6 +54,8 @@ class CameraCreated(BaseModel):
     rtsp_url: str | None
     archiver: str | None = Field(default=None, description="The Archiver that records it "
                                  "(the ingest URL is its)")
+    standbys: list[str] = Field(default_factory=list)
+    redundant: bool = False
 
 
 class CameraMoveRequest(BaseModel):
@@ -82,6 +88,9 @@ class CameraInfo(BaseModel):
                                  "records it (None: each that reads it, as before the "
                                  "registry); the recorded range and health are the answering "
                                  "Archiver's")
+    archivers: list[str] = Field(default_factory=list, description="Its Archivers in order "
+                                 "(primary, then standbys); empty: one Archiver")
+    redundant: bool = Field(default=False, description="All of them record it at once")
     rtsp_url: str | None = Field(description="Credentials redacted")
     created_ms: int
     segments: int
@@ -203,13 +212,15 @@ class Revoked(BaseModel):
 @router.post("/cameras", status_code=201)
 def add_camera(body: CameraCreate, admin: AdminServiceDep, services: ServicesDep,
                actor: AdminDep) -> CameraCreated:
-    token = admin.add_camera(actor, body.name, body.rtsp_url, body.archiver)
+    token = admin.add_camera(actor, body.name, body.rtsp_url, body.archiver, body.standbys,
+                             body.redundant)
     holder = body.archiver or services.site.name
     # The camera sends to the Archiver that records it, wherever the command was sent.
     base = services.site.holder_url(holder) or services.settings.public_url
     return CameraCreated(name=body.name, rtsp_url=redact(body.rtsp_url) if body.rtsp_url else None,
                          ingest_token=token,
                          archiver=None if services.site.standalone else holder,
+                         standbys=body.standbys, redundant=body.redundant,
                          ingest_url=None if token is None else
                          f"{base}/ingest/{body.name}/index.m3u8")
 
@@ -233,7 +244,8 @@ def list_cameras(cameras: CamerasDep, actor: AdminDep) -> list[CameraInfo]:
 
 def _camera_info(status: CameraStatus) -> CameraInfo:
     cam = status.camera
-    return CameraInfo(name=cam.name, archiver=cam.archiver,
+    return CameraInfo(name=cam.name, archiver=cam.archiver, archivers=list(status.archivers),
+                      redundant=cam.redundant,
                       rtsp_url=redact(cam.rtsp_url) if cam.rtsp_url else None,
                       created_ms=cam.created_ms, segments=status.segments,
                       first_ms=status.first_ms, last_ms=status.last_ms, **asdict(status.health),

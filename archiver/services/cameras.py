@@ -59,6 +59,7 @@ class CameraStatus:
     retention_default: bool
     holds: int
     expired_until_ms: int | None
+    archivers: tuple[str, ...] = ()  # primary then standbys (empty: one Archiver)
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,18 @@ class CameraService:
     # --- admins --------------------------------------------------------------------------
     def statuses(self) -> list[CameraStatus]:
         """The cameras being recorded (removed ones are not), by name."""
-        return [self._status(cam) for cam in self.archive.directory.cameras()]
+        assigned = self.archive.directory.camera_archivers()
+        return [self._status(cam, assigned.get(cam.name, ()))
+                for cam in self.archive.directory.cameras()]
 
     def status(self, name: str) -> CameraStatus:
         """One camera, removed ones too (their archive still expires)."""
         cam = self.archive.directory.camera(name)
         if cam is None:
             raise Refused(ErrorCode.UNKNOWN_CAMERA, f"There is no camera named '{name}'.")
-        return self._status(cam)
+        return self._status(cam, self.archive.directory.camera_archivers(name).get(name, ()))
 
-    def _status(self, cam: CameraRow) -> CameraStatus:
+    def _status(self, cam: CameraRow, archivers: tuple[str, ...]) -> CameraStatus:
         db = self.archive.db
         first, last, count = db.recorded_range(cam.name) or (None, None, 0)
         return CameraStatus(
@@ -98,7 +101,7 @@ class CameraService:
             health=self.archive.health.health(cam.name, self.archive.clock()),
             retention_days=cam.retention_days or self.settings.retention_days,
             retention_default=cam.retention_days is None, holds=len(self.archive.directory.holds(cam.name)),
-            expired_until_ms=db.expired_until(cam.name))
+            expired_until_ms=db.expired_until(cam.name), archivers=archivers)
 
     # --- viewers -------------------------------------------------------------------------
     def of_viewer(self, viewer: ViewerRow) -> list[CameraView]:

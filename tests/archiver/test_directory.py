@@ -247,3 +247,18 @@ def test_serve_refuses_a_directory_it_cannot_use_with_one_sentence_before_starti
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert said in lines[0] and "s3cret-pw" not in done.stderr and "***" in lines[0]
+
+
+def test_a_camera_keeps_its_archivers_in_order_and_whether_they_all_record_it(
+        directory: Directory) -> None:
+    assert directory.add_camera("gate", b"t" * 32, "rtsp://cam/gate", 1_000, archiver="a1",
+                                standbys=("a3", "a2"))
+    assert directory.add_camera("dock", b"t" * 32, "rtsp://cam/dock", 1_000, archiver="a2",
+                                standbys=("a1",), redundant=True)
+    assert directory.add_camera("yard", b"t" * 32, None, 1_000, archiver="a1")
+    assert directory.camera_archivers() == {"gate": ("a1", "a3", "a2"), "dock": ("a2", "a1")}
+    assert directory.camera_archivers("gate") == {"gate": ("a1", "a3", "a2")}
+    assert directory.camera_archivers("yard") == {}  # one Archiver: cameras.archiver only
+    dock, gate = directory.cameras()[:2]
+    assert (dock.redundant, gate.redundant) == (True, False)
+    assert directory.camera("yard").redundant is False  # type: ignore[union-attr]

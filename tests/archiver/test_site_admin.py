@@ -217,6 +217,21 @@ def test_cameras_add_archiver_only_the_holder_records_and_other_commands_work_th
         actions = [(e["action"], e.get("archiver")) for e in _audit(a2)
                    if e["action"].startswith(("camera.", "viewer.", "hold."))]
         assert ("camera.add", "a1") in actions and ("viewer.revoke", None) in actions
+        # A camera's Archivers in order (issue 22): each named once, each in the registry, and
+        # redundant archiving only of a pulled camera.
+        for args, why in ((["--archivers", "a2,a1,a2"], "Name each of the camera's Archivers once"),
+                          (["--archivers", "a2,a9"], "No Archiver named 'a9'"),
+                          (["--archivers", "a2,a1", "--redundant"], "needs a pulled camera")):
+            bad = _cli(a2, "cameras", "add", "lobby", "--archiver", a2.url, *args)
+            assert bad.returncode != 0 and why in bad.stderr, bad.stderr
+        standby = _cli(a2, "cameras", "add", "lobby", "--archiver", a2.url, "--archivers",
+                       "a2,a1")
+        assert standby.returncode == 0, standby.stderr
+        assert "recorded by Archiver a2 (standbys, in order: a1)" in standby.stdout
+        listed = _cli(a2, "cameras", "list", "--archiver", a2.url, "--json")
+        assert {c["name"]: (c["archiver"], c["archivers"], c["redundant"])
+                for c in json.loads(listed.stdout)["cameras"]}["lobby"] == ("a2", ["a2", "a1"],
+                                                                            False)
 
 
 def _ffmpeg_segments(directory: Path, seconds: int) -> list[bytes]:
