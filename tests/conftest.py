@@ -66,6 +66,7 @@ SLOW_FIRST = (
     "tests/archiver/test_site_propagation.py::test_a_revocation_through_one_archiver_ends_",
     "tests/bench/test_site_directory_bench.py::test_the_site_directory_bench_measures_",
     "tests/archiver/test_redundant.py::test_both_copies_record_and_a_gap_in_one_is_filled_",
+    "tests/client/test_across.py::test_evidence_and_grants_of_a_range_across_a_move_each_",
 )
 
 
