@@ -179,10 +179,12 @@ def test_a_range_across_a_move_plays_through_either_archiver_verified_and_frame_
                            r"\(signed\); a2's first segment starts (\S+) \(signed\)",
                            done.stderr)
         assert switch, done.stderr
-        # The signed edges: a1's video ends before the move, a2's starts after it, and they
-        # are each part's own first and last capture times.
+        # The signed edges: a1's video ends at the move, a2's starts after it, and they are
+        # each part's own first and last capture times. A pushed camera's times are its video's
+        # timestamps anchored at the first segment's arrival, so a1's end may lie as much past
+        # the move as that first upload took (43 ms measured under load): allowed, 0.5 s.
         last_end, first_start = (parse_time(t, 0) for t in switch.groups())
-        assert last_end <= moved.moved <= first_start, done.stderr
+        assert last_end <= moved.moved + 500 and moved.moved <= first_start, done.stderr
         assert f"captured {switch[2]} .." in done.stderr
         assert re.search(rf"captured \S+ \.\. {re.escape(switch[1])}\n", done.stderr)
         assert "complete (every part's signed end record verified)" in done.stderr
