@@ -14,7 +14,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from client.player import (
     Gap,
     Output,
     OutputFailed,
+    PartOutput,
     PipeOutput,
     Player,
     ReaderClosed,
@@ -35,7 +35,7 @@ from client.player import (
     archiver_pin_check,
 )
 from client.session import ArchiverSession, playback_request
-from client.site import HANDOVER_MS, Part, Site, Switch, trust_followed
+from client.site import Part, Site, Switch, played_part, trust_followed
 from client.viewer import (
     Login,
     Signer,
@@ -451,40 +451,10 @@ def stream_command(*, url: str, token: str, output_target: str, archiver_cert: P
 # nonce, asked of the entry and followed to its holder), verified against its own signer; the
 # output gets its final name only when every part verified (else the verified video up to
 # there is kept under a name that says so, as for one stream).
-class PartOutput:
-    """One part's view of the command's output: writes go through; committing or aborting is
-    the whole command's, once every part is played."""
-
-    def __init__(self, output: Output) -> None:
-        self._output = output
-
-    def write(self, data: bytes) -> None:
-        """Write verified video to the command's output."""
-        self._output.write(data)
-
-    def commit(self) -> Path | None:
-        """Nothing yet: the output is committed after the last part."""
-        return None
-
-    def abort(self) -> Path | None:
-        """Nothing yet: the command aborts the output (keeping what verified)."""
-        return None
-
-
 def switch_line(switch: Switch) -> str:
-    """The switch between two Archivers, at the signed edges, for a person."""
-    old = (f"{switch.from_archiver}'s last segment ends {format_ms(switch.last_end_ms)} "
-           "(signed)" if switch.last_end_ms is not None else f"{switch.from_archiver} had no "
-           "video in its part")
-    new = (f"{switch.to_archiver}'s first segment starts {format_ms(switch.first_start_ms)} "
-           "(signed)" if switch.first_start_ms is not None else f"{switch.to_archiver} had no "
-           "video in its part")
-    between = ""
-    if switch.last_end_ms is not None and switch.first_start_ms is not None:
-        between = f"; {format_duration(max(0, switch.first_start_ms - switch.last_end_ms))} " \
-                  "between them"
-    return f"switch from Archiver {switch.from_archiver} to {switch.to_archiver}: {old}; " \
-           f"{new}{between}"
+    """The switch between two Archivers, at the signed edges, for a person (Switch.describe:
+    the same words in play, evidence, grants and the web page)."""
+    return switch.describe()
 
 
 def _at_a_switch(gap: Gap, summary: Summary, first: bool, last: bool) -> bool:
@@ -504,17 +474,10 @@ def play_parts(site: Site, identity: Identity, camera: str, parts: list[Part], o
     signers: list[str] = []
     try:
         previous_end: int | None = None
-        for i, planned in enumerate(parts):
-            # The directory's move time cuts the plan, but the old Archiver records until it
-            # notices the move: each part but the last reaches HANDOVER_MS into the next, and
-            # the next starts where the old one's signed video ended (a camera's segments
-            # follow one another: nothing is played twice, nothing recorded is left out).
-            part = replace(
-                planned,
-                from_ms=planned.from_ms if previous_end is None else previous_end + 1,
-                to_ms=planned.to_ms if i == len(parts) - 1 else min(
-                    parts[-1].to_ms, parts[i + 1].from_ms + HANDOVER_MS))
-            if part.from_ms > part.to_ms:
+        for i in range(len(parts)):
+            # Each part but the last reaches into the next (client.site.played_part).
+            part = played_part(parts, i, previous_end)
+            if part is None:
                 continue  # the old Archiver's video reached past the end asked for
             request = playback_request(camera, part.from_ms, part.to_ms)
 

@@ -55,6 +55,7 @@ __all__ = [
     "NothingAuthorized",
     "Output",
     "OutputFailed",
+    "PartOutput",
     "PipeOutput",
     "Player",
     "Position",
@@ -296,6 +297,26 @@ class MemoryOutput:
         if len(self._parts) != 1:
             self._parts = [b"".join(self._parts)]
         return self._parts[0]
+
+
+class PartOutput:
+    """One part's view of the command's output: writes go through; committing or aborting is
+    the whole command's, once every part is played."""
+
+    def __init__(self, output: Output) -> None:
+        self._output = output
+
+    def write(self, data: bytes) -> None:
+        """Write verified video to the command's output."""
+        self._output.write(data)
+
+    def commit(self) -> Path | None:
+        """Nothing yet: the output is committed after the last part."""
+        return None
+
+    def abort(self) -> Path | None:
+        """Nothing yet: the command aborts the output (keeping what verified)."""
+        return None
 
 
 class DiscardOutput:

@@ -493,6 +493,20 @@ class ArchiverSession:
             raise ArchiverFailed("The Archiver's placements of a camera are malformed.")
         return [PlacementView.from_json(p) for p in body["placements"]]
 
+    def grant_placements(self, grant_id: str) -> list[PlacementView] | None:
+        """Which Archivers of the site recorded the range of an approved grant to this viewer,
+        oldest first (None: an Archiver from before sites, or before this endpoint)."""
+        try:
+            body = self._json("GET", f"/v1/grants/{grant_id}/placements", auth=True)
+        except RequestRefused as exc:
+            if getattr(exc, "http_status", None) == 404 and exc.wire_code in (
+                    None, ErrorCode.HTTP_ERROR):
+                return None
+            raise
+        if not isinstance(body, dict) or not isinstance(body.get("placements"), list):
+            raise ArchiverFailed("The Archiver's placements of a grant are malformed.")
+        return [PlacementView.from_json(p) for p in body["placements"]]
+
     def name(self) -> str | None:
         """This Archiver's name in its site (None: an Archiver from before sites)."""
         try:

@@ -67,6 +67,7 @@ SLOW_FIRST = (
     "tests/archiver/test_directory_outage.py::test_a_directory_outage_loses_nothing_",
     "tests/bench/test_site_directory_bench.py::test_the_site_directory_bench_measures_",
     "tests/archiver/test_redundant.py::test_both_copies_record_and_a_gap_in_one_is_filled_",
+    "tests/client/test_across.py::test_evidence_and_grants_of_a_range_across_a_move_each_",
     # Consolidation (issue 22): PostgreSQL, two Archivers restarted three times, ffmpeg.
     "tests/archiver/test_consolidation.py::test_a_returning_archiver_fills_its_gap_from_",
 )
