@@ -104,3 +104,14 @@ class AuditEvent:
     action: str
     entry: str
     line_sha256: str
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    """Who records a camera with standbys (issue 22): ``holder`` until ``expires_ms`` unless it
+    renews; ``epoch`` grows at each change of holder."""
+
+    camera: str
+    holder: str
+    epoch: int
+    expires_ms: int

@@ -1,0 +1,255 @@
+"""Failover (issue 22, items 1, 2 and 6): a camera with standbys (``cameras add --archivers
+a1,a2,a3``) is taken over by its first live standby when its Archiver dies (``kill -9``), plays
+across the failover in one ``fusion-client play`` (each part verified against its own signer,
+frame-exact on both sides), stays where it went when the dead Archiver returns (no flap), and
+survives a cut link between its Archiver and PostgreSQL (both record meanwhile, the old holder
+ends its stream when it sees the takeover). A pushed camera with a standby follows the lease:
+refused with an error the camera sees while nobody holds it, accepted by the new holder after.
+
+Real parts: a real PostgreSQL (a1 reaches it through a TCP proxy the test cuts), 3 real
+Archiver processes in production mode (HTTPS under a site CA), a real gst-rtsp-server camera
+(H.264, 25 fps, a keyframe every second: the puller cuts 2 s segments), a real SoftHSM viewer,
+the real fusion-client, ffmpeg as the judge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from fusion_testkit.client_cli import Client, Viewer, play
+from fusion_testkit.server import ArchiverServer, server_env
+from fusion_testkit.tcp_proxy import TcpProxy
+from fusion_testkit.tokens import enroll_viewer
+from keyservice.timespec import parse_time
+from tests.fixtures.camera import frame_hashes, requires_ffmpeg
+from tests.fixtures.rtsp import requires_gstreamer, wait_for
+from tests.fixtures.server import SiteCa, production_archiver
+
+TIMEOUT = 90  # a loaded machine: generous, always polled
+
+
+def _archiver(site_ca: SiteCa, tmp_path: Path, name: str, directory_url: str) -> ArchiverServer:
+    # The directory through the environment: its URL (with a password) stays off argv.
+    return production_archiver(site_ca, tmp_path / name, extra_args=("--name", name),
+                               env=server_env({"FUSION_DIRECTORY": directory_url}),
+                               start_timeout_s=TIMEOUT)
+
+
+def _cli(server: ArchiverServer, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "archiver", *args, "--archiver", server.url,
+         "--admin-token", server.admin_token, "--tls-ca", str(server.tls_ca)],
+        env=server_env(), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def _segments(server: ArchiverServer, camera: str) -> list[tuple[int, int, int]]:
+    """(seq, start_ms, end_ms) of ``camera``'s video segments in ``server``'s own index."""
+    index = server.data_dir / "archiver.sqlite3"
+    if not index.exists():
+        return []
+    with sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=30) as conn:
+        return conn.execute("SELECT seq, capture_ms, end_ms FROM segments WHERE camera = ? "
+                            "AND stream = 0 ORDER BY capture_ms", (camera,)).fetchall()
+
+
+def _audit(server: ArchiverServer) -> list[dict]:
+    return [json.loads(line) for line in (server.data_dir / "audit.jsonl").read_text()
+            .splitlines()]
+
+
+def _cameras(server: ArchiverServer) -> dict[str, dict]:
+    listed = _cli(server, "cameras", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return {c["name"]: c for c in json.loads(listed.stdout)["cameras"]}
+
+
+def _archivers(server: ArchiverServer) -> dict[str, dict]:
+    listed = _cli(server, "site", "archivers", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return {a["name"]: a for a in json.loads(listed.stdout)["archivers"]}
+
+
+def _placements(postgres_url: str, camera: str) -> list[tuple[str, int]]:
+    with psycopg.connect(postgres_url) as conn:
+        return [(a, int(s)) for a, s in conn.execute(
+            "SELECT archiver, since_ms FROM camera_placements WHERE camera = %s "
+            "ORDER BY since_ms", (camera,)).fetchall()]
+
+
+def _push(server: ArchiverServer, camera: str, token: str, body: bytes) -> int | str:
+    """What the camera sees: the HTTP status, or the connection error."""
+    try:
+        return httpx.put(f"{server.url}/ingest/{camera}/seg.ts", content=body, timeout=30,
+                         headers={"Authorization": f"Bearer {token}"},
+                         verify=server.verify).status_code
+    except httpx.ConnectError as exc:
+        return f"connect error: {exc}"
+
+
+def _pin(client: Client, viewer: Viewer, server: ArchiverServer) -> None:
+    answer = httpx.get(f"{server.url}/v1/archiver", verify=server.verify, timeout=30)
+    cert = x509.load_pem_x509_certificate(answer.json()["certificate"].encode())
+    path = server.data_dir.parent / f"{server.data_dir.name}-signing.pem"
+    path.write_bytes(cert.public_bytes(Encoding.PEM))
+    done = client("cameras", "--archiver", server.url, "--token", viewer.uri,
+                  "--archiver-cert", str(path))
+    assert done.code == 0, done.stderr
+
+
+@pytest.fixture
+def viewer(softhsm_token_factory: Callable[[], object]) -> Viewer:
+    token = softhsm_token_factory()
+    pem = enroll_viewer(token, "vera", bits=2048)  # type: ignore[arg-type]
+    return Viewer("vera", token, token.object_uri("vera"), pem)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def site(postgres_url: str, tmp_path: Path, viewer: Viewer
+         ) -> Iterator[tuple[list[ArchiverServer], TcpProxy, SiteCa]]:
+    """a1 (through a proxy to PostgreSQL), a2, a3; the viewer authorized on every camera
+    before any is added (each Archiver's chains start with it)."""
+    site_ca = SiteCa.create(tmp_path / "site-ca")
+    with ExitStack() as stack:
+        proxy = stack.enter_context(TcpProxy.to_postgres(postgres_url))
+        servers = [_archiver(site_ca, tmp_path, "a1", proxy.url(postgres_url)),
+                   _archiver(site_ca, tmp_path, "a2", postgres_url),
+                   _archiver(site_ca, tmp_path, "a3", postgres_url)]
+        try:
+            servers[0].start()
+            servers[0].add_viewer(viewer.pem, "all")
+            servers[1].start()
+            servers[2].start()
+            yield servers, proxy, site_ca
+        finally:
+            for server in servers:
+                server.stop()
+            for server in servers:
+                assert "Traceback" not in server.log(), server.log()[-3000:]
+
+
+@requires_ffmpeg
+@requires_gstreamer
+def test_kill_9_of_the_primary_the_first_standby_takes_over_plays_across_and_does_not_flap(
+        site: tuple[list[ArchiverServer], TcpProxy, SiteCa], postgres_url: str,
+        rtsp_camera, viewer: Viewer, tmp_path: Path) -> None:
+    (a1, a2, a3), _proxy, site_ca = site
+    camera = rtsp_camera(kbps=150).start()
+    added = _cli(a1, "cameras", "add", "gate", "--rtsp", camera.url(), "--archivers",
+                 "a1,a2,a3")
+    assert added.returncode == 0, added.stderr
+    assert "(standbys, in order: a2, a3)" in added.stdout
+    # A pushed camera may have a standby too: its pushes follow the lease.
+    pushed = _cli(a1, "cameras", "add", "door", "--archivers", "a1,a2", "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    token = json.loads(pushed.stdout)["ingest_token"]
+    assert _push(a1, "door", token, b"a" * 2000) == 201
+    assert _push(a2, "door", token, b"b" * 2000) == 421  # a standby refuses, naming a1
+    wait_for(lambda: len(_segments(a1, "gate")) >= 3, TIMEOUT, "3 segments pulled by a1")
+    assert _segments(a2, "gate") == [] and _segments(a3, "gate") == []
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT holder FROM camera_leases WHERE camera = 'gate'"
+                            ).fetchone() == ("a1",)
+
+    # kill -9 of the primary (its RTSP workers die with it: they read its pipe).
+    start_ms = _segments(a1, "gate")[0][1]
+    killed_ms = int(time.time() * 1000)
+    assert a1.process is not None
+    os.kill(a1.process.pid, signal.SIGKILL)
+    a1.process.wait()
+    died = time.monotonic()
+    first = wait_for(lambda: _segments(a2, "gate"), TIMEOUT, "a2's first segment")
+    takeover_s = time.monotonic() - died
+    print(f"failover: kill -9 of a1 to a2's first archived segment: {takeover_s:.1f} s")
+    # a2, the first standby, took it over; a3 (the next) did not.
+    assert _segments(a3, "gate") == []
+    assert [a for a, _ in _placements(postgres_url, "gate")] == ["a1", "a2"]
+    took_ms = _placements(postgres_url, "gate")[1][1]
+    assert killed_ms <= took_ms <= first[0][1], (killed_ms, took_ms, first)
+    takeover = [e for e in _audit(a2) if e["action"] == "camera.takeover"]
+    assert [(e["camera"], e["from"]) for e in takeover if e["camera"] == "gate"] == [
+        ("gate", "a1")]
+    assert "camera gate: taken over from Archiver a1 (its lease lock is free)" in a2.log()
+    # The pushed camera: refused while a1 is down (the camera sees it), then a2 takes it.
+    assert str(_push(a1, "door", token, b"c" * 2000)).startswith("connect error")
+    wait_for(lambda: _push(a2, "door", token, b"d" * 2000) == 201, TIMEOUT,
+             "a2 to accept door's pushes")
+
+    # a1 returns: it does not take the camera back (the rule: stay). Over several refreshes
+    # (2 s each) and two of its heartbeats, a2 records on and a1 records nothing.
+    a1.start()
+    heard = _archivers(a2)["a1"]["heartbeat_ms"]
+    grown = len(_segments(a2, "gate"))
+    wait_for(lambda: _archivers(a2)["a1"]["heartbeat_ms"] > heard, TIMEOUT, "a1's heartbeat")
+    heard = _archivers(a2)["a1"]["heartbeat_ms"]
+    wait_for(lambda: _archivers(a2)["a1"]["heartbeat_ms"] > heard, TIMEOUT, "a1's heartbeat")
+    wait_for(lambda: len(_segments(a2, "gate")) >= grown + 3, TIMEOUT, "3 more on a2")
+    a1_gate = _segments(a1, "gate")
+    assert a1_gate[-1][2] <= killed_ms  # nothing after its death
+    assert [a for a, _ in _placements(postgres_url, "gate")] == ["a1", "a2"]
+    listed = _cameras(a1)
+    assert (listed["gate"]["archiver"], listed["gate"]["archivers"]) == ("a2", ["a1", "a2", "a3"])
+    members = _archivers(a3)
+    assert members["a2"]["cameras_held"] == ["door", "gate"] and members["a1"]["alive"]
+    assert members["a1"]["cameras_held"] == []
+    human = _cli(a3, "cameras", "list")
+    assert re.search(r"^gate\s+a2 \(a1>a2>a3\)", human.stdout, re.M), human.stdout
+    # A push to the returned a1 is refused (421) naming the holder: a camera with several
+    # ingest URLs knows where to go.
+    refused = httpx.put(f"{a1.url}/ingest/door/seg.ts", content=b"e" * 2000, timeout=30,
+                        headers={"Authorization": f"Bearer {token}"}, verify=a1.verify)
+    assert refused.status_code == 421 and refused.json()["archiver_url"] == a2.url
+    # Every push that got its 201 is archived, on the Archiver that answered it.
+    assert len(_segments(a1, "door")) == 1 and len(_segments(a2, "door")) >= 1
+    health = httpx.get(f"{a2.url}/metrics", verify=a2.verify, timeout=30,
+                       headers={"Authorization": f"Bearer {a2.admin_token}"}).text
+    assert re.search(r"^fusion_site_takeovers_total 2\.0$", health, re.M), health
+    assert re.search(r'^fusion_site_leases_held 2\.0$', health, re.M), health
+
+    # The viewer plays the range across the failover in ONE command through a1 (which
+    # recorded only its first part): two parts, each verified against its own signer, the
+    # switch at the signed edges; frame-exact on both sides (each part played alone gives
+    # exactly the frames of its side of the whole).
+    client = Client(tmp_path / "client-home", tls_ca=site_ca.path)
+    for server in (a1, a2):
+        _pin(client, viewer, server)
+    end_ms = _segments(a2, "gate")[-1][2] + 1
+    whole = tmp_path / "across.ts"
+    done = play(client, a1.url, viewer, whole, start_ms, end_ms, camera="gate")
+    assert done.code == 0, done.stderr
+    assert re.search(r"part 1 of 2: .* recorded by Archiver a1, verified against a1 ",
+                     done.stderr), done.stderr
+    assert re.search(r"part 2 of 2: .* recorded by Archiver a2, verified against a2 ",
+                     done.stderr), done.stderr
+    switch = re.search(r"switch from Archiver a1 to a2: a1's last segment ends (\S+) "
+                       r"\(signed\); a2's first segment starts (\S+) \(signed\)", done.stderr)
+    assert switch, done.stderr
+    last_end, first_start = (parse_time(t, 0) for t in switch.groups())
+    assert last_end <= killed_ms < took_ms <= first_start, done.stderr
+    print(f"failover: video lost {(first_start - last_end) / 1000:.1f} s "
+          f"(a1's last signed end {switch[1]}, a2's first signed start {switch[2]})")
+    assert "complete (every part's signed end record verified)" in done.stderr
+    sides = []
+    # (--to is inclusive: a1's side ends just before the takeover.)
+    for server, (lo, hi) in ((a1, (start_ms, took_ms - 1)), (a2, (took_ms, end_ms))):
+        out = tmp_path / f"{server.data_dir.name}-side.ts"
+        alone = play(client, server.url, viewer, out, lo, hi, camera="gate")
+        assert alone.code == 0, alone.stderr
+        sides.append(frame_hashes(out))
+    assert sides[0] and sides[1]
+    assert frame_hashes(whole) == sides[0] + sides[1]
