@@ -399,11 +399,19 @@ class SiteMember:
         self.refresh()
 
     def _watch(self) -> None:
+        failing = False
         while not self._stop.wait(LEASE_POLL_S):
             try:
                 self.watch_leases()
             except Exception as exc:  # the directory is down: no failover until it is back
-                log.warning("could not look at the site's camera leases: %s", exc)
+                if not failing:  # once per outage, not every half second
+                    log.warning("could not look at the site's camera leases (no takeover "
+                                "by this Archiver until it can): %s", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("the site's camera leases are readable again")
+                failing = False
 
     # --- the background thread ------------------------------------------------------------
     def start(self) -> None:

@@ -148,7 +148,7 @@ def site(postgres_url: str, tmp_path: Path, viewer: Viewer
 def test_kill_9_of_the_primary_the_first_standby_takes_over_plays_across_and_does_not_flap(
         site: tuple[list[ArchiverServer], TcpProxy, SiteCa], postgres_url: str,
         rtsp_camera, viewer: Viewer, tmp_path: Path) -> None:
-    (a1, a2, a3), _proxy, site_ca = site
+    (a1, a2, a3), proxy, site_ca = site
     camera = rtsp_camera(kbps=150).start()
     added = _cli(a1, "cameras", "add", "gate", "--rtsp", camera.url(), "--archivers",
                  "a1,a2,a3")
@@ -228,7 +228,8 @@ def test_kill_9_of_the_primary_the_first_standby_takes_over_plays_across_and_doe
     client = Client(tmp_path / "client-home", tls_ca=site_ca.path)
     for server in (a1, a2):
         _pin(client, viewer, server)
-    end_ms = _segments(a2, "gate")[-1][2] + 1
+    # The end inside a2's last archived segment (one a2 archives meanwhile starts after it).
+    end_ms = _segments(a2, "gate")[-1][1] + 1000
     whole = tmp_path / "across.ts"
     done = play(client, a1.url, viewer, whole, start_ms, end_ms, camera="gate")
     assert done.code == 0, done.stderr
@@ -253,3 +254,39 @@ def test_kill_9_of_the_primary_the_first_standby_takes_over_plays_across_and_doe
         sides.append(frame_hashes(out))
     assert sides[0] and sides[1]
     assert frame_hashes(whole) == sides[0] + sides[1]
+
+    # The link between a1 and PostgreSQL is cut (the proxy resets both ends). a1 cannot tell
+    # an outage from a cut: it records on. PostgreSQL ends a1's sessions, so the lease lock of
+    # a camera a1 records is free and its standby (a3) takes over: both record for a while,
+    # each under its own chains and signature. When a1 reaches PostgreSQL again and sees the
+    # camera taken, it ends its stream as a move does (its last segment archived and signed)
+    # and becomes a standby.
+    added = _cli(a2, "cameras", "add", "dock", "--rtsp", camera.url(), "--archivers", "a1,a3")
+    assert added.returncode == 0, added.stderr
+    wait_for(lambda: len(_segments(a1, "dock")) >= 2, TIMEOUT, "2 segments of dock on a1")
+    proxy.cut()
+    cut = time.monotonic()
+    wait_for(lambda: _segments(a3, "dock"), TIMEOUT, "a3 to take dock over")
+    print(f"failover: link cut to a3's first archived segment: {time.monotonic() - cut:.1f} s")
+    a3_first = _segments(a3, "dock")[0]
+    # a1 records on meanwhile: a segment of a1 ends after a3's first began (two copies).
+    wait_for(lambda: _segments(a1, "dock")[-1][2] > a3_first[1] + 2000, TIMEOUT,
+             "a1 to record on while cut off")
+    proxy.restore()
+    wait_for(lambda: "camera dock: no longer recorded by this Archiver (taken over by a3 while "
+             "this Archiver could not renew its lease; a standby now)" in a1.log(), TIMEOUT,
+             "a1 to end its stream of dock")
+    released = [e for e in _audit(a1) if e["action"] == "camera.released"]
+    assert [(e["camera"], e["to"], e.get("lease_lost")) for e in released] == [
+        ("dock", "a3", True)]
+    a1_dock = _segments(a1, "dock")
+    wait_for(lambda: _segments(a3, "dock")[-1][2] > a1_dock[-1][2] + 4000, TIMEOUT,
+             "a3 to record 4 s more")
+    assert _segments(a1, "dock") == a1_dock  # a1 stopped: a standby for dock now
+    assert _cameras(a1)["dock"]["archiver"] == "a3"
+    # a1's stream of dock ended with its signed end record: its copy plays whole from a1.
+    out = tmp_path / "dock-a1.ts"
+    alone = play(client, a1.url, viewer, out, a1_dock[0][1], a1_dock[-1][2], camera="dock")
+    assert alone.code == 0, alone.stderr
+    assert "signed end record verified)" in alone.stderr, alone.stderr
+    assert frame_hashes(out)
