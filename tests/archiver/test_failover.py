@@ -32,6 +32,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from archiver.directory import open_directory
+from archiver.directory.leases import LeaseLocks
+from archiver.directory.rows import LeaseRow
 from fusion_testkit.client_cli import Client, Viewer, play
 from fusion_testkit.server import ArchiverServer, server_env
 from fusion_testkit.tcp_proxy import TcpProxy
@@ -141,6 +144,45 @@ def site(postgres_url: str, tmp_path: Path, viewer: Viewer
                 server.stop()
             for server in servers:
                 assert "Traceback" not in server.log(), server.log()[-3000:]
+
+
+def test_a_takeover_is_a_compare_and_set_and_the_lock_is_freed_with_its_session(
+        postgres_url: str, tmp_path: Path) -> None:
+    """The lease's two halves, without Archivers: of two standbys that both saw the holder
+    gone, one takeover wins (the other is refused: the camera moved already); the epoch grows
+    at each change of holder; a session's lock is seen by another and freed when it ends."""
+    directory = open_directory(postgres_url, tmp_path / "dir")
+    locks = [LeaseLocks(postgres_url) for _ in range(2)]
+    try:
+        assert directory.add_camera("lot", b"x" * 32, "rtsp://127.0.0.1/s", 1000,
+                                    archiver="a1", standbys=("a2", "a3"))
+        directory.renew_leases("a1", ["lot"], 2000, 15_000)
+        assert directory.leases()["lot"] == LeaseRow("lot", "a1", 1, 17_000)
+        directory.renew_leases("a1", ["lot"], 3000, 15_000)  # renewed: the same epoch
+        assert directory.leases()["lot"] == LeaseRow("lot", "a1", 1, 18_000)
+        assert directory.take_over("lot", "a1", "a2", 5000, 15_000) == 2
+        assert directory.take_over("lot", "a1", "a3", 5001, 15_000) is None  # a3 was late
+        assert directory.camera("lot").archiver == "a2"  # type: ignore[union-attr]
+        assert [(p.archiver, p.since_ms) for p in directory.placements("lot")] == [
+            ("a1", 1000), ("a2", 5000)]
+        assert directory.move_camera("lot", "a1", 9000)
+        directory.renew_leases("a1", ["lot"], 9000, 15_000)  # a move: a new epoch
+        assert directory.leases()["lot"].epoch == 3
+        # The lock: one session holds it, the other sees it held and cannot take it...
+        assert locks[0].try_lock("lot") and locks[0].try_lock("lot")  # never stacked
+        assert locks[1].locked(["lot", "other"]) == {"lot"}
+        assert not locks[1].try_lock("lot")
+        # ...until the holder's session ends (what SIGKILL does): freed as its server process
+        # exits (asynchronously: polled).
+        locks[0].close()
+        wait_for(lambda: locks[1].locked(["lot"]) == set(), TIMEOUT, "the lock freed")
+        assert locks[1].try_lock("lot") and locks[1].held() == {"lot"}
+        locks[1].unlock("lot")
+        assert locks[1].locked(["lot"]) == set() and locks[1].held() == frozenset()
+    finally:
+        for lock in locks:
+            lock.close()
+        directory.close()
 
 
 @requires_ffmpeg
