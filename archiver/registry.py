@@ -142,6 +142,7 @@ class SiteMember:
         self._leases: dict[str, LeaseRow] = {}
         self._free_since: dict[str, float] = {}  # camera -> when its lock was first seen free
         self._taken: set[str] = set()  # taken over: no handover to wait for
+        self._lock_refused: set[str] = set()  # recorded here, lock held elsewhere (logged once)
         self.takeovers = 0  # cameras this Archiver took over since it started
         self.leases_lost = 0  # cameras taken from it while it could not reach the directory
         self._unreachable = False  # the last refresh failed (the directory, or the link, down)
@@ -281,7 +282,12 @@ class SiteMember:
         to = row.archiver if row is not None and row.removed_ms is None else None
         # Taken over while this Archiver could not see the directory: both recorded meanwhile,
         # each under its own chains and signature; this side ends here, as a move does.
-        lapsed = to is not None and self._unreachable and camera in self._assigned
+        # (Unreachable: the last refresh failed, or this one comes long after the last one
+        # that completed: its queries hung on a link that dropped packets.)
+        stalled = (self._applied_ms is not None
+                   and self.clock() - self._applied_ms > 3 * REFRESH_S * 1000)
+        lapsed = (to is not None and (self._unreachable or stalled)
+                  and camera in self._assigned)
         if lapsed:
             self.leases_lost += 1
         log.info("camera %s: no longer recorded by this Archiver (%s)", camera,
@@ -297,18 +303,29 @@ class SiteMember:
         records. A failure is logged: recording goes on whatever happens to the lease (a
         holder cannot tell a directory outage from its own link cut)."""
         mine = [name for name in self._held if name in self._assigned]
-        if self._locks is not None:
-            for name in mine:
-                try:
-                    if not self._locks.try_lock(name):
-                        log.warning("camera %s: its lease lock is held by another Archiver's "
-                                    "session (a takeover under way?); recording on until the "
-                                    "directory says who records it", name)
-                except Exception as exc:
-                    log.warning("camera %s: could not take its lease lock: %s", name, exc)
-                    break
-        self.directory.renew_leases(self.name, mine, now_ms, LEASE_TTL_MS)
+        try:
+            self._lock_mine(mine)
+        except Exception as exc:  # its lock session is down: the lease row says so (locked 0)
+            log.debug("could not take the lease locks: %s", exc)
+        locked = self._locks.held() if self._locks is not None else frozenset()
+        self.directory.renew_leases(self.name, mine, now_ms, LEASE_TTL_MS, locked)
         self._leases = self.directory.leases() if self._assigned else {}
+
+    def _lock_mine(self, mine: list[str]) -> None:
+        """Take the lock of each camera this Archiver records and does not hold the lock of
+        (after a takeover under a lock still held, or a lost lock session)."""
+        if self._locks is None:
+            return
+        held = self._locks.held()
+        for name in mine:
+            if name in held:
+                continue
+            got = self._locks.try_lock(name)  # raises when PostgreSQL cannot be reached
+            if not got and name not in self._lock_refused:
+                log.warning("camera %s: its lease lock is still held by another session (the "
+                            "Archiver it was taken from, cut off?); recording on, and taking "
+                            "the lock once it is free", name)
+            (self._lock_refused.discard if got else self._lock_refused.add)(name)
 
     def _unlock(self, camera: str) -> None:
         if self._locks is None:
@@ -332,11 +349,13 @@ class SiteMember:
                 "leases_lost": self.leases_lost}
 
     def watch_leases(self) -> None:
-        """One look at the locks of the cameras this Archiver stands by for; takes over a
-        camera whose holder is gone when it is this Archiver's turn."""
+        """One look at the locks of the cameras this Archiver records or stands by for: takes
+        the lock of one it records without it, and takes over one whose holder is gone (its
+        lock free though it held it, or its lease expired) when it is this Archiver's turn."""
         if self._locks is None:
             return
-        assigned, holders, leases = self._assigned, self._holders, self._leases
+        assigned, holders = self._assigned, self._holders
+        self._lock_mine([name for name in self._held if name in assigned])
         candidates = {name: order for name, order in assigned.items()
                       if self.name in order and holders.get(name) not in (None, self.name)}
         if not candidates:
@@ -344,23 +363,31 @@ class SiteMember:
             return
         locked = self._locks.locked(candidates)
         now_ms, now = self.clock(), time.monotonic()
-        alive: dict[str, bool] | None = None
-        for name, order in candidates.items():
+        cached = self._leases
+        suspects = [name for name in candidates if name not in locked
+                    or (name in cached and cached[name].expires_ms < now_ms)]
+        for name in set(self._free_since) - set(suspects):
+            self._free_since.pop(name, None)
+        if not suspects:
+            return
+        # Fresh, not the last refresh's: a decision on a lease seconds old would take a camera
+        # from a holder that renewed since (one that was cut off and is back).
+        leases, alive = self.directory.leases(), self._alive(now_ms)
+        for name in suspects:
             holder = holders[name]
             assert holder is not None
             lease = leases.get(name)
-            ours = lease is not None and lease.holder == holder
-            expired = ours and lease is not None and lease.expires_ms < now_ms
-            if name in locked and not expired:
+            if lease is not None and lease.holder != holder:
+                continue  # it changed hands since the last refresh: look again after the next
+            expired = lease is not None and lease.expires_ms < now_ms
+            gone = (expired or (name not in locked and lease is not None and lease.locked)
+                    or (lease is None and not alive.get(holder, False)))
+            if not gone:
                 self._free_since.pop(name, None)
                 continue
-            if alive is None:  # read only when some holder looks gone
-                alive = self._alive(now_ms)
-            if not ours and alive.get(holder, False):
-                continue  # no lease of this holder yet (just placed, starting): not gone
             waited = now - self._free_since.setdefault(name, now)
-            if self._my_turn(order, holder, alive, waited):
-                self._take_over(name, holder, expired)
+            if self._my_turn(candidates[name], holder, alive, waited):
+                self._take_over(name, holder, lease, expired)
 
     def _alive(self, now_ms: int) -> dict[str, bool]:
         return {row.name: row.heartbeat_ms not in (None, SIGNED_OFF_MS)
@@ -376,16 +403,20 @@ class SiteMember:
         live_above = sum(1 for name in above if alive.get(name, False))
         return waited_s >= STANDBY_GRACE_S * live_above
 
-    def _take_over(self, camera: str, holder: str, expired: bool) -> None:
+    def _take_over(self, camera: str, holder: str, lease: LeaseRow | None,
+                   expired: bool) -> None:
         assert self._locks is not None
         # The lock decides between standbys; a lease expired under a lock still held (a
         # black-holed holder whose session the keepalives have not ended yet) is taken without
         # it: the compare-and-set of Directory.take_over still lets only one standby win.
-        if not self._locks.try_lock(camera) and not expired:
+        got = self._locks.try_lock(camera)
+        if not got and not expired:
             return  # another standby was first (or the holder is back)
         why = "its lease expired" if expired else "its lease lock is free"
         now = self.clock()
-        epoch = self.directory.take_over(camera, holder, self.name, now, LEASE_TTL_MS)
+        epoch = self.directory.take_over(camera, holder, self.name, now, LEASE_TTL_MS,
+                                         epoch=lease.epoch if lease is not None else None,
+                                         expired=expired, locked=got)
         if epoch is None:
             self._unlock(camera)  # the directory changed meanwhile: nothing to take
             return

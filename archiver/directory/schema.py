@@ -158,6 +158,10 @@ camera_leases = Table(
     Column("holder", Text, nullable=False),
     Column("epoch", Integer, nullable=False),
     Column("expires_ms", Ms, nullable=False),
+    # 1: the holder held the camera's advisory lock when it last renewed. Only then is a free
+    # lock its death; a holder that took over under a lock still held (an expired lease) has
+    # 0 until it gets the lock, and only the expiry takes the camera from it.
+    Column("locked", Integer, nullable=False, server_default=text("0")),
 )
 
 # The site's audit log: each Archiver's audit.jsonl lines, as written (``entry``) with the

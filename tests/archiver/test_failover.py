@@ -156,18 +156,29 @@ def test_a_takeover_is_a_compare_and_set_and_the_lock_is_freed_with_its_session(
     try:
         assert directory.add_camera("lot", b"x" * 32, "rtsp://127.0.0.1/s", 1000,
                                     archiver="a1", standbys=("a2", "a3"))
-        directory.renew_leases("a1", ["lot"], 2000, 15_000)
-        assert directory.leases()["lot"] == LeaseRow("lot", "a1", 1, 17_000)
-        directory.renew_leases("a1", ["lot"], 3000, 15_000)  # renewed: the same epoch
-        assert directory.leases()["lot"] == LeaseRow("lot", "a1", 1, 18_000)
-        assert directory.take_over("lot", "a1", "a2", 5000, 15_000) == 2
-        assert directory.take_over("lot", "a1", "a3", 5001, 15_000) is None  # a3 was late
+        directory.renew_leases("a1", ["lot"], 2000, 15_000, locked=["lot"])
+        assert directory.leases()["lot"] == LeaseRow("lot", "a1", 1, 17_000, locked=True)
+        directory.renew_leases("a1", ["lot"], 3000, 15_000, locked=["lot"])  # the same epoch
+        assert directory.leases()["lot"] == LeaseRow("lot", "a1", 1, 18_000, locked=True)
+        # A standby that saw an older lease, or saw it expired when it is not, takes nothing.
+        assert directory.take_over("lot", "a1", "a3", 4000, 15_000, epoch=0) is None
+        assert directory.take_over("lot", "a1", "a3", 4000, 15_000, epoch=1,
+                                   expired=True) is None
+        assert directory.take_over("lot", "a1", "a2", 5000, 15_000, epoch=1, locked=True) == 2
+        assert directory.take_over("lot", "a1", "a3", 5001, 15_000, epoch=1) is None  # late
+        # a1, which read the camera as its own before the takeover, cannot renew it back.
+        directory.renew_leases("a1", ["lot"], 6000, 15_000, locked=["lot"])
+        assert directory.leases()["lot"] == LeaseRow("lot", "a2", 2, 20_000, locked=True)
+        # Expired, it is taken (without the lock: the row says so).
+        assert directory.take_over("lot", "a2", "a3", 21_000, 15_000, epoch=2,
+                                   expired=True) == 3
+        assert directory.leases()["lot"] == LeaseRow("lot", "a3", 3, 36_000, locked=False)
+        assert directory.move_camera("lot", "a2", 22_000)
+        directory.renew_leases("a2", ["lot"], 22_000, 15_000)  # a move: a new epoch
+        assert directory.leases()["lot"].epoch == 4
         assert directory.camera("lot").archiver == "a2"  # type: ignore[union-attr]
         assert [(p.archiver, p.since_ms) for p in directory.placements("lot")] == [
-            ("a1", 1000), ("a2", 5000)]
-        assert directory.move_camera("lot", "a1", 9000)
-        directory.renew_leases("a1", ["lot"], 9000, 15_000)  # a move: a new epoch
-        assert directory.leases()["lot"].epoch == 3
+            ("a1", 1000), ("a2", 5000), ("a3", 21_000), ("a2", 22_000)]
         # The lock: one session holds it, the other sees it held and cannot take it...
         assert locks[0].try_lock("lot") and locks[0].try_lock("lot")  # never stacked
         assert locks[1].locked(["lot", "other"]) == {"lot"}
@@ -332,3 +343,35 @@ def test_kill_9_of_the_primary_the_first_standby_takes_over_plays_across_and_doe
     assert alone.code == 0, alone.stderr
     assert "signed end record verified)" in alone.stderr, alone.stderr
     assert frame_hashes(out)
+
+    # A link that drops packets but keeps its sockets (a black hole): a1's sessions look alive
+    # to PostgreSQL (the proxy's kernel answers their keepalives, so this is the lease row's
+    # expiry, the backstop, not the keepalives' path), its lock stays held, and it cannot renew
+    # its lease. Once the lease expired (15 s) a2 takes the camera without the lock; a1 records
+    # on; when the packets flow again a1 ends its stream and is a standby.
+    added = _cli(a2, "cameras", "add", "yard", "--rtsp", camera.url(), "--archivers", "a1,a2")
+    assert added.returncode == 0, added.stderr
+    wait_for(lambda: len(_segments(a1, "yard")) >= 2, TIMEOUT, "2 segments of yard on a1")
+    proxy.black_hole()
+    wait_for(lambda: _segments(a2, "yard"), TIMEOUT, "a2 to take yard over")
+    assert "camera yard: taken over from Archiver a1 (its lease expired)" in a2.log()
+    a2_first = _segments(a2, "yard")[0]
+    wait_for(lambda: _segments(a1, "yard")[-1][2] > a2_first[1], TIMEOUT,
+             "a1 to record on while black-holed")
+    proxy.restore()
+    wait_for(lambda: "camera yard: no longer recorded by this Archiver (taken over by a2 while "
+             "this Archiver could not renew its lease; a standby now)" in a1.log(), TIMEOUT,
+             "a1 to end its stream of yard")
+    a1_yard = _segments(a1, "yard")
+    wait_for(lambda: _segments(a2, "yard")[-1][2] > a1_yard[-1][2] + 4000, TIMEOUT,
+             "a2 to record 4 s more")
+    assert _segments(a1, "yard") == a1_yard
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT holder FROM camera_leases WHERE camera = 'yard'"
+                            ).fetchone() == ("a2",)
+    # Nothing flapped: a1, back from the black hole with a view of the leases seconds old,
+    # took none of the other cameras (before: it took all three from their holders).
+    for name, order in (("gate", ["a1", "a2"]), ("door", ["a1", "a2"]), ("dock", ["a1", "a3"]),
+                        ("yard", ["a1", "a2"])):
+        assert [a for a, _ in _placements(postgres_url, name)] == order, name
+    assert "taken over from Archiver" not in a1.log()

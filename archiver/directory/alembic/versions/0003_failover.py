@@ -38,6 +38,7 @@ def upgrade() -> None:
         sa.Column("epoch", sa.Integer, nullable=False),
         sa.Column("expires_ms", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
                   nullable=False),
+        sa.Column("locked", sa.Integer, nullable=False, server_default=sa.text("0")),
     )
 
 
