@@ -305,6 +305,9 @@ class SiteMember:
         mine = [name for name in self._held if name in self._assigned]
         try:
             self._lock_mine(mine)
+            if self._locks is not None:
+                for stray in self._locks.held() - set(mine):
+                    self._locks.unlock(stray)  # not recorded here: its holder needs it
         except Exception as exc:  # its lock session is down: the lease row says so (locked 0)
             log.debug("could not take the lease locks: %s", exc)
         locked = self._locks.held() if self._locks is not None else frozenset()
@@ -355,7 +358,12 @@ class SiteMember:
         if self._locks is None:
             return
         assigned, holders = self._assigned, self._holders
-        self._lock_mine([name for name in self._held if name in assigned])
+        # Not while a refresh runs: it may be releasing one of them (and unlocking it).
+        if self._refresh_lock.acquire(timeout=0):
+            try:
+                self._lock_mine([name for name in self._held if name in assigned])
+            finally:
+                self._refresh_lock.release()
         candidates = {name: order for name, order in assigned.items()
                       if self.name in order and holders.get(name) not in (None, self.name)}
         if not candidates:
@@ -405,6 +413,13 @@ class SiteMember:
 
     def _take_over(self, camera: str, holder: str, lease: LeaseRow | None,
                    expired: bool) -> None:
+        # Under the refresh lock: a refresh that read the cameras before this takeover would
+        # find the camera's lock stray and free it.
+        with self._refresh_lock:
+            self._take_over_locked(camera, holder, lease, expired)
+
+    def _take_over_locked(self, camera: str, holder: str, lease: LeaseRow | None,
+                          expired: bool) -> None:
         assert self._locks is not None
         # The lock decides between standbys; a lease expired under a lock still held (a
         # black-holed holder whose session the keepalives have not ended yet) is taken without
