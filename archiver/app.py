@@ -20,12 +20,13 @@ from archiver.auth import secret_matches
 from archiver.cameras import CameraState
 from archiver.deps import ApiError, BearerDep, ServicesDep, services_of
 from archiver.deps import api_error as to_api_error
+from archiver.directory.snapshot import DirectoryUnreachable
 from archiver.limits import REFUSED_STATUSES, Limits, RefusalAudit, RequestLimits
 from archiver.metrics import ArchiverCollector, LeaseCollector, make_registry
 from archiver.routers import admin, admins, audit, grants, ingest, site, viewer
 from archiver.services.container import create_services
 from archiver.services.refused import Refused
-from archiver.services.site_sync import start_site_changes
+from archiver.services.site_sync import start_directory_watch, start_site_changes
 from archiver.settings import Settings
 from archiver.storage import StorageFailed, StorageFull
 from keyservice.identity import Signer
@@ -69,7 +70,18 @@ async def _watch_camera_health(archive: Archive, audit: AuditLog) -> None:
 async def _apply_retention(archive: Archive) -> None:
     """Retention, continuously: a pass at start (it also finishes a removal a crash
     interrupted), then every retention_interval_s. A pass that fails is tried again later."""
+    waiting = False
     while True:
+        if not archive.directory.reachable:
+            # A hold made through another Archiver just before the outage may not be known
+            # here: deleting by the holds last read could destroy evidence. Wait for it.
+            if not waiting:
+                log.warning("retention: pass skipped while the site directory is unreachable "
+                            "(until it is back)")
+            waiting = True
+            await asyncio.sleep(archive.settings.retention_interval_s)
+            continue
+        waiting = False
         try:
             report = await asyncio.to_thread(archive.retention.run)
             if report.files_removed:
@@ -111,6 +123,9 @@ def create_app(settings: Settings, signer: Signer | None = None,
             raise
         # In a site: other Archivers' authorization changes (NOTIFY, polling), off this loop.
         changes = await asyncio.to_thread(start_site_changes, services)
+        # In a site: the directory's outages (snapshot.py), reconciled when it is back.
+        watch = start_directory_watch(services, changes)
+        app.state.directory_watch = watch
 
         async def flush_refusals() -> None:
             while True:
@@ -133,6 +148,8 @@ def create_app(settings: Settings, signer: Signer | None = None,
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
+            if watch is not None:
+                await asyncio.to_thread(watch.stop)
             if changes is not None:
                 await asyncio.to_thread(changes.stop)
             await asyncio.to_thread(services.site.stop)
@@ -172,8 +189,17 @@ def create_app(settings: Settings, signer: Signer | None = None,
     app.include_router(audit.router)
 
     @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    def healthz(request: Request) -> dict[str, object]:
+        # 200 either way: a degraded Archiver still records and serves (a load balancer must
+        # not take it out); "degraded" and the directory's state say what it cannot do.
+        services = getattr(request.app.state, "services", None)
+        link = services.archive.directory.link if services is not None else None
+        if link is None:
+            return {"status": "ok"}
+        state = link.state()
+        body = state.as_json(services.archive.clock())
+        body.pop("where")  # unauthenticated: the directory's address is not said here
+        return {"status": "ok" if state.state == "ok" else "degraded", "directory": body}
 
     def metrics_access(services: ServicesDep, credentials: BearerDep) -> None:
         # Ingest counts are a motion side channel: by default only the admin or the holder of
@@ -229,6 +255,13 @@ def create_app(settings: Settings, signer: Signer | None = None,
     @app.exception_handler(StorageFull)
     async def storage_full(request: Request, exc: StorageFull) -> JSONResponse:
         return _error(request, 507, ErrorCode.STORAGE_FULL, str(exc))
+
+    @app.exception_handler(DirectoryUnreachable)
+    async def directory_unreachable(request: Request, exc: DirectoryUnreachable) -> JSONResponse:
+        # Before StorageFailed's (its base class): a 503 with its own code, and when to retry.
+        response = _error(request, 503, ErrorCode.DIRECTORY_UNREACHABLE, exc.message)
+        response.headers["Retry-After"] = "5"
+        return response
 
     @app.exception_handler(StorageFailed)
     async def storage_failed(request: Request, exc: StorageFailed) -> JSONResponse:

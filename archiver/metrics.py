@@ -51,6 +51,7 @@ class ArchiverCollector(Collector):
                                   "encryption each)", value=keys.epochs_started)
         yield GaugeMetricFamily("fusion_active_viewers", "Viewers authorized and not revoked",
                                 value=keys.active_viewers())
+        yield from self._directory()
         yield from self._cameras()
         yield from self._retention()
         errors = CounterMetricFamily("fusion_http_errors", "HTTP error responses",
@@ -59,6 +60,22 @@ class ArchiverCollector(Collector):
             errors.add_metric([status], count)
         yield errors
 
+
+    def _directory(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """In a site: whether the directory answers (an outage is recorded through, under the
+        last authorizations read: archiver/directory/snapshot.py). Alert on it."""
+        link = self._archive.directory.link
+        if link is None:
+            return
+        state = link.state()
+        yield GaugeMetricFamily("fusion_directory_up", "1 if the site directory (PostgreSQL) "
+                                "answers, 0 while it is unreachable", value=int(state.state == "ok"))
+        if state.last_read_ms is not None:
+            yield GaugeMetricFamily("fusion_directory_last_read_age_seconds", "Seconds since "
+                                    "the site directory last answered",
+                                    value=max(0, self._archive.clock() - state.last_read_ms) / 1000)
+        yield CounterMetricFamily("fusion_directory_outages", "Times the site directory became "
+                                  "unreachable since start", value=link.outages)
 
     def _cameras(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily
                                    | HistogramMetricFamily]:

@@ -34,8 +34,9 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from client.evidence_zip import read_zip, write_zip
+    from keyservice.evidence.parts import PartsReport
     from keyservice.evidence.verify import Report
-    from keyservice.identity import Recipient
+    from keyservice.identity import Identity, Recipient
 
 # The commands import the viewer library and the verifier (cryptography, httpx, the token
 # layer) when they run, not when the CLI is built: `fusion-client --help` loads none of it.
@@ -92,10 +93,11 @@ def export(
     """Export a recorded range as an evidence package: the segments and signed manifests as
     archived, the Archiver's certificate, exactly the range's minute keys, the verified video
     and SHA256SUMS."""
+    from client.across import export_across
     from client.pinning import KnownArchivers
-    from client.playback import logged_in, say
-    from client.site import Site, trust_followed
-    from client.viewer import check_camera, export_evidence, load_site_ca, now_ms
+    from client.playback import logged_in, say, switch_line
+    from client.site import Site, Switch, trust_followed
+    from client.viewer import check_camera, load_site_ca, now_ms
     from keyservice.timespec import parse_range
 
     from_ms, to_ms = parse_range(from_, to, now_ms())
@@ -112,20 +114,39 @@ def export(
                                                                          login), \
             Site(session, login, identity,
                  check=trust_followed(KnownArchivers.default(), cas)) as site:
-        # The package holds one Archiver's signed stream: the one that recorded the range
-        # (reached as a redirect is, checked: client/site.py).
-        holder, holder_login = site.holder(
-            camera, from_ms, to_ms, "an evidence package holds one Archiver's signed stream")
-        made = export_evidence(holder, identity, holder_login, camera, from_ms, to_ms, output,
-                               recipient=recipient)
-    if not quiet:
-        sealed = f" sealed to {made.sealed_to}" if made.sealed_to is not None else ""
-        say(f"evidence package {output}: camera {camera}, {made.verified.segments} segment(s), "
-            f"{made.manifests} signed manifest(s), {made.keys} minute key(s)"
-            f"{sealed}, {made.video_bytes} bytes of video")
-        say(f"package sha256 {made.sha256} (write it down for the chain of custody)")
-        for gap in made.verified.gaps:
+        # Each part from the Archiver that recorded it (reached as a redirect is, checked:
+        # client/site.py), verified against its own signer; one part: a one-part package.
+        made = export_across(site, identity, camera, from_ms, to_ms, output,
+                             recipient=recipient)
+    if quiet:
+        return
+    sealed = f" sealed to {made.sealed_to}" if made.sealed_to is not None else ""
+    parts = made.parts
+    segments = sum(p.verified.segments for _, p in parts)
+    say(f"evidence package {output}: camera {camera}, {segments} segment(s), "
+        f"{sum(p.manifests for _, p in parts)} signed manifest(s), "
+        f"{sum(p.keys for _, p in parts)} minute key(s){sealed}, "
+        f"{sum(len(p.verified.data or b'') for _, p in parts)} bytes of video"
+        + (f", {len(parts)} parts" if len(parts) > 1 else ""))
+    say(f"package sha256 {made.sha256} (write it down for the chain of custody)")
+    for i, (part, exported) in enumerate(parts, 1):
+        verified = exported.verified
+        if len(parts) > 1:
+            say(f"part {i} of {len(parts)}: {format_ms(part.from_ms)} .. {format_ms(part.to_ms)} "
+                f"recorded by Archiver {part.archiver}, verified against "
+                f"{verified.signer.subject} (sha256 {verified.signer.fingerprint[:16]}...): "
+                f"{verified.segments} segment(s)")
+        for gap in verified.gaps:
+            if len(parts) > 1 and ((i > 1 and verified.first_ms is not None
+                                    and gap.to_ms <= verified.first_ms)
+                                   or (i < len(parts) and verified.last_ms is not None
+                                       and gap.from_ms >= verified.last_ms)):
+                continue  # at the switch: said once, as the switch
             say(f"gap: {gap.describe()}")
+        if i < len(parts):
+            nxt_part, nxt = parts[i]
+            say(switch_line(Switch(part.archiver, nxt_part.archiver, verified.last_ms,
+                                   nxt.verified.first_ms)))
 
 
 @evidence_app.command("verify")
@@ -134,9 +155,11 @@ def verify(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write the verified video here (only if everything verified).")
                       ] = None,
-    expect_archiver: Annotated[str | None, typer.Option(
+    expect_archiver: Annotated[list[str] | None, typer.Option(
         "--expect-archiver", help="The Archiver certificate's SHA-256 (hex) you know from "
-                                  "elsewhere; the package must carry that certificate.")] = None,
+                                  "elsewhere; the package must carry that certificate (may be "
+                                  "repeated: a package of several parts, each signed by one "
+                                  "of them).")] = None,
     site_ca: Annotated[list[Path] | None, typer.Option(
         "--site-ca", help="A site CA certificate (PEM; may be repeated) you trust to have "
                           "issued the Archiver's signing certificate.")] = None,
@@ -151,16 +174,18 @@ def verify(
     from client.playback import say
     from client.player import FileOutput
     from client.viewer import open_identity
-    from keyservice.evidence.verify import open_sealed_keys, verify_package
+    from keyservice.evidence.parts import verify_evidence
+    from keyservice.evidence.verify import open_sealed_keys
 
-    expected = None
-    if expect_archiver is not None:
+    expected: list[bytes] = []
+    for given in expect_archiver or ():
         try:
-            expected = bytes.fromhex(expect_archiver.replace(":", ""))
+            fp = bytes.fromhex(given.replace(":", ""))
         except ValueError:
-            expected = b""
-        if len(expected) != 32:
+            fp = b""
+        if len(fp) != 32:
             raise UsageError("--expect-archiver takes a SHA-256 fingerprint: 64 hex digits.")
+        expected.append(fp)
     cas = [_load_ca(path) for path in site_ca or ()]
     out = FileOutput(output) if output is not None else None
     try:
@@ -171,14 +196,17 @@ def verify(
             open_keys: Callable[[bytes], bytes] | None = None
             if token is not None:
                 uri = token
+                opened: list[Identity] = []
 
                 def with_token(sealed: bytes) -> bytes:
-                    # The token is opened only for a package whose keys are sealed.
-                    identity = stack.enter_context(open_identity(uri, prompt=True))
-                    return open_sealed_keys(sealed, identity)
+                    # The token is opened only for a package whose keys are sealed, and once
+                    # (one PIN) for all the parts of a package of several.
+                    if not opened:
+                        opened.append(stack.enter_context(open_identity(uri, prompt=True)))
+                    return open_sealed_keys(sealed, opened[0])
                 open_keys = with_token
-            report = verify_package(files, open_keys=open_keys, expect_archiver=expected,
-                                    site_cas=cas)
+            report = verify_evidence(files, open_keys=open_keys, expect_archiver=expected,
+                                     site_cas=cas)
     except BaseException:
         if out is not None:
             out.abort()
@@ -238,6 +266,10 @@ def _load_ca(path: Path) -> x509.Certificate:
 
 def describe(report: Report, package: Path) -> list[str]:
     """The human-readable report."""
+    from keyservice.evidence.parts import PartsReport
+
+    if isinstance(report, PartsReport):
+        return _describe_parts(report, package)
     def when(ms: int | None) -> str:
         return format_ms(ms) if ms is not None else "?"
 
@@ -273,6 +305,13 @@ def describe(report: Report, package: Path) -> list[str]:
     if report.notes:
         lines.append("Notes:")
         lines += [f"  {note}" for note in report.notes]
+    return lines + _verdict(report)
+
+
+def _verdict(report: Report, parts: bool = False) -> list[str]:
+    """What is missing, the failures, and the one result line (``parts``: of a package of
+    parts, each signed by its own Archiver)."""
+    lines: list[str] = []
     if report.missing:
         lines.append("Missing (named by the Archiver's signed data, not in the package):")
         lines += [f"  --  {item}" for item in report.missing]
@@ -292,10 +331,50 @@ def describe(report: Report, package: Path) -> list[str]:
                      "with the certificate it carries, but nothing shows that certificate is "
                      "your Archiver's: give --expect-archiver or --site-ca.")
     else:
-        lines.append("Result: VERIFIED. The video is exactly the decryption of segments the "
-                     "Archiver named above recorded and signed for this camera, and it covers "
-                     "the whole range (see Gaps for stretches with no recording).")
+        who = ("each part's Archiver named above (each verified against its own "
+               "certificate)" if parts else "the Archiver named above")
+        lines.append("Result: VERIFIED. The video is exactly the decryption of segments "
+                     f"{who} recorded and signed for this camera, and it covers the whole "
+                     "range (see Gaps for stretches with no recording"
+                     + ("; Switches for where one Archiver's part ends and the next one's "
+                        "begins" if parts else "") + ").")
     return lines
+
+
+def _describe_parts(report: PartsReport, package: Path) -> list[str]:
+    """A package of parts: the whole, each part's own report (indented), the switches at
+    their signed edges (as ``play`` says them), and one result."""
+    from client.playback import switch_line
+    from client.site import Switch
+
+    def when(ms: int | None) -> str:
+        return format_ms(ms) if ms is not None else "?"
+
+    count = len(report.parts)
+    lines = [f"Evidence package {package}: {count} part(s), each recorded and signed by its "
+             "own Archiver"]
+    if report.camera is not None:
+        lines.append(f"  camera:      {report.camera}")
+        lines.append(f"  range:       {when(report.from_ms)} .. {when(report.to_ms)}")
+        lines.append(f"  exported:    {when(report.exported_ms)} by viewer certificate "
+                     f"sha256 {report.exported_by}")
+    for part in report.parts:
+        lines.append(f"Part {part.number} of {count}: recorded by Archiver {part.archiver}")
+        own = describe(part.report, package)[1:]
+        verdict = len(_verdict(part.report))  # said once, for the whole package, below
+        lines += ["  " + line for line in own[:len(own) - verdict]]
+    if report.switches:
+        lines.append("Switches (signed edges):")
+        lines += ["  " + switch_line(Switch(s.from_archiver, s.to_archiver, s.last_end_ms,
+                                            s.first_start_ms)) for s in report.switches]
+    lines.append("The whole package:")
+    lines += [f"  ok  {item}" for item in report.verified] or ["  (nothing)"]
+    if report.notes:
+        lines.append("Notes:")
+        lines += [f"  {note}" for note in report.notes]
+    if report.signer_established is not None:
+        lines.append(f"  signers established: {report.signer_established}")
+    return lines + _verdict(report, parts=True)
 
 
 def __getattr__(name: str) -> object:

@@ -33,6 +33,8 @@ class PackageUnreadable(EvidenceError):
 def write_zip(path: Path, files: dict[str, bytes]) -> str:
     """Write the package as PATH.partial (owner-only: it may hold keys), fsync, rename;
     returns the SHA-256 of the zip file (for the chain of custody)."""
+    if path.exists() and not path.is_file():  # the rename would replace a device or a pipe
+        raise UsageError(f"{path} is not a regular file; give a file name for the package.")
     partial = path.with_name(path.name + ".partial")
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

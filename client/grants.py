@@ -88,6 +88,7 @@ def grant(
 ) -> None:
     """Grant a recorded range you can play to another viewer certificate. The Archiver serves
     it to the grantee only after an admin approved it; it never sees a key."""
+    from client.across import grant_across
     from client.pinning import KnownArchivers
     from client.playback import logged_in, say
     from client.site import Site, trust_followed
@@ -95,7 +96,6 @@ def grant(
         check_camera,
         load_certificate_file,
         load_site_ca,
-        make_grant_for,
         now_ms,
         recipient_for,
     )
@@ -111,22 +111,31 @@ def grant(
                                                                          login), \
             Site(session, login, identity,
                  check=trust_followed(KnownArchivers.default(), cas)) as site:
-        # On the Archiver that recorded the range (another of the site: reached as a redirect
-        # is, checked; grants are the site's, so it keeps the grant for every Archiver).
-        holder, holder_login = site.holder(camera, from_ms, to_ms,
-                                           "a grant is made from one Archiver's signed stream")
-        # Played exactly as `play` would (every check of the reader), written nowhere: the keys
-        # granted are those of the segments the verified stream of this range released.
-        made = make_grant_for(holder, identity, holder_login, camera, from_ms, to_ms,
-                              recipient, note=note)
+        # On the Archiver that recorded the range, one grant per Archiver for a range across a
+        # change of Archiver (reached as a redirect is, checked: client/site.py). Each part is
+        # played exactly as `play` would (every check of the reader), written nowhere: the keys
+        # granted are those of the segments that part's verified stream released.
+        made = grant_across(site, identity, camera, from_ms, to_ms, recipient, note=note)
     if as_json:
-        typer.echo(json.dumps(made.grant.to_json()))
+        if len(made) == 1:
+            typer.echo(json.dumps(made[0].made.grant.to_json()))
+        else:
+            typer.echo(json.dumps({"grants": [
+                {**g.made.grant.to_json(), "archiver": g.part.archiver} for g in made]}))
         return
-    grant_id = made.grant.grant_id
-    say(f"verified {made.verified.segments} segment(s) of camera {camera}; wrapped their "
-        f"{made.keys} minute key(s) to {printable(grantee.subject.rfc4514_string())}")
-    typer.echo(f"grant {grant_id}: {made.grant.state}; an admin must approve it "
-               f"('fusion-archiver grants approve {grant_id}')")
+    for g in made:
+        where = f" (recorded by Archiver {g.part.archiver})" if len(made) > 1 else ""
+        say(f"verified {g.made.verified.segments} segment(s) of camera {camera}{where}; wrapped "
+            f"their {g.made.keys} minute key(s) to "
+            f"{printable(grantee.subject.rfc4514_string())}")
+    for g in made:
+        grant_id = g.made.grant.grant_id
+        typer.echo(f"grant {grant_id}: {g.made.grant.state}; an admin must approve it "
+                   f"('fusion-archiver grants approve {grant_id}')")
+    if len(made) > 1:
+        ids = " ".join(g.made.grant.grant_id for g in made)
+        typer.echo(f"the range was recorded by {len(made)} Archivers: one grant each; the "
+                   f"grantee plays them as one range with 'fusion-client grants play {ids}'")
 
 
 @grants_app.command("list")
@@ -160,7 +169,9 @@ def grants_list(
 
 @grants_app.command("play")
 def grants_play(
-    grant_id: Annotated[str, typer.Argument(help="The grant's id (grants list).")],
+    grant_ids: Annotated[list[str], typer.Argument(
+        help="The grant's id (grants list); for a range across Archivers, the id of each "
+             "part's grant (as 'grant' printed them), played as one range.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Output MPEG-TS file, or '-'.")],
     from_: Annotated[str | None, typer.Option(
         "--from", help="Start (default: the grant's); must lie in the granted range.")] = None,
@@ -179,10 +190,15 @@ def grants_play(
     from client.viewer import now_ms, open_grant
     from keyservice.timespec import parse_time
 
-    grant_id = check_grant_id(grant_id)
+    ids = [check_grant_id(g) for g in grant_ids]
     now = now_ms()
     asked_from = parse_time(from_, now) if from_ is not None else None
     asked_to = parse_time(to, now) if to is not None else None
+    if len(ids) > 1:
+        _play_across(ids, output, asked_from, asked_to, archiver, token, archiver_cert, tls_ca,
+                     site_ca, quiet)
+        return
+    grant_id = ids[0]
     granted: list[OpenedGrantRange] = []
 
     def open_keys(session: ArchiverSession, identity: Identity) -> Mapping[bytes, bytes]:
@@ -201,6 +217,54 @@ def grants_play(
                    tls_ca=tls_ca, site_ca=site_ca, save_stream=None, quiet=quiet, live=False,
                    progress_range=None,
                    make_request=request, grant_id=grant_id, known_keys=open_keys)
+
+
+def _play_across(ids: list[str], output: str, asked_from: int | None, asked_to: int | None,
+                 archiver: str, token: str, archiver_cert: Path | None, tls_ca: Path | None,
+                 site_ca: Path | None, quiet: bool) -> None:
+    """The grants of one range across Archivers (one per part), played as one range: each
+    part at the Archiver that recorded it, verified against its signer, the switch at the
+    signed edges."""
+    from client.across import open_grants, play_grants
+    from client.pinning import KnownArchivers
+    from client.playback import logged_in, open_output, say, switch_line
+    from client.site import Site, Switch, trust_followed
+    from client.viewer import load_site_ca
+    from keyservice.timespec import format_ms
+
+    if len(set(ids)) != len(ids):
+        raise UsageError("A grant id is given twice.")
+    target = open_output(output)
+    cas = load_site_ca(site_ca) if site_ca is not None else ()
+    try:
+        with logged_in(archiver, token, archiver_cert, tls_ca, site_ca) as (
+                session, identity, login), \
+                Site(session, login, identity,
+                     check=trust_followed(KnownArchivers.default(), cas)) as site:
+            opened = open_grants(site, identity, ids, from_ms=asked_from, to_ms=asked_to)
+            if not quiet:
+                say(f"{len(ids)} grants opened on your token ({len(ids)} token operations): "
+                    f"camera {opened[0].opened.camera if opened else '?'}")
+            played = play_grants(site, identity, opened, target)
+    except BaseException:
+        kept = target.abort()
+        if kept is not None:
+            say(f"the verified video of the parts played so far is in {kept}")
+        raise
+    final = target.commit()
+    if quiet:
+        return
+    for i, (item, verified) in enumerate(played, 1):
+        say(f"part {i} of {len(played)}: grant {item.opened.grant_id}, "
+            f"{format_ms(item.opened.from_ms)} .. {format_ms(item.opened.to_ms)} recorded by "
+            f"Archiver {item.part.archiver}, verified against {verified.signer.subject}: "
+            f"{verified.segments} segment(s)")
+        if i < len(played):
+            nxt_item, nxt = played[i]
+            say(switch_line(Switch(item.part.archiver, nxt_item.part.archiver,
+                                   verified.last_ms, nxt.first_ms)))
+    say("complete (every part's signed end record verified)"
+        + (f"; video in {final}" if final is not None else "; video written to stdout"))
 
 
 def register(app: typer.Typer) -> None:

@@ -14,19 +14,20 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import typer
 from cryptography import x509
 
+from client.copies import Selection, Stretch, plan_stretches, survey
 from client.pinning import KnownArchivers, PinDecision, PinOutcome
 from client.player import (
     FileOutput,
     Gap,
     Output,
     OutputFailed,
+    PartOutput,
     PipeOutput,
     Player,
     ReaderClosed,
@@ -34,7 +35,7 @@ from client.player import (
     archiver_pin_check,
 )
 from client.session import ArchiverSession, playback_request
-from client.site import HANDOVER_MS, Part, Site, Switch, trust_followed
+from client.site import Part, Site, Switch, played_part, trust_followed
 from client.viewer import (
     Login,
     Signer,
@@ -52,7 +53,7 @@ from keyservice.text import printable
 from keyservice.timespec import format_duration, format_ms
 
 __all__ = ["DeferredInterrupt", "PartOutput", "Progress", "describe_saved", "logged_in",
-           "login_and_say", "mib", "open_output", "operations", "pin_message", "play_parts",
+           "login_and_say", "mib", "open_output", "operations", "pin_message", "play_copies", "play_parts",
            "print_summary", "reader_closed", "recorded_part", "report_failure", "run_stream",
            "say", "signed_by", "stream_command", "switch_line", "token_line"]
 
@@ -116,6 +117,11 @@ def open_output(target: str) -> Output:
     path = Path(target)
     if path.is_dir():
         raise UsageError(f"{path} is a directory; give a file name for the video.")
+    if path.exists() and not path.is_file():  # a named pipe or a device: written as it comes
+        try:
+            return PipeOutput(open(path, "wb"), str(path), owned=True)
+        except OSError as exc:
+            raise OutputFailed(f"Cannot write {path}: {exc.strerror or exc}.") from None
     return FileOutput(path)
 
 
@@ -398,14 +404,21 @@ def stream_command(*, url: str, token: str, output_target: str, archiver_cert: P
             asked = make_request()
             parts = site.parts(asked.cameras[0], asked.from_ms, asked.to_ms) if (
                 asked.mode == Mode.PLAYBACK and grant_id is None) else []
-            if len(parts) > 1 and save is not None:
+            redundant = any(len(p.copies) > 1 for p in parts)
+            if (len(parts) > 1 or redundant) and save is not None:
                 raise UsageError("--save-stream keeps one Archiver's stream, and this range was "
-                                 "recorded by several; play each part on its own to save it.")
+                                 "recorded by several" + (" (a redundant camera: each keeps a "
+                                 "copy)" if redundant else "") + "; play each part on its own "
+                                 "to save it.")
         except BaseException:
             output.abort()
             if save is not None:
                 save.abort()
             raise
+        if redundant:
+            play_copies(site, identity, asked.cameras[0], parts, output, quiet=quiet,
+                        login_ops=lambda: after_login + site.logins)
+            return
         if len(parts) > 1:
             play_parts(site, identity, asked.cameras[0], parts, output, quiet=quiet,
                        login_ops=lambda: after_login + site.logins)
@@ -437,40 +450,10 @@ def stream_command(*, url: str, token: str, output_target: str, archiver_cert: P
 # nonce, asked of the entry and followed to its holder), verified against its own signer; the
 # output gets its final name only when every part verified (else the verified video up to
 # there is kept under a name that says so, as for one stream).
-class PartOutput:
-    """One part's view of the command's output: writes go through; committing or aborting is
-    the whole command's, once every part is played."""
-
-    def __init__(self, output: Output) -> None:
-        self._output = output
-
-    def write(self, data: bytes) -> None:
-        """Write verified video to the command's output."""
-        self._output.write(data)
-
-    def commit(self) -> Path | None:
-        """Nothing yet: the output is committed after the last part."""
-        return None
-
-    def abort(self) -> Path | None:
-        """Nothing yet: the command aborts the output (keeping what verified)."""
-        return None
-
-
 def switch_line(switch: Switch) -> str:
-    """The switch between two Archivers, at the signed edges, for a person."""
-    old = (f"{switch.from_archiver}'s last segment ends {format_ms(switch.last_end_ms)} "
-           "(signed)" if switch.last_end_ms is not None else f"{switch.from_archiver} had no "
-           "video in its part")
-    new = (f"{switch.to_archiver}'s first segment starts {format_ms(switch.first_start_ms)} "
-           "(signed)" if switch.first_start_ms is not None else f"{switch.to_archiver} had no "
-           "video in its part")
-    between = ""
-    if switch.last_end_ms is not None and switch.first_start_ms is not None:
-        between = f"; {format_duration(max(0, switch.first_start_ms - switch.last_end_ms))} " \
-                  "between them"
-    return f"switch from Archiver {switch.from_archiver} to {switch.to_archiver}: {old}; " \
-           f"{new}{between}"
+    """The switch between two Archivers, at the signed edges, for a person (Switch.describe:
+    the same words in play, evidence, grants and the web page)."""
+    return switch.describe()
 
 
 def _at_a_switch(gap: Gap, summary: Summary, first: bool, last: bool) -> bool:
@@ -490,17 +473,10 @@ def play_parts(site: Site, identity: Identity, camera: str, parts: list[Part], o
     signers: list[str] = []
     try:
         previous_end: int | None = None
-        for i, planned in enumerate(parts):
-            # The directory's move time cuts the plan, but the old Archiver records until it
-            # notices the move: each part but the last reaches HANDOVER_MS into the next, and
-            # the next starts where the old one's signed video ended (a camera's segments
-            # follow one another: nothing is played twice, nothing recorded is left out).
-            part = replace(
-                planned,
-                from_ms=planned.from_ms if previous_end is None else previous_end + 1,
-                to_ms=planned.to_ms if i == len(parts) - 1 else min(
-                    parts[-1].to_ms, parts[i + 1].from_ms + HANDOVER_MS))
-            if part.from_ms > part.to_ms:
+        for i in range(len(parts)):
+            # Each part but the last reaches into the next (client.site.played_part).
+            part = played_part(parts, i, previous_end)
+            if part is None:
                 continue  # the old Archiver's video reached past the end asked for
             request = playback_request(camera, part.from_ms, part.to_ms)
 
@@ -548,3 +524,107 @@ def play_parts(site: Site, identity: Identity, camera: str, parts: list[Part], o
     where = "complete (every part's signed end record verified)"
     say(where + (f"; video in {final}" if final is not None else "; video written to stdout"))
     return played
+
+
+# --- a redundant camera: one copy played, its gaps filled from another (issue 22) -----------
+class _SelectionOutput(PartOutput):
+    """A stretch's output: each verified segment goes to the Selection, which writes it to the
+    command's output unless it repeats video another copy already gave."""
+
+    def __init__(self, selection: Selection) -> None:
+        self._selection = selection
+
+    def write(self, data: bytes) -> None:
+        """Take a verified segment (written once its signed times are known)."""
+        self._selection.write(data)
+
+
+class _SelectionProgress(Progress):
+    """No bar; tells the Selection each written segment's signed times."""
+
+    def __init__(self, selection: Selection) -> None:
+        super().__init__(False, 0, 0)
+        self._selection = selection
+
+    def segment(self, event: Any) -> None:
+        """Keep or leave out the segment just written (client/copies.py)."""
+        self._selection.segment(event)
+
+
+def _signer(login: Login) -> str:
+    cert = login.result.archiver_certificate
+    return (f"{cert.subject.rfc4514_string()} (signing certificate sha256 "
+            f"{login.archiver_fingerprint.hex()[:16]}...)")
+
+
+def play_copies(site: Site, identity: Identity, camera: str, parts: list[Part], output: Output,
+                *, quiet: bool, login_ops: Callable[[], int]) -> None:
+    """Play a redundant camera's range: per part, one copy (the entry's if it holds one),
+    each of its gaps from another copy (client/copies.py); every stretch its own stream,
+    verified against its own signer, the switches said at their signed edges. The output is
+    committed after the last stretch, or aborted (keeping what verified) on a failure."""
+    selection = Selection(output.write)
+    lines: list[str] = []
+    played: list[tuple[Stretch, Summary]] = []
+    previous: tuple[str, int | None] | None = None  # the last stretch's Archiver, signed end
+    try:
+        for part in parts:
+            stretches = [Stretch(part)]
+            if len(part.copies) > 1:
+                part, gaps, unused = survey(site, camera, part)
+                lines += unused
+                stretches = plan_stretches(part, gaps)
+            for stretch in stretches:
+                selection.start()
+                planned = stretch.part
+                request = playback_request(camera, planned.from_ms, planned.to_ms)
+
+                def check(cert: x509.Certificate, _site: Site = site) -> None:
+                    archiver_pin_check(_site.signer_fingerprint())(cert)
+
+                summary = run_stream(
+                    identity=identity, output=_SelectionOutput(selection), save=None,
+                    fetch=lambda p=planned, r=request: site.stream_from(p, r), check=check,
+                    progress=_SelectionProgress(selection), login_ops=login_ops, live=False,
+                    quiet=True, request=request)
+                _, login = site.current
+                played.append((stretch, summary))
+                video = (f"{selection.kept} segment(s), {mib(selection.kept_bytes)}, captured "
+                         f"{format_ms(selection.first_ms)} .. {format_ms(selection.last_ms)}"
+                         if selection.first_ms is not None and selection.last_ms is not None
+                         else "no segments")
+                if previous is not None and previous[0] != planned.archiver:
+                    lines.append(switch_line(Switch(previous[0], planned.archiver, previous[1],
+                                                    selection.first_ms)))
+                if stretch.fills is not None and stretch.hole is not None:
+                    lines.append(
+                        f"gap in {stretch.fills}'s copy {format_ms(stretch.hole[0])} .. "
+                        f"{format_ms(stretch.hole[1])} filled from {planned.archiver}, signed "
+                        f"by {_signer(login)}: {video}")
+                else:
+                    lines.append(f"copy of Archiver {planned.archiver} "
+                                 f"{format_ms(planned.from_ms)} .. {format_ms(planned.to_ms)}, "
+                                 f"verified against {_signer(login)}: {video}")
+                if selection.left_out:
+                    lines.append(f"  {selection.left_out} segment(s) of {planned.archiver}'s "
+                                 "copy left out: they repeat video already written from "
+                                 "another copy")
+                lines += [f"  gap: {g.describe()}" for g in sorted(summary.gaps,
+                                                                  key=lambda g: g.from_ms)]
+                if selection.first_ms is not None:
+                    previous = (planned.archiver, selection.last_ms)
+    except SystemExit:
+        kept = output.abort()
+        if kept is not None:
+            say(f"the verified video of the stretches played so far is in {kept}")
+        raise
+    final = output.commit()
+    if quiet:
+        return
+    for line in lines:
+        say(line)
+    openers = sum(s.epoch_openings for _, s in played)
+    say(f"token operations: {operations(identity)} ({login_ops()} login, {openers} epoch "
+        "opener(s))")
+    where = "complete (every stretch's signed end record verified)"
+    say(where + (f"; video in {final}" if final is not None else "; video written to stdout"))

@@ -25,6 +25,7 @@ from keyservice.errors import (
     KeyServiceError,
     RangeIncomplete,
     StreamTruncated,
+    UsageError,
 )
 from keyservice.exitcodes import ExitCode
 from keyservice.format import Header
@@ -54,6 +55,7 @@ __all__ = [
     "NothingAuthorized",
     "Output",
     "OutputFailed",
+    "PartOutput",
     "PipeOutput",
     "Player",
     "Position",
@@ -180,6 +182,10 @@ class FileOutput:
     bad path fails before the Archiver and the token are bothered."""
 
     def __init__(self, path: Path) -> None:
+        if path.exists() and not path.is_file():
+            # FILE.partial renamed over a device or a pipe would replace it (/dev/null made a
+            # regular file, as root); ``open_output`` writes to those directly instead.
+            raise UsageError(f"{path} is not a regular file; give a file name to save to.")
         self.path = path
         self.partial = path.with_name(path.name + ".partial")
         self.incomplete = path.with_name(path.name + ".incomplete")
@@ -230,10 +236,15 @@ class FileOutput:
 
 
 class PipeOutput:
-    """Writes each verified segment to a pipe at once (live viewing: ``-o - | ffplay -``)."""
+    """Writes each verified segment to a pipe at once (live viewing: ``-o - | ffplay -``), or
+    to a named pipe or device it opened (``-o /dev/null``; ``owned``: closed at the end, so the
+    reader sees the end of the video)."""
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO, name: str = "standard output",
+                 owned: bool = False) -> None:
         self._stream = stream
+        self._name = name
+        self._owned = owned
 
     def write(self, data: bytes) -> None:
         """Take the next verified segment's bytes."""
@@ -244,16 +255,23 @@ class PipeOutput:
             raise ReaderClosed("The program reading the video closed the pipe; stopped.") \
                 from None
         except OSError as exc:
-            raise OutputFailed(f"Cannot write the video to standard output: "
+            raise OutputFailed(f"Cannot write the video to {self._name}: "
                                f"{exc.strerror or exc}.") from None
 
     def commit(self) -> None:
         """The stream verified to its end: make the output final."""
-        return None
+        self._close()
 
     def abort(self) -> None:
         """The stream failed: see ``Output.abort``."""
-        return None
+        self._close()
+
+    def _close(self) -> None:
+        if self._owned and not self._stream.closed:
+            try:
+                self._stream.close()
+            except OSError:
+                pass  # the reader went away: what it read was verified
 
 
 class MemoryOutput:
@@ -279,6 +297,26 @@ class MemoryOutput:
         if len(self._parts) != 1:
             self._parts = [b"".join(self._parts)]
         return self._parts[0]
+
+
+class PartOutput:
+    """One part's view of the command's output: writes go through; committing or aborting is
+    the whole command's, once every part is played."""
+
+    def __init__(self, output: Output) -> None:
+        self._output = output
+
+    def write(self, data: bytes) -> None:
+        """Write verified video to the command's output."""
+        self._output.write(data)
+
+    def commit(self) -> Path | None:
+        """Nothing yet: the output is committed after the last part."""
+        return None
+
+    def abort(self) -> Path | None:
+        """Nothing yet: the command aborts the output (keeping what verified)."""
+        return None
 
 
 class DiscardOutput:

@@ -205,13 +205,18 @@ class PlacementView:
     url: str | None
     since_ms: int
     until_ms: int | None
+    # Every Archiver holding a copy of this range, with its URL, in the camera's order: more
+    # than one for a redundant camera (issue 22); empty from an Archiver from before.
+    copies: tuple[tuple[str, str | None], ...] = ()
 
     @classmethod
     def from_json(cls, body: Any) -> PlacementView:
         """From the Archiver's JSON; ArchiverFailed if it is not a placement."""
         try:
+            copies = tuple((str(c["archiver"]), _optional_str(c.get("url")))
+                           for c in body.get("copies") or ())
             return cls(str(body["archiver"]), _optional_str(body.get("url")),
-                       int(body["since_ms"]), _optional_int(body.get("until_ms")))
+                       int(body["since_ms"]), _optional_int(body.get("until_ms")), copies)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise ArchiverFailed("The Archiver's placement of a camera is malformed.") from None
 
@@ -482,6 +487,20 @@ class ArchiverSession:
             raise
         if not isinstance(body, dict) or not isinstance(body.get("placements"), list):
             raise ArchiverFailed("The Archiver's placements of a camera are malformed.")
+        return [PlacementView.from_json(p) for p in body["placements"]]
+
+    def grant_placements(self, grant_id: str) -> list[PlacementView] | None:
+        """Which Archivers of the site recorded the range of an approved grant to this viewer,
+        oldest first (None: an Archiver from before sites, or before this endpoint)."""
+        try:
+            body = self._json("GET", f"/v1/grants/{grant_id}/placements", auth=True)
+        except RequestRefused as exc:
+            if getattr(exc, "http_status", None) == 404 and exc.wire_code in (
+                    None, ErrorCode.HTTP_ERROR):
+                return None
+            raise
+        if not isinstance(body, dict) or not isinstance(body.get("placements"), list):
+            raise ArchiverFailed("The Archiver's placements of a grant are malformed.")
         return [PlacementView.from_json(p) for p in body["placements"]]
 
     def name(self) -> str | None:

@@ -23,11 +23,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from client.logins import Login, stream
 from client.pinning import KnownArchivers, PinDecision, PinOutcome, check_archiver
 from client.session import (
     ArchiverSession,
@@ -36,13 +37,13 @@ from client.session import (
     PlacementView,
     SiteArchiver,
 )
-from client.viewer import Login, stream
 from keyservice.errors import ArchiverMismatch, RequestRefused, UsageError
 from keyservice.identity import Identity, fingerprint
 from keyservice.reader import StreamRequest
+from keyservice.timespec import format_duration, format_ms
 
 __all__ = ["HANDOVER_MS", "FollowCheck", "Part", "Site", "Switch", "UntrustedArchiver", "plan_parts",
-           "trust_followed"]
+           "played_part", "trust_followed"]
 
 # Decides whether the signing certificate a followed Archiver presents at ``url`` is the
 # site's; returns how (a PinDecision), raises ArchiverMismatch otherwise.
@@ -69,6 +70,9 @@ class Part:
     to_ms: int
     entry: bool
     url: str | None = None  # the registry's URL of its Archiver
+    # A redundant camera's part: every Archiver holding a copy (name, URL), in the camera's
+    # order; ``archiver`` is the copy to play (the entry's if it holds one, else the first).
+    copies: tuple[tuple[str, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,21 @@ class Switch:
     to_archiver: str
     last_end_ms: int | None
     first_start_ms: int | None
+
+    def describe(self) -> str:
+        """The switch at its signed edges, for a person (play, evidence, grants, the page)."""
+        old = (f"{self.from_archiver}'s last segment ends {format_ms(self.last_end_ms)} "
+               "(signed)" if self.last_end_ms is not None else f"{self.from_archiver} had no "
+               "video in its part")
+        new = (f"{self.to_archiver}'s first segment starts {format_ms(self.first_start_ms)} "
+               "(signed)" if self.first_start_ms is not None else f"{self.to_archiver} had "
+               "no video in its part")
+        between = ""
+        if self.last_end_ms is not None and self.first_start_ms is not None:
+            between = (f"; {format_duration(max(0, self.first_start_ms - self.last_end_ms))} "
+                       "between them")
+        return f"switch from Archiver {self.from_archiver} to {self.to_archiver}: {old}; " \
+               f"{new}{between}"
 
 
 def plan_parts(placements: list[PlacementView] | None, entry: str | None, from_ms: int,
@@ -95,9 +114,34 @@ def plan_parts(placements: list[PlacementView] | None, entry: str | None, from_m
     for p in placements:
         start = max(from_ms, p.since_ms)
         end = to_ms if p.until_ms is None else min(to_ms, p.until_ms - 1)
-        if start <= end:
+        if start > end:
+            continue
+        if len(p.copies) > 1:
+            # Redundant: the copy of the Archiver asked, if it holds one (no redirect, no
+            # second login), else the first; client/copies.py fills its gaps from the others.
+            urls = dict(p.copies)
+            mine = entry if entry in urls else p.copies[0][0]
+            parts.append(Part(mine, start, end, mine == entry, urls[mine], p.copies))
+        else:
             parts.append(Part(p.archiver, start, end, p.archiver == entry, p.url))
     return parts or [Part(entry or "", from_ms, to_ms, True)]
+
+
+def played_part(parts: Sequence[Part], i: int, previous_end: int | None) -> Part | None:
+    """The range part ``i`` of ``parts`` (plan_parts) is played over, as play, evidence, grants
+    and the web page all ask it: the directory's move time cuts the plan, but the old Archiver
+    records until it notices the move, so each part but the last reaches HANDOVER_MS into the
+    next, and the next starts just after the old one's signed video ended (``previous_end``:
+    the last end of video played so far; a camera's segments follow one another, so nothing
+    is played twice and nothing recorded is left out). None: nothing is left of this part
+    (the old Archiver's video reached past it)."""
+    planned = parts[i]
+    part = replace(
+        planned,
+        from_ms=planned.from_ms if previous_end is None else previous_end + 1,
+        to_ms=planned.to_ms if i == len(parts) - 1 else min(
+            parts[-1].to_ms, parts[i + 1].from_ms + HANDOVER_MS))
+    return None if part.from_ms > part.to_ms else part
 
 
 def trust_followed(store: KnownArchivers,

@@ -30,13 +30,15 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from client.pinning import KnownArchivers, PinDecision, check_archiver
+from client.logins import Login, login, stream
+from client.pinning import KnownArchivers
 from client.player import (
     DiscardOutput,
     FileOutput,
     Gap,
     MemoryOutput,
     Output,
+    PartOutput,
     Player,
     archiver_pin_check,
 )
@@ -49,6 +51,7 @@ from client.session import (
     live_request,
     playback_request,
 )
+from client.site import Part, Site, played_part, trust_followed
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError, FormatError, UsageError
 from keyservice.format import Header, Mode, Record, decode_record
@@ -60,12 +63,15 @@ from keyservice.reader import DEFAULT_MAX_SKEW_MS, SegmentPlaintext, StreamReque
 
 __all__ = [
     "EvidenceExport",
+    "EvidencePart",
     "GrantMade",
     "Login",
     "OpenedGrantRange",
     "Signer",
     "VerifiedRange",
     "check_camera",
+    "check_writable",
+    "evidence_part",
     "export_evidence",
     "fetch_range",
     "live",
@@ -151,48 +157,6 @@ def open_identity(uri: str, *, pin: str | None = None, prompt: bool = False) -> 
         token.close()
 
 
-# --- login ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Login:
-    """A logged-in session: the Archiver's answer and how its certificate was trusted
-    (pinned already, given explicitly, or trusted on first use and pinned now)."""
-
-    url: str
-    result: LoginResult
-    pin: PinDecision
-
-    @property
-    def archiver_fingerprint(self) -> bytes:
-        """SHA-256 of the Archiver's certificate: every stream must be signed by it."""
-        return self.result.archiver_fingerprint
-
-    @property
-    def viewer_fingerprint(self) -> str:
-        """This viewer's certificate fingerprint (hex), as the Archiver knows it."""
-        return self.result.viewer_fingerprint
-
-
-def login(session: ArchiverSession, identity: Identity, *,
-          archiver_cert: x509.Certificate | None = None, known: KnownArchivers | None = None,
-          allow_first_use: bool = True, site_ca: Sequence[x509.Certificate] = ()) -> Login:
-    """Prove possession of the token to the Archiver, with its certificate pinned: it must be
-    ``archiver_cert`` if given (which then replaces an older pin), else the one pinned for the
-    URL in ``known`` (default: the user's known_archivers file), else it is trusted on first use
-    and pinned (unless ``allow_first_use`` is False). With ``site_ca`` (``--site-ca``), a
-    signing certificate the site CA issued is accepted without a pin, and any other refused
-    (pins still apply beside it: client.pinning.check_archiver). The check runs before the
-    token is used, so an impersonator gets nothing from it. HTTPS trust is the session's."""
-    store = known if known is not None else KnownArchivers.default()
-    decisions: list[PinDecision] = []
-
-    def check(cert: x509.Certificate) -> None:
-        decisions.append(check_archiver(session.url, cert, store=store, explicit=archiver_cert,
-                                        allow_first_use=allow_first_use, site_ca=site_ca))
-
-    result = session.login(identity, check)
-    return Login(session.url, result, decisions[-1])
-
-
 # --- streams ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Signer:
@@ -254,6 +218,9 @@ class VerifiedRange:
     # secret, for grants and evidence packages.
     keys: Mapping[bytes, VerifiedKey] = field(default_factory=dict, repr=False)
     header: Header | None = field(default=None, repr=False)
+    # A range across a change of Archiver (fetch_range in a site): each part's own verified
+    # range, with its own signer (``signer`` above is the first part's). Empty: one Archiver.
+    parts: tuple[VerifiedRange, ...] = field(default=(), repr=False)
 
 
 def player_for(identity: Identity, signed_by: Login | LoginResult | bytes,
@@ -269,19 +236,6 @@ def player_for(identity: Identity, signed_by: Login | LoginResult | bytes,
                       on_segment=on_segment, known_keys=known_keys)
     return Player(identity, archiver_pin_check(pinned), output, request=request,
                   on_segment=on_segment, critical=critical, known_keys=known_keys)
-
-
-def stream(session: ArchiverSession, request: StreamRequest, *,
-           grant_id: str | None = None) -> AbstractContextManager[Iterator[bytes]]:
-    """The fusion stream that answers ``request``, as received chunks: a recorded range, a
-    live stream, or (``grant_id``) a range under an access grant. The request's nonce is the
-    one sent; give the same request to the Player (``player_for``)."""
-    camera = request.cameras[0]
-    if request.mode == Mode.LIVE:
-        return session.live(camera, (request.to_ms - request.from_ms) / 1000, request)
-    if grant_id is not None:
-        return session.grant_recording(grant_id, request)
-    return session.recording(camera, request.from_ms, request.to_ms, request)
 
 
 def _result(player: Player, request: StreamRequest, *, complete: bool, path: Path | None = None,
@@ -371,17 +325,69 @@ def fetch_range(archiver: str, token: str | Identity, camera: str, from_ms: int,
     or written to ``output``. ``site_ca``: accept any Archiver whose signing certificate
     this site CA (a PEM file, or the certificates) issued, without a pin. Raises a
     KeyServiceError (with ``exit_code``, and the Archiver's ``wire_code``/``http_status`` for a
-    refusal); never returns unverified video."""
+    refusal); never returns unverified video.
+
+    In a site, the range is played where it was recorded, as ``play`` does it (client.site:
+    only an Archiver the site lists, at its listed URL, whose signing certificate is pinned
+    for that URL in ``known`` or issued by ``site_ca``; never trusted on first use). A range
+    across a change of Archiver is played part by part into one output: ``parts`` holds each
+    part's VerifiedRange with its own ``signer``."""
     check_camera(camera)
     explicit = load_certificate_file(archiver_cert) if isinstance(archiver_cert, Path) \
         else archiver_cert
     cas = load_site_ca(site_ca) if isinstance(site_ca, Path) else tuple(site_ca)
+    store = known if known is not None else KnownArchivers.default()
     with ExitStack() as stack:
         session = stack.enter_context(ArchiverSession(archiver, tls_ca=tls_ca))
         identity = token if not isinstance(token, str) else stack.enter_context(
             open_identity(token, pin=pin, prompt=prompt))
-        logged_in = login(session, identity, archiver_cert=explicit, known=known, site_ca=cas)
-        return play_range(session, identity, logged_in, camera, from_ms, to_ms, output=output)
+        logged_in = login(session, identity, archiver_cert=explicit, known=store, site_ca=cas)
+        site = stack.enter_context(Site(session, logged_in, identity,
+                                        check=trust_followed(store, cas)))
+        parts = site.parts(camera, from_ms, to_ms)
+        if len(parts) == 1:
+            holder, holder_login = site.reach(parts[0])
+            return play_range(holder, identity, holder_login, camera, from_ms, to_ms,
+                              output=output)
+        return _fetch_parts(site, identity, camera, from_ms, to_ms, parts, output)
+
+
+def _fetch_parts(site: Site, identity: Identity, camera: str, from_ms: int, to_ms: int,
+                 parts: Sequence[Part], output: Path | None) -> VerifiedRange:
+    """Each part at its own Archiver (client.site.played_part's ranges), verified against its
+    signer, into one output: a file only once every part verified, else FILE.incomplete."""
+    memory: MemoryOutput | None = None
+    sink: Output
+    if output is None:
+        sink = memory = MemoryOutput()
+    else:
+        sink = FileOutput(output)
+    played: list[VerifiedRange] = []
+    previous_end: int | None = None
+    try:
+        for i in range(len(parts)):
+            part = played_part(parts, i, previous_end)
+            if part is None:
+                continue
+            holder, holder_login = site.reach(part)
+            request = playback_request(camera, part.from_ms, part.to_ms)
+            played.append(_run(holder, identity, holder_login, request, PartOutput(sink)))
+            if played[-1].last_ms is not None:
+                previous_end = played[-1].last_ms
+        final = sink.commit()
+    except BaseException:
+        sink.abort()
+        raise
+    firsts = [p.first_ms for p in played if p.first_ms is not None]
+    lasts = [p.last_ms for p in played if p.last_ms is not None]
+    return VerifiedRange(
+        camera=camera, mode="playback", from_ms=from_ms, to_ms=to_ms,
+        segments=sum(p.segments for p in played), bytes=sum(p.bytes for p in played),
+        first_ms=min(firsts) if firsts else None, last_ms=max(lasts) if lasts else None,
+        gaps=tuple(g for p in played for g in p.gaps), skipped=sum(p.skipped for p in played),
+        signer=played[0].signer, request_nonce=played[0].request_nonce,
+        token_operations=sum(p.token_operations for p in played), complete=True, path=final,
+        data=memory.data() if memory is not None else None, parts=tuple(played))
 
 
 # --- access grants ----------------------------------------------------------------------------
@@ -502,28 +508,58 @@ def export_evidence(session: ArchiverSession, identity: Identity, signed_by: Log
     The range is verified first; nothing is written unless it verified completely."""
     # Imported here: evidence packages are not on the playing path (issue 23: start-up).
     from client.evidence_zip import write_zip
-    from keyservice.evidence.build import build_package, collect
 
+    check_writable(output)
+    part = evidence_part(session, identity, signed_by,
+                         playback_request(check_camera(camera), from_ms, to_ms),
+                         recipient=recipient)
+    digest = write_zip(output, part.files)
+    return EvidenceExport(output, digest, part.verified, part.manifests, part.keys,
+                          len(part.verified.data or b""),
+                          recipient.certificate.subject.rfc4514_string()
+                          if recipient is not None else None)
+
+
+def check_writable(output: Path) -> None:
+    """UsageError unless a package can be written at ``output`` (checked before the Archiver
+    and the token are bothered)."""
     if output.is_dir():
         raise UsageError(f"{output} is a directory; give a file name for the package.")
     if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
         raise UsageError(f"Cannot write the package into {output.parent}: not a writable "
                          "directory.")
+
+
+@dataclass(frozen=True)
+class EvidencePart:
+    """A one-part package's files (not written yet) from one verified stream."""
+
+    files: dict[str, bytes] = field(repr=False)
+    verified: VerifiedRange
+    manifests: int
+    keys: int
+
+
+def evidence_part(session: ArchiverSession, identity: Identity, signed_by: Login | LoginResult,
+                  request: StreamRequest, *, recipient: Recipient | None = None,
+                  exported_ms: int | None = None) -> EvidencePart:
+    """Play ``request`` (a recorded range; its nonce is the one the Archiver signs) verified
+    to its signed end record, and make the files of a one-part evidence package of it."""
+    from keyservice.evidence.build import build_package, collect
+
+    camera = request.cameras[0]
     received: deque[bytes] = deque()
-    verified = play_range(session, identity, signed_by, camera, from_ms, to_ms,
-                          on_chunk=received.append)
+    verified = _run(session, identity, signed_by, request, None, on_chunk=received.append)
     keys = {key_id: k.key for key_id, k in verified.keys.items()}
     collected = collect(_records(received), camera, keys)
     assert verified.data is not None
-    files = build_package(camera=camera, from_ms=from_ms, to_ms=to_ms,
+    files = build_package(camera=camera, from_ms=request.from_ms, to_ms=request.to_ms,
                           archiver_cert=verified.signer.certificate, collected=collected,
-                          keys=keys, video=verified.data, exported_ms=now_ms(),
+                          keys=keys, video=verified.data,
+                          exported_ms=now_ms() if exported_ms is None else exported_ms,
                           recipient=recipient)
-    digest = write_zip(output, files)
     key_count = len({decode_record(raw).key_id for raw in collected.segments})  # type: ignore[union-attr]
-    return EvidenceExport(output, digest, verified, len(collected.manifests), key_count,
-                          len(verified.data), recipient.certificate.subject.rfc4514_string()
-                          if recipient is not None else None)
+    return EvidencePart(files, verified, len(collected.manifests), key_count)
 
 
 def _records(received: deque[bytes]) -> Iterator[tuple[Record, bytes]]:

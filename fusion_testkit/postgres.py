@@ -88,11 +88,7 @@ class PostgresCluster:
             for _ in range(5):  # a free port can be taken between the probe and the bind
                 cluster.port = _free_port()
                 try:
-                    cluster._run("pg_ctl", "-D", str(root / "data"), "-l", str(root / "log"),
-                                 "-w", "-t", str(timeout_s), "-o",
-                                 f"-c listen_addresses=127.0.0.1 -p {cluster.port} "
-                                 f"-c unix_socket_directories={root} -c fsync=off "
-                                 "-c max_connections=200", "start", timeout=timeout_s + 10)
+                    cluster._pg_ctl_start(timeout_s)
                     break
                 except PostgresFailed:
                     if "already in use" not in cluster.log():
@@ -103,6 +99,24 @@ class PostgresCluster:
             cluster.stop()
             raise
         return cluster
+
+    def _pg_ctl_start(self, timeout_s: int) -> None:
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-l", str(self.root / "log"),
+                  "-w", "-t", str(timeout_s), "-o",
+                  f"-c listen_addresses=127.0.0.1 -p {self.port} "
+                  f"-c unix_socket_directories={self.root} -c fsync=off "
+                  "-c max_connections=200", "start", timeout=timeout_s + 10)
+
+    def pause(self, timeout_s: int = 60) -> None:
+        """Stop the server as an outage does (``pg_ctl stop -m fast``: clients are cut off,
+        new connections refused), keeping its data and port for ``resume``. Only on a
+        cluster of a test's own: every database of the cluster goes down."""
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "fast", "-w", "-t",
+                  str(timeout_s), "stop", timeout=timeout_s + 10)
+
+    def resume(self, timeout_s: int = 60) -> None:
+        """Start a paused server again on the same port (returns once it accepts)."""
+        self._pg_ctl_start(timeout_s)
 
     def _run(self, tool: str, *args: str, timeout: int) -> None:
         command = [str(self.bin_dir / tool), *args]

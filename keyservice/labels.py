@@ -35,6 +35,10 @@ LABEL_CHAIN_JOIN = b"FSE2 chain-join\x00"
 LABEL_TRANSCRIPT = b"FSE1 transcript\x00"
 # The Archiver's signed statement that a range has expired (keyservice.expiry).
 LABEL_EXPIRY_STATEMENT = b"FSE1 expired\x00"
+# An evidence package of several parts (a range across a change of Archiver): each part's
+# request nonce is derived from the package, so each Archiver's signed header binds its part's
+# place in it (keyservice.evidence.parts).
+LABEL_EVIDENCE_PART = b"FSE1 evidence-part\x00"
 
 # --- wrapped keys: RSA-OAEP plaintext prefixes --------------------------------------------
 LABEL_EPOCH_OPENER = b"FSE1 epoch-opener\x00"

@@ -75,6 +75,8 @@ class ErrorCode(StrEnum):
     UPLOAD_OVERTAKEN = "upload_overtaken"
     STORAGE_FULL = "storage_full"
     STORAGE_FAILED = "storage_failed"
+    # the site directory (PostgreSQL) is unreachable: admin changes and new logins wait for it
+    DIRECTORY_UNREACHABLE = "directory_unreachable"
     # anything else
     INVALID_REQUEST = "invalid_request"
     HTTP_ERROR = "http_error"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -90,29 +91,91 @@ def sqlite_engine(path: Path) -> Engine:
     return engine
 
 
+class PoolSwitch:
+    """psycopg_pool's pool behind the engine, replaceable: after an outage (snapshot.py's
+    watch saw the server answer again) ``renew()`` puts a fresh pool in, instead of waiting
+    for the old one's reconnection back-off (up to tens of seconds after a 20 s outage)."""
+
+    def __init__(self, url: str, max_size: int, timeout_s: float) -> None:
+        self._url = url
+        self._max_size = max_size
+        self._timeout_s = timeout_s
+        self.pool = self._open()
+
+    def _open(self) -> ConnectionPool:
+        from psycopg_pool import ConnectionPool  # only a site's Archiver needs it
+
+        pool = ConnectionPool(_conninfo(self._url), min_size=1, max_size=self._max_size,
+                              open=False, close_returns=True, timeout=self._timeout_s,
+                              name="fusion-directory")
+        try:
+            # Wait for the first connection: a wrong URL or password is said at start, once.
+            pool.open(wait=True, timeout=self._timeout_s)
+        except Exception:
+            pool.close()
+            raise
+        return pool
+
+    def getconn(self) -> Any:
+        return self.pool.getconn()
+
+    def probe(self, timeout_s: float = 2.0) -> None:
+        """One connection of its own (raises what libpq said): whether the server answers
+        and takes writes, without touching the pool. A read-only server (a standby, a demoted
+        leader) is not back: the directory's writes would fail there."""
+        import psycopg
+
+        with psycopg.connect(_conninfo(self._url), connect_timeout=max(1, int(timeout_s)),
+                             autocommit=True) as conn:
+            row = conn.execute("SHOW transaction_read_only").fetchone()
+            if row is not None and row[0] == "on":
+                raise ConnectionError("the server is read-only (a standby?)")
+
+    def renew(self) -> None:
+        """A new pool (connected) in place of the old one, closed without waiting: a
+        connection still out goes when it is given back."""
+        fresh = self._open()
+        old, self.pool = self.pool, fresh
+        # Closed in the background: its workers may be in a reconnection back-off.
+        threading.Thread(target=_close_quietly, args=(old,), daemon=True,
+                         name="fusion-directory-old-pool").start()
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _close_quietly(pool: ConnectionPool) -> None:
+    with contextlib.suppress(Exception):
+        pool.close(timeout=10)
+
+
 def postgres_engine(url: str, *, max_size: int = 16,
-                    timeout_s: float = 10.0) -> tuple[Engine, ConnectionPool]:
+                    timeout_s: float = 10.0) -> tuple[Engine, PoolSwitch]:
     """An engine whose connections come from psycopg_pool's pool: SQLAlchemy's own pool is off
     (NullPool), and closing a connection gives it back to psycopg's pool (close_returns), which
     checks and resets it. The caller closes the pool after disposing of the engine.
     ``timeout_s``: how long a request waits for a connection while the server is away, before
     it is answered 503 (short: requests must not pile up behind an outage)."""
     import psycopg
-    from psycopg_pool import ConnectionPool  # only a site's Archiver needs it
 
     # One connection first: a wrong URL, password or port is said at once and precisely (the
     # pool would retry until its timeout and report only that).
     psycopg.connect(_conninfo(url), connect_timeout=max(1, int(timeout_s))).close()
-    pool = ConnectionPool(_conninfo(url), min_size=1, max_size=max_size, open=False,
-                          close_returns=True, timeout=timeout_s, name="fusion-directory")
-    try:
-        # Wait for the first connection: a wrong URL or password is said at start, once.
-        pool.open(wait=True, timeout=timeout_s)
-    except Exception:
-        pool.close()
-        raise
-    engine = create_engine("postgresql+psycopg://", creator=pool.getconn, poolclass=NullPool)
-    return engine, pool
+    pools = PoolSwitch(url, max_size, timeout_s)
+    # Through the switch, not a bound method of one pool: renew() must reach new connections.
+    engine = create_engine("postgresql+psycopg://", creator=pools.getconn, poolclass=NullPool)
+    return engine, pools
+
+
+def where(url: str) -> str:
+    """``host:port`` of a directory URL, for sentences (several for a multi-host URL; never
+    the user or password)."""
+    netloc = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+    if netloc:
+        return netloc
+    query = urlsplit(url).query  # postgresql:///db?host=...&port=...
+    found = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
+    return f"{found.get('host', 'localhost')}:{found.get('port', '5432')}"
 
 
 def _conninfo(url: str) -> str:

@@ -6,6 +6,10 @@ already has the baseline's tables in its index file: archiver/db.py's legacy mig
 the file to version 7 first, then it is stamped at the baseline (0001) and upgraded from
 there, after a backup. A PostgreSQL directory is upgraded from empty, under an advisory lock:
 several Archivers of a site may start at once, and one of them migrates.
+
+A directory already at ``HEAD`` (every start but the first after an upgrade) is recognised by one
+query of Alembic's version table, without importing Alembic: that import and reading the revision
+scripts were most of the Archiver's start-up cost the site directory added (issue 23).
 """
 
 from __future__ import annotations
@@ -13,27 +17,31 @@ from __future__ import annotations
 import logging
 import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, inspect, literal, select, table, text
+from sqlalchemy import Connection, Engine, column, inspect, literal, select, table, text
 
 from archiver.directory.engine import SQLITE_FILE
 from archiver.directory.schema import LEGACY_TABLES
 from archiver.migrations import backup_database
 from keyservice.errors import UsageError
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 log = logging.getLogger("archiver.directory")
 
 BASELINE = "0001"
+# The newest revision in alembic/versions/ (a test checks it is Alembic's head).
+HEAD = "0003"
 SCRIPTS = Path(__file__).parent / "alembic"
 # pg_advisory_xact_lock's key: one Archiver of a site migrates at a time ("FUSDIR01").
 _LOCK_KEY = 0x4655534449523031
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(SCRIPTS))
     if connection is not None:
@@ -42,18 +50,27 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 
 def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head
 
 
 def current_revision(connection: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     return MigrationContext.configure(connection).get_current_revision()
 
 
 def upgrade(engine: Engine, sqlite_dir: Path | None) -> tuple[str | None, str]:
     """Bring the directory to the head revision; ``sqlite_dir``: where an SQLite file's backup
     goes (None for PostgreSQL). Returns (revision found, head)."""
+    with engine.connect() as conn:
+        if _recorded(conn) == HEAD:
+            return HEAD, HEAD
+    from alembic import command
+
     head = head_revision()
     holds_rows = False
     if sqlite_dir is not None:
@@ -84,9 +101,20 @@ def upgrade(engine: Engine, sqlite_dir: Path | None) -> tuple[str | None, str]:
     return found, head
 
 
+def _recorded(conn: Connection) -> str | None:
+    """The revision Alembic recorded (None: none), read without Alembic."""
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    rows = conn.execute(select(column("version_num")).select_from(
+        table("alembic_version"))).all()
+    return rows[0][0] if len(rows) == 1 else None
+
+
 def _start(conn: Connection) -> tuple[str | None, str | None]:
     """(the revision recorded, the revision the tables are at): an index file the legacy
     migrations made is at the baseline without a record of it."""
+    from alembic.script import ScriptDirectory
+
     found = current_revision(conn)
     known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
     if found is not None and found not in known:

@@ -40,10 +40,12 @@ from archiver.directory.engine import (
     SNAPSHOT,
     SQLITE_FILE,
     WRITE,
+    PoolSwitch,
     check_url,
     postgres_engine,
     redacted,
     sqlite_engine,
+    where,
 )
 from archiver.directory.migrate import upgrade
 from archiver.directory.rows import (
@@ -56,27 +58,94 @@ from archiver.directory.rows import (
     Placement,
     ViewerRow,
 )
+from archiver.directory.snapshot import (
+    MISSING,
+    DirectoryLink,
+    DirectorySnapshot,
+    DirectoryUnreachable,
+    wall_ms,
+)
 from archiver.grants import RESULT, TRANSITIONS, AccessGrantRow, GrantState
 from archiver.storage import StorageFailed, StorageFull
 from keyservice.errors import UsageError
 
 if TYPE_CHECKING:
-    from psycopg_pool import ConnectionPool
+    from collections.abc import Callable
 
 log = logging.getLogger("archiver.directory")
 
 
 class Directory:
     """The site directory behind one engine. ``open_directory`` makes one (and migrates it);
-    ``close()`` gives its connections back."""
+    ``close()`` gives its connections back.
 
-    def __init__(self, engine: Engine, pool: ConnectionPool | None = None,
-                 description: str = "") -> None:
+    On PostgreSQL, ``link`` says whether it answers and ``snapshot`` holds the rows last read
+    (archiver/directory/snapshot.py): while it is unreachable every query fails at once with
+    DirectoryUnreachable, and the reads of the recording and serving paths (cameras, viewers,
+    holds, Archivers, placements) answer from the snapshot instead. Reads that must be
+    current say ``cached=False`` (a new login). SQLite: neither (a standalone Archiver)."""
+
+    def __init__(self, engine: Engine, pool: PoolSwitch | None = None,
+                 description: str = "", *, location: str | None = None,
+                 clock: Callable[[], int] = wall_ms) -> None:
         self._engine = engine
         self._pool = pool
         self.description = description  # where it is, without a password
         self.backend = engine.dialect.name  # "sqlite" or "postgresql"
         self._insert = postgresql.insert if self.backend == "postgresql" else sqlite.insert
+        self._clock = clock
+        remote = self.backend == "postgresql"
+        self.link = DirectoryLink(location or description, clock) if remote else None
+        self.snapshot = DirectorySnapshot() if remote else None
+
+    @property
+    def reachable(self) -> bool:
+        """False while the site's PostgreSQL is unreachable (always True on SQLite)."""
+        return self.link is None or self.link.up
+
+    def reconnect(self, timeout_s: float = 2.0) -> None:
+        """After an outage: raises unless the server answers; then a fresh pool, the link up,
+        the snapshot read again in full (snapshot.py's watch calls it)."""
+        if self._pool is None or self.link is None:
+            return
+        self._pool.probe(timeout_s)
+        self._pool.renew()
+        self.link.back()
+        self.load_snapshot()
+
+    def load_snapshot(self) -> None:
+        """Read every row the snapshot keeps (at start, and when the directory is back)."""
+        if self.snapshot is None:
+            return
+        p = t.camera_placements.c
+        self.snapshot.load(
+            self.cameras(include_removed=True), self.viewers(), self.holds(), self.archivers(),
+            [(r[0], r[1], r[2]) for r in self._rows(select(p.camera, p.archiver, p.since_ms)
+                                                    .order_by(p.camera, p.since_ms))],
+            self._clock(), self.camera_archivers())
+
+    def _cached(self, read: Callable[[], Any], last: Callable[[], Any],
+                keep: Callable[[Any], None]) -> Any:
+        """``read()`` from the directory, kept in the snapshot (``keep``); while the directory
+        is unreachable, ``last()`` (what the snapshot holds) if it knows."""
+        if self.snapshot is None:
+            return read()
+        try:
+            value = read()
+        except DirectoryUnreachable:
+            found = last()
+            if found is MISSING:
+                raise
+            return found
+        keep(value)
+        return value
+
+    def _guard(self) -> None:
+        # While down, nothing waits on the server (a pool timeout per segment would stall
+        # ingest): only the watch tries it (reconnect). Without a watch (an embedder, a
+        # command), every query tries, as before.
+        if self.link is not None and not self.link.up and self.link.watched:
+            raise self.link.refusal()
 
     def close(self) -> None:
         self._engine.dispose()
@@ -92,6 +161,7 @@ class Directory:
     def _write(self) -> Iterator[Connection]:
         """One write transaction (SQLite: BEGIN IMMEDIATE); a database failure is the
         archive's StorageFull or StorageFailed, answered 507/503 like the index's."""
+        self._guard()
         try:
             with self._engine.connect() as conn:
                 conn.execution_options(**{WRITE: True})
@@ -103,11 +173,20 @@ class Directory:
             raise self._failure(exc) from None
 
     def _rows(self, statement: Any, params: dict[str, Any] | None = None) -> list[Any]:
+        self._guard()
         try:
             with self._engine.connect() as conn:
-                return list(conn.execute(statement, params).all())
+                rows = list(conn.execute(statement, params).all())
         except _failures() as exc:
             raise self._failure(exc) from None
+        self._answered()
+        return rows
+
+    def _answered(self) -> None:
+        if self.link is not None:
+            if not self.link.up:  # unwatched: the query that got through brings it back
+                self.link.back()
+            self.link.answered()
 
     def _failure(self, exc: Exception) -> StorageFull | StorageFailed:
         original = exc.orig if isinstance(exc, DBAPIError) else exc
@@ -115,6 +194,8 @@ class Directory:
         if isinstance(original, sqlite3.Error) and code == sqlite3.SQLITE_FULL:
             return StorageFull("The disk is full; the site directory could not be updated.",
                                "Free space; the Archiver resumes by itself.")
+        if self.link is not None and _unreachable(original):
+            return self.link.failed(" ".join(str(original).split())[:200])
         log.warning("site directory failure: %s", original)
         return StorageFailed(f"The site directory ({self.description}) failed: "
                              f"{type(original).__name__}.")
@@ -150,20 +231,36 @@ class Directory:
         query = select(a.camera, a.archiver).order_by(a.camera, a.rank)
         if name is not None:
             query = query.where(a.camera == name)
-        found: dict[str, list[str]] = {}
-        for camera, archiver in self._rows(query):
-            found.setdefault(camera, []).append(archiver)
-        return {camera: tuple(names) for camera, names in found.items()}
+
+        def read() -> dict[str, tuple[str, ...]]:
+            found: dict[str, list[str]] = {}
+            for camera, archiver in self._rows(query):
+                found.setdefault(camera, []).append(archiver)
+            return {camera: tuple(names) for camera, names in found.items()}
+
+        snap = self.snapshot
+        return self._cached(read, lambda: snap.camera_archivers(name) if snap else MISSING,
+                            lambda found: snap.put_camera_archivers(name, found) if snap
+                            else None)
 
     def cameras(self, include_removed: bool = False) -> list[CameraRow]:
         query = select(*_columns(t.cameras, CameraRow)).order_by(t.cameras.c.name)
         if not include_removed:
             query = query.where(t.cameras.c.removed_ms.is_(None))
-        return [_camera_row(row) for row in self._rows(query)]
+        snap = self.snapshot
+        return self._cached(
+            lambda: [_camera_row(row) for row in self._rows(query)],
+            lambda: snap.cameras(include_removed) if snap else MISSING,
+            lambda rows: snap.put_cameras(rows, include_removed) if snap else None)
 
     def camera(self, name: str) -> CameraRow | None:
-        rows = self._rows(_CAMERA, {"name": name})  # every segment's token check: prebuilt
-        return _camera_row(rows[0]) if rows else None
+        def read() -> CameraRow | None:
+            rows = self._rows(_CAMERA, {"name": name})  # every segment's token check: prebuilt
+            return _camera_row(rows[0]) if rows else None
+
+        snap = self.snapshot
+        return self._cached(read, lambda: snap.camera(name) if snap else MISSING,
+                            lambda row: snap.put_camera(name, row) if snap else None)
 
     def remove_camera(self, name: str, now_ms: int) -> bool:
         with self._write() as conn:
@@ -214,17 +311,29 @@ class Directory:
 
     def viewers(self) -> list[ViewerRow]:
         cams = t.viewer_cameras.c
-        return self._viewer_rows(
-            select(*_VIEWER_COLUMNS).order_by(t.viewers.c.added_ms),
-            select(cams.fingerprint, cams.camera).order_by(cams.camera))
+        snap = self.snapshot
+        return self._cached(
+            lambda: self._viewer_rows(
+                select(*_VIEWER_COLUMNS).order_by(t.viewers.c.added_ms),
+                select(cams.fingerprint, cams.camera).order_by(cams.camera)),
+            lambda: snap.viewers() if snap else MISSING,
+            lambda rows: snap.put_viewers(rows) if snap else None)
 
-    def viewer(self, fingerprint: str) -> ViewerRow | None:
-        """One viewer (every login and stream start asks: the statements are prebuilt)."""
-        found = self._viewer_rows(_VIEWER, _VIEWER_CAMERAS, {"fp": fingerprint})
-        return found[0] if found else None
+    def viewer(self, fingerprint: str, *, cached: bool = True) -> ViewerRow | None:
+        """One viewer (every login and stream start asks: the statements are prebuilt).
+        ``cached=False``: never from the snapshot (a new login needs the directory)."""
+        def read() -> ViewerRow | None:
+            found = self._viewer_rows(_VIEWER, _VIEWER_CAMERAS, {"fp": fingerprint})
+            return found[0] if found else None
+
+        snap = self.snapshot
+        return self._cached(read, lambda: snap.viewer(fingerprint) if snap and cached
+                            else MISSING,
+                            lambda row: snap.put_viewer(fingerprint, row) if snap else None)
 
     def _viewer_rows(self, viewers: Any, cameras: Any,
                      params: dict[str, Any] | None = None) -> list[ViewerRow]:
+        self._guard()
         try:
             # One snapshot for both queries (a viewer and its cameras as of one commit).
             with self._engine.connect() as conn:
@@ -233,6 +342,7 @@ class Directory:
                 camera_rows = conn.execute(cameras, params).all() if rows else []
         except _failures() as exc:
             raise self._failure(exc) from None
+        self._answered()
         by_viewer: dict[str, list[str]] = {}
         for fp, cam in camera_rows:
             by_viewer.setdefault(fp, []).append(cam)
@@ -243,8 +353,10 @@ class Directory:
     def viewer_states(self) -> dict[str, tuple[int | None, tuple[str, ...] | None, bool]]:
         """Every viewer's authorization, without its certificate: fingerprint -> (revoked_ms,
         its cameras, None for all, whether its key streams were deleted). What
-        archiver/directory/notify.py polls and compares."""
+        archiver/directory/notify.py polls and compares. Kept in the snapshot, but never
+        answered from it: a poll that cannot reach the directory must fail."""
         v, cams = t.viewers.c, t.viewer_cameras.c
+        self._guard()
         try:
             with self._engine.connect() as conn:
                 conn.execution_options(**{SNAPSHOT: True})
@@ -254,11 +366,15 @@ class Directory:
                     cams.fingerprint, cams.camera)).all()
         except _failures() as exc:
             raise self._failure(exc) from None
+        self._answered()
         by_viewer: dict[str, list[str]] = {}
         for fp, cam in camera_rows:
             by_viewer.setdefault(fp, []).append(cam)
-        return {fp: (revoked, None if all_cams else tuple(by_viewer.get(fp, ())), bool(deleted))
-                for fp, revoked, all_cams, deleted in rows}
+        states = {fp: (revoked, None if all_cams else tuple(by_viewer.get(fp, ())),
+                       bool(deleted)) for fp, revoked, all_cams, deleted in rows}
+        if self.snapshot is not None:
+            self.snapshot.put_states(states)
+        return states
 
     def revoke_viewer(self, fingerprint: str, now_ms: int) -> bool:
         """Revoked from now (a revoked viewer stays revoked at its first time); False if
@@ -289,7 +405,10 @@ class Directory:
         query = select(*_columns(t.holds, HoldRow)).order_by(t.holds.c.hold_id)
         if camera:
             query = query.where(t.holds.c.camera == camera)
-        return [HoldRow(*row) for row in self._rows(query)]
+        snap = self.snapshot
+        return self._cached(lambda: [HoldRow(*row) for row in self._rows(query)],
+                            lambda: snap.holds(camera or None) if snap else MISSING,
+                            lambda rows: snap.put_holds(camera or None, rows) if snap else None)
 
     def remove_hold(self, hold_id: int) -> HoldRow | None:
         with self._write() as conn:
@@ -399,8 +518,12 @@ class Directory:
                 heartbeat_ms=now_ms)).rowcount == 1
 
     def archivers(self) -> list[ArchiverRow]:
-        return [ArchiverRow(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in self._rows(
-            select(*_columns(t.archivers, ArchiverRow)).order_by(t.archivers.c.name))]
+        snap = self.snapshot
+        return self._cached(
+            lambda: [ArchiverRow(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in self._rows(
+                select(*_columns(t.archivers, ArchiverRow)).order_by(t.archivers.c.name))],
+            lambda: snap.archivers() if snap else MISSING,
+            lambda rows: snap.put_archivers(rows) if snap else None)
 
     def cameras_held(self, archiver: str) -> list[str]:
         """The cameras (not removed) that ``archiver`` records."""
@@ -409,10 +532,15 @@ class Directory:
             and_(c.archiver == archiver, c.removed_ms.is_(None))).order_by(c.name))]
 
     def archiver(self, name: str) -> ArchiverRow | None:
-        rows = self._rows(select(*_columns(t.archivers, ArchiverRow)).where(
-            t.archivers.c.name == name))
-        return ArchiverRow(rows[0][0], rows[0][1], bytes(rows[0][2]), rows[0][3],
-                           rows[0][4]) if rows else None
+        def read() -> ArchiverRow | None:
+            rows = self._rows(select(*_columns(t.archivers, ArchiverRow)).where(
+                t.archivers.c.name == name))
+            return ArchiverRow(rows[0][0], rows[0][1], bytes(rows[0][2]), rows[0][3],
+                               rows[0][4]) if rows else None
+
+        snap = self.snapshot
+        return self._cached(read, lambda: snap.archiver(name) if snap else MISSING,
+                            lambda row: snap.put_archiver(name, row) if snap else None)
 
     # --- where cameras are recorded ---------------------------------------------------
     def move_camera(self, name: str, to: str, now_ms: int) -> bool:
@@ -434,8 +562,12 @@ class Directory:
         [from_ms, to_ms) (all of them without bounds). Empty for a camera never placed (one
         added by a standalone Archiver: it holds all of its history)."""
         p = t.camera_placements.c
-        rows = self._rows(select(p.archiver, p.since_ms).where(p.camera == camera)
-                          .order_by(p.since_ms))
+        snap = self.snapshot
+        rows = self._cached(
+            lambda: [(r[0], r[1]) for r in self._rows(
+                select(p.archiver, p.since_ms).where(p.camera == camera).order_by(p.since_ms))],
+            lambda: snap.placements(camera) if snap else MISSING,
+            lambda found: snap.put_placements(camera, found) if snap else None)
         found = []
         for i, (archiver, since_ms) in enumerate(rows):
             until_ms = rows[i + 1][1] if i + 1 < len(rows) else None
@@ -555,6 +687,18 @@ def _failures() -> tuple[type[Exception], ...]:
     return (DBAPIError, SATimeoutError, PoolTimeout)
 
 
+def _unreachable(original: BaseException) -> bool:
+    """A failure to reach PostgreSQL (refused, reset, shut down, no connection in time), not
+    an error of the query: the outage path (snapshot.py). A server that became read-only (a
+    leader demoted by Patroni under a connection kept open) is one too: the watch's new pool
+    finds the writable one (target_session_attrs=read-write)."""
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    return isinstance(original, PoolTimeout | psycopg.OperationalError | psycopg.InterfaceError
+                      | psycopg.errors.ReadOnlySqlTransaction)
+
+
 def _names(cls: type) -> tuple[str, ...]:
     return tuple(cls.__dataclass_fields__)  # type: ignore[attr-defined]
 
@@ -602,12 +746,13 @@ def open_directory(url: str | None, data_dir: Path) -> Directory:
                              f"({reason}).",
                              "Check the URL, the password and that PostgreSQL listens "
                              "there.") from None
-        directory = Directory(engine, pool, redacted(url))
+        directory = Directory(engine, pool, redacted(url), location=where(url))
     else:
         path = data_dir / SQLITE_FILE
         directory = Directory(sqlite_engine(path), None, str(path.name))
     try:
         upgrade(directory.engine, None if url else data_dir)
+        directory.load_snapshot()  # what recording goes on with if the directory goes down
     except BaseException:
         directory.close()
         raise

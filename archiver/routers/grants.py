@@ -22,7 +22,7 @@ from archiver.deps import (
     ViewerDep,
 )
 from archiver.grants import AccessGrantRow, GrantState
-from archiver.routers.site import redirect_if_elsewhere
+from archiver.routers.site import Placements, PlacementView, redirect_if_elsewhere
 from archiver.routers.streams import STREAM_RESPONSES, NonceQuery, TimeQuery, ViewerStream
 from keyservice.grants import MAX_GRANT_KEYS
 
@@ -102,6 +102,19 @@ async def grant_recording(request: Request, grant_id: GrantIdPath, viewer: Viewe
     stream = await run_in_threadpool(grants.recording, viewer, grant_id, from_ms, to_ms,
                                      bytes.fromhex(nonce))
     return ViewerStream(stream, settings.stream_send_timeout_s)
+
+
+@router.get("/grants/{grant_id}/placements")
+async def grant_placements(grant_id: GrantIdPath, viewer: ViewerDep, grants: GrantsDep,
+                           routing: RoutingDep) -> Placements:
+    """Which Archiver of the site recorded the grant's range when, for its grantee once an
+    admin approved it: a range across a change of Archiver is granted one grant per part, and
+    the grantee plays each at the Archiver that recorded it (a grantee needs no camera, so the
+    camera's own placements are not its to ask)."""
+    row = await run_in_threadpool(grants.usable, viewer, grant_id)
+    found = await run_in_threadpool(routing.placements, row.camera, row.from_ms, row.to_ms)
+    return Placements(camera=row.camera, archiver=routing.name,
+                      placements=[PlacementView(**h.to_json()) for h in found])  # type: ignore[arg-type]
 
 
 # --- admin ------------------------------------------------------------------------------------

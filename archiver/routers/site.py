@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from archiver.deps import CameraPath, CamerasDep, RoutingDep, ViewerDep
@@ -25,11 +25,19 @@ from keyservice.wire import ErrorCode
 router = APIRouter(prefix="/v1", tags=["site"])
 
 
+class CopyView(BaseModel):
+    archiver: str
+    url: str | None
+
+
 class PlacementView(BaseModel):
     archiver: str
     url: str | None
     since_ms: int
     until_ms: int | None
+    copies: list[CopyView] = Field(default_factory=list, description=(
+        "Every Archiver that holds a copy of this range, in the camera's order (more than "
+        "one: a redundant camera, each copy signed by its own Archiver)"))
 
 
 class Placements(BaseModel):

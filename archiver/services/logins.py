@@ -117,7 +117,9 @@ class LoginService:
     # --- viewers -------------------------------------------------------------------------
     def viewer_challenge(self, certificate_pem: str) -> IssuedChallenge:
         cert, fp = presented_certificate(certificate_pem)
-        viewer = self.archive.directory.viewer(fp)
+        # Never from the snapshot: a new login is a new trust decision, and a viewer revoked
+        # through another Archiver while this one could not hear of it must not get in.
+        viewer = self.archive.directory.viewer(fp, cached=False)
         if viewer is None:
             raise Refused(ErrorCode.NOT_ENROLLED, "This certificate is not authorized on this "
                           "Archiver; ask an admin to run 'fusion-archiver viewers add'.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from archiver.directory.notify import SiteChanges, ViewerChange
+from archiver.directory.snapshot import DirectoryWatch
 
 if TYPE_CHECKING:
     from archiver.archive import Archive
@@ -45,3 +46,22 @@ def start_site_changes(services: ArchiverServices) -> SiteChanges | None:
     site.start()
     services.audit.on_synced = site.announce
     return site
+
+
+def start_directory_watch(services: ArchiverServices,
+                          changes: SiteChanges | None) -> DirectoryWatch | None:
+    """In a site: the watch that sees the directory come back after an outage
+    (archiver/directory/snapshot.py) and reconciles at once, without a restart: the changes
+    other Archivers made meanwhile applied (a revocation: its sessions end here, no key of a
+    period after it), this Archiver's heartbeat and held cameras, the audit rows it could not
+    write. None for a standalone Archiver."""
+    directory = services.archive.directory
+    if directory.link is None:
+        return None
+    watch = DirectoryWatch(directory)
+    if changes is not None:
+        watch.on_back.append(changes.poll_once)
+    watch.on_back.append(services.site.wake)
+    watch.on_back.append(services.audit.flush_soon)
+    watch.start()
+    return watch

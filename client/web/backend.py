@@ -30,7 +30,7 @@ from client.session import (
     live_request,
     playback_request,
 )
-from client.site import FollowCheck, Site
+from client.site import FollowCheck, Part, Site, Switch, played_part
 from client.viewer import Login, play_range, player_for, stream
 from client.web.media import Remux, VideoInfo, remuxer
 from keyservice.errors import RequestRefused
@@ -225,7 +225,25 @@ class ViewerBackend:
     def stream(self, request: TileRequest, emit: Emit, stopped: threading.Event,
                on_session: Callable[[ArchiverSession], None] = lambda s: None) -> None:
         """Verify, decrypt and remux one stream, emitting JSON events and fMP4 chunks in
-        order; ends with an "end" or "error" event (never raises)."""
+        order; ends with an "end" or "error" event (never raises). A recorded range across a
+        change of Archiver is played part by part (``_stream_parts``)."""
+        site = self._site
+        if not request.live and site is not None:
+            try:
+                # Only a site of several Archivers (its list is asked once) can have a range
+                # across a change of Archiver: a standalone Archiver's streams go as before.
+                parts = self._with_session(partial(
+                    site.parts, request.camera, request.from_ms, request.to_ms)) \
+                    if len(self._with_session(site.archivers)) > 1 else []
+            except BaseException as exc:  # reported to the page, as a stream's failure is
+                if not stopped.is_set():
+                    emit(error_json(exc))
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            if len(parts) > 1:
+                self._stream_parts(request, parts, emit, stopped, on_session)
+                return
         info: VideoInfo | None = None
         shown = 0
 
@@ -319,6 +337,109 @@ class ViewerBackend:
             event = error_json(exc)
             event["shown"] = shown
             event["where"] = player.where()
+            emit(event)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if child is not None:
+                child.close()
+
+    def _stream_parts(self, request: TileRequest, parts: list[Part], emit: Emit,
+                      stopped: threading.Event,
+                      on_session: Callable[[ArchiverSession], None]) -> None:
+        """A recorded range across a change of Archiver, as one timeline: each part (the
+        ranges ``play`` uses, client.site.played_part) streamed from the Archiver that recorded
+        it and verified against that Archiver's signature, its segments emitted in order; at
+        each switch a "switch" event and a gap of kind "switch" between the signed edges (the
+        old Archiver's last segment end, the new one's first segment start)."""
+        assert self._site is not None
+        self._fresh()  # the entry's session (its parts are asked on it)
+        info: VideoInfo | None = None
+        shown = segments = 0
+        last_ms: int | None = None
+        player: Player | None = None
+        child: ArchiverSession | None = None
+
+        def on_segment(event: SegmentPlaintext) -> None:
+            nonlocal info, shown
+            if stopped.is_set():
+                return
+            end = event.capture_ms + event.duration_ms
+            if (end <= request.start_ms) if event.duration_ms else (
+                    event.capture_ms < request.start_ms):
+                return
+            if event.capture_ms > request.to_ms:
+                return
+            remuxed = self.remux(event.data)
+            if info is None:
+                info = remuxed.info
+                emit({"type": "codec", "codec": info.codec, "mime": info.mime,
+                      "width": info.width, "height": info.height})
+            meta = {"type": "segment", "seq": event.seq, "capture_ms": event.capture_ms,
+                    "duration_ms": event.duration_ms, "verified": True}
+            if remuxed.fmp4 is None:
+                emit({**meta, "media": False})
+                return
+            emit({**meta, "media": True, "bytes": len(remuxed.fmp4)})
+            emit(remuxed.fmp4)
+            shown += 1
+
+        try:
+            emit({"type": "start", "camera": request.camera, "live": False,
+                  "parts": [p.archiver for p in parts]})
+            previous: tuple[Part, int | None] | None = None
+            previous_end: int | None = None
+            for i in range(len(parts)):
+                part = played_part(parts, i, previous_end)
+                if part is None:
+                    continue
+                session, login = self._site.reach(part)
+                child = session.sibling()
+                on_session(child)
+                asked = playback_request(request.camera, part.from_ms, part.to_ms)
+                player = player_for(self.identity, login.result, asked, DiscardOutput(),
+                                    on_segment=on_segment)
+                with stream(child, asked) as chunks:
+                    for chunk in chunks:
+                        if stopped.is_set():
+                            return
+                        player.feed(chunk)
+                if stopped.is_set():
+                    return
+                summary = player.finish()
+                child.close()
+                child = None
+                if previous is not None:
+                    switch = Switch(previous[0].archiver, part.archiver, previous[1],
+                                    summary.first_ms)
+                    text = switch.describe()
+                    emit({"type": "switch", "from_archiver": switch.from_archiver,
+                          "to_archiver": switch.to_archiver, "last_end_ms": switch.last_end_ms,
+                          "first_start_ms": switch.first_start_ms, "text": text})
+                    if switch.last_end_ms is not None and switch.first_start_ms is not None:
+                        emit({"type": "gap", "kind": "switch", "from_ms": switch.last_end_ms,
+                              "to_ms": switch.first_start_ms, "segments": 0, "text": text})
+                for gap in summary.gaps:
+                    # A part's edges at a switch are said once, as the switch.
+                    at_switch = (summary.first_ms is not None and summary.last_ms is not None
+                                 and ((i < len(parts) - 1 and gap.from_ms >= summary.last_ms)
+                                      or (i > 0 and gap.to_ms <= summary.first_ms)))
+                    if not at_switch:
+                        emit(gap_json(gap))
+                segments += summary.segments
+                if summary.last_ms is not None:
+                    previous_end = last_ms = summary.last_ms
+                previous = (part, summary.last_ms)
+            emit({"type": "end", "segments": segments, "shown": shown, "last_ms": last_ms,
+                  "verified": True, "parts": len(parts),
+                  "message": "verified each part's signed end record, each against its own "
+                             "Archiver"})
+        except BaseException as exc:  # reported to the page; the viewer process keeps serving
+            if stopped.is_set():
+                return
+            event = error_json(exc)
+            event["shown"] = shown
+            event["where"] = player.where() if player is not None else ""
             emit(event)
             if not isinstance(exc, Exception):
                 raise

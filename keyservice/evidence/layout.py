@@ -10,6 +10,9 @@ from keyservice.errors import KeyServiceError
 from keyservice.exitcodes import ExitCode
 
 FORMAT = "fusion-evidence/1"
+# A range across a change of Archiver: one fusion-evidence/1 package per part, each in its
+# own directory (parts/01/, ...), under one index and one SHA256SUMS (keyservice.evidence.parts).
+FORMAT_PARTS = "fusion-evidence/2"
 INDEX = "EVIDENCE.json"
 SUMS = "SHA256SUMS"
 CERT = "archiver.pem"
@@ -43,6 +46,11 @@ class EvidenceError(KeyServiceError):
 
 def manifest_name(seq: int, ext: str) -> str:
     return f"manifests/m{seq:020d}.{ext}"
+
+
+def part_dir(index: int) -> str:
+    """The directory of part ``index`` (1-based) of a fusion-evidence/2 package."""
+    return f"parts/{index:02d}/"
 
 
 def segment_name(index: int) -> str:

@@ -14,7 +14,7 @@ import hmac
 import itertools
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -151,17 +151,21 @@ class _Seg:
 
 def verify_package(files: Mapping[str, bytes], *,
                    open_keys: Callable[[bytes], bytes] | None = None,
-                   expect_archiver: bytes | None = None,
+                   expect_archiver: bytes | Collection[bytes] | None = None,
                    site_cas: Sequence[x509.Certificate] = ()) -> Report:
     """Check a package from its files alone. ``open_keys``: for sealed keys, turns
     ``keys.sealed`` into keys.txt (the recipient's token); without it sealed keys are not
     checked and the report says so. ``expect_archiver``: the Archiver certificate's SHA-256
-    the verifier knows out of band; ``site_cas``: CA certificates the verifier trusts to
-    have issued the Archiver's signing certificate. Without either, the signer is not
+    the verifier knows out of band (or several: the certificate must be one of them);
+    ``site_cas``: CA certificates the verifier trusts to have issued the Archiver's signing
+    certificate. Without either, the signer is not
     established (``Report.signer_established`` stays None)."""
     report = Report()
+    expected = None if expect_archiver is None else (
+        frozenset((expect_archiver,)) if isinstance(expect_archiver, bytes)
+        else frozenset(expect_archiver))
     try:
-        _verify(files, report, open_keys, expect_archiver, tuple(site_cas))
+        _verify(files, report, open_keys, expected, tuple(site_cas))
     except _Fatal as exc:
         report.failures.append(str(exc))
     if not report.ok:
@@ -170,9 +174,9 @@ def verify_package(files: Mapping[str, bytes], *,
 
 
 def _verify(files: Mapping[str, bytes], report: Report,
-            open_keys: Callable[[bytes], bytes] | None, expect_archiver: bytes | None,
-            site_cas: tuple[x509.Certificate, ...]) -> None:
-    _check_sums(files, report)
+            open_keys: Callable[[bytes], bytes] | None,
+            expect_archiver: frozenset[bytes] | None, site_cas: tuple[x509.Certificate, ...]) -> None:
+    check_sums(files, report)
     index = _index(files)
     camera = index["camera"]
     from_ms, to_ms = index["from_ms"], index["to_ms"]
@@ -197,7 +201,7 @@ def _verify(files: Mapping[str, bytes], report: Report,
     _gaps(manifests, segments, from_ms, to_ms, heads, report)
 
 
-def _check_sums(files: Mapping[str, bytes], report: Report) -> None:
+def check_sums(files: Mapping[str, bytes], report: Report) -> None:
     sums = files.get(SUMS)
     if sums is None:
         report.failures.append(f"{SUMS} is missing.")
@@ -293,7 +297,7 @@ def _load_certificate(data: bytes, name: str) -> tuple[x509.Certificate, str, by
 
 
 def _certificate(files: Mapping[str, bytes], index: Mapping[str, object], report: Report,
-                 expect_archiver: bytes | None) -> x509.Certificate:
+                 expect_archiver: frozenset[bytes] | None) -> x509.Certificate:
     cert, subject, fp = _load_certificate(files[CERT], CERT)
     try:
         signing_public_key(cert, p256_only=True)
@@ -308,7 +312,7 @@ def _certificate(files: Mapping[str, bytes], index: Mapping[str, object], report
 
 
 def _establish_signer(cert: x509.Certificate, files: Mapping[str, bytes], report: Report,
-                      expect_archiver: bytes | None,
+                      expect_archiver: frozenset[bytes] | None,
                       site_cas: tuple[x509.Certificate, ...]) -> None:
     """Whose key signed: every Archiver makes its own key, so a package that verifies against
     its own archiver.pem only shows it is consistent. The signer is established only against
@@ -316,13 +320,15 @@ def _establish_signer(cert: x509.Certificate, files: Mapping[str, bytes], report
     Archiver's signing certificate (valid when the signed stream was served)."""
     fp = fingerprint(cert)
     if expect_archiver is not None:
-        if hmac.compare_digest(fp, expect_archiver):
+        if any(hmac.compare_digest(fp, e) for e in expect_archiver):
             report.signer_established = "its fingerprint is the pinned one (--expect-archiver)"
             report.verified.append("the Archiver certificate is the expected one (sha256 "
                                    f"{fp.hex()})")
         else:
             report.failures.append(f"{CERT} (sha256 {fp.hex()}) is not the expected Archiver "
-                                   f"certificate (sha256 {expect_archiver.hex()}).")
+                                   "certificate (sha256 "
+                                   + " or ".join(sorted(e.hex() for e in expect_archiver))
+                                   + ").")
     if not site_cas:
         return
     served_ms = None

@@ -6,6 +6,8 @@ directory from a newer Archiver is refused; Archivers starting at once migrate o
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from sqlalchemy import Engine, text
 
 from archiver.db import Database
 from archiver.directory import Directory, open_directory
-from archiver.directory.migrate import BASELINE, head_revision
+from archiver.directory.migrate import BASELINE, HEAD, head_revision
 from archiver.directory.schema import metadata
 from keyservice.errors import UsageError
 
@@ -51,6 +53,18 @@ def test_upgraded_from_empty_the_directory_equals_the_metadata(
     finally:
         directory.close()
     assert not list(tmp_path.glob("*.bak"))  # nothing to back up in a new directory
+
+
+def test_a_directory_at_the_head_revision_opens_without_loading_alembic(tmp_path: Path) -> None:
+    assert HEAD == head_revision()  # the constant the fast path compares with
+    open_directory(None, tmp_path).close()  # made, at the head
+    # A second start (every start but the first after an upgrade): one query, no Alembic.
+    probe = ("import sys; from pathlib import Path; from archiver.directory import open_directory; "
+             f"open_directory(None, Path({str(tmp_path)!r})).close(); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def test_a_legacy_index_file_is_stamped_at_the_baseline_and_upgraded_after_a_backup(

@@ -101,19 +101,25 @@ def test_a_directory_that_goes_away_is_a_503_with_a_sentence_and_the_archiver_re
             conn.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS false')
             conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                          "WHERE datname = %s", (database,))
-        response = httpx.get(f"{server.url}/v1/admin/cameras", verify=server.verify, timeout=90,
-                             headers={"Authorization": f"Bearer {server.admin_token}"})
+        # A change needs the directory: refused with the sentence (issue 22: before, every
+        # request, ingest included, was a 503 "failed: OperationalError").
+        response = httpx.post(f"{server.url}/v1/admin/cameras", json={"name": "new"},
+                              verify=server.verify, timeout=90,
+                              headers={"Authorization": f"Bearer {server.admin_token}"})
         assert response.status_code == 503, response.text
-        assert response.json()["error"] == "storage_failed"
-        assert "site directory" in response.json()["message"]
-        # Ingest checks the camera's token in the directory: refused too, nothing archived.
-        assert server.put_segment("gone", token, b"during" * 100) == 503
+        assert response.json()["error"] == "directory_unreachable"
+        assert "The site directory (PostgreSQL at 127.0.0.1:" in response.json()["message"]
+        # Recording goes on under the last authorizations read (the camera's token hash).
+        assert server.put_segment("gone", token, b"during" * 100) == 201
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true')
         deadline = time.monotonic() + 90
-        while server.put_segment("gone", token, b"after" * 100) != 201:
+        while httpx.get(f"{server.url}/healthz", verify=server.verify,
+                        timeout=30).json()["status"] != "ok":
             assert time.monotonic() < deadline, "the Archiver did not reconnect to its directory"
-            time.sleep(1)
+            time.sleep(0.2)
+        assert server.put_segment("gone", token, b"after" * 100) == 201
+        server.admin("POST", "/v1/admin/cameras", {"name": "new"}, expect=201)
         cameras = server.admin("GET", "/v1/admin/cameras", expect=200)
-        assert [(c["name"], c["segments"]) for c in cameras] == [("gone", 2)]
+        assert [(c["name"], c["segments"]) for c in cameras] == [("gone", 3), ("new", 0)]
     assert "Traceback" not in server.log()

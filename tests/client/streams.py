@@ -46,15 +46,19 @@ class Seg:
 
 
 def build_stream(viewer: SoftwareIdentity, signer: SoftwareSigner, plan: list[Seg], *,
-                 camera: str = "cam1", end: bool = True) -> tuple[bytes, list[int]]:
+                 camera: str = "cam1", end: bool = True,
+                 range_ms: tuple[int, int] = (T0, T0 + 3_600_000),
+                 nonce: bytes = bytes(16)) -> tuple[bytes, list[int]]:
     """A playback stream as the Archiver serves it (one key chain per segment, as after an
     authorization change every time): a segment's chain record and ciphertext only when the
     viewer was authorized; the signed manifest always. Returns the bytes and the
-    offset of each segment record actually sent (for tampering)."""
+    offset of each segment record actually sent (for tampering). ``range_ms`` and ``nonce``:
+    the request the header answers."""
     writer = StreamWriter(Header(
         archiver_cert_der=signer.certificate.public_bytes(Encoding.DER),
         viewer_fingerprint=fingerprint(viewer.certificate), request_id=os.urandom(16),
-        created_ms=T0, mode=1, range_from_ms=T0, range_to_ms=T0 + 3_600_000, cameras=(camera,)))
+        created_ms=T0, mode=1, range_from_ms=range_ms[0], range_to_ms=range_ms[1],
+        cameras=(camera,), request_nonce=nonce))
     parts = [writer.start()]
     epoch, opener = Epoch.start(Recipient(viewer.certificate, OaepHash.SHA256), PERIOD_S, T0)
     opener_sent = False

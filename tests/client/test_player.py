@@ -20,7 +20,7 @@ from client.player import (
     StreamTruncated,
     archiver_pin_check,
 )
-from keyservice.errors import ArchiverMismatch, IntegrityError, NoMatchingIdentity
+from keyservice.errors import ArchiverMismatch, IntegrityError, NoMatchingIdentity, UsageError
 from keyservice.exitcodes import ExitCode
 from keyservice.identity import SoftwareIdentity, SoftwareSigner, fingerprint
 
@@ -191,3 +191,31 @@ def test_closed_pipe(viewer: SoftwareIdentity, signer: SoftwareSigner) -> None:
 def test_unwritable_output(tmp_path: Path) -> None:
     with pytest.raises(OutputFailed, match="Cannot write"):
         FileOutput(tmp_path / "missing-dir" / "out.ts")
+
+
+def test_a_named_pipe_or_device_as_output_is_written_not_replaced(tmp_path: Path) -> None:
+    # `-o /dev/null` once replaced /dev/null with a regular file (FILE.partial renamed over
+    # it, as root). A FIFO stands for any such file here: it must stay what it is.
+    import stat
+    import threading
+
+    from client.evidence_zip import write_zip
+    from client.playback import open_output
+
+    fifo = tmp_path / "video.fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    output = open_output(str(fifo))
+    output.write(b"verified video")
+    output.commit()
+    output.abort()  # the pipe is closed at the end of the command: no reader waits forever
+    reader.join(10)
+    assert received == [b"verified video"]
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert not list(tmp_path.glob("*.partial"))
+    for write in (lambda: FileOutput(fifo), lambda: write_zip(fifo, {"a": b"b"})):
+        with pytest.raises(UsageError, match="is not a regular file"):
+            write()
+    assert stat.S_ISFIFO(fifo.stat().st_mode)

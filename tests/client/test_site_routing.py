@@ -15,22 +15,19 @@ import json
 import re
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
-from archiver.directory import ArchiverRow, Directory, open_directory
+from archiver.cameras import DRIFT_TOLERANCE_MS
+from archiver.directory import ArchiverRow
 from client.session import PlacementView
 from client.site import Part, plan_parts
 from fusion_testkit.client_cli import (
-    EXIT,
     Client,
     Viewer,
     iso,
@@ -38,11 +35,20 @@ from fusion_testkit.client_cli import (
     play,
     wait_for_segments,
 )
+from fusion_testkit.site import (
+    TwoArchivers,
+    authorize_on_the_site,
+    pin,
+    record_across_a_move,
+    signing_cert,
+    two_archivers,
+    wait_until_accepted,
+)
 from keyservice.errors import ArchiverMismatch
 from keyservice.identity import fingerprint
 from keyservice.timespec import parse_time
 from tests.fixtures.camera import frame_hashes, make_source, push, requires_ffmpeg
-from tests.fixtures.server import ArchiverServer, SiteCa, free_port, production_archiver
+from tests.fixtures.server import ArchiverServer, SiteCa, free_port
 
 EXIT_ARCHIVER_MISMATCH = 31
 
@@ -115,110 +121,13 @@ def test_a_followed_archiver_is_trusted_by_its_pin_else_the_site_ca_never_first_
 
 
 # --- a site of two Archivers ------------------------------------------------------------------
-@dataclass
-class Site:
-    ca: SiteCa
-    a1: ArchiverServer
-    a2: ArchiverServer
-    directory: Directory
-    certs: dict[str, Path]  # each Archiver's signing certificate (PEM), to pin
-
-
-def signing_cert(server: ArchiverServer) -> x509.Certificate:
-    answer = httpx.get(f"{server.url}/v1/archiver", verify=server.verify, timeout=30)
-    assert answer.status_code == 200, answer.text
-    return x509.load_pem_x509_certificate(answer.json()["certificate"].encode())
+Site = TwoArchivers
 
 
 @pytest.fixture
 def site(postgres_url: str, tmp_path: Path) -> Iterator[Site]:
-    ca = SiteCa.create(tmp_path / "site-ca")
-    a1 = production_archiver(ca, tmp_path / "a1",
-                             extra_args=("--directory", postgres_url, "--name", "a1"))
-    a2 = production_archiver(ca, tmp_path / "a2",
-                             extra_args=("--directory", postgres_url, "--name", "a2"))
-    directory = open_directory(postgres_url, tmp_path / "directory-client")
-    with a1, a2:
-        certs = {}
-        for name, server in (("a1", a1), ("a2", a2)):
-            cert = signing_cert(server)
-            # The registry (site-admin registers at start as well: the same row).
-            directory.register_archiver(ArchiverRow(name, server.url, cert.public_bytes(
-                Encoding.DER), now_ms(), now_ms()))
-            certs[name] = tmp_path / f"{name}-signing.pem"
-            certs[name].write_bytes(cert.public_bytes(Encoding.PEM))
-        try:
-            yield Site(ca, a1, a2, directory, certs)
-        finally:
-            directory.close()
-
-
-def other_source(path: Path, seconds: float) -> Path:
-    """Another deterministic H.264 stream than make_source's (other frames: the judge can tell
-    the two Archivers' video apart)."""
-    subprocess.run(
-        ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
-         "-i", "testsrc=size=320x240:rate=25", "-t", str(seconds), "-c:v", "libx264",
-         "-preset", "ultrafast", "-g", "25", "-keyint_min", "25", "-sc_threshold", "0",
-         "-pix_fmt", "yuv420p", "-f", "mpegts", str(path)], check=True)
-    return path
-
-
-def wait_until_accepted(server: ArchiverServer, camera: str, token: str) -> None:
-    """After a move the new Archiver takes the camera's pushes (at once, or once it re-read
-    the cameras it holds): a playlist PUT, which archives nothing, says when."""
-    deadline = time.monotonic() + 60
-    while server.put_segment(camera, token, b"#EXTM3U\n", name="index.m3u8") >= 300:
-        assert time.monotonic() < deadline, f"{server.url} never took {camera}'s pushes"
-        time.sleep(0.2)
-
-
-def authorize_on_the_site(site: Site, viewer: Viewer, camera: str) -> None:
-    """Authorize the viewer through a1; a2 knows it after a restart (an authorization made on
-    one Archiver reaches a running other one through site-notify's LISTEN/NOTIFY, which is not
-    what these tests are about)."""
-    site.a1.add_viewer(viewer.pem, [camera])
-    site.a2.stop()
-    site.a2.start()
-
-
-@dataclass
-class Moved:
-    camera: str
-    start: int
-    moved: int
-    end: int
-    first: list[str]   # the frames a1 recorded, then a2
-    second: list[str]
-
-
-def record_across_a_move(site: Site, tmp_path: Path, camera: str,
-                         authorize: Callable[[], object], noticed_after_ms: int = 0) -> Moved:
-    """4 s recorded by a1, the camera moved to a2, 4 s recorded by a2. ``noticed_after_ms``:
-    the move is dated that long before a1's last video (a1 recorded on until it noticed)."""
-    token = site.a1.add_camera(camera)  # recorded by a1 (the Archiver the command went to)
-    authorize()  # before recording: each Archiver's key chains start with the viewer in them
-    first_source = make_source(tmp_path / "first.ts", seconds=4)
-    second_source = other_source(tmp_path / "second.ts", seconds=4)
-    start = now_ms()
-    push(first_source, site.a1.url, camera, token, realtime=True, hls_time=1)
-    wait_for_segments(site.a1, camera, 4)
-    moved = now_ms() - noticed_after_ms
-    assert site.directory.move_camera(camera, "a2", moved)
-    wait_until_accepted(site.a2, camera, token)
-    push(second_source, site.a2.url, camera, token, realtime=True, hls_time=1)
-    wait_for_segments(site.a2, camera, 4)
-    end = now_ms() + 1
-    first, second = frame_hashes(first_source), frame_hashes(second_source)
-    assert len(first) == len(second) == 100 and first != second
-    return Moved(camera, start, moved, end, first, second)
-
-
-def pin(client: Client, viewer: Viewer, server: ArchiverServer, cert: Path) -> None:
-    """Pin an Archiver's signing certificate for its URL, as a viewer does once."""
-    done = client("cameras", "--archiver", server.url, "--token", viewer.uri,
-                  "--archiver-cert", str(cert))
-    assert done.code == 0, done.stderr
+    with two_archivers(postgres_url, tmp_path) as made:
+        yield made
 
 
 @requires_ffmpeg
@@ -271,17 +180,19 @@ def test_a_range_across_a_move_plays_through_either_archiver_verified_and_frame_
                            r"\(signed\); a2's first segment starts (\S+) \(signed\)",
                            done.stderr)
         assert switch, done.stderr
-        # The signed edges: a1's video ends before the move, a2's starts after it, and they
-        # are each part's own first and last capture times.
+        # The signed edges: a1's video ends at the move, a2's starts after it, and they are
+        # each part's own first and last capture times. A pushed segment follows the previous
+        # one on the stream's clock while that ends within DRIFT_TOLERANCE_MS of its arrival
+        # (archiver/cameras.py), so a1's end may pass the move by that much (43 ms seen).
         last_end, first_start = (parse_time(t, 0) for t in switch.groups())
-        assert last_end <= moved.moved <= first_start, done.stderr
+        assert last_end <= moved.moved + DRIFT_TOLERANCE_MS and moved.moved <= first_start, done.stderr
         assert f"captured {switch[2]} .." in done.stderr
         assert re.search(rf"captured \S+ \.\. {re.escape(switch[1])}\n", done.stderr)
         assert "complete (every part's signed end record verified)" in done.stderr
         assert not list(tmp_path.glob("across-*.incomplete"))
 
     # Evidence of a2's range, asked of a1: the package holds a2's signed stream, verified
-    # offline against a2's certificate; one across the move is refused with the parts.
+    # offline against a2's certificate (one across the move: tests/client/test_across.py).
     case = tmp_path / "case.zip"
     exported = client("evidence", "export", "--archiver", site.a1.url, "--token", viewer.uri,
                       "--camera", moved.camera, "--from", iso(moved.moved + 1), "--to",
@@ -290,12 +201,6 @@ def test_a_range_across_a_move_plays_through_either_archiver_verified_and_frame_
     a2_fp = fingerprint(signing_cert(site.a2)).hex()
     checked = client("evidence", "verify", str(case), "--expect-archiver", a2_fp)
     assert checked.code == 0, checked.stderr + checked.stdout.decode()
-    across = client("evidence", "export", "--archiver", site.a1.url, "--token", viewer.uri,
-                    "--camera", moved.camera, "--from", iso(moved.start), "--to",
-                    iso(moved.end), "-o", str(tmp_path / "across.zip"))
-    assert across.code == EXIT["usage"], across.stderr
-    assert "recorded by several Archivers in this range (a1 " in across.stderr
-    assert not (tmp_path / "across.zip").exists()
 
 
 @requires_ffmpeg

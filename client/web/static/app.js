@@ -79,6 +79,7 @@ class Tile {
     this.canvas = this.q(".timeline");
     this.q(".name").textContent = camera;
     this.gaps = [];               // {from_ms, to_ms, kind, text}: learned while playing
+    this.switches = [];           // a range across a change of Archiver: where it switched
     this.selection = null;        // [from_ms, to_ms] chosen by dragging
     this.userPaused = false;
     this.q(".live").onclick = () => this.playLive();
@@ -117,7 +118,8 @@ class Tile {
       stateText: this.q(".state").textContent, stopped: this.stopped, error: this.error,
       code: this.code, codec: this.codec, verified: this.verifiedCount, shown: this.segments.length,
       currentTime: this.video.currentTime, paused: this.video.paused,
-      positionMs: this.positionMs(), gaps: this.gaps, firstFrames: this.firstFrames,
+      positionMs: this.positionMs(), gaps: this.gaps, switches: this.switches,
+      firstFrames: this.firstFrames,
       timing: this.timing, requests: this.requests, followLive: this.followLive,
       playbackRate: this.video.playbackRate,
       segments: this.segments.map((s) => ({ seq: s.seq, capture_ms: s.capture_ms,
@@ -285,8 +287,17 @@ class Tile {
       return;
     }
     if (msg.type === "gap") return this.addGap(msg);
+    if (msg.type === "switch") return this.onSwitch(msg);
     if (msg.type === "end") return this.onEnd(msg);
     if (msg.type === "error") return this.onError(msg);
+  }
+
+  onSwitch(msg) {
+    // The recording went on at another Archiver (a move or a failover): its part is verified
+    // against that Archiver's own signature; the gap between the signed edges is drawn.
+    if (!this.switches.some((w) => w.text === msg.text)) this.switches.push(msg);
+    this.q(".mode").textContent = `playback, now from Archiver ${msg.to_archiver}`;
+    this.q(".mode").title = msg.text;
   }
 
   addGap(gap) {
@@ -540,7 +551,7 @@ class Tile {
     };
     for (const [from, to] of (cam && cam.ranges) || []) band(from, to, "#347d39");
     for (const [from, to] of (cam && cam.gaps) || []) band(from, to, "#545d68");
-    for (const gap of this.gaps) band(gap.from_ms, gap.to_ms, gap.kind === "unauthorized" ? "#c93c37" : "#545d68");
+    for (const gap of this.gaps) band(gap.from_ms, gap.to_ms, gap.kind === "unauthorized" ? "#c93c37" : gap.kind === "switch" ? "#8957e5" : "#545d68");
     if (this.selection) band(this.selection[0], this.selection[1], "rgba(80,150,255,.55)", 2, h - 12);
     const pos = this.positionMs();
     if (pos != null) band(pos, pos, "#ffffff", 0, h - 10);
