@@ -22,7 +22,7 @@ from archiver.deps import ApiError, BearerDep, ServicesDep, services_of
 from archiver.deps import api_error as to_api_error
 from archiver.directory.snapshot import DirectoryUnreachable
 from archiver.limits import REFUSED_STATUSES, Limits, RefusalAudit, RequestLimits
-from archiver.metrics import ArchiverCollector, make_registry
+from archiver.metrics import ArchiverCollector, LeaseCollector, make_registry
 from archiver.routers import admin, admins, audit, consolidation, grants, ingest, site, viewer
 from archiver.services.container import ArchiverServices, create_services
 from archiver.services.refused import Refused
@@ -126,6 +126,7 @@ def create_app(settings: Settings, signer: Signer | None = None,
         app.state.services = services
         app.state.collector = collector
         app.state.registry = make_registry(collector)
+        app.state.registry.register(LeaseCollector(services.site.lease_status))
         # In the registry (refused if another live Archiver has the name), the cameras it
         # holds pulled, then heartbeats and re-reads them in a thread (archiver/registry.py).
         try:

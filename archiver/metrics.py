@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client.core import (
     CollectorRegistry,
@@ -175,3 +176,32 @@ def make_registry(collector: ArchiverCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)
     return registry
+
+
+class LeaseCollector(Collector):
+    """Failover (issue 22): this Archiver's camera leases, from ``status``
+    (SiteMember.lease_status)."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        status = self._status()
+        if not status["failover"]:
+            return  # a site of one (SQLite directory): no leases
+        yield GaugeMetricFamily("fusion_site_leases_held", "Cameras with standbys this "
+                                "Archiver records (it holds their lease)",
+                                value=len(status["leases_held"]))
+        yield GaugeMetricFamily("fusion_site_lease_locks_held", "Of those, the cameras whose "
+                                "lease lock it holds (fewer: its lock session to PostgreSQL is "
+                                "down, its standbys may take over)",
+                                value=len(status["leases_locked"]))
+        yield GaugeMetricFamily("fusion_site_standby_cameras", "Cameras this Archiver stands "
+                                "by for (takes over when their Archiver is gone)",
+                                value=len(status["standby_for"]))
+        yield CounterMetricFamily("fusion_site_takeovers", "Cameras this Archiver took over "
+                                  "from a dead or unreachable one since it started",
+                                  value=status["takeovers"])
+        yield CounterMetricFamily("fusion_site_leases_lost", "Cameras taken from this Archiver "
+                                  "while it could not reach the directory (it recorded on, "
+                                  "then ended its stream)", value=status["leases_lost"])

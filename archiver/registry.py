@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from archiver.archive import Archive
 from archiver.audit import AuditLog
 from archiver.directory import CameraRow, Directory
-from archiver.directory.rows import ArchiverRow
+from archiver.directory.leases import LeaseLocks
+from archiver.directory.rows import ArchiverRow, LeaseRow
 from archiver.rtsp import PULLER_STOP_S, CameraPullers
 from archiver.settings import Settings
 from keyservice.errors import UsageError
@@ -42,6 +43,13 @@ ALIVE_MS = 30_000
 # A moved camera's new holder waits at most this long for the previous one to let go of it.
 HANDOVER_MAX_MS = 20_000
 SIGNED_OFF_MS = 0  # the heartbeat of an Archiver that stopped cleanly: long ago
+# Failover (issue 22). A standby looks this often whether a holder's lock is free.
+LEASE_POLL_S = 0.5
+# A holder's lease row lasts this long unrenewed (renewed at every refresh): the backstop when
+# its lock outlives it (a black-holed link, before the keepalives end its session).
+LEASE_TTL_MS = 15_000
+# A standby waits this long per live standby ranked above it, for that one to take over first.
+STANDBY_GRACE_S = 2.0
 
 
 def name_clash(directory: Directory, name: str, url: str, now_ms: int) -> str | None:
@@ -122,6 +130,22 @@ class SiteMember:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        # Failover: only a site on PostgreSQL has leases (an SQLite directory is a site of one).
+        self.failover = not self.standalone and self.directory.backend == "postgresql"
+        self._locks: LeaseLocks | None = (LeaseLocks(settings.directory_url)
+                                          if self.failover and settings.directory_url else None)
+        self._watcher: threading.Thread | None = None
+        # As of the last refresh: the cameras with standbys (not redundant), their Archivers in
+        # rank order, who records each, and their leases.
+        self._assigned: dict[str, tuple[str, ...]] = {}
+        self._holders: dict[str, str | None] = {}
+        self._leases: dict[str, LeaseRow] = {}
+        self._free_since: dict[str, float] = {}  # camera -> when its lock was first seen free
+        self._taken: set[str] = set()  # taken over: no handover to wait for
+        self._lock_refused: set[str] = set()  # recorded here, lock held elsewhere (logged once)
+        self.takeovers = 0  # cameras this Archiver took over since it started
+        self.leases_lost = 0  # cameras taken from it while it could not reach the directory
+        self._unreachable = False  # the last refresh failed (the directory, or the link, down)
 
     @property
     def directory(self) -> Directory:
@@ -180,9 +204,13 @@ class SiteMember:
             applied = self.clock()  # the directory as of now is applied once this returns
             cameras = self.directory.cameras()
             assigned = (self.directory.camera_archivers()
-                        if any(cam.redundant for cam in cameras) else {})
+                        if self.failover or any(cam.redundant for cam in cameras) else {})
             wanted = {cam.name: cam.rtsp_url for cam in cameras
                       if self.holds(cam, assigned.get(cam.name, ()))}
+            if self.failover:
+                self._assigned = {cam.name: assigned[cam.name] for cam in cameras
+                                  if cam.name in assigned and not cam.redundant}
+                self._holders = {cam.name: cam.archiver for cam in cameras}
             released = [n for n in self._held if n not in wanted]
             for name in released:
                 self._release(name)
@@ -194,6 +222,9 @@ class SiteMember:
                     held[name] = url
             self._held = held
             self._applied_ms = applied
+            if self.failover:
+                self._keep_leases(applied)
+            self._unreachable = False
             if released and self._thread is not None:
                 # Tells the new holders at once that the stream here has ended (handover).
                 self.heartbeat()
@@ -202,7 +233,11 @@ class SiteMember:
         """Start recording ``camera``; False if a pulled camera's previous Archiver may
         still be pulling it (then the next refresh tries again)."""
         if rtsp_url and self.rtsp is not None:
-            if self._thread is not None and not self._handed_over(camera):
+            # Taken over from a holder whose lease lapsed: nobody to wait for (it is dead, or
+            # records on under its own chains until it hears of the takeover).
+            taken_over = camera in self._taken
+            self._taken.discard(camera)
+            if self._thread is not None and not taken_over and not self._handed_over(camera):
                 return False
             self.rtsp.start(camera, rtsp_url)
         if self._thread is not None:  # not at start: those are all "taken"
@@ -242,13 +277,187 @@ class SiteMember:
             self.rtsp.stop(camera, wait_s=PULLER_STOP_S)
         self.archive.health.forget(camera)
         self.archive.keys.forget_camera(camera)
+        self._unlock(camera)
         row = self.directory.camera(camera)
         to = row.archiver if row is not None and row.removed_ms is None else None
+        # Taken over while this Archiver could not see the directory: both recorded meanwhile,
+        # each under its own chains and signature; this side ends here, as a move does.
+        # (Unreachable: the last refresh failed, or this one comes long after the last one
+        # that completed: its queries hung on a link that dropped packets.)
+        stalled = (self._applied_ms is not None
+                   and self.clock() - self._applied_ms > 3 * REFRESH_S * 1000)
+        lapsed = (to is not None and (self._unreachable or stalled)
+                  and camera in self._assigned)
+        if lapsed:
+            self.leases_lost += 1
         log.info("camera %s: no longer recorded by this Archiver (%s)", camera,
-                 f"moved to {to}" if to else "removed")
+                 f"taken over by {to} while this Archiver could not renew its lease; "
+                 "a standby now" if lapsed else f"moved to {to}" if to else "removed")
         if to:
             self.audit.record("archiver", "camera.released", self.clock(), camera=camera,
-                              to=to)
+                              to=to, **({"lease_lost": True} if lapsed else {}))
+
+    # --- failover: leases ------------------------------------------------------------------
+    def _keep_leases(self, now_ms: int) -> None:
+        """Hold the lock, and renew the lease row, of each camera with standbys this Archiver
+        records. A failure is logged: recording goes on whatever happens to the lease (a
+        holder cannot tell a directory outage from its own link cut)."""
+        mine = [name for name in self._held if name in self._assigned]
+        try:
+            self._lock_mine(mine)
+            if self._locks is not None:
+                for stray in self._locks.held() - set(mine):
+                    self._locks.unlock(stray)  # not recorded here: its holder needs it
+        except Exception as exc:  # its lock session is down: the lease row says so (locked 0)
+            log.debug("could not take the lease locks: %s", exc)
+        locked = self._locks.held() if self._locks is not None else frozenset()
+        self.directory.renew_leases(self.name, mine, now_ms, LEASE_TTL_MS, locked)
+        self._leases = self.directory.leases() if self._assigned else {}
+
+    def _lock_mine(self, mine: list[str]) -> None:
+        """Take the lock of each camera this Archiver records and does not hold the lock of
+        (after a takeover under a lock still held, or a lost lock session)."""
+        if self._locks is None:
+            return
+        held = self._locks.held()
+        for name in mine:
+            if name in held:
+                continue
+            got = self._locks.try_lock(name)  # raises when PostgreSQL cannot be reached
+            if not got and name not in self._lock_refused:
+                log.warning("camera %s: its lease lock is still held by another session (the "
+                            "Archiver it was taken from, cut off?); recording on, and taking "
+                            "the lock once it is free", name)
+            (self._lock_refused.discard if got else self._lock_refused.add)(name)
+
+    def _unlock(self, camera: str) -> None:
+        if self._locks is None:
+            return
+        try:
+            self._locks.unlock(camera)
+        except Exception as exc:  # a lost session holds no lock any more
+            log.info("camera %s: could not free its lease lock: %s", camera, exc)
+
+    def lease_status(self) -> dict[str, object]:
+        """For health and /metrics: the cameras with standbys this Archiver records (holding
+        their lock), those it stands by for, and the takeovers it made."""
+        with self._refresh_lock:
+            held = sorted(n for n in self._held if n in self._assigned)
+            standby = sorted(n for n, order in self._assigned.items()
+                             if self.name in order and n not in self._held)
+        locked = self._locks.held() if self._locks is not None else frozenset()
+        return {"failover": self.failover, "leases_held": held,
+                "leases_locked": sorted(n for n in held if n in locked),
+                "standby_for": standby, "takeovers": self.takeovers,
+                "leases_lost": self.leases_lost}
+
+    def watch_leases(self) -> None:
+        """One look at the locks of the cameras this Archiver records or stands by for: takes
+        the lock of one it records without it, and takes over one whose holder is gone (its
+        lock free though it held it, or its lease expired) when it is this Archiver's turn."""
+        if self._locks is None:
+            return
+        assigned, holders = self._assigned, self._holders
+        # Not while a refresh runs: it may be releasing one of them (and unlocking it).
+        if self._refresh_lock.acquire(timeout=0):
+            try:
+                self._lock_mine([name for name in self._held if name in assigned])
+            finally:
+                self._refresh_lock.release()
+        candidates = {name: order for name, order in assigned.items()
+                      if self.name in order and holders.get(name) not in (None, self.name)}
+        if not candidates:
+            self._free_since.clear()
+            return
+        locked = self._locks.locked(candidates)
+        now_ms, now = self.clock(), time.monotonic()
+        cached = self._leases
+        suspects = [name for name in candidates if name not in locked
+                    or (name in cached and cached[name].expires_ms < now_ms)]
+        for name in set(self._free_since) - set(suspects):
+            self._free_since.pop(name, None)
+        if not suspects:
+            return
+        # Fresh, not the last refresh's: a decision on a lease seconds old would take a camera
+        # from a holder that renewed since (one that was cut off and is back).
+        leases, alive = self.directory.leases(), self._alive(now_ms)
+        for name in suspects:
+            holder = holders[name]
+            assert holder is not None
+            lease = leases.get(name)
+            if lease is not None and lease.holder != holder:
+                continue  # it changed hands since the last refresh: look again after the next
+            expired = lease is not None and lease.expires_ms < now_ms
+            gone = (expired or (name not in locked and lease is not None and lease.locked)
+                    or (lease is None and not alive.get(holder, False)))
+            if not gone:
+                self._free_since.pop(name, None)
+                continue
+            waited = now - self._free_since.setdefault(name, now)
+            if self._my_turn(candidates[name], holder, alive, waited):
+                self._take_over(name, holder, lease, expired)
+
+    def _alive(self, now_ms: int) -> dict[str, bool]:
+        return {row.name: row.heartbeat_ms not in (None, SIGNED_OFF_MS)
+                and now_ms - (row.heartbeat_ms or 0) < ALIVE_MS
+                for row in self.directory.archivers()}
+
+    def _my_turn(self, order: tuple[str, ...], holder: str, alive: dict[str, bool],
+                 waited_s: float) -> bool:
+        """Standbys take over in rank order: this one once every live standby ranked above it
+        had ``STANDBY_GRACE_S`` each to do it."""
+        standbys = [name for name in order if name != holder]
+        above = standbys[:standbys.index(self.name)]
+        live_above = sum(1 for name in above if alive.get(name, False))
+        return waited_s >= STANDBY_GRACE_S * live_above
+
+    def _take_over(self, camera: str, holder: str, lease: LeaseRow | None,
+                   expired: bool) -> None:
+        # Under the refresh lock: a refresh that read the cameras before this takeover would
+        # find the camera's lock stray and free it.
+        with self._refresh_lock:
+            self._take_over_locked(camera, holder, lease, expired)
+
+    def _take_over_locked(self, camera: str, holder: str, lease: LeaseRow | None,
+                          expired: bool) -> None:
+        assert self._locks is not None
+        # The lock decides between standbys; a lease expired under a lock still held (a
+        # black-holed holder whose session the keepalives have not ended yet) is taken without
+        # it: the compare-and-set of Directory.take_over still lets only one standby win.
+        got = self._locks.try_lock(camera)
+        if not got and not expired:
+            return  # another standby was first (or the holder is back)
+        why = "its lease expired" if expired else "its lease lock is free"
+        now = self.clock()
+        epoch = self.directory.take_over(camera, holder, self.name, now, LEASE_TTL_MS,
+                                         epoch=lease.epoch if lease is not None else None,
+                                         expired=expired, locked=got)
+        if epoch is None:
+            self._unlock(camera)  # the directory changed meanwhile: nothing to take
+            return
+        self._free_since.pop(camera, None)
+        self.takeovers += 1
+        self._taken.add(camera)
+        log.warning("camera %s: taken over from Archiver %s (%s): recorded by this Archiver "
+                    "from now on (lease epoch %d)", camera, holder, why, epoch)
+        self.audit.record("archiver", "camera.takeover", now, camera=camera,
+                          **{"from": holder}, epoch=epoch)
+        self.refresh()
+
+    def _watch(self) -> None:
+        failing = False
+        while not self._stop.wait(LEASE_POLL_S):
+            try:
+                self.watch_leases()
+            except Exception as exc:  # the directory is down: no failover until it is back
+                if not failing:  # once per outage, not every half second
+                    log.warning("could not look at the site's camera leases (no takeover "
+                                "by this Archiver until it can): %s", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("the site's camera leases are readable again")
+                failing = False
 
     # --- the background thread ------------------------------------------------------------
     def start(self) -> None:
@@ -257,6 +466,10 @@ class SiteMember:
         self.refresh()
         self._thread = threading.Thread(target=self._run, name="site-member", daemon=True)
         self._thread.start()
+        if self._locks is not None:
+            self._watcher = threading.Thread(target=self._watch, name="site-leases",
+                                             daemon=True)
+            self._watcher.start()
 
     def wake(self) -> None:
         """Refresh now (from the thread), e.g. on a NOTIFY."""
@@ -270,6 +483,10 @@ class SiteMember:
         if self._thread is None:
             return
         self._thread.join(10)
+        if self._watcher is not None:
+            self._watcher.join(10)
+        if self._locks is not None:
+            self._locks.close()  # its cameras' standbys take over (the rule: stay)
         try:
             self.directory.heartbeat(self.name, SIGNED_OFF_MS)
         except Exception as exc:
@@ -287,6 +504,7 @@ class SiteMember:
             try:
                 self.refresh()
             except Exception as exc:
+                self._unreachable = True  # recording goes on (a holder keeps its cameras)
                 log.warning("could not re-read the cameras this Archiver holds: %s", exc)
             self._wake.wait(REFRESH_S)
             self._wake.clear()

@@ -16,12 +16,14 @@
 #   notify    a revocation through a3 ends a live stream open on a1 (LISTEN/NOTIFY)
 #   routing   a camera of a2 played through a1 (redirect to the Archiver that holds the
 #             range), then cameras move and the range across the move in one command
+#   failover  a camera of a2 with a standby (a3); a2 killed (kill -9); a3 takes over; the range
+#             across the failover played in one command (issue 22)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 BIN="${FUSION_DEMO_VENV:-$ROOT/.venv}/bin"
 DEMO="${FUSION_SITE_DEMO_DIR:-$ROOT/site-demo-data}"
-ENABLED_PARTS="${FUSION_SITE_DEMO_PARTS-identity site-ca registry notify routing}"
+ENABLED_PARTS="${FUSION_SITE_DEMO_PARTS-identity site-ca registry notify routing failover}"
 KEY_PERIOD=10          # seconds per key period: short, so a revocation shows within the demo
 SECONDS_OF_VIDEO=12
 
@@ -346,6 +348,54 @@ if enabled routing; then
     || die "alice could not play cam-a2 across the move"
   frames_equal "$DEMO/cam-a2-moved.ts" "$DEMO/source.ts" "$DEMO/source.ts" \
     || die "cam-a2 across the move differs from what the camera sent (twice)"
+fi
+
+# needs: failover -- cam-fo is recorded by a2 with a3 as its standby. a2 dies (kill -9): a3 takes
+# the camera's lease in PostgreSQL and accepts its pushes (the camera has both ingest URLs); a2,
+# started again, stays a standby. One play covers both parts, each verified against its signer.
+if needs failover; then
+  json="$("$BIN/fusion-archiver" cameras add cam-fo --archivers a2,a3 --json \
+    --archiver "${URL[a1]}" --data "$DEMO/a1")" || die "cameras add cam-fo --archivers a2,a3 failed"
+  FO_TOKEN="$(printf '%s' "$json" | "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["ingest_token"])')"
+  "$BIN/fusion-archiver" viewers cameras "$DEMO/alice.pem" --add cam-fo --archiver "${URL[a1]}" \
+    --data "$DEMO/a1" >/dev/null || die "could not authorize alice on cam-fo"
+  say "  cam-fo: recorded by a2, standby a3; alice may watch it; it pushes ${SECONDS_OF_VIDEO} s to a2"
+  push_cmd "${URL[a2]}/ingest/cam-fo/index.m3u8" "$FO_TOKEN"
+  "${PUSH[@]}" 2>"$DEMO/push-fo.log" || die "cam-fo could not push to a2; see $DEMO/push-fo.log"
+  wait_segments a2:cam-fo || die "a2 did not archive cam-fo"
+  say "  kill -9 of a2"
+  kill -KILL "${APID[a2]}"
+  wait "${APID[a2]}" 2>/dev/null || true
+  # The takeover time: from the kill until a3 accepts cam-fo's pushes (it holds the lease).
+  "$BIN/python" - "${URL[a3]}" "$FO_TOKEN" <<'EOF' || die "a3 did not take cam-fo over"
+import os, ssl, sys, time, httpx
+url, token = sys.argv[1:3]
+ca = ssl.create_default_context(cafile=os.environ["FUSION_TLS_CA"])
+killed = time.monotonic()
+while time.monotonic() < killed + 60:
+    answer = httpx.put(f"{url}/ingest/cam-fo/index.m3u8", content=b"#EXTM3U\n", timeout=30,
+                       verify=ca, headers={"Authorization": f"Bearer {token}"})
+    if answer.status_code < 300:
+        print(f"site-demo:   a3 took cam-fo over {time.monotonic() - killed:.1f} s after a2 "
+              "died (its lease lock in PostgreSQL was freed with a2's session)", file=sys.stderr)
+        sys.exit(0)
+    time.sleep(0.1)
+sys.exit(1)
+EOF
+  push_cmd "${URL[a3]}/ingest/cam-fo/index.m3u8" "$FO_TOKEN"
+  "${PUSH[@]}" 2>"$DEMO/push-fo-a3.log" || die "cam-fo could not push to a3; see $DEMO/push-fo-a3.log"
+  wait_segments a3:cam-fo || die "a3 did not archive cam-fo after the takeover"
+  start_archiver a2
+  say "  a2 is back and stays a standby (the rule: stay; 'cameras move' moves it back):"
+  "$BIN/fusion-archiver" cameras list --archiver "${URL[a2]}" --data "$DEMO/a2" 2>&1 \
+    | grep '^cam-fo' | sed 's/^/  a2 lists: /' >&2
+  trust_args a1
+  "$BIN/fusion-client" play --archiver "${URL[a1]}" "${TRUST[@]}" --token "$TOKEN" \
+    --camera cam-fo --from "$START" --to now -o "$DEMO/cam-fo.ts" 2>"$DEMO/play-fo.log" \
+    || die "alice could not play cam-fo across the failover: $(cat "$DEMO/play-fo.log")"
+  grep -E "part [0-9] of|switch from" "$DEMO/play-fo.log" | sed 's/^fusion-client: /  /' >&2
+  frames_equal "$DEMO/cam-fo.ts" "$DEMO/source.ts" "$DEMO/source.ts" \
+    || die "cam-fo across the failover differs from what the camera sent (to a2, then to a3)"
 fi
 
 # --- 8. revoked through a3 -----------------------------------------------------------------------

@@ -66,6 +66,9 @@ SLOW_FIRST = (
     "tests/archiver/test_site_propagation.py::test_a_revocation_through_one_archiver_ends_",
     "tests/archiver/test_directory_outage.py::test_a_directory_outage_loses_nothing_",
     "tests/bench/test_site_directory_bench.py::test_the_site_directory_bench_measures_",
+    # Failover (issue 22): PostgreSQL, three Archivers and an RTSP camera; two kills.
+    "tests/archiver/test_failover.py::test_kill_9_of_the_primary_the_first_standby_takes_",
+    "tests/bench/test_failover_bench.py::test_the_failover_bench_kills_the_holder_",
     "tests/archiver/test_redundant.py::test_both_copies_record_and_a_gap_in_one_is_filled_",
     "tests/client/test_across.py::test_evidence_and_grants_of_a_range_across_a_move_each_",
     # Consolidation (issue 22): PostgreSQL, two Archivers restarted three times, ffmpeg.

@@ -1,7 +1,8 @@
 """scripts/site-demo.sh as a user runs it (issue 21, item 7): PostgreSQL, a demo site CA, three
 Archivers on one directory, a camera pushing to each, a viewer authorized through a1 playing
 a2's camera (ffmpeg judges the frames, the client names a2 as the signer under the site CA),
-revoked through a3 (ending its live stream on a1) and refused by all three; and nothing left
+a camera of a2 with a standby played across a2's kill -9 (issue 22), revoked through a3
+(ending its live stream on a1) and refused by all three; and nothing left
 running or behind once it ends."""
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ def test_the_site_demo_runs_from_start_to_end_and_cleans_up(tmp_path: Path) -> N
     # the revocation through a3 ended the live stream open on a1.
     assert "signed by CN=a2" in said and "issued by your site CA" in said
     assert "alice's live stream on a1 ended" in said
+    # The failover (issue 22): a2 killed, a3 took cam-fo over (the time printed), a2 back as a
+    # standby, one play across: each part from its Archiver, frame-exact (both pushes).
+    assert re.search(r"a3 took cam-fo over \d+\.\d s after a2 died", said), said
+    assert re.search(r"a2 lists: cam-fo\s+a3 \(a2>a3\)", said), said
+    assert re.search(r"part 1 of 2: .* recorded by Archiver a2, verified against a2", said), said
+    assert re.search(r"part 2 of 2: .* recorded by Archiver a3, verified against a3", said), said
+    assert "switch from Archiver a2 to a3" in said
+    assert said.count("decoded frames identical to the camera's (framemd5)") >= 4, said
     for archiver in ("a1", "a2", "a3"):
         assert f"  {archiver}: " in said and "revoked" in said.split(f"  {archiver}: ", 1)[1]
     assert "SUCCESS" in said

@@ -104,3 +104,16 @@ class AuditEvent:
     action: str
     entry: str
     line_sha256: str
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    """Who records a camera with standbys (issue 22): ``holder`` until ``expires_ms`` unless it
+    renews; ``epoch`` grows at each change of holder; ``locked``: the holder held the camera's
+    advisory lock when it last renewed (only then does a free lock mean it is gone)."""
+
+    camera: str
+    holder: str
+    epoch: int
+    expires_ms: int
+    locked: bool = False

@@ -148,6 +148,22 @@ camera_archivers = Table(
     UniqueConstraint("camera", "archiver"),
 )
 
+# Who records a camera with standbys now: its lease (issue 22). ``holder`` renews ``expires_ms``
+# while it records; ``epoch`` grows at each change of holder (a takeover, a move), so two
+# Archivers can never both believe they hold the same epoch. The fast signal of a dead holder is
+# its session-level advisory lock (archiver/directory/leases.py); the expiry is the backstop.
+camera_leases = Table(
+    "camera_leases", metadata,
+    Column("camera", Text, primary_key=True),
+    Column("holder", Text, nullable=False),
+    Column("epoch", Integer, nullable=False),
+    Column("expires_ms", Ms, nullable=False),
+    # 1: the holder held the camera's advisory lock when it last renewed. Only then is a free
+    # lock its death; a holder that took over under a lock still held (an expired lease) has
+    # 0 until it gets the lock, and only the expiry takes the camera from it.
+    Column("locked", Integer, nullable=False, server_default=text("0")),
+)
+
 # The site's audit log: each Archiver's audit.jsonl lines, as written (``entry``) with the
 # SHA-256 of the line, in that Archiver's order (``seq``: its line number). The file stays the
 # Archiver's tamper-evident copy (hash-chained, fsynced before the row is written).

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Engine,
     and_,
     bindparam,
+    case,
     delete,
     func,
     insert,
@@ -53,6 +54,7 @@ from archiver.directory.rows import (
     AuditEvent,
     CameraRow,
     HoldRow,
+    LeaseRow,
     Placement,
     ViewerRow,
 )
@@ -573,6 +575,72 @@ class Directory:
                     from_ms is None or until_ms is None or until_ms > from_ms):
                 found.append(Placement(camera, archiver, since_ms, until_ms))
         return found
+
+    # --- leases: who records a camera with standbys (issue 22) ---------------------------
+    def leases(self) -> dict[str, LeaseRow]:
+        """Every camera's lease, by camera (only cameras with standbys have one)."""
+        return {row[0]: LeaseRow(*row[:4], locked=bool(row[4])) for row in self._rows(
+            select(*_columns(t.camera_leases, LeaseRow)))}
+
+    def renew_leases(self, holder: str, cameras: Sequence[str], now_ms: int,
+                     ttl_ms: int, locked: Iterable[str] = ()) -> None:
+        """``holder`` records ``cameras`` (the directory said so): their leases are its until
+        ``now_ms + ttl_ms``, with whether it holds their lock (``locked``); a lease another
+        Archiver held (a move) starts a new epoch."""
+        locked = set(locked)
+        if not cameras:
+            return
+        lease, c = t.camera_leases, t.cameras.c
+        with self._write() as conn:
+            # Only those it still records: a takeover committed since the caller read the
+            # cameras must not be renewed back (FOR SHARE waits for it, then re-reads the row).
+            mine = [row[0] for row in conn.execute(select(c.name).where(
+                c.name.in_(list(cameras)), c.archiver == holder, c.removed_ms.is_(None))
+                .with_for_update(read=True))]
+            if not mine:
+                return
+            stmt = self._insert(lease).values([
+                {"camera": name, "holder": holder, "epoch": 1, "expires_ms": now_ms + ttl_ms,
+                 "locked": int(name in locked)} for name in mine])
+            stmt = stmt.on_conflict_do_update(index_elements=["camera"], set_={
+                "holder": stmt.excluded.holder, "expires_ms": stmt.excluded.expires_ms,
+                "locked": stmt.excluded.locked,
+                "epoch": case((lease.c.holder == stmt.excluded.holder, lease.c.epoch),
+                              else_=lease.c.epoch + 1)})
+            conn.execute(stmt)
+
+    def take_over(self, camera: str, holder: str, to: str, now_ms: int, ttl_ms: int,
+                  epoch: int | None = None, expired: bool = False,
+                  locked: bool = False) -> int | None:
+        """``to`` records ``camera`` from ``now_ms`` on, in place of ``holder`` whose lease
+        lapsed: in one transaction the camera's Archiver, a placement (so a range across the
+        failover plays part by part, as across a move) and the lease's next epoch, returned.
+        None if ``holder`` no longer records it (another standby was first, or it moved), or
+        the lease is no longer the one seen (``epoch``; ``expired``: it must still be)."""
+        c = t.cameras.c
+        lease = t.camera_leases
+        with self._write() as conn:
+            if epoch is not None:
+                # The lease as the standby saw it, still: not renewed since (a holder that came
+                # back), nor taken by another standby.
+                row = conn.execute(select(lease.c.epoch, lease.c.expires_ms, lease.c.holder)
+                                   .where(lease.c.camera == camera).with_for_update()).first()
+                if (row is None or row[0] != epoch or row[2] != holder
+                        or (expired and row[1] >= now_ms)):
+                    return None
+            # Compare-and-set on the holder: of two standbys that both saw it lapse, one wins.
+            if conn.execute(update(t.cameras).where(
+                    c.name == camera, c.removed_ms.is_(None), c.archiver == holder,
+                    c.redundant == 0).values(archiver=to)).rowcount != 1:
+                return None
+            conn.execute(insert(t.camera_placements).values(
+                camera=camera, since_ms=now_ms, archiver=to))
+            stmt = self._insert(lease).values(camera=camera, holder=to, epoch=1,
+                                              expires_ms=now_ms + ttl_ms, locked=int(locked))
+            stmt = stmt.on_conflict_do_update(index_elements=["camera"], set_={
+                "holder": to, "expires_ms": now_ms + ttl_ms, "locked": int(locked),
+                "epoch": lease.c.epoch + 1})
+            return int(conn.execute(stmt.returning(lease.c.epoch)).scalar_one())
 
     # --- the site's audit log ---------------------------------------------------------
     def append_audit(self, event: AuditEvent) -> None:

@@ -1,5 +1,6 @@
 """No single point of failure (issue 22): each camera's ordered Archivers (a primary, then its
-standbys) and whether all of them record it at once (redundant archiving).
+standbys), whether all of them record it at once (redundant archiving), and who records it now
+(its lease).
 
 Revision ID: 0003
 Revises: 0002
@@ -28,6 +29,16 @@ def upgrade() -> None:
         sa.Column("archiver", sa.Text, nullable=False),
         sa.PrimaryKeyConstraint("camera", "rank"),
         sa.UniqueConstraint("camera", "archiver"),
+    )
+    # Who records a camera with standbys now (schema.py, camera_leases).
+    op.create_table(
+        "camera_leases",
+        sa.Column("camera", sa.Text, primary_key=True),
+        sa.Column("holder", sa.Text, nullable=False),
+        sa.Column("epoch", sa.Integer, nullable=False),
+        sa.Column("expires_ms", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+                  nullable=False),
+        sa.Column("locked", sa.Integer, nullable=False, server_default=sa.text("0")),
     )
 
 
