@@ -213,12 +213,19 @@ def create_app(settings: Settings, signer: Signer | None = None,
         # not take it out); "degraded" and the directory's state say what it cannot do.
         services = getattr(request.app.state, "services", None)
         link = services.archive.directory.link if services is not None else None
+        # A disk that fails (its holder gave its cameras to their standbys, a standby takes
+        # none over): only the state (unauthenticated: no path, no camera names; /metrics and
+        # the log say more).
+        disk = services.site.disk_status() if services is not None else None
+        storage = ({"storage": {"state": disk["storage"]}}
+                   if disk is not None and disk["storage"] != "ok" else {})
         if link is None:
-            return {"status": "ok"}
+            return {"status": "degraded" if storage else "ok", **storage}
         state = link.state()
         body = state.as_json(services.archive.clock())
         body.pop("where")  # unauthenticated: the directory's address is not said here
-        return {"status": "ok" if state.state == "ok" else "degraded", "directory": body}
+        return {"status": "ok" if state.state == "ok" and not storage else "degraded",
+                "directory": body, **storage}
 
     def metrics_access(services: ServicesDep, credentials: BearerDep) -> None:
         # Ingest counts are a motion side channel: by default only the admin or the holder of

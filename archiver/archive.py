@@ -29,7 +29,8 @@ from archiver.reindex import ec_public_key as _ec_key
 from archiver.reindex import recover
 from archiver.retention import Retention
 from archiver.settings import Settings
-from archiver.storage import ArchiveFiles, ArchiveReader, StorageFull
+from archiver.storage import ArchiveFiles, ArchiveReader, StorageFailed, StorageFull
+from archiver.storage_watch import StorageWatch
 from keyservice.crypto import chain_key_id, seal_segment, split_key_id
 from keyservice.format import (
     ZERO_HASH,
@@ -135,6 +136,9 @@ class Archive:
                                    directory=self.directory)
         self.notifier = Notifier()
         self.health = HealthBoard()
+        # Whether this Archiver can archive (its own disk): a holder that cannot gives its
+        # cameras with standbys to a standby (archiver/registry.py).
+        self.storage_watch = StorageWatch([settings.archive_dir, settings.data_dir], clock)
         for saved in self.db.camera_health():  # the last known state, until heard of again
             with contextlib.suppress(ValueError):
                 self.health.restore(SavedHealth(saved.camera, CameraState(saved.state),
@@ -174,6 +178,16 @@ class Archive:
         acknowledged: fsynced and committed. Its time is [start, end] of the video it holds
         (archiver.cameras explains the rule); ``now_ms`` is its arrival; ``session``: the
         RTSP session of a pulled camera's segment (its clock is trusted across it, bounded)."""
+        try:
+            row = self._ingest_making_room(camera, data, stream, now_ms, session)
+        except (StorageFull, StorageFailed) as exc:
+            self.storage_watch.refused(camera, exc)  # after eviction found nothing
+            raise
+        self.storage_watch.archived(camera)
+        return row
+
+    def _ingest_making_room(self, camera: str, data: bytes, stream: DataStream,
+                            now_ms: int | None, session: int | None) -> SegmentRow:
         try:
             return self._ingest(camera, data, stream, now_ms, session)
         except StorageFull:

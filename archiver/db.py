@@ -31,7 +31,7 @@ from typing import Any
 # The site directory's rows, importable from here as before the split.
 from archiver.directory.rows import CameraRow, HoldRow, ViewerRow
 from archiver.migrations import migrate, restore_missing_tables
-from archiver.storage import StorageFailed, StorageFull
+from archiver.storage import DiskFailed, DiskFull, StorageFailed, StorageFull
 from keyservice.format import CHAIN_ID_LEN, Manifest, decode_record
 
 
@@ -143,10 +143,10 @@ def _storage_error(exc: sqlite3.OperationalError) -> StorageFull | StorageFailed
     one (507/503), not an unexpected error."""
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # primary code of an extended one
     if code == sqlite3.SQLITE_FULL:
-        return StorageFull("The archive disk is full; the Archiver could not update its index.",
-                           "Free space or add storage; ingest resumes by itself.")
+        return DiskFull("The archive disk is full; the Archiver could not update its index.",
+                        "Free space or add storage; ingest resumes by itself.")
     if code == sqlite3.SQLITE_IOERR:
-        return StorageFailed("An I/O error occurred while updating the Archiver's index.")
+        return DiskFailed("An I/O error occurred while updating the Archiver's index.")
     return None
 
 

@@ -205,3 +205,9 @@ class LeaseCollector(Collector):
         yield CounterMetricFamily("fusion_site_leases_lost", "Cameras taken from this Archiver "
                                   "while it could not reach the directory (it recorded on, "
                                   "then ended its stream)", value=status["leases_lost"])
+        yield GaugeMetricFamily("fusion_site_storage_failing", "1 while this Archiver's own "
+                                "disk fails (it gave its cameras with standbys to them and "
+                                "takes none over)", value=int(status["storage"] != "ok"))
+        yield CounterMetricFamily("fusion_site_storage_releases", "Cameras this Archiver gave "
+                                  "to a standby because its disk could not archive them",
+                                  value=status["storage_releases"])

@@ -31,6 +31,7 @@ from archiver.directory.leases import LeaseLocks
 from archiver.directory.rows import ArchiverRow, LeaseRow
 from archiver.rtsp import PULLER_STOP_S, CameraPullers
 from archiver.settings import Settings
+from archiver.storage_watch import DiskFailure
 from keyservice.errors import UsageError
 
 log = logging.getLogger("archiver.site")
@@ -146,6 +147,14 @@ class SiteMember:
         self.takeovers = 0  # cameras this Archiver took over since it started
         self.leases_lost = 0  # cameras taken from it while it could not reach the directory
         self._unreachable = False  # the last refresh failed (the directory, or the link, down)
+        # A disk that fails (issue 22): the cameras given to their standbys because this
+        # Archiver could not archive them (not taken again while the disk fails), and why.
+        self._disk_released: dict[str, str] = {}
+        self._disk_failing: str | None = None  # the disk's last failure, until a probe passes
+        self._takeover_refused: set[str] = set()  # logged once per failure of the disk
+        self.storage_releases = 0
+        if self.failover:
+            archive.storage_watch.on_failing = self.wake
 
     @property
     def directory(self) -> Directory:
@@ -211,6 +220,10 @@ class SiteMember:
                 self._assigned = {cam.name: assigned[cam.name] for cam in cameras
                                   if cam.name in assigned and not cam.redundant}
                 self._holders = {cam.name: cam.archiver for cam in cameras}
+            if self.failover:
+                self._check_disk()
+                for name in self._disk_released:
+                    wanted.pop(name, None)  # its standbys' now (or, when none could, later)
             released = [n for n in self._held if n not in wanted]
             for name in released:
                 self._release(name)
@@ -277,6 +290,7 @@ class SiteMember:
             self.rtsp.stop(camera, wait_s=PULLER_STOP_S)
         self.archive.health.forget(camera)
         self.archive.keys.forget_camera(camera)
+        self.archive.storage_watch.forget(camera)
         self._unlock(camera)
         row = self.directory.camera(camera)
         to = row.archiver if row is not None and row.removed_ms is None else None
@@ -349,7 +363,7 @@ class SiteMember:
         return {"failover": self.failover, "leases_held": held,
                 "leases_locked": sorted(n for n in held if n in locked),
                 "standby_for": standby, "takeovers": self.takeovers,
-                "leases_lost": self.leases_lost}
+                "leases_lost": self.leases_lost, **self.disk_status()}
 
     def watch_leases(self) -> None:
         """One look at the locks of the cameras this Archiver records or stands by for: takes
@@ -421,6 +435,8 @@ class SiteMember:
     def _take_over_locked(self, camera: str, holder: str, lease: LeaseRow | None,
                           expired: bool) -> None:
         assert self._locks is not None
+        if not self._disk_takes_writes(camera, holder):
+            return  # a standby whose own disk fails records nothing: the next standby's turn
         # The lock decides between standbys; a lease expired under a lock still held (a
         # black-holed holder whose session the keepalives have not ended yet) is taken without
         # it: the compare-and-set of Directory.take_over still lets only one standby win.
@@ -443,6 +459,79 @@ class SiteMember:
         self.audit.record("archiver", "camera.takeover", now, camera=camera,
                           **{"from": holder}, epoch=epoch)
         self.refresh()
+
+    # --- failover: a disk that fails (issue 22) ----------------------------------------------
+    def _check_disk(self) -> None:
+        """Under the refresh lock. Give each camera with standbys whose segments this
+        Archiver's disk failed past the bound (archiver/storage_watch.py) to its standbys;
+        once the disk takes writes again (a refresh later), be a plain standby again."""
+        watch = self.archive.storage_watch
+        due = watch.due([name for name in self._held if name in self._assigned])
+        for name, failure in due.items():
+            self._release_for_disk(name, failure)
+        if due or self._disk_failing is None:
+            return
+        if watch.probe() is None:
+            log.warning("this Archiver's disk takes writes again: it records the cameras "
+                        "the directory gives it and takes cameras over again%s",
+                        f" (released while it failed: {', '.join(sorted(self._disk_released))};"
+                        " those a standby took stay there)" if self._disk_released else "")
+            self._disk_failing = None
+            self._disk_released.clear()
+            self._takeover_refused.clear()
+
+    def _release_for_disk(self, camera: str, failure: DiskFailure) -> None:
+        """End this Archiver's recording of ``camera`` as a move does, and let its first
+        healthy standby take over at once: the lock freed, the lease row expired."""
+        now = self.clock()
+        self._held.pop(camera, None)
+        self._disk_released[camera] = failure.message
+        self._disk_failing = failure.message
+        self.storage_releases += 1
+        # The lease first (the standby's poll sees it within 0.5 s), then the puller's stop,
+        # which may wait for the segment it is building. The row is renewed to expire at 0
+        # (expired by every Archiver's clock) and not locked: this Archiver does not renew it
+        # again (the camera is not held here any more), so no standby waits for the TTL.
+        self._unlock(camera)
+        try:
+            self.directory.renew_leases(self.name, [camera], 0, 0)
+        except Exception as exc:  # the free lock alone tells the standbys (the row says locked)
+            log.warning("camera %s: could not expire its lease row: %s", camera, exc)
+        if self.rtsp is not None:
+            self.rtsp.stop(camera, wait_s=PULLER_STOP_S)
+        self.archive.health.forget(camera)
+        self.archive.keys.forget_camera(camera)
+        self.archive.storage_watch.forget(camera)
+        log.warning("camera %s: released to its standbys: this Archiver could not archive it "
+                    "(%d segment(s) refused over %.1f s: %s); it takes no camera over until "
+                    "its disk takes writes again", camera, failure.count,
+                    max(0, now - failure.since_ms) / 1000, failure.message)
+        try:  # the audit log may be on the failed disk: the release stands without it
+            self.audit.record("archiver", "camera.released", now, camera=camera,
+                              reason="storage_failed", failures=failure.count,
+                              since_ms=failure.since_ms, message=failure.message)
+        except Exception as exc:
+            log.warning("camera %s: could not audit its release (%s)", camera, exc)
+
+    def _disk_takes_writes(self, camera: str, holder: str) -> bool:
+        """Before a takeover: whether this Archiver's own disk takes a write (a probe)."""
+        why = self.archive.storage_watch.probe()
+        if why is None:
+            return True
+        self._disk_failing = why
+        if camera not in self._takeover_refused:  # once per failure, not every poll
+            self._takeover_refused.add(camera)
+            log.warning("camera %s: not taken over from Archiver %s: this Archiver cannot "
+                        "archive (%s); its other standbys may take it", camera, holder, why)
+        return False
+
+    def disk_status(self) -> dict[str, object]:
+        """For health and /metrics: whether this Archiver's disk failed (and is not known to
+        take writes again), the cameras it released for it, how many releases."""
+        return {"storage": "ok" if self._disk_failing is None else "failing",
+                "storage_message": self._disk_failing,
+                "storage_released": sorted(self._disk_released),
+                "storage_releases": self.storage_releases}
 
     def _watch(self) -> None:
         failing = False

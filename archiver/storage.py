@@ -32,6 +32,17 @@ class StorageFailed(KeyServiceError):
     """An I/O error while writing the archive."""
 
 
+# This Archiver's OWN disk (its archive files, its local index), not the site directory's
+# database (whose failures are StorageFull/StorageFailed too): only these make a holder give
+# its cameras to a standby (archiver/storage_watch.py, issue 22).
+class DiskFull(StorageFull):
+    """The disk under this Archiver's archive files or local index is full."""
+
+
+class DiskFailed(StorageFailed):
+    """An I/O error on the disk under this Archiver's archive files or local index."""
+
+
 class ArchiveFiles:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -56,7 +67,10 @@ class ArchiveFiles:
         """Append and fsync; returns the offset. On failure the file is cut back to where it was.
         ``data`` may be several buffers: written with writev, never joined (a segment is MBs,
         and copying it costs the GIL-held time of the whole ingest path)."""
-        fd = self._writer(relpath)
+        try:
+            fd = self._writer(relpath)
+        except OSError as exc:  # a read-only remount, a dead disk: as a failed write
+            raise _disk_error(exc) from None
         offset = os.fstat(fd).st_size
         parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
         views = [view for view in map(memoryview, parts) if view.nbytes]
@@ -73,11 +87,7 @@ class ArchiveFiles:
             os.fsync(fd)
         except OSError as exc:
             self._undo(fd, offset)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageFull("The archive disk is full; the segment was not archived.",
-                                  "Free space or add storage; ingest resumes by itself.") from None
-            raise StorageFailed(f"Writing the archive failed ({os.strerror(exc.errno or 0)}); "
-                                "the segment was not archived.") from None
+            raise _disk_error(exc) from None
         return offset
 
     def cut_back(self, relpath: str, offset: int) -> None:
@@ -177,6 +187,14 @@ class ArchiveReader:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def _disk_error(exc: OSError) -> DiskFull | DiskFailed:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull("The archive disk is full; the segment was not archived.",
+                        "Free space or add storage; ingest resumes by itself.")
+    return DiskFailed(f"Writing the archive failed ({os.strerror(exc.errno or 0)}); "
+                      "the segment was not archived.")
 
 
 def _fsync_dir(path: Path) -> None:
