@@ -6,10 +6,10 @@ once its disk works again (the rule: stay); and, as a standby, it takes nothing 
 disk fails.
 
 Real parts: a real PostgreSQL, 2 real Archiver processes in production mode (HTTPS under a
-site CA), a1's archive directory on a real tmpfs of its own filled by a file outside the archive
-(the kernel answers ENOSPC; retention finds nothing to evict: only today's video), a real
-gst-rtsp-server camera and a pushed camera with ``--archivers a1,a2``, a real SoftHSM viewer and
-the real fusion-client playing across the release.
+site CA), a1's archive directory on a real 16 MiB tmpfs in a1's own mount namespace, filled by
+a file outside the archive (the kernel answers ENOSPC; retention finds nothing to evict: only
+today's video), a real gst-rtsp-server camera and a pushed camera with ``--archivers a1,a2``,
+a real SoftHSM viewer and the real fusion-client playing across the release.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -97,20 +99,31 @@ def _fill(directory: Path) -> Path:
     return filler
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A data directory for a1 whose archive directory is a 16 MiB tmpfs of its own."""
-    archive = tmp_path / "a1" / "archive"
-    archive.mkdir(parents=True, mode=0o700)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs",
-                              str(archive)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here ({mounted.stderr.strip()}): "
-                    "a disk that fills up cannot be made")
-    try:
-        yield tmp_path / "a1"
-    finally:
-        subprocess.run(["umount", "-l", str(archive)], check=False)
+def _namespace_wrapper() -> tuple[str, ...]:
+    # As root a mount namespace is enough; otherwise a user namespace maps us to root in it.
+    return ("unshare", "--mount") if os.geteuid() == 0 else (
+        "unshare", "--user", "--map-root-user", "--mount")
+
+
+@dataclass
+class SmallDiskArchiver(ArchiverServer):
+    """An Archiver whose archive directory is a tmpfs of ``size``, mounted in a private mount
+    namespace of its own (nothing mounted here outlives it). ``archive`` is where this process
+    sees that tmpfs: through /proc/PID/root."""
+
+    size: str = "16m"
+
+    def command(self) -> list[str]:
+        # exec: the wrapper's pid becomes the server's (its /proc/PID/root, kill).
+        mount = (f"mount -t tmpfs -o size={self.size},mode=0700 fusion-test "
+                 f"'{self.data_dir / 'archive'}'")
+        return [*_namespace_wrapper(), "sh", "-ec", f'{mount}\nexec "$@"', "sh",
+                *super().command()]
+
+    @property
+    def archive(self) -> Path:
+        assert self.process is not None
+        return Path(f"/proc/{self.process.pid}/root{self.data_dir}/archive")
 
 
 @pytest.fixture
@@ -122,14 +135,24 @@ def viewer(softhsm_token_factory: Callable[[], object]) -> Viewer:
 
 @requires_ffmpeg
 @requires_gstreamer
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) is not installed")
 def test_a_holder_whose_disk_fills_gives_its_cameras_to_the_standby_and_stays_a_standby(
-        small_disk: Path, postgres_url: str, rtsp_camera, viewer: Viewer,
-        tmp_path: Path) -> None:
+        postgres_url: str, rtsp_camera, viewer: Viewer, tmp_path: Path) -> None:
+    archive = tmp_path / "a1" / "archive"
+    archive.mkdir(parents=True, mode=0o700)
+    tried = subprocess.run([*_namespace_wrapper(), "mount", "-t", "tmpfs", "-o", "size=1m",
+                            "fusion-test", str(archive)], capture_output=True, text=True)
+    if tried.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({tried.stderr.strip()}): a disk "
+                    "that fills up cannot be made")
     site_ca = SiteCa.create(tmp_path / "site-ca")
     env = server_env({"FUSION_DIRECTORY": postgres_url})
-    a1, a2 = (production_archiver(site_ca, data, extra_args=("--name", name), env=env,
-                                  start_timeout_s=TIMEOUT)
-              for name, data in (("a1", small_disk), ("a2", tmp_path / "a2")))
+    cert, key = site_ca.issue_tls_server(tmp_path / "a1-tls")
+    a1 = SmallDiskArchiver(tmp_path / "a1", tls_ca=site_ca.path, env=env, start_timeout_s=TIMEOUT,
+                           extra_args=("--tls-cert", str(cert), "--tls-key", str(key),
+                                       "--name", "a1"))
+    a2 = production_archiver(site_ca, tmp_path / "a2", extra_args=("--name", "a2"), env=env,
+                             start_timeout_s=TIMEOUT)
     try:
         a1.start()
         a1.add_viewer(viewer.pem, "all")
@@ -147,7 +170,7 @@ def test_a_holder_whose_disk_fills_gives_its_cameras_to_the_standby_and_stays_a_
 
         # a1's archive disk fills up. a1 is alive: it heartbeats and holds the leases' locks,
         # so before this a2 waited forever while gate and door went unrecorded.
-        filler = _fill(small_disk / "archive")
+        filler = _fill(a1.archive)
         # The pushed camera sees each refusal (507, the disk is full)...
         for _ in range(3):
             refused = _push(a1, token)
@@ -169,6 +192,10 @@ def test_a_holder_whose_disk_fills_gives_its_cameras_to_the_standby_and_stays_a_
         assert released["door"]["failures"] >= 3
         assert "The archive disk is full" in released["gate"]["message"]
         took = {e["camera"]: e["from"] for e in _audit(a2, "camera.takeover")}
+        since = released["gate"]["since_ms"]
+        print(f"disk failed: gate's first refused segment to its release by a1 "
+              f"{(released['gate']['ts_ms'] - since) / 1000:.1f} s, to a2's first archived "
+              f"segment (its end) {(_segments(a2, 'gate')[0][1] - since) / 1000:.1f} s")
         assert took == {"gate": "a1", "door": "a1"}
         assert "(its lease expired)" in a2.log()  # the row a1 expired: no 15 s TTL to wait
         assert re.search(r"camera gate: released to its standbys: this Archiver could not "
@@ -224,7 +251,7 @@ def test_a_holder_whose_disk_fills_gives_its_cameras_to_the_standby_and_stays_a_
         # A standby whose own disk fails takes nothing over: a1's disk fills again, a2 dies
         # (kill -9: its locks are free at once), and a1 probes its disk before the takeover,
         # refuses it and says so. Once its disk is freed, it takes both cameras over.
-        filler = _fill(small_disk / "archive")
+        filler = _fill(a1.archive)
         assert a2.process is not None
         os.kill(a2.process.pid, signal.SIGKILL)
         a2.process.wait()
