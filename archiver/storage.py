@@ -169,8 +169,9 @@ class ArchiveFiles:
         try:
             os.ftruncate(fd, offset)
             os.fsync(fd)
-        except OSError:
-            log.exception("could not cut back a failed append; recovery at restart will")
+        except OSError as exc:  # a read-only remount refuses this too: said, not a traceback
+            log.error("could not cut back a failed append (%s); recovery at restart will",
+                      os.strerror(exc.errno or 0))
 
 
 class ArchiveReader:
