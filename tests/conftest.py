@@ -73,6 +73,8 @@ SLOW_FIRST = (
     "tests/client/test_across.py::test_evidence_and_grants_of_a_range_across_a_move_each_",
     # Consolidation (issue 22): PostgreSQL, two Archivers restarted three times, ffmpeg.
     "tests/archiver/test_consolidation.py::test_a_returning_archiver_fills_its_gap_from_",
+    # A disk fails (issue 22): PostgreSQL, two Archivers, an RTSP camera, a kill.
+    "tests/archiver/test_diskfail.py::test_a_holder_whose_disk_fills_gives_its_cameras_",
 )
 
 
