@@ -90,11 +90,16 @@ class ArchiverStatus:
 
 
 def archiver_statuses(directory: Directory, this: str, now_ms: int) -> list[ArchiverStatus]:
-    """Every Archiver of the site, by name, with the cameras each holds."""
+    """Every Archiver of the site, by name, with the cameras each holds (a redundant camera:
+    each of its Archivers)."""
     held: dict[str, list[str]] = {}
-    for cam in directory.cameras():
-        if cam.archiver is not None:
-            held.setdefault(cam.archiver, []).append(cam.name)
+    cameras = directory.cameras()
+    assigned = directory.camera_archivers() if any(c.redundant for c in cameras) else {}
+    for cam in cameras:
+        holders = assigned.get(cam.name, ()) if cam.redundant else (cam.archiver,)
+        for holder in holders:
+            if holder is not None:
+                held.setdefault(holder, []).append(cam.name)
     out = []
     for row in directory.archivers():
         age = (None if row.heartbeat_ms in (None, SIGNED_OFF_MS)

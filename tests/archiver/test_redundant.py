@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from archiver.directory import ArchiverRow, open_directory
+from archiver.registry import archiver_statuses
 from archiver.services.routing import RoutingService
 from fusion_testkit.client_cli import Client, Viewer, iso
 from fusion_testkit.playback import fetch, play
@@ -75,6 +76,9 @@ def test_every_assigned_archiver_answers_a_redundant_range_others_go_to_a_live_c
         directory.heartbeat("a1", now - 120_000)
         held = a3.check("dock", a3.route("dock", now - 10_000, now))
         assert (held.archiver, held.url) == ("a2", "https://a2.example")
+        # `site archivers`: a redundant camera is held by each of its Archivers.
+        assert {s.name: s.cameras_held for s in archiver_statuses(directory, "a3", now)} == {
+            "a1": ("dock", "gate"), "a2": ("dock",), "a3": ()}
     finally:
         directory.close()
 
