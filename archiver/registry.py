@@ -477,13 +477,14 @@ class SiteMember:
         if due or self._disk_failing is None:
             return
         if watch.probe() is None:
-            log.warning("this Archiver's disk takes writes again: it records the cameras "
-                        "the directory gives it and takes cameras over again%s",
-                        f" (released while it failed: {', '.join(sorted(self._disk_released))};"
-                        " those a standby took stay there)" if self._disk_released else "")
-            self._disk_failing = None
+            released = sorted(self._disk_released)
+            self._disk_failing = None  # before the log line: health says ok once it is said
             self._disk_released.clear()
             self._takeover_refused.clear()
+            log.warning("this Archiver's disk takes writes again: it records the cameras "
+                        "the directory gives it and takes cameras over again%s",
+                        f" (released while it failed: {', '.join(released)}; those a standby "
+                        "took stay there)" if released else "")
 
     def _release_for_disk(self, camera: str, failure: DiskFailure) -> None:
         """End this Archiver's recording of ``camera`` as a move does, and let its first
@@ -495,13 +496,14 @@ class SiteMember:
         self.storage_releases += 1
         # The lease first (the standby's poll sees it within 0.5 s), then the puller's stop,
         # which may wait for the segment it is building. The row is renewed to expire at 0
-        # (expired by every Archiver's clock) and not locked: this Archiver does not renew it
-        # again (the camera is not held here any more), so no standby waits for the TTL.
-        self._unlock(camera)
+        # (expired by every Archiver's clock) and not locked, then the lock is freed: this
+        # Archiver does not renew it again (the camera is not held here any more), so no
+        # standby waits for the TTL, and each sees the row expired once it sees the lock free.
         try:
             self.directory.renew_leases(self.name, [camera], 0, 0)
         except Exception as exc:  # the free lock alone tells the standbys (the row says locked)
             log.warning("camera %s: could not expire its lease row: %s", camera, exc)
+        self._unlock(camera)
         if self.rtsp is not None:
             self.rtsp.stop(camera, wait_s=PULLER_STOP_S)
         self.archive.health.forget(camera)

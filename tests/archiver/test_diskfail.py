@@ -171,13 +171,15 @@ def test_a_holder_whose_disk_fills_gives_its_cameras_to_the_standby_and_stays_a_
         # a1's archive disk fills up. a1 is alive: it heartbeats and holds the leases' locks,
         # so before this a2 waited forever while gate and door went unrecorded.
         filler = _fill(a1.archive)
-        # The pushed camera sees each refusal (507, the disk is full)...
-        for _ in range(3):
+        # The pushed camera sees each refusal (507, the disk is full). (A push may still fit in
+        # the last page of its file: then it is archived, and the count starts again.)
+        answers = []
+        while answers.count(507) < 3 and 421 not in answers and len(answers) < 20:
             refused = _push(a1, token)
-            if refused.status_code == 421:
-                break  # a2 took door over already (gate's failures may have woken a1 first)
-            assert refused.status_code == 507, refused.text
-            assert refused.json()["error"] == "storage_full"
+            answers.append(refused.status_code)
+            if refused.status_code == 507:
+                assert refused.json()["error"] == "storage_full", refused.text
+        assert set(answers) <= {201, 507, 421} and 507 in answers, answers
         # ...and a1 gives both cameras to a2, which takes them over at once.
         wait_for(lambda: _segments(a2, "gate"), TIMEOUT, "a2 to take gate over")
         wait_for(lambda: _push(a2, token).status_code == 201, TIMEOUT, "a2 to accept door")
