@@ -21,7 +21,7 @@ from pathlib import Path
 
 from client.player import Output, PartOutput
 from client.session import PlacementView
-from client.site import Part, Site, plan_parts, played_part
+from client.site import Part, Site, plan_parts, played_part, start_after
 from client.viewer import (
     EvidencePart,
     GrantMade,
@@ -208,8 +208,10 @@ def play_grants(site: Site, identity: Identity, opened: Sequence[OpenedPart],
         grant = item.opened
         if previous_end is not None and grant.from_ms <= previous_end:
             # The old Archiver's part reaches into the next: what it played is not played again.
+            # (client.site.start_after: as play and the grantor's parts cut it.)
             grant = OpenedGrantRange(grant.grant_id, grant.camera, grant.granted_from_ms,
-                                     grant.granted_to_ms, previous_end + 1, grant.to_ms,
+                                     grant.granted_to_ms,
+                                     start_after(previous_end, grant.to_ms), grant.to_ms,
                                      grant.keys)
             if grant.from_ms > grant.to_ms:
                 continue
