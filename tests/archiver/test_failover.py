@@ -281,8 +281,14 @@ def test_kill_9_of_the_primary_the_first_standby_takes_over_plays_across_and_doe
     client = Client(tmp_path / "client-home", tls_ca=site_ca.path)
     for server in (a1, a2):
         _pin(client, viewer, server)
-    # The end inside a2's last archived segment (one a2 archives meanwhile starts after it).
-    end_ms = _segments(a2, "gate")[-1][1] + 1000
+    # The natural edge: 1 ms after a2's last archived segment, so the one a2 records next
+    # starts about 1 ms before --to (and is in the range). The range is played once a2 has
+    # archived past it: every play below then sees the same archive (a range reaching past
+    # what is archived yet gets what is there when it is asked, and a later play more).
+    end_ms = _segments(a2, "gate")[-1][2] + 1
+    wait_for(lambda: _segments(a2, "gate")[-1][2] > end_ms, TIMEOUT, "a2 to archive past --to")
+    edge = [(s, e) for _, s, e in _segments(a2, "gate") if s <= end_ms < e]
+    print(f"failover: --to {end_ms}, a2's segment at it {edge}")
     whole = tmp_path / "across.ts"
     done = play(client, a1.url, viewer, whole, start_ms, end_ms, camera="gate")
     assert done.code == 0, done.stderr
@@ -338,8 +344,12 @@ def test_kill_9_of_the_primary_the_first_standby_takes_over_plays_across_and_doe
     assert _segments(a1, "dock") == a1_dock  # a1 stopped: a standby for dock now
     assert _cameras(a1)["dock"]["archiver"] == "a3"
     # a1's stream of dock ended with its signed end record: its copy plays whole from a1.
+    # (--to is inclusive and a segment's end is not its video: a1's last instant is its end
+    # - 1 ms. A range to its end itself holds an instant only a3 recorded, and plays a3's
+    # segment there too, as a3's own play of that share does.)
     out = tmp_path / "dock-a1.ts"
-    alone = play(client, a1.url, viewer, out, a1_dock[0][1], a1_dock[-1][2], camera="dock")
+    alone = play(client, a1.url, viewer, out, a1_dock[0][1], a1_dock[-1][2] - 1,
+                 camera="dock")
     assert alone.code == 0, alone.stderr
     assert "signed end record verified)" in alone.stderr, alone.stderr
     assert frame_hashes(out)
