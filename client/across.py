@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.player import Output, PartOutput
-from client.session import PlacementView
-from client.site import Part, Site, plan_parts, played_part, start_after
+from client.session import NoRecording, PlacementView
+from client.site import Part, Site, nothing_at_the_end, plan_parts, played_part, start_after
 from client.viewer import (
     EvidencePart,
     GrantMade,
@@ -93,8 +93,15 @@ def export_across(site: Site, identity: Identity, camera: str, from_ms: int, to_
                 Mode.PLAYBACK, part.from_ms, part.to_ms)
             session, login = site.reach(part)
             site.current = (part.archiver, login)
-            exported = evidence_part(session, identity, login, request, recipient=recipient,
-                                     exported_ms=exported_ms)
+            try:
+                exported = evidence_part(session, identity, login, request,
+                                         recipient=recipient, exported_ms=exported_ms)
+            except NoRecording as exc:
+                if not nothing_at_the_end(exc, part, previous_end):
+                    raise
+                # No video at the instant --to, where the last part's ended: dropped as above.
+                skipped.add(planned.index(plan[i]))
+                break
             made.append((part, exported))
             if exported.verified.last_ms is not None:
                 previous_end = exported.verified.last_ms
@@ -137,8 +144,13 @@ def grant_across(site: Site, identity: Identity, camera: str, from_ms: int, to_m
         what = note if len(planned) == 1 else (
             f"part {i + 1} of {len(planned)} (recorded by {part.archiver})"
             + (f": {note}" if note else ""))
-        made = make_grant_for(session, identity, login, camera, part.from_ms, part.to_ms,
-                              recipient, note=what)
+        try:
+            made = make_grant_for(session, identity, login, camera, part.from_ms, part.to_ms,
+                                  recipient, note=what)
+        except NoRecording as exc:
+            if nothing_at_the_end(exc, part, previous_end):
+                continue  # no video at the instant --to, where the last part's ended
+            raise
         grants.append(GrantPart(part, made))
         if made.verified.last_ms is not None:
             previous_end = made.verified.last_ms

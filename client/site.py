@@ -34,7 +34,9 @@ from client.session import (
     ArchiverSession,
     HeldElsewhere,
     LoginResult,
+    NoRecording,
     PlacementView,
+    RecordingExpired,
     SiteArchiver,
 )
 from keyservice.errors import ArchiverMismatch, RequestRefused, UsageError
@@ -42,8 +44,8 @@ from keyservice.identity import Identity, fingerprint
 from keyservice.reader import StreamRequest
 from keyservice.timespec import format_duration, format_ms
 
-__all__ = ["HANDOVER_MS", "FollowCheck", "Part", "Site", "Switch", "UntrustedArchiver", "plan_parts",
-           "played_part", "start_after", "trust_followed"]
+__all__ = ["HANDOVER_MS", "FollowCheck", "Part", "Site", "Switch", "UntrustedArchiver",
+           "nothing_at_the_end", "plan_parts", "played_part", "start_after", "trust_followed"]
 
 # Decides whether the signing certificate a followed Archiver presents at ``url`` is the
 # site's; returns how (a PinDecision), raises ArchiverMismatch otherwise.
@@ -159,6 +161,15 @@ def start_after(previous_end: int, to_ms: int) -> int:
     holding it (one starting at --to) is in the range, as its single play includes it, so that
     share is [to_ms, to_ms] (an empty [to_ms + 1, to_ms] would leave it out)."""
     return to_ms if previous_end == to_ms else previous_end + 1
+
+
+def nothing_at_the_end(exc: BaseException, part: Part, previous_end: int | None) -> bool:
+    """Whether ``exc``, raised asking ``part`` (played_part's), means only that the next
+    Archiver has no video at the instant --to where the played video ended (``start_after``'s
+    [to, to] share: often a gap at the switch). That share then holds no video, as before it
+    was not asked at all; anything else (expired video, any other refusal) is a failure."""
+    return (isinstance(exc, NoRecording) and not isinstance(exc, RecordingExpired)
+            and previous_end is not None and part.from_ms == part.to_ms == previous_end)
 
 
 def trust_followed(store: KnownArchivers,

@@ -353,6 +353,26 @@ def test_kill_9_of_the_primary_the_first_standby_takes_over_plays_across_and_doe
     assert alone.code == 0, alone.stderr
     assert "signed end record verified)" in alone.stderr, alone.stderr
     assert frame_hashes(out)
+    # To a1's end itself: a1's video ends exactly at --to, and a3's segment holding that
+    # instant, if a3 has one (the cut leaves gaps in both copies), is played after it, from
+    # a3, exactly as a3 alone plays it (it was left out: the next part [--to + 1, --to] was
+    # empty, a3 never asked); if a3 has none there, a1's copy plays alone, as before.
+    a1_end = a1_dock[-1][2]
+    _pin(client, viewer, a3)
+    to_end = tmp_path / "dock-to-a1-end.ts"
+    done = play(client, a1.url, viewer, to_end, a1_dock[0][1], a1_end, camera="dock")
+    assert done.code == 0, done.stderr
+    if any(s <= a1_end <= e for _, s, e in _segments(a3, "dock")):
+        assert re.search(r"part 2 of 2: .* recorded by Archiver a3, verified against a3 ",
+                         done.stderr), done.stderr
+        at_end = tmp_path / "dock-a3-at-a1-end.ts"
+        a3_alone = play(client, a3.url, viewer, at_end, a1_end, a1_end, camera="dock")
+        assert a3_alone.code == 0, a3_alone.stderr
+        assert frame_hashes(at_end)
+        assert frame_hashes(to_end) == frame_hashes(out) + frame_hashes(at_end)
+    else:
+        assert "part 1 of 1: " in done.stderr, done.stderr
+        assert frame_hashes(to_end) == frame_hashes(out)
 
     # A link that drops packets but keeps its sockets (a black hole): a1's sessions look alive
     # to PostgreSQL (the proxy's kernel answers their keepalives, so this is the lease row's
