@@ -321,3 +321,11 @@ def test_evidence_and_grants_of_a_range_across_a_move_each_part_from_its_own_sig
     assert frame_hashes(granted) == moved.first + moved.second
     assert re.search(r"part 1 of 2: grant .* recorded by Archiver a1", played.stderr)
     assert SWITCH.search(played.stderr), played.stderr
+    # A grant to a1's last signed end itself: made (before: a2's "no recording" at that
+    # instant failed it), one grant, on a1, when a2 has no video there.
+    edge_grant = client("grant", "--archiver", site.a1.url, "--token", viewer.uri, "--camera",
+                        camera, "--from", iso(moved.start), "--to", iso(last_end),
+                        "--to-cert", str(grantee.pem))
+    assert edge_grant.code == 0, edge_grant.stderr
+    assert len(re.findall(rb"grant ([0-9a-f]{32}): pending", edge_grant.stdout)) == (
+        1 if first_start > last_end else 2), edge_grant.stdout
