@@ -225,8 +225,8 @@ def test_evidence_and_grants_of_a_range_across_a_move_each_part_from_its_own_sig
 
     # To a1's last signed end itself: a1's video ends exactly at --to, so a2 is asked for that
     # instant. Without video there (a2's first segment starts later) the range is a1's alone:
-    # play gives a1's frames, evidence one a1 package (before: a "no recording" there failed
-    # the play, and the export was refused, "export it again", however often it was tried).
+    # a2's "no recording" there is no failure: play gives a1's frames, evidence one a1
+    # package (before, the export was refused, "export it again", however often tried).
     to_a1_end = tmp_path / "to-a1-end.ts"
     done = play(client, site.a1.url, viewer, to_a1_end, moved.start, last_end, camera=camera)
     assert done.code == 0, done.stderr
@@ -321,8 +321,8 @@ def test_evidence_and_grants_of_a_range_across_a_move_each_part_from_its_own_sig
     assert frame_hashes(granted) == moved.first + moved.second
     assert re.search(r"part 1 of 2: grant .* recorded by Archiver a1", played.stderr)
     assert SWITCH.search(played.stderr), played.stderr
-    # A grant to a1's last signed end itself: made (before: a2's "no recording" at that
-    # instant failed it), one grant, on a1, when a2 has no video there.
+    # A grant to a1's last signed end itself: made (a2's "no recording" at that instant is no
+    # failure), one grant, on a1, when a2 has no video there.
     edge_grant = client("grant", "--archiver", site.a1.url, "--token", viewer.uri, "--camera",
                         camera, "--from", iso(moved.start), "--to", iso(last_end),
                         "--to-cert", str(grantee.pem))
