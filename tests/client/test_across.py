@@ -145,8 +145,11 @@ def the_browser_plays_the_range_as_one_timeline(site: TwoArchivers, viewer: View
                 page.evaluate("([c, ms]) => window.fusionViewer.tiles.get(c).playFrom(ms)",
                               [clip.camera, start])
                 page.wait_for_function(
+                    # The segment list follows the verified count as the page appends the
+                    # media: wait for both (a snapshot between them listed 4 of 8).
                     "(c) => { const s = window.fusionViewer.tiles.get(c).snapshot(); "
-                    "return s.stateText.includes('to the end') || s.stopped; }",
+                    "return (s.stateText.includes('to the end') "
+                    "&& s.segments.length === s.verified) || s.stopped; }",
                     arg=clip.camera, timeout=90_000)
                 state = page.evaluate("(c) => window.fusionViewer.tiles.get(c).snapshot()",
                                       clip.camera)
