@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keyservice.crypto import split_key_id
-from keyservice.errors import FormatError, KeyServiceError
+from keyservice.errors import FormatError, IntegrityError, KeyServiceError
 from keyservice.format import (
     RECORD_HEADER_LEN,
     ChainRecipients,
@@ -49,6 +49,7 @@ from keyservice.format import (
     max_body,
 )
 from keyservice.identity import Signer, fingerprint
+from keyservice.keyscheme import signing_public_key
 
 log = logging.getLogger("archiver.consolidation")
 
@@ -70,10 +71,10 @@ class ConsolidationRefused(KeyServiceError):
 
 def ec_key_of(cert_der: bytes) -> tuple[x509.Certificate, ec.EllipticCurvePublicKey]:
     cert = x509.load_der_x509_certificate(cert_der)
-    key = cert.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ValueError("not an EC key")
-    return cert, key
+    try:
+        return cert, signing_public_key(cert)
+    except IntegrityError:
+        raise ValueError("not an Archiver's (EC) signing key") from None
 
 
 def signed_by(key: ec.EllipticCurvePublicKey, data: bytes, signature: bytes) -> bool:

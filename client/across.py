@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.player import Output, PartOutput
-from client.session import PlacementView
-from client.site import Part, Site, plan_parts, played_part
+from client.session import NoRecording, PlacementView
+from client.site import Part, Site, nothing_at_the_end, plan_parts, played_part, start_after
 from client.viewer import (
     EvidencePart,
     GrantMade,
@@ -67,12 +67,16 @@ def export_across(site: Site, identity: Identity, camera: str, from_ms: int, to_
     check_writable(output)
     sealed_to = recipient.certificate.subject.rfc4514_string() if recipient else None
     planned = site.parts(camera, from_ms, to_ms)
-    if len(planned) == 1:
-        session, login = site.reach(planned[0])
+
+    def one_archiver(only: Part) -> ExportAcross:
+        session, login = site.reach(only)
         one = export_evidence(session, identity, login, camera, from_ms, to_ms, output,
                               recipient=recipient)
         part = EvidencePart({}, one.verified, one.manifests, one.keys)
-        return ExportAcross(one.path, one.sha256, [(planned[0], part)], sealed_to)
+        return ExportAcross(one.path, one.sha256, [(only, part)], sealed_to)
+
+    if len(planned) == 1:
+        return one_archiver(planned[0])
     exported_ms = now_ms()
     skipped: set[int] = set()
     while True:
@@ -93,16 +97,26 @@ def export_across(site: Site, identity: Identity, camera: str, from_ms: int, to_
                 Mode.PLAYBACK, part.from_ms, part.to_ms)
             session, login = site.reach(part)
             site.current = (part.archiver, login)
-            exported = evidence_part(session, identity, login, request, recipient=recipient,
-                                     exported_ms=exported_ms)
+            try:
+                exported = evidence_part(session, identity, login, request,
+                                         recipient=recipient, exported_ms=exported_ms)
+            except NoRecording as exc:
+                if not nothing_at_the_end(exc, part, previous_end):
+                    raise
+                # No video at the instant --to, where the last part's ended: dropped as above.
+                skipped.add(planned.index(plan[i]))
+                break
             made.append((part, exported))
             if exported.verified.last_ms is not None:
                 previous_end = exported.verified.last_ms
         else:
             break
         if len(planned) - len(skipped) < 2:
-            raise UsageError(f"Camera {camera}'s range {from_ms} .. {to_ms} was played from "
-                             "one Archiver after all; export it again.")
+            # Only the first Archiver has video in the range after all (the next one's share
+            # held none): its one-part package, as for a range it alone recorded; it answers
+            # the whole range with what it holds, the video play gives. (Before: refused,
+            # "export it again", which found the same.)
+            return one_archiver(planned[0])
     files = build_parts_package(
         camera=camera, from_ms=from_ms, to_ms=to_ms, package_id=package_id,
         parts=[PackagePart(part.archiver, exported.files) for part, exported in made],
@@ -137,8 +151,13 @@ def grant_across(site: Site, identity: Identity, camera: str, from_ms: int, to_m
         what = note if len(planned) == 1 else (
             f"part {i + 1} of {len(planned)} (recorded by {part.archiver})"
             + (f": {note}" if note else ""))
-        made = make_grant_for(session, identity, login, camera, part.from_ms, part.to_ms,
-                              recipient, note=what)
+        try:
+            made = make_grant_for(session, identity, login, camera, part.from_ms, part.to_ms,
+                                  recipient, note=what)
+        except NoRecording as exc:
+            if nothing_at_the_end(exc, part, previous_end):
+                continue  # no video at the instant --to, where the last part's ended
+            raise
         grants.append(GrantPart(part, made))
         if made.verified.last_ms is not None:
             previous_end = made.verified.last_ms
@@ -208,8 +227,10 @@ def play_grants(site: Site, identity: Identity, opened: Sequence[OpenedPart],
         grant = item.opened
         if previous_end is not None and grant.from_ms <= previous_end:
             # The old Archiver's part reaches into the next: what it played is not played again.
+            # (client.site.start_after: as play and the grantor's parts cut it.)
             grant = OpenedGrantRange(grant.grant_id, grant.camera, grant.granted_from_ms,
-                                     grant.granted_to_ms, previous_end + 1, grant.to_ms,
+                                     grant.granted_to_ms,
+                                     start_after(previous_end, grant.to_ms), grant.to_ms,
                                      grant.keys)
             if grant.from_ms > grant.to_ms:
                 continue

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from client.player import (
     archiver_pin_check,
 )
 from client.session import ArchiverSession, playback_request
-from client.site import Part, Site, Switch, played_part, trust_followed
+from client.site import Part, Site, Switch, nothing_at_the_end, played_part, trust_followed
 from client.viewer import (
     Login,
     Signer,
@@ -466,6 +466,27 @@ def _at_a_switch(gap: Gap, summary: Summary, first: bool, last: bool) -> bool:
         not first and gap.to_ms <= summary.first_ms)
 
 
+def _part_fetch(site: Site, part: Part, request: StreamRequest, previous_end: int | None,
+                stack: ExitStack) -> Callable[[], AbstractContextManager[Iterator[bytes]]] | None:
+    """How run_stream gets ``part``'s stream; None: there is nothing to play. A share that is
+    only the instant --to where the played video ended (client.site.start_after) is opened
+    here first, so that the next Archiver's "no recording" there (a gap at the switch: the
+    part holds no video) is told from a failure, which run_stream reports as any part's."""
+    if previous_end is None or not part.from_ms == part.to_ms == previous_end:
+        return lambda: site.stream_from(part, request)
+    try:
+        chunks = stack.enter_context(site.stream_from(part, request))
+    except Exception as exc:
+        if nothing_at_the_end(exc, part, previous_end):
+            return None
+        failure = exc
+
+        def failed() -> AbstractContextManager[Iterator[bytes]]:
+            raise failure
+        return failed
+    return lambda: nullcontext(chunks)
+
+
 def play_parts(site: Site, identity: Identity, camera: str, parts: list[Part], output: Output,
                *, quiet: bool, login_ops: Callable[[], int]) -> list[tuple[Part, Summary]]:
     """Play each part (client.playback.run_stream, one request each) into ``output``; commit
@@ -484,11 +505,14 @@ def play_parts(site: Site, identity: Identity, camera: str, parts: list[Part], o
             def check(cert: x509.Certificate, _site: Site = site) -> None:
                 _site.check_stream_signer(cert)
 
-            summary = run_stream(
-                identity=identity, output=PartOutput(output), save=None,
-                fetch=lambda p=part, r=request: site.stream_from(p, r), check=check,
-                progress=Progress(False, 0, 0), login_ops=login_ops, live=False, quiet=True,
-                request=request)
+            with ExitStack() as opened:
+                fetch = _part_fetch(site, part, request, previous_end, opened)
+                if fetch is None:
+                    continue  # no video at the instant --to, where the last part's ended
+                summary = run_stream(
+                    identity=identity, output=PartOutput(output), save=None, fetch=fetch,
+                    check=check, progress=Progress(False, 0, 0), login_ops=login_ops,
+                    live=False, quiet=True, request=request)
             answered, login = site.current
             signer = site.content_signer
             if part.consolidated and signer is not None:

@@ -34,7 +34,9 @@ from client.session import (
     ArchiverSession,
     HeldElsewhere,
     LoginResult,
+    NoRecording,
     PlacementView,
+    RecordingExpired,
     SiteArchiver,
 )
 from keyservice.errors import ArchiverMismatch, RequestRefused, UsageError
@@ -42,8 +44,8 @@ from keyservice.identity import Identity, fingerprint
 from keyservice.reader import StreamRequest
 from keyservice.timespec import format_duration, format_ms
 
-__all__ = ["HANDOVER_MS", "FollowCheck", "Part", "Site", "Switch", "UntrustedArchiver", "plan_parts",
-           "played_part", "trust_followed"]
+__all__ = ["HANDOVER_MS", "FollowCheck", "Part", "Site", "Switch", "UntrustedArchiver",
+           "nothing_at_the_end", "plan_parts", "played_part", "start_after", "trust_followed"]
 
 # Decides whether the signing certificate a followed Archiver presents at ``url`` is the
 # site's; returns how (a PinDecision), raises ArchiverMismatch otherwise.
@@ -139,16 +141,35 @@ def played_part(parts: Sequence[Part], i: int, previous_end: int | None) -> Part
     and the web page all ask it: the directory's move time cuts the plan, but the old Archiver
     records until it notices the move, so each part but the last reaches HANDOVER_MS into the
     next, and the next starts just after the old one's signed video ended (``previous_end``:
-    the last end of video played so far; a camera's segments follow one another, so nothing
-    is played twice and nothing recorded is left out). None: nothing is left of this part
-    (the old Archiver's video reached past it)."""
+    the last end of video played so far, see ``start_after``; a camera's segments follow one
+    another, so nothing is played twice and nothing recorded is left out). None: nothing is
+    left of this part (the old Archiver's video reached past it)."""
     planned = parts[i]
-    part = replace(
-        planned,
-        from_ms=planned.from_ms if previous_end is None else previous_end + 1,
-        to_ms=planned.to_ms if i == len(parts) - 1 else min(
-            parts[-1].to_ms, parts[i + 1].from_ms + HANDOVER_MS))
-    return None if part.from_ms > part.to_ms else part
+    to_ms = planned.to_ms if i == len(parts) - 1 else min(
+        parts[-1].to_ms, parts[i + 1].from_ms + HANDOVER_MS)
+    from_ms = planned.from_ms if previous_end is None else start_after(previous_end, to_ms)
+    return None if from_ms > to_ms else replace(planned, from_ms=from_ms, to_ms=to_ms)
+
+
+def start_after(previous_end: int, to_ms: int) -> int:
+    """Where the next Archiver's share of a range ending at ``to_ms`` (inclusive) starts, after
+    verified video up to ``previous_end`` (a signed segment end: the first instant that video
+    does not hold). An Archiver answers [from, to] with every segment overlapping it, both ends
+    inclusive, so asking from ``previous_end + 1`` leaves out a segment of the next Archiver
+    that ends where the played video ends (it repeats it). But when the played video ends
+    exactly at ``to_ms``, the instant ``to_ms`` is still unplayed: the next Archiver's segment
+    holding it (one starting at --to) is in the range, as its single play includes it, so that
+    share is [to_ms, to_ms] (an empty [to_ms + 1, to_ms] would leave it out)."""
+    return to_ms if previous_end == to_ms else previous_end + 1
+
+
+def nothing_at_the_end(exc: BaseException, part: Part, previous_end: int | None) -> bool:
+    """Whether ``exc``, raised asking ``part`` (played_part's), means only that the next
+    Archiver has no video at the instant --to where the played video ended (``start_after``'s
+    [to, to] share: often a gap at the switch). That share then holds no video, as before it
+    was not asked at all; anything else (expired video, any other refusal) is a failure."""
+    return (isinstance(exc, NoRecording) and not isinstance(exc, RecordingExpired)
+            and previous_end is not None and part.from_ms == part.to_ms == previous_end)
 
 
 def trust_followed(store: KnownArchivers,

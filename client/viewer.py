@@ -47,11 +47,12 @@ from client.session import (
     ArchiverSession,
     GrantInfo,
     LoginResult,
+    NoRecording,
     OutsideGrant,
     live_request,
     playback_request,
 )
-from client.site import Part, Site, played_part, trust_followed
+from client.site import Part, Site, nothing_at_the_end, played_part, trust_followed
 from keyservice.certs import load_certificate, validate_viewer_certificate
 from keyservice.errors import CertificateError, FormatError, UsageError
 from keyservice.format import Header, Mode, Record, decode_record
@@ -371,7 +372,12 @@ def _fetch_parts(site: Site, identity: Identity, camera: str, from_ms: int, to_m
                 continue
             holder, holder_login = site.reach(part)
             request = playback_request(camera, part.from_ms, part.to_ms)
-            played.append(_run(holder, identity, holder_login, request, PartOutput(sink)))
+            try:
+                played.append(_run(holder, identity, holder_login, request, PartOutput(sink)))
+            except NoRecording as exc:
+                if nothing_at_the_end(exc, part, previous_end):
+                    continue  # no video at the instant --to, where the last part's ended
+                raise
             if played[-1].last_ms is not None:
                 previous_end = played[-1].last_ms
         final = sink.commit()

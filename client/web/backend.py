@@ -26,11 +26,12 @@ from client.session import (
     HeldElsewhere,
     LoginRefused,
     LoginResult,
+    NoRecording,
     RangeSpansArchivers,
     live_request,
     playback_request,
 )
-from client.site import FollowCheck, Part, Site, Switch, played_part
+from client.site import FollowCheck, Part, Site, Switch, nothing_at_the_end, played_part
 from client.viewer import Login, play_range, player_for, stream
 from client.web.media import Remux, VideoInfo, remuxer
 from keyservice.errors import RequestRefused
@@ -399,7 +400,16 @@ class ViewerBackend:
                 asked = playback_request(request.camera, part.from_ms, part.to_ms)
                 player = player_for(self.identity, login.result, asked, DiscardOutput(),
                                     on_segment=on_segment)
-                with stream(child, asked) as chunks:
+                with ExitStack() as held:
+                    try:
+                        chunks = held.enter_context(stream(child, asked))
+                    except NoRecording as exc:
+                        if not nothing_at_the_end(exc, part, previous_end):
+                            raise
+                        # No video at the instant --to, where the last part's ended.
+                        child.close()
+                        child = None
+                        continue
                     for chunk in chunks:
                         if stopped.is_set():
                             return

@@ -139,9 +139,20 @@ def _family(series: str, histograms: set[str]) -> str:
     return series
 
 
-def test_the_guide_lists_exactly_the_metrics_that_exist(archiver_server: ArchiverServer) -> None:
+def test_the_guide_lists_exactly_the_metrics_that_exist(tmp_path: Path,
+                                                        postgres_url: str) -> None:
     listed = set(re.findall(r"`(fusion_\w+)", (ROOT / "docs" / "deployment.md").read_text()))
     assert len(listed) >= 10
+    # A member of a site (PostgreSQL): it exports the directory's and the leases' series too.
+    archiver_server = ArchiverServer(tmp_path / "archiver", extra_args=(
+        "--directory", postgres_url, "--name", "a1")).start()
+    try:
+        _check_metrics(archiver_server, listed)
+    finally:
+        archiver_server.stop()
+
+
+def _check_metrics(archiver_server: ArchiverServer, listed: set[str]) -> None:
     token = archiver_server.add_camera("lobby")
     assert archiver_server.put_segment("lobby", token, b"v" * 1000) == 201
     assert archiver_server.put_segment("lobby", "wrong", b"v") == 403  # an HTTP error counted

@@ -281,8 +281,14 @@ def test_kill_9_of_the_primary_the_first_standby_takes_over_plays_across_and_doe
     client = Client(tmp_path / "client-home", tls_ca=site_ca.path)
     for server in (a1, a2):
         _pin(client, viewer, server)
-    # The end inside a2's last archived segment (one a2 archives meanwhile starts after it).
-    end_ms = _segments(a2, "gate")[-1][1] + 1000
+    # The natural edge: 1 ms after a2's last archived segment, so the one a2 records next
+    # starts about 1 ms before --to (and is in the range). The range is played once a2 has
+    # archived past it: every play below then sees the same archive (a range reaching past
+    # what is archived yet gets what is there when it is asked, and a later play more).
+    end_ms = _segments(a2, "gate")[-1][2] + 1
+    wait_for(lambda: _segments(a2, "gate")[-1][2] > end_ms, TIMEOUT, "a2 to archive past --to")
+    edge = [(s, e) for _, s, e in _segments(a2, "gate") if s <= end_ms < e]
+    print(f"failover: --to {end_ms}, a2's segment at it {edge}")
     whole = tmp_path / "across.ts"
     done = play(client, a1.url, viewer, whole, start_ms, end_ms, camera="gate")
     assert done.code == 0, done.stderr
@@ -338,11 +344,35 @@ def test_kill_9_of_the_primary_the_first_standby_takes_over_plays_across_and_doe
     assert _segments(a1, "dock") == a1_dock  # a1 stopped: a standby for dock now
     assert _cameras(a1)["dock"]["archiver"] == "a3"
     # a1's stream of dock ended with its signed end record: its copy plays whole from a1.
+    # (--to is inclusive and a segment's end is not its video: a1's last instant is its end
+    # - 1 ms. A range to its end itself holds an instant only a3 recorded, and plays a3's
+    # segment there too, as a3's own play of that share does.)
     out = tmp_path / "dock-a1.ts"
-    alone = play(client, a1.url, viewer, out, a1_dock[0][1], a1_dock[-1][2], camera="dock")
+    alone = play(client, a1.url, viewer, out, a1_dock[0][1], a1_dock[-1][2] - 1,
+                 camera="dock")
     assert alone.code == 0, alone.stderr
     assert "signed end record verified)" in alone.stderr, alone.stderr
     assert frame_hashes(out)
+    # To a1's end itself: a1's video ends exactly at --to, and a3's segment holding that
+    # instant, if a3 has one (the cut leaves gaps in both copies), is played after it, from
+    # a3, exactly as a3 alone plays it (it was left out: the next part [--to + 1, --to] was
+    # empty, a3 never asked); if a3 has none there, a1's copy plays alone, as before.
+    a1_end = a1_dock[-1][2]
+    _pin(client, viewer, a3)
+    to_end = tmp_path / "dock-to-a1-end.ts"
+    done = play(client, a1.url, viewer, to_end, a1_dock[0][1], a1_end, camera="dock")
+    assert done.code == 0, done.stderr
+    if any(s <= a1_end <= e for _, s, e in _segments(a3, "dock")):
+        assert re.search(r"part 2 of 2: .* recorded by Archiver a3, verified against a3 ",
+                         done.stderr), done.stderr
+        at_end = tmp_path / "dock-a3-at-a1-end.ts"
+        a3_alone = play(client, a3.url, viewer, at_end, a1_end, a1_end, camera="dock")
+        assert a3_alone.code == 0, a3_alone.stderr
+        assert frame_hashes(at_end)
+        assert frame_hashes(to_end) == frame_hashes(out) + frame_hashes(at_end)
+    else:
+        assert "part 1 of 1: " in done.stderr, done.stderr
+        assert frame_hashes(to_end) == frame_hashes(out)
 
     # A link that drops packets but keeps its sockets (a black hole): a1's sessions look alive
     # to PostgreSQL (the proxy's kernel answers their keepalives, so this is the lease row's

@@ -28,7 +28,7 @@ from client.evidence_zip import read_zip
 from client.pinning import KnownArchivers
 from client.site import UntrustedArchiver
 from client.viewer import VerifiedRange, fetch_range
-from fusion_testkit.client_cli import Client, Viewer, iso
+from fusion_testkit.client_cli import Client, Viewer, iso, play
 from fusion_testkit.site import (
     TwoArchivers,
     pin,
@@ -145,8 +145,11 @@ def the_browser_plays_the_range_as_one_timeline(site: TwoArchivers, viewer: View
                 page.evaluate("([c, ms]) => window.fusionViewer.tiles.get(c).playFrom(ms)",
                               [clip.camera, start])
                 page.wait_for_function(
+                    # The segment list follows the verified count as the page appends the
+                    # media: wait for both (a snapshot between them listed 4 of 8).
                     "(c) => { const s = window.fusionViewer.tiles.get(c).snapshot(); "
-                    "return s.stateText.includes('to the end') || s.stopped; }",
+                    "return (s.stateText.includes('to the end') "
+                    "&& s.segments.length === s.verified) || s.stopped; }",
                     arg=clip.camera, timeout=90_000)
                 state = page.evaluate("(c) => window.fusionViewer.tiles.get(c).snapshot()",
                                       clip.camera)
@@ -223,6 +226,30 @@ def test_evidence_and_grants_of_a_range_across_a_move_each_part_from_its_own_sig
     # Frame-exact on both sides of the switch, judged by ffmpeg.
     assert frame_hashes(video) == moved.first + moved.second
 
+    # To a1's last signed end itself: a1's video ends exactly at --to, so a2 is asked for that
+    # instant. Without video there (a2's first segment starts later) the range is a1's alone:
+    # a2's "no recording" there is no failure: play gives a1's frames, evidence one a1
+    # package (before, the export was refused, "export it again", however often tried).
+    to_a1_end = tmp_path / "to-a1-end.ts"
+    done = play(client, site.a1.url, viewer, to_a1_end, moved.start, last_end, camera=camera)
+    assert done.code == 0, done.stderr
+    edge_case = tmp_path / "to-a1-end.zip"
+    done_edge = client("evidence", "export", "--archiver", site.a1.url, "--token", viewer.uri,
+                       "--camera", camera, "--from", iso(moved.start), "--to", iso(last_end),
+                       "-o", str(edge_case))
+    assert done_edge.code == 0, done_edge.stderr
+    edge_video = tmp_path / "to-a1-end-verified.ts"
+    checked = client("evidence", "verify", str(edge_case), "--expect-archiver", a1_fp.hex(),
+                     "--expect-archiver", a2_fp.hex(), "-o", str(edge_video))
+    assert checked.code == 0, checked.stderr + checked.stdout.decode()
+    if first_start > last_end:
+        assert "part 1 of 1: " in done.stderr, done.stderr
+        assert frame_hashes(to_a1_end) == frame_hashes(edge_video) == moved.first
+    else:  # a2's first segment holds that instant: it is played and exported after a1's
+        assert "part 2 of 2: " in done.stderr and "2 parts" in done_edge.stderr, done.stderr
+        assert frame_hashes(to_a1_end) == frame_hashes(edge_video)
+        assert frame_hashes(edge_video)[:len(moved.first)] == moved.first
+
     # Each part against its own signer: a verifier that knows only a1 does not accept a2's part.
     only_a1 = client("evidence", "verify", str(case), "--expect-archiver", a1_fp.hex())
     assert only_a1.code == ExitCode.NOT_VERIFIED, only_a1.stdout.decode()
@@ -297,3 +324,11 @@ def test_evidence_and_grants_of_a_range_across_a_move_each_part_from_its_own_sig
     assert frame_hashes(granted) == moved.first + moved.second
     assert re.search(r"part 1 of 2: grant .* recorded by Archiver a1", played.stderr)
     assert SWITCH.search(played.stderr), played.stderr
+    # A grant to a1's last signed end itself: made (a2's "no recording" at that instant is no
+    # failure), one grant, on a1, when a2 has no video there.
+    edge_grant = client("grant", "--archiver", site.a1.url, "--token", viewer.uri, "--camera",
+                        camera, "--from", iso(moved.start), "--to", iso(last_end),
+                        "--to-cert", str(grantee.pem))
+    assert edge_grant.code == 0, edge_grant.stderr
+    assert len(re.findall(rb"grant ([0-9a-f]{32}): pending", edge_grant.stdout)) == (
+        1 if first_start > last_end else 2), edge_grant.stdout

@@ -139,6 +139,10 @@ def _role_of(method: str, path: str) -> str:
         return "admin"
     if path.startswith("/ingest/"):
         return "camera"
+    # Another Archiver of the site, by its signature in the body (no bearer token of any kind
+    # opens it: a viewer must not bulk-download the key streams), issue 22.
+    if path == "/v1/site/consolidation/export":
+        return "archiver"
     # /v1/site/archivers: the registry a viewer checks a redirect against (issue 21).
     if path.startswith(("/v1/cameras", "/v1/grants", "/v1/site/")):
         return "viewer"
@@ -199,12 +203,20 @@ def test_every_endpoint_refuses_every_wrong_credential(server: WrappedServer,
                    "revoked": revoked, "admin session": admin_session},
         "metrics": {"none": None, "garbage": secrets.token_urlsafe(32), "camera": cam1_token,
                     "viewer": alice_session},
+        "archiver": {"none": None, "admin": server.admin_token, "viewer": alice_session,
+                     "camera": cam1_token, "admin session": admin_session},
     }
+    # A well-formed export request, unsigned (its signature is garbage): what a token holder
+    # who is no Archiver can send.
+    unsigned_export = {"archiver": "a9", "camera": "cam1", "from_ms": 0, "to_ms": 2**40,
+                       "issued_ms": int(time.time() * 1000), "nonce": "0" * 32,
+                       "signature": base64.b64encode(b"x" * 70).decode()}
     expected_refusal = {  # (status, error code) for "none", then for any other wrong token
         "admin": ((401, "unauthenticated"), (403, "forbidden")),
         "camera": ((401, "unauthenticated"), (403, "forbidden")),
         "viewer": ((401, "unauthenticated"), (401, "session_invalid")),
         "metrics": ((401, "unauthenticated"), (403, "forbidden")),
+        "archiver": ((401, "unauthenticated"), (401, "unauthenticated")),
     }
     spec = httpx.get(f"{url}/openapi.json").json()
     operations = [(method.upper(), path) for path, item in spec["paths"].items()
@@ -220,7 +232,8 @@ def test_every_endpoint_refuses_every_wrong_credential(server: WrappedServer,
         for name, token in wrong[role].items():
             headers = {"Authorization": f"Bearer {token}"} if token else {}
             response = httpx.request(method, target, headers=headers, params=params,
-                                     json={} if method in ("POST",) else None,
+                                     json=(unsigned_export if role == "archiver" else {})
+                                     if method in ("POST",) else None,
                                      content=b"segment" if method == "PUT" else None)
             status, code = expected_refusal[role][0 if token is None else 1]
             assert (response.status_code, response.json()["error"]) == (status, code), (
