@@ -152,6 +152,7 @@ class SiteMember:
         self.takeovers = 0  # cameras this Archiver took over since it started
         self.leases_lost = 0  # cameras taken from it while it could not reach the directory
         self._unreachable = False  # the last refresh failed (the directory, or the link, down)
+        self._renewed_ms: int | None = None  # when this Archiver last renewed its leases
         # A disk that fails (issue 22): the cameras given to their standbys because this
         # Archiver could not archive them (not taken again while the disk fails), and why.
         self._disk_released: dict[str, str] = {}
@@ -303,9 +304,13 @@ class SiteMember:
         # each under its own chains and signature; this side ends here, as a move does.
         # (Unreachable: the last refresh failed, or this one comes long after the last one
         # that completed: its queries hung on a link that dropped packets.)
+        # (Or its leases went unrenewed for their whole life, however its refreshes fared: a
+        # standby takes an expired lease only, so this one certainly lapsed.)
         stalled = (self._applied_ms is not None
                    and self.clock() - self._applied_ms > 3 * REFRESH_S * 1000)
-        lapsed = (to is not None and (self._unreachable or stalled)
+        expired = (self._renewed_ms is not None
+                   and self.clock() - self._renewed_ms >= LEASE_TTL_MS)
+        lapsed = (to is not None and (self._unreachable or stalled or expired)
                   and camera in self._assigned)
         if lapsed:
             self.leases_lost += 1
@@ -331,6 +336,7 @@ class SiteMember:
             log.debug("could not take the lease locks: %s", exc)
         locked = self._locks.held() if self._locks is not None else frozenset()
         self.directory.renew_leases(self.name, mine, now_ms, LEASE_TTL_MS, locked)
+        self._renewed_ms = now_ms
         self._leases = self.directory.leases() if self._assigned else {}
 
     def _lock_mine(self, mine: list[str]) -> None:
