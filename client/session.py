@@ -482,29 +482,24 @@ class ArchiverSession:
         (None: an Archiver from before sites, which holds all of its cameras itself)."""
         query = "&".join(f"{k}={v}" for k, v in (("from_ms", from_ms), ("to_ms", to_ms))
                          if v is not None)
-        try:
-            body = self._json("GET", f"/v1/cameras/{camera}/placements?{query}", auth=True)
-        except RequestRefused as exc:
-            if getattr(exc, "http_status", None) == 404 and exc.wire_code in (
-                    None, ErrorCode.HTTP_ERROR):
-                return None
-            raise
-        if not isinstance(body, dict) or not isinstance(body.get("placements"), list):
-            raise ArchiverFailed("The Archiver's placements of a camera are malformed.")
-        return [PlacementView.from_json(p) for p in body["placements"]]
+        return self._placements(f"/v1/cameras/{camera}/placements?{query}", "a camera")
 
     def grant_placements(self, grant_id: str) -> list[PlacementView] | None:
         """Which Archivers of the site recorded the range of an approved grant to this viewer,
         oldest first (None: an Archiver from before sites, or before this endpoint)."""
+        return self._placements(f"/v1/grants/{grant_id}/placements", "a grant")
+
+    def _placements(self, path: str, of: str) -> list[PlacementView] | None:
         try:
-            body = self._json("GET", f"/v1/grants/{grant_id}/placements", auth=True)
+            body = self._json("GET", path, auth=True)
         except RequestRefused as exc:
+            # An Archiver without the endpoint (404 from the framework, no wire code of ours).
             if getattr(exc, "http_status", None) == 404 and exc.wire_code in (
                     None, ErrorCode.HTTP_ERROR):
                 return None
             raise
         if not isinstance(body, dict) or not isinstance(body.get("placements"), list):
-            raise ArchiverFailed("The Archiver's placements of a grant are malformed.")
+            raise ArchiverFailed(f"The Archiver's placements of {of} are malformed.")
         return [PlacementView.from_json(p) for p in body["placements"]]
 
     def name(self) -> str | None:

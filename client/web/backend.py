@@ -71,6 +71,15 @@ class TileRequest:
     to_ms: int = 0
     start_ms: int = 0      # segments captured before this are verified but not shown (a seek)
 
+    def shows(self, event: SegmentPlaintext) -> bool:
+        """Whether a verified segment is in the asked window: whole manifests come back, and a
+        segment covers [capture_ms, capture_ms + duration_ms] (signed; without a duration, a
+        point). A recorded window's next one starts where this one's last segment ends."""
+        end = event.capture_ms + event.duration_ms
+        if (end <= self.start_ms) if event.duration_ms else (event.capture_ms < self.start_ms):
+            return False
+        return self.live or event.capture_ms <= self.to_ms
+
 
 def recorded_ranges(view: CameraView, gaps: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The recorded ranges of a camera for the timeline: its first .. last segment, split at
@@ -250,17 +259,8 @@ class ViewerBackend:
 
         def on_segment(event: SegmentPlaintext) -> None:
             nonlocal info, shown
-            if stopped.is_set():
+            if stopped.is_set() or not request.shows(event):
                 return
-            # Whole manifests come back: show only the segments of the asked window. A segment
-            # covers [capture_ms, capture_ms + duration_ms] (signed); one without a duration
-            # is a point.
-            end = event.capture_ms + event.duration_ms
-            if (end <= request.start_ms) if event.duration_ms else (
-                    event.capture_ms < request.start_ms):
-                return
-            if not request.live and event.capture_ms > request.to_ms:
-                return  # the page's next window starts where this one's last segment ends
             remuxed = self.remux(event.data)
             if info is None:
                 info = remuxed.info
@@ -363,13 +363,7 @@ class ViewerBackend:
 
         def on_segment(event: SegmentPlaintext) -> None:
             nonlocal info, shown
-            if stopped.is_set():
-                return
-            end = event.capture_ms + event.duration_ms
-            if (end <= request.start_ms) if event.duration_ms else (
-                    event.capture_ms < request.start_ms):
-                return
-            if event.capture_ms > request.to_ms:
+            if stopped.is_set() or not request.shows(event):
                 return
             remuxed = self.remux(event.data)
             if info is None:
