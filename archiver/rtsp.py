@@ -93,7 +93,13 @@ class _Segmenter:
     timestamps do not advance); a packet larger than ``max_bytes`` on its own (a giant NAL) is
     dropped. After a cut that was not at a keyframe, packets are dropped until the next one (a
     segment must start with one to be decodable alone). Each such event is counted in
-    ``faults`` and described in ``fault``, for the camera's health."""
+    ``faults`` and described in ``fault``, for the camera's health.
+
+    A stream clock that goes back (a camera's encoder or RTSP server restarting it under a live
+    connection) cuts the segment there too, and sets ``clock_restarted``: the MPEG-TS muxer
+    refuses a decoding time that does not advance, and that refusal used to end the whole
+    connection (reported as "unreachable (Invalid argument)") and lose the seconds of
+    reconnecting."""
 
     def __init__(self, container: av.container.InputContainer, max_bytes: int = 32 * 2**20,
                  max_s: float = 20.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -109,6 +115,9 @@ class _Segmenter:
         self._opened_at = clock()
         self._waiting_since: float | None = clock()  # for a keyframe to start a segment
         self._last_read = clock()
+        self._last_dts: dict[int, int] = {}  # per input stream, in the segment being built
+        self.clock_restarts = 0
+        self.clock_restarted = False  # set by add(), taken by the puller (a new session)
         self.faults = 0
         self.dropped_bytes = 0
         self.fault: str | None = None  # the latest, taken by the puller
@@ -133,6 +142,17 @@ class _Segmenter:
             finished = self.close()
             self._waiting_since = self._waiting_since or self._clock()
             return finished
+        if self._output is not None and packet.dts <= self._last_dts.get(packet.stream.index,
+                                                                          packet.dts - 1):
+            # The camera's clock went back: what came before is good video, and what follows
+            # is not its continuation in time (the puller gives it a new session).
+            log.info("the camera's stream clock went back (%d -> %d, stream %d); segment cut "
+                     "there", self._last_dts[packet.stream.index], packet.dts,
+                     packet.stream.index)
+            finished = self.close()
+            self.clock_restarts += 1
+            self.clock_restarted = True
+            self._waiting_since = self._clock()
         if self._output is not None:
             reason = self._over_cap(packet)
             if reason is not None:
@@ -155,6 +175,7 @@ class _Segmenter:
             self._open()
         if is_video and self._first_pts is None:
             self._first_pts = packet.pts
+        self._last_dts[packet.stream.index] = packet.dts
         packet.stream = self._streams[packet.stream.index]
         assert self._output is not None
         self._output.mux(packet)
@@ -190,6 +211,7 @@ class _Segmenter:
         data = self._buffer.getvalue()
         self._output = self._buffer = None
         self._first_pts = None
+        self._last_dts.clear()
         return data or None
 
     def _open(self) -> None:
@@ -286,6 +308,10 @@ def _pull(camera: str, url: str, stop: threading.Event, sink: PullSink, max_segm
                 if segment is not None:
                     sink.segment(camera, segment, time.time(), session)
                     received = True
+                if segmenter.clock_restarted:
+                    # What follows owes nothing to the old clock: the Archiver anchors it anew.
+                    segmenter.clock_restarted = False
+                    session = new_session()
                 if segmenter.fault is not None:
                     fault, segmenter.fault = segmenter.fault, None
                     log.warning("camera %s: %s", camera, fault)
