@@ -116,8 +116,7 @@ class _Segmenter:
         self._waiting_since: float | None = clock()  # for a keyframe to start a segment
         self._last_read = clock()
         self._last_dts: dict[int, int] = {}  # per input stream, in the segment being built
-        self.clock_restarts = 0
-        self.clock_restarted = False  # set by add(), taken by the puller (a new session)
+        self.clock_restarted: str | None = None  # set by add(), taken by the puller
         self.faults = 0
         self.dropped_bytes = 0
         self.fault: str | None = None  # the latest, taken by the puller
@@ -142,16 +141,13 @@ class _Segmenter:
             finished = self.close()
             self._waiting_since = self._waiting_since or self._clock()
             return finished
-        if self._output is not None and packet.dts <= self._last_dts.get(packet.stream.index,
-                                                                          packet.dts - 1):
+        last_dts = self._last_dts.get(packet.stream.index)
+        if self._output is not None and last_dts is not None and packet.dts <= last_dts:
             # The camera's clock went back: what came before is good video, and what follows
             # is not its continuation in time (the puller gives it a new session).
-            log.info("the camera's stream clock went back (%d -> %d, stream %d); segment cut "
-                     "there", self._last_dts[packet.stream.index], packet.dts,
-                     packet.stream.index)
+            self.clock_restarted = (f"its stream clock went back ({last_dts} -> {packet.dts} in "
+                                    f"stream {packet.stream.index})")
             finished = self.close()
-            self.clock_restarts += 1
-            self.clock_restarted = True
             self._waiting_since = self._clock()
         if self._output is not None:
             reason = self._over_cap(packet)
@@ -308,9 +304,11 @@ def _pull(camera: str, url: str, stop: threading.Event, sink: PullSink, max_segm
                 if segment is not None:
                     sink.segment(camera, segment, time.time(), session)
                     received = True
-                if segmenter.clock_restarted:
+                if segmenter.clock_restarted is not None:
                     # What follows owes nothing to the old clock: the Archiver anchors it anew.
-                    segmenter.clock_restarted = False
+                    log.info("camera %s: %s; segment cut there, a new session follows", camera,
+                             segmenter.clock_restarted)
+                    segmenter.clock_restarted = None
                     session = new_session()
                 if segmenter.fault is not None:
                     fault, segmenter.fault = segmenter.fault, None
