@@ -97,9 +97,11 @@ class _Segmenter:
 
     A stream clock that goes back (a camera's encoder or RTSP server restarting it under a live
     connection) cuts the segment there too, and sets ``clock_restarted``: the MPEG-TS muxer
-    refuses a decoding time that does not advance, and that refusal used to end the whole
-    connection (reported as "unreachable (Invalid argument)") and lose the seconds of
-    reconnecting."""
+    refuses a decoding time that goes back, and that refusal used to end the whole connection
+    (reported as "unreachable (Invalid argument)") and lose the seconds of reconnecting. A clock
+    that goes back again within ``max_s`` is a fault (a broken clock, not a restart). A clock
+    that does not advance at all is still refused by the muxer (the camera is unreachable with
+    FFmpeg's reason): cutting there would make one segment of every frame."""
 
     def __init__(self, container: av.container.InputContainer, max_bytes: int = 32 * 2**20,
                  max_s: float = 20.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -115,8 +117,9 @@ class _Segmenter:
         self._opened_at = clock()
         self._waiting_since: float | None = clock()  # for a keyframe to start a segment
         self._last_read = clock()
-        self._last_dts: dict[int, int] = {}  # per input stream, in the segment being built
+        self._last_dts: dict[int, int] = {}  # per input stream, the last muxed, since a restart
         self.clock_restarted: str | None = None  # set by add(), taken by the puller
+        self._restarted_at: float | None = None
         self.faults = 0
         self.dropped_bytes = 0
         self.fault: str | None = None  # the latest, taken by the puller
@@ -142,11 +145,17 @@ class _Segmenter:
             self._waiting_since = self._waiting_since or self._clock()
             return finished
         last_dts = self._last_dts.get(packet.stream.index)
-        if self._output is not None and last_dts is not None and packet.dts <= last_dts:
+        if last_dts is not None and packet.dts < last_dts:
             # The camera's clock went back: what came before is good video, and what follows
             # is not its continuation in time (the puller gives it a new session).
             self.clock_restarted = (f"its stream clock went back ({last_dts} -> {packet.dts} in "
                                     f"stream {packet.stream.index})")
+            now = self._clock()
+            if self._restarted_at is not None and now - self._restarted_at <= self._max_s:
+                self._fault(f"the camera's stream clock went back twice within "
+                            f"{now - self._restarted_at:.1f} s; segments were cut there")
+            self._restarted_at = now
+            self._last_dts.clear()
             finished = self.close()
             self._waiting_since = self._clock()
         if self._output is not None:
@@ -207,7 +216,6 @@ class _Segmenter:
         data = self._buffer.getvalue()
         self._output = self._buffer = None
         self._first_pts = None
-        self._last_dts.clear()
         return data or None
 
     def _open(self) -> None:
