@@ -93,7 +93,15 @@ class _Segmenter:
     timestamps do not advance); a packet larger than ``max_bytes`` on its own (a giant NAL) is
     dropped. After a cut that was not at a keyframe, packets are dropped until the next one (a
     segment must start with one to be decodable alone). Each such event is counted in
-    ``faults`` and described in ``fault``, for the camera's health."""
+    ``faults`` and described in ``fault``, for the camera's health.
+
+    A stream clock that goes back (a camera's encoder or RTSP server restarting it under a live
+    connection) cuts the segment there too, and sets ``clock_restarted``: the MPEG-TS muxer
+    refuses a decoding time that goes back, and that refusal used to end the whole connection
+    (reported as "unreachable (Invalid argument)") and lose the seconds of reconnecting. A clock
+    that goes back again within ``max_s`` is a fault (a broken clock, not a restart). A clock
+    that does not advance at all is still refused by the muxer (the camera is unreachable with
+    FFmpeg's reason): cutting there would make one segment of every frame."""
 
     def __init__(self, container: av.container.InputContainer, max_bytes: int = 32 * 2**20,
                  max_s: float = 20.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -109,6 +117,9 @@ class _Segmenter:
         self._opened_at = clock()
         self._waiting_since: float | None = clock()  # for a keyframe to start a segment
         self._last_read = clock()
+        self._last_dts: dict[int, int] = {}  # per input stream, the last muxed, since a restart
+        self.clock_restarted: str | None = None  # set by add(), taken by the puller
+        self._restarted_at: float | None = None
         self.faults = 0
         self.dropped_bytes = 0
         self.fault: str | None = None  # the latest, taken by the puller
@@ -133,6 +144,20 @@ class _Segmenter:
             finished = self.close()
             self._waiting_since = self._waiting_since or self._clock()
             return finished
+        last_dts = self._last_dts.get(packet.stream.index)
+        if last_dts is not None and packet.dts < last_dts:
+            # The camera's clock went back: what came before is good video, and what follows
+            # is not its continuation in time (the puller gives it a new session).
+            self.clock_restarted = (f"its stream clock went back ({last_dts} -> {packet.dts} in "
+                                    f"stream {packet.stream.index})")
+            now = self._clock()
+            if self._restarted_at is not None and now - self._restarted_at <= self._max_s:
+                self._fault(f"the camera's stream clock went back twice within "
+                            f"{now - self._restarted_at:.1f} s; segments were cut there")
+            self._restarted_at = now
+            self._last_dts.clear()
+            finished = self.close()
+            self._waiting_since = self._clock()
         if self._output is not None:
             reason = self._over_cap(packet)
             if reason is not None:
@@ -155,6 +180,7 @@ class _Segmenter:
             self._open()
         if is_video and self._first_pts is None:
             self._first_pts = packet.pts
+        self._last_dts[packet.stream.index] = packet.dts
         packet.stream = self._streams[packet.stream.index]
         assert self._output is not None
         self._output.mux(packet)
@@ -286,6 +312,12 @@ def _pull(camera: str, url: str, stop: threading.Event, sink: PullSink, max_segm
                 if segment is not None:
                     sink.segment(camera, segment, time.time(), session)
                     received = True
+                if segmenter.clock_restarted is not None:
+                    # What follows owes nothing to the old clock: the Archiver anchors it anew.
+                    log.info("camera %s: %s; segment cut there, a new session follows", camera,
+                             segmenter.clock_restarted)
+                    segmenter.clock_restarted = None
+                    session = new_session()
                 if segmenter.fault is not None:
                     fault, segmenter.fault = segmenter.fault, None
                     log.warning("camera %s: %s", camera, fault)

@@ -32,6 +32,10 @@ def serve(port: int, kbps: int, width: int, height: int) -> None:
     factory = GstRtspServer.RTSPMediaFactory()
     factory.set_launch(PIPELINE.format(w=width, h=height, kbps=kbps))
     factory.set_shared(True)  # one encoder for all sessions
+    # Not seekable (the clock published with its offset, RFC 7273), as a live camera: otherwise
+    # each PLAY's Range seeks the shared pipeline and restarts every other session's stream
+    # clock (tests/fixtures/rtsp_camera.py).
+    factory.set_publish_clock_mode(GstRtspServer.RTSPPublishClockMode.CLOCK_AND_OFFSET)
     server.get_mount_points().add_factory("/stream", factory)
     if server.attach(None) == 0:
         raise SystemExit(f"cannot listen on 127.0.0.1:{port}")
