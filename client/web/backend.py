@@ -261,19 +261,8 @@ class ViewerBackend:
             nonlocal info, shown
             if stopped.is_set() or not request.shows(event):
                 return
-            remuxed = self.remux(event.data)
-            if info is None:
-                info = remuxed.info
-                emit({"type": "codec", "codec": info.codec, "mime": info.mime,
-                      "width": info.width, "height": info.height})
-            meta = {"type": "segment", "seq": event.seq, "capture_ms": event.capture_ms,
-                    "duration_ms": event.duration_ms, "verified": True}
-            if remuxed.fmp4 is None:
-                emit({**meta, "media": False})  # verified, but this browser cannot show it
-                return
-            emit({**meta, "media": True, "bytes": len(remuxed.fmp4)})
-            emit(remuxed.fmp4)
-            shown += 1
+            info, media = self._emit_segment(event, emit, info)
+            shown += media
 
         def ask(signer: LoginResult | None = None) -> tuple[StreamRequest, Player]:
             # A fresh nonce per request: the stream must answer exactly it (issue 12).
@@ -345,6 +334,25 @@ class ViewerBackend:
             if child is not None:
                 child.close()
 
+    def _emit_segment(self, event: SegmentPlaintext, emit: Emit,
+                      info: VideoInfo | None) -> tuple[VideoInfo, bool]:
+        """A verified segment to the page: the codec before the first one, its metadata, its
+        fMP4; returns the stream's video info and whether media went (False: verified, but
+        this browser cannot show it)."""
+        remuxed = self.remux(event.data)
+        if info is None:
+            info = remuxed.info
+            emit({"type": "codec", "codec": info.codec, "mime": info.mime,
+                  "width": info.width, "height": info.height})
+        meta = {"type": "segment", "seq": event.seq, "capture_ms": event.capture_ms,
+                "duration_ms": event.duration_ms, "verified": True}
+        if remuxed.fmp4 is None:
+            emit({**meta, "media": False})
+            return info, False
+        emit({**meta, "media": True, "bytes": len(remuxed.fmp4)})
+        emit(remuxed.fmp4)
+        return info, True
+
     def _stream_parts(self, request: TileRequest, parts: list[Part], emit: Emit,
                       stopped: threading.Event,
                       on_session: Callable[[ArchiverSession], None]) -> None:
@@ -365,19 +373,8 @@ class ViewerBackend:
             nonlocal info, shown
             if stopped.is_set() or not request.shows(event):
                 return
-            remuxed = self.remux(event.data)
-            if info is None:
-                info = remuxed.info
-                emit({"type": "codec", "codec": info.codec, "mime": info.mime,
-                      "width": info.width, "height": info.height})
-            meta = {"type": "segment", "seq": event.seq, "capture_ms": event.capture_ms,
-                    "duration_ms": event.duration_ms, "verified": True}
-            if remuxed.fmp4 is None:
-                emit({**meta, "media": False})
-                return
-            emit({**meta, "media": True, "bytes": len(remuxed.fmp4)})
-            emit(remuxed.fmp4)
-            shown += 1
+            info, media = self._emit_segment(event, emit, info)
+            shown += media
 
         try:
             emit({"type": "start", "camera": request.camera, "live": False,
