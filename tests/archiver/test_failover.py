@@ -366,7 +366,9 @@ def test_kill_9_of_the_primary_the_first_standby_takes_over_plays_across_and_doe
         assert re.search(r"part 2 of 2: .* recorded by Archiver a3, verified against a3 ",
                          done.stderr), done.stderr
         at_end = tmp_path / "dock-a3-at-a1-end.ts"
-        a3_alone = play(client, a3.url, viewer, at_end, a1_end, a1_end, camera="dock")
+        # The command refuses a range of one instant ("empty"): a3's segment holding a1_end
+        # is the one holding [a1_end, a1_end + 1] (its segments are 2 s long).
+        a3_alone = play(client, a3.url, viewer, at_end, a1_end, a1_end + 1, camera="dock")
         assert a3_alone.code == 0, a3_alone.stderr
         assert frame_hashes(at_end)
         assert frame_hashes(to_end) == frame_hashes(out) + frame_hashes(at_end)
