@@ -3,12 +3,16 @@ and a real Archiver (uvicorn in a subprocess, started by ``bench.server``)."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
+import json
 import os
 import platform
+import shutil
 import statistics
 import sys
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +62,35 @@ def machine_line() -> str:
 
 
 # --- results ------------------------------------------------------------------------------
+def run_bench(module: str, doc: str | None, defaults: Any,
+              run: Callable[[Report, Path, Any], object], argv: list[str] | None) -> int:
+    """The command line of ``python -m bench.MODULE``: one flag per field of the ``defaults``
+    dataclass (a bool is a switch) and ``--json FILE``; ``run(report, workdir, options)`` in a
+    temporary directory, removed afterwards."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{module}",
+                                     description=(doc or "").split("\n\n")[0])
+    for name, value in vars(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true")
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    parser.add_argument("--json", type=Path, help="write every figure here too")
+    args = parser.parse_args(argv)
+    opts = type(defaults)(**{k: getattr(args, k) for k in vars(defaults)})
+    report = Report()
+    report.data["command"] = f"python -m bench.{module} " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{module}-"))
+    try:
+        run(report, workdir, opts)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report.data, indent=2, default=str))
+    return 0
+
+
 class Report:
     """Prints as it goes and keeps every figure for the JSON results file."""
 

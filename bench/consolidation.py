@@ -24,13 +24,9 @@ download throughput (1.0: verification and storage cost nothing on top of the tr
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import statistics
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +37,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.consolidation import EXPORT_PATH, SETTLE_MS, ExportRequest
 from archiver.directory import ArchiverRow, open_directory
-from bench.common import MB, CertFactory, Report
+from bench.common import MB, CertFactory, Report, run_bench
 from fusion_testkit.pki import SiteCa
 from fusion_testkit.postgres import PostgresCluster
 from fusion_testkit.server import ArchiverServer, production_archiver
@@ -171,25 +167,7 @@ def run(report: Report, workdir: Path, opts: Options) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.consolidation",
-                                     description=__doc__.split("\n\n")[0])
-    defaults = Options()
-    for name, value in vars(defaults).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    parser.add_argument("--json", type=Path, help="write every figure here too")
-    args = parser.parse_args(argv)
-    opts = Options(**{k: getattr(args, k) for k in vars(defaults)})
-    report = Report()
-    report.data["command"] = "python -m bench.consolidation " + " ".join(
-        sys.argv[1:] if argv is None else argv)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-consolidation-"))
-    try:
-        run(report, workdir, opts)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    if args.json is not None:
-        args.json.write_text(json.dumps(report.data, indent=2, default=str))
-    return 0
+    return run_bench("consolidation", __doc__, Options(), run, argv)
 
 
 if __name__ == "__main__":

@@ -28,15 +28,12 @@ throwaway; the figures are latency and CPU of queries, not of commits to disk).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import secrets
 import shutil
 import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,7 +48,7 @@ from sqlalchemy import insert
 from archiver.db import Database
 from archiver.directory import Directory, open_directory
 from archiver.directory import schema as t
-from bench.common import MB, BenchServer, CertFactory, MiB, Report, median, percentile
+from bench.common import MB, BenchServer, CertFactory, MiB, Report, median, percentile, run_bench
 from bench.ingest import Params, window
 from fusion_testkit.pki import SiteCa
 from fusion_testkit.postgres import PostgresCluster
@@ -466,29 +463,7 @@ def run(report: Report, workdir: Path, opts: Options) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.site_directory",
-                                     description=__doc__.split("\n\n")[0])
-    defaults = Options()
-    for name, value in vars(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true")
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
-    parser.add_argument("--json", type=Path, help="write every figure here too")
-    args = parser.parse_args(argv)
-    opts = Options(**{k: getattr(args, k) for k in vars(defaults)})
-    report = Report()
-    report.data["command"] = "python -m bench.site_directory " + " ".join(
-        sys.argv[1:] if argv is None else argv)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-site-"))
-    try:
-        run(report, workdir, opts)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    if args.json is not None:
-        args.json.write_text(json.dumps(report.data, indent=2, default=str))
-    return 0
+    return run_bench("site_directory", __doc__, Options(), run, argv)
 
 
 if __name__ == "__main__":
