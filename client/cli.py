@@ -73,9 +73,9 @@ def play(
     quiet: QuietOpt = False,
 ) -> None:
     """Export a recorded time range of a camera as verified, decrypted MPEG-TS."""
+    from client.logins import check_camera, now_ms
     from client.playback import stream_command
     from client.session import playback_request
-    from client.viewer import check_camera, now_ms
     from keyservice.timespec import parse_range
 
     from_ms, to_ms = parse_range(from_, to, now_ms())
@@ -108,9 +108,9 @@ def live(
              "fresh (a replay).")] = DEFAULT_CLOCK_SKEW_S,
 ) -> None:
     """Watch a camera live; each segment is written as soon as it is verified (-o - | ffplay -)."""
+    from client.logins import check_camera
     from client.playback import stream_command
     from client.session import live_request
-    from client.viewer import check_camera
 
     check_camera(camera)
     seconds = duration if duration is not None else MAX_LIVE_S

@@ -15,12 +15,19 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from cryptography import x509
 
-from client.copies import Selection, Stretch, plan_stretches, survey
+from client.logins import (  # not client.viewer: play does not load the whole library
+    Login,
+    Signer,
+    load_certificate_file,
+    load_site_ca,
+    login,
+    open_identity,
+)
 from client.pinning import KnownArchivers, PinDecision, PinOutcome
 from client.player import (
     FileOutput,
@@ -36,14 +43,6 @@ from client.player import (
 )
 from client.session import ArchiverSession, playback_request
 from client.site import Part, Site, Switch, nothing_at_the_end, played_part, trust_followed
-from client.viewer import (
-    Login,
-    Signer,
-    load_certificate_file,
-    load_site_ca,
-    login,
-    open_identity,
-)
 from keyservice.errors import KeyServiceError, UsageError
 from keyservice.exits import failure
 from keyservice.format import Header, Mode
@@ -51,6 +50,12 @@ from keyservice.identity import Identity, fingerprint
 from keyservice.reader import StreamRequest
 from keyservice.text import printable
 from keyservice.timespec import format_duration, format_ms
+
+if TYPE_CHECKING:
+    from client.copies import Selection, Stretch
+
+# client.copies (a redundant camera's copies) is imported by play_copies, its only user: a
+# play of one Archiver's range does not load it (issue 23: start-up).
 
 __all__ = ["DeferredInterrupt", "PartOutput", "Progress", "describe_saved", "logged_in",
            "login_and_say", "mib", "open_output", "operations", "pin_message", "play_copies", "play_parts",
@@ -597,6 +602,8 @@ def play_copies(site: Site, identity: Identity, camera: str, parts: list[Part], 
     each of its gaps from another copy (client/copies.py); every stretch its own stream,
     verified against its own signer, the switches said at their signed edges. The output is
     committed after the last stretch, or aborted (keeping what verified) on a failure."""
+    from client.copies import Selection, Stretch, plan_stretches, survey
+
     selection = Selection(output.write)
     lines: list[str] = []
     played: list[tuple[Stretch, Summary]] = []

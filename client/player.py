@@ -10,7 +10,6 @@ after the stream's signed end record verified; otherwise it is renamed ``FILE.in
 from __future__ import annotations
 
 import os
-import statistics
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -347,6 +346,14 @@ def archiver_pin_check(pinned_fingerprint: bytes) -> Callable[[x509.Certificate]
     return check
 
 
+def _median(values: Iterable[int]) -> float:
+    """statistics.median's value, without importing statistics (its import is a start-up
+    cost the first segment would pay: issue 23)."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 class Player:
     """Feeds fusion-stream bytes to the reader and writes what it releases, in order.
 
@@ -496,7 +503,7 @@ class Player:
             return
         delta = capture_ms - previous
         recent = self._intervals.setdefault(key, deque(maxlen=16))
-        typical = statistics.median(recent) if recent else 0
+        typical = _median(recent) if recent else 0
         if delta > max(self._min_gap_ms, GAP_FACTOR * typical):
             self.summary.gaps.append(Gap(key[0], key[1], previous, capture_ms, NO_RECORDING))
         else:

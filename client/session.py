@@ -480,6 +480,13 @@ class ArchiverSession:
                    to_ms: int | None = None) -> list[PlacementView] | None:
         """Which Archivers of the site recorded ``camera`` in [from_ms, to_ms], oldest first
         (None: an Archiver from before sites, which holds all of its cameras itself)."""
+        return self.placements_and_name(camera, from_ms, to_ms)[0]
+
+    def placements_and_name(self, camera: str, from_ms: int | None = None,
+                            to_ms: int | None = None
+                            ) -> tuple[list[PlacementView] | None, str | None]:
+        """``placements`` and the name of the Archiver that answered, which the answer carries
+        (None when it does not: ask ``name``): one round trip for both (issue 23: start-up)."""
         query = "&".join(f"{k}={v}" for k, v in (("from_ms", from_ms), ("to_ms", to_ms))
                          if v is not None)
         return self._placements(f"/v1/cameras/{camera}/placements?{query}", "a camera")
@@ -487,20 +494,25 @@ class ArchiverSession:
     def grant_placements(self, grant_id: str) -> list[PlacementView] | None:
         """Which Archivers of the site recorded the range of an approved grant to this viewer,
         oldest first (None: an Archiver from before sites, or before this endpoint)."""
-        return self._placements(f"/v1/grants/{grant_id}/placements", "a grant")
+        return self._placements(f"/v1/grants/{grant_id}/placements", "a grant")[0]
 
-    def _placements(self, path: str, of: str) -> list[PlacementView] | None:
+    def _placements(self, path: str, of: str
+                    ) -> tuple[list[PlacementView] | None, str | None]:
         try:
             body = self._json("GET", path, auth=True)
         except RequestRefused as exc:
             # An Archiver without the endpoint (404 from the framework, no wire code of ours).
             if getattr(exc, "http_status", None) == 404 and exc.wire_code in (
                     None, ErrorCode.HTTP_ERROR):
-                return None
+                return None, None
             raise
         if not isinstance(body, dict) or not isinstance(body.get("placements"), list):
             raise ArchiverFailed(f"The Archiver's placements of {of} are malformed.")
-        return [PlacementView.from_json(p) for p in body["placements"]]
+        # "archiver": the answering Archiver's name, as GET /v1/archiver gives it (same
+        # connection, same trust: unsigned either way).
+        name = body.get("archiver")
+        return ([PlacementView.from_json(p) for p in body["placements"]],
+                name if isinstance(name, str) else None)
 
     def name(self) -> str | None:
         """This Archiver's name in its site (None: an Archiver from before sites)."""

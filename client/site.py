@@ -251,8 +251,11 @@ class Site:
 
     def parts(self, camera: str, from_ms: int, to_ms: int) -> list[Part]:
         """[from_ms, to_ms] of ``camera`` cut into parts by the Archivers that recorded it."""
-        return plan_parts(self.entry.placements(camera, from_ms, to_ms), self.entry_name,
-                          from_ms, to_ms)
+        placements, name = self.entry.placements_and_name(camera, from_ms, to_ms)
+        if name is not None and not self._named:
+            # The answer names the entry: no second round trip for its name (start-up).
+            self._entry_name, self._named = name, True
+        return plan_parts(placements, self.entry_name, from_ms, to_ms)
 
     def holder(self, camera: str, from_ms: int, to_ms: int,
                what: str) -> tuple[ArchiverSession, Login]:

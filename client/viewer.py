@@ -20,17 +20,25 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
 
-from client.logins import Login, login, stream
+from client.logins import (
+    Login,
+    Signer,
+    check_camera,
+    load_certificate_file,
+    load_site_ca,
+    login,
+    now_ms,
+    open_identity,
+    stream,
+)
 from client.pinning import KnownArchivers
 from client.player import (
     DiscardOutput,
@@ -53,13 +61,12 @@ from client.session import (
     playback_request,
 )
 from client.site import Part, Site, nothing_at_the_end, played_part, trust_followed
-from keyservice.certs import load_certificate, validate_viewer_certificate
-from keyservice.errors import CertificateError, FormatError, UsageError
+from keyservice.certs import validate_viewer_certificate
+from keyservice.errors import FormatError, UsageError
 from keyservice.format import Header, Mode, Record, decode_record
 from keyservice.framing import RecordSplitter
-from keyservice.identity import Identity, fingerprint
+from keyservice.identity import Identity
 from keyservice.keyscheme import KeyScheme, Recipient
-from keyservice.names import CAMERA_NAME_RULE, is_camera_name
 from keyservice.reader import DEFAULT_MAX_SKEW_MS, SegmentPlaintext, StreamRequest, VerifiedKey
 
 __all__ = [
@@ -92,107 +99,7 @@ __all__ = [
 
 
 # --- small things ---------------------------------------------------------------------------
-def now_ms() -> int:
-    """This machine's clock, in milliseconds since the epoch."""
-    return time.time_ns() // 1_000_000
-
-
-def check_camera(name: str) -> str:
-    """``name`` if it is a camera name (the Archiver's rule); UsageError otherwise."""
-    if not is_camera_name(name):
-        raise UsageError(f"{name!r} is not a camera name ({CAMERA_NAME_RULE}).")
-    return name
-
-
-def load_certificate_file(path: Path) -> x509.Certificate:
-    """A certificate (PEM or DER) from a file: UsageError if unreadable, CertificateError
-    (naming the file) if it is not a certificate."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"Cannot read {path}: {exc.strerror or exc}.") from None
-    try:
-        return load_certificate(data)
-    except CertificateError as exc:
-        raise CertificateError(f"{path}: {exc}") from None
-
-
-def load_site_ca(path: Path) -> tuple[x509.Certificate, ...]:
-    """The site CA certificate(s) of ``--site-ca`` (a PEM file may hold several, e.g. a
-    renewed CA beside the old one): UsageError if unreadable, CertificateError (naming the
-    file) if it holds no certificate or one that is not a CA."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"Cannot read --site-ca {path}: {exc.strerror or exc}.") from None
-    try:
-        found = tuple(x509.load_pem_x509_certificates(data)) if b"-----BEGIN" in data \
-            else (x509.load_der_x509_certificate(data),)
-    except ValueError:
-        raise CertificateError(f"--site-ca {path} is not a readable certificate (PEM or "
-                               "DER); give your site CA's certificate.") from None
-    for cert in found:
-        try:
-            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        except x509.ExtensionNotFound:
-            is_ca = False
-        if not is_ca:
-            raise CertificateError(f"--site-ca {path} holds {cert.subject.rfc4514_string()}, "
-                                   "which is not a CA certificate; give your site CA's "
-                                   "certificate.")
-    return found
-
-
-@contextmanager
-def open_identity(uri: str, *, pin: str | None = None, prompt: bool = False) -> Iterator[Identity]:
-    """The viewer key on a token (PKCS#11 URI), open for the ``with`` block. The PIN comes from
-    ``pin``, the URI (pin-value/pin-source), FUSION_PIN, or a prompt if ``prompt``; a wrong
-    PIN raises PinIncorrect and is never retried."""
-    # Imported here: the token layer loads a PKCS#11 module, which help and offline
-    # verification do not need. The runtime path only: the viewer never provisions.
-    from keyservice.token import RuntimeToken
-    token = RuntimeToken.open(uri, pin=pin, prompt=prompt)
-    try:
-        yield token.identity()
-    finally:
-        token.close()
-
-
 # --- streams ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Signer:
-    """The Archiver that signed a verified stream: the certificate the stream's header
-    carries (the one logged in to, pinned or issued by the site CA), whose key verified every
-    manifest and the end record. Its subject names the Archiver (CN = its name in the site
-    when the site CA issued it)."""
-
-    certificate: x509.Certificate
-
-    def __str__(self) -> str:
-        return f"{self.subject} (sha256 {self.fingerprint})"
-
-    @property
-    def name(self) -> str | None:
-        """Its certificate's common name (the Archiver's name), None without one."""
-        names = self.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        return str(names[0].value) if names else None
-
-    @property
-    def issuer(self) -> str:
-        """Who issued its certificate (RFC 4514): the site CA, or itself (self-signed)."""
-        return self.certificate.issuer.rfc4514_string()
-
-    @property
-    def fingerprint(self) -> str:
-        """SHA-256 of its certificate, hex."""
-        return fingerprint(self.certificate).hex()
-
-    @property
-    def subject(self) -> str:
-        """Its certificate's subject (RFC 4514)."""
-        return self.certificate.subject.rfc4514_string()
-
-
 @dataclass(frozen=True)
 class VerifiedRange:
     """A stream verified to its signed end record (or a live stream stopped by its viewer):

@@ -18,11 +18,17 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import httpx
 import pytest
 
+from client.logins import login, open_identity
+from client.pinning import KnownArchivers
+from client.session import ArchiverSession
+from client.site import Site, trust_followed
 from fusion_testkit.client_cli import chunk, iso, now_ms, put
 from fusion_testkit.server import ArchiverServer
 from fusion_testkit.tokens import EnrolledViewer
+from keyservice.tls import trust as tls_trust
 
 # Runs one CLI's main() as its console script does, then writes the names of the modules the
 # process loaded (sys.modules, refused imports left out) to the file FUSION_PROBE_OUT names:
@@ -197,3 +203,29 @@ def test_cameras_list_and_play_load_no_web_framework(
     assert not {"client.web", "client.web.server", "keyservice.evidence.verify",
                 "keyservice.evidence.build", "client.evidence_zip", "keyservice.grants",
                 "keyservice.token.piv", "keyservice.token.provisioning"} & played
+    # Nor the whole viewer library (grants, evidence, whole-range results), a redundant
+    # camera's copies, or statistics: play goes through client.logins.
+    assert not {"client.viewer", "client.copies", "client.across", "statistics"} & played
+
+    # Where the range was recorded costs play one round trip, not two: the placements answer
+    # names the Archiver that answered, so its name is not asked for separately (GET
+    # /v1/archiver); the plan is the same one (one part, the entry's own).
+    asked: list[str] = []
+
+    class Counting(httpx.HTTPTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            asked.append(request.url.path)
+            return super().handle_request(request)
+
+    trust = tls_trust(https_archiver.tls_ca)
+    with (ArchiverSession(https_archiver.url, trust=trust,
+                          transport=Counting(verify=trust)) as session,
+          open_identity(viewer.uri) as identity):
+        logged = login(session, identity, known=KnownArchivers(tmp_path / "known"))
+        asked.clear()
+        with Site(session, logged, identity, check=trust_followed(
+                KnownArchivers(tmp_path / "known"), ())) as site:
+            parts = site.parts(camera, start, now_ms())
+            assert asked == [f"/v1/cameras/{camera}/placements"]
+            assert [(p.entry, p.archiver) for p in parts] == [(True, session.name())]
+            assert site.entry_name == session.name()
