@@ -10,16 +10,21 @@ asserted: the benchmark (``python -m bench.startup``) measures; this proves the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import typer
+import typer.main
 
 from client.logins import login, open_identity
 from client.pinning import KnownArchivers
@@ -28,6 +33,7 @@ from client.site import Site, trust_followed
 from fusion_testkit.client_cli import chunk, iso, now_ms, put
 from fusion_testkit.server import ArchiverServer
 from fusion_testkit.tokens import EnrolledViewer
+from keyservice.cli_support import only_invoked
 from keyservice.tls import trust as tls_trust
 
 # Runs one CLI's main() as its console script does, then writes the names of the modules the
@@ -229,3 +235,53 @@ def test_cameras_list_and_play_load_no_web_framework(
             assert asked == [f"/v1/cameras/{camera}/placements"]
             assert [(p.entry, p.archiver) for p in parts] == [(True, session.name())]
             assert site.entry_name == session.name()
+
+
+# --- typer builds only the command that runs -------------------------------------------------
+def _paths(app: Any) -> list[list[str]]:
+    """Every command and group path of a CLI (hidden ones included), from its click group."""
+    from typer.core import TyperGroup
+
+    def walk(path: list[str], command: Any) -> Iterator[list[str]]:
+        yield path
+        if isinstance(command, TyperGroup):
+            for name, sub in command.commands.items():
+                yield from walk([*path, name], sub)
+
+    return list(walk([], typer.main.get_command(app)))
+
+
+@pytest.mark.parametrize("prog", ["fusion-client", "fusion-keys", "fusion-archiver"])
+def test_only_the_invoked_command_is_built_and_it_is_the_same(
+        prog: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """keyservice.cli_support.run builds only the command (or group) argv names: its help and
+    a usage error read exactly as with the whole CLI built, for every command of each CLI; a
+    mistyped or missing command gets the whole CLI (its suggestions, its help)."""
+    app = {"fusion-client": "client.cli", "fusion-keys": "keyservice.cli",
+           "fusion-archiver": "archiver.cli"}[prog]
+    app = importlib.import_module(app).app
+    def invoke(command: Any, args: list[str]) -> tuple[object, str, str]:
+        # The click command built once (typer's test runner would build the whole CLI again
+        # for each call): its exit code, standard output and standard error.
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                command.main(args=args, prog_name=prog)
+            except SystemExit as exc:
+                return exc.code, out.getvalue(), err.getvalue()
+        raise AssertionError(f"{args} did not exit")
+
+    monkeypatch.setenv("COLUMNS", "100")
+    whole = typer.main.get_command(app)
+    paths = _paths(app)
+    assert len(paths) > 5
+    for path in paths[1:]:
+        reduced = only_invoked(app, [*path, "--help"])
+        assert reduced is not app
+        assert len(reduced.registered_commands) + len(reduced.registered_groups) == 1
+        alone = typer.main.get_command(reduced)
+        for args in ([*path, "--help"], [*path, "--no-such-option"], [*path, "--url"],
+                     [*path, "--oaep-hash"]):
+            assert invoke(alone, args) == invoke(whole, args), args
+    for args in ([], ["--help"], ["--version"], ["no-such-command"]):
+        assert only_invoked(app, args) is app
