@@ -34,6 +34,7 @@ from fusion_testkit.client_cli import chunk, iso, now_ms, put
 from fusion_testkit.server import ArchiverServer
 from fusion_testkit.tokens import EnrolledViewer
 from keyservice.cli_support import only_invoked
+from keyservice.exitcodes import ExitCode
 from keyservice.tls import trust as tls_trust
 
 # Runs one CLI's main() as its console script does, then writes the names of the modules the
@@ -212,6 +213,30 @@ def test_cameras_list_and_play_load_no_web_framework(
     # Nor the whole viewer library (grants, evidence, whole-range results), a redundant
     # camera's copies, or statistics: play goes through client.logins.
     assert not {"client.viewer", "client.copies", "client.across", "statistics"} & played
+
+    # The same path still refuses: a wrong PIN is one sentence and its own exit code (the
+    # token is asked once, never again), and an Archiver whose signing certificate is not the
+    # pinned one is refused; neither writes any video.
+    def refused(output: str, token_uri: str, home: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-P", "-m", "client", "play", "--archiver", https_archiver.url,
+             "--camera", camera, "--from", iso(start), "--to", iso(now_ms() + 1000),
+             "-o", str(tmp_path / output), "--token", token_uri],
+            env={**env, "FUSION_CLIENT_HOME": str(home)}, capture_output=True, text=True,
+            timeout=120)
+
+    pin = f"pin-value={viewer.token.pin}"
+    assert pin in viewer.uri
+    other = ("0" if viewer.token.pin[0] != "0" else "1") + viewer.token.pin[1:]
+    done = refused("wrong-pin.ts", viewer.uri.replace(pin, f"pin-value={other}"),
+                   tmp_path / "client-home")
+    assert done.returncode == ExitCode.PIN_INCORRECT, done.stderr
+    assert len(done.stderr.splitlines()) == 1 and "is wrong" in done.stderr, done.stderr
+    other_home = tmp_path / "other-home"
+    KnownArchivers(other_home / "known_archivers").remember(https_archiver.url, bytes(32))
+    done = refused("mismatch.ts", viewer.uri, other_home)
+    assert done.returncode == ExitCode.ARCHIVER_MISMATCH, done.stderr
+    assert not list(tmp_path.glob("wrong-pin.ts*")) and not list(tmp_path.glob("mismatch.ts*"))
 
     # Where the range was recorded costs play one round trip, not two: the placements answer
     # names the Archiver that answered, so its name is not asked for separately (GET
