@@ -205,7 +205,10 @@ def run(runs: int, codes: list[Code], workdir: Path) -> dict[str, Any]:
         # checkout's modules again), page cache, the pin of the Archiver's certificate (trust
         # on first use), each serve data directory's signing token.
         for code in codes:
-            _run([code.python, "-c", COMPILE], env)
+            # -P: without the working directory on the import path, or a checkout run from
+            # would be compiled in place of the baseline's (which then compiled every module
+            # from source on every run, PYTHONDONTWRITEBYTECODE being set).
+            _run([code.python, "-P", "-c", COMPILE], env)
             for command in commands.values():
                 command(code)
         results: dict[str, dict[str, Timings]] = {n: {c.name: Timings() for c in codes}
