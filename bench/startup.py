@@ -9,6 +9,9 @@ of the wall time and the median CPU time (user + system of the child, which depe
 on a busy neighbour than wall time does):
 
 - ``python -c pass``: the interpreter's start, the floor of every command;
+- play's libraries imported, nothing else: the third-party modules ``play`` loaded (listed by a
+  run of it before measuring) imported by a bare interpreter, without this project's code: the
+  floor of ``play`` with these libraries;
 - ``fusion-client --help``;
 - ``fusion-keys list --token URI``: a SoftHSM token with one viewer key;
 - ``fusion-archiver cameras list``: over HTTPS against a running Archiver (its data directory
@@ -56,7 +59,22 @@ from keyservice.timespec import format_ms
 COMPILE = ("import compileall, os, archiver, client, keyservice\n"
            "for m in (archiver, client, keyservice):\n"
            "    compileall.compile_dir(os.path.dirname(m.__file__), quiet=2)\n")
-COMMANDS = ("python -c pass", "fusion-client --help", "fusion-keys list",
+# Runs fusion-client's main() as its console script does, then writes the names of the
+# third-party modules the process loaded (not this project's) to the file FLOOR_OUT names.
+PLAY_MODULES = ("import json, os, sys\n"
+                "sys.argv = ['fusion-client', *sys.argv[1:]]\n"
+                "from client.cli import main\n"
+                "try:\n    main()\nexcept SystemExit:\n    pass\n"
+                "mods = [m for m, v in sys.modules.items() if v is not None\n"
+                "        and m.split('.')[0] not in ('client', 'keyservice', 'archiver')]\n"
+                "open(os.environ['FLOOR_OUT'], 'w').write(json.dumps(mods))\n")
+# Imports exactly those modules and nothing of this project: play's floor with its libraries.
+IMPORT_LIBRARIES = ("import importlib, json, os\n"
+                    "for m in json.load(open(os.environ['FLOOR_OUT'])):\n"
+                    "    try:\n        importlib.import_module(m)\n"
+                    "    except ImportError:\n        pass\n")
+COMMANDS = ("python -c pass", "play's libraries imported, nothing else", "fusion-client --help",
+            "fusion-keys list",
             "fusion-archiver cameras list", "fusion-client play -o - (first byte)",
             "fusion-archiver serve (to /healthz)")
 
@@ -186,6 +204,11 @@ def run(runs: int, codes: list[Code], workdir: Path) -> dict[str, Any]:
             return {**env, "FUSION_CLIENT_HOME": str(homes[code.name])}
 
         commands["python -c pass"] = lambda c: _run([c.python, "-c", "pass"], env)
+        # The third-party modules play loads (listed once per checkout, below), imported
+        # without any of this project's code: how much of play is its libraries' imports.
+        floors = {c.name: workdir / f"play-modules-{c.name}.json" for c in codes}
+        commands["play's libraries imported, nothing else"] = lambda c: _run(
+            [c.python, "-P", "-c", IMPORT_LIBRARIES], {**env, "FLOOR_OUT": str(floors[c.name])})
         commands["fusion-client --help"] = lambda c: _run(
             [c.script("fusion-client"), "--help"], env)
         commands["fusion-keys list"] = lambda c: _run(
@@ -209,6 +232,10 @@ def run(runs: int, codes: list[Code], workdir: Path) -> dict[str, Any]:
             # would be compiled in place of the baseline's (which then compiled every module
             # from source on every run, PYTHONDONTWRITEBYTECODE being set).
             _run([code.python, "-P", "-c", COMPILE], env)
+            _run([code.python, "-P", "-c", PLAY_MODULES, "play", "--archiver", server.url,
+                  "--token", viewer.uri, "--camera", camera, "--from", format_ms(first - 1000),
+                  "--to", format_ms(last + 1000), "-o", str(workdir / "floor-video.ts"), "-q"],
+                 {**client_env(code), "FLOOR_OUT": str(floors[code.name])})
             for command in commands.values():
                 command(code)
         results: dict[str, dict[str, Timings]] = {n: {c.name: Timings() for c in codes}
