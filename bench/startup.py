@@ -69,7 +69,10 @@ PLAY_MODULES = ("import json, os, sys\n"
                 "        and m.split('.')[0] not in ('client', 'keyservice', 'archiver')]\n"
                 "open(os.environ['FLOOR_OUT'], 'w').write(json.dumps(mods))\n")
 # Imports exactly those modules and nothing of this project: play's floor with its libraries.
-IMPORT_LIBRARIES = ("import importlib, json, os\n"
+# httpx's own command line refused first, as the client package does for the process (else
+# httpx alone would load click, rich and pygments, which play does not).
+IMPORT_LIBRARIES = ("import importlib, json, os, sys\n"
+                    "sys.modules.setdefault('httpx._main', None)\n"
                     "for m in json.load(open(os.environ['FLOOR_OUT'])):\n"
                     "    try:\n        importlib.import_module(m)\n"
                     "    except ImportError:\n        pass\n")
