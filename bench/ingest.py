@@ -260,10 +260,8 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
         added = 0
         fingerprints: list[str] = []
         for step in _plan(params.viewers):
-            profile = None
-            if params.profile_dir is not None:
-                what = "baseline" if step is None else f"{step}-viewers"
-                profile = params.profile_dir / f"period{period}-{len(rows):02d}-{what}.txt"
+            profile = _profile_path(params, period, len(rows),
+                                    "baseline" if step is None else f"{step}-viewers")
             if step is None:
                 row = window(baseline, files["baseline"], params, base_seconds, profile)
                 row["mode"] = "baseline"
@@ -289,11 +287,19 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
                 if long_period:  # the next key period: chains step, nothing is wrapped
                     _stay_inside_period(period, period)
                 phase = "steady" if k == params.steady - 1 else f"next period {k + 1}"
-                row = window(encrypted, files["encrypted"], params, seconds)
+                row = window(encrypted, files["encrypted"], params, seconds,
+                             _profile_path(params, period, len(rows), f"{step}-{phase}"))
                 row.update(mode="encrypted", viewers=step, key_period_s=period, phase=phase)
                 rows.append(row)
                 report.line(_describe(f"  {phase}, {step} viewers", row))
             if params.revoke and step == max(params.viewers) and fingerprints:
+                # A baseline window right before the revocation: its windows are compared
+                # with the baseline just before them and the one after them, not minutes away.
+                row = window(baseline, files["baseline"], params, base_seconds,
+                             _profile_path(params, period, len(rows), "baseline"))
+                row["mode"] = "baseline"
+                rows.append(row)
+                report.line(_describe("baseline (plaintext)", row))
                 _revocation(report, encrypted, files["encrypted"], params, period, step,
                             seconds, fingerprints[0], rows)
         _ratios(rows)
@@ -324,7 +330,8 @@ def _revocation(report: Report, server: BenchServer, cameras_file: Path, params:
     server.revoke(fingerprint)
     report.line(f"   revoked one of {viewers} viewers (all cameras) in "
                 f"{time.perf_counter() - t0:.2f} s")
-    row = window(server, cameras_file, params, seconds)
+    row = window(server, cameras_file, params, seconds,
+                 _profile_path(params, period, len(rows), "revocation-same-period"))
     row.update(mode="encrypted", viewers=viewers - 1, key_period_s=period,
                phase="revocation, same period")
     rows.append(row)
@@ -332,10 +339,18 @@ def _revocation(report: Report, server: BenchServer, cameras_file: Path, params:
     for k in range(params.steady):
         _stay_inside_period(period, period)
         phase = f"revocation, next period {k + 1}"
-        row = window(server, cameras_file, params, seconds)
+        row = window(server, cameras_file, params, seconds,
+                     _profile_path(params, period, len(rows), f"revocation-next-{k + 1}"))
         row.update(mode="encrypted", viewers=viewers - 1, key_period_s=period, phase=phase)
         rows.append(row)
         report.line(_describe(f"  {phase}, {viewers - 1} viewers", row))
+
+
+def _profile_path(params: Params, period: int, index: int, what: str) -> Path | None:
+    """Where the py-spy profile of window ``index`` goes (None: no profiles asked for)."""
+    if params.profile_dir is None:
+        return None
+    return params.profile_dir / f"period{period}-{index:02d}-{what.replace(' ', '-')}.txt"
 
 
 def _stay_inside_period(period: int, needed_s: float) -> None:

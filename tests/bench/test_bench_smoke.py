@@ -135,3 +135,6 @@ def test_ingest_revocation_windows(tmp_path: Path) -> None:
     for w in windows:
         assert w["bytes"] > 0 and not w["errors"]
     assert [w["viewers"] for w in windows if w["mode"] == "encrypted"] == [2, 2, 1, 1]
+    # The revocation's windows have a baseline right before them (not minutes away).
+    revoked = [w.get("phase") for w in windows].index("revocation, same period")
+    assert windows[revoked - 1]["mode"] == "baseline"

@@ -25,6 +25,7 @@ from keyservice.format import (
     ManifestEntry,
     Mode,
     Segment,
+    chain_statement_number,
     decode_record,
     encode_record,
     segment_digest,
@@ -64,6 +65,24 @@ def test_chain_recipients_list_viewers_canonically_in_parts() -> None:
         replace(GRANT, viewers=(b(32, 1), b(32, 1)))
     with pytest.raises(FormatError):
         replace(GRANT, viewers=(b(31, 1),))
+
+
+def test_a_statement_number_is_read_at_its_place_as_decoding_reads_it() -> None:
+    """The Archiver indexes its own signed statements by chain_statement_number (not by
+    decoding them on the ingest path): it must agree with the decoder for start parts, join
+    statements and any camera-name length, and refuse any other record."""
+    many = tuple(bytes([i // 256, i % 256]) + b(30, 0) for i in range(2000))
+    for statement in (GRANT, replace(GRANT, camera="c", part=2, parts=3, viewers=many),
+                      replace(GRANT, camera="x" * 64, part=7, parts=3, join_step=9),
+                      replace(GRANT, part=0xFFFF, parts=1, join_step=2**32 - 1)):
+        raw = encode_record(statement)
+        assert chain_statement_number(raw) == decode_record(raw).part == statement.part
+    for other in (KEY_RECORD, MANIFEST, END):
+        with pytest.raises(FormatError, match="Not a chain-recipients record"):
+            chain_statement_number(encode_record(other))  # type: ignore[arg-type]
+    for cut in (b"", encode_record(GRANT)[:5], encode_record(GRANT)[:32]):
+        with pytest.raises(FormatError):
+            chain_statement_number(cut)
 
 
 @pytest.mark.parametrize("record", ALL, ids=lambda r: type(r).__name__)
