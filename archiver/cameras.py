@@ -22,6 +22,14 @@ captured:
    time (``SLEW_DIVISOR``): a camera clock that runs slow does not build up a lag over days.
    Otherwise (first segment, new stream or session, clock drift, an Archiver restart) the
    segment is re-anchored: end = arrival, start = end - duration.
+   A pulled segment's "arrival" for this rule is the puller's bound on when its capture ended
+   (``captured_by``, ``archiver.rtsp.CaptureBound``): the earliest its packets' reading times
+   allow, given the session's clock. An overloaded puller reads a new session's first segment
+   late, and anchoring that on its arrival put the whole session late by as much (seconds:
+   docs/benchmarks.md, "Time under overload"); its first packets, read while it still kept up,
+   say when it really was. The bound anchors a segment and is what a slow clock slews towards;
+   it is used only within [arrival - ``MAX_LAG_MS``, arrival]: it never places video after its
+   arrival, nor further back than the session bound.
 3. Segments of one camera never overlap: a start before the previous end is moved to it. So a
    burst (video sent faster than real time) is laid out over its arrival times, never in the
    future. A segment without timestamps (not MPEG-TS video) is a point: start = end = arrival.
@@ -102,19 +110,24 @@ class SegmentClock:
         self.overrun_ms = 0
 
     def place(self, arrival_ms: int, span: MediaSpan | None,
-              session: int | None = None) -> SegmentTime:
+              session: int | None = None, captured_by_ms: int | None = None) -> SegmentTime:
         """``session``: the pulled camera's RTSP session (one connection) the segment came
-        from, None for a pushed segment."""
+        from, None for a pushed segment. ``captured_by_ms``: a pulled segment's bound on the
+        end of its capture (rule 2; ignored for a pushed segment: one upload, no packets)."""
         floor = self._previous_end_ms
         same_session = session is not None and session == self._session
         self._session = session
         self.overrun_ms = 0
+        anchor = arrival_ms
+        if captured_by_ms is not None and session is not None:
+            # From the puller (a worker process is untrusted): clamped to the session bound.
+            anchor = min(arrival_ms, max(captured_by_ms, arrival_ms - MAX_LAG_MS))
         if span is None:
             start = end = max(arrival_ms, floor or 0)
             self._previous_end_pts = None
         else:
             duration = span.duration_ms
-            start, end = arrival_ms - duration, arrival_ms
+            start, end = anchor - duration, anchor
             # A new session is a new anchor: its clock owes nothing to the last one's.
             if (floor is not None and self._previous_end_pts is not None
                     and (session is None or same_session)):
@@ -122,12 +135,12 @@ class SegmentClock:
                                           self._max_behind_ms)
                 if jump is not None:
                     predicted_end = floor + jump + duration
-                    if same_session and predicted_end < arrival_ms - DRIFT_TOLERANCE_MS:
+                    if same_session and predicted_end < anchor - DRIFT_TOLERANCE_MS:
                         # A camera clock running slow (crystals drift by tens of ppm) would
                         # build up a lag over a session of days: slew up to 1/SLEW_DIVISOR of
                         # the time (a sub-frame gap before the segment, never a longer span).
                         # An Archiver behind (many %) is not hidden by it.
-                        predicted_end += min(arrival_ms - DRIFT_TOLERANCE_MS - predicted_end,
+                        predicted_end += min(anchor - DRIFT_TOLERANCE_MS - predicted_end,
                                              max(1, (jump + duration) // SLEW_DIVISOR))
                     behind = MAX_LAG_MS if same_session else self._max_behind_ms
                     if arrival_ms - behind <= predicted_end <= arrival_ms + DRIFT_TOLERANCE_MS:

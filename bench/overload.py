@@ -2,6 +2,7 @@
 whether the recorded times of cameras that fall behind stay true to within a segment.
 
     python -m bench.overload --points 400:2,600:2,800:2,250:0,400:0 --results overload.json
+    python -m bench.overload --points 800:2 --before CHECKOUT   # also the code of CHECKOUT
 
 Per load point ``N:WORKERS`` (N cameras, ``--rtsp-workers WORKERS``; 0 is in-process):
 
@@ -28,6 +29,10 @@ Per load point ``N:WORKERS`` (N cameras, ``--rtsp-workers WORKERS``; 0 is in-pro
   capture times of its first and last frame: the time error, in segments (2 s). Consecutive
   segments whose frames are consecutive (no frame lost) but whose signed times leave a gap over
   1 s are *false gaps*.
+
+``--before CHECKOUT`` runs each point twice, the Archiver from CHECKOUT's code first
+(``PYTHONPATH``, as ``bench.rtsp_cameras --modes before``), then this code: a before/after in
+the same run.
 
 The rack runs on the same two cores: how late it sent frames (its own lateness, a camera-side
 delay the Archiver cannot see through) is reported next to the error.
@@ -176,10 +181,12 @@ def _max_metric(text: str, name: str) -> float | None:
 
 
 def run_point(n: int, workers: int, args: argparse.Namespace, work: Path, clip: Path,
-              viewer: EnrolledViewer) -> dict[str, Any]:
-    data = work / f"archiver-{n}-{workers}"
+              viewer: EnrolledViewer, before: Path | None = None) -> dict[str, Any]:
+    """``before``: a checkout whose code the Archiver runs (None: this code)."""
+    data = work / f"archiver-{n}-{workers}-{'before' if before else 'after'}"
     server = ArchiverServer(data, key_period_s=60, extra_args=(
         "--rtsp-workers", str(workers), "--max-rtsp-cameras", str(n + 1)),
+        env={"PYTHONPATH": str(before)} if before else None,
         start_timeout_s=60, stop_timeout_s=60)
     port = free_port()
     url = f"rtsp://127.0.0.1:{port}/stream"
@@ -253,7 +260,8 @@ def run_point(n: int, workers: int, args: argparse.Namespace, work: Path, clip: 
         shutil.rmtree(data, ignore_errors=True)
     archived = sum(c["segments"] - first.get(c["name"], 0) for c in final)
     return {
-        "cameras": n, "workers": workers, "refused_adding": refused_adding,
+        "cameras": n, "workers": workers, "code": "before" if before else "after",
+        "refused_adding": refused_adding,
         "archived": archived, "expected": round(n * counted_s * 1000 / SEGMENT_MS),
         "stalled": len(stalled), "ever_behind": len(behind), "states_at_end": dict(states),
         "age_p95_s": round(percentile(ages, 0.95), 2) if ages else None,
@@ -278,7 +286,7 @@ def _line(result: dict[str, Any]) -> str:
         f"({t['max_error_segments']:.2f} seg), mean {t['mean_error_ms']} ms, "
         f"false gaps {t['false_gaps']}, real gaps {t['real_gaps']}, rack late max "
         f"{t['rack_late_max_ms']} ms, {t['state']}" for name, t in result["marked"].items())
-    return (f"{result['cameras']:4d} cameras, {label}: archived {result['archived']} of "
+    return (f"{result['cameras']:4d} cameras, {label}, {result['code']}: archived {result['archived']} of "
             f"{result['expected']}; {result['stalled']} stalled; {result['ever_behind']} seen "
             f"behind; states {result['states_at_end']}; newest video age p95 "
             f"{result['age_p95_s']} s, max {result['age_max_s']} s; reported max lag "
@@ -310,6 +318,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=40.0)
     parser.add_argument("--kbps", type=int, default=1000)
     parser.add_argument("--size", default="640x360")
+    parser.add_argument("--before", type=Path, help="a checkout of the code before: each "
+                                                    "point is run with it first")
     parser.add_argument("--results", type=Path, help="write the figures as JSON")
     args = parser.parse_args(list(argv) if argv is not None else None)
     print(machine_line(), flush=True)
@@ -321,9 +331,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         try:
             viewer = EnrolledViewer.enrol(store.new_token("overload"), "viewer")
             for n, workers in parse_points(args.points):
-                result = run_point(n, workers, args, work, clip, viewer)
-                results.append(result)
-                print(_line(result), flush=True)
+                for before in ([args.before] if args.before else []) + [None]:
+                    result = run_point(n, workers, args, work, clip, viewer, before)
+                    results.append(result)
+                    print(_line(result), flush=True)
         finally:
             store.close()
     if args.results is not None:

@@ -20,6 +20,7 @@ from archiver.cameras import (
     SegmentTime,
 )
 from archiver.mpegts import PTS_WRAP, MediaSpan, media_span
+from archiver.rtsp import CaptureBound
 from archiver.settings import Settings
 from keyservice.errors import UsageError
 from tests.fixtures.camera import requires_ffmpeg
@@ -264,3 +265,67 @@ def test_a_camera_behind_is_flagged_with_its_lag() -> None:
     health = board.health("cam", 200_000)
     assert health.state == CameraState.BEHIND and health.overruns == 1
     assert "fell 2 min 30 s behind" in health.message and "not at its capture time" in health.message
+
+
+def _overloaded_puller(frames: int, delay_s: float, growth: float
+                       ) -> list[tuple[float, float, float | None]]:
+    """A pulled session of ``frames`` frames at 25 fps, captured from wall time 10 s, read by a
+    puller that falls behind: frame k is read ``delay_s + growth * k`` s after its capture.
+    Segments close at each second keyframe (every 2 s of video): per segment (first pts in
+    seconds, arrival = when the frame that closed it was read, the CaptureBound then)."""
+    bound, out, first = CaptureBound(), [], 0.0
+    for k in range(1, frames + 1):
+        pts = k * 0.04
+        read_at = 10.0 + pts + delay_s + growth * k
+        bound.observe(pts, read_at)
+        if k % 50 == 0:
+            out.append((first, read_at, bound.captured_by(pts)))
+            first = pts
+    return out
+
+
+def test_a_session_read_late_from_its_start_is_placed_at_its_capture_times() -> None:
+    """Issue 23, a real overload (docs/benchmarks.md, "Time under overload"): 800 cameras
+    connect to a 2-core Archiver at once; a puller falling behind reads a session's first
+    segment seconds after its capture. Before: that segment was anchored on its arrival and the
+    whole session followed it, 9.8 s (4.9 segments) after its capture. After: anchored on the
+    CaptureBound of its packets (read - pts, least while the puller still kept up), every
+    segment is at its capture time to within the first packets' delay."""
+    segments = _overloaded_puller(frames=500, delay_s=0.05, growth=0.1)  # 50 s behind at the end
+    before, after = SegmentClock(), SegmentClock()
+    for first, arrival, captured_by in segments:
+        true_start = round((10.0 + first) * 1000)
+        span = _span(first)
+        old = before.place(round(arrival * 1000), span, session=5)
+        assert captured_by is not None
+        new = after.place(round(arrival * 1000), span, session=5, captured_by_ms=round(
+            captured_by * 1000))
+        assert 0 <= new.start_ms - true_start <= 200, (new, true_start)  # the first read: 0.15 s
+        assert old.start_ms - true_start > 5000  # the 5 s the first segment was read late
+        assert after.overrun_ms == 0
+
+
+def test_the_capture_bound_is_clamped_to_the_arrival_and_the_session_bound() -> None:
+    """From a worker process (untrusted) or a hostile camera clock: never after its arrival,
+    never more than MAX_LAG_MS before it; a pushed segment has none."""
+    clock = SegmentClock()
+    assert clock.place(10_000, _span(0), session=1, captured_by_ms=99_000) == SegmentTime(
+        8_000, 10_000)
+    clock = SegmentClock()
+    far = clock.place(MAX_LAG_MS * 10, _span(0), session=1, captured_by_ms=0)
+    assert far.end_ms == MAX_LAG_MS * 9
+    clock = SegmentClock()
+    assert clock.place(10_000, _span(0), captured_by_ms=1_000) == SegmentTime(8_000, 10_000)
+
+
+def test_the_capture_bound_stays_an_upper_bound_for_a_slow_camera_clock() -> None:
+    """A camera clock 0.05 % slow makes the true offset grow; the bound ages by 0.1 % of the
+    time, so it never claims a capture earlier than the real one, and stays within the
+    reading delay (+ 0.1 %) of it."""
+    bound = CaptureBound()
+    for k in range(0, 36_000):  # an hour of frames, 10 a second
+        capture = 10.0 + k * 0.1
+        pts = k * 0.1 * (1 - 0.0005)
+        bound.observe(pts, capture + 0.02)
+        estimate = bound.captured_by(pts)
+        assert estimate is not None and capture <= estimate <= capture + 0.02 + 0.001 * 0.1
