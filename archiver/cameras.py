@@ -28,7 +28,10 @@ captured:
    late, and anchoring that on its arrival put the whole session late by as much (seconds:
    docs/benchmarks.md, "Time under overload"); its first packets, read while it still kept up,
    say when it really was. The bound anchors a segment and is what a slow clock slews towards;
-   it is used only within [arrival - ``MAX_LAG_MS``, arrival]: it never places video after its
+   a session placed more than ``PULL_BACK_MS`` after its bound (anchored while the puller was
+   already late: the bound is an upper bound, so that much later is known to be wrong) is
+   pulled back towards it by at most half a segment per segment. The bound
+   is used only within [arrival - ``MAX_LAG_MS``, arrival]: it never places video after its
    arrival, nor further back than the session bound.
 3. Segments of one camera never overlap: a start before the previous end is moved to it. So a
    burst (video sent faster than real time) is laid out over its arrival times, never in the
@@ -71,6 +74,8 @@ MAX_BEHIND_MS = 30_000  # a pushed camera's continuous stream may arrive this la
 # A pulled camera's session clock may be this far behind arrival (an overloaded or paused
 # Archiver catches up); beyond, a hostile or broken clock could place video far in the past.
 MAX_LAG_MS = 120_000
+# A pulled session placed this much after its capture bound is pulled back towards it (rule 2).
+PULL_BACK_MS = 100
 # A pulled session's clock may run this much slower than the Archiver's (1/1000: 0.1 %) before
 # it shows as lag (rule 2).
 SLEW_DIVISOR = 1000
@@ -145,6 +150,12 @@ class SegmentClock:
                     behind = MAX_LAG_MS if same_session else self._max_behind_ms
                     if arrival_ms - behind <= predicted_end <= arrival_ms + DRIFT_TOLERANCE_MS:
                         start, end = predicted_end - duration, predicted_end
+                        if same_session and predicted_end > anchor + PULL_BACK_MS:
+                            # The session was anchored late (its first packets were read
+                            # late too) and the bound now shows it: pull back towards the
+                            # bound, at most half a segment per segment (signed shorter than
+                            # its video, never a gap, never an overlap, the error only shrinks).
+                            end = max(anchor, predicted_end - duration // 2)
                     elif same_session and predicted_end < arrival_ms - behind:
                         self.overrun_ms = arrival_ms - predicted_end
             if floor is not None and start < floor:

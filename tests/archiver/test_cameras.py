@@ -329,3 +329,32 @@ def test_the_capture_bound_stays_an_upper_bound_for_a_slow_camera_clock() -> Non
         bound.observe(pts, capture + 0.02)
         estimate = bound.captured_by(pts)
         assert estimate is not None and capture <= estimate <= capture + 0.02 + 0.001 * 0.1
+
+
+def test_a_session_anchored_late_converges_on_its_capture_times() -> None:
+    """A puller already 3 s late from the session's first packet (so its first bound is 3 s
+    late too), which then catches up: once the bound shows the session placed late, segments
+    are pulled back (no gap, no overlap) until they are at their capture times; the error
+    never grows."""
+    clock = SegmentClock()
+    bound, first, placed, errors, last_read = CaptureBound(), 0.0, [], [], 0.0
+    for k in range(1, 751):  # 30 s of frames
+        pts = k * 0.04
+        # The first segment entirely read 3 s late; then the backlog in a burst (reads in
+        # order: never before the previous one), on time from frame ~125 on.
+        read_at = 10.0 + pts + 3.0 if k <= 50 else max(last_read, 10.0 + pts + 0.02)
+        last_read = read_at
+        bound.observe(pts, read_at)
+        if k % 50 == 0:
+            captured_by = bound.captured_by(pts)
+            assert captured_by is not None
+            placed.append(clock.place(round(read_at * 1000), _span(first), session=2,
+                                      captured_by_ms=round(captured_by * 1000)))
+            errors.append(placed[-1].end_ms - round((10.0 + pts) * 1000))
+            first = pts
+    assert 2900 <= errors[0] <= 3100, errors  # nothing better was known then
+    for before, after in itertools.pairwise(placed):
+        assert after.start_ms == before.end_ms  # no gap, no overlap
+        assert after.end_ms >= after.start_ms  # (a burst: never after its arrival + 1 s)
+    assert all(b >= a for a, b in itertools.pairwise(errors[::-1]))  # the error only shrinks
+    assert 0 <= errors[-1] <= 100, errors
