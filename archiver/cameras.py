@@ -123,8 +123,8 @@ class SegmentClock:
         same_session = session is not None and session == self._session
         self._session = session
         self.overrun_ms = 0
-        anchor = arrival_ms
-        if captured_by_ms is not None and session is not None:
+        anchor, bounded = arrival_ms, captured_by_ms is not None and session is not None
+        if captured_by_ms is not None and bounded:
             # From the puller (a worker process is untrusted): clamped to the session bound.
             anchor = min(arrival_ms, max(captured_by_ms, arrival_ms - MAX_LAG_MS))
         if span is None:
@@ -150,7 +150,7 @@ class SegmentClock:
                     behind = MAX_LAG_MS if same_session else self._max_behind_ms
                     if arrival_ms - behind <= predicted_end <= arrival_ms + DRIFT_TOLERANCE_MS:
                         start, end = predicted_end - duration, predicted_end
-                        if same_session and predicted_end > anchor + PULL_BACK_MS:
+                        if same_session and bounded and predicted_end > anchor + PULL_BACK_MS:
                             # The session was anchored late (its first packets were read
                             # late too) and the bound now shows it: pull back towards the
                             # bound, at most half a segment per segment (signed shorter than
