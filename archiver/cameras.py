@@ -124,7 +124,7 @@ class SegmentClock:
         self._session = session
         self.overrun_ms = 0
         anchor, bounded = arrival_ms, captured_by_ms is not None and session is not None
-        if captured_by_ms is not None and bounded:
+        if bounded and captured_by_ms is not None:
             # From the puller (a worker process is untrusted): clamped to the session bound.
             anchor = min(arrival_ms, max(captured_by_ms, arrival_ms - MAX_LAG_MS))
         if span is None:

@@ -104,6 +104,7 @@ class TimeReport:
     false_gaps: int  # signed gap over the tolerance where no frame was lost
     real_gaps: int  # frames lost between two segments (a reconnect, the rack dropping a session)
     rack_late_max_ms: int  # the most the rack sent a frame after its capture time
+    worst_index: int  # which segment (0: the first archived) had the largest error
 
     @property
     def max_error_segments(self) -> float:
@@ -122,8 +123,11 @@ def time_report(segments: list[SegmentTruth], unstamped: int = 0) -> TimeReport:
             real_gaps += 1
     late = [s.first.sent_ms - s.first.capture_ms for s in segments] + [
         s.last.sent_ms - s.last.capture_ms for s in segments]
+    worst = max(range(len(segments)), default=0, key=lambda i: max(
+        abs(segments[i].start_error_ms), abs(segments[i].end_error_ms)))
     return TimeReport(
         segments=len(segments), unstamped=unstamped, max_error_ms=max(errors, default=0),
+        worst_index=worst,
         mean_error_ms=(round(sum(s.start_error_ms for s in segments) / len(segments), 1)
                        if segments else 0.0),
         false_gaps=false_gaps, real_gaps=real_gaps, rack_late_max_ms=max(late, default=0))
@@ -283,10 +287,12 @@ def _line(result: dict[str, Any]) -> str:
     label = "in-process" if result["workers"] == 0 else f"{result['workers']} workers"
     marked = "; ".join(
         f"{name} {t['segments']} seg, err max {t['max_error_ms']} ms "
-        f"({t['max_error_segments']:.2f} seg), mean {t['mean_error_ms']} ms, "
+        f"({t['max_error_segments']:.2f} seg; segment {t['worst_index']}), mean "
+        f"{t['mean_error_ms']} ms, "
         f"false gaps {t['false_gaps']}, real gaps {t['real_gaps']}, rack late max "
         f"{t['rack_late_max_ms']} ms, {t['state']}" for name, t in result["marked"].items())
-    return (f"{result['cameras']:4d} cameras, {label}, {result['code']}: archived {result['archived']} of "
+    return (f"{result['cameras']:4d} cameras, {label}, {result['code']}: archived "
+            f"{result['archived']} of "
             f"{result['expected']}; {result['stalled']} stalled; {result['ever_behind']} seen "
             f"behind; states {result['states_at_end']}; newest video age p95 "
             f"{result['age_p95_s']} s, max {result['age_max_s']} s; reported max lag "
