@@ -13,7 +13,9 @@ Per load point ``N:WORKERS`` (N cameras, ``--rtsp-workers WORKERS``; 0 is in-pro
   adding: an Archiver restarting with N cameras, or given them at failover, is in that state);
 - then the rack starts (``bench/rtsp_fanout.py --stamp``: one pre-encoded 640x360 H.264 clip at
   1 Mbit/s, 25 fps, a keyframe a second, sent in real time to every session) and every camera
-  connects at once;
+  connects at once (with ``--early K``: K cameras first, connecting to a healthy Archiver,
+  the other N - K added ``--early-wait`` s later: the first K then *fall behind* with sessions
+  they opened in time, the rest open theirs on an overloaded machine);
 - a warm-up, then a window in which the admin API's camera list is read every 1-3 s: archived
   segments vs expected (N x window / 2 s), stalls (cameras seen ``stalled``/``unreachable`` or
   without video), the newest video's age (read time minus the placed end of the camera's last
@@ -200,10 +202,17 @@ def run_point(n: int, workers: int, args: argparse.Namespace, work: Path, clip: 
     server.start()
     try:
         with httpx.Client() as client:
+            # --early K: the first K cameras connect to a healthy Archiver (sessions anchored
+            # in time), and fall behind when the rest come.
+            early = min(args.early, n)
             refused_adding = sum(_add(client, server, name, url).status_code == 409
-                                 for name in names)
+                                 for name in names[:early])
             server.add_viewer(viewer.certificate, marked, client=client)
             rack = start_rack(port, clip, work / f"rack-{n}-{workers}.log")
+            if early:
+                time.sleep(args.early_wait)
+                refused_adding += sum(_add(client, server, name, url).status_code == 409
+                                      for name in names[early:])
             assert server.process is not None
             archiver_cpu, rack_cpu = CpuMeter(server.process.pid), CpuMeter(rack.pid)
             time.sleep(args.warmup)
@@ -213,10 +222,16 @@ def run_point(n: int, workers: int, args: argparse.Namespace, work: Path, clip: 
             stalled: set[str] = set()
             behind: set[str] = set()
             states: Counter[str] = Counter()
+            unanswered = 0
             while time.monotonic() - first_at < args.window:
                 time.sleep(random.uniform(SAMPLE_S / 2, SAMPLE_S * 1.5))  # noqa: S311 (timing)
                 now_ms = time.time() * 1000
-                for camera in _cameras(client, server):
+                try:
+                    sample = _cameras(client, server)
+                except httpx.TimeoutException:
+                    unanswered += 1  # the admin API did not answer within 2 min: counted
+                    continue
+                for camera in sample:
                     if camera["last_ms"] is None:
                         stalled.add(camera["name"])
                         continue
@@ -252,6 +267,7 @@ def run_point(n: int, workers: int, args: argparse.Namespace, work: Path, clip: 
                                            stamps[0], stamps[-1]))
             report = time_report(truths, unstamped)
             times[name] = {**asdict(report), "max_error_segments": report.max_error_segments,
+                           "connected": "early" if names.index(name) < early else "with the rest",
                            "state": by_name[name]["state"],
                            "max_lag_ms": by_name[name].get("max_lag_ms"),
                            "gaps_reported": by_name[name].get("gaps"),
@@ -268,6 +284,7 @@ def run_point(n: int, workers: int, args: argparse.Namespace, work: Path, clip: 
         "refused_adding": refused_adding,
         "archived": archived, "expected": round(n * counted_s * 1000 / SEGMENT_MS),
         "stalled": len(stalled), "ever_behind": len(behind), "states_at_end": dict(states),
+        "api_unanswered": unanswered,
         "age_p95_s": round(percentile(ages, 0.95), 2) if ages else None,
         "age_max_s": round(max(ages), 2) if ages else None,
         "reported_max_lag_s": round(max(lags) / 1000, 2) if lags else None,
@@ -290,14 +307,16 @@ def _line(result: dict[str, Any]) -> str:
         f"({t['max_error_segments']:.2f} seg; segment {t['worst_index']}), mean "
         f"{t['mean_error_ms']} ms, "
         f"false gaps {t['false_gaps']}, real gaps {t['real_gaps']}, rack late max "
-        f"{t['rack_late_max_ms']} ms, {t['state']}" for name, t in result["marked"].items())
+        f"{t['rack_late_max_ms']} ms, {t['state']}, connected {t['connected']}"
+        for name, t in result["marked"].items())
     return (f"{result['cameras']:4d} cameras, {label}, {result['code']}: archived "
             f"{result['archived']} of "
             f"{result['expected']}; {result['stalled']} stalled; {result['ever_behind']} seen "
             f"behind; states {result['states_at_end']}; newest video age p95 "
             f"{result['age_p95_s']} s, max {result['age_max_s']} s; reported max lag "
             f"{result['reported_max_lag_s']} s (metrics {result['metrics_max_lag_s']}); gaps "
-            f"{result['gaps_reported']}; overruns {result['overruns']}; refused adding "
+            f"{result['gaps_reported']}; API reads unanswered "
+            f"{result['api_unanswered']}; overruns {result['overruns']}; refused adding "
             f"{result['refused_adding']}; probe {result['admission_probe']}; Archiver "
             f"{result['archiver_cores']} cores, rack {result['rack_cores']}; load "
             f"{result['loadavg']}\n    time error of marked cameras: max "
@@ -318,9 +337,13 @@ def main(argv: Iterable[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--points", default="400:2,600:2,800:2,250:0,400:0",
                         help="load points CAMERAS:WORKERS (--rtsp-workers; 0: in-process)")
-    parser.add_argument("--marked", type=int, default=4,
+    parser.add_argument("--marked", type=int, default=8,
                         help="cameras whose recording is played and checked against the truth")
     parser.add_argument("--warmup", type=float, default=20.0)
+    parser.add_argument("--early", type=int, default=0,
+                        help="this many cameras connect first, to a healthy Archiver; the "
+                             "rest --early-wait s later (0: all at once, as at a restart)")
+    parser.add_argument("--early-wait", type=float, default=15.0)
     parser.add_argument("--window", type=float, default=40.0)
     parser.add_argument("--kbps", type=int, default=1000)
     parser.add_argument("--size", default="640x360")
@@ -338,7 +361,15 @@ def main(argv: Iterable[str] | None = None) -> int:
             viewer = EnrolledViewer.enrol(store.new_token("overload"), "viewer")
             for n, workers in parse_points(args.points):
                 for before in ([args.before] if args.before else []) + [None]:
-                    result = run_point(n, workers, args, work, clip, viewer, before)
+                    try:
+                        result = run_point(n, workers, args, work, clip, viewer, before)
+                    except httpx.HTTPError as exc:  # the Archiver too overloaded to answer
+                        print(f"{n:4d} cameras, {workers} workers, "
+                              f"{'before' if before else 'after'}: the Archiver did not "
+                              f"answer ({type(exc).__name__}: {exc})", flush=True)
+                        results.append({"cameras": n, "workers": workers, "error": str(exc),
+                                        "code": "before" if before else "after"})
+                        continue
                     results.append(result)
                     print(_line(result), flush=True)
         finally:
