@@ -207,7 +207,9 @@ def run_point(n: int, workers: int, args: argparse.Namespace, work: Path, clip: 
             early = min(args.early, n)
             refused_adding = sum(_add(client, server, name, url).status_code == 409
                                  for name in names[:early])
-            server.add_viewer(viewer.certificate, marked, client=client)
+            # All cameras, present and future, before any records: the viewer's chains start
+            # with each camera's first segment (a viewer added later joins only from then).
+            server.add_viewer(viewer.certificate, "all", client=client)
             rack = start_rack(port, clip, work / f"rack-{n}-{workers}.log")
             if early:
                 time.sleep(args.early_wait)
