@@ -23,14 +23,14 @@ Per load point ``N:WORKERS`` (N cameras, ``--rtsp-workers WORKERS``; 0 is in-pro
   ``max_lag_ms``; ``fusion_camera_max_lag_seconds`` in ``/metrics``), the health states;
 - an admission probe: one more camera added after the window (refused ``at_capacity`` when a
   camera is ``behind``);
-- ``--marked`` cameras (spread over the order they were added) are authorized for a viewer on a
-  SoftHSM token, whose fusion-client-equivalent (fusion_testkit's viewer: login, fetch, verify,
-  decrypt) plays each one's whole recording. Every frame of the rack carries its capture time
-  (the rack's RTP clock against the wall clock, in an SEI NAL unit the Archiver copies without
-  reading it), so for every archived segment the signed start and end are compared with the true
-  capture times of its first and last frame: the time error, in segments (2 s). Consecutive
-  segments whose frames are consecutive (no frame lost) but whose signed times leave a gap over
-  1 s are *false gaps*.
+- a viewer on a SoftHSM token is authorized on all cameras before any is recorded, and its
+  fusion-client-equivalent (fusion_testkit's viewer: login, fetch, verify, decrypt) plays the
+  whole recording of ``--marked`` cameras (spread over the order they were added). Every frame
+  of the rack carries its capture time (the rack's RTP clock against the wall clock, in an SEI
+  NAL unit the Archiver copies without reading it), so for every archived segment the signed
+  start and end are compared with the true capture times of its first and last frame: the time
+  error, in segments (2 s). Consecutive segments whose frames are consecutive (no frame lost)
+  but whose signed times leave a gap over 1 s are *false gaps*.
 
 ``--before CHECKOUT`` runs each point twice, the Archiver from CHECKOUT's code first
 (``PYTHONPATH``, as ``bench.rtsp_cameras --modes before``), then this code: a before/after in
