@@ -235,6 +235,13 @@ class CameraHealth:
     max_lag_ms: int | None = None
     overruns: int = 0  # pulled segments re-anchored on arrival, their clock beyond MAX_LAG_MS
 
+    @property
+    def not_keeping_up(self) -> bool:
+        """Archived over BEHIND_MS after capture in the last minute, whatever the state shown:
+        a camera the Archiver fell far behind on also goes ``stalled`` between its late
+        segments (state ``stalled`` comes first), and is no less a sign of overload."""
+        return self.state == CameraState.BEHIND or (self.max_lag_ms or 0) > BEHIND_MS
+
 
 # Buckets (seconds) of the capture-to-archive lag histogram of all cameras (/metrics).
 LAG_BUCKETS_S = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)

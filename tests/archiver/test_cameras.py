@@ -358,3 +358,17 @@ def test_a_session_anchored_late_converges_on_its_capture_times() -> None:
         assert after.end_ms >= after.start_ms  # (a burst: never after its arrival + 1 s)
     assert all(b >= a for a, b in itertools.pairwise(errors[::-1]))  # the error only shrinks
     assert 0 <= errors[-1] <= 100, errors
+
+
+def test_a_camera_far_behind_counts_against_admission_even_when_shown_stalled() -> None:
+    """Measured at 800 cameras on 2 cores (docs/benchmarks.md, "Time under overload"): far
+    behind, cameras go ``stalled`` between their late segments (that state comes first), none
+    showed ``behind``, and the Archiver took one more camera. Admission asks
+    ``not_keeping_up``: a lag over BEHIND_MS in the last minute, whatever the state shown; a
+    camera that is merely silent does not count."""
+    board = HealthBoard()
+    board.segment_archived("far", 52_000, 100, SegmentTime(10_000, 12_000), archived_ms=52_010)
+    board.segment_archived("quiet", 52_000, 100, SegmentTime(50_000, 52_000), archived_ms=52_010)
+    far, quiet = board.health("far", 60_000), board.health("quiet", 60_000)
+    assert far.state == quiet.state == CameraState.STALLED
+    assert far.not_keeping_up and not quiet.not_keeping_up
