@@ -257,8 +257,12 @@ def run_point(n: int, workers: int, args: argparse.Namespace, work: Path, clip: 
         times = {}
         session = login(server.url, viewer.identity(), server.verify)
         for name in marked:
-            played = play(viewer.identity(), fetch(server.url, session, name,
-                                                   verify=server.verify).content)
+            answer = fetch(server.url, session, name, verify=server.verify)
+            if answer.status_code != 200:  # e.g. nothing recorded yet: said, not judged
+                print(f"    {name}: no recording to play (HTTP {answer.status_code}: "
+                      f"{answer.text[:200]})", flush=True)
+                continue
+            played = play(viewer.identity(), answer.content)
             truths, unstamped = [], 0
             for segment in played.plaintexts:
                 stamps = segment_stamps(segment.data)
