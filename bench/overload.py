@@ -288,7 +288,8 @@ def run_point(n: int, workers: int, args: argparse.Namespace, work: Path, clip: 
     return {
         "cameras": n, "workers": workers, "code": "before" if before else "after",
         "refused_adding": refused_adding,
-        "archived": archived, "expected": round(n * counted_s * 1000 / SEGMENT_MS),
+        "taken": len(first),  # the cameras the Archiver took (admission may refuse some)
+        "archived": archived, "expected": round(len(first) * counted_s * 1000 / SEGMENT_MS),
         "stalled": len(stalled), "ever_behind": len(behind), "states_at_end": dict(states),
         "api_unanswered": unanswered,
         "age_p95_s": round(percentile(ages, 0.95), 2) if ages else None,
@@ -315,8 +316,8 @@ def _line(result: dict[str, Any]) -> str:
         f"false gaps {t['false_gaps']}, real gaps {t['real_gaps']}, rack late max "
         f"{t['rack_late_max_ms']} ms, {t['state']}, connected {t['connected']}"
         for name, t in result["marked"].items())
-    return (f"{result['cameras']:4d} cameras, {label}, {result['code']}: archived "
-            f"{result['archived']} of "
+    return (f"{result['cameras']:4d} cameras ({result['taken']} taken), {label}, "
+            f"{result['code']}: archived {result['archived']} of "
             f"{result['expected']}; {result['stalled']} stalled; {result['ever_behind']} seen "
             f"behind; states {result['states_at_end']}; newest video age p95 "
             f"{result['age_p95_s']} s, max {result['age_max_s']} s; reported max lag "
