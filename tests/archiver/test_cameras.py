@@ -372,3 +372,18 @@ def test_a_camera_far_behind_counts_against_admission_even_when_shown_stalled() 
     far, quiet = board.health("far", 60_000), board.health("quiet", 60_000)
     assert far.state == quiet.state == CameraState.STALLED
     assert far.not_keeping_up and not quiet.not_keeping_up
+
+
+def test_a_session_behind_for_long_does_not_drift_late() -> None:
+    """Measured (docs/benchmarks.md, "Time under overload", --early): before, a session more
+    than 1 s behind its arrival was slewed towards arrival by 0.1 % of the time (meant for a slow
+    camera clock), so a camera behind for long drifted late (2 ms a segment: 3.6 s an hour).
+    Now it slews towards its capture bound, which an Archiver falling behind does not move."""
+    before, after = SegmentClock(), SegmentClock()
+    for i in range(1800):  # an hour of 2 s segments, read 30 s late from the second on
+        capture_end = 12_000 + 2000 * i
+        arrival = capture_end + (30_000 if i else 20)
+        old = before.place(arrival, _span(2 * i), session=4)
+        new = after.place(arrival, _span(2 * i), session=4, captured_by_ms=capture_end + 20)
+        assert 0 <= new.end_ms - capture_end <= 20
+    assert old.end_ms - capture_end > 3000  # before: 3.6 s late after an hour
