@@ -204,14 +204,14 @@ def run_point(n: int, workers: int, args: argparse.Namespace, work: Path, clip: 
         with httpx.Client() as client:
             # --early K: the first K cameras connect to a healthy Archiver (sessions anchored
             # in time), and fall behind when the rest come.
-            early = min(args.early, n)
+            early = min(args.early, n) if args.early else n  # 0: all before the rack
             refused_adding = sum(_add(client, server, name, url).status_code == 409
                                  for name in names[:early])
             # All cameras, present and future, before any records: the viewer's chains start
             # with each camera's first segment (a viewer added later joins only from then).
             server.add_viewer(viewer.certificate, "all", client=client)
             rack = start_rack(port, clip, work / f"rack-{n}-{workers}.log")
-            if early:
+            if early < n:
                 time.sleep(args.early_wait)
                 refused_adding += sum(_add(client, server, name, url).status_code == 409
                                       for name in names[early:])
@@ -273,7 +273,8 @@ def run_point(n: int, workers: int, args: argparse.Namespace, work: Path, clip: 
                                            stamps[0], stamps[-1]))
             report = time_report(truths, unstamped)
             times[name] = {**asdict(report), "max_error_segments": report.max_error_segments,
-                           "connected": "early" if names.index(name) < early else "with the rest",
+                           "connected": ("early" if names.index(name) < early < n
+                                         else "with the rest"),
                            "state": by_name[name]["state"],
                            "max_lag_ms": by_name[name].get("max_lag_ms"),
                            "gaps_reported": by_name[name].get("gaps"),
