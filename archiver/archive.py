@@ -173,13 +173,16 @@ class Archive:
 
     # --- ingest -----------------------------------------------------------------------
     def ingest_segment(self, camera: str, data: bytes, stream: DataStream = DataStream.VIDEO,
-                       now_ms: int | None = None, *, session: int | None = None) -> SegmentRow:
+                       now_ms: int | None = None, *, session: int | None = None,
+                       captured_by_ms: int | None = None) -> SegmentRow:
         """Encrypt, sign, append durably and index one segment. Returns only once it is
         acknowledged: fsynced and committed. Its time is [start, end] of the video it holds
         (archiver.cameras explains the rule); ``now_ms`` is its arrival; ``session``: the
-        RTSP session of a pulled camera's segment (its clock is trusted across it, bounded)."""
+        RTSP session of a pulled camera's segment (its clock is trusted across it, bounded);
+        ``captured_by_ms``: the puller's bound on the end of its capture (archiver.rtsp)."""
         try:
-            row = self._ingest_making_room(camera, data, stream, now_ms, session)
+            row = self._ingest_making_room(camera, data, stream, now_ms, session,
+                                           captured_by_ms)
         except (StorageFull, StorageFailed) as exc:
             self.storage_watch.refused(camera, exc)  # after eviction found nothing
             raise
@@ -187,9 +190,10 @@ class Archive:
         return row
 
     def _ingest_making_room(self, camera: str, data: bytes, stream: DataStream,
-                            now_ms: int | None, session: int | None) -> SegmentRow:
+                            now_ms: int | None, session: int | None,
+                            captured_by_ms: int | None = None) -> SegmentRow:
         try:
-            return self._ingest(camera, data, stream, now_ms, session)
+            return self._ingest(camera, data, stream, now_ms, session, captured_by_ms)
         except StorageFull:
             # Ingest does not stop while unheld video of a past day can go: the oldest goes
             # now (not at the next retention pass) and the segment is tried once more.
@@ -197,10 +201,11 @@ class Archive:
                 raise
             log.warning("the disk was full: removed the oldest unheld video to archive a "
                         "segment of %s", camera)
-            return self._ingest(camera, data, stream, now_ms, session)
+            return self._ingest(camera, data, stream, now_ms, session, captured_by_ms)
 
     def _ingest(self, camera: str, data: bytes, stream: DataStream,
-                now_ms: int | None, session: int | None = None) -> SegmentRow:
+                now_ms: int | None, session: int | None = None,
+                captured_by_ms: int | None = None) -> SegmentRow:
         now = self.clock() if now_ms is None else now_ms
         span = media_span(data)  # reads the PES headers, outside the lock
         state = self._camera_state(camera)
@@ -212,7 +217,7 @@ class Archive:
                     clock = state.clocks[stream] = SegmentClock(
                         self.db.last_segment_end(camera, stream),
                         round(self.settings.max_behind_s * 1000))
-                time = clock.place(now, span, session)
+                time = clock.place(now, span, session, captured_by_ms)
                 overrun = clock.overrun_ms
                 try:
                     if self.settings.benchmark_plaintext_baseline:

@@ -22,6 +22,17 @@ captured:
    time (``SLEW_DIVISOR``): a camera clock that runs slow does not build up a lag over days.
    Otherwise (first segment, new stream or session, clock drift, an Archiver restart) the
    segment is re-anchored: end = arrival, start = end - duration.
+   A pulled segment's "arrival" for this rule is the puller's bound on when its capture ended
+   (``captured_by``, ``archiver.rtsp.CaptureBound``): the earliest its packets' reading times
+   allow, given the session's clock. An overloaded puller reads a new session's first segment
+   late, and anchoring that on its arrival put the whole session late by as much (seconds:
+   docs/benchmarks.md, "Time under overload"); its first packets, read while it still kept up,
+   say when it really was. The bound anchors a segment and is what a slow clock slews towards;
+   a session placed more than ``PULL_BACK_MS`` after its bound (anchored while the puller was
+   already late: the bound is an upper bound, so that much later is known to be wrong) is
+   pulled back towards it by at most half a segment per segment. The bound
+   is used only within [arrival - ``MAX_LAG_MS``, arrival]: it never places video after its
+   arrival, nor further back than the session bound.
 3. Segments of one camera never overlap: a start before the previous end is moved to it. So a
    burst (video sent faster than real time) is laid out over its arrival times, never in the
    future. A segment without timestamps (not MPEG-TS video) is a point: start = end = arrival.
@@ -63,6 +74,8 @@ MAX_BEHIND_MS = 30_000  # a pushed camera's continuous stream may arrive this la
 # A pulled camera's session clock may be this far behind arrival (an overloaded or paused
 # Archiver catches up); beyond, a hostile or broken clock could place video far in the past.
 MAX_LAG_MS = 120_000
+# A pulled session placed this much after its capture bound is pulled back towards it (rule 2).
+PULL_BACK_MS = 100
 # A pulled session's clock may run this much slower than the Archiver's (1/1000: 0.1 %) before
 # it shows as lag (rule 2).
 SLEW_DIVISOR = 1000
@@ -102,19 +115,24 @@ class SegmentClock:
         self.overrun_ms = 0
 
     def place(self, arrival_ms: int, span: MediaSpan | None,
-              session: int | None = None) -> SegmentTime:
+              session: int | None = None, captured_by_ms: int | None = None) -> SegmentTime:
         """``session``: the pulled camera's RTSP session (one connection) the segment came
-        from, None for a pushed segment."""
+        from, None for a pushed segment. ``captured_by_ms``: a pulled segment's bound on the
+        end of its capture (rule 2; ignored for a pushed segment: one upload, no packets)."""
         floor = self._previous_end_ms
         same_session = session is not None and session == self._session
         self._session = session
         self.overrun_ms = 0
+        anchor, bounded = arrival_ms, captured_by_ms is not None and session is not None
+        if bounded and captured_by_ms is not None:
+            # From the puller (a worker process is untrusted): clamped to the session bound.
+            anchor = min(arrival_ms, max(captured_by_ms, arrival_ms - MAX_LAG_MS))
         if span is None:
             start = end = max(arrival_ms, floor or 0)
             self._previous_end_pts = None
         else:
             duration = span.duration_ms
-            start, end = arrival_ms - duration, arrival_ms
+            start, end = anchor - duration, anchor
             # A new session is a new anchor: its clock owes nothing to the last one's.
             if (floor is not None and self._previous_end_pts is not None
                     and (session is None or same_session)):
@@ -122,16 +140,22 @@ class SegmentClock:
                                           self._max_behind_ms)
                 if jump is not None:
                     predicted_end = floor + jump + duration
-                    if same_session and predicted_end < arrival_ms - DRIFT_TOLERANCE_MS:
+                    if same_session and predicted_end < anchor - DRIFT_TOLERANCE_MS:
                         # A camera clock running slow (crystals drift by tens of ppm) would
                         # build up a lag over a session of days: slew up to 1/SLEW_DIVISOR of
                         # the time (a sub-frame gap before the segment, never a longer span).
                         # An Archiver behind (many %) is not hidden by it.
-                        predicted_end += min(arrival_ms - DRIFT_TOLERANCE_MS - predicted_end,
+                        predicted_end += min(anchor - DRIFT_TOLERANCE_MS - predicted_end,
                                              max(1, (jump + duration) // SLEW_DIVISOR))
                     behind = MAX_LAG_MS if same_session else self._max_behind_ms
                     if arrival_ms - behind <= predicted_end <= arrival_ms + DRIFT_TOLERANCE_MS:
                         start, end = predicted_end - duration, predicted_end
+                        if same_session and bounded and predicted_end > anchor + PULL_BACK_MS:
+                            # The session was anchored late (its first packets were read
+                            # late too) and the bound now shows it: pull back towards the
+                            # bound, at most half a segment per segment (signed shorter than
+                            # its video, never a gap, never an overlap, the error only shrinks).
+                            end = max(anchor, predicted_end - duration // 2)
                     elif same_session and predicted_end < arrival_ms - behind:
                         self.overrun_ms = arrival_ms - predicted_end
             if floor is not None and start < floor:
@@ -210,6 +234,13 @@ class CameraHealth:
     lag_ms: int | None = None
     max_lag_ms: int | None = None
     overruns: int = 0  # pulled segments re-anchored on arrival, their clock beyond MAX_LAG_MS
+
+    @property
+    def not_keeping_up(self) -> bool:
+        """Archived over BEHIND_MS after capture in the last minute, whatever the state shown:
+        a camera the Archiver fell far behind on also goes ``stalled`` between its late
+        segments (state ``stalled`` comes first), and is no less a sign of overload."""
+        return self.state == CameraState.BEHIND or (self.max_lag_ms or 0) > BEHIND_MS
 
 
 # Buckets (seconds) of the capture-to-archive lag histogram of all cameras (/metrics).

@@ -34,7 +34,7 @@ from typing import Protocol
 import av
 import av.error
 
-from archiver.cameras import CameraState
+from archiver.cameras import SLEW_DIVISOR, CameraState
 from archiver.storage import StorageFailed, StorageFull
 
 log = logging.getLogger("archiver.rtsp")
@@ -60,10 +60,11 @@ class Ingest(Protocol):
     packet reached the puller: its arrival, however long it then waits to be archived.
     ``session`` names the RTSP session (one connection) it came from: within one, the stream's
     clock is continuous video, so the Archiver keeps the segments at their capture times even
-    when it reads them late (archiver.cameras)."""
+    when it reads them late (archiver.cameras). ``captured_by`` (``time.time()``): the
+    session's bound on when the segment's capture ended (``CaptureBound``), None if unknown."""
 
     def __call__(self, camera: str, data: bytes, closed_at: float, *,
-                 session: int | None = None) -> object: ...
+                 session: int | None = None, captured_by: float | None = None) -> object: ...
 
 
 def new_session() -> int:
@@ -79,6 +80,34 @@ ReportFault = Callable[[str, str], None]  # (camera, what its stream did)
 def redact(url: str) -> str:
     """The URL without its credentials, for logs and the API."""
     return re.sub(r"//[^/@]*@", "//***@", url)
+
+
+class CaptureBound:
+    """When a session's video was captured, at the latest, from when its packets were read.
+
+    A packet cannot be read before it was captured, so each read gives ``read - pts`` as an
+    upper bound on the session's offset between the camera's clock and ours, and the least of
+    them is the tightest: the packets read while the puller still kept up. An overloaded puller
+    reads the first segment of a session late; its arrival alone put the whole session that
+    late (archiver.cameras, rule 2). The bound ages by 1/SLEW_DIVISOR of the time (a camera
+    clock running slow makes the true offset grow, never faster than that), so it stays an
+    upper bound. Pure arithmetic per packet: no system call beyond the clock."""
+
+    def __init__(self) -> None:
+        self._offset: float | None = None
+        self._at = 0.0
+
+    def observe(self, pts_s: float, read_at: float) -> None:
+        """A video packet at ``pts_s`` (seconds of the session's clock) read at ``read_at``."""
+        offset = read_at - pts_s
+        if self._offset is not None:
+            offset = min(offset, self._offset + (read_at - self._at) / SLEW_DIVISOR)
+        self._offset, self._at = offset, read_at
+
+    def captured_by(self, pts_s: float) -> float | None:
+        """The latest ``pts_s`` of the session's clock can have been captured (None: no packet
+        read yet)."""
+        return None if self._offset is None else self._offset + pts_s
 
 
 class StreamFault(Exception):
@@ -236,10 +265,12 @@ class PullSink(Protocol):
     """Where a puller's results go: the Archiver's ingest (in-process) or the pipe to the
     Archiver (a worker process, archiver/rtsp_workers.py)."""
 
-    def segment(self, camera: str, data: bytes, closed_at: float, session: int) -> None:
+    def segment(self, camera: str, data: bytes, closed_at: float, session: int,
+                captured_by: float | None = None) -> None:
         """A finished segment; ``closed_at`` (``time.time()``) is when its last packet reached
         the puller, the segment's arrival, however long it waits to be archived; ``session``:
-        the connection it came from (``new_session``)."""
+        the connection it came from (``new_session``); ``captured_by``: when its capture ended
+        at the latest (``CaptureBound``)."""
 
     def problem(self, camera: str, state: CameraState, message: str) -> None: ...
 
@@ -304,13 +335,33 @@ def _pull(camera: str, url: str, stop: threading.Event, sink: PullSink, max_segm
                  timeout=(OPEN_TIMEOUT_S, None)) as container:
         segmenter = _Segmenter(container, max_segment_bytes, max_segment_s)
         session = new_session()
+        video = next((s for s in container.streams if s.type == "video"), None)
+        tick = float(video.time_base) if video is not None and video.time_base else 0.0
+        bound, video_end = CaptureBound(), None  # video_end: seconds of the session's clock
         try:
             for packet in container.demux():
                 if stop.is_set():
                     break
+                read_at, video_at = time.time(), None
+                if packet.stream is video and packet.pts is not None and tick:
+                    video_at = packet.pts * tick
                 segment = segmenter.add(packet)
+                if segmenter.clock_restarted is not None:
+                    # This packet starts a new session (below): its clock is a new one.
+                    bound, video_end = CaptureBound(), None
+                    captured_by = None
+                elif video_at is not None:
+                    bound.observe(video_at, read_at)
+                    # What closed here ends where this packet starts: captured by then.
+                    captured_by = bound.captured_by(video_at)
+                else:
+                    captured_by = bound.captured_by(video_end) if video_end is not None else None
+                if video_at is not None:
+                    if segmenter.clock_restarted is not None:
+                        bound.observe(video_at, read_at)
+                    video_end = video_at + (packet.duration or 0) * tick
                 if segment is not None:
-                    sink.segment(camera, segment, time.time(), session)
+                    sink.segment(camera, segment, time.time(), session, captured_by)
                     received = True
                 if segmenter.clock_restarted is not None:
                     # What follows owes nothing to the old clock: the Archiver anchors it anew.
@@ -326,7 +377,8 @@ def _pull(camera: str, url: str, stop: threading.Event, sink: PullSink, max_segm
             # What arrived before the camera went away (or before shutdown) is archived.
             last = segmenter.close()
             if last is not None:
-                sink.segment(camera, last, time.time(), session)
+                sink.segment(camera, last, time.time(), session,
+                             bound.captured_by(video_end) if video_end is not None else None)
                 received = True
     return received
 
@@ -344,8 +396,9 @@ class _IngestSink:
     report: ReportProblem
     report_fault: ReportFault | None
 
-    def segment(self, camera: str, data: bytes, closed_at: float, session: int) -> None:
-        self.ingest(camera, data, closed_at, session=session)
+    def segment(self, camera: str, data: bytes, closed_at: float, session: int,
+                captured_by: float | None = None) -> None:
+        self.ingest(camera, data, closed_at, session=session, captured_by=captured_by)
 
     def problem(self, camera: str, state: CameraState, message: str) -> None:
         self.report(camera, state, message)

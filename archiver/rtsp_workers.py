@@ -254,15 +254,18 @@ class RtspWorkerPool:
             raise ProtocolError("a camera it was not given")
         if kind == "segment":
             size, closed_at = header.get("size"), header.get("closed_at")
-            session = header.get("session")
+            session, captured_by = header.get("session"), header.get("captured_by")
             if (not isinstance(size, int) or not 0 < size <= self._max_segment_bytes
                     + SEGMENT_SLACK or not isinstance(closed_at, int | float)
-                    or not isinstance(session, int)):
+                    or not isinstance(session, int)
+                    or not (captured_by is None or isinstance(captured_by, int | float))):
                 raise ProtocolError("a segment of a size beyond the cap or without its timing")
             data = _read_exact(stream, size)
             if data is None:
                 raise ProtocolError("cut inside a segment")
-            self._enqueue(camera, ("segment", data, float(closed_at), session))
+            # captured_by is the worker's claim: the Archiver clamps it (archiver.cameras).
+            self._enqueue(camera, ("segment", data, float(closed_at), session,
+                                   None if captured_by is None else float(captured_by)))
         elif kind == "problem":
             try:
                 state = CameraState(header["state"])
@@ -338,7 +341,7 @@ class RtspWorkerPool:
         kind = item[0]
         if kind == "segment":
             try:
-                self._ingest(camera, item[1], item[2], session=item[3])
+                self._ingest(camera, item[1], item[2], session=item[3], captured_by=item[4])
             except (StorageFull, StorageFailed) as exc:
                 # Not archived and counted as refused by ingest; the camera shows why.
                 self._report(camera, CameraState.STALLED, str(exc))
@@ -387,9 +390,11 @@ class _PipeSink:
         except (OSError, ValueError):
             os._exit(ExitCode.OK)  # the Archiver is gone: nothing to pull for
 
-    def segment(self, camera: str, data: bytes, closed_at: float, session: int) -> None:
+    def segment(self, camera: str, data: bytes, closed_at: float, session: int,
+                captured_by: float | None = None) -> None:
         self.send({"type": "segment", "camera": camera, "size": len(data),
-                   "closed_at": closed_at, "session": session}, data)
+                   "closed_at": closed_at, "session": session, "captured_by": captured_by},
+                  data)
 
     def problem(self, camera: str, state: CameraState, message: str) -> None:
         self.send({"type": "problem", "camera": camera, "state": state.value,

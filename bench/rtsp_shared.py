@@ -48,9 +48,11 @@ class Recorder:
     last_end_ms: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def segment(self, camera: str, data: bytes, closed_at: float, session: int) -> None:
+    def segment(self, camera: str, data: bytes, closed_at: float, session: int,
+                captured_by: float | None = None) -> None:
         with self.lock:
-            placed = self.clock.place(int(closed_at * 1000), media_span(data), session)
+            placed = self.clock.place(int(closed_at * 1000), media_span(data), session,
+                                      None if captured_by is None else int(captured_by * 1000))
             if self.last_end_ms is not None and placed.start_ms - self.last_end_ms > 0:
                 self.holes_ms.append(placed.start_ms - self.last_end_ms)
             if self.first_ms is None:

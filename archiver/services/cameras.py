@@ -39,7 +39,9 @@ def admit_pulled_camera(archive: Archive) -> None:
     now = archive.clock()
     for name in pulled:
         health = archive.health.health(name, now)
-        if health.state == CameraState.BEHIND:
+        # Not only "behind": far behind, a camera shows "stalled" between its late segments
+        # (measured: 800 cameras on 2 cores, 798 stalled, none "behind", a camera was taken).
+        if health.not_keeping_up:
             raise Refused(ErrorCode.AT_CAPACITY, f"This Archiver is not keeping up: camera "
                           f"'{name}' was archived up to {(health.max_lag_ms or 0) / 1000:.0f} s "
                           "after capture in the last minute; it takes no more RTSP cameras "

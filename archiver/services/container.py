@@ -155,12 +155,16 @@ def _camera_pullers(archive: Archive, settings: Settings,
     per core) or, with 0, threads in this process."""
 
     def ingest(camera: str, data: bytes, closed_at: float, *,
-               session: int | None = None) -> object:
+               session: int | None = None, captured_by: float | None = None) -> object:
         # The segment arrived when its last packet reached the puller, not when this process
         # got to it: under load the two differ, and placing it on the wall clock (and the lag
         # an admin sees) must not count the queue. Taken as an age, so a test clock works too.
-        age_ms = max(0, round((time.time() - closed_at) * 1000))
-        return archive.ingest_segment(camera, data, now_ms=clock() - age_ms, session=session)
+        now, wall = clock(), time.time()
+        age_ms = max(0, round((wall - closed_at) * 1000))
+        captured_ms = (None if captured_by is None
+                       else now - max(0, round((wall - captured_by) * 1000)))
+        return archive.ingest_segment(camera, data, now_ms=now - age_ms, session=session,
+                                      captured_by_ms=captured_ms)
 
     def fault(camera: str, message: str) -> None:
         archive.health.stream_fault(camera, message, clock())

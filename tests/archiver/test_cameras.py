@@ -20,6 +20,7 @@ from archiver.cameras import (
     SegmentTime,
 )
 from archiver.mpegts import PTS_WRAP, MediaSpan, media_span
+from archiver.rtsp import CaptureBound
 from archiver.settings import Settings
 from keyservice.errors import UsageError
 from tests.fixtures.camera import requires_ffmpeg
@@ -264,3 +265,125 @@ def test_a_camera_behind_is_flagged_with_its_lag() -> None:
     health = board.health("cam", 200_000)
     assert health.state == CameraState.BEHIND and health.overruns == 1
     assert "fell 2 min 30 s behind" in health.message and "not at its capture time" in health.message
+
+
+def _overloaded_puller(frames: int, delay_s: float, growth: float
+                       ) -> list[tuple[float, float, float | None]]:
+    """A pulled session of ``frames`` frames at 25 fps, captured from wall time 10 s, read by a
+    puller that falls behind: frame k is read ``delay_s + growth * k`` s after its capture.
+    Segments close at each second keyframe (every 2 s of video): per segment (first pts in
+    seconds, arrival = when the frame that closed it was read, the CaptureBound then)."""
+    bound, out, first = CaptureBound(), [], 0.0
+    for k in range(1, frames + 1):
+        pts = k * 0.04
+        read_at = 10.0 + pts + delay_s + growth * k
+        bound.observe(pts, read_at)
+        if k % 50 == 0:
+            out.append((first, read_at, bound.captured_by(pts)))
+            first = pts
+    return out
+
+
+def test_a_session_read_late_from_its_start_is_placed_at_its_capture_times() -> None:
+    """Issue 23, a real overload (docs/benchmarks.md, "Time under overload"): 800 cameras
+    connect to a 2-core Archiver at once; a puller falling behind reads a session's first
+    segment seconds after its capture. Before: that segment was anchored on its arrival and the
+    whole session followed it, 9.8 s (4.9 segments) after its capture. After: anchored on the
+    CaptureBound of its packets (read - pts, least while the puller still kept up), every
+    segment is at its capture time to within the first packets' delay."""
+    segments = _overloaded_puller(frames=500, delay_s=0.05, growth=0.1)  # 50 s behind at the end
+    before, after = SegmentClock(), SegmentClock()
+    for first, arrival, captured_by in segments:
+        true_start = round((10.0 + first) * 1000)
+        span = _span(first)
+        old = before.place(round(arrival * 1000), span, session=5)
+        assert captured_by is not None
+        new = after.place(round(arrival * 1000), span, session=5, captured_by_ms=round(
+            captured_by * 1000))
+        assert 0 <= new.start_ms - true_start <= 200, (new, true_start)  # the first read: 0.15 s
+        assert old.start_ms - true_start > 5000  # the 5 s the first segment was read late
+        assert after.overrun_ms == 0
+
+
+def test_the_capture_bound_is_clamped_to_the_arrival_and_the_session_bound() -> None:
+    """From a worker process (untrusted) or a hostile camera clock: never after its arrival,
+    never more than MAX_LAG_MS before it; a pushed segment has none."""
+    clock = SegmentClock()
+    assert clock.place(10_000, _span(0), session=1, captured_by_ms=99_000) == SegmentTime(
+        8_000, 10_000)
+    clock = SegmentClock()
+    far = clock.place(MAX_LAG_MS * 10, _span(0), session=1, captured_by_ms=0)
+    assert far.end_ms == MAX_LAG_MS * 9
+    clock = SegmentClock()
+    assert clock.place(10_000, _span(0), captured_by_ms=1_000) == SegmentTime(8_000, 10_000)
+
+
+def test_the_capture_bound_stays_an_upper_bound_for_a_slow_camera_clock() -> None:
+    """A camera clock 0.05 % slow makes the true offset grow; the bound ages by 0.1 % of the
+    time, so it never claims a capture earlier than the real one, and stays within the
+    reading delay (+ 0.1 %) of it."""
+    bound = CaptureBound()
+    for k in range(0, 36_000):  # an hour of frames, 10 a second
+        capture = 10.0 + k * 0.1
+        pts = k * 0.1 * (1 - 0.0005)
+        bound.observe(pts, capture + 0.02)
+        estimate = bound.captured_by(pts)
+        assert estimate is not None and capture <= estimate <= capture + 0.02 + 0.001 * 0.1
+
+
+def test_a_session_anchored_late_converges_on_its_capture_times() -> None:
+    """A puller already 3 s late from the session's first packet (so its first bound is 3 s
+    late too), which then catches up: once the bound shows the session placed late, segments
+    are pulled back (no gap, no overlap) until they are at their capture times; the error
+    never grows."""
+    clock = SegmentClock()
+    bound, first, placed, errors, last_read = CaptureBound(), 0.0, [], [], 0.0
+    for k in range(1, 751):  # 30 s of frames
+        pts = k * 0.04
+        # The first segment entirely read 3 s late; then the backlog in a burst (reads in
+        # order: never before the previous one), on time from frame ~125 on.
+        read_at = 10.0 + pts + 3.0 if k <= 50 else max(last_read, 10.0 + pts + 0.02)
+        last_read = read_at
+        bound.observe(pts, read_at)
+        if k % 50 == 0:
+            captured_by = bound.captured_by(pts)
+            assert captured_by is not None
+            placed.append(clock.place(round(read_at * 1000), _span(first), session=2,
+                                      captured_by_ms=round(captured_by * 1000)))
+            errors.append(placed[-1].end_ms - round((10.0 + pts) * 1000))
+            first = pts
+    assert 2900 <= errors[0] <= 3100, errors  # nothing better was known then
+    for before, after in itertools.pairwise(placed):
+        assert after.start_ms == before.end_ms  # no gap, no overlap
+        assert after.end_ms >= after.start_ms  # (a burst: never after its arrival + 1 s)
+    assert all(b >= a for a, b in itertools.pairwise(errors[::-1]))  # the error only shrinks
+    assert 0 <= errors[-1] <= 100, errors
+
+
+def test_a_camera_far_behind_counts_against_admission_even_when_shown_stalled() -> None:
+    """Measured at 800 cameras on 2 cores (docs/benchmarks.md, "Time under overload"): far
+    behind, cameras go ``stalled`` between their late segments (that state comes first), none
+    showed ``behind``, and the Archiver took one more camera. Admission asks
+    ``not_keeping_up``: a lag over BEHIND_MS in the last minute, whatever the state shown; a
+    camera that is merely silent does not count."""
+    board = HealthBoard()
+    board.segment_archived("far", 52_000, 100, SegmentTime(10_000, 12_000), archived_ms=52_010)
+    board.segment_archived("quiet", 52_000, 100, SegmentTime(50_000, 52_000), archived_ms=52_010)
+    far, quiet = board.health("far", 60_000), board.health("quiet", 60_000)
+    assert far.state == quiet.state == CameraState.STALLED
+    assert far.not_keeping_up and not quiet.not_keeping_up
+
+
+def test_a_session_behind_for_long_does_not_drift_late() -> None:
+    """Measured (docs/benchmarks.md, "Time under overload", --early): before, a session more
+    than 1 s behind its arrival was slewed towards arrival by 0.1 % of the time (meant for a slow
+    camera clock), so a camera behind for long drifted late (2 ms a segment: 3.6 s an hour).
+    Now it slews towards its capture bound, which an Archiver falling behind does not move."""
+    before, after = SegmentClock(), SegmentClock()
+    for i in range(1800):  # an hour of 2 s segments, read 30 s late from the second on
+        capture_end = 12_000 + 2000 * i
+        arrival = capture_end + (30_000 if i else 20)
+        old = before.place(arrival, _span(2 * i), session=4)
+        new = after.place(arrival, _span(2 * i), session=4, captured_by_ms=capture_end + 20)
+        assert 0 <= new.end_ms - capture_end <= 20
+    assert old.end_ms - capture_end > 3000  # before: 3.6 s late after an hour
