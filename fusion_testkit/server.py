@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fusion_testkit import forkserver
 from fusion_testkit.forkserver import ForkedProcess, fork_server
 from fusion_testkit.pki import SiteCa, write_tls_pair
 from keyservice.tls import trust as tls_trust
@@ -34,16 +35,6 @@ from keyservice.tls import trust as tls_trust
 # The Archiver makes its own SoftHSM signing token in its data directory (the production
 # default): it must not see the callers' SoftHSM store or viewer PIN.
 PRIVATE_ENV = ("SOFTHSM2_CONF", "FUSION_PIN")
-# Whether ArchiverServer forks its Archivers from a fork server (fusion_testkit/forkserver.py)
-# unless told otherwise: a test suite that starts many turns it on (fork_archivers).
-_fork_by_default = False
-
-
-def fork_archivers(on: bool = True) -> None:
-    """Fork every later ArchiverServer with the default launcher from a pre-imported
-    interpreter (about 0.7 s of CPU less per start); ``forked=False`` opts one out."""
-    global _fork_by_default
-    _fork_by_default = on
 
 
 def free_port() -> int:
@@ -116,7 +107,7 @@ class ArchiverServer:
     tls_ca: Path | None = None
     start_timeout_s: float = 30
     stop_timeout_s: float = 10
-    # None: as fork_archivers() says. Only the default launcher, from this interpreter's own
+    # None: as forkserver.fork_commands() says. Only the default launcher, from this interpreter's own
     # packages, is forked (a wrapper or another checkout's PYTHONPATH runs as a subprocess).
     forked: bool | None = None
 
@@ -173,7 +164,7 @@ class ArchiverServer:
         return self
 
     def _forks(self) -> bool:
-        forked = _fork_by_default if self.forked is None else self.forked
+        forked = forkserver.enabled() if self.forked is None else self.forked
         return (forked and type(self).command is ArchiverServer.command
                 and "PYTHONPATH" not in (self.env or {}))
 
