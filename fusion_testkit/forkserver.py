@@ -77,6 +77,9 @@ def _child(request: Mapping[str, Any]) -> NoReturn:
         if not request.get("safe_path", True):  # `python -m` without -P: the directory first
             sys.path.insert(0, os.getcwd())
         sys.argv = [request["module"], *request["args"]]
+        # As in a fresh `python -m`, the module runs as __main__ and is not yet imported
+        # (runpy warns on stderr otherwise, and the commands' stderr is what tests read).
+        sys.modules.pop(request["module"], None)
         runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
     except SystemExit as exit_:
         code = exit_.code
