@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusion_testkit import forkserver
 from fusion_testkit.server import ArchiverServer
 from fusion_testkit.tokens import TokenHandle
 from keyservice.exitcodes import ExitCode
@@ -68,7 +69,7 @@ class Client:
         return [sys.executable, "-m", "client", *args]
 
     def __call__(self, *args: str, timeout: float = 120) -> Result:
-        done = subprocess.run(self.command(*args), capture_output=True, env=self.env(),
+        done = forkserver.run(self.command(*args), capture_output=True, env=self.env(),
                               timeout=timeout, stdin=subprocess.DEVNULL)
         stderr = done.stderr.decode(errors="replace")
         assert "Traceback" not in stderr, stderr

@@ -10,13 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fusion_testkit import forkserver
+
 
 def fusion_keys(*args: str, env: dict[str, str] | None = None,
                 cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """``fusion-keys ARGS`` (as ``python -m keyservice.cli``), its output captured as text."""
     if env is None:  # the session's environment, minus any PIN a developer exported
         env = {k: v for k, v in os.environ.items() if k != "FUSION_PIN"}
-    return subprocess.run([sys.executable, "-m", "keyservice.cli", *args], capture_output=True,
+    return forkserver.run([sys.executable, "-m", "keyservice.cli", *args], capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=120, stdin=subprocess.DEVNULL)
 
 

@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fusion_testkit import forkserver
+from fusion_testkit.forkserver import ForkedProcess, fork_server
 from fusion_testkit.pki import SiteCa, write_tls_pair
 from keyservice.tls import trust as tls_trust
 
@@ -48,7 +50,7 @@ def server_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
             if k not in PRIVATE_ENV}
 
 
-def wait_until_healthy(process: subprocess.Popen[bytes], url: str, timeout: float,
+def wait_until_healthy(process: subprocess.Popen[bytes] | ForkedProcess, url: str, timeout: float,
                        verify: ssl.SSLContext | bool = True) -> bool:
     """Wait for a started Archiver to answer /healthz: True when it does, False on timeout;
     RuntimeError if it exited."""
@@ -97,7 +99,7 @@ class ArchiverServer:
     key_period_s: int = 2
     port: int = field(default_factory=free_port)
     extra_args: tuple[str, ...] = ()
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[bytes] | ForkedProcess | None = None
     env: dict[str, str] | None = None
     # The working directory (None: ours). Not where the code comes from: that is the
     # interpreter's installed package, or PYTHONPATH in ``env`` (a benchmark comparing checkouts).
@@ -105,6 +107,9 @@ class ArchiverServer:
     tls_ca: Path | None = None
     start_timeout_s: float = 30
     stop_timeout_s: float = 10
+    # None: as forkserver.fork_commands() says. Only the default launcher, from this interpreter's own
+    # packages, is forked (a wrapper or another checkout's PYTHONPATH runs as a subprocess).
+    forked: bool | None = None
 
     @property
     def url(self) -> str:
@@ -123,11 +128,14 @@ class ArchiverServer:
     def admin_token(self) -> str:
         return (self.data_dir / "admin-token").read_text().strip()
 
+    def serve_args(self) -> list[str]:
+        """``fusion-archiver``'s arguments: ``serve`` and its options."""
+        return ["serve", "--data", str(self.data_dir), "--port", str(self.port),
+                "--key-period", str(self.key_period_s), *self.extra_args]
+
     def command(self) -> list[str]:
         """How the server is launched (subclasses may wrap it or run another launcher)."""
-        return [sys.executable, "-P", "-m", "archiver", "serve", "--data", str(self.data_dir),
-                "--port", str(self.port), "--key-period", str(self.key_period_s),
-                *self.extra_args]
+        return [sys.executable, "-P", "-m", "archiver", *self.serve_args()]
 
     def start(self, timeout: float | None = None) -> ArchiverServer:
         if self.process is not None and self.process.poll() is None:
@@ -136,9 +144,15 @@ class ArchiverServer:
             raise RuntimeError("this Archiver is already running: start it once")
         timeout = self.start_timeout_s if timeout is None else timeout
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            env=server_env(self.env), cwd=self.cwd)
+        if self._forks():
+            env = server_env(self.env)
+            self.process = fork_server(server_env()).spawn(
+                "archiver", self.serve_args(), env, self.cwd, self.log_path)
+        else:
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(self.command(), stdout=log,
+                                                stderr=subprocess.STDOUT,
+                                                env=server_env(self.env), cwd=self.cwd)
         try:
             healthy = wait_until_healthy(self.process, self.url, timeout, self.verify)
         except RuntimeError as exc:
@@ -148,6 +162,11 @@ class ArchiverServer:
             raise RuntimeError(f"the Archiver did not start within {timeout:.0f} s; log "
                                f"{self.log_path}:\n{self.log()[-4000:]}")
         return self
+
+    def _forks(self) -> bool:
+        forked = forkserver.enabled() if self.forked is None else self.forked
+        return (forked and type(self).command is ArchiverServer.command
+                and "PYTHONPATH" not in (self.env or {}))
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

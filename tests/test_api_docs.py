@@ -7,12 +7,13 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+
+from fusion_testkit import forkserver
 
 ROOT = Path(__file__).parents[1]
 CLIENT_MODULES = sorted(
@@ -82,7 +83,7 @@ def test_each_package_ships_py_typed() -> None:
 
 def test_the_api_reference_builds(tmp_path: Path) -> None:
     out = tmp_path / "api"
-    done = subprocess.run([sys.executable, "-m", "pdoc", "-o", str(out), "client", "keyservice"],
+    done = forkserver.run([sys.executable, "-m", "pdoc", "-o", str(out), "client", "keyservice"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "Warn" not in done.stderr, done.stderr

@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from client.session import ArchiverSession, NotEnrolled
+from fusion_testkit import forkserver
 from fusion_testkit.pki import SiteCa
 from keyservice.certs import build_viewer_certificate
 from keyservice.errors import ArchiverUnreachable, TlsCaError
@@ -28,7 +29,7 @@ CLIS = {"fusion-keys": "keyservice.cli", "fusion-archiver": "archiver", "fusion-
 
 
 def run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+    done = forkserver.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           timeout=60, stdin=subprocess.DEVNULL)
     assert "Traceback" not in done.stderr, done.stderr
     return done
@@ -104,7 +105,7 @@ def test_a_silent_server_is_reported_as_a_timeout() -> None:
 
 # --- one trust configuration (keyservice.tls): --tls-ca, else FUSION_TLS_CA -------------------
 def run_env(module: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+    done = forkserver.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           timeout=120, stdin=subprocess.DEVNULL, env=env)
     assert "Traceback" not in done.stderr, done.stderr
     return done

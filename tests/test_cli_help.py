@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import archiver.cli
 import client.cli
 import keyservice.cli
+from fusion_testkit import forkserver
 
 APPS = {"fusion-keys": keyservice.cli.app, "fusion-archiver": archiver.cli.app,
         "fusion-client": client.cli.app}
@@ -96,7 +97,7 @@ def test_one_name_per_concept(prog: str, path: list[str], command: Command) -> N
 def test_old_spellings_still_work() -> None:
     """Scripts written for --url (fusion-archiver) and --out (fusion-keys) keep working."""
     def run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+        return forkserver.run([sys.executable, "-m", module, *args], capture_output=True,
                               text=True, timeout=60, stdin=subprocess.DEVNULL)
 
     for spelling in (["--url", "http://127.0.0.1:9"], ["--url=http://127.0.0.1:9"],

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fusion_testkit import forkserver
 from tests.fixtures.server import REPO_ROOT
 
 DAY_MS = 86_400_000
@@ -73,7 +74,7 @@ def files_holding(data_dir: Path, needles: list[bytes]) -> dict[str, int]:
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("SOFTHSM2_CONF", "FUSION_PIN")}
-    result = subprocess.run([sys.executable, "-m", "archiver", *args], cwd=REPO_ROOT, env=env,
+    result = forkserver.run([sys.executable, "-m", "archiver", *args], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=300, check=False)
     if check:
         assert result.returncode == 0, result.stdout + result.stderr

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fusion_testkit import forkserver
 from keyservice.crypto import (
     admin_login_context,
     answer_login_challenge,
@@ -65,7 +66,7 @@ def cli(server: ArchiverServer, *args: str, token: str | None = None,
            if k not in ("FUSION_ADMIN_TOKEN", "FUSION_PIN", "FUSION_TLS_CA")}
     auth = (["--admin-token", token] if token else []) + (
         ["--data", str(server.data_dir)] if bootstrap else [])
-    return subprocess.run([sys.executable, "-m", "archiver", *args, "--url", server.url,
+    return forkserver.run([sys.executable, "-m", "archiver", *args, "--url", server.url,
                            "--tls-ca", str(server.tls_ca), *auth], capture_output=True,
                           text=True, timeout=120, env=env)
 
@@ -238,12 +239,12 @@ def test_certificate_command_and_serve_print_the_archiver_fingerprint(
     assert served["fingerprint"] in https_archiver.log()
 
     https_archiver.stop()
-    offline = subprocess.run([sys.executable, "-m", "archiver", "certificate", "--data",
+    offline = forkserver.run([sys.executable, "-m", "archiver", "certificate", "--data",
                               str(https_archiver.data_dir), "--json"], capture_output=True,
                              text=True, timeout=60)
     assert offline.returncode == 0, offline.stderr
     assert json.loads(offline.stdout)["fingerprint"] == served["fingerprint"]
-    neither = subprocess.run([sys.executable, "-m", "archiver", "certificate"],
+    neither = forkserver.run([sys.executable, "-m", "archiver", "certificate"],
                              capture_output=True, text=True, timeout=60)
     assert neither.returncode == 2 and "either --data" in neither.stderr
 
@@ -252,7 +253,7 @@ def test_a_site_turns_the_bootstrap_token_off_once_admins_are_people(
         https_archiver: ArchiverServer, make_person: Callable[[str], Person],
         tmp_path: Path) -> None:
     # Without any admin, turning it off would lock everybody out: refused before anything starts.
-    empty = subprocess.run([sys.executable, "-m", "archiver", "serve", "--data",
+    empty = forkserver.run([sys.executable, "-m", "archiver", "serve", "--data",
                             str(tmp_path / "fresh"), "--no-bootstrap-token"],
                            capture_output=True, text=True, timeout=60)
     assert empty.returncode == 2 and "needs at least one admin" in empty.stderr, empty.stderr

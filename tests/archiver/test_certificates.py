@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from fusion_testkit import forkserver
 from keyservice.certs import build_viewer_certificate, certificate_pem
 from keyservice.format import CHAIN_ID_LEN
 from keyservice.identity import OaepHash, fingerprint
@@ -28,7 +29,7 @@ VALID_FOR_S = 15  # the test viewer's certificate expires this long after it is 
 
 
 def _archiver(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "archiver", *args], capture_output=True,
+    return forkserver.run([sys.executable, "-m", "archiver", *args], capture_output=True,
                           text=True, timeout=60)
 
 

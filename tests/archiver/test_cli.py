@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fusion_testkit import forkserver
 from tests.fixtures.server import ArchiverServer
 
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "archiver", *args], capture_output=True,
+    return forkserver.run([sys.executable, "-m", "archiver", *args], capture_output=True,
                           text=True, input=stdin, timeout=60)
 
 

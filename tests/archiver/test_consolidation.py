@@ -45,6 +45,7 @@ from archiver.consolidation import (
     verify_part,
 )
 from archiver.directory import ArchiverRow, open_directory
+from fusion_testkit import forkserver
 from fusion_testkit.client_cli import Client, Viewer, now_ms, play, wait_for_segments
 from keyservice.format import EpochOpener, RecordType, decode_record
 from keyservice.identity import SoftwareSigner, fingerprint
@@ -79,7 +80,7 @@ def _other_source(path: Path, seconds: float) -> Path:
 
 
 def _archiver_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-P", "-m", "archiver", *args], capture_output=True,
+    done = forkserver.run([sys.executable, "-P", "-m", "archiver", *args], capture_output=True,
                           text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert "Traceback" not in done.stderr, done.stderr
     return done

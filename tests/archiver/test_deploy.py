@@ -25,6 +25,7 @@ import typer
 
 from archiver.cli import app
 from archiver.server import SHUTDOWN_GRACE_S
+from fusion_testkit import forkserver
 from keyservice.errors import (
     ArchiverMismatch,
     CertificateError,
@@ -298,7 +299,7 @@ def test_a_backup_taken_while_ingesting_restores_and_verifies(tmp_path: Path) ->
     assert before_db_backup <= indexed <= len(acknowledged)
     assert "ARCHIVE DAMAGED" not in restored.log() and "ARCHIVE INCONSISTENT" not in restored.log()
     # Every segment of the restored archive verifies against the Archiver's signature.
-    rebuilt = subprocess.run([sys.executable, "-m", "archiver", "reindex", "--data", str(live),
+    rebuilt = forkserver.run([sys.executable, "-m", "archiver", "reindex", "--data", str(live),
                               "--json"], capture_output=True, text=True, timeout=120)
     assert rebuilt.returncode == 0, rebuilt.stderr
     report = json.loads(rebuilt.stdout)

@@ -29,6 +29,7 @@ from archiver.auth import digest
 from archiver.check import EXIT_DAMAGED
 from archiver.datadir import EXIT_DATA_DIR_IN_USE, LOCK_NAME
 from archiver.server import EXIT_ADDRESS_IN_USE
+from fusion_testkit import forkserver
 from keyservice.errors import RequestRefused
 from keyservice.identity import fingerprint
 from tests.fixtures.server import ArchiverServer, SiteCa, free_port, production_archiver
@@ -37,7 +38,7 @@ SEGMENT = b"\x47" + b"\x00" * 187  # one MPEG-TS packet: the Archiver archives a
 
 
 def run(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-m", "archiver", *args], capture_output=True,
+    done = forkserver.run([sys.executable, "-m", "archiver", *args], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     assert "Traceback" not in done.stderr, done.stderr
     return done

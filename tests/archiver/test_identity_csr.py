@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fusion_testkit import forkserver
 from keyservice.identity import fingerprint
 from tests.fixtures.server import SiteCa, production_archiver
 
@@ -33,7 +34,7 @@ EXIT_CERTIFICATE = 30
 
 def archiver(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`fusion-archiver ARGS` in a process of its own (its own SoftHSM configuration)."""
-    return subprocess.run([sys.executable, "-m", "archiver", *args], capture_output=True,
+    return forkserver.run([sys.executable, "-m", "archiver", *args], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 

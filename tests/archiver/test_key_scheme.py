@@ -13,6 +13,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from fusion_testkit import forkserver
 from fusion_testkit.pki import SiteCa
 from fusion_testkit.server import production_archiver
 from fusion_testkit.viewer import login
@@ -23,7 +24,7 @@ from tests.fixtures.server import ArchiverServer
 
 
 def admin_cli(server: ArchiverServer, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "archiver", *args, "--archiver", server.url,
+    return forkserver.run([sys.executable, "-m", "archiver", *args, "--archiver", server.url,
                            "--admin-token", server.admin_token, "--tls-ca", str(server.tls_ca)],
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from archiver.directory import ArchiverRow, open_directory
 from archiver.registry import archiver_statuses
 from archiver.services.routing import RoutingService
+from fusion_testkit import forkserver
 from fusion_testkit.client_cli import Client, Viewer, iso
 from fusion_testkit.playback import fetch, play
 from fusion_testkit.server import ArchiverServer, server_env
@@ -93,7 +94,7 @@ def _site_archiver(site_ca: SiteCa, tmp_path: Path, name: str, postgres_url: str
     data = tmp_path / name
     generate(data, CAMERA, _past_day(0), 48, 3600, 4096, [viewer])
     request = tmp_path / f"{name}.csr"
-    made = subprocess.run([sys.executable, "-m", "archiver", "identity", "csr", "--data",
+    made = forkserver.run([sys.executable, "-m", "archiver", "identity", "csr", "--data",
                            str(data), "--name", name, "-o", str(request)], env=server_env(),
                           capture_output=True, text=True, timeout=TIMEOUT,
                           stdin=subprocess.DEVNULL)
@@ -101,7 +102,7 @@ def _site_archiver(site_ca: SiteCa, tmp_path: Path, name: str, postgres_url: str
     issued = site_ca.issue_archiver_signing(x509.load_pem_x509_csr(request.read_bytes()))
     cert = tmp_path / f"{name}.pem"
     cert.write_bytes(issued.public_bytes(serialization.Encoding.PEM))
-    imported = subprocess.run([sys.executable, "-m", "archiver", "identity", "import",
+    imported = forkserver.run([sys.executable, "-m", "archiver", "identity", "import",
                                str(cert), "--data", str(data), "--site-ca", str(site_ca.path)],
                               env=server_env(), capture_output=True, text=True,
                               timeout=TIMEOUT, stdin=subprocess.DEVNULL)

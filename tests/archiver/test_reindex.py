@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fusion_testkit import forkserver
 from keyservice.certs import build_archiver_certificate
 from keyservice.crypto import new_minute_key, seal_segment
 from keyservice.format import DataStream, encode_record
@@ -131,7 +132,7 @@ def test_signed_bytes_that_do_not_continue_the_chain_are_never_cut(
 
 def _reindex(data_dir: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("SOFTHSM2_CONF", "FUSION_PIN")}
-    return subprocess.run([sys.executable, "-m", "archiver", "reindex", "--data", str(data_dir)],
+    return forkserver.run([sys.executable, "-m", "archiver", "reindex", "--data", str(data_dir)],
                           capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120)
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fusion_testkit import forkserver
 from keyservice.errors import ArchiverUnreachable
 from tests.fixtures.server import ArchiverServer
 from tests.fixtures.tokens import TokenHandle, enroll_viewer
@@ -29,7 +30,7 @@ def recipe() -> str:
 
 
 def run(module: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+    done = forkserver.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           timeout=120, stdin=subprocess.DEVNULL, env=env)
     assert "Traceback" not in done.stderr, done.stderr
     return done

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from fusion_testkit import forkserver
 from fusion_testkit.postgres import find_postgres_bin
 from tests.fixtures.rtsp import requires_gstreamer
 
@@ -29,7 +29,7 @@ def test_the_failover_bench_kills_the_holder_and_measures_the_takeover(tmp_path:
         pytest.skip(message)
     results = tmp_path / "failover.json"
     env = {k: v for k, v in os.environ.items() if k not in ("SOFTHSM2_CONF", "FUSION_PIN")}
-    done = subprocess.run([sys.executable, "-m", "bench.failover", "--kills", "2", "--json",
+    done = forkserver.run([sys.executable, "-m", "bench.failover", "--kills", "2", "--json",
                            str(results)], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=540)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

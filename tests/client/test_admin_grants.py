@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from fusion_testkit import forkserver
 from fusion_testkit.client_cli import Client, Viewer, chunk, iso, now_ms, put
 from keyservice.certs import load_certificate
 from keyservice.identity import fingerprint
@@ -27,7 +28,7 @@ def archiver_cli(server: ArchiverServer, *args: str, token: str | None = None
                  ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("FUSION_ADMIN_TOKEN", "FUSION_PIN")}
     auth = ["--admin-token", token] if token else ["--data", str(server.data_dir)]
-    return subprocess.run([sys.executable, "-m", "archiver", *args, "--url", server.url,
+    return forkserver.run([sys.executable, "-m", "archiver", *args, "--url", server.url,
                            "--tls-ca", str(server.tls_ca), *auth], capture_output=True,
                           text=True, timeout=120, env=env)
 
@@ -36,7 +37,7 @@ def admin_session(server: ArchiverServer, person: Viewer) -> str:
     added = archiver_cli(server, "admins", "add", str(person.pem), "--name", person.name)
     assert added.returncode == 0, added.stderr
     env = {k: v for k, v in os.environ.items() if k != "FUSION_PIN"}
-    login = subprocess.run([sys.executable, "-m", "archiver", "admins", "login", "--token",
+    login = forkserver.run([sys.executable, "-m", "archiver", "admins", "login", "--token",
                             person.uri, "--url", server.url, "--tls-ca", str(server.tls_ca)],
                            capture_output=True, text=True, timeout=120, env=env)
     assert login.returncode == 0, login.stderr

@@ -15,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from fusion_testkit import forkserver
 from fusion_testkit.client_cli import (
     EXIT,
     Client,
@@ -50,7 +51,7 @@ def site_archiver(tmp_path: Path, site_ca: SiteCa) -> Iterator[ArchiverServer]:
 
 
 def archiver_cli(server: ArchiverServer, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "archiver", *args, "--url", server.url,
+    return forkserver.run([sys.executable, "-m", "archiver", *args, "--url", server.url,
                            "--admin-token", server.admin_token], capture_output=True, text=True,
                           timeout=60, stdin=subprocess.DEVNULL)
 

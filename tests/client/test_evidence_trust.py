@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from client.evidence import read_zip
+from fusion_testkit import forkserver
 from fusion_testkit.client_cli import Client, Viewer, iso, now_ms, wait_for_segments
 from keyservice.crypto import open_segment
 from keyservice.evidence.build import sha256sums
@@ -255,7 +256,7 @@ def test_an_archiver_certified_by_the_site_ca_is_established_with_site_ca(
     # Another key's certificate is refused at start, with a sentence.
     other = issue_signing_certificate(site_ca, ec.generate_private_key(ec.SECP256R1())
                                       .public_key(), tmp_path / "other.pem")
-    refused = subprocess.run([sys.executable, "-m", "archiver", "serve", "--data", str(data),
+    refused = forkserver.run([sys.executable, "-m", "archiver", "serve", "--data", str(data),
                               "--port", "1", "--signing-cert", str(other)],
                              capture_output=True, text=True, timeout=120,
                              stdin=subprocess.DEVNULL)

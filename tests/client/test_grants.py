@@ -24,6 +24,7 @@ import pytest
 
 from client.player import Player, StreamTruncated, archiver_pin_check
 from client.session import ArchiverSession, OutsideGrant, RequestRefused, playback_request
+from fusion_testkit import forkserver
 from fusion_testkit.client_cli import Client, Viewer, chunk, iso, now_ms, put, wait_for_segments
 from keyservice.certs import load_certificate, read_oaep_hash
 from keyservice.errors import IntegrityError, NoMatchingIdentity
@@ -59,7 +60,7 @@ def play_grant(client: Client, server: ArchiverServer, viewer: Viewer, grant_id:
 def admin(server: ArchiverServer, *args: str) -> subprocess.CompletedProcess[str]:
     """fusion-archiver (the admin CLI) against the running server (over HTTPS: --tls-ca)."""
     tls = ["--tls-ca", str(server.tls_ca)] if server.tls_ca is not None else []
-    return subprocess.run([sys.executable, "-m", "archiver", "grants", *args, "--url", server.url,
+    return forkserver.run([sys.executable, "-m", "archiver", "grants", *args, "--url", server.url,
                            "--data", str(server.data_dir), *tls], capture_output=True,
                           text=True, timeout=60)
 

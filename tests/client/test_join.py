@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from fusion_testkit import forkserver
 from fusion_testkit.client_cli import (
     Client,
     Viewer,
@@ -176,7 +177,7 @@ def test_a_joining_viewer_opens_exactly_from_its_join_and_the_chain_runs_on(
     # The archive check verifies the join statement's signature and index row as the others'.
     server.stop()
     env = {k: v for k, v in os.environ.items() if k not in ("SOFTHSM2_CONF", "FUSION_PIN")}
-    checked = subprocess.run([sys.executable, "-m", "archiver", "check", "--data",
+    checked = forkserver.run([sys.executable, "-m", "archiver", "check", "--data",
                               str(server.data_dir), "--json"], capture_output=True, text=True,
                              env=env, timeout=300, check=False)
     report = json.loads(checked.stdout.splitlines()[0])

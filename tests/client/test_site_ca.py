@@ -30,6 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from client.pinning import KnownArchivers, PinOutcome, check_archiver
 from client.viewer import Signer, load_site_ca
+from fusion_testkit import forkserver
 from fusion_testkit.camera import frame_hashes, is_contiguous_run, make_source, push
 from fusion_testkit.client_cli import (
     Client,
@@ -172,14 +173,14 @@ def site_archiver(site_ca: SiteCa, tmp_path: Path, name: str,
     signer_ca = signing_ca if signing_ca is not None else site_ca
     data = tmp_path / name
     request = tmp_path / f"{name}.csr"
-    made = subprocess.run([sys.executable, "-m", "archiver", "identity", "csr", "--data",
+    made = forkserver.run([sys.executable, "-m", "archiver", "identity", "csr", "--data",
                            str(data), "--name", name, "-o", str(request)],
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert made.returncode == 0, made.stderr
     issued = signer_ca.issue_archiver_signing(x509.load_pem_x509_csr(request.read_bytes()))
     cert_path = tmp_path / f"{name}.pem"
     cert_path.write_bytes(issued.public_bytes(serialization.Encoding.PEM))
-    imported = subprocess.run([sys.executable, "-m", "archiver", "identity", "import",
+    imported = forkserver.run([sys.executable, "-m", "archiver", "identity", "import",
                                str(cert_path), "--data", str(data), "--site-ca",
                                str(signer_ca.path)],
                               capture_output=True, text=True, timeout=120,

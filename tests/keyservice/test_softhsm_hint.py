@@ -11,13 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fusion_testkit import forkserver
 from keyservice.errors import TokenNotFound
 from keyservice.softhsm import write_config
 from tests.fixtures.tokens import TokenHandle, enroll_viewer
 
 
 def fusion_keys(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "keyservice.cli", *args], capture_output=True,
+    return forkserver.run([sys.executable, "-m", "keyservice.cli", *args], capture_output=True,
                           text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
 
 
