@@ -18,7 +18,6 @@ import typer
 from keyservice.errors import UsageError
 
 if TYPE_CHECKING:
-    from cryptography import x509
 
     from archiver.settings import Settings
 
@@ -43,20 +42,6 @@ def _settings(data: Path, signer_token: str | None, name: str | None = None) -> 
         raise UsageError(f"{data} is not a directory; give the Archiver's data directory.")
     return Settings(data_dir=data.resolve(), signer_token_uri=signer_token,
                     **({"archiver_name": name} if name else {}))
-
-
-def _certificate_file(path: Path) -> x509.Certificate:
-    from keyservice.certs import load_certificate
-    from keyservice.errors import CertificateError
-
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"Cannot read {path}: {exc.strerror or exc}.") from None
-    try:
-        return load_certificate(data)
-    except CertificateError as exc:
-        raise CertificateError(f"{path}: {exc}") from None
 
 
 @identity_app.command("csr")
@@ -119,8 +104,10 @@ def import_(
     if signer_token is None and not (settings.token_dir / "softhsm2.conf").exists():
         raise UsageError(f"No signing token in {data}; make the CSR there first "
                          "(fusion-archiver identity csr --data DIR), or give --signer-token.")
-    cert = _certificate_file(certificate)
-    cas = [_certificate_file(path) for path in site_ca or ()]
+    from keyservice.certs import load_certificate_file
+
+    cert = load_certificate_file(certificate)
+    cas = [load_certificate_file(path) for path in site_ca or ()]
     path = import_certificate(settings, cert, cas)
     subject = cert.subject.rfc4514_string()
     fp = fingerprint(cert).hex()

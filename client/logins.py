@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from client.pinning import KnownArchivers, PinDecision, check_archiver
 from client.session import ArchiverSession, LoginResult
-from keyservice.certs import load_certificate
+from keyservice.certs import load_certificate_file
 from keyservice.errors import CertificateError, UsageError
 from keyservice.format import Mode
 from keyservice.identity import Identity, fingerprint
@@ -42,19 +42,6 @@ def check_camera(name: str) -> str:
     if not is_camera_name(name):
         raise UsageError(f"{name!r} is not a camera name ({CAMERA_NAME_RULE}).")
     return name
-
-
-def load_certificate_file(path: Path) -> x509.Certificate:
-    """A certificate (PEM or DER) from a file: UsageError if unreadable, CertificateError
-    (naming the file) if it is not a certificate."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"Cannot read {path}: {exc.strerror or exc}.") from None
-    try:
-        return load_certificate(data)
-    except CertificateError as exc:
-        raise CertificateError(f"{path}: {exc}") from None
 
 
 def load_site_ca(path: Path) -> tuple[x509.Certificate, ...]:

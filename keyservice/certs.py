@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from asn1crypto.core import ObjectIdentifier as Asn1Oid
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
-from keyservice.errors import CertificateError
+from keyservice.errors import CertificateError, UsageError
 from keyservice.identity import fingerprint
 from keyservice.keyscheme import KeyScheme
 
@@ -94,6 +95,19 @@ def load_certificate(data: bytes) -> x509.Certificate:
     except ValueError:
         raise CertificateError("The file is not a readable X.509 certificate (PEM or DER); check "
                                "that you gave the right file.") from None
+
+
+def load_certificate_file(path: Path) -> x509.Certificate:
+    """A certificate (PEM or DER) from a file: UsageError if unreadable, CertificateError
+    (naming the file) if it is not a certificate."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"Cannot read {path}: {exc.strerror or exc}.") from None
+    try:
+        return load_certificate(data)
+    except CertificateError as exc:
+        raise CertificateError(f"{path}: {exc}") from None
 
 
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:
