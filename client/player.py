@@ -534,8 +534,9 @@ class Player:
         self._close_skipped(key)
         self._note_time(key, event.capture_ms, event.duration_ms)
         self.summary.missing += 1
-        run = self._missing_run.setdefault(key, [event.capture_ms, event.capture_ms, 0])
-        run[1] = event.capture_ms
+        end = event.capture_ms + event.duration_ms
+        run = self._missing_run.setdefault(key, [event.capture_ms, end, 0])
+        run[1] = end  # the gap ends where its last segment does, not where it starts
         run[2] += 1
 
     def _close_missing(self, key: tuple[str, int]) -> None:
@@ -548,8 +549,9 @@ class Player:
         self._close_missing(key)
         self._note_time(key, event.capture_ms, event.duration_ms)
         self.summary.skipped += 1
-        run = self._skipped_run.setdefault(key, [event.capture_ms, event.capture_ms, 0])
-        run[1] = event.capture_ms
+        end = event.capture_ms + event.duration_ms
+        run = self._skipped_run.setdefault(key, [event.capture_ms, end, 0])
+        run[1] = end  # the gap ends where its last segment does, not where it starts
         run[2] += 1
 
     def _close_skipped(self, key: tuple[str, int]) -> None:

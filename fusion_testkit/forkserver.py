@@ -18,12 +18,23 @@ Protocol, one JSON object per line on the fork server's stdin, one reply line on
 -> ``{"pid"}``, and ``{"op": "wait", "pid"}`` -> ``{"code"}`` (asked once the child has exited:
 the caller watches it through a pidfd). At end of input the fork server kills the children still
 running.
+
+Two things keep a child cheap (measured: a `fusion-archiver grants approve` 0.33 -> 0.04 CPU-s,
+16 000 -> 3 300 page faults). The preloaded objects are frozen out of the garbage collector
+(``gc.freeze()``, as the gc documentation advises before forking), so the child's collections
+do not walk, and so copy, the parent's pages. And the child ends as the interpreter would but
+without its final teardown of every module and object, which in a forked child copies most of
+the parent's memory for nothing: it waits for its non-daemon threads, runs the atexit handlers
+(logging's flush, ``weakref.finalize``, temporary directories), collects its own garbage,
+flushes the standard streams and leaves with ``os._exit``.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import gc
 import importlib
 import json
 import os
@@ -86,14 +97,31 @@ def _child(request: Mapping[str, Any]) -> NoReturn:
     except BaseException:  # reported as the interpreter would: status 1
         traceback.print_exc()
         code = 1
-    # Leaves through the fork server's loop without running any of its code: the interpreter
-    # exits as `python -m` would (atexit handlers, flushed streams).
-    raise SystemExit(code)
+    os._exit(_finish(code))
+
+
+def _finish(code: object) -> int:
+    """What the interpreter does at exit, less the teardown of every object (see the module's
+    docstring); returns the exit status of ``SystemExit(code)``."""
+    if code is not None and not isinstance(code, int):  # SystemExit("message"): printed, 1
+        with contextlib.suppress(Exception):
+            print(code, file=sys.stderr)
+        code = 1
+    for thread in threading.enumerate():  # the interpreter waits for them too
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # no public way to run them without exiting
+    gc.collect()  # the child's own objects (frozen ones are not walked): files closed
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    return (code or 0) & 0xFF
 
 
 def main() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
+    gc.freeze()
     replies = sys.stdout.buffer
     children: set[int] = set()
     replies.write(b'{"ready": true}\n')

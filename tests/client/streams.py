@@ -43,6 +43,7 @@ class Seg:
     capture_ms: int
     data: bytes
     authorized: bool = True
+    duration_ms: int = 0
 
 
 def build_stream(viewer: SoftwareIdentity, signer: SoftwareSigner, plan: list[Seg], *,
@@ -67,7 +68,7 @@ def build_stream(viewer: SoftwareIdentity, signer: SoftwareSigner, plan: list[Se
     for seq, seg in enumerate(plan):
         key_chain, seed = KeyChain.start(camera, DataStream.VIDEO, PERIOD_S, seg.capture_ms)
         key = key_chain.key_at(seg.capture_ms)
-        sealed = seal_segment(key, seq, seg.capture_ms, seg.data)
+        sealed = seal_segment(key, seq, seg.capture_ms, seg.data, duration_ms=seg.duration_ms)
         _manifest, manifest_bytes = chain.issue([sealed], [key], signer, seg.capture_ms)
         if not seg.authorized:  # the signed recipients show it was not authorized then
             parts += [writer.add(part) for part in issue_chain_recipients(key_chain, [], signer)]

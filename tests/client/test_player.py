@@ -113,7 +113,10 @@ def test_truncation_is_reported_and_never_complete(tmp_path: Path, viewer: Softw
 
 def test_not_authorized_segments_are_a_reported_gap(tmp_path: Path, viewer: SoftwareIdentity,
                                                     signer: SoftwareSigner) -> None:
-    segs = [Seg(s.capture_ms, s.data, authorized=i >= 3) for i, s in enumerate(plan(6))]
+    # Three withheld segments of a second each: the gap is their whole span, to the end of
+    # the last one (not to its start).
+    segs = [Seg(s.capture_ms, s.data, authorized=i >= 3, duration_ms=1000)
+            for i, s in enumerate(plan(6))]
     stream, _ = build_stream(viewer, signer, segs)
     out = FileOutput(tmp_path / "out.ts")
     summary = player_for(viewer, signer, out).run([stream])
@@ -121,7 +124,7 @@ def test_not_authorized_segments_are_a_reported_gap(tmp_path: Path, viewer: Soft
     assert (tmp_path / "out.ts").read_bytes() == b"".join(s.data for s in segs[3:])
     assert (summary.segments, summary.skipped) == (3, 3)
     [gap] = summary.gaps
-    assert (gap.kind, gap.segments, gap.from_ms, gap.to_ms) == (NOT_AUTHORIZED, 3, T0, T0 + 2000)
+    assert (gap.kind, gap.segments, gap.from_ms, gap.to_ms) == (NOT_AUTHORIZED, 3, T0, T0 + 3000)
     assert "not authorized" in gap.describe()
 
 
