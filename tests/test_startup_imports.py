@@ -214,6 +214,8 @@ def test_cameras_list_and_play_load_no_web_framework(
     # camera's copies, or statistics: play goes through client.logins.
     assert not {"client.viewer", "client.copies", "client.across", "statistics"} & played
     assert "client.preload" in played  # the token's module was loaded beside the imports
+    # Nor what only a PIN prompt or keyservice's listed surface (keyservice.__all__) uses.
+    assert not {"getpass", "pkgutil"} & played
 
     # The same path still refuses: a wrong PIN is one sentence and its own exit code (the
     # token is asked once, never again), and an Archiver whose signing certificate is not the
