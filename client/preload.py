@@ -4,7 +4,8 @@
 ``fusion-client play`` spends most of its start importing libraries, which holds the GIL.
 Loading a PKCS#11 module is dlopen and ``C_Initialize``, which python-pkcs11 calls without the
 GIL: SoftHSM reads its configuration and token directory there, a smart card's middleware
-talks to its reader. Started first thing, that work runs beside the imports.
+talks to its reader. Started first thing, that work (and finding the token in the module)
+runs beside the imports.
 
 Nothing here reads a PIN or logs in: the token is opened, and its PIN used once, where it
 always was (after the command's own checks); this only leaves the module loaded, which
@@ -35,7 +36,7 @@ def _load(uri: str) -> None:
     # Any failure (a malformed URI, a missing module, no token) is the open's to report, in
     # the main thread, at its usual place and with its usual exit code.
     with contextlib.suppress(Exception):
-        from keyservice.pkcs11uri import Pkcs11Uri
-        from keyservice.token.session import load_module, resolve_module_path
+        from keyservice.token import token_kind
 
-        load_module(resolve_module_path(Pkcs11Uri.parse(uri)))
+        # Loads the module (kept for the open) and finds the token in it, without logging in.
+        token_kind(uri)
