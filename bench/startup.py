@@ -18,7 +18,10 @@ on a busy neighbour than wall time does):
   gives the admin token);
 - ``fusion-client play ... -o -``: from process start to the first decrypted byte on its
   standard output (RSA-2048 viewer key on SoftHSM, HTTPS under a site CA, the Archiver's
-  certificate pinned by an earlier run);
+  certificate pinned by an earlier run); also that time less the time its main thread spent
+  runnable but waiting for a core (Linux schedstat, read at the first byte): on a shared
+  machine the closest figure to an idle one's, since what a busy neighbour adds to a
+  process's wall time is mostly that wait;
 - ``fusion-archiver serve``: from process start until ``/healthz`` answers (a restart on an
   existing data directory: the signing token exists).
 
@@ -76,6 +79,8 @@ IMPORT_LIBRARIES = ("import importlib, json, os, sys\n"
                     "for m in json.load(open(os.environ['FLOOR_OUT'])):\n"
                     "    try:\n        importlib.import_module(m)\n"
                     "    except ImportError:\n        pass\n")
+# A command's measure: wall seconds, or (wall seconds, wall less the wait for a core or None).
+Measured = float | tuple[float, float | None]
 COMMANDS = ("python -c pass", "play's libraries imported, nothing else", "fusion-client --help",
             "fusion-keys list",
             "fusion-archiver cameras list", "fusion-client play -o - (first byte)",
@@ -101,10 +106,17 @@ class Code:
 class Timings:
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    # Wall time less the main thread's wait for a core (only commands that measure it).
+    unqueued: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
-        return {"wall_median_ms": median(self.wall) * 1000, "wall_min_ms": min(self.wall) * 1000,
-                "cpu_median_ms": median(self.cpu) * 1000, "runs": len(self.wall)}
+        result = {"wall_median_ms": median(self.wall) * 1000,
+                  "wall_min_ms": min(self.wall) * 1000,
+                  "cpu_median_ms": median(self.cpu) * 1000, "runs": len(self.wall)}
+        if self.unqueued:
+            result["unqueued_median_ms"] = median(self.unqueued) * 1000
+            result["unqueued_min_ms"] = min(self.unqueued) * 1000
+        return result
 
 
 def _children_cpu() -> float:
@@ -112,11 +124,21 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _timed(run: Callable[[], float]) -> tuple[float, float]:
-    """(wall seconds ``run`` reports, CPU seconds of the children it waited for)."""
+def _timed(run: Callable[[], Measured]) -> tuple[Measured, float]:
+    """(what ``run`` reports, CPU seconds of the children it waited for)."""
     before = _children_cpu()
-    wall = run()
-    return wall, _children_cpu() - before
+    measured = run()
+    return measured, _children_cpu() - before
+
+
+def _runqueue_wait(pid: int) -> float | None:
+    """Seconds the main thread of process ``pid`` has spent runnable, waiting for a core
+    (Linux /proc/PID/task/PID/schedstat, second field); None where it is not available."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/schedstat") as stat:
+            return int(stat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _run(argv: list[str], env: dict[str, str]) -> float:
@@ -130,20 +152,23 @@ def _run(argv: list[str], env: dict[str, str]) -> float:
     return wall
 
 
-def _first_byte(argv: list[str], env: dict[str, str]) -> float:
-    """Seconds from the start of ``argv`` to the first byte on its standard output (then it
-    runs to its end, which must be a success)."""
+def _first_byte(argv: list[str], env: dict[str, str]) -> tuple[float, float | None]:
+    """Seconds from the start of ``argv`` to the first byte on its standard output, and that
+    less its main thread's wait for a core until then (then it runs to its end, which must be
+    a success). The command is still running when the wait is read: more than a pipe's worth
+    of video follows the first byte."""
     start = time.perf_counter()
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                stdin=subprocess.DEVNULL)
     assert process.stdout is not None
     first = process.stdout.read(1)
     wall = time.perf_counter() - start
+    waited = _runqueue_wait(process.pid)
     _, err = process.communicate(timeout=120)
     if process.returncode != 0 or not first:
         raise RuntimeError(f"fusion-client play failed ({process.returncode}): "
                            f"{err.decode(errors='replace')[-2000:]}")
-    return wall
+    return wall, (wall - waited if waited is not None else None)
 
 
 def _serve_to_health(code: Code, data: Path, tls: tuple[Path, Path], ca: Path,
@@ -199,7 +224,7 @@ def run(runs: int, codes: list[Code], workdir: Path) -> dict[str, Any]:
         env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
         env.update(store.env, FUSION_TLS_CA=str(site_ca.path))
         tls = site_ca.issue_tls_server(workdir / "serve-tls")
-        commands: dict[str, Callable[[Code], float]] = {}
+        commands: dict[str, Callable[[Code], Measured]] = {}
         homes = {c.name: workdir / f"client-home-{c.name}" for c in codes}
         serve_dirs = {c.name: workdir / f"serve-{c.name}" for c in codes}
 
@@ -247,9 +272,14 @@ def run(runs: int, codes: list[Code], workdir: Path) -> dict[str, Any]:
         for _ in range(runs):
             for name, command in commands.items():
                 for code in codes:  # alternated: both see the same moment's load
-                    wall, cpu = _timed(lambda command=command, code=code: command(code))
-                    results[name][code.name].wall.append(wall)
-                    results[name][code.name].cpu.append(cpu)
+                    measured, cpu = _timed(lambda command=command, code=code: command(code))
+                    timings = results[name][code.name]
+                    wall, unqueued = measured if isinstance(measured, tuple) else (
+                        measured, None)
+                    timings.wall.append(wall)
+                    timings.cpu.append(cpu)
+                    if unqueued is not None:
+                        timings.unqueued.append(unqueued)
             load.append(os.getloadavg()[0])
     finally:
         server.stop()
@@ -278,6 +308,14 @@ def report(result: dict[str, Any], codes: list[Code]) -> None:
         if len(codes) == 2:
             ratio = f" {per[names[1]]['cpu_median_ms'] / per[names[0]]['cpu_median_ms']:.2f} |"
         print(f"| {name} | " + " | ".join(cells) + " |" + ratio)
+        if all("unqueued_median_ms" in per[n] for n in names):
+            cells = [f"{per[n]['unqueued_median_ms']:.0f} ms ({per[n]['unqueued_min_ms']:.0f})"
+                     for n in names]
+            ratio = ""
+            if len(codes) == 2:
+                before, after = (per[n]["unqueued_median_ms"] for n in names)
+                ratio = f" {after / before:.2f} |"
+            print(f"| {name}, less the wait for a core | " + " | ".join(cells) + " |" + ratio)
 
 
 def main(argv: list[str] | None = None) -> None:

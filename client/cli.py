@@ -73,6 +73,11 @@ def play(
     quiet: QuietOpt = False,
 ) -> None:
     """Export a recorded time range of a camera as verified, decrypted MPEG-TS."""
+    from client.preload import preload_token_module
+
+    # First thing: the token's module loads (C_Initialize) while the rest is imported. No PIN
+    # is read there; the token is opened, and its PIN used once, where it always was.
+    preload_token_module(token)
     from client.logins import check_camera, now_ms
     from client.playback import stream_command
     from client.session import playback_request
@@ -108,6 +113,9 @@ def live(
              "fresh (a replay).")] = DEFAULT_CLOCK_SKEW_S,
 ) -> None:
     """Watch a camera live; each segment is written as soon as it is verified (-o - | ffplay -)."""
+    from client.preload import preload_token_module
+
+    preload_token_module(token)  # as play: the module only, no PIN, no login
     from client.logins import check_camera
     from client.playback import stream_command
     from client.session import live_request

@@ -213,6 +213,9 @@ def test_cameras_list_and_play_load_no_web_framework(
     # Nor the whole viewer library (grants, evidence, whole-range results), a redundant
     # camera's copies, or statistics: play goes through client.logins.
     assert not {"client.viewer", "client.copies", "client.across", "statistics"} & played
+    assert "client.preload" in played  # the token's module was loaded beside the imports
+    # Nor what only a PIN prompt or keyservice's listed surface (keyservice.__all__) uses.
+    assert not {"getpass", "pkgutil"} & played
 
     # The same path still refuses: a wrong PIN is one sentence and its own exit code (the
     # token is asked once, never again), and an Archiver whose signing certificate is not the
@@ -260,6 +263,60 @@ def test_cameras_list_and_play_load_no_web_framework(
             assert asked == [f"/v1/cameras/{camera}/placements"]
             assert [(p.entry, p.archiver) for p in parts] == [(True, session.name())]
             assert site.entry_name == session.name()
+
+
+# --- the token's module loaded in a thread, first thing (client/preload.py) ------------------
+# Reads the PIN from a pin-source that never answers: a named pipe without a writer. Opening it
+# to read would block the thread for good.
+PRELOAD = """
+import os, sys
+from client.preload import preload_token_module
+thread = preload_token_module(sys.argv[1])
+thread.join(60)
+print("alive" if thread.is_alive() else "done", "pkcs11" in sys.modules)
+from keyservice.token import RuntimeToken
+token = RuntimeToken.open(sys.argv[2])
+print(token.identity().label)
+token.close()
+"""
+
+
+def test_the_token_preload_reads_no_pin(
+        tmp_path: Path, fusion_viewer_factory: Callable[..., EnrolledViewer]) -> None:
+    """play and live load the token's PKCS#11 module in a thread while they import the rest:
+    only the module (C_Initialize). The thread never reads the PIN, so it never logs in and
+    can spend no try of a wrong one: given a pin-source that would block whoever read it, it
+    finishes, and the token opens afterwards in the same process as it always did."""
+    viewer = fusion_viewer_factory("startup-preload")
+    pin = f"pin-value={viewer.token.pin}"
+    assert pin in viewer.uri
+    fifo = tmp_path / "pin-fifo"
+    os.mkfifo(fifo)
+    never = viewer.uri.replace(pin, f"pin-source=file:{fifo}")
+    done = subprocess.run([sys.executable, "-P", "-c", PRELOAD, never, viewer.uri],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, **viewer.env})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["done", "True", "startup-preload"], done.stdout
+
+
+def test_play_reports_a_token_failure_once(tmp_path: Path) -> None:
+    """What the preload fails at (here a PKCS#11 module that does not exist) is reported by
+    the token's open, in the main thread, as before: one sentence, the module's exit code,
+    nothing from the thread, no video file; nothing is asked of the Archiver before."""
+    missing = tmp_path / "no-such-module.so"
+    video = tmp_path / "video.ts"
+    env = {k: v for k, v in os.environ.items() if k not in ("FUSION_PIN", "FUSION_TOKEN")}
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "client", "play", "--archiver", "https://127.0.0.1:9",
+         "--camera", "cam", "--from", "-1m", "-o", str(video), "--token",
+         f"pkcs11:token=none;object=viewer?module-path={missing}&pin-value=1234"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**env, "FUSION_CLIENT_HOME": str(tmp_path / "home")})
+    assert done.returncode == ExitCode.MODULE_NOT_FOUND, done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert str(missing) in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.glob("video.ts*")) == []
 
 
 # --- typer builds only the command that runs -------------------------------------------------

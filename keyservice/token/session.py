@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import getpass
 import hashlib
 import os
 import secrets
@@ -331,6 +330,8 @@ def resolve_pin(uri: Pkcs11Uri, pin: str | None, prompt: bool, label: str,
     if prompt and sys.stdin is not None and sys.stdin.isatty():
         if note:
             print(note.strip(), file=sys.stderr)
+        import getpass  # here: only a prompt needs it (a PIN given is never prompted for)
+
         return getpass.getpass(f"PIN for token '{label}': ")
     raise TokenError(f"No PIN given for token '{label}'; add pin-source=FILE (or pin-value) to "
                      "the token URI, set FUSION_PIN, or run the command interactively.")

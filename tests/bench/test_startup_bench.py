@@ -30,3 +30,6 @@ def test_startup_benchmark_runs_every_command(tmp_path: Path) -> None:
         timing = per["this"]
         assert timing["runs"] == 1, name
         assert timing["wall_median_ms"] > 0 and timing["cpu_median_ms"] > 0, name
+    # play's first byte also less its main thread's wait for a core (Linux schedstat).
+    play = data["commands"]["fusion-client play -o - (first byte)"]["this"]
+    assert 0 < play["unqueued_median_ms"] <= play["wall_median_ms"]
