@@ -136,8 +136,12 @@ def test_package_verifies_offline_by_command_and_by_hand_and_holds_only_its_keys
     made = export(client, archiver_server, alice, case, start, end)
     assert made.code == 0, made.stderr
     assert "package sha256" in made.stderr
-    # A sub-range: only its segments, only their keys.
-    middle = (start + 2500, start + 4000)
+    # A sub-range: only its segments, only their keys. Taken from the segments' signed times
+    # (not the test's clock: ffmpeg may start seconds late on a busy machine), from inside the
+    # third to inside the fourth, so that recorded segments lie outside it on both sides.
+    recorded = sorted(segments_of(read_zip(case)), key=lambda s: s.capture_ms)
+    assert len(recorded) >= 5, [s.capture_ms for s in recorded]
+    middle = (recorded[2].capture_ms + 500, recorded[3].capture_ms + 500)
     part = tmp_path / "part.zip"
     made_part = export(client, archiver_server, alice, part, *middle)
     assert made_part.code == 0, made_part.stderr
