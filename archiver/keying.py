@@ -34,11 +34,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
 
+from archiver.chain_worker import (
+    ChainStart,
+    ChainWorker,
+    PreparedChain,
+    PrepareRequest,
+    ViewerKek,
+)
 from archiver.db import Database, KeyMaterial
 from archiver.directory import Directory, ViewerRow
 from keyservice.crypto import Epoch, KeyChain, PeriodKey, max_ratchet_index
@@ -114,6 +121,8 @@ class _Wrapped:
     expires_ms: int = 2**63
     record_bytes: int = 0
     opener_bytes: int = 0
+    # Made by the chain preparation process: who it is wrapped for (material stays empty)
+    members: tuple[str, ...] | None = None
 
 
 class KeyManager:
@@ -121,12 +130,15 @@ class KeyManager:
                  signer: Signer | None = None,
                  journal: Callable[[str, int, list[bytes]], None] | None = None,
                  clock: Callable[[], int] = _wall_clock_ms, *,
-                 directory: Directory) -> None:
+                 directory: Directory, prepare_elsewhere: bool = True) -> None:
         """``signer``: the Archiver's key, to sign each new chain's recipients statement (the
         viewers its state is wrapped for); archive.py writes it before the chain's first
         segment. ``journal(camera, now_ms, records)``: appends (durably) the openers and chain
         records made for a camera's new chain to the archive, before the database stores them.
-        ``clock``: the time chains prepared in the background start at."""
+        ``clock``: the time chains prepared in the background start at.
+        ``prepare_elsewhere``: wrap chains prepared in the background in a child process
+        (archiver.chain_worker), off the Archiver's interpreter; only with the system's random
+        source (the child draws its nonces there), else in the preparing thread."""
         self._db = db
         self._directory = directory  # the viewers (the site directory's); key material: db
         self._journal = journal
@@ -175,6 +187,7 @@ class KeyManager:
         self._prepared: dict[CameraStream, _Chain] = {}
         self._prepare_failed: set[CameraStream] = set()
         self._worker: threading.Thread | None = None
+        self.chain_worker = ChainWorker() if prepare_elsewhere and rng is os.urandom else None
         self._closed = False
         # Called (fingerprint, not_after_ms) once per viewer whose certificate has expired when
         # a key would be wrapped for it; the app audits it.
@@ -384,6 +397,8 @@ class KeyManager:
             worker = self._worker
         if worker is not None:
             worker.join()
+        if self.chain_worker is not None:
+            self.chain_worker.close()
 
     def pending_chains(self) -> int:
         """Camera streams whose chain must still change at their next key period."""
@@ -407,16 +422,20 @@ class KeyManager:
                 batch: list[_Wrapped] = []
                 attempted: list[CameraStream] = []
                 try:
-                    records = 0
-                    for cam_stream in todo:
-                        attempted.append(cam_stream)
-                        chain, seed = KeyChain.start(cam_stream[0], cam_stream[1],
-                                                     self._period_s, now_ms, self._rng)
-                        batch.append(self._wrap(chain, seed, now_ms, today))
-                        records += len(batch[-1].material)
-                        if records >= PREPARE_BATCH_RECORDS:
-                            break
-                    self._commit(batch, now_ms)
+                    if self.chain_worker is not None:
+                        batch = self._prepare_elsewhere(self.chain_worker, todo, attempted,
+                                                        now_ms, today)
+                    else:
+                        records = 0
+                        for cam_stream in todo:
+                            attempted.append(cam_stream)
+                            chain, seed = KeyChain.start(cam_stream[0], cam_stream[1],
+                                                         self._period_s, now_ms, self._rng)
+                            batch.append(self._wrap(chain, seed, now_ms, today))
+                            records += len(batch[-1].material)
+                            if records >= PREPARE_BATCH_RECORDS:
+                                break
+                        self._commit(batch, now_ms)
                 except Exception:
                     for wrapped in batch:  # their openers were never stored: start over
                         for fingerprint in wrapped.started:
@@ -428,7 +447,9 @@ class KeyManager:
                     with self._lock:
                         self._prepare_failed.update(attempted)
                     continue
-                members = [self._members_of(wrapped.chain,
+                members = [self._members_of(wrapped.chain, wrapped.members)
+                           if wrapped.members is not None else
+                           self._members_of(wrapped.chain,
                                             [m.fingerprint for m in wrapped.material])
                            for wrapped in batch]
                 with self._lock:
@@ -441,6 +462,105 @@ class KeyManager:
                         self._prepared_members[cam_stream] = chain_members
                     self.chains_started += len(batch)
                     self.chains_prepared += len(batch)
+
+    def _prepare_elsewhere(self, worker: ChainWorker, todo: list[CameraStream],
+                           attempted: list[CameraStream], now_ms: int, today: dt.date
+                           ) -> list[_Wrapped]:
+        """Under _rotate, in the preparing thread: the next chains of the first cameras of
+        ``todo`` (up to PREPARE_BATCH_RECORDS records), wrapped by the chain preparation
+        process, then journaled, stored and signed here as ``_commit`` does. What crosses the
+        pipe: each chain's starting state and the KEK of now's ratchet step of each viewer's
+        epoch, which the Archiver holds anyway (never the RSA-OAEP openers' keys: epochs
+        start here)."""
+        viewers = self._load_viewers()
+        everywhere = sum(1 for row, _, _ in viewers if row.all_cameras)
+        listed: dict[str, int] = {}
+        for row, _, _ in viewers:
+            if not row.all_cameras:
+                for camera in row.cameras:
+                    listed[camera] = listed.get(camera, 0) + 1
+        records = 0
+        for cam_stream in todo:
+            attempted.append(cam_stream)
+            records += everywhere + listed.get(cam_stream[0], 0)
+            if records >= PREPARE_BATCH_RECORDS:
+                break
+        cameras = {camera for camera, _ in attempted}
+        started: list[str] = []
+        kept: list[ViewerKek] = []
+        try:
+            for row, recipient, not_after in viewers:
+                if row.revoked_ms is not None or not (
+                        row.all_cameras or not cameras.isdisjoint(row.cameras)):
+                    continue
+                if now_ms > not_after:  # no key material, as in _wrap_into
+                    if row.fingerprint not in self._expired_reported:
+                        self._expired_reported.add(row.fingerprint)
+                        if self.on_expired is not None:
+                            self.on_expired(row.fingerprint, not_after)
+                    continue
+                viewer_epoch, opener = self._epoch_for(row.fingerprint, recipient, today,
+                                                       now_ms)
+                if opener is not None:
+                    started.append(row.fingerprint)
+                epoch = viewer_epoch.epoch
+                index, kek = epoch.kek_at(now_ms)
+                kept.append(ViewerKek(row.fingerprint, epoch.viewer_fingerprint,
+                                      epoch.epoch_id, epoch.start_period, index, kek, opener,
+                                      row.all_cameras, frozenset(row.cameras), not_after))
+            chains = [KeyChain.start(camera, stream, self._period_s, now_ms, self._rng)
+                      for camera, stream in attempted]
+            openers = [(v.epoch_id, v.fingerprint, now_ms, v.opener)
+                       for v in kept if v.opener is not None]
+            result = worker.prepare(PrepareRequest(
+                self._period_s, now_ms, kept,
+                [ChainStart(chain.camera, int(chain.stream), chain.chain_id, seed,
+                            chain.start_period) for chain, seed in chains]))
+            del kept  # the KEKs (and the seeds, below): the chains keep their own state
+            if len(result.chains) != len(chains):
+                raise RuntimeError("the chain preparation process answered for other chains")
+            batch = [self._prepared_wrapped(chain, made)
+                     for (chain, _), made in zip(chains, result.chains, strict=True)]
+            del chains
+            self._commit_rows(batch, openers, result.rows, now_ms)
+        except BaseException:
+            for fingerprint in started:  # their openers will never be stored
+                self._epochs.pop(fingerprint, None)
+            raise
+        return batch
+
+    @staticmethod
+    def _prepared_wrapped(chain: KeyChain, made: PreparedChain) -> _Wrapped:
+        return _Wrapped(chain, journal=[made.journal], expires_ms=made.expires_ms,
+                        record_bytes=made.record_bytes, opener_bytes=made.opener_bytes,
+                        members=made.members)
+
+    def _commit_rows(self, batch: list[_Wrapped], openers: list[tuple[bytes, str, int, bytes]],
+                     rows: list[tuple[str, bytes, str, bytes, int, bytes]], now_ms: int
+                     ) -> None:
+        """``_commit`` for chains made by the chain preparation process: journaled (one
+        write per camera), then stored in one transaction, then their recipients signed."""
+        for wrapped in batch:
+            if self._journal is not None and wrapped.members:
+                self._journal(wrapped.chain.camera, now_ms, wrapped.journal)
+        self._db.store_key_rows(openers, rows)
+        self.epochs_started += len(openers)
+        self.key_records_written += len(rows)
+        fingerprints: dict[int, list[bytes]] = {}  # per members tuple (shared by cameras)
+        for wrapped in batch:
+            wrapped.journal = []
+            self.key_record_bytes += wrapped.record_bytes
+            self.opener_bytes += wrapped.opener_bytes
+            if self._signer is not None:
+                assert wrapped.members is not None
+                viewers = fingerprints.get(id(wrapped.members))
+                if viewers is None:
+                    viewers = fingerprints[id(wrapped.members)] = [
+                        bytes.fromhex(fp) for fp in wrapped.members]
+                parts = issue_chain_recipients(wrapped.chain, viewers, self._signer)
+                self.recipients_bytes += sum(map(len, parts))
+                with self._lock:
+                    self._recipients[wrapped.chain.chain_id] = parts
 
     def _next_to_prepare(self) -> list[CameraStream]:
         """The camera streams that still need their next chain, in the order of the change."""
@@ -644,7 +764,7 @@ class KeyManager:
                     self._recipients[wrapped.chain.chain_id] = parts
 
     # --- joins (issue 23) -------------------------------------------------------------
-    def _members_of(self, chain: KeyChain, fingerprints: list[str]) -> _Members:
+    def _members_of(self, chain: KeyChain, fingerprints: Sequence[str]) -> _Members:
         """Who a new chain was wrapped for (and how many start parts it signs). The caller
         installs it: a prepared chain's members only at its switch."""
         start = frozenset(fingerprints)
