@@ -424,7 +424,7 @@ class KeyManager:
                 try:
                     if self.chain_worker is not None:
                         batch = self._prepare_elsewhere(self.chain_worker, todo, attempted,
-                                                        now_ms, today)
+                                                        now_ms, today, generation)
                     else:
                         records = 0
                         for cam_stream in todo:
@@ -464,14 +464,21 @@ class KeyManager:
                     self.chains_prepared += len(batch)
 
     def _prepare_elsewhere(self, worker: ChainWorker, todo: list[CameraStream],
-                           attempted: list[CameraStream], now_ms: int, today: dt.date
-                           ) -> list[_Wrapped]:
+                           attempted: list[CameraStream], now_ms: int, today: dt.date,
+                           generation: int) -> list[_Wrapped]:
         """Under _rotate, in the preparing thread: the next chains of the first cameras of
         ``todo`` (up to PREPARE_BATCH_RECORDS records), wrapped by the chain preparation
         process, then journaled, stored and signed here as ``_commit`` does. What crosses the
         pipe: each chain's starting state and the KEK of now's ratchet step of each viewer's
         epoch, which the Archiver holds anyway (never the RSA-OAEP openers' keys: epochs
-        start here)."""
+        start here).
+
+        _rotate is let go while the process works (unless the batch starts epochs, whose
+        openers must be stored before any other chain is wrapped under them): a camera
+        whose chain is not ready at its next period then starts one itself at once, as
+        before, rather than waiting for a process that yields the CPU to ingest. The
+        batch is then kept only for the cameras that still need it, and not at all if an
+        authorization changed meanwhile (the next round prepares for the new viewer list)."""
         viewers = self._load_viewers()
         everywhere = sum(1 for row, _, _ in viewers if row.all_cameras)
         listed: dict[str, int] = {}
@@ -512,17 +519,34 @@ class KeyManager:
                       for camera, stream in attempted]
             openers = [(v.epoch_id, v.fingerprint, now_ms, v.opener)
                        for v in kept if v.opener is not None]
-            result = worker.prepare(PrepareRequest(
+            request = PrepareRequest(
                 self._period_s, now_ms, kept,
                 [ChainStart(chain.camera, int(chain.stream), chain.chain_id, seed,
-                            chain.start_period) for chain, seed in chains]))
+                            chain.start_period) for chain, seed in chains])
             del kept  # the KEKs (and the seeds, below): the chains keep their own state
+            if started:
+                result = worker.prepare(request)
+            else:
+                self._rotate.release()
+                try:
+                    result = worker.prepare(request)
+                finally:
+                    self._rotate.acquire()
+            del request
             if len(result.chains) != len(chains):
                 raise RuntimeError("the chain preparation process answered for other chains")
+            with self._lock:
+                wanted = set(self._next_to_prepare()) if generation == self._generation else set()
             batch = [self._prepared_wrapped(chain, made)
-                     for (chain, _), made in zip(chains, result.chains, strict=True)]
+                     for (chain, _), made in zip(chains, result.chains, strict=True)
+                     if (chain.camera, chain.stream) in wanted]
             del chains
-            self._commit_rows(batch, openers, result.rows, now_ms)
+            rows = result.rows
+            if len(batch) != len(result.chains):
+                kept_ids = {wrapped.chain.chain_id for wrapped in batch}
+                rows = [row for row in rows if row[1] in kept_ids]
+            if batch:
+                self._commit_rows(batch, openers, rows, now_ms)
         except BaseException:
             for fingerprint in started:  # their openers will never be stored
                 self._epochs.pop(fingerprint, None)
