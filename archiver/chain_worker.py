@@ -214,6 +214,12 @@ class ChainWorker:
             proc.kill()
             proc.wait()
 
+    def kill(self) -> None:
+        """Kills the process now, even while a batch is exchanged (the caller then fails)."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
     def close(self) -> None:
         """Ends the process (closing its stdin: it exits)."""
         with self._lock:

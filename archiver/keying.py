@@ -62,6 +62,8 @@ CameraStream = tuple[str, DataStream]
 # Chain records stored per transaction when chains are prepared in the background: bounds the
 # memory a batch holds (~0.4 KB a record) while each index page is written once per batch.
 PREPARE_BATCH_RECORDS = 100_000
+# How long close() waits for the batch being prepared before it ends the preparation process.
+CLOSE_WAIT_S = 10.0
 
 
 def _wall_clock_ms() -> int:
@@ -396,6 +398,11 @@ class KeyManager:
             self._closed = True
             worker = self._worker
         if worker is not None:
+            worker.join(CLOSE_WAIT_S)
+            if worker.is_alive() and self.chain_worker is not None:
+                # The preparation process does not answer (stopped, or starved): its batch is
+                # dropped, and the thread sees its pipe close.
+                self.chain_worker.kill()
             worker.join()
         if self.chain_worker is not None:
             self.chain_worker.close()
