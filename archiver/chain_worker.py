@@ -55,11 +55,16 @@ class ViewerKek:
 
 @dataclass(frozen=True)
 class ChainStart:
+    """A new chain (its S_0), or with ``first_step`` > 0 a running chain's state S_j that the
+    viewers in ``only`` join from step j on (join records)."""
+
     camera: str
     stream: int
     chain_id: bytes
     seed: bytes
     start_period: int
+    first_step: int = 0
+    only: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,11 +116,14 @@ def prepare(request: PrepareRequest) -> PrepareResult:
         for viewer, epoch in zip(request.viewers, epochs, strict=True):
             if not (viewer.all_cameras or start.camera in viewer.cameras):
                 continue
+            if start.only is not None and viewer.fingerprint not in start.only:
+                continue
             if viewer.opener is not None and viewer.fingerprint not in journaled:
                 journaled.add(viewer.fingerprint)
                 journal.append(viewer.opener)
                 opener_bytes += len(viewer.opener)
-            record = epoch.wrap_chain_encoded(chain, start.seed, now_ms, os.urandom, tail)
+            record = epoch.wrap_chain_encoded(chain, start.seed, now_ms, os.urandom, tail,
+                                              first_step=start.first_step)
             journal.append(record)
             record_bytes += len(record)
             members.append(viewer.fingerprint)
