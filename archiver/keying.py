@@ -208,6 +208,10 @@ class KeyManager:
         self.chains_prepared = 0  # of chains_started, those prepared in the background
         self.joins = 0  # join records written (one per joining viewer per running chain)
         self.joins_prepared = 0  # of joins, those prepared off the ingest path
+        # CPU of the preparing thread (thread_time) in the Archiver's process, by part, for
+        # chains made by the preparation process: what is left here (bench/revocation.py)
+        self.prepare_cpu_s = {"viewers": 0.0, "pipe": 0.0, "journal": 0.0, "index": 0.0,
+                              "sign": 0.0}
 
     def key_for(self, camera: str, stream: DataStream, now_ms: int) -> PeriodKey:
         """The key to seal a segment arriving now; rotates (and wraps for viewers) when due.
@@ -511,7 +515,9 @@ class KeyManager:
             if records >= PREPARE_BATCH_RECORDS:
                 break
         cameras = {camera for camera, _ in attempted}
+        cpu0 = time.thread_time()
         kept = self._viewer_keks(viewers, cameras, attempted[0][0], now_ms, today)
+        self.prepare_cpu_s["viewers"] += time.thread_time() - cpu0
         chains = [KeyChain.start(camera, stream, self._period_s, now_ms, self._rng)
                   for camera, stream in attempted]
         request = PrepareRequest(
@@ -584,9 +590,11 @@ class KeyManager:
     def _exchange(self, worker: ChainWorker, request: PrepareRequest) -> PrepareResult:
         """Under _rotate: the preparation process's answer; _rotate is let go meanwhile."""
         self._rotate.release()
+        cpu0 = time.thread_time()
         try:
             return worker.prepare(request)
         finally:
+            self.prepare_cpu_s["pipe"] += time.thread_time() - cpu0
             self._rotate.acquire()
 
     # --- joins prepared off the ingest path (issue 23 item 2) ----------------------------
@@ -714,10 +722,15 @@ class KeyManager:
                      ) -> None:
         """``_commit`` for chains made by the chain preparation process: journaled (one
         write per camera), then stored in one transaction, then their recipients signed."""
+        cpu0 = time.thread_time()
         for wrapped in batch:
             if self._journal is not None and wrapped.members:
                 self._journal(wrapped.chain.camera, now_ms, wrapped.journal)
+        cpu1 = time.thread_time()
         self._db.store_key_rows([], rows)
+        cpu2 = time.thread_time()
+        self.prepare_cpu_s["journal"] += cpu1 - cpu0
+        self.prepare_cpu_s["index"] += cpu2 - cpu1
         self.key_records_written += len(rows)
         fingerprints: dict[int, list[bytes]] = {}  # per members tuple (shared by cameras)
         for wrapped in batch:
@@ -734,6 +747,7 @@ class KeyManager:
                 self.recipients_bytes += sum(map(len, parts))
                 with self._lock:
                     self._recipients[wrapped.chain.chain_id] = parts
+        self.prepare_cpu_s["sign"] += time.thread_time() - cpu2
 
     def _next_to_prepare(self) -> list[CameraStream]:
         """The camera streams that still need their next chain, in the order of the change."""
