@@ -22,6 +22,11 @@ switches to its prepared chain; a camera whose chain is not prepared by then sta
 before its segment is sealed, never using a key the revoked viewer can derive. A viewer
 added while a camera's chain is retiring joins the prepared chain at the switch as well.
 
+With the system's random source, that thread hands the wrapping to the chain preparation
+process (archiver.chain_worker: a child at a lower priority, fed over a pipe), and joins are
+prepared the same way, so that viewers added by the thousand do not wrap on the ingest path;
+the key journal, the index write and the signing stay here (one signer, one writer).
+
 Plaintext keys, chain states and KEKs never reach the database or the disk: only epoch openers
 and chain records.
 """
