@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import resource
 import subprocess
 import sys
 import threading
@@ -259,6 +260,8 @@ def main() -> int:
         os.nice(PREPARE_NICE)
     except OSError:
         pass
+    # It holds chain states and KEKs: a crash must not write them to a core file.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     # stdout carries the answers only: anything printed by mistake would corrupt them.
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     sys.stdout = sys.stderr
