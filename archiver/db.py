@@ -262,6 +262,15 @@ class Database:
                 (item.fingerprint, item.key_id, item.camera, item.epoch_id, item.valid_from_ms,
                  item.key_record) for item in items))
 
+    def store_key_rows(self, openers: Sequence[tuple[bytes, str, int, bytes]],
+                       records: Sequence[tuple[str, bytes, str, bytes, int, bytes]]) -> None:
+        """Chain records made elsewhere (archiver.chain_worker), already in primary-key order
+        (fingerprint, chain id), and the epoch openers (epoch id, fingerprint, created, record)
+        they need, in one transaction: the rows as tuples, no object per record."""
+        with self._transaction() as conn:
+            conn.executemany(_INSERT_EPOCH, openers)
+            conn.executemany(_INSERT_CHAIN_RECORD, records)
+
     def restore_key_material(self, openers: Iterable[tuple[bytes, str, int, bytes]],
                              records: Iterable[KeyMaterial]) -> None:
         """Put back epoch openers ``(epoch_id, fingerprint, created_ms, record)`` and key records

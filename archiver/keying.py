@@ -22,6 +22,11 @@ switches to its prepared chain; a camera whose chain is not prepared by then sta
 before its segment is sealed, never using a key the revoked viewer can derive. A viewer
 added while a camera's chain is retiring joins the prepared chain at the switch as well.
 
+With the system's random source, that thread hands the wrapping to the chain preparation
+process (archiver.chain_worker: a child at a lower priority, fed over a pipe), and joins are
+prepared the same way, so that viewers added by the thousand do not wrap on the ingest path;
+the key journal, the index write and the signing stay here (one signer, one writer).
+
 Plaintext keys, chain states and KEKs never reach the database or the disk: only epoch openers
 and chain records.
 """
@@ -34,11 +39,19 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
 
+from archiver.chain_worker import (
+    ChainStart,
+    ChainWorker,
+    PreparedChain,
+    PrepareRequest,
+    PrepareResult,
+    ViewerKek,
+)
 from archiver.db import Database, KeyMaterial
 from archiver.directory import Directory, ViewerRow
 from keyservice.crypto import Epoch, KeyChain, PeriodKey, max_ratchet_index
@@ -55,6 +68,8 @@ CameraStream = tuple[str, DataStream]
 # Chain records stored per transaction when chains are prepared in the background: bounds the
 # memory a batch holds (~0.4 KB a record) while each index page is written once per batch.
 PREPARE_BATCH_RECORDS = 100_000
+# How long close() waits for the batch being prepared before it ends the preparation process.
+CLOSE_WAIT_S = 10.0
 
 
 def _wall_clock_ms() -> int:
@@ -114,6 +129,8 @@ class _Wrapped:
     expires_ms: int = 2**63
     record_bytes: int = 0
     opener_bytes: int = 0
+    # Made by the chain preparation process: who it is wrapped for (material stays empty)
+    members: tuple[str, ...] | None = None
 
 
 class KeyManager:
@@ -121,12 +138,15 @@ class KeyManager:
                  signer: Signer | None = None,
                  journal: Callable[[str, int, list[bytes]], None] | None = None,
                  clock: Callable[[], int] = _wall_clock_ms, *,
-                 directory: Directory) -> None:
+                 directory: Directory, prepare_elsewhere: bool = True) -> None:
         """``signer``: the Archiver's key, to sign each new chain's recipients statement (the
         viewers its state is wrapped for); archive.py writes it before the chain's first
         segment. ``journal(camera, now_ms, records)``: appends (durably) the openers and chain
         records made for a camera's new chain to the archive, before the database stores them.
-        ``clock``: the time chains prepared in the background start at."""
+        ``clock``: the time chains prepared in the background start at.
+        ``prepare_elsewhere``: wrap chains prepared in the background in a child process
+        (archiver.chain_worker), off the Archiver's interpreter; only with the system's random
+        source (the child draws its nonces there), else in the preparing thread."""
         self._db = db
         self._directory = directory  # the viewers (the site directory's); key material: db
         self._journal = journal
@@ -174,7 +194,9 @@ class KeyManager:
         # camera stream -> its next chain, prepared off the ingest path (already committed)
         self._prepared: dict[CameraStream, _Chain] = {}
         self._prepare_failed: set[CameraStream] = set()
+        self._join_failed: set[CameraStream] = set()  # joins left to the ingest path
         self._worker: threading.Thread | None = None
+        self.chain_worker = ChainWorker() if prepare_elsewhere and rng is os.urandom else None
         self._closed = False
         # Called (fingerprint, not_after_ms) once per viewer whose certificate has expired when
         # a key would be wrapped for it; the app audits it.
@@ -190,6 +212,11 @@ class KeyManager:
         self.epochs_started = 0
         self.chains_prepared = 0  # of chains_started, those prepared in the background
         self.joins = 0  # join records written (one per joining viewer per running chain)
+        self.joins_prepared = 0  # of joins, those prepared off the ingest path
+        # CPU of the preparing thread (thread_time) in the Archiver's process, by part, for
+        # chains made by the preparation process: what is left here (bench/revocation.py)
+        self.prepare_cpu_s = {"viewers": 0.0, "pipe": 0.0, "journal": 0.0, "index": 0.0,
+                              "sign": 0.0}
 
     def key_for(self, camera: str, stream: DataStream, now_ms: int) -> PeriodKey:
         """The key to seal a segment arriving now; rotates (and wraps for viewers) when due.
@@ -328,6 +355,7 @@ class KeyManager:
         self._epochs.pop(fingerprint, None)
         self._refresh_viewer(fingerprint, row)
         self._prepare_failed.clear()
+        self._join_failed.clear()
 
     @staticmethod
     def _note_change(members: _Members, fingerprint: str, allowed: bool) -> bool:
@@ -371,8 +399,10 @@ class KeyManager:
                 self._ensure_worker()
 
     def _ensure_worker(self) -> None:
-        """Under _lock: the preparing thread runs while a camera's chain is retiring."""
-        if self._retiring and self._worker is None and not self._closed:
+        """Under _lock: the preparing thread runs while a camera's chain is retiring, or
+        (with the preparation process) while viewers wait to join a running chain."""
+        if ((self._retiring or self._next_joins()) and self._worker is None
+                and not self._closed):
             self._worker = threading.Thread(target=self._prepare_chains, daemon=True,
                                             name="fusion-chain-prepare")
             self._worker.start()
@@ -383,7 +413,14 @@ class KeyManager:
             self._closed = True
             worker = self._worker
         if worker is not None:
+            worker.join(CLOSE_WAIT_S)
+            if worker.is_alive() and self.chain_worker is not None:
+                # The preparation process does not answer (stopped, or starved): its batch is
+                # dropped, and the thread sees its pipe close.
+                self.chain_worker.kill()
             worker.join()
+        if self.chain_worker is not None:
+            self.chain_worker.close()
 
     def pending_chains(self) -> int:
         """Camera streams whose chain must still change at their next key period."""
@@ -398,25 +435,34 @@ class KeyManager:
             with self._rotate:
                 with self._lock:
                     todo = [] if self._closed else self._next_to_prepare()
-                    if not todo:
+                    joins = [] if self._closed or todo else self._next_joins()
+                    if not todo and not joins:
                         self._worker = None
                         return
                     generation = self._generation
                 now_ms = self._clock()
                 today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
+                if joins:
+                    assert self.chain_worker is not None
+                    self._prepare_joins(self.chain_worker, joins, now_ms, today)
+                    continue
                 batch: list[_Wrapped] = []
                 attempted: list[CameraStream] = []
                 try:
-                    records = 0
-                    for cam_stream in todo:
-                        attempted.append(cam_stream)
-                        chain, seed = KeyChain.start(cam_stream[0], cam_stream[1],
-                                                     self._period_s, now_ms, self._rng)
-                        batch.append(self._wrap(chain, seed, now_ms, today))
-                        records += len(batch[-1].material)
-                        if records >= PREPARE_BATCH_RECORDS:
-                            break
-                    self._commit(batch, now_ms)
+                    if self.chain_worker is not None:
+                        batch = self._prepare_elsewhere(self.chain_worker, todo, attempted,
+                                                        now_ms, today, generation)
+                    else:
+                        records = 0
+                        for cam_stream in todo:
+                            attempted.append(cam_stream)
+                            chain, seed = KeyChain.start(cam_stream[0], cam_stream[1],
+                                                         self._period_s, now_ms, self._rng)
+                            batch.append(self._wrap(chain, seed, now_ms, today))
+                            records += len(batch[-1].material)
+                            if records >= PREPARE_BATCH_RECORDS:
+                                break
+                        self._commit(batch, now_ms)
                 except Exception:
                     for wrapped in batch:  # their openers were never stored: start over
                         for fingerprint in wrapped.started:
@@ -428,7 +474,9 @@ class KeyManager:
                     with self._lock:
                         self._prepare_failed.update(attempted)
                     continue
-                members = [self._members_of(wrapped.chain,
+                members = [self._members_of(wrapped.chain, wrapped.members)
+                           if wrapped.members is not None else
+                           self._members_of(wrapped.chain,
                                             [m.fingerprint for m in wrapped.material])
                            for wrapped in batch]
                 with self._lock:
@@ -441,6 +489,270 @@ class KeyManager:
                         self._prepared_members[cam_stream] = chain_members
                     self.chains_started += len(batch)
                     self.chains_prepared += len(batch)
+
+    def _prepare_elsewhere(self, worker: ChainWorker, todo: list[CameraStream],
+                           attempted: list[CameraStream], now_ms: int, today: dt.date,
+                           generation: int) -> list[_Wrapped]:
+        """Under _rotate, in the preparing thread: the next chains of the first cameras of
+        ``todo`` (up to PREPARE_BATCH_RECORDS records), wrapped by the chain preparation
+        process, then journaled, stored and signed here as ``_commit`` does. What crosses the
+        pipe: each chain's starting state and the KEK of now's ratchet step of each viewer's
+        epoch, which the Archiver holds anyway (never the RSA-OAEP openers' keys: epochs
+        start here).
+
+        _rotate is let go while the process works (epochs that start are stored before, see
+        ``_viewer_keks``): a camera whose chain is not ready at its next period then starts
+        one itself at once, as before, rather than waiting for a process that yields the CPU
+        to ingest. The batch is then kept only for the cameras that still need it, and not at
+        all if an authorization changed meanwhile (the next round prepares for the new viewer
+        list)."""
+        viewers = self._load_viewers()
+        everywhere = sum(1 for row, _, _ in viewers if row.all_cameras)
+        listed: dict[str, int] = {}
+        for row, _, _ in viewers:
+            if not row.all_cameras:
+                for camera in row.cameras:
+                    listed[camera] = listed.get(camera, 0) + 1
+        records = 0
+        for cam_stream in todo:
+            attempted.append(cam_stream)
+            records += everywhere + listed.get(cam_stream[0], 0)
+            if records >= PREPARE_BATCH_RECORDS:
+                break
+        cameras = {camera for camera, _ in attempted}
+        cpu0 = time.thread_time()
+        kept = self._viewer_keks(viewers, cameras, attempted[0][0], now_ms, today)
+        self.prepare_cpu_s["viewers"] += time.thread_time() - cpu0
+        chains = [KeyChain.start(camera, stream, self._period_s, now_ms, self._rng)
+                  for camera, stream in attempted]
+        request = PrepareRequest(
+            self._period_s, now_ms, kept,
+            [ChainStart(chain.camera, int(chain.stream), chain.chain_id, seed,
+                        chain.start_period) for chain, seed in chains])
+        del kept  # the KEKs (and the seeds, below): the chains keep their own state
+        result = self._exchange(worker, request)
+        del request
+        if len(result.chains) != len(chains):
+            raise RuntimeError("the chain preparation process answered for other chains")
+        with self._lock:
+            wanted = set(self._next_to_prepare()) if generation == self._generation else set()
+        batch = [self._prepared_wrapped(chain, made)
+                 for (chain, _), made in zip(chains, result.chains, strict=True)
+                 if (chain.camera, chain.stream) in wanted]
+        del chains
+        rows = result.rows
+        if len(batch) != len(result.chains):
+            kept_ids = {wrapped.chain.chain_id for wrapped in batch}
+            rows = [row for row in rows if row[1] in kept_ids]
+        if batch:
+            self._commit_rows(batch, rows, now_ms)
+        return batch
+
+    def _viewer_keks(self, viewers: list[tuple[ViewerRow, Recipient, int]], cameras: set[str],
+                     journal_camera: str, now_ms: int, today: dt.date) -> list[ViewerKek]:
+        """Under _rotate: the viewers of ``viewers`` authorized on any of ``cameras`` and not
+        expired, each with its epoch at now's ratchet step. Epochs that must start do so here,
+        and their openers are journaled (to ``journal_camera``'s key journal) and stored at
+        once: the rotation lock can then be let go while the process wraps, and any chain
+        wrapped meanwhile under those epochs finds their openers stored."""
+        kept: list[ViewerKek] = []
+        started: list[str] = []
+        for row, recipient, not_after in viewers:
+            if row.revoked_ms is not None or not (
+                    row.all_cameras or not cameras.isdisjoint(row.cameras)):
+                continue
+            if now_ms > not_after:  # no key material, as in _wrap_into
+                if row.fingerprint not in self._expired_reported:
+                    self._expired_reported.add(row.fingerprint)
+                    if self.on_expired is not None:
+                        self.on_expired(row.fingerprint, not_after)
+                continue
+            viewer_epoch, opener = self._epoch_for(row.fingerprint, recipient, today, now_ms)
+            if opener is not None:
+                started.append(row.fingerprint)
+            epoch = viewer_epoch.epoch
+            index, kek = epoch.kek_at(now_ms)
+            kept.append(ViewerKek(row.fingerprint, epoch.viewer_fingerprint, epoch.epoch_id,
+                                  epoch.start_period, index, kek, opener, row.all_cameras,
+                                  frozenset(row.cameras), not_after))
+        if started:
+            openers = [(v.epoch_id, v.fingerprint, now_ms, v.opener)
+                       for v in kept if v.opener is not None]
+            try:
+                if self._journal is not None:
+                    self._journal(journal_camera, now_ms, [b"".join(o[3] for o in openers)])
+                self._db.store_key_rows(openers, [])
+            except BaseException:
+                for fingerprint in started:  # their openers were never stored: start over
+                    self._epochs.pop(fingerprint, None)
+                raise
+            self.epochs_started += len(openers)
+            self.opener_bytes += sum(len(o[3]) for o in openers)
+            kept = [dataclasses.replace(v, opener=None) if v.opener is not None else v
+                    for v in kept]
+        return kept
+
+    def _exchange(self, worker: ChainWorker, request: PrepareRequest) -> PrepareResult:
+        """Under _rotate: the preparation process's answer; _rotate is let go meanwhile."""
+        self._rotate.release()
+        cpu0 = time.thread_time()
+        try:
+            return worker.prepare(request)
+        finally:
+            self.prepare_cpu_s["pipe"] += time.thread_time() - cpu0
+            self._rotate.acquire()
+
+    # --- joins prepared off the ingest path (issue 23 item 2) ----------------------------
+    def _next_joins(self) -> list[CameraStream]:
+        """Under _lock: running chains with viewers waiting to join, that are not retiring
+        (a retiring camera's pending joins go to its prepared chain, at the switch). Only with
+        the preparation process; else, and after a failure, the chain's next rotation joins
+        them on the ingest path (``_join_pending``)."""
+        if self.chain_worker is None:
+            return []
+        return [cam_stream for cam_stream, members in self._members.items()
+                if members.pending and cam_stream not in self._retiring
+                and cam_stream not in self._join_failed
+                and (found := self._chains.get(cam_stream)) is not None
+                and found.chain.chain_id == members.chain_id]
+
+    def _prepare_joins(self, worker: ChainWorker, joins: list[CameraStream], now_ms: int,
+                       today: dt.date) -> None:
+        """Under _rotate, in the preparing thread: the join records of the viewers waiting
+        to join running chains, wrapped by the preparation process, from the step each join
+        would get on the ingest path now (``KeyChain.join_step_at``: the first step whose key
+        has sealed nothing). Kept only if, back under _rotate, the chain has not derived that
+        step's key yet, nobody changed meanwhile and the joiners still wait: a chain with
+        pending joins steps only under _rotate, so nothing is sealed under that step before
+        the join statement is queued for archiving, and the joining viewer opens exactly
+        from its join on. Otherwise nothing is stored and the ingest path joins them (a
+        viewer's chain record is one per chain: a second would not be stored)."""
+        plan: list[tuple[CameraStream, _Chain, _Members, int, frozenset[str], bytes]] = []
+        shared: dict[frozenset[str], frozenset[str]] = {}
+        records = 0
+        with self._lock:
+            for cam_stream in joins:
+                found, members = self._chains[cam_stream], self._members[cam_stream]
+                step = found.chain.join_step_at(now_ms)
+                if (step > max_ratchet_index(found.chain.period_s)
+                        or members.statements
+                        + -(-len(members.pending) // MAX_RECIPIENTS_PER_PART) > _MAX_STATEMENTS):
+                    self._join_failed.add(cam_stream)  # a new chain, on the ingest path
+                    continue
+                joiners = frozenset(members.pending)
+                plan.append((cam_stream, found, members, step,
+                             shared.setdefault(joiners, joiners), found.chain.state_at(step)))
+                records += len(joiners)
+                if records >= PREPARE_BATCH_RECORDS:
+                    break
+        if not plan:
+            return
+        viewers = self._load_viewers()
+        if self._index_of is not viewers:
+            self._index = {v[0].fingerprint: v for v in viewers}
+            self._index_of = viewers
+        wanted = frozenset().union(*(p[4] for p in plan))
+        try:
+            kept = self._viewer_keks([self._index[fp] for fp in sorted(wanted)
+                                      if fp in self._index],
+                                     {cam for (cam, _), *_ in plan}, plan[0][0][0], now_ms, today)
+            request = PrepareRequest(self._period_s, now_ms, kept, [
+                ChainStart(found.chain.camera, int(found.chain.stream), found.chain.chain_id,
+                           state, found.chain.start_period, step, joiners)
+                for _, found, _, step, joiners, state in plan])
+            del kept
+            plan = [(*p[:5], b"") for p in plan]  # the states: not kept here either
+            result = self._exchange(worker, request)
+            del request
+            if len(result.chains) != len(plan):
+                raise RuntimeError("the chain preparation process answered for other chains")
+            with self._lock:
+                # Not the generation: adds meanwhile only add to pending (joined next round);
+                # a removal takes its viewer out of pending, or retires or restarts the chain.
+                kept_plan = [
+                    (entry, made) for entry, made in zip(plan, result.chains, strict=True)
+                    if self._chains.get(entry[0]) is entry[1]
+                    and self._members.get(entry[0]) is entry[2]
+                    and entry[1].chain.step < entry[3] and entry[4] <= entry[2].pending
+                    and entry[0] not in self._retiring]
+            ids = {entry[1].chain.chain_id for entry, _ in kept_plan}
+            rows = [row for row in result.rows if row[1] in ids]
+            if not kept_plan:
+                return
+            for entry, made in kept_plan:
+                if self._journal is not None and made.members:
+                    self._journal(entry[0][0], now_ms, [made.journal])
+            self._db.store_key_rows([], rows)
+        except Exception:
+            log.warning("could not prepare the joins of %s; they join at their next key "
+                        "period", ", ".join(sorted({c for (c, _), *_ in plan})), exc_info=True)
+            with self._lock:
+                self._join_failed.update(p[0] for p in plan)
+            return
+        assert self._signer is not None  # joins are only ever pending with a signer
+        for (cam_stream, found, members, step, joiners, _), made in kept_plan:
+            fps = sorted(made.members)
+            statements = [
+                issue_chain_join(found.chain, members.statements + i, members.parts, step,
+                                 [bytes.fromhex(fp) for fp in fps[k:k + MAX_RECIPIENTS_PER_PART]],
+                                 self._signer)
+                for i, k in enumerate(range(0, len(fps), MAX_RECIPIENTS_PER_PART))]
+            with self._lock:
+                members.pending -= joiners
+                for fp in fps:
+                    members.joined[fp] = step
+                members.statements += len(statements)
+                self._chains[cam_stream] = dataclasses.replace(
+                    found, expires_ms=min(found.expires_ms, made.expires_ms))
+                if statements:
+                    self._recipients.setdefault(found.chain.chain_id, []).extend(statements)
+            self.joins += len(fps)
+            self.joins_prepared += len(fps)
+            self.key_records_written += len(fps)
+            self.key_record_bytes += made.record_bytes
+            self.opener_bytes += made.opener_bytes
+            self.recipients_bytes += sum(map(len, statements))
+        with self._lock:  # attempted and not kept: the ingest path joins them
+            self._join_failed.update(p[0] for p in plan if p[0] not in {
+                entry[0] for entry, _ in kept_plan})
+
+    @staticmethod
+    def _prepared_wrapped(chain: KeyChain, made: PreparedChain) -> _Wrapped:
+        return _Wrapped(chain, journal=[made.journal], expires_ms=made.expires_ms,
+                        record_bytes=made.record_bytes, opener_bytes=made.opener_bytes,
+                        members=made.members)
+
+    def _commit_rows(self, batch: list[_Wrapped],
+                     rows: list[tuple[str, bytes, str, bytes, int, bytes]], now_ms: int
+                     ) -> None:
+        """``_commit`` for chains made by the chain preparation process: journaled (one
+        write per camera), then stored in one transaction, then their recipients signed."""
+        cpu0 = time.thread_time()
+        for wrapped in batch:
+            if self._journal is not None and wrapped.members:
+                self._journal(wrapped.chain.camera, now_ms, wrapped.journal)
+        cpu1 = time.thread_time()
+        self._db.store_key_rows([], rows)
+        cpu2 = time.thread_time()
+        self.prepare_cpu_s["journal"] += cpu1 - cpu0
+        self.prepare_cpu_s["index"] += cpu2 - cpu1
+        self.key_records_written += len(rows)
+        fingerprints: dict[int, list[bytes]] = {}  # per members tuple (shared by cameras)
+        for wrapped in batch:
+            wrapped.journal = []
+            self.key_record_bytes += wrapped.record_bytes
+            self.opener_bytes += wrapped.opener_bytes
+            if self._signer is not None:
+                assert wrapped.members is not None
+                viewers = fingerprints.get(id(wrapped.members))
+                if viewers is None:
+                    viewers = fingerprints[id(wrapped.members)] = [
+                        bytes.fromhex(fp) for fp in wrapped.members]
+                parts = issue_chain_recipients(wrapped.chain, viewers, self._signer)
+                self.recipients_bytes += sum(map(len, parts))
+                with self._lock:
+                    self._recipients[wrapped.chain.chain_id] = parts
+        self.prepare_cpu_s["sign"] += time.thread_time() - cpu2
 
     def _next_to_prepare(self) -> list[CameraStream]:
         """The camera streams that still need their next chain, in the order of the change."""
@@ -644,7 +956,7 @@ class KeyManager:
                     self._recipients[wrapped.chain.chain_id] = parts
 
     # --- joins (issue 23) -------------------------------------------------------------
-    def _members_of(self, chain: KeyChain, fingerprints: list[str]) -> _Members:
+    def _members_of(self, chain: KeyChain, fingerprints: Sequence[str]) -> _Members:
         """Who a new chain was wrapped for (and how many start parts it signs). The caller
         installs it: a prepared chain's members only at its switch."""
         start = frozenset(fingerprints)

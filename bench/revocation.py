@@ -12,6 +12,13 @@ injected clock). Minute 0 is a UTC day's start (every camera starts a chain for 
   keep their current key for the rest of the period while a background thread prepares every
   camera's next chain; a segment of each camera after the change (minute 2) and the first one
   of minute 3 (the switch) are timed in the foreground, the thread's work separately.
+  Where the KeyManager can wrap in its chain preparation process (archiver.chain_worker), this
+  is done twice in one run: wrapped in the preparing thread (minute 2), then in the process
+  (another viewer revoked at minute 4).
+* **ingest probe**: while each preparation runs, a thread of this process does an ingest-like
+  mix (a 64 KiB segment sealed with AES-GCM and hashed, plus some Python per segment) as fast as
+  it can; its rate during the preparation is compared with its rate alone just before (same
+  run, same length): how much of the process the preparation leaves to ingest.
 
 Runs against any checkout: ``PYTHONPATH=<checkout> python -m bench.revocation`` from a copy of
 this file measures that checkout's KeyManager (only the synchronous path if it predates
@@ -26,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +45,8 @@ from archiver.db import Database
 from archiver.keying import KeyManager
 from bench.common import CertFactory
 from keyservice.certs import build_archiver_certificate
-from keyservice.format import DataStream
+from keyservice.crypto import KeyChain, seal_segment
+from keyservice.format import DataStream, encode_record
 from keyservice.identity import SoftwareSigner, fingerprint
 
 T0_MS = 1_748_822_400_000  # 2025-06-02T00:00:00Z, a UTC day's start
@@ -57,6 +66,124 @@ def _first_segments(keys: KeyManager, names: list[str], now_ms: int) -> dict[str
             "cpu_s": time.process_time() - cpu0}
 
 
+class _Probe:
+    """A thread doing an ingest-like mix as fast as it can while ``running`` is set."""
+
+    def __init__(self) -> None:
+        chain, _ = KeyChain.start("probe", DataStream.VIDEO, PERIOD_S, T0_MS)
+        self._key = chain.key_at(T0_MS)
+        self._payload = os.urandom(64 * 1024)
+        self.count = 0
+        self.thread_cpu_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        cpu0 = time.thread_time()
+        seq = 0
+        while not self._stop.is_set():
+            segment = seal_segment(self._key, seq, T0_MS + seq, self._payload)
+            encode_record(segment)
+            # Python work per segment, as the HTTP handler and the index row are
+            _ = sorted({str(i): i * seq for i in range(300)}.items())
+            seq += 1
+            self.count = seq
+        self.thread_cpu_s = time.thread_time() - cpu0
+
+    def __enter__(self) -> _Probe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _probe_alone(seconds: float) -> float:
+    """Probe segments per second with nothing else running here."""
+    with _Probe() as probe:
+        time.sleep(seconds)
+        count = probe.count
+    return count / seconds
+
+
+def _child_cpu_s(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _prepared(keys: KeyManager, directory: Any, db: Database, names: list[str], fp: str,
+              minute: int, clock_ms: list[int]) -> dict[str, Any]:
+    """One revocation prepared off the ingest path, 20 s into ``minute``; the switch at the
+    next one. Returns the figures (and prints them)."""
+    cameras = len(names)
+    _first_segments(keys, names, T0_MS + minute * MINUTE_MS + 500)
+    now = T0_MS + minute * MINUTE_MS + 20_000
+    clock_ms[0] = now
+    records0 = keys.key_records_written
+    prepared0 = keys.chains_prepared
+    worker = getattr(keys, "chain_worker", None)
+    alone_s = 5.0
+    alone = _probe_alone(alone_s)
+    _revoke(directory, db, fp, now - 100)
+    child0 = _child_cpu_s(worker.pid if worker is not None else None)
+    with _Probe() as probe:
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        keys.access_removed(fp, None, now)
+        during = _first_segments(keys, names, now + 200)
+        while keys.chains_prepared < prepared0 + cameras:  # the background thread's work
+            time.sleep(0.01)
+        prepared_wall = time.perf_counter() - wall0
+        probe_count = probe.count
+    process_cpu = time.process_time() - cpu0 - probe.thread_cpu_s
+    parts = dict(getattr(keys, "prepare_cpu_s", {}))
+    child_cpu = _child_cpu_s(worker.pid if worker is not None else None) - child0
+    switch = _first_segments(keys, names, T0_MS + (minute + 1) * MINUTE_MS + 500)
+    result = {
+        "where": "process" if worker is not None else "thread",
+        "records": keys.key_records_written - records0,
+        "during_period": during, "preparation_wall_s": prepared_wall,
+        "preparation_cpu_s": process_cpu + child_cpu,
+        "archiver_process_cpu_s": process_cpu, "child_cpu_s": child_cpu,
+        "core_share_of_period": process_cpu / PERIOD_S, "switch": switch,
+        "probe_alone_per_s": alone, "probe_during_per_s": probe_count / prepared_wall,
+        "probe_ratio": probe_count / prepared_wall / alone,
+        "pending_after_switch": keys.pending_chains(),
+        "archiver_thread_cpu_by_part_s": parts}
+    print(f"prepared revocation ({result['where']}): {result['records']} chain records in "
+          f"{prepared_wall:.2f} s; CPU {process_cpu:.2f} s in the Archiver's process "
+          f"({process_cpu / PERIOD_S * 100:.0f} % of one core over the {PERIOD_S} s period) + "
+          f"{child_cpu:.2f} s in the preparation process; ingest probe "
+          f"{result['probe_ratio']:.2f} of its rate alone ({alone:.0f}/s alone); first "
+          f"segments in the change's period waited {during['foreground_wall_s']:.3f} s in all "
+          f"(longest {during['longest_wait_s'] * 1000:.1f} ms); at the switch "
+          f"{switch['foreground_wall_s']:.3f} s in all (longest "
+          f"{switch['longest_wait_s'] * 1000:.1f} ms)", flush=True)
+    if result["where"] == "process" and parts:
+        print("  the preparing thread's CPU in the Archiver's process, by part: " + ", ".join(
+            f"{name} {cpu:.2f} s" for name, cpu in parts.items()), flush=True)
+    return result
+
+
+def _synchronous(keys: KeyManager, directory: Any, db: Database, names: list[str], fp: str,
+                 now: int, result: dict[str, Any]) -> None:
+    """The synchronous path: every camera's first segment after the change wraps its chain."""
+    records0 = keys.key_records_written
+    _revoke(directory, db, fp, now - 100)
+    keys.authorization_changed(fp, None)
+    sync = _first_segments(keys, names, now)
+    sync["records"] = keys.key_records_written - records0
+    result["synchronous"] = sync
+    print(f"synchronous revocation: {sync['records']} chain records; segments waited "
+          f"{sync['foreground_wall_s']:.2f} s in all (longest {sync['longest_wait_s']:.2f} "
+          f"s), CPU {sync['cpu_s']:.2f} s", flush=True)
+
+
 def _directory(db: Database, workdir: Path) -> Any:
     """Where the viewers are: the site directory (beside the index), or, in a checkout from
     before it, the index itself."""
@@ -74,7 +201,7 @@ def _revoke(directory: Any, db: Database, fp: str, now_ms: int) -> None:
         directory.revoke_viewer(fp, now_ms)
 
 
-def run(workdir: Path, cameras: int, viewers: int) -> dict[str, Any]:
+def run(workdir: Path, cameras: int, viewers: int, synchronous: bool = True) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     db = Database(workdir / "revocation.sqlite3")
     directory: Any = _directory(db, workdir)
@@ -113,46 +240,23 @@ def run(workdir: Path, cameras: int, viewers: int) -> dict[str, Any]:
 
         # Synchronous: every camera's first segment after the change wraps its new chain.
         now = T0_MS + MINUTE_MS + 500
-        records0 = keys.key_records_written
-        _revoke(directory, db, fps[0], now - 100)
-        keys.authorization_changed(fps[0], None)
-        sync = _first_segments(keys, names, now)
-        sync["records"] = keys.key_records_written - records0
-        result["synchronous"] = sync
-        print(f"synchronous revocation: {sync['records']} chain records; segments waited "
-              f"{sync['foreground_wall_s']:.2f} s in all (longest {sync['longest_wait_s']:.2f} "
-              f"s), CPU {sync['cpu_s']:.2f} s", flush=True)
+        if not synchronous:  # the chains only step (revoking nobody at minute 1)
+            _first_segments(keys, names, now)
+        else:
+            _synchronous(keys, directory, db, names, fps[0], now, result)
 
         if hasattr(keys, "access_removed"):
-            # The cameras' first segments of minute 2 (chains step), then the revocation 20 s
-            # into it, then one more segment per camera in that period.
-            _first_segments(keys, names, T0_MS + 2 * MINUTE_MS + 500)
-            now = T0_MS + 2 * MINUTE_MS + 20_000
-            clock_ms[0] = now
-            records0 = keys.key_records_written
-            _revoke(directory, db, fps[1], now - 100)
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            keys.access_removed(fps[1], None, now)
-            during = _first_segments(keys, names, now + 200)
-            while keys.chains_prepared < cameras:  # the background thread's work
-                time.sleep(0.01)
-            prepared_wall = time.perf_counter() - wall0
-            prepared_cpu = time.process_time() - cpu0
-            switch = _first_segments(keys, names, T0_MS + 3 * MINUTE_MS + 500)
-            result["prepared"] = {
-                "records": keys.key_records_written - records0,
-                "during_period": during, "preparation_wall_s": prepared_wall,
-                "preparation_cpu_s": prepared_cpu,
-                "core_share_of_period": prepared_cpu / PERIOD_S, "switch": switch,
-                "pending_after_switch": keys.pending_chains()}
-            print(f"prepared revocation: {result['prepared']['records']} chain records in "
-                  f"{prepared_wall:.2f} s (CPU {prepared_cpu:.2f} s = "
-                  f"{prepared_cpu / PERIOD_S * 100:.0f} % of one core over the {PERIOD_S} s "
-                  f"period) off the ingest path; first segments in the change's period waited "
-                  f"{during['foreground_wall_s']:.3f} s in all (longest "
-                  f"{during['longest_wait_s'] * 1000:.1f} ms); at the switch "
-                  f"{switch['foreground_wall_s']:.3f} s in all (longest "
-                  f"{switch['longest_wait_s'] * 1000:.1f} ms)", flush=True)
+            worker = getattr(keys, "chain_worker", None)
+            if worker is not None:  # first in the preparing thread, then in the process
+                keys.chain_worker = None
+                result["prepared_thread"] = _prepared(keys, directory, db, names, fps[1], 2,
+                                                      clock_ms)
+                keys.chain_worker = worker
+                result["prepared"] = _prepared(keys, directory, db, names, fps[2], 4,
+                                               clock_ms)
+            else:
+                result["prepared"] = _prepared(keys, directory, db, names, fps[1], 2,
+                                               clock_ms)
         return result
     finally:
         os.close(journal_fd)
@@ -165,11 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.revocation", description=__doc__)
     parser.add_argument("--size", default="100x10000", help="CAMERASxVIEWERS")
     parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument("--no-synchronous", action="store_true",
+                        help="skip the synchronous path (minute 1: the chains only step)")
     args = parser.parse_args(argv)
     cameras, viewers = (int(x) for x in args.size.lower().split("x"))
     workdir = Path(tempfile.mkdtemp(prefix="bench-revocation-"))
     try:
-        result = run(workdir, cameras, viewers)
+        result = run(workdir, cameras, viewers, synchronous=not args.no_synchronous)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json is not None:

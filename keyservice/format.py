@@ -14,6 +14,7 @@ Pure: no I/O, no cryptography beyond SHA-256 of record bytes.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -564,6 +565,15 @@ class ChainRecipients:
     @property
     def is_join(self) -> bool:
         return self.join_step > 0
+
+    def with_signature(self, signature: bytes) -> ChainRecipients:
+        """This statement signed: only the signature is checked, the other fields were when
+        this one was made (a chain start at 10 000 viewers re-checked 10 000 fingerprints
+        per camera for it)."""
+        _var_bytes("chain-recipients signature", signature, 0, MAX_SIGNATURE)
+        signed = copy.copy(self)
+        object.__setattr__(signed, "signature", signature)
+        return signed
 
     def _unsigned(self) -> bytes:
         return b"".join((_str8(self.camera), bytes((self.stream,)), self.chain_id,

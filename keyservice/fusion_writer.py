@@ -98,8 +98,8 @@ def issue_chain_recipients(chain: KeyChain, viewers: Sequence[bytes], signer: Si
     for part, chunk in enumerate(chunks):
         unsigned = ChainRecipients(chain.camera, chain.stream, chain.chain_id,
                                    chain.start_period, part, len(chunks), tuple(chunk))
-        parts.append(encode_record(replace(unsigned,
-                                           signature=signer.sign(unsigned.signed_bytes()))))
+        parts.append(encode_record(unsigned.with_signature(
+            signer.sign(unsigned.signed_bytes()))))
     return parts
 
 
@@ -111,7 +111,7 @@ def issue_chain_join(chain: KeyChain, index: int, parts: int, join_step: int,
     before it). Archive it before the next segment of the chain. Returns its encoded bytes."""
     unsigned = ChainRecipients(chain.camera, chain.stream, chain.chain_id, chain.start_period,
                                index, parts, tuple(sorted(set(viewers))), join_step=join_step)
-    return encode_record(replace(unsigned, signature=signer.sign(unsigned.signed_bytes())))
+    return encode_record(unsigned.with_signature(signer.sign(unsigned.signed_bytes())))
 
 
 class StreamWriter:

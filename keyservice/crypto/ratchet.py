@@ -98,6 +98,25 @@ class Epoch:
                              start_period, wrapped.body)
         return cls(epoch_id, recipient.fingerprint, period_s, start_period, kek0), opener
 
+    @classmethod
+    def resume(cls, epoch_id: bytes, viewer_fingerprint: bytes, period_s: int,
+               start_period: int, index: int, kek: bytes) -> Epoch:
+        """The epoch at ratchet step ``index`` with that step's KEK (``kek_at``): how the
+        Archiver's chain preparation process wraps under an epoch the Archiver holds. It can
+        derive no KEK before ``index``."""
+        if len(kek) != KEY_LEN or not 0 <= index <= max_ratchet_index(period_s):
+            raise ValueError("An epoch resumes at a step of its day with a 32-byte KEK.")
+        epoch = cls(epoch_id, viewer_fingerprint, period_s, start_period, kek)
+        epoch._index = index
+        return epoch
+
+    def kek_at(self, now_ms: int) -> tuple[int, bytes]:
+        """Now's ratchet step and its KEK (stepping forward to it as a wrap does, erasing the
+        KEKs before), to hand to ``resume`` in another process over a pipe."""
+        index, _ = self._aead_at(now_ms)
+        assert self._kek is not None
+        return index, self._kek
+
     @property
     def index(self) -> int:
         """The current ratchet step."""

@@ -9,6 +9,14 @@ the private key here, as its token would).
 
 from __future__ import annotations
 
+import fcntl
+import os
+import signal
+import sys
+import termios
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,6 +38,7 @@ from keyservice.crypto import (
 from keyservice.errors import IntegrityError
 from keyservice.format import ChainRecipients, ChainRecord, DataStream, EpochOpener, decode_record
 from keyservice.identity import OaepHash, fingerprint
+from keyservice.keyscheme import KeyScheme
 from keyservice.labels import LABEL_CHAIN_JOIN
 from tests.vectors import generate as vectors
 
@@ -55,7 +64,8 @@ class _Index(Database):
 def _add(db: _Index, name: str, cameras: list[str] | None, now_ms: int = 0) -> str:
     cert = vectors.load_cert(name)
     fp = fingerprint(cert).hex()
-    db.directory.add_viewer(fp, cert.public_bytes(Encoding.DER), name, int(OaepHash.SHA256), cameras, now_ms)
+    scheme = KeyScheme.ECDH_P256 if name == "viewer-c" else OaepHash.SHA256  # its EC key
+    db.directory.add_viewer(fp, cert.public_bytes(Encoding.DER), name, int(scheme), cameras, now_ms)
     return fp
 
 
@@ -187,3 +197,105 @@ def test_without_a_signer_a_change_restarts_as_before(tmp_path: Path) -> None:
     keys.authorization_changed(bob, None)
     keys.key_for("cam", VIDEO, T + 20)
     assert keys.chains_started == 2 and keys.joins == 0
+
+
+def test_joins_are_prepared_off_the_ingest_path_and_open_exactly_from_the_join(
+        tmp_path: Path) -> None:
+    """Issue 23 item 2: viewers authorized while chains run are joined by the preparing thread
+    and the chain preparation process (archiver.chain_worker), not by the cameras' next
+    segments: at the next key period the cameras only step. The joining viewer's record opens
+    from its join step exactly (the first step no segment was sealed under), not the step
+    before, and the join statement is queued before that step's first segment."""
+    db = _Index(tmp_path)
+    alice = _add(db, "viewer-a", None)
+    clock = [T + 1000]
+    journaled: list[tuple[str, str]] = []
+
+    def journal(camera: str, now_ms: int, records: list[bytes]) -> None:
+        journaled.append((threading.current_thread().name, camera))
+
+    keys = KeyManager(db, PERIOD_S, signer=vectors.load_signer("archiver"), journal=journal,
+                      clock=lambda: clock[0], directory=db.directory)
+    cameras = ["cam0", "cam1"]
+    first = {c: keys.key_for(c, VIDEO, T + 1000) for c in cameras}
+    for camera in cameras:
+        keys.take_recipients(split_key_id(first[camera].key_id)[0])  # archived with it
+    clock[0] = T + 20_000
+    bob = _add(db, "viewer-b", None, T + 20_000)
+    journaled.clear()
+    keys.authorization_changed(bob, None)
+    deadline = time.monotonic() + 60
+    while keys.joins_prepared < len(cameras):
+        assert time.monotonic() < deadline, "the joins were not prepared"
+        time.sleep(0.05)
+    assert {name for name, _ in journaled} == {"fusion-chain-prepare"}
+    journaled.clear()
+    after = {c: keys.key_for(c, VIDEO, T + PERIOD_S * 1000 + 100) for c in cameras}
+    assert not journaled  # nothing wrapped on the ingest path at the switch
+    assert keys.joins == keys.joins_prepared == len(cameras) and keys.chains_started == 2
+    for camera in cameras:
+        chain_id, step = split_key_id(after[camera].key_id)
+        assert chain_id == split_key_id(first[camera].key_id)[0] and step == 1
+        deriver = _deriver(db, "viewer-b", chain_id)
+        assert deriver.key(1) == after[camera].key
+        with pytest.raises(Exception):
+            deriver.key(0)
+        assert _deriver(db, "viewer-a", chain_id).key(0) == first[camera].key
+        statements = [decode_record(raw) for raw in keys.take_recipients(chain_id)]
+        assert [(s.part, s.parts, s.join_step, s.viewers) for s in statements
+                if isinstance(s, ChainRecipients)] == [(1, 1, 1, (bytes.fromhex(bob),))]
+    assert alice != bob
+    keys.close()
+
+
+def _pipe_pending(pid: int) -> int:
+    """Bytes waiting in process ``pid``'s stdin pipe (not read yet)."""
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+    finally:
+        os.close(fd)
+
+
+def _poll(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_join_prepared_too_late_is_dropped_and_the_ingest_path_joins_the_viewer(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The preparation process is stopped while it holds a viewer's join; the camera's next
+    key period comes first and joins that viewer on the ingest path (as before issue 23 item
+    2). The late answer is dropped, not stored: the viewer has one record, from the step the
+    ingest path gave it, and nothing fails."""
+    db = _Index(tmp_path)
+    _add(db, "viewer-a", None)
+    clock = [T + 1000]
+    keys = KeyManager(db, PERIOD_S, signer=vectors.load_signer("archiver"),
+                      clock=lambda: clock[0], directory=db.directory)
+    first = keys.key_for("cam", VIDEO, T + 1000)
+    chain_id = split_key_id(first.key_id)[0]
+    clock[0] = T + 20_000
+    keys.authorization_changed(_add(db, "viewer-b", None, T + 20_000), None)
+    _poll(lambda: keys.joins_prepared == 1, "the first join (it starts the process)")
+    assert keys.chain_worker is not None and keys.chain_worker.pid is not None
+    worker = keys.chain_worker.pid
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        clock[0] = T + 30_000
+        carol = _add(db, "viewer-c", None, T + 30_000)
+        keys.authorization_changed(carol, None)
+        _poll(lambda: _pipe_pending(worker) > 0, "the second join's request")
+        key = keys.key_for("cam", VIDEO, T + PERIOD_S * 1000 + 100)  # joins carol itself
+        assert keys.joins == 2 and keys.joins_prepared == 1
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    _poll(lambda: not any(t.name == "fusion-chain-prepare" for t in threading.enumerate()),
+          "the late answer to be handled")
+    assert keys.joins == 2 and keys.joins_prepared == 1
+    deriver = _deriver(db, "viewer-c", chain_id)
+    assert deriver.first_step == 1 and deriver.key(1) == key.key
+    assert not [r for r in caplog.records if "could not prepare" in r.getMessage()]
+    keys.close()

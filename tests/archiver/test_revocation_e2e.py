@@ -1,20 +1,28 @@
 """Issue 23, item 2, through a real Archiver (HTTPS, production mode) with SoftHSM viewers:
 after a revocation on every camera the cameras keep the current key period's key while their
-next chains are prepared off the ingest path. The revoked viewer can derive no key of any
-segment from the next key period on (every chain state ever wrapped for it, opened with its
-own token, is tried on every archived segment); the viewer kept opens everything; and a kill
-of the Archiver right after the revocation, while segments keep arriving, loses no
-acknowledged segment's key material.
+next chains are prepared off the ingest path, in the Archiver's chain preparation process
+(archiver.chain_worker). The revoked viewer can derive no key of any segment from the next key
+period on (every chain state ever wrapped for it, opened with its own token, is tried on every
+archived segment); the viewer kept opens everything; and a kill of the Archiver right after
+the revocation, or while the preparation process holds a batch, while segments keep arriving,
+loses no acknowledged segment's key material and leaves an archive ``check`` finds consistent.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import signal
 import sqlite3
+import sys
+import termios
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import httpx
 
 from keyservice.crypto import (
     ChainDeriver,
@@ -28,6 +36,7 @@ from keyservice.crypto import (
 from keyservice.errors import IntegrityError
 from keyservice.format import ChainRecord, EpochOpener, Segment, decode_record
 from keyservice.identity import fingerprint
+from tests.archiver.retention_helpers import cli
 from tests.fixtures.server import ArchiverServer
 from tests.fixtures.viewer import fetch, login, play
 
@@ -218,3 +227,96 @@ def test_a_kill_right_after_a_revocation_loses_no_acknowledged_segments_keys(
     for uploader in uploaders:
         assert set(uploader.acknowledged) <= bob_reads
         assert uploader.acknowledged[-1] not in alice_reads  # sent in a later key period
+
+
+def _chain_worker(server: ArchiverServer) -> int | None:
+    """The pid of the Archiver's chain preparation process, if it runs."""
+    assert server.process is not None
+    for task in Path(f"/proc/{server.process.pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                command = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"archiver.chain_worker" in command:
+                return int(child)
+    return None
+
+
+def _pipe_pending(pid: int) -> int:
+    """Bytes waiting in process ``pid``'s stdin pipe (not read yet)."""
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+    finally:
+        os.close(fd)
+
+
+def _metric(server: ArchiverServer, name: str) -> float:
+    body = httpx.get(f"{server.url}/metrics", verify=server.verify, timeout=30,
+                     headers={"Authorization": f"Bearer {server.admin_token}"}).text
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+def _poll(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_an_archiver_killed_while_its_chains_are_prepared_keeps_a_consistent_archive(
+        https_archiver: ArchiverServer, make_viewer: Callable[[str], Viewer]) -> None:
+    """The first revocation's chains are prepared in the chain preparation process; then it is
+    stopped (SIGSTOP) and the Archiver killed (SIGKILL) while the second revocation's request
+    waits in its pipe, after the cameras got more segments acknowledged meanwhile (ingest does
+    not wait for the process). Restarted: ``check`` finds the archive consistent, the viewer
+    kept plays every acknowledged segment, and neither revoked viewer opens any segment
+    recorded after the restart (a new chain, wrapped without them)."""
+    server = https_archiver
+    alice, carol, bob = make_viewer("alice"), make_viewer("carol"), make_viewer("bob")
+    tokens = {camera: server.add_camera(camera) for camera in ("mid1", "mid2", "mid3")}
+    alice_fp = server.add_viewer(alice.pem)
+    carol_fp = server.add_viewer(carol.pem)
+    server.add_viewer(bob.pem)
+    sent: dict[str, list[bytes]] = {camera: [] for camera in tokens}
+    for camera, data in _put_all(server, tokens, 1).items():
+        sent[camera].append(data)
+    started = _metric(server, "fusion_key_chains_started_total")
+    server.revoke(alice_fp)
+    _poll(lambda: _metric(server, "fusion_key_chains_started_total") >= started + len(tokens),
+          "the first revocation's chains to be prepared")
+    worker = _chain_worker(server)
+    assert worker is not None  # they were made in the preparation process
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        server.revoke(carol_fp)
+        _poll(lambda: _pipe_pending(worker) > 0, "the second revocation's request")
+        for camera, data in _put_all(server, tokens, 2).items():
+            sent[camera].append(data)
+        server.kill()
+    finally:
+        os.kill(worker, signal.SIGKILL)
+    server.process = None
+    server.start()
+    after = _put_all(server, tokens, 3)
+    for camera, data in after.items():
+        sent[camera].append(data)
+    for camera in tokens:
+        assert _played(server, bob, camera) == sent[camera]
+    server.stop()
+    report = json.loads(cli("check", "--data", str(server.data_dir), "--json").stdout)
+    assert report["ok"], report
+    segments = _segments(server.data_dir)
+    assert len(segments) == 3 * len(tokens)
+    alice_reads = _readable(_derivable(alice, server.data_dir), segments)
+    assert {sent[c][0] for c in tokens} <= alice_reads  # what it was given, it opens
+    assert not alice_reads & set(after.values())
+    assert not _readable(_derivable(carol, server.data_dir), segments) & set(after.values())

@@ -10,13 +10,20 @@ SoftHSM viewers.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import signal
+import sys
+import termios
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from archiver import keying
 from archiver.db import Database
 from archiver.directory import open_directory
 from archiver.keying import KeyManager
@@ -295,6 +302,80 @@ def test_a_change_that_also_removes_a_camera_restarts_it_at_once_even_while_reti
     later = _chain(keys.key_for("cam0", DataStream.VIDEO, T0 + PERIOD_MS + 100).key_id)
     assert later == now  # not the prepared chain: it was wrapped for the viewer that lost cam0
     assert db.chain_record(kept, now) is None and db.chain_record(revoked, now) is None
+
+
+def _pipe_pending(pid: int) -> int:
+    """Bytes waiting in process ``pid``'s stdin pipe (not read yet)."""
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+    finally:
+        os.close(fd)
+
+
+def _opens(db: _Index, name: str, fp: str, key_id: bytes, key: bytes) -> bool:
+    """Whether viewer ``name`` (the vectors' private key) derives ``key`` from its record."""
+    chain_id, step = split_key_id(key_id)
+    found = db.chain_record(fp, chain_id)
+    if found is None:
+        return False
+    record = decode_record(found[1])
+    opener = decode_record(db.epoch_opener(found[0]) or b"")
+    assert isinstance(record, ChainRecord) and isinstance(opener, EpochOpener)
+    identity = vectors.load_identity(name)
+    kek = KekRatchet(found[0], open_epoch_opener(identity, opener)).kek_at(record.ratchet_index)
+    deriver = ChainDeriver(record, unwrap_chain_record(kek, record, bytes.fromhex(fp)),
+                           max_ratchet_index(60))
+    return deriver.key(step) == key
+
+
+def test_a_killed_preparation_process_leaves_its_camera_to_start_its_own_chain(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chains are wrapped in the chain preparation process (archiver.chain_worker), here one
+    camera per batch. The process is stopped once the first camera's chain is made, and
+    killed while the second camera's request waits in its pipe: that camera starts its chain
+    at its own next segment, without the revoked viewer; the third camera's batch starts a new
+    process. Every chain of the next period opens for the viewer kept (its own key), none has
+    a record for the revoked one, and the killed process is reaped."""
+    monkeypatch.setattr(keying, "PREPARE_BATCH_RECORDS", 1)
+    stopped: list[int] = []
+
+    def journal(camera: str, now_ms: int, records: list[bytes]) -> None:
+        if threading.current_thread().name == PREPARE_THREAD and not stopped:
+            assert keys.chain_worker is not None and keys.chain_worker.pid is not None
+            stopped.append(keys.chain_worker.pid)
+            os.kill(stopped[0], signal.SIGSTOP)
+
+    clock = [T0 + 1000]
+    keys, db, revoked, kept = _manager(tmp_path, clock, journal)
+    assert keys.chain_worker is not None
+    old = {c: _chain(keys.key_for(c, DataStream.VIDEO, T0 + 1000).key_id) for c in CAMERAS}
+    change = T0 + 10_000
+    clock[0] = change
+    db.directory.revoke_viewer(revoked, change)
+    keys.access_removed(revoked, None, change)
+    _wait(lambda: bool(stopped) and _pipe_pending(stopped[0]) > 0,
+          "the second camera's request to wait in the stopped process's pipe")
+    os.kill(stopped[0], signal.SIGKILL)
+    _wait(lambda: keys.chains_prepared == 2 and keys.chain_worker is not None
+          and keys.chain_worker.starts == 2, "the third camera's chain from a new process")
+    assert not Path(f"/proc/{stopped[0]}").exists()  # killed and reaped, not a zombie
+    # The rest of the change's period: the old chains still serve (no restart on ingest).
+    for camera in CAMERAS:
+        assert _chain(keys.key_for(camera, DataStream.VIDEO, change + 30_000).key_id) == (
+            old[camera])
+    after = {c: keys.key_for(c, DataStream.VIDEO, T0 + PERIOD_MS + 100) for c in CAMERAS}
+    steps = {c: split_key_id(k.key_id)[1] for c, k in after.items()}
+    assert steps == {"cam0": 1, "cam1": 0, "cam2": 1}  # cam1 started its own at the period
+    assert keys.chains_started == 6 and keys.chains_prepared == 2
+    for camera, key in after.items():
+        assert _chain(key.key_id) != old[camera]
+        assert db.chain_record(revoked, _chain(key.key_id)) is None
+        assert _opens(db, "viewer-b", kept, key.key_id, key.key)
+    second = keys.chain_worker.pid
+    assert second is not None and second != stopped[0]
+    keys.close()
+    assert not Path(f"/proc/{second}").exists()  # ended with the KeyManager
 
 
 def test_a_chain_record_encoded_directly_is_the_record_wrap_chain_builds() -> None:
