@@ -158,6 +158,11 @@ def _load(stream: IO[bytes]) -> Any:
     return _Unpickler(stream).load()  # only this protocol's classes (find_class)
 
 
+# The child's program. Not `python -m archiver.chain_worker`: run as __main__, this module's
+# classes would be pickled as `__main__.X`, not as the names both ends import.
+_CHILD = "import sys\nfrom archiver.chain_worker import main\nsys.exit(main())"
+
+
 class ChainWorkerFailed(RuntimeError):
     pass
 
@@ -181,7 +186,7 @@ class ChainWorker:
         if proc is None or proc.poll() is not None:
             if proc is not None:
                 self._reap(proc)
-            proc = subprocess.Popen([sys.executable, "-m", "archiver.chain_worker"],
+            proc = subprocess.Popen([sys.executable, "-P", "-c", _CHILD],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     close_fds=True)
             self._proc = proc
@@ -267,11 +272,3 @@ def main() -> int:
     sys.stdout = sys.stderr
     _serve(sys.stdin.buffer, answers)
     return 0
-
-
-if __name__ == "__main__":
-    # Run as the module archiver.chain_worker, not as __main__: the pickled classes are named
-    # after the module both ends import.
-    from archiver.chain_worker import main as _main
-
-    raise SystemExit(_main())

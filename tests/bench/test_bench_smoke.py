@@ -74,12 +74,13 @@ def test_ingest_windows(tmp_path: Path) -> None:
             assert w["ratio"] > 0
             # Viewers added join the running chains (one record each per camera stream); a
             # chain start (a new UTC day, a restart) wraps it for every authorized viewer. Only
-            # the viewers added before this window start an epoch.
+            # the viewers added before this window start an epoch. Joins (and their epochs)
+            # are prepared off the ingest path as soon as a viewer is added, so some or all of
+            # that work may be done before the window begins: counted as at most, not exactly.
             assert w["key_rotations_in_run"] > 0
-            assert w["key_chain_joins_in_run"] + w["key_chains_started_in_run"] > 0
             assert w["wrapped_keys_in_run"] == (w["viewers"] * w["key_chains_started_in_run"]
                                                 + w["key_chain_joins_in_run"])
-            assert w["epochs_started_in_run"] == w["viewers"] - previous
+            assert 0 <= w["epochs_started_in_run"] <= w["viewers"] - previous
             previous = w["viewers"]
     plot = pytest.importorskip("bench.plot")
     pytest.importorskip("matplotlib")
@@ -107,8 +108,9 @@ def test_viewer(tmp_path: Path) -> None:
 
 def test_revocation_counts(tmp_path: Path) -> None:
     """bench.revocation at 3 cameras x 4 viewers: the synchronous revocation wraps every
-    camera's new chain for the 3 viewers left, the prepared one (a second viewer revoked) for
-    the 2 left, in the background, and the switch leaves nothing pending."""
+    camera's new chain for the 3 viewers left, the prepared ones (a second, then a third viewer
+    revoked) for the 2 and then the 1 left, in the background, and each switch leaves nothing
+    pending."""
     results = tmp_path / "revocation.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench.revocation", "--size", "3x4", "--json", str(results)],
@@ -117,8 +119,11 @@ def test_revocation_counts(tmp_path: Path) -> None:
     data = json.loads(results.read_text())
     assert data["day_start"]["records"] == 12
     assert data["synchronous"]["records"] == 9
-    prepared = data["prepared"]
-    assert prepared["records"] == 6 and prepared["pending_after_switch"] == 0
+    # The prepared path twice, each revoking one more viewer: in a thread (2 viewers left),
+    # then in the preparation process (1 left).
+    in_thread, prepared = data["prepared_thread"], data["prepared"]
+    assert in_thread["records"] == 6 and in_thread["pending_after_switch"] == 0
+    assert prepared["records"] == 3 and prepared["pending_after_switch"] == 0
     assert prepared["preparation_cpu_s"] > 0
 
 
