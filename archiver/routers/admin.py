@@ -28,6 +28,8 @@ from keyservice.names import CAMERA_NAME_PATTERN
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 Fingerprint = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]
+# A row id: SQLite's integers are 64-bit signed (a larger one was a 500, found by schemathesis).
+HoldId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
 # An Archiver's name follows the camera names' character rule (archiver/settings.py).
@@ -279,7 +281,7 @@ def list_holds(retention: RetentionDep, actor: AdminDep,
 
 
 @router.delete("/holds/{hold_id}")
-def remove_hold(hold_id: int, retention: RetentionDep, actor: AdminDep) -> HoldInfo:
+def remove_hold(hold_id: HoldId, retention: RetentionDep, actor: AdminDep) -> HoldInfo:
     return HoldInfo(**asdict(retention.remove_hold(actor, hold_id)))
 
 

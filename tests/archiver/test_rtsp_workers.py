@@ -6,9 +6,11 @@ process behind."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -149,13 +151,17 @@ def test_a_killed_worker_is_restarted_and_its_cameras_resume(
         assert "died (killed by signal 9)" in server.log()
 
         for name in cams:
+            asked = time.monotonic()
             archived = _cameras(server)[name]["segments"]
             server.admin("DELETE", f"/v1/admin/cameras/{name}", expect=204)
+            # Segments (2 s or more each) closed between the listing and the removal, which a
+            # loaded machine can take seconds over, and the one being built.
+            late = 1 + math.ceil((time.monotonic() - asked) / 2)
             played, out = _play_all(server, viewer, name, tmp_path)
-            # Everything acknowledged plays (before the kill and after; the removal archives
-            # at most the one segment being built), and decodes cleanly.
+            # Everything acknowledged plays (before the kill and after), nothing more than the
+            # camera could have sent, and it decodes cleanly.
             assert archived >= acknowledged[name] + 3
-            assert archived <= len(played.plaintexts) <= archived + 1
+            assert archived <= len(played.plaintexts) <= archived + late
             frames, complaints = _decode(out)
             assert complaints == "", complaints
             assert frames >= 50 * (len(played.plaintexts) - 2)
