@@ -495,14 +495,16 @@ def serve(backend: ViewerBackend, *, port: int = 0, open_browser: bool = True,
             path.unlink(missing_ok=True)
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        # uvicorn handles SIGINT/SIGTERM while it runs and then raises the signal again: the
-        # default SIGTERM action would end the process before the cleanup below.
+        # Every way out is uvicorn's shutdown: a signal before it runs makes it return right
+        # after its start-up; one while it runs is uvicorn's (SIGINT, SIGTERM), which raises it
+        # again once stopped, landing here. Never an exception (a KeyboardInterrupt) from a
+        # handler: it can land anywhere, even in a callback where Python only prints it, and
+        # a Ctrl-C that escaped ended the viewer by the signal (status -2) after its cleanup.
         server.should_exit = True
-        if not server.started:
-            raise KeyboardInterrupt
 
     access.on_spent = forget_launch
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, stop)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         announce(access.url)
         if open_browser:
@@ -513,10 +515,6 @@ def serve(backend: ViewerBackend, *, port: int = 0, open_browser: bool = True,
             threading.Thread(target=_new_links_on_enter, args=(access, announce), daemon=True,
                              name="new-links").start()
         server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        # Ctrl-C is how the viewer ends (uvicorn re-raises the one it handled after a clean
-        # shutdown; one before it started lands here directly).
-        pass
     finally:
         sock.close()
         forget_launch()
