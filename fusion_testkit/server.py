@@ -206,6 +206,15 @@ class ArchiverServer:
                                   f"{expect}) {response.text[:500]}")
         return response.json() if response.content else None
 
+    def metric(self, name: str) -> float:
+        """An unlabelled sample of ``/metrics`` (a counter or gauge), read with the admin token."""
+        body = httpx.get(f"{self.url}/metrics", verify=self.verify, timeout=30,
+                         headers={"Authorization": f"Bearer {self.admin_token}"}).text
+        for line in body.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"{name} is not in /metrics")
+
     def add_camera(self, name: str, client: httpx.Client | None = None) -> str:
         """Returns the camera's ingest token."""
         return self.admin("POST", "/v1/admin/cameras", {"name": name}, expect=201,

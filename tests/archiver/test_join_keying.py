@@ -9,11 +9,8 @@ the private key here, as its token would).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
-import sys
-import termios
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +37,7 @@ from keyservice.format import ChainRecipients, ChainRecord, DataStream, EpochOpe
 from keyservice.identity import OaepHash, fingerprint
 from keyservice.keyscheme import KeyScheme
 from keyservice.labels import LABEL_CHAIN_JOIN
+from tests.fixtures.procfs import pipe_pending
 from tests.vectors import generate as vectors
 
 DAY_MS = 86_400_000
@@ -248,15 +246,6 @@ def test_joins_are_prepared_off_the_ingest_path_and_open_exactly_from_the_join(
     keys.close()
 
 
-def _pipe_pending(pid: int) -> int:
-    """Bytes waiting in process ``pid``'s stdin pipe (not read yet)."""
-    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
-    finally:
-        os.close(fd)
-
-
 def _poll(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + 60
     while not condition():
@@ -287,7 +276,7 @@ def test_a_join_prepared_too_late_is_dropped_and_the_ingest_path_joins_the_viewe
         clock[0] = T + 30_000
         carol = _add(db, "viewer-c", None, T + 30_000)
         keys.authorization_changed(carol, None)
-        _poll(lambda: _pipe_pending(worker) > 0, "the second join's request")
+        _poll(lambda: pipe_pending(worker) > 0, "the second join's request")
         key = keys.key_for("cam", VIDEO, T + PERIOD_S * 1000 + 100)  # joins carol itself
         assert keys.joins == 2 and keys.joins_prepared == 1
     finally:

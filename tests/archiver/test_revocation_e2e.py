@@ -10,19 +10,14 @@ loses no acknowledged segment's key material and leaves an archive ``check`` fin
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
 import sqlite3
-import sys
-import termios
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import httpx
 
 from keyservice.crypto import (
     ChainDeriver,
@@ -37,6 +32,7 @@ from keyservice.errors import IntegrityError
 from keyservice.format import ChainRecord, EpochOpener, Segment, decode_record
 from keyservice.identity import fingerprint
 from tests.archiver.retention_helpers import cli
+from tests.fixtures.procfs import pipe_pending
 from tests.fixtures.server import ArchiverServer
 from tests.fixtures.viewer import fetch, login, play
 
@@ -247,24 +243,6 @@ def _chain_worker(server: ArchiverServer) -> int | None:
     return None
 
 
-def _pipe_pending(pid: int) -> int:
-    """Bytes waiting in process ``pid``'s stdin pipe (not read yet)."""
-    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
-    finally:
-        os.close(fd)
-
-
-def _metric(server: ArchiverServer, name: str) -> float:
-    body = httpx.get(f"{server.url}/metrics", verify=server.verify, timeout=30,
-                     headers={"Authorization": f"Bearer {server.admin_token}"}).text
-    for line in body.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} is not in /metrics")
-
-
 def _poll(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -289,16 +267,16 @@ def test_an_archiver_killed_while_its_chains_are_prepared_keeps_a_consistent_arc
     sent: dict[str, list[bytes]] = {camera: [] for camera in tokens}
     for camera, data in _put_all(server, tokens, 1).items():
         sent[camera].append(data)
-    started = _metric(server, "fusion_key_chains_started_total")
+    started = server.metric("fusion_key_chains_started_total")
     server.revoke(alice_fp)
-    _poll(lambda: _metric(server, "fusion_key_chains_started_total") >= started + len(tokens),
+    _poll(lambda: server.metric("fusion_key_chains_started_total") >= started + len(tokens),
           "the first revocation's chains to be prepared")
     worker = _chain_worker(server)
     assert worker is not None  # they were made in the preparation process
     os.kill(worker, signal.SIGSTOP)
     try:
         server.revoke(carol_fp)
-        _poll(lambda: _pipe_pending(worker) > 0, "the second revocation's request")
+        _poll(lambda: pipe_pending(worker) > 0, "the second revocation's request")
         for camera, data in _put_all(server, tokens, 2).items():
             sent[camera].append(data)
         server.kill()

@@ -10,11 +10,8 @@ SoftHSM viewers.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
-import sys
-import termios
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +44,7 @@ from keyservice.format import (
 )
 from keyservice.identity import OaepHash, fingerprint
 from keyservice.keyscheme import KeyScheme, Recipient
+from tests.fixtures.procfs import pipe_pending
 from tests.vectors import generate as vectors
 
 KEYS = Path(__file__).parents[1] / "vectors" / "keys"
@@ -304,15 +302,6 @@ def test_a_change_that_also_removes_a_camera_restarts_it_at_once_even_while_reti
     assert db.chain_record(kept, now) is None and db.chain_record(revoked, now) is None
 
 
-def _pipe_pending(pid: int) -> int:
-    """Bytes waiting in process ``pid``'s stdin pipe (not read yet)."""
-    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
-    finally:
-        os.close(fd)
-
-
 def _opens(db: _Index, name: str, fp: str, key_id: bytes, key: bytes) -> bool:
     """Whether viewer ``name`` (the vectors' private key) derives ``key`` from its record."""
     chain_id, step = split_key_id(key_id)
@@ -354,7 +343,7 @@ def test_a_killed_preparation_process_leaves_its_camera_to_start_its_own_chain(
     clock[0] = change
     db.directory.revoke_viewer(revoked, change)
     keys.access_removed(revoked, None, change)
-    _wait(lambda: bool(stopped) and _pipe_pending(stopped[0]) > 0,
+    _wait(lambda: bool(stopped) and pipe_pending(stopped[0]) > 0,
           "the second camera's request to wait in the stopped process's pipe")
     os.kill(stopped[0], signal.SIGKILL)
     _wait(lambda: keys.chains_prepared == 2 and keys.chain_worker is not None

@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
 from fusion_testkit import forkserver
 from fusion_testkit.client_cli import (
     Client,
@@ -51,15 +49,6 @@ def _next_period(period_s: int = PERIOD_S) -> None:
     """Into the next key period (the chain steps: a new minute key, no new record)."""
     period_ms = period_s * 1000
     time.sleep((period_ms - now_ms() % period_ms) / 1000 + 0.05)
-
-
-def _metric(server: ArchiverServer, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", verify=server.verify, timeout=30,
-                     headers={"Authorization": f"Bearer {server.admin_token}"}).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} is not in /metrics")
 
 
 def _archived_segments(server: ArchiverServer) -> list[Segment]:
@@ -118,7 +107,7 @@ def test_a_joining_viewer_opens_exactly_from_its_join_and_the_chain_runs_on(
 
     t0 = now_ms()
     put(server, CAMERA, ingest, *pieces[:3])  # alice's chain starts with the first segment
-    chains_before = _metric(server, "fusion_key_chains_started_total")
+    chains_before = server.metric("fusion_key_chains_started_total")
     assert chains_before == 1
     bob_fp = server.add_viewer(bob.pem, [CAMERA])  # bob is authorized while the chain runs
     put(server, CAMERA, ingest, pieces[3])  # maybe in the same key period: then not bob's
@@ -133,7 +122,7 @@ def test_a_joining_viewer_opens_exactly_from_its_join_and_the_chain_runs_on(
     segments = _archived_segments(server)
     assert len(segments) == 8
     assert len({split_key_id(s.key_id)[0] for s in segments}) == 1
-    assert _metric(server, "fusion_key_chains_started_total") == chains_before
+    assert server.metric("fusion_key_chains_started_total") == chains_before
     assert [r.first_step for r in _chain_records(server, alice_fp)] == [0]
     (join,) = _chain_records(server, bob_fp)
     steps = [split_key_id(s.key_id)[1] for s in segments]
@@ -166,7 +155,7 @@ def test_a_joining_viewer_opens_exactly_from_its_join_and_the_chain_runs_on(
     server.sleep_into_next_key_period()
     put(server, CAMERA, ingest, *pieces[8:])
     segments = _archived_segments(server)
-    assert _metric(server, "fusion_key_chains_started_total") == chains_before + 1
+    assert server.metric("fusion_key_chains_started_total") == chains_before + 1
     assert split_key_id(segments[8].key_id)[0] != split_key_id(segments[7].key_id)[0]
     assert [r.first_step for r in _chain_records(server, alice_fp)] == [0]
     assert sorted(r.first_step for r in _chain_records(server, bob_fp)) == [0, join.first_step]
