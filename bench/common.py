@@ -62,6 +62,12 @@ def machine_line() -> str:
 
 
 # --- results ------------------------------------------------------------------------------
+def write_results(path: Path | None, results: list[Any]) -> None:
+    """The benchmark's rows as JSON, with the machine they were measured on (no-op: None)."""
+    if path is not None:
+        path.write_text(json.dumps({"machine": machine_line(), "results": results}, indent=2))
+
+
 def run_bench(module: str, doc: str | None, defaults: Any,
               run: Callable[[Report, Path, Any], object], argv: list[str] | None) -> int:
     """The command line of ``python -m bench.MODULE``: one flag per field of the ``defaults``

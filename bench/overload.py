@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
-import json
 import os
 import random
 import re
@@ -63,7 +62,7 @@ from typing import Any
 import av
 import httpx
 
-from bench.common import machine_line, percentile
+from bench.common import machine_line, percentile, write_results
 from bench.rtsp_cameras import CpuMeter
 from bench.rtsp_fanout import Stamp, encode_clip, read_stamps
 from fusion_testkit.playback import fetch, play
@@ -382,9 +381,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                     print(_line(result), flush=True)
         finally:
             store.close()
-    if args.results is not None:
-        args.results.write_text(json.dumps({"machine": machine_line(), "results": results},
-                                           indent=2))
+    write_results(args.results, results)
     return 0
 
 

@@ -28,7 +28,6 @@ Printed per N and mode:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -43,7 +42,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import machine_line
+from bench.common import machine_line, write_results
 from bench.rtsp_fanout import encode_clip
 from fusion_testkit.server import ArchiverServer, free_port
 
@@ -307,9 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                     if raw.exists():
                         print("    " + "; ".join(f"{name} {share:.0%}"
                                                  for name, share in stages(raw)), flush=True)
-    if args.results is not None:
-        args.results.write_text(json.dumps({"machine": machine_line(), "results": results},
-                                           indent=2))
+    write_results(args.results, results)
     return 0
 
 
