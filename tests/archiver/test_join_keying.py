@@ -37,7 +37,7 @@ from keyservice.format import ChainRecipients, ChainRecord, DataStream, EpochOpe
 from keyservice.identity import OaepHash, fingerprint
 from keyservice.keyscheme import KeyScheme
 from keyservice.labels import LABEL_CHAIN_JOIN
-from tests.fixtures.procfs import pipe_pending
+from tests.fixtures.procfs import pipe_pending, stop_process
 from tests.vectors import generate as vectors
 
 DAY_MS = 86_400_000
@@ -271,7 +271,7 @@ def test_a_join_prepared_too_late_is_dropped_and_the_ingest_path_joins_the_viewe
     _poll(lambda: keys.joins_prepared == 1, "the first join (it starts the process)")
     assert keys.chain_worker is not None and keys.chain_worker.pid is not None
     worker = keys.chain_worker.pid
-    os.kill(worker, signal.SIGSTOP)
+    stop_process(worker)
     try:
         clock[0] = T + 30_000
         carol = _add(db, "viewer-c", None, T + 30_000)

@@ -32,7 +32,7 @@ from keyservice.errors import IntegrityError
 from keyservice.format import ChainRecord, EpochOpener, Segment, decode_record
 from keyservice.identity import fingerprint
 from tests.archiver.retention_helpers import cli
-from tests.fixtures.procfs import pipe_pending
+from tests.fixtures.procfs import pipe_pending, stop_process
 from tests.fixtures.server import ArchiverServer
 from tests.fixtures.viewer import fetch, login, play
 
@@ -273,7 +273,7 @@ def test_an_archiver_killed_while_its_chains_are_prepared_keeps_a_consistent_arc
           "the first revocation's chains to be prepared")
     worker = _chain_worker(server)
     assert worker is not None  # they were made in the preparation process
-    os.kill(worker, signal.SIGSTOP)
+    stop_process(worker)
     try:
         server.revoke(carol_fp)
         _poll(lambda: pipe_pending(worker) > 0, "the second revocation's request")

@@ -44,7 +44,7 @@ from keyservice.format import (
 )
 from keyservice.identity import OaepHash, fingerprint
 from keyservice.keyscheme import KeyScheme, Recipient
-from tests.fixtures.procfs import pipe_pending
+from tests.fixtures.procfs import pipe_pending, stop_process
 from tests.vectors import generate as vectors
 
 KEYS = Path(__file__).parents[1] / "vectors" / "keys"
@@ -333,7 +333,7 @@ def test_a_killed_preparation_process_leaves_its_camera_to_start_its_own_chain(
         if threading.current_thread().name == PREPARE_THREAD and not stopped:
             assert keys.chain_worker is not None and keys.chain_worker.pid is not None
             stopped.append(keys.chain_worker.pid)
-            os.kill(stopped[0], signal.SIGSTOP)
+            stop_process(stopped[0])
 
     clock = [T0 + 1000]
     keys, db, revoked, kept = _manager(tmp_path, clock, journal)
