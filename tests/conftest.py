@@ -39,6 +39,9 @@ def pytest_configure(config: pytest.Config) -> None:
 # collection order put the ~20 s plugin and API-reference tests at the very end). A renamed
 # test merely loses its place here.
 SLOW_FIRST = (
+    # The API attacks: schemathesis as five commands, one per role, then every credential.
+    "tests/hardening/test_api_attack.py::test_schemathesis_finds_no_server_error_for_any_role",
+    "tests/hardening/test_api_attack.py::test_every_endpoint_refuses_every_wrong_credential",
     "tests/archiver/test_overload.py::test_a_camera_that_falls_behind_keeps_its_capture_times",
     "tests/client/test_join.py::test_a_live_viewer_watching_when_it_joins_gets_its_join_",
     "tests/client/test_segment_time.py::test_a_timestamp_jump_after_an_outage_leaves_",

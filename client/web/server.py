@@ -401,7 +401,10 @@ async def pump(websocket: WebSocket, backend: ViewerBackend, request: TileReques
     sessions: list[ArchiverSession] = []
 
     def emit(item: dict[str, Any] | bytes | None) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: the viewer stopped, nobody reads
+            stopped.set()
 
     def work() -> None:
         try:
