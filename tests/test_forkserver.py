@@ -15,6 +15,7 @@ import httpx
 from fusion_testkit.forkserver import ForkedProcess, ForkServer, fork_server
 from fusion_testkit.server import ArchiverServer, free_port, server_env
 from keyservice.exitcodes import ExitCode
+from tests.fixtures.procfs import stop_process
 
 
 def _parent(pid: int) -> int:
@@ -35,7 +36,7 @@ def test_a_forked_archiver_is_its_own_process_and_obeys_signals(tmp_path: Path) 
     try:
         assert _parent(process.pid) != os.getpid()  # the fork server's child, not ours
         assert process.poll() is None
-        os.kill(process.pid, signal.SIGSTOP)
+        stop_process(process.pid)
         assert not _answers(server)  # frozen: the pid is the Archiver's
         os.kill(process.pid, signal.SIGCONT)
         assert _answers(server)
