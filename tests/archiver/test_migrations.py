@@ -4,8 +4,10 @@ forward at open, keeps its rows, and leaves a backup of what it was first."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,11 +18,22 @@ from archiver.auth import digest
 from archiver.db import Database, SegmentRow
 from archiver.directory import open_directory
 from archiver.migrations import MIGRATIONS, SCHEMA_VERSION, missing_tables
+from bench.generate import segment_bytes
 from keyservice.certs import load_certificate, read_oaep_hash
 from keyservice.errors import UsageError
 from keyservice.identity import fingerprint
+from keyservice.token import Token
 from tests.archiver.conftest import Viewer
+from tests.archiver.retention_helpers import (
+    DAY_MS,
+    cli,
+    files_holding,
+    generate,
+    key_material,
+    today_ms,
+)
 from tests.fixtures.server import ArchiverServer
+from tests.fixtures.tokens import TokenHandle, enroll_viewer
 from tests.fixtures.viewer import fetch, login, play
 
 FIXTURE = Path(__file__).parent / "fixtures" / "schema_v0.sql"
@@ -317,3 +330,102 @@ def test_migration_8_keeps_every_chain_record_and_each_query_keeps_an_index(
     finally:
         fresh.close()
         migrated.close()
+
+
+def _back_to_version_7(db_path: Path) -> list[tuple]:
+    """Turn a version-8 index back into what the Archiver of version 7 held: its
+    ``chain_records`` table and indexes (as migrations 1 to 7 make them), a row per record
+    with its chain's camera and start. Returns those rows."""
+    reference = sqlite3.connect(":memory:", isolation_level=None)
+    for step in MIGRATIONS[:7]:
+        step(reference)
+    schema = [sql for (sql,) in reference.execute(
+        "SELECT sql FROM sqlite_master WHERE tbl_name='chain_records' AND sql IS NOT NULL"
+        " ORDER BY type DESC")]  # the table, then its indexes
+    reference.close()
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        rows = conn.execute(
+            "SELECT fingerprint, chain_id, camera, epoch_id, valid_from_ms, record FROM"
+            " chain_records JOIN chains USING (chain_id) ORDER BY chain_id, fingerprint").fetchall()
+        for table in ("chain_records", "chains", "epoch_uses"):
+            conn.execute(f"DROP TABLE {table}")
+        for sql in schema:
+            conn.execute(sql)
+        conn.executemany("INSERT INTO chain_records (fingerprint, chain_id, camera, epoch_id,"
+                         " valid_from_ms, record) VALUES (?, ?, ?, ?, ?, ?)", rows)
+        conn.execute("PRAGMA user_version=7")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return rows
+
+
+def test_a_version_7_archive_migrates_and_plays_checks_shreds_and_reindexes(
+        tmp_path: Path, softhsm_token: TokenHandle) -> None:
+    """A real archive (two past days, a viewer on a SoftHSM token, made through the Archiver's
+    write path) whose index is at version 7 migrates at open with every chain record read
+    back, and ``check`` finds it sound; a real Archiver on it plays the kept day to the viewer and
+    its retention shreds the expired day's key material from every file (the migrated
+    tables); ``reindex`` writes the journals' records back in the new layout."""
+    pem = enroll_viewer(softhsm_token, "vera", bits=2048)
+    viewer = Viewer("vera", pem, Token.open(softhsm_token.uri).identity("vera"))
+    data = tmp_path / "archiver"
+    start = today_ms() - 4 * DAY_MS
+    generate(data, "door", start, 48, 1800, 2048, [viewer.pem])
+    days = [start, start + DAY_MS]
+    material = {day: key_material(data, "door", day, day + DAY_MS) for day in days}
+    old = _back_to_version_7(data / "archiver.sqlite3")
+    assert len(old) >= 2 and all(len(m) >= 2 for m in material.values())
+
+    # The checker reads and never writes: it asks for the Archiver's start, which migrates.
+    refused = cli("check", "--data", str(data), check=False)
+    assert refused.returncode != 0 and "schema version 7" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    db = Database(data / "archiver.sqlite3")  # what the Archiver's start does first
+    try:
+        assert db.migrated_from == 7 and db.schema_version() == SCHEMA_VERSION
+        backup = db.backup
+        assert backup is not None and backup.name.startswith("archiver.sqlite3.v7-")
+        for fp, chain_id, camera, epoch_id, valid_from_ms, record in old:
+            assert db.chain_record(fp, chain_id) == (epoch_id, record)
+            assert db._query("SELECT camera, valid_from_ms FROM chains WHERE chain_id=?",
+                             (chain_id,)) == [(camera, valid_from_ms)]
+    finally:
+        db.close()
+    report = json.loads(cli("check", "--data", str(data), "--json").stdout.splitlines()[0])
+    assert report["ok"] and report["segments"] == 96, report
+
+    server = ArchiverServer(data, extra_args=("--retention-interval", "0.2")).start()
+    try:
+        session = login(server.url, viewer.identity)
+        response = fetch(server.url, session, "door", days[1], days[1] + DAY_MS - 1)
+        assert response.status_code == 200, response.text
+        played = play(viewer.identity, response.content)
+        assert played.ended and not played.skipped
+        assert [p.data for p in played.plaintexts] == [
+            segment_bytes("door", 48 + i, 2048) for i in range(48)]
+        cli("cameras", "retention", "door", "3", "--url", server.url, "--data", str(data))
+        # Every file but the migration's fresh backup (it goes once older than the retention
+        # period: archiver/retention.py _remove_old_backups).
+        deadline = time.monotonic() + 60
+        while set(files_holding(data, material[days[0]])) - {backup.name}:
+            assert time.monotonic() < deadline, files_holding(data, material[days[0]])
+            time.sleep(0.1)
+        assert len(files_holding(data, material[days[1]])) >= 2  # index and journal
+    finally:
+        server.stop()
+
+    rebuilt = json.loads(cli("reindex", "--data", str(data), "--json").stdout.splitlines()[0])
+    assert rebuilt["segments"] == 48 and rebuilt["key_records"] >= 1, rebuilt
+    db = Database(data / "archiver.sqlite3")
+    try:
+        kept = [row for row in old if days[1] <= row[4] < days[1] + DAY_MS]
+        assert kept and all(db.chain_record(fp, chain_id) == (epoch_id, record)
+                            for fp, chain_id, _, epoch_id, _, record in kept)
+        assert db._query("SELECT SUM(records) FROM epoch_uses") == db._query(
+            "SELECT COUNT(*) FROM chain_records")
+    finally:
+        db.close()
+    assert json.loads(cli("check", "--data", str(data), "--json").stdout.splitlines()[0])["ok"]
