@@ -8,6 +8,7 @@ pragmas (WAL, synchronous=FULL, secure_delete, a 64 MiB page cache). Nothing els
 the process: this is SQLite's part of ``bench.revocation``'s "index" figure.
 
     python -m bench.chain_index --chains 100 --viewers 10000 --rounds 3
+    python -m bench.chain_index --migration --rounds 3   # an upgrade's start with them
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from archiver.db import Database
+from archiver.migrations import MIGRATIONS
 
 Row = tuple[str, bytes, str, bytes, int, bytes]  # store_key_rows's: fp, chain, camera, epoch, ms, record
 
@@ -237,6 +239,39 @@ def run(workdir: Path, layouts: list[str], chains: int, viewers: int, rounds: in
     return result
 
 
+def migration(workdir: Path, chains: int, viewers: int, rounds: int,
+              per_batch: int) -> dict[str, Any]:
+    """An index at schema version 7 (made by the shipped migrations) with ``rounds`` x
+    ``chains`` x ``viewers`` chain records, then opened by this Archiver's ``Database``, which
+    backs it up and migrates it: the time an upgrade's start takes for them."""
+    path = workdir / "v7.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    for number, step in enumerate(MIGRATIONS[:7], start=1):
+        conn.execute("BEGIN")
+        step(conn)
+        conn.execute(f"PRAGMA user_version={number}")
+        conn.execute("COMMIT")
+    fps = sorted(os.urandom(32).hex() for _ in range(viewers))
+    epochs = [os.urandom(16) for _ in fps]
+    records = 0
+    for day in range(rounds):
+        for rows in _batches(chains, per_batch, day, fps, epochs):
+            conn.execute("BEGIN")
+            _write_v7(conn, rows)
+            conn.execute("COMMIT")
+            records += len(rows)
+    conn.close()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    db = Database(path)
+    result = {"records": records, "cpu_s": time.process_time() - cpu0,
+              "wall_s": time.perf_counter() - wall0, "migrated_from": db.migrated_from}
+    db.close()
+    print(f"migration 7 -> 8 of {records} chain records (with the backup): CPU "
+          f"{result['cpu_s']:.1f} s, wall {result['wall_s']:.1f} s", flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chain_index", description=__doc__)
     parser.add_argument("--chains", type=int, default=100)
@@ -245,12 +280,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chains-per-transaction", type=int, default=10)
     parser.add_argument("--layouts", default="v7,v8",
                         help=f"of v8 (this Archiver's), {', '.join(LAYOUTS)}")
+    parser.add_argument("--migration", action="store_true",
+                        help="time the migration of a version-7 index of that many records")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bench-chain-index-"))
     try:
-        result = run(workdir, args.layouts.split(","), args.chains, args.viewers, args.rounds,
-                     args.chains_per_transaction)
+        if args.migration:
+            result = migration(workdir, args.chains, args.viewers, args.rounds,
+                               args.chains_per_transaction)
+        else:
+            result = run(workdir, args.layouts.split(","), args.chains, args.viewers,
+                         args.rounds, args.chains_per_transaction)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json is not None:
