@@ -429,3 +429,29 @@ def test_a_version_7_archive_migrates_and_plays_checks_shreds_and_reindexes(
     finally:
         db.close()
     assert json.loads(cli("check", "--data", str(data), "--json").stdout.splitlines()[0])["ok"]
+
+
+def test_a_lost_count_table_or_records_table_is_counted_again(tmp_path: Path) -> None:
+    """``epoch_uses`` is what keeps an epoch opener from shredding: restored empty it would let
+    every opener go while records still need them; restored after the records were lost it
+    would keep openers nothing needs. Both are counted again from the records left."""
+    db_path = tmp_path / "archiver.sqlite3"
+    _version_7_index(db_path, chains=2, viewers=2)
+    Database(db_path).close()
+    counts = "SELECT epoch_id, records FROM epoch_uses ORDER BY epoch_id"
+    # Gate's chain 1 is unused: its records go, and the openers only once no record is left.
+    for dropped, expected, shredded in (
+            ("epoch_uses", [(bytes([v]) * 16, 2) for v in range(2)], (2, 0)),
+            ("chain_records", [], (0, 2))):
+        with sqlite3.connect(db_path) as conn:
+            conn.execute(f"DROP TABLE {dropped}")
+        db = Database(db_path)
+        try:
+            assert db.restore_missing_tables() == [dropped]
+            assert db._query(counts) == expected
+            triggers = {row[0] for row in db._query(
+                "SELECT name FROM sqlite_master WHERE type='trigger'")}
+            assert {"chain_records_uncounted", "chain_records_recounted"} <= triggers
+            assert db.shred_unused_keys("gate", 10_000) == shredded
+        finally:
+            db.close()
