@@ -261,14 +261,23 @@ def migration(workdir: Path, chains: int, viewers: int, rounds: int,
             _write_v7(conn, rows)
             conn.execute("COMMIT")
             records += len(rows)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
+    before_mb = path.stat().st_size / 1e6
     cpu0, wall0 = time.process_time(), time.perf_counter()
     db = Database(path)
     result = {"records": records, "cpu_s": time.process_time() - cpu0,
-              "wall_s": time.perf_counter() - wall0, "migrated_from": db.migrated_from}
+              "wall_s": time.perf_counter() - wall0, "migrated_from": db.migrated_from,
+              "index_mb_before": before_mb,
+              "wal_mb_after": Path(f"{path}-wal").stat().st_size / 1e6,
+              "backup_mb": db.backup.stat().st_size / 1e6 if db.backup else 0.0}
     db.close()
+    result["index_mb_after"] = path.stat().st_size / 1e6
     print(f"migration 7 -> 8 of {records} chain records (with the backup): CPU "
-          f"{result['cpu_s']:.1f} s, wall {result['wall_s']:.1f} s", flush=True)
+          f"{result['cpu_s']:.1f} s, wall {result['wall_s']:.1f} s; index "
+          f"{before_mb:.0f} MB -> {result['index_mb_after']:.0f} MB, backup "
+          f"{result['backup_mb']:.0f} MB, WAL after it {result['wal_mb_after']:.0f} MB",
+          flush=True)
     return result
 
 
