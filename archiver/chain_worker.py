@@ -134,8 +134,9 @@ def prepare(request: PrepareRequest) -> PrepareResult:
         key = tuple(members)
         chains.append(PreparedChain(b"".join(journal), members_of.setdefault(key, key),
                                     expires, record_bytes, opener_bytes))
-    # In the index's primary-key order: each page of it is then written once per batch.
-    rows.sort(key=lambda row: (row[0], row[1]))
+    # In the index's primary-key order (chain id, fingerprint): a chain's rows then go in
+    # side by side, and the Archiver's own sort of them is one pass.
+    rows.sort(key=lambda row: (row[1], row[0]))
     return PrepareResult(chains, rows)
 
 

@@ -134,8 +134,56 @@ _INSERT_SEGMENT = _insert(SegmentRow, "segments")
 _INSERT_MANIFEST = _insert(ManifestRow, "manifests")
 _INSERT_RECIPIENTS = _insert(ChainRecipientsRow, "chain_recipients", "INSERT OR REPLACE")
 _INSERT_EPOCH = "INSERT INTO epochs (epoch_id, fingerprint, created_ms, record) VALUES (?,?,?,?)"
-_INSERT_CHAIN_RECORD = ("INSERT INTO chain_records (fingerprint, chain_id, camera, epoch_id,"
-                      " valid_from_ms, record) VALUES (?,?,?,?,?,?)")
+# Schema version 8: a chain's records side by side under (chain id, fingerprint), the chain's
+# camera and start once in ``chains`` (archiver/migrations.py _migrate_8 says why).
+_INSERT_CHAIN_RECORD = ("INSERT INTO chain_records (chain_id, fingerprint, epoch_id, record)"
+                        " VALUES (?,?,?,?)")
+# A chain's start is its earliest record's: a join record, written later, does not move it.
+_UPSERT_CHAIN = ("INSERT INTO chains (chain_id, camera, valid_from_ms) VALUES (?,?,?)"
+                 " ON CONFLICT (chain_id) DO UPDATE SET"
+                 " valid_from_ms = MIN(valid_from_ms, excluded.valid_from_ms)")
+
+_COUNT_EPOCH_USES = ("INSERT INTO epoch_uses (epoch_id, records) VALUES (?,?) ON CONFLICT"
+                     " (epoch_id) DO UPDATE SET records = records + excluded.records")
+
+# (fingerprint, chain id, camera, epoch id, valid from, record): a chain record as the
+# KeyManager and the chain preparation process hand it over.
+ChainRow = tuple[str, bytes, str, bytes, int, bytes]
+
+
+def _chains_of(rows: Iterable[ChainRow]) -> list[tuple[bytes, str, int]]:
+    """One (chain id, camera, earliest start) per chain of ``rows``."""
+    chains: dict[bytes, tuple[str, int]] = {}
+    for _, chain_id, camera, _, valid_from_ms, _ in rows:
+        known = chains.get(chain_id)
+        if known is None or valid_from_ms < known[1]:
+            chains[chain_id] = (camera, valid_from_ms)
+    return [(chain_id, camera, ms) for chain_id, (camera, ms) in chains.items()]
+
+
+def _write_chain_rows(conn: sqlite3.Connection, rows: Sequence[ChainRow],
+                      keep_existing: bool = False) -> None:
+    """The chains of ``rows`` and their records, the records in primary-key order (chain id,
+    fingerprint): a chain's rows are then appended at one place of the tree, each page
+    written once (a sorted list sorts again in one pass). The one writer of chain records: it
+    counts them into ``epoch_uses`` (archiver/migrations.py, _V8_TRIGGERS), which shredding
+    trusts; a record written without its count would let its epoch opener be shredded.
+    ``keep_existing``: a record already stored is kept, and not counted again."""
+    conn.executemany(_UPSERT_CHAIN, _chains_of(rows))
+    records = [(chain_id, fp, epoch_id, record)
+               for fp, chain_id, _, epoch_id, _, record in rows]
+    records.sort()
+    uses: dict[bytes, int] = {}
+    if keep_existing:  # rare (a reindex): row by row, to count only the rows written
+        insert = _INSERT_CHAIN_RECORD.replace("INSERT", "INSERT OR IGNORE", 1)
+        for row in records:
+            if conn.execute(insert, row).rowcount == 1:
+                uses[row[2]] = uses.get(row[2], 0) + 1
+    else:
+        conn.executemany(_INSERT_CHAIN_RECORD, records)
+        for row in records:
+            uses[row[2]] = uses.get(row[2], 0) + 1
+    conn.executemany(_COUNT_EPOCH_USES, uses.items())
 
 
 def _storage_error(exc: sqlite3.OperationalError) -> StorageFull | StorageFailed | None:
@@ -245,7 +293,10 @@ class Database:
         """Crypto-shredding of one viewer's key streams (``viewers revoke
         --delete-key-streams``): its chain records and epoch openers."""
         with self._transaction() as conn:
-            conn.execute("DELETE FROM chain_records WHERE fingerprint=?", (fingerprint,))
+            # One primary-key search per chain (the chains table lists them), not a scan of
+            # every viewer's records.
+            conn.execute("DELETE FROM chain_records WHERE chain_id IN (SELECT chain_id FROM"
+                         " chains) AND fingerprint=?", (fingerprint,))
             conn.execute("DELETE FROM epochs WHERE fingerprint=?", (fingerprint,))
 
     # --- key streams ------------------------------------------------------------------
@@ -256,20 +307,18 @@ class Database:
             conn.executemany(_INSERT_EPOCH, [
                 (item.epoch_id, item.fingerprint, now_ms, item.epoch_opener)
                 for item in items if item.epoch_opener is not None])
-            # In primary-key order (fingerprint, chain id): each page of that index is then
-            # written once in a row, not once per camera of the batch.
-            conn.executemany(_INSERT_CHAIN_RECORD, sorted(
+            _write_chain_rows(conn, [
                 (item.fingerprint, item.key_id, item.camera, item.epoch_id, item.valid_from_ms,
-                 item.key_record) for item in items))
+                 item.key_record) for item in items])
 
     def store_key_rows(self, openers: Sequence[tuple[bytes, str, int, bytes]],
-                       records: Sequence[tuple[str, bytes, str, bytes, int, bytes]]) -> None:
-        """Chain records made elsewhere (archiver.chain_worker), already in primary-key order
-        (fingerprint, chain id), and the epoch openers (epoch id, fingerprint, created, record)
-        they need, in one transaction: the rows as tuples, no object per record."""
+                       records: Sequence[ChainRow]) -> None:
+        """Chain records made elsewhere (archiver.chain_worker; cheapest in primary-key order,
+        chain id then fingerprint), and the epoch openers (epoch id, fingerprint, created,
+        record) they need, in one transaction: the rows as tuples, no object per record."""
         with self._transaction() as conn:
             conn.executemany(_INSERT_EPOCH, openers)
-            conn.executemany(_INSERT_CHAIN_RECORD, records)
+            _write_chain_rows(conn, records)
 
     def restore_key_material(self, openers: Iterable[tuple[bytes, str, int, bytes]],
                              records: Iterable[KeyMaterial]) -> None:
@@ -278,15 +327,14 @@ class Database:
         with self._transaction() as conn:
             conn.executemany(_INSERT_EPOCH.replace("INSERT", "INSERT OR IGNORE", 1),
                              list(openers))
-            conn.executemany(
-                _INSERT_CHAIN_RECORD.replace("INSERT", "INSERT OR IGNORE", 1),
-                [(m.fingerprint, m.key_id, m.camera, m.epoch_id, m.valid_from_ms, m.key_record)
-                 for m in records])
+            _write_chain_rows(conn, [
+                (m.fingerprint, m.key_id, m.camera, m.epoch_id, m.valid_from_ms, m.key_record)
+                for m in records], keep_existing=True)
 
     def chain_record(self, fingerprint: str, chain_id: bytes) -> tuple[bytes, bytes] | None:
         """(epoch_id, chain record bytes) of this viewer for that key chain, if it has one."""
-        rows = self._query("SELECT epoch_id, record FROM chain_records WHERE fingerprint=? AND"
-                           " chain_id=?", (fingerprint, chain_id))
+        rows = self._query("SELECT epoch_id, record FROM chain_records WHERE chain_id=? AND"
+                           " fingerprint=?", (chain_id, fingerprint))
         return (rows[0][0], rows[0][1]) if rows else None
 
     def chain_records_of(self, chain_id: bytes) -> list[tuple[str, bytes, bytes]]:
@@ -309,13 +357,20 @@ class Database:
         rotated, whose first segment is not indexed yet, out of reach."""
         with self._transaction() as conn:
             # Not correlated: SQLite builds the set of chains in use once.
-            records = conn.execute(
-                "DELETE FROM chain_records WHERE camera=? AND valid_from_ms<? AND chain_id NOT IN"
+            unused = [(row[0],) for row in conn.execute(
+                "SELECT chain_id FROM chains WHERE camera=? AND valid_from_ms<? AND chain_id NOT IN"
                 " (SELECT DISTINCT substr(key_id, 1, ?) FROM segments WHERE camera=?)",
-                (camera, before_ms, CHAIN_ID_LEN, camera)).rowcount
+                (camera, before_ms, CHAIN_ID_LEN, camera))]
+            # Each chain's records are one stretch of the primary key; the triggers uncount
+            # them from their epochs (epoch_uses).
+            records = 0
+            for chain in unused:
+                records += conn.execute("DELETE FROM chain_records WHERE chain_id=?",
+                                        chain).rowcount
+                conn.execute("DELETE FROM chains WHERE chain_id=?", chain)
             epochs = conn.execute(
                 "DELETE FROM epochs WHERE created_ms<? AND NOT EXISTS"
-                " (SELECT 1 FROM chain_records WHERE chain_records.epoch_id=epochs.epoch_id)",
+                " (SELECT 1 FROM epoch_uses WHERE epoch_uses.epoch_id=epochs.epoch_id)",
                 (before_ms,)).rowcount
             return records, epochs
 
@@ -517,5 +572,5 @@ class Database:
         return [HealthRow(*row) for row in self._query(_select(HealthRow, "camera_health"))]
 
 
-__all__ = ["CameraRow", "ChainRecipientsRow", "Database", "ExpiredFile", "HealthRow", "HoldRow",
+__all__ = ["CameraRow", "ChainRecipientsRow", "ChainRow", "Database", "ExpiredFile", "HealthRow", "HoldRow",
            "KeyMaterial", "ManifestRow", "SegmentRow", "ViewerRow"]

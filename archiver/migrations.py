@@ -226,11 +226,77 @@ def _migrate_7(conn: sqlite3.Connection) -> None:
     """)
 
 
+# Each epoch opener's count of the chain records wrapped under it (``epoch_uses``), so that
+# shredding finds the openers no record needs without an index over every record. Inserts
+# count per batch (archiver.db, the one writer of chain records: a trigger per inserted row
+# cost 1.8-5 s of CPU a million records in bench.chain_index); deletes and changes, whatever
+# statement makes them, are uncounted here by SQLite itself. Never INSERT OR REPLACE a chain
+# record: the rows REPLACE deletes do not fire delete triggers.
+_V8_TRIGGERS = (
+    """CREATE TRIGGER chain_records_uncounted AFTER DELETE ON chain_records BEGIN
+        UPDATE epoch_uses SET records = records - 1 WHERE epoch_id = OLD.epoch_id;
+        DELETE FROM epoch_uses WHERE epoch_id = OLD.epoch_id AND records <= 0;
+    END""",
+    """CREATE TRIGGER chain_records_recounted AFTER UPDATE OF epoch_id ON chain_records BEGIN
+        UPDATE epoch_uses SET records = records - 1 WHERE epoch_id = OLD.epoch_id;
+        DELETE FROM epoch_uses WHERE epoch_id = OLD.epoch_id AND records <= 0;
+        INSERT INTO epoch_uses (epoch_id, records) VALUES (NEW.epoch_id, 1)
+            ON CONFLICT (epoch_id) DO UPDATE SET records = records + 1;
+    END""",
+)
+
+
+def _migrate_8(conn: sqlite3.Connection) -> None:
+    """A chain's records written together (issue 23, revocation at scale): a revocation at
+    10 000 viewers writes a million records, and version 7's table cost ~20 us of CPU each at
+    2-3 million rows, its four B-trees (the rowid table, the primary key on the 64-character
+    fingerprint, by camera, by epoch) three of them written in random order. Now:
+
+    * ``chain_records`` is the B-tree of its primary key (chain id, fingerprint), WITHOUT
+      ROWID: a chain's records land side by side, one place in the tree per chain;
+    * the per-chain facts (camera, start) are one row per chain in ``chains``, whose
+      ``chains_by_camera`` index retention's shredding searches;
+    * the per-record epoch index is gone: ``epoch_uses`` counts each epoch's records (see
+      above) and shredding takes the openers no record counts.
+
+    Every row is kept; a chain's start is its earliest record's (a join record's is later)."""
+    _script(conn, """
+        CREATE TABLE chains (
+            chain_id BLOB PRIMARY KEY,
+            camera TEXT NOT NULL,
+            valid_from_ms INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX chains_by_camera ON chains (camera, valid_from_ms);
+        CREATE TABLE epoch_uses (
+            epoch_id BLOB PRIMARY KEY,
+            records INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE chain_records_v8 (
+            chain_id BLOB NOT NULL,
+            fingerprint TEXT NOT NULL,
+            epoch_id BLOB NOT NULL,
+            record BLOB NOT NULL,
+            PRIMARY KEY (chain_id, fingerprint)
+        ) WITHOUT ROWID;
+        INSERT INTO chains (chain_id, camera, valid_from_ms)
+            SELECT chain_id, MIN(camera), MIN(valid_from_ms) FROM chain_records GROUP BY chain_id;
+        INSERT INTO chain_records_v8 (chain_id, fingerprint, epoch_id, record)
+            SELECT chain_id, fingerprint, epoch_id, record FROM chain_records
+            ORDER BY chain_id, fingerprint;
+        INSERT INTO epoch_uses (epoch_id, records)
+            SELECT epoch_id, COUNT(*) FROM chain_records GROUP BY epoch_id;
+        DROP TABLE chain_records;
+        ALTER TABLE chain_records_v8 RENAME TO chain_records
+    """)
+    for trigger in _V8_TRIGGERS:  # one statement each: _script splits at semicolons
+        conn.execute(trigger)
+
+
 # Forward migrations: MIGRATIONS[n] brings version n to n + 1. Append only; never edit one
 # that has shipped.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_1, _migrate_2, _migrate_3,
                                                                  _migrate_4, _migrate_5, _migrate_6,
-                                                                 _migrate_7)
+                                                                 _migrate_7, _migrate_8)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -308,8 +374,8 @@ def missing_tables(conn: sqlite3.Connection) -> list[str]:
 
 
 def restore_missing_tables(conn: sqlite3.Connection) -> list[str]:
-    """Create the missing tables (empty) and their indexes, for ``reindex`` to refill what the
-    archive files hold. Returns the tables created."""
+    """Create the missing tables (empty), their indexes and triggers, for ``reindex`` to refill
+    what the archive files hold. Returns the tables created."""
     expected = _expected_schema()
     missing = missing_tables(conn)
     if not missing:
@@ -320,8 +386,14 @@ def restore_missing_tables(conn: sqlite3.Connection) -> list[str]:
             conn.execute(str(expected[name][1]))
         present = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         for name, (kind, sql) in expected.items():
-            if kind == "index" and sql and name not in present:
+            if kind in ("index", "trigger") and sql and name not in present:
                 conn.execute(sql)
+        if {"chain_records", "epoch_uses"} & set(missing):
+            # Counted again from the records left: an opener counted short would be shredded
+            # while a viewer's record still needs it (one counted long, never).
+            conn.execute("DELETE FROM epoch_uses")
+            conn.execute("INSERT INTO epoch_uses (epoch_id, records)"
+                         " SELECT epoch_id, COUNT(*) FROM chain_records GROUP BY epoch_id")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

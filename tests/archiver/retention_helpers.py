@@ -50,8 +50,8 @@ def key_material(data_dir: Path, camera: str, from_ms: int, to_ms: int) -> list[
     conn = sqlite3.connect(data_dir / "archiver.sqlite3")
     try:
         records = [r[0] for r in conn.execute(
-            "SELECT record FROM chain_records WHERE camera=? AND valid_from_ms>=? AND"
-            " valid_from_ms<?", (camera, from_ms, to_ms))]
+            "SELECT record FROM chain_records JOIN chains USING (chain_id) WHERE camera=? AND"
+            " valid_from_ms>=? AND valid_from_ms<?", (camera, from_ms, to_ms))]
         openers = [r[0] for r in conn.execute(
             "SELECT record FROM epochs WHERE created_ms>=? AND created_ms<?", (from_ms, to_ms))]
     finally:

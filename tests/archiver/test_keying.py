@@ -97,8 +97,8 @@ def test_chain_records_per_viewer_per_camera_per_day(tmp_path: Path) -> None:
             keys.authorization_changed(fp, ["cam0"])
         for camera in cameras:
             keys.key_for(camera, DataStream.VIDEO, start + minute * 60_000 + 10)
-    rows = db._query("SELECT camera, COUNT(*) FROM chain_records WHERE fingerprint=? "
-                     "GROUP BY camera", (fp,))
+    rows = db._query("SELECT camera, COUNT(*) FROM chain_records JOIN chains USING (chain_id)"
+                     " WHERE fingerprint=? GROUP BY camera", (fp,))
     assert dict(rows) == {"cam0": 2, "cam1": 1, "cam2": 1, "cam3": 1, "cam4": 1}
     assert keys.rotations == 1440 * 5 and keys.epochs_started == 2
 
