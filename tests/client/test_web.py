@@ -32,6 +32,7 @@ import httpx
 import pytest
 import websockets.sync.client as ws_client
 from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from fusion_testkit.pki import SiteCa
@@ -192,10 +193,17 @@ def tile(page: Page, camera: str) -> dict[str, Any]:
 
 
 def wait_tile(page: Page, camera: str, condition: str, timeout_s: float = HANG_S) -> dict[str, Any]:
-    page.wait_for_function(f"(c) => {{ const t = window.fusionViewer.tiles.get(c); "
-                           f"if (!t) return false; const s = t.snapshot(); return {condition}; }}",
-                           arg=camera, timeout=timeout_s * 1000)
+    try:
+        page.wait_for_function(f"(c) => {{ const t = window.fusionViewer.tiles.get(c); "
+                               f"if (!t) return false; const s = t.snapshot(); "
+                               f"return {condition}; }}", arg=camera, timeout=timeout_s * 1000)
+    except PlaywrightTimeout:  # what the tile was doing instead, for the report
+        raise AssertionError(f"{camera} never reached {condition}: "
+                             f"{page.evaluate(_SNAPSHOT_IF_ANY, camera)}") from None
     return tile(page, camera)
+
+
+_SNAPSHOT_IF_ANY = "(c) => { const t = window.fusionViewer.tiles.get(c); return t && t.snapshot(); }"
 
 
 @pytest.fixture(scope="module")
