@@ -14,11 +14,8 @@ the process: this is SQLite's part of ``bench.revocation``'s "index" figure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sqlite3
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +23,7 @@ from typing import Any
 
 from archiver.db import Database
 from archiver.migrations import MIGRATIONS
+from bench.common import in_workdir
 
 Row = tuple[str, bytes, str, bytes, int, bytes]  # store_key_rows's: fp, chain, camera, epoch, ms, record
 
@@ -293,18 +291,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="time the migration of a version-7 index of that many records")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-chain-index-"))
-    try:
-        if args.migration:
-            result = migration(workdir, args.chains, args.viewers, args.rounds,
-                               args.chains_per_transaction)
-        else:
-            result = run(workdir, args.layouts.split(","), args.chains, args.viewers,
-                         args.rounds, args.chains_per_transaction)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2))
+    if args.migration:
+        in_workdir("bench-chain-index-", lambda workdir: migration(
+            workdir, args.chains, args.viewers, args.rounds, args.chains_per_transaction),
+            args.json)
+    else:
+        in_workdir("bench-chain-index-", lambda workdir: run(
+            workdir, args.layouts.split(","), args.chains, args.viewers, args.rounds,
+            args.chains_per_transaction), args.json)
     return 0
 
 

@@ -87,14 +87,25 @@ def run_bench(module: str, doc: str | None, defaults: Any,
     report = Report()
     report.data["command"] = f"python -m bench.{module} " + " ".join(
         sys.argv[1:] if argv is None else argv)
-    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{module}-"))
-    try:
+
+    def work(workdir: Path) -> dict[str, Any]:
         run(report, workdir, opts)
+        return report.data
+
+    in_workdir(f"bench-{module}-", work, args.json)
+    return 0
+
+
+def in_workdir(prefix: str, work: Callable[[Path], Any], json_path: Path | None) -> None:
+    """``work(workdir)`` in a temporary directory, removed afterwards (a benchmark writes
+    gigabytes there); its result as JSON to ``json_path`` (if given)."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        result = work(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    if args.json is not None:
-        args.json.write_text(json.dumps(report.data, indent=2, default=str))
-    return 0
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2, default=str))
 
 
 class Report:

@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,7 +40,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.db import Database
 from archiver.keying import KeyManager
-from bench.common import CertFactory
+from bench.common import CertFactory, in_workdir
 from keyservice.certs import build_archiver_certificate
 from keyservice.crypto import KeyChain, seal_segment
 from keyservice.format import DataStream, encode_record
@@ -273,13 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the synchronous path (minute 1: the chains only step)")
     args = parser.parse_args(argv)
     cameras, viewers = (int(x) for x in args.size.lower().split("x"))
-    workdir = Path(tempfile.mkdtemp(prefix="bench-revocation-"))
-    try:
-        result = run(workdir, cameras, viewers, synchronous=not args.no_synchronous)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2))
+    in_workdir("bench-revocation-", lambda workdir: run(
+        workdir, cameras, viewers, synchronous=not args.no_synchronous), args.json)
     return 0
 
 
