@@ -39,6 +39,17 @@ from tests.fixtures.viewer import fetch, login, play
 FIXTURE = Path(__file__).parent / "fixtures" / "schema_v0.sql"
 
 
+
+def _shipped_schema(db_path: Path, version: int) -> sqlite3.Connection:
+    """A database brought to ``version`` by the shipped migrations themselves."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for number, step in enumerate(MIGRATIONS[:version], start=1):
+        conn.execute("BEGIN")
+        step(conn)
+        conn.execute(f"PRAGMA user_version={number}")
+        conn.execute("COMMIT")
+    return conn
+
 def _old_data_dir(path: Path) -> Path:
     """An index as the old Archiver left it: its schema, a camera, a viewer on one camera, a
     key stream and a segment with its manifest, written with the old column order."""
@@ -161,12 +172,7 @@ def _version_6_data_dir(path: Path) -> Path:
     access grant; made by the shipped migrations 1 to 6 themselves."""
     path.mkdir()
     db_path = path / "archiver.sqlite3"
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    for number, step in enumerate(MIGRATIONS[:6], start=1):
-        conn.execute("BEGIN")
-        step(conn)
-        conn.execute(f"PRAGMA user_version={number}")
-        conn.execute("COMMIT")
+    conn = _shipped_schema(db_path, 6)
     fp = "ab" + "cd" * 31
     conn.execute("INSERT INTO cameras (name, token_sha256, rtsp_url, created_ms) "
                  "VALUES ('door', ?, NULL, 1000)", (b"\1" * 32,))
@@ -220,12 +226,7 @@ def _version_7_index(db_path: Path, chains: int, viewers: int) -> list[tuple]:
     to 7: ``chains`` chains of door and gate, each with a record for each of ``viewers``
     viewers under the viewer's epoch, one join record (written later than its chain's start),
     and a segment of the first chain. Returns the chain records as version 7 held them."""
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    for number, step in enumerate(MIGRATIONS[:7], start=1):
-        conn.execute("BEGIN")
-        step(conn)
-        conn.execute(f"PRAGMA user_version={number}")
-        conn.execute("COMMIT")
+    conn = _shipped_schema(db_path, 7)
     fps = [f"{v:02x}" * 32 for v in range(viewers)]
     for v, fp in enumerate(fps):
         conn.execute("INSERT INTO epochs VALUES (?, ?, 1000, ?)", (bytes([v]) * 16, fp, b"op"))
