@@ -82,12 +82,17 @@ CREATE INDEX chain_records_by_epoch ON chain_records (epoch_no);
 """
 
 
-def _write_v8_epochno(conn: sqlite3.Connection, rows: list[Row]) -> None:
+def _write_chains(conn: sqlite3.Connection, rows: list[Row]) -> None:
+    """One ``chains`` row per chain of ``rows`` (its camera and start): the version-8 layouts'."""
     chains: dict[bytes, tuple[str, int]] = {}
     for row in rows:
         chains.setdefault(row[1], (row[2], row[4]))
     conn.executemany("INSERT OR IGNORE INTO chains (chain_id, camera, valid_from_ms)"
                      " VALUES (?,?,?)", [(c, cam, ms) for c, (cam, ms) in chains.items()])
+
+
+def _write_v8_epochno(conn: sqlite3.Connection, rows: list[Row]) -> None:
+    _write_chains(conn, rows)
     conn.executemany("INSERT OR IGNORE INTO epochs (epoch_id, fingerprint, created_ms, record)"
                      " VALUES (?,?,0,x'00')", list({(r[3], r[0]) for r in rows}))
     conn.executemany("INSERT INTO chain_records (chain_id, fingerprint, epoch_no, record)"
@@ -133,11 +138,7 @@ def _write_v7(conn: sqlite3.Connection, rows: list[Row]) -> None:
 
 
 def _write_v8(conn: sqlite3.Connection, rows: list[Row]) -> None:
-    chains: dict[bytes, tuple[str, int]] = {}
-    for row in rows:
-        chains.setdefault(row[1], (row[2], row[4]))
-    conn.executemany("INSERT OR IGNORE INTO chains (chain_id, camera, valid_from_ms)"
-                     " VALUES (?,?,?)", [(c, cam, ms) for c, (cam, ms) in chains.items()])
+    _write_chains(conn, rows)
     conn.executemany("INSERT INTO chain_records (chain_id, fingerprint, epoch_id, record)"
                      " VALUES (?,?,?,?)",
                      sorted((r[1], r[0], r[3], r[5]) for r in rows))
