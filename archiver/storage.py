@@ -27,6 +27,16 @@ class StorageFull(KeyServiceError):
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
+# How much of each file's newest bytes stays in the page cache once durable: the segments a
+# live viewer is about to read. Older written bytes are dropped from the cache right after
+# their fsync (the archive is written once and read rarely): a page cache that grows with
+# every byte archived evicts what is read (the index, recent video), and each new page of it
+# costs a fresh page of memory. On a VM that hands freed memory back to its host, that fresh
+# page is a fault in the host too: measured here, 4-8 ms of CPU per MB archived in the
+# kernel's copy into the cache, against 0.2-0.3 ms with the cache kept to this tail
+# (docs/benchmarks.md, "Capacity: the page cache").
+CACHED_TAIL_BYTES = 8 * 2**20
+
 
 class StorageFailed(KeyServiceError):
     """An I/O error while writing the archive."""
@@ -48,6 +58,8 @@ class ArchiveFiles:
         self.root = root
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._write_fds: dict[str, int] = {}
+        # relpath -> offset below which the written bytes were dropped from the page cache
+        self._uncached_to: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -74,6 +86,7 @@ class ArchiveFiles:
         offset = os.fstat(fd).st_size
         parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
         views = [view for view in map(memoryview, parts) if view.nbytes]
+        size = offset + sum(view.nbytes for view in views)
         try:
             while views:
                 # At most IOV_MAX buffers per call (EINVAL beyond): a key chain's journal
@@ -88,12 +101,24 @@ class ArchiveFiles:
         except OSError as exc:
             self._undo(fd, offset)
             raise _disk_error(exc) from None
+        self._drop_from_cache(relpath, fd, size)
         return offset
+
+    def _drop_from_cache(self, relpath: str, fd: int, size: int) -> None:
+        """Drop a durable file's written bytes from the page cache, all but the newest
+        CACHED_TAIL_BYTES (clean pages after the fsync: nothing is written or lost)."""
+        end = size - CACHED_TAIL_BYTES
+        start = self._uncached_to.get(relpath, 0)
+        if end - start >= CACHED_TAIL_BYTES and hasattr(os, "posix_fadvise"):  # in steps
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            self._uncached_to[relpath] = end
 
     def cut_back(self, relpath: str, offset: int) -> None:
         """Undo an append whose index entry could not be committed (the caller holds the
         camera's lock, so nothing was appended after it)."""
         self._undo(self._writer(relpath), offset)
+        if self._uncached_to.get(relpath, 0) > offset:
+            self._uncached_to[relpath] = offset
 
     def remove(self, relpath: str) -> int:
         """Delete an archive file or key journal for good (retention): its write descriptor
@@ -130,6 +155,7 @@ class ArchiveFiles:
         """Close the write descriptor of a file, if open (the next append opens it again)."""
         with self._lock:
             fd = self._write_fds.pop(relpath, None)
+            self._uncached_to.pop(relpath, None)
             if fd is not None:
                 os.close(fd)
 
@@ -141,6 +167,7 @@ class ArchiveFiles:
             for fd in self._write_fds.values():
                 os.close(fd)
             self._write_fds.clear()
+            self._uncached_to.clear()
 
     def _writer(self, relpath: str) -> int:
         with self._lock:
@@ -161,6 +188,7 @@ class ArchiveFiles:
             for old in [p for p in self._write_fds
                         if p.startswith(camera + "/") and p.endswith("." + suffix)]:
                 os.close(self._write_fds.pop(old))
+                self._uncached_to.pop(old, None)
             self._write_fds[relpath] = fd
             return fd
 
