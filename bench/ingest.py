@@ -5,9 +5,10 @@ Two real Archivers run side by side on 127.0.0.1 (uvicorn subprocesses started b
 one encrypting. Both get the same cameras. A load generator in a process of its own
 (``bench.loadgen``) plays the cameras: closed-loop PUTs of incompressible 1-4 MB segments, each
 acknowledged only after it was (encrypted,) fsynced and indexed. Windows alternate between the
-two Archivers (baseline, then encrypted ones, with a baseline again after every two), and each
-encrypted window is compared with the mean of the baseline windows on either side of it, so that
-the noise of a shared 2-core machine hits both alike.
+two Archivers (a baseline window before and after every encrypted one), and each encrypted
+window is compared with the mean of the baseline windows on either side of it, so that the noise
+of a shared 2-core machine hits both alike. Between windows the archive files' bytes are given
+back to the disk (holes; sizes and offsets stay), so that long runs at a few hundred MB/s fit.
 
 Viewers are added through the admin API (``POST /v1/admin/viewers``); that ends the current
 keys of every camera, so each encrypted window starts with every camera rotating its key and
@@ -31,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +164,10 @@ def window(server: BenchServer, cameras_file: Path, params: Params, seconds: flo
     children1 = _children_cpu_seconds(server.process.pid)
     if spy is not None:
         spy.wait(60)
+    # After the window's figures, not part of its cost; synced so that the file system's
+    # work for the holes is done before the next window starts.
+    server.free_archived_bytes()
+    os.sync()
     if loadgen.returncode != 0:
         raise RuntimeError(f"bench.loadgen failed: {err.strip()[-2000:]}")
     result: dict[str, Any] = json.loads(out)
@@ -252,14 +258,11 @@ def write_path(report: Report, workdir: Path, params: Params) -> dict[str, Any]:
 
 
 def _plan(viewers: list[int]) -> list[int | None]:
-    """Window order: None is a baseline window; one after every two encrypted ones."""
+    """Window order: None is a baseline window; one between every two encrypted steps (and
+    ``_block`` puts one between the windows of a step too)."""
     plan: list[int | None] = [None]
-    for index, count in enumerate(sorted(viewers)):
-        plan.append(count)
-        if index % 2 == 1:
-            plan.append(None)
-    if plan[-1] is not None:
-        plan.append(None)
+    for count in sorted(viewers):
+        plan += [count, None]
     return plan
 
 
@@ -286,14 +289,17 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
             files[name].write_text(json.dumps(server.add_cameras(names)))
         added = 0
         fingerprints: list[str] = []
+
+        def baseline_window() -> None:
+            row = window(baseline, files["baseline"], params, base_seconds,
+                         _profile_path(params, period, len(rows), "baseline"))
+            row["mode"] = "baseline"
+            rows.append(row)
+            report.line(_describe("baseline (plaintext)", row))
+
         for step in _plan(params.viewers):
-            profile = _profile_path(params, period, len(rows),
-                                    "baseline" if step is None else f"{step}-viewers")
             if step is None:
-                row = window(baseline, files["baseline"], params, base_seconds, profile)
-                row["mode"] = "baseline"
-                rows.append(row)
-                report.line(_describe("baseline (plaintext)", row))
+                baseline_window()
                 continue
             if step > added:
                 t0 = time.perf_counter()
@@ -305,12 +311,17 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
                        else base_seconds)
             if long_period:
                 _stay_inside_period(period, params.warmup + seconds + 2)
-            row = window(encrypted, files["encrypted"], params, seconds, profile)
+            row = window(encrypted, files["encrypted"], params, seconds,
+                         _profile_path(params, period, len(rows), f"{step}-viewers"))
             row.update(mode="encrypted", viewers=step, key_period_s=period,
                        phase="after authorization change")
             rows.append(row)
             report.line(_describe(f"encrypted, {step} viewers", row))
             for k in range(params.steady):
+                # Every encrypted window is compared with the baseline windows right before
+                # and after it (seconds apart, in the wait for the next key period), not
+                # minutes away: this machine's speed drifts.
+                baseline_window()
                 if long_period:  # the next key period: chains step, nothing is wrapped
                     _stay_inside_period(period, period)
                 phase = "steady" if k == params.steady - 1 else f"next period {k + 1}"
@@ -320,15 +331,9 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
                 rows.append(row)
                 report.line(_describe(f"  {phase}, {step} viewers", row))
             if params.revoke and step == max(params.viewers) and fingerprints:
-                # A baseline window right before the revocation: its windows are compared
-                # with the baseline just before them and the one after them, not minutes away.
-                row = window(baseline, files["baseline"], params, base_seconds,
-                             _profile_path(params, period, len(rows), "baseline"))
-                row["mode"] = "baseline"
-                rows.append(row)
-                report.line(_describe("baseline (plaintext)", row))
+                baseline_window()
                 _revocation(report, encrypted, files["encrypted"], params, period, step,
-                            seconds, fingerprints[0], rows)
+                            seconds, fingerprints[0], rows, baseline_window)
         _ratios(rows)
         for row in rows:
             if row["mode"] != "encrypted":
@@ -349,9 +354,10 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
 
 def _revocation(report: Report, server: BenchServer, cameras_file: Path, params: Params,
                 period: int, viewers: int, seconds: float, fingerprint: str,
-                rows: list[dict[str, Any]]) -> None:
+                rows: list[dict[str, Any]], baseline_window: Callable[[], None]) -> None:
     """One viewer revoked on every camera (issue 23): a window in the revocation's key period
-    (the cameras keep their key while the next chains are prepared), then the next ones."""
+    (the cameras keep their key while the next chains are prepared), then the next ones, a
+    baseline window between each two."""
     _stay_inside_period(period, params.warmup + seconds + 2)
     t0 = time.perf_counter()
     server.revoke(fingerprint)
@@ -364,6 +370,7 @@ def _revocation(report: Report, server: BenchServer, cameras_file: Path, params:
     rows.append(row)
     report.line(_describe(f"  revocation, same period, {viewers - 1} viewers", row))
     for k in range(params.steady):
+        baseline_window()
         _stay_inside_period(period, period)
         phase = f"revocation, next period {k + 1}"
         row = window(server, cameras_file, params, seconds,
