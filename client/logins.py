@@ -15,18 +15,22 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from client.pinning import KnownArchivers, PinDecision, check_archiver
 from client.session import ArchiverSession, LoginResult
-from keyservice.certs import load_certificate_file
 from keyservice.errors import CertificateError, UsageError
 from keyservice.format import Mode
 from keyservice.identity import Identity, fingerprint
 from keyservice.names import CAMERA_NAME_RULE, is_camera_name
 from keyservice.reader import StreamRequest
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# cryptography.x509 is imported where a certificate is read in full (--site-ca,
+# --archiver-cert, a signer's names): play's way to the first byte reads certificates as DER
+# bytes and keys only (keyservice.dercert; issue 23, start-up).
 
 __all__ = ["Login", "Signer", "check_camera", "load_certificate_file", "load_site_ca", "login",
            "now_ms", "open_identity", "stream"]
@@ -44,10 +48,20 @@ def check_camera(name: str) -> str:
     return name
 
 
+def load_certificate_file(path: Path) -> x509.Certificate:
+    """``keyservice.certs.load_certificate_file``: a certificate file (PEM or DER), parsed in
+    full; UsageError if unreadable, CertificateError (naming the file) if no certificate."""
+    from keyservice.certs import load_certificate_file as load
+
+    return load(path)
+
+
 def load_site_ca(path: Path) -> tuple[x509.Certificate, ...]:
     """The site CA certificate(s) of ``--site-ca`` (a PEM file may hold several, e.g. a
     renewed CA beside the old one): UsageError if unreadable, CertificateError (naming the
     file) if it holds no certificate or one that is not a CA."""
+    from cryptography import x509
+
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -100,6 +114,8 @@ class Signer:
     @property
     def name(self) -> str | None:
         """Its certificate's common name (the Archiver's name), None without one."""
+        from cryptography.x509.oid import NameOID
+
         names = self.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         return str(names[0].value) if names else None
 

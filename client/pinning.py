@@ -34,13 +34,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from cryptography import x509
-
-from keyservice.certs import check_site_issued
+from keyservice.dercert import full_certificate
 from keyservice.errors import ArchiverMismatch, CertificateError, UsageError
 from keyservice.identity import fingerprint
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = ["KNOWN_FILE", "KnownArchivers", "KnownEntry", "PinDecision", "PinOutcome",
            "archiver_key", "check_archiver", "client_home", "parse_known"]
@@ -249,8 +251,13 @@ def check_archiver(url: str | None, cert: x509.Certificate, *, store: KnownArchi
     """
     presented = fingerprint(cert)
     if site_ca:
+        # The X.509 path validation: the certificate parsed in full (it may have come as DER
+        # bytes and a key, keyservice.dercert); nothing before this needed the parser.
+        from keyservice.certs import check_site_issued
+
         try:
-            check_site_issued(cert, site_ca, now=now if now is not None else datetime.now(UTC))
+            check_site_issued(full_certificate(cert), site_ca,
+                              now=now if now is not None else datetime.now(UTC))
         except CertificateError as exc:
             raise ArchiverMismatch(
                 str(exc), "Nothing was decrypted. Use an Archiver of your site, or check that "

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from cryptography import x509
 
 from client.logins import (  # not client.viewer: play does not load the whole library
     Login,
@@ -52,6 +51,8 @@ from keyservice.text import printable
 from keyservice.timespec import format_duration, format_ms
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from client.copies import Selection, Stretch
 
 # client.copies (a redundant camera's copies) is imported by play_copies, its only user: a
@@ -308,6 +309,8 @@ def run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
 def signed_by(header: Header) -> str:
     """Which Archiver signed a verified stream: the certificate its header carries, whose key
     verified every manifest and the end record ("signed by CN=a1 (sha256 ...)")."""
+    from cryptography import x509  # after the stream: the signer's names, for the user
+
     signer = Signer(x509.load_der_x509_certificate(header.archiver_cert_der))
     return f"signed by {_printable(str(signer))}, issued by {_printable(signer.issuer)}"
 
@@ -315,6 +318,8 @@ def signed_by(header: Header) -> str:
 def describe_saved(header: Header) -> list[str]:
     """What a saved stream is, from its header (authenticated by the verified END record):
     it answered one request in the past, and says which."""
+    from cryptography import x509
+
     archiver = x509.load_der_x509_certificate(header.archiver_cert_der)
     mode = "live" if header.mode == Mode.LIVE else "recording"
     return [

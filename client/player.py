@@ -15,9 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
-
-from cryptography import x509
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from keyservice.errors import (
     ArchiverMismatch,
@@ -39,6 +37,9 @@ from keyservice.reader import (
     VerifiedKey,
 )
 from keyservice.timespec import format_ms
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = [
     "EXACT_GAP_MS",

@@ -22,11 +22,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from keyservice.crypto import LoginChallenge, answer_login_challenge, login_context
@@ -47,6 +46,9 @@ from keyservice.identity import Identity, fingerprint
 from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
 from keyservice.tls import trust as tls_trust
 from keyservice.wire import ErrorCode
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = ["ERROR_CLASSES", "MAX_LIVE_S", "MEDIA_TYPE", "ArchiverSession", "CameraView",
            "GrantBlob", "GrantInfo", "GrantNotUsable", "HeldElsewhere", "LoginRefused",
@@ -531,6 +533,8 @@ class ArchiverSession:
             if getattr(exc, "http_status", None) == 404:
                 return []
             raise
+        from cryptography import x509  # the registry's certificates, read in full
+
         try:
             return [SiteArchiver(str(r["name"]), str(r["url"]).rstrip("/"),
                                  str(r["fingerprint"]),

@@ -24,9 +24,8 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-
-from cryptography import x509
 
 from client.logins import Login, stream
 from client.pinning import KnownArchivers, PinDecision, PinOutcome, check_archiver
@@ -44,12 +43,15 @@ from keyservice.identity import Identity, fingerprint
 from keyservice.reader import StreamRequest
 from keyservice.timespec import format_duration, format_ms
 
+if TYPE_CHECKING:
+    from cryptography import x509
+
 __all__ = ["HANDOVER_MS", "FollowCheck", "Part", "Site", "Switch", "UntrustedArchiver",
            "nothing_at_the_end", "plan_parts", "played_part", "start_after", "trust_followed"]
 
 # Decides whether the signing certificate a followed Archiver presents at ``url`` is the
 # site's; returns how (a PinDecision), raises ArchiverMismatch otherwise.
-FollowCheck = Callable[[str, x509.Certificate], PinDecision]
+FollowCheck = Callable[[str, "x509.Certificate"], PinDecision]
 
 
 class UntrustedArchiver(ArchiverMismatch):

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -37,6 +36,9 @@ from keyservice.keyscheme import (
     unwrap_with,
 )
 from keyservice.labels import WrapContext
+
+if TYPE_CHECKING:  # read only, never parsed here (a DerCertificate stands in for one)
+    from cryptography import x509
 
 # Deprecated names (before issue 24).
 OaepHash = KeyScheme

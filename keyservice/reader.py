@@ -19,8 +19,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -36,6 +36,7 @@ from keyservice.crypto import (
     split_key_id,
     unwrap_chain_record,
 )
+from keyservice.dercert import DerCertificate
 from keyservice.errors import (
     FormatError,
     IntegrityError,
@@ -76,6 +77,9 @@ from keyservice.request_policy import (
     live_start,
     playback_range,
 )
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = [  # StreamRequest and DEFAULT_MAX_SKEW_MS live in request_policy; importable here
     "DEFAULT_MAX_SKEW_MS", "Event", "SegmentMissing", "SegmentPlaintext", "SegmentSkipped",
@@ -302,11 +306,14 @@ class StreamReader:
         self.header = header
 
     def _signing_key(self, der: bytes) -> ec.EllipticCurvePublicKey:
+        # Its DER bytes and the key of exactly those bytes (keyservice.dercert): the pin is a
+        # hash of the bytes, the signatures verify with that key; a check that asks for more
+        # (the site CA, first use) gets the certificate parsed in full.
         try:
-            cert = x509.load_der_x509_certificate(der)
-        except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm):
+            cert = DerCertificate(der)
+        except (ValueError, UnsupportedAlgorithm):
             raise FormatError("The header's Archiver certificate is not valid DER.") from None
-        self._check_archiver(cert)  # the pin: raises if this is not our Archiver
+        self._check_archiver(cert)  # type: ignore[arg-type]  # the pin: raises if not ours
         try:
             key = cert.public_key()
         except (ValueError, UnsupportedAlgorithm):

@@ -14,14 +14,13 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from keyservice.certs import load_certificate
 from keyservice.crypto.segments import Rng
+from keyservice.dercert import load_certificate_bytes
 from keyservice.errors import ArchiverFailed, CertificateError
 from keyservice.keyscheme import Identity, KeyScheme, Recipient, WrappedKey
 from keyservice.labels import (
@@ -30,6 +29,9 @@ from keyservice.labels import (
     LABEL_LOGIN_PROOF,
     LOGIN_CHALLENGE_CONTEXT,
 )
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 SECRET_LEN = 32  # login challenge secret
 
@@ -74,6 +76,8 @@ class LoginChallenge:
         return self.key_scheme
 
 
+    # Its DER bytes and key (a keyservice.dercert.DerCertificate): the pin and the login
+    # context need its fingerprint only; X.509 is parsed where a check asks for more.
     archiver_certificate: x509.Certificate
     challenge_id: bytes
     ciphertext: bytes
@@ -83,7 +87,7 @@ class LoginChallenge:
     def from_answer(cls, answer: Any) -> LoginChallenge:
         """ArchiverFailed if the answer is not a well-formed challenge."""
         try:  # a non-mapping answer fails its first lookup with TypeError
-            return cls(load_certificate(str(answer["archiver_certificate"]).encode()),
+            return cls(load_certificate_bytes(str(answer["archiver_certificate"]).encode()),
                        bytes.fromhex(answer["challenge_id"]),
                        base64.b64decode(answer["ciphertext"], validate=True),
                        KeyScheme.from_label(str(answer.get("key_scheme")
