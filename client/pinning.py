@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -164,6 +163,8 @@ class KnownArchivers:
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Write a temporary file and rename: a crash never leaves a half-written pin file.
+            import tempfile  # only to pin: a start with its pin already written needs none
+
             fd, tmp = tempfile.mkstemp(prefix=".known_archivers.", dir=self.path.parent)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -36,7 +36,6 @@ from client.session import (
     NoRecording,
     PlacementView,
     RecordingExpired,
-    SiteArchiver,
 )
 from keyservice.errors import ArchiverMismatch, RequestRefused, UsageError
 from keyservice.identity import Identity, fingerprint
@@ -45,6 +44,8 @@ from keyservice.timespec import format_duration, format_ms
 
 if TYPE_CHECKING:
     from cryptography import x509
+
+    from client.answers import SiteArchiver
 
 __all__ = ["HANDOVER_MS", "FollowCheck", "Part", "Site", "Switch", "UntrustedArchiver",
            "nothing_at_the_end", "plan_parts", "played_part", "start_after", "trust_followed"]

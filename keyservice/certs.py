@@ -92,7 +92,7 @@ def load_certificate(data: bytes) -> x509.Certificate:
                                        "file with exactly the one certificate.")
             return certs[0]
         return x509.load_der_x509_certificate(data)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # InvalidVersion: not a ValueError
         raise CertificateError("The file is not a readable X.509 certificate (PEM or DER); check "
                                "that you gave the right file.") from None
 

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-__all__ = ["DerCertificate", "full_certificate", "is_certificate", "load_certificate_bytes"]
+__all__ = ["DerCertificate", "full_certificate", "is_certificate", "read_certificate"]
 
 # One PEM certificate and nothing else but whitespace: the Archiver's answers and the usual
 # files. Anything else (several blocks, a key, headers) goes to the full loader, which says
@@ -162,11 +162,11 @@ def full_certificate(cert: x509.Certificate | DerCertificate) -> x509.Certificat
     return cert.x509 if isinstance(cert, DerCertificate) else cert
 
 
-def load_certificate_bytes(data: bytes) -> x509.Certificate:
-    """``keyservice.certs.load_certificate`` (one certificate, PEM or DER) without the X.509
-    parser for the common case: one PEM block or DER bytes give a ``DerCertificate``;
-    anything else, or bytes it cannot read, goes to the full loader, which accepts or refuses
-    (CertificateError) them exactly as it always did."""
+def read_certificate(data: bytes) -> DerCertificate | None:
+    """The common case of ``keyservice.certs.load_certificate`` (one certificate, PEM or DER)
+    without the X.509 parser: one PEM block or DER bytes give a ``DerCertificate``. None for
+    anything else, or bytes it cannot read: give those to the full loader, which accepts or
+    refuses (CertificateError) them exactly as it always did."""
     der: bytes | None = data
     if b"-----BEGIN" in data:
         match = _ONE_PEM.match(data)
@@ -178,9 +178,7 @@ def load_certificate_bytes(data: bytes) -> x509.Certificate:
                 der = None
     if der is not None:
         try:
-            return DerCertificate(der)  # type: ignore[return-value]
+            return DerCertificate(der)
         except ValueError:
             pass
-    from keyservice.certs import load_certificate
-
-    return load_certificate(data)
+    return None

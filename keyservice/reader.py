@@ -148,7 +148,9 @@ class VerifiedKey:
     key: bytes = field(repr=False)  # secret: never in logs or tracebacks
 
 
-@dataclass
+# eq/repr off: process state compared by identity and never printed; each generated
+# method is compiled at every start (issue 23, start-up).
+@dataclass(eq=False, repr=False)
 class _Camera:
     # segment, its record bytes, their digest, their cost against max_pending_bytes
     pending: list[tuple[Segment, RawRecord, bytes, int]] = field(default_factory=list)

@@ -185,7 +185,9 @@ def live_start(request: StreamRequest | None, header: Header | None) -> int | No
     return None
 
 
-@dataclass
+# eq/repr off: process state compared by identity and never printed; each generated
+# method is compiled at every start (issue 23, start-up).
+@dataclass(eq=False, repr=False)
 class Edges:
     """What one camera's manifests have shown of the range's edges: ``opened``, that nothing
     before its first delivered manifest was left out (the chain's start, or a bare manifest

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keyservice.crypto.segments import Rng
-from keyservice.dercert import load_certificate_bytes
+from keyservice.dercert import read_certificate
 from keyservice.errors import ArchiverFailed, CertificateError
 from keyservice.keyscheme import Identity, KeyScheme, Recipient, WrappedKey
 from keyservice.labels import (
@@ -87,7 +87,7 @@ class LoginChallenge:
     def from_answer(cls, answer: Any) -> LoginChallenge:
         """ArchiverFailed if the answer is not a well-formed challenge."""
         try:  # a non-mapping answer fails its first lookup with TypeError
-            return cls(load_certificate_bytes(str(answer["archiver_certificate"]).encode()),
+            return cls(_certificate(str(answer["archiver_certificate"]).encode()),
                        bytes.fromhex(answer["challenge_id"]),
                        base64.b64decode(answer["ciphertext"], validate=True),
                        KeyScheme.from_label(str(answer.get("key_scheme")
@@ -95,6 +95,17 @@ class LoginChallenge:
         except (AttributeError, KeyError, TypeError, ValueError, binascii.Error,
                 CertificateError):
             raise ArchiverFailed("The Archiver's login challenge is malformed.") from None
+
+
+def _certificate(data: bytes) -> x509.Certificate:
+    """The Archiver's certificate as DER bytes and key (keyservice.dercert): its fingerprint
+    is all the login needs; anything unusual is read, or refused, by the full loader."""
+    cert = read_certificate(data)
+    if cert is not None:
+        return cert  # type: ignore[return-value]
+    from keyservice.certs import load_certificate
+
+    return load_certificate(data)
 
 
 def login_context(archiver_fingerprint: bytes, viewer_fingerprint: bytes,
