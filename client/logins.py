@@ -24,6 +24,7 @@ from keyservice.format import Mode
 from keyservice.identity import Identity, fingerprint
 from keyservice.names import CAMERA_NAME_RULE, is_camera_name
 from keyservice.reader import StreamRequest
+from keyservice.records import FrozenRecord
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -99,8 +100,8 @@ def open_identity(uri: str, *, pin: str | None = None, prompt: bool = False) -> 
         token.close()
 
 
-@dataclass(frozen=True)
-class Signer:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class Signer(FrozenRecord):
     """The Archiver that signed a verified stream: the certificate the stream's header
     carries (the one logged in to, pinned or issued by the site CA), whose key verified every
     manifest and the end record. Its subject names the Archiver (CN = its name in the site
@@ -136,8 +137,8 @@ class Signer:
 
 
 
-@dataclass(frozen=True)
-class Login:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class Login(FrozenRecord):
     """A logged-in session: the Archiver's answer and how its certificate was trusted
     (pinned already, given explicitly, or trusted on first use and pinned now)."""
 

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 from keyservice.dercert import full_certificate
 from keyservice.errors import ArchiverMismatch, CertificateError, UsageError
 from keyservice.identity import fingerprint
+from keyservice.records import FrozenRecord
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -87,8 +88,8 @@ class PinOutcome(Enum):
     SITE_CA = "issued by the site CA (--site-ca)"
 
 
-@dataclass(frozen=True)
-class PinDecision:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class PinDecision(FrozenRecord):
     """The decision on an Archiver's certificate: how, its fingerprint, where the pin lives, and
     the older pin an explicit certificate replaced."""
 
@@ -99,8 +100,8 @@ class PinDecision:
     subject: str = ""  # the certificate's subject (RFC 4514)
 
 
-@dataclass(frozen=True)
-class KnownEntry:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class KnownEntry(FrozenRecord):
     """One pinned Archiver: its normalized URL key, certificate fingerprint and a comment."""
 
     key: str

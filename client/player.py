@@ -36,6 +36,7 @@ from keyservice.reader import (
     StreamRequest,
     VerifiedKey,
 )
+from keyservice.records import FrozenRecord
 from keyservice.timespec import format_ms
 
 if TYPE_CHECKING:
@@ -101,8 +102,8 @@ GAP_FACTOR = 3
 EXACT_GAP_MS = 1_000
 
 
-@dataclass(frozen=True)
-class Gap:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class Gap(FrozenRecord):
     """A hole in what was written: nothing recorded, or recorded while not authorized."""
 
     camera: str
@@ -126,8 +127,8 @@ class Gap:
         return f"camera {self.camera}: no recording between {span}"
 
 
-@dataclass(frozen=True)
-class Position:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class Position(FrozenRecord):
     """The last verified segment written: where output stops if the stream fails after it."""
 
     camera: str

@@ -43,6 +43,7 @@ from keyservice.exits import unreachable
 from keyservice.format import Mode
 from keyservice.identity import Identity, fingerprint
 from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
+from keyservice.records import FrozenRecord
 from keyservice.tls import trust as tls_trust
 from keyservice.wire import ErrorCode
 
@@ -199,8 +200,8 @@ def live_request(camera: str, duration_s: float, clock: Callable[[], int] = loca
                          now + int(duration_s * 1000), clock, max_skew_ms)
 
 
-@dataclass(frozen=True)
-class PlacementView:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class PlacementView(FrozenRecord):
     """Who recorded a camera from ``since_ms`` until ``until_ms`` (None: still), and the URL
     the site's registry gives for it (None: not registered)."""
 
@@ -248,8 +249,8 @@ def _check_request(request: StreamRequest, mode: Mode, camera: str, from_ms: int
                          "range differ).")
 
 
-@dataclass(frozen=True)
-class LoginResult:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class LoginResult(FrozenRecord):
     """A login: the Archiver's certificate (pinned), the viewer's fingerprint as the Archiver
     knows it, and when the session expires."""
 

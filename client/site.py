@@ -40,6 +40,7 @@ from client.session import (
 from keyservice.errors import ArchiverMismatch, RequestRefused, UsageError
 from keyservice.identity import Identity, fingerprint
 from keyservice.reader import StreamRequest
+from keyservice.records import FrozenRecord
 from keyservice.timespec import format_duration, format_ms
 
 if TYPE_CHECKING:
@@ -66,8 +67,8 @@ class UntrustedArchiver(ArchiverMismatch):
 HANDOVER_MS = 30_000
 
 
-@dataclass(frozen=True)
-class Part:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class Part(FrozenRecord):
     """One stretch of a range and the Archiver that recorded it (``entry``: the one asked)."""
 
     archiver: str
@@ -84,8 +85,8 @@ class Part:
     consolidated: bool = False
 
 
-@dataclass(frozen=True)
-class Switch:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class Switch(FrozenRecord):
     """Where playing went from one Archiver to the next, at signed edges: ``last_end_ms`` is
     the end of the old one's last verified segment, ``first_start_ms`` the start of the new
     one's first (None: that part had no video)."""

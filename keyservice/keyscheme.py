@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from keyservice.dercert import is_certificate
 from keyservice.errors import CertificateError, IntegrityError
 from keyservice.labels import LABEL_EC_SALT, WrapContext
+from keyservice.records import FrozenRecord
 
 if TYPE_CHECKING:  # certificates are only read here (a DerCertificate stands in for one)
     from cryptography import x509
@@ -131,8 +132,8 @@ class IncorrectIdentity(IntegrityError):
                          "another key or purpose, or altered.")
 
 
-@dataclass(frozen=True)
-class WrappedKey:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class WrappedKey(FrozenRecord):
     """A wrapped key as it travels (age's stanza): its scheme and its bytes."""
 
     scheme: KeyScheme
@@ -171,8 +172,8 @@ class EcdhKey(Protocol):
     def ecdh(self, peer_point: bytes) -> bytes: ...
 
 
-@dataclass(frozen=True)
-class Recipient:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class Recipient(FrozenRecord):
     """A viewer as the Archiver sees it (age's Recipient): a public certificate and the
     scheme its token opens. ``wrap`` is all a caller needs."""
 

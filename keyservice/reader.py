@@ -66,6 +66,7 @@ from keyservice.format import (
 )
 from keyservice.framing import BufferPool, RecordSplitter, Transcript
 from keyservice.identity import Identity, fingerprint
+from keyservice.records import FrozenRecord
 from keyservice.request_policy import (
     DEFAULT_MAX_SKEW_MS,
     Edges,
@@ -91,8 +92,8 @@ __all__ = [  # StreamRequest and DEFAULT_MAX_SKEW_MS live in request_policy; imp
 _RECORD_OVERHEAD = 256
 
 
-@dataclass(frozen=True)
-class SegmentPlaintext:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class SegmentPlaintext(FrozenRecord):
     """A verified, decrypted segment, released in stream order."""
 
     camera: str
@@ -104,8 +105,8 @@ class SegmentPlaintext:
     duration_ms: int = 0  # length of its video (signed; 0: unknown)
 
 
-@dataclass(frozen=True)
-class _ListedSegment:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class _ListedSegment(FrozenRecord):
     """A segment a signed manifest lists, without its plaintext."""
 
     camera: str
@@ -115,30 +116,30 @@ class _ListedSegment:
     duration_ms: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
 class SegmentSkipped(_ListedSegment):
     """Listed, and this viewer holds no key for it, and the Archiver's signed chain recipients
     show it was not authorized when the segment was recorded (withheld: not authorized for
     this viewer)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
 class SegmentMissing(_ListedSegment):
     """Listed (so it was recorded) but it did not come, and no signed chain recipients explain
     it: the viewer was authorized, or nothing says it was not. The stream is authentic but
     incomplete."""
 
 
-@dataclass(frozen=True)
-class StreamEnded:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class StreamEnded(FrozenRecord):
     reason: int
 
 
 Event = SegmentPlaintext | SegmentSkipped | SegmentMissing | StreamEnded
 
 
-@dataclass(frozen=True)
-class VerifiedKey:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class VerifiedKey(FrozenRecord):
     """A minute key the reader used, after it matched the Archiver's signed key commitment
     for its camera, data stream and key id (what a viewer may hand on in an access grant)."""
 

@@ -29,6 +29,7 @@ from keyservice.labels import (
     LABEL_LOGIN_PROOF,
     LOGIN_CHALLENGE_CONTEXT,
 )
+from keyservice.records import FrozenRecord
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -63,8 +64,8 @@ def verify_login_proof(secret: bytes, context: bytes, proof: bytes) -> bool:
     return hmac.compare_digest(_proof(secret, context), proof)
 
 
-@dataclass(frozen=True)
-class LoginChallenge:
+@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+class LoginChallenge(FrozenRecord):
     """The Archiver's login challenge (a viewer's or an admin's), as its JSON answer carries
     it: the Archiver's certificate, the challenge id, and the secret wrapped to the
     certificate logging in with its scheme (``key_scheme``; Archivers before issue 24 send
