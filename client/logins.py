@@ -23,8 +23,8 @@ from keyservice.errors import CertificateError, UsageError
 from keyservice.format import Mode
 from keyservice.identity import Identity, fingerprint
 from keyservice.names import CAMERA_NAME_RULE, is_camera_name
-from keyservice.reader import StreamRequest
 from keyservice.records import FrozenRecord
+from keyservice.request_policy import StreamRequest
 
 if TYPE_CHECKING:
     from cryptography import x509

@@ -40,13 +40,14 @@ from client.player import (
     Summary,
     archiver_pin_check,
 )
+from client.preload import import_in_background
 from client.session import ArchiverSession, playback_request
 from client.site import Part, Site, Switch, nothing_at_the_end, played_part, trust_followed
 from keyservice.errors import KeyServiceError, UsageError
 from keyservice.exits import failure
 from keyservice.format import Header, Mode
 from keyservice.identity import Identity, fingerprint
-from keyservice.reader import StreamRequest
+from keyservice.request_policy import StreamRequest
 from keyservice.text import printable
 from keyservice.timespec import format_duration, format_ms
 
@@ -404,6 +405,10 @@ def stream_command(*, url: str, token: str, output_target: str, archiver_cert: P
         try:
             session = stack.enter_context(ArchiverSession(url, tls_ca=tls_ca))
             identity = stack.enter_context(open_identity(token, prompt=True))
+            # The stream's reader and the crypto core, imported while the login and the
+            # placements wait for the Archiver (issue 23, start-up): nothing in it touches the
+            # token or the network.
+            import_in_background("keyservice.reader")
             login = login_and_say(session, identity, explicit, cas)
             after_login = operations(identity)
             keys = known_keys(session, identity) if known_keys is not None else None

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from keyservice.crypto import LoginChallenge, answer_login_challenge, login_context
+from keyservice.crypto.login import LoginChallenge, answer_login_challenge, login_context
 from keyservice.errors import (  # the HTTP errors are shared with fusion-archiver
     ArchiverFailed,
     ArchiverUnreachable,
@@ -42,8 +42,8 @@ from keyservice.exitcodes import ExitCode
 from keyservice.exits import unreachable
 from keyservice.format import Mode
 from keyservice.identity import Identity, fingerprint
-from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
 from keyservice.records import FrozenRecord
+from keyservice.request_policy import DEFAULT_MAX_SKEW_MS, StreamRequest
 from keyservice.tls import trust as tls_trust
 from keyservice.wire import ErrorCode
 

@@ -39,8 +39,8 @@ from client.session import (
 )
 from keyservice.errors import ArchiverMismatch, RequestRefused, UsageError
 from keyservice.identity import Identity, fingerprint
-from keyservice.reader import StreamRequest
 from keyservice.records import FrozenRecord
+from keyservice.request_policy import StreamRequest
 from keyservice.timespec import format_duration, format_ms
 
 if TYPE_CHECKING:

@@ -164,6 +164,21 @@ def test_importing_a_package_loads_only_what_is_asked_for(tmp_path: Path) -> Non
                 "keyservice.token.runtime"} & modules
 
 
+def test_play_leaves_the_reader_for_the_logins_wait(tmp_path: Path) -> None:
+    """What play imports before it logs in holds neither the stream's reader nor the crypto
+    core: play imports them in a thread while the login waits for the Archiver
+    (client.preload.import_in_background), and the Player takes them when it is made."""
+    code = ("import sys, json\n"
+            "import client.playback, client.player, client.site, client.logins\n"
+            "print(json.dumps(sorted(m for m, v in sys.modules.items() if v is not None)))\n")
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True, cwd=tmp_path)
+    modules = set(json.loads(done.stdout))
+    assert "client.player" in modules
+    assert not {"keyservice.reader", "keyservice.crypto.segments", "keyservice.crypto.chains",
+                "keyservice.crypto.ratchet", "keyservice.framing"} & modules
+
+
 # --- commands that run for real -------------------------------------------------------------
 def test_fusion_keys_list_loads_only_the_token_layer(
         tmp_path: Path, fusion_viewer_factory: Callable[..., EnrolledViewer]) -> None:

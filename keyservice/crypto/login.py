@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from keyservice.crypto.segments import Rng
 from keyservice.dercert import read_certificate
 from keyservice.errors import ArchiverFailed, CertificateError
-from keyservice.keyscheme import Identity, KeyScheme, Recipient, WrappedKey
+from keyservice.keyscheme import Identity, KeyScheme, Recipient, Rng, WrappedKey
 from keyservice.labels import (
     LABEL_ADMIN_LOGIN_CONTEXT,
     LABEL_LOGIN_CONTEXT,
