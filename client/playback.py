@@ -403,12 +403,12 @@ def stream_command(*, url: str, token: str, output_target: str, archiver_cert: P
         output = open_output(output_target)
         save = FileOutput(save_stream) if save_stream is not None else None
         try:
+            # The stream's reader and the crypto core, imported in a thread while this one
+            # waits for the token's login and the Archiver's answers (issue 23, start-up):
+            # nothing in it touches the token or the network.
+            import_in_background("keyservice.reader")
             session = stack.enter_context(ArchiverSession(url, tls_ca=tls_ca))
             identity = stack.enter_context(open_identity(token, prompt=True))
-            # The stream's reader and the crypto core, imported while the login and the
-            # placements wait for the Archiver (issue 23, start-up): nothing in it touches the
-            # token or the network.
-            import_in_background("keyservice.reader")
             login = login_and_say(session, identity, explicit, cas)
             after_login = operations(identity)
             keys = known_keys(session, identity) if known_keys is not None else None
