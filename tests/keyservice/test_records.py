@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from keyservice.crypto.segments import PeriodKey
 from keyservice.format import DataStream
+from keyservice.pkcs11uri import Pkcs11Uri
 from keyservice.reader import SegmentMissing, SegmentPlaintext, SegmentSkipped
 from keyservice.records import FrozenRecord
 
@@ -62,10 +64,14 @@ def test_the_same_results_as_generated_methods() -> None:
 
 def test_the_readers_events_keep_their_identity() -> None:
     """A withheld segment never equals a missing one with the same fields (the player tells
-    them apart), and a plaintext's bytes stay out of its repr."""
+    them apart); a plaintext's bytes, a period key and a PIN stay out of their reprs."""
     fields_ = ("cam", DataStream.VIDEO, 3, 1000, 2000)
     assert SegmentSkipped(*fields_) != SegmentMissing(*fields_)
     assert SegmentSkipped(*fields_) == SegmentSkipped(*fields_)
     assert hash(SegmentSkipped(*fields_)) == hash(SegmentMissing(*fields_))  # as generated
     plain = SegmentPlaintext("cam", DataStream.VIDEO, 3, 1000, b"plaintext video")
     assert "plaintext video" not in repr(plain) and repr(plain).startswith("SegmentPlaintext(")
+    key = PeriodKey("cam", DataStream.VIDEO, bytes(16), b"K" * 32, 1000)
+    assert "KKKK" not in repr(key) and repr(key).startswith("PeriodKey(camera='cam'")
+    uri = Pkcs11Uri.parse("pkcs11:token=t;object=o?pin-value=918273")
+    assert "918273" not in repr(uri) and uri == Pkcs11Uri.parse(uri.to_uri())
