@@ -100,7 +100,7 @@ def open_identity(uri: str, *, pin: str | None = None, prompt: bool = False) -> 
         token.close()
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class Signer(FrozenRecord):
     """The Archiver that signed a verified stream: the certificate the stream's header
     carries (the one logged in to, pinned or issued by the site CA), whose key verified every
@@ -137,7 +137,7 @@ class Signer(FrozenRecord):
 
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class Login(FrozenRecord):
     """A logged-in session: the Archiver's answer and how its certificate was trusted
     (pinned already, given explicitly, or trusted on first use and pinned now)."""

@@ -88,7 +88,7 @@ class PinOutcome(Enum):
     SITE_CA = "issued by the site CA (--site-ca)"
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class PinDecision(FrozenRecord):
     """The decision on an Archiver's certificate: how, its fingerprint, where the pin lives, and
     the older pin an explicit certificate replaced."""
@@ -100,7 +100,7 @@ class PinDecision(FrozenRecord):
     subject: str = ""  # the certificate's subject (RFC 4514)
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class KnownEntry(FrozenRecord):
     """One pinned Archiver: its normalized URL key, certificate fingerprint and a comment."""
 

@@ -105,7 +105,7 @@ GAP_FACTOR = 3
 EXACT_GAP_MS = 1_000
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class Gap(FrozenRecord):
     """A hole in what was written: nothing recorded, or recorded while not authorized."""
 
@@ -130,7 +130,7 @@ class Gap(FrozenRecord):
         return f"camera {self.camera}: no recording between {span}"
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class Position(FrozenRecord):
     """The last verified segment written: where output stops if the stream fails after it."""
 

@@ -200,7 +200,7 @@ def live_request(camera: str, duration_s: float, clock: Callable[[], int] = loca
                          now + int(duration_s * 1000), clock, max_skew_ms)
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class PlacementView(FrozenRecord):
     """Who recorded a camera from ``since_ms`` until ``until_ms`` (None: still), and the URL
     the site's registry gives for it (None: not registered)."""
@@ -249,7 +249,7 @@ def _check_request(request: StreamRequest, mode: Mode, camera: str, from_ms: int
                          "range differ).")
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class LoginResult(FrozenRecord):
     """A login: the Archiver's certificate (pinned), the viewer's fingerprint as the Archiver
     knows it, and when the session expires."""

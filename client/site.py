@@ -67,7 +67,7 @@ class UntrustedArchiver(ArchiverMismatch):
 HANDOVER_MS = 30_000
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class Part(FrozenRecord):
     """One stretch of a range and the Archiver that recorded it (``entry``: the one asked)."""
 
@@ -85,7 +85,7 @@ class Part(FrozenRecord):
     consolidated: bool = False
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class Switch(FrozenRecord):
     """Where playing went from one Archiver to the next, at signed edges: ``last_end_ms`` is
     the end of the old one's last verified segment, ``first_start_ms`` the start of the new

@@ -151,7 +151,7 @@ _TYPES = {int(t): t for t in RecordType}
 
 
 # --- records ------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True, eq=False, repr=False)  # FrozenRecord's
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class Header(FrozenRecord):
     """First record: who made the stream, for whom, and what it carries."""
 
@@ -203,7 +203,7 @@ class Header(FrozenRecord):
               if self.signer_cert_der else ())))
 
 
-@dataclass(frozen=True, slots=True, eq=False, repr=False)  # FrozenRecord's
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class EpochOpener(FrozenRecord):
     """KEK0 of one epoch, wrapped to one viewer certificate under its key scheme (the scheme
     byte sits where format v2 first put an "OAEP hash" byte; same values)."""
@@ -234,7 +234,7 @@ class EpochOpener(FrozenRecord):
             _U16.pack(len(self.ciphertext)), self.ciphertext))
 
 
-@dataclass(frozen=True, slots=True, eq=False, repr=False)  # FrozenRecord's
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class ChainRecord(FrozenRecord):
     """The starting state of one key chain, wrapped for one viewer under the KEK of ratchet
     step ``ratchet_index`` of its epoch (the step of the chain's first key period). The viewer
@@ -277,7 +277,7 @@ class ChainRecord(FrozenRecord):
             self.wrapped, _U32.pack(self.first_step) if self.first_step else b""))
 
 
-@dataclass(frozen=True, slots=True, eq=False, repr=False)  # FrozenRecord's
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class Segment(FrozenRecord):
     """One encrypted segment of one camera data stream (ciphertext ends with the GCM tag).
 
@@ -357,7 +357,7 @@ def _segment_head_len(camera: str) -> int:
     return 1 + len(camera) + _SEGMENT_FIXED.size
 
 
-@dataclass(frozen=True, slots=True, eq=False, repr=False)  # FrozenRecord's
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class ManifestEntry(FrozenRecord):
     """One segment as a manifest vouches for it.
 
@@ -407,7 +407,7 @@ class ManifestEntry(FrozenRecord):
                            self.tag, self.digest)
 
 
-@dataclass(frozen=True, slots=True, eq=False, repr=False)  # FrozenRecord's
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class KeyCommitment(FrozenRecord):
     """HMAC-SHA256 under a minute key: binds the manifest to the key (GCM is not committing)."""
 
@@ -421,7 +421,7 @@ class KeyCommitment(FrozenRecord):
         _bytes("key commitment", self.commitment, HASH_LEN)
 
 
-@dataclass(frozen=True, slots=True, eq=False, repr=False)  # FrozenRecord's
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class Manifest(FrozenRecord):
     """A signed link of a camera's manifest chain, vouching for the segments since the last."""
 
@@ -476,7 +476,7 @@ class Manifest(FrozenRecord):
         return self._unsigned() + _U16.pack(len(self.signature)) + self.signature
 
 
-@dataclass(frozen=True, slots=True, eq=False, repr=False)  # FrozenRecord's
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class End(FrozenRecord):
     """Last record: signs the hash of everything before it, so truncation is detected."""
 
@@ -515,7 +515,7 @@ class End(FrozenRecord):
         return self._unsigned() + _U16.pack(len(self.signature)) + self.signature
 
 
-@dataclass(frozen=True, slots=True, eq=False, repr=False)  # FrozenRecord's
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class ChainRecipients(FrozenRecord):
     """The Archiver's signed statement, made when a key chain starts, of exactly the viewers
     it wrapped that chain's starting state for (part ``part`` of ``parts``: a chain with more

@@ -132,7 +132,7 @@ class IncorrectIdentity(IntegrityError):
                          "another key or purpose, or altered.")
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class WrappedKey(FrozenRecord):
     """A wrapped key as it travels (age's stanza): its scheme and its bytes."""
 
@@ -172,7 +172,9 @@ class EcdhKey(Protocol):
     def ecdh(self, peer_point: bytes) -> bytes: ...
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+# frozen=True kept (subclasses are frozen dataclasses, e.g. the test vectors' seeded one);
+# eq, hash, repr: FrozenRecord's.
+@dataclass(frozen=True, eq=False, repr=False)
 class Recipient(FrozenRecord):
     """A viewer as the Archiver sees it (age's Recipient): a public certificate and the
     scheme its token opens. ``wrap`` is all a caller needs."""

@@ -68,7 +68,7 @@ LABEL_LOGIN_CONTEXT = b"FSE1 login\x00"
 LABEL_ADMIN_LOGIN_CONTEXT = b"FSE1 admin login\x00"
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class WrapContext(FrozenRecord):
     """What a wrapped key is for, as each key scheme binds it.
 

@@ -47,7 +47,7 @@ def _text(name: str, raw: str) -> str:
     return value
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class Pkcs11Uri(FrozenRecord):
     """A parsed PKCS#11 URI. ``repr``/``str`` never show the PIN; ``to_uri()`` does."""
 

@@ -92,7 +92,7 @@ __all__ = [  # StreamRequest and DEFAULT_MAX_SKEW_MS live in request_policy; imp
 _RECORD_OVERHEAD = 256
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class SegmentPlaintext(FrozenRecord):
     """A verified, decrypted segment, released in stream order."""
 
@@ -105,7 +105,7 @@ class SegmentPlaintext(FrozenRecord):
     duration_ms: int = 0  # length of its video (signed; 0: unknown)
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class _ListedSegment(FrozenRecord):
     """A segment a signed manifest lists, without its plaintext."""
 
@@ -116,21 +116,21 @@ class _ListedSegment(FrozenRecord):
     duration_ms: int = 0
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class SegmentSkipped(_ListedSegment):
     """Listed, and this viewer holds no key for it, and the Archiver's signed chain recipients
     show it was not authorized when the segment was recorded (withheld: not authorized for
     this viewer)."""
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class SegmentMissing(_ListedSegment):
     """Listed (so it was recorded) but it did not come, and no signed chain recipients explain
     it: the viewer was authorized, or nothing says it was not. The stream is authentic but
     incomplete."""
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class StreamEnded(FrozenRecord):
     reason: int
 
@@ -138,7 +138,7 @@ class StreamEnded(FrozenRecord):
 Event = SegmentPlaintext | SegmentSkipped | SegmentMissing | StreamEnded
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class VerifiedKey(FrozenRecord):
     """A minute key the reader used, after it matched the Archiver's signed key commitment
     for its camera, data stream and key id (what a viewer may hand on in an access grant)."""

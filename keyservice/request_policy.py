@@ -26,7 +26,7 @@ from keyservice.records import FrozenRecord
 DEFAULT_MAX_SKEW_MS = 30_000
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class StreamRequest(FrozenRecord):
     """What the viewer asked for. A reader given one refuses (RequestMismatch) a stream that
     answers anything else: another nonce (a stream saved earlier and replayed by a relay),

@@ -63,7 +63,7 @@ def verify_login_proof(secret: bytes, context: bytes, proof: bytes) -> bool:
     return hmac.compare_digest(_proof(secret, context), proof)
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class LoginChallenge(FrozenRecord):
     """The Archiver's login challenge (a viewer's or an admin's), as its JSON answer carries
     it: the Archiver's certificate, the challenge id, and the secret wrapped to the

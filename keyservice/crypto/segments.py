@@ -52,7 +52,7 @@ def _str8(name: str) -> bytes:
     return bytes((len(raw),)) + raw
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq, hash, repr: FrozenRecord's
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class PeriodKey(FrozenRecord):
     """The random key of one camera data stream for one key period (shared by all viewers).
 

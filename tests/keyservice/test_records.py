@@ -3,7 +3,9 @@ equality, hash and repr from it behaves exactly as one whose methods dataclasses
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 from dataclasses import dataclass, field
 
 import pytest
@@ -24,7 +26,7 @@ class Generated:
     extra: tuple[int, ...] = field(default=(), hash=False)
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@dataclass(eq=False, repr=False)  # frozen by FrozenRecord, as the records on play's path
 class Shared(FrozenRecord):
     name: str
     secret: bytes = field(repr=False)
@@ -33,7 +35,7 @@ class Shared(FrozenRecord):
     extra: tuple[int, ...] = field(default=(), hash=False)
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@dataclass(slots=True, eq=False, repr=False)  # with slots, as the format's records
 class Other(FrozenRecord):
     name: str
     secret: bytes = field(repr=False)
@@ -57,9 +59,21 @@ def test_the_same_results_as_generated_methods() -> None:
             assert (Shared(*a) != Shared(*b)) == (Generated(*a) != Generated(*b))
         assert shared != Other(*a) and shared != a  # only the very same class is equal
         assert dataclasses.replace(shared, count=5) == Shared(a[0], a[1], 5, a[3], a[4])
-        with pytest.raises(dataclasses.FrozenInstanceError):
-            shared.count = 3  # type: ignore[misc]
+        other = Other(*a)
+        for record in (shared, other):  # frozen once made: no field, nothing else, no delete
+            with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign"):
+                record.count = 3  # type: ignore[misc]
+            with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign"):
+                record.added = 1  # type: ignore[attr-defined]
+            with pytest.raises(dataclasses.FrozenInstanceError, match="cannot delete"):
+                del record.name  # type: ignore[misc]
+            assert record.count == a[2]
+            for made in (copy.copy(record), copy.deepcopy(record),
+                         pickle.loads(pickle.dumps(record))):
+                assert made == record and made is not record and repr(made) == repr(record)
     assert len({Shared(*a) for a in CASES}) == len({Generated(*a) for a in CASES}) == 4
+    assert Other(*CASES[0]) == Other(*CASES[1]) and hash(Other(*CASES[0])) == hash(Shared(
+        *CASES[0]))
 
 
 def test_the_readers_events_keep_their_identity() -> None:
