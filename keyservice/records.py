@@ -61,7 +61,7 @@ class FrozenRecord:
     __slots__ = ()
 
     def __setattr__(self, name: str, value: object) -> None:
-        names = _names(self.__class__)
+        names = _NAMES.get(self.__class__) or _names(self.__class__)
         # __init__ sets each field once; then it is set, and nothing is assigned any more.
         if name not in names.all or (name in self.__dict__ if names.has_dict
                                      else hasattr(self, name)):
