@@ -38,6 +38,7 @@ from keyservice.errors import (
 from keyservice.keyscheme import KeyScheme, Recipient, WrappedKey, same_public_key, unwrap_with
 from keyservice.labels import TOKEN_PROBE_CONTEXT, WrapContext
 from keyservice.pkcs11uri import Pkcs11Uri
+from keyservice.records import FrozenRecord
 from keyservice.token.session import (
     BAD_CIPHERTEXT,
     OAEP_PARAMS,
@@ -67,8 +68,8 @@ if TYPE_CHECKING:
 # opening a stream needs no X.509 parser (issue 23, start-up).
 
 
-@dataclass(frozen=True)
-class IdentityInfo:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's (start-up)
+class IdentityInfo(FrozenRecord):
     """One key on a token as `fusion-keys list` shows it."""
 
     label: str
