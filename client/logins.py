@@ -15,18 +15,23 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from client.pinning import KnownArchivers, PinDecision, check_archiver
 from client.session import ArchiverSession, LoginResult
-from keyservice.certs import load_certificate_file
 from keyservice.errors import CertificateError, UsageError
 from keyservice.format import Mode
 from keyservice.identity import Identity, fingerprint
 from keyservice.names import CAMERA_NAME_RULE, is_camera_name
-from keyservice.reader import StreamRequest
+from keyservice.records import FrozenRecord
+from keyservice.request_policy import StreamRequest
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# cryptography.x509 is imported where a certificate is read in full (--site-ca,
+# --archiver-cert, a signer's names): play's way to the first byte reads certificates as DER
+# bytes and keys only (keyservice.dercert; issue 23, start-up).
 
 __all__ = ["Login", "Signer", "check_camera", "load_certificate_file", "load_site_ca", "login",
            "now_ms", "open_identity", "stream"]
@@ -44,10 +49,20 @@ def check_camera(name: str) -> str:
     return name
 
 
+def load_certificate_file(path: Path) -> x509.Certificate:
+    """``keyservice.certs.load_certificate_file``: a certificate file (PEM or DER), parsed in
+    full; UsageError if unreadable, CertificateError (naming the file) if no certificate."""
+    from keyservice.certs import load_certificate_file as load
+
+    return load(path)
+
+
 def load_site_ca(path: Path) -> tuple[x509.Certificate, ...]:
     """The site CA certificate(s) of ``--site-ca`` (a PEM file may hold several, e.g. a
     renewed CA beside the old one): UsageError if unreadable, CertificateError (naming the
     file) if it holds no certificate or one that is not a CA."""
+    from cryptography import x509
+
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -85,8 +100,8 @@ def open_identity(uri: str, *, pin: str | None = None, prompt: bool = False) -> 
         token.close()
 
 
-@dataclass(frozen=True)
-class Signer:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class Signer(FrozenRecord):
     """The Archiver that signed a verified stream: the certificate the stream's header
     carries (the one logged in to, pinned or issued by the site CA), whose key verified every
     manifest and the end record. Its subject names the Archiver (CN = its name in the site
@@ -100,6 +115,8 @@ class Signer:
     @property
     def name(self) -> str | None:
         """Its certificate's common name (the Archiver's name), None without one."""
+        from cryptography.x509.oid import NameOID
+
         names = self.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         return str(names[0].value) if names else None
 
@@ -120,8 +137,8 @@ class Signer:
 
 
 
-@dataclass(frozen=True)
-class Login:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class Login(FrozenRecord):
     """A logged-in session: the Archiver's answer and how its certificate was trusted
     (pinned already, given explicitly, or trusted on first use and pinned now)."""
 

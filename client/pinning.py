@@ -28,19 +28,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from cryptography import x509
-
-from keyservice.certs import check_site_issued
+from keyservice.dercert import full_certificate
 from keyservice.errors import ArchiverMismatch, CertificateError, UsageError
 from keyservice.identity import fingerprint
+from keyservice.records import FrozenRecord
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = ["KNOWN_FILE", "KnownArchivers", "KnownEntry", "PinDecision", "PinOutcome",
            "archiver_key", "check_archiver", "client_home", "parse_known"]
@@ -86,8 +88,8 @@ class PinOutcome(Enum):
     SITE_CA = "issued by the site CA (--site-ca)"
 
 
-@dataclass(frozen=True)
-class PinDecision:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class PinDecision(FrozenRecord):
     """The decision on an Archiver's certificate: how, its fingerprint, where the pin lives, and
     the older pin an explicit certificate replaced."""
 
@@ -98,8 +100,8 @@ class PinDecision:
     subject: str = ""  # the certificate's subject (RFC 4514)
 
 
-@dataclass(frozen=True)
-class KnownEntry:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class KnownEntry(FrozenRecord):
     """One pinned Archiver: its normalized URL key, certificate fingerprint and a comment."""
 
     key: str
@@ -162,6 +164,8 @@ class KnownArchivers:
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Write a temporary file and rename: a crash never leaves a half-written pin file.
+            import tempfile  # only to pin: a start with its pin already written needs none
+
             fd, tmp = tempfile.mkstemp(prefix=".known_archivers.", dir=self.path.parent)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -249,8 +253,13 @@ def check_archiver(url: str | None, cert: x509.Certificate, *, store: KnownArchi
     """
     presented = fingerprint(cert)
     if site_ca:
+        # The X.509 path validation: the certificate parsed in full (it may have come as DER
+        # bytes and a key, keyservice.dercert); nothing before this needed the parser.
+        from keyservice.certs import check_site_issued
+
         try:
-            check_site_issued(cert, site_ca, now=now if now is not None else datetime.now(UTC))
+            check_site_issued(full_certificate(cert), site_ca,
+                              now=now if now is not None else datetime.now(UTC))
         except CertificateError as exc:
             raise ArchiverMismatch(
                 str(exc), "Nothing was decrypted. Use an Archiver of your site, or check that "

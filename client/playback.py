@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from cryptography import x509
 
 from client.logins import (  # not client.viewer: play does not load the whole library
     Login,
@@ -41,17 +40,20 @@ from client.player import (
     Summary,
     archiver_pin_check,
 )
+from client.preload import import_in_background
 from client.session import ArchiverSession, playback_request
 from client.site import Part, Site, Switch, nothing_at_the_end, played_part, trust_followed
 from keyservice.errors import KeyServiceError, UsageError
 from keyservice.exits import failure
 from keyservice.format import Header, Mode
 from keyservice.identity import Identity, fingerprint
-from keyservice.reader import StreamRequest
+from keyservice.request_policy import StreamRequest
 from keyservice.text import printable
 from keyservice.timespec import format_duration, format_ms
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from client.copies import Selection, Stretch
 
 # client.copies (a redundant camera's copies) is imported by play_copies, its only user: a
@@ -308,6 +310,8 @@ def run_stream(*, identity: Identity, output: Output, save: FileOutput | None,
 def signed_by(header: Header) -> str:
     """Which Archiver signed a verified stream: the certificate its header carries, whose key
     verified every manifest and the end record ("signed by CN=a1 (sha256 ...)")."""
+    from cryptography import x509  # after the stream: the signer's names, for the user
+
     signer = Signer(x509.load_der_x509_certificate(header.archiver_cert_der))
     return f"signed by {_printable(str(signer))}, issued by {_printable(signer.issuer)}"
 
@@ -315,6 +319,8 @@ def signed_by(header: Header) -> str:
 def describe_saved(header: Header) -> list[str]:
     """What a saved stream is, from its header (authenticated by the verified END record):
     it answered one request in the past, and says which."""
+    from cryptography import x509
+
     archiver = x509.load_der_x509_certificate(header.archiver_cert_der)
     mode = "live" if header.mode == Mode.LIVE else "recording"
     return [
@@ -397,6 +403,10 @@ def stream_command(*, url: str, token: str, output_target: str, archiver_cert: P
         output = open_output(output_target)
         save = FileOutput(save_stream) if save_stream is not None else None
         try:
+            # The stream's reader and the crypto core, imported in a thread while this one
+            # waits for the token's login and the Archiver's answers (issue 23, start-up):
+            # nothing in it touches the token or the network.
+            import_in_background("keyservice.reader")
             session = stack.enter_context(ArchiverSession(url, tls_ca=tls_ca))
             identity = stack.enter_context(open_identity(token, prompt=True))
             login = login_and_say(session, identity, explicit, cas)

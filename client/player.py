@@ -15,9 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
-
-from cryptography import x509
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from keyservice.errors import (
     ArchiverMismatch,
@@ -29,16 +27,23 @@ from keyservice.errors import (
 from keyservice.exitcodes import ExitCode
 from keyservice.format import Header
 from keyservice.identity import Identity, fingerprint
-from keyservice.reader import (
-    SegmentMissing,
-    SegmentPlaintext,
-    SegmentSkipped,
-    StreamEnded,
-    StreamReader,
-    StreamRequest,
-    VerifiedKey,
-)
+from keyservice.records import FrozenRecord
+from keyservice.request_policy import StreamRequest
 from keyservice.timespec import format_ms
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from keyservice.reader import (
+        SegmentMissing,
+        SegmentPlaintext,
+        SegmentSkipped,
+        StreamEnded,
+        VerifiedKey,
+    )
+
+# keyservice.reader (with the crypto core) is imported when a Player is made: ``play`` has it
+# imported in a thread while the login waits for the Archiver (client.preload, issue 23).
 
 __all__ = [
     "EXACT_GAP_MS",
@@ -100,8 +105,8 @@ GAP_FACTOR = 3
 EXACT_GAP_MS = 1_000
 
 
-@dataclass(frozen=True)
-class Gap:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class Gap(FrozenRecord):
     """A hole in what was written: nothing recorded, or recorded while not authorized."""
 
     camera: str
@@ -125,8 +130,8 @@ class Gap:
         return f"camera {self.camera}: no recording between {span}"
 
 
-@dataclass(frozen=True)
-class Position:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class Position(FrozenRecord):
     """The last verified segment written: where output stops if the stream fails after it."""
 
     camera: str
@@ -402,9 +407,21 @@ class Player:
                on_segment: Callable[[SegmentPlaintext], None] | None, min_gap_ms: int,
                critical: Callable[[], AbstractContextManager[object]],
                known_keys: Mapping[bytes, bytes] | None) -> None:
+        from keyservice.reader import (
+            SegmentMissing,
+            SegmentPlaintext,
+            SegmentSkipped,
+            StreamEnded,
+            StreamReader,
+        )
+
         self.request = request
         self._reader = StreamReader(identity, check_archiver, request=request,
                                     known_keys=known_keys)
+        # What each event the reader releases calls (its classes are final: no subclass).
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            SegmentPlaintext: self._plaintext, SegmentSkipped: self._skipped,
+            SegmentMissing: self._missing, StreamEnded: self._ended}
         self._output = output
         self._on_segment = on_segment
         self._critical = critical
@@ -425,15 +442,13 @@ class Player:
             # Counted even when the feed fails: the token was used all the same.
             self.summary.epoch_openings = self._reader.token_operations
         for event in events:
-            if isinstance(event, SegmentPlaintext):
-                self._plaintext(event)
-            elif isinstance(event, SegmentSkipped):
-                self._skipped(event)
-            elif isinstance(event, SegmentMissing):
-                self._missing(event)
-            elif isinstance(event, StreamEnded):
-                self.summary.ended = True
-                self.summary.end_reason = int(event.reason)
+            handler = self._handlers.get(type(event))
+            if handler is not None:
+                handler(event)
+
+    def _ended(self, event: StreamEnded) -> None:
+        self.summary.ended = True
+        self.summary.end_reason = int(event.reason)
 
     @property
     def verified_keys(self) -> dict[bytes, VerifiedKey]:

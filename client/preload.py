@@ -16,9 +16,10 @@ open meets it again at its usual place and reports it as it always did.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
 
-__all__ = ["preload_token_module"]
+__all__ = ["import_in_background", "preload_token_module"]
 
 
 def preload_token_module(uri: str) -> threading.Thread:
@@ -40,3 +41,18 @@ def _load(uri: str) -> None:
 
         # Loads the module (kept for the open) and finds the token in it, without logging in.
         token_kind(uri)
+
+
+def import_in_background(name: str) -> threading.Thread:
+    """Import the module ``name`` in a daemon thread: started where the main thread is about
+    to wait for the Archiver (the login), the import runs in that wait instead of after it.
+    Whoever imports it meanwhile waits for this import (the module's own lock); a failure
+    here is dropped and met again, and reported, by that import."""
+    thread = threading.Thread(target=_import, args=(name,), name="fusion-import", daemon=True)
+    thread.start()
+    return thread
+
+
+def _import(name: str) -> None:
+    with contextlib.suppress(Exception):
+        importlib.import_module(name)

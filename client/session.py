@@ -13,23 +13,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import secrets
 import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from keyservice.crypto import LoginChallenge, answer_login_challenge, login_context
+from keyservice.crypto.login import LoginChallenge, answer_login_challenge, login_context
 from keyservice.errors import (  # the HTTP errors are shared with fusion-archiver
     ArchiverFailed,
     ArchiverUnreachable,
@@ -44,9 +42,27 @@ from keyservice.exitcodes import ExitCode
 from keyservice.exits import unreachable
 from keyservice.format import Mode
 from keyservice.identity import Identity, fingerprint
-from keyservice.reader import DEFAULT_MAX_SKEW_MS, StreamRequest
+from keyservice.records import FrozenRecord
+from keyservice.request_policy import DEFAULT_MAX_SKEW_MS, StreamRequest
 from keyservice.tls import trust as tls_trust
 from keyservice.wire import ErrorCode
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from client.answers import CameraView, GrantBlob, GrantInfo, SiteArchiver
+
+# Answers a stream's start does not read live in client.answers, imported on first use (their
+# classes cost play's start; issue 23): still importable from here.
+_ANSWERS = frozenset({"CameraView", "GrantBlob", "GrantInfo", "SiteArchiver"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ANSWERS:
+        from client import answers
+
+        return getattr(answers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["ERROR_CLASSES", "MAX_LIVE_S", "MEDIA_TYPE", "ArchiverSession", "CameraView",
            "GrantBlob", "GrantInfo", "GrantNotUsable", "HeldElsewhere", "LoginRefused",
@@ -184,20 +200,8 @@ def live_request(camera: str, duration_s: float, clock: Callable[[], int] = loca
                          now + int(duration_s * 1000), clock, max_skew_ms)
 
 
-@dataclass(frozen=True)
-class CameraView:
-    """A camera this viewer may watch, with its recorded range (None when nothing recorded)."""
-
-    name: str
-    first_ms: int | None
-    last_ms: int | None
-    segments: int
-    state: str  # the camera's feed: receiving, stalled, unreachable, auth_failed, waiting
-    archiver: str | None = None  # the site's Archiver that records it now (None: before sites)
-
-
-@dataclass(frozen=True)
-class PlacementView:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class PlacementView(FrozenRecord):
     """Who recorded a camera from ``since_ms`` until ``until_ms`` (None: still), and the URL
     the site's registry gives for it (None: not registered)."""
 
@@ -225,59 +229,6 @@ class PlacementView:
             raise ArchiverFailed("The Archiver's placement of a camera is malformed.") from None
 
 
-@dataclass(frozen=True)
-class SiteArchiver:
-    """An Archiver of the site as the registry lists it: name, URL, signing certificate."""
-
-    name: str
-    url: str
-    fingerprint: str
-    certificate: x509.Certificate = field(repr=False)
-
-
-@dataclass(frozen=True)
-class GrantInfo:
-    """An access grant as the Archiver describes it (its state is the Archiver's; the keys
-    inside are opaque to it)."""
-
-    grant_id: str
-    camera: str
-    from_ms: int
-    to_ms: int
-    grantor: str   # certificate fingerprints (hex)
-    grantee: str
-    keys: int
-    created_ms: int
-    state: str     # pending, approved, rejected, revoked
-    decided_ms: int | None = None
-    decided_by: str | None = None
-    note: str | None = None
-
-    @classmethod
-    def from_json(cls, body: Any) -> GrantInfo:
-        """From the Archiver's JSON; ArchiverFailed if it is not a grant's description."""
-        try:
-            return cls(str(body["grant_id"]), str(body["camera"]), int(body["from_ms"]),
-                       int(body["to_ms"]), str(body["grantor"]), str(body["grantee"]),
-                       int(body["keys"]), int(body["created_ms"]), str(body["state"]),
-                       _optional_int(body.get("decided_ms")), _optional_str(body.get("decided_by")),
-                       _optional_str(body.get("note")))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise ArchiverFailed("The Archiver's description of a grant is malformed.") from None
-
-    def to_json(self) -> dict[str, Any]:
-        """The same members the Archiver sent."""
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class GrantBlob:
-    """An approved grant fetched by its grantee: the description and the grant's bytes."""
-
-    info: GrantInfo
-    grant: bytes = field(repr=False)
-
-
 def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
@@ -298,8 +249,8 @@ def _check_request(request: StreamRequest, mode: Mode, camera: str, from_ms: int
                          "range differ).")
 
 
-@dataclass(frozen=True)
-class LoginResult:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class LoginResult(FrozenRecord):
     """A login: the Archiver's certificate (pinned), the viewer's fingerprint as the Archiver
     knows it, and when the session expires."""
 
@@ -468,6 +419,8 @@ class ArchiverSession:
     # --- viewer API -------------------------------------------------------------------
     def cameras(self) -> list[CameraView]:
         """The cameras this viewer may watch, with their recorded ranges."""
+        from client.answers import CameraView
+
         rows = self._json("GET", "/v1/cameras", auth=True)
         try:
             return [CameraView(str(r["name"]), r["first_ms"], r["last_ms"], int(r["segments"]),
@@ -531,6 +484,10 @@ class ArchiverSession:
             if getattr(exc, "http_status", None) == 404:
                 return []
             raise
+        from cryptography import x509  # the registry's certificates, read in full
+
+        from client.answers import SiteArchiver
+
         try:
             return [SiteArchiver(str(r["name"]), str(r["url"]).rstrip("/"),
                                  str(r["fingerprint"]),
@@ -601,12 +558,16 @@ class ArchiverSession:
     def create_grant(self, blob: bytes, note: str | None) -> GrantInfo:
         """Hand a grant (opaque: minute keys wrapped to the grantee) to the Archiver; it is
         served only once an admin approves it."""
+        from client.answers import GrantInfo
+
         return GrantInfo.from_json(self._json(
             "POST", "/v1/grants", {"grant": base64.b64encode(blob).decode(), "note": note},
             auth=True))
 
     def grants(self) -> list[GrantInfo]:
         """The grants this viewer made or received, with their state."""
+        from client.answers import GrantInfo
+
         rows = self._json("GET", "/v1/grants", auth=True)
         if not isinstance(rows, list):
             raise ArchiverFailed("The Archiver's grant list is malformed.")
@@ -615,6 +576,8 @@ class ArchiverSession:
     def grant(self, grant_id: str) -> GrantBlob:
         """One approved grant addressed to this viewer: its description and the grant itself
         (opaque; opened on the grantee's token, keyservice.grants.open_grant)."""
+        from client.answers import GrantBlob, GrantInfo
+
         body = self._json("GET", f"/v1/grants/{grant_id}", auth=True)
         if not isinstance(body, dict) or not isinstance(body.get("grant"), str):
             raise ArchiverFailed("The Archiver's answer for the grant is malformed.")

@@ -24,9 +24,8 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-
-from cryptography import x509
 
 from client.logins import Login, stream
 from client.pinning import KnownArchivers, PinDecision, PinOutcome, check_archiver
@@ -37,19 +36,24 @@ from client.session import (
     NoRecording,
     PlacementView,
     RecordingExpired,
-    SiteArchiver,
 )
 from keyservice.errors import ArchiverMismatch, RequestRefused, UsageError
 from keyservice.identity import Identity, fingerprint
-from keyservice.reader import StreamRequest
+from keyservice.records import FrozenRecord
+from keyservice.request_policy import StreamRequest
 from keyservice.timespec import format_duration, format_ms
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from client.answers import SiteArchiver
 
 __all__ = ["HANDOVER_MS", "FollowCheck", "Part", "Site", "Switch", "UntrustedArchiver",
            "nothing_at_the_end", "plan_parts", "played_part", "start_after", "trust_followed"]
 
 # Decides whether the signing certificate a followed Archiver presents at ``url`` is the
 # site's; returns how (a PinDecision), raises ArchiverMismatch otherwise.
-FollowCheck = Callable[[str, x509.Certificate], PinDecision]
+FollowCheck = Callable[[str, "x509.Certificate"], PinDecision]
 
 
 class UntrustedArchiver(ArchiverMismatch):
@@ -63,8 +67,8 @@ class UntrustedArchiver(ArchiverMismatch):
 HANDOVER_MS = 30_000
 
 
-@dataclass(frozen=True)
-class Part:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class Part(FrozenRecord):
     """One stretch of a range and the Archiver that recorded it (``entry``: the one asked)."""
 
     archiver: str
@@ -81,8 +85,8 @@ class Part:
     consolidated: bool = False
 
 
-@dataclass(frozen=True)
-class Switch:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class Switch(FrozenRecord):
     """Where playing went from one Archiver to the next, at signed edges: ``last_end_ms`` is
     the end of the old one's last verified segment, ``first_start_ms`` the start of the new
     one's first (None: that part had no video)."""

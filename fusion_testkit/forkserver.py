@@ -59,7 +59,9 @@ PRELOAD = ("archiver.cli", "archiver.app", "archiver.server", "archiver.signing"
            "uvicorn.protocols.http.auto", "uvicorn.protocols.http.h11_impl",
            "archiver.admin_cli", "keyservice.cli", "client.cli", "client.playback",
            "client.session", "client.player", "client.evidence", "client.grants", "httpx",
-           "cryptography.x509", "pkcs11")
+           "cryptography.x509", "pkcs11",
+           # play and live import these in a thread or on first use (issue 23, start-up)
+           "keyservice.reader", "client.answers")
 # Whether commands and Archivers are forked (fork_commands); off: plain subprocesses.
 _enabled = False
 _PR_SET_PDEATHSIG = 1

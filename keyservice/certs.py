@@ -18,12 +18,12 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from keyservice.errors import CertificateError, UsageError
 from keyservice.identity import fingerprint
-from keyservice.keyscheme import KeyScheme
+from keyservice.keyscheme import KeyScheme, same_public_key  # noqa: F401  (a public name here too)
 
 # Non-critical extension recording the RSA-OAEP hash the viewer's token can open. Value: the DER
 # of the hash algorithm's OID. It lets the Archiver wrap with a hash the token supports without the
@@ -92,7 +92,7 @@ def load_certificate(data: bytes) -> x509.Certificate:
                                        "file with exactly the one certificate.")
             return certs[0]
         return x509.load_der_x509_certificate(data)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # InvalidVersion: not a ValueError
         raise CertificateError("The file is not a readable X.509 certificate (PEM or DER); check "
                                "that you gave the right file.") from None
 
@@ -122,17 +122,6 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
 
 def certificate_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(Encoding.PEM)
-
-
-def same_public_key(a: rsa.RSAPublicKey | ec.EllipticCurvePublicKey | object,
-                    b: rsa.RSAPublicKey | ec.EllipticCurvePublicKey | object) -> bool:
-    """True when both are the same public key (compared as SubjectPublicKeyInfo DER)."""
-    if not isinstance(a, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-        return False
-    if not isinstance(b, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-        return False
-    spki = Encoding.DER, PublicFormat.SubjectPublicKeyInfo
-    return a.public_bytes(*spki) == b.public_bytes(*spki)
 
 
 def _utc(now: datetime) -> datetime:

@@ -29,6 +29,7 @@ from keyservice.labels import LABEL_END as LABEL_END
 from keyservice.labels import LABEL_MANIFEST as LABEL_MANIFEST
 from keyservice.labels import LABEL_TRANSCRIPT as LABEL_TRANSCRIPT
 from keyservice.names import camera_name_in_record as validate_name
+from keyservice.records import FrozenRecord
 
 MAGIC = b"FUSNSTRM"
 VERSION = 2
@@ -150,8 +151,8 @@ _TYPES = {int(t): t for t in RecordType}
 
 
 # --- records ------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Header:
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class Header(FrozenRecord):
     """First record: who made the stream, for whom, and what it carries."""
 
     archiver_cert_der: bytes
@@ -202,8 +203,10 @@ class Header:
               if self.signer_cert_der else ())))
 
 
-@dataclass(frozen=True, slots=True)
-class EpochOpener:
+# frozen=True kept: one per viewer, made by the thousand when a chain starts, where the
+# base's write-once check would cost each about 4 us more; eq, hash, repr: FrozenRecord's.
+@dataclass(frozen=True, slots=True, eq=False, repr=False)
+class EpochOpener(FrozenRecord):
     """KEK0 of one epoch, wrapped to one viewer certificate under its key scheme (the scheme
     byte sits where format v2 first put an "OAEP hash" byte; same values)."""
 
@@ -233,8 +236,10 @@ class EpochOpener:
             _U16.pack(len(self.ciphertext)), self.ciphertext))
 
 
-@dataclass(frozen=True, slots=True)
-class ChainRecord:
+# frozen=True kept: one per viewer, made by the thousand when a chain starts, where the
+# base's write-once check would cost each about 4 us more; eq, hash, repr: FrozenRecord's.
+@dataclass(frozen=True, slots=True, eq=False, repr=False)
+class ChainRecord(FrozenRecord):
     """The starting state of one key chain, wrapped for one viewer under the KEK of ratchet
     step ``ratchet_index`` of its epoch (the step of the chain's first key period). The viewer
     derives every minute key of the chain from it; one record per viewer per chain.
@@ -276,8 +281,8 @@ class ChainRecord:
             self.wrapped, _U32.pack(self.first_step) if self.first_step else b""))
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class Segment(FrozenRecord):
     """One encrypted segment of one camera data stream (ciphertext ends with the GCM tag).
 
     ``ciphertext`` is ``bytes`` or a read-only ``memoryview``: a decoded segment views the
@@ -356,8 +361,8 @@ def _segment_head_len(camera: str) -> int:
     return 1 + len(camera) + _SEGMENT_FIXED.size
 
 
-@dataclass(frozen=True, slots=True)
-class ManifestEntry:
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class ManifestEntry(FrozenRecord):
     """One segment as a manifest vouches for it.
 
     ``digest`` is SHA-256 of the segment's complete record bytes. The GCM tag alone is not
@@ -406,8 +411,8 @@ class ManifestEntry:
                            self.tag, self.digest)
 
 
-@dataclass(frozen=True, slots=True)
-class KeyCommitment:
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class KeyCommitment(FrozenRecord):
     """HMAC-SHA256 under a minute key: binds the manifest to the key (GCM is not committing)."""
 
     key_id: bytes
@@ -420,8 +425,8 @@ class KeyCommitment:
         _bytes("key commitment", self.commitment, HASH_LEN)
 
 
-@dataclass(frozen=True, slots=True)
-class Manifest:
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class Manifest(FrozenRecord):
     """A signed link of a camera's manifest chain, vouching for the segments since the last."""
 
     camera: str
@@ -475,8 +480,8 @@ class Manifest:
         return self._unsigned() + _U16.pack(len(self.signature)) + self.signature
 
 
-@dataclass(frozen=True, slots=True)
-class End:
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class End(FrozenRecord):
     """Last record: signs the hash of everything before it, so truncation is detected."""
 
     request_id: bytes
@@ -514,8 +519,8 @@ class End:
         return self._unsigned() + _U16.pack(len(self.signature)) + self.signature
 
 
-@dataclass(frozen=True, slots=True)
-class ChainRecipients:
+@dataclass(slots=True, eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class ChainRecipients(FrozenRecord):
     """The Archiver's signed statement, made when a key chain starts, of exactly the viewers
     it wrapped that chain's starting state for (part ``part`` of ``parts``: a chain with more
     than MAX_RECIPIENTS_PER_PART viewers is listed in several records). Shared by all viewers

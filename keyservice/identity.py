@@ -15,13 +15,11 @@ This module is pure: no I/O, no ``pkcs11``.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from keyservice.errors import IntegrityError
@@ -34,9 +32,25 @@ from keyservice.keyscheme import (
     RsaOaepKey,
     WrappedKey,
     signing_public_key,
-    unwrap_with,
 )
 from keyservice.labels import WrapContext
+
+if TYPE_CHECKING:  # read only, never parsed here (a DerCertificate stands in for one)
+    from cryptography import x509
+
+    from keyservice.software_keys import SoftwareEcIdentity, SoftwareIdentity, SoftwareSigner
+
+# The software keys (tests and test vectors only) live in keyservice.software_keys, imported on
+# first use: a viewer's start does not build their classes (issue 23). Importable from here.
+_SOFTWARE = frozenset({"SoftwareEcIdentity", "SoftwareIdentity", "SoftwareSigner"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _SOFTWARE:
+        from keyservice import software_keys
+
+        return getattr(software_keys, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Deprecated names (before issue 24).
 OaepHash = KeyScheme
@@ -68,55 +82,3 @@ def verify_signature(cert: x509.Certificate, data: bytes, signature: bytes) -> N
         key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise IntegrityError() from None
-
-
-@dataclass
-class SoftwareIdentity:
-    """An RSA key in host memory. For tests and test vectors only: real viewers use a token."""
-
-    certificate: x509.Certificate
-    private_key: rsa.RSAPrivateKey
-    operations: int = 0
-
-    def unwrap(self, wrapped: WrappedKey, context: WrapContext) -> bytes:
-        return unwrap_with(self, wrapped, context)
-
-    def rsa_decrypt(self, ciphertext: bytes, scheme: KeyScheme) -> bytes:
-        self.operations += 1
-        algorithm = scheme.algorithm()
-        try:
-            return self.private_key.decrypt(
-                ciphertext, padding.OAEP(padding.MGF1(algorithm), algorithm, None))
-        except ValueError:
-            raise IntegrityError() from None
-
-
-@dataclass
-class SoftwareEcIdentity:
-    """An EC P-256 key in host memory. For tests and test vectors only."""
-
-    certificate: x509.Certificate
-    private_key: ec.EllipticCurvePrivateKey
-    operations: int = 0
-
-    def unwrap(self, wrapped: WrappedKey, context: WrapContext) -> bytes:
-        return unwrap_with(self, wrapped, context)
-
-    def ecdh(self, peer_point: bytes) -> bytes:
-        self.operations += 1
-        try:
-            peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), peer_point)
-        except ValueError:
-            raise IntegrityError() from None
-        return self.private_key.exchange(ec.ECDH(), peer)
-
-
-@dataclass
-class SoftwareSigner:
-    """An ECDSA key in host memory. For tests and test vectors only."""
-
-    certificate: x509.Certificate
-    private_key: ec.EllipticCurvePrivateKey
-
-    def sign(self, data: bytes) -> bytes:
-        return self.private_key.sign(data, ec.ECDSA(hashes.SHA256()))

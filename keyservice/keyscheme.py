@@ -29,21 +29,25 @@ import hmac
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from keyservice.dercert import is_certificate
 from keyservice.errors import CertificateError, IntegrityError
 from keyservice.labels import LABEL_EC_SALT, WrapContext
+from keyservice.records import FrozenRecord
+
+if TYPE_CHECKING:  # certificates are only read here (a DerCertificate stands in for one)
+    from cryptography import x509
 
 __all__ = ["EC_POINT_LEN", "WRAPPED_KEY_LEN", "EcdhKey", "Identity", "IncorrectIdentity",
            "KeyScheme", "Recipient", "Rng", "RsaOaepKey", "WrappedKey", "ec_open", "ec_seal",
-           "signing_public_key", "unwrap_with"]
+           "same_public_key", "signing_public_key", "unwrap_with"]
 
 Rng = Callable[[int], bytes]
 
@@ -128,8 +132,8 @@ class IncorrectIdentity(IntegrityError):
                          "another key or purpose, or altered.")
 
 
-@dataclass(frozen=True)
-class WrappedKey:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class WrappedKey(FrozenRecord):
     """A wrapped key as it travels (age's stanza): its scheme and its bytes."""
 
     scheme: KeyScheme
@@ -168,8 +172,10 @@ class EcdhKey(Protocol):
     def ecdh(self, peer_point: bytes) -> bytes: ...
 
 
-@dataclass(frozen=True)
-class Recipient:
+# frozen=True kept (subclasses are frozen dataclasses, e.g. the test vectors' seeded one);
+# eq, hash, repr: FrozenRecord's.
+@dataclass(frozen=True, eq=False, repr=False)
+class Recipient(FrozenRecord):
     """A viewer as the Archiver sees it (age's Recipient): a public certificate and the
     scheme its token opens. ``wrap`` is all a caller needs."""
 
@@ -225,7 +231,7 @@ def unwrap_with(key: object, wrapped: WrappedKey, context: WrapContext) -> bytes
 
 def _unwrap(key: object, wrapped: WrappedKey, context: WrapContext) -> bytes:
     certificate = getattr(key, "certificate", None)
-    if not isinstance(certificate, x509.Certificate):
+    if not is_certificate(certificate):
         raise IntegrityError()
     public = certificate.public_key()
     if wrapped.scheme is KeyScheme.ECDH_P256:
@@ -297,6 +303,17 @@ def ec_open(identity: object, info: bytes, ciphertext: bytes) -> bytes:
     """Deprecated: ``Identity.unwrap``. The secret of an ``ec_seal`` ciphertext."""
     return unwrap_with(identity, WrappedKey(KeyScheme.ECDH_P256, ciphertext),
                        WrapContext(b"", info))
+
+
+def same_public_key(a: rsa.RSAPublicKey | ec.EllipticCurvePublicKey | object,
+                    b: rsa.RSAPublicKey | ec.EllipticCurvePublicKey | object) -> bool:
+    """True when both are the same public key (compared as SubjectPublicKeyInfo DER)."""
+    if not isinstance(a, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        return False
+    if not isinstance(b, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        return False
+    spki = Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    return a.public_bytes(*spki) == b.public_bytes(*spki)
 
 
 # --- the Archiver's signing key -----------------------------------------------------------

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from keyservice.records import FrozenRecord
+
 # --- key chains, segments, the KEK ratchet (keyservice.chains, .segments, .ratchet) --------
 LABEL_CHAIN_RECORD = b"FSE2 chain-record"
 LABEL_CHAIN_KEY = b"FSE2 chain-minute-key\x00"
@@ -66,8 +68,8 @@ LABEL_LOGIN_CONTEXT = b"FSE1 login\x00"
 LABEL_ADMIN_LOGIN_CONTEXT = b"FSE1 admin login\x00"
 
 
-@dataclass(frozen=True)
-class WrapContext:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class WrapContext(FrozenRecord):
     """What a wrapped key is for, as each key scheme binds it.
 
     ``oaep_prefix``: RSA-OAEP wraps ``oaep_prefix || key``; unwrapping checks the prefix.

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import quote, unquote_to_bytes
 
 from keyservice.errors import UsageError
+from keyservice.records import FrozenRecord
 
 # Used when the URI has no module-path; env FUSION_PKCS11_MODULE overrides (see keyservice.token).
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -46,8 +47,8 @@ def _text(name: str, raw: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class Pkcs11Uri:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class Pkcs11Uri(FrozenRecord):
     """A parsed PKCS#11 URI. ``repr``/``str`` never show the PIN; ``to_uri()`` does."""
 
     token: str | None = None

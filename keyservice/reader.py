@@ -19,8 +19,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -36,6 +36,7 @@ from keyservice.crypto import (
     split_key_id,
     unwrap_chain_record,
 )
+from keyservice.dercert import DerCertificate
 from keyservice.errors import (
     FormatError,
     IntegrityError,
@@ -65,6 +66,7 @@ from keyservice.format import (
 )
 from keyservice.framing import BufferPool, RecordSplitter, Transcript
 from keyservice.identity import Identity, fingerprint
+from keyservice.records import FrozenRecord
 from keyservice.request_policy import (
     DEFAULT_MAX_SKEW_MS,
     Edges,
@@ -77,6 +79,9 @@ from keyservice.request_policy import (
     playback_range,
 )
 
+if TYPE_CHECKING:
+    from cryptography import x509
+
 __all__ = [  # StreamRequest and DEFAULT_MAX_SKEW_MS live in request_policy; importable here
     "DEFAULT_MAX_SKEW_MS", "Event", "SegmentMissing", "SegmentPlaintext", "SegmentSkipped",
     "StreamEnded", "StreamReader", "StreamRequest", "VerifiedKey",
@@ -87,8 +92,8 @@ __all__ = [  # StreamRequest and DEFAULT_MAX_SKEW_MS live in request_policy; imp
 _RECORD_OVERHEAD = 256
 
 
-@dataclass(frozen=True)
-class SegmentPlaintext:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class SegmentPlaintext(FrozenRecord):
     """A verified, decrypted segment, released in stream order."""
 
     camera: str
@@ -100,8 +105,8 @@ class SegmentPlaintext:
     duration_ms: int = 0  # length of its video (signed; 0: unknown)
 
 
-@dataclass(frozen=True)
-class _ListedSegment:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class _ListedSegment(FrozenRecord):
     """A segment a signed manifest lists, without its plaintext."""
 
     camera: str
@@ -111,30 +116,30 @@ class _ListedSegment:
     duration_ms: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class SegmentSkipped(_ListedSegment):
     """Listed, and this viewer holds no key for it, and the Archiver's signed chain recipients
     show it was not authorized when the segment was recorded (withheld: not authorized for
     this viewer)."""
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
 class SegmentMissing(_ListedSegment):
     """Listed (so it was recorded) but it did not come, and no signed chain recipients explain
     it: the viewer was authorized, or nothing says it was not. The stream is authentic but
     incomplete."""
 
 
-@dataclass(frozen=True)
-class StreamEnded:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class StreamEnded(FrozenRecord):
     reason: int
 
 
 Event = SegmentPlaintext | SegmentSkipped | SegmentMissing | StreamEnded
 
 
-@dataclass(frozen=True)
-class VerifiedKey:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class VerifiedKey(FrozenRecord):
     """A minute key the reader used, after it matched the Archiver's signed key commitment
     for its camera, data stream and key id (what a viewer may hand on in an access grant)."""
 
@@ -144,7 +149,9 @@ class VerifiedKey:
     key: bytes = field(repr=False)  # secret: never in logs or tracebacks
 
 
-@dataclass
+# eq/repr off: process state compared by identity and never printed; each generated
+# method is compiled at every start (issue 23, start-up).
+@dataclass(eq=False, repr=False)
 class _Camera:
     # segment, its record bytes, their digest, their cost against max_pending_bytes
     pending: list[tuple[Segment, RawRecord, bytes, int]] = field(default_factory=list)
@@ -302,11 +309,14 @@ class StreamReader:
         self.header = header
 
     def _signing_key(self, der: bytes) -> ec.EllipticCurvePublicKey:
+        # Its DER bytes and the key of exactly those bytes (keyservice.dercert): the pin is a
+        # hash of the bytes, the signatures verify with that key; a check that asks for more
+        # (the site CA, first use) gets the certificate parsed in full.
         try:
-            cert = x509.load_der_x509_certificate(der)
-        except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm):
+            cert = DerCertificate(der)
+        except (ValueError, UnsupportedAlgorithm):
             raise FormatError("The header's Archiver certificate is not valid DER.") from None
-        self._check_archiver(cert)  # the pin: raises if this is not our Archiver
+        self._check_archiver(cert)  # type: ignore[arg-type]  # the pin: raises if not ours
         try:
             key = cert.public_key()
         except (ValueError, UnsupportedAlgorithm):

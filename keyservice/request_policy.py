@@ -20,13 +20,14 @@ from dataclasses import dataclass
 
 from keyservice.errors import RangeIncomplete, RequestMismatch
 from keyservice.format import Header, Manifest, ManifestEntry, Mode, validate_name
+from keyservice.records import FrozenRecord
 
 # How far the Archiver's clock may be from the viewer's for a live stream to count as fresh.
 DEFAULT_MAX_SKEW_MS = 30_000
 
 
-@dataclass(frozen=True)
-class StreamRequest:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class StreamRequest(FrozenRecord):
     """What the viewer asked for. A reader given one refuses (RequestMismatch) a stream that
     answers anything else: another nonce (a stream saved earlier and replayed by a relay),
     camera, mode or range, a segment whose *signed* capture time lies outside the range, or,
@@ -185,7 +186,9 @@ def live_start(request: StreamRequest | None, header: Header | None) -> int | No
     return None
 
 
-@dataclass
+# eq/repr off: process state compared by identity and never printed; each generated
+# method is compiled at every start (issue 23, start-up).
+@dataclass(eq=False, repr=False)
 class Edges:
     """What one camera's manifests have shown of the range's edges: ``opened``, that nothing
     before its first delivered manifest was left out (the chain's start, or a bare manifest

@@ -34,6 +34,7 @@ from fusion_testkit.client_cli import chunk, iso, now_ms, put
 from fusion_testkit.server import ArchiverServer
 from fusion_testkit.tokens import EnrolledViewer
 from keyservice.cli_support import only_invoked
+from keyservice.dercert import DerCertificate
 from keyservice.exitcodes import ExitCode
 from keyservice.tls import trust as tls_trust
 
@@ -163,6 +164,21 @@ def test_importing_a_package_loads_only_what_is_asked_for(tmp_path: Path) -> Non
                 "keyservice.token.runtime"} & modules
 
 
+def test_play_leaves_the_reader_for_the_logins_wait(tmp_path: Path) -> None:
+    """What play imports before it logs in holds neither the stream's reader nor the crypto
+    core: play imports them in a thread while the login waits for the Archiver
+    (client.preload.import_in_background), and the Player takes them when it is made."""
+    code = ("import sys, json\n"
+            "import client.playback, client.player, client.site, client.logins\n"
+            "print(json.dumps(sorted(m for m, v in sys.modules.items() if v is not None)))\n")
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True, cwd=tmp_path)
+    modules = set(json.loads(done.stdout))
+    assert "client.player" in modules
+    assert not {"keyservice.reader", "keyservice.crypto.segments", "keyservice.crypto.chains",
+                "keyservice.crypto.ratchet", "keyservice.framing"} & modules
+
+
 # --- commands that run for real -------------------------------------------------------------
 def test_fusion_keys_list_loads_only_the_token_layer(
         tmp_path: Path, fusion_viewer_factory: Callable[..., EnrolledViewer]) -> None:
@@ -201,6 +217,34 @@ def test_cameras_list_and_play_load_no_web_framework(
     assert "httpx" in admin and heavy_in(admin, never) == []
     assert heavy_in(admin, ("pkcs11", "asn1crypto")) == []
 
+    home = tmp_path / "client-home"
+    # (This login, the first, pins the Archiver for the play below, which then takes the
+    # pinned path: no X.509 parse.) Where the range was recorded costs play one round trip,
+    # not two: the placements answer names the Archiver that answered, so its name is not
+    # asked for separately (GET /v1/archiver); the plan is the same one (one part, the
+    # entry's own).
+    asked: list[str] = []
+
+    class Counting(httpx.HTTPTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            asked.append(request.url.path)
+            return super().handle_request(request)
+
+    trust = tls_trust(https_archiver.tls_ca)
+    with (ArchiverSession(https_archiver.url, trust=trust,
+                          transport=Counting(verify=trust)) as session,
+          open_identity(viewer.uri) as identity):
+        assert isinstance(identity.certificate, DerCertificate)
+        logged = login(session, identity, known=KnownArchivers(home / "known_archivers"))
+        assert isinstance(logged.result.archiver_certificate, DerCertificate)
+        asked.clear()
+        with Site(session, logged, identity, check=trust_followed(
+                KnownArchivers(home / "known_archivers"), ())) as site:
+            parts = site.parts(camera, start, now_ms())
+            assert asked == [f"/v1/cameras/{camera}/placements"]
+            assert [(p.entry, p.archiver) for p in parts] == [(True, session.name())]
+            assert site.entry_name == session.name()
+
     video = tmp_path / "video.ts"
     played = loaded_by(tmp_path, "fusion-client", "play", "--archiver", https_archiver.url,
                        "--token", viewer.uri, "--camera", camera, "--from", iso(start),
@@ -216,6 +260,14 @@ def test_cameras_list_and_play_load_no_web_framework(
     assert "client.preload" in played  # the token's module was loaded beside the imports
     # Nor what only a PIN prompt or keyservice's listed surface (keyservice.__all__) uses.
     assert not {"getpass", "pkgutil"} & played
+    # Nor an X.509 parser: the certificates on the way to the first byte (the viewer's on the
+    # token, the Archiver's in the login challenge and in the stream's header) are read as DER
+    # bytes and the key of exactly those bytes (keyservice.dercert); the full parse waits for
+    # a check that needs it (--site-ca, first use, --archiver-cert). Nor the classes of
+    # answers and keys play does not use (client.answers, keyservice.software_keys).
+    assert not {"cryptography.x509", "keyservice.certs", "client.answers",
+                "keyservice.software_keys"} & played
+    assert "keyservice.dercert" in played
 
     # The same path still refuses: a wrong PIN is one sentence and its own exit code (the
     # token is asked once, never again), and an Archiver whose signing certificate is not the
@@ -241,28 +293,6 @@ def test_cameras_list_and_play_load_no_web_framework(
     assert done.returncode == ExitCode.ARCHIVER_MISMATCH, done.stderr
     assert not list(tmp_path.glob("wrong-pin.ts*")) and not list(tmp_path.glob("mismatch.ts*"))
 
-    # Where the range was recorded costs play one round trip, not two: the placements answer
-    # names the Archiver that answered, so its name is not asked for separately (GET
-    # /v1/archiver); the plan is the same one (one part, the entry's own).
-    asked: list[str] = []
-
-    class Counting(httpx.HTTPTransport):
-        def handle_request(self, request: httpx.Request) -> httpx.Response:
-            asked.append(request.url.path)
-            return super().handle_request(request)
-
-    trust = tls_trust(https_archiver.tls_ca)
-    with (ArchiverSession(https_archiver.url, trust=trust,
-                          transport=Counting(verify=trust)) as session,
-          open_identity(viewer.uri) as identity):
-        logged = login(session, identity, known=KnownArchivers(tmp_path / "known"))
-        asked.clear()
-        with Site(session, logged, identity, check=trust_followed(
-                KnownArchivers(tmp_path / "known"), ())) as site:
-            parts = site.parts(camera, start, now_ms())
-            assert asked == [f"/v1/cameras/{camera}/placements"]
-            assert [(p.entry, p.archiver) for p in parts] == [(True, session.name())]
-            assert site.entry_name == session.name()
 
 
 # --- the token's module loaded in a thread, first thing (client/preload.py) ------------------

@@ -14,22 +14,24 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from keyservice.certs import load_certificate
-from keyservice.crypto.segments import Rng
+from keyservice.dercert import read_certificate
 from keyservice.errors import ArchiverFailed, CertificateError
-from keyservice.keyscheme import Identity, KeyScheme, Recipient, WrappedKey
+from keyservice.keyscheme import Identity, KeyScheme, Recipient, Rng, WrappedKey
 from keyservice.labels import (
     LABEL_ADMIN_LOGIN_CONTEXT,
     LABEL_LOGIN_CONTEXT,
     LABEL_LOGIN_PROOF,
     LOGIN_CHALLENGE_CONTEXT,
 )
+from keyservice.records import FrozenRecord
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 SECRET_LEN = 32  # login challenge secret
 
@@ -61,8 +63,8 @@ def verify_login_proof(secret: bytes, context: bytes, proof: bytes) -> bool:
     return hmac.compare_digest(_proof(secret, context), proof)
 
 
-@dataclass(frozen=True)
-class LoginChallenge:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class LoginChallenge(FrozenRecord):
     """The Archiver's login challenge (a viewer's or an admin's), as its JSON answer carries
     it: the Archiver's certificate, the challenge id, and the secret wrapped to the
     certificate logging in with its scheme (``key_scheme``; Archivers before issue 24 send
@@ -74,6 +76,8 @@ class LoginChallenge:
         return self.key_scheme
 
 
+    # Its DER bytes and key (a keyservice.dercert.DerCertificate): the pin and the login
+    # context need its fingerprint only; X.509 is parsed where a check asks for more.
     archiver_certificate: x509.Certificate
     challenge_id: bytes
     ciphertext: bytes
@@ -83,7 +87,7 @@ class LoginChallenge:
     def from_answer(cls, answer: Any) -> LoginChallenge:
         """ArchiverFailed if the answer is not a well-formed challenge."""
         try:  # a non-mapping answer fails its first lookup with TypeError
-            return cls(load_certificate(str(answer["archiver_certificate"]).encode()),
+            return cls(_certificate(str(answer["archiver_certificate"]).encode()),
                        bytes.fromhex(answer["challenge_id"]),
                        base64.b64decode(answer["ciphertext"], validate=True),
                        KeyScheme.from_label(str(answer.get("key_scheme")
@@ -91,6 +95,17 @@ class LoginChallenge:
         except (AttributeError, KeyError, TypeError, ValueError, binascii.Error,
                 CertificateError):
             raise ArchiverFailed("The Archiver's login challenge is malformed.") from None
+
+
+def _certificate(data: bytes) -> x509.Certificate:
+    """The Archiver's certificate as DER bytes and key (keyservice.dercert): its fingerprint
+    is all the login needs; anything unusual is read, or refused, by the full loader."""
+    cert = read_certificate(data)
+    if cert is not None:
+        return cert  # type: ignore[return-value]
+    from keyservice.certs import load_certificate
+
+    return load_certificate(data)
 
 
 def login_context(archiver_fingerprint: bytes, viewer_fingerprint: bytes,

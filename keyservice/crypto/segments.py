@@ -36,6 +36,7 @@ from keyservice.format import (
     validate_name,
 )
 from keyservice.labels import LABEL_KEY_COMMITMENT, LABEL_SEGMENT
+from keyservice.records import FrozenRecord
 
 Rng = Callable[[int], bytes]
 
@@ -51,8 +52,8 @@ def _str8(name: str) -> bytes:
     return bytes((len(raw),)) + raw
 
 
-@dataclass(frozen=True)
-class PeriodKey:
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's
+class PeriodKey(FrozenRecord):
     """The random key of one camera data stream for one key period (shared by all viewers).
 
     Nonces are derived from the segment sequence number, so a key must never seal the same

@@ -12,10 +12,9 @@ import secrets
 import threading
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pkcs11
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass, TokenFlag
@@ -23,7 +22,7 @@ from pkcs11 import exceptions as p11
 from pkcs11._pkcs11 import DeriveMixin as _DeriveMixin
 from pkcs11.mechanisms import KDF
 
-from keyservice import certs
+from keyservice.dercert import DerCertificate
 from keyservice.errors import (
     CertificateError,
     IntegrityError,
@@ -36,9 +35,10 @@ from keyservice.errors import (
     TokenRemoved,
     UsageError,
 )
-from keyservice.keyscheme import KeyScheme, Recipient, WrappedKey, unwrap_with
+from keyservice.keyscheme import KeyScheme, Recipient, WrappedKey, same_public_key, unwrap_with
 from keyservice.labels import TOKEN_PROBE_CONTEXT, WrapContext
 from keyservice.pkcs11uri import Pkcs11Uri
+from keyservice.records import FrozenRecord
 from keyservice.token.session import (
     BAD_CIPHERTEXT,
     OAEP_PARAMS,
@@ -60,9 +60,16 @@ from keyservice.token.session import (
     translate,
 )
 
+if TYPE_CHECKING:
+    from cryptography import x509
 
-@dataclass(frozen=True)
-class IdentityInfo:
+# keyservice.certs (X.509 building, validation, the OAEP-hash extension) is imported where it
+# is used: a viewer's identity is read as DER bytes and a key (keyservice.dercert), so that
+# opening a stream needs no X.509 parser (issue 23, start-up).
+
+
+@dataclass(eq=False, repr=False)  # frozen, eq, hash, repr: FrozenRecord's (start-up)
+class IdentityInfo(FrozenRecord):
     """One key on a token as `fusion-keys list` shows it."""
 
     label: str
@@ -292,6 +299,8 @@ class RuntimeToken:
                 with guard("open a fresh session", self.label):
                     self._renew_session()  # the TPM answers OperationActive otherwise
                 if isinstance(exc, UNSUPPORTED):
+                    from keyservice import certs
+
                     raise MechanismUnsupported(
                         f"Token '{self.label}' cannot RSA-OAEP-decrypt with "
                         f"{certs.oaep_hash_name(oaep_hash)}; the certificate must record a hash this "
@@ -399,8 +408,8 @@ class RuntimeToken:
                 raise ObjectNotFound(f"'{label}' on token '{self.label}' has a key but no "
                                      "certificate yet; store the CA-issued one with fusion-keys "
                                      "import-cert.")
-            cert = certs.load_certificate(bytes(cert_obj[Attribute.VALUE]))
-        if not certs.same_public_key(cert.public_key(), public):
+            cert = _token_certificate(bytes(cert_obj[Attribute.VALUE]))
+        if not same_public_key(cert.public_key(), public):
             raise CertificateError(f"The certificate stored for '{label}' on token '{self.label}' "
                                    "belongs to another key; delete the identity and enrol again.")
         return TokenIdentity(self, label, key_id, cert)
@@ -408,6 +417,10 @@ class RuntimeToken:
     def identities(self, *, probe: bool = True) -> list[IdentityInfo]:
         """Every key on the token with its certificate details and, with ``probe``, the OAEP
         hashes the token opens with it (measured: one decrypt per hash and RSA key)."""
+        from cryptography import x509
+
+        from keyservice import certs
+
         result: list[IdentityInfo] = []
         to_probe: list[tuple[int, bytes, rsa.RSAPublicKey | x509.Certificate]] = []
         with self._lock, guard("list its keys", self.label):
@@ -450,6 +463,18 @@ class RuntimeToken:
         return sorted(result, key=lambda info: info.label)
 
 
+def _token_certificate(value: bytes) -> x509.Certificate:
+    """The certificate a token stores (DER, CKA_VALUE), as its bytes and key: the full X.509
+    parse waits for whoever needs more (keyservice.dercert). CertificateError as
+    keyservice.certs.load_certificate says it if the bytes are no certificate."""
+    try:
+        return DerCertificate(value)  # type: ignore[return-value]
+    except ValueError:
+        from keyservice import certs
+
+        return certs.load_certificate(value)  # says what is wrong with it, or reads it
+
+
 class TokenIdentity:
     """A viewer identity on a token: a ``keyservice.keyscheme.Identity`` (``unwrap``), over the
     token's private-key primitive (``RsaOaepKey`` for RSA keys, ``EcdhKey`` for EC P-256)."""
@@ -473,6 +498,8 @@ class TokenIdentity:
     def oaep_hash(self) -> KeyScheme | None:
         if self.is_ec:
             return KeyScheme.ECDH_P256
+        from keyservice import certs
+
         return certs.read_oaep_hash(self.certificate)
 
     def unwrap(self, wrapped: WrappedKey, context: WrapContext) -> bytes:

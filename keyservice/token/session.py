@@ -124,7 +124,9 @@ def guard(action: str, label: str) -> Iterator[None]:
 
 
 # --- modules, slots, sessions ----------------------------------------------------------------
-@dataclass
+# eq/repr off: process state compared by identity and never printed; each generated
+# method is compiled at every start (issue 23, start-up).
+@dataclass(eq=False, repr=False)
 class TokenSlot:
     """Process-wide state of one token: the session that logged in, and the working session.
 
@@ -163,7 +165,7 @@ class TokenSlot:
         self.key_cache.clear()
 
 
-@dataclass
+@dataclass(eq=False, repr=False)  # as TokenSlot
 class LoadedModule:
     path: str
     lib: Any
