@@ -64,12 +64,12 @@ def __getattr__(name: str) -> Any:
         return getattr(answers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["ERROR_CLASSES", "MAX_LIVE_S", "MEDIA_TYPE", "ArchiverSession", "CameraView",
-           "GrantBlob", "GrantInfo", "GrantNotUsable", "HeldElsewhere", "LoginRefused",
-           "LoginResult", "NoRecording", "NotAuthorized", "NotEnrolled", "OutsideGrant",
-           "PlacementView", "RangeSpansArchivers", "RecordingExpired", "SiteArchiver",
-           "UnknownCamera", "UnknownGrant", "ViewerRevoked", "live_request", "local_clock_ms",
-           "playback_request"]
+# The answers of client.answers are documented there (still importable from here).
+__all__ = ["ERROR_CLASSES", "MAX_LIVE_S", "MEDIA_TYPE", "ArchiverSession", "GrantNotUsable",
+           "HeldElsewhere", "LoginRefused", "LoginResult", "NoRecording", "NotAuthorized",
+           "NotEnrolled", "OutsideGrant", "PlacementView", "RangeSpansArchivers",
+           "RecordingExpired", "UnknownCamera", "UnknownGrant", "ViewerRevoked", "live_request",
+           "local_clock_ms", "playback_request"]
 
 MEDIA_TYPE = "application/vnd.fusion-stream"
 # The Archiver's /live allows at most a day per request.

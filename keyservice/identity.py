@@ -38,7 +38,10 @@ from keyservice.labels import WrapContext
 if TYPE_CHECKING:  # read only, never parsed here (a DerCertificate stands in for one)
     from cryptography import x509
 
-    from keyservice.software_keys import SoftwareEcIdentity, SoftwareIdentity, SoftwareSigner
+    # Re-exported (below, on first use) for type checkers too.
+    from keyservice.software_keys import SoftwareEcIdentity as SoftwareEcIdentity
+    from keyservice.software_keys import SoftwareIdentity as SoftwareIdentity
+    from keyservice.software_keys import SoftwareSigner as SoftwareSigner
 
 # The software keys (tests and test vectors only) live in keyservice.software_keys, imported on
 # first use: a viewer's start does not build their classes (issue 23). Importable from here.
@@ -56,9 +59,10 @@ def __getattr__(name: str) -> object:
 OaepHash = KeyScheme
 EcIdentity = EcdhKey
 
+# The software keys are documented in keyservice.software_keys (still importable from here).
 __all__ = ["EcIdentity", "EcdhKey", "Identity", "IncorrectIdentity", "KeyScheme", "OaepHash",
-           "Recipient", "RsaOaepKey", "Signer", "SoftwareEcIdentity", "SoftwareIdentity",
-           "SoftwareSigner", "WrapContext", "WrappedKey", "fingerprint", "verify_signature"]
+           "Recipient", "RsaOaepKey", "Signer", "WrapContext", "WrappedKey", "fingerprint",
+           "verify_signature"]
 
 
 def fingerprint(cert: x509.Certificate) -> bytes:
