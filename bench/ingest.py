@@ -80,12 +80,20 @@ class Params:
 
 
 # --- what the machine did during a window (Linux /proc; empty elsewhere) -----------------------
-def _cpu_seconds(pid: int) -> float | None:
+def _cpu_split(pid: int) -> tuple[float, float] | None:
+    """(user, kernel) CPU seconds of ``pid``: the Archiver's kernel time (copies into the
+    page cache, fsync, sockets) is a large part of its whole."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    split = _cpu_split(pid)
+    return None if split is None else sum(split)
 
 
 def _children_cpu_seconds(pid: int) -> dict[int, float]:
@@ -147,7 +155,7 @@ def window(server: BenchServer, cameras_file: Path, params: Params, seconds: flo
     """One load-generator run against ``server``; MB/s acknowledged inside the window."""
     assert server.process is not None
     metrics0 = _metrics(server)
-    cpu0, ticks0, wall0 = _cpu_seconds(server.process.pid), _machine_ticks(), time.perf_counter()
+    cpu0, ticks0, wall0 = _cpu_split(server.process.pid), _machine_ticks(), time.perf_counter()
     children0 = _children_cpu_seconds(server.process.pid)
     loadgen = subprocess.Popen(
         [sys.executable, "-m", "bench.loadgen", "--url", server.url, "--cameras",
@@ -160,7 +168,7 @@ def window(server: BenchServer, cameras_file: Path, params: Params, seconds: flo
         time.sleep(params.warmup + 0.5)
         spy = _profile(server, seconds - 0.5, profile)
     out, err = loadgen.communicate()
-    cpu1, ticks1, wall1 = _cpu_seconds(server.process.pid), _machine_ticks(), time.perf_counter()
+    cpu1, ticks1, wall1 = _cpu_split(server.process.pid), _machine_ticks(), time.perf_counter()
     children1 = _children_cpu_seconds(server.process.pid)
     if spy is not None:
         spy.wait(60)
@@ -174,9 +182,13 @@ def window(server: BenchServer, cameras_file: Path, params: Params, seconds: flo
     metrics1 = _metrics(server)
     result.update({f"{k}_in_run": metrics1[k] - metrics0.get(k, 0) for k in metrics1})
     if cpu0 is not None and cpu1 is not None:
-        result["server_cpu_cores"] = (cpu1 - cpu0) / (wall1 - wall0)
+        user, kernel = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+        megabytes = result["bytes"] / MB or 1
+        result["server_cpu_cores"] = (user + kernel) / (wall1 - wall0)
         # CPU per MB is robust to a noisy neighbour in a way MB/s is not.
-        result["server_cpu_ms_per_mb"] = (cpu1 - cpu0) * 1000 / (result["bytes"] / MB or 1)
+        result["server_cpu_ms_per_mb"] = (user + kernel) * 1000 / megabytes
+        result["server_user_ms_per_mb"] = user * 1000 / megabytes
+        result["server_kernel_ms_per_mb"] = kernel * 1000 / megabytes
     children = sum(cpu - children0.get(pid, 0.0) for pid, cpu in children1.items())
     if children:
         result["children_cpu_cores"] = children / (wall1 - wall0)
@@ -198,7 +210,8 @@ def _describe(label: str, row: dict[str, Any]) -> str:
             f" ({row['seconds']:.0f} s) p50 ack {row['latency_p50_s'] * 1000:>5.0f} ms")
     if "server_cpu_cores" in row:
         text += (f"  server {row['server_cpu_cores']:.2f} cores, "
-                 f"{row['server_cpu_ms_per_mb']:.1f} ms CPU/MB")
+                 f"{row['server_cpu_ms_per_mb']:.1f} ms CPU/MB (user "
+                 f"{row['server_user_ms_per_mb']:.1f}, kernel {row['server_kernel_ms_per_mb']:.1f})")
     if row.get("children_cpu_cores"):
         text += f", its chain preparation process {row['children_cpu_cores']:.2f} cores"
     if row.get("machine_busy") is not None:

@@ -70,6 +70,8 @@ def test_ingest_windows(tmp_path: Path) -> None:
     previous = 0
     for w in windows:
         assert w["bytes"] > 0 and w["segments"] > 0 and not w["errors"]
+        assert w["server_user_ms_per_mb"] + w["server_kernel_ms_per_mb"] == pytest.approx(
+            w["server_cpu_ms_per_mb"])
         if w["mode"] == "encrypted":
             assert w["ratio"] > 0
             # Viewers added join the running chains (one record each per camera stream); a
