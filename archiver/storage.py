@@ -110,7 +110,10 @@ class ArchiveFiles:
         end = size - CACHED_TAIL_BYTES
         start = self._uncached_to.get(relpath, 0)
         if end - start >= CACHED_TAIL_BYTES and hasattr(os, "posix_fadvise"):  # in steps
-            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            try:
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            except OSError:  # advice only: the bytes are durable, the append succeeded
+                return
             self._uncached_to[relpath] = end
 
     def cut_back(self, relpath: str, offset: int) -> None:
