@@ -243,7 +243,11 @@ def run(report: Report, workdir: Path, params: Params) -> dict[str, Any]:
     pems = CertFactory().pems(0, most)
     report.line(f"{most} viewer certificates made in {time.perf_counter() - started:.1f} s")
     result["write_path"] = write_path(report, workdir / "writepath", params)
-    result["blocks"] = [_block(report, workdir / f"period-{period}", names, pems, period, params)
+    path = result["write_path"]
+    crypto = (path["aes_gcm_ms_per_mb"] + path["sha256_digest_ms_per_mb"]
+              + path["ecdsa_sign_ms_per_mb"])
+    result["blocks"] = [_block(report, workdir / f"period-{period}", names, pems, period, params,
+                               crypto)
                         for period in params.periods]
     return result
 
@@ -280,8 +284,9 @@ def _plan(viewers: list[int]) -> list[int | None]:
 
 
 def _block(report: Report, workdir: Path, names: list[str], pems: list[str], period: int,
-           params: Params) -> dict[str, Any]:
-    """Baseline and encrypted windows for one key period, on two fresh Archivers."""
+           params: Params, crypto_ms_per_mb: float | None = None) -> dict[str, Any]:
+    """Baseline and encrypted windows for one key period, on two fresh Archivers;
+    ``crypto_ms_per_mb`` gives each encrypted window its ceiling (``_ratios``)."""
     long_period = period >= 30
     # Short periods: whole key periods per window. Long ones: the window stays inside one.
     base_seconds = (params.seconds if long_period
@@ -347,7 +352,7 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
                 baseline_window()
                 _revocation(report, encrypted, files["encrypted"], params, period, step,
                             seconds, fingerprints[0], rows, baseline_window)
-        _ratios(rows)
+        _ratios(rows, crypto_ms_per_mb)
         for row in rows:
             if row["mode"] != "encrypted":
                 continue
@@ -355,6 +360,8 @@ def _block(report: Report, workdir: Path, names: list[str], pems: list[str], per
                     f"{row['ratio']:.3f} to the baseline "
                     f"windows around it; CPU per MB {row.get('cpu_ratio', float('nan')):.2f}x "
                     "the baseline's")
+            if "ceiling" in row:
+                text += f"; ceiling {row['ceiling']:.3f}"
             report.line(text)
         return {"key_period_s": period, "windows": rows}
     finally:
@@ -408,8 +415,21 @@ def _stay_inside_period(period: int, needed_s: float) -> None:
         time.sleep(remaining + 0.2)
 
 
-def _ratios(rows: list[dict[str, Any]]) -> None:
-    """Each encrypted window against the mean of the nearest baseline window before and after."""
+def _machine_ms_per_mb(row: dict[str, Any]) -> float | None:
+    """CPU of the whole machine (every process) per MB archived in a window."""
+    if row.get("machine_busy") is None or not row["bytes_per_s"]:
+        return None
+    return row["machine_busy"] * (os.cpu_count() or 1) * 1000 / (row["bytes_per_s"] / MB)
+
+
+def _ratios(rows: list[dict[str, Any]], crypto_ms_per_mb: float | None = None) -> None:
+    """Each encrypted window against the mean of the nearest baseline window before and after.
+
+    ``crypto_ms_per_mb``: the CPU per MB of what encryption cannot skip (AES-256-GCM, the
+    SHA-256 digest the signed manifest carries, the signature), measured in one thread in the
+    same run (``write_path``). With it, each window also gets its *ceiling*: the ratio it would
+    reach if the machine's CPU is what limits and encryption added nothing else, i.e. the
+    baselines' machine CPU per MB over that plus the crypto's."""
     for i, row in enumerate(rows):
         if row["mode"] != "encrypted":
             continue
@@ -422,6 +442,10 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
         cpu = [r["server_cpu_ms_per_mb"] for r in around if "server_cpu_ms_per_mb" in r]
         if cpu and "server_cpu_ms_per_mb" in row:
             row["cpu_ratio"] = row["server_cpu_ms_per_mb"] / (sum(cpu) / len(cpu))
+        machine = [m for m in map(_machine_ms_per_mb, around) if m is not None]
+        if machine and crypto_ms_per_mb is not None:
+            base_ms = sum(machine) / len(machine)
+            row["ceiling"] = base_ms / (base_ms + crypto_ms_per_mb)
 
 
 def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -438,5 +462,7 @@ def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
                    "mb_s": w["bytes_per_s"] / MB, "cameras": w["bytes_per_s"] / CAMERA_BYTES_PER_S,
                    "ratio": w["ratio"], "baseline_mb_s": base / MB,
                    "baseline_cameras": base / CAMERA_BYTES_PER_S}
+            if "ceiling" in w:
+                row["ceiling"] = w["ceiling"]
             out.append(row)
     return out

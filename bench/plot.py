@@ -67,6 +67,10 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         else:
             label = f"ours, key period {period} s (stress: {60 / period:g}x the rotations)"
         left.plot(xs, [r["ratio"] for r in mine], "s-", color=color, label=label)
+        if phase == "steady" and all("ceiling" in r for r in mine):
+            left.plot(xs, [r["ceiling"] for r in mine], ":", color=color, linewidth=1.5,
+                      label=f"ceiling, key period {period} s, steady: the baselines' CPU "
+                            "per MB plus only AES-GCM, SHA-256 and the signature's")
         right.plot(xs, [r["cameras"] for r in mine], "s-", color=color, label=label)
         if not phase.startswith(("steady", "next period")):  # one baseline line per block
             right.axhline(mine[0]["baseline_cameras"], color=color, linestyle="--",
