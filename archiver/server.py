@@ -24,6 +24,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from archiver.limits import header_timeout_protocol
+from archiver.memory import keep_freed_buffers
 from archiver.settings import Settings
 from keyservice.errors import KeyServiceError, UsageError
 from keyservice.exitcodes import ExitCode
@@ -156,4 +157,5 @@ def bind_listeners(settings: Settings) -> list[socket.socket]:
 def serve(app: Any, settings: Settings, log_level: str = "info",
           sockets: list[socket.socket] | None = None) -> None:
     """Serve ``app``; on ``sockets`` if given (bind_listeners), else uvicorn binds."""
+    keep_freed_buffers()
     uvicorn.Server(uvicorn_config(app, settings, log_level)).run(sockets=sockets)
