@@ -1,14 +1,15 @@
 """The Archiver process's heap: keep freed segment buffers instead of handing them back.
 
-Every upload allocates a few large buffers (its body, then its ciphertext: 1-64 MiB) from
-dozens of threads and frees them a moment later. glibc's malloc gives such blocks back to the
-kernel (``munmap``, or a trim of the thread's arena), so the next upload's buffers are fresh
-pages: faulted in and zeroed by the kernel again, and on a VM whose balloon reports free pages
-to its host (as the page cache did, archiver.storage) faulted in by the host as well. Measured
-with the ingest benchmark's load (docs/benchmarks.md, "malloc"), windows alternating on the same
-machine: the encrypting Archiver 0.6 ms of CPU per MB less (mostly kernel) and 9 % more MB/s,
-the plaintext baseline 0.3 ms and 4 %. The cost: memory freed after a burst of uploads stays in
-the process (about the burst's buffers; docs/deployment.md, "Memory").
+Every upload allocates a few large buffers (its body, then its ciphertext: up to 32 MiB each by
+default) from dozens of threads and frees them a moment later. glibc's malloc gives such blocks
+back to the kernel (``munmap``, or a trim of the thread's arena), so the next upload's buffers
+are fresh pages: faulted in and zeroed by the kernel again, and on a VM whose balloon reports
+free pages to its host (as the page cache did, archiver.storage) faulted in by the host as
+well. Measured with the ingest benchmark's load (docs/benchmarks.md, "Freed buffers kept"),
+windows alternating on the same machine: the encrypting Archiver 0.45-0.6 ms of CPU per MB less
+(mostly kernel) and 6-9 % more MB/s, the plaintext baseline 0.2-0.3 ms less. The cost: memory
+freed after a burst of uploads stays in the process (about the burst's buffers, ~40 MB there;
+docs/deployment.md, "Memory").
 
 An administrator who sets glibc's malloc tunables (``GLIBC_TUNABLES``) keeps them: nothing is
 changed then. Not glibc (musl): nothing is changed either.
