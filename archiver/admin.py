@@ -229,11 +229,13 @@ class Admin:
         except CertificateError as exc:
             raise Refused(ErrorCode.BAD_CERTIFICATE, str(exc)) from None
         wanted = None if cameras is None else sorted(set(cameras))
-        known = {c.name for c in archive.directory.cameras()}
-        unknown = sorted(set(wanted or ()) - known)
-        if unknown:
-            raise Refused(ErrorCode.UNKNOWN_CAMERA,
-                               f"Unknown camera(s): {', '.join(unknown)}.")
+        # Only named cameras are looked up (a viewer of all cameras needs no directory query).
+        if wanted:
+            known = {c.name for c in archive.directory.cameras()}
+            unknown = sorted(set(wanted) - known)
+            if unknown:
+                raise Refused(ErrorCode.UNKNOWN_CAMERA,
+                              f"Unknown camera(s): {', '.join(unknown)}.")
         fp = fingerprint(cert).hex()
         subject = cert.subject.rfc4514_string()
         existing = archive.directory.viewer(fp)

@@ -76,6 +76,11 @@ def test_a_viewer_logs_in_through_the_login_service(
     logins = services.logins
     _refused(ErrorCode.NOT_ENROLLED, lambda: logins.viewer_challenge(pem))
     _refused(ErrorCode.BAD_CERTIFICATE, lambda: logins.viewer_challenge("not a certificate"))
+    # Named cameras must exist (a viewer of all cameras needs no lookup of them).
+    unknown = _refused(ErrorCode.UNKNOWN_CAMERA, lambda: services.admin.authorize_viewer(
+        "admin", pem.encode(), ["door", "gate"]))
+    assert unknown.message == "Unknown camera(s): gate."
+    _refused(ErrorCode.NOT_ENROLLED, lambda: logins.viewer_challenge(pem))
     row = services.admin.authorize_viewer("admin", pem.encode(), ["door"])
     issued = logins.viewer_challenge(pem)
     # A wrong proof is refused, and the challenge is gone (taken once, right or wrong).
