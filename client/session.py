@@ -281,12 +281,13 @@ class ArchiverSession:
             raise UsageError(f"Cannot use the Archiver URL {url!r}: {exc}.") from None
         self._session_token: str | None = None
         self.login_result: LoginResult | None = None
-        self._streaming: set[httpx.Response] = set()  # streams being read (close() ends them)
+        self._streaming: set[httpx.Response] = set()  # streams being read (interrupt() ends them)
+        self._interrupted = False
 
     def sibling(self) -> ArchiverSession:
         """A connection of its own to the same Archiver, with the same trust and the same
-        login (no new proof of possession): a stream on it can be stopped by closing it from
-        another thread without touching this session."""
+        login (no new proof of possession): a stream on it can be stopped from another thread
+        (``interrupt``) without touching this session."""
         child = ArchiverSession(self.url, trust=self.trust, timeout=self.timeout)
         child._session_token = self._session_token
         child.login_result = self.login_result
@@ -298,19 +299,25 @@ class ArchiverSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
-        """Close the connection (the Archiver's session stays valid until it expires)."""
-        # A stream read in another thread holds its socket open through the blocked read, so
-        # closing alone tells the Archiver nothing: a silent camera's live stream (and one of
-        # the viewer's stream slots there) would stay until its next segment. Shut it down.
+    def interrupt(self) -> None:
+        """From another thread: end the streams being read on this session (and any opened
+        after), so that the reading thread returns and closes the session itself.
+
+        Their sockets are shut down, not closed. A blocked read holds its socket open, so
+        closing alone tells the Archiver nothing (a silent camera's live stream, and one of the
+        viewer's stream slots there, would stay until its next segment). And closing it under
+        the reading thread frees its descriptor number while that thread's TLS object still
+        reads and writes the number: the next connection the process opens gets it, and the
+        two connections' bytes mix (seen in the browser grid as a tile's TLS handshake failing
+        with WRONG_VERSION_NUMBER, or its stream cut mid-way)."""
+        self._interrupted = True
         for response in list(self._streaming):
-            network = response.extensions.get("network_stream")
-            sock = network.get_extra_info("socket") if network is not None else None
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass  # closed already
+            _shut_down(response)
+
+    def close(self) -> None:
+        """Close the connection (the Archiver's session stays valid until it expires). From
+        the thread that uses it; another thread calls ``interrupt``."""
+        self.interrupt()
         self._http.close()
 
     # --- plumbing ---------------------------------------------------------------------
@@ -634,6 +641,8 @@ class ArchiverSession:
                 raise ArchiverFailed(f"The Archiver sent {media or 'no content type'} instead "
                                      "of a fusion stream.")
             self._streaming.add(response)
+            if self._interrupted:  # interrupted while this stream was being opened
+                _shut_down(response)
             yield self._chunks(response)
         finally:
             self._streaming.discard(response)
@@ -649,3 +658,15 @@ class ArchiverSession:
             raise StreamTruncated(
                 f"The connection to the Archiver broke mid-stream ({exc.__class__.__name__}) "
                 "before the signed end record.") from None
+
+
+def _shut_down(response: httpx.Response) -> None:
+    """Shut a streamed response's socket down in both directions, leaving it open: the
+    thread reading it sees the end and closes it (``ArchiverSession.interrupt``)."""
+    network = response.extensions.get("network_stream")
+    sock = network.get_extra_info("socket") if network is not None else None
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already

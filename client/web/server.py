@@ -415,7 +415,9 @@ async def pump(websocket: WebSocket, backend: ViewerBackend, request: TileReques
     def stop() -> None:
         stopped.set()
         for session in sessions:
-            session.close()  # unblocks a live stream waiting for the camera's next segment
+            # Unblocks a live stream waiting for the camera's next segment; the worker closes
+            # its session itself (closing it from here would race the worker's reads).
+            session.interrupt()
 
     async def watch_close() -> None:
         try:
