@@ -39,7 +39,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -70,10 +70,24 @@ CameraStream = tuple[str, DataStream]
 PREPARE_BATCH_RECORDS = 100_000
 # How long close() waits for the batch being prepared before it ends the preparation process.
 CLOSE_WAIT_S = 10.0
+# How long before a UTC midnight the next day's chains are prepared, off the ingest path: at
+# 10 000 viewers on 100 cameras the day's first chains are a million records, which wrapped by
+# the cameras' own first segments of the day took ingest to 0.22 of its baseline for a minute.
+# The lead covers a preparation slowed by a saturated machine (151 s seen for a million
+# records) several times over; the chains' states are in memory that much earlier, no longer.
+NEXT_DAY_LEAD_MS = 10 * 60_000
 
 
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _next_midnight(now_ms: int) -> int:
+    return (now_ms // DAY_MS + 1) * DAY_MS
+
+
+def _utc_day(now_ms: int) -> dt.date:
+    return dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
 
 
 @dataclass
@@ -169,6 +183,9 @@ class KeyManager:
         # among its recipients (the chain ends then: an expired viewer derives no later key)
         self._chains: dict[CameraStream, _Chain] = {}
         self._epochs: dict[str, _ViewerEpoch] = {}
+        # The next UTC day's epochs, started for its chains prepared before midnight (their
+        # openers stored): taken over by the first wrap of that day (_epoch_for).
+        self._next_epochs: dict[str, _ViewerEpoch] = {}
         self._viewers: list[tuple[ViewerRow, Recipient, int]] | None = None
         # The one viewer-certificate cache: fingerprint -> (certificate, its Recipient,
         # not-after), parsed once, not per change (_load_viewers, _refresh_viewer); _index is
@@ -194,7 +211,17 @@ class KeyManager:
         # camera stream -> its next chain, prepared off the ingest path (already committed)
         self._prepared: dict[CameraStream, _Chain] = {}
         self._prepare_failed: set[CameraStream] = set()
+        # camera stream -> its chain of the next UTC day, prepared in the last NEXT_DAY_LEAD_MS
+        # of this one (committed), and who holds it; installed by its first segment of that day.
+        self._next_day: dict[CameraStream, _Chain] = {}
+        self._next_day_members: dict[CameraStream, _Members] = {}
+        self._next_day_failed: dict[CameraStream, int] = {}  # -> the midnight it failed for
         self._join_failed: set[CameraStream] = set()  # joins left to the ingest path
+        # camera stream -> the arrival of the segment waiting for its new chain, which the
+        # preparing thread starts (_start_by_preparing_thread); notified under _rotate.
+        self._start_requests: dict[CameraStream, int] = {}
+        self._start_failed: set[CameraStream] = set()  # the last request of these failed
+        self._starts_done = threading.Condition(self._rotate)
         self._worker: threading.Thread | None = None
         self.chain_worker = ChainWorker() if prepare_elsewhere and rng is os.urandom else None
         self._closed = False
@@ -265,6 +292,8 @@ class KeyManager:
         key = chain.key_at(now_ms)
         self._current[cam_stream] = (period, key)
         self.rotations += 1
+        if self._worker is None and now_ms >= _next_midnight(now_ms) - NEXT_DAY_LEAD_MS:
+            self._ensure_worker()  # the next day's chains, before midnight
         return key
 
     def _ready_chain(self, cam_stream: CameraStream, now_ms: int) -> KeyChain | None:
@@ -278,6 +307,16 @@ class KeyManager:
                 retiring is None or found.generation >= retiring[0]
                 or now_ms // self._period_ms <= retiring[1]):
             return found.chain
+        ahead = self._next_day.get(cam_stream)
+        if (ahead is not None and ahead.serves(now_ms, today)
+                and (retiring is None or ahead.generation >= retiring[0])):
+            # The day's chain, prepared before midnight (a removal since would have dropped it).
+            del self._next_day[cam_stream]
+            self._retiring.pop(cam_stream, None)
+            self._drop_prepared(cam_stream)  # prepared for a key period of the day before
+            self._chains[cam_stream] = ahead
+            self._install_members(cam_stream, self._next_day_members.pop(cam_stream, None))
+            return ahead.chain
         prepared = self._prepared.get(cam_stream)
         if (prepared is not None and retiring is not None
                 and prepared.generation >= retiring[0] and prepared.serves(now_ms, today)):
@@ -286,21 +325,24 @@ class KeyManager:
             self._chains[cam_stream] = prepared
             # Its members (and viewers added since it was prepared, pending) replace the
             # retired chain's only now: until the switch the running chain is the retired one.
-            members = self._prepared_members.pop(cam_stream, None)
-            if members is not None:
-                self._members[cam_stream] = members
-            else:
-                self._members.pop(cam_stream, None)
+            self._install_members(cam_stream, self._prepared_members.pop(cam_stream, None))
             return prepared.chain
         return None
+
+    def _install_members(self, cam_stream: CameraStream, members: _Members | None) -> None:
+        if members is not None:
+            self._members[cam_stream] = members
+        else:
+            self._members.pop(cam_stream, None)
 
     def authorization_changed(self, fingerprint: str, cameras: list[str] | None) -> None:
         """A viewer was added or re-authorized, or its cameras changed with some added: its
         epoch ends. On the affected cameras (None: all), a chain it holds but may no longer
         (a camera removed in the same change) starts anew before the next segment; a chain it
         may now hold but does not is joined at its next rotation (``_join_pending``), and so
-        is a chain prepared for the camera's next period (at the switch); other chains run on
-        untouched. Changes that only remove go through ``access_removed``."""
+        is a chain prepared for the camera's next period (at the switch); a chain prepared for
+        the next day is prepared again; other chains run on untouched. Changes that only
+        remove go through ``access_removed``."""
         with self._rotate:
             row = self._directory.viewer(fingerprint)
             with self._lock:
@@ -324,35 +366,55 @@ class KeyManager:
                                  or not self._note_change(prepared, fingerprint, allowed))):
                         # The prepared chain holds a viewer that lost the camera: not used.
                         self._drop_prepared(cam_stream)
+                    ahead = self._next_day_members.get(cam_stream)
+                    if (cam_stream in self._next_day
+                            and (ahead is None or ahead.holds(fingerprint) != allowed)):
+                        # Made again for the new viewer list: a join would open only from
+                        # the step after the chain's first, which serves from midnight.
+                        self._drop_next_day(cam_stream)
                 for cam_stream in restart:
                     self._current.pop(cam_stream, None)
                     del self._chains[cam_stream]  # its state is erased with it
                     self._members.pop(cam_stream, None)
                     self._drop_prepared(cam_stream)
+                    self._drop_next_day(cam_stream)
                     self._retiring.pop(cam_stream, None)  # the new chain is of this change
                 self._ensure_worker()
 
     def _epoch_for(self, fingerprint: str, recipient: Recipient, today: dt.date,
-                   now_ms: int) -> tuple[_ViewerEpoch, bytes | None]:
+                   now_ms: int, ahead: bool = False) -> tuple[_ViewerEpoch, bytes | None]:
         """The viewer's epoch to wrap under now, and the opener of a new one (None: it runs on).
+        ``ahead``: for the next day's chains, prepared before its midnight (``now_ms``).
 
         Epochs end at the UTC day boundary, bounding how much one opener unlocks. A new one
         also starts when the ratchet is already past now's key period: a segment that read the
         clock just before a period boundary can rotate after a segment of the new period did,
         and the older KEK is erased (forward secrecy), so it cannot wrap."""
-        viewer_epoch = self._epochs.get(fingerprint)
-        if (viewer_epoch is not None and viewer_epoch.utc_day == today
-                and viewer_epoch.epoch.usable_at(now_ms)):
-            return viewer_epoch, None
+        for epochs in (self._epochs, self._next_epochs):
+            viewer_epoch = epochs.get(fingerprint)
+            if (viewer_epoch is not None and viewer_epoch.utc_day == today
+                    and viewer_epoch.epoch.usable_at(now_ms)):
+                if epochs is self._next_epochs and not ahead:
+                    del self._next_epochs[fingerprint]  # the day came: started ahead of it
+                    self._epochs[fingerprint] = viewer_epoch
+                return viewer_epoch, None
         epoch, opener = Epoch.start(recipient, self._period_ms // 1000, now_ms, self._rng)
-        viewer_epoch = self._epochs[fingerprint] = _ViewerEpoch(epoch, today)
+        viewer_epoch = _ViewerEpoch(epoch, today)
+        (self._next_epochs if ahead else self._epochs)[fingerprint] = viewer_epoch
         return viewer_epoch, encode_record(opener)
+
+    def _forget_epochs(self, fingerprints: Iterable[str], ahead: bool = False) -> None:
+        """Epochs whose openers were never stored: the next wrap starts new ones."""
+        epochs = self._next_epochs if ahead else self._epochs
+        for fingerprint in fingerprints:
+            epochs.pop(fingerprint, None)
 
     def _viewer_changed(self, fingerprint: str, row: ViewerRow | None) -> None:
         """Under ``_lock``, for any change of one viewer: its epoch ends, its entry is reread,
         and every chain prepared before now is outdated (the generation)."""
         self._generation += 1
         self._epochs.pop(fingerprint, None)
+        self._next_epochs.pop(fingerprint, None)
         self._refresh_viewer(fingerprint, row)
         self._prepare_failed.clear()
         self._join_failed.clear()
@@ -392,6 +454,8 @@ class KeyManager:
                         older = self._retiring.get(cam_stream)
                         self._retiring[cam_stream] = (
                             self._generation, period if older is None else min(older[1], period))
+                        # Wrapped for the viewer: prepared again once the retiring is over.
+                        self._drop_next_day(cam_stream)
                         for members in (self._members.get(cam_stream),
                                         self._prepared_members.get(cam_stream)):
                             if members is not None:  # a join it was waiting for is off
@@ -400,9 +464,12 @@ class KeyManager:
 
     def _ensure_worker(self) -> None:
         """Under _lock: the preparing thread runs while a camera's chain is retiring, or
-        (with the preparation process) while viewers wait to join a running chain."""
-        if ((self._retiring or self._next_joins()) and self._worker is None
-                and not self._closed):
+        (with the preparation process) while cameras wait for their new chain, viewers wait
+        to join a running chain or, in the last NEXT_DAY_LEAD_MS of a UTC day, active cameras
+        lack the next day's chain."""
+        if self._worker is None and not self._closed and (
+                self._start_requests or self._retiring or self._next_joins()
+                or self._next_day_todo(self._clock())):
             self._worker = threading.Thread(target=self._prepare_chains, daemon=True,
                                             name="fusion-chain-prepare")
             self._worker.start()
@@ -433,25 +500,38 @@ class KeyManager:
         writes each page of the chain record index once per batch, not once per camera."""
         while True:
             with self._rotate:
+                now_ms = self._clock()
                 with self._lock:
-                    todo = [] if self._closed else self._next_to_prepare()
-                    joins = [] if self._closed or todo else self._next_joins()
-                    if not todo and not joins:
+                    starts = [] if self._closed else list(self._start_requests)
+                    todo = [] if self._closed or starts else self._next_to_prepare()
+                    joins = [] if self._closed or starts or todo else self._next_joins()
+                    ahead = ([] if self._closed or starts or todo or joins
+                             else self._next_day_todo(now_ms))
+                    if not starts and not todo and not joins and not ahead:
                         self._worker = None
+                        self._starts_done.notify_all()  # waiting cameras wrap their own
                         return
                     generation = self._generation
-                now_ms = self._clock()
-                today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
+                if starts:
+                    assert self.chain_worker is not None
+                    self._start_waiting(self.chain_worker, starts, generation)
+                    continue
+                today = _utc_day(now_ms)
                 if joins:
                     assert self.chain_worker is not None
                     self._prepare_joins(self.chain_worker, joins, now_ms, today)
+                    continue
+                if ahead:
+                    assert self.chain_worker is not None
+                    self._prepare_next_day(self.chain_worker, ahead, now_ms, generation)
                     continue
                 batch: list[_Wrapped] = []
                 attempted: list[CameraStream] = []
                 try:
                     if self.chain_worker is not None:
                         batch = self._prepare_elsewhere(self.chain_worker, todo, attempted,
-                                                        now_ms, today, generation)
+                                                        now_ms, today, generation,
+                                                        self._next_to_prepare)
                     else:
                         records = 0
                         for cam_stream in todo:
@@ -465,8 +545,7 @@ class KeyManager:
                         self._commit(batch, now_ms)
                 except Exception:
                     for wrapped in batch:  # their openers were never stored: start over
-                        for fingerprint in wrapped.started:
-                            self._epochs.pop(fingerprint, None)
+                        self._forget_epochs(wrapped.started)
                     # Those cameras' next segments start their chains themselves (and report
                     # why if that fails too).
                     log.warning("could not prepare the next key chains of %s",
@@ -492,7 +571,8 @@ class KeyManager:
 
     def _prepare_elsewhere(self, worker: ChainWorker, todo: list[CameraStream],
                            attempted: list[CameraStream], now_ms: int, today: dt.date,
-                           generation: int) -> list[_Wrapped]:
+                           generation: int, still_to_do: Callable[[], list[CameraStream]],
+                           ahead: bool = False) -> list[_Wrapped]:
         """Under _rotate, in the preparing thread: the next chains of the first cameras of
         ``todo`` (up to PREPARE_BATCH_RECORDS records), wrapped by the chain preparation
         process, then journaled, stored and signed here as ``_commit`` does. What crosses the
@@ -503,9 +583,10 @@ class KeyManager:
         _rotate is let go while the process works (epochs that start are stored before, see
         ``_viewer_keks``): a camera whose chain is not ready at its next period then starts
         one itself at once, as before, rather than waiting for a process that yields the CPU
-        to ingest. The batch is then kept only for the cameras that still need it, and not at
-        all if an authorization changed meanwhile (the next round prepares for the new viewer
-        list)."""
+        to ingest. The batch is then kept only for the cameras that still need it
+        (``still_to_do``, under _lock), and not at all if an authorization changed meanwhile
+        (the next round prepares for the new viewer list). ``ahead``: the chains start at the
+        next UTC midnight (``now_ms``), under that day's epochs."""
         viewers = self._load_viewers()
         everywhere = sum(1 for row, _, _ in viewers if row.all_cameras)
         listed: dict[str, int] = {}
@@ -521,7 +602,7 @@ class KeyManager:
                 break
         cameras = {camera for camera, _ in attempted}
         cpu0 = time.thread_time()
-        kept = self._viewer_keks(viewers, cameras, attempted[0][0], now_ms, today)
+        kept = self._viewer_keks(viewers, cameras, attempted[0][0], now_ms, today, ahead)
         self.prepare_cpu_s["viewers"] += time.thread_time() - cpu0
         chains = [KeyChain.start(camera, stream, self._period_s, now_ms, self._rng)
                   for camera, stream in attempted]
@@ -535,7 +616,7 @@ class KeyManager:
         if len(result.chains) != len(chains):
             raise RuntimeError("the chain preparation process answered for other chains")
         with self._lock:
-            wanted = set(self._next_to_prepare()) if generation == self._generation else set()
+            wanted = set(still_to_do()) if generation == self._generation else set()
         batch = [self._prepared_wrapped(chain, made)
                  for (chain, _), made in zip(chains, result.chains, strict=True)
                  if (chain.camera, chain.stream) in wanted]
@@ -549,7 +630,8 @@ class KeyManager:
         return batch
 
     def _viewer_keks(self, viewers: list[tuple[ViewerRow, Recipient, int]], cameras: set[str],
-                     journal_camera: str, now_ms: int, today: dt.date) -> list[ViewerKek]:
+                     journal_camera: str, now_ms: int, today: dt.date, ahead: bool = False
+                     ) -> list[ViewerKek]:
         """Under _rotate: the viewers of ``viewers`` authorized on any of ``cameras`` and not
         expired, each with its epoch at now's ratchet step. Epochs that must start do so here,
         and their openers are journaled (to ``journal_camera``'s key journal) and stored at
@@ -562,12 +644,14 @@ class KeyManager:
                     row.all_cameras or not cameras.isdisjoint(row.cameras)):
                 continue
             if now_ms > not_after:  # no key material, as in _wrap_into
-                if row.fingerprint not in self._expired_reported:
+                # (Ahead of midnight it has not expired yet: reported when its chain ends.)
+                if not ahead and row.fingerprint not in self._expired_reported:
                     self._expired_reported.add(row.fingerprint)
                     if self.on_expired is not None:
                         self.on_expired(row.fingerprint, not_after)
                 continue
-            viewer_epoch, opener = self._epoch_for(row.fingerprint, recipient, today, now_ms)
+            viewer_epoch, opener = self._epoch_for(row.fingerprint, recipient, today, now_ms,
+                                                   ahead)
             if opener is not None:
                 started.append(row.fingerprint)
             epoch = viewer_epoch.epoch
@@ -583,8 +667,7 @@ class KeyManager:
                     self._journal(journal_camera, now_ms, [b"".join(o[3] for o in openers)])
                 self._db.store_key_rows(openers, [])
             except BaseException:
-                for fingerprint in started:  # their openers were never stored: start over
-                    self._epochs.pop(fingerprint, None)
+                self._forget_epochs(started, ahead)  # openers never stored: start over
                 raise
             self.epochs_started += len(openers)
             self.opener_bytes += sum(len(o[3]) for o in openers)
@@ -754,6 +837,91 @@ class KeyManager:
                     self._recipients[wrapped.chain.chain_id] = parts
         self.prepare_cpu_s["sign"] += time.thread_time() - cpu2
 
+    def _start_waiting(self, worker: ChainWorker, starts: list[CameraStream],
+                       generation: int) -> None:
+        """Under _rotate, in the preparing thread: the new chains of the cameras waiting for
+        one (``_start_requests``), as many as a batch takes, from the earliest arrival among
+        them (a chain serves from its start period on), wrapped by the preparation process,
+        committed and installed. If an authorization changed meanwhile nothing is kept and
+        they wait for the next round; if it failed, they wrap their own."""
+        now_ms = min(self._start_requests[cam_stream] for cam_stream in starts)
+        today = _utc_day(now_ms)
+        attempted: list[CameraStream] = []
+        try:
+            batch = self._prepare_elsewhere(worker, starts, attempted, now_ms, today,
+                                            generation, lambda: list(self._start_requests))
+        except Exception:
+            log.warning("could not start the key chains of %s in the chain preparation "
+                        "process; each camera wraps its own", ", ".join(sorted(
+                            {c for c, _ in attempted})), exc_info=True)
+            with self._lock:
+                for cam_stream in attempted:
+                    self._start_requests.pop(cam_stream, None)
+                    self._start_failed.add(cam_stream)
+            self._starts_done.notify_all()
+            return
+        for wrapped in batch:
+            cam_stream = (wrapped.chain.camera, wrapped.chain.stream)
+            assert wrapped.members is not None
+            self._install_started(cam_stream, wrapped.chain, today, wrapped.expires_ms,
+                                  generation, wrapped.members)
+            with self._lock:
+                self._start_requests.pop(cam_stream, None)
+                self._start_failed.discard(cam_stream)
+        self._starts_done.notify_all()
+
+    def _next_day_todo(self, now_ms: int) -> list[CameraStream]:
+        """Under _lock: in the last NEXT_DAY_LEAD_MS of a UTC day, the camera streams that
+        sealed a segment in this key period or the one before (a camera gone quiet gets its
+        chain at its next segment, as before) and still lack the next day's chain. Not while a
+        removal retires a camera's chain: its prepared chain comes first. Only with the
+        preparation process, which takes the wrapping off the Archiver's interpreter."""
+        midnight = _next_midnight(now_ms)
+        if self.chain_worker is None or now_ms < midnight - NEXT_DAY_LEAD_MS:
+            return []
+        recent = now_ms // self._period_ms - 1
+        today, tomorrow = _utc_day(now_ms), _utc_day(midnight)
+        return [cam_stream for cam_stream, found in self._chains.items()
+                if found.utc_day == today and cam_stream not in self._retiring
+                and (current := self._current.get(cam_stream)) is not None
+                and current[0][0] >= recent
+                and ((ahead := self._next_day.get(cam_stream)) is None
+                     or ahead.utc_day != tomorrow)
+                and self._next_day_failed.get(cam_stream) != midnight]
+
+    def _prepare_next_day(self, worker: ChainWorker, todo: list[CameraStream], now_ms: int,
+                          generation: int) -> None:
+        """Under _rotate, in the preparing thread: the chains of the next UTC day of the first
+        cameras of ``todo``, starting at its midnight, wrapped by the preparation process under
+        that day's epochs and committed (journaled in that day's key journals, indexed, their
+        recipients signed) as a revocation's are. Their first segment of that day switches to
+        them (``_ready_chain``); a change in between drops them as it drops prepared chains."""
+        midnight = _next_midnight(now_ms)
+        tomorrow = _utc_day(midnight)
+        attempted: list[CameraStream] = []
+        try:
+            batch = self._prepare_elsewhere(
+                worker, todo, attempted, midnight, tomorrow, generation,
+                lambda: self._next_day_todo(self._clock()), ahead=True)
+        except Exception:
+            log.warning("could not prepare the next day's key chains of %s; they start at "
+                        "their first segment of the day", ", ".join(sorted(
+                            {c for c, _ in attempted})), exc_info=True)
+            with self._lock:
+                self._next_day_failed.update(dict.fromkeys(attempted, midnight))
+            return
+        members = [self._members_of(wrapped.chain, wrapped.members or ()) for wrapped in batch]
+        with self._lock:
+            for wrapped, chain_members in zip(batch, members, strict=True):
+                cam_stream = (wrapped.chain.camera, wrapped.chain.stream)
+                self._drop_next_day(cam_stream)  # one of a day that went by unused
+                self._next_day[cam_stream] = _Chain(wrapped.chain, tomorrow,
+                                                    wrapped.expires_ms, generation)
+                self._next_day_members[cam_stream] = chain_members
+            self.chains_started += len(batch)
+            self.chains_prepared += len(batch)
+            # Not kept (someone changed meanwhile): the next round tries them again.
+
     def _next_to_prepare(self) -> list[CameraStream]:
         """The camera streams that still need their next chain, in the order of the change."""
         return [cam_stream for cam_stream, (generation, _) in self._retiring.items()
@@ -768,6 +936,13 @@ class KeyManager:
         retention removes the day: no segment names it)."""
         dropped = self._prepared.pop(cam_stream, None)
         self._prepared_members.pop(cam_stream, None)
+        if dropped is not None:
+            self._recipients.pop(dropped.chain.chain_id, None)
+
+    def _drop_next_day(self, cam_stream: CameraStream) -> None:
+        """``_drop_prepared`` for a chain prepared for the next UTC day."""
+        dropped = self._next_day.pop(cam_stream, None)
+        self._next_day_members.pop(cam_stream, None)
         if dropped is not None:
             self._recipients.pop(dropped.chain.chain_id, None)
 
@@ -791,6 +966,8 @@ class KeyManager:
                 self._members.pop(cam_stream, None)
             for cam_stream in [k for k in self._prepared if k[0] == camera]:
                 self._drop_prepared(cam_stream)
+            for cam_stream in [k for k in self._next_day if k[0] == camera]:
+                self._drop_next_day(cam_stream)
             for cam_stream in [k for k in self._retiring if k[0] == camera]:
                 del self._retiring[cam_stream]
 
@@ -855,27 +1032,58 @@ class KeyManager:
                 return ready
         with self._lock:
             self._drop_prepared(cam_stream)  # of an older generation, or past its day
+            ahead = self._next_day.get(cam_stream)
+            if ahead is not None and ahead.utc_day <= today:
+                self._drop_next_day(cam_stream)  # past its day (one of today's, not taken)
+        if self.chain_worker is not None and self._start_by_preparing_thread(cam_stream, now_ms):
+            with self._lock:  # taken only if it may serve now, as any chain
+                ready = self._ready_chain(cam_stream, now_ms)
+                members = self._members.get(cam_stream)
+            if ready is not None and (members is None or not members.pending
+                                      or self._join_pending(ready, members, now_ms, today)):
+                return ready
+        # Wrapped here, under _rotate throughout.
         generation = self._generation
         chain, seed = KeyChain.start(camera, stream, self._period_s, now_ms, self._rng)
-        expires = self._wrap_for_viewers(chain, seed, now_ms, today)
+        wrapped = self._wrap(chain, seed, now_ms, today)
+        self._commit([wrapped], now_ms)
+        self._install_started(cam_stream, chain, today, wrapped.expires_ms, generation,
+                              [m.fingerprint for m in wrapped.material])
+        return chain
+
+    def _install_started(self, cam_stream: CameraStream, chain: KeyChain, today: dt.date,
+                         expires_ms: int, generation: int, fingerprints: Sequence[str]) -> None:
+        """Under _rotate: a chain started for a camera stream (committed) serves it now."""
+        members = self._members_of(chain, fingerprints)
         with self._lock:
-            self._chains[cam_stream] = _Chain(chain, today, expires, generation)
+            self._chains[cam_stream] = _Chain(chain, today, expires_ms, generation)
+            self._members[cam_stream] = members
             retiring = self._retiring.get(cam_stream)
             if retiring is not None and generation >= retiring[0]:
                 del self._retiring[cam_stream]
             self.chains_started += 1
-        return chain
 
-    def _wrap_for_viewers(self, chain: KeyChain, seed: bytes, now_ms: int,
-                          today: dt.date) -> int:
-        """Wraps ``seed`` for every viewer authorized on the chain's camera and commits it;
-        returns the earliest certificate expiry among them."""
-        wrapped = self._wrap(chain, seed, now_ms, today)
-        self._commit([wrapped], now_ms)
-        members = self._members_of(chain, [m.fingerprint for m in wrapped.material])
+    def _start_by_preparing_thread(self, cam_stream: CameraStream, now_ms: int) -> bool:
+        """Under _rotate, on the ingest path: asks the preparing thread for the camera's new
+        chain and waits for it (the rotation lock is let go meanwhile). At a restart with
+        10 000 viewers every camera starts a chain at once: a million records, which wrapped
+        one camera at a time in the Archiver's interpreter took ingest to 0.22 of its
+        baseline; the thread has them wrapped by the preparation process, the cameras that
+        wait in one batch (the viewers' KEKs cross the pipe once a batch, not once a camera).
+        True once it installed one; False if it failed or stopped: the caller wraps one."""
         with self._lock:
-            self._members[(chain.camera, chain.stream)] = members
-        return wrapped.expires_ms
+            self._start_requests.setdefault(cam_stream, now_ms)
+            self._start_failed.discard(cam_stream)
+            self._ensure_worker()
+        while True:
+            with self._lock:
+                if cam_stream not in self._start_requests:
+                    return cam_stream not in self._start_failed
+                worker = self._worker
+                if worker is None or not worker.is_alive():  # stopped: closed, or died
+                    del self._start_requests[cam_stream]
+                    return False
+            self._starts_done.wait(1.0)
 
     def _wrap(self, chain: KeyChain, seed: bytes, now_ms: int, today: dt.date) -> _Wrapped:
         """The chain records of ``seed`` for every viewer authorized on the chain's camera
@@ -885,8 +1093,7 @@ class KeyManager:
         try:
             self._wrap_into(wrapped, seed, now_ms, today)
         except BaseException:
-            for fingerprint in wrapped.started:  # their openers will never be stored
-                self._epochs.pop(fingerprint, None)
+            self._forget_epochs(wrapped.started)  # their openers will never be stored
             raise
         return wrapped
 
@@ -937,8 +1144,7 @@ class KeyManager:
                 [item for wrapped in batch for item in wrapped.material], now_ms)
         except BaseException:
             for wrapped in batch:
-                for fingerprint in wrapped.started:  # openers never stored: start over
-                    self._epochs.pop(fingerprint, None)
+                self._forget_epochs(wrapped.started)  # openers never stored: start over
             raise
         for wrapped in batch:
             self.epochs_started += len(wrapped.started)
@@ -962,10 +1168,11 @@ class KeyManager:
         start = frozenset(fingerprints)
         with self._lock:
             start = self._member_sets.setdefault(start, start)
-            if len(self._member_sets) > 2 * (len(self._members)
-                                             + len(self._prepared_members)) + 8:
+            if len(self._member_sets) > 2 * (len(self._members) + len(self._prepared_members)
+                                             + len(self._next_day_members)) + 8:
                 used = ({m.start for m in self._members.values()}
-                        | {m.start for m in self._prepared_members.values()} | {start})
+                        | {m.start for m in self._prepared_members.values()}
+                        | {m.start for m in self._next_day_members.values()} | {start})
                 self._member_sets = {s: s for s in used}  # drop sets no chain uses
         parts = max(1, -(-len(start) // MAX_RECIPIENTS_PER_PART))
         return _Members(chain.chain_id, start, parts, parts, {}, set())
@@ -1028,8 +1235,7 @@ class KeyManager:
                         for record in (item.epoch_opener, item.key_record) if record is not None])
                 self._db.store_key_material(material, now_ms)
         except BaseException:
-            for fingerprint in started:  # their openers were never stored: start over next time
-                self._epochs.pop(fingerprint, None)
+            self._forget_epochs(started)  # openers never stored: start over next time
             raise
         with self._lock:
             members.pending.clear()

@@ -15,6 +15,16 @@ injected clock). Minute 0 is a UTC day's start (every camera starts a chain for 
   Where the KeyManager can wrap in its chain preparation process (archiver.chain_worker), this
   is done twice in one run: wrapped in the preparing thread (minute 2), then in the process
   (another viewer revoked at minute 4).
+* **next day** (when the KeyManager prepares the next UTC day's chains before midnight):
+  each camera's first segment in the last minutes of the day sets the preparation off; the
+  wait is timed as above, then the first segments after midnight (the switch). The day's start
+  at minute 0, where every camera wraps its first chain on its own first segment, is the
+  figure without it, in the same run.
+* **day starts only** (``--day-starts``): every camera's first chain of a day wrapped in the
+  Archiver's interpreter (the path before chain starts went to the preparation process), then
+  the same in a fresh KeyManager on the same index (an Archiver's restart: its chains wrapped
+  by the process), then the next day's chains prepared before midnight; the ingest probe runs
+  through each.
 * **ingest probe**: while each preparation runs, a thread of this process does an ingest-like
   mix (a 64 KiB segment sealed with AES-GCM and hashed, plus some Python per segment) as fast as
   it can; its rate during the preparation is compared with its rate alone just before (same
@@ -32,6 +42,7 @@ import datetime as dt
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -87,21 +98,39 @@ class _Probe:
             self.count = seq
         self.thread_cpu_s = time.thread_time() - cpu0
 
+    # --no-probe: a pure-Python thread that wants the interpreter all the time queues every
+    # lock hand-over of the code measured behind it (at 10 000 viewers the figures then say
+    # more about that queue than about the code; the live benchmark has real ingest threads).
+    enabled = True
+
     def __enter__(self) -> _Probe:
-        self._thread.start()
+        if self.enabled:
+            self._thread.start()
         return self
 
     def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
 
 
 def _probe_alone(seconds: float) -> float:
-    """Probe segments per second with nothing else running here."""
+    """Probe segments per second with nothing else running here (0 without the probe)."""
+    if not _Probe.enabled:
+        return 0.0
     with _Probe() as probe:
         time.sleep(seconds)
         count = probe.count
     return count / seconds
+
+
+def _ratio(during: float, alone: float) -> float | None:
+    return during / alone if alone else None
+
+
+def _probed(result: dict[str, Any]) -> str:
+    ratio = result["probe_ratio"]
+    return "no ingest probe" if ratio is None else f"ingest probe {ratio:.2f} of its rate alone"
 
 
 def _child_cpu_s(pid: int | None) -> float:
@@ -149,14 +178,13 @@ def _prepared(keys: KeyManager, directory: Any, db: Database, names: list[str], 
         "archiver_process_cpu_s": process_cpu, "child_cpu_s": child_cpu,
         "core_share_of_period": process_cpu / PERIOD_S, "switch": switch,
         "probe_alone_per_s": alone, "probe_during_per_s": probe_count / prepared_wall,
-        "probe_ratio": probe_count / prepared_wall / alone,
+        "probe_ratio": _ratio(probe_count / prepared_wall, alone),
         "pending_after_switch": keys.pending_chains(),
         "archiver_thread_cpu_by_part_s": parts}
     print(f"prepared revocation ({result['where']}): {result['records']} chain records in "
           f"{prepared_wall:.2f} s; CPU {process_cpu:.2f} s in the Archiver's process "
           f"({process_cpu / PERIOD_S * 100:.0f} % of one core over the {PERIOD_S} s period) + "
-          f"{child_cpu:.2f} s in the preparation process; ingest probe "
-          f"{result['probe_ratio']:.2f} of its rate alone ({alone:.0f}/s alone); first "
+          f"{child_cpu:.2f} s in the preparation process; {_probed(result)}; first "
           f"segments in the change's period waited {during['foreground_wall_s']:.3f} s in all "
           f"(longest {during['longest_wait_s'] * 1000:.1f} ms); at the switch "
           f"{switch['foreground_wall_s']:.3f} s in all (longest "
@@ -164,6 +192,74 @@ def _prepared(keys: KeyManager, directory: Any, db: Database, names: list[str], 
     if result["where"] == "process" and parts:
         print("  the preparing thread's CPU in the Archiver's process, by part: " + ", ".join(
             f"{name} {cpu:.2f} s" for name, cpu in parts.items()), flush=True)
+    return result
+
+
+def _next_day(keys: KeyManager, names: list[str], clock_ms: list[int]) -> dict[str, Any]:
+    """The next day's chains, prepared before its midnight; the switch after it."""
+    from archiver.keying import NEXT_DAY_LEAD_MS
+    midnight = T0_MS + 86_400_000
+    now = midnight - NEXT_DAY_LEAD_MS + 500
+    clock_ms[0] = now
+    records0, prepared0 = keys.key_records_written, keys.chains_prepared
+    worker = keys.chain_worker
+    assert worker is not None
+    _first_segments(keys, names, now - MINUTE_MS)  # every camera active, not due yet
+    alone = _probe_alone(5.0)
+    child0 = _child_cpu_s(worker.pid)
+    with _Probe() as probe:
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        before = _first_segments(keys, names, now)  # the first of them sets it off
+        while keys.chains_prepared < prepared0 + len(names):
+            time.sleep(0.01)
+        prepared_wall = time.perf_counter() - wall0
+        probe_count = probe.count
+    process_cpu = time.process_time() - cpu0 - probe.thread_cpu_s
+    child_cpu = _child_cpu_s(worker.pid) - child0
+    clock_ms[0] = midnight + 500
+    started0 = keys.chains_started
+    switch = _first_segments(keys, names, midnight + 500)
+    result = {
+        "records": keys.key_records_written - records0, "before_midnight": before,
+        "preparation_wall_s": prepared_wall, "archiver_process_cpu_s": process_cpu,
+        "child_cpu_s": child_cpu, "probe_ratio": _ratio(probe_count / prepared_wall, alone),
+        "switch": switch, "chains_started_at_switch": keys.chains_started - started0}
+    print(f"next day prepared before midnight: {result['records']} chain records in "
+          f"{prepared_wall:.2f} s; CPU {process_cpu:.2f} s in the Archiver's process + "
+          f"{child_cpu:.2f} s in the preparation process; {_probed(result)}; segments "
+          f"before midnight waited "
+          f"{before['foreground_wall_s']:.3f} s in all; after midnight (the switch) "
+          f"{switch['foreground_wall_s']:.3f} s in all (longest "
+          f"{switch['longest_wait_s'] * 1000:.1f} ms), CPU {switch['cpu_s']:.2f} s, "
+          f"{result['chains_started_at_switch']} chains started there", flush=True)
+    return result
+
+
+def _first_chains(keys: KeyManager, names: list[str], now_ms: int, where: str
+                  ) -> dict[str, Any]:
+    """Every camera's first chain, on its first segment, all cameras at once (one thread
+    each, as the Archiver's request threads), the ingest probe running."""
+    worker = keys.chain_worker
+    alone = _probe_alone(5.0)
+    records0 = keys.key_records_written
+    child0 = _child_cpu_s(worker.pid if worker is not None else None)
+    with _Probe() as probe, ThreadPoolExecutor(len(names)) as pool:
+        wall0 = time.perf_counter()
+        cpu0 = time.process_time()
+        waits = list(pool.map(lambda camera: _first_segments(keys, [camera], now_ms), names))
+        segments = {"longest_wait_s": max(w["longest_wait_s"] for w in waits),
+                    "cpu_s": time.process_time() - cpu0}
+        wall = time.perf_counter() - wall0
+        probe_count = probe.count
+    child_cpu = _child_cpu_s(worker.pid if worker is not None else None) - child0
+    result = segments | {
+        "where": where, "records": keys.key_records_written - records0, "wall_s": wall,
+        "archiver_process_cpu_s": segments["cpu_s"] - probe.thread_cpu_s,
+        "child_cpu_s": child_cpu, "probe_ratio": _ratio(probe_count / wall, alone)}
+    print(f"first chains {where}: {result['records']} chain records in {wall:.2f} s "
+          f"(the longest wait {segments['longest_wait_s']:.2f} s); CPU "
+          f"{result['archiver_process_cpu_s']:.2f} s in the Archiver's process + "
+          f"{child_cpu:.2f} s in the preparation process; {_probed(result)}", flush=True)
     return result
 
 
@@ -198,7 +294,8 @@ def _revoke(directory: Any, db: Database, fp: str, now_ms: int) -> None:
         directory.revoke_viewer(fp, now_ms)
 
 
-def run(workdir: Path, cameras: int, viewers: int, synchronous: bool = True) -> dict[str, Any]:
+def run(workdir: Path, cameras: int, viewers: int, synchronous: bool = True,
+        day_starts: bool = False) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     db = Database(workdir / "revocation.sqlite3")
     directory: Any = _directory(db, workdir)
@@ -230,10 +327,25 @@ def run(workdir: Path, cameras: int, viewers: int, synchronous: bool = True) -> 
             keys = KeyManager(db, PERIOD_S, signer=signer, journal=journal)
         names = [f"cam{i:04d}" for i in range(cameras)]
         clock_ms[0] = T0_MS + 500
+        if day_starts:
+            worker, keys.chain_worker = keys.chain_worker, None
+            result["in_the_interpreter"] = _first_chains(keys, names, T0_MS + 500,
+                                                         "in the Archiver's interpreter")
+            keys.chain_worker = worker
+            keys.close()
+            clock_ms[0] = T0_MS + MINUTE_MS + 500
+            keys = KeyManager(db, PERIOD_S, signer=signer, journal=journal,
+                              clock=lambda: clock_ms[0], directory=directory)
+            result["restart"] = _first_chains(keys, names, T0_MS + MINUTE_MS + 500,
+                                              "after a restart, in the preparation process")
+            result["next_day"] = _next_day(keys, names, clock_ms)
+            keys.close()
+            return result
         day = _first_segments(keys, names, T0_MS + 500)
         result["day_start"] = day | {"records": keys.key_records_written}
-        print(f"day start: {keys.key_records_written} chain records, CPU {day['cpu_s']:.1f} s",
-              flush=True)
+        print(f"day start (on the cameras' first segments): {keys.key_records_written} chain "
+              f"records; segments waited {day['foreground_wall_s']:.2f} s in all (longest "
+              f"{day['longest_wait_s']:.2f} s), CPU {day['cpu_s']:.1f} s", flush=True)
 
         # Synchronous: every camera's first segment after the change wraps its new chain.
         now = T0_MS + MINUTE_MS + 500
@@ -251,6 +363,8 @@ def run(workdir: Path, cameras: int, viewers: int, synchronous: bool = True) -> 
                 keys.chain_worker = worker
                 result["prepared"] = _prepared(keys, directory, db, names, fps[2], 4,
                                                clock_ms)
+                if hasattr(keys, "_next_day_todo"):
+                    result["next_day"] = _next_day(keys, names, clock_ms)
             else:
                 result["prepared"] = _prepared(keys, directory, db, names, fps[1], 2,
                                                clock_ms)
@@ -268,10 +382,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--no-synchronous", action="store_true",
                         help="skip the synchronous path (minute 1: the chains only step)")
+    parser.add_argument("--no-probe", action="store_true",
+                        help="no ingest probe thread beside the code measured")
+    parser.add_argument("--day-starts", action="store_true",
+                        help="only every camera's first chains: in the interpreter, after a "
+                             "restart, and prepared before midnight")
     args = parser.parse_args(argv)
     cameras, viewers = (int(x) for x in args.size.lower().split("x"))
+    _Probe.enabled = not args.no_probe
     in_workdir("bench-revocation-", lambda workdir: run(
-        workdir, cameras, viewers, synchronous=not args.no_synchronous), args.json)
+        workdir, cameras, viewers, synchronous=not args.no_synchronous,
+        day_starts=args.day_starts), args.json)
     return 0
 
 

@@ -26,6 +26,7 @@ from archiver.services.refused import Refused
 from keyservice import certs
 from keyservice.crypto import split_key_id
 from keyservice.errors import FormatError
+from keyservice.format import ChainRecord, decode_record
 from keyservice.grants import AccessGrant, decode_grant
 from keyservice.keyscheme import KeyScheme
 from keyservice.wire import ErrorCode
@@ -106,11 +107,20 @@ class GrantService:
                           f"The grant carries {len(outside)} key(s) of no segment recorded on "
                           f"camera '{grant.camera}' in its range; grant exactly the keys of that "
                           "range.")
-        # Chain records are indexed by chain id: the first bytes of each minute key's id.
-        if any(db.chain_record(grantor, split_key_id(key_id)[0]) is None
-               for key_id in grant.key_ids):
-            raise Refused(ErrorCode.GRANT_NOT_HELD, "The grant carries keys this viewer never "
-                          "held; a viewer can only grant recordings it may play itself.")
+        # Chain records are indexed by chain id: the first bytes of each minute key's id. A
+        # viewer that joined a running chain holds its keys from the join's step on only.
+        first_steps: dict[bytes, int | None] = {}
+        for key_id in grant.key_ids:
+            chain_id, step = split_key_id(key_id)
+            if chain_id not in first_steps:
+                found = db.chain_record(grantor, chain_id)
+                record = None if found is None else _chain_record(found[1])
+                first_steps[chain_id] = None if record is None else record.first_step
+            first = first_steps[chain_id]
+            if first is None or step < first:
+                raise Refused(ErrorCode.GRANT_NOT_HELD, "The grant carries keys this viewer "
+                              "never held; a viewer can only grant recordings it may play "
+                              "itself.")
 
     def of_viewer(self, viewer: ViewerRow) -> list[AccessGrantRow]:
         """The grants this viewer made or received, in every state."""
@@ -223,3 +233,11 @@ class GrantService:
         if after.state == before.state:  # decided concurrently by someone else
             raise Refused(ErrorCode.GRANT_STATE, f"Grant {grant_id} was decided meanwhile.")
         return after
+
+
+def _chain_record(raw: bytes) -> ChainRecord | None:
+    try:
+        record = decode_record(raw)
+    except FormatError:  # a damaged index row holds nothing
+        return None
+    return record if isinstance(record, ChainRecord) else None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver import keying
-from archiver.db import Database
-from archiver.directory import open_directory
 from archiver.keying import KeyManager
 from keyservice.crypto import (
     ChainDeriver,
@@ -42,69 +39,29 @@ from keyservice.format import (
     decode_record,
     encode_record,
 )
-from keyservice.identity import OaepHash, fingerprint
+from keyservice.identity import fingerprint
 from keyservice.keyscheme import KeyScheme, Recipient
+from tests.archiver.keying_helpers import (
+    CAMERAS,
+    KEYS,
+    PERIOD_MS,
+    PREPARE_THREAD,
+    T0,
+    Index,
+    add_viewers,
+    chain_of,
+    manager,
+    opens,
+    wait_until,
+)
 from tests.fixtures.procfs import pipe_pending, stop_process
 from tests.vectors import generate as vectors
-
-KEYS = Path(__file__).parents[1] / "vectors" / "keys"
-DAY_MS = 86_400_000
-PERIOD_MS = 60_000
-T0 = 40 * DAY_MS  # a UTC day's start
-CAMERAS = ["cam0", "cam1", "cam2"]
-PREPARE_THREAD = "fusion-chain-prepare"
-
-
-class _Index(Database):
-    """The index and the site directory on one file, as an Archiver without --directory has
-    them: key material in one, the viewers in the other."""
-
-    def __init__(self, data_dir: Path) -> None:
-        super().__init__(data_dir / "archiver.sqlite3")
-        self.directory = open_directory(None, data_dir)
-
-    def close(self) -> None:
-        self.directory.close()
-        super().close()
-
-
-def _viewers(db: _Index) -> tuple[str, str]:
-    fps = []
-    for name in ("a", "b"):
-        cert = x509.load_pem_x509_certificate(
-            (KEYS / f"TEST-ONLY-viewer-{name}.cert.pem").read_bytes())
-        fps.append(fingerprint(cert).hex())
-        db.directory.add_viewer(fps[-1], cert.public_bytes(Encoding.DER), f"viewer-{name}",
-                      int(OaepHash.SHA256), None, 0)
-    return fps[0], fps[1]
-
-
-def _manager(tmp_path: Path, clock: list[int],
-             journal: Callable[[str, int, list[bytes]], None] | None = None
-             ) -> tuple[KeyManager, _Index, str, str]:
-    db = _Index(tmp_path)
-    revoked, kept = _viewers(db)
-    return KeyManager(db, 60, journal=journal, clock=lambda: clock[0],
-                      directory=db.directory), db, revoked, kept
-
-
-def _chain(key_id: bytes) -> bytes:
-    return split_key_id(key_id)[0]
-
-
-def _wait(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    done = threading.Event()
-    for _ in range(int(timeout * 20)):
-        if condition():
-            return
-        done.wait(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_the_current_period_keeps_its_key_and_the_next_one_switches_to_prepared_chains(
         tmp_path: Path) -> None:
     clock = [T0 + 1000]
-    keys, db, revoked, kept = _manager(tmp_path, clock)
+    keys, db, revoked, kept = manager(tmp_path, clock)
     first = {c: keys.key_for(c, DataStream.VIDEO, T0 + 1000) for c in CAMERAS}
     change = T0 + 5 * PERIOD_MS + 20_000
     for camera in CAMERAS:  # the chains stepped into the change's period
@@ -114,15 +71,15 @@ def test_the_current_period_keeps_its_key_and_the_next_one_switches_to_prepared_
     keys.access_removed(revoked, None, change)
     # The rest of the period: the same keys (no chain restart on the ingest path).
     during = {c: keys.key_for(c, DataStream.VIDEO, change + 30_000) for c in CAMERAS}
-    assert {_chain(k.key_id) for k in during.values()} == {
-        _chain(k.key_id) for k in first.values()}
-    _wait(lambda: keys.chains_prepared == len(CAMERAS), "the chains to be prepared")
+    assert {chain_of(k.key_id) for k in during.values()} == {
+        chain_of(k.key_id) for k in first.values()}
+    wait_until(lambda: keys.chains_prepared == len(CAMERAS), "the chains to be prepared")
     assert keys.pending_chains() == len(CAMERAS)
     after = {c: keys.key_for(c, DataStream.VIDEO, change + 45_000) for c in CAMERAS}
     assert keys.pending_chains() == 0
     for camera in CAMERAS:
         chain_id, step = split_key_id(after[camera].key_id)
-        assert chain_id != _chain(first[camera].key_id)
+        assert chain_id != chain_of(first[camera].key_id)
         assert step == 1  # prepared in the change's period, first used in the next one
         assert db.chain_record(kept, chain_id) is not None
         assert db.chain_record(revoked, chain_id) is None
@@ -139,12 +96,13 @@ def test_a_late_preparation_makes_the_next_period_wait_never_use_the_old_chain(
     release, inside = threading.Event(), threading.Event()
 
     def journal(camera: str, now_ms: int, records: list[bytes]) -> None:
-        if threading.current_thread().name == PREPARE_THREAD:
+        # The revocation's chain, not cam0's first (the same thread starts it)
+        if threading.current_thread().name == PREPARE_THREAD and keys.chains_started:
             inside.set()
             assert release.wait(60)
 
     clock = [T0 + 1000]
-    keys, db, revoked, kept = _manager(tmp_path, clock, journal)
+    keys, db, revoked, kept = manager(tmp_path, clock, journal)
     old = keys.key_for("cam0", DataStream.VIDEO, T0 + 1000)
     change = T0 + 10_000
     clock[0] = change
@@ -160,8 +118,8 @@ def test_a_late_preparation_makes_the_next_period_wait_never_use_the_old_chain(
     release.set()
     segment.join(60)
     assert len(got) == 1
-    chain_id = _chain(got[0])
-    assert chain_id != _chain(old.key_id)
+    chain_id = chain_of(got[0])
+    assert chain_id != chain_of(old.key_id)
     assert db.chain_record(kept, chain_id) is not None
     assert db.chain_record(revoked, chain_id) is None
 
@@ -176,18 +134,18 @@ def test_a_failed_preparation_leaves_the_chain_to_the_cameras_next_segment(
             raise OSError("disk full")
 
     clock = [T0 + 1000]
-    keys, db, revoked, kept = _manager(tmp_path, clock, journal)
+    keys, db, revoked, kept = manager(tmp_path, clock, journal)
     old = {c: keys.key_for(c, DataStream.VIDEO, T0 + 1000) for c in CAMERAS}
     change = T0 + 10_000
     clock[0] = change
     db.directory.revoke_viewer(revoked, change)
     keys.access_removed(revoked, None, change)
-    _wait(lambda: bool(failures) and keys.pending_chains() == len(CAMERAS)
+    wait_until(lambda: bool(failures) and keys.pending_chains() == len(CAMERAS)
           and not keys.chains_prepared, "the preparation to fail")
     for camera in CAMERAS:
         key = keys.key_for(camera, DataStream.VIDEO, T0 + PERIOD_MS + 100)
-        chain_id = _chain(key.key_id)
-        assert chain_id != _chain(old[camera].key_id)
+        chain_id = chain_of(key.key_id)
+        assert chain_id != chain_of(old[camera].key_id)
         assert db.chain_record(kept, chain_id) is not None
         assert db.chain_record(revoked, chain_id) is None
     assert keys.pending_chains() == 0 and keys.chains_prepared == 0
@@ -200,12 +158,15 @@ def test_a_change_during_preparation_is_not_served_a_chain_wrapped_before_it(
     release, inside = threading.Event(), threading.Event()
 
     def journal(camera: str, now_ms: int, records: list[bytes]) -> None:
-        if threading.current_thread().name == PREPARE_THREAD and not release.is_set():
+        # The revocation's chain, not cam0's first (the same thread starts it, for its
+        # segment): held until the second revocation is under way.
+        if (threading.current_thread().name == PREPARE_THREAD and keys.chains_started
+                and not release.is_set()):
             inside.set()
             assert release.wait(60)
 
     clock = [T0 + 1000]
-    keys, db, first, second = _manager(tmp_path, clock, journal)
+    keys, db, first, second = manager(tmp_path, clock, journal)
     keys.key_for("cam0", DataStream.VIDEO, T0 + 1000)
     clock[0] = T0 + 10_000
     db.directory.revoke_viewer(first, T0 + 10_000)
@@ -219,10 +180,10 @@ def test_a_change_during_preparation_is_not_served_a_chain_wrapped_before_it(
     second_done.start()
     release.set()
     second_done.join(60)
-    _wait(lambda: keys.chains_prepared == 2 or keys.chains_started == 3,
+    wait_until(lambda: keys.chains_prepared == 2 or keys.chains_started == 3,
           "the second preparation")
     key = keys.key_for("cam0", DataStream.VIDEO, T0 + PERIOD_MS + 100)
-    chain_id = _chain(key.key_id)
+    chain_id = chain_of(key.key_id)
     assert db.chain_record(first, chain_id) is None
     assert db.chain_record(second, chain_id) is None
 
@@ -234,24 +195,24 @@ def test_an_added_viewer_joins_the_running_chain_and_the_prepared_one_at_the_swi
     without the revoked viewer when the camera switches to it (its members, installed at the
     switch, carry the pending join), from the first step that chain seals under."""
     clock = [T0 + 1000]
-    db = _Index(tmp_path)
-    revoked, kept = _viewers(db)
+    db = Index(tmp_path)
+    revoked, kept = add_viewers(db)
     keys = KeyManager(db, 60, signer=vectors.load_signer("archiver"), clock=lambda: clock[0],
                       directory=db.directory)
-    old = _chain(keys.key_for("cam0", DataStream.VIDEO, T0 + 1000).key_id)
+    old = chain_of(keys.key_for("cam0", DataStream.VIDEO, T0 + 1000).key_id)
     keys.take_recipients(old)  # the start statement, archived with the first segment
     change = T0 + 10_000
     clock[0] = change
     db.directory.revoke_viewer(revoked, change)
     keys.access_removed(revoked, None, change)
-    _wait(lambda: keys.chains_prepared == 1, "the chain to be prepared")
+    wait_until(lambda: keys.chains_prepared == 1, "the chain to be prepared")
     cert = vectors.load_cert("viewer-c")
     added = fingerprint(cert).hex()
     db.directory.add_viewer(added, cert.public_bytes(Encoding.DER), "viewer-c", int(KeyScheme.ECDH_P256),
                   None, change + 1000)
     keys.authorization_changed(added, None)
     # The rest of the revocation's period: the same chain (an add restarts nothing).
-    assert _chain(keys.key_for("cam0", DataStream.VIDEO, change + 30_000).key_id) == old
+    assert chain_of(keys.key_for("cam0", DataStream.VIDEO, change + 30_000).key_id) == old
     key = keys.key_for("cam0", DataStream.VIDEO, T0 + PERIOD_MS + 100)
     new, step = split_key_id(key.key_id)
     assert new != old and step == 1
@@ -284,38 +245,22 @@ def test_a_change_that_also_removes_a_camera_restarts_it_at_once_even_while_reti
     key period), without the viewer that lost it; the chain prepared for it (wrapped for that
     viewer too) is never used."""
     clock = [T0 + 1000]
-    db = _Index(tmp_path)
-    revoked, kept = _viewers(db)
+    db = Index(tmp_path)
+    revoked, kept = add_viewers(db)
     keys = KeyManager(db, 60, signer=vectors.load_signer("archiver"), clock=lambda: clock[0],
                       directory=db.directory)
-    old = _chain(keys.key_for("cam0", DataStream.VIDEO, T0 + 1000).key_id)
+    old = chain_of(keys.key_for("cam0", DataStream.VIDEO, T0 + 1000).key_id)
     clock[0] = T0 + 10_000
     db.directory.revoke_viewer(revoked, T0 + 10_000)
     keys.access_removed(revoked, None, T0 + 10_000)
-    _wait(lambda: keys.chains_prepared == 1, "the chain to be prepared")
+    wait_until(lambda: keys.chains_prepared == 1, "the chain to be prepared")
     db.directory.set_viewer_cameras(kept, ["cam1"])  # cam0 taken away, cam1 given: one change
     keys.authorization_changed(kept, None)
-    now = _chain(keys.key_for("cam0", DataStream.VIDEO, T0 + 20_000).key_id)
+    now = chain_of(keys.key_for("cam0", DataStream.VIDEO, T0 + 20_000).key_id)
     assert now != old and keys.pending_chains() == 0
-    later = _chain(keys.key_for("cam0", DataStream.VIDEO, T0 + PERIOD_MS + 100).key_id)
+    later = chain_of(keys.key_for("cam0", DataStream.VIDEO, T0 + PERIOD_MS + 100).key_id)
     assert later == now  # not the prepared chain: it was wrapped for the viewer that lost cam0
     assert db.chain_record(kept, now) is None and db.chain_record(revoked, now) is None
-
-
-def _opens(db: _Index, name: str, fp: str, key_id: bytes, key: bytes) -> bool:
-    """Whether viewer ``name`` (the vectors' private key) derives ``key`` from its record."""
-    chain_id, step = split_key_id(key_id)
-    found = db.chain_record(fp, chain_id)
-    if found is None:
-        return False
-    record = decode_record(found[1])
-    opener = decode_record(db.epoch_opener(found[0]) or b"")
-    assert isinstance(record, ChainRecord) and isinstance(opener, EpochOpener)
-    identity = vectors.load_identity(name)
-    kek = KekRatchet(found[0], open_epoch_opener(identity, opener)).kek_at(record.ratchet_index)
-    deriver = ChainDeriver(record, unwrap_chain_record(kek, record, bytes.fromhex(fp)),
-                           max_ratchet_index(60))
-    return deriver.key(step) == key
 
 
 def test_a_killed_preparation_process_leaves_its_camera_to_start_its_own_chain(
@@ -330,37 +275,39 @@ def test_a_killed_preparation_process_leaves_its_camera_to_start_its_own_chain(
     stopped: list[int] = []
 
     def journal(camera: str, now_ms: int, records: list[bytes]) -> None:
-        if threading.current_thread().name == PREPARE_THREAD and not stopped:
+        # A revocation's chain, not the cameras' first (the same thread starts them)
+        if (threading.current_thread().name == PREPARE_THREAD
+                and keys.chains_started >= len(CAMERAS) and not stopped):
             assert keys.chain_worker is not None and keys.chain_worker.pid is not None
             stopped.append(keys.chain_worker.pid)
             stop_process(stopped[0])
 
     clock = [T0 + 1000]
-    keys, db, revoked, kept = _manager(tmp_path, clock, journal)
+    keys, db, revoked, kept = manager(tmp_path, clock, journal)
     assert keys.chain_worker is not None
-    old = {c: _chain(keys.key_for(c, DataStream.VIDEO, T0 + 1000).key_id) for c in CAMERAS}
+    old = {c: chain_of(keys.key_for(c, DataStream.VIDEO, T0 + 1000).key_id) for c in CAMERAS}
     change = T0 + 10_000
     clock[0] = change
     db.directory.revoke_viewer(revoked, change)
     keys.access_removed(revoked, None, change)
-    _wait(lambda: bool(stopped) and pipe_pending(stopped[0]) > 0,
+    wait_until(lambda: bool(stopped) and pipe_pending(stopped[0]) > 0,
           "the second camera's request to wait in the stopped process's pipe")
     os.kill(stopped[0], signal.SIGKILL)
-    _wait(lambda: keys.chains_prepared == 2 and keys.chain_worker is not None
+    wait_until(lambda: keys.chains_prepared == 2 and keys.chain_worker is not None
           and keys.chain_worker.starts == 2, "the third camera's chain from a new process")
     assert not Path(f"/proc/{stopped[0]}").exists()  # killed and reaped, not a zombie
     # The rest of the change's period: the old chains still serve (no restart on ingest).
     for camera in CAMERAS:
-        assert _chain(keys.key_for(camera, DataStream.VIDEO, change + 30_000).key_id) == (
+        assert chain_of(keys.key_for(camera, DataStream.VIDEO, change + 30_000).key_id) == (
             old[camera])
     after = {c: keys.key_for(c, DataStream.VIDEO, T0 + PERIOD_MS + 100) for c in CAMERAS}
     steps = {c: split_key_id(k.key_id)[1] for c, k in after.items()}
     assert steps == {"cam0": 1, "cam1": 0, "cam2": 1}  # cam1 started its own at the period
     assert keys.chains_started == 6 and keys.chains_prepared == 2
     for camera, key in after.items():
-        assert _chain(key.key_id) != old[camera]
-        assert db.chain_record(revoked, _chain(key.key_id)) is None
-        assert _opens(db, "viewer-b", kept, key.key_id, key.key)
+        assert chain_of(key.key_id) != old[camera]
+        assert db.chain_record(revoked, chain_of(key.key_id)) is None
+        assert opens(db, "viewer-b", kept, key.key_id, key.key)
     second = keys.chain_worker.pid
     assert second is not None and second != stopped[0]
     keys.close()

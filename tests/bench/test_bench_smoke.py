@@ -130,6 +130,24 @@ def test_revocation_counts(tmp_path: Path) -> None:
     assert in_thread["records"] == 6 and in_thread["pending_after_switch"] == 0
     assert prepared["records"] == 3 and prepared["pending_after_switch"] == 0
     assert prepared["preparation_cpu_s"] > 0
+    # Then the next day's chains, for the one viewer left, prepared before midnight.
+    assert data["next_day"]["records"] == 3 and data["next_day"]["chains_started_at_switch"] == 0
+
+
+def test_revocation_day_starts(tmp_path: Path) -> None:
+    """bench.revocation --day-starts at 3 cameras x 4 viewers: every camera's first chains
+    wrapped in the interpreter, then after a restart by the preparation process (which does
+    the wrapping: its CPU is counted), then the next day's prepared before midnight, so that
+    no chain starts at the switch."""
+    results = tmp_path / "day-starts.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.revocation", "--size", "3x4", "--day-starts", "--json",
+         str(results)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads(results.read_text())
+    assert data["in_the_interpreter"]["records"] == data["restart"]["records"] == 12
+    assert data["in_the_interpreter"]["child_cpu_s"] == 0
+    assert data["next_day"]["records"] == 12 and data["next_day"]["chains_started_at_switch"] == 0
 
 
 def test_ingest_revocation_windows(tmp_path: Path) -> None:

@@ -283,10 +283,23 @@ def test_grant_refusals_at_creation(
     assert httpx.get(f"{archiver_server.url}/v1/admin/grants").status_code == 401
 
     # A viewer authorized later knows the earlier segments' key ids (signed manifests list
-    # them) but never held their keys: a grant of them, made by hand, is refused.
+    # them) but never held their keys: a grant of them, made by hand, is refused. It joins
+    # the running chain (a chain record that opens from a later step): holding a record of
+    # a chain is not holding its earlier keys.
     late = make_viewer("late")
-    archiver_server.add_viewer(late.pem, ["cam1"])
+    late_fp = archiver_server.add_viewer(late.pem, ["cam1"])
     early = [GrantKey(DataStream.VIDEO, k, bytes(32)) for _, _, k in segments(archiver_server)]
+    chain_ids = {key.key_id[:12] for key in early}
+    index = f"file:{archiver_server.data_dir / 'archiver.sqlite3'}?mode=ro"
+    deadline = time.monotonic() + 30
+    while True:  # the join is made off the ingest path, by the preparing thread
+        with sqlite3.connect(index, uri=True) as db:
+            joined = {bytes(c) for (c,) in db.execute(
+                "SELECT chain_id FROM chain_records WHERE fingerprint = ?", (late_fp,))}
+        if chain_ids <= joined or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert chain_ids <= joined, "the late viewer never joined the running chain"
     cert = load_certificate(investigator.pem.read_bytes())
     recipient = Recipient(cert, read_oaep_hash(cert) or OaepHash.SHA1)
     blob = make_grant(recipient, "cam1", t0, t1, early, t1)
