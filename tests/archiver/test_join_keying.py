@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from archiver.db import Database
-from archiver.directory import open_directory
 from archiver.keying import KeyManager
 from keyservice.crypto import (
     ChainDeriver,
@@ -37,6 +36,7 @@ from keyservice.format import ChainRecipients, ChainRecord, DataStream, EpochOpe
 from keyservice.identity import OaepHash, fingerprint
 from keyservice.keyscheme import KeyScheme
 from keyservice.labels import LABEL_CHAIN_JOIN
+from tests.archiver.keying_helpers import Index
 from tests.fixtures.procfs import pipe_pending, stop_process
 from tests.vectors import generate as vectors
 
@@ -46,20 +46,7 @@ T = 40 * DAY_MS  # a UTC day's start
 VIDEO = DataStream.VIDEO
 
 
-class _Index(Database):
-    """The index and the site directory on one file, as an Archiver without --directory has
-    them: key material in one, the viewers in the other."""
-
-    def __init__(self, data_dir: Path) -> None:
-        super().__init__(data_dir / "archiver.sqlite3")
-        self.directory = open_directory(None, data_dir)
-
-    def close(self) -> None:
-        self.directory.close()
-        super().close()
-
-
-def _add(db: _Index, name: str, cameras: list[str] | None, now_ms: int = 0) -> str:
+def _add(db: Index, name: str, cameras: list[str] | None, now_ms: int = 0) -> str:
     cert = vectors.load_cert(name)
     fp = fingerprint(cert).hex()
     scheme = KeyScheme.ECDH_P256 if name == "viewer-c" else OaepHash.SHA256  # its EC key
@@ -67,8 +54,8 @@ def _add(db: _Index, name: str, cameras: list[str] | None, now_ms: int = 0) -> s
     return fp
 
 
-def _setup(tmp_path: Path) -> tuple[KeyManager, _Index, str]:
-    db = _Index(tmp_path)
+def _setup(tmp_path: Path) -> tuple[KeyManager, Index, str]:
+    db = Index(tmp_path)
     alice = _add(db, "viewer-a", ["cam"])
     return KeyManager(db, PERIOD_S, signer=vectors.load_signer("archiver"), directory=db.directory), db, alice
 
@@ -187,7 +174,7 @@ def test_a_viewer_revoked_before_its_join_gets_nothing(tmp_path: Path) -> None:
 def test_without_a_signer_a_change_restarts_as_before(tmp_path: Path) -> None:
     """A join counts only under a signed statement: a KeyManager that signs none (tests of the
     key schedule alone) restarts the chain instead."""
-    db = _Index(tmp_path)
+    db = Index(tmp_path)
     _add(db, "viewer-a", ["cam"])
     keys = KeyManager(db, PERIOD_S, directory=db.directory)
     keys.key_for("cam", VIDEO, T + 10)
@@ -204,7 +191,7 @@ def test_joins_are_prepared_off_the_ingest_path_and_open_exactly_from_the_join(
     segments: at the next key period the cameras only step. The joining viewer's record opens
     from its join step exactly (the first step no segment was sealed under), not the step
     before, and the join statement is queued before that step's first segment."""
-    db = _Index(tmp_path)
+    db = Index(tmp_path)
     alice = _add(db, "viewer-a", None)
     clock = [T + 1000]
     journaled: list[tuple[str, str]] = []
@@ -259,7 +246,7 @@ def test_a_join_prepared_too_late_is_dropped_and_the_ingest_path_joins_the_viewe
     key period comes first and joins that viewer on the ingest path (as before issue 23 item
     2). The late answer is dropped, not stored: the viewer has one record, from the step the
     ingest path gave it, and nothing fails."""
-    db = _Index(tmp_path)
+    db = Index(tmp_path)
     _add(db, "viewer-a", None)
     clock = [T + 1000]
     keys = KeyManager(db, PERIOD_S, signer=vectors.load_signer("archiver"),

@@ -11,32 +11,18 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from archiver.db import Database
-from archiver.directory import open_directory
 from archiver.keying import KeyManager
 from keyservice.crypto import split_key_id
 from keyservice.format import DataStream
 from keyservice.identity import OaepHash, fingerprint
+from tests.archiver.keying_helpers import Index
 
 KEYS = Path(__file__).parents[1] / "vectors" / "keys"
 DAY_MS = 86_400_000
 
 
-class _Index(Database):
-    """The index and the directory on one file, as an Archiver without --directory has them
-    (the tests below read key material from one and change the viewer in the other)."""
-
-    def __init__(self, data_dir: Path) -> None:
-        super().__init__(data_dir / "archiver.sqlite3")
-        self.directory = open_directory(None, data_dir)
-
-    def close(self) -> None:
-        self.directory.close()
-        super().close()
-
-
-def _manager(tmp_path: Path, period_s: int = 60) -> tuple[KeyManager, _Index, str]:
-    db = _Index(tmp_path)
+def _manager(tmp_path: Path, period_s: int = 60) -> tuple[KeyManager, Index, str]:
+    db = Index(tmp_path)
     cert = x509.load_pem_x509_certificate((KEYS / "TEST-ONLY-viewer-a.cert.pem").read_bytes())
     fp = fingerprint(cert).hex()
     db.directory.add_viewer(fp, cert.public_bytes(Encoding.DER), "viewer-a",
