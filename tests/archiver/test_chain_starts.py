@@ -47,6 +47,10 @@ from tests.vectors import generate as vectors
 MIDNIGHT = T0 + DAY_MS
 
 
+def _wrapped_here(*_: object) -> None:
+    raise AssertionError("a chain was wrapped in the Archiver's interpreter")
+
+
 def _rotate_all(keys: KeyManager, clock: list[int], now_ms: int,
                 cameras: list[str] = CAMERAS) -> dict[str, bytes]:
     clock[0] = now_ms
@@ -225,11 +229,8 @@ def test_cameras_waiting_for_their_first_chain_are_wrapped_in_one_batch(
                 assert others_wait.wait(30)
             return real(request)
 
-        def wrapped_here(*_: object) -> None:
-            raise AssertionError("a chain was wrapped in the Archiver's interpreter")
-
         monkeypatch.setattr(worker, "prepare", prepare)
-        monkeypatch.setattr(keys, "_wrap", wrapped_here)
+        monkeypatch.setattr(keys, "_wrap", _wrapped_here)
         keys_of: dict[str, bytes] = {}
 
         def segment(camera: str) -> None:
@@ -275,11 +276,8 @@ def test_a_removal_while_the_process_wraps_a_starting_chain_is_not_missed(
                 keys.access_removed(revoked, None, T0 + 1000)
             return answer
 
-        def wrapped_here(*_: object) -> None:
-            raise AssertionError("a chain was wrapped in the Archiver's interpreter")
-
         monkeypatch.setattr(worker, "prepare", prepare)
-        monkeypatch.setattr(keys, "_wrap", wrapped_here)
+        monkeypatch.setattr(keys, "_wrap", _wrapped_here)
         key = keys.key_for("cam0", DataStream.VIDEO, T0 + 1000)
         assert asked == [{revoked, kept}, {kept}] and keys.chains_started == 1
         assert db.chain_record(revoked, chain_of(key.key_id)) is None
