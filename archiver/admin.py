@@ -20,7 +20,7 @@ from archiver.archive import Archive
 from archiver.audit import AuditLog
 from archiver.auth import Sessions, digest, new_secret
 from archiver.consolidated import shred_viewer_in_parts
-from archiver.directory import ViewerRow
+from archiver.directory import NewViewer, ViewerRow
 from archiver.registry import SiteMember
 from archiver.rtsp import PULLER_STOP_S, CameraPullers
 from archiver.services.cameras import ADMISSION_LOCK, admit_pulled_camera
@@ -63,6 +63,16 @@ class CameraMove:
     to: str
     moved: bool
     since_ms: int
+
+
+@dataclass(frozen=True)
+class ViewerRequest:
+    """A certificate to authorize (PEM) on ``cameras`` (None: all, present and future);
+    ``oaep_hash``: the key scheme's label, only for RSA certificates not made by fusion-keys."""
+
+    pem: bytes
+    cameras: list[str] | None
+    oaep_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -220,42 +230,93 @@ class Admin:
     def authorize(self, actor: str, pem: bytes, cameras: list[str] | None,
                   oaep_hash: str | None = None) -> Authorization:
         """``authorize_viewer``, telling whether the viewer was active already."""
+        return self.authorize_many(actor, [ViewerRequest(pem, cameras, oaep_hash)])[0]
+
+    def authorize_many(self, actor: str, requests: Sequence[ViewerRequest]
+                       ) -> list[Authorization]:
+        """Batch enrolment: ``authorize`` for each request, all of them or none (a refusal of
+        one names it and authorizes nobody), in one directory transaction and one audit fsync.
+        Each viewer still gets its own audit entry and its own epoch; they join the running
+        chains of their cameras at their next rotation, as one viewer does."""
         archive = self.archive
+        known: set[str] | None = None
+        checked: list[tuple[NewViewer, str]] = []
+        numbers: dict[str, int] = {}
+        for number, request in enumerate(requests, 1):
+            if request.cameras and known is None:
+                # Only named cameras are looked up (viewers of all cameras need no query).
+                known = {c.name for c in archive.directory.cameras()}
+            try:
+                viewer, label = self._checked(request, known or set())
+            except Refused as exc:
+                raise self._in_batch(exc, number, len(requests)) from None
+            if viewer.fingerprint in numbers:
+                raise Refused(ErrorCode.VIEWER_EXISTS, f"Certificates {numbers[viewer.fingerprint]}"
+                              f" and {number} of the batch are the same certificate "
+                              f"({viewer.fingerprint[:16]}); nobody was authorized.")
+            numbers[viewer.fingerprint] = number
+            checked.append((viewer, label))
+        before = self._viewers_named(list(numbers))
+        for viewer, _ in checked:
+            existing = before.get(viewer.fingerprint)
+            if existing is not None and existing.revoked_ms is None and viewer.cameras != (
+                    None if existing.all_cameras else tuple(sorted(existing.cameras))):
+                # Adding again used to replace the viewer's cameras silently (one was
+                # dropped): changing them is its own, explicit command. Adding again with the
+                # same cameras only re-authorizes (its keys rotate), as before.
+                fp = viewer.fingerprint[:16]
+                raise self._in_batch(Refused(
+                    ErrorCode.VIEWER_EXISTS, f"Viewer {fp} is authorized already, on "
+                    f"{_cameras_text(existing)}; change its cameras with 'fusion-archiver "
+                    f"viewers cameras {fp} --add CAMS', '--remove CAMS' or '--set CAMS'."),
+                    numbers[viewer.fingerprint], len(requests))
+        archive.directory.add_viewers([viewer for viewer, _ in checked], archive.clock())
+        archive.viewers_authorized(list(numbers))
+        self.audit.record_many(actor, "viewer.add", archive.clock(), [
+            {"fingerprint": viewer.fingerprint, "subject": viewer.subject,
+             # (A grantee on no camera used to be audited as "all".)
+             "cameras": "all" if viewer.cameras is None else list(viewer.cameras),
+             "oaep_hash": label}
+            for viewer, label in checked])
+        after = self._viewers_named(list(numbers))
+        return [Authorization(after[fp], fp in before and before[fp].revoked_ms is None)
+                for fp in numbers]
+
+    def _viewers_named(self, fingerprints: list[str]) -> dict[str, ViewerRow]:
+        directory = self.archive.directory
+        if len(fingerprints) == 1:  # the prebuilt statement every login uses
+            row = directory.viewer(fingerprints[0])
+            return {} if row is None else {row.fingerprint: row}
+        return directory.viewers_named(fingerprints)
+
+    @staticmethod
+    def _in_batch(refused: Refused, number: int, size: int) -> Refused:
+        """A refusal of one certificate of a batch, naming it (a single one as it was)."""
+        if size > 1:
+            refused.message = (f"Certificate {number} of {size}: {refused.message} Nobody in "
+                               "this batch was authorized.")
+            refused.args = (refused.message,)
+        return refused
+
+    def _checked(self, request: ViewerRequest, known_cameras: set[str]
+                 ) -> tuple[NewViewer, str]:
+        """A request of ``authorize_many`` checked (the certificate chains to the site CA and
+        is valid now, its cameras exist): the viewer to add and its key scheme's audit label."""
         try:
-            cert = load_certificate(pem)
+            cert = load_certificate(request.pem)
             oaep = validate_viewer_certificate(
                 cert, now=dt.datetime.now(dt.UTC), site_ca=self.site_ca,
-                oaep_hash=KeyScheme.from_label(oaep_hash) if oaep_hash else None)
+                oaep_hash=KeyScheme.from_label(request.oaep_hash) if request.oaep_hash else None)
         except CertificateError as exc:
             raise Refused(ErrorCode.BAD_CERTIFICATE, str(exc)) from None
-        wanted = None if cameras is None else sorted(set(cameras))
-        # Only named cameras are looked up (a viewer of all cameras needs no directory query).
-        if wanted:
-            known = {c.name for c in archive.directory.cameras()}
-            unknown = sorted(set(wanted) - known)
-            if unknown:
-                raise Refused(ErrorCode.UNKNOWN_CAMERA,
-                              f"Unknown camera(s): {', '.join(unknown)}.")
-        fp = fingerprint(cert).hex()
-        subject = cert.subject.rfc4514_string()
-        existing = archive.directory.viewer(fp)
-        if existing is not None and existing.revoked_ms is None and wanted != (
-                None if existing.all_cameras else sorted(existing.cameras)):
-            # Adding again used to replace the viewer's cameras silently (one was dropped):
-            # changing them is its own, explicit command. Adding again with the same cameras
-            # only re-authorizes (its keys rotate), as before.
-            raise Refused(ErrorCode.VIEWER_EXISTS, f"Viewer {fp[:16]} is authorized "
-                               f"already, on {_cameras_text(existing)}; change its cameras with "
-                               f"'fusion-archiver viewers cameras {fp[:16]} --add CAMS', "
-                               "'--remove CAMS' or '--set CAMS'.")
-        archive.directory.add_viewer(fp, cert.public_bytes(Encoding.DER), subject, int(oaep), wanted,
-                              archive.clock())
-        archive.authorization_changed(fp, None)
-        self.audit.record(actor, "viewer.add", archive.clock(), fingerprint=fp, subject=subject,
-                          cameras=wanted or "all", oaep_hash=oaep.legacy_label)
-        row = archive.directory.viewer(fp)
-        assert row is not None
-        return Authorization(row, existing is not None and existing.revoked_ms is None)
+        wanted = None if request.cameras is None else sorted(set(request.cameras))
+        unknown = sorted(set(wanted or ()) - known_cameras)
+        if unknown:
+            raise Refused(ErrorCode.UNKNOWN_CAMERA, f"Unknown camera(s): {', '.join(unknown)}.")
+        viewer = NewViewer(fingerprint(cert).hex(), cert.public_bytes(Encoding.DER),
+                           cert.subject.rfc4514_string(), int(oaep),
+                           None if wanted is None else tuple(wanted))
+        return viewer, oaep.legacy_label
 
     def change_viewer_cameras(self, actor: str, fp: str, add: list[str], remove: list[str],
                               set_to: list[str] | Literal["all"] | None = None) -> CameraChange:

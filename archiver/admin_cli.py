@@ -299,7 +299,9 @@ def cameras_remove(name: CameraArg, url: UrlOpt = DEFAULT_URL, admin_token: Toke
 
 @viewers_app.command("add")
 def viewers_add(
-    certificate: Annotated[Path, typer.Argument(help="The viewer's PEM certificate.")],
+    certificates: Annotated[list[Path], typer.Argument(
+        help="The viewer's PEM certificate; several (e.g. certs/*.pem) are authorized in "
+        "batches of up to 500, each all or none.")],
     cameras: Annotated[str, typer.Option("--cameras", help="cam1,cam2, 'all', or 'none' (a "
                                          "grantee of access grants needs no camera).")],
     key_scheme: Annotated[str | None, typer.Option(
@@ -309,17 +311,62 @@ def viewers_add(
     tls_ca: TlsCaOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Authorize a viewer certificate on cameras; prints its SHA-256 fingerprint. A viewer
+    """Authorize viewer certificates on cameras; prints their SHA-256 fingerprints. A viewer
     authorized already on other cameras is refused: change its cameras with 'viewers cameras'."""
-    pem = _read_certificate(certificate)
+    # Every file is read (and a private key refused) before anything is sent.
+    pems = [_read_certificate(path) for path in certificates]
+    wanted = [] if cameras.strip() == "none" else _camera_list(cameras, "--cameras")
     with _client(url, admin_token, data, tls_ca) as client:
-        wanted = [] if cameras.strip() == "none" else _camera_list(cameras, "--cameras")
-        result = asdict(client.add_viewer(pem, wanted, key_scheme))
-    echo_result(as_json, result, f"viewer {printable(result['subject'])} authorized on "
-         f"{_cams(result['cameras'])}"
-         + (" (as it was already: cameras unchanged, epoch renewed)"
-            if result.get("reauthorized") else "")
-         + f"\nfingerprint: {result['fingerprint']}")
+        if len(pems) == 1:
+            result = asdict(client.add_viewer(pems[0], wanted, key_scheme))
+            echo_result(as_json, result, f"viewer {printable(result['subject'])} authorized "
+                        f"on {_cams(result['cameras'])}"
+                        + (" (as it was already: cameras unchanged, epoch renewed)"
+                           if result.get("reauthorized") else "")
+                        + f"\nfingerprint: {result['fingerprint']}")
+            return
+        results = add_in_batches(client, certificates, pems, wanted, key_scheme)
+    renewed = sum(1 for r in results if r["reauthorized"])
+    echo_result(as_json, {"viewers": results}, "\n".join(
+        f"{r['fingerprint']}  {printable(r['subject'])}" for r in results)
+        + f"\n{len(results)} viewers authorized on {_cams(wanted)}"
+        + (f" ({renewed} of them were already: epoch renewed)" if renewed else ""))
+
+
+def add_in_batches(client: AdminClient, paths: list[Path], pems: list[str],
+                    cameras: list[str] | str, key_scheme: str | None) -> list[dict]:
+    """``viewers add`` with several certificates: batches of the Archiver's size, in order. A
+    refused batch authorizes nobody in it; the error says which were authorized before it."""
+    from archiver.admin_client import AdminRefused, viewer_batches
+
+    seen: dict[str, Path] = {}
+    for path, pem in zip(paths, pems, strict=True):
+        if pem in seen:
+            raise UsageError(f"{seen[pem]} and {path} are the same certificate: give each "
+                             "once.")
+        seen[pem] = path
+    results: list[dict] = []
+    for batch in viewer_batches(pems, cameras):
+        first = len(results)
+        try:
+            results += [asdict(v) for v in client.add_viewers(batch, cameras, key_scheme)]
+        except AdminRefused as exc:
+            done = (f"{first} viewers ({paths[0]} to {paths[first - 1]}) were authorized "
+                    "before it" if first else "none was authorized")
+            raise AdminRefused(
+                f"{exc} (in the batch of {paths[first]} to {paths[first + len(batch) - 1]}, "
+                f"which authorized nobody; {done}; the {len(pems) - first - len(batch)} "
+                "after it were not sent.)", exc.code, exc.status) from None
+        except Exception:
+            # The batch's answer is lost: it may or may not have been authorized; 'viewers
+            # list' tells, and adding the same certificates again only renews their epochs.
+            if first:
+                typer.echo(f"{first} viewers ({paths[0]} to {paths[first - 1]}) were "
+                           "authorized before this failure; the batch of "
+                           f"{paths[first]} to {paths[first + len(batch) - 1]} may or may "
+                           "not have been ('viewers list' tells).", err=True)
+            raise
+    return results
 
 
 def _lag(camera: dict) -> str:

@@ -14,6 +14,7 @@ status; a failure of the Archiver is ``AdminFailed`` (an ``ArchiverFailed``).
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -27,10 +28,11 @@ import httpx
 from keyservice.errors import ArchiverFailed, RequestRefused, UsageError
 from keyservice.exits import unreachable
 from keyservice.tls import trust as tls_trust
+from keyservice.wire import VIEWER_BATCH_BYTES, VIEWER_BATCH_MAX
 
 __all__ = ["AdminClient", "AdminFailed", "AdminInfo", "AdminRefused", "ArchiverInfo",
            "CameraChange", "CameraCreated", "CameraInfo", "CameraMoved", "GrantInfo", "HoldInfo",
-           "Revoked", "StorageInfo", "ViewerInfo", "raise_for_refusal"]
+           "Revoked", "StorageInfo", "ViewerInfo", "raise_for_refusal", "viewer_batches"]
 
 Cameras = list[str] | Literal["all"]
 GrantState = Literal["pending", "approved", "rejected", "revoked"]
@@ -250,6 +252,24 @@ def _typed_list(cls: type[T], obj: Any) -> list[T]:
     return [_typed(cls, item) for item in obj]
 
 
+def viewer_batches(certificate_pems: Sequence[str], cameras: Cameras) -> list[list[str]]:
+    """Certificates cut into ``add_viewers`` batches, in order, each within the Archiver's
+    limits (VIEWER_BATCH_MAX certificates; the body, with room for its JSON, in
+    VIEWER_BATCH_BYTES)."""
+    room = VIEWER_BATCH_BYTES - 4096  # the JSON around the certificates
+    each = len(json.dumps(cameras)) + 128  # every entry's cameras, member names, key scheme
+    batches: list[list[str]] = []
+    size = 0
+    for pem in certificate_pems:
+        cost = len(json.dumps(pem)) + each
+        if not batches or len(batches[-1]) >= VIEWER_BATCH_MAX or size + cost > room:
+            batches.append([])
+            size = 0
+        batches[-1].append(pem)
+        size += cost
+    return batches
+
+
 class AdminClient:
     """The admin API of one Archiver. ``tls_ca``: the CA to verify its HTTPS certificate with
     (else FUSION_TLS_CA, else the system's; keyservice.tls), or ``verify`` to give the context."""
@@ -357,6 +377,15 @@ class AdminClient:
         an RSA certificate without the enrolment extension (rsa-oaep-sha256, rsa-oaep-sha1)."""
         return _typed(ViewerInfo, self._call("POST", "/v1/admin/viewers", {
             "certificate": certificate_pem, "cameras": cameras, "key_scheme": key_scheme}))
+
+    def add_viewers(self, certificate_pems: Sequence[str], cameras: Cameras,
+                    key_scheme: str | None = None) -> list[ViewerInfo]:
+        """Batch enrolment: ``add_viewer`` for each certificate, all of them or none, in one
+        request (at most VIEWER_BATCH_MAX certificates in VIEWER_BATCH_BYTES: cut larger sets
+        with ``viewer_batches``)."""
+        return _typed_list(ViewerInfo, self._call("POST", "/v1/admin/viewers/batch", {
+            "viewers": [{"certificate": pem, "cameras": cameras, "key_scheme": key_scheme}
+                        for pem in certificate_pems]}))
 
     def viewers(self) -> list[ViewerInfo]:
         return _typed_list(ViewerInfo, self._call("GET", "/v1/admin/viewers"))

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import anyio.to_thread
@@ -323,8 +323,17 @@ class Archive:
     # --- authorization ----------------------------------------------------------------
     def authorization_changed(self, fingerprint: str, cameras: list[str] | None) -> None:
         self.keys.authorization_changed(fingerprint, cameras)
+        self._authorizations_changed([fingerprint])
+
+    def viewers_authorized(self, fingerprints: Sequence[str]) -> None:
+        """Viewers added or re-authorized at once (a batch enrolment), on all their cameras."""
+        self.keys.viewers_authorized(fingerprints)
+        self._authorizations_changed(fingerprints)
+
+    def _authorizations_changed(self, fingerprints: Iterable[str]) -> None:
         with self._cameras_lock:
-            self._auth_changes[fingerprint] = self._auth_changes.get(fingerprint, 0) + 1
+            for fingerprint in fingerprints:
+                self._auth_changes[fingerprint] = self._auth_changes.get(fingerprint, 0) + 1
         self.notifier.wake_all()  # live streams waiting for segments re-check at once
 
     def access_removed(self, fingerprint: str, cameras: list[str] | None,
@@ -336,9 +345,7 @@ class Archive:
         no key of a later period than that one's is used again."""
         now = self.clock()
         self.keys.access_removed(fingerprint, cameras, now if at_ms is None else min(at_ms, now))
-        with self._cameras_lock:
-            self._auth_changes[fingerprint] = self._auth_changes.get(fingerprint, 0) + 1
-        self.notifier.wake_all()  # live streams waiting for segments re-check at once
+        self._authorizations_changed([fingerprint])
 
     def authorization_changes(self, fingerprint: str) -> int:
         with self._cameras_lock:

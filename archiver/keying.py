@@ -188,7 +188,7 @@ class KeyManager:
         self._next_epochs: dict[str, _ViewerEpoch] = {}
         self._viewers: list[tuple[ViewerRow, Recipient, int]] | None = None
         # The one viewer-certificate cache: fingerprint -> (certificate, its Recipient,
-        # not-after), parsed once, not per change (_load_viewers, _refresh_viewer); _index is
+        # not-after), parsed once, not per change (_load_viewers, _refresh_viewers); _index is
         # the viewer list by fingerprint (joiners are looked up there, not by a scan).
         self._parsed: dict[str, tuple[bytes, Recipient, int]] = {}
         self._index: dict[str, tuple[ViewerRow, Recipient, int]] = {}
@@ -343,35 +343,46 @@ class KeyManager:
         is a chain prepared for the camera's next period (at the switch); a chain prepared for
         the next day is prepared again; other chains run on untouched. Changes that only
         remove go through ``access_removed``."""
+        self.viewers_authorized([fingerprint], cameras)
+
+    def viewers_authorized(self, fingerprints: Sequence[str],
+                           cameras: list[str] | None = None) -> None:
+        """``authorization_changed`` for many viewers at once (a batch enrolment): their rows
+        read in one query, the viewer list rebuilt once, each chain looked at once."""
         with self._rotate:
-            row = self._directory.viewer(fingerprint)
+            if len(fingerprints) == 1:
+                rows = {fingerprints[0]: self._directory.viewer(fingerprints[0])}
+            else:
+                found = self._directory.viewers_named(fingerprints)
+                rows = {fp: found.get(fp) for fp in fingerprints}
             with self._lock:
-                self._viewer_changed(fingerprint, row)
+                self._viewers_changed(rows)
                 restart = []
                 for cam_stream in list(self._chains):
                     if cameras is not None and cam_stream[0] not in cameras:
                         continue
-                    allowed = (row is not None and row.revoked_ms is None
-                               and row.authorized_on(cam_stream[0]))
                     members = self._members.get(cam_stream)
                     if members is None or self._signer is None:
                         restart.append(cam_stream)  # no join without a signed statement
                         continue
-                    if not self._note_change(members, fingerprint, allowed):
-                        restart.append(cam_stream)  # it must get nothing recorded after
-                        continue
-                    prepared = self._prepared_members.get(cam_stream)
-                    if (cam_stream in self._prepared
-                            and (prepared is None
-                                 or not self._note_change(prepared, fingerprint, allowed))):
-                        # The prepared chain holds a viewer that lost the camera: not used.
-                        self._drop_prepared(cam_stream)
-                    ahead = self._next_day_members.get(cam_stream)
-                    if (cam_stream in self._next_day
-                            and (ahead is None or ahead.holds(fingerprint) != allowed)):
-                        # Made again for the new viewer list: a join would open only from
-                        # the step after the chain's first, which serves from midnight.
-                        self._drop_next_day(cam_stream)
+                    for fingerprint, row in rows.items():
+                        allowed = (row is not None and row.revoked_ms is None
+                                   and row.authorized_on(cam_stream[0]))
+                        if not self._note_change(members, fingerprint, allowed):
+                            restart.append(cam_stream)  # it must get nothing recorded after
+                            break
+                        prepared = self._prepared_members.get(cam_stream)
+                        if (cam_stream in self._prepared
+                                and (prepared is None
+                                     or not self._note_change(prepared, fingerprint, allowed))):
+                            # The prepared chain holds a viewer that lost the camera: not used.
+                            self._drop_prepared(cam_stream)
+                        ahead = self._next_day_members.get(cam_stream)
+                        if (cam_stream in self._next_day
+                                and (ahead is None or ahead.holds(fingerprint) != allowed)):
+                            # Made again for the new viewer list: a join would open only from
+                            # the step after the chain's first, which serves from midnight.
+                            self._drop_next_day(cam_stream)
                 for cam_stream in restart:
                     self._current.pop(cam_stream, None)
                     del self._chains[cam_stream]  # its state is erased with it
@@ -410,12 +421,18 @@ class KeyManager:
             epochs.pop(fingerprint, None)
 
     def _viewer_changed(self, fingerprint: str, row: ViewerRow | None) -> None:
-        """Under ``_lock``, for any change of one viewer: its epoch ends, its entry is reread,
-        and every chain prepared before now is outdated (the generation)."""
+        """Under ``_lock``, for any change of one viewer: see ``_viewers_changed``."""
+        self._viewers_changed({fingerprint: row})
+
+    def _viewers_changed(self, rows: dict[str, ViewerRow | None]) -> None:
+        """Under ``_lock``, for any change of viewers (fingerprint -> row, None: gone): their
+        epochs end, their entries are reread, and every chain prepared before now is outdated
+        (the generation)."""
         self._generation += 1
-        self._epochs.pop(fingerprint, None)
-        self._next_epochs.pop(fingerprint, None)
-        self._refresh_viewer(fingerprint, row)
+        for fingerprint in rows:
+            self._epochs.pop(fingerprint, None)
+            self._next_epochs.pop(fingerprint, None)
+        self._refresh_viewers(rows)
         self._prepare_failed.clear()
         self._join_failed.clear()
 
@@ -984,17 +1001,19 @@ class KeyManager:
             known = (row.certificate, Recipient(cert, KeyScheme(row.oaep_hash)), not_after)
         return known
 
-    def _refresh_viewer(self, fingerprint: str, row: ViewerRow | None) -> None:
-        """Under _lock: the viewer list with one viewer's row replaced (or dropped if revoked):
-        parsing 10 000 certificates again for one change cost more than the change itself."""
+    def _refresh_viewers(self, rows: dict[str, ViewerRow | None]) -> None:
+        """Under _lock: the viewer list with these viewers' rows replaced (or dropped if
+        revoked): parsing 10 000 certificates again for one change cost more than the change
+        itself, and one pass serves a whole batch."""
         if self._viewers is None:
             return
-        kept = [v for v in self._viewers if v[0].fingerprint != fingerprint]
-        self._parsed.pop(fingerprint, None)
-        if row is not None and row.revoked_ms is None:
-            known = self._parse(row)
-            self._parsed[fingerprint] = known
-            kept.append((row, known[1], known[2]))
+        kept = [v for v in self._viewers if v[0].fingerprint not in rows]
+        for fingerprint, row in rows.items():
+            self._parsed.pop(fingerprint, None)
+            if row is not None and row.revoked_ms is None:
+                known = self._parse(row)
+                self._parsed[fingerprint] = known
+                kept.append((row, known[1], known[2]))
         self._viewers = kept
 
     def _load_viewers(self) -> list[tuple[ViewerRow, Recipient, int]]:

@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from archiver.audit import AuditLog
-from keyservice.wire import ErrorCode
+from keyservice.wire import VIEWER_BATCH_BYTES, ErrorCode
 
 log = logging.getLogger("archiver")
 
@@ -244,6 +244,8 @@ class RequestLimits:
             return self.limits.max_segment_bytes if path.endswith(".ts") else BUFFERED_LIMIT
         if path == "/v1/grants":  # an access grant carries up to 8192 wrapped keys
             return BUFFERED_LIMIT
+        if path == "/v1/admin/viewers/batch":  # up to VIEWER_BATCH_MAX certificates
+            return VIEWER_BATCH_BYTES
         return JSON_BODY_LIMIT
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -14,7 +14,6 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from archiver.admin_client import viewer_batches
 from bench import core
 from fusion_testkit.server import ArchiverServer
 from keyservice.certs import build_viewer_certificate, certificate_pem
@@ -223,15 +223,17 @@ class BenchServer(ArchiverServer):
         with httpx.Client(timeout=60) as client:
             return {name: self.add_camera(name, client) for name in names}
 
-    def add_viewers(self, pems: Sequence[str], workers: int = 4) -> list[str]:
-        """Authorize each certificate on all cameras through the admin API; fingerprints."""
-        def add(chunk: Sequence[str]) -> list[str]:
-            with httpx.Client(timeout=60) as client:
-                return [self.add_viewer(pem, "all", client) for pem in chunk]
-
-        chunks = [pems[i::workers] for i in range(workers)]
-        with ThreadPoolExecutor(workers) as pool:
-            return [fp for part in pool.map(add, chunks) for fp in part]
+    def add_viewers(self, pems: Sequence[str]) -> list[str]:
+        """Authorize each certificate on all cameras through the admin API's batch enrolment
+        (batches cut as ``fusion-archiver viewers add`` cuts them); fingerprints."""
+        fingerprints: list[str] = []
+        with httpx.Client(timeout=300) as client:
+            for batch in viewer_batches(pems, "all"):
+                answer = self.admin("POST", "/v1/admin/viewers/batch", {"viewers": [
+                    {"certificate": pem, "cameras": "all"} for pem in batch]},
+                    expect=201, client=client)
+                fingerprints += [viewer["fingerprint"] for viewer in answer]
+        return fingerprints
 
     def free_archived_bytes(self) -> int:
         """Give the disk back the archive files' bytes between two windows, keeping every

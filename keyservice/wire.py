@@ -1,12 +1,18 @@
-"""The error codes of the Archiver's HTTP API (``{"error": code, "message": sentence}``).
+"""The error codes of the Archiver's HTTP API (``{"error": code, "message": sentence}``), and
+the limits of its batch enrolment.
 
 One definition for both sides: the Archiver answers with these, the viewer maps them to its
-exit codes (client/session.py).                                                   [pure]
+exit codes (client/session.py), the admin CLI cuts its batches to the limits.     [pure]
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
+
+# POST /v1/admin/viewers/batch: at most this many certificates, in a body of at most this many
+# bytes (one transaction and one audit fsync for all; fusion-archiver cuts larger sets).
+VIEWER_BATCH_MAX = 500
+VIEWER_BATCH_BYTES = 1024 * 1024
 
 
 class ErrorCode(StrEnum):

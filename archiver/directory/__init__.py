@@ -10,10 +10,11 @@ from archiver.directory.rows import (
     AuditEvent,
     CameraRow,
     HoldRow,
+    NewViewer,
     Placement,
     ViewerRow,
 )
 from archiver.directory.store import Directory, open_directory
 
 __all__ = ["AdminRow", "ArchiverRow", "AuditEvent", "CameraRow", "Directory", "HoldRow",
-           "Placement", "ViewerRow", "open_directory"]
+           "NewViewer", "Placement", "ViewerRow", "open_directory"]

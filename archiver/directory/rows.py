@@ -35,6 +35,18 @@ class ViewerRow:
 
 
 @dataclass(frozen=True)
+class NewViewer:
+    """A viewer to authorize: its certificate (DER), key scheme and cameras (None: all cameras,
+    present and future)."""
+
+    fingerprint: str
+    certificate: bytes
+    subject: str
+    oaep_hash: int
+    cameras: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
 class HoldRow:
     """An evidence hold: video of ``camera`` in [from_ms, to_ms] survives retention."""
 

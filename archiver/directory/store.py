@@ -55,6 +55,7 @@ from archiver.directory.rows import (
     CameraRow,
     HoldRow,
     LeaseRow,
+    NewViewer,
     Placement,
     ViewerRow,
 )
@@ -279,20 +280,29 @@ class Directory:
                    cameras: Iterable[str] | None, now_ms: int) -> None:
         """Authorize (or re-authorize) a viewer; cameras None means all cameras, present and
         future."""
-        wanted = list(cameras or ())
+        self.add_viewers([NewViewer(fingerprint, certificate, subject, oaep_hash,
+                                    None if cameras is None else tuple(cameras))], now_ms)
+
+    def add_viewers(self, viewers: Sequence[NewViewer], now_ms: int) -> None:
+        """``add_viewer`` for many, in one transaction (batch enrolment: one commit, one fsync,
+        whatever their number)."""
+        if not viewers:
+            return
         with self._write() as conn:
             conn.execute(delete(t.viewer_cameras).where(
-                t.viewer_cameras.c.fingerprint == fingerprint))
-            stmt = self._insert(t.viewers).values(
-                fingerprint=fingerprint, certificate=certificate, subject=subject,
-                oaep_hash=oaep_hash, all_cameras=int(cameras is None), added_ms=now_ms,
-                revoked_ms=None, key_streams_deleted=0)
+                t.viewer_cameras.c.fingerprint.in_([v.fingerprint for v in viewers])))
+            stmt = self._insert(t.viewers)
             conn.execute(stmt.on_conflict_do_update(index_elements=["fingerprint"], set_={
                 "oaep_hash": stmt.excluded.oaep_hash, "all_cameras": stmt.excluded.all_cameras,
-                "revoked_ms": None}))
-            if wanted:
-                conn.execute(insert(t.viewer_cameras), [
-                    {"fingerprint": fingerprint, "camera": c} for c in wanted])
+                "revoked_ms": None}), [
+                {"fingerprint": v.fingerprint, "certificate": v.certificate,
+                 "subject": v.subject, "oaep_hash": v.oaep_hash,
+                 "all_cameras": int(v.cameras is None), "added_ms": now_ms,
+                 "revoked_ms": None, "key_streams_deleted": 0} for v in viewers])
+            cameras = [{"fingerprint": v.fingerprint, "camera": c}
+                       for v in viewers for c in v.cameras or ()]
+            if cameras:
+                conn.execute(insert(t.viewer_cameras), cameras)
 
     def set_viewer_cameras(self, fingerprint: str, cameras: Iterable[str] | None) -> bool:
         """Replace an active viewer's cameras (None: all); False if there is no such viewer."""
@@ -330,6 +340,33 @@ class Directory:
         return self._cached(read, lambda: snap.viewer(fingerprint) if snap and cached
                             else MISSING,
                             lambda row: snap.put_viewer(fingerprint, row) if snap else None)
+
+    def viewers_named(self, fingerprints: Sequence[str]) -> dict[str, ViewerRow]:
+        """The viewers among ``fingerprints``, by fingerprint (a batch enrolment's: one query,
+        not one per viewer)."""
+        wanted = list(fingerprints)
+        cams = t.viewer_cameras.c
+
+        def read() -> dict[str, ViewerRow]:
+            rows = self._viewer_rows(
+                select(*_VIEWER_COLUMNS).where(t.viewers.c.fingerprint.in_(wanted)),
+                select(cams.fingerprint, cams.camera).where(cams.fingerprint.in_(wanted))
+                .order_by(cams.camera))
+            return {row.fingerprint: row for row in rows}
+
+        def last() -> Any:
+            found = {fp: snap.viewer(fp) for fp in wanted} if snap else {}
+            if snap is None or any(row is MISSING for row in found.values()):
+                return MISSING
+            return {fp: row for fp, row in found.items() if row is not None}
+
+        def keep(rows: dict[str, ViewerRow]) -> None:
+            if snap is not None:
+                for fp in wanted:
+                    snap.put_viewer(fp, rows.get(fp))
+
+        snap = self.snapshot
+        return self._cached(read, last, keep)
 
     def _viewer_rows(self, viewers: Any, cameras: Any,
                      params: dict[str, Any] | None = None) -> list[ViewerRow]:

@@ -10,7 +10,7 @@ from cryptography import x509
 from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
-from archiver.admin import ViewerRow
+from archiver.admin import ViewerRequest, ViewerRow
 from archiver.cameras import CameraState
 from archiver.deps import (
     AdminDep,
@@ -25,6 +25,7 @@ from archiver.rtsp import redact
 from archiver.services.cameras import CameraStatus
 from keyservice.keyscheme import KeyScheme
 from keyservice.names import CAMERA_NAME_PATTERN
+from keyservice.wire import VIEWER_BATCH_MAX
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 Fingerprint = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]
@@ -171,6 +172,11 @@ class ViewerCreate(BaseModel):
         default=None, description="Deprecated: the old name of key_scheme")
 
 
+class ViewerBatch(BaseModel):
+    viewers: list[ViewerCreate] = Field(min_length=1, max_length=VIEWER_BATCH_MAX,
+                                        description="Certificates to authorize, all or none")
+
+
 class ViewerInfo(BaseModel):
     fingerprint: str
     subject: str
@@ -300,6 +306,20 @@ def add_viewer(body: ViewerCreate, admin: AdminServiceDep, actor: AdminDep) -> V
     info = _viewer_info(done.viewer)
     info.reauthorized = done.reauthorized
     return info
+
+
+@router.post("/viewers/batch", status_code=201)
+def add_viewers(body: ViewerBatch, admin: AdminServiceDep, actor: AdminDep) -> list[ViewerInfo]:
+    """Batch enrolment: every certificate authorized in one transaction, or none (the refusal
+    names the certificate)."""
+    done = admin.authorize_many(actor, [
+        ViewerRequest(v.certificate.encode(), None if v.cameras == "all" else list(v.cameras),
+                      v.key_scheme or v.oaep_hash) for v in body.viewers])
+    infos = []
+    for authorization in done:
+        infos.append(_viewer_info(authorization.viewer))
+        infos[-1].reauthorized = authorization.reauthorized
+    return infos
 
 
 @router.get("/viewers")

@@ -130,28 +130,49 @@ def test_ffmpeg_hls_uploads_do_not_check_the_archivers_certificate(
         assert _settle(https_archiver, before + _opened(hls)) == before + _opened(hls) > before
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself holds a socket listening on 127.0.0.1:``port`` (not
+    another process that took the port between free_port() and socat's bind)."""
+    sockets = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            sockets.add(target[8:-1])
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A" and fields[9] in sockets:
+            return True
+    return False
+
+
 @contextmanager
 def forwarder(server: ArchiverServer, site_ca: Path, host: str = "127.0.0.1") -> Iterator[str]:
     """The forwarder unit's ExecStart (its CA file and port moved for the test); yields the
-    local port, and on exit leaves its log in ``forwarder.log`` beside the CA."""
-    port = str(free_port())
-    command = [word.replace(SITE_CA, str(site_ca)).replace(LOCAL_PORT, port, 1)
-               if word.startswith(("OPENSSL:", "TCP-LISTEN:")) else word
-               for word in exec_start(FORWARDER, {"FUSION_ARCHIVER_HOST": host,
-                                                  "FUSION_ARCHIVER_PORT": str(server.port)})]
+    local port once socat listens on it, and on exit leaves its log in ``forwarder.log`` beside
+    the CA. A port taken by a parallel test before socat bound it is given up for another."""
     log = site_ca.parent / "forwarder.log"
-    with open(log, "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if f":{int(port):04X} " in Path("/proc/net/tcp").read_text():
-                break
-            time.sleep(0.05)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(10)
+    for _attempt in range(3):
+        port = free_port()
+        command = [word.replace(SITE_CA, str(site_ca)).replace(LOCAL_PORT, str(port), 1)
+                   if word.startswith(("OPENSSL:", "TCP-LISTEN:")) else word
+                   for word in exec_start(FORWARDER, {"FUSION_ARCHIVER_HOST": host,
+                                                      "FUSION_ARCHIVER_PORT": str(server.port)})]
+        with open(log, "ab") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 10
+            while process.poll() is None and time.monotonic() < deadline:
+                if _listens(process.pid, port):
+                    yield str(port)
+                    return
+                time.sleep(0.05)
+        finally:
+            process.terminate()
+            process.wait(10)
+    raise AssertionError(f"socat never listened; its log:\n{log.read_text()}")
 
 
 def _push_via(port: str, token: str, source: Path) -> subprocess.CompletedProcess[str]:
@@ -180,7 +201,7 @@ def test_the_forwarder_pushes_only_to_an_archiver_it_can_verify(
             time.sleep(1)
             assert _segments(server) == 0, (ca, host)
         log = (tmp_path / "other-ca" / "forwarder.log").read_text()
-        assert "certificate verify failed" in log
+        assert "certificate verify failed" in log, log
         with forwarder(server, site_ca.path) as port:
             pushed = _push_via(port, token, source)
         assert pushed.returncode == 0, pushed.stderr[-2000:]

@@ -20,6 +20,7 @@ from archiver.directory import (
     ArchiverRow,
     AuditEvent,
     Directory,
+    NewViewer,
     Placement,
     open_directory,
 )
@@ -87,6 +88,25 @@ def test_viewers_are_authorized_changed_revoked_and_reauthorized(directory: Dire
     directory.add_viewer(FP_A, b"cert-a", "CN=alice", 2, ["yard"], 300)
     again = directory.viewer(FP_A)
     assert again.revoked_ms is None and again.cameras == ("yard",) and again.added_ms == 10
+
+
+def test_a_batch_of_viewers_is_added_and_read_back_in_one_query_each(
+        directory: Directory) -> None:
+    directory.add_viewer(FP_A, b"cert-a", "CN=alice", 2, ["door"], 10)
+    directory.revoke_viewer(FP_A, 11)
+    fps = [f"{i:02x}" * 32 for i in range(3, 40)]
+    directory.add_viewers([NewViewer(FP_A, b"cert-a", "CN=alice", 2, ("yard",)),
+                           *(NewViewer(fp, fp.encode(), f"CN={fp[:4]}", 1,
+                                       None if i % 2 else ("door", "lobby"))
+                             for i, fp in enumerate(fps))], 50)
+    found = directory.viewers_named([FP_A, FP_B, *fps])
+    assert sorted(found) == sorted([FP_A, *fps])  # bob was never added
+    alice = found[FP_A]  # authorized again: active, its new cameras, its first added_ms
+    assert alice.revoked_ms is None and alice.cameras == ("yard",) and alice.added_ms == 10
+    assert found[fps[0]].cameras == ("door", "lobby") and not found[fps[0]].all_cameras
+    assert found[fps[1]].all_cameras and found[fps[1]].added_ms == 50
+    assert found == {fp: directory.viewer(fp) for fp in [FP_A, *fps]}
+    directory.add_viewers([], 60)  # nothing to add: no transaction
 
 
 def test_holds_are_kept_listed_per_camera_and_their_ids_never_reused(directory: Directory) -> None:
