@@ -256,7 +256,7 @@ class Admin:
                               f"({viewer.fingerprint[:16]}); nobody was authorized.")
             numbers[viewer.fingerprint] = number
             checked.append((viewer, label))
-        before = self._viewers_named(list(numbers))
+        before = archive.directory.viewers_named(list(numbers))
         for viewer, _ in checked:
             existing = before.get(viewer.fingerprint)
             if existing is not None and existing.revoked_ms is None and viewer.cameras != (
@@ -278,16 +278,9 @@ class Admin:
              "cameras": "all" if viewer.cameras is None else list(viewer.cameras),
              "oaep_hash": label}
             for viewer, label in checked])
-        after = self._viewers_named(list(numbers))
+        after = archive.directory.viewers_named(list(numbers))
         return [Authorization(after[fp], fp in before and before[fp].revoked_ms is None)
                 for fp in numbers]
-
-    def _viewers_named(self, fingerprints: list[str]) -> dict[str, ViewerRow]:
-        directory = self.archive.directory
-        if len(fingerprints) == 1:  # the prebuilt statement every login uses
-            row = directory.viewer(fingerprints[0])
-            return {} if row is None else {row.fingerprint: row}
-        return directory.viewers_named(fingerprints)
 
     @staticmethod
     def _in_batch(refused: Refused, number: int, size: int) -> Refused:

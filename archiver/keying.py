@@ -350,11 +350,8 @@ class KeyManager:
         """``authorization_changed`` for many viewers at once (a batch enrolment): their rows
         read in one query, the viewer list rebuilt once, each chain looked at once."""
         with self._rotate:
-            if len(fingerprints) == 1:
-                rows = {fingerprints[0]: self._directory.viewer(fingerprints[0])}
-            else:
-                found = self._directory.viewers_named(fingerprints)
-                rows = {fp: found.get(fp) for fp in fingerprints}
+            found = self._directory.viewers_named(fingerprints)
+            rows = {fp: found.get(fp) for fp in fingerprints}
             with self._lock:
                 self._viewers_changed(rows)
                 restart = []
