@@ -162,8 +162,9 @@ class SiteChanges:
         if not changed:
             return
         with self._lock:
+            rows = self._directory.viewers_named(list(dict.fromkeys(fp for fp, _ in changed)))
             for fp, _ in changed:
-                row = self._directory.viewer(fp)
+                row = rows.get(fp)  # a batch enrolment's, read in one query
                 self._remember(fp, None if row is None else (
                     row.revoked_ms, None if row.all_cameras else tuple(sorted(row.cameras)),
                     row.key_streams_deleted))

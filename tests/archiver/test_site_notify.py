@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from archiver.audit import AuditLog
-from archiver.directory import Directory, open_directory
+from archiver.directory import Directory, NewViewer, open_directory
 from archiver.directory.notify import CHANNEL, SiteChanges, ViewerChange, diff
 from tests.fixtures.server import ArchiverServer
 
@@ -128,6 +128,28 @@ def test_a_change_audited_through_one_archiver_reaches_another_by_notify(
         # a1 made the change: its own notification does nothing there, and its poll does not
         # apply it again (it took the rows as seen when it announced them).
         assert a1.poll_once() == 0
+    finally:
+        audit.close()
+        a1.stop()
+        a2.stop()
+
+
+def test_a_batch_enrolment_reaches_another_archiver_viewer_by_viewer(
+        directory: Directory, postgres_url: str, tmp_path: Path) -> None:
+    a1, _ = _site(directory, "a1", postgres_url, poll_s=3600)
+    a2, recorder = _site(directory, "a2", postgres_url, poll_s=3600)
+    audit = _audit(tmp_path, directory, "a1")
+    audit.on_synced = a1.announce
+    try:
+        assert wait_for(lambda: settled(a2))
+        fps = [os.urandom(32).hex() for _ in range(5)]
+        directory.add_viewers([NewViewer(fp, b"cert", "CN=v", 1, ("door",)) for fp in fps], 1000)
+        audit.record_many("admin", "viewer.add", 1000,
+                          [{"fingerprint": fp, "cameras": ["door"]} for fp in fps])
+        assert wait_for(lambda: all(recorder.seen(fp) == [ViewerChange(fp, True)]
+                                    for fp in fps))
+        assert a2.applied_notify == 5 and a2.applied_poll == 0
+        assert a1.poll_once() == 0  # a1 took the batch's rows as seen when it announced them
     finally:
         audit.close()
         a1.stop()
