@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -107,15 +108,27 @@ def _audit(tmp_path: Path, directory: Directory, name: str) -> AuditLog:
     return AuditLog(tmp_path / f"{name}-audit.jsonl", directory, name, retry_s=0.2)
 
 
-def test_a_change_audited_through_one_archiver_reaches_another_by_notify(
-        directory: Directory, postgres_url: str, tmp_path: Path) -> None:
-    # a2 never polls (an hour): only the notification can bring the change.
+@contextmanager
+def _announcing(directory: Directory, postgres_url: str, tmp_path: Path
+                ) -> Iterator[tuple[SiteChanges, SiteChanges, Recorder, AuditLog]]:
+    """a1, whose audit log announces its changes, and a2, settled: a2 never polls (an hour),
+    so only a notification can bring it a change."""
     a1, _ = _site(directory, "a1", postgres_url, poll_s=3600)
     a2, recorder = _site(directory, "a2", postgres_url, poll_s=3600)
     audit = _audit(tmp_path, directory, "a1")
     audit.on_synced = a1.announce
     try:
         assert wait_for(lambda: settled(a2))
+        yield a1, a2, recorder, audit
+    finally:
+        audit.close()
+        a1.stop()
+        a2.stop()
+
+
+def test_a_change_audited_through_one_archiver_reaches_another_by_notify(
+        directory: Directory, postgres_url: str, tmp_path: Path) -> None:
+    with _announcing(directory, postgres_url, tmp_path) as (a1, a2, recorder, audit):
         fp = os.urandom(32).hex()
         directory.add_viewer(fp, b"cert", "CN=v", 1, ["door"], 1000)
         audit.record("admin", "viewer.add", 1000, fingerprint=fp, cameras=["door"])
@@ -128,20 +141,11 @@ def test_a_change_audited_through_one_archiver_reaches_another_by_notify(
         # a1 made the change: its own notification does nothing there, and its poll does not
         # apply it again (it took the rows as seen when it announced them).
         assert a1.poll_once() == 0
-    finally:
-        audit.close()
-        a1.stop()
-        a2.stop()
 
 
 def test_a_batch_enrolment_reaches_another_archiver_viewer_by_viewer(
         directory: Directory, postgres_url: str, tmp_path: Path) -> None:
-    a1, _ = _site(directory, "a1", postgres_url, poll_s=3600)
-    a2, recorder = _site(directory, "a2", postgres_url, poll_s=3600)
-    audit = _audit(tmp_path, directory, "a1")
-    audit.on_synced = a1.announce
-    try:
-        assert wait_for(lambda: settled(a2))
+    with _announcing(directory, postgres_url, tmp_path) as (a1, a2, recorder, audit):
         fps = [os.urandom(32).hex() for _ in range(5)]
         directory.add_viewers([NewViewer(fp, b"cert", "CN=v", 1, ("door",)) for fp in fps], 1000)
         audit.record_many("admin", "viewer.add", 1000,
@@ -150,10 +154,6 @@ def test_a_batch_enrolment_reaches_another_archiver_viewer_by_viewer(
                                     for fp in fps))
         assert a2.applied_notify == 5 and a2.applied_poll == 0
         assert a1.poll_once() == 0  # a1 took the batch's rows as seen when it announced them
-    finally:
-        audit.close()
-        a1.stop()
-        a2.stop()
 
 
 def test_the_listener_reconnects_and_catches_up_with_what_it_missed(
