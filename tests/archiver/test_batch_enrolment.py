@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -166,3 +167,8 @@ def test_a_full_batch_fits_the_archivers_body_limit(
         with pytest.raises(AdminRefused) as refused:
             admin.add_viewers(_pems(2000, VIEWER_BATCH_MAX + 1), "all")
         assert refused.value.status == 422
+    # A body past VIEWER_BATCH_BYTES is refused before it is read whole.
+    too_big = httpx.post(f"{server.url}/v1/admin/viewers/batch", content=b" " * (
+        VIEWER_BATCH_BYTES + 1), verify=server.verify, timeout=60, headers={
+        "Authorization": f"Bearer {server.admin_token}", "Content-Type": "application/json"})
+    assert too_big.status_code == 413, too_big.text
