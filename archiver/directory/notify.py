@@ -43,6 +43,10 @@ CHANNEL = "fusion_site_viewers"
 VIEWER_ACTIONS = frozenset({"viewer.add", "viewer.cameras", "viewer.revoke"})
 RECONNECT_S = (0.5, 1.0, 2.0, 5.0)  # back-off of the listening connection
 WAKE_S = 0.5  # how often the thread looks whether it should stop
+# A batch enrolment announces up to 500 viewers in one commit: the notifications that arrive
+# within DRAIN_S of the first are applied together (_receive), up to about NOTIFY_BATCH.
+DRAIN_S = 0.05
+NOTIFY_BATCH = 500
 
 # A viewer's authorization: (revoked_ms, its cameras or None for all, whether its key streams
 # were deleted), Directory.viewer_states.
@@ -107,10 +111,14 @@ class SiteChanges:
 
     def __init__(self, directory: Directory, archiver: str,
                  apply: Callable[[ViewerChange], None], *, url: str | None,
-                 listen: bool = True, poll_s: float = 5.0) -> None:
+                 listen: bool = True, poll_s: float = 5.0,
+                 apply_grants: Callable[[list[str]], None] | None = None) -> None:
+        """``apply``: one change; ``apply_grants``: viewers granted keys, several at once (a
+        batch enrolment made elsewhere), else ``apply`` one by one."""
         self._directory = directory
         self._archiver = archiver
         self._apply = apply
+        self._apply_grants = apply_grants
         self._url = url if url and is_postgres(url) else None
         self._listen = listen and self._url is not None and directory.backend == "postgresql"
         self._poll_s = poll_s
@@ -211,26 +219,53 @@ class SiteChanges:
     def notified(self, payload: str) -> bool:
         """A notification: the viewer it names is read again and its change applied. False if
         it was ours, unreadable, or changed nothing here."""
-        try:
-            message = json.loads(payload)
-            fp, origin = str(message["fingerprint"]), str(message["archiver"])
-            renewed = message.get("action") == "viewer.add"
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring a malformed site notification")
-            return False
-        if origin == self._archiver:
-            return False
-        row = self._directory.viewer(fp)
-        state = None if row is None else (
-            row.revoked_ms, None if row.all_cameras else tuple(sorted(row.cameras)),
-            row.key_streams_deleted)
+        return self.notified_many([payload]) > 0
+
+    def notified_many(self, payloads: list[str]) -> int:
+        """Notifications received together: the viewers they name read again in one query and
+        their changes applied, the grants together. Returns how many were applied."""
+        renewed: dict[str, bool] = {}
+        for payload in payloads:
+            try:
+                message = json.loads(payload)
+                fp, origin = str(message["fingerprint"]), str(message["archiver"])
+                added = message.get("action") == "viewer.add"
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring a malformed site notification")
+                continue
+            if origin != self._archiver:
+                renewed[fp] = renewed.get(fp, False) or added
+        if not renewed:
+            return 0
+        rows = self._directory.viewers_named(list(renewed))
         with self._lock:
-            change = diff(fp, self._seen.get(fp), state, renewed=renewed)
-            self._remember(fp, state)
-            if change is None or not self._run_apply(change, "notify"):
-                return False
-        self.applied_notify += 1
-        return True
+            changes = []
+            for fp, was_added in renewed.items():
+                row = rows.get(fp)
+                state = None if row is None else (
+                    row.revoked_ms, None if row.all_cameras else tuple(sorted(row.cameras)),
+                    row.key_streams_deleted)
+                change = diff(fp, self._seen.get(fp), state, renewed=was_added)
+                self._remember(fp, state)
+                if change is not None:
+                    changes.append(change)
+            grants = [c for c in changes if c.granted] if self._apply_grants else []
+            applied = self._run_grants(grants, "notify") if grants else 0
+            applied += sum(self._run_apply(c, "notify") for c in changes if c not in grants)
+        self.applied_notify += applied
+        return applied
+
+    def _run_grants(self, grants: list[ViewerChange], how: str) -> int:
+        assert self._apply_grants is not None
+        log.info("site: %d viewer(s) authorized through another Archiver (%s): %s",
+                 len(grants), how, ", ".join(c.fingerprint[:16] for c in grants[:5])
+                 + (", ..." if len(grants) > 5 else ""))
+        try:
+            self._apply_grants([c.fingerprint for c in grants])
+        except Exception:
+            log.exception("could not apply the authorization of %d viewer(s)", len(grants))
+            return 0
+        return len(grants)
 
     def _run_apply(self, change: ViewerChange, how: str) -> int:
         log.info("site: viewer %s %s through another Archiver (%s)", change.fingerprint[:16],
@@ -299,18 +334,24 @@ class SiteChanges:
         return True
 
     def _receive(self, wait: float) -> None:
+        # A whole packet of notifications is taken (stopping inside one would lose the rest of
+        # it), then what else arrives within DRAIN_S: a batch enrolment announces its viewers
+        # in one commit, and they are applied together (one read, the grants at once).
         try:
-            for note in self._conn.notifies(timeout=wait):
-                try:
-                    self.notified(note.payload)
-                except Exception as exc:  # the directory failed reading the row: the poll
-                    log.warning("site: could not apply a notification (%s)", exc)
-                if self._stop.is_set():
-                    break
+            payloads = [note.payload for note in self._conn.notifies(timeout=wait, stop_after=1)]
+            if payloads and not self._stop.is_set():
+                payloads += [note.payload for note in self._conn.notifies(
+                    timeout=DRAIN_S, stop_after=NOTIFY_BATCH)]
         except Exception as exc:
             log.warning("site: the listening connection was lost (%s); reconnecting",
                         " ".join(str(exc).split()))
             self._close_connection()
+            return
+        if payloads:
+            try:
+                self.notified_many(payloads)
+            except Exception as exc:  # the directory failed reading the rows: the poll
+                log.warning("site: could not apply %d notification(s) (%s)", len(payloads), exc)
 
     def _close_connection(self) -> None:
         conn, self._conn = self._conn, None

@@ -44,7 +44,7 @@ def start_site_changes(services: ArchiverServices) -> SiteChanges | None:
     site = SiteChanges(archive.directory, settings.archiver_name,
                        lambda change: apply_viewer_change(archive, sessions, change),
                        url=settings.directory_url, listen=settings.site_notify,
-                       poll_s=settings.site_poll_s)
+                       poll_s=settings.site_poll_s, apply_grants=archive.viewers_authorized)
     site.start()
     services.audit.on_synced = site.announce
     return site

@@ -78,11 +78,17 @@ def directory(postgres_url: str, tmp_path: Path) -> Iterator[Directory]:
 class Recorder:
     def __init__(self) -> None:
         self.changes: list[ViewerChange] = []
+        self.grant_calls: list[int] = []  # the size of each batch given to apply_grants
         self.lock = threading.Lock()
 
     def __call__(self, change: ViewerChange) -> None:
         with self.lock:
             self.changes.append(change)
+
+    def grants(self, fingerprints: list[str]) -> None:
+        with self.lock:
+            self.grant_calls.append(len(fingerprints))
+            self.changes += [ViewerChange(fp, True) for fp in fingerprints]
 
     def seen(self, fp: str) -> list[ViewerChange]:
         with self.lock:
@@ -90,9 +96,10 @@ class Recorder:
 
 
 def _site(directory: Directory, name: str, url: str, listen: bool = True,
-          poll_s: float = 3600) -> tuple[SiteChanges, Recorder]:
+          poll_s: float = 3600, batched: bool = False) -> tuple[SiteChanges, Recorder]:
     recorder = Recorder()
-    site = SiteChanges(directory, name, recorder, url=url, listen=listen, poll_s=poll_s)
+    site = SiteChanges(directory, name, recorder, url=url, listen=listen, poll_s=poll_s,
+                       apply_grants=recorder.grants if batched else None)
     site.start()
     return site, recorder
 
@@ -109,12 +116,12 @@ def _audit(tmp_path: Path, directory: Directory, name: str) -> AuditLog:
 
 
 @contextmanager
-def _announcing(directory: Directory, postgres_url: str, tmp_path: Path
+def _announcing(directory: Directory, postgres_url: str, tmp_path: Path, batched: bool = False
                 ) -> Iterator[tuple[SiteChanges, SiteChanges, Recorder, AuditLog]]:
     """a1, whose audit log announces its changes, and a2, settled: a2 never polls (an hour),
-    so only a notification can bring it a change."""
+    so only a notification can bring it a change. ``batched``: a2 applies grants together."""
     a1, _ = _site(directory, "a1", postgres_url, poll_s=3600)
-    a2, recorder = _site(directory, "a2", postgres_url, poll_s=3600)
+    a2, recorder = _site(directory, "a2", postgres_url, poll_s=3600, batched=batched)
     audit = _audit(tmp_path, directory, "a1")
     audit.on_synced = a1.announce
     try:
@@ -145,7 +152,8 @@ def test_a_change_audited_through_one_archiver_reaches_another_by_notify(
 
 def test_a_batch_enrolment_reaches_another_archiver_viewer_by_viewer(
         directory: Directory, postgres_url: str, tmp_path: Path) -> None:
-    with _announcing(directory, postgres_url, tmp_path) as (a1, a2, recorder, audit):
+    with _announcing(directory, postgres_url, tmp_path, batched=True) as (
+            a1, a2, recorder, audit):
         fps = [os.urandom(32).hex() for _ in range(5)]
         directory.add_viewers([NewViewer(fp, b"cert", "CN=v", 1, ("door",)) for fp in fps], 1000)
         audit.record_many("admin", "viewer.add", 1000,
@@ -153,6 +161,8 @@ def test_a_batch_enrolment_reaches_another_archiver_viewer_by_viewer(
         assert wait_for(lambda: all(recorder.seen(fp) == [ViewerChange(fp, True)]
                                     for fp in fps))
         assert a2.applied_notify == 5 and a2.applied_poll == 0
+        # Announced in one commit, received together: applied in one call, not five.
+        assert recorder.grant_calls == [5]
         assert a1.poll_once() == 0  # a1 took the batch's rows as seen when it announced them
 
 
