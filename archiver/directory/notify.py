@@ -249,9 +249,11 @@ class SiteChanges:
                 self._remember(fp, state)
                 if change is not None:
                     changes.append(change)
-            grants = [c for c in changes if c.granted] if self._apply_grants else []
+            together = self._apply_grants is not None
+            grants = [c for c in changes if together and c.granted]
             applied = self._run_grants(grants, "notify") if grants else 0
-            applied += sum(self._run_apply(c, "notify") for c in changes if c not in grants)
+            applied += sum(self._run_apply(c, "notify") for c in changes
+                           if not (together and c.granted))
         self.applied_notify += applied
         return applied
 
